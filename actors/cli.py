@@ -1,0 +1,271 @@
+"""Command lines: ``python -m actors.master``, ``python -m actors.node``, ``python -m actors keys``.
+
+This is the one place that writes to stdout on purpose: the banner a person
+reads to learn where the master is and how to connect to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pykka
+import structlog
+
+from actors import logs
+from actors.cluster import default_keys_dir
+from actors.errors import ActorsError, MalformedMessage
+from actors.shell import ConnectionEvent, Tick
+from transport import ClientCurve, Hub, ServerCurve, init_keys, load_keypair, load_public_key
+from transport.keys import allowed_dir
+
+log = structlog.get_logger("actors.cli")
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+def _ensure_keys(directory: str) -> None:
+    if not Path(directory, "master.key_secret").exists():
+        init_keys(directory)
+        log.info("keys_created", directory=directory)
+
+
+# --- master -----------------------------------------------------------------
+
+
+def master_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m actors.master",
+                                     description="Start a pydra-actors master (and a local node).")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=5555, help="TCP port (0: any free port)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes of the local node (0: no local node)")
+    parser.add_argument("--keys", default=None, help="CURVE key directory (created if missing)")
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+    parser.add_argument("--node-timeout", type=float, default=5.0,
+                        help="seconds of silence after which a node is declared dead")
+    parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ...",
+                        help="run this Python script against the cluster, then stop")
+    args = parser.parse_args(argv)
+    logs.configure(args.log_format)
+    keys = args.keys or default_keys_dir()
+    try:
+        _ensure_keys(keys)
+        pair = load_keypair(keys, "master")
+        curve = ServerCurve(pair.public, pair.secret, str(allowed_dir(keys)))
+    except ActorsError as exc:
+        log.error("bad_keys", error=str(exc))
+        return 2
+
+    from actors.master import Master, route_frames
+
+    master_ref: pykka.ActorRef[Any] | None = None
+
+    def on_frames(_socket: str, frames: list[bytes]) -> None:
+        try:
+            inbound = route_frames(frames)
+        except MalformedMessage as exc:
+            log.warning("malformed_frame", peer=frames[0][:40].decode(errors="replace"),
+                        error=str(exc))
+            return
+        if master_ref is not None:
+            master_ref.tell(inbound)
+
+    def on_tick(now: float) -> None:
+        if master_ref is not None:
+            master_ref.tell(Tick(now))
+
+    hub = Hub(on_frames, on_tick=on_tick, tick_s=0.25)
+    hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve)
+    try:
+        hub.start()
+    except Exception as exc:
+        log.error("cannot_listen", address=f"tcp://{args.host}:{args.port}", error=str(exc))
+        return 2
+    address = hub.address("peers")
+    master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}",
+                              node_timeout_s=args.node_timeout)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    node = _start_local_node(address, args.workers, keys) if args.workers > 0 else None
+    if args.ready_file:
+        _write_atomically(args.ready_file, json.dumps({"address": address, "pid": os.getpid()}))
+    log.info("master_started", address=address, workers=args.workers, keys=keys)
+    sys.stdout.write(
+        f"pydra-actors master listening on {address}\n"
+        f"  add a host:  python -m actors.node --master {address} --keys {keys}\n"
+        f"  from Python: Client({address!r}, keys={keys!r})\n"
+    )
+    sys.stdout.flush()
+    exit_code = [0]
+    if args.run:
+        _run_script(args.run, address, keys, stop, exit_code)
+    stop.wait()
+    log.info("master_stopping")
+    if node is not None:
+        _stop_process(node, grace=10.0)
+    pykka.ActorRegistry.stop_all(timeout=5)
+    hub.stop()
+    if args.ready_file:
+        Path(args.ready_file).unlink(missing_ok=True)
+    log.info("master_stopped")
+    return exit_code[0]
+
+
+def _start_local_node(address: str, workers: int, keys: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "actors.node", "--master", address, "--workers", str(workers),
+         "--keys", keys, "--exit-with-parent"],
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _run_script(command: list[str], address: str, keys: str, stop: threading.Event,
+                exit_code: list[int]) -> None:
+    env = dict(os.environ, ACTORS_ADDRESS=address, ACTORS_KEYS=keys)
+    proc = subprocess.Popen([sys.executable, *command], env=env, stdin=subprocess.DEVNULL)
+
+    def wait() -> None:
+        exit_code[0] = proc.wait()
+        log.info("script_finished", script=command[0], exit_code=exit_code[0])
+        stop.set()
+
+    threading.Thread(target=wait, name="run-script", daemon=True).start()
+
+
+def _stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --- node -------------------------------------------------------------------
+
+
+def node_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m actors.node",
+                                     description="Join a pydra-actors master with this host's workers.")
+    parser.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
+                        required="ACTORS_ADDRESS" not in os.environ, help="tcp://HOST:PORT")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--keys", default=None, help="CURVE key directory")
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+    parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logs.configure(args.log_format)
+    if args.workers < 1:
+        log.error("bad_arguments", error="--workers must be at least 1")
+        return 2
+    keys = args.keys or default_keys_dir()
+    try:
+        pair = load_keypair(keys, "node")
+        curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
+    except ActorsError as exc:
+        log.error("bad_keys", error=str(exc))
+        return 2
+
+    from actors.node import Node, NodeConfig, relay_frames
+
+    run_dir = tempfile.mkdtemp(prefix="actors-node-")
+    node_id = f"node-{os.uname().nodename}-{os.getpid()}"
+    config = NodeConfig(node_id, args.workers, f"ipc://{run_dir}/workers.sock", run_dir,
+                        exit_with_parent=args.exit_with_parent)
+    node_ref: pykka.ActorRef[Any] | None = None
+    started = threading.Event()
+
+    def on_frames(socket: str, frames: list[bytes]) -> None:
+        started.wait(10)
+        try:
+            assert node_ref is not None
+            relay_frames(hub, node_ref, socket, frames)
+        except MalformedMessage as exc:
+            log.warning("malformed_frame", socket=socket, error=str(exc))
+
+    def on_event(socket: str, what: str) -> None:
+        if node_ref is not None:
+            node_ref.tell(ConnectionEvent(socket, what))
+
+    def on_tick(now: float) -> None:
+        if node_ref is not None:
+            node_ref.tell(Tick(now))
+
+    hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
+    hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
+    hub.add_router("workers", config.ipc_address)
+    hub.start()
+    stop = threading.Event()
+    fatal: list[str] = []
+    _stop_on_signals(stop)
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        stop.set()
+
+    node_ref = Node.start(hub, config, on_fatal)
+    started.set()
+    stop.wait()
+    try:
+        node_ref.ask(("shutdown",), timeout=15)
+    except pykka.Timeout:
+        log.error("node_shutdown_timeout")
+    pykka.ActorRegistry.stop_all(timeout=5)
+    time.sleep(0)  # let the hub pick up the last Bye before it drains and stops
+    hub.stop()
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if fatal:
+        log.error("node_exiting", reason=fatal[0])
+        return 1
+    return 0
+
+
+# --- python -m actors ... ---------------------------------------------------
+
+
+def actors_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m actors", description="pydra-actors tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    keys = sub.add_parser("keys", help="CURVE keys").add_subparsers(dest="keys_command", required=True)
+    init = keys.add_parser("init", help="create master, node and client key pairs and the allow-list")
+    init.add_argument("directory")
+    init.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "keys" and args.keys_command == "init":
+        try:
+            root = init_keys(args.directory, overwrite=args.overwrite)
+        except ActorsError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 2
+        sys.stdout.write(
+            f"created CURVE keys in {root}\n"
+            f"  master: {root}/master.key_secret (keep it on the master host)\n"
+            f"  nodes and clients: copy {root}/master.key and their own *.key_secret\n"
+            f"  allow-list: {root}/allowed/ (public keys the master admits)\n"
+        )
+    return 0

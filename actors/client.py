@@ -1,0 +1,299 @@
+"""The user's handle on a cluster: submit tasks, get futures.
+
+``Client(address, keys=DIR)`` connects to a running master;
+``Client(cluster)`` to a ``LocalCluster``; ``Client()`` to ``$ACTORS_ADDRESS``,
+and failing that it starts a LocalCluster of its own (as Dask's ``Client()``).
+The client's sockets live on its own transport hub thread; futures are
+completed from there and are safe to wait on from any thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import structlog
+
+from actors import __version__
+from actors import messages as m
+from actors.cluster import LocalCluster, default_keys_dir
+from actors.errors import ConnectFailed, HandshakeRefused, TaskCancelled, WorkerKilled
+from actors.serialize import dumps, dumps_task_class, loads, rebuild_exception
+from actors.task import Task, check_arguments
+from transport import ClientCurve, Hub, load_keypair, load_public_key
+
+log = structlog.get_logger("actors.client")
+
+MASTER = "master"
+_PENDING, _DONE, _ERRED, _CANCELLED = "pending", "finished", "error", "cancelled"
+
+
+class Future:
+    """The eventual result of one submitted task instance."""
+
+    def __init__(self, client: Client, task_id: str, name: str) -> None:
+        self._client = client
+        self.task_id = task_id
+        self.name = name
+        self._status = _PENDING
+        self._done = threading.Event()
+        self._payload: m.TaskDone | m.TaskErred | None = None
+        self._callbacks: list[Callable[[Future], None]] = []
+        self._lock = threading.Lock()
+        self._progress = (0, 0)
+
+    def __repr__(self) -> str:
+        return f"<Future {self.name} {self.task_id} {self._status}>"
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancelled(self) -> bool:
+        return self._status == _CANCELLED
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the task; return its result or raise its exception (with the remote traceback)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"task {self.name} {self.task_id} not done after {timeout}s")
+        if self._status == _CANCELLED:
+            raise TaskCancelled(self.task_id)
+        payload = self._payload
+        if isinstance(payload, m.TaskErred):
+            raise self._exception_of(payload)
+        assert isinstance(payload, m.TaskDone)
+        return loads(payload.result)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as exc:
+            return exc
+        return None
+
+    def cancel(self, timeout: float = 10.0) -> bool:
+        """Cancel the task: queued units are dropped and its worker processes stopped.
+
+        Returns True once the master has confirmed, False if the task had already ended.
+        """
+        if self.done():
+            return self.cancelled()
+        self._client._send(m.Cancel(self.task_id))
+        self._done.wait(timeout)
+        return self.cancelled()
+
+    def progress(self) -> tuple[int, int]:
+        """(units done, units known so far) of a ParallelTask; (0, 0) before the first report."""
+        return self._progress
+
+    def story(self, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
+        """The transitions of this task and its units, oldest first: why is it stuck?"""
+        return self._client.story(self, timeout)
+
+    def add_done_callback(self, fn: Callable[[Future], None]) -> None:
+        with self._lock:
+            if not self.done():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _exception_of(self, err: m.TaskErred) -> BaseException:
+        if err.type_name == "actors.errors.WorkerKilled" and not err.error:
+            return WorkerKilled(self.task_id, err.unit, err.message.split("; "))
+        where = f"task {self.name} {self.task_id}" + (f", unit {err.unit}" if err.unit else "")
+        return rebuild_exception(err.error, err.type_name, err.message, err.traceback, where)
+
+    def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._status, self._payload = status, payload
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("future_callback_failed", task_id=self.task_id)
+
+
+def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:
+    """Yield futures as they finish (any order); TimeoutError if ``timeout`` passes first."""
+    pending = list(futures)
+    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+    for fut in pending:
+        fut.add_done_callback(finished.put)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for _ in range(len(pending)):
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            yield finished.get(timeout=wait)
+        except queue.Empty:
+            raise TimeoutError(f"futures not done after {timeout}s") from None
+
+
+class Client:
+    def __init__(
+        self,
+        address: str | LocalCluster | None = None,
+        *,
+        keys: str | os.PathLike[str] | None = None,
+        timeout: float = 15.0,
+    ) -> None:
+        self._own_cluster: LocalCluster | None = None
+        if address is None:
+            address = os.environ.get("ACTORS_ADDRESS") or None
+        if address is None:
+            address = self._own_cluster = LocalCluster()
+        if isinstance(address, LocalCluster):
+            keys, address = address.keys_dir, address.address
+        keys = keys or os.environ.get("ACTORS_KEYS") or default_keys_dir()
+        self.address = address
+        self.client_id = f"client-{uuid.uuid4().hex[:12]}"
+        self._futures: weakref.WeakValueDictionary[str, Future] = weakref.WeakValueDictionary()
+        self._replies: dict[str, queue.SimpleQueue[m.Message]] = {}
+        self._welcome = threading.Event()
+        self._refusal = ""
+        self._auth_failed = False
+        self._send_lock = threading.Lock()
+        self._code_cache: weakref.WeakKeyDictionary[type, bytes] = weakref.WeakKeyDictionary()
+        self._closed = False
+        pair = load_keypair(keys, "client")
+        curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
+        self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=None)
+        self._hub.add_dealer(MASTER, address, identity=self.client_id.encode(), curve=curve,
+                             monitor=True)
+        self._hub.start()
+        self._outbox = self._hub.outbox()
+        try:
+            self._handshake(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, timeout: float) -> None:
+        self._send(m.Hello("client", self.client_id, m.PROTOCOL_VERSION, __version__,
+                           host=os.uname().nodename, pid=os.getpid()))
+        deadline = time.monotonic() + timeout
+        while not self._welcome.wait(0.05):
+            if self._refusal:
+                raise HandshakeRefused(self._refusal)
+            if self._auth_failed:
+                raise ConnectFailed(self.address, timeout,
+                                    "the master refused this client's key (not in its allow-list)")
+            if time.monotonic() > deadline:
+                raise ConnectFailed(self.address, timeout, "is a master running there?")
+
+    # --- the API ------------------------------------------------------------
+
+    def submit(self, task: type[Task], /, *args: Any, priority: int = 0, **kwargs: Any) -> Future:
+        """Run one instance of ``task`` with these arguments; arguments that do not fit are refused here."""
+        check_arguments(task, args, kwargs)
+        code = self._code_cache.get(task)
+        if code is None:
+            code = self._code_cache[task] = dumps_task_class(task)
+        task_id = f"{task.__name__}-{uuid.uuid4().hex[:12]}"
+        fut = Future(self, task_id, task.__qualname__)
+        self._futures[task_id] = fut
+        self._send(m.Submit(task_id, task.__qualname__, task.task_kind, code,
+                            dumps((args, kwargs)), priority))
+        return fut
+
+    def map(self, task: type[Task], items: Iterable[Any], /, *, priority: int = 0,
+            **kwargs: Any) -> list[Future]:
+        """One task instance per item (passed as the first argument)."""
+        return [self.submit(task, item, priority=priority, **kwargs) for item in items]
+
+    def story(self, fut: Future, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
+        reply = self._request(fut.task_id, m.StoryRequest(fut.task_id), timeout)
+        assert isinstance(reply, m.StoryReply)
+        return [tuple(entry) for entry in reply.entries]  # type: ignore[misc]
+
+    def info(self, timeout: float = 10.0) -> m.ClusterInfo:
+        reply = self._request("info", m.InfoRequest(), timeout)
+        assert isinstance(reply, m.ClusterInfo)
+        return reply
+
+    def wait_for_workers(self, n: int, timeout: float = 30.0) -> None:
+        """Block until the cluster has at least ``n`` worker processes."""
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            if self.info().workers >= n:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n} workers after {timeout}s")
+            time.sleep(min(0.2, 0.01 * (attempt + 1)))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._welcome.is_set():
+            self._send(m.Bye("client closing"))
+        self._outbox.close()
+        self._hub.stop()
+        if self._own_cluster is not None:
+            self._own_cluster.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- plumbing -------------------------------------------------------------
+
+    def _send(self, message: m.Message) -> None:
+        with self._send_lock:  # one socket, many user threads
+            self._outbox.send(MASTER, [m.encode(message)])
+
+    def _request(self, key: str, message: m.Message, timeout: float) -> m.Message:
+        replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
+        self._replies[key] = replies
+        try:
+            self._send(message)
+            return replies.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no answer from the master within {timeout}s") from None
+        finally:
+            self._replies.pop(key, None)
+
+    def _on_event(self, _socket: str, what: str) -> None:
+        if what in ("auth_failed", "handshake_failed"):
+            self._auth_failed = True
+
+    def _on_frames(self, _socket: str, frames: list[bytes]) -> None:
+        msg = m.decode(frames[-1])
+        match msg:
+            case m.TaskProgress(task_id=task_id):
+                if (fut := self._futures.get(task_id)) is not None:
+                    fut._progress = (msg.done, msg.total)
+            case m.TaskDone(task_id=task_id) | m.TaskErred(task_id=task_id):
+                if (fut := self._futures.get(task_id)) is not None:
+                    fut._finish(_DONE if isinstance(msg, m.TaskDone) else _ERRED, msg)
+            case m.TaskCancelled(task_id=task_id):
+                if (fut := self._futures.get(task_id)) is not None:
+                    fut._finish(_CANCELLED, None)
+            case m.StoryReply() | m.ClusterInfo():
+                key = msg.task_id if isinstance(msg, m.StoryReply) else "info"
+                if (replies := self._replies.get(key)) is not None:
+                    replies.put(msg)
+            case m.Welcome():
+                self._welcome.set()
+            case m.Refused(reason=reason):
+                self._refusal = reason
+                log.warning("master_refused", reason=reason)
+            case _:
+                log.warning("unexpected_message", type=type(msg).__name__)

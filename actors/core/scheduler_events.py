@@ -1,0 +1,181 @@
+"""Events into and instructions out of the master's scheduler (``SchedulerState``).
+
+Events are past-tense facts the Master actor observed; instructions are what
+the scheduler wants done. Both are plain frozen dataclasses: the core never
+sees a socket. Opaque user payloads ride along as ``bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.messages import UnitCall, UnitOutcome
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    now: float
+
+
+@dataclass(frozen=True)
+class NodeJoined(Event):
+    node_id: str
+
+
+@dataclass(frozen=True)
+class NodeLost(Event):
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerReady(Event):
+    node_id: str
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class WorkerLost(Event):
+    worker_id: str
+    cause: str
+    expected: bool  # we asked for it (task ended, cancel): not a death to count
+
+
+@dataclass(frozen=True)
+class TaskSubmitted(Event):
+    task_id: str
+    client_id: str
+    name: str
+    kind: str
+    code: bytes
+    args: bytes
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class CancelRequested(Event):
+    task_id: str
+
+
+@dataclass(frozen=True)
+class UnitsSliced(Event):
+    worker_id: str
+    task_id: str
+    units: list[UnitCall]
+    done: bool
+
+
+@dataclass(frozen=True)
+class UnitsFinished(Event):
+    worker_id: str
+    task_id: str
+    run_id: int
+    outcomes: list[UnitOutcome]
+    elapsed: float  # seconds the worker spent on the batch
+
+
+@dataclass(frozen=True)
+class TaskFinished(Event):
+    worker_id: str
+    task_id: str
+    outcome: UnitOutcome
+
+
+@dataclass(frozen=True)
+class Tick(Event):
+    pass
+
+
+# --- instructions -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    pass
+
+
+@dataclass(frozen=True)
+class Assign(Instruction):
+    node_id: str
+    worker_id: str
+    task_id: str
+    name: str
+    kind: str
+    code: bytes
+    args: bytes
+    driver: bool
+
+
+@dataclass(frozen=True)
+class Dispatch(Instruction):
+    node_id: str
+    worker_id: str
+    task_id: str
+    run_id: int
+    units: list[UnitCall]
+
+
+@dataclass(frozen=True)
+class ForwardResults(Instruction):
+    node_id: str
+    worker_id: str
+    task_id: str
+    results: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class ReleaseWorker(Instruction):
+    """The task ended well: the worker drops the instance and stays warm for its submitter."""
+
+    node_id: str
+    worker_id: str
+    task_id: str
+
+
+@dataclass(frozen=True)
+class KillWorker(Instruction):
+    node_id: str
+    worker_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReportDone(Instruction):
+    client_id: str
+    task_id: str
+    result: bytes
+
+
+@dataclass(frozen=True)
+class ReportErred(Instruction):
+    client_id: str
+    task_id: str
+    outcome: UnitOutcome
+    unit: str
+
+
+@dataclass(frozen=True)
+class ReportKilled(Instruction):
+    """A unit was on too many workers that died: the task fails with ``WorkerKilled``."""
+
+    client_id: str
+    task_id: str
+    unit: str
+    causes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReportCancelled(Instruction):
+    client_id: str
+    task_id: str
+
+
+@dataclass(frozen=True)
+class ReportProgress(Instruction):
+    client_id: str
+    task_id: str
+    done: int
+    total: int
+    sliced_all: bool

@@ -1,0 +1,426 @@
+"""The master's scheduler: which worker runs which task instance and which units.
+
+Theory of operation
+-------------------
+Nodes announce worker processes (``WorkerReady``). A worker is *clean* (never
+ran user code), *warm* for one submitter (ran that client's code and may run
+more of it, never another client's), or *busy* with exactly one task
+instance. No worker is held by a task beyond its need.
+
+A submitted task waits in the queue until a worker becomes its **driver**:
+for a ``Task`` the driver runs ``work``; for a ``ParallelTask`` it slices
+(``UnitsSliced``, a bounded look-ahead at a time), reduces, and also runs
+units, so one worker is enough. While a task has sliced units pending,
+further workers join it as helpers, highest ``priority`` task first, then
+submission order. Units are dispatched in batches sized from the measured
+unit time (about 5 ms of work per batch, two batches in flight per worker)
+so a worker never idles between batches and a slow unit never waits behind
+a hundred others.
+
+Every unit result is recorded once: the first valid result for an open unit
+wins, anything later is dropped. Results are forwarded to the driver.
+
+Failure is the normal case. A lost helper's units go back to the front of the
+queue; each unit remembers the deaths it witnessed, and the third
+(``max_deaths``) fails the task with ``ReportKilled``. A lost driver restarts
+the task from its slicer (its helpers are stopped), under the same count.
+A unit that raises fails the task; its other workers are killed.
+
+Invariants (``validate``): a busy worker is in its task's worker set and
+vice versa; in-flight units are open and not pending; a finished task holds
+no worker; the driver is one of the task's workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from actors.core.scheduler_events import (
+    Assign,
+    CancelRequested,
+    Dispatch,
+    Event,
+    ForwardResults,
+    Instruction,
+    KillWorker,
+    NodeJoined,
+    NodeLost,
+    ReleaseWorker,
+    ReportCancelled,
+    ReportDone,
+    ReportErred,
+    ReportKilled,
+    ReportProgress,
+    TaskFinished,
+    TaskSubmitted,
+    Tick,
+    UnitsFinished,
+    UnitsSliced,
+    WorkerLost,
+    WorkerReady,
+)
+from actors.messages import UnitCall
+
+BATCH_SECONDS = 0.005
+MAX_BATCH = 256
+FIRST_BATCH = 4
+STORY_LENGTH = 2_000
+
+StoryEntry = tuple[str, str, str, str, float]
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    node_id: str
+    task_id: str | None = None
+    warm_for: str | None = None  # client id whose code this worker has run
+    in_flight: dict[int, int] = field(default_factory=dict)  # unit index -> run id
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    client_id: str
+    name: str
+    kind: str
+    code: bytes
+    args: bytes
+    priority: int
+    seq: int
+    state: str = "queued"  # queued | running | done | erred | cancelled
+    driver: str | None = None
+    workers: set[str] = field(default_factory=set)
+    pending: deque[UnitCall] = field(default_factory=deque)
+    open_units: dict[int, UnitCall] = field(default_factory=dict)
+    done_count: int = 0
+    sliced_all: bool = False
+    unit_seconds: float | None = None  # moving average of one unit's run time
+    deaths: dict[int, list[str]] = field(default_factory=dict)  # unit index (-1: driver)
+    reported_done: int = -1
+    story: deque[StoryEntry] = field(default_factory=lambda: deque(maxlen=STORY_LENGTH))
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "erred", "cancelled")
+
+
+class SchedulerState:
+    def __init__(self, *, max_deaths: int = 3) -> None:
+        self.max_deaths = max_deaths
+        self.nodes: dict[str, set[str]] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.tasks: dict[str, TaskRecord] = {}
+        self._seq = itertools.count()
+        self._run_ids = itertools.count(1)
+        self._out: list[Instruction] = []
+
+    # --- the one entry point ------------------------------------------------
+
+    def handle(self, *events: Event) -> list[Instruction]:
+        for event in events:
+            self._handle(event)
+        self._schedule(events[-1].now if events else 0.0)
+        out, self._out = self._out, []
+        return out
+
+    def story(self, task_id: str) -> list[StoryEntry]:
+        task = self.tasks.get(task_id)
+        return list(task.story) if task else []
+
+    def _handle(self, event: Event) -> None:
+        match event:
+            case NodeJoined(node_id=node_id):
+                self.nodes.setdefault(node_id, set())
+            case WorkerReady(node_id=node_id, worker_id=worker_id):
+                self.nodes.setdefault(node_id, set()).add(worker_id)
+                self.workers[worker_id] = WorkerRecord(worker_id, node_id)
+            case NodeLost(node_id=node_id, reason=reason):
+                for worker_id in sorted(self.nodes.pop(node_id, set())):
+                    self._worker_lost(worker_id, f"node {node_id} lost: {reason}", False, event.now)
+            case WorkerLost(worker_id=worker_id, cause=cause, expected=expected):
+                self._worker_lost(worker_id, cause, expected, event.now)
+            case TaskSubmitted():
+                self._submitted(event)
+            case CancelRequested(task_id=task_id):
+                task = self.tasks.get(task_id)
+                if task is not None and not task.finished:
+                    self._end(task, "cancelled", "cancel requested", event.now)
+                    self._out.append(ReportCancelled(task.client_id, task.task_id))
+            case UnitsSliced():
+                self._sliced(event)
+            case UnitsFinished():
+                self._units_finished(event)
+            case TaskFinished():
+                self._task_finished(event)
+            case Tick():
+                self._report_progress()
+            case _:
+                raise TypeError(f"unknown scheduler event {event!r}")
+
+    # --- tasks --------------------------------------------------------------
+
+    def _submitted(self, event: TaskSubmitted) -> None:
+        if event.task_id in self.tasks:
+            return  # a resent submit: the first one stands
+        task = TaskRecord(
+            event.task_id,
+            event.client_id,
+            event.name,
+            event.kind,
+            event.code,
+            event.args,
+            event.priority,
+            next(self._seq),
+        )
+        self.tasks[task.task_id] = task
+        self._note(task, "task", "released", "queued", "submitted", event.now)
+
+    def _sliced(self, event: UnitsSliced) -> None:
+        task = self._task_of(event.worker_id, event.task_id)
+        if task is None or event.worker_id != task.driver:
+            return
+        for unit in event.units:
+            if unit.index not in task.open_units:
+                task.open_units[unit.index] = unit
+                task.pending.append(unit)
+        task.sliced_all = event.done
+
+    def _units_finished(self, event: UnitsFinished) -> None:
+        task = self._task_of(event.worker_id, event.task_id)
+        if task is None:
+            return
+        worker = self.workers[event.worker_id]
+        forward: list[tuple[int, bytes]] = []
+        for outcome in event.outcomes:
+            if worker.in_flight.get(outcome.index) != event.run_id:
+                continue  # not this worker's current run of that unit
+            del worker.in_flight[outcome.index]
+            if outcome.index not in task.open_units:
+                continue  # already recorded: the first result won
+            if not outcome.ok:
+                self._note(task, f"unit {outcome.index}", "executing", "error", outcome.type_name, event.now)
+                self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
+                self._end(task, "erred", f"unit {outcome.index} raised", event.now)
+                return
+            del task.open_units[outcome.index]
+            task.done_count += 1
+            forward.append((outcome.index, outcome.value))
+        # Units the worker did not get to (it stops a batch at a failure) go back.
+        for index, run_id in list(worker.in_flight.items()):
+            if run_id == event.run_id:
+                del worker.in_flight[index]
+                task.pending.appendleft(task.open_units[index])
+        if event.outcomes and event.elapsed > 0:
+            per_unit = event.elapsed / len(event.outcomes)
+            previous = task.unit_seconds
+            task.unit_seconds = per_unit if previous is None else 0.7 * previous + 0.3 * per_unit
+        if forward and task.driver is not None:
+            driver = self.workers[task.driver]
+            self._out.append(ForwardResults(driver.node_id, driver.worker_id, task.task_id, forward))
+
+    def _task_finished(self, event: TaskFinished) -> None:
+        task = self._task_of(event.worker_id, event.task_id)
+        # Only the driver ends a task well; any worker that cannot load it fails it.
+        if task is None or (event.worker_id != task.driver and event.outcome.ok):
+            return
+        if event.outcome.ok:
+            self._out.append(ReportDone(task.client_id, task.task_id, event.outcome.value))
+            self._end(task, "done", "finished", event.now)
+        else:
+            self._out.append(ReportErred(task.client_id, task.task_id, event.outcome, ""))
+            self._end(task, "erred", event.outcome.type_name or "failed", event.now)
+
+    def _end(self, task: TaskRecord, state: str, cause: str, now: float) -> None:
+        self._note(task, "task", task.state, state, cause, now)
+        task.state = state
+        task.pending.clear()
+        task.open_units.clear()
+        task.code = task.args = b""
+        self._report_progress_of(task)
+        for worker_id in sorted(task.workers):
+            worker = self.workers[worker_id]
+            worker.task_id = None
+            worker.in_flight.clear()
+            if state == "done":
+                worker.warm_for = task.client_id
+                self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
+            else:
+                # A unit may still be running user code there: only a kill stops it.
+                self._drop_worker(worker_id)
+                self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} {state}"))
+        task.workers.clear()
+        task.driver = None
+
+    # --- workers ------------------------------------------------------------
+
+    def _worker_lost(self, worker_id: str, cause: str, expected: bool, now: float) -> None:
+        worker = self._drop_worker(worker_id)
+        if worker is None or worker.task_id is None:
+            return
+        task = self.tasks[worker.task_id]
+        task.workers.discard(worker_id)
+        if expected:
+            return
+        if worker_id == task.driver:
+            self._restart(task, cause, now)
+            return
+        for index in sorted(worker.in_flight, reverse=True):
+            causes = task.deaths.setdefault(index, [])
+            causes.append(cause)
+            self._note(task, f"unit {index}", "executing", "queued", f"worker lost: {cause}", now)
+            if len(causes) >= self.max_deaths:
+                self._kill_task(task, str(index), causes, now)
+                return
+            task.pending.appendleft(task.open_units[index])
+
+    def _restart(self, task: TaskRecord, cause: str, now: float) -> None:
+        causes = task.deaths.setdefault(-1, [])
+        causes.append(cause)
+        if len(causes) >= self.max_deaths:
+            self._kill_task(task, "driver", causes, now)
+            return
+        self._note(task, "task", task.state, "queued", f"driver lost: {cause}", now)
+        task.driver = None
+        for worker_id in sorted(task.workers):
+            worker = self._drop_worker(worker_id)
+            if worker is not None:
+                self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
+        task.workers.clear()
+        task.state = "queued"
+        task.pending.clear()
+        task.open_units.clear()
+        task.done_count = 0
+        task.sliced_all = False
+
+    def _kill_task(self, task: TaskRecord, unit: str, causes: list[str], now: float) -> None:
+        self._out.append(ReportKilled(task.client_id, task.task_id, unit, tuple(causes)))
+        self._end(task, "erred", f"unit {unit}: workers died {len(causes)} times", now)
+
+    def _drop_worker(self, worker_id: str) -> WorkerRecord | None:
+        worker = self.workers.pop(worker_id, None)
+        if worker is not None:
+            self.nodes.get(worker.node_id, set()).discard(worker_id)
+        return worker
+
+    def _task_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
+        """The task, if this worker still works for it (stale messages are dropped)."""
+        task = self.tasks.get(task_id)
+        if task is None or task.finished or worker_id not in task.workers:
+            return None
+        return task
+
+    # --- scheduling ---------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        for task in self._by_priority(lambda t: t.state == "queued"):
+            worker = self._idle_worker_for(task.client_id)
+            if worker is None:
+                break
+            self._join(task, worker, driver=True, now=now)
+        for task in self._by_priority(lambda t: t.state == "running"):
+            self._dispatch(task)
+            while task.pending:
+                worker = self._idle_worker_for(task.client_id)
+                if worker is None:
+                    break
+                self._join(task, worker, driver=False, now=now)
+                self._dispatch(task)
+
+    def _by_priority(self, wanted: Callable[[TaskRecord], bool]) -> list[TaskRecord]:
+        chosen = [t for t in self.tasks.values() if wanted(t)]
+        chosen.sort(key=lambda t: (-t.priority, t.seq))
+        return chosen
+
+    def _idle_worker_for(self, client_id: str) -> WorkerRecord | None:
+        """A warm worker of this client, else a clean one, else evict another client's warm one."""
+        idle = [w for w in self.workers.values() if w.task_id is None]
+        for wanted in (client_id, None):
+            for worker in idle:
+                if worker.warm_for == wanted:
+                    return worker
+        for worker in idle:
+            # Isolation: another client's warm worker is replaced, never reused.
+            self._drop_worker(worker.worker_id)
+            self._out.append(KillWorker(worker.node_id, worker.worker_id, "warm for another client"))
+            return None
+        return None
+
+    def _join(self, task: TaskRecord, worker: WorkerRecord, *, driver: bool, now: float) -> None:
+        worker.task_id = task.task_id
+        worker.warm_for = task.client_id
+        task.workers.add(worker.worker_id)
+        if driver:
+            task.driver = worker.worker_id
+            self._note(task, "task", task.state, "running", f"driver {worker.worker_id}", now)
+            task.state = "running"
+        self._out.append(
+            Assign(worker.node_id, worker.worker_id, task.task_id, task.name, task.kind,
+                   task.code, task.args, driver)
+        )
+
+    def _dispatch(self, task: TaskRecord) -> None:
+        if task.unit_seconds is None:
+            batch = FIRST_BATCH
+        else:
+            batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(task.unit_seconds, 1e-7))))
+        for worker_id in sorted(task.workers):
+            if not task.pending:
+                return
+            worker = self.workers[worker_id]
+            room = 2 * batch - len(worker.in_flight)
+            while task.pending and room > 0:
+                take = min(batch, room, len(task.pending))
+                units = [task.pending.popleft() for _ in range(take)]
+                run_id = next(self._run_ids)
+                for unit in units:
+                    worker.in_flight[unit.index] = run_id
+                room -= take
+                self._out.append(Dispatch(worker.node_id, worker_id, task.task_id, run_id, units))
+
+    # --- reporting ------------------------------------------------------------
+
+    def _report_progress(self) -> None:
+        for task in self.tasks.values():
+            if task.state == "running" and task.kind == "parallel":
+                self._report_progress_of(task)
+
+    def _report_progress_of(self, task: TaskRecord) -> None:
+        if task.done_count != task.reported_done:
+            task.reported_done = task.done_count
+            total = task.done_count + len(task.open_units)
+            self._out.append(
+                ReportProgress(task.client_id, task.task_id, task.done_count, total, task.sliced_all)
+            )
+
+    def _note(self, task: TaskRecord, key: str, start: str, finish: str, cause: str, now: float) -> None:
+        task.story.append((key, start, finish, cause, now))
+
+    # --- invariants -------------------------------------------------------------
+
+    def validate(self) -> None:
+        for worker_id, worker in self.workers.items():
+            assert worker_id in self.nodes.get(worker.node_id, set()), f"{worker_id} not on its node"
+            if worker.task_id is None:
+                assert not worker.in_flight, f"idle {worker_id} has units in flight"
+                continue
+            task = self.tasks[worker.task_id]
+            assert worker_id in task.workers, f"{worker_id} not in {task.task_id}'s workers"
+            for index in worker.in_flight:
+                assert index in task.open_units, f"{worker_id} runs closed unit {index}"
+        for task in self.tasks.values():
+            for worker_id in task.workers:
+                assert self.workers[worker_id].task_id == task.task_id
+            if task.finished:
+                assert not task.workers and not task.pending and not task.open_units
+            elif task.state == "running":
+                assert task.driver in task.workers, f"{task.task_id} lost track of its driver"
+            pending = {unit.index for unit in task.pending}
+            assert len(pending) == len(task.pending), f"{task.task_id}: a unit is queued twice"
+            assert pending <= set(task.open_units), f"{task.task_id}: queued unit not open"
+            flying = [i for w in task.workers for i in self.workers[w].in_flight]
+            assert len(flying) == len(set(flying)), f"{task.task_id}: unit on two workers"
+            assert not pending & set(flying), f"{task.task_id}: unit queued and in flight"

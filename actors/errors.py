@@ -1,0 +1,208 @@
+"""Every exception this runtime raises, under one base class.
+
+Each class passes its fields positionally to ``super().__init__`` so that
+``args`` holds them: that is what pickle (and cloudpickle) rebuilds an
+exception from, and these errors cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Sequence
+from typing import Any
+
+
+class ActorsError(Exception):
+    """Base class of every error raised by pydra-actors itself."""
+
+
+# --- protocol and transport -------------------------------------------------
+
+
+class ProtocolError(ActorsError):
+    """A peer sent something this process cannot accept."""
+
+
+class MalformedMessage(ProtocolError):
+    """A frame that does not decode to a message of the catalogue."""
+
+    def __init__(self, reason: str, size: int = 0) -> None:
+        super().__init__(reason, size)
+        self.reason = reason
+        self.size = size
+
+    def __str__(self) -> str:
+        return f"malformed message ({self.size} bytes): {self.reason}"
+
+
+class HandshakeRefused(ProtocolError):
+    """The other side refused our hello (wrong protocol or package version, bad role)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"handshake refused: {self.reason}"
+
+
+class ConnectFailed(ActorsError):
+    """No answer from the master within the deadline (wrong address, or our key is not allowed)."""
+
+    def __init__(self, address: str, waited_s: float, hint: str = "") -> None:
+        super().__init__(address, waited_s, hint)
+        self.address = address
+        self.waited_s = waited_s
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = f"no answer from {self.address} within {self.waited_s:.1f}s"
+        return f"{text}: {self.hint}" if self.hint else text
+
+
+class KeyFileError(ActorsError):
+    """A CURVE key file or key directory is missing or unreadable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+# --- submitting tasks -------------------------------------------------------
+
+
+class InvalidArguments(ActorsError, TypeError):
+    """Arguments that do not fit the task's ``work()`` (or ``get_work()``) signature."""
+
+    def __init__(self, task: str, reason: str) -> None:
+        super().__init__(task, reason)
+        self.task = task
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"invalid arguments for {self.task}: {self.reason}"
+
+
+class UnknownTask(ActorsError, LookupError):
+    """A task or package name that the master does not know."""
+
+    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
+        super().__init__(name, list(known))
+        self.name = name
+        self.known = list(known)
+
+    def __str__(self) -> str:
+        known = ", ".join(self.known) if self.known else "none"
+        return f"unknown task {self.name!r}; known: {known}"
+
+
+# --- running tasks ----------------------------------------------------------
+
+
+class TaskCancelled(ActorsError, concurrent.futures.CancelledError):
+    """The task was cancelled before it produced a result."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} was cancelled"
+
+
+class WorkerKilled(ActorsError):
+    """A unit was on workers that died too many times; ``causes`` says how each died."""
+
+    def __init__(self, task_id: str, unit: str, causes: Sequence[str]) -> None:
+        super().__init__(task_id, unit, list(causes))
+        self.task_id = task_id
+        self.unit = unit
+        self.causes = list(causes)
+
+    def __str__(self) -> str:
+        deaths = "; ".join(self.causes) or "unknown cause"
+        return (
+            f"task {self.task_id}: unit {self.unit} was running on workers that died "
+            f"{len(self.causes)} time(s): {deaths}"
+        )
+
+
+class RemoteError(ActorsError):
+    """A task raised an exception that cannot be rebuilt here (its class is not importable)."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(type_name, message, remote_traceback)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}\n\nRemote traceback:\n{self.remote_traceback}"
+
+
+class WorkerStartFailed(ActorsError):
+    """A worker process could not load or construct the task instance."""
+
+    def __init__(self, task_id: str, reason: str) -> None:
+        super().__init__(task_id, reason)
+        self.task_id = task_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"task {self.task_id}: worker could not start the task: {self.reason}"
+
+
+# --- state machines ---------------------------------------------------------
+
+
+class InvalidTransition(ActorsError):
+    """A state machine was asked for a transition that cannot happen; its state is unchanged."""
+
+    def __init__(self, key: str, start: str, finish: str, story: Sequence[Any] = ()) -> None:
+        super().__init__(key, start, finish, list(story))
+        self.key = key
+        self.start = start
+        self.finish = finish
+        self.story = list(story)
+
+    def __str__(self) -> str:
+        lines = [f"invalid transition of {self.key!r}: {self.start} -> {self.finish}"]
+        if self.story:
+            lines.append("story:")
+            lines.extend(f"  {entry}" for entry in self.story[-10:])
+        return "\n".join(lines)
+
+
+class TransitionLoop(ActorsError):
+    """Chained recommendations did not settle: a bug in a transition table."""
+
+    def __init__(self, key: str, count: int) -> None:
+        super().__init__(key, count)
+        self.key = key
+        self.count = count
+
+    def __str__(self) -> str:
+        return f"transitions did not settle after {self.count} steps (last key {self.key!r})"
+
+
+# --- task packages ----------------------------------------------------------
+
+
+class PackageError(ActorsError):
+    """A task package cannot be listed, fetched or loaded."""
+
+    def __init__(self, package: str, reason: str) -> None:
+        super().__init__(package, reason)
+        self.package = package
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"package {self.package!r}: {self.reason}"
+
+
+class PackageIntegrityError(PackageError):
+    """A package's content does not match its version hash (tampered, truncated, edited by hand)."""

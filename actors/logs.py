@@ -1,0 +1,45 @@
+"""structlog set-up shared by every process: console for people, JSON lines for machines."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Literal
+
+import structlog
+
+LogFormat = Literal["auto", "console", "json"]
+
+
+def configure(fmt: str = "auto", level: str | None = None) -> None:
+    """Configure structlog for this process. ``auto`` picks console on a terminal, JSON otherwise.
+
+    Child processes inherit the choice through ``ACTORS_LOG_FORMAT``/``ACTORS_LOG_LEVEL``.
+    """
+    fmt = os.environ.get("ACTORS_LOG_FORMAT", fmt) if fmt == "auto" else fmt
+    level_name = (level or os.environ.get("ACTORS_LOG_LEVEL") or "INFO").upper()
+    if fmt not in ("auto", "console", "json"):
+        raise ValueError(f"unknown log format {fmt!r} (choose auto, console or json)")
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level_name, logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    os.environ["ACTORS_LOG_FORMAT"] = "json" if use_json else "console"
+    os.environ["ACTORS_LOG_LEVEL"] = level_name

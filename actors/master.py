@@ -1,0 +1,252 @@
+"""The Master actor: a thin shell around ``SchedulerState``.
+
+It keeps the table of peers (nodes and clients) with their handshake and
+liveness, turns what they send into scheduler events, and turns the
+scheduler's instructions into messages. It never unpickles user payloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from actors import __version__
+from actors import messages as m
+from actors.core import scheduler_events as ev
+from actors.core.scheduler_state import SchedulerState
+from actors.errors import MalformedMessage
+from actors.shell import Inbound, Shell, Tick
+from transport import Hub
+
+log = structlog.get_logger("actors.master")
+
+SOCKET = "peers"
+HEARTBEAT_S = 1.0
+
+
+@dataclass
+class Peer:
+    role: str
+    peer_id: str
+    last_seen: float
+    host: str = ""
+    pid: int = 0
+
+
+class Master(Shell):
+    def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0) -> None:
+        super().__init__(hub)
+        self.master_id = master_id
+        self.node_timeout_s = node_timeout_s
+        self.peers: dict[bytes, Peer] = {}
+        self.scheduler = SchedulerState()
+        self.now = 0.0
+        self.log = log.bind(role="master", master_id=master_id)
+
+    # --- input --------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Inbound():
+                self._inbound(message)
+            case Tick(now=now):
+                self.now = now
+                self._check_liveness()
+                self._apply(ev.Tick(now))
+            case ("peers",):
+                return {p.peer_id: p.role for p in self.peers.values()}
+            case _:
+                raise TypeError(f"master got an unknown message: {message!r}")
+        return None
+
+    def _inbound(self, inbound: Inbound) -> None:
+        msg, peer_key = inbound.message, inbound.peer
+        peer = self.peers.get(peer_key)
+        if isinstance(msg, m.Hello):
+            self._hello(peer_key, msg)
+            return
+        if peer is None:
+            self.log.warning("message_from_unknown_peer", type=type(msg).__name__)
+            self.send(SOCKET, peer_key, message=m.Refused("unknown peer: send Hello first"))
+            return
+        peer.last_seen = self.now
+        if inbound.via is not None:
+            self._from_worker(peer, inbound.via.decode(errors="replace"), msg)
+        elif peer.role == "node":
+            self._from_node(peer, msg)
+        else:
+            self._from_client(peer, msg)
+
+    def _hello(self, peer_key: bytes, hello: m.Hello) -> None:
+        problem = ""
+        if hello.protocol != m.PROTOCOL_VERSION:
+            problem = f"protocol {hello.protocol} != master's {m.PROTOCOL_VERSION}"
+        elif hello.version != __version__:
+            problem = f"pydra-actors {hello.version} != master's {__version__}"
+        elif hello.role not in ("node", "client"):
+            problem = f"role {hello.role!r} cannot connect to a master"
+        if problem:
+            self.log.warning("handshake_refused", peer=hello.peer_id, role=hello.role, reason=problem)
+            self.send(SOCKET, peer_key, message=m.Refused(problem))
+            return
+        known = self.peers.get(peer_key)
+        if known is not None and known.role == "node":
+            self._apply(ev.NodeLost(self.now, known.peer_id, "node reconnected"))
+        self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid)
+        if hello.role == "node":
+            self._apply(ev.NodeJoined(self.now, hello.peer_id))
+        self.log.info(f"{hello.role}_joined", peer=hello.peer_id, host=hello.host, pid=hello.pid,
+                      slots=hello.slots)
+        self.send(SOCKET, peer_key, message=m.Welcome(self.master_id, hello.peer_id, HEARTBEAT_S))
+
+    def _from_node(self, peer: Peer, msg: m.Message) -> None:
+        match msg:
+            case m.Heartbeat():
+                pass
+            case m.WorkerReady(worker_id=worker_id, pid=pid):
+                self.log.debug("worker_ready", node_id=peer.peer_id, worker_id=worker_id, pid=pid)
+                self._apply(ev.WorkerReady(self.now, peer.peer_id, worker_id))
+            case m.WorkerExited():
+                cause = describe_exit(msg)
+                event = "worker_stopped" if msg.expected else "worker_died"
+                (self.log.info if msg.expected else self.log.warning)(
+                    event, node_id=peer.peer_id, worker_id=msg.worker_id, cause=cause)
+                self._apply(ev.WorkerLost(self.now, msg.worker_id, cause, msg.expected))
+            case m.Bye(reason=reason):
+                self._node_gone(peer, f"node left: {reason}")
+            case _:
+                self._unexpected(peer, msg)
+
+    def _from_worker(self, node: Peer, worker_id: str, msg: m.Message) -> None:
+        if node.role != "node":
+            self._unexpected(node, msg)
+            return
+        match msg:
+            case m.UnitsSliced(task_id=task_id, units=units, done=done):
+                self._apply(ev.UnitsSliced(self.now, worker_id, task_id, units, done))
+            case m.UnitsDone(task_id=task_id, run_id=run_id, outcomes=outcomes, elapsed=elapsed):
+                self._apply(ev.UnitsFinished(self.now, worker_id, task_id, run_id, outcomes, elapsed))
+            case m.TaskResult(task_id=task_id, outcome=outcome) | m.WorkerFailed(
+                task_id=task_id, outcome=outcome
+            ):
+                self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome))
+            case _:
+                self._unexpected(node, msg)
+
+    def _from_client(self, peer: Peer, msg: m.Message) -> None:
+        match msg:
+            case m.Submit():
+                self.log.info("task_submitted", task_id=msg.task_id, task=msg.name,
+                              client_id=peer.peer_id, priority=msg.priority)
+                self._apply(ev.TaskSubmitted(self.now, msg.task_id, peer.peer_id, msg.name,
+                                             msg.kind, msg.code, msg.args, msg.priority))
+            case m.Cancel(task_id=task_id):
+                self._apply(ev.CancelRequested(self.now, task_id))
+            case m.StoryRequest(task_id=task_id):
+                entries = self.scheduler.story(task_id)
+                self._to_client(peer.peer_id, m.StoryReply(task_id, entries))
+            case m.InfoRequest():
+                sched = self.scheduler
+                self._to_client(peer.peer_id, m.ClusterInfo(
+                    sorted(sched.nodes), len(sched.workers),
+                    sum(1 for w in sched.workers.values() if w.task_id is None),
+                    sum(1 for t in sched.tasks.values() if t.state == "running")))
+            case m.Heartbeat():
+                pass
+            case m.Bye():
+                self.peers = {k: p for k, p in self.peers.items() if p is not peer}
+                self.log.info("client_left", peer=peer.peer_id)
+            case _:
+                self._unexpected(peer, msg)
+
+    def _unexpected(self, peer: Peer, msg: m.Message) -> None:
+        self.log.warning("unexpected_message", peer=peer.peer_id, role=peer.role,
+                         type=type(msg).__name__)
+
+    def _check_liveness(self) -> None:
+        for peer in list(self.peers.values()):
+            if peer.role == "node" and self.now - peer.last_seen > self.node_timeout_s:
+                self._node_gone(peer, f"silent for {self.now - peer.last_seen:.1f}s")
+
+    def _node_gone(self, peer: Peer, reason: str) -> None:
+        self.peers = {k: p for k, p in self.peers.items() if p is not peer}
+        self.log.warning("node_lost", node_id=peer.peer_id, reason=reason)
+        self._apply(ev.NodeLost(self.now, peer.peer_id, reason))
+
+    # --- output -------------------------------------------------------------
+
+    def _apply(self, event: ev.Event) -> None:
+        for instruction in self.scheduler.handle(event):
+            self._carry_out(instruction)
+
+    def _carry_out(self, ins: ev.Instruction) -> None:
+        match ins:
+            case ev.Dispatch():
+                self._to_worker(ins.node_id, ins.worker_id, m.RunUnits(ins.task_id, ins.run_id, ins.units))
+            case ev.ForwardResults():
+                self._to_worker(ins.node_id, ins.worker_id, m.DriverResults(ins.task_id, ins.results))
+            case ev.Assign():
+                self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
+                               driver=ins.driver)
+                self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(
+                    ins.task_id, ins.name, ins.kind, ins.code, ins.args, ins.driver))
+            case ev.ReleaseWorker():
+                self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
+            case ev.KillWorker():
+                self.send(SOCKET, ins.node_id.encode(), message=m.KillWorker(ins.worker_id, ins.reason))
+            case ev.ReportProgress():
+                self._to_client(ins.client_id, m.TaskProgress(ins.task_id, ins.done, ins.total,
+                                                              ins.sliced_all))
+            case ev.ReportDone():
+                self.log.info("task_done", task_id=ins.task_id)
+                self._to_client(ins.client_id, m.TaskDone(ins.task_id, ins.result))
+            case ev.ReportErred(outcome=o):
+                self.log.info("task_erred", task_id=ins.task_id, unit=ins.unit, error=o.type_name)
+                self._to_client(ins.client_id, m.TaskErred(
+                    ins.task_id, o.value, o.type_name, o.message, o.traceback, ins.unit))
+            case ev.ReportKilled():
+                self.log.warning("task_killed", task_id=ins.task_id, unit=ins.unit, causes=ins.causes)
+                self._to_client(ins.client_id, m.TaskErred(
+                    ins.task_id, b"", "actors.errors.WorkerKilled", "; ".join(ins.causes), "",
+                    ins.unit))
+            case ev.ReportCancelled():
+                self.log.info("task_cancelled", task_id=ins.task_id)
+                self._to_client(ins.client_id, m.TaskCancelled(ins.task_id))
+            case _:
+                raise TypeError(f"unknown scheduler instruction {ins!r}")
+
+    def _to_worker(self, node_id: str, worker_id: str, msg: m.Message) -> None:
+        self.send(SOCKET, node_id.encode(), worker_id.encode(), message=msg)
+
+    def _to_client(self, client_id: str, msg: m.Message) -> None:
+        self.send(SOCKET, client_id.encode(), message=msg)
+
+
+def describe_exit(msg: m.WorkerExited) -> str:
+    import signal as signals
+
+    if msg.signal is not None:
+        try:
+            how = f"killed by signal {msg.signal} ({signals.Signals(msg.signal).name})"
+        except ValueError:
+            how = f"killed by signal {msg.signal}"
+    else:
+        how = f"exited with code {msg.exitcode}"
+    return f"worker {msg.worker_id} (pid {msg.pid}) {how}, peak memory {msg.maxrss_kb // 1024} MiB"
+
+
+def route_frames(frames: list[bytes]) -> Inbound:
+    """Decode a frame list received on the master's ROUTER (runs on the hub thread)."""
+    if len(frames) == 2:
+        return Inbound(frames[0], None, m.decode(frames[1]))
+    if len(frames) == 3:
+        return Inbound(frames[0], frames[1], m.decode(frames[2]))
+    raise MalformedMessage(f"expected 2 or 3 frames, got {len(frames)}", sum(map(len, frames)))
+
+
+if __name__ == "__main__":
+    from actors.cli import master_main
+
+    raise SystemExit(master_main())

@@ -1,0 +1,275 @@
+"""The catalogue of control messages: every struct that crosses a process boundary.
+
+Messages are msgspec structs encoded as msgpack arrays with a type tag, so a
+frame either decodes to exactly one of these types or is rejected with
+``MalformedMessage``; nothing a peer sends can reach a handler half-parsed.
+User objects (task classes, arguments, results, exceptions) are opaque
+``bytes`` fields holding cloudpickle output: the master and the nodes carry
+them without ever unpickling them.
+
+Routing (see transport/hub.py): a master frame is ``[peer, body]`` for the
+node or client ``peer`` itself, or ``[node, worker, body]`` for a worker behind
+that node; a worker prefixes what it sends with ``b"n"`` (for its node) or
+``b"m"`` (relayed to the master).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from actors.errors import MalformedMessage
+
+#: Bumped on any incompatible change of this catalogue; checked in the handshake.
+PROTOCOL_VERSION = 1
+
+
+class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
+    """Base of every message. ``tag=True`` puts the class name on the wire."""
+
+
+# --- handshake and liveness -------------------------------------------------
+
+
+class Hello(Message):
+    """First message on every connection: who I am and what I speak."""
+
+    role: str  # "node" | "client" | "worker"
+    peer_id: str
+    protocol: int
+    version: str  # the pydra-actors package version
+    host: str = ""
+    pid: int = 0
+    slots: int = 0  # a node's worker count
+
+
+class Welcome(Message):
+    master_id: str
+    peer_id: str
+    heartbeat_s: float = 1.0
+
+
+class Refused(Message):
+    """The handshake (or a request from an unknown peer) is refused; ``reason`` says why."""
+
+    reason: str
+
+
+class Heartbeat(Message):
+    pass
+
+
+class Bye(Message):
+    """A node or client leaves on purpose (so the master need not wait for a timeout)."""
+
+    reason: str = ""
+
+
+# --- client <-> master ------------------------------------------------------
+
+
+class Submit(Message):
+    task_id: str
+    name: str  # for logs and errors: the task class's qualified name
+    kind: str  # "task" | "parallel"
+    code: bytes  # cloudpickled task class
+    args: bytes  # cloudpickled dict of keyword arguments
+    priority: int = 0
+
+
+class Cancel(Message):
+    task_id: str
+
+
+class StoryRequest(Message):
+    task_id: str
+
+
+class StoryReply(Message):
+    task_id: str
+    entries: list[tuple[str, str, str, str, float]]  # (key, start, finish, cause, time)
+
+
+class InfoRequest(Message):
+    pass
+
+
+class ClusterInfo(Message):
+    nodes: list[str]
+    workers: int
+    idle_workers: int
+    tasks_running: int
+
+
+class TaskDone(Message):
+    task_id: str
+    result: bytes
+
+
+class TaskErred(Message):
+    """A task failed. ``error`` is a cloudpickled exception (empty when not picklable)."""
+
+    task_id: str
+    error: bytes
+    type_name: str
+    message: str
+    traceback: str
+    unit: str = ""
+
+
+class TaskCancelled(Message):
+    task_id: str
+
+
+class TaskProgress(Message):
+    task_id: str
+    done: int
+    total: int  # units known so far
+    sliced_all: bool
+
+
+# --- master <-> node --------------------------------------------------------
+
+
+class WorkerReady(Message):
+    """A node's fresh worker process said hello and can take a task instance."""
+
+    worker_id: str
+    pid: int
+
+
+class WorkerExited(Message):
+    worker_id: str
+    pid: int
+    exitcode: int | None  # None when killed by a signal
+    signal: int | None
+    maxrss_kb: int
+    expected: bool  # the node was asked to stop it
+
+
+class KillWorker(Message):
+    worker_id: str
+    reason: str
+
+
+# --- master <-> worker (relayed by the node) --------------------------------
+
+
+class AssignTask(Message):
+    """Load a task instance. The driver slices and reduces; every assigned worker runs units."""
+
+    task_id: str
+    name: str
+    kind: str
+    code: bytes
+    args: bytes
+    driver: bool
+
+
+class UnitCall(Message):
+    index: int
+    args: bytes
+
+
+class RunUnits(Message):
+    task_id: str
+    run_id: int  # one run id for the batch; results come back with it
+    units: list[UnitCall]
+
+
+class UnitsSliced(Message):
+    """The driver's slicer produced more units; ``done`` when it is exhausted."""
+
+    task_id: str
+    units: list[UnitCall]
+    done: bool
+
+
+class UnitOutcome(Message):
+    index: int
+    ok: bool
+    value: bytes  # cloudpickled result, or cloudpickled exception when not ok
+    type_name: str = ""
+    message: str = ""
+    traceback: str = ""
+
+
+class UnitsDone(Message):
+    task_id: str
+    run_id: int
+    outcomes: list[UnitOutcome]
+    elapsed: float = 0.0  # seconds spent running the batch, for batch sizing
+
+
+class DriverResults(Message):
+    """Finished unit results, forwarded to the task's driver for ``reduce``."""
+
+    task_id: str
+    results: list[tuple[int, bytes]]
+
+
+class TaskResult(Message):
+    """The driver finished the task instance (``work`` returned or ``reduce`` ran)."""
+
+    task_id: str
+    outcome: UnitOutcome
+
+
+class ReleaseTask(Message):
+    """The task ended well: drop the instance and wait, warm, for the same submitter's next task."""
+
+    task_id: str
+
+
+class WorkerFailed(Message):
+    """The worker could not load or start the task (unpicklable class, import error...)."""
+
+    task_id: str
+    outcome: UnitOutcome
+
+
+AnyMessage = (
+    Hello
+    | Welcome
+    | Refused
+    | Heartbeat
+    | Bye
+    | Submit
+    | Cancel
+    | StoryRequest
+    | StoryReply
+    | InfoRequest
+    | ClusterInfo
+    | TaskDone
+    | TaskErred
+    | TaskCancelled
+    | TaskProgress
+    | WorkerReady
+    | WorkerExited
+    | KillWorker
+    | AssignTask
+    | RunUnits
+    | UnitsSliced
+    | UnitsDone
+    | DriverResults
+    | TaskResult
+    | ReleaseTask
+    | WorkerFailed
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyMessage)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes | memoryview) -> Message:
+    """Decode one frame; anything that is not exactly a catalogue message raises."""
+    try:
+        message: Message = _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedMessage(str(exc), len(frame)) from None
+    return message

@@ -1,0 +1,299 @@
+"""The Node actor: owns this host's worker processes and relays for them.
+
+Workers are started blank (no user code) and announced to the master, which
+assigns each to one task instance at a time. A worker process that exits is
+seen at once (a reaper thread blocks in ``wait4`` and tells this actor),
+reported with its exit code or signal and peak memory, and replaced by a
+fresh one. Frames between workers and the master are relayed on the hub
+thread without being decoded (see ``relay_frames``): the node never touches
+task payloads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+import structlog
+
+from actors import __version__
+from actors import messages as m
+from actors.shell import ConnectionEvent, Inbound, Shell, Tick
+from transport import Hub
+
+log = structlog.get_logger("actors.node")
+
+MASTER = "master"
+WORKERS = "workers"
+KILL_GRACE_S = 2.0
+HELLO_RETRY_S = 2.0
+# What a worker may see of the node's environment; everything else is scrubbed.
+_ENV_KEPT = ("PATH", "PYTHONPATH", "LANG", "TZ", "VIRTUAL_ENV", "SYSTEMROOT")
+
+
+@dataclass(frozen=True)
+class ProcessExited:
+    worker_id: str
+    pid: int
+    status: int
+    maxrss_kb: int
+
+
+@dataclass
+class WorkerProcess:
+    worker_id: str
+    proc: subprocess.Popen[bytes]
+    scratch: str
+    reaper: threading.Thread | None = None
+    ready: bool = False
+    kill_deadline: float | None = None
+    expected_exit: bool = False
+
+
+@dataclass
+class NodeConfig:
+    node_id: str
+    slots: int
+    ipc_address: str
+    run_dir: str
+    exit_with_parent: bool = False
+    parent_pid: int = field(default_factory=os.getppid)
+
+
+class Node(Shell):
+    def __init__(self, hub: Hub, config: NodeConfig, on_fatal: Any = None) -> None:
+        super().__init__(hub)
+        self.config = config
+        self.workers: dict[str, WorkerProcess] = {}
+        self.welcomed = False
+        self.stopping = False
+        self.now = 0.0
+        self.last_hello = -HELLO_RETRY_S
+        self.last_heartbeat = 0.0
+        self.heartbeat_s = 1.0
+        self._seq = 0
+        self._on_fatal = on_fatal
+        self.log = log.bind(role="node", node_id=config.node_id)
+
+    def on_start(self) -> None:
+        super().on_start()
+        for _ in range(self.config.slots):
+            self._spawn()
+
+    # --- input --------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Inbound(via=None, message=msg) if message.peer == b"":
+                self._from_master(msg)
+            case Inbound(peer=worker_key, message=msg):
+                self._from_worker(worker_key.decode(errors="replace"), msg)
+            case ProcessExited():
+                self._exited(message)
+            case Tick(now=now):
+                self._tick(now)
+            case ConnectionEvent(what=what):
+                self._connection(what)
+            case ("shutdown",):
+                self._shutdown()
+            case ("workers",):
+                return {w.worker_id: w.proc.pid for w in self.workers.values()}
+            case _:
+                raise TypeError(f"node got an unknown message: {message!r}")
+        return None
+
+    def _from_master(self, msg: m.Message) -> None:
+        match msg:
+            case m.Welcome(heartbeat_s=heartbeat_s):
+                self.welcomed = True
+                self.heartbeat_s = heartbeat_s
+                self.log.info("joined_master", workers=len(self.workers))
+                for worker in self.workers.values():
+                    if worker.ready:
+                        self._announce(worker)
+            case m.Refused(reason=reason):
+                if "send Hello first" in reason:
+                    self.welcomed = False  # the master restarted: introduce ourselves again
+                    self._hello()
+                else:
+                    self.log.error("master_refused_node", reason=reason)
+                    self._fatal(f"master refused this node: {reason}")
+            case m.KillWorker(worker_id=worker_id, reason=reason):
+                self._kill(worker_id, reason)
+            case _:
+                self.log.warning("unexpected_message", source="master", type=type(msg).__name__)
+
+    def _from_worker(self, worker_id: str, msg: m.Message) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            self.log.warning("message_from_unknown_worker", worker_id=worker_id)
+            return
+        match msg:
+            case m.Hello(role="worker", protocol=m.PROTOCOL_VERSION, pid=pid):
+                worker.ready = True
+                self.log.debug("worker_up", worker_id=worker_id, pid=pid)
+                self.send(WORKERS, worker_id.encode(), message=m.Welcome("", worker_id, 0.0))
+                if self.welcomed:
+                    self._announce(worker)
+            case _:
+                self.log.warning("unexpected_message", worker_id=worker_id, type=type(msg).__name__)
+
+    def _tick(self, now: float) -> None:
+        self.now = now
+        if self.config.exit_with_parent and os.getppid() != self.config.parent_pid:
+            self.log.warning("parent_gone", parent_pid=self.config.parent_pid)
+            self._fatal("the process that started this node is gone")
+            return
+        if not self.welcomed and now - self.last_hello >= HELLO_RETRY_S:
+            self._hello()
+        if self.welcomed and now - self.last_heartbeat >= self.heartbeat_s:
+            self.last_heartbeat = now
+            self.send(MASTER, message=m.Heartbeat())
+        for worker in list(self.workers.values()):
+            if worker.kill_deadline is not None and now >= worker.kill_deadline:
+                self.log.warning("worker_kill_escalated", worker_id=worker.worker_id)
+                _signal_group(worker.proc.pid, signal.SIGKILL)
+                worker.kill_deadline = None
+
+    def _connection(self, what: str) -> None:
+        if what == "auth_failed":
+            self.log.error("master_refused_key", hint="is this node's public key in the master's allowed/ folder?")
+            self._fatal("the master refused this node's CURVE key")
+        elif what == "disconnected" and self.welcomed:
+            self.log.warning("master_disconnected")
+
+    # --- workers ------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self._seq += 1
+        worker_id = f"{self.config.node_id}/w{self._seq}"
+        scratch = tempfile.mkdtemp(prefix=f"w{self._seq}-", dir=self.config.run_dir)
+        env = {k: v for k, v in os.environ.items()
+               if k in _ENV_KEPT or k.startswith(("LC_", "ACTORS_"))}
+        env.update(HOME=scratch, TMPDIR=scratch, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "actors.worker", "--node", self.config.ipc_address,
+             "--id", worker_id],
+            cwd=scratch, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        worker = WorkerProcess(worker_id, proc, scratch)
+        worker.reaper = threading.Thread(target=_reap, args=(self.actor_ref, worker_id, proc),
+                                         name=f"reaper-{proc.pid}", daemon=True)
+        worker.reaper.start()
+        self.workers[worker_id] = worker
+        self.log.debug("worker_spawned", worker_id=worker_id, pid=proc.pid)
+
+    def _announce(self, worker: WorkerProcess) -> None:
+        self.send(MASTER, message=m.WorkerReady(worker.worker_id, worker.proc.pid))
+
+    def _kill(self, worker_id: str, reason: str) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.expected_exit:
+            return
+        self.log.info("worker_stopping", worker_id=worker_id, reason=reason)
+        worker.expected_exit = True
+        worker.kill_deadline = self.now + KILL_GRACE_S
+        _signal_group(worker.proc.pid, signal.SIGTERM)
+
+    def _exited(self, event: ProcessExited) -> None:
+        worker = self.workers.pop(event.worker_id, None)
+        if worker is None:
+            return
+        shutil.rmtree(worker.scratch, ignore_errors=True)
+        _signal_group(event.pid, signal.SIGKILL)  # anything the task left in its group
+        exitcode = os.waitstatus_to_exitcode(event.status)
+        died = m.WorkerExited(
+            event.worker_id, event.pid,
+            exitcode if exitcode >= 0 else None, -exitcode if exitcode < 0 else None,
+            event.maxrss_kb, worker.expected_exit or self.stopping,
+        )
+        (self.log.info if died.expected else self.log.warning)(
+            "worker_exited", worker_id=event.worker_id, pid=event.pid, exitcode=died.exitcode,
+            signal=died.signal, maxrss_kb=event.maxrss_kb)
+        if self.welcomed and worker.ready:
+            self.send(MASTER, message=died)
+        if not self.stopping:
+            self._spawn()
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def _hello(self) -> None:
+        self.last_hello = self.now
+        self.send(MASTER, message=m.Hello(
+            "node", self.config.node_id, m.PROTOCOL_VERSION, __version__,
+            host=os.uname().nodename, pid=os.getpid(), slots=self.config.slots))
+
+    def _fatal(self, reason: str) -> None:
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
+    def _shutdown(self) -> None:
+        """Stop every worker (TERM, then KILL after a grace period) and say goodbye."""
+        self.stopping = True
+        if self.welcomed:
+            self.send(MASTER, message=m.Bye("node stopping"))
+        for worker in self.workers.values():
+            _signal_group(worker.proc.pid, signal.SIGTERM)
+        for worker in self.workers.values():
+            assert worker.reaper is not None
+            worker.reaper.join(KILL_GRACE_S)
+            if worker.reaper.is_alive():
+                _signal_group(worker.proc.pid, signal.SIGKILL)
+                worker.reaper.join(KILL_GRACE_S)
+            shutil.rmtree(worker.scratch, ignore_errors=True)
+        self.log.info("node_stopped", workers=len(self.workers))
+        self.workers.clear()
+
+
+def _reap(node: pykka.ActorRef[Any], worker_id: str, proc: subprocess.Popen[bytes]) -> None:
+    """Block until the worker exits, then tell the node (a thread that only sends)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+    try:
+        node.tell(ProcessExited(worker_id, proc.pid, status, int(usage.ru_maxrss)))
+    except pykka.ActorDeadError:
+        pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def relay_frames(hub: Hub, node: pykka.ActorRef[Any], socket: str, frames: list[bytes]) -> None:
+    """Route what the node's sockets receive (runs on the hub thread).
+
+    master -> ``[body]`` is for the node; ``[worker, body]`` is relayed as is.
+    worker -> ``[worker, b"m", body]`` is relayed to the master as ``[worker, body]``;
+    ``[worker, b"n", body]`` is for the node.
+    """
+    if socket == MASTER:
+        if len(frames) == 1:
+            node.tell(Inbound(b"", None, m.decode(frames[0])))
+        elif len(frames) == 2:
+            hub.send_now(WORKERS, frames)
+        else:
+            log.warning("malformed_frames", source="master", count=len(frames))
+        return
+    if len(frames) == 3 and frames[1] == b"m":
+        hub.send_now(MASTER, [frames[0], frames[2]])
+    elif len(frames) == 3 and frames[1] == b"n":
+        node.tell(Inbound(frames[0], None, m.decode(frames[2])))
+    else:
+        log.warning("malformed_frames", source="worker", count=len(frames))
+
+
+if __name__ == "__main__":
+    from actors.cli import node_main
+
+    raise SystemExit(node_main())

@@ -1,0 +1,51 @@
+"""What every actor shell shares: its outbox to the transport hub and the in-process envelopes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pykka
+
+from actors import messages as m
+from transport import Hub, Outbox
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A decoded message from ``peer`` (or from worker ``via`` behind node ``peer``)."""
+
+    peer: bytes
+    via: bytes | None
+    message: m.Message
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    socket: str
+    what: str  # connected | disconnected | auth_failed | handshake_failed
+
+
+class Shell(pykka.ThreadingActor):
+    """A pykka actor that sends through the hub. The outbox is made in ``on_start``,
+    which runs in the actor's own thread: a ZeroMQ socket belongs to one thread."""
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self.hub = hub
+        self.outbox: Outbox | None = None
+
+    def on_start(self) -> None:
+        self.outbox = self.hub.outbox()
+
+    def on_stop(self) -> None:
+        if self.outbox is not None:
+            self.outbox.close()
+
+    def send(self, socket: str, *route: bytes, message: m.Message) -> None:
+        assert self.outbox is not None, "send() before on_start()"
+        self.outbox.send(socket, [*route, m.encode(message)])

@@ -1,0 +1,164 @@
+"""A worker process: the Worker actor and the task instance it hosts.
+
+Started blank by its node, a worker talks only to that node over ipc (it
+opens no TCP socket). The master assigns it one task instance at a time:
+the Worker actor unpickles the task class, starts it as an actor and passes
+it its input; what the task emits goes back through this actor's outbox.
+After a task ends well the worker stays, warm, for the same submitter's
+next task; otherwise its node kills it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+import structlog
+
+from actors import __version__, logs
+from actors import messages as m
+from actors.serialize import describe_exception, loads
+from actors.shell import Inbound, Shell, Tick
+from actors.task import RunUnits, Task, UnitResults, _Begin
+from transport import Hub
+
+log = structlog.get_logger("actors.worker")
+
+NODE = "node"
+TO_MASTER = b"m"
+TO_NODE = b"n"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message the task instance wants sent to the master."""
+
+    message: m.Message
+
+
+class Worker(Shell):
+    def __init__(self, hub: Hub, worker_id: str, on_exit: Any) -> None:
+        super().__init__(hub)
+        self.worker_id = worker_id
+        self.task: pykka.ActorRef[Any] | None = None
+        self.task_id = ""
+        self.parent_pid = os.getppid()
+        self._on_exit = on_exit
+        self.log = log.bind(role="worker", worker_id=worker_id)
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.send(NODE, TO_NODE, message=m.Hello(
+            "worker", self.worker_id, m.PROTOCOL_VERSION, __version__, pid=os.getpid()))
+
+    def on_stop(self) -> None:
+        self._stop_task()
+        super().on_stop()
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Outgoing(message=msg):
+                self.send(NODE, TO_MASTER, message=msg)
+            case Inbound(message=msg):
+                self._from_node(msg)
+            case Tick():
+                if os.getppid() != self.parent_pid:
+                    self.log.warning("node_gone")
+                    self._on_exit("node gone")
+            case _:
+                raise TypeError(f"worker got an unknown message: {message!r}")
+
+    def _from_node(self, msg: m.Message) -> None:
+        match msg:
+            case m.Welcome():
+                pass
+            case m.AssignTask():
+                self._assign(msg)
+            case m.RunUnits(task_id=task_id, run_id=run_id, units=units) if task_id == self.task_id:
+                assert self.task is not None
+                self.task.tell(RunUnits(run_id, units))
+            case m.DriverResults(task_id=task_id, results=results) if task_id == self.task_id:
+                assert self.task is not None
+                self.task.tell(UnitResults(results))
+            case m.ReleaseTask(task_id=task_id) if task_id == self.task_id:
+                self.log.debug("task_released", task_id=task_id)
+                self._stop_task()
+            case _:
+                self.log.warning("unexpected_message", type=type(msg).__name__)
+
+    def _assign(self, msg: m.AssignTask) -> None:
+        self._stop_task()
+        self.task_id = msg.task_id
+        task_log = self.log.bind(task_id=msg.task_id, task=msg.name)
+        try:
+            cls = loads(msg.code)
+            args, kwargs = loads(msg.args)
+            if not (isinstance(cls, type) and issubclass(cls, Task)):
+                raise TypeError(f"{cls!r} is not a Task subclass")
+            self.task = cls.start()
+        except Exception as exc:
+            task_log.warning("task_load_failed", error=repr(exc))
+            payload, type_name, text, tb = describe_exception(exc)
+            self.send(NODE, TO_MASTER, message=m.WorkerFailed(
+                msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb)))
+            return
+        task_log.debug("task_loaded", driver=msg.driver)
+        me = self.actor_ref
+        self.task.tell(_Begin(msg.task_id, args, kwargs, msg.driver,
+                              lambda out: me.tell(Outgoing(out))))
+
+    def _stop_task(self) -> None:
+        if self.task is not None:
+            self.task.stop(block=False)
+            self.task = None
+        self.task_id = ""
+
+
+def contain() -> None:
+    """Limits a task process runs under: no core dumps, its own process group (set by the node)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="actors.worker", description=argparse.SUPPRESS)
+    parser.add_argument("--node", required=True, help="the node's ipc:// address")
+    parser.add_argument("--id", required=True, help="this worker's id")
+    args = parser.parse_args(argv)
+    logs.configure()
+    contain()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
+
+    worker_ref: pykka.ActorRef[Any] | None = None
+    started = threading.Event()
+
+    def on_frames(_socket: str, frames: list[bytes]) -> None:
+        started.wait(10)  # the node may answer our Hello before start() has returned
+        if worker_ref is not None:
+            worker_ref.tell(Inbound(b"", None, m.decode(frames[-1])))
+
+    def on_tick(now: float) -> None:
+        if worker_ref is not None:
+            worker_ref.tell(Tick(now))
+
+    hub = Hub(on_frames, on_tick=on_tick, tick_s=0.5)
+    hub.add_dealer(NODE, args.node, identity=args.id.encode())
+    hub.start()
+    worker_ref = Worker.start(hub, args.id, lambda _reason: stopped.set())
+    started.set()
+    stopped.wait()
+    pykka.ActorRegistry.stop_all(timeout=2)
+    hub.stop()
+    # A task's threads may still run user code; they must not keep the process alive.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""The quickstart: a Task and a ParallelTask on the cluster named by $ACTORS_ADDRESS,
+or on a LocalCluster of its own when run on its own.
+
+    python -m actors.master --workers 2 --run examples/quickstart.py
+"""
+
+from actors import Client, ParallelTask, Task
+
+
+class Square(Task):
+    def work(self, x):
+        return x * x
+
+
+class SumOfSquares(ParallelTask):
+    def get_work(self, n):  # the slicer: yields one argument per work unit, lazily
+        yield from range(n)
+
+    def work_unit(self, i):  # runs on any worker of this task
+        return i * i
+
+    def reduce(self, results):  # results in unit order
+        return sum(results)
+
+
+if __name__ == "__main__":
+    with Client() as client:
+        print("Square(7) =", client.submit(Square, x=7).result(timeout=30))
+        fut = client.submit(SumOfSquares, n=10_000)
+        total = fut.result(timeout=60)
+        assert total == sum(i * i for i in range(10_000))
+        print("SumOfSquares(10_000) =", total, "progress:", fut.progress())

@@ -1,0 +1,18 @@
+"""The only package that imports zmq: sockets, the I/O thread, CURVE keys.
+
+Nothing here knows about tasks; frames in, frames out.
+"""
+
+from transport.hub import ClientCurve, Hub, Outbox, ServerCurve
+from transport.keys import KeyPair, init_keys, load_keypair, load_public_key
+
+__all__ = [
+    "ClientCurve",
+    "Hub",
+    "KeyPair",
+    "Outbox",
+    "ServerCurve",
+    "init_keys",
+    "load_keypair",
+    "load_public_key",
+]

@@ -1,0 +1,350 @@
+"""One thread per process owns every ZeroMQ socket of that process.
+
+ZeroMQ sockets are not thread-safe, so actors never touch a network socket.
+Each actor creates an ``Outbox`` (an inproc PUSH socket) in its own thread and
+hands it ``(socket name, frames)``; the hub thread polls that inproc queue
+together with the network sockets, sends what it is handed, and passes every
+received frame list to ``on_frames`` (which decodes and ``tell``s an actor).
+The same thread drives ``on_tick`` at a fixed interval, so time-based work
+(heartbeats, timeouts) enters the actors as ordinary messages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
+
+log = structlog.get_logger("transport.hub")
+
+FramesHandler = Callable[[str, list[bytes]], None]
+EventHandler = Callable[[str, str], None]
+TickHandler = Callable[[float], None]
+
+_STOP = b""
+_hub_ids = itertools.count()
+# Events a dealer's owner is told about, by zmq event number.
+_WATCHED_EVENTS = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+    zmq.EVENT_DISCONNECTED: "disconnected",
+}
+
+
+@dataclass(frozen=True)
+class ServerCurve:
+    """CURVE for a bound socket: our key pair and the folder of public keys we admit."""
+
+    public: bytes
+    secret: bytes
+    allowed_dir: str
+
+
+@dataclass(frozen=True)
+class ClientCurve:
+    public: bytes
+    secret: bytes
+    server_key: bytes
+
+
+@dataclass(frozen=True)
+class _SocketSpec:
+    name: str
+    kind: int
+    address: str
+    bind: bool
+    identity: bytes | None
+    server_curve: ServerCurve | None
+    client_curve: ClientCurve | None
+    monitor: bool
+
+
+class Outbox:
+    """An actor's way to send: one per thread, created in the thread that uses it."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], inproc: str) -> None:
+        self._push = context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, 0)
+        self._push.connect(inproc)
+
+    def send(self, socket_name: str, frames: list[bytes]) -> None:
+        self._push.send_multipart([socket_name.encode(), *frames])
+
+    def close(self) -> None:
+        self._push.close(linger=0)
+
+
+class Hub:
+    """Owns the sockets of a process; see the module docstring."""
+
+    def __init__(
+        self,
+        on_frames: FramesHandler,
+        *,
+        on_event: EventHandler | None = None,
+        on_tick: TickHandler | None = None,
+        tick_s: float = 0.25,
+    ) -> None:
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._inproc = f"inproc://hub-{os.getpid()}-{next(_hub_ids)}"
+        self._on_frames = on_frames
+        self._on_event = on_event
+        self._on_tick = on_tick
+        self._tick_s = tick_s
+        self._specs: list[_SocketSpec] = []
+        self._addresses: dict[str, str] = {}
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._auth: ThreadAuthenticator | None = None
+        self._control: Outbox | None = None
+        self._control_lock = threading.Lock()
+        self._sockets: dict[bytes, zmq.Socket[bytes]] = {}
+
+    # --- configuration (before start) ---------------------------------------
+
+    def add_router(self, name: str, address: str, *, curve: ServerCurve | None = None) -> None:
+        """A bound ROUTER socket (the master's TCP endpoint, the node's ipc endpoint)."""
+        self._specs.append(_SocketSpec(name, zmq.ROUTER, address, True, None, curve, None, False))
+
+    def add_dealer(
+        self,
+        name: str,
+        address: str,
+        *,
+        identity: bytes,
+        curve: ClientCurve | None = None,
+        monitor: bool = False,
+    ) -> None:
+        """A connecting DEALER; with ``monitor``, connection events reach ``on_event``."""
+        self._specs.append(
+            _SocketSpec(name, zmq.DEALER, address, False, identity, None, curve, monitor)
+        )
+
+    def send_now(self, socket_name: str, frames: list[bytes]) -> None:
+        """Send from a handler running on the hub thread itself (a relay): no extra hop."""
+        assert threading.current_thread() is self._thread, "send_now() is for hub handlers only"
+        self._send(socket_name.encode(), self._sockets[socket_name.encode()], frames)
+
+    def address(self, name: str) -> str:
+        """The endpoint a bound socket really got (the port, when asked for port 0)."""
+        return self._addresses[name]
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        if any(spec.server_curve for spec in self._specs):
+            self._auth = ThreadAuthenticator(self.context, log=_quiet_logger())
+            self._auth.start()
+            allowed = next(s.server_curve for s in self._specs if s.server_curve)
+            assert allowed is not None
+            self._auth.configure_curve(domain="*", location=allowed.allowed_dir)
+        self._thread = threading.Thread(target=self._run, name="transport-hub", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("transport hub did not start")
+        if self._start_error is not None:
+            self._stop_auth()
+            raise self._start_error
+
+    def outbox(self) -> Outbox:
+        return Outbox(self.context, self._inproc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            with self._control_lock:
+                if self._control is None:
+                    self._control = self.outbox()
+                self._control._push.send_multipart([_STOP])
+            self._thread.join(timeout)
+        if self._control is not None:
+            self._control.close()
+        self._stop_auth()
+        self.context.term()
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    # --- the I/O thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        pull = self.context.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, 0)
+        sockets = self._sockets
+        monitors: dict[zmq.Socket[bytes], str] = {}
+        try:
+            pull.bind(self._inproc)
+            for spec in self._specs:
+                sock = self._open(spec)
+                sockets[spec.name.encode()] = sock
+                if spec.monitor:
+                    monitors[sock.get_monitor_socket()] = spec.name
+        except BaseException as exc:  # reported to start(), which raises it
+            self._start_error = exc
+            for sock in sockets.values():
+                sock.close(linger=0)
+            pull.close(linger=0)
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop(pull, sockets, monitors)
+        finally:
+            for monitor in monitors:
+                monitor.close(linger=0)
+            for sock in sockets.values():
+                sock.close()
+            pull.close(linger=0)
+
+    def _open(self, spec: _SocketSpec) -> zmq.Socket[bytes]:
+        sock = self.context.socket(spec.kind)
+        # A dealer gets a moment to flush a last message (Bye) when closed.
+        sock.setsockopt(zmq.LINGER, 0 if spec.bind else 200)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        if spec.kind == zmq.ROUTER:
+            # Unroutable sends raise instead of vanishing; a reconnecting peer
+            # with the same identity takes over its old connection.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if spec.identity is not None:
+            sock.setsockopt(zmq.IDENTITY, spec.identity)
+        if spec.server_curve is not None:
+            sock.curve_publickey = spec.server_curve.public
+            sock.curve_secretkey = spec.server_curve.secret
+            sock.curve_server = True
+        if spec.client_curve is not None:
+            sock.curve_publickey = spec.client_curve.public
+            sock.curve_secretkey = spec.client_curve.secret
+            sock.curve_serverkey = spec.client_curve.server_key
+        if spec.bind:
+            sock.bind(spec.address)
+            endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+            assert isinstance(endpoint, bytes)
+            self._addresses[spec.name] = endpoint.decode()
+        else:
+            sock.connect(spec.address)
+            self._addresses[spec.name] = spec.address
+        return sock
+
+    def _loop(
+        self,
+        pull: zmq.Socket[bytes],
+        sockets: dict[bytes, zmq.Socket[bytes]],
+        monitors: dict[zmq.Socket[bytes], str],
+    ) -> None:
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        names = {sock: name.decode() for name, sock in sockets.items()}
+        for sock in sockets.values():
+            poller.register(sock, zmq.POLLIN)
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
+        next_tick = time.monotonic() + self._tick_s
+        while True:
+            timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000)
+            ready = dict(poller.poll(timeout_ms if self._on_tick else None))
+            if pull in ready and not self._send_outgoing(pull, sockets):
+                return
+            for sock in ready:
+                if sock in names:
+                    self._receive(names[sock], sock)
+                elif sock in monitors:
+                    self._monitor_event(monitors[sock], sock)
+            now = time.monotonic()
+            if self._on_tick is not None and now >= next_tick:
+                next_tick = now + self._tick_s
+                self._guarded(self._on_tick, now)
+
+    def _send_outgoing(
+        self, pull: zmq.Socket[bytes], sockets: dict[bytes, zmq.Socket[bytes]]
+    ) -> bool:
+        """Send everything actors handed us; False when told to stop."""
+        for _ in range(10_000):  # bounded, so receiving is never starved
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            name = frames[0]
+            if name == _STOP:
+                self._drain(pull, sockets)
+                return False
+            sock = sockets.get(name)
+            if sock is None:
+                log.error("send_to_unknown_socket", socket=name.decode(errors="replace"))
+                continue
+            self._send(name, sock, frames[1:])
+        return True
+
+    def _drain(self, pull: zmq.Socket[bytes], sockets: dict[bytes, zmq.Socket[bytes]]) -> None:
+        """On stop, send what actors handed over before it (a last Bye, say)."""
+        for _ in range(10_000):
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            sock = sockets.get(frames[0])
+            if sock is not None:
+                self._send(frames[0], sock, frames[1:])
+
+    @staticmethod
+    def _send(name: bytes, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # A peer that left (EHOSTUNREACH) or a full queue (EAGAIN): the
+            # message is dropped; liveness tracking notices the peer.
+            log.warning(
+                "send_dropped",
+                socket=name.decode(errors="replace"),
+                peer=frames[0][:40].decode(errors="replace") if len(frames) > 1 else "",
+                error=exc.strerror,
+            )
+
+    def _receive(self, name: str, sock: zmq.Socket[bytes]) -> None:
+        for _ in range(1_000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._guarded(self._on_frames, name, frames)
+
+    def _monitor_event(self, name: str, monitor: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            what = _WATCHED_EVENTS.get(event["event"])
+            if what is not None and self._on_event is not None:
+                self._guarded(self._on_event, name, what)
+
+    @staticmethod
+    def _guarded(handler: Callable[..., None], *args: object) -> None:
+        # A bug in a handler must not kill the thread that owns every socket.
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("handler_failed", handler=getattr(handler, "__qualname__", "?"))
+
+
+def _quiet_logger() -> object:
+    import logging
+
+    logger = logging.getLogger("actors.zap")
+    logger.setLevel(logging.WARNING)
+    return logger
