@@ -172,7 +172,8 @@ class Master(Shell):
 
     def _node_gone(self, peer: Peer, reason: str) -> None:
         self.peers = {k: p for k, p in self.peers.items() if p is not peer}
-        self.log.warning("node_lost", node_id=peer.peer_id, reason=reason)
+        left = reason.startswith("node left")
+        (self.log.info if left else self.log.warning)("node_lost", node_id=peer.peer_id, reason=reason)
         self._apply(ev.NodeLost(self.now, peer.peer_id, reason))
 
     # --- output -------------------------------------------------------------

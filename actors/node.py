@@ -11,6 +11,7 @@ task payloads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -257,17 +258,13 @@ def _reap(node: pykka.ActorRef[Any], worker_id: str, proc: subprocess.Popen[byte
     """Block until the worker exits, then tell the node (a thread that only sends)."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
-    try:
+    with contextlib.suppress(pykka.ActorDeadError):
         node.tell(ProcessExited(worker_id, proc.pid, status, int(usage.ru_maxrss)))
-    except pykka.ActorDeadError:
-        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def relay_frames(hub: Hub, node: pykka.ActorRef[Any], socket: str, frames: list[bytes]) -> None:

@@ -203,8 +203,8 @@ class SchedulerState:
                 continue  # already recorded: the first result won
             if not outcome.ok:
                 self._note(task, f"unit {outcome.index}", "executing", "error", outcome.type_name, event.now)
-                self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
                 self._end(task, "erred", f"unit {outcome.index} raised", event.now)
+                self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
                 return
             del task.open_units[outcome.index]
             task.done_count += 1
@@ -227,12 +227,13 @@ class SchedulerState:
         # Only the driver ends a task well; any worker that cannot load it fails it.
         if task is None or (event.worker_id != task.driver and event.outcome.ok):
             return
+        # _end first: its last progress report must reach the client before the outcome.
         if event.outcome.ok:
-            self._out.append(ReportDone(task.client_id, task.task_id, event.outcome.value))
             self._end(task, "done", "finished", event.now)
+            self._out.append(ReportDone(task.client_id, task.task_id, event.outcome.value))
         else:
-            self._out.append(ReportErred(task.client_id, task.task_id, event.outcome, ""))
             self._end(task, "erred", event.outcome.type_name or "failed", event.now)
+            self._out.append(ReportErred(task.client_id, task.task_id, event.outcome, ""))
 
     def _end(self, task: TaskRecord, state: str, cause: str, now: float) -> None:
         self._note(task, "task", task.state, state, cause, now)
@@ -240,7 +241,8 @@ class SchedulerState:
         task.pending.clear()
         task.open_units.clear()
         task.code = task.args = b""
-        self._report_progress_of(task)
+        if task.kind == "parallel":
+            self._report_progress_of(task)
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
             worker.task_id = None
@@ -297,8 +299,8 @@ class SchedulerState:
         task.sliced_all = False
 
     def _kill_task(self, task: TaskRecord, unit: str, causes: list[str], now: float) -> None:
-        self._out.append(ReportKilled(task.client_id, task.task_id, unit, tuple(causes)))
         self._end(task, "erred", f"unit {unit}: workers died {len(causes)} times", now)
+        self._out.append(ReportKilled(task.client_id, task.task_id, unit, tuple(causes)))
 
     def _drop_worker(self, worker_id: str) -> WorkerRecord | None:
         worker = self.workers.pop(worker_id, None)

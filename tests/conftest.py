@@ -1,0 +1,82 @@
+"""Shared fixtures: a real local cluster, waits with deadlines, process bookkeeping by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from actors import Client, LocalCluster
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
+    """Poll ``condition`` until it is truthy; fail the test at the deadline (never hang)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (workers run in their own sessions, still our children)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def python(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, *args], text=True, **kwargs)  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(workers=2) as cl:
+        yield cl
+        pids = descendants(cl.pid) | {cl.pid}
+    wait_until(lambda: not any(alive(p) for p in pids), 20, "the cluster's processes to end")
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster) -> Iterator[Client]:
+    with Client(cluster) as c:
+        c.wait_for_workers(2)
+        yield c

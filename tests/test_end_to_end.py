@@ -1,0 +1,195 @@
+"""What a user does with a local cluster: submit tasks, read results and errors."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from actors import Client, LocalCluster, ParallelTask, Task, as_completed
+from actors.errors import InvalidArguments
+from tests.conftest import alive, descendants, wait_until
+
+pytestmark = pytest.mark.processes
+
+
+class Square(Task):
+    def work(self, x):
+        return x * x
+
+
+class SumOfSquares(ParallelTask):
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, i):
+        return i * i
+
+    def reduce(self, results):
+        return sum(results)
+
+
+class WhichProcess(ParallelTask):
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, i):
+        time.sleep(0.01)
+        return os.getpid()
+
+    def reduce(self, results):
+        return results
+
+
+class Boom(ValueError):
+    pass
+
+
+class Explodes(Task):
+    def work(self, n):
+        raise Boom(f"cannot handle {n}")
+
+
+class UnitExplodes(ParallelTask):
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, i):
+        if i == 13:
+            return {}["missing-" + str(i)]
+        return i
+
+    def reduce(self, results):
+        return results
+
+
+class SlicerExplodes(ParallelTask):
+    def get_work(self):
+        yield 1
+        raise RuntimeError("slicer broke")
+
+    def work_unit(self, i):
+        return i
+
+
+def test_the_readme_example_runs(client: Client) -> None:
+    assert client.submit(Square, x=7).result(timeout=30) == 49
+    fut = client.submit(SumOfSquares, n=10_000)
+    assert fut.result(timeout=60) == sum(i * i for i in range(10_000))
+    assert fut.progress() == (10_000, 10_000)
+
+
+def test_units_of_a_parallel_task_run_on_several_worker_processes(client: Client) -> None:
+    pids = client.submit(WhichProcess, n=200).result(timeout=60)
+    assert len(pids) == 200
+    assert len(set(pids)) >= 2, f"all units ran in {set(pids)}"
+    assert os.getpid() not in pids
+
+
+def test_reduce_gets_results_in_unit_order(client: Client) -> None:
+    class Identity(ParallelTask):
+        def get_work(self, n):
+            yield from range(n)
+
+        def work_unit(self, i):
+            return i
+
+    assert client.submit(Identity, n=3_000).result(timeout=60) == list(range(3_000))
+
+
+def test_an_empty_parallel_task_reduces_nothing(client: Client) -> None:
+    assert client.submit(SumOfSquares, n=0).result(timeout=30) == 0
+
+
+def test_a_task_exception_is_raised_with_its_type_and_remote_traceback(client: Client) -> None:
+    with pytest.raises(Boom) as info:
+        client.submit(Explodes, n=5).result(timeout=30)
+    text = str(info.value)
+    assert "cannot handle 5" in text
+    assert "Remote traceback" in text and "in work" in text and "raise Boom" in text
+    # the cluster keeps serving
+    assert client.submit(Square, 3).result(timeout=30) == 9
+
+
+def test_a_failing_unit_fails_its_task_naming_the_unit(client: Client) -> None:
+    with pytest.raises(KeyError) as info:
+        client.submit(UnitExplodes, n=100).result(timeout=30)
+    assert "missing-13" in str(info.value)
+    assert "unit 13" in str(info.value)
+    assert client.submit(SumOfSquares, n=10).result(timeout=30) == 285
+
+
+def test_a_failing_slicer_fails_its_task(client: Client) -> None:
+    with pytest.raises(RuntimeError, match="slicer broke"):
+        client.submit(SlicerExplodes).result(timeout=30)
+
+
+def test_arguments_that_do_not_fit_are_refused_at_submit(client: Client) -> None:
+    with pytest.raises(InvalidArguments, match="unexpected keyword argument 'y'"):
+        client.submit(Square, x=1, y=1)
+    with pytest.raises(InvalidArguments, match="missing a required argument"):
+        client.submit(SumOfSquares)
+    with pytest.raises(TypeError):  # InvalidArguments is a TypeError too
+        client.submit(Square, 1, 2)
+    with pytest.raises(InvalidArguments, match="not a Task"):
+        client.submit(len, 1)  # type: ignore[arg-type]
+
+
+def test_lambdas_and_closures_travel_by_value(client: Client) -> None:
+    offset = 1000
+
+    class Closure(Task):
+        def work(self, fn):
+            return fn(offset)
+
+    assert client.submit(Closure, lambda v: v + 1).result(timeout=30) == 1001
+
+
+def test_many_small_tasks_complete_with_as_completed(client: Client) -> None:
+    futures = client.map(Square, range(50))
+    done = list(as_completed(futures, timeout=60))
+    assert sorted(f.result() for f in done) == [i * i for i in range(50)]
+
+
+def test_result_times_out_without_hanging(client: Client) -> None:
+    class Slow(Task):
+        def work(self):
+            time.sleep(3)
+            return "late"
+
+    fut = client.submit(Slow)
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.05)
+    assert fut.result(timeout=30) == "late"
+
+
+def test_story_shows_the_task_transitions(client: Client) -> None:
+    fut = client.submit(SumOfSquares, n=100)
+    fut.result(timeout=30)
+    transitions = [(key, start, finish) for key, start, finish, _, _ in fut.story()]
+    assert transitions[0] == ("task", "released", "queued")
+    assert ("task", "queued", "running") in transitions
+    assert transitions[-1] == ("task", "running", "done")
+
+
+def test_client_without_arguments_uses_actors_address(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACTORS_ADDRESS", cluster.address)
+    monkeypatch.setenv("ACTORS_KEYS", cluster.keys_dir)
+    with Client() as c:
+        assert c.address == cluster.address
+        assert c.submit(Square, 4).result(timeout=30) == 16
+
+
+def test_local_cluster_stops_every_process_when_the_body_raises() -> None:
+    pids: set[int] = set()
+    with pytest.raises(RuntimeError, match="user error"), LocalCluster(workers=1) as cl:
+        with Client(cl) as c:
+            c.wait_for_workers(1)
+            assert c.submit(Square, 2).result(timeout=30) == 4
+        pids = descendants(cl.pid) | {cl.pid}
+        assert len(pids) >= 3  # master, node, worker
+        raise RuntimeError("user error")
+    wait_until(lambda: not any(alive(p) for p in pids), 20, "every cluster process to end")

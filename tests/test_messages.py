@@ -1,0 +1,46 @@
+"""The catalogue: what decodes, and that anything else is a typed error."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actors import messages as m
+from actors.errors import MalformedMessage
+
+
+def test_every_message_round_trips() -> None:
+    samples = [
+        m.Hello("node", "n1", m.PROTOCOL_VERSION, "0.1.0", host="h", pid=3, slots=2),
+        m.Submit("t1", "Square", "task", b"\x80code", b"\x80args", priority=5),
+        m.RunUnits("t1", 7, [m.UnitCall(0, b"a"), m.UnitCall(1, b"b")]),
+        m.UnitsDone("t1", 7, [m.UnitOutcome(0, True, b"r")], elapsed=0.5),
+        m.TaskErred("t1", b"", "builtins.ValueError", "bad", "Traceback...", "3"),
+        m.WorkerExited("w1", 10, None, 9, 2048, False),
+        m.StoryReply("t1", [("task", "queued", "running", "driver w1", 1.5)]),
+    ]
+    for message in samples:
+        assert m.decode(m.encode(message)) == message
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"", b"\xc1", b"\x00garbage", msgspec.msgpack.encode(["NoSuchType", 1]),
+     msgspec.msgpack.encode(["Hello", "node"]),  # too few fields
+     msgspec.msgpack.encode(["Cancel", 42]),  # wrong field type
+     msgspec.msgpack.encode({"task_id": "x"})],
+)
+def test_a_bad_frame_raises_malformed_message(frame: bytes) -> None:
+    with pytest.raises(MalformedMessage) as info:
+        m.decode(frame)
+    assert "malformed message" in str(info.value)
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise_anything_but_malformed_message(frame: bytes) -> None:
+    with contextlib.suppress(MalformedMessage):
+        m.decode(frame)

@@ -1,0 +1,182 @@
+"""The master's scheduler core, fed events directly: no sockets, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.core import scheduler_events as ev
+from actors.core.scheduler_state import FIRST_BATCH, SchedulerState
+from actors.messages import UnitCall, UnitOutcome
+
+
+class Harness:
+    def __init__(self, max_deaths: int = 3) -> None:
+        self.state = SchedulerState(max_deaths=max_deaths)
+        self.now = 0.0
+
+    def __call__(self, event_type: type[ev.Event], *args: object) -> list[ev.Instruction]:
+        self.now += 1
+        out = self.state.handle(event_type(self.now, *args))  # type: ignore[call-arg]
+        self.state.validate()
+        return out
+
+
+def units(*indices: int) -> list[UnitCall]:
+    return [UnitCall(i, f"arg{i}".encode()) for i in indices]
+
+
+def ok(*indices: int) -> list[UnitOutcome]:
+    return [UnitOutcome(i, True, f"res{i}".encode()) for i in indices]
+
+
+@pytest.fixture
+def s() -> Harness:
+    h = Harness()
+    h(ev.NodeJoined, "n1")
+    h(ev.WorkerReady, "n1", "w1")
+    return h
+
+
+def submit(s: Harness, task_id: str = "t1", client: str = "c1", kind: str = "parallel",
+           priority: int = 0) -> list[ev.Instruction]:
+    return s(ev.TaskSubmitted, task_id, client, "Name", kind, b"code", b"args", priority)
+
+
+def test_a_task_waits_for_a_worker_then_gets_a_driver() -> None:
+    s = Harness()
+    assert submit(s, kind="task") == []
+    s(ev.NodeJoined, "n1")
+    assert s(ev.WorkerReady, "n1", "w1") == [
+        ev.Assign("n1", "w1", "t1", "Name", "task", b"code", b"args", True)
+    ]
+
+
+def test_a_plain_task_finishes_and_its_worker_stays_warm(s: Harness) -> None:
+    submit(s, kind="task")
+    out = s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"49"))
+    assert out == [ev.ReleaseWorker("n1", "w1", "t1"), ev.ReportDone("c1", "t1", b"49")]
+    assert s.state.workers["w1"].warm_for == "c1"
+
+
+def test_sliced_units_go_to_the_driver_then_to_a_helper(s: Harness) -> None:
+    submit(s)
+    out = s(ev.UnitsSliced, "w1", "t1", units(*range(10)), True)
+    assert out == [
+        ev.Dispatch("n1", "w1", "t1", 1, units(0, 1, 2, 3)),
+        ev.Dispatch("n1", "w1", "t1", 2, units(4, 5, 6, 7)),
+    ]
+    out = s(ev.WorkerReady, "n1", "w2")
+    assert out == [
+        ev.Assign("n1", "w2", "t1", "Name", "parallel", b"code", b"args", False),
+        ev.Dispatch("n1", "w2", "t1", 3, units(8, 9)),
+    ]
+
+
+def test_results_are_forwarded_to_the_driver_once(s: Harness) -> None:
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(0, 1), True)
+    s(ev.WorkerReady, "n1", "w2")
+    out = s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1), 0.002)
+    assert out == [ev.ForwardResults("n1", "w1", "t1", [(0, b"res0"), (1, b"res1")])]
+    # The same run reported again (a duplicate frame) records nothing twice.
+    assert s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1), 0.002) == []
+    assert s.state.tasks["t1"].done_count == 2
+
+
+def test_batches_grow_from_the_measured_unit_time(s: Harness) -> None:
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(2000)), True)
+    s(ev.UnitsFinished, "w1", "t1", 1, ok(*range(FIRST_BATCH)), 1e-5 * FIRST_BATCH)
+    dispatched = [i for i in s.state.workers["w1"].in_flight]
+    assert len(dispatched) > 2 * FIRST_BATCH  # ~5 ms of 10 µs units per batch
+
+
+def test_a_unit_on_three_dying_workers_fails_its_task_with_every_cause(s: Harness) -> None:
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(2 * FIRST_BATCH + 1)), True)
+    last = 2 * FIRST_BATCH  # the driver's prefetch is full: the last unit waits for a helper
+    out: list[ev.Instruction] = []
+    for death in range(3):
+        s(ev.WorkerReady, "n1", f"h{death}")
+        assert list(s.state.workers[f"h{death}"].in_flight) == [last]
+        out = s(ev.WorkerLost, f"h{death}", f"killed by signal 9 (#{death})", False)
+    assert out[-1] == ev.ReportKilled(
+        "c1", "t1", str(last), tuple(f"killed by signal 9 (#{d})" for d in range(3)))
+    assert ev.KillWorker("n1", "w1", "task t1 erred") in out
+    assert s.state.tasks["t1"].state == "erred"
+
+
+def test_an_expected_exit_is_not_counted_as_a_death(s: Harness) -> None:
+    submit(s)
+    s(ev.WorkerReady, "n1", "w2")
+    s(ev.CancelRequested, "t1")
+    assert s(ev.WorkerLost, "w2", "exited with code 0", True) == []
+
+
+def test_a_requeued_unit_runs_elsewhere_and_the_story_says_why(s: Harness) -> None:
+    submit(s)
+    s(ev.WorkerReady, "n1", "w2")
+    s(ev.UnitsSliced, "w1", "t1", units(*range(12)), True)
+    on_w2 = sorted(s.state.workers["w2"].in_flight)
+    assert on_w2
+    s(ev.WorkerLost, "w2", "killed by signal 9", False)
+    assert sorted(u.index for u in s.state.tasks["t1"].pending) == on_w2
+    story = s.state.story("t1")
+    assert any(k == f"unit {on_w2[0]}" and c == "worker lost: killed by signal 9"
+               for k, _, _, c, _ in story)
+
+
+def test_a_lost_driver_restarts_the_task_and_stops_its_helpers(s: Harness) -> None:
+    submit(s)
+    s(ev.WorkerReady, "n1", "w2")
+    s(ev.UnitsSliced, "w1", "t1", units(*range(12)), False)
+    out = s(ev.WorkerLost, "w1", "exit 1", False)
+    assert ev.KillWorker("n1", "w2", "task t1 restarts") in out
+    assert s.state.tasks["t1"].state == "queued"
+    out = s(ev.WorkerReady, "n1", "w3")
+    assert out == [ev.Assign("n1", "w3", "t1", "Name", "parallel", b"code", b"args", True)]
+
+
+def test_a_failing_unit_fails_the_task_and_kills_its_workers(s: Harness) -> None:
+    submit(s)
+    s(ev.WorkerReady, "n1", "w2")
+    s(ev.UnitsSliced, "w1", "t1", units(*range(12)), True)
+    bad = UnitOutcome(1, False, b"exc", "builtins.KeyError", "'x'", "Traceback")
+    out = s(ev.UnitsFinished, "w1", "t1", 1, [UnitOutcome(0, True, b"r"), bad], 0.01)
+    assert ev.KillWorker("n1", "w1", "task t1 erred") in out
+    assert ev.KillWorker("n1", "w2", "task t1 erred") in out
+    assert out[-1] == ev.ReportErred("c1", "t1", bad, "1")
+
+
+def test_cancel_drops_queued_units_and_kills_the_workers(s: Harness) -> None:
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(100)), False)
+    out = s(ev.CancelRequested, "t1")
+    assert out[-2:] == [ev.KillWorker("n1", "w1", "task t1 cancelled"), ev.ReportCancelled("c1", "t1")]
+    assert s(ev.CancelRequested, "t1") == []  # twice is harmless
+
+
+def test_higher_priority_tasks_get_workers_first() -> None:
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    submit(s, "low", priority=0, kind="task")
+    submit(s, "high", priority=10, kind="task")
+    out = s(ev.WorkerReady, "n1", "w1")
+    assert [i.task_id for i in out if isinstance(i, ev.Assign)] == ["high"]
+
+
+def test_a_warm_worker_is_never_reused_for_another_client(s: Harness) -> None:
+    submit(s, "t1", client="alice", kind="task")
+    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x"))
+    out = submit(s, "t2", client="bob", kind="task")
+    assert out == [ev.KillWorker("n1", "w1", "warm for another client")]
+    out = s(ev.WorkerReady, "n1", "w2")
+    assert out == [ev.Assign("n1", "w2", "t2", "Name", "task", b"code", b"args", True)]
+
+
+def test_stale_messages_from_a_worker_that_left_the_task_are_ignored(s: Harness) -> None:
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(0), True)
+    s(ev.CancelRequested, "t1")
+    assert s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 0.1) == []
+    assert s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x")) == []
