@@ -57,6 +57,11 @@ def master_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
     parser.add_argument("--node-timeout", type=float, default=5.0,
                         help="seconds of silence after which a node is declared dead")
+    parser.add_argument("--tasks-dir", default="tasks",
+                        help="folder of deployed task packages (default ./tasks)")
+    parser.add_argument("--package-grace", type=float, default=300.0,
+                        help="seconds an unused old package version is kept (master and local node)")
+    parser.add_argument("--cache", default=None, help="the local node's package cache folder")
     parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ...",
                         help="run this Python script against the cluster, then stop")
@@ -71,9 +76,12 @@ def master_main(argv: list[str] | None = None) -> int:
         log.error("bad_keys", error=str(exc))
         return 2
 
+    from actors import messages as m
     from actors.master import Master, route_frames
+    from actors.task_sync import TaskSyncServer
 
     master_ref: pykka.ActorRef[Any] | None = None
+    sync_ref: pykka.ActorRef[Any] | None = None
 
     def on_frames(_socket: str, frames: list[bytes]) -> None:
         try:
@@ -82,12 +90,16 @@ def master_main(argv: list[str] | None = None) -> int:
             log.warning("malformed_frame", peer=frames[0][:40].decode(errors="replace"),
                         error=str(exc))
             return
-        if master_ref is not None:
+        if isinstance(inbound.message, m.ChunkRequest):
+            if sync_ref is not None:
+                sync_ref.tell(inbound)
+        elif master_ref is not None:
             master_ref.tell(inbound)
 
     def on_tick(now: float) -> None:
-        if master_ref is not None:
-            master_ref.tell(Tick(now))
+        for ref in (master_ref, sync_ref):
+            if ref is not None:
+                ref.tell(Tick(now))
 
     hub = Hub(on_frames, on_tick=on_tick, tick_s=0.25)
     hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve)
@@ -99,12 +111,19 @@ def master_main(argv: list[str] | None = None) -> int:
     address = hub.address("peers")
     master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}",
                               node_timeout_s=args.node_timeout)
+    sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
+                                    grace_s=args.package_grace)
+    master_ref.tell(("task_sync", sync_ref))
     stop = threading.Event()
     _stop_on_signals(stop)
-    node = _start_local_node(address, args.workers, keys) if args.workers > 0 else None
+    node_args = ["--package-grace", str(args.package_grace)]
+    if args.cache:
+        node_args += ["--cache", args.cache]
+    node = _start_local_node(address, args.workers, keys, node_args) if args.workers > 0 else None
     if args.ready_file:
         _write_atomically(args.ready_file, json.dumps({"address": address, "pid": os.getpid()}))
-    log.info("master_started", address=address, workers=args.workers, keys=keys)
+    log.info("master_started", address=address, workers=args.workers, keys=keys,
+             tasks_dir=os.path.abspath(args.tasks_dir))
     sys.stdout.write(
         f"pydra-actors master listening on {address}\n"
         f"  add a host:  python -m actors.node --master {address} --keys {keys}\n"
@@ -126,10 +145,11 @@ def master_main(argv: list[str] | None = None) -> int:
     return exit_code[0]
 
 
-def _start_local_node(address: str, workers: int, keys: str) -> subprocess.Popen[bytes]:
+def _start_local_node(address: str, workers: int, keys: str,
+                      extra: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "actors.node", "--master", address, "--workers", str(workers),
-         "--keys", keys, "--exit-with-parent"],
+         "--keys", keys, "--exit-with-parent", *extra],
         stdin=subprocess.DEVNULL,
     )
 
@@ -175,6 +195,10 @@ def node_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keys", default=None, help="CURVE key directory")
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+    parser.add_argument("--cache", default=None,
+                        help="folder for task package versions (default: a private temporary one)")
+    parser.add_argument("--package-grace", type=float, default=300.0,
+                        help="seconds an unused old package version stays in the cache")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logs.configure(args.log_format)
@@ -190,19 +214,21 @@ def node_main(argv: list[str] | None = None) -> int:
         return 2
 
     from actors.node import Node, NodeConfig, relay_frames
+    from actors.task_sync import TaskSyncClient
 
     run_dir = tempfile.mkdtemp(prefix="actors-node-")
     node_id = f"node-{os.uname().nodename}-{os.getpid()}"
     config = NodeConfig(node_id, args.workers, f"ipc://{run_dir}/workers.sock", run_dir,
                         exit_with_parent=args.exit_with_parent)
     node_ref: pykka.ActorRef[Any] | None = None
+    sync_ref: pykka.ActorRef[Any] | None = None
     started = threading.Event()
 
     def on_frames(socket: str, frames: list[bytes]) -> None:
         started.wait(10)
         try:
-            assert node_ref is not None
-            relay_frames(hub, node_ref, socket, frames)
+            assert node_ref is not None and sync_ref is not None
+            relay_frames(hub, node_ref, sync_ref, socket, frames)
         except MalformedMessage as exc:
             log.warning("malformed_frame", socket=socket, error=str(exc))
 
@@ -211,8 +237,9 @@ def node_main(argv: list[str] | None = None) -> int:
             node_ref.tell(ConnectionEvent(socket, what))
 
     def on_tick(now: float) -> None:
-        if node_ref is not None:
-            node_ref.tell(Tick(now))
+        for ref in (node_ref, sync_ref):
+            if ref is not None:
+                ref.tell(Tick(now))
 
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
@@ -226,7 +253,9 @@ def node_main(argv: list[str] | None = None) -> int:
         fatal.append(reason)
         stop.set()
 
-    node_ref = Node.start(hub, config, on_fatal)
+    sync_ref = TaskSyncClient.start(hub, args.cache or os.path.join(run_dir, "cache"),
+                                    grace_s=args.package_grace)
+    node_ref = Node.start(hub, config, on_fatal, sync_ref)
     started.set()
     stop.wait()
     try:

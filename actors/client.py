@@ -24,7 +24,13 @@ import structlog
 from actors import __version__
 from actors import messages as m
 from actors.cluster import LocalCluster, default_keys_dir
-from actors.errors import ConnectFailed, HandshakeRefused, TaskCancelled, WorkerKilled
+from actors.errors import (
+    ConnectFailed,
+    HandshakeRefused,
+    TaskCancelled,
+    UnknownTask,
+    WorkerKilled,
+)
 from actors.serialize import dumps, dumps_task_class, loads, rebuild_exception
 from actors.task import Task, check_arguments
 from transport import ClientCurve, Hub, load_keypair, load_public_key
@@ -170,6 +176,7 @@ class Client:
         self._send_lock = threading.Lock()
         self._code_cache: weakref.WeakKeyDictionary[type, bytes] = weakref.WeakKeyDictionary()
         self._closed = False
+        self._names: set[str] | None = None
         pair = load_keypair(keys, "client")
         curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
         self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=None)
@@ -198,8 +205,16 @@ class Client:
 
     # --- the API ------------------------------------------------------------
 
-    def submit(self, task: type[Task], /, *args: Any, priority: int = 0, **kwargs: Any) -> Future:
-        """Run one instance of ``task`` with these arguments; arguments that do not fit are refused here."""
+    def submit(self, task: type[Task] | str, /, *args: Any, priority: int = 0,
+               **kwargs: Any) -> Future:
+        """Run one instance of ``task`` with these arguments.
+
+        ``task`` is a Task class (shipped by value), or the name of a deployed task,
+        ``"package.module:Class"``, run at the package's newest version. Arguments that
+        do not fit a class are refused here; an unknown name raises ``UnknownTask``.
+        """
+        if isinstance(task, str):
+            return self._submit_deployed(task, args, kwargs, priority)
         check_arguments(task, args, kwargs)
         code = self._code_cache.get(task)
         if code is None:
@@ -211,7 +226,31 @@ class Client:
                             dumps((args, kwargs)), priority))
         return fut
 
-    def map(self, task: type[Task], items: Iterable[Any], /, *, priority: int = 0,
+    def _submit_deployed(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                         priority: int) -> Future:
+        known = self._deployed_names()
+        if name not in known:
+            known = self._deployed_names(refresh=True)
+            if name not in known:
+                raise UnknownTask(name, sorted(known))
+        task_id = f"{name.rpartition(':')[2]}-{uuid.uuid4().hex[:12]}"
+        fut = Future(self, task_id, name)
+        self._futures[task_id] = fut
+        self._send(m.Submit(task_id, name, "", b"", dumps((args, kwargs)), priority))
+        return fut
+
+    def _deployed_names(self, refresh: bool = False) -> set[str]:
+        if refresh or self._names is None:
+            self._names = {t.name for p in self.packages() for t in p.tasks}
+        return self._names
+
+    def packages(self, timeout: float = 10.0) -> list[m.PackageListing]:
+        """The deployed packages: name, version (content hash), tasks and broken modules."""
+        reply = self._request("packages", m.PackagesRequest(), timeout)
+        assert isinstance(reply, m.PackagesReply)
+        return reply.packages
+
+    def map(self, task: type[Task] | str, items: Iterable[Any], /, *, priority: int = 0,
             **kwargs: Any) -> list[Future]:
         """One task instance per item (passed as the first argument)."""
         return [self.submit(task, item, priority=priority, **kwargs) for item in items]
@@ -286,8 +325,9 @@ class Client:
             case m.TaskCancelled(task_id=task_id):
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._finish(_CANCELLED, None)
-            case m.StoryReply() | m.ClusterInfo():
-                key = msg.task_id if isinstance(msg, m.StoryReply) else "info"
+            case m.StoryReply() | m.ClusterInfo() | m.PackagesReply():
+                key = (msg.task_id if isinstance(msg, m.StoryReply)
+                       else "info" if isinstance(msg, m.ClusterInfo) else "packages")
                 if (replies := self._replies.get(key)) is not None:
                     replies.put(msg)
             case m.Welcome():

@@ -47,6 +47,9 @@ class LocalCluster:
         port: int = 0,
         keys: str | os.PathLike[str] | None = None,
         node_timeout: float = 5.0,
+        tasks_dir: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        package_grace: float = 300.0,
         start_timeout: float = 30.0,
         log_level: str | None = None,
     ) -> None:
@@ -58,7 +61,12 @@ class LocalCluster:
             sys.executable, "-m", "actors.master", "--host", host, "--port", str(port),
             "--workers", str(self.workers), "--keys", self.keys_dir,
             "--ready-file", ready_file, "--node-timeout", str(node_timeout),
+            # No tasks_dir: an empty folder of its own, not whatever ./tasks holds.
+            "--tasks-dir", str(tasks_dir) if tasks_dir else os.path.join(self._tmp, "tasks"),
+            "--package-grace", str(package_grace),
         ]
+        if cache_dir:
+            cmd += ["--cache", str(cache_dir)]
         env = dict(os.environ)
         if log_level:
             env["ACTORS_LOG_LEVEL"] = log_level

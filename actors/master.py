@@ -15,9 +15,12 @@ import structlog
 from actors import __version__
 from actors import messages as m
 from actors.core import scheduler_events as ev
+from actors.core.packages import PackageVersion
 from actors.core.scheduler_state import SchedulerState
-from actors.errors import MalformedMessage
+from actors.errors import MalformedMessage, UnknownTask
+from actors.serialize import describe_exception
 from actors.shell import Inbound, Shell, Tick
+from actors.task_sync import Catalogue, InstanceUses
 from transport import Hub
 
 log = structlog.get_logger("actors.master")
@@ -42,6 +45,8 @@ class Master(Shell):
         self.node_timeout_s = node_timeout_s
         self.peers: dict[bytes, Peer] = {}
         self.scheduler = SchedulerState()
+        self.catalogue: dict[str, PackageVersion] = {}
+        self.task_sync: Any = None  # the TaskSyncServer's ref, once started
         self.now = 0.0
         self.log = log.bind(role="master", master_id=master_id)
 
@@ -55,6 +60,10 @@ class Master(Shell):
                 self.now = now
                 self._check_liveness()
                 self._apply(ev.Tick(now))
+            case Catalogue(packages=packages):
+                self._catalogue(packages)
+            case ("task_sync", ref):
+                self.task_sync = ref
             case ("peers",):
                 return {p.peer_id: p.role for p in self.peers.values()}
             case _:
@@ -97,6 +106,7 @@ class Master(Shell):
         self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid)
         if hello.role == "node":
             self._apply(ev.NodeJoined(self.now, hello.peer_id))
+            self._send_newest(peer_key)
         self.log.info(f"{hello.role}_joined", peer=hello.peer_id, host=hello.host, pid=hello.pid,
                       slots=hello.slots)
         self.send(SOCKET, peer_key, message=m.Welcome(self.master_id, hello.peer_id, HEARTBEAT_S))
@@ -138,10 +148,9 @@ class Master(Shell):
     def _from_client(self, peer: Peer, msg: m.Message) -> None:
         match msg:
             case m.Submit():
-                self.log.info("task_submitted", task_id=msg.task_id, task=msg.name,
-                              client_id=peer.peer_id, priority=msg.priority)
-                self._apply(ev.TaskSubmitted(self.now, msg.task_id, peer.peer_id, msg.name,
-                                             msg.kind, msg.code, msg.args, msg.priority))
+                self._submit(peer, msg)
+            case m.PackagesRequest():
+                self._to_client(peer.peer_id, m.PackagesReply(self._listing()))
             case m.Cancel(task_id=task_id):
                 self._apply(ev.CancelRequested(self.now, task_id))
             case m.StoryRequest(task_id=task_id):
@@ -160,6 +169,65 @@ class Master(Shell):
                 self.log.info("client_left", peer=peer.peer_id)
             case _:
                 self._unexpected(peer, msg)
+
+    def _submit(self, peer: Peer, msg: m.Submit) -> None:
+        kind, package, version = msg.kind, "", ""
+        if not msg.code:  # a deployed task, by name: pin the newest version now
+            found = self._find_task(msg.name)
+            if found is None:
+                known = sorted(t.name for pv in self.catalogue.values() for t in pv.listing.tasks)
+                self.log.warning("unknown_task", task=msg.name, client_id=peer.peer_id)
+                payload, type_name, text, tb = describe_exception(UnknownTask(msg.name, known))
+                self._to_client(peer.peer_id, m.TaskErred(msg.task_id, payload, type_name, text, ""))
+                return
+            pv, info = found
+            kind = "parallel" if info.kind.value == "ParallelTask" else "task"
+            package, version = pv.package, pv.version
+            if self.task_sync is not None:
+                self.task_sync.tell(InstanceUses(package, version, msg.task_id, ended=False))
+        self.log.info("task_submitted", task_id=msg.task_id, task=msg.name,
+                      client_id=peer.peer_id, priority=msg.priority, package=package,
+                      version=version)
+        self._apply(ev.TaskSubmitted(self.now, msg.task_id, peer.peer_id, msg.name, kind,
+                                     msg.code, msg.args, msg.priority, package, version))
+
+    def _find_task(self, name: str) -> tuple[PackageVersion, Any] | None:
+        pv = self.catalogue.get(name.split(".", 1)[0])
+        if pv is not None:
+            for info in pv.listing.tasks:
+                if info.name == name:
+                    return pv, info
+        return None
+
+    def _listing(self) -> list[m.PackageListing]:
+        return [
+            m.PackageListing(
+                pv.package, pv.version,
+                [m.TaskListing(t.name, t.kind.value,
+                               list(t.parameters) if t.parameters is not None else None, t.doc)
+                 for t in pv.listing.tasks],
+                [(b.module, b.error) for b in pv.listing.broken])
+            for pv in sorted(self.catalogue.values(), key=lambda pv: pv.package)
+        ]
+
+    def _catalogue(self, packages: dict[str, PackageVersion]) -> None:
+        removed = set(self.catalogue) - set(packages)
+        self.catalogue = packages
+        versions: list[tuple[str, str | None]] = [(p, pv.version) for p, pv in packages.items()]
+        versions += [(p, None) for p in sorted(removed)]
+        for key, peer in self.peers.items():
+            if peer.role == "node":
+                self.send(SOCKET, key, message=m.NewestVersions(versions))
+
+    def _send_newest(self, node_key: bytes) -> None:
+        versions: list[tuple[str, str | None]] = [
+            (p, pv.version) for p, pv in self.catalogue.items()]
+        self.send(SOCKET, node_key, message=m.NewestVersions(versions))
+
+    def _task_ended(self, task_id: str) -> None:
+        task = self.scheduler.tasks.get(task_id)
+        if task is not None and task.package and self.task_sync is not None:
+            self.task_sync.tell(InstanceUses(task.package, task.version, task_id, ended=True))
 
     def _unexpected(self, peer: Peer, msg: m.Message) -> None:
         self.log.warning("unexpected_message", peer=peer.peer_id, role=peer.role,
@@ -192,7 +260,8 @@ class Master(Shell):
                 self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
                                driver=ins.driver)
                 self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(
-                    ins.task_id, ins.name, ins.kind, ins.code, ins.args, ins.driver))
+                    ins.task_id, ins.name, ins.kind, ins.code, ins.args, ins.driver,
+                    ins.package, ins.version))
             case ev.ReleaseWorker():
                 self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
             case ev.KillWorker():
@@ -201,18 +270,22 @@ class Master(Shell):
                 self._to_client(ins.client_id, m.TaskProgress(ins.task_id, ins.done, ins.total,
                                                               ins.sliced_all))
             case ev.ReportDone():
+                self._task_ended(ins.task_id)
                 self.log.info("task_done", task_id=ins.task_id)
                 self._to_client(ins.client_id, m.TaskDone(ins.task_id, ins.result))
             case ev.ReportErred(outcome=o):
+                self._task_ended(ins.task_id)
                 self.log.info("task_erred", task_id=ins.task_id, unit=ins.unit, error=o.type_name)
                 self._to_client(ins.client_id, m.TaskErred(
                     ins.task_id, o.value, o.type_name, o.message, o.traceback, ins.unit))
             case ev.ReportKilled():
+                self._task_ended(ins.task_id)
                 self.log.warning("task_killed", task_id=ins.task_id, unit=ins.unit, causes=ins.causes)
                 self._to_client(ins.client_id, m.TaskErred(
                     ins.task_id, b"", "actors.errors.WorkerKilled", "; ".join(ins.causes), "",
                     ins.unit))
             case ev.ReportCancelled():
+                self._task_ended(ins.task_id)
                 self.log.info("task_cancelled", task_id=ins.task_id)
                 self._to_client(ins.client_id, m.TaskCancelled(ins.task_id))
             case _:

@@ -70,11 +70,14 @@ class Bye(Message):
 
 
 class Submit(Message):
+    """Run a task: shipped by value (``code``), or deployed (``code`` empty, ``name`` is
+    ``"package.module:Class"`` and the master pins the newest version of that package)."""
+
     task_id: str
-    name: str  # for logs and errors: the task class's qualified name
-    kind: str  # "task" | "parallel"
-    code: bytes  # cloudpickled task class
-    args: bytes  # cloudpickled dict of keyword arguments
+    name: str  # the class's qualified name, or the deployed task's full name
+    kind: str  # "task" | "parallel" ("" for a deployed task: the master knows)
+    code: bytes  # cloudpickled task class; b"" for a deployed task
+    args: bytes  # cloudpickled (args, kwargs)
     priority: int = 0
 
 
@@ -157,7 +160,9 @@ class KillWorker(Message):
 
 
 class AssignTask(Message):
-    """Load a task instance. The driver slices and reduces; every assigned worker runs units."""
+    """Load a task instance. The driver slices and reduces; every assigned worker runs units.
+
+    A deployed task comes as ``package``/``version``/``name`` with empty ``code``."""
 
     task_id: str
     name: str
@@ -165,6 +170,76 @@ class AssignTask(Message):
     code: bytes
     args: bytes
     driver: bool
+    package: str = ""
+    version: str = ""
+
+
+# --- task packages (TaskSync) -----------------------------------------------
+
+
+class NeedVersion(Message):
+    """worker -> node: make this package version available in the node's cache."""
+
+    package: str
+    version: str
+
+
+class VersionAvailable(Message):
+    """node -> worker: the version's folder (``ok``), or why it cannot be had."""
+
+    package: str
+    version: str
+    ok: bool
+    path: str = ""
+    reason: str = ""
+
+
+class ChunkRequest(Message):
+    package: str
+    version: str
+    start: int
+    count: int
+
+
+class ChunkReply(Message):
+    package: str
+    version: str
+    start: int
+    total: int
+    chunks: list[bytes]
+
+
+class UnknownVersion(Message):
+    package: str
+    version: str
+
+
+class NewestVersions(Message):
+    """master -> nodes: the newest version of every package (None: package removed)."""
+
+    versions: list[tuple[str, str | None]]
+
+
+class PackagesRequest(Message):
+    pass
+
+
+class TaskListing(Message):
+    name: str  # "package.module:Class"
+    kind: str
+    parameters: list[str] | None
+    doc: str
+
+
+class PackageListing(Message):
+    package: str
+    version: str
+    tasks: list[TaskListing]
+    broken: list[tuple[str, str]]  # (module, error)
+
+
+class PackagesReply(Message):
+    packages: list[PackageListing]
 
 
 class UnitCall(Message):
@@ -256,6 +331,14 @@ AnyMessage = (
     | TaskResult
     | ReleaseTask
     | WorkerFailed
+    | NeedVersion
+    | VersionAvailable
+    | ChunkRequest
+    | ChunkReply
+    | UnknownVersion
+    | NewestVersions
+    | PackagesRequest
+    | PackagesReply
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -28,6 +28,7 @@ import structlog
 from actors import __version__
 from actors import messages as m
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick
+from actors.task_sync import WorkerGone
 from transport import Hub
 
 log = structlog.get_logger("actors.node")
@@ -70,8 +71,10 @@ class NodeConfig:
 
 
 class Node(Shell):
-    def __init__(self, hub: Hub, config: NodeConfig, on_fatal: Any = None) -> None:
+    def __init__(self, hub: Hub, config: NodeConfig, on_fatal: Any = None,
+                 task_sync: pykka.ActorRef[Any] | None = None) -> None:
         super().__init__(hub)
+        self.task_sync = task_sync
         self.config = config
         self.workers: dict[str, WorkerProcess] = {}
         self.welcomed = False
@@ -210,6 +213,8 @@ class Node(Shell):
             return
         shutil.rmtree(worker.scratch, ignore_errors=True)
         _signal_group(event.pid, signal.SIGKILL)  # anything the task left in its group
+        if self.task_sync is not None:
+            self.task_sync.tell(WorkerGone(event.worker_id))
         exitcode = os.waitstatus_to_exitcode(event.status)
         died = m.WorkerExited(
             event.worker_id, event.pid,
@@ -267,7 +272,11 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def relay_frames(hub: Hub, node: pykka.ActorRef[Any], socket: str, frames: list[bytes]) -> None:
+_FOR_TASK_SYNC = (m.ChunkReply, m.UnknownVersion, m.NewestVersions, m.NeedVersion)
+
+
+def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[Any],
+                 socket: str, frames: list[bytes]) -> None:
     """Route what the node's sockets receive (runs on the hub thread).
 
     master -> ``[body]`` is for the node; ``[worker, body]`` is relayed as is.
@@ -276,7 +285,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], socket: str, frames: list[
     """
     if socket == MASTER:
         if len(frames) == 1:
-            node.tell(Inbound(b"", None, m.decode(frames[0])))
+            msg = m.decode(frames[0])
+            (task_sync if isinstance(msg, _FOR_TASK_SYNC) else node).tell(Inbound(b"", None, msg))
         elif len(frames) == 2:
             hub.send_now(WORKERS, frames)
         else:
@@ -285,7 +295,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], socket: str, frames: list[
     if len(frames) == 3 and frames[1] == b"m":
         hub.send_now(MASTER, [frames[0], frames[2]])
     elif len(frames) == 3 and frames[1] == b"n":
-        node.tell(Inbound(frames[0], None, m.decode(frames[2])))
+        msg = m.decode(frames[2])
+        (task_sync if isinstance(msg, _FOR_TASK_SYNC) else node).tell(Inbound(frames[0], None, msg))
     else:
         log.warning("malformed_frames", source="worker", count=len(frames))
 

@@ -11,7 +11,11 @@ next task; otherwise its node kills it.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import resource
 import signal
 import threading
@@ -25,7 +29,7 @@ from actors import __version__, logs
 from actors import messages as m
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick
-from actors.task import RunUnits, Task, UnitResults, _Begin
+from actors.task import RunUnits, Task, UnitResults, _Begin, check_arguments
 from transport import Hub
 
 log = structlog.get_logger("actors.worker")
@@ -48,6 +52,8 @@ class Worker(Shell):
         self.worker_id = worker_id
         self.task: pykka.ActorRef[Any] | None = None
         self.task_id = ""
+        self.waiting_for_version: m.AssignTask | None = None
+        self.loaded_version: tuple[str, str] | None = None
         self.parent_pid = os.getppid()
         self._on_exit = on_exit
         self.log = log.bind(role="worker", worker_id=worker_id)
@@ -78,8 +84,21 @@ class Worker(Shell):
         match msg:
             case m.Welcome():
                 pass
+            case m.AssignTask(package=""):
+                self._assign(msg, None)
             case m.AssignTask():
-                self._assign(msg)
+                # A deployed task: the node makes its version available first.
+                self._stop_task()
+                self.task_id = msg.task_id
+                self.waiting_for_version = msg
+                self.send(NODE, TO_NODE, message=m.NeedVersion(msg.package, msg.version))
+            case m.VersionAvailable() if self.waiting_for_version is not None:
+                assign, self.waiting_for_version = self.waiting_for_version, None
+                if msg.ok:
+                    self._assign(assign, msg.path)
+                else:
+                    self._fail_load(assign, RuntimeError(
+                        f"package {msg.package} version {msg.version} unavailable: {msg.reason}"))
             case m.RunUnits(task_id=task_id, run_id=run_id, units=units) if task_id == self.task_id:
                 assert self.task is not None
                 self.task.tell(RunUnits(run_id, units))
@@ -92,26 +111,58 @@ class Worker(Shell):
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
 
-    def _assign(self, msg: m.AssignTask) -> None:
+    def _assign(self, msg: m.AssignTask, version_path: str | None) -> None:
         self._stop_task()
         self.task_id = msg.task_id
         task_log = self.log.bind(task_id=msg.task_id, task=msg.name)
         try:
-            cls = loads(msg.code)
+            if version_path is None:
+                cls = loads(msg.code)
+            else:
+                cls = self._import_deployed(msg, version_path)
             args, kwargs = loads(msg.args)
             if not (isinstance(cls, type) and issubclass(cls, Task)):
                 raise TypeError(f"{cls!r} is not a Task subclass")
+            check_arguments(cls, args, kwargs)
             self.task = cls.start()
         except Exception as exc:
             task_log.warning("task_load_failed", error=repr(exc))
-            payload, type_name, text, tb = describe_exception(exc)
-            self.send(NODE, TO_MASTER, message=m.WorkerFailed(
-                msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb)))
+            self._fail_load(msg, exc)
             return
         task_log.debug("task_loaded", driver=msg.driver)
         me = self.actor_ref
         self.task.tell(_Begin(msg.task_id, args, kwargs, msg.driver,
                               lambda out: me.tell(Outgoing(out))))
+
+    def _fail_load(self, msg: m.AssignTask, exc: BaseException) -> None:
+        payload, type_name, text, tb = describe_exception(exc)
+        self.send(NODE, TO_MASTER, message=m.WorkerFailed(
+            msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb)))
+
+    def _import_deployed(self, msg: m.AssignTask, version_path: str) -> Any:
+        """Import ``package.module:Class`` from the package's version folder, and only from it."""
+        if self.loaded_version not in (None, (msg.package, msg.version)):
+            raise RuntimeError("this worker already imported another version of the package")
+        self.loaded_version = (msg.package, msg.version)
+        if msg.package not in sys.modules:
+            init = os.path.join(version_path, "__init__.py")
+            spec: importlib.machinery.ModuleSpec | None
+            if os.path.exists(init):
+                spec = importlib.util.spec_from_file_location(
+                    msg.package, init, submodule_search_locations=[version_path])
+            else:  # no __init__.py: a package whose modules sit in the version folder
+                spec = importlib.machinery.ModuleSpec(msg.package, None, is_package=True)
+                spec.submodule_search_locations = [version_path]
+            assert spec is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[msg.package] = module
+            if spec.loader is not None:
+                spec.loader.exec_module(module)
+            lib = os.path.join(version_path, "lib")
+            if os.path.isdir(lib):
+                sys.path.insert(0, lib)
+        module_name, _, class_name = msg.name.partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
 
     def _stop_task(self) -> None:
         if self.task is not None:
@@ -132,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure()
     contain()
+    sys.dont_write_bytecode = True  # package folders are read-only and verified by hash
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us

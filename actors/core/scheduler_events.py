@@ -52,6 +52,8 @@ class TaskSubmitted(Event):
     code: bytes
     args: bytes
     priority: int = 0
+    package: str = ""  # a deployed task: the package version pinned at submit
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class Assign(Instruction):
     code: bytes
     args: bytes
     driver: bool
+    package: str = ""
+    version: str = ""
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class WorkerRecord:
     worker_id: str
     node_id: str
     task_id: str | None = None
-    warm_for: str | None = None  # client id whose code this worker has run
+    warm_for: str | None = None  # TaskRecord.warm_key of the code this worker has run
     in_flight: dict[int, int] = field(default_factory=dict)  # unit index -> run id
 
 
@@ -91,6 +91,8 @@ class TaskRecord:
     args: bytes
     priority: int
     seq: int
+    package: str = ""
+    version: str = ""
     state: str = "queued"  # queued | running | done | erred | cancelled
     driver: str | None = None
     workers: set[str] = field(default_factory=set)
@@ -102,6 +104,11 @@ class TaskRecord:
     deaths: dict[int, list[str]] = field(default_factory=dict)  # unit index (-1: driver)
     reported_done: int = -1
     story: deque[StoryEntry] = field(default_factory=lambda: deque(maxlen=STORY_LENGTH))
+
+    @property
+    def warm_key(self) -> str:
+        """Who may reuse a worker this task ran on: the same submitter, the same package version."""
+        return f"{self.client_id}|{self.package}@{self.version}"
 
     @property
     def finished(self) -> bool:
@@ -175,6 +182,8 @@ class SchedulerState:
             event.args,
             event.priority,
             next(self._seq),
+            event.package,
+            event.version,
         )
         self.tasks[task.task_id] = task
         self._note(task, "task", "released", "queued", "submitted", event.now)
@@ -248,7 +257,7 @@ class SchedulerState:
             worker.task_id = None
             worker.in_flight.clear()
             if state == "done":
-                worker.warm_for = task.client_id
+                worker.warm_for = task.warm_key
                 self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
             else:
                 # A unit may still be running user code there: only a kill stops it.
@@ -319,14 +328,14 @@ class SchedulerState:
 
     def _schedule(self, now: float) -> None:
         for task in self._by_priority(lambda t: t.state == "queued"):
-            worker = self._idle_worker_for(task.client_id)
+            worker = self._idle_worker_for(task.warm_key)
             if worker is None:
                 break
             self._join(task, worker, driver=True, now=now)
         for task in self._by_priority(lambda t: t.state == "running"):
             self._dispatch(task)
             while task.pending:
-                worker = self._idle_worker_for(task.client_id)
+                worker = self._idle_worker_for(task.warm_key)
                 if worker is None:
                     break
                 self._join(task, worker, driver=False, now=now)
@@ -337,23 +346,23 @@ class SchedulerState:
         chosen.sort(key=lambda t: (-t.priority, t.seq))
         return chosen
 
-    def _idle_worker_for(self, client_id: str) -> WorkerRecord | None:
-        """A warm worker of this client, else a clean one, else evict another client's warm one."""
+    def _idle_worker_for(self, warm_key: str) -> WorkerRecord | None:
+        """A worker warm for this key, else a clean one, else evict one warm for another key."""
         idle = [w for w in self.workers.values() if w.task_id is None]
-        for wanted in (client_id, None):
+        for wanted in (warm_key, None):
             for worker in idle:
                 if worker.warm_for == wanted:
                     return worker
         for worker in idle:
             # Isolation: another client's warm worker is replaced, never reused.
             self._drop_worker(worker.worker_id)
-            self._out.append(KillWorker(worker.node_id, worker.worker_id, "warm for another client"))
+            self._out.append(KillWorker(worker.node_id, worker.worker_id, "warm for other code"))
             return None
         return None
 
     def _join(self, task: TaskRecord, worker: WorkerRecord, *, driver: bool, now: float) -> None:
         worker.task_id = task.task_id
-        worker.warm_for = task.client_id
+        worker.warm_for = task.warm_key
         task.workers.add(worker.worker_id)
         if driver:
             task.driver = worker.worker_id
@@ -361,7 +370,7 @@ class SchedulerState:
             task.state = "running"
         self._out.append(
             Assign(worker.node_id, worker.worker_id, task.task_id, task.name, task.kind,
-                   task.code, task.args, driver)
+                   task.code, task.args, driver, task.package, task.version)
         )
 
     def _dispatch(self, task: TaskRecord) -> None:
