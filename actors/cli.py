@@ -253,7 +253,7 @@ def node_main(argv: list[str] | None = None) -> int:
         fatal.append(reason)
         stop.set()
 
-    sync_ref = TaskSyncClient.start(hub, args.cache or os.path.join(run_dir, "cache"),
+    sync_ref = TaskSyncClient.start(hub, os.path.abspath(args.cache or os.path.join(run_dir, "cache")),
                                     grace_s=args.package_grace)
     node_ref = Node.start(hub, config, on_fatal, sync_ref)
     started.set()
@@ -284,7 +284,13 @@ def actors_main(argv: list[str] | None = None) -> int:
     init = keys.add_parser("init", help="create master, node and client key pairs and the allow-list")
     init.add_argument("directory")
     init.add_argument("--overwrite", action="store_true")
+    packages = sub.add_parser("packages", help="list the master's deployed task packages")
+    packages.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
+                          required="ACTORS_ADDRESS" not in os.environ, help="tcp://HOST:PORT")
+    packages.add_argument("--keys", default=None, help="CURVE key directory")
     args = parser.parse_args(argv)
+    if args.command == "packages":
+        return _print_packages(args.master, args.keys or default_keys_dir())
     if args.command == "keys" and args.keys_command == "init":
         try:
             root = init_keys(args.directory, overwrite=args.overwrite)
@@ -297,4 +303,26 @@ def actors_main(argv: list[str] | None = None) -> int:
             f"  nodes and clients: copy {root}/master.key and their own *.key_secret\n"
             f"  allow-list: {root}/allowed/ (public keys the master admits)\n"
         )
+    return 0
+
+
+def _print_packages(address: str, keys: str) -> int:
+    from actors.client import Client
+
+    logs.configure("auto", "WARNING")
+    try:
+        with Client(address, keys=keys) as client:
+            listing = client.packages()
+    except ActorsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    if not listing:
+        sys.stdout.write("no packages deployed\n")
+    for package in listing:
+        sys.stdout.write(f"{package.package}  version {package.version}\n")
+        for task in package.tasks:
+            params = ", ".join(task.parameters) if task.parameters is not None else "..."
+            sys.stdout.write(f"  {task.name}({params})  [{task.kind}]  {task.doc}\n")
+        for module, error in package.broken:
+            sys.stdout.write(f"  BROKEN {module}: {error}\n")
     return 0

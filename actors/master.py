@@ -215,6 +215,8 @@ class Master(Shell):
         self.catalogue = packages
         versions: list[tuple[str, str | None]] = [(p, pv.version) for p, pv in packages.items()]
         versions += [(p, None) for p in sorted(removed)]
+        for package, version in versions:
+            self._apply(ev.NewestVersion(self.now, package, version))
         for key, peer in self.peers.items():
             if peer.role == "node":
                 self.send(SOCKET, key, message=m.NewestVersions(versions))

@@ -353,6 +353,6 @@ def decode(frame: bytes | memoryview) -> Message:
     """Decode one frame; anything that is not exactly a catalogue message raises."""
     try:
         message: Message = _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: bad UTF-8 in a tag
         raise MalformedMessage(str(exc), len(frame)) from None
     return message

@@ -92,6 +92,9 @@ class Node(Shell):
         for _ in range(self.config.slots):
             self._spawn()
 
+    def on_crash(self) -> None:
+        self._fatal("node actor crashed")
+
     # --- input --------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:

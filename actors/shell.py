@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import TracebackType
 
 import pykka
+import structlog
 
 from actors import messages as m
 from transport import Hub, Outbox
@@ -45,6 +47,16 @@ class Shell(pykka.ThreadingActor):
     def on_stop(self) -> None:
         if self.outbox is not None:
             self.outbox.close()
+
+    def on_failure(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                   tb: TracebackType | None) -> None:
+        """A handler raised: pykka stops the actor. Say so loudly, then let the process react."""
+        structlog.get_logger("actors.shell").error(
+            "actor_crashed", actor=type(self).__name__, exc_info=(exc_type, exc, tb))
+        self.on_crash()
+
+    def on_crash(self) -> None:
+        """What the process does when this actor dies; subclasses that must not linger exit."""
 
     def send(self, socket: str, *route: bytes, message: m.Message) -> None:
         assert self.outbox is not None, "send() before on_start()"

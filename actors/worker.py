@@ -53,6 +53,7 @@ class Worker(Shell):
         self.task: pykka.ActorRef[Any] | None = None
         self.task_id = ""
         self.waiting_for_version: m.AssignTask | None = None
+        self.backlog: list[Any] = []  # task input that came while its package was being fetched
         self.loaded_version: tuple[str, str] | None = None
         self.parent_pid = os.getppid()
         self._on_exit = on_exit
@@ -66,6 +67,9 @@ class Worker(Shell):
     def on_stop(self) -> None:
         self._stop_task()
         super().on_stop()
+
+    def on_crash(self) -> None:
+        self._on_exit("worker actor crashed")
 
     def on_receive(self, message: Any) -> Any:
         match message:
@@ -93,25 +97,25 @@ class Worker(Shell):
                 self.waiting_for_version = msg
                 self.send(NODE, TO_NODE, message=m.NeedVersion(msg.package, msg.version))
             case m.VersionAvailable() if self.waiting_for_version is not None:
-                assign, self.waiting_for_version = self.waiting_for_version, None
+                assign, backlog = self.waiting_for_version, self.backlog
                 if msg.ok:
-                    self._assign(assign, msg.path)
+                    self._assign(assign, msg.path, backlog)
                 else:
+                    self.waiting_for_version, self.backlog = None, []
                     self._fail_load(assign, RuntimeError(
                         f"package {msg.package} version {msg.version} unavailable: {msg.reason}"))
             case m.RunUnits(task_id=task_id, run_id=run_id, units=units) if task_id == self.task_id:
-                assert self.task is not None
-                self.task.tell(RunUnits(run_id, units))
+                self._to_task(RunUnits(run_id, units))
             case m.DriverResults(task_id=task_id, results=results) if task_id == self.task_id:
-                assert self.task is not None
-                self.task.tell(UnitResults(results))
+                self._to_task(UnitResults(results))
             case m.ReleaseTask(task_id=task_id) if task_id == self.task_id:
                 self.log.debug("task_released", task_id=task_id)
                 self._stop_task()
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
 
-    def _assign(self, msg: m.AssignTask, version_path: str | None) -> None:
+    def _assign(self, msg: m.AssignTask, version_path: str | None,
+                backlog: list[Any] | None = None) -> None:
         self._stop_task()
         self.task_id = msg.task_id
         task_log = self.log.bind(task_id=msg.task_id, task=msg.name)
@@ -133,6 +137,15 @@ class Worker(Shell):
         me = self.actor_ref
         self.task.tell(_Begin(msg.task_id, args, kwargs, msg.driver,
                               lambda out: me.tell(Outgoing(out))))
+        for message in backlog or ():
+            self.task.tell(message)
+
+    def _to_task(self, message: Any) -> None:
+        if self.task is not None:
+            self.task.tell(message)
+        elif self.waiting_for_version is not None:
+            self.backlog.append(message)
+        # else: the task failed to load and was reported; its input is moot
 
     def _fail_load(self, msg: m.AssignTask, exc: BaseException) -> None:
         payload, type_name, text, tb = describe_exception(exc)
@@ -169,6 +182,8 @@ class Worker(Shell):
             self.task.stop(block=False)
             self.task = None
         self.task_id = ""
+        self.waiting_for_version = None
+        self.backlog = []
 
 
 def contain() -> None:

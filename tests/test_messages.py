@@ -32,7 +32,8 @@ def test_every_message_round_trips() -> None:
     [b"", b"\xc1", b"\x00garbage", msgspec.msgpack.encode(["NoSuchType", 1]),
      msgspec.msgpack.encode(["Hello", "node"]),  # too few fields
      msgspec.msgpack.encode(["Cancel", 42]),  # wrong field type
-     msgspec.msgpack.encode({"task_id": "x"})],
+     msgspec.msgpack.encode({"task_id": "x"}),
+     b"\x91\xa3\x00\x00\x80"],  # invalid UTF-8 in the tag (found by hypothesis)
 )
 def test_a_bad_frame_raises_malformed_message(frame: bytes) -> None:
     with pytest.raises(MalformedMessage) as info:

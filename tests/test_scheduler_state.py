@@ -55,7 +55,7 @@ def test_a_plain_task_finishes_and_its_worker_stays_warm(s: Harness) -> None:
     submit(s, kind="task")
     out = s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"49"))
     assert out == [ev.ReleaseWorker("n1", "w1", "t1"), ev.ReportDone("c1", "t1", b"49")]
-    assert s.state.workers["w1"].warm_for == "c1"
+    assert s.state.workers["w1"].warm_for == "c1|@"
 
 
 def test_sliced_units_go_to_the_driver_then_to_a_helper(s: Harness) -> None:
@@ -106,11 +106,31 @@ def test_a_unit_on_three_dying_workers_fails_its_task_with_every_cause(s: Harnes
     assert s.state.tasks["t1"].state == "erred"
 
 
-def test_an_expected_exit_is_not_counted_as_a_death(s: Harness) -> None:
+def test_a_worker_its_node_stopped_is_requeued_but_not_counted_as_a_death(s: Harness) -> None:
     submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(2 * FIRST_BATCH + 1)), True)
+    last = 2 * FIRST_BATCH
+    for attempt in range(5):  # more than max_deaths: none of these count
+        s(ev.WorkerReady, "n1", f"h{attempt}")
+        assert list(s.state.workers[f"h{attempt}"].in_flight) == [last]
+        out = s(ev.WorkerLost, f"h{attempt}", "node stopping", True)
+        assert not any(isinstance(i, ev.ReportKilled) for i in out)
+    assert s.state.tasks["t1"].state == "running"
+    assert [u.index for u in s.state.tasks["t1"].pending] == [last]
+
+
+def test_warm_workers_of_an_old_package_version_are_retired(s: Harness) -> None:
+    s(ev.TaskSubmitted, "t1", "c1", "pkg.m:T", "task", b"", b"args", 0, "pkg", "v1")
+    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x"))
+    assert s.state.workers["w1"].warm_for == "c1|pkg@v1"
+    assert s(ev.NewestVersion, "other", "v9") == []
+    assert s(ev.NewestVersion, "pkg", "v2") == [
+        ev.KillWorker("n1", "w1", "warm for an old package version")]
+    # A task of the old version that ends after the change does not leave a warm worker.
     s(ev.WorkerReady, "n1", "w2")
-    s(ev.CancelRequested, "t1")
-    assert s(ev.WorkerLost, "w2", "exited with code 0", True) == []
+    s(ev.TaskSubmitted, "t2", "c1", "pkg.m:T", "task", b"", b"args", 0, "pkg", "v1")
+    out = s(ev.TaskFinished, "w2", "t2", UnitOutcome(-1, True, b"x"))
+    assert out[0] == ev.KillWorker("n1", "w2", "task t2 done")
 
 
 def test_a_requeued_unit_runs_elsewhere_and_the_story_says_why(s: Harness) -> None:
@@ -169,7 +189,7 @@ def test_a_warm_worker_is_never_reused_for_another_client(s: Harness) -> None:
     submit(s, "t1", client="alice", kind="task")
     s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x"))
     out = submit(s, "t2", client="bob", kind="task")
-    assert out == [ev.KillWorker("n1", "w1", "warm for another client")]
+    assert out == [ev.KillWorker("n1", "w1", "warm for other code")]
     out = s(ev.WorkerReady, "n1", "w2")
     assert out == [ev.Assign("n1", "w2", "t2", "Name", "task", b"code", b"args", True)]
 

@@ -86,6 +86,14 @@ class TaskFinished(Event):
 
 
 @dataclass(frozen=True)
+class NewestVersion(Event):
+    """A package's newest version changed: workers warm for an older one are retired."""
+
+    package: str
+    version: str | None
+
+
+@dataclass(frozen=True)
 class Tick(Event):
     pass
 

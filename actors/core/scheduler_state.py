@@ -46,6 +46,7 @@ from actors.core.scheduler_events import (
     ForwardResults,
     Instruction,
     KillWorker,
+    NewestVersion,
     NodeJoined,
     NodeLost,
     ReleaseWorker,
@@ -121,6 +122,7 @@ class SchedulerState:
         self.nodes: dict[str, set[str]] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.tasks: dict[str, TaskRecord] = {}
+        self.newest: dict[str, str | None] = {}  # package -> newest version
         self._seq = itertools.count()
         self._run_ids = itertools.count(1)
         self._out: list[Instruction] = []
@@ -163,6 +165,13 @@ class SchedulerState:
                 self._units_finished(event)
             case TaskFinished():
                 self._task_finished(event)
+            case NewestVersion(package=package, version=version):
+                self.newest[package] = version
+                for worker in list(self.workers.values()):
+                    if worker.task_id is None and self._is_stale(worker.warm_for):
+                        self._drop_worker(worker.worker_id)
+                        self._out.append(KillWorker(worker.node_id, worker.worker_id,
+                                                    "warm for an old package version"))
             case Tick():
                 self._report_progress()
             case _:
@@ -256,7 +265,7 @@ class SchedulerState:
             worker = self.workers[worker_id]
             worker.task_id = None
             worker.in_flight.clear()
-            if state == "done":
+            if state == "done" and not self._is_stale(task.warm_key):
                 worker.warm_for = task.warm_key
                 self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
             else:
@@ -268,29 +277,37 @@ class SchedulerState:
 
     # --- workers ------------------------------------------------------------
 
+    def _is_stale(self, warm_key: str | None) -> bool:
+        """Warm for a package version that is no longer the newest (so its cache can go)."""
+        if not warm_key:
+            return False
+        package, _, version = warm_key.partition("|")[2].partition("@")
+        return bool(package) and self.newest.get(package, version) != version
+
     def _worker_lost(self, worker_id: str, cause: str, expected: bool, now: float) -> None:
+        """Requeue what the worker held. ``expected`` (its node stopped it) is not a death."""
         worker = self._drop_worker(worker_id)
         if worker is None or worker.task_id is None:
             return
         task = self.tasks[worker.task_id]
         task.workers.discard(worker_id)
-        if expected:
-            return
         if worker_id == task.driver:
-            self._restart(task, cause, now)
+            self._restart(task, cause, now, count=not expected)
             return
         for index in sorted(worker.in_flight, reverse=True):
-            causes = task.deaths.setdefault(index, [])
-            causes.append(cause)
             self._note(task, f"unit {index}", "executing", "queued", f"worker lost: {cause}", now)
-            if len(causes) >= self.max_deaths:
-                self._kill_task(task, str(index), causes, now)
-                return
+            if not expected:
+                causes = task.deaths.setdefault(index, [])
+                causes.append(cause)
+                if len(causes) >= self.max_deaths:
+                    self._kill_task(task, str(index), causes, now)
+                    return
             task.pending.appendleft(task.open_units[index])
 
-    def _restart(self, task: TaskRecord, cause: str, now: float) -> None:
+    def _restart(self, task: TaskRecord, cause: str, now: float, *, count: bool = True) -> None:
         causes = task.deaths.setdefault(-1, [])
-        causes.append(cause)
+        if count:
+            causes.append(cause)
         if len(causes) >= self.max_deaths:
             self._kill_task(task, "driver", causes, now)
             return

@@ -1,0 +1,179 @@
+"""Deployed task packages, end to end: versions side by side, refetch, two nodes, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actors import Client, LocalCluster
+from actors.errors import UnknownTask
+from tests.conftest import alive, descendants, kill_all, python, wait_until
+
+pytestmark = pytest.mark.processes
+
+SOURCE = '''
+import time
+from actors import ParallelTask, Task
+
+VERSION = {version!r}
+
+
+class Which(Task):
+    """Which version of the package runs."""
+
+    def work(self, wait=0.0):
+        time.sleep(wait)
+        return VERSION
+
+
+class Squares(ParallelTask):
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, i):
+        time.sleep(0.005)
+        return (i * i, __import__("os").getpid())
+
+    def reduce(self, results):
+        return sum(r for r, _ in results), len({{pid for _, pid in results}})
+'''
+
+
+def deploy(tasks_dir: Path, version: str, package: str = "demo") -> None:
+    folder = tasks_dir / package
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "jobs.py").write_text(SOURCE.format(version=version))
+
+
+def versions(client: Client, package: str = "demo") -> list[str]:
+    return [p.version for p in client.packages() if p.package == package]
+
+
+def cached(cache: Path, package: str = "demo") -> set[str]:
+    folder = cache / package
+    return {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
+
+
+def test_a_new_version_runs_beside_the_old_one_which_is_removed_after_use(tmp_path: Path) -> None:
+    tasks, cache = tmp_path / "tasks", tmp_path / "cache"
+    deploy(tasks, "one")
+    with LocalCluster(workers=2, tasks_dir=tasks, cache_dir=cache, package_grace=0.5) as cl, \
+            Client(cl) as client:
+        client.wait_for_workers(2)
+        first = wait_until(lambda: versions(client), 20, "the package to be listed")
+        old = client.submit("demo.jobs:Which", wait=3.0)
+        wait_until(lambda: cached(cache) == set(first), 20, "the node to fetch the first version")
+        deploy(tasks, "two")
+        second = wait_until(lambda: versions(client) != first and versions(client), 20,
+                            "the master to see the change")
+        assert client.submit("demo.jobs:Which").result(timeout=30) == "two"
+        assert old.result(timeout=30) == "one"  # it kept the version it started with
+        assert cached(cache) >= set(second)
+        wait_until(lambda: cached(cache) == set(second), 20, "the old version to be removed")
+
+
+def test_a_corrupted_cache_folder_is_fetched_again(tmp_path: Path) -> None:
+    tasks, cache = tmp_path / "tasks", tmp_path / "cache"
+    deploy(tasks, "one")
+    with LocalCluster(workers=1, tasks_dir=tasks, cache_dir=cache) as cl:
+        with Client(cl) as client:
+            wait_until(lambda: versions(client), 20, "the package to be listed")
+            assert client.submit("demo.jobs:Which").result(timeout=30) == "one"
+        (version,) = cached(cache)
+        target = cache / "demo" / version / "jobs.py"
+        os.chmod(target.parent, 0o755)
+        os.chmod(target, 0o644)
+        target.write_text("VERSION = 'tampered'\n")  # edited by hand
+        with Client(cl) as other:  # another client: a fresh worker must import the package
+            assert other.submit("demo.jobs:Which").result(timeout=30) == "one"
+        assert "tampered" not in target.read_text()
+        assert stat.S_IMODE(target.stat().st_mode) == 0o444
+
+
+def test_an_unknown_task_name_is_refused_at_submit_with_what_exists(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    deploy(tasks, "one")
+    with LocalCluster(workers=1, tasks_dir=tasks) as cl, Client(cl) as client:
+        wait_until(lambda: versions(client), 20, "the package to be listed")
+        with pytest.raises(UnknownTask) as info:
+            client.submit("demo.jobs:Nope")
+        assert "demo.jobs:Which" in str(info.value) and "demo.jobs:Squares" in str(info.value)
+        listing = {t.name: t for p in client.packages() for t in p.tasks}
+        assert listing["demo.jobs:Which"].parameters == ["wait"]
+        assert listing["demo.jobs:Squares"].kind == "ParallelTask"
+
+
+def test_a_package_that_fails_to_import_fails_only_its_task(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    deploy(tasks, "one")
+    broken = tasks / "broken"
+    broken.mkdir()
+    (broken / "jobs.py").write_text(
+        "from actors import Task\nimport no_such_module_here\n\n"
+        "class Fails(Task):\n    def work(self):\n        return 1\n")
+    with LocalCluster(workers=1, tasks_dir=tasks) as cl, Client(cl) as client:
+        wait_until(lambda: versions(client, "broken"), 20, "the broken package to be listed")
+        with pytest.raises(ModuleNotFoundError) as info:
+            client.submit("broken.jobs:Fails").result(timeout=30)
+        assert "no_such_module_here" in str(info.value) and "Remote traceback" in str(info.value)
+        assert client.submit("demo.jobs:Which").result(timeout=30) == "one"
+
+
+def test_two_nodes_fetch_the_same_version_at_once(tmp_path: Path) -> None:
+    tasks, keys = tmp_path / "tasks", tmp_path / "keys"
+    deploy(tasks, "one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    master = python("-m", "actors.master", "--port", str(port), "--workers", "0",
+                    "--keys", str(keys), "--tasks-dir", str(tasks),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes: list[subprocess.Popen[str]] = []
+    pids: set[int] = set()
+    try:
+        wait_until(lambda: (keys / "allowed").is_dir(), 30, "the master's keys")
+        for name in ("a", "b"):
+            nodes.append(python("-m", "actors.node", "--master", address, "--workers", "1",
+                                "--keys", str(keys), "--cache", str(tmp_path / f"cache-{name}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with Client(address, keys=keys) as client:
+            client.wait_for_workers(2)
+            wait_until(lambda: versions(client), 20, "the package to be listed")
+            total, processes = client.submit("demo.jobs:Squares", n=400).result(timeout=60)
+            assert total == sum(i * i for i in range(400))
+            assert processes == 2  # both nodes' workers ran units
+            (version,) = versions(client)
+        assert cached(tmp_path / "cache-a") == {version} == cached(tmp_path / "cache-b")
+        pids = set().union(*(descendants(n.pid) for n in nodes))
+    finally:
+        for proc in (*nodes, master):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (*nodes, master):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                kill_all({proc.pid})
+                proc.wait(5)
+        wait_until(lambda: not any(alive(p) for p in pids), 20, "every worker to exit")
+
+
+def test_the_packages_command_lists_versions_and_tasks(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    deploy(tasks, "one")
+    with LocalCluster(workers=0, tasks_dir=tasks) as cl:
+        with Client(cl) as client:
+            (version,) = wait_until(lambda: versions(client), 20, "the package to be listed")
+        out = subprocess.run([sys.executable, "-m", "actors", "packages", "--master", cl.address,
+                              "--keys", cl.keys_dir], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"demo  version {version}" in out.stdout
+    assert "demo.jobs:Which(wait)" in out.stdout
