@@ -15,9 +15,9 @@ import importlib
 import importlib.machinery
 import importlib.util
 import os
-import sys
 import resource
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
