@@ -1,0 +1,145 @@
+"""Failure as the normal case, with real processes and real signals."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from actors import Client, LocalCluster, ParallelTask, Task
+from actors.errors import TaskCancelled, WorkerKilled
+from tests.conftest import alive, descendants, kill_all, python, wait_until
+
+pytestmark = pytest.mark.processes
+
+
+class SleepsForever(ParallelTask):
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, i):
+        time.sleep(3600)
+
+
+class KillsItself(Task):
+    def work(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Square(Task):
+    def work(self, x):
+        return x * x
+
+
+class Slow(ParallelTask):
+    """Short units that report where they ran, so a test can kill those processes."""
+
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, i):
+        time.sleep(0.002)
+        return i
+
+    def reduce(self, results):
+        return sum(results)
+
+
+def worker_pids(cluster_pid: int) -> set[int]:
+    """The worker processes: grandchildren of the master (master -> node -> worker)."""
+    nodes = {p for p in descendants(cluster_pid) if _parent(p) == cluster_pid}
+    return {p for p in descendants(cluster_pid) if _parent(p) in nodes}
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def test_cancel_stops_the_worker_processes_and_the_cluster_goes_on() -> None:
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        before = worker_pids(cl.pid)
+        fut = client.submit(SleepsForever, n=10)
+        wait_until(lambda: client.info().tasks_running == 1 and client.info().idle_workers == 0,
+                   20, "both workers to run the task")
+        assert fut.cancel(timeout=20) is True
+        assert fut.cancelled() and fut.done()
+        with pytest.raises(TaskCancelled):
+            fut.result(timeout=1)
+        wait_until(lambda: not any(alive(p) for p in before), 20, "the task's processes to end")
+        assert client.submit(Square, 6).result(timeout=30) == 36
+
+
+def test_a_unit_that_kills_its_process_ends_the_task_with_worker_killed() -> None:
+    with LocalCluster(workers=1) as cl, Client(cl) as client:
+        fut = client.submit(KillsItself)
+        with pytest.raises(WorkerKilled) as info:
+            fut.result(timeout=60)
+        text = str(info.value)
+        assert "3 time(s)" in text and "SIGKILL" in text, text
+        assert client.submit(Square, 5).result(timeout=30) == 25
+        story = [(k, s, f) for k, s, f, _, _ in fut.story()]
+        assert story.count(("task", "running", "queued")) == 2  # restarted twice, then failed
+
+
+def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys, address = str(tmp_path / "keys"), f"tcp://127.0.0.1:{port}"
+    master = python("-m", "actors.master", "--port", str(port), "--workers", "0", "--keys", keys,
+                    "--node-timeout", "2", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes: list[subprocess.Popen[str]] = []
+    everything: set[int] = {master.pid}
+    rng = random.Random(7)
+    try:
+        wait_until(lambda: (tmp_path / "keys" / "allowed").is_dir(), 30, "the master's keys")
+        for _ in range(2):
+            nodes.append(python("-m", "actors.node", "--master", address, "--workers", "2",
+                                "--keys", keys, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL))
+        everything |= {n.pid for n in nodes}
+        with Client(address, keys=keys) as client:
+            client.wait_for_workers(4)
+            fut = client.submit(Slow, n=3000)
+            kills = 0
+            for _ in range(200):  # bounded: at most ~20 s of chaos
+                if fut.done() or kills >= 4:
+                    break
+                victims = sorted(descendants(nodes[1].pid))
+                everything |= set(victims)
+                if fut.progress()[0] > 300 * (kills + 1) and victims:
+                    os.kill(rng.choice(victims), signal.SIGKILL)
+                    kills += 1
+                time.sleep(0.1)
+            assert kills >= 2, "the task ended before the chaos could start"
+            everything |= descendants(nodes[0].pid)
+            if not fut.done():
+                os.kill(nodes[0].pid, signal.SIGKILL)  # a whole node, with its workers
+            assert fut.result(timeout=120) == sum(range(3000))
+            story = fut.story()
+            requeued = [e for e in story if e[2] == "queued" and "lost" in e[3]]
+            assert requeued, "the story shows no re-queue"
+    finally:
+        everything |= set().union(*(descendants(n.pid) for n in nodes)) if nodes else set()
+        for proc in (*nodes, master):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (*nodes, master):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_all(everything)
+        wait_until(lambda: not any(alive(p) for p in everything), 20, "every process to end")
