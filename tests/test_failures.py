@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -137,9 +138,7 @@ def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in (*nodes, master):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
         kill_all(everything)
         wait_until(lambda: not any(alive(p) for p in everything), 20, "every process to end")

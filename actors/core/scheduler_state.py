@@ -452,3 +452,5 @@ class SchedulerState:
             flying = [i for w in task.workers for i in self.workers[w].in_flight]
             assert len(flying) == len(set(flying)), f"{task.task_id}: unit on two workers"
             assert not pending & set(flying), f"{task.task_id}: unit queued and in flight"
+            lost = set(task.open_units) - pending - set(flying)
+            assert not lost, f"{task.task_id}: units {sorted(lost)[:5]} neither queued nor running"

@@ -1,0 +1,163 @@
+"""Random joins, losses, completions and cancels against the scheduler core (hypothesis).
+
+Whatever happens, ``validate()`` holds, and once the chaos stops and workers
+exist every submitted task ends exactly once: done with every unit recorded
+once, or failed with a report.
+"""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from actors.core import scheduler_events as ev
+from actors.core.scheduler_state import SchedulerState
+from actors.messages import UnitCall, UnitOutcome
+
+REPORTS = (ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportCancelled)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = SchedulerState(max_deaths=3)
+        self.now = 0.0
+        self.next_worker = 0
+        self.next_task = 0
+        self.units: dict[str, int] = {}  # task -> units its slicer yields
+        self.sliced: dict[str, int] = {}
+        self.reports: dict[str, list[ev.Instruction]] = {}
+        self.recorded: dict[str, list[int]] = {}  # units forwarded to the driver
+        self.runs: dict[str, list[ev.Dispatch]] = {}  # worker -> dispatches not yet answered
+        self.killed: list[str] = []  # workers we asked a node to kill: their exit comes next
+
+    def feed(self, event: ev.Event) -> None:
+        self.now += 1
+        for ins in self.state.handle(event):
+            match ins:
+                case ev.Dispatch():
+                    self.runs.setdefault(ins.worker_id, []).append(ins)
+                case ev.ForwardResults():
+                    self.recorded.setdefault(ins.task_id, []).extend(i for i, _ in ins.results)
+                case ev.KillWorker():
+                    self.runs.pop(ins.worker_id, None)  # its node will report the exit
+                    self.killed.append(ins.worker_id)
+                case _ if isinstance(ins, REPORTS):
+                    self.reports.setdefault(ins.task_id, []).append(ins)
+
+    def flush(self) -> None:
+        """The node reports the exits of the workers the scheduler had it kill."""
+        while self.killed:
+            self.feed(ev.WorkerLost(self.now, self.killed.pop(0), "stopped", True))
+
+    def busy_drivers(self) -> list[tuple[str, str]]:
+        return [(t.driver, t.task_id) for t in self.state.tasks.values()
+                if t.state == "running" and t.driver is not None]
+
+    @rule()
+    def worker_joins(self) -> None:
+        self.next_worker += 1
+        self.feed(ev.WorkerReady(self.now, "n1", f"w{self.next_worker}"))
+        self.flush()
+
+    @rule(n=st.integers(0, 60), kind=st.sampled_from(["task", "parallel"]),
+          priority=st.integers(0, 2), client=st.sampled_from(["a", "b"]))
+    def submit(self, n: int, kind: str, priority: int, client: str) -> None:
+        self.next_task += 1
+        task_id = f"t{self.next_task}"
+        self.units[task_id] = n if kind == "parallel" else 0
+        self.sliced[task_id] = 0
+        self.feed(ev.TaskSubmitted(self.now, task_id, client, "T", kind, b"c", b"a", priority))
+        self.flush()
+
+    @precondition(lambda self: self.busy_drivers())
+    @rule(data=st.data())
+    def driver_slices(self, data: st.DataObject) -> None:
+        driver, task_id = data.draw(st.sampled_from(self.busy_drivers()))
+        start, total = self.sliced[task_id], self.units[task_id]
+        if self.state.tasks[task_id].kind != "parallel" or self.state.tasks[task_id].sliced_all:
+            return
+        count = data.draw(st.integers(0, total - start))
+        self.sliced[task_id] = start + count
+        units = [UnitCall(i, b"") for i in range(start, start + count)]
+        self.feed(ev.UnitsSliced(self.now, driver, task_id, units, start + count == total))
+        self.flush()
+
+    @precondition(lambda self: any(self.runs.values()))
+    @rule(data=st.data(), fail=st.integers(0, 30))
+    def a_batch_finishes(self, data: st.DataObject, fail: int) -> None:
+        worker = data.draw(st.sampled_from(sorted(w for w, r in self.runs.items() if r)))
+        run = self.runs[worker].pop(0)
+        outcomes = [UnitOutcome(u.index, fail != 0, b"r") for u in run.units]
+        self.feed(ev.UnitsFinished(self.now, worker, run.task_id, run.run_id, outcomes, 0.001))
+        self.flush()
+
+    @precondition(lambda self: self.busy_drivers())
+    @rule(data=st.data())
+    def a_driver_reduces(self, data: st.DataObject) -> None:
+        driver, task_id = data.draw(st.sampled_from(self.busy_drivers()))
+        task = self.state.tasks[task_id]
+        if task.kind == "parallel" and not (task.sliced_all and not task.open_units):
+            return  # a real driver reduces only once every unit is in
+        self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"done")))
+        self.flush()
+
+    @precondition(lambda self: self.state.workers)
+    @rule(data=st.data())
+    def a_worker_dies(self, data: st.DataObject) -> None:
+        # Deaths that matter most: a worker holding units.
+        holding = sorted(w for w, r in self.state.workers.items() if r.in_flight)
+        worker = data.draw(st.sampled_from(holding or sorted(self.state.workers)))
+        self.runs.pop(worker, None)
+        self.feed(ev.WorkerLost(self.now, worker, "SIGKILL", False))
+        self.flush()
+
+    @precondition(lambda self: self.next_task)
+    @rule(data=st.data())
+    def a_client_cancels(self, data: st.DataObject) -> None:
+        task_id = f"t{data.draw(st.integers(1, self.next_task))}"
+        self.feed(ev.CancelRequested(self.now, task_id))
+        self.flush()
+
+    @invariant()
+    def state_is_valid(self) -> None:
+        self.state.validate()
+        for task_id, reports in self.reports.items():
+            assert len(reports) == 1, f"{task_id} reported {len(reports)} times"
+
+    def teardown(self) -> None:
+        """Stop the chaos: give workers, finish every batch and slice, and every task must end."""
+        for _ in range(500):
+            if all(t.finished for t in self.state.tasks.values()):
+                break
+            if not self.state.workers:
+                self.worker_joins()
+            for driver, task_id in self.busy_drivers():
+                task = self.state.tasks[task_id]
+                if task.kind == "parallel" and not task.sliced_all:
+                    units = [UnitCall(i, b"") for i in range(self.sliced[task_id], self.units[task_id])]
+                    self.sliced[task_id] = self.units[task_id]
+                    self.feed(ev.UnitsSliced(self.now, driver, task_id, units, True))
+            for worker, runs in list(self.runs.items()):
+                while runs:
+                    run = runs.pop(0)
+                    outcomes = [UnitOutcome(u.index, True, b"r") for u in run.units]
+                    self.feed(ev.UnitsFinished(self.now, worker, run.task_id, run.run_id, outcomes, 0.001))
+            for driver, task_id in self.busy_drivers():
+                task = self.state.tasks[task_id]
+                if task.kind == "task" or (task.sliced_all and not task.open_units):
+                    self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"d")))
+            self.flush()
+            self.state.validate()
+        for task_id, task in self.state.tasks.items():
+            assert task.finished, f"{task_id} never ended: {task.state}"
+            assert len(self.reports.get(task_id, [])) == 1
+            if task.state == "done" and task.kind == "parallel" and task.deaths.get(-1) is None:
+                # Each unit recorded exactly once (a restarted task re-records from scratch).
+                assert sorted(self.recorded.get(task_id, [])) == list(range(self.units[task_id]))
+
+
+SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40,
+                                              deadline=None)
+test_scheduler_under_random_events = SchedulerMachine.TestCase
