@@ -32,7 +32,7 @@ class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
 # --- handshake and liveness -------------------------------------------------
 
 
-class Hello(Message):
+class Hello(Message, frozen=True):
     """First message on every connection: who I am and what I speak."""
 
     role: str  # "node" | "client" | "worker"
@@ -44,23 +44,23 @@ class Hello(Message):
     slots: int = 0  # a node's worker count
 
 
-class Welcome(Message):
+class Welcome(Message, frozen=True):
     master_id: str
     peer_id: str
     heartbeat_s: float = 1.0
 
 
-class Refused(Message):
+class Refused(Message, frozen=True):
     """The handshake (or a request from an unknown peer) is refused; ``reason`` says why."""
 
     reason: str
 
 
-class Heartbeat(Message):
+class Heartbeat(Message, frozen=True):
     pass
 
 
-class Bye(Message):
+class Bye(Message, frozen=True):
     """A node or client leaves on purpose (so the master need not wait for a timeout)."""
 
     reason: str = ""
@@ -69,7 +69,7 @@ class Bye(Message):
 # --- client <-> master ------------------------------------------------------
 
 
-class Submit(Message):
+class Submit(Message, frozen=True):
     """Run a task: shipped by value (``code``), or deployed (``code`` empty, ``name`` is
     ``"package.module:Class"`` and the master pins the newest version of that package)."""
 
@@ -81,36 +81,36 @@ class Submit(Message):
     priority: int = 0
 
 
-class Cancel(Message):
+class Cancel(Message, frozen=True):
     task_id: str
 
 
-class StoryRequest(Message):
+class StoryRequest(Message, frozen=True):
     task_id: str
 
 
-class StoryReply(Message):
+class StoryReply(Message, frozen=True):
     task_id: str
     entries: list[tuple[str, str, str, str, float]]  # (key, start, finish, cause, time)
 
 
-class InfoRequest(Message):
+class InfoRequest(Message, frozen=True):
     pass
 
 
-class ClusterInfo(Message):
+class ClusterInfo(Message, frozen=True):
     nodes: list[str]
     workers: int
     idle_workers: int
     tasks_running: int
 
 
-class TaskDone(Message):
+class TaskDone(Message, frozen=True):
     task_id: str
     result: bytes
 
 
-class TaskErred(Message):
+class TaskErred(Message, frozen=True):
     """A task failed. ``error`` is a cloudpickled exception (empty when not picklable)."""
 
     task_id: str
@@ -121,11 +121,11 @@ class TaskErred(Message):
     unit: str = ""
 
 
-class TaskCancelled(Message):
+class TaskCancelled(Message, frozen=True):
     task_id: str
 
 
-class TaskProgress(Message):
+class TaskProgress(Message, frozen=True):
     task_id: str
     done: int
     total: int  # units known so far
@@ -135,14 +135,14 @@ class TaskProgress(Message):
 # --- master <-> node --------------------------------------------------------
 
 
-class WorkerReady(Message):
+class WorkerReady(Message, frozen=True):
     """A node's fresh worker process said hello and can take a task instance."""
 
     worker_id: str
     pid: int
 
 
-class WorkerExited(Message):
+class WorkerExited(Message, frozen=True):
     worker_id: str
     pid: int
     exitcode: int | None  # None when killed by a signal
@@ -151,7 +151,7 @@ class WorkerExited(Message):
     expected: bool  # the node was asked to stop it
 
 
-class KillWorker(Message):
+class KillWorker(Message, frozen=True):
     worker_id: str
     reason: str
 
@@ -159,7 +159,7 @@ class KillWorker(Message):
 # --- master <-> worker (relayed by the node) --------------------------------
 
 
-class AssignTask(Message):
+class AssignTask(Message, frozen=True):
     """Load a task instance. The driver slices and reduces; every assigned worker runs units.
 
     A deployed task comes as ``package``/``version``/``name`` with empty ``code``."""
@@ -177,14 +177,14 @@ class AssignTask(Message):
 # --- task packages (TaskSync) -----------------------------------------------
 
 
-class NeedVersion(Message):
+class NeedVersion(Message, frozen=True):
     """worker -> node: make this package version available in the node's cache."""
 
     package: str
     version: str
 
 
-class VersionAvailable(Message):
+class VersionAvailable(Message, frozen=True):
     """node -> worker: the version's folder (``ok``), or why it cannot be had."""
 
     package: str
@@ -194,14 +194,14 @@ class VersionAvailable(Message):
     reason: str = ""
 
 
-class ChunkRequest(Message):
+class ChunkRequest(Message, frozen=True):
     package: str
     version: str
     start: int
     count: int
 
 
-class ChunkReply(Message):
+class ChunkReply(Message, frozen=True):
     package: str
     version: str
     start: int
@@ -209,51 +209,51 @@ class ChunkReply(Message):
     chunks: list[bytes]
 
 
-class UnknownVersion(Message):
+class UnknownVersion(Message, frozen=True):
     package: str
     version: str
 
 
-class NewestVersions(Message):
+class NewestVersions(Message, frozen=True):
     """master -> nodes: the newest version of every package (None: package removed)."""
 
     versions: list[tuple[str, str | None]]
 
 
-class PackagesRequest(Message):
+class PackagesRequest(Message, frozen=True):
     pass
 
 
-class TaskListing(Message):
+class TaskListing(Message, frozen=True):
     name: str  # "package.module:Class"
     kind: str
     parameters: list[str] | None
     doc: str
 
 
-class PackageListing(Message):
+class PackageListing(Message, frozen=True):
     package: str
     version: str
     tasks: list[TaskListing]
     broken: list[tuple[str, str]]  # (module, error)
 
 
-class PackagesReply(Message):
+class PackagesReply(Message, frozen=True):
     packages: list[PackageListing]
 
 
-class UnitCall(Message):
+class UnitCall(Message, frozen=True):
     index: int
     args: bytes
 
 
-class RunUnits(Message):
+class RunUnits(Message, frozen=True):
     task_id: str
     run_id: int  # one run id for the batch; results come back with it
     units: list[UnitCall]
 
 
-class UnitsSliced(Message):
+class UnitsSliced(Message, frozen=True):
     """The driver's slicer produced more units; ``done`` when it is exhausted."""
 
     task_id: str
@@ -261,7 +261,7 @@ class UnitsSliced(Message):
     done: bool
 
 
-class UnitOutcome(Message):
+class UnitOutcome(Message, frozen=True):
     index: int
     ok: bool
     value: bytes  # cloudpickled result, or cloudpickled exception when not ok
@@ -270,34 +270,34 @@ class UnitOutcome(Message):
     traceback: str = ""
 
 
-class UnitsDone(Message):
+class UnitsDone(Message, frozen=True):
     task_id: str
     run_id: int
     outcomes: list[UnitOutcome]
     elapsed: float = 0.0  # seconds spent running the batch, for batch sizing
 
 
-class DriverResults(Message):
+class DriverResults(Message, frozen=True):
     """Finished unit results, forwarded to the task's driver for ``reduce``."""
 
     task_id: str
     results: list[tuple[int, bytes]]
 
 
-class TaskResult(Message):
+class TaskResult(Message, frozen=True):
     """The driver finished the task instance (``work`` returned or ``reduce`` ran)."""
 
     task_id: str
     outcome: UnitOutcome
 
 
-class ReleaseTask(Message):
+class ReleaseTask(Message, frozen=True):
     """The task ended well: drop the instance and wait, warm, for the same submitter's next task."""
 
     task_id: str
 
 
-class WorkerFailed(Message):
+class WorkerFailed(Message, frozen=True):
     """The worker could not load or start the task (unpicklable class, import error...)."""
 
     task_id: str

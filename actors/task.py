@@ -19,6 +19,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import pykka
@@ -231,7 +232,7 @@ class _Runtime:
         work_unit = self.task.work_unit
         outcomes = []
         for unit in units:
-            outcome = _outcome(unit.index, lambda u=unit: work_unit(loads(u.args)))
+            outcome = _outcome(unit.index, partial(_call_unit, work_unit, unit.args))
             outcomes.append(outcome)
             if not outcome.ok:
                 break  # the task fails; the rest of the batch would be wasted
@@ -244,6 +245,10 @@ class _Runtime:
             actor.tell(call())
 
         self.executor.submit(run)
+
+
+def _call_unit(work_unit: Callable[[Any], Any], args: bytes) -> Any:
+    return work_unit(loads(args))
 
 
 def _outcome(index: int, call: Callable[[], Any]) -> m.UnitOutcome:

@@ -181,8 +181,8 @@ class TaskSyncClient(Shell):
                 self._apply(ss.TransferFailed(package, version, "the master no longer has it",
                                               now=now))
             case m.NewestVersions(versions=versions):
-                for package, version in versions:
-                    self._apply(ss.NewestVersion(package, version, now=now))
+                for name, newest in versions:
+                    self._apply(ss.NewestVersion(name, newest, now=now))
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
 

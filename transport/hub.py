@@ -32,7 +32,7 @@ TickHandler = Callable[[float], None]
 _STOP = b""
 _hub_ids = itertools.count()
 # Events a dealer's owner is told about, by zmq event number.
-_WATCHED_EVENTS = {
+_WATCHED_EVENTS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
@@ -256,7 +256,7 @@ class Hub:
             poller.register(monitor, zmq.POLLIN)
         next_tick = time.monotonic() + self._tick_s
         while True:
-            timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000)
+            timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
             ready = dict(poller.poll(timeout_ms if self._on_tick else None))
             if pull in ready and not self._send_outgoing(pull, sockets):
                 return
@@ -329,7 +329,7 @@ class Hub:
                 event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            what = _WATCHED_EVENTS.get(event["event"])
+            what = _WATCHED_EVENTS.get(int(event["event"]))
             if what is not None and self._on_event is not None:
                 self._guarded(self._on_event, name, what)
 
