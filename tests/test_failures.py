@@ -115,15 +115,15 @@ def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(
             client.wait_for_workers(4)
             fut = client.submit(Slow, n=3000)
             kills = 0
-            for _ in range(200):  # bounded: at most ~20 s of chaos
-                if fut.done() or kills >= 4:
-                    break
+            for round_ in range(4):  # kill a worker each time another 300 units are done
+                wait_until(lambda r=round_: fut.done() or fut.progress()[0] > 300 * (r + 1),
+                           60, "the task to make progress")
                 victims = sorted(descendants(nodes[1].pid))
                 everything |= set(victims)
-                if fut.progress()[0] > 300 * (kills + 1) and victims:
-                    os.kill(rng.choice(victims), signal.SIGKILL)
-                    kills += 1
-                time.sleep(0.1)
+                if fut.done() or not victims:
+                    break
+                os.kill(rng.choice(victims), signal.SIGKILL)
+                kills += 1
             assert kills >= 2, "the task ended before the chaos could start"
             everything |= descendants(nodes[0].pid)
             if not fut.done():
