@@ -37,6 +37,7 @@ MASTER = "master"
 WORKERS = "workers"
 KILL_GRACE_S = 2.0
 HELLO_RETRY_S = 2.0
+MAX_FAILED_STARTS = 5
 # What a worker may see of the node's environment; everything else is scrubbed.
 _ENV_KEPT = ("PATH", "PYTHONPATH", "LANG", "TZ", "VIRTUAL_ENV", "SYSTEMROOT")
 
@@ -84,6 +85,7 @@ class Node(Shell):
         self.last_heartbeat = 0.0
         self.heartbeat_s = 1.0
         self._seq = 0
+        self._failed_starts = 0  # workers in a row that died before saying hello
         self._on_fatal = on_fatal
         self.log = log.bind(role="node", node_id=config.node_id)
 
@@ -146,6 +148,7 @@ class Node(Shell):
         match msg:
             case m.Hello(role="worker", protocol=m.PROTOCOL_VERSION, pid=pid):
                 worker.ready = True
+                self._failed_starts = 0
                 self.log.debug("worker_up", worker_id=worker_id, pid=pid)
                 self.send(WORKERS, worker_id.encode(), message=m.Welcome("", worker_id, 0.0))
                 if self.welcomed:
@@ -229,6 +232,12 @@ class Node(Shell):
             signal=died.signal, maxrss_kb=event.maxrss_kb)
         if self.welcomed and worker.ready:
             self.send(MASTER, message=died)
+        if not worker.ready and not worker.expected_exit:
+            self._failed_starts += 1
+            if self._failed_starts >= MAX_FAILED_STARTS:
+                self.log.error("workers_cannot_start", attempts=self._failed_starts)
+                self._fatal(f"{self._failed_starts} worker processes in a row died on start")
+                return
         if not self.stopping:
             self._spawn()
 

@@ -200,3 +200,17 @@ def test_stale_messages_from_a_worker_that_left_the_task_are_ignored(s: Harness)
     s(ev.CancelRequested, "t1")
     assert s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 0.1) == []
     assert s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x")) == []
+
+
+def test_only_the_latest_finished_tasks_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors.core import scheduler_state
+
+    monkeypatch.setattr(scheduler_state, "FINISHED_KEPT", 3)
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    for i in range(5):
+        submit(s, f"t{i}", kind="task")
+        s(ev.TaskFinished, "w1", f"t{i}", UnitOutcome(-1, True, b"x"))
+    assert sorted(s.state.tasks) == ["t2", "t3", "t4"]
+    assert s.state.story("t0") == [] and s.state.story("t4")

@@ -69,6 +69,7 @@ BATCH_SECONDS = 0.005
 MAX_BATCH = 256
 FIRST_BATCH = 4
 STORY_LENGTH = 2_000
+FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
 
 StoryEntry = tuple[str, str, str, str, float]
 
@@ -123,6 +124,7 @@ class SchedulerState:
         self.workers: dict[str, WorkerRecord] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.newest: dict[str, str | None] = {}  # package -> newest version
+        self._finished: deque[str] = deque()
         self._seq = itertools.count()
         self._run_ids = itertools.count(1)
         self._out: list[Instruction] = []
@@ -274,6 +276,9 @@ class SchedulerState:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} {state}"))
         task.workers.clear()
         task.driver = None
+        self._finished.append(task.task_id)
+        while len(self._finished) > FINISHED_KEPT:
+            self.tasks.pop(self._finished.popleft(), None)
 
     # --- workers ------------------------------------------------------------
 
