@@ -1,0 +1,822 @@
+"""The worker state machine: what one worker does with each unit key, with no I/O.
+
+Theory of operation
+===================
+``WorkerState.handle(*events)`` is the only way to change the state; it returns the instructions for
+the Worker actor to carry out (worker_events.py holds both vocabularies). Nothing here reads a clock,
+opens a socket or starts a thread: time comes in on the events.
+
+Who sends what
+  scheduler  ComputeUnit, ReleaseUnit, ForgetUnit, StealRequest, WhoHasUpdate, PeerLost
+  executor   ExecuteSucceeded / ExecuteFailed: exactly one per Execute instruction
+  transport  FetchSucceeded / FetchFailed / PeerBusy: one per Fetch; DataRequested from peers
+  shell      PeerRetryDue, after the delay a RetryPeerLater instruction asked for
+
+Each key known here has a ``Unit``: an explicit ``state``, a ``role`` (COMPUTE: the scheduler
+assigned it here; HOLD: only a dependency of units here) and, for assigned units, an immutable
+``UnitSpec``. The states:
+
+  released     known, holds nothing, nobody wants it now (spec, holders and story are kept)
+  waiting      to compute; some dependency is not in memory yet
+  ready        to compute; queued by priority (higher first), then arrival
+  executing    an executor thread runs it
+  memory       its data is in ``WorkerState.data``
+  error        its execution raised; the error is kept on the unit
+  fetch        to get from a holder; queued until one is free (one transfer per peer)
+  flight       a transfer from ``unit.peer`` runs
+  missing      no known holder; the scheduler was asked (SendMissing) and answers WhoHasUpdate
+  cancelled    nobody wants it, but its execution or transfer still runs; what it brings is dropped
+  resumed      wanted again while that work still runs: the running work is reused, never restarted.
+               ``role`` says what happens when it ends: COMPUTE reports it to the scheduler (and
+               computes it if a transfer failed), HOLD keeps it for dependents (and fetches it if
+               an execution failed)
+  rescheduled  stolen by the scheduler (accepted only in waiting or ready); holds nothing and
+               stays so until the scheduler computes, releases or forgets it again, or a unit
+               here needs it (then it is fetched like any dependency)
+  forgotten    gone from ``units``; only the story remembers it
+
+Rules
+ 1. ``handle`` is atomic: if any event raises, every change made by the call is undone (a journal
+    of what each change overwrote) and no instruction is lost, because none was returned.
+ 2. Transitions are the table ``TRANSITIONS[(start, finish)]``. A pair missing from it goes
+    start -> released -> finish when the key holds no running work; otherwise, and for pairs
+    that cannot be reached that way, it is InvalidTransition. Transitions return recommendations
+    ``{key: finish}``, applied in a loop until none remain; a key moved more than
+    ``transition_limit`` times by one event raises TransitionLoop.
+ 3. At most one execution or one transfer per key (``Unit.running``). Execute is emitted only
+    while fewer than ``nthreads`` executions run; cancelled and resumed executions keep their
+    thread until they report. At most one transfer per peer, ``max_fetches`` in all.
+ 4. A hold-only dependency is fetched and kept only while a dependent waits or is ready; when the
+    last such dependent starts executing (Execute carries its inputs), is released or stolen, the
+    dependency is released and its data dropped. A released hold-only key that no unit depends on
+    any more is forgotten: forgetting a unit forgets the dependencies that only it used.
+ 5. A key is forgotten only on the scheduler's word: ForgetUnit, directly or through rule 4.
+    ReleaseUnit keeps the unit (spec, holders, error) in ``released``. A forgotten key that units
+    here still depend on stays, as a dependency, until they are forgotten too.
+ 6. ReleaseUnit is answered with SendReleased once the key holds nothing for the scheduler: at
+    once, or when its cancelled execution or transfer reports back. A result that still lands on
+    a cancelled key is dropped: the scheduler gave the key up, and data nobody knows about would
+    leak. A release overtaken by a new ComputeUnit or by ForgetUnit is not acknowledged (the
+    scheduler gets SendFinished / SendErred, or asked to forget anyway). Releasing a key that
+    units here still need turns it into a dependency: data in memory is kept, a running
+    execution is resumed to feed them, anything else is fetched.
+ 7. A dependency no holder can give (all failed or vanished) goes missing with SendMissing; a
+    WhoHasUpdate naming holders sends it back to fetch. A dependency that erred here stays in
+    error and its dependents wait: whether to retry or give up is the scheduler's decision.
+ 8. Replies about a transfer that already ended (it was ended by PeerLost) are stale: ignored.
+    An execution report for a key that is not executing is a shell bug: InvalidTransition.
+
+``validate()`` checks every invariant; the tests call it after each ``handle``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+from actors.core.worker_events import (
+    ComputeUnit,
+    DataRequested,
+    Event,
+    Execute,
+    ExecuteFailed,
+    ExecuteSucceeded,
+    Fetch,
+    FetchFailed,
+    FetchSucceeded,
+    ForgetUnit,
+    Instruction,
+    PeerBusy,
+    PeerLost,
+    PeerRetryDue,
+    ReleaseUnit,
+    RetryPeerLater,
+    Role,
+    SendData,
+    SendErred,
+    SendFinished,
+    SendMissing,
+    SendReleased,
+    SendStealResponse,
+    StealRequest,
+    UnitSpec,
+    UnitState,
+    WhoHasUpdate,
+    Work,
+)
+from actors.errors import InvalidTransition, TransitionLoop
+
+RELEASED, WAITING, READY = UnitState.RELEASED, UnitState.WAITING, UnitState.READY
+EXECUTING, MEMORY, ERROR = UnitState.EXECUTING, UnitState.MEMORY, UnitState.ERROR
+FETCH, FLIGHT, MISSING = UnitState.FETCH, UnitState.FLIGHT, UnitState.MISSING
+CANCELLED, RESUMED = UnitState.CANCELLED, UnitState.RESUMED
+RESCHEDULED, FORGOTTEN = UnitState.RESCHEDULED, UnitState.FORGOTTEN
+
+# States a key can leave through `released` (the catch-all): no thread or transfer holds it.
+RESTING = frozenset({WAITING, READY, FETCH, MISSING, MEMORY, ERROR, RESCHEDULED})
+# States in which a hold-only key serves (or is on its way to serve) its dependents.
+HOLDING = frozenset({FETCH, FLIGHT, MISSING, MEMORY, RESUMED})
+# States of a dependent that still needs its dependencies' data.
+NEEDS_INPUTS = frozenset({WAITING, READY})
+
+Recs = dict[str, UnitState]
+StoryEntry = tuple[str, str, str, str, float]  # key, start, finish, stimulus_id, now
+QueueEntry = tuple[int, int, str]  # (-priority, arrival order, key): sorts most urgent first
+
+
+@dataclass
+class Unit:
+    """The dynamic state of one key on this worker."""
+
+    key: str
+    role: Role
+    order: int  # arrival order, the tie-break between equal priorities
+    state: UnitState = RELEASED
+    spec: UnitSpec | None = None  # set once the scheduler assigns the key here
+    who_has: set[str] = field(default_factory=set)  # peers known to hold its data
+    dependents: set[str] = field(default_factory=set)  # units here whose spec lists this key
+    running: Work | None = None  # the execution or transfer that holds the key now
+    peer: str | None = None  # the holder the running transfer reads from
+    priority: int = 0  # the priority it was last queued with (ready or fetch)
+    nbytes: int | None = None
+    error: bytes | None = None  # the last failure of its execution
+    traceback: str | None = None
+
+    @property
+    def dependencies(self) -> tuple[str, ...]:
+        return self.spec.dependencies if self.spec is not None else ()
+
+    def clone(self) -> Unit:
+        return replace(self, who_has=set(self.who_has), dependents=set(self.dependents))
+
+
+@dataclass
+class _Journal:
+    """What one ``handle`` call overwrote, so that a failure can put it all back."""
+
+    arrivals: int
+    units: dict[str, Unit | None] = field(default_factory=dict)  # None: the key was new
+    data: dict[str, bytes | None] = field(default_factory=dict)
+    busy_peers: set[str] | None = None
+    story_appended: int = 0
+    story_evicted: list[StoryEntry] = field(default_factory=list)
+
+
+Step = tuple[Recs, list[Instruction]]  # what a transition returns
+Transition = Callable[["WorkerState", Unit, Event], Step]
+
+
+class WorkerState:
+    """The units of one worker and what to do next; see the theory of operation above."""
+
+    TRANSITIONS: ClassVar[dict[tuple[UnitState, UnitState], Transition]]
+
+    def __init__(
+        self,
+        nthreads: int = 1,
+        *,
+        max_fetches: int = 4,
+        busy_retry_delay: float = 0.15,
+        story_limit: int = 10_000,
+        transition_limit: int = 100,
+        validate_after_handle: bool = False,
+    ) -> None:
+        if nthreads < 1 or max_fetches < 1:
+            raise ValueError("nthreads and max_fetches must be at least 1")
+        self.nthreads = nthreads
+        self.max_fetches = max_fetches
+        self.busy_retry_delay = busy_retry_delay
+        self.transition_limit = transition_limit
+        self.validate_after_handle = validate_after_handle
+        self.units: dict[str, Unit] = {}
+        self.data: dict[str, bytes] = {}  # the data of every key in memory, and only those
+        self.busy_peers: set[str] = set()  # peers that answered PeerBusy and are not due yet
+        self._story: deque[StoryEntry] = deque(maxlen=story_limit)
+        self._arrivals = 0
+        # Indices, derived from `units`: validate() checks them, a rollback rebuilds them.
+        # The queues stay short (the scheduler prefetches a bounded number of units): sorted lists.
+        self._ready: list[QueueEntry] = []
+        self._fetch_queue: list[QueueEntry] = []
+        self._executing: set[str] = set()
+        self._transfers: dict[str, str] = {}  # peer -> the key being fetched from it
+        self._journal: _Journal | None = None
+        self._moves: Counter[str] = Counter()  # transitions per key for the current event
+
+    # --- public API ----------------------------------------------------------
+
+    def handle(self, *events: Event) -> list[Instruction]:
+        """Apply ``events`` in order; all of them or, if one raises, none of them."""
+        self._journal = _Journal(arrivals=self._arrivals)
+        try:
+            instructions: list[Instruction] = []
+            for event in events:
+                instructions += self._handle_event(event)
+            if self.validate_after_handle:
+                self.validate()
+            return instructions
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            self._journal = None
+            self._moves.clear()
+
+    def story(self, *keys: str) -> list[StoryEntry]:
+        """Every remembered transition of ``keys``, oldest first."""
+        wanted = set(keys)
+        return [entry for entry in self._story if entry[0] in wanted]
+
+    @property
+    def executing(self) -> frozenset[str]:
+        """Keys that hold an executor thread (including cancelled and resumed ones)."""
+        return frozenset(self._executing)
+
+    @property
+    def in_flight(self) -> dict[str, str]:
+        """Key -> peer of every running transfer."""
+        return {key: peer for peer, key in self._transfers.items()}
+
+    # --- events --------------------------------------------------------------
+
+    def _handle_event(self, event: Event) -> list[Instruction]:
+        self._moves.clear()
+        match event:
+            case ComputeUnit():
+                instructions = self._on_compute(event)
+            case ExecuteSucceeded() | ExecuteFailed():
+                instructions = self._on_execution_ended(event)
+            case FetchSucceeded() | FetchFailed() | PeerBusy():
+                instructions = self._on_transfer_ended(event)
+            case ReleaseUnit():
+                instructions = self._on_release(event)
+            case ForgetUnit():
+                instructions = self._on_forget(event)
+            case StealRequest():
+                instructions = self._on_steal(event)
+            case WhoHasUpdate():
+                unit = self.units.get(event.key)
+                recs = self._set_who_has(unit, event.holders) if unit else {}
+                instructions = self._apply(recs, event)
+            case PeerLost():
+                instructions = self._on_peer_lost(event)
+            case PeerRetryDue():
+                self._touch_busy_peers()
+                self.busy_peers.discard(event.peer)
+                instructions = []
+            case DataRequested():
+                held = {key: self.data[key] for key in event.keys if key in self.data}
+                missing = tuple(key for key in event.keys if key not in self.data)
+                instructions = [SendData(event.peer, held, missing, stimulus_id=event.stimulus_id)]
+            case _:
+                raise TypeError(f"not a worker event: {event!r}")
+        return instructions + self._start_work(event)
+
+    def _on_compute(self, event: ComputeUnit) -> list[Instruction]:
+        spec = event.spec
+        unit = self.units.get(spec.key) or self._new_unit(spec.key, Role.COMPUTE)
+        if unit.spec is not None and unit.spec != spec:
+            # A key names one computation; a different spec under the same key is a scheduler bug.
+            raise self._invalid(spec.key, WAITING)
+        self._touch(unit)
+        unit.spec = spec
+        recs: Recs = {}
+        for dep_key in spec.dependencies:
+            dep = self.units.get(dep_key) or self._new_unit(dep_key, Role.HOLD)
+            self._touch(dep)
+            dep.dependents.add(spec.key)
+            if dep_key in event.who_has:
+                recs.update(self._set_who_has(dep, event.who_has[dep_key]))
+        instructions: list[Instruction] = []
+        if unit.state is MEMORY:  # we have it already (fetched, or the scheduler lost the news)
+            unit.role = Role.COMPUTE
+            instructions.append(SendFinished(spec.key, len(self.data[spec.key]),
+                                             stimulus_id=event.stimulus_id))
+        elif unit.state is RESUMED:  # the running work will deliver it to the scheduler
+            unit.role = Role.COMPUTE
+        elif unit.state not in (WAITING, READY, EXECUTING):
+            recs[spec.key] = WAITING
+        return instructions + self._apply(recs, event)
+
+    def _on_execution_ended(self, event: ExecuteSucceeded | ExecuteFailed) -> list[Instruction]:
+        unit = self.units.get(event.key)
+        succeeded = isinstance(event, ExecuteSucceeded)
+        if unit is None or unit.running is not Work.EXECUTION:
+            raise self._invalid(event.key, MEMORY if succeeded else ERROR)
+        if unit.state is CANCELLED:
+            finish = RELEASED  # nobody wants it: drop what it brought
+        elif succeeded:
+            finish = MEMORY
+        else:
+            finish = ERROR if unit.role is Role.COMPUTE else FETCH
+        return self._apply({event.key: finish}, event)
+
+    def _on_transfer_ended(self, event: FetchSucceeded | FetchFailed | PeerBusy) -> list[Instruction]:
+        unit = self.units.get(event.key)
+        if unit is None or unit.running is not Work.TRANSFER or unit.peer != event.peer:
+            return []  # stale: that transfer was already ended by PeerLost
+        instructions: list[Instruction] = []
+        if isinstance(event, FetchSucceeded):
+            finish = RELEASED if unit.state is CANCELLED else MEMORY
+        else:
+            if isinstance(event, FetchFailed):
+                self._touch(unit)
+                unit.who_has.discard(event.peer)
+            elif event.peer not in self.busy_peers:
+                self._touch_busy_peers()
+                self.busy_peers.add(event.peer)
+                instructions.append(RetryPeerLater(event.peer, self.busy_retry_delay,
+                                                   stimulus_id=event.stimulus_id))
+            finish = self._after_failed_transfer(unit)
+        return instructions + self._apply({event.key: finish}, event)
+
+    def _on_peer_lost(self, event: PeerLost) -> list[Instruction]:
+        self._touch_busy_peers()
+        self.busy_peers.discard(event.peer)
+        units = sorted(self.units.values(), key=lambda u: u.order)
+        for unit in units:
+            if event.peer in unit.who_has:
+                self._touch(unit)
+                unit.who_has.discard(event.peer)
+        # One key at a time, each decided from its state at that moment: what one key's
+        # transitions lead to can change another's (a dependency released meanwhile).
+        instructions: list[Instruction] = []
+        for unit in units:
+            if unit.running is Work.TRANSFER and unit.peer == event.peer:
+                instructions += self._apply({unit.key: self._after_failed_transfer(unit)}, event)
+        for unit in units:
+            if unit.state is FETCH and not unit.who_has:
+                instructions += self._apply({unit.key: MISSING}, event)
+        return instructions
+
+    def _on_release(self, event: ReleaseUnit) -> list[Instruction]:
+        unit = self.units.get(event.key)
+        if unit is None or unit.role is Role.HOLD or unit.state in (RELEASED, CANCELLED):
+            return []  # nothing the scheduler asked of us is left to release
+        if unit.state is MEMORY and self._needed(unit):
+            # Dependents here still need the data: keep it, as a plain dependency.
+            self._touch(unit)
+            unit.role = Role.HOLD
+            return [SendReleased(event.key, stimulus_id=event.stimulus_id)]
+        return self._apply({event.key: RELEASED}, event)
+
+    def _on_forget(self, event: ForgetUnit) -> list[Instruction]:
+        unit = self.units.get(event.key)
+        if unit is None:
+            return []
+        self._touch(unit)
+        unit.role = Role.HOLD  # the scheduler has no claim left; a pending release ack is moot
+        if unit.state is CANCELLED:
+            return []  # forgotten when its work reports back, unless something depends on it
+        if self._needed(unit):
+            if unit.state in HOLDING:
+                return []
+            finish = RELEASED if unit.state is EXECUTING else FETCH  # executing: via cancelled
+        elif unit.state is RELEASED:
+            if unit.dependents:
+                return []
+            finish = FORGOTTEN
+        else:
+            finish = RELEASED  # then forgotten by the follow-up rule, or kept for its dependents
+        return self._apply({event.key: finish}, event)
+
+    def _on_steal(self, event: StealRequest) -> list[Instruction]:
+        unit = self.units.get(event.key)
+        state = unit.state if unit else FORGOTTEN
+        accepted = state in (WAITING, READY)  # holds no thread, no transfer, no data yet
+        response = SendStealResponse(event.key, accepted, state, stimulus_id=event.stimulus_id)
+        return [response] + (self._apply({event.key: RESCHEDULED}, event) if accepted else [])
+
+    # --- the transition loop -------------------------------------------------
+
+    def _apply(self, recs: Recs, event: Event) -> list[Instruction]:
+        """Carry out recommendations, and those they lead to, until none remain."""
+        instructions: list[Instruction] = []
+        pending = dict(recs)
+        while pending:
+            key = next(iter(pending))
+            finish = pending.pop(key)
+            unit = self.units.get(key)
+            if unit is None or unit.state is finish:
+                continue  # forgotten meanwhile, or already there
+            self._moves[key] += 1
+            if self._moves[key] > self.transition_limit:
+                raise TransitionLoop(key, self._moves[key])
+            more, new = self._transition(unit, finish, event)
+            instructions += new
+            pending.update(more)
+        return instructions
+
+    def _transition(self, unit: Unit, finish: UnitState, event: Event) -> Step:
+        start = unit.state
+        method = self.TRANSITIONS.get((start, finish))
+        if method is None:
+            if (
+                start in RESTING
+                and (start, RELEASED) in self.TRANSITIONS
+                and (RELEASED, finish) in self.TRANSITIONS
+            ):
+                recs, instructions = self._transition(unit, RELEASED, event)
+                recs.pop(unit.key, None)  # this detour exists to reach `finish`
+                more, new = self._transition(unit, finish, event)
+                return {**recs, **more}, instructions + new
+            raise self._invalid(unit.key, finish)
+        self._touch(unit)
+        recs, instructions = method(self, unit, event)
+        self._record(unit.key, start, unit.state, event)
+        recs.update(self._follow_ups(unit, start))
+        return recs, instructions
+
+    def _follow_ups(self, unit: Unit, start: UnitState) -> Recs:
+        """Recommendations every transition implies for the key's neighbours and itself."""
+        recs: Recs = {}
+        if unit.state is FORGOTTEN:
+            return recs
+        if unit.state is MEMORY:
+            for key in sorted(unit.dependents):
+                dependent = self.units[key]
+                if dependent.state is WAITING and self._inputs_in_memory(dependent):
+                    recs[key] = READY
+        if start in NEEDS_INPUTS and unit.state not in NEEDS_INPUTS:
+            for key in unit.dependencies:
+                dep = self.units[key]
+                if dep.role is Role.HOLD and dep.state in HOLDING and not self._needed(dep):
+                    recs[key] = RELEASED
+        if unit.state in (RELEASED, CANCELLED, RESCHEDULED) and self._needed(unit):
+            recs[unit.key] = FETCH
+        elif unit.state is RELEASED and unit.role is Role.HOLD and not unit.dependents:
+            recs[unit.key] = FORGOTTEN
+        return recs
+
+    def _start_work(self, event: Event) -> list[Instruction]:
+        """Start executions while threads are free, then transfers while holders are free."""
+        instructions: list[Instruction] = []
+        while True:
+            if self._ready and len(self._executing) < self.nthreads:
+                instructions += self._apply({self._ready[0][2]: EXECUTING}, event)
+            elif (key := self._next_fetch()) is not None:
+                instructions += self._apply({key: FLIGHT}, event)
+            else:
+                return instructions
+
+    # --- transitions (the table is below them) -------------------------------
+
+    def _to_waiting(self, unit: Unit, event: Event) -> Step:
+        if unit.spec is None:
+            raise self._invalid(unit.key, WAITING)
+        self._end_work(unit)
+        unit.role = Role.COMPUTE
+        unit.state = WAITING
+        recs: Recs = {}
+        for key in unit.dependencies:
+            if self.units[key].state in (RELEASED, CANCELLED, RESCHEDULED):
+                recs[key] = FETCH  # nobody else is bringing it
+        if self._inputs_in_memory(unit):
+            recs[unit.key] = READY
+        return recs, []
+
+    def _waiting_ready(self, unit: Unit, event: Event) -> Step:
+        assert unit.spec is not None
+        unit.state = READY
+        unit.priority = unit.spec.priority
+        bisect.insort(self._ready, (-unit.priority, unit.order, unit.key))
+        return {}, []
+
+    def _ready_executing(self, unit: Unit, event: Event) -> Step:
+        assert unit.spec is not None
+        self._dequeue(unit)
+        unit.state = EXECUTING
+        unit.running = Work.EXECUTION
+        self._executing.add(unit.key)
+        inputs = {key: self.data[key] for key in unit.dependencies}
+        return {}, [Execute(unit.key, unit.spec, inputs, stimulus_id=event.stimulus_id)]
+
+    def _to_memory(self, unit: Unit, event: Event) -> Step:
+        if isinstance(event, ExecuteSucceeded):
+            value = event.result
+        elif isinstance(event, FetchSucceeded):
+            value = event.data
+        else:
+            raise self._invalid(unit.key, MEMORY)
+        self._end_work(unit)
+        unit.state = MEMORY
+        unit.nbytes = len(value)
+        self._set_data(unit.key, value)
+        if unit.role is Role.HOLD:
+            return {}, []
+        return {}, [SendFinished(unit.key, len(value), stimulus_id=event.stimulus_id)]
+
+    def _to_error(self, unit: Unit, event: Event) -> Step:
+        if not isinstance(event, ExecuteFailed):
+            raise self._invalid(unit.key, ERROR)
+        self._end_work(unit)
+        unit.state = ERROR
+        unit.error, unit.traceback = event.error, event.traceback
+        return {}, [SendErred(unit.key, event.error, event.traceback, stimulus_id=event.stimulus_id)]
+
+    def _to_released(self, unit: Unit, event: Event) -> Step:
+        self._dequeue(unit)
+        self._drop_data(unit.key)
+        unit.state = RELEASED
+        return {}, self._release_ack(unit, event)
+
+    def _to_cancelled(self, unit: Unit, event: Event) -> Step:
+        unit.state = CANCELLED  # the work runs on; released when it reports back
+        return {}, []
+
+    def _cancelled_released(self, unit: Unit, event: Event) -> Step:
+        self._end_work(unit)
+        unit.state = RELEASED
+        return {}, self._release_ack(unit, event)
+
+    def _to_resumed_compute(self, unit: Unit, event: Event) -> Step:
+        unit.role = Role.COMPUTE
+        unit.state = RESUMED
+        return {}, []
+
+    def _to_resumed_hold(self, unit: Unit, event: Event) -> Step:
+        instructions = self._release_ack(unit, event)  # the scheduler's claim ends here
+        unit.role = Role.HOLD
+        unit.state = RESUMED
+        return {}, instructions
+
+    def _to_rescheduled(self, unit: Unit, event: Event) -> Step:
+        self._dequeue(unit)
+        unit.state = RESCHEDULED
+        return {}, []
+
+    def _to_fetch(self, unit: Unit, event: Event) -> Step:
+        self._end_work(unit)
+        unit.role = Role.HOLD
+        if not unit.who_has:
+            unit.state = MISSING
+            return {}, [SendMissing(unit.key, stimulus_id=event.stimulus_id)]
+        unit.state = FETCH
+        specs = [self.units[key].spec for key in unit.dependents]
+        unit.priority = max((spec.priority for spec in specs if spec is not None), default=0)
+        bisect.insort(self._fetch_queue, (-unit.priority, unit.order, unit.key))
+        return {}, []
+
+    def _fetch_flight(self, unit: Unit, event: Event) -> Step:
+        peer = self._free_holder(unit)
+        if peer is None:
+            raise self._invalid(unit.key, FLIGHT)
+        self._dequeue(unit)
+        unit.state = FLIGHT
+        unit.running = Work.TRANSFER
+        unit.peer = peer
+        self._transfers[peer] = unit.key
+        return {}, [Fetch(unit.key, peer, stimulus_id=event.stimulus_id)]
+
+    def _fetch_missing(self, unit: Unit, event: Event) -> Step:
+        self._dequeue(unit)
+        unit.state = MISSING
+        return {}, [SendMissing(unit.key, stimulus_id=event.stimulus_id)]
+
+    def _released_forgotten(self, unit: Unit, event: Event) -> Step:
+        if unit.dependents:
+            raise self._invalid(unit.key, FORGOTTEN)
+        unit.state = FORGOTTEN
+        del self.units[unit.key]
+        recs: Recs = {}
+        for key in unit.dependencies:
+            dep = self.units[key]
+            self._touch(dep)
+            dep.dependents.discard(unit.key)
+            if dep.role is Role.HOLD and dep.state is RELEASED and not dep.dependents:
+                recs[key] = FORGOTTEN
+        return recs, []
+
+    TRANSITIONS = {
+        (RELEASED, WAITING): _to_waiting,
+        (RELEASED, FETCH): _to_fetch,
+        (RELEASED, FORGOTTEN): _released_forgotten,
+        (WAITING, READY): _waiting_ready,
+        (WAITING, RELEASED): _to_released,
+        (WAITING, RESCHEDULED): _to_rescheduled,
+        (READY, EXECUTING): _ready_executing,
+        (READY, RELEASED): _to_released,
+        (READY, RESCHEDULED): _to_rescheduled,
+        (EXECUTING, MEMORY): _to_memory,
+        (EXECUTING, ERROR): _to_error,
+        (EXECUTING, RELEASED): _to_cancelled,
+        (MEMORY, RELEASED): _to_released,
+        (ERROR, RELEASED): _to_released,
+        (ERROR, WAITING): _to_waiting,  # a retry; direct, so that no release is acknowledged
+        (FETCH, FLIGHT): _fetch_flight,
+        (FETCH, MISSING): _fetch_missing,
+        (FETCH, RELEASED): _to_released,
+        (FLIGHT, MEMORY): _to_memory,
+        (FLIGHT, FETCH): _to_fetch,  # the transfer failed: another holder, or missing
+        (FLIGHT, WAITING): _to_resumed_compute,
+        (FLIGHT, RELEASED): _to_cancelled,
+        (MISSING, FETCH): _to_fetch,
+        (MISSING, RELEASED): _to_released,
+        (CANCELLED, WAITING): _to_resumed_compute,
+        (CANCELLED, FETCH): _to_resumed_hold,
+        (CANCELLED, RELEASED): _cancelled_released,  # only when its work reports back
+        (RESUMED, MEMORY): _to_memory,
+        (RESUMED, ERROR): _to_error,
+        (RESUMED, WAITING): _to_waiting,  # its transfer failed: compute it after all
+        (RESUMED, FETCH): _to_fetch,  # its execution or transfer failed: fetch it
+        (RESUMED, RELEASED): _to_cancelled,
+        (RESCHEDULED, WAITING): _to_waiting,
+        (RESCHEDULED, FETCH): _to_fetch,
+        (RESCHEDULED, RELEASED): _to_released,
+    }
+
+    # --- helpers -------------------------------------------------------------
+
+    def _invalid(self, key: str, finish: UnitState) -> InvalidTransition:
+        unit = self.units.get(key)
+        start = unit.state if unit is not None else FORGOTTEN
+        return InvalidTransition(key, start.value, finish.value, self.story(key))
+
+    def _needed(self, unit: Unit) -> bool:
+        """Whether a unit here waits for, or is ready with, this key's data."""
+        return any(self.units[key].state in NEEDS_INPUTS for key in unit.dependents)
+
+    def _inputs_in_memory(self, unit: Unit) -> bool:
+        return all(self.units[key].state is MEMORY for key in unit.dependencies)
+
+    def _after_failed_transfer(self, unit: Unit) -> UnitState:
+        if unit.state is CANCELLED:
+            return RELEASED
+        if unit.state is RESUMED and unit.role is Role.COMPUTE:
+            return WAITING
+        return FETCH
+
+    def _release_ack(self, unit: Unit, event: Event) -> list[Instruction]:
+        if unit.role is Role.COMPUTE:
+            return [SendReleased(unit.key, stimulus_id=event.stimulus_id)]
+        return []
+
+    def _free_holder(self, unit: Unit) -> str | None:
+        free = sorted(p for p in unit.who_has if p not in self.busy_peers and p not in self._transfers)
+        return free[0] if free else None
+
+    def _next_fetch(self) -> str | None:
+        if len(self._transfers) >= self.max_fetches:
+            return None
+        for _, _, key in self._fetch_queue:
+            if self._free_holder(self.units[key]) is not None:
+                return key
+        return None
+
+    def _set_who_has(self, unit: Unit, holders: tuple[str, ...]) -> Recs:
+        self._touch(unit)
+        unit.who_has = set(holders)
+        if unit.state is FETCH and not unit.who_has:
+            return {unit.key: MISSING}
+        if unit.state is MISSING and unit.who_has:
+            return {unit.key: FETCH}
+        return {}
+
+    def _dequeue(self, unit: Unit) -> None:
+        queue = self._ready if unit.state is READY else self._fetch_queue
+        if unit.state in (READY, FETCH):
+            queue.remove((-unit.priority, unit.order, unit.key))
+
+    def _end_work(self, unit: Unit) -> None:
+        if unit.running is Work.EXECUTION:
+            self._executing.discard(unit.key)
+        elif unit.running is Work.TRANSFER and unit.peer is not None:
+            del self._transfers[unit.peer]
+        unit.running = None
+        unit.peer = None
+
+    # --- the journal: every change goes through these ------------------------
+
+    def _new_unit(self, key: str, role: Role) -> Unit:
+        if self._journal is not None:
+            self._journal.units.setdefault(key, None)
+        unit = Unit(key, role, order=self._arrivals)
+        self._arrivals += 1
+        self.units[key] = unit
+        return unit
+
+    def _touch(self, unit: Unit) -> None:
+        """Call before changing ``unit``: the journal keeps its first version of this call."""
+        if self._journal is not None and unit.key not in self._journal.units:
+            self._journal.units[unit.key] = unit.clone()
+
+    def _touch_busy_peers(self) -> None:
+        if self._journal is not None and self._journal.busy_peers is None:
+            self._journal.busy_peers = set(self.busy_peers)
+
+    def _set_data(self, key: str, value: bytes) -> None:
+        if self._journal is not None:
+            self._journal.data.setdefault(key, self.data.get(key))
+        self.data[key] = value
+
+    def _drop_data(self, key: str) -> None:
+        if key in self.data:
+            if self._journal is not None:
+                self._journal.data.setdefault(key, self.data[key])
+            del self.data[key]
+
+    def _record(self, key: str, start: UnitState, finish: UnitState, event: Event) -> None:
+        journal = self._journal
+        if journal is not None:
+            if len(self._story) == self._story.maxlen:
+                journal.story_evicted.append(self._story[0])
+            journal.story_appended += 1
+        self._story.append((key, start.value, finish.value, event.stimulus_id, event.now))
+
+    def _rollback(self) -> None:
+        journal = self._journal
+        assert journal is not None
+        for key, saved in journal.units.items():
+            if saved is None:
+                self.units.pop(key, None)
+            else:
+                self.units[key] = saved
+        for key, value in journal.data.items():
+            if value is None:
+                self.data.pop(key, None)
+            else:
+                self.data[key] = value
+        if journal.busy_peers is not None:
+            self.busy_peers = journal.busy_peers
+        # Evicted entries followed by what is left is the old story followed by what was appended.
+        entries = journal.story_evicted + list(self._story)
+        self._story.clear()
+        self._story.extend(entries[: len(entries) - journal.story_appended])
+        self._arrivals = journal.arrivals
+        self._ready, self._fetch_queue, self._executing, self._transfers = self._indices()
+
+    def _indices(self) -> tuple[list[QueueEntry], list[QueueEntry], set[str], dict[str, str]]:
+        """The ready queue, fetch queue, executing set and transfers, as ``units`` implies them."""
+        units = self.units.values()
+        ready = sorted((-u.priority, u.order, u.key) for u in units if u.state is READY)
+        fetch = sorted((-u.priority, u.order, u.key) for u in units if u.state is FETCH)
+        executing = {u.key for u in units if u.running is Work.EXECUTION}
+        transfers = {u.peer: u.key for u in units if u.running is Work.TRANSFER and u.peer}
+        return ready, fetch, executing, transfers
+
+    # --- invariants ----------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise AssertionError, naming the key, if any invariant does not hold."""
+        ready, fetch, executing, transfers = self._indices()
+        _check(self._ready == ready, f"ready queue {self._ready} != ready keys {ready}")
+        _check(self._fetch_queue == fetch, f"fetch queue {self._fetch_queue} != fetch keys {fetch}")
+        _check(self._executing == executing, f"executing {self._executing} != {executing}")
+        _check(self._transfers == transfers, f"transfers {self._transfers} != {transfers}")
+        _check(len(executing) <= self.nthreads, f"{len(executing)} executions > {self.nthreads}")
+        _check(len(transfers) <= self.max_fetches, f"{len(transfers)} transfers > {self.max_fetches}")
+        in_memory = {key for key, u in self.units.items() if u.state is MEMORY}
+        _check(set(self.data) == in_memory, f"data for {set(self.data)} but memory {in_memory}")
+        for key, unit in self.units.items():
+            self._validate_unit(key, unit)
+
+    def _validate_unit(self, key: str, u: Unit) -> None:
+        where = f"{key!r} ({u.state}, {u.role})"
+        _check(u.key == key and u.state is not FORGOTTEN, f"{where}: misfiled")
+        working = u.state in (EXECUTING, FLIGHT, CANCELLED, RESUMED)
+        _check(working == (u.running is not None), f"{where}: running={u.running}")
+        _check(u.state is not EXECUTING or u.running is Work.EXECUTION, f"{where}: not executing")
+        _check(u.state is not FLIGHT or u.running is Work.TRANSFER, f"{where}: not in flight")
+        _check((u.running is Work.TRANSFER) == (u.peer is not None), f"{where}: peer={u.peer}")
+        if u.state in (WAITING, READY, EXECUTING):
+            _check(u.role is Role.COMPUTE and u.spec is not None, f"{where}: computed without spec")
+        if u.state in (FETCH, FLIGHT, MISSING):
+            _check(u.role is Role.HOLD, f"{where}: fetched but assigned")
+        if u.state is FETCH:
+            _check(bool(u.who_has), f"{where}: queued for fetch with no holder")
+        if u.state is MISSING:
+            _check(not u.who_has, f"{where}: missing but holders {u.who_has} are known")
+        if u.state is WAITING:
+            _check(not self._inputs_in_memory(u), f"{where}: waiting with every input in memory")
+        if u.state is READY:
+            _check(self._inputs_in_memory(u), f"{where}: ready with inputs not in memory")
+        if u.state is ERROR:
+            _check(u.error is not None, f"{where}: error without an error")
+        if u.role is Role.HOLD and (u.state in HOLDING):
+            _check(self._needed(u), f"{where}: held but no dependent needs it")
+        if u.role is Role.HOLD and u.state is RELEASED:
+            _check(bool(u.dependents), f"{where}: hold-only, released and unused: not forgotten")
+        if u.state is RESCHEDULED:
+            _check(u.role is Role.COMPUTE, f"{where}: a dependency cannot be stolen")
+        for dep in u.dependencies:
+            _check(dep in self.units and key in self.units[dep].dependents,
+                   f"{where}: dependency {dep!r} does not list it as a dependent")
+        for dependent in u.dependents:
+            _check(dependent in self.units and key in self.units[dependent].dependencies,
+                   f"{where}: dependent {dependent!r} does not depend on it")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+__all__ = [
+    "ComputeUnit", "DataRequested", "Event", "Execute", "ExecuteFailed", "ExecuteSucceeded",
+    "Fetch", "FetchFailed", "FetchSucceeded", "ForgetUnit", "Instruction", "PeerBusy", "PeerLost",
+    "PeerRetryDue", "ReleaseUnit", "RetryPeerLater", "Role", "SendData", "SendErred",
+    "SendFinished", "SendMissing", "SendReleased", "SendStealResponse", "StealRequest",
+    "StoryEntry", "Unit", "UnitSpec", "UnitState", "WhoHasUpdate", "Work", "WorkerState",
+]

@@ -1,0 +1,723 @@
+"""The worker state machine, fed events directly: no threads, no sockets, no clock.
+
+Each test compares the whole list of instructions an event produces; the ``ws`` fixture validates
+every invariant after every ``handle``.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from actors.core.worker_state import (
+    ComputeUnit,
+    DataRequested,
+    Event,
+    Execute,
+    ExecuteFailed,
+    ExecuteSucceeded,
+    Fetch,
+    FetchFailed,
+    FetchSucceeded,
+    ForgetUnit,
+    PeerBusy,
+    PeerLost,
+    PeerRetryDue,
+    ReleaseUnit,
+    RetryPeerLater,
+    Role,
+    SendData,
+    SendErred,
+    SendFinished,
+    SendMissing,
+    SendReleased,
+    SendStealResponse,
+    StealRequest,
+    UnitSpec,
+    UnitState,
+    WhoHasUpdate,
+    WorkerState,
+)
+from actors.errors import InvalidTransition, TransitionLoop
+
+S = UnitState
+
+# --- vocabulary ---------------------------------------------------------------
+
+
+def spec(key: str, *deps: str, priority: int = 0) -> UnitSpec:
+    return UnitSpec(key, "t1", f"call {key}".encode(), deps, priority)
+
+
+def result(key: str) -> bytes:
+    return f"result of {key}".encode()
+
+
+def data(key: str) -> bytes:
+    return f"data of {key}".encode()
+
+
+def compute(sid: str, key: str, *deps: str, who_has: Mapping[str, tuple[str, ...]] | None = None,
+            priority: int = 0, now: float = 0.0) -> ComputeUnit:
+    return ComputeUnit(spec(key, *deps, priority=priority), who_has or {}, stimulus_id=sid, now=now)
+
+
+def done(sid: str, key: str, now: float = 0.0) -> ExecuteSucceeded:
+    return ExecuteSucceeded(key, result(key), stimulus_id=sid, now=now)
+
+
+def failed(sid: str, key: str) -> ExecuteFailed:
+    return ExecuteFailed(key, b"pickled error", f"Traceback of {key}", stimulus_id=sid, now=0.0)
+
+
+def fetched(sid: str, key: str, peer: str) -> FetchSucceeded:
+    return FetchSucceeded(key, peer, data(key), stimulus_id=sid, now=0.0)
+
+
+def fetch_failed(sid: str, key: str, peer: str) -> FetchFailed:
+    return FetchFailed(key, peer, stimulus_id=sid, now=0.0)
+
+
+def busy(sid: str, key: str, peer: str) -> PeerBusy:
+    return PeerBusy(key, peer, stimulus_id=sid, now=0.0)
+
+
+def lost(sid: str, peer: str) -> PeerLost:
+    return PeerLost(peer, stimulus_id=sid, now=0.0)
+
+
+def holders(sid: str, key: str, *peers: str) -> WhoHasUpdate:
+    return WhoHasUpdate(key, peers, stimulus_id=sid, now=0.0)
+
+
+def release(sid: str, key: str) -> ReleaseUnit:
+    return ReleaseUnit(key, stimulus_id=sid, now=0.0)
+
+
+def forget(sid: str, key: str) -> ForgetUnit:
+    return ForgetUnit(key, stimulus_id=sid, now=0.0)
+
+
+def steal(sid: str, key: str) -> StealRequest:
+    return StealRequest(key, stimulus_id=sid, now=0.0)
+
+
+def execute(sid: str, key: str, *deps: str, inputs: dict[str, bytes] | None = None,
+            priority: int = 0) -> Execute:
+    return Execute(key, spec(key, *deps, priority=priority), inputs or {}, stimulus_id=sid)
+
+
+def finished(sid: str, key: str) -> SendFinished:
+    return SendFinished(key, len(result(key)), stimulus_id=sid)
+
+
+def states(ws: WorkerState) -> dict[str, UnitState]:
+    return {key: unit.state for key, unit in ws.units.items()}
+
+
+def make_state(**kwargs: object) -> WorkerState:
+    """A worker state that validates every invariant after every ``handle``."""
+    return WorkerState(validate_after_handle=True, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def ws() -> Iterator[WorkerState]:
+    state = make_state()
+    yield state
+    state.validate()
+
+
+# --- computing ------------------------------------------------------------------
+
+
+def test_a_unit_without_dependencies_executes_and_is_reported_finished(ws: WorkerState) -> None:
+    assert ws.handle(compute("s1", "a", now=1.0)) == [execute("s1", "a")]
+    assert ws.executing == {"a"}
+    assert ws.handle(done("s2", "a", now=2.0)) == [finished("s2", "a")]
+    assert ws.data == {"a": result("a")}
+    assert ws.story("a") == [
+        ("a", "released", "waiting", "s1", 1.0),
+        ("a", "waiting", "ready", "s1", 1.0),
+        ("a", "ready", "executing", "s1", 1.0),
+        ("a", "executing", "memory", "s2", 2.0),
+    ]
+
+
+def test_dependencies_are_fetched_and_passed_to_the_execution_then_dropped(ws: WorkerState) -> None:
+    who_has = {"x": ("p1",), "y": ("p2",)}
+    assert ws.handle(compute("s1", "b", "x", "y", who_has=who_has)) == [
+        Fetch("x", "p1", stimulus_id="s1"),
+        Fetch("y", "p2", stimulus_id="s1"),
+    ]
+    assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FLIGHT}
+    assert ws.units["x"].role is Role.HOLD
+    assert ws.handle(fetched("s2", "x", "p1")) == []
+    assert ws.handle(fetched("s3", "y", "p2")) == [
+        execute("s3", "b", "x", "y", inputs={"x": data("x"), "y": data("y")})
+    ]
+    # Nothing here needs x and y any more: their data goes, their records stay with b.
+    assert states(ws) == {"b": S.EXECUTING, "x": S.RELEASED, "y": S.RELEASED}
+    assert ws.data == {}
+    assert ws.handle(done("s4", "b")) == [finished("s4", "b")]
+    assert ws.handle(forget("s5", "b")) == []
+    assert ws.units == {}  # the dependencies only b used went with it
+
+
+def test_a_dependency_computed_here_is_waited_for_not_fetched(ws: WorkerState) -> None:
+    assert ws.handle(compute("s1", "a")) == [execute("s1", "a")]
+    assert ws.handle(compute("s2", "b", "a")) == []
+    assert states(ws) == {"a": S.EXECUTING, "b": S.WAITING}
+    assert ws.handle(done("s3", "a")) == [
+        finished("s3", "a"),
+        execute("s3", "b", "a", inputs={"a": result("a")}),
+    ]
+    assert ws.data == {"a": result("a")}  # the scheduler's result stays
+
+
+def test_the_ready_queue_runs_higher_priority_first_then_in_arrival_order(ws: WorkerState) -> None:
+    assert ws.handle(compute("s1", "a")) == [execute("s1", "a")]
+    assert ws.handle(
+        compute("s2", "low"), compute("s3", "high1", priority=5), compute("s4", "high2", priority=5)
+    ) == []
+    assert ws.handle(done("s5", "a")) == [finished("s5", "a"), execute("s5", "high1", priority=5)]
+    assert ws.handle(done("s6", "high1")) == [
+        finished("s6", "high1"),
+        execute("s6", "high2", priority=5),
+    ]
+    assert ws.handle(done("s7", "high2")) == [finished("s7", "high2"), execute("s7", "low")]
+
+
+def test_no_more_than_nthreads_units_execute_at_once() -> None:
+    ws = make_state(nthreads=2)
+    assert ws.handle(compute("s1", "a"), compute("s2", "b"), compute("s3", "c")) == [
+        execute("s1", "a"),
+        execute("s2", "b"),
+    ]
+    assert ws.executing == {"a", "b"}
+    assert ws.handle(done("s4", "b")) == [finished("s4", "b"), execute("s4", "c")]
+
+
+def test_a_failed_execution_is_reported_and_a_retry_runs_it_again(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"))
+    assert ws.handle(failed("s2", "a")) == [
+        SendErred("a", b"pickled error", "Traceback of a", stimulus_id="s2")
+    ]
+    assert ws.units["a"].state is S.ERROR
+    assert ws.units["a"].traceback == "Traceback of a"
+    assert ws.handle(compute("s3", "a")) == [execute("s3", "a")]  # no release acknowledged
+    assert ws.handle(failed("s4", "a"), release("s5", "a")) == [
+        SendErred("a", b"pickled error", "Traceback of a", stimulus_id="s4"),
+        SendReleased("a", stimulus_id="s5"),
+    ]
+    assert ws.units["a"].state is S.RELEASED
+
+
+def test_a_dependency_that_erred_here_leaves_its_dependent_waiting_for_the_scheduler(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "a"), compute("s2", "b", "a"))
+    assert ws.handle(failed("s3", "a")) == [
+        SendErred("a", b"pickled error", "Traceback of a", stimulus_id="s3")
+    ]
+    assert states(ws) == {"a": S.ERROR, "b": S.WAITING}
+
+
+def test_compute_of_a_key_already_in_memory_reports_it_again(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), done("s2", "a"))
+    assert ws.handle(compute("s3", "a")) == [finished("s3", "a")]
+
+
+def test_a_different_spec_under_a_known_key_is_refused(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"))
+    with pytest.raises(InvalidTransition):
+        ws.handle(compute("s2", "a", priority=3))
+    assert ws.units["a"].spec == spec("a")
+
+
+# --- release, cancel, resume ------------------------------------------------------
+
+
+def test_releasing_a_ready_unit_acknowledges_at_once(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), compute("s2", "b"))
+    assert ws.handle(release("s3", "b")) == [SendReleased("b", stimulus_id="s3")]
+    assert ws.handle(done("s4", "a")) == [finished("s4", "a")]  # b does not run
+    assert ws.handle(release("s5", "b")) == []  # already released
+
+
+def test_release_while_executing_cancels_and_drops_the_late_result(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"))
+    assert ws.handle(release("s2", "a")) == []
+    assert states(ws) == {"a": S.CANCELLED}
+    assert ws.handle(compute("s3", "b")) == []  # the thread is still busy with a
+    assert ws.handle(done("s4", "a")) == [SendReleased("a", stimulus_id="s4"), execute("s4", "b")]
+    assert "a" not in ws.data
+    assert ws.units["a"].state is S.RELEASED
+
+
+def test_a_cancelled_execution_that_fails_is_released_without_an_error_report(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "a"), release("s2", "a"))
+    assert ws.handle(failed("s3", "a")) == [SendReleased("a", stimulus_id="s3")]
+
+
+def test_compute_again_while_cancelled_reuses_the_running_execution(ws: WorkerState) -> None:
+    assert ws.handle(compute("s1", "a")) == [execute("s1", "a")]
+    assert ws.handle(release("s2", "a")) == []
+    assert ws.handle(compute("s3", "a")) == []  # no second Execute
+    assert ws.units["a"].state is S.RESUMED
+    assert ws.handle(done("s4", "a")) == [finished("s4", "a")]
+    assert [entry[1:3] for entry in ws.story("a")][-3:] == [
+        ("executing", "cancelled"),
+        ("cancelled", "resumed"),
+        ("resumed", "memory"),
+    ]
+
+
+def test_a_resumed_execution_that_fails_is_reported_as_an_error(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), release("s2", "a"), compute("s3", "a"))
+    assert ws.handle(failed("s4", "a")) == [
+        SendErred("a", b"pickled error", "Traceback of a", stimulus_id="s4")
+    ]
+
+
+def test_releasing_a_resumed_unit_cancels_it_again(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), release("s2", "a"), compute("s3", "a"))
+    assert ws.handle(release("s4", "a")) == []
+    assert ws.units["a"].state is S.CANCELLED
+    assert ws.handle(done("s5", "a")) == [SendReleased("a", stimulus_id="s5")]
+
+
+def test_release_while_in_flight_then_a_failed_fetch_ends_cleanly(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}))
+    assert ws.handle(release("s2", "b")) == [SendReleased("b", stimulus_id="s2")]
+    assert states(ws) == {"b": S.RELEASED, "x": S.CANCELLED}
+    assert ws.in_flight == {"x": "p1"}  # the transfer still runs
+    assert ws.handle(fetch_failed("s3", "x", "p1")) == []
+    assert states(ws) == {"b": S.RELEASED, "x": S.RELEASED}
+    assert ws.in_flight == {}
+    assert ws.handle(forget("s4", "b")) == []
+    assert ws.units == {}
+
+
+def test_a_cancelled_fetch_that_succeeds_drops_the_data(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}), release("s2", "b"))
+    assert ws.handle(fetched("s3", "x", "p1")) == []
+    assert ws.data == {}
+
+
+def test_a_key_in_flight_asked_to_compute_is_computed_when_the_fetch_fails(
+    ws: WorkerState,
+) -> None:
+    assert ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)})) == [
+        Fetch("x", "p1", stimulus_id="s1")
+    ]
+    assert ws.handle(compute("s2", "x")) == []
+    assert ws.units["x"].state is S.RESUMED
+    assert ws.handle(fetch_failed("s3", "x", "p1")) == [execute("s3", "x")]
+    assert ws.handle(done("s4", "x")) == [
+        finished("s4", "x"),
+        execute("s4", "b", "x", inputs={"x": result("x")}),
+    ]
+
+
+def test_a_key_in_flight_asked_to_compute_is_reported_when_the_fetch_succeeds(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}), compute("s2", "x"))
+    assert ws.handle(fetched("s3", "x", "p1")) == [
+        SendFinished("x", len(data("x")), stimulus_id="s3"),
+        execute("s3", "b", "x", inputs={"x": data("x")}),
+    ]
+    assert ws.units["x"].role is Role.COMPUTE
+    assert ws.data == {"x": data("x")}
+
+
+def test_an_executing_key_released_then_needed_as_a_dependency_is_fetched_if_it_fails(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "x"), release("s2", "x"))
+    # b needs x: the running execution is reused to feed b, and the release is acknowledged.
+    assert ws.handle(compute("s3", "b", "x", who_has={"x": ("p1",)})) == [
+        SendReleased("x", stimulus_id="s3")
+    ]
+    assert (ws.units["x"].state, ws.units["x"].role) == (S.RESUMED, Role.HOLD)
+    assert ws.handle(failed("s4", "x")) == [Fetch("x", "p1", stimulus_id="s4")]
+    assert ws.handle(fetched("s5", "x", "p1")) == [
+        execute("s5", "b", "x", inputs={"x": data("x")})
+    ]
+
+
+def test_an_executing_key_released_then_needed_as_a_dependency_feeds_it_when_done(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "x"), release("s2", "x"), compute("s3", "b", "x"))
+    assert ws.handle(done("s4", "x")) == [execute("s4", "b", "x", inputs={"x": result("x")})]
+
+
+def test_releasing_a_result_a_ready_unit_needs_keeps_its_data(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), compute("s2", "x"), compute("s3", "b", "x"))
+    assert ws.handle(done("s4", "a")) == [finished("s4", "a"), execute("s4", "x")]
+    assert ws.handle(compute("s5", "c", priority=9), done("s6", "x")) == [
+        finished("s6", "x"),
+        execute("s6", "c", priority=9),
+    ]
+    assert states(ws)["b"] is S.READY
+    assert ws.handle(release("s7", "x")) == [SendReleased("x", stimulus_id="s7")]
+    assert (ws.units["x"].state, ws.units["x"].role) == (S.MEMORY, Role.HOLD)
+    assert ws.handle(done("s8", "c")) == [
+        finished("s8", "c"),
+        execute("s8", "b", "x", inputs={"x": result("x")}),
+    ]
+    assert "x" not in ws.data  # held only for b, and b has it now
+
+
+# --- stealing -----------------------------------------------------------------------
+
+
+def test_a_ready_unit_can_be_stolen_and_later_computed_again(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), compute("s2", "b"))
+    assert ws.handle(steal("s3", "b")) == [SendStealResponse("b", True, S.READY, stimulus_id="s3")]
+    assert ws.units["b"].state is S.RESCHEDULED
+    assert ws.handle(done("s4", "a")) == [finished("s4", "a")]
+    assert ws.handle(compute("s5", "b")) == [execute("s5", "b")]
+
+
+def test_releasing_a_stolen_unit_acknowledges(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), compute("s2", "b"), steal("s3", "b"))
+    assert ws.handle(release("s4", "b")) == [SendReleased("b", stimulus_id="s4")]
+
+
+def test_a_waiting_unit_can_be_stolen_and_its_dependencies_are_no_longer_fetched(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
+    assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH}  # one transfer per peer
+    assert ws.handle(steal("s2", "b")) == [
+        SendStealResponse("b", True, S.WAITING, stimulus_id="s2")
+    ]
+    assert states(ws) == {"b": S.RESCHEDULED, "x": S.CANCELLED, "y": S.RELEASED}
+
+
+def test_an_executing_unit_cannot_be_stolen(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"))
+    assert ws.handle(steal("s2", "a")) == [
+        SendStealResponse("a", False, S.EXECUTING, stimulus_id="s2")
+    ]
+    assert ws.handle(steal("s3", "unknown")) == [
+        SendStealResponse("unknown", False, S.FORGOTTEN, stimulus_id="s3")
+    ]
+    assert ws.handle(done("s4", "a")) == [finished("s4", "a")]
+
+
+def test_stealing_a_unit_that_a_waiting_unit_needs_asks_where_it_will_be(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "z"), compute("s2", "a"), compute("s3", "b", "a"))
+    assert ws.handle(steal("s4", "a")) == [
+        SendStealResponse("a", True, S.READY, stimulus_id="s4"),
+        SendMissing("a", stimulus_id="s4"),
+    ]
+    assert (ws.units["a"].state, ws.units["a"].role) == (S.MISSING, Role.HOLD)
+    assert ws.handle(holders("s5", "a", "p2")) == [Fetch("a", "p2", stimulus_id="s5")]
+
+
+# --- fetching -----------------------------------------------------------------------
+
+
+def test_one_transfer_per_peer_and_at_most_max_fetches_in_all() -> None:
+    ws = make_state(max_fetches=2)
+    who_has = {"x": ("p1",), "y": ("p1",), "z": ("p2",), "w": ("p3",)}
+    assert ws.handle(compute("s1", "b", "x", "y", "z", "w", who_has=who_has)) == [
+        Fetch("x", "p1", stimulus_id="s1"),
+        Fetch("z", "p2", stimulus_id="s1"),
+    ]
+    assert ws.handle(fetched("s2", "x", "p1")) == [Fetch("y", "p1", stimulus_id="s2")]
+    assert ws.handle(fetched("s3", "z", "p2")) == [Fetch("w", "p3", stimulus_id="s3")]
+
+
+def test_a_failed_fetch_tries_the_next_holder_then_asks_the_scheduler(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1", "p2")}))
+    assert ws.handle(fetch_failed("s2", "x", "p1")) == [Fetch("x", "p2", stimulus_id="s2")]
+    assert ws.handle(fetch_failed("s3", "x", "p2")) == [SendMissing("x", stimulus_id="s3")]
+    assert ws.units["x"].state is S.MISSING
+    assert ws.handle(holders("s4", "x")) == []  # still nobody: stay missing, do not ask again
+    assert ws.handle(holders("s5", "x", "p3")) == [Fetch("x", "p3", stimulus_id="s5")]
+
+
+def test_a_lost_peer_sends_its_transfers_to_other_holders(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1", "p2")}))
+    assert ws.in_flight == {"x": "p1"}
+    assert ws.handle(lost("s2", "p1")) == [Fetch("x", "p2", stimulus_id="s2")]
+    assert ws.handle(fetched("s3", "x", "p1")) == []  # a stale reply from the lost peer
+    assert ws.units["x"].state is S.FLIGHT
+    assert ws.handle(fetched("s4", "x", "p2")) == [
+        execute("s4", "b", "x", inputs={"x": data("x")})
+    ]
+
+
+def test_a_lost_peer_that_was_the_only_holder_makes_its_keys_missing(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
+    assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH}
+    assert ws.handle(lost("s2", "p1")) == [
+        SendMissing("x", stimulus_id="s2"),
+        SendMissing("y", stimulus_id="s2"),
+    ]
+    assert ws.handle(holders("s3", "x", "p2")) == [Fetch("x", "p2", stimulus_id="s3")]
+    assert ws.handle(release("s4", "b")) == [SendReleased("b", stimulus_id="s4")]
+    assert states(ws) == {"b": S.RELEASED, "x": S.CANCELLED, "y": S.RELEASED}
+
+
+def test_a_key_queued_for_fetch_whose_holders_are_withdrawn_goes_missing(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
+    assert ws.handle(holders("s2", "y")) == [SendMissing("y", stimulus_id="s2")]
+
+
+def test_a_busy_peer_is_retried_later_and_other_holders_are_tried_meanwhile(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1", "p2"), "y": ("p1",)}))
+    assert ws.in_flight == {"x": "p1"}
+    assert ws.handle(busy("s2", "x", "p1")) == [
+        RetryPeerLater("p1", 0.15, stimulus_id="s2"),
+        Fetch("x", "p2", stimulus_id="s2"),
+    ]
+    assert ws.units["y"].state is S.FETCH  # its only holder is busy: it waits
+    retry = PeerRetryDue("p1", stimulus_id="s3", now=0.2)
+    assert ws.handle(retry) == [Fetch("y", "p1", stimulus_id="s3")]
+
+
+def test_a_key_in_flight_whose_dependent_is_released_is_cancelled_then_resumed(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}), release("s2", "b"))
+    assert ws.handle(compute("s3", "b", "x")) == []  # the running transfer is reused
+    assert (ws.units["x"].state, ws.units["x"].role) == (S.RESUMED, Role.HOLD)
+    assert ws.handle(fetch_failed("s4", "x", "p1")) == [SendMissing("x", stimulus_id="s4")]
+
+
+def test_data_requested_sends_what_is_held_and_names_what_is_not(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), done("s2", "a"))
+    request = DataRequested(("a", "zzz"), "p9", stimulus_id="s3", now=0.0)
+    assert ws.handle(request) == [SendData("p9", {"a": result("a")}, ("zzz",), stimulus_id="s3")]
+
+
+# --- forgetting -----------------------------------------------------------------------
+
+
+def test_release_keeps_the_unit_until_the_scheduler_says_forget(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), done("s2", "a"))
+    assert ws.handle(release("s3", "a")) == [SendReleased("a", stimulus_id="s3")]
+    assert ws.units["a"].state is S.RELEASED
+    assert ws.units["a"].spec == spec("a")
+    assert ws.data == {}
+    assert ws.handle(forget("s4", "a")) == []
+    assert "a" not in ws.units
+    assert ws.story("a")[-2:] == [
+        ("a", "memory", "released", "s3", 0.0),
+        ("a", "released", "forgotten", "s4", 0.0),
+    ]
+
+
+def test_forget_of_an_executing_unit_waits_for_the_execution_to_report(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"))
+    assert ws.handle(forget("s2", "a")) == []
+    assert ws.units["a"].state is S.CANCELLED
+    assert ws.handle(compute("s3", "b")) == []  # its thread is still busy
+    assert ws.handle(done("s4", "a")) == [execute("s4", "b")]
+    assert "a" not in ws.units
+
+
+def test_a_forgotten_key_that_units_here_depend_on_stays_until_they_go(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), compute("s2", "x"), compute("s3", "b", "x"))
+    ws.handle(done("s4", "a"), compute("s5", "c", priority=9), done("s6", "x"))
+    assert states(ws) == {"a": S.MEMORY, "x": S.MEMORY, "b": S.READY, "c": S.EXECUTING}
+    assert ws.handle(forget("s7", "x")) == []
+    assert (ws.units["x"].state, ws.units["x"].role) == (S.MEMORY, Role.HOLD)
+    ws.handle(done("s8", "c"))
+    assert ws.units["x"].state is S.RELEASED  # b has its input; x waits for b's fate
+    ws.handle(done("s9", "b"), forget("s10", "b"))
+    assert "x" not in ws.units
+
+
+def test_forget_of_a_waiting_unit_that_others_need_fetches_it_instead(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "z"), compute("s2", "a"), compute("s3", "b", "a"))
+    assert ws.handle(forget("s4", "a")) == [SendMissing("a", stimulus_id="s4")]
+    assert (ws.units["a"].state, ws.units["a"].role) == (S.MISSING, Role.HOLD)
+
+
+def test_forget_of_an_executing_unit_that_others_need_keeps_its_execution(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), compute("s2", "b", "a"))
+    assert ws.handle(forget("s3", "a")) == []
+    assert (ws.units["a"].state, ws.units["a"].role) == (S.RESUMED, Role.HOLD)
+    assert ws.handle(done("s4", "a")) == [execute("s4", "b", "a", inputs={"a": result("a")})]
+
+
+# --- errors leave the state as it was ---------------------------------------------------
+
+
+def test_an_impossible_request_raises_with_the_story_and_changes_nothing(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}))
+    before = copy.deepcopy(vars(ws))
+    with pytest.raises(InvalidTransition) as caught:
+        ws.handle(done("s2", "b"))  # b never started executing
+    assert (caught.value.key, caught.value.start, caught.value.finish) == ("b", "waiting", "memory")
+    assert caught.value.story == ws.story("b")
+    assert vars(ws) == before
+
+
+def test_a_batch_that_fails_part_way_is_undone_whole(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p2",)}))
+    before = copy.deepcopy(vars(ws))
+    batch: list[Event] = [
+        fetched("s2", "x", "p1"),  # data arrives
+        lost("s3", "p2"),  # y goes missing
+        compute("s4", "c"),  # a new unit executes
+        forget("s5", "b"),  # b, x and y go
+        done("s6", "b"),  # impossible: b was never executing
+    ]
+    with pytest.raises(InvalidTransition):
+        ws.handle(*batch)
+    assert vars(ws) == before
+    ws.validate()
+
+
+def test_the_story_is_bounded_and_restored_whole_by_a_rollback() -> None:
+    ws = make_state(story_limit=3)
+    ws.handle(compute("s1", "a"))
+    assert len(ws.story("a")) == 3
+    before = copy.deepcopy(vars(ws))
+    with pytest.raises(InvalidTransition):
+        ws.handle(compute("s2", "b"), compute("s3", "c"), failed("s4", "b"))
+    assert vars(ws) == before
+
+
+def test_a_runaway_chain_of_recommendations_raises_transition_loop() -> None:
+    table = dict(WorkerState.TRANSITIONS)
+    to_waiting, to_released = table[(S.RELEASED, S.WAITING)], table[(S.WAITING, S.RELEASED)]
+
+    def waiting_then_back(state: WorkerState, unit, event):  # type: ignore[no-untyped-def]
+        recs, instructions = to_waiting(state, unit, event)
+        return {unit.key: S.RELEASED}, instructions
+
+    def released_then_back(state: WorkerState, unit, event):  # type: ignore[no-untyped-def]
+        recs, instructions = to_released(state, unit, event)
+        return {unit.key: S.WAITING}, instructions
+
+    class Looping(WorkerState):
+        TRANSITIONS = {
+            **table,
+            (S.RELEASED, S.WAITING): waiting_then_back,
+            (S.WAITING, S.RELEASED): released_then_back,
+        }
+
+    ws = Looping(transition_limit=20)
+    before = copy.deepcopy(vars(ws))
+    with pytest.raises(TransitionLoop) as caught:
+        ws.handle(compute("s1", "a"))
+    assert (caught.value.key, caught.value.count) == ("a", 21)
+    assert vars(ws) == before
+
+
+def test_an_unknown_event_is_a_type_error(ws: WorkerState) -> None:
+    with pytest.raises(TypeError):
+        ws.handle(Event(stimulus_id="s1", now=0.0))
+
+
+# --- validate() can fail ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        pytest.param(lambda ws: ws.data.update(zzz=b"x"), id="data-without-memory"),
+        pytest.param(lambda ws: ws.data.pop("a"), id="memory-without-data"),
+        pytest.param(lambda ws: ws._ready.clear(), id="ready-key-not-queued"),
+        pytest.param(lambda ws: ws._executing.add("b"), id="phantom-execution"),
+        pytest.param(lambda ws: setattr(ws.units["c"], "state", S.WAITING), id="waiting-for-nothing"),
+        pytest.param(lambda ws: ws.units["x"].dependents.clear(), id="broken-dependents"),
+        pytest.param(lambda ws: setattr(ws.units["y"], "who_has", set()), id="fetch-without-holder"),
+        pytest.param(lambda ws: setattr(ws, "nthreads", 0), id="too-many-executions"),
+    ],
+)
+def test_validate_catches_a_broken_invariant(corrupt) -> None:  # type: ignore[no-untyped-def]
+    ws = WorkerState()
+    ws.handle(compute("s1", "a"), done("s2", "a"), compute("s3", "e"))
+    ws.handle(compute("s4", "c"), compute("s5", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
+    ws.handle(lost("s6", "p1"), holders("s7", "x", "p2", "p3"), holders("s8", "y", "p4"))
+    ws.handle(busy("s9", "x", "p2"), busy("s10", "y", "p4"))
+    assert states(ws) == {
+        "a": S.MEMORY, "e": S.EXECUTING, "c": S.READY, "b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH
+    }
+    ws.validate()
+    corrupt(ws)
+    with pytest.raises(AssertionError):
+        ws.validate()
+
+
+# --- the core stays pure ------------------------------------------------------------------
+
+FORBIDDEN = {"pykka", "zmq", "threading", "time", "structlog", "asyncio"}
+ROOT = Path(__file__).resolve().parent.parent
+# What a pure core may build on, inside this project: the bottom layers and itself.
+ALLOWED_INSIDE = ("actors.errors", "actors.messages", "actors.core")
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module ``path`` (in ``package``) imports, anywhere in the file, functions included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def package_of(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+
+
+def module_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_the_core_modules_import_no_actors_sockets_threads_or_clocks() -> None:
+    core = sorted((ROOT / "actors" / "core").glob("*.py"))
+    assert ROOT / "actors" / "core" / "worker_state.py" in core
+    problems: list[str] = []
+    seen: set[Path] = set()
+    todo = list(core)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for module in sorted(imported_modules(path, package_of(path))):
+            where = path.relative_to(ROOT)
+            if module.split(".")[0] in FORBIDDEN:
+                problems.append(f"{where} imports {module}")
+            elif module.split(".")[0] == "actors":
+                if not module.startswith(ALLOWED_INSIDE):
+                    problems.append(f"{where} imports {module}, above the core")
+                elif (target := module_file(module)) is not None:
+                    todo.append(target)  # what the core builds on must be pure too
+    assert problems == []
+
+
+def test_the_import_check_sees_imports_inside_functions_and_relative_ones(tmp_path: Path) -> None:
+    impure = tmp_path / "impure.py"
+    impure.write_text("def later():\n    import time\n    from zmq import Context\nfrom . import sibling\n")
+    found = imported_modules(impure, "actors.core")
+    assert {"time", "zmq", "actors.core.sibling"} <= found
