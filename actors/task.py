@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class UnitResults:
 class _UnitsRan:
     run_id: int
     outcomes: list[m.UnitOutcome]
+    elapsed: float
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,9 @@ class _Runtime:
     def handle(self, message: Any) -> None:
         match message:
             case RunUnits(run_id=run_id, units=units):
-                self._in_executor(lambda: _UnitsRan(run_id, self._run_units(units)))
-            case _UnitsRan(run_id=run_id, outcomes=outcomes):
-                self.emit(m.UnitsDone(self.task.task_id, run_id, outcomes))
+                self._in_executor(partial(self._run_units, run_id, units))
+            case _UnitsRan(run_id=run_id, outcomes=outcomes, elapsed=elapsed):
+                self.emit(m.UnitsDone(self.task.task_id, run_id, outcomes, elapsed))
             case UnitResults(results=results):
                 self.results.update(results)
                 self._slice_more()
@@ -227,8 +229,10 @@ class _Runtime:
 
     # --- running units -------------------------------------------------------
 
-    def _run_units(self, units: list[m.UnitCall]) -> list[m.UnitOutcome]:
+    def _run_units(self, run_id: int, units: list[m.UnitCall]) -> _UnitsRan:
+        """Run a batch on the executor thread; its duration sizes the next batches."""
         assert isinstance(self.task, ParallelTask)
+        started = time.perf_counter()
         work_unit = self.task.work_unit
         outcomes = []
         for unit in units:
@@ -236,7 +240,7 @@ class _Runtime:
             outcomes.append(outcome)
             if not outcome.ok:
                 break  # the task fails; the rest of the batch would be wasted
-        return outcomes
+        return _UnitsRan(run_id, outcomes, time.perf_counter() - started)
 
     def _in_executor(self, call: Callable[[], Any]) -> None:
         actor = self.task.actor_ref

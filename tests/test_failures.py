@@ -45,7 +45,7 @@ class Slow(ParallelTask):
         yield from range(n)
 
     def work_unit(self, i):
-        time.sleep(0.002)
+        time.sleep(0.005)  # ~4 s on 4 workers: time for the chaos to land mid-task
         return i
 
     def reduce(self, results):

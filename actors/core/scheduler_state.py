@@ -65,8 +65,9 @@ from actors.core.scheduler_events import (
 )
 from actors.messages import UnitCall
 
-BATCH_SECONDS = 0.005
-MAX_BATCH = 256
+BATCH_SECONDS = 0.005  # work per dispatched batch
+PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
+MAX_BATCH = 512
 FIRST_BATCH = 4
 STORY_LENGTH = 2_000
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
@@ -397,14 +398,18 @@ class SchedulerState:
 
     def _dispatch(self, task: TaskRecord) -> None:
         if task.unit_seconds is None:
-            batch = FIRST_BATCH
+            batch, depth = FIRST_BATCH, 2 * FIRST_BATCH
         else:
-            batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(task.unit_seconds, 1e-7))))
+            per_unit = max(task.unit_seconds, 1e-7)
+            batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / per_unit)))
+            # Tiny units need thousands in flight to hide the round trip; slow ones
+            # only a couple, so the last units of a task do not queue behind others.
+            depth = max(2 * batch, min(8 * batch, int(PREFETCH_SECONDS / per_unit)))
         for worker_id in sorted(task.workers):
             if not task.pending:
                 return
             worker = self.workers[worker_id]
-            room = 2 * batch - len(worker.in_flight)
+            room = depth - len(worker.in_flight)
             while task.pending and room > 0:
                 take = min(batch, room, len(task.pending))
                 units = [task.pending.popleft() for _ in range(take)]
