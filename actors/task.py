@@ -68,9 +68,6 @@ class Task(pykka.ThreadingActor):
             return self._task_runtime.handle(message)
         return None
 
-    def on_stop(self) -> None:
-        if self._task_runtime is not None:
-            self._task_runtime.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class ParallelTask(Task):
@@ -151,9 +148,6 @@ class _Runtime:
 
     task: Task
     begin_msg: _Begin
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="task-exec")
-    )
     slicer: Iterator[Any] | None = None
     sliced: int = 0
     exhausted: bool = False
@@ -248,7 +242,22 @@ class _Runtime:
         def run() -> None:
             actor.tell(call())
 
-        self.executor.submit(run)
+        _executor().submit(run)
+
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The worker process's one thread for user code, shared by its successive task instances.
+
+    A worker hosts one instance at a time; one that ends badly is killed with its
+    process, so nothing of it can still be queued here for the next one.
+    """
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="task-exec")
+    return _EXECUTOR
 
 
 def _call_unit(work_unit: Callable[[Any], Any], args: bytes) -> Any:

@@ -53,6 +53,7 @@ class Worker(Shell):
         self.task: pykka.ActorRef[Any] | None = None
         self.task_id = ""
         self.waiting_for_version: m.AssignTask | None = None
+        self.classes: dict[bytes, Any] = {}  # shipped class bytes -> class, for warm reuse
         self.backlog: list[Any] = []  # task input that came while its package was being fetched
         self.loaded_version: tuple[str, str] | None = None
         self.parent_pid = os.getppid()
@@ -121,7 +122,7 @@ class Worker(Shell):
         task_log = self.log.bind(task_id=msg.task_id, task=msg.name)
         try:
             if version_path is None:
-                cls = loads(msg.code)
+                cls = self._class_of(msg.code)
             else:
                 cls = self._import_deployed(msg, version_path)
             args, kwargs = loads(msg.args)
@@ -146,6 +147,16 @@ class Worker(Shell):
         elif self.waiting_for_version is not None:
             self.backlog.append(message)
         # else: the task failed to load and was reported; its input is moot
+
+    def _class_of(self, code: bytes) -> Any:
+        """Unpickle a shipped class once per worker: a warm worker sees the same bytes again."""
+        cls = self.classes.get(code)
+        if cls is None:
+            cls = loads(code)
+            if len(self.classes) >= 32:
+                self.classes.pop(next(iter(self.classes)))
+            self.classes[code] = cls
+        return cls
 
     def _fail_load(self, msg: m.AssignTask, exc: BaseException) -> None:
         payload, type_name, text, tb = describe_exception(exc)
