@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -263,10 +263,7 @@ def node_main(argv: list[str] | None = None) -> int:
     except pykka.Timeout:
         log.error("node_shutdown_timeout")
     pykka.ActorRegistry.stop_all(timeout=5)
-    time.sleep(0)  # let the hub pick up the last Bye before it drains and stops
-    hub.stop()
-    import shutil
-
+    hub.stop()  # sends what the actors handed over before it, the last Bye included
     shutil.rmtree(run_dir, ignore_errors=True)
     if fatal:
         log.error("node_exiting", reason=fatal[0])
