@@ -1,0 +1,286 @@
+"""The runtimes under test, each driven through the same four operations.
+
+A ``Runtime`` says whether it is installed and opens a ``Session``: a running cluster (or pool)
+with a client attached. Every workload is written against ``Session`` alone:
+
+- ``map_units(body, n)``: ``n`` units of one body run as one batch, the runtime's natural way
+  (a ParallelTask here, ``client.map`` in Dask, one ``.remote()`` per unit in Ray,
+  ``executor.map`` in the pool);
+- ``submit_each(n)``: ``n`` independent no-op tasks, then every result;
+- ``roundtrip()``: one no-op task, submitted and waited for;
+- ``close()``.
+
+Every wait is bounded by ``CALL_TIMEOUT_S``, and every count is checked, so a runtime that
+loses work fails the bench instead of looking fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from bench import units
+from bench.cluster import MultiNodeCluster
+from bench.stats import CALL_TIMEOUT_S
+from bench.system import quiet_stdout
+
+
+class Session(ABC):
+    #: pid of the process that schedules (the master); None where that is not one process.
+    master_pid: int | None = None
+
+    @abstractmethod
+    def map_units(self, body: str, n: int, chunksize: int = 1) -> None: ...
+
+    @abstractmethod
+    def submit_each(self, n: int) -> None: ...
+
+    @abstractmethod
+    def roundtrip(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Runtime(ABC):
+    key: str  # what --peers names it
+    name: str  # what the table calls it
+    requires: tuple[str, ...] = ()  # modules that must import
+    #: How map_units / submit_each drive it, for the table.
+    map_label: str = ""
+    submit_label: str = ""
+    #: True when map_units costs one scheduled task per unit (sizes are capped for those).
+    task_per_unit: bool = True
+
+    def availability(self) -> str:
+        """Empty when the runtime can run here, else why not."""
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # ImportError, or a broken install
+                return f"not installed ({type(exc).__name__}: {exc})"
+        return ""
+
+    def map_label_for(self, chunksize: int) -> str:
+        return self.map_label
+
+    @abstractmethod
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
+             ) -> Session:
+        """Start a cluster of ``workers`` and connect; with ``wait``, return once all are up."""
+
+
+@contextlib.contextmanager
+def _closed_on_error(resource: Any) -> Iterator[None]:
+    """A session half-started must not leave its processes behind."""
+    try:
+        yield
+    except BaseException:
+        resource.close()
+        raise
+
+
+def _expect(what: str, got: object, wanted: object) -> None:
+    if got != wanted:
+        raise RuntimeError(f"{what}: got {got!r}, expected {wanted!r}")
+
+
+# --- pydra-actors ---------------------------------------------------------------
+
+
+class ActorsRuntime(Runtime):
+    key, name = "actors", "pydra-actors"
+    map_label, submit_label = "ParallelTask", "client.submit"
+    task_per_unit = False
+
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
+             ) -> Session:
+        return ActorsSession(workers, wait, workers_per_node)
+
+
+class ActorsSession(Session):
+    def __init__(self, workers: int, wait: bool, workers_per_node: int | None) -> None:
+        from actors import Client, LocalCluster
+
+        self.cluster: Any
+        if workers_per_node is None:
+            with quiet_stdout():  # the master prints its banner for people
+                self.cluster = LocalCluster(workers=workers, log_level="warning")
+        else:
+            self.cluster = MultiNodeCluster(workers, workers_per_node)
+        self.master_pid = self.cluster.pid
+        with _closed_on_error(self.cluster):
+            self.client = Client(self.cluster.address, keys=self.cluster.keys_dir)
+        with _closed_on_error(self):
+            if wait:
+                self.client.wait_for_workers(workers, timeout=CALL_TIMEOUT_S)
+
+    def map_units(self, body: str, n: int, chunksize: int = 1) -> None:
+        task = units.PARALLEL_TASKS[body]
+        _expect("units run", self.client.submit(task, n).result(timeout=CALL_TIMEOUT_S), n)
+
+    def submit_each(self, n: int) -> None:
+        futures = self.client.map(units.NoopTask, range(n))
+        _expect("task results", [f.result(timeout=CALL_TIMEOUT_S) for f in futures], list(range(n)))
+
+    def roundtrip(self) -> None:
+        _expect("result", self.client.submit(units.NoopTask, 7).result(timeout=CALL_TIMEOUT_S), 7)
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+# --- Dask distributed -------------------------------------------------------------
+
+
+class DaskRuntime(Runtime):
+    key, name = "dask", "dask"
+    requires = ("distributed",)
+    map_label, submit_label = "client.map", "client.submit"
+
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
+             ) -> Session:
+        return DaskSession(workers, wait)
+
+
+class DaskSession(Session):
+    def __init__(self, workers: int, wait: bool) -> None:
+        import distributed
+
+        self._distributed = distributed
+        self.cluster = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, silence_logs=logging.ERROR)
+        with _closed_on_error(self.cluster):
+            self.client = distributed.Client(self.cluster)
+        self.master_pid = os.getpid()  # the scheduler runs in this process
+        with _closed_on_error(self):
+            if wait:
+                self.client.wait_for_workers(workers, timeout=CALL_TIMEOUT_S)
+
+    def _wait_all(self, futures: list[Any]) -> None:
+        self._distributed.wait(futures, timeout=CALL_TIMEOUT_S)
+        _expect("finished tasks", sum(f.status == "finished" for f in futures), len(futures))
+
+    def map_units(self, body: str, n: int, chunksize: int = 1) -> None:
+        futures = self.client.map(units.UNIT_BODIES[body], range(n), pure=False)
+        self._wait_all(futures)
+
+    def submit_each(self, n: int) -> None:
+        futures = [self.client.submit(units.noop, i, pure=False) for i in range(n)]
+        self._wait_all(futures)
+        _expect("task results", self.client.gather(futures), list(range(n)))
+
+    def roundtrip(self) -> None:
+        _expect("result", self.client.submit(units.noop, 7, pure=False).result(CALL_TIMEOUT_S), 7)
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+# --- Ray ------------------------------------------------------------------------------
+
+
+class RayRuntime(Runtime):
+    key, name = "ray", "ray"
+    requires = ("ray",)
+    map_label, submit_label = ".remote() per unit", ".remote()"
+
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
+             ) -> Session:
+        return RaySession(workers, wait)
+
+
+class RaySession(Session):
+    def __init__(self, workers: int, wait: bool) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        self._ray = ray
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
+        with _closed_on_error(self):
+            self._remote = {name: ray.remote(num_cpus=1)(fn)
+                            for name, fn in units.UNIT_BODIES.items()}
+            if wait:  # Ray starts worker processes lazily: have each run once
+                self.map_units("sleep_10ms", 4 * workers)
+
+    def _get(self, refs: Any) -> Any:
+        return self._ray.get(refs, timeout=CALL_TIMEOUT_S)
+
+    def map_units(self, body: str, n: int, chunksize: int = 1) -> None:
+        remote = self._remote[body]
+        _expect("units run", len(self._get([remote.remote(i) for i in range(n)])), n)
+
+    def submit_each(self, n: int) -> None:
+        remote = self._remote["noop"]
+        _expect("task results", self._get([remote.remote(i) for i in range(n)]), list(range(n)))
+
+    def roundtrip(self) -> None:
+        _expect("result", self._get(self._remote["noop"].remote(7)), 7)
+
+    def close(self) -> None:
+        self._ray.shutdown()
+
+
+# --- concurrent.futures.ProcessPoolExecutor -------------------------------------------
+
+
+class PoolRuntime(Runtime):
+    key, name = "pool", "process pool"
+    submit_label = "executor.submit"
+
+    def map_label_for(self, chunksize: int) -> str:
+        return f"executor.map chunksize {chunksize}"
+
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
+             ) -> Session:
+        return PoolSession(workers, wait)
+
+
+class PoolSession(Session):
+    def __init__(self, workers: int, wait: bool) -> None:
+        # spawn: fresh interpreters like every other runtime's workers, and no fork of a
+        # process that runs threads (the bench's clients have some).
+        self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.master_pid = os.getpid()
+        with _closed_on_error(self):
+            if wait:  # processes are spawned on demand: keep them all busy once
+                self.map_units("sleep_10ms", 4 * workers)
+
+    def map_units(self, body: str, n: int, chunksize: int = 1) -> None:
+        results = self.executor.map(units.UNIT_BODIES[body], range(n), chunksize=chunksize,
+                                    timeout=CALL_TIMEOUT_S)
+        _expect("units run", sum(1 for _ in results), n)
+
+    def submit_each(self, n: int) -> None:
+        futures = [self.executor.submit(units.noop, i) for i in range(n)]
+        _expect("task results", [f.result(CALL_TIMEOUT_S) for f in futures], list(range(n)))
+
+    def roundtrip(self) -> None:
+        _expect("result", self.executor.submit(units.noop, 7).result(CALL_TIMEOUT_S), 7)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+RUNTIMES: dict[str, Runtime] = {
+    runtime.key: runtime
+    for runtime in (ActorsRuntime(), DaskRuntime(), RayRuntime(), PoolRuntime())
+}
+OURS = RUNTIMES["actors"].name

@@ -1,0 +1,172 @@
+"""``python -m bench``: run the selected workloads on every runtime, print the table, keep the JSON.
+
+Runtimes run one after another (an idle cluster still costs CPU on a small machine), each
+through all selected workloads: first those that share one warm cluster, then those that start
+their own. Every runtime is measured in the same run, so ratios hold while absolute numbers
+drift with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, TextIO
+
+from bench import efficiency, latency, report, scale, startup, streaming, throughput
+from bench.peers import OURS, RUNTIMES, Runtime
+from bench.stats import NOT_RUN, Result, skipped
+from bench.system import machine
+from bench.workload import Settings, SharedSession, Workload
+
+WORKLOADS: dict[str, Workload] = {w.key: w for w in (
+    Workload("tiny", "1. tiny units", throughput.tiny_units),
+    Workload("many", "2. many small tasks", throughput.many_tasks),
+    Workload("latency", "3. latency", latency.latency),
+    Workload("efficiency", "4. 10 ms units", efficiency.efficiency),
+    Workload("streaming", "5. streaming", streaming.streaming, uses_shared_session=False),
+    Workload("startup", "6. start and close", startup.startup, uses_shared_session=False),
+    Workload("scale", "7. scale", scale.scale, uses_shared_session=False),
+)}
+DEFAULT_WORKLOADS = ("tiny", "many", "latency", "efficiency", "streaming", "startup")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _names(text: str, known: dict[str, Any], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown)} "
+                                         f"(choose from {', '.join(known)})")
+    return names
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="pydra-actors against Dask, Ray and a process pool.")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes (10^4 tiny units, 10^5 streamed units)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per row (default 3)")
+    parser.add_argument("--only", type=lambda t: _names(t, WORKLOADS, "workload"), default=None,
+                        metavar="NAME,...", help=f"workloads to run: {', '.join(WORKLOADS)}")
+    parser.add_argument("--peers", type=lambda t: _names(t, RUNTIMES, "runtime"),
+                        default=list(RUNTIMES), metavar="NAME,...",
+                        help=f"runtimes to run (default all): {', '.join(RUNTIMES)}")
+    parser.add_argument("--workers", type=int, default=2, help="workers per cluster (default 2)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="where to write the JSON (default bench/results/<timestamp>.json)")
+    parser.add_argument("--scale", action="store_true",
+                        help="run workload 7: throughput and efficiency at several worker counts")
+    parser.add_argument("--scale-workers", type=lambda t: tuple(int(x) for x in t.split(",")),
+                        default=None, metavar="N,...",
+                        help="worker counts for --scale (default 2,4,8,16 up to the core count)")
+    parser.add_argument("--workers-per-node", type=int, default=4,
+                        help="pydra-actors node size for --scale (default 4)")
+    parser.add_argument("--size-scale", type=float, default=1.0, metavar="F",
+                        help="multiply every size by F (the smoke test uses 0.01)")
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.workers < 1 or args.workers_per_node < 1 or args.size_scale <= 0:
+        parser.error("--reps, --workers, --workers-per-node and --size-scale must be positive")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    counts = args.scale_workers
+    if counts is None:
+        cores = os.cpu_count() or 1
+        counts = tuple(n for n in scale.DEFAULT_WORKER_COUNTS if n <= cores) or (2,)
+    return Settings(quick=args.quick, reps=args.reps, workers=args.workers,
+                    size_scale=args.size_scale, scale_workers=counts,
+                    workers_per_node=args.workers_per_node)
+
+
+def selected_workloads(args: argparse.Namespace) -> list[Workload]:
+    keys = set(args.only) if args.only else (set() if args.scale else set(DEFAULT_WORKLOADS))
+    if args.scale:
+        keys.add("scale")
+    return [w for key, w in WORKLOADS.items() if key in keys]
+
+
+def run_runtime(runtime: Runtime, workloads: list[Workload], settings: Settings,
+                progress: TextIO) -> tuple[list[Result], list[str]]:
+    """Every workload on one runtime; a workload that fails is reported, and the rest go on."""
+    rows: list[Result] = []
+    errors: list[str] = []
+    reason = runtime.availability()
+    if reason:
+        print(f"[{runtime.name}] unavailable: {reason}", file=progress, flush=True)
+        return [skipped(w.title, NOT_RUN, runtime.name, "", f"unavailable: {reason}",
+                        workers=settings.workers) for w in workloads], errors
+    shared = SharedSession(runtime, settings.workers)
+    ordered = sorted(workloads, key=lambda w: not w.uses_shared_session)
+    try:
+        for workload in ordered:
+            if not workload.uses_shared_session:
+                shared.close()
+            print(f"[{runtime.name}] {workload.title} ...", file=progress, flush=True)
+            try:
+                measured = workload.run(runtime, shared, settings)
+            except Exception as exc:
+                text = f"{type(exc).__name__}: {exc}"
+                errors.append(f"{runtime.name} {workload.title}: {text}")
+                traceback.print_exc(file=progress)
+                measured = [skipped(workload.title, NOT_RUN, runtime.name, "", f"failed: {text}",
+                                    workers=settings.workers)]
+                shared.close()  # a failure may have left it broken: the next workload starts anew
+            for row in measured:
+                if row.values:
+                    median = report.format_number(row.median)
+                    print(f"[{runtime.name}]   {row.metric}: {median} "
+                          f"(median of {len(row.values)}, n={row.n})", file=progress, flush=True)
+            rows += measured
+    finally:
+        shared.close()
+    return rows, errors
+
+
+def run_bench(argv: list[str], *, out: TextIO = sys.stdout, progress: TextIO = sys.stderr
+              ) -> dict[str, Any]:
+    """Parse ``argv``, run, print the table on ``out``, write the JSON; return the JSON document."""
+    args = parse_args(argv)
+    settings = settings_from(args)
+    workloads = selected_workloads(args)
+    runtimes = [RUNTIMES[key] for key in RUNTIMES if key in args.peers]
+    started = datetime.datetime.now(datetime.UTC)
+    rows: list[Result] = []
+    errors: list[str] = []
+    for runtime in runtimes:
+        runtime_rows, runtime_errors = run_runtime(runtime, workloads, settings, progress)
+        rows += runtime_rows
+        errors += runtime_errors
+    finished = datetime.datetime.now(datetime.UTC)
+    doc = report.document(
+        rows,
+        command=shlex.join(["python", "-m", "bench", *argv]),
+        started=started.isoformat(timespec="seconds"),
+        seconds=round((finished - started).total_seconds(), 1),
+        machine=machine(),
+        settings={**vars(settings), "workloads": [w.key for w in workloads],
+                  "runtimes": [r.key for r in runtimes]},
+        availability={r.name: r.availability() or "available" for r in runtimes},
+        errors=errors,
+    )
+    path = args.json or RESULTS_DIR / f"{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
+    report.write_json(doc, path)
+    info = machine()
+    print(f"{doc['command']}  ({doc['started']}, {info['nproc']} cores {info['cpu']}, "
+          f"Python {info['python']})\n", file=out)
+    print(report.table(rows), file=out)
+    summary = report.targets_summary(rows)
+    print(f"\n{summary}" if summary else "", file=out)
+    print(f"JSON: {path}", file=out, flush=True)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    doc = run_bench(sys.argv[1:] if argv is None else argv)
+    ours_failed = [e for e in doc["errors"] if e.startswith(OURS)]
+    return 1 if ours_failed else 0

@@ -1,0 +1,45 @@
+"""Workloads 1 and 2: throughput of tiny work units and of many small independent tasks."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from bench.peers import Runtime
+from bench.stats import Result, rate, repeat
+from bench.workload import Settings, SharedSession, target
+
+#: Chunk sizes the process pool's ``executor.map`` is run with (other runtimes have no such knob).
+POOL_CHUNKSIZES = (1, 100)
+
+
+def tiny_unit_count(runtime: Runtime, settings: Settings, chunksize: int) -> int:
+    """10,000 units (full: 100,000); a runtime that schedules one task per unit runs at most
+    2,000 (full: 10,000) so a run stays minutes, not hours. Rates are per unit either way."""
+    n = settings.size(10_000, 100_000, minimum=20)
+    if runtime.task_per_unit and chunksize == 1:
+        n = min(n, settings.size(2_000, 10_000, minimum=20))
+    return n
+
+
+def tiny_units(runtime: Runtime, shared: SharedSession, settings: Settings) -> list[Result]:
+    session = shared()
+    chunksizes = POOL_CHUNKSIZES if runtime.key == "pool" else (1,)
+    rows = []
+    for chunksize in chunksizes:
+        n = tiny_unit_count(runtime, settings, chunksize)
+        seconds = repeat(partial(session.map_units, "noop", n, chunksize), settings.reps,
+                         warmup=partial(session.map_units, "noop", min(n, 1_000), chunksize))
+        rows.append(Result("tiny units", "units/s", runtime.name, runtime.map_label_for(chunksize),
+                           n, True, rate(n, seconds), target=target(runtime, "≥ 20000"),
+                           workers=settings.workers))
+    return rows
+
+
+def many_tasks(runtime: Runtime, shared: SharedSession, settings: Settings) -> list[Result]:
+    session = shared()
+    n = settings.size(2_000, 2_000, minimum=4)
+    # The warm-up leaves every worker warm for this client, as a notebook session would.
+    seconds = repeat(lambda: session.submit_each(n), settings.reps,
+                     warmup=lambda: session.submit_each(max(4 * settings.workers, n // 10)))
+    return [Result("many small tasks", "tasks/s", runtime.name, runtime.submit_label, n, True,
+                   rate(n, seconds), target=target(runtime, "≥ 5000"), workers=settings.workers)]

@@ -1,0 +1,81 @@
+"""The work every runtime runs: plain functions for the peers, Task classes for pydra-actors.
+
+This module must stay importable by worker processes of every runtime (the process pool and
+Dask import it by reference; pydra-actors ships its Task classes by value) and must not import
+the rest of the bench.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from actors import ParallelTask, Task
+
+SLEEP_S = 0.010
+BUSY_S = 0.010
+
+
+# --- unit bodies, shared by every runtime ------------------------------------
+
+
+def noop(x: Any = None) -> Any:
+    return x
+
+
+def sleep_10ms(x: Any = None) -> Any:
+    time.sleep(SLEEP_S)
+    return x
+
+
+def busy_10ms(x: Any = None) -> Any:
+    """10 ms of this thread's CPU time: on an oversubscribed machine it takes longer on the clock."""
+    end = time.thread_time() + BUSY_S
+    while time.thread_time() < end:
+        pass
+    return x
+
+
+UNIT_BODIES = {"noop": noop, "sleep_10ms": sleep_10ms, "busy_10ms": busy_10ms}
+
+
+# --- pydra-actors tasks -------------------------------------------------------
+
+
+class NoopTask(Task):
+    def work(self, x: Any = None) -> Any:
+        return x
+
+
+class CountUnits(ParallelTask):
+    """``n`` units of ``body``; the result is how many ran (no results list crosses back)."""
+
+    body = staticmethod(noop)
+
+    def get_work(self, n: int) -> Any:
+        yield from range(n)
+
+    def work_unit(self, i: int) -> Any:
+        return self.body(i)
+
+    def reduce(self, results: list[Any]) -> int:
+        return len(results)
+
+
+class NoopUnits(CountUnits):
+    body = staticmethod(noop)
+
+
+class SleepUnits(CountUnits):
+    body = staticmethod(sleep_10ms)
+
+
+class BusyUnits(CountUnits):
+    body = staticmethod(busy_10ms)
+
+
+#: The ParallelTask that runs ``n`` units of each body (helper workers never run ``get_work``,
+#: so the body is chosen by class, not by argument).
+PARALLEL_TASKS: dict[str, type[CountUnits]] = {
+    "noop": NoopUnits, "sleep_10ms": SleepUnits, "busy_10ms": BusyUnits,
+}

@@ -1,0 +1,120 @@
+"""The benchmark entry point runs end to end at a tiny size and reports what it measured.
+
+No timing is asserted: the machine is shared and small. What must hold is the shape of the
+report: every selected workload has rows for pydra-actors and the process pool with positive
+numbers, a runtime that is not installed is reported as unavailable (never an error), and the
+bench leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import breakdown, peers, runner
+from tests.conftest import alive, descendants, kill_all, wait_until
+
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(90)]
+
+TINY = ["--quick", "--reps", "1", "--size-scale", "0.01", "--workers", "2"]
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    """multiprocessing's resource tracker (started by the spawn pool) ends with this interpreter."""
+    try:
+        return b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def no_leftover_processes():
+    """Every process the bench starts is ours to end: fail (after killing them) if any outlive it."""
+    before = descendants(os.getpid())
+    yield
+    leftover = {p for p in descendants(os.getpid()) - before if not _is_resource_tracker(p)}
+    try:
+        wait_until(lambda: not any(alive(p) for p in leftover), 20, "the bench's processes to end")
+    finally:
+        kill_all(leftover)
+
+
+def run(argv: list[str]) -> tuple[dict, str]:
+    out, progress = io.StringIO(), io.StringIO()
+    doc = runner.run_bench(argv, out=out, progress=progress)
+    return doc, out.getvalue()
+
+
+def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path,
+                                                                 no_leftover_processes) -> None:
+    json_path = tmp_path / "bench.json"
+    doc, table = run([*TINY, "--peers", "actors,pool", "--json", str(json_path)])
+
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(doc))
+    assert doc["errors"] == []
+    assert doc["settings"]["runtimes"] == ["actors", "pool"]
+    assert set(doc["machine"]) >= {"nproc", "cpu", "python"}
+    measured = {(r["workload"], r["metric"], r["runtime"], r["variant"]): r
+                for r in doc["results"] if r["values"]}
+    workloads = {w for w, _, _, _ in measured}
+    assert workloads == {"tiny units", "many small tasks", "latency", "10 ms units", "streaming",
+                         "start and close"}
+    for runtime in ("pydra-actors", "process pool"):
+        assert {w for w, _, rt, _ in measured if rt == runtime} == workloads, runtime
+    for row in measured.values():
+        assert len(row["values"]) == 1 and row["n"] > 0
+        assert row["median"] == row["min"] == row["max"]
+        if row["metric"] != "master peak growth MiB, small → large":  # may be 0 or below
+            assert row["median"] > 0, row
+    # The pool runs the tiny units both unbatched and in chunks of 100.
+    assert {v for w, _, rt, v in measured if w == "tiny units" and rt == "process pool"} == {
+        "executor.map chunksize 1", "executor.map chunksize 100"}
+    # Each pool row is compared with ours, as a positive ratio.
+    pool_rows = [r for r in doc["results"] if r["runtime"] == "process pool" and r["values"]]
+    assert len(doc["ratios"]) == len(pool_rows)
+    assert all(r["advantage"] > 0 and math.isfinite(r["advantage"]) for r in doc["ratios"])
+    # Only pydra-actors rows carry targets.
+    assert all(not r["target"] for r in pool_rows)
+    assert any(r["target_met"] is not None for r in doc["results"] if r["runtime"] == "pydra-actors")
+    assert "tiny units — units/s" in table and "ours ×" in table
+
+
+def test_a_runtime_that_is_not_installed_is_reported_unavailable(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(peers.DaskRuntime, "requires", ("a_module_that_does_not_exist",))
+    doc, table = run([*TINY, "--peers", "dask", "--only", "latency,startup",
+                      "--json", str(tmp_path / "bench.json")])
+
+    assert doc["errors"] == []
+    assert doc["availability"]["dask"].startswith("not installed")
+    rows = [r for r in doc["results"] if r["runtime"] == "dask"]
+    assert len(rows) == 2 and all(not r["values"] for r in rows)
+    assert all(r["skipped"].startswith("unavailable: not installed") for r in rows)
+    assert "unavailable: not installed" in table
+
+
+def test_scale_mode_runs_a_multi_node_cluster_at_two_workers(tmp_path: Path,
+                                                            no_leftover_processes) -> None:
+    doc, _ = run([*TINY, "--scale", "--scale-workers", "2", "--workers-per-node", "1",
+                  "--peers", "actors", "--json", str(tmp_path / "bench.json")])
+
+    assert doc["errors"] == []
+    rows = {(r["workload"], r["metric"]): r for r in doc["results"]}
+    assert set(rows) == {("scale: tiny units", "units/s"), ("scale: 10 ms CPU units", "units/s"),
+                         ("scale: 10 ms CPU units", "efficiency %")}
+    for row in rows.values():
+        assert row["workers"] == 2 and row["median"] > 0
+        assert row["variant"].endswith("nodes of 1")
+
+
+def test_breakdown_prints_the_cpu_of_every_cluster_process(capsys, no_leftover_processes) -> None:
+    assert breakdown.main(["latency", "5"]) == 0
+
+    out = capsys.readouterr().out
+    assert out.startswith("latency: 5 items in ")
+    for role in ("client", "master", "node0", "node0/worker0", "node0/worker1", "all"):
+        assert f"\n  {role} " in out, role
