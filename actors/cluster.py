@@ -106,7 +106,7 @@ def _wait_ready(process: subprocess.Popen[bytes], ready_file: str, timeout: floa
         if process.poll() is not None:
             raise ClusterStartFailed(f"master exited with code {process.returncode}")
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.1)
+        delay = min(delay * 1.5, 0.01)
     raise ClusterStartFailed(f"master not ready after {timeout}s")
 
 

@@ -93,6 +93,7 @@ class Node(Shell):
         super().on_start()
         for _ in range(self.config.slots):
             self._spawn()
+        self._hello()  # now, not at the first tick: start-up time is user-visible
 
     def on_crash(self) -> None:
         self._fatal("node actor crashed")

@@ -33,9 +33,9 @@ no worker; the driver is one of the task's workers.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from actors.core.scheduler_events import (
@@ -126,6 +126,10 @@ class SchedulerState:
         self.tasks: dict[str, TaskRecord] = {}
         self.newest: dict[str, str | None] = {}  # package -> newest version
         self._finished: deque[str] = deque()
+        # Queued tasks by (-priority, seq); stale entries are skipped when popped. Running
+        # tasks apart: scheduling never scans the finished ones kept for their story.
+        self._queue: list[tuple[int, int, str]] = []
+        self._running: dict[str, TaskRecord] = {}
         self._seq = itertools.count()
         self._run_ids = itertools.count(1)
         self._out: list[Instruction] = []
@@ -198,6 +202,7 @@ class SchedulerState:
             event.version,
         )
         self.tasks[task.task_id] = task
+        heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
         self._note(task, "task", "released", "queued", "submitted", event.now)
 
     def _sliced(self, event: UnitsSliced) -> None:
@@ -259,6 +264,7 @@ class SchedulerState:
     def _end(self, task: TaskRecord, state: str, cause: str, now: float) -> None:
         self._note(task, "task", task.state, state, cause, now)
         task.state = state
+        self._running.pop(task.task_id, None)
         task.pending.clear()
         task.open_units.clear()
         task.code = task.args = b""
@@ -325,6 +331,8 @@ class SchedulerState:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
         task.workers.clear()
         task.state = "queued"
+        self._running.pop(task.task_id, None)
+        heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
         task.pending.clear()
         task.open_units.clear()
         task.done_count = 0
@@ -350,12 +358,17 @@ class SchedulerState:
     # --- scheduling ---------------------------------------------------------
 
     def _schedule(self, now: float) -> None:
-        for task in self._by_priority(lambda t: t.state == "queued"):
+        while self._queue:
+            task = self.tasks.get(self._queue[0][2])
+            if task is None or task.state != "queued":
+                heapq.heappop(self._queue)  # ended or already running: a stale entry
+                continue
             worker = self._idle_worker_for(task.warm_key)
             if worker is None:
                 break
+            heapq.heappop(self._queue)
             self._join(task, worker, driver=True, now=now)
-        for task in self._by_priority(lambda t: t.state == "running"):
+        for task in sorted(self._running.values(), key=lambda t: (-t.priority, t.seq)):
             self._dispatch(task)
             while task.pending:
                 worker = self._idle_worker_for(task.warm_key)
@@ -363,11 +376,6 @@ class SchedulerState:
                     break
                 self._join(task, worker, driver=False, now=now)
                 self._dispatch(task)
-
-    def _by_priority(self, wanted: Callable[[TaskRecord], bool]) -> list[TaskRecord]:
-        chosen = [t for t in self.tasks.values() if wanted(t)]
-        chosen.sort(key=lambda t: (-t.priority, t.seq))
-        return chosen
 
     def _idle_worker_for(self, warm_key: str) -> WorkerRecord | None:
         """A worker warm for this key, else a clean one, else evict one warm for another key."""
@@ -391,6 +399,7 @@ class SchedulerState:
             task.driver = worker.worker_id
             self._note(task, "task", task.state, "running", f"driver {worker.worker_id}", now)
             task.state = "running"
+            self._running[task.task_id] = task
         self._out.append(
             Assign(worker.node_id, worker.worker_id, task.task_id, task.name, task.kind,
                    task.code, task.args, driver, task.package, task.version)
@@ -422,8 +431,8 @@ class SchedulerState:
     # --- reporting ------------------------------------------------------------
 
     def _report_progress(self) -> None:
-        for task in self.tasks.values():
-            if task.state == "running" and task.kind == "parallel":
+        for task in self._running.values():
+            if task.kind == "parallel":
                 self._report_progress_of(task)
 
     def _report_progress_of(self, task: TaskRecord) -> None:
@@ -449,6 +458,10 @@ class SchedulerState:
             assert worker_id in task.workers, f"{worker_id} not in {task.task_id}'s workers"
             for index in worker.in_flight:
                 assert index in task.open_units, f"{worker_id} runs closed unit {index}"
+        running = {t.task_id for t in self.tasks.values() if t.state == "running"}
+        assert set(self._running) == running, "running index disagrees with task states"
+        queued = {t.task_id for t in self.tasks.values() if t.state == "queued"}
+        assert queued <= {entry[2] for entry in self._queue}, "a queued task is not in the queue"
         for task in self.tasks.values():
             for worker_id in task.workers:
                 assert self.workers[worker_id].task_id == task.task_id
