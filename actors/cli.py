@@ -25,7 +25,7 @@ import structlog
 from actors import logs
 from actors.cluster import default_keys_dir
 from actors.errors import ActorsError, MalformedMessage
-from actors.shell import ConnectionEvent, Tick
+from actors.shell import ConnectionEvent, Tick, tell_if_alive
 from transport import ClientCurve, Hub, ServerCurve, init_keys, load_keypair, load_public_key
 from transport.keys import allowed_dir
 
@@ -90,16 +90,12 @@ def master_main(argv: list[str] | None = None) -> int:
             log.warning("malformed_frame", peer=frames[0][:40].decode(errors="replace"),
                         error=str(exc))
             return
-        if isinstance(inbound.message, m.ChunkRequest):
-            if sync_ref is not None:
-                sync_ref.tell(inbound)
-        elif master_ref is not None:
-            master_ref.tell(inbound)
+        is_sync = isinstance(inbound.message, m.ChunkRequest)
+        tell_if_alive(sync_ref if is_sync else master_ref, inbound)
 
     def on_tick(now: float) -> None:
         for ref in (master_ref, sync_ref):
-            if ref is not None:
-                ref.tell(Tick(now))
+            tell_if_alive(ref, Tick(now))
 
     hub = Hub(on_frames, on_tick=on_tick, tick_s=0.25)
     hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve)
@@ -233,13 +229,11 @@ def node_main(argv: list[str] | None = None) -> int:
             log.warning("malformed_frame", socket=socket, error=str(exc))
 
     def on_event(socket: str, what: str) -> None:
-        if node_ref is not None:
-            node_ref.tell(ConnectionEvent(socket, what))
+        tell_if_alive(node_ref, ConnectionEvent(socket, what))
 
     def on_tick(now: float) -> None:
         for ref in (node_ref, sync_ref):
-            if ref is not None:
-                ref.tell(Tick(now))
+            tell_if_alive(ref, Tick(now))
 
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)

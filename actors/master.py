@@ -7,6 +7,7 @@ scheduler's instructions into messages. It never unpickles user payloads.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,9 @@ class Master(Shell):
     def on_receive(self, message: Any) -> Any:
         match message:
             case Inbound():
+                # The shell owns the clock (the core gets time on events): a peer heard
+                # before the first tick must not look silent since time zero.
+                self.now = time.monotonic()
                 self._inbound(message)
             case Tick(now=now):
                 self.now = now

@@ -27,7 +27,7 @@ import structlog
 
 from actors import __version__
 from actors import messages as m
-from actors.shell import ConnectionEvent, Inbound, Shell, Tick
+from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import WorkerGone
 from transport import Hub
 
@@ -144,7 +144,8 @@ class Node(Shell):
     def _from_worker(self, worker_id: str, msg: m.Message) -> None:
         worker = self.workers.get(worker_id)
         if worker is None:
-            self.log.warning("message_from_unknown_worker", worker_id=worker_id)
+            if not self.stopping:  # a worker's last words while we stop are expected
+                self.log.warning("message_from_unknown_worker", worker_id=worker_id)
             return
         match msg:
             case m.Hello(role="worker", protocol=m.PROTOCOL_VERSION, pid=pid):
@@ -299,7 +300,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
     if socket == MASTER:
         if len(frames) == 1:
             msg = m.decode(frames[0])
-            (task_sync if isinstance(msg, _FOR_TASK_SYNC) else node).tell(Inbound(b"", None, msg))
+            tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
+                          Inbound(b"", None, msg))
         elif len(frames) == 2:
             hub.send_now(WORKERS, frames)
         else:
@@ -309,7 +311,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         hub.send_now(MASTER, [frames[0], frames[2]])
     elif len(frames) == 3 and frames[1] == b"n":
         msg = m.decode(frames[2])
-        (task_sync if isinstance(msg, _FOR_TASK_SYNC) else node).tell(Inbound(frames[0], None, msg))
+        tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
+                      Inbound(frames[0], None, msg))
     else:
         log.warning("malformed_frames", source="worker", count=len(frames))
 

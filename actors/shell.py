@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import pykka
 import structlog
 
 from actors import messages as m
 from transport import Hub, Outbox
+
+
+def tell_if_alive(ref: pykka.ActorRef[Any] | None, message: Any) -> None:
+    """For the hub's callbacks: during shutdown an actor may already have stopped."""
+    if ref is None:
+        return
+    with contextlib.suppress(pykka.ActorDeadError):
+        ref.tell(message)
 
 
 @dataclass(frozen=True)

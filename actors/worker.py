@@ -28,7 +28,7 @@ import structlog
 from actors import __version__, logs
 from actors import messages as m
 from actors.serialize import describe_exception, loads
-from actors.shell import Inbound, Shell, Tick
+from actors.shell import Inbound, Shell, Tick, tell_if_alive
 from actors.task import RunUnits, Task, UnitResults, _Begin, check_arguments
 from transport import Hub
 
@@ -219,12 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_frames(_socket: str, frames: list[bytes]) -> None:
         started.wait(10)  # the node may answer our Hello before start() has returned
-        if worker_ref is not None:
-            worker_ref.tell(Inbound(b"", None, m.decode(frames[-1])))
+        tell_if_alive(worker_ref, Inbound(b"", None, m.decode(frames[-1])))
 
     def on_tick(now: float) -> None:
-        if worker_ref is not None:
-            worker_ref.tell(Tick(now))
+        tell_if_alive(worker_ref, Tick(now))
 
     hub = Hub(on_frames, on_tick=on_tick, tick_s=0.5)
     hub.add_dealer(NODE, args.node, identity=args.id.encode())

@@ -46,9 +46,10 @@ def test_keys_init_creates_pairs_and_the_allow_list(tmp_path: Path) -> None:
 
 def test_master_runs_until_sigterm_then_every_child_is_gone(tmp_path: Path) -> None:
     port = free_port()
-    master = python("-m", "actors.master", "--port", str(port), "--workers", "2",
-                    "--keys", str(tmp_path / "keys"), stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL)
+    with open(tmp_path / "master.log", "w") as log_file:
+        master = python("-m", "actors.master", "--port", str(port), "--workers", "2",
+                        "--keys", str(tmp_path / "keys"), "--log-format", "json",
+                        stdout=subprocess.PIPE, stderr=log_file)
     pids: set[int] = set()
     try:
         assert master.stdout is not None
@@ -59,6 +60,10 @@ def test_master_runs_until_sigterm_then_every_child_is_gone(tmp_path: Path) -> N
             assert client.submit(Hostname).result(timeout=30) > 0
         pids = descendants(master.pid)
         assert len(pids) >= 3  # a node and its two workers
+        events = [json.loads(line)["event"] for line in
+                  (tmp_path / "master.log").read_text().splitlines() if line.startswith("{")]
+        assert "node_joined" in events
+        assert "node_lost" not in events  # the local node was never taken for dead
         master.send_signal(signal.SIGTERM)
         assert master.wait(30) == 0
         wait_until(lambda: not any(alive(p) for p in pids), 20, "the master's children to end")
