@@ -57,6 +57,8 @@ def master_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
     parser.add_argument("--node-timeout", type=float, default=5.0,
                         help="seconds of silence after which a node is declared dead")
+    parser.add_argument("--max-deaths", type=int, default=3,
+                        help="worker deaths a unit may witness before its task fails")
     parser.add_argument("--tasks-dir", default="tasks",
                         help="folder of deployed task packages (default ./tasks)")
     parser.add_argument("--package-grace", type=float, default=300.0,
@@ -106,7 +108,7 @@ def master_main(argv: list[str] | None = None) -> int:
         return 2
     address = hub.address("peers")
     master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}",
-                              node_timeout_s=args.node_timeout)
+                              node_timeout_s=args.node_timeout, max_deaths=args.max_deaths)
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))

@@ -40,12 +40,13 @@ class Peer:
 
 
 class Master(Shell):
-    def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0) -> None:
+    def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0,
+                 max_deaths: int = 3) -> None:
         super().__init__(hub)
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
         self.peers: dict[bytes, Peer] = {}
-        self.scheduler = SchedulerState()
+        self.scheduler = SchedulerState(max_deaths=max_deaths)
         self.catalogue: dict[str, PackageVersion] = {}
         self.task_sync: Any = None  # the TaskSyncServer's ref, once started
         self.now = 0.0
