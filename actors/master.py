@@ -7,6 +7,7 @@ scheduler's instructions into messages. It never unpickles user payloads.
 
 from __future__ import annotations
 
+import signal as signals
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -69,8 +70,6 @@ class Master(Shell):
                 self._catalogue(packages)
             case ("task_sync", ref):
                 self.task_sync = ref
-            case ("peers",):
-                return {p.peer_id: p.role for p in self.peers.values()}
             case _:
                 raise TypeError(f"master got an unknown message: {message!r}")
         return None
@@ -218,18 +217,18 @@ class Master(Shell):
     def _catalogue(self, packages: dict[str, PackageVersion]) -> None:
         removed = set(self.catalogue) - set(packages)
         self.catalogue = packages
-        versions: list[tuple[str, str | None]] = [(p, pv.version) for p, pv in packages.items()]
-        versions += [(p, None) for p in sorted(removed)]
+        versions = self._newest_versions() + [(p, None) for p in sorted(removed)]
         for package, version in versions:
             self._apply(ev.NewestVersion(self.now, package, version))
         for key, peer in self.peers.items():
             if peer.role == "node":
                 self.send(SOCKET, key, message=m.NewestVersions(versions))
 
+    def _newest_versions(self) -> list[tuple[str, str | None]]:
+        return [(p, pv.version) for p, pv in self.catalogue.items()]
+
     def _send_newest(self, node_key: bytes) -> None:
-        versions: list[tuple[str, str | None]] = [
-            (p, pv.version) for p, pv in self.catalogue.items()]
-        self.send(SOCKET, node_key, message=m.NewestVersions(versions))
+        self.send(SOCKET, node_key, message=m.NewestVersions(self._newest_versions()))
 
     def _task_ended(self, task_id: str) -> None:
         task = self.scheduler.tasks.get(task_id)
@@ -306,8 +305,6 @@ class Master(Shell):
 
 
 def describe_exit(msg: m.WorkerExited) -> str:
-    import signal as signals
-
     if msg.signal is not None:
         try:
             how = f"killed by signal {msg.signal} ({signals.Signals(msg.signal).name})"

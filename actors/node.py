@@ -114,8 +114,6 @@ class Node(Shell):
                 self._connection(what)
             case ("shutdown",):
                 self._shutdown()
-            case ("workers",):
-                return {w.worker_id: w.proc.pid for w in self.workers.values()}
             case _:
                 raise TypeError(f"node got an unknown message: {message!r}")
         return None

@@ -10,6 +10,7 @@ unused old versions after a grace period.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,8 +130,6 @@ def _tree_signature(root: str) -> tuple[Any, ...]:
 
 
 def _now() -> float:
-    import time
-
     return time.monotonic()
 
 
