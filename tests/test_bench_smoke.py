@@ -77,7 +77,10 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
     # Each pool row is compared with ours, as a positive ratio.
     pool_rows = [r for r in doc["results"] if r["runtime"] == "process pool" and r["values"]]
     assert len(doc["ratios"]) == len(pool_rows)
-    assert all(r["advantage"] > 0 and math.isfinite(r["advantage"]) for r in doc["ratios"])
+    for r in doc["ratios"]:
+        if r["metric"] == "master peak growth MiB, small → large" and r["advantage"] is None:
+            continue  # a growth of 0 MiB (often, at these sizes) has no ratio
+        assert r["advantage"] > 0 and math.isfinite(r["advantage"]), r
     # Only pydra-actors rows carry targets.
     assert all(not r["target"] for r in pool_rows)
     assert any(r["target_met"] is not None for r in doc["results"] if r["runtime"] == "pydra-actors")
