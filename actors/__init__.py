@@ -4,6 +4,6 @@ __version__ = "0.1.0"
 
 from actors.client import Client, Future, as_completed  # noqa: E402
 from actors.cluster import LocalCluster  # noqa: E402
-from actors.task import ParallelTask, Task  # noqa: E402
+from actors.task import ParallelTask, Task, Unit  # noqa: E402
 
-__all__ = ["Client", "Future", "LocalCluster", "ParallelTask", "Task", "as_completed", "__version__"]
+__all__ = ["Client", "Future", "LocalCluster", "ParallelTask", "Task", "Unit", "as_completed", "__version__"]

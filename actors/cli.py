@@ -212,6 +212,7 @@ def node_main(argv: list[str] | None = None) -> int:
         return 2
 
     from actors.node import Node, NodeConfig, relay_frames
+    from actors.node_data import DataPlane
     from actors.task_sync import TaskSyncClient
 
     run_dir = tempfile.mkdtemp(prefix="actors-node-")
@@ -226,7 +227,7 @@ def node_main(argv: list[str] | None = None) -> int:
         started.wait(10)
         try:
             assert node_ref is not None and sync_ref is not None
-            relay_frames(hub, node_ref, sync_ref, socket, frames)
+            relay_frames(hub, node_ref, sync_ref, socket, frames, data)
         except MalformedMessage as exc:
             log.warning("malformed_frame", socket=socket, error=str(exc))
 
@@ -240,7 +241,11 @@ def node_main(argv: list[str] | None = None) -> int:
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
     hub.add_router("workers", config.ipc_address)
+    data = DataPlane(node_id, pair, run_dir, args.master)
+    data.add_to(hub, os.path.join(keys, "node.key"))
     hub.start()
+    data.bound(hub)
+    config.data_address = data.address
     stop = threading.Event()
     fatal: list[str] = []
     _stop_on_signals(stop)

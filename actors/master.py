@@ -29,6 +29,7 @@ log = structlog.get_logger("actors.master")
 
 SOCKET = "peers"
 HEARTBEAT_S = 1.0
+STORY_WAIT_S = 1.0  # how long a story request waits for workers that do not answer
 
 
 @dataclass
@@ -38,6 +39,17 @@ class Peer:
     last_seen: float
     host: str = ""
     pid: int = 0
+
+
+@dataclass
+class StoryGather:
+    """A client's story request, waiting for the parts of the task's workers."""
+
+    client_id: str
+    task_id: str
+    waiting: set[str]
+    entries: list[tuple[str, str, str, str, float]]
+    deadline: float
 
 
 class Master(Shell):
@@ -51,6 +63,7 @@ class Master(Shell):
         self.catalogue: dict[str, PackageVersion] = {}
         self.task_sync: Any = None  # the TaskSyncServer's ref, once started
         self.now = 0.0
+        self.stories: list[StoryGather] = []  # story requests waiting for workers' parts
         self.log = log.bind(role="master", master_id=master_id)
 
     # --- input --------------------------------------------------------------
@@ -66,6 +79,7 @@ class Master(Shell):
                 self.now = now
                 self._check_liveness()
                 self._apply(ev.Tick(now))
+                self._stories_due()
             case Catalogue(packages=packages):
                 self._catalogue(packages)
             case ("task_sync", ref):
@@ -109,7 +123,7 @@ class Master(Shell):
             self._apply(ev.NodeLost(self.now, known.peer_id, "node reconnected"))
         self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid)
         if hello.role == "node":
-            self._apply(ev.NodeJoined(self.now, hello.peer_id))
+            self._apply(ev.NodeJoined(self.now, hello.peer_id, hello.data_address))
             self._send_newest(peer_key)
         self.log.info(f"{hello.role}_joined", peer=hello.peer_id, host=hello.host, pid=hello.pid,
                       slots=hello.slots)
@@ -146,6 +160,18 @@ class Master(Shell):
                 task_id=task_id, outcome=outcome
             ):
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome))
+            case m.StealReply(task_id=task_id, run_id=run_id, accepted=accepted):
+                self._apply(ev.StealAnswered(self.now, worker_id, task_id, run_id, accepted))
+            case m.UnitsReleased(task_id=task_id, run_ids=run_ids):
+                self._apply(ev.RunsReleased(self.now, worker_id, task_id, run_ids))
+            case m.Missing(task_id=task_id, index=index):
+                self._apply(ev.UnitMissing(self.now, worker_id, task_id, index))
+            case m.WorkerStory(task_id=task_id, entries=entries):
+                for gather in self.stories:
+                    if gather.task_id == task_id and worker_id in gather.waiting:
+                        gather.waiting.discard(worker_id)
+                        gather.entries += entries
+                self._stories_due()
             case _:
                 self._unexpected(node, msg)
 
@@ -158,8 +184,7 @@ class Master(Shell):
             case m.Cancel(task_id=task_id):
                 self._apply(ev.CancelRequested(self.now, task_id))
             case m.StoryRequest(task_id=task_id):
-                entries = self.scheduler.story(task_id)
-                self._to_client(peer.peer_id, m.StoryReply(task_id, entries))
+                self._story(peer.peer_id, task_id)
             case m.InfoRequest():
                 sched = self.scheduler
                 self._to_client(peer.peer_id, m.ClusterInfo(
@@ -235,6 +260,26 @@ class Master(Shell):
         if task is not None and task.package and self.task_sync is not None:
             self.task_sync.tell(InstanceUses(task.package, task.version, task_id, ended=True))
 
+    def _story(self, client_id: str, task_id: str) -> None:
+        """The task's story: the scheduler's part and, asked now, each live worker's part."""
+        wall = time.time() - time.monotonic()  # the scheduler's clock is monotonic
+        entries = [(k, a, b, f"master: {c}", t + wall) for k, a, b, c, t in self.scheduler.story(task_id)]
+        task = self.scheduler.tasks.get(task_id)
+        workers = {w: self.scheduler.workers[w] for w in (task.seen_workers if task else ())
+                   if w in self.scheduler.workers}
+        gather = StoryGather(client_id, task_id, set(workers), entries, self.now + STORY_WAIT_S)
+        self.stories.append(gather)
+        for worker in workers.values():
+            self._to_worker(worker.node_id, worker.worker_id, m.WorkerStoryRequest(task_id))
+        self._stories_due()
+
+    def _stories_due(self) -> None:
+        """Answer story requests whose workers all replied, or that waited long enough."""
+        for gather in [g for g in self.stories if not g.waiting or g.deadline <= self.now]:
+            self.stories.remove(gather)
+            entries = sorted(gather.entries, key=lambda entry: entry[4])
+            self._to_client(gather.client_id, m.StoryReply(gather.task_id, entries))
+
     def _unexpected(self, peer: Peer, msg: m.Message) -> None:
         self.log.warning("unexpected_message", peer=peer.peer_id, role=peer.role,
                          type=type(msg).__name__)
@@ -259,9 +304,16 @@ class Master(Shell):
     def _carry_out(self, ins: ev.Instruction) -> None:
         match ins:
             case ev.Dispatch():
-                self._to_worker(ins.node_id, ins.worker_id, m.RunUnits(ins.task_id, ins.run_id, ins.units))
+                self._to_worker(ins.node_id, ins.worker_id,
+                                m.RunUnits(ins.task_id, ins.run_id, ins.units, ins.holders))
             case ev.ForwardResults():
-                self._to_worker(ins.node_id, ins.worker_id, m.DriverResults(ins.task_id, ins.results))
+                self._to_worker(ins.node_id, ins.worker_id,
+                                m.DriverResults(ins.task_id, ins.results, ins.held))
+            case ev.Steal():
+                self._to_worker(ins.node_id, ins.worker_id, m.StealUnits(ins.task_id, ins.run_id))
+            case ev.TellHolders():
+                self._to_worker(ins.node_id, ins.worker_id,
+                                m.WhoHas(ins.task_id, ins.index, ins.holders))
             case ev.Assign():
                 self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
                                driver=ins.driver)

@@ -22,7 +22,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -42,6 +42,7 @@ class Hello(Message, frozen=True):
     host: str = ""
     pid: int = 0
     slots: int = 0  # a node's worker count
+    data_address: str = ""  # a node's endpoint for other nodes' data requests
 
 
 class Welcome(Message, frozen=True):
@@ -243,14 +244,90 @@ class PackagesReply(Message, frozen=True):
 
 
 class UnitCall(Message, frozen=True):
+    """One unit: its index in slicing order and its cloudpickled argument.
+
+    ``deps`` are indices of earlier units whose results it takes as inputs; ``keep`` marks a unit
+    whose result stays on its worker (other units may depend on it) instead of riding inline."""
+
     index: int
     args: bytes
+    deps: list[int] = []
+    keep: bool = False
 
 
 class RunUnits(Message, frozen=True):
+    """A batch of units for one worker. ``holders`` names, for each dependency of these units,
+    a worker holding its result and that worker's node data address."""
+
     task_id: str
     run_id: int  # one run id for the batch; results come back with it
     units: list[UnitCall]
+    holders: list[tuple[int, str, str]] = []  # (unit index, worker id, node data address)
+
+
+class ReleaseUnits(Message, frozen=True):
+    """master -> worker: the scheduler no longer wants these runs (answered by UnitsReleased)."""
+
+    task_id: str
+    run_ids: list[int]
+
+
+class UnitsReleased(Message, frozen=True):
+    task_id: str
+    run_ids: list[int]
+
+
+class StealUnits(Message, frozen=True):
+    """master -> worker: give this run back, to run elsewhere, unless it has started."""
+
+    task_id: str
+    run_id: int
+
+
+class StealReply(Message, frozen=True):
+    task_id: str
+    run_id: int
+    accepted: bool
+    state: str  # where the run stood when the request came
+
+
+class Missing(Message, frozen=True):
+    """worker -> master: no holder this worker knows can give unit ``index``'s result."""
+
+    task_id: str
+    index: int
+
+
+class WhoHas(Message, frozen=True):
+    """master -> worker: the holders of unit ``index``'s result now (after ``Missing``)."""
+
+    task_id: str
+    index: int
+    holders: list[tuple[str, str]]  # (worker id, node data address)
+
+
+class DataRequest(Message, frozen=True):
+    """worker -> (its node -> the holder's node ->) holder: send me these results."""
+
+    task_id: str
+    keys: list[str]
+    requester: str
+
+
+class DataReply(Message, frozen=True):
+    task_id: str
+    holder: str
+    data: list[tuple[str, bytes]]
+    missing: list[str]
+
+
+class WorkerStoryRequest(Message, frozen=True):
+    task_id: str
+
+
+class WorkerStory(Message, frozen=True):
+    task_id: str
+    entries: list[tuple[str, str, str, str, float]]
 
 
 class UnitsSliced(Message, frozen=True):
@@ -268,6 +345,7 @@ class UnitOutcome(Message, frozen=True):
     type_name: str = ""
     message: str = ""
     traceback: str = ""
+    held: bool = False  # ok, and the value stays on the worker (``value`` is empty)
 
 
 class UnitsDone(Message, frozen=True):
@@ -278,10 +356,12 @@ class UnitsDone(Message, frozen=True):
 
 
 class DriverResults(Message, frozen=True):
-    """Finished unit results, forwarded to the task's driver for ``reduce``."""
+    """Finished unit results, forwarded to the task's driver for ``reduce``; ``held`` names
+    units whose results stay on a worker: (unit index, worker id, node data address)."""
 
     task_id: str
     results: list[tuple[int, bytes]]
+    held: list[tuple[int, str, str]] = []
 
 
 class TaskResult(Message, frozen=True):
@@ -325,6 +405,16 @@ AnyMessage = (
     | KillWorker
     | AssignTask
     | RunUnits
+    | ReleaseUnits
+    | UnitsReleased
+    | StealUnits
+    | StealReply
+    | Missing
+    | WhoHas
+    | DataRequest
+    | DataReply
+    | WorkerStoryRequest
+    | WorkerStory
     | UnitsSliced
     | UnitsDone
     | DriverResults

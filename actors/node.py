@@ -27,6 +27,7 @@ import structlog
 
 from actors import __version__
 from actors import messages as m
+from actors.node_data import DataPlane
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import WorkerGone
 from transport import Hub
@@ -68,6 +69,7 @@ class NodeConfig:
     ipc_address: str
     run_dir: str
     exit_with_parent: bool = False
+    data_address: str = ""
     parent_pid: int = field(default_factory=os.getppid)
 
 
@@ -247,7 +249,8 @@ class Node(Shell):
         self.last_hello = self.now
         self.send(MASTER, message=m.Hello(
             "node", self.config.node_id, m.PROTOCOL_VERSION, __version__,
-            host=os.uname().nodename, pid=os.getpid(), slots=self.config.slots))
+            host=os.uname().nodename, pid=os.getpid(), slots=self.config.slots,
+            data_address=self.config.data_address))
 
     def _fatal(self, reason: str) -> None:
         if self._on_fatal is not None:
@@ -288,13 +291,16 @@ _FOR_TASK_SYNC = (m.ChunkReply, m.UnknownVersion, m.NewestVersions, m.NeedVersio
 
 
 def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[Any],
-                 socket: str, frames: list[bytes]) -> None:
+                 socket: str, frames: list[bytes], data: DataPlane | None = None) -> None:
     """Route what the node's sockets receive (runs on the hub thread).
 
     master -> ``[body]`` is for the node; ``[worker, body]`` is relayed as is.
     worker -> ``[worker, b"m", body]`` is relayed to the master as ``[worker, body]``;
-    ``[worker, b"n", body]`` is for the node.
+    ``[worker, b"n", body]`` is for the node; data frames go to the data plane.
     """
+    if data is not None and socket != MASTER and socket != WORKERS:
+        data.from_network(hub, socket, frames)
+        return
     if socket == MASTER:
         if len(frames) == 1:
             msg = m.decode(frames[0])
@@ -307,6 +313,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         return
     if len(frames) == 3 and frames[1] == b"m":
         hub.send_now(MASTER, [frames[0], frames[2]])
+    elif data is not None and len(frames) == 5 and data.from_worker(hub, frames[0], frames[1:]):
+        pass
     elif len(frames) == 3 and frames[1] == b"n":
         msg = m.decode(frames[2])
         tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,

@@ -1,12 +1,13 @@
-"""What users subclass: ``Task`` and ``ParallelTask``.
+"""What users subclass: ``Task`` and ``ParallelTask`` (and ``Unit``, to name dependencies).
 
 A running task instance is a pykka actor in its worker process. Its mailbox
-receives the instance's input (start, units to run, unit results to reduce)
-from the worker's shell; user code (``work``, ``work_unit``, ``reduce``)
-runs on one executor thread, which reports back by ``tell``-ing the actor, so
-the instance's state only changes inside its mailbox. The slicer
-``get_work`` is pulled lazily from the mailbox, a bounded look-ahead at a
-time: a task of a million units never holds them all.
+receives the instance's input (start, unit results to reduce) from the
+worker's shell; user code (``work``, ``reduce``) runs on the process's one
+executor thread, which reports back by ``tell``-ing the actor, so the
+instance's state only changes inside its mailbox. The slicer ``get_work`` is
+pulled lazily from the mailbox, a bounded look-ahead at a time: a task of a
+million units never holds them all. Units themselves (``work_unit``) are run
+by the Worker actor's state machine (``unit_runner.py``) on the same thread.
 
 Framework attributes are prefixed ``task_`` (public) or ``_task_`` (private)
 so they do not collide with a user's own attributes.
@@ -16,11 +17,10 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import time
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar
 
 import pykka
@@ -29,6 +29,7 @@ import structlog
 from actors import messages as m
 from actors.errors import InvalidArguments
 from actors.serialize import describe_exception, dumps, loads
+from actors.unit_runner import Gather
 
 log = structlog.get_logger("actors.task")
 
@@ -38,6 +39,31 @@ LOOKAHEAD = 4096
 SLICE_BATCH = 512
 
 Emit = Callable[[m.Message], None]
+_created = threading.local()  # the instance Task.__init__ just made, for start_instance()
+
+
+class Unit:
+    """A work unit that other units may depend on, yielded by ``ParallelTask.get_work``.
+
+    ``Unit(arg, after=[u1, u2])`` runs ``work_unit(arg, result_of_u1, result_of_u2)`` once
+    ``u1`` and ``u2`` (units yielded earlier) have finished. A Unit's result stays on the worker
+    that computed it, and the workers that need it fetch it from there through their nodes;
+    ``reduce`` receives the results of the units that no other unit depends on. Plain values
+    yielded by ``get_work`` are independent units.
+    """
+
+    __slots__ = ("arg", "after", "index")
+
+    def __init__(self, arg: Any, after: Iterable[Unit] = ()) -> None:
+        self.arg = arg
+        self.after = tuple(after)
+        self.index: int | None = None  # set when get_work yields it
+        for dep in self.after:
+            if not isinstance(dep, Unit):
+                raise TypeError(f"Unit(after=...) takes Unit objects, got {dep!r}")
+
+    def __repr__(self) -> str:
+        return f"Unit({self.arg!r}, index={self.index})"
 
 
 class Task(pykka.ThreadingActor):
@@ -45,6 +71,10 @@ class Task(pykka.ThreadingActor):
 
     task_kind: ClassVar[str] = "task"
     task_id: str = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _created.instance = self
 
     def work(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__qualname__} must define work()")
@@ -74,8 +104,9 @@ class ParallelTask(Task):
     """A task sliced into work units that run on many workers, then reduced.
 
     ``get_work(...)`` receives the submitted arguments and yields one argument
-    per unit; ``work_unit(arg)`` runs a unit on any worker of the task;
-    ``reduce(results)`` receives the unit results in the order they were yielded.
+    per unit (or a ``Unit`` naming earlier units it depends on); ``work_unit(arg)``
+    runs a unit on any worker of the task; ``reduce(results)`` receives the unit
+    results in the order they were yielded (only those no other unit depends on).
     """
 
     task_kind: ClassVar[str] = "parallel"
@@ -92,6 +123,18 @@ class ParallelTask(Task):
     @classmethod
     def task_entry(cls) -> Callable[..., Any]:
         return cls.get_work
+
+
+def start_instance(cls: type[Task]) -> tuple[pykka.ActorRef[Any], Task]:
+    """Start a task actor and return its ref and the object (the Worker runs its units)."""
+    _created.instance = None
+    ref = cls.start()
+    instance = _created.instance
+    _created.instance = None
+    if not isinstance(instance, cls):
+        ref.stop(block=False)
+        raise TypeError(f"{cls.__qualname__}.__init__ did not call Task.__init__")
+    return ref, instance
 
 
 def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -117,24 +160,18 @@ class _Begin:
     kwargs: dict[str, Any]
     driver: bool
     emit: Emit
-
-
-@dataclass(frozen=True)
-class RunUnits:
-    run_id: int
-    units: list[m.UnitCall]
+    to_worker: Callable[[Any], None]  # the Worker actor's mailbox (to gather held results)
 
 
 @dataclass(frozen=True)
 class UnitResults:
     results: list[tuple[int, bytes]]
+    held: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
-class _UnitsRan:
-    run_id: int
-    outcomes: list[m.UnitOutcome]
-    elapsed: float
+class _Gathered:
+    data: dict[int, bytes]
 
 
 @dataclass(frozen=True)
@@ -152,6 +189,8 @@ class _Runtime:
     sliced: int = 0
     exhausted: bool = False
     results: dict[int, bytes] = field(default_factory=dict)
+    held: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (worker, address)
+    depended_on: set[int] = field(default_factory=set)  # results that feed other units
     reducing: bool = False
 
     @property
@@ -173,13 +212,14 @@ class _Runtime:
 
     def handle(self, message: Any) -> None:
         match message:
-            case RunUnits(run_id=run_id, units=units):
-                self._in_executor(partial(self._run_units, run_id, units))
-            case _UnitsRan(run_id=run_id, outcomes=outcomes, elapsed=elapsed):
-                self.emit(m.UnitsDone(self.task.task_id, run_id, outcomes, elapsed))
-            case UnitResults(results=results):
+            case UnitResults(results=results, held=held):
                 self.results.update(results)
+                for index, worker, address in held:
+                    self.held[index] = (worker, address)
                 self._slice_more()
+            case _Gathered(data=data):
+                self.results.update(data)
+                self._in_executor(self._call_reduce)
             case _Finished(outcome=outcome):
                 self.emit(m.TaskResult(self.task.task_id, outcome))
             case _:
@@ -188,25 +228,50 @@ class _Runtime:
     # --- the driver: slicing and reducing -----------------------------------
 
     def _slice_more(self) -> None:
-        while not self.exhausted and self.sliced - len(self.results) < LOOKAHEAD:
+        while not self.exhausted and self.sliced - self._finished < LOOKAHEAD:
             assert self.slicer is not None
             batch: list[m.UnitCall] = []
             try:
-                for arg in itertools.islice(self.slicer, SLICE_BATCH):
-                    batch.append(m.UnitCall(self.sliced + len(batch), dumps(arg)))
+                for item in itertools.islice(self.slicer, SLICE_BATCH):
+                    batch.append(self._unit_call(item, self.sliced + len(batch)))
             except Exception as exc:
                 self._fail_task(exc)
                 return
             self.exhausted = len(batch) < SLICE_BATCH
             self.sliced += len(batch)
             self.emit(m.UnitsSliced(self.task.task_id, batch, self.exhausted))
-        if self.exhausted and len(self.results) >= self.sliced and not self.reducing:
+        if self.exhausted and self._finished >= self.sliced and not self.reducing:
             self.reducing = True
-            self._in_executor(self._call_reduce)
+            # Results held on workers that reduce needs (no unit consumed them) are fetched here.
+            wanted = [(i, *self.held[i]) for i in sorted(self.held) if i not in self.depended_on]
+            if wanted:
+                me = self.task.actor_ref
+                self.begin_msg.to_worker(Gather(self.task.task_id, wanted,
+                                                lambda data: me.tell(_Gathered(data))))
+            else:
+                self._in_executor(self._call_reduce)
+
+    @property
+    def _finished(self) -> int:
+        return len(self.results) + len(self.held)
+
+    def _unit_call(self, item: Any, index: int) -> m.UnitCall:
+        if not isinstance(item, Unit):
+            return m.UnitCall(index, dumps(item))
+        if item.index is not None:
+            raise ValueError(f"{item!r} was yielded twice")
+        deps = []
+        for dep in item.after:
+            if dep.index is None:
+                raise ValueError(f"{item!r} depends on {dep!r}, which get_work has not yielded yet")
+            deps.append(dep.index)
+            self.depended_on.add(dep.index)
+        item.index = index
+        return m.UnitCall(index, dumps(item.arg), deps, keep=True)
 
     def _call_reduce(self) -> _Finished:
         assert isinstance(self.task, ParallelTask)
-        ordered = [loads(self.results[i]) for i in range(self.sliced)]
+        ordered = [loads(self.results[i]) for i in range(self.sliced) if i not in self.depended_on]
         self.results.clear()
         return _Finished(_outcome(-1, lambda: self.task.reduce(ordered)))  # type: ignore[attr-defined]
 
@@ -221,28 +286,18 @@ class _Runtime:
         self.reducing = True
         self.emit(m.TaskResult(self.task.task_id, m.UnitOutcome(-1, False, payload, type_name, message, text)))
 
-    # --- running units -------------------------------------------------------
-
-    def _run_units(self, run_id: int, units: list[m.UnitCall]) -> _UnitsRan:
-        """Run a batch on the executor thread; its duration sizes the next batches."""
-        assert isinstance(self.task, ParallelTask)
-        started = time.perf_counter()
-        work_unit = self.task.work_unit
-        outcomes = []
-        for unit in units:
-            outcome = _outcome(unit.index, partial(_call_unit, work_unit, unit.args))
-            outcomes.append(outcome)
-            if not outcome.ok:
-                break  # the task fails; the rest of the batch would be wasted
-        return _UnitsRan(run_id, outcomes, time.perf_counter() - started)
-
     def _in_executor(self, call: Callable[[], Any]) -> None:
         actor = self.task.actor_ref
 
         def run() -> None:
             actor.tell(call())
 
-        _executor().submit(run)
+        run_in_executor(run)
+
+
+def run_in_executor(call: Callable[[], None]) -> None:
+    """Run ``call`` on the process's one thread for user code (it must report back itself)."""
+    _executor().submit(call)
 
 
 _EXECUTOR: ThreadPoolExecutor | None = None
@@ -258,10 +313,6 @@ def _executor() -> ThreadPoolExecutor:
     if _EXECUTOR is None:
         _EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="task-exec")
     return _EXECUTOR
-
-
-def _call_unit(work_unit: Callable[[Any], Any], args: bytes) -> Any:
-    return work_unit(loads(args))
 
 
 def _outcome(index: int, call: Callable[[], Any]) -> m.UnitOutcome:

@@ -29,7 +29,8 @@ from actors import __version__, logs
 from actors import messages as m
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
-from actors.task import RunUnits, Task, UnitResults, _Begin, check_arguments
+from actors.task import Task, UnitResults, _Begin, check_arguments, run_in_executor, start_instance
+from actors.unit_runner import Gather, Ran, RetryDue, UnitRunner
 from transport import Hub
 
 log = structlog.get_logger("actors.worker")
@@ -52,6 +53,7 @@ class Worker(Shell):
         self.worker_id = worker_id
         self.task: pykka.ActorRef[Any] | None = None
         self.task_id = ""
+        self.runner: UnitRunner | None = None
         self.waiting_for_version: m.AssignTask | None = None
         self.classes: dict[bytes, Any] = {}  # shipped class bytes -> class, for warm reuse
         self.backlog: list[Any] = []  # task input that came while its package was being fetched
@@ -62,6 +64,15 @@ class Worker(Shell):
 
     def on_start(self) -> None:
         super().on_start()
+        outbox = self.outbox
+        assert outbox is not None
+        self.runner = UnitRunner(
+            self.worker_id,
+            send_master=lambda msg: self.send(NODE, TO_MASTER, message=msg),
+            send_frames=lambda frames: outbox.send(NODE, frames),
+            submit=run_in_executor,
+            tell=self.actor_ref.tell,
+        )
         self.send(NODE, TO_NODE, message=m.Hello(
             "worker", self.worker_id, m.PROTOCOL_VERSION, __version__, pid=os.getpid()))
 
@@ -76,12 +87,21 @@ class Worker(Shell):
         match message:
             case Outgoing(message=msg):
                 self.send(NODE, TO_MASTER, message=msg)
+            case Ran():
+                self._runner.ran(message)
+            case Gather():
+                self._runner.gather(message)
+            case RetryDue():
+                self._runner.retry_due(message)
+            case Inbound(peer=origin, message=m.DataRequest() as request):
+                self._runner.data_requested(origin, request)
             case Inbound(message=msg):
                 self._from_node(msg)
             case Tick():
                 if os.getppid() != self.parent_pid:
                     self.log.warning("node_gone")
                     self._on_exit("node gone")
+                self._runner.tick()
             case _:
                 raise TypeError(f"worker got an unknown message: {message!r}")
 
@@ -105,12 +125,26 @@ class Worker(Shell):
                     self.waiting_for_version, self.backlog = None, []
                     self._fail_load(assign, RuntimeError(
                         f"package {msg.package} version {msg.version} unavailable: {msg.reason}"))
-            case m.RunUnits(task_id=task_id, run_id=run_id, units=units) if task_id == self.task_id:
-                self._to_task(RunUnits(run_id, units))
-            case m.DriverResults(task_id=task_id, results=results) if task_id == self.task_id:
-                self._to_task(UnitResults(results))
+            case m.RunUnits(task_id=task_id) if task_id == self.task_id:
+                if self.runner_ready:
+                    self._runner.run_units(msg)
+                elif self.waiting_for_version is not None:
+                    self.backlog.append(msg)
+            case m.ReleaseUnits(task_id=task_id) if task_id == self.task_id:
+                self._runner.release(msg)
+            case m.StealUnits():
+                self._runner.steal(msg)
+            case m.WhoHas():
+                self._runner.who_has(msg)
+            case m.DataReply():
+                self._runner.data_arrived(msg)
+            case m.WorkerStoryRequest(task_id=task_id):
+                self.send(NODE, TO_MASTER, message=m.WorkerStory(task_id, self._runner.story(task_id)))
+            case m.DriverResults(task_id=task_id, results=results, held=held) if task_id == self.task_id:
+                self._to_task(UnitResults(results, held))
             case m.ReleaseTask(task_id=task_id) if task_id == self.task_id:
                 self.log.debug("task_released", task_id=task_id)
+                self._runner.forget_task(task_id)
                 self._stop_task()
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
@@ -129,7 +163,7 @@ class Worker(Shell):
             if not (isinstance(cls, type) and issubclass(cls, Task)):
                 raise TypeError(f"{cls!r} is not a Task subclass")
             check_arguments(cls, args, kwargs)
-            self.task = cls.start()
+            self.task, self._runner.instance = start_instance(cls)
         except Exception as exc:
             task_log.warning("task_load_failed", error=repr(exc))
             self._fail_load(msg, exc)
@@ -137,9 +171,21 @@ class Worker(Shell):
         task_log.debug("task_loaded", driver=msg.driver)
         me = self.actor_ref
         self.task.tell(_Begin(msg.task_id, args, kwargs, msg.driver,
-                              lambda out: me.tell(Outgoing(out))))
+                              lambda out: me.tell(Outgoing(out)), me.tell))
         for message in backlog or ():
-            self.task.tell(message)
+            if isinstance(message, m.RunUnits):
+                self._runner.run_units(message)
+            else:
+                self.task.tell(message)
+
+    @property
+    def _runner(self) -> UnitRunner:
+        assert self.runner is not None, "used before on_start()"
+        return self.runner
+
+    @property
+    def runner_ready(self) -> bool:
+        return self.task is not None and self._runner.instance is not None
 
     def _to_task(self, message: Any) -> None:
         if self.task is not None:
@@ -192,6 +238,8 @@ class Worker(Shell):
         if self.task is not None:
             self.task.stop(block=False)
             self.task = None
+        if self.runner is not None:
+            self.runner.instance = None
         self.task_id = ""
         self.waiting_for_version = None
         self.backlog = []
@@ -219,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_frames(_socket: str, frames: list[bytes]) -> None:
         started.wait(10)  # the node may answer our Hello before start() has returned
-        tell_if_alive(worker_ref, Inbound(b"", None, m.decode(frames[-1])))
+        origin = frames[0] if len(frames) == 2 else b""  # a peer's data request: its node
+        tell_if_alive(worker_ref, Inbound(origin, None, m.decode(frames[-1])))
 
     def on_tick(now: float) -> None:
         tell_if_alive(worker_ref, Tick(now))

@@ -111,6 +111,8 @@ class Hub:
         self._control: Outbox | None = None
         self._control_lock = threading.Lock()
         self._sockets: dict[bytes, zmq.Socket[bytes]] = {}
+        self._poller: zmq.Poller | None = None  # the hub thread's, once running
+        self._names: dict[zmq.Socket[bytes], str] = {}
 
     # --- configuration (before start) ---------------------------------------
 
@@ -136,6 +138,21 @@ class Hub:
         """Send from a handler running on the hub thread itself (a relay): no extra hop."""
         assert threading.current_thread() is self._thread, "send_now() is for hub handlers only"
         self._send(socket_name.encode(), self._sockets[socket_name.encode()], frames)
+
+    def has_socket(self, name: str) -> bool:
+        return name.encode() in self._sockets
+
+    def open_dealer_now(self, name: str, address: str, *, identity: bytes,
+                        curve: ClientCurve | None = None) -> None:
+        """From a hub handler: connect one more DEALER while running (a node reaching a peer)."""
+        assert threading.current_thread() is self._thread, "open_dealer_now() is for hub handlers"
+        assert self._poller is not None
+        if self.has_socket(name):
+            return
+        sock = self._open(_SocketSpec(name, zmq.DEALER, address, False, identity, None, curve, False))
+        self._sockets[name.encode()] = sock
+        self._names[sock] = name
+        self._poller.register(sock, zmq.POLLIN)
 
     def address(self, name: str) -> str:
         """The endpoint a bound socket really got (the port, when asked for port 0)."""
@@ -247,9 +264,10 @@ class Hub:
         sockets: dict[bytes, zmq.Socket[bytes]],
         monitors: dict[zmq.Socket[bytes], str],
     ) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
-        names = {sock: name.decode() for name, sock in sockets.items()}
+        names = self._names
+        names.update({sock: name.decode() for name, sock in sockets.items()})
         for sock in sockets.values():
             poller.register(sock, zmq.POLLIN)
         for monitor in monitors:

@@ -7,7 +7,7 @@ sees a socket. Opaque user payloads ride along as ``bytes``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from actors.messages import UnitCall, UnitOutcome
 
@@ -22,6 +22,7 @@ class Event:
 @dataclass(frozen=True)
 class NodeJoined(Event):
     node_id: str
+    data_address: str = ""  # where other nodes fetch its workers' results
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,32 @@ class UnitsFinished(Event):
 
 
 @dataclass(frozen=True)
+class StealAnswered(Event):
+    worker_id: str
+    task_id: str
+    run_id: int
+    accepted: bool
+
+
+@dataclass(frozen=True)
+class RunsReleased(Event):
+    """A worker let go of runs the scheduler released (``ReleaseUnits``)."""
+
+    worker_id: str
+    task_id: str
+    run_ids: list[int]
+
+
+@dataclass(frozen=True)
+class UnitMissing(Event):
+    """A worker found no holder for a unit result it needs."""
+
+    worker_id: str
+    task_id: str
+    index: int
+
+
+@dataclass(frozen=True)
 class TaskFinished(Event):
     worker_id: str
     task_id: str
@@ -127,6 +154,28 @@ class Dispatch(Instruction):
     task_id: str
     run_id: int
     units: list[UnitCall]
+    holders: list[tuple[int, str, str]] = field(default_factory=list)  # index, worker, address
+
+
+@dataclass(frozen=True)
+class Steal(Instruction):
+    """Ask a worker to give a queued run back (it refuses once the run has started)."""
+
+    node_id: str
+    worker_id: str
+    task_id: str
+    run_id: int
+
+
+@dataclass(frozen=True)
+class TellHolders(Instruction):
+    """Answer a worker's ``UnitMissing``: who holds that unit's result now."""
+
+    node_id: str
+    worker_id: str
+    task_id: str
+    index: int
+    holders: list[tuple[str, str]]  # (worker, node data address)
 
 
 @dataclass(frozen=True)
@@ -135,6 +184,7 @@ class ForwardResults(Instruction):
     worker_id: str
     task_id: str
     results: list[tuple[int, bytes]]
+    held: list[tuple[int, str, str]] = field(default_factory=list)  # index, worker, address
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,18 @@ a hundred others.
 Every unit result is recorded once: the first valid result for an open unit
 wins, anything later is dropped. Results are forwarded to the driver.
 
+Dependencies. A unit may name earlier units whose results it takes (``deps``);
+such a unit is *blocked* until every dependency is finished, then queued and
+dispatched alone, with the holders of its inputs, to fetch them worker to
+worker. A ``keep`` unit's result stays on its worker (``held``); if that worker
+is lost, the unit is opened and queued again, and workers that reported it
+missing are told its new holder.
+
+Stealing. A worker of a task with nothing left to queue is idle while a peer
+has two runs or more in flight: the scheduler asks that peer to give its newest
+run back (``Steal``); the peer accepts only if the run has not started, and the
+units go back to the queue for the idle worker.
+
 Failure is the normal case. A lost helper's units go back to the front of the
 queue; each unit remembers the deaths it witnessed, and the third
 (``max_deaths``) fails the task with ``ReportKilled``. A lost driver restarts
@@ -55,9 +67,14 @@ from actors.core.scheduler_events import (
     ReportErred,
     ReportKilled,
     ReportProgress,
+    RunsReleased,
+    Steal,
+    StealAnswered,
     TaskFinished,
     TaskSubmitted,
+    TellHolders,
     Tick,
+    UnitMissing,
     UnitsFinished,
     UnitsSliced,
     WorkerLost,
@@ -105,6 +122,12 @@ class TaskRecord:
     sliced_all: bool = False
     unit_seconds: float | None = None  # moving average of one unit's run time
     deaths: dict[int, list[str]] = field(default_factory=dict)  # unit index (-1: driver)
+    blocked: dict[int, UnitCall] = field(default_factory=dict)  # waiting for dependencies
+    kept: dict[int, UnitCall] = field(default_factory=dict)  # keep units, to recompute if lost
+    held: dict[int, str] = field(default_factory=dict)  # finished keep unit -> its worker
+    missing_for: dict[int, set[str]] = field(default_factory=dict)  # unit -> workers asking
+    steals: set[int] = field(default_factory=set)  # run ids asked back
+    seen_workers: set[str] = field(default_factory=set)  # every worker that joined it
     reported_done: int = -1
     story: deque[StoryEntry] = field(default_factory=lambda: deque(maxlen=STORY_LENGTH))
 
@@ -122,6 +145,7 @@ class SchedulerState:
     def __init__(self, *, max_deaths: int = 3) -> None:
         self.max_deaths = max_deaths
         self.nodes: dict[str, set[str]] = {}
+        self.data_addresses: dict[str, str] = {}  # node -> where peers fetch from it
         self.workers: dict[str, WorkerRecord] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.newest: dict[str, str | None] = {}  # package -> newest version
@@ -149,8 +173,9 @@ class SchedulerState:
 
     def _handle(self, event: Event) -> None:
         match event:
-            case NodeJoined(node_id=node_id):
+            case NodeJoined(node_id=node_id, data_address=address):
                 self.nodes.setdefault(node_id, set())
+                self.data_addresses[node_id] = address
             case WorkerReady(node_id=node_id, worker_id=worker_id):
                 self.nodes.setdefault(node_id, set()).add(worker_id)
                 self.workers[worker_id] = WorkerRecord(worker_id, node_id)
@@ -172,6 +197,14 @@ class SchedulerState:
                 self._units_finished(event)
             case TaskFinished():
                 self._task_finished(event)
+            case StealAnswered():
+                self._steal_answered(event)
+            case RunsReleased(worker_id=worker_id, task_id=task_id, run_ids=run_ids):
+                task = self._task_of(worker_id, task_id)
+                if task is not None:
+                    self._requeue_runs(task, self.workers[worker_id], set(run_ids))
+            case UnitMissing():
+                self._unit_missing(event)
             case NewestVersion(package=package, version=version):
                 self.newest[package] = version
                 for worker in list(self.workers.values()):
@@ -212,7 +245,12 @@ class SchedulerState:
         for unit in event.units:
             if unit.index not in task.open_units:
                 task.open_units[unit.index] = unit
-                task.pending.append(unit)
+                if unit.keep:
+                    task.kept[unit.index] = unit
+                if all(dep in task.held for dep in unit.deps):
+                    task.pending.append(unit)
+                else:
+                    task.blocked[unit.index] = unit
         task.sliced_all = event.done
 
     def _units_finished(self, event: UnitsFinished) -> None:
@@ -221,6 +259,7 @@ class SchedulerState:
             return
         worker = self.workers[event.worker_id]
         forward: list[tuple[int, bytes]] = []
+        held: list[tuple[int, str, str]] = []
         for outcome in event.outcomes:
             if worker.in_flight.get(outcome.index) != event.run_id:
                 continue  # not this worker's current run of that unit
@@ -234,19 +273,76 @@ class SchedulerState:
                 return
             del task.open_units[outcome.index]
             task.done_count += 1
-            forward.append((outcome.index, outcome.value))
+            if outcome.held:
+                self._held(task, outcome.index, worker)
+                held.append((outcome.index, worker.worker_id, self._address(worker)))
+            else:
+                forward.append((outcome.index, outcome.value))
         # Units the worker did not get to (it stops a batch at a failure) go back.
-        for index, run_id in list(worker.in_flight.items()):
-            if run_id == event.run_id:
-                del worker.in_flight[index]
-                task.pending.appendleft(task.open_units[index])
+        self._requeue_runs(task, worker, {event.run_id})
         if event.outcomes and event.elapsed > 0:
             per_unit = event.elapsed / len(event.outcomes)
             previous = task.unit_seconds
             task.unit_seconds = per_unit if previous is None else 0.7 * previous + 0.3 * per_unit
-        if forward and task.driver is not None:
+        if (forward or held) and task.driver is not None:
             driver = self.workers[task.driver]
-            self._out.append(ForwardResults(driver.node_id, driver.worker_id, task.task_id, forward))
+            self._out.append(
+                ForwardResults(driver.node_id, driver.worker_id, task.task_id, forward, held))
+
+    def _held(self, task: TaskRecord, index: int, worker: WorkerRecord) -> None:
+        """A keep unit finished: unblock its dependents, answer workers that missed it."""
+        task.held[index] = worker.worker_id
+        for blocked in [u for u in task.blocked.values() if index in u.deps]:
+            if all(dep in task.held for dep in blocked.deps):
+                del task.blocked[blocked.index]
+                task.pending.append(blocked)
+        holders = [(worker.worker_id, self._address(worker))]
+        for asker_id in sorted(task.missing_for.pop(index, set())):
+            asker = self.workers.get(asker_id)
+            if asker is not None:
+                self._out.append(TellHolders(asker.node_id, asker_id, task.task_id, index, holders))
+
+    def _address(self, worker: WorkerRecord) -> str:
+        return self.data_addresses.get(worker.node_id, "")
+
+    def _requeue_runs(self, task: TaskRecord, worker: WorkerRecord, run_ids: set[int]) -> None:
+        for index, run_id in sorted(worker.in_flight.items(), reverse=True):
+            if run_id in run_ids:
+                del worker.in_flight[index]
+                task.pending.appendleft(task.open_units[index])
+
+    def _steal_answered(self, event: StealAnswered) -> None:
+        task = self._task_of(event.worker_id, event.task_id)
+        if task is None or not event.accepted:
+            return
+        worker = self.workers[event.worker_id]
+        self._note(task, f"run {event.run_id}", "queued", "rescheduled",
+                   f"stolen from {worker.worker_id}", event.now)
+        self._requeue_runs(task, worker, {event.run_id})
+
+    def _unit_missing(self, event: UnitMissing) -> None:
+        task = self._task_of(event.worker_id, event.task_id)
+        if task is None:
+            return
+        holder = self.workers.get(task.held.get(event.index, ""))
+        if holder is not None and holder.worker_id != event.worker_id:
+            asker = self.workers[event.worker_id]
+            self._out.append(TellHolders(asker.node_id, asker.worker_id, task.task_id, event.index,
+                                         [(holder.worker_id, self._address(holder))]))
+            return
+        task.missing_for.setdefault(event.index, set()).add(event.worker_id)
+        self._reopen(task, event.index, f"missing at {event.worker_id}", event.now)
+
+    def _reopen(self, task: TaskRecord, index: int, cause: str, now: float) -> None:
+        """A finished keep unit's result was lost: compute it again."""
+        unit = task.kept.get(index)
+        task.held.pop(index, None)
+        if unit is None or index in task.open_units:
+            return
+        self._note(task, f"unit {index}", "memory", "queued", cause, now)
+        task.open_units[index] = unit
+        task.done_count -= 1
+        task.pending.appendleft(unit)
 
     def _task_finished(self, event: TaskFinished) -> None:
         task = self._task_of(event.worker_id, event.task_id)
@@ -267,6 +363,7 @@ class SchedulerState:
         self._running.pop(task.task_id, None)
         task.pending.clear()
         task.open_units.clear()
+        self._clear_units(task)
         task.code = task.args = b""
         if task.kind == "parallel":
             self._report_progress_of(task)
@@ -299,7 +396,12 @@ class SchedulerState:
     def _worker_lost(self, worker_id: str, cause: str, expected: bool, now: float) -> None:
         """Requeue what the worker held. ``expected`` (its node stopped it) is not a death."""
         worker = self._drop_worker(worker_id)
-        if worker is None or worker.task_id is None:
+        if worker is None:
+            return
+        for task in list(self._running.values()):
+            for index in [i for i, holder in task.held.items() if holder == worker_id]:
+                self._reopen(task, index, f"holder lost: {cause}", now)
+        if worker.task_id is None:
             return
         task = self.tasks[worker.task_id]
         task.workers.discard(worker_id)
@@ -335,8 +437,17 @@ class SchedulerState:
         heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
         task.pending.clear()
         task.open_units.clear()
+        self._clear_units(task)
         task.done_count = 0
         task.sliced_all = False
+
+    @staticmethod
+    def _clear_units(task: TaskRecord) -> None:
+        task.blocked.clear()
+        task.kept.clear()
+        task.held.clear()
+        task.missing_for.clear()
+        task.steals.clear()
 
     def _kill_task(self, task: TaskRecord, unit: str, causes: list[str], now: float) -> None:
         self._end(task, "erred", f"unit {unit}: workers died {len(causes)} times", now)
@@ -376,6 +487,7 @@ class SchedulerState:
                     break
                 self._join(task, worker, driver=False, now=now)
                 self._dispatch(task)
+            self._steal_for_idle(task)
 
     def _idle_worker_for(self, warm_key: str) -> WorkerRecord | None:
         """A worker warm for this key, else a clean one, else evict one warm for another key."""
@@ -395,6 +507,7 @@ class SchedulerState:
         worker.task_id = task.task_id
         worker.warm_for = task.warm_key
         task.workers.add(worker.worker_id)
+        task.seen_workers.add(worker.worker_id)
         if driver:
             task.driver = worker.worker_id
             self._note(task, "task", task.state, "running", f"driver {worker.worker_id}", now)
@@ -414,19 +527,51 @@ class SchedulerState:
             # Tiny units need thousands in flight to hide the round trip; slow ones
             # only a couple, so the last units of a task do not queue behind others.
             depth = max(2 * batch, min(8 * batch, int(PREFETCH_SECONDS / per_unit)))
-        for worker_id in sorted(task.workers):
+        # The least loaded first, so that units given back by a steal go to the idle worker.
+        for worker_id in sorted(task.workers, key=lambda w: (len(self.workers[w].in_flight), w)):
             if not task.pending:
                 return
             worker = self.workers[worker_id]
             room = depth - len(worker.in_flight)
             while task.pending and room > 0:
-                take = min(batch, room, len(task.pending))
-                units = [task.pending.popleft() for _ in range(take)]
-                run_id = next(self._run_ids)
-                for unit in units:
-                    worker.in_flight[unit.index] = run_id
-                room -= take
-                self._out.append(Dispatch(worker.node_id, worker_id, task.task_id, run_id, units))
+                units: list[UnitCall] = []
+                while task.pending and len(units) < min(batch, room):
+                    unit = task.pending[0]
+                    if unit.keep or unit.deps:
+                        break  # goes alone: it is keyed by its index on the worker
+                    units.append(task.pending.popleft())
+                if not units:
+                    unit = task.pending.popleft()
+                    if not all(dep in task.held for dep in unit.deps):
+                        task.blocked[unit.index] = unit  # an input's holder was lost meanwhile
+                        continue
+                    units = [unit]
+                self._send_run(task, worker, units)
+                room -= len(units)
+
+    def _send_run(self, task: TaskRecord, worker: WorkerRecord, units: list[UnitCall]) -> None:
+        run_id = next(self._run_ids)
+        for unit in units:
+            worker.in_flight[unit.index] = run_id
+        holders = [(dep, task.held[dep], self._address(self.workers[task.held[dep]]))
+                   for unit in units for dep in unit.deps]
+        self._out.append(
+            Dispatch(worker.node_id, worker.worker_id, task.task_id, run_id, units, holders))
+
+    def _steal_for_idle(self, task: TaskRecord) -> None:
+        """An idle worker of the task and nothing queued: ask a busy peer for a queued run."""
+        if task.pending:
+            return
+        workers = [self.workers[w] for w in sorted(task.workers)]
+        if not any(not w.in_flight for w in workers):
+            return
+        runs_of = {w.worker_id: sorted(set(w.in_flight.values())) for w in workers}
+        victim = max(workers, key=lambda w: len(runs_of[w.worker_id]))
+        runs = [r for r in runs_of[victim.worker_id] if r not in task.steals]
+        if len(runs_of[victim.worker_id]) < 2 or not runs:
+            return
+        task.steals.add(runs[-1])
+        self._out.append(Steal(victim.node_id, victim.worker_id, task.task_id, runs[-1]))
 
     # --- reporting ------------------------------------------------------------
 
@@ -475,5 +620,7 @@ class SchedulerState:
             flying = [i for w in task.workers for i in self.workers[w].in_flight]
             assert len(flying) == len(set(flying)), f"{task.task_id}: unit on two workers"
             assert not pending & set(flying), f"{task.task_id}: unit queued and in flight"
-            lost = set(task.open_units) - pending - set(flying)
+            blocked = set(task.blocked)
+            assert not blocked & (pending | set(flying)), f"{task.task_id}: blocked unit queued"
+            lost = set(task.open_units) - pending - set(flying) - blocked
             assert not lost, f"{task.task_id}: units {sorted(lost)[:5]} neither queued nor running"

@@ -74,7 +74,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from actors.core.worker_events import (
@@ -150,7 +150,12 @@ class Unit:
         return self.spec.dependencies if self.spec is not None else ()
 
     def clone(self) -> Unit:
-        return replace(self, who_has=set(self.who_has), dependents=set(self.dependents))
+        # Not dataclasses.replace: this runs for every unit an event touches (the hot path).
+        copy = object.__new__(Unit)
+        copy.__dict__.update(self.__dict__)
+        copy.who_has = set(self.who_has)
+        copy.dependents = set(self.dependents)
+        return copy
 
 
 @dataclass
@@ -228,6 +233,10 @@ class WorkerState:
         """Every remembered transition of ``keys``, oldest first."""
         wanted = set(keys)
         return [entry for entry in self._story if entry[0] in wanted]
+
+    def story_of(self, prefix: str) -> list[StoryEntry]:
+        """Every remembered transition of keys that start with ``prefix`` (one task's keys)."""
+        return [entry for entry in self._story if entry[0].startswith(prefix)]
 
     @property
     def executing(self) -> frozenset[str]:
@@ -723,7 +732,7 @@ class WorkerState:
             if len(self._story) == self._story.maxlen:
                 journal.story_evicted.append(self._story[0])
             journal.story_appended += 1
-        self._story.append((key, start.value, finish.value, event.stimulus_id, event.now))
+        self._story.append((key, start, finish, event.stimulus_id, event.now))  # StrEnum: a str
 
     def _rollback(self) -> None:
         journal = self._journal

@@ -1,0 +1,117 @@
+"""The node's data plane: unit results moving worker -> node -> node -> worker.
+
+A unit's result stays on the worker that computed it; a worker that needs it asks through its
+node, which relays to the holder's node, which relays to the holder; the answer comes back the
+same way. The master never sees the data. Everything here runs on the node's hub thread and
+reads only the routing frames, never the bodies:
+
+    worker -> node      [worker, b"p", address, holder, DataRequest]   (a request for a peer)
+    node -> node        [holder, DataRequest]  on a DEALER to the holder's node (identity: ours)
+    node -> holder      [holder, origin, DataRequest]  origin: the asking node, b"" for us
+    holder -> node      [holder, b"r", origin, requester, DataReply]
+    node -> node        [origin, requester, DataReply]  on our data ROUTER
+    node -> requester   [requester, DataReply]
+
+Nodes talk to each other with CURVE, and a node's data socket admits only the nodes' key: a
+client key, which the master admits, cannot read results.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import urllib.parse
+
+import structlog
+
+from transport import Hub
+from transport.hub import ClientCurve, ServerCurve
+from transport.keys import KeyPair
+
+log = structlog.get_logger("actors.node")
+
+DATA = "data"
+WORKERS = "workers"
+TO_PEER = b"p"
+REPLY = b"r"
+
+
+def data_host(master_address: str) -> str:
+    """Where to listen for peer nodes: loopback when the master is local, else every interface."""
+    host = urllib.parse.urlsplit(master_address).hostname or ""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    return "127.0.0.1" if local else "0.0.0.0"
+
+
+class DataPlane:
+    """The data ROUTER, the DEALERs to peer nodes, and the relay between them and the workers."""
+
+    def __init__(self, node_id: str, pair: KeyPair, run_dir: str, master_address: str) -> None:
+        self.node_id = node_id
+        self.pair = pair
+        self.host = data_host(master_address)
+        self.allowed_dir = os.path.join(run_dir, "data-allowed")
+        self.address = ""  # what peers connect to, once bound
+
+    def add_to(self, hub: Hub, node_public_key_file: str) -> None:
+        """Before ``hub.start()``: bind the data ROUTER, admitting the nodes' key only."""
+        os.makedirs(self.allowed_dir, exist_ok=True)
+        shutil.copyfile(node_public_key_file, os.path.join(self.allowed_dir, "node.key"))
+        hub.add_router(DATA, f"tcp://{self.host}:0",
+                       curve=ServerCurve(self.pair.public, self.pair.secret, self.allowed_dir))
+
+    def bound(self, hub: Hub) -> None:
+        """After ``hub.start()``: the address to announce (a wildcard becomes this host's name)."""
+        address = hub.address(DATA)
+        if self.host == "0.0.0.0":
+            address = address.replace("0.0.0.0", os.uname().nodename)
+        self.address = address
+
+    def from_worker(self, hub: Hub, worker: bytes, frames: list[bytes]) -> bool:
+        """Relay a worker's data frames (``[b"p"|b"r", ...]``); False when they are not data."""
+        if len(frames) == 4 and frames[0] == TO_PEER:
+            _, address, holder, body = frames
+            if not address:
+                log.warning("data_request_without_address", holder=holder.decode(errors="replace"))
+            elif address.decode(errors="replace") == self.address:
+                hub.send_now(WORKERS, [holder, b"", body])
+            else:
+                hub.send_now(self._peer_socket(hub, address.decode(errors="replace")), [holder, body])
+            return True
+        if len(frames) == 4 and frames[0] == REPLY:
+            _, origin, requester, body = frames
+            if origin == b"":
+                hub.send_now(WORKERS, [requester, body])
+            else:
+                hub.send_now(DATA, [origin, requester, body])
+            return True
+        return False
+
+    def from_network(self, hub: Hub, socket: str, frames: list[bytes]) -> bool:
+        """Relay what the data ROUTER or a peer DEALER received; False for other sockets."""
+        if socket == DATA:
+            if len(frames) == 3:
+                origin, holder, body = frames
+                hub.send_now(WORKERS, [holder, origin, body])
+            else:
+                log.warning("malformed_frames", source="peer node", count=len(frames))
+            return True
+        if socket.startswith("peer:"):
+            if len(frames) == 2:
+                hub.send_now(WORKERS, frames)
+            else:
+                log.warning("malformed_frames", source="peer node", count=len(frames))
+            return True
+        return False
+
+    def _peer_socket(self, hub: Hub, address: str) -> str:
+        name = f"peer:{address}"
+        if not hub.has_socket(name):
+            log.info("peer_node_connect", node_id=self.node_id, address=address)
+            hub.open_dealer_now(name, address, identity=self.node_id.encode(),
+                                curve=ClientCurve(self.pair.public, self.pair.secret, self.pair.public))
+        return name

@@ -1,0 +1,329 @@
+"""The Worker actor's unit side: feeds the worker state machine and carries out what it says.
+
+Not an actor of its own: it runs inside the Worker actor's mailbox. Every stimulus — a batch
+from the scheduler, an execution that ended on the executor thread, data from a peer, a steal
+request — reaches it as a message of that one mailbox, so ``WorkerState`` needs no lock.
+
+Keys. The scheduler sends units in runs (batches). A run of independent units is one key,
+``"<task>:run<id>"``: what a key costs in the state machine (~45 µs) is paid once per batch,
+which keeps tiny units fast. A unit that others may depend on (``keep``) or that depends on
+others comes alone and is keyed by its index, ``"<task>:<index>"``, so that peers can ask for its
+result by name. The driver's gathering of held results for ``reduce`` is a key too,
+``"<task>:gather"``, whose dependencies are fetched like any unit's.
+
+Data moves worker -> node -> node -> worker: a ``Fetch`` goes out as ``[b"p", address, holder,
+DataRequest]`` to this worker's node, which relays it to the holder's node; the holder answers
+``[b"r", origin, requester, DataReply]`` back along the same path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import structlog
+
+from actors import messages as m
+from actors.core import worker_events as ev
+from actors.core.worker_state import WorkerState
+from actors.serialize import describe_exception, dumps, loads
+
+log = structlog.get_logger("actors.worker")
+
+FETCH_TIMEOUT_S = 30.0  # a transfer with no answer by then failed (its holder may be gone)
+GATHER = "gather"
+
+SendMaster = Callable[[m.Message], None]
+SendFrames = Callable[[list[bytes]], None]
+Submit = Callable[[Callable[[], None]], None]
+
+
+def unit_key(task_id: str, index: int) -> str:
+    return f"{task_id}:{index}"
+
+
+def run_key(task_id: str, run_id: int) -> str:
+    return f"{task_id}:run{run_id}"
+
+
+@dataclass
+class _Run:
+    """What the scheduler sent under one key (the static part lives in the key's UnitSpec)."""
+
+    task_id: str
+    run_id: int
+    units: list[m.UnitCall]
+    keep: bool  # keyed by its unit: its result stays here for dependents
+    outcomes: list[m.UnitOutcome] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+# --- messages of the Worker actor's mailbox that the runner handles ------------
+
+
+@dataclass(frozen=True)
+class Ran:
+    """The executor ran a key's units (sent from the executor thread)."""
+
+    key: str
+    outcomes: list[m.UnitOutcome]
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class Gather:
+    """The driver wants held results (unit index -> holders) for ``reduce``."""
+
+    task_id: str
+    holders: list[tuple[int, str, str]]
+    reply: Callable[[dict[int, bytes]], None]
+
+
+@dataclass(frozen=True)
+class RetryDue:
+    peer: str
+
+
+class UnitRunner:
+    """See the module docstring. ``instance`` is the task object whose ``work_unit`` runs."""
+
+    def __init__(self, worker_id: str, send_master: SendMaster, send_frames: SendFrames,
+                 submit: Submit, tell: Callable[[Any], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.worker_id = worker_id
+        self.state = WorkerState(nthreads=1)
+        self.runs: dict[str, _Run] = {}
+        self.instance: Any = None
+        self.addresses: dict[str, str] = {}  # peer worker -> its node's data address
+        self.origins: dict[str, bytes] = {}  # requesting peer -> its node (b"": ours)
+        self.fetches: dict[tuple[str, str], float] = {}  # (key, peer) -> deadline
+        self.gathers: dict[str, Gather] = {}
+        self._send_master = send_master
+        self._send_frames = send_frames
+        self._submit = submit
+        self._tell = tell
+        self._clock = clock
+        self.log = log.bind(worker_id=worker_id)
+
+    # --- stimuli ------------------------------------------------------------
+
+    def run_units(self, msg: m.RunUnits) -> None:
+        task_id = msg.task_id
+        who_has: dict[int, list[str]] = {}
+        for index, worker, address in msg.holders:
+            self.addresses[worker] = address
+            who_has.setdefault(index, []).append(worker)
+        single = len(msg.units) == 1 and (msg.units[0].keep or bool(msg.units[0].deps))
+        if single:
+            unit = msg.units[0]
+            key = unit_key(task_id, unit.index)
+            deps = tuple(unit_key(task_id, d) for d in unit.deps)
+        else:
+            key, deps = run_key(task_id, msg.run_id), ()
+        self.runs[key] = _Run(task_id, msg.run_id, list(msg.units), single)
+        spec = ev.UnitSpec(key, task_id, b"", deps)
+        holders = {unit_key(task_id, i): tuple(ws) for i, ws in who_has.items()}
+        self.feed(ev.ComputeUnit(spec, holders, stimulus_id=f"run{msg.run_id}", now=self._clock()))
+
+    def release(self, msg: m.ReleaseUnits) -> None:
+        keys = [key for key, run in self.runs.items()
+                if run.task_id == msg.task_id and run.run_id in msg.run_ids]
+        now = self._clock()
+        self.feed(*(ev.ReleaseUnit(key, stimulus_id="release", now=now) for key in keys))
+
+    def steal(self, msg: m.StealUnits) -> None:
+        key = self._key_of_run(msg.task_id, msg.run_id)
+        if key is None:
+            self._send_master(m.StealReply(msg.task_id, msg.run_id, False, "forgotten"))
+            return
+        self.feed(ev.StealRequest(key, stimulus_id=f"steal{msg.run_id}", now=self._clock()))
+
+    def who_has(self, msg: m.WhoHas) -> None:
+        for worker, address in msg.holders:
+            self.addresses[worker] = address
+        self.feed(ev.WhoHasUpdate(unit_key(msg.task_id, msg.index),
+                                  tuple(worker for worker, _ in msg.holders),
+                                  stimulus_id="who-has", now=self._clock()))
+
+    def ran(self, msg: Ran) -> None:
+        run = self.runs.get(msg.key)
+        now = self._clock()
+        if run is None:
+            return
+        run.outcomes, run.elapsed = msg.outcomes, msg.elapsed
+        failed = next((o for o in msg.outcomes if not o.ok), None)
+        if failed is not None:
+            self.feed(ev.ExecuteFailed(msg.key, failed.value, failed.traceback,
+                                       stimulus_id="executed", now=now))
+        else:
+            value = msg.outcomes[0].value if run.keep else b""
+            self.feed(ev.ExecuteSucceeded(msg.key, value, stimulus_id="executed", now=now))
+
+    def data_requested(self, origin: bytes, msg: m.DataRequest) -> None:
+        self.origins[msg.requester] = origin
+        self.feed(ev.DataRequested(tuple(msg.keys), msg.requester,
+                                   stimulus_id=f"request {msg.requester}", now=self._clock()))
+
+    def data_arrived(self, msg: m.DataReply) -> None:
+        now = self._clock()
+        events: list[ev.Event] = []
+        for key, data in msg.data:
+            if self.fetches.pop((key, msg.holder), None) is not None:
+                events.append(ev.FetchSucceeded(key, msg.holder, data,
+                                                stimulus_id=f"data {msg.holder}", now=now))
+        for key in msg.missing:
+            if self.fetches.pop((key, msg.holder), None) is not None:
+                events.append(ev.FetchFailed(key, msg.holder,
+                                             stimulus_id=f"missing at {msg.holder}", now=now))
+        self.feed(*events)
+
+    def gather(self, msg: Gather) -> None:
+        """Fetch held results for the driver's reduce, as dependencies of a gather key."""
+        key = f"{msg.task_id}:{GATHER}"
+        self.gathers[key] = msg
+        for _, worker, address in msg.holders:
+            self.addresses[worker] = address
+        deps = tuple(unit_key(msg.task_id, index) for index, _, _ in msg.holders)
+        holders: dict[str, tuple[str, ...]] = {}
+        for index, worker, _ in msg.holders:
+            dep = unit_key(msg.task_id, index)
+            holders[dep] = (*holders.get(dep, ()), worker)
+        self.runs[key] = _Run(msg.task_id, -1, [], keep=True)
+        self.feed(ev.ComputeUnit(ev.UnitSpec(key, msg.task_id, b"", deps), holders,
+                                 stimulus_id="gather", now=self._clock()))
+
+    def retry_due(self, msg: RetryDue) -> None:
+        self.feed(ev.PeerRetryDue(msg.peer, stimulus_id="retry", now=self._clock()))
+
+    def tick(self) -> None:
+        """Fail transfers that got no answer (the holder's node may be gone)."""
+        now = self._clock()
+        late = [(key, peer) for (key, peer), deadline in self.fetches.items() if deadline <= now]
+        for pair in late:
+            del self.fetches[pair]
+        self.feed(*(ev.FetchFailed(key, peer, stimulus_id="fetch timed out", now=now)
+                    for key, peer in late))
+
+    def forget_task(self, task_id: str) -> None:
+        """The task ended: let go of every key of it (running work is cancelled, then dropped)."""
+        now = self._clock()
+        keys = [key for key, run in self.runs.items() if run.task_id == task_id]
+        self.feed(*(ev.ForgetUnit(key, stimulus_id="task ended", now=now) for key in keys))
+        self.gathers = {k: g for k, g in self.gathers.items() if g.task_id != task_id}
+
+    def story(self, task_id: str) -> list[tuple[str, str, str, str, float]]:
+        return [(key, str(start), str(finish), f"{self.worker_id}: {cause}", when)
+                for key, start, finish, cause, when in self.state.story_of(f"{task_id}:")]
+
+    # --- the loop: events in, instructions out, until none remain ---------
+
+    def feed(self, *events: ev.Event) -> None:
+        pending = list(events)
+        while pending:
+            instructions = self.state.handle(*pending)
+            pending = []
+            for instruction in instructions:
+                pending += self._carry_out(instruction)
+        self._drop_forgotten()
+
+    def _carry_out(self, ins: ev.Instruction) -> list[ev.Event]:
+        now = self._clock()
+        match ins:
+            case ev.Execute(key=key, inputs=inputs):
+                return self._execute(key, dict(inputs), now)
+            case ev.Fetch(key=key, peer=peer):
+                self.fetches[(key, peer)] = now + FETCH_TIMEOUT_S
+                task_id = key.rsplit(":", 1)[0]
+                address = self.addresses.get(peer, "")
+                self._send_frames([b"p", address.encode(), peer.encode(),
+                                   m.encode(m.DataRequest(task_id, [key], self.worker_id))])
+            case ev.RetryPeerLater(peer=peer, delay=delay):
+                timer = threading.Timer(delay, self._tell, (RetryDue(peer),))
+                timer.daemon = True
+                timer.start()
+            case ev.SendFinished(key=key) | ev.SendErred(key=key):
+                return self._report(key, now)
+            case ev.SendReleased(key=key):
+                run = self.runs.get(key)
+                if run is not None:
+                    self._send_master(m.UnitsReleased(run.task_id, [run.run_id]))
+                    return [ev.ForgetUnit(key, stimulus_id=ins.stimulus_id, now=now)]
+            case ev.SendStealResponse(key=key, accepted=accepted, state=state):
+                run = self.runs.get(key)
+                if run is not None:
+                    self._send_master(m.StealReply(run.task_id, run.run_id, accepted, str(state)))
+                    if accepted:  # the scheduler takes it back: nothing of it is wanted here
+                        return [ev.ForgetUnit(key, stimulus_id=ins.stimulus_id, now=now)]
+            case ev.SendMissing(key=key):
+                task_id, _, index = key.rpartition(":")
+                self._send_master(m.Missing(task_id, int(index)))
+            case ev.SendData(peer=peer, data=data, missing=missing):
+                origin = self.origins.get(peer, b"")
+                reply = m.DataReply("", self.worker_id, list(data.items()), list(missing))
+                self._send_frames([b"r", origin, peer.encode(), m.encode(reply)])
+            case _:
+                raise TypeError(f"unknown instruction {ins!r}")
+        return []
+
+    def _execute(self, key: str, inputs: dict[str, bytes], now: float) -> list[ev.Event]:
+        gather = self.gathers.pop(key, None)
+        if gather is not None:  # no user code: hand the fetched results to the driver
+            prefix = len(gather.task_id) + 1
+            gather.reply({int(k[prefix:]): data for k, data in inputs.items()})
+            return [ev.ExecuteSucceeded(key, b"", stimulus_id="gathered", now=now),
+                    ev.ForgetUnit(key, stimulus_id="gathered", now=now)]
+        run = self.runs[key]
+        instance = self.instance
+        tell = self._tell
+        self._submit(partial(_execute_run, instance, key, run.units, run.task_id, inputs, tell))
+        return []
+
+    def _report(self, key: str, now: float) -> list[ev.Event]:
+        run = self.runs.get(key)
+        if run is None or run.run_id < 0:
+            return []
+        outcomes = run.outcomes
+        if run.keep and outcomes and outcomes[0].ok:
+            # The result stays here for the units that depend on it; the master learns where.
+            outcomes = [m.UnitOutcome(outcomes[0].index, True, b"", held=True)]
+        self._send_master(m.UnitsDone(run.task_id, run.run_id, outcomes, run.elapsed))
+        run.outcomes = []
+        if run.keep and outcomes and outcomes[0].ok:
+            return []
+        # Plain runs: the scheduler said, by sending them as a run, that it wants them once.
+        return [ev.ForgetUnit(key, stimulus_id="reported", now=now)]
+
+    def _drop_forgotten(self) -> None:
+        if len(self.runs) > len(self.state.units):
+            self.runs = {k: r for k, r in self.runs.items() if k in self.state.units}
+
+    def _key_of_run(self, task_id: str, run_id: int) -> str | None:
+        key = run_key(task_id, run_id)
+        if key in self.runs:
+            return key
+        return next((k for k, r in self.runs.items()
+                     if r.task_id == task_id and r.run_id == run_id), None)
+
+
+def _execute_run(instance: Any, key: str, units: list[m.UnitCall], task_id: str,
+                 inputs: dict[str, bytes], tell: Callable[[Any], None]) -> None:
+    """On the executor thread: run the units, stop at the first failure, report once."""
+    started = time.perf_counter()
+    outcomes: list[m.UnitOutcome] = []
+    try:
+        work_unit = instance.work_unit
+        for unit in units:
+            try:
+                args = [loads(unit.args)]
+                args += [loads(inputs[unit_key(task_id, d)]) for d in unit.deps]
+                outcomes.append(m.UnitOutcome(unit.index, True, dumps(work_unit(*args))))
+            except Exception as exc:
+                payload, type_name, message, text = describe_exception(exc)
+                outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text))
+                break  # the task fails; the rest of the run would be wasted
+    finally:
+        tell(Ran(key, outcomes, time.perf_counter() - started))
