@@ -311,6 +311,8 @@ class Master(Shell):
                                 m.DriverResults(ins.task_id, ins.results, ins.held))
             case ev.Steal():
                 self._to_worker(ins.node_id, ins.worker_id, m.StealUnits(ins.task_id, ins.run_id))
+            case ev.TellPeerGone():
+                self._to_worker(ins.node_id, ins.worker_id, m.PeerGone(ins.peer))
             case ev.TellHolders():
                 self._to_worker(ins.node_id, ins.worker_id,
                                 m.WhoHas(ins.task_id, ins.index, ins.holders))

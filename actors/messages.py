@@ -306,6 +306,12 @@ class WhoHas(Message, frozen=True):
     holders: list[tuple[str, str]]  # (worker id, node data address)
 
 
+class PeerGone(Message, frozen=True):
+    """master -> worker: a peer worker died; transfers from it will never answer."""
+
+    worker_id: str
+
+
 class DataRequest(Message, frozen=True):
     """worker -> (its node -> the holder's node ->) holder: send me these results."""
 
@@ -411,6 +417,7 @@ AnyMessage = (
     | StealReply
     | Missing
     | WhoHas
+    | PeerGone
     | DataRequest
     | DataReply
     | WorkerStoryRequest

@@ -25,6 +25,8 @@ import urllib.parse
 
 import structlog
 
+from actors import messages as m
+from actors.errors import MalformedMessage
 from transport import Hub
 from transport.hub import ClientCurve, ServerCurve
 from transport.keys import KeyPair
@@ -78,7 +80,8 @@ class DataPlane:
             if not address:
                 log.warning("data_request_without_address", holder=holder.decode(errors="replace"))
             elif address.decode(errors="replace") == self.address:
-                hub.send_now(WORKERS, [holder, b"", body])
+                if not hub.send_now(WORKERS, [holder, b"", body]):
+                    self._holder_gone(hub, holder, b"", body)
             else:
                 hub.send_now(self._peer_socket(hub, address.decode(errors="replace")), [holder, body])
             return True
@@ -96,7 +99,8 @@ class DataPlane:
         if socket == DATA:
             if len(frames) == 3:
                 origin, holder, body = frames
-                hub.send_now(WORKERS, [holder, origin, body])
+                if not hub.send_now(WORKERS, [holder, origin, body]):
+                    self._holder_gone(hub, holder, origin, body)
             else:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
             return True
@@ -107,6 +111,22 @@ class DataPlane:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
             return True
         return False
+
+    def _holder_gone(self, hub: Hub, holder: bytes, origin: bytes, body: bytes) -> None:
+        """The holder is not (or no longer) here: say so now, rather than let the asker wait."""
+        try:
+            request = m.decode(body)
+        except MalformedMessage:
+            return
+        if not isinstance(request, m.DataRequest):
+            return
+        reply = m.encode(m.DataReply(request.task_id, holder.decode(errors="replace"), [],
+                                     request.keys))
+        requester = request.requester.encode()
+        if origin == b"":
+            hub.send_now(WORKERS, [requester, reply])
+        else:
+            hub.send_now(DATA, [origin, requester, reply])
 
     def _peer_socket(self, hub: Hub, address: str) -> str:
         name = f"peer:{address}"

@@ -72,6 +72,8 @@ class Worker(Shell):
             send_frames=lambda frames: outbox.send(NODE, frames),
             submit=run_in_executor,
             tell=self.actor_ref.tell,
+            # The test suite checks every invariant after every event, in real workers too.
+            validate=os.environ.get("ACTORS_VALIDATE_STATE") == "1",
         )
         self.send(NODE, TO_NODE, message=m.Hello(
             "worker", self.worker_id, m.PROTOCOL_VERSION, __version__, pid=os.getpid()))
@@ -136,6 +138,8 @@ class Worker(Shell):
                 self._runner.steal(msg)
             case m.WhoHas():
                 self._runner.who_has(msg)
+            case m.PeerGone(worker_id=peer):
+                self._runner.peer_gone(peer)
             case m.DataReply():
                 self._runner.data_arrived(msg)
             case m.WorkerStoryRequest(task_id=task_id):

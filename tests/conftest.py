@@ -15,6 +15,10 @@ import pytest
 
 from actors import Client, LocalCluster
 
+# Every worker process the tests start checks its state machine's invariants after every event
+# (nodes pass ACTORS_* variables on to their workers).
+os.environ["ACTORS_VALIDATE_STATE"] = "1"
+
 
 def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
     """Poll ``condition`` until it is truthy; fail the test at the deadline (never hang)."""

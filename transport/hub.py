@@ -134,10 +134,12 @@ class Hub:
             _SocketSpec(name, zmq.DEALER, address, False, identity, None, curve, monitor)
         )
 
-    def send_now(self, socket_name: str, frames: list[bytes]) -> None:
-        """Send from a handler running on the hub thread itself (a relay): no extra hop."""
+    def send_now(self, socket_name: str, frames: list[bytes]) -> bool:
+        """Send from a handler running on the hub thread itself (a relay): no extra hop.
+
+        False when the message was dropped (an unroutable peer, a full queue)."""
         assert threading.current_thread() is self._thread, "send_now() is for hub handlers only"
-        self._send(socket_name.encode(), self._sockets[socket_name.encode()], frames)
+        return self._send(socket_name.encode(), self._sockets[socket_name.encode()], frames)
 
     def has_socket(self, name: str) -> bool:
         return name.encode() in self._sockets
@@ -319,9 +321,10 @@ class Hub:
                 self._send(frames[0], sock, frames[1:])
 
     @staticmethod
-    def _send(name: bytes, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    def _send(name: bytes, sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:
             sock.send_multipart(frames, zmq.NOBLOCK)
+            return True
         except zmq.ZMQError as exc:
             # A peer that left (EHOSTUNREACH) or a full queue (EAGAIN): the
             # message is dropped; liveness tracking notices the peer.
@@ -331,6 +334,7 @@ class Hub:
                 peer=frames[0][:40].decode(errors="replace") if len(frames) > 1 else "",
                 error=exc.strerror,
             )
+            return False
 
     def _receive(self, name: str, sock: zmq.Socket[bytes]) -> None:
         for _ in range(1_000):

@@ -168,6 +168,15 @@ class Steal(Instruction):
 
 
 @dataclass(frozen=True)
+class TellPeerGone(Instruction):
+    """A worker that may be fetching from ``peer`` learns that it is gone."""
+
+    node_id: str
+    worker_id: str
+    peer: str
+
+
+@dataclass(frozen=True)
 class TellHolders(Instruction):
     """Answer a worker's ``UnitMissing``: who holds that unit's result now."""
 

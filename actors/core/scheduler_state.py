@@ -73,6 +73,7 @@ from actors.core.scheduler_events import (
     TaskFinished,
     TaskSubmitted,
     TellHolders,
+    TellPeerGone,
     Tick,
     UnitMissing,
     UnitsFinished,
@@ -125,6 +126,7 @@ class TaskRecord:
     blocked: dict[int, UnitCall] = field(default_factory=dict)  # waiting for dependencies
     kept: dict[int, UnitCall] = field(default_factory=dict)  # keep units, to recompute if lost
     held: dict[int, str] = field(default_factory=dict)  # finished keep unit -> its worker
+    dependents: dict[int, list[int]] = field(default_factory=dict)  # unit -> units it feeds
     missing_for: dict[int, set[str]] = field(default_factory=dict)  # unit -> workers asking
     steals: set[int] = field(default_factory=set)  # run ids asked back
     seen_workers: set[str] = field(default_factory=set)  # every worker that joined it
@@ -247,6 +249,8 @@ class SchedulerState:
                 task.open_units[unit.index] = unit
                 if unit.keep:
                     task.kept[unit.index] = unit
+                for dep in unit.deps:
+                    task.dependents.setdefault(dep, []).append(unit.index)
                 if all(dep in task.held for dep in unit.deps):
                     task.pending.append(unit)
                 else:
@@ -333,6 +337,12 @@ class SchedulerState:
         task.missing_for.setdefault(event.index, set()).add(event.worker_id)
         self._reopen(task, event.index, f"missing at {event.worker_id}", event.now)
 
+    @staticmethod
+    def _still_needed(task: TaskRecord, index: int) -> bool:
+        """A held result reduce needs (no unit consumes it), or that an open unit consumes."""
+        dependents = task.dependents.get(index)
+        return not dependents or any(d in task.open_units for d in dependents)
+
     def _reopen(self, task: TaskRecord, index: int, cause: str, now: float) -> None:
         """A finished keep unit's result was lost: compute it again."""
         unit = task.kept.get(index)
@@ -399,8 +409,16 @@ class SchedulerState:
         if worker is None:
             return
         for task in list(self._running.values()):
-            for index in [i for i, holder in task.held.items() if holder == worker_id]:
-                self._reopen(task, index, f"holder lost: {cause}", now)
+            lost = [i for i, holder in task.held.items() if holder == worker_id]
+            for index in lost:
+                if self._still_needed(task, index):
+                    self._reopen(task, index, f"holder lost: {cause}", now)
+                else:
+                    task.held.pop(index)
+            if lost:  # its peers may be fetching from it: they need not wait for a timeout
+                for peer_id in sorted(task.workers - {worker_id}):
+                    peer = self.workers[peer_id]
+                    self._out.append(TellPeerGone(peer.node_id, peer_id, worker_id))
         if worker.task_id is None:
             return
         task = self.tasks[worker.task_id]
@@ -446,6 +464,7 @@ class SchedulerState:
         task.blocked.clear()
         task.kept.clear()
         task.held.clear()
+        task.dependents.clear()
         task.missing_for.clear()
         task.steals.clear()
 

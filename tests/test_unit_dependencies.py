@@ -1,0 +1,134 @@
+"""Units that depend on other units: results fetched worker to worker through the nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from actors import Client, ParallelTask, Unit
+from tests.conftest import alive, descendants, kill_all, python, wait_until
+
+pytestmark = pytest.mark.processes
+
+
+class TreeSum(ParallelTask):
+    """sum(range(n)) as a tree: leaves sum chunks, inner units add ``fan_in`` partial sums."""
+
+    def get_work(self, n, chunk, fan_in=2, pause=0.0):
+        level = [Unit((pause, start, min(start + chunk, n))) for start in range(0, n, chunk)]
+        yield from level
+        while len(level) > 1:
+            level = [Unit((pause,), after=level[i:i + fan_in]) for i in range(0, len(level), fan_in)]
+            yield from level
+
+    def work_unit(self, arg, *partial_sums):
+        time.sleep(arg[0])
+        return sum(range(*arg[1:])) if len(arg) == 3 else sum(partial_sums)
+
+    def reduce(self, results):
+        (root,) = results
+        return root
+
+
+class ForwardReference(ParallelTask):
+    def get_work(self):
+        later = Unit(1)
+        yield Unit(2, after=[later])
+
+    def work_unit(self, x, *inputs):
+        return x
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, list[int]]]:
+    """A master and two nodes of two workers each; yields (address, keys, node pids)."""
+    keys = str(tmp_path_factory.mktemp("keys") / "keys")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    master = python("-m", "actors.master", "--port", str(port), "--workers", "0", "--keys", keys,
+                    "--node-timeout", "2", "--max-deaths", "10", **quiet)
+    procs = [master]
+    everything = {master.pid}
+    try:
+        wait_until(lambda: os.path.isdir(os.path.join(keys, "allowed")), 30, "the master's keys")
+        for _ in range(2):
+            procs.append(python("-m", "actors.node", "--master", address, "--workers", "2",
+                                "--keys", keys, **quiet))
+        everything |= {p.pid for p in procs}
+        yield address, keys, [p.pid for p in procs[1:]]
+    finally:
+        for proc in procs:
+            everything |= descendants(proc.pid)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(20)
+        kill_all(everything)
+        wait_until(lambda: not any(alive(p) for p in everything), 20, "every process to end")
+
+
+def test_a_tree_reduction_fetches_partial_sums_across_nodes(
+    two_nodes: tuple[str, str, list[int]],
+) -> None:
+    address, keys, _ = two_nodes
+    with Client(address, keys=keys) as client:
+        client.wait_for_workers(4)
+        fut = client.submit(TreeSum, n=64_000, chunk=1_000, fan_in=2, pause=0.01)
+        assert fut.result(timeout=60) == sum(range(64_000))
+        story = fut.story()
+    # The story spans the master and the workers of both nodes, in time order.
+    times = [entry[4] for entry in story]
+    assert times == sorted(times)
+    tellers = {entry[3].split(": ", 1)[0] for entry in story}
+    nodes = {teller.split("/")[0] for teller in tellers if teller != "master"}
+    assert "master" in tellers and len(nodes) == 2, tellers
+    # Partial sums moved worker to worker, some between the two nodes (the causes name them).
+    arrivals = [(e[3].split(": ")[0], e[3].split("data ")[1]) for e in story
+                if e[1] == "flight" and e[2] == "memory"]
+    assert arrivals, "no dependency was fetched"
+    assert any(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals), arrivals
+
+
+def test_a_tree_reduction_survives_killed_holders(two_nodes: tuple[str, str, list[int]]) -> None:
+    address, keys, node_pids = two_nodes
+    rng = random.Random(11)
+    with Client(address, keys=keys) as client:
+        client.wait_for_workers(4)
+        fut = client.submit(TreeSum, n=200_000, chunk=500, fan_in=4, pause=0.005)
+        kills = 0
+        for round_ in range(3):  # kill a worker each time another 100 units are done
+            wait_until(lambda r=round_: fut.done() or fut.progress()[0] > 100 * (r + 1),
+                       60, "the task to make progress")
+            victims = sorted(descendants(node_pids[1]))
+            if fut.done() or not victims:
+                break
+            os.kill(rng.choice(victims), signal.SIGKILL)
+            kills += 1
+        assert kills >= 2, "the task ended before the chaos could start"
+        assert fut.result(timeout=120) == sum(range(200_000))
+        reopened = [e for e in fut.story() if e[2] == "queued" and "lost" in e[3]]
+        assert reopened, "the story shows no recomputation or requeue"
+
+
+def test_a_unit_may_depend_only_on_units_yielded_before_it(
+    two_nodes: tuple[str, str, list[int]],
+) -> None:
+    address, keys, _ = two_nodes
+    with Client(address, keys=keys) as client:
+        with pytest.raises(ValueError, match="has not yielded yet"):
+            client.submit(ForwardReference).result(timeout=60)
+        # the cluster goes on
+        assert client.submit(TreeSum, n=100, chunk=10).result(timeout=60) == sum(range(100))
