@@ -214,3 +214,123 @@ def test_only_the_latest_finished_tasks_are_kept(monkeypatch: pytest.MonkeyPatch
         s(ev.TaskFinished, "w1", f"t{i}", UnitOutcome(-1, True, b"x"))
     assert sorted(s.state.tasks) == ["t2", "t3", "t4"]
     assert s.state.story("t0") == [] and s.state.story("t4")
+
+
+# --- dependencies, held results, stealing -------------------------------------
+
+
+def two_workers() -> Harness:
+    h = Harness()
+    h(ev.NodeJoined, "n1", "tcp://n1")
+    h(ev.NodeJoined, "n2", "tcp://n2")
+    h(ev.WorkerReady, "n1", "w1")
+    h(ev.WorkerReady, "n2", "w2")
+    return h
+
+
+def kept(index: int, *deps: int) -> UnitCall:
+    return UnitCall(index, f"arg{index}".encode(), list(deps), keep=True)
+
+
+def held(index: int) -> UnitOutcome:
+    return UnitOutcome(index, True, b"", held=True)
+
+
+def dispatches(out: list[ev.Instruction]) -> list[ev.Dispatch]:
+    return [i for i in out if isinstance(i, ev.Dispatch)]
+
+
+def test_a_dependent_waits_for_its_inputs_then_goes_alone_with_their_holders() -> None:
+    s = Harness()
+    s(ev.NodeJoined, "n1", "tcp://n1")
+    s(ev.WorkerReady, "n1", "w1")
+    submit(s)
+    out = s(ev.UnitsSliced, "w1", "t1", [kept(0), kept(1), kept(2, 0, 1)], True)
+    sent = dispatches(out)
+    # keep units go alone (keyed by index on the worker); the dependent is not sent yet
+    assert [[u.index for u in d.units] for d in sent] == [[0], [1]]
+    assert set(s.state.tasks["t1"].blocked) == {2}
+    s(ev.UnitsFinished, "w1", "t1", sent[0].run_id, [held(0)], 0.001)
+    out = s(ev.UnitsFinished, "w1", "t1", sent[1].run_id, [held(1)], 0.001)
+    (dependent,) = dispatches(out)
+    assert [u.index for u in dependent.units] == [2]
+    assert dependent.holders == [(0, "w1", "tcp://n1"), (1, "w1", "tcp://n1")]
+    # the driver learns where held results are, not their values
+    forwards = [i for i in out if isinstance(i, ev.ForwardResults)]
+    assert forwards == [ev.ForwardResults("n1", "w1", "t1", [], [(1, "w1", "tcp://n1")])]
+
+
+def test_a_lost_holder_recomputes_only_what_is_still_needed_and_tells_its_peers() -> None:
+    s = two_workers()
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", [kept(0), kept(1), kept(2, 0)], True)
+    task = s.state.tasks["t1"]
+    runs = {i: r for w in ("w1", "w2") for i, r in s.state.workers[w].in_flight.items()}
+    where = {i: w for w in ("w1", "w2") for i in s.state.workers[w].in_flight}
+    s(ev.UnitsFinished, where[0], "t1", runs[0], [held(0)], 0.001)
+    s(ev.UnitsFinished, where[1], "t1", runs[1], [held(1)], 0.001)
+    assert task.held == {0: where[0], 1: where[1]}
+    # unit 1 is a sink (reduce needs it) and unit 0 feeds the open unit 2: both still needed
+    victim = "w2"
+    out = s(ev.WorkerLost, victim, "killed", False)
+    lost = [i for i, w in where.items() if w == victim and i in (0, 1)]
+    for index in lost:
+        assert index not in task.held and index in task.open_units
+    if lost:
+        assert ev.TellPeerGone("n1", "w1", victim) in out
+
+
+def test_a_worker_missing_an_input_is_told_its_holder_or_gets_it_recomputed() -> None:
+    s = two_workers()
+    submit(s)
+    out = s(ev.UnitsSliced, "w1", "t1", [kept(0), kept(1, 0)], True)
+    (run0,) = dispatches(out)
+    out = s(ev.UnitsFinished, run0.worker_id, "t1", run0.run_id, [held(0)], 0.001)
+    (run1,) = dispatches(out)
+    other = run1.worker_id
+    # a worker that asks again while the holder lives is told the holder
+    out = s(ev.UnitMissing, other, "t1", 0) if other != run0.worker_id else []
+    if other != run0.worker_id:
+        assert out == [ev.TellHolders(f"n{other[-1]}", other, "t1", 0,
+                                      [(run0.worker_id, f"tcp://n{run0.worker_id[-1]}")])]
+    # the holder itself lost it (its data is gone): the unit is computed again, then announced
+    out = s(ev.UnitMissing, run0.worker_id, "t1", 0)
+    assert 0 in s.state.tasks["t1"].open_units
+    (again,) = dispatches(out)
+    out = s(ev.UnitsFinished, again.worker_id, "t1", again.run_id, [held(0)], 0.001)
+    assert any(isinstance(i, ev.TellHolders) and i.worker_id == run0.worker_id for i in out)
+
+
+def test_an_idle_worker_steals_a_queued_run_from_a_busy_one() -> None:
+    s = two_workers()
+    submit(s)
+    out = s(ev.UnitsSliced, "w1", "t1", units(*range(4 * FIRST_BATCH)), True)
+    runs = {w: sorted(d.run_id for d in dispatches(out) if d.worker_id == w) for w in ("w1", "w2")}
+    assert len(runs["w1"]) == 2 and len(runs["w2"]) == 2
+    s(ev.UnitsFinished, "w2", "t1", runs["w2"][0], ok(*s.state.workers["w2"].in_flight)[:FIRST_BATCH], 0.0)
+    left = [i for i, r in s.state.workers["w2"].in_flight.items() if r == runs["w2"][1]]
+    out = s(ev.UnitsFinished, "w2", "t1", runs["w2"][1], ok(*left), 0.0)
+    # w2 is idle and nothing is queued: w1 is asked for its newest run, once
+    assert [i for i in out if isinstance(i, ev.Steal)] == [ev.Steal("n1", "w1", "t1", runs["w1"][1])]
+    assert not [i for i in s(ev.Tick) if isinstance(i, ev.Steal)]  # one request at a time
+    out = s(ev.StealAnswered, "w1", "t1", runs["w1"][1], True)
+    (moved,) = dispatches(out)
+    assert moved.worker_id == "w2" and len(moved.units) == FIRST_BATCH
+    assert (f"run {runs['w1'][1]}", "queued", "rescheduled") in [e[:3] for e in s.state.story("t1")]
+    # w1's oldest run is never asked for: it is most likely running
+    assert not [i for i in s(ev.Tick) if isinstance(i, ev.Steal)]
+
+
+def test_a_refused_steal_changes_nothing() -> None:
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    s(ev.WorkerReady, "n1", "w2")
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(2 * FIRST_BATCH)), True)
+    before = {w: dict(s.state.workers[w].in_flight) for w in ("w1", "w2")}
+    busy = next(w for w, f in before.items() if f)
+    run = max(before[busy].values())
+    assert [i for i in s(ev.StealAnswered, busy, "t1", run, False)
+            if not isinstance(i, ev.Steal)] == []
+    assert {w: dict(s.state.workers[w].in_flight) for w in ("w1", "w2")} == before

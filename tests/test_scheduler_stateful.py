@@ -1,8 +1,10 @@
-"""Random joins, losses, completions and cancels against the scheduler core (hypothesis).
+"""Random joins, losses, completions, steals and cancels against the scheduler core (hypothesis).
 
+Every third unit is kept on its worker and the unit two after it depends on it.
 Whatever happens, ``validate()`` holds, and once the chaos stops and workers
 exist every submitted task ends exactly once: done with every unit recorded
-once, or failed with a report.
+(inline results exactly once; kept ones at least once, as a lost holder's are
+computed again), or failed with a report.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sliced: dict[str, int] = {}
         self.reports: dict[str, list[ev.Instruction]] = {}
         self.recorded: dict[str, list[int]] = {}  # units forwarded to the driver
+        self.held: dict[str, set[int]] = {}  # kept units the driver was told about
         self.runs: dict[str, list[ev.Dispatch]] = {}  # worker -> dispatches not yet answered
         self.killed: list[str] = []  # workers we asked a node to kill: their exit comes next
+        self.steals: list[ev.Steal] = []  # steal requests not yet answered
 
     def feed(self, event: ev.Event) -> None:
         self.now += 1
@@ -40,6 +44,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.runs.setdefault(ins.worker_id, []).append(ins)
                 case ev.ForwardResults():
                     self.recorded.setdefault(ins.task_id, []).extend(i for i, _ in ins.results)
+                    self.held.setdefault(ins.task_id, set()).update(i for i, _, _ in ins.held)
+                case ev.Steal():
+                    self.steals.append(ins)
+                case ev.Assign(driver=True):
+                    self.sliced[ins.task_id] = 0  # a (re)started driver slices from the start
                 case ev.KillWorker():
                     self.runs.pop(ins.worker_id, None)  # its node will report the exit
                     self.killed.append(ins.worker_id)
@@ -80,7 +89,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         count = data.draw(st.integers(0, total - start))
         self.sliced[task_id] = start + count
-        units = [UnitCall(i, b"") for i in range(start, start + count)]
+        units = [unit_call(i) for i in range(start, start + count)]
         self.feed(ev.UnitsSliced(self.now, driver, task_id, units, start + count == total))
         self.flush()
 
@@ -89,7 +98,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def a_batch_finishes(self, data: st.DataObject, fail: int) -> None:
         worker = data.draw(st.sampled_from(sorted(w for w, r in self.runs.items() if r)))
         run = self.runs[worker].pop(0)
-        outcomes = [UnitOutcome(u.index, fail != 0, b"r") for u in run.units]
+        outcomes = [outcome(u, fail != 0) for u in run.units]
         self.feed(ev.UnitsFinished(self.now, worker, run.task_id, run.run_id, outcomes, 0.001))
         self.flush()
 
@@ -111,6 +120,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         worker = data.draw(st.sampled_from(holding or sorted(self.state.workers)))
         self.runs.pop(worker, None)
         self.feed(ev.WorkerLost(self.now, worker, "SIGKILL", False))
+        self.flush()
+
+    @precondition(lambda self: self.steals)
+    @rule(accepted=st.booleans())
+    def a_steal_is_answered(self, accepted: bool) -> None:
+        steal = self.steals.pop(0)
+        runs = self.runs.get(steal.worker_id, [])
+        if not any(r.run_id == steal.run_id for r in runs):
+            return  # the run already finished or its worker died: a real one answers nothing
+        if accepted:  # the worker gives the run back and never reports it
+            self.runs[steal.worker_id] = [r for r in runs if r.run_id != steal.run_id]
+        self.feed(ev.StealAnswered(self.now, steal.worker_id, steal.task_id, steal.run_id, accepted))
         self.flush()
 
     @precondition(lambda self: self.next_task)
@@ -136,13 +157,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             for driver, task_id in self.busy_drivers():
                 task = self.state.tasks[task_id]
                 if task.kind == "parallel" and not task.sliced_all:
-                    units = [UnitCall(i, b"") for i in range(self.sliced[task_id], self.units[task_id])]
+                    units = [unit_call(i) for i in range(self.sliced[task_id], self.units[task_id])]
                     self.sliced[task_id] = self.units[task_id]
                     self.feed(ev.UnitsSliced(self.now, driver, task_id, units, True))
+            while self.steals:
+                self.a_steal_is_answered(False)
             for worker, runs in list(self.runs.items()):
                 while runs:
                     run = runs.pop(0)
-                    outcomes = [UnitOutcome(u.index, True, b"r") for u in run.units]
+                    outcomes = [outcome(u, True) for u in run.units]
                     self.feed(ev.UnitsFinished(self.now, worker, run.task_id, run.run_id, outcomes, 0.001))
             for driver, task_id in self.busy_drivers():
                 task = self.state.tasks[task_id]
@@ -155,7 +178,21 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(self.reports.get(task_id, [])) == 1
             if task.state == "done" and task.kind == "parallel" and task.deaths.get(-1) is None:
                 # Each unit recorded exactly once (a restarted task re-records from scratch).
-                assert sorted(self.recorded.get(task_id, [])) == list(range(self.units[task_id]))
+                inline = [i for i in range(self.units[task_id]) if i % 3 != 0]
+                assert sorted(self.recorded.get(task_id, [])) == inline
+                assert self.held.get(task_id, set()) == set(range(0, self.units[task_id], 3))
+
+
+def unit_call(index: int) -> UnitCall:
+    """Every third unit is kept; the unit two after a kept one depends on it."""
+    deps = [index - 2] if index % 3 == 2 else []
+    return UnitCall(index, b"", deps, keep=index % 3 == 0)
+
+
+def outcome(unit: UnitCall, succeeded: bool) -> UnitOutcome:
+    if succeeded and unit.keep:
+        return UnitOutcome(unit.index, True, b"", held=True)
+    return UnitOutcome(unit.index, succeeded, b"r")
 
 
 SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40,

@@ -129,6 +129,7 @@ class TaskRecord:
     dependents: dict[int, list[int]] = field(default_factory=dict)  # unit -> units it feeds
     missing_for: dict[int, set[str]] = field(default_factory=dict)  # unit -> workers asking
     steals: set[int] = field(default_factory=set)  # run ids asked back
+    steal_pending: bool = False  # a steal request is waiting for its answer
     seen_workers: set[str] = field(default_factory=set)  # every worker that joined it
     reported_done: int = -1
     story: deque[StoryEntry] = field(default_factory=lambda: deque(maxlen=STORY_LENGTH))
@@ -317,7 +318,10 @@ class SchedulerState:
 
     def _steal_answered(self, event: StealAnswered) -> None:
         task = self._task_of(event.worker_id, event.task_id)
-        if task is None or not event.accepted:
+        if task is None:
+            return
+        task.steal_pending = False
+        if not event.accepted:
             return
         worker = self.workers[event.worker_id]
         self._note(task, f"run {event.run_id}", "queued", "rescheduled",
@@ -423,6 +427,7 @@ class SchedulerState:
             return
         task = self.tasks[worker.task_id]
         task.workers.discard(worker_id)
+        task.steal_pending = False  # if it was asked, it will never answer
         if worker_id == task.driver:
             self._restart(task, cause, now, count=not expected)
             return
@@ -467,6 +472,7 @@ class SchedulerState:
         task.dependents.clear()
         task.missing_for.clear()
         task.steals.clear()
+        task.steal_pending = False
 
     def _kill_task(self, task: TaskRecord, unit: str, causes: list[str], now: float) -> None:
         self._end(task, "erred", f"unit {unit}: workers died {len(causes)} times", now)
@@ -578,19 +584,23 @@ class SchedulerState:
             Dispatch(worker.node_id, worker.worker_id, task.task_id, run_id, units, holders))
 
     def _steal_for_idle(self, task: TaskRecord) -> None:
-        """An idle worker of the task and nothing queued: ask a busy peer for a queued run."""
-        if task.pending:
+        """An idle worker of the task and nothing queued: ask a busy peer for a queued run.
+
+        One request at a time per task, never for a worker's oldest run (it is most likely
+        running already), and never twice for the same run."""
+        if task.pending or task.steal_pending:
             return
         workers = [self.workers[w] for w in sorted(task.workers)]
-        if not any(not w.in_flight for w in workers):
+        if all(w.in_flight for w in workers):
             return
-        runs_of = {w.worker_id: sorted(set(w.in_flight.values())) for w in workers}
-        victim = max(workers, key=lambda w: len(runs_of[w.worker_id]))
-        runs = [r for r in runs_of[victim.worker_id] if r not in task.steals]
-        if len(runs_of[victim.worker_id]) < 2 or not runs:
-            return
-        task.steals.add(runs[-1])
-        self._out.append(Steal(victim.node_id, victim.worker_id, task.task_id, runs[-1]))
+        for victim in sorted(workers, key=lambda w: -len(set(w.in_flight.values()))):
+            runs = sorted(set(victim.in_flight.values()))[1:]
+            candidates = [r for r in runs if r not in task.steals]
+            if candidates:
+                task.steals.add(candidates[-1])
+                task.steal_pending = True
+                self._out.append(Steal(victim.node_id, victim.worker_id, task.task_id, candidates[-1]))
+                return
 
     # --- reporting ------------------------------------------------------------
 
