@@ -23,7 +23,7 @@ import pykka
 import structlog
 
 from actors import logs
-from actors.cluster import default_keys_dir
+from actors.cluster import default_keys_dir, local_node_command
 from actors.errors import ActorsError, MalformedMessage
 from actors.shell import ConnectionEvent, Tick, tell_if_alive
 from transport import ClientCurve, Hub, ServerCurve, init_keys, load_keypair, load_public_key
@@ -46,7 +46,10 @@ def _ensure_keys(directory: str) -> None:
 # --- master -----------------------------------------------------------------
 
 
-def master_main(argv: list[str] | None = None) -> int:
+def master_main(argv: list[str] | None = None, *,
+                local_node: subprocess.Popen[bytes] | None = None) -> int:
+    """``local_node``: this master's node, already started (``LocalCluster`` starts it at once,
+    beside the master, with ``local_node_command``); the master stops it as its own."""
     parser = argparse.ArgumentParser(prog="python -m actors.master",
                                      description="Start a pydra-actors master (and a local node).")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
@@ -76,6 +79,7 @@ def master_main(argv: list[str] | None = None) -> int:
         curve = ServerCurve(pair.public, pair.secret, str(allowed_dir(keys)))
     except ActorsError as exc:
         log.error("bad_keys", error=str(exc))
+        _stop_local_node(local_node)
         return 2
 
     from actors import messages as m
@@ -85,7 +89,12 @@ def master_main(argv: list[str] | None = None) -> int:
     master_ref: pykka.ActorRef[Any] | None = None
     sync_ref: pykka.ActorRef[Any] | None = None
 
+    started = threading.Event()
+
     def on_frames(_socket: str, frames: list[bytes]) -> None:
+        # A node may say hello as soon as we listen (LocalCluster's node is started beside
+        # this master, and connects before it binds): hold it until the actors exist.
+        started.wait(10)
         try:
             inbound = route_frames(frames)
         except MalformedMessage as exc:
@@ -105,6 +114,7 @@ def master_main(argv: list[str] | None = None) -> int:
         hub.start()
     except Exception as exc:
         log.error("cannot_listen", address=f"tcp://{args.host}:{args.port}", error=str(exc))
+        _stop_local_node(local_node)
         return 2
     address = hub.address("peers")
     master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}",
@@ -112,12 +122,13 @@ def master_main(argv: list[str] | None = None) -> int:
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))
+    started.set()
     stop = threading.Event()
     _stop_on_signals(stop)
-    node_args = ["--package-grace", str(args.package_grace)]
-    if args.cache:
-        node_args += ["--cache", args.cache]
-    node = _start_local_node(address, args.workers, keys, node_args) if args.workers > 0 else None
+    node = local_node
+    if node is None and args.workers > 0:
+        node = subprocess.Popen(local_node_command(address, args.workers, keys, args.package_grace,
+                                                   args.cache), stdin=subprocess.DEVNULL)
     if args.ready_file:
         _write_atomically(args.ready_file, json.dumps({"address": address, "pid": os.getpid()}))
     log.info("master_started", address=address, workers=args.workers, keys=keys,
@@ -143,13 +154,9 @@ def master_main(argv: list[str] | None = None) -> int:
     return exit_code[0]
 
 
-def _start_local_node(address: str, workers: int, keys: str,
-                      extra: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "actors.node", "--master", address, "--workers", str(workers),
-         "--keys", keys, "--exit-with-parent", *extra],
-        stdin=subprocess.DEVNULL,
-    )
+def _stop_local_node(node: subprocess.Popen[bytes] | None) -> None:
+    if node is not None:
+        _stop_process(node, grace=10.0)
 
 
 def _run_script(command: list[str], address: str, keys: str, stop: threading.Event,

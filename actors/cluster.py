@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,17 @@ import structlog
 from actors.errors import ActorsError
 
 log = structlog.get_logger("actors.cluster")
+
+# The master process of a LocalCluster starts its local node *before* it imports anything of
+# pydra-actors, so that both interpreters start at once rather than one after the other (the
+# imports are most of a process's start). The node stays the master's child, as with
+# ``python -m actors.master``: argv[1] is the node's command line (JSON), the rest the master's.
+_MASTER_FIRST_STARTS_NODE = (
+    "import json, subprocess, sys\n"
+    "node = subprocess.Popen(json.loads(sys.argv[1]), stdin=subprocess.DEVNULL)\n"
+    "from actors.cli import master_main\n"
+    "raise SystemExit(master_main(sys.argv[2:], local_node=node))\n"
+)
 
 
 def default_keys_dir() -> str:
@@ -57,8 +69,15 @@ class LocalCluster:
         self._tmp = tempfile.mkdtemp(prefix="actors-cluster-")
         self.keys_dir = str(keys) if keys else os.path.join(self._tmp, "keys")
         ready_file = os.path.join(self._tmp, "ready.json")
-        cmd = [
-            sys.executable, "-m", "actors.master", "--host", host, "--port", str(port),
+        # The node is started beside the master, so it must know the port before the master
+        # has bound it: a free one is held here (bound, not listening, SO_REUSEADDR) until the
+        # master has it, so no one else takes it meanwhile.
+        reserved = _reserve_port(host, port) if self.workers > 0 else None
+        if reserved is not None and not _keys_exist(self.keys_dir):  # the node reads them first
+            reserved[0].close()  # and the master says what is wrong, as before
+            reserved = None
+        master_args = [
+            "--host", host, "--port", str(reserved[1] if reserved else port),
             "--workers", str(self.workers), "--keys", self.keys_dir,
             "--ready-file", ready_file, "--node-timeout", str(node_timeout),
             # No tasks_dir: an empty folder of its own, not whatever ./tasks holds.
@@ -66,20 +85,37 @@ class LocalCluster:
             "--package-grace", str(package_grace),
         ]
         if cache_dir:
-            cmd += ["--cache", str(cache_dir)]
+            master_args += ["--cache", str(cache_dir)]
         env = dict(os.environ)
         if log_level:
             env["ACTORS_LOG_LEVEL"] = log_level
-        # Own session: a Ctrl-C meant for the notebook or script does not kill the cluster
-        # half-way; close() (or the finalizer) stops it.
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env,
-                                        start_new_session=True)
+        try:
+            if reserved is not None:
+                node = local_node_command(f"tcp://{reserved[2]}:{reserved[1]}", self.workers,
+                                          self.keys_dir, package_grace,
+                                          str(cache_dir) if cache_dir else None)
+                cmd = [sys.executable, "-c", _MASTER_FIRST_STARTS_NODE, json.dumps(node),
+                       *master_args]
+            else:
+                cmd = [sys.executable, "-m", "actors.master", *master_args]
+            # Own session: a Ctrl-C meant for the notebook or script does not kill the cluster
+            # half-way; close() (or the finalizer) stops it.
+            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env,
+                                            start_new_session=True)
+        except BaseException:
+            if reserved is not None:
+                reserved[0].close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
         self._finalizer = weakref.finalize(self, _stop, self.process, self._tmp)
         try:
             info = _wait_ready(self.process, ready_file, start_timeout)
         except BaseException:
             self.close()
             raise
+        finally:
+            if reserved is not None:
+                reserved[0].close()
         self.address: str = info["address"]
         self.pid: int = self.process.pid
 
@@ -94,6 +130,54 @@ class LocalCluster:
 
     def __repr__(self) -> str:
         return f"<LocalCluster {getattr(self, 'address', '?')} workers={self.workers}>"
+
+
+def local_node_command(address: str, workers: int, keys: str, package_grace: float,
+                       cache: str | None) -> list[str]:
+    """The command line of a master's local node (it exits when the master does)."""
+    cmd = [sys.executable, "-m", "actors.node", "--master", address, "--workers", str(workers),
+           "--keys", keys, "--exit-with-parent", "--package-grace", str(package_grace)]
+    return cmd + ["--cache", cache] if cache else cmd
+
+
+def _reserve_port(host: str, port: int) -> tuple[socket.socket, int, str] | None:
+    """Hold ``port`` (0: a free one) on ``host``'s IPv4 address until the master binds it.
+
+    Returns the holding socket, the port and the address a node connects to; None where the
+    host is not one this can resolve (the master then starts its node once it listens, as it
+    did before), and off Linux, whose SO_REUSEADDR this relies on.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            "0.0.0.0" if host == "*" else host, port, socket.AF_INET, socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError:
+        return None
+    try:
+        # The master's socket (ZeroMQ sets SO_REUSEADDR) may bind it while this one holds it,
+        # as long as this one never listens; a plain bind, or a bind to port 0, cannot.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        ip, bound = sock.getsockname()[:2]
+    except OSError:
+        sock.close()
+        return None
+    return sock, int(bound), str(ip)
+
+
+def _keys_exist(directory: str) -> bool:
+    """Create the keys where there are none yet (the master would); False where that fails."""
+    if Path(directory, "master.key_secret").exists():
+        return True
+    from transport import init_keys
+
+    try:
+        init_keys(directory)
+    except (OSError, ActorsError):
+        return False
+    return True
 
 
 def _wait_ready(process: subprocess.Popen[bytes], ready_file: str, timeout: float) -> dict[str, str]:

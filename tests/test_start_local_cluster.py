@@ -1,0 +1,135 @@
+"""How a LocalCluster starts: its master starts the local node first thing, on a port held for it.
+
+The node no longer waits for the master to listen: the master process starts it before its own
+imports, on a port that ``LocalCluster`` picked and holds until the master binds it. What a user
+sees must not change: the same process tree (master -> node -> workers), the same clean stop,
+the same errors.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import zmq
+
+from actors import Client, LocalCluster, Task
+from actors.cluster import ClusterStartFailed, _reserve_port
+from tests.conftest import alive, descendants, wait_until
+from transport import init_keys
+
+pytestmark = pytest.mark.processes
+
+
+class Square(Task):
+    def work(self, x):
+        return x * x
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _running_with(text: str) -> set[int]:
+    """Live processes whose command line mentions ``text`` (a path unique to one test)."""
+    return {int(e.name) for e in Path("/proc").iterdir()
+            if e.name.isdigit() and text in _cmdline(int(e.name)) and alive(int(e.name))}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_node_is_the_masters_child_and_its_workers_are_the_nodes() -> None:
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        assert client.submit(Square, 3).result(timeout=30) == 9
+        (node,) = _children(cl.pid)
+        assert "actors.node" in _cmdline(node)
+        assert len(_children(node)) == 2
+        pids = descendants(cl.pid) | {cl.pid}
+    wait_until(lambda: not any(alive(p) for p in pids), 20, "every cluster process to end")
+
+
+def test_a_held_port_is_refused_to_others_but_not_to_the_master() -> None:
+    reserved = _reserve_port("127.0.0.1", 0)
+    assert reserved is not None
+    holder, port, ip = reserved
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        assert ip == "127.0.0.1" and port > 0
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        router.bind(f"tcp://127.0.0.1:{port}")  # what the master's hub does
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"hello")
+        assert router.recv_multipart()[1] == b"hello"
+    finally:
+        holder.close()
+        router.close(linger=0)
+        dealer.close(linger=0)
+        ctx.term()
+
+
+def test_a_host_that_is_not_ipv4_is_not_held() -> None:
+    assert _reserve_port("::1", 0) is None  # the master reports the error, as before
+
+
+def test_an_explicit_port_is_the_clusters_and_a_busy_one_fails_cleanly() -> None:
+    port = _free_port()
+    with LocalCluster(workers=1, port=port) as cl, Client(cl) as client:
+        assert cl.address == f"tcp://127.0.0.1:{port}"
+        assert client.submit(Square, 4).result(timeout=30) == 16
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ClusterStartFailed, match="exited with code 2"):
+            LocalCluster(workers=1, port=busy.getsockname()[1])
+
+
+def test_a_master_that_cannot_start_stops_the_node_it_started(tmp_path: Path) -> None:
+    keys = init_keys(tmp_path / "keys")
+    (keys / "master.key_secret").write_text("not a key\n")  # the node's own keys are fine
+    with pytest.raises(ClusterStartFailed, match="exited with code 2"):
+        LocalCluster(workers=2, keys=keys)
+    wait_until(lambda: not _running_with(str(keys)), 20, "the node to be stopped")
+
+
+def test_keys_are_created_where_asked_before_anything_starts(tmp_path: Path) -> None:
+    keys = tmp_path / "new-keys"
+    with LocalCluster(workers=1, keys=keys) as cl, Client(cl) as client:
+        assert (keys / "master.key_secret").exists() and (keys / "allowed" / "node.key").exists()
+        assert client.submit(Square, 5).result(timeout=30) == 25
+
+
+def test_a_killed_master_takes_its_node_and_workers_along() -> None:
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        pids = descendants(cl.pid)
+        assert len(pids) == 3
+        os.kill(cl.pid, signal.SIGKILL)
+        cl.process.wait(10)
+        wait_until(lambda: not any(alive(p) for p in pids), 20, "the node and workers to end")
