@@ -26,7 +26,15 @@ from actors import logs
 from actors.cluster import default_keys_dir, local_node_command
 from actors.errors import ActorsError, MalformedMessage
 from actors.shell import ConnectionEvent, Tick, tell_if_alive
-from transport import ClientCurve, Hub, ServerCurve, init_keys, load_keypair, load_public_key
+from transport import (
+    ClientCurve,
+    Hub,
+    ServerCurve,
+    ensure_keys,
+    init_keys,
+    load_keypair,
+    load_public_key,
+)
 from transport.keys import allowed_dir
 
 log = structlog.get_logger("actors.cli")
@@ -38,8 +46,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _ensure_keys(directory: str) -> None:
-    if not Path(directory, "master.key_secret").exists():
-        init_keys(directory)
+    if ensure_keys(directory):
         log.info("keys_created", directory=directory)
 
 

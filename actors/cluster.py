@@ -169,12 +169,10 @@ def _reserve_port(host: str, port: int) -> tuple[socket.socket, int, str] | None
 
 def _keys_exist(directory: str) -> bool:
     """Create the keys where there are none yet (the master would); False where that fails."""
-    if Path(directory, "master.key_secret").exists():
-        return True
-    from transport import init_keys
+    from transport import ensure_keys
 
     try:
-        init_keys(directory)
+        ensure_keys(directory)
     except (OSError, ActorsError):
         return False
     return True

@@ -87,10 +87,7 @@ class DataPlane:
             return True
         if len(frames) == 4 and frames[0] == REPLY:
             _, origin, requester, body = frames
-            if origin == b"":
-                hub.send_now(WORKERS, [requester, body])
-            else:
-                hub.send_now(DATA, [origin, requester, body])
+            self._reply(hub, origin, requester, body)
             return True
         return False
 
@@ -120,13 +117,16 @@ class DataPlane:
             return
         if not isinstance(request, m.DataRequest):
             return
-        reply = m.encode(m.DataReply(request.task_id, holder.decode(errors="replace"), [],
-                                     request.keys))
-        requester = request.requester.encode()
+        reply = m.DataReply(request.task_id, holder.decode(errors="replace"), [], request.keys)
+        self._reply(hub, origin, request.requester.encode(), m.encode(reply))
+
+    @staticmethod
+    def _reply(hub: Hub, origin: bytes, requester: bytes, body: bytes) -> None:
+        """Send a holder's answer back: to our own worker, or to the asking node."""
         if origin == b"":
-            hub.send_now(WORKERS, [requester, reply])
+            hub.send_now(WORKERS, [requester, body])
         else:
-            hub.send_now(DATA, [origin, requester, reply])
+            hub.send_now(DATA, [origin, requester, body])
 
     def _peer_socket(self, hub: Hub, address: str) -> str:
         name = f"peer:{address}"

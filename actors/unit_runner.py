@@ -118,10 +118,6 @@ class UnitRunner:
 
     def run_units(self, msg: m.RunUnits) -> None:
         task_id = msg.task_id
-        who_has: dict[int, list[str]] = {}
-        for index, worker, address in msg.holders:
-            self.addresses[worker] = address
-            who_has.setdefault(index, []).append(worker)
         single = len(msg.units) == 1 and (msg.units[0].keep or bool(msg.units[0].deps))
         if single:
             unit = msg.units[0]
@@ -131,7 +127,7 @@ class UnitRunner:
             key, deps = run_key(task_id, msg.run_id), ()
         self.runs[key] = _Run(task_id, msg.run_id, list(msg.units), single)
         spec = ev.UnitSpec(key, task_id, b"", deps)
-        holders = {unit_key(task_id, i): tuple(ws) for i, ws in who_has.items()}
+        holders = self._who_has(task_id, msg.holders)
         self.feed(ev.ComputeUnit(spec, holders, stimulus_id=f"run{msg.run_id}", now=self._clock()))
 
     def release(self, msg: m.ReleaseUnits) -> None:
@@ -194,13 +190,8 @@ class UnitRunner:
         """Fetch held results for the driver's reduce, as dependencies of a gather key."""
         key = f"{msg.task_id}:{GATHER}"
         self.gathers[key] = msg
-        for _, worker, address in msg.holders:
-            self.addresses[worker] = address
-        deps = tuple(unit_key(msg.task_id, index) for index, _, _ in msg.holders)
-        holders: dict[str, tuple[str, ...]] = {}
-        for index, worker, _ in msg.holders:
-            dep = unit_key(msg.task_id, index)
-            holders[dep] = (*holders.get(dep, ()), worker)
+        holders = self._who_has(msg.task_id, msg.holders)
+        deps = tuple(holders)
         self.runs[key] = _Run(msg.task_id, -1, [], keep=True)
         self.feed(ev.ComputeUnit(ev.UnitSpec(key, msg.task_id, b"", deps), holders,
                                  stimulus_id="gather", now=self._clock()))
@@ -305,6 +296,16 @@ class UnitRunner:
             return []
         # Plain runs: the scheduler said, by sending them as a run, that it wants them once.
         return [ev.ForgetUnit(key, stimulus_id="reported", now=now)]
+
+    def _who_has(self, task_id: str,
+                 holders: list[tuple[int, str, str]]) -> dict[str, tuple[str, ...]]:
+        """Dependency key -> the workers holding it; remembers where those workers' nodes are."""
+        who_has: dict[str, tuple[str, ...]] = {}
+        for index, worker, address in holders:
+            self.addresses[worker] = address
+            key = unit_key(task_id, index)
+            who_has[key] = (*who_has.get(key, ()), worker)
+        return who_has
 
     def _drop_forgotten(self) -> None:
         if len(self.runs) > len(self.state.units):

@@ -4,7 +4,7 @@ Nothing here knows about tasks; frames in, frames out.
 """
 
 from transport.hub import ClientCurve, Hub, Outbox, ServerCurve
-from transport.keys import KeyPair, init_keys, load_keypair, load_public_key
+from transport.keys import KeyPair, ensure_keys, init_keys, load_keypair, load_public_key
 
 __all__ = [
     "ClientCurve",
@@ -12,6 +12,7 @@ __all__ = [
     "KeyPair",
     "Outbox",
     "ServerCurve",
+    "ensure_keys",
     "init_keys",
     "load_keypair",
     "load_public_key",

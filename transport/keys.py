@@ -48,6 +48,14 @@ def init_keys(directory: str | os.PathLike[str], *, overwrite: bool = False) -> 
     return root
 
 
+def ensure_keys(directory: str | os.PathLike[str]) -> bool:
+    """Create the key pairs and allow-list where there are none yet; True if it did."""
+    if (Path(directory) / "master.key_secret").exists():
+        return False
+    init_keys(directory)
+    return True
+
+
 def allowed_dir(directory: str | os.PathLike[str]) -> Path:
     path = Path(directory) / "allowed"
     if not path.is_dir():

@@ -297,9 +297,10 @@ class SchedulerState:
     def _held(self, task: TaskRecord, index: int, worker: WorkerRecord) -> None:
         """A keep unit finished: unblock its dependents, answer workers that missed it."""
         task.held[index] = worker.worker_id
-        for blocked in [u for u in task.blocked.values() if index in u.deps]:
-            if all(dep in task.held for dep in blocked.deps):
-                del task.blocked[blocked.index]
+        for dependent in task.dependents.get(index, ()):
+            blocked = task.blocked.get(dependent)
+            if blocked is not None and all(dep in task.held for dep in blocked.deps):
+                del task.blocked[dependent]
                 task.pending.append(blocked)
         holders = [(worker.worker_id, self._address(worker))]
         for asker_id in sorted(task.missing_for.pop(index, set())):
