@@ -124,13 +124,19 @@ def master_main(argv: list[str] | None = None, *,
         _stop_local_node(local_node)
         return 2
     address = hub.address("peers")
-    master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}",
-                              node_timeout_s=args.node_timeout, max_deaths=args.max_deaths)
+    stop = threading.Event()
+    exit_code = [0]
+
+    def crashed() -> None:
+        exit_code[0] = 70  # EX_SOFTWARE: the scheduler hit a bug; the log has the traceback
+        stop.set()
+
+    master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}", node_timeout_s=args.node_timeout,
+                              max_deaths=args.max_deaths, on_crash=crashed)
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))
     started.set()
-    stop = threading.Event()
     _stop_on_signals(stop)
     node = local_node
     if node is None and args.workers > 0:
@@ -146,7 +152,6 @@ def master_main(argv: list[str] | None = None, *,
         f"  from Python: Client({address!r}, keys={keys!r})\n"
     )
     sys.stdout.flush()
-    exit_code = [0]
     if args.run:
         _run_script(args.run, address, keys, stop, exit_code)
     stop.wait()

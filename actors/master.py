@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal as signals
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +55,9 @@ class StoryGather:
 
 class Master(Shell):
     def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0,
-                 max_deaths: int = 3) -> None:
+                 max_deaths: int = 3, on_crash: Callable[[], None] | None = None) -> None:
         super().__init__(hub)
+        self._on_crash = on_crash
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
         self.peers: dict[bytes, Peer] = {}
@@ -65,6 +67,11 @@ class Master(Shell):
         self.now = 0.0
         self.stories: list[StoryGather] = []  # story requests waiting for workers' parts
         self.log = log.bind(role="master", master_id=master_id)
+
+    def on_crash(self) -> None:
+        # A master without its actor would leave every client waiting on a silent socket.
+        if self._on_crash is not None:
+            self._on_crash()
 
     # --- input --------------------------------------------------------------
 
@@ -95,6 +102,11 @@ class Master(Shell):
             self._hello(peer_key, msg)
             return
         if peer is None:
+            if inbound.via is not None:
+                # A worker's message relayed by a node we declared lost: its runs were requeued.
+                # The node learns it is forgotten from the answer to its own next message.
+                self.log.debug("dropped_from_unknown_node", type=type(msg).__name__)
+                return
             self.log.warning("message_from_unknown_peer", type=type(msg).__name__)
             self.send(SOCKET, peer_key, message=m.Refused("unknown peer: send Hello first"))
             return
@@ -119,6 +131,11 @@ class Master(Shell):
             self.send(SOCKET, peer_key, message=m.Refused(problem))
             return
         known = self.peers.get(peer_key)
+        if known is not None and known.role == hello.role and known.peer_id == hello.peer_id:
+            # The same peer again (our Welcome was slow to reach it): welcome it again, as it is.
+            known.last_seen = self.now
+            self.send(SOCKET, peer_key, message=m.Welcome(self.master_id, hello.peer_id, HEARTBEAT_S))
+            return
         if known is not None and known.role == "node":
             self._apply(ev.NodeLost(self.now, known.peer_id, "node reconnected"))
         self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid)

@@ -127,12 +127,13 @@ class Node(Shell):
                 self.heartbeat_s = heartbeat_s
                 self.log.info("joined_master", workers=len(self.workers))
                 for worker in self.workers.values():
-                    if worker.ready:
+                    if worker.ready and not worker.expected_exit:
                         self._announce(worker)
             case m.Refused(reason=reason):
                 if "send Hello first" in reason:
-                    self.welcomed = False  # the master restarted: introduce ourselves again
-                    self._hello()
+                    if self.welcomed:
+                        self._forgotten()
+                    # else: our Hello is on its way, or the next tick sends it again
                 else:
                     self.log.error("master_refused_node", reason=reason)
                     self._fatal(f"master refused this node: {reason}")
@@ -140,6 +141,18 @@ class Node(Shell):
                 self._kill(worker_id, reason)
             case _:
                 self.log.warning("unexpected_message", source="master", type=type(msg).__name__)
+
+    def _forgotten(self) -> None:
+        """The master no longer knows us: it restarted, or declared us lost while we were silent.
+
+        Either way it has requeued whatever our workers run, and it will not take their results
+        (they would arrive for runs it gave to other workers). Start afresh: new worker processes,
+        a new introduction. Execution stays at-least-once; no result is recorded twice."""
+        self.log.warning("master_forgot_node", workers=len(self.workers))
+        self.welcomed = False
+        for worker_id in list(self.workers):
+            self._kill(worker_id, "the master forgot this node")
+        self._hello()
 
     def _from_worker(self, worker_id: str, msg: m.Message) -> None:
         worker = self.workers.get(worker_id)

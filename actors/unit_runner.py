@@ -287,6 +287,10 @@ class UnitRunner:
         if run is None or run.run_id < 0:
             return []
         outcomes = run.outcomes
+        if run.keep and not outcomes and key in self.state.data:
+            # Asked to compute what is already here (computed before the scheduler lost track
+            # of this worker, or fetched for a unit here): it is held here, not computed again.
+            outcomes = [m.UnitOutcome(run.units[0].index, True, b"")]
         if run.keep and outcomes and outcomes[0].ok:
             # The result stays here for the units that depend on it; the master learns where.
             outcomes = [m.UnitOutcome(outcomes[0].index, True, b"", held=True)]

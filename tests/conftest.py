@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,8 +68,29 @@ def kill_all(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def result_or_logs(future: Any, timeout: float, logs: Path) -> Any:
+    """``future.result(timeout)``; a task that does not end fails the test with the tail of every
+    process's log in ``logs`` (a hang on a CI machine leaves nothing else to read)."""
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        tails = []
+        for log_file in sorted(logs.glob("*.log")):
+            lines = log_file.read_text(errors="replace").splitlines()
+            tails.append(f"--- {log_file.name} (last 40 of {len(lines)} lines)")
+            tails += [line[:400] for line in lines[-40:]]
+        pytest.fail(f"{future!r} not done after {timeout}s; progress {future.progress()}\n"
+                    + "\n".join(tails))
+
+
 def python(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, *args], text=True, **kwargs)  # type: ignore[call-overload]
+
+
+def python_logged(log: Path, *args: str) -> subprocess.Popen[str]:
+    """``python *args`` with its stderr (its structlog lines, as JSON) in the file ``log``."""
+    with open(log, "w") as stderr:
+        return python(*args, "--log-format", "json", stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 @pytest.fixture(scope="module")

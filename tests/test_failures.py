@@ -15,7 +15,7 @@ import pytest
 
 from actors import Client, LocalCluster, ParallelTask, Task
 from actors.errors import TaskCancelled, WorkerKilled
-from tests.conftest import alive, descendants, kill_all, python, wait_until
+from tests.conftest import alive, descendants, kill_all, python_logged, result_or_logs, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -99,18 +99,17 @@ def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     keys, address = str(tmp_path / "keys"), f"tcp://127.0.0.1:{port}"
-    master = python("-m", "actors.master", "--port", str(port), "--workers", "0", "--keys", keys,
-                    "--node-timeout", "2", "--max-deaths", "10",  # random kills may hit the
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # driver repeatedly
+    # --max-deaths 10: random kills may hit the driver repeatedly
+    master = python_logged(tmp_path / "master.log", "-m", "actors.master", "--port", str(port),
+                           "--workers", "0", "--keys", keys, "--node-timeout", "2", "--max-deaths", "10")
     nodes: list[subprocess.Popen[str]] = []
     everything: set[int] = {master.pid}
     rng = random.Random(7)
     try:
         wait_until(lambda: (tmp_path / "keys" / "allowed").is_dir(), 30, "the master's keys")
-        for _ in range(2):
-            nodes.append(python("-m", "actors.node", "--master", address, "--workers", "2",
-                                "--keys", keys, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL))
+        for i in range(2):
+            nodes.append(python_logged(tmp_path / f"node{i}.log", "-m", "actors.node", "--master",
+                                       address, "--workers", "2", "--keys", keys))
         everything |= {n.pid for n in nodes}
         with Client(address, keys=keys) as client:
             client.wait_for_workers(4)
@@ -129,7 +128,7 @@ def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(
             everything |= descendants(nodes[0].pid)
             if not fut.done():
                 os.kill(nodes[0].pid, signal.SIGKILL)  # a whole node, with its workers
-            assert fut.result(timeout=120) == sum(range(3000))
+            assert result_or_logs(fut, 90, tmp_path) == sum(range(3000))
             story = fut.story()
             requeued = [e for e in story if e[2] == "queued" and "lost" in e[3]]
             assert requeued, "the story shows no re-queue"

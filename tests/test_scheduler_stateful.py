@@ -1,5 +1,8 @@
 """Random joins, losses, completions, steals and cancels against the scheduler core (hypothesis).
 
+Nodes go silent and come back (declared lost, then joining again with fresh workers), and
+worker announcements come twice or late, from a node already declared lost.
+
 Every third unit is kept on its worker and the unit two after it depends on it.
 Whatever happens, ``validate()`` holds, and once the chaos stops and workers
 exist every submitted task ends exactly once: done with every unit recorded
@@ -35,6 +38,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.runs: dict[str, list[ev.Dispatch]] = {}  # worker -> dispatches not yet answered
         self.killed: list[str] = []  # workers we asked a node to kill: their exit comes next
         self.steals: list[ev.Steal] = []  # steal requests not yet answered
+        self.nodes = ["n1", "n2"]
+        for node in self.nodes:
+            self.feed(ev.NodeJoined(self.now, node))
 
     def feed(self, event: ev.Event) -> None:
         self.now += 1
@@ -64,10 +70,36 @@ class SchedulerMachine(RuleBasedStateMachine):
         return [(t.driver, t.task_id) for t in self.state.tasks.values()
                 if t.state == "running" and t.driver is not None]
 
-    @rule()
-    def worker_joins(self) -> None:
+    @rule(node=st.sampled_from(["n1", "n2"]))
+    def worker_joins(self, node: str = "n1") -> None:
         self.next_worker += 1
-        self.feed(ev.WorkerReady(self.now, "n1", f"w{self.next_worker}"))
+        self.feed(ev.WorkerReady(self.now, node, f"w{self.next_worker}"))
+        self.flush()
+
+    @precondition(lambda self: self.state.workers)
+    @rule(data=st.data())
+    def a_worker_is_announced_again(self, data: st.DataObject) -> None:
+        """A repeated announcement changes nothing: the worker keeps its task and its units."""
+        worker = data.draw(st.sampled_from(sorted(self.state.workers)))
+        record = self.state.workers[worker]
+        before = (record.task_id, dict(record.in_flight))
+        self.feed(ev.WorkerReady(self.now, record.node_id, worker))
+        after = self.state.workers[worker]
+        assert (after.task_id, after.in_flight) == before
+        self.flush()
+
+    @rule(node=st.sampled_from(["n1", "n2"]), announce_late=st.booleans())
+    def a_node_is_silent_then_returns(self, node: str, announce_late: bool) -> None:
+        """Declared lost (every unit there requeued); its late messages are ignored; it joins
+        again with fresh workers (a forgotten node restarts its worker processes)."""
+        gone = sorted(self.state.nodes.get(node, ()))
+        for worker in gone:
+            self.runs.pop(worker, None)
+        self.feed(ev.NodeLost(self.now, node, "silent"))
+        if announce_late and gone:
+            self.feed(ev.WorkerReady(self.now, node, gone[0]))
+            assert gone[0] not in self.state.workers
+        self.feed(ev.NodeJoined(self.now, node))
         self.flush()
 
     @rule(n=st.integers(0, 60), kind=st.sampled_from(["task", "parallel"]),

@@ -10,11 +10,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from actors import Client, ParallelTask, Unit
-from tests.conftest import alive, descendants, kill_all, python, wait_until
+from tests.conftest import alive, descendants, kill_all, python_logged, result_or_logs, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -47,31 +49,41 @@ class ForwardReference(ParallelTask):
         return x
 
 
+@dataclass
+class TwoNodes:
+    address: str
+    keys: str
+    node_pids: list[int]
+    logs: Path  # every process's log, shown when a task hangs
+
+
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, list[int]]]:
-    """A master and two nodes of two workers each; yields (address, keys, node pids)."""
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
+    """A master and two nodes of two workers each."""
+    logs = tmp_path_factory.mktemp("logs")
     keys = str(tmp_path_factory.mktemp("keys") / "keys")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    master = python("-m", "actors.master", "--port", str(port), "--workers", "0", "--keys", keys,
-                    "--node-timeout", "2", "--max-deaths", "10", **quiet)
+    master = python_logged(logs / "master.log", "-m", "actors.master", "--port", str(port),
+                           "--workers", "0", "--keys", keys, "--node-timeout", "2",
+                           "--max-deaths", "10")
     procs = [master]
     everything = {master.pid}
     try:
         wait_until(lambda: os.path.isdir(os.path.join(keys, "allowed")), 30, "the master's keys")
-        for _ in range(2):
-            procs.append(python("-m", "actors.node", "--master", address, "--workers", "2",
-                                "--keys", keys, **quiet))
+        for i in range(2):
+            procs.append(python_logged(logs / f"node{i}.log", "-m", "actors.node", "--master",
+                                       address, "--workers", "2", "--keys", keys))
         everything |= {p.pid for p in procs}
-        yield address, keys, [p.pid for p in procs[1:]]
+        yield TwoNodes(address, keys, [p.pid for p in procs[1:]], logs)
     finally:
         for proc in procs:
             everything |= descendants(proc.pid)
         for proc in procs:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a test may have left a node stopped
                 proc.send_signal(signal.SIGTERM)
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -80,14 +92,11 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
         wait_until(lambda: not any(alive(p) for p in everything), 20, "every process to end")
 
 
-def test_a_tree_reduction_fetches_partial_sums_across_nodes(
-    two_nodes: tuple[str, str, list[int]],
-) -> None:
-    address, keys, _ = two_nodes
-    with Client(address, keys=keys) as client:
+def test_a_tree_reduction_fetches_partial_sums_across_nodes(two_nodes: TwoNodes) -> None:
+    with Client(two_nodes.address, keys=two_nodes.keys) as client:
         client.wait_for_workers(4)
         fut = client.submit(TreeSum, n=64_000, chunk=1_000, fan_in=2, pause=0.01)
-        assert fut.result(timeout=60) == sum(range(64_000))
+        assert result_or_logs(fut, 60, two_nodes.logs) == sum(range(64_000))
         story = fut.story()
     # The story spans the master and the workers of both nodes, in time order.
     times = [entry[4] for entry in story]
@@ -102,33 +111,56 @@ def test_a_tree_reduction_fetches_partial_sums_across_nodes(
     assert any(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals), arrivals
 
 
-def test_a_tree_reduction_survives_killed_holders(two_nodes: tuple[str, str, list[int]]) -> None:
-    address, keys, node_pids = two_nodes
+def test_a_tree_reduction_survives_killed_holders(two_nodes: TwoNodes) -> None:
     rng = random.Random(11)
-    with Client(address, keys=keys) as client:
+    with Client(two_nodes.address, keys=two_nodes.keys) as client:
         client.wait_for_workers(4)
         fut = client.submit(TreeSum, n=200_000, chunk=500, fan_in=4, pause=0.005)
         kills = 0
         for round_ in range(3):  # kill a worker each time another 100 units are done
             wait_until(lambda r=round_: fut.done() or fut.progress()[0] > 100 * (r + 1),
                        60, "the task to make progress")
-            victims = sorted(descendants(node_pids[1]))
+            victims = sorted(descendants(two_nodes.node_pids[1]))
             if fut.done() or not victims:
                 break
             os.kill(rng.choice(victims), signal.SIGKILL)
             kills += 1
         assert kills >= 2, "the task ended before the chaos could start"
-        assert fut.result(timeout=120) == sum(range(200_000))
+        assert result_or_logs(fut, 90, two_nodes.logs) == sum(range(200_000))
         reopened = [e for e in fut.story() if e[2] == "queued" and "lost" in e[3]]
         assert reopened, "the story shows no recomputation or requeue"
 
 
-def test_a_unit_may_depend_only_on_units_yielded_before_it(
-    two_nodes: tuple[str, str, list[int]],
+def test_a_node_silent_past_the_timeout_is_replaced_and_then_rejoins_afresh(
+    two_nodes: TwoNodes,
 ) -> None:
-    address, keys, _ = two_nodes
-    with Client(address, keys=keys) as client:
+    """SIGSTOP a node mid-tree (a long GC pause, a swapped-out host): the master declares it
+    lost and recomputes what it held; woken, the node learns it was forgotten, replaces its
+    worker processes and joins again. The result is exact and counted once."""
+    node = two_nodes.node_pids[1]
+    with Client(two_nodes.address, keys=two_nodes.keys) as client:
+        client.wait_for_workers(4)
+        old_workers = descendants(node)
+        fut = client.submit(TreeSum, n=100_000, chunk=500, fan_in=4, pause=0.005)
+        wait_until(lambda: fut.done() or fut.progress()[0] > 60, 60, "the task to make progress")
+        os.kill(node, signal.SIGSTOP)
+        try:
+            wait_until(lambda: fut.done() or client.info().workers == 2, 30,
+                       "the master to declare the silent node lost")
+        finally:
+            os.kill(node, signal.SIGCONT)
+        assert result_or_logs(fut, 90, two_nodes.logs) == sum(range(100_000))
+        story = fut.story()
+        assert any("lost" in e[3] for e in story), "the story shows no loss"
+        # The node is back with new worker processes; the old ones are gone.
+        wait_until(lambda: client.info().workers == 4, 30, "the node to rejoin with fresh workers")
+        wait_until(lambda: not any(alive(p) for p in old_workers), 20, "the old workers to end")
+        assert descendants(node) and not descendants(node) & old_workers
+
+
+def test_a_unit_may_depend_only_on_units_yielded_before_it(two_nodes: TwoNodes) -> None:
+    with Client(two_nodes.address, keys=two_nodes.keys) as client:
         with pytest.raises(ValueError, match="has not yielded yet"):
             client.submit(ForwardReference).result(timeout=60)
         # the cluster goes on
-        assert client.submit(TreeSum, n=100, chunk=10).result(timeout=60) == sum(range(100))
+        assert result_or_logs(client.submit(TreeSum, n=100, chunk=10), 60, two_nodes.logs) == 4950

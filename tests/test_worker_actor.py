@@ -136,3 +136,39 @@ def test_the_worker_actor_under_releases_and_steals_delivers_each_wanted_result_
         finally:
             kill_all({proc.pid})
         assert not alive(proc.pid)
+
+
+def test_a_kept_result_asked_for_again_is_reported_held_not_recomputed(tmp_path: Path) -> None:
+    """The scheduler may ask a worker to compute a kept unit it already holds (it reopened the
+    unit when it lost track of this worker): the answer is "held here", once per asking run."""
+    node = FakeNode(f"ipc://{tmp_path}/node.sock")
+    proc = python("-m", "actors.worker", "--node", f"ipc://{tmp_path}/node.sock", "--id", "w1")
+    try:
+        assert isinstance(node.receive(30), m.Hello)
+        node.send(m.Welcome("", "w1", 0.0))
+        node.send(m.AssignTask("t1", "Squares", "parallel", dumps_task_class(Squares), dumps(((1,), {})),
+                               driver=False))
+        replies: list[m.UnitsDone] = []
+        for run in (1, 2, 3):
+            node.send(m.RunUnits("t1", run, [m.UnitCall(7, dumps(7), keep=True)]))
+            deadline = time.monotonic() + 30
+            while len(replies) < run:
+                assert time.monotonic() < deadline, f"no answer to run {run}"
+                msg = node.receive(1.0)
+                if isinstance(msg, m.UnitsDone):
+                    replies.append(msg)
+        assert [r.run_id for r in replies] == [1, 2, 3]
+        assert all(r.outcomes == [m.UnitOutcome(7, True, b"", held=True)] for r in replies), replies
+        node.send(m.WorkerStoryRequest("t1"))
+        story = node.receive(10)
+        assert isinstance(story, m.WorkerStory)
+        executions = [e for e in story.entries if e[0] == "t1:7" and e[2] == "executing"]
+        assert len(executions) == 1, story.entries
+    finally:
+        node.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        finally:
+            kill_all({proc.pid})
+        assert not alive(proc.pid)

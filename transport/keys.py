@@ -39,12 +39,16 @@ def init_keys(directory: str | os.PathLike[str], *, overwrite: bool = False) -> 
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     allowed = root / "allowed"
-    allowed.mkdir(exist_ok=True)
+    # The allow-list appears last, whole (a rename): whoever sees it may load any key here.
+    staging = allowed if allowed.is_dir() else root / ".allowed.new"
+    staging.mkdir(exist_ok=True)
     for role in ROLES:
         public_file, secret_file = zmq.auth.create_certificates(str(root), role)
         os.chmod(secret_file, 0o600)
         if role != "master":
-            shutil.copyfile(public_file, allowed / f"{role}.key")
+            shutil.copyfile(public_file, staging / f"{role}.key")
+    if staging != allowed:
+        os.replace(staging, allowed)
     return root
 
 

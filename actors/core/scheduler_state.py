@@ -180,8 +180,11 @@ class SchedulerState:
                 self.nodes.setdefault(node_id, set())
                 self.data_addresses[node_id] = address
             case WorkerReady(node_id=node_id, worker_id=worker_id):
-                self.nodes.setdefault(node_id, set()).add(worker_id)
-                self.workers[worker_id] = WorkerRecord(worker_id, node_id)
+                # A repeated announcement, or a late one from a node declared lost since, would
+                # overwrite a worker's record behind its task's back: only new workers of live nodes.
+                if node_id in self.nodes and worker_id not in self.workers:
+                    self.nodes[node_id].add(worker_id)
+                    self.workers[worker_id] = WorkerRecord(worker_id, node_id)
             case NodeLost(node_id=node_id, reason=reason):
                 for worker_id in sorted(self.nodes.pop(node_id, set())):
                     self._worker_lost(worker_id, f"node {node_id} lost: {reason}", False, event.now)
