@@ -205,16 +205,20 @@ class Client:
 
     # --- the API ------------------------------------------------------------
 
-    def submit(self, task: type[Task] | str, /, *args: Any, priority: int = 0,
+    def submit(self, task: type[Task] | str, /, *args: Any, priority: int = 0, retries: int = 0,
                **kwargs: Any) -> Future:
         """Run one instance of ``task`` with these arguments.
 
         ``task`` is a Task class (shipped by value), or the name of a deployed task,
         ``"package.module:Class"``, run at the package's newest version. Arguments that
         do not fit a class are refused here; an unknown name raises ``UnknownTask``.
+        ``retries``: how many times a unit (or a Task's ``work``, a slicer, a reduce) that
+        raises runs again before the task fails; a worker that dies is not counted here.
         """
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
         if isinstance(task, str):
-            return self._submit_deployed(task, args, kwargs, priority)
+            return self._submit_deployed(task, args, kwargs, priority, retries)
         check_arguments(task, args, kwargs)
         code = self._code_cache.get(task)
         if code is None:
@@ -223,11 +227,11 @@ class Client:
         fut = Future(self, task_id, task.__qualname__)
         self._futures[task_id] = fut
         self._send(m.Submit(task_id, task.__qualname__, task.task_kind, code,
-                            dumps((args, kwargs)), priority))
+                            dumps((args, kwargs)), priority, retries))
         return fut
 
     def _submit_deployed(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                         priority: int) -> Future:
+                         priority: int, retries: int) -> Future:
         known = self._deployed_names()
         if name not in known:
             known = self._deployed_names(refresh=True)
@@ -236,7 +240,7 @@ class Client:
         task_id = f"{name.rpartition(':')[2]}-{uuid.uuid4().hex[:12]}"
         fut = Future(self, task_id, name)
         self._futures[task_id] = fut
-        self._send(m.Submit(task_id, name, "", b"", dumps((args, kwargs)), priority))
+        self._send(m.Submit(task_id, name, "", b"", dumps((args, kwargs)), priority, retries))
         return fut
 
     def _deployed_names(self, refresh: bool = False) -> set[str]:
@@ -251,9 +255,10 @@ class Client:
         return reply.packages
 
     def map(self, task: type[Task] | str, items: Iterable[Any], /, *, priority: int = 0,
-            **kwargs: Any) -> list[Future]:
+            retries: int = 0, **kwargs: Any) -> list[Future]:
         """One task instance per item (passed as the first argument)."""
-        return [self.submit(task, item, priority=priority, **kwargs) for item in items]
+        return [self.submit(task, item, priority=priority, retries=retries, **kwargs)
+                for item in items]
 
     def story(self, fut: Future, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
         reply = self._request(fut.task_id, m.StoryRequest(fut.task_id), timeout)

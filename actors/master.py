@@ -30,7 +30,8 @@ log = structlog.get_logger("actors.master")
 
 SOCKET = "peers"
 HEARTBEAT_S = 1.0
-STORY_WAIT_S = 1.0  # how long a story request waits for workers that do not answer
+STORY_WAIT_S = 1.0
+MAX_RETRIES = 100  # how long a story request waits for workers that do not answer
 
 
 @dataclass
@@ -218,13 +219,16 @@ class Master(Shell):
 
     def _submit(self, peer: Peer, msg: m.Submit) -> None:
         kind, package, version = msg.kind, "", ""
+        if not 0 <= msg.retries <= MAX_RETRIES:
+            self._refuse_submit(peer, msg, ValueError(
+                f"retries must be between 0 and {MAX_RETRIES}, not {msg.retries}"))
+            return
         if not msg.code:  # a deployed task, by name: pin the newest version now
             found = self._find_task(msg.name)
             if found is None:
                 known = sorted(t.name for pv in self.catalogue.values() for t in pv.listing.tasks)
                 self.log.warning("unknown_task", task=msg.name, client_id=peer.peer_id)
-                payload, type_name, text, tb = describe_exception(UnknownTask(msg.name, known))
-                self._to_client(peer.peer_id, m.TaskErred(msg.task_id, payload, type_name, text, ""))
+                self._refuse_submit(peer, msg, UnknownTask(msg.name, known))
                 return
             pv, info = found
             kind = "parallel" if info.kind.value == "ParallelTask" else "task"
@@ -235,7 +239,12 @@ class Master(Shell):
                       client_id=peer.peer_id, priority=msg.priority, package=package,
                       version=version)
         self._apply(ev.TaskSubmitted(self.now, msg.task_id, peer.peer_id, msg.name, kind,
-                                     msg.code, msg.args, msg.priority, package, version))
+                                     msg.code, msg.args, msg.priority, package, version,
+                                     msg.retries))
+
+    def _refuse_submit(self, peer: Peer, msg: m.Submit, error: Exception) -> None:
+        payload, type_name, text, _ = describe_exception(error)
+        self._to_client(peer.peer_id, m.TaskErred(msg.task_id, payload, type_name, text, ""))
 
     def _find_task(self, name: str) -> tuple[PackageVersion, Any] | None:
         pv = self.catalogue.get(name.split(".", 1)[0])

@@ -80,6 +80,7 @@ class Submit(Message, frozen=True):
     code: bytes  # cloudpickled task class; b"" for a deployed task
     args: bytes  # cloudpickled (args, kwargs)
     priority: int = 0
+    retries: int = 0  # times a unit (or a Task's work) that raises runs again
 
 
 class Cancel(Message, frozen=True):

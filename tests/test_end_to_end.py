@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,36 @@ class UnitExplodes(ParallelTask):
         return results
 
 
+def fails_first(tally: str, key: object, times: int) -> None:
+    """Raise the first ``times`` calls for ``key``: a count kept in a file, across processes."""
+    path = os.path.join(tally, str(key))
+    with open(path, "a") as f:
+        f.write(".")
+    if os.path.getsize(path) <= times:
+        raise ConnectionError(f"{key}: flaky, call {os.path.getsize(path)}")
+
+
+class FlakyUnits(ParallelTask):
+    def get_work(self, n, tally, times):
+        for i in range(n):
+            yield (i, tally, times)
+
+    def work_unit(self, arg):
+        i, tally, times = arg
+        if i % 5 == 0:
+            fails_first(tally, i, times)
+        return i
+
+    def reduce(self, results):
+        return sum(results)
+
+
+class FlakyTask(Task):
+    def work(self, x, tally, times):
+        fails_first(tally, "task", times)
+        return x * x
+
+
 class SlicerExplodes(ParallelTask):
     def get_work(self):
         yield 1
@@ -118,6 +149,27 @@ def test_a_failing_unit_fails_its_task_naming_the_unit(client: Client) -> None:
     assert "missing-13" in str(info.value)
     assert "unit 13" in str(info.value)
     assert client.submit(SumOfSquares, n=10).result(timeout=30) == 285
+
+
+def test_units_that_raise_run_again_as_often_as_asked(client: Client, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    fut = client.submit(FlakyUnits, 40, str(tmp_path / "a"), 2, retries=2)
+    assert fut.result(timeout=60) == sum(range(40))
+    # each flaky unit ran exactly three times: two failures, then its result
+    assert {p.name: p.stat().st_size for p in (tmp_path / "a").iterdir()} == {
+        str(i): 3 for i in range(0, 40, 5)}
+    retries = [e for e in fut.story() if e[1] == "error" and e[2] == "queued"]
+    assert len(retries) == 16 and all("retry" in e[3] for e in retries)
+    # one retry short: the unit's own exception, naming the unit
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConnectionError, match=r"flaky, call 2(.|\n)*unit \d+"):
+        client.submit(FlakyUnits, 40, str(tmp_path / "b"), 2, retries=1).result(timeout=60)
+
+
+def test_a_task_whose_work_raises_runs_again_when_asked(client: Client, tmp_path: Path) -> None:
+    assert client.submit(FlakyTask, 7, str(tmp_path), 1, retries=1).result(timeout=60) == 49
+    with pytest.raises(ValueError, match="retries"):
+        client.submit(FlakyTask, 7, str(tmp_path), 1, retries=-1)
 
 
 def test_a_failing_slicer_fails_its_task(client: Client) -> None:

@@ -168,6 +168,34 @@ def test_a_failing_unit_fails_the_task_and_kills_its_workers(s: Harness) -> None
     assert out[-1] == ev.ReportErred("c1", "t1", bad, "1")
 
 
+def test_a_raising_unit_runs_again_as_often_as_asked_then_fails_its_task(s: Harness) -> None:
+    s(ev.TaskSubmitted, "t1", "c1", "Name", "parallel", b"code", b"args", 0, "", "", 2)
+    s(ev.UnitsSliced, "w1", "t1", units(0, 1), True)
+    bad = UnitOutcome(1, False, b"exc", "builtins.KeyError", "'x'", "Traceback")
+    run = s.state.workers["w1"].in_flight[1]
+    out = s(ev.UnitsFinished, "w1", "t1", run, [UnitOutcome(0, True, b"r0"), bad], 0.01)
+    assert out[0] == ev.ForwardResults("n1", "w1", "t1", [(0, b"r0")], [])
+    # unit 1 is queued and dispatched again (the worker is still good: only the code raised)
+    [again] = [i for i in out if isinstance(i, ev.Dispatch)]
+    assert [u.index for u in again.units] == [1]
+    out = s(ev.UnitsFinished, "w1", "t1", again.run_id, [bad], 0.01)
+    [third] = [i for i in out if isinstance(i, ev.Dispatch)]
+    out = s(ev.UnitsFinished, "w1", "t1", third.run_id, [bad], 0.01)
+    assert out[-1] == ev.ReportErred("c1", "t1", bad, "1")
+    retries = [c for k, _, f, c, _ in s.state.story("t1") if k == "unit 1" and f == "queued"]
+    assert retries == ["retry 1 of 2", "retry 2 of 2"]
+
+
+def test_a_task_whose_work_raises_runs_again_on_its_warm_worker(s: Harness) -> None:
+    s(ev.TaskSubmitted, "t1", "c1", "Name", "task", b"code", b"args", 0, "", "", 1)
+    bad = UnitOutcome(-1, False, b"exc", "builtins.OSError", "flaky", "Traceback")
+    out = s(ev.TaskFinished, "w1", "t1", bad)
+    assert out == [ev.ReleaseWorker("n1", "w1", "t1"),
+                   ev.Assign("n1", "w1", "t1", "Name", "task", b"code", b"args", True)]
+    out = s(ev.TaskFinished, "w1", "t1", bad)
+    assert out[-1] == ev.ReportErred("c1", "t1", bad, "")
+
+
 def test_cancel_drops_queued_units_and_kills_the_workers(s: Harness) -> None:
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(*range(100)), False)

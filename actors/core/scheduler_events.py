@@ -55,6 +55,7 @@ class TaskSubmitted(Event):
     priority: int = 0
     package: str = ""  # a deployed task: the package version pinned at submit
     version: str = ""
+    retries: int = 0
 
 
 @dataclass(frozen=True)

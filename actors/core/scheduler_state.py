@@ -114,6 +114,7 @@ class TaskRecord:
     seq: int
     package: str = ""
     version: str = ""
+    retries: int = 0  # runs again of a unit (or of the driver's own code) that raised
     state: str = "queued"  # queued | running | done | erred | cancelled
     driver: str | None = None
     workers: set[str] = field(default_factory=set)
@@ -123,6 +124,7 @@ class TaskRecord:
     sliced_all: bool = False
     unit_seconds: float | None = None  # moving average of one unit's run time
     deaths: dict[int, list[str]] = field(default_factory=dict)  # unit index (-1: driver)
+    failures: dict[int, int] = field(default_factory=dict)  # unit index (-1: driver) -> raised
     blocked: dict[int, UnitCall] = field(default_factory=dict)  # waiting for dependencies
     kept: dict[int, UnitCall] = field(default_factory=dict)  # keep units, to recompute if lost
     held: dict[int, str] = field(default_factory=dict)  # finished keep unit -> its worker
@@ -239,6 +241,7 @@ class SchedulerState:
             next(self._seq),
             event.package,
             event.version,
+            max(0, event.retries),
         )
         self.tasks[task.task_id] = task
         heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
@@ -276,6 +279,9 @@ class SchedulerState:
                 continue  # already recorded: the first result won
             if not outcome.ok:
                 self._note(task, f"unit {outcome.index}", "executing", "error", outcome.type_name, event.now)
+                if self._retry(task, outcome.index, event.now):
+                    task.pending.appendleft(task.open_units[outcome.index])
+                    continue
                 self._end(task, "erred", f"unit {outcome.index} raised", event.now)
                 self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
                 return
@@ -362,10 +368,23 @@ class SchedulerState:
         task.done_count -= 1
         task.pending.appendleft(unit)
 
+    def _retry(self, task: TaskRecord, index: int, now: float) -> bool:
+        """Application exceptions run again only as often as the submitter asked (``retries``)."""
+        failed = task.failures.get(index, 0)
+        if failed >= task.retries:
+            return False
+        task.failures[index] = failed + 1
+        what = "task" if index < 0 else f"unit {index}"
+        self._note(task, what, "error", "queued", f"retry {failed + 1} of {task.retries}", now)
+        return True
+
     def _task_finished(self, event: TaskFinished) -> None:
         task = self._task_of(event.worker_id, event.task_id)
         # Only the driver ends a task well; any worker that cannot load it fails it.
         if task is None or (event.worker_id != task.driver and event.outcome.ok):
+            return
+        if not event.outcome.ok and event.worker_id == task.driver and self._retry(task, -1, event.now):
+            self._run_driver_again(task, event.now)
             return
         # _end first: its last progress report must reach the client before the outcome.
         if event.outcome.ok:
@@ -445,14 +464,16 @@ class SchedulerState:
                     return
             task.pending.appendleft(task.open_units[index])
 
-    def _restart(self, task: TaskRecord, cause: str, now: float, *, count: bool = True) -> None:
+    def _restart(self, task: TaskRecord, cause: str, now: float, *, count: bool = True,
+                 note: bool = True) -> None:
         causes = task.deaths.setdefault(-1, [])
         if count:
             causes.append(cause)
         if len(causes) >= self.max_deaths:
             self._kill_task(task, "driver", causes, now)
             return
-        self._note(task, "task", task.state, "queued", f"driver lost: {cause}", now)
+        if note:
+            self._note(task, "task", task.state, "queued", f"driver lost: {cause}", now)
         task.driver = None
         for worker_id in sorted(task.workers):
             worker = self._drop_worker(worker_id)
@@ -467,6 +488,23 @@ class SchedulerState:
         self._clear_units(task)
         task.done_count = 0
         task.sliced_all = False
+
+    def _run_driver_again(self, task: TaskRecord, now: float) -> None:
+        """The driver's own code raised and may run again: a Task on its (warm) worker, freed and
+        queued; a ParallelTask restarts from its slicer, as after a lost driver."""
+        if task.kind == "parallel":
+            self._restart(task, "raised", now, count=False, note=False)
+            return
+        for worker_id in sorted(task.workers):
+            worker = self.workers[worker_id]
+            worker.task_id = None
+            worker.in_flight.clear()
+            self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
+        task.workers.clear()
+        task.driver = None
+        task.state = "queued"
+        self._running.pop(task.task_id, None)
+        heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
 
     @staticmethod
     def _clear_units(task: TaskRecord) -> None:
