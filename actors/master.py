@@ -7,7 +7,11 @@ scheduler's instructions into messages. It never unpickles user payloads.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import signal as signals
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +23,9 @@ from actors import __version__
 from actors import messages as m
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
-from actors.core.scheduler_state import SchedulerState
+from actors.core.scheduler_state import SchedulerState, unit_digest
 from actors.errors import MalformedMessage, UnknownTask
+from actors.journal import ResultJournal
 from actors.serialize import describe_exception
 from actors.shell import Inbound, Shell, Tick
 from actors.task_sync import Catalogue, InstanceUses
@@ -56,9 +61,13 @@ class StoryGather:
 
 class Master(Shell):
     def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0,
-                 max_deaths: int = 3, on_crash: Callable[[], None] | None = None) -> None:
+                 max_deaths: int = 3, on_crash: Callable[[], None] | None = None,
+                 journal_dir: str | None = None) -> None:
         super().__init__(hub)
         self._on_crash = on_crash
+        self._journal_dir = journal_dir
+        self._own_dir: str | None = None  # made for the journal here, removed at stop
+        self.journal: ResultJournal | None = None
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
         self.peers: dict[bytes, Peer] = {}
@@ -68,6 +77,22 @@ class Master(Shell):
         self.now = 0.0
         self.stories: list[StoryGather] = []  # story requests waiting for workers' parts
         self.log = log.bind(role="master", master_id=master_id)
+
+    def on_start(self) -> None:
+        super().on_start()
+        if self._journal_dir is None:
+            self._journal_dir = self._own_dir = tempfile.mkdtemp(prefix="actors-master-")
+        self.journal = ResultJournal(os.path.join(self._journal_dir, f"{self.master_id}.sqlite"))
+
+    def on_stop(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.journal.path + suffix)
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+        super().on_stop()
 
     def on_crash(self) -> None:
         # A master without its actor would leave every client waiting on a silent socket.
@@ -88,6 +113,7 @@ class Master(Shell):
                 self._check_liveness()
                 self._apply(ev.Tick(now))
                 self._stories_due()
+                self._journal.commit()
             case Catalogue(packages=packages):
                 self._catalogue(packages)
             case ("task_sync", ref):
@@ -281,7 +307,32 @@ class Master(Shell):
     def _send_newest(self, node_key: bytes) -> None:
         self.send(SOCKET, node_key, message=m.NewestVersions(self._newest_versions()))
 
+    @property
+    def _journal(self) -> ResultJournal:
+        assert self.journal is not None, "the journal opens in on_start"
+        return self.journal
+
+    def _replay(self, ins: ev.ReplayResults) -> None:
+        """A restarted driver sliced finished units again: their journaled results, if the unit
+        is the same (its digest); the others go back to the scheduler to run again."""
+        found = self._journal.lookup(ins.task_id, (unit.index for unit in ins.units))
+        replayed: list[tuple[int, bytes]] = []
+        again: list[m.UnitCall] = []
+        for unit in ins.units:
+            entry = found.get(unit.index)
+            if entry is not None and entry[0] == unit_digest(unit):
+                replayed.append((unit.index, entry[1]))
+            else:
+                again.append(unit)
+        self.log.info("results_replayed", task_id=ins.task_id, worker_id=ins.worker_id,
+                      replayed=len(replayed), run_again=len(again))
+        if replayed:
+            self._to_worker(ins.node_id, ins.worker_id, m.DriverResults(ins.task_id, replayed, []))
+        if again:
+            self._apply(ev.UnitsNotReplayed(self.now, ins.worker_id, ins.task_id, again))
+
     def _task_ended(self, task_id: str) -> None:
+        self._journal.forget(task_id)
         task = self.scheduler.tasks.get(task_id)
         if task is not None and task.package and self.task_sync is not None:
             self.task_sync.tell(InstanceUses(task.package, task.version, task_id, ended=True))
@@ -335,6 +386,10 @@ class Master(Shell):
             case ev.ForwardResults():
                 self._to_worker(ins.node_id, ins.worker_id,
                                 m.DriverResults(ins.task_id, ins.results, ins.held))
+            case ev.RecordResults():
+                self._journal.record(ins.task_id, ins.results)
+            case ev.ReplayResults():
+                self._replay(ins)
             case ev.Steal():
                 self._to_worker(ins.node_id, ins.worker_id, m.StealUnits(ins.task_id, ins.run_id))
             case ev.TellPeerGone():

@@ -52,6 +52,26 @@ class Slow(ParallelTask):
         return sum(results)
 
 
+class Tallied(ParallelTask):
+    """Each execution of a unit leaves a mark in ``tally``; the driver leaves its pid there."""
+
+    def get_work(self, n, tally):
+        with open(os.path.join(tally, f"driver-{os.getpid()}"), "w"):
+            pass
+        for i in range(n):
+            yield (i, tally)
+
+    def work_unit(self, arg):
+        i, tally = arg
+        time.sleep(0.01)
+        with open(os.path.join(tally, str(i)), "a") as f:
+            f.write(".")
+        return i
+
+    def reduce(self, results):
+        return sum(results)
+
+
 def worker_pids(cluster_pid: int) -> set[int]:
     """The worker processes: grandchildren of the master (master -> node -> worker)."""
     nodes = {p for p in descendants(cluster_pid) if _parent(p) == cluster_pid}
@@ -90,6 +110,27 @@ def test_a_unit_that_kills_its_process_ends_the_task_with_worker_killed() -> Non
         assert client.submit(Square, 5).result(timeout=30) == 25
         story = [(k, s, f) for k, s, f, _, _ in fut.story()]
         assert story.count(("task", "running", "queued")) == 2  # restarted twice, then failed
+
+
+def test_a_killed_driver_restarts_and_keeps_the_units_already_finished(tmp_path: Path) -> None:
+    n = 400
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        fut = client.submit(Tallied, n, str(tmp_path))
+        wait_until(lambda: fut.progress()[0] >= 150, 60, "half the units to finish")
+        [driver] = [int(p.name.split("-")[1]) for p in tmp_path.glob("driver-*")]
+        done_at_kill = fut.progress()[0]
+        os.kill(driver, signal.SIGKILL)
+        assert fut.result(timeout=60) == sum(range(n))
+        story = fut.story()
+    assert len(list(tmp_path.glob("driver-*"))) == 2, "the driver did not restart"
+    runs = {int(p.name): p.stat().st_size for p in tmp_path.iterdir() if p.name.isdigit()}
+    assert sorted(runs) == list(range(n))
+    # What had finished when the driver died was replayed to the new one, not run again:
+    # only units in flight at the kill (or finishing between progress reports) ran twice.
+    replayed = sum(int(e[3].split(": ")[1].split()[0]) for e in story if e[2] == "replayed")
+    assert replayed >= done_at_kill, (replayed, done_at_kill)
+    assert sum(1 for count in runs.values() if count > 1) <= n - replayed
 
 
 def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actors.core import scheduler_events as ev
-from actors.core.scheduler_state import FIRST_BATCH, SchedulerState
+from actors.core.scheduler_state import FIRST_BATCH, SchedulerState, unit_digest
 from actors.messages import UnitCall, UnitOutcome
 
 
@@ -77,7 +77,10 @@ def test_results_are_forwarded_to_the_driver_once(s: Harness) -> None:
     s(ev.UnitsSliced, "w1", "t1", units(0, 1), True)
     s(ev.WorkerReady, "n1", "w2")
     out = s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1), 0.002)
-    assert out == [ev.ForwardResults("n1", "w1", "t1", [(0, b"res0"), (1, b"res1")])]
+    assert out == [
+        ev.ForwardResults("n1", "w1", "t1", [(0, b"res0"), (1, b"res1")]),
+        ev.RecordResults("t1", [(i, unit_digest(u), b"res%d" % i) for i, u in enumerate(units(0, 1))]),
+    ]
     # The same run reported again (a duplicate frame) records nothing twice.
     assert s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1), 0.002) == []
     assert s.state.tasks["t1"].done_count == 2
@@ -155,6 +158,31 @@ def test_a_lost_driver_restarts_the_task_and_stops_its_helpers(s: Harness) -> No
     assert s.state.tasks["t1"].state == "queued"
     out = s(ev.WorkerReady, "n1", "w3")
     assert out == [ev.Assign("n1", "w3", "t1", "Name", "parallel", b"code", b"args", True)]
+
+
+def test_a_restarted_driver_gets_finished_results_replayed_not_recomputed(s: Harness) -> None:
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(6)), True)
+    run = s.state.workers["w1"].in_flight[0]
+    s(ev.UnitsFinished, "w1", "t1", run, ok(0, 1, 2), 0.003)
+    s(ev.WorkerLost, "w1", "killed by signal 9", False)
+    out = s(ev.WorkerReady, "n1", "w2")
+    assert out == [ev.Assign("n1", "w2", "t1", "Name", "parallel", b"code", b"args", True)]
+    assert s.state.tasks["t1"].done_count == 3  # progress does not go back
+    # The new driver slices again; unit 1's arguments differ this time.
+    again = units(0, 2, 3, 4, 5) + [UnitCall(1, b"changed")]
+    again.sort(key=lambda u: u.index)
+    out = s(ev.UnitsSliced, "w2", "t1", again, True)
+    [replay] = [i for i in out if isinstance(i, ev.ReplayResults)]
+    assert [u.index for u in replay.units] == [0, 1, 2] and replay.worker_id == "w2"
+    dispatched = [u.index for i in out if isinstance(i, ev.Dispatch) for u in i.units]
+    assert dispatched == [3, 4, 5]
+    # The journal has unit 1 under other arguments: the shell reports it back; it runs again.
+    out = s(ev.UnitsNotReplayed, "w2", "t1", [UnitCall(1, b"changed")])
+    assert [u.index for i in out if isinstance(i, ev.Dispatch) for u in i.units] == [1]
+    assert s.state.tasks["t1"].done_count == 2
+    story = s.state.story("t1")
+    assert ("units 0-2", "memory", "replayed") in [e[:3] for e in story]
 
 
 def test_a_failing_unit_fails_the_task_and_kills_its_workers(s: Harness) -> None:

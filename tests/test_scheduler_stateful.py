@@ -12,6 +12,8 @@ computed again), or failed with a report.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -33,7 +35,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.units: dict[str, int] = {}  # task -> units its slicer yields
         self.sliced: dict[str, int] = {}
         self.reports: dict[str, list[ev.Instruction]] = {}
-        self.recorded: dict[str, list[int]] = {}  # units forwarded to the driver
+        self.recorded: dict[str, list[int]] = {}  # units forwarded to the current driver
+        self.journaled: dict[str, list[int]] = {}  # units whose result was journaled
+        self.rerun: dict[str, set[int]] = {}  # journaled units a replay could not answer for
+        self.replays: list[ev.ReplayResults] = []  # replays the shell has not carried out yet
         self.held: dict[str, set[int]] = {}  # kept units the driver was told about
         self.runs: dict[str, list[ev.Dispatch]] = {}  # worker -> dispatches not yet answered
         self.killed: list[str] = []  # workers we asked a node to kill: their exit comes next
@@ -51,10 +56,17 @@ class SchedulerMachine(RuleBasedStateMachine):
                 case ev.ForwardResults():
                     self.recorded.setdefault(ins.task_id, []).extend(i for i, _ in ins.results)
                     self.held.setdefault(ins.task_id, set()).update(i for i, _, _ in ins.held)
+                case ev.RecordResults():
+                    self.journaled.setdefault(ins.task_id, []).extend(i for i, _, _ in ins.results)
+                case ev.ReplayResults():
+                    self.replays.append(ins)
                 case ev.Steal():
                     self.steals.append(ins)
                 case ev.Assign(driver=True):
                     self.sliced[ins.task_id] = 0  # a (re)started driver slices from the start
+                    self.recorded[ins.task_id] = []  # and has no result yet
+                    self.held[ins.task_id] = set()
+                    self.replays = [r for r in self.replays if r.task_id != ins.task_id]
                 case ev.KillWorker():
                     self.runs.pop(ins.worker_id, None)  # its node will report the exit
                     self.killed.append(ins.worker_id)
@@ -154,6 +166,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.feed(ev.WorkerLost(self.now, worker, "SIGKILL", False))
         self.flush()
 
+    @precondition(lambda self: self.busy_drivers())
+    @rule(data=st.data())
+    def a_driver_dies(self, data: st.DataObject) -> None:
+        """The driver holds every result so far: they must come back from the journal."""
+        driver, _ = data.draw(st.sampled_from(self.busy_drivers()))
+        self.runs.pop(driver, None)
+        self.feed(ev.WorkerLost(self.now, driver, "SIGKILL", False))
+        self.flush()
+
     @precondition(lambda self: self.steals)
     @rule(accepted=st.booleans())
     def a_steal_is_answered(self, accepted: bool) -> None:
@@ -164,6 +185,19 @@ class SchedulerMachine(RuleBasedStateMachine):
         if accepted:  # the worker gives the run back and never reports it
             self.runs[steal.worker_id] = [r for r in runs if r.run_id != steal.run_id]
         self.feed(ev.StealAnswered(self.now, steal.worker_id, steal.task_id, steal.run_id, accepted))
+        self.flush()
+
+    @precondition(lambda self: self.replays)
+    @rule(changed=st.booleans())
+    def the_shell_replays_journaled_results(self, changed: bool = False) -> None:
+        """The journal answers for every unit, unless its arguments changed on re-slicing."""
+        replay = self.replays.pop(0)
+        units = list(replay.units)
+        if changed:
+            first = units.pop(0)
+            self.rerun.setdefault(replay.task_id, set()).add(first.index)
+            self.feed(ev.UnitsNotReplayed(self.now, replay.worker_id, replay.task_id, [first]))
+        self.recorded.setdefault(replay.task_id, []).extend(u.index for u in units)
         self.flush()
 
     @precondition(lambda self: self.next_task)
@@ -194,6 +228,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.feed(ev.UnitsSliced(self.now, driver, task_id, units, True))
             while self.steals:
                 self.a_steal_is_answered(False)
+            while self.replays:
+                self.the_shell_replays_journaled_results()
             for worker, runs in list(self.runs.items()):
                 while runs:
                     run = runs.pop(0)
@@ -208,11 +244,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         for task_id, task in self.state.tasks.items():
             assert task.finished, f"{task_id} never ended: {task.state}"
             assert len(self.reports.get(task_id, [])) == 1
-            if task.state == "done" and task.kind == "parallel" and task.deaths.get(-1) is None:
-                # Each unit recorded exactly once (a restarted task re-records from scratch).
+            if task.state == "done" and task.kind == "parallel":
+                # The last driver got each result exactly once, computed or replayed ...
                 inline = [i for i in range(self.units[task_id]) if i % 3 != 0]
                 assert sorted(self.recorded.get(task_id, [])) == inline
                 assert self.held.get(task_id, set()) == set(range(0, self.units[task_id], 3))
+                # ... and a unit whose result was journaled never ran to completion again,
+                # driver restarts included, unless a replay could not answer for it.
+                counts = Counter(self.journaled.get(task_id, []))
+                rerun = self.rerun.get(task_id, set())
+                assert all(n == 1 or i in rerun for i, n in counts.items()), counts
 
 
 def unit_call(index: int) -> UnitCall:

@@ -98,6 +98,16 @@ class RunsReleased(Event):
 
 
 @dataclass(frozen=True)
+class UnitsNotReplayed(Event):
+    """Units a restarted driver sliced again that the journal cannot answer for (their
+    arguments changed, or their result is not there): they run again."""
+
+    worker_id: str
+    task_id: str
+    units: list[UnitCall]
+
+
+@dataclass(frozen=True)
 class UnitMissing(Event):
     """A worker found no holder for a unit result it needs."""
 
@@ -195,6 +205,26 @@ class ForwardResults(Instruction):
     task_id: str
     results: list[tuple[int, bytes]]
     held: list[tuple[int, str, str]] = field(default_factory=list)  # index, worker, address
+
+
+@dataclass(frozen=True)
+class RecordResults(Instruction):
+    """Journal finished units' results, ``(index, digest of the unit, value)``: a restarted
+    driver gets them back instead of running them again."""
+
+    task_id: str
+    results: list[tuple[int, int, bytes]]
+
+
+@dataclass(frozen=True)
+class ReplayResults(Instruction):
+    """A restarted driver sliced again units that had finished: send it their journaled results
+    (where the unit's digest matches) and report the others back (``UnitsNotReplayed``)."""
+
+    node_id: str
+    worker_id: str
+    task_id: str
+    units: list[UnitCall]
 
 
 @dataclass(frozen=True)

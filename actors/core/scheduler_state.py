@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -61,7 +62,9 @@ from actors.core.scheduler_events import (
     NewestVersion,
     NodeJoined,
     NodeLost,
+    RecordResults,
     ReleaseWorker,
+    ReplayResults,
     ReportCancelled,
     ReportDone,
     ReportErred,
@@ -77,6 +80,7 @@ from actors.core.scheduler_events import (
     Tick,
     UnitMissing,
     UnitsFinished,
+    UnitsNotReplayed,
     UnitsSliced,
     WorkerLost,
     WorkerReady,
@@ -91,6 +95,11 @@ STORY_LENGTH = 2_000
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
 
 StoryEntry = tuple[str, str, str, str, float]
+
+
+def unit_digest(unit: UnitCall) -> int:
+    """What identifies a unit across a re-slicing: its arguments and its dependencies."""
+    return zlib.crc32(unit.args, zlib.crc32(repr(unit.deps).encode()))
 
 
 @dataclass
@@ -121,6 +130,10 @@ class TaskRecord:
     pending: deque[UnitCall] = field(default_factory=deque)
     open_units: dict[int, UnitCall] = field(default_factory=dict)
     done_count: int = 0
+    # Units whose result was journaled (one bit each, by index): a restarted driver gets them
+    # replayed. A bitmap keeps the master flat for a million units (125 kB).
+    journaled: bytearray = field(default_factory=bytearray)
+    journaled_count: int = 0
     sliced_all: bool = False
     unit_seconds: float | None = None  # moving average of one unit's run time
     deaths: dict[int, list[str]] = field(default_factory=dict)  # unit index (-1: driver)
@@ -213,6 +226,8 @@ class SchedulerState:
                     self._requeue_runs(task, self.workers[worker_id], set(run_ids))
             case UnitMissing():
                 self._unit_missing(event)
+            case UnitsNotReplayed():
+                self._not_replayed(event)
             case NewestVersion(package=package, version=version):
                 self.newest[package] = version
                 for worker in list(self.workers.values()):
@@ -251,18 +266,42 @@ class SchedulerState:
         task = self._task_of(event.worker_id, event.task_id)
         if task is None or event.worker_id != task.driver:
             return
+        replay: list[UnitCall] = []
         for unit in event.units:
-            if unit.index not in task.open_units:
-                task.open_units[unit.index] = unit
-                if unit.keep:
-                    task.kept[unit.index] = unit
-                for dep in unit.deps:
-                    task.dependents.setdefault(dep, []).append(unit.index)
-                if all(dep in task.held for dep in unit.deps):
-                    task.pending.append(unit)
-                else:
-                    task.blocked[unit.index] = unit
+            if _bit(task.journaled, unit.index):
+                replay.append(unit)  # finished before the driver restarted
+            elif unit.index not in task.open_units:
+                self._open(task, unit)
         task.sliced_all = event.done
+        if replay:
+            driver = self.workers[event.worker_id]
+            self._note(task, f"units {replay[0].index}-{replay[-1].index}", "memory", "replayed",
+                       f"{len(replay)} finished before the driver restarted", event.now)
+            self._out.append(ReplayResults(driver.node_id, driver.worker_id, task.task_id, replay))
+
+    def _open(self, task: TaskRecord, unit: UnitCall) -> None:
+        task.open_units[unit.index] = unit
+        if unit.keep:
+            task.kept[unit.index] = unit
+        for dep in unit.deps:
+            task.dependents.setdefault(dep, []).append(unit.index)
+        if all(dep in task.held for dep in unit.deps):
+            task.pending.append(unit)
+        else:
+            task.blocked[unit.index] = unit
+
+    def _not_replayed(self, event: UnitsNotReplayed) -> None:
+        task = self._task_of(event.worker_id, event.task_id)
+        if task is None or event.worker_id != task.driver:
+            return
+        for unit in event.units:
+            if _bit(task.journaled, unit.index) and unit.index not in task.open_units:
+                _set_bit(task.journaled, unit.index, False)
+                task.journaled_count -= 1
+                task.done_count -= 1
+                self._note(task, f"unit {unit.index}", "memory", "queued",
+                           "not replayed: its arguments changed or its result is gone", event.now)
+                self._open(task, unit)
 
     def _units_finished(self, event: UnitsFinished) -> None:
         task = self._task_of(event.worker_id, event.task_id)
@@ -270,6 +309,7 @@ class SchedulerState:
             return
         worker = self.workers[event.worker_id]
         forward: list[tuple[int, bytes]] = []
+        record: list[tuple[int, int, bytes]] = []
         held: list[tuple[int, str, str]] = []
         for outcome in event.outcomes:
             if worker.in_flight.get(outcome.index) != event.run_id:
@@ -285,13 +325,16 @@ class SchedulerState:
                 self._end(task, "erred", f"unit {outcome.index} raised", event.now)
                 self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
                 return
-            del task.open_units[outcome.index]
+            unit = task.open_units.pop(outcome.index)
             task.done_count += 1
             if outcome.held:
                 self._held(task, outcome.index, worker)
                 held.append((outcome.index, worker.worker_id, self._address(worker)))
             else:
                 forward.append((outcome.index, outcome.value))
+                record.append((outcome.index, unit_digest(unit), outcome.value))
+                _set_bit(task.journaled, outcome.index, True)
+                task.journaled_count += 1
         # Units the worker did not get to (it stops a batch at a failure) go back.
         self._requeue_runs(task, worker, {event.run_id})
         if event.outcomes and event.elapsed > 0:
@@ -302,6 +345,8 @@ class SchedulerState:
             driver = self.workers[task.driver]
             self._out.append(
                 ForwardResults(driver.node_id, driver.worker_id, task.task_id, forward, held))
+        if record:
+            self._out.append(RecordResults(task.task_id, record))
 
     def _held(self, task: TaskRecord, index: int, worker: WorkerRecord) -> None:
         """A keep unit finished: unblock its dependents, answer workers that missed it."""
@@ -402,6 +447,7 @@ class SchedulerState:
         task.open_units.clear()
         self._clear_units(task)
         task.code = task.args = b""
+        task.journaled = bytearray()
         if task.kind == "parallel":
             self._report_progress_of(task)
         for worker_id in sorted(task.workers):
@@ -486,7 +532,8 @@ class SchedulerState:
         task.pending.clear()
         task.open_units.clear()
         self._clear_units(task)
-        task.done_count = 0
+        # Journaled results are replayed to the next driver; held ones died with their workers.
+        task.done_count = task.journaled_count
         task.sliced_all = False
 
     def _run_driver_again(self, task: TaskRecord, now: float) -> None:
@@ -695,3 +742,18 @@ class SchedulerState:
             assert not blocked & (pending | set(flying)), f"{task.task_id}: blocked unit queued"
             lost = set(task.open_units) - pending - set(flying) - blocked
             assert not lost, f"{task.task_id}: units {sorted(lost)[:5]} neither queued nor running"
+
+
+def _bit(bits: bytearray, index: int) -> bool:
+    byte = index >> 3
+    return byte < len(bits) and bool(bits[byte] >> (index & 7) & 1)
+
+
+def _set_bit(bits: bytearray, index: int, on: bool) -> None:
+    byte = index >> 3
+    if byte >= len(bits):
+        bits.extend(bytes(byte + 1 - len(bits) + len(bits) // 2))  # grows geometrically
+    if on:
+        bits[byte] |= 1 << (index & 7)
+    else:
+        bits[byte] &= ~(1 << (index & 7)) & 0xFF
