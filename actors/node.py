@@ -206,7 +206,7 @@ class Node(Shell):
         env.update(HOME=scratch, TMPDIR=scratch, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
             [sys.executable, "-m", "actors.worker", "--node", self.config.ipc_address,
-             "--id", worker_id],
+             "--id", worker_id, "--node-pid", str(os.getpid())],
             cwd=scratch, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         worker = WorkerProcess(worker_id, proc, scratch)

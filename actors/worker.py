@@ -48,7 +48,7 @@ class Outgoing:
 
 
 class Worker(Shell):
-    def __init__(self, hub: Hub, worker_id: str, on_exit: Any) -> None:
+    def __init__(self, hub: Hub, worker_id: str, on_exit: Any, node_pid: int | None = None) -> None:
         super().__init__(hub)
         self.worker_id = worker_id
         self.task: pykka.ActorRef[Any] | None = None
@@ -58,7 +58,9 @@ class Worker(Shell):
         self.classes: dict[bytes, Any] = {}  # shipped class bytes -> class, for warm reuse
         self.backlog: list[Any] = []  # task input that came while its package was being fetched
         self.loaded_version: tuple[str, str] | None = None
-        self.parent_pid = os.getppid()
+        # The node's pid from its command line: a node that died while this process was still
+        # importing has already left it to init, and getppid() here would never change again.
+        self.parent_pid = node_pid or os.getppid()
         self._on_exit = on_exit
         self.log = log.bind(role="worker", worker_id=worker_id)
 
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="actors.worker", description=argparse.SUPPRESS)
     parser.add_argument("--node", required=True, help="the node's ipc:// address")
     parser.add_argument("--id", required=True, help="this worker's id")
+    parser.add_argument("--node-pid", type=int, default=None, help="the node process's pid")
     args = parser.parse_args(argv)
     logs.configure()
     contain()
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     hub = Hub(on_frames, on_tick=on_tick, tick_s=0.5)
     hub.add_dealer(NODE, args.node, identity=args.id.encode())
     hub.start()
-    worker_ref = Worker.start(hub, args.id, lambda _reason: stopped.set())
+    worker_ref = Worker.start(hub, args.id, lambda _reason: stopped.set(), args.node_pid)
     started.set()
     stopped.wait()
     pykka.ActorRegistry.stop_all(timeout=2)

@@ -122,3 +122,35 @@ def test_run_flag_runs_a_script_and_exits_with_its_code(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 3, done.stderr[-2000:]
     assert "pid " in done.stdout
+
+
+def test_a_node_whose_workers_cannot_start_gives_up_and_says_why(tmp_path: Path) -> None:
+    """Five worker processes in a row dying before their hello: the node exits (code 1) with
+    the reason in its log, instead of respawning forever."""
+    port = free_port()
+    keys = str(tmp_path / "keys")
+    assert python("-m", "actors", "keys", "init", keys, stdout=subprocess.DEVNULL).wait(30) == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    # Every python that starts with PYTHONPATH=broken imports this; only workers die of it.
+    (broken / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if 'actors.worker' in sys.orig_argv:\n"
+        "    os._exit(3)\n")
+    env = dict(os.environ, PYTHONPATH=f"{broken}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with open(tmp_path / "node.log", "w") as log_file:
+        node = subprocess.Popen(
+            [sys.executable, "-m", "actors.node", "--master", f"tcp://127.0.0.1:{port}",
+             "--workers", "2", "--keys", keys, "--log-format", "json"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        assert node.wait(60) == 1
+    finally:
+        kill_all({node.pid} | descendants(node.pid))
+    events = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
+              if line.startswith("{")]
+    exits = [e for e in events if e["event"] == "worker_exited"]
+    assert len(exits) >= 5 and all(e["exitcode"] == 3 for e in exits)
+    [gave_up] = [e for e in events if e["event"] == "workers_cannot_start"]
+    assert gave_up["attempts"] == 5
+    assert any(e["event"] == "node_exiting" and "died on start" in e["reason"] for e in events)
