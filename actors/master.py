@@ -240,6 +240,7 @@ class Master(Shell):
             case m.Bye():
                 self.peers = {k: p for k, p in self.peers.items() if p is not peer}
                 self.log.info("client_left", peer=peer.peer_id)
+                self._apply(ev.ClientLeft(self.now, peer.peer_id))
             case _:
                 self._unexpected(peer, msg)
 
@@ -340,7 +341,7 @@ class Master(Shell):
     def _story(self, client_id: str, task_id: str) -> None:
         """The task's story: the scheduler's part and, asked now, each live worker's part."""
         wall = time.time() - time.monotonic()  # the scheduler's clock is monotonic
-        entries = [(k, a, b, f"master: {c}", t + wall) for k, a, b, c, t in self.scheduler.story(task_id)]
+        entries = [(k, a, b, f"master: {c}", t + wall) for k, a, b, c, t in self.scheduler.story(task_id, self.now)]
         task = self.scheduler.tasks.get(task_id)
         workers = {w: self.scheduler.workers[w] for w in (task.seen_workers if task else ())
                    if w in self.scheduler.workers}

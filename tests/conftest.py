@@ -79,8 +79,15 @@ def result_or_logs(future: Any, timeout: float, logs: Path) -> Any:
             lines = log_file.read_text(errors="replace").splitlines()
             tails.append(f"--- {log_file.name} (last 40 of {len(lines)} lines)")
             tails += [line[:400] for line in lines[-40:]]
+        try:
+            entries = future.story()
+            # The scheduler's part says what is open; the workers' part what they did last.
+            story = [repr(e) for e in [e for e in entries if e[3].startswith("master:")][-40:]]
+            story += [repr(e) for e in [e for e in entries if not e[3].startswith("master:")][-40:]]
+        except Exception as exc:  # the story is a help here, not the point
+            story = [f"(no story: {exc!r})"]
         pytest.fail(f"{future!r} not done after {timeout}s; progress {future.progress()}\n"
-                    + "\n".join(tails))
+                    + "\n".join(tails) + "\n--- the task's story (the master's last 40, the workers' last 40)\n" + "\n".join(story))
 
 
 def python(*args: str, **kwargs: object) -> subprocess.Popen[str]:

@@ -232,6 +232,19 @@ def test_cancel_drops_queued_units_and_kills_the_workers(s: Harness) -> None:
     assert s(ev.CancelRequested, "t1") == []  # twice is harmless
 
 
+def test_a_client_that_leaves_takes_its_unfinished_tasks_with_it(s: Harness) -> None:
+    submit(s, "t1", client="gone")
+    s(ev.UnitsSliced, "w1", "t1", units(*range(100)), False)
+    submit(s, "t2", client="gone", kind="task")  # queued: no worker free
+    submit(s, "t3", client="stays", kind="task")
+    out = s(ev.ClientLeft, "gone")
+    assert ev.KillWorker("n1", "w1", "task t1 cancelled") in out
+    assert ev.ReportCancelled("gone", "t1") in out and ev.ReportCancelled("gone", "t2") in out
+    assert {t: s.state.tasks[t].state for t in ("t1", "t2")} == {"t1": "cancelled", "t2": "cancelled"}
+    s(ev.WorkerReady, "n1", "w2")  # the node replaces the killed worker
+    assert s.state.tasks["t3"].state == "running"
+
+
 def test_higher_priority_tasks_get_workers_first() -> None:
     s = Harness()
     s(ev.NodeJoined, "n1")
@@ -334,6 +347,33 @@ def test_a_lost_holder_recomputes_only_what_is_still_needed_and_tells_its_peers(
         assert index not in task.held and index in task.open_units
     if lost:
         assert ev.TellPeerGone("n1", "w1", victim) in out
+
+
+def test_a_lost_result_is_recomputed_with_the_inputs_it_needs_again() -> None:
+    """Leaf 0 feeds 1, which feeds 2; 0 and 1 were held by w2. When w2 is lost, 0 looks
+    unneeded (its only dependent is finished) until 1 is reopened: then 0 runs again first."""
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    submit(s)
+    s(ev.WorkerReady, "n1", "w2")
+    chain = [UnitCall(0, b"a", keep=True), UnitCall(1, b"b", [0], keep=True), UnitCall(2, b"c", [1])]
+    s(ev.UnitsSliced, "w1", "t1", chain, True)
+    task = s.state.tasks["t1"]
+    for index in (0, 1):
+        worker, run = next((w, r.in_flight[index]) for w, r in s.state.workers.items()
+                           if index in r.in_flight)
+        s(ev.UnitsFinished, worker, "t1", run, [UnitOutcome(index, True, b"", held=True)], 0.01)
+        task.held[index] = "w2"  # say both ended up on w2
+    s(ev.WorkerLost, "w2", "killed by signal 9", False)
+    assert set(task.open_units) == {0, 1, 2}
+    assert 1 in task.blocked  # until 0 is held again
+    s(ev.WorkerReady, "n1", "w3")
+    [(worker, run)] = [(w, r.in_flight[0]) for w, r in s.state.workers.items() if 0 in r.in_flight]
+    s(ev.UnitsFinished, worker, "t1", run, [UnitOutcome(0, True, b"", held=True)], 0.01)
+    assert any(1 in r.in_flight for r in s.state.workers.values()), "unit 1 not dispatched again"
+    causes = [c for k, _, _, c, _ in s.state.story("t1") if k == "unit 0"]
+    assert "needed again by unit 1" in causes
 
 
 def test_a_worker_missing_an_input_is_told_its_holder_or_gets_it_recomputed() -> None:

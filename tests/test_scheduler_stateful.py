@@ -200,6 +200,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.recorded.setdefault(replay.task_id, []).extend(u.index for u in units)
         self.flush()
 
+    @rule(client=st.sampled_from(["a", "b"]))
+    def a_client_leaves(self, client: str) -> None:
+        self.feed(ev.ClientLeft(self.now, client))
+        self.flush()
+
     @precondition(lambda self: self.next_task)
     @rule(data=st.data())
     def a_client_cancels(self, data: st.DataObject) -> None:

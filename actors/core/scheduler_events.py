@@ -59,6 +59,13 @@ class TaskSubmitted(Event):
 
 
 @dataclass(frozen=True)
+class ClientLeft(Event):
+    """A client said goodbye: nobody will read its unfinished tasks' results."""
+
+    client_id: str
+
+
+@dataclass(frozen=True)
 class CancelRequested(Event):
     task_id: str
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from actors.core.scheduler_events import (
     Assign,
     CancelRequested,
+    ClientLeft,
     Dispatch,
     Event,
     ForwardResults,
@@ -92,6 +93,7 @@ PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip 
 MAX_BATCH = 512
 FIRST_BATCH = 4
 STORY_LENGTH = 2_000
+STORY_OPEN_UNITS = 100  # open units a story lists where they are
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
 
 StoryEntry = tuple[str, str, str, str, float]
@@ -185,9 +187,26 @@ class SchedulerState:
         out, self._out = self._out, []
         return out
 
-    def story(self, task_id: str) -> list[StoryEntry]:
+    def story(self, task_id: str, now: float | None = None) -> list[StoryEntry]:
+        """The task's transitions; with ``now``, closed by where each open unit is at that time
+        (the answer to "why is it stuck?"): queued, blocked on which inputs, or on which worker."""
         task = self.tasks.get(task_id)
-        return list(task.story) if task else []
+        if task is None:
+            return []
+        entries = list(task.story)
+        if now is not None and not task.finished:
+            where = {i: f"running on {w}" for w in sorted(task.workers)
+                     for i in self.workers[w].in_flight}
+            for index in sorted(task.open_units)[:STORY_OPEN_UNITS]:
+                if index in where:
+                    state = where[index]
+                elif index in task.blocked:
+                    missing = [d for d in task.blocked[index].deps if d not in task.held]
+                    state = f"blocked on units {missing}"
+                else:
+                    state = "queued"
+                entries.append((f"unit {index}", "open", "now", state, now))
+        return entries
 
     def _handle(self, event: Event) -> None:
         match event:
@@ -211,6 +230,11 @@ class SchedulerState:
                 task = self.tasks.get(task_id)
                 if task is not None and not task.finished:
                     self._end(task, "cancelled", "cancel requested", event.now)
+                    self._out.append(ReportCancelled(task.client_id, task.task_id))
+            case ClientLeft(client_id=client_id):
+                # Its workers go to the clients still here (and its processes are stopped).
+                for task in [t for t in self._unfinished() if t.client_id == client_id]:
+                    self._end(task, "cancelled", "its client left", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
             case UnitsSliced():
                 self._sliced(event)
@@ -403,7 +427,8 @@ class SchedulerState:
         return not dependents or any(d in task.open_units for d in dependents)
 
     def _reopen(self, task: TaskRecord, index: int, cause: str, now: float) -> None:
-        """A finished keep unit's result was lost: compute it again."""
+        """A finished keep unit's result was lost: compute it again, and whatever of its own
+        inputs is gone too (an input dropped as no longer needed before this unit was lost)."""
         unit = task.kept.get(index)
         task.held.pop(index, None)
         if unit is None or index in task.open_units:
@@ -411,7 +436,13 @@ class SchedulerState:
         self._note(task, f"unit {index}", "memory", "queued", cause, now)
         task.open_units[index] = unit
         task.done_count -= 1
-        task.pending.appendleft(unit)
+        for dep in unit.deps:
+            if dep not in task.held and dep not in task.open_units:
+                self._reopen(task, dep, f"needed again by unit {index}", now)
+        if all(dep in task.held for dep in unit.deps):
+            task.pending.appendleft(unit)
+        else:
+            task.blocked[index] = unit
 
     def _retry(self, task: TaskRecord, index: int, now: float) -> bool:
         """Application exceptions run again only as often as the submitter asked (``retries``)."""
@@ -572,6 +603,11 @@ class SchedulerState:
         if worker is not None:
             self.nodes.get(worker.node_id, set()).discard(worker_id)
         return worker
+
+    def _unfinished(self) -> list[TaskRecord]:
+        queued = [self.tasks[t] for _, _, t in self._queue if t in self.tasks]
+        return [t for t in {id(t): t for t in [*self._running.values(), *queued]}.values()
+                if not t.finished]
 
     def _task_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
         """The task, if this worker still works for it (stale messages are dropped)."""
