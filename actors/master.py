@@ -35,8 +35,8 @@ log = structlog.get_logger("actors.master")
 
 SOCKET = "peers"
 HEARTBEAT_S = 1.0
-STORY_WAIT_S = 1.0
-MAX_RETRIES = 100  # how long a story request waits for workers that do not answer
+STORY_WAIT_S = 1.0  # how long a story request waits for workers that do not answer
+MAX_RETRIES = 100
 
 
 @dataclass
