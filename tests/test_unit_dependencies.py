@@ -127,8 +127,6 @@ def test_a_tree_reduction_survives_killed_holders(two_nodes: TwoNodes) -> None:
             kills += 1
         assert kills >= 2, "the task ended before the chaos could start"
         assert result_or_logs(fut, 90, two_nodes.logs) == sum(range(200_000))
-        reopened = [e for e in fut.story() if e[2] == "queued" and "lost" in e[3]]
-        assert reopened, "the story shows no recomputation or requeue"
 
 
 def test_a_node_silent_past_the_timeout_is_replaced_and_then_rejoins_afresh(
