@@ -7,7 +7,6 @@ scheduler's instructions into messages. It never unpickles user payloads.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal as signals
@@ -61,12 +60,10 @@ class StoryGather:
 
 class Master(Shell):
     def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0,
-                 max_deaths: int = 3, on_crash: Callable[[], None] | None = None,
-                 journal_dir: str | None = None) -> None:
+                 max_deaths: int = 3, on_crash: Callable[[], None] | None = None) -> None:
         super().__init__(hub)
         self._on_crash = on_crash
-        self._journal_dir = journal_dir
-        self._own_dir: str | None = None  # made for the journal here, removed at stop
+        self._journal_dir: str | None = None  # made in on_start, removed at stop
         self.journal: ResultJournal | None = None
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
@@ -80,18 +77,14 @@ class Master(Shell):
 
     def on_start(self) -> None:
         super().on_start()
-        if self._journal_dir is None:
-            self._journal_dir = self._own_dir = tempfile.mkdtemp(prefix="actors-master-")
+        self._journal_dir = tempfile.mkdtemp(prefix="actors-master-")
         self.journal = ResultJournal(os.path.join(self._journal_dir, f"{self.master_id}.sqlite"))
 
     def on_stop(self) -> None:
         if self.journal is not None:
             self.journal.close()
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.journal.path + suffix)
-        if self._own_dir is not None:
-            shutil.rmtree(self._own_dir, ignore_errors=True)
+        if self._journal_dir is not None:
+            shutil.rmtree(self._journal_dir, ignore_errors=True)
         super().on_stop()
 
     def on_crash(self) -> None:

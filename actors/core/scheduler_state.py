@@ -233,7 +233,8 @@ class SchedulerState:
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
             case ClientLeft(client_id=client_id):
                 # Its workers go to the clients still here (and its processes are stopped).
-                for task in [t for t in self._unfinished() if t.client_id == client_id]:
+                for task in [t for t in self.tasks.values()
+                             if t.client_id == client_id and not t.finished]:
                     self._end(task, "cancelled", "its client left", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
             case UnitsSliced():
@@ -603,11 +604,6 @@ class SchedulerState:
         if worker is not None:
             self.nodes.get(worker.node_id, set()).discard(worker_id)
         return worker
-
-    def _unfinished(self) -> list[TaskRecord]:
-        queued = [self.tasks[t] for _, _, t in self._queue if t in self.tasks]
-        return [t for t in {id(t): t for t in [*self._running.values(), *queued]}.values()
-                if not t.finished]
 
     def _task_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
         """The task, if this worker still works for it (stale messages are dropped)."""
