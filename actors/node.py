@@ -247,7 +247,7 @@ class Node(Shell):
             signal=died.signal, maxrss_kb=event.maxrss_kb)
         if self.welcomed and worker.ready:
             self.send(MASTER, message=died)
-        if not worker.ready and not worker.expected_exit:
+        if not worker.ready and not worker.expected_exit and not self.stopping:
             self._failed_starts += 1
             if self._failed_starts >= MAX_FAILED_STARTS:
                 self.log.error("workers_cannot_start", attempts=self._failed_starts)
@@ -266,6 +266,7 @@ class Node(Shell):
             data_address=self.config.data_address))
 
     def _fatal(self, reason: str) -> None:
+        self.stopping = True  # what still exits until the process does is no news
         if self._on_fatal is not None:
             self._on_fatal(reason)
 

@@ -2,10 +2,13 @@
 
 Started blank by its node, a worker talks only to that node over ipc (it
 opens no TCP socket). The master assigns it one task instance at a time:
-the Worker actor unpickles the task class, starts it as an actor and passes
-it its input; what the task emits goes back through this actor's outbox.
-After a task ends well the worker stays, warm, for the same submitter's
-next task; otherwise its node kills it.
+the Worker actor unpickles the task class, makes the instance (a ParallelTask's
+driver as an actor of its own, anything else in this actor's mailbox, see
+``task.py``) and passes it its input; what the task emits goes back through
+this actor's outbox. After a task ends well the worker stays, warm, for the
+same submitter's next task; otherwise its node kills it. A plain Task's worker
+forgets the instance as soon as its result is sent: the master releases it
+without a message (one message fewer per small task).
 """
 
 from __future__ import annotations
@@ -29,7 +32,19 @@ from actors import __version__, logs
 from actors import messages as m
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
-from actors.task import Task, UnitResults, _Begin, check_arguments, run_in_executor, start_instance
+from actors.task import (
+    ParallelTask,
+    Task,
+    UnitResults,
+    _Begin,
+    _Finished,
+    _Runtime,
+    begin_instance,
+    check_arguments,
+    host_instance,
+    run_in_executor,
+    start_instance,
+)
 from actors.unit_runner import Gather, Ran, RetryDue, UnitRunner
 from transport import Hub
 
@@ -47,11 +62,21 @@ class Outgoing:
     message: m.Message
 
 
+@dataclass(frozen=True)
+class ForHosted:
+    """Input for the task instance that lives in this actor's mailbox (from the executor)."""
+
+    task_id: str
+    message: Any
+
+
 class Worker(Shell):
     def __init__(self, hub: Hub, worker_id: str, on_exit: Any, node_pid: int | None = None) -> None:
         super().__init__(hub)
         self.worker_id = worker_id
-        self.task: pykka.ActorRef[Any] | None = None
+        self.task: pykka.ActorRef[Any] | None = None  # a ParallelTask driver's own actor
+        self.hosted: _Runtime | None = None  # or the instance living in this mailbox
+        self.plain = False  # the instance is a plain Task: forgotten once its result is sent
         self.task_id = ""
         self.runner: UnitRunner | None = None
         self.waiting_for_version: m.AssignTask | None = None
@@ -91,6 +116,11 @@ class Worker(Shell):
         match message:
             case Outgoing(message=msg):
                 self.send(NODE, TO_MASTER, message=msg)
+            case ForHosted(task_id=task_id, message=msg):
+                if task_id == self.task_id and self.hosted is not None:
+                    self.hosted.handle(msg)
+                    if self.plain and isinstance(msg, _Finished) and msg.outcome.ok:
+                        self._release(task_id)
             case Ran():
                 self._runner.ran(message)
             case Gather():
@@ -149,9 +179,7 @@ class Worker(Shell):
             case m.DriverResults(task_id=task_id, results=results, held=held) if task_id == self.task_id:
                 self._to_task(UnitResults(results, held))
             case m.ReleaseTask(task_id=task_id) if task_id == self.task_id:
-                self.log.debug("task_released", task_id=task_id)
-                self._runner.forget_task(task_id)
-                self._stop_task()
+                self._release(task_id)
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
 
@@ -168,21 +196,34 @@ class Worker(Shell):
             args, kwargs = loads(msg.args)
             if not (isinstance(cls, type) and issubclass(cls, Task)):
                 raise TypeError(f"{cls!r} is not a Task subclass")
+            if (msg.kind == "parallel") != issubclass(cls, ParallelTask):
+                raise TypeError(f"{cls.__qualname__} was submitted as kind {msg.kind!r}")
             check_arguments(cls, args, kwargs)
-            self.task, self._runner.instance = start_instance(cls)
+            if msg.driver and msg.kind == "parallel":
+                self.task, self._runner.instance = start_instance(cls)
+            else:
+                self._runner.instance = host_instance(cls)
         except Exception as exc:
             task_log.warning("task_load_failed", error=repr(exc))
             self._fail_load(msg, exc)
             return
         task_log.debug("task_loaded", driver=msg.driver)
-        me = self.actor_ref
-        self.task.tell(_Begin(msg.task_id, args, kwargs, msg.driver,
-                              lambda out: me.tell(Outgoing(out)), me.tell))
+        me, task_id = self.actor_ref, msg.task_id
+        if self.task is not None:
+            self.task.tell(_Begin(task_id, args, kwargs, msg.driver,
+                                  lambda out: me.tell(Outgoing(out)), me.tell))
+        else:
+            self.plain = msg.kind == "task"
+            self.hosted = begin_instance(
+                self._runner.instance,
+                _Begin(task_id, args, kwargs, msg.driver,
+                       lambda out: self.send(NODE, TO_MASTER, message=out), me.tell),
+                lambda message: me.tell(ForHosted(task_id, message)))
         for message in backlog or ():
             if isinstance(message, m.RunUnits):
                 self._runner.run_units(message)
             else:
-                self.task.tell(message)
+                self._to_task(message)
 
     @property
     def _runner(self) -> UnitRunner:
@@ -191,11 +232,13 @@ class Worker(Shell):
 
     @property
     def runner_ready(self) -> bool:
-        return self.task is not None and self._runner.instance is not None
+        return self._runner.instance is not None
 
     def _to_task(self, message: Any) -> None:
         if self.task is not None:
             self.task.tell(message)
+        elif self.hosted is not None:
+            self.hosted.handle(message)
         elif self.waiting_for_version is not None:
             self.backlog.append(message)
         # else: the task failed to load and was reported; its input is moot
@@ -240,10 +283,21 @@ class Worker(Shell):
         module_name, _, class_name = msg.name.partition(":")
         return getattr(importlib.import_module(module_name), class_name)
 
+    def _release(self, task_id: str) -> None:
+        self.log.debug("task_released", task_id=task_id)
+        self._runner.forget_task(task_id)
+        self._stop_task()
+
     def _stop_task(self) -> None:
         if self.task is not None:
             self.task.stop(block=False)
             self.task = None
+        if self.hosted is not None:
+            instance, self.hosted, self.plain = self.hosted.task, None, False
+            try:
+                instance.on_stop()
+            except Exception:
+                self.log.exception("task_on_stop_failed", task_id=self.task_id)
         if self.runner is not None:
             self.runner.instance = None
         self.task_id = ""

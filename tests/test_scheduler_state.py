@@ -54,8 +54,10 @@ def test_a_task_waits_for_a_worker_then_gets_a_driver() -> None:
 def test_a_plain_task_finishes_and_its_worker_stays_warm(s: Harness) -> None:
     submit(s, kind="task")
     out = s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"49"))
-    assert out == [ev.ReleaseWorker("n1", "w1", "t1"), ev.ReportDone("c1", "t1", b"49")]
+    # No ReleaseWorker: a plain Task's worker let go of the instance when it sent the result.
+    assert out == [ev.ReportDone("c1", "t1", b"49")]
     assert s.state.workers["w1"].warm_for == "c1|@"
+    assert s.state.workers["w1"].task_id is None
 
 
 def test_sliced_units_go_to_the_driver_then_to_a_helper(s: Harness) -> None:

@@ -236,7 +236,9 @@ class ReplayResults(Instruction):
 
 @dataclass(frozen=True)
 class ReleaseWorker(Instruction):
-    """The task ended well: the worker drops the instance and stays warm for its submitter."""
+    """The task ended well: the worker drops the instance and stays warm for its submitter.
+
+    Not sent for a plain Task: its worker drops the instance as soon as its work returns."""
 
     node_id: str
     worker_id: str

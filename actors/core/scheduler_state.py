@@ -488,7 +488,8 @@ class SchedulerState:
             worker.in_flight.clear()
             if state == "done" and not self._is_stale(task.warm_key):
                 worker.warm_for = task.warm_key
-                self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
+                if task.kind != "task":  # a plain Task's worker let go of it when it answered
+                    self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
             else:
                 # A unit may still be running user code there: only a kill stops it.
                 self._drop_worker(worker_id)
