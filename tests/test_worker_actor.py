@@ -2,7 +2,9 @@
 
 Many runs, with releases (cancels) and steals arriving while executions finish: the worker
 stays valid (it checks its state machine after every event: ACTORS_VALIDATE_STATE) and every
-wanted result comes back exactly once.
+wanted result comes back exactly once. In that random mix the requests mostly find queued
+runs; a second test holds executions open (each unit waits for a file the test creates) so that
+releases and steals land on executing units: cancelled, refused, resumed, never run twice.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import random
 import subprocess
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,15 @@ import zmq
 from actors import ParallelTask
 from actors import messages as m
 from actors.serialize import dumps, dumps_task_class, loads
+from actors.unit_runner import EXECUTION_SLOTS
 from tests.conftest import alive, kill_all, python
+
+try:
+    from transport.hub import unbatch  # several messages may share one frame
+except ImportError:  # a hub that sends each message in a frame of its own
+
+    def unbatch(frames: list[bytes]) -> list[list[bytes]]:
+        return [frames]
 
 pytestmark = pytest.mark.processes
 
@@ -44,11 +55,14 @@ class FakeNode:
         self.router = self.context.socket(zmq.ROUTER)
         self.router.bind(address)
         self.worker = b""
+        self.pending: deque[list[bytes]] = deque()  # received, not yet returned (a batch's rest)
 
     def receive(self, timeout_s: float) -> m.Message | None:
-        if not self.router.poll(int(timeout_s * 1000)):
-            return None
-        frames = self.router.recv_multipart()
+        if not self.pending:
+            if not self.router.poll(int(timeout_s * 1000)):
+                return None
+            self.pending.extend(unbatch(self.router.recv_multipart()))
+        frames = self.pending.popleft()
         self.worker = frames[0]
         return m.decode(frames[-1])
 
@@ -60,17 +74,17 @@ class FakeNode:
         self.context.term()
 
 
-@pytest.fixture
-def worker(tmp_path: Path) -> Iterator[tuple[FakeNode, subprocess.Popen[str]]]:
-    """A real worker process, welcomed by the test as its node and given task t1 (Squares)."""
+@contextmanager
+def worker_process(tmp_path: Path, task: type[ParallelTask]) -> Iterator[tuple[FakeNode, subprocess.Popen[str]]]:
+    """A real worker process, welcomed by the test as its node and given task t1 (``task``)."""
     node = FakeNode(f"ipc://{tmp_path}/node.sock")
     proc = python("-m", "actors.worker", "--node", f"ipc://{tmp_path}/node.sock", "--id", "w1")
     try:
         hello = node.receive(30)
         assert isinstance(hello, m.Hello) and hello.pid == proc.pid
         node.send(m.Welcome("", "w1", 0.0))
-        node.send(m.AssignTask("t1", "Squares", "parallel", dumps_task_class(Squares), dumps(((1,), {})),
-                               driver=False))
+        node.send(m.AssignTask("t1", task.__name__, "parallel", dumps_task_class(task),
+                               dumps(((1,), {})), driver=False))
         yield node, proc
     finally:
         node.close()
@@ -80,6 +94,13 @@ def worker(tmp_path: Path) -> Iterator[tuple[FakeNode, subprocess.Popen[str]]]:
         finally:
             kill_all({proc.pid})
         assert not alive(proc.pid)
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[tuple[FakeNode, subprocess.Popen[str]]]:
+    """A real worker process given task t1 (Squares)."""
+    with worker_process(tmp_path, Squares) as started:
+        yield started
 
 
 def test_the_worker_actor_under_releases_and_steals_delivers_each_wanted_result_once(
@@ -169,3 +190,163 @@ def test_a_kept_result_asked_for_again_is_reported_held_not_recomputed(
     assert isinstance(story, m.WorkerStory)
     executions = [e for e in story.entries if e[0] == "t1:7" and e[2] == "executing"]
     assert len(executions) == 1, story.entries
+
+
+GATE_TIMEOUT_S = 30.0
+
+
+class Gated(ParallelTask):
+    """Unit ``(i, folder)`` notes in ``folder/started.log`` that it started, then runs until the
+    test opens its gate (creates ``folder/gate<i>``): the test decides when each execution ends."""
+
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, arg):
+        index, folder = arg
+        with open(Path(folder) / "started.log", "a") as log:
+            log.write(f"{index}\n")
+        deadline = time.monotonic() + GATE_TIMEOUT_S
+        while not (Path(folder) / f"gate{index}").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gate {index} never opened")
+            time.sleep(0.002)
+        return index * index
+
+
+class Inbox:
+    """Everything the worker sent to its node, in order, read with deadlines."""
+
+    def __init__(self, node: FakeNode, proc: subprocess.Popen[str]) -> None:
+        self.node, self.proc = node, proc
+        self.messages: list[m.Message] = []
+
+    def _receive(self, deadline: float, what: str) -> m.Message | None:
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert self.proc.poll() is None, "the worker process died (an invariant broke?)"
+        msg = self.node.receive(0.2)
+        if isinstance(msg, m.WorkerFailed):
+            pytest.fail(f"the worker could not load the task: {msg.outcome.message}")
+        return msg
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            msg = self._receive(deadline, what)
+            if msg is not None:
+                self.messages.append(msg)
+
+    def story(self, timeout: float = 10.0) -> list[tuple[str, str, str]]:
+        """The worker's story of t1 as (key, start, finish). The worker answers in mailbox order,
+        so every message it sent before the answer is in ``messages`` when this returns."""
+        self.node.send(m.WorkerStoryRequest("t1"))
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._receive(deadline, "the worker's story")
+            if isinstance(msg, m.WorkerStory):
+                return [(key, start, finish) for key, start, finish, _, _ in msg.entries]
+            if msg is not None:
+                self.messages.append(msg)
+
+    def wait_for_story(self, condition: Callable[[list[tuple[str, str, str]]], bool], what: str,
+                       timeout: float = 20.0) -> list[tuple[str, str, str]]:
+        deadline = time.monotonic() + timeout
+        while not condition(story := self.story()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {story}"
+            time.sleep(0.01)
+        return story
+
+    def done(self) -> Counter[int]:
+        return Counter(msg.run_id for msg in self.messages if isinstance(msg, m.UnitsDone))
+
+    def released(self) -> Counter[int]:
+        return Counter(run for msg in self.messages if isinstance(msg, m.UnitsReleased)
+                       for run in msg.run_ids)
+
+    def steal_replies(self) -> list[tuple[int, bool, str]]:
+        return [(msg.run_id, msg.accepted, msg.state) for msg in self.messages
+                if isinstance(msg, m.StealReply)]
+
+
+def test_releases_and_steals_that_hit_executing_units_cancel_refuse_and_resume(
+    tmp_path: Path,
+) -> None:
+    """Releases and steals that reach the real worker while its units execute: a steal of an
+    executing (or resumed) run is refused; a release cancels the execution, which runs on; a run
+    asked for again meanwhile resumes it (executed once, reported once); a run released and not
+    asked again reports no result, only its release once its execution has ended."""
+    folder = tmp_path / "gates"
+    folder.mkdir()
+    executing = list(range(1, EXECUTION_SLOTS + 1))  # runs 1, 2: they take both slots
+    first, second = executing[0], executing[-1]
+    assert first != second, "the scenario needs two execution slots"
+    stolen, released_ready = second + 1, second + 2  # queued (ready) when the requests come
+    rest = list(range(second + 3, second + 7))
+    runs = [*executing, stolen, released_ready, *rest]
+
+    def run_units(run: int) -> m.RunUnits:
+        return m.RunUnits("t1", run, [m.UnitCall(run, dumps((run, str(folder))))])
+
+    def started() -> Counter[int]:
+        log = folder / "started.log"
+        return Counter(int(line) for line in log.read_text().split()) if log.exists() else Counter()
+
+    def key(run: int) -> str:
+        return f"t1:run{run}"
+
+    with worker_process(tmp_path, Gated) as (node, proc):
+        inbox = Inbox(node, proc)
+        for run in runs:
+            node.send(run_units(run))
+        # Both slots hold an execution, and the executor thread really runs the first one.
+        inbox.wait_for_story(
+            lambda story: all((key(r), "ready", "executing") in story for r in executing)
+            and started()[first] == 1,
+            "the first runs to execute")
+        assert not any((key(r), "ready", "executing") in inbox.story()
+                       for r in (stolen, released_ready, *rest))
+
+        # Every gate is shut: nothing can finish while these arrive.
+        node.send(m.StealUnits("t1", first))
+        node.send(m.StealUnits("t1", second))
+        node.send(m.StealUnits("t1", stolen))
+        node.send(m.ReleaseUnits("t1", [first, second, released_ready]))
+        node.send(run_units(first))  # wanted again while its execution still runs
+        node.send(m.StealUnits("t1", first))
+        story = inbox.wait_for_story(
+            lambda story: (key(first), "cancelled", "resumed") in story
+            and (key(second), "executing", "cancelled") in story, "the cancels and the resume")
+        assert (key(first), "executing", "cancelled") in story
+        assert inbox.steal_replies() == [
+            (first, False, "executing"), (second, False, "executing"), (stolen, True, "ready"),
+            (first, False, "resumed")]
+        assert inbox.released() == Counter({released_ready: 1})  # it held nothing: at once
+        assert inbox.done() == Counter(), "a result came back while every gate was shut"
+
+        for run in runs:
+            (folder / f"gate{run}").touch()
+        wanted = [first, *rest]
+        inbox.wait_for(lambda: all(inbox.done()[r] for r in wanted)
+                       and inbox.released()[second] > 0, "every wanted result")
+        # Every execution has ended: the story answer is a barrier for anything still to come.
+        story = inbox.story()
+
+    assert inbox.done() == Counter(wanted), inbox.done()  # each wanted result exactly once
+    assert inbox.released() == Counter({second: 1, released_ready: 1})  # no result for those
+    for msg in inbox.messages:
+        if isinstance(msg, m.UnitsDone):
+            assert [(o.index, o.ok, loads(o.value)) for o in msg.outcomes] == [
+                (msg.run_id, True, msg.run_id ** 2)]
+    assert len(inbox.steal_replies()) == 4
+    # The resumed run executed once and was delivered from that one execution.
+    assert started() == Counter({r: 1 for r in (*executing, *rest)}), started()
+    assert [s for s in story if s[0] == key(first)] == [
+        (key(first), "released", "waiting"), (key(first), "waiting", "ready"),
+        (key(first), "ready", "executing"), (key(first), "executing", "cancelled"),
+        (key(first), "cancelled", "resumed"), (key(first), "resumed", "memory"),
+        (key(first), "memory", "released"), (key(first), "released", "forgotten")]
+    assert [s for s in story if s[0] == key(second)][-3:] == [
+        (key(second), "executing", "cancelled"), (key(second), "cancelled", "released"),
+        (key(second), "released", "forgotten")]
+    assert (key(stolen), "ready", "rescheduled") in story
+    assert not any(s[0] == key(stolen) and s[2] == "executing" for s in story)

@@ -414,6 +414,56 @@ def test_an_executing_unit_cannot_be_stolen(ws: WorkerState) -> None:
     assert ws.handle(done("s4", "a")) == [finished("s4", "a")]
 
 
+def test_a_key_in_flight_or_queued_for_fetch_is_hold_only_and_cannot_be_stolen(
+    ws: WorkerState,
+) -> None:
+    ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
+    assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH}
+    assert ws.handle(steal("s2", "x"), steal("s3", "y")) == [
+        SendStealResponse("x", False, S.FLIGHT, stimulus_id="s2"),
+        SendStealResponse("y", False, S.FETCH, stimulus_id="s3"),
+    ]
+    assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH}  # the fetches go on
+    assert ws.in_flight == {"x": "p1"}
+    assert ws.handle(fetched("s4", "x", "p1")) == [Fetch("y", "p1", stimulus_id="s4")]
+
+
+def test_a_key_in_memory_cannot_be_stolen_and_keeps_its_data(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), done("s2", "a"))
+    assert ws.handle(steal("s3", "a")) == [
+        SendStealResponse("a", False, S.MEMORY, stimulus_id="s3")
+    ]
+    assert states(ws) == {"a": S.MEMORY}
+    assert ws.data == {"a": result("a")}
+
+
+def test_an_executing_unit_refuses_a_steal_and_is_reported_once(ws: WorkerState) -> None:
+    assert ws.handle(compute("s1", "a"), compute("s2", "b")) == [execute("s1", "a")]
+    assert ws.handle(steal("s3", "a"), steal("s4", "b")) == [
+        SendStealResponse("a", False, S.EXECUTING, stimulus_id="s3"),
+        SendStealResponse("b", True, S.READY, stimulus_id="s4"),
+    ]
+    assert states(ws) == {"a": S.EXECUTING, "b": S.RESCHEDULED}
+    assert ws.handle(done("s5", "a")) == [finished("s5", "a")]  # b is not started
+
+
+def test_a_cancelled_or_resumed_unit_cannot_be_stolen(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), release("s2", "a"))
+    assert ws.handle(steal("s3", "a")) == [
+        SendStealResponse("a", False, S.CANCELLED, stimulus_id="s3")
+    ]
+    assert ws.handle(compute("s4", "a")) == []
+    assert ws.handle(steal("s5", "a")) == [
+        SendStealResponse("a", False, S.RESUMED, stimulus_id="s5")
+    ]
+    assert states(ws) == {"a": S.RESUMED}
+    assert ws.handle(done("s6", "a")) == [finished("s6", "a")]  # its one execution reports
+    assert [entry[1:3] for entry in ws.story("a")] == [
+        ("released", "waiting"), ("waiting", "ready"), ("ready", "executing"),
+        ("executing", "cancelled"), ("cancelled", "resumed"), ("resumed", "memory"),
+    ]
+
+
 def test_stealing_a_unit_that_a_waiting_unit_needs_asks_where_it_will_be(
     ws: WorkerState,
 ) -> None:
@@ -696,6 +746,7 @@ def module_file(module: str) -> Path | None:
 def test_the_core_modules_import_no_actors_sockets_threads_or_clocks() -> None:
     core = sorted((ROOT / "actors" / "core").glob("*.py"))
     assert ROOT / "actors" / "core" / "worker_state.py" in core
+    assert ROOT / "actors" / "core" / "worker_validate.py" in core
     problems: list[str] = []
     seen: set[Path] = set()
     todo = list(core)

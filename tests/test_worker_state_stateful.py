@@ -15,7 +15,7 @@ from collections import deque
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from actors.core.worker_state import (
     ComputeUnit,
@@ -74,7 +74,7 @@ def snapshot(ws: WorkerState) -> dict[str, object]:
 class WorkerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.ws = WorkerState(nthreads=1, max_fetches=2)
+        self.ws = WorkerState(nthreads=1, max_fetches=2)  # start() sets the drawn nthreads
         self.specs: dict[str, UnitSpec] = {}  # one fixed spec per key: the graph stays acyclic
         self.wanted: set[str] = set()  # keys the scheduler asked for and has not given up
         self.executing: set[str] = set()  # Execute emitted, not yet answered
@@ -83,6 +83,12 @@ class WorkerMachine(RuleBasedStateMachine):
         self.retries: set[str] = set()
         self.clock = 0
         self.in_step = False
+
+    @initialize(nthreads=st.integers(1, 3))
+    def start(self, nthreads: int) -> None:
+        # The Worker actor runs with two execution slots (unit_runner.EXECUTION_SLOTS): with more
+        # than one, cancelled and resumed executions share the slots with new ones.
+        self.ws = WorkerState(nthreads=nthreads, max_fetches=2)
 
     # --- plumbing ----------------------------------------------------------
 
@@ -225,6 +231,7 @@ class WorkerMachine(RuleBasedStateMachine):
         self.ws.validate()
         assert self.ws.executing == self.executing
         assert self.ws.in_flight == self.transfers
+        assert len(self.executing) <= self.ws.nthreads
 
     def teardown(self) -> None:
         if self.in_step:

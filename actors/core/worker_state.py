@@ -30,9 +30,9 @@ assigned it here; HOLD: only a dependency of units here) and, for assigned units
                ``role`` says what happens when it ends: COMPUTE reports it to the scheduler (and
                computes it if a transfer failed), HOLD keeps it for dependents (and fetches it if
                an execution failed)
-  rescheduled  stolen by the scheduler (accepted only in waiting or ready); holds nothing and
-               stays so until the scheduler computes, releases or forgets it again, or a unit
-               here needs it (then it is fetched like any dependency)
+  rescheduled  stolen by the scheduler (accepted only in waiting or ready, see "Steals" below);
+               holds nothing and stays so until the scheduler computes, releases or forgets it
+               again, or a unit here needs it (then it is fetched like any dependency)
   forgotten    gone from ``units``; only the story remembers it
 
 Rules
@@ -66,7 +66,35 @@ Rules
  8. Replies about a transfer that already ended (it was ended by PeerLost) are stale: ignored.
     An execution report for a key that is not executing is a shell bug: InvalidTransition.
 
-``validate()`` checks every invariant; the tests call it after each ``handle``.
+The scheduler's word, on the wire (rule 5 as the shell, unit_runner.py, carries it out)
+  The wire protocol has no "forget" message: the scheduler's last word on a run is implied by
+  the exchange itself, and the shell feeds ForgetUnit for a key exactly then:
+  - right after reporting a run whose outcome rides inline in UnitsDone (a plain run, or a kept
+    unit that failed). The scheduler records the first result of a unit and never asks a worker
+    for an inline result again; a result lost on the way is computed again as a new run, under a
+    new run id, hence a new key. So that report ends the scheduler's claim on the key;
+  - right after answering a ReleaseUnits (UnitsReleased, sent when SendReleased comes out: at
+    once, or when the cancelled work reports back) or accepting a StealUnits (StealReply with
+    accepted=True): in both the scheduler has given the run up;
+  - for every key of a task when the task is released (ReleaseTask);
+  - for the driver's gather key once its inputs are handed over (no scheduler owns that key).
+  A kept result (UnitCall.keep, reported ``held``) is not forgotten when it is reported: it stays
+  in memory for the dependents the scheduler sends to fetch it, until the scheduler releases that
+  run (ReleaseUnits) or the whole task. A release that has not been answered yet (the execution
+  still runs: ``cancelled``) forgets nothing, so a RunUnits for the same run meanwhile resumes it.
+
+Steals
+  Only a computation that holds nothing can be stolen: ``waiting`` or ``ready``. Everything else
+  is refused, with the key's state in the answer: ``executing``, ``cancelled`` and ``resumed``
+  hold a thread (or a transfer) that must not run twice; ``memory`` and ``error`` are done and
+  reported. ``fetch``, ``flight`` and ``missing`` keys are always hold-only here (role HOLD:
+  rule 4, and ``validate`` checks it): this worker does not compute them, it brings them for its
+  own dependents, so there is no computation to give back, and ``rescheduled`` (a stolen
+  computation, role COMPUTE) would strand those dependents. The issue's list (waiting, ready,
+  fetch) is narrowed on purpose: a steal of a fetch key is refused and the fetch goes on.
+
+``validate()`` (worker_validate.py) checks every invariant; the tests call it after each
+``handle``.
 """
 
 from __future__ import annotations
@@ -769,57 +797,10 @@ class WorkerState:
 
     def validate(self) -> None:
         """Raise AssertionError, naming the key, if any invariant does not hold."""
-        ready, fetch, executing, transfers = self._indices()
-        _check(self._ready == ready, f"ready queue {self._ready} != ready keys {ready}")
-        _check(self._fetch_queue == fetch, f"fetch queue {self._fetch_queue} != fetch keys {fetch}")
-        _check(self._executing == executing, f"executing {self._executing} != {executing}")
-        _check(self._transfers == transfers, f"transfers {self._transfers} != {transfers}")
-        _check(len(executing) <= self.nthreads, f"{len(executing)} executions > {self.nthreads}")
-        _check(len(transfers) <= self.max_fetches, f"{len(transfers)} transfers > {self.max_fetches}")
-        in_memory = {key for key, u in self.units.items() if u.state is MEMORY}
-        _check(set(self.data) == in_memory, f"data for {set(self.data)} but memory {in_memory}")
-        for key, unit in self.units.items():
-            self._validate_unit(key, unit)
+        # Imported here: worker_validate builds on this module (the checks read its internals).
+        from actors.core.worker_validate import validate
 
-    def _validate_unit(self, key: str, u: Unit) -> None:
-        where = f"{key!r} ({u.state}, {u.role})"
-        _check(u.key == key and u.state is not FORGOTTEN, f"{where}: misfiled")
-        working = u.state in (EXECUTING, FLIGHT, CANCELLED, RESUMED)
-        _check(working == (u.running is not None), f"{where}: running={u.running}")
-        _check(u.state is not EXECUTING or u.running is Work.EXECUTION, f"{where}: not executing")
-        _check(u.state is not FLIGHT or u.running is Work.TRANSFER, f"{where}: not in flight")
-        _check((u.running is Work.TRANSFER) == (u.peer is not None), f"{where}: peer={u.peer}")
-        if u.state in (WAITING, READY, EXECUTING):
-            _check(u.role is Role.COMPUTE and u.spec is not None, f"{where}: computed without spec")
-        if u.state in (FETCH, FLIGHT, MISSING):
-            _check(u.role is Role.HOLD, f"{where}: fetched but assigned")
-        if u.state is FETCH:
-            _check(bool(u.who_has), f"{where}: queued for fetch with no holder")
-        if u.state is MISSING:
-            _check(not u.who_has, f"{where}: missing but holders {u.who_has} are known")
-        if u.state is WAITING:
-            _check(not self._inputs_in_memory(u), f"{where}: waiting with every input in memory")
-        if u.state is READY:
-            _check(self._inputs_in_memory(u), f"{where}: ready with inputs not in memory")
-        if u.state is ERROR:
-            _check(u.error is not None, f"{where}: error without an error")
-        if u.role is Role.HOLD and (u.state in HOLDING):
-            _check(self._needed(u), f"{where}: held but no dependent needs it")
-        if u.role is Role.HOLD and u.state is RELEASED:
-            _check(bool(u.dependents), f"{where}: hold-only, released and unused: not forgotten")
-        if u.state is RESCHEDULED:
-            _check(u.role is Role.COMPUTE, f"{where}: a dependency cannot be stolen")
-        for dep in u.dependencies:
-            _check(dep in self.units and key in self.units[dep].dependents,
-                   f"{where}: dependency {dep!r} does not list it as a dependent")
-        for dependent in u.dependents:
-            _check(dependent in self.units and key in self.units[dependent].dependencies,
-                   f"{where}: dependent {dependent!r} does not depend on it")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise AssertionError(message)
+        validate(self)
 
 
 __all__ = [
