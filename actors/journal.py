@@ -37,11 +37,13 @@ class ResultJournal:
             "create table if not exists results (task text, first integer, last integer, data blob)")
         self._db.execute("create index if not exists by_task on results (task, first)")
         self._open = False  # a transaction is open (committed at the next tick)
+        self._tasks: set[str] = set()  # tasks with rows: most (every plain Task) never have one
 
     def record(self, task_id: str, entries: list[Entry]) -> None:
         if not entries:
             return
         self._begin()
+        self._tasks.add(task_id)
         indices = [index for index, _, _ in entries]
         self._db.execute("insert into results values (?, ?, ?, ?)",
                          (task_id, min(indices), max(indices), _encoder.encode(entries)))
@@ -62,6 +64,9 @@ class ResultJournal:
         return found
 
     def forget(self, task_id: str) -> None:
+        if task_id not in self._tasks:
+            return
+        self._tasks.discard(task_id)
         self._begin()
         self._db.execute("delete from results where task = ?", (task_id,))
 

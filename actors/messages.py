@@ -22,7 +22,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: batch frames (transport/hub.py), a plain Task released without a message
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -376,6 +376,7 @@ class TaskResult(Message, frozen=True):
 
     task_id: str
     outcome: UnitOutcome
+    elapsed: float = 0.0  # seconds ``work`` ran (a plain Task), for the scheduler's prefetch
 
 
 class ReleaseTask(Message, frozen=True):

@@ -321,12 +321,12 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                           Inbound(b"", None, msg))
         elif len(frames) == 2:
-            hub.send_now(WORKERS, frames)
+            hub.relay(WORKERS, frames)
         else:
             log.warning("malformed_frames", source="master", count=len(frames))
         return
     if len(frames) == 3 and frames[1] == b"m":
-        hub.send_now(MASTER, [frames[0], frames[2]])
+        hub.relay(MASTER, [frames[0], frames[2]])
     elif data is not None and len(frames) == 5 and data.from_worker(hub, frames[0], frames[1:]):
         pass
     elif len(frames) == 3 and frames[1] == b"n":

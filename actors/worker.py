@@ -22,6 +22,7 @@ import resource
 import signal
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,7 @@ class Worker(Shell):
         self.task: pykka.ActorRef[Any] | None = None  # a ParallelTask driver's own actor
         self.hosted: _Runtime | None = None  # or the instance living in this mailbox
         self.plain = False  # the instance is a plain Task: forgotten once its result is sent
+        self.assignments: deque[m.AssignTask] = deque()  # plain Tasks queued behind it
         self.task_id = ""
         self.runner: UnitRunner | None = None
         self.waiting_for_version: m.AssignTask | None = None
@@ -143,14 +145,11 @@ class Worker(Shell):
         match msg:
             case m.Welcome():
                 pass
-            case m.AssignTask(package=""):
-                self._assign(msg, None)
+            case m.AssignTask() if self.task_id:
+                # A plain Task the master queued behind this one (prefetch): next in line.
+                self.assignments.append(msg)
             case m.AssignTask():
-                # A deployed task: the node makes its version available first.
-                self._stop_task()
-                self.task_id = msg.task_id
-                self.waiting_for_version = msg
-                self.send(NODE, TO_NODE, message=m.NeedVersion(msg.package, msg.version))
+                self._start(msg)
             case m.VersionAvailable() if self.waiting_for_version is not None:
                 assign, backlog = self.waiting_for_version, self.backlog
                 if msg.ok:
@@ -182,6 +181,16 @@ class Worker(Shell):
                 self._release(task_id)
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
+
+    def _start(self, msg: m.AssignTask) -> None:
+        if not msg.package:
+            self._assign(msg, None)
+            return
+        # A deployed task: the node makes its version available first.
+        self._stop_task()
+        self.task_id = msg.task_id
+        self.waiting_for_version = msg
+        self.send(NODE, TO_NODE, message=m.NeedVersion(msg.package, msg.version))
 
     def _assign(self, msg: m.AssignTask, version_path: str | None,
                 backlog: list[Any] | None = None) -> None:
@@ -287,6 +296,8 @@ class Worker(Shell):
         self.log.debug("task_released", task_id=task_id)
         self._runner.forget_task(task_id)
         self._stop_task()
+        if self.assignments:
+            self._start(self.assignments.popleft())
 
     def _stop_task(self) -> None:
         if self.task is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 
 from actors.core import scheduler_events as ev
@@ -432,3 +434,90 @@ def test_a_refused_steal_changes_nothing() -> None:
     assert [i for i in s(ev.StealAnswered, busy, "t1", run, False)
             if not isinstance(i, ev.Steal)] == []
     assert {w: dict(s.state.workers[w].in_flight) for w in ("w1", "w2")} == before
+
+
+# --- prefetch: plain Tasks queued on a busy warm worker ------------------------
+
+
+def assigned(out: list[ev.Instruction]) -> list[tuple[str, str]]:
+    return [(i.worker_id, i.task_id) for i in out if isinstance(i, ev.Assign)]
+
+
+def fast_worker(s: Harness) -> None:
+    """w1 ran one plain Task of c1 in a millisecond: the scheduler knows c1's tasks are short."""
+    submit(s, "t0", kind="task")
+    s(ev.TaskFinished, "w1", "t0", UnitOutcome(-1, True, b"r"), 0.001)
+
+
+def test_short_plain_tasks_queue_on_a_busy_worker_and_run_in_turn(s: Harness) -> None:
+    fast_worker(s)
+    assert assigned(submit(s, "t1", kind="task")) == [("w1", "t1")]
+    assert assigned(submit(s, "t2", kind="task")) == [("w1", "t2")]
+    assert assigned(submit(s, "t3", kind="task")) == [("w1", "t3")]
+    assert s.state.workers["w1"].queued == deque(["t2", "t3"])
+    assert ("task", "queued", "running", "driver w1 (queued behind t1)") in [
+        e[:4] for e in s.state.story("t2")]
+    out = s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"1"), 0.001)
+    assert out == [ev.ReportDone("c1", "t1", b"1")]  # t2 is already there: nothing to send
+    assert s.state.workers["w1"].task_id == "t2"
+    s(ev.TaskFinished, "w1", "t2", UnitOutcome(-1, True, b"2"), 0.001)
+    s(ev.TaskFinished, "w1", "t3", UnitOutcome(-1, True, b"3"), 0.001)
+    assert s.state.workers["w1"].task_id is None and not s.state.workers["w1"].queued
+
+
+def test_slow_plain_tasks_wait_for_an_idle_worker(s: Harness) -> None:
+    submit(s, "t0", kind="task")
+    s(ev.TaskFinished, "w1", "t0", UnitOutcome(-1, True, b"r"), 1.0)
+    submit(s, "t1", kind="task")
+    assert assigned(submit(s, "t2", kind="task")) == []  # a second of work: no queueing
+    assert s.state.tasks["t2"].state == "queued"
+
+
+def test_an_unmeasured_task_another_client_or_a_parallel_task_is_not_queued(s: Harness) -> None:
+    submit(s, "t1", kind="task")
+    assert assigned(submit(s, "t2", kind="task")) == []  # nothing measured yet
+    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"r"), 0.001)
+    assert s.state.workers["w1"].task_id == "t2"
+    assert assigned(submit(s, "t3", client="c2", kind="task")) == []
+    assert assigned(submit(s, "p1", kind="parallel")) == []
+    assert not s.state.workers["w1"].queued
+
+
+def test_a_lost_worker_counts_a_death_for_its_running_task_only(s: Harness) -> None:
+    fast_worker(s)
+    submit(s, "t1", kind="task")
+    submit(s, "t2", kind="task")
+    s(ev.WorkerLost, "w1", "SIGKILL", False)
+    assert s.state.tasks["t1"].deaths == {-1: ["SIGKILL"]}
+    assert s.state.tasks["t2"].deaths.get(-1, []) == []
+    assert {s.state.tasks[t].state for t in ("t1", "t2")} == {"queued"}
+    s(ev.WorkerReady, "n1", "w2")
+    s(ev.TaskFinished, "w2", "t1", UnitOutcome(-1, True, b"1"), 0.001)
+    assert s.state.workers["w2"].task_id == "t2"
+
+
+def test_cancelling_a_queued_task_replaces_the_worker_and_requeues_the_running_one(
+    s: Harness
+) -> None:
+    fast_worker(s)
+    submit(s, "t1", kind="task")
+    submit(s, "t2", kind="task")
+    out = s(ev.CancelRequested, "t2")
+    # The worker may already have started t2: only a kill is sure to stop it.
+    assert ev.KillWorker("n1", "w1", "task t2 cancelled") in out
+    assert ev.ReportCancelled("c1", "t2") in out
+    t1 = s.state.tasks["t1"]
+    assert t1.state == "queued" and t1.deaths.get(-1, []) == []
+    assert "w1" not in s.state.workers
+
+
+def test_a_failing_task_with_retries_frees_its_worker_for_the_next_queued_one(s: Harness) -> None:
+    fast_worker(s)
+    s(ev.TaskSubmitted, "t1", "c1", "Name", "task", b"code", b"args", 0, "", "", 1)
+    submit(s, "t2", kind="task")
+    assert s.state.workers["w1"].queued == deque(["t2"])
+    bad = UnitOutcome(-1, False, b"exc", "builtins.OSError", "flaky", "Traceback")
+    out = s(ev.TaskFinished, "w1", "t1", bad)
+    assert out[0] == ev.ReleaseWorker("n1", "w1", "t1")
+    assert s.state.workers["w1"].task_id == "t2"
+    assert ("w1", "t1") in assigned(out)  # t1's retry queues behind t2 on the same worker

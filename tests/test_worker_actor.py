@@ -25,13 +25,7 @@ from actors import messages as m
 from actors.serialize import dumps, dumps_task_class, loads
 from actors.unit_runner import EXECUTION_SLOTS
 from tests.conftest import alive, kill_all, python
-
-try:
-    from transport.hub import unbatch  # several messages may share one frame
-except ImportError:  # a hub that sends each message in a frame of its own
-
-    def unbatch(frames: list[bytes]) -> list[list[bytes]]:
-        return [frames]
+from transport.hub import unbatch  # several messages may share one frame
 
 pytestmark = pytest.mark.processes
 

@@ -128,6 +128,7 @@ class TaskFinished(Event):
     worker_id: str
     task_id: str
     outcome: UnitOutcome
+    elapsed: float = 0.0  # seconds the driver's own code ran (a Task's work), for prefetch
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,14 @@ worker. A ``keep`` unit's result stays on its worker (``held``); if that worker
 is lost, the unit is opened and queued again, and workers that reported it
 missing are told its new holder.
 
+Prefetch. Plain Tasks that take less than a round trip would leave a worker
+idle between them: a busy worker running a plain Task may also be assigned
+the next queued plain Tasks of the same submitter (``queued``, run in order),
+up to about ``PREFETCH_SECONDS`` of their measured run time. A worker lost
+counts a death against the task it was running only; the ones queued behind
+it go back to the queue uncounted. A worker killed to end one of its tasks
+(cancelled, failed) gives the others back the same way.
+
 Stealing. A worker of a task with nothing left to queue is idle while a peer
 has two runs or more in flight: the scheduler asks that peer to give its newest
 run back (``Steal``); the peer accepts only if the run has not started, and the
@@ -38,8 +46,9 @@ queue; each unit remembers the deaths it witnessed, and the third
 the task from its slicer (its helpers are stopped), under the same count.
 A unit that raises fails the task; its other workers are killed.
 
-Invariants (``validate``): a busy worker is in its task's worker set and
-vice versa; in-flight units are open and not pending; a finished task holds
+Invariants (``validate``): a busy worker is in the worker set of its task
+and of each task queued on it, and vice versa; only a busy worker has tasks
+queued, and only plain ones; in-flight units are open and not pending; a finished task holds
 no worker; the driver is one of the task's workers.
 """
 
@@ -91,6 +100,7 @@ from actors.messages import UnitCall
 BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
 MAX_BATCH = 512
+MAX_QUEUED_TASKS = 64  # plain Tasks queued on one worker behind the one it runs
 FIRST_BATCH = 4
 STORY_LENGTH = 2_000
 STORY_OPEN_UNITS = 100  # open units a story lists where they are
@@ -111,6 +121,7 @@ class WorkerRecord:
     task_id: str | None = None
     warm_for: str | None = None  # TaskRecord.warm_key of the code this worker has run
     in_flight: dict[int, int] = field(default_factory=dict)  # unit index -> run id
+    queued: deque[str] = field(default_factory=deque)  # plain Tasks to run after task_id
 
 
 @dataclass
@@ -177,6 +188,7 @@ class SchedulerState:
         self._seq = itertools.count()
         self._run_ids = itertools.count(1)
         self._out: list[Instruction] = []
+        self.task_seconds: dict[str, float] = {}  # warm key -> moving average of a Task's work
 
     # --- the one entry point ------------------------------------------------
 
@@ -237,6 +249,8 @@ class SchedulerState:
                              if t.client_id == client_id and not t.finished]:
                     self._end(task, "cancelled", "its client left", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
+                for key in [k for k in self.task_seconds if k.startswith(f"{client_id}|")]:
+                    del self.task_seconds[key]
             case UnitsSliced():
                 self._sliced(event)
             case UnitsFinished():
@@ -463,6 +477,10 @@ class SchedulerState:
         if not event.outcome.ok and event.worker_id == task.driver and self._retry(task, -1, event.now):
             self._run_driver_again(task, event.now)
             return
+        if event.outcome.ok and task.kind == "task":
+            seen = self.task_seconds.get(task.warm_key)
+            self.task_seconds[task.warm_key] = (
+                event.elapsed if seen is None else 0.8 * seen + 0.2 * event.elapsed)
         # _end first: its last progress report must reach the client before the outcome.
         if event.outcome.ok:
             self._end(task, "done", "finished", event.now)
@@ -484,8 +502,11 @@ class SchedulerState:
             self._report_progress_of(task)
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
-            worker.task_id = None
-            worker.in_flight.clear()
+            if task.task_id in worker.queued:
+                worker.queued.remove(task.task_id)  # ended before its turn came
+            else:
+                worker.task_id = worker.queued.popleft() if worker.queued else None
+                worker.in_flight.clear()
             if state == "done" and not self._is_stale(task.warm_key):
                 worker.warm_for = task.warm_key
                 if task.kind != "task":  # a plain Task's worker let go of it when it answered
@@ -494,6 +515,8 @@ class SchedulerState:
                 # A unit may still be running user code there: only a kill stops it.
                 self._drop_worker(worker_id)
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} {state}"))
+                self._give_back(worker, f"worker {worker_id} stopped: task {task.task_id} {state}",
+                                now)
         task.workers.clear()
         task.driver = None
         self._finished.append(task.task_id)
@@ -525,6 +548,7 @@ class SchedulerState:
                 for peer_id in sorted(task.workers - {worker_id}):
                     peer = self.workers[peer_id]
                     self._out.append(TellPeerGone(peer.node_id, peer_id, worker_id))
+        self._give_back(worker, f"worker lost: {cause}", now, running=False)
         if worker.task_id is None:
             return
         task = self.tasks[worker.task_id]
@@ -542,6 +566,19 @@ class SchedulerState:
                     self._kill_task(task, str(index), causes, now)
                     return
             task.pending.appendleft(task.open_units[index])
+
+    def _give_back(self, worker: WorkerRecord, cause: str, now: float, *,
+                   running: bool = True) -> None:
+        """A dropped worker's queued Tasks (and, with ``running``, the one it runs) go back to
+        the queue uncounted: their code was not (or not alone) the cause."""
+        ids = [*([worker.task_id] if running and worker.task_id else []), *worker.queued]
+        worker.queued.clear()
+        if running:
+            worker.task_id = None
+        for task_id in ids:
+            task = self.tasks[task_id]
+            task.workers.discard(worker.worker_id)
+            self._restart(task, cause, now, count=False)
 
     def _restart(self, task: TaskRecord, cause: str, now: float, *, count: bool = True,
                  note: bool = True) -> None:
@@ -577,8 +614,11 @@ class SchedulerState:
             return
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
-            worker.task_id = None
-            worker.in_flight.clear()
+            if task.task_id in worker.queued:
+                worker.queued.remove(task.task_id)
+            else:
+                worker.task_id = worker.queued.popleft() if worker.queued else None
+                worker.in_flight.clear()
             self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
         task.workers.clear()
         task.driver = None
@@ -622,42 +662,72 @@ class SchedulerState:
                 heapq.heappop(self._queue)  # ended or already running: a stale entry
                 continue
             worker = self._idle_worker_for(task.warm_key)
-            if worker is None:
+            queue_on = None if worker is not None else self._prefetch_worker_for(task)
+            if worker is None and queue_on is None:
+                self._evict_idle_worker()
                 break
             heapq.heappop(self._queue)
-            self._join(task, worker, driver=True, now=now)
-        for task in sorted(self._running.values(), key=lambda t: (-t.priority, t.seq)):
+            self._join(task, worker or queue_on, driver=True, now=now,  # type: ignore[arg-type]
+                       queue=worker is None)
+        # Only ParallelTasks have units to hand out (plain ones may be many: prefetch).
+        parallel = (t for t in self._running.values() if t.kind == "parallel")
+        for task in sorted(parallel, key=lambda t: (-t.priority, t.seq)):
             self._dispatch(task)
             while task.pending:
                 worker = self._idle_worker_for(task.warm_key)
                 if worker is None:
+                    self._evict_idle_worker()
                     break
                 self._join(task, worker, driver=False, now=now)
                 self._dispatch(task)
             self._steal_for_idle(task)
 
     def _idle_worker_for(self, warm_key: str) -> WorkerRecord | None:
-        """A worker warm for this key, else a clean one, else evict one warm for another key."""
+        """A worker warm for this key, else a clean one."""
         idle = [w for w in self.workers.values() if w.task_id is None]
         for wanted in (warm_key, None):
             for worker in idle:
                 if worker.warm_for == wanted:
                     return worker
-        for worker in idle:
-            # Isolation: another client's warm worker is replaced, never reused.
-            self._drop_worker(worker.worker_id)
-            self._out.append(KillWorker(worker.node_id, worker.worker_id, "warm for other code"))
-            return None
         return None
 
-    def _join(self, task: TaskRecord, worker: WorkerRecord, *, driver: bool, now: float) -> None:
-        worker.task_id = task.task_id
+    def _evict_idle_worker(self) -> None:
+        """Nothing idle fits the next task: replace one worker warm for another key."""
+        for worker in self.workers.values():
+            if worker.task_id is None:
+                # Isolation: another client's warm worker is replaced, never reused.
+                self._drop_worker(worker.worker_id)
+                self._out.append(KillWorker(worker.node_id, worker.worker_id, "warm for other code"))
+                return
+
+    def _prefetch_worker_for(self, task: TaskRecord) -> WorkerRecord | None:
+        """A busy worker of the same submitter that may queue this plain Task (see Prefetch)."""
+        seconds = self.task_seconds.get(task.warm_key)
+        if task.kind != "task" or seconds is None:
+            return None
+        room = min(MAX_QUEUED_TASKS, int(PREFETCH_SECONDS / max(seconds, 1e-6)))
+        best: WorkerRecord | None = None
+        for worker in self.workers.values():
+            if (worker.warm_for == task.warm_key and worker.task_id is not None
+                    and len(worker.queued) < room
+                    and self.tasks[worker.task_id].kind == "task"
+                    and (best is None or len(worker.queued) < len(best.queued))):
+                best = worker
+        return best
+
+    def _join(self, task: TaskRecord, worker: WorkerRecord, *, driver: bool, now: float,
+              queue: bool = False) -> None:
+        if queue:
+            worker.queued.append(task.task_id)
+        else:
+            worker.task_id = task.task_id
         worker.warm_for = task.warm_key
         task.workers.add(worker.worker_id)
         task.seen_workers.add(worker.worker_id)
         if driver:
             task.driver = worker.worker_id
-            self._note(task, "task", task.state, "running", f"driver {worker.worker_id}", now)
+            how = f" (queued behind {worker.task_id})" if queue else ""
+            self._note(task, "task", task.state, "running", f"driver {worker.worker_id}{how}", now)
             task.state = "running"
             self._running[task.task_id] = task
         self._out.append(
@@ -749,7 +819,14 @@ class SchedulerState:
             assert worker_id in self.nodes.get(worker.node_id, set()), f"{worker_id} not on its node"
             if worker.task_id is None:
                 assert not worker.in_flight, f"idle {worker_id} has units in flight"
+                assert not worker.queued, f"idle {worker_id} has tasks queued"
                 continue
+            for queued_id in worker.queued:
+                behind = self.tasks[queued_id]
+                assert behind.kind == "task" and behind.state == "running", f"{queued_id} queued"
+                assert worker_id in behind.workers, f"{worker_id} not in {queued_id}'s workers"
+            assert len(set(worker.queued)) == len(worker.queued), f"{worker_id}: a task queued twice"
+            assert worker.task_id not in worker.queued, f"{worker_id}: runs a task it has queued"
             task = self.tasks[worker.task_id]
             assert worker_id in task.workers, f"{worker_id} not in {task.task_id}'s workers"
             for index in worker.in_flight:
@@ -760,7 +837,8 @@ class SchedulerState:
         assert queued <= {entry[2] for entry in self._queue}, "a queued task is not in the queue"
         for task in self.tasks.values():
             for worker_id in task.workers:
-                assert self.workers[worker_id].task_id == task.task_id
+                worker = self.workers[worker_id]
+                assert worker.task_id == task.task_id or task.task_id in worker.queued
             if task.finished:
                 assert not task.workers and not task.pending and not task.open_units
             elif task.state == "running":
