@@ -183,3 +183,42 @@ def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(
                 proc.wait(20)
         kill_all(everything)
         wait_until(lambda: not any(alive(p) for p in everything), 20, "every process to end")
+
+
+class Marked(Task):
+    """A short task that leaves its pid where the test can find it, then returns x * x."""
+
+    def work(self, x, marks):
+        with open(os.path.join(marks, f"{x}-{os.getpid()}"), "w"):
+            pass
+        time.sleep(0.002)
+        return x * x
+
+
+def test_short_tasks_queued_on_killed_and_cancelled_workers_all_resolve(tmp_path: Path) -> None:
+    """Short Tasks queue on busy workers (prefetch): a worker killed with tasks queued behind
+    the one it runs, and a cancel of a queued task (which replaces that worker), must leave every
+    other future with its own result and no task counted as a killer."""
+    n = 600
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        assert client.submit(Marked, -1, str(tmp_path)).result(timeout=30) == 1  # measured
+        futures = [client.submit(Marked, x, str(tmp_path)) for x in range(n)]
+        wait_until(lambda: sum(f.done() for f in futures) >= n // 6, 60, "a sixth to finish")
+        victim = max(int(p.name.split("-")[1]) for p in tmp_path.iterdir())
+        os.kill(victim, signal.SIGKILL)
+        cancelled = [f for f in futures[-50:] if not f.done()][:5]
+        for fut in cancelled:
+            fut.cancel(timeout=20)
+        for x, fut in enumerate(futures):
+            if fut in cancelled and fut.cancelled():
+                continue
+            assert result_or_logs(fut, 60, tmp_path) == x * x, x
+        causes = [e[3].removeprefix("master: ") for fut in futures for e in client.story(fut)
+                  if e[0] == "task"]
+    assert any("queued behind" in cause for cause in causes), "no task was queued on a busy worker"
+    # The kill requeued the task the worker ran ("driver lost: worker w-... killed by signal 9")
+    # and, apart, those queued behind it ("driver lost: worker lost: ...", no death counted).
+    running = [c for c in causes if c.startswith("driver lost: worker ") and "SIGKILL" in c]
+    assert any(not c.startswith("driver lost: worker lost:") for c in running), causes[-20:]
+    assert any(c.startswith("driver lost: worker lost:") for c in running), causes[-20:]

@@ -185,6 +185,7 @@ class SchedulerState:
         # tasks apart: scheduling never scans the finished ones kept for their story.
         self._queue: list[tuple[int, int, str]] = []
         self._running: dict[str, TaskRecord] = {}
+        self._parallel: dict[str, TaskRecord] = {}  # the running ParallelTasks: units to hand out
         self._seq = itertools.count()
         self._run_ids = itertools.count(1)
         self._out: list[Instruction] = []
@@ -492,7 +493,7 @@ class SchedulerState:
     def _end(self, task: TaskRecord, state: str, cause: str, now: float) -> None:
         self._note(task, "task", task.state, state, cause, now)
         task.state = state
-        self._running.pop(task.task_id, None)
+        self._stopped_running(task)
         task.pending.clear()
         task.open_units.clear()
         self._clear_units(task)
@@ -597,7 +598,7 @@ class SchedulerState:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
         task.workers.clear()
         task.state = "queued"
-        self._running.pop(task.task_id, None)
+        self._stopped_running(task)
         heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
         task.pending.clear()
         task.open_units.clear()
@@ -623,7 +624,7 @@ class SchedulerState:
         task.workers.clear()
         task.driver = None
         task.state = "queued"
-        self._running.pop(task.task_id, None)
+        self._stopped_running(task)
         heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
 
     @staticmethod
@@ -639,6 +640,10 @@ class SchedulerState:
     def _kill_task(self, task: TaskRecord, unit: str, causes: list[str], now: float) -> None:
         self._end(task, "erred", f"unit {unit}: workers died {len(causes)} times", now)
         self._out.append(ReportKilled(task.client_id, task.task_id, unit, tuple(causes)))
+
+    def _stopped_running(self, task: TaskRecord) -> None:
+        self._running.pop(task.task_id, None)
+        self._parallel.pop(task.task_id, None)
 
     def _drop_worker(self, worker_id: str) -> WorkerRecord | None:
         worker = self.workers.pop(worker_id, None)
@@ -669,9 +674,8 @@ class SchedulerState:
             heapq.heappop(self._queue)
             self._join(task, worker or queue_on, driver=True, now=now,  # type: ignore[arg-type]
                        queue=worker is None)
-        # Only ParallelTasks have units to hand out (plain ones may be many: prefetch).
-        parallel = (t for t in self._running.values() if t.kind == "parallel")
-        for task in sorted(parallel, key=lambda t: (-t.priority, t.seq)):
+        # Only ParallelTasks have units to hand out (running plain ones may be many: prefetch).
+        for task in sorted(self._parallel.values(), key=lambda t: (-t.priority, t.seq)):
             self._dispatch(task)
             while task.pending:
                 worker = self._idle_worker_for(task.warm_key)
@@ -730,6 +734,8 @@ class SchedulerState:
             self._note(task, "task", task.state, "running", f"driver {worker.worker_id}{how}", now)
             task.state = "running"
             self._running[task.task_id] = task
+            if task.kind == "parallel":
+                self._parallel[task.task_id] = task
         self._out.append(
             Assign(worker.node_id, worker.worker_id, task.task_id, task.name, task.kind,
                    task.code, task.args, driver, task.package, task.version)
@@ -797,9 +803,8 @@ class SchedulerState:
     # --- reporting ------------------------------------------------------------
 
     def _report_progress(self) -> None:
-        for task in self._running.values():
-            if task.kind == "parallel":
-                self._report_progress_of(task)
+        for task in self._parallel.values():
+            self._report_progress_of(task)
 
     def _report_progress_of(self, task: TaskRecord) -> None:
         if task.done_count != task.reported_done:
@@ -833,6 +838,7 @@ class SchedulerState:
                 assert index in task.open_units, f"{worker_id} runs closed unit {index}"
         running = {t.task_id for t in self.tasks.values() if t.state == "running"}
         assert set(self._running) == running, "running index disagrees with task states"
+        assert set(self._parallel) == {t for t in running if self.tasks[t].kind == "parallel"}
         queued = {t.task_id for t in self.tasks.values() if t.state == "queued"}
         assert queued <= {entry[2] for entry in self._queue}, "a queued task is not in the queue"
         for task in self.tasks.values():
