@@ -216,28 +216,39 @@ def node_main(argv: list[str] | None = None) -> int:
                         help="folder for task package versions (default: a private temporary one)")
     parser.add_argument("--package-grace", type=float, default=300.0,
                         help="seconds an unused old package version stays in the cache")
+    parser.add_argument("--no-prefork", action="store_true",
+                        help="start every worker as a fresh interpreter (on Linux the first ones "
+                             "are forked from the node as it starts: ~200 ms sooner)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logs.configure(args.log_format)
     if args.workers < 1:
         log.error("bad_arguments", error="--workers must be at least 1")
         return 2
-    keys = args.keys or default_keys_dir()
-    try:
-        pair = load_keypair(keys, "node")
-        curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
-    except ActorsError as exc:
-        log.error("bad_keys", error=str(exc))
-        return 2
 
     from actors.node import Node, NodeConfig, relay_frames
     from actors.node_data import DataPlane
+    from actors.prefork import fork_workers
     from actors.task_sync import TaskSyncClient
 
     run_dir = tempfile.mkdtemp(prefix="actors-node-")
     node_id = f"node-{os.uname().nodename}-{os.getpid()}"
     config = NodeConfig(node_id, args.workers, f"ipc://{run_dir}/workers.sock", run_dir,
                         exit_with_parent=args.exit_with_parent)
+    # Before the keys are read and before any thread starts: see prefork.py.
+    forked = [] if args.no_prefork else fork_workers(node_id, run_dir, config.ipc_address,
+                                                     args.workers)
+    keys = args.keys or default_keys_dir()
+    try:
+        pair = load_keypair(keys, "node")
+        curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
+    except ActorsError as exc:
+        log.error("bad_keys", error=str(exc))
+        for child in forked:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return 2
     node_ref: pykka.ActorRef[Any] | None = None
     sync_ref: pykka.ActorRef[Any] | None = None
     started = threading.Event()
@@ -275,7 +286,7 @@ def node_main(argv: list[str] | None = None) -> int:
 
     sync_ref = TaskSyncClient.start(hub, os.path.abspath(args.cache or os.path.join(run_dir, "cache")),
                                     grace_s=args.package_grace)
-    node_ref = Node.start(hub, config, on_fatal, sync_ref)
+    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked)
     started.set()
     stop.wait()
     try:

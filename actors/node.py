@@ -1,6 +1,7 @@
 """The Node actor: owns this host's worker processes and relays for them.
 
-Workers are started blank (no user code) and announced to the master, which
+Workers are started blank (no user code; the first ones forked as the node
+starts, see ``prefork.py``) and announced to the master, which
 assigns each to one task instance at a time. A worker process that exits is
 seen at once (a reaper thread blocks in ``wait4`` and tells this actor),
 reported with its exit code or signal and peak memory, and replaced by a
@@ -28,6 +29,7 @@ import structlog
 from actors import __version__
 from actors import messages as m
 from actors.node_data import DataPlane
+from actors.prefork import Forked, worker_args, worker_env
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import WorkerGone
 from transport import Hub
@@ -39,8 +41,6 @@ WORKERS = "workers"
 KILL_GRACE_S = 2.0
 HELLO_RETRY_S = 2.0
 MAX_FAILED_STARTS = 5
-# What a worker may see of the node's environment; everything else is scrubbed.
-_ENV_KEPT = ("PATH", "PYTHONPATH", "LANG", "TZ", "VIRTUAL_ENV", "SYSTEMROOT")
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ class ProcessExited:
 @dataclass
 class WorkerProcess:
     worker_id: str
-    proc: subprocess.Popen[bytes]
+    pid: int
     scratch: str
+    popen: subprocess.Popen[bytes] | None = None  # None: forked, not spawned
     reaper: threading.Thread | None = None
     ready: bool = False
     kill_deadline: float | None = None
@@ -75,8 +76,10 @@ class NodeConfig:
 
 class Node(Shell):
     def __init__(self, hub: Hub, config: NodeConfig, on_fatal: Any = None,
-                 task_sync: pykka.ActorRef[Any] | None = None) -> None:
+                 task_sync: pykka.ActorRef[Any] | None = None,
+                 forked: list[Forked] | None = None) -> None:
         super().__init__(hub)
+        self.forked = forked or []
         self.task_sync = task_sync
         self.config = config
         self.workers: dict[str, WorkerProcess] = {}
@@ -93,7 +96,10 @@ class Node(Shell):
 
     def on_start(self) -> None:
         super().on_start()
-        for _ in range(self.config.slots):
+        for child in self.forked:
+            self._seq += 1
+            self._adopt(WorkerProcess(child.worker_id, child.pid, child.scratch))
+        for _ in range(self.config.slots - len(self.forked)):
             self._spawn()
         self._hello()  # now, not at the first tick: start-up time is user-visible
 
@@ -185,7 +191,7 @@ class Node(Shell):
         for worker in list(self.workers.values()):
             if worker.kill_deadline is not None and now >= worker.kill_deadline:
                 self.log.warning("worker_kill_escalated", worker_id=worker.worker_id)
-                _signal_group(worker.proc.pid, signal.SIGKILL)
+                _signal_group(worker.pid, signal.SIGKILL)
                 worker.kill_deadline = None
 
     def _connection(self, what: str) -> None:
@@ -201,23 +207,22 @@ class Node(Shell):
         self._seq += 1
         worker_id = f"{self.config.node_id}/w{self._seq}"
         scratch = tempfile.mkdtemp(prefix=f"w{self._seq}-", dir=self.config.run_dir)
-        env = {k: v for k, v in os.environ.items()
-               if k in _ENV_KEPT or k.startswith(("LC_", "ACTORS_"))}
-        env.update(HOME=scratch, TMPDIR=scratch, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.worker", "--node", self.config.ipc_address,
-             "--id", worker_id, "--node-pid", str(os.getpid())],
-            cwd=scratch, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, "-m", "actors.worker", *worker_args(self.config.ipc_address, worker_id)],
+            cwd=scratch, env=worker_env(scratch), stdin=subprocess.DEVNULL, start_new_session=True,
         )
-        worker = WorkerProcess(worker_id, proc, scratch)
-        worker.reaper = threading.Thread(target=_reap, args=(self.actor_ref, worker_id, proc),
-                                         name=f"reaper-{proc.pid}", daemon=True)
+        self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc))
+
+    def _adopt(self, worker: WorkerProcess) -> None:
+        worker.reaper = threading.Thread(target=_reap, args=(self.actor_ref, worker),
+                                         name=f"reaper-{worker.pid}", daemon=True)
         worker.reaper.start()
-        self.workers[worker_id] = worker
-        self.log.debug("worker_spawned", worker_id=worker_id, pid=proc.pid)
+        self.workers[worker.worker_id] = worker
+        self.log.debug("worker_spawned", worker_id=worker.worker_id, pid=worker.pid,
+                       forked=worker.popen is None)
 
     def _announce(self, worker: WorkerProcess) -> None:
-        self.send(MASTER, message=m.WorkerReady(worker.worker_id, worker.proc.pid))
+        self.send(MASTER, message=m.WorkerReady(worker.worker_id, worker.pid))
 
     def _kill(self, worker_id: str, reason: str) -> None:
         worker = self.workers.get(worker_id)
@@ -226,7 +231,7 @@ class Node(Shell):
         self.log.info("worker_stopping", worker_id=worker_id, reason=reason)
         worker.expected_exit = True
         worker.kill_deadline = self.now + KILL_GRACE_S
-        _signal_group(worker.proc.pid, signal.SIGTERM)
+        _signal_group(worker.pid, signal.SIGTERM)
 
     def _exited(self, event: ProcessExited) -> None:
         worker = self.workers.pop(event.worker_id, None)
@@ -276,24 +281,25 @@ class Node(Shell):
         if self.welcomed:
             self.send(MASTER, message=m.Bye("node stopping"))
         for worker in self.workers.values():
-            _signal_group(worker.proc.pid, signal.SIGTERM)
+            _signal_group(worker.pid, signal.SIGTERM)
         for worker in self.workers.values():
             assert worker.reaper is not None
             worker.reaper.join(KILL_GRACE_S)
             if worker.reaper.is_alive():
-                _signal_group(worker.proc.pid, signal.SIGKILL)
+                _signal_group(worker.pid, signal.SIGKILL)
                 worker.reaper.join(KILL_GRACE_S)
             shutil.rmtree(worker.scratch, ignore_errors=True)
         self.log.info("node_stopped", workers=len(self.workers))
         self.workers.clear()
 
 
-def _reap(node: pykka.ActorRef[Any], worker_id: str, proc: subprocess.Popen[bytes]) -> None:
+def _reap(node: pykka.ActorRef[Any], worker: WorkerProcess) -> None:
     """Block until the worker exits, then tell the node (a thread that only sends)."""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+    _, status, usage = os.wait4(worker.pid, 0)
+    if worker.popen is not None:
+        worker.popen.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
     with contextlib.suppress(pykka.ActorDeadError):
-        node.tell(ProcessExited(worker_id, proc.pid, status, int(usage.ru_maxrss)))
+        node.tell(ProcessExited(worker.worker_id, worker.pid, status, int(usage.ru_maxrss)))
 
 
 def _signal_group(pid: int, sig: int) -> None:

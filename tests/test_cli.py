@@ -132,7 +132,8 @@ def test_a_node_whose_workers_cannot_start_gives_up_and_says_why(tmp_path: Path)
     assert python("-m", "actors", "keys", "init", keys, stdout=subprocess.DEVNULL).wait(30) == 0
     broken = tmp_path / "broken"
     broken.mkdir()
-    # Every python that starts with PYTHONPATH=broken imports this; only workers die of it.
+    # Every python that starts with PYTHONPATH=broken imports this; only workers die of it
+    # (spawned ones: --no-prefork, as a forked worker starts no interpreter).
     (broken / "sitecustomize.py").write_text(
         "import os, sys\n"
         "if 'actors.worker' in sys.orig_argv:\n"
@@ -141,7 +142,7 @@ def test_a_node_whose_workers_cannot_start_gives_up_and_says_why(tmp_path: Path)
     with open(tmp_path / "node.log", "w") as log_file:
         node = subprocess.Popen(
             [sys.executable, "-m", "actors.node", "--master", f"tcp://127.0.0.1:{port}",
-             "--workers", "2", "--keys", keys, "--log-format", "json"],
+             "--workers", "2", "--keys", keys, "--log-format", "json", "--no-prefork"],
             env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         assert node.wait(60) == 1

@@ -277,6 +277,11 @@ class Hub:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if spec.identity is not None:
             sock.setsockopt(zmq.IDENTITY, spec.identity)
+        if not spec.bind:
+            # A peer starting at the same moment (a forked worker's node, a node's master) binds
+            # a few ms later: retry soon (ZeroMQ waits 100 ms), backing off to 1 s.
+            sock.setsockopt(zmq.RECONNECT_IVL, 10)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if spec.server_curve is not None:
             sock.curve_publickey = spec.server_curve.public
             sock.curve_secretkey = spec.server_curve.secret

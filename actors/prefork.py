@@ -1,0 +1,88 @@
+"""A node's first workers, forked rather than spawned.
+
+A fresh interpreter spends about 200 ms importing what a worker needs (structlog, zmq, msgspec,
+pykka, this package): on two cores, the first result of a new cluster waited for exactly that.
+The node has imported all of it already, so on Linux it forks its first workers as it starts,
+before it reads its keys (a child must not hold the node's secret key) and before it starts any
+thread (a fork copies locks that a thread of the parent may hold, and the thread is not there to
+release them). A forked worker then sets itself up as a spawned one is set up: its own session,
+a scratch folder as home, temporary folder and working directory, a scrubbed environment, stdin
+from /dev/null; then it runs ``actors.worker.main``. Workers that replace dead ones are spawned as
+fresh interpreters: by then the node runs threads. ``ps`` shows a forked worker with its node's
+command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import traceback
+from dataclasses import dataclass
+
+# What a worker may see of the node's environment; everything else is scrubbed.
+_ENV_KEPT = ("PATH", "PYTHONPATH", "LANG", "TZ", "VIRTUAL_ENV", "SYSTEMROOT")
+
+
+@dataclass(frozen=True)
+class Forked:
+    worker_id: str
+    pid: int
+    scratch: str
+
+
+def worker_env(scratch: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _ENV_KEPT or k.startswith(("LC_", "ACTORS_"))}
+    env.update(HOME=scratch, TMPDIR=scratch, PYTHONUNBUFFERED="1")
+    return env
+
+
+def worker_args(ipc_address: str, worker_id: str) -> list[str]:
+    return ["--node", ipc_address, "--id", worker_id, "--node-pid", str(os.getpid())]
+
+
+def can_fork() -> bool:
+    """Linux only (elsewhere a fork without exec is unsafe), and only while single-threaded."""
+    return sys.platform.startswith("linux") and threading.active_count() == 1
+
+
+def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int) -> list[Forked]:
+    """Fork ``count`` workers ``{node_id}/w1..``; an empty list where forking is not safe."""
+    if not can_fork():
+        return []
+    import actors.worker  # noqa: F401  (imported here, once, so no child imports it)
+
+    forked = []
+    for seq in range(1, count + 1):
+        worker_id = f"{node_id}/w{seq}"
+        scratch = tempfile.mkdtemp(prefix=f"w{seq}-", dir=run_dir)
+        args = worker_args(ipc_address, worker_id)
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _become_worker(scratch, args)
+        forked.append(Forked(worker_id, pid, scratch))
+    return forked
+
+
+def _become_worker(scratch: str, args: list[str]) -> None:
+    """In the child: never returns."""
+    code = 70
+    try:
+        os.setsid()
+        os.chdir(scratch)
+        env = worker_env(scratch)
+        os.environ.clear()
+        os.environ.update(env)
+        tempfile.tempdir = None  # the node's choice, cached: the worker's is its scratch folder
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        from actors.worker import main
+
+        code = main(args)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
