@@ -4,6 +4,8 @@ arrives message by message and in order, and a bad batch is dropped without harm
 from __future__ import annotations
 
 import queue
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +162,34 @@ def test_a_malformed_batch_is_dropped_and_the_hub_keeps_serving(
     finally:
         raw.close()
         ctx.term()
+
+
+def test_outboxes_of_many_threads_lose_nothing_and_keep_each_threads_order(
+    router: tuple[Hub, Received, str]
+) -> None:
+    """Senders share the hub's queue and wake it only when no wake-up is on its way: a message
+    appended just as the hub takes the last one must still go out."""
+    _hub, received, address = router
+    sender, _ = dealer_hub(address, b"sender")
+    threads, per_thread = 4, 2_000
+
+    def send_all(t: int) -> None:
+        outbox = sender.outbox()
+        for i in range(per_thread):
+            outbox.send("out", [f"{t}:{i}".encode()])
+            if i % 500 == 0:
+                time.sleep(0.001)  # let the hub drain to empty now and then, mid-burst
+        outbox.close()
+
+    try:
+        workers = [threading.Thread(target=send_all, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        got = [frames[1].decode() for frames in received.take(threads * per_thread)]
+        for w in workers:
+            w.join(DEADLINE_S)
+    finally:
+        sender.stop()
+    for t in range(threads):
+        mine = [int(x.split(":")[1]) for x in got if x.startswith(f"{t}:")]
+        assert mine == list(range(per_thread)), f"thread {t} lost or reordered messages"

@@ -1,10 +1,15 @@
 """One thread per process owns every ZeroMQ socket of that process.
 
 ZeroMQ sockets are not thread-safe, so actors never touch a network socket.
-Each actor creates an ``Outbox`` (an inproc PUSH socket) in its own thread and
-hands it ``(socket name, frames)``; the hub thread polls that inproc queue
-together with the network sockets, sends what it is handed, and passes every
-received frame list to ``on_frames`` (which decodes and ``tell``s an actor).
+Each actor creates an ``Outbox`` in its own thread and hands it ``(socket
+name, frames)``: the message joins the hub's queue of outgoing messages and,
+unless a wake-up is already on its way, the outbox's inproc PUSH socket wakes
+the hub thread, which polls that inproc socket together with the network
+sockets, sends what is queued, and passes every received frame list to
+``on_frames`` (which decodes and ``tell``s an actor). One wake-up per burst,
+not one ZeroMQ message per message: a client submitting in a loop, or a
+master answering a burst of results, hands over hundreds per wake-up (each
+ZeroMQ send released the GIL to a busy hub thread: 70 us a message).
 The same thread drives ``on_tick`` at a fixed interval, so time-based work
 (heartbeats, timeouts) enters the actors as ordinary messages.
 
@@ -23,6 +28,7 @@ import itertools
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,8 +53,8 @@ _BATCH_BYTES = 1 << 20
 _LONE_BYTES = 64 << 10  # a message this big goes alone: batching would only copy it
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[list[bytes], bytes]])
-_outbox_encoder = msgspec.msgpack.Encoder()
-_outbox_decoder = msgspec.msgpack.Decoder(tuple[bytes, list[bytes]])  # (socket, frames)
+_WAKE = b"w"
+_TURN_ITEMS = 10_000  # outgoing messages taken per turn, so receiving is never starved
 # (route frames after the peer's, last frame) of the messages waiting for the end of a turn
 _Pending = list[tuple[list[bytes], bytes]]
 # Events a dealer's owner is told about, by zmq event number.
@@ -92,18 +98,21 @@ class _SocketSpec:
 class Outbox:
     """An actor's way to send: one per thread, created in the thread that uses it."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], inproc: str) -> None:
-        self._push = context.socket(zmq.PUSH)
+    def __init__(self, hub: Hub, inproc: str) -> None:
+        self._hub = hub
+        self._push = hub.context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.setsockopt(zmq.SNDHWM, 0)
         self._push.connect(inproc)
 
     def send(self, socket_name: str, frames: list[bytes]) -> None:
-        if len(frames[-1]) < _LONE_BYTES:
-            # One frame, not one per part: each ZeroMQ frame costs ~3 us on each side.
-            self._push.send(_outbox_encoder.encode((socket_name.encode(), frames)))
-        else:
-            self._push.send_multipart([socket_name.encode(), *frames])
+        hub = self._hub
+        hub._outgoing.append((socket_name.encode(), frames))  # deque.append: thread-safe
+        # The hub clears the flag before it takes from the queue, so a message appended after
+        # its last take always finds the flag clear and wakes it (two wake-ups are harmless).
+        if not hub._wake_pending:
+            hub._wake_pending = True
+            self._push.send(_WAKE)
 
     def close(self) -> None:
         self._push.close(linger=0)
@@ -141,6 +150,9 @@ class Hub:
         # (socket, peer) -> messages to send at the end of this turn of the loop, in order
         self._pending: dict[tuple[bytes, bytes], _Pending] = {}
         self._pending_bytes: dict[tuple[bytes, bytes], int] = {}
+        # What actors handed over, in order (see Outbox.send), and whether a wake-up is due.
+        self._outgoing: deque[tuple[bytes, list[bytes]]] = deque()
+        self._wake_pending = False
 
     # --- configuration (before start) ---------------------------------------
 
@@ -212,14 +224,14 @@ class Hub:
             raise self._start_error
 
     def outbox(self) -> Outbox:
-        return Outbox(self.context, self._inproc)
+        return Outbox(self, self._inproc)
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._thread is not None and self._thread.is_alive():
             with self._control_lock:
                 if self._control is None:
                     self._control = self.outbox()
-                self._control._push.send_multipart([_STOP])
+                self._control._push.send(_STOP)
             self._thread.join(timeout)
         if self._control is not None:
             self._control.close()
@@ -317,9 +329,12 @@ class Hub:
         next_tick = time.monotonic() + self._tick_s
         while True:
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-            ready = dict(poller.poll(timeout_ms if self._on_tick else None))
-            if pull in ready and not self._send_outgoing(pull, sockets):
+            if self._outgoing:  # more than one turn's share was queued: come straight back
+                timeout_ms = 0
+            ready = dict(poller.poll(timeout_ms if self._on_tick or self._outgoing else None))
+            if pull in ready and not self._wake_ups(pull, sockets):
                 return
+            self._take_outgoing(sockets)
             for sock in ready:
                 if sock in names:
                     self._receive(names[sock], sock)
@@ -332,34 +347,28 @@ class Hub:
                 next_tick = now + self._tick_s
                 self._guarded(self._on_tick, now)
 
-    def _send_outgoing(
-        self, pull: zmq.Socket[bytes], sockets: dict[bytes, zmq.Socket[bytes]]
-    ) -> bool:
-        """Send everything actors handed us; False when told to stop."""
-        for _ in range(10_000):  # bounded, so receiving is never starved
+    def _wake_ups(self, pull: zmq.Socket[bytes], sockets: dict[bytes, zmq.Socket[bytes]]) -> bool:
+        """Read the wake-ups; False when told to stop (what was queued before is sent)."""
+        for _ in range(_TURN_ITEMS):
             if not _readable(pull):
                 return True
-            frames = pull.recv_multipart(zmq.NOBLOCK)
-            if frames == [_STOP]:
-                self._drain(pull, sockets)
+            if pull.recv(zmq.NOBLOCK) == _STOP:
+                self._wake_pending = False
+                while self._outgoing:
+                    self._take_outgoing(sockets)
+                self._flush()
                 return False
-            name, rest = _from_outbox(frames)
+        return True
+
+    def _take_outgoing(self, sockets: dict[bytes, zmq.Socket[bytes]]) -> None:
+        self._wake_pending = False  # before taking: see Outbox.send
+        outgoing = self._outgoing
+        for _ in range(min(len(outgoing), _TURN_ITEMS)):
+            name, frames = outgoing.popleft()
             if name not in sockets:
                 log.error("send_to_unknown_socket", socket=name.decode(errors="replace"))
                 continue
-            self._defer(name, rest)
-        return True
-
-    def _drain(self, pull: zmq.Socket[bytes], sockets: dict[bytes, zmq.Socket[bytes]]) -> None:
-        """On stop, send what actors handed over before it (a last Bye, say)."""
-        for _ in range(10_000):
-            try:
-                name, rest = _from_outbox(pull.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-            if name in sockets:
-                self._defer(name, rest)
-        self._flush()
+            self._defer(name, frames)
 
     def _defer(self, name: bytes, frames: list[bytes]) -> None:
         """Queue a message for the end of this turn (see the module docstring)."""
@@ -447,13 +456,6 @@ class Hub:
             handler(*args)
         except Exception:
             log.exception("handler_failed", handler=getattr(handler, "__qualname__", "?"))
-
-
-def _from_outbox(frames: list[bytes]) -> tuple[bytes, list[bytes]]:
-    """(socket name, frames) of what an Outbox sent: packed in one frame, or as parts."""
-    if len(frames) == 1:
-        return _outbox_decoder.decode(frames[0])
-    return frames[0], frames[1:]
 
 
 def unbatch(frames: list[bytes]) -> list[list[bytes]]:
