@@ -87,6 +87,17 @@ def describe_exception(exc: BaseException) -> tuple[bytes, str, str, str]:
     return payload, type_name, str(exc), text
 
 
+def describe_failure(exc: BaseException) -> tuple[bytes, str, str, str]:
+    """``describe_exception`` of what user code raised. ``SystemExit`` and its kind (not an
+    ``Exception``) become a RuntimeError caused by them: the task fails, where letting it through
+    would leave the task unanswered, and re-raising it in the client would end the caller."""
+    if not isinstance(exc, Exception):
+        wrapped = RuntimeError(f"the task's code raised {type(exc).__name__}({exc})")
+        wrapped.__cause__ = exc
+        exc = wrapped
+    return describe_exception(exc)
+
+
 def rebuild_exception(
     payload: bytes, type_name: str, message: str, remote_traceback: str, where: str
 ) -> BaseException:

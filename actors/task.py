@@ -35,7 +35,7 @@ import structlog
 
 from actors import messages as m
 from actors.errors import InvalidArguments
-from actors.serialize import describe_exception, dumps, loads
+from actors.serialize import describe_exception, describe_failure, dumps, loads
 from actors.unit_runner import Gather
 
 log = structlog.get_logger("actors.task")
@@ -363,6 +363,6 @@ _EXECUTOR: _Executor | None = None
 def _outcome(index: int, call: Callable[[], Any]) -> m.UnitOutcome:
     try:
         return m.UnitOutcome(index, True, dumps(call()))
-    except Exception as exc:
-        payload, type_name, message, text = describe_exception(exc)
+    except BaseException as exc:
+        payload, type_name, message, text = describe_failure(exc)
         return m.UnitOutcome(index, False, payload, type_name, message, text)

@@ -30,7 +30,7 @@ import structlog
 from actors import messages as m
 from actors.core import worker_events as ev
 from actors.core.worker_state import WorkerState
-from actors.serialize import describe_exception, dumps, loads
+from actors.serialize import describe_failure, dumps, loads
 
 log = structlog.get_logger("actors.worker")
 
@@ -335,8 +335,8 @@ def _execute_run(instance: Any, key: str, units: list[m.UnitCall], task_id: str,
                 args = [loads(unit.args)]
                 args += [loads(inputs[unit_key(task_id, d)]) for d in unit.deps]
                 outcomes.append(m.UnitOutcome(unit.index, True, dumps(work_unit(*args))))
-            except Exception as exc:
-                payload, type_name, message, text = describe_exception(exc)
+            except BaseException as exc:
+                payload, type_name, message, text = describe_failure(exc)
                 outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text))
                 break  # the task fails; the rest of the run would be wasted
     finally:

@@ -2,7 +2,8 @@
 
 Runs one workload on a warm 2-worker ``LocalCluster`` and prints, for the client and every
 process of the cluster (master, node, workers), the CPU time (user + system, all threads, from
-``/proc/<pid>/stat``) it spent per item. The sum is what the cores must supply per item; set
+``/proc/<pid>/stat``) it spent per item, and its threads' context switches per item (each a
+hand-off between threads or a wake-up). The sum is what the cores must supply per item; set
 against the wall time per item it tells a CPU-bound path from one that waits. Pair it with
 ``py-spy record --gil --threads -p PID`` on the pids it prints to see the functions.
 
@@ -28,6 +29,19 @@ DEFAULT_SIZES = {"tiny": 20_000, "many": 2_000, "latency": 300, "sleep": 200}
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary switches of every thread: each is a hand-off or a wake-up."""
+    total = 0
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (thread / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split(":")[1])
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return total
 
 
 def children(pid: int) -> list[int]:
@@ -81,15 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         run()  # warm-up: warm workers, imported code, sized batches
         pids = cluster_processes(session.master_pid)
         before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        switches = {role: context_switches(pid) for role, pid in pids.items()}
         start = time.perf_counter()
         run()
         wall = time.perf_counter() - start
         spent = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
+        switches = {role: context_switches(pid) - switches[role] for role, pid in pids.items()}
     print(f"{args.workload}: {n} items in {wall:.3f} s = {n / wall:,.0f}/s, "
           f"{1e6 * wall / n:,.1f} us of wall time per item")
     for role, seconds in spent.items():
         print(f"  {role:<16} pid {pids[role]:<8} {seconds:7.2f} s CPU  "
-              f"{1e6 * seconds / n:9.1f} us/item")
+              f"{1e6 * seconds / n:9.1f} us/item  {switches[role] / n:5.1f} switches/item")
     total = sum(spent.values())
     print(f"  {'all':<16} {'':<12} {total:7.2f} s CPU  {1e6 * total / n:9.1f} us/item "
           f"(of {len(os.sched_getaffinity(0)) * wall:.2f} s the cores had)")

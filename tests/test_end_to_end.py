@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -140,6 +141,33 @@ def test_a_task_exception_is_raised_with_its_type_and_remote_traceback(client: C
     assert "cannot handle 5" in text
     assert "Remote traceback" in text and "in work" in text and "raise Boom" in text
     # the cluster keeps serving
+    assert client.submit(Square, 3).result(timeout=30) == 9
+
+
+class Exits(Task):
+    def work(self, code):
+        sys.exit(code)
+
+
+class UnitExits(ParallelTask):
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, i):
+        if i == 7:
+            raise SystemExit(4)
+        return i
+
+
+def test_code_that_calls_sys_exit_fails_its_task_and_the_caller_goes_on(client: Client) -> None:
+    """SystemExit is not an Exception: it must still answer the task (not leave it waiting
+    forever), and reach the caller as an error that does not end the caller's program."""
+    with pytest.raises(RuntimeError, match=r"raised SystemExit\(3\)") as info:
+        client.submit(Exits, 3).result(timeout=30)
+    assert "sys.exit(code)" in str(info.value)  # the remote traceback, cause included
+    with pytest.raises(RuntimeError, match=r"raised SystemExit\(4\)") as info:
+        client.submit(UnitExits, 20).result(timeout=30)
+    assert "unit 7" in str(info.value)
     assert client.submit(Square, 3).result(timeout=30) == 9
 
 
