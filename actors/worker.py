@@ -1,7 +1,9 @@
 """A worker process: the Worker actor and the task instance it hosts.
 
 Started blank by its node, a worker talks only to that node over ipc (it
-opens no TCP socket). The master assigns it one task instance at a time:
+opens no TCP socket). The master assigns it one task instance at a time
+(short plain Tasks of the same submitter may wait in line behind it, and
+start here as soon as the one before is let go):
 the Worker actor unpickles the task class, makes the instance (a ParallelTask's
 driver as an actor of its own, anything else in this actor's mailbox, see
 ``task.py``) and passes it its input; what the task emits goes back through
