@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import queue
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -12,6 +13,13 @@ import structlog
 
 from actors import messages as m
 from transport import Hub, Outbox
+
+
+def simple_inbox() -> queue.SimpleQueue[Any]:
+    """An actor's inbox (pykka's extension point for actor types, which uses only ``put``, ``get``
+    and ``empty``): C's SimpleQueue, not ``queue.Queue`` with its three Conditions to build and a
+    lock and a notify per ``tell``; every message between a hub and its actors goes through one."""
+    return queue.SimpleQueue()
 
 
 def tell_if_alive(ref: pykka.ActorRef[Any] | None, message: Any) -> None:
@@ -50,6 +58,10 @@ class Shell(pykka.ThreadingActor):
         super().__init__()
         self.hub = hub
         self.outbox: Outbox | None = None
+
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        return simple_inbox()
 
     def on_start(self) -> None:
         self.outbox = self.hub.outbox()

