@@ -124,6 +124,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.feed(ev.TaskSubmitted(self.now, task_id, client, "T", kind, b"c", b"a", priority))
         self.flush()
 
+    @rule(count=st.integers(2, 8), client=st.sampled_from(["a", "b"]))
+    def a_burst_of_plain_tasks(self, count: int, client: str) -> None:
+        """More Tasks than idle workers: short ones queue on busy warm workers (prefetch)."""
+        for _ in range(count):
+            self.submit(0, "task", 0, client)
+
     @precondition(lambda self: self.busy_drivers())
     @rule(data=st.data())
     def driver_slices(self, data: st.DataObject) -> None:
@@ -164,6 +170,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         worker = data.draw(st.sampled_from(holding or sorted(self.state.workers)))
         self.runs.pop(worker, None)
         self.feed(ev.WorkerLost(self.now, worker, "SIGKILL", False))
+        self.flush()
+
+    @precondition(lambda self: any(r.queued for r in self.state.workers.values()))
+    @rule(data=st.data(), expected=st.booleans())
+    def a_worker_with_tasks_queued_dies(self, data: st.DataObject, expected: bool) -> None:
+        """Prefetch: the task it ran and those queued behind it must all come back."""
+        queued = sorted(w for w, r in self.state.workers.items() if r.queued)
+        worker = data.draw(st.sampled_from(queued))
+        self.runs.pop(worker, None)
+        self.feed(ev.WorkerLost(self.now, worker, "SIGKILL", expected))
         self.flush()
 
     @precondition(lambda self: self.busy_drivers())
