@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -51,16 +51,16 @@ def run_key(task_id: str, run_id: int) -> str:
     return f"{task_id}:run{run_id}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Run:
-    """What the scheduler sent under one key (the static part lives in the key's UnitSpec)."""
+    """The static calls the scheduler sent under one key, never changed (the core's UnitSpec
+    names the key and its dependencies; what came of the calls is kept apart, in
+    ``UnitRunner.outcomes``)."""
 
     task_id: str
     run_id: int
-    units: list[m.UnitCall]
+    units: tuple[m.UnitCall, ...]
     keep: bool  # keyed by its unit: its result stays here for dependents
-    outcomes: list[m.UnitOutcome] = field(default_factory=list)
-    elapsed: float = 0.0
 
 
 # --- messages of the Worker actor's mailbox that the runner handles ------------
@@ -102,6 +102,7 @@ class UnitRunner:
         # runs; its result is dropped, as the state machine says for cancelled keys.
         self.state = WorkerState(nthreads=EXECUTION_SLOTS, validate_after_handle=validate)
         self.runs: dict[str, _Run] = {}
+        self.outcomes: dict[str, tuple[list[m.UnitOutcome], float]] = {}  # key -> (them, seconds)
         self.instance: Any = None
         self.addresses: dict[str, str] = {}  # peer worker -> its node's data address
         self.origins: dict[str, bytes] = {}  # requesting peer -> its node (b"": ours)
@@ -125,7 +126,7 @@ class UnitRunner:
             deps = tuple(unit_key(task_id, d) for d in unit.deps)
         else:
             key, deps = run_key(task_id, msg.run_id), ()
-        self.runs[key] = _Run(task_id, msg.run_id, list(msg.units), single)
+        self.runs[key] = _Run(task_id, msg.run_id, tuple(msg.units), single)
         spec = ev.UnitSpec(key, task_id, b"", deps)
         holders = self._who_has(task_id, msg.holders)
         self.feed(ev.ComputeUnit(spec, holders, stimulus_id=f"run{msg.run_id}", now=self._clock()))
@@ -159,7 +160,7 @@ class UnitRunner:
         now = self._clock()
         if run is None:
             return
-        run.outcomes, run.elapsed = msg.outcomes, msg.elapsed
+        self.outcomes[msg.key] = (msg.outcomes, msg.elapsed)
         failed = next((o for o in msg.outcomes if not o.ok), None)
         if failed is not None:
             self.feed(ev.ExecuteFailed(msg.key, failed.value, failed.traceback,
@@ -192,7 +193,7 @@ class UnitRunner:
         self.gathers[key] = msg
         holders = self._who_has(msg.task_id, msg.holders)
         deps = tuple(holders)
-        self.runs[key] = _Run(msg.task_id, -1, [], keep=True)
+        self.runs[key] = _Run(msg.task_id, -1, (), keep=True)
         self.feed(ev.ComputeUnit(ev.UnitSpec(key, msg.task_id, b"", deps), holders,
                                  stimulus_id="gather", now=self._clock()))
 
@@ -286,7 +287,7 @@ class UnitRunner:
         run = self.runs.get(key)
         if run is None or run.run_id < 0:
             return []
-        outcomes = run.outcomes
+        outcomes, elapsed = self.outcomes.pop(key, ([], 0.0))
         if run.keep and not outcomes and key in self.state.data:
             # Asked to compute what is already here (computed before the scheduler lost track
             # of this worker, or fetched for a unit here): it is held here, not computed again.
@@ -294,8 +295,7 @@ class UnitRunner:
         if run.keep and outcomes and outcomes[0].ok:
             # The result stays here for the units that depend on it; the master learns where.
             outcomes = [m.UnitOutcome(outcomes[0].index, True, b"", held=True)]
-        self._send_master(m.UnitsDone(run.task_id, run.run_id, outcomes, run.elapsed))
-        run.outcomes = []
+        self._send_master(m.UnitsDone(run.task_id, run.run_id, outcomes, elapsed))
         if run.keep and outcomes and outcomes[0].ok:
             return []
         # Plain runs: the scheduler said, by sending them as a run, that it wants them once.
@@ -314,6 +314,8 @@ class UnitRunner:
     def _drop_forgotten(self) -> None:
         if len(self.runs) > len(self.state.units):
             self.runs = {k: r for k, r in self.runs.items() if k in self.state.units}
+        if len(self.outcomes) > len(self.state.units):
+            self.outcomes = {k: o for k, o in self.outcomes.items() if k in self.state.units}
 
     def _key_of_run(self, task_id: str, run_id: int) -> str | None:
         key = run_key(task_id, run_id)
@@ -323,7 +325,7 @@ class UnitRunner:
                      if r.task_id == task_id and r.run_id == run_id), None)
 
 
-def _execute_run(instance: Any, key: str, units: list[m.UnitCall], task_id: str,
+def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id: str,
                  inputs: dict[str, bytes], tell: Callable[[Any], None]) -> None:
     """On the executor thread: run the units, stop at the first failure, report once."""
     started = time.perf_counter()
