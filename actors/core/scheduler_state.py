@@ -48,8 +48,8 @@ A unit that raises fails the task; its other workers are killed.
 
 Invariants (``validate``): a busy worker is in the worker set of its task
 and of each task queued on it, and vice versa; only a busy worker has tasks
-queued, and only plain ones; in-flight units are open and not pending; a finished task holds
-no worker; the driver is one of the task's workers.
+queued, and only plain ones; in-flight units are open and not pending; a
+finished task holds no worker; the driver is one of the task's workers.
 """
 
 from __future__ import annotations
@@ -503,11 +503,7 @@ class SchedulerState:
             self._report_progress_of(task)
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
-            if task.task_id in worker.queued:
-                worker.queued.remove(task.task_id)  # ended before its turn came
-            else:
-                worker.task_id = worker.queued.popleft() if worker.queued else None
-                worker.in_flight.clear()
+            self._let_go(worker, task.task_id)
             if state == "done" and not self._is_stale(task.warm_key):
                 worker.warm_for = task.warm_key
                 if task.kind != "task":  # a plain Task's worker let go of it when it answered
@@ -568,6 +564,15 @@ class SchedulerState:
                     return
             task.pending.appendleft(task.open_units[index])
 
+    @staticmethod
+    def _let_go(worker: WorkerRecord, task_id: str) -> None:
+        """The worker is done with this task: the next one queued on it (if any) is its own now."""
+        if task_id in worker.queued:
+            worker.queued.remove(task_id)  # ended before its turn came
+        else:
+            worker.task_id = worker.queued.popleft() if worker.queued else None
+            worker.in_flight.clear()
+
     def _give_back(self, worker: WorkerRecord, cause: str, now: float, *,
                    running: bool = True) -> None:
         """A dropped worker's queued Tasks (and, with ``running``, the one it runs) go back to
@@ -615,11 +620,7 @@ class SchedulerState:
             return
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
-            if task.task_id in worker.queued:
-                worker.queued.remove(task.task_id)
-            else:
-                worker.task_id = worker.queued.popleft() if worker.queued else None
-                worker.in_flight.clear()
+            self._let_go(worker, task.task_id)
             self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
         task.workers.clear()
         task.driver = None
@@ -667,13 +668,14 @@ class SchedulerState:
                 heapq.heappop(self._queue)  # ended or already running: a stale entry
                 continue
             worker = self._idle_worker_for(task.warm_key)
-            queue_on = None if worker is not None else self._prefetch_worker_for(task)
-            if worker is None and queue_on is None:
+            queue = worker is None
+            if worker is None:
+                worker = self._prefetch_worker_for(task)
+            if worker is None:
                 self._evict_idle_worker()
                 break
             heapq.heappop(self._queue)
-            self._join(task, worker or queue_on, driver=True, now=now,  # type: ignore[arg-type]
-                       queue=worker is None)
+            self._join(task, worker, driver=True, now=now, queue=queue)
         # Only ParallelTasks have units to hand out (running plain ones may be many: prefetch).
         for task in sorted(self._parallel.values(), key=lambda t: (-t.priority, t.seq)):
             self._dispatch(task)
