@@ -27,6 +27,7 @@ from actors.cluster import LocalCluster, default_keys_dir
 from actors.errors import (
     ConnectFailed,
     HandshakeRefused,
+    MasterLost,
     TaskCancelled,
     UnknownTask,
     WorkerKilled,
@@ -54,6 +55,7 @@ class Future:
         self._callbacks: list[Callable[[Future], None]] = []
         self._lock = threading.Lock()
         self._progress = (0, 0)
+        self._error: BaseException | None = None  # failed here, not by the cluster (MasterLost)
 
     def __repr__(self) -> str:
         return f"<Future {self.name} {self.task_id} {self._status}>"
@@ -74,6 +76,8 @@ class Future:
             raise TimeoutError(f"task {self.name} {self.task_id} not done after {timeout}s")
         if self._status == _CANCELLED:
             raise TaskCancelled(self.task_id)
+        if self._error is not None:
+            raise self._error
         payload = self._payload
         if isinstance(payload, m.TaskErred):
             raise self._exception_of(payload)
@@ -121,11 +125,12 @@ class Future:
         where = f"task {self.name} {self.task_id}" + (f", unit {err.unit}" if err.unit else "")
         return rebuild_exception(err.error, err.type_name, err.message, err.traceback, where)
 
-    def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | None) -> None:
+    def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | None,
+                error: BaseException | None = None) -> None:
         with self._lock:
             if self._done.is_set():
                 return
-            self._status, self._payload = status, payload
+            self._status, self._payload, self._error = status, payload, error
             self._done.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
@@ -157,7 +162,11 @@ class Client:
         *,
         keys: str | os.PathLike[str] | None = None,
         timeout: float = 15.0,
+        master_timeout: float = 10.0,
     ) -> None:
+        """``timeout``: seconds to wait for the master's welcome. ``master_timeout``: seconds
+        without a connection to the master after which unfinished futures fail with
+        ``MasterLost`` (they fail at once if the master comes back as a new process)."""
         self._own_cluster: LocalCluster | None = None
         if address is None:
             address = os.environ.get("ACTORS_ADDRESS") or None
@@ -177,9 +186,13 @@ class Client:
         self._code_cache: weakref.WeakKeyDictionary[type, bytes] = weakref.WeakKeyDictionary()
         self._closed = False
         self._names: set[str] | None = None
+        self._master_id = ""
+        self._master_timeout = master_timeout
+        self._disconnected_since: float | None = None  # hub thread only
         pair = load_keypair(keys, "client")
         curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
-        self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=None)
+        self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=self._on_tick,
+                        tick_s=0.5)
         self._hub.add_dealer(MASTER, address, identity=self.client_id.encode(), curve=curve,
                              monitor=True)
         self._hub.start()
@@ -317,6 +330,30 @@ class Client:
     def _on_event(self, _socket: str, what: str) -> None:
         if what in ("auth_failed", "handshake_failed"):
             self._auth_failed = True
+        elif what == "disconnected" and self._welcome.is_set():
+            if self._disconnected_since is None:
+                self._disconnected_since = time.monotonic()
+                log.warning("master_disconnected", address=self.address)
+        elif what == "connected" and self._disconnected_since is not None:
+            # Back: the same master welcomes us again; a new one means our tasks are gone.
+            self._disconnected_since = None
+            log.info("master_reconnected", address=self.address)
+            self._hub.send_now(MASTER, [m.encode(m.Hello(
+                "client", self.client_id, m.PROTOCOL_VERSION, __version__,
+                host=os.uname().nodename, pid=os.getpid()))])
+
+    def _on_tick(self, now: float) -> None:
+        since = self._disconnected_since
+        if since is not None and now - since >= self._master_timeout:
+            self._master_lost(f"no connection for {now - since:.0f}s")
+
+    def _master_lost(self, reason: str) -> None:
+        """Fail every unfinished future: no result can come for them any more."""
+        unfinished = [f for f in list(self._futures.values()) if not f.done()]
+        if unfinished:
+            log.error("master_lost", address=self.address, reason=reason, tasks=len(unfinished))
+        for fut in unfinished:
+            fut._finish(_ERRED, None, MasterLost(self.address, reason))
 
     def _on_frames(self, _socket: str, frames: list[bytes]) -> None:
         msg = m.decode(frames[-1])
@@ -335,7 +372,10 @@ class Client:
                        else "info" if isinstance(msg, m.ClusterInfo) else "packages")
                 if (replies := self._replies.get(key)) is not None:
                     replies.put(msg)
-            case m.Welcome():
+            case m.Welcome(master_id=master_id):
+                if self._master_id and master_id != self._master_id:
+                    self._master_lost(f"the master restarted ({self._master_id} -> {master_id})")
+                self._master_id = master_id
                 self._welcome.set()
             case m.Refused(reason=reason):
                 self._refusal = reason

@@ -60,6 +60,19 @@ class ConnectFailed(ActorsError):
         return f"{text}: {self.hint}" if self.hint else text
 
 
+class MasterLost(ActorsError):
+    """The master went away, or came back as a new process, before this task ended: its result
+    will never come (a master's tasks do not survive it)."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(address, reason)
+        self.address = address
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"lost the master at {self.address}: {self.reason}"
+
+
 class KeyFileError(ActorsError):
     """A CURVE key file or key directory is missing or unreadable."""
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from actors import Client, LocalCluster, ParallelTask, Task
-from actors.errors import TaskCancelled, WorkerKilled
+from actors.errors import MasterLost, TaskCancelled, WorkerKilled
 from tests.conftest import alive, descendants, kill_all, python_logged, result_or_logs, wait_until
+from transport import init_keys
 
 pytestmark = pytest.mark.processes
 
@@ -222,3 +223,77 @@ def test_short_tasks_queued_on_killed_and_cancelled_workers_all_resolve(tmp_path
     running = [c for c in causes if c.startswith("driver lost: worker ") and "SIGKILL" in c]
     assert any(not c.startswith("driver lost: worker lost:") for c in running), causes[-20:]
     assert any(c.startswith("driver lost: worker lost:") for c in running), causes[-20:]
+
+
+class Naps(Task):
+    def work(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+def _master(tmp_path: Path, port: int, name: str) -> subprocess.Popen[str]:
+    if not (tmp_path / "keys").exists():
+        init_keys(tmp_path / "keys")  # the client reads them before the master is up
+    return python_logged(tmp_path / f"{name}.log", "-m", "actors.master", "--port", str(port),
+                         "--workers", "1", "--keys", str(tmp_path / "keys"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_client_whose_master_dies_fails_its_futures_instead_of_waiting_forever(
+    tmp_path: Path
+) -> None:
+    """kill -9 of the master: unfinished futures fail with MasterLost once it stays away for
+    master_timeout; when a new master comes up on the address, the client's earlier tasks fail
+    at once (they died with the old one) and new ones run there."""
+    port = _free_port()
+    first = _master(tmp_path, port, "first")
+    pids = {first.pid}
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", keys=tmp_path / "keys", timeout=60,
+                    master_timeout=2.0) as client:
+            fut = client.submit(Naps, 600)
+            wait_until(lambda: client.info().tasks_running == 1, 60, "the task to start")
+            pids |= descendants(first.pid)
+            first.kill()
+            started = time.monotonic()
+            with pytest.raises(MasterLost, match="no connection"):
+                fut.result(timeout=60)
+            assert time.monotonic() - started < 30
+            with pytest.raises(MasterLost):  # submitted while there is no master
+                client.submit(Square, 2).result(timeout=30)
+    finally:
+        kill_all(pids)
+        first.wait(10)
+
+
+def test_a_client_learns_its_master_restarted_and_goes_on_with_the_new_one(
+    tmp_path: Path
+) -> None:
+    port = _free_port()
+    first = _master(tmp_path, port, "first")
+    pids = {first.pid}
+    second = None
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", keys=tmp_path / "keys", timeout=60,
+                    master_timeout=600) as client:
+            fut = client.submit(Naps, 600)
+            wait_until(lambda: client.info().tasks_running == 1, 60, "the task to start")
+            pids |= descendants(first.pid)
+            first.kill()
+            first.wait(10)
+            second = _master(tmp_path, port, "second")
+            pids.add(second.pid)
+            with pytest.raises(MasterLost, match="restarted"):
+                fut.result(timeout=60)
+            assert client.submit(Square, 3).result(timeout=60) == 9
+            pids |= descendants(second.pid)
+    finally:
+        kill_all(pids)
+        first.wait(10)
+        if second is not None:
+            second.wait(10)
