@@ -80,7 +80,9 @@ class Worker(Shell):
         self.task: pykka.ActorRef[Any] | None = None  # a ParallelTask driver's own actor
         self.hosted: _Runtime | None = None  # or the instance living in this mailbox
         self.plain = False  # the instance is a plain Task: forgotten once its result is sent
-        self.assignments: deque[m.AssignTask] = deque()  # plain Tasks queued behind it
+        self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
+        # Plain Tasks queued behind a plain Task and already handed to the executor, in order.
+        self.lined_up: dict[str, _Runtime] = {}
         self.task_id = ""
         self.runner: UnitRunner | None = None
         self.waiting_for_version: m.AssignTask | None = None
@@ -111,6 +113,9 @@ class Worker(Shell):
 
     def on_stop(self) -> None:
         self._stop_task()
+        for runtime in self.lined_up.values():
+            self._stop_instance(runtime.task)
+        self.lined_up.clear()
         super().on_stop()
 
     def on_crash(self) -> None:
@@ -121,10 +126,7 @@ class Worker(Shell):
             case Outgoing(message=msg):
                 self.send(NODE, TO_MASTER, message=msg)
             case ForHosted(task_id=task_id, message=msg):
-                if task_id == self.task_id and self.hosted is not None:
-                    self.hosted.handle(msg)
-                    if self.plain and isinstance(msg, _Finished) and msg.outcome.ok:
-                        self._release(task_id)
+                self._hosted_says(task_id, msg)
             case Ran():
                 self._runner.ran(message)
             case Gather():
@@ -148,8 +150,12 @@ class Worker(Shell):
             case m.Welcome():
                 pass
             case m.AssignTask() if self.task_id:
-                # A plain Task the master queued behind this one (prefetch): next in line.
-                self.assignments.append(msg)
+                # A task the master queued behind this one (prefetch): next in line.
+                if (self.plain and self.hosted is not None and msg.kind == "task"
+                        and not msg.package and not self.assignments):
+                    self._line_up(msg)
+                else:
+                    self.assignments.append(msg)
             case m.AssignTask():
                 self._start(msg)
             case m.VersionAvailable() if self.waiting_for_version is not None:
@@ -179,8 +185,10 @@ class Worker(Shell):
                 self.send(NODE, TO_MASTER, message=m.WorkerStory(task_id, self._runner.story(task_id)))
             case m.DriverResults(task_id=task_id, results=results, held=held) if task_id == self.task_id:
                 self._to_task(UnitResults(results, held))
-            case m.ReleaseTask(task_id=task_id) if task_id == self.task_id:
+            case m.ReleaseTask(task_id=task_id) if task_id == self.task_id or task_id in self.lined_up:
                 self._release(task_id)
+            case m.ReleaseTask(task_id=task_id):  # it never began here: it failed to load
+                self.log.debug("release_of_unloaded_task", task_id=task_id)
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
 
@@ -198,43 +206,71 @@ class Worker(Shell):
                 backlog: list[Any] | None = None) -> None:
         self._stop_task()
         self.task_id = msg.task_id
-        task_log = self.log.bind(task_id=msg.task_id, task=msg.name)
         try:
-            if version_path is None:
-                cls = self._class_of(msg.code)
-            else:
-                cls = self._import_deployed(msg, version_path)
-            args, kwargs = loads(msg.args)
-            if not (isinstance(cls, type) and issubclass(cls, Task)):
-                raise TypeError(f"{cls!r} is not a Task subclass")
-            if (msg.kind == "parallel") != issubclass(cls, ParallelTask):
-                raise TypeError(f"{cls.__qualname__} was submitted as kind {msg.kind!r}")
-            check_arguments(cls, args, kwargs)
+            cls, args, kwargs = self._load(msg, version_path)
             if msg.driver and msg.kind == "parallel":
                 self.task, self._runner.instance = start_instance(cls)
             else:
                 self._runner.instance = host_instance(cls)
         except Exception as exc:
-            task_log.warning("task_load_failed", error=repr(exc))
             self._fail_load(msg, exc)
             return
-        task_log.debug("task_loaded", driver=msg.driver)
-        me, task_id = self.actor_ref, msg.task_id
+        self.log.debug("task_loaded", task_id=msg.task_id, task=msg.name, driver=msg.driver)
         if self.task is not None:
-            self.task.tell(_Begin(task_id, args, kwargs, msg.driver,
+            me = self.actor_ref
+            self.task.tell(_Begin(msg.task_id, args, kwargs, msg.driver,
                                   lambda out: me.tell(Outgoing(out)), me.tell))
         else:
             self.plain = msg.kind == "task"
-            self.hosted = begin_instance(
-                self._runner.instance,
-                _Begin(task_id, args, kwargs, msg.driver,
-                       lambda out: self.send(NODE, TO_MASTER, message=out), me.tell),
-                lambda message: me.tell(ForHosted(task_id, message)))
+            self.hosted = self._begin_hosted(msg, self._runner.instance, args, kwargs)
         for message in backlog or ():
             if isinstance(message, m.RunUnits):
                 self._runner.run_units(message)
             else:
                 self._to_task(message)
+
+    def _load(self, msg: m.AssignTask, version_path: str | None) -> tuple[Any, tuple[Any, ...],
+                                                                           dict[str, Any]]:
+        """The task's class and its checked arguments; raises what makes the task unloadable."""
+        cls = self._class_of(msg.code) if version_path is None else self._import_deployed(
+            msg, version_path)
+        args, kwargs = loads(msg.args)
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise TypeError(f"{cls!r} is not a Task subclass")
+        if (msg.kind == "parallel") != issubclass(cls, ParallelTask):
+            raise TypeError(f"{cls.__qualname__} was submitted as kind {msg.kind!r}")
+        check_arguments(cls, args, kwargs)
+        return cls, args, kwargs
+
+    def _begin_hosted(self, msg: m.AssignTask, instance: Task, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> _Runtime:
+        me, task_id = self.actor_ref, msg.task_id
+        return begin_instance(
+            instance,
+            _Begin(task_id, args, kwargs, msg.driver,
+                   lambda out: self.send(NODE, TO_MASTER, message=out), me.tell),
+            lambda message: me.tell(ForHosted(task_id, message)))
+
+    def _line_up(self, msg: m.AssignTask) -> None:
+        """A plain Task queued behind the plain Task running here: begun now, so the executor
+        goes from one task's work to the next without waiting for this mailbox in between."""
+        try:
+            cls, args, kwargs = self._load(msg, None)
+            instance = host_instance(cls)
+        except Exception as exc:
+            self._fail_load(msg, exc)
+            return
+        self.lined_up[msg.task_id] = self._begin_hosted(msg, instance, args, kwargs)
+
+    def _hosted_says(self, task_id: str, msg: Any) -> None:
+        """News from the executor for a hosted instance: the current one or one lined up."""
+        runtime = self.hosted if task_id == self.task_id else self.lined_up.get(task_id)
+        if runtime is None:
+            return  # let go of meanwhile (released): its news is moot
+        runtime.handle(msg)
+        plain = self.plain if task_id == self.task_id else True
+        if plain and isinstance(msg, _Finished) and msg.outcome.ok:
+            self._release(task_id)
 
     @property
     def _runner(self) -> UnitRunner:
@@ -265,6 +301,7 @@ class Worker(Shell):
         return cls
 
     def _fail_load(self, msg: m.AssignTask, exc: BaseException) -> None:
+        self.log.warning("task_load_failed", task_id=msg.task_id, task=msg.name, error=repr(exc))
         payload, type_name, text, tb = describe_exception(exc)
         self.send(NODE, TO_MASTER, message=m.WorkerFailed(
             msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb)))
@@ -294,11 +331,26 @@ class Worker(Shell):
         module_name, _, class_name = msg.name.partition(":")
         return getattr(importlib.import_module(module_name), class_name)
 
+    def _stop_instance(self, instance: Task) -> None:
+        try:
+            instance.on_stop()
+        except Exception:
+            self.log.exception("task_on_stop_failed", task_id=instance.task_id)
+
     def _release(self, task_id: str) -> None:
         self.log.debug("task_released", task_id=task_id)
+        lined_up = self.lined_up.pop(task_id, None)
+        if lined_up is not None:  # done (or given up) before its turn as the current one
+            self._stop_instance(lined_up.task)
+            return
         self._runner.forget_task(task_id)
         self._stop_task()
-        if self.assignments:
+        if self.lined_up:  # the next one's work is already on the executor
+            self.task_id = next(iter(self.lined_up))
+            self.hosted = self.lined_up.pop(self.task_id)
+            self.plain = True
+            self._runner.instance = self.hosted.task
+        elif self.assignments:
             self._start(self.assignments.popleft())
 
     def _stop_task(self) -> None:
@@ -307,10 +359,7 @@ class Worker(Shell):
             self.task = None
         if self.hosted is not None:
             instance, self.hosted, self.plain = self.hosted.task, None, False
-            try:
-                instance.on_stop()
-            except Exception:
-                self.log.exception("task_on_stop_failed", task_id=self.task_id)
+            self._stop_instance(instance)
         if self.runner is not None:
             self.runner.instance = None
         self.task_id = ""

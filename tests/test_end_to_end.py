@@ -232,6 +232,34 @@ def test_many_small_tasks_complete_with_as_completed(client: Client) -> None:
     assert sorted(f.result() for f in done) == [i * i for i in range(50)]
 
 
+class SometimesFails(Task):
+    """Short tasks, queued on busy workers, some of which fail for good and some once."""
+
+    def work(self, x, tally):
+        if x % 37 == 5:
+            raise Boom(f"task {x} fails for good")
+        if x % 23 == 7:
+            fails_first(tally, f"once-{x}", 1)
+        return x * x
+
+
+def test_short_tasks_queued_behind_failing_ones_each_get_their_own_outcome(
+    client: Client, tmp_path: Path
+) -> None:
+    """Queued short tasks are begun behind the running one; one that fails (for good, or once
+    and then on retry) must not take its neighbours' results with it, or hand them its own."""
+    n = 400
+    client.submit(Square, 1).result(timeout=30)  # measured: short tasks queue from here on
+    futures = [client.submit(SometimesFails, x, str(tmp_path), retries=1) for x in range(n)]
+    for x, fut in enumerate(futures):
+        if x % 37 == 5:
+            with pytest.raises(Boom, match=f"task {x} fails for good"):
+                fut.result(timeout=60)
+        else:
+            assert fut.result(timeout=60) == x * x, x
+    assert client.submit(Square, 4).result(timeout=30) == 16
+
+
 def test_result_times_out_without_hanging(client: Client) -> None:
     class Slow(Task):
         def work(self):
