@@ -2,8 +2,10 @@
 
 Started blank by its node, a worker talks only to that node over ipc (it
 opens no TCP socket). The master assigns it one task instance at a time
-(short plain Tasks of the same submitter may wait in line behind it, and
-start here as soon as the one before is let go):
+(short plain Tasks of the same submitter may wait in line behind it: behind a
+plain Task they are begun at once, their work queued on the executor in order,
+so that one task's work follows the last without a round trip through this
+mailbox; each reports and is let go as it finishes):
 the Worker actor unpickles the task class, makes the instance (a ParallelTask's
 driver as an actor of its own, anything else in this actor's mailbox, see
 ``task.py``) and passes it its input; what the task emits goes back through
