@@ -349,7 +349,9 @@ class Client:
 
     def _master_lost(self, reason: str) -> None:
         """Fail every unfinished future: no result can come for them any more."""
-        unfinished = [f for f in list(self._futures.values()) if not f.done()]
+        # valuerefs() copies the dict in one C call: user threads may be submitting meanwhile.
+        futures = [ref() for ref in self._futures.valuerefs()]
+        unfinished = [f for f in futures if f is not None and not f.done()]
         if unfinished:
             log.error("master_lost", address=self.address, reason=reason, tasks=len(unfinished))
         for fut in unfinished:
