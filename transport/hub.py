@@ -177,6 +177,7 @@ class Hub:
     def send_now(self, socket_name: str, frames: list[bytes]) -> bool:
         """Send from a handler running on the hub thread itself (a relay): no extra hop.
 
+        It leaves at once, ahead of what this turn has queued for the same peer (``relay``).
         False when the message was dropped (an unroutable peer, a full queue)."""
         assert threading.current_thread() is self._thread, "send_now() is for hub handlers only"
         return self._send(socket_name.encode(), self._sockets[socket_name.encode()], frames)
