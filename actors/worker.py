@@ -91,6 +91,7 @@ class Worker(Shell):
         self.classes: dict[bytes, Any] = {}  # shipped class bytes -> class, for warm reuse
         self.backlog: list[Any] = []  # task input that came while its package was being fetched
         self.loaded_version: tuple[str, str] | None = None
+        self.loaded_path = ""  # that version's folder
         # The node's pid from its command line: a node that died while this process was still
         # importing has already left it to init, and getppid() here would never change again.
         self.parent_pid = node_pid or os.getppid()
@@ -154,7 +155,7 @@ class Worker(Shell):
             case m.AssignTask() if self.task_id:
                 # A task the master queued behind this one (prefetch): next in line.
                 if (self.plain and self.hosted is not None and msg.kind == "task"
-                        and not msg.package and not self.assignments):
+                        and (not msg.package or self._imported(msg)) and not self.assignments):
                     self._line_up(msg)
                 else:
                     self.assignments.append(msg)
@@ -197,6 +198,9 @@ class Worker(Shell):
     def _start(self, msg: m.AssignTask) -> None:
         if not msg.package:
             self._assign(msg, None)
+            return
+        if self._imported(msg):
+            self._assign(msg, self.loaded_path)
             return
         # A deployed task: the node makes its version available first.
         self._stop_task()
@@ -253,11 +257,17 @@ class Worker(Shell):
                    lambda out: self.send(NODE, TO_MASTER, message=out), me.tell),
             lambda message: me.tell(ForHosted(task_id, message)))
 
+    def _imported(self, msg: m.AssignTask) -> bool:
+        """A deployed task of the version this worker imported already: no need to ask the node
+        for it again (the node counts this worker as that version's user until it exits)."""
+        return (self.loaded_version == (msg.package, msg.version)
+                and msg.package in sys.modules)
+
     def _line_up(self, msg: m.AssignTask) -> None:
         """A plain Task queued behind the plain Task running here: begun now, so the executor
         goes from one task's work to the next without waiting for this mailbox in between."""
         try:
-            cls, args, kwargs = self._load(msg, None)
+            cls, args, kwargs = self._load(msg, self.loaded_path if msg.package else None)
             instance = host_instance(cls)
         except Exception as exc:
             self._fail_load(msg, exc)
@@ -313,6 +323,7 @@ class Worker(Shell):
         if self.loaded_version not in (None, (msg.package, msg.version)):
             raise RuntimeError("this worker already imported another version of the package")
         self.loaded_version = (msg.package, msg.version)
+        self.loaded_path = version_path
         if msg.package not in sys.modules:
             init = os.path.join(version_path, "__init__.py")
             spec: importlib.machinery.ModuleSpec | None

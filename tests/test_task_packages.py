@@ -79,6 +79,26 @@ def test_a_new_version_runs_beside_the_old_one_which_is_removed_after_use(tmp_pa
         wait_until(lambda: cached(cache) == set(second), 20, "the old version to be removed")
 
 
+def test_many_short_deployed_tasks_each_get_their_version_and_a_new_one_takes_over(
+    tmp_path: Path
+) -> None:
+    """Short deployed tasks queue on workers that imported their version already (no fetch,
+    begun at once); a newer version deployed meanwhile runs on other workers, never mixed."""
+    tasks = tmp_path / "tasks"
+    deploy(tasks, "one")
+    with LocalCluster(workers=2, tasks_dir=tasks) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        wait_until(lambda: versions(client), 20, "the package to be listed")
+        assert client.submit("demo.jobs:Which").result(timeout=30) == "one"
+        futures = [client.submit("demo.jobs:Which") for _ in range(300)]
+        assert {f.result(timeout=60) for f in futures} == {"one"}
+        first = versions(client)
+        deploy(tasks, "two")
+        wait_until(lambda: versions(client) != first, 20, "the master to see the change")
+        futures = [client.submit("demo.jobs:Which") for _ in range(300)]
+        assert {f.result(timeout=60) for f in futures} == {"two"}
+
+
 def test_a_corrupted_cache_folder_is_fetched_again(tmp_path: Path) -> None:
     tasks, cache = tmp_path / "tasks", tmp_path / "cache"
     deploy(tasks, "one")
