@@ -9,11 +9,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from actors import Client, LocalCluster, ParallelTask, Task
+from actors import Client, Future, LocalCluster, ParallelTask, Task
 from actors.errors import MasterLost, TaskCancelled, WorkerKilled
 from tests.conftest import alive, descendants, kill_all, python_logged, result_or_logs, wait_until
 from transport import init_keys
@@ -244,46 +245,50 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_a_client_whose_master_dies_fails_its_futures_instead_of_waiting_forever(
-    tmp_path: Path
-) -> None:
-    """kill -9 of the master: unfinished futures fail with MasterLost once it stays away for
-    master_timeout; when a new master comes up on the address, the client's earlier tasks fail
-    at once (they died with the old one) and new ones run there."""
+@contextlib.contextmanager
+def _a_task_running_on_a_master(tmp_path: Path, master_timeout: float) -> Iterator[
+        tuple[Client, Future, subprocess.Popen[str], set[int], int]]:
+    """A master process of one worker, a client, and a long task running there; every process
+    started is stopped afterwards (those the test adds to the yielded set too)."""
     port = _free_port()
     first = _master(tmp_path, port, "first")
     pids = {first.pid}
     try:
         with Client(f"tcp://127.0.0.1:{port}", keys=tmp_path / "keys", timeout=60,
-                    master_timeout=2.0) as client:
+                    master_timeout=master_timeout) as client:
             fut = client.submit(Naps, 600)
             wait_until(lambda: client.info().tasks_running == 1, 60, "the task to start")
             pids |= descendants(first.pid)
-            first.kill()
-            started = time.monotonic()
-            with pytest.raises(MasterLost, match="no connection"):
-                fut.result(timeout=60)
-            assert time.monotonic() - started < 30
-            with pytest.raises(MasterLost):  # submitted while there is no master
-                client.submit(Square, 2).result(timeout=30)
+            yield client, fut, first, pids, port
     finally:
         kill_all(pids)
         first.wait(10)
 
 
+def test_a_client_whose_master_dies_fails_its_futures_instead_of_waiting_forever(
+    tmp_path: Path
+) -> None:
+    """kill -9 of the master: unfinished futures fail with MasterLost once it stays away for
+    master_timeout, and so do tasks submitted while it is away."""
+    with _a_task_running_on_a_master(tmp_path, master_timeout=2.0) as (client, fut, first, _, _):
+        first.kill()
+        started = time.monotonic()
+        with pytest.raises(MasterLost, match="no connection"):
+            fut.result(timeout=60)
+        assert time.monotonic() - started < 30
+        with pytest.raises(MasterLost):  # submitted while there is no master
+            client.submit(Square, 2).result(timeout=30)
+
+
 def test_a_client_learns_its_master_restarted_and_goes_on_with_the_new_one(
     tmp_path: Path
 ) -> None:
-    port = _free_port()
-    first = _master(tmp_path, port, "first")
-    pids = {first.pid}
-    second = None
+    """A new master on the address: the client's earlier tasks fail at once (they died with the
+    old one) and new ones run there."""
+    second: subprocess.Popen[str] | None = None
     try:
-        with Client(f"tcp://127.0.0.1:{port}", keys=tmp_path / "keys", timeout=60,
-                    master_timeout=600) as client:
-            fut = client.submit(Naps, 600)
-            wait_until(lambda: client.info().tasks_running == 1, 60, "the task to start")
-            pids |= descendants(first.pid)
+        with _a_task_running_on_a_master(tmp_path, master_timeout=600) as (
+                client, fut, first, pids, port):
             first.kill()
             first.wait(10)
             second = _master(tmp_path, port, "second")
@@ -293,7 +298,5 @@ def test_a_client_learns_its_master_restarted_and_goes_on_with_the_new_one(
             assert client.submit(Square, 3).result(timeout=60) == 9
             pids |= descendants(second.pid)
     finally:
-        kill_all(pids)
-        first.wait(10)
         if second is not None:
-            second.wait(10)
+            second.wait(10)  # killed with the others on the way out
