@@ -35,8 +35,8 @@ def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str
         delay = min(delay * 1.5, 0.2)
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (workers run in their own sessions, still our children)."""
+def _parents() -> dict[int, int]:
+    """Every live process's parent, from /proc (zombies left out)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -46,6 +46,17 @@ def descendants(pid: int) -> set[int]:
                 continue
             if fields[0] != "Z":
                 parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def children(pid: int) -> set[int]:
+    """The live processes whose parent is ``pid``."""
+    return {child for child, parent in _parents().items() if parent == pid}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (workers run in their own sessions, still our children)."""
+    parents = _parents()
     found: set[int] = set()
     frontier = {pid}
     while frontier:

@@ -16,7 +16,15 @@ import pytest
 
 from actors import Client, Future, LocalCluster, ParallelTask, Task
 from actors.errors import MasterLost, TaskCancelled, WorkerKilled
-from tests.conftest import alive, descendants, kill_all, python_logged, result_or_logs, wait_until
+from tests.conftest import (
+    alive,
+    children,
+    descendants,
+    kill_all,
+    python_logged,
+    result_or_logs,
+    wait_until,
+)
 from transport import init_keys
 
 pytestmark = pytest.mark.processes
@@ -76,15 +84,7 @@ class Tallied(ParallelTask):
 
 def worker_pids(cluster_pid: int) -> set[int]:
     """The worker processes: grandchildren of the master (master -> node -> worker)."""
-    nodes = {p for p in descendants(cluster_pid) if _parent(p) == cluster_pid}
-    return {p for p in descendants(cluster_pid) if _parent(p) in nodes}
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return -1
+    return {worker for node in children(cluster_pid) for worker in children(node)}
 
 
 def test_cancel_stops_the_worker_processes_and_the_cluster_goes_on() -> None:

@@ -18,7 +18,7 @@ import zmq
 
 from actors import Client, LocalCluster, Task
 from actors.cluster import ClusterStartFailed, _reserve_port
-from tests.conftest import alive, descendants, wait_until
+from tests.conftest import alive, children, descendants, wait_until
 from transport import init_keys
 
 pytestmark = pytest.mark.processes
@@ -27,19 +27,6 @@ pytestmark = pytest.mark.processes
 class Square(Task):
     def work(self, x):
         return x * x
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[1]) == pid:
-                found.add(int(entry.name))
-    return found
 
 
 def _cmdline(pid: int) -> str:
@@ -65,9 +52,9 @@ def test_the_node_is_the_masters_child_and_its_workers_are_the_nodes() -> None:
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
         assert client.submit(Square, 3).result(timeout=30) == 9
-        (node,) = _children(cl.pid)
+        (node,) = children(cl.pid)
         assert "actors.node" in _cmdline(node)
-        assert len(_children(node)) == 2
+        assert len(children(node)) == 2
         pids = descendants(cl.pid) | {cl.pid}
     wait_until(lambda: not any(alive(p) for p in pids), 20, "every cluster process to end")
 
