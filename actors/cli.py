@@ -23,8 +23,9 @@ import pykka
 import structlog
 
 from actors import logs
+from actors.addresses import master_address
 from actors.cluster import default_keys_dir, local_node_command
-from actors.errors import ActorsError, MalformedMessage
+from actors.errors import ActorsError, InvalidAddress, MalformedMessage
 from actors.shell import ConnectionEvent, Tick, tell_if_alive
 from transport import (
     ClientCurve,
@@ -43,6 +44,14 @@ log = structlog.get_logger("actors.cli")
 def _stop_on_signals(stop: threading.Event) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+
+
+def _master_arg(text: str) -> str:
+    """argparse's ``type`` for ``--master``: HOST:PORT or tcp://HOST:PORT, else a usage error."""
+    try:
+        return master_address(text)
+    except InvalidAddress as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ensure_keys(directory: str) -> None:
@@ -75,6 +84,8 @@ def master_main(argv: list[str] | None = None, *,
                         help="seconds an unused old package version is kept (master and local node)")
     parser.add_argument("--cache", default=None, help="the local node's package cache folder")
     parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-banner", action="store_true",
+                        help="do not print where the master listens (for embedding)")
     parser.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ...",
                         help="run this Python script against the cluster, then stop")
     args = parser.parse_args(argv)
@@ -146,12 +157,13 @@ def master_main(argv: list[str] | None = None, *,
         _write_atomically(args.ready_file, json.dumps({"address": address, "pid": os.getpid()}))
     log.info("master_started", address=address, workers=args.workers, keys=keys,
              tasks_dir=os.path.abspath(args.tasks_dir))
-    sys.stdout.write(
-        f"pydra-actors master listening on {address}\n"
-        f"  add a host:  python -m actors.node --master {address} --keys {keys}\n"
-        f"  from Python: Client({address!r}, keys={keys!r})\n"
-    )
-    sys.stdout.flush()
+    if not args.no_banner:
+        sys.stdout.write(
+            f"pydra-actors master listening on {address}\n"
+            f"  add a host:  python -m actors.node --master {address} --keys {keys}\n"
+            f"  from Python: Client({address!r}, keys={keys!r})\n"
+        )
+        sys.stdout.flush()
     if args.run:
         _run_script(args.run, address, keys, stop, exit_code)
     stop.wait()
@@ -208,7 +220,8 @@ def node_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m actors.node",
                                      description="Join a pydra-actors master with this host's workers.")
     parser.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
-                        required="ACTORS_ADDRESS" not in os.environ, help="tcp://HOST:PORT")
+                        required="ACTORS_ADDRESS" not in os.environ, type=_master_arg,
+                        help="the master's address, HOST:PORT or tcp://HOST:PORT")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keys", default=None, help="CURVE key directory")
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
@@ -273,7 +286,15 @@ def node_main(argv: list[str] | None = None) -> int:
     hub.add_router("workers", config.ipc_address)
     data = DataPlane(node_id, pair, run_dir, args.master)
     data.add_to(hub, os.path.join(keys, "node.key"))
-    hub.start()
+    try:
+        hub.start()
+    except Exception as exc:
+        log.error("cannot_connect", master=args.master, error=str(exc))
+        for child in forked:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return 2
     data.bound(hub)
     config.data_address = data.address
     stop = threading.Event()
@@ -314,7 +335,8 @@ def actors_main(argv: list[str] | None = None) -> int:
     init.add_argument("--overwrite", action="store_true")
     packages = sub.add_parser("packages", help="list the master's deployed task packages")
     packages.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
-                          required="ACTORS_ADDRESS" not in os.environ, help="tcp://HOST:PORT")
+                          required="ACTORS_ADDRESS" not in os.environ, type=_master_arg,
+                          help="the master's address, HOST:PORT or tcp://HOST:PORT")
     packages.add_argument("--keys", default=None, help="CURVE key directory")
     args = parser.parse_args(argv)
     if args.command == "packages":

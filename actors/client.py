@@ -9,12 +9,14 @@ completed from there and are safe to wait on from any thread.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import queue
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -23,10 +25,14 @@ import structlog
 
 from actors import __version__
 from actors import messages as m
+from actors.addresses import master_address
 from actors.cluster import LocalCluster, default_keys_dir
 from actors.errors import (
+    ClientClosed,
     ConnectFailed,
     HandshakeRefused,
+    KeyRefused,
+    LargePayloadWarning,
     MasterLost,
     TaskCancelled,
     UnknownTask,
@@ -39,6 +45,7 @@ from transport import ClientCurve, Hub, load_keypair, load_public_key
 log = structlog.get_logger("actors.client")
 
 MASTER = "master"
+LARGE_CODE_BYTES = 10 * 2**20  # a task's code above this size is worth a warning
 _PENDING, _DONE, _ERRED, _CANCELLED = "pending", "finished", "error", "cancelled"
 
 
@@ -164,7 +171,8 @@ class Client:
         timeout: float = 15.0,
         master_timeout: float = 10.0,
     ) -> None:
-        """``timeout``: seconds to wait for the master's welcome. ``master_timeout``: seconds
+        """``timeout``: seconds to wait for the master's welcome (and, with a ``LocalCluster``,
+        for its workers to be ready). ``master_timeout``: seconds
         without a connection to the master after which unfinished futures fail with
         ``MasterLost`` (they fail at once if the master comes back as a new process)."""
         self._own_cluster: LocalCluster | None = None
@@ -172,8 +180,15 @@ class Client:
             address = os.environ.get("ACTORS_ADDRESS") or None
         if address is None:
             address = self._own_cluster = LocalCluster()
+        local_workers = 0
         if isinstance(address, LocalCluster):
+            local_workers = address.workers
             keys, address = address.keys_dir, address.address
+        try:
+            address = master_address(address)
+        except BaseException:
+            self._close_own_cluster()
+            raise
         keys = keys or os.environ.get("ACTORS_KEYS") or default_keys_dir()
         self.address = address
         self.client_id = f"client-{uuid.uuid4().hex[:12]}"
@@ -183,22 +198,32 @@ class Client:
         self._refusal = ""
         self._auth_failed = False
         self._send_lock = threading.Lock()
-        self._code_cache: weakref.WeakKeyDictionary[type, bytes] = weakref.WeakKeyDictionary()
+        # A class's code and its content hash, made once per class; the hashes this master has.
+        self._code_cache: weakref.WeakKeyDictionary[type, tuple[str, bytes]] = (
+            weakref.WeakKeyDictionary())
+        self._shipped: set[str] = set()
         self._closed = False
         self._names: set[str] | None = None
         self._master_id = ""
         self._master_timeout = master_timeout
         self._disconnected_since: float | None = None  # hub thread only
-        pair = load_keypair(keys, "client")
-        curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
-        self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=self._on_tick,
-                        tick_s=0.5)
-        self._hub.add_dealer(MASTER, address, identity=self.client_id.encode(), curve=curve,
-                             monitor=True)
-        self._hub.start()
+        try:
+            pair = load_keypair(keys, "client")
+            curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
+            self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=self._on_tick,
+                            tick_s=0.5)
+            self._hub.add_dealer(MASTER, address, identity=self.client_id.encode(), curve=curve,
+                                 monitor=True)
+            self._hub.start()
+        except BaseException:
+            self._closed = True
+            self._close_own_cluster()
+            raise
         self._outbox = self._hub.outbox()
         try:
             self._handshake(timeout)
+            if local_workers:  # a local cluster is ready once its workers are
+                self.wait_for_workers(local_workers, timeout)
         except BaseException:
             self.close()
             raise
@@ -211,8 +236,7 @@ class Client:
             if self._refusal:
                 raise HandshakeRefused(self._refusal)
             if self._auth_failed:
-                raise ConnectFailed(self.address, timeout,
-                                    "the master refused this client's key (not in its allow-list)")
+                raise KeyRefused(self.address, timeout)
             if time.monotonic() > deadline:
                 raise ConnectFailed(self.address, timeout, "is a master running there?")
 
@@ -233,15 +257,31 @@ class Client:
         if isinstance(task, str):
             return self._submit_deployed(task, args, kwargs, priority, retries)
         check_arguments(task, args, kwargs)
-        code = self._code_cache.get(task)
-        if code is None:
-            code = self._code_cache[task] = dumps_task_class(task)
+        code_hash, code = self._code_of(task)
         task_id = f"{task.__name__}-{uuid.uuid4().hex[:12]}"
         fut = Future(self, task_id, task.__qualname__)
-        self._futures[task_id] = fut
-        self._send(m.Submit(task_id, task.__qualname__, task.task_kind, code,
-                            dumps((args, kwargs)), priority, retries))
+        arguments = dumps((args, kwargs))
+        with self._send_lock:
+            self._futures[task_id] = fut
+            # Each code goes to the master once; later submits name it by its hash.
+            ship = code if code_hash not in self._shipped else b""
+            self._send_locked(m.Submit(task_id, task.__qualname__, task.task_kind, ship,
+                                       arguments, priority, retries, code_hash))
+            self._shipped.add(code_hash)
         return fut
+
+    def _code_of(self, task: type[Task]) -> tuple[str, bytes]:
+        found = self._code_cache.get(task)
+        if found is None:
+            code = dumps_task_class(task)
+            found = self._code_cache[task] = (hashlib.sha256(code).hexdigest(), code)
+            if len(code) > LARGE_CODE_BYTES:
+                warnings.warn(LargePayloadWarning(
+                    f"{task.__qualname__} pickles to {len(code) / 2**20:.0f} MiB (its code and "
+                    "what it captures, such as a large global array), sent to every worker that "
+                    "runs it: pass large data as an argument once, or deploy the task as a "
+                    "package"), stacklevel=3)
+        return found
 
     def _submit_deployed(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                          priority: int, retries: int) -> Future:
@@ -294,15 +334,25 @@ class Client:
             time.sleep(min(0.2, 0.01 * (attempt + 1)))
 
     def close(self) -> None:
+        """Leave the master (it cancels this client's unfinished tasks) and stop the sockets.
+
+        Unfinished futures fail at once with ``ClientClosed``; a closed client refuses every
+        request with ``ClientClosed``."""
         if self._closed:
             return
-        self._closed = True
         if self._welcome.is_set():
             self._send(m.Bye("client closing"))
+        self._closed = True
         self._outbox.close()
         self._hub.stop()
+        for fut in self._unfinished():
+            fut._finish(_ERRED, None, ClientClosed(self.client_id, fut.task_id))
+        self._close_own_cluster()
+
+    def _close_own_cluster(self) -> None:
         if self._own_cluster is not None:
             self._own_cluster.close()
+            self._own_cluster = None
 
     def __enter__(self) -> Client:
         return self
@@ -314,7 +364,12 @@ class Client:
 
     def _send(self, message: m.Message) -> None:
         with self._send_lock:  # one socket, many user threads
-            self._outbox.send(MASTER, [m.encode(message)])
+            self._send_locked(message)
+
+    def _send_locked(self, message: m.Message) -> None:
+        if self._closed:
+            raise ClientClosed(self.client_id)
+        self._outbox.send(MASTER, [m.encode(message)])
 
     def _request(self, key: str, message: m.Message, timeout: float) -> m.Message:
         replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
@@ -349,13 +404,16 @@ class Client:
 
     def _master_lost(self, reason: str) -> None:
         """Fail every unfinished future: no result can come for them any more."""
-        # valuerefs() copies the dict in one C call: user threads may be submitting meanwhile.
-        futures = [ref() for ref in self._futures.valuerefs()]
-        unfinished = [f for f in futures if f is not None and not f.done()]
+        unfinished = self._unfinished()
         if unfinished:
             log.error("master_lost", address=self.address, reason=reason, tasks=len(unfinished))
         for fut in unfinished:
             fut._finish(_ERRED, None, MasterLost(self.address, reason))
+
+    def _unfinished(self) -> list[Future]:
+        # valuerefs() copies the dict in one C call: user threads may be submitting meanwhile.
+        futures = [ref() for ref in self._futures.valuerefs()]
+        return [f for f in futures if f is not None and not f.done()]
 
     def _on_frames(self, _socket: str, frames: list[bytes]) -> None:
         msg = m.decode(frames[-1])
@@ -376,6 +434,8 @@ class Client:
                     replies.put(msg)
             case m.Welcome(master_id=master_id):
                 if self._master_id and master_id != self._master_id:
+                    with self._send_lock:  # a new master has none of the code shipped
+                        self._shipped.clear()
                     self._master_lost(f"the master restarted ({self._master_id} -> {master_id})")
                 self._master_id = master_id
                 self._welcome.set()

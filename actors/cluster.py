@@ -64,7 +64,12 @@ class LocalCluster:
         package_grace: float = 300.0,
         start_timeout: float = 30.0,
         log_level: str | None = None,
+        log_format: str | None = None,
     ) -> None:
+        """``log_level``: what the cluster's processes log to this process's stderr; by default
+        warnings and errors only (``"info"`` shows each worker and task event, ``"debug"``
+        every message). ``log_format``: ``"console"`` (the default) or ``"json"``. The
+        ``$ACTORS_LOG_LEVEL`` and ``$ACTORS_LOG_FORMAT`` variables set both where not given."""
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         self._tmp = tempfile.mkdtemp(prefix="actors-cluster-")
         self.keys_dir = str(keys) if keys else os.path.join(self._tmp, "keys")
@@ -82,13 +87,14 @@ class LocalCluster:
             "--ready-file", ready_file, "--node-timeout", str(node_timeout),
             # No tasks_dir: an empty folder of its own, not whatever ./tasks holds.
             "--tasks-dir", str(tasks_dir) if tasks_dir else os.path.join(self._tmp, "tasks"),
-            "--package-grace", str(package_grace),
+            "--package-grace", str(package_grace), "--no-banner",
         ]
         if cache_dir:
             master_args += ["--cache", str(cache_dir)]
         env = dict(os.environ)
-        if log_level:
-            env["ACTORS_LOG_LEVEL"] = log_level
+        # Embedded in a script or a notebook: quiet, and readable where it does speak.
+        env["ACTORS_LOG_LEVEL"] = log_level or os.environ.get("ACTORS_LOG_LEVEL") or "warning"
+        env["ACTORS_LOG_FORMAT"] = log_format or os.environ.get("ACTORS_LOG_FORMAT") or "console"
         try:
             if reserved is not None:
                 node = local_node_command(f"tcp://{reserved[2]}:{reserved[1]}", self.workers,

@@ -60,6 +60,42 @@ class ConnectFailed(ActorsError):
         return f"{text}: {self.hint}" if self.hint else text
 
 
+class KeyRefused(ConnectFailed):
+    """The master refused this peer's CURVE key at the handshake: it is not in its allow-list."""
+
+    def __str__(self) -> str:
+        return (f"the master at {self.address} refused this client's key (it is not in the "
+                "master's allow-list): connect with the keys directory the master was started "
+                "with (Client(address, keys=DIR) or $ACTORS_KEYS), or add this client's public "
+                "key to DIR/allowed/")
+
+
+class InvalidAddress(ActorsError, ValueError):
+    """A master address that is not ``HOST:PORT`` or ``tcp://HOST:PORT``."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(address, reason)
+        self.address = address
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (f"invalid master address {self.address!r}: {self.reason}; expected HOST:PORT or "
+                "tcp://HOST:PORT (e.g. 127.0.0.1:5555, tcp://[::1]:5555)")
+
+
+class ClientClosed(ActorsError):
+    """The client was closed: no request can be sent, and unfinished futures will never finish."""
+
+    def __init__(self, client_id: str, task_id: str = "") -> None:
+        super().__init__(client_id, task_id)
+        self.client_id = client_id
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        what = f"task {self.task_id} cannot finish" if self.task_id else "it cannot be used"
+        return f"client {self.client_id} is closed: {what}"
+
+
 class MasterLost(ActorsError):
     """The master went away, or came back as a new process, before this task ended: its result
     will never come (a master's tasks do not survive it)."""
@@ -100,6 +136,23 @@ class InvalidArguments(ActorsError, TypeError):
         return f"invalid arguments for {self.task}: {self.reason}"
 
 
+class CodeUnknown(ActorsError, LookupError):
+    """A submit named code by its hash that this client never shipped to this master."""
+
+    def __init__(self, code_hash: str, task: str) -> None:
+        super().__init__(code_hash, task)
+        self.code_hash = code_hash
+        self.task = task
+
+    def __str__(self) -> str:
+        return (f"the master has no code {self.code_hash[:12]} for {self.task} from this client "
+                "(a master restarted since it was shipped?): submit again")
+
+
+class LargePayloadWarning(UserWarning):
+    """A task's code (the class and what it captures) is large, and travels to every worker."""
+
+
 class UnknownTask(ActorsError, LookupError):
     """A task or package name that the master does not know."""
 
@@ -114,6 +167,23 @@ class UnknownTask(ActorsError, LookupError):
 
 
 # --- running tasks ----------------------------------------------------------
+
+
+class ResultNotSerializable(ActorsError, TypeError):
+    """A task's (or unit's) return value could not be pickled to travel back."""
+
+    def __init__(self, task: str, unit: str, type_name: str, reason: str) -> None:
+        super().__init__(task, unit, type_name, reason)
+        self.task = task
+        self.unit = unit
+        self.type_name = type_name
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f"{self.task}, unit {self.unit}" if self.unit else self.task
+        return (f"the return value of {where} could not be serialized: a {self.type_name} "
+                f"({self.reason}); return plain data (numbers, strings, lists, dicts, arrays) "
+                "instead of locks, generators, open files or sockets")
 
 
 class TaskCancelled(ActorsError, concurrent.futures.CancelledError):

@@ -23,7 +23,7 @@ from actors import messages as m
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
 from actors.core.scheduler_state import SchedulerState, unit_digest
-from actors.errors import MalformedMessage, UnknownTask
+from actors.errors import CodeUnknown, MalformedMessage, UnknownTask
 from actors.journal import ResultJournal
 from actors.serialize import describe_exception
 from actors.shell import Inbound, Shell, Tick
@@ -36,6 +36,9 @@ SOCKET = "peers"
 HEARTBEAT_S = 1.0
 STORY_WAIT_S = 1.0  # how long a story request waits for workers that do not answer
 MAX_RETRIES = 100
+# Code at least this big goes to a worker once: later assignments name it by its hash. Smaller
+# code rides along with every assignment (cheaper than keeping track of it).
+INLINE_CODE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -73,6 +76,9 @@ class Master(Shell):
         self.task_sync: Any = None  # the TaskSyncServer's ref, once started
         self.now = 0.0
         self.stories: list[StoryGather] = []  # story requests waiting for workers' parts
+        # The code each client shipped, by content hash: sent once, named by its hash after.
+        self.codes: dict[str, dict[str, bytes]] = {}
+        self.worker_codes: dict[str, set[str]] = {}  # worker -> hashes of large code it was sent
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
@@ -105,6 +111,8 @@ class Master(Shell):
                 self.now = now
                 self._check_liveness()
                 self._apply(ev.Tick(now))
+                for worker_id in [w for w in self.worker_codes if w not in self.scheduler.workers]:
+                    del self.worker_codes[worker_id]
                 self._stories_due()
                 self._journal.commit()
             case Catalogue(packages=packages):
@@ -203,6 +211,8 @@ class Master(Shell):
                 self._apply(ev.RunsReleased(self.now, worker_id, task_id, run_ids))
             case m.Missing(task_id=task_id, index=index):
                 self._apply(ev.UnitMissing(self.now, worker_id, task_id, index))
+            case m.NeedCode(task_id=task_id, code_hash=code_hash):
+                self._send_code(node, worker_id, task_id, code_hash)
             case m.WorkerStory(task_id=task_id, entries=entries):
                 for gather in self.stories:
                     if gather.task_id == task_id and worker_id in gather.waiting:
@@ -232,6 +242,7 @@ class Master(Shell):
                 pass
             case m.Bye():
                 self.peers = {k: p for k, p in self.peers.items() if p is not peer}
+                self.codes.pop(peer.peer_id, None)
                 self.log.info("client_left", peer=peer.peer_id)
                 self._apply(ev.ClientLeft(self.now, peer.peer_id))
             case _:
@@ -243,7 +254,15 @@ class Master(Shell):
             self._refuse_submit(peer, msg, ValueError(
                 f"retries must be between 0 and {MAX_RETRIES}, not {msg.retries}"))
             return
-        if not msg.code:  # a deployed task, by name: pin the newest version now
+        code = msg.code
+        if msg.code_hash:
+            shipped = self.codes.setdefault(peer.peer_id, {})
+            if code:
+                code = shipped.setdefault(msg.code_hash, code)
+            elif (code := shipped.get(msg.code_hash, b"")) == b"":
+                self._refuse_submit(peer, msg, CodeUnknown(msg.code_hash, msg.name))
+                return
+        elif not code:  # a deployed task, by name: pin the newest version now
             found = self._find_task(msg.name)
             if found is None:
                 known = sorted(t.name for pv in self.catalogue.values() for t in pv.listing.tasks)
@@ -261,8 +280,8 @@ class Master(Shell):
                       client_id=peer.peer_id, priority=msg.priority, package=package,
                       version=version)
         self._apply(ev.TaskSubmitted(self.now, msg.task_id, peer.peer_id, msg.name, kind,
-                                     msg.code, msg.args, msg.priority, package, version,
-                                     msg.retries))
+                                     code, msg.args, msg.priority, package, version,
+                                     msg.retries, msg.code_hash))
 
     def _refuse_submit(self, peer: Peer, msg: m.Submit, error: Exception) -> None:
         payload, type_name, text, _ = describe_exception(error)
@@ -397,8 +416,8 @@ class Master(Shell):
                 self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
                                driver=ins.driver)
                 self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(
-                    ins.task_id, ins.name, ins.kind, ins.code, ins.args, ins.driver,
-                    ins.package, ins.version))
+                    ins.task_id, ins.name, ins.kind, self._code_for(ins), ins.args, ins.driver,
+                    ins.package, ins.version, ins.code_hash))
             case ev.ReleaseWorker():
                 self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
             case ev.KillWorker():
@@ -427,6 +446,25 @@ class Master(Shell):
                 self._to_client(ins.client_id, m.TaskCancelled(ins.task_id))
             case _:
                 raise TypeError(f"unknown scheduler instruction {ins!r}")
+
+    def _code_for(self, ins: ev.Assign) -> bytes:
+        """The code to send with an assignment: none where the worker was sent it before."""
+        if len(ins.code) < INLINE_CODE_BYTES or not ins.code_hash:
+            return ins.code
+        sent = self.worker_codes.setdefault(ins.worker_id, set())
+        if ins.code_hash in sent:
+            return b""
+        sent.add(ins.code_hash)
+        return ins.code
+
+    def _send_code(self, node: Peer, worker_id: str, task_id: str, code_hash: str) -> None:
+        """A worker asks for the code of a task it was assigned by hash (it dropped it since)."""
+        task = self.scheduler.tasks.get(task_id)
+        if task is None or worker_id not in task.workers or task.code_hash != code_hash:
+            self.log.debug("code_request_dropped", worker_id=worker_id, task_id=task_id)
+            return
+        self.worker_codes.setdefault(worker_id, set()).add(code_hash)
+        self._to_worker(node.peer_id, worker_id, m.Code(code_hash, task.code))
 
     def _to_worker(self, node_id: str, worker_id: str, msg: m.Message) -> None:
         self.send(SOCKET, node_id.encode(), worker_id.encode(), message=msg)

@@ -22,7 +22,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 3  # 3: batch frames (transport/hub.py), a plain Task released without a message
+PROTOCOL_VERSION = 4  # 4: code shipped once per client and hash (Submit/AssignTask.code_hash)
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -77,10 +77,13 @@ class Submit(Message, frozen=True):
     task_id: str
     name: str  # the class's qualified name, or the deployed task's full name
     kind: str  # "task" | "parallel" ("" for a deployed task: the master knows)
-    code: bytes  # cloudpickled task class; b"" for a deployed task
+    code: bytes  # cloudpickled task class; b"" for a deployed task, or one this client shipped
     args: bytes  # cloudpickled (args, kwargs)
     priority: int = 0
     retries: int = 0  # times a unit (or a Task's work) that raises runs again
+    # The code's content hash. A client ships each code once: later submits of the same class
+    # carry only the hash, and the master takes the code this client shipped under it.
+    code_hash: str = ""
 
 
 class Cancel(Message, frozen=True):
@@ -164,7 +167,9 @@ class KillWorker(Message, frozen=True):
 class AssignTask(Message, frozen=True):
     """Load a task instance. The driver slices and reduces; every assigned worker runs units.
 
-    A deployed task comes as ``package``/``version``/``name`` with empty ``code``."""
+    A deployed task comes as ``package``/``version``/``name`` with empty ``code``. Large code
+    already sent to this worker comes as its ``code_hash`` alone: a worker that no longer has it
+    asks with ``NeedCode``."""
 
     task_id: str
     name: str
@@ -174,6 +179,21 @@ class AssignTask(Message, frozen=True):
     driver: bool
     package: str = ""
     version: str = ""
+    code_hash: str = ""
+
+
+class NeedCode(Message, frozen=True):
+    """Worker -> master: an assignment named code by its hash alone, and this worker has none."""
+
+    task_id: str
+    code_hash: str
+
+
+class Code(Message, frozen=True):
+    """Master -> worker: the code a ``NeedCode`` asked for."""
+
+    code_hash: str
+    code: bytes
 
 
 # --- task packages (TaskSync) -----------------------------------------------
@@ -412,6 +432,8 @@ AnyMessage = (
     | WorkerExited
     | KillWorker
     | AssignTask
+    | NeedCode
+    | Code
     | RunUnits
     | ReleaseUnits
     | UnitsReleased

@@ -8,17 +8,20 @@ on an int), everything else cloudpickle, so lambdas and classes from
 
 from __future__ import annotations
 
+import io
+import linecache
 import pickle
 import sys
 import sysconfig
 import traceback
+import types
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import cloudpickle
 
-from actors.errors import RemoteError
+from actors.errors import RemoteError, ResultNotSerializable
 
 _PLAIN = (int, float, str, bytes, bool, type(None), complex)
 _SYSTEM_PATHS = tuple(
@@ -45,6 +48,17 @@ def dumps(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def dumps_result(value: Any, task: str, unit: str = "") -> bytes:
+    """``dumps`` of what user code returned; ``ResultNotSerializable`` naming the task (and unit)
+    and the value's type when it cannot travel (a lock, a generator, an open file)."""
+    try:
+        return dumps(value)
+    except Exception as exc:
+        kind = type(value)
+        raise ResultNotSerializable(task, unit, f"{kind.__module__}.{kind.__qualname__}",
+                                    str(exc)) from None
+
+
 def loads(data: bytes) -> Any:
     return pickle.loads(data)
 
@@ -56,11 +70,97 @@ def dumps_task_class(cls: type) -> bytes:
     cloudpickle anyway. A class from a user module outside site-packages (a
     test file, a module next to the notebook) would be pickled by reference
     and fail to import on the worker, so its module is registered by value.
+
+    The payload also carries the source of the files its code comes from, so
+    that a remote traceback shows the user's file, line and source line on a
+    worker that has no copy of the file (another host, a notebook cell).
     """
     module = sys.modules.get(cls.__module__)
     if module is not None and _is_user_module(module):
         cloudpickle.register_pickle_by_value(module)
-    return cloudpickle.dumps(cls, protocol=pickle.HIGHEST_PROTOCOL)
+    return dumps_shipped(cls)
+
+
+def dumps_shipped(obj: Any) -> bytes:
+    """cloudpickle ``obj`` (code shipped by value) with the source lines its tracebacks need."""
+    buffer = io.BytesIO()
+    pickler = _SourcePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dump(obj)
+    if not pickler.filenames:
+        return buffer.getvalue()
+    return pickle.dumps(_Shipped(_sources_of(pickler.filenames), buffer.getbuffer()),
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# cloudpickle >= 3.1.3 names every code object it ships "<dynamic-code>" (a
+# deterministic payload); older releases keep the file name. Either way, the
+# worker's traceback should name the user's file: the name is put back on load.
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+MAX_SHIPPED_SOURCE = 2 * 1024 * 1024  # bytes of one file's source sent along for tracebacks
+
+
+class _SourcePickler(cloudpickle.Pickler):
+    """A cloudpickle Pickler that keeps each code object's file name and notes the files."""
+
+    def __init__(self, file: io.BytesIO, protocol: int) -> None:
+        super().__init__(file, protocol=protocol)
+        self.filenames: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            self.filenames.add(obj.co_filename)
+            rebuild, args = _CLOUDPICKLE_CODE_REDUCE(obj)
+            return _code_from_file, (rebuild, args, obj.co_filename)
+        return super().reducer_override(obj)
+
+
+def _code_from_file(rebuild: Any, args: tuple[Any, ...], filename: str) -> types.CodeType:
+    code = rebuild(*args)
+    return code if code.co_filename == filename else code.replace(co_filename=filename)
+
+
+def _sources_of(filenames: set[str]) -> dict[str, tuple[str, list[str]]]:
+    """{file name: (how a traceback names it, its lines)} of the files code came from."""
+    labels = _notebook_cells()
+    sources: dict[str, tuple[str, list[str]]] = {}
+    for filename in sorted(filenames):
+        lines = linecache.getlines(filename)
+        if lines and sum(map(len, lines)) <= MAX_SHIPPED_SOURCE:
+            sources[filename] = (labels.get(filename, ""), lines)
+    return sources
+
+
+def _notebook_cells() -> dict[str, str]:
+    """IPython's cell file names -> "Cell In[n]", as IPython's own tracebacks name them."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None  # type: ignore[attr-defined]
+    names = getattr(getattr(shell, "compile", None), "_filename_map", None)
+    if not isinstance(names, dict):
+        return {}
+    return {name: f"Cell In[{count}]" for name, count in names.items()}
+
+
+class _Shipped:
+    """A payload and the sources of its code's files; loads as the payload alone."""
+
+    def __init__(self, sources: dict[str, tuple[str, list[str]]], payload: memoryview) -> None:
+        self.sources, self.payload = sources, payload
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _load_shipped, (self.sources, pickle.PickleBuffer(self.payload))
+
+
+_FILE_LABELS: dict[str, str] = {}  # file name -> how tracebacks name it (a notebook cell)
+
+
+def _load_shipped(sources: dict[str, tuple[str, list[str]]], payload: bytes) -> Any:
+    """Runs where shipped code is loaded: its files' lines go where tracebacks look for them."""
+    for filename, (label, lines) in sources.items():
+        # No mtime: linecache.checkcache() keeps the entry even though no such file exists here.
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+        if label:
+            _FILE_LABELS[filename] = label
+    return pickle.loads(payload)
 
 
 def _is_user_module(module: ModuleType) -> bool:
@@ -75,9 +175,16 @@ def _is_user_module(module: ModuleType) -> bool:
 # --- exceptions -------------------------------------------------------------
 
 
-def describe_exception(exc: BaseException) -> tuple[bytes, str, str, str]:
-    """(pickled exception or b"", type name, message, formatted traceback) of a raised exception."""
-    text = "".join(traceback.format_exception(exc))
+def describe_exception(exc: BaseException, where: str = "") -> tuple[bytes, str, str, str]:
+    """(pickled exception or b"", type name, message, formatted traceback) of a raised exception.
+
+    The traceback starts at the user's code: the runtime's own frames above it say nothing
+    to whoever wrote the task. ``where`` (e.g. "in get_work") heads it."""
+    text = "".join(_user_frames(traceback.TracebackException.from_exception(exc)).format())
+    for filename, label in _FILE_LABELS.items():
+        text = text.replace(f'File "{filename}", line', f"{label}, line")
+    if where:
+        text = f"({where})\n{text}"
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
         payload = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
@@ -87,7 +194,29 @@ def describe_exception(exc: BaseException) -> tuple[bytes, str, str, str]:
     return payload, type_name, str(exc), text
 
 
-def describe_failure(exc: BaseException) -> tuple[bytes, str, str, str]:
+_RUNTIME_DIR = str(Path(__file__).resolve().parent)
+
+
+def _user_frames(tb: traceback.TracebackException) -> traceback.TracebackException:
+    """Drop the runtime's frames at the top of each traceback in the chain (where the runtime
+    called user code), unless nothing else is left."""
+    seen: set[int] = set()
+    todo: list[traceback.TracebackException | None] = [tb]
+    while todo:
+        part = todo.pop()
+        if part is None or id(part) in seen:
+            continue
+        seen.add(id(part))
+        frames = list(part.stack)
+        first_user = next((i for i, f in enumerate(frames)
+                           if not f.filename.startswith(_RUNTIME_DIR)), None)
+        if first_user:
+            part.stack = traceback.StackSummary.from_list(frames[first_user:])
+        todo += [part.__cause__, part.__context__]
+    return tb
+
+
+def describe_failure(exc: BaseException, where: str = "") -> tuple[bytes, str, str, str]:
     """``describe_exception`` of what user code raised. ``SystemExit`` and its kind (not an
     ``Exception``) become a RuntimeError caused by them: the task fails, where letting it through
     would leave the task unanswered, and re-raising it in the client would end the caller."""
@@ -95,7 +224,7 @@ def describe_failure(exc: BaseException) -> tuple[bytes, str, str, str]:
         wrapped = RuntimeError(f"the task's code raised {type(exc).__name__}({exc})")
         wrapped.__cause__ = exc
         exc = wrapped
-    return describe_exception(exc)
+    return describe_exception(exc, where)
 
 
 def rebuild_exception(

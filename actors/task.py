@@ -20,6 +20,7 @@ so they do not collide with a user's own attributes.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import itertools
@@ -35,7 +36,7 @@ import structlog
 
 from actors import messages as m
 from actors.errors import InvalidArguments
-from actors.serialize import describe_exception, describe_failure, dumps, loads
+from actors.serialize import describe_failure, dumps, dumps_result, loads
 from actors.shell import simple_inbox
 from actors.unit_runner import Gather
 
@@ -175,8 +176,32 @@ def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, An
         _signature(entry).bind(None, *args, **kwargs)
     except TypeError as exc:
         raise InvalidArguments(
-            f"{cls.__qualname__}.{entry.__name__}{_signature(entry)}", str(exc)
+            f"{cls.__qualname__}.{entry.__name__}{_signature(entry)}",
+            _explain_binding(_signature(entry), kwargs, str(exc)),
         ) from None
+
+
+def _explain_binding(signature: inspect.Signature, kwargs: dict[str, Any], reason: str) -> str:
+    """``reason`` and every keyword the entry point does not take, with the closest name it does
+    (Python names only the first problem it meets: a missing argument hides a misspelt one)."""
+    params = signature.parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return reason
+    names = [n for n, p in params.items()
+             if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    lowered = {name.lower(): name for name in names}
+    extra = []
+    for name in kwargs:
+        if name in names:
+            continue
+        close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+        what = f"unexpected keyword argument {name!r}"
+        hinted = f"{what} (did you mean {lowered[close[0]]!r}?)" if close else what
+        if what in reason:
+            reason = reason.replace(what, hinted)
+        else:
+            extra.append(hinted)
+    return "; ".join([reason, *extra])
 
 
 @functools.lru_cache(maxsize=256)
@@ -310,15 +335,21 @@ class _Runtime:
         assert isinstance(self.task, ParallelTask)
         ordered = [loads(self.results[i]) for i in range(self.sliced) if i not in self.depended_on]
         self.results.clear()
-        return _Finished(_outcome(-1, lambda: self.task.reduce(ordered)))  # type: ignore[attr-defined]
+        return _Finished(_outcome(self._name, lambda: self.task.reduce(ordered)))  # type: ignore[attr-defined]
 
     def _call_work(self) -> _Finished:
         start = time.perf_counter()
-        outcome = _outcome(-1, lambda: self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs))
+        outcome = _outcome(self._name,
+                           lambda: self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs))
         return _Finished(outcome, time.perf_counter() - start)
 
+    @property
+    def _name(self) -> str:
+        return f"{type(self.task).__qualname__} {self.task.task_id}"
+
     def _fail_task(self, exc: BaseException) -> None:
-        payload, type_name, message, text = describe_exception(exc)
+        """The slicer (``get_work``) raised, or yielded what cannot be a unit."""
+        payload, type_name, message, text = describe_failure(exc, "in get_work, the task's slicer")
         self.exhausted = True
         self.reducing = True
         self.emit(m.TaskResult(self.task.task_id, m.UnitOutcome(-1, False, payload, type_name, message, text)))
@@ -365,9 +396,10 @@ class _Executor:
 _EXECUTOR: _Executor | None = None
 
 
-def _outcome(index: int, call: Callable[[], Any]) -> m.UnitOutcome:
+def _outcome(name: str, call: Callable[[], Any]) -> m.UnitOutcome:
+    """What came of the driver's own code (``work``, ``reduce``), by the index -1."""
     try:
-        return m.UnitOutcome(index, True, dumps(call()))
+        return m.UnitOutcome(-1, True, dumps_result(call(), name))
     except BaseException as exc:
         payload, type_name, message, text = describe_failure(exc)
-        return m.UnitOutcome(index, False, payload, type_name, message, text)
+        return m.UnitOutcome(-1, False, payload, type_name, message, text)

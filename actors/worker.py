@@ -18,6 +18,7 @@ without a message (one message fewer per small task).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -30,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pykka
 import structlog
 
@@ -87,9 +89,11 @@ class Worker(Shell):
         self.lined_up: dict[str, _Runtime] = {}
         self.task_id = ""
         self.runner: UnitRunner | None = None
-        self.waiting_for_version: m.AssignTask | None = None
-        self.classes: dict[bytes, Any] = {}  # shipped class bytes -> class, for warm reuse
-        self.backlog: list[Any] = []  # task input that came while its package was being fetched
+        # An assignment waiting for its package version (from the node) or its code (from the
+        # master), and the task input that came meanwhile.
+        self.waiting: m.AssignTask | None = None
+        self.backlog: list[Any] = []
+        self.classes: dict[str, Any] = {}  # shipped code's hash -> class, for warm reuse
         self.loaded_version: tuple[str, str] | None = None
         self.loaded_path = ""  # that version's folder
         # The node's pid from its command line: a node that died while this process was still
@@ -155,24 +159,32 @@ class Worker(Shell):
             case m.AssignTask() if self.task_id:
                 # A task the master queued behind this one (prefetch): next in line.
                 if (self.plain and self.hosted is not None and msg.kind == "task"
-                        and (not msg.package or self._imported(msg)) and not self.assignments):
+                        and (self._imported(msg) if msg.package else self._has_code(msg))
+                        and not self.assignments):
                     self._line_up(msg)
                 else:
                     self.assignments.append(msg)
             case m.AssignTask():
                 self._start(msg)
-            case m.VersionAvailable() if self.waiting_for_version is not None:
-                assign, backlog = self.waiting_for_version, self.backlog
+            case m.Code(code_hash=code_hash, code=code) if (
+                    self.waiting is not None and self.waiting.code_hash == code_hash
+                    and not self.waiting.package):
+                assign, backlog = self.waiting, self.backlog
+                self._assign(msgspec.structs.replace(assign, code=code), None, backlog)
+            case m.Code():
+                self.log.debug("code_not_waited_for")
+            case m.VersionAvailable() if self.waiting is not None and self.waiting.package:
+                assign, backlog = self.waiting, self.backlog
                 if msg.ok:
                     self._assign(assign, msg.path, backlog)
                 else:
-                    self.waiting_for_version, self.backlog = None, []
+                    self.waiting, self.backlog = None, []
                     self._fail_load(assign, RuntimeError(
                         f"package {msg.package} version {msg.version} unavailable: {msg.reason}"))
             case m.RunUnits(task_id=task_id) if task_id == self.task_id:
                 if self.runner_ready:
                     self._runner.run_units(msg)
-                elif self.waiting_for_version is not None:
+                elif self.waiting is not None:
                     self.backlog.append(msg)
             case m.ReleaseUnits(task_id=task_id) if task_id == self.task_id:
                 self._runner.release(msg)
@@ -197,7 +209,14 @@ class Worker(Shell):
 
     def _start(self, msg: m.AssignTask) -> None:
         if not msg.package:
-            self._assign(msg, None)
+            if self._has_code(msg):
+                self._assign(msg, None)
+                return
+            # Named by its hash alone, and no longer here: the master sends it again.
+            self._stop_task()
+            self.task_id = msg.task_id
+            self.waiting = msg
+            self.send(NODE, TO_MASTER, message=m.NeedCode(msg.task_id, msg.code_hash))
             return
         if self._imported(msg):
             self._assign(msg, self.loaded_path)
@@ -205,7 +224,7 @@ class Worker(Shell):
         # A deployed task: the node makes its version available first.
         self._stop_task()
         self.task_id = msg.task_id
-        self.waiting_for_version = msg
+        self.waiting = msg
         self.send(NODE, TO_NODE, message=m.NeedVersion(msg.package, msg.version))
 
     def _assign(self, msg: m.AssignTask, version_path: str | None,
@@ -238,7 +257,7 @@ class Worker(Shell):
     def _load(self, msg: m.AssignTask, version_path: str | None) -> tuple[Any, tuple[Any, ...],
                                                                            dict[str, Any]]:
         """The task's class and its checked arguments; raises what makes the task unloadable."""
-        cls = self._class_of(msg.code) if version_path is None else self._import_deployed(
+        cls = self._class_of(msg) if version_path is None else self._import_deployed(
             msg, version_path)
         args, kwargs = loads(msg.args)
         if not (isinstance(cls, type) and issubclass(cls, Task)):
@@ -298,18 +317,23 @@ class Worker(Shell):
             self.task.tell(message)
         elif self.hosted is not None:
             self.hosted.handle(message)
-        elif self.waiting_for_version is not None:
+        elif self.waiting is not None:
             self.backlog.append(message)
         # else: the task failed to load and was reported; its input is moot
 
-    def _class_of(self, code: bytes) -> Any:
-        """Unpickle a shipped class once per worker: a warm worker sees the same bytes again."""
-        cls = self.classes.get(code)
+    def _has_code(self, msg: m.AssignTask) -> bool:
+        return bool(msg.code) or msg.code_hash in self.classes
+
+    def _class_of(self, msg: m.AssignTask) -> Any:
+        """Unpickle shipped code once per worker: a warm worker is assigned the same code again,
+        and large code comes by its hash alone once this worker has it."""
+        key = msg.code_hash or hashlib.sha256(msg.code).hexdigest()
+        cls = self.classes.get(key)
         if cls is None:
-            cls = loads(code)
+            cls = loads(msg.code)
             if len(self.classes) >= 32:
                 self.classes.pop(next(iter(self.classes)))
-            self.classes[code] = cls
+            self.classes[key] = cls
         return cls
 
     def _fail_load(self, msg: m.AssignTask, exc: BaseException) -> None:
@@ -376,7 +400,7 @@ class Worker(Shell):
         if self.runner is not None:
             self.runner.instance = None
         self.task_id = ""
-        self.waiting_for_version = None
+        self.waiting = None
         self.backlog = []
 
 

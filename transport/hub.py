@@ -221,7 +221,11 @@ class Hub:
         if not self._ready.wait(timeout):
             raise TimeoutError("transport hub did not start")
         if self._start_error is not None:
+            # Every socket is closed by now: end the context too, or the next garbage
+            # collection would wait on it forever (Context.term in __del__).
+            self._thread.join(timeout)
             self._stop_auth()
+            self.context.term()
             raise self._start_error
 
     def outbox(self) -> Outbox:
@@ -237,7 +241,8 @@ class Hub:
         if self._control is not None:
             self._control.close()
         self._stop_auth()
-        self.context.term()
+        if not self.context.closed:
+            self.context.term()
 
     def _stop_auth(self) -> None:
         if self._auth is not None:
@@ -261,7 +266,7 @@ class Hub:
                     monitors[sock.get_monitor_socket()] = spec.name
         except BaseException as exc:  # reported to start(), which raises it
             self._start_error = exc
-            for sock in sockets.values():
+            for sock in [*monitors, *sockets.values()]:
                 sock.close(linger=0)
             pull.close(linger=0)
             self._ready.set()
@@ -278,6 +283,13 @@ class Hub:
 
     def _open(self, spec: _SocketSpec) -> zmq.Socket[bytes]:
         sock = self.context.socket(spec.kind)
+        try:
+            return self._set_up(sock, spec)
+        except BaseException:
+            sock.close(linger=0)  # a socket left open would hang Context.term() forever
+            raise
+
+    def _set_up(self, sock: zmq.Socket[bytes], spec: _SocketSpec) -> zmq.Socket[bytes]:
         # A dealer gets a moment to flush a last message (Bye) when closed.
         sock.setsockopt(zmq.LINGER, 0 if spec.bind else 200)
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -290,6 +302,8 @@ class Hub:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if spec.identity is not None:
             sock.setsockopt(zmq.IDENTITY, spec.identity)
+        if spec.address.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)  # an IPv6 literal, tcp://[::1]:PORT
         if not spec.bind:
             # A peer starting at the same moment (a forked worker's node, a node's master) binds
             # a few ms later: retry soon (ZeroMQ waits 100 ms), backing off to 1 s.

@@ -56,6 +56,7 @@ class TaskSubmitted(Event):
     package: str = ""  # a deployed task: the package version pinned at submit
     version: str = ""
     retries: int = 0
+    code_hash: str = ""  # the code's content hash (workers keep code by it)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class Assign(Instruction):
     driver: bool
     package: str = ""
     version: str = ""
+    code_hash: str = ""
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ class TaskRecord:
     package: str = ""
     version: str = ""
     retries: int = 0  # runs again of a unit (or of the driver's own code) that raised
+    code_hash: str = ""
     state: str = "queued"  # queued | running | done | erred | cancelled
     driver: str | None = None
     workers: set[str] = field(default_factory=set)
@@ -297,6 +298,7 @@ class SchedulerState:
             event.package,
             event.version,
             max(0, event.retries),
+            event.code_hash,
         )
         self.tasks[task.task_id] = task
         heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
@@ -740,7 +742,7 @@ class SchedulerState:
                 self._parallel[task.task_id] = task
         self._out.append(
             Assign(worker.node_id, worker.worker_id, task.task_id, task.name, task.kind,
-                   task.code, task.args, driver, task.package, task.version)
+                   task.code, task.args, driver, task.package, task.version, task.code_hash)
         )
 
     def _dispatch(self, task: TaskRecord) -> None:
