@@ -54,9 +54,12 @@ def dumps_result(value: Any, task: str, unit: str = "") -> bytes:
     try:
         return dumps(value)
     except Exception as exc:
-        kind = type(value)
-        raise ResultNotSerializable(task, unit, f"{kind.__module__}.{kind.__qualname__}",
-                                    str(exc)) from None
+        raise not_serializable(value, exc, task, unit) from None
+
+
+def not_serializable(value: Any, exc: Exception, task: str, unit: str = "") -> ResultNotSerializable:
+    kind = type(value)
+    return ResultNotSerializable(task, unit, f"{kind.__module__}.{kind.__qualname__}", str(exc))
 
 
 def loads(data: bytes) -> Any:

@@ -30,7 +30,7 @@ import structlog
 from actors import messages as m
 from actors.core import worker_events as ev
 from actors.core.worker_state import WorkerState
-from actors.serialize import describe_failure, dumps_result, loads
+from actors.serialize import describe_failure, dumps, loads, not_serializable
 
 log = structlog.get_logger("actors.worker")
 
@@ -337,8 +337,12 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                 args = [loads(unit.args)]
                 args += [loads(inputs[unit_key(task_id, d)]) for d in unit.deps]
                 value = work_unit(*args)
-                outcomes.append(m.UnitOutcome(unit.index, True, dumps_result(
-                    value, f"{type(instance).__qualname__} {task_id}", str(unit.index))))
+                try:
+                    data = dumps(value)
+                except Exception as exc:
+                    raise not_serializable(value, exc, f"{type(instance).__qualname__} {task_id}",
+                                           str(unit.index)) from None
+                outcomes.append(m.UnitOutcome(unit.index, True, data))
             except BaseException as exc:
                 payload, type_name, message, text = describe_failure(exc)
                 outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text))
