@@ -333,24 +333,48 @@ def test_a_dependent_waits_for_its_inputs_then_goes_alone_with_their_holders() -
     assert forwards == [ev.ForwardResults("n1", "w1", "t1", [], [(1, "w1", "tcp://n1")])]
 
 
+def run_of(worker_id: str, *indices: int) -> tuple[str, list[int]]:
+    return worker_id, list(indices)
+
+
+def placed(out: list[ev.Instruction]) -> list[tuple[str, list[int]]]:
+    """Where each dispatched run went, and its units."""
+    return [(d.worker_id, [u.index for u in d.units]) for d in dispatches(out)]
+
+
 def test_a_lost_holder_recomputes_only_what_is_still_needed_and_tells_its_peers() -> None:
+    """w2 holds 8 (the open unit 12 needs it), 9 (its only dependent, 13, is done) and 11 (a
+    sink: reduce needs it), and runs 10. When w2 is lost, 8 and 11 are computed again, 9 is
+    not, 10 goes back to the queue, and w1 (which may be fetching from w2) is told at once."""
     s = two_workers()
     submit(s)
-    s(ev.UnitsSliced, "w1", "t1", [kept(0), kept(1), kept(2, 0)], True)
-    task = s.state.tasks["t1"]
-    runs = {i: r for w in ("w1", "w2") for i, r in s.state.workers[w].in_flight.items()}
-    where = {i: w for w in ("w1", "w2") for i in s.state.workers[w].in_flight}
-    s(ev.UnitsFinished, where[0], "t1", runs[0], [held(0)], 0.001)
-    s(ev.UnitsFinished, where[1], "t1", runs[1], [held(1)], 0.001)
-    assert task.held == {0: where[0], 1: where[1]}
-    # unit 1 is a sink (reduce needs it) and unit 0 feeds the open unit 2: both still needed
-    victim = "w2"
-    out = s(ev.WorkerLost, victim, "killed", False)
-    lost = [i for i, w in where.items() if w == victim and i in (0, 1)]
-    for index in lost:
-        assert index not in task.held and index in task.open_units
-    if lost:
-        assert ev.TellPeerGone("n1", "w1", victim) in out
+    # Eight plain units fill the driver w1; the keep units go to the helper w2, one run each.
+    out = s(ev.UnitsSliced, "w1", "t1", [*units(*range(8)), kept(8), kept(9), kept(10), kept(11),
+                                         kept(12, 8, 10), UnitCall(13, b"arg13", [9])], True)
+    assert placed(out) == [run_of("w1", 0, 1, 2, 3), run_of("w1", 4, 5, 6, 7), run_of("w2", 8),
+                           run_of("w2", 9), run_of("w2", 10), run_of("w2", 11)]
+    s(ev.UnitsFinished, "w2", "t1", 3, [held(8)], 0.001)
+    (run13,) = dispatches(s(ev.UnitsFinished, "w2", "t1", 4, [held(9)], 0.001))
+    s(ev.UnitsFinished, "w2", "t1", run13.run_id, [UnitOutcome(13, True, b"res13")], 0.001)
+    s(ev.UnitsFinished, "w2", "t1", 6, [held(11)], 0.001)
+    assert s.state.tasks["t1"].held == {8: "w2", 9: "w2", 11: "w2"}
+
+    out = s(ev.WorkerLost, "w2", "killed", False)
+    assert out == [
+        ev.TellPeerGone("n1", "w1", "w2"),
+        ev.Dispatch("n1", "w1", "t1", 8, [kept(10)]),  # it was running on w2
+        ev.Dispatch("n1", "w1", "t1", 9, [kept(11)]),
+        ev.Dispatch("n1", "w1", "t1", 10, [kept(8)]),
+    ]
+    again = [(key, cause) for key, start, _, cause, _ in s.state.story("t1") if start == "memory"]
+    assert again == [("unit 8", "holder lost: killed"), ("unit 11", "holder lost: killed")]
+    # 12 goes once 8 and 10 are held again, with their new holder; 9 is never asked for.
+    s(ev.UnitsFinished, "w1", "t1", 8, [held(10)], 0.001)
+    s(ev.UnitsFinished, "w1", "t1", 9, [held(11)], 0.001)
+    (run12,) = dispatches(s(ev.UnitsFinished, "w1", "t1", 10, [held(8)], 0.001))
+    assert run12.units == [kept(12, 8, 10)]
+    assert run12.holders == [(8, "w1", "tcp://n1"), (10, "w1", "tcp://n1")]
+    assert 9 not in s.state.tasks["t1"].open_units
 
 
 def test_a_lost_result_is_recomputed_with_the_inputs_it_needs_again() -> None:
@@ -383,22 +407,25 @@ def test_a_lost_result_is_recomputed_with_the_inputs_it_needs_again() -> None:
 def test_a_worker_missing_an_input_is_told_its_holder_or_gets_it_recomputed() -> None:
     s = two_workers()
     submit(s)
-    out = s(ev.UnitsSliced, "w1", "t1", [kept(0), kept(1, 0)], True)
-    (run0,) = dispatches(out)
-    out = s(ev.UnitsFinished, run0.worker_id, "t1", run0.run_id, [held(0)], 0.001)
-    (run1,) = dispatches(out)
-    other = run1.worker_id
-    # a worker that asks again while the holder lives is told the holder
-    out = s(ev.UnitMissing, other, "t1", 0) if other != run0.worker_id else []
-    if other != run0.worker_id:
-        assert out == [ev.TellHolders(f"n{other[-1]}", other, "t1", 0,
-                                      [(run0.worker_id, f"tcp://n{run0.worker_id[-1]}")])]
-    # the holder itself lost it (its data is gone): the unit is computed again, then announced
-    out = s(ev.UnitMissing, run0.worker_id, "t1", 0)
-    assert 0 in s.state.tasks["t1"].open_units
-    (again,) = dispatches(out)
-    out = s(ev.UnitsFinished, again.worker_id, "t1", again.run_id, [held(0)], 0.001)
-    assert any(isinstance(i, ev.TellHolders) and i.worker_id == run0.worker_id for i in out)
+    # Eight plain units fill the driver w1, so the keep unit 8 goes to the helper w2.
+    out = s(ev.UnitsSliced, "w1", "t1", [*units(*range(8)), kept(8), kept(9, 8)], True)
+    assert placed(out) == [run_of("w1", 0, 1, 2, 3), run_of("w1", 4, 5, 6, 7), run_of("w2", 8)]
+    s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1, 2, 3), 0.001)
+    s(ev.UnitsFinished, "w1", "t1", 2, ok(4, 5, 6, 7), 0.001)
+    out = s(ev.UnitsFinished, "w2", "t1", 3, [held(8)], 0.001)
+    # 9 needs 8: it goes to the least loaded worker, w1, naming 8's holder
+    assert dispatches(out) == [ev.Dispatch("n1", "w1", "t1", 4, [kept(9, 8)], [(8, "w2", "tcp://n2")])]
+    # w1 asks again while the holder lives: it is told the holder, nothing is recomputed
+    assert s(ev.UnitMissing, "w1", "t1", 8) == [
+        ev.TellHolders("n1", "w1", "t1", 8, [("w2", "tcp://n2")])]
+    assert 8 not in s.state.tasks["t1"].open_units
+    # the holder itself lost it (its data is gone): the unit is computed again
+    assert s(ev.UnitMissing, "w2", "t1", 8) == [ev.Dispatch("n2", "w2", "t1", 5, [kept(8)])]
+    assert 8 in s.state.tasks["t1"].open_units
+    # w1's fetch from w2 failed meanwhile: it waits for the new result instead of a holder
+    assert s(ev.UnitMissing, "w1", "t1", 8) == []
+    out = s(ev.UnitsFinished, "w2", "t1", 5, [held(8)], 0.001)
+    assert ev.TellHolders("n1", "w1", "t1", 8, [("w2", "tcp://n2")]) in out
 
 
 def test_an_idle_worker_steals_a_queued_run_from_a_busy_one() -> None:
@@ -422,18 +449,23 @@ def test_an_idle_worker_steals_a_queued_run_from_a_busy_one() -> None:
 
 
 def test_a_refused_steal_changes_nothing() -> None:
-    s = Harness()
-    s(ev.NodeJoined, "n1")
-    s(ev.WorkerReady, "n1", "w1")
-    s(ev.WorkerReady, "n1", "w2")
+    s = two_workers()
     submit(s)
-    s(ev.UnitsSliced, "w1", "t1", units(*range(2 * FIRST_BATCH)), True)
+    out = s(ev.UnitsSliced, "w1", "t1", units(*range(4 * FIRST_BATCH)), True)
+    assert [d.run_id for d in dispatches(out)] == [1, 2, 3, 4]  # w1: runs 1, 2; w2: runs 3, 4
+    s(ev.UnitsFinished, "w2", "t1", 3, ok(*range(2 * FIRST_BATCH, 3 * FIRST_BATCH)), 0.0)
+    out = s(ev.UnitsFinished, "w2", "t1", 4, ok(*range(3 * FIRST_BATCH, 4 * FIRST_BATCH)), 0.0)
+    assert [i for i in out if isinstance(i, ev.Steal)] == [ev.Steal("n1", "w1", "t1", 2)]
     before = {w: dict(s.state.workers[w].in_flight) for w in ("w1", "w2")}
-    busy = next(w for w, f in before.items() if f)
-    run = max(before[busy].values())
-    assert [i for i in s(ev.StealAnswered, busy, "t1", run, False)
-            if not isinstance(i, ev.Steal)] == []
+    # w1 had begun run 2 already: it refuses, and the run stays where it is
+    assert s(ev.StealAnswered, "w1", "t1", 2, False) == []
     assert {w: dict(s.state.workers[w].in_flight) for w in ("w1", "w2")} == before
+    assert "rescheduled" not in [e[2] for e in s.state.story("t1")]
+    assert [i for i in s(ev.Tick) if isinstance(i, ev.Steal)] == []  # not asked twice
+    # w1 finishes both runs itself
+    s(ev.UnitsFinished, "w1", "t1", 1, ok(*range(FIRST_BATCH)), 0.0)
+    s(ev.UnitsFinished, "w1", "t1", 2, ok(*range(FIRST_BATCH, 2 * FIRST_BATCH)), 0.0)
+    assert s.state.tasks["t1"].done_count == 4 * FIRST_BATCH
 
 
 # --- prefetch: plain Tasks queued on a busy warm worker ------------------------
@@ -471,6 +503,19 @@ def test_slow_plain_tasks_wait_for_an_idle_worker(s: Harness) -> None:
     submit(s, "t1", kind="task")
     assert assigned(submit(s, "t2", kind="task")) == []  # a second of work: no queueing
     assert s.state.tasks["t2"].state == "queued"
+
+
+@pytest.mark.parametrize(("measured", "room"), [(0.01, 5), (0.001, 50), (0.0001, 64)])
+def test_a_busy_worker_queues_about_50_ms_of_measured_tasks_and_never_more_than_64(
+    s: Harness, measured: float, room: int
+) -> None:
+    submit(s, "t0", kind="task")
+    s(ev.TaskFinished, "w1", "t0", UnitOutcome(-1, True, b"r"), measured)
+    for i in range(1, 80):
+        submit(s, f"t{i}", kind="task")
+    assert s.state.workers["w1"].task_id == "t1"
+    assert list(s.state.workers["w1"].queued) == [f"t{i}" for i in range(2, 2 + room)]
+    assert {s.state.tasks[f"t{i}"].state for i in range(2 + room, 80)} == {"queued"}
 
 
 def test_an_unmeasured_task_another_client_or_a_parallel_task_is_not_queued(s: Harness) -> None:
