@@ -242,6 +242,18 @@ class WorkerStartFailed(ActorsError):
 # --- state machines ---------------------------------------------------------
 
 
+class InvalidEvent(ActorsError):
+    """An event a state machine cannot take (stale or malformed); it was refused unchanged."""
+
+    def __init__(self, event: Any, reason: str) -> None:
+        super().__init__(event, reason)
+        self.event = event
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{type(self.event).__name__} refused: {self.reason}"
+
+
 class InvalidTransition(ActorsError):
     """A state machine was asked for a transition that cannot happen; its state is unchanged."""
 

@@ -39,6 +39,7 @@ MAX_RETRIES = 100
 # Code at least this big goes to a worker once: later assignments name it by its hash. Smaller
 # code rides along with every assignment (cheaper than keeping track of it).
 INLINE_CODE_BYTES = 64 * 1024
+KINDS = frozenset(ev.TaskKind)
 
 
 @dataclass
@@ -93,6 +94,15 @@ class Master(Shell):
             shutil.rmtree(self._journal_dir, ignore_errors=True)
         super().on_stop()
 
+    def context_of(self, message: Any) -> dict[str, Any]:
+        task_id = getattr(getattr(message, "message", None), "task_id", None)
+        if not isinstance(task_id, str) or task_id not in self.scheduler.tasks:
+            return {}
+        return {"task_id": task_id, "story": self.scheduler.story(task_id)[-10:]}
+
+    def check_state(self) -> None:
+        self.scheduler.validate()
+
     def on_crash(self) -> None:
         # A master without its actor would leave every client waiting on a silent socket.
         if self._on_crash is not None:
@@ -100,7 +110,7 @@ class Master(Shell):
 
     # --- input --------------------------------------------------------------
 
-    def on_receive(self, message: Any) -> Any:
+    def receive(self, message: Any) -> Any:
         match message:
             case Inbound():
                 # The shell owns the clock (the core gets time on events): a peer heard
@@ -237,7 +247,7 @@ class Master(Shell):
                 self._to_client(peer.peer_id, m.ClusterInfo(
                     sorted(sched.nodes), len(sched.workers),
                     sum(1 for w in sched.workers.values() if w.task_id is None),
-                    sum(1 for t in sched.tasks.values() if t.state == "running")))
+                    sum(1 for t in sched.tasks.values() if t.state is ev.TaskStatus.RUNNING)))
             case m.Heartbeat():
                 pass
             case m.Bye():
@@ -250,6 +260,10 @@ class Master(Shell):
 
     def _submit(self, peer: Peer, msg: m.Submit) -> None:
         kind, package, version = msg.kind, "", ""
+        if (msg.code or msg.code_hash) and kind not in KINDS:
+            self._refuse_submit(peer, msg, ValueError(
+                f"a task's kind is one of {sorted(KINDS)}, not {kind!r}"))
+            return
         if not 0 <= msg.retries <= MAX_RETRIES:
             self._refuse_submit(peer, msg, ValueError(
                 f"retries must be between 0 and {MAX_RETRIES}, not {msg.retries}"))

@@ -108,7 +108,7 @@ class Node(Shell):
 
     # --- input --------------------------------------------------------------
 
-    def on_receive(self, message: Any) -> Any:
+    def receive(self, message: Any) -> Any:
         match message:
             case Inbound(via=None, message=msg) if message.peer == b"":
                 self._from_master(msg)

@@ -12,6 +12,7 @@ import pykka
 import structlog
 
 from actors import messages as m
+from actors.errors import InvalidEvent
 from transport import Hub, Outbox
 
 
@@ -70,6 +71,35 @@ class Shell(pykka.ThreadingActor):
         if self.outbox is not None:
             self.outbox.close()
 
+    def on_receive(self, message: Any) -> Any:
+        """The one entry point. A message a core refuses (``InvalidEvent``: checked before any
+        change) is logged and dropped. One that raises anything else met a bug: it is logged
+        and dropped too, and ``check_state`` then decides whether the actor can go on; only a
+        broken invariant ends the actor (``on_failure``)."""
+        try:
+            return self.receive(message)
+        except InvalidEvent as exc:  # refused before it changed anything: a peer's mistake
+            structlog.get_logger("actors.shell").warning(
+                "message_refused", actor=type(self).__name__, message=_describe(message),
+                reason=exc.reason, **self.context_of(message))
+            return None
+        except Exception as exc:
+            structlog.get_logger("actors.shell").error(
+                "message_dropped", actor=type(self).__name__, message=_describe(message),
+                error=repr(exc), exc_info=True, **self.context_of(message))
+            self.check_state()
+            return None
+
+    def receive(self, message: Any) -> Any:
+        raise NotImplementedError
+
+    def context_of(self, message: Any) -> dict[str, Any]:
+        """What to log beside a dropped message (the story of the task it names)."""
+        return {}
+
+    def check_state(self) -> None:
+        """Raise if this actor's state no longer holds after a dropped message."""
+
     def on_failure(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                    tb: TracebackType | None) -> None:
         """A handler raised: pykka stops the actor. Say so loudly, then let the process react."""
@@ -83,3 +113,8 @@ class Shell(pykka.ThreadingActor):
     def send(self, socket: str, *route: bytes, message: m.Message) -> None:
         assert self.outbox is not None, "send() before on_start()"
         self.outbox.send(socket, [*route, m.encode(message)])
+
+
+def _describe(message: Any) -> str:
+    inner = message.message if isinstance(message, Inbound) else message
+    return type(inner).__name__

@@ -65,7 +65,7 @@ class TaskSyncServer(Shell):
         super().on_start()
         self._rescan(0.0)
 
-    def on_receive(self, message: Any) -> Any:
+    def receive(self, message: Any) -> Any:
         match message:
             case Tick(now=now):
                 if now - self.last_scan >= RESCAN_S:
@@ -154,7 +154,7 @@ class TaskSyncClient(Shell):
         self.cache.remove_leftovers()
         self._apply(ss.CachedVersionsFound(tuple(self.cache.installed()), now=_now()))
 
-    def on_receive(self, message: Any) -> Any:
+    def receive(self, message: Any) -> Any:
         now = _now()
         match message:
             case Tick(now=now):

@@ -128,7 +128,11 @@ class Worker(Shell):
     def on_crash(self) -> None:
         self._on_exit("worker actor crashed")
 
-    def on_receive(self, message: Any) -> Any:
+    def check_state(self) -> None:
+        if self.runner is not None:
+            self.runner.state.validate()
+
+    def receive(self, message: Any) -> Any:
         match message:
             case Outgoing(message=msg):
                 self.send(NODE, TO_MASTER, message=msg)

@@ -8,8 +8,24 @@ sees a socket. Opaque user payloads ride along as ``bytes``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from actors.messages import UnitCall, UnitOutcome
+
+
+class TaskStatus(StrEnum):
+    """Where a task instance is in its life (``scheduler_state.TASK_TRANSITIONS``)."""
+
+    QUEUED = "queued"  # waiting for a worker to become its driver
+    RUNNING = "running"  # has a driver (and maybe helpers)
+    DONE = "done"
+    ERRED = "erred"
+    CANCELLED = "cancelled"
+
+
+class TaskKind(StrEnum):
+    TASK = "task"  # one call of ``work`` on its driver
+    PARALLEL = "parallel"  # sliced into units by its driver, run by any of its workers, reduced
 
 # --- events -----------------------------------------------------------------
 

@@ -46,6 +46,18 @@ queue; each unit remembers the deaths it witnessed, and the third
 the task from its slicer (its helpers are stopped), under the same count.
 A unit that raises fails the task; its other workers are killed.
 
+Rules
+ 1. ``handle(event)`` is the one way in; it returns the instructions for the Master actor.
+    Nothing here reads a clock or touches a socket: time comes in on the event.
+ 2. ``_check`` refuses (``InvalidEvent``) what a peer cannot have sent in good faith, before
+    anything changes. Stale events (about a task that ended, a worker that no longer works for
+    it) are dropped without a word: they are the normal trace of a race, not a fault.
+ 3. A task's status (``TaskStatus``) changes only through ``_set_status``, checked against
+    ``TASK_TRANSITIONS`` (a missing pair raises ``InvalidTransition`` with the story) and written
+    to the task's story; the indices of queued and running tasks follow from it.
+ 4. An event that raises after ``_check`` met a bug: its instructions are dropped with it, and
+    the shell drops the event and asks ``validate()`` whether the master can go on.
+
 Invariants (``validate``): a busy worker is in the worker set of its task
 and of each task queued on it, and vice versa; only a busy worker has tasks
 queued, and only plain ones; in-flight units are open and not pending; a
@@ -84,6 +96,8 @@ from actors.core.scheduler_events import (
     Steal,
     StealAnswered,
     TaskFinished,
+    TaskKind,
+    TaskStatus,
     TaskSubmitted,
     TellHolders,
     TellPeerGone,
@@ -95,6 +109,7 @@ from actors.core.scheduler_events import (
     WorkerLost,
     WorkerReady,
 )
+from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import UnitCall
 
 BATCH_SECONDS = 0.005  # work per dispatched batch
@@ -107,6 +122,22 @@ STORY_OPEN_UNITS = 100  # open units a story lists where they are
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
 
 StoryEntry = tuple[str, str, str, str, float]
+
+QUEUED, RUNNING, DONE = TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.DONE
+ERRED, CANCELLED = TaskStatus.ERRED, TaskStatus.CANCELLED
+FINISHED = frozenset({DONE, ERRED, CANCELLED})
+TASK, PARALLEL = TaskKind.TASK, TaskKind.PARALLEL
+
+# Every change of a task's status goes through SchedulerState._set_status, which refuses a pair
+# missing here (InvalidTransition, with the task's story) and writes the change to the story.
+TASK_TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
+    (QUEUED, RUNNING): "a worker became its driver",
+    (RUNNING, QUEUED): "its driver was lost, or its own code raised and runs again",
+    (QUEUED, CANCELLED): "cancelled, or its client left, before it started",
+    (RUNNING, CANCELLED): "cancelled, or its client left",
+    (RUNNING, DONE): "its driver reported its result",
+    (RUNNING, ERRED): "its code raised for good, or workers died under it too often",
+}
 
 
 def unit_digest(unit: UnitCall) -> int:
@@ -129,7 +160,7 @@ class TaskRecord:
     task_id: str
     client_id: str
     name: str
-    kind: str
+    kind: TaskKind
     code: bytes
     args: bytes
     priority: int
@@ -138,7 +169,7 @@ class TaskRecord:
     version: str = ""
     retries: int = 0  # runs again of a unit (or of the driver's own code) that raised
     code_hash: str = ""
-    state: str = "queued"  # queued | running | done | erred | cancelled
+    state: TaskStatus = QUEUED  # changed only by SchedulerState._set_status
     driver: str | None = None
     workers: set[str] = field(default_factory=set)
     pending: deque[UnitCall] = field(default_factory=deque)
@@ -170,7 +201,7 @@ class TaskRecord:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "erred", "cancelled")
+        return self.state in FINISHED
 
 
 class SchedulerState:
@@ -194,12 +225,33 @@ class SchedulerState:
 
     # --- the one entry point ------------------------------------------------
 
-    def handle(self, *events: Event) -> list[Instruction]:
-        for event in events:
+    def handle(self, event: Event) -> list[Instruction]:
+        """Apply ``event``, then schedule; the instructions to carry out, in order.
+
+        ``InvalidEvent`` (what a peer could not have sent in good faith) is raised by ``_check``
+        before anything changes. An event that raises later is a bug: its instructions are
+        dropped with it, and the shell asks ``validate()`` whether the state still holds."""
+        self._check(event)
+        try:
             self._handle(event)
-        self._schedule(events[-1].now if events else 0.0)
+            self._schedule(event.now)
+        except BaseException:
+            self._out = []
+            raise
         out, self._out = self._out, []
         return out
+
+    def _check(self, event: Event) -> None:
+        """Refuse, before any change, the events whose fields the handlers take on trust."""
+        match event:
+            case TaskSubmitted(kind=kind) if kind not in TaskKind.__members__.values():
+                raise InvalidEvent(event, f"unknown task kind {kind!r}")
+            case UnitsSliced(units=units):
+                for unit in units:
+                    if unit.index < 0 or any(not 0 <= dep < unit.index for dep in unit.deps):
+                        raise InvalidEvent(event, f"unit {unit.index} with dependencies "
+                                                  f"{list(unit.deps)[:5]}: a unit depends only on "
+                                                  "units sliced before it")
 
     def story(self, task_id: str, now: float | None = None) -> list[StoryEntry]:
         """The task's transitions; with ``now``, closed by where each open unit is at that time
@@ -243,13 +295,13 @@ class SchedulerState:
             case CancelRequested(task_id=task_id):
                 task = self.tasks.get(task_id)
                 if task is not None and not task.finished:
-                    self._end(task, "cancelled", "cancel requested", event.now)
+                    self._end(task, CANCELLED, "cancel requested", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
             case ClientLeft(client_id=client_id):
                 # Its workers go to the clients still here (and its processes are stopped).
                 for task in [t for t in self.tasks.values()
                              if t.client_id == client_id and not t.finished]:
-                    self._end(task, "cancelled", "its client left", event.now)
+                    self._end(task, CANCELLED, "its client left", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
                 for key in [k for k in self.task_seconds if k.startswith(f"{client_id}|")]:
                     del self.task_seconds[key]
@@ -290,7 +342,7 @@ class SchedulerState:
             event.task_id,
             event.client_id,
             event.name,
-            event.kind,
+            TaskKind(event.kind),
             event.code,
             event.args,
             event.priority,
@@ -364,7 +416,7 @@ class SchedulerState:
                 if self._retry(task, outcome.index, event.now):
                     task.pending.appendleft(task.open_units[outcome.index])
                     continue
-                self._end(task, "erred", f"unit {outcome.index} raised", event.now)
+                self._end(task, ERRED, f"unit {outcome.index} raised", event.now)
                 self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
                 return
             unit = task.open_units.pop(outcome.index)
@@ -480,35 +532,53 @@ class SchedulerState:
         if not event.outcome.ok and event.worker_id == task.driver and self._retry(task, -1, event.now):
             self._run_driver_again(task, event.now)
             return
-        if event.outcome.ok and task.kind == "task":
+        if event.outcome.ok and task.kind is TASK:
             seen = self.task_seconds.get(task.warm_key)
             self.task_seconds[task.warm_key] = (
                 event.elapsed if seen is None else 0.8 * seen + 0.2 * event.elapsed)
         # _end first: its last progress report must reach the client before the outcome.
         if event.outcome.ok:
-            self._end(task, "done", "finished", event.now)
+            self._end(task, DONE, "finished", event.now)
             self._out.append(ReportDone(task.client_id, task.task_id, event.outcome.value))
         else:
-            self._end(task, "erred", event.outcome.type_name or "failed", event.now)
+            self._end(task, ERRED, event.outcome.type_name or "failed", event.now)
             self._out.append(ReportErred(task.client_id, task.task_id, event.outcome, ""))
 
-    def _end(self, task: TaskRecord, state: str, cause: str, now: float) -> None:
-        self._note(task, "task", task.state, state, cause, now)
-        task.state = state
-        self._stopped_running(task)
+    def _set_status(self, task: TaskRecord, finish: TaskStatus, cause: str, now: float) -> None:
+        """The one way a task's status changes: checked, written to the story, and the indices
+        of running and queued tasks kept in step."""
+        start = task.state
+        if (start, finish) not in TASK_TRANSITIONS:
+            raise InvalidTransition(f"task {task.task_id}", start, finish, list(task.story))
+        self._note(task, "task", start, finish, cause, now)
+        task.state = finish
+        if start is RUNNING:
+            self._running.pop(task.task_id, None)
+            self._parallel.pop(task.task_id, None)
+        if finish is RUNNING:
+            self._running[task.task_id] = task
+            if task.kind is PARALLEL:
+                self._parallel[task.task_id] = task
+        elif finish is QUEUED:
+            heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
+        elif finish in FINISHED:
+            self._finished.append(task.task_id)
+
+    def _end(self, task: TaskRecord, state: TaskStatus, cause: str, now: float) -> None:
+        self._set_status(task, state, cause, now)
         task.pending.clear()
         task.open_units.clear()
         self._clear_units(task)
         task.code = task.args = b""
         task.journaled = bytearray()
-        if task.kind == "parallel":
+        if task.kind is PARALLEL:
             self._report_progress_of(task)
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
             self._let_go(worker, task.task_id)
-            if state == "done" and not self._is_stale(task.warm_key):
+            if state is DONE and not self._is_stale(task.warm_key):
                 worker.warm_for = task.warm_key
-                if task.kind != "task":  # a plain Task's worker let go of it when it answered
+                if task.kind is not TASK:  # a plain Task's worker let go of it when it answered
                     self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
             else:
                 # A unit may still be running user code there: only a kill stops it.
@@ -518,7 +588,6 @@ class SchedulerState:
                                 now)
         task.workers.clear()
         task.driver = None
-        self._finished.append(task.task_id)
         while len(self._finished) > FINISHED_KEPT:
             self.tasks.pop(self._finished.popleft(), None)
 
@@ -589,24 +658,23 @@ class SchedulerState:
             self._restart(task, cause, now, count=False)
 
     def _restart(self, task: TaskRecord, cause: str, now: float, *, count: bool = True,
-                 note: bool = True) -> None:
+                 lost: bool = True) -> None:
+        """Back to the queue with a new driver to come (its workers are stopped); the third
+        counted death of a driver (``count``) kills the task instead."""
         causes = task.deaths.setdefault(-1, [])
         if count:
             causes.append(cause)
         if len(causes) >= self.max_deaths:
             self._kill_task(task, "driver", causes, now)
             return
-        if note:
-            self._note(task, "task", task.state, "queued", f"driver lost: {cause}", now)
         task.driver = None
         for worker_id in sorted(task.workers):
             worker = self._drop_worker(worker_id)
             if worker is not None:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
         task.workers.clear()
-        task.state = "queued"
-        self._stopped_running(task)
-        heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
+        self._set_status(task, QUEUED, f"driver lost: {cause}" if lost else
+                         "its code raised: it runs again from its slicer", now)
         task.pending.clear()
         task.open_units.clear()
         self._clear_units(task)
@@ -617,8 +685,8 @@ class SchedulerState:
     def _run_driver_again(self, task: TaskRecord, now: float) -> None:
         """The driver's own code raised and may run again: a Task on its (warm) worker, freed and
         queued; a ParallelTask restarts from its slicer, as after a lost driver."""
-        if task.kind == "parallel":
-            self._restart(task, "raised", now, count=False, note=False)
+        if task.kind is PARALLEL:
+            self._restart(task, "raised", now, count=False, lost=False)
             return
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
@@ -626,9 +694,7 @@ class SchedulerState:
             self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
         task.workers.clear()
         task.driver = None
-        task.state = "queued"
-        self._stopped_running(task)
-        heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
+        self._set_status(task, QUEUED, "its code raised: it runs again", now)
 
     @staticmethod
     def _clear_units(task: TaskRecord) -> None:
@@ -641,12 +707,8 @@ class SchedulerState:
         task.steal_pending = False
 
     def _kill_task(self, task: TaskRecord, unit: str, causes: list[str], now: float) -> None:
-        self._end(task, "erred", f"unit {unit}: workers died {len(causes)} times", now)
+        self._end(task, ERRED, f"unit {unit}: workers died {len(causes)} times", now)
         self._out.append(ReportKilled(task.client_id, task.task_id, unit, tuple(causes)))
-
-    def _stopped_running(self, task: TaskRecord) -> None:
-        self._running.pop(task.task_id, None)
-        self._parallel.pop(task.task_id, None)
 
     def _drop_worker(self, worker_id: str) -> WorkerRecord | None:
         worker = self.workers.pop(worker_id, None)
@@ -666,7 +728,7 @@ class SchedulerState:
     def _schedule(self, now: float) -> None:
         while self._queue:
             task = self.tasks.get(self._queue[0][2])
-            if task is None or task.state != "queued":
+            if task is None or task.state is not QUEUED:
                 heapq.heappop(self._queue)  # ended or already running: a stale entry
                 continue
             worker = self._idle_worker_for(task.warm_key)
@@ -711,14 +773,14 @@ class SchedulerState:
     def _prefetch_worker_for(self, task: TaskRecord) -> WorkerRecord | None:
         """A busy worker of the same submitter that may queue this plain Task (see Prefetch)."""
         seconds = self.task_seconds.get(task.warm_key)
-        if task.kind != "task" or seconds is None:
+        if task.kind is not TASK or seconds is None:
             return None
         room = min(MAX_QUEUED_TASKS, int(PREFETCH_SECONDS / max(seconds, 1e-6)))
         best: WorkerRecord | None = None
         for worker in self.workers.values():
             if (worker.warm_for == task.warm_key and worker.task_id is not None
                     and len(worker.queued) < room
-                    and self.tasks[worker.task_id].kind == "task"
+                    and self.tasks[worker.task_id].kind is TASK
                     and (best is None or len(worker.queued) < len(best.queued))):
                 best = worker
         return best
@@ -735,11 +797,7 @@ class SchedulerState:
         if driver:
             task.driver = worker.worker_id
             how = f" (queued behind {worker.task_id})" if queue else ""
-            self._note(task, "task", task.state, "running", f"driver {worker.worker_id}{how}", now)
-            task.state = "running"
-            self._running[task.task_id] = task
-            if task.kind == "parallel":
-                self._parallel[task.task_id] = task
+            self._set_status(task, RUNNING, f"driver {worker.worker_id}{how}", now)
         self._out.append(
             Assign(worker.node_id, worker.worker_id, task.task_id, task.name, task.kind,
                    task.code, task.args, driver, task.package, task.version, task.code_hash)
@@ -832,7 +890,7 @@ class SchedulerState:
                 continue
             for queued_id in worker.queued:
                 behind = self.tasks[queued_id]
-                assert behind.kind == "task" and behind.state == "running", f"{queued_id} queued"
+                assert behind.kind is TASK and behind.state is RUNNING, f"{queued_id} queued"
                 assert worker_id in behind.workers, f"{worker_id} not in {queued_id}'s workers"
             assert len(set(worker.queued)) == len(worker.queued), f"{worker_id}: a task queued twice"
             assert worker.task_id not in worker.queued, f"{worker_id}: runs a task it has queued"
@@ -840,10 +898,10 @@ class SchedulerState:
             assert worker_id in task.workers, f"{worker_id} not in {task.task_id}'s workers"
             for index in worker.in_flight:
                 assert index in task.open_units, f"{worker_id} runs closed unit {index}"
-        running = {t.task_id for t in self.tasks.values() if t.state == "running"}
+        running = {t.task_id for t in self.tasks.values() if t.state is RUNNING}
         assert set(self._running) == running, "running index disagrees with task states"
-        assert set(self._parallel) == {t for t in running if self.tasks[t].kind == "parallel"}
-        queued = {t.task_id for t in self.tasks.values() if t.state == "queued"}
+        assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
+        queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED}
         assert queued <= {entry[2] for entry in self._queue}, "a queued task is not in the queue"
         for task in self.tasks.values():
             for worker_id in task.workers:
@@ -851,7 +909,7 @@ class SchedulerState:
                 assert worker.task_id == task.task_id or task.task_id in worker.queued
             if task.finished:
                 assert not task.workers and not task.pending and not task.open_units
-            elif task.state == "running":
+            elif task.state is RUNNING:
                 assert task.driver in task.workers, f"{task.task_id} lost track of its driver"
             pending = {unit.index for unit in task.pending}
             assert len(pending) == len(task.pending), f"{task.task_id}: a unit is queued twice"

@@ -1,0 +1,139 @@
+"""The master's core as a state machine: a status table, one way in, refusals that change nothing,
+and a master process that lives through what it refuses."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import zmq
+
+from actors import Client, LocalCluster, Task, __version__
+from actors import messages as m
+from actors.core import scheduler_events as ev
+from actors.core.scheduler_state import TASK_TRANSITIONS, SchedulerState
+from actors.errors import InvalidEvent, InvalidTransition
+from actors.messages import UnitCall, UnitOutcome
+from transport import load_keypair, load_public_key
+from transport.hub import unbatch
+
+
+def fed(*events: ev.Event) -> SchedulerState:
+    state = SchedulerState()
+    for event in events:
+        state.handle(event)
+        state.validate()
+    return state
+
+
+def running_parallel_task() -> SchedulerState:
+    return fed(ev.NodeJoined(1.0, "n1"), ev.WorkerReady(2.0, "n1", "w1"),
+               ev.TaskSubmitted(3.0, "t1", "c1", "Name", "parallel", b"code", b"args"))
+
+
+def snapshot(state: SchedulerState) -> object:
+    return copy.deepcopy({k: v for k, v in vars(state).items() if not k.startswith("_seq")
+                          and not k.startswith("_run_ids")})
+
+
+def test_every_status_change_of_a_task_is_in_its_story_in_order() -> None:
+    state = fed(ev.NodeJoined(1.0, "n1"), ev.WorkerReady(2.0, "n1", "w1"),
+                ev.TaskSubmitted(3.0, "t1", "c1", "Name", "task", b"code", b"args", retries=1),
+                ev.TaskFinished(4.0, "w1", "t1", UnitOutcome(-1, False, b"", "ValueError")),
+                ev.TaskFinished(5.0, "w1", "t1", UnitOutcome(-1, True, b"7")))
+    changes = [(start, finish) for key, start, finish, _, _ in state.story("t1")
+               if key == "task" and start != "error"]
+    assert changes == [("released", "queued"), ("queued", "running"), ("running", "queued"),
+                       ("queued", "running"), ("running", "done")]
+    assert all(pair in TASK_TRANSITIONS for pair in changes[1:])
+
+
+def test_a_status_change_missing_from_the_table_raises_with_the_story_and_changes_nothing() -> None:
+    state = fed(ev.NodeJoined(1.0, "n1"), ev.WorkerReady(2.0, "n1", "w1"),
+                ev.TaskSubmitted(3.0, "t1", "c1", "Name", "task", b"code", b"args"),
+                ev.TaskFinished(4.0, "w1", "t1", UnitOutcome(-1, True, b"7")))
+    task = state.tasks["t1"]
+    before = snapshot(state)
+    with pytest.raises(InvalidTransition) as info:
+        state._set_status(task, ev.TaskStatus.RUNNING, "a bug", 5.0)
+    assert (info.value.start, info.value.finish) == ("done", "running")
+    assert info.value.story[-1][:3] == ("task", "running", "done")
+    assert snapshot(state) == before
+
+
+@pytest.mark.parametrize("event", [
+    ev.TaskSubmitted(4.0, "t2", "c1", "Name", "bogus", b"code", b"args"),
+    ev.UnitsSliced(4.0, "w1", "t1", [UnitCall(0, b"a"), UnitCall(1, b"b", [3])], False),
+    ev.UnitsSliced(4.0, "w1", "t1", [UnitCall(-1, b"a")], False),
+], ids=["unknown kind", "a dependency on a later unit", "a negative index"])
+def test_an_invalid_event_raises_and_changes_nothing(event: ev.Event) -> None:
+    state = running_parallel_task()
+    before = snapshot(state)
+    with pytest.raises(InvalidEvent):
+        state.handle(event)
+    assert snapshot(state) == before
+    state.validate()
+    # The task goes on as if the event never came.
+    out = state.handle(ev.UnitsSliced(5.0, "w1", "t1", [UnitCall(0, b"a")], True))
+    assert out == [ev.Dispatch("n1", "w1", "t1", 1, [UnitCall(0, b"a")])]
+
+
+def test_an_event_that_raises_leaves_no_instruction_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = running_parallel_task()
+
+    def broken_schedule(now: float) -> None:
+        state._out.append(ev.KillWorker("n1", "w1", "half-made"))
+        raise RuntimeError("a bug in scheduling")
+
+    monkeypatch.setattr(state, "_schedule", broken_schedule)
+    with pytest.raises(RuntimeError):
+        state.handle(ev.Tick(4.0))
+    monkeypatch.undo()
+    assert state.handle(ev.Tick(5.0)) == []
+
+
+# --- the shell: refused and dropped messages, a master that lives on ----------------------------
+
+
+class Square(Task):
+    def work(self, x):
+        return x * x
+
+
+@pytest.mark.processes
+def test_the_master_refuses_a_forged_worker_message_and_keeps_serving(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A node's key speaking for a worker that sends an impossible slice: refused, logged, and
+    the master serves the next task as before."""
+    with LocalCluster(workers=1) as cluster:  # its processes write to this test's stderr
+        _forge_and_serve(cluster, capfd)
+
+
+def _forge_and_serve(cluster: LocalCluster, capfd: pytest.CaptureFixture[str]) -> None:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.setsockopt(zmq.IDENTITY, b"node-forger")
+    pair = load_keypair(cluster.keys_dir, "node")
+    sock.curve_publickey, sock.curve_secretkey = pair.public, pair.secret
+    sock.curve_serverkey = load_public_key(cluster.keys_dir, "master")
+    sock.connect(cluster.address)
+    try:
+        sock.send(m.encode(m.Hello("node", "node-forger", m.PROTOCOL_VERSION, __version__)))
+        welcomed = [m.decode(frames[-1]) for frames in unbatch(sock.recv_multipart())]
+        assert any(isinstance(msg, m.Welcome) for msg in welcomed), welcomed
+        forged = m.UnitsSliced("no-such-task", [m.UnitCall(0, b"x", [9])], True)
+        sock.send_multipart([b"w-forged", m.encode(forged)])
+        with Client(cluster.address, keys=cluster.keys_dir) as client:
+            assert client.submit(Square, 12).result(timeout=30) == 144
+        deadline = time.monotonic() + 20
+        seen = ""
+        while "message_refused" not in seen and time.monotonic() < deadline:
+            seen += capfd.readouterr().err
+            time.sleep(0.05)
+        assert "message_refused" in seen and "UnitsSliced" in seen, seen[-2000:]
+    finally:
+        sock.send(m.encode(m.Bye("forger leaving")))
+        sock.close()
