@@ -36,7 +36,6 @@ from actors.errors import (
     MasterLost,
     TaskCancelled,
     UnknownTask,
-    WorkerKilled,
 )
 from actors.serialize import dumps, dumps_task_class, loads, rebuild_exception
 from actors.task import Task, check_arguments
@@ -127,8 +126,6 @@ class Future:
         fn(self)
 
     def _exception_of(self, err: m.TaskErred) -> BaseException:
-        if err.type_name == "actors.errors.WorkerKilled" and not err.error:
-            return WorkerKilled(self.task_id, err.unit, err.message.split("; "))
         where = f"task {self.name} {self.task_id}" + (f", unit {err.unit}" if err.unit else "")
         return rebuild_exception(err.error, err.type_name, err.message, err.traceback, where)
 

@@ -27,8 +27,8 @@ log = structlog.get_logger("actors.cluster")
 _MASTER_FIRST_STARTS_NODE = (
     "import json, subprocess, sys\n"
     "node = subprocess.Popen(json.loads(sys.argv[1]), stdin=subprocess.DEVNULL)\n"
-    "from actors.cli import master_main\n"
-    "raise SystemExit(master_main(sys.argv[2:], local_node=node))\n"
+    "from actors.master import main\n"
+    "raise SystemExit(main(sys.argv[2:], local_node=node))\n"
 )
 
 

@@ -7,28 +7,45 @@ scheduler's instructions into messages. It never unpickles user payloads.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import signal as signals
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pykka
 import structlog
 
-from actors import __version__
+from actors import __version__, logs
 from actors import messages as m
+from actors.cluster import default_keys_dir, local_node_command
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
 from actors.core.scheduler_state import SchedulerState, unit_digest
-from actors.errors import CodeUnknown, MalformedMessage, UnknownTask
+from actors.errors import ActorsError, CodeUnknown, MalformedMessage, UnknownTask, WorkerKilled
 from actors.journal import ResultJournal
+from actors.launch import (
+    ensure_keys_logged,
+    run_script,
+    stop_on_signals,
+    stop_process,
+    write_atomically,
+)
 from actors.serialize import describe_exception
-from actors.shell import Inbound, Shell, Tick
-from actors.task_sync import Catalogue, InstanceUses
-from transport import Hub
+from actors.shell import Inbound, Shell, Tick, tell_if_alive
+from actors.task_sync import Catalogue, InstanceUses, TaskSyncServer
+from transport import Hub, ServerCurve, load_keypair
+from transport.keys import allowed_dir
 
 log = structlog.get_logger("actors.master")
 
@@ -451,9 +468,10 @@ class Master(Shell):
             case ev.ReportKilled():
                 self._task_ended(ins.task_id)
                 self.log.warning("task_killed", task_id=ins.task_id, unit=ins.unit, causes=ins.causes)
+                payload, type_name, text, _ = describe_exception(
+                    WorkerKilled(ins.task_id, ins.unit, ins.causes))
                 self._to_client(ins.client_id, m.TaskErred(
-                    ins.task_id, b"", "actors.errors.WorkerKilled", "; ".join(ins.causes), "",
-                    ins.unit))
+                    ins.task_id, payload, type_name, text, "", ins.unit))
             case ev.ReportCancelled():
                 self._task_ended(ins.task_id)
                 self.log.info("task_cancelled", task_id=ins.task_id)
@@ -507,7 +525,127 @@ def route_frames(frames: list[bytes]) -> Inbound:
     raise MalformedMessage(f"expected 2 or 3 frames, got {len(frames)}", sum(map(len, frames)))
 
 
-if __name__ == "__main__":
-    from actors.cli import master_main
 
-    raise SystemExit(master_main())
+# --- the command line: python -m actors.master ------------------------------
+
+
+def main(argv: list[str] | None = None, *,
+                local_node: subprocess.Popen[bytes] | None = None) -> int:
+    """``local_node``: this master's node, already started (``LocalCluster`` starts it at once,
+    beside the master, with ``local_node_command``); the master stops it as its own."""
+    parser = argparse.ArgumentParser(prog="python -m actors.master",
+                                     description="Start a pydra-actors master (and a local node).")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=5555, help="TCP port (0: any free port)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes of the local node (0: no local node)")
+    parser.add_argument("--keys", default=None, help="CURVE key directory (created if missing)")
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+    parser.add_argument("--node-timeout", type=float, default=5.0,
+                        help="seconds of silence after which a node is declared dead")
+    parser.add_argument("--max-deaths", type=int, default=3,
+                        help="worker deaths a unit may witness before its task fails")
+    parser.add_argument("--tasks-dir", default="tasks",
+                        help="folder of deployed task packages (default ./tasks)")
+    parser.add_argument("--package-grace", type=float, default=300.0,
+                        help="seconds an unused old package version is kept (master and local node)")
+    parser.add_argument("--cache", default=None, help="the local node's package cache folder")
+    parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-banner", action="store_true",
+                        help="do not print where the master listens (for embedding)")
+    parser.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ...",
+                        help="run this Python script against the cluster, then stop")
+    args = parser.parse_args(argv)
+    logs.configure(args.log_format)
+    keys = args.keys or default_keys_dir()
+    try:
+        ensure_keys_logged(keys)
+        pair = load_keypair(keys, "master")
+        curve = ServerCurve(pair.public, pair.secret, str(allowed_dir(keys)))
+    except ActorsError as exc:
+        log.error("bad_keys", error=str(exc))
+        _stop_local_node(local_node)
+        return 2
+
+    master_ref: pykka.ActorRef[Any] | None = None
+    sync_ref: pykka.ActorRef[Any] | None = None
+
+    started = threading.Event()
+
+    def on_frames(_socket: str, frames: list[bytes]) -> None:
+        # A node may say hello as soon as we listen (LocalCluster's node is started beside
+        # this master, and connects before it binds): hold it until the actors exist.
+        started.wait(10)
+        try:
+            inbound = route_frames(frames)
+        except MalformedMessage as exc:
+            log.warning("malformed_frame", peer=frames[0][:40].decode(errors="replace"),
+                        error=str(exc))
+            return
+        is_sync = isinstance(inbound.message, m.ChunkRequest)
+        tell_if_alive(sync_ref if is_sync else master_ref, inbound)
+
+    def on_tick(now: float) -> None:
+        for ref in (master_ref, sync_ref):
+            tell_if_alive(ref, Tick(now))
+
+    hub = Hub(on_frames, on_tick=on_tick, tick_s=0.25)
+    hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve)
+    try:
+        hub.start()
+    except Exception as exc:
+        log.error("cannot_listen", address=f"tcp://{args.host}:{args.port}", error=str(exc))
+        _stop_local_node(local_node)
+        return 2
+    address = hub.address("peers")
+    stop = threading.Event()
+    exit_code = [0]
+
+    def crashed() -> None:
+        exit_code[0] = 70  # EX_SOFTWARE: the scheduler hit a bug; the log has the traceback
+        stop.set()
+
+    master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}", node_timeout_s=args.node_timeout,
+                              max_deaths=args.max_deaths, on_crash=crashed)
+    sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
+                                    grace_s=args.package_grace)
+    master_ref.tell(("task_sync", sync_ref))
+    started.set()
+    stop_on_signals(stop)
+    node = local_node
+    if node is None and args.workers > 0:
+        node = subprocess.Popen(local_node_command(address, args.workers, keys, args.package_grace,
+                                                   args.cache), stdin=subprocess.DEVNULL)
+    if args.ready_file:
+        write_atomically(args.ready_file, json.dumps({"address": address, "pid": os.getpid()}))
+    log.info("master_started", address=address, workers=args.workers, keys=keys,
+             tasks_dir=os.path.abspath(args.tasks_dir))
+    if not args.no_banner:
+        sys.stdout.write(
+            f"pydra-actors master listening on {address}\n"
+            f"  add a host:  python -m actors.node --master {address} --keys {keys}\n"
+            f"  from Python: Client({address!r}, keys={keys!r})\n"
+        )
+        sys.stdout.flush()
+    if args.run:
+        run_script(args.run, address, keys, stop, exit_code)
+    stop.wait()
+    log.info("master_stopping")
+    if node is not None:
+        stop_process(node, grace=10.0)
+    pykka.ActorRegistry.stop_all(timeout=5)
+    hub.stop()
+    if args.ready_file:
+        Path(args.ready_file).unlink(missing_ok=True)
+    log.info("master_stopped")
+    return exit_code[0]
+
+
+def _stop_local_node(node: subprocess.Popen[bytes] | None) -> None:
+    if node is not None:
+        stop_process(node, grace=10.0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

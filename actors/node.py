@@ -12,6 +12,7 @@ task payloads.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -26,13 +27,16 @@ from typing import Any
 import pykka
 import structlog
 
-from actors import __version__
+from actors import __version__, logs
 from actors import messages as m
+from actors.cluster import default_keys_dir
+from actors.errors import ActorsError, MalformedMessage
+from actors.launch import master_arg, stop_on_signals
 from actors.node_data import DataPlane
-from actors.prefork import Forked, worker_args, worker_env
+from actors.prefork import Forked, fork_workers, worker_args, worker_env
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
-from actors.task_sync import WorkerGone
-from transport import Hub
+from actors.task_sync import TaskSyncClient, WorkerGone
+from transport import ClientCurve, Hub, load_keypair, load_public_key
 
 log = structlog.get_logger("actors.node")
 
@@ -343,7 +347,112 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         log.warning("malformed_frames", source="worker", count=len(frames))
 
 
-if __name__ == "__main__":
-    from actors.cli import node_main
 
-    raise SystemExit(node_main())
+# --- the command line: python -m actors.node --------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m actors.node",
+                                     description="Join a pydra-actors master with this host's workers.")
+    parser.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
+                        required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
+                        help="the master's address, HOST:PORT or tcp://HOST:PORT")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--keys", default=None, help="CURVE key directory")
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+    parser.add_argument("--cache", default=None,
+                        help="folder for task package versions (default: a private temporary one)")
+    parser.add_argument("--package-grace", type=float, default=300.0,
+                        help="seconds an unused old package version stays in the cache")
+    parser.add_argument("--no-prefork", action="store_true",
+                        help="start every worker as a fresh interpreter (on Linux the first ones "
+                             "are forked from the node as it starts: ~200 ms sooner)")
+    parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logs.configure(args.log_format)
+    if args.workers < 1:
+        log.error("bad_arguments", error="--workers must be at least 1")
+        return 2
+
+    run_dir = tempfile.mkdtemp(prefix="actors-node-")
+    node_id = f"node-{os.uname().nodename}-{os.getpid()}"
+    config = NodeConfig(node_id, args.workers, f"ipc://{run_dir}/workers.sock", run_dir,
+                        exit_with_parent=args.exit_with_parent)
+    # Before the keys are read and before any thread starts: see prefork.py.
+    forked = [] if args.no_prefork else fork_workers(node_id, run_dir, config.ipc_address,
+                                                     args.workers)
+    keys = args.keys or default_keys_dir()
+    try:
+        pair = load_keypair(keys, "node")
+        curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
+    except ActorsError as exc:
+        log.error("bad_keys", error=str(exc))
+        for child in forked:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return 2
+    node_ref: pykka.ActorRef[Any] | None = None
+    sync_ref: pykka.ActorRef[Any] | None = None
+    started = threading.Event()
+
+    def on_frames(socket: str, frames: list[bytes]) -> None:
+        started.wait(10)
+        try:
+            assert node_ref is not None and sync_ref is not None
+            relay_frames(hub, node_ref, sync_ref, socket, frames, data)
+        except MalformedMessage as exc:
+            log.warning("malformed_frame", socket=socket, error=str(exc))
+
+    def on_event(socket: str, what: str) -> None:
+        tell_if_alive(node_ref, ConnectionEvent(socket, what))
+
+    def on_tick(now: float) -> None:
+        for ref in (node_ref, sync_ref):
+            tell_if_alive(ref, Tick(now))
+
+    hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
+    hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
+    hub.add_router("workers", config.ipc_address)
+    data = DataPlane(node_id, pair, run_dir, args.master)
+    data.add_to(hub, os.path.join(keys, "node.key"))
+    try:
+        hub.start()
+    except Exception as exc:
+        log.error("cannot_connect", master=args.master, error=str(exc))
+        for child in forked:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return 2
+    data.bound(hub)
+    config.data_address = data.address
+    stop = threading.Event()
+    fatal: list[str] = []
+    stop_on_signals(stop)
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        stop.set()
+
+    sync_ref = TaskSyncClient.start(hub, os.path.abspath(args.cache or os.path.join(run_dir, "cache")),
+                                    grace_s=args.package_grace)
+    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked)
+    started.set()
+    stop.wait()
+    try:
+        node_ref.ask(("shutdown",), timeout=15)
+    except pykka.Timeout:
+        log.error("node_shutdown_timeout")
+    pykka.ActorRegistry.stop_all(timeout=5)
+    hub.stop()  # sends what the actors handed over before it, the last Bye included
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if fatal:
+        log.error("node_exiting", reason=fatal[0])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

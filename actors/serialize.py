@@ -247,6 +247,8 @@ def rebuild_exception(
             exc = None
     if not isinstance(exc, BaseException):
         return RemoteError(type_name, message, remote_traceback)
+    if not remote_traceback:  # raised by the runtime itself (WorkerKilled): nothing to add
+        return exc
     detail = f"\n\nRemote traceback ({where}):\n{remote_traceback.rstrip()}"
     if len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args):
         try:

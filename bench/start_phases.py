@@ -28,11 +28,11 @@ from collections.abc import Iterator
 from bench import units
 from bench.system import quiet_stdout
 
-# What a fresh process of each kind imports before it does anything (see actors/cli.py).
+# What a fresh process of each kind imports before it does anything (see actors/launch.py).
 IMPORTS = {
     "interpreter only": "pass",
-    "master": "import actors.master, actors.cli",
-    "node": "import actors.node, actors.cli",
+    "master": "import actors.master",
+    "node": "import actors.node",
     "worker": "import actors.worker",
 }
 

@@ -109,6 +109,8 @@ def test_a_unit_that_kills_its_process_ends_the_task_with_worker_killed() -> Non
             fut.result(timeout=60)
         text = str(info.value)
         assert "3 time(s)" in text and "SIGKILL" in text, text
+        assert info.value.task_id == fut.task_id and info.value.unit == "driver"
+        assert len(info.value.causes) == 3 and all("SIGKILL" in c for c in info.value.causes)
         assert client.submit(Square, 5).result(timeout=30) == 25
         story = [(k, s, f) for k, s, f, _, _ in fut.story()]
         assert story.count(("task", "running", "queued")) == 2  # restarted twice, then failed

@@ -32,6 +32,11 @@ class UnitState(StrEnum):
     FORGOTTEN = "forgotten"
 
 
+# States in which a hold-only key serves (or is on its way to serve) its dependents.
+HOLDING = frozenset({UnitState.FETCH, UnitState.FLIGHT, UnitState.MISSING, UnitState.MEMORY,
+                     UnitState.RESUMED})
+
+
 class Role(StrEnum):
     """Why this worker knows a key: to compute it, or only to hold it for units that need it."""
 

@@ -106,6 +106,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from actors.core.worker_events import (
+    HOLDING,
     ComputeUnit,
     DataRequested,
     Event,
@@ -145,8 +146,6 @@ RESCHEDULED, FORGOTTEN = UnitState.RESCHEDULED, UnitState.FORGOTTEN
 
 # States a key can leave through `released` (the catch-all): no thread or transfer holds it.
 RESTING = frozenset({WAITING, READY, FETCH, MISSING, MEMORY, ERROR, RESCHEDULED})
-# States in which a hold-only key serves (or is on its way to serve) its dependents.
-HOLDING = frozenset({FETCH, FLIGHT, MISSING, MEMORY, RESUMED})
 # States of a dependent that still needs its dependencies' data.
 NEEDS_INPUTS = frozenset({WAITING, READY})
 

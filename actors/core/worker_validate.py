@@ -8,8 +8,12 @@ the tests call that after every ``handle``, and the Worker actor does too when
 
 from __future__ import annotations
 
-from actors.core.worker_events import Role, UnitState, Work
-from actors.core.worker_state import HOLDING, Unit, WorkerState
+from typing import TYPE_CHECKING
+
+from actors.core.worker_events import HOLDING, Role, UnitState, Work
+
+if TYPE_CHECKING:  # the checks read the state's internals; the state imports them when asked
+    from actors.core.worker_state import Unit, WorkerState
 
 RELEASED, WAITING, READY = UnitState.RELEASED, UnitState.WAITING, UnitState.READY
 EXECUTING, MEMORY, ERROR = UnitState.EXECUTING, UnitState.MEMORY, UnitState.ERROR
