@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import zmq
 
+import actors.client
 from actors import Client, LocalCluster, Task, __version__
 from actors import messages as m
 from actors.errors import ConnectFailed, HandshakeRefused
+from tests.conftest import alive, kill_all, python, wait_until
 from transport import init_keys, load_keypair, load_public_key
 
 pytestmark = pytest.mark.processes
@@ -66,9 +71,59 @@ def test_a_protocol_mismatch_is_refused_with_a_reason(cluster: LocalCluster) -> 
         sock.close()
 
 
-def test_the_client_raises_handshake_refused() -> None:
-    err = HandshakeRefused("protocol 9 != master's 1")
-    assert "handshake refused" in str(err) and "protocol 9" in str(err)
+def test_a_client_of_another_version_raises_handshake_refused_with_the_reason(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The one thing that differs in a client of another release: the version its Hello names.
+    monkeypatch.setattr(actors.client, "__version__", "0.0.0-other")
+    with pytest.raises(HandshakeRefused,
+                       match=rf"handshake refused: pydra-actors 0\.0\.0-other != master's {__version__}"):
+        Client(cluster.address, keys=cluster.keys_dir, timeout=60)
+
+
+def _cmdlines_mentioning(text: str) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return {pid for pid in found if alive(pid)}
+
+
+@pytest.mark.parametrize("why", ["unknown key", "other version"])
+def test_a_node_refused_at_the_handshake_exits_saying_why_and_adds_no_worker(
+    cluster: LocalCluster, client: Client, tmp_path: Path, why: str
+) -> None:
+    keys = Path(cluster.keys_dir)
+    env = dict(os.environ)
+    if why == "unknown key":
+        keys = init_keys(tmp_path / "stranger")  # knows the master's key; its own is not allowed
+        (keys / "master.key").write_bytes((Path(cluster.keys_dir) / "master.key").read_bytes())
+        expected = "the master refused this node's CURVE key"
+    else:
+        release = tmp_path / "other-release"  # the same code announcing another version
+        release.mkdir()
+        (release / "sitecustomize.py").write_text("import actors\nactors.__version__ = '0.0.0-other'\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(release), env.get("PYTHONPATH")]))
+        expected = f"master refused this node: pydra-actors 0.0.0-other != master's {__version__}"
+    with open(tmp_path / "node.log", "w") as log_file:
+        node = python("-m", "actors.node", "--master", cluster.address, "--workers", "1",
+                      "--keys", str(keys), "--log-format", "json", "--cache", str(tmp_path / "c"),
+                      stdout=subprocess.DEVNULL, stderr=log_file, env=env)
+    try:
+        assert node.wait(60) == 1
+    finally:
+        kill_all({node.pid})
+        node.wait(10)
+    events = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
+              if line.startswith("{")]
+    assert [e["reason"] for e in events if e["event"] == "node_exiting"] == [expected]
+    assert client.info().workers == 2
+    wait_until(lambda: not _cmdlines_mentioning(str(tmp_path / "c")), 20,
+               "the refused node's workers to exit")
 
 
 def test_garbage_from_an_authenticated_peer_is_dropped_and_the_master_keeps_serving(
@@ -91,7 +146,15 @@ def test_garbage_from_an_authenticated_peer_is_dropped_and_the_master_keeps_serv
         # After a hello, messages a client may not send are dropped as well.
         sock.send(m.encode(m.Hello("client", "vandal", m.PROTOCOL_VERSION, __version__)))
         assert isinstance(m.decode(sock.recv()), m.Welcome)
+        sock.send(m.encode(m.InfoRequest()))
+        before = m.decode(sock.recv())
+        assert isinstance(before, m.ClusterInfo)
         sock.send(m.encode(m.WorkerReady("fake-worker", 1)))
+        # The master answers this client in order: the WorkerReady has been dealt with.
+        sock.send(m.encode(m.InfoRequest()))
+        after = m.decode(sock.recv())
+        assert isinstance(after, m.ClusterInfo)
+        assert (after.workers, after.idle_workers) == (before.workers, before.idle_workers)
         sock.send(m.encode(m.Submit("t-bad", "X", "task", b"not a pickle", b"nor this")))
     finally:
         sock.close()
