@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from actors import Client, LocalCluster, ParallelTask, Task, as_completed
+from actors import Client, LocalCluster, ParallelTask, Task, Unit, as_completed
 from actors.errors import InvalidArguments
-from tests.conftest import alive, descendants, wait_until
+from tests.conftest import alive, children, descendants, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -64,6 +66,21 @@ class UnitExplodes(ParallelTask):
 
     def reduce(self, results):
         return results
+
+
+def wait_for(gate: str, timeout: float = 60.0) -> None:
+    """Block until the file ``gate`` exists (the test opens it); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} not opened within {timeout}s")
+        time.sleep(0.005)
+
+
+class Gated(Task):
+    def work(self, gate, value="opened"):
+        wait_for(gate)
+        return value
 
 
 def fails_first(tally: str, key: object, times: int) -> None:
@@ -164,11 +181,22 @@ def test_code_that_calls_sys_exit_fails_its_task_and_the_caller_goes_on(client: 
     forever), and reach the caller as an error that does not end the caller's program."""
     with pytest.raises(RuntimeError, match=r"raised SystemExit\(3\)") as info:
         client.submit(Exits, 3).result(timeout=30)
-    assert "sys.exit(code)" in str(info.value)  # the remote traceback, cause included
+    assert_caused_by_system_exit(str(info.value), "sys.exit(code)", 3)
     with pytest.raises(RuntimeError, match=r"raised SystemExit\(4\)") as info:
         client.submit(UnitExits, 20).result(timeout=30)
     assert "unit 7" in str(info.value)
+    assert_caused_by_system_exit(str(info.value), "raise SystemExit(4)", 4)
     assert client.submit(Square, 3).result(timeout=30) == 9
+
+
+def assert_caused_by_system_exit(text: str, source_line: str, code: int) -> None:
+    """The remote traceback is the chain: the SystemExit where the user's code raised it, as the
+    direct cause of the RuntimeError the task failed with."""
+    chain = text.split("Remote traceback", 1)[1]
+    assert re.search(
+        rf"Traceback \(most recent call last\):\n.*\n +{re.escape(source_line)}\nSystemExit: {code}\n"
+        r"\nThe above exception was the direct cause of the following exception:\n"
+        rf"(.|\n)*\nRuntimeError: the task's code raised SystemExit\({code}\)$", chain), chain
 
 
 def test_a_failing_unit_fails_its_task_naming_the_unit(client: Client) -> None:
@@ -198,6 +226,47 @@ def test_a_task_whose_work_raises_runs_again_when_asked(client: Client, tmp_path
     assert client.submit(FlakyTask, 7, str(tmp_path), 1, retries=1).result(timeout=60) == 49
     with pytest.raises(ValueError, match="retries"):
         client.submit(FlakyTask, 7, str(tmp_path), 1, retries=-1)
+
+
+class FlakySlicer(ParallelTask):
+    def get_work(self, n, tally, times):
+        fails_first(tally, "slicer", times)
+        yield from range(n)
+
+    def work_unit(self, i):
+        return i
+
+    def reduce(self, results):
+        return sum(results)
+
+
+class FlakyReduce(ParallelTask):
+    def get_work(self, n, tally, times):
+        self.tally, self.times = tally, times  # the driver, which slices, also reduces
+        yield from range(n)
+
+    def work_unit(self, i):
+        return i
+
+    def reduce(self, results):
+        fails_first(self.tally, "reduce", self.times)
+        return sum(results)
+
+
+@pytest.mark.parametrize("flaky", [FlakySlicer, FlakyReduce])
+def test_a_slicer_or_a_reduce_that_raises_runs_again_as_often_as_asked(
+    client: Client, tmp_path: Path, flaky: type[ParallelTask]
+) -> None:
+    (tmp_path / "a").mkdir()
+    fut = client.submit(flaky, 50, str(tmp_path / "a"), 2, retries=2)
+    assert fut.result(timeout=60) == sum(range(50))
+    # two failures, then the result; the story shows each retry
+    assert [p.stat().st_size for p in (tmp_path / "a").iterdir()] == [3]
+    retries = [e[3] for e in fut.story() if e[0] == "task" and e[1] == "error"]
+    assert retries == ["master: retry 1 of 2", "master: retry 2 of 2"]
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConnectionError, match="flaky, call 2"):
+        client.submit(flaky, 50, str(tmp_path / "b"), 2, retries=1).result(timeout=60)
 
 
 def test_a_failing_slicer_fails_its_task(client: Client) -> None:
@@ -233,9 +302,12 @@ def test_many_small_tasks_complete_with_as_completed(client: Client) -> None:
 
 
 class SometimesFails(Task):
-    """Short tasks, queued on busy workers, some of which fail for good and some once."""
+    """Short tasks, queued on busy workers, some of which fail for good and some once; with a
+    gate, held until the test opens it."""
 
-    def work(self, x, tally):
+    def work(self, x, tally, gate=""):
+        if gate:
+            wait_for(gate)
         if x % 37 == 5:
             raise Boom(f"task {x} fails for good")
         if x % 23 == 7:
@@ -243,33 +315,89 @@ class SometimesFails(Task):
         return x * x
 
 
-def test_short_tasks_queued_behind_failing_ones_each_get_their_own_outcome(
-    client: Client, tmp_path: Path
-) -> None:
+def test_short_tasks_queued_behind_failing_ones_each_get_their_own_outcome(tmp_path: Path) -> None:
     """Queued short tasks are begun behind the running one; one that fails (for good, or once
     and then on retry) must not take its neighbours' results with it, or hand them its own."""
-    n = 400
-    client.submit(Square, 1).result(timeout=30)  # measured: short tasks queue from here on
-    futures = [client.submit(SometimesFails, x, str(tmp_path), retries=1) for x in range(n)]
-    for x, fut in enumerate(futures):
-        if x % 37 == 5:
-            with pytest.raises(Boom, match=f"task {x} fails for good"):
-                fut.result(timeout=60)
-        else:
-            assert fut.result(timeout=60) == x * x, x
-    assert client.submit(Square, 4).result(timeout=30) == 16
+    gate, tally = str(tmp_path / "gate"), str(tmp_path)
+    # A cluster of its own: both workers clean, so each held task below gets one to itself.
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.submit(Square, 1).result(timeout=30)  # measured: short tasks queue from here on
+        # Each worker runs a task held at the gate: one to fail for good, one to fail once.
+        held = [client.submit(SometimesFails, 5, tally, gate, retries=1),
+                client.submit(SometimesFails, 7, tally, gate, retries=1)]
+        futures = [client.submit(SometimesFails, x, tally, retries=1) for x in range(200)]
+        client.info()  # answered in order: the master has placed every task above
+        (tmp_path / "gate").touch()
+        with pytest.raises(Boom, match="task 5 fails for good"):
+            held[0].result(timeout=60)
+        assert held[1].result(timeout=60) == 49
+        for x, fut in enumerate(futures):
+            if x % 37 == 5:
+                with pytest.raises(Boom, match=f"task {x} fails for good"):
+                    fut.result(timeout=60)
+            else:
+                assert fut.result(timeout=60) == x * x, x
+        causes = [e[3] for fut in futures[:10] for e in fut.story() if e[0] == "task"]
+        for failing in held:
+            assert any(f"(queued behind {failing.task_id})" in c for c in causes), causes
+        assert client.submit(Square, 4).result(timeout=30) == 16
 
 
-def test_result_times_out_without_hanging(client: Client) -> None:
-    class Slow(Task):
-        def work(self):
-            time.sleep(3)
-            return "late"
-
-    fut = client.submit(Slow)
+def test_result_times_out_without_hanging(client: Client, tmp_path: Path) -> None:
+    fut = client.submit(Gated, str(tmp_path / "gate"), "late")
     with pytest.raises(TimeoutError):
         fut.result(timeout=0.05)
+    assert not fut.done()
+    (tmp_path / "gate").touch()
     assert fut.result(timeout=30) == "late"
+
+
+def test_exception_returns_what_result_would_raise_and_none_on_success(
+    client: Client, tmp_path: Path
+) -> None:
+    fut = client.submit(Gated, str(tmp_path / "gate"))
+    with pytest.raises(TimeoutError):
+        fut.exception(timeout=0.05)
+    (tmp_path / "gate").touch()
+    assert fut.exception(timeout=30) is None
+    err = client.submit(Explodes, n=2).exception(timeout=30)
+    assert isinstance(err, Boom) and "cannot handle 2" in str(err)
+
+
+def test_as_completed_raises_timeout_error_when_a_future_is_late(
+    client: Client, tmp_path: Path
+) -> None:
+    quick = client.submit(Square, 5)
+    late = client.submit(Gated, str(tmp_path / "gate"))
+    finished = as_completed([quick, late], timeout=0.5)
+    assert next(finished) is quick
+    with pytest.raises(TimeoutError):
+        next(finished)
+    (tmp_path / "gate").touch()
+    assert list(as_completed([late], timeout=30)) == [late]
+
+
+def test_a_done_callback_is_called_once_when_the_task_ends_or_at_once_if_it_has(
+    client: Client, tmp_path: Path
+) -> None:
+    fut = client.submit(Gated, str(tmp_path / "gate"))
+    calls: list[tuple[object, bool, str]] = []
+    called = threading.Event()
+
+    def callback(f: object) -> None:
+        calls.append((f, fut.done(), threading.current_thread().name))
+        called.set()
+
+    fut.add_done_callback(callback)
+    assert not called.is_set()
+    (tmp_path / "gate").touch()
+    assert called.wait(30)
+    assert fut.result(timeout=0) == "opened"
+    # A callback added to a finished future runs at once, in the caller's thread.
+    fut.add_done_callback(callback)
+    me = threading.current_thread().name
+    assert [(f, done) for f, done, _ in calls] == [(fut, True), (fut, True)]
+    assert calls[0][2] != me and calls[1][2] == me
 
 
 def test_story_shows_the_task_transitions(client: Client) -> None:
@@ -279,6 +407,59 @@ def test_story_shows_the_task_transitions(client: Client) -> None:
     assert transitions[0] == ("task", "released", "queued")
     assert ("task", "queued", "running") in transitions
     assert transitions[-1] == ("task", "running", "done")
+
+
+class Stuck(ParallelTask):
+    """Unit 0 and the plain units wait at the gate; unit 1 waits for unit 0's result."""
+
+    def get_work(self, gate, n):
+        first = Unit(gate)
+        yield first
+        yield Unit(gate, after=[first])
+        for _ in range(n):
+            yield gate
+
+    def work_unit(self, gate, *inputs):
+        wait_for(gate)
+        return 1
+
+    def reduce(self, results):
+        return len(results)
+
+
+def test_story_ends_with_where_each_unfinished_unit_is_now(client: Client, tmp_path: Path) -> None:
+    """More units than the two workers take: some run, one waits for another, the rest queue."""
+    fut = client.submit(Stuck, str(tmp_path / "gate"), 30)
+
+    def now(story: list[tuple[str, str, str, str, float]]) -> dict[str, str]:
+        return {key: state for key, _, when, state, _ in story if when == "now"}
+
+    wait_until(lambda: len(now(fut.story())) == 32 and "master: queued" in now(fut.story()).values(),
+               30, "every unit to be sliced and placed")
+    # Asked again: the workers have taken in every run placed before the first answer, and the
+    # gate holds them, so nothing of theirs is newer than the master's "now".
+    story = fut.story()
+    places = now(story)
+    assert [e[0] for e in story[-32:]] == [f"unit {i}" for i in range(32)]
+    assert all(e[2] == "now" for e in story[-32:])
+    assert places["unit 0"].startswith("master: running on ")
+    assert places["unit 1"] == "master: blocked on units [0]"
+    states = {state.removeprefix("master: ").split(" on ")[0] for state in places.values()}
+    assert states == {"running", "blocked", "queued"}
+    (tmp_path / "gate").touch()
+    assert fut.result(timeout=60) == 31  # unit 1 and the 30 plain ones: nobody depends on them
+    assert not now(fut.story())  # nothing is open any more
+
+
+def test_a_client_without_an_address_starts_a_cluster_of_its_own_and_stops_it_on_close() -> None:
+    before = children(os.getpid())
+    with Client() as c:
+        (master,) = children(os.getpid()) - before
+        pids = descendants(master) | {master}
+        assert c.info().workers == os.cpu_count()
+        assert c.submit(Square, 6).result(timeout=30) == 36
+    assert not alive(master)
+    wait_until(lambda: not any(alive(p) for p in pids), 20, "the client's cluster to end")
 
 
 def test_client_without_arguments_uses_actors_address(
