@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,10 @@ from actors import Client, LocalCluster
 # Every worker process the tests start checks its state machine's invariants after every event
 # (nodes pass ACTORS_* variables on to their workers).
 os.environ["ACTORS_VALIDATE_STATE"] = "1"
+# The processes the tests start inherit this environment: a developer's own settings (a quieter
+# log level, a cluster of theirs) would change what they log and where clients connect.
+for _name in ("ACTORS_LOG_LEVEL", "ACTORS_LOG_FORMAT", "ACTORS_ADDRESS", "ACTORS_KEYS"):
+    os.environ.pop(_name, None)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
@@ -109,6 +114,31 @@ def python_logged(log: Path, *args: str) -> subprocess.Popen[str]:
     """``python *args`` with its stderr (its structlog lines, as JSON) in the file ``log``."""
     with open(log, "w") as stderr:
         return python(*args, "--log-format", "json", stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def start_master(directory: Path, *args: str, name: str = "master", port: int = 0,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """``python -m actors.master --port PORT ARGS`` with its JSON log in ``DIRECTORY/NAME.log``;
+    returns the process and the address from its banner. With port 0 (the default) the master
+    binds a free port itself: a port picked here and bound later could be taken meanwhile."""
+    banner = directory / f"{name}.out"
+    with open(directory / f"{name}.log", "w") as stderr, open(banner, "w") as stdout:
+        proc = python("-m", "actors.master", "--port", str(port), "--log-format", "json", *args,
+                      stdout=stdout, stderr=stderr, env=env)
+
+    def listening() -> str | None:
+        found = re.search(r"listening on (tcp://\S+)", banner.read_text())
+        if found is None and proc.poll() is not None:
+            pytest.fail(f"the master exited with code {proc.returncode}:\n"
+                        + (directory / f"{name}.log").read_text()[-3000:])
+        return found[1] if found else None
+
+    try:
+        return proc, str(wait_until(listening, 30, "the master's banner"))
+    except BaseException:
+        kill_all(descendants(proc.pid) | {proc.pid})
+        proc.wait(10)
+        raise
 
 
 @pytest.fixture(scope="module")
