@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,9 +23,9 @@ from tests.conftest import (
     kill_all,
     python_logged,
     result_or_logs,
+    start_master,
     wait_until,
 )
-from transport import init_keys
 
 pytestmark = pytest.mark.processes
 
@@ -49,13 +49,18 @@ class Square(Task):
 
 
 class Slow(ParallelTask):
-    """Short units that report where they ran, so a test can kill those processes."""
+    """Short units; the last one waits at the gate, so the task cannot end before the test has
+    done its damage and opens it."""
 
-    def get_work(self, n):
-        yield from range(n)
+    def get_work(self, n, gate):
+        for i in range(n):
+            yield i, gate if i == n - 1 else ""
 
-    def work_unit(self, i):
-        time.sleep(0.005)  # ~4 s on 4 workers: time for the chaos to land mid-task
+    def work_unit(self, arg):
+        i, gate = arg
+        if gate:
+            wait_for(gate)
+        time.sleep(0.002)
         return i
 
     def reduce(self, results):
@@ -82,6 +87,15 @@ class Tallied(ParallelTask):
         return sum(results)
 
 
+def wait_for(gate: str, timeout: float = 60.0) -> None:
+    """Block until the file ``gate`` exists (the test opens it); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} not opened within {timeout}s")
+        time.sleep(0.005)
+
+
 def worker_pids(cluster_pid: int) -> set[int]:
     """The worker processes: grandchildren of the master (master -> node -> worker)."""
     return {worker for node in children(cluster_pid) for worker in children(node)}
@@ -102,6 +116,20 @@ def test_cancel_stops_the_worker_processes_and_the_cluster_goes_on() -> None:
         assert client.submit(Square, 6).result(timeout=30) == 36
 
 
+def test_closing_a_client_stops_the_worker_processes_of_its_unfinished_tasks() -> None:
+    with LocalCluster(workers=2) as cl:
+        with Client(cl) as client:
+            client.wait_for_workers(2)
+            client.submit(SleepsForever, n=10)
+            wait_until(lambda: client.info().tasks_running == 1 and client.info().idle_workers == 0,
+                       20, "both workers to run the task")
+            busy = worker_pids(cl.pid)
+            assert len(busy) == 2
+        wait_until(lambda: not any(alive(p) for p in busy), 20, "the task's processes to end")
+        with Client(cl) as other:
+            assert other.submit(Square, 6).result(timeout=30) == 36
+
+
 def test_a_unit_that_kills_its_process_ends_the_task_with_worker_killed() -> None:
     with LocalCluster(workers=1) as cl, Client(cl) as client:
         fut = client.submit(KillsItself)
@@ -114,6 +142,23 @@ def test_a_unit_that_kills_its_process_ends_the_task_with_worker_killed() -> Non
         assert client.submit(Square, 5).result(timeout=30) == 25
         story = [(k, s, f) for k, s, f, _, _ in fut.story()]
         assert story.count(("task", "running", "queued")) == 2  # restarted twice, then failed
+
+
+class GrowsThenDies(Task):
+    def work(self, mib):
+        block = b"\x01" * (mib * 2**20)  # every page written: resident
+        os.kill(os.getpid(), signal.SIGKILL)
+        return len(block)
+
+
+def test_each_death_is_reported_with_the_signal_and_the_peak_memory_of_the_process() -> None:
+    with LocalCluster(workers=1) as cl, Client(cl) as client:
+        with pytest.raises(WorkerKilled) as info:
+            client.submit(GrowsThenDies, 100).result(timeout=60)
+    causes = str(info.value).split("; ")
+    peaks = [re.search(r"killed by signal 9 \(SIGKILL\), peak memory (\d+) MiB", c) for c in causes]
+    assert len(peaks) == 3 and all(peaks), causes
+    assert all(int(found[1]) >= 100 for found in peaks if found), causes
 
 
 def test_a_killed_driver_restarts_and_keeps_the_units_already_finished(tmp_path: Path) -> None:
@@ -140,39 +185,33 @@ def test_a_killed_driver_restarts_and_keeps_the_units_already_finished(tmp_path:
 def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(
     tmp_path: Path,
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    keys, address = str(tmp_path / "keys"), f"tcp://127.0.0.1:{port}"
+    keys = str(tmp_path / "keys")
     # --max-deaths 10: random kills may hit the driver repeatedly
-    master = python_logged(tmp_path / "master.log", "-m", "actors.master", "--port", str(port),
-                           "--workers", "0", "--keys", keys, "--node-timeout", "2", "--max-deaths", "10")
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", keys,
+                                   "--node-timeout", "2", "--max-deaths", "10")
     nodes: list[subprocess.Popen[str]] = []
     everything: set[int] = {master.pid}
     rng = random.Random(7)
     try:
-        wait_until(lambda: (tmp_path / "keys" / "allowed").is_dir(), 30, "the master's keys")
         for i in range(2):
             nodes.append(python_logged(tmp_path / f"node{i}.log", "-m", "actors.node", "--master",
                                        address, "--workers", "2", "--keys", keys))
         everything |= {n.pid for n in nodes}
         with Client(address, keys=keys) as client:
             client.wait_for_workers(4)
-            fut = client.submit(Slow, n=3000)
-            kills = 0
+            fut = client.submit(Slow, n=3000, gate=str(tmp_path / "gate"))
             for round_ in range(4):  # kill a worker each time another 300 units are done
-                wait_until(lambda r=round_: fut.done() or fut.progress()[0] > 300 * (r + 1),
+                wait_until(lambda r=round_: fut.progress()[0] > 300 * (r + 1),
                            60, "the task to make progress")
-                victims = sorted(descendants(nodes[1].pid))
+                found = wait_until(lambda: descendants(nodes[1].pid), 20, "node 1 to have workers")
+                assert isinstance(found, set)
+                victims = sorted(found)
                 everything |= set(victims)
-                if fut.done() or not victims:
-                    break
                 os.kill(rng.choice(victims), signal.SIGKILL)
-                kills += 1
-            assert kills >= 2, "the task ended before the chaos could start"
             everything |= descendants(nodes[0].pid)
-            if not fut.done():
-                os.kill(nodes[0].pid, signal.SIGKILL)  # a whole node, with its workers
+            os.kill(nodes[0].pid, signal.SIGKILL)  # a whole node, with its workers
+            assert not fut.done()  # the gate holds the last unit: all of it landed mid-task
+            (tmp_path / "gate").touch()
             assert result_or_logs(fut, 90, tmp_path) == sum(range(3000))
             story = fut.story()
             requeued = [e for e in story if e[2] == "queued" and "lost" in e[3]]
@@ -234,17 +273,9 @@ class Naps(Task):
         return seconds
 
 
-def _master(tmp_path: Path, port: int, name: str) -> subprocess.Popen[str]:
-    if not (tmp_path / "keys").exists():
-        init_keys(tmp_path / "keys")  # the client reads them before the master is up
-    return python_logged(tmp_path / f"{name}.log", "-m", "actors.master", "--port", str(port),
-                         "--workers", "1", "--keys", str(tmp_path / "keys"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _master(tmp_path: Path, name: str, port: int = 0) -> tuple[subprocess.Popen[str], str]:
+    return start_master(tmp_path, "--workers", "1", "--keys", str(tmp_path / "keys"),
+                        name=name, port=port)
 
 
 @contextlib.contextmanager
@@ -252,11 +283,11 @@ def _a_task_running_on_a_master(tmp_path: Path, master_timeout: float) -> Iterat
         tuple[Client, Future, subprocess.Popen[str], set[int], int]]:
     """A master process of one worker, a client, and a long task running there; every process
     started is stopped afterwards (those the test adds to the yielded set too)."""
-    port = _free_port()
-    first = _master(tmp_path, port, "first")
+    first, address = _master(tmp_path, "first")
+    port = int(address.rsplit(":", 1)[1])  # a restarted master comes back on it
     pids = {first.pid}
     try:
-        with Client(f"tcp://127.0.0.1:{port}", keys=tmp_path / "keys", timeout=60,
+        with Client(address, keys=tmp_path / "keys", timeout=60,
                     master_timeout=master_timeout) as client:
             fut = client.submit(Naps, 600)
             wait_until(lambda: client.info().tasks_running == 1, 60, "the task to start")
@@ -293,7 +324,7 @@ def test_a_client_learns_its_master_restarted_and_goes_on_with_the_new_one(
                 client, fut, first, pids, port):
             first.kill()
             first.wait(10)
-            second = _master(tmp_path, port, "second")
+            second, _ = _master(tmp_path, "second", port)
             pids.add(second.pid)
             with pytest.raises(MasterLost, match="restarted"):
                 fut.result(timeout=60)
