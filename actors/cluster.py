@@ -65,11 +65,14 @@ class LocalCluster:
         start_timeout: float = 30.0,
         log_level: str | None = None,
         log_format: str | None = None,
+        restart_after_error: bool = False,
     ) -> None:
         """``log_level``: what the cluster's processes log to this process's stderr; by default
         warnings and errors only (``"info"`` shows each worker and task event, ``"debug"``
         every message). ``log_format``: ``"console"`` (the default) or ``"json"``. The
-        ``$ACTORS_LOG_LEVEL`` and ``$ACTORS_LOG_FORMAT`` variables set both where not given."""
+        ``$ACTORS_LOG_LEVEL`` and ``$ACTORS_LOG_FORMAT`` variables set both where not given.
+        ``restart_after_error``: replace a worker whose task raised, for a fresh interpreter after
+        any failure (by default it serves on, as after a task that returned)."""
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         self._tmp = tempfile.mkdtemp(prefix="actors-cluster-")
         self.keys_dir = str(keys) if keys else os.path.join(self._tmp, "keys")
@@ -89,6 +92,8 @@ class LocalCluster:
             "--tasks-dir", str(tasks_dir) if tasks_dir else os.path.join(self._tmp, "tasks"),
             "--package-grace", str(package_grace), "--no-banner",
         ]
+        if restart_after_error:
+            master_args.append("--restart-after-error")
         if cache_dir:
             master_args += ["--cache", str(cache_dir)]
         env = dict(os.environ)

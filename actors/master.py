@@ -81,7 +81,8 @@ class StoryGather:
 
 class Master(Shell):
     def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0,
-                 max_deaths: int = 3, on_crash: Callable[[], None] | None = None) -> None:
+                 max_deaths: int = 3, restart_after_error: bool = False,
+                 on_crash: Callable[[], None] | None = None) -> None:
         super().__init__(hub)
         self._on_crash = on_crash
         self._journal_dir: str | None = None  # made in on_start, removed at stop
@@ -89,7 +90,8 @@ class Master(Shell):
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
         self.peers: dict[bytes, Peer] = {}
-        self.scheduler = SchedulerState(max_deaths=max_deaths)
+        self.scheduler = SchedulerState(max_deaths=max_deaths,
+                                        restart_after_error=restart_after_error)
         self.catalogue: dict[str, PackageVersion] = {}
         self.task_sync: Any = None  # the TaskSyncServer's ref, once started
         self.now = 0.0
@@ -545,6 +547,9 @@ def main(argv: list[str] | None = None, *,
                         help="seconds of silence after which a node is declared dead")
     parser.add_argument("--max-deaths", type=int, default=3,
                         help="worker deaths a unit may witness before its task fails")
+    parser.add_argument("--restart-after-error", action="store_true",
+                        help="replace a worker whose task raised (by default it stays, warm, "
+                             "unless the error was fatal: SystemExit, MemoryError, ...)")
     parser.add_argument("--tasks-dir", default="tasks",
                         help="folder of deployed task packages (default ./tasks)")
     parser.add_argument("--package-grace", type=float, default=300.0,
@@ -606,7 +611,8 @@ def main(argv: list[str] | None = None, *,
         stop.set()
 
     master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}", node_timeout_s=args.node_timeout,
-                              max_deaths=args.max_deaths, on_crash=crashed)
+                              max_deaths=args.max_deaths,
+                              restart_after_error=args.restart_after_error, on_crash=crashed)
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))

@@ -373,6 +373,9 @@ class UnitOutcome(Message, frozen=True):
     message: str = ""
     traceback: str = ""
     held: bool = False  # ok, and the value stays on the worker (``value`` is empty)
+    # Not ok, and the worker must not serve on: the code raised what is not an ordinary
+    # Exception (SystemExit, KeyboardInterrupt) or a MemoryError, or the task did not load.
+    fatal: bool = False
 
 
 class UnitsDone(Message, frozen=True):

@@ -183,17 +183,24 @@ def describe_exception(exc: BaseException, where: str = "") -> tuple[bytes, str,
 
     The traceback starts at the user's code: the runtime's own frames above it say nothing
     to whoever wrote the task. ``where`` (e.g. "in get_work") heads it."""
-    text = "".join(_user_frames(traceback.TracebackException.from_exception(exc)).format())
+    # lookup_lines=False: the lines of the frames kept are read when formatted, not all stat()ed.
+    tb = traceback.TracebackException.from_exception(exc, lookup_lines=False)
+    text = "".join(_user_frames(tb).format())
     for filename, label in _FILE_LABELS.items():
         text = text.replace(f'File "{filename}", line', f"{label}, line")
     if where:
         text = f"({where})\n{text}"
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    try:
-        payload = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-        pickle.loads(payload)  # an exception that pickles but cannot load is no use
-    except Exception:
-        payload = b""
+    payload = b""
+    # By reference when its class can be imported (a builtin, a library's): the C pickler, and
+    # only the user's own classes by value. One that pickles but cannot load is no use.
+    for pickler in (pickle.dumps, cloudpickle.dumps):
+        try:
+            payload = pickler(exc, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.loads(payload)
+            break
+        except Exception:
+            payload = b""
     return payload, type_name, str(exc), text
 
 
@@ -217,6 +224,13 @@ def _user_frames(tb: traceback.TracebackException) -> traceback.TracebackExcepti
             part.stack = traceback.StackSummary.from_list(frames[first_user:])
         todo += [part.__cause__, part.__context__]
     return tb
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether the process that ran user code raising ``exc`` should serve no further task: an
+    interpreter told to exit or interrupted, or out of memory. Any other Exception leaves the
+    worker as a successful task would (what the code changed in its globals stays changed)."""
+    return not isinstance(exc, Exception) or isinstance(exc, MemoryError)
 
 
 def describe_failure(exc: BaseException, where: str = "") -> tuple[bytes, str, str, str]:

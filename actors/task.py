@@ -36,7 +36,7 @@ import structlog
 
 from actors import messages as m
 from actors.errors import InvalidArguments
-from actors.serialize import describe_failure, dumps, dumps_result, loads
+from actors.serialize import describe_failure, dumps, dumps_result, is_fatal, loads
 from actors.shell import simple_inbox
 from actors.unit_runner import Gather
 
@@ -352,7 +352,8 @@ class _Runtime:
         payload, type_name, message, text = describe_failure(exc, "in get_work, the task's slicer")
         self.exhausted = True
         self.reducing = True
-        self.emit(m.TaskResult(self.task.task_id, m.UnitOutcome(-1, False, payload, type_name, message, text)))
+        self.emit(m.TaskResult(self.task.task_id, m.UnitOutcome(
+            -1, False, payload, type_name, message, text, fatal=is_fatal(exc))))
 
     def _in_executor(self, call: Callable[[], Any]) -> None:
         tell = self.tell
@@ -389,6 +390,8 @@ class _Executor:
             call = self.calls.get()
             try:
                 call()
+            except pykka.ActorDeadError:
+                pass  # the mailbox to report to has stopped (its task ended): the news is moot
             except BaseException:  # the call reports its own outcome: this is a framework bug
                 log.exception("executor_call_failed")
 
@@ -402,4 +405,4 @@ def _outcome(name: str, call: Callable[[], Any]) -> m.UnitOutcome:
         return m.UnitOutcome(-1, True, dumps_result(call(), name))
     except BaseException as exc:
         payload, type_name, message, text = describe_failure(exc)
-        return m.UnitOutcome(-1, False, payload, type_name, message, text)
+        return m.UnitOutcome(-1, False, payload, type_name, message, text, fatal=is_fatal(exc))

@@ -30,7 +30,7 @@ import structlog
 from actors import messages as m
 from actors.core import worker_events as ev
 from actors.core.worker_state import WorkerState
-from actors.serialize import describe_failure, dumps, loads, not_serializable
+from actors.serialize import describe_failure, dumps, is_fatal, loads, not_serializable
 
 log = structlog.get_logger("actors.worker")
 
@@ -345,7 +345,8 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                 outcomes.append(m.UnitOutcome(unit.index, True, data))
             except BaseException as exc:
                 payload, type_name, message, text = describe_failure(exc)
-                outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text))
+                outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text,
+                                              fatal=is_fatal(exc)))
                 break  # the task fails; the rest of the run would be wasted
     finally:
         tell(Ran(key, outcomes, time.perf_counter() - started))

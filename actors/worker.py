@@ -9,10 +9,11 @@ mailbox; each reports and is let go as it finishes):
 the Worker actor unpickles the task class, makes the instance (a ParallelTask's
 driver as an actor of its own, anything else in this actor's mailbox, see
 ``task.py``) and passes it its input; what the task emits goes back through
-this actor's outbox. After a task ends well the worker stays, warm, for the
-same submitter's next task; otherwise its node kills it. A plain Task's worker
-forgets the instance as soon as its result is sent: the master releases it
-without a message (one message fewer per small task).
+this actor's outbox. After a task returns, or raises an ordinary exception, the
+worker stays, warm, for the same submitter's next task; after a fatal error
+(SystemExit, MemoryError, a task that would not load), a cancel or a lost
+worker, its node kills it. A plain Task's worker forgets the instance as soon
+as its outcome is sent: the master releases it without a message.
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ class Worker(Shell):
             return  # let go of meanwhile (released): its news is moot
         runtime.handle(msg)
         plain = self.plain if task_id == self.task_id else True
-        if plain and isinstance(msg, _Finished) and msg.outcome.ok:
+        if plain and isinstance(msg, _Finished) and not msg.outcome.fatal:
             self._release(task_id)
 
     @property
@@ -343,8 +344,9 @@ class Worker(Shell):
     def _fail_load(self, msg: m.AssignTask, exc: BaseException) -> None:
         self.log.warning("task_load_failed", task_id=msg.task_id, task=msg.name, error=repr(exc))
         payload, type_name, text, tb = describe_exception(exc)
+        # A failed import may leave half a package in sys.modules: this worker serves no more.
         self.send(NODE, TO_MASTER, message=m.WorkerFailed(
-            msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb)))
+            msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb, fatal=True)))
 
     def _import_deployed(self, msg: m.AssignTask, version_path: str) -> Any:
         """Import ``package.module:Class`` from the package's version folder, and only from it."""

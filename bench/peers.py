@@ -7,6 +7,8 @@ with a client attached. Every workload is written against ``Session`` alone:
   (a ParallelTask here, ``client.map`` in Dask, one ``.remote()`` per unit in Ray,
   ``executor.map`` in the pool);
 - ``submit_each(n)``: ``n`` independent no-op tasks, then every result;
+- ``submit_raising(n, every)``: ``n`` independent tasks of which every ``every``-th raises
+  ValueError, then every result or error (each checked);
 - ``roundtrip()``: one no-op task, submitted and waited for;
 - ``close()``.
 
@@ -41,6 +43,9 @@ class Session(ABC):
 
     @abstractmethod
     def submit_each(self, n: int) -> None: ...
+
+    @abstractmethod
+    def submit_raising(self, n: int, every: int) -> None: ...
 
     @abstractmethod
     def roundtrip(self) -> None: ...
@@ -98,6 +103,19 @@ def _expect(what: str, got: object, wanted: object) -> None:
         raise RuntimeError(f"{what}: got {got!r}, expected {wanted!r}")
 
 
+def _outcome(get: Any) -> object:
+    """A task's result, or "raised" for the ValueError ``noop_or_raise`` raises."""
+    try:
+        return get()
+    except ValueError:
+        return "raised"
+
+
+def _expect_outcomes(got: list[object], n: int, every: int) -> None:
+    wanted = ["raised" if every and i % every == 0 else i for i in range(n)]
+    _expect("task outcomes", got, wanted)
+
+
 # --- pydra-actors ---------------------------------------------------------------
 
 
@@ -135,6 +153,11 @@ class ActorsSession(Session):
     def submit_each(self, n: int) -> None:
         futures = self.client.map(units.NoopTask, range(n))
         _expect("task results", [f.result(timeout=CALL_TIMEOUT_S) for f in futures], list(range(n)))
+
+    def submit_raising(self, n: int, every: int) -> None:
+        futures = self.client.map(units.MaybeRaises, range(n), every=every)
+        _expect_outcomes([_outcome(lambda f=f: f.result(timeout=CALL_TIMEOUT_S))
+                          for f in futures], n, every)
 
     def roundtrip(self) -> None:
         _expect("result", self.client.submit(units.NoopTask, 7).result(timeout=CALL_TIMEOUT_S), 7)
@@ -185,6 +208,12 @@ class DaskSession(Session):
         self._wait_all(futures)
         _expect("task results", self.client.gather(futures), list(range(n)))
 
+    def submit_raising(self, n: int, every: int) -> None:
+        futures = [self.client.submit(units.noop_or_raise, i, every, pure=False) for i in range(n)]
+        self._wait_all(futures)
+        _expect_outcomes([_outcome(lambda f=f: f.result(CALL_TIMEOUT_S)) for f in futures],
+                         n, every)
+
     def roundtrip(self) -> None:
         _expect("result", self.client.submit(units.noop, 7, pure=False).result(CALL_TIMEOUT_S), 7)
 
@@ -231,6 +260,11 @@ class RaySession(Session):
         remote = self._remote["noop"]
         _expect("task results", self._get([remote.remote(i) for i in range(n)]), list(range(n)))
 
+    def submit_raising(self, n: int, every: int) -> None:
+        remote = self._ray.remote(num_cpus=1)(units.noop_or_raise)
+        refs = [remote.remote(i, every) for i in range(n)]
+        _expect_outcomes([_outcome(lambda r=r: self._get(r)) for r in refs], n, every)
+
     def roundtrip(self) -> None:
         _expect("result", self._get(self._remote["noop"].remote(7)), 7)
 
@@ -271,6 +305,11 @@ class PoolSession(Session):
     def submit_each(self, n: int) -> None:
         futures = [self.executor.submit(units.noop, i) for i in range(n)]
         _expect("task results", [f.result(CALL_TIMEOUT_S) for f in futures], list(range(n)))
+
+    def submit_raising(self, n: int, every: int) -> None:
+        futures = [self.executor.submit(units.noop_or_raise, i, every) for i in range(n)]
+        _expect_outcomes([_outcome(lambda f=f: f.result(CALL_TIMEOUT_S)) for f in futures],
+                         n, every)
 
     def roundtrip(self) -> None:
         _expect("result", self.executor.submit(units.noop, 7).result(CALL_TIMEOUT_S), 7)

@@ -43,3 +43,22 @@ def many_tasks(runtime: Runtime, shared: SharedSession, settings: Settings) -> l
                      warmup=lambda: session.submit_each(max(4 * settings.workers, n // 10)))
     return [Result("many small tasks", "tasks/s", runtime.name, runtime.submit_label, n, True,
                    rate(n, seconds), target=target(runtime, "≥ 5000"), workers=settings.workers)]
+
+
+#: (metric, every): the share of tasks that raise, as ``noop_or_raise`` counts it.
+RAISING_ROWS = (("tasks/s, none raise", 0), ("tasks/s, 10 % raise", 10),
+                ("tasks/s, all raise", 1), ("tasks/s, none raise, right after", 0))
+
+
+def raising_tasks(runtime: Runtime, shared: SharedSession, settings: Settings) -> list[Result]:
+    """Many small tasks of which none, a tenth, then all raise ValueError; then none again at
+    once, to see whether raising leaves the cluster slower for what follows."""
+    session = shared()
+    n = settings.size(1_000, 2_000, minimum=10)
+    session.submit_each(max(4 * settings.workers, n // 10))  # every worker warm, as in row 2
+    rows = []
+    for metric, every in RAISING_ROWS:
+        seconds = repeat(partial(session.submit_raising, n, every), settings.reps)
+        rows.append(Result("tasks that raise", metric, runtime.name, runtime.submit_label, n,
+                           True, rate(n, seconds), workers=settings.workers))
+    return rows

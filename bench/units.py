@@ -36,6 +36,13 @@ def busy_10ms(x: Any = None) -> Any:
     return x
 
 
+def noop_or_raise(x: int, every: int) -> int:
+    """``x``, or ValueError when ``every`` divides it (``every`` 0: never)."""
+    if every and x % every == 0:
+        raise ValueError(f"input {x} refused")
+    return x
+
+
 UNIT_BODIES = {"noop": noop, "sleep_10ms": sleep_10ms, "busy_10ms": busy_10ms}
 
 
@@ -45,6 +52,11 @@ UNIT_BODIES = {"noop": noop, "sleep_10ms": sleep_10ms, "busy_10ms": busy_10ms}
 class NoopTask(Task):
     def work(self, x: Any = None) -> Any:
         return x
+
+
+class MaybeRaises(Task):
+    def work(self, x: int, every: int) -> int:
+        return noop_or_raise(x, every)
 
 
 class CountUnits(ParallelTask):

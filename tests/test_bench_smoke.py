@@ -62,8 +62,8 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
     measured = {(r["workload"], r["metric"], r["runtime"], r["variant"]): r
                 for r in doc["results"] if r["values"]}
     workloads = {w for w, _, _, _ in measured}
-    assert workloads == {"tiny units", "many small tasks", "latency", "10 ms units", "streaming",
-                         "start and close"}
+    assert workloads == {"tiny units", "many small tasks", "tasks that raise", "latency",
+                         "10 ms units", "streaming", "start and close"}
     for runtime in ("pydra-actors", "process pool"):
         assert {w for w, _, rt, _ in measured if rt == runtime} == workloads, runtime
     for row in measured.values():

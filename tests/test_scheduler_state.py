@@ -12,8 +12,8 @@ from actors.messages import UnitCall, UnitOutcome
 
 
 class Harness:
-    def __init__(self, max_deaths: int = 3) -> None:
-        self.state = SchedulerState(max_deaths=max_deaths)
+    def __init__(self, max_deaths: int = 3, restart_after_error: bool = False) -> None:
+        self.state = SchedulerState(max_deaths=max_deaths, restart_after_error=restart_after_error)
         self.now = 0.0
 
     def __call__(self, event_type: type[ev.Event], *args: object) -> list[ev.Instruction]:
@@ -189,15 +189,44 @@ def test_a_restarted_driver_gets_finished_results_replayed_not_recomputed(s: Har
     assert ("units 0-2", "memory", "replayed") in [e[:3] for e in story]
 
 
-def test_a_failing_unit_fails_the_task_and_kills_its_workers(s: Harness) -> None:
+def test_a_failing_unit_fails_the_task_and_its_workers_stay_warm(s: Harness) -> None:
     submit(s)
     s(ev.WorkerReady, "n1", "w2")
     s(ev.UnitsSliced, "w1", "t1", units(*range(12)), True)
     bad = UnitOutcome(1, False, b"exc", "builtins.KeyError", "'x'", "Traceback")
     out = s(ev.UnitsFinished, "w1", "t1", 1, [UnitOutcome(0, True, b"r"), bad], 0.01)
+    assert out == [ev.ReportProgress("c1", "t1", 1, 1, True),
+                   ev.ReleaseWorker("n1", "w1", "t1"), ev.ReleaseWorker("n1", "w2", "t1"),
+                   ev.ReportErred("c1", "t1", bad, "1")]
+    assert {w.warm_for for w in s.state.workers.values()} == {"c1|@"}
+
+
+@pytest.mark.parametrize("harness", [Harness(), Harness(restart_after_error=True)],
+                         ids=["a fatal error", "restart after any error"])
+def test_a_fatal_error_or_the_restart_option_kills_the_workers(harness: Harness) -> None:
+    s = harness
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    s(ev.WorkerReady, "n1", "w2")
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(12)), True)
+    fatal = not s.state.restart_after_error
+    bad = UnitOutcome(1, False, b"exc", "builtins.RuntimeError", "exit", "Traceback", fatal=fatal)
+    out = s(ev.UnitsFinished, "w1", "t1", 1, [UnitOutcome(0, True, b"r"), bad], 0.01)
     assert ev.KillWorker("n1", "w1", "task t1 erred") in out
     assert ev.KillWorker("n1", "w2", "task t1 erred") in out
     assert out[-1] == ev.ReportErred("c1", "t1", bad, "1")
+    assert s.state.workers == {}
+
+
+def test_a_plain_task_that_raises_keeps_its_worker_which_runs_the_next(s: Harness) -> None:
+    submit(s, kind="task")
+    submit(s, "t2", kind="task")
+    bad = UnitOutcome(-1, False, b"exc", "builtins.ValueError", "no", "Traceback")
+    out = s(ev.TaskFinished, "w1", "t1", bad)
+    # No ReleaseWorker: a plain Task's worker let go of it when it sent the error.
+    assert out == [ev.ReportErred("c1", "t1", bad, ""),
+                   ev.Assign("n1", "w1", "t2", "Name", "task", b"code", b"args", True)]
 
 
 def test_a_raising_unit_runs_again_as_often_as_asked_then_fails_its_task(s: Harness) -> None:

@@ -110,7 +110,7 @@ from actors.core.scheduler_events import (
     WorkerReady,
 )
 from actors.errors import InvalidEvent, InvalidTransition
-from actors.messages import UnitCall
+from actors.messages import UnitCall, UnitOutcome
 
 BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
@@ -205,8 +205,11 @@ class TaskRecord:
 
 
 class SchedulerState:
-    def __init__(self, *, max_deaths: int = 3) -> None:
+    def __init__(self, *, max_deaths: int = 3, restart_after_error: bool = False) -> None:
         self.max_deaths = max_deaths
+        # Stop the workers of a task whose code raised (a fresh interpreter after any failure),
+        # not only after a fatal error (UnitOutcome.fatal).
+        self.restart_after_error = restart_after_error
         self.nodes: dict[str, set[str]] = {}
         self.data_addresses: dict[str, str] = {}  # node -> where peers fetch from it
         self.workers: dict[str, WorkerRecord] = {}
@@ -416,7 +419,8 @@ class SchedulerState:
                 if self._retry(task, outcome.index, event.now):
                     task.pending.appendleft(task.open_units[outcome.index])
                     continue
-                self._end(task, ERRED, f"unit {outcome.index} raised", event.now)
+                self._end(task, ERRED, f"unit {outcome.index} raised", event.now,
+                          keep_workers=self._keeps_workers(outcome))
                 self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
                 return
             unit = task.open_units.pop(outcome.index)
@@ -530,9 +534,9 @@ class SchedulerState:
         if task is None or (event.worker_id != task.driver and event.outcome.ok):
             return
         if not event.outcome.ok and event.worker_id == task.driver and self._retry(task, -1, event.now):
-            self._run_driver_again(task, event.now)
+            self._run_driver_again(task, event.now, keep=self._keeps_workers(event.outcome))
             return
-        if event.outcome.ok and task.kind is TASK:
+        if task.kind is TASK and event.elapsed > 0:  # what a Task takes, raising or not
             seen = self.task_seconds.get(task.warm_key)
             self.task_seconds[task.warm_key] = (
                 event.elapsed if seen is None else 0.8 * seen + 0.2 * event.elapsed)
@@ -541,7 +545,8 @@ class SchedulerState:
             self._end(task, DONE, "finished", event.now)
             self._out.append(ReportDone(task.client_id, task.task_id, event.outcome.value))
         else:
-            self._end(task, ERRED, event.outcome.type_name or "failed", event.now)
+            self._end(task, ERRED, event.outcome.type_name or "failed", event.now,
+                      keep_workers=self._keeps_workers(event.outcome))
             self._out.append(ReportErred(task.client_id, task.task_id, event.outcome, ""))
 
     def _set_status(self, task: TaskRecord, finish: TaskStatus, cause: str, now: float) -> None:
@@ -564,7 +569,11 @@ class SchedulerState:
         elif finish in FINISHED:
             self._finished.append(task.task_id)
 
-    def _end(self, task: TaskRecord, state: TaskStatus, cause: str, now: float) -> None:
+    def _end(self, task: TaskRecord, state: TaskStatus, cause: str, now: float, *,
+             keep_workers: bool = False) -> None:
+        """The task is over. Its workers stay, warm for the submitter, when it is done or raised
+        an ordinary exception (``keep_workers``); otherwise (cancelled, killed, a fatal error)
+        they are stopped: only a kill stops user code that may still run there."""
         self._set_status(task, state, cause, now)
         task.pending.clear()
         task.open_units.clear()
@@ -576,12 +585,13 @@ class SchedulerState:
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
             self._let_go(worker, task.task_id)
-            if state is DONE and not self._is_stale(task.warm_key):
+            if (state is DONE or keep_workers) and not self._is_stale(task.warm_key):
                 worker.warm_for = task.warm_key
-                if task.kind is not TASK:  # a plain Task's worker let go of it when it answered
+                # A plain Task's worker let go of it when it answered (and the error was not
+                # fatal, or it would not be kept): only a ParallelTask's workers need telling.
+                if task.kind is not TASK:
                     self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
             else:
-                # A unit may still be running user code there: only a kill stops it.
                 self._drop_worker(worker_id)
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} {state}"))
                 self._give_back(worker, f"worker {worker_id} stopped: task {task.task_id} {state}",
@@ -674,7 +684,7 @@ class SchedulerState:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
         task.workers.clear()
         self._set_status(task, QUEUED, f"driver lost: {cause}" if lost else
-                         "its code raised: it runs again from its slicer", now)
+                         "its code raised: it runs again on a fresh worker", now)
         task.pending.clear()
         task.open_units.clear()
         self._clear_units(task)
@@ -682,10 +692,15 @@ class SchedulerState:
         task.done_count = task.journaled_count
         task.sliced_all = False
 
-    def _run_driver_again(self, task: TaskRecord, now: float) -> None:
+    def _keeps_workers(self, outcome: UnitOutcome) -> bool:
+        """Whether the workers of a task that failed with ``outcome`` may serve on, warm."""
+        return not outcome.fatal and not self.restart_after_error
+
+    def _run_driver_again(self, task: TaskRecord, now: float, *, keep: bool) -> None:
         """The driver's own code raised and may run again: a Task on its (warm) worker, freed and
-        queued; a ParallelTask restarts from its slicer, as after a lost driver."""
-        if task.kind is PARALLEL:
+        queued; a ParallelTask restarts from its slicer, as after a lost driver. A worker whose
+        code failed fatally (``keep`` False) is stopped instead of freed."""
+        if task.kind is PARALLEL or not keep:
             self._restart(task, "raised", now, count=False, lost=False)
             return
         for worker_id in sorted(task.workers):
