@@ -308,7 +308,7 @@ class Master(Shell):
             if self.task_sync is not None:
                 self.task_sync.tell(InstanceUses(package, version, msg.task_id, ended=False))
         # Per task at debug: at thousands of tasks a second, info lines would be most of the
-        # master's work (30 us each); errors, kills and cancels stay at info and above.
+        # master's work; errors, kills and cancels stay at info and above.
         self.log.debug("task_submitted", task_id=msg.task_id, task=msg.name,
                       client_id=peer.peer_id, priority=msg.priority, package=package,
                       version=version)

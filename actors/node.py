@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds an unused old package version stays in the cache")
     parser.add_argument("--no-prefork", action="store_true",
                         help="start every worker as a fresh interpreter (on Linux the first ones "
-                             "are forked from the node as it starts: ~200 ms sooner)")
+                             "are forked from the node as it starts, which answers sooner)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logs.configure(args.log_format)

@@ -1,7 +1,7 @@
 """A node's first workers, forked rather than spawned.
 
-A fresh interpreter spends about 200 ms importing what a worker needs (structlog, zmq, msgspec,
-pykka, this package): on two cores, the first result of a new cluster waited for exactly that.
+A fresh interpreter spends most of its start importing what a worker needs (structlog, zmq,
+msgspec, pykka, this package): the first result of a new cluster waited for exactly that.
 The node has imported all of it already, so on Linux it forks its first workers as it starts,
 before it reads its keys (a child must not hold the node's secret key) and before it starts any
 thread (a fork copies locks that a thread of the parent may hold, and the thread is not there to

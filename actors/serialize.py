@@ -1,8 +1,8 @@
 """User payloads: how task classes, arguments, results and exceptions become bytes.
 
 Only clients and workers call ``loads``; the master and nodes carry the bytes.
-Plain builtin values take the C pickler (about 50x faster than cloudpickle
-on an int), everything else cloudpickle, so lambdas and classes from
+Plain builtin values take the C pickler (much faster than cloudpickle on
+small values), everything else cloudpickle, so lambdas and classes from
 ``__main__`` or a notebook travel by value.
 """
 

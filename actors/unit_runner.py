@@ -5,7 +5,7 @@ from the scheduler, an execution that ended on the executor thread, data from a 
 request — reaches it as a message of that one mailbox, so ``WorkerState`` needs no lock.
 
 Keys. The scheduler sends units in runs (batches). A run of independent units is one key,
-``"<task>:run<id>"``: what a key costs in the state machine (~45 µs) is paid once per batch,
+``"<task>:run<id>"``: what a key costs in the state machine is paid once per batch,
 which keeps tiny units fast. A unit that others may depend on (``keep``) or that depends on
 others comes alone and is keyed by its index, ``"<task>:<index>"``, so that peers can ask for its
 result by name. The driver's gathering of held results for ``reduce`` is a key too,
@@ -97,8 +97,8 @@ class UnitRunner:
                  clock: Callable[[], float] = time.time, validate: bool = False) -> None:
         self.worker_id = worker_id
         # Two execution slots for the process's one executor thread: the next run is already
-        # queued there when one ends, so the thread never idles for a mailbox round trip
-        # (10 ms units: 1.08 s -> see bench). A second admitted run that gets cancelled still
+        # queued there when one ends, so the thread never idles for a mailbox round trip.
+        # A second admitted run that gets cancelled still
         # runs; its result is dropped, as the state machine says for cancelled keys.
         self.state = WorkerState(nthreads=EXECUTION_SLOTS, validate_after_handle=validate)
         self.runs: dict[str, _Run] = {}

@@ -7,7 +7,7 @@ from collections import deque
 import pytest
 
 from actors.core import scheduler_events as ev
-from actors.core.scheduler_state import FIRST_BATCH, SchedulerState, unit_digest
+from actors.core.scheduler_state import FIRST_BATCH, SchedulerState, WarmKey, unit_digest
 from actors.messages import UnitCall, UnitOutcome
 
 
@@ -58,7 +58,7 @@ def test_a_plain_task_finishes_and_its_worker_stays_warm(s: Harness) -> None:
     out = s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"49"))
     # No ReleaseWorker: a plain Task's worker let go of the instance when it sent the result.
     assert out == [ev.ReportDone("c1", "t1", b"49")]
-    assert s.state.workers["w1"].warm_for == "c1|@"
+    assert s.state.workers["w1"].warm_for == WarmKey("c1")
     assert s.state.workers["w1"].task_id is None
 
 
@@ -87,7 +87,7 @@ def test_results_are_forwarded_to_the_driver_once(s: Harness) -> None:
     ]
     # The same run reported again (a duplicate frame) records nothing twice.
     assert s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1), 0.002) == []
-    assert s.state.tasks["t1"].done_count == 2
+    assert s.state.tasks["t1"].units.done_count == 2
 
 
 def test_batches_grow_from_the_measured_unit_time(s: Harness) -> None:
@@ -123,13 +123,13 @@ def test_a_worker_its_node_stopped_is_requeued_but_not_counted_as_a_death(s: Har
         out = s(ev.WorkerLost, f"h{attempt}", "node stopping", True)
         assert not any(isinstance(i, ev.ReportKilled) for i in out)
     assert s.state.tasks["t1"].state == "running"
-    assert [u.index for u in s.state.tasks["t1"].pending] == [last]
+    assert [u.index for u in s.state.tasks["t1"].units.pending] == [last]
 
 
 def test_warm_workers_of_an_old_package_version_are_retired(s: Harness) -> None:
     s(ev.TaskSubmitted, "t1", "c1", "pkg.m:T", "task", b"", b"args", 0, "pkg", "v1")
     s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x"))
-    assert s.state.workers["w1"].warm_for == "c1|pkg@v1"
+    assert s.state.workers["w1"].warm_for == WarmKey("c1", "pkg", "v1")
     assert s(ev.NewestVersion, "other", "v9") == []
     assert s(ev.NewestVersion, "pkg", "v2") == [
         ev.KillWorker("n1", "w1", "warm for an old package version")]
@@ -147,7 +147,7 @@ def test_a_requeued_unit_runs_elsewhere_and_the_story_says_why(s: Harness) -> No
     on_w2 = sorted(s.state.workers["w2"].in_flight)
     assert on_w2
     s(ev.WorkerLost, "w2", "killed by signal 9", False)
-    assert sorted(u.index for u in s.state.tasks["t1"].pending) == on_w2
+    assert sorted(u.index for u in s.state.tasks["t1"].units.pending) == on_w2
     story = s.state.story("t1")
     assert any(k == f"unit {on_w2[0]}" and c == "worker lost: killed by signal 9"
                for k, _, _, c, _ in story)
@@ -172,7 +172,7 @@ def test_a_restarted_driver_gets_finished_results_replayed_not_recomputed(s: Har
     s(ev.WorkerLost, "w1", "killed by signal 9", False)
     out = s(ev.WorkerReady, "n1", "w2")
     assert out == [ev.Assign("n1", "w2", "t1", "Name", "parallel", b"code", b"args", True)]
-    assert s.state.tasks["t1"].done_count == 3  # progress does not go back
+    assert s.state.tasks["t1"].units.done_count == 3  # progress does not go back
     # The new driver slices again; unit 1's arguments differ this time.
     again = units(0, 2, 3, 4, 5) + [UnitCall(1, b"changed")]
     again.sort(key=lambda u: u.index)
@@ -184,7 +184,7 @@ def test_a_restarted_driver_gets_finished_results_replayed_not_recomputed(s: Har
     # The journal has unit 1 under other arguments: the shell reports it back; it runs again.
     out = s(ev.UnitsNotReplayed, "w2", "t1", [UnitCall(1, b"changed")])
     assert [u.index for i in out if isinstance(i, ev.Dispatch) for u in i.units] == [1]
-    assert s.state.tasks["t1"].done_count == 2
+    assert s.state.tasks["t1"].units.done_count == 2
     story = s.state.story("t1")
     assert ("units 0-2", "memory", "replayed") in [e[:3] for e in story]
 
@@ -198,7 +198,7 @@ def test_a_failing_unit_fails_the_task_and_its_workers_stay_warm(s: Harness) -> 
     assert out == [ev.ReportProgress("c1", "t1", 1, 1, True),
                    ev.ReleaseWorker("n1", "w1", "t1"), ev.ReleaseWorker("n1", "w2", "t1"),
                    ev.ReportErred("c1", "t1", bad, "1")]
-    assert {w.warm_for for w in s.state.workers.values()} == {"c1|@"}
+    assert {w.warm_for for w in s.state.workers.values()} == {WarmKey("c1")}
 
 
 @pytest.mark.parametrize("harness", [Harness(), Harness(restart_after_error=True)],
@@ -351,7 +351,7 @@ def test_a_dependent_waits_for_its_inputs_then_goes_alone_with_their_holders() -
     sent = dispatches(out)
     # keep units go alone (keyed by index on the worker); the dependent is not sent yet
     assert [[u.index for u in d.units] for d in sent] == [[0], [1]]
-    assert set(s.state.tasks["t1"].blocked) == {2}
+    assert set(s.state.tasks["t1"].units.blocked) == {2}
     s(ev.UnitsFinished, "w1", "t1", sent[0].run_id, [held(0)], 0.001)
     out = s(ev.UnitsFinished, "w1", "t1", sent[1].run_id, [held(1)], 0.001)
     (dependent,) = dispatches(out)
@@ -386,7 +386,7 @@ def test_a_lost_holder_recomputes_only_what_is_still_needed_and_tells_its_peers(
     (run13,) = dispatches(s(ev.UnitsFinished, "w2", "t1", 4, [held(9)], 0.001))
     s(ev.UnitsFinished, "w2", "t1", run13.run_id, [UnitOutcome(13, True, b"res13")], 0.001)
     s(ev.UnitsFinished, "w2", "t1", 6, [held(11)], 0.001)
-    assert s.state.tasks["t1"].held == {8: "w2", 9: "w2", 11: "w2"}
+    assert s.state.tasks["t1"].units.held == {8: "w2", 9: "w2", 11: "w2"}
 
     out = s(ev.WorkerLost, "w2", "killed", False)
     assert out == [
@@ -403,7 +403,7 @@ def test_a_lost_holder_recomputes_only_what_is_still_needed_and_tells_its_peers(
     (run12,) = dispatches(s(ev.UnitsFinished, "w1", "t1", 10, [held(8)], 0.001))
     assert run12.units == [kept(12, 8, 10)]
     assert run12.holders == [(8, "w1", "tcp://n1"), (10, "w1", "tcp://n1")]
-    assert 9 not in s.state.tasks["t1"].open_units
+    assert 9 not in s.state.tasks["t1"].units.open_units
 
 
 def test_a_lost_result_is_recomputed_with_the_inputs_it_needs_again() -> None:
@@ -421,10 +421,10 @@ def test_a_lost_result_is_recomputed_with_the_inputs_it_needs_again() -> None:
         worker, run = next((w, r.in_flight[index]) for w, r in s.state.workers.items()
                            if index in r.in_flight)
         s(ev.UnitsFinished, worker, "t1", run, [UnitOutcome(index, True, b"", held=True)], 0.01)
-        task.held[index] = "w2"  # say both ended up on w2
+        task.units.held[index] = "w2"  # say both ended up on w2
     s(ev.WorkerLost, "w2", "killed by signal 9", False)
-    assert set(task.open_units) == {0, 1, 2}
-    assert 1 in task.blocked  # until 0 is held again
+    assert set(task.units.open_units) == {0, 1, 2}
+    assert 1 in task.units.blocked  # until 0 is held again
     s(ev.WorkerReady, "n1", "w3")
     [(worker, run)] = [(w, r.in_flight[0]) for w, r in s.state.workers.items() if 0 in r.in_flight]
     s(ev.UnitsFinished, worker, "t1", run, [UnitOutcome(0, True, b"", held=True)], 0.01)
@@ -447,10 +447,10 @@ def test_a_worker_missing_an_input_is_told_its_holder_or_gets_it_recomputed() ->
     # w1 asks again while the holder lives: it is told the holder, nothing is recomputed
     assert s(ev.UnitMissing, "w1", "t1", 8) == [
         ev.TellHolders("n1", "w1", "t1", 8, [("w2", "tcp://n2")])]
-    assert 8 not in s.state.tasks["t1"].open_units
+    assert 8 not in s.state.tasks["t1"].units.open_units
     # the holder itself lost it (its data is gone): the unit is computed again
     assert s(ev.UnitMissing, "w2", "t1", 8) == [ev.Dispatch("n2", "w2", "t1", 5, [kept(8)])]
-    assert 8 in s.state.tasks["t1"].open_units
+    assert 8 in s.state.tasks["t1"].units.open_units
     # w1's fetch from w2 failed meanwhile: it waits for the new result instead of a holder
     assert s(ev.UnitMissing, "w1", "t1", 8) == []
     out = s(ev.UnitsFinished, "w2", "t1", 5, [held(8)], 0.001)
@@ -494,7 +494,7 @@ def test_a_refused_steal_changes_nothing() -> None:
     # w1 finishes both runs itself
     s(ev.UnitsFinished, "w1", "t1", 1, ok(*range(FIRST_BATCH)), 0.0)
     s(ev.UnitsFinished, "w1", "t1", 2, ok(*range(FIRST_BATCH, 2 * FIRST_BATCH)), 0.0)
-    assert s.state.tasks["t1"].done_count == 4 * FIRST_BATCH
+    assert s.state.tasks["t1"].units.done_count == 4 * FIRST_BATCH
 
 
 # --- prefetch: plain Tasks queued on a busy warm worker ------------------------

@@ -135,7 +135,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def driver_slices(self, data: st.DataObject) -> None:
         driver, task_id = data.draw(st.sampled_from(self.busy_drivers()))
         start, total = self.sliced[task_id], self.units[task_id]
-        if self.state.tasks[task_id].kind != "parallel" or self.state.tasks[task_id].sliced_all:
+        if self.state.tasks[task_id].kind != "parallel" or self.state.tasks[task_id].units.sliced_all:
             return
         count = data.draw(st.integers(0, total - start))
         self.sliced[task_id] = start + count
@@ -157,7 +157,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def a_driver_reduces(self, data: st.DataObject) -> None:
         driver, task_id = data.draw(st.sampled_from(self.busy_drivers()))
         task = self.state.tasks[task_id]
-        if task.kind == "parallel" and not (task.sliced_all and not task.open_units):
+        if task.kind == "parallel" and not (task.units.sliced_all and not task.units.open_units):
             return  # a real driver reduces only once every unit is in
         self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"done")))
         self.flush()
@@ -243,7 +243,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.worker_joins()
             for driver, task_id in self.busy_drivers():
                 task = self.state.tasks[task_id]
-                if task.kind == "parallel" and not task.sliced_all:
+                if task.kind == "parallel" and not task.units.sliced_all:
                     units = [unit_call(i) for i in range(self.sliced[task_id], self.units[task_id])]
                     self.sliced[task_id] = self.units[task_id]
                     self.feed(ev.UnitsSliced(self.now, driver, task_id, units, True))
@@ -258,7 +258,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.feed(ev.UnitsFinished(self.now, worker, run.task_id, run.run_id, outcomes, 0.001))
             for driver, task_id in self.busy_drivers():
                 task = self.state.tasks[task_id]
-                if task.kind == "task" or (task.sliced_all and not task.open_units):
+                if task.kind == "task" or (task.units.sliced_all and not task.units.open_units):
                     self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"d")))
             self.flush()
             self.state.validate()

@@ -9,7 +9,7 @@ sockets, sends what is queued, and passes every received frame list to
 ``on_frames`` (which decodes and ``tell``s an actor). One wake-up per burst,
 not one ZeroMQ message per message: a client submitting in a loop, or a
 master answering a burst of results, hands over hundreds per wake-up (each
-ZeroMQ send released the GIL to a busy hub thread: 70 us a message).
+ZeroMQ send released the GIL to a busy hub thread).
 The same thread drives ``on_tick`` at a fixed interval, so time-based work
 (heartbeats, timeouts) enters the actors as ordinary messages.
 
@@ -17,8 +17,8 @@ Batching: what one turn of the loop has to send to the same peer over the
 same socket leaves as one frame (``BATCH`` + the messages), and a batch
 received is handed to ``on_frames`` message by message, as if each had come
 alone. Under load a turn holds many messages (a master answering a burst of
-results, a client submitting in a loop), and a ZeroMQ message costs about
-3 us per frame and a wake-up of every thread on its way, whatever its size;
+results, a client submitting in a loop), and a ZeroMQ message costs a fixed
+amount per frame and a wake-up of every thread on its way, whatever its size;
 a lone message goes out as it is, so nothing waits for a batch to fill.
 """
 

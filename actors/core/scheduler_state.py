@@ -71,6 +71,7 @@ import itertools
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from actors.core.scheduler_events import (
     Assign,
@@ -109,6 +110,7 @@ from actors.core.scheduler_events import (
     WorkerLost,
     WorkerReady,
 )
+from actors.core.unit_book import UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import UnitCall, UnitOutcome
 
@@ -145,17 +147,26 @@ def unit_digest(unit: UnitCall) -> int:
     return zlib.crc32(unit.args, zlib.crc32(repr(unit.deps).encode()))
 
 
+class WarmKey(NamedTuple):
+    """Whose code a worker ran, so who may reuse it: one submitter, one package version (or the
+    code it shipped by value: no package)."""
+
+    client_id: str
+    package: str = ""
+    version: str = ""
+
+
 @dataclass
 class WorkerRecord:
     worker_id: str
     node_id: str
     task_id: str | None = None
-    warm_for: str | None = None  # TaskRecord.warm_key of the code this worker has run
+    warm_for: WarmKey | None = None  # whose code this worker has run (None: clean)
     in_flight: dict[int, int] = field(default_factory=dict)  # unit index -> run id
     queued: deque[str] = field(default_factory=deque)  # plain Tasks to run after task_id
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskRecord:
     task_id: str
     client_id: str
@@ -172,32 +183,16 @@ class TaskRecord:
     state: TaskStatus = QUEUED  # changed only by SchedulerState._set_status
     driver: str | None = None
     workers: set[str] = field(default_factory=set)
-    pending: deque[UnitCall] = field(default_factory=deque)
-    open_units: dict[int, UnitCall] = field(default_factory=dict)
-    done_count: int = 0
-    # Units whose result was journaled (one bit each, by index): a restarted driver gets them
-    # replayed. A bitmap keeps the master flat for a million units (125 kB).
-    journaled: bytearray = field(default_factory=bytearray)
-    journaled_count: int = 0
-    sliced_all: bool = False
-    unit_seconds: float | None = None  # moving average of one unit's run time
+    units: UnitBook = field(default_factory=UnitBook)  # a ParallelTask's units
     deaths: dict[int, list[str]] = field(default_factory=dict)  # unit index (-1: driver)
     failures: dict[int, int] = field(default_factory=dict)  # unit index (-1: driver) -> raised
-    blocked: dict[int, UnitCall] = field(default_factory=dict)  # waiting for dependencies
-    kept: dict[int, UnitCall] = field(default_factory=dict)  # keep units, to recompute if lost
-    held: dict[int, str] = field(default_factory=dict)  # finished keep unit -> its worker
-    dependents: dict[int, list[int]] = field(default_factory=dict)  # unit -> units it feeds
-    missing_for: dict[int, set[str]] = field(default_factory=dict)  # unit -> workers asking
-    steals: set[int] = field(default_factory=set)  # run ids asked back
-    steal_pending: bool = False  # a steal request is waiting for its answer
     seen_workers: set[str] = field(default_factory=set)  # every worker that joined it
-    reported_done: int = -1
     story: deque[StoryEntry] = field(default_factory=lambda: deque(maxlen=STORY_LENGTH))
 
     @property
-    def warm_key(self) -> str:
+    def warm_key(self) -> WarmKey:
         """Who may reuse a worker this task ran on: the same submitter, the same package version."""
-        return f"{self.client_id}|{self.package}@{self.version}"
+        return WarmKey(self.client_id, self.package, self.version)
 
     @property
     def finished(self) -> bool:
@@ -224,7 +219,7 @@ class SchedulerState:
         self._seq = itertools.count()
         self._run_ids = itertools.count(1)
         self._out: list[Instruction] = []
-        self.task_seconds: dict[str, float] = {}  # warm key -> moving average of a Task's work
+        self.task_seconds: dict[WarmKey, float] = {}  # moving average of a Task's run time
 
     # --- the one entry point ------------------------------------------------
 
@@ -266,11 +261,11 @@ class SchedulerState:
         if now is not None and not task.finished:
             where = {i: f"running on {w}" for w in sorted(task.workers)
                      for i in self.workers[w].in_flight}
-            for index in sorted(task.open_units)[:STORY_OPEN_UNITS]:
+            for index in sorted(task.units.open_units)[:STORY_OPEN_UNITS]:
                 if index in where:
                     state = where[index]
-                elif index in task.blocked:
-                    missing = [d for d in task.blocked[index].deps if d not in task.held]
+                elif index in task.units.blocked:
+                    missing = [d for d in task.units.blocked[index].deps if d not in task.units.held]
                     state = f"blocked on units {missing}"
                 else:
                     state = "queued"
@@ -306,7 +301,7 @@ class SchedulerState:
                              if t.client_id == client_id and not t.finished]:
                     self._end(task, CANCELLED, "its client left", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
-                for key in [k for k in self.task_seconds if k.startswith(f"{client_id}|")]:
+                for key in [k for k in self.task_seconds if k.client_id == client_id]:
                     del self.task_seconds[key]
             case UnitsSliced():
                 self._sliced(event)
@@ -342,18 +337,10 @@ class SchedulerState:
         if event.task_id in self.tasks:
             return  # a resent submit: the first one stands
         task = TaskRecord(
-            event.task_id,
-            event.client_id,
-            event.name,
-            TaskKind(event.kind),
-            event.code,
-            event.args,
-            event.priority,
-            next(self._seq),
-            event.package,
-            event.version,
-            max(0, event.retries),
-            event.code_hash,
+            task_id=event.task_id, client_id=event.client_id, name=event.name,
+            kind=TaskKind(event.kind), code=event.code, args=event.args,
+            priority=event.priority, seq=next(self._seq), package=event.package,
+            version=event.version, retries=max(0, event.retries), code_hash=event.code_hash,
         )
         self.tasks[task.task_id] = task
         heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
@@ -365,40 +352,28 @@ class SchedulerState:
             return
         replay: list[UnitCall] = []
         for unit in event.units:
-            if _bit(task.journaled, unit.index):
+            if task.units.is_journaled(unit.index):
                 replay.append(unit)  # finished before the driver restarted
-            elif unit.index not in task.open_units:
-                self._open(task, unit)
-        task.sliced_all = event.done
+            elif unit.index not in task.units.open_units:
+                task.units.open(unit)
+        task.units.sliced_all = event.done
         if replay:
             driver = self.workers[event.worker_id]
             self._note(task, f"units {replay[0].index}-{replay[-1].index}", "memory", "replayed",
                        f"{len(replay)} finished before the driver restarted", event.now)
             self._out.append(ReplayResults(driver.node_id, driver.worker_id, task.task_id, replay))
 
-    def _open(self, task: TaskRecord, unit: UnitCall) -> None:
-        task.open_units[unit.index] = unit
-        if unit.keep:
-            task.kept[unit.index] = unit
-        for dep in unit.deps:
-            task.dependents.setdefault(dep, []).append(unit.index)
-        if all(dep in task.held for dep in unit.deps):
-            task.pending.append(unit)
-        else:
-            task.blocked[unit.index] = unit
-
     def _not_replayed(self, event: UnitsNotReplayed) -> None:
         task = self._task_of(event.worker_id, event.task_id)
         if task is None or event.worker_id != task.driver:
             return
         for unit in event.units:
-            if _bit(task.journaled, unit.index) and unit.index not in task.open_units:
-                _set_bit(task.journaled, unit.index, False)
-                task.journaled_count -= 1
-                task.done_count -= 1
+            if task.units.is_journaled(unit.index) and unit.index not in task.units.open_units:
+                task.units.set_journaled(unit.index, False)
+                task.units.done_count -= 1
                 self._note(task, f"unit {unit.index}", "memory", "queued",
                            "not replayed: its arguments changed or its result is gone", event.now)
-                self._open(task, unit)
+                task.units.open(unit)
 
     def _units_finished(self, event: UnitsFinished) -> None:
         task = self._task_of(event.worker_id, event.task_id)
@@ -412,33 +387,32 @@ class SchedulerState:
             if worker.in_flight.get(outcome.index) != event.run_id:
                 continue  # not this worker's current run of that unit
             del worker.in_flight[outcome.index]
-            if outcome.index not in task.open_units:
+            if outcome.index not in task.units.open_units:
                 continue  # already recorded: the first result won
             if not outcome.ok:
                 self._note(task, f"unit {outcome.index}", "executing", "error", outcome.type_name, event.now)
                 if self._retry(task, outcome.index, event.now):
-                    task.pending.appendleft(task.open_units[outcome.index])
+                    task.units.pending.appendleft(task.units.open_units[outcome.index])
                     continue
                 self._end(task, ERRED, f"unit {outcome.index} raised", event.now,
                           keep_workers=self._keeps_workers(outcome))
                 self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
                 return
-            unit = task.open_units.pop(outcome.index)
-            task.done_count += 1
+            unit = task.units.open_units.pop(outcome.index)
+            task.units.done_count += 1
             if outcome.held:
                 self._held(task, outcome.index, worker)
                 held.append((outcome.index, worker.worker_id, self._address(worker)))
             else:
                 forward.append((outcome.index, outcome.value))
                 record.append((outcome.index, unit_digest(unit), outcome.value))
-                _set_bit(task.journaled, outcome.index, True)
-                task.journaled_count += 1
+                task.units.set_journaled(outcome.index, True)
         # Units the worker did not get to (it stops a batch at a failure) go back.
         self._requeue_runs(task, worker, {event.run_id})
         if event.outcomes and event.elapsed > 0:
             per_unit = event.elapsed / len(event.outcomes)
-            previous = task.unit_seconds
-            task.unit_seconds = per_unit if previous is None else 0.7 * previous + 0.3 * per_unit
+            previous = task.units.unit_seconds
+            task.units.unit_seconds = per_unit if previous is None else 0.7 * previous + 0.3 * per_unit
         if (forward or held) and task.driver is not None:
             driver = self.workers[task.driver]
             self._out.append(
@@ -448,14 +422,14 @@ class SchedulerState:
 
     def _held(self, task: TaskRecord, index: int, worker: WorkerRecord) -> None:
         """A keep unit finished: unblock its dependents, answer workers that missed it."""
-        task.held[index] = worker.worker_id
-        for dependent in task.dependents.get(index, ()):
-            blocked = task.blocked.get(dependent)
-            if blocked is not None and all(dep in task.held for dep in blocked.deps):
-                del task.blocked[dependent]
-                task.pending.append(blocked)
+        task.units.held[index] = worker.worker_id
+        for dependent in task.units.dependents.get(index, ()):
+            blocked = task.units.blocked.get(dependent)
+            if blocked is not None and all(dep in task.units.held for dep in blocked.deps):
+                del task.units.blocked[dependent]
+                task.units.pending.append(blocked)
         holders = [(worker.worker_id, self._address(worker))]
-        for asker_id in sorted(task.missing_for.pop(index, set())):
+        for asker_id in sorted(task.units.missing_for.pop(index, set())):
             asker = self.workers.get(asker_id)
             if asker is not None:
                 self._out.append(TellHolders(asker.node_id, asker_id, task.task_id, index, holders))
@@ -467,13 +441,13 @@ class SchedulerState:
         for index, run_id in sorted(worker.in_flight.items(), reverse=True):
             if run_id in run_ids:
                 del worker.in_flight[index]
-                task.pending.appendleft(task.open_units[index])
+                task.units.pending.appendleft(task.units.open_units[index])
 
     def _steal_answered(self, event: StealAnswered) -> None:
         task = self._task_of(event.worker_id, event.task_id)
         if task is None:
             return
-        task.steal_pending = False
+        task.units.steal_pending = False
         if not event.accepted:
             return
         worker = self.workers[event.worker_id]
@@ -485,38 +459,32 @@ class SchedulerState:
         task = self._task_of(event.worker_id, event.task_id)
         if task is None:
             return
-        holder = self.workers.get(task.held.get(event.index, ""))
+        holder = self.workers.get(task.units.held.get(event.index, ""))
         if holder is not None and holder.worker_id != event.worker_id:
             asker = self.workers[event.worker_id]
             self._out.append(TellHolders(asker.node_id, asker.worker_id, task.task_id, event.index,
                                          [(holder.worker_id, self._address(holder))]))
             return
-        task.missing_for.setdefault(event.index, set()).add(event.worker_id)
+        task.units.missing_for.setdefault(event.index, set()).add(event.worker_id)
         self._reopen(task, event.index, f"missing at {event.worker_id}", event.now)
-
-    @staticmethod
-    def _still_needed(task: TaskRecord, index: int) -> bool:
-        """A held result reduce needs (no unit consumes it), or that an open unit consumes."""
-        dependents = task.dependents.get(index)
-        return not dependents or any(d in task.open_units for d in dependents)
 
     def _reopen(self, task: TaskRecord, index: int, cause: str, now: float) -> None:
         """A finished keep unit's result was lost: compute it again, and whatever of its own
         inputs is gone too (an input dropped as no longer needed before this unit was lost)."""
-        unit = task.kept.get(index)
-        task.held.pop(index, None)
-        if unit is None or index in task.open_units:
+        unit = task.units.kept.get(index)
+        task.units.held.pop(index, None)
+        if unit is None or index in task.units.open_units:
             return
         self._note(task, f"unit {index}", "memory", "queued", cause, now)
-        task.open_units[index] = unit
-        task.done_count -= 1
+        task.units.open_units[index] = unit
+        task.units.done_count -= 1
         for dep in unit.deps:
-            if dep not in task.held and dep not in task.open_units:
+            if dep not in task.units.held and dep not in task.units.open_units:
                 self._reopen(task, dep, f"needed again by unit {index}", now)
-        if all(dep in task.held for dep in unit.deps):
-            task.pending.appendleft(unit)
+        if all(dep in task.units.held for dep in unit.deps):
+            task.units.pending.appendleft(unit)
         else:
-            task.blocked[index] = unit
+            task.units.blocked[index] = unit
 
     def _retry(self, task: TaskRecord, index: int, now: float) -> bool:
         """Application exceptions run again only as often as the submitter asked (``retries``)."""
@@ -575,11 +543,9 @@ class SchedulerState:
         an ordinary exception (``keep_workers``); otherwise (cancelled, killed, a fatal error)
         they are stopped: only a kill stops user code that may still run there."""
         self._set_status(task, state, cause, now)
-        task.pending.clear()
-        task.open_units.clear()
-        self._clear_units(task)
+        task.units.clear_open()
         task.code = task.args = b""
-        task.journaled = bytearray()
+        task.units.journaled, task.units.journaled_count = bytearray(), 0
         if task.kind is PARALLEL:
             self._report_progress_of(task)
         for worker_id in sorted(task.workers):
@@ -603,12 +569,11 @@ class SchedulerState:
 
     # --- workers ------------------------------------------------------------
 
-    def _is_stale(self, warm_key: str | None) -> bool:
+    def _is_stale(self, warm_key: WarmKey | None) -> bool:
         """Warm for a package version that is no longer the newest (so its cache can go)."""
-        if not warm_key:
+        if warm_key is None or not warm_key.package:
             return False
-        package, _, version = warm_key.partition("|")[2].partition("@")
-        return bool(package) and self.newest.get(package, version) != version
+        return self.newest.get(warm_key.package, warm_key.version) != warm_key.version
 
     def _worker_lost(self, worker_id: str, cause: str, expected: bool, now: float) -> None:
         """Requeue what the worker held. ``expected`` (its node stopped it) is not a death."""
@@ -616,12 +581,12 @@ class SchedulerState:
         if worker is None:
             return
         for task in list(self._running.values()):
-            lost = [i for i, holder in task.held.items() if holder == worker_id]
+            lost = [i for i, holder in task.units.held.items() if holder == worker_id]
             for index in lost:
-                if self._still_needed(task, index):
+                if task.units.still_needed(index):
                     self._reopen(task, index, f"holder lost: {cause}", now)
                 else:
-                    task.held.pop(index)
+                    task.units.held.pop(index)
             if lost:  # its peers may be fetching from it: they need not wait for a timeout
                 for peer_id in sorted(task.workers - {worker_id}):
                     peer = self.workers[peer_id]
@@ -631,7 +596,7 @@ class SchedulerState:
             return
         task = self.tasks[worker.task_id]
         task.workers.discard(worker_id)
-        task.steal_pending = False  # if it was asked, it will never answer
+        task.units.steal_pending = False  # if it was asked, it will never answer
         if worker_id == task.driver:
             self._restart(task, cause, now, count=not expected)
             return
@@ -643,7 +608,7 @@ class SchedulerState:
                 if len(causes) >= self.max_deaths:
                     self._kill_task(task, str(index), causes, now)
                     return
-            task.pending.appendleft(task.open_units[index])
+            task.units.pending.appendleft(task.units.open_units[index])
 
     @staticmethod
     def _let_go(worker: WorkerRecord, task_id: str) -> None:
@@ -685,12 +650,10 @@ class SchedulerState:
         task.workers.clear()
         self._set_status(task, QUEUED, f"driver lost: {cause}" if lost else
                          "its code raised: it runs again on a fresh worker", now)
-        task.pending.clear()
-        task.open_units.clear()
-        self._clear_units(task)
+        task.units.clear_open()
         # Journaled results are replayed to the next driver; held ones died with their workers.
-        task.done_count = task.journaled_count
-        task.sliced_all = False
+        task.units.done_count = task.units.journaled_count
+        task.units.sliced_all = False
 
     def _keeps_workers(self, outcome: UnitOutcome) -> bool:
         """Whether the workers of a task that failed with ``outcome`` may serve on, warm."""
@@ -710,16 +673,6 @@ class SchedulerState:
         task.workers.clear()
         task.driver = None
         self._set_status(task, QUEUED, "its code raised: it runs again", now)
-
-    @staticmethod
-    def _clear_units(task: TaskRecord) -> None:
-        task.blocked.clear()
-        task.kept.clear()
-        task.held.clear()
-        task.dependents.clear()
-        task.missing_for.clear()
-        task.steals.clear()
-        task.steal_pending = False
 
     def _kill_task(self, task: TaskRecord, unit: str, causes: list[str], now: float) -> None:
         self._end(task, ERRED, f"unit {unit}: workers died {len(causes)} times", now)
@@ -758,7 +711,7 @@ class SchedulerState:
         # Only ParallelTasks have units to hand out (running plain ones may be many: prefetch).
         for task in sorted(self._parallel.values(), key=lambda t: (-t.priority, t.seq)):
             self._dispatch(task)
-            while task.pending:
+            while task.units.pending:
                 worker = self._idle_worker_for(task.warm_key)
                 if worker is None:
                     self._evict_idle_worker()
@@ -767,7 +720,7 @@ class SchedulerState:
                 self._dispatch(task)
             self._steal_for_idle(task)
 
-    def _idle_worker_for(self, warm_key: str) -> WorkerRecord | None:
+    def _idle_worker_for(self, warm_key: WarmKey) -> WorkerRecord | None:
         """A worker warm for this key, else a clean one."""
         idle = [w for w in self.workers.values() if w.task_id is None]
         for wanted in (warm_key, None):
@@ -813,37 +766,37 @@ class SchedulerState:
             task.driver = worker.worker_id
             how = f" (queued behind {worker.task_id})" if queue else ""
             self._set_status(task, RUNNING, f"driver {worker.worker_id}{how}", now)
-        self._out.append(
-            Assign(worker.node_id, worker.worker_id, task.task_id, task.name, task.kind,
-                   task.code, task.args, driver, task.package, task.version, task.code_hash)
-        )
+        self._out.append(Assign(
+            node_id=worker.node_id, worker_id=worker.worker_id, task_id=task.task_id,
+            name=task.name, kind=task.kind, code=task.code, args=task.args, driver=driver,
+            package=task.package, version=task.version, code_hash=task.code_hash))
 
     def _dispatch(self, task: TaskRecord) -> None:
-        if task.unit_seconds is None:
+        if task.units.unit_seconds is None:
             batch, depth = FIRST_BATCH, 2 * FIRST_BATCH
         else:
-            per_unit = max(task.unit_seconds, 1e-7)
+            per_unit = max(task.units.unit_seconds, 1e-7)
             batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / per_unit)))
             # Tiny units need thousands in flight to hide the round trip; slow ones
             # only a couple, so the last units of a task do not queue behind others.
             depth = max(2 * batch, min(8 * batch, int(PREFETCH_SECONDS / per_unit)))
         # The least loaded first, so that units given back by a steal go to the idle worker.
         for worker_id in sorted(task.workers, key=lambda w: (len(self.workers[w].in_flight), w)):
-            if not task.pending:
+            if not task.units.pending:
                 return
             worker = self.workers[worker_id]
             room = depth - len(worker.in_flight)
-            while task.pending and room > 0:
+            while task.units.pending and room > 0:
                 units: list[UnitCall] = []
-                while task.pending and len(units) < min(batch, room):
-                    unit = task.pending[0]
+                while task.units.pending and len(units) < min(batch, room):
+                    unit = task.units.pending[0]
                     if unit.keep or unit.deps:
                         break  # goes alone: it is keyed by its index on the worker
-                    units.append(task.pending.popleft())
+                    units.append(task.units.pending.popleft())
                 if not units:
-                    unit = task.pending.popleft()
-                    if not all(dep in task.held for dep in unit.deps):
-                        task.blocked[unit.index] = unit  # an input's holder was lost meanwhile
+                    unit = task.units.pending.popleft()
+                    if not all(dep in task.units.held for dep in unit.deps):
+                        task.units.blocked[unit.index] = unit  # an input's holder was lost meanwhile
                         continue
                     units = [unit]
                 self._send_run(task, worker, units)
@@ -853,7 +806,7 @@ class SchedulerState:
         run_id = next(self._run_ids)
         for unit in units:
             worker.in_flight[unit.index] = run_id
-        holders = [(dep, task.held[dep], self._address(self.workers[task.held[dep]]))
+        holders = [(dep, task.units.held[dep], self._address(self.workers[task.units.held[dep]]))
                    for unit in units for dep in unit.deps]
         self._out.append(
             Dispatch(worker.node_id, worker.worker_id, task.task_id, run_id, units, holders))
@@ -863,17 +816,17 @@ class SchedulerState:
 
         One request at a time per task, never for a worker's oldest run (it is most likely
         running already), and never twice for the same run."""
-        if task.pending or task.steal_pending:
+        if task.units.pending or task.units.steal_pending:
             return
         workers = [self.workers[w] for w in sorted(task.workers)]
         if all(w.in_flight for w in workers):
             return
         for victim in sorted(workers, key=lambda w: -len(set(w.in_flight.values()))):
             runs = sorted(set(victim.in_flight.values()))[1:]
-            candidates = [r for r in runs if r not in task.steals]
+            candidates = [r for r in runs if r not in task.units.steals]
             if candidates:
-                task.steals.add(candidates[-1])
-                task.steal_pending = True
+                task.units.steals.add(candidates[-1])
+                task.units.steal_pending = True
                 self._out.append(Steal(victim.node_id, victim.worker_id, task.task_id, candidates[-1]))
                 return
 
@@ -884,11 +837,11 @@ class SchedulerState:
             self._report_progress_of(task)
 
     def _report_progress_of(self, task: TaskRecord) -> None:
-        if task.done_count != task.reported_done:
-            task.reported_done = task.done_count
-            total = task.done_count + len(task.open_units)
+        if task.units.done_count != task.units.reported_done:
+            task.units.reported_done = task.units.done_count
+            total = task.units.done_count + len(task.units.open_units)
             self._out.append(
-                ReportProgress(task.client_id, task.task_id, task.done_count, total, task.sliced_all)
+                ReportProgress(task.client_id, task.task_id, task.units.done_count, total, task.units.sliced_all)
             )
 
     def _note(self, task: TaskRecord, key: str, start: str, finish: str, cause: str, now: float) -> None:
@@ -912,7 +865,7 @@ class SchedulerState:
             task = self.tasks[worker.task_id]
             assert worker_id in task.workers, f"{worker_id} not in {task.task_id}'s workers"
             for index in worker.in_flight:
-                assert index in task.open_units, f"{worker_id} runs closed unit {index}"
+                assert index in task.units.open_units, f"{worker_id} runs closed unit {index}"
         running = {t.task_id for t in self.tasks.values() if t.state is RUNNING}
         assert set(self._running) == running, "running index disagrees with task states"
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
@@ -923,31 +876,11 @@ class SchedulerState:
                 worker = self.workers[worker_id]
                 assert worker.task_id == task.task_id or task.task_id in worker.queued
             if task.finished:
-                assert not task.workers and not task.pending and not task.open_units
+                assert not task.workers, f"finished {task.task_id} holds workers"
             elif task.state is RUNNING:
                 assert task.driver in task.workers, f"{task.task_id} lost track of its driver"
-            pending = {unit.index for unit in task.pending}
-            assert len(pending) == len(task.pending), f"{task.task_id}: a unit is queued twice"
-            assert pending <= set(task.open_units), f"{task.task_id}: queued unit not open"
             flying = [i for w in task.workers for i in self.workers[w].in_flight]
-            assert len(flying) == len(set(flying)), f"{task.task_id}: unit on two workers"
-            assert not pending & set(flying), f"{task.task_id}: unit queued and in flight"
-            blocked = set(task.blocked)
-            assert not blocked & (pending | set(flying)), f"{task.task_id}: blocked unit queued"
-            lost = set(task.open_units) - pending - set(flying) - blocked
-            assert not lost, f"{task.task_id}: units {sorted(lost)[:5]} neither queued nor running"
-
-
-def _bit(bits: bytearray, index: int) -> bool:
-    byte = index >> 3
-    return byte < len(bits) and bool(bits[byte] >> (index & 7) & 1)
-
-
-def _set_bit(bits: bytearray, index: int, on: bool) -> None:
-    byte = index >> 3
-    if byte >= len(bits):
-        bits.extend(bytes(byte + 1 - len(bits) + len(bits) // 2))  # grows geometrically
-    if on:
-        bits[byte] |= 1 << (index & 7)
-    else:
-        bits[byte] &= ~(1 << (index & 7)) & 0xFF
+            try:
+                task.units.validate(flying, task.finished)
+            except AssertionError as exc:
+                raise AssertionError(f"{task.task_id}: {exc}") from None

@@ -1,0 +1,115 @@
+"""One task's units as the master keeps them: which are open, queued, blocked, held or done.
+
+A ``UnitBook`` belongs to one ``TaskRecord`` of ``scheduler_state.py``, which decides *when*
+units move (on events) and writes the story; the book keeps the bookkeeping consistent and
+checks it. No I/O, no clock.
+
+A unit is **open** from the moment the driver slices it until its first valid result is
+recorded (or the task ends). An open unit is in exactly one of three places:
+
+  pending   queued to be dispatched, in order (a unit given back goes to the front)
+  blocked   waiting for a dependency (a ``keep`` unit not yet held)
+  flying    dispatched to a worker (``WorkerRecord.in_flight``, kept by the scheduler)
+
+A finished ``keep`` unit's result stays on its worker: ``held[index]`` names that worker, and
+the unit is kept (``kept``) so that it can be computed again if that worker is lost while a
+dependent or ``reduce`` still needs it. Results of plain units go to the driver and into the
+master's journal; ``journaled`` (one bit per unit) says which, so that a restarted driver's
+re-sliced units are replayed instead of computed again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from actors.messages import UnitCall
+
+
+@dataclass
+class UnitBook:
+    pending: deque[UnitCall] = field(default_factory=deque)
+    open_units: dict[int, UnitCall] = field(default_factory=dict)
+    blocked: dict[int, UnitCall] = field(default_factory=dict)  # open, waiting for dependencies
+    kept: dict[int, UnitCall] = field(default_factory=dict)  # keep units, to recompute if lost
+    held: dict[int, str] = field(default_factory=dict)  # finished keep unit -> its worker
+    dependents: dict[int, list[int]] = field(default_factory=dict)  # unit -> units it feeds
+    missing_for: dict[int, set[str]] = field(default_factory=dict)  # unit -> workers asking
+    done_count: int = 0
+    # Plain units whose result was journaled, one bit each: a huge task stays small here.
+    journaled: bytearray = field(default_factory=bytearray)
+    journaled_count: int = 0
+    sliced_all: bool = False
+    unit_seconds: float | None = None  # moving average of one unit's run time
+    steals: set[int] = field(default_factory=set)  # run ids asked back
+    steal_pending: bool = False  # a steal request is waiting for its answer
+    reported_done: int = -1  # done_count when progress was last reported
+
+    def open(self, unit: UnitCall) -> None:
+        """A unit sliced (or re-sliced and not replayed): queued, or blocked on its inputs."""
+        self.open_units[unit.index] = unit
+        if unit.keep:
+            self.kept[unit.index] = unit
+        for dep in unit.deps:
+            self.dependents.setdefault(dep, []).append(unit.index)
+        if all(dep in self.held for dep in unit.deps):
+            self.pending.append(unit)
+        else:
+            self.blocked[unit.index] = unit
+
+    def still_needed(self, index: int) -> bool:
+        """A held result ``reduce`` needs (no unit consumes it), or that an open unit consumes."""
+        dependents = self.dependents.get(index)
+        return not dependents or any(d in self.open_units for d in dependents)
+
+    def is_journaled(self, index: int) -> bool:
+        byte = index >> 3
+        return byte < len(self.journaled) and bool(self.journaled[byte] >> (index & 7) & 1)
+
+    def set_journaled(self, index: int, on: bool) -> None:
+        """Mark (or unmark) a unit whose result is in the journal; keeps ``journaled_count``."""
+        if self.is_journaled(index) == on:
+            return
+        byte = index >> 3
+        if byte >= len(self.journaled):
+            self.journaled.extend(bytes(byte + 1 - len(self.journaled) + len(self.journaled) // 2))
+        if on:
+            self.journaled[byte] |= 1 << (index & 7)
+            self.journaled_count += 1
+        else:
+            self.journaled[byte] &= ~(1 << (index & 7)) & 0xFF
+            self.journaled_count -= 1
+
+    def clear_open(self) -> None:
+        """Forget every open unit and what hangs on them (the task ended or restarts); the
+        journal bits and the counters stay."""
+        self.pending.clear()
+        self.open_units.clear()
+        self.blocked.clear()
+        self.kept.clear()
+        self.held.clear()
+        self.dependents.clear()
+        self.missing_for.clear()
+        self.steals.clear()
+        self.steal_pending = False
+
+    def validate(self, flying: Collection[int], finished: bool) -> None:
+        """Raise AssertionError if the book does not hold; ``flying``: the open units dispatched
+        to a worker, each listed once per worker that has it."""
+        if finished:
+            assert not self.pending and not self.open_units, "a finished task has open units"
+        pending = {unit.index for unit in self.pending}
+        assert len(pending) == len(self.pending), "a unit is queued twice"
+        assert pending <= set(self.open_units), "a queued unit is not open"
+        assert len(flying) == len(set(flying)), "a unit is on two workers"
+        flown = set(flying)
+        assert flown <= set(self.open_units), f"closed units {sorted(flown - set(self.open_units))[:5]} in flight"
+        assert not pending & flown, "a unit is queued and in flight"
+        blocked = set(self.blocked)
+        assert not blocked & (pending | flown), "a blocked unit is queued or in flight"
+        lost = set(self.open_units) - pending - flown - blocked
+        assert not lost, f"units {sorted(lost)[:5]} are neither queued, running nor blocked"
+        assert self.journaled_count == sum(bin(b).count("1") for b in self.journaled), \
+            "journaled count disagrees with the bitmap"
+        assert set(self.kept) >= set(self.held), "a held unit is not kept"
