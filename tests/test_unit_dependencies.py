@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,28 +14,71 @@ from pathlib import Path
 import pytest
 
 from actors import Client, ParallelTask, Unit
-from tests.conftest import alive, descendants, kill_all, python_logged, result_or_logs, wait_until
+from tests.conftest import (
+    alive,
+    descendants,
+    kill_all,
+    python_logged,
+    result_or_logs,
+    start_master,
+    wait_until,
+)
 
 pytestmark = pytest.mark.processes
 
 
-class TreeSum(ParallelTask):
-    """sum(range(n)) as a tree: leaves sum chunks, inner units add ``fan_in`` partial sums."""
+def wait_for(gate: str, timeout: float = 60.0) -> None:
+    """Block until the file ``gate`` exists (the test opens it); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} not opened within {timeout}s")
+        time.sleep(0.005)
 
-    def get_work(self, n, chunk, fan_in=2, pause=0.0):
-        level = [Unit((pause, start, min(start + chunk, n))) for start in range(0, n, chunk)]
+
+class TreeSum(ParallelTask):
+    """sum(range(n)) as a tree: leaves sum chunks, inner units add ``fan_in`` partial sums.
+
+    With a ``gate``, the units that add leaves wait for it: every leaf stays held (and needed)
+    on the worker that computed it until the test opens it. With ``marks``, the driver leaves
+    a file named after its pid there."""
+
+    def get_work(self, n, chunk, fan_in=2, pause=0.0, gate="", marks=""):
+        if marks:
+            with open(os.path.join(marks, f"driver-{os.getpid()}"), "w"):
+                pass
+        level = [Unit(("leaf", pause, start, min(start + chunk, n))) for start in range(0, n, chunk)]
         yield from level
         while len(level) > 1:
-            level = [Unit((pause,), after=level[i:i + fan_in]) for i in range(0, len(level), fan_in)]
+            level = [Unit(("add", pause, gate), after=level[i:i + fan_in])
+                     for i in range(0, len(level), fan_in)]
             yield from level
+            gate = ""
 
     def work_unit(self, arg, *partial_sums):
-        time.sleep(arg[0])
-        return sum(range(*arg[1:])) if len(arg) == 3 else sum(partial_sums)
+        if arg[0] == "add" and arg[2]:
+            wait_for(arg[2])
+        time.sleep(arg[1])
+        return sum(range(*arg[2:])) if arg[0] == "leaf" else sum(partial_sums)
 
     def reduce(self, results):
         (root,) = results
         return root
+
+
+class Hold(ParallelTask):
+    """Units that wait at a gate, more than three workers take: every worker joins."""
+
+    def get_work(self, gate, n):
+        for _ in range(n):
+            yield gate
+
+    def work_unit(self, gate):
+        wait_for(gate)
+        return 1
+
+    def reduce(self, results):
+        return len(results)
 
 
 class ForwardReference(ParallelTask):
@@ -62,17 +103,11 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     """A master and two nodes of two workers each."""
     logs = tmp_path_factory.mktemp("logs")
     keys = str(tmp_path_factory.mktemp("keys") / "keys")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    master = python_logged(logs / "master.log", "-m", "actors.master", "--port", str(port),
-                           "--workers", "0", "--keys", keys, "--node-timeout", "2",
-                           "--max-deaths", "10")
+    master, address = start_master(logs, "--workers", "0", "--keys", keys, "--node-timeout", "2",
+                                   "--max-deaths", "10")
     procs = [master]
     everything = {master.pid}
     try:
-        wait_until(lambda: os.path.isdir(os.path.join(keys, "allowed")), 30, "the master's keys")
         for i in range(2):
             procs.append(python_logged(logs / f"node{i}.log", "-m", "actors.node", "--master",
                                        address, "--workers", "2", "--keys", keys))
@@ -111,22 +146,37 @@ def test_a_tree_reduction_fetches_partial_sums_across_nodes(two_nodes: TwoNodes)
     assert any(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals), arrivals
 
 
-def test_a_tree_reduction_survives_killed_holders(two_nodes: TwoNodes) -> None:
-    rng = random.Random(11)
+def warm_workers(client: Client, two_nodes: TwoNodes, gate: Path) -> set[int]:
+    """Every worker process, each warm for ``client``: a new client's first task replaces the
+    workers warm for earlier clients one at a time, so some of them could join it late."""
+    hold = client.submit(Hold, str(gate), 40)
+    wait_until(lambda: (info := client.info()).workers == 4 and info.idle_workers == 0, 60,
+               "every worker to join")
+    gate.touch()
+    assert result_or_logs(hold, 60, two_nodes.logs) == 40
+    return set().union(*(descendants(node) for node in two_nodes.node_pids))
+
+
+def test_a_tree_reduction_survives_killed_holders(two_nodes: TwoNodes, tmp_path: Path) -> None:
+    """The units adding leaves wait at a gate, so each leaf stays held, and needed, on the worker
+    that computed it: each worker killed (not the driver: that restarts the whole task) holds
+    results that must be computed again, and the task is still running when it dies."""
     with Client(two_nodes.address, keys=two_nodes.keys) as client:
         client.wait_for_workers(4)
-        fut = client.submit(TreeSum, n=200_000, chunk=500, fan_in=4, pause=0.005)
-        kills = 0
-        for round_ in range(3):  # kill a worker each time another 100 units are done
-            wait_until(lambda r=round_: fut.done() or fut.progress()[0] > 100 * (r + 1),
-                       60, "the task to make progress")
-            victims = sorted(descendants(two_nodes.node_pids[1]))
-            if fut.done() or not victims:
-                break
-            os.kill(rng.choice(victims), signal.SIGKILL)
-            kills += 1
-        assert kills >= 2, "the task ended before the chaos could start"
-        assert result_or_logs(fut, 90, two_nodes.logs) == sum(range(200_000))
+        workers = warm_workers(client, two_nodes, tmp_path / "warm")
+        fut = client.submit(TreeSum, n=100_000, chunk=500, fan_in=4, pause=0.002,
+                            gate=str(tmp_path / "gate"), marks=str(tmp_path))
+        wait_until(lambda: fut.progress()[0] >= 200, 60, "all 200 leaves to be computed and held")
+        [driver] = [int(p.name.split("-")[1]) for p in tmp_path.glob("driver-*")]
+        assert driver in workers
+        for victim in sorted(workers - {driver})[:2]:
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda v=victim: any("holder lost" in e[3] and f"(pid {v})" in e[3]
+                                            for e in fut.story()),
+                       30, f"the master to compute again what {victim} held")
+        assert not fut.done()
+        (tmp_path / "gate").touch()
+        assert result_or_logs(fut, 90, two_nodes.logs) == sum(range(100_000))
 
 
 def test_a_node_silent_past_the_timeout_is_replaced_and_then_rejoins_afresh(
