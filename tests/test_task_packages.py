@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -14,23 +15,41 @@ import pytest
 
 from actors import Client, LocalCluster
 from actors.errors import UnknownTask
-from tests.conftest import alive, descendants, kill_all, python, wait_until
+from tests.conftest import alive, descendants, kill_all, python_logged, start_master, wait_until
 
 pytestmark = pytest.mark.processes
 
 SOURCE = '''
+import os
 import time
 from actors import ParallelTask, Task
 
 VERSION = {version!r}
 
 
-class Which(Task):
-    """Which version of the package runs."""
+def wait_for(gate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(gate)
+        time.sleep(0.005)
 
-    def work(self, wait=0.0):
-        time.sleep(wait)
+
+class Which(Task):
+    """Which version of the package runs (once the gate, if any, is open)."""
+
+    def work(self, gate=""):
+        if gate:
+            wait_for(gate)
         return VERSION
+
+
+class Where(Task):
+    """The version and the worker process, once the gate is open."""
+
+    def work(self, gate):
+        wait_for(gate)
+        return VERSION, os.getpid()
 
 
 class Squares(ParallelTask):
@@ -46,10 +65,12 @@ class Squares(ParallelTask):
 '''
 
 
-def deploy(tasks_dir: Path, version: str, package: str = "demo") -> None:
+def deploy(tasks_dir: Path, version: str, package: str = "demo", data_mib: int = 0) -> None:
     folder = tasks_dir / package
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "jobs.py").write_text(SOURCE.format(version=version))
+    if data_mib:  # many chunks: a transfer long enough for every worker to ask during it
+        (folder / "data.bin").write_bytes(random.Random(version).randbytes(data_mib * 2**20))
 
 
 def versions(client: Client, package: str = "demo") -> list[str]:
@@ -68,12 +89,13 @@ def test_a_new_version_runs_beside_the_old_one_which_is_removed_after_use(tmp_pa
             Client(cl) as client:
         client.wait_for_workers(2)
         first = wait_until(lambda: versions(client), 20, "the package to be listed")
-        old = client.submit("demo.jobs:Which", wait=3.0)
+        old = client.submit("demo.jobs:Which", gate=str(tmp_path / "gate"))
         wait_until(lambda: cached(cache) == set(first), 20, "the node to fetch the first version")
         deploy(tasks, "two")
         second = wait_until(lambda: versions(client) != first and versions(client), 20,
                             "the master to see the change")
         assert client.submit("demo.jobs:Which").result(timeout=30) == "two"
+        (tmp_path / "gate").touch()
         assert old.result(timeout=30) == "one"  # it kept the version it started with
         assert cached(cache) >= set(second)
         wait_until(lambda: cached(cache) == set(second), 20, "the old version to be removed")
@@ -126,7 +148,7 @@ def test_an_unknown_task_name_is_refused_at_submit_with_what_exists(tmp_path: Pa
             client.submit("demo.jobs:Nope")
         assert "demo.jobs:Which" in str(info.value) and "demo.jobs:Squares" in str(info.value)
         listing = {t.name: t for p in client.packages() for t in p.tasks}
-        assert listing["demo.jobs:Which"].parameters == ["wait"]
+        assert listing["demo.jobs:Which"].parameters == ["gate"]
         assert listing["demo.jobs:Squares"].kind == "ParallelTask"
 
 
@@ -146,33 +168,41 @@ def test_a_package_that_fails_to_import_fails_only_its_task(tmp_path: Path) -> N
         assert client.submit("demo.jobs:Which").result(timeout=30) == "one"
 
 
-def test_two_nodes_fetch_the_same_version_at_once(tmp_path: Path) -> None:
-    tasks, keys = tmp_path / "tasks", tmp_path / "keys"
-    deploy(tasks, "one")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    master = python("-m", "actors.master", "--port", str(port), "--workers", "0",
-                    "--keys", str(keys), "--tasks-dir", str(tasks),
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_two_nodes_fetch_the_same_version_at_once_one_transfer_each_for_all_its_workers(
+    tmp_path: Path
+) -> None:
+    """Four tasks start together on two nodes of two workers each: every worker needs the
+    version (4 MiB, sixteen chunks) at the same moment; each node fetches it once for both."""
+    tasks, keys, gate = tmp_path / "tasks", tmp_path / "keys", tmp_path / "gate"
+    deploy(tasks, "one", data_mib=4)
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", str(keys),
+                                   "--tasks-dir", str(tasks))
     nodes: list[subprocess.Popen[str]] = []
     pids: set[int] = set()
     try:
-        wait_until(lambda: (keys / "allowed").is_dir(), 30, "the master's keys")
         for name in ("a", "b"):
-            nodes.append(python("-m", "actors.node", "--master", address, "--workers", "1",
-                                "--keys", str(keys), "--cache", str(tmp_path / f"cache-{name}"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            nodes.append(python_logged(tmp_path / f"node-{name}.log", "-m", "actors.node",
+                                       "--master", address, "--workers", "2", "--keys", str(keys),
+                                       "--cache", str(tmp_path / f"cache-{name}")))
         with Client(address, keys=keys) as client:
-            client.wait_for_workers(2)
-            wait_until(lambda: versions(client), 20, "the package to be listed")
-            total, processes = client.submit("demo.jobs:Squares", n=400).result(timeout=60)
-            assert total == sum(i * i for i in range(400))
-            assert processes == 2  # both nodes' workers ran units
-            (version,) = versions(client)
-        assert cached(tmp_path / "cache-a") == {version} == cached(tmp_path / "cache-b")
-        pids = set().union(*(descendants(n.pid) for n in nodes))
+            client.wait_for_workers(4)
+            (version,) = wait_until(lambda: versions(client), 20, "the package to be listed")
+            # Never run before, so never queued on a busy worker: one task per worker, at once.
+            futures = [client.submit("demo.jobs:Where", gate=str(gate)) for _ in range(4)]
+            wait_until(lambda: client.info().idle_workers == 0, 30, "a task on every worker")
+            workers = [descendants(node.pid) for node in nodes]
+            gate.touch()
+            ran = [fut.result(timeout=60) for fut in futures]
+        pids = set().union(*workers)
+        assert {v for v, _ in ran} == {"one"}
+        assert [len({pid for _, pid in ran} & node_workers) for node_workers in workers] == [2, 2]
+        for name in ("a", "b"):
+            events = [json.loads(line) for line in
+                      (tmp_path / f"node-{name}.log").read_text().splitlines() if line.startswith("{")]
+            installed = [(e["package"], e["version"]) for e in events
+                         if e["event"] == "package_installed"]
+            assert installed == [("demo", version)], name
+            assert cached(tmp_path / f"cache-{name}") == {version}
     finally:
         for proc in (*nodes, master):
             if proc.poll() is None:
@@ -196,4 +226,4 @@ def test_the_packages_command_lists_versions_and_tasks(tmp_path: Path) -> None:
                               "--keys", cl.keys_dir], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"demo  version {version}" in out.stdout
-    assert "demo.jobs:Which(wait)" in out.stdout
+    assert "demo.jobs:Which(gate)" in out.stdout
