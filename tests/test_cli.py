@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from actors import Client, Task
-from tests.conftest import alive, descendants, kill_all, python, wait_until
+from tests.conftest import alive, descendants, kill_all, python, start_master, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -23,10 +26,22 @@ class Hostname(Task):
         return os.getpid()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Fails(Task):
+    def work(self):
+        raise ValueError("expected")
+
+
+class Waits(Task):
+    def work(self, gate):
+        import time
+
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def log_events(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 def test_keys_init_creates_pairs_and_the_allow_list(tmp_path: Path) -> None:
@@ -44,48 +59,37 @@ def test_keys_init_creates_pairs_and_the_allow_list(tmp_path: Path) -> None:
     assert again.returncode == 2 and "already exist" in again.stderr
 
 
-def test_master_runs_until_sigterm_then_every_child_is_gone(tmp_path: Path) -> None:
-    port = free_port()
-    with open(tmp_path / "master.log", "w") as log_file:
-        master = python("-m", "actors.master", "--port", str(port), "--workers", "2",
-                        "--keys", str(tmp_path / "keys"), "--log-format", "json",
-                        stdout=subprocess.PIPE, stderr=log_file)
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_master_runs_until_ctrl_c_or_sigterm_then_every_child_is_gone(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    master, address = start_master(tmp_path, "--workers", "2", "--keys", str(tmp_path / "keys"))
     pids: set[int] = set()
     try:
-        assert master.stdout is not None
-        banner = master.stdout.readline()
-        assert f"tcp://127.0.0.1:{port}" in banner
-        with Client(f"tcp://127.0.0.1:{port}", keys=tmp_path / "keys") as client:
+        with Client(address, keys=tmp_path / "keys") as client:
             client.wait_for_workers(2)
             assert client.submit(Hostname).result(timeout=30) > 0
         pids = descendants(master.pid)
         assert len(pids) >= 3  # a node and its two workers
-        events = [json.loads(line)["event"] for line in
-                  (tmp_path / "master.log").read_text().splitlines() if line.startswith("{")]
+        events = [e["event"] for e in log_events(tmp_path / "master.log")]
         assert "node_joined" in events
         assert "node_lost" not in events  # the local node was never taken for dead
-        master.send_signal(signal.SIGTERM)
+        master.send_signal(stop)
         assert master.wait(30) == 0
         wait_until(lambda: not any(alive(p) for p in pids), 20, "the master's children to end")
+        events = [e["event"] for e in log_events(tmp_path / "master.log")]
+        assert events.count("master_stopping") == events.count("master_stopped") == 1
     finally:
         kill_all(pids | {master.pid})
         master.wait(10)
-        assert master.stdout is not None
-        master.stdout.close()
 
 
 def test_a_node_joins_a_running_master_and_its_loss_is_seen(tmp_path: Path) -> None:
-    port = free_port()
     keys = str(tmp_path / "keys")
-    with open(tmp_path / "master.log", "w") as log_file:
-        master = python("-m", "actors.master", "--port", str(port), "--workers", "0",
-                        "--keys", keys, "--node-timeout", "2", "--log-format", "json",
-                        stdout=subprocess.DEVNULL, stderr=log_file)
-    address = f"tcp://127.0.0.1:{port}"
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", keys, "--node-timeout", "2")
     node = None
     pids: set[int] = set()
     try:
-        wait_until(lambda: (tmp_path / "keys" / "allowed").is_dir(), 30, "the master's keys")
         node = python("-m", "actors.node", "--master", address, "--workers", "1", "--keys", keys,
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with Client(address, keys=keys) as client:
@@ -94,8 +98,7 @@ def test_a_node_joins_a_running_master_and_its_loss_is_seen(tmp_path: Path) -> N
             pids = descendants(node.pid)
             os.kill(node.pid, signal.SIGKILL)  # no Bye: the master must notice the silence
             wait_until(lambda: client.info().workers == 0, 30, "the master to drop the node")
-        events = [json.loads(line) for line in (tmp_path / "master.log").read_text().splitlines()
-                  if line.startswith("{")]
+        events = log_events(tmp_path / "master.log")
         joined = [e for e in events if e["event"] == "node_joined"]
         lost = [e for e in events if e["event"] == "node_lost"]
         assert joined and lost and "silent" in lost[0]["reason"]
@@ -127,9 +130,13 @@ def test_run_flag_runs_a_script_and_exits_with_its_code(tmp_path: Path) -> None:
 def test_a_node_whose_workers_cannot_start_gives_up_and_says_why(tmp_path: Path) -> None:
     """Five worker processes in a row dying before their hello: the node exits (code 1) with
     the reason in its log, instead of respawning forever."""
-    port = free_port()
     keys = str(tmp_path / "keys")
     assert python("-m", "actors", "keys", "init", keys, stdout=subprocess.DEVNULL).wait(30) == 0
+    # A port held here, bound but not listening: the node's connection is refused, and no other
+    # process can take the port meanwhile.
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
     broken = tmp_path / "broken"
     broken.mkdir()
     # Every python that starts with PYTHONPATH=broken imports this; only workers die of it
@@ -147,11 +154,109 @@ def test_a_node_whose_workers_cannot_start_gives_up_and_says_why(tmp_path: Path)
     try:
         assert node.wait(60) == 1
     finally:
+        held.close()
         kill_all({node.pid} | descendants(node.pid))
-    events = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
-              if line.startswith("{")]
+    events = log_events(tmp_path / "node.log")
     exits = [e for e in events if e["event"] == "worker_exited"]
     assert len(exits) >= 5 and all(e["exitcode"] == 3 for e in exits)
     [gave_up] = [e for e in events if e["event"] == "workers_cannot_start"]
     assert gave_up["attempts"] == 5
     assert any(e["event"] == "node_exiting" and "died on start" in e["reason"] for e in events)
+
+
+@pytest.mark.parametrize("where", ["home", "ACTORS_KEYS"])
+def test_a_master_without_keys_creates_them_on_first_use_and_keeps_them(
+    tmp_path: Path, where: str
+) -> None:
+    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    keys = tmp_path / "home" / ".pydra-actors" / "keys"
+    if where == "ACTORS_KEYS":
+        keys = tmp_path / "elsewhere" / "keys"
+        env["ACTORS_KEYS"] = str(keys)
+    for run in ("first", "second"):
+        master, address = start_master(tmp_path, "--workers", "0", name=run, env=env)
+        try:
+            assert f"--keys {keys}" in (tmp_path / f"{run}.out").read_text()
+            with Client(address, keys=keys) as client:
+                assert client.info().workers == 0
+            created = [e for e in log_events(tmp_path / f"{run}.log") if e["event"] == "keys_created"]
+            if run == "first":
+                assert [e["directory"] for e in created] == [str(keys)]
+                secret = (keys / "master.key_secret").read_bytes()
+                assert {"node.key", "client.key"} <= {p.name for p in (keys / "allowed").iterdir()}
+            else:
+                assert created == []  # found, not made again
+                assert (keys / "master.key_secret").read_bytes() == secret
+            master.send_signal(signal.SIGTERM)
+            assert master.wait(30) == 0
+        finally:
+            kill_all({master.pid})
+            master.wait(10)
+
+
+def test_logs_are_json_lines_off_a_terminal_and_console_lines_on_one(tmp_path: Path) -> None:
+    master, _ = start_master(tmp_path, "--workers", "0", "--keys", str(tmp_path / "keys"),
+                             "--log-format", "auto")
+    try:
+        started = [e for e in log_events(tmp_path / "master.log") if e["event"] == "master_started"]
+        assert [(e["level"], e["workers"]) for e in started] == [("info", 0)]
+        assert "timestamp" in started[0]
+    finally:
+        kill_all({master.pid})
+        master.wait(10)
+    # On a terminal: one readable line per event, no JSON.
+    controller, terminal = os.openpty()
+    master = python("-m", "actors.master", "--port", "0", "--workers", "0", "--keys",
+                    str(tmp_path / "keys"), stdout=subprocess.DEVNULL, stderr=terminal,
+                    cwd=tmp_path)
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"master_started" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                seen += os.read(controller, 65536)
+    finally:
+        kill_all({master.pid})
+        master.wait(10)
+        os.close(controller)
+    text = seen.decode(errors="replace")
+    [line] = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in text.splitlines()
+              if "master_started" in line]  # colours stripped
+    assert re.search(r"\[info +\] master_started .*workers=0", line), line
+    assert not line.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_task_logs_its_submission_and_result_at_debug_and_its_failure_at_info(
+    tmp_path: Path, level: str
+) -> None:
+    env = dict(os.environ, ACTORS_LOG_LEVEL=level)
+    master, address = start_master(tmp_path, "--workers", "1", "--keys", str(tmp_path / "keys"),
+                                   env=env)
+    pids: set[int] = set()
+    try:
+        with Client(address, keys=tmp_path / "keys") as client:
+            ok = client.submit(Hostname)
+            assert ok.result(timeout=30) > 0
+            with pytest.raises(ValueError, match="expected"):
+                client.submit(Fails).result(timeout=30)
+            cancelled = client.submit(Waits, str(tmp_path / "never"))
+            wait_until(lambda: client.info().tasks_running == 1, 30, "the task to start")
+            assert cancelled.cancel(timeout=20)
+        pids = descendants(master.pid)
+        master.send_signal(signal.SIGTERM)
+        assert master.wait(30) == 0
+    finally:
+        kill_all(pids | {master.pid})
+        master.wait(10)
+    levels = {(e["event"], e.get("task_id")): e["level"] for e in log_events(tmp_path / "master.log")}
+    assert levels[("task_erred", next(k for e, k in levels if e == "task_erred"))] == "info"
+    assert levels[("task_cancelled", cancelled.task_id)] == "info"
+    per_task = {(e, k): v for (e, k), v in levels.items() if e in ("task_submitted", "task_done")}
+    if level == "debug":
+        assert per_task[("task_submitted", ok.task_id)] == "debug"
+        assert per_task[("task_done", ok.task_id)] == "debug"
+    else:
+        assert per_task == {}
