@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,13 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30  # it takes ~1.5 s; the bound only keeps a hang from stalling the suite
 
 
-def run_script(script: Path, tmp_path: Path, workers: int) -> subprocess.CompletedProcess[str]:
-    """``python -m actors.master --workers N --port 0 --run SCRIPT``, as the README runs it (the
-    master starts a local node with ``N`` workers, runs the script, then stops them all)."""
+def run_script(script: Path, tmp_path: Path, workers: int,
+               *options: str) -> subprocess.CompletedProcess[str]:
+    """``python -m actors.master --workers N --port 0 OPTIONS --run SCRIPT``, as the README runs
+    it (the master starts a local node with ``N`` workers, runs the script, then stops them all)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "actors.master", "--port", "0", "--workers", str(workers),
-         "--keys", str(tmp_path / "keys"), "--run", str(script)],
+         "--keys", str(tmp_path / "keys"), *options, "--run", str(script)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
@@ -50,3 +52,28 @@ def test_the_tree_reduction_example_prints_the_exact_sum(tmp_path: Path) -> None
                          r"transitions across workers", story[0])
     assert match is not None, story[0]
     assert int(match[2]) > 0
+
+
+def test_the_quickstart_of_the_readmes_first_command_prints_its_results(tmp_path: Path) -> None:
+    done = run_script(ROOT / "examples" / "quickstart.py", tmp_path, workers=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "Square(7) = 49" in lines, done.stdout
+    total = sum(i * i for i in range(10_000))
+    assert f"SumOfSquares(10_000) = {total} progress: (10000, 10000)" in lines, done.stdout
+    # on the master's cluster (ACTORS_ADDRESS): one master started and one client joined it,
+    # no cluster that Client() would start for itself
+    events = [json.loads(line)["event"] for line in done.stderr.splitlines() if line.startswith("{")]
+    assert (events.count("master_started"), events.count("client_joined")) == (1, 1), events
+
+
+def test_the_deployed_package_example_lists_its_task_and_counts_words(tmp_path: Path) -> None:
+    done = run_script(ROOT / "examples" / "deployed.py", tmp_path, 2,
+                      "--tasks-dir", str(ROOT / "examples" / "tasks"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(re.fullmatch(r"wordcount [0-9a-f]+: \['wordcount\.tasks:WordCount'\]", line)
+               for line in lines), done.stdout
+    # "the" five times; "actor", "state", "one", "mailbox" and "and" twice each, listed in the
+    # order they are first met (results are reduced in unit order)
+    assert "most common words: [('the', 5), ('actor', 2), ('state', 2)]" in lines, done.stdout
