@@ -42,12 +42,6 @@ def _running_with(text: str) -> set[int]:
             if e.name.isdigit() and text in _cmdline(int(e.name)) and alive(int(e.name))}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_node_is_the_masters_child_and_its_workers_are_the_nodes() -> None:
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
@@ -86,10 +80,17 @@ def test_a_host_that_is_not_ipv4_is_not_held() -> None:
 
 
 def test_an_explicit_port_is_the_clusters_and_a_busy_one_fails_cleanly() -> None:
-    port = _free_port()
-    with LocalCluster(workers=1, port=port) as cl, Client(cl) as client:
-        assert cl.address == f"tcp://127.0.0.1:{port}"
-        assert client.submit(Square, 4).result(timeout=30) == 16
+    # Held here as LocalCluster holds it (bound, not listening): no other process can take the
+    # port between choosing it and the master binding it.
+    reserved = _reserve_port("127.0.0.1", 0)
+    assert reserved is not None
+    holder, port, _ = reserved
+    try:
+        with LocalCluster(workers=1, port=port) as cl, Client(cl) as client:
+            assert cl.address == f"tcp://127.0.0.1:{port}"
+            assert client.submit(Square, 4).result(timeout=30) == 16
+    finally:
+        holder.close()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
