@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("malformed_frame", socket=socket, error=str(exc))
 
     def on_event(socket: str, what: str) -> None:
+        # A refused key is known within milliseconds of the hub's start, before the Node
+        # actor exists: wait for it, as on_frames does, or the refusal is lost.
+        started.wait(10)
         tell_if_alive(node_ref, ConnectionEvent(socket, what))
 
     def on_tick(now: float) -> None:
