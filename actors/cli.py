@@ -12,6 +12,7 @@ from actors.cluster import default_keys_dir
 from actors.errors import ActorsError
 from actors.launch import master_arg
 from transport import init_keys
+from transport.keys import add_key
 
 # --- python -m actors ... ---------------------------------------------------
 
@@ -23,6 +24,10 @@ def actors_main(argv: list[str] | None = None) -> int:
     init = keys.add_parser("init", help="create master, node and client key pairs and the allow-list")
     init.add_argument("directory")
     init.add_argument("--overwrite", action="store_true")
+    add = keys.add_parser("add", help="a key pair for one more node or client, admitted in its role")
+    add.add_argument("directory", help="the key directory the master uses")
+    add.add_argument("name", help="the new peer's name (letters, digits, - and _)")
+    add.add_argument("--role", required=True, choices=["node", "client"])
     packages = sub.add_parser("packages", help="list the master's deployed task packages")
     packages.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
                           required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
@@ -31,6 +36,16 @@ def actors_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "packages":
         return _print_packages(args.master, args.keys or default_keys_dir())
+    if args.command == "keys" and args.keys_command == "add":
+        try:
+            folder = add_key(args.directory, args.role, args.name)
+        except ActorsError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 2
+        sys.stdout.write(
+            f"admitted a new {args.role} key as allowed/{args.role}-{args.name}.key\n"
+            f"  hand {folder} to that {args.role} (its keys directory: --keys {folder})\n")
+        return 0
     if args.command == "keys" and args.keys_command == "init":
         try:
             root = init_keys(args.directory, overwrite=args.overwrite)

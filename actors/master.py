@@ -45,7 +45,7 @@ from actors.serialize import describe_exception
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import Catalogue, InstanceUses, TaskSyncServer
 from transport import Hub, ServerCurve, load_keypair
-from transport.keys import allowed_dir
+from transport.keys import AllowList, allowed_dir
 
 log = structlog.get_logger("actors.master")
 
@@ -66,6 +66,7 @@ class Peer:
     last_seen: float
     host: str = ""
     pid: int = 0
+    key: bytes = b""  # the public key it proved at the handshake; its routing id is bound to it
 
 
 @dataclass
@@ -82,7 +83,10 @@ class StoryGather:
 class Master(Shell):
     def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0,
                  max_deaths: int = 3, restart_after_error: bool = False,
+                 allowed: str | None = None,
                  on_crash: Callable[[], None] | None = None) -> None:
+        """``allowed``: the allow-list folder, whose file names give each key its role (None:
+        peers are taken at their word, for a master without CURVE)."""
         super().__init__(hub)
         self._on_crash = on_crash
         self._journal_dir: str | None = None  # made in on_start, removed at stop
@@ -90,6 +94,7 @@ class Master(Shell):
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
         self.peers: dict[bytes, Peer] = {}
+        self.allowed = AllowList(allowed) if allowed is not None else None
         self.scheduler = SchedulerState(max_deaths=max_deaths,
                                         restart_after_error=restart_after_error)
         self.catalogue: dict[str, PackageVersion] = {}
@@ -155,8 +160,14 @@ class Master(Shell):
     def _inbound(self, inbound: Inbound) -> None:
         msg, peer_key = inbound.message, inbound.peer
         peer = self.peers.get(peer_key)
+        if peer is not None and inbound.key != peer.key:
+            # Another key using a known peer's routing id: never that peer's messages.
+            self.log.warning("message_with_another_key", peer=peer.peer_id, role=peer.role,
+                             type=type(msg).__name__)
+            self.send(SOCKET, peer_key, message=m.Refused("this routing id belongs to another key"))
+            return
         if isinstance(msg, m.Hello):
-            self._hello(peer_key, msg)
+            self._hello(peer_key, msg, inbound.key)
             return
         if peer is None:
             if inbound.via is not None:
@@ -168,6 +179,12 @@ class Master(Shell):
             self.send(SOCKET, peer_key, message=m.Refused("unknown peer: send Hello first"))
             return
         peer.last_seen = self.now
+        if isinstance(msg, m.ChunkRequest):  # package contents: for nodes only
+            if peer.role == "node" and inbound.via is None and self.task_sync is not None:
+                self.task_sync.tell(inbound)
+            else:
+                self._unexpected(peer, msg)
+            return
         if inbound.via is not None:
             self._from_worker(peer, inbound.via.decode(errors="replace"), msg)
         elif peer.role == "node":
@@ -175,9 +192,15 @@ class Master(Shell):
         else:
             self._from_client(peer, msg)
 
-    def _hello(self, peer_key: bytes, hello: m.Hello) -> None:
+    def _hello(self, peer_key: bytes, hello: m.Hello, key: bytes) -> None:
         problem = ""
-        if hello.protocol != m.PROTOCOL_VERSION:
+        role = hello.role if self.allowed is None else self.allowed.role_of(key)
+        if role is None:
+            problem = ("this key has no role in the master's allow-list (its file in allowed/ "
+                       "is named node*.key or client*.key)")
+        elif hello.role != role:
+            problem = f"a {role} key cannot connect as a {hello.role}"
+        elif hello.protocol != m.PROTOCOL_VERSION:
             problem = f"protocol {hello.protocol} != master's {m.PROTOCOL_VERSION}"
         elif hello.version != __version__:
             problem = f"pydra-actors {hello.version} != master's {__version__}"
@@ -195,7 +218,7 @@ class Master(Shell):
             return
         if known is not None and known.role == "node":
             self._apply(ev.NodeLost(self.now, known.peer_id, "node reconnected"))
-        self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid)
+        self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid, key)
         if hello.role == "node":
             self._apply(ev.NodeJoined(self.now, hello.peer_id, hello.data_address))
             self._send_newest(peer_key)
@@ -207,9 +230,13 @@ class Master(Shell):
         match msg:
             case m.Heartbeat():
                 pass
+            case m.WorkerReady(worker_id=worker_id) if not worker_id.startswith(f"{peer.peer_id}/"):
+                self._refused(peer, msg, "a node names its workers NODE_ID/...")
             case m.WorkerReady(worker_id=worker_id, pid=pid):
                 self.log.debug("worker_ready", node_id=peer.peer_id, worker_id=worker_id, pid=pid)
                 self._apply(ev.WorkerReady(self.now, peer.peer_id, worker_id))
+            case m.WorkerExited(worker_id=worker_id) if not self._owns_worker(peer, worker_id):
+                self._refused(peer, msg, f"{worker_id} is not this node's worker")
             case m.WorkerExited():
                 cause = describe_exit(msg)
                 event = "worker_stopped" if msg.expected else "worker_died"
@@ -224,6 +251,13 @@ class Master(Shell):
     def _from_worker(self, node: Peer, worker_id: str, msg: m.Message) -> None:
         if node.role != "node":
             self._unexpected(node, msg)
+            return
+        if not self._owns_worker(node, worker_id):
+            # A worker the scheduler has dropped (its node was told to stop it) may still speak;
+            # one of another node's never.
+            known = self.scheduler.workers.get(worker_id)
+            if known is not None:
+                self._refused(node, msg, f"{worker_id} is not this node's worker")
             return
         match msg:
             case m.UnitsSliced(task_id=task_id, units=units, done=done):
@@ -257,6 +291,11 @@ class Master(Shell):
                 self._submit(peer, msg)
             case m.PackagesRequest():
                 self._to_client(peer.peer_id, m.PackagesReply(self._listing()))
+            case m.Cancel(task_id=task_id) | m.StoryRequest(task_id=task_id) if not self._owns_task(
+                    peer, task_id):
+                self._refused(peer, msg, f"task {task_id} is not this client's")
+                if isinstance(msg, m.StoryRequest):  # an answer, so that the caller need not wait
+                    self._to_client(peer.peer_id, m.StoryReply(task_id, []))
             case m.Cancel(task_id=task_id):
                 self._apply(ev.CancelRequested(self.now, task_id))
             case m.StoryRequest(task_id=task_id):
@@ -405,6 +444,19 @@ class Master(Shell):
             entries = sorted(gather.entries, key=lambda entry: entry[4])
             self._to_client(gather.client_id, m.StoryReply(gather.task_id, entries))
 
+    def _owns_worker(self, node: Peer, worker_id: str) -> bool:
+        worker = self.scheduler.workers.get(worker_id)
+        return worker is not None and worker.node_id == node.peer_id
+
+    def _owns_task(self, client: Peer, task_id: str) -> bool:
+        """A client acts on its own tasks only (unknown ids: nothing to leak, nothing to do)."""
+        task = self.scheduler.tasks.get(task_id)
+        return task is None or task.client_id == client.peer_id
+
+    def _refused(self, peer: Peer, msg: m.Message, reason: str) -> None:
+        self.log.warning("message_refused", peer=peer.peer_id, role=peer.role,
+                         type=type(msg).__name__, reason=reason)
+
     def _unexpected(self, peer: Peer, msg: m.Message) -> None:
         self.log.warning("unexpected_message", peer=peer.peer_id, role=peer.role,
                          type=type(msg).__name__)
@@ -519,12 +571,14 @@ def describe_exit(msg: m.WorkerExited) -> str:
 
 
 def route_frames(frames: list[bytes]) -> Inbound:
-    """Decode a frame list received on the master's ROUTER (runs on the hub thread)."""
-    if len(frames) == 2:
-        return Inbound(frames[0], None, m.decode(frames[1]))
+    """Decode a frame list received on the master's ROUTER (runs on the hub thread): the
+    sender's key (the hub's, see transport/hub.py), its routing id, a worker's id when a node
+    relays for it, the message."""
     if len(frames) == 3:
-        return Inbound(frames[0], frames[1], m.decode(frames[2]))
-    raise MalformedMessage(f"expected 2 or 3 frames, got {len(frames)}", sum(map(len, frames)))
+        return Inbound(frames[1], None, m.decode(frames[2]), frames[0])
+    if len(frames) == 4:
+        return Inbound(frames[1], frames[2], m.decode(frames[3]), frames[0])
+    raise MalformedMessage(f"expected 3 or 4 frames, got {len(frames)}", sum(map(len, frames)))
 
 
 
@@ -584,11 +638,10 @@ def main(argv: list[str] | None = None, *,
         try:
             inbound = route_frames(frames)
         except MalformedMessage as exc:
-            log.warning("malformed_frame", peer=frames[0][:40].decode(errors="replace"),
-                        error=str(exc))
+            log.warning("malformed_frame", peer=frames[1][:40].decode(errors="replace")
+                        if len(frames) > 1 else "", error=str(exc))
             return
-        is_sync = isinstance(inbound.message, m.ChunkRequest)
-        tell_if_alive(sync_ref if is_sync else master_ref, inbound)
+        tell_if_alive(master_ref, inbound)  # chunk requests too: only nodes may ask
 
     def on_tick(now: float) -> None:
         for ref in (master_ref, sync_ref):
@@ -612,7 +665,8 @@ def main(argv: list[str] | None = None, *,
 
     master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}", node_timeout_s=args.node_timeout,
                               max_deaths=args.max_deaths,
-                              restart_after_error=args.restart_after_error, on_crash=crashed)
+                              restart_after_error=args.restart_after_error,
+                              allowed=curve.allowed_dir, on_crash=crashed)
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))

@@ -38,6 +38,7 @@ class Inbound:
     peer: bytes
     via: bytes | None
     message: m.Message
+    key: bytes = b""  # the sender's public key (Z85), where the socket proves it (the master's)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ alone. Under load a turn holds many messages (a master answering a burst of
 results, a client submitting in a loop), and a ZeroMQ message costs a fixed
 amount per frame and a wake-up of every thread on its way, whatever its size;
 a lone message goes out as it is, so nothing waits for a batch to fill.
+
+Keys. On a CURVE server socket (the master's) every frame list handed to
+``on_frames`` starts with the sender's public key, as the handshake proved it
+(Z85 text), so the receiver can hold each message to the role of its key; no
+connection can take over another's routing identity there.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
+from transport.keys import AllowList
+
 log = structlog.get_logger("transport.hub")
 
 FramesHandler = Callable[[str, list[bytes]], None]
@@ -54,6 +61,7 @@ _LONE_BYTES = 64 << 10  # a message this big goes alone: batching would only cop
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[list[bytes], bytes]])
 _WAKE = b"w"
+HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 _TURN_ITEMS = 10_000  # outgoing messages taken per turn, so receiving is never starved
 # (route frames after the peer's, last frame) of the messages waiting for the end of a turn
 _Pending = list[tuple[list[bytes], bytes]]
@@ -147,6 +155,7 @@ class Hub:
         self._poller: zmq.Poller | None = None  # the hub thread's, once running
         self._names: dict[zmq.Socket[bytes], str] = {}
         self._routers: set[bytes] = set()
+        self._keyed: set[bytes] = set()  # CURVE servers: the sender's key heads each frame list
         # (socket, peer) -> messages to send at the end of this turn of the loop, in order
         self._pending: dict[tuple[bytes, bytes], _Pending] = {}
         self._pending_bytes: dict[tuple[bytes, bytes], int] = {}
@@ -215,7 +224,9 @@ class Hub:
             self._auth.start()
             allowed = next(s.server_curve for s in self._specs if s.server_curve)
             assert allowed is not None
-            self._auth.configure_curve(domain="*", location=allowed.allowed_dir)
+            # Asked at every handshake: a key file added or removed counts at once.
+            self._auth.configure_curve_callback(
+                domain="*", credentials_provider=AllowList(allowed.allowed_dir))
         self._thread = threading.Thread(target=self._run, name="transport-hub", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -296,10 +307,18 @@ class Hub:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         if spec.kind == zmq.ROUTER:
             self._routers.add(spec.name.encode())
-            # Unroutable sends raise instead of vanishing; a reconnecting peer
-            # with the same identity takes over its old connection.
+            # Unroutable sends raise instead of vanishing.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if spec.server_curve is None:
+                # A reconnecting peer with the same identity takes over its old connection.
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            else:
+                # Peers prove who they are: no connection may take over another's identity.
+                # Heartbeats close a dead peer's connection, so its identity is free again
+                # when the peer itself reconnects.
+                self._keyed.add(spec.name.encode())
+                sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
         if spec.identity is not None:
             sock.setsockopt(zmq.IDENTITY, spec.identity)
         if spec.address.startswith("tcp://["):
@@ -435,11 +454,19 @@ class Hub:
             return False
 
     def _receive(self, name: str, sock: zmq.Socket[bytes]) -> None:
+        keyed = name.encode() in self._keyed
         for _ in range(1_000):
-            # Ask before receiving: raising and catching zmq.Again cost 8 % of the master.
+            # Ask before receiving: raising and catching zmq.Again is costly on a busy master.
             if not _readable(sock):
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            if keyed:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                # The key the CURVE handshake proved (ZAP's User-Id: its Z85 text).
+                key = parts[-1].get("User-Id")
+                frames = [key.encode() if isinstance(key, str) else b"",
+                          *(part.bytes for part in parts)]
+            else:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             if frames[-1][:1] == BATCH:
                 self._unbatch(name, frames)
             else:

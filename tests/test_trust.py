@@ -1,0 +1,174 @@
+"""Keys bound to roles, routing ids bound to keys, tasks owned by their client: each attack is
+performed on a real master and fails, while a legitimate task still completes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from actors import Client, LocalCluster, Task, __version__
+from actors import messages as m
+from transport.hub import unbatch
+from transport.keys import add_key, load_keypair, load_public_key
+
+pytestmark = pytest.mark.processes
+
+
+class Square(Task):
+    def work(self, x):
+        return x * x
+
+
+class WaitsFor(Task):
+    def work(self, path):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "released"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(workers=2) as cl:
+        yield cl
+
+
+def dealer(cluster: LocalCluster, keys: str | Path, role: str, identity: bytes) -> zmq.Socket[bytes]:
+    """A bare DEALER with the ``role`` key pair of ``keys``: authenticated, speaking as we like."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5_000)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    pair = load_keypair(keys, role)
+    sock.curve_publickey, sock.curve_secretkey = pair.public, pair.secret
+    sock.curve_serverkey = load_public_key(cluster.keys_dir, "master")
+    sock.connect(cluster.address)
+    return sock
+
+
+def replies(sock: zmq.Socket[bytes]) -> list[m.Message]:
+    return [m.decode(frames[-1]) for frames in unbatch(sock.recv_multipart())]
+
+
+def hello(sock: zmq.Socket[bytes], role: str, peer_id: str) -> list[m.Message]:
+    """Say hello; what came back up to the Welcome or Refused (a node first gets the newest
+    package versions, in the same frame or one of its own)."""
+    sock.send(m.encode(m.Hello(role, peer_id, m.PROTOCOL_VERSION, __version__)))
+    got: list[m.Message] = []
+    for _ in range(10):
+        got += replies(sock)
+        if isinstance(got[-1], m.Welcome | m.Refused):
+            return got
+    raise AssertionError(f"no Welcome or Refused: {got}")
+
+
+@pytest.mark.parametrize(("key_role", "claimed"), [("client", "node"), ("node", "client")])
+def test_a_key_cannot_connect_in_another_role(cluster: LocalCluster, key_role: str,
+                                              claimed: str) -> None:
+    sock = dealer(cluster, cluster.keys_dir, key_role, f"impostor-{key_role}".encode())
+    try:
+        refused = hello(sock, claimed, f"impostor-{key_role}")[-1]
+        assert isinstance(refused, m.Refused)
+        assert refused.reason == f"a {key_role} key cannot connect as a {claimed}"
+    finally:
+        sock.close()
+    with Client(cluster) as client:
+        assert client.info().workers == 2  # no fake node's workers joined
+        assert client.submit(Square, 9).result(timeout=30) == 81
+
+
+def test_a_connection_cannot_take_over_a_connected_peers_routing_id(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    """Same key and the victim's client id: the master never hears the impostor, and the
+    victim's task runs to its end."""
+    gate = tmp_path / "gate"
+    with Client(cluster) as victim:
+        fut = victim.submit(WaitsFor, str(gate))
+        impostor = dealer(cluster, cluster.keys_dir, "client", victim.client_id.encode())
+        try:
+            impostor.send(m.encode(m.Cancel(fut.task_id)))
+            impostor.send(m.encode(m.StoryRequest(fut.task_id)))
+            with pytest.raises(zmq.Again):
+                impostor.recv()  # nothing of the victim's comes to it
+        finally:
+            impostor.close()
+        gate.touch()
+        assert fut.result(timeout=30) == "released"
+
+
+def test_a_client_can_neither_cancel_nor_read_another_clients_task(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    with Client(cluster) as owner, Client(cluster) as other:
+        fut = owner.submit(WaitsFor, str(gate))
+        assert fut.story(), "the owner reads its own task's story"
+        assert other._request(fut.task_id, m.StoryRequest(fut.task_id), 10).entries == []
+        other._send(m.Cancel(fut.task_id))
+        assert other.submit(Square, 3).result(timeout=30) == 9  # the cancel came before this
+        assert not fut.done()
+        gate.touch()
+        assert fut.result(timeout=30) == "released"
+
+
+def test_package_contents_go_to_node_keys_only(cluster: LocalCluster) -> None:
+    sock = dealer(cluster, cluster.keys_dir, "client", b"curious-client")
+    try:
+        assert isinstance(hello(sock, "client", "curious-client")[-1], m.Welcome)
+        sock.send(m.encode(m.ChunkRequest("anything", "0" * 64, 0, 1 << 20)))
+        with pytest.raises(zmq.Again):
+            sock.recv()  # no ChunkReply, no UnknownVersion: nothing about packages
+    finally:
+        sock.close()
+
+
+def test_a_node_cannot_speak_for_another_nodes_workers(cluster: LocalCluster,
+                                                      tmp_path: Path) -> None:
+    with Client(cluster) as client:
+        real_worker = client.info().nodes[0] + "/w1"
+        sock = dealer(cluster, cluster.keys_dir, "node", b"node-rogue")
+        try:
+            assert isinstance(hello(sock, "node", "node-rogue")[-1], m.Welcome)
+            sock.send(m.encode(m.WorkerExited(real_worker, 1, None, 9, 0, False)))
+            sock.send(m.encode(m.WorkerReady(real_worker, 1)))  # not named after this node
+            sock.send_multipart([real_worker.encode(), m.encode(
+                m.TaskResult("any-task", m.UnitOutcome(-1, True, b"forged"), 0.0))])
+        finally:
+            sock.send(m.encode(m.Bye("rogue leaving")))
+            sock.close()
+        assert client.info().workers == 2
+        assert sorted(client.submit(Square, i).result(timeout=30) for i in range(6)) == [
+            0, 1, 4, 9, 16, 25]
+
+
+def test_a_key_added_for_one_client_works_as_a_client_and_only_so(cluster: LocalCluster) -> None:
+    folder = add_key(cluster.keys_dir, "client", f"alice{os.getpid()}")
+    with Client(cluster.address, keys=folder) as alice:
+        assert alice.submit(Square, 5).result(timeout=30) == 25
+    sock = dealer(cluster, folder, "client", b"alice-as-node")
+    try:
+        refused = hello(sock, "node", "alice-as-node")[-1]
+        assert isinstance(refused, m.Refused) and "client key cannot connect as a node" in refused.reason
+    finally:
+        sock.close()
+
+
+def test_keys_add_on_the_command_line_makes_a_folder_to_hand_over(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "actors", "keys", "init", str(keys)], check=True,
+                   capture_output=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "actors", "keys", "add", str(keys), "bob",
+                           "--role", "node"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (keys / "allowed" / "node-bob.key").is_file()
+    assert {p.name for p in (keys / "peers" / "bob").iterdir()} == {
+        "node.key", "node.key_secret", "master.key"}
+    again = subprocess.run([sys.executable, "-m", "actors", "keys", "add", str(keys), "bob",
+                            "--role", "node"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists already" in again.stderr
