@@ -29,6 +29,7 @@ connection can take over another's routing identity there.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -211,6 +212,22 @@ class Hub:
         self._sockets[name.encode()] = sock
         self._names[sock] = name
         self._poller.register(sock, zmq.POLLIN)
+
+    def close_now(self, name: str) -> None:
+        """From a hub handler: close a socket opened with ``open_dealer_now``; what it still
+        queues is dropped."""
+        assert threading.current_thread() is self._thread, "close_now() is for hub handlers"
+        assert self._poller is not None
+        sock = self._sockets.pop(name.encode(), None)
+        if sock is None:
+            return
+        self._poller.unregister(sock)
+        del self._names[sock]
+        self._addresses.pop(name, None)
+        for key in [key for key in self._pending if key[0] == name.encode()]:
+            del self._pending[key]
+            self._pending_bytes.pop(key, None)
+        sock.close(linger=0)
 
     def address(self, name: str) -> str:
         """The endpoint a bound socket really got (the port, when asked for port 0)."""
@@ -460,11 +477,11 @@ class Hub:
             if not _readable(sock):
                 return
             if keyed:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                # The key the CURVE handshake proved (ZAP's User-Id: its Z85 text).
-                key = parts[-1].get("User-Id")
-                frames = [key.encode() if isinstance(key, str) else b"",
-                          *(part.bytes for part in parts)]
+                # The key the CURVE handshake proved (ZAP's User-Id, its Z85 text) rides on
+                # every part: read it off the first (the routing id), take the rest as bytes.
+                first = sock.recv(zmq.NOBLOCK, copy=False)
+                key = first.get("User-Id")
+                frames = [_key_bytes(key), first.bytes, *sock.recv_multipart()]
             else:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             if frames[-1][:1] == BATCH:
@@ -507,6 +524,11 @@ def unbatch(frames: list[bytes]) -> list[list[bytes]]:
         return [frames]
     prefix = frames[:-1]
     return [[*prefix, *route, body] for route, body in _batch_decoder.decode(frames[-1][1:])]
+
+
+@functools.lru_cache(maxsize=1024)  # a master hears from few keys, over and over
+def _key_bytes(key: str | int | None) -> bytes:
+    return key.encode() if isinstance(key, str) else b""
 
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:
