@@ -57,6 +57,12 @@ MAX_RETRIES = 100
 # code rides along with every assignment (cheaper than keeping track of it).
 INLINE_CODE_BYTES = 64 * 1024
 KINDS = frozenset(ev.TaskKind)
+# Refused messages: logged up to REJECTIONS_LOGGED per key and interval; a key refused more than
+# REJECTIONS_BLOCKED times in one is not heard for BLOCK_S (its peer keeps sending garbage).
+REJECTION_INTERVAL_S = 10.0
+REJECTIONS_LOGGED = 20
+REJECTIONS_BLOCKED = 1_000
+BLOCK_S = 60.0
 
 
 @dataclass
@@ -67,6 +73,7 @@ class Peer:
     host: str = ""
     pid: int = 0
     key: bytes = b""  # the public key it proved at the handshake; its routing id is bound to it
+    routing: bytes = b""  # its routing id on the master's socket
 
 
 @dataclass
@@ -95,6 +102,9 @@ class Master(Shell):
         self.node_timeout_s = node_timeout_s
         self.peers: dict[bytes, Peer] = {}
         self.allowed = AllowList(allowed) if allowed is not None else None
+        # (key, routing id) -> (messages refused, since when); -> until when it is not heard
+        self.rejections: dict[tuple[bytes, bytes], tuple[int, float]] = {}
+        self.blocked: dict[tuple[bytes, bytes], float] = {}
         self.scheduler = SchedulerState(max_deaths=max_deaths,
                                         restart_after_error=restart_after_error)
         self.catalogue: dict[str, PackageVersion] = {}
@@ -147,6 +157,7 @@ class Master(Shell):
                 self._apply(ev.Tick(now))
                 for worker_id in [w for w in self.worker_codes if w not in self.scheduler.workers]:
                     del self.worker_codes[worker_id]
+                self._forget_old_rejections()
                 self._stories_due()
                 self._journal.commit()
             case Catalogue(packages=packages):
@@ -159,15 +170,18 @@ class Master(Shell):
 
     def _inbound(self, inbound: Inbound) -> None:
         msg, peer_key = inbound.message, inbound.peer
+        if self.blocked and self.blocked.get((inbound.key, inbound.peer), 0.0) > self.now:
+            return  # a peer that kept sending what it may not: not heard for a while
         peer = self.peers.get(peer_key)
         if peer is not None and inbound.key != peer.key:
             # Another key using a known peer's routing id: never that peer's messages.
-            self.log.warning("message_with_another_key", peer=peer.peer_id, role=peer.role,
-                             type=type(msg).__name__)
-            self.send(SOCKET, peer_key, message=m.Refused("this routing id belongs to another key"))
+            self._reject(inbound, "message_with_another_key", "the routing id is another key's")
             return
         if isinstance(msg, m.Hello):
-            self._hello(peer_key, msg, inbound.key)
+            if inbound.via is not None:  # a worker (its task's code) speaking as its node
+                self._reject(inbound, "message_refused", "a worker cannot say Hello to the master")
+            else:
+                self._hello(peer_key, msg, inbound.key)
             return
         if peer is None:
             if inbound.via is not None:
@@ -175,8 +189,8 @@ class Master(Shell):
                 # The node learns it is forgotten from the answer to its own next message.
                 self.log.debug("dropped_from_unknown_node", type=type(msg).__name__)
                 return
-            self.log.warning("message_from_unknown_peer", type=type(msg).__name__)
-            self.send(SOCKET, peer_key, message=m.Refused("unknown peer: send Hello first"))
+            if self._reject(inbound, "message_from_unknown_peer", "unknown peer"):
+                self.send(SOCKET, peer_key, message=m.Refused("unknown peer: send Hello first"))
             return
         peer.last_seen = self.now
         if isinstance(msg, m.ChunkRequest):  # package contents: for nodes only
@@ -200,6 +214,10 @@ class Master(Shell):
                        "is named node*.key or client*.key)")
         elif hello.role != role:
             problem = f"a {role} key cannot connect as a {hello.role}"
+        elif hello.peer_id.encode() != peer_key:
+            # Messages to a node or client go to the routing id named after it: one that
+            # claimed another's id would speak for that peer.
+            problem = "a peer's id is its connection's identity"
         elif hello.protocol != m.PROTOCOL_VERSION:
             problem = f"protocol {hello.protocol} != master's {m.PROTOCOL_VERSION}"
         elif hello.version != __version__:
@@ -207,8 +225,8 @@ class Master(Shell):
         elif hello.role not in ("node", "client"):
             problem = f"role {hello.role!r} cannot connect to a master"
         if problem:
-            self.log.warning("handshake_refused", peer=hello.peer_id, role=hello.role, reason=problem)
-            self.send(SOCKET, peer_key, message=m.Refused(problem))
+            if self._reject(Inbound(peer_key, None, hello, key), "handshake_refused", problem):
+                self.send(SOCKET, peer_key, message=m.Refused(problem))
             return
         known = self.peers.get(peer_key)
         if known is not None and known.role == hello.role and known.peer_id == hello.peer_id:
@@ -218,7 +236,8 @@ class Master(Shell):
             return
         if known is not None and known.role == "node":
             self._apply(ev.NodeLost(self.now, known.peer_id, "node reconnected"))
-        self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid, key)
+        self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid, key,
+                                    peer_key)
         if hello.role == "node":
             self._apply(ev.NodeJoined(self.now, hello.peer_id, hello.data_address))
             self._send_newest(peer_key)
@@ -235,7 +254,7 @@ class Master(Shell):
             case m.WorkerReady(worker_id=worker_id, pid=pid):
                 self.log.debug("worker_ready", node_id=peer.peer_id, worker_id=worker_id, pid=pid)
                 self._apply(ev.WorkerReady(self.now, peer.peer_id, worker_id))
-            case m.WorkerExited(worker_id=worker_id) if not self._owns_worker(peer, worker_id):
+            case m.WorkerExited(worker_id=worker_id) if self._others_worker(peer, worker_id):
                 self._refused(peer, msg, f"{worker_id} is not this node's worker")
             case m.WorkerExited():
                 cause = describe_exit(msg)
@@ -444,6 +463,11 @@ class Master(Shell):
             entries = sorted(gather.entries, key=lambda entry: entry[4])
             self._to_client(gather.client_id, m.StoryReply(gather.task_id, entries))
 
+    def _others_worker(self, node: Peer, worker_id: str) -> bool:
+        """Another node's worker (one the scheduler no longer knows may still be reported)."""
+        worker = self.scheduler.workers.get(worker_id)
+        return worker is not None and worker.node_id != node.peer_id
+
     def _owns_worker(self, node: Peer, worker_id: str) -> bool:
         worker = self.scheduler.workers.get(worker_id)
         return worker is not None and worker.node_id == node.peer_id
@@ -454,12 +478,45 @@ class Master(Shell):
         return task is None or task.client_id == client.peer_id
 
     def _refused(self, peer: Peer, msg: m.Message, reason: str) -> None:
-        self.log.warning("message_refused", peer=peer.peer_id, role=peer.role,
-                         type=type(msg).__name__, reason=reason)
+        self._reject(Inbound(peer.routing, None, msg, peer.key), "message_refused", reason, peer)
+
+    def _reject(self, inbound: Inbound, event: str, reason: str, peer: Peer | None = None) -> bool:
+        """Log a refused message, at most ``REJECTIONS_LOGGED`` per peer (key and routing id) and
+        interval, then one line saying how many were not; a peer refused more than
+        ``REJECTIONS_BLOCKED`` times in an interval is not heard for ``BLOCK_S`` (per peer, not
+        per key: peers may share a key). False once the peer is blocked."""
+        key, who = inbound.key, (inbound.key, inbound.peer)
+        count, since = self.rejections.get(who, (0, self.now))
+        if self.now - since > REJECTION_INTERVAL_S:
+            if count > REJECTIONS_LOGGED:
+                self.log.warning("rejections_not_logged", key=key[:12].decode(errors="replace"),
+                                 count=count - REJECTIONS_LOGGED)
+            count, since = 0, self.now
+        count += 1
+        self.rejections[who] = (count, since)
+        if count <= REJECTIONS_LOGGED:
+            self.log.warning(event, key=key[:12].decode(errors="replace"),
+                             peer=(peer.peer_id if peer else inbound.peer[:40].decode(errors="replace")),
+                             type=type(inbound.message).__name__, reason=reason[:200])
+        if count > REJECTIONS_BLOCKED:
+            self.blocked[who] = self.now + BLOCK_S
+            self.rejections.pop(who, None)
+            self.log.error("peer_blocked", key=key[:12].decode(errors="replace"), seconds=BLOCK_S,
+                           reason=f"more than {REJECTIONS_BLOCKED} refused messages in "
+                                  f"{REJECTION_INTERVAL_S:.0f}s")
+            return False
+        return True
+
+    def _forget_old_rejections(self) -> None:
+        for who in [w for w, until in self.blocked.items() if until <= self.now]:
+            del self.blocked[who]
+        stale = self.now - 2 * REJECTION_INTERVAL_S
+        for who in [w for w, (_, since) in self.rejections.items() if since < stale]:
+            del self.rejections[who]
 
     def _unexpected(self, peer: Peer, msg: m.Message) -> None:
-        self.log.warning("unexpected_message", peer=peer.peer_id, role=peer.role,
-                         type=type(msg).__name__)
+        self._reject(Inbound(peer.routing, None, msg, peer.key), "unexpected_message",
+                     f"not a message a {peer.role} sends", peer)
 
     def _check_liveness(self) -> None:
         for peer in list(self.peers.values()):

@@ -166,6 +166,9 @@ class TaskSyncClient(Shell):
             case WorkerGone(worker_id=worker_id):
                 if (used := self.users.pop(worker_id, None)) is not None:
                     self._apply(ss.InstanceEnded(*used, worker_id, now=now))
+            case Inbound(peer=worker, message=msg):  # a worker (its task's code) may send anything
+                self.log.warning("unexpected_message", worker_id=worker.decode(errors="replace"),
+                                 type=type(msg).__name__)
             case _:
                 raise TypeError(f"task sync client got an unknown message: {message!r}")
         return None

@@ -128,8 +128,12 @@ def _forge_and_serve(cluster: LocalCluster, capfd: pytest.CaptureFixture[str]) -
             if any(isinstance(msg, m.Welcome) for msg in welcomed):
                 break
         assert any(isinstance(msg, m.Welcome) for msg in welcomed), welcomed
+        # Its own worker, so the message passes the master's ownership checks and reaches the
+        # scheduler, whose _check refuses it; then it leaves before it could be given a task.
+        sock.send(m.encode(m.WorkerReady("node-forger/w1", 1)))
         forged = m.UnitsSliced("no-such-task", [m.UnitCall(0, b"x", [9])], True)
-        sock.send_multipart([b"w-forged", m.encode(forged)])
+        sock.send_multipart([b"node-forger/w1", m.encode(forged)])
+        sock.send(m.encode(m.Bye("forger leaving")))
         with Client(cluster.address, keys=cluster.keys_dir) as client:
             assert client.submit(Square, 12).result(timeout=30) == 144
         deadline = time.monotonic() + 20
@@ -139,5 +143,4 @@ def _forge_and_serve(cluster: LocalCluster, capfd: pytest.CaptureFixture[str]) -
             time.sleep(0.05)
         assert "message_refused" in seen and "UnitsSliced" in seen, seen[-2000:]
     finally:
-        sock.send(m.encode(m.Bye("forger leaving")))
         sock.close()

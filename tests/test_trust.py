@@ -84,6 +84,20 @@ def test_a_key_cannot_connect_in_another_role(cluster: LocalCluster, key_role: s
         assert client.submit(Square, 9).result(timeout=30) == 81
 
 
+def test_a_peer_cannot_claim_another_peers_id(cluster: LocalCluster) -> None:
+    with Client(cluster) as client:
+        real_node = client.info().nodes[0]
+        sock = dealer(cluster, cluster.keys_dir, "node", b"node-claimer")
+        try:
+            refused = hello(sock, "node", real_node)[-1]
+            assert isinstance(refused, m.Refused)
+            assert refused.reason == "a peer's id is its connection's identity"
+        finally:
+            sock.close()
+        assert client.info().nodes == [real_node] and client.info().workers == 2
+        assert client.submit(Square, 4).result(timeout=30) == 16
+
+
 def test_a_connection_cannot_take_over_a_connected_peers_routing_id(
         cluster: LocalCluster, tmp_path: Path) -> None:
     """Same key and the victim's client id: the master never hears the impostor, and the

@@ -1,0 +1,26 @@
+"""Hostile frames of every message type, as a client, a node, a worker on its node's socket and
+a peer that never said hello: the master and the node live on and serve a legitimate map."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors import LocalCluster
+from bench.fuzz import MESSAGE_TYPES, fuzz
+
+pytestmark = pytest.mark.processes
+
+
+def test_the_fuzzer_knows_every_message_of_the_catalogue() -> None:
+    names = {cls.__name__ for cls in MESSAGE_TYPES}
+    assert {"Hello", "Submit", "UnitsSliced", "WorkerExited", "ChunkRequest", "NeedCode"} <= names
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_hostile_frames_crash_nothing_and_a_legitimate_map_completes(seed: int) -> None:
+    with LocalCluster(workers=2) as cluster:
+        report = fuzz(cluster, frames=3_000, seed=seed)
+    assert report.frames == 3_000
+    assert report.crashes == [], "\n".join(report.lines())
+    for name, (_, fds_before) in report.before.items():
+        assert report.after[name][1] <= fds_before + 8, "\n".join(report.lines())
