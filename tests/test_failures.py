@@ -152,10 +152,9 @@ class GrowsThenDies(Task):
 
 
 def test_each_death_is_reported_with_the_signal_and_the_peak_memory_of_the_process() -> None:
-    with LocalCluster(workers=1) as cl, Client(cl) as client:
-        with pytest.raises(WorkerKilled) as info:
-            client.submit(GrowsThenDies, 100).result(timeout=60)
-    causes = str(info.value).split("; ")
+    with LocalCluster(workers=1) as cl, Client(cl) as client, pytest.raises(WorkerKilled) as info:
+        client.submit(GrowsThenDies, 100).result(timeout=60)
+    causes = info.value.causes
     peaks = [re.search(r"killed by signal 9 \(SIGKILL\), peak memory (\d+) MiB", c) for c in causes]
     assert len(peaks) == 3 and all(peaks), causes
     assert all(int(found[1]) >= 100 for found in peaks if found), causes
