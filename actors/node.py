@@ -7,7 +7,12 @@ seen at once (a reaper thread blocks in ``wait4`` and tells this actor),
 reported with its exit code or signal and peak memory, and replaced by a
 fresh one. Frames between workers and the master are relayed on the hub
 thread without being decoded (see ``relay_frames``): the node never touches
-task payloads.
+task payloads, and reads only the type tag of the few messages that open or
+close a worker's task (``TaskEnds``).
+
+Workers are contained (``contain.py``): a uid of their own when the node is
+root, no network of the node's, resource limits. Every process a task started
+is ended when its worker's last task ends, or when the worker exits.
 """
 
 from __future__ import annotations
@@ -21,15 +26,19 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pykka
 import structlog
 
-from actors import __version__, logs
+from actors import __version__, contain, logs
 from actors import messages as m
 from actors.cluster import default_keys_dir
+from actors.contain import WORKER_SCRIPT, Containment, Limits, Plan, parse_size
 from actors.errors import ActorsError, MalformedMessage
 from actors.launch import master_arg, stop_on_signals
 from actors.node_data import DataPlane
@@ -45,6 +54,11 @@ WORKERS = "workers"
 KILL_GRACE_S = 2.0
 HELLO_RETRY_S = 2.0
 MAX_FAILED_STARTS = 5
+RUN_DIR_PREFIX = "actors-node-"
+# A task process that outlives its worker dies with it; the node reaps it within this long at exit.
+ORPHAN_REAP_S = 2.0
+# Shared by every worker of a node that contains them without a uid of their own.
+UNCONTAINED = Plan(subreaper=False, oom_score=False, network="shared", no_new_privs=False)
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,7 @@ class WorkerProcess:
     ready: bool = False
     kill_deadline: float | None = None
     expected_exit: bool = False
+    plan: Plan = UNCONTAINED
 
 
 @dataclass
@@ -76,13 +91,17 @@ class NodeConfig:
     exit_with_parent: bool = False
     data_address: str = ""
     parent_pid: int = field(default_factory=os.getppid)
+    containment: Containment | None = None
 
 
 class Node(Shell):
     def __init__(self, hub: Hub, config: NodeConfig, on_fatal: Any = None,
                  task_sync: pykka.ActorRef[Any] | None = None,
-                 forked: list[Forked] | None = None) -> None:
+                 forked: list[Forked] | None = None,
+                 task_ends: TaskEnds | None = None) -> None:
         super().__init__(hub)
+        self.task_ends = task_ends or TaskEnds()
+        self.orphans: list[int] = []  # what exited workers left, killed, not yet reaped
         self.forked = forked or []
         self.task_sync = task_sync
         self.config = config
@@ -102,7 +121,7 @@ class Node(Shell):
         super().on_start()
         for child in self.forked:
             self._seq += 1
-            self._adopt(WorkerProcess(child.worker_id, child.pid, child.scratch))
+            self._adopt(WorkerProcess(child.worker_id, child.pid, child.scratch, plan=child.plan))
         for _ in range(self.config.slots - len(self.forked)):
             self._spawn()
         self._hello()  # now, not at the first tick: start-up time is user-visible
@@ -197,6 +216,11 @@ class Node(Shell):
                 self.log.warning("worker_kill_escalated", worker_id=worker.worker_id)
                 _signal_group(worker.pid, signal.SIGKILL)
                 worker.kill_deadline = None
+        pids = {w.worker_id: w.pid for w in self.workers.values() if not w.expected_exit}
+        for worker_id, killed in self.task_ends.end_idle(pids):
+            self.log.info("task_processes_ended", worker_id=worker_id, count=killed)
+        if self.orphans:
+            self.orphans = contain.reap(self.orphans)
 
     def _connection(self, what: str) -> None:
         if what == "auth_failed":
@@ -211,11 +235,21 @@ class Node(Shell):
         self._seq += 1
         worker_id = f"{self.config.node_id}/w{self._seq}"
         scratch = tempfile.mkdtemp(prefix=f"w{self._seq}-", dir=self.config.run_dir)
+        plan = self._plan(scratch)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.worker", *worker_args(self.config.ipc_address, worker_id)],
+            [sys.executable, "-c", WORKER_SCRIPT, "actors.worker", plan.to_arg(),
+             *worker_args(self.config.ipc_address, worker_id)],
             cwd=scratch, env=worker_env(scratch), stdin=subprocess.DEVNULL, start_new_session=True,
         )
-        self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc))
+        self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc, plan=plan))
+
+    def _plan(self, scratch: str) -> Plan:
+        containment = self.config.containment
+        if containment is None:
+            return UNCONTAINED
+        plan = containment.plan()
+        containment.prepare_scratch(scratch, plan)
+        return plan
 
     def _adopt(self, worker: WorkerProcess) -> None:
         worker.reaper = threading.Thread(target=_reap, args=(self.actor_ref, worker),
@@ -241,8 +275,13 @@ class Node(Shell):
         worker = self.workers.pop(event.worker_id, None)
         if worker is None:
             return
-        shutil.rmtree(worker.scratch, ignore_errors=True)
+        self.task_ends.forget(event.worker_id.encode())
         _signal_group(event.pid, signal.SIGKILL)  # anything the task left in its group
+        # and anything it left elsewhere: the worker was its subreaper, now the node is
+        self.orphans = contain.reap(self.orphans + self._end_orphans())
+        shutil.rmtree(worker.scratch, ignore_errors=True)
+        if self.config.containment is not None:
+            self.config.containment.release(worker.plan)
         if self.task_sync is not None:
             self.task_sync.tell(WorkerGone(event.worker_id))
         exitcode = os.waitstatus_to_exitcode(event.status)
@@ -293,8 +332,20 @@ class Node(Shell):
                 _signal_group(worker.pid, signal.SIGKILL)
                 worker.reaper.join(KILL_GRACE_S)
             shutil.rmtree(worker.scratch, ignore_errors=True)
-        self.log.info("node_stopped", workers=len(self.workers))
+        stopped = len(self.workers)
         self.workers.clear()
+        left = contain.reap(self.orphans + self._end_orphans())
+        deadline = time.monotonic() + ORPHAN_REAP_S
+        while left and time.monotonic() < deadline:
+            time.sleep(0.01)  # SIGKILLed already: a bounded wait for the kernel to finish them
+            left = contain.reap(left)
+        self.log.info("node_stopped", workers=stopped)
+
+    def _end_orphans(self) -> list[int]:
+        orphans = contain.end_orphans({w.pid for w in self.workers.values()})
+        if orphans:
+            self.log.info("orphans_ended", count=len(orphans))
+        return orphans
 
 
 def _reap(node: pykka.ActorRef[Any], worker: WorkerProcess) -> None:
@@ -311,11 +362,104 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+# --- when a worker's tasks end ------------------------------------------------
+
+
+def message_tag(body: bytes) -> bytes:
+    """The type tag that heads an encoded message (a msgpack array whose first item is the class
+    name, see messages.py), read without decoding the rest; ``b""`` when there is none."""
+    if len(body) < 2:
+        return b""
+    first = body[0]
+    at = 1 if 0x90 <= first <= 0x9F else 3 if first == 0xDC else 0
+    if not at or len(body) <= at:
+        return b""
+    head = body[at]
+    if 0xA0 <= head <= 0xBF:
+        return body[at + 1:at + 1 + (head & 0x1F)]
+    return body[at + 2:at + 2 + body[at + 1]] if head == 0xD9 and len(body) > at + 1 else b""
+
+
+class _TaskHead(msgspec.Struct, array_like=True):
+    """The first two fields of a message about one task instance (the rest is skipped)."""
+
+    tag: str
+    task_id: str
+
+
+_HEAD = msgspec.msgpack.Decoder(_TaskHead)
+_OPENS = {m.AssignTask.__name__.encode()}  # master -> worker
+_CLOSES_FROM_MASTER = {m.ReleaseTask.__name__.encode()}
+_CLOSES_FROM_WORKER = {m.TaskResult.__name__.encode(), m.WorkerFailed.__name__.encode()}
+
+
+class TaskEnds:
+    """Which task instances each worker holds, as the frames the node relays tell (hub thread),
+    and the ending of every process below a worker whose last task ended (Node actor's tick).
+
+    A worker stays warm after a task; what the task started must not stay with it. A worker
+    holds a task from its ``AssignTask`` until its ``TaskResult`` or ``WorkerFailed`` (plain
+    Tasks, drivers) or the master's ``ReleaseTask`` (a ParallelTask's workers). One lock covers
+    both sides: the check that a worker holds no task and the killing happen together, so a task
+    assigned meanwhile (recorded before it is relayed) never loses a process it started."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[bytes, set[str]] = {}
+        self._idle: set[bytes] = set()  # held tasks, holds none now, not swept since
+
+    def from_master(self, worker: bytes, body: bytes) -> None:
+        tag = message_tag(body)
+        if tag in _OPENS:
+            self._change(worker, body, opened=True)
+        elif tag in _CLOSES_FROM_MASTER:
+            self._change(worker, body, opened=False)
+
+    def from_worker(self, worker: bytes, body: bytes) -> None:
+        if message_tag(body) in _CLOSES_FROM_WORKER:
+            self._change(worker, body, opened=False)
+
+    def _change(self, worker: bytes, body: bytes, *, opened: bool) -> None:
+        try:
+            task_id = _HEAD.decode(body).task_id
+        except msgspec.MsgspecError:
+            return  # the master or the worker would refuse it too
+        with self._lock:
+            held = self._open.setdefault(worker, set())
+            if opened:
+                held.add(task_id)
+                self._idle.discard(worker)
+            elif task_id in held:
+                held.discard(task_id)
+                if not held:
+                    self._idle.add(worker)
+
+    def end_idle(self, pids: Mapping[str, int]) -> list[tuple[str, int]]:
+        """Kill what lives below each worker that holds no task since its last one ended;
+        ``pids``: worker id -> pid of the workers still serving. [(worker id, killed)]."""
+        ended = []
+        with self._lock:
+            for worker in list(self._idle):
+                self._idle.discard(worker)
+                pid = pids.get(worker.decode())
+                if pid is not None and not self._open.get(worker):
+                    killed = contain.end_descendants(pid)
+                    if killed:
+                        ended.append((worker.decode(), killed))
+        return ended
+
+    def forget(self, worker: bytes) -> None:
+        with self._lock:
+            self._open.pop(worker, None)
+            self._idle.discard(worker)
+
+
 _FOR_TASK_SYNC = (m.ChunkReply, m.UnknownVersion, m.NewestVersions, m.NeedVersion)
 
 
 def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[Any],
-                 socket: str, frames: list[bytes], data: DataPlane | None = None) -> None:
+                 socket: str, frames: list[bytes], data: DataPlane | None = None,
+                 task_ends: TaskEnds | None = None) -> None:
     """Route what the node's sockets receive (runs on the hub thread).
 
     master -> ``[body]`` is for the node; ``[worker, body]`` is relayed as is.
@@ -331,11 +475,17 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                           Inbound(b"", None, msg))
         elif len(frames) == 2:
+            if task_ends is not None:
+                task_ends.from_master(frames[0], frames[1])
+            if data is not None:
+                data.from_master(frames[1])
             hub.relay(WORKERS, frames)
         else:
             log.warning("malformed_frames", source="master", count=len(frames))
         return
     if len(frames) == 3 and frames[1] == b"m":
+        if task_ends is not None:
+            task_ends.from_worker(frames[0], frames[2])
         hub.relay(MASTER, [frames[0], frames[2]])
     elif data is not None and len(frames) == 5 and data.from_worker(hub, frames[0], frames[1:]):
         pass
@@ -368,30 +518,54 @@ def main(argv: list[str] | None = None) -> int:
                         help="start every worker as a fresh interpreter (on Linux the first ones "
                              "are forked from the node as it starts, which answers sooner)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    add_containment_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure(args.log_format)
     if args.workers < 1:
         log.error("bad_arguments", error="--workers must be at least 1")
         return 2
 
-    run_dir = tempfile.mkdtemp(prefix="actors-node-")
+    for stale in contain.remove_stale_run_dirs(RUN_DIR_PREFIX):
+        log.info("stale_run_dir_removed", path=stale)
+    run_dir, run_lock = contain.make_run_dir(RUN_DIR_PREFIX)
     node_id = f"node-{os.uname().nodename}-{os.getpid()}"
+    # Before any thread starts (the probe forks), and before the workers are forked.
+    containment = Containment.start(Limits(
+        memory=args.worker_memory, open_files=args.worker_open_files,
+        processes=args.worker_processes, network=args.worker_network,
+        uid_base=args.worker_uid_base), args.workers, log.bind(role="node", node_id=node_id))
+    containment.prepare_run_dir(run_dir)
+    contain.become_subreaper()
+    if args.cache and containment.group is not None and not contain.reachable_by_others(args.cache):
+        log.warning("cache_unreadable_by_workers", cache=args.cache,
+                    hint="workers of their own uids must enter every folder on its path")
     config = NodeConfig(node_id, args.workers, f"ipc://{run_dir}/workers.sock", run_dir,
-                        exit_with_parent=args.exit_with_parent)
+                        exit_with_parent=args.exit_with_parent, containment=containment)
+
+    def plan_for(scratch: str) -> Plan:
+        plan = containment.plan()
+        containment.prepare_scratch(scratch, plan)
+        return plan
+
+    def give_up(forked: list[Forked]) -> int:
+        for child in forked:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        containment.close()
+        os.close(run_lock)
+        return 2
+
     # Before the keys are read and before any thread starts: see prefork.py.
     forked = [] if args.no_prefork else fork_workers(node_id, run_dir, config.ipc_address,
-                                                     args.workers)
+                                                     args.workers, plan_for)
     keys = args.keys or default_keys_dir()
     try:
         pair = load_keypair(keys, "node")
         curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
     except ActorsError as exc:
         log.error("bad_keys", error=str(exc))
-        for child in forked:
-            os.kill(child.pid, signal.SIGKILL)
-            os.waitpid(child.pid, 0)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return 2
+        return give_up(forked)
     node_ref: pykka.ActorRef[Any] | None = None
     sync_ref: pykka.ActorRef[Any] | None = None
     started = threading.Event()
@@ -400,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         started.wait(10)
         try:
             assert node_ref is not None and sync_ref is not None
-            relay_frames(hub, node_ref, sync_ref, socket, frames, data)
+            relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends)
         except MalformedMessage as exc:
             log.warning("malformed_frame", socket=socket, error=str(exc))
 
@@ -414,20 +588,22 @@ def main(argv: list[str] | None = None) -> int:
         for ref in (node_ref, sync_ref):
             tell_if_alive(ref, Tick(now))
 
+    task_ends = TaskEnds()
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
     hub.add_router("workers", config.ipc_address)
     data = DataPlane(node_id, pair, run_dir, args.master)
     data.add_to(hub, os.path.join(keys, "node.key"))
+    # Workers of other uids connect to the ipc socket through their group: it is made 0770.
+    umask = os.umask(0o007) if containment.group is not None else None
     try:
         hub.start()
     except Exception as exc:
         log.error("cannot_connect", master=args.master, error=str(exc))
-        for child in forked:
-            os.kill(child.pid, signal.SIGKILL)
-            os.waitpid(child.pid, 0)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return 2
+        return give_up(forked)
+    finally:
+        if umask is not None:
+            os.umask(umask)
     data.bound(hub)
     config.data_address = data.address
     stop = threading.Event()
@@ -440,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sync_ref = TaskSyncClient.start(hub, os.path.abspath(args.cache or os.path.join(run_dir, "cache")),
                                     grace_s=args.package_grace)
-    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked)
+    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends)
     started.set()
     stop.wait()
     try:
@@ -450,10 +626,33 @@ def main(argv: list[str] | None = None) -> int:
     pykka.ActorRegistry.stop_all(timeout=5)
     hub.stop()  # sends what the actors handed over before it, the last Bye included
     shutil.rmtree(run_dir, ignore_errors=True)
+    containment.close()
+    os.close(run_lock)
     if fatal:
         log.error("node_exiting", reason=fatal[0])
         return 1
     return 0
+
+
+def add_containment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker limits (see contain.py); ``$ACTORS_WORKER_MEMORY`` and
+    ``$ACTORS_WORKER_NETWORK=1`` set them for nodes started by others (a LocalCluster's)."""
+    group = parser.add_argument_group("worker containment (Linux)")
+    group.add_argument("--worker-memory", type=parse_size,
+                       default=os.environ.get("ACTORS_WORKER_MEMORY") or None,
+                       help="data (heap) each worker process may allocate, e.g. 2G; beyond it "
+                            "the task fails with MemoryError (default: no limit)")
+    group.add_argument("--worker-open-files", type=int, default=contain.DEFAULT_OPEN_FILES,
+                       help="open files per worker process")
+    group.add_argument("--worker-processes", type=int, default=contain.DEFAULT_PROCESSES,
+                       help="processes and threads per worker (with a uid of its own: root)")
+    group.add_argument("--worker-network", action="store_true",
+                       default=os.environ.get("ACTORS_WORKER_NETWORK") == "1",
+                       help="let tasks use the network (by default a worker has a network "
+                            "namespace of its own, loopback only)")
+    group.add_argument("--worker-uid-base", type=int, default=contain.DEFAULT_UID_BASE,
+                       help="a root node runs its workers as uids above this one, and this as "
+                            "their group")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ reads only the routing frames, never the bodies:
 
 Nodes talk to each other with CURVE, and a node's data socket admits only the nodes' key: a
 client key, which the master admits, cannot read results.
+
+Task code runs in the workers and may send any frame: the node connects only to data addresses
+the master announced to its workers (``RunUnits``/``WhoHas``/``DriverResults`` holders, read from
+the frames relayed to them), answers a request for any other address at once with every key
+missing, and keeps at most ``MAX_PEERS`` peer connections, closing the least recently used.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import ipaddress
 import os
 import shutil
 import urllib.parse
+from collections import OrderedDict
 
 import structlog
 
@@ -37,6 +43,8 @@ DATA = "data"
 WORKERS = "workers"
 TO_PEER = b"p"
 REPLY = b"r"
+MAX_PEERS = 64  # open DEALERs to other nodes; the least recently used is closed first
+MAX_KNOWN = 4096  # announced addresses remembered, least recently announced forgotten first
 
 
 def data_host(master_address: str) -> str:
@@ -58,6 +66,9 @@ class DataPlane:
         self.host = data_host(master_address)
         self.allowed_dir = os.path.join(run_dir, "data-allowed")
         self.address = ""  # what peers connect to, once bound
+        self.known: OrderedDict[str, None] = OrderedDict()  # addresses the master announced
+        self.peers: OrderedDict[str, None] = OrderedDict()  # open peer sockets, by last use
+        self.refused = 0
 
     def add_to(self, hub: Hub, node_public_key_file: str) -> None:
         """Before ``hub.start()``: bind the data ROUTER, admitting the nodes' key only."""
@@ -77,13 +88,20 @@ class DataPlane:
         """Relay a worker's data frames (``[b"p"|b"r", ...]``); False when they are not data."""
         if len(frames) == 4 and frames[0] == TO_PEER:
             _, address, holder, body = frames
+            text = address.decode(errors="replace")
             if not address:
                 log.warning("data_request_without_address", holder=holder.decode(errors="replace"))
-            elif address.decode(errors="replace") == self.address:
+            elif text == self.address:
                 if not hub.send_now(WORKERS, [holder, b"", body]):
                     self._holder_gone(hub, holder, b"", body)
+            elif text not in self.known:
+                self.refused += 1
+                if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th... only
+                    log.warning("data_address_refused", node_id=self.node_id, address=text[:200],
+                                worker=worker.decode(errors="replace"), refused=self.refused)
+                self._holder_gone(hub, holder, b"", body)
             else:
-                hub.send_now(self._peer_socket(hub, address.decode(errors="replace")), [holder, body])
+                hub.send_now(self._peer_socket(hub, text), [holder, body])
             return True
         if len(frames) == 4 and frames[0] == REPLY:
             _, origin, requester, body = frames
@@ -91,9 +109,32 @@ class DataPlane:
             return True
         return False
 
+    def from_master(self, body: bytes) -> None:
+        """A frame the master sends one of our workers: remember the data addresses it names."""
+        if b"tcp://" not in body:  # most frames: no holder in them
+            return
+        try:
+            msg = m.decode(body)
+        except MalformedMessage:
+            return
+        if isinstance(msg, m.RunUnits | m.DriverResults):
+            addresses = [address for _, _, address in (
+                msg.holders if isinstance(msg, m.RunUnits) else msg.held)]
+        elif isinstance(msg, m.WhoHas):
+            addresses = [address for _, address in msg.holders]
+        else:
+            return
+        for address in addresses:
+            self.known[address] = None
+            self.known.move_to_end(address)
+        while len(self.known) > MAX_KNOWN:
+            self.known.popitem(last=False)
+
     def from_network(self, hub: Hub, socket: str, frames: list[bytes]) -> bool:
         """Relay what the data ROUTER or a peer DEALER received; False for other sockets."""
         if socket == DATA:
+            if len(frames) == 4:  # a CURVE server's hub puts the peer's proven key first
+                frames = frames[1:]
             if len(frames) == 3:
                 origin, holder, body = frames
                 if not hub.send_now(WORKERS, [holder, origin, body]):
@@ -130,8 +171,15 @@ class DataPlane:
 
     def _peer_socket(self, hub: Hub, address: str) -> str:
         name = f"peer:{address}"
-        if not hub.has_socket(name):
-            log.info("peer_node_connect", node_id=self.node_id, address=address)
-            hub.open_dealer_now(name, address, identity=self.node_id.encode(),
-                                curve=ClientCurve(self.pair.public, self.pair.secret, self.pair.public))
+        if name in self.peers:
+            self.peers.move_to_end(name)
+            return name
+        while len(self.peers) >= MAX_PEERS:
+            oldest, _ = self.peers.popitem(last=False)
+            log.info("peer_node_closed", node_id=self.node_id, socket=oldest, why="least recently used")
+            hub.close_now(oldest)
+        log.info("peer_node_connect", node_id=self.node_id, address=address)
+        hub.open_dealer_now(name, address, identity=self.node_id.encode(),
+                            curve=ClientCurve(self.pair.public, self.pair.secret, self.pair.public))
+        self.peers[name] = None
         return name

@@ -6,8 +6,10 @@ The node has imported all of it already, so on Linux it forks its first workers 
 before it reads its keys (a child must not hold the node's secret key) and before it starts any
 thread (a fork copies locks that a thread of the parent may hold, and the thread is not there to
 release them). A forked worker then sets itself up as a spawned one is set up: its own session,
-a scratch folder as home, temporary folder and working directory, a scrubbed environment, stdin
-from /dev/null; then it runs ``actors.worker.main``. Workers that replace dead ones are spawned as
+nothing of the node's left open, a scratch folder as home, temporary folder and working directory,
+a scrubbed environment (the strings the node started with wiped too: ``/proc/self/environ`` shows
+them), stdin from /dev/null, its containment plan applied (``contain.py``); then it runs
+``actors.worker.main``. Workers that replace dead ones are spawned as
 fresh interpreters: by then the node runs threads. ``ps`` shows a forked worker with its node's
 command line.
 """
@@ -19,7 +21,10 @@ import sys
 import tempfile
 import threading
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from actors.contain import Plan, contain_or_exit, wipe_initial_environment
 
 # What a worker may see of the node's environment; everything else is scrubbed.
 _ENV_KEPT = ("PATH", "PYTHONPATH", "LANG", "TZ", "VIRTUAL_ENV", "SYSTEMROOT")
@@ -30,6 +35,7 @@ class Forked:
     worker_id: str
     pid: int
     scratch: str
+    plan: Plan = field(default_factory=Plan)
 
 
 def worker_env(scratch: str) -> dict[str, str]:
@@ -47,8 +53,10 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux") and threading.active_count() == 1
 
 
-def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int) -> list[Forked]:
-    """Fork ``count`` workers ``{node_id}/w1..``; an empty list where forking is not safe."""
+def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int,
+                 plan_for: Callable[[str], Plan]) -> list[Forked]:
+    """Fork ``count`` workers ``{node_id}/w1..``; an empty list where forking is not safe.
+    ``plan_for(scratch)`` gives each its containment plan and readies its scratch folder."""
     if not can_fork():
         return []
     import actors.worker  # noqa: F401  (imported here, once, so no child imports it)
@@ -57,28 +65,32 @@ def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int) -> li
     for seq in range(1, count + 1):
         worker_id = f"{node_id}/w{seq}"
         scratch = tempfile.mkdtemp(prefix=f"w{seq}-", dir=run_dir)
+        plan = plan_for(scratch)
         args = worker_args(ipc_address, worker_id)
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _become_worker(scratch, args)
-        forked.append(Forked(worker_id, pid, scratch))
+            _become_worker(scratch, args, plan)
+        forked.append(Forked(worker_id, pid, scratch, plan))
     return forked
 
 
-def _become_worker(scratch: str, args: list[str]) -> None:
+def _become_worker(scratch: str, args: list[str], plan: Plan) -> None:
     """In the child: never returns."""
     code = 70
     try:
         os.setsid()
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the node's run folder and uid locks
         os.chdir(scratch)
         env = worker_env(scratch)
         os.environ.clear()
         os.environ.update(env)
+        wipe_initial_environment()
         tempfile.tempdir = None  # the node's choice, cached: the worker's is its scratch folder
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
+        contain_or_exit(plan)
         from actors.worker import main
 
         code = main(args)

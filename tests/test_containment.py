@@ -1,0 +1,360 @@
+"""Contained workers: each attack a task could make on its node, performed, and shown to fail
+while legitimate work still completes (real processes, real signals; see actors/contain.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+
+from actors import Client, LocalCluster, Task
+from actors import messages as m
+from actors.contain import make_run_dir, remove_stale_run_dirs
+from tests.conftest import (
+    alive,
+    children,
+    descendants,
+    kill_all,
+    python,
+    start_master,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.processes,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")]
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "PYDRA_NODE_SECRET"
+
+
+def _readable_by_others(path: str) -> bool:
+    parts = os.path.abspath(path).split(os.sep)
+    return all(os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & stat.S_IXOTH
+               for i in range(2, len(parts) + 1))
+
+
+def worker_python() -> str | None:
+    """An interpreter whose standard library workers of other uids can read: this one, or the
+    system's of the same version (a venv under /root is not); None when there is none."""
+    if _readable_by_others(sysconfig.get_paths()["stdlib"]):
+        return sys.executable
+    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for candidate in (f"/usr/bin/{minor}", f"/usr/local/bin/{minor}"):
+        if os.path.exists(candidate) and _readable_by_others(f"/usr/lib/{minor}"):
+            return candidate
+    return None
+
+
+# --- what a task tries ------------------------------------------------------------------------
+
+
+class Snoop(Task):
+    """Everything a task might reach of its node and its neighbours, and what each attempt got."""
+
+    def work(self, others: list[str]) -> dict[str, object]:
+        node = os.getppid()
+        seen: dict[str, object] = {"uid": os.getuid(), "pid": os.getpid(), "home": os.environ["HOME"]}
+        cmdline = Path(f"/proc/{node}/cmdline").read_bytes().split(b"\0")
+        keys = cmdline[cmdline.index(b"--keys") + 1].decode()
+        for name, attempt in {
+            "node_environ": lambda: Path(f"/proc/{node}/environ").read_bytes(),
+            "keys": lambda: os.listdir(keys),
+            "node_key": lambda: Path(keys, "node.key_secret").read_bytes(),
+            "scratch": lambda: [os.listdir(o) for o in others if o != os.environ["HOME"]],
+            "kill_node": lambda: os.kill(node, signal.SIGKILL),
+        }.items():
+            try:
+                attempt()
+                seen[name] = "allowed"
+            except OSError as exc:
+                seen[name] = type(exc).__name__
+        Path(os.environ["HOME"], "mine").write_text("a task may write its own scratch folder")
+        seen["environ"] = Path("/proc/self/environ").read_bytes().decode(errors="replace")
+        seen["env"] = dict(os.environ)
+        seen["argv"] = Path("/proc/self/cmdline").read_bytes().decode(errors="replace")
+        seen["files"] = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                         if int(fd) > 2 and os.path.exists(f"/proc/self/fd/{fd}")]
+        return seen
+
+
+class Connect(Task):
+    def work(self, host: str, port: int) -> str:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as exc:
+            return type(exc).__name__
+        return "connected"
+
+
+class LeavesAProcess(Task):
+    """Starts a child that starts a grandchild in a session of its own, and returns at once."""
+
+    def work(self, then: str = "return") -> tuple[int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", "import subprocess\n"
+             "p = subprocess.Popen(['sleep', '600'], start_new_session=True,\n"
+             "                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+             "print(p.pid)"],
+            capture_output=True, text=True, check=True)
+        grandchild = int(out.stdout)
+        if then == "exit":  # a fatal error: the node stops this worker
+            raise SystemExit(f"grandchild {grandchild}")
+        return grandchild, os.getpid()
+
+
+class Allocates(Task):
+    def work(self, size: int) -> int:
+        return len(bytearray(size))
+
+
+class Pid(Task):
+    def work(self) -> int:
+        return os.getpid()
+
+
+# --- a cluster whose workers have uids of their own -----------------------------------------
+
+
+@dataclass
+class Contained:
+    client: Client
+    address: str
+    node: subprocess.Popen[str]
+    keys: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def contained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contained]:
+    """A master and a root node of two workers, each worker a uid of its own, 1 GiB of data
+    each, no network; the node's environment holds a secret."""
+    if os.geteuid() != 0:
+        pytest.skip("workers get uids of their own only under a root node")
+    interpreter = worker_python()
+    if interpreter is None:
+        pytest.skip("no interpreter here that workers of another uid could read")
+    tmp = tmp_path_factory.mktemp("contained")
+    open_parent = Path(tempfile.mkdtemp(prefix="actors-test-keys-"))
+    open_parent.chmod(0o755)  # the keys folder's own mode, not a closed parent, keeps tasks out
+    keys = str(open_parent / "keys")
+    assert python("-m", "actors", "keys", "init", keys, stdout=subprocess.DEVNULL).wait(30) == 0
+    master, address = start_master(tmp, "--workers", "0", "--keys", keys)
+    site = sysconfig.get_paths()["purelib"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), site]), **{SECRET: "hunter2"})
+    log = tmp / "node.log"
+    with open(log, "w") as stderr:
+        node = subprocess.Popen(
+            [interpreter, "-m", "actors.node", "--master", address, "--keys", keys,
+             "--workers", "2", "--log-format", "json", "--worker-memory", "1G"],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    try:
+        with Client(address, keys=keys) as client:
+            client.wait_for_workers(2)
+            yield Contained(client, address, node, keys, log)
+    finally:
+        kill_all({node.pid, master.pid} | descendants(node.pid) | descendants(master.pid))
+        node.wait(10)
+        master.wait(10)
+        subprocess.run(["rm", "-rf", str(open_parent)], check=False)
+
+
+def scratch_folders(node_pid: int) -> list[str]:
+    [run_dir] = Path(tempfile.gettempdir()).glob(f"actors-node-{node_pid}-*")
+    return sorted(str(p) for p in run_dir.glob("w*-*"))
+
+
+def test_a_task_cannot_reach_its_neighbours_scratch_the_keys_or_its_node(
+    contained: Contained
+) -> None:
+    others = scratch_folders(contained.node.pid)
+    assert len(others) == 2
+    futures = [contained.client.submit(Snoop, others) for _ in range(2)]
+    seen = [f.result(timeout=30) for f in futures]
+    for s in seen:
+        assert s["uid"] not in (0, os.getuid()), s["uid"]
+        assert {s[k] for k in ("node_environ", "keys", "node_key", "scratch", "kill_node")} == {
+            "PermissionError"}, s
+        assert "hunter2" not in str(s["environ"]) + str(s["env"]) + str(s["argv"])
+        assert all(f.startswith(("anon_inode:", "socket:")) for f in s["files"]), s["files"]  # type: ignore[union-attr]
+        assert stat.S_IMODE(os.stat(str(s["home"])).st_mode) == 0o700
+    assert contained.node.poll() is None  # the kill was refused: the node serves on
+    assert contained.client.submit(Pid).result(timeout=30) > 0
+
+
+def test_a_spawned_replacement_worker_is_contained_like_a_forked_one(
+    contained: Contained
+) -> None:
+    """Forked workers are checked above; this replaces one (a fatal error) and checks its
+    replacement, a fresh interpreter started by the node's -c script."""
+    with pytest.raises(RuntimeError):
+        contained.client.submit(LeavesAProcess, "exit").result(timeout=30)
+    contained.client.wait_for_workers(2)
+    seen = [f.result(timeout=30) for f in
+            [contained.client.submit(Snoop, scratch_folders(contained.node.pid)) for _ in range(2)]]
+    spawned = [s for s in seen if "actors.contain" in str(s["argv"])]
+    assert spawned, [s["argv"] for s in seen]
+    for s in spawned:
+        assert s["uid"] not in (0, os.getuid())
+        assert {s[k] for k in ("node_environ", "node_key", "scratch", "kill_node")} == {
+            "PermissionError"}, s
+        assert "hunter2" not in str(s["environ"]) + str(s["env"]) + str(s["argv"])
+
+
+def test_a_task_has_no_network_by_default(contained: Contained) -> None:
+    host, port = contained.address.removeprefix("tcp://").rsplit(":", 1)
+    assert contained.client.submit(Connect, host, int(port)).result(timeout=30) in (
+        "ConnectionRefusedError", "OSError")
+
+
+def test_with_worker_network_a_task_reaches_the_master(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACTORS_WORKER_NETWORK", "1")  # the local node's --worker-network
+    with LocalCluster(workers=1) as cl, Client(cl) as client:
+        host, port = cl.address.removeprefix("tcp://").rsplit(":", 1)
+        assert client.submit(Connect, host, int(port)).result(timeout=30) == "connected"
+
+
+def test_an_embedded_clusters_task_has_no_network_by_default() -> None:
+    with LocalCluster(workers=1) as cl, Client(cl) as client:
+        host, port = cl.address.removeprefix("tcp://").rsplit(":", 1)
+        assert client.submit(Connect, host, int(port)).result(timeout=30) != "connected"
+
+
+def test_a_setsid_grandchild_is_gone_once_its_task_ends(contained: Contained) -> None:
+    grandchild, worker = contained.client.submit(LeavesAProcess).result(timeout=30)
+    wait_until(lambda: not alive(grandchild), 10, "the task's setsid grandchild to be ended")
+    assert alive(worker), "the worker itself stays, warm"
+
+
+def test_a_setsid_grandchild_is_gone_once_its_worker_is_stopped(contained: Contained) -> None:
+    before = set(descendants(contained.node.pid))
+    with pytest.raises(RuntimeError, match="grandchild") as info:
+        contained.client.submit(LeavesAProcess, "exit").result(timeout=30)
+    grandchild = int(re.findall(r"grandchild (\d+)", str(info.value))[0])
+    assert grandchild not in before
+    wait_until(lambda: not alive(grandchild), 10, "the stopped worker's setsid grandchild")
+    contained.client.wait_for_workers(2)
+
+
+def test_a_huge_allocation_fails_the_task_with_memory_error_and_the_cluster_serves_on(
+    contained: Contained
+) -> None:
+    def exits() -> int:
+        return sum(json.loads(line)["event"] == "worker_exited"
+                   for line in contained.log.read_text().splitlines() if line.startswith("{"))
+
+    before = exits()
+    with pytest.raises(MemoryError):
+        contained.client.submit(Allocates, 8 << 30).result(timeout=30)
+    wait_until(lambda: exits() == before + 1, 10, "the worker that hit its limit to be replaced")
+    contained.client.wait_for_workers(2)
+    assert contained.client.submit(Allocates, 64 << 20).result(timeout=30) == 64 << 20
+
+
+# --- the data plane ---------------------------------------------------------------------------
+
+
+def test_a_node_connects_to_no_address_the_master_did_not_announce(tmp_path: Path) -> None:
+    """1,200 data requests naming 1,200 addresses, straight onto the node's worker socket (as
+    task code may): each is answered 'missing' at once, and the node opens no connection."""
+    with LocalCluster(workers=1) as cl, Client(cl) as client:
+        client.wait_for_workers(1)
+        [node] = [p for p in children(cl.pid)  # its forked workers show its command line too
+                  if b"actors.node" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        [run_dir] = Path(tempfile.gettempdir()).glob(f"actors-node-{node}-*")
+        before = len(os.listdir(f"/proc/{node}/fd"))
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"intruder")
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(f"ipc://{run_dir}/workers.sock")
+        try:
+            for i in range(1200):
+                request = m.encode(m.DataRequest("t", [f"t:{i}"], "intruder"))
+                sock.send_multipart([b"p", f"tcp://10.255.{i // 250}.{i % 250}:9".encode(),
+                                     b"holder", request])
+            replies = [m.decode(sock.recv()) for _ in range(1200)]
+        finally:
+            sock.close()
+            ctx.term()
+        assert all(isinstance(r, m.DataReply) and r.missing and not r.data for r in replies)
+        assert len(os.listdir(f"/proc/{node}/fd")) <= before + 5
+        assert client.submit(Pid).result(timeout=30) > 0
+
+
+class _FakeHub:
+    def __init__(self) -> None:
+        self.open: list[str] = []
+        self.sent: list[tuple[str, list[bytes]]] = []
+
+    def send_now(self, name: str, frames: list[bytes]) -> bool:
+        self.sent.append((name, frames))
+        return True
+
+    def open_dealer_now(self, name: str, address: str, **_: object) -> None:
+        self.open.append(name)
+
+    def close_now(self, name: str) -> None:
+        self.open.remove(name)
+
+
+def test_peer_connections_are_capped_least_recently_used_first() -> None:
+    from actors.node_data import MAX_PEERS, DataPlane
+    from transport.keys import KeyPair
+
+    hub = _FakeHub()
+    plane = DataPlane("n1", KeyPair(b"p" * 40, b"s" * 40), "/nonexistent", "tcp://127.0.0.1:1")
+    plane.address = "tcp://127.0.0.1:2"
+    addresses = [f"tcp://10.0.0.{i}:9" for i in range(MAX_PEERS + 5)]
+    plane.from_master(m.encode(m.RunUnits("t", 1, [], [(i, "w", a) for i, a in enumerate(addresses)])))
+    body = m.encode(m.DataRequest("t", ["t:0"], "w"))
+    plane.from_worker(hub, b"w", [b"p", addresses[0].encode(), b"h", body])  # type: ignore[arg-type]
+    for address in addresses[1:]:
+        plane.from_worker(hub, b"w", [b"p", address.encode(), b"h", body])  # type: ignore[arg-type]
+        plane.from_worker(hub, b"w", [b"p", addresses[0].encode(), b"h", body])  # type: ignore[arg-type]
+    assert len(hub.open) == MAX_PEERS
+    assert f"peer:{addresses[0]}" in hub.open, "the one used all along stays open"
+    assert f"peer:{addresses[1]}" not in hub.open, "the least recently used was closed"
+    plane.from_worker(hub, b"w", [b"p", b"tcp://10.9.9.9:9", b"h", body])  # type: ignore[arg-type]
+    assert "peer:tcp://10.9.9.9:9" not in hub.open
+    assert hub.sent[-1][0] == "workers"  # answered at once: every key missing
+    reply = m.decode(hub.sent[-1][1][-1])
+    assert isinstance(reply, m.DataReply) and reply.missing == ["t:0"]
+
+
+# --- run folders ------------------------------------------------------------------------------
+
+
+def test_a_run_folder_whose_process_is_gone_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
+    prefix = f"actors-test-{os.getpid()}-{time.monotonic_ns()}-"
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom actors.contain import make_run_dir\n"
+         f"print(make_run_dir({prefix!r})[0], flush=True)\ntime.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    dead = child.stdout.readline().strip()
+    mine, lock = make_run_dir(prefix)
+    try:
+        assert remove_stale_run_dirs(prefix) == []  # both processes live
+        child.kill()
+        child.wait(10)
+        assert remove_stale_run_dirs(prefix) == [dead]
+        assert not os.path.exists(dead) and os.path.isdir(mine)
+    finally:
+        os.close(lock)
+        os.rmdir(mine)
+        child.stdout.close()
