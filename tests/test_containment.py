@@ -358,3 +358,45 @@ def test_a_run_folder_whose_process_is_gone_is_removed_and_a_live_one_kept(tmp_p
         os.close(lock)
         os.rmdir(mine)
         child.stdout.close()
+
+
+# --- where the kernel refuses a measure -------------------------------------------------------
+
+_UNPRIVILEGED_NODE = '''
+import json, sys
+from actors.contain import Containment, Limits, enter
+
+class Log:
+    def __init__(self): self.lines = []
+    def info(self, event, **kw): self.lines.append(("info", event, kw))
+    def warning(self, event, **kw): self.lines.append(("warning", event, kw))
+
+log = Log()
+containment = Containment.start(Limits(memory=1 << 30), 2, log)
+plan = containment.plan()
+enter(plan)  # strict: what the probe allowed must work in a worker
+print(json.dumps({"refused": containment.refused, "log": log.lines, "uid": plan.uid,
+                  "network": plan.network}))
+'''
+
+
+def test_a_node_that_is_not_root_logs_each_refused_measure_once_and_goes_on() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the test drops to an unprivileged uid itself")
+    interpreter = worker_python()
+    if interpreter is None:
+        pytest.skip("no interpreter here that another uid could read")
+    site = sysconfig.get_paths()["purelib"]
+    done = subprocess.run(
+        [interpreter, "-c", _UNPRIVILEGED_NODE], user=65534, group=65534, extra_groups=[],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), site])), cwd="/",
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["uid"] is None
+    assert seen["refused"]["uid"] == "the node is not root"
+    logged = [line[2]["measure"] for line in seen["log"] if line[1] == "worker_containment_refused"]
+    assert sorted(logged) == sorted(seen["refused"]), "each refusal is logged, once"
+    assert all(level == "info" for level, _, kw in seen["log"] if kw["measure"] in ("uid", "processes"))
+    # The network is isolated through a user namespace where the kernel allows one, else shared.
+    assert seen["network"] == ("shared" if "network" in seen["refused"] else "user")
