@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None, *,
             tell_if_alive(ref, Tick(now))
 
     hub = Hub(on_frames, on_tick=on_tick, tick_s=0.25)
-    hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve)
+    hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True)
     try:
         hub.start()
     except Exception as exc:

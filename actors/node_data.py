@@ -133,8 +133,6 @@ class DataPlane:
     def from_network(self, hub: Hub, socket: str, frames: list[bytes]) -> bool:
         """Relay what the data ROUTER or a peer DEALER received; False for other sockets."""
         if socket == DATA:
-            if len(frames) == 4:  # a CURVE server's hub puts the peer's proven key first
-                frames = frames[1:]
             if len(frames) == 3:
                 origin, holder, body = frames
                 if not hub.send_now(WORKERS, [holder, origin, body]):

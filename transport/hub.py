@@ -21,8 +21,8 @@ results, a client submitting in a loop), and a ZeroMQ message costs a fixed
 amount per frame and a wake-up of every thread on its way, whatever its size;
 a lone message goes out as it is, so nothing waits for a batch to fill.
 
-Keys. On a CURVE server socket (the master's) every frame list handed to
-``on_frames`` starts with the sender's public key, as the handshake proved it
+Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame list
+handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
 (Z85 text), so the receiver can hold each message to the role of its key; no
 connection can take over another's routing identity there.
 """
@@ -102,6 +102,7 @@ class _SocketSpec:
     server_curve: ServerCurve | None
     client_curve: ClientCurve | None
     monitor: bool
+    with_keys: bool = False  # a CURVE server that hands each sender's key over (see "Keys")
 
 
 class Outbox:
@@ -166,9 +167,15 @@ class Hub:
 
     # --- configuration (before start) ---------------------------------------
 
-    def add_router(self, name: str, address: str, *, curve: ServerCurve | None = None) -> None:
-        """A bound ROUTER socket (the master's TCP endpoint, the node's ipc endpoint)."""
-        self._specs.append(_SocketSpec(name, zmq.ROUTER, address, True, None, curve, None, False))
+    def add_router(self, name: str, address: str, *, curve: ServerCurve | None = None,
+                   with_keys: bool = False) -> None:
+        """A bound ROUTER socket (the master's TCP endpoint, the node's ipc endpoint). With
+        ``with_keys`` (a CURVE server only) each frame list starts with the sender's key, and no
+        connection may take over another's routing identity."""
+        if with_keys and curve is None:
+            raise ValueError("with_keys needs CURVE: without it no key is proved")
+        self._specs.append(_SocketSpec(name, zmq.ROUTER, address, True, None, curve, None, False,
+                                       with_keys))
 
     def add_dealer(
         self,
@@ -326,7 +333,7 @@ class Hub:
             self._routers.add(spec.name.encode())
             # Unroutable sends raise instead of vanishing.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            if spec.server_curve is None:
+            if not spec.with_keys:
                 # A reconnecting peer with the same identity takes over its old connection.
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             else:
