@@ -14,7 +14,6 @@ import shutil
 import signal as signals
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +28,7 @@ import structlog
 from actors import __version__, logs
 from actors import messages as m
 from actors.cluster import default_keys_dir, local_node_command
+from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
 from actors.core.scheduler_state import SchedulerState, unit_digest
@@ -57,6 +57,8 @@ MAX_RETRIES = 100
 # code rides along with every assignment (cheaper than keeping track of it).
 INLINE_CODE_BYTES = 64 * 1024
 KINDS = frozenset(ev.TaskKind)
+NODE_WATCH_S = 0.5  # how often the command line looks at its local node
+NODE_RESTARTS, NODE_RESTART_WINDOW_S = 5, 60.0  # a local node that dies more often stays dead
 # Refused messages: logged up to REJECTIONS_LOGGED per key and interval; a key refused more than
 # REJECTIONS_BLOCKED times in one is not heard for BLOCK_S (its peer keeps sending garbage).
 REJECTION_INTERVAL_S = 10.0
@@ -97,6 +99,7 @@ class Master(Shell):
         super().__init__(hub)
         self._on_crash = on_crash
         self._journal_dir: str | None = None  # made in on_start, removed at stop
+        self._journal_lock = -1  # held while the folder is ours (see contain.make_run_dir)
         self.journal: ResultJournal | None = None
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
@@ -118,7 +121,8 @@ class Master(Shell):
 
     def on_start(self) -> None:
         super().on_start()
-        self._journal_dir = tempfile.mkdtemp(prefix="actors-master-")
+        remove_stale_run_dirs("actors-master-")  # left by masters killed with kill -9
+        self._journal_dir, self._journal_lock = make_run_dir("actors-master-")
         self.journal = ResultJournal(os.path.join(self._journal_dir, f"{self.master_id}.sqlite"))
 
     def on_stop(self) -> None:
@@ -126,6 +130,7 @@ class Master(Shell):
             self.journal.close()
         if self._journal_dir is not None:
             shutil.rmtree(self._journal_dir, ignore_errors=True)
+            os.close(self._journal_lock)
         super().on_stop()
 
     def context_of(self, message: Any) -> dict[str, Any]:
@@ -746,7 +751,10 @@ def main(argv: list[str] | None = None, *,
         sys.stdout.flush()
     if args.run:
         run_script(args.run, address, keys, stop, exit_code)
-    stop.wait()
+    restarts: list[float] = []
+    while not stop.wait(NODE_WATCH_S):
+        if node is not None and node.poll() is not None:
+            node = _restart_local_node(node, restarts)
     log.info("master_stopping")
     if node is not None:
         stop_process(node, grace=10.0)
@@ -756,6 +764,20 @@ def main(argv: list[str] | None = None, *,
         Path(args.ready_file).unlink(missing_ok=True)
     log.info("master_stopped")
     return exit_code[0]
+
+
+def _restart_local_node(node: subprocess.Popen[bytes],
+                        restarts: list[float]) -> subprocess.Popen[bytes] | None:
+    """The local node died (killed, crashed): start another, unless it keeps dying."""
+    now = time.monotonic()
+    restarts[:] = [t for t in restarts if now - t < NODE_RESTART_WINDOW_S]
+    if len(restarts) >= NODE_RESTARTS:
+        log.error("local_node_not_restarted", exitcode=node.returncode,
+                  reason=f"it died {len(restarts)} times within {NODE_RESTART_WINDOW_S:.0f}s")
+        return None
+    restarts.append(now)
+    log.warning("local_node_restarted", exitcode=node.returncode, pid=node.pid)
+    return subprocess.Popen(node.args, stdin=subprocess.DEVNULL)
 
 
 def _stop_local_node(node: subprocess.Popen[bytes] | None) -> None:

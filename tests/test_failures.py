@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,3 +333,23 @@ def test_a_client_learns_its_master_restarted_and_goes_on_with_the_new_one(
     finally:
         if second is not None:
             second.wait(10)  # killed with the others on the way out
+
+
+def test_a_killed_local_node_is_started_again_and_the_cluster_serves_on() -> None:
+    with LocalCluster(workers=1) as cl, Client(cl) as client:
+        [node] = children(cl.pid)
+        os.kill(node, signal.SIGKILL)
+        wait_until(lambda: children(cl.pid) - {node}, 30, "the master to start another node")
+        assert client.submit(Square, 7).result(timeout=60) == 49
+        wait_until(lambda: len(client.info().nodes) == 1, 30, "the dead node to be declared lost")
+
+
+def test_a_master_removes_the_folders_of_masters_killed_before_it() -> None:
+    stale = Path(tempfile.gettempdir()) / "actors-master-999999999-stale"
+    stale.mkdir()
+    (stale / "results.sqlite").write_bytes(b"payloads of a master killed with kill -9")
+    with LocalCluster(workers=0) as cl:
+        wait_until(lambda: not stale.exists(), 20, "the stale folder to go")
+        mine = [p for p in Path(tempfile.gettempdir()).glob(f"actors-master-{cl.pid}-*")]
+        assert len(mine) == 1 and mine[0].is_dir()
+    wait_until(lambda: not mine[0].exists(), 20, "the master's own folder to go at its stop")
