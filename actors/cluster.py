@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from pathlib import Path
 
 import structlog
 
+from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.errors import ActorsError
 
 log = structlog.get_logger("actors.cluster")
@@ -74,7 +74,9 @@ class LocalCluster:
         ``restart_after_error``: replace a worker whose task raised, for a fresh interpreter after
         any failure (by default it serves on, as after a task that returned)."""
         self.workers = (os.cpu_count() or 1) if workers is None else workers
-        self._tmp = tempfile.mkdtemp(prefix="actors-cluster-")
+        # Its keys live here: a folder left by a process killed with kill -9 goes at next start.
+        remove_stale_run_dirs("actors-cluster-")
+        self._tmp, self._lock = make_run_dir("actors-cluster-")
         self.keys_dir = str(keys) if keys else os.path.join(self._tmp, "keys")
         ready_file = os.path.join(self._tmp, "ready.json")
         # The node is started beside the master, so it must know the port before the master
@@ -117,8 +119,9 @@ class LocalCluster:
             if reserved is not None:
                 reserved[0].close()
             shutil.rmtree(self._tmp, ignore_errors=True)
+            os.close(self._lock)
             raise
-        self._finalizer = weakref.finalize(self, _stop, self.process, self._tmp)
+        self._finalizer = weakref.finalize(self, _stop, self.process, self._tmp, self._lock)
         try:
             info = _wait_ready(self.process, ready_file, start_timeout)
         except BaseException:
@@ -203,7 +206,7 @@ def _wait_ready(process: subprocess.Popen[bytes], ready_file: str, timeout: floa
     raise ClusterStartFailed(f"master not ready after {timeout}s")
 
 
-def _stop(process: subprocess.Popen[bytes], tmp: str) -> None:
+def _stop(process: subprocess.Popen[bytes], tmp: str, lock: int) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -213,3 +216,4 @@ def _stop(process: subprocess.Popen[bytes], tmp: str) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(5)
     shutil.rmtree(tmp, ignore_errors=True)
+    os.close(lock)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,14 @@ def test_a_killed_master_takes_its_node_and_workers_along() -> None:
         os.kill(cl.pid, signal.SIGKILL)
         cl.process.wait(10)
         wait_until(lambda: not any(alive(p) for p in pids), 20, "the node and workers to end")
+
+
+def test_a_local_cluster_removes_what_one_killed_before_it_left_behind(tmp_path: Path) -> None:
+    """A LocalCluster's folder holds its secret keys: one a kill -9 left goes at the next start."""
+    stale = Path(tempfile.gettempdir()) / "actors-cluster-999999999-stale"
+    (stale / "keys").mkdir(parents=True)
+    (stale / "keys" / "master.key_secret").write_text("a secret left behind")
+    with LocalCluster(workers=0) as cluster:
+        assert not stale.exists()
+        assert Path(cluster.keys_dir).is_dir()
+    assert not Path(cluster.keys_dir).exists()
