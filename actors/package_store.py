@@ -1,7 +1,8 @@
-"""Task packages on disk: the master's tasks directory and a node's cache.
+"""Task packages on disk: the master's tasks directory, a node's cache, a worker's import.
 
 The master reads its tasks directory with `scan_tasks_dir`; a node keeps the
-versions it fetched in a `NodeCache`, laid out as ``<root>/<package>/<version>/``.
+versions it fetched in a `NodeCache`, laid out as ``<root>/<package>/<version>/``;
+a worker imports a task class from one of those folders with `import_deployed`.
 
 A cache folder appears at its final path complete, verified and read-only, or
 not at all: it is written into a staging folder next to it
@@ -23,14 +24,19 @@ version is content no hash vouches for, and makes the folder CORRUPT.
 from __future__ import annotations
 
 import errno
+import importlib
+import importlib.machinery
+import importlib.util
 import os
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from actors.core.packages import (
     FileEntry,
@@ -222,6 +228,40 @@ class NodeCache:
                     _remove_tree(child)
                     removed += 1
         return removed
+
+
+# --- a worker's import ---------------------------------------------------------
+
+
+def import_deployed(package: str, version_path: str | os.PathLike[str], name: str) -> Any:
+    """The class ``name`` (``"package.module:Class"``) imported from ``version_path``, the
+    package's verified version folder, and only from it.
+
+    The package is imported once per process: its modules are found in ``version_path`` alone,
+    never on ``sys.path``, and the folder's ``lib/`` (the package's own libraries) goes first
+    on ``sys.path``. The caller sets ``sys.dont_write_bytecode``: the folder is read-only, and
+    bytecode written into it would be content no hash vouches for.
+    """
+    folder = os.fspath(version_path)
+    if package not in sys.modules:
+        init = os.path.join(folder, "__init__.py")
+        spec: importlib.machinery.ModuleSpec | None
+        if os.path.exists(init):
+            spec = importlib.util.spec_from_file_location(
+                package, init, submodule_search_locations=[folder])
+        else:  # no __init__.py: a package whose modules sit in the version folder
+            spec = importlib.machinery.ModuleSpec(package, None, is_package=True)
+            spec.submodule_search_locations = [folder]
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        if spec.loader is not None:
+            spec.loader.exec_module(module)
+        lib = os.path.join(folder, "lib")
+        if os.path.isdir(lib):
+            sys.path.insert(0, lib)
+    module_name, _, class_name = name.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _read_installed_tree(root: Path, package: str) -> list[FileEntry]:

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
-import importlib.machinery
-import importlib.util
 import os
 import resource
 import signal
@@ -38,6 +35,7 @@ import structlog
 
 from actors import __version__, logs
 from actors import messages as m
+from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
 from actors.task import (
@@ -349,30 +347,12 @@ class Worker(Shell):
             msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb, fatal=True)))
 
     def _import_deployed(self, msg: m.AssignTask, version_path: str) -> Any:
-        """Import ``package.module:Class`` from the package's version folder, and only from it."""
+        """A deployed task's class; one worker process never imports two versions of a package."""
         if self.loaded_version not in (None, (msg.package, msg.version)):
             raise RuntimeError("this worker already imported another version of the package")
         self.loaded_version = (msg.package, msg.version)
         self.loaded_path = version_path
-        if msg.package not in sys.modules:
-            init = os.path.join(version_path, "__init__.py")
-            spec: importlib.machinery.ModuleSpec | None
-            if os.path.exists(init):
-                spec = importlib.util.spec_from_file_location(
-                    msg.package, init, submodule_search_locations=[version_path])
-            else:  # no __init__.py: a package whose modules sit in the version folder
-                spec = importlib.machinery.ModuleSpec(msg.package, None, is_package=True)
-                spec.submodule_search_locations = [version_path]
-            assert spec is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[msg.package] = module
-            if spec.loader is not None:
-                spec.loader.exec_module(module)
-            lib = os.path.join(version_path, "lib")
-            if os.path.isdir(lib):
-                sys.path.insert(0, lib)
-        module_name, _, class_name = msg.name.partition(":")
-        return getattr(importlib.import_module(module_name), class_name)
+        return import_deployed(msg.package, version_path, msg.name)
 
     def _stop_instance(self, instance: Task) -> None:
         try:
