@@ -7,8 +7,8 @@ plain Task they are begun at once, their work queued on the executor in order,
 so that one task's work follows the last without a round trip through this
 mailbox; each reports and is let go as it finishes):
 the Worker actor unpickles the task class, makes the instance (a ParallelTask's
-driver as an actor of its own, anything else in this actor's mailbox, see
-``task.py``) and passes it its input; what the task emits goes back through
+driver held by an actor of its own, anything else in this actor's mailbox, see
+``task_host.py``) and passes it its input; what the task emits goes back through
 this actor's outbox. After a task returns, or raises an ordinary exception, the
 worker stays, warm, for the same submitter's next task; after a fatal error
 (SystemExit, MemoryError, a task that would not load), a cancel or a lost
@@ -38,18 +38,16 @@ from actors import messages as m
 from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
-from actors.task import (
-    ParallelTask,
-    Task,
+from actors.task import ParallelTask, Task, check_arguments
+from actors.task_host import (
+    Begin,
+    Finished,
+    Runtime,
     UnitResults,
-    _Begin,
-    _Finished,
-    _Runtime,
     begin_instance,
-    check_arguments,
     host_instance,
     run_in_executor,
-    start_instance,
+    start_driver,
 )
 from actors.unit_runner import Gather, Ran, RetryDue, UnitRunner
 from transport import Hub
@@ -81,11 +79,11 @@ class Worker(Shell):
         super().__init__(hub)
         self.worker_id = worker_id
         self.task: pykka.ActorRef[Any] | None = None  # a ParallelTask driver's own actor
-        self.hosted: _Runtime | None = None  # or the instance living in this mailbox
+        self.hosted: Runtime | None = None  # or the instance living in this mailbox
         self.plain = False  # the instance is a plain Task: forgotten once its result is sent
         self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
         # Plain Tasks queued behind a plain Task and already handed to the executor, in order.
-        self.lined_up: dict[str, _Runtime] = {}
+        self.lined_up: dict[str, Runtime] = {}
         self.task_id = ""
         self.runner: UnitRunner | None = None
         # An assignment waiting for its package version (from the node) or its code (from the
@@ -119,8 +117,6 @@ class Worker(Shell):
 
     def on_stop(self) -> None:
         self._stop_task()
-        for runtime in self.lined_up.values():
-            self._stop_instance(runtime.task)
         self.lined_up.clear()
         super().on_stop()
 
@@ -236,18 +232,18 @@ class Worker(Shell):
         self.task_id = msg.task_id
         try:
             cls, args, kwargs = self._load(msg, version_path)
+            instance = host_instance(cls)
             if msg.driver and msg.kind == "parallel":
-                self.task, self._runner.instance = start_instance(cls)
-            else:
-                self._runner.instance = host_instance(cls)
+                self.task = start_driver(instance)
+            self._runner.instance = instance
         except Exception as exc:
             self._fail_load(msg, exc)
             return
         self.log.debug("task_loaded", task_id=msg.task_id, task=msg.name, driver=msg.driver)
         if self.task is not None:
             me = self.actor_ref
-            self.task.tell(_Begin(msg.task_id, args, kwargs, msg.driver,
-                                  lambda out: me.tell(Outgoing(out)), me.tell))
+            self.task.tell(Begin(msg.task_id, args, kwargs, msg.driver,
+                                 lambda out: me.tell(Outgoing(out)), me.tell))
         else:
             self.plain = msg.kind == "task"
             self.hosted = self._begin_hosted(msg, self._runner.instance, args, kwargs)
@@ -271,12 +267,12 @@ class Worker(Shell):
         return cls, args, kwargs
 
     def _begin_hosted(self, msg: m.AssignTask, instance: Task, args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> _Runtime:
+                      kwargs: dict[str, Any]) -> Runtime:
         me, task_id = self.actor_ref, msg.task_id
         return begin_instance(
             instance,
-            _Begin(task_id, args, kwargs, msg.driver,
-                   lambda out: self.send(NODE, TO_MASTER, message=out), me.tell),
+            Begin(task_id, args, kwargs, msg.driver,
+                  lambda out: self.send(NODE, TO_MASTER, message=out), me.tell),
             lambda message: me.tell(ForHosted(task_id, message)))
 
     def _imported(self, msg: m.AssignTask) -> bool:
@@ -303,7 +299,7 @@ class Worker(Shell):
             return  # let go of meanwhile (released): its news is moot
         runtime.handle(msg)
         plain = self.plain if task_id == self.task_id else True
-        if plain and isinstance(msg, _Finished) and not msg.outcome.fatal:
+        if plain and isinstance(msg, Finished) and not msg.outcome.fatal:
             self._release(task_id)
 
     @property
@@ -354,18 +350,10 @@ class Worker(Shell):
         self.loaded_path = version_path
         return import_deployed(msg.package, version_path, msg.name)
 
-    def _stop_instance(self, instance: Task) -> None:
-        try:
-            instance.on_stop()
-        except Exception:
-            self.log.exception("task_on_stop_failed", task_id=instance.task_id)
-
     def _release(self, task_id: str) -> None:
         self.log.debug("task_released", task_id=task_id)
-        lined_up = self.lined_up.pop(task_id, None)
-        if lined_up is not None:  # done (or given up) before its turn as the current one
-            self._stop_instance(lined_up.task)
-            return
+        if self.lined_up.pop(task_id, None) is not None:
+            return  # done (or given up) before its turn as the current one
         self._runner.forget_task(task_id)
         self._stop_task()
         if self.lined_up:  # the next one's work is already on the executor
@@ -380,9 +368,7 @@ class Worker(Shell):
         if self.task is not None:
             self.task.stop(block=False)
             self.task = None
-        if self.hosted is not None:
-            instance, self.hosted, self.plain = self.hosted.task, None, False
-            self._stop_instance(instance)
+        self.hosted, self.plain = None, False
         if self.runner is not None:
             self.runner.instance = None
         self.task_id = ""

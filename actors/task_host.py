@@ -1,0 +1,282 @@
+"""The runtime that hosts a user's task instance in a worker process.
+
+A user's ``Task`` or ``ParallelTask`` (``task.py``) is a plain object. What runs it is here:
+
+- ``Runtime``, the framework side of one instance: it begins the instance, slices a
+  ParallelTask's ``get_work`` lazily, a bounded look-ahead at a time (a task of a million units
+  never holds them all), collects unit results and reduces them. A Runtime lives in one mailbox,
+  and only that mailbox changes it.
+- Where that mailbox is. A plain Task, and a ParallelTask instance that only runs units, has no
+  conversation of its own: its Runtime lives in the Worker actor's mailbox (``host_instance``),
+  which saves an actor thread for every instance. A ParallelTask's driver is a ``Driver``, a
+  small pykka actor that holds the user's instance (it is not the instance, so a user's names
+  cannot collide with pykka's): its input (start, unit results to reduce) and the slicing do not
+  hold up the Worker actor's mailbox.
+- The executor: the process's one thread for user code (``work``, ``reduce``; units, run by
+  ``unit_runner.py``, too). It reports back by ``tell``-ing the mailbox the Runtime lives in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+import structlog
+
+from actors import messages as m
+from actors.serialize import describe_failure, dumps, dumps_result, is_fatal, loads
+from actors.shell import simple_inbox
+from actors.task import ParallelTask, Task, Unit
+from actors.unit_runner import Gather
+
+log = structlog.get_logger("actors.task_host")
+
+#: Units a driver may have sliced but not yet seen finished.
+LOOKAHEAD = 4096
+#: Units per UnitsSliced message.
+SLICE_BATCH = 512
+
+Emit = Callable[[m.Message], None]
+
+
+def host_instance(cls: type[Task]) -> Task:
+    """Make an instance of a user's task class; it lives in the caller's mailbox."""
+    return cls()
+
+
+def start_driver(instance: Task) -> pykka.ActorRef[Any]:
+    """Start the actor that drives ``instance`` (a ParallelTask); tell it ``Begin`` next."""
+    return Driver.start(instance)
+
+
+def begin_instance(task: Task, message: Begin, tell: Callable[[Any], None]) -> Runtime:
+    """Start an instance's framework side; ``tell`` reaches the mailbox the instance lives in."""
+    task.task_id = message.task_id
+    runtime = Runtime(task, message, tell)
+    runtime.begin()
+    return runtime
+
+
+class Driver(pykka.ThreadingActor):
+    """A ParallelTask's driver: a mailbox of its own for the user's instance and its Runtime."""
+
+    def __init__(self, instance: Task) -> None:
+        super().__init__()
+        self.instance = instance
+        self.runtime: Runtime | None = None
+
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        return simple_inbox()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Begin):
+            self.runtime = begin_instance(self.instance, message, self.actor_ref.tell)
+        elif self.runtime is not None:
+            self.runtime.handle(message)
+        return None
+
+
+# --- messages of the mailbox a Runtime lives in (in-process only) ------------
+
+
+@dataclass(frozen=True)
+class Begin:
+    task_id: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    driver: bool
+    emit: Emit
+    to_worker: Callable[[Any], None]  # the Worker actor's mailbox (to gather held results)
+
+
+@dataclass(frozen=True)
+class UnitResults:
+    results: list[tuple[int, bytes]]
+    held: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Gathered:
+    data: dict[int, bytes]
+
+
+@dataclass(frozen=True)
+class Finished:
+    outcome: m.UnitOutcome
+    elapsed: float = 0.0
+
+
+@dataclass
+class Runtime:
+    """The framework side of one task instance; lives in the instance's mailbox."""
+
+    task: Task
+    begin_msg: Begin
+    tell: Callable[[Any], None]  # that mailbox
+    slicer: Iterator[Any] | None = None
+    sliced: int = 0
+    exhausted: bool = False
+    results: dict[int, bytes] = field(default_factory=dict)
+    held: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (worker, address)
+    depended_on: set[int] = field(default_factory=set)  # results that feed other units
+    reducing: bool = False
+
+    @property
+    def emit(self) -> Emit:
+        return self.begin_msg.emit
+
+    def begin(self) -> None:
+        if not self.begin_msg.driver:
+            return
+        if isinstance(self.task, ParallelTask):
+            try:
+                self.slicer = iter(self.task.get_work(*self.begin_msg.args, **self.begin_msg.kwargs))
+            except Exception as exc:
+                self._fail_task(exc)
+                return
+            self._slice_more()
+        else:
+            self._in_executor(self._call_work)
+
+    def handle(self, message: Any) -> None:
+        match message:
+            case UnitResults(results=results, held=held):
+                self.results.update(results)
+                for index, worker, address in held:
+                    self.held[index] = (worker, address)
+                self._slice_more()
+            case Gathered(data=data):
+                self.results.update(data)
+                self._in_executor(self._call_reduce)
+            case Finished(outcome=outcome, elapsed=elapsed):
+                self.emit(m.TaskResult(self.task.task_id, outcome, elapsed))
+            case _:
+                raise TypeError(f"task runtime got an unknown message: {message!r}")
+
+    # --- the driver: slicing and reducing -----------------------------------
+
+    def _slice_more(self) -> None:
+        while not self.exhausted and self.sliced - self._finished < LOOKAHEAD:
+            assert self.slicer is not None
+            batch: list[m.UnitCall] = []
+            try:
+                for item in itertools.islice(self.slicer, SLICE_BATCH):
+                    batch.append(self._unit_call(item, self.sliced + len(batch)))
+            except Exception as exc:
+                self._fail_task(exc)
+                return
+            self.exhausted = len(batch) < SLICE_BATCH
+            self.sliced += len(batch)
+            self.emit(m.UnitsSliced(self.task.task_id, batch, self.exhausted))
+        if self.exhausted and self._finished >= self.sliced and not self.reducing:
+            self.reducing = True
+            # Results held on workers that reduce needs (no unit consumed them) are fetched here.
+            wanted = [(i, *self.held[i]) for i in sorted(self.held) if i not in self.depended_on]
+            if wanted:
+                tell = self.tell
+                self.begin_msg.to_worker(Gather(self.task.task_id, wanted,
+                                                lambda data: tell(Gathered(data))))
+            else:
+                self._in_executor(self._call_reduce)
+
+    @property
+    def _finished(self) -> int:
+        return len(self.results) + len(self.held)
+
+    def _unit_call(self, item: Any, index: int) -> m.UnitCall:
+        if not isinstance(item, Unit):
+            return m.UnitCall(index, dumps(item))
+        if item.index is not None:
+            raise ValueError(f"{item!r} was yielded twice")
+        deps = []
+        for dep in item.after:
+            if dep.index is None:
+                raise ValueError(f"{item!r} depends on {dep!r}, which get_work has not yielded yet")
+            deps.append(dep.index)
+            self.depended_on.add(dep.index)
+        item.index = index
+        return m.UnitCall(index, dumps(item.arg), deps, keep=True)
+
+    def _call_reduce(self) -> Finished:
+        task = self.task
+        assert isinstance(task, ParallelTask)
+        ordered = [loads(self.results[i]) for i in range(self.sliced) if i not in self.depended_on]
+        self.results.clear()
+        return Finished(_outcome(self._name, lambda: task.reduce(ordered)))
+
+    def _call_work(self) -> Finished:
+        start = time.perf_counter()
+        outcome = _outcome(self._name,
+                           lambda: self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs))
+        return Finished(outcome, time.perf_counter() - start)
+
+    @property
+    def _name(self) -> str:
+        return f"{type(self.task).__qualname__} {self.task.task_id}"
+
+    def _fail_task(self, exc: BaseException) -> None:
+        """The slicer (``get_work``) raised, or yielded what cannot be a unit."""
+        payload, type_name, message, text = describe_failure(exc, "in get_work, the task's slicer")
+        self.exhausted = True
+        self.reducing = True
+        self.emit(m.TaskResult(self.task.task_id, m.UnitOutcome(
+            -1, False, payload, type_name, message, text, fatal=is_fatal(exc))))
+
+    def _in_executor(self, call: Callable[[], Any]) -> None:
+        tell = self.tell
+
+        def run() -> None:
+            tell(call())
+
+        run_in_executor(run)
+
+
+def run_in_executor(call: Callable[[], None]) -> None:
+    """Run ``call`` on the process's one thread for user code (it must report back itself)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = _Executor()
+    _EXECUTOR.calls.put(call)
+
+
+class _Executor:
+    """The worker process's one thread for user code, shared by its successive task instances.
+
+    A worker hosts one instance at a time; one that ends badly is killed with its process, so
+    nothing of it can still be queued here for the next one. A plain queue and thread, not a
+    ThreadPoolExecutor: nobody reads a Future here (each call reports back itself), so making
+    one per call would be cost for nothing.
+    """
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="task-exec", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            call = self.calls.get()
+            try:
+                call()
+            except pykka.ActorDeadError:
+                pass  # the mailbox to report to has stopped (its task ended): the news is moot
+            except BaseException:  # the call reports its own outcome: this is a framework bug
+                log.exception("executor_call_failed")
+
+
+_EXECUTOR: _Executor | None = None
+
+
+def _outcome(name: str, call: Callable[[], Any]) -> m.UnitOutcome:
+    """What came of the driver's own code (``work``, ``reduce``), by the index -1."""
+    try:
+        return m.UnitOutcome(-1, True, dumps_result(call(), name))
+    except BaseException as exc:
+        payload, type_name, message, text = describe_failure(exc)
+        return m.UnitOutcome(-1, False, payload, type_name, message, text, fatal=is_fatal(exc))
