@@ -5,15 +5,18 @@ opens no TCP socket). The master assigns it one task instance at a time
 (short plain Tasks of the same submitter may wait in line behind it: behind a
 plain Task they are begun at once, their work queued on the executor in order,
 so that one task's work follows the last without a round trip through this
-mailbox; each reports and is let go as it finishes):
-the Worker actor unpickles the task class, makes the instance (a ParallelTask's
-driver held by an actor of its own, anything else in this actor's mailbox, see
-``task_host.py``) and passes it its input; what the task emits goes back through
-this actor's outbox. After a task returns, or raises an ordinary exception, the
-worker stays, warm, for the same submitter's next task; after a fatal error
-(SystemExit, MemoryError, a task that would not load), a cancel or a lost
-worker, its node kills it. A plain Task's worker forgets the instance as soon
-as its outcome is sent: the master releases it without a message.
+mailbox; each reports and is let go as it finishes). The instance occupies the
+actor's one slot, whose state (``core/worker_slot.py``: idle, loading, hosting,
+helping, driving, failed) says what the actor holds and what it does with each
+message: the Worker actor unpickles (or imports) the task class, makes the
+instance (a ParallelTask's driver held by an actor of its own, anything else in
+this actor's mailbox, see ``task_host.py``) and passes it its input; what the
+task emits goes back through this actor's outbox. After a task returns, or
+raises an ordinary exception, the worker stays, warm, for the same submitter's
+next task; after a fatal error (SystemExit, MemoryError, a task that would not
+load), a cancel or a lost worker, its node kills it. A plain Task's worker
+forgets the instance as soon as its outcome is sent: the master releases it
+without a message.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ import structlog
 
 from actors import __version__, logs
 from actors import messages as m
+from actors.core.worker_slot import (
+    DRIVING,
+    FAILED,
+    HELPING,
+    HOLDS_INSTANCE,
+    HOSTING,
+    IDLE,
+    LOADING,
+    Slot,
+    WorkerSlot,
+)
 from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
@@ -78,18 +92,16 @@ class Worker(Shell):
     def __init__(self, hub: Hub, worker_id: str, on_exit: Any, node_pid: int | None = None) -> None:
         super().__init__(hub)
         self.worker_id = worker_id
-        self.task: pykka.ActorRef[Any] | None = None  # a ParallelTask driver's own actor
-        self.hosted: Runtime | None = None  # or the instance living in this mailbox
-        self.plain = False  # the instance is a plain Task: forgotten once its result is sent
-        self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
-        # Plain Tasks queued behind a plain Task and already handed to the executor, in order.
+        self.slot = WorkerSlot()
+        # What the slot holds, by its state (checked by _validate_slot):
+        self.waiting: m.AssignTask | None = None  # LOADING: the assignment waiting to load,
+        self.backlog: list[Any] = []  # and the task input that came meanwhile
+        self.hosted: Runtime | None = None  # HOSTING, HELPING: the instance in this mailbox
+        self.driver: pykka.ActorRef[Any] | None = None  # DRIVING: the driver's own actor
+        # HOSTING: plain Tasks queued behind it and already handed to the executor, in order.
         self.lined_up: dict[str, Runtime] = {}
-        self.task_id = ""
+        self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
         self.runner: UnitRunner | None = None
-        # An assignment waiting for its package version (from the node) or its code (from the
-        # master), and the task input that came meanwhile.
-        self.waiting: m.AssignTask | None = None
-        self.backlog: list[Any] = []
         self.classes: dict[str, Any] = {}  # shipped code's hash -> class, for warm reuse
         self.loaded_version: tuple[str, str] | None = None
         self.loaded_path = ""  # that version's folder
@@ -97,6 +109,8 @@ class Worker(Shell):
         # importing has already left it to init, and getppid() here would never change again.
         self.parent_pid = node_pid or os.getppid()
         self._on_exit = on_exit
+        # The test suite checks every invariant after every message, in real workers too.
+        self.validate = os.environ.get("ACTORS_VALIDATE_STATE") == "1"
         self.log = log.bind(role="worker", worker_id=worker_id)
 
     def on_start(self) -> None:
@@ -109,15 +123,15 @@ class Worker(Shell):
             send_frames=lambda frames: outbox.send(NODE, frames),
             submit=run_in_executor,
             tell=self.actor_ref.tell,
-            # The test suite checks every invariant after every event, in real workers too.
-            validate=os.environ.get("ACTORS_VALIDATE_STATE") == "1",
+            validate=self.validate,
         )
         self.send(NODE, TO_NODE, message=m.Hello(
             "worker", self.worker_id, m.PROTOCOL_VERSION, __version__, pid=os.getpid()))
 
     def on_stop(self) -> None:
-        self._stop_task()
         self.lined_up.clear()
+        self.assignments.clear()
+        self._stop_task()
         super().on_stop()
 
     def on_crash(self) -> None:
@@ -126,8 +140,14 @@ class Worker(Shell):
     def check_state(self) -> None:
         if self.runner is not None:
             self.runner.state.validate()
+        self._validate_slot()
 
     def receive(self, message: Any) -> Any:
+        self._receive(message)
+        if self.validate:
+            self._validate_slot()
+
+    def _receive(self, message: Any) -> None:
         match message:
             case Outgoing(message=msg):
                 self.send(NODE, TO_MASTER, message=msg)
@@ -152,40 +172,35 @@ class Worker(Shell):
                 raise TypeError(f"worker got an unknown message: {message!r}")
 
     def _from_node(self, msg: m.Message) -> None:
+        task_id = self.slot.task_id
         match msg:
             case m.Welcome():
                 pass
-            case m.AssignTask() if self.task_id:
+            case m.AssignTask() if self.slot.state is IDLE:
+                self._start(msg)
+            case m.AssignTask():
                 # A task the master queued behind this one (prefetch): next in line.
-                if (self.plain and self.hosted is not None and msg.kind == "task"
-                        and (self._imported(msg) if msg.package else self._has_code(msg))
-                        and not self.assignments):
+                if (self.slot.state is HOSTING and msg.kind == "task" and not self.assignments
+                        and (self._imported(msg) if msg.package else self._has_code(msg))):
                     self._line_up(msg)
                 else:
                     self.assignments.append(msg)
-            case m.AssignTask():
-                self._start(msg)
             case m.Code(code_hash=code_hash, code=code) if (
                     self.waiting is not None and self.waiting.code_hash == code_hash
-                    and not self.waiting.package):
-                assign, backlog = self.waiting, self.backlog
-                self._assign(msgspec.structs.replace(assign, code=code), None, backlog)
+                    and not self.waiting.package):  # LOADING shipped code
+                self._assign(msgspec.structs.replace(self.waiting, code=code), None, self.backlog)
             case m.Code():
                 self.log.debug("code_not_waited_for")
             case m.VersionAvailable() if self.waiting is not None and self.waiting.package:
-                assign, backlog = self.waiting, self.backlog
+                assign, backlog = self.waiting, self.backlog  # LOADING a deployed version
                 if msg.ok:
                     self._assign(assign, msg.path, backlog)
                 else:
-                    self.waiting, self.backlog = None, []
                     self._fail_load(assign, RuntimeError(
                         f"package {msg.package} version {msg.version} unavailable: {msg.reason}"))
-            case m.RunUnits(task_id=task_id) if task_id == self.task_id:
-                if self.runner_ready:
-                    self._runner.run_units(msg)
-                elif self.waiting is not None:
-                    self.backlog.append(msg)
-            case m.ReleaseUnits(task_id=task_id) if task_id == self.task_id:
+            case m.RunUnits() if msg.task_id == task_id:
+                self._to_task(msg)
+            case m.ReleaseUnits() if msg.task_id == task_id:
                 self._runner.release(msg)
             case m.StealUnits():
                 self._runner.steal(msg)
@@ -195,63 +210,90 @@ class Worker(Shell):
                 self._runner.peer_gone(peer)
             case m.DataReply():
                 self._runner.data_arrived(msg)
-            case m.WorkerStoryRequest(task_id=task_id):
-                self.send(NODE, TO_MASTER, message=m.WorkerStory(task_id, self._runner.story(task_id)))
-            case m.DriverResults(task_id=task_id, results=results, held=held) if task_id == self.task_id:
+            case m.WorkerStoryRequest():
+                self.send(NODE, TO_MASTER,
+                          message=m.WorkerStory(msg.task_id, self._runner.story(msg.task_id)))
+            case m.DriverResults(results=results, held=held) if msg.task_id == task_id:
                 self._to_task(UnitResults(results, held))
-            case m.ReleaseTask(task_id=task_id) if task_id == self.task_id or task_id in self.lined_up:
-                self._release(task_id)
-            case m.ReleaseTask(task_id=task_id):  # it never began here: it failed to load
-                self.log.debug("release_of_unloaded_task", task_id=task_id)
+            case m.ReleaseTask() if msg.task_id == task_id or msg.task_id in self.lined_up:
+                self._release(msg.task_id)
+            case m.ReleaseTask():  # it never began here: it failed to load
+                self.log.debug("release_of_unloaded_task", task_id=msg.task_id)
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
 
+    def _to_task(self, message: Any) -> None:
+        """Input for the current task instance (units to run, results to reduce)."""
+        match self.slot.state:
+            case Slot.HOSTING | Slot.HELPING | Slot.DRIVING if isinstance(message, m.RunUnits):
+                self._runner.run_units(message)
+            case Slot.DRIVING:
+                assert self.driver is not None
+                self.driver.tell(message)
+            case Slot.HOSTING | Slot.HELPING:
+                assert self.hosted is not None
+                self.hosted.handle(message)
+            case Slot.LOADING:
+                self.backlog.append(message)
+            case Slot.FAILED:
+                pass  # the task failed to load and was reported; its input is moot
+            case _:
+                raise TypeError(f"task input {message!r} with the slot {self.slot.state}")
+
+    # --- the slot: one task instance at a time ----------------------------------
+
+    def _set_slot(self, finish: Slot, task_id: str = "") -> None:
+        """The one way the slot's state changes (checked against worker_slot.TRANSITIONS)."""
+        start = self.slot.state
+        why = self.slot.move(finish, task_id)
+        self.log.debug("slot_changed", task_id=task_id, start=start.value, finish=finish.value,
+                       why=why)
+
     def _start(self, msg: m.AssignTask) -> None:
+        """The next task: begun at once if its code is here, or once it has come."""
         if not msg.package:
             if self._has_code(msg):
                 self._assign(msg, None)
                 return
             # Named by its hash alone, and no longer here: the master sends it again.
-            self._stop_task()
-            self.task_id = msg.task_id
-            self.waiting = msg
+            self._wait_for(msg)
             self.send(NODE, TO_MASTER, message=m.NeedCode(msg.task_id, msg.code_hash))
             return
         if self._imported(msg):
             self._assign(msg, self.loaded_path)
             return
         # A deployed task: the node makes its version available first.
-        self._stop_task()
-        self.task_id = msg.task_id
-        self.waiting = msg
+        self._wait_for(msg)
         self.send(NODE, TO_NODE, message=m.NeedVersion(msg.package, msg.version))
+
+    def _wait_for(self, msg: m.AssignTask) -> None:
+        self.waiting, self.backlog = msg, []
+        self._set_slot(LOADING, msg.task_id)
 
     def _assign(self, msg: m.AssignTask, version_path: str | None,
                 backlog: list[Any] | None = None) -> None:
-        self._stop_task()
-        self.task_id = msg.task_id
+        """Make the instance (IDLE or LOADING before) and begin it; then the input it missed."""
+        self.waiting, self.backlog = None, []
         try:
             cls, args, kwargs = self._load(msg, version_path)
             instance = host_instance(cls)
-            if msg.driver and msg.kind == "parallel":
-                self.task = start_driver(instance)
-            self._runner.instance = instance
+            driver = start_driver(instance) if msg.driver and msg.kind == "parallel" else None
         except Exception as exc:
             self._fail_load(msg, exc)
             return
         self.log.debug("task_loaded", task_id=msg.task_id, task=msg.name, driver=msg.driver)
-        if self.task is not None:
+        self._runner.instance = instance
+        if driver is not None:
+            self.driver = driver
+            self._set_slot(DRIVING, msg.task_id)
             me = self.actor_ref
-            self.task.tell(Begin(msg.task_id, args, kwargs, msg.driver,
-                                 lambda out: me.tell(Outgoing(out)), me.tell))
+            driver.tell(Begin(msg.task_id, args, kwargs, msg.driver,
+                              lambda out: me.tell(Outgoing(out)), me.tell))
         else:
-            self.plain = msg.kind == "task"
-            self.hosted = self._begin_hosted(msg, self._runner.instance, args, kwargs)
+            self._set_slot(HOSTING if msg.kind == "task" else HELPING, msg.task_id)
+            self.hosted = self._begin_hosted(msg, instance, args, kwargs)
         for message in backlog or ():
-            if isinstance(message, m.RunUnits):
-                self._runner.run_units(message)
-            else:
-                self._to_task(message)
+            self._to_task(message)
 
     def _load(self, msg: m.AssignTask, version_path: str | None) -> tuple[Any, tuple[Any, ...],
                                                                            dict[str, Any]]:
@@ -288,17 +330,18 @@ class Worker(Shell):
             cls, args, kwargs = self._load(msg, self.loaded_path if msg.package else None)
             instance = host_instance(cls)
         except Exception as exc:
-            self._fail_load(msg, exc)
+            self._fail_load(msg, exc, current=False)
             return
         self.lined_up[msg.task_id] = self._begin_hosted(msg, instance, args, kwargs)
 
     def _hosted_says(self, task_id: str, msg: Any) -> None:
         """News from the executor for a hosted instance: the current one or one lined up."""
-        runtime = self.hosted if task_id == self.task_id else self.lined_up.get(task_id)
+        current = task_id == self.slot.task_id
+        runtime = self.hosted if current else self.lined_up.get(task_id)
         if runtime is None:
             return  # let go of meanwhile (released): its news is moot
         runtime.handle(msg)
-        plain = self.plain if task_id == self.task_id else True
+        plain = self.slot.state is HOSTING if current else True
         if plain and isinstance(msg, Finished) and not msg.outcome.fatal:
             self._release(task_id)
 
@@ -306,19 +349,6 @@ class Worker(Shell):
     def _runner(self) -> UnitRunner:
         assert self.runner is not None, "used before on_start()"
         return self.runner
-
-    @property
-    def runner_ready(self) -> bool:
-        return self._runner.instance is not None
-
-    def _to_task(self, message: Any) -> None:
-        if self.task is not None:
-            self.task.tell(message)
-        elif self.hosted is not None:
-            self.hosted.handle(message)
-        elif self.waiting is not None:
-            self.backlog.append(message)
-        # else: the task failed to load and was reported; its input is moot
 
     def _has_code(self, msg: m.AssignTask) -> bool:
         return bool(msg.code) or msg.code_hash in self.classes
@@ -335,10 +365,14 @@ class Worker(Shell):
             self.classes[key] = cls
         return cls
 
-    def _fail_load(self, msg: m.AssignTask, exc: BaseException) -> None:
+    def _fail_load(self, msg: m.AssignTask, exc: BaseException, current: bool = True) -> None:
+        """The task would not load: reported as fatal (a failed import may leave half a package
+        in sys.modules: this worker serves no more). The current one leaves the slot FAILED."""
         self.log.warning("task_load_failed", task_id=msg.task_id, task=msg.name, error=repr(exc))
+        if current:
+            self.waiting, self.backlog = None, []
+            self._set_slot(FAILED, msg.task_id)
         payload, type_name, text, tb = describe_exception(exc)
-        # A failed import may leave half a package in sys.modules: this worker serves no more.
         self.send(NODE, TO_MASTER, message=m.WorkerFailed(
             msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb, fatal=True)))
 
@@ -357,23 +391,50 @@ class Worker(Shell):
         self._runner.forget_task(task_id)
         self._stop_task()
         if self.lined_up:  # the next one's work is already on the executor
-            self.task_id = next(iter(self.lined_up))
-            self.hosted = self.lined_up.pop(self.task_id)
-            self.plain = True
+            next_id = next(iter(self.lined_up))
+            self.hosted = self.lined_up.pop(next_id)
             self._runner.instance = self.hosted.task
+            self._set_slot(HOSTING, next_id)
         elif self.assignments:
             self._start(self.assignments.popleft())
 
     def _stop_task(self) -> None:
-        if self.task is not None:
-            self.task.stop(block=False)
-            self.task = None
-        self.hosted, self.plain = None, False
+        """Let go of the current task instance, whatever the slot's state: the slot is IDLE."""
+        if self.driver is not None:
+            self.driver.stop(block=False)
+            self.driver = None
+        self.hosted = None
+        self.waiting, self.backlog = None, []
         if self.runner is not None:
             self.runner.instance = None
-        self.task_id = ""
-        self.waiting = None
-        self.backlog = []
+        if self.slot.state is not IDLE:
+            self._set_slot(IDLE)
+
+    def _validate_slot(self) -> None:
+        """Raise AssertionError if what this actor holds does not fit its slot's state."""
+        state, task_id = self.slot.state, self.slot.task_id
+        holds = {
+            "waiting": self.waiting is not None and self.waiting.task_id == task_id,
+            "hosted": self.hosted is not None and self.hosted.begin_msg.task_id == task_id,
+            "driver": self.driver is not None,
+            "instance": self.runner is not None and self.runner.instance is not None,
+        }
+        expected = {
+            "waiting": state is LOADING,
+            "hosted": state in (HOSTING, HELPING),
+            "driver": state is DRIVING,
+            "instance": state in HOLDS_INSTANCE,
+        }
+        wrong = [name for name in holds if holds[name] != expected[name]]
+        if self.backlog and state is not LOADING:
+            wrong.append("backlog")
+        if self.lined_up and state is not HOSTING:
+            wrong.append("lined_up")
+        if self.assignments and state is IDLE:
+            wrong.append("assignments")
+        if wrong:
+            raise AssertionError(f"worker slot {state.value} ({task_id or 'no task'}) does not "
+                                 f"fit what the worker holds: {', '.join(wrong)}")
 
 
 def contain() -> None:
