@@ -395,7 +395,10 @@ class Hub:
             self._take_outgoing(sockets)
             for sock in ready:
                 if sock in names:
-                    self._receive(names[sock], sock)
+                    try:
+                        self._receive(names[sock], sock)
+                    except zmq.ZMQError as exc:  # the thread that owns every socket lives on
+                        log.error("receive_failed", socket=names[sock], error=str(exc))
                 elif sock in monitors:
                     self._monitor_event(monitors[sock], sock)
             if self._pending:
@@ -484,11 +487,11 @@ class Hub:
             if not _readable(sock):
                 return
             if keyed:
-                # The key the CURVE handshake proved (ZAP's User-Id, its Z85 text) rides on
-                # every part: read it off the first (the routing id), take the rest as bytes.
-                first = sock.recv(zmq.NOBLOCK, copy=False)
-                key = first.get("User-Id")
-                frames = [_key_bytes(key), first.bytes, *sock.recv_multipart()]
+                # The key the CURVE handshake proved (ZAP's User-Id, its Z85 text) rides on the
+                # parts the peer sent (not on the routing id the ROUTER adds, with older libzmq).
+                routing = sock.recv(zmq.NOBLOCK)
+                rest = sock.recv_multipart(copy=False)
+                frames = [_user_id(rest[-1]), routing, *(part.bytes for part in rest)]
             else:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             if frames[-1][:1] == BATCH:
@@ -531,6 +534,13 @@ def unbatch(frames: list[bytes]) -> list[list[bytes]]:
         return [frames]
     prefix = frames[:-1]
     return [[*prefix, *route, body] for route, body in _batch_decoder.decode(frames[-1][1:])]
+
+
+def _user_id(frame: zmq.Frame) -> bytes:
+    try:
+        return _key_bytes(frame.get("User-Id"))
+    except zmq.ZMQError:  # no such property on this frame: no key proved
+        return b""
 
 
 @functools.lru_cache(maxsize=1024)  # a master hears from few keys, over and over
