@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from actors.core.packages import (
     FileEntry,
     PackageVersion,
@@ -49,6 +51,8 @@ from actors.core.packages import (
 )
 from actors.core.sync_state import CacheStatus
 from actors.errors import PackageError, PackageIntegrityError
+
+log = structlog.get_logger("actors.package_store")
 
 STAGING_PREFIX = ".install-"
 TRASH_PREFIX = ".trash-"
@@ -92,11 +96,17 @@ def scan_tasks_dir(path: str | os.PathLike[str]) -> ScanResult:
 def read_package_dir(folder: str | os.PathLike[str]) -> list[FileEntry]:
     """The files of a package folder, minus caches and dotfiles.
 
-    Symlinks are followed, since a developer may link a library into ``lib/``
-    (the nodes receive plain files); a link back to a folder being read is
-    skipped so that a loop cannot recurse forever.
+    A symlink is followed only to a file or folder inside the package folder itself (a link
+    within the package is a convenience; one out of it would serve whatever it points at, a
+    key file say, to every node): a link out of it is left out and logged. A link back to a
+    folder being read is skipped, so that a loop cannot recurse forever.
     """
     files: list[FileEntry] = []
+    root = os.path.realpath(folder)
+
+    def inside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == root or real.startswith(root + os.sep)
 
     def walk(directory: str, prefix: str, ancestors: frozenset[str]) -> None:
         real = os.path.realpath(directory)
@@ -107,6 +117,10 @@ def read_package_dir(folder: str | os.PathLike[str]) -> list[FileEntry]:
         for entry in entries:
             relative = prefix + entry.name
             if is_ignored(relative):
+                continue
+            if entry.is_symlink() and not inside(entry.path):
+                log.warning("package_link_left_out", package=os.path.basename(root),
+                            path=relative, target=os.path.realpath(entry.path))
                 continue
             if entry.is_dir():
                 walk(entry.path, relative + "/", ancestors | {real})

@@ -108,14 +108,29 @@ def test_a_broken_module_is_listed_with_its_error_next_to_the_working_ones(tmp_p
     assert [(b.module, b.line) for b in listing.broken] == [("broken.py", 1)]
 
 
-def test_a_symlinked_library_is_read_and_a_symlink_loop_ends(tmp_path):
-    library = write_package(tmp_path / "elsewhere", [("vendored.py", b"X = 1\n")])
+def test_a_symlink_inside_the_package_is_read_and_a_symlink_loop_ends(tmp_path):
     folder = write_package(tmp_path / "tasks" / "hello")
-    (folder / "lib" / "vendored").symlink_to(library)
+    (folder / "lib" / "vendored").mkdir()
+    (folder / "lib" / "vendored" / "vendored.py").write_bytes(b"X = 1\n")
+    (folder / "lib" / "alias").symlink_to(folder / "lib" / "vendored")
     (folder / "lib" / "loop").symlink_to(folder)
     paths = [path for path, _ in read_package_dir(folder)]
-    assert "lib/vendored/vendored.py" in paths
+    assert "lib/alias/vendored.py" in paths and "lib/vendored/vendored.py" in paths
     assert not any(path.startswith("lib/loop/lib/loop") for path in paths)
+
+
+def test_a_symlink_out_of_the_package_is_never_served(tmp_path):
+    """What a link points at outside the package (a key file, say) would reach every node."""
+    secret = tmp_path / "keys" / "master.key_secret"
+    secret.parent.mkdir()
+    secret.write_bytes(b"secret-key = ...")
+    elsewhere = write_package(tmp_path / "elsewhere", [("vendored.py", b"X = 1\n")])
+    folder = write_package(tmp_path / "tasks" / "hello")
+    (folder / "lib" / "stolen.key").symlink_to(secret)
+    (folder / "lib" / "vendored").symlink_to(elsewhere)
+    files = dict(read_package_dir(folder))
+    assert not any(path.startswith(("lib/stolen", "lib/vendored")) for path in files)
+    assert b"secret-key" not in b"".join(files.values())
 
 
 def test_the_wordcount_example_lists_its_task_without_importing_it():
