@@ -103,6 +103,9 @@ class UnitRunner:
         self.state = WorkerState(nthreads=EXECUTION_SLOTS, validate_after_handle=validate)
         self.runs: dict[str, _Run] = {}
         self.outcomes: dict[str, tuple[list[m.UnitOutcome], float]] = {}  # key -> (them, seconds)
+        # A dependency's key -> (task, unit index): what a Missing report names, never parsed
+        # back out of the key.
+        self.dependencies: dict[str, tuple[str, int]] = {}
         self.instance: Any = None
         self.addresses: dict[str, str] = {}  # peer worker -> its node's data address
         self.origins: dict[str, bytes] = {}  # requesting peer -> its node (b"": ours)
@@ -124,6 +127,8 @@ class UnitRunner:
             unit = msg.units[0]
             key = unit_key(task_id, unit.index)
             deps = tuple(unit_key(task_id, d) for d in unit.deps)
+            for dep, index in zip(deps, unit.deps, strict=True):
+                self.dependencies[dep] = (task_id, index)
         else:
             key, deps = run_key(task_id, msg.run_id), ()
         self.runs[key] = _Run(task_id, msg.run_id, tuple(msg.units), single)
@@ -259,9 +264,8 @@ class UnitRunner:
                     self._send_master(m.StealReply(run.task_id, run.run_id, accepted, str(state)))
                     if accepted:  # the scheduler takes it back: nothing of it is wanted here
                         return [ev.ForgetUnit(key, stimulus_id=ins.stimulus_id, now=now)]
-            case ev.SendMissing(key=key):
-                task_id, _, index = key.rpartition(":")
-                self._send_master(m.Missing(task_id, int(index)))
+            case ev.SendMissing(key=key) if key in self.dependencies:
+                self._send_master(m.Missing(*self.dependencies[key]))
             case ev.SendData(peer=peer, data=data, missing=missing):
                 origin = self.origins.get(peer, b"")
                 reply = m.DataReply("", self.worker_id, list(data.items()), list(missing))
@@ -316,6 +320,8 @@ class UnitRunner:
             self.runs = {k: r for k, r in self.runs.items() if k in self.state.units}
         if len(self.outcomes) > len(self.state.units):
             self.outcomes = {k: o for k, o in self.outcomes.items() if k in self.state.units}
+        if len(self.dependencies) > len(self.state.units):
+            self.dependencies = {k: d for k, d in self.dependencies.items() if k in self.state.units}
 
     def _key_of_run(self, task_id: str, run_id: int) -> str | None:
         key = run_key(task_id, run_id)
