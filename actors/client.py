@@ -337,13 +337,14 @@ class Client:
         request with ``ClientClosed``."""
         if self._closed:
             return
+        # First, so that what the master answers to the Bye (its cancels) finds them finished.
+        for fut in self._unfinished():
+            fut._finish(_ERRED, None, ClientClosed(self.client_id, fut.task_id))
         if self._welcome.is_set():
             self._send(m.Bye("client closing"))
         self._closed = True
         self._outbox.close()
         self._hub.stop()
-        for fut in self._unfinished():
-            fut._finish(_ERRED, None, ClientClosed(self.client_id, fut.task_id))
         self._close_own_cluster()
 
     def _close_own_cluster(self) -> None:
