@@ -210,7 +210,7 @@ class DaskSession(Session):
 
     def submit_raising(self, n: int, every: int) -> None:
         futures = [self.client.submit(units.noop_or_raise, i, every, pure=False) for i in range(n)]
-        self._wait_all(futures)
+        self._distributed.wait(futures, timeout=CALL_TIMEOUT_S)  # finished or erred
         _expect_outcomes([_outcome(lambda f=f: f.result(CALL_TIMEOUT_S)) for f in futures],
                          n, every)
 
