@@ -221,7 +221,12 @@ def _user_frames(tb: traceback.TracebackException) -> traceback.TracebackExcepti
         first_user = next((i for i, f in enumerate(frames)
                            if not f.filename.startswith(_RUNTIME_DIR)), None)
         if first_user:
-            part.stack = traceback.StackSummary.from_list(frames[first_user:])
+            frames = frames[first_user:]
+            part.stack = traceback.StackSummary.from_list(frames)
+        for frame in frames:
+            # No ^^^^ under the line: finding its columns parses the line's source, the larger
+            # part of what a failing task costs its worker; file, line and source stay.
+            frame.colno = frame.end_colno = None
         todo += [part.__cause__, part.__context__]
     return tb
 
