@@ -66,13 +66,18 @@ class LocalCluster:
         log_level: str | None = None,
         log_format: str | None = None,
         restart_after_error: bool = False,
+        worker_network: bool = False,
+        worker_memory: str | None = None,
     ) -> None:
         """``log_level``: what the cluster's processes log to this process's stderr; by default
         warnings and errors only (``"info"`` shows each worker and task event, ``"debug"``
         every message). ``log_format``: ``"console"`` (the default) or ``"json"``. The
         ``$ACTORS_LOG_LEVEL`` and ``$ACTORS_LOG_FORMAT`` variables set both where not given.
         ``restart_after_error``: replace a worker whose task raised, for a fresh interpreter after
-        any failure (by default it serves on, as after a task that returned)."""
+        any failure (by default it serves on, as after a task that returned).
+        ``worker_network``: let tasks use the network (by default, on Linux, each worker has a
+        network namespace of its own with loopback only). ``worker_memory``: what each worker
+        may allocate, e.g. ``"2G"`` (beyond it the task fails with MemoryError)."""
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         # Its keys live here: a folder left by a process killed with kill -9 goes at next start.
         remove_stale_run_dirs("actors-cluster-")
@@ -102,6 +107,10 @@ class LocalCluster:
         # Embedded in a script or a notebook: quiet, and readable where it does speak.
         env["ACTORS_LOG_LEVEL"] = log_level or os.environ.get("ACTORS_LOG_LEVEL") or "warning"
         env["ACTORS_LOG_FORMAT"] = log_format or os.environ.get("ACTORS_LOG_FORMAT") or "console"
+        if worker_network:
+            env["ACTORS_WORKER_NETWORK"] = "1"
+        if worker_memory:
+            env["ACTORS_WORKER_MEMORY"] = worker_memory
         try:
             if reserved is not None:
                 node = local_node_command(f"tcp://{reserved[2]}:{reserved[1]}", self.workers,

@@ -220,9 +220,8 @@ def test_a_task_has_no_network_by_default(contained: Contained) -> None:
         "ConnectionRefusedError", "OSError")
 
 
-def test_with_worker_network_a_task_reaches_the_master(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ACTORS_WORKER_NETWORK", "1")  # the local node's --worker-network
-    with LocalCluster(workers=1) as cl, Client(cl) as client:
+def test_with_worker_network_a_task_reaches_the_master() -> None:
+    with LocalCluster(workers=1, worker_network=True) as cl, Client(cl) as client:
         host, port = cl.address.removeprefix("tcp://").rsplit(":", 1)
         assert client.submit(Connect, host, int(port)).result(timeout=30) == "connected"
 
