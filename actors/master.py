@@ -57,6 +57,7 @@ MAX_RETRIES = 100
 # code rides along with every assignment (cheaper than keeping track of it).
 INLINE_CODE_BYTES = 64 * 1024
 KINDS = frozenset(ev.TaskKind)
+MAX_CODE_PER_CLIENT = 1 << 30  # bytes of shipped task code the master keeps for one client
 NODE_WATCH_S = 0.5  # how often the command line looks at its local node
 NODE_RESTARTS, NODE_RESTART_WINDOW_S = 5, 60.0  # a local node that dies more often stays dead
 # Refused messages: logged up to REJECTIONS_LOGGED per key and interval; a key refused more than
@@ -353,6 +354,13 @@ class Master(Shell):
         code = msg.code
         if msg.code_hash:
             shipped = self.codes.setdefault(peer.peer_id, {})
+            if code and msg.code_hash not in shipped and (
+                    sum(map(len, shipped.values())) + len(code) > MAX_CODE_PER_CLIENT):
+                self._refuse_submit(peer, msg, ValueError(
+                    f"this client's task code would take more than "
+                    f"{MAX_CODE_PER_CLIENT >> 20} MiB on the master: ship fewer distinct classes "
+                    "(or deploy them as a package)"))
+                return
             if code:
                 code = shipped.setdefault(msg.code_hash, code)
             elif (code := shipped.get(msg.code_hash, b"")) == b"":
