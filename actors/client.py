@@ -10,6 +10,7 @@ completed from there and are safe to wait on from any thread.
 from __future__ import annotations
 
 import hashlib
+import html
 import itertools
 import os
 import queue
@@ -64,7 +65,9 @@ class Future:
         self._error: BaseException | None = None  # failed here, not by the cluster (MasterLost)
 
     def __repr__(self) -> str:
-        return f"<Future {self.name} {self.task_id} {self._status}>"
+        done, total = self._progress
+        progress = f" {done}/{total} units" if total else ""
+        return f"<Future {self.name} {self.task_id} {self._status}{progress}>"
 
     @property
     def status(self) -> str:
@@ -351,6 +354,27 @@ class Client:
         if self._own_cluster is not None:
             self._own_cluster.close()
             self._own_cluster = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected to"
+        return f"<Client {self.client_id} {state} {self.address}>"
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows for a client: where it is connected and what the cluster has."""
+        rows = [("client", self.client_id), ("master", self.address)]
+        if self._closed:
+            rows.append(("state", "closed"))
+        else:
+            try:
+                info = self.info(timeout=1.0)
+                rows += [("nodes", ", ".join(info.nodes) or "none"),
+                         ("workers", f"{info.workers} ({info.idle_workers} idle)"),
+                         ("tasks running", str(info.tasks_running))]
+            except (TimeoutError, ClientClosed):
+                rows.append(("cluster", "no answer from the master"))
+        cells = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+                        f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows)
+        return f"<div><b>pydra-actors Client</b><table>{cells}</table></div>"
 
     def __enter__(self) -> Client:
         return self

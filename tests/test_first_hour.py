@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import linecache
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -301,3 +302,22 @@ def test_an_embedded_cluster_prints_no_banner_and_only_warnings(tmp_path: Path) 
 
 def _env_without_actors() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ACTORS_")}
+
+
+# --- what a notebook or a console shows ---------------------------------------------------------
+
+
+def test_a_client_and_its_futures_say_what_they_are(cluster: LocalCluster) -> None:
+    client = Client(cluster.address, keys=cluster.keys_dir)
+    try:
+        assert repr(client) == f"<Client {client.client_id} connected to {cluster.address}>"
+        page = client._repr_html_()
+        assert cluster.address in page and "<table>" in page
+        assert re.search(r"workers</th><td[^>]*>\d+ \(\d+ idle\)", page) and "tasks running" in page
+        fut = client.submit(Square, 3)
+        assert fut.result(timeout=30) == 9
+        assert repr(fut) == f"<Future Square {fut.task_id} finished>"
+    finally:
+        client.close()
+    assert repr(client).endswith(f"closed {cluster.address}>")
+    assert "closed" in client._repr_html_()
