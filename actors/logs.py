@@ -38,7 +38,9 @@ def configure(fmt: str = "auto", level: str | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level_name, logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (message and newline together): several processes share a stderr,
+        # and a line split in two writes can interleave with another process's.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     os.environ["ACTORS_LOG_FORMAT"] = "json" if use_json else "console"
