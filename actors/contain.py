@@ -55,7 +55,7 @@ from typing import Any
 import structlog
 
 from actors import logs
-from actors.errors import ActorsError
+from actors.errors import ContainmentFailed
 
 #: How the node spawns a worker: ``python -c WORKER_SCRIPT actors.worker PLAN ARGS...``; the
 #: process contains itself before it imports the entry point (and any task code after it).
@@ -82,18 +82,6 @@ _CLONE_NEWUSER = 0x10000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 _IFREQ = "16sH22x"
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-class ContainmentFailed(ActorsError):
-    """A measure the probe allowed failed in a worker: the worker must not run task code."""
-
-    def __init__(self, measure: str, reason: str) -> None:
-        super().__init__(measure, reason)
-        self.measure = measure
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"worker containment failed at {self.measure}: {self.reason}"
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,18 @@ class WorkerStartFailed(ActorsError):
 # --- state machines ---------------------------------------------------------
 
 
+class ContainmentFailed(ActorsError):
+    """A measure the probe allowed failed in a worker: the worker must not run task code."""
+
+    def __init__(self, measure: str, reason: str) -> None:
+        super().__init__(measure, reason)
+        self.measure = measure
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"worker containment failed at {self.measure}: {self.reason}"
+
+
 class InvalidEvent(ActorsError):
     """An event a state machine cannot take (stale or malformed); it was refused unchanged."""
 
