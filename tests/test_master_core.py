@@ -33,8 +33,11 @@ def running_parallel_task() -> SchedulerState:
 
 
 def snapshot(state: SchedulerState) -> object:
-    return copy.deepcopy({k: v for k, v in vars(state).items() if not k.startswith("_seq")
-                          and not k.startswith("_run_ids")})
+    """Everything the scheduler keeps but its id counters (never reused, so they only move on)
+    and its undo log (empty between calls)."""
+    assert len(state._undo) == 0
+    return copy.deepcopy({k: v for k, v in vars(state).items()
+                          if k not in ("_seq", "_run_ids", "_undo")})
 
 
 def test_every_status_change_of_a_task_is_in_its_story_in_order() -> None:
@@ -79,8 +82,15 @@ def test_an_invalid_event_raises_and_changes_nothing(event: ev.Event) -> None:
     assert out == [ev.Dispatch("n1", "w1", "t1", 1, [UnitCall(0, b"a")])]
 
 
-def test_an_event_that_raises_leaves_no_instruction_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_event_that_raises_part_way_changes_nothing_and_leaves_no_instruction(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in scheduling, after the event's own changes were made (units recorded, results
+    forwarded): the state is as before the event, nothing is sent, and the same event then goes
+    through as if the bug had never been."""
     state = running_parallel_task()
+    state.handle(ev.UnitsSliced(4.0, "w1", "t1", [UnitCall(i, b"u") for i in range(6)], True))
+    done = ev.UnitsFinished(5.0, "w1", "t1", 1, [UnitOutcome(i, True, b"r") for i in range(4)], 0.01)
+    before = snapshot(state)
 
     def broken_schedule(now: float) -> None:
         state._out.append(ev.KillWorker("n1", "w1", "half-made"))
@@ -88,9 +98,13 @@ def test_an_event_that_raises_leaves_no_instruction_behind(monkeypatch: pytest.M
 
     monkeypatch.setattr(state, "_schedule", broken_schedule)
     with pytest.raises(RuntimeError):
-        state.handle(ev.Tick(4.0))
+        state.handle(done)
     monkeypatch.undo()
-    assert state.handle(ev.Tick(5.0)) == []
+    assert snapshot(state) == before
+    state.validate()
+    out = state.handle(done)
+    assert [type(i).__name__ for i in out] == ["ForwardResults", "RecordResults"]
+    assert state.tasks["t1"].units.done_count == 4
 
 
 # --- the shell: refused and dropped messages, a master that lives on ----------------------------

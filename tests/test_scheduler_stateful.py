@@ -4,6 +4,9 @@ Nodes go silent and come back (declared lost, then joining again with fresh work
 worker announcements come twice or late, from a node already declared lost.
 
 Every third unit is kept on its worker and the unit two after it depends on it.
+In the second machine every event is first fed with a fault planted after a random change
+(a bug raising part-way through ``handle``): the state must be exactly as before, and the event
+then goes through as if the fault had never been.
 Whatever happens, ``validate()`` holds, and once the chaos stops and workers
 exist every submitted task ends exactly once: done with every unit recorded
 (inline results exactly once; kept ones at least once, as a lost holder's are
@@ -12,20 +15,82 @@ computed again), or failed with a report.
 
 from __future__ import annotations
 
+import copy
+import random
 from collections import Counter
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from actors.core import scheduler_events as ev
 from actors.core.scheduler_state import SchedulerState
+from actors.core.undo import Undo
 from actors.messages import UnitCall, UnitOutcome
 
 REPORTS = (ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportCancelled)
 
 
+class Fault(Exception):
+    pass
+
+
+class FaultyUndo(Undo):
+    """Raises ``Fault`` right after its ``at``-th recorded change (a bug part-way through), or,
+    with ``at`` None, at the commit (every change made, then a raise); counts the changes."""
+
+    def __init__(self, at: int | None) -> None:
+        super().__init__()
+        self.at = at
+        self.changes = 0
+
+    def call(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().call(*args, **kwargs)
+        self._count()
+
+    def put(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().put(*args, **kwargs)
+        self._count()
+
+    def pop(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        value = super().pop(*args, **kwargs)
+        self._count()
+        return value
+
+    def add(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().add(*args, **kwargs)
+        self._count()
+
+    def discard(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().discard(*args, **kwargs)
+        self._count()
+
+    def set(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().set(*args, **kwargs)
+        self._count()
+
+    def commit(self) -> None:
+        if self.at is None:
+            raise Fault
+        super().commit()
+
+    def _count(self) -> None:
+        self.changes += 1
+        if self.changes == self.at:
+            raise Fault
+
+
+def snapshot(state: SchedulerState) -> dict[str, object]:
+    """All the scheduler keeps but its id counters (they only move on) and its undo log; the
+    queue as a set of entries (a heap's layout may differ after a pop is undone)."""
+    kept = {k: v for k, v in vars(state).items() if k not in ("_seq", "_run_ids", "_undo", "_queue")}
+    return copy.deepcopy({**kept, "_queue": sorted(state._queue)})
+
+
 class SchedulerMachine(RuleBasedStateMachine):
+    faults = False  # plant a fault in every event first (FaultyScheduler)
+
     def __init__(self) -> None:
         super().__init__()
         self.state = SchedulerState(max_deaths=3)
@@ -43,12 +108,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.runs: dict[str, list[ev.Dispatch]] = {}  # worker -> dispatches not yet answered
         self.killed: list[str] = []  # workers we asked a node to kill: their exit comes next
         self.steals: list[ev.Steal] = []  # steal requests not yet answered
+        self.faults_rng = random.Random(0)
         self.nodes = ["n1", "n2"]
         for node in self.nodes:
             self.feed(ev.NodeJoined(self.now, node))
 
     def feed(self, event: ev.Event) -> None:
         self.now += 1
+        if self.faults:
+            self.fed_with_a_fault(event)
         for ins in self.state.handle(event):
             match ins:
                 case ev.Dispatch():
@@ -72,6 +140,26 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.killed.append(ins.worker_id)
                 case _ if isinstance(ins, REPORTS):
                     self.reports.setdefault(ins.task_id, []).append(ins)
+
+    def fed_with_a_fault(self, event: ev.Event) -> None:
+        """The event fed with a fault at its commit, then after one of its changes at random:
+        each time the state must be exactly as before."""
+        before = snapshot(self.state)
+        changes = self.raises(event, FaultyUndo(None))
+        assert snapshot(self.state) == before, f"{event} not undone whole"
+        if changes:
+            self.raises(event, FaultyUndo(self.faults_rng.randint(1, changes)))
+            assert snapshot(self.state) == before, f"{event} half-applied by a raise"
+        self.state.validate()
+
+    def raises(self, event: ev.Event, undo: FaultyUndo) -> int:
+        self.state._undo = undo
+        try:
+            with pytest.raises(Fault):
+                self.state.handle(event)
+        finally:
+            self.state._undo = Undo()
+        return undo.changes
 
     def flush(self) -> None:
         """The node reports the exits of the workers the scheduler had it kill."""
@@ -159,7 +247,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         task = self.state.tasks[task_id]
         if task.kind == "parallel" and not (task.units.sliced_all and not task.units.open_units):
             return  # a real driver reduces only once every unit is in
-        self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"done")))
+        self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"done"), 0.001))
         self.flush()
 
     @precondition(lambda self: self.state.workers)
@@ -259,7 +347,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             for driver, task_id in self.busy_drivers():
                 task = self.state.tasks[task_id]
                 if task.kind == "task" or (task.units.sliced_all and not task.units.open_units):
-                    self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"d")))
+                    self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"d"), 0.001))
             self.flush()
             self.state.validate()
         for task_id, task in self.state.tasks.items():
@@ -292,3 +380,12 @@ def outcome(unit: UnitCall, succeeded: bool) -> UnitOutcome:
 SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40,
                                               deadline=None)
 test_scheduler_under_random_events = SchedulerMachine.TestCase
+
+
+class FaultyScheduler(SchedulerMachine):
+    faults = True
+
+
+FaultyScheduler.TestCase.settings = settings(max_examples=15, stateful_step_count=25,
+                                             deadline=None)
+test_a_fault_anywhere_in_handle_changes_nothing = FaultyScheduler.TestCase

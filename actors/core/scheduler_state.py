@@ -55,8 +55,11 @@ Rules
  3. A task's status (``TaskStatus``) changes only through ``_set_status``, checked against
     ``TASK_TRANSITIONS`` (a missing pair raises ``InvalidTransition`` with the story) and written
     to the task's story; the indices of queued and running tasks follow from it.
- 4. An event that raises after ``_check`` met a bug: its instructions are dropped with it, and
-    the shell drops the event and asks ``validate()`` whether the master can go on.
+ 4. ``handle`` is all-or-nothing: every change is recorded in an undo log (``Undo``) before it
+    is made, so an event that raises after ``_check`` (a bug) leaves the state and the outbox
+    as they were; the shell drops it and asks ``validate()`` whether the master can go on.
+    Only the id counters move on (a rolled-back call skips some ids; none is reused). Hot loops
+    record per batch: a list registered in the log before the loop and filled as it goes.
 
 Invariants (``validate``): a busy worker is in the worker set of its task
 and of each task queued on it, and vice versa; only a busy worker has tasks
@@ -110,6 +113,7 @@ from actors.core.scheduler_events import (
     WorkerLost,
     WorkerReady,
 )
+from actors.core.undo import Undo
 from actors.core.unit_book import UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import UnitCall, UnitOutcome
@@ -140,6 +144,40 @@ TASK_TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
     (RUNNING, DONE): "its driver reported its result",
     (RUNNING, ERRED): "its code raised for good, or workers died under it too often",
 }
+
+
+# How to undo the changes the hot paths record per batch (see Undo). A reversal is recorded
+# after its change, or before it with a list the loop fills once each change is made.
+
+def _unpush(queue: list[tuple[int, int, str]], entry: tuple[int, int, str]) -> None:
+    queue.remove(entry)
+    heapq.heapify(queue)
+
+
+def _restore_payload(task: TaskRecord, code: bytes, args: bytes) -> None:
+    task.code, task.args = code, args
+
+
+def _unrequeue(pending: deque[UnitCall], in_flight: dict[int, int],
+               runs: list[tuple[int, int]]) -> None:
+    for index, run_id in reversed(runs):
+        pending.popleft()
+        in_flight[index] = run_id
+
+
+def _put_back_first(pending: deque[UnitCall], units: list[UnitCall]) -> None:
+    pending.extendleft(reversed(units))
+
+
+def _take_back(in_flight: dict[int, int], units: list[UnitCall]) -> None:
+    for unit in units:
+        in_flight.pop(unit.index, None)
+
+
+def _unappend(story: deque[StoryEntry], evicted: StoryEntry | None) -> None:
+    story.pop()
+    if evicted is not None:
+        story.appendleft(evicted)
 
 
 def unit_digest(unit: UnitCall) -> int:
@@ -189,10 +227,11 @@ class TaskRecord:
     seen_workers: set[str] = field(default_factory=set)  # every worker that joined it
     story: deque[StoryEntry] = field(default_factory=lambda: deque(maxlen=STORY_LENGTH))
 
-    @property
-    def warm_key(self) -> WarmKey:
-        """Who may reuse a worker this task ran on: the same submitter, the same package version."""
-        return WarmKey(self.client_id, self.package, self.version)
+    # Who may reuse a worker this task ran on: the same submitter, the same package version.
+    warm_key: WarmKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.warm_key = WarmKey(self.client_id, self.package, self.version)
 
     @property
     def finished(self) -> bool:
@@ -219,6 +258,7 @@ class SchedulerState:
         self._seq = itertools.count()
         self._run_ids = itertools.count(1)
         self._out: list[Instruction] = []
+        self._undo = Undo()
         self.task_seconds: dict[WarmKey, float] = {}  # moving average of a Task's run time
 
     # --- the one entry point ------------------------------------------------
@@ -227,14 +267,16 @@ class SchedulerState:
         """Apply ``event``, then schedule; the instructions to carry out, in order.
 
         ``InvalidEvent`` (what a peer could not have sent in good faith) is raised by ``_check``
-        before anything changes. An event that raises later is a bug: its instructions are
-        dropped with it, and the shell asks ``validate()`` whether the state still holds."""
+        before anything changes. An event that raises later is a bug: every change it made is
+        undone and its instructions are dropped with it (rule 4)."""
         self._check(event)
         try:
             self._handle(event)
             self._schedule(event.now)
+            self._undo.commit()
         except BaseException:
             self._out = []
+            self._undo.rollback()
             raise
         out, self._out = self._out, []
         return out
@@ -273,18 +315,20 @@ class SchedulerState:
         return entries
 
     def _handle(self, event: Event) -> None:
+        undo = self._undo
         match event:
             case NodeJoined(node_id=node_id, data_address=address):
-                self.nodes.setdefault(node_id, set())
-                self.data_addresses[node_id] = address
+                if node_id not in self.nodes:
+                    undo.put(self.nodes, node_id, set())
+                undo.put(self.data_addresses, node_id, address)
             case WorkerReady(node_id=node_id, worker_id=worker_id):
                 # A repeated announcement, or a late one from a node declared lost since, would
                 # overwrite a worker's record behind its task's back: only new workers of live nodes.
                 if node_id in self.nodes and worker_id not in self.workers:
-                    self.nodes[node_id].add(worker_id)
-                    self.workers[worker_id] = WorkerRecord(worker_id, node_id)
+                    undo.add(self.nodes[node_id], worker_id)
+                    undo.put(self.workers, worker_id, WorkerRecord(worker_id, node_id))
             case NodeLost(node_id=node_id, reason=reason):
-                for worker_id in sorted(self.nodes.pop(node_id, set())):
+                for worker_id in sorted(undo.pop(self.nodes, node_id) or ()):
                     self._worker_lost(worker_id, f"node {node_id} lost: {reason}", False, event.now)
             case WorkerLost(worker_id=worker_id, cause=cause, expected=expected):
                 self._worker_lost(worker_id, cause, expected, event.now)
@@ -302,7 +346,7 @@ class SchedulerState:
                     self._end(task, CANCELLED, "its client left", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
                 for key in [k for k in self.task_seconds if k.client_id == client_id]:
-                    del self.task_seconds[key]
+                    undo.pop(self.task_seconds, key)
             case UnitsSliced():
                 self._sliced(event)
             case UnitsFinished():
@@ -320,7 +364,7 @@ class SchedulerState:
             case UnitsNotReplayed():
                 self._not_replayed(event)
             case NewestVersion(package=package, version=version):
-                self.newest[package] = version
+                undo.put(self.newest, package, version)
                 for worker in list(self.workers.values()):
                     if worker.task_id is None and self._is_stale(worker.warm_for):
                         self._drop_worker(worker.worker_id)
@@ -342,8 +386,8 @@ class SchedulerState:
             priority=event.priority, seq=next(self._seq), package=event.package,
             version=event.version, retries=max(0, event.retries), code_hash=event.code_hash,
         )
-        self.tasks[task.task_id] = task
-        heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
+        self._undo.put(self.tasks, task.task_id, task)
+        self._enqueue(task)
         self._note(task, "task", "released", "queued", "submitted", event.now)
 
     def _sliced(self, event: UnitsSliced) -> None:
@@ -351,12 +395,14 @@ class SchedulerState:
         if task is None or event.worker_id != task.driver:
             return
         replay: list[UnitCall] = []
+        opened: list[UnitCall] = []
+        self._undo.call(task.units.unopen, opened)
         for unit in event.units:
             if task.units.is_journaled(unit.index):
                 replay.append(unit)  # finished before the driver restarted
             elif unit.index not in task.units.open_units:
-                task.units.open(unit)
-        task.units.sliced_all = event.done
+                task.units.open(unit, opened)
+        self._undo.set(task.units, "sliced_all", event.done)
         if replay:
             driver = self.workers[event.worker_id]
             self._note(task, f"units {replay[0].index}-{replay[-1].index}", "memory", "replayed",
@@ -370,49 +416,64 @@ class SchedulerState:
         for unit in event.units:
             if task.units.is_journaled(unit.index) and unit.index not in task.units.open_units:
                 task.units.set_journaled(unit.index, False)
-                task.units.done_count -= 1
+                self._undo.call(task.units.set_journaled, unit.index, True)
+                self._undo.set(task.units, "done_count", task.units.done_count - 1)
                 self._note(task, f"unit {unit.index}", "memory", "queued",
                            "not replayed: its arguments changed or its result is gone", event.now)
-                task.units.open(unit)
+                opened: list[UnitCall] = []
+                self._undo.call(task.units.unopen, opened)
+                task.units.open(unit, opened)
 
     def _units_finished(self, event: UnitsFinished) -> None:
         task = self._task_of(event.worker_id, event.task_id)
         if task is None:
             return
         worker = self.workers[event.worker_id]
+        units, in_flight, undo = task.units, worker.in_flight, self._undo
         forward: list[tuple[int, bytes]] = []
         record: list[tuple[int, int, bytes]] = []
         held: list[tuple[int, str, str]] = []
+        # The undo log for the loop, registered once and filled as it goes.
+        taken: dict[int, int] = {}
+        closed: dict[int, UnitCall] = {}
+        marked: list[int] = []
+        undo.call(units.unmark, marked, len(units.journaled))
+        undo.call(setattr, units, "done_count", units.done_count)
+        undo.call(units.open_units.update, closed)
+        undo.call(in_flight.update, taken)
         for outcome in event.outcomes:
-            if worker.in_flight.get(outcome.index) != event.run_id:
+            index = outcome.index
+            if in_flight.get(index) != event.run_id:
                 continue  # not this worker's current run of that unit
-            del worker.in_flight[outcome.index]
-            if outcome.index not in task.units.open_units:
+            taken[index] = in_flight.pop(index)
+            if index not in units.open_units:
                 continue  # already recorded: the first result won
             if not outcome.ok:
-                self._note(task, f"unit {outcome.index}", "executing", "error", outcome.type_name, event.now)
-                if self._retry(task, outcome.index, event.now):
-                    task.units.pending.appendleft(task.units.open_units[outcome.index])
+                self._note(task, f"unit {index}", "executing", "error", outcome.type_name, event.now)
+                if self._retry(task, index, event.now):
+                    self._queue_first(units, units.open_units[index])
                     continue
-                self._end(task, ERRED, f"unit {outcome.index} raised", event.now,
+                self._end(task, ERRED, f"unit {index} raised", event.now,
                           keep_workers=self._keeps_workers(outcome))
-                self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(outcome.index)))
+                self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(index)))
                 return
-            unit = task.units.open_units.pop(outcome.index)
-            task.units.done_count += 1
+            unit = closed[index] = units.open_units.pop(index)
+            units.done_count += 1
             if outcome.held:
-                self._held(task, outcome.index, worker)
-                held.append((outcome.index, worker.worker_id, self._address(worker)))
+                self._held(task, index, worker)
+                held.append((index, worker.worker_id, self._address(worker)))
             else:
-                forward.append((outcome.index, outcome.value))
-                record.append((outcome.index, unit_digest(unit), outcome.value))
-                task.units.set_journaled(outcome.index, True)
+                forward.append((index, outcome.value))
+                record.append((index, unit_digest(unit), outcome.value))
+                if units.set_journaled(index, True):
+                    marked.append(index)
         # Units the worker did not get to (it stops a batch at a failure) go back.
         self._requeue_runs(task, worker, {event.run_id})
         if event.outcomes and event.elapsed > 0:
             per_unit = event.elapsed / len(event.outcomes)
-            previous = task.units.unit_seconds
-            task.units.unit_seconds = per_unit if previous is None else 0.7 * previous + 0.3 * per_unit
+            previous = units.unit_seconds
+            undo.set(units, "unit_seconds",
+                     per_unit if previous is None else 0.7 * previous + 0.3 * per_unit)
         if (forward or held) and task.driver is not None:
             driver = self.workers[task.driver]
             self._out.append(
@@ -422,14 +483,16 @@ class SchedulerState:
 
     def _held(self, task: TaskRecord, index: int, worker: WorkerRecord) -> None:
         """A keep unit finished: unblock its dependents, answer workers that missed it."""
-        task.units.held[index] = worker.worker_id
-        for dependent in task.units.dependents.get(index, ()):
-            blocked = task.units.blocked.get(dependent)
-            if blocked is not None and all(dep in task.units.held for dep in blocked.deps):
-                del task.units.blocked[dependent]
-                task.units.pending.append(blocked)
+        units, undo = task.units, self._undo
+        undo.put(units.held, index, worker.worker_id)
+        for dependent in units.dependents.get(index, ()):
+            blocked = units.blocked.get(dependent)
+            if blocked is not None and all(dep in units.held for dep in blocked.deps):
+                undo.pop(units.blocked, dependent)
+                units.pending.append(blocked)
+                undo.call(units.pending.pop)
         holders = [(worker.worker_id, self._address(worker))]
-        for asker_id in sorted(task.units.missing_for.pop(index, set())):
+        for asker_id in sorted(undo.pop(units.missing_for, index) or ()):
             asker = self.workers.get(asker_id)
             if asker is not None:
                 self._out.append(TellHolders(asker.node_id, asker_id, task.task_id, index, holders))
@@ -438,16 +501,27 @@ class SchedulerState:
         return self.data_addresses.get(worker.node_id, "")
 
     def _requeue_runs(self, task: TaskRecord, worker: WorkerRecord, run_ids: set[int]) -> None:
-        for index, run_id in sorted(worker.in_flight.items(), reverse=True):
-            if run_id in run_ids:
-                del worker.in_flight[index]
-                task.units.pending.appendleft(task.units.open_units[index])
+        runs = [(i, r) for i, r in sorted(worker.in_flight.items(), reverse=True) if r in run_ids]
+        if not runs:
+            return
+        pending, in_flight = task.units.pending, worker.in_flight
+        moved: list[tuple[int, int]] = []
+        self._undo.call(_unrequeue, pending, in_flight, moved)
+        for index, run_id in runs:
+            pending.appendleft(task.units.open_units[index])
+            del in_flight[index]
+            moved.append((index, run_id))
+
+    def _queue_first(self, units: UnitBook, unit: UnitCall) -> None:
+        """Back to the front of the task's queue (given back, or to run again)."""
+        units.pending.appendleft(unit)
+        self._undo.call(units.pending.popleft)
 
     def _steal_answered(self, event: StealAnswered) -> None:
         task = self._task_of(event.worker_id, event.task_id)
         if task is None:
             return
-        task.units.steal_pending = False
+        self._undo.set(task.units, "steal_pending", False)
         if not event.accepted:
             return
         worker = self.workers[event.worker_id]
@@ -465,33 +539,38 @@ class SchedulerState:
             self._out.append(TellHolders(asker.node_id, asker.worker_id, task.task_id, event.index,
                                          [(holder.worker_id, self._address(holder))]))
             return
-        task.units.missing_for.setdefault(event.index, set()).add(event.worker_id)
+        askers = task.units.missing_for.get(event.index)
+        if askers is None:
+            askers = set()
+            self._undo.put(task.units.missing_for, event.index, askers)
+        self._undo.add(askers, event.worker_id)
         self._reopen(task, event.index, f"missing at {event.worker_id}", event.now)
 
     def _reopen(self, task: TaskRecord, index: int, cause: str, now: float) -> None:
         """A finished keep unit's result was lost: compute it again, and whatever of its own
         inputs is gone too (an input dropped as no longer needed before this unit was lost)."""
-        unit = task.units.kept.get(index)
-        task.units.held.pop(index, None)
-        if unit is None or index in task.units.open_units:
+        units, undo = task.units, self._undo
+        unit = units.kept.get(index)
+        undo.pop(units.held, index)
+        if unit is None or index in units.open_units:
             return
         self._note(task, f"unit {index}", "memory", "queued", cause, now)
-        task.units.open_units[index] = unit
-        task.units.done_count -= 1
+        undo.put(units.open_units, index, unit)
+        undo.set(units, "done_count", units.done_count - 1)
         for dep in unit.deps:
-            if dep not in task.units.held and dep not in task.units.open_units:
+            if dep not in units.held and dep not in units.open_units:
                 self._reopen(task, dep, f"needed again by unit {index}", now)
-        if all(dep in task.units.held for dep in unit.deps):
-            task.units.pending.appendleft(unit)
+        if all(dep in units.held for dep in unit.deps):
+            self._queue_first(units, unit)
         else:
-            task.units.blocked[index] = unit
+            undo.put(units.blocked, index, unit)
 
     def _retry(self, task: TaskRecord, index: int, now: float) -> bool:
         """Application exceptions run again only as often as the submitter asked (``retries``)."""
         failed = task.failures.get(index, 0)
         if failed >= task.retries:
             return False
-        task.failures[index] = failed + 1
+        self._undo.put(task.failures, index, failed + 1)
         what = "task" if index < 0 else f"unit {index}"
         self._note(task, what, "error", "queued", f"retry {failed + 1} of {task.retries}", now)
         return True
@@ -506,8 +585,8 @@ class SchedulerState:
             return
         if task.kind is TASK and event.elapsed > 0:  # what a Task takes, raising or not
             seen = self.task_seconds.get(task.warm_key)
-            self.task_seconds[task.warm_key] = (
-                event.elapsed if seen is None else 0.8 * seen + 0.2 * event.elapsed)
+            self._undo.put(self.task_seconds, task.warm_key,
+                           event.elapsed if seen is None else 0.8 * seen + 0.2 * event.elapsed)
         # _end first: its last progress report must reach the client before the outcome.
         if event.outcome.ok:
             self._end(task, DONE, "finished", event.now)
@@ -524,35 +603,51 @@ class SchedulerState:
         if (start, finish) not in TASK_TRANSITIONS:
             raise InvalidTransition(f"task {task.task_id}", start, finish, list(task.story))
         self._note(task, "task", start, finish, cause, now)
-        task.state = finish
+        undo = self._undo
+        undo.set(task, "state", finish)
         if start is RUNNING:
-            self._running.pop(task.task_id, None)
-            self._parallel.pop(task.task_id, None)
+            undo.pop(self._running, task.task_id)
+            undo.pop(self._parallel, task.task_id)
         if finish is RUNNING:
-            self._running[task.task_id] = task
+            undo.put(self._running, task.task_id, task)
             if task.kind is PARALLEL:
-                self._parallel[task.task_id] = task
+                undo.put(self._parallel, task.task_id, task)
         elif finish is QUEUED:
-            heapq.heappush(self._queue, (-task.priority, task.seq, task.task_id))
+            self._enqueue(task)
         elif finish in FINISHED:
             self._finished.append(task.task_id)
+            undo.call(self._finished.pop)
+
+    def _enqueue(self, task: TaskRecord) -> None:
+        entry = (-task.priority, task.seq, task.task_id)
+        heapq.heappush(self._queue, entry)
+        self._undo.call(_unpush, self._queue, entry)
+
+    def _dequeue(self) -> None:
+        entry = heapq.heappop(self._queue)
+        self._undo.call(heapq.heappush, self._queue, entry)
 
     def _end(self, task: TaskRecord, state: TaskStatus, cause: str, now: float, *,
              keep_workers: bool = False) -> None:
         """The task is over. Its workers stay, warm for the submitter, when it is done or raised
         an ordinary exception (``keep_workers``); otherwise (cancelled, killed, a fatal error)
         they are stopped: only a kill stops user code that may still run there."""
+        undo = self._undo
         self._set_status(task, state, cause, now)
-        task.units.clear_open()
+        task.units.clear_open(undo)
+        undo.call(_restore_payload, task, task.code, task.args)
         task.code = task.args = b""
-        task.units.journaled, task.units.journaled_count = bytearray(), 0
+        if task.units.journaled:
+            undo.set(task.units, "journaled", bytearray())
+            undo.set(task.units, "journaled_count", 0)
         if task.kind is PARALLEL:
             self._report_progress_of(task)
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
             self._let_go(worker, task.task_id)
             if (state is DONE or keep_workers) and not self._is_stale(task.warm_key):
-                worker.warm_for = task.warm_key
+                if worker.warm_for != task.warm_key:
+                    undo.set(worker, "warm_for", task.warm_key)
                 # A plain Task's worker let go of it when it answered (and the error was not
                 # fatal, or it would not be kept): only a ParallelTask's workers need telling.
                 if task.kind is not TASK:
@@ -562,10 +657,14 @@ class SchedulerState:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} {state}"))
                 self._give_back(worker, f"worker {worker_id} stopped: task {task.task_id} {state}",
                                 now)
-        task.workers.clear()
-        task.driver = None
+        if task.workers:
+            undo.set(task, "workers", set())
+        if task.driver is not None:
+            undo.set(task, "driver", None)
         while len(self._finished) > FINISHED_KEPT:
-            self.tasks.pop(self._finished.popleft(), None)
+            forgotten = self._finished.popleft()
+            undo.call(self._finished.appendleft, forgotten)
+            undo.pop(self.tasks, forgotten)
 
     # --- workers ------------------------------------------------------------
 
@@ -580,13 +679,14 @@ class SchedulerState:
         worker = self._drop_worker(worker_id)
         if worker is None:
             return
+        undo = self._undo
         for task in list(self._running.values()):
             lost = [i for i, holder in task.units.held.items() if holder == worker_id]
             for index in lost:
                 if task.units.still_needed(index):
                     self._reopen(task, index, f"holder lost: {cause}", now)
                 else:
-                    task.units.held.pop(index)
+                    undo.pop(task.units.held, index)
             if lost:  # its peers may be fetching from it: they need not wait for a timeout
                 for peer_id in sorted(task.workers - {worker_id}):
                     peer = self.workers[peer_id]
@@ -595,65 +695,82 @@ class SchedulerState:
         if worker.task_id is None:
             return
         task = self.tasks[worker.task_id]
-        task.workers.discard(worker_id)
-        task.units.steal_pending = False  # if it was asked, it will never answer
+        undo.discard(task.workers, worker_id)
+        undo.set(task.units, "steal_pending", False)  # if it was asked, it will never answer
         if worker_id == task.driver:
             self._restart(task, cause, now, count=not expected)
             return
         for index in sorted(worker.in_flight, reverse=True):
             self._note(task, f"unit {index}", "executing", "queued", f"worker lost: {cause}", now)
             if not expected:
-                causes = task.deaths.setdefault(index, [])
-                causes.append(cause)
+                causes = self._count_death(task, index, cause)
                 if len(causes) >= self.max_deaths:
                     self._kill_task(task, str(index), causes, now)
                     return
-            task.units.pending.appendleft(task.units.open_units[index])
+            self._queue_first(task.units, task.units.open_units[index])
 
-    @staticmethod
-    def _let_go(worker: WorkerRecord, task_id: str) -> None:
-        """The worker is done with this task: the next one queued on it (if any) is its own now."""
+    def _count_death(self, task: TaskRecord, index: int, cause: str | None) -> list[str]:
+        """The deaths witnessed by a unit (-1: the driver), with ``cause`` added if given."""
+        causes = task.deaths.get(index)
+        if causes is None:
+            causes = []
+            self._undo.put(task.deaths, index, causes)
+        if cause is not None:
+            causes.append(cause)
+            self._undo.call(causes.pop)
+        return causes
+
+    def _let_go(self, worker: WorkerRecord, task_id: str) -> None:
+        """The worker is done with this task: the next one queued on it (if any) is its own now.
+        (Its small queue is copied, so that an undo puts back the old one.)"""
+        undo = self._undo
         if task_id in worker.queued:
+            undo.set(worker, "queued", deque(worker.queued))
             worker.queued.remove(task_id)  # ended before its turn came
+            return
+        if worker.queued:
+            undo.set(worker, "queued", deque(worker.queued))
+            undo.set(worker, "task_id", worker.queued.popleft())
         else:
-            worker.task_id = worker.queued.popleft() if worker.queued else None
-            worker.in_flight.clear()
+            undo.set(worker, "task_id", None)
+        if worker.in_flight:
+            undo.set(worker, "in_flight", {})
 
     def _give_back(self, worker: WorkerRecord, cause: str, now: float, *,
                    running: bool = True) -> None:
         """A dropped worker's queued Tasks (and, with ``running``, the one it runs) go back to
         the queue uncounted: their code was not (or not alone) the cause."""
         ids = [*([worker.task_id] if running and worker.task_id else []), *worker.queued]
-        worker.queued.clear()
+        undo = self._undo
+        undo.set(worker, "queued", deque())
         if running:
-            worker.task_id = None
+            undo.set(worker, "task_id", None)
         for task_id in ids:
             task = self.tasks[task_id]
-            task.workers.discard(worker.worker_id)
+            undo.discard(task.workers, worker.worker_id)
             self._restart(task, cause, now, count=False)
 
     def _restart(self, task: TaskRecord, cause: str, now: float, *, count: bool = True,
                  lost: bool = True) -> None:
         """Back to the queue with a new driver to come (its workers are stopped); the third
         counted death of a driver (``count``) kills the task instead."""
-        causes = task.deaths.setdefault(-1, [])
-        if count:
-            causes.append(cause)
+        causes = self._count_death(task, -1, cause if count else None)
         if len(causes) >= self.max_deaths:
             self._kill_task(task, "driver", causes, now)
             return
-        task.driver = None
+        undo = self._undo
+        undo.set(task, "driver", None)
         for worker_id in sorted(task.workers):
             worker = self._drop_worker(worker_id)
             if worker is not None:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
-        task.workers.clear()
+        undo.set(task, "workers", set())
         self._set_status(task, QUEUED, f"driver lost: {cause}" if lost else
                          "its code raised: it runs again on a fresh worker", now)
-        task.units.clear_open()
+        task.units.clear_open(undo)
         # Journaled results are replayed to the next driver; held ones died with their workers.
-        task.units.done_count = task.units.journaled_count
-        task.units.sliced_all = False
+        undo.set(task.units, "done_count", task.units.journaled_count)
+        undo.set(task.units, "sliced_all", False)
 
     def _keeps_workers(self, outcome: UnitOutcome) -> bool:
         """Whether the workers of a task that failed with ``outcome`` may serve on, warm."""
@@ -670,8 +787,8 @@ class SchedulerState:
             worker = self.workers[worker_id]
             self._let_go(worker, task.task_id)
             self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
-        task.workers.clear()
-        task.driver = None
+        self._undo.set(task, "workers", set())
+        self._undo.set(task, "driver", None)
         self._set_status(task, QUEUED, "its code raised: it runs again", now)
 
     def _kill_task(self, task: TaskRecord, unit: str, causes: list[str], now: float) -> None:
@@ -679,9 +796,9 @@ class SchedulerState:
         self._out.append(ReportKilled(task.client_id, task.task_id, unit, tuple(causes)))
 
     def _drop_worker(self, worker_id: str) -> WorkerRecord | None:
-        worker = self.workers.pop(worker_id, None)
-        if worker is not None:
-            self.nodes.get(worker.node_id, set()).discard(worker_id)
+        worker = self._undo.pop(self.workers, worker_id)
+        if worker is not None and worker.node_id in self.nodes:
+            self._undo.discard(self.nodes[worker.node_id], worker_id)
         return worker
 
     def _task_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
@@ -697,7 +814,7 @@ class SchedulerState:
         while self._queue:
             task = self.tasks.get(self._queue[0][2])
             if task is None or task.state is not QUEUED:
-                heapq.heappop(self._queue)  # ended or already running: a stale entry
+                self._dequeue()  # ended or already running: a stale entry
                 continue
             worker = self._idle_worker_for(task.warm_key)
             queue = worker is None
@@ -706,7 +823,7 @@ class SchedulerState:
             if worker is None:
                 self._evict_idle_worker()
                 break
-            heapq.heappop(self._queue)
+            self._dequeue()
             self._join(task, worker, driver=True, now=now, queue=queue)
         # Only ParallelTasks have units to hand out (running plain ones may be many: prefetch).
         for task in sorted(self._parallel.values(), key=lambda t: (-t.priority, t.seq)):
@@ -755,15 +872,17 @@ class SchedulerState:
 
     def _join(self, task: TaskRecord, worker: WorkerRecord, *, driver: bool, now: float,
               queue: bool = False) -> None:
+        undo = self._undo
         if queue:
             worker.queued.append(task.task_id)
+            undo.call(worker.queued.pop)
         else:
-            worker.task_id = task.task_id
-        worker.warm_for = task.warm_key
-        task.workers.add(worker.worker_id)
-        task.seen_workers.add(worker.worker_id)
+            undo.set(worker, "task_id", task.task_id)
+        undo.set(worker, "warm_for", task.warm_key)
+        undo.add(task.workers, worker.worker_id)
+        undo.add(task.seen_workers, worker.worker_id)
         if driver:
-            task.driver = worker.worker_id
+            undo.set(task, "driver", worker.worker_id)
             how = f" (queued behind {worker.task_id})" if queue else ""
             self._set_status(task, RUNNING, f"driver {worker.worker_id}{how}", now)
         self._out.append(Assign(
@@ -780,30 +899,34 @@ class SchedulerState:
             # Tiny units need thousands in flight to hide the round trip; slow ones
             # only a couple, so the last units of a task do not queue behind others.
             depth = max(2 * batch, min(8 * batch, int(PREFETCH_SECONDS / per_unit)))
+        pending, undo = task.units.pending, self._undo
         # The least loaded first, so that units given back by a steal go to the idle worker.
         for worker_id in sorted(task.workers, key=lambda w: (len(self.workers[w].in_flight), w)):
-            if not task.units.pending:
+            if not pending:
                 return
             worker = self.workers[worker_id]
             room = depth - len(worker.in_flight)
-            while task.units.pending and room > 0:
+            while pending and room > 0:
                 units: list[UnitCall] = []
-                while task.units.pending and len(units) < min(batch, room):
-                    unit = task.units.pending[0]
+                undo.call(_put_back_first, pending, units)
+                while pending and len(units) < min(batch, room):
+                    unit = pending[0]
                     if unit.keep or unit.deps:
                         break  # goes alone: it is keyed by its index on the worker
-                    units.append(task.units.pending.popleft())
+                    units.append(pending.popleft())
                 if not units:
-                    unit = task.units.pending.popleft()
+                    unit = pending.popleft()
+                    units.append(unit)
                     if not all(dep in task.units.held for dep in unit.deps):
-                        task.units.blocked[unit.index] = unit  # an input's holder was lost meanwhile
+                        # An input's holder was lost meanwhile.
+                        undo.put(task.units.blocked, unit.index, unit)
                         continue
-                    units = [unit]
                 self._send_run(task, worker, units)
                 room -= len(units)
 
     def _send_run(self, task: TaskRecord, worker: WorkerRecord, units: list[UnitCall]) -> None:
         run_id = next(self._run_ids)
+        self._undo.call(_take_back, worker.in_flight, units)
         for unit in units:
             worker.in_flight[unit.index] = run_id
         holders = [(dep, task.units.held[dep], self._address(self.workers[task.units.held[dep]]))
@@ -825,8 +948,8 @@ class SchedulerState:
             runs = sorted(set(victim.in_flight.values()))[1:]
             candidates = [r for r in runs if r not in task.units.steals]
             if candidates:
-                task.units.steals.add(candidates[-1])
-                task.units.steal_pending = True
+                self._undo.add(task.units.steals, candidates[-1])
+                self._undo.set(task.units, "steal_pending", True)
                 self._out.append(Steal(victim.node_id, victim.worker_id, task.task_id, candidates[-1]))
                 return
 
@@ -838,14 +961,17 @@ class SchedulerState:
 
     def _report_progress_of(self, task: TaskRecord) -> None:
         if task.units.done_count != task.units.reported_done:
-            task.units.reported_done = task.units.done_count
+            self._undo.set(task.units, "reported_done", task.units.done_count)
             total = task.units.done_count + len(task.units.open_units)
             self._out.append(
                 ReportProgress(task.client_id, task.task_id, task.units.done_count, total, task.units.sliced_all)
             )
 
     def _note(self, task: TaskRecord, key: str, start: str, finish: str, cause: str, now: float) -> None:
-        task.story.append((key, start, finish, cause, now))
+        story = task.story
+        evicted = story[0] if len(story) == story.maxlen else None
+        story.append((key, start, finish, cause, now))
+        self._undo.call(_unappend, story, evicted)
 
     # --- invariants -------------------------------------------------------------
 

@@ -16,6 +16,9 @@ the unit is kept (``kept``) so that it can be computed again if that worker is l
 dependent or ``reduce`` still needs it. Results of plain units go to the driver and into the
 master's journal; ``journaled`` (one bit per unit) says which, so that a restarted driver's
 re-sliced units are replayed instead of computed again.
+
+The book's own changes (``open``, ``set_journaled``, ``clear_open``) are recorded in the caller's
+``Undo`` log when one is given, so that the scheduler's ``handle`` stays all-or-nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from actors.core.undo import Undo
 from actors.messages import UnitCall
+
+_OpenState = tuple[deque[UnitCall], dict[int, UnitCall], dict[int, UnitCall], dict[int, UnitCall],
+                   dict[int, str], dict[int, list[int]], dict[int, set[str]], set[int], bool]
 
 
 @dataclass
@@ -46,17 +53,40 @@ class UnitBook:
     steal_pending: bool = False  # a steal request is waiting for its answer
     reported_done: int = -1  # done_count when progress was last reported
 
-    def open(self, unit: UnitCall) -> None:
-        """A unit sliced (or re-sliced and not replayed): queued, or blocked on its inputs."""
-        self.open_units[unit.index] = unit
+    def open(self, unit: UnitCall, opened: list[UnitCall] | None = None) -> None:
+        """A unit sliced (or re-sliced and not replayed): queued, or blocked on its inputs.
+        ``opened``: a list registered in an undo log (``unopen``), the unit added once open."""
+        index = unit.index
+        self.open_units[index] = unit
         if unit.keep:
-            self.kept[unit.index] = unit
+            self.kept[index] = unit
         for dep in unit.deps:
-            self.dependents.setdefault(dep, []).append(unit.index)
+            self.dependents.setdefault(dep, []).append(index)
         if all(dep in self.held for dep in unit.deps):
             self.pending.append(unit)
         else:
-            self.blocked[unit.index] = unit
+            self.blocked[index] = unit
+        if opened is not None:
+            opened.append(unit)
+
+    def unopen(self, opened: list[UnitCall]) -> None:
+        """Undo ``open`` of these units, the latest first (an undo log runs backwards)."""
+        for unit in reversed(opened):
+            self._unopen(unit)
+
+    def _unopen(self, unit: UnitCall) -> None:
+        index = unit.index
+        self.open_units.pop(index, None)
+        if unit.keep:
+            self.kept.pop(index, None)
+        for dep in reversed(unit.deps):
+            feeds = self.dependents.get(dep)
+            if feeds and feeds[-1] == index:
+                feeds.pop()
+                if not feeds:
+                    del self.dependents[dep]
+        if self.blocked.pop(index, None) is None and self.pending and self.pending[-1] is unit:
+            self.pending.pop()
 
     def still_needed(self, index: int) -> bool:
         """A held result ``reduce`` needs (no unit consumes it), or that an open unit consumes."""
@@ -67,10 +97,11 @@ class UnitBook:
         byte = index >> 3
         return byte < len(self.journaled) and bool(self.journaled[byte] >> (index & 7) & 1)
 
-    def set_journaled(self, index: int, on: bool) -> None:
-        """Mark (or unmark) a unit whose result is in the journal; keeps ``journaled_count``."""
+    def set_journaled(self, index: int, on: bool) -> bool:
+        """Mark (or unmark) a unit whose result is in the journal; keeps ``journaled_count``.
+        Whether anything changed (``unmark`` undoes a list of marks)."""
         if self.is_journaled(index) == on:
-            return
+            return False
         byte = index >> 3
         if byte >= len(self.journaled):
             self.journaled.extend(bytes(byte + 1 - len(self.journaled) + len(self.journaled) // 2))
@@ -80,19 +111,34 @@ class UnitBook:
         else:
             self.journaled[byte] &= ~(1 << (index & 7)) & 0xFF
             self.journaled_count -= 1
+        return True
 
-    def clear_open(self) -> None:
+    def unmark(self, marked: list[int], size: int) -> None:
+        """Undo ``set_journaled(i, True)`` for each of ``marked``; the bitmap back to ``size``."""
+        for index in marked:
+            self.set_journaled(index, False)
+        del self.journaled[size:]
+
+    def clear_open(self, undo: Undo | None = None) -> None:
         """Forget every open unit and what hangs on them (the task ended or restarts); the
-        journal bits and the counters stay."""
-        self.pending.clear()
-        self.open_units.clear()
-        self.blocked.clear()
-        self.kept.clear()
-        self.held.clear()
-        self.dependents.clear()
-        self.missing_for.clear()
-        self.steals.clear()
+        journal bits and the counters stay. The containers are replaced, not emptied, so that
+        an undo only has to put the old ones back."""
+        if not (self.open_units or self.held or self.kept or self.dependents or self.missing_for
+                or self.steals or self.steal_pending):
+            return  # nothing open (every plain Task): the pending and blocked are open units
+        if undo is not None:
+            undo.call(self._put_back_open, self._open_state())
+        self.pending, self.open_units, self.blocked, self.kept = deque(), {}, {}, {}
+        self.held, self.dependents, self.missing_for, self.steals = {}, {}, {}, set()
         self.steal_pending = False
+
+    def _open_state(self) -> _OpenState:
+        return (self.pending, self.open_units, self.blocked, self.kept, self.held,
+                self.dependents, self.missing_for, self.steals, self.steal_pending)
+
+    def _put_back_open(self, saved: _OpenState) -> None:
+        (self.pending, self.open_units, self.blocked, self.kept, self.held,
+         self.dependents, self.missing_for, self.steals, self.steal_pending) = saved
 
     def validate(self, flying: Collection[int], finished: bool) -> None:
         """Raise AssertionError if the book does not hold; ``flying``: the open units dispatched
