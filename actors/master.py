@@ -533,6 +533,10 @@ class Master(Shell):
                                                                 units.sliced_all),
                 units.sliced_all))
 
+    def _ended_badly(self, task_id: str) -> bool:
+        task = self.scheduler.tasks.get(task_id)
+        return task is not None and task.finished and task.state is not ev.TaskStatus.DONE
+
     def _unit_total(self, task_id: str, known: int, sliced_all: bool) -> int:
         """A ParallelTask's units: all of them once sliced, else the count its driver declared
         (or the units known, if more), else 0: not known yet."""
@@ -651,6 +655,8 @@ class Master(Shell):
                 self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
             case ev.KillWorker():
                 self.send(SOCKET, ins.node_id.encode(), message=m.KillWorker(ins.worker_id, ins.reason))
+            case ev.ReportProgress() if self._ended_badly(ins.task_id):
+                pass  # its units were dropped: the progress it last reported stands
             case ev.ReportProgress():
                 self._to_client(ins.client_id, m.TaskProgress(
                     ins.task_id, ins.done, self._unit_total(ins.task_id, ins.total, ins.sliced_all),

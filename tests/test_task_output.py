@@ -51,7 +51,7 @@ class Chatty(Task):
         logging.getLogger("elsewhere").debug("below its level: not sent")
         logging.info("root %s", tag)  # INFO reaches the client (Python's default is WARNING)
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             log.exception("error %s", tag)
         print("no newline at the end", end="")  # a line all the same, once work returns
