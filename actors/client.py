@@ -69,6 +69,7 @@ class Future:
         self._lock = threading.Lock()
         self._progress: tuple[int, int | None] = (0, None)
         self._counts_units = False  # a ParallelTask's progress (units), not what work reported
+        self._reported = False  # any progress came (a plain Task that reports none: no numbers)
         self._error: BaseException | None = None  # failed here, not by the cluster (MasterLost)
         self._lines: list[TaskLine] = []  # what the task printed and logged
         self._dropped = 0  # lines not kept (over a worker's cap, or MAX_LINES_KEPT here)
@@ -81,6 +82,8 @@ class Future:
 
     def _progress_text(self) -> str:
         done, total = self._progress
+        if not self._reported:
+            return ""
         if total is None:
             return f" {done} units done" if done else ""
         what = "units" if self._counts_units else "done"
@@ -454,7 +457,7 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected to"
         tasks = self._tasks_by_status()
-        return f"<Client {self.client_id} {state} {self.address}{': ' + tasks if tasks else ''}>"
+        return f"<Client {self.client_id} {f'({tasks}) ' if tasks else ''}{state} {self.address}>"
 
     def _tasks_by_status(self) -> str:
         """This client's tasks that are still referenced, counted by status."""
@@ -552,6 +555,7 @@ class Client:
                 if (fut := self._futures.get(task_id)) is not None and not fut.done():
                     total = msg.total if msg.sliced_all or msg.total > 0 else None
                     fut._counts_units = fut._kind == "parallel"
+                    fut._reported = True
                     fut._progress = (msg.done, total)
             case m.TaskState(task_id=task_id, state=state):
                 if (fut := self._futures.get(task_id)) is not None and state in (_QUEUED, _RUNNING):
