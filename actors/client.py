@@ -28,6 +28,7 @@ from actors import __version__
 from actors import messages as m
 from actors.addresses import master_address
 from actors.cluster import LocalCluster, default_keys_dir
+from actors.display import TaskLine, in_notebook, show_lines
 from actors.errors import (
     ClientClosed,
     ConnectFailed,
@@ -46,31 +47,66 @@ log = structlog.get_logger("actors.client")
 
 MASTER = "master"
 LARGE_CODE_BYTES = 10 * 2**20  # a task's code above this size is worth a warning
-_PENDING, _DONE, _ERRED, _CANCELLED = "pending", "finished", "error", "cancelled"
+MAX_LINES_KEPT = 10_000  # output lines a future keeps (each worker sends at most 1,000 per task)
+WAIT_STEP_S = 0.1  # how often a wait in a notebook shows the output that came meanwhile
+#: A future's statuses: waiting for a worker, running, and how it ended (``lost``: with its master).
+_QUEUED, _RUNNING, _DONE, _ERRED, _CANCELLED, _LOST = (
+    "queued", "running", "finished", "erred", "cancelled", "lost")
 
 
 class Future:
     """The eventual result of one submitted task instance."""
 
-    def __init__(self, client: Client, task_id: str, name: str) -> None:
+    def __init__(self, client: Client, task_id: str, name: str, kind: str = "task") -> None:
         self._client = client
         self.task_id = task_id
         self.name = name
-        self._status = _PENDING
+        self._kind = kind  # "task" or "parallel"
+        self._status = _QUEUED
         self._done = threading.Event()
         self._payload: m.TaskDone | m.TaskErred | None = None
         self._callbacks: list[Callable[[Future], None]] = []
         self._lock = threading.Lock()
-        self._progress = (0, 0)
+        self._progress: tuple[int, int | None] = (0, None)
+        self._counts_units = False  # a ParallelTask's progress (units), not what work reported
+        self._reported = False  # any progress came (a plain Task that reports none: no numbers)
         self._error: BaseException | None = None  # failed here, not by the cluster (MasterLost)
+        self._lines: list[TaskLine] = []  # what the task printed and logged
+        self._dropped = 0  # lines not kept (over a worker's cap, or MAX_LINES_KEPT here)
+        self._shown = 0  # lines shown to the user so far
+        self._dropped_shown = False
+        self._show_lock = threading.Lock()  # one thread shows a future's lines at a time, in order
 
     def __repr__(self) -> str:
+        return f"<Future {self.name} {self.task_id} {self._status}{self._progress_text()}>"
+
+    def _progress_text(self) -> str:
         done, total = self._progress
-        progress = f" {done}/{total} units" if total else ""
-        return f"<Future {self.name} {self.task_id} {self._status}{progress}>"
+        if not self._reported:
+            return ""
+        if total is None:
+            return f" {done} units done" if done else ""
+        what = "units" if self._counts_units else "done"
+        return f" {done}/{total} {what}"
+
+    def _repr_html_(self) -> str:
+        colour = {_DONE: "green", _RUNNING: "#1f77b4", _QUEUED: "gray"}.get(self._status, "red")
+        rows = [("task", f"{self.name} {self.task_id}"),
+                ("status", f"<span style='color:{colour}'>{self._status}</span>")]
+        if (progress := self._progress_text().strip()):
+            rows.append(("progress", html.escape(progress)))
+        if self._lines or self._dropped:
+            rows.append(("output", f"{len(self._lines)} lines"
+                         + (f" ({self._dropped} dropped)" if self._dropped else "")))
+        cells = "".join(f"<tr><th style='text-align:left'>{k}</th>"
+                        f"<td style='text-align:left'>{v if k == 'status' else html.escape(v)}"
+                        "</td></tr>" for k, v in rows)
+        return f"<div><b>pydra-actors Future</b><table>{cells}</table></div>"
 
     @property
     def status(self) -> str:
+        """``queued`` (waiting for a worker), ``running``, then ``finished``, ``erred``,
+        ``cancelled`` or ``lost`` (its master was lost: ``MasterLost``)."""
         return self._status
 
     def done(self) -> bool:
@@ -81,7 +117,7 @@ class Future:
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the task; return its result or raise its exception (with the remote traceback)."""
-        if not self._done.wait(timeout):
+        if not self._wait(timeout):
             raise TimeoutError(f"task {self.name} {self.task_id} not done after {timeout}s")
         if self._status == _CANCELLED:
             raise TaskCancelled(self.task_id)
@@ -113,9 +149,23 @@ class Future:
         self._done.wait(timeout)
         return self.cancelled()
 
-    def progress(self) -> tuple[int, int]:
-        """(units done, units known so far) of a ParallelTask; (0, 0) before the first report."""
+    def progress(self) -> tuple[int, int | None]:
+        """``(done, total)``: a ParallelTask's units done and all its units (None until known: its
+        slicer is exhausted, or its ``task_total`` says); a plain Task's steps as its ``work``
+        reports them with ``task_progress`` (else ``(0, None)``, then ``(1, 1)`` at its end).
+        A finished task's ``done`` is its total."""
         return self._progress
+
+    def logs(self) -> list[TaskLine]:
+        """What the task's code printed (stdout, stderr) and logged, in the order each worker
+        sent it, with the unit and worker of each line. Each worker sends at most 1,000 lines
+        of a task; ``dropped_lines`` counts the rest."""
+        with self._lock:
+            return list(self._lines)
+
+    @property
+    def dropped_lines(self) -> int:
+        return self._dropped
 
     def story(self, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
         """The transitions of this task and its units, oldest first: why is it stuck?"""
@@ -128,6 +178,44 @@ class Future:
                 return
         fn(self)
 
+    def _wait(self, timeout: float | None) -> bool:
+        """Wait for the end; in a notebook, show the task's output meanwhile, under this cell."""
+        if not (self._client.show_output and in_notebook()):
+            return self._done.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done = self._done.wait(WAIT_STEP_S if left is None else min(WAIT_STEP_S, left))
+            self._show_output(waiting=True)
+            if done or left == 0.0:
+                return done
+
+    def _add_output(self, msg: m.TaskOutput) -> None:
+        lines = [TaskLine(self.task_id, msg.worker_id, line.phase, line.unit, line.stream,
+                          line.level, line.logger, line.text, line.time) for line in msg.lines]
+        with self._lock:
+            room = max(0, MAX_LINES_KEPT - len(self._lines))
+            self._lines += lines[:room]
+            self._dropped += max(0, msg.dropped) + len(lines) - min(room, len(lines))
+
+    def _show_output(self, waiting: bool) -> None:
+        """Show the lines not shown yet: from the receive thread in a terminal, from the thread
+        that waits in a notebook (``waiting``)."""
+        if not self._client.show_output or waiting != in_notebook():
+            return
+        with self._show_lock:
+            with self._lock:
+                new = self._lines[self._shown:]
+                self._shown += len(new)
+                note = self._done.is_set() and self._dropped > 0 and not self._dropped_shown
+                self._dropped_shown = self._dropped_shown or note
+            shown: list[TaskLine | str] = list(new)
+            if note:
+                shown.append(f"[{self.task_id}] {self._dropped} more lines of output were "
+                             "dropped (each worker sends at most 1,000 lines of a task)")
+            if shown:
+                show_lines(shown)
+
     def _exception_of(self, err: m.TaskErred) -> BaseException:
         where = f"task {self.name} {self.task_id}" + (f", unit {err.unit}" if err.unit else "")
         return rebuild_exception(err.error, err.type_name, err.message, err.traceback, where)
@@ -138,6 +226,9 @@ class Future:
             if self._done.is_set():
                 return
             self._status, self._payload, self._error = status, payload, error
+            done, total = self._progress
+            if status == _DONE:  # it got to its end, whatever it last reported
+                self._progress = (total, total) if total else (max(done, 1), max(done, 1))
             self._done.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
@@ -157,9 +248,11 @@ def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Ite
     for _ in range(len(pending)):
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            yield finished.get(timeout=wait)
+            fut = finished.get(timeout=wait)
         except queue.Empty:
             raise TimeoutError(f"futures not done after {timeout}s") from None
+        fut._show_output(waiting=True)
+        yield fut
 
 
 class Client:
@@ -170,11 +263,15 @@ class Client:
         keys: str | os.PathLike[str] | None = None,
         timeout: float = 15.0,
         master_timeout: float = 10.0,
+        show_output: bool = True,
     ) -> None:
         """``timeout``: seconds to wait for the master's welcome (and, with a ``LocalCluster``,
         for its workers to be ready). ``master_timeout``: seconds
         without a connection to the master after which unfinished futures fail with
-        ``MasterLost`` (they fail at once if the master comes back as a new process)."""
+        ``MasterLost`` (they fail at once if the master comes back as a new process).
+        ``show_output``: show what tasks print and log (prefixed with the task; in a notebook
+        under the cell that waits for it); ``future.logs()`` keeps it either way."""
+        self.show_output = show_output
         self._own_cluster: LocalCluster | None = None
         if address is None:
             address = os.environ.get("ACTORS_ADDRESS") or None
@@ -203,7 +300,7 @@ class Client:
             weakref.WeakKeyDictionary())
         self._shipped: set[str] = set()
         self._closed = False
-        self._names: set[str] | None = None
+        self._names: dict[str, str] | None = None
         self._master_id = ""
         self._master_timeout = master_timeout
         self._disconnected_since: float | None = None  # hub thread only
@@ -259,7 +356,7 @@ class Client:
         check_arguments(task, args, kwargs)
         code_hash, code = self._code_of(task)
         task_id = f"{task.__name__}-{uuid.uuid4().hex[:12]}"
-        fut = Future(self, task_id, task.__qualname__)
+        fut = Future(self, task_id, task.__qualname__, task.task_kind)
         arguments = dumps((args, kwargs))
         with self._send_lock:
             self._futures[task_id] = fut
@@ -291,14 +388,16 @@ class Client:
             if name not in known:
                 raise UnknownTask(name, sorted(known))
         task_id = f"{name.rpartition(':')[2]}-{uuid.uuid4().hex[:12]}"
-        fut = Future(self, task_id, name)
+        kind = "parallel" if known.get(name) == "ParallelTask" else "task"
+        fut = Future(self, task_id, name, kind)
         self._futures[task_id] = fut
         self._send(m.Submit(task_id, name, "", b"", dumps((args, kwargs)), priority, retries))
         return fut
 
-    def _deployed_names(self, refresh: bool = False) -> set[str]:
+    def _deployed_names(self, refresh: bool = False) -> dict[str, str]:
+        """Deployed task name -> its kind (``Task``, ``ParallelTask``)."""
         if refresh or self._names is None:
-            self._names = {t.name for p in self.packages() for t in p.tasks}
+            self._names = {t.name: t.kind for p in self.packages() for t in p.tasks}
         return self._names
 
     def packages(self, timeout: float = 10.0) -> list[m.PackageListing]:
@@ -357,11 +456,23 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected to"
-        return f"<Client {self.client_id} {state} {self.address}>"
+        tasks = self._tasks_by_status()
+        return f"<Client {self.client_id} {f'({tasks}) ' if tasks else ''}{state} {self.address}>"
+
+    def _tasks_by_status(self) -> str:
+        """This client's tasks that are still referenced, counted by status."""
+        counts: dict[str, int] = {}
+        for ref in self._futures.valuerefs():
+            if (fut := ref()) is not None:
+                counts[fut.status] = counts.get(fut.status, 0) + 1
+        order = (_QUEUED, _RUNNING, _DONE, _ERRED, _CANCELLED, _LOST)
+        return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
 
     def _repr_html_(self) -> str:
         """What a notebook shows for a client: where it is connected and what the cluster has."""
         rows = [("client", self.client_id), ("master", self.address)]
+        if (tasks := self._tasks_by_status()):
+            rows.append(("its tasks", tasks))
         if self._closed:
             rows.append(("state", "closed"))
         else:
@@ -430,7 +541,7 @@ class Client:
         if unfinished:
             log.error("master_lost", address=self.address, reason=reason, tasks=len(unfinished))
         for fut in unfinished:
-            fut._finish(_ERRED, None, MasterLost(self.address, reason))
+            fut._finish(_LOST, None, MasterLost(self.address, reason))
 
     def _unfinished(self) -> list[Future]:
         # valuerefs() copies the dict in one C call: user threads may be submitting meanwhile.
@@ -441,14 +552,28 @@ class Client:
         msg = m.decode(frames[-1])
         match msg:
             case m.TaskProgress(task_id=task_id):
+                if (fut := self._futures.get(task_id)) is not None and not fut.done():
+                    total = msg.total if msg.sliced_all or msg.total > 0 else None
+                    fut._counts_units = fut._kind == "parallel"
+                    fut._reported = True
+                    fut._progress = (msg.done, total)
+            case m.TaskState(task_id=task_id, state=state):
+                if (fut := self._futures.get(task_id)) is not None and state in (_QUEUED, _RUNNING):
+                    with fut._lock:
+                        if not fut.done():
+                            fut._status = state
+            case m.TaskOutput(task_id=task_id):
                 if (fut := self._futures.get(task_id)) is not None:
-                    fut._progress = (msg.done, msg.total)
+                    fut._add_output(msg)
+                    fut._show_output(waiting=False)
             case m.TaskDone(task_id=task_id) | m.TaskErred(task_id=task_id):
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._finish(_DONE if isinstance(msg, m.TaskDone) else _ERRED, msg)
+                    fut._show_output(waiting=False)
             case m.TaskCancelled(task_id=task_id):
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._finish(_CANCELLED, None)
+                    fut._show_output(waiting=False)
             case m.StoryReply() | m.ClusterInfo() | m.PackagesReply():
                 key = (msg.task_id if isinstance(msg, m.StoryReply)
                        else "info" if isinstance(msg, m.ClusterInfo) else "packages")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -151,8 +152,31 @@ class LocalCluster:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def status(self) -> str:
+        """``running``, ``closed``, or ``exited N`` (its master process ended on its own)."""
+        process = getattr(self, "process", None)
+        finalizer = getattr(self, "_finalizer", None)  # None: __init__ failed before it
+        if finalizer is None or not finalizer.alive:
+            return "closed"
+        if process is None or process.poll() is None:
+            return "running"
+        return f"exited {process.returncode}"
+
     def __repr__(self) -> str:
-        return f"<LocalCluster {getattr(self, 'address', '?')} workers={self.workers}>"
+        return (f"<LocalCluster {getattr(self, 'address', '?')} workers={self.workers} "
+                f"{self.status}>")
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows: where the master listens, its workers, how to connect."""
+        address = getattr(self, "address", "?")
+        rows = [("master", address), ("workers", str(self.workers)), ("status", self.status),
+                ("master pid", str(getattr(self, "pid", "?"))),
+                ("connect", f"Client({address!r}, keys={self.keys_dir!r})")]
+        cells = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+                        f"<td style='text-align:left'><code>{html.escape(v)}</code></td></tr>"
+                        for k, v in rows)
+        return f"<div><b>pydra-actors LocalCluster</b><table>{cells}</table></div>"
 
 
 def local_node_command(address: str, workers: int, keys: str, package_grace: float,

@@ -83,6 +83,20 @@ class InvalidAddress(ActorsError, ValueError):
                 "tcp://HOST:PORT (e.g. 127.0.0.1:5555, tcp://[::1]:5555)")
 
 
+class MissingDependency(ActorsError, ImportError):
+    """A feature needs an optional package that is not installed; the message says how to get it."""
+
+    def __init__(self, package: str, feature: str, extra: str) -> None:
+        super().__init__(package, feature, extra)
+        self.package = package
+        self.feature = feature
+        self.extra = extra
+
+    def __str__(self) -> str:
+        return (f"{self.feature} needs {self.package}: pip install 'pydra-actors[{self.extra}]' "
+                f"(or pip install {self.package})")
+
+
 class ClientClosed(ActorsError):
     """The client was closed: no request can be sent, and unfinished futures will never finish."""
 

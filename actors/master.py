@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pykka
 import structlog
 
@@ -58,6 +59,7 @@ MAX_RETRIES = 100
 INLINE_CODE_BYTES = 64 * 1024
 KINDS = frozenset(ev.TaskKind)
 MAX_CODE_PER_CLIENT = 1 << 30  # bytes of shipped task code the master keeps for one client
+MAX_OUTPUT_LINES = 1_000  # lines of task output forwarded from one TaskOutput (workers cap too)
 NODE_WATCH_S = 0.5  # how often the command line looks at its local node
 NODE_RESTARTS, NODE_RESTART_WINDOW_S = 5, 60.0  # a local node that dies more often stays dead
 # Refused messages: logged up to REJECTIONS_LOGGED per key and interval; a key refused more than
@@ -118,6 +120,7 @@ class Master(Shell):
         # The code each client shipped, by content hash: sent once, named by its hash after.
         self.codes: dict[str, dict[str, bytes]] = {}
         self.worker_codes: dict[str, set[str]] = {}  # worker -> hashes of large code it was sent
+        self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
@@ -301,6 +304,8 @@ class Master(Shell):
                 self._apply(ev.UnitMissing(self.now, worker_id, task_id, index))
             case m.NeedCode(task_id=task_id, code_hash=code_hash):
                 self._send_code(node, worker_id, task_id, code_hash)
+            case m.TaskOutput() | m.WorkProgress():
+                self._task_news(worker_id, msg)
             case m.WorkerStory(task_id=task_id, entries=entries):
                 for gather in self.stories:
                     if gather.task_id == task_id and worker_id in gather.waiting:
@@ -452,6 +457,7 @@ class Master(Shell):
 
     def _task_ended(self, task_id: str) -> None:
         self._journal.forget(task_id)
+        self.unit_totals.pop(task_id, None)
         task = self.scheduler.tasks.get(task_id)
         if task is not None and task.package and self.task_sync is not None:
             self.task_sync.tell(InstanceUses(task.package, task.version, task_id, ended=True))
@@ -475,6 +481,73 @@ class Master(Shell):
             self.stories.remove(gather)
             entries = sorted(gather.entries, key=lambda entry: entry[4])
             self._to_client(gather.client_id, m.StoryReply(gather.task_id, entries))
+
+    # --- a task's status, progress and output, for its client ------------------
+
+    def _tell_running(self, task_id: str) -> None:
+        """The task has its driver (or waits, assigned, behind a short Task on its worker)."""
+        task = self.scheduler.tasks.get(task_id)
+        if task is not None:
+            self._to_client(task.client_id, m.TaskState(task_id, "running"))
+
+    def _driven_by_lost(self, event: ev.Event) -> list[str]:
+        """Running tasks whose driver this event may lose (they may go back to the queue)."""
+        match event:
+            case ev.WorkerLost(worker_id=worker_id):
+                lost = {worker_id}
+            case ev.NodeLost(node_id=node_id):
+                lost = {w.worker_id for w in self.scheduler.workers.values()
+                        if w.node_id == node_id}
+            case _:
+                return []
+        return [t.task_id for t in self.scheduler.tasks.values()
+                if t.state is ev.TaskStatus.RUNNING and t.driver in lost]
+
+    def _tell_requeued(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            task = self.scheduler.tasks.get(task_id)
+            if task is not None and task.state is ev.TaskStatus.QUEUED:
+                self._to_client(task.client_id, m.TaskState(task_id, "queued"))
+
+    def _task_news(self, worker_id: str, msg: m.TaskOutput | m.WorkProgress) -> None:
+        """Output or progress from a worker of a running task, for the task's client only."""
+        task = self.scheduler.tasks.get(msg.task_id)
+        if task is None or task.finished or worker_id not in task.workers:
+            self.log.debug("task_news_dropped", task_id=msg.task_id, worker_id=worker_id)
+            return
+        if isinstance(msg, m.TaskOutput):
+            lines, dropped = msg.lines[:MAX_OUTPUT_LINES], max(0, msg.dropped)
+            dropped += len(msg.lines) - len(lines)
+            self._to_client(task.client_id, msgspec.structs.replace(
+                msg, worker_id=worker_id, lines=lines, dropped=dropped))
+        elif msg.done < 0 or msg.total < 0:
+            self._refused_from_worker(worker_id, msg, "progress is counted from 0")
+        elif task.kind is not ev.TaskKind.PARALLEL:
+            self._to_client(task.client_id, m.TaskProgress(msg.task_id, msg.done, msg.total, True))
+        elif worker_id == task.driver:  # units to expect: the bar's length, ahead of slicing
+            self.unit_totals[msg.task_id] = msg.total
+            units = task.units
+            known = units.done_count + len(units.open_units)
+            self._to_client(task.client_id, m.TaskProgress(
+                msg.task_id, units.done_count, self._unit_total(msg.task_id, known,
+                                                                units.sliced_all),
+                units.sliced_all))
+
+    def _ended_badly(self, task_id: str) -> bool:
+        task = self.scheduler.tasks.get(task_id)
+        return task is not None and task.finished and task.state is not ev.TaskStatus.DONE
+
+    def _unit_total(self, task_id: str, known: int, sliced_all: bool) -> int:
+        """A ParallelTask's units: all of them once sliced, else the count its driver declared
+        (or the units known, if more), else 0: not known yet."""
+        declared = self.unit_totals.get(task_id)
+        if sliced_all or declared is None:
+            return known if sliced_all else 0
+        return max(declared, known)
+
+    def _refused_from_worker(self, worker_id: str, msg: m.Message, reason: str) -> None:
+        self.log.warning("message_refused", worker_id=worker_id, type=type(msg).__name__,
+                         reason=reason)
 
     def _others_worker(self, node: Peer, worker_id: str) -> bool:
         """Another node's worker (one the scheduler no longer knows may still be reported)."""
@@ -545,8 +618,11 @@ class Master(Shell):
     # --- output -------------------------------------------------------------
 
     def _apply(self, event: ev.Event) -> None:
+        driven = self._driven_by_lost(event)
         for instruction in self.scheduler.handle(event):
             self._carry_out(instruction)
+        if driven:
+            self._tell_requeued(driven)
 
     def _carry_out(self, ins: ev.Instruction) -> None:
         match ins:
@@ -570,6 +646,8 @@ class Master(Shell):
             case ev.Assign():
                 self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
                                driver=ins.driver)
+                if ins.driver:
+                    self._tell_running(ins.task_id)
                 self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(
                     ins.task_id, ins.name, ins.kind, self._code_for(ins), ins.args, ins.driver,
                     ins.package, ins.version, ins.code_hash))
@@ -577,9 +655,12 @@ class Master(Shell):
                 self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
             case ev.KillWorker():
                 self.send(SOCKET, ins.node_id.encode(), message=m.KillWorker(ins.worker_id, ins.reason))
+            case ev.ReportProgress() if self._ended_badly(ins.task_id):
+                pass  # its units were dropped: the progress it last reported stands
             case ev.ReportProgress():
-                self._to_client(ins.client_id, m.TaskProgress(ins.task_id, ins.done, ins.total,
-                                                              ins.sliced_all))
+                self._to_client(ins.client_id, m.TaskProgress(
+                    ins.task_id, ins.done, self._unit_total(ins.task_id, ins.total, ins.sliced_all),
+                    ins.sliced_all))
             case ev.ReportDone():
                 self._task_ended(ins.task_id)
                 self.log.debug("task_done", task_id=ins.task_id)

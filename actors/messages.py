@@ -22,7 +22,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 4  # 4: code shipped once per client and hash (Submit/AssignTask.code_hash)
+PROTOCOL_VERSION = 5  # 5: TaskState, WorkProgress, TaskOutput (a task's status, progress, output)
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -131,10 +131,45 @@ class TaskCancelled(Message, frozen=True):
 
 
 class TaskProgress(Message, frozen=True):
+    """master -> client: how far a task is. A ParallelTask counts units: ``total`` is final once
+    ``sliced_all`` (its slicer is exhausted), a declared hint before (0: not known yet). A plain
+    Task counts what its ``work`` reports (``task_progress``)."""
+
     task_id: str
     done: int
-    total: int  # units known so far
-    sliced_all: bool
+    total: int
+    sliced_all: bool  # ``total`` is final
+
+
+class TaskState(Message, frozen=True):
+    """master -> client: the task has a worker now (``"running"``), or is waiting for one again
+    (``"queued"``: its driver was lost). Its end comes as TaskDone, TaskErred or TaskCancelled."""
+
+    task_id: str
+    state: str
+
+
+class OutputLine(Message, frozen=True):
+    """One line a task's code printed or logged (nested in ``TaskOutput``)."""
+
+    stream: str  # "stdout" | "stderr" | "log"
+    level: str  # a log record's level name; "" for stdout and stderr
+    logger: str  # a log record's logger name; ""
+    phase: str  # "work" | "get_work" | "work_unit" | "reduce" | "thread" (a thread of its own)
+    unit: int  # the unit's index in a work_unit; -1 elsewhere
+    text: str
+    time: float  # seconds since the epoch, on the worker
+
+
+class TaskOutput(Message, frozen=True):
+    """worker -> master -> the task's client: lines the task's code printed or logged on one
+    worker, in order. ``dropped``: lines not sent since the last batch (each worker keeps at most
+    a cap per task). The master sets ``worker_id`` to the sender it authenticated."""
+
+    task_id: str
+    worker_id: str
+    lines: list[OutputLine]
+    dropped: int = 0
 
 
 # --- master <-> node --------------------------------------------------------
@@ -402,6 +437,15 @@ class TaskResult(Message, frozen=True):
     elapsed: float = 0.0  # seconds ``work`` ran (a plain Task), for the scheduler's prefetch
 
 
+class WorkProgress(Message, frozen=True):
+    """worker -> master: a plain Task's ``work`` says how far it is (``task_progress``); a
+    ParallelTask's driver says how many units it will slice (``task_total``, ``done`` is 0)."""
+
+    task_id: str
+    done: int
+    total: int
+
+
 class ReleaseTask(Message, frozen=True):
     """The task ended well: drop the instance and wait, warm, for the same submitter's next task."""
 
@@ -431,6 +475,9 @@ AnyMessage = (
     | TaskErred
     | TaskCancelled
     | TaskProgress
+    | TaskState
+    | TaskOutput
+    | WorkProgress
     | WorkerReady
     | WorkerExited
     | KillWorker

@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+from actors import task_output
 from actors.errors import InvalidArguments
 
 
@@ -51,6 +52,12 @@ class Task:
     def work(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__qualname__} must define work()")
 
+    def task_progress(self, done: int, total: int) -> None:
+        """Say, from inside ``work``, how far it is: ``done`` steps of ``total``. The client's
+        ``future.progress()`` and ``actors.progress`` show it (the newest value, a few times a
+        second: call it as often as you like)."""
+        report_progress_of(self, done, total)
+
     @classmethod
     def task_entry(cls) -> Callable[..., Any]:
         """The method whose signature the submitted arguments must fit."""
@@ -77,9 +84,27 @@ class ParallelTask(Task):
     def reduce(self, results: list[Any]) -> Any:
         return results
 
+    def task_total(self, *args: Any, **kwargs: Any) -> int | None:
+        """How many units ``get_work`` will yield, if known up front (it receives the same
+        arguments): a progress bar then knows its length from the start. By default None: the
+        total is known once the slicer is exhausted."""
+        return None
+
+    def task_progress(self, done: int, total: int) -> None:
+        raise TypeError("a ParallelTask's progress counts its units: declare how many with "
+                        "task_total() instead of reporting it")
+
     @classmethod
     def task_entry(cls) -> Callable[..., Any]:
         return cls.get_work
+
+
+def report_progress_of(task: Task, done: int, total: int) -> None:
+    whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total))
+    if not whole:
+        raise ValueError(f"task_progress takes whole numbers done >= 0 and total >= 0, not "
+                         f"{done!r} and {total!r}")
+    task_output.report_progress(task.task_id, done, total)
 
 
 def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

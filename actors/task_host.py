@@ -30,6 +30,7 @@ import pykka
 import structlog
 
 from actors import messages as m
+from actors import task_output
 from actors.serialize import describe_failure, dumps, dumps_result, is_fatal, loads
 from actors.shell import simple_inbox
 from actors.task import ParallelTask, Task, Unit
@@ -136,11 +137,22 @@ class Runtime:
         if not self.begin_msg.driver:
             return
         if isinstance(self.task, ParallelTask):
+            args, kwargs = self.begin_msg.args, self.begin_msg.kwargs
+            task_output.enter(self.task.task_id, "get_work")
             try:
-                self.slicer = iter(self.task.get_work(*self.begin_msg.args, **self.begin_msg.kwargs))
+                total = self.task.task_total(*args, **kwargs)
+                if total is not None and (isinstance(total, bool) or not isinstance(total, int)
+                                          or total < 0):
+                    raise TypeError(f"task_total() returns a whole number >= 0 or None, "
+                                    f"not {total!r}")
+                self.slicer = iter(self.task.get_work(*args, **kwargs))
             except Exception as exc:
                 self._fail_task(exc)
                 return
+            finally:
+                task_output.leave()
+            if total is not None:  # the units to expect: a progress bar's length from the start
+                self.emit(m.WorkProgress(self.task.task_id, 0, total))
             self._slice_more()
         else:
             self._in_executor(self._call_work)
@@ -166,12 +178,15 @@ class Runtime:
         while not self.exhausted and self.sliced - self._finished < LOOKAHEAD:
             assert self.slicer is not None
             batch: list[m.UnitCall] = []
+            task_output.enter(self.task.task_id, "get_work")
             try:
                 for item in itertools.islice(self.slicer, SLICE_BATCH):
                     batch.append(self._unit_call(item, self.sliced + len(batch)))
             except Exception as exc:
                 self._fail_task(exc)
                 return
+            finally:
+                task_output.leave()
             self.exhausted = len(batch) < SLICE_BATCH
             self.sliced += len(batch)
             self.emit(m.UnitsSliced(self.task.task_id, batch, self.exhausted))
@@ -209,12 +224,20 @@ class Runtime:
         assert isinstance(task, ParallelTask)
         ordered = [loads(self.results[i]) for i in range(self.sliced) if i not in self.depended_on]
         self.results.clear()
-        return Finished(_outcome(self._name, lambda: task.reduce(ordered)))
+        task_output.enter(task.task_id, "reduce")
+        try:
+            return Finished(_outcome(self._name, lambda: task.reduce(ordered)))
+        finally:
+            task_output.leave()
 
     def _call_work(self) -> Finished:
         start = time.perf_counter()
-        outcome = _outcome(self._name,
-                           lambda: self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs))
+        task_output.enter(self.task.task_id, "work")
+        try:
+            outcome = _outcome(self._name,
+                               lambda: self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs))
+        finally:
+            task_output.leave()
         return Finished(outcome, time.perf_counter() - start)
 
     @property

@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 
 from actors import messages as m
+from actors import task_output
 from actors.core import worker_events as ev
 from actors.core.worker_state import WorkerState
 from actors.serialize import describe_failure, dumps, is_fatal, loads, not_serializable
@@ -336,9 +337,11 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
     """On the executor thread: run the units, stop at the first failure, report once."""
     started = time.perf_counter()
     outcomes: list[m.UnitOutcome] = []
+    task_output.enter(task_id, "work_unit")
     try:
         work_unit = instance.work_unit
         for unit in units:
+            task_output.at_unit(unit.index)
             try:
                 args = [loads(unit.args)]
                 args += [loads(inputs[unit_key(task_id, d)]) for d in unit.deps]
@@ -355,4 +358,5 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                                               fatal=is_fatal(exc)))
                 break  # the task fails; the rest of the run would be wasted
     finally:
+        task_output.leave()
         tell(Ran(key, outcomes, time.perf_counter() - started))

@@ -36,7 +36,7 @@ import msgspec
 import pykka
 import structlog
 
-from actors import __version__, logs
+from actors import __version__, logs, task_output
 from actors import messages as m
 from actors.core.worker_slot import (
     DRIVING,
@@ -81,6 +81,11 @@ class Outgoing:
 
 
 @dataclass(frozen=True)
+class FlushOutput:
+    """What task code printed or logged is waiting to be sent (from task_output's timer)."""
+
+
+@dataclass(frozen=True)
 class ForHosted:
     """Input for the task instance that lives in this actor's mailbox (from the executor)."""
 
@@ -119,7 +124,7 @@ class Worker(Shell):
         assert outbox is not None
         self.runner = UnitRunner(
             self.worker_id,
-            send_master=lambda msg: self.send(NODE, TO_MASTER, message=msg),
+            send_master=self._to_master,
             send_frames=lambda frames: outbox.send(NODE, frames),
             submit=run_in_executor,
             tell=self.actor_ref.tell,
@@ -150,7 +155,10 @@ class Worker(Shell):
     def _receive(self, message: Any) -> None:
         match message:
             case Outgoing(message=msg):
-                self.send(NODE, TO_MASTER, message=msg)
+                self._to_master(msg)
+            case FlushOutput():
+                for out in task_output.drain():
+                    self.send(NODE, TO_MASTER, message=out)
             case ForHosted(task_id=task_id, message=msg):
                 self._hosted_says(task_id, msg)
             case Ran():
@@ -221,6 +229,13 @@ class Worker(Shell):
                 self.log.debug("release_of_unloaded_task", task_id=msg.task_id)
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
+
+    def _to_master(self, msg: m.Message) -> None:
+        """Send what a task or its units produced; what their code printed or logged goes first,
+        so that a client has a task's output before its result."""
+        for out in task_output.drain():
+            self.send(NODE, TO_MASTER, message=out)
+        self.send(NODE, TO_MASTER, message=msg)
 
     def _to_task(self, message: Any) -> None:
         """Input for the current task instance (units to run, results to reduce)."""
@@ -314,7 +329,7 @@ class Worker(Shell):
         return begin_instance(
             instance,
             Begin(task_id, args, kwargs, msg.driver,
-                  lambda out: self.send(NODE, TO_MASTER, message=out), me.tell),
+                  self._to_master, me.tell),
             lambda message: me.tell(ForHosted(task_id, message)))
 
     def _imported(self, msg: m.AssignTask) -> bool:
@@ -448,14 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True, help="this worker's id")
     parser.add_argument("--node-pid", type=int, default=None, help="the node process's pid")
     args = parser.parse_args(argv)
-    logs.configure()
+    logs.configure()  # structlog writes to the real stderr, never to the task's
+    worker_ref: pykka.ActorRef[Any] | None = None
+    # What task code prints or logs goes to its client (see task_output.py).
+    task_output.install(lambda: tell_if_alive(worker_ref, FlushOutput()))
     contain()
     sys.dont_write_bytecode = True  # package folders are read-only and verified by hash
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
 
-    worker_ref: pykka.ActorRef[Any] | None = None
     started = threading.Event()
 
     def on_frames(_socket: str, frames: list[bytes]) -> None:

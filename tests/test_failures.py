@@ -308,6 +308,7 @@ def test_a_client_whose_master_dies_fails_its_futures_instead_of_waiting_forever
         started = time.monotonic()
         with pytest.raises(MasterLost, match="no connection"):
             fut.result(timeout=60)
+        assert fut.status == "lost"
         assert time.monotonic() - started < 30
         with pytest.raises(MasterLost):  # submitted while there is no master
             client.submit(Square, 2).result(timeout=30)
