@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import msgspec
 import structlog
 
 from actors import __version__
@@ -299,6 +300,12 @@ class Client:
         self._code_cache: weakref.WeakKeyDictionary[type, tuple[str, bytes]] = (
             weakref.WeakKeyDictionary())
         self._shipped: set[str] = set()
+        # Submissions the master has not said are in its journal (m.Accepted), with their code:
+        # sent again when it welcomes us back after a restart. Task ids whose end arrived, to
+        # tell the master on the next tick (m.Received) so that its journal may drop them.
+        self._unaccepted: dict[str, m.Submit] = {}
+        self._received: list[str] = []
+        self._epoch = 0  # the highest master epoch that welcomed us
         self._closed = False
         self._names: dict[str, str] | None = None
         self._master_id = ""
@@ -308,7 +315,7 @@ class Client:
             pair = load_keypair(keys, "client")
             curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
             self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=self._on_tick,
-                            tick_s=0.5)
+                            tick_s=0.1)
             self._hub.add_dealer(MASTER, address, identity=self.client_id.encode(), curve=curve,
                                  monitor=True)
             self._hub.start()
@@ -361,9 +368,12 @@ class Client:
         with self._send_lock:
             self._futures[task_id] = fut
             # Each code goes to the master once; later submits name it by its hash.
-            ship = code if code_hash not in self._shipped else b""
-            self._send_locked(m.Submit(task_id, task.__qualname__, task.task_kind, ship,
-                                       arguments, priority, retries, code_hash))
+            submit = m.Submit(task_id, task.__qualname__, task.task_kind, code, arguments,
+                              priority, retries, code_hash)
+            self._unaccepted[task_id] = submit
+            if code_hash in self._shipped:
+                submit = msgspec.structs.replace(submit, code=b"")
+            self._send_locked(submit)
             self._shipped.add(code_hash)
         return fut
 
@@ -390,8 +400,11 @@ class Client:
         task_id = f"{name.rpartition(':')[2]}-{uuid.uuid4().hex[:12]}"
         kind = "parallel" if known.get(name) == "ParallelTask" else "task"
         fut = Future(self, task_id, name, kind)
-        self._futures[task_id] = fut
-        self._send(m.Submit(task_id, name, "", b"", dumps((args, kwargs)), priority, retries))
+        submit = m.Submit(task_id, name, "", b"", dumps((args, kwargs)), priority, retries)
+        with self._send_lock:
+            self._futures[task_id] = fut
+            self._unaccepted[task_id] = submit
+            self._send_locked(submit)
         return fut
 
     def _deployed_names(self, refresh: bool = False) -> dict[str, str]:
@@ -531,6 +544,9 @@ class Client:
                 host=os.uname().nodename, pid=os.getpid()))])
 
     def _on_tick(self, now: float) -> None:
+        if self._received and self._disconnected_since is None:
+            received, self._received = self._received, []
+            self._hub.send_now(MASTER, [m.encode(m.Received(received))])
         since = self._disconnected_since
         if since is not None and now - since >= self._master_timeout:
             self._master_lost(f"no connection for {now - since:.0f}s")
@@ -542,6 +558,11 @@ class Client:
             log.error("master_lost", address=self.address, reason=reason, tasks=len(unfinished))
         for fut in unfinished:
             fut._finish(_LOST, None, MasterLost(self.address, reason))
+        self._unaccepted.clear()
+
+    def _ended(self, task_id: str) -> None:
+        self._unaccepted.pop(task_id, None)
+        self._received.append(task_id)
 
     def _unfinished(self) -> list[Future]:
         # valuerefs() copies the dict in one C call: user threads may be submitting meanwhile.
@@ -567,10 +588,12 @@ class Client:
                     fut._add_output(msg)
                     fut._show_output(waiting=False)
             case m.TaskDone(task_id=task_id) | m.TaskErred(task_id=task_id):
+                self._ended(task_id)
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._finish(_DONE if isinstance(msg, m.TaskDone) else _ERRED, msg)
                     fut._show_output(waiting=False)
             case m.TaskCancelled(task_id=task_id):
+                self._ended(task_id)
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._finish(_CANCELLED, None)
                     fut._show_output(waiting=False)
@@ -579,12 +602,27 @@ class Client:
                        else "info" if isinstance(msg, m.ClusterInfo) else "packages")
                 if (replies := self._replies.get(key)) is not None:
                     replies.put(msg)
-            case m.Welcome(master_id=master_id):
+            case m.Accepted(task_ids=task_ids):
+                for task_id in task_ids:
+                    self._unaccepted.pop(task_id, None)
+            case m.Welcome(master_id=master_id, epoch=epoch) if epoch < self._epoch:
+                # A master that was paused while a newer one took its state over: not ours.
+                log.warning("stale_master_ignored", master_id=master_id, epoch=epoch,
+                            newest_epoch=self._epoch)
+            case m.Welcome(master_id=master_id, epoch=epoch):
                 if self._master_id and master_id != self._master_id:
                     with self._send_lock:  # a new master has none of the code shipped
                         self._shipped.clear()
-                    self._master_lost(f"the master restarted ({self._master_id} -> {master_id})")
-                self._master_id = master_id
+                    self._master_lost(f"the master restarted without its state "
+                                      f"({self._master_id} -> {master_id})")
+                elif self._master_id:
+                    # The same master (restarted on its state directory, or reached again): what
+                    # it had not made durable goes again, with its code; it has the rest.
+                    if epoch != self._epoch:
+                        log.info("master_restarted", epoch=epoch, resent=len(self._unaccepted))
+                    for submit in list(self._unaccepted.values()):
+                        self._hub.send_now(MASTER, [m.encode(submit)])
+                self._master_id, self._epoch = master_id, epoch
                 self._welcome.set()
             case m.Refused(reason=reason):
                 self._refusal = reason

@@ -69,6 +69,7 @@ class LocalCluster:
         restart_after_error: bool = False,
         worker_network: bool = False,
         worker_memory: str | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """``log_level``: what the cluster's processes log to this process's stderr; by default
         warnings and errors only (``"info"`` shows each worker and task event, ``"debug"``
@@ -78,7 +79,10 @@ class LocalCluster:
         any failure (by default it serves on, as after a task that returned).
         ``worker_network``: let tasks use the network (by default, on Linux, each worker has a
         network namespace of its own with loopback only). ``worker_memory``: what each worker
-        may allocate, e.g. ``"2G"`` (beyond it the task fails with MemoryError)."""
+        may allocate, e.g. ``"2G"`` (beyond it the task fails with MemoryError).
+        ``state_dir``: where the master keeps its journal; a cluster started again on the same
+        folder (after a crash, or ``kill -9`` of its master) takes up its tasks where they
+        were. By default a temporary folder, gone with the cluster."""
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         # Its keys live here: a folder left by a process killed with kill -9 goes at next start.
         remove_stale_run_dirs("actors-cluster-")
@@ -99,6 +103,7 @@ class LocalCluster:
             # No tasks_dir: an empty folder of its own, not whatever ./tasks holds.
             "--tasks-dir", str(tasks_dir) if tasks_dir else os.path.join(self._tmp, "tasks"),
             "--package-grace", str(package_grace), "--no-banner",
+            *(["--state-dir", str(state_dir)] if state_dir else ["--ephemeral"]),
         ]
         if restart_after_error:
             master_args.append("--restart-after-error")

@@ -111,8 +111,8 @@ class ClientClosed(ActorsError):
 
 
 class MasterLost(ActorsError):
-    """The master went away, or came back as a new process, before this task ended: its result
-    will never come (a master's tasks do not survive it)."""
+    """The master went away for longer than ``master_timeout``, or came back without its state
+    (a new journal), before this task ended: its result will never come."""
 
     def __init__(self, address: str, reason: str) -> None:
         super().__init__(address, reason)
@@ -121,6 +121,49 @@ class MasterLost(ActorsError):
 
     def __str__(self) -> str:
         return f"lost the master at {self.address}: {self.reason}"
+
+
+class StateDirLocked(ActorsError):
+    """Another master holds this state directory: two masters never share one journal."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        super().__init__(path, holder)
+        self.path = path
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return (f"the state directory {self.path} is in use by another master ({self.holder}); "
+                "stop it, give this master another --state-dir, or --take-over if that master "
+                "is hung (it stops when it wakes)")
+
+
+class JournalUnreadable(ActorsError):
+    """The master's journal is corrupt or from an incompatible version: the master does not
+    start on it (nothing is overwritten)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (f"cannot use the master's journal {self.path}: {self.reason}; start with "
+                "--fresh to set it aside (renamed, not deleted) and begin with no tasks")
+
+
+class MasterSuperseded(ActorsError):
+    """A newer master took over this master's state directory (``--take-over``) while this one
+    was paused: it must not write the journal or schedule any more."""
+
+    def __init__(self, path: str, mine: int, newer: int) -> None:
+        super().__init__(path, mine, newer)
+        self.path = path
+        self.mine = mine
+        self.newer = newer
+
+    def __str__(self) -> str:
+        return (f"a newer master (epoch {self.newer}) took over {self.path}; this one "
+                f"(epoch {self.mine}) stops")
 
 
 class KeyFileError(ActorsError):

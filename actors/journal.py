@@ -1,16 +1,23 @@
-"""The master's journal of finished unit results: a restarted driver gets them back.
+"""The master's journal: what a master restarted on the same state directory needs.
 
-A driver holds the results of its task's units until ``reduce``; when its worker dies, they die
-with it. The master writes each batch of results it forwards to a driver into this SQLite file
-(WAL), as one row per batch, so that writing costs one insert per batch, not per unit, and the
-master's memory stays flat however many units a task has. When the new driver slices again, the
-units that had finished are looked up here and replayed to it instead of run again: only those
-whose arguments hash the same (a slicer that yields something else at an index is recomputed).
+One SQLite file (WAL) in the master's state directory holds:
 
-A row: ``(task, first, last, data)``: ``data`` is the batch ``[(index, digest, value), ...]``
-encoded with msgpack, ``first``/``last`` its lowest and highest unit index (for lookups by range).
-Commits happen on the master's tick; an uncommitted row is already visible to the master's own
-connection, which is the only reader.
+  meta      the schema version, the master's id (a restarted master keeps it, so that its
+            clients and nodes know it as the same master) and its epoch (one more at every
+            start: a fencing token, see ``commit``)
+  tasks     every submitted task not yet delivered: its submission (owner, name, kind, code or
+            code hash, arguments, priority, retries, package version) and, once it ended, the
+            message for its client, kept until the client says it received it
+  codes     the task code each client shipped by value, by content hash
+  results   finished unit results of running ParallelTasks, one row per batch:
+            ``(task, first, last, data)``, ``data`` = msgpack ``[(index, digest, value), ...]``,
+            so that a restarted driver gets them back instead of running them again
+
+Every write is buffered in memory and written by ``commit``, which the master calls on its tick:
+a short transaction per tick, so that many small tasks share one fsync, a task that starts and
+is delivered between two ticks never touches the disk, and a paused master never holds the
+database's write lock for long. What a ``commit`` wrote is durable (``synchronous=full``); what
+the master acknowledges to a client (``Accepted``) is only ever what a commit wrote.
 """
 
 from __future__ import annotations
@@ -18,68 +25,308 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import msgspec
 
+from actors.errors import JournalUnreadable, MasterSuperseded
+
+SCHEMA = 2
 Entry = tuple[int, int, bytes]  # unit index, digest of its arguments, result
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[tuple[int, int, bytes]])
 
+_TABLES = """
+create table if not exists meta (key text primary key, value text not null);
+create table if not exists tasks (
+    task_id text primary key, client text not null, seq integer not null,
+    priority integer not null, name text not null, kind text not null, code_hash text not null,
+    code blob not null, args blob not null, package text not null, version text not null,
+    retries integer not null, ended blob);
+create table if not exists codes (
+    client text not null, hash text not null, code blob not null, primary key (client, hash));
+create table if not exists results (task text, first integer, last integer, data blob);
+create index if not exists by_task on results (task, first);
+"""
 
-class ResultJournal:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+@dataclass
+class TaskRow:
+    """A submission as the journal keeps it (``code`` empty when ``code_hash`` names it)."""
+
+    task_id: str
+    client: str
+    seq: int
+    priority: int
+    name: str
+    kind: str
+    code_hash: str
+    code: bytes
+    args: bytes
+    package: str
+    version: str
+    retries: int
+    ended: bytes | None = None  # the encoded message that ends it, for its client
+    ended_in: int = -1  # the commit interval it ended in (an end waits one out: see commit)
+
+    def values(self) -> tuple[object, ...]:
+        return (self.task_id, self.client, self.seq, self.priority, self.name, self.kind,
+                self.code_hash, self.code, self.args, self.package, self.version, self.retries,
+                self.ended)
+
+
+@dataclass
+class Restored:
+    """What a master finds in its journal at start."""
+
+    tasks: list[TaskRow]  # in submission order; ``ended`` set: waiting for delivery
+    codes: dict[str, dict[str, bytes]]  # client -> code hash -> code
+    journaled: dict[str, list[int]]  # task -> unit indices with a journaled result
+
+
+class Journal:
+    def __init__(self, path: str | os.PathLike[str], *, durable: bool = True) -> None:
+        """``durable`` False: a journal that dies with its master (a temporary folder): only unit
+        results are written, for drivers restarted in the master's life, and never synced;
+        submissions are acknowledged at the next commit without being written."""
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("pragma journal_mode=wal")
-        self._db.execute("pragma synchronous=normal")
-        self._db.execute(
-            "create table if not exists results (task text, first integer, last integer, data blob)")
-        self._db.execute("create index if not exists by_task on results (task, first)")
-        self._open = False  # a transaction is open (committed at the next tick)
-        self._tasks: set[str] = set()  # tasks with rows: most (every plain Task) never have one
+        self.durable = durable
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                       timeout=5.0)
+            self._db.execute("pragma journal_mode=wal")
+            self._db.execute(f"pragma synchronous={'full' if durable else 'off'}")
+            found = self._db.execute(
+                "select count(*) from sqlite_master where type = 'table'").fetchone()[0]
+            if found:
+                self._check_schema()
+            else:
+                self._db.executescript(_TABLES)
+                self._db.execute("insert into meta values ('schema', ?)", (str(SCHEMA),))
+        except sqlite3.DatabaseError as exc:
+            raise JournalUnreadable(self.path, str(exc)) from exc
+        self.master_id = ""
+        self.epoch = 0
+        # Writes waiting for the next commit. A task id maps to its row to write, or to None
+        # (delete it). Rows on disk: the tasks the journal has written and not deleted.
+        self._tasks: dict[str, TaskRow | None] = {}
+        self._on_disk: dict[str, str] = {}  # task -> its client
+        self._codes: list[tuple[str, str, bytes]] = []
+        self._gone_clients: list[str] = []
+        self._results: dict[str, list[list[Entry]]] = {}  # task -> batches not yet written
+        self._forget: set[str] = set()  # tasks whose results rows go
+        self._with_results: set[str] = set()  # tasks with result rows on disk
+        self._commits = 0  # commits so far: the intervals ends are counted in
+        self._acks: list[TaskRow] = []  # submissions to acknowledge (not durable)
+
+    def _check_schema(self) -> None:
+        row = self._db.execute("select value from meta where key = 'schema'").fetchone()
+        if row is None or row[0] != str(SCHEMA):
+            raise JournalUnreadable(
+                self.path, f"written by journal schema {row[0] if row else 'unknown'}, "
+                           f"this master reads schema {SCHEMA}")
+        problem = self._db.execute("pragma quick_check").fetchone()[0]
+        if problem != "ok":
+            raise JournalUnreadable(self.path, f"integrity check failed: {problem}")
+
+    # --- start ---------------------------------------------------------------------------
+
+    def start(self, new_master_id: str) -> Restored:
+        """Take the journal: keep its master id (or record ``new_master_id`` in a new one),
+        count one more epoch, and read back what the last master left."""
+        try:
+            self._db.execute("begin immediate")
+            meta = dict(self._db.execute("select key, value from meta").fetchall())
+            self.master_id = meta.get("master_id") or new_master_id
+            self.epoch = int(meta.get("epoch", "0")) + 1
+            self._db.executemany("insert or replace into meta values (?, ?)",
+                                 [("master_id", self.master_id), ("epoch", str(self.epoch))])
+            self._db.execute("commit")
+            rows = self._db.execute("select * from tasks order by seq").fetchall()
+            tasks = [TaskRow(*row) for row in rows]
+            codes: dict[str, dict[str, bytes]] = {}
+            for client, code_hash, code in self._db.execute("select * from codes"):
+                codes.setdefault(client, {})[code_hash] = code
+            journaled: dict[str, list[int]] = {}
+            for task_id, data in self._db.execute("select task, data from results order by rowid"):
+                journaled.setdefault(task_id, []).extend(i for i, _, _ in _decoder.decode(data))
+        except (sqlite3.DatabaseError, msgspec.DecodeError, TypeError, ValueError) as exc:
+            raise JournalUnreadable(self.path, str(exc)) from exc
+        self._on_disk = {row.task_id: row.client for row in tasks}
+        self._with_results = set(journaled)
+        return Restored(tasks, codes, journaled)
+
+    # --- buffered writes -------------------------------------------------------------------
+
+    def task_added(self, row: TaskRow) -> None:
+        if self.durable:
+            self._tasks[row.task_id] = row
+        else:
+            self._acks.append(row)
+
+    def task_ended(self, task_id: str, client: str, message: bytes) -> None:
+        """The task ended; ``message`` (for its client) is kept until ``delivered``."""
+        row = self._tasks.get(task_id)
+        if row is None and task_id in self._on_disk:
+            row = self._tasks[task_id] = _Ended(task_id, client, message)
+        if row is not None:
+            row.ended, row.ended_in = message, self._commits
+        self.forget_results(task_id)
+
+    def delivered(self, task_id: str, client: str) -> None:
+        """``client`` received the end of its task ``task_id`` (another client's: ignored)."""
+        row = self._tasks.get(task_id)
+        if (row.client if row is not None else self._on_disk.get(task_id)) != client:
+            return
+        if task_id in self._on_disk:
+            self._tasks[task_id] = None
+        else:
+            self._tasks.pop(task_id, None)
+
+    def knows(self, task_id: str) -> bool:
+        """Submitted and not yet delivered (ended or not)."""
+        if task_id in self._tasks:
+            return self._tasks[task_id] is not None
+        return task_id in self._on_disk
+
+    def on_disk(self, task_id: str) -> bool:
+        return task_id in self._on_disk and self._tasks.get(task_id, True) is not None
+
+    def current_epoch(self) -> int:
+        """The epoch in the file now (a master that took over counted one more)."""
+        row = self._db.execute("select value from meta where key = 'epoch'").fetchone()
+        return int(row[0])
+
+    def code_added(self, client: str, code_hash: str, code: bytes) -> None:
+        if self.durable:
+            self._codes.append((client, code_hash, code))
+
+    def client_left(self, client: str) -> None:
+        """Its tasks, results to deliver and code go (after its tasks were cancelled)."""
+        self._gone_clients.append(client)
+        for task_id, row in list(self._tasks.items()):
+            if row is not None and row.client == client:
+                self.delivered(task_id, client)
+        self._codes = [c for c in self._codes if c[0] != client]
 
     def record(self, task_id: str, entries: list[Entry]) -> None:
-        if not entries:
-            return
-        self._begin()
-        self._tasks.add(task_id)
-        indices = [index for index, _, _ in entries]
-        self._db.execute("insert into results values (?, ?, ?, ?)",
-                         (task_id, min(indices), max(indices), _encoder.encode(entries)))
+        if entries:
+            self._results.setdefault(task_id, []).append(entries)
+
+    def forget_results(self, task_id: str) -> None:
+        self._results.pop(task_id, None)
+        if task_id in self._with_results:
+            self._forget.add(task_id)
 
     def lookup(self, task_id: str, indices: Iterable[int]) -> dict[int, tuple[int, bytes]]:
         """The journaled ``(digest, result)`` of each of these units that has one."""
         wanted = set(indices)
-        if not wanted:
-            return {}
-        rows = self._db.execute(
-            "select data from results where task = ? and first <= ? and last >= ? order by rowid",
-            (task_id, max(wanted), min(wanted)))
         found: dict[int, tuple[int, bytes]] = {}  # a unit recorded twice: the later one
-        for (data,) in rows:
-            for index, digest, value in _decoder.decode(data):
-                if index in wanted:
-                    found[index] = (digest, value)
+        if not wanted:
+            return found
+        if task_id in self._with_results and task_id not in self._forget:
+            rows = self._db.execute(
+                "select data from results where task = ? and first <= ? and last >= ? "
+                "order by rowid", (task_id, max(wanted), min(wanted)))
+            for (data,) in rows:
+                self._take(_decoder.decode(data), wanted, found)
+        for entries in self._results.get(task_id, ()):
+            self._take(entries, wanted, found)
         return found
 
-    def forget(self, task_id: str) -> None:
-        if task_id not in self._tasks:
-            return
-        self._tasks.discard(task_id)
-        self._begin()
-        self._db.execute("delete from results where task = ?", (task_id,))
+    @staticmethod
+    def _take(entries: list[Entry], wanted: set[int], found: dict[int, tuple[int, bytes]]) -> None:
+        for index, digest, value in entries:
+            if index in wanted:
+                found[index] = (digest, value)
 
-    def commit(self) -> None:
-        if self._open:
-            self._db.execute("commit")
-            self._open = False
+    def undelivered(self, client: str) -> list[tuple[str, bytes]]:
+        """The messages ending this client's tasks that it has not said it received."""
+        out = {task_id: row.ended for task_id, row in self._tasks.items()
+               if row is not None and row.client == client and row.ended is not None}
+        for task_id, ended in self._db.execute(
+                "select task_id, ended from tasks where client = ? and ended is not null", (client,)):
+            if task_id not in self._tasks:
+                out[task_id] = ended
+        return [(task_id, ended) for task_id, ended in out.items() if ended is not None]
+
+    # --- commit ------------------------------------------------------------------------------
+
+    def commit(self) -> list[TaskRow]:
+        """Write what is buffered in one transaction; the tasks whose submission this made
+        durable (to acknowledge). Raises ``MasterSuperseded`` (writing nothing) when a newer
+        master took the journal over since ``start``.
+
+        A task that ended in this interval waits for the next commit: its client, which gets
+        the end now, most likely says it received it by then, and then the task never touches
+        the disk. Not written, it is not acknowledged either: until its end arrives, the client
+        keeps the submission to send again, so a master that dies meanwhile loses nothing."""
+        self._commits += 1
+        acks, self._acks = self._acks, []
+        if not (self._tasks or self._codes or self._gone_clients or self._results
+                or self._forget):
+            return acks
+        young = self._commits - 1
+        later = {t: r for t, r in self._tasks.items()
+                 if r is not None and r.ended is not None and r.ended_in == young}
+        for task_id in later:
+            del self._tasks[task_id]
+        db = self._db
+        db.execute("begin immediate")
+        try:
+            epoch = self.current_epoch()
+            if epoch != self.epoch:
+                raise MasterSuperseded(self.path, self.epoch, epoch)
+            added: list[TaskRow] = []
+            rows = [r for r in self._tasks.values() if r is not None]
+            gone = [(t,) for t, r in self._tasks.items() if r is None]
+            db.executemany("delete from tasks where task_id = ?", gone)
+            for row in rows:
+                if isinstance(row, _Ended):
+                    db.execute("update tasks set ended = ? where task_id = ?",
+                               (row.ended, row.task_id))
+                else:
+                    db.execute("insert or replace into tasks values "
+                               "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row.values())
+                    if row.task_id not in self._on_disk:
+                        added.append(row)
+            db.executemany("insert or ignore into codes values (?, ?, ?)", self._codes)
+            for client in self._gone_clients:
+                db.execute("delete from tasks where client = ?", (client,))
+                db.execute("delete from codes where client = ?", (client,))
+            db.executemany("delete from results where task = ?", [(t,) for t in self._forget])
+            db.executemany("insert into results values (?, ?, ?, ?)", [
+                (task_id, min(i for i, _, _ in entries), max(i for i, _, _ in entries),
+                 _encoder.encode(entries))
+                for task_id, batches in self._results.items() for entries in batches])
+            db.execute("commit")
+        except BaseException:
+            db.execute("rollback")
+            self._tasks.update(later)
+            raise
+        for (task_id,) in gone:
+            self._on_disk.pop(task_id, None)
+        self._on_disk.update((r.task_id, r.client) for r in rows)
+        for client in self._gone_clients:
+            for task_id in [t for t, c in self._on_disk.items() if c == client]:
+                del self._on_disk[task_id]
+        self._with_results.difference_update(self._forget)
+        self._with_results.update(self._results)
+        self._tasks.clear()
+        self._tasks.update(later)
+        self._codes.clear()
+        self._gone_clients.clear()
+        self._results.clear()
+        self._forget.clear()
+        return acks + added
 
     def close(self) -> None:
-        self.commit()
         self._db.close()
 
-    def _begin(self) -> None:
-        if not self._open:
-            self._db.execute("begin")
-            self._open = True
+
+class _Ended(TaskRow):
+    """A written task that ended: only its ``ended`` column changes."""
+
+    def __init__(self, task_id: str, client: str, ended: bytes) -> None:
+        super().__init__(task_id, client, 0, 0, "", "", "", b"", b"", "", "", 0, ended)

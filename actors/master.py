@@ -33,8 +33,17 @@ from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
 from actors.core.scheduler_state import SchedulerState, unit_digest
-from actors.errors import ActorsError, CodeUnknown, MalformedMessage, UnknownTask, WorkerKilled
-from actors.journal import ResultJournal
+from actors.errors import (
+    ActorsError,
+    CodeUnknown,
+    JournalUnreadable,
+    MalformedMessage,
+    MasterSuperseded,
+    StateDirLocked,
+    UnknownTask,
+    WorkerKilled,
+)
+from actors.journal import Journal, Restored, TaskRow
 from actors.launch import (
     ensure_keys_logged,
     run_script,
@@ -44,6 +53,7 @@ from actors.launch import (
 )
 from actors.serialize import describe_exception
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
+from actors.state_dir import StateDir, default_state_dir
 from actors.task_sync import Catalogue, InstanceUses, TaskSyncServer
 from transport import Hub, ServerCurve, load_keypair
 from transport.keys import AllowList, allowed_dir
@@ -68,6 +78,14 @@ REJECTION_INTERVAL_S = 10.0
 REJECTIONS_LOGGED = 20
 REJECTIONS_BLOCKED = 1_000
 BLOCK_S = 60.0
+# After a restart, a client with tasks in the journal that has not said Hello within this long
+# is taken as gone: its tasks are cancelled and their results dropped.
+CLIENT_GRACE_S = 60.0
+# A message this long after the last tick means the process was paused (SIGSTOP, a frozen VM):
+# before acting on it, the master asks the journal whether a newer master took over meanwhile
+# (each tick asks too).
+PAUSED_S = 2.0
+EX_SUPERSEDED = 75
 
 
 @dataclass
@@ -93,17 +111,21 @@ class StoryGather:
 
 
 class Master(Shell):
-    def __init__(self, hub: Hub, master_id: str, *, node_timeout_s: float = 5.0,
-                 max_deaths: int = 3, restart_after_error: bool = False,
-                 allowed: str | None = None,
-                 on_crash: Callable[[], None] | None = None) -> None:
-        """``allowed``: the allow-list folder, whose file names give each key its role (None:
-        peers are taken at their word, for a master without CURVE)."""
+    def __init__(self, hub: Hub, journal: Journal, restored: Restored, *,
+                 node_timeout_s: float = 5.0, max_deaths: int = 3,
+                 restart_after_error: bool = False, allowed: str | None = None,
+                 on_crash: Callable[[], None] | None = None,
+                 on_superseded: Callable[[], None] | None = None) -> None:
+        """``journal``: the state directory's journal, already started (``restored`` is what it
+        held). ``allowed``: the allow-list folder, whose file names give each key its role
+        (None: peers are taken at their word, for a master without CURVE)."""
         super().__init__(hub)
         self._on_crash = on_crash
-        self._journal_dir: str | None = None  # made in on_start, removed at stop
-        self._journal_lock = -1  # held while the folder is ours (see contain.make_run_dir)
-        self.journal: ResultJournal | None = None
+        self._on_superseded = on_superseded
+        self.journal = journal
+        self.restored: Restored | None = restored
+        self.superseded = False
+        master_id = journal.master_id
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
         self.peers: dict[bytes, Peer] = {}
@@ -119,23 +141,49 @@ class Master(Shell):
         self.stories: list[StoryGather] = []  # story requests waiting for workers' parts
         # The code each client shipped, by content hash: sent once, named by its hash after.
         self.codes: dict[str, dict[str, bytes]] = {}
+        self.seq = 0  # submission order, kept in the journal
+        self.awaiting: dict[str, float] = {}  # restored clients not back yet -> until when
+        self.last_tick = 0.0
         self.worker_codes: dict[str, set[str]] = {}  # worker -> hashes of large code it was sent
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
         super().on_start()
-        remove_stale_run_dirs("actors-master-")  # left by masters killed with kill -9
-        self._journal_dir, self._journal_lock = make_run_dir("actors-master-")
-        self.journal = ResultJournal(os.path.join(self._journal_dir, f"{self.master_id}.sqlite"))
+        self.now = time.monotonic()
+        self.last_tick = self.now
 
     def on_stop(self) -> None:
-        if self.journal is not None:
-            self.journal.close()
-        if self._journal_dir is not None:
-            shutil.rmtree(self._journal_dir, ignore_errors=True)
-            os.close(self._journal_lock)
+        if not self.superseded:
+            self._commit()  # a clean stop keeps what is buffered (the journal closes in main)
         super().on_stop()
+
+    def _restore_once(self) -> None:
+        if self.restored is not None:
+            restored, self.restored = self.restored, None
+            self._restore(restored)
+
+    def _restore(self, restored: Restored) -> None:
+        """Queue again what the last master on this state directory left, in its order."""
+        self.codes = restored.codes
+        clients = {row.client for row in restored.tasks}
+        for row in restored.tasks:
+            self.seq = max(self.seq, row.seq + 1)
+            if row.ended is not None:
+                continue  # its end waits for its client (undelivered)
+            code = row.code or self.codes.get(row.client, {}).get(row.code_hash, b"")
+            self._apply(ev.TaskSubmitted(
+                self.now, row.task_id, row.client, row.name, row.kind, code, row.args,
+                row.priority, row.package, row.version, row.retries, row.code_hash,
+                journaled=tuple(restored.journaled.get(row.task_id, ())), restored=True))
+            if row.package and self.task_sync is not None:
+                self.task_sync.tell(InstanceUses(row.package, row.version, row.task_id, ended=False))
+        self.awaiting = {client: self.now + CLIENT_GRACE_S for client in clients}
+        if restored.tasks:
+            self.log.info("master_restored", epoch=self.journal.epoch, tasks=len(restored.tasks),
+                          queued=sum(1 for r in restored.tasks if r.ended is None),
+                          undelivered=sum(1 for r in restored.tasks if r.ended is not None),
+                          clients=len(clients))
 
     def context_of(self, message: Any) -> dict[str, Any]:
         task_id = getattr(getattr(message, "message", None), "task_id", None)
@@ -155,27 +203,76 @@ class Master(Shell):
 
     def receive(self, message: Any) -> Any:
         match message:
+            case _ if self.superseded:
+                pass  # a newer master owns the journal: this one only waits to be stopped
             case Inbound():
                 # The shell owns the clock (the core gets time on events): a peer heard
                 # before the first tick must not look silent since time zero.
                 self.now = time.monotonic()
+                if self.now - self.last_tick > PAUSED_S and not self._still_mine():
+                    return None
                 self._inbound(message)
             case Tick(now=now):
-                self.now = now
+                if not self._still_mine():  # one small read a tick: the fencing token
+                    return None
+                self.now = self.last_tick = now
+                self._restore_once()
                 self._check_liveness()
+                self._clients_not_back()
                 self._apply(ev.Tick(now))
                 for worker_id in [w for w in self.worker_codes if w not in self.scheduler.workers]:
                     del self.worker_codes[worker_id]
                 self._forget_old_rejections()
                 self._stories_due()
-                self._journal.commit()
+                self._commit()
             case Catalogue(packages=packages):
                 self._catalogue(packages)
             case ("task_sync", ref):
                 self.task_sync = ref
+                self._restore_once()
             case _:
                 raise TypeError(f"master got an unknown message: {message!r}")
         return None
+
+    def _commit(self) -> None:
+        """Write the journal; acknowledge to each client the submissions this made durable."""
+        try:
+            added = self.journal.commit()
+        except MasterSuperseded as exc:
+            self._superseded(exc)
+            return
+        accepted: dict[str, list[str]] = {}
+        for row in added:
+            accepted.setdefault(row.client, []).append(row.task_id)
+        for client_id, task_ids in accepted.items():
+            self._to_client(client_id, m.Accepted(task_ids))
+
+    def _still_mine(self) -> bool:
+        """Whether the journal is still this master's; if not, it stops."""
+        newer = self.journal.current_epoch()
+        if newer == self.journal.epoch:
+            return True
+        self._superseded(MasterSuperseded(self.journal.path, self.journal.epoch, newer))
+        return False
+
+    def _superseded(self, exc: MasterSuperseded) -> None:
+        self.superseded = True
+        self.log.error("master_superseded", error=str(exc), epoch=self.journal.epoch,
+                       newer_epoch=exc.newer)
+        if self._on_superseded is not None:
+            self._on_superseded()
+
+    def _clients_not_back(self) -> None:
+        for client_id in [c for c, until in self.awaiting.items() if until <= self.now]:
+            del self.awaiting[client_id]
+            self.log.warning("client_not_back", client_id=client_id, seconds=CLIENT_GRACE_S,
+                             hint="its tasks from before the restart are cancelled")
+            self._client_gone(client_id)
+
+    def _client_gone(self, client_id: str) -> None:
+        self.codes.pop(client_id, None)
+        self._apply(ev.ClientLeft(self.now, client_id))
+        self.journal.client_left(client_id)
 
     def _inbound(self, inbound: Inbound) -> None:
         msg, peer_key = inbound.message, inbound.peer
@@ -241,7 +338,7 @@ class Master(Shell):
         if known is not None and known.role == hello.role and known.peer_id == hello.peer_id:
             # The same peer again (our Welcome was slow to reach it): welcome it again, as it is.
             known.last_seen = self.now
-            self.send(SOCKET, peer_key, message=m.Welcome(self.master_id, hello.peer_id, HEARTBEAT_S))
+            self._welcome(peer_key, hello)
             return
         if known is not None and known.role == "node":
             self._apply(ev.NodeLost(self.now, known.peer_id, "node reconnected"))
@@ -252,7 +349,19 @@ class Master(Shell):
             self._send_newest(peer_key)
         self.log.info(f"{hello.role}_joined", peer=hello.peer_id, host=hello.host, pid=hello.pid,
                       slots=hello.slots)
-        self.send(SOCKET, peer_key, message=m.Welcome(self.master_id, hello.peer_id, HEARTBEAT_S))
+        self._welcome(peer_key, hello)
+
+    def _welcome(self, peer_key: bytes, hello: m.Hello) -> None:
+        """Welcome; a client back after a restart also gets the ends of its tasks that it has
+        not said it received (a client welcomed again sends its unacknowledged submits)."""
+        self.send(SOCKET, peer_key, message=m.Welcome(self.master_id, hello.peer_id, HEARTBEAT_S,
+                                                      self.journal.epoch))
+        if hello.role != "client":
+            return
+        if self.awaiting.pop(hello.peer_id, None) is not None:
+            self.log.info("client_back", client_id=hello.peer_id)
+        for _, ended in self.journal.undelivered(hello.peer_id):
+            self.send(SOCKET, peer_key, frames=[ended])
 
     def _from_node(self, peer: Peer, msg: m.Message) -> None:
         match msg:
@@ -338,11 +447,13 @@ class Master(Shell):
                     sum(1 for t in sched.tasks.values() if t.state is ev.TaskStatus.RUNNING)))
             case m.Heartbeat():
                 pass
+            case m.Received(task_ids=task_ids):
+                for task_id in task_ids:
+                    self.journal.delivered(task_id, peer.peer_id)
             case m.Bye():
                 self.peers = {k: p for k, p in self.peers.items() if p is not peer}
-                self.codes.pop(peer.peer_id, None)
                 self.log.info("client_left", peer=peer.peer_id)
-                self._apply(ev.ClientLeft(self.now, peer.peer_id))
+                self._client_gone(peer.peer_id)
             case _:
                 self._unexpected(peer, msg)
 
@@ -356,6 +467,12 @@ class Master(Shell):
             self._refuse_submit(peer, msg, ValueError(
                 f"retries must be between 0 and {MAX_RETRIES}, not {msg.retries}"))
             return
+        if msg.task_id in self.scheduler.tasks or self.journal.knows(msg.task_id):
+            # Sent again after a reconnect (its Accepted was lost, or it was not yet durable):
+            # the first one stands; acknowledge it if it is in the journal already.
+            if self.journal.on_disk(msg.task_id):
+                self._to_client(peer.peer_id, m.Accepted([msg.task_id]))
+            return
         code = msg.code
         if msg.code_hash:
             shipped = self.codes.setdefault(peer.peer_id, {})
@@ -366,8 +483,11 @@ class Master(Shell):
                     f"{MAX_CODE_PER_CLIENT >> 20} MiB on the master: ship fewer distinct classes "
                     "(or deploy them as a package)"))
                 return
-            if code:
-                code = shipped.setdefault(msg.code_hash, code)
+            if code and msg.code_hash not in shipped:
+                shipped[msg.code_hash] = code
+                self.journal.code_added(peer.peer_id, msg.code_hash, code)
+            elif code:
+                code = shipped[msg.code_hash]
             elif (code := shipped.get(msg.code_hash, b"")) == b"":
                 self._refuse_submit(peer, msg, CodeUnknown(msg.code_hash, msg.name))
                 return
@@ -388,6 +508,10 @@ class Master(Shell):
         self.log.debug("task_submitted", task_id=msg.task_id, task=msg.name,
                       client_id=peer.peer_id, priority=msg.priority, package=package,
                       version=version)
+        self.seq += 1
+        self.journal.task_added(TaskRow(
+            msg.task_id, peer.peer_id, self.seq, msg.priority, msg.name, kind, msg.code_hash,
+            b"" if msg.code_hash else code, msg.args, package, version, msg.retries))
         self._apply(ev.TaskSubmitted(self.now, msg.task_id, peer.peer_id, msg.name, kind,
                                      code, msg.args, msg.priority, package, version,
                                      msg.retries, msg.code_hash))
@@ -431,15 +555,10 @@ class Master(Shell):
     def _send_newest(self, node_key: bytes) -> None:
         self.send(SOCKET, node_key, message=m.NewestVersions(self._newest_versions()))
 
-    @property
-    def _journal(self) -> ResultJournal:
-        assert self.journal is not None, "the journal opens in on_start"
-        return self.journal
-
     def _replay(self, ins: ev.ReplayResults) -> None:
         """A restarted driver sliced finished units again: their journaled results, if the unit
         is the same (its digest); the others go back to the scheduler to run again."""
-        found = self._journal.lookup(ins.task_id, (unit.index for unit in ins.units))
+        found = self.journal.lookup(ins.task_id, (unit.index for unit in ins.units))
         replayed: list[tuple[int, bytes]] = []
         again: list[m.UnitCall] = []
         for unit in ins.units:
@@ -455,8 +574,11 @@ class Master(Shell):
         if again:
             self._apply(ev.UnitsNotReplayed(self.now, ins.worker_id, ins.task_id, again))
 
-    def _task_ended(self, task_id: str) -> None:
-        self._journal.forget(task_id)
+    def _task_ended(self, client_id: str, task_id: str, msg: m.Message) -> None:
+        """Tell the client; the journal keeps the message until the client received it."""
+        ended = m.encode(msg)
+        self.journal.task_ended(task_id, client_id, ended)
+        self.send(SOCKET, client_id.encode(), frames=[ended])
         self.unit_totals.pop(task_id, None)
         task = self.scheduler.tasks.get(task_id)
         if task is not None and task.package and self.task_sync is not None:
@@ -633,7 +755,7 @@ class Master(Shell):
                 self._to_worker(ins.node_id, ins.worker_id,
                                 m.DriverResults(ins.task_id, ins.results, ins.held))
             case ev.RecordResults():
-                self._journal.record(ins.task_id, ins.results)
+                self.journal.record(ins.task_id, ins.results)
             case ev.ReplayResults():
                 self._replay(ins)
             case ev.Steal():
@@ -662,25 +784,21 @@ class Master(Shell):
                     ins.task_id, ins.done, self._unit_total(ins.task_id, ins.total, ins.sliced_all),
                     ins.sliced_all))
             case ev.ReportDone():
-                self._task_ended(ins.task_id)
                 self.log.debug("task_done", task_id=ins.task_id)
-                self._to_client(ins.client_id, m.TaskDone(ins.task_id, ins.result))
+                self._task_ended(ins.client_id, ins.task_id, m.TaskDone(ins.task_id, ins.result))
             case ev.ReportErred(outcome=o):
-                self._task_ended(ins.task_id)
                 self.log.info("task_erred", task_id=ins.task_id, unit=ins.unit, error=o.type_name)
-                self._to_client(ins.client_id, m.TaskErred(
+                self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
                     ins.task_id, o.value, o.type_name, o.message, o.traceback, ins.unit))
             case ev.ReportKilled():
-                self._task_ended(ins.task_id)
                 self.log.warning("task_killed", task_id=ins.task_id, unit=ins.unit, causes=ins.causes)
                 payload, type_name, text, _ = describe_exception(
                     WorkerKilled(ins.task_id, ins.unit, ins.causes))
-                self._to_client(ins.client_id, m.TaskErred(
+                self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
                     ins.task_id, payload, type_name, text, "", ins.unit))
             case ev.ReportCancelled():
-                self._task_ended(ins.task_id)
                 self.log.info("task_cancelled", task_id=ins.task_id)
-                self._to_client(ins.client_id, m.TaskCancelled(ins.task_id))
+                self._task_ended(ins.client_id, ins.task_id, m.TaskCancelled(ins.task_id))
             case _:
                 raise TypeError(f"unknown scheduler instruction {ins!r}")
 
@@ -763,6 +881,18 @@ def main(argv: list[str] | None = None, *,
     parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-banner", action="store_true",
                         help="do not print where the master listens (for embedding)")
+    parser.add_argument("--state-dir", default=None,
+                        help="where the master keeps its journal, so that a restart loses no "
+                             "task (default: ~/.local/state/pydra-actors/master-HOST-PORT; with "
+                             "--port 0, a temporary folder: nothing survives the master)")
+    parser.add_argument("--ephemeral", action="store_true",
+                        help="keep the journal in a temporary folder, never synced: nothing "
+                             "survives the master (the default with --port 0)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="set the state directory's journal aside (renamed) and start empty")
+    parser.add_argument("--take-over", action="store_true",
+                        help="start on a state directory another master holds (one that is hung "
+                             "or paused: it stops when it wakes)")
     parser.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ...",
                         help="run this Python script against the cluster, then stop")
     args = parser.parse_args(argv)
@@ -774,6 +904,19 @@ def main(argv: list[str] | None = None, *,
         curve = ServerCurve(pair.public, pair.secret, str(allowed_dir(keys)))
     except ActorsError as exc:
         log.error("bad_keys", error=str(exc))
+        _stop_local_node(local_node)
+        return 2
+
+    remove_stale_run_dirs("actors-master-")  # left by masters killed with kill -9
+    temporary = args.ephemeral or (args.state_dir is None and args.port == 0)
+    state_path = (make_run_dir("actors-master-") if temporary else
+                  (args.state_dir or str(default_state_dir(args.host, args.port)), -1))
+    try:
+        state = StateDir(state_path[0], take_over=args.take_over, fresh=args.fresh,
+                         durable=not temporary)
+        restored = state.journal.start(f"master-{uuid.uuid4().hex[:8]}")
+    except (StateDirLocked, JournalUnreadable) as exc:
+        log.error("bad_state_dir", error=str(exc))
         _stop_local_node(local_node)
         return 2
 
@@ -805,8 +948,10 @@ def main(argv: list[str] | None = None, *,
     except Exception as exc:
         log.error("cannot_listen", address=f"tcp://{args.host}:{args.port}", error=str(exc))
         _stop_local_node(local_node)
+        _close_state(state, state_path, temporary)
         return 2
     address = hub.address("peers")
+    state.write_holder(address)
     stop = threading.Event()
     exit_code = [0]
 
@@ -814,10 +959,15 @@ def main(argv: list[str] | None = None, *,
         exit_code[0] = 70  # EX_SOFTWARE: the scheduler hit a bug; the log has the traceback
         stop.set()
 
-    master_ref = Master.start(hub, f"master-{uuid.uuid4().hex[:8]}", node_timeout_s=args.node_timeout,
+    def superseded() -> None:
+        exit_code[0] = EX_SUPERSEDED
+        stop.set()
+
+    master_ref = Master.start(hub, state.journal, restored, node_timeout_s=args.node_timeout,
                               max_deaths=args.max_deaths,
                               restart_after_error=args.restart_after_error,
-                              allowed=curve.allowed_dir, on_crash=crashed)
+                              allowed=curve.allowed_dir, on_crash=crashed,
+                              on_superseded=superseded)
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))
@@ -830,7 +980,8 @@ def main(argv: list[str] | None = None, *,
     if args.ready_file:
         write_atomically(args.ready_file, json.dumps({"address": address, "pid": os.getpid()}))
     log.info("master_started", address=address, workers=args.workers, keys=keys,
-             tasks_dir=os.path.abspath(args.tasks_dir))
+             tasks_dir=os.path.abspath(args.tasks_dir), epoch=state.journal.epoch,
+             state_dir="" if temporary else str(state.path))
     if not args.no_banner:
         sys.stdout.write(
             f"pydra-actors master listening on {address}\n"
@@ -849,6 +1000,7 @@ def main(argv: list[str] | None = None, *,
         stop_process(node, grace=10.0)
     pykka.ActorRegistry.stop_all(timeout=5)
     hub.stop()
+    _close_state(state, state_path, temporary)
     if args.ready_file:
         Path(args.ready_file).unlink(missing_ok=True)
     log.info("master_stopped")
@@ -867,6 +1019,13 @@ def _restart_local_node(node: subprocess.Popen[bytes],
     restarts.append(now)
     log.warning("local_node_restarted", exitcode=node.returncode, pid=node.pid)
     return subprocess.Popen(node.args, stdin=subprocess.DEVNULL)
+
+
+def _close_state(state: StateDir, path: tuple[str, int], temporary: bool) -> None:
+    state.close()
+    if temporary:  # --port 0 and no --state-dir: the journal dies with its master
+        shutil.rmtree(path[0], ignore_errors=True)
+        os.close(path[1])
 
 
 def _stop_local_node(node: subprocess.Popen[bytes] | None) -> None:

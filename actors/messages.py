@@ -22,7 +22,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 5  # 5: TaskState, WorkProgress, TaskOutput (a task's status, progress, output)
+PROTOCOL_VERSION = 6  # 6: Accepted, Received, Welcome.epoch (a master that survives a restart)
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -46,9 +46,14 @@ class Hello(Message, frozen=True):
 
 
 class Welcome(Message, frozen=True):
+    """The handshake is accepted. A master restarted on the same state directory keeps its
+    ``master_id`` (its clients' futures ride through) and counts one more ``epoch``: a peer
+    that was welcomed by a higher epoch refuses a lower one (a paused master that woke up)."""
+
     master_id: str
     peer_id: str
     heartbeat_s: float = 1.0
+    epoch: int = 0
 
 
 class Refused(Message, frozen=True):
@@ -128,6 +133,19 @@ class TaskErred(Message, frozen=True):
 
 class TaskCancelled(Message, frozen=True):
     task_id: str
+
+
+class Accepted(Message, frozen=True):
+    """master -> client: these submissions are in the master's journal: they survive a restart
+    of the master, so the client need not keep them to send again."""
+
+    task_ids: list[str]
+
+
+class Received(Message, frozen=True):
+    """client -> master: the messages ending these tasks arrived; the journal may drop them."""
+
+    task_ids: list[str]
 
 
 class TaskProgress(Message, frozen=True):
@@ -465,6 +483,8 @@ AnyMessage = (
     | Refused
     | Heartbeat
     | Bye
+    | Accepted
+    | Received
     | Submit
     | Cancel
     | StoryRequest

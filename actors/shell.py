@@ -111,9 +111,12 @@ class Shell(pykka.ThreadingActor):
     def on_crash(self) -> None:
         """What the process does when this actor dies; subclasses that must not linger exit."""
 
-    def send(self, socket: str, *route: bytes, message: m.Message) -> None:
+    def send(self, socket: str, *route: bytes, message: m.Message | None = None,
+             frames: list[bytes] | None = None) -> None:
+        """Send ``message``, or ``frames`` already encoded (kept for sending again)."""
         assert self.outbox is not None, "send() before on_start()"
-        self.outbox.send(socket, [*route, m.encode(message)])
+        body = [m.encode(message)] if message is not None else frames or []
+        self.outbox.send(socket, [*route, *body])
 
 
 def _describe(message: Any) -> str:

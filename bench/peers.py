@@ -128,15 +128,21 @@ class ActorsRuntime(Runtime):
              ) -> Session:
         return ActorsSession(workers, wait, workers_per_node)
 
+    def open_durable(self, workers: int, state_dir: str) -> ActorsSession:
+        """A cluster whose master keeps its journal in ``state_dir`` (fsync'd commits)."""
+        return ActorsSession(workers, True, None, state_dir=state_dir)
+
 
 class ActorsSession(Session):
-    def __init__(self, workers: int, wait: bool, workers_per_node: int | None) -> None:
+    def __init__(self, workers: int, wait: bool, workers_per_node: int | None,
+                 state_dir: str | None = None) -> None:
         from actors import Client, LocalCluster
 
         self.cluster: Any
         if workers_per_node is None:
             with quiet_stdout():  # the master prints its banner for people
-                self.cluster = LocalCluster(workers=workers, log_level="warning")
+                self.cluster = LocalCluster(workers=workers, log_level="warning",
+                                            state_dir=state_dir)
         else:
             self.cluster = MultiNodeCluster(workers, workers_per_node)
         self.master_pid = self.cluster.pid

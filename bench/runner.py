@@ -27,13 +27,14 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in (
     Workload("tiny", "1. tiny units", throughput.tiny_units),
     Workload("many", "2. many small tasks", throughput.many_tasks),
     Workload("raising", "2b. tasks that raise", throughput.raising_tasks),
+    Workload("durable", "2c. many small tasks on a durable master", throughput.durable_tasks),
     Workload("latency", "3. latency", latency.latency),
     Workload("efficiency", "4. 10 ms units", efficiency.efficiency),
     Workload("streaming", "5. streaming", streaming.streaming, uses_shared_session=False),
     Workload("startup", "6. start and close", startup.startup, uses_shared_session=False),
     Workload("scale", "7. scale", scale.scale, uses_shared_session=False),
 )}
-DEFAULT_WORKLOADS = ("tiny", "many", "raising", "latency", "efficiency", "streaming", "startup")
+DEFAULT_WORKLOADS = ("tiny", "many", "raising", "durable", "latency", "efficiency", "streaming", "startup")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

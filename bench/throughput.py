@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from functools import partial
 
-from bench.peers import Runtime
-from bench.stats import Result, rate, repeat
+from bench.peers import ActorsRuntime, Runtime
+from bench.stats import Result, rate, repeat, skipped
 from bench.workload import Settings, SharedSession, target
 
 #: Chunk sizes the process pool's ``executor.map`` is run with (other runtimes have no such knob).
@@ -61,4 +62,35 @@ def raising_tasks(runtime: Runtime, shared: SharedSession, settings: Settings) -
         seconds = repeat(partial(session.submit_raising, n, every), settings.reps)
         rows.append(Result("tasks that raise", metric, runtime.name, runtime.submit_label, n,
                            True, rate(n, seconds), workers=settings.workers))
+    return rows
+
+
+def durable_tasks(runtime: Runtime, shared: SharedSession, settings: Settings) -> list[Result]:
+    """Row 2 again on a master that keeps a journal in a state directory (every submission
+    committed, with fsync, before it is acknowledged), against the shared cluster (a temporary
+    journal, never synced), alternating in the same run: what surviving a restart costs."""
+    if not isinstance(runtime, ActorsRuntime):
+        return [skipped("many small tasks, journal", "tasks/s, state dir (fsync)", runtime.name,
+                        runtime.submit_label, "no master journal to compare",
+                        workers=settings.workers)]
+    plain = shared()
+    n = settings.size(2_000, 2_000, minimum=4)
+    warm = max(4 * settings.workers, n // 10)
+    with tempfile.TemporaryDirectory(prefix="bench-state-") as state, \
+            runtime.open_durable(settings.workers, state) as durable:
+        durable.submit_each(warm)
+        plain.submit_each(warm)
+        runs: dict[str, list[float]] = {"plain": [], "durable": []}
+        for _ in range(settings.reps):  # alternating: the machine's drift hits both alike
+            runs["plain"] += repeat(lambda: plain.submit_each(n), 1)
+            runs["durable"] += repeat(lambda: durable.submit_each(n), 1)
+    rates = {key: rate(n, seconds) for key, seconds in runs.items()}
+    rows = [Result("many small tasks, journal", metric, runtime.name, runtime.submit_label, n,
+                   True, rates[key], workers=settings.workers)
+            for key, metric in (("plain", "tasks/s, no state dir"),
+                                ("durable", "tasks/s, state dir (fsync)"))]
+    ratios = [d / p for d, p in zip(rates["durable"], rates["plain"], strict=True)]
+    rows.append(Result("many small tasks, journal", "state dir / none, same rep", runtime.name,
+                       runtime.submit_label, n, True, ratios, workers=settings.workers,
+                       target="≥ 0.8"))
     return rows

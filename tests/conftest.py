@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +27,10 @@ os.environ["ACTORS_VALIDATE_STATE"] = "1"
 # log level, a cluster of theirs) would change what they log and where clients connect.
 for _name in ("ACTORS_LOG_LEVEL", "ACTORS_LOG_FORMAT", "ACTORS_ADDRESS", "ACTORS_KEYS"):
     os.environ.pop(_name, None)
+# A master on a fixed port keeps its journal under $XDG_STATE_HOME: one folder per test run, so
+# that no test finds the tasks of an earlier one (or of the developer's own masters).
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="actors-test-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:

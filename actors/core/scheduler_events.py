@@ -73,6 +73,10 @@ class TaskSubmitted(Event):
     version: str = ""
     retries: int = 0
     code_hash: str = ""  # the code's content hash (workers keep code by it)
+    # Restored from the master's journal after a restart: units whose result it has (replayed
+    # to the driver, not run again).
+    journaled: tuple[int, ...] = ()
+    restored: bool = False
 
 
 @dataclass(frozen=True)

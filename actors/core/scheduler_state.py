@@ -386,9 +386,15 @@ class SchedulerState:
             priority=event.priority, seq=next(self._seq), package=event.package,
             version=event.version, retries=max(0, event.retries), code_hash=event.code_hash,
         )
+        for index in event.journaled:
+            if index >= 0:
+                task.units.set_journaled(index, True)
+        task.units.done_count = task.units.journaled_count
         self._undo.put(self.tasks, task.task_id, task)
         self._enqueue(task)
-        self._note(task, "task", "released", "queued", "submitted", event.now)
+        how = (f"restored with {task.units.journaled_count} finished units" if event.journaled
+               else "restored" if event.restored else "submitted")
+        self._note(task, "task", "released", "queued", how, event.now)
 
     def _sliced(self, event: UnitsSliced) -> None:
         task = self._task_of(event.worker_id, event.task_id)
