@@ -333,8 +333,8 @@ class Client:
             raise
 
     def _handshake(self, timeout: float) -> None:
-        self._send(m.Hello("client", self.client_id, m.PROTOCOL_VERSION, __version__,
-                           host=os.uname().nodename, pid=os.getpid()))
+        self._send(m.Hello(role="client", peer_id=self.client_id, protocol=m.PROTOCOL_VERSION,
+                           version=__version__, host=os.uname().nodename, pid=os.getpid()))
         deadline = time.monotonic() + timeout
         while not self._welcome.wait(0.05):
             if self._refusal:
@@ -368,8 +368,9 @@ class Client:
         with self._send_lock:
             self._futures[task_id] = fut
             # Each code goes to the master once; later submits name it by its hash.
-            submit = m.Submit(task_id, task.__qualname__, task.task_kind, code, arguments,
-                              priority, retries, code_hash)
+            submit = m.Submit(task_id=task_id, name=task.__qualname__, kind=task.task_kind,
+                              code=code, args=arguments, priority=priority, retries=retries,
+                              code_hash=code_hash)
             self._unaccepted[task_id] = submit
             if code_hash in self._shipped:
                 submit = msgspec.structs.replace(submit, code=b"")
@@ -400,7 +401,8 @@ class Client:
         task_id = f"{name.rpartition(':')[2]}-{uuid.uuid4().hex[:12]}"
         kind = "parallel" if known.get(name) == "ParallelTask" else "task"
         fut = Future(self, task_id, name, kind)
-        submit = m.Submit(task_id, name, "", b"", dumps((args, kwargs)), priority, retries)
+        submit = m.Submit(task_id=task_id, name=name, kind="", code=b"",
+                          args=dumps((args, kwargs)), priority=priority, retries=retries)
         with self._send_lock:
             self._futures[task_id] = fut
             self._unaccepted[task_id] = submit
@@ -539,9 +541,10 @@ class Client:
             # Back: the same master welcomes us again; a new one means our tasks are gone.
             self._disconnected_since = None
             log.info("master_reconnected", address=self.address)
-            self._hub.send_now(MASTER, [m.encode(m.Hello(
-                "client", self.client_id, m.PROTOCOL_VERSION, __version__,
-                host=os.uname().nodename, pid=os.getpid()))])
+            self._hub.send_now(MASTER, [m.encode(m.Hello(role="client", peer_id=self.client_id,
+                                                         protocol=m.PROTOCOL_VERSION,
+                                                         version=__version__,
+                                                         host=os.uname().nodename, pid=os.getpid()))])
 
     def _on_tick(self, now: float) -> None:
         if self._received and self._disconnected_since is None:

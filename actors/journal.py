@@ -51,7 +51,7 @@ create index if not exists by_task on results (task, first);
 """
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskRow:
     """A submission as the journal keeps it (``code`` empty when ``code_hash`` names it)."""
 
@@ -74,6 +74,10 @@ class TaskRow:
         return (self.task_id, self.client, self.seq, self.priority, self.name, self.kind,
                 self.code_hash, self.code, self.args, self.package, self.version, self.retries,
                 self.ended)
+
+
+_ROW_FIELDS = ("task_id", "client", "seq", "priority", "name", "kind", "code_hash", "code", "args",
+               "package", "version", "retries", "ended")  # the tasks table's columns, in order
 
 
 @dataclass
@@ -144,7 +148,7 @@ class Journal:
                                  [("master_id", self.master_id), ("epoch", str(self.epoch))])
             self._db.execute("commit")
             rows = self._db.execute("select * from tasks order by seq").fetchall()
-            tasks = [TaskRow(*row) for row in rows]
+            tasks = [TaskRow(**dict(zip(_ROW_FIELDS, row, strict=True))) for row in rows]
             codes: dict[str, dict[str, bytes]] = {}
             for client, code_hash, code in self._db.execute("select * from codes"):
                 codes.setdefault(client, {})[code_hash] = code
@@ -329,4 +333,6 @@ class _Ended(TaskRow):
     """A written task that ended: only its ``ended`` column changes."""
 
     def __init__(self, task_id: str, client: str, ended: bytes) -> None:
-        super().__init__(task_id, client, 0, 0, "", "", "", b"", b"", "", "", 0, ended)
+        super().__init__(task_id=task_id, client=client, seq=0, priority=0, name="", kind="",
+                         code_hash="", code=b"", args=b"", package="", version="", retries=0,
+                         ended=ended)

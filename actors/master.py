@@ -172,10 +172,13 @@ class Master(Shell):
             if row.ended is not None:
                 continue  # its end waits for its client (undelivered)
             code = row.code or self.codes.get(row.client, {}).get(row.code_hash, b"")
-            self._apply(ev.TaskSubmitted(
-                self.now, row.task_id, row.client, row.name, row.kind, code, row.args,
-                row.priority, row.package, row.version, row.retries, row.code_hash,
-                journaled=tuple(restored.journaled.get(row.task_id, ())), restored=True))
+            self._apply(ev.TaskSubmitted(self.now, task_id=row.task_id, client_id=row.client,
+                                         name=row.name, kind=row.kind, code=code, args=row.args,
+                                         priority=row.priority, package=row.package,
+                                         version=row.version, retries=row.retries,
+                                         code_hash=row.code_hash,
+                                         journaled=tuple(restored.journaled.get(row.task_id, ())),
+                                         restored=True))
             if row.package and self.task_sync is not None:
                 self.task_sync.tell(InstanceUses(row.package, row.version, row.task_id, ended=False))
         self.awaiting = {client: self.now + CLIENT_GRACE_S for client in clients}
@@ -510,11 +513,13 @@ class Master(Shell):
                       version=version)
         self.seq += 1
         self.journal.task_added(TaskRow(
-            msg.task_id, peer.peer_id, self.seq, msg.priority, msg.name, kind, msg.code_hash,
-            b"" if msg.code_hash else code, msg.args, package, version, msg.retries))
-        self._apply(ev.TaskSubmitted(self.now, msg.task_id, peer.peer_id, msg.name, kind,
-                                     code, msg.args, msg.priority, package, version,
-                                     msg.retries, msg.code_hash))
+            task_id=msg.task_id, client=peer.peer_id, seq=self.seq, priority=msg.priority,
+            name=msg.name, kind=kind, code_hash=msg.code_hash, code=b"" if msg.code_hash else code,
+            args=msg.args, package=package, version=version, retries=msg.retries))
+        self._apply(ev.TaskSubmitted(self.now, task_id=msg.task_id, client_id=peer.peer_id,
+                                     name=msg.name, kind=kind, code=code, args=msg.args,
+                                     priority=msg.priority, package=package, version=version,
+                                     retries=msg.retries, code_hash=msg.code_hash))
 
     def _refuse_submit(self, peer: Peer, msg: m.Submit, error: Exception) -> None:
         payload, type_name, text, _ = describe_exception(error)
@@ -770,9 +775,15 @@ class Master(Shell):
                                driver=ins.driver)
                 if ins.driver:
                     self._tell_running(ins.task_id)
-                self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(
-                    ins.task_id, ins.name, ins.kind, self._code_for(ins), ins.args, ins.driver,
-                    ins.package, ins.version, ins.code_hash))
+                self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(task_id=ins.task_id,
+                                                                         name=ins.name,
+                                                                         kind=ins.kind,
+                                                                         code=self._code_for(ins),
+                                                                         args=ins.args,
+                                                                         driver=ins.driver,
+                                                                         package=ins.package,
+                                                                         version=ins.version,
+                                                                         code_hash=ins.code_hash))
             case ev.ReleaseWorker():
                 self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
             case ev.KillWorker():

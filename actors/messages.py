@@ -32,7 +32,7 @@ class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
 # --- handshake and liveness -------------------------------------------------
 
 
-class Hello(Message, frozen=True):
+class Hello(Message, frozen=True, kw_only=True):
     """First message on every connection: who I am and what I speak."""
 
     role: str  # "node" | "client" | "worker"
@@ -75,7 +75,7 @@ class Bye(Message, frozen=True):
 # --- client <-> master ------------------------------------------------------
 
 
-class Submit(Message, frozen=True):
+class Submit(Message, frozen=True, kw_only=True):
     """Run a task: shipped by value (``code``), or deployed (``code`` empty, ``name`` is
     ``"package.module:Class"`` and the master pins the newest version of that package)."""
 
@@ -167,7 +167,7 @@ class TaskState(Message, frozen=True):
     state: str
 
 
-class OutputLine(Message, frozen=True):
+class OutputLine(Message, frozen=True, kw_only=True):
     """One line a task's code printed or logged (nested in ``TaskOutput``)."""
 
     stream: str  # "stdout" | "stderr" | "log"
@@ -217,7 +217,7 @@ class KillWorker(Message, frozen=True):
 # --- master <-> worker (relayed by the node) --------------------------------
 
 
-class AssignTask(Message, frozen=True):
+class AssignTask(Message, frozen=True, kw_only=True):
     """Load a task instance. The driver slices and reduces; every assigned worker runs units.
 
     A deployed task comes as ``package``/``version``/``name`` with empty ``code``. Large code

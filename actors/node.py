@@ -308,10 +308,11 @@ class Node(Shell):
 
     def _hello(self) -> None:
         self.last_hello = self.now
-        self.send(MASTER, message=m.Hello(
-            "node", self.config.node_id, m.PROTOCOL_VERSION, __version__,
-            host=os.uname().nodename, pid=os.getpid(), slots=self.config.slots,
-            data_address=self.config.data_address))
+        self.send(MASTER, message=m.Hello(role="node", peer_id=self.config.node_id,
+                                          protocol=m.PROTOCOL_VERSION, version=__version__,
+                                          host=os.uname().nodename, pid=os.getpid(),
+                                          slots=self.config.slots,
+                                          data_address=self.config.data_address))
 
     def _fatal(self, reason: str) -> None:
         self.stopping = True  # what still exits until the process does is no news

@@ -101,15 +101,16 @@ class Capture:
             if pieces[-1]:
                 buf.partial[(stream, phase)] = (pieces[-1], unit)
             for piece in pieces[:-1]:
-                self._add(buf, m.OutputLine(stream, "", "", phase, unit, _cut(piece), now))
+                self._add(buf, m.OutputLine(stream=stream, level="", logger="", phase=phase,
+                                            unit=unit, text=_cut(piece), time=now))
             wake = self._mark_pending()
         if wake:
             self._schedule_wake()
 
     def record(self, record: logging.LogRecord, text: str, where: tuple[str, str, int]) -> None:
         task_id, phase, unit = where
-        line = m.OutputLine("log", record.levelname, record.name, phase, unit, _cut(text),
-                            record.created)
+        line = m.OutputLine(stream="log", level=record.levelname, logger=record.name, phase=phase,
+                            unit=unit, text=_cut(text), time=record.created)
         with self._lock:
             self._add(self._buffer(task_id), line)
             wake = self._mark_pending()
@@ -133,7 +134,8 @@ class Capture:
                 return
             for key in [k for k in buf.partial if k[1] == phase]:
                 text, unit = buf.partial.pop(key)
-                self._add(buf, m.OutputLine(key[0], "", "", phase, unit, _cut(text), time.time()))
+                self._add(buf, m.OutputLine(stream=key[0], level="", logger="", phase=phase,
+                                            unit=unit, text=_cut(text), time=time.time()))
 
     def drain(self) -> list[m.Message]:
         """What to send: a ``TaskOutput`` and a ``WorkProgress`` per task that has news."""

@@ -130,8 +130,9 @@ class Worker(Shell):
             tell=self.actor_ref.tell,
             validate=self.validate,
         )
-        self.send(NODE, TO_NODE, message=m.Hello(
-            "worker", self.worker_id, m.PROTOCOL_VERSION, __version__, pid=os.getpid()))
+        self.send(NODE, TO_NODE, message=m.Hello(role="worker", peer_id=self.worker_id,
+                                                 protocol=m.PROTOCOL_VERSION, version=__version__,
+                                                 pid=os.getpid()))
 
     def on_stop(self) -> None:
         self.lined_up.clear()

@@ -175,8 +175,8 @@ def fuzz(cluster: LocalCluster, frames: int, seed: int = 0,
     try:
         for role in ("client", "node"):
             sock = _dealer(ctx, cluster.address, cluster.keys_dir, role, f"fuzz-{role}".encode())
-            sock.send(_encoder.encode(m.Hello(role, f"fuzz-{role}", m.PROTOCOL_VERSION,
-                                              __version__)))
+            sock.send(_encoder.encode(m.Hello(role=role, peer_id=f"fuzz-{role}",
+                                              protocol=m.PROTOCOL_VERSION, version=__version__)))
             senders.append((role, sock))
         senders.append(("worker", _dealer(ctx, node_address, None, "worker", b"fuzz-worker")))
         senders.append(("stranger", _dealer(ctx, cluster.address, cluster.keys_dir, "client",

@@ -268,7 +268,8 @@ def test_code_is_only_named_by_hash_to_the_client_that_shipped_it(cluster: Local
         # Naming the owner's code by its hash, without shipping it, gets nothing.
         probe = f"Square-{uuid.uuid4().hex[:12]}"
         fut = other._futures[probe] = Future(other, probe, "Square")
-        other._send(m.Submit(probe, "Square", "task", b"", dumps(((1,), {})), 0, 0, code_hash))
+        other._send(m.Submit(task_id=probe, name="Square", kind="task", code=b"",
+                             args=dumps(((1,), {})), priority=0, retries=0, code_hash=code_hash))
         with pytest.raises(CodeUnknown):
             fut.result(timeout=30)
 

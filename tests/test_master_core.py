@@ -29,7 +29,8 @@ def fed(*events: ev.Event) -> SchedulerState:
 
 def running_parallel_task() -> SchedulerState:
     return fed(ev.NodeJoined(1.0, "n1"), ev.WorkerReady(2.0, "n1", "w1"),
-               ev.TaskSubmitted(3.0, "t1", "c1", "Name", "parallel", b"code", b"args"))
+               ev.TaskSubmitted(3.0, task_id="t1", client_id="c1", name="Name", kind="parallel",
+                                code=b"code", args=b"args"))
 
 
 def snapshot(state: SchedulerState) -> object:
@@ -42,7 +43,8 @@ def snapshot(state: SchedulerState) -> object:
 
 def test_every_status_change_of_a_task_is_in_its_story_in_order() -> None:
     state = fed(ev.NodeJoined(1.0, "n1"), ev.WorkerReady(2.0, "n1", "w1"),
-                ev.TaskSubmitted(3.0, "t1", "c1", "Name", "task", b"code", b"args", retries=1),
+                ev.TaskSubmitted(3.0, task_id="t1", client_id="c1", name="Name", kind="task",
+                                 code=b"code", args=b"args", retries=1),
                 ev.TaskFinished(4.0, "w1", "t1", UnitOutcome(-1, False, b"", "ValueError")),
                 ev.TaskFinished(5.0, "w1", "t1", UnitOutcome(-1, True, b"7")))
     changes = [(start, finish) for key, start, finish, _, _ in state.story("t1")
@@ -54,7 +56,8 @@ def test_every_status_change_of_a_task_is_in_its_story_in_order() -> None:
 
 def test_a_status_change_missing_from_the_table_raises_with_the_story_and_changes_nothing() -> None:
     state = fed(ev.NodeJoined(1.0, "n1"), ev.WorkerReady(2.0, "n1", "w1"),
-                ev.TaskSubmitted(3.0, "t1", "c1", "Name", "task", b"code", b"args"),
+                ev.TaskSubmitted(3.0, task_id="t1", client_id="c1", name="Name", kind="task",
+                                 code=b"code", args=b"args"),
                 ev.TaskFinished(4.0, "w1", "t1", UnitOutcome(-1, True, b"7")))
     task = state.tasks["t1"]
     before = snapshot(state)
@@ -66,7 +69,8 @@ def test_a_status_change_missing_from_the_table_raises_with_the_story_and_change
 
 
 @pytest.mark.parametrize("event", [
-    ev.TaskSubmitted(4.0, "t2", "c1", "Name", "bogus", b"code", b"args"),
+    ev.TaskSubmitted(4.0, task_id="t2", client_id="c1", name="Name", kind="bogus", code=b"code",
+                     args=b"args"),
     ev.UnitsSliced(4.0, "w1", "t1", [UnitCall(0, b"a"), UnitCall(1, b"b", [3])], False),
     ev.UnitsSliced(4.0, "w1", "t1", [UnitCall(-1, b"a")], False),
 ], ids=["unknown kind", "a dependency on a later unit", "a negative index"])
@@ -82,8 +86,7 @@ def test_an_invalid_event_raises_and_changes_nothing(event: ev.Event) -> None:
     assert out == [ev.Dispatch("n1", "w1", "t1", 1, [UnitCall(0, b"a")])]
 
 
-def test_an_event_that_raises_part_way_changes_nothing_and_leaves_no_instruction(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_event_that_raises_part_way_changes_nothing_and_leaves_no_instruction() -> None:
     """A bug in scheduling, after the event's own changes were made (units recorded, results
     forwarded): the state is as before the event, nothing is sent, and the same event then goes
     through as if the bug had never been."""
@@ -96,10 +99,10 @@ def test_an_event_that_raises_part_way_changes_nothing_and_leaves_no_instruction
         state._out.append(ev.KillWorker("n1", "w1", "half-made"))
         raise RuntimeError("a bug in scheduling")
 
-    monkeypatch.setattr(state, "_schedule", broken_schedule)
+    state._schedule = broken_schedule  # type: ignore[method-assign]
     with pytest.raises(RuntimeError):
         state.handle(done)
-    monkeypatch.undo()
+    del state._schedule  # (monkeypatch.undo of pytest 8.0 would leave the bound method behind)
     assert snapshot(state) == before
     state.validate()
     out = state.handle(done)
@@ -135,7 +138,8 @@ def _forge_and_serve(cluster: LocalCluster, capfd: pytest.CaptureFixture[str]) -
     sock.curve_serverkey = load_public_key(cluster.keys_dir, "master")
     sock.connect(cluster.address)
     try:
-        sock.send(m.encode(m.Hello("node", "node-forger", m.PROTOCOL_VERSION, __version__)))
+        sock.send(m.encode(m.Hello(role="node", peer_id="node-forger", protocol=m.PROTOCOL_VERSION,
+                                   version=__version__)))
         welcomed: list[m.Message] = []
         for _ in range(10):  # the newest package versions may come first, in a frame of their own
             welcomed += [m.decode(frames[-1]) for frames in unbatch(sock.recv_multipart())]

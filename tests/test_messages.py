@@ -15,8 +15,10 @@ from actors.errors import MalformedMessage
 
 def test_every_message_round_trips() -> None:
     samples = [
-        m.Hello("node", "n1", m.PROTOCOL_VERSION, "0.1.0", host="h", pid=3, slots=2),
-        m.Submit("t1", "Square", "task", b"\x80code", b"\x80args", priority=5),
+        m.Hello(role="node", peer_id="n1", protocol=m.PROTOCOL_VERSION, version="0.1.0", host="h",
+                pid=3, slots=2),
+        m.Submit(task_id="t1", name="Square", kind="task", code=b"\x80code", args=b"\x80args",
+                 priority=5),
         m.RunUnits("t1", 7, [m.UnitCall(0, b"a"), m.UnitCall(1, b"b")]),
         m.UnitsDone("t1", 7, [m.UnitOutcome(0, True, b"r")], elapsed=0.5),
         m.TaskErred("t1", b"", "builtins.ValueError", "bad", "Traceback...", "3"),

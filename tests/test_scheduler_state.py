@@ -16,9 +16,10 @@ class Harness:
         self.state = SchedulerState(max_deaths=max_deaths, restart_after_error=restart_after_error)
         self.now = 0.0
 
-    def __call__(self, event_type: type[ev.Event], *args: object) -> list[ev.Instruction]:
+    def __call__(self, event_type: type[ev.Event], *args: object, **kwargs: object
+                 ) -> list[ev.Instruction]:
         self.now += 1
-        out = self.state.handle(event_type(self.now, *args))  # type: ignore[call-arg]
+        out = self.state.handle(event_type(self.now, *args, **kwargs))  # type: ignore[call-arg]
         self.state.validate()
         return out
 
@@ -41,7 +42,8 @@ def s() -> Harness:
 
 def submit(s: Harness, task_id: str = "t1", client: str = "c1", kind: str = "parallel",
            priority: int = 0) -> list[ev.Instruction]:
-    return s(ev.TaskSubmitted, task_id, client, "Name", kind, b"code", b"args", priority)
+    return s(ev.TaskSubmitted, task_id=task_id, client_id=client, name="Name", kind=kind,
+             code=b"code", args=b"args", priority=priority)
 
 
 def test_a_task_waits_for_a_worker_then_gets_a_driver() -> None:
@@ -127,7 +129,8 @@ def test_a_worker_its_node_stopped_is_requeued_but_not_counted_as_a_death(s: Har
 
 
 def test_warm_workers_of_an_old_package_version_are_retired(s: Harness) -> None:
-    s(ev.TaskSubmitted, "t1", "c1", "pkg.m:T", "task", b"", b"args", 0, "pkg", "v1")
+    s(ev.TaskSubmitted, task_id="t1", client_id="c1", name="pkg.m:T", kind="task", code=b"",
+      args=b"args", package="pkg", version="v1")
     s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x"))
     assert s.state.workers["w1"].warm_for == WarmKey("c1", "pkg", "v1")
     assert s(ev.NewestVersion, "other", "v9") == []
@@ -135,7 +138,8 @@ def test_warm_workers_of_an_old_package_version_are_retired(s: Harness) -> None:
         ev.KillWorker("n1", "w1", "warm for an old package version")]
     # A task of the old version that ends after the change does not leave a warm worker.
     s(ev.WorkerReady, "n1", "w2")
-    s(ev.TaskSubmitted, "t2", "c1", "pkg.m:T", "task", b"", b"args", 0, "pkg", "v1")
+    s(ev.TaskSubmitted, task_id="t2", client_id="c1", name="pkg.m:T", kind="task", code=b"",
+      args=b"args", package="pkg", version="v1")
     out = s(ev.TaskFinished, "w2", "t2", UnitOutcome(-1, True, b"x"))
     assert out[0] == ev.KillWorker("n1", "w2", "task t2 done")
 
@@ -230,7 +234,8 @@ def test_a_plain_task_that_raises_keeps_its_worker_which_runs_the_next(s: Harnes
 
 
 def test_a_raising_unit_runs_again_as_often_as_asked_then_fails_its_task(s: Harness) -> None:
-    s(ev.TaskSubmitted, "t1", "c1", "Name", "parallel", b"code", b"args", 0, "", "", 2)
+    s(ev.TaskSubmitted, task_id="t1", client_id="c1", name="Name", kind="parallel", code=b"code",
+      args=b"args", retries=2)
     s(ev.UnitsSliced, "w1", "t1", units(0, 1), True)
     bad = UnitOutcome(1, False, b"exc", "builtins.KeyError", "'x'", "Traceback")
     run = s.state.workers["w1"].in_flight[1]
@@ -248,7 +253,8 @@ def test_a_raising_unit_runs_again_as_often_as_asked_then_fails_its_task(s: Harn
 
 
 def test_a_task_whose_work_raises_runs_again_on_its_warm_worker(s: Harness) -> None:
-    s(ev.TaskSubmitted, "t1", "c1", "Name", "task", b"code", b"args", 0, "", "", 1)
+    s(ev.TaskSubmitted, task_id="t1", client_id="c1", name="Name", kind="task", code=b"code",
+      args=b"args", retries=1)
     bad = UnitOutcome(-1, False, b"exc", "builtins.OSError", "flaky", "Traceback")
     out = s(ev.TaskFinished, "w1", "t1", bad)
     assert out == [ev.ReleaseWorker("n1", "w1", "t1"),
@@ -587,7 +593,8 @@ def test_cancelling_a_queued_task_replaces_the_worker_and_requeues_the_running_o
 
 def test_a_failing_task_with_retries_frees_its_worker_for_the_next_queued_one(s: Harness) -> None:
     fast_worker(s)
-    s(ev.TaskSubmitted, "t1", "c1", "Name", "task", b"code", b"args", 0, "", "", 1)
+    s(ev.TaskSubmitted, task_id="t1", client_id="c1", name="Name", kind="task", code=b"code",
+      args=b"args", retries=1)
     submit(s, "t2", kind="task")
     assert s.state.workers["w1"].queued == deque(["t2"])
     bad = UnitOutcome(-1, False, b"exc", "builtins.OSError", "flaky", "Traceback")

@@ -209,7 +209,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         task_id = f"t{self.next_task}"
         self.units[task_id] = n if kind == "parallel" else 0
         self.sliced[task_id] = 0
-        self.feed(ev.TaskSubmitted(self.now, task_id, client, "T", kind, b"c", b"a", priority))
+        self.feed(ev.TaskSubmitted(self.now, task_id=task_id, client_id=client, name="T",
+                                   kind=kind, code=b"c", args=b"a", priority=priority))
         self.flush()
 
     @rule(count=st.integers(2, 8), client=st.sampled_from(["a", "b"]))

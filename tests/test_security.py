@@ -60,11 +60,13 @@ def test_a_client_with_the_wrong_master_key_cannot_connect(
 def test_a_protocol_mismatch_is_refused_with_a_reason(cluster: LocalCluster) -> None:
     sock = raw_dealer(cluster, cluster.keys_dir, b"old-client")
     try:
-        sock.send(m.encode(m.Hello("client", "old-client", m.PROTOCOL_VERSION + 1, __version__)))
+        sock.send(m.encode(m.Hello(role="client", peer_id="old-client",
+                                   protocol=m.PROTOCOL_VERSION + 1, version=__version__)))
         reply = m.decode(sock.recv())
         assert isinstance(reply, m.Refused)
         assert "protocol" in reply.reason
-        sock.send(m.encode(m.Hello("client", "old-client", m.PROTOCOL_VERSION, "0.0.0-other")))
+        sock.send(m.encode(m.Hello(role="client", peer_id="old-client",
+                                   protocol=m.PROTOCOL_VERSION, version="0.0.0-other")))
         reply = m.decode(sock.recv())
         assert isinstance(reply, m.Refused) and "0.0.0-other" in reply.reason
     finally:
@@ -135,7 +137,8 @@ def test_garbage_from_an_authenticated_peer_is_dropped_and_the_master_keeps_serv
             [b"\x00\xff garbage"],
             [b""],
             [b"\x93\xa4Nope\x01\x02"],  # a msgpack array with an unknown tag
-            [m.encode(m.Hello("client", "vandal", m.PROTOCOL_VERSION, __version__))[:5]],
+            [m.encode(m.Hello(role="client", peer_id="vandal", protocol=m.PROTOCOL_VERSION,
+                              version=__version__))[:5]],
             [b"a", b"b", b"c", b"d"],  # wrong frame count
             [m.encode(m.UnitsDone("no-task", 1, []))],  # valid, but from an unknown peer
         ]
@@ -144,7 +147,8 @@ def test_garbage_from_an_authenticated_peer_is_dropped_and_the_master_keeps_serv
         reply = m.decode(sock.recv())  # only the last one is answered: say Hello first
         assert isinstance(reply, m.Refused) and "Hello" in reply.reason
         # After a hello, messages a client may not send are dropped as well.
-        sock.send(m.encode(m.Hello("client", "vandal", m.PROTOCOL_VERSION, __version__)))
+        sock.send(m.encode(m.Hello(role="client", peer_id="vandal", protocol=m.PROTOCOL_VERSION,
+                                   version=__version__)))
         assert isinstance(m.decode(sock.recv()), m.Welcome)
         sock.send(m.encode(m.InfoRequest()))
         before = m.decode(sock.recv())
@@ -155,7 +159,8 @@ def test_garbage_from_an_authenticated_peer_is_dropped_and_the_master_keeps_serv
         after = m.decode(sock.recv())
         assert isinstance(after, m.ClusterInfo)
         assert (after.workers, after.idle_workers) == (before.workers, before.idle_workers)
-        sock.send(m.encode(m.Submit("t-bad", "X", "task", b"not a pickle", b"nor this")))
+        sock.send(m.encode(m.Submit(task_id="t-bad", name="X", kind="task", code=b"not a pickle",
+                                    args=b"nor this")))
     finally:
         sock.close()
     # The master is alive and still serves real work.

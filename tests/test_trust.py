@@ -60,7 +60,8 @@ def replies(sock: zmq.Socket[bytes]) -> list[m.Message]:
 def hello(sock: zmq.Socket[bytes], role: str, peer_id: str) -> list[m.Message]:
     """Say hello; what came back up to the Welcome or Refused (a node first gets the newest
     package versions, in the same frame or one of its own)."""
-    sock.send(m.encode(m.Hello(role, peer_id, m.PROTOCOL_VERSION, __version__)))
+    sock.send(m.encode(m.Hello(role=role, peer_id=peer_id, protocol=m.PROTOCOL_VERSION,
+                               version=__version__)))
     got: list[m.Message] = []
     for _ in range(10):
         got += replies(sock)

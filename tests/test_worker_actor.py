@@ -77,8 +77,8 @@ def worker_process(tmp_path: Path, task: type[ParallelTask]) -> Iterator[tuple[F
         hello = node.receive(30)
         assert isinstance(hello, m.Hello) and hello.pid == proc.pid
         node.send(m.Welcome("", "w1", 0.0))
-        node.send(m.AssignTask("t1", task.__name__, "parallel", dumps_task_class(task),
-                               dumps(((1,), {})), driver=False))
+        node.send(m.AssignTask(task_id="t1", name=task.__name__, kind="parallel",
+                               code=dumps_task_class(task), args=dumps(((1,), {})), driver=False))
         yield node, proc
     finally:
         node.close()

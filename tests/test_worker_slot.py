@@ -165,8 +165,8 @@ def slot_changes(log: Path) -> list[tuple[str, str, str]]:
 
 
 def assign(task_id: str, code: bytes, code_hash: str = "") -> m.AssignTask:
-    return m.AssignTask(task_id, "Doubles", "parallel", code, dumps(((3,), {})), driver=False,
-                        code_hash=code_hash)
+    return m.AssignTask(task_id=task_id, name="Doubles", kind="parallel", code=code,
+                        args=dumps(((3,), {})), driver=False, code_hash=code_hash)
 
 
 def run_units(task_id: str, run_id: int, arg: int) -> m.RunUnits:

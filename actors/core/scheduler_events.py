@@ -60,7 +60,7 @@ class WorkerLost(Event):
     expected: bool  # we asked for it (task ended, cancel): not a death to count
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TaskSubmitted(Event):
     task_id: str
     client_id: str
