@@ -2,10 +2,19 @@
 
 __version__ = "0.1.0"
 
-from actors.client import Client, Future, as_completed  # noqa: E402
+from actors.client import Client, Future  # noqa: E402
 from actors.cluster import LocalCluster  # noqa: E402
 from actors.display import TaskLine, progress  # noqa: E402
 from actors.task import ParallelTask, Task, Unit  # noqa: E402
+from actors.waiting import (  # noqa: E402
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    as_completed,
+    gather,
+    wait,
+)
 
-__all__ = ["Client", "Future", "LocalCluster", "ParallelTask", "Task", "TaskLine", "Unit",
-           "as_completed", "progress", "__version__"]
+__all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "Future",
+           "LocalCluster", "ParallelTask", "Task", "TaskLine", "Unit", "as_completed", "gather",
+           "progress", "wait", "__version__"]

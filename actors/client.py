@@ -9,6 +9,8 @@ completed from there and are safe to wait on from any thread.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import html
 import itertools
@@ -19,7 +21,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import msgspec
@@ -40,8 +42,10 @@ from actors.errors import (
     TaskCancelled,
     UnknownTask,
 )
+from actors.functions import check_function_arguments, function_task
 from actors.serialize import dumps, dumps_task_class, loads, rebuild_exception
 from actors.task import Task, check_arguments
+from actors.waiting import as_completed, gather  # noqa: F401 (as_completed: its old home)
 from transport import ClientCurve, Hub, load_keypair, load_public_key
 
 log = structlog.get_logger("actors.client")
@@ -172,6 +176,29 @@ class Future:
         """The transitions of this task and its units, oldest first: why is it stuck?"""
         return self._client.story(self, timeout)
 
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await future`` in asyncio: the result, or the task's error; the event loop is
+        never blocked (the end is handed to the loop from the client's receive thread)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+
+        def ended(fut: Future) -> None:
+            loop.call_soon_threadsafe(_settle, waiter, fut)
+
+        self.add_done_callback(ended)
+        # A generator, so that its frame holds this future while it is awaited: the client
+        # keeps only weak references, and a future nobody holds never finishes.
+        return (yield from waiter.__await__())
+
+    def concurrent(self) -> concurrent.futures.Future[Any]:
+        """The same end as a ``concurrent.futures.Future``, for the standard library's
+        ``concurrent.futures.wait`` and ``as_completed`` (and ``asyncio.wrap_future``)."""
+        bridged: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        bridged.set_running_or_notify_cancel()
+        bridged.actors_future = self  # type: ignore[attr-defined]  # held while the bridge is
+        self.add_done_callback(lambda fut: _settle(bridged, fut))
+        return bridged
+
     def add_done_callback(self, fn: Callable[[Future], None]) -> None:
         with self._lock:
             if not self.done():
@@ -239,21 +266,14 @@ class Future:
                 log.exception("future_callback_failed", task_id=self.task_id)
 
 
-def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:
-    """Yield futures as they finish (any order); TimeoutError if ``timeout`` passes first."""
-    pending = list(futures)
-    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
-    for fut in pending:
-        fut.add_done_callback(finished.put)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for _ in range(len(pending)):
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            fut = finished.get(timeout=wait)
-        except queue.Empty:
-            raise TimeoutError(f"futures not done after {timeout}s") from None
-        fut._show_output(waiting=True)
-        yield fut
+def _settle(target: asyncio.Future[Any] | concurrent.futures.Future[Any], fut: Future) -> None:
+    """Give ``target`` the end of ``fut`` (which is done)."""
+    if target.done():
+        return
+    try:
+        target.set_result(fut.result(0))
+    except BaseException as exc:  # the task's error, TaskCancelled, MasterLost
+        target.set_exception(exc)
 
 
 class Client:
@@ -346,8 +366,8 @@ class Client:
 
     # --- the API ------------------------------------------------------------
 
-    def submit(self, task: type[Task] | str, /, *args: Any, priority: int = 0, retries: int = 0,
-               **kwargs: Any) -> Future:
+    def submit(self, task: type[Task] | str | Callable[..., Any], /, *args: Any,
+               priority: int = 0, retries: int = 0, **kwargs: Any) -> Future:
         """Run one instance of ``task`` with these arguments.
 
         ``task`` is a Task class (shipped by value), or the name of a deployed task,
@@ -360,7 +380,11 @@ class Client:
             raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
         if isinstance(task, str):
             return self._submit_deployed(task, args, kwargs, priority, retries)
-        check_arguments(task, args, kwargs)
+        if callable(task) and not (isinstance(task, type) and issubclass(task, Task)):
+            check_function_arguments(task, args, kwargs)
+            task = function_task(task)
+        else:
+            check_arguments(task, args, kwargs)
         code_hash, code = self._code_of(task)
         task_id = f"{task.__name__}-{uuid.uuid4().hex[:12]}"
         fut = Future(self, task_id, task.__qualname__, task.task_kind)
@@ -421,11 +445,20 @@ class Client:
         assert isinstance(reply, m.PackagesReply)
         return reply.packages
 
-    def map(self, task: type[Task] | str, items: Iterable[Any], /, *, priority: int = 0,
-            retries: int = 0, **kwargs: Any) -> list[Future]:
-        """One task instance per item (passed as the first argument)."""
-        return [self.submit(task, item, priority=priority, retries=retries, **kwargs)
-                for item in items]
+    def map(self, task: type[Task] | str | Callable[..., Any], /, *iterables: Iterable[Any],
+            priority: int = 0, retries: int = 0, **kwargs: Any) -> list[Future]:
+        """One task instance per item, as the builtin ``map``: with several iterables, the
+        i-th items of each are its positional arguments (up to the shortest); ``kwargs`` go
+        to every one."""
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of arguments")
+        return [self.submit(task, *items, priority=priority, retries=retries, **kwargs)
+                for items in zip(*iterables, strict=False)]
+
+    def gather(self, futures: Any, errors: str = "raise") -> Any:
+        """The results of ``futures``, in the same structure (lists, tuples, sets, dicts,
+        nested); ``errors="skip"`` leaves failed ones out. See ``actors.waiting.gather``."""
+        return gather(futures, errors)
 
     def story(self, fut: Future, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
         reply = self._request(fut.task_id, m.StoryRequest(fut.task_id), timeout)

@@ -110,7 +110,7 @@ def report_progress_of(task: Task, done: int, total: int) -> None:
 def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Refuse, before anything is sent, arguments that do not fit the task's entry point."""
     if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise InvalidArguments(repr(cls), "not a Task or ParallelTask subclass")
+        raise InvalidArguments(repr(cls), "not a Task or ParallelTask subclass, nor a function")
     entry = cls.task_entry()
     try:
         _signature(entry).bind(None, *args, **kwargs)

@@ -282,7 +282,9 @@ def test_arguments_that_do_not_fit_are_refused_at_submit(client: Client) -> None
     with pytest.raises(TypeError):  # InvalidArguments is a TypeError too
         client.submit(Square, 1, 2)
     with pytest.raises(InvalidArguments, match="not a Task"):
-        client.submit(len, 1)  # type: ignore[arg-type]
+        client.submit(42, 1)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArguments, match="too many positional arguments"):
+        client.submit(len, 1, 2)  # a function: its own signature
 
 
 def test_lambdas_and_closures_travel_by_value(client: Client) -> None:
