@@ -250,7 +250,8 @@ class Master(Shell):
         for row in added:
             accepted.setdefault(row.client, []).append(row.task_id)
         for client_id, task_ids in accepted.items():
-            self._to_client(client_id, m.Accepted(task_ids))
+            if client_id.encode() in self.peers:  # not to a client that left meanwhile
+                self._to_client(client_id, m.Accepted(task_ids))
 
     def _still_mine(self) -> bool:
         """Whether the journal is still this master's; if not, it stops."""
