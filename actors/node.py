@@ -154,7 +154,8 @@ class Node(Shell):
             case m.Welcome(heartbeat_s=heartbeat_s):
                 self.welcomed = True
                 self.heartbeat_s = heartbeat_s
-                self.log.info("joined_master", workers=len(self.workers))
+                self.log.info("joined_master", workers=len(self.workers),
+                              data_address=self.config.data_address)
                 for worker in self.workers.values():
                     if worker.ready and not worker.expected_exit:
                         self._announce(worker)
@@ -518,6 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prefork", action="store_true",
                         help="start every worker as a fresh interpreter (on Linux the first ones "
                              "are forked from the node as it starts, which answers sooner)")
+    parser.add_argument("--data-listen", default=None, metavar="HOST[:PORT]",
+                        help="where to listen for peer nodes fetching unit results (default: "
+                             "loopback for a local master, else every interface, a free port)")
+    parser.add_argument("--data-address", default=None, metavar="HOST[:PORT]",
+                        help="the address peers connect to, announced through the master "
+                             "(default: this host's address on its route to the master; give it "
+                             "behind NAT or a port forward)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     add_containment_arguments(parser)
     args = parser.parse_args(argv)
@@ -593,7 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
     hub.add_router("workers", config.ipc_address)
-    data = DataPlane(node_id, pair, run_dir, args.master)
+    try:
+        data = DataPlane(node_id, pair, run_dir, args.master, args.data_listen, args.data_address)
+    except ValueError as exc:
+        log.error("bad_data_address", error=str(exc))
+        return give_up(forked)
     data.add_to(hub, os.path.join(keys, "node.key"))
     # Workers of other uids connect to the ipc socket through their group: it is made 0770.
     umask = os.umask(0o007) if containment.group is not None else None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import socket
 import urllib.parse
 from collections import OrderedDict
 
@@ -57,13 +58,50 @@ def data_host(master_address: str) -> str:
     return "127.0.0.1" if local else "0.0.0.0"
 
 
-class DataPlane:
-    """The data ROUTER, the DEALERs to peer nodes, and the relay between them and the workers."""
+def route_to(master_address: str) -> str | None:
+    """This host's address on the route to the master: what peers on the master's network most
+    likely reach, without any name resolution between hosts (a UDP connect sends nothing)."""
+    parts = urllib.parse.urlsplit(master_address)
+    try:
+        infos = socket.getaddrinfo(parts.hostname or "", parts.port or 1, type=socket.SOCK_DGRAM)
+        family, _, _, _, where = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(where)
+            return str(probe.getsockname()[0])
+    except (OSError, IndexError, ValueError):
+        return None
 
-    def __init__(self, node_id: str, pair: KeyPair, run_dir: str, master_address: str) -> None:
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT`` (port 0: any free one)."""
+    parts = urllib.parse.urlsplit(f"//{text}")
+    try:
+        port = parts.port or 0
+    except ValueError:
+        raise ValueError(f"not HOST[:PORT]: {text!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"not HOST[:PORT]: {text!r}")
+    return parts.hostname, port
+
+
+def _url(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+class DataPlane:
+    """The data ROUTER, the DEALERs to peer nodes, and the relay between them and the workers.
+
+    It listens where ``listen`` says (default: loopback for a local master, every interface
+    otherwise, on a free port) and announces ``announce`` to the master for its peers (default:
+    this host's address on its route to the master, not a host name they may not resolve)."""
+
+    def __init__(self, node_id: str, pair: KeyPair, run_dir: str, master_address: str,
+                 listen: str | None = None, announce: str | None = None) -> None:
         self.node_id = node_id
         self.pair = pair
-        self.host = data_host(master_address)
+        self.master_address = master_address
+        self.host, self.port = split_host_port(listen) if listen else (data_host(master_address), 0)
+        self.announce = split_host_port(announce) if announce else None
         self.allowed_dir = os.path.join(run_dir, "data-allowed")
         self.address = ""  # what peers connect to, once bound
         self.known: OrderedDict[str, None] = OrderedDict()  # addresses the master announced
@@ -74,15 +112,26 @@ class DataPlane:
         """Before ``hub.start()``: bind the data ROUTER, admitting the nodes' key only."""
         os.makedirs(self.allowed_dir, exist_ok=True)
         shutil.copyfile(node_public_key_file, os.path.join(self.allowed_dir, "node.key"))
-        hub.add_router(DATA, f"tcp://{self.host}:0",
+        hub.add_router(DATA, _url(self.host, self.port),
                        curve=ServerCurve(self.pair.public, self.pair.secret, self.allowed_dir))
 
     def bound(self, hub: Hub) -> None:
-        """After ``hub.start()``: the address to announce (a wildcard becomes this host's name)."""
-        address = hub.address(DATA)
-        if self.host == "0.0.0.0":
-            address = address.replace("0.0.0.0", os.uname().nodename)
-        self.address = address
+        """After ``hub.start()``: the address to announce (a wildcard becomes this host's
+        address on the route to the master)."""
+        port = int(hub.address(DATA).rsplit(":", 1)[1])
+        if self.announce is not None:
+            host, announced_port = self.announce
+            self.address = _url(host, announced_port or port)
+            return
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            found = route_to(self.master_address)
+            if found is None:
+                found = os.uname().nodename
+                log.warning("data_address_guessed", node_id=self.node_id, address=found,
+                            hint="peers must resolve this name; give --data-address")
+            host = found
+        self.address = _url(host, port)
 
     def from_worker(self, hub: Hub, worker: bytes, frames: list[bytes]) -> bool:
         """Relay a worker's data frames (``[b"p"|b"r", ...]``); False when they are not data."""
