@@ -53,6 +53,7 @@ MASTER = "master"
 WORKERS = "workers"
 KILL_GRACE_S = 2.0
 HELLO_RETRY_S = 2.0
+UNREACHABLE_AFTER_S, UNREACHABLE_EVERY_S = 5.0, 30.0  # when, and how often, to say so
 MAX_FAILED_STARTS = 5
 RUN_DIR_PREFIX = "actors-node-"
 # A task process that outlives its worker dies with it; the node reaps it within this long at exit.
@@ -90,6 +91,8 @@ class NodeConfig:
     run_dir: str
     exit_with_parent: bool = False
     data_address: str = ""
+    master: str = ""  # the master's address, for what a person reads in the log
+    connect_timeout: float = 0.0  # seconds without a welcome before the node gives up (0: never)
     parent_pid: int = field(default_factory=os.getppid)
     containment: Containment | None = None
 
@@ -112,6 +115,9 @@ class Node(Shell):
         self.last_hello = -HELLO_RETRY_S
         self.last_heartbeat = 0.0
         self.heartbeat_s = 1.0
+        self.connected = False  # the transport's view of the connection to the master
+        self.waiting_since: float | None = None  # not welcomed since (None: welcomed)
+        self.said_unreachable = -UNREACHABLE_EVERY_S
         self._seq = 0
         self._failed_starts = 0  # workers in a row that died before saying hello
         self._on_fatal = on_fatal
@@ -153,6 +159,7 @@ class Node(Shell):
         match msg:
             case m.Welcome(heartbeat_s=heartbeat_s):
                 self.welcomed = True
+                self.waiting_since = None
                 self.heartbeat_s = heartbeat_s
                 self.log.info("joined_master", workers=len(self.workers),
                               data_address=self.config.data_address)
@@ -180,6 +187,7 @@ class Node(Shell):
         a new introduction. Execution stays at-least-once; no result is recorded twice."""
         self.log.warning("master_forgot_node", workers=len(self.workers))
         self.welcomed = False
+        self.waiting_since = None
         for worker_id in list(self.workers):
             self._kill(worker_id, "the master forgot this node")
         self._hello()
@@ -207,6 +215,10 @@ class Node(Shell):
             self.log.warning("parent_gone", parent_pid=self.config.parent_pid)
             self._fatal("the process that started this node is gone")
             return
+        if not self.welcomed:
+            self._waiting(now)
+            if self.stopping:
+                return
         if not self.welcomed and now - self.last_hello >= HELLO_RETRY_S:
             self._hello()
         if self.welcomed and now - self.last_heartbeat >= self.heartbeat_s:
@@ -223,7 +235,29 @@ class Node(Shell):
         if self.orphans:
             self.orphans = contain.reap(self.orphans)
 
+    def _waiting(self, now: float) -> None:
+        """Not welcomed: say why after a few seconds and every so often; give up after
+        ``connect_timeout``."""
+        if self.waiting_since is None:
+            self.waiting_since = now
+        waited = now - self.waiting_since
+        why = ("connected, but no answer to its Hello" if self.connected else
+               f"no connection to {self.config.master or 'the master'} (is a master running "
+               "there, and reachable from this host?)")
+        timeout = self.config.connect_timeout
+        if timeout and waited >= timeout:
+            self.log.error("master_unreachable", seconds=round(waited), reason=why,
+                           hint="gave up (--connect-timeout)")
+            self._fatal(f"no master after {waited:.0f}s: {why}")
+        elif waited >= UNREACHABLE_AFTER_S and now - self.said_unreachable >= UNREACHABLE_EVERY_S:
+            self.said_unreachable = now
+            self.log.warning("master_unreachable", seconds=round(waited), reason=why)
+
     def _connection(self, what: str) -> None:
+        if what in ("connected", "handshake_succeeded"):
+            self.connected = True
+        elif what == "disconnected":
+            self.connected = False
         if what == "auth_failed":
             self.log.error("master_refused_key", hint="is this node's public key in the master's allowed/ folder?")
             self._fatal("the master refused this node's CURVE key")
@@ -526,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the address peers connect to, announced through the master "
                              "(default: this host's address on its route to the master; give it "
                              "behind NAT or a port forward)")
+    parser.add_argument("--connect-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="give up (exit 1) when no master welcomed this node within this "
+                             "long (default 0: keep trying; it says why every 30 s)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     add_containment_arguments(parser)
     args = parser.parse_args(argv)
@@ -549,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("cache_unreadable_by_workers", cache=args.cache,
                     hint="workers of their own uids must enter every folder on its path")
     config = NodeConfig(node_id, args.workers, f"ipc://{run_dir}/workers.sock", run_dir,
-                        exit_with_parent=args.exit_with_parent, containment=containment)
+                        exit_with_parent=args.exit_with_parent, containment=containment,
+                        master=args.master, connect_timeout=max(0.0, args.connect_timeout))
 
     def plan_for(scratch: str) -> Plan:
         plan = containment.plan()

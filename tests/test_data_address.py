@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -71,3 +72,27 @@ def test_a_data_address_that_is_not_host_port_stops_the_node_with_the_reason(
     finally:
         master.kill()
         master.wait(10)
+
+
+@pytest.mark.processes
+def test_a_node_without_a_master_says_why_and_gives_up_after_its_connect_timeout(
+        tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port where nothing listens (free a moment ago)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    master, _ = start_master(tmp_path, "--workers", "0", "--keys", str(tmp_path / "keys"))
+    master.kill()  # it made the keys; the node finds no one at its address
+    master.wait(10)
+    node = python_logged(tmp_path / "node.log", "-m", "actors.node", "--master",
+                         f"tcp://127.0.0.1:{port}", "--workers", "1", "--keys",
+                         str(tmp_path / "keys"), "--connect-timeout", "7")
+    try:
+        assert node.wait(60) == 1
+    finally:
+        kill_all({node.pid} | descendants(node.pid))
+    events = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
+              if line.startswith("{")]
+    unreachable = [e for e in events if e["event"] == "master_unreachable"]
+    assert unreachable[0]["level"] == "warning"  # said after a few seconds, before giving up
+    assert f"no connection to tcp://127.0.0.1:{port}" in unreachable[0]["reason"]
+    assert unreachable[-1]["level"] == "error" and "connect-timeout" in unreachable[-1]["hint"]
