@@ -10,11 +10,21 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from actors.client import Future
+
+@runtime_checkable
+class Future(Protocol):
+    """What of ``actors.client.Future`` this module uses (it sits below the client)."""
+
+    task_id: str
+
+    def done(self) -> bool: ...
+    def result(self, timeout: float | None = None) -> Any: ...
+    def exception(self, timeout: float | None = None) -> BaseException | None: ...
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None: ...
+    def _show_output(self, waiting: bool) -> None: ...
 
 FIRST_COMPLETED = "FIRST_COMPLETED"
 FIRST_EXCEPTION = "FIRST_EXCEPTION"
@@ -113,7 +123,6 @@ def gather(structure: Any, errors: str = "raise") -> Any:
     ``"skip"``: failed and cancelled futures are left out of their list, tuple, set or dict."""
     if errors not in ("raise", "skip"):
         raise ValueError(f'errors is "raise" or "skip", not {errors!r}')
-    from actors.client import Future
 
     def walk(item: Any) -> Any:
         if isinstance(item, Future):
