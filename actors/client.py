@@ -323,7 +323,7 @@ class Client:
         # Submissions the master has not said are in its journal (m.Accepted), with their code:
         # sent again when it welcomes us back after a restart. Task ids whose end arrived, to
         # tell the master on the next tick (m.Received) so that its journal may drop them.
-        self._unaccepted: dict[str, m.Submit] = {}
+        self._unaccepted: dict[str, tuple[m.Submit, bytes]] = {}  # as sent, and its code
         self._received: list[str] = []
         self._epoch = 0  # the highest master epoch that welcomed us
         self._closed = False
@@ -393,11 +393,9 @@ class Client:
             self._futures[task_id] = fut
             # Each code goes to the master once; later submits name it by its hash.
             submit = m.Submit(task_id=task_id, name=task.__qualname__, kind=task.task_kind,
-                              code=code, args=arguments, priority=priority, retries=retries,
-                              code_hash=code_hash)
-            self._unaccepted[task_id] = submit
-            if code_hash in self._shipped:
-                submit = msgspec.structs.replace(submit, code=b"")
+                              code=b"" if code_hash in self._shipped else code, args=arguments,
+                              priority=priority, retries=retries, code_hash=code_hash)
+            self._unaccepted[task_id] = (submit, code)
             self._send_locked(submit)
             self._shipped.add(code_hash)
         return fut
@@ -429,7 +427,7 @@ class Client:
                           args=dumps((args, kwargs)), priority=priority, retries=retries)
         with self._send_lock:
             self._futures[task_id] = fut
-            self._unaccepted[task_id] = submit
+            self._unaccepted[task_id] = (submit, b"")
             self._send_locked(submit)
         return fut
 
@@ -656,7 +654,9 @@ class Client:
                     # it had not made durable goes again, with its code; it has the rest.
                     if epoch != self._epoch:
                         log.info("master_restarted", epoch=epoch, resent=len(self._unaccepted))
-                    for submit in list(self._unaccepted.values()):
+                    for submit, code in list(self._unaccepted.values()):
+                        if code and not submit.code:  # a new master may not have it
+                            submit = msgspec.structs.replace(submit, code=code)
                         self._hub.send_now(MASTER, [m.encode(submit)])
                 self._master_id, self._epoch = master_id, epoch
                 self._welcome.set()
