@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -33,9 +34,19 @@ def actors_main(argv: list[str] | None = None) -> int:
                           required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
                           help="the master's address, HOST:PORT or tcp://HOST:PORT")
     packages.add_argument("--keys", default=None, help="CURVE key directory")
+    status = sub.add_parser("status", help="a running cluster: its nodes, workers and tasks")
+    status.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
+                        required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
+                        help="the master's address, HOST:PORT or tcp://HOST:PORT")
+    status.add_argument("--keys", default=None, help="CURVE key directory")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    status.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the master's answer")
     args = parser.parse_args(argv)
     if args.command == "packages":
         return _print_packages(args.master, args.keys or default_keys_dir())
+    if args.command == "status":
+        return _print_status(args.master, args.keys or default_keys_dir(), args.json, args.timeout)
     if args.command == "keys" and args.keys_command == "add":
         try:
             folder = add_key(args.directory, args.role, args.name)
@@ -80,4 +91,36 @@ def _print_packages(address: str, keys: str) -> int:
             sys.stdout.write(f"  {task.name}({params})  [{task.kind}]  {task.doc}\n")
         for module, error in package.broken:
             sys.stdout.write(f"  BROKEN {module}: {error}\n")
+    return 0
+
+
+def _print_status(address: str, keys: str, as_json: bool, timeout: float) -> int:
+    from actors.client import Client
+
+    logs.configure("auto", "WARNING")
+    try:
+        with Client(address, keys=keys, timeout=timeout) as client:
+            info = client.info(timeout)
+            packages = client.packages(timeout)
+    except (ActorsError, TimeoutError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "address": address, "master_id": info.master_id, "epoch": info.epoch,
+            "version": info.version, "tasks": {"running": info.tasks_running,
+                                               "queued": info.tasks_queued},
+            "workers": {"total": info.workers, "idle": info.idle_workers},
+            "nodes": [{"node": n, "host": h, "workers": w, "idle": i}
+                      for n, h, w, i in info.node_workers],
+            "packages": {p.package: p.version for p in packages},
+        }, indent=2) + "\n")
+        return 0
+    out = [f"master {info.master_id} at {address} (pydra-actors {info.version}, epoch {info.epoch})",
+           f"tasks: {info.tasks_running} running, {info.tasks_queued} queued",
+           f"workers: {info.workers} ({info.idle_workers} idle) on {len(info.nodes)} nodes"]
+    out += [f"  {node:<28} {host:<20} {workers} workers, {idle} idle"
+            for node, host, workers, idle in info.node_workers]
+    out += [f"package {p.package} version {p.version}" for p in packages]
+    sys.stdout.write("\n".join(out) + "\n")
     return 0

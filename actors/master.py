@@ -446,11 +446,7 @@ class Master(Shell):
             case m.StoryRequest(task_id=task_id):
                 self._story(peer.peer_id, task_id)
             case m.InfoRequest():
-                sched = self.scheduler
-                self._to_client(peer.peer_id, m.ClusterInfo(
-                    sorted(sched.nodes), len(sched.workers),
-                    sum(1 for w in sched.workers.values() if w.task_id is None),
-                    sum(1 for t in sched.tasks.values() if t.state is ev.TaskStatus.RUNNING)))
+                self._to_client(peer.peer_id, self._cluster_info())
             case m.Heartbeat():
                 pass
             case m.Received(task_ids=task_ids):
@@ -462,6 +458,19 @@ class Master(Shell):
                 self._client_gone(peer.peer_id)
             case _:
                 self._unexpected(peer, msg)
+
+    def _cluster_info(self) -> m.ClusterInfo:
+        sched = self.scheduler
+        hosts = {p.peer_id: p.host for p in self.peers.values() if p.role == "node"}
+        per_node = [(node, hosts.get(node, ""), len(workers),
+                     sum(1 for w in workers if sched.workers[w].task_id is None))
+                    for node, workers in sorted(sched.nodes.items())]
+        states = [t.state for t in sched.tasks.values()]
+        return m.ClusterInfo(
+            sorted(sched.nodes), len(sched.workers),
+            sum(1 for w in sched.workers.values() if w.task_id is None),
+            states.count(ev.TaskStatus.RUNNING), states.count(ev.TaskStatus.QUEUED),
+            per_node, self.master_id, self.journal.epoch, __version__)
 
     def _submit(self, peer: Peer, msg: m.Submit) -> None:
         kind, package, version = msg.kind, "", ""

@@ -113,6 +113,12 @@ class ClusterInfo(Message, frozen=True):
     workers: int
     idle_workers: int
     tasks_running: int
+    tasks_queued: int = 0
+    # (node id, host, workers, idle workers), one per node
+    node_workers: list[tuple[str, str, int, int]] = []
+    master_id: str = ""
+    epoch: int = 0
+    version: str = ""  # the master's pydra-actors version
 
 
 class TaskDone(Message, frozen=True):

@@ -260,3 +260,39 @@ def test_a_task_logs_its_submission_and_result_at_debug_and_its_failure_at_info(
         assert per_task[("task_done", ok.task_id)] == "debug"
     else:
         assert per_task == {}
+
+
+@pytest.mark.processes
+def test_status_shows_a_running_cluster_to_a_person_and_to_a_script(cluster, client) -> None:
+    """``python -m actors status``: nodes, workers, tasks, the master's id and version, as a
+    table and as JSON; a master that is not there is an error, not a hang."""
+    blocker = client.submit(Sleeps, 30)
+    wait_until(lambda: client.info().tasks_running >= 1, 60, "a task to run")
+    try:
+        args = ["-m", "actors", "status", "--master", cluster.address, "--keys", cluster.keys_dir]
+        shown = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                               timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert re.search(r"tasks: [1-9]\d* running", shown.stdout), shown.stdout
+        assert re.search(rf"workers: {cluster.workers} \(\d+ idle\) on 1 nodes", shown.stdout)
+        scripted = subprocess.run([sys.executable, *args, "--json"], capture_output=True,
+                                  text=True, timeout=60)
+        doc = json.loads(scripted.stdout)
+        assert doc["workers"]["total"] == cluster.workers and doc["tasks"]["running"] >= 1
+        assert [n["workers"] for n in doc["nodes"]] == [cluster.workers]
+        assert doc["master_id"].startswith("master-") and doc["version"]
+    finally:
+        blocker.cancel(timeout=30)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    missing = subprocess.run([sys.executable, "-m", "actors", "status", "--master",
+                              f"127.0.0.1:{port}", "--keys", cluster.keys_dir, "--timeout", "2"],
+                             capture_output=True, text=True, timeout=90)
+    assert missing.returncode == 2 and "error:" in missing.stderr
+
+
+class Sleeps(Task):
+    def work(self, seconds):
+        time.sleep(seconds)
+        return seconds
