@@ -7,6 +7,9 @@ import argparse
 import json
 import os
 import sys
+import time
+
+import msgspec
 
 from actors import logs
 from actors.cluster import default_keys_dir
@@ -42,7 +45,19 @@ def actors_main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     status.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for the master's answer")
+    tasks = sub.add_parser("tasks", help="the tasks submitted with this key, newest first")
+    tasks.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
+                       required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
+                       help="the master's address, HOST:PORT or tcp://HOST:PORT")
+    tasks.add_argument("--keys", default=None, help="CURVE key directory")
+    tasks.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+    tasks.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    tasks.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds to wait for the master's answer")
     args = parser.parse_args(argv)
+    if args.command == "tasks":
+        return _print_tasks(args.master, args.keys or default_keys_dir(), args.json, args.limit,
+                            args.timeout)
     if args.command == "packages":
         return _print_packages(args.master, args.keys or default_keys_dir())
     if args.command == "status":
@@ -123,4 +138,28 @@ def _print_status(address: str, keys: str, as_json: bool, timeout: float) -> int
             for node, host, workers, idle in info.node_workers]
     out += [f"package {p.package} version {p.version}" for p in packages]
     sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def _print_tasks(address: str, keys: str, as_json: bool, limit: int, timeout: float) -> int:
+    from actors.client import Client
+
+    logs.configure("auto", "WARNING")
+    try:
+        with Client(address, keys=keys, timeout=timeout) as client:
+            listed = client.tasks(limit, timeout)
+    except (ActorsError, TimeoutError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    if as_json:
+        sys.stdout.write(json.dumps([msgspec.structs.asdict(t) for t in listed], indent=2) + "\n")
+        return 0
+    if not listed:
+        sys.stdout.write("no tasks submitted with this key\n")
+    for t in listed:
+        progress = f"{t.done}/{t.total}" if t.total else (f"{t.done}" if t.done else "")
+        when = time.strftime("%H:%M:%S", time.localtime(t.submitted)) if t.submitted else "-"
+        took = f"{t.ended - t.started:.1f}s" if t.ended and t.started else ""
+        sys.stdout.write(f"{t.task_id:<36} {t.status:<10} {progress:>12} {when} {took:>8} "
+                         f"prio {t.priority}\n")
     return 0

@@ -463,6 +463,14 @@ class Client:
         assert isinstance(reply, m.StoryReply)
         return [tuple(entry) for entry in reply.entries]  # type: ignore[misc]
 
+    def tasks(self, limit: int = 1000, timeout: float = 10.0) -> list[m.TaskInfo]:
+        """The tasks submitted with this client's key (by this client or another using the same
+        key, such as a notebook seen from the command line), newest first: id, name, status,
+        progress, priority and wall-clock submitted/started/ended times (0: not yet)."""
+        reply = self._request("tasks", m.TasksRequest(limit), timeout)
+        assert isinstance(reply, m.TasksReply)
+        return reply.tasks
+
     def info(self, timeout: float = 10.0) -> m.ClusterInfo:
         reply = self._request("info", m.InfoRequest(), timeout)
         assert isinstance(reply, m.ClusterInfo)
@@ -631,9 +639,10 @@ class Client:
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._finish(_CANCELLED, None)
                     fut._show_output(waiting=False)
-            case m.StoryReply() | m.ClusterInfo() | m.PackagesReply():
+            case m.StoryReply() | m.ClusterInfo() | m.PackagesReply() | m.TasksReply():
                 key = (msg.task_id if isinstance(msg, m.StoryReply)
-                       else "info" if isinstance(msg, m.ClusterInfo) else "packages")
+                       else "info" if isinstance(msg, m.ClusterInfo)
+                       else "tasks" if isinstance(msg, m.TasksReply) else "packages")
                 if (replies := self._replies.get(key)) is not None:
                     replies.put(msg)
             case m.Accepted(task_ids=task_ids):

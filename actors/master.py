@@ -147,6 +147,8 @@ class Master(Shell):
         self.last_tick = 0.0
         self.worker_codes: dict[str, set[str]] = {}  # worker -> hashes of large code it was sent
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
+        self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
+        self.client_keys: dict[str, bytes] = {}  # client id -> its key (whose tasks are whose)
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
@@ -279,6 +281,8 @@ class Master(Shell):
         self.codes.pop(client_id, None)
         self._apply(ev.ClientLeft(self.now, client_id))
         self.journal.client_left(client_id)
+        if not any(t.client_id == client_id for t in self.scheduler.tasks.values()):
+            self.client_keys.pop(client_id, None)  # (its tasks, while kept, stay listed)
 
     def _inbound(self, inbound: Inbound) -> None:
         msg, peer_key = inbound.message, inbound.peer
@@ -364,6 +368,7 @@ class Master(Shell):
                                                       self.journal.epoch))
         if hello.role != "client":
             return
+        self.client_keys[hello.peer_id] = self.peers[peer_key].key
         if self.awaiting.pop(hello.peer_id, None) is not None:
             self.log.info("client_back", client_id=hello.peer_id)
         for _, ended in self.journal.undelivered(hello.peer_id):
@@ -447,6 +452,8 @@ class Master(Shell):
                 self._story(peer.peer_id, task_id)
             case m.InfoRequest():
                 self._to_client(peer.peer_id, self._cluster_info())
+            case m.TasksRequest(limit=limit):
+                self._to_client(peer.peer_id, m.TasksReply(self._task_list(peer.key, limit)))
             case m.Heartbeat():
                 pass
             case m.Received(task_ids=task_ids):
@@ -458,6 +465,37 @@ class Master(Shell):
                 self._client_gone(peer.peer_id)
             case _:
                 self._unexpected(peer, msg)
+
+    def _task_list(self, key: bytes, limit: int) -> list[m.TaskInfo]:
+        """The tasks submitted with ``key`` (by any client using it), newest first: a person's
+        notebook's tasks, seen from the command line with the same key."""
+        wall = time.time() - time.monotonic()  # the scheduler's clock is monotonic
+        mine = [t for t in self.scheduler.tasks.values() if self.client_keys.get(t.client_id) == key]
+        mine.sort(key=lambda t: t.seq, reverse=True)
+        listed = []
+        for task in mine[:max(0, min(limit, 10_000))]:
+            times = {"submitted": 0.0, "started": 0.0, "ended": 0.0}
+            for key_, _, finish, _, when in task.story:
+                if key_ != "task":
+                    continue
+                if finish == "queued" and not times["submitted"]:
+                    times["submitted"] = when + wall
+                elif finish == "running" and not times["started"]:
+                    times["started"] = when + wall
+                elif finish in ("done", "erred", "cancelled"):
+                    times["ended"] = when + wall
+            if task.kind is ev.TaskKind.PARALLEL:
+                units = task.units
+                done = units.done_count
+                total = self._unit_total(task.task_id, done + len(units.open_units), units.sliced_all)
+            else:
+                done, total = self.task_steps.get(task.task_id, (0, 0))
+            if task.state is ev.TaskStatus.DONE and total:
+                done = total
+            listed.append(m.TaskInfo(
+                task_id=task.task_id, name=task.name, client_id=task.client_id,
+                status=str(task.state), done=done, total=total, priority=task.priority, **times))
+        return listed
 
     def _cluster_info(self) -> m.ClusterInfo:
         sched = self.scheduler
@@ -597,6 +635,7 @@ class Master(Shell):
         self.journal.task_ended(task_id, client_id, ended)
         self.send(SOCKET, client_id.encode(), frames=[ended])
         self.unit_totals.pop(task_id, None)
+        self.task_steps.pop(task_id, None)
         task = self.scheduler.tasks.get(task_id)
         if task is not None and task.package and self.task_sync is not None:
             self.task_sync.tell(InstanceUses(task.package, task.version, task_id, ended=True))
@@ -667,6 +706,7 @@ class Master(Shell):
         elif msg.done < 0 or msg.total < 0:
             self._refused_from_worker(worker_id, msg, "progress is counted from 0")
         elif task.kind is not ev.TaskKind.PARALLEL:
+            self.task_steps[msg.task_id] = (msg.done, msg.total)
             self._to_client(task.client_id, m.TaskProgress(msg.task_id, msg.done, msg.total, True))
         elif worker_id == task.driver:  # units to expect: the bar's length, ahead of slicing
             self.unit_totals[msg.task_id] = msg.total

@@ -108,6 +108,29 @@ class InfoRequest(Message, frozen=True):
     pass
 
 
+class TasksRequest(Message, frozen=True):
+    """The tasks submitted with the caller's key (by any of its clients), newest first."""
+
+    limit: int = 1000
+
+
+class TaskInfo(msgspec.Struct, array_like=True, frozen=True, kw_only=True):
+    task_id: str
+    name: str
+    client_id: str
+    status: str  # queued, running, done, erred, cancelled
+    done: int  # units (a ParallelTask) or steps reported by its work
+    total: int  # 0: not known yet
+    priority: int
+    submitted: float  # wall-clock seconds; 0.0: not known (its story's oldest lines dropped)
+    started: float  # 0.0: not yet
+    ended: float  # 0.0: not yet
+
+
+class TasksReply(Message, frozen=True):
+    tasks: list[TaskInfo]
+
+
 class ClusterInfo(Message, frozen=True):
     nodes: list[str]
     workers: int
@@ -496,6 +519,8 @@ AnyMessage = (
     | StoryRequest
     | StoryReply
     | InfoRequest
+    | TasksRequest
+    | TasksReply
     | ClusterInfo
     | TaskDone
     | TaskErred

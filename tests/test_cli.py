@@ -296,3 +296,37 @@ class Sleeps(Task):
     def work(self, seconds):
         time.sleep(seconds)
         return seconds
+
+
+@pytest.mark.processes
+def test_tasks_lists_what_was_submitted_with_the_same_key_and_nothing_of_other_keys(
+        cluster, client, tmp_path: Path) -> None:
+    """``python -m actors tasks`` (another client, the same key) lists a notebook's tasks with
+    status, progress and times; a client with a key of its own sees none of them."""
+    done = client.submit(Sleeps, 0)
+    done.result(timeout=60)
+    running = client.submit(Sleeps, 30)
+    wait_until(lambda: any(t.task_id == running.task_id and t.status == "running"
+                           for t in client.tasks()), 60, "the task to be listed as running")
+    try:
+        listed = subprocess.run(
+            [sys.executable, "-m", "actors", "tasks", "--master", cluster.address, "--keys",
+             cluster.keys_dir, "--json"], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        by_id = {t["task_id"]: t for t in json.loads(listed.stdout)}
+        assert by_id[done.task_id]["status"] == "done" and by_id[done.task_id]["ended"] > 0
+        assert by_id[running.task_id]["status"] == "running"
+        assert by_id[running.task_id]["started"] >= by_id[running.task_id]["submitted"] > 0
+        assert list(by_id).index(running.task_id) < list(by_id).index(done.task_id)  # newest first
+        table = subprocess.run(
+            [sys.executable, "-m", "actors", "tasks", "--master", cluster.address, "--keys",
+             cluster.keys_dir], capture_output=True, text=True, timeout=60)
+        assert re.search(rf"{running.task_id}\s+running", table.stdout), table.stdout
+        other = subprocess.run(
+            [sys.executable, "-m", "actors", "keys", "add", cluster.keys_dir, f"other{os.getpid()}",
+             "--role", "client"], capture_output=True, text=True, timeout=60)
+        folder = re.search(r"hand (\S+) to that client", other.stdout)[1]
+        with Client(cluster.address, keys=folder) as stranger:
+            assert stranger.tasks() == []
+    finally:
+        running.cancel(timeout=30)
