@@ -184,7 +184,8 @@ class Master(Shell):
                                          restored=True))
             if row.package and self.task_sync is not None:
                 self.task_sync.tell(InstanceUses(row.package, row.version, row.task_id, ended=False))
-        self.awaiting = {client: self.now + CLIENT_GRACE_S for client in clients}
+        back = {p.peer_id for p in self.peers.values() if p.role == "client"}
+        self.awaiting = {client: self.now + CLIENT_GRACE_S for client in clients - back}
         if restored.tasks:
             self.log.info("master_restored", epoch=self.journal.epoch, tasks=len(restored.tasks),
                           queued=sum(1 for r in restored.tasks if r.ended is None),
