@@ -290,3 +290,60 @@ def test_a_closed_local_cluster_says_so(tmp_path: Path) -> None:
         assert own.status == "running"
     assert own.status == "closed"
     assert repr(own).endswith("closed>")
+
+
+class PrintsThenWaits(Task):
+    def work(self, gate):
+        print("mine")
+        wait_for(gate)
+        return "through"
+
+
+@pytest.mark.processes
+def test_output_forged_by_another_worker_never_reaches_the_tasks_client(
+        cluster: LocalCluster, quiet: Client, tmp_path: Path) -> None:
+    """A node key speaking for a worker of its own sends output for another client's running
+    task: the master drops it (the worker is not one of the task's); the task's own lines come."""
+    import zmq
+
+    from actors import __version__
+    from actors import messages as m
+    from transport import load_keypair, load_public_key
+    from transport.hub import unbatch
+
+    gate = tmp_path / "gate"
+    fut = quiet.submit(PrintsThenWaits, str(gate))
+    wait_until(lambda: [line.text for line in fut.logs()] == ["mine"], 60, "the task's own line")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"node-forger-output")
+    pair = load_keypair(cluster.keys_dir, "node")
+    sock.curve_publickey, sock.curve_secretkey = pair.public, pair.secret
+    sock.curve_serverkey = load_public_key(cluster.keys_dir, "master")
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(cluster.address)
+    hello = m.encode(m.Hello(role="node", peer_id="node-forger-output",
+                             protocol=m.PROTOCOL_VERSION, version=__version__))
+    try:
+        sock.send(hello)
+        sock.send(m.encode(m.WorkerReady("node-forger-output/w1", 1)))
+        line = m.OutputLine(stream="stdout", level="", logger="", phase="work", unit=-1,
+                            text="forged", time=time.time())
+        for _ in range(3):
+            sock.send_multipart([b"node-forger-output/w1",
+                                 m.encode(m.TaskOutput(fut.task_id, "any", [line]))])
+        # A second Hello is answered with a second Welcome, after what came before it on this
+        # connection was handled: the forged output included.
+        sock.send(hello)
+        welcomes = 0
+        while welcomes < 2:
+            welcomes += sum(isinstance(m.decode(frames[-1]), m.Welcome)
+                            for frames in unbatch(sock.recv_multipart()))
+        sock.send(m.encode(m.Bye("forger leaving")))
+    finally:
+        sock.close()
+    quiet.info()  # whatever the master sent this client before this answer has arrived
+    assert [line.text for line in fut.logs()] == ["mine"]
+    open_gate(gate)
+    assert fut.result(timeout=60) == "through"
+    assert [line.text for line in fut.logs()] == ["mine"]
