@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from actors.client import Client, Future  # noqa: E402
 from actors.cluster import LocalCluster  # noqa: E402
-from actors.containers import TaskContainer  # noqa: E402
+from actors.containers import MapReduceTask, TaskContainer  # noqa: E402
 from actors.display import TaskLine, progress  # noqa: E402
 from actors.task import ParallelTask, Task, Unit  # noqa: E402
 from actors.waiting import (  # noqa: E402
@@ -17,6 +17,7 @@ from actors.waiting import (  # noqa: E402
 )
 
 __all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "Future",
+           "MapReduceTask",
            "LocalCluster", "ParallelTask", "Task", "TaskContainer", "TaskLine", "Unit",
            "as_completed", "gather",
            "progress", "wait", "__version__"]

@@ -1,4 +1,5 @@
-"""``TaskContainer``: Pydra's container of child tasks, on the unit and dependency paths.
+"""``TaskContainer`` and ``MapReduceTask``: Pydra's composite tasks, on the unit and dependency
+paths (no second scheduler).
 
 Subclass it and list the children (plain ``Task`` classes)::
 
@@ -20,6 +21,7 @@ children are units, their results stay on the workers that made them until the n
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -69,3 +71,69 @@ class TaskContainer(ParallelTask):
             raise TypeError(f"{cls.__qualname__}.children is a non-empty list of Task classes "
                             f"(not ParallelTasks: a child runs as one unit), not {list(children)!r}")
         return children
+
+
+class MapReduceTask(ParallelTask):
+    """Map units over an input, a partition per key, one reduce unit per partition::
+
+        class WordCount(MapReduceTask):
+            partitions = 4
+            def map_input(self, pattern):
+                yield from byte_ranges(files(pattern))
+            def map(self, part):
+                for line in read_lines(part):
+                    for word in line.split():
+                        yield word, 1
+            def reduce_partition(self, word, counts):
+                return sum(counts)
+
+    The map results stay on the workers that made them (grouped by partition); each reduce
+    unit fetches them from there (worker to worker through the nodes, never through the master)
+    and reduces the keys of its partition; the task's result is ``{key: reduced value}``.
+    ``partition(key)`` is stable across processes (a CRC of the key's ``repr``, not ``hash``,
+    which differs from one interpreter to the next)."""
+
+    partitions: ClassVar[int] = 4
+
+    def map_input(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        raise NotImplementedError(f"{type(self).__qualname__} must define map_input()")
+
+    def map(self, item: Any) -> Iterator[tuple[Any, Any]]:
+        raise NotImplementedError(f"{type(self).__qualname__} must define map()")
+
+    def reduce_partition(self, key: Any, values: list[Any]) -> Any:
+        return values
+
+    def partition(self, key: Any) -> int:
+        return zlib.crc32(repr(key).encode()) % self.partitions
+
+    def get_work(self, *args: Any, **kwargs: Any) -> Iterator[Unit]:
+        if self.partitions < 1:
+            raise ValueError(f"partitions must be at least 1, not {self.partitions}")
+        maps = [Unit(("map", item)) for item in self.map_input(*args, **kwargs)]
+        yield from maps
+        for index in range(self.partitions):
+            yield Unit(("reduce", index), after=maps)
+
+    def work_unit(self, unit: tuple[str, Any], *mapped: dict[int, dict[Any, list[Any]]]) -> Any:
+        kind, item = unit
+        if kind == "map":
+            groups: dict[int, dict[Any, list[Any]]] = {}
+            for key, value in self.map(item):
+                groups.setdefault(self.partition(key), {}).setdefault(key, []).append(value)
+            return groups
+        merged: dict[Any, list[Any]] = {}
+        for groups in mapped:
+            for key, values in groups.get(item, {}).items():
+                merged.setdefault(key, []).extend(values)
+        return {key: self.reduce_partition(key, values) for key, values in merged.items()}
+
+    def reduce(self, results: list[Any]) -> Any:
+        out: dict[Any, Any] = {}
+        for part in results:
+            out.update(part)
+        return out
+
+    @classmethod
+    def task_entry(cls) -> Callable[..., Any]:
+        return cls.map_input

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from actors import Client, Task, TaskContainer
+from actors import Client, MapReduceTask, Task, TaskContainer
+from actors.datasources import byte_ranges, files, read_lines
 from actors.errors import InvalidArguments
 
 pytestmark = pytest.mark.processes
@@ -83,3 +86,33 @@ def test_a_container_checks_its_arguments_against_its_first_child(client: Client
         client.submit(Pipeline)
     with pytest.raises(TypeError, match="non-empty list of Task classes"):
         client.submit(Empty, 1)
+
+
+class WordCount(MapReduceTask):
+    partitions = 3
+
+    def map_input(self, pattern, chunk_bytes):
+        yield from byte_ranges(files(pattern), chunk_bytes=chunk_bytes)
+
+    def map(self, part):
+        for line in read_lines(part):
+            for word in line.split():
+                yield word, 1
+
+    def reduce_partition(self, word, counts):
+        return sum(counts)
+
+
+def test_map_reduce_counts_words_exactly_over_files_split_by_byte_ranges(
+        client: Client, tmp_path: Path) -> None:
+    rng = random.Random(3)
+    vocabulary = [f"w{i}" for i in range(200)]
+    expected: Counter[str] = Counter()
+    for f in range(3):
+        rows = [" ".join(rng.choices(vocabulary, k=rng.randrange(0, 12))) for _ in range(3_000)]
+        expected.update(word for row in rows for word in row.split())
+        (tmp_path / f"text{f}.txt").write_text("\n".join(rows) + "\n")
+    fut = client.submit(WordCount, str(tmp_path / "text*.txt"), 8 << 10)
+    assert fut.result(timeout=120) == dict(expected)
+    maps = fut.progress()[0] - WordCount.partitions
+    assert maps > 3  # the files were split: several map units per file
