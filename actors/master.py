@@ -8,6 +8,7 @@ scheduler's instructions into messages. It never unpickles user payloads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,7 @@ from actors.launch import (
     stop_process,
     write_atomically,
 )
+from actors.metrics import MetricsServer, Snapshot
 from actors.serialize import describe_exception
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
 from actors.state_dir import StateDir, default_state_dir
@@ -115,7 +118,8 @@ class Master(Shell):
                  node_timeout_s: float = 5.0, max_deaths: int = 3,
                  restart_after_error: bool = False, allowed: str | None = None,
                  on_crash: Callable[[], None] | None = None,
-                 on_superseded: Callable[[], None] | None = None) -> None:
+                 on_superseded: Callable[[], None] | None = None,
+                 metrics: MetricsServer | None = None) -> None:
         """``journal``: the state directory's journal, already started (``restored`` is what it
         held). ``allowed``: the allow-list folder, whose file names give each key its role
         (None: peers are taken at their word, for a master without CURVE)."""
@@ -125,6 +129,8 @@ class Master(Shell):
         self.journal = journal
         self.restored: Restored | None = restored
         self.superseded = False
+        self.metrics = metrics
+        self.stats = Snapshot()  # counters since start, published to /metrics on the tick
         master_id = journal.master_id
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
@@ -227,6 +233,8 @@ class Master(Shell):
                 self._check_liveness()
                 self._clients_not_back()
                 self._tell_running()
+                if self.metrics is not None:
+                    self.metrics.publish(self._snapshot())
                 self._apply(ev.Tick(now))
                 for worker_id in [w for w in self.worker_codes if w not in self.scheduler.workers]:
                     del self.worker_codes[worker_id]
@@ -244,8 +252,11 @@ class Master(Shell):
 
     def _commit(self) -> None:
         """Write the journal; acknowledge to each client the submissions this made durable."""
+        started = time.perf_counter()
         try:
             added = self.journal.commit()
+            self.stats.commit_seconds += time.perf_counter() - started
+            self.stats.commits += 1
         except MasterSuperseded as exc:
             self._superseded(exc)
             return
@@ -391,6 +402,11 @@ class Master(Shell):
                 event = "worker_stopped" if msg.expected else "worker_died"
                 (self.log.info if msg.expected else self.log.warning)(
                     event, node_id=peer.peer_id, worker_id=msg.worker_id, cause=cause)
+                if not msg.expected:
+                    kind = (f"signal {msg.signal}" if msg.signal is not None
+                            else f"exit {msg.exitcode}")
+                    deaths = self.stats.worker_deaths
+                    deaths[kind] = deaths.get(kind, 0) + 1
                 self._apply(ev.WorkerLost(self.now, msg.worker_id, cause, msg.expected))
             case m.Bye(reason=reason):
                 self._node_gone(peer, f"node left: {reason}")
@@ -412,6 +428,9 @@ class Master(Shell):
             case m.UnitsSliced(task_id=task_id, units=units, done=done):
                 self._apply(ev.UnitsSliced(self.now, worker_id, task_id, units, done))
             case m.UnitsDone(task_id=task_id, run_id=run_id, outcomes=outcomes, elapsed=elapsed):
+                failed = sum(1 for o in outcomes if not o.ok)
+                self.stats.units_done += len(outcomes) - failed
+                self.stats.units_failed += failed
                 self._apply(ev.UnitsFinished(self.now, worker_id, task_id, run_id, outcomes, elapsed))
             case m.TaskResult(task_id=task_id, outcome=outcome, elapsed=elapsed):
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome, elapsed))
@@ -498,6 +517,17 @@ class Master(Shell):
                 status=str(task.state), done=done, total=total, priority=task.priority, **times))
         return listed
 
+    def _snapshot(self) -> Snapshot:
+        """The counters so far and the state now, for /metrics (read there, never the state)."""
+        sched, stats = self.scheduler, self.stats
+        busy = sum(1 for w in sched.workers.values() if w.task_id is not None)
+        return dataclasses.replace(
+            stats, tasks=dict(Counter(str(t.state) for t in sched.tasks.values())),
+            queued_units=sum(len(t.units.pending) for t in sched.tasks.values()
+                             if t.state is ev.TaskStatus.RUNNING),
+            workers={"idle": len(sched.workers) - busy, "busy": busy}, nodes=len(sched.nodes),
+            worker_deaths=dict(stats.worker_deaths))
+
     def _cluster_info(self) -> m.ClusterInfo:
         sched = self.scheduler
         hosts = {p.peer_id: p.host for p in self.peers.values() if p.role == "node"}
@@ -563,6 +593,7 @@ class Master(Shell):
                       client_id=peer.peer_id, priority=msg.priority, package=package,
                       version=version)
         self.seq += 1
+        self.stats.tasks_submitted += 1
         self.journal.task_added(TaskRow(
             task_id=msg.task_id, client=peer.peer_id, seq=self.seq, priority=msg.priority,
             name=msg.name, kind=kind, code_hash=msg.code_hash, code=b"" if msg.code_hash else code,
@@ -804,7 +835,11 @@ class Master(Shell):
 
     def _apply(self, event: ev.Event) -> None:
         driven = self._driven_by_lost(event)
-        for instruction in self.scheduler.handle(event):
+        started = time.perf_counter()
+        out = self.scheduler.handle(event)
+        self.stats.handle_seconds += time.perf_counter() - started
+        self.stats.handled += 1
+        for instruction in out:
             self._carry_out(instruction)
         if driven:
             self._tell_requeued(driven)
@@ -954,6 +989,9 @@ def main(argv: list[str] | None = None, *,
                         help="where the master keeps its journal, so that a restart loses no "
                              "task (default: ~/.local/state/pydra-actors/master-HOST-PORT; with "
                              "--port 0, a temporary folder: nothing survives the master)")
+    parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a "
+                             "free one; off by default)")
     parser.add_argument("--ephemeral", action="store_true",
                         help="keep the journal in a temporary folder, never synced: nothing "
                              "survives the master (the default with --port 0)")
@@ -1032,11 +1070,22 @@ def main(argv: list[str] | None = None, *,
         exit_code[0] = EX_SUPERSEDED
         stop.set()
 
+    metrics: MetricsServer | None = None
+    if args.metrics:
+        try:
+            host, _, port = args.metrics.rpartition(":")
+            metrics = MetricsServer(host or "127.0.0.1", int(port))
+        except (ActorsError, OSError, ValueError) as exc:
+            log.error("cannot_serve_metrics", address=args.metrics, error=str(exc))
+            hub.stop()
+            _stop_local_node(local_node)
+            _close_state(state, state_path, temporary)
+            return 2
     master_ref = Master.start(hub, state.journal, restored, node_timeout_s=args.node_timeout,
                               max_deaths=args.max_deaths,
                               restart_after_error=args.restart_after_error,
                               allowed=curve.allowed_dir, on_crash=crashed,
-                              on_superseded=superseded)
+                              on_superseded=superseded, metrics=metrics)
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))
@@ -1056,6 +1105,7 @@ def main(argv: list[str] | None = None, *,
             f"pydra-actors master listening on {address}\n"
             f"  add a host:  python -m actors.node --master {address} --keys {keys}\n"
             f"  from Python: Client({address!r}, keys={keys!r})\n"
+            + (f"  metrics:     {metrics.url}\n" if metrics is not None else "")
         )
         sys.stdout.flush()
     if args.run:
@@ -1069,6 +1119,8 @@ def main(argv: list[str] | None = None, *,
         stop_process(node, grace=10.0)
     pykka.ActorRegistry.stop_all(timeout=5)
     hub.stop()
+    if metrics is not None:
+        metrics.close()
     _close_state(state, state_path, temporary)
     if args.ready_file:
         Path(args.ready_file).unlink(missing_ok=True)
