@@ -1114,6 +1114,8 @@ def main(argv: list[str] | None = None, *,
     while not stop.wait(NODE_WATCH_S):
         if node is not None and node.poll() is not None:
             node = _restart_local_node(node, restarts)
+        if not state.locked and state.relock():  # taken over: the old master is gone now
+            state.write_holder(address)
     log.info("master_stopping")
     if node is not None:
         stop_process(node, grace=10.0)

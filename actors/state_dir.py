@@ -40,13 +40,12 @@ class StateDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self.locked = self.relock()
+        if not self.locked:
             holder = os.pread(self._lock, 200, 0).decode(errors="replace").strip() or "unknown"
             if not take_over:
                 os.close(self._lock)
-                raise StateDirLocked(str(self.path), holder) from None
+                raise StateDirLocked(str(self.path), holder)
             log.warning("state_dir_taken_over", path=str(self.path), holder=holder)
         self.write_holder("")
         if fresh:
@@ -56,6 +55,18 @@ class StateDir:
         except JournalUnreadable:
             os.close(self._lock)
             raise
+
+    def relock(self) -> bool:
+        """Whether this master holds the lock now (taken if free: after a take-over, once the
+        old master is gone, so that a third one is refused again)."""
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if getattr(self, "locked", True) is False:
+            log.info("state_dir_locked", path=str(self.path), hint="the master taken over is gone")
+        self.locked = True
+        return True
 
     def write_holder(self, address: str) -> None:
         text = f"pid {os.getpid()} on {os.uname().nodename}" + (f" at {address}" if address else "")

@@ -188,6 +188,14 @@ def test_a_paused_master_that_was_taken_over_stops_when_it_wakes(tmp_path: Path)
             os.kill(old.pid, signal.SIGCONT)
             assert old.wait(30) == 75
             assert client.submit(Add, 2, 2).result(timeout=60) == 4
+        # The old one gone, the new one takes the lock: a third master is refused again.
+        wait_until(lambda: "state_dir_locked" in (tmp_path / "new.log").read_text(), 30,
+                   "the newer master to take the lock")
+        third = python("-m", "actors.master", "--port", "0", "--workers", "0", "--keys",
+                       str(tmp_path / "keys"), "--state-dir", str(tmp_path / "state"),
+                       "--log-format", "json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = third.communicate(timeout=60)
+        assert third.returncode == 2 and f"pid {new.pid}" in err, err[-2000:]
         log = (tmp_path / "old.log").read_text()
         assert "master_superseded" in log and "epoch 2" in log, log[-2000:]
     finally:
