@@ -21,6 +21,17 @@ from transport.keys import add_key
 # --- python -m actors ... ---------------------------------------------------
 
 
+def _to_a_master(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of a command that asks a running master."""
+    command.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
+                         required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
+                         help="the master's address, HOST:PORT or tcp://HOST:PORT")
+    command.add_argument("--keys", default=None, help="CURVE key directory")
+    command.add_argument("--timeout", type=float, default=10.0,
+                         help="seconds to wait for the master's answer")
+    return command
+
+
 def actors_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m actors", description="pydra-actors tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,34 +43,20 @@ def actors_main(argv: list[str] | None = None) -> int:
     add.add_argument("directory", help="the key directory the master uses")
     add.add_argument("name", help="the new peer's name (letters, digits, - and _)")
     add.add_argument("--role", required=True, choices=["node", "client"])
-    packages = sub.add_parser("packages", help="list the master's deployed task packages")
-    packages.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
-                          required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
-                          help="the master's address, HOST:PORT or tcp://HOST:PORT")
-    packages.add_argument("--keys", default=None, help="CURVE key directory")
-    status = sub.add_parser("status", help="a running cluster: its nodes, workers and tasks")
-    status.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
-                        required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
-                        help="the master's address, HOST:PORT or tcp://HOST:PORT")
-    status.add_argument("--keys", default=None, help="CURVE key directory")
+    _to_a_master(sub.add_parser("packages", help="list the master's deployed task packages"))
+    status = _to_a_master(sub.add_parser("status", help="a running cluster: its nodes, workers "
+                                                        "and tasks"))
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    status.add_argument("--timeout", type=float, default=10.0,
-                        help="seconds to wait for the master's answer")
-    tasks = sub.add_parser("tasks", help="the tasks submitted with this key, newest first")
-    tasks.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
-                       required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
-                       help="the master's address, HOST:PORT or tcp://HOST:PORT")
-    tasks.add_argument("--keys", default=None, help="CURVE key directory")
+    tasks = _to_a_master(sub.add_parser("tasks", help="the tasks submitted with this key, "
+                                                      "newest first"))
     tasks.add_argument("--json", action="store_true", help="a JSON list, for scripts")
     tasks.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    tasks.add_argument("--timeout", type=float, default=10.0,
-                       help="seconds to wait for the master's answer")
     args = parser.parse_args(argv)
     if args.command == "tasks":
         return _print_tasks(args.master, args.keys or default_keys_dir(), args.json, args.limit,
                             args.timeout)
     if args.command == "packages":
-        return _print_packages(args.master, args.keys or default_keys_dir())
+        return _print_packages(args.master, args.keys or default_keys_dir(), args.timeout)
     if args.command == "status":
         return _print_status(args.master, args.keys or default_keys_dir(), args.json, args.timeout)
     if args.command == "keys" and args.keys_command == "add":
@@ -87,13 +84,13 @@ def actors_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_packages(address: str, keys: str) -> int:
+def _print_packages(address: str, keys: str, timeout: float) -> int:
     from actors.client import Client
 
     logs.configure("auto", "WARNING")
     try:
-        with Client(address, keys=keys) as client:
-            listing = client.packages()
+        with Client(address, keys=keys, timeout=timeout) as client:
+            listing = client.packages(timeout)
     except ActorsError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
