@@ -69,6 +69,16 @@ def _master(tmp_path: Path, name: str, port: int = 0, *args: str) -> tuple[subpr
                         "--state-dir", str(tmp_path / "state"), *args, name=name, port=port)
 
 
+def _refused_start(tmp_path: Path) -> str:
+    """Start a master on ``tmp_path/state`` that must refuse to start (exit 2); its stderr."""
+    proc = python("-m", "actors.master", "--port", "0", "--workers", "0", "--keys",
+                  str(tmp_path / "keys"), "--state-dir", str(tmp_path / "state"),
+                  "--log-format", "json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err[-2000:]
+    return str(err)
+
+
 def test_kill_9_of_the_master_mid_job_loses_nothing(tmp_path: Path) -> None:
     """kill -9 of the master while a 2,000-unit ParallelTask runs with 100 tasks queued behind
     it; a master restarted on the same port and state directory within 2 s: every future
@@ -119,11 +129,7 @@ def test_kill_9_of_the_master_mid_job_loses_nothing(tmp_path: Path) -> None:
 def test_a_second_master_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
     first, _ = _master(tmp_path, "first")
     try:
-        second = python("-m", "actors.master", "--port", "0", "--workers", "0",
-                        "--keys", str(tmp_path / "keys"), "--state-dir", str(tmp_path / "state"),
-                        "--log-format", "json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, err = second.communicate(timeout=60)
-        assert second.returncode == 2
+        err = _refused_start(tmp_path)
         assert "in use by another master" in err and f"pid {first.pid}" in err, err[-2000:]
     finally:
         first.kill()
@@ -134,11 +140,7 @@ def test_a_corrupt_journal_stops_the_start_with_the_way_out(tmp_path: Path) -> N
     state = tmp_path / "state"
     state.mkdir()
     (state / "master.sqlite").write_bytes(b"this is not a database" * 100)
-    proc = python("-m", "actors.master", "--port", "0", "--workers", "0", "--keys",
-                  str(tmp_path / "keys"), "--state-dir", str(state), "--log-format", "json",
-                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2
+    err = _refused_start(tmp_path)
     assert str(state / "master.sqlite") in err and "--fresh" in err, err[-2000:]
     assert (state / "master.sqlite").read_bytes().startswith(b"this is not")  # left as it was
     # --fresh sets it aside (kept, renamed) and starts empty.
@@ -165,11 +167,8 @@ def test_a_journal_of_another_schema_is_refused(tmp_path: Path) -> None:
     db.execute("insert into meta values ('schema', '999')")
     db.commit()
     db.close()
-    proc = python("-m", "actors.master", "--port", "0", "--workers", "0", "--keys",
-                  str(tmp_path / "keys"), "--state-dir", str(state), "--log-format", "json",
-                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "schema 999" in err, err[-2000:]
+    err = _refused_start(tmp_path)
+    assert "schema 999" in err, err[-2000:]
 
 
 def test_a_paused_master_that_was_taken_over_stops_when_it_wakes(tmp_path: Path) -> None:
@@ -191,11 +190,8 @@ def test_a_paused_master_that_was_taken_over_stops_when_it_wakes(tmp_path: Path)
         # The old one gone, the new one takes the lock: a third master is refused again.
         wait_until(lambda: "state_dir_locked" in (tmp_path / "new.log").read_text(), 30,
                    "the newer master to take the lock")
-        third = python("-m", "actors.master", "--port", "0", "--workers", "0", "--keys",
-                       str(tmp_path / "keys"), "--state-dir", str(tmp_path / "state"),
-                       "--log-format", "json", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, err = third.communicate(timeout=60)
-        assert third.returncode == 2 and f"pid {new.pid}" in err, err[-2000:]
+        err = _refused_start(tmp_path)
+        assert f"pid {new.pid}" in err, err[-2000:]
         log = (tmp_path / "old.log").read_text()
         assert "master_superseded" in log and "epoch 2" in log, log[-2000:]
     finally:
