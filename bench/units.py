@@ -14,6 +14,7 @@ from actors import ParallelTask, Task
 
 SLEEP_S = 0.010
 BUSY_S = 0.010
+LONG_S = 0.25
 
 
 # --- unit bodies, shared by every runtime ------------------------------------
@@ -25,6 +26,11 @@ def noop(x: Any = None) -> Any:
 
 def sleep_10ms(x: Any = None) -> Any:
     time.sleep(SLEEP_S)
+    return x
+
+
+def sleep_250ms(x: Any = None) -> Any:
+    time.sleep(LONG_S)
     return x
 
 
@@ -43,7 +49,8 @@ def noop_or_raise(x: int, every: int) -> int:
     return x
 
 
-UNIT_BODIES = {"noop": noop, "sleep_10ms": sleep_10ms, "busy_10ms": busy_10ms}
+UNIT_BODIES = {"noop": noop, "sleep_10ms": sleep_10ms, "busy_10ms": busy_10ms,
+               "sleep_250ms": sleep_250ms}
 
 
 # --- pydra-actors tasks -------------------------------------------------------
@@ -86,8 +93,13 @@ class BusyUnits(CountUnits):
     body = staticmethod(busy_10ms)
 
 
+class LongUnits(CountUnits):
+    body = staticmethod(sleep_250ms)
+
+
 #: The ParallelTask that runs ``n`` units of each body (helper workers never run ``get_work``,
 #: so the body is chosen by class, not by argument).
 PARALLEL_TASKS: dict[str, type[CountUnits]] = {
     "noop": NoopUnits, "sleep_10ms": SleepUnits, "busy_10ms": BusyUnits,
+    "sleep_250ms": LongUnits,
 }
