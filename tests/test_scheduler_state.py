@@ -732,3 +732,21 @@ def test_a_helper_holding_a_kept_result_is_not_let_go() -> None:
     # w3 goes; once t2 has its driver, nothing better wants w2: it gets t1's next unit
     assert out == [*results("t1", 2), ev.ReleaseWorker("n1", "w3", "t1"), assign("w3", "t2", True),
                    ev.Dispatch("n1", "w2", "t1", 4, units(3))]
+
+
+def test_a_worker_that_becomes_idle_joins_to_steal_a_run_queued_behind_a_long_one() -> None:
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    s(ev.WorkerReady, "n1", "w2")
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(0, 1, 2, 3), True)  # w1: unit 0, w2: unit 1
+    # 20 ms units: two in flight a worker; w1 takes 2 and 3, and begins 2 (which will be long).
+    out = s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 0.02)
+    assert out[2:] == [ev.Dispatch("n1", "w1", "t1", 3, units(2)),
+                       ev.Dispatch("n1", "w1", "t1", 4, units(3))]
+    # A worker that comes free joins, and asks for the run w1 has not begun.
+    out = s(ev.WorkerReady, "n1", "w3")
+    assert out == [assign("w3", "t1", False), ev.Steal("n1", "w1", "t1", 4)]
+    out = s(ev.StealAnswered, "w1", "t1", 4, True)
+    assert out == [ev.Dispatch("n1", "w3", "t1", 5, units(3))]

@@ -332,14 +332,21 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_worker_idles_while_units_are_queued(self) -> None:
-        """Units queued for a task: no idle worker could run them (clean, or warm for its code),
-        and no helper of another task idles with nothing of its own queued (it would be let go
-        to them), unless it holds a kept result or its task waits for a steal's answer."""
+        """Units queued for a task (or runs a busy worker of it has not begun): no idle worker
+        could run them (clean, or warm for its code); and no helper of another task idles with
+        nothing of its own queued (it would be let go to them), unless it holds a kept result or
+        its task waits for a steal's answer."""
         for task in self.state._parallel.values():
-            if not task.units.pending:
-                continue
             idle = [w for w, r in self.state.workers.items()
                     if r.task_id is None and r.warm_for in (None, task.warm_key)]
+            if not task.units.pending:
+                # ... nor while a worker of the task holds a run it has not begun and none of
+                # the task's own workers idles to steal it
+                busy = [self.state.workers[w] for w in task.workers]
+                stealable = (not task.units.steal_pending and all(w.in_flight for w in busy)
+                             and any(len(set(w.in_flight.values())) > 1 for w in busy))
+                assert not (stealable and idle), f"{idle} idle while {task.task_id} has runs to steal"
+                continue
             assert not idle, f"{idle} idle while {task.task_id} has units queued"
             for other in self.state._parallel.values():
                 if (other is task or other.warm_key != task.warm_key or other.units.pending

@@ -52,10 +52,32 @@ class Pid(Task):
         return os.getpid()
 
 
+class GatedPid(Task):
+    """Marks that it started (``started-task``), waits at ``gate``, returns its worker's pid."""
+
+    def work(self, folder, gate):
+        (Path(folder) / "started-task").write_text(str(os.getpid()))
+        wait_for_gate(Path(folder) / gate)
+        return os.getpid()
+
+
+class FirstShort(Gated):
+    """Unit 0 takes 20 ms and waits at no gate: measured, it makes the units go out two at a
+    time per worker (so a unit can wait behind another on a worker)."""
+
+    def work_unit(self, arg):
+        i, folder, gate = arg
+        if not gate:
+            (Path(folder) / f"started-{i}").write_text(str(os.getpid()))
+            time.sleep(0.02)
+            return os.getpid()
+        return super().work_unit(arg)
+
+
 def started(folder: Path) -> dict[int, int]:
     """Unit index -> the pid that started it."""
     marks = {}
-    for mark in folder.glob("started-*"):
+    for mark in folder.glob("started-[0-9]*"):
         text = mark.read_text()
         if text:
             marks[int(mark.name.split("-")[1])] = int(text)
@@ -105,3 +127,29 @@ def test_a_better_task_gets_a_worker_before_the_long_task_ends(three_workers, tm
     pids = result_or_logs(long, 60, logs)
     assert len(pids) == 9
     assert pid in set(pids), "the better task ran on a worker that is not one of the long task's"
+
+
+def test_a_unit_queued_behind_a_long_one_is_stolen_by_a_worker_that_comes_free(
+        three_workers, tmp_path: Path) -> None:
+    """A plain Task holds one worker; a ParallelTask gets the other two. Unit 0 is short (20 ms),
+    so units then go out two at a time per worker: unit 1 waits at its gate on one worker, and
+    the driver's worker takes units 2 (which waits at the gate) and 3 (queued behind it). When
+    the plain Task ends, its worker joins the ParallelTask and steals unit 3, while 1 and 2 still
+    wait."""
+    client, logs = three_workers
+    folder = tmp_path / "gates"
+    folder.mkdir()
+    blocker = client.submit(GatedPid, folder=str(folder), gate="task")
+    wait_until(lambda: (folder / "started-task").exists(), 30, "the plain Task to start")
+    future = client.submit(FirstShort, folder=str(folder), gates=["", "g", "g", "last"])
+    wait_until(lambda: {1, 2} <= set(started(folder)), 30, "units 1 and 2 to wait at their gate")
+    assert 3 not in started(folder)
+    (folder / "last").touch()  # unit 3 need not wait: only where it runs is in question
+    (folder / "task").touch()
+    freed = result_or_logs(blocker, 60, logs)
+    stolen = wait_until(lambda: started(folder).get(3), 30, "unit 3 to start")
+    assert stolen == freed, "unit 3 did not run on the worker that came free"
+    assert not future.done()  # units 1 and 2 still wait at their gate
+    (folder / "g").touch()
+    pids = result_or_logs(future, 60, logs)
+    assert pids[3] == freed and freed not in pids[:3]

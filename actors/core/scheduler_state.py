@@ -58,7 +58,9 @@ Stealing. A worker of a task with nothing left to queue is idle while a peer
 has two runs or more in flight: the scheduler asks that peer to give its newest
 run back (``Steal``); the peer accepts only if the run has not started (it
 executes one run at a time, so its newest is usually still ready), and the
-units go back to the queue for the idle worker.
+units go back to the queue for the idle worker. A worker that comes free while
+nothing is queued and every worker of a task is busy, one of them with a run
+not begun, joins that task to steal it (``_join_to_steal``).
 
 Failure is the normal case. A lost helper's units go back to the front of the
 queue; each unit remembers the deaths it witnessed, and the third
@@ -891,8 +893,24 @@ class SchedulerState:
             if task.units.pending and wanting is None:
                 wanting = task
             if not yielding:
+                self._join_to_steal(task, now)
                 self._steal_for_idle(task)
         return wanting
+
+    def _join_to_steal(self, task: TaskRecord, now: float) -> None:
+        """Nothing of the task is queued, every worker of it is busy, and one of them holds a run
+        it has not begun (two or more in flight): an idle worker that may run its code joins, to
+        steal that run (``_steal_for_idle``) instead of idling while it waits."""
+        if task.units.pending or task.units.steal_pending:
+            return
+        workers = [self.workers[w] for w in task.workers]
+        if not all(w.in_flight for w in workers):
+            return  # an idle worker of its own steals
+        if not any(len(set(w.in_flight.values())) > 1 for w in workers):
+            return
+        worker = self._idle_worker_for(task.warm_key)
+        if worker is not None:
+            self._join(task, worker, driver=False, now=now)
 
     def _yield_helper(self, wanting: TaskRecord, now: float) -> bool:
         """Let go of one helper with nothing in flight, of a task ranked below ``wanting`` or with
