@@ -7,6 +7,8 @@ the rest of the bench.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from typing import Any
 
@@ -15,6 +17,21 @@ from actors import ParallelTask, Task
 SLEEP_S = 0.010
 BUSY_S = 0.010
 LONG_S = 0.25
+SKEWED_MEAN_S = 0.010
+SKEWED_SIGMA = 1.5  # lognormal: most units well under the mean, a few ten to thirty times it
+
+
+def _skewed_durations(count: int = 400, seed: int = 13) -> tuple[float, ...]:
+    """``count`` lognormal durations scaled to a mean of exactly ``SKEWED_MEAN_S``, in a fixed
+    order (the same for every runtime and every run)."""
+    rng = random.Random(seed)
+    mu = math.log(SKEWED_MEAN_S) - SKEWED_SIGMA ** 2 / 2
+    drawn = [rng.lognormvariate(mu, SKEWED_SIGMA) for _ in range(count)]
+    scale = SKEWED_MEAN_S * count / sum(drawn)
+    return tuple(d * scale for d in drawn)
+
+
+SKEWED_S = _skewed_durations()
 
 
 # --- unit bodies, shared by every runtime ------------------------------------
@@ -34,6 +51,12 @@ def sleep_250ms(x: Any = None) -> Any:
     return x
 
 
+def sleep_skewed(x: int = 0) -> Any:
+    """Unit ``x`` sleeps ``SKEWED_S[x]`` (cycling past the end)."""
+    time.sleep(SKEWED_S[x % len(SKEWED_S)])
+    return x
+
+
 def busy_10ms(x: Any = None) -> Any:
     """10 ms of this thread's CPU time: on an oversubscribed machine it takes longer on the clock."""
     end = time.thread_time() + BUSY_S
@@ -50,7 +73,7 @@ def noop_or_raise(x: int, every: int) -> int:
 
 
 UNIT_BODIES = {"noop": noop, "sleep_10ms": sleep_10ms, "busy_10ms": busy_10ms,
-               "sleep_250ms": sleep_250ms}
+               "sleep_250ms": sleep_250ms, "sleep_skewed": sleep_skewed}
 
 
 # --- pydra-actors tasks -------------------------------------------------------
@@ -97,9 +120,13 @@ class LongUnits(CountUnits):
     body = staticmethod(sleep_250ms)
 
 
+class SkewedUnits(CountUnits):
+    body = staticmethod(sleep_skewed)
+
+
 #: The ParallelTask that runs ``n`` units of each body (helper workers never run ``get_work``,
 #: so the body is chosen by class, not by argument).
 PARALLEL_TASKS: dict[str, type[CountUnits]] = {
     "noop": NoopUnits, "sleep_10ms": SleepUnits, "busy_10ms": BusyUnits,
-    "sleep_250ms": LongUnits,
+    "sleep_250ms": LongUnits, "sleep_skewed": SkewedUnits,
 }
