@@ -37,7 +37,7 @@ log = structlog.get_logger("actors.worker")
 
 FETCH_TIMEOUT_S = 10.0  # a transfer with no answer by then failed (its holder's node may be gone)
 GATHER = "gather"
-EXECUTION_SLOTS = 2
+EXECUTION_SLOTS = 1
 
 SendMaster = Callable[[m.Message], None]
 SendFrames = Callable[[list[bytes]], None]
@@ -97,10 +97,10 @@ class UnitRunner:
                  submit: Submit, tell: Callable[[Any], None],
                  clock: Callable[[], float] = time.time, validate: bool = False) -> None:
         self.worker_id = worker_id
-        # Two execution slots for the process's one executor thread: the next run is already
-        # queued there when one ends, so the thread never idles for a mailbox round trip.
-        # A second admitted run that gets cancelled still
-        # runs; its result is dropped, as the state machine says for cancelled keys.
+        # One execution slot for the process's one executor thread: a run the thread has not
+        # begun stays ``ready`` here, where the scheduler can still steal it for an idle worker.
+        # (A cancelled execution keeps the slot until it reports; its result is dropped, as the
+        # state machine says for cancelled keys.)
         self.state = WorkerState(nthreads=EXECUTION_SLOTS, validate_after_handle=validate)
         self.runs: dict[str, _Run] = {}
         self.outcomes: dict[str, tuple[list[m.UnitOutcome], float]] = {}  # key -> (them, seconds)
@@ -233,6 +233,9 @@ class UnitRunner:
         while pending:
             instructions = self.state.handle(*pending)
             pending = []
+            if len(instructions) > 1:
+                # The executor thread first: it starts the next run while this one is reported.
+                instructions.sort(key=_not_execute)
             for instruction in instructions:
                 pending += self._carry_out(instruction)
         self._drop_forgotten()
@@ -330,6 +333,10 @@ class UnitRunner:
             return key
         return next((k for k, r in self.runs.items()
                      if r.task_id == task_id and r.run_id == run_id), None)
+
+
+def _not_execute(instruction: ev.Instruction) -> bool:
+    return not isinstance(instruction, ev.Execute)
 
 
 def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id: str,

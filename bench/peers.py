@@ -10,6 +10,9 @@ with a client attached. Every workload is written against ``Session`` alone:
 - ``submit_raising(n, every)``: ``n`` independent tasks of which every ``every``-th raises
   ValueError, then every result or error (each checked);
 - ``roundtrip()``: one no-op task, submitted and waited for;
+- ``short_behind_long(n)``: ``n`` units of a 0.25 s sleep at the lowest priority, then (``BEHIND_S``
+  later, when they hold the workers) one no-op task at a higher priority: the seconds from its
+  submission to its result, and from the long batch's submission to its last result;
 - ``close()``.
 
 Every wait is bounded by ``CALL_TIMEOUT_S``, and every count is checked, so a runtime that
@@ -23,6 +26,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +36,9 @@ from bench import units
 from bench.cluster import MultiNodeCluster
 from bench.stats import CALL_TIMEOUT_S
 from bench.system import quiet_stdout
+
+#: How long the long batch of ``short_behind_long`` runs before the short task comes.
+BEHIND_S = 0.1
 
 
 class Session(ABC):
@@ -49,6 +56,9 @@ class Session(ABC):
 
     @abstractmethod
     def roundtrip(self) -> None: ...
+
+    @abstractmethod
+    def short_behind_long(self, n: int) -> tuple[float, float]: ...
 
     @abstractmethod
     def close(self) -> None: ...
@@ -168,6 +178,17 @@ class ActorsSession(Session):
     def roundtrip(self) -> None:
         _expect("result", self.client.submit(units.NoopTask, 7).result(timeout=CALL_TIMEOUT_S), 7)
 
+    def short_behind_long(self, n: int) -> tuple[float, float]:
+        began = time.perf_counter()
+        long = self.client.submit(units.PARALLEL_TASKS["sleep_250ms"], n, priority=0)
+        time.sleep(BEHIND_S)
+        start = time.perf_counter()
+        _expect("result", self.client.submit(units.NoopTask, 7, priority=1).result(
+            timeout=CALL_TIMEOUT_S), 7)
+        seconds = time.perf_counter() - start
+        _expect("units run", long.result(timeout=CALL_TIMEOUT_S), n)
+        return seconds, time.perf_counter() - began
+
     def close(self) -> None:
         self.client.close()
         self.cluster.close()
@@ -223,6 +244,17 @@ class DaskSession(Session):
     def roundtrip(self) -> None:
         _expect("result", self.client.submit(units.noop, 7, pure=False).result(CALL_TIMEOUT_S), 7)
 
+    def short_behind_long(self, n: int) -> tuple[float, float]:
+        began = time.perf_counter()
+        long = self.client.map(units.sleep_250ms, range(n), pure=False, priority=0)
+        time.sleep(BEHIND_S)
+        start = time.perf_counter()
+        _expect("result", self.client.submit(units.noop, 7, pure=False, priority=1).result(
+            CALL_TIMEOUT_S), 7)
+        seconds = time.perf_counter() - start
+        self._wait_all(long)
+        return seconds, time.perf_counter() - began
+
     def close(self) -> None:
         self.client.close()
         self.cluster.close()
@@ -274,6 +306,17 @@ class RaySession(Session):
     def roundtrip(self) -> None:
         _expect("result", self._get(self._remote["noop"].remote(7)), 7)
 
+    def short_behind_long(self, n: int) -> tuple[float, float]:
+        """Ray has no task priorities: the short task is simply submitted after the others."""
+        began = time.perf_counter()
+        long = [self._remote["sleep_250ms"].remote(i) for i in range(n)]
+        time.sleep(BEHIND_S)
+        start = time.perf_counter()
+        _expect("result", self._get(self._remote["noop"].remote(7)), 7)
+        seconds = time.perf_counter() - start
+        _expect("units run", len(self._get(long)), n)
+        return seconds, time.perf_counter() - began
+
     def close(self) -> None:
         self._ray.shutdown()
 
@@ -319,6 +362,17 @@ class PoolSession(Session):
 
     def roundtrip(self) -> None:
         _expect("result", self.executor.submit(units.noop, 7).result(CALL_TIMEOUT_S), 7)
+
+    def short_behind_long(self, n: int) -> tuple[float, float]:
+        """The pool has no priorities: the short task runs once a process is free of the queue."""
+        began = time.perf_counter()
+        long = [self.executor.submit(units.sleep_250ms, i) for i in range(n)]
+        time.sleep(BEHIND_S)
+        start = time.perf_counter()
+        _expect("result", self.executor.submit(units.noop, 7).result(CALL_TIMEOUT_S), 7)
+        seconds = time.perf_counter() - start
+        _expect("units run", len([f.result(CALL_TIMEOUT_S) for f in long]), n)
+        return seconds, time.perf_counter() - began
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -17,7 +17,17 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench import efficiency, latency, report, scale, startup, streaming, throughput
+from bench import (
+    efficiency,
+    latency,
+    long_units,
+    report,
+    scale,
+    spread,
+    startup,
+    streaming,
+    throughput,
+)
 from bench.peers import OURS, RUNTIMES, Runtime
 from bench.stats import NOT_RUN, Result, skipped
 from bench.system import machine
@@ -30,11 +40,15 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in (
     Workload("durable", "2c. many small tasks on a durable master", throughput.durable_tasks),
     Workload("latency", "3. latency", latency.latency),
     Workload("efficiency", "4. 10 ms units", efficiency.efficiency),
+    Workload("long", "4b. few long units", long_units.long_units, uses_shared_session=False),
+    Workload("skewed", "4c. skewed units", spread.skewed_units),
+    Workload("sharing", "4d. two tasks sharing", spread.two_tasks),
     Workload("streaming", "5. streaming", streaming.streaming, uses_shared_session=False),
     Workload("startup", "6. start and close", startup.startup, uses_shared_session=False),
     Workload("scale", "7. scale", scale.scale, uses_shared_session=False),
 )}
-DEFAULT_WORKLOADS = ("tiny", "many", "raising", "durable", "latency", "efficiency", "streaming", "startup")
+DEFAULT_WORKLOADS = ("tiny", "many", "raising", "durable", "latency", "efficiency", "long",
+                     "skewed", "sharing", "streaming", "startup")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

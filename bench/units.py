@@ -7,6 +7,8 @@ the rest of the bench.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from typing import Any
 
@@ -14,6 +16,22 @@ from actors import ParallelTask, Task
 
 SLEEP_S = 0.010
 BUSY_S = 0.010
+LONG_S = 0.25
+SKEWED_MEAN_S = 0.010
+SKEWED_SIGMA = 1.5  # lognormal: most units well under the mean, a few ten to thirty times it
+
+
+def _skewed_durations(count: int = 400, seed: int = 13) -> tuple[float, ...]:
+    """``count`` lognormal durations scaled to a mean of exactly ``SKEWED_MEAN_S``, in a fixed
+    order (the same for every runtime and every run)."""
+    rng = random.Random(seed)
+    mu = math.log(SKEWED_MEAN_S) - SKEWED_SIGMA ** 2 / 2
+    drawn = [rng.lognormvariate(mu, SKEWED_SIGMA) for _ in range(count)]
+    scale = SKEWED_MEAN_S * count / sum(drawn)
+    return tuple(d * scale for d in drawn)
+
+
+SKEWED_S = _skewed_durations()
 
 
 # --- unit bodies, shared by every runtime ------------------------------------
@@ -25,6 +43,17 @@ def noop(x: Any = None) -> Any:
 
 def sleep_10ms(x: Any = None) -> Any:
     time.sleep(SLEEP_S)
+    return x
+
+
+def sleep_250ms(x: Any = None) -> Any:
+    time.sleep(LONG_S)
+    return x
+
+
+def sleep_skewed(x: int = 0) -> Any:
+    """Unit ``x`` sleeps ``SKEWED_S[x]`` (cycling past the end)."""
+    time.sleep(SKEWED_S[x % len(SKEWED_S)])
     return x
 
 
@@ -43,7 +72,8 @@ def noop_or_raise(x: int, every: int) -> int:
     return x
 
 
-UNIT_BODIES = {"noop": noop, "sleep_10ms": sleep_10ms, "busy_10ms": busy_10ms}
+UNIT_BODIES = {"noop": noop, "sleep_10ms": sleep_10ms, "busy_10ms": busy_10ms,
+               "sleep_250ms": sleep_250ms, "sleep_skewed": sleep_skewed}
 
 
 # --- pydra-actors tasks -------------------------------------------------------
@@ -86,8 +116,17 @@ class BusyUnits(CountUnits):
     body = staticmethod(busy_10ms)
 
 
+class LongUnits(CountUnits):
+    body = staticmethod(sleep_250ms)
+
+
+class SkewedUnits(CountUnits):
+    body = staticmethod(sleep_skewed)
+
+
 #: The ParallelTask that runs ``n`` units of each body (helper workers never run ``get_work``,
 #: so the body is chosen by class, not by argument).
 PARALLEL_TASKS: dict[str, type[CountUnits]] = {
     "noop": NoopUnits, "sleep_10ms": SleepUnits, "busy_10ms": BusyUnits,
+    "sleep_250ms": LongUnits, "sleep_skewed": SkewedUnits,
 }

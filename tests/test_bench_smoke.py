@@ -63,7 +63,8 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
                 for r in doc["results"] if r["values"]}
     workloads = {w for w, _, _, _ in measured}
     assert workloads == {"tiny units", "many small tasks", "tasks that raise", "latency",
-                         "10 ms units", "streaming", "start and close", "many small tasks, journal"}
+                         "10 ms units", "few long units", "skewed units", "two tasks sharing",
+                         "streaming", "start and close", "many small tasks, journal"}
     ours_only = {"many small tasks, journal"}  # a master's journal: the pool has none
     for runtime in ("pydra-actors", "process pool"):
         expected = workloads if runtime == "pydra-actors" else workloads - ours_only

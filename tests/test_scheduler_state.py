@@ -7,13 +7,20 @@ from collections import deque
 import pytest
 
 from actors.core import scheduler_events as ev
-from actors.core.scheduler_state import FIRST_BATCH, SchedulerState, WarmKey, unit_digest
+from actors.core.scheduler_state import SchedulerState, WarmKey, unit_digest
 from actors.messages import UnitCall, UnitOutcome
+
+# Scenarios about what happens to runs of several units (failures, steals, dependencies) start
+# with this many units a run, two runs a worker, as if a unit time were known already.
+FIRST_BATCH = 4
 
 
 class Harness:
-    def __init__(self, max_deaths: int = 3, restart_after_error: bool = False) -> None:
-        self.state = SchedulerState(max_deaths=max_deaths, restart_after_error=restart_after_error)
+    def __init__(self, max_deaths: int = 3, restart_after_error: bool = False,
+                 batched: bool = False) -> None:
+        first = {"first_batch": FIRST_BATCH, "first_depth": 2 * FIRST_BATCH} if batched else {}
+        self.state = SchedulerState(max_deaths=max_deaths, restart_after_error=restart_after_error,
+                                    **first)
         self.now = 0.0
 
     def __call__(self, event_type: type[ev.Event], *args: object, **kwargs: object
@@ -35,6 +42,15 @@ def ok(*indices: int) -> list[UnitOutcome]:
 @pytest.fixture
 def s() -> Harness:
     h = Harness()
+    h(ev.NodeJoined, "n1")
+    h(ev.WorkerReady, "n1", "w1")
+    return h
+
+
+@pytest.fixture
+def s4() -> Harness:
+    """One worker, and runs of ``FIRST_BATCH`` units from the start."""
+    h = Harness(batched=True)
     h(ev.NodeJoined, "n1")
     h(ev.WorkerReady, "n1", "w1")
     return h
@@ -64,7 +80,27 @@ def test_a_plain_task_finishes_and_its_worker_stays_warm(s: Harness) -> None:
     assert s.state.workers["w1"].task_id is None
 
 
-def test_sliced_units_go_to_the_driver_then_to_a_helper(s: Harness) -> None:
+def test_until_a_unit_is_measured_units_go_out_one_at_a_time_per_worker(s: Harness) -> None:
+    submit(s)
+    out = s(ev.UnitsSliced, "w1", "t1", units(*range(10)), True)
+    assert out == [ev.Dispatch("n1", "w1", "t1", 1, units(0))]
+    out = s(ev.WorkerReady, "n1", "w2")
+    assert out == [
+        ev.Assign("n1", "w2", "t1", "Name", "parallel", b"code", b"args", False),
+        ev.Dispatch("n1", "w2", "t1", 2, units(1)),
+    ]
+    # 0.8 s units: one at a time still, each worker's next unit when it is free
+    out = s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 0.8)
+    assert out[2:] == [ev.Dispatch("n1", "w1", "t1", 3, units(2))]
+    out = s(ev.WorkerReady, "n1", "w3")
+    assert out == [
+        ev.Assign("n1", "w3", "t1", "Name", "parallel", b"code", b"args", False),
+        ev.Dispatch("n1", "w3", "t1", 4, units(3)),
+    ]
+
+
+def test_sliced_units_go_to_the_driver_then_to_a_helper(s4: Harness) -> None:
+    s = s4
     submit(s)
     out = s(ev.UnitsSliced, "w1", "t1", units(*range(10)), True)
     assert out == [
@@ -78,7 +114,8 @@ def test_sliced_units_go_to_the_driver_then_to_a_helper(s: Harness) -> None:
     ]
 
 
-def test_results_are_forwarded_to_the_driver_once(s: Harness) -> None:
+def test_results_are_forwarded_to_the_driver_once(s4: Harness) -> None:
+    s = s4
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(0, 1), True)
     s(ev.WorkerReady, "n1", "w2")
@@ -95,12 +132,13 @@ def test_results_are_forwarded_to_the_driver_once(s: Harness) -> None:
 def test_batches_grow_from_the_measured_unit_time(s: Harness) -> None:
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(*range(2000)), True)
-    s(ev.UnitsFinished, "w1", "t1", 1, ok(*range(FIRST_BATCH)), 1e-5 * FIRST_BATCH)
-    dispatched = [i for i in s.state.workers["w1"].in_flight]
-    assert len(dispatched) > 2 * FIRST_BATCH  # ~5 ms of 10 µs units per batch
+    out = s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 8e-6)
+    # 8 µs units: ~5 ms of them a run (up to MAX_BATCH), up to ~50 ms of them in flight
+    assert [len(d.units) for d in out if isinstance(d, ev.Dispatch)] == [512, 512, 512, 463]
 
 
-def test_a_unit_on_three_dying_workers_fails_its_task_with_every_cause(s: Harness) -> None:
+def test_a_unit_on_three_dying_workers_fails_its_task_with_every_cause(s4: Harness) -> None:
+    s = s4
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(*range(2 * FIRST_BATCH + 1)), True)
     last = 2 * FIRST_BATCH  # the driver's prefetch is full: the last unit waits for a helper
@@ -115,7 +153,8 @@ def test_a_unit_on_three_dying_workers_fails_its_task_with_every_cause(s: Harnes
     assert s.state.tasks["t1"].state == "erred"
 
 
-def test_a_worker_its_node_stopped_is_requeued_but_not_counted_as_a_death(s: Harness) -> None:
+def test_a_worker_its_node_stopped_is_requeued_but_not_counted_as_a_death(s4: Harness) -> None:
+    s = s4
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(*range(2 * FIRST_BATCH + 1)), True)
     last = 2 * FIRST_BATCH
@@ -144,7 +183,8 @@ def test_warm_workers_of_an_old_package_version_are_retired(s: Harness) -> None:
     assert out[0] == ev.KillWorker("n1", "w2", "task t2 done")
 
 
-def test_a_requeued_unit_runs_elsewhere_and_the_story_says_why(s: Harness) -> None:
+def test_a_requeued_unit_runs_elsewhere_and_the_story_says_why(s4: Harness) -> None:
+    s = s4
     submit(s)
     s(ev.WorkerReady, "n1", "w2")
     s(ev.UnitsSliced, "w1", "t1", units(*range(12)), True)
@@ -168,7 +208,8 @@ def test_a_lost_driver_restarts_the_task_and_stops_its_helpers(s: Harness) -> No
     assert out == [ev.Assign("n1", "w3", "t1", "Name", "parallel", b"code", b"args", True)]
 
 
-def test_a_restarted_driver_gets_finished_results_replayed_not_recomputed(s: Harness) -> None:
+def test_a_restarted_driver_gets_finished_results_replayed_not_recomputed(s4: Harness) -> None:
+    s = s4
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(*range(6)), True)
     run = s.state.workers["w1"].in_flight[0]
@@ -193,7 +234,8 @@ def test_a_restarted_driver_gets_finished_results_replayed_not_recomputed(s: Har
     assert ("units 0-2", "memory", "replayed") in [e[:3] for e in story]
 
 
-def test_a_failing_unit_fails_the_task_and_its_workers_stay_warm(s: Harness) -> None:
+def test_a_failing_unit_fails_the_task_and_its_workers_stay_warm(s4: Harness) -> None:
+    s = s4
     submit(s)
     s(ev.WorkerReady, "n1", "w2")
     s(ev.UnitsSliced, "w1", "t1", units(*range(12)), True)
@@ -205,7 +247,8 @@ def test_a_failing_unit_fails_the_task_and_its_workers_stay_warm(s: Harness) -> 
     assert {w.warm_for for w in s.state.workers.values()} == {WarmKey("c1")}
 
 
-@pytest.mark.parametrize("harness", [Harness(), Harness(restart_after_error=True)],
+@pytest.mark.parametrize("harness", [Harness(batched=True),
+                                     Harness(restart_after_error=True, batched=True)],
                          ids=["a fatal error", "restart after any error"])
 def test_a_fatal_error_or_the_restart_option_kills_the_workers(harness: Harness) -> None:
     s = harness
@@ -233,7 +276,8 @@ def test_a_plain_task_that_raises_keeps_its_worker_which_runs_the_next(s: Harnes
                    ev.Assign("n1", "w1", "t2", "Name", "task", b"code", b"args", True)]
 
 
-def test_a_raising_unit_runs_again_as_often_as_asked_then_fails_its_task(s: Harness) -> None:
+def test_a_raising_unit_runs_again_as_often_as_asked_then_fails_its_task(s4: Harness) -> None:
+    s = s4
     s(ev.TaskSubmitted, task_id="t1", client_id="c1", name="Name", kind="parallel", code=b"code",
       args=b"args", retries=2)
     s(ev.UnitsSliced, "w1", "t1", units(0, 1), True)
@@ -328,7 +372,7 @@ def test_only_the_latest_finished_tasks_are_kept(monkeypatch: pytest.MonkeyPatch
 
 
 def two_workers() -> Harness:
-    h = Harness()
+    h = Harness(batched=True)
     h(ev.NodeJoined, "n1", "tcp://n1")
     h(ev.NodeJoined, "n2", "tcp://n2")
     h(ev.WorkerReady, "n1", "w1")
@@ -349,7 +393,7 @@ def dispatches(out: list[ev.Instruction]) -> list[ev.Dispatch]:
 
 
 def test_a_dependent_waits_for_its_inputs_then_goes_alone_with_their_holders() -> None:
-    s = Harness()
+    s = Harness(batched=True)
     s(ev.NodeJoined, "n1", "tcp://n1")
     s(ev.WorkerReady, "n1", "w1")
     submit(s)
@@ -602,3 +646,107 @@ def test_a_failing_task_with_retries_frees_its_worker_for_the_next_queued_one(s:
     assert out[0] == ev.ReleaseWorker("n1", "w1", "t1")
     assert s.state.workers["w1"].task_id == "t2"
     assert ("w1", "t1") in assigned(out)  # t1's retry queues behind t2 on the same worker
+
+
+# --- sharing: idle workers join, a better task takes helpers as their units end -----------------
+
+
+def three_workers() -> Harness:
+    h = Harness()
+    h(ev.NodeJoined, "n1")
+    for worker in ("w1", "w2", "w3"):
+        h(ev.WorkerReady, "n1", worker)
+    return h
+
+
+def assign(worker: str, task: str, driver: bool) -> ev.Assign:
+    return ev.Assign("n1", worker, task, "Name", "parallel", b"code", b"args", driver)
+
+
+def results(task: str, *indices: int, driver: str = "w1") -> list[ev.Instruction]:
+    """What a worker's finished run of plain units makes: forwarded to the driver, recorded."""
+    return [ev.ForwardResults("n1", driver, task, [(i, b"res%d" % i) for i in indices]),
+            ev.RecordResults(task, [(i, unit_digest(u), b"res%d" % i)
+                                    for i, u in zip(indices, units(*indices), strict=True)])]
+
+
+def test_every_idle_worker_joins_a_task_with_queued_units() -> None:
+    s = three_workers()
+    assert submit(s) == [assign("w1", "t1", True)]
+    assert s(ev.UnitsSliced, "w1", "t1", units(*range(10)), True) == [
+        ev.Dispatch("n1", "w1", "t1", 1, units(0)),
+        assign("w2", "t1", False), ev.Dispatch("n1", "w2", "t1", 2, units(1)),
+        assign("w3", "t1", False), ev.Dispatch("n1", "w3", "t1", 3, units(2)),
+    ]
+    # 0.8 s units: each worker gets its next unit as it finishes one, and no more
+    assert s(ev.UnitsFinished, "w3", "t1", 3, ok(2), 0.8) == [
+        *results("t1", 2), ev.Dispatch("n1", "w3", "t1", 4, units(3))]
+
+
+def test_a_better_task_takes_the_first_helper_whose_unit_ends() -> None:
+    s = three_workers()
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(10)), True)
+    s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 0.8)  # measured: one unit at a time
+    # Every worker busy with t1: t2 waits, and t1's helpers get no more units meanwhile.
+    assert submit(s, "t2", priority=1) == []
+    assert s.state.tasks["t2"].state == "queued"
+    out = s(ev.UnitsFinished, "w2", "t1", 2, ok(1), 0.8)
+    assert out == [*results("t1", 1), ev.ReleaseWorker("n1", "w2", "t1"), assign("w2", "t2", True)]
+    assert ("worker w2", "helping", "released", "yields to t2") in [e[:4] for e in s.state.story("t1")]
+    # t2 slices: it wants more workers, so t1's other helper goes to it when its unit ends ...
+    assert s(ev.UnitsSliced, "w2", "t2", units(0, 1, 2), True) == [
+        ev.Dispatch("n1", "w2", "t2", 5, units(0))]
+    out = s(ev.UnitsFinished, "w3", "t1", 3, ok(2), 0.8)
+    assert out == [*results("t1", 2), ev.ReleaseWorker("n1", "w3", "t1"),
+                   assign("w3", "t2", False), ev.Dispatch("n1", "w3", "t2", 6, units(1))]
+    # ... while t1's driver goes on with t1's units: it is never taken.
+    out = s(ev.UnitsFinished, "w1", "t1", 4, ok(3), 0.8)
+    assert out == [*results("t1", 3), ev.Dispatch("n1", "w1", "t1", 7, units(4))]
+    out = s(ev.UnitsFinished, "w2", "t2", 5, ok(0), 0.8, )
+    assert out == [*results("t2", 0, driver="w2"), ev.Dispatch("n1", "w2", "t2", 8, units(2))]
+    # Nothing of t2 is queued any more: its idle helper goes back to t1 at once.
+    out = s(ev.UnitsFinished, "w3", "t2", 6, ok(1), 0.8)
+    assert out == [*results("t2", 1, driver="w2"), ev.ReleaseWorker("n1", "w3", "t2"),
+                   assign("w3", "t1", False), ev.Dispatch("n1", "w3", "t1", 9, units(5))]
+
+
+def test_a_task_of_the_same_rank_or_below_waits_for_its_turn() -> None:
+    s = three_workers()
+    submit(s, priority=1)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(10)), True)
+    submit(s, "t2", priority=1)  # submitted later: ranked below
+    submit(s, "t3", priority=0)
+    out = s(ev.UnitsFinished, "w2", "t1", 2, ok(1), 0.8)
+    assert out == [*results("t1", 1), ev.Dispatch("n1", "w2", "t1", 4, units(3))]
+
+
+def test_a_helper_holding_a_kept_result_is_not_let_go() -> None:
+    s = three_workers()
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", [*units(0), kept(1), *units(*range(2, 10))], True)
+    submit(s, "t2", priority=1)
+    out = s(ev.UnitsFinished, "w2", "t1", 2, [held(1)], 0.8)  # w2 holds unit 1's result
+    assert out == [ev.ForwardResults("n1", "w1", "t1", [], [(1, "w2", "")])]
+    out = s(ev.UnitsFinished, "w3", "t1", 3, ok(2), 0.8)
+    # w3 goes; once t2 has its driver, nothing better wants w2: it gets t1's next unit
+    assert out == [*results("t1", 2), ev.ReleaseWorker("n1", "w3", "t1"), assign("w3", "t2", True),
+                   ev.Dispatch("n1", "w2", "t1", 4, units(3))]
+
+
+def test_a_worker_that_becomes_idle_joins_to_steal_a_run_queued_behind_a_long_one() -> None:
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    s(ev.WorkerReady, "n1", "w2")
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(0, 1, 2, 3), True)  # w1: unit 0, w2: unit 1
+    # 20 ms units: two in flight a worker; w1 takes 2 and 3, and begins 2 (which will be long).
+    out = s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 0.02)
+    assert out[2:] == [ev.Dispatch("n1", "w1", "t1", 3, units(2)),
+                       ev.Dispatch("n1", "w1", "t1", 4, units(3))]
+    # A worker that comes free joins, and asks for the run w1 has not begun.
+    out = s(ev.WorkerReady, "n1", "w3")
+    assert out == [assign("w3", "t1", False), ev.Steal("n1", "w1", "t1", 4)]
+    out = s(ev.StealAnswered, "w1", "t1", 4, True)
+    assert out == [ev.Dispatch("n1", "w3", "t1", 5, units(3))]

@@ -176,6 +176,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.feed(ev.WorkerReady(self.now, node, f"w{self.next_worker}"))
         self.flush()
 
+    @rule(count=st.integers(2, 4))
+    def several_workers_join(self, count: int) -> None:
+        """More workers than one task's driver: they must all find work while units wait."""
+        for i in range(count):
+            self.worker_joins(self.nodes[i % 2])
+
     @precondition(lambda self: self.state.workers)
     @rule(data=st.data())
     def a_worker_is_announced_again(self, data: st.DataObject) -> None:
@@ -233,12 +239,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.flush()
 
     @precondition(lambda self: any(self.runs.values()))
-    @rule(data=st.data(), fail=st.integers(0, 30))
-    def a_batch_finishes(self, data: st.DataObject, fail: int) -> None:
+    @rule(data=st.data(), fail=st.integers(0, 30), seconds=st.sampled_from([0.001, 0.5]))
+    def a_batch_finishes(self, data: st.DataObject, fail: int, seconds: float) -> None:
+        """Short units fill every worker at once; long ones go one at a time, so units wait."""
         worker = data.draw(st.sampled_from(sorted(w for w, r in self.runs.items() if r)))
         run = self.runs[worker].pop(0)
         outcomes = [outcome(u, fail != 0) for u in run.units]
-        self.feed(ev.UnitsFinished(self.now, worker, run.task_id, run.run_id, outcomes, 0.001))
+        self.feed(ev.UnitsFinished(self.now, worker, run.task_id, run.run_id, outcomes, seconds))
         self.flush()
 
     @precondition(lambda self: self.busy_drivers())
@@ -322,6 +329,32 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.state.validate()
         for task_id, reports in self.reports.items():
             assert len(reports) == 1, f"{task_id} reported {len(reports)} times"
+
+    @invariant()
+    def no_worker_idles_while_units_are_queued(self) -> None:
+        """Units queued for a task (or runs a busy worker of it has not begun): no idle worker
+        could run them (clean, or warm for its code); and no helper of another task idles with
+        nothing of its own queued (it would be let go to them), unless it holds a kept result or
+        its task waits for a steal's answer."""
+        for task in self.state._parallel.values():
+            idle = [w for w, r in self.state.workers.items()
+                    if r.task_id is None and r.warm_for in (None, task.warm_key)]
+            if not task.units.pending:
+                # ... nor while a worker of the task holds a run it has not begun and none of
+                # the task's own workers idles to steal it
+                busy = [self.state.workers[w] for w in task.workers]
+                stealable = (not task.units.steal_pending and all(w.in_flight for w in busy)
+                             and any(len(set(w.in_flight.values())) > 1 for w in busy))
+                assert not (stealable and idle), f"{idle} idle while {task.task_id} has runs to steal"
+                continue
+            assert not idle, f"{idle} idle while {task.task_id} has units queued"
+            for other in self.state._parallel.values():
+                if (other is task or other.warm_key != task.warm_key or other.units.pending
+                        or other.units.steal_pending):
+                    continue
+                spare = [w for w in sorted(other.workers - {other.driver})
+                         if not self.state.workers[w].in_flight and w not in other.units.held.values()]
+                assert not spare, f"{spare} idle in {other.task_id} while {task.task_id} has units queued"
 
     def teardown(self) -> None:
         """Stop the chaos: give workers, finish every batch and slice, and every task must end."""

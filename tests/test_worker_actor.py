@@ -268,15 +268,15 @@ def test_releases_and_steals_that_hit_executing_units_cancel_refuse_and_resume(
     """Releases and steals that reach the real worker while its units execute: a steal of an
     executing (or resumed) run is refused; a release cancels the execution, which runs on; a run
     asked for again meanwhile resumes it (executed once, reported once); a run released and not
-    asked again reports no result, only its release once its execution has ended."""
+    asked again reports no result, only its release once its execution has ended. The worker has
+    one execution slot (``EXECUTION_SLOTS``): the runs behind the executing one wait, stealable."""
     folder = tmp_path / "gates"
     folder.mkdir()
-    executing = list(range(1, EXECUTION_SLOTS + 1))  # runs 1, 2: they take both slots
-    first, second = executing[0], executing[-1]
-    assert first != second, "the scenario needs two execution slots"
-    stolen, released_ready = second + 1, second + 2  # queued (ready) when the requests come
-    rest = list(range(second + 3, second + 7))
-    runs = [*executing, stolen, released_ready, *rest]
+    assert EXECUTION_SLOTS == 1, "the scenario runs one execution at a time"
+    first, second = 1, 2  # executing in turn: run 2 only once run 1 has ended
+    stolen, released_ready = 3, 4  # queued (ready) when the requests come
+    rest = list(range(5, 9))
+    runs = [first, second, stolen, released_ready, *rest]
 
     def run_units(run: int) -> m.RunUnits:
         return m.RunUnits("t1", run, [m.UnitCall(run, dumps((run, str(folder))))])
@@ -292,30 +292,36 @@ def test_releases_and_steals_that_hit_executing_units_cancel_refuse_and_resume(
         inbox = Inbox(node, proc)
         for run in runs:
             node.send(run_units(run))
-        # Both slots hold an execution, and the executor thread really runs the first one.
+        # The slot holds the first run, and the executor thread really runs it.
         inbox.wait_for_story(
-            lambda story: all((key(r), "ready", "executing") in story for r in executing)
-            and started()[first] == 1,
-            "the first runs to execute")
-        assert not any((key(r), "ready", "executing") in inbox.story()
-                       for r in (stolen, released_ready, *rest))
+            lambda story: (key(first), "ready", "executing") in story and started()[first] == 1,
+            "the first run to execute")
+        assert not any((key(r), "ready", "executing") in inbox.story() for r in runs[1:])
 
         # Every gate is shut: nothing can finish while these arrive.
         node.send(m.StealUnits("t1", first))
-        node.send(m.StealUnits("t1", second))
         node.send(m.StealUnits("t1", stolen))
-        node.send(m.ReleaseUnits("t1", [first, second, released_ready]))
+        node.send(m.ReleaseUnits("t1", [first, released_ready]))
         node.send(run_units(first))  # wanted again while its execution still runs
         node.send(m.StealUnits("t1", first))
         story = inbox.wait_for_story(
-            lambda story: (key(first), "cancelled", "resumed") in story
-            and (key(second), "executing", "cancelled") in story, "the cancels and the resume")
+            lambda story: (key(first), "cancelled", "resumed") in story, "the cancel and resume")
         assert (key(first), "executing", "cancelled") in story
         assert inbox.steal_replies() == [
-            (first, False, "executing"), (second, False, "executing"), (stolen, True, "ready"),
-            (first, False, "resumed")]
+            (first, False, "executing"), (stolen, True, "ready"), (first, False, "resumed")]
         assert inbox.released() == Counter({released_ready: 1})  # it held nothing: at once
         assert inbox.done() == Counter(), "a result came back while every gate was shut"
+
+        # The first run ends: the second takes the slot, and is released while it executes.
+        (folder / f"gate{first}").touch()
+        inbox.wait_for_story(
+            lambda story: (key(second), "ready", "executing") in story and started()[second] == 1,
+            "the second run to execute")
+        node.send(m.StealUnits("t1", second))
+        node.send(m.ReleaseUnits("t1", [second]))
+        inbox.wait_for_story(lambda story: (key(second), "executing", "cancelled") in story,
+                             "the second run's cancel")
+        assert inbox.steal_replies()[-1] == (second, False, "executing")
 
         for run in runs:
             (folder / f"gate{run}").touch()
@@ -324,6 +330,7 @@ def test_releases_and_steals_that_hit_executing_units_cancel_refuse_and_resume(
                        and inbox.released()[second] > 0, "every wanted result")
         # Every execution has ended: the story answer is a barrier for anything still to come.
         story = inbox.story()
+        executing = [first, second]
 
     assert inbox.done() == Counter(wanted), inbox.done()  # each wanted result exactly once
     assert inbox.released() == Counter({second: 1, released_ready: 1})  # no result for those

@@ -86,8 +86,8 @@ class WorkerMachine(RuleBasedStateMachine):
 
     @initialize(nthreads=st.integers(1, 3))
     def start(self, nthreads: int) -> None:
-        # The Worker actor runs with two execution slots (unit_runner.EXECUTION_SLOTS): with more
-        # than one, cancelled and resumed executions share the slots with new ones.
+        # The Worker actor runs with one execution slot (unit_runner.EXECUTION_SLOTS), one per
+        # executor thread; with more, cancelled and resumed executions share the slots with new ones.
         self.ws = WorkerState(nthreads=nthreads, max_fetches=2)
 
     # --- plumbing ----------------------------------------------------------

@@ -10,12 +10,31 @@ instance. No worker is held by a task beyond its need.
 A submitted task waits in the queue until a worker becomes its **driver**:
 for a ``Task`` the driver runs ``work``; for a ``ParallelTask`` it slices
 (``UnitsSliced``, a bounded look-ahead at a time), reduces, and also runs
-units, so one worker is enough. While a task has sliced units pending,
-further workers join it as helpers, highest ``priority`` task first, then
-submission order. Units are dispatched in batches sized from the measured
-unit time (about 5 ms of work per batch, two batches in flight per worker)
-so a worker never idles between batches and a slow unit never waits behind
-a hundred others.
+units, so one worker is enough. While a task has sliced units pending, every
+idle worker that may run its code (clean, or warm for the same key) joins it
+as a helper, highest ``priority`` task first, then submission order
+(``_rank``); an idle worker warm for other code is replaced (isolation).
+
+Batches. Units go out in runs (``Dispatch``), topped up per worker to a
+depth in flight. Until a unit of the task has been measured, one unit a run
+and one in flight per worker (``first_batch``, ``first_depth``): a unit of
+unknown length may take long, and a batch that starts on one worker cannot be
+split any more, so ten 0.8 s units on three idle workers run 4-3-3, not 8-2.
+From the first measurement on, runs carry about ``BATCH_SECONDS`` of work and
+a worker holds about ``PREFETCH_SECONDS`` (tens of ms) in flight: tiny units
+go by the thousand, so the round trip hides behind queued work; a unit
+longer than that goes out only when its worker has nothing else. A worker
+executes one run at a time (one executor thread); the rest wait in its ready
+queue, from where a steal can take them back.
+
+Sharing. The best-ranked task that wants a worker and finds none idle (a
+queued one needing a driver, else a running one with units queued) makes
+the running ParallelTasks ranked below it with the same warm key yield: their
+helpers get no more units, and each one left with nothing in flight (and no
+kept result) is let go (``ReleaseWorker``) and taken by that task in the same
+``handle``. So a task submitted while a worse one holds every worker starts
+as soon as a unit there ends, not after that task ends. A driver is never
+taken: it holds its task's instance.
 
 Every unit result is recorded once: the first valid result for an open unit
 wins, anything later is dropped. Results are forwarded to the driver.
@@ -37,8 +56,11 @@ it go back to the queue uncounted. A worker killed to end one of its tasks
 
 Stealing. A worker of a task with nothing left to queue is idle while a peer
 has two runs or more in flight: the scheduler asks that peer to give its newest
-run back (``Steal``); the peer accepts only if the run has not started, and the
-units go back to the queue for the idle worker.
+run back (``Steal``); the peer accepts only if the run has not started (it
+executes one run at a time, so its newest is usually still ready), and the
+units go back to the queue for the idle worker. A worker that comes free while
+nothing is queued and every worker of a task is busy, one of them with a run
+not begun, joins that task to steal it (``_join_to_steal``).
 
 Failure is the normal case. A lost helper's units go back to the front of the
 queue; each unit remembers the deaths it witnessed, and the third
@@ -122,7 +144,6 @@ BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
 MAX_BATCH = 512
 MAX_QUEUED_TASKS = 64  # plain Tasks queued on one worker behind the one it runs
-FIRST_BATCH = 4
 STORY_LENGTH = 2_000
 STORY_OPEN_UNITS = 100  # open units a story lists where they are
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
@@ -178,6 +199,11 @@ def _unappend(story: deque[StoryEntry], evicted: StoryEntry | None) -> None:
     story.pop()
     if evicted is not None:
         story.appendleft(evicted)
+
+
+def _rank(task: TaskRecord) -> tuple[int, int]:
+    """Who goes first: the higher ``priority``, then the earlier submitted."""
+    return -task.priority, task.seq
 
 
 def unit_digest(unit: UnitCall) -> int:
@@ -239,8 +265,12 @@ class TaskRecord:
 
 
 class SchedulerState:
-    def __init__(self, *, max_deaths: int = 3, restart_after_error: bool = False) -> None:
+    def __init__(self, *, max_deaths: int = 3, restart_after_error: bool = False,
+                 first_batch: int = 1, first_depth: int = 1) -> None:
         self.max_deaths = max_deaths
+        # Units per run, and in flight per worker, until a task's unit time is measured (see
+        # Batches): one at a time, as units of unknown length may each take long.
+        self.first_batch, self.first_depth = first_batch, max(first_batch, first_depth)
         # Stop the workers of a task whose code raised (a fresh interpreter after any failure),
         # not only after a fatal error (UnitOutcome.fatal).
         self.restart_after_error = restart_after_error
@@ -817,6 +847,16 @@ class SchedulerState:
     # --- scheduling ---------------------------------------------------------
 
     def _schedule(self, now: float) -> None:
+        # A pass that lets a helper go (Sharing) hands it to the task that wanted it in the next
+        # pass; each lets one go, so the workers bound the passes.
+        for _ in range(len(self.workers) + 1):
+            wanting = self._start_queued(now)
+            wanting = self._serve_parallel(wanting, now)
+            if wanting is None or not self._yield_helper(wanting, now):
+                return
+
+    def _start_queued(self, now: float) -> TaskRecord | None:
+        """Drivers for queued tasks, best first; the first one left without a worker, if any."""
         while self._queue:
             task = self.tasks.get(self._queue[0][2])
             if task is None or task.state is not QUEUED:
@@ -828,12 +868,21 @@ class SchedulerState:
                 worker = self._prefetch_worker_for(task)
             if worker is None:
                 self._evict_idle_worker()
-                break
+                return task
             self._dequeue()
             self._join(task, worker, driver=True, now=now, queue=queue)
+        return None
+
+    def _serve_parallel(self, wanting: TaskRecord | None, now: float) -> TaskRecord | None:
+        """Units for the running ParallelTasks, best first, with idle workers joining them while
+        units are queued; the task that wants a worker (``wanting``, if none yet: the first one
+        left with queued units and no idle worker). A task ranked below it with the same warm key
+        gets no more units on its helpers: they drain, to be let go (``_yield_helper``)."""
         # Only ParallelTasks have units to hand out (running plain ones may be many: prefetch).
-        for task in sorted(self._parallel.values(), key=lambda t: (-t.priority, t.seq)):
-            self._dispatch(task)
+        for task in sorted(self._parallel.values(), key=_rank):
+            yielding = (wanting is not None and wanting.warm_key == task.warm_key
+                        and _rank(wanting) < _rank(task))
+            self._dispatch(task, helpers=not yielding)
             while task.units.pending:
                 worker = self._idle_worker_for(task.warm_key)
                 if worker is None:
@@ -841,7 +890,50 @@ class SchedulerState:
                     break
                 self._join(task, worker, driver=False, now=now)
                 self._dispatch(task)
-            self._steal_for_idle(task)
+            if task.units.pending and wanting is None:
+                wanting = task
+            if not yielding:
+                self._join_to_steal(task, now)
+                self._steal_for_idle(task)
+        return wanting
+
+    def _join_to_steal(self, task: TaskRecord, now: float) -> None:
+        """Nothing of the task is queued, every worker of it is busy, and one of them holds a run
+        it has not begun (two or more in flight): an idle worker that may run its code joins, to
+        steal that run (``_steal_for_idle``) instead of idling while it waits."""
+        if task.units.pending or task.units.steal_pending:
+            return
+        workers = [self.workers[w] for w in task.workers]
+        if not all(w.in_flight for w in workers):
+            return  # an idle worker of its own steals
+        if not any(len(set(w.in_flight.values())) > 1 for w in workers):
+            return
+        worker = self._idle_worker_for(task.warm_key)
+        if worker is not None:
+            self._join(task, worker, driver=False, now=now)
+
+    def _yield_helper(self, wanting: TaskRecord, now: float) -> bool:
+        """Let go of one helper with nothing in flight, of a task ranked below ``wanting`` or with
+        no unit queued, so that ``wanting`` takes it (same warm key: no process is replaced). A
+        helper holding kept results stays (they would die with it), and so do a task's helpers
+        while a steal waits for its answer (the answer would be dropped, and the task never asks
+        again)."""
+        for task in sorted(self._parallel.values(), key=_rank, reverse=True):
+            if (task is wanting or task.warm_key != wanting.warm_key or task.units.steal_pending
+                    or (task.units.pending and _rank(task) < _rank(wanting))):
+                continue
+            holders = set(task.units.held.values())
+            for worker_id in sorted(task.workers):
+                worker = self.workers[worker_id]
+                if worker_id == task.driver or worker.in_flight or worker_id in holders:
+                    continue
+                self._let_go(worker, task.task_id)
+                self._undo.discard(task.workers, worker_id)
+                self._note(task, f"worker {worker_id}", "helping", "released",
+                           f"yields to {wanting.task_id}", now)
+                self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
+                return True
+        return False
 
     def _idle_worker_for(self, warm_key: WarmKey) -> WorkerRecord | None:
         """A worker warm for this key, else a clean one."""
@@ -896,18 +988,23 @@ class SchedulerState:
             name=task.name, kind=task.kind, code=task.code, args=task.args, driver=driver,
             package=task.package, version=task.version, code_hash=task.code_hash))
 
-    def _dispatch(self, task: TaskRecord) -> None:
+    def _dispatch(self, task: TaskRecord, *, helpers: bool = True) -> None:
+        """Queued units to the task's workers (only to its driver without ``helpers``), each
+        topped up to its depth (see Batches)."""
         if task.units.unit_seconds is None:
-            batch, depth = FIRST_BATCH, 2 * FIRST_BATCH
+            batch, depth = self.first_batch, self.first_depth  # nothing measured yet
         else:
             per_unit = max(task.units.unit_seconds, 1e-7)
             batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / per_unit)))
             # Tiny units need thousands in flight to hide the round trip; slow ones
-            # only a couple, so the last units of a task do not queue behind others.
-            depth = max(2 * batch, min(8 * batch, int(PREFETCH_SECONDS / per_unit)))
+            # only a couple, so the last units of a task do not queue behind others;
+            # a unit longer than the queued work wanted goes out only when its worker is free.
+            depth = (batch if per_unit >= PREFETCH_SECONDS else
+                     max(2 * batch, min(8 * batch, int(PREFETCH_SECONDS / per_unit))))
         pending, undo = task.units.pending, self._undo
         # The least loaded first, so that units given back by a steal go to the idle worker.
-        for worker_id in sorted(task.workers, key=lambda w: (len(self.workers[w].in_flight), w)):
+        workers = task.workers if helpers or task.driver is None else (task.driver,)
+        for worker_id in sorted(workers, key=lambda w: (len(self.workers[w].in_flight), w)):
             if not pending:
                 return
             worker = self.workers[worker_id]
