@@ -32,6 +32,7 @@ import msgspec
 from actors.errors import JournalUnreadable, MasterSuperseded
 
 SCHEMA = 2
+RESULTS_BUFFERED = 4096  # unit results held for the next commit, at most (see record)
 Entry = tuple[int, int, bytes]  # unit index, digest of its arguments, result
 
 _encoder = msgspec.msgpack.Encoder()
@@ -122,6 +123,9 @@ class Journal:
         self._forget: set[str] = set()  # tasks whose results rows go
         self._with_results: set[str] = set()  # tasks with result rows on disk
         self._commits = 0  # commits so far: the intervals ends are counted in
+        # Unit results waiting for the commit: the master commits early past RESULTS_BUFFERED,
+        # so that a fast task's results do not pile up in its memory between two ticks.
+        self.results_buffered = 0
         self._acks: list[TaskRow] = []  # submissions to acknowledge (not durable)
 
     def _check_schema(self) -> None:
@@ -217,9 +221,12 @@ class Journal:
     def record(self, task_id: str, entries: list[Entry]) -> None:
         if entries:
             self._results.setdefault(task_id, []).append(entries)
+            self.results_buffered += len(entries)
 
     def forget_results(self, task_id: str) -> None:
-        self._results.pop(task_id, None)
+        dropped = self._results.pop(task_id, None)
+        if dropped:
+            self.results_buffered -= sum(map(len, dropped))
         if task_id in self._with_results:
             self._forget.add(task_id)
 
@@ -322,6 +329,7 @@ class Journal:
         self._codes.clear()
         self._gone_clients.clear()
         self._results.clear()
+        self.results_buffered = 0
         self._forget.clear()
         return acks + added
 

@@ -45,7 +45,7 @@ from actors.errors import (
     UnknownTask,
     WorkerKilled,
 )
-from actors.journal import Journal, Restored, TaskRow
+from actors.journal import RESULTS_BUFFERED, Journal, Restored, TaskRow
 from actors.launch import (
     ensure_keys_logged,
     run_script,
@@ -854,6 +854,8 @@ class Master(Shell):
                                 m.DriverResults(ins.task_id, ins.results, ins.held))
             case ev.RecordResults():
                 self.journal.record(ins.task_id, ins.results)
+                if self.journal.results_buffered > RESULTS_BUFFERED:
+                    self._commit()  # early: a fast task's results must not pile up here
             case ev.ReplayResults():
                 self._replay(ins)
             case ev.Steal():
