@@ -53,6 +53,7 @@ log = structlog.get_logger("actors.client")
 MASTER = "master"
 LARGE_CODE_BYTES = 10 * 2**20  # a task's code above this size is worth a warning
 MAX_LINES_KEPT = 10_000  # output lines a future keeps (each worker sends at most 1,000 per task)
+HEARTBEAT_S = 2.0  # how often a client tells the master it is alive
 WAIT_STEP_S = 0.1  # how often a wait in a notebook shows the output that came meanwhile
 #: A future's statuses: waiting for a worker, running, and how it ended (``lost``: with its master).
 _QUEUED, _RUNNING, _DONE, _ERRED, _CANCELLED, _LOST = (
@@ -326,6 +327,8 @@ class Client:
         self._unaccepted: dict[str, tuple[m.Submit, bytes]] = {}  # as sent, and its code
         self._received: list[str] = []
         self._epoch = 0  # the highest master epoch that welcomed us
+        self._last_heartbeat = 0.0  # hub thread only
+        self._hello_at = time.monotonic()  # when we last said Hello
         self._closed = False
         self._names: dict[str, str] | None = None
         self._master_id = ""
@@ -580,6 +583,7 @@ class Client:
             # Back: the same master welcomes us again; a new one means our tasks are gone.
             self._disconnected_since = None
             log.info("master_reconnected", address=self.address)
+            self._hello_at = time.monotonic()
             self._hub.send_now(MASTER, [m.encode(m.Hello(role="client", peer_id=self.client_id,
                                                          protocol=m.PROTOCOL_VERSION,
                                                          version=__version__,
@@ -589,6 +593,11 @@ class Client:
         if self._received and self._disconnected_since is None:
             received, self._received = self._received, []
             self._hub.send_now(MASTER, [m.encode(m.Received(received))])
+        if (self._welcome.is_set() and self._disconnected_since is None
+                and now - self._last_heartbeat >= HEARTBEAT_S):
+            # The master takes a client silent for --client-timeout as gone (its tasks stop).
+            self._last_heartbeat = now
+            self._hub.send_now(MASTER, [m.encode(m.Heartbeat())])
         since = self._disconnected_since
         if since is not None and now - since >= self._master_timeout:
             self._master_lost(f"no connection for {now - since:.0f}s")
@@ -660,7 +669,11 @@ class Client:
                                       f"({self._master_id} -> {master_id})")
                 elif self._master_id:
                     # The same master (restarted on its state directory, or reached again): what
-                    # it had not made durable goes again, with its code; it has the rest.
+                    # it had not made durable goes again, with its code; it has the rest. Code
+                    # goes with the next submits too: it may have dropped ours meanwhile (it
+                    # takes a client silent past its timeout as gone).
+                    with self._send_lock:
+                        self._shipped.clear()
                     if epoch != self._epoch:
                         log.info("master_restarted", epoch=epoch, resent=len(self._unaccepted))
                     for submit, code in list(self._unaccepted.values()):
@@ -669,6 +682,17 @@ class Client:
                         self._hub.send_now(MASTER, [m.encode(submit)])
                 self._master_id, self._epoch = master_id, epoch
                 self._welcome.set()
+            case m.Refused(reason=reason) if (self._welcome.is_set() and "send Hello" in reason
+                                              and time.monotonic() - self._hello_at > 5.0):
+                # (Within a few seconds of a Hello, it answers what was queued before it.)
+                # The master took this client as gone (silent past its client timeout, a cut-off
+                # network) and stopped its tasks: say so on the futures, and introduce us again.
+                self._master_lost("the master no longer knows this client (it was silent "
+                                  "longer than the master's --client-timeout): its tasks stopped")
+                self._hello_at = time.monotonic()
+                self._hub.send_now(MASTER, [m.encode(m.Hello(
+                    role="client", peer_id=self.client_id, protocol=m.PROTOCOL_VERSION,
+                    version=__version__, host=os.uname().nodename, pid=os.getpid()))])
             case m.Refused(reason=reason):
                 self._refusal = reason
                 log.warning("master_refused", reason=reason)

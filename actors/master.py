@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +84,9 @@ BLOCK_S = 60.0
 # After a restart, a client with tasks in the journal that has not said Hello within this long
 # is taken as gone: its tasks are cancelled and their results dropped.
 CLIENT_GRACE_S = 60.0
+# A client silent this long (it sends a heartbeat every 2 s) is taken as gone, as if it had said
+# Bye: its unfinished tasks are cancelled and its code dropped.
+CLIENT_TIMEOUT_S = 120.0
 # A message this long after the last tick means the process was paused (SIGSTOP, a frozen VM):
 # before acting on it, the master asks the journal whether a newer master took over meanwhile
 # (each tick asks too).
@@ -119,7 +122,8 @@ class Master(Shell):
                  restart_after_error: bool = False, allowed: str | None = None,
                  on_crash: Callable[[], None] | None = None,
                  on_superseded: Callable[[], None] | None = None,
-                 metrics: MetricsServer | None = None) -> None:
+                 metrics: MetricsServer | None = None,
+                 client_timeout_s: float = CLIENT_TIMEOUT_S) -> None:
         """``journal``: the state directory's journal, already started (``restored`` is what it
         held). ``allowed``: the allow-list folder, whose file names give each key its role
         (None: peers are taken at their word, for a master without CURVE)."""
@@ -129,6 +133,9 @@ class Master(Shell):
         self.journal = journal
         self.restored: Restored | None = restored
         self.superseded = False
+        self.client_timeout_s = client_timeout_s  # 0: clients are never timed out
+        # Clients taken as gone, newest last: one that comes back learns its tasks were stopped.
+        self.lost_clients: OrderedDict[str, None] = OrderedDict()
         self.metrics = metrics
         self.stats = Snapshot()  # counters since start, published to /metrics on the tick
         master_id = journal.master_id
@@ -383,6 +390,11 @@ class Master(Shell):
         self.client_keys[hello.peer_id] = self.peers[peer_key].key
         if self.awaiting.pop(hello.peer_id, None) is not None:
             self.log.info("client_back", client_id=hello.peer_id)
+        if hello.peer_id in self.lost_clients:  # it was silent too long: its tasks were stopped
+            del self.lost_clients[hello.peer_id]
+            for task in self.scheduler.tasks.values():
+                if task.client_id == hello.peer_id and task.state is ev.TaskStatus.CANCELLED:
+                    self.send(SOCKET, peer_key, message=m.TaskCancelled(task.task_id))
         for _, ended in self.journal.undelivered(hello.peer_id):
             self.send(SOCKET, peer_key, frames=[ended])
 
@@ -822,8 +834,19 @@ class Master(Shell):
 
     def _check_liveness(self) -> None:
         for peer in list(self.peers.values()):
-            if peer.role == "node" and self.now - peer.last_seen > self.node_timeout_s:
-                self._node_gone(peer, f"silent for {self.now - peer.last_seen:.1f}s")
+            silent = self.now - peer.last_seen
+            if peer.role == "node" and silent > self.node_timeout_s:
+                self._node_gone(peer, f"silent for {silent:.1f}s")
+            elif peer.role == "client" and self.client_timeout_s and silent > self.client_timeout_s:
+                # Killed, or cut off: nobody will read its tasks' results (clients say Hello
+                # again and go on if they come back; what they had running was stopped).
+                self.peers = {k: p for k, p in self.peers.items() if p is not peer}
+                self.log.warning("client_lost", client_id=peer.peer_id,
+                                 reason=f"silent for {silent:.0f}s")
+                self.lost_clients[peer.peer_id] = None
+                while len(self.lost_clients) > 10_000:
+                    self.lost_clients.popitem(last=False)
+                self._client_gone(peer.peer_id)
 
     def _node_gone(self, peer: Peer, reason: str) -> None:
         self.peers = {k: p for k, p in self.peers.items() if p is not peer}
@@ -991,6 +1014,10 @@ def main(argv: list[str] | None = None, *,
                         help="where the master keeps its journal, so that a restart loses no "
                              "task (default: ~/.local/state/pydra-actors/master-HOST-PORT; with "
                              "--port 0, a temporary folder: nothing survives the master)")
+    parser.add_argument("--client-timeout", type=float, default=CLIENT_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="a client silent this long is taken as gone and its tasks are "
+                             "cancelled (clients send a heartbeat every 2 s; 0: never)")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a "
                              "free one; off by default)")
@@ -1087,7 +1114,8 @@ def main(argv: list[str] | None = None, *,
                               max_deaths=args.max_deaths,
                               restart_after_error=args.restart_after_error,
                               allowed=curve.allowed_dir, on_crash=crashed,
-                              on_superseded=superseded, metrics=metrics)
+                              on_superseded=superseded, metrics=metrics,
+                              client_timeout_s=max(0.0, args.client_timeout))
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))
