@@ -3,11 +3,13 @@ its tasks stop; one that wakes up is told on its futures and goes on (real proce
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,11 @@ def _submitted(proc: subprocess.Popen[str]) -> str:
     return line.split()[1]
 
 
-def test_a_client_killed_without_a_word_has_its_tasks_stopped(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _a_client_with_a_running_task(tmp_path: Path) -> Iterator[
+        tuple[subprocess.Popen[str], Client, str]]:
+    """A master (client timeout 4 s) and a node; a client process whose task runs; a watcher
+    client with the same key. Every process is stopped afterwards."""
     master, node, address = _cluster(tmp_path)
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
@@ -69,43 +75,34 @@ def test_a_client_killed_without_a_word_has_its_tasks_stopped(tmp_path: Path) ->
         with Client(address, keys=tmp_path / "keys", timeout=60) as watcher:
             task_id = _submitted(proc)
             wait_until(lambda: _status(watcher, task_id) == "running", 60, "the task to run")
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            wait_until(lambda: _status(watcher, task_id) == "cancelled", 60,
-                       "the dead client's task to stop")
-        assert "client_lost" in (tmp_path / "master.log").read_text()
+            yield proc, watcher, task_id
     finally:
         kill_all({proc.pid, master.pid, node.pid} | descendants(node.pid))
         for p in (proc, master, node):
             p.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_client_killed_without_a_word_has_its_tasks_stopped(tmp_path: Path) -> None:
+    with _a_client_with_a_running_task(tmp_path) as (proc, watcher, task_id):
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        wait_until(lambda: _status(watcher, task_id) == "cancelled", 60,
+                   "the dead client's task to stop")
+    assert "client_lost" in (tmp_path / "master.log").read_text()
 
 
 def test_a_client_that_wakes_after_the_timeout_learns_its_tasks_stopped_and_goes_on(
         tmp_path: Path) -> None:
-    master, node, address = _cluster(tmp_path)
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT)
-    proc = subprocess.Popen([sys.executable, str(script), address, str(tmp_path / "keys")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with Client(address, keys=tmp_path / "keys", timeout=60) as watcher:
-            task_id = _submitted(proc)
-            wait_until(lambda: _status(watcher, task_id) == "running", 60, "the task to run")
-            os.kill(proc.pid, signal.SIGSTOP)
-            wait_until(lambda: _status(watcher, task_id) == "cancelled", 60,
-                       "the silent client's task to stop")
-            os.kill(proc.pid, signal.SIGCONT)
+    with _a_client_with_a_running_task(tmp_path) as (proc, watcher, task_id):
+        os.kill(proc.pid, signal.SIGSTOP)
+        wait_until(lambda: _status(watcher, task_id) == "cancelled", 60,
+                   "the silent client's task to stop")
+        os.kill(proc.pid, signal.SIGCONT)
         out, _ = proc.communicate(timeout=90)
-        # Told at once (a connection that lived through the pause: MasterLost naming the
-        # client timeout), or when it says Hello again (a new connection: TaskCancelled).
-        assert "stopped: MasterLost" in out and "--client-timeout" in out or \
-            "stopped: TaskCancelled" in out, out
-        assert "after: 0" in out, out  # introduced again, it submits and gets results
-    finally:
-        kill_all({proc.pid, master.pid, node.pid} | descendants(node.pid))
-        for p in (proc, master, node):
-            p.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    # Told at once (a connection that lived through the pause: MasterLost naming the
+    # client timeout), or when it says Hello again (a new connection: TaskCancelled).
+    assert "stopped: MasterLost" in out and "--client-timeout" in out or \
+        "stopped: TaskCancelled" in out, out
+    assert "after: 0" in out, out  # introduced again, it submits and gets results
