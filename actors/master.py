@@ -34,7 +34,7 @@ from actors.cluster import default_keys_dir, local_node_command
 from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
-from actors.core.scheduler_state import SchedulerState, unit_digest
+from actors.core.scheduler_state import SchedulerState
 from actors.errors import (
     ActorsError,
     CodeUnknown,
@@ -92,6 +92,12 @@ CLIENT_TIMEOUT_S = 120.0
 # (each tick asks too).
 PAUSED_S = 2.0
 EX_SUPERSEDED = 75
+# A node back after losing its master reports at most this many busy workers, each holding at
+# most this many tasks (a running one and the prefetched ones queued behind it).
+MAX_REPORTED_WORKERS, MAX_REPORTED_TASKS = 4_096, 128
+# Unit results of a worker stopped at its node's return, held by the node while the master was
+# away, are still taken (``UnitsSalvaged``) for this long after the node's Hello.
+SALVAGE_S = 30.0
 
 
 @dataclass
@@ -162,6 +168,9 @@ class Master(Shell):
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
         self.client_keys: dict[str, bytes] = {}  # client id -> its key (whose tasks are whose)
+        # worker stopped at its node's return -> (its node, the tasks it held, until when its
+        # held unit results are still taken)
+        self.salvage: dict[str, tuple[str, frozenset[str], float]] = {}
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
@@ -246,6 +255,8 @@ class Master(Shell):
                 for worker_id in [w for w in self.worker_codes if w not in self.scheduler.workers]:
                     del self.worker_codes[worker_id]
                 self._forget_old_rejections()
+                if self.salvage:
+                    self.salvage = {w: s for w, s in self.salvage.items() if s[2] > now}
                 self._stories_due()
                 self._commit()
             case Catalogue(packages=packages):
@@ -359,6 +370,10 @@ class Master(Shell):
             problem = f"pydra-actors {hello.version} != master's {__version__}"
         elif hello.role not in ("node", "client"):
             problem = f"role {hello.role!r} cannot connect to a master"
+        elif (len(hello.running) > MAX_REPORTED_WORKERS
+              or any(len(held) > MAX_REPORTED_TASKS for _, held in hello.running)):
+            problem = (f"a node reports at most {MAX_REPORTED_WORKERS} busy workers, "
+                       f"{MAX_REPORTED_TASKS} tasks each")
         if problem:
             if self._reject(Inbound(peer_key, None, hello, key), "handshake_refused", problem):
                 self.send(SOCKET, peer_key, message=m.Refused(problem))
@@ -378,7 +393,28 @@ class Master(Shell):
             self._send_newest(peer_key)
         self.log.info(f"{hello.role}_joined", peer=hello.peer_id, host=hello.host, pid=hello.pid,
                       slots=hello.slots)
+        if hello.running:
+            self._take_back(hello)
         self._welcome(peer_key, hello)
+
+    def _take_back(self, hello: m.Hello) -> None:
+        """A node back after losing us: take back the tasks its workers still run where the
+        scheduler can; the other workers are stopped, and the unit results they finished
+        meanwhile (the node sends them after our Welcome) are kept for a while."""
+        self._restore_once()  # what the journal holds first: the tasks to take back
+        node_id, adopted, stopped = hello.peer_id, 0, 0
+        for worker_id, task_ids in hello.running:
+            if not worker_id.startswith(f"{node_id}/"):
+                continue  # a node names its workers NODE_ID/...
+            self._apply(ev.WorkerAdopted(self.now, node_id, worker_id, tuple(task_ids)))
+            worker = self.scheduler.workers.get(worker_id)
+            if worker is not None and worker.node_id == node_id:
+                adopted += 1
+            else:
+                stopped += 1
+                self.salvage[worker_id] = (node_id, frozenset(task_ids), self.now + SALVAGE_S)
+        self.log.info("node_work_taken_back", node_id=node_id, workers_adopted=adopted,
+                      workers_stopped=stopped)
 
     def _welcome(self, peer_key: bytes, hello: m.Hello) -> None:
         """Welcome; a client back after a restart also gets the ends of its tasks that it has
@@ -430,6 +466,8 @@ class Master(Shell):
             self._unexpected(node, msg)
             return
         if not self._owns_worker(node, worker_id):
+            if isinstance(msg, m.UnitsDone) and self._salvaged(node, worker_id, msg):
+                return
             # A worker the scheduler has dropped (its node was told to stop it) may still speak;
             # one of another node's never.
             known = self.scheduler.workers.get(worker_id)
@@ -466,6 +504,23 @@ class Master(Shell):
                 self._stories_due()
             case _:
                 self._unexpected(node, msg)
+
+    def _salvaged(self, node: Peer, worker_id: str, msg: m.UnitsDone) -> bool:
+        """Unit results of a worker stopped at its node's return: kept if the task is restored
+        and the units not sliced again yet (see ``UnitsSalvaged``)."""
+        entry = self.salvage.get(worker_id)
+        if entry is None or entry[0] != node.peer_id or msg.task_id not in entry[1]:
+            return False
+        results = tuple((o.index, o.digest, o.value) for o in msg.outcomes
+                        if o.ok and not o.held and o.digest)
+        task = self.scheduler.tasks.get(msg.task_id)
+        before = task.units.journaled_count if task is not None else 0
+        if results:
+            self._apply(ev.UnitsSalvaged(self.now, msg.task_id, results))
+        kept = (task.units.journaled_count if task is not None else 0) - before
+        self.log.info("units_salvaged", task_id=msg.task_id, worker_id=worker_id,
+                      offered=len(msg.outcomes), kept=kept)
+        return True
 
     def _from_client(self, peer: Peer, msg: m.Message) -> None:
         match msg:
@@ -662,7 +717,7 @@ class Master(Shell):
         again: list[m.UnitCall] = []
         for unit in ins.units:
             entry = found.get(unit.index)
-            if entry is not None and entry[0] == unit_digest(unit):
+            if entry is not None and entry[0] == m.unit_digest(unit):
                 replayed.append((unit.index, entry[1]))
             else:
                 again.append(unit)

@@ -15,6 +15,7 @@ that node; a worker prefixes what it sends with ``b"n"`` (for its node) or
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import msgspec
@@ -22,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 6  # 6: Accepted, Received, Welcome.epoch (a master that survives a restart)
+PROTOCOL_VERSION = 7  # 7: Hello.running, UnitOutcome.digest (work that outlives a master)
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -43,6 +44,9 @@ class Hello(Message, frozen=True, kw_only=True):
     pid: int = 0
     slots: int = 0  # a node's worker count
     data_address: str = ""  # a node's endpoint for other nodes' data requests
+    # A node back after losing its master: each worker that ran code, and the tasks it still
+    # holds. The master takes back what it can (SchedulerState's WorkerAdopted), stops the rest.
+    running: list[tuple[str, list[str]]] = []
 
 
 class Welcome(Message, frozen=True):
@@ -358,6 +362,14 @@ class UnitCall(Message, frozen=True):
     keep: bool = False
 
 
+def unit_digest(unit: UnitCall) -> int:
+    """What identifies a unit across a re-slicing: its arguments and its dependencies."""
+    return zlib.crc32(unit.args, zlib.crc32(repr(unit.deps).encode()) if unit.deps else _NO_DEPS)
+
+
+_NO_DEPS = zlib.crc32(b"[]")  # most units: spare the repr
+
+
 class RunUnits(Message, frozen=True):
     """A batch of units for one worker. ``holders`` names, for each dependency of these units,
     a worker holding its result and that worker's node data address."""
@@ -458,6 +470,10 @@ class UnitOutcome(Message, frozen=True):
     # Not ok, and the worker must not serve on: the code raised what is not an ordinary
     # Exception (SystemExit, KeyboardInterrupt) or a MemoryError, or the task did not load.
     fatal: bool = False
+    # ``unit_digest`` of the unit, as the worker ran it: lets a restarted master keep a result
+    # that reached it only after the restart (held by the node), for a re-sliced unit that is
+    # the same. The worker's word: it can only mislead the replay of its own task.
+    digest: int = 0
 
 
 class UnitsDone(Message, frozen=True):

@@ -41,6 +41,7 @@ from actors.cluster import default_keys_dir
 from actors.contain import WORKER_SCRIPT, Containment, Limits, Plan, parse_size
 from actors.errors import ActorsError, MalformedMessage
 from actors.launch import master_arg, stop_on_signals
+from actors.master_gate import MasterGate
 from actors.node_data import DataPlane
 from actors.prefork import Forked, fork_workers, worker_args, worker_env
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
@@ -55,6 +56,7 @@ KILL_GRACE_S = 2.0
 HELLO_RETRY_S = 2.0
 UNREACHABLE_AFTER_S, UNREACHABLE_EVERY_S = 5.0, 30.0  # when, and how often, to say so
 MAX_FAILED_STARTS = 5
+MAX_HELD_EXITS = 10_000  # worker exits told to the master when it is back (it was away)
 RUN_DIR_PREFIX = "actors-node-"
 # A task process that outlives its worker dies with it; the node reaps it within this long at exit.
 ORPHAN_REAP_S = 2.0
@@ -101,9 +103,12 @@ class Node(Shell):
     def __init__(self, hub: Hub, config: NodeConfig, on_fatal: Any = None,
                  task_sync: pykka.ActorRef[Any] | None = None,
                  forked: list[Forked] | None = None,
-                 task_ends: TaskEnds | None = None) -> None:
+                 task_ends: TaskEnds | None = None, gate: MasterGate | None = None) -> None:
         super().__init__(hub)
         self.task_ends = task_ends or TaskEnds()
+        self.gate = gate or MasterGate()
+        self.reported: set[str] = set()  # busy workers our last Hello reported: the master decides
+        self.held_exits: list[m.WorkerExited] = []  # while the master was away
         self.orphans: list[int] = []  # what exited workers left, killed, not yet reaped
         self.forked = forked or []
         self.task_sync = task_sync
@@ -158,14 +163,22 @@ class Node(Shell):
     def _from_master(self, msg: m.Message) -> None:
         match msg:
             case m.Welcome(heartbeat_s=heartbeat_s):
+                if self.welcomed:
+                    return  # the answer to a Hello repeated while the first was on its way
                 self.welcomed = True
                 self.waiting_since = None
                 self.heartbeat_s = heartbeat_s
                 self.log.info("joined_master", workers=len(self.workers),
+                              reported_busy=len(self.reported),
                               data_address=self.config.data_address)
+                # (relay_frames opened the gate: what workers said meanwhile is on its way)
+                for died in self.held_exits:
+                    self.send(MASTER, message=died)
+                self.held_exits = []
                 for worker in self.workers.values():
-                    if worker.ready and not worker.expected_exit:
+                    if worker.ready and not worker.expected_exit and worker.worker_id not in self.reported:
                         self._announce(worker)
+                self.reported = set()
             case m.Refused(reason=reason):
                 if "send Hello first" in reason:
                     if self.welcomed:
@@ -182,15 +195,17 @@ class Node(Shell):
     def _forgotten(self) -> None:
         """The master no longer knows us: it restarted, or declared us lost while we were silent.
 
-        Either way it has requeued whatever our workers run, and it will not take their results
-        (they would arrive for runs it gave to other workers). Start afresh: new worker processes,
-        a new introduction. Execution stays at-least-once; no result is recorded twice."""
+        Our workers run on, what they send the master is held (``MasterGate``), and a new Hello
+        says which tasks each of them holds: the master takes back what it can and tells us to
+        stop the rest (it requeued their work). No result is recorded twice."""
         self.log.warning("master_forgot_node", workers=len(self.workers))
+        self.gate.close()
+        self._away()
+        self._hello()
+
+    def _away(self) -> None:
         self.welcomed = False
         self.waiting_since = None
-        for worker_id in list(self.workers):
-            self._kill(worker_id, "the master forgot this node")
-        self._hello()
 
     def _from_worker(self, worker_id: str, msg: m.Message) -> None:
         worker = self.workers.get(worker_id)
@@ -219,8 +234,8 @@ class Node(Shell):
             self._waiting(now)
             if self.stopping:
                 return
-        if not self.welcomed and now - self.last_hello >= HELLO_RETRY_S:
-            self._hello()
+        if not self.welcomed and self.connected and now - self.last_hello >= HELLO_RETRY_S:
+            self._hello()  # (while not connected, the "connected" event sends the next one)
         if self.welcomed and now - self.last_heartbeat >= self.heartbeat_s:
             self.last_heartbeat = now
             self.send(MASTER, message=m.Heartbeat())
@@ -262,7 +277,11 @@ class Node(Shell):
             self.log.error("master_refused_key", hint="is this node's public key in the master's allowed/ folder?")
             self._fatal("the master refused this node's CURVE key")
         elif what == "disconnected" and self.welcomed:
-            self.log.warning("master_disconnected")
+            # Until a Welcome: workers' messages are held (main's on_event closed the gate).
+            self.log.warning("master_disconnected", workers=len(self.workers))
+            self._away()
+        elif what == "connected" and not self.welcomed and not self.stopping:
+            self._hello()  # at once: the master may have restarted, and our work waits
 
     # --- workers ------------------------------------------------------------
 
@@ -330,6 +349,8 @@ class Node(Shell):
             signal=died.signal, maxrss_kb=event.maxrss_kb)
         if self.welcomed and worker.ready:
             self.send(MASTER, message=died)
+        elif worker.ready and len(self.held_exits) < MAX_HELD_EXITS:
+            self.held_exits.append(died)  # the master, back, may still count it as busy
         if not worker.ready and not worker.expected_exit and not self.stopping:
             self._failed_starts += 1
             if self._failed_starts >= MAX_FAILED_STARTS:
@@ -342,12 +363,20 @@ class Node(Shell):
     # --- lifecycle ----------------------------------------------------------
 
     def _hello(self) -> None:
+        """Introduce this node; with every live worker that ran code, and the tasks it still
+        holds (after losing the master: what was running, and what finished meanwhile, whose
+        result is held). The master decides what becomes of them; only clean workers are
+        announced after its Welcome."""
         self.last_hello = self.now
+        live = {w for w, p in self.workers.items() if p.ready and not p.expected_exit}
+        running = sorted((w, tasks) for w, tasks in self.task_ends.holding().items() if w in live)
+        self.reported = {w for w, _ in running}
         self.send(MASTER, message=m.Hello(role="node", peer_id=self.config.node_id,
                                           protocol=m.PROTOCOL_VERSION, version=__version__,
                                           host=os.uname().nodename, pid=os.getpid(),
                                           slots=self.config.slots,
-                                          data_address=self.config.data_address))
+                                          data_address=self.config.data_address,
+                                          running=running))
 
     def _fatal(self, reason: str) -> None:
         self.stopping = True  # what still exits until the process does is no news
@@ -489,18 +518,25 @@ class TaskEnds:
             self._open.pop(worker, None)
             self._idle.discard(worker)
 
+    def holding(self) -> dict[str, list[str]]:
+        """Worker id -> the task instances it holds (those whose end the master has not seen),
+        for every worker that ever held one (an idle one ran someone's code: not clean)."""
+        with self._lock:
+            return {w.decode(): sorted(held) for w, held in self._open.items()}
+
 
 _FOR_TASK_SYNC = (m.ChunkReply, m.UnknownVersion, m.NewestVersions, m.NeedVersion)
 
 
 def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[Any],
                  socket: str, frames: list[bytes], data: DataPlane | None = None,
-                 task_ends: TaskEnds | None = None) -> None:
+                 task_ends: TaskEnds | None = None, gate: MasterGate | None = None) -> None:
     """Route what the node's sockets receive (runs on the hub thread).
 
     master -> ``[body]`` is for the node; ``[worker, body]`` is relayed as is.
-    worker -> ``[worker, b"m", body]`` is relayed to the master as ``[worker, body]``;
-    ``[worker, b"n", body]`` is for the node; data frames go to the data plane.
+    worker -> ``[worker, b"m", body]`` is relayed to the master as ``[worker, body]`` (held while
+    the master is away: ``gate``); ``[worker, b"n", body]`` is for the node; data frames go to
+    the data plane.
     """
     if data is not None and socket != MASTER and socket != WORKERS:
         data.from_network(hub, socket, frames)
@@ -508,6 +544,12 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
     if socket == MASTER:
         if len(frames) == 1:
             msg = m.decode(frames[0])
+            if gate is not None and isinstance(msg, m.Welcome):
+                # What workers said while the master was away goes first, in order.
+                for held in gate.open():
+                    if task_ends is not None:
+                        task_ends.from_worker(held[0], held[1])
+                    hub.relay(MASTER, held)
             tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                           Inbound(b"", None, msg))
         elif len(frames) == 2:
@@ -520,9 +562,12 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             log.warning("malformed_frames", source="master", count=len(frames))
         return
     if len(frames) == 3 and frames[1] == b"m":
+        out = [frames[0], frames[2]]
+        if gate is not None and not gate.passes(out):
+            return  # held: the task it ends stays open in task_ends until it is sent
         if task_ends is not None:
             task_ends.from_worker(frames[0], frames[2])
-        hub.relay(MASTER, [frames[0], frames[2]])
+        hub.relay(MASTER, out)
     elif data is not None and len(frames) == 5 and data.from_worker(hub, frames[0], frames[1:]):
         pass
     elif len(frames) == 3 and frames[1] == b"n":
@@ -621,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         started.wait(10)
         try:
             assert node_ref is not None and sync_ref is not None
-            relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends)
+            relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends, gate)
         except MalformedMessage as exc:
             log.warning("malformed_frame", socket=socket, error=str(exc))
 
@@ -629,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         # A refused key is known within milliseconds of the hub's start, before the Node
         # actor exists: wait for it, as on_frames does, or the refusal is lost.
         started.wait(10)
+        if socket == MASTER and what == "disconnected":
+            gate.close()  # here, on the hub thread: no worker frame slips past it
         tell_if_alive(node_ref, ConnectionEvent(socket, what))
 
     def on_tick(now: float) -> None:
@@ -636,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             tell_if_alive(ref, Tick(now))
 
     task_ends = TaskEnds()
+    gate = MasterGate(log=log.bind(role="node", node_id=node_id))
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
     hub.add_router("workers", config.ipc_address)
@@ -667,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sync_ref = TaskSyncClient.start(hub, os.path.abspath(args.cache or os.path.join(run_dir, "cache")),
                                     grace_s=args.package_grace)
-    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends)
+    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends, gate)
     started.set()
     stop.wait()
     try:

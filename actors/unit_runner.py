@@ -344,6 +344,7 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
     """On the executor thread: run the units, stop at the first failure, report once."""
     started = time.perf_counter()
     outcomes: list[m.UnitOutcome] = []
+    digest = m.unit_digest
     task_output.enter(task_id, "work_unit")
     try:
         work_unit = instance.work_unit
@@ -358,7 +359,7 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                 except Exception as exc:
                     raise not_serializable(value, exc, f"{type(instance).__qualname__} {task_id}",
                                            str(unit.index)) from None
-                outcomes.append(m.UnitOutcome(unit.index, True, data))
+                outcomes.append(m.UnitOutcome(unit.index, True, data, digest=digest(unit)))
             except BaseException as exc:
                 payload, type_name, message, text = describe_failure(exc)
                 outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text,

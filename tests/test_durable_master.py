@@ -59,6 +59,12 @@ class Add(Task):
         return a + b
 
 
+class Sleepy(Task):
+    def work(self, seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
+
 def _node(tmp_path: Path, address: str, workers: int = 2) -> subprocess.Popen[str]:
     return python_logged(tmp_path / "node.log", "-m", "actors.node", "--master", address,
                          "--workers", str(workers), "--keys", str(tmp_path / "keys"))
@@ -114,11 +120,51 @@ def test_kill_9_of_the_master_mid_job_loses_nothing(tmp_path: Path) -> None:
         replayed = sum(e["replayed"] for e in replays)
         counted = runs.read_text().split() if runs.exists() else []
         twice = len(counted) - len(set(counted))
+        # The node held what its workers finished while the master was away, and the second
+        # master kept it: those units were not run again.
+        salvaged = sum(e["kept"] for e in logged if e.get("event") == "units_salvaged")
         print(f"\nrestarted in {restarted:.1f}s; {done_before} units done before the kill, "
-              f"{replayed} replayed from the journal, {twice} ran twice "
-              f"({len(counted)} runs written down)")
+              f"{replayed} replayed from the journal ({salvaged} of them held by the node while "
+              f"the master was away), {twice} ran twice ({len(counted)} runs written down)")
         assert replayed > 0, "no finished unit came back from the journal"
         assert any("restored" in cause for cause in story), story[:5]
+        assert salvaged > 0, [e for e in logged if "taken_back" in e.get("event", "")]
+    finally:
+        kill_all(pids | descendants(node.pid))
+        for proc in (first, node, second):
+            if proc is not None:
+                proc.wait(10)
+
+
+def test_a_task_running_when_the_master_dies_is_taken_back_not_run_again(tmp_path: Path) -> None:
+    """kill -9 of the master while a plain Task runs on a node's only worker; a master restarted
+    on the state directory takes the task back from the node (which kept its worker running and
+    held the result): the result comes from the process that was running it, and no other
+    worker ran it."""
+    first, address = _master(tmp_path, "first")
+    port = int(address.rsplit(":", 1)[1])
+    node = _node(tmp_path, address, workers=1)
+    pids = {first.pid, node.pid}
+    second: subprocess.Popen[str] | None = None
+    try:
+        with Client(address, keys=tmp_path / "keys", timeout=60, master_timeout=60) as client:
+            client.wait_for_workers(1, 60)
+            sleepy = client.submit(Sleepy, 3.0)
+            # Running, and in the journal (acknowledged): what a restart keeps.
+            wait_until(lambda: sleepy.status == "running" and sleepy.task_id not in client._unaccepted,
+                       60, "the task to start")
+            workers_before = descendants(node.pid)
+            first.kill()
+            first.wait(10)
+            second, _ = _master(tmp_path, "second", port)
+            pids.add(second.pid)
+            ran_on = result_or_logs(sleepy, 60, tmp_path)
+            story = [e[3] for e in client.story(sleepy)]
+        assert ran_on in workers_before, (ran_on, workers_before)
+        assert any("taken back" in cause for cause in story), story
+        assert sum("driver" in cause for cause in story) == 1, story  # one run, the first one
+        logged = (tmp_path / "second.log").read_text()
+        assert '"workers_adopted": 1' in logged, logged[-3000:]
     finally:
         kill_all(pids | descendants(node.pid))
         for proc in (first, node, second):

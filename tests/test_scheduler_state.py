@@ -7,8 +7,8 @@ from collections import deque
 import pytest
 
 from actors.core import scheduler_events as ev
-from actors.core.scheduler_state import SchedulerState, WarmKey, unit_digest
-from actors.messages import UnitCall, UnitOutcome
+from actors.core.scheduler_state import SchedulerState, WarmKey
+from actors.messages import UnitCall, UnitOutcome, unit_digest
 
 # Scenarios about what happens to runs of several units (failures, steals, dependencies) start
 # with this many units a run, two runs a worker, as if a unit time were known already.
@@ -750,3 +750,73 @@ def test_a_worker_that_becomes_idle_joins_to_steal_a_run_queued_behind_a_long_on
     assert out == [assign("w3", "t1", False), ev.Steal("n1", "w1", "t1", 4)]
     out = s(ev.StealAnswered, "w1", "t1", 4, True)
     assert out == [ev.Dispatch("n1", "w3", "t1", 5, units(3))]
+
+
+# --- a node back after the master restarted ---------------------------------------------------
+
+
+def restored(s: Harness, task_id: str, kind: str = "task", client: str = "c1",
+             journaled: tuple[int, ...] = ()) -> None:
+    s(ev.TaskSubmitted, task_id=task_id, client_id=client, name="Name", kind=kind, code=b"code",
+      args=b"args", journaled=journaled, restored=True)
+
+
+def test_plain_tasks_a_returning_node_still_runs_are_taken_back_not_assigned_again() -> None:
+    s = Harness()
+    restored(s, "t1")
+    restored(s, "t2")
+    s(ev.NodeJoined, "n1")
+    # w1 runs t1 with t2 queued behind it (prefetch), as the node reports.
+    assert s(ev.WorkerAdopted, "n1", "n1/w1", ("t2", "t1")) == []
+    worker = s.state.workers["n1/w1"]
+    assert (worker.task_id, list(worker.queued)) == ("t1", ["t2"])
+    assert all(s.state.tasks[t].state is ev.TaskStatus.RUNNING for t in ("t1", "t2"))
+    assert "taken back" in s.state.story("t1")[-1][3]
+    # Their results, held by the node, end them; the worker stays warm for its submitter.
+    assert s(ev.TaskFinished, "n1/w1", "t2", UnitOutcome(-1, True, b"2")) == [
+        ev.ReportDone("c1", "t2", b"2")]
+    assert s(ev.TaskFinished, "n1/w1", "t1", UnitOutcome(-1, True, b"1")) == [
+        ev.ReportDone("c1", "t1", b"1")]
+    assert (worker.task_id, worker.warm_for) == (None, WarmKey("c1"))
+
+
+def test_a_worker_whose_work_is_not_waiting_any_more_is_stopped() -> None:
+    s = Harness()
+    restored(s, "t1")
+    restored(s, "p1", kind="parallel")
+    restored(s, "t3", client="c2")
+    s(ev.NodeJoined, "n1")
+    stop = [ev.KillWorker("n1", "n1/w1", "what it runs was queued again while its node was away "
+                                         "from the master")]
+    assert s(ev.WorkerAdopted, "n1", "n1/w1", ("p1",)) == stop  # a ParallelTask: restarts
+    assert s(ev.WorkerAdopted, "n1", "n1/w1", ("t1", "t3")) == stop  # two submitters
+    assert s(ev.WorkerAdopted, "n1", "n1/w1", ("gone",)) == stop  # unknown here
+    assert "n1/w1" not in s.state.workers
+    # t1 runs on w2 now: a report of it from w3 (late) does not take it away.
+    s(ev.WorkerReady, "n1", "n1/w2")
+    assert s.state.tasks["t1"].driver == "n1/w2"
+    assert s(ev.WorkerAdopted, "n1", "n1/w3", ("t1",))[0] == ev.KillWorker(
+        "n1", "n1/w3", stop[0].reason)
+    # An idle worker that ran code (for whom, the node cannot say) is never taken as clean.
+    assert s(ev.WorkerAdopted, "n1", "n1/w4", ())[0].reason.startswith("warm for code")
+    # A node not (or no longer) joined reports nothing.
+    assert s(ev.WorkerAdopted, "n2", "n2/w1", ("t1",)) == []
+
+
+def test_units_finished_while_the_master_was_away_are_replayed_to_the_next_driver() -> None:
+    s = Harness()
+    restored(s, "p1", kind="parallel", journaled=(0,))
+    calls = units(0, 1, 2, 3)
+    held = ((1, unit_digest(calls[1]), b"r1"), (2, unit_digest(calls[2]), b"r2"),
+            (0, unit_digest(calls[0]), b"again"), (1 << 40, 7, b"absurd"))
+    out = s(ev.UnitsSalvaged, "p1", held)
+    # Kept: 1 and 2; 0 was journaled already; an absurd index is not.
+    assert out == [ev.RecordResults("p1", [held[0], held[1]])]
+    assert s.state.tasks["p1"].units.done_count == 3
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    out = s(ev.UnitsSliced, "w1", "p1", calls, True)
+    assert ev.ReplayResults("n1", "w1", "p1", calls[:3]) in out
+    assert [d.units for d in out if isinstance(d, ev.Dispatch)] == [units(3)]
+    # Results of units already sliced again are not taken (they run, or ran, here).
+    assert s(ev.UnitsSalvaged, "p1", ((3, unit_digest(calls[3]), b"r3"),)) == []

@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from actors.core import scheduler_events as ev
 from actors.core.scheduler_state import SchedulerState
 from actors.core.undo import Undo
-from actors.messages import UnitCall, UnitOutcome
+from actors.messages import UnitCall, UnitOutcome, unit_digest
 
 REPORTS = (ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportCancelled)
 
@@ -206,6 +206,27 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.feed(ev.WorkerReady(self.now, node, gone[0]))
             assert gone[0] not in self.state.workers
         self.feed(ev.NodeJoined(self.now, node))
+        self.flush()
+
+    @rule(node=st.sampled_from(["n1", "n2"]), data=st.data())
+    def a_node_returns_to_a_restarted_master(self, node: str, data: st.DataObject) -> None:
+        """The master lost the node (it restarted: what ran there is queued again, journaled
+        results kept); the node's workers ran on. Back, it reports what each holds: plain Tasks
+        still waiting are taken back, the other workers are stopped; unit results finished
+        meanwhile reach the master (some of them) and are salvaged."""
+        gone = sorted(self.state.nodes.get(node, ()))
+        holding = {w: [t for t in (r.task_id, *r.queued) if t is not None]
+                   for w in gone if (r := self.state.workers[w]).warm_for is not None}
+        flying = {w: self.runs.pop(w, []) for w in gone}
+        self.feed(ev.NodeLost(self.now, node, "the master restarted"))
+        self.feed(ev.NodeJoined(self.now, node))
+        for worker, tasks in holding.items():
+            self.feed(ev.WorkerAdopted(self.now, node, worker, tuple(tasks)))
+        for runs in flying.values():
+            for run in runs:
+                if data.draw(st.booleans()):
+                    results = tuple((u.index, unit_digest(u), b"r") for u in run.units if not u.keep)
+                    self.feed(ev.UnitsSalvaged(self.now, run.task_id, results))
         self.flush()
 
     @rule(n=st.integers(0, 60), kind=st.sampled_from(["task", "parallel"]),

@@ -54,6 +54,30 @@ class WorkerReady(Event):
 
 
 @dataclass(frozen=True)
+class WorkerAdopted(Event):
+    """A node back after the master restarted (or declared it lost) says this worker of it still
+    holds these tasks. Plain Tasks of one submitter that wait in the queue are taken back as
+    running there (their results, held by the node meanwhile, are on their way) instead of
+    running again; anything else (a ParallelTask's driver or helper, a task given to another
+    worker since, no task: idle, but warm for code of a submitter not known) and the worker is
+    stopped."""
+
+    node_id: str
+    worker_id: str
+    task_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UnitsSalvaged(Event):
+    """Unit results that reached a restarted master from a worker it stopped (held by the
+    node while the master was away): ``(index, digest, value)``. Kept like journaled results,
+    for the task's next driver to replay, for units not sliced again yet."""
+
+    task_id: str
+    results: tuple[tuple[int, int, bytes], ...]
+
+
+@dataclass(frozen=True)
 class WorkerLost(Event):
     worker_id: str
     cause: str

@@ -68,6 +68,13 @@ queue; each unit remembers the deaths it witnessed, and the third
 the task from its slicer (its helpers are stopped), under the same count.
 A unit that raises fails the task; its other workers are killed.
 
+Rejoining. A node back after the master restarted on its state directory (or after
+it was declared lost) reports which tasks each worker of it still holds
+(``WorkerAdopted``): plain Tasks still queued here are taken back as running on that
+worker, so their results (held by the node meanwhile) are not computed again; any
+other worker is stopped. Unit results such a stopped worker finished meanwhile
+(``UnitsSalvaged``) are kept like journaled ones for the next driver's replay.
+
 Rules
  1. ``handle(event)`` is the one way in; it returns the instructions for the Master actor.
     Nothing here reads a clock or touches a socket: time comes in on the event.
@@ -93,7 +100,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -131,14 +137,16 @@ from actors.core.scheduler_events import (
     UnitMissing,
     UnitsFinished,
     UnitsNotReplayed,
+    UnitsSalvaged,
     UnitsSliced,
+    WorkerAdopted,
     WorkerLost,
     WorkerReady,
 )
 from actors.core.undo import Undo
 from actors.core.unit_book import UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
-from actors.messages import UnitCall, UnitOutcome
+from actors.messages import UnitCall, UnitOutcome, unit_digest
 
 BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
@@ -147,6 +155,8 @@ MAX_QUEUED_TASKS = 64  # plain Tasks queued on one worker behind the one it runs
 STORY_LENGTH = 2_000
 STORY_OPEN_UNITS = 100  # open units a story lists where they are
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
+# Salvaged unit results (a worker's word) mark a bit each in the task's journaled bitmap: bounded.
+MAX_SALVAGED_INDEX = 1 << 24
 
 StoryEntry = tuple[str, str, str, str, float]
 
@@ -204,11 +214,6 @@ def _unappend(story: deque[StoryEntry], evicted: StoryEntry | None) -> None:
 def _rank(task: TaskRecord) -> tuple[int, int]:
     """Who goes first: the higher ``priority``, then the earlier submitted."""
     return -task.priority, task.seq
-
-
-def unit_digest(unit: UnitCall) -> int:
-    """What identifies a unit across a re-slicing: its arguments and its dependencies."""
-    return zlib.crc32(unit.args, zlib.crc32(repr(unit.deps).encode()))
 
 
 class WarmKey(NamedTuple):
@@ -357,6 +362,10 @@ class SchedulerState:
                 if node_id in self.nodes and worker_id not in self.workers:
                     undo.add(self.nodes[node_id], worker_id)
                     undo.put(self.workers, worker_id, WorkerRecord(worker_id, node_id))
+            case WorkerAdopted():
+                self._adopted(event)
+            case UnitsSalvaged():
+                self._salvaged(event)
             case NodeLost(node_id=node_id, reason=reason):
                 for worker_id in sorted(undo.pop(self.nodes, node_id) or ()):
                     self._worker_lost(worker_id, f"node {node_id} lost: {reason}", False, event.now)
@@ -425,6 +434,48 @@ class SchedulerState:
         how = (f"restored with {task.units.journaled_count} finished units" if event.journaled
                else "restored" if event.restored else "submitted")
         self._note(task, "task", "released", "queued", how, event.now)
+
+    def _adopted(self, event: WorkerAdopted) -> None:
+        node_id, worker_id = event.node_id, event.worker_id
+        if node_id not in self.nodes or worker_id in self.workers:
+            return  # a node declared lost since, or a report repeated
+        tasks = [self.tasks.get(task_id) for task_id in dict.fromkeys(event.task_ids)]
+        adoptable = [t for t in tasks if t is not None and t.state is QUEUED and t.kind is TASK]
+        if not tasks:
+            # Idle, but it ran someone's code, and whose is not known here: never reused.
+            self._out.append(KillWorker(node_id, worker_id, "warm for code this master does not "
+                                        "know (its node was away)"))
+            return
+        if len(adoptable) < len(tasks) or len({t.warm_key for t in adoptable}) > 1 \
+                or self._is_stale(adoptable[0].warm_key):
+            self._out.append(KillWorker(node_id, worker_id, "what it runs was queued again "
+                                        "while its node was away from the master"))
+            return
+        undo = self._undo
+        worker = WorkerRecord(worker_id, node_id)
+        undo.add(self.nodes[node_id], worker_id)
+        undo.put(self.workers, worker_id, worker)
+        for n, task in enumerate(sorted(adoptable, key=lambda t: t.seq)):
+            self._join(task, worker, driver=True, now=event.now, queue=n > 0, assign=False)
+
+    def _salvaged(self, event: UnitsSalvaged) -> None:
+        task = self.tasks.get(event.task_id)
+        if task is None or task.finished or task.kind is not PARALLEL:
+            return
+        units, undo = task.units, self._undo
+        marked: list[int] = []
+        undo.call(units.unmark, marked, len(units.journaled))
+        record: list[tuple[int, int, bytes]] = []
+        for index, digest, value in event.results:
+            if (0 <= index < MAX_SALVAGED_INDEX and index not in units.open_units
+                    and index not in units.held and units.set_journaled(index, True)):
+                marked.append(index)
+                record.append((index, digest, value))
+        if record:
+            undo.set(units, "done_count", units.done_count + len(record))
+            self._note(task, f"units {record[0][0]}-{record[-1][0]}", "memory", "salvaged",
+                       f"{len(record)} finished while the master was away", event.now)
+            self._out.append(RecordResults(task.task_id, record))
 
     def _sliced(self, event: UnitsSliced) -> None:
         task = self._task_of(event.worker_id, event.task_id)
@@ -500,7 +551,8 @@ class SchedulerState:
                 held.append((index, worker.worker_id, self._address(worker)))
             else:
                 forward.append((index, outcome.value))
-                record.append((index, unit_digest(unit), outcome.value))
+                # The worker's digest spares the master a CRC per unit (see UnitOutcome.digest).
+                record.append((index, outcome.digest or unit_digest(unit), outcome.value))
                 if units.set_journaled(index, True):
                     marked.append(index)
         # Units the worker did not get to (it stops a batch at a failure) go back.
@@ -969,7 +1021,8 @@ class SchedulerState:
         return best
 
     def _join(self, task: TaskRecord, worker: WorkerRecord, *, driver: bool, now: float,
-              queue: bool = False) -> None:
+              queue: bool = False, assign: bool = True) -> None:
+        """``assign`` False: the worker runs it already (``WorkerAdopted``)."""
         undo = self._undo
         if queue:
             worker.queued.append(task.task_id)
@@ -982,7 +1035,11 @@ class SchedulerState:
         if driver:
             undo.set(task, "driver", worker.worker_id)
             how = f" (queued behind {worker.task_id})" if queue else ""
+            if not assign:
+                how += ", taken back: it kept running while its node was away from the master"
             self._set_status(task, RUNNING, f"driver {worker.worker_id}{how}", now)
+        if not assign:
+            return
         self._out.append(Assign(
             node_id=worker.node_id, worker_id=worker.worker_id, task_id=task.task_id,
             name=task.name, kind=task.kind, code=task.code, args=task.args, driver=driver,

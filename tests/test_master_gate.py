@@ -1,0 +1,81 @@
+"""A node holds what its workers say to the master while the master is away, and sends it, in
+order and ahead of anything newer, once the master welcomes it back (``relay_frames`` with a
+``MasterGate``; the process-level story is in test_durable_master.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors import messages as m
+from actors.master_gate import MasterGate
+from actors.node import TaskEnds, relay_frames
+
+
+class Relayed:
+    """The part of the hub that relay_frames uses, recording what leaves for the master."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[bytes]]] = []
+
+    def relay(self, socket: str, frames: list[bytes]) -> None:
+        self.sent.append((socket, frames))
+
+
+class Told:
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def tell(self, message: Any) -> None:
+        self.messages.append(message)
+
+
+def from_worker(hub: Relayed, node: Told, gate: MasterGate, ends: TaskEnds, worker: bytes,
+                msg: m.Message) -> None:
+    relay_frames(hub, node, node, "workers", [worker, b"m", m.encode(msg)],  # type: ignore[arg-type]
+                 None, ends, gate)
+
+
+def from_master(hub: Relayed, node: Told, gate: MasterGate, ends: TaskEnds, frames: list[bytes]) -> None:
+    relay_frames(hub, node, node, "master", frames, None, ends, gate)  # type: ignore[arg-type]
+
+
+def result(task_id: str, value: bytes) -> m.TaskResult:
+    return m.TaskResult(task_id, m.UnitOutcome(-1, True, value))
+
+
+def assign(task_id: str) -> bytes:
+    return m.encode(m.AssignTask(task_id=task_id, name="T", kind="task", code=b"", args=b"",
+                                 driver=True))
+
+
+def test_results_wait_for_the_welcome_then_go_first_in_order() -> None:
+    hub, node, gate, ends = Relayed(), Told(), MasterGate(), TaskEnds()
+    from_master(hub, node, gate, ends, [m.encode(m.Welcome("m1", "n1"))])
+    from_master(hub, node, gate, ends, [b"n1/w1", assign("t1")])
+    from_master(hub, node, gate, ends, [b"n1/w1", assign("t2")])
+    hub.sent.clear()
+    gate.close()  # the connection to the master dropped
+    from_worker(hub, node, gate, ends, b"n1/w1", result("t1", b"1"))
+    from_worker(hub, node, gate, ends, b"n1/w1", result("t2", b"2"))
+    assert hub.sent == [] and gate.held == 2
+    # Until they are sent, the worker still holds both tasks: the Hello reports them.
+    assert ends.holding() == {"n1/w1": ["t1", "t2"]}
+    from_master(hub, node, gate, ends, [m.encode(m.Welcome("m1", "n1", 1.0, 2))])
+    assert [m.decode(frames[1]) for _, frames in hub.sent] == [result("t1", b"1"), result("t2", b"2")]
+    assert ends.holding() == {"n1/w1": []}  # it ran code: reported as not clean
+    assert isinstance(node.messages[-1].message, m.Welcome)  # and the node hears of it after
+    # Open: what comes next passes at once.
+    from_worker(hub, node, gate, ends, b"n1/w1", result("t3", b"3"))
+    assert len(hub.sent) == 3 and gate.held == 0
+
+
+def test_past_its_bound_the_gate_drops_the_newest_and_says_so() -> None:
+    gate = MasterGate(max_frames=2, max_bytes=1_000)
+    gate.open()
+    gate.close()
+    assert [gate.passes([b"w", b"x" * 10]) for _ in range(3)] == [False, False, False]
+    assert (gate.held, gate.dropped) == (2, 1)
+    assert not gate.passes([b"w", b"y" * 2_000])  # too big for what is left
+    assert gate.dropped == 2
+    assert gate.open() == [[b"w", b"x" * 10]] * 2
+    assert gate.passes([b"w", b"z"])
