@@ -60,8 +60,38 @@ _QUEUED, _RUNNING, _DONE, _ERRED, _CANCELLED, _LOST = (
     "queued", "running", "finished", "erred", "cancelled", "lost")
 
 
+class _DoneFlag:
+    """A ``threading.Event`` for one future, on a condition its client's futures share: an Event
+    each (a condition, a lock and a deque) would cost a client a kilobyte per pending future."""
+
+    __slots__ = ("_cond", "_set")
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self._cond = cond
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._cond:
+            self._set = True
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        with self._cond:
+            return self._cond.wait_for(self.is_set, timeout)
+
+
 class Future:
     """The eventual result of one submitted task instance."""
+
+    # Slotted: a client may hold 10^5 of these (a backlog submitted at once).
+    __slots__ = ("_client", "task_id", "name", "_kind", "_status", "_done", "_payload",
+                 "_callbacks", "_lock", "_progress", "_counts_units", "_reported", "_error",
+                 "_lines", "_dropped", "_shown", "_dropped_shown", "_show_lock", "__weakref__")
 
     def __init__(self, client: Client, task_id: str, name: str, kind: str = "task") -> None:
         self._client = client
@@ -69,7 +99,7 @@ class Future:
         self.name = name
         self._kind = kind  # "task" or "parallel"
         self._status = _QUEUED
-        self._done = threading.Event()
+        self._done = _DoneFlag(client._futures_done)
         self._payload: m.TaskDone | m.TaskErred | None = None
         self._callbacks: list[Callable[[Future], None]] = []
         self._lock = threading.Lock()
@@ -312,6 +342,7 @@ class Client:
         self.address = address
         self.client_id = f"client-{uuid.uuid4().hex[:12]}"
         self._futures: weakref.WeakValueDictionary[str, Future] = weakref.WeakValueDictionary()
+        self._futures_done = threading.Condition()  # every future's end is told through it
         self._replies: dict[str, queue.SimpleQueue[m.Message]] = {}
         self._welcome = threading.Event()
         self._refusal = ""

@@ -218,6 +218,11 @@ class Journal:
                 self.delivered(task_id, client)
         self._codes = [c for c in self._codes if c[0] != client]
 
+    def compact(self) -> None:
+        """Rebuild the in-memory tables (a dict keeps its size after a backlog drained)."""
+        self._tasks, self._on_disk, self._results = (
+            dict(self._tasks), dict(self._on_disk), dict(self._results))
+
     def record(self, task_id: str, entries: list[Entry]) -> None:
         if entries:
             self._results.setdefault(task_id, []).append(entries)

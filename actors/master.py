@@ -28,7 +28,7 @@ import msgspec
 import pykka
 import structlog
 
-from actors import __version__, logs
+from actors import __version__, logs, memory
 from actors import messages as m
 from actors.cluster import default_keys_dir, local_node_command
 from actors.contain import make_run_dir, remove_stale_run_dirs
@@ -98,6 +98,8 @@ MAX_REPORTED_WORKERS, MAX_REPORTED_TASKS = 4_096, 128
 # Unit results of a worker stopped at its node's return, held by the node while the master was
 # away, are still taken (``UnitsSalvaged``) for this long after the node's Hello.
 SALVAGE_S = 30.0
+# Tasks gone since the last high-water mark before the master gives memory back (memory.py).
+TRIM_AFTER = 20_000
 
 
 @dataclass
@@ -171,6 +173,7 @@ class Master(Shell):
         # worker stopped at its node's return -> (its node, the tasks it held, until when its
         # held unit results are still taken)
         self.salvage: dict[str, tuple[str, frozenset[str], float]] = {}
+        self.tasks_peak = 0  # the most tasks held since memory was last given back
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
@@ -255,6 +258,7 @@ class Master(Shell):
                 for worker_id in [w for w in self.worker_codes if w not in self.scheduler.workers]:
                     del self.worker_codes[worker_id]
                 self._forget_old_rejections()
+                self._give_memory_back()
                 if self.salvage:
                     self.salvage = {w: s for w, s in self.salvage.items() if s[2] > now}
                 self._stories_due()
@@ -267,6 +271,23 @@ class Master(Shell):
             case _:
                 raise TypeError(f"master got an unknown message: {message!r}")
         return None
+
+    def _give_memory_back(self) -> None:
+        """Once a backlog of ``TRIM_AFTER`` tasks or more has gone, rebuild the tables it left
+        oversized and return the freed pages (see memory.py): a long-lived master on a shared
+        machine goes back near its idle size."""
+        held = len(self.scheduler.tasks)
+        self.tasks_peak = max(self.tasks_peak, held)
+        if self.tasks_peak - held < TRIM_AFTER:
+            return
+        before = memory.rss_bytes()
+        self.scheduler.compact()
+        self.journal.compact()
+        self.unit_totals, self.task_steps = dict(self.unit_totals), dict(self.task_steps)
+        memory.trim()
+        self.log.info("memory_given_back", tasks_peak=self.tasks_peak, tasks=held,
+                      rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20)
+        self.tasks_peak = held
 
     def _commit(self) -> None:
         """Write the journal; acknowledge to each client the submissions this made durable."""

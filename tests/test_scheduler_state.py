@@ -613,7 +613,7 @@ def test_a_lost_worker_counts_a_death_for_its_running_task_only(s: Harness) -> N
     submit(s, "t2", kind="task")
     s(ev.WorkerLost, "w1", "SIGKILL", False)
     assert s.state.tasks["t1"].deaths == {-1: ["SIGKILL"]}
-    assert s.state.tasks["t2"].deaths.get(-1, []) == []
+    assert not (s.state.tasks["t2"].deaths or {}).get(-1)
     assert {s.state.tasks[t].state for t in ("t1", "t2")} == {"queued"}
     s(ev.WorkerReady, "n1", "w2")
     s(ev.TaskFinished, "w2", "t1", UnitOutcome(-1, True, b"1"), 0.001)
@@ -631,7 +631,7 @@ def test_cancelling_a_queued_task_replaces_the_worker_and_requeues_the_running_o
     assert ev.KillWorker("n1", "w1", "task t2 cancelled") in out
     assert ev.ReportCancelled("c1", "t2") in out
     t1 = s.state.tasks["t1"]
-    assert t1.state == "queued" and t1.deaths.get(-1, []) == []
+    assert t1.state == "queued" and not (t1.deaths or {}).get(-1)
     assert "w1" not in s.state.workers
 
 
@@ -820,3 +820,24 @@ def test_units_finished_while_the_master_was_away_are_replayed_to_the_next_drive
     assert [d.units for d in out if isinstance(d, ev.Dispatch)] == [units(3)]
     # Results of units already sliced again are not taken (they run, or ran, here).
     assert s(ev.UnitsSalvaged, "p1", ((3, unit_digest(calls[3]), b"r3"),)) == []
+
+
+def test_a_queued_plain_task_costs_the_scheduler_under_a_kilobyte() -> None:
+    """10^4 queued plain Tasks (shipped code shared by hash, small arguments): under 1 KiB each,
+    their own ids and arguments included (no empty unit book, story deque or worker sets)."""
+    import tracemalloc
+
+    s = SchedulerState()
+    code = b"c" * 1400  # one shipped class, the same bytes object for every task (by hash)
+    ids = [f"Add-{i:012x}" for i in range(10_000)]
+    tracemalloc.start()
+    try:
+        for i, task_id in enumerate(ids):
+            s.handle(ev.TaskSubmitted(float(i), task_id=task_id, client_id="client-0123456789ab",
+                                      name="tests.Add", kind="task", code=code,
+                                      args=b"\x80\x05\x95%d" % i, code_hash="h" * 64))
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(s.tasks) == 10_000 and all(t.state == "queued" for t in s.tasks.values())
+    assert used / 10_000 < 1024, f"{used / 10_000:.0f} bytes per queued task"

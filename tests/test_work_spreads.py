@@ -120,6 +120,9 @@ def test_a_better_task_gets_a_worker_before_the_long_task_ends(three_workers, tm
     long = client.submit(Gated, folder=str(folder), gates=["first"] * 3 + ["rest"] * 6, priority=0)
     wait_until(lambda: len(started(folder)) == 3, 30, "the long task to hold every worker")
     urgent = client.submit(Pid, priority=1)
+    # Queued at the master before any unit ends (else the next units could take every worker
+    # first, and then wait at "rest" for the urgent task to end: a deadlock of the test's own).
+    wait_until(lambda: client.info().tasks_queued == 1, 30, "the master to queue the urgent task")
     (folder / "first").touch()  # three units end; the next ones wait at "rest"
     pid = result_or_logs(urgent, 60, logs)
     assert not long.done(), "the long task ended: nothing was shown"

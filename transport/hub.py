@@ -470,9 +470,10 @@ class Hub:
             sock.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
-            # A peer that left (EHOSTUNREACH) or a full queue (EAGAIN): the
-            # message is dropped; liveness tracking notices the peer.
-            log.warning(
+            # A peer that left (EHOSTUNREACH: a client that said Bye, a worker gone; expected,
+            # at debug) or a full queue (EAGAIN: worth a look): the message is dropped;
+            # liveness tracking notices the peer.
+            (log.debug if exc.errno == zmq.EHOSTUNREACH else log.warning)(
                 "send_dropped",
                 socket=name.decode(errors="replace"),
                 peer=frames[0][:40].decode(errors="replace") if len(frames) > 1 else "",

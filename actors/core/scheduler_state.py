@@ -102,7 +102,7 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from actors.core.scheduler_events import (
     Assign,
@@ -144,7 +144,7 @@ from actors.core.scheduler_events import (
     WorkerReady,
 )
 from actors.core.undo import Undo
-from actors.core.unit_book import UnitBook
+from actors.core.unit_book import NO_UNITS, UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import UnitCall, UnitOutcome, unit_digest
 
@@ -205,10 +205,10 @@ def _take_back(in_flight: dict[int, int], units: list[UnitCall]) -> None:
         in_flight.pop(unit.index, None)
 
 
-def _unappend(story: deque[StoryEntry], evicted: StoryEntry | None) -> None:
+def _unappend(story: list[StoryEntry], evicted: StoryEntry | None) -> None:
     story.pop()
     if evicted is not None:
-        story.appendleft(evicted)
+        story.insert(0, evicted)
 
 
 def _rank(task: TaskRecord) -> tuple[int, int]:
@@ -235,8 +235,16 @@ class WorkerRecord:
     queued: deque[str] = field(default_factory=deque)  # plain Tasks to run after task_id
 
 
-@dataclass(kw_only=True)
+# The workers of a task that has none: one shared, empty and frozen (an empty set costs a queued
+# task 216 bytes); replaced by a set of its own when a worker joins (``_join``), never changed.
+NO_WORKERS: set[str] = cast(set[str], frozenset())
+
+
+@dataclass(kw_only=True, slots=True)
 class TaskRecord:
+    """One task instance. Slotted, and nothing allocated that a queued plain Task does not use
+    (no units, no story beyond its lines): a master holds a backlog of 10^5 of these."""
+
     task_id: str
     client_id: str
     name: str
@@ -251,12 +259,13 @@ class TaskRecord:
     code_hash: str = ""
     state: TaskStatus = QUEUED  # changed only by SchedulerState._set_status
     driver: str | None = None
-    workers: set[str] = field(default_factory=set)
-    units: UnitBook = field(default_factory=UnitBook)  # a ParallelTask's units
-    deaths: dict[int, list[str]] = field(default_factory=dict)  # unit index (-1: driver)
-    failures: dict[int, int] = field(default_factory=dict)  # unit index (-1: driver) -> raised
-    seen_workers: set[str] = field(default_factory=set)  # every worker that joined it
-    story: deque[StoryEntry] = field(default_factory=lambda: deque(maxlen=STORY_LENGTH))
+    workers: set[str] = field(default_factory=lambda: NO_WORKERS)
+    # A ParallelTask's units; every plain Task shares the sealed, empty NO_UNITS.
+    units: UnitBook = field(default_factory=lambda: NO_UNITS)
+    deaths: dict[int, list[str]] | None = None  # unit index (-1: driver) -> causes
+    failures: dict[int, int] | None = None  # unit index (-1: driver) -> times it raised
+    seen_workers: set[str] = field(default_factory=lambda: NO_WORKERS)  # every worker that joined
+    story: list[StoryEntry] = field(default_factory=list)  # the last STORY_LENGTH lines
 
     # Who may reuse a worker this task ran on: the same submitter, the same package version.
     warm_key: WarmKey = field(init=False, repr=False, compare=False)
@@ -328,6 +337,14 @@ class SchedulerState:
                                                   f"{list(unit.deps)[:5]}: a unit depends only on "
                                                   "units sliced before it")
 
+    def compact(self) -> None:
+        """Between events: rebuild the tables that a drained backlog left oversized (a dict
+        never shrinks its table as entries go). Changes no content."""
+        self.tasks = dict(self.tasks)
+        self._running = dict(self._running)
+        self._finished = deque(self._finished)
+        self._queue = list(self._queue)
+
     def story(self, task_id: str, now: float | None = None) -> list[StoryEntry]:
         """The task's transitions; with ``now``, closed by where each open unit is at that time
         (the answer to "why is it stuck?"): queued, blocked on which inputs, or on which worker."""
@@ -395,7 +412,7 @@ class SchedulerState:
             case StealAnswered():
                 self._steal_answered(event)
             case RunsReleased(worker_id=worker_id, task_id=task_id, run_ids=run_ids):
-                task = self._task_of(worker_id, task_id)
+                task = self._parallel_of(worker_id, task_id)
                 if task is not None:
                     self._requeue_runs(task, self.workers[worker_id], set(run_ids))
             case UnitMissing():
@@ -425,10 +442,12 @@ class SchedulerState:
             priority=event.priority, seq=next(self._seq), package=event.package,
             version=event.version, retries=max(0, event.retries), code_hash=event.code_hash,
         )
-        for index in event.journaled:
-            if index >= 0:
-                task.units.set_journaled(index, True)
-        task.units.done_count = task.units.journaled_count
+        if task.kind is PARALLEL:
+            task.units = UnitBook()
+            for index in event.journaled:
+                if index >= 0:
+                    task.units.set_journaled(index, True)
+            task.units.done_count = task.units.journaled_count
         self._undo.put(self.tasks, task.task_id, task)
         self._enqueue(task)
         how = (f"restored with {task.units.journaled_count} finished units" if event.journaled
@@ -478,7 +497,7 @@ class SchedulerState:
             self._out.append(RecordResults(task.task_id, record))
 
     def _sliced(self, event: UnitsSliced) -> None:
-        task = self._task_of(event.worker_id, event.task_id)
+        task = self._parallel_of(event.worker_id, event.task_id)
         if task is None or event.worker_id != task.driver:
             return
         replay: list[UnitCall] = []
@@ -497,7 +516,7 @@ class SchedulerState:
             self._out.append(ReplayResults(driver.node_id, driver.worker_id, task.task_id, replay))
 
     def _not_replayed(self, event: UnitsNotReplayed) -> None:
-        task = self._task_of(event.worker_id, event.task_id)
+        task = self._parallel_of(event.worker_id, event.task_id)
         if task is None or event.worker_id != task.driver:
             return
         for unit in event.units:
@@ -512,7 +531,7 @@ class SchedulerState:
                 task.units.open(unit, opened)
 
     def _units_finished(self, event: UnitsFinished) -> None:
-        task = self._task_of(event.worker_id, event.task_id)
+        task = self._parallel_of(event.worker_id, event.task_id)
         if task is None:
             return
         worker = self.workers[event.worker_id]
@@ -606,7 +625,7 @@ class SchedulerState:
         self._undo.call(units.pending.popleft)
 
     def _steal_answered(self, event: StealAnswered) -> None:
-        task = self._task_of(event.worker_id, event.task_id)
+        task = self._parallel_of(event.worker_id, event.task_id)
         if task is None:
             return
         self._undo.set(task.units, "steal_pending", False)
@@ -618,7 +637,7 @@ class SchedulerState:
         self._requeue_runs(task, worker, {event.run_id})
 
     def _unit_missing(self, event: UnitMissing) -> None:
-        task = self._task_of(event.worker_id, event.task_id)
+        task = self._parallel_of(event.worker_id, event.task_id)
         if task is None:
             return
         holder = self.workers.get(task.units.held.get(event.index, ""))
@@ -655,9 +674,12 @@ class SchedulerState:
 
     def _retry(self, task: TaskRecord, index: int, now: float) -> bool:
         """Application exceptions run again only as often as the submitter asked (``retries``)."""
-        failed = task.failures.get(index, 0)
+        failed = task.failures.get(index, 0) if task.failures is not None else 0
         if failed >= task.retries:
             return False
+        if task.failures is None:
+            self._undo.set(task, "failures", {})
+        assert task.failures is not None
         self._undo.put(task.failures, index, failed + 1)
         what = "task" if index < 0 else f"unit {index}"
         self._note(task, what, "error", "queued", f"retry {failed + 1} of {task.retries}", now)
@@ -746,7 +768,7 @@ class SchedulerState:
                 self._give_back(worker, f"worker {worker_id} stopped: task {task.task_id} {state}",
                                 now)
         if task.workers:
-            undo.set(task, "workers", set())
+            undo.set(task, "workers", NO_WORKERS)
         if task.driver is not None:
             undo.set(task, "driver", None)
         while len(self._finished) > FINISHED_KEPT:
@@ -784,7 +806,8 @@ class SchedulerState:
             return
         task = self.tasks[worker.task_id]
         undo.discard(task.workers, worker_id)
-        undo.set(task.units, "steal_pending", False)  # if it was asked, it will never answer
+        if task.units.steal_pending:  # if it was asked, it will never answer
+            undo.set(task.units, "steal_pending", False)
         if worker_id == task.driver:
             self._restart(task, cause, now, count=not expected)
             return
@@ -799,9 +822,14 @@ class SchedulerState:
 
     def _count_death(self, task: TaskRecord, index: int, cause: str | None) -> list[str]:
         """The deaths witnessed by a unit (-1: the driver), with ``cause`` added if given."""
-        causes = task.deaths.get(index)
+        causes = task.deaths.get(index) if task.deaths is not None else None
         if causes is None:
             causes = []
+            if cause is None:
+                return causes  # none witnessed, none to add: nothing to keep
+            if task.deaths is None:
+                self._undo.set(task, "deaths", {})
+            assert task.deaths is not None
             self._undo.put(task.deaths, index, causes)
         if cause is not None:
             causes.append(cause)
@@ -852,13 +880,14 @@ class SchedulerState:
             worker = self._drop_worker(worker_id)
             if worker is not None:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
-        undo.set(task, "workers", set())
+        undo.set(task, "workers", NO_WORKERS)
         self._set_status(task, QUEUED, f"driver lost: {cause}" if lost else
                          "its code raised: it runs again on a fresh worker", now)
-        task.units.clear_open(undo)
-        # Journaled results are replayed to the next driver; held ones died with their workers.
-        undo.set(task.units, "done_count", task.units.journaled_count)
-        undo.set(task.units, "sliced_all", False)
+        if task.kind is PARALLEL:
+            task.units.clear_open(undo)
+            # Journaled results are replayed to the next driver; held ones died with their workers.
+            undo.set(task.units, "done_count", task.units.journaled_count)
+            undo.set(task.units, "sliced_all", False)
 
     def _keeps_workers(self, outcome: UnitOutcome) -> bool:
         """Whether the workers of a task that failed with ``outcome`` may serve on, warm."""
@@ -875,7 +904,7 @@ class SchedulerState:
             worker = self.workers[worker_id]
             self._let_go(worker, task.task_id)
             self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
-        self._undo.set(task, "workers", set())
+        self._undo.set(task, "workers", NO_WORKERS)
         self._undo.set(task, "driver", None)
         self._set_status(task, QUEUED, "its code raised: it runs again", now)
 
@@ -888,6 +917,12 @@ class SchedulerState:
         if worker is not None and worker.node_id in self.nodes:
             self._undo.discard(self.nodes[worker.node_id], worker_id)
         return worker
+
+    def _parallel_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
+        """The ParallelTask, if this worker still works for it (unit messages about a plain
+        Task, which has none, are dropped like stale ones)."""
+        task = self._task_of(worker_id, task_id)
+        return task if task is not None and task.kind is PARALLEL else None
 
     def _task_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
         """The task, if this worker still works for it (stale messages are dropped)."""
@@ -1030,6 +1065,10 @@ class SchedulerState:
         else:
             undo.set(worker, "task_id", task.task_id)
         undo.set(worker, "warm_for", task.warm_key)
+        if task.workers is NO_WORKERS:
+            undo.set(task, "workers", set())
+        if task.seen_workers is NO_WORKERS:
+            undo.set(task, "seen_workers", set())
         undo.add(task.workers, worker.worker_id)
         undo.add(task.seen_workers, worker.worker_id)
         if driver:
@@ -1129,13 +1168,16 @@ class SchedulerState:
 
     def _note(self, task: TaskRecord, key: str, start: str, finish: str, cause: str, now: float) -> None:
         story = task.story
-        evicted = story[0] if len(story) == story.maxlen else None
         story.append((key, start, finish, cause, now))
+        # (a list, not a deque with maxlen: an empty deque costs a queued task 600 bytes)
+        evicted = story.pop(0) if len(story) > STORY_LENGTH else None
         self._undo.call(_unappend, story, evicted)
 
     # --- invariants -------------------------------------------------------------
 
     def validate(self) -> None:
+        NO_UNITS.check_empty()
+        assert not NO_WORKERS, "the shared empty worker set has workers"
         for worker_id, worker in self.workers.items():
             assert worker_id in self.nodes.get(worker.node_id, set()), f"{worker_id} not on its node"
             if worker.task_id is None:

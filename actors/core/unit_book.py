@@ -159,3 +159,26 @@ class UnitBook:
         assert self.journaled_count == sum(bin(b).count("1") for b in self.journaled), \
             "journaled count disagrees with the bitmap"
         assert set(self.kept) >= set(self.held), "a held unit is not kept"
+
+
+class NoUnits(UnitBook):
+    """The book of every plain Task, one shared by all (a plain Task has no units: an empty book
+    each would cost a queued task more than a kilobyte). Sealed: setting a field raises (a bug,
+    which the scheduler's ``handle`` rolls back); ``validate`` checks its containers stay empty."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.__dict__.get("_sealed"):
+            raise AttributeError(f"a plain Task has no units (set {name})")
+        super().__setattr__(name, value)
+
+    def seal(self) -> NoUnits:
+        self.__dict__["_sealed"] = True
+        return self
+
+    def check_empty(self) -> None:
+        assert not (self.pending or self.open_units or self.blocked or self.kept or self.held
+                    or self.dependents or self.missing_for or self.journaled or self.steals), \
+            "a plain Task's shared book has units"
+
+
+NO_UNITS = NoUnits().seal()
