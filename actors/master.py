@@ -99,7 +99,7 @@ MAX_REPORTED_WORKERS, MAX_REPORTED_TASKS = 4_096, 128
 # away, are still taken (``UnitsSalvaged``) for this long after the node's Hello.
 SALVAGE_S = 30.0
 # Tasks gone since the last high-water mark before the master gives memory back (memory.py).
-TRIM_AFTER = 20_000
+TRIM_AFTER = 20_000  # (or a tenth of that once nothing is queued or running)
 
 
 @dataclass
@@ -278,7 +278,8 @@ class Master(Shell):
         machine goes back near its idle size."""
         held = len(self.scheduler.tasks)
         self.tasks_peak = max(self.tasks_peak, held)
-        if self.tasks_peak - held < TRIM_AFTER:
+        gone = self.tasks_peak - held
+        if gone < TRIM_AFTER and not (gone >= TRIM_AFTER // 10 and self.scheduler.idle()):
             return
         before = memory.rss_bytes()
         self.scheduler.compact()

@@ -337,11 +337,17 @@ class SchedulerState:
                                                   f"{list(unit.deps)[:5]}: a unit depends only on "
                                                   "units sliced before it")
 
+    def idle(self) -> bool:
+        """Nothing running, nothing queued (a stale queue entry, not yet popped, counts as
+        queued: it goes at the next scheduling pass)."""
+        return not self._running and not self._queue
+
     def compact(self) -> None:
-        """Between events: rebuild the tables that a drained backlog left oversized (a dict
-        never shrinks its table as entries go). Changes no content."""
+        """Between events, after a backlog drained: rebuild the tables it left oversized (a
+        dict never shrinks its table as entries go). Changes no content."""
         self.tasks = dict(self.tasks)
         self._running = dict(self._running)
+        self._parallel = dict(self._parallel)
         self._finished = deque(self._finished)
         self._queue = list(self._queue)
 
