@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from actors import Client, ParallelTask
+from actors.dashboard import Dashboard
 from tests.conftest import descendants, kill_all, start_master, wait_until
 
 pytestmark = pytest.mark.processes
@@ -220,3 +222,24 @@ def test_dashboard_off_serves_nothing_and_a_bad_address_stops_the_master(tmp_pat
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert "cannot_serve_dashboard" in bad.stderr and "the port is not a number" in bad.stderr
+
+
+def test_snapshots_are_wanted_only_while_someone_asks_and_a_stale_one_is_not_served() -> None:
+    """The master builds the page's data only while a viewer asked lately (``wanted``); a viewer
+    back after a quiet spell waits for a fresh snapshot instead of getting the old one."""
+    board = Dashboard()
+    try:
+        assert not board.wanted(time.monotonic())
+        board.publish(b'{"old": true}', {})
+        board._built -= 60  # as if nobody had watched for a minute: the actor stopped building
+        answers: list[tuple[int, bytes, dict[str, str]]] = []
+        state_url = board.url.replace("/?token=", "/api/state?token=")
+        asking = threading.Thread(target=lambda: answers.append(get(state_url)))
+        asking.start()
+        wait_until(lambda: board.wanted(time.monotonic()), 10, "the request to be seen")
+        assert answers == []  # waiting for the actor's next snapshot
+        board.publish(b'{"new": true}', {})
+        asking.join(10)
+        assert [(status, body) for status, body, _ in answers] == [(200, b'{"new": true}')]
+    finally:
+        board.close()
