@@ -117,3 +117,12 @@ def test_an_unknown_id_or_another_keys_task_is_an_error(cluster, client, command
         assert client.tasks(5)[0].status == "running"  # (a stranger's cancel did nothing)
     finally:
         running.cancel(timeout=30)
+
+
+def test_a_local_cluster_serves_its_dashboard_and_says_where(cluster) -> None:
+    import urllib.request
+
+    assert cluster.dashboard_url.startswith("http://127.0.0.1:") and "?token=" in cluster.dashboard_url
+    with urllib.request.urlopen(cluster.dashboard_url, timeout=30) as page:
+        assert page.status == 200 and b"pydra-actors dashboard" in page.read()
+    assert cluster.dashboard_url in cluster._repr_html_()
