@@ -47,7 +47,7 @@ WANTED_S = 5.0  # the actor builds snapshots while a viewer asked this recently
 FRESH_S = 1.5  # a snapshot older than this is waited on, not served
 WAIT_S = 3.0
 MAX_WATCHED = 8  # task pages built at once
-BUILD_EVERY_S = 0.5  # the actor's pace while watched
+BUILD_EVERY_S = 1.0  # the actor's pace while watched (the page polls once a second)
 STATIC = {"/": ("dashboard.html", "text/html; charset=utf-8"),
           "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
           "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}

@@ -654,6 +654,7 @@ class Master(Shell):
             if board is None or not board.wanted(now) or now - self.board_built < BUILD_EVERY_S:
                 return
             self.board_built = now
+            started = time.perf_counter()
             wall = time.time() - time.monotonic()  # the scheduler's clock is monotonic
             hosts = {p.peer_id: p.host for p in self.peers.values() if p.role == "node"}
             stats = self.stats
@@ -668,6 +669,8 @@ class Master(Shell):
                 self.scheduler, task_id, progress=self._progress_of, rings=self.outputs,
                 now=now, wall=wall)) for task_id in board.watched(now)}
             board.publish(msgspec.json.encode(state), details)
+            self.stats.dashboard_seconds += time.perf_counter() - started
+            self.stats.dashboard_builds += 1
         except Exception:
             self.log.exception("dashboard_snapshot_failed")
 
