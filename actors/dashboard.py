@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import socket
 import threading
 import time
 from http import cookies
@@ -81,7 +82,8 @@ class Dashboard:
         self._watched: dict[str, float] = {}  # task id -> when its page was last asked for
         self._files = {path: (resources.files("actors").joinpath("static", name).read_bytes(),
                               kind) for path, (name, kind) in STATIC.items()}
-        self._server = ThreadingHTTPServer((host, port), _handler(self))
+        server = _Server6 if ":" in host else ThreadingHTTPServer
+        self._server = server((host, port), _handler(self))
         self._server.daemon_threads = True  # a hung viewer never holds the master's exit
         self.port = self._server.server_address[1]
         shown = f"[{host}]" if ":" in host else host
@@ -94,7 +96,8 @@ class Dashboard:
     # --- the actor's side -------------------------------------------------------
 
     def wanted(self, now: float) -> bool:
-        """Whether a viewer asked within ``WANTED_S`` (``now``: time.monotonic())."""
+        """Whether a viewer asked within ``WANTED_S`` (``now``: time.monotonic()). Read on every
+        tick without the lock: one float, written whole under it; a tick late is harmless."""
         return now - self._asked < WANTED_S
 
     def watched(self, now: float) -> list[str]:
@@ -147,6 +150,10 @@ class Dashboard:
             morsel = jar.get(self.cookie)
             given = morsel.value if morsel is not None else ""
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 def _handler(board: Dashboard) -> type[BaseHTTPRequestHandler]:
