@@ -38,7 +38,7 @@ function svg(tag, attrs, text) {
 function hue(id) {
   let h = 0;
   for (let i = 0; i < id.length; i++) h = (h * 31 + id.charCodeAt(i)) >>> 0;
-  return h % 360;
+  return 30 + (h % 300); // never red: a red bar is a failed run
 }
 
 function clock(epoch) {
