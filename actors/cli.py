@@ -15,6 +15,7 @@ from actors import logs
 from actors.cluster import default_keys_dir
 from actors.errors import ActorsError
 from actors.launch import master_arg
+from actors.messages import OutputLine
 from transport import init_keys
 from transport.keys import add_key
 
@@ -51,7 +52,19 @@ def actors_main(argv: list[str] | None = None) -> int:
                                                       "newest first"))
     tasks.add_argument("--json", action="store_true", help="a JSON list, for scripts")
     tasks.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    for name, what in (("cancel", "cancel a task submitted with this key"),
+                       ("story", "a task's story: each change of it and its units, and why"),
+                       ("logs", "what a task printed and logged (the master keeps its last "
+                                "1,000 lines)")):
+        command = _to_a_master(sub.add_parser(name, help=what))
+        command.add_argument("task_id", metavar="ID", help="the task's id (see `tasks`)")
+        command.add_argument("--json", action="store_true", help="JSON, for scripts")
+        if name == "logs":
+            command.add_argument("--limit", type=int, default=1000,
+                                 help="the newest this many lines (default 1000)")
     args = parser.parse_args(argv)
+    if args.command in ("cancel", "story", "logs"):
+        return _about_a_task(args)
     if args.command == "tasks":
         return _print_tasks(args.master, args.keys or default_keys_dir(), args.json, args.limit,
                             args.timeout)
@@ -160,3 +173,52 @@ def _print_tasks(address: str, keys: str, as_json: bool, limit: int, timeout: fl
         sys.stdout.write(f"{t.task_id:<36} {t.status:<10} {progress:>12} {when} {took:>8} "
                          f"prio {t.priority}\n")
     return 0
+
+
+def _about_a_task(args: argparse.Namespace) -> int:
+    """``cancel``, ``story`` and ``logs`` of one task of the caller's key."""
+    from actors.client import Client
+
+    logs.configure("auto", "WARNING")
+    task_id: str = args.task_id
+    try:
+        with Client(args.master, keys=args.keys or default_keys_dir(),
+                    timeout=args.timeout) as client:
+            if args.command == "cancel":
+                status = client.cancel_task(task_id, args.timeout)
+                doc: object = {"task_id": task_id, "status": status,
+                               "cancelled": status == "cancelled"}
+                text = (f"task {task_id} cancelled\n" if status == "cancelled" else
+                        f"task {task_id} had already ended: {status}\n")
+            elif args.command == "story":
+                entries = client.story_of(task_id, args.timeout)
+                doc = [{"key": k, "start": a, "finish": b, "cause": c, "time": t}
+                       for k, a, b, c, t in entries]
+                text = "".join(f"{_clock(t)}  {k:<14} {a:>10} -> {b:<10} {c}\n"
+                               for k, a, b, c, t in entries) or f"task {task_id}: no story\n"
+            else:
+                lines, dropped = client.task_logs(task_id, args.limit, args.timeout)
+                doc = {"task_id": task_id, "dropped": dropped,
+                       "lines": [{"worker": w, **msgspec.structs.asdict(line)}
+                                 for w, line in lines]}
+                text = "".join(f"{_clock(line.time)} {w} {_source(line)}: {line.text}\n"
+                               for w, line in lines)
+                if dropped:
+                    text += f"({dropped} earlier or dropped lines not shown)\n"
+                if not lines and not dropped:
+                    text = f"task {task_id}: no output kept\n"
+    except (ActorsError, TimeoutError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else text)
+    return 0
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}"
+
+
+def _source(line: OutputLine) -> str:
+    """Where a line came from: its stream (a log record's level) and its unit, if any."""
+    stream = line.level or line.stream
+    return f"{stream} unit {line.unit}" if line.unit >= 0 else stream

@@ -39,6 +39,7 @@ from actors.errors import (
     KeyRefused,
     LargePayloadWarning,
     MasterLost,
+    NoSuchTask,
     TaskCancelled,
     UnknownTask,
 )
@@ -497,6 +498,36 @@ class Client:
         assert isinstance(reply, m.StoryReply)
         return [tuple(entry) for entry in reply.entries]  # type: ignore[misc]
 
+    def story_of(self, task_id: str,
+                 timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
+        """The story of any task submitted with this client's key, by id (``NoSuchTask`` if
+        there is none: an unknown id, one forgotten since, or another key's task)."""
+        reply = self._request(task_id, m.StoryRequest(task_id), timeout)
+        assert isinstance(reply, m.StoryReply)
+        if reply.error:
+            raise NoSuchTask(task_id, reply.error)
+        return [tuple(entry) for entry in reply.entries]  # type: ignore[misc]
+
+    def cancel_task(self, task_id: str, timeout: float = 10.0) -> str:
+        """Cancel a task submitted with this client's key, by id; its status after the request:
+        ``"cancelled"``, or how it had already ended (``NoSuchTask`` as for ``story_of``)."""
+        reply = self._request(f"cancel {task_id}", m.CancelTask(task_id), timeout)
+        assert isinstance(reply, m.CancelReply)
+        if reply.error:
+            raise NoSuchTask(task_id, reply.error)
+        return reply.status
+
+    def task_logs(self, task_id: str, limit: int = 1000,
+                  timeout: float = 10.0) -> tuple[list[tuple[str, m.OutputLine]], int]:
+        """The last ``limit`` lines of output the master kept of a task of this client's key
+        (``(worker id, line)``, oldest first), and how many lines it printed beyond those (the
+        master keeps 1,000 a task; ``NoSuchTask`` as for ``story_of``)."""
+        reply = self._request(f"logs {task_id}", m.LogsRequest(task_id, limit), timeout)
+        assert isinstance(reply, m.LogsReply)
+        if reply.error:
+            raise NoSuchTask(task_id, reply.error)
+        return [(worker, line) for worker, line in reply.lines], reply.dropped
+
     def tasks(self, limit: int = 1000, timeout: float = 10.0) -> list[m.TaskInfo]:
         """The tasks submitted with this client's key (by this client or another using the same
         key, such as a notebook seen from the command line), newest first: id, name, status,
@@ -679,8 +710,11 @@ class Client:
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._finish(_CANCELLED, None)
                     fut._show_output(waiting=False)
-            case m.StoryReply() | m.ClusterInfo() | m.PackagesReply() | m.TasksReply():
+            case (m.StoryReply() | m.ClusterInfo() | m.PackagesReply() | m.TasksReply()
+                  | m.CancelReply() | m.LogsReply()):
                 key = (msg.task_id if isinstance(msg, m.StoryReply)
+                       else f"cancel {msg.task_id}" if isinstance(msg, m.CancelReply)
+                       else f"logs {msg.task_id}" if isinstance(msg, m.LogsReply)
                        else "info" if isinstance(msg, m.ClusterInfo)
                        else "tasks" if isinstance(msg, m.TasksReply) else "packages")
                 if (replies := self._replies.get(key)) is not None:

@@ -147,6 +147,8 @@ class LocalCluster:
                 reserved[0].close()
         self.address: str = info["address"]
         self.pid: int = self.process.pid
+        # The master's dashboard page, with its access token ("" if it serves none).
+        self.dashboard_url: str = info.get("dashboard", "")
 
     def close(self) -> None:
         self._finalizer()
@@ -178,6 +180,8 @@ class LocalCluster:
         rows = [("master", address), ("workers", str(self.workers)), ("status", self.status),
                 ("master pid", str(getattr(self, "pid", "?"))),
                 ("connect", f"Client({address!r}, keys={self.keys_dir!r})")]
+        if getattr(self, "dashboard_url", ""):
+            rows.append(("dashboard", self.dashboard_url))
         cells = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
                         f"<td style='text-align:left'><code>{html.escape(v)}</code></td></tr>"
                         for k, v in rows)

@@ -223,6 +223,19 @@ class UnknownTask(ActorsError, LookupError):
         return f"unknown task {self.name!r}; known: {known}"
 
 
+class NoSuchTask(ActorsError, LookupError):
+    """A task id the master has no task of the caller's key for: never submitted, forgotten
+    after it ended, or submitted with another key (the answer does not say which)."""
+
+    def __init__(self, task_id: str, reason: str = "") -> None:
+        super().__init__(task_id, reason)
+        self.task_id = task_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason or f"no task {self.task_id!r} submitted with this key"
+
+
 # --- running tasks ----------------------------------------------------------
 
 

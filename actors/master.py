@@ -34,10 +34,12 @@ from actors.cluster import default_keys_dir, local_node_command
 from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
-from actors.core.scheduler_state import SchedulerState
+from actors.core.scheduler_state import SchedulerState, TaskRecord
+from actors.dashboard import BUILD_EVERY_S, Dashboard, parse_address
 from actors.errors import (
     ActorsError,
     CodeUnknown,
+    InvalidAddress,
     JournalUnreadable,
     MalformedMessage,
     MasterSuperseded,
@@ -58,6 +60,7 @@ from actors.serialize import describe_exception
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
 from actors.state_dir import StateDir, default_state_dir
 from actors.task_sync import Catalogue, InstanceUses, TaskSyncServer
+from actors.watch import OUTPUT_LINES, OutputRings, TaskStream, Throughput, overview, task_detail
 from transport import Hub, ServerCurve, load_keypair
 from transport.keys import AllowList, allowed_dir
 
@@ -131,6 +134,7 @@ class Master(Shell):
                  on_crash: Callable[[], None] | None = None,
                  on_superseded: Callable[[], None] | None = None,
                  metrics: MetricsServer | None = None,
+                 dashboard: Dashboard | None = None, address: str = "",
                  client_timeout_s: float = CLIENT_TIMEOUT_S) -> None:
         """``journal``: the state directory's journal, already started (``restored`` is what it
         held). ``allowed``: the allow-list folder, whose file names give each key its role
@@ -146,6 +150,15 @@ class Master(Shell):
         self.lost_clients: OrderedDict[str, None] = OrderedDict()
         self.metrics = metrics
         self.stats = Snapshot()  # counters since start, published to /metrics on the tick
+        # What people watch (actors/watch.py): all bounded. The dashboard's HTTP threads get
+        # JSON built from these on the tick, never these.
+        self.dashboard = dashboard
+        self.address = address
+        self.outputs = OutputRings()  # each task's last lines, for `actors logs` and the page
+        self.stream = TaskStream()  # runs per worker over time (recorded with a dashboard only)
+        self.throughput = Throughput()
+        self.board_built = 0.0
+        self.started_at = time.time()
         master_id = journal.master_id
         self.master_id = master_id
         self.node_timeout_s = node_timeout_s
@@ -263,6 +276,7 @@ class Master(Shell):
                     self.salvage = {w: s for w, s in self.salvage.items() if s[2] > now}
                 self._stories_due()
                 self._commit()
+                self._watch(now)
             case Catalogue(packages=packages):
                 self._catalogue(packages)
             case ("task_sync", ref):
@@ -503,10 +517,16 @@ class Master(Shell):
                 failed = sum(1 for o in outcomes if not o.ok)
                 self.stats.units_done += len(outcomes) - failed
                 self.stats.units_failed += failed
+                if self.dashboard is not None:
+                    self.stream.finished(worker_id, task_id, run_id, elapsed, not failed, self.now)
                 self._apply(ev.UnitsFinished(self.now, worker_id, task_id, run_id, outcomes, elapsed))
             case m.TaskResult(task_id=task_id, outcome=outcome, elapsed=elapsed):
+                if self.dashboard is not None:
+                    self.stream.finished(worker_id, task_id, 0, elapsed, outcome.ok, self.now)
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome, elapsed))
             case m.WorkerFailed(task_id=task_id, outcome=outcome):
+                if self.dashboard is not None:
+                    self.stream.finished(worker_id, task_id, 0, 0.0, False, self.now)
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome))
             case m.StealReply(task_id=task_id, run_id=run_id, accepted=accepted):
                 self._apply(ev.StealAnswered(self.now, worker_id, task_id, run_id, accepted))
@@ -550,15 +570,24 @@ class Master(Shell):
                 self._submit(peer, msg)
             case m.PackagesRequest():
                 self._to_client(peer.peer_id, m.PackagesReply(self._listing()))
-            case m.Cancel(task_id=task_id) | m.StoryRequest(task_id=task_id) if not self._owns_task(
-                    peer, task_id):
+            case m.Cancel(task_id=task_id) if not self._owns_task(peer, task_id):
                 self._refused(peer, msg, f"task {task_id} is not this client's")
-                if isinstance(msg, m.StoryRequest):  # an answer, so that the caller need not wait
-                    self._to_client(peer.peer_id, m.StoryReply(task_id, []))
+            case m.StoryRequest(task_id=task_id) if self._of_key(peer, msg) is None:
+                # An answer, so that the caller need not wait; the same for an id never used
+                # and another key's task (see _of_key).
+                self._to_client(peer.peer_id, m.StoryReply(task_id, [], _no_task(task_id)))
             case m.Cancel(task_id=task_id):
                 self._apply(ev.CancelRequested(self.now, task_id))
             case m.StoryRequest(task_id=task_id):
                 self._story(peer.peer_id, task_id)
+            case m.CancelTask(task_id=task_id):
+                self._cancel_task(peer, task_id)
+            case m.LogsRequest(task_id=task_id, limit=limit):
+                if self._of_key(peer, msg) is None:
+                    self._to_client(peer.peer_id, m.LogsReply(task_id, [], 0, _no_task(task_id)))
+                else:
+                    lines, dropped = self.outputs.get(task_id, max(0, min(limit, OUTPUT_LINES)))
+                    self._to_client(peer.peer_id, m.LogsReply(task_id, lines, dropped))
             case m.InfoRequest():
                 self._to_client(peer.peer_id, self._cluster_info())
             case m.TasksRequest(limit=limit):
@@ -593,18 +622,79 @@ class Master(Shell):
                     times["started"] = when + wall
                 elif finish in ("done", "erred", "cancelled"):
                     times["ended"] = when + wall
-            if task.kind is ev.TaskKind.PARALLEL:
-                units = task.units
-                done = units.done_count
-                total = self._unit_total(task.task_id, done + len(units.open_units), units.sliced_all)
-            else:
-                done, total = self.task_steps.get(task.task_id, (0, 0))
-            if task.state is ev.TaskStatus.DONE and total:
-                done = total
+            done, total = self._progress_of(task)
             listed.append(m.TaskInfo(
                 task_id=task.task_id, name=task.name, client_id=task.client_id,
                 status=str(task.state), done=done, total=total, priority=task.priority, **times))
         return listed
+
+    def _progress_of(self, task: TaskRecord) -> tuple[int, int]:
+        """(done, total; 0: not known) as the task's client sees it."""
+        if task.kind is ev.TaskKind.PARALLEL:
+            units = task.units
+            done = units.done_count
+            total = self._unit_total(task.task_id, done + len(units.open_units), units.sliced_all)
+        else:
+            done, total = self.task_steps.get(task.task_id, (0, 0))
+        if task.state is ev.TaskStatus.DONE and total:
+            done = total
+        return done, total
+
+    def _of_key(self, peer: Peer, msg: m.Message) -> TaskRecord | None:
+        """The task a client's request names, if it was submitted with that client's key (by it
+        or another client using the key: a notebook's tasks, from the command line). Another
+        key's task is refused as if its id were unknown: the answer tells no one it exists."""
+        task_id = getattr(msg, "task_id", "")
+        task = self.scheduler.tasks.get(task_id)
+        if task is None:
+            return None
+        if task.client_id == peer.peer_id or self.client_keys.get(task.client_id) == peer.key:
+            return task
+        self._refused(peer, msg, f"task {task_id} is another key's")
+        return None
+
+    def _cancel_task(self, peer: Peer, task_id: str) -> None:
+        """``python -m actors cancel``: cancel a task of the caller's key and say how it ended
+        (the task's own client hears TaskCancelled as for its own Cancel)."""
+        task = self._of_key(peer, m.CancelTask(task_id))
+        if task is None:
+            self._to_client(peer.peer_id, m.CancelReply(task_id, "", _no_task(task_id)))
+            return
+        if not task.finished:
+            self.log.info("task_cancel_requested", task_id=task_id, by=peer.peer_id)
+            self._apply(ev.CancelRequested(self.now, task_id))
+        self._to_client(peer.peer_id, m.CancelReply(task_id, str(task.state)))
+
+    def _watch(self, now: float) -> None:
+        """On the tick: sample the throughput and, while someone watches the dashboard, build
+        its data. A bug here is logged and the tick goes on: the page is never worth the
+        scheduler (it runs last in the tick, after the journal's commit)."""
+        try:
+            if self.throughput.sample(now, self.stats.units_done):
+                self.outputs.forget_except(self.scheduler.tasks)
+            board = self.dashboard
+            if board is None or not board.wanted(now) or now - self.board_built < BUILD_EVERY_S:
+                return
+            self.board_built = now
+            started = time.perf_counter()
+            wall = time.time() - time.monotonic()  # the scheduler's clock is monotonic
+            hosts = {p.peer_id: p.host for p in self.peers.values() if p.role == "node"}
+            stats = self.stats
+            state = overview(
+                self.scheduler, progress=self._progress_of, hosts=hosts, stream=self.stream,
+                throughput=self.throughput, now=now, wall=wall,
+                counters={"units_done": stats.units_done, "units_failed": stats.units_failed,
+                          "tasks_submitted": stats.tasks_submitted},
+                master={"id": self.master_id, "address": self.address, "version": __version__,
+                        "epoch": self.journal.epoch, "started": round(self.started_at, 3)})
+            details = {task_id: msgspec.json.encode(task_detail(
+                self.scheduler, task_id, progress=self._progress_of, rings=self.outputs,
+                now=now, wall=wall)) for task_id in board.watched(now)}
+            board.publish(msgspec.json.encode(state), details)
+            self.stats.dashboard_seconds += time.perf_counter() - started
+            self.stats.dashboard_builds += 1
+        except Exception:
+            self.log.exception("dashboard_snapshot_failed")
 
     def _snapshot(self) -> Snapshot:
         """The counters so far and the state now, for /metrics (read there, never the state)."""
@@ -757,6 +847,7 @@ class Master(Shell):
         self.send(SOCKET, client_id.encode(), frames=[ended])
         self.unit_totals.pop(task_id, None)
         self.task_steps.pop(task_id, None)
+        self.throughput.tasks_ended += 1
         task = self.scheduler.tasks.get(task_id)
         if task is not None and task.package and self.task_sync is not None:
             self.task_sync.tell(InstanceUses(task.package, task.version, task_id, ended=True))
@@ -822,6 +913,7 @@ class Master(Shell):
         if isinstance(msg, m.TaskOutput):
             lines, dropped = msg.lines[:MAX_OUTPUT_LINES], max(0, msg.dropped)
             dropped += len(msg.lines) - len(lines)
+            self.outputs.add(msg.task_id, worker_id, lines, dropped)
             self._to_client(task.client_id, msgspec.structs.replace(
                 msg, worker_id=worker_id, lines=lines, dropped=dropped))
         elif msg.done < 0 or msg.total < 0:
@@ -947,6 +1039,9 @@ class Master(Shell):
     def _carry_out(self, ins: ev.Instruction) -> None:
         match ins:
             case ev.Dispatch():
+                if self.dashboard is not None:
+                    self.stream.started(ins.worker_id, ins.task_id, ins.run_id, len(ins.units),
+                                        self.now)
                 self._to_worker(ins.node_id, ins.worker_id,
                                 m.RunUnits(ins.task_id, ins.run_id, ins.units, ins.holders))
             case ev.ForwardResults():
@@ -970,6 +1065,8 @@ class Master(Shell):
                                driver=ins.driver)
                 if ins.driver:
                     self.started.add(ins.task_id)
+                    if self.dashboard is not None and ins.kind == ev.TaskKind.TASK:
+                        self.stream.started(ins.worker_id, ins.task_id, 0, 1, self.now)
                 self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(task_id=ins.task_id,
                                                                          name=ins.name,
                                                                          kind=ins.kind,
@@ -1032,6 +1129,11 @@ class Master(Shell):
 
     def _to_client(self, client_id: str, msg: m.Message) -> None:
         self.send(SOCKET, client_id.encode(), message=msg)
+
+
+def _no_task(task_id: str) -> str:
+    return (f"no task {task_id!r} submitted with this key on this master (unknown, or "
+            "forgotten after it ended)")
 
 
 def describe_exit(msg: m.WorkerExited) -> str:
@@ -1098,6 +1200,10 @@ def main(argv: list[str] | None = None, *,
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a "
                              "free one; off by default)")
+    parser.add_argument("--dashboard", default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="serve the live dashboard page at http://HOST:PORT/ (default "
+                             "127.0.0.1 on a free port; its URL, with its access token, is "
+                             "printed at start; 'off': no page)")
     parser.add_argument("--ephemeral", action="store_true",
                         help="keep the journal in a temporary folder, never synced: nothing "
                              "survives the master (the default with --port 0)")
@@ -1187,11 +1293,29 @@ def main(argv: list[str] | None = None, *,
             _stop_local_node(local_node)
             _close_state(state, state_path, temporary)
             return 2
+    dashboard: Dashboard | None = None
+    if args.dashboard != "off":
+        try:
+            dashboard = Dashboard(*parse_address(args.dashboard))
+        except (InvalidAddress, OSError) as exc:
+            log.error("cannot_serve_dashboard", address=args.dashboard, error=str(exc))
+            hub.stop()
+            if metrics is not None:
+                metrics.close()
+            _stop_local_node(local_node)
+            _close_state(state, state_path, temporary)
+            return 2
+        if dashboard.url.split("/")[2].rpartition(":")[0] not in ("127.0.0.1", "localhost",
+                                                                  "[::1]"):
+            log.warning("dashboard_not_local", port=dashboard.port,
+                        hint="anyone who can reach this port and has the token sees every "
+                             "task, its story and its output (plain HTTP, no TLS)")
     master_ref = Master.start(hub, state.journal, restored, node_timeout_s=args.node_timeout,
                               max_deaths=args.max_deaths,
                               restart_after_error=args.restart_after_error,
                               allowed=curve.allowed_dir, on_crash=crashed,
                               on_superseded=superseded, metrics=metrics,
+                              dashboard=dashboard, address=address,
                               client_timeout_s=max(0.0, args.client_timeout))
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
@@ -1203,7 +1327,9 @@ def main(argv: list[str] | None = None, *,
         node = subprocess.Popen(local_node_command(address, args.workers, keys, args.package_grace,
                                                    args.cache), stdin=subprocess.DEVNULL)
     if args.ready_file:
-        write_atomically(args.ready_file, json.dumps({"address": address, "pid": os.getpid()}))
+        write_atomically(args.ready_file, json.dumps({
+            "address": address, "pid": os.getpid(),
+            "dashboard": dashboard.url if dashboard is not None else ""}))
     log.info("master_started", address=address, workers=args.workers, keys=keys,
              tasks_dir=os.path.abspath(args.tasks_dir), epoch=state.journal.epoch,
              state_dir="" if temporary else str(state.path))
@@ -1213,6 +1339,7 @@ def main(argv: list[str] | None = None, *,
             f"  add a host:  python -m actors.node --master {address} --keys {keys}\n"
             f"  from Python: Client({address!r}, keys={keys!r})\n"
             + (f"  metrics:     {metrics.url}\n" if metrics is not None else "")
+            + (f"  dashboard:   {dashboard.url}\n" if dashboard is not None else "")
         )
         sys.stdout.flush()
     if args.run:
@@ -1230,6 +1357,8 @@ def main(argv: list[str] | None = None, *,
     hub.stop()
     if metrics is not None:
         metrics.close()
+    if dashboard is not None:
+        dashboard.close()
     _close_state(state, state_path, temporary)
     if args.ready_file:
         Path(args.ready_file).unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 7  # 7: Hello.running, UnitOutcome.digest (work that outlives a master)
+PROTOCOL_VERSION = 8  # 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -106,6 +106,35 @@ class StoryRequest(Message, frozen=True):
 class StoryReply(Message, frozen=True):
     task_id: str
     entries: list[tuple[str, str, str, str, float]]  # (key, start, finish, cause, time)
+    # Why there is no story: no task of the asker's key has this id ("" for a task it may read).
+    error: str = ""
+
+
+class CancelTask(Message, frozen=True):
+    """Cancel a task of the caller's key and say what became of it (``python -m actors cancel``
+    is not the client that submitted it; a future's ``Cancel`` gets no reply but the end)."""
+
+    task_id: str
+
+
+class CancelReply(Message, frozen=True):
+    task_id: str
+    status: str  # the task's status after the request: "cancelled", or how it had ended
+    error: str = ""  # no task of the asker's key has this id
+
+
+class LogsRequest(Message, frozen=True):
+    """The output the master kept of a task of the caller's key: its last ``limit`` lines."""
+
+    task_id: str
+    limit: int = 1000
+
+
+class LogsReply(Message, frozen=True):
+    task_id: str
+    lines: list[tuple[str, OutputLine]]  # (worker id, line), oldest first
+    dropped: int  # lines the task printed that are not here (workers' and the master's caps)
+    error: str = ""  # no task of the asker's key has this id
 
 
 class InfoRequest(Message, frozen=True):
@@ -534,6 +563,10 @@ AnyMessage = (
     | Cancel
     | StoryRequest
     | StoryReply
+    | CancelTask
+    | CancelReply
+    | LogsRequest
+    | LogsReply
     | InfoRequest
     | TasksRequest
     | TasksReply

@@ -28,6 +28,8 @@ class Snapshot:
     handled: int = 0  # events handled
     commit_seconds: float = 0.0  # the journal's commits, summed
     commits: int = 0
+    dashboard_seconds: float = 0.0  # building the dashboard's snapshots, summed
+    dashboard_builds: int = 0
 
 
 class _Collector:
@@ -70,6 +72,11 @@ class _Collector:
         yield CounterMetricFamily("actors_journal_commit_seconds", "time in journal commits",
                                   value=s.commit_seconds)
         yield CounterMetricFamily("actors_journal_commits", "journal commits", value=s.commits)
+        yield CounterMetricFamily("actors_dashboard_seconds",
+                                  "time the master spent building the dashboard's snapshots",
+                                  value=s.dashboard_seconds)
+        yield CounterMetricFamily("actors_dashboard_snapshots", "dashboard snapshots built",
+                                  value=s.dashboard_builds)
 
 
 class MetricsServer:

@@ -15,6 +15,7 @@ import zmq
 
 from actors import Client, LocalCluster, Task, __version__
 from actors import messages as m
+from actors.errors import NoSuchTask
 from transport.hub import unbatch
 from transport.keys import add_key, load_keypair, load_public_key
 
@@ -118,15 +119,27 @@ def test_a_connection_cannot_take_over_a_connected_peers_routing_id(
         assert fut.result(timeout=30) == "released"
 
 
-def test_a_client_can_neither_cancel_nor_read_another_clients_task(
+def test_a_client_cancels_only_its_own_tasks_and_reads_only_its_keys_stories(
         cluster: LocalCluster, tmp_path: Path) -> None:
+    """A future's Cancel is its own client's; the story (and the command line's cancel and
+    logs) belong to the key: a notebook and a terminal with one key are one person. Another
+    key gets nothing, in the words used for an id never seen."""
     gate = tmp_path / "gate"
-    with Client(cluster) as owner, Client(cluster) as other:
+    folder = add_key(cluster.keys_dir, "client", f"mallory{os.getpid()}")
+    with (Client(cluster) as owner, Client(cluster) as same_key,
+          Client(cluster.address, keys=folder) as stranger):
         fut = owner.submit(WaitsFor, str(gate))
         assert fut.story(), "the owner reads its own task's story"
-        assert other._request(fut.task_id, m.StoryRequest(fut.task_id), 10).entries == []
-        other._send(m.Cancel(fut.task_id))
-        assert other.submit(Square, 3).result(timeout=30) == 9  # the cancel came before this
+        assert same_key._request(fut.task_id, m.StoryRequest(fut.task_id), 10).entries
+        refused = stranger._request(fut.task_id, m.StoryRequest(fut.task_id), 10)
+        assert refused.entries == [] and refused.error.startswith(f"no task {fut.task_id!r}")
+        same_key._send(m.Cancel(fut.task_id))
+        for ask in (stranger.cancel_task, stranger.task_logs, stranger.story_of):
+            with pytest.raises(NoSuchTask) as no_task:
+                ask(fut.task_id)
+            assert str(no_task.value) == refused.error
+        assert same_key.submit(Square, 3).result(timeout=30) == 9  # the cancel came before this
+        assert stranger.submit(Square, 4).result(timeout=30) == 16
         assert not fut.done()
         gate.touch()
         assert fut.result(timeout=30) == "released"
