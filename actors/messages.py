@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 8  # 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error
+PROTOCOL_VERSION = 8  # 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):

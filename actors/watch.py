@@ -19,6 +19,7 @@ Every record is bounded, whatever a cluster runs:
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +151,7 @@ class Throughput:
 # --- the page's data, built on the master's tick ----------------------------------------
 
 
-def _times(story: deque[StoryEntry]) -> tuple[float, float, float]:
+def _times(story: Sequence[StoryEntry]) -> tuple[float, float, float]:
     """A task's submitted, started and ended times (monotonic; 0: not known) from its story,
     looking only at its first and last entries: a big task's story holds thousands of units."""
     submitted = started = ended = 0.0
