@@ -780,7 +780,8 @@ class Master(Shell):
         self._apply(ev.TaskSubmitted(self.now, task_id=msg.task_id, client_id=peer.peer_id,
                                      name=msg.name, kind=kind, code=code, args=msg.args,
                                      priority=msg.priority, package=package, version=version,
-                                     retries=msg.retries, code_hash=msg.code_hash))
+                                     retries=msg.retries, code_hash=msg.code_hash,
+                                     owner=peer.key.decode(errors="replace")))
 
     def _refuse_submit(self, peer: Peer, msg: m.Submit, error: Exception) -> None:
         payload, type_name, text, _ = describe_exception(error)

@@ -7,6 +7,7 @@ from collections import deque
 import pytest
 
 from actors.core import scheduler_events as ev
+from actors.core.fair_share import DEFAULT_COST_S, QUANTUM_S
 from actors.core.scheduler_state import SchedulerState, WarmKey
 from actors.messages import UnitCall, UnitOutcome, unit_digest
 
@@ -841,3 +842,76 @@ def test_a_queued_plain_task_costs_the_scheduler_under_a_kilobyte() -> None:
         tracemalloc.stop()
     assert len(s.tasks) == 10_000 and all(t.state == "queued" for t in s.tasks.values())
     assert used / 10_000 < 1024, f"{used / 10_000:.0f} bytes per queued task"
+
+
+# --- fair share between clients and keys (fair_share.py) -------------------------------------
+
+
+def run_one_at_a_time(s: Harness, pending: list[ev.Instruction], count: int) -> list[str]:
+    """One worker runs the queue: each assigned task finishes at once; a worker stopped to make
+    room for another key's code is replaced. The order the tasks started in."""
+    order: list[str] = []
+    fresh = iter(range(100, 100_000))
+    while pending and len(order) < count:
+        ins = pending.pop(0)
+        if isinstance(ins, ev.Assign):
+            order.append(ins.task_id)
+            pending += s(ev.TaskFinished, ins.worker_id, ins.task_id, UnitOutcome(-1, True, b""))
+        elif isinstance(ins, ev.KillWorker):
+            pending += s(ev.WorkerLost, ins.worker_id, "stopped", True)
+            pending += s(ev.WorkerReady, "n1", f"w{next(fresh)}")
+    return order
+
+
+def test_a_client_queued_behind_another_clients_burst_is_served_in_turn() -> None:
+    """Same key: a's 100 tasks, then b's 5; b's go out between a's, not after all of them."""
+    s = Harness()
+    for i in range(100):
+        s(ev.TaskSubmitted, task_id=f"a{i}", client_id="a", name="N", kind="task", code=b"c",
+          args=b"", owner="key1")
+    for i in range(5):
+        s(ev.TaskSubmitted, task_id=f"b{i}", client_id="b", name="N", kind="task", code=b"c",
+          args=b"", owner="key1")
+    s(ev.NodeJoined, "n1")
+    order = run_one_at_a_time(s, s(ev.WorkerReady, "n1", "w1"), 105)
+    assert sorted(order) == sorted([f"a{i}" for i in range(100)] + [f"b{i}" for i in range(5)])
+    assert max(order.index(f"b{i}") for i in range(5)) < 12, order[:12]
+    # one key: one warm worker served both clients, never replaced
+    assert set(s.state.workers) == {"w1"}
+
+
+def test_keys_take_turns_of_a_quantum_of_work_and_priority_still_wins() -> None:
+    """Key 1 queues 500 tasks, then key 2 queues 5 and key 3 one urgent task: the urgent one
+    first; key 2's start after one quantum of key 1's work (not after all 500), together (one
+    worker change, not one per task)."""
+    s = Harness()
+    for i in range(500):
+        s(ev.TaskSubmitted, task_id=f"a{i}", client_id="a", name="N", kind="task", code=b"c",
+          args=b"", owner="key1")
+    for i in range(5):
+        s(ev.TaskSubmitted, task_id=f"b{i}", client_id="b", name="N", kind="task", code=b"c",
+          args=b"", owner="key2")
+    s(ev.TaskSubmitted, task_id="urgent", client_id="c", name="N", kind="task", code=b"c",
+      args=b"", owner="key3", priority=1)
+    s(ev.NodeJoined, "n1")
+    order = run_one_at_a_time(s, s(ev.WorkerReady, "n1", "w1"), 506)
+    assert order[0] == "urgent"
+    first_b = order.index("b0")
+    per_quantum = int(QUANTUM_S / DEFAULT_COST_S)
+    assert first_b <= 1 + per_quantum, first_b
+    assert order[first_b:first_b + 5] == [f"b{i}" for i in range(5)]
+    assert len(order) == 506
+
+
+def test_a_requeued_task_keeps_its_place_in_the_fair_order() -> None:
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    for i in range(3):
+        s(ev.TaskSubmitted, task_id=f"a{i}", client_id="a", name="N", kind="task", code=b"c",
+          args=b"")
+    place = s.state.tasks["a0"].fair
+    assert s.state.tasks["a0"].state == "running"
+    s(ev.WorkerLost, "w1", "SIGKILL", False)  # a0 goes back to the queue
+    assert s.state.tasks["a0"].fair == place
+    assert assigned(s(ev.WorkerReady, "n1", "w2"))[0] == ("w2", "a0")

@@ -128,12 +128,17 @@ def test_a_corrupted_cache_folder_is_fetched_again(tmp_path: Path) -> None:
         with Client(cl) as client:
             wait_until(lambda: versions(client), 20, "the package to be listed")
             assert client.submit("demo.jobs:Which").result(timeout=30) == "one"
+            # The worker that imported it goes (a fresh one must import the package again).
+            warm = client.submit(os.getpid).result(timeout=30)
+            os.kill(warm, signal.SIGKILL)
+            wait_until(lambda: client.info().idle_workers == 1 and warm not in descendants(os.getpid()),
+                       30, "a fresh worker")
         (version,) = cached(cache)
         target = cache / "demo" / version / "jobs.py"
         os.chmod(target.parent, 0o755)
         os.chmod(target, 0o644)
         target.write_text("VERSION = 'tampered'\n")  # edited by hand
-        with Client(cl) as other:  # another client: a fresh worker must import the package
+        with Client(cl) as other:
             assert other.submit("demo.jobs:Which").result(timeout=30) == "one"
         assert "tampered" not in target.read_text()
         assert stat.S_IMODE(target.stat().st_mode) == 0o444

@@ -97,6 +97,7 @@ class TaskSubmitted(Event):
     version: str = ""
     retries: int = 0
     code_hash: str = ""  # the code's content hash (workers keep code by it)
+    owner: str = ""  # the submitter's key: its clients share warm workers and one fair share
     # Restored from the master's journal after a restart: units whose result it has (replayed
     # to the driver, not run again).
     journaled: tuple[int, ...] = ()

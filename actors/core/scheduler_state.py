@@ -3,11 +3,14 @@
 Theory of operation
 -------------------
 Nodes announce worker processes (``WorkerReady``). A worker is *clean* (never
-ran user code), *warm* for one submitter (ran that client's code and may run
-more of it, never another client's), or *busy* with exactly one task
-instance. No worker is held by a task beyond its need.
+ran user code), *warm* for one key (ran code submitted with that key, by any of
+its clients, and may run more of it, never another key's), or *busy* with
+exactly one task instance. No worker is held by a task beyond its need.
 
-A submitted task waits in the queue until a worker becomes its **driver**:
+A submitted task waits in the queue, in its fair place (``fair_share.py``:
+start-time fair queuing, keys served in turns of about 0.5 s of work, the
+clients of one key in turns of about 10 ms; priority first), until a worker
+becomes its **driver**:
 for a ``Task`` the driver runs ``work``; for a ``ParallelTask`` it slices
 (``UnitsSliced``, a bounded look-ahead at a time), reduces, and also runs
 units, so one worker is enough. While a task has sliced units pending, every
@@ -104,6 +107,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
+from actors.core.fair_share import DEFAULT_COST_S, FairShare, Tag
 from actors.core.scheduler_events import (
     Assign,
     CancelRequested,
@@ -180,7 +184,8 @@ TASK_TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
 # How to undo the changes the hot paths record per batch (see Undo). A reversal is recorded
 # after its change, or before it with a list the loop fills once each change is made.
 
-def _unpush(queue: list[tuple[int, int, str]], entry: tuple[int, int, str]) -> None:
+def _unpush(queue: list[tuple[int, int, int, int, str, float, int, str]],
+            entry: tuple[int, int, int, int, str, float, int, str]) -> None:
     queue.remove(entry)
     heapq.heapify(queue)
 
@@ -217,10 +222,11 @@ def _rank(task: TaskRecord) -> tuple[int, int]:
 
 
 class WarmKey(NamedTuple):
-    """Whose code a worker ran, so who may reuse it: one submitter, one package version (or the
-    code it shipped by value: no package)."""
+    """Whose code a worker ran, so who may reuse it: one key (every client of one person's key:
+    a notebook and the command line), one package version (or the code it shipped by value: no
+    package)."""
 
-    client_id: str
+    owner: str
     package: str = ""
     version: str = ""
 
@@ -257,6 +263,8 @@ class TaskRecord:
     version: str = ""
     retries: int = 0  # runs again of a unit (or of the driver's own code) that raised
     code_hash: str = ""
+    owner: str = ""  # its submitter's key ("": its client id stands for it)
+    fair: Tag | None = None  # its place in the queue's fair order, once queued (fair_share.py)
     state: TaskStatus = QUEUED  # changed only by SchedulerState._set_status
     driver: str | None = None
     workers: set[str] = field(default_factory=lambda: NO_WORKERS)
@@ -271,7 +279,7 @@ class TaskRecord:
     warm_key: WarmKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.warm_key = WarmKey(self.client_id, self.package, self.version)
+        self.warm_key = WarmKey(self.owner or self.client_id, self.package, self.version)
 
     @property
     def finished(self) -> bool:
@@ -296,7 +304,8 @@ class SchedulerState:
         self._finished: deque[str] = deque()
         # Queued tasks by (-priority, seq); stale entries are skipped when popped. Running
         # tasks apart: scheduling never scans the finished ones kept for their story.
-        self._queue: list[tuple[int, int, str]] = []
+        self._queue: list[tuple[int, int, int, int, str, float, int, str]] = []
+        self.fair = FairShare()
         self._running: dict[str, TaskRecord] = {}
         self._parallel: dict[str, TaskRecord] = {}  # the running ParallelTasks: units to hand out
         self._seq = itertools.count()
@@ -407,8 +416,9 @@ class SchedulerState:
                              if t.client_id == client_id and not t.finished]:
                     self._end(task, CANCELLED, "its client left", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
-                for key in [k for k in self.task_seconds if k.client_id == client_id]:
+                for key in [k for k in self.task_seconds if k.owner == client_id]:
                     undo.pop(self.task_seconds, key)
+                self.fair.client_left(undo, client_id)
             case UnitsSliced():
                 self._sliced(event)
             case UnitsFinished():
@@ -447,6 +457,7 @@ class SchedulerState:
             kind=TaskKind(event.kind), code=event.code, args=event.args,
             priority=event.priority, seq=next(self._seq), package=event.package,
             version=event.version, retries=max(0, event.retries), code_hash=event.code_hash,
+            owner=event.owner,
         )
         if task.kind is PARALLEL:
             task.units = UnitBook()
@@ -735,13 +746,22 @@ class SchedulerState:
             undo.call(self._finished.pop)
 
     def _enqueue(self, task: TaskRecord) -> None:
-        entry = (-task.priority, task.seq, task.task_id)
+        """Into the queue in its fair place (a task queued again keeps the one it had)."""
+        if task.fair is None:
+            cost = self.task_seconds.get(task.warm_key, DEFAULT_COST_S)
+            self._undo.set(task, "fair", self.fair.tag(self._undo, task.priority,
+                                                       task.warm_key.owner, task.client_id, cost))
+        assert task.fair is not None
+        entry = (-task.priority, *task.fair, task.seq, task.task_id)
         heapq.heappush(self._queue, entry)
         self._undo.call(_unpush, self._queue, entry)
 
-    def _dequeue(self) -> None:
+    def _dequeue(self, started: TaskRecord | None = None) -> None:
+        """Pop the queue's head; ``started``: it leaves to run (virtual time moves on)."""
         entry = heapq.heappop(self._queue)
         self._undo.call(heapq.heappush, self._queue, entry)
+        if started is not None and started.fair is not None:
+            self.fair.started(self._undo, started.priority, started.fair)
 
     def _end(self, task: TaskRecord, state: TaskStatus, cause: str, now: float, *,
              keep_workers: bool = False) -> None:
@@ -951,7 +971,7 @@ class SchedulerState:
     def _start_queued(self, now: float) -> TaskRecord | None:
         """Drivers for queued tasks, best first; the first one left without a worker, if any."""
         while self._queue:
-            task = self.tasks.get(self._queue[0][2])
+            task = self.tasks.get(self._queue[0][-1])
             if task is None or task.state is not QUEUED:
                 self._dequeue()  # ended or already running: a stale entry
                 continue
@@ -962,7 +982,7 @@ class SchedulerState:
             if worker is None:
                 self._evict_idle_worker()
                 return task
-            self._dequeue()
+            self._dequeue(started=task)
             self._join(task, worker, driver=True, now=now, queue=queue)
         return None
 
@@ -1204,7 +1224,7 @@ class SchedulerState:
         assert set(self._running) == running, "running index disagrees with task states"
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
         queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED}
-        assert queued <= {entry[2] for entry in self._queue}, "a queued task is not in the queue"
+        assert queued <= {entry[-1] for entry in self._queue}, "a queued task is not in the queue"
         for task in self.tasks.values():
             for worker_id in task.workers:
                 worker = self.workers[worker_id]
