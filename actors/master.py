@@ -187,6 +187,7 @@ class Master(Shell):
         # held unit results are still taken)
         self.salvage: dict[str, tuple[str, frozenset[str], float]] = {}
         self.tasks_peak = 0  # the most tasks held since memory was last given back
+        self.worker_usage: dict[str, tuple[float, int]] = {}  # worker -> (CPU %, bytes), for the page
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
@@ -270,6 +271,8 @@ class Master(Shell):
                 self._apply(ev.Tick(now))
                 for worker_id in [w for w in self.worker_codes if w not in self.scheduler.workers]:
                     del self.worker_codes[worker_id]
+                for worker_id in [w for w in self.worker_usage if w not in self.scheduler.workers]:
+                    del self.worker_usage[worker_id]
                 self._forget_old_rejections()
                 self._give_memory_back()
                 if self.salvage:
@@ -492,6 +495,12 @@ class Master(Shell):
                     deaths = self.stats.worker_deaths
                     deaths[kind] = deaths.get(kind, 0) + 1
                 self._apply(ev.WorkerLost(self.now, msg.worker_id, cause, msg.expected))
+            case m.WorkerStats(workers=stats) if len(stats) > MAX_REPORTED_WORKERS:
+                self._refused(peer, msg, f"at most {MAX_REPORTED_WORKERS} workers a report")
+            case m.WorkerStats(workers=stats):
+                for worker_id, cpu, rss in stats:
+                    if self._owns_worker(peer, worker_id):
+                        self.worker_usage[worker_id] = (cpu, rss)
             case m.Bye(reason=reason):
                 self._node_gone(peer, f"node left: {reason}")
             case _:
@@ -682,7 +691,7 @@ class Master(Shell):
             stats = self.stats
             state = overview(
                 self.scheduler, progress=self._progress_of, hosts=hosts, stream=self.stream,
-                throughput=self.throughput, now=now, wall=wall,
+                throughput=self.throughput, now=now, wall=wall, usage=self.worker_usage,
                 counters={"units_done": stats.units_done, "units_failed": stats.units_failed,
                           "tasks_submitted": stats.tasks_submitted},
                 master={"id": self.master_id, "address": self.address, "version": __version__,

@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 8  # 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 9  # 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -269,6 +269,13 @@ class WorkerExited(Message, frozen=True):
     signal: int | None
     maxrss_kb: int
     expected: bool  # the node was asked to stop it
+
+
+class WorkerStats(Message, frozen=True):
+    """node -> master, every few seconds: what each worker process uses, for the dashboard.
+    ``(worker id, CPU % of one core since the last report, resident bytes)``."""
+
+    workers: list[tuple[str, float, int]]
 
 
 class KillWorker(Message, frozen=True):
@@ -580,6 +587,7 @@ AnyMessage = (
     | WorkProgress
     | WorkerReady
     | WorkerExited
+    | WorkerStats
     | KillWorker
     | AssignTask
     | NeedCode

@@ -57,6 +57,7 @@ HELLO_RETRY_S = 2.0
 UNREACHABLE_AFTER_S, UNREACHABLE_EVERY_S = 5.0, 30.0  # when, and how often, to say so
 MAX_FAILED_STARTS = 5
 MAX_HELD_EXITS = 10_000  # worker exits told to the master when it is back (it was away)
+STATS_EVERY_S = 2.0  # how often the node tells the master what its workers use (the dashboard)
 RUN_DIR_PREFIX = "actors-node-"
 # A task process that outlives its worker dies with it; the node reaps it within this long at exit.
 ORPHAN_REAP_S = 2.0
@@ -124,6 +125,8 @@ class Node(Shell):
         self.waiting_since: float | None = None  # not welcomed since (None: welcomed)
         self.said_unreachable = -UNREACHABLE_EVERY_S
         self._seq = 0
+        self.last_stats = 0.0
+        self.cpu_seen: dict[str, tuple[float, float]] = {}  # worker -> (CPU seconds, when)
         self._failed_starts = 0  # workers in a row that died before saying hello
         self._on_fatal = on_fatal
         self.log = log.bind(role="node", node_id=config.node_id)
@@ -239,6 +242,9 @@ class Node(Shell):
         if self.welcomed and now - self.last_heartbeat >= self.heartbeat_s:
             self.last_heartbeat = now
             self.send(MASTER, message=m.Heartbeat())
+        if self.welcomed and now - self.last_stats >= STATS_EVERY_S:
+            self.last_stats = now
+            self._report_usage(now)
         for worker in list(self.workers.values()):
             if worker.kill_deadline is not None and now >= worker.kill_deadline:
                 self.log.warning("worker_kill_escalated", worker_id=worker.worker_id)
@@ -249,6 +255,25 @@ class Node(Shell):
             self.log.info("task_processes_ended", worker_id=worker_id, count=killed)
         if self.orphans:
             self.orphans = contain.reap(self.orphans)
+
+    def _report_usage(self, now: float) -> None:
+        """CPU and memory of each live worker process (from /proc), for the dashboard."""
+        stats = []
+        seen: dict[str, tuple[float, float]] = {}
+        for worker in self.workers.values():
+            if not worker.ready or worker.expected_exit:
+                continue
+            used = process_usage(worker.pid)
+            if used is None:
+                continue
+            cpu, rss = used
+            before = self.cpu_seen.get(worker.worker_id)
+            seen[worker.worker_id] = (cpu, now)
+            percent = 100.0 * (cpu - before[0]) / (now - before[1]) if before and now > before[1] else 0.0
+            stats.append((worker.worker_id, round(max(percent, 0.0), 1), rss))
+        self.cpu_seen = seen
+        if stats:
+            self.send(MASTER, message=m.WorkerStats(stats))
 
     def _waiting(self, now: float) -> None:
         """Not welcomed: say why after a few seconds and every so often; give up after
@@ -420,6 +445,23 @@ def _reap(node: pykka.ActorRef[Any], worker: WorkerProcess) -> None:
         worker.popen.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
     with contextlib.suppress(pykka.ActorDeadError):
         node.tell(ProcessExited(worker.worker_id, worker.pid, status, int(usage.ru_maxrss)))
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds used, resident bytes) of a process, from /proc; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            resident = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    # after "(comm)": state is field 3, so utime (14) and stime (15) are at 11 and 12 here
+    return (int(fields[11]) + int(fields[12])) / _TICKS, resident * _PAGE
 
 
 def _signal_group(pid: int, sig: int) -> None:

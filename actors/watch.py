@@ -184,9 +184,12 @@ def task_row(task: TaskRecord, progress: tuple[int, int], now: float, wall: floa
 
 def overview(sched: SchedulerState, *, progress: Any, hosts: dict[str, str],
              stream: TaskStream, throughput: Throughput, counters: dict[str, Any],
-             master: dict[str, Any], now: float, wall: float) -> dict[str, Any]:
+             master: dict[str, Any], now: float, wall: float,
+             usage: dict[str, tuple[float, int]] | None = None) -> dict[str, Any]:
     """The dashboard's main page. ``progress(task) -> (done, total)``; ``hosts``: node -> host;
-    ``wall``: add to a monotonic time to get seconds since the epoch."""
+    ``wall``: add to a monotonic time to get seconds since the epoch; ``usage``: worker ->
+    (CPU %, resident bytes), as its node last said."""
+    usage = usage or {}
     statuses: Counter[str] = Counter()
     open_tasks: list[TaskRecord] = []
     finished: deque[TaskRecord] = deque(maxlen=LISTED_FINISHED)
@@ -211,7 +214,9 @@ def overview(sched: SchedulerState, *, progress: Any, hosts: dict[str, str],
                             "task": task.task_id if task else "",
                             "task_name": task.name if task else "",
                             "driver": bool(task and task.driver == worker_id),
-                            "in_flight": len(worker.in_flight), "queued": len(worker.queued)})
+                            "in_flight": len(worker.in_flight), "queued": len(worker.queued),
+                            "cpu": usage.get(worker_id, (None, None))[0],
+                            "rss": usage.get(worker_id, (None, None))[1]})
         nodes.append({"id": node_id, "host": hosts.get(node_id, ""), "workers": workers})
     since = now - STREAM_WINDOW_S
     bars = [(w, t, round(s - now, 3), round(e - now, 3), n, ok)

@@ -120,9 +120,21 @@ def test_the_page_shows_workers_a_running_task_and_its_progress_advancing(tmp_pa
             (gates / "0").touch()
             wait_until(lambda: job.progress() == (STEP, UNITS), 60, "the first units done")
 
+            # What each worker process uses, as its node reports it every 2 s.
+            state_url = url.replace("/?token=", "/api/state?token=")
+
+            def workers_measured() -> bool:
+                status, body, _ = get(state_url)
+                rows = [w for n in json.loads(body)["nodes"] for w in n["workers"]]
+                return status == 200 and len(rows) == 2 and all(
+                    (w["rss"] or 0) > 1 << 20 and w["cpu"] is not None for w in rows)
+
+            wait_until(workers_measured, 30, "each worker's CPU and memory in the page's data")
             page = Page(browse(url, tmp_path / "profile"))
             workers = page.all("tr", "worker")
             assert len(workers) == 2 and {w["data-state"] for w in workers} == {"busy"}
+            memory = page.all("td", "rss")
+            assert len(memory) == 2 and all(int(td["data-rss"]) > 1 << 20 for td in memory)
             [row] = [r for r in page.all("tr", "task") if r["data-task"] == job.task_id]
             assert (row["data-status"], row["data-done"], row["data-total"]) == (
                 "running", str(STEP), str(UNITS))
