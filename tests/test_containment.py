@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -60,6 +61,16 @@ def worker_python() -> str | None:
 
 
 # --- what a task tries ------------------------------------------------------------------------
+
+
+class Hold(Task):
+    """Waits (30 s at most) until ``gate`` exists."""
+
+    def work(self, gate: str) -> int:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return os.getpid()
 
 
 class Snoop(Task):
@@ -203,8 +214,18 @@ def test_a_spawned_replacement_worker_is_contained_like_a_forked_one(
     with pytest.raises(RuntimeError):
         contained.client.submit(LeavesAProcess, "exit").result(timeout=30)
     contained.client.wait_for_workers(2)
-    seen = [f.result(timeout=30) for f in
-            [contained.client.submit(Snoop, scratch_folders(contained.node.pid)) for _ in range(2)]]
+    # The warm worker that is left holds a task at a gate, so that the snooping task runs on the
+    # replacement (a clean worker; an idle warm one would be preferred).
+    gates = tempfile.mkdtemp(prefix="actors-test-gate-", dir="/tmp")
+    os.chmod(gates, 0o777)  # where a worker of a uid of its own can look
+    try:
+        held = contained.client.submit(Hold, os.path.join(gates, "open"))
+        wait_until(lambda: held.status == "running", 30, "the warm worker to hold the gated task")
+        seen = [contained.client.submit(Snoop, scratch_folders(contained.node.pid)).result(timeout=30)]
+        Path(gates, "open").touch()
+        held.result(timeout=30)
+    finally:
+        shutil.rmtree(gates, ignore_errors=True)
     spawned = [s for s in seen if "actors.contain" in str(s["argv"])]
     assert spawned, [s["argv"] for s in seen]
     for s in spawned:
