@@ -215,6 +215,9 @@ def overview(sched: SchedulerState, *, progress: Any, hosts: dict[str, str],
                             "task_name": task.name if task else "",
                             "driver": bool(task and task.driver == worker_id),
                             "in_flight": len(worker.in_flight), "queued": len(worker.queued),
+                            # the package version its process imported (warm for), if any
+                            "package": (f"{worker.warm_for.package} {worker.warm_for.version}"
+                                        if worker.warm_for and worker.warm_for.package else ""),
                             "cpu": usage.get(worker_id, (None, None))[0],
                             "rss": usage.get(worker_id, (None, None))[1]})
         nodes.append({"id": node_id, "host": hosts.get(node_id, ""), "workers": workers})

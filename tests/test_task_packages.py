@@ -232,3 +232,22 @@ def test_the_packages_command_lists_versions_and_tasks(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert f"demo  version {version}" in out.stdout
     assert "demo.jobs:Which(gate)" in out.stdout
+
+
+def test_the_dashboard_shows_which_package_version_a_worker_holds(tmp_path: Path) -> None:
+    import urllib.request
+
+    tasks = tmp_path / "tasks"
+    deploy(tasks, "one")
+    with LocalCluster(workers=1, tasks_dir=tasks) as cl, Client(cl) as client:
+        wait_until(lambda: versions(client), 20, "the package to be listed")
+        assert client.submit("demo.jobs:Which").result(timeout=30) == "one"
+        (version,) = versions(client)
+        state_url = cl.dashboard_url.replace("/?token=", "/api/state?token=")
+
+        def held() -> list[str]:
+            with urllib.request.urlopen(state_url, timeout=30) as answer:
+                state = json.loads(answer.read())
+            return [w["package"] for n in state["nodes"] for w in n["workers"]]
+
+        wait_until(lambda: held() == [f"demo {version}"], 30, "the worker's package on the page")

@@ -115,12 +115,13 @@ function drawWorkers(s) {
         el("td", {}, badge(w.state)),
         el("td", {}, w.task ? taskLink(w.task, `${w.task_name}${w.driver ? " (driver)" : ""}`) : ""),
         el("td", {}, w.in_flight || ""),
+        el("td", { class: "package mono" }, w.package || ""),
         el("td", { class: "cpu" }, w.cpu == null ? "" : `${Math.round(w.cpu)} %`),
         el("td", { class: "rss", "data-rss": w.rss == null ? "" : w.rss },
           w.rss == null ? "" : `${Math.round(w.rss / 1048576)} MiB`)));
     }
   }
-  fill(document.querySelector("#workers tbody"), rows, "no workers: start a node", 7);
+  fill(document.querySelector("#workers tbody"), rows, "no workers: start a node", 8);
 }
 
 function drawTasks(s) {
