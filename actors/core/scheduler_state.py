@@ -275,7 +275,7 @@ class TaskRecord:
     seen_workers: set[str] = field(default_factory=lambda: NO_WORKERS)  # every worker that joined
     story: list[StoryEntry] = field(default_factory=list)  # the last STORY_LENGTH lines
 
-    # Who may reuse a worker this task ran on: the same submitter, the same package version.
+    # Who may reuse a worker this task ran on: the same key, the same package version.
     warm_key: WarmKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -302,7 +302,8 @@ class SchedulerState:
         self.tasks: dict[str, TaskRecord] = {}
         self.newest: dict[str, str | None] = {}  # package -> newest version
         self._finished: deque[str] = deque()
-        # Queued tasks by (-priority, seq); stale entries are skipped when popped. Running
+        # Queued tasks by (-priority, fair tag, seq) (fair_share.py); stale entries are skipped
+        # when popped. Running
         # tasks apart: scheduling never scans the finished ones kept for their story.
         self._queue: list[tuple[int, int, int, int, str, float, int, str]] = []
         self.fair = FairShare()
@@ -1061,7 +1062,7 @@ class SchedulerState:
         """Nothing idle fits the next task: replace one worker warm for another key."""
         for worker in self.workers.values():
             if worker.task_id is None:
-                # Isolation: another client's warm worker is replaced, never reused.
+                # Isolation: another key's warm worker is replaced, never reused.
                 self._drop_worker(worker.worker_id)
                 self._out.append(KillWorker(worker.node_id, worker.worker_id, "warm for other code"))
                 return
