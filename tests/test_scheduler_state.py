@@ -915,3 +915,22 @@ def test_a_requeued_task_keeps_its_place_in_the_fair_order() -> None:
     s(ev.WorkerLost, "w1", "SIGKILL", False)  # a0 goes back to the queue
     assert s.state.tasks["a0"].fair == place
     assert assigned(s(ev.WorkerReady, "n1", "w2"))[0] == ("w2", "a0")
+
+
+def test_a_client_arriving_late_starts_at_the_present_not_with_credit_for_its_absence() -> None:
+    """a's 100 tasks, 60 of them run; then b queues 100: they take turns with a's last 40 (b
+    starts at the queue's virtual time, not at zero, which would run all of b's first)."""
+    s = Harness()
+    for i in range(100):
+        s(ev.TaskSubmitted, task_id=f"a{i}", client_id="a", name="N", kind="task", code=b"c",
+          args=b"", owner="key1")
+    s(ev.NodeJoined, "n1")
+    pending = s(ev.WorkerReady, "n1", "w1")
+    first = run_one_at_a_time(s, pending, 60)
+    assert first == [f"a{i}" for i in range(60)]
+    [last] = [i for i in pending if isinstance(i, ev.Assign)]  # a60, assigned as a59 ended
+    for i in range(100):
+        s(ev.TaskSubmitted, task_id=f"b{i}", client_id="b", name="N", kind="task", code=b"c",
+          args=b"", owner="key1")
+    order = run_one_at_a_time(s, [last], 141)
+    assert order.index("a99") < 100, order.index("a99")  # not behind all 100 of b's
