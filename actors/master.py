@@ -374,7 +374,10 @@ class Master(Shell):
                 # The node learns it is forgotten from the answer to its own next message.
                 self.log.debug("dropped_from_unknown_node", type=type(msg).__name__)
                 return
-            if self._reject(inbound, "message_from_unknown_peer", "unknown peer"):
+            # A heartbeat from a peer of a master that restarted (or declared it gone) is
+            # expected: it says Hello on hearing the answer (a debug line, not a warning storm).
+            if self._reject(inbound, "message_from_unknown_peer", "unknown peer",
+                            quiet=isinstance(msg, m.Heartbeat)):
                 self.send(SOCKET, peer_key, message=m.Refused("unknown peer: send Hello first"))
             return
         peer.last_seen = self.now
@@ -973,7 +976,8 @@ class Master(Shell):
     def _refused(self, peer: Peer, msg: m.Message, reason: str) -> None:
         self._reject(Inbound(peer.routing, None, msg, peer.key), "message_refused", reason, peer)
 
-    def _reject(self, inbound: Inbound, event: str, reason: str, peer: Peer | None = None) -> bool:
+    def _reject(self, inbound: Inbound, event: str, reason: str, peer: Peer | None = None, *,
+                quiet: bool = False) -> bool:
         """Log a refused message, at most ``REJECTIONS_LOGGED`` per peer (key and routing id) and
         interval, then one line saying how many were not; a peer refused more than
         ``REJECTIONS_BLOCKED`` times in an interval is not heard for ``BLOCK_S`` (per peer, not
@@ -988,9 +992,10 @@ class Master(Shell):
         count += 1
         self.rejections[who] = (count, since)
         if count <= REJECTIONS_LOGGED:
-            self.log.warning(event, key=key[:12].decode(errors="replace"),
-                             peer=(peer.peer_id if peer else inbound.peer[:40].decode(errors="replace")),
-                             type=type(inbound.message).__name__, reason=reason[:200])
+            (self.log.debug if quiet else self.log.warning)(
+                event, key=key[:12].decode(errors="replace"),
+                peer=(peer.peer_id if peer else inbound.peer[:40].decode(errors="replace")),
+                type=type(inbound.message).__name__, reason=reason[:200])
         if count > REJECTIONS_BLOCKED:
             self.blocked[who] = self.now + BLOCK_S
             self.rejections.pop(who, None)
