@@ -85,95 +85,106 @@ def _refused_start(tmp_path: Path) -> str:
     return str(err)
 
 
-def test_kill_9_of_the_master_mid_job_loses_nothing(tmp_path: Path) -> None:
+class Restartable:
+    """A master on a state directory, a node of ``workers`` and a client that rides through a
+    restart; ``restart()`` kill -9s the master and starts another on its port and directory."""
+
+    def __init__(self, tmp_path: Path, workers: int) -> None:
+        self.tmp_path = tmp_path
+        self.first, self.address = _master(tmp_path, "first")
+        self.node = _node(tmp_path, self.address, workers)
+        self.second: subprocess.Popen[str] | None = None
+        self.client = Client(self.address, keys=tmp_path / "keys", timeout=60, master_timeout=60)
+        self.client.wait_for_workers(workers, 60)
+
+    def restart(self) -> float:
+        """Seconds from the kill to the second master's start."""
+        self.first.kill()
+        self.first.wait(10)
+        killed = time.monotonic()
+        self.second, _ = _master(self.tmp_path, "second", int(self.address.rsplit(":", 1)[1]))
+        return time.monotonic() - killed
+
+    def second_log(self) -> list[dict]:
+        return [json.loads(line) for line in (self.tmp_path / "second.log").read_text().splitlines()
+                if line.startswith("{")]
+
+    def close(self) -> None:
+        self.client.close()
+        procs = [p for p in (self.first, self.node, self.second) if p is not None]
+        kill_all({p.pid for p in procs} | descendants(self.node.pid))
+        for proc in procs:
+            proc.wait(10)
+
+
+@pytest.fixture
+def restartable(tmp_path: Path, request: pytest.FixtureRequest):
+    cluster = Restartable(tmp_path, request.param)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("restartable", [2], indirect=True)
+def test_kill_9_of_the_master_mid_job_loses_nothing(restartable: Restartable, tmp_path: Path) -> None:
     """kill -9 of the master while a 2,000-unit ParallelTask runs with 100 tasks queued behind
     it; a master restarted on the same port and state directory within 2 s: every future
     completes with the exact result, through the same client; the units that ran twice are
     counted (those in flight or not yet committed when the master died)."""
-    first, address = _master(tmp_path, "first")
-    port = int(address.rsplit(":", 1)[1])
-    node = _node(tmp_path, address)
-    pids = {first.pid, node.pid}
-    second: subprocess.Popen[str] | None = None
-    try:
-        with Client(address, keys=tmp_path / "keys", timeout=60, master_timeout=60) as client:
-            client.wait_for_workers(2, 60)
-            runs = tmp_path / "runs.txt"
-            big = client.submit(Counted, n=2_000, runs=str(runs))
-            small = [client.submit(Add, i, 1) for i in range(100)]
-            wait_until(lambda: big.progress()[0] >= 500, 120, "a quarter of the units")
-            done_before = big.progress()[0]
-            first.kill()
-            first.wait(10)
-            killed = time.monotonic()
-            second, _ = _master(tmp_path, "second", port)
-            pids.add(second.pid)
-            restarted = time.monotonic() - killed
-            assert result_or_logs(big, 180, tmp_path) == sum(i * i for i in range(2_000))
-            assert [result_or_logs(f, 60, tmp_path) for f in small] == [i + 1 for i in range(100)]
-            story = [e[3] for e in client.story(big)]
-        logged = [json.loads(line) for line in (tmp_path / "second.log").read_text().splitlines()
-                  if line.startswith("{")]
-        restored = [e for e in logged if e.get("event") == "master_restored"]
-        replays = [e for e in logged if e.get("event") == "results_replayed"]
-        assert restored and restored[0]["queued"] >= 1, logged[-20:]
-        replayed = sum(e["replayed"] for e in replays)
-        counted = runs.read_text().split() if runs.exists() else []
-        twice = len(counted) - len(set(counted))
-        # The node held what its workers finished while the master was away, and the second
-        # master kept it: those units were not run again.
-        salvaged = sum(e["kept"] for e in logged if e.get("event") == "units_salvaged")
-        print(f"\nrestarted in {restarted:.1f}s; {done_before} units done before the kill, "
-              f"{replayed} replayed from the journal ({salvaged} of them held by the node while "
-              f"the master was away), {twice} ran twice ({len(counted)} runs written down)")
-        assert replayed > 0, "no finished unit came back from the journal"
-        assert any("restored" in cause for cause in story), story[:5]
-        assert salvaged > 0, [e for e in logged if "taken_back" in e.get("event", "")]
-        # A clean rejoin: the node's return is no warning storm on the master.
-        storm = [e for e in logged if e.get("level") == "warning"
-                 and e.get("event") in ("message_from_unknown_peer", "message_refused")]
-        assert not storm, storm[:3]
-    finally:
-        kill_all(pids | descendants(node.pid))
-        for proc in (first, node, second):
-            if proc is not None:
-                proc.wait(10)
+    client = restartable.client
+    runs = tmp_path / "runs.txt"
+    big = client.submit(Counted, n=2_000, runs=str(runs))
+    small = [client.submit(Add, i, 1) for i in range(100)]
+    wait_until(lambda: big.progress()[0] >= 500, 120, "a quarter of the units")
+    done_before = big.progress()[0]
+    restarted = restartable.restart()
+    assert result_or_logs(big, 180, tmp_path) == sum(i * i for i in range(2_000))
+    assert [result_or_logs(f, 60, tmp_path) for f in small] == [i + 1 for i in range(100)]
+    story = [e[3] for e in client.story(big)]
+    logged = restartable.second_log()
+    restored = [e for e in logged if e.get("event") == "master_restored"]
+    replays = [e for e in logged if e.get("event") == "results_replayed"]
+    assert restored and restored[0]["queued"] >= 1, logged[-20:]
+    replayed = sum(e["replayed"] for e in replays)
+    counted = runs.read_text().split() if runs.exists() else []
+    twice = len(counted) - len(set(counted))
+    # The node held what its workers finished while the master was away, and the second
+    # master kept it: those units were not run again.
+    salvaged = sum(e["kept"] for e in logged if e.get("event") == "units_salvaged")
+    print(f"\nrestarted in {restarted:.1f}s; {done_before} units done before the kill, "
+          f"{replayed} replayed from the journal ({salvaged} of them held by the node while "
+          f"the master was away), {twice} ran twice ({len(counted)} runs written down)")
+    assert replayed > 0, "no finished unit came back from the journal"
+    assert any("restored" in cause for cause in story), story[:5]
+    assert salvaged > 0, [e for e in logged if "taken_back" in e.get("event", "")]
+    # A clean rejoin: the node's return is no warning storm on the master.
+    storm = [e for e in logged if e.get("level") == "warning"
+             and e.get("event") in ("message_from_unknown_peer", "message_refused")]
+    assert not storm, storm[:3]
 
 
-def test_a_task_running_when_the_master_dies_is_taken_back_not_run_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("restartable", [1], indirect=True)
+def test_a_task_running_when_the_master_dies_is_taken_back_not_run_again(
+        restartable: Restartable, tmp_path: Path) -> None:
     """kill -9 of the master while a plain Task runs on a node's only worker; a master restarted
     on the state directory takes the task back from the node (which kept its worker running and
     held the result): the result comes from the process that was running it, and no other
     worker ran it."""
-    first, address = _master(tmp_path, "first")
-    port = int(address.rsplit(":", 1)[1])
-    node = _node(tmp_path, address, workers=1)
-    pids = {first.pid, node.pid}
-    second: subprocess.Popen[str] | None = None
-    try:
-        with Client(address, keys=tmp_path / "keys", timeout=60, master_timeout=60) as client:
-            client.wait_for_workers(1, 60)
-            sleepy = client.submit(Sleepy, 3.0)
-            # Running, and in the journal (acknowledged): what a restart keeps.
-            wait_until(lambda: sleepy.status == "running" and sleepy.task_id not in client._unaccepted,
-                       60, "the task to start")
-            workers_before = descendants(node.pid)
-            first.kill()
-            first.wait(10)
-            second, _ = _master(tmp_path, "second", port)
-            pids.add(second.pid)
-            ran_on = result_or_logs(sleepy, 60, tmp_path)
-            story = [e[3] for e in client.story(sleepy)]
-        assert ran_on in workers_before, (ran_on, workers_before)
-        assert any("taken back" in cause for cause in story), story
-        assert sum("driver" in cause for cause in story) == 1, story  # one run, the first one
-        logged = (tmp_path / "second.log").read_text()
-        assert '"workers_adopted": 1' in logged, logged[-3000:]
-    finally:
-        kill_all(pids | descendants(node.pid))
-        for proc in (first, node, second):
-            if proc is not None:
-                proc.wait(10)
+    client = restartable.client
+    sleepy = client.submit(Sleepy, 3.0)
+    # Running, and in the journal (acknowledged): what a restart keeps.
+    wait_until(lambda: sleepy.status == "running" and sleepy.task_id not in client._unaccepted,
+               60, "the task to start")
+    workers_before = descendants(restartable.node.pid)
+    restartable.restart()
+    ran_on = result_or_logs(sleepy, 60, tmp_path)
+    story = [e[3] for e in client.story(sleepy)]
+    assert ran_on in workers_before, (ran_on, workers_before)
+    assert any("taken back" in cause for cause in story), story
+    assert sum("driver" in cause for cause in story) == 1, story  # one run, the first one
+    assert [e["workers_adopted"] for e in restartable.second_log()
+            if e.get("event") == "node_work_taken_back"] == [1]
 
 
 def test_a_second_master_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:

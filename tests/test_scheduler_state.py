@@ -847,6 +847,13 @@ def test_a_queued_plain_task_costs_the_scheduler_under_a_kilobyte() -> None:
 # --- fair share between clients and keys (fair_share.py) -------------------------------------
 
 
+def queue_plain(s: Harness, prefix: str, client: str, owner: str, n: int,
+                priority: int = 0) -> None:
+    for i in range(n):
+        s(ev.TaskSubmitted, task_id=f"{prefix}{i}", client_id=client, name="N", kind="task",
+          code=b"c", args=b"", owner=owner, priority=priority)
+
+
 def run_one_at_a_time(s: Harness, pending: list[ev.Instruction], count: int) -> list[str]:
     """One worker runs the queue: each assigned task finishes at once; a worker stopped to make
     room for another key's code is replaced. The order the tasks started in."""
@@ -866,12 +873,8 @@ def run_one_at_a_time(s: Harness, pending: list[ev.Instruction], count: int) -> 
 def test_a_client_queued_behind_another_clients_burst_is_served_in_turn() -> None:
     """Same key: a's 100 tasks, then b's 5; b's go out between a's, not after all of them."""
     s = Harness()
-    for i in range(100):
-        s(ev.TaskSubmitted, task_id=f"a{i}", client_id="a", name="N", kind="task", code=b"c",
-          args=b"", owner="key1")
-    for i in range(5):
-        s(ev.TaskSubmitted, task_id=f"b{i}", client_id="b", name="N", kind="task", code=b"c",
-          args=b"", owner="key1")
+    queue_plain(s, "a", "a", "key1", 100)
+    queue_plain(s, "b", "b", "key1", 5)
     s(ev.NodeJoined, "n1")
     order = run_one_at_a_time(s, s(ev.WorkerReady, "n1", "w1"), 105)
     assert sorted(order) == sorted([f"a{i}" for i in range(100)] + [f"b{i}" for i in range(5)])
@@ -885,12 +888,8 @@ def test_keys_take_turns_of_a_quantum_of_work_and_priority_still_wins() -> None:
     first; key 2's start after one quantum of key 1's work (not after all 500), together (one
     worker change, not one per task)."""
     s = Harness()
-    for i in range(500):
-        s(ev.TaskSubmitted, task_id=f"a{i}", client_id="a", name="N", kind="task", code=b"c",
-          args=b"", owner="key1")
-    for i in range(5):
-        s(ev.TaskSubmitted, task_id=f"b{i}", client_id="b", name="N", kind="task", code=b"c",
-          args=b"", owner="key2")
+    queue_plain(s, "a", "a", "key1", 500)
+    queue_plain(s, "b", "b", "key2", 5)
     s(ev.TaskSubmitted, task_id="urgent", client_id="c", name="N", kind="task", code=b"c",
       args=b"", owner="key3", priority=1)
     s(ev.NodeJoined, "n1")
@@ -921,16 +920,12 @@ def test_a_client_arriving_late_starts_at_the_present_not_with_credit_for_its_ab
     """a's 100 tasks, 60 of them run; then b queues 100: they take turns with a's last 40 (b
     starts at the queue's virtual time, not at zero, which would run all of b's first)."""
     s = Harness()
-    for i in range(100):
-        s(ev.TaskSubmitted, task_id=f"a{i}", client_id="a", name="N", kind="task", code=b"c",
-          args=b"", owner="key1")
+    queue_plain(s, "a", "a", "key1", 100)
     s(ev.NodeJoined, "n1")
     pending = s(ev.WorkerReady, "n1", "w1")
     first = run_one_at_a_time(s, pending, 60)
     assert first == [f"a{i}" for i in range(60)]
     [last] = [i for i in pending if isinstance(i, ev.Assign)]  # a60, assigned as a59 ended
-    for i in range(100):
-        s(ev.TaskSubmitted, task_id=f"b{i}", client_id="b", name="N", kind="task", code=b"c",
-          args=b"", owner="key1")
+    queue_plain(s, "b", "b", "key1", 100)
     order = run_one_at_a_time(s, [last], 141)
     assert order.index("a99") < 100, order.index("a99")  # not behind all 100 of b's
