@@ -101,6 +101,7 @@ MAX_REPORTED_WORKERS, MAX_REPORTED_TASKS = 4_096, 128
 # Unit results of a worker stopped at its node's return, held by the node while the master was
 # away, are still taken (``UnitsSalvaged``) for this long after the node's Hello.
 SALVAGE_S = 30.0
+MAX_LOAD_ERRORS = 100  # modules of one package version marked broken by a worker's failed import
 # Tasks gone since the last high-water mark before the master gives memory back (memory.py).
 TRIM_AFTER = 20_000  # (or a tenth of that once nothing is queued or running)
 
@@ -188,6 +189,8 @@ class Master(Shell):
         self.salvage: dict[str, tuple[str, frozenset[str], float]] = {}
         self.tasks_peak = 0  # the most tasks held since memory was last given back
         self.worker_usage: dict[str, tuple[float, int]] = {}  # worker -> (CPU %, bytes), for the page
+        # (package, version) -> module -> what importing it on a worker raised
+        self.load_errors: dict[tuple[str, str], dict[str, str]] = {}
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
@@ -537,6 +540,7 @@ class Master(Shell):
                     self.stream.finished(worker_id, task_id, 0, elapsed, outcome.ok, self.now)
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome, elapsed))
             case m.WorkerFailed(task_id=task_id, outcome=outcome):
+                self._load_failed(task_id, outcome)
                 if self.dashboard is not None:
                     self.stream.finished(worker_id, task_id, 0, 0.0, False, self.now)
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome))
@@ -814,13 +818,31 @@ class Master(Shell):
                 [m.TaskListing(t.name, t.kind.value,
                                list(t.parameters) if t.parameters is not None else None, t.doc)
                  for t in pv.listing.tasks],
-                [(b.module, b.error) for b in pv.listing.broken])
+                [(b.module, b.error) for b in pv.listing.broken]
+                + sorted(self.load_errors.get((pv.package, pv.version), {}).items()))
             for pv in sorted(self.catalogue.values(), key=lambda pv: pv.package)
         ]
+
+    def _load_failed(self, task_id: str, outcome: m.UnitOutcome) -> None:
+        """A worker could not load a deployed task (its module raised on import, a missing
+        dependency): the listing, made by parsing, never importing, says so from now on."""
+        task = self.scheduler.tasks.get(task_id)
+        if task is None or not task.package:
+            return
+        errors = self.load_errors.setdefault((task.package, task.version), {})
+        module = task.name.partition(":")[0]
+        if module in errors or len(errors) >= MAX_LOAD_ERRORS:
+            return
+        kind = outcome.type_name.removeprefix("builtins.")
+        errors[module] = f"{kind}: {outcome.message}"[:500]
+        self.log.warning("task_module_broken", package=task.package, version=task.version,
+                         module=module, error=errors[module])
 
     def _catalogue(self, packages: dict[str, PackageVersion]) -> None:
         removed = set(self.catalogue) - set(packages)
         self.catalogue = packages
+        listed = {(pv.package, pv.version) for pv in packages.values()}
+        self.load_errors = {k: v for k, v in self.load_errors.items() if k in listed}
         versions = self._newest_versions() + [(p, None) for p in sorted(removed)]
         for package, version in versions:
             self._apply(ev.NewestVersion(self.now, package, version))

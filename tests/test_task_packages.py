@@ -251,3 +251,25 @@ def test_the_dashboard_shows_which_package_version_a_worker_holds(tmp_path: Path
             return [w["package"] for n in state["nodes"] for w in n["workers"]]
 
         wait_until(lambda: held() == [f"demo {version}"], 30, "the worker's package on the page")
+
+
+def test_a_module_that_fails_to_import_is_marked_broken_once_a_worker_tried(tmp_path: Path) -> None:
+    """The master lists tasks by parsing, never importing: a module that raises on import is
+    listed as runnable until a worker tries it; then its task fails with the import's error and
+    the listing marks the module broken with it (issue 18, item 6)."""
+    tasks = tmp_path / "tasks"
+    (tasks / "demo").mkdir(parents=True)
+    (tasks / "demo" / "fail.py").write_text(
+        "from actors import Task\n"
+        "raise RuntimeError('no database here')\n\n\n"
+        "class Fail(Task):\n"
+        "    def work(self):\n"
+        "        return 1\n")
+    with LocalCluster(workers=1, tasks_dir=tasks) as cl, Client(cl) as client:
+        wait_until(lambda: versions(client), 20, "the package to be listed")
+        [listing] = client.packages()
+        assert [t.name for t in listing.tasks] == ["demo.fail:Fail"] and not listing.broken
+        with pytest.raises(RuntimeError, match="no database here"):
+            client.submit("demo.fail:Fail").result(timeout=30)
+        [listing] = client.packages()
+        assert listing.broken == [("demo.fail", "RuntimeError: no database here")]
