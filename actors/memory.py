@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from typing import Any
 
 _libc: Any = None
@@ -32,14 +33,22 @@ def trim() -> bool:
 
 def rss_bytes() -> int:
     """This process's resident memory now (Linux; 0 elsewhere)."""
+    used = usage(os.getpid())
+    return used[1] if used is not None else 0
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds used, resident bytes) of a process, from /proc; None if it is gone."""
     try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * _page_size()
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            resident = int(statm.read().split()[1])
     except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _page_size() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE")
+        return None
+    # after "(comm)": state is field 3, so utime (14) and stime (15) are at 11 and 12 here
+    return (int(fields[11]) + int(fields[12])) / _TICKS, resident * _PAGE

@@ -35,7 +35,7 @@ import msgspec
 import pykka
 import structlog
 
-from actors import __version__, contain, logs
+from actors import __version__, contain, logs, memory
 from actors import messages as m
 from actors.cluster import default_keys_dir
 from actors.contain import WORKER_SCRIPT, Containment, Limits, Plan, parse_size
@@ -263,7 +263,7 @@ class Node(Shell):
         for worker in self.workers.values():
             if not worker.ready or worker.expected_exit:
                 continue
-            used = process_usage(worker.pid)
+            used = memory.usage(worker.pid)
             if used is None:
                 continue
             cpu, rss = used
@@ -445,23 +445,6 @@ def _reap(node: pykka.ActorRef[Any], worker: WorkerProcess) -> None:
         worker.popen.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
     with contextlib.suppress(pykka.ActorDeadError):
         node.tell(ProcessExited(worker.worker_id, worker.pid, status, int(usage.ru_maxrss)))
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def process_usage(pid: int) -> tuple[float, int] | None:
-    """(CPU seconds used, resident bytes) of a process, from /proc; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
-        with open(f"/proc/{pid}/statm", "rb") as statm:
-            resident = int(statm.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    # after "(comm)": state is field 3, so utime (14) and stime (15) are at 11 and 12 here
-    return (int(fields[11]) + int(fields[12])) / _TICKS, resident * _PAGE
 
 
 def _signal_group(pid: int, sig: int) -> None:
