@@ -36,8 +36,8 @@ from bench.system import peak_rss_mib, reset_peak_rss, rss_mib
 from bench.workload import Settings, SharedSession, target
 
 MB = 1_000_000
-TASKS, UNITS, ARRAYS = "data: task results", "data: units reduced on a worker", \
-    "data: NumPy task results"
+TASKS, UNITS = "data: task results", "data: units reduced on a worker"
+ARRAYS, TREE = "data: NumPy task results", "data: tree reduction, 2 nodes"
 RATE = "MB/s"
 PEAK, GROWTH = "master peak MiB", "master peak over idle MiB"
 GROWTH_TARGET = "≤ 50"  # issue 24: within 50 MB of idle, whatever the data size
@@ -49,6 +49,8 @@ TASK_LABELS = {"actors": "client.map(Task)", "dask": "submit + gather", "ray": "
                "pool": "executor.submit"}
 UNIT_LABELS = {"actors": "ParallelTask", "dask": "map + submit(reduce)",
                "ray": ".remote() + remote reduce", "pool": "map, parent reduces"}
+TREE_LABELS = {"actors": "Unit(after=)", "dask": "map + submit tree", "ray": ".remote() tree"}
+NODES = 2  # the tree reduction's pydra-actors cluster: workers split over this many nodes
 
 
 def _mb(nbytes: int) -> str:
@@ -73,14 +75,31 @@ def data(runtime: Runtime, _shared: SharedSession, settings: Settings) -> list[R
     else:
         rows += _measure(runtime, settings, ARRAYS, f"{task_label}, {_mb(array_bytes)}", arrays,
                          array_bytes, lambda s, n, b: s.fetch_blobs(n, b, kind="numpy"))
+    rows += tree(runtime, settings)
     return rows
 
 
+def tree(runtime: Runtime, settings: Settings) -> list[Result]:
+    """A tree reduction over leaves of 12.5 MB (8, 100 MB; quick: 4), pairwise, every inner
+    node as large as its inputs; pydra-actors on nodes of their own (``MultiNodeCluster``), so
+    that results cross from node to node, the peers on their usual cluster."""
+    if runtime.key not in TREE_LABELS:
+        return [skipped(TREE, RATE, runtime.name, "", "no worker-to-worker data: every result "
+                        "goes through the parent", workers=settings.workers)]
+    leaves = settings.size(4, 8, minimum=2)
+    leaf_bytes = settings.size(12_500_000, 12_500_000, minimum=WARMUP_BYTES)
+    per_node = -(-settings.workers // NODES) if runtime.key == "actors" else None
+    label = TREE_LABELS[runtime.key] + (f", {NODES} nodes" if per_node else "")
+    return _measure(runtime, settings, TREE, f"{label}, {_mb(leaf_bytes)}", leaves,
+                    leaf_bytes, lambda s, n, b: s.tree_blobs(n, b), workers_per_node=per_node)
+
+
 def _measure(runtime: Runtime, settings: Settings, workload: str, variant: str, n: int,
-             nbytes: int, call: Callable[[Session, int, int], None]) -> list[Result]:
+             nbytes: int, call: Callable[[Session, int, int], None],
+             workers_per_node: int | None = None) -> list[Result]:
     """MB/s of ``call(session, n, nbytes)`` over ``settings.reps`` repetitions on a fresh
     session, and for pydra-actors the master's peak in each, and that peak over its idle RSS."""
-    with runtime.open(settings.workers) as session:
+    with runtime.open(settings.workers, workers_per_node=workers_per_node) as session:
         pid = session.master_pid if runtime.key == "actors" else None
         call(session, 2 * settings.workers, WARMUP_BYTES)  # code shipped, every worker warm
         idle = rss_mib(pid) if pid is not None else math.nan

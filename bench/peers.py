@@ -18,6 +18,9 @@ with a client attached. Every workload is written against ``Session`` alone:
   client and checked;
 - ``reduce_blobs(n, nbytes)``: ``n`` units each returning ``nbytes`` of bytes, reduced where the
   runtime reduces (a worker, or the pool's parent) to a small digest that is checked;
+- ``tree_blobs(n, nbytes)``: a tree reduction of ``n`` leaf blobs of ``nbytes`` (inner nodes as
+  large as their inputs, moved worker to worker), its root's small digest checked; the process
+  pool has no worker-to-worker data and raises NotImplementedError;
 - ``close()``.
 
 Every wait is bounded by ``CALL_TIMEOUT_S``, and every count is checked, so a runtime that
@@ -71,6 +74,9 @@ class Session(ABC):
 
     @abstractmethod
     def reduce_blobs(self, n: int, nbytes: int) -> None: ...
+
+    def tree_blobs(self, n: int, nbytes: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no worker-to-worker data")
 
     @abstractmethod
     def close(self) -> None: ...
@@ -225,6 +231,10 @@ class ActorsSession(Session):
         digest = self.client.submit(units.BlobUnits, n, nbytes).result(timeout=CALL_TIMEOUT_S)
         _expect("digest (units, bytes, index sum)", digest, units.expected_digest(n, nbytes))
 
+    def tree_blobs(self, n: int, nbytes: int) -> None:
+        digest = self.client.submit(units.BlobTree, n, nbytes).result(timeout=CALL_TIMEOUT_S)
+        _expect("root digest", digest, units.expected_tree_digest(n, nbytes))
+
     def close(self) -> None:
         self.client.close()
         self.cluster.close()
@@ -305,6 +315,15 @@ class DaskSession(Session):
         _expect("digest (units, bytes, index sum)", digest.result(CALL_TIMEOUT_S),
                 units.expected_digest(n, nbytes))
 
+    def tree_blobs(self, n: int, nbytes: int) -> None:
+        level = self.client.map(units.blob, range(n), nbytes=nbytes, pure=False)
+        while len(level) > 1:
+            level = [self.client.submit(units.blob_sum, *level[i:i + units.TREE_FAN_IN],
+                                        pure=False)
+                     for i in range(0, len(level), units.TREE_FAN_IN)]
+        digest = self.client.submit(units.blob_digest_of, level[0], pure=False)
+        _expect("root digest", digest.result(CALL_TIMEOUT_S), units.expected_tree_digest(n, nbytes))
+
     def close(self) -> None:
         self.client.close()
         self.cluster.close()
@@ -378,6 +397,17 @@ class RaySession(Session):
         refs = [make.remote(i, nbytes) for i in range(n)]
         _expect("digest (units, bytes, index sum)", self._get(digest.remote(*refs)),
                 units.expected_digest(n, nbytes))
+
+    def tree_blobs(self, n: int, nbytes: int) -> None:
+        make = self._ray.remote(num_cpus=1)(units.blob)
+        add = self._ray.remote(num_cpus=1)(units.blob_sum)
+        digest = self._ray.remote(num_cpus=1)(units.blob_digest_of)
+        level = [make.remote(i, nbytes) for i in range(n)]
+        while len(level) > 1:
+            level = [add.remote(*level[i:i + units.TREE_FAN_IN])
+                     for i in range(0, len(level), units.TREE_FAN_IN)]
+        _expect("root digest", self._get(digest.remote(level[0])),
+                units.expected_tree_digest(n, nbytes))
 
     def close(self) -> None:
         self._ray.shutdown()

@@ -12,7 +12,7 @@ import random
 import time
 from typing import Any
 
-from actors import ParallelTask, Task
+from actors import ParallelTask, Task, Unit
 
 SLEEP_S = 0.010
 BUSY_S = 0.010
@@ -118,6 +118,21 @@ def expected_digest(n: int, nbytes: int) -> tuple[int, int, int]:
     return n, n * nbytes, n * (n - 1) // 2
 
 
+def blob_sum(*blobs: bytes) -> bytes:
+    """An inner node of a tree reduction: a new blob of the inputs' size whose index is the sum
+    of theirs (each input checked), so the root's index is the sum over all leaves."""
+    return blob(sum(blob_index(b, len(blobs[0])) for b in blobs), len(blobs[0]))
+
+
+def expected_tree_digest(n: int, nbytes: int) -> tuple[int, int, int]:
+    """The digest of the root of a tree reduction over blobs 0 .. n - 1."""
+    return 1, nbytes, n * (n - 1) // 2
+
+
+#: Inputs per inner node of the tree reductions.
+TREE_FAN_IN = 2
+
+
 def array_blob(i: int, nbytes: int) -> Any:
     """A NumPy array of ``nbytes // 8`` int64, all ``i``."""
     import numpy
@@ -184,6 +199,26 @@ class BlobUnits(ParallelTask):
 
     def work_unit(self, unit: tuple[int, int]) -> bytes:
         return blob(*unit)
+
+    def reduce(self, results: list[bytes]) -> tuple[int, int, int]:
+        return blob_digest(results)
+
+
+class BlobTree(ParallelTask):
+    """A tree reduction of ``n`` leaf blobs of ``nbytes``, ``TREE_FAN_IN`` inputs per inner unit
+    (``blob_sum``, as large as its inputs): results move from worker to worker, fetched where
+    they were computed; ``reduce`` gets the root alone and returns its digest."""
+
+    def get_work(self, n: int, nbytes: int) -> Any:
+        level = [Unit(("leaf", i, nbytes)) for i in range(n)]
+        yield from level
+        while len(level) > 1:
+            level = [Unit(("sum",), after=level[i:i + TREE_FAN_IN])
+                     for i in range(0, len(level), TREE_FAN_IN)]
+            yield from level
+
+    def work_unit(self, unit: tuple[Any, ...], *inputs: bytes) -> bytes:
+        return blob(unit[1], unit[2]) if unit[0] == "leaf" else blob_sum(*inputs)
 
     def reduce(self, results: list[bytes]) -> tuple[int, int, int]:
         return blob_digest(results)

@@ -69,9 +69,11 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
     assert workloads == {"tiny units", "many small tasks", "tasks that raise", "latency",
                          "10 ms units", "few long units", "skewed units", "two tasks sharing",
                          "streaming", "start and close", "many small tasks, journal",
-                         "data: task results", "data: units reduced on a worker"} | (
+                         "data: task results", "data: units reduced on a worker",
+                         "data: tree reduction, 2 nodes"} | (
         {"data: NumPy task results"} if importlib.util.find_spec("numpy") else set())
-    ours_only = {"many small tasks, journal"}  # a master's journal: the pool has none
+    # A master's journal and worker-to-worker data: the pool has neither.
+    ours_only = {"many small tasks, journal", "data: tree reduction, 2 nodes"}
     for runtime in ("pydra-actors", "process pool"):
         expected = workloads if runtime == "pydra-actors" else workloads - ours_only
         assert {w for w, _, rt, _ in measured if rt == runtime} == expected, runtime
