@@ -1,6 +1,6 @@
 """Workload 8 (``data``): the data plane, large results (issue 24).
 
-Three rows, each on a fresh cluster of its own (so that the master's idle size is its size
+Four rows, each on a fresh cluster of its own (so that the master's idle size is its size
 before any large result):
 
 - task results: ``n`` independent tasks (20; quick: 8), each returning 20 MB of ``bytes``,
@@ -11,10 +11,12 @@ before any large result):
   MB/s produced and reduced. The process pool has no worker-side reduce: its results come to
   the parent, which reduces them as they arrive;
 - NumPy task results: as the first row with 100 MB ``int64`` arrays (4; quick: 2), where NumPy
-  is importable (else a ``skipped`` row).
+  is importable (else a ``skipped`` row);
+- a tree reduction across 2 nodes (``tree``): 8 leaves of 12.5 MB (quick: 4), pairwise, inner
+  nodes as large as their inputs; not run on the pool (no worker-to-worker data).
 
 ``--size-scale`` scales the sizes of the results as well as their counts (the smoke test's 0.01
-makes them 200 KB, 10 KB and 1 MB). For pydra-actors each row also reports the master's peak
+makes them 200 KB, 10 KB, 1 MB and 125 KB). For pydra-actors each row also reports the master's peak
 RSS (``VmHWM``, reset with ``clear_refs`` before each repetition) and that peak less the master's
 RSS when idle (measured once, after a small warm-up that ships the code and warms the workers,
 before any large result): issue 24's target is a growth within 50 MB whatever the data size, and
