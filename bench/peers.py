@@ -13,6 +13,14 @@ with a client attached. Every workload is written against ``Session`` alone:
 - ``short_behind_long(n)``: ``n`` units of a 0.25 s sleep at the lowest priority, then (``BEHIND_S``
   later, when they hold the workers) one no-op task at a higher priority: the seconds from its
   submission to its result, and from the long batch's submission to its last result;
+- ``fetch_blobs(n, nbytes, kind)``: ``n`` independent tasks each returning a large result of
+  ``nbytes`` (``bytes``, or a NumPy array with ``kind="numpy"``), every one fetched by the
+  client and checked;
+- ``reduce_blobs(n, nbytes)``: ``n`` units each returning ``nbytes`` of bytes, reduced where the
+  runtime reduces (a worker, or the pool's parent) to a small digest that is checked;
+- ``tree_blobs(n, nbytes)``: a tree reduction of ``n`` leaf blobs of ``nbytes`` (inner nodes as
+  large as their inputs, moved worker to worker), its root's small digest checked; the process
+  pool has no worker-to-worker data and raises NotImplementedError;
 - ``close()``.
 
 Every wait is bounded by ``CALL_TIMEOUT_S``, and every count is checked, so a runtime that
@@ -28,6 +36,7 @@ import multiprocessing
 import os
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -59,6 +68,15 @@ class Session(ABC):
 
     @abstractmethod
     def short_behind_long(self, n: int) -> tuple[float, float]: ...
+
+    @abstractmethod
+    def fetch_blobs(self, n: int, nbytes: int, kind: str = "bytes") -> None: ...
+
+    @abstractmethod
+    def reduce_blobs(self, n: int, nbytes: int) -> None: ...
+
+    def tree_blobs(self, n: int, nbytes: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no worker-to-worker data")
 
     @abstractmethod
     def close(self) -> None: ...
@@ -126,6 +144,21 @@ def _expect_outcomes(got: list[object], n: int, every: int) -> None:
     _expect("task outcomes", got, wanted)
 
 
+def _expect_blobs(results: Iterator[Any], n: int, nbytes: int, kind: str) -> None:
+    """Check every large result as it comes (none is kept: the bench process holds one at a
+    time where the runtime lets it): ``n`` of them, intact, of ``nbytes``, in order."""
+    check = units.BLOB_CHECKERS[kind]
+    _expect(f"{kind} results", [check(r, nbytes) for r in results], list(range(n)))
+
+
+def _drained(futures: list[Any], get: Any) -> Iterator[Any]:
+    """Each future's result in order, letting go of every future once its result is taken."""
+    queue = deque(futures)
+    futures.clear()
+    while queue:
+        yield get(queue.popleft())
+
+
 # --- pydra-actors ---------------------------------------------------------------
 
 
@@ -188,6 +221,19 @@ class ActorsSession(Session):
         seconds = time.perf_counter() - start
         _expect("units run", long.result(timeout=CALL_TIMEOUT_S), n)
         return seconds, time.perf_counter() - began
+
+    def fetch_blobs(self, n: int, nbytes: int, kind: str = "bytes") -> None:
+        futures = self.client.map(units.BLOB_TASKS[kind], range(n), nbytes=nbytes)
+        _expect_blobs(_drained(futures, lambda f: f.result(timeout=CALL_TIMEOUT_S)),
+                      n, nbytes, kind)
+
+    def reduce_blobs(self, n: int, nbytes: int) -> None:
+        digest = self.client.submit(units.BlobUnits, n, nbytes).result(timeout=CALL_TIMEOUT_S)
+        _expect("digest (units, bytes, index sum)", digest, units.expected_digest(n, nbytes))
+
+    def tree_blobs(self, n: int, nbytes: int) -> None:
+        digest = self.client.submit(units.BlobTree, n, nbytes).result(timeout=CALL_TIMEOUT_S)
+        _expect("root digest", digest, units.expected_tree_digest(n, nbytes))
 
     def close(self) -> None:
         self.client.close()
@@ -255,6 +301,29 @@ class DaskSession(Session):
         self._wait_all(long)
         return seconds, time.perf_counter() - began
 
+    def fetch_blobs(self, n: int, nbytes: int, kind: str = "bytes") -> None:
+        make = units.BLOB_MAKERS[kind]
+        futures = [self.client.submit(make, i, nbytes, pure=False) for i in range(n)]
+        self._wait_all(futures)
+        results = self.client.gather(futures)
+        del futures  # the workers let go of their copies
+        _expect_blobs(_drained(results, lambda r: r), n, nbytes, kind)
+
+    def reduce_blobs(self, n: int, nbytes: int) -> None:
+        futures = self.client.map(units.blob, range(n), nbytes=nbytes, pure=False)
+        digest = self.client.submit(units.blob_digest, futures, pure=False)
+        _expect("digest (units, bytes, index sum)", digest.result(CALL_TIMEOUT_S),
+                units.expected_digest(n, nbytes))
+
+    def tree_blobs(self, n: int, nbytes: int) -> None:
+        level = self.client.map(units.blob, range(n), nbytes=nbytes, pure=False)
+        while len(level) > 1:
+            level = [self.client.submit(units.blob_sum, *level[i:i + units.TREE_FAN_IN],
+                                        pure=False)
+                     for i in range(0, len(level), units.TREE_FAN_IN)]
+        digest = self.client.submit(units.blob_digest_of, level[0], pure=False)
+        _expect("root digest", digest.result(CALL_TIMEOUT_S), units.expected_tree_digest(n, nbytes))
+
     def close(self) -> None:
         self.client.close()
         self.cluster.close()
@@ -317,6 +386,29 @@ class RaySession(Session):
         _expect("units run", len(self._get(long)), n)
         return seconds, time.perf_counter() - began
 
+    def fetch_blobs(self, n: int, nbytes: int, kind: str = "bytes") -> None:
+        remote = self._ray.remote(num_cpus=1)(units.BLOB_MAKERS[kind])
+        refs = [remote.remote(i, nbytes) for i in range(n)]
+        _expect_blobs(_drained(refs, self._get), n, nbytes, kind)
+
+    def reduce_blobs(self, n: int, nbytes: int) -> None:
+        make = self._ray.remote(num_cpus=1)(units.blob)
+        digest = self._ray.remote(num_cpus=1)(units.blob_digest_of)
+        refs = [make.remote(i, nbytes) for i in range(n)]
+        _expect("digest (units, bytes, index sum)", self._get(digest.remote(*refs)),
+                units.expected_digest(n, nbytes))
+
+    def tree_blobs(self, n: int, nbytes: int) -> None:
+        make = self._ray.remote(num_cpus=1)(units.blob)
+        add = self._ray.remote(num_cpus=1)(units.blob_sum)
+        digest = self._ray.remote(num_cpus=1)(units.blob_digest_of)
+        level = [make.remote(i, nbytes) for i in range(n)]
+        while len(level) > 1:
+            level = [add.remote(*level[i:i + units.TREE_FAN_IN])
+                     for i in range(0, len(level), units.TREE_FAN_IN)]
+        _expect("root digest", self._get(digest.remote(level[0])),
+                units.expected_tree_digest(n, nbytes))
+
     def close(self) -> None:
         self._ray.shutdown()
 
@@ -373,6 +465,18 @@ class PoolSession(Session):
         seconds = time.perf_counter() - start
         _expect("units run", len([f.result(CALL_TIMEOUT_S) for f in long]), n)
         return seconds, time.perf_counter() - began
+
+    def fetch_blobs(self, n: int, nbytes: int, kind: str = "bytes") -> None:
+        make = units.BLOB_MAKERS[kind]
+        futures = [self.executor.submit(make, i, nbytes) for i in range(n)]
+        _expect_blobs(_drained(futures, lambda f: f.result(CALL_TIMEOUT_S)), n, nbytes, kind)
+
+    def reduce_blobs(self, n: int, nbytes: int) -> None:
+        """No worker-side reduce in a pool: the units' results come to the parent, which
+        reduces them one at a time as they arrive."""
+        results = self.executor.map(units.blob, range(n), [nbytes] * n, timeout=CALL_TIMEOUT_S)
+        _expect("digest (units, bytes, index sum)", units.blob_digest(results),
+                units.expected_digest(n, nbytes))
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -43,6 +43,17 @@ def ratios(rows: list[Result]) -> list[dict[str, Any]]:
     return out
 
 
+def resolve_targets(rows: list[Result]) -> None:
+    """A target that names a runtime ("≥ dask") becomes that runtime's median in the same row
+    of this run ("≥ 612.3 (dask)"); it stays as it was (not judged) where that did not run."""
+    measured = {(*_group_key(r), r.runtime): r for r in rows if r.values}
+    for row in rows:
+        op, _, name = row.target.partition(" ")
+        peer = measured.get((*_group_key(row), name))
+        if peer is not None:
+            row.target = f"{op} {peer.median:.1f} ({name})"
+
+
 def format_number(value: float) -> str:
     if math.isnan(value):
         return "-"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench import (
+    data,
     efficiency,
     latency,
     long_units,
@@ -45,10 +46,11 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in (
     Workload("sharing", "4d. two tasks sharing", spread.two_tasks),
     Workload("streaming", "5. streaming", streaming.streaming, uses_shared_session=False),
     Workload("startup", "6. start and close", startup.startup, uses_shared_session=False),
+    Workload("data", "8. large results", data.data, uses_shared_session=False),
     Workload("scale", "7. scale", scale.scale, uses_shared_session=False),
 )}
 DEFAULT_WORKLOADS = ("tiny", "many", "raising", "durable", "latency", "efficiency", "long",
-                     "skewed", "sharing", "streaming", "startup")
+                     "skewed", "sharing", "streaming", "startup", "data")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -159,6 +161,7 @@ def run_bench(argv: list[str], *, out: TextIO = sys.stdout, progress: TextIO = s
         rows += runtime_rows
         errors += runtime_errors
     finished = datetime.datetime.now(datetime.UTC)
+    report.resolve_targets(rows)
     doc = report.document(
         rows,
         command=shlex.join(["python", "-m", "bench", *argv]),

@@ -28,7 +28,9 @@ class Result:
     values: list[float] = field(default_factory=list)
     workers: int = 0
     skipped: str = ""  # why there are no values (runtime not installed, not comparable...)
-    target: str = ""  # "≥ 20000" / "≤ 1.0", pydra-actors rows only
+    # "≥ 20000" / "≤ 1.0", pydra-actors rows only; "≥ dask": at least that runtime's median
+    # in the same run (``report.resolve_targets`` writes the number in, "≥ 612.3 (dask)").
+    target: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -47,7 +49,10 @@ class Result:
         if not self.target or not self.values:
             return None
         op, _, number = self.target.partition(" ")
-        bound = float(number)
+        try:
+            bound = float(number.split()[0])
+        except (IndexError, ValueError):  # a peer's median the run did not measure
+            return None
         return self.median >= bound if op == "≥" else self.median <= bound
 
     def to_json(self) -> dict[str, Any]:

@@ -37,6 +37,11 @@ def peak_rss_mib(pid: int | str = "self") -> float:
     return _status_kb(pid, "VmHWM") / 1024
 
 
+def rss_mib(pid: int | str = "self") -> float:
+    """The process's resident set now (VmRSS) in MiB."""
+    return _status_kb(pid, "VmRSS") / 1024
+
+
 def reset_peak_rss(pid: int | str = "self") -> bool:
     """Set VmHWM back to the current RSS (Linux ``clear_refs``); False where that is not allowed."""
     try:

@@ -8,6 +8,7 @@ bench leaves no process behind.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -16,11 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from bench import breakdown, peers, runner
+from bench import breakdown, peers, report, runner, units
+from bench.stats import Result
 from tests.conftest import alive, descendants, kill_all, wait_until
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(90)]
 
+#: Memory growths (the master's peak over a baseline): 0 or below at these sizes is no error.
+GROWTH_METRICS = {"master peak growth MiB, small → large", "master peak over idle MiB"}
 TINY = ["--quick", "--reps", "1", "--size-scale", "0.01", "--workers", "2"]
 
 
@@ -64,15 +68,19 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
     workloads = {w for w, _, _, _ in measured}
     assert workloads == {"tiny units", "many small tasks", "tasks that raise", "latency",
                          "10 ms units", "few long units", "skewed units", "two tasks sharing",
-                         "streaming", "start and close", "many small tasks, journal"}
-    ours_only = {"many small tasks, journal"}  # a master's journal: the pool has none
+                         "streaming", "start and close", "many small tasks, journal",
+                         "data: task results", "data: units reduced on a worker",
+                         "data: tree reduction, 2 nodes"} | (
+        {"data: NumPy task results"} if importlib.util.find_spec("numpy") else set())
+    # A master's journal and worker-to-worker data: the pool has neither.
+    ours_only = {"many small tasks, journal", "data: tree reduction, 2 nodes"}
     for runtime in ("pydra-actors", "process pool"):
         expected = workloads if runtime == "pydra-actors" else workloads - ours_only
         assert {w for w, _, rt, _ in measured if rt == runtime} == expected, runtime
     for row in measured.values():
         assert len(row["values"]) == 1 and row["n"] > 0
         assert row["median"] == row["min"] == row["max"]
-        if row["metric"] != "master peak growth MiB, small → large":  # may be 0 or below
+        if row["metric"] not in GROWTH_METRICS:  # may be 0 or below
             assert row["median"] > 0, row
     # The pool runs the tiny units both unbatched and in chunks of 100.
     assert {v for w, _, rt, v in measured if w == "tiny units" and rt == "process pool"} == {
@@ -88,6 +96,31 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
     assert all(not r["target"] for r in pool_rows)
     assert any(r["target_met"] is not None for r in doc["results"] if r["runtime"] == "pydra-actors")
     assert "tiny units — units/s" in table and "ours ×" in table
+
+
+def test_a_large_result_cut_short_swapped_or_mangled_fails_its_check() -> None:
+    good = units.blob(3, 1_000)
+    assert units.blob_index(good, 1_000) == 3
+    assert units.blob_digest([units.blob(i, 100) for i in range(4)]) == units.expected_digest(4, 100)
+    mangled = good[:500] + b"x" + good[501:]
+    for bad in (good[:-1], good[:8] + units.blob(4, 1_000)[8:], mangled, bytearray(good)):
+        with pytest.raises(ValueError):
+            units.blob_index(bad, 1_000)
+    with pytest.raises(ValueError):  # a blob of the wrong size
+        units.blob_index(units.blob(3, 999), 1_000)
+
+
+def test_a_target_naming_a_peer_is_that_peers_median_of_the_same_row() -> None:
+    def row(runtime: str, values: list[float], target: str = "") -> Result:
+        return Result("data: task results", "MB/s", runtime, "", 1, True, values, workers=2,
+                      target=target)
+
+    ours, dask = row("pydra-actors", [90.0, 100.0, 110.0], "≥ dask"), row("dask", [120.0])
+    alone = row("pydra-actors", [5.0], "≥ dask")  # no Dask row measured in its group
+    alone.metric = "MB/s, alone"
+    report.resolve_targets([ours, dask, alone])
+    assert (ours.target, ours.target_met()) == ("≥ 120.0 (dask)", False)
+    assert (alone.target, alone.target_met()) == ("≥ dask", None)
 
 
 def test_a_runtime_that_is_not_installed_is_reported_unavailable(monkeypatch, tmp_path: Path) -> None:
