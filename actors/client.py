@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 import structlog
+import zmq
 
 from actors import __version__
 from actors import messages as m
@@ -40,6 +41,7 @@ from actors.errors import (
     LargePayloadWarning,
     MasterLost,
     NoSuchTask,
+    ResultLost,
     TaskCancelled,
     UnknownTask,
 )
@@ -55,6 +57,11 @@ MASTER = "master"
 LARGE_CODE_BYTES = 10 * 2**20  # a task's code above this size is worth a warning
 MAX_LINES_KEPT = 10_000  # output lines a future keeps (each worker sends at most 1,000 per task)
 HEARTBEAT_S = 2.0  # how often a client tells the master it is alive
+# A result held on a node (TaskDone.held) is fetched from there at once; no answer within this
+# (plus a second per 20 MB: a large result takes a while to arrive) and it is lost.
+FETCH_WAIT_S = 30.0
+FETCH_RATE = 20e6
+RESULTS_PREFIX = "results:"  # hub sockets to nodes' results endpoints, one per address
 WAIT_STEP_S = 0.1  # how often a wait in a notebook shows the output that came meanwhile
 #: A future's statuses: waiting for a worker, running, and how it ended (``lost``: with its master).
 _QUEUED, _RUNNING, _DONE, _ERRED, _CANCELLED, _LOST = (
@@ -358,6 +365,8 @@ class Client:
         # tell the master on the next tick (m.Received) so that its journal may drop them.
         self._unaccepted: dict[str, tuple[m.Submit, bytes]] = {}  # as sent, and its code
         self._received: list[str] = []
+        # Held results being fetched from their node (hub thread only): task -> where, deadline.
+        self._fetching: dict[str, tuple[m.ResultAt, float]] = {}
         self._epoch = 0  # the highest master epoch that welcomed us
         self._last_heartbeat = 0.0  # hub thread only
         self._hello_at = time.monotonic()  # when we last said Hello
@@ -367,7 +376,7 @@ class Client:
         self._master_timeout = master_timeout
         self._disconnected_since: float | None = None  # hub thread only
         try:
-            pair = load_keypair(keys, "client")
+            pair = self._pair = load_keypair(keys, "client")
             curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
             self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=self._on_tick,
                             tick_s=0.1)
@@ -660,6 +669,10 @@ class Client:
             # The master takes a client silent for --client-timeout as gone (its tasks stop).
             self._last_heartbeat = now
             self._hub.send_now(MASTER, [m.encode(m.Heartbeat())])
+        for task_id, (held, deadline) in list(self._fetching.items()):
+            if now >= deadline:
+                self._fetch_failed(task_id, held, f"no answer from {held.address} in time "
+                                                  f"({held.size:,} bytes)")
         since = self._disconnected_since
         if since is not None and now - since >= self._master_timeout:
             self._master_lost(f"no connection for {now - since:.0f}s")
@@ -682,7 +695,57 @@ class Client:
         futures = [ref() for ref in self._futures.valuerefs()]
         return [f for f in futures if f is not None and not f.done()]
 
-    def _on_frames(self, _socket: str, frames: list[bytes]) -> None:
+    # --- results held on nodes (actors/node_results.py) ----------------------
+
+    def _fetch(self, done: m.TaskDone, held: m.ResultAt) -> None:
+        """Fetch a task's large result from the node that holds it (on the hub thread)."""
+        if self._futures.get(done.task_id) is None:
+            self._ended(done.task_id)  # nobody waits for it: the node may let it go
+            return
+        name = RESULTS_PREFIX + held.address
+        try:
+            self._hub.open_dealer_now(name, held.address, identity=self.client_id.encode(),
+                                      curve=ClientCurve(self._pair.public, self._pair.secret,
+                                                        held.server_key.encode()))
+        except (zmq.ZMQError, ValueError) as exc:
+            self._fetch_failed(done.task_id, held, f"cannot connect to {held.address}: {exc}")
+            return
+        self._fetching[done.task_id] = (held, time.monotonic() + FETCH_WAIT_S
+                                        + held.size / FETCH_RATE)
+        self._hub.send_now(name, [m.encode(m.FetchResult(done.task_id))])
+
+    def _result_arrived(self, frames: list[bytes]) -> None:
+        msg = m.decode(frames[0])
+        if not isinstance(msg, m.ResultData | m.ResultMissing):
+            log.warning("unexpected_message", source="node results", type=type(msg).__name__)
+            return
+        fetching = self._fetching.pop(msg.task_id, None)
+        if fetching is None:
+            return  # not asked, or given up on
+        held = fetching[0]
+        if isinstance(msg, m.ResultMissing):
+            self._fetch_failed(msg.task_id, held, msg.reason)
+        elif len(frames) != 2 or len(frames[1]) != held.size:
+            self._fetch_failed(msg.task_id, held, f"expected {held.size} bytes, got "
+                                                  f"{sum(len(f) for f in frames[1:])}")
+        else:
+            self._ended(msg.task_id)
+            if (fut := self._futures.get(msg.task_id)) is not None:
+                fut._finish(_DONE, m.TaskDone(msg.task_id, frames[1]))
+                fut._show_output(waiting=False)
+
+    def _fetch_failed(self, task_id: str, held: m.ResultAt, reason: str) -> None:
+        self._fetching.pop(task_id, None)
+        self._ended(task_id)
+        log.error("result_lost", task_id=task_id, node_id=held.node_id, reason=reason)
+        if (fut := self._futures.get(task_id)) is not None:
+            fut._finish(_ERRED, None, ResultLost(task_id, held.node_id, reason))
+            fut._show_output(waiting=False)
+
+    def _on_frames(self, socket: str, frames: list[bytes]) -> None:
+        if socket.startswith(RESULTS_PREFIX):
+            self._result_arrived(frames)
+            return
         msg = m.decode(frames[-1])
         match msg:
             case m.TaskProgress(task_id=task_id):
@@ -700,6 +763,9 @@ class Client:
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._add_output(msg)
                     fut._show_output(waiting=False)
+            case m.TaskDone(held=held) if held is not None:
+                if msg.task_id not in self._fetching:  # (a replay while fetching: asked already)
+                    self._fetch(msg, held)
             case m.TaskDone(task_id=task_id) | m.TaskErred(task_id=task_id):
                 self._ended(task_id)
                 if (fut := self._futures.get(task_id)) is not None:

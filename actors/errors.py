@@ -123,6 +123,21 @@ class MasterLost(ActorsError):
         return f"lost the master at {self.address}: {self.reason}"
 
 
+class ResultLost(ActorsError):
+    """A task ended well, but its result, held on the node where it ran, could not be fetched
+    from there (the node is gone or restarted, or did not answer in time)."""
+
+    def __init__(self, task_id: str, node: str, reason: str) -> None:
+        super().__init__(task_id, node, reason)
+        self.task_id = task_id
+        self.node = node
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (f"task {self.task_id} ended, but its result could not be fetched from node "
+                f"{self.node}: {self.reason}")
+
+
 class StateDirLocked(ActorsError):
     """Another master holds this state directory: two masters never share one journal."""
 

@@ -181,6 +181,12 @@ class Master(Shell):
         self.awaiting: dict[str, float] = {}  # restored clients not back yet -> until when
         self.last_tick = 0.0
         self.worker_codes: dict[str, set[str]] = {}  # worker -> hashes of large code it was sent
+        # Large results held on nodes (node_results.py): each node's results endpoint and key;
+        # a result reported held, until the scheduler ends its task; one shared with its
+        # client, until the client says it arrived (task -> node, client).
+        self.result_ends: dict[str, tuple[str, str]] = {}
+        self.leaving: dict[str, tuple[str, str, int]] = {}  # task -> node, worker, size
+        self.delivering: dict[str, tuple[str, str]] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
         self.client_keys: dict[str, bytes] = {}  # client id -> its key (whose tasks are whose)
@@ -351,6 +357,7 @@ class Master(Shell):
 
     def _client_gone(self, client_id: str) -> None:
         self.codes.pop(client_id, None)
+        self._drop_results([t for t, (_, c) in self.delivering.items() if c == client_id])
         self._apply(ev.ClientLeft(self.now, client_id))
         self.journal.client_left(client_id)
         if not any(t.client_id == client_id for t in self.scheduler.tasks.values()):
@@ -434,6 +441,7 @@ class Master(Shell):
         self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid, key,
                                     peer_key)
         if hello.role == "node":
+            self.result_ends[hello.peer_id] = (hello.results_address, key.decode(errors="replace"))
             self._apply(ev.NodeJoined(self.now, hello.peer_id, hello.data_address))
             self._send_newest(peer_key)
         self.log.info(f"{hello.role}_joined", peer=hello.peer_id, host=hello.host, pid=hello.pid,
@@ -476,7 +484,9 @@ class Master(Shell):
             for task in self.scheduler.tasks.values():
                 if task.client_id == hello.peer_id and task.state is ev.TaskStatus.CANCELLED:
                     self.send(SOCKET, peer_key, message=m.TaskCancelled(task.task_id))
-        for _, ended in self.journal.undelivered(hello.peer_id):
+        for task_id, ended in self.journal.undelivered(hello.peer_id):
+            if task_id not in self.delivering:
+                self._delivering_again(task_id, hello.peer_id, ended)
             self.send(SOCKET, peer_key, frames=[ended])
 
     def _from_node(self, peer: Peer, msg: m.Message) -> None:
@@ -538,7 +548,12 @@ class Master(Shell):
             case m.TaskResult(task_id=task_id, outcome=outcome, elapsed=elapsed):
                 if self.dashboard is not None:
                     self.stream.finished(worker_id, task_id, 0, elapsed, outcome.ok, self.now)
+                held = outcome.held and outcome.ok
+                if held:  # the scheduler decides whether it is the task's result
+                    self.leaving[task_id] = (node.peer_id, worker_id, max(0, outcome.size))
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome, elapsed))
+                if held and self.leaving.pop(task_id, None) is not None:  # it was not
+                    self.send(SOCKET, node.peer_id.encode(), message=m.DropResults([task_id]))
             case m.WorkerFailed(task_id=task_id, outcome=outcome):
                 self._load_failed(task_id, outcome)
                 if self.dashboard is not None:
@@ -613,6 +628,8 @@ class Master(Shell):
             case m.Received(task_ids=task_ids):
                 for task_id in task_ids:
                     self.journal.delivered(task_id, peer.peer_id)
+                self._drop_results([t for t in task_ids if self.delivering.get(t, ("", ""))[1]
+                                    == peer.peer_id])
             case m.Bye():
                 self.peers = {k: p for k, p in self.peers.items() if p is not peer}
                 self.log.info("client_left", peer=peer.peer_id)
@@ -1125,7 +1142,8 @@ class Master(Shell):
                     ins.sliced_all))
             case ev.ReportDone():
                 self.log.debug("task_done", task_id=ins.task_id)
-                self._task_ended(ins.client_id, ins.task_id, m.TaskDone(ins.task_id, ins.result))
+                self._task_ended(ins.client_id, ins.task_id, m.TaskDone(
+                    ins.task_id, ins.result, self._share_result(ins.client_id, ins.task_id)))
             case ev.ReportErred(outcome=o):
                 self.log.info("task_erred", task_id=ins.task_id, unit=ins.unit, error=o.type_name)
                 self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
@@ -1141,6 +1159,42 @@ class Master(Shell):
                 self._task_ended(ins.client_id, ins.task_id, m.TaskCancelled(ins.task_id))
             case _:
                 raise TypeError(f"unknown scheduler instruction {ins!r}")
+
+    # --- large results, held on nodes (node_results.py) ------------------------
+
+    def _share_result(self, client_id: str, task_id: str) -> m.ResultAt | None:
+        """The task's result waits on a node: let its owner fetch it there, and say where."""
+        leaving = self.leaving.pop(task_id, None)
+        if leaving is None:
+            return None
+        node_id, worker_id, size = leaving
+        task = self.scheduler.tasks.get(task_id)
+        owner = (task.owner if task is not None else "") or self.client_keys.get(
+            client_id, b"").decode(errors="replace")
+        address, server_key = self.result_ends.get(node_id, ("", ""))
+        self.send(SOCKET, node_id.encode(), message=m.ShareResult(task_id, worker_id, owner))
+        self.delivering[task_id] = (node_id, client_id)
+        self.log.debug("result_held_on_node", task_id=task_id, node_id=node_id, size=size)
+        return m.ResultAt(node_id, address, server_key, size)
+
+    def _delivering_again(self, task_id: str, client_id: str, ended: bytes) -> None:
+        """A restarted master replays a held result's end: its node drops it once delivered."""
+        try:
+            msg = m.decode(ended)
+        except MalformedMessage:
+            return
+        if isinstance(msg, m.TaskDone) and msg.held is not None:
+            self.delivering[task_id] = (msg.held.node_id, client_id)
+
+    def _drop_results(self, task_ids: list[str]) -> None:
+        """These held results were delivered (or nobody will fetch them): their nodes let go."""
+        by_node: dict[str, list[str]] = {}
+        for task_id in task_ids:
+            where = self.delivering.pop(task_id, None)
+            if where is not None:
+                by_node.setdefault(where[0], []).append(task_id)
+        for node_id, dropped in by_node.items():
+            self.send(SOCKET, node_id.encode(), message=m.DropResults(dropped))
 
     def _code_for(self, ins: ev.Assign) -> bytes:
         """The code to send with an assignment: none where the worker was sent it before."""

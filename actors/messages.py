@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 9  # 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 10  # 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -44,6 +44,7 @@ class Hello(Message, frozen=True, kw_only=True):
     pid: int = 0
     slots: int = 0  # a node's worker count
     data_address: str = ""  # a node's endpoint for other nodes' data requests
+    results_address: str = ""  # a node's endpoint for clients fetching results it holds
     # A node back after losing its master: each worker that ran code, and the tasks it still
     # holds. The master takes back what it can (SchedulerState's WorkerAdopted), stops the rest.
     running: list[tuple[str, list[str]]] = []
@@ -177,9 +178,28 @@ class ClusterInfo(Message, frozen=True):
     version: str = ""  # the master's pydra-actors version
 
 
+#: A result larger than this (its pickle, in bytes) does not ride inline through the master: a
+#: plain Task's stays on its node for the client to fetch (``ResultAt``), a unit's on its worker
+#: for the driver to gather. Below it, one hop more costs less than a connection and a round trip.
+INLINE_RESULT_BYTES = 256 * 1024
+
+
+class ResultAt(msgspec.Struct, array_like=True, frozen=True):
+    """Where a task's large result waits for its client: the node's results endpoint, the key
+    that endpoint proves (CURVE, Z85 text) and the result's size in bytes."""
+
+    node_id: str
+    address: str
+    server_key: str
+    size: int
+
+
 class TaskDone(Message, frozen=True):
+    """A task ended well: its result inline, or (``held``) where to fetch it."""
+
     task_id: str
     result: bytes
+    held: ResultAt | None = None
 
 
 class TaskErred(Message, frozen=True):
@@ -463,6 +483,41 @@ class PeerGone(Message, frozen=True):
     worker_id: str
 
 
+class ShareResult(Message, frozen=True):
+    """master -> node: the result a worker of yours left for ``task_id`` is the task's result;
+    its owner (the submitting client's key, Z85) may fetch it."""
+
+    task_id: str
+    worker_id: str
+    owner: str
+
+
+class DropResults(Message, frozen=True):
+    """master -> node: these tasks' results were delivered (or their client is gone)."""
+
+    task_ids: list[str]
+
+
+class FetchResult(Message, frozen=True):
+    """client -> node: send me the result of my task ``task_id`` (``TaskDone.held``)."""
+
+    task_id: str
+
+
+class ResultData(Message, frozen=True):
+    """node -> client: the result of ``task_id`` follows in the next frame (``size`` bytes)."""
+
+    task_id: str
+    size: int
+
+
+class ResultMissing(Message, frozen=True):
+    """node -> client: no result of ``task_id`` can be sent from here, and why."""
+
+    task_id: str
+    reason: str
+
+
 class DataRequest(Message, frozen=True):
     """worker -> (its node -> the holder's node ->) holder: send me these results."""
 
@@ -503,6 +558,7 @@ class UnitOutcome(Message, frozen=True):
     message: str = ""
     traceback: str = ""
     held: bool = False  # ok, and the value stays on the worker (``value`` is empty)
+    size: int = 0  # held: the value's size in bytes
     # Not ok, and the worker must not serve on: the code raised what is not an ordinary
     # Exception (SystemExit, KeyboardInterrupt) or a MemoryError, or the task did not load.
     fatal: bool = False
@@ -600,6 +656,11 @@ AnyMessage = (
     | Missing
     | WhoHas
     | PeerGone
+    | ShareResult
+    | DropResults
+    | FetchResult
+    | ResultData
+    | ResultMissing
     | DataRequest
     | DataReply
     | WorkerStoryRequest

@@ -43,6 +43,7 @@ from actors.errors import ActorsError, MalformedMessage
 from actors.launch import master_arg, stop_on_signals
 from actors.master_gate import MasterGate
 from actors.node_data import DataPlane
+from actors.node_results import RESULTS, ResultStore
 from actors.prefork import Forked, fork_workers, worker_args, worker_env
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import TaskSyncClient, WorkerGone
@@ -94,6 +95,7 @@ class NodeConfig:
     run_dir: str
     exit_with_parent: bool = False
     data_address: str = ""
+    results_address: str = ""  # where clients fetch the large results this node holds
     master: str = ""  # the master's address, for what a person reads in the log
     connect_timeout: float = 0.0  # seconds without a welcome before the node gives up (0: never)
     parent_pid: int = field(default_factory=os.getppid)
@@ -401,6 +403,7 @@ class Node(Shell):
                                           host=os.uname().nodename, pid=os.getpid(),
                                           slots=self.config.slots,
                                           data_address=self.config.data_address,
+                                          results_address=self.config.results_address,
                                           running=running))
 
     def _fatal(self, reason: str) -> None:
@@ -538,6 +541,10 @@ class TaskEnds:
                         ended.append((worker.decode(), killed))
         return ended
 
+    def holds(self, worker: bytes, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._open.get(worker, ())
+
     def forget(self, worker: bytes) -> None:
         with self._lock:
             self._open.pop(worker, None)
@@ -555,14 +562,18 @@ _FOR_TASK_SYNC = (m.ChunkReply, m.UnknownVersion, m.NewestVersions, m.NeedVersio
 
 def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[Any],
                  socket: str, frames: list[bytes], data: DataPlane | None = None,
-                 task_ends: TaskEnds | None = None, gate: MasterGate | None = None) -> None:
+                 task_ends: TaskEnds | None = None, gate: MasterGate | None = None,
+                 results: ResultStore | None = None) -> None:
     """Route what the node's sockets receive (runs on the hub thread).
 
     master -> ``[body]`` is for the node; ``[worker, body]`` is relayed as is.
     worker -> ``[worker, b"m", body]`` is relayed to the master as ``[worker, body]`` (held while
     the master is away: ``gate``); ``[worker, b"n", body]`` is for the node; data frames go to
-    the data plane.
+    the data plane, results left for clients (and clients' fetches) to the result store.
     """
+    if results is not None and socket == RESULTS:
+        results.from_client(hub, frames)
+        return
     if data is not None and socket != MASTER and socket != WORKERS:
         data.from_network(hub, socket, frames)
         return
@@ -575,6 +586,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
                     if task_ends is not None:
                         task_ends.from_worker(held[0], held[1])
                     hub.relay(MASTER, held)
+            if results is not None and results.from_master(hub, msg):
+                return
             tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                           Inbound(b"", None, msg))
         elif len(frames) == 2:
@@ -593,7 +606,9 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         if task_ends is not None:
             task_ends.from_worker(frames[0], frames[2])
         hub.relay(MASTER, out)
-    elif data is not None and len(frames) == 5 and data.from_worker(hub, frames[0], frames[1:]):
+    elif ((data is not None and len(frames) == 5 and data.from_worker(hub, frames[0], frames[1:]))
+          or (results is not None and len(frames) == 4
+              and results.from_worker(frames[0], frames[1:]))):
         pass
     elif len(frames) == 3 and frames[1] == b"n":
         msg = m.decode(frames[2])
@@ -691,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         started.wait(10)
         try:
             assert node_ref is not None and sync_ref is not None
-            relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends, gate)
+            relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends, gate, results)
         except MalformedMessage as exc:
             log.warning("malformed_frame", socket=socket, error=str(exc))
 
@@ -704,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         tell_if_alive(node_ref, ConnectionEvent(socket, what))
 
     def on_tick(now: float) -> None:
+        results.tick(hub, now)
         for ref in (node_ref, sync_ref):
             tell_if_alive(ref, Tick(now))
 
@@ -718,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad_data_address", error=str(exc))
         return give_up(forked)
     data.add_to(hub, os.path.join(keys, "node.key"))
+    results = ResultStore(node_id, pair, data.host, os.path.join(run_dir, "results"), task_ends)
+    results.add_to(hub)
     # Workers of other uids connect to the ipc socket through their group: it is made 0770.
     umask = os.umask(0o007) if containment.group is not None else None
     try:
@@ -730,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             os.umask(umask)
     data.bound(hub)
     config.data_address = data.address
+    results.bound(hub, data.address)
+    config.results_address = results.address
     stop = threading.Event()
     fatal: list[str] = []
     stop_on_signals(stop)
@@ -749,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("node_shutdown_timeout")
     pykka.ActorRegistry.stop_all(timeout=5)
     hub.stop()  # sends what the actors handed over before it, the last Bye included
+    results.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     containment.close()
     os.close(run_lock)

@@ -71,6 +71,7 @@ log = structlog.get_logger("actors.worker")
 NODE = "node"
 TO_MASTER = b"m"
 TO_NODE = b"n"
+HOLD_RESULT = b"h"  # [b"h", task_id, payload]: a large result, for the node to hold
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,13 @@ class Worker(Shell):
         so that a client has a task's output before its result."""
         for out in task_output.drain():
             self.send(NODE, TO_MASTER, message=out)
+        if (isinstance(msg, m.TaskResult) and msg.outcome.ok
+                and len(msg.outcome.value) > m.INLINE_RESULT_BYTES):
+            # Large: it waits on our node for the client, and the master learns only where.
+            value = msg.outcome.value
+            self.send(NODE, HOLD_RESULT, msg.task_id.encode(), frames=[value])
+            msg = m.TaskResult(msg.task_id, m.UnitOutcome(
+                msg.outcome.index, True, b"", held=True, size=len(value)), msg.elapsed)
         self.send(NODE, TO_MASTER, message=msg)
 
     def _to_task(self, message: Any) -> None:

@@ -62,6 +62,8 @@ _LONE_BYTES = 64 << 10  # a message this big goes alone: batching would only cop
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[list[bytes], bytes]])
 _WAKE = b"w"
+_ZERO_COPY_BYTES = 1 << 20  # below this, copying is cheaper than tracking the buffer's release
+_ANY_KEY_DOMAIN = "any-key"  # the ZAP domain of sockets that admit every CURVE key
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 _TURN_ITEMS = 10_000  # outgoing messages taken per turn, so receiving is never starved
 # (route frames after the peer's, last frame) of the messages waiting for the end of a turn
@@ -78,11 +80,14 @@ _WATCHED_EVENTS: dict[int, str] = {
 
 @dataclass(frozen=True)
 class ServerCurve:
-    """CURVE for a bound socket: our key pair and the folder of public keys we admit."""
+    """CURVE for a bound socket: our key pair and the folder of public keys we admit, or (for
+    ``any_key``) every key: the handshake still proves which key a peer holds, and the socket's
+    owner decides per message what that key may have (``with_keys`` hands it over)."""
 
     public: bytes
     secret: bytes
     allowed_dir: str
+    any_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,11 +251,14 @@ class Hub:
         if any(spec.server_curve for spec in self._specs):
             self._auth = ThreadAuthenticator(self.context, log=_quiet_logger())
             self._auth.start()
-            allowed = next(s.server_curve for s in self._specs if s.server_curve)
-            assert allowed is not None
-            # Asked at every handshake: a key file added or removed counts at once.
-            self._auth.configure_curve_callback(
-                domain="*", credentials_provider=AllowList(allowed.allowed_dir))
+            allowed = next((s.server_curve for s in self._specs
+                            if s.server_curve and not s.server_curve.any_key), None)
+            if allowed is not None:
+                # Asked at every handshake: a key file added or removed counts at once.
+                self._auth.configure_curve_callback(
+                    domain="*", credentials_provider=AllowList(allowed.allowed_dir))
+            self._auth.configure_curve_callback(domain=_ANY_KEY_DOMAIN,
+                                                credentials_provider=_AnyKey())
         self._thread = threading.Thread(target=self._run, name="transport-hub", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -356,6 +364,8 @@ class Hub:
             sock.curve_publickey = spec.server_curve.public
             sock.curve_secretkey = spec.server_curve.secret
             sock.curve_server = True
+            if spec.server_curve.any_key:
+                sock.zap_domain = _ANY_KEY_DOMAIN.encode()
         if spec.client_curve is not None:
             sock.curve_publickey = spec.client_curve.public
             sock.curve_secretkey = spec.client_curve.secret
@@ -467,7 +477,8 @@ class Hub:
     @staticmethod
     def _send(name: bytes, sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            # A large body goes without a copy: ZeroMQ reads it from the bytes object itself.
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < _ZERO_COPY_BYTES)
             return True
         except zmq.ZMQError as exc:
             # A peer that left (EHOSTUNREACH: a client that said Bye, a worker gone; expected,
@@ -535,6 +546,14 @@ def unbatch(frames: list[bytes]) -> list[list[bytes]]:
         return [frames]
     prefix = frames[:-1]
     return [[*prefix, *route, body] for route, body in _batch_decoder.decode(frames[-1][1:])]
+
+
+class _AnyKey:
+    """pyzmq's CURVE credentials provider for ``ServerCurve.any_key`` sockets."""
+
+    @staticmethod
+    def callback(domain: str, key: bytes) -> bool:
+        return True
 
 
 def _user_id(frame: zmq.Frame) -> bytes:

@@ -1,0 +1,237 @@
+"""Large task results held on the node, fetched by their owner straight from here.
+
+A plain Task's result (or a ParallelTask's reduced result) larger than ``INLINE_RESULT_BYTES``
+does not travel worker -> node -> master -> client. The worker hands it to its node, the master
+learns only where it is and its size, and the client fetches it from the node directly:
+
+    worker -> node     [worker, b"h", task_id, payload]       (before its TaskResult, held=True)
+    master -> node     ShareResult(task_id, worker, owner)     once the master took the result
+    client -> node     [key, routing, FetchResult]             on the node's "results" ROUTER
+    node -> client     [routing, ResultData, payload] | [routing, ResultMissing]
+    master -> node     DropResults(task_ids)                   delivered, or the client is gone
+
+The results socket admits every CURVE key (``ServerCurve.any_key``): what a key may fetch is
+decided here, per request: only the results the master shared with that key as their owner.
+A request that comes before the share (the client is quick, the master's word slower) waits
+for it, up to ``SHARE_WAIT_S``. A worker may hand over only the result of a task it holds
+(``TaskEnds``), once; the payload is never unpickled here.
+
+Memory: results are held in memory up to ``memory_bytes`` in all; beyond that they are written
+to the node's run directory (``spill_dir``) and read back when fetched. Results never shared
+(the worker died before its TaskResult reached the master, a master that never came back) go
+after ``UNSHARED_TTL_S``. Everything here runs on the node's hub thread: no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from actors import messages as m
+from actors.errors import MalformedMessage
+from transport import Hub
+from transport.hub import ServerCurve
+from transport.keys import KeyPair
+
+log = structlog.get_logger("actors.node")
+
+RESULTS = "results"
+HOLD = b"h"
+SHARE_WAIT_S = 10.0  # a fetch that came before the master's share waits this long for it
+UNSHARED_TTL_S = 600.0
+MEMORY_BYTES = 1 << 30  # results held in memory, in all; the rest goes to disk
+
+
+class Holds(Protocol):
+    def holds(self, worker: bytes, task_id: str) -> bool: ...
+
+
+@dataclass
+class _Held:
+    worker: str
+    size: int
+    since: float
+    data: bytes | None  # None: spilled to ``path``
+    path: str = ""
+    owner: str = ""  # set by the master's ShareResult
+
+
+@dataclass
+class _Waiting:
+    routing: bytes
+    key: str
+    deadline: float
+
+
+class ResultStore:
+    """See the module docstring. ``tasks`` says which tasks a worker holds (``TaskEnds``)."""
+
+    def __init__(self, node_id: str, pair: KeyPair, host: str, spill_dir: str, tasks: Holds,
+                 memory_bytes: int = MEMORY_BYTES) -> None:
+        self.node_id = node_id
+        self.pair = pair
+        self.host = host
+        self.spill_dir = spill_dir
+        self.tasks = tasks
+        self.memory_bytes = memory_bytes
+        self.address = ""
+        self.held: dict[str, _Held] = {}
+        self.waiting: dict[str, list[_Waiting]] = {}
+        self.in_memory = 0
+        self.now = 0.0
+        self.log = log.bind(role="node", node_id=node_id)
+
+    def add_to(self, hub: Hub) -> None:
+        """Before ``hub.start()``: the results ROUTER, on the data plane's interface."""
+        url = f"tcp://[{self.host}]:0" if ":" in self.host else f"tcp://{self.host}:0"
+        hub.add_router(RESULTS, url, with_keys=True,
+                       curve=ServerCurve(self.pair.public, self.pair.secret, "", any_key=True))
+
+    def bound(self, hub: Hub, data_address: str) -> None:
+        """After ``hub.start()``: announced at the data plane's host, on our own port."""
+        port = hub.address(RESULTS).rsplit(":", 1)[1]
+        self.address = f"{data_address.rsplit(':', 1)[0]}:{port}"
+
+    @property
+    def server_key(self) -> str:
+        return self.pair.public.decode()
+
+    # --- from the worker, the master and clients ---------------------------
+
+    def from_worker(self, worker: bytes, frames: list[bytes]) -> bool:
+        """``[b"h", task_id, payload]``: a worker leaves its task's result here."""
+        if len(frames) != 3 or frames[0] != HOLD:
+            return False
+        task_id = frames[1].decode(errors="replace")
+        name = worker.decode(errors="replace")
+        if not self.tasks.holds(worker, task_id) or task_id in self.held:
+            self.log.warning("result_refused", worker_id=name, task_id=task_id[:100],
+                             why="not a task this worker holds" if task_id not in self.held
+                             else "already held")
+            return True
+        payload = frames[2]
+        entry = _Held(name, len(payload), self.now, payload)
+        if self.in_memory + len(payload) > self.memory_bytes:
+            self._spill(task_id, entry)
+        else:
+            self.in_memory += len(payload)
+        self.held[task_id] = entry
+        self.log.debug("result_held", task_id=task_id, worker_id=name, size=len(payload),
+                       on_disk=entry.data is None)
+        return True
+
+    def from_master(self, hub: Hub, msg: m.Message) -> bool:
+        match msg:
+            case m.ShareResult(task_id=task_id, worker_id=worker_id, owner=owner):
+                entry = self.held.get(task_id)
+                if entry is None or entry.worker != worker_id:
+                    self.log.warning("share_of_unknown_result", task_id=task_id, worker_id=worker_id)
+                    for waiting in self.waiting.pop(task_id, []):
+                        self._missing(hub, waiting.routing, task_id, "this node holds no such result")
+                    return True
+                entry.owner = owner
+                for waiting in self.waiting.pop(task_id, []):
+                    self._answer(hub, waiting.routing, waiting.key, task_id)
+            case m.DropResults(task_ids=task_ids):
+                for task_id in task_ids:
+                    self._drop(task_id)
+            case _:
+                return False
+        return True
+
+    def from_client(self, hub: Hub, frames: list[bytes]) -> None:
+        """``[key, routing, FetchResult]`` from the results ROUTER."""
+        if len(frames) != 3:
+            log.warning("malformed_frames", source="results client", count=len(frames))
+            return
+        key, routing, body = frames
+        try:
+            msg = m.decode(body)
+        except MalformedMessage as exc:
+            self.log.warning("malformed_fetch", error=str(exc))
+            return
+        if not isinstance(msg, m.FetchResult):
+            self.log.warning("unexpected_message", source="results client", type=type(msg).__name__)
+            return
+        entry = self.held.get(msg.task_id)
+        if entry is not None and not entry.owner:
+            # The master's share is on its way: answer when it comes.
+            self.waiting.setdefault(msg.task_id, []).append(
+                _Waiting(routing, key.decode(errors="replace"), self.now + SHARE_WAIT_S))
+            return
+        self._answer(hub, routing, key.decode(errors="replace"), msg.task_id)
+
+    def tick(self, hub: Hub, now: float) -> None:
+        self.now = now
+        for task_id, waiting in list(self.waiting.items()):
+            late = [w for w in waiting if w.deadline <= now]
+            for w in late:
+                self._missing(hub, w.routing, task_id, "the master did not confirm this result")
+            if len(late) == len(waiting):
+                del self.waiting[task_id]
+            else:
+                self.waiting[task_id] = [w for w in waiting if w.deadline > now]
+        stale = [t for t, e in self.held.items() if not e.owner and now - e.since > UNSHARED_TTL_S]
+        for task_id in stale:
+            self.log.info("result_dropped", task_id=task_id, why="never claimed by the master")
+            self._drop(task_id)
+
+    def close(self) -> None:
+        for task_id in list(self.held):
+            self._drop(task_id)
+
+    # --- inside -------------------------------------------------------------
+
+    def _answer(self, hub: Hub, routing: bytes, key: str, task_id: str) -> None:
+        entry = self.held.get(task_id)
+        if entry is None or entry.owner != key:
+            # The same answer for another's result as for none: nothing to learn by probing.
+            self._missing(hub, routing, task_id, "this node holds no result of that task for "
+                                                 "this key (fetched and delivered already, or "
+                                                 "the node restarted)")
+            return
+        data = entry.data
+        if data is None:
+            try:
+                with open(entry.path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                self._missing(hub, routing, task_id, f"its spilled copy is unreadable: {exc}")
+                return
+        self.log.debug("result_sent", task_id=task_id, size=entry.size)
+        hub.send_now(RESULTS, [routing, m.encode(m.ResultData(task_id, entry.size)), data])
+
+    @staticmethod
+    def _missing(hub: Hub, routing: bytes, task_id: str, reason: str) -> None:
+        hub.send_now(RESULTS, [routing, m.encode(m.ResultMissing(task_id, reason))])
+
+    def _spill(self, task_id: str, entry: _Held) -> None:
+        assert entry.data is not None
+        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+        name = hashlib.sha256(task_id.encode()).hexdigest()[:32]
+        path = os.path.join(self.spill_dir, name)
+        try:
+            with open(path, "wb") as f:
+                f.write(entry.data)
+        except OSError as exc:  # a full disk: keep it in memory rather than lose it
+            self.log.warning("result_spill_failed", task_id=task_id, size=entry.size, error=str(exc))
+            self.in_memory += entry.size
+            return
+        entry.data, entry.path = None, path
+        self.log.info("result_spilled", task_id=task_id, size=entry.size, path=path,
+                      in_memory=self.in_memory)
+
+    def _drop(self, task_id: str) -> None:
+        entry = self.held.pop(task_id, None)
+        if entry is None:
+            return
+        if entry.data is not None:
+            self.in_memory -= entry.size
+        elif entry.path:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
