@@ -36,7 +36,10 @@ from actors.serialize import describe_failure, dumps, is_fatal, loads, not_seria
 log = structlog.get_logger("actors.worker")
 
 FETCH_TIMEOUT_S = 10.0  # a transfer with no answer by then failed (its holder's node may be gone)
+FETCH_TIMEOUT_PER_KEY_S = 1.0  # and a second more for each further key it asks for
+REPLY_BYTES = 64 << 20  # an answer to a request for many keys goes in replies of about this
 GATHER = "gather"
+KEPT_RUN = -2  # the run id of a unit result kept under its own key (no scheduler run names it)
 EXECUTION_SLOTS = 1
 
 SendMaster = Callable[[m.Message], None]
@@ -166,14 +169,39 @@ class UnitRunner:
         now = self._clock()
         if run is None:
             return
-        self.outcomes[msg.key] = (msg.outcomes, msg.elapsed)
-        failed = next((o for o in msg.outcomes if not o.ok), None)
+        outcomes: list[m.UnitOutcome] = msg.outcomes
+        kept: list[ev.Event] = []
+        if not run.keep:
+            outcomes, kept = self._keep_large(run, outcomes, now)
+        self.outcomes[msg.key] = (outcomes, msg.elapsed)
+        failed = next((o for o in outcomes if not o.ok), None)
         if failed is not None:
-            self.feed(ev.ExecuteFailed(msg.key, failed.value, failed.traceback,
-                                       stimulus_id="executed", now=now))
+            self.feed(*kept, ev.ExecuteFailed(msg.key, failed.value, failed.traceback,
+                                              stimulus_id="executed", now=now))
         else:
-            value = msg.outcomes[0].value if run.keep else b""
-            self.feed(ev.ExecuteSucceeded(msg.key, value, stimulus_id="executed", now=now))
+            value = outcomes[0].value if run.keep else b""
+            self.feed(*kept, ev.ExecuteSucceeded(msg.key, value, stimulus_id="executed", now=now))
+
+    def _keep_large(self, run: _Run, outcomes: list[m.UnitOutcome],
+                    now: float) -> tuple[list[m.UnitOutcome], list[ev.Event]]:
+        """Results too large to go inline stay here under their unit's key (reported ``held``),
+        for the driver to gather like a ``Unit(...)`` result; the rest go inline as ever."""
+        if all(len(o.value) <= m.INLINE_RESULT_BYTES or not o.ok for o in outcomes):
+            return outcomes, []
+        kept: list[ev.Event] = []
+        out: list[m.UnitOutcome] = []
+        units = {unit.index: unit for unit in run.units}
+        for outcome in outcomes:
+            key = unit_key(run.task_id, outcome.index)
+            if (outcome.ok and len(outcome.value) > m.INLINE_RESULT_BYTES
+                    and outcome.index in units and key not in self.state.units):
+                kept.append(ev.KeepResult(key, run.task_id, outcome.value,
+                                          stimulus_id=f"run{run.run_id} kept", now=now))
+                self.runs[key] = _Run(run.task_id, KEPT_RUN, (units[outcome.index],), keep=True)
+                outcome = m.UnitOutcome(outcome.index, True, b"", held=True,
+                                        size=len(outcome.value), digest=outcome.digest)
+            out.append(outcome)
+        return out, kept
 
     def data_requested(self, origin: bytes, msg: m.DataRequest) -> None:
         self.origins[msg.requester] = origin
@@ -245,12 +273,15 @@ class UnitRunner:
         match ins:
             case ev.Execute(key=key, inputs=inputs):
                 return self._execute(key, dict(inputs), now)
-            case ev.Fetch(key=key, peer=peer):
-                self.fetches[(key, peer)] = now + FETCH_TIMEOUT_S
-                task_id = key.rsplit(":", 1)[0]
+            case ev.Fetch(keys=keys, peer=peer):
+                # Many keys take longer to arrive than one (their sizes are not known here).
+                deadline = now + FETCH_TIMEOUT_S + FETCH_TIMEOUT_PER_KEY_S * (len(keys) - 1)
+                for key in keys:
+                    self.fetches[(key, peer)] = deadline
+                task_id = keys[0].rsplit(":", 1)[0]
                 address = self.addresses.get(peer, "")
                 self._send_frames([b"p", address.encode(), peer.encode(),
-                                   m.encode(m.DataRequest(task_id, [key], self.worker_id))])
+                                   m.encode(m.DataRequest(task_id, list(keys), self.worker_id))])
             case ev.RetryPeerLater(peer=peer, delay=delay):
                 timer = threading.Timer(delay, self._tell, (RetryDue(peer),))
                 timer.daemon = True
@@ -272,8 +303,9 @@ class UnitRunner:
                 self._send_master(m.Missing(*self.dependencies[key]))
             case ev.SendData(peer=peer, data=data, missing=missing):
                 origin = self.origins.get(peer, b"")
-                reply = m.DataReply("", self.worker_id, list(data.items()), list(missing))
-                self._send_frames([b"r", origin, peer.encode(), m.encode(reply)])
+                for items, gone in _replies(list(data.items()), list(missing)):
+                    reply = m.DataReply("", self.worker_id, items, gone)
+                    self._send_frames([b"r", origin, peer.encode(), m.encode(reply)])
             case _:
                 raise TypeError(f"unknown instruction {ins!r}")
         return []
@@ -333,6 +365,23 @@ class UnitRunner:
             return key
         return next((k for k, r in self.runs.items()
                      if r.task_id == task_id and r.run_id == run_id), None)
+
+
+def _replies(items: list[tuple[str, bytes]],
+             missing: list[str]) -> list[tuple[list[tuple[str, bytes]], list[str]]]:
+    """An answer to a request for many keys, cut into replies of at most ``REPLY_BYTES`` (one
+    key each, at least): no message the size of everything asked for at once."""
+    replies: list[tuple[list[tuple[str, bytes]], list[str]]] = []
+    batch: list[tuple[str, bytes]] = []
+    size = 0
+    for key, data in items:
+        if batch and size + len(data) > REPLY_BYTES:
+            replies.append((batch, []))
+            batch, size = [], 0
+        batch.append((key, data))
+        size += len(data)
+    replies.append((batch, missing))
+    return replies
 
 
 def _not_execute(instruction: ev.Instruction) -> bool:

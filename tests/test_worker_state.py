@@ -131,6 +131,14 @@ def ws() -> Iterator[WorkerState]:
     state.validate()
 
 
+@pytest.fixture
+def one_key() -> Iterator[WorkerState]:
+    """One key a transfer: a second key from the same peer waits in ``fetch`` behind the first."""
+    state = make_state(max_transfer_keys=1)
+    yield state
+    state.validate()
+
+
 # --- computing ------------------------------------------------------------------
 
 
@@ -150,8 +158,8 @@ def test_a_unit_without_dependencies_executes_and_is_reported_finished(ws: Worke
 def test_dependencies_are_fetched_and_passed_to_the_execution_then_dropped(ws: WorkerState) -> None:
     who_has = {"x": ("p1",), "y": ("p2",)}
     assert ws.handle(compute("s1", "b", "x", "y", who_has=who_has)) == [
-        Fetch("x", "p1", stimulus_id="s1"),
-        Fetch("y", "p2", stimulus_id="s1"),
+        Fetch(("x",), "p1", stimulus_id="s1"),
+        Fetch(("y",), "p2", stimulus_id="s1"),
     ]
     assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FLIGHT}
     assert ws.units["x"].role is Role.HOLD
@@ -314,7 +322,7 @@ def test_a_key_in_flight_asked_to_compute_is_computed_when_the_fetch_fails(
     ws: WorkerState,
 ) -> None:
     assert ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)})) == [
-        Fetch("x", "p1", stimulus_id="s1")
+        Fetch(("x",), "p1", stimulus_id="s1")
     ]
     assert ws.handle(compute("s2", "x")) == []
     assert ws.units["x"].state is S.RESUMED
@@ -346,7 +354,7 @@ def test_an_executing_key_released_then_needed_as_a_dependency_is_fetched_if_it_
         SendReleased("x", stimulus_id="s3")
     ]
     assert (ws.units["x"].state, ws.units["x"].role) == (S.RESUMED, Role.HOLD)
-    assert ws.handle(failed("s4", "x")) == [Fetch("x", "p1", stimulus_id="s4")]
+    assert ws.handle(failed("s4", "x")) == [Fetch(("x",), "p1", stimulus_id="s4")]
     assert ws.handle(fetched("s5", "x", "p1")) == [
         execute("s5", "b", "x", inputs={"x": data("x")})
     ]
@@ -392,9 +400,8 @@ def test_releasing_a_stolen_unit_acknowledges(ws: WorkerState) -> None:
     assert ws.handle(release("s4", "b")) == [SendReleased("b", stimulus_id="s4")]
 
 
-def test_a_waiting_unit_can_be_stolen_and_its_dependencies_are_no_longer_fetched(
-    ws: WorkerState,
-) -> None:
+def test_a_waiting_unit_can_be_stolen_and_its_dependencies_are_no_longer_fetched(one_key: WorkerState) -> None:
+    ws = one_key
     ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
     assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH}  # one transfer per peer
     assert ws.handle(steal("s2", "b")) == [
@@ -414,9 +421,8 @@ def test_an_executing_unit_cannot_be_stolen(ws: WorkerState) -> None:
     assert ws.handle(done("s4", "a")) == [finished("s4", "a")]
 
 
-def test_a_key_in_flight_or_queued_for_fetch_is_hold_only_and_cannot_be_stolen(
-    ws: WorkerState,
-) -> None:
+def test_a_key_in_flight_or_queued_for_fetch_is_hold_only_and_cannot_be_stolen(one_key: WorkerState) -> None:
+    ws = one_key
     ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
     assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH}
     assert ws.handle(steal("s2", "x"), steal("s3", "y")) == [
@@ -425,7 +431,7 @@ def test_a_key_in_flight_or_queued_for_fetch_is_hold_only_and_cannot_be_stolen(
     ]
     assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH}  # the fetches go on
     assert ws.in_flight == {"x": "p1"}
-    assert ws.handle(fetched("s4", "x", "p1")) == [Fetch("y", "p1", stimulus_id="s4")]
+    assert ws.handle(fetched("s4", "x", "p1")) == [Fetch(("y",), "p1", stimulus_id="s4")]
 
 
 def test_a_key_in_memory_cannot_be_stolen_and_keeps_its_data(ws: WorkerState) -> None:
@@ -473,36 +479,54 @@ def test_stealing_a_unit_that_a_waiting_unit_needs_asks_where_it_will_be(
         SendMissing("a", stimulus_id="s4"),
     ]
     assert (ws.units["a"].state, ws.units["a"].role) == (S.MISSING, Role.HOLD)
-    assert ws.handle(holders("s5", "a", "p2")) == [Fetch("a", "p2", stimulus_id="s5")]
+    assert ws.handle(holders("s5", "a", "p2")) == [Fetch(("a",), "p2", stimulus_id="s5")]
 
 
 # --- fetching -----------------------------------------------------------------------
 
 
-def test_one_transfer_per_peer_and_at_most_max_fetches_in_all() -> None:
+def test_one_transfer_per_peer_carries_all_its_keys_and_at_most_max_fetches_in_all() -> None:
     ws = make_state(max_fetches=2)
     who_has = {"x": ("p1",), "y": ("p1",), "z": ("p2",), "w": ("p3",)}
     assert ws.handle(compute("s1", "b", "x", "y", "z", "w", who_has=who_has)) == [
-        Fetch("x", "p1", stimulus_id="s1"),
-        Fetch("z", "p2", stimulus_id="s1"),
+        Fetch(("x", "y"), "p1", stimulus_id="s1"),
+        Fetch(("z",), "p2", stimulus_id="s1"),
     ]
-    assert ws.handle(fetched("s2", "x", "p1")) == [Fetch("y", "p1", stimulus_id="s2")]
-    assert ws.handle(fetched("s3", "z", "p2")) == [Fetch("w", "p3", stimulus_id="s3")]
+    assert ws.in_flight == {"x": "p1", "y": "p1", "z": "p2"}
+    assert ws.handle(fetched("s2", "x", "p1")) == []  # p1's transfer still brings y
+    assert ws.handle(fetched("s3", "z", "p2")) == [Fetch(("w",), "p3", stimulus_id="s3")]
+    assert ws.handle(fetched("s4", "y", "p1"), fetched("s5", "w", "p3")) == [
+        execute("s5", "b", "x", "y", "z", "w",
+                inputs={k: data(k) for k in ("x", "y", "z", "w")})]
+
+
+def test_a_transfer_takes_at_most_max_transfer_keys_and_the_rest_follow_in_the_next() -> None:
+    ws = make_state(max_transfer_keys=3)
+    keys = [f"k{i}" for i in range(7)]
+    assert ws.handle(compute("s1", "b", *keys, who_has={k: ("p1",) for k in keys})) == [
+        Fetch(("k0", "k1", "k2"), "p1", stimulus_id="s1")]
+    assert ws.handle(*(fetched(f"s{k}", k, "p1") for k in keys[:3])) == [
+        Fetch(("k3", "k4", "k5"), "p1", stimulus_id="sk2")]
+    # A key of a transfer that comes back missing goes to its next holder (p1 is busy).
+    ws.handle(holders("s2", "k3", "p1", "p2"))
+    assert ws.handle(fetch_failed("s3", "k3", "p1")) == [Fetch(("k3",), "p2", stimulus_id="s3")]
+    assert ws.handle(fetched("s4", "k4", "p1"), fetched("s5", "k5", "p1")) == [
+        Fetch(("k6",), "p1", stimulus_id="s5")]
 
 
 def test_a_failed_fetch_tries_the_next_holder_then_asks_the_scheduler(ws: WorkerState) -> None:
     ws.handle(compute("s1", "b", "x", who_has={"x": ("p1", "p2")}))
-    assert ws.handle(fetch_failed("s2", "x", "p1")) == [Fetch("x", "p2", stimulus_id="s2")]
+    assert ws.handle(fetch_failed("s2", "x", "p1")) == [Fetch(("x",), "p2", stimulus_id="s2")]
     assert ws.handle(fetch_failed("s3", "x", "p2")) == [SendMissing("x", stimulus_id="s3")]
     assert ws.units["x"].state is S.MISSING
     assert ws.handle(holders("s4", "x")) == []  # still nobody: stay missing, do not ask again
-    assert ws.handle(holders("s5", "x", "p3")) == [Fetch("x", "p3", stimulus_id="s5")]
+    assert ws.handle(holders("s5", "x", "p3")) == [Fetch(("x",), "p3", stimulus_id="s5")]
 
 
 def test_a_lost_peer_sends_its_transfers_to_other_holders(ws: WorkerState) -> None:
     ws.handle(compute("s1", "b", "x", who_has={"x": ("p1", "p2")}))
     assert ws.in_flight == {"x": "p1"}
-    assert ws.handle(lost("s2", "p1")) == [Fetch("x", "p2", stimulus_id="s2")]
+    assert ws.handle(lost("s2", "p1")) == [Fetch(("x",), "p2", stimulus_id="s2")]
     assert ws.handle(fetched("s3", "x", "p1")) == []  # a stale reply from the lost peer
     assert ws.units["x"].state is S.FLIGHT
     assert ws.handle(fetched("s4", "x", "p2")) == [
@@ -510,35 +534,36 @@ def test_a_lost_peer_sends_its_transfers_to_other_holders(ws: WorkerState) -> No
     ]
 
 
-def test_a_lost_peer_that_was_the_only_holder_makes_its_keys_missing(ws: WorkerState) -> None:
+def test_a_lost_peer_that_was_the_only_holder_makes_its_keys_missing(one_key: WorkerState) -> None:
+    ws = one_key
     ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
     assert states(ws) == {"b": S.WAITING, "x": S.FLIGHT, "y": S.FETCH}
     assert ws.handle(lost("s2", "p1")) == [
         SendMissing("x", stimulus_id="s2"),
         SendMissing("y", stimulus_id="s2"),
     ]
-    assert ws.handle(holders("s3", "x", "p2")) == [Fetch("x", "p2", stimulus_id="s3")]
+    assert ws.handle(holders("s3", "x", "p2")) == [Fetch(("x",), "p2", stimulus_id="s3")]
     assert ws.handle(release("s4", "b")) == [SendReleased("b", stimulus_id="s4")]
     assert states(ws) == {"b": S.RELEASED, "x": S.CANCELLED, "y": S.RELEASED}
 
 
-def test_a_key_queued_for_fetch_whose_holders_are_withdrawn_goes_missing(ws: WorkerState) -> None:
+def test_a_key_queued_for_fetch_whose_holders_are_withdrawn_goes_missing(one_key: WorkerState) -> None:
+    ws = one_key
     ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p1",)}))
     assert ws.handle(holders("s2", "y")) == [SendMissing("y", stimulus_id="s2")]
 
 
-def test_a_busy_peer_is_retried_later_and_other_holders_are_tried_meanwhile(
-    ws: WorkerState,
-) -> None:
+def test_a_busy_peer_is_retried_later_and_other_holders_are_tried_meanwhile(one_key: WorkerState) -> None:
+    ws = one_key
     ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1", "p2"), "y": ("p1",)}))
     assert ws.in_flight == {"x": "p1"}
     assert ws.handle(busy("s2", "x", "p1")) == [
         RetryPeerLater("p1", 0.15, stimulus_id="s2"),
-        Fetch("x", "p2", stimulus_id="s2"),
+        Fetch(("x",), "p2", stimulus_id="s2"),
     ]
     assert ws.units["y"].state is S.FETCH  # its only holder is busy: it waits
     retry = PeerRetryDue("p1", stimulus_id="s3", now=0.2)
-    assert ws.handle(retry) == [Fetch("y", "p1", stimulus_id="s3")]
+    assert ws.handle(retry) == [Fetch(("y",), "p1", stimulus_id="s3")]
 
 
 def test_a_key_in_flight_whose_dependent_is_released_is_cancelled_then_resumed(

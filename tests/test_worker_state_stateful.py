@@ -117,10 +117,12 @@ class WorkerMachine(RuleBasedStateMachine):
                 assert key not in self.executing, f"second Execute of {key} while one runs"
                 assert set(inputs) == set(spec.dependencies)
                 self.executing.add(key)
-            case Fetch(key=key, peer=source):
-                assert key not in self.transfers, f"second Fetch of {key} while one runs"
-                self.transfers[key] = source
-                self.ended.discard((key, source))
+            case Fetch(keys=keys, peer=source):
+                assert source not in self.transfers.values(), f"second transfer from {source}"
+                for key in keys:
+                    assert key not in self.transfers, f"second Fetch of {key} while one runs"
+                    self.transfers[key] = source
+                    self.ended.discard((key, source))
             case RetryPeerLater(peer=busy_peer):
                 self.retries.add(busy_peer)
             case SendStealResponse(key=key, accepted=True):

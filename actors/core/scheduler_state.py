@@ -584,6 +584,8 @@ class SchedulerState:
             unit = closed[index] = units.open_units.pop(index)
             units.done_count += 1
             if outcome.held:
+                if index not in units.kept:  # a plain unit's result too large to go inline
+                    undo.put(units.kept, index, unit)
                 self._held(task, index, worker)
                 held.append((index, worker.worker_id, self._address(worker)))
             else:

@@ -131,6 +131,17 @@ class ExecuteSucceeded(Event):
 
 
 @dataclass(frozen=True)
+class KeepResult(Event):
+    """A unit of a run (``ExecuteSucceeded`` of the run's key) returned ``data`` too large to go
+    inline to the scheduler: it stays here in memory under the unit's own ``key``, as if that
+    key had been computed here, for peers (the driver's gather) to fetch by name."""
+
+    key: str
+    task_id: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ExecuteFailed(Event):
     """The executor ran ``key`` and it raised; ``error`` is the pickled exception."""
 
@@ -198,9 +209,10 @@ class Execute(Instruction):
 
 @dataclass(frozen=True)
 class Fetch(Instruction):
-    """Get ``key``'s data from ``peer``; report back exactly once (or report ``PeerLost``)."""
+    """Get the data of ``keys`` from ``peer``, in one request; report back exactly once for
+    each key (or report ``PeerLost``)."""
 
-    key: str
+    keys: tuple[str, ...]
     peer: str
 
 

@@ -8,7 +8,9 @@ opens a socket or starts a thread: time comes in on the events.
 
 Who sends what
   scheduler  ComputeUnit, ReleaseUnit, ForgetUnit, StealRequest, WhoHasUpdate, PeerLost
-  executor   ExecuteSucceeded / ExecuteFailed: exactly one per Execute instruction
+  executor   ExecuteSucceeded / ExecuteFailed: exactly one per Execute instruction; before a
+             run's ExecuteSucceeded, KeepResult for each of its units whose result is too large
+             to report inline (it stays here, in memory, under the unit's own key)
   transport  FetchSucceeded / FetchFailed / PeerBusy: one per Fetch; DataRequested from peers
   shell      PeerRetryDue, after the delay a RetryPeerLater instruction asked for
 
@@ -45,7 +47,8 @@ Rules
     ``transition_limit`` times by one event raises TransitionLoop.
  3. At most one execution or one transfer per key (``Unit.running``). Execute is emitted only
     while fewer than ``nthreads`` executions run; cancelled and resumed executions keep their
-    thread until they report. At most one transfer per peer, ``max_fetches`` in all.
+    thread until they report. At most one transfer per peer, ``max_fetches`` in all; a transfer
+    carries every key queued for fetch that its peer holds, up to ``max_transfer_keys``.
  4. A hold-only dependency is fetched and kept only while a dependent waits or is ready; when the
     last such dependent starts executing (Execute carries its inputs), is released or stolen, the
     dependency is released and its data dropped. A released hold-only key that no unit depends on
@@ -118,6 +121,7 @@ from actors.core.worker_events import (
     FetchSucceeded,
     ForgetUnit,
     Instruction,
+    KeepResult,
     PeerBusy,
     PeerLost,
     PeerRetryDue,
@@ -211,6 +215,7 @@ class WorkerState:
         nthreads: int = 1,
         *,
         max_fetches: int = 4,
+        max_transfer_keys: int = 100,
         busy_retry_delay: float = 0.15,
         story_limit: int = 10_000,
         transition_limit: int = 100,
@@ -220,6 +225,7 @@ class WorkerState:
             raise ValueError("nthreads and max_fetches must be at least 1")
         self.nthreads = nthreads
         self.max_fetches = max_fetches
+        self.max_transfer_keys = max_transfer_keys
         self.busy_retry_delay = busy_retry_delay
         self.transition_limit = transition_limit
         self.validate_after_handle = validate_after_handle
@@ -233,7 +239,10 @@ class WorkerState:
         self._ready: list[QueueEntry] = []
         self._fetch_queue: list[QueueEntry] = []
         self._executing: set[str] = set()
-        self._transfers: dict[str, str] = {}  # peer -> the key being fetched from it
+        # peer -> the keys being fetched from it (never changed in place: a rollback's copy of
+        # the dict stays true)
+        self._transfers: dict[str, frozenset[str]] = {}
+        self._gathering: str | None = None  # the peer of the transfer being started
         self._journal: _Journal | None = None
         self._moves: Counter[str] = Counter()  # transitions per key for the current event
 
@@ -273,7 +282,7 @@ class WorkerState:
     @property
     def in_flight(self) -> dict[str, str]:
         """Key -> peer of every running transfer."""
-        return {key: peer for peer, key in self._transfers.items()}
+        return {key: peer for peer, keys in self._transfers.items() for key in keys}
 
     # --- events --------------------------------------------------------------
 
@@ -284,6 +293,8 @@ class WorkerState:
                 instructions = self._on_compute(event)
             case ExecuteSucceeded() | ExecuteFailed():
                 instructions = self._on_execution_ended(event)
+            case KeepResult():
+                instructions = self._on_keep(event)
             case FetchSucceeded() | FetchFailed() | PeerBusy():
                 instructions = self._on_transfer_ended(event)
             case ReleaseUnit():
@@ -335,6 +346,21 @@ class WorkerState:
         elif unit.state not in (WAITING, READY, EXECUTING):
             recs[spec.key] = WAITING
         return instructions + self._apply(recs, event)
+
+    def _on_keep(self, event: KeepResult) -> list[Instruction]:
+        unit = self.units.get(event.key)
+        if unit is not None and (unit.state is not RELEASED or unit.dependents):
+            raise self._invalid(event.key, MEMORY)  # a key names one computation: a shell bug
+        if unit is None:
+            unit = self._new_unit(event.key, Role.COMPUTE)
+        self._touch(unit)
+        unit.role = Role.COMPUTE
+        unit.spec = UnitSpec(event.key, event.task_id, b"")
+        unit.state = MEMORY
+        unit.nbytes = len(event.data)
+        self._set_data(event.key, event.data)
+        self._record(event.key, RELEASED, MEMORY, event)
+        return []
 
     def _on_execution_ended(self, event: ExecuteSucceeded | ExecuteFailed) -> list[Instruction]:
         unit = self.units.get(event.key)
@@ -493,9 +519,28 @@ class WorkerState:
             if self._ready and len(self._executing) < self.nthreads:
                 instructions += self._apply({self._ready[0][2]: EXECUTING}, event)
             elif (key := self._next_fetch()) is not None:
-                instructions += self._apply({key: FLIGHT}, event)
+                instructions += self._start_transfer(key, event)
             else:
                 return instructions
+
+    def _start_transfer(self, key: str, event: Event) -> list[Instruction]:
+        """One transfer from a free holder of ``key``, and with it every other key queued for
+        fetch that the same peer holds, up to ``max_transfer_keys``, in queue order: one round
+        trip for many small results, not one each."""
+        peer = self._free_holder(self.units[key])
+        assert peer is not None
+        keys = [key]
+        for _, _, other in self._fetch_queue:
+            if len(keys) >= self.max_transfer_keys:
+                break
+            if other != key and peer in self.units[other].who_has:
+                keys.append(other)
+        self._gathering = peer
+        try:
+            instructions = self._apply(dict.fromkeys(keys, FLIGHT), event)
+        finally:
+            self._gathering = None
+        return instructions + [Fetch(tuple(keys), peer, stimulus_id=event.stimulus_id)]
 
     # --- transitions (the table is below them) -------------------------------
 
@@ -596,15 +641,15 @@ class WorkerState:
         return {}, []
 
     def _fetch_flight(self, unit: Unit, event: Event) -> Step:
-        peer = self._free_holder(unit)
-        if peer is None:
+        peer = self._gathering  # (only _start_transfer moves keys into flight; it says Fetch)
+        if peer is None or peer not in unit.who_has:
             raise self._invalid(unit.key, FLIGHT)
         self._dequeue(unit)
         unit.state = FLIGHT
         unit.running = Work.TRANSFER
         unit.peer = peer
-        self._transfers[peer] = unit.key
-        return {}, [Fetch(unit.key, peer, stimulus_id=event.stimulus_id)]
+        self._transfers[peer] = self._transfers.get(peer, frozenset()) | {unit.key}
+        return {}, []
 
     def _fetch_missing(self, unit: Unit, event: Event) -> Step:
         self._dequeue(unit)
@@ -719,7 +764,11 @@ class WorkerState:
         if unit.running is Work.EXECUTION:
             self._executing.discard(unit.key)
         elif unit.running is Work.TRANSFER and unit.peer is not None:
-            del self._transfers[unit.peer]
+            keys = self._transfers[unit.peer] - {unit.key}
+            if keys:
+                self._transfers[unit.peer] = keys
+            else:
+                del self._transfers[unit.peer]
         unit.running = None
         unit.peer = None
 
@@ -783,13 +832,17 @@ class WorkerState:
         self._arrivals = journal.arrivals
         self._ready, self._fetch_queue, self._executing, self._transfers = self._indices()
 
-    def _indices(self) -> tuple[list[QueueEntry], list[QueueEntry], set[str], dict[str, str]]:
+    def _indices(self) -> tuple[list[QueueEntry], list[QueueEntry], set[str],
+                                dict[str, frozenset[str]]]:
         """The ready queue, fetch queue, executing set and transfers, as ``units`` implies them."""
         units = self.units.values()
         ready = sorted((-u.priority, u.order, u.key) for u in units if u.state is READY)
         fetch = sorted((-u.priority, u.order, u.key) for u in units if u.state is FETCH)
         executing = {u.key for u in units if u.running is Work.EXECUTION}
-        transfers = {u.peer: u.key for u in units if u.running is Work.TRANSFER and u.peer}
+        transfers: dict[str, frozenset[str]] = {}
+        for u in units:
+            if u.running is Work.TRANSFER and u.peer:
+                transfers[u.peer] = transfers.get(u.peer, frozenset()) | {u.key}
         return ready, fetch, executing, transfers
 
     # --- invariants ----------------------------------------------------------
@@ -804,7 +857,8 @@ class WorkerState:
 
 __all__ = [
     "ComputeUnit", "DataRequested", "Event", "Execute", "ExecuteFailed", "ExecuteSucceeded",
-    "Fetch", "FetchFailed", "FetchSucceeded", "ForgetUnit", "Instruction", "PeerBusy", "PeerLost",
+    "Fetch", "FetchFailed", "FetchSucceeded", "ForgetUnit", "Instruction", "KeepResult",
+    "PeerBusy", "PeerLost",
     "PeerRetryDue", "ReleaseUnit", "RetryPeerLater", "Role", "SendData", "SendErred",
     "SendFinished", "SendMissing", "SendReleased", "SendStealResponse", "StealRequest",
     "StoryEntry", "Unit", "UnitSpec", "UnitState", "WhoHasUpdate", "Work", "WorkerState",
