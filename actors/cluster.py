@@ -69,6 +69,7 @@ class LocalCluster:
         restart_after_error: bool = False,
         worker_network: bool = False,
         worker_memory: str | None = None,
+        results_memory: str | None = None,
         state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """``log_level``: what the cluster's processes log to this process's stderr; by default
@@ -80,6 +81,8 @@ class LocalCluster:
         ``worker_network``: let tasks use the network (by default, on Linux, each worker has a
         network namespace of its own with loopback only). ``worker_memory``: what each worker
         may allocate, e.g. ``"2G"`` (beyond it the task fails with MemoryError).
+        ``results_memory``: how much of the large task results waiting for their clients the
+        node keeps in memory, e.g. ``"512M"`` (default 1G); the rest waits on disk.
         ``state_dir``: where the master keeps its journal; a cluster started again on the same
         folder (after a crash, or ``kill -9`` of its master) takes up its tasks where they
         were. By default a temporary folder, gone with the cluster."""
@@ -117,6 +120,8 @@ class LocalCluster:
             env["ACTORS_WORKER_NETWORK"] = "1"
         if worker_memory:
             env["ACTORS_WORKER_MEMORY"] = worker_memory
+        if results_memory:
+            env["ACTORS_RESULTS_MEMORY"] = results_memory
         try:
             if reserved is not None:
                 node = local_node_command(f"tcp://{reserved[2]}:{reserved[1]}", self.workers,

@@ -271,6 +271,28 @@ class ResultNotSerializable(ActorsError, TypeError):
                 "instead of locks, generators, open files or sockets")
 
 
+class ResultTooLarge(ActorsError, MemoryError):
+    """A task's (or unit's) return value is too large for its worker to send: serializing it
+    ran out of the memory the worker may use."""
+
+    def __init__(self, task: str, unit: str, type_name: str, size: int, limit: int) -> None:
+        super().__init__(task, unit, type_name, size, limit)
+        self.task = task
+        self.unit = unit
+        self.type_name = type_name
+        self.size = size  # bytes the value holds, as far as its type tells (0: not known)
+        self.limit = limit  # the worker's memory limit in bytes (0: none set)
+
+    def __str__(self) -> str:
+        where = f"{self.task}, unit {self.unit}" if self.unit else self.task
+        size = f" of about {self.size / 2**20:,.0f} MiB" if self.size else ""
+        limit = (f" (--worker-memory {self.limit / 2**20:,.0f} MiB)" if self.limit
+                 else " (the host ran out of memory)")
+        return (f"the return value of {where}, a {self.type_name}{size}, is too large to send: "
+                f"serializing it needs about as much memory again, more than the worker may "
+                f"use{limit}; return less, or write it to shared storage and return its path")
+
+
 class TaskCancelled(ActorsError, concurrent.futures.CancelledError):
     """The task was cancelled before it produced a result."""
 

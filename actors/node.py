@@ -648,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-timeout", type=float, default=0.0, metavar="SECONDS",
                         help="give up (exit 1) when no master welcomed this node within this "
                              "long (default 0: keep trying; it says why every 30 s)")
+    parser.add_argument("--results-memory", type=parse_size,
+                        default=os.environ.get("ACTORS_RESULTS_MEMORY") or "1G", metavar="SIZE",
+                        help="large task results this node holds for their clients, in memory, "
+                             "in all (e.g. 512M); beyond it they wait on disk (default 1G)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     add_containment_arguments(parser)
     args = parser.parse_args(argv)
@@ -734,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad_data_address", error=str(exc))
         return give_up(forked)
     data.add_to(hub, os.path.join(keys, "node.key"))
-    results = ResultStore(node_id, pair, data.host, os.path.join(run_dir, "results"), task_ends)
+    results = ResultStore(node_id, pair, data.host, os.path.join(run_dir, "results"), task_ends,
+                          args.results_memory)
     results.add_to(hub)
     # Workers of other uids connect to the ipc socket through their group: it is made 0770.
     umask = os.umask(0o007) if containment.group is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import linecache
 import pickle
+import resource
 import sys
 import sysconfig
 import traceback
@@ -21,7 +22,7 @@ from typing import Any
 
 import cloudpickle
 
-from actors.errors import RemoteError, ResultNotSerializable
+from actors.errors import RemoteError, ResultNotSerializable, ResultTooLarge
 
 _PLAIN = (int, float, str, bytes, bool, type(None), complex)
 _SYSTEM_PATHS = tuple(
@@ -57,9 +58,29 @@ def dumps_result(value: Any, task: str, unit: str = "") -> bytes:
         raise not_serializable(value, exc, task, unit) from None
 
 
-def not_serializable(value: Any, exc: Exception, task: str, unit: str = "") -> ResultNotSerializable:
+def not_serializable(value: Any, exc: Exception, task: str,
+                     unit: str = "") -> ResultNotSerializable | ResultTooLarge:
+    """What to raise when ``dumps`` of a result raised ``exc``."""
     kind = type(value)
-    return ResultNotSerializable(task, unit, f"{kind.__module__}.{kind.__qualname__}", str(exc))
+    type_name = f"{kind.__module__}.{kind.__qualname__}"
+    if isinstance(exc, MemoryError):
+        return ResultTooLarge(task, unit, type_name, _size_of(value), _memory_limit())
+    return ResultNotSerializable(task, unit, type_name, str(exc))
+
+
+def _size_of(value: Any) -> int:
+    """The bytes a value holds, where its type says (bytes, buffers, arrays); else 0."""
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, bytes | bytearray | str):
+        return len(value)
+    return 0
+
+
+def _memory_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)  # what --worker-memory sets (contain.py)
+    return 0 if soft == resource.RLIM_INFINITY else soft
 
 
 def loads(data: bytes) -> Any:
@@ -234,7 +255,11 @@ def _user_frames(tb: traceback.TracebackException) -> traceback.TracebackExcepti
 def is_fatal(exc: BaseException) -> bool:
     """Whether the process that ran user code raising ``exc`` should serve no further task: an
     interpreter told to exit or interrupted, or out of memory. Any other Exception leaves the
-    worker as a successful task would (what the code changed in its globals stays changed)."""
+    worker as a successful task would (what the code changed in its globals stays changed).
+    A result too large to serialize is not fatal: the allocation that failed was ours, and
+    what it had taken is free again."""
+    if isinstance(exc, ResultTooLarge):
+        return False
     return not isinstance(exc, Exception) or isinstance(exc, MemoryError)
 
 

@@ -194,7 +194,7 @@ class UnitRunner:
         for outcome in outcomes:
             key = unit_key(run.task_id, outcome.index)
             if (outcome.ok and len(outcome.value) > m.INLINE_RESULT_BYTES
-                    and outcome.index in units and key not in self.state.units):
+                    and outcome.index in units and self.state.can_keep(key)):
                 kept.append(ev.KeepResult(key, run.task_id, outcome.value,
                                           stimulus_id=f"run{run.run_id} kept", now=now))
                 self.runs[key] = _Run(run.task_id, KEPT_RUN, (units[outcome.index],), keep=True)
@@ -227,9 +227,26 @@ class UnitRunner:
         self.gathers[key] = msg
         holders = self._who_has(msg.task_id, msg.holders)
         deps = tuple(holders)
+        for index, _, _ in msg.holders:  # a holder lost meanwhile: the master is asked (Missing)
+            self.dependencies[unit_key(msg.task_id, index)] = (msg.task_id, index)
         self.runs[key] = _Run(msg.task_id, -1, (), keep=True)
         self.feed(ev.ComputeUnit(ev.UnitSpec(key, msg.task_id, b"", deps), holders,
                                  stimulus_id="gather", now=self._clock()))
+
+    def results_arrived(self, msg: m.DriverResults) -> None:
+        """Results the driver got inline that its gather still waits to fetch (computed again
+        after their holder was lost, small this time): the gather takes them from here."""
+        gather = self.gathers.get(f"{msg.task_id}:{GATHER}")
+        if gather is None or not msg.results:
+            return
+        now = self._clock()
+        wanted = {index for index, _, _ in gather.holders}
+        events: list[ev.Event] = []
+        for index, data in msg.results:
+            key = unit_key(msg.task_id, index)
+            if index in wanted and key not in self.state.data and self.state.can_keep(key):
+                events.append(ev.KeepResult(key, msg.task_id, data, stimulus_id="inline", now=now))
+        self.feed(*events)
 
     def retry_due(self, msg: RetryDue) -> None:
         self.feed(ev.PeerRetryDue(msg.peer, stimulus_id="retry", now=self._clock()))

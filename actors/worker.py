@@ -224,6 +224,7 @@ class Worker(Shell):
                 self.send(NODE, TO_MASTER,
                           message=m.WorkerStory(msg.task_id, self._runner.story(msg.task_id)))
             case m.DriverResults(results=results, held=held) if msg.task_id == task_id:
+                self._runner.results_arrived(msg)
                 self._to_task(UnitResults(results, held))
             case m.ReleaseTask() if msg.task_id == task_id or msg.task_id in self.lined_up:
                 self._release(msg.task_id)

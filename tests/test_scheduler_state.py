@@ -929,3 +929,28 @@ def test_a_client_arriving_late_starts_at_the_present_not_with_credit_for_its_ab
     queue_plain(s, "b", "b", "key1", 100)
     order = run_one_at_a_time(s, [last], 141)
     assert order.index("a99") < 100, order.index("a99")  # not behind all 100 of b's
+
+
+def test_a_plain_units_large_result_held_on_its_worker_is_computed_again_if_that_worker_is_lost(
+) -> None:
+    """A plain unit whose result was too large to go inline is held like a keep unit: the
+    driver learns where, the journal gets nothing, and losing its holder runs it again."""
+    s = two_workers()
+    submit(s)
+    out = s(ev.UnitsSliced, "w1", "t1", units(*range(12)), True)
+    [on_w2] = [d for d in dispatches(out) if d.worker_id == "w2"]
+    index = on_w2.units[0].index
+    rest = [UnitOutcome(u.index, True, b"small") for u in on_w2.units[1:]]
+    out = s(ev.UnitsFinished, "w2", "t1", on_w2.run_id,
+            [UnitOutcome(index, True, b"", held=True, size=5_000_000), *rest], 0.01)
+    assert [i for i in out if isinstance(i, ev.ForwardResults)] == [ev.ForwardResults(
+        "n1", "w1", "t1", [(u.index, b"small") for u in on_w2.units[1:]],
+        [(index, "w2", "tcp://n2")])]
+    [record] = [i for i in out if isinstance(i, ev.RecordResults)]
+    assert index not in [i for i, _, _ in record.results], "a held result was journaled"
+    units_of = s.state.tasks["t1"].units
+    assert units_of.held == {index: "w2"} and index in units_of.kept
+    out = s(ev.WorkerLost, "w2", "killed", False)
+    assert index in units_of.open_units and index not in units_of.held
+    assert any(index in [u.index for u in d.units] for d in dispatches(out)) or any(
+        u.index == index for u in units_of.pending), "the lost result is not queued again"

@@ -24,6 +24,7 @@ from actors.core.worker_state import (
     FetchFailed,
     FetchSucceeded,
     ForgetUnit,
+    KeepResult,
     PeerBusy,
     PeerLost,
     PeerRetryDue,
@@ -797,3 +798,32 @@ def test_the_import_check_sees_imports_inside_functions_and_relative_ones(tmp_pa
     impure.write_text("def later():\n    import time\n    from zmq import Context\nfrom . import sibling\n")
     found = imported_modules(impure, "actors.core")
     assert {"time", "zmq", "actors.core.sibling"} <= found
+
+
+def test_a_kept_result_is_in_memory_under_its_own_key_and_served_to_peers(ws: WorkerState) -> None:
+    assert ws.handle(KeepResult("t:3", "t", b"big", stimulus_id="run1 kept", now=1.0)) == []
+    assert states(ws) == {"t:3": S.MEMORY} and ws.data == {"t:3": b"big"}
+    assert ws.units["t:3"].role is Role.COMPUTE
+    assert ws.handle(DataRequested(("t:3", "t:4"), "p1", stimulus_id="ask", now=2.0)) == [
+        SendData("p1", {"t:3": b"big"}, ("t:4",), stimulus_id="ask")]
+    assert ws.handle(ForgetUnit("t:3", stimulus_id="task ended", now=3.0)) == []
+    assert states(ws) == {}
+
+
+def test_a_result_kept_here_feeds_a_dependent_that_waited_to_fetch_it(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}))
+    ws.handle(fetch_failed("s2", "x", "p1"))
+    assert states(ws) == {"b": S.WAITING, "x": S.MISSING}
+    # Computed here meanwhile (or sent to the driver inline): no fetch needed any more.
+    out = ws.handle(KeepResult("x", "t", data("x"), stimulus_id="s3", now=3.0))
+    assert out == [execute("s3", "b", "x", inputs={"x": data("x")})]
+    assert ws.units["x"].state is S.MEMORY
+
+
+def test_a_key_in_flight_cannot_be_kept_and_nothing_changes(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}))
+    assert not ws.can_keep("x") and ws.can_keep("y")
+    before = states(ws)
+    with pytest.raises(InvalidTransition):
+        ws.handle(KeepResult("x", "t", b"x", stimulus_id="s2", now=2.0))
+    assert states(ws) == before and ws.in_flight == {"x": "p1"}

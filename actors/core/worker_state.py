@@ -150,6 +150,8 @@ RESCHEDULED, FORGOTTEN = UnitState.RESCHEDULED, UnitState.FORGOTTEN
 
 # States a key can leave through `released` (the catch-all): no thread or transfer holds it.
 RESTING = frozenset({WAITING, READY, FETCH, MISSING, MEMORY, ERROR, RESCHEDULED})
+# States of a key whose data KeepResult may bring: none held, none on its way.
+KEEPABLE = frozenset({RELEASED, FETCH, MISSING})
 # States of a dependent that still needs its dependencies' data.
 NEEDS_INPUTS = frozenset({WAITING, READY})
 
@@ -348,19 +350,30 @@ class WorkerState:
         return instructions + self._apply(recs, event)
 
     def _on_keep(self, event: KeepResult) -> list[Instruction]:
+        """The data of a key this worker holds nothing of, or waits to fetch (it computed the
+        unit itself meanwhile, or the driver got it inline): in memory, its dependents fed."""
         unit = self.units.get(event.key)
-        if unit is not None and (unit.state is not RELEASED or unit.dependents):
-            raise self._invalid(event.key, MEMORY)  # a key names one computation: a shell bug
+        if unit is not None and (unit.running is not None or unit.state not in KEEPABLE):
+            raise self._invalid(event.key, MEMORY)  # the shell asks can_keep() first
         if unit is None:
             unit = self._new_unit(event.key, Role.COMPUTE)
         self._touch(unit)
-        unit.role = Role.COMPUTE
-        unit.spec = UnitSpec(event.key, event.task_id, b"")
+        start = unit.state
+        self._dequeue(unit)
+        unit.role = Role.COMPUTE  # the scheduler is told it is held here
+        if unit.spec is None:
+            unit.spec = UnitSpec(event.key, event.task_id, b"")
+        unit.who_has = set()
         unit.state = MEMORY
         unit.nbytes = len(event.data)
         self._set_data(event.key, event.data)
-        self._record(event.key, RELEASED, MEMORY, event)
-        return []
+        self._record(event.key, start, MEMORY, event)
+        return self._apply(self._follow_ups(unit, start), event)
+
+    def can_keep(self, key: str) -> bool:
+        """Whether ``KeepResult`` may put ``key``'s data here now."""
+        unit = self.units.get(key)
+        return unit is None or (unit.running is None and unit.state in KEEPABLE)
 
     def _on_execution_ended(self, event: ExecuteSucceeded | ExecuteFailed) -> list[Instruction]:
         unit = self.units.get(event.key)
