@@ -44,6 +44,7 @@ RESULTS = "results"
 HOLD = b"h"
 SHARE_WAIT_S = 10.0  # a fetch that came before the master's share waits this long for it
 UNSHARED_TTL_S = 600.0
+MAX_WAITING = 16  # fetches parked per result before its share (any key may ask: bounded)
 MEMORY_BYTES = 1 << 30  # results held in memory, in all; the rest goes to disk
 
 
@@ -161,9 +162,11 @@ class ResultStore:
         entry = self.held.get(msg.task_id)
         if entry is not None and not entry.owner:
             # The master's share is on its way: answer when it comes.
-            self.waiting.setdefault(msg.task_id, []).append(
-                _Waiting(routing, key.decode(errors="replace"), self.now + SHARE_WAIT_S))
-            return
+            waiting = self.waiting.setdefault(msg.task_id, [])
+            if len(waiting) < MAX_WAITING:
+                waiting.append(_Waiting(routing, key.decode(errors="replace"),
+                                        self.now + SHARE_WAIT_S))
+                return
         self._answer(hub, routing, key.decode(errors="replace"), msg.task_id)
 
     def tick(self, hub: Hub, now: float) -> None:

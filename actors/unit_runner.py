@@ -77,6 +77,7 @@ class Ran:
     key: str
     outcomes: list[m.UnitOutcome]
     elapsed: float
+    large: bool = False  # a result is larger than INLINE_RESULT_BYTES
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ class UnitRunner:
             return
         outcomes: list[m.UnitOutcome] = msg.outcomes
         kept: list[ev.Event] = []
-        if not run.keep:
+        if msg.large and not run.keep:
             outcomes, kept = self._keep_large(run, outcomes, now)
         self.outcomes[msg.key] = (outcomes, msg.elapsed)
         failed = next((o for o in outcomes if not o.ok), None)
@@ -186,8 +187,6 @@ class UnitRunner:
                     now: float) -> tuple[list[m.UnitOutcome], list[ev.Event]]:
         """Results too large to go inline stay here under their unit's key (reported ``held``),
         for the driver to gather like a ``Unit(...)`` result; the rest go inline as ever."""
-        if all(len(o.value) <= m.INLINE_RESULT_BYTES or not o.ok for o in outcomes):
-            return outcomes, []
         kept: list[ev.Event] = []
         out: list[m.UnitOutcome] = []
         units = {unit.index: unit for unit in run.units}
@@ -411,6 +410,7 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
     started = time.perf_counter()
     outcomes: list[m.UnitOutcome] = []
     digest = m.unit_digest
+    large = False
     task_output.enter(task_id, "work_unit")
     try:
         work_unit = instance.work_unit
@@ -426,6 +426,7 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                     raise not_serializable(value, exc, f"{type(instance).__qualname__} {task_id}",
                                            str(unit.index)) from None
                 outcomes.append(m.UnitOutcome(unit.index, True, data, digest=digest(unit)))
+                large = large or len(data) > m.INLINE_RESULT_BYTES
             except BaseException as exc:
                 payload, type_name, message, text = describe_failure(exc)
                 outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text,
@@ -433,4 +434,4 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                 break  # the task fails; the rest of the run would be wasted
     finally:
         task_output.leave()
-        tell(Ran(key, outcomes, time.perf_counter() - started))
+        tell(Ran(key, outcomes, time.perf_counter() - started, large))
