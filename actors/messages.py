@@ -499,16 +499,24 @@ class DropResults(Message, frozen=True):
 
 
 class FetchResult(Message, frozen=True):
-    """client -> node: send me the result of my task ``task_id`` (``TaskDone.held``)."""
+    """client -> node: send me the result of my task ``task_id`` (``TaskDone.held``). A client
+    that may be on the node's host says its kernel's boot id and its uid: the node may then
+    answer with a file to read instead of the bytes (``ResultData.path``)."""
 
     task_id: str
+    boot_id: str = ""
+    uid: int = -1
 
 
 class ResultData(Message, frozen=True):
-    """node -> client: the result of ``task_id`` follows in the next frame (``size`` bytes)."""
+    """node -> client: the result of ``task_id`` follows in the next frame (``size`` bytes);
+    or, for a client on the node's host with its uid, it is in the file ``path``, whose name
+    holds ``nonce`` (so that a path seen from another pid or mount namespace is not trusted)."""
 
     task_id: str
     size: int
+    path: str = ""
+    nonce: str = ""
 
 
 class ResultMissing(Message, frozen=True):

@@ -16,6 +16,14 @@ A request that comes before the share (the client is quick, the master's word sl
 for it, up to ``SHARE_WAIT_S``. A worker may hand over only the result of a task it holds
 (``TaskEnds``), once; the payload is never unpickled here.
 
+A client on the node's host, with the node's uid (it says its kernel's boot id and its uid),
+is answered with a file to read instead of the bytes: the result, moved into a memory file
+(``memfd``, read through ``/proc/<node pid>/fd/N``), or its spilled copy. That spares the
+encryption of the TCP path, which is what limits it on one host (about 200 MB/s); the client
+proves nothing more by it than the filesystem already grants (only the node's uid can read the
+node's files), and a name with a random nonce keeps it from reading another namespace's file.
+A client that cannot read the file asks again for the bytes.
+
 Memory: results are held in memory up to ``memory_bytes`` in all; beyond that they are written
 to the node's run directory (``spill_dir``) and read back when fetched. Results never shared
 (the worker died before its TaskResult reached the master, a master that never came back) go
@@ -25,8 +33,8 @@ after ``UNSHARED_TTL_S``. Everything here runs on the node's hub thread: no lock
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +53,7 @@ HOLD = b"h"
 SHARE_WAIT_S = 10.0  # a fetch that came before the master's share waits this long for it
 UNSHARED_TTL_S = 600.0
 MAX_WAITING = 16  # fetches parked per result before its share (any key may ask: bounded)
+MAX_LOCAL_FILES = 256  # results moved into memory files at once (each holds a descriptor)
 MEMORY_BYTES = 1 << 30  # results held in memory, in all; the rest goes to disk
 
 
@@ -60,6 +69,8 @@ class _Held:
     data: bytes | None  # None: spilled to ``path``
     path: str = ""
     owner: str = ""  # set by the master's ShareResult
+    nonce: str = ""  # in the name of its spilled file or memory file
+    fd: int = -1  # its memory file, once a local client asked for it
 
 
 @dataclass
@@ -67,6 +78,7 @@ class _Waiting:
     routing: bytes
     key: str
     deadline: float
+    local: bool
 
 
 class ResultStore:
@@ -84,7 +96,9 @@ class ResultStore:
         self.held: dict[str, _Held] = {}
         self.waiting: dict[str, list[_Waiting]] = {}
         self.in_memory = 0
+        self.local_files = 0
         self.now = 0.0
+        self.boot_id = boot_id()
         self.log = log.bind(role="node", node_id=node_id)
 
     def add_to(self, hub: Hub) -> None:
@@ -137,7 +151,7 @@ class ResultStore:
                     return True
                 entry.owner = owner
                 for waiting in self.waiting.pop(task_id, []):
-                    self._answer(hub, waiting.routing, waiting.key, task_id)
+                    self._answer(hub, waiting.routing, waiting.key, task_id, waiting.local)
             case m.DropResults(task_ids=task_ids):
                 for task_id in task_ids:
                     self._drop(task_id)
@@ -165,9 +179,9 @@ class ResultStore:
             waiting = self.waiting.setdefault(msg.task_id, [])
             if len(waiting) < MAX_WAITING:
                 waiting.append(_Waiting(routing, key.decode(errors="replace"),
-                                        self.now + SHARE_WAIT_S))
+                                        self.now + SHARE_WAIT_S, self._local(msg)))
                 return
-        self._answer(hub, routing, key.decode(errors="replace"), msg.task_id)
+        self._answer(hub, routing, key.decode(errors="replace"), msg.task_id, self._local(msg))
 
     def tick(self, hub: Hub, now: float) -> None:
         self.now = now
@@ -179,7 +193,12 @@ class ResultStore:
                 del self.waiting[task_id]
             else:
                 self.waiting[task_id] = [w for w in waiting if w.deadline > now]
-        stale = [t for t, e in self.held.items() if not e.owner and now - e.since > UNSHARED_TTL_S]
+        stale = []
+        for task_id, entry in self.held.items():
+            if not entry.since:  # held before the first tick: its clock starts now
+                entry.since = now
+            elif not entry.owner and now - entry.since > UNSHARED_TTL_S:
+                stale.append(task_id)
         for task_id in stale:
             self.log.info("result_dropped", task_id=task_id, why="never claimed by the master")
             self._drop(task_id)
@@ -190,7 +209,10 @@ class ResultStore:
 
     # --- inside -------------------------------------------------------------
 
-    def _answer(self, hub: Hub, routing: bytes, key: str, task_id: str) -> None:
+    def _local(self, msg: m.FetchResult) -> bool:
+        return bool(self.boot_id) and msg.boot_id == self.boot_id and msg.uid == os.getuid()
+
+    def _answer(self, hub: Hub, routing: bytes, key: str, task_id: str, local: bool) -> None:
         entry = self.held.get(task_id)
         if entry is None or entry.owner != key:
             # The same answer for another's result as for none: nothing to learn by probing.
@@ -198,13 +220,17 @@ class ResultStore:
                                                  "this key (fetched and delivered already, or "
                                                  "the node restarted)")
             return
+        if local and (path := self._as_file(task_id, entry)):
+            self.log.debug("result_sent", task_id=task_id, size=entry.size, path=path)
+            hub.send_now(RESULTS, [routing, m.encode(m.ResultData(task_id, entry.size, path,
+                                                                  entry.nonce))])
+            return
         data = entry.data
         if data is None:
             try:
-                with open(entry.path, "rb") as f:
-                    data = f.read()
+                data = self._read(entry)
             except OSError as exc:
-                self._missing(hub, routing, task_id, f"its spilled copy is unreadable: {exc}")
+                self._missing(hub, routing, task_id, f"its copy is unreadable: {exc}")
                 return
         self.log.debug("result_sent", task_id=task_id, size=entry.size)
         hub.send_now(RESULTS, [routing, m.encode(m.ResultData(task_id, entry.size)), data])
@@ -213,11 +239,54 @@ class ResultStore:
     def _missing(hub: Hub, routing: bytes, task_id: str, reason: str) -> None:
         hub.send_now(RESULTS, [routing, m.encode(m.ResultMissing(task_id, reason))])
 
+    def _as_file(self, task_id: str, entry: _Held) -> str:
+        """A file a local client may read the result from: its spilled copy, or a memory file
+        it moves into (its bytes leave the heap); "" when none can be had."""
+        if entry.path:
+            return entry.path
+        if entry.fd < 0:
+            if self.local_files >= MAX_LOCAL_FILES or not hasattr(os, "memfd_create"):
+                return ""
+            assert entry.data is not None
+            nonce = secrets.token_hex(8)
+            try:
+                fd = os.memfd_create(f"pydra-result-{nonce}", os.MFD_CLOEXEC)
+            except OSError as exc:
+                self.log.warning("memory_file_refused", task_id=task_id, error=str(exc))
+                return ""
+            try:
+                with memoryview(entry.data) as view:
+                    written = 0
+                    while written < len(view):
+                        written += os.write(fd, view[written:])
+            except OSError as exc:
+                os.close(fd)
+                self.log.warning("memory_file_refused", task_id=task_id, error=str(exc))
+                return ""
+            entry.fd, entry.nonce, entry.data = fd, nonce, None
+            self.in_memory -= entry.size
+            self.local_files += 1
+        return f"/proc/{os.getpid()}/fd/{entry.fd}"
+
+    @staticmethod
+    def _read(entry: _Held) -> bytes:
+        if entry.fd >= 0:
+            parts, at = [], 0
+            while at < entry.size:  # (a single read stops at 2 GiB)
+                part = os.pread(entry.fd, min(entry.size - at, 1 << 30), at)
+                if not part:
+                    raise OSError(f"its memory file ends at {at} of {entry.size} bytes")
+                parts.append(part)
+                at += len(part)
+            return b"".join(parts) if len(parts) != 1 else parts[0]
+        with open(entry.path, "rb") as f:
+            return f.read()
+
     def _spill(self, task_id: str, entry: _Held) -> None:
         assert entry.data is not None
         os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
-        name = hashlib.sha256(task_id.encode()).hexdigest()[:32]
-        path = os.path.join(self.spill_dir, name)
+        nonce = secrets.token_hex(8)
+        path = os.path.join(self.spill_dir, f"result-{nonce}")
         try:
             with open(path, "wb") as f:
                 f.write(entry.data)
@@ -225,7 +294,7 @@ class ResultStore:
             self.log.warning("result_spill_failed", task_id=task_id, size=entry.size, error=str(exc))
             self.in_memory += entry.size
             return
-        entry.data, entry.path = None, path
+        entry.data, entry.path, entry.nonce = None, path, nonce
         self.log.info("result_spilled", task_id=task_id, size=entry.size, path=path,
                       in_memory=self.in_memory)
 
@@ -235,6 +304,18 @@ class ResultStore:
             return
         if entry.data is not None:
             self.in_memory -= entry.size
+        elif entry.fd >= 0:
+            os.close(entry.fd)
+            self.local_files -= 1
         elif entry.path:
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
+
+
+def boot_id() -> str:
+    """This kernel's boot id (Linux): two processes that see the same one share a host."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -16,6 +16,7 @@ import zmq
 
 from actors import Client, LocalCluster, ParallelTask, Task, Unit
 from actors import messages as m
+from actors.client import BOOT_ID
 from actors.client import Client as ClientClass
 from actors.errors import ResultTooLarge
 from actors.serialize import loads
@@ -199,13 +200,36 @@ def test_only_the_tasks_owner_may_fetch_its_result_from_the_node(
             request = m.encode(m.FetchResult(task_id))
             answer = fetch(*stranger, b"\xc1 not msgpack", m.encode(m.Heartbeat()), request)
             assert isinstance(m.decode(answer[0]), m.ResultMissing)
+            here = m.encode(m.FetchResult(task_id, BOOT_ID, os.getuid()))  # the node's host
+            assert isinstance(m.decode(fetch(*stranger, here)[0]), m.ResultMissing)
             owner = load_keypair(cl.keys_dir, "client")
             answer = fetch(owner.public, owner.secret, request)
             assert m.decode(answer[0]) == m.ResultData(task_id, held.size)
             _, data = loads(answer[1])
             assert data == pattern(3, 2 * MIB)
+            # On the node's host with its uid: a file to read, whose name holds the nonce.
+            local = m.decode(fetch(owner.public, owner.secret, here)[0])
+            assert isinstance(local, m.ResultData) and local.path and local.nonce
+            assert local.nonce in os.readlink(local.path)
+            with open(local.path, "rb") as f:
+                _, data = loads(f.read())
+            assert data == pattern(3, 2 * MIB)
+            # ... and the bytes over the network once more, from that file.
+            _, data = loads(fetch(owner.public, owner.secret, request)[1])
+            assert data == pattern(3, 2 * MIB)
     finally:
         context.term()
+
+
+def test_a_client_on_another_host_fetches_the_bytes_over_the_network(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("actors.client.BOOT_ID", "another-host")
+    with LocalCluster(workers=1) as cl, Client(cl) as client:
+        client.wait_for_workers(1)
+        futures = [client.submit(BigResult, seed, 3 * MIB) for seed in range(3)]
+        for seed, fut in enumerate(futures):
+            assert fut.result(60)[1] == pattern(seed, 3 * MIB)
 
 
 def test_results_beyond_the_nodes_memory_wait_on_disk_and_come_back_exact(
