@@ -14,6 +14,7 @@ import concurrent.futures
 import hashlib
 import html
 import itertools
+import mmap
 import os
 import queue
 import threading
@@ -21,7 +22,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -46,7 +47,7 @@ from actors.errors import (
     UnknownTask,
 )
 from actors.functions import check_function_arguments, function_task
-from actors.serialize import dumps, dumps_task_class, loads, rebuild_exception
+from actors.serialize import dumps, dumps_task_class, loads, loads_parts, rebuild_exception
 from actors.task import Task, check_arguments
 from actors.waiting import as_completed, gather  # noqa: F401 (as_completed: its old home)
 from transport import ClientCurve, Hub, load_keypair, load_public_key
@@ -108,7 +109,7 @@ class Future:
         self._kind = kind  # "task" or "parallel"
         self._status = _QUEUED
         self._done = _DoneFlag(client._futures_done)
-        self._payload: m.TaskDone | m.TaskErred | None = None
+        self._payload: m.TaskDone | m.TaskErred | _Parts | None = None
         self._callbacks: list[Callable[[Future], None]] = []
         self._lock = threading.Lock()
         self._progress: tuple[int, int | None] = (0, None)
@@ -170,6 +171,8 @@ class Future:
         payload = self._payload
         if isinstance(payload, m.TaskErred):
             raise self._exception_of(payload)
+        if isinstance(payload, _Parts):
+            return payload.value()
         assert isinstance(payload, m.TaskDone)
         return loads(payload.result)
 
@@ -287,7 +290,7 @@ class Future:
         where = f"task {self.name} {self.task_id}" + (f", unit {err.unit}" if err.unit else "")
         return rebuild_exception(err.error, err.type_name, err.message, err.traceback, where)
 
-    def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | None,
+    def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | _Parts | None,
                 error: BaseException | None = None) -> None:
         with self._lock:
             if self._done.is_set():
@@ -305,18 +308,60 @@ class Future:
                 log.exception("future_callback_failed", task_id=self.task_id)
 
 
-def _read_local(msg: m.ResultData, size: int) -> bytes | None:
+def _read_local(msg: m.ResultData, size: int) -> list[bytes | memoryview] | None:
     """A held result from the file its node named, if it is the node's (its name holds the
-    nonce: not a file another namespace shows at that path) and whole; else None."""
+    nonce: not a file another namespace shows at that path) and whole; else None. One pickle
+    is read; a pickle and its buffers are mapped, copy-on-write: its arrays use the pages."""
     try:
         target = os.readlink(msg.path) if msg.path.startswith("/proc/") else msg.path
         if not msg.nonce or f"result-{msg.nonce}" not in target:
             return None
         with open(msg.path, "rb") as f:
-            data = f.read(size + 1)
-    except OSError:
+            if not msg.lengths:
+                data = f.read(size + 1)
+                return [data] if len(data) == size else None
+            if os.fstat(f.fileno()).st_size != size or sum(msg.lengths) != size:
+                return None
+            mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
         return None
-    return data if len(data) == size else None
+    return _split([memoryview(mapped)], msg.lengths, size)
+
+
+def _split(frames: Sequence[bytes | memoryview], lengths: list[int],
+           size: int) -> list[bytes | memoryview] | None:
+    """A result's parts: the frames as they came (one per part), or one frame cut at
+    ``lengths``; None when the sizes do not add up."""
+    if sum(len(f) for f in frames) != size or (lengths and sum(lengths) != size):
+        return None
+    if len(frames) == max(1, len(lengths)):
+        return list(frames) if not lengths or [len(f) for f in frames] == lengths else None
+    if len(frames) != 1:
+        return None
+    view = memoryview(frames[0])
+    cuts = list(itertools.accumulate(lengths, initial=0))
+    return [view[a:b] for a, b in itertools.pairwise(cuts)]
+
+
+class _Parts:
+    """A result that came as a pickle and out-of-band buffers: loaded once, at the first
+    ``result()`` (its arrays use the buffers as they came, not a copy), then kept."""
+
+    __slots__ = ("task_id", "_parts", "_value", "_loaded", "_lock")
+
+    def __init__(self, task_id: str, parts: list[bytes | memoryview]) -> None:
+        self.task_id = task_id
+        self._parts = parts
+        self._value: Any = None
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def value(self) -> Any:
+        with self._lock:
+            if not self._loaded:
+                self._value = loads_parts(self._parts)
+                self._loaded, self._parts = True, []
+            return self._value
 
 
 def _boot_id() -> str:
@@ -753,23 +798,31 @@ class Client:
         if isinstance(msg, m.ResultMissing):
             self._fetch_failed(msg.task_id, held, msg.reason)
         elif msg.path:
-            data = _read_local(msg, held.size)
-            if data is None:  # not ours to read after all: the bytes, over the network
+            parts = _read_local(msg, held.size)
+            if parts is None:  # not ours to read after all: the bytes, over the network
                 self._fetching[msg.task_id] = fetching
                 self._hub.send_now(RESULTS_PREFIX + held.address,
                                    [m.encode(m.FetchResult(msg.task_id))])
             else:
-                self._fetched(msg.task_id, data)
-        elif len(frames) != 2 or len(frames[1]) != held.size:
-            self._fetch_failed(msg.task_id, held, f"expected {held.size} bytes, got "
-                                                  f"{sum(len(f) for f in frames[1:])}")
+                self._fetched(msg.task_id, parts)
         else:
-            self._fetched(msg.task_id, frames[1])
+            parts = _split(frames[1:], msg.lengths, held.size)
+            if parts is None:
+                self._fetch_failed(msg.task_id, held, f"expected {held.size} bytes in "
+                                                      f"{len(msg.lengths) or 1} part(s), got "
+                                                      f"{[len(f) for f in frames[1:]]}")
+            else:
+                if len(parts) > 1:  # buffers users may write to, as arrays made here allow
+                    parts = [parts[0], *(memoryview(bytearray(p)) for p in parts[1:])]
+                self._fetched(msg.task_id, parts)
 
-    def _fetched(self, task_id: str, data: bytes) -> None:
+    def _fetched(self, task_id: str, parts: list[bytes | memoryview]) -> None:
         self._ended(task_id)
         if (fut := self._futures.get(task_id)) is not None:
-            fut._finish(_DONE, m.TaskDone(task_id, data))
+            if len(parts) == 1 and isinstance(parts[0], bytes):
+                fut._finish(_DONE, m.TaskDone(task_id, parts[0]))
+            else:
+                fut._finish(_DONE, _Parts(task_id, parts))
             fut._show_output(waiting=False)
 
     def _fetch_failed(self, task_id: str, held: m.ResultAt, reason: str) -> None:

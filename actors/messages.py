@@ -509,14 +509,16 @@ class FetchResult(Message, frozen=True):
 
 
 class ResultData(Message, frozen=True):
-    """node -> client: the result of ``task_id`` follows in the next frame (``size`` bytes);
-    or, for a client on the node's host with its uid, it is in the file ``path``, whose name
-    holds ``nonce`` (so that a path seen from another pid or mount namespace is not trusted)."""
+    """node -> client: the result of ``task_id`` follows (``size`` bytes: one frame, or one
+    frame per part of ``lengths``); or, for a client on the node's host with its uid, it is in
+    the file ``path`` (its parts end to end), whose name holds ``nonce`` (so that a path seen
+    from another pid or mount namespace is not trusted)."""
 
     task_id: str
     size: int
     path: str = ""
     nonce: str = ""
+    lengths: list[int] = []  # a pickle and its out-of-band buffers: their sizes, in order
 
 
 class ResultMissing(Message, frozen=True):

@@ -607,7 +607,7 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             task_ends.from_worker(frames[0], frames[2])
         hub.relay(MASTER, out)
     elif ((data is not None and len(frames) == 5 and data.from_worker(hub, frames[0], frames[1:]))
-          or (results is not None and len(frames) == 4
+          or (results is not None and len(frames) >= 4
               and results.from_worker(frames[0], frames[1:]))):
         pass
     elif len(frames) == 3 and frames[1] == b"n":

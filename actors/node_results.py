@@ -4,10 +4,11 @@ A plain Task's result (or a ParallelTask's reduced result) larger than ``INLINE_
 does not travel worker -> node -> master -> client. The worker hands it to its node, the master
 learns only where it is and its size, and the client fetches it from the node directly:
 
-    worker -> node     [worker, b"h", task_id, payload]       (before its TaskResult, held=True)
+    worker -> node     [worker, b"h", task_id, *parts]        (before its TaskResult, held=True)
     master -> node     ShareResult(task_id, worker, owner)     once the master took the result
     client -> node     [key, routing, FetchResult]             on the node's "results" ROUTER
-    node -> client     [routing, ResultData, payload] | [routing, ResultMissing]
+    node -> client     [routing, ResultData, *parts] | [routing, ResultData(path)]
+                       | [routing, ResultMissing]
     master -> node     DropResults(task_ids)                   delivered, or the client is gone
 
 The results socket admits every CURVE key (``ServerCurve.any_key``): what a key may fetch is
@@ -66,7 +67,8 @@ class _Held:
     worker: str
     size: int
     since: float
-    data: bytes | None  # None: spilled to ``path``
+    data: list[bytes] | None  # its parts; None: in the file ``path`` or the memory file ``fd``
+    lengths: list[int]  # of its parts, in order: the file holds them end to end
     path: str = ""
     owner: str = ""  # set by the master's ShareResult
     nonce: str = ""  # in the name of its spilled file or memory file
@@ -119,8 +121,9 @@ class ResultStore:
     # --- from the worker, the master and clients ---------------------------
 
     def from_worker(self, worker: bytes, frames: list[bytes]) -> bool:
-        """``[b"h", task_id, payload]``: a worker leaves its task's result here."""
-        if len(frames) != 3 or frames[0] != HOLD:
+        """``[b"h", task_id, *parts]``: a worker leaves its task's result here (one pickle, or
+        a pickle and its out-of-band buffers: ``serialize.dumps_result_parts``)."""
+        if len(frames) < 3 or frames[0] != HOLD:
             return False
         task_id = frames[1].decode(errors="replace")
         name = worker.decode(errors="replace")
@@ -129,15 +132,16 @@ class ResultStore:
                              why="not a task this worker holds" if task_id not in self.held
                              else "already held")
             return True
-        payload = frames[2]
-        entry = _Held(name, len(payload), self.now, payload)
-        if self.in_memory + len(payload) > self.memory_bytes:
+        parts = frames[2:]
+        lengths = [len(part) for part in parts]
+        entry = _Held(name, sum(lengths), self.now, parts, lengths)
+        if self.in_memory + entry.size > self.memory_bytes:
             self._spill(task_id, entry)
         else:
-            self.in_memory += len(payload)
+            self.in_memory += entry.size
         self.held[task_id] = entry
-        self.log.debug("result_held", task_id=task_id, worker_id=name, size=len(payload),
-                       on_disk=entry.data is None)
+        self.log.debug("result_held", task_id=task_id, worker_id=name, size=entry.size,
+                       parts=len(parts), on_disk=entry.data is None)
         return True
 
     def from_master(self, hub: Hub, msg: m.Message) -> bool:
@@ -220,20 +224,22 @@ class ResultStore:
                                                  "this key (fetched and delivered already, or "
                                                  "the node restarted)")
             return
+        lengths = entry.lengths if len(entry.lengths) > 1 else []
         if local and (path := self._as_file(task_id, entry)):
             self.log.debug("result_sent", task_id=task_id, size=entry.size, path=path)
             hub.send_now(RESULTS, [routing, m.encode(m.ResultData(task_id, entry.size, path,
-                                                                  entry.nonce))])
+                                                                  entry.nonce, lengths))])
             return
-        data = entry.data
-        if data is None:
+        parts = entry.data
+        if parts is None:
             try:
-                data = self._read(entry)
+                parts = [self._read(entry)]
             except OSError as exc:
                 self._missing(hub, routing, task_id, f"its copy is unreadable: {exc}")
                 return
         self.log.debug("result_sent", task_id=task_id, size=entry.size)
-        hub.send_now(RESULTS, [routing, m.encode(m.ResultData(task_id, entry.size)), data])
+        hub.send_now(RESULTS, [routing, m.encode(m.ResultData(task_id, entry.size,
+                                                              lengths=lengths)), *parts])
 
     @staticmethod
     def _missing(hub: Hub, routing: bytes, task_id: str, reason: str) -> None:
@@ -255,10 +261,7 @@ class ResultStore:
                 self.log.warning("memory_file_refused", task_id=task_id, error=str(exc))
                 return ""
             try:
-                with memoryview(entry.data) as view:
-                    written = 0
-                    while written < len(view):
-                        written += os.write(fd, view[written:])
+                _write_all(fd, entry.data)
             except OSError as exc:
                 os.close(fd)
                 self.log.warning("memory_file_refused", task_id=task_id, error=str(exc))
@@ -288,8 +291,11 @@ class ResultStore:
         nonce = secrets.token_hex(8)
         path = os.path.join(self.spill_dir, f"result-{nonce}")
         try:
-            with open(path, "wb") as f:
-                f.write(entry.data)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, entry.data)
+            finally:
+                os.close(fd)
         except OSError as exc:  # a full disk: keep it in memory rather than lose it
             self.log.warning("result_spill_failed", task_id=task_id, size=entry.size, error=str(exc))
             self.in_memory += entry.size
@@ -310,6 +316,14 @@ class ResultStore:
         elif entry.path:
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    for part in parts:
+        with memoryview(part) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
 
 
 def boot_id() -> str:

@@ -16,6 +16,7 @@ import sys
 import sysconfig
 import traceback
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -56,6 +57,34 @@ def dumps_result(value: Any, task: str, unit: str = "") -> bytes:
         return dumps(value)
     except Exception as exc:
         raise not_serializable(value, exc, task, unit) from None
+
+
+def dumps_result_parts(value: Any, task: str) -> list[bytes | memoryview]:
+    """``dumps_result`` as ``[pickle, *buffers]``: the protocol-5 buffers of the value (NumPy
+    arrays, ``pickle.PickleBuffer``) out of band, not copied into the pickle; ``[pickle]``
+    alone when it has none (then the same bytes as ``dumps_result``). ``loads_parts`` reads it."""
+    views: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            views.append(buffer.raw())
+        except BufferError:  # not contiguous: it goes in the pickle
+            return True
+        return False
+
+    try:
+        if _is_plain(value):
+            header = pickle.dumps(value, protocol=5, buffer_callback=out_of_band)
+        else:
+            header = cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band)
+    except Exception as exc:
+        raise not_serializable(value, exc, task) from None
+    return [header, *views]
+
+
+def loads_parts(parts: Sequence[bytes | memoryview]) -> Any:
+    """The value of ``dumps_result_parts`` output; its arrays use the buffers given, uncopied."""
+    return pickle.loads(parts[0], buffers=parts[1:])
 
 
 def not_serializable(value: Any, exc: Exception, task: str,

@@ -18,6 +18,7 @@ A user's ``Task`` or ``ParallelTask`` (``task.py``) is a plain object. What runs
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -31,7 +32,14 @@ import structlog
 
 from actors import messages as m
 from actors import task_output
-from actors.serialize import describe_failure, dumps, dumps_result, is_fatal, loads
+from actors.serialize import (
+    describe_failure,
+    dumps,
+    dumps_result,
+    dumps_result_parts,
+    is_fatal,
+    loads,
+)
 from actors.shell import simple_inbox
 from actors.task import ParallelTask, Task, Unit
 from actors.unit_runner import Gather
@@ -43,7 +51,16 @@ LOOKAHEAD = 4096
 #: Units per UnitsSliced message.
 SLICE_BATCH = 512
 
-Emit = Callable[[m.Message], None]
+@dataclass(frozen=True)
+class HeldParts:
+    """A task's result as a pickle and out-of-band buffers (``dumps_result_parts``), for the
+    worker to hand to its node before the ``TaskResult`` that says it is held there."""
+
+    task_id: str
+    parts: list[bytes | memoryview]
+
+
+Emit = Callable[[m.Message | HeldParts], None]
 
 
 def host_instance(cls: type[Task]) -> Task:
@@ -112,6 +129,7 @@ class Gathered:
 class Finished:
     outcome: m.UnitOutcome
     elapsed: float = 0.0
+    parts: list[bytes | memoryview] | None = None  # the result out of band (outcome held)
 
 
 @dataclass
@@ -167,7 +185,9 @@ class Runtime:
             case Gathered(data=data):
                 self.results.update(data)
                 self._in_executor(self._call_reduce)
-            case Finished(outcome=outcome, elapsed=elapsed):
+            case Finished(outcome=outcome, elapsed=elapsed, parts=parts):
+                if parts is not None:
+                    self.emit(HeldParts(self.task.task_id, parts))
                 self.emit(m.TaskResult(self.task.task_id, outcome, elapsed))
             case _:
                 raise TypeError(f"task runtime got an unknown message: {message!r}")
@@ -226,7 +246,7 @@ class Runtime:
         self.results.clear()
         task_output.enter(task.task_id, "reduce")
         try:
-            return Finished(_outcome(self._name, lambda: task.reduce(ordered)))
+            return _finished(self._name, lambda: task.reduce(ordered))
         finally:
             task_output.leave()
 
@@ -234,11 +254,11 @@ class Runtime:
         start = time.perf_counter()
         task_output.enter(self.task.task_id, "work")
         try:
-            outcome = _outcome(self._name,
-                               lambda: self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs))
+            done = _finished(self._name,
+                             lambda: self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs))
         finally:
             task_output.leave()
-        return Finished(outcome, time.perf_counter() - start)
+        return dataclasses.replace(done, elapsed=time.perf_counter() - start)
 
     @property
     def _name(self) -> str:
@@ -296,10 +316,20 @@ class _Executor:
 _EXECUTOR: _Executor | None = None
 
 
-def _outcome(name: str, call: Callable[[], Any]) -> m.UnitOutcome:
-    """What came of the driver's own code (``work``, ``reduce``), by the index -1."""
+def _finished(name: str, call: Callable[[], Any]) -> Finished:
+    """What came of ``work`` or ``reduce``: a result with out-of-band buffers (NumPy arrays)
+    larger than ``INLINE_RESULT_BYTES`` stays in parts, uncopied, for the worker's node to hold;
+    any other result is one pickle, as ``_outcome`` makes it."""
     try:
-        return m.UnitOutcome(-1, True, dumps_result(call(), name))
+        value = call()
+        parts = dumps_result_parts(value, name)
+        size = sum(len(part) for part in parts)
+        if len(parts) > 1 and size > m.INLINE_RESULT_BYTES:
+            return Finished(m.UnitOutcome(-1, True, b"", held=True, size=size), parts=parts)
+        data = parts[0] if len(parts) == 1 else dumps_result(value, name)
+        assert isinstance(data, bytes)
+        return Finished(m.UnitOutcome(-1, True, data))
     except BaseException as exc:
         payload, type_name, message, text = describe_failure(exc)
-        return m.UnitOutcome(-1, False, payload, type_name, message, text, fatal=is_fatal(exc))
+        return Finished(m.UnitOutcome(-1, False, payload, type_name, message, text,
+                                      fatal=is_fatal(exc)))

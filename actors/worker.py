@@ -56,6 +56,7 @@ from actors.task import ParallelTask, Task, check_arguments
 from actors.task_host import (
     Begin,
     Finished,
+    HeldParts,
     Runtime,
     UnitResults,
     begin_instance,
@@ -76,9 +77,9 @@ HOLD_RESULT = b"h"  # [b"h", task_id, payload]: a large result, for the node to 
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A message the task instance wants sent to the master."""
+    """A message the task instance wants sent to the master (or a result for the node)."""
 
-    message: m.Message
+    message: m.Message | HeldParts
 
 
 @dataclass(frozen=True)
@@ -233,11 +234,16 @@ class Worker(Shell):
             case _:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
 
-    def _to_master(self, msg: m.Message) -> None:
+    def _to_master(self, msg: m.Message | HeldParts) -> None:
         """Send what a task or its units produced; what their code printed or logged goes first,
         so that a client has a task's output before its result."""
         for out in task_output.drain():
             self.send(NODE, TO_MASTER, message=out)
+        if isinstance(msg, HeldParts):  # a large result in parts: for our node to hold
+            # (memoryviews of the result's arrays: ZeroMQ sends any buffer, uncopied)
+            parts: list[Any] = list(msg.parts)
+            self.send(NODE, HOLD_RESULT, msg.task_id.encode(), frames=parts)
+            return
         if (isinstance(msg, m.TaskResult) and msg.outcome.ok
                 and len(msg.outcome.value) > m.INLINE_RESULT_BYTES):
             # Large: it waits on our node for the client, and the master learns only where.

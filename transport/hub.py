@@ -448,13 +448,14 @@ class Hub:
         else:
             key, route = (name, b""), frames[:-1]
         body = frames[-1]
+        size = len(body) if len(route) < 2 else len(body) + sum(map(len, route))
         items = self._pending.get(key)
         if items is None:
             self._pending[key] = [(route, body)]
-            self._pending_bytes[key] = len(body)
+            self._pending_bytes[key] = size
         else:
             items.append((route, body))
-            self._pending_bytes[key] += len(body)
+            self._pending_bytes[key] += size
             if len(items) >= _BATCH_ITEMS or self._pending_bytes[key] >= _BATCH_BYTES:
                 self._send_pending(key, self._pending.pop(key))
 
@@ -478,7 +479,9 @@ class Hub:
     def _send(name: bytes, sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:
             # A large body goes without a copy: ZeroMQ reads it from the bytes object itself.
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < _ZERO_COPY_BYTES)
+            sock.send_multipart(frames, zmq.NOBLOCK,
+                                copy=len(frames) < 3 and len(frames[-1]) < _ZERO_COPY_BYTES
+                                or max(map(len, frames)) < _ZERO_COPY_BYTES)
             return True
         except zmq.ZMQError as exc:
             # A peer that left (EHOSTUNREACH: a client that said Bye, a worker gone; expected,
