@@ -656,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     add_containment_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure(args.log_format)
+    if args.worker_spill:  # for the workers (forked or spawned: they keep ACTORS_* variables)
+        os.environ["ACTORS_WORKER_SPILL"] = str(args.worker_spill)
     if args.workers < 1:
         log.error("bad_arguments", error="--workers must be at least 1")
         return 2
@@ -792,6 +794,11 @@ def add_containment_arguments(parser: argparse.ArgumentParser) -> None:
                        default=os.environ.get("ACTORS_WORKER_MEMORY") or None,
                        help="data (heap) each worker process may allocate, e.g. 2G; beyond it "
                             "the task fails with MemoryError (default: no limit)")
+    group.add_argument("--worker-spill", type=parse_size, metavar="SIZE",
+                       default=os.environ.get("ACTORS_WORKER_SPILL") or None,
+                       help="results each worker holds in memory (kept for other units or the "
+                            "driver's reduce) before it writes the rest to its scratch disk "
+                            "(default: 60%% of --worker-memory, else of a quarter of the host's)")
     group.add_argument("--worker-open-files", type=int, default=contain.DEFAULT_OPEN_FILES,
                        help="open files per worker process")
     group.add_argument("--worker-processes", type=int, default=contain.DEFAULT_PROCESSES,

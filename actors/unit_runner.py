@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -99,13 +99,17 @@ class UnitRunner:
 
     def __init__(self, worker_id: str, send_master: SendMaster, send_frames: SendFrames,
                  submit: Submit, tell: Callable[[Any], None],
-                 clock: Callable[[], float] = time.time, validate: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, validate: bool = False,
+                 data: MutableMapping[str, bytes] | None = None) -> None:
         self.worker_id = worker_id
         # One execution slot for the process's one executor thread: a run the thread has not
         # begun stays ``ready`` here, where the scheduler can still steal it for an idle worker.
         # (A cancelled execution keeps the slot until it reports; its result is dropped, as the
         # state machine says for cancelled keys.)
-        self.state = WorkerState(nthreads=EXECUTION_SLOTS, validate_after_handle=validate)
+        # ``data``: where held results live (a SpillBuffer: in memory up to a target, the rest
+        # on this worker's scratch disk).
+        self.state = WorkerState(nthreads=EXECUTION_SLOTS, validate_after_handle=validate,
+                                 data=data)
         self.runs: dict[str, _Run] = {}
         self.outcomes: dict[str, tuple[list[m.UnitOutcome], float]] = {}  # key -> (them, seconds)
         # A dependency's key -> (task, unit index): what a Missing report names, never parsed

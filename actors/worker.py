@@ -27,6 +27,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from actors.core.worker_slot import (
 from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
+from actors.spill import SpillBuffer, spill_target
 from actors.task import ParallelTask, Task, check_arguments
 from actors.task_host import (
     Begin,
@@ -131,6 +133,7 @@ class Worker(Shell):
             submit=run_in_executor,
             tell=self.actor_ref.tell,
             validate=self.validate,
+            data=SpillBuffer(os.path.join(tempfile.gettempdir(), "held"), spill_target()),
         )
         self.send(NODE, TO_NODE, message=m.Hello(role="worker", peer_id=self.worker_id,
                                                  protocol=m.PROTOCOL_VERSION, version=__version__,

@@ -291,3 +291,14 @@ def test_a_result_too_large_for_the_worker_fails_its_task_clearly_and_the_worker
 class WorkerPid(Task):
     def work(self) -> int:
         return os.getpid()
+
+
+def test_a_worker_past_its_spill_target_writes_held_results_to_disk_and_the_result_is_exact(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    n = 24
+    with LocalCluster(workers=2, worker_spill="1M", log_level="info") as cl, Client(cl) as c:
+        c.wait_for_workers(2)
+        assert c.submit(LargeUnits, n, 400_000).result(60) == list(range(n))
+    err = capfd.readouterr().err
+    assert "results_spilled" in err, err[-2000:]

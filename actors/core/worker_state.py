@@ -104,7 +104,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -222,6 +222,7 @@ class WorkerState:
         story_limit: int = 10_000,
         transition_limit: int = 100,
         validate_after_handle: bool = False,
+        data: MutableMapping[str, bytes] | None = None,
     ) -> None:
         if nthreads < 1 or max_fetches < 1:
             raise ValueError("nthreads and max_fetches must be at least 1")
@@ -232,7 +233,9 @@ class WorkerState:
         self.transition_limit = transition_limit
         self.validate_after_handle = validate_after_handle
         self.units: dict[str, Unit] = {}
-        self.data: dict[str, bytes] = {}  # the data of every key in memory, and only those
+        # The data of every key in memory, and only those: a dict, or the shell's mapping that
+        # spills to disk (actors/spill.py): "memory" is this worker's, wherever the bytes are.
+        self.data: MutableMapping[str, bytes] = {} if data is None else data
         self.busy_peers: set[str] = set()  # peers that answered PeerBusy and are not due yet
         self._story: deque[StoryEntry] = deque(maxlen=story_limit)
         self._arrivals = 0
