@@ -1,4 +1,4 @@
-"""Giving memory back to the system after a backlog drained.
+"""Giving memory back to the system after a backlog drained; sealed memory files.
 
 A master that held 10^5 queued tasks keeps, once they are done, the high-water mark: CPython's
 dicts never shrink their tables when entries are deleted, and glibc's allocator keeps freed
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
+import secrets
 from typing import Any
 
 _libc: Any = None
@@ -52,3 +54,31 @@ def usage(pid: int) -> tuple[float, int] | None:
         return None
     # after "(comm)": state is field 3, so utime (14) and stime (15) are at 11 and 12 here
     return (int(fields[11]) + int(fields[12])) / _TICKS, resident * _PAGE
+
+
+#: What a memory file handed to another process is sealed against: once sealed it can never
+#: change, so a reader's mapping cannot lose its pages under it (SIGBUS) or see other bytes.
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def sealed_file(parts: list[Any], prefix: str) -> tuple[int, str] | None:
+    """``parts`` (buffers) end to end in a new memory file (Linux ``memfd``) named
+    ``<prefix>-<nonce> ``, sealed; (descriptor, nonce), or None where that cannot be had."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    nonce = secrets.token_hex(8)
+    try:
+        fd = os.memfd_create(f"{prefix}-{nonce}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        return None
+    try:
+        for part in parts:
+            with memoryview(part) as view, view.cast("B") as raw:
+                written = 0
+                while written < len(raw):
+                    written += os.write(fd, raw[written:])
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd, nonce

@@ -492,6 +492,26 @@ class ShareResult(Message, frozen=True):
     owner: str
 
 
+class HeldFile(Message, frozen=True):
+    """worker -> node: the result of ``task_id`` is in my memory file ``fd`` (sealed: it can no
+    longer change; its name holds ``nonce``), its parts end to end (``lengths``). Take your own
+    descriptor of it, and say so (``HeldFileTaken``) before I send the TaskResult."""
+
+    task_id: str
+    fd: int
+    nonce: str
+    lengths: list[int]
+
+
+class HeldFileTaken(Message, frozen=True):
+    """node -> worker: the node holds the result file (``ok``), or could not take it
+    (``reason``): then send the bytes."""
+
+    task_id: str
+    ok: bool
+    reason: str = ""
+
+
 class DropResults(Message, frozen=True):
     """master -> node: these tasks' results were delivered (or their client is gone)."""
 
@@ -667,6 +687,8 @@ AnyMessage = (
     | WhoHas
     | PeerGone
     | ShareResult
+    | HeldFile
+    | HeldFileTaken
     | DropResults
     | FetchResult
     | ResultData

@@ -43,7 +43,7 @@ from actors.errors import ActorsError, MalformedMessage
 from actors.launch import master_arg, stop_on_signals
 from actors.master_gate import MasterGate
 from actors.node_data import DataPlane
-from actors.node_results import RESULTS, ResultStore
+from actors.node_results import HOLD_FILE, RESULTS, ResultStore
 from actors.prefork import Forked, fork_workers, worker_args, worker_env
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import TaskSyncClient, WorkerGone
@@ -106,8 +106,11 @@ class Node(Shell):
     def __init__(self, hub: Hub, config: NodeConfig, on_fatal: Any = None,
                  task_sync: pykka.ActorRef[Any] | None = None,
                  forked: list[Forked] | None = None,
-                 task_ends: TaskEnds | None = None, gate: MasterGate | None = None) -> None:
+                 task_ends: TaskEnds | None = None, gate: MasterGate | None = None,
+                 pids: dict[str, int] | None = None) -> None:
         super().__init__(hub)
+        # worker id -> pid, for the hub thread's result store (a dict's get and set are atomic)
+        self.pids = pids if pids is not None else {}
         self.task_ends = task_ends or TaskEnds()
         self.gate = gate or MasterGate()
         self.reported: set[str] = set()  # busy workers our last Hello reported: the master decides
@@ -337,6 +340,7 @@ class Node(Shell):
                                          name=f"reaper-{worker.pid}", daemon=True)
         worker.reaper.start()
         self.workers[worker.worker_id] = worker
+        self.pids[worker.worker_id] = worker.pid
         self.log.debug("worker_spawned", worker_id=worker.worker_id, pid=worker.pid,
                        forked=worker.popen is None)
 
@@ -354,6 +358,7 @@ class Node(Shell):
 
     def _exited(self, event: ProcessExited) -> None:
         worker = self.workers.pop(event.worker_id, None)
+        self.pids.pop(event.worker_id, None)
         if worker is None:
             return
         self.task_ends.forget(event.worker_id.encode())
@@ -610,6 +615,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
           or (results is not None and len(frames) >= 4
               and results.from_worker(frames[0], frames[1:]))):
         pass
+    elif results is not None and len(frames) == 3 and frames[1] == HOLD_FILE:
+        results.from_worker_file(hub, frames[0], frames[2])
     elif len(frames) == 3 and frames[1] == b"n":
         msg = m.decode(frames[2])
         tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
@@ -730,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
             tell_if_alive(ref, Tick(now))
 
     task_ends = TaskEnds()
+    worker_pids: dict[str, int] = {}  # the Node actor keeps it; the result store reads it
     gate = MasterGate(log=log.bind(role="node", node_id=node_id))
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
@@ -741,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         return give_up(forked)
     data.add_to(hub, os.path.join(keys, "node.key"))
     results = ResultStore(node_id, pair, data.host, os.path.join(run_dir, "results"), task_ends,
-                          args.results_memory)
+                          args.results_memory, worker_pids)
     results.add_to(hub)
     # Workers of other uids connect to the ipc socket through their group: it is made 0770.
     umask = os.umask(0o007) if containment.group is not None else None
@@ -767,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sync_ref = TaskSyncClient.start(hub, os.path.abspath(args.cache or os.path.join(run_dir, "cache")),
                                     grace_s=args.package_grace)
-    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends, gate)
+    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends, gate, worker_pids)
     started.set()
     stop.wait()
     try:

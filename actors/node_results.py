@@ -5,6 +5,8 @@ does not travel worker -> node -> master -> client. The worker hands it to its n
 learns only where it is and its size, and the client fetches it from the node directly:
 
     worker -> node     [worker, b"h", task_id, *parts]        (before its TaskResult, held=True)
+                       or [worker, b"f", HeldFile]: in a sealed memory file of the worker's,
+                       which the node opens through /proc and answers (HeldFileTaken) first
     master -> node     ShareResult(task_id, worker, owner)     once the master took the result
     client -> node     [key, routing, FetchResult]             on the node's "results" ROUTER
     node -> client     [routing, ResultData, *parts] | [routing, ResultData(path)]
@@ -34,8 +36,10 @@ after ``UNSHARED_TTL_S``. Everything here runs on the node's hub thread: no lock
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +47,8 @@ import structlog
 
 from actors import messages as m
 from actors.errors import MalformedMessage
+from actors.memory import SEALS
+from actors.node_data import WORKERS
 from transport import Hub
 from transport.hub import ServerCurve
 from transport.keys import KeyPair
@@ -51,6 +57,10 @@ log = structlog.get_logger("actors.node")
 
 RESULTS = "results"
 HOLD = b"h"
+HOLD_FILE = b"f"
+# A worker's result file must be sealed (memory.SEALS): it cannot change once handed over (a
+# file that shrank under a client's mapping would kill the client with SIGBUS).
+SEALED = SEALS
 SHARE_WAIT_S = 10.0  # a fetch that came before the master's share waits this long for it
 UNSHARED_TTL_S = 600.0
 MAX_WAITING = 16  # fetches parked per result before its share (any key may ask: bounded)
@@ -87,13 +97,15 @@ class ResultStore:
     """See the module docstring. ``tasks`` says which tasks a worker holds (``TaskEnds``)."""
 
     def __init__(self, node_id: str, pair: KeyPair, host: str, spill_dir: str, tasks: Holds,
-                 memory_bytes: int = MEMORY_BYTES) -> None:
+                 memory_bytes: int = MEMORY_BYTES,
+                 pids: Mapping[str, int] | None = None) -> None:
         self.node_id = node_id
         self.pair = pair
         self.host = host
         self.spill_dir = spill_dir
         self.tasks = tasks
         self.memory_bytes = memory_bytes
+        self.pids = pids if pids is not None else {}  # worker id -> pid (the Node keeps it)
         self.address = ""
         self.held: dict[str, _Held] = {}
         self.waiting: dict[str, list[_Waiting]] = {}
@@ -135,14 +147,66 @@ class ResultStore:
         parts = frames[2:]
         lengths = [len(part) for part in parts]
         entry = _Held(name, sum(lengths), self.now, parts, lengths)
-        if self.in_memory + entry.size > self.memory_bytes:
+        self.in_memory += entry.size
+        if self.in_memory > self.memory_bytes:
             self._spill(task_id, entry)
-        else:
-            self.in_memory += entry.size
         self.held[task_id] = entry
         self.log.debug("result_held", task_id=task_id, worker_id=name, size=entry.size,
                        parts=len(parts), on_disk=entry.data is None)
         return True
+
+    def from_worker_file(self, hub: Hub, worker: bytes, body: bytes) -> None:
+        """``[b"f", HeldFile]``: a worker's result in its sealed memory file; answered at once."""
+        try:
+            msg = m.decode(body)
+        except MalformedMessage as exc:
+            self.log.warning("malformed_frame", source="worker", error=str(exc))
+            return
+        if not isinstance(msg, m.HeldFile):
+            self.log.warning("unexpected_message", source="worker", type=type(msg).__name__)
+            return
+        reason = self._take_file(worker, msg)
+        if reason:
+            self.log.info("result_file_refused", task_id=msg.task_id[:100], reason=reason,
+                          worker_id=worker.decode(errors="replace"))
+        hub.send_now(WORKERS, [worker, m.encode(m.HeldFileTaken(msg.task_id, not reason,
+                                                                reason))])
+
+    def _take_file(self, worker: bytes, msg: m.HeldFile) -> str:
+        """Our own descriptor of the worker's result file; why not, else ""."""
+        name = worker.decode(errors="replace")
+        if not self.tasks.holds(worker, msg.task_id) or msg.task_id in self.held:
+            return "not a task this worker holds, or held already"
+        if self.local_files >= MAX_LOCAL_FILES:
+            return f"{MAX_LOCAL_FILES} result files held already"
+        pid = self.pids.get(name)
+        size = sum(msg.lengths)
+        if pid is None or not msg.nonce or msg.fd < 0 or min(msg.lengths, default=0) < 0:
+            return "not a worker of this node, or a malformed hand-over"
+        path = f"/proc/{pid}/fd/{msg.fd}"
+        try:
+            if not os.readlink(path).startswith(f"/memfd:pydra-result-{msg.nonce} "):
+                return "not its result file"
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            return f"cannot open it: {exc}"
+        try:
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALED != SEALED:
+                raise ValueError("not sealed against change")
+            if os.fstat(fd).st_size != size:
+                raise ValueError(f"{os.fstat(fd).st_size} bytes, not {size}")
+        except (OSError, ValueError) as exc:
+            os.close(fd)
+            return str(exc)
+        entry = _Held(name, size, self.now, None, msg.lengths, fd=fd, nonce=msg.nonce)
+        self.local_files += 1
+        self.in_memory += size
+        self.held[msg.task_id] = entry
+        if self.in_memory > self.memory_bytes:
+            self._spill(msg.task_id, entry)
+        self.log.debug("result_held", task_id=msg.task_id, worker_id=name, size=size,
+                       parts=len(msg.lengths), in_file=True)
+        return ""
 
     def from_master(self, hub: Hub, msg: m.Message) -> bool:
         match msg:
@@ -266,8 +330,7 @@ class ResultStore:
                 os.close(fd)
                 self.log.warning("memory_file_refused", task_id=task_id, error=str(exc))
                 return ""
-            entry.fd, entry.nonce, entry.data = fd, nonce, None
-            self.in_memory -= entry.size
+            entry.fd, entry.nonce, entry.data = fd, nonce, None  # (still in memory)
             self.local_files += 1
         return f"/proc/{os.getpid()}/fd/{entry.fd}"
 
@@ -286,20 +349,27 @@ class ResultStore:
             return f.read()
 
     def _spill(self, task_id: str, entry: _Held) -> None:
-        assert entry.data is not None
-        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+        """From memory (its parts, or its memory file) to a file in the run directory."""
         nonce = secrets.token_hex(8)
         path = os.path.join(self.spill_dir, f"result-{nonce}")
         try:
+            os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+            parts = entry.data if entry.data is not None else [self._read(entry)]
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _write_all(fd, entry.data)
+                _write_all(fd, parts)
             finally:
                 os.close(fd)
         except OSError as exc:  # a full disk: keep it in memory rather than lose it
             self.log.warning("result_spill_failed", task_id=task_id, size=entry.size, error=str(exc))
-            self.in_memory += entry.size
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             return
+        if entry.fd >= 0:
+            os.close(entry.fd)
+            entry.fd = -1
+            self.local_files -= 1
+        self.in_memory -= entry.size
         entry.data, entry.path, entry.nonce = None, path, nonce
         self.log.info("result_spilled", task_id=task_id, size=entry.size, path=path,
                       in_memory=self.in_memory)
@@ -313,6 +383,7 @@ class ResultStore:
         elif entry.fd >= 0:
             os.close(entry.fd)
             self.local_files -= 1
+            self.in_memory -= entry.size
         elif entry.path:
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -50,6 +50,7 @@ from actors.core.worker_slot import (
     Slot,
     WorkerSlot,
 )
+from actors.memory import sealed_file
 from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
@@ -74,7 +75,18 @@ log = structlog.get_logger("actors.worker")
 NODE = "node"
 TO_MASTER = b"m"
 TO_NODE = b"n"
-HOLD_RESULT = b"h"  # [b"h", task_id, payload]: a large result, for the node to hold
+HOLD_RESULT = b"h"  # [b"h", task_id, *parts]: a large result, for the node to hold
+HOLD_FILE = b"f"  # [b"f", HeldFile]: a large result in a sealed memory file, for the node
+
+
+@dataclass
+class _HandOver:
+    """A result file offered to the node, until it answers: the descriptor is kept open (the
+    node opens the file through it), and the parts and what follows wait with it."""
+
+    fd: int
+    parts: list[Any]
+    after: list[m.Message] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,7 @@ class Worker(Shell):
         self.driver: pykka.ActorRef[Any] | None = None  # DRIVING: the driver's own actor
         # HOSTING: plain Tasks queued behind it and already handed to the executor, in order.
         self.lined_up: dict[str, Runtime] = {}
+        self.handing: dict[str, _HandOver] = {}  # result files offered to the node, unanswered
         self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
         self.runner: UnitRunner | None = None
         self.classes: dict[str, Any] = {}  # shipped code's hash -> class, for warm reuse
@@ -227,6 +240,8 @@ class Worker(Shell):
             case m.WorkerStoryRequest():
                 self.send(NODE, TO_MASTER,
                           message=m.WorkerStory(msg.task_id, self._runner.story(msg.task_id)))
+            case m.HeldFileTaken():
+                self._handed(msg)
             case m.DriverResults(results=results, held=held) if msg.task_id == task_id:
                 self._runner.results_arrived(msg)
                 self._to_task(UnitResults(results, held))
@@ -243,18 +258,44 @@ class Worker(Shell):
         for out in task_output.drain():
             self.send(NODE, TO_MASTER, message=out)
         if isinstance(msg, HeldParts):  # a large result in parts: for our node to hold
-            # (memoryviews of the result's arrays: ZeroMQ sends any buffer, uncopied)
-            parts: list[Any] = list(msg.parts)
-            self.send(NODE, HOLD_RESULT, msg.task_id.encode(), frames=parts)
+            self._hold(msg.task_id, list(msg.parts))
             return
         if (isinstance(msg, m.TaskResult) and msg.outcome.ok
                 and len(msg.outcome.value) > m.INLINE_RESULT_BYTES):
             # Large: it waits on our node for the client, and the master learns only where.
             value = msg.outcome.value
-            self.send(NODE, HOLD_RESULT, msg.task_id.encode(), frames=[value])
+            self._hold(msg.task_id, [value])
             msg = m.TaskResult(msg.task_id, m.UnitOutcome(
                 msg.outcome.index, True, b"", held=True, size=len(value)), msg.elapsed)
+        if isinstance(msg, m.TaskResult) and msg.task_id in self.handing:
+            self.handing[msg.task_id].after.append(msg)  # once the node has taken the result
+            return
         self.send(NODE, TO_MASTER, message=msg)
+
+    def _hold(self, task_id: str, parts: list[Any]) -> None:
+        """Hand our node a large result: in a sealed memory file it opens itself (one copy, and
+        none through the socket), or as frames (sent uncopied) where that cannot be had."""
+        made = sealed_file(parts, "pydra-result")
+        if made is None:
+            self.send(NODE, HOLD_RESULT, task_id.encode(), frames=parts)
+            return
+        fd, nonce = made
+        self.handing[task_id] = _HandOver(fd, parts)
+        lengths = [memoryview(part).nbytes for part in parts]
+        self.send(NODE, HOLD_FILE, message=m.HeldFile(task_id, fd, nonce, lengths))
+
+    def _handed(self, msg: m.HeldFileTaken) -> None:
+        """The node took the result file (or could not: then the bytes go); the TaskResult
+        that says it is held follows."""
+        handing = self.handing.pop(msg.task_id, None)
+        if handing is None:
+            return
+        os.close(handing.fd)
+        if not msg.ok:
+            self.log.info("result_file_refused", task_id=msg.task_id, reason=msg.reason)
+            self.send(NODE, HOLD_RESULT, msg.task_id.encode(), frames=handing.parts)
+        for after in handing.after:
+            self.send(NODE, TO_MASTER, message=after)
 
     def _to_task(self, message: Any) -> None:
         """Input for the current task instance (units to run, results to reduce)."""
