@@ -1,0 +1,70 @@
+"""The node's result store taking a worker's result file: only a sealed memory file of that
+worker's own, named with the nonce it said, of the size it said. Real memory files of this
+process stand for the worker's (the store opens them through /proc, as it would a worker's)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from actors import messages as m
+from actors.memory import sealed_file
+from actors.node import TaskEnds
+from actors.node_results import ResultStore
+from transport.keys import KeyPair
+
+WORKER = b"node-1/w1"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ResultStore]:
+    tasks = TaskEnds()
+    assign = m.encode(m.AssignTask(task_id="t1", name="T", kind="task", code=b"", args=b"",
+                                   driver=True))
+    tasks.from_master(WORKER, assign)
+    tasks.from_master(b"node-1/w9", assign)  # holds the task, but no pid of ours is known
+    held = ResultStore("node-1", KeyPair(b"", b""), "127.0.0.1", str(tmp_path), tasks,
+                       pids={WORKER.decode(): os.getpid()})
+    yield held
+    held.close()
+
+
+def offer(fd: int, nonce: str, lengths: list[int], task_id: str = "t1") -> m.HeldFile:
+    return m.HeldFile(task_id, fd, nonce, lengths)
+
+
+def test_a_sealed_memory_file_of_the_worker_is_taken_and_read_back_whole(store: ResultStore) -> None:
+    made = sealed_file([b"header", memoryview(bytearray(b"x" * 1000))], "pydra-result")
+    assert made is not None
+    fd, nonce = made
+    try:
+        assert store._take_file(WORKER, offer(fd, nonce, [6, 1000])) == ""
+    finally:
+        os.close(fd)  # the worker lets go; the store keeps its own descriptor
+    entry = store.held["t1"]
+    assert entry.lengths == [6, 1000] and store.in_memory == 1006
+    assert store._read(entry) == b"header" + b"x" * 1000
+
+
+def test_an_unsealed_file_another_name_or_size_or_task_is_refused(store: ResultStore) -> None:
+    unsealed = os.memfd_create("pydra-result-0123456789abcdef", os.MFD_CLOEXEC)
+    os.write(unsealed, b"data")
+    made = sealed_file([b"data"], "pydra-result")
+    assert made is not None
+    fd, nonce = made
+    try:
+        assert "sealed" in store._take_file(WORKER, offer(unsealed, "0123456789abcdef", [4]))
+        assert "not its result file" in store._take_file(WORKER, offer(fd, "f" * 16, [4]))
+        assert "bytes, not" in store._take_file(WORKER, offer(fd, nonce, [5]))
+        assert "not a task" in store._take_file(WORKER, offer(fd, nonce, [4], task_id="t2"))
+        assert "not a worker" in store._take_file(b"node-1/w9", offer(fd, nonce, [4]))
+        assert "malformed" in store._take_file(WORKER, offer(fd, nonce, [-1, 5]))
+        assert store.held == {} and store.in_memory == 0
+        assert store._take_file(WORKER, offer(fd, nonce, [4])) == ""  # the real one: taken
+        assert "held already" in store._take_file(WORKER, offer(fd, nonce, [4]))
+    finally:
+        os.close(unsealed)
+        os.close(fd)
