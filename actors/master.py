@@ -1097,10 +1097,11 @@ class Master(Shell):
                     self.stream.started(ins.worker_id, ins.task_id, ins.run_id, len(ins.units),
                                         self.now)
                 self._to_worker(ins.node_id, ins.worker_id,
-                                m.RunUnits(ins.task_id, ins.run_id, ins.units, ins.holders))
+                                m.RunUnits(ins.task_id, ins.run_id, ins.units, ins.holders,
+                                           ins.sizes))
             case ev.ForwardResults():
                 self._to_worker(ins.node_id, ins.worker_id,
-                                m.DriverResults(ins.task_id, ins.results, ins.held))
+                                m.DriverResults(ins.task_id, ins.results, ins.held, ins.sizes))
             case ev.RecordResults():
                 self.journal.record(ins.task_id, ins.results)
                 if self.journal.results_buffered > RESULTS_BUFFERED:
@@ -1113,7 +1114,7 @@ class Master(Shell):
                 self._to_worker(ins.node_id, ins.worker_id, m.PeerGone(ins.peer))
             case ev.TellHolders():
                 self._to_worker(ins.node_id, ins.worker_id,
-                                m.WhoHas(ins.task_id, ins.index, ins.holders))
+                                m.WhoHas(ins.task_id, ins.index, ins.holders, ins.size))
             case ev.Assign():
                 self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
                                driver=ins.driver)

@@ -434,6 +434,7 @@ class RunUnits(Message, frozen=True):
     run_id: int  # one run id for the batch; results come back with it
     units: list[UnitCall]
     holders: list[tuple[int, str, str]] = []  # (unit index, worker id, node data address)
+    sizes: dict[int, int] = {}  # of those results, in bytes, where known
 
 
 class ReleaseUnits(Message, frozen=True):
@@ -475,6 +476,7 @@ class WhoHas(Message, frozen=True):
     task_id: str
     index: int
     holders: list[tuple[str, str]]  # (worker id, node data address)
+    size: int = -1  # of that result, in bytes (-1: not known)
 
 
 class PeerGone(Message, frozen=True):
@@ -612,6 +614,7 @@ class DriverResults(Message, frozen=True):
     task_id: str
     results: list[tuple[int, bytes]]
     held: list[tuple[int, str, str]] = []
+    sizes: dict[int, int] = {}  # of the held results, in bytes, where known
 
 
 class TaskResult(Message, frozen=True):

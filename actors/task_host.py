@@ -118,6 +118,7 @@ class Begin:
 class UnitResults:
     results: list[tuple[int, bytes]]
     held: list[tuple[int, str, str]] = field(default_factory=list)
+    sizes: dict[int, int] = field(default_factory=dict)  # of the held results, where known
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class Runtime:
     exhausted: bool = False
     results: dict[int, bytes] = field(default_factory=dict)
     held: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (worker, address)
+    sizes: dict[int, int] = field(default_factory=dict)  # held result -> its bytes, where known
     depended_on: set[int] = field(default_factory=set)  # results that feed other units
     reducing: bool = False
 
@@ -177,10 +179,11 @@ class Runtime:
 
     def handle(self, message: Any) -> None:
         match message:
-            case UnitResults(results=results, held=held):
+            case UnitResults(results=results, held=held, sizes=sizes):
                 self.results.update(results)
                 for index, worker, address in held:
                     self.held[index] = (worker, address)
+                self.sizes.update(sizes)
                 self._slice_more()
             case Gathered(data=data):
                 self.results.update(data)
@@ -216,8 +219,9 @@ class Runtime:
             wanted = [(i, *self.held[i]) for i in sorted(self.held) if i not in self.depended_on]
             if wanted:
                 tell = self.tell
+                sizes = {i: self.sizes[i] for i, _, _ in wanted if i in self.sizes}
                 self.begin_msg.to_worker(Gather(self.task.task_id, wanted,
-                                                lambda data: tell(Gathered(data))))
+                                                lambda data: tell(Gathered(data)), sizes))
             else:
                 self._in_executor(self._call_reduce)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -87,6 +87,7 @@ class Gather:
     task_id: str
     holders: list[tuple[int, str, str]]
     reply: Callable[[dict[int, bytes]], None]
+    sizes: dict[int, int] = field(default_factory=dict)  # of the held results, where known
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ class UnitRunner:
         self.runs[key] = _Run(task_id, msg.run_id, tuple(msg.units), single)
         spec = ev.UnitSpec(key, task_id, b"", deps)
         holders = self._who_has(task_id, msg.holders)
-        self.feed(ev.ComputeUnit(spec, holders, stimulus_id=f"run{msg.run_id}", now=self._clock()))
+        self.feed(ev.ComputeUnit(spec, holders, _sizes(task_id, msg.sizes),
+                                 stimulus_id=f"run{msg.run_id}", now=self._clock()))
 
     def release(self, msg: m.ReleaseUnits) -> None:
         keys = [key for key, run in self.runs.items()
@@ -163,6 +165,7 @@ class UnitRunner:
             self.addresses[worker] = address
         self.feed(ev.WhoHasUpdate(unit_key(msg.task_id, msg.index),
                                   tuple(worker for worker, _ in msg.holders),
+                                  msg.size if msg.size >= 0 else None,
                                   stimulus_id="who-has", now=self._clock()))
 
     def peer_gone(self, peer: str) -> None:
@@ -234,7 +237,8 @@ class UnitRunner:
             self.dependencies[unit_key(msg.task_id, index)] = (msg.task_id, index)
         self.runs[key] = _Run(msg.task_id, -1, (), keep=True)
         self.feed(ev.ComputeUnit(ev.UnitSpec(key, msg.task_id, b"", deps), holders,
-                                 stimulus_id="gather", now=self._clock()))
+                                 _sizes(msg.task_id, msg.sizes), stimulus_id="gather",
+                                 now=self._clock()))
 
     def results_arrived(self, msg: m.DriverResults) -> None:
         """Results the driver got inline that its gather still waits to fetch (computed again
@@ -353,8 +357,10 @@ class UnitRunner:
             # of this worker, or fetched for a unit here): it is held here, not computed again.
             outcomes = [m.UnitOutcome(run.units[0].index, True, b"")]
         if run.keep and outcomes and outcomes[0].ok:
-            # The result stays here for the units that depend on it; the master learns where.
-            outcomes = [m.UnitOutcome(outcomes[0].index, True, b"", held=True)]
+            # The result stays here for the units that depend on it; the master learns where,
+            # and its size (so that those who fetch it can bound what is on its way).
+            size = self.state.units[key].nbytes if key in self.state.units else None
+            outcomes = [m.UnitOutcome(outcomes[0].index, True, b"", held=True, size=size or 0)]
         self._send_master(m.UnitsDone(run.task_id, run.run_id, outcomes, elapsed))
         if run.keep and outcomes and outcomes[0].ok:
             return []
@@ -385,6 +391,10 @@ class UnitRunner:
             return key
         return next((k for k, r in self.runs.items()
                      if r.task_id == task_id and r.run_id == run_id), None)
+
+
+def _sizes(task_id: str, sizes: dict[int, int]) -> dict[str, int]:
+    return {unit_key(task_id, index): size for index, size in sizes.items()}
 
 
 def _replies(items: list[tuple[str, bytes]],

@@ -242,9 +242,9 @@ class Worker(Shell):
                           message=m.WorkerStory(msg.task_id, self._runner.story(msg.task_id)))
             case m.HeldFileTaken():
                 self._handed(msg)
-            case m.DriverResults(results=results, held=held) if msg.task_id == task_id:
+            case m.DriverResults(results=results, held=held, sizes=sizes) if msg.task_id == task_id:
                 self._runner.results_arrived(msg)
-                self._to_task(UnitResults(results, held))
+                self._to_task(UnitResults(results, held, sizes))
             case m.ReleaseTask() if msg.task_id == task_id or msg.task_id in self.lined_up:
                 self._release(msg.task_id)
             case m.ReleaseTask():  # it never began here: it failed to load

@@ -945,7 +945,7 @@ def test_a_plain_units_large_result_held_on_its_worker_is_computed_again_if_that
             [UnitOutcome(index, True, b"", held=True, size=5_000_000), *rest], 0.01)
     assert [i for i in out if isinstance(i, ev.ForwardResults)] == [ev.ForwardResults(
         "n1", "w1", "t1", [(u.index, b"small") for u in on_w2.units[1:]],
-        [(index, "w2", "tcp://n2")])]
+        [(index, "w2", "tcp://n2")], {index: 5_000_000})]  # the driver learns its size too
     [record] = [i for i in out if isinstance(i, ev.RecordResults)]
     assert index not in [i for i, _, _ in record.results], "a held result was journaled"
     units_of = s.state.tasks["t1"].units

@@ -178,7 +178,10 @@ def test_a_kept_result_asked_for_again_is_reported_held_not_recomputed(
             if isinstance(msg, m.UnitsDone):
                 replies.append(msg)
     assert [r.run_id for r in replies] == [1, 2, 3]
-    assert all(r.outcomes == [m.UnitOutcome(7, True, b"", held=True)] for r in replies), replies
+    size = replies[0].outcomes[0].size  # the kept result's bytes, for those who fetch it
+    assert size > 0, replies
+    assert all(r.outcomes == [m.UnitOutcome(7, True, b"", held=True, size=size)]
+               for r in replies), replies
     node.send(m.WorkerStoryRequest("t1"))
     story = node.receive(10)
     assert isinstance(story, m.WorkerStory)

@@ -827,3 +827,25 @@ def test_a_key_in_flight_cannot_be_kept_and_nothing_changes(ws: WorkerState) -> 
     with pytest.raises(InvalidTransition):
         ws.handle(KeepResult("x", "t", b"x", stimulus_id="s2", now=2.0))
     assert states(ws) == before and ws.in_flight == {"x": "p1"}
+
+
+def test_a_transfer_stops_at_max_transfer_bytes_and_none_starts_past_max_flight_bytes() -> None:
+    ws = make_state(max_transfer_bytes=100, max_flight_bytes=100)
+    who_has = {"a": ("p1",), "b": ("p1",), "c": ("p1",), "x": ("p2",), "y": ("p3",)}
+    sizes = {"a": 60, "b": 40, "c": 30, "x": 70, "y": 10}
+    out = ws.handle(ComputeUnit(spec("t", *who_has), who_has, sizes, stimulus_id="s1", now=0.0))
+    # a + b fill p1's transfer (100 bytes): that is as much as may be on its way at once.
+    assert out == [Fetch(("a", "b"), "p1", stimulus_id="s1")]
+    # a arrived (40 on the way): x starts, from the free p2; c waits for p1, y for room.
+    assert ws.handle(fetched("s2", "a", "p1")) == [Fetch(("x",), "p2", stimulus_id="s2")]
+    assert ws.handle(fetched("s3", "b", "p1")) == [Fetch(("c",), "p1", stimulus_id="s3")]
+    assert ws.handle(fetched("s4", "c", "p1")) == [Fetch(("y",), "p3", stimulus_id="s4")]
+
+
+def test_a_key_larger_than_the_limits_still_goes_alone() -> None:
+    ws = make_state(max_transfer_bytes=10, max_flight_bytes=10)
+    who_has = {"big": ("p1",), "small": ("p1",)}
+    out = ws.handle(ComputeUnit(spec("t", "big", "small"), who_has, {"big": 1000, "small": 1},
+                                stimulus_id="s1", now=0.0))
+    assert out == [Fetch(("big",), "p1", stimulus_id="s1")]
+    assert ws.handle(fetched("s2", "big", "p1")) == [Fetch(("small",), "p1", stimulus_id="s2")]

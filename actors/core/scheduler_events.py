@@ -221,6 +221,7 @@ class Dispatch(Instruction):
     run_id: int
     units: list[UnitCall]
     holders: list[tuple[int, str, str]] = field(default_factory=list)  # index, worker, address
+    sizes: dict[int, int] = field(default_factory=dict)  # of the held inputs, where known
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ class TellHolders(Instruction):
     task_id: str
     index: int
     holders: list[tuple[str, str]]  # (worker, node data address)
+    size: int = -1  # of that result, in bytes (-1: not known)
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,7 @@ class ForwardResults(Instruction):
     task_id: str
     results: list[tuple[int, bytes]]
     held: list[tuple[int, str, str]] = field(default_factory=list)  # index, worker, address
+    sizes: dict[int, int] = field(default_factory=dict)  # of the held results, where known
 
 
 @dataclass(frozen=True)

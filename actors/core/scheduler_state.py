@@ -586,6 +586,8 @@ class SchedulerState:
             if outcome.held:
                 if index not in units.kept:  # a plain unit's result too large to go inline
                     undo.put(units.kept, index, unit)
+                if outcome.size > 0:
+                    undo.put(units.sizes, index, outcome.size)
                 self._held(task, index, worker)
                 held.append((index, worker.worker_id, self._address(worker)))
             else:
@@ -603,8 +605,9 @@ class SchedulerState:
                      per_unit if previous is None else 0.7 * previous + 0.3 * per_unit)
         if (forward or held) and task.driver is not None:
             driver = self.workers[task.driver]
-            self._out.append(
-                ForwardResults(driver.node_id, driver.worker_id, task.task_id, forward, held))
+            sizes = {i: units.sizes[i] for i, _, _ in held if i in units.sizes}
+            self._out.append(ForwardResults(driver.node_id, driver.worker_id, task.task_id,
+                                            forward, held, sizes))
         if record:
             self._out.append(RecordResults(task.task_id, record))
 
@@ -622,7 +625,8 @@ class SchedulerState:
         for asker_id in sorted(undo.pop(units.missing_for, index) or ()):
             asker = self.workers.get(asker_id)
             if asker is not None:
-                self._out.append(TellHolders(asker.node_id, asker_id, task.task_id, index, holders))
+                self._out.append(TellHolders(asker.node_id, asker_id, task.task_id, index, holders,
+                                             units.sizes.get(index, -1)))
 
     def _address(self, worker: WorkerRecord) -> str:
         return self.data_addresses.get(worker.node_id, "")
@@ -664,7 +668,8 @@ class SchedulerState:
         if holder is not None and holder.worker_id != event.worker_id:
             asker = self.workers[event.worker_id]
             self._out.append(TellHolders(asker.node_id, asker.worker_id, task.task_id, event.index,
-                                         [(holder.worker_id, self._address(holder))]))
+                                         [(holder.worker_id, self._address(holder))],
+                                         task.units.sizes.get(event.index, -1)))
             return
         askers = task.units.missing_for.get(event.index)
         if askers is None:
@@ -1157,10 +1162,11 @@ class SchedulerState:
         self._undo.call(_take_back, worker.in_flight, units)
         for unit in units:
             worker.in_flight[unit.index] = run_id
-        holders = [(dep, task.units.held[dep], self._address(self.workers[task.units.held[dep]]))
+        held, sizes = task.units.held, task.units.sizes
+        holders = [(dep, held[dep], self._address(self.workers[held[dep]]))
                    for unit in units for dep in unit.deps]
-        self._out.append(
-            Dispatch(worker.node_id, worker.worker_id, task.task_id, run_id, units, holders))
+        self._out.append(Dispatch(worker.node_id, worker.worker_id, task.task_id, run_id, units,
+                                  holders, {i: sizes[i] for i, _, _ in holders if i in sizes}))
 
     def _steal_for_idle(self, task: TaskRecord) -> None:
         """An idle worker of the task and nothing queued: ask a busy peer for a queued run.

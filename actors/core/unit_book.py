@@ -41,6 +41,7 @@ class UnitBook:
     blocked: dict[int, UnitCall] = field(default_factory=dict)  # open, waiting for dependencies
     kept: dict[int, UnitCall] = field(default_factory=dict)  # keep units, to recompute if lost
     held: dict[int, str] = field(default_factory=dict)  # finished keep unit -> its worker
+    sizes: dict[int, int] = field(default_factory=dict)  # held result -> its bytes (last known)
     dependents: dict[int, list[int]] = field(default_factory=dict)  # unit -> units it feeds
     missing_for: dict[int, set[str]] = field(default_factory=dict)  # unit -> workers asking
     done_count: int = 0

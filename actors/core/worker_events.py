@@ -84,6 +84,7 @@ class ComputeUnit(Event):
 
     spec: UnitSpec
     who_has: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    nbytes: Mapping[str, int] = field(default_factory=dict)  # dependencies' sizes, where known
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class WhoHasUpdate(Event):
 
     key: str
     holders: tuple[str, ...]
+    nbytes: int | None = None  # its size, where known
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,9 @@ Rules
  3. At most one execution or one transfer per key (``Unit.running``). Execute is emitted only
     while fewer than ``nthreads`` executions run; cancelled and resumed executions keep their
     thread until they report. At most one transfer per peer, ``max_fetches`` in all; a transfer
-    carries every key queued for fetch that its peer holds, up to ``max_transfer_keys``.
+    carries every key queued for fetch that its peer holds, up to ``max_transfer_keys`` and
+    ``max_transfer_bytes`` (one key at least), and no transfer starts while those running bring
+    ``max_flight_bytes`` or more (sizes as the scheduler said them: ``Unit.nbytes``).
  4. A hold-only dependency is fetched and kept only while a dependent waits or is ready; when the
     last such dependent starts executing (Execute carries its inputs), is released or stolen, the
     dependency is released and its data dropped. A released hold-only key that no unit depends on
@@ -218,6 +220,8 @@ class WorkerState:
         *,
         max_fetches: int = 4,
         max_transfer_keys: int = 100,
+        max_transfer_bytes: int = 64 << 20,
+        max_flight_bytes: int = 256 << 20,
         busy_retry_delay: float = 0.15,
         story_limit: int = 10_000,
         transition_limit: int = 100,
@@ -229,6 +233,8 @@ class WorkerState:
         self.nthreads = nthreads
         self.max_fetches = max_fetches
         self.max_transfer_keys = max_transfer_keys
+        self.max_transfer_bytes = max_transfer_bytes
+        self.max_flight_bytes = max_flight_bytes
         self.busy_retry_delay = busy_retry_delay
         self.transition_limit = transition_limit
         self.validate_after_handle = validate_after_handle
@@ -311,6 +317,8 @@ class WorkerState:
             case WhoHasUpdate():
                 unit = self.units.get(event.key)
                 recs = self._set_who_has(unit, event.holders) if unit else {}
+                if unit is not None and unit.nbytes is None and event.nbytes is not None:
+                    unit.nbytes = max(0, event.nbytes)
                 instructions = self._apply(recs, event)
             case PeerLost():
                 instructions = self._on_peer_lost(event)
@@ -341,6 +349,8 @@ class WorkerState:
             dep.dependents.add(spec.key)
             if dep_key in event.who_has:
                 recs.update(self._set_who_has(dep, event.who_has[dep_key]))
+            if dep.nbytes is None and dep_key in event.nbytes:
+                dep.nbytes = max(0, event.nbytes[dep_key])
         instructions: list[Instruction] = []
         if unit.state is MEMORY:  # we have it already (fetched, or the scheduler lost the news)
             unit.role = Role.COMPUTE
@@ -546,11 +556,15 @@ class WorkerState:
         peer = self._free_holder(self.units[key])
         assert peer is not None
         keys = [key]
+        size = self.units[key].nbytes or 0
+        room = min(self.max_transfer_bytes, self.max_flight_bytes - self._flight_bytes())
         for _, _, other in self._fetch_queue:
             if len(keys) >= self.max_transfer_keys:
                 break
-            if other != key and peer in self.units[other].who_has:
+            unit = self.units[other]
+            if other != key and peer in unit.who_has and size + (unit.nbytes or 0) <= room:
                 keys.append(other)
+                size += unit.nbytes or 0
         self._gathering = peer
         try:
             instructions = self._apply(dict.fromkeys(keys, FLIGHT), event)
@@ -754,9 +768,15 @@ class WorkerState:
         free = sorted(p for p in unit.who_has if p not in self.busy_peers and p not in self._transfers)
         return free[0] if free else None
 
+    def _flight_bytes(self) -> int:
+        """Bytes the running transfers bring, as far as their keys' sizes are known."""
+        return sum(self.units[key].nbytes or 0 for keys in self._transfers.values() for key in keys)
+
     def _next_fetch(self) -> str | None:
         if len(self._transfers) >= self.max_fetches:
             return None
+        if self._transfers and self._flight_bytes() >= self.max_flight_bytes:
+            return None  # enough on its way: the next transfer waits for one to end
         for _, _, key in self._fetch_queue:
             if self._free_holder(self.units[key]) is not None:
                 return key
