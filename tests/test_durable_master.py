@@ -288,3 +288,39 @@ def test_a_local_cluster_restarted_on_its_state_dir_delivers_a_result_its_client
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v", "-s"]))
+
+
+class BigBytes(Task):
+    def work(self, size):
+        return bytes(range(256)) * (size // 256)
+
+
+@pytest.mark.parametrize("restartable", [1], indirect=True)
+def test_a_large_result_waiting_on_its_node_is_delivered_after_the_master_is_killed(
+    restartable: Restartable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The master journals where a large result is, not its bytes; killed -9 before the client
+    fetched it, the next master tells the client again, and the node, which outlived the master,
+    still has it."""
+    from actors import messages as m
+    from actors.client import Client as ClientClass
+
+    ended: list[str] = []
+    monkeypatch.setattr(ClientClass, "_fetch",
+                        lambda self, done, held: ended.append(done.task_id))  # not yet
+    fut = restartable.client.submit(BigBytes, 3 << 20)
+    wait_until(lambda: ended, 60, "the task to end")
+    journal = tmp_path / "state" / "master.sqlite"
+
+    def journaled() -> bool:
+        with sqlite3.connect(journal) as db:
+            row = db.execute("select ended from tasks where task_id = ?", (fut.task_id,)).fetchone()
+        return bool(row and row[0] and isinstance(m.decode(row[0]), m.TaskDone))
+
+    wait_until(journaled, 30, "the task's end in the journal")
+    with sqlite3.connect(journal) as db:
+        [(end,)] = db.execute("select ended from tasks where task_id = ?", (fut.task_id,))
+    assert len(end) < 4096, "the journal holds the result's bytes, not where they are"
+    monkeypatch.undo()  # from now on the client fetches
+    restartable.restart()
+    assert result_or_logs(fut, 60, tmp_path) == bytes(range(256)) * ((3 << 20) // 256)
