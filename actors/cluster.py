@@ -71,6 +71,7 @@ class LocalCluster:
         worker_memory: str | None = None,
         results_memory: str | None = None,
         worker_spill: str | None = None,
+        worker_pause: str | None = None,
         state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """``log_level``: what the cluster's processes log to this process's stderr; by default
@@ -86,7 +87,9 @@ class LocalCluster:
         node keeps in memory, e.g. ``"512M"`` (default 1G); the rest waits on disk.
         ``worker_spill``: results each worker holds in memory for other units or the driver's
         reduce, e.g. ``"1G"``, before it writes the rest to its scratch disk (default: 60 % of
-        ``worker_memory``, else of a quarter of the host's memory).
+        ``worker_memory``, else of a quarter of the host's memory). ``worker_pause``: resident
+        memory past which a worker takes no new work (default: 80 % of ``worker_memory``;
+        without it, never).
         ``state_dir``: where the master keeps its journal; a cluster started again on the same
         folder (after a crash, or ``kill -9`` of its master) takes up its tasks where they
         were. By default a temporary folder, gone with the cluster."""
@@ -128,6 +131,8 @@ class LocalCluster:
             env["ACTORS_RESULTS_MEMORY"] = results_memory
         if worker_spill:
             env["ACTORS_WORKER_SPILL"] = worker_spill
+        if worker_pause:
+            env["ACTORS_WORKER_PAUSE"] = worker_pause
         try:
             if reserved is not None:
                 node = local_node_command(f"tcp://{reserved[2]}:{reserved[1]}", self.workers,

@@ -559,6 +559,12 @@ class Master(Shell):
                 if self.dashboard is not None:
                     self.stream.finished(worker_id, task_id, 0, 0.0, False, self.now)
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome))
+            case m.WorkerPaused(paused=paused, rss=rss, mark=mark):
+                cause = f"resident {rss >> 20} MiB, pause mark {mark >> 20} MiB"
+                (self.log.warning if paused else self.log.info)(
+                    "worker_paused" if paused else "worker_resumed", worker_id=worker_id,
+                    rss_mb=rss >> 20, mark_mb=mark >> 20)
+                self._apply(ev.WorkerPaused(self.now, worker_id, paused, cause))
             case m.StealReply(task_id=task_id, run_id=run_id, accepted=accepted):
                 self._apply(ev.StealAnswered(self.now, worker_id, task_id, run_id, accepted))
             case m.UnitsReleased(task_id=task_id, run_ids=run_ids):

@@ -298,6 +298,15 @@ class WorkerStats(Message, frozen=True):
     workers: list[tuple[str, float, int]]
 
 
+class WorkerPaused(Message, frozen=True):
+    """worker -> master: my memory is past my pause mark even with what I hold on disk (``paused``):
+    send me no new work until I say it fell back (``paused=False``)."""
+
+    paused: bool
+    rss: int  # resident bytes when it said so
+    mark: int  # the pause mark, bytes
+
+
 class KillWorker(Message, frozen=True):
     worker_id: str
     reason: str
@@ -677,6 +686,7 @@ AnyMessage = (
     | WorkerReady
     | WorkerExited
     | WorkerStats
+    | WorkerPaused
     | KillWorker
     | AssignTask
     | NeedCode

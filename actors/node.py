@@ -663,8 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     add_containment_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure(args.log_format)
-    if args.worker_spill:  # for the workers (forked or spawned: they keep ACTORS_* variables)
+    # For the workers (forked or spawned: they keep ACTORS_* variables).
+    if args.worker_spill:
         os.environ["ACTORS_WORKER_SPILL"] = str(args.worker_spill)
+    if args.worker_pause:
+        os.environ["ACTORS_WORKER_PAUSE"] = str(args.worker_pause)
     if args.workers < 1:
         log.error("bad_arguments", error="--workers must be at least 1")
         return 2
@@ -807,6 +810,11 @@ def add_containment_arguments(parser: argparse.ArgumentParser) -> None:
                        help="results each worker holds in memory (kept for other units or the "
                             "driver's reduce) before it writes the rest to its scratch disk "
                             "(default: 60%% of --worker-memory, else of a quarter of the host's)")
+    group.add_argument("--worker-pause", type=parse_size, metavar="SIZE",
+                       default=os.environ.get("ACTORS_WORKER_PAUSE") or None,
+                       help="resident memory past which a worker, once it has written what it "
+                            "holds to disk, takes no new work until it falls back (default: 80%% "
+                            "of --worker-memory; without a limit, never)")
     group.add_argument("--worker-open-files", type=int, default=contain.DEFAULT_OPEN_FILES,
                        help="open files per worker process")
     group.add_argument("--worker-processes", type=int, default=contain.DEFAULT_PROCESSES,

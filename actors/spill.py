@@ -6,8 +6,10 @@ bytes by key and never knows where they are. Past ``target`` bytes in memory, th
 recently used values are written to files in ``directory`` (the worker's private scratch
 folder) and read from there when asked for; a value larger than the target goes straight to
 disk. The reference is Dask's worker memory model (``distributed.worker.memory.target``, a
-``zict.Buffer`` of a dict and a file store): ours has the target and the spill, not the pause
-(docs/architecture.md, "Not yet").
+``zict.Buffer`` of a dict and a file store). Past a higher mark (``pause_mark``, only where
+the worker has a memory limit), the worker writes everything it holds to disk, gives freed
+memory back, and if it is still past the mark asks the master for no new work until it is
+back below (``WorkerPaused``): Dask's ``pause``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from actors.contain import parse_size
 log = structlog.get_logger("actors.worker")
 
 SPILL_FRACTION = 0.6  # of --worker-memory, or of a share of the host's memory, by default
+PAUSE_FRACTION = 0.8  # of --worker-memory: past it (resident), the worker takes no new work
+RESUME_FRACTION = 0.9  # of the pause mark: below it, work again
 HOST_SHARE = 0.25  # the share of the host's memory a worker without a limit may hold
 
 
@@ -43,6 +47,16 @@ def spill_target() -> int:
     except (ValueError, OSError):
         host = 8 << 30
     return int(host * HOST_SHARE * SPILL_FRACTION)
+
+
+def pause_mark() -> int:
+    """Resident bytes past which a worker takes no new work: ``$ACTORS_WORKER_PAUSE`` (the
+    node's ``--worker-pause``), else 80 % of its memory limit; 0 (never) without a limit."""
+    text = os.environ.get("ACTORS_WORKER_PAUSE")
+    if text:
+        return parse_size(text)
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    return 0 if soft == resource.RLIM_INFINITY else int(soft * PAUSE_FRACTION)
 
 
 class SpillBuffer(MutableMapping[str, bytes]):
@@ -100,6 +114,18 @@ class SpillBuffer(MutableMapping[str, bytes]):
     @property
     def slow_bytes(self) -> int:
         return sum(self.slow.values())
+
+    def spill_all(self) -> int:
+        """Everything held in memory to disk (the worker is past its pause mark); bytes moved."""
+        moved = 0
+        for key in list(self.fast):
+            data = self.fast[key]
+            if not self._write(key, data):
+                break
+            del self.fast[key]
+            self.fast_bytes -= len(data)
+            moved += len(data)
+        return moved
 
     # --- inside -------------------------------------------------------------
 

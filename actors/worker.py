@@ -37,7 +37,7 @@ import msgspec
 import pykka
 import structlog
 
-from actors import __version__, logs, task_output
+from actors import __version__, logs, memory, task_output
 from actors import messages as m
 from actors.core.worker_slot import (
     DRIVING,
@@ -54,7 +54,7 @@ from actors.memory import sealed_file
 from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
-from actors.spill import SpillBuffer, spill_target
+from actors.spill import RESUME_FRACTION, SpillBuffer, pause_mark, spill_target
 from actors.task import ParallelTask, Task, check_arguments
 from actors.task_host import (
     Begin,
@@ -122,6 +122,8 @@ class Worker(Shell):
         # HOSTING: plain Tasks queued behind it and already handed to the executor, in order.
         self.lined_up: dict[str, Runtime] = {}
         self.handing: dict[str, _HandOver] = {}  # result files offered to the node, unanswered
+        self.pause_mark = pause_mark()  # resident bytes past which we take no new work (0: none)
+        self.paused = False
         self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
         self.runner: UnitRunner | None = None
         self.classes: dict[str, Any] = {}  # shipped code's hash -> class, for warm reuse
@@ -195,6 +197,7 @@ class Worker(Shell):
                     self.log.warning("node_gone")
                     self._on_exit("node gone")
                 self._runner.tick()
+                self._check_memory()
             case _:
                 raise TypeError(f"worker got an unknown message: {message!r}")
 
@@ -271,6 +274,31 @@ class Worker(Shell):
             self.handing[msg.task_id].after.append(msg)  # once the node has taken the result
             return
         self.send(NODE, TO_MASTER, message=msg)
+
+    def _check_memory(self) -> None:
+        """Past the pause mark: what we hold goes to disk and freed memory back to the system;
+        still past it, the master sends us no new work until we are back below (the work
+        queued here goes on, or to idle peers that steal it)."""
+        mark = self.pause_mark
+        if not mark:
+            return
+        if self.paused:
+            memory.trim()
+        rss = memory.rss_bytes()
+        if not self.paused and rss > mark:
+            held = self._runner.state.data
+            moved = held.spill_all() if isinstance(held, SpillBuffer) else 0
+            memory.trim()
+            rss = memory.rss_bytes()
+            if rss > mark:
+                self.paused = True
+                self.log.warning("worker_paused", rss_mb=rss >> 20, mark_mb=mark >> 20,
+                                 spilled_mb=moved >> 20, task_id=self.slot.task_id)
+                self.send(NODE, TO_MASTER, message=m.WorkerPaused(True, rss, mark))
+        elif self.paused and rss < mark * RESUME_FRACTION:
+            self.paused = False
+            self.log.info("worker_resumed", rss_mb=rss >> 20, mark_mb=mark >> 20)
+            self.send(NODE, TO_MASTER, message=m.WorkerPaused(False, rss, mark))
 
     def _hold(self, task_id: str, parts: list[Any]) -> None:
         """Hand our node a large result: in a sealed memory file it opens itself (one copy, and

@@ -302,3 +302,42 @@ def test_a_worker_past_its_spill_target_writes_held_results_to_disk_and_the_resu
         assert c.submit(LargeUnits, n, 400_000).result(60) == list(range(n))
     err = capfd.readouterr().err
     assert "results_spilled" in err, err[-2000:]
+
+
+class Leaks(ParallelTask):
+    """Unit 0 keeps 200 MiB in its process for good (a leak, a cache) and lingers a moment."""
+
+    def get_work(self, n: int) -> Any:
+        yield from range(n)
+
+    def work_unit(self, i: int) -> int:
+        if i == 0:
+            import sys
+
+            sys._pydra_leak = bytearray(200 * MIB)  # type: ignore[attr-defined]
+            time.sleep(1.5)  # the worker's next memory check sees it while it runs
+        time.sleep(0.03)
+        return i
+
+    def reduce(self, results: list[int]) -> int:
+        return sum(results)
+
+
+class Leaked(Task):
+    def work(self, _: int) -> bool:
+        import sys
+
+        return hasattr(sys, "_pydra_leak")
+
+
+def test_a_worker_past_its_pause_mark_gets_no_new_work_and_is_replaced_once_idle() -> None:
+    n = 60
+    with LocalCluster(workers=2, worker_pause="150M") as cl, Client(cl) as c:
+        c.wait_for_workers(2)
+        fut = c.submit(Leaks, n)
+        assert fut.result(60) == sum(range(n))
+        story = fut.story()
+        assert any(e[2] == "paused" and "pause mark 150 MiB" in e[3] for e in story), story[-20:]
+        # Idle, and still past its mark: replaced by a fresh process, which has no leak.
+        wait_until(lambda: not any(f.result(30) for f in c.map(Leaked, range(6))), 60,
+                   "the paused worker to be replaced")

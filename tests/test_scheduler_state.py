@@ -954,3 +954,57 @@ def test_a_plain_units_large_result_held_on_its_worker_is_computed_again_if_that
     assert index in units_of.open_units and index not in units_of.held
     assert any(index in [u.index for u in d.units] for d in dispatches(out)) or any(
         u.index == index for u in units_of.pending), "the lost result is not queued again"
+
+
+def paused_helper() -> Harness:
+    """w1 drives a 40-unit task, w2 helps with two runs (one running, one queued), then pauses."""
+    s = two_workers()
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(40)), True)
+    assert len(set(s.state.workers["w2"].in_flight.values())) == 2
+    out = s(ev.WorkerPaused, "w2", True, "resident 900 MiB, pause mark 800 MiB")
+    assert s.state.workers["w2"].paused and dispatches(out) == []
+    assert ("worker w2", "running", "paused", "resident 900 MiB, pause mark 800 MiB") in [
+        e[:4] for e in s.state.story("t1")]
+    return s
+
+
+def finish_run(s: Harness, worker: str, run_id: int) -> list[ev.Instruction]:
+    done = [i for i, r in s.state.workers[worker].in_flight.items() if r == run_id]
+    return s(ev.UnitsFinished, worker, "t1", run_id, ok(*done), 0.001)
+
+
+def test_a_paused_worker_gets_no_new_runs_and_resumes() -> None:
+    s = paused_helper()
+    out = finish_run(s, "w2", min(s.state.workers["w2"].in_flight.values()))
+    assert "w2" not in [d.worker_id for d in dispatches(out)], "a paused worker got a run"
+    out = s(ev.WorkerPaused, "w2", False, "resident 100 MiB")
+    assert not s.state.workers["w2"].paused and not s.state.paused
+    assert ("worker w2", "paused", "running", "resident 100 MiB") in [
+        e[:4] for e in s.state.story("t1")]
+
+
+def test_a_paused_workers_queued_run_is_stolen_for_an_idle_peer() -> None:
+    s = paused_helper()
+    steals: list[ev.Steal] = []
+    for _ in range(100):  # w1 does all the rest; then w2's queued run is asked back for it
+        runs = sorted(set(s.state.workers["w1"].in_flight.values()))
+        if not runs:
+            break
+        out = finish_run(s, "w1", runs[0])
+        assert "w2" not in [d.worker_id for d in dispatches(out)], "a paused worker got a run"
+        steals += [i for i in out if isinstance(i, ev.Steal)]
+    assert [st.worker_id for st in steals] == ["w2"], steals
+
+
+def test_a_paused_worker_whose_task_ended_is_replaced() -> None:
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    submit(s, kind="task")
+    s(ev.WorkerPaused, "w1", True, "leaked")
+    out = s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"49"))
+    assert ev.KillWorker("n1", "w1", "idle, and still past its memory's pause mark") in out
+    assert "w1" not in s.state.workers and not s.state.paused
+    submit(s, "t2", kind="task")  # the next task waits for the replacement, not for w1
+    assert [i for i in s(ev.WorkerReady, "n1", "w2") if isinstance(i, ev.Assign)][0].worker_id == "w2"

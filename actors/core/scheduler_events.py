@@ -178,6 +178,15 @@ class TaskFinished(Event):
 
 
 @dataclass(frozen=True)
+class WorkerPaused(Event):
+    """A worker's memory passed its pause mark (``paused``), or fell back below it."""
+
+    worker_id: str
+    paused: bool
+    cause: str = ""
+
+
+@dataclass(frozen=True)
 class NewestVersion(Event):
     """A package's newest version changed: workers warm for an older one are retired."""
 

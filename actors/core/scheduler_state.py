@@ -145,6 +145,7 @@ from actors.core.scheduler_events import (
     UnitsSliced,
     WorkerAdopted,
     WorkerLost,
+    WorkerPaused,
     WorkerReady,
 )
 from actors.core.undo import Undo
@@ -239,6 +240,7 @@ class WorkerRecord:
     warm_for: WarmKey | None = None  # whose code this worker has run (None: clean)
     in_flight: dict[int, int] = field(default_factory=dict)  # unit index -> run id
     queued: deque[str] = field(default_factory=deque)  # plain Tasks to run after task_id
+    paused: bool = False  # past its memory's pause mark: no new work (WorkerPaused)
 
 
 # The workers of a task that has none: one shared, empty and frozen (an empty set costs a queued
@@ -298,6 +300,7 @@ class SchedulerState:
         self.restart_after_error = restart_after_error
         self.nodes: dict[str, set[str]] = {}
         self.data_addresses: dict[str, str] = {}  # node -> where peers fetch from it
+        self.paused: set[str] = set()  # workers past their memory's pause mark
         self.workers: dict[str, WorkerRecord] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.newest: dict[str, str | None] = {}  # package -> newest version
@@ -443,6 +446,8 @@ class SchedulerState:
                         self._drop_worker(worker.worker_id)
                         self._out.append(KillWorker(worker.node_id, worker.worker_id,
                                                     "warm for an old package version"))
+            case WorkerPaused():
+                self._paused(event)
             case Tick():
                 self._report_progress()
             case _:
@@ -968,6 +973,8 @@ class SchedulerState:
     # --- scheduling ---------------------------------------------------------
 
     def _schedule(self, now: float) -> None:
+        if self.paused:
+            self._replace_paused_idle()
         # A pass that lets a helper go (Sharing) hands it to the task that wanted it in the next
         # pass; each lets one go, so the workers bound the passes.
         for _ in range(len(self.workers) + 1):
@@ -1058,7 +1065,7 @@ class SchedulerState:
 
     def _idle_worker_for(self, warm_key: WarmKey) -> WorkerRecord | None:
         """A worker warm for this key, else a clean one."""
-        idle = [w for w in self.workers.values() if w.task_id is None]
+        idle = [w for w in self.workers.values() if w.task_id is None and not w.paused]
         for wanted in (warm_key, None):
             for worker in idle:
                 if worker.warm_for == wanted:
@@ -1083,7 +1090,7 @@ class SchedulerState:
         best: WorkerRecord | None = None
         for worker in self.workers.values():
             if (worker.warm_for == task.warm_key and worker.task_id is not None
-                    and len(worker.queued) < room
+                    and not worker.paused and len(worker.queued) < room
                     and self.tasks[worker.task_id].kind is TASK
                     and (best is None or len(worker.queued) < len(best.queued))):
                 best = worker
@@ -1138,7 +1145,7 @@ class SchedulerState:
             if not pending:
                 return
             worker = self.workers[worker_id]
-            room = depth - len(worker.in_flight)
+            room = 0 if worker.paused else depth - len(worker.in_flight)
             while pending and room > 0:
                 units: list[UnitCall] = []
                 undo.call(_put_back_first, pending, units)
@@ -1176,9 +1183,10 @@ class SchedulerState:
         if task.units.pending or task.units.steal_pending:
             return
         workers = [self.workers[w] for w in sorted(task.workers)]
-        if all(w.in_flight for w in workers):
-            return
-        for victim in sorted(workers, key=lambda w: -len(set(w.in_flight.values()))):
+        if all(w.in_flight or w.paused for w in workers):
+            return  # (a paused worker is idle, not for stealing: it may take no work)
+        # A paused worker's queued runs first: they would wait there for its memory to fall.
+        for victim in sorted(workers, key=lambda w: (not w.paused, -len(set(w.in_flight.values())))):
             runs = sorted(set(victim.in_flight.values()))[1:]
             candidates = [r for r in runs if r not in task.units.steals]
             if candidates:
@@ -1186,6 +1194,32 @@ class SchedulerState:
                 self._undo.set(task.units, "steal_pending", True)
                 self._out.append(Steal(victim.node_id, victim.worker_id, task.task_id, candidates[-1]))
                 return
+
+    def _paused(self, event: WorkerPaused) -> None:
+        """A worker past its memory's pause mark gets no new work until it says it is back
+        below; one that has no task is replaced (what keeps its memory up is nobody's)."""
+        worker = self.workers.get(event.worker_id)
+        if worker is None or worker.paused == event.paused:
+            return
+        self._undo.set(worker, "paused", event.paused)
+        (self._undo.add if event.paused else self._undo.discard)(self.paused, worker.worker_id)
+        if worker.task_id is not None:
+            task = self.tasks[worker.task_id]
+            self._note(task, f"worker {worker.worker_id}", "running" if event.paused else "paused",
+                       "paused" if event.paused else "running", event.cause, event.now)
+
+    def _replace_paused_idle(self) -> None:
+        """A paused worker whose task ended is replaced: what keeps its memory up is nobody's
+        any more (a leak, a cache of the task's), and a fresh process has none of it."""
+        for worker_id in sorted(self.paused):
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                self._undo.discard(self.paused, worker_id)
+            elif worker.task_id is None:
+                self._undo.discard(self.paused, worker_id)
+                self._drop_worker(worker_id)
+                self._out.append(KillWorker(worker.node_id, worker_id,
+                                            "idle, and still past its memory's pause mark"))
 
     # --- reporting ------------------------------------------------------------
 
@@ -1229,6 +1263,8 @@ class SchedulerState:
             assert worker_id in task.workers, f"{worker_id} not in {task.task_id}'s workers"
             for index in worker.in_flight:
                 assert index in task.units.open_units, f"{worker_id} runs closed unit {index}"
+        paused = {w for w, record in self.workers.items() if record.paused}
+        assert paused == self.paused, f"paused workers {paused} != {self.paused}"
         running = {t.task_id for t in self.tasks.values() if t.state is RUNNING}
         assert set(self._running) == running, "running index disagrees with task states"
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
