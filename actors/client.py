@@ -47,6 +47,7 @@ from actors.errors import (
     UnknownTask,
 )
 from actors.functions import check_function_arguments, function_task
+from actors.node_data import boot_id
 from actors.serialize import dumps, dumps_task_class, loads, loads_parts, rebuild_exception
 from actors.task import Task, check_arguments
 from actors.waiting import as_completed, gather  # noqa: F401 (as_completed: its old home)
@@ -364,15 +365,7 @@ class _Parts:
             return self._value
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-BOOT_ID = _boot_id()
+BOOT_ID = boot_id()
 
 
 def _settle(target: asyncio.Future[Any] | concurrent.futures.Future[Any], fut: Future) -> None:

@@ -185,6 +185,8 @@ class Master(Shell):
         # a result reported held, until the scheduler ends its task; one shared with its
         # client, until the client says it arrived (task -> node, client).
         self.result_ends: dict[str, tuple[str, str]] = {}
+        # Each node's data address and its endpoint for peers of its host (LocalPeers).
+        self.local_data: dict[str, tuple[str, str]] = {}
         self.leaving: dict[str, tuple[str, str, int]] = {}  # task -> node, worker, size
         self.delivering: dict[str, tuple[str, str]] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
@@ -442,6 +444,7 @@ class Master(Shell):
                                     peer_key)
         if hello.role == "node":
             self.result_ends[hello.peer_id] = (hello.results_address, key.decode(errors="replace"))
+            self.local_data[hello.peer_id] = (hello.data_address, hello.local_data)
             self._apply(ev.NodeJoined(self.now, hello.peer_id, hello.data_address))
             self._send_newest(peer_key)
         self.log.info(f"{hello.role}_joined", peer=hello.peer_id, host=hello.host, pid=hello.pid,
@@ -449,6 +452,19 @@ class Master(Shell):
         if hello.running:
             self._take_back(hello)
         self._welcome(peer_key, hello)
+        if hello.role == "node":
+            self._tell_local_peers()
+
+    def _tell_local_peers(self) -> None:
+        """Every node learns every node's data endpoints; those of its own host and uid it
+        reaches by ipc (node_data.DataPlane.local_peers)."""
+        peers = m.LocalPeers([ends for node, ends in sorted(self.local_data.items())
+                              if node in self.scheduler.nodes and ends[1]])
+        if not peers.peers:
+            return
+        for peer in self.peers.values():
+            if peer.role == "node":
+                self.send(SOCKET, peer.routing, message=peers)
 
     def _take_back(self, hello: m.Hello) -> None:
         """A node back after losing us: take back the tasks its workers still run where the

@@ -45,6 +45,8 @@ class Hello(Message, frozen=True, kw_only=True):
     slots: int = 0  # a node's worker count
     data_address: str = ""  # a node's endpoint for other nodes' data requests
     results_address: str = ""  # a node's endpoint for clients fetching results it holds
+    # A node's data endpoint for peer nodes on its host and uid: "<boot id> <uid> <ipc address>"
+    local_data: str = ""
     # A node back after losing its master: each worker that ran code, and the tasks it still
     # holds. The master takes back what it can (SchedulerState's WorkerAdopted), stops the rest.
     running: list[tuple[str, list[str]]] = []
@@ -494,6 +496,13 @@ class PeerGone(Message, frozen=True):
     worker_id: str
 
 
+class LocalPeers(Message, frozen=True):
+    """master -> node: every node's data address and its ``Hello.local_data``; a node reaches
+    those on its own host and uid by their ipc endpoint, not over encrypted TCP."""
+
+    peers: list[tuple[str, str]]
+
+
 class ShareResult(Message, frozen=True):
     """master -> node: the result a worker of yours left for ``task_id`` is the task's result;
     its owner (the submitting client's key, Z85) may fetch it."""
@@ -699,6 +708,7 @@ AnyMessage = (
     | Missing
     | WhoHas
     | PeerGone
+    | LocalPeers
     | ShareResult
     | HeldFile
     | HeldFileTaken

@@ -96,6 +96,7 @@ class NodeConfig:
     exit_with_parent: bool = False
     data_address: str = ""
     results_address: str = ""  # where clients fetch the large results this node holds
+    local_data: str = ""  # DataPlane.local_data(): its ipc endpoint for peer nodes of the host
     master: str = ""  # the master's address, for what a person reads in the log
     connect_timeout: float = 0.0  # seconds without a welcome before the node gives up (0: never)
     parent_pid: int = field(default_factory=os.getppid)
@@ -409,6 +410,7 @@ class Node(Shell):
                                           slots=self.config.slots,
                                           data_address=self.config.data_address,
                                           results_address=self.config.results_address,
+                                          local_data=self.config.local_data,
                                           running=running))
 
     def _fatal(self, reason: str) -> None:
@@ -593,6 +595,9 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
                     hub.relay(MASTER, held)
             if results is not None and results.from_master(hub, msg):
                 return
+            if data is not None and isinstance(msg, m.LocalPeers):
+                data.local_peers(msg)
+                return
             tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                           Inbound(b"", None, msg))
         elif len(frames) == 2:
@@ -768,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     config.data_address = data.address
     results.bound(hub, data.address)
     config.results_address = results.address
+    config.local_data = data.local_data()
     stop = threading.Event()
     fatal: list[str] = []
     stop_on_signals(stop)

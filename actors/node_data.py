@@ -13,7 +13,11 @@ reads only the routing frames, never the bodies:
     node -> requester   [requester, DataReply]
 
 Nodes talk to each other with CURVE, and a node's data socket admits only the nodes' key: a
-client key, which the master admits, cannot read results.
+client key, which the master admits, cannot read results. Nodes of one host and uid (the
+master passes every node's ``Hello.local_data`` on as ``LocalPeers``) use each other's ipc
+endpoint instead, ``data-local`` in a folder of the run directory only that uid may open: the
+same frames, without the encryption that caps a TCP stream far below what the host moves.
+Answers go back on the socket the request came in on (``origin_socket``).
 
 Task code runs in the workers and may send any frame: the node connects only to data addresses
 the master announced to its workers (``RunUnits``/``WhoHas``/``DriverResults`` holders, read from
@@ -41,11 +45,21 @@ from transport.keys import KeyPair
 log = structlog.get_logger("actors.node")
 
 DATA = "data"
+DATA_LOCAL = "data-local"  # the same, on ipc, for peer nodes of this host and uid (no CURVE)
 WORKERS = "workers"
 TO_PEER = b"p"
 REPLY = b"r"
 MAX_PEERS = 64  # open DEALERs to other nodes; the least recently used is closed first
 MAX_KNOWN = 4096  # announced addresses remembered, least recently announced forgotten first
+
+
+def boot_id() -> str:
+    """This kernel's boot id (Linux): two processes that see the same one share a host."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def data_host(master_address: str) -> str:
@@ -107,6 +121,10 @@ class DataPlane:
         self.known: OrderedDict[str, None] = OrderedDict()  # addresses the master announced
         self.peers: OrderedDict[str, None] = OrderedDict()  # open peer sockets, by last use
         self.refused = 0
+        self.local_dir = os.path.join(run_dir, "peers")  # 0700: only our uid reaches the socket
+        self.local_address = ""
+        self.local: dict[str, str] = {}  # peer data address -> its ipc endpoint (same host, uid)
+        self.origin_socket: dict[bytes, str] = {}  # asking node -> the socket it asked on
 
     def add_to(self, hub: Hub, node_public_key_file: str) -> None:
         """Before ``hub.start()``: bind the data ROUTER, admitting the nodes' key only."""
@@ -114,6 +132,31 @@ class DataPlane:
         shutil.copyfile(node_public_key_file, os.path.join(self.allowed_dir, "node.key"))
         hub.add_router(DATA, _url(self.host, self.port),
                        curve=ServerCurve(self.pair.public, self.pair.secret, self.allowed_dir))
+        # Peer nodes of this host and uid come in here: CURVE would only cost them (it caps a
+        # stream at a fraction of what the machine moves), and who can open this folder could
+        # read our keys anyway.
+        os.makedirs(self.local_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.local_dir, 0o700)
+        self.local_address = f"ipc://{os.path.join(self.local_dir, 'data')}"
+        hub.add_router(DATA_LOCAL, self.local_address)
+
+    def local_data(self) -> str:
+        """What the master passes on to peer nodes: who may use our ipc endpoint, and where
+        ("" with ``$ACTORS_DATA_LOCAL=0``: peers of this host then use TCP and CURVE too)."""
+        if os.environ.get("ACTORS_DATA_LOCAL") == "0":
+            return ""
+        boot = boot_id()
+        return f"{boot} {os.getuid()} {self.local_address}" if boot and self.local_address else ""
+
+    def local_peers(self, msg: m.LocalPeers) -> None:
+        """The master's list of nodes: those of our host and uid are reached by ipc."""
+        mine = self.local_data().split(" ", 2)[:2]
+        self.local = {}
+        for address, local in msg.peers:
+            parts = local.split(" ", 2)
+            if (len(parts) == 3 and parts[:2] == mine and address != self.address
+                    and parts[2].startswith("ipc://")):
+                self.local[address] = parts[2]
 
     def bound(self, hub: Hub) -> None:
         """After ``hub.start()``: the address to announce (a wildcard becomes this host's
@@ -181,9 +224,11 @@ class DataPlane:
 
     def from_network(self, hub: Hub, socket: str, frames: list[bytes]) -> bool:
         """Relay what the data ROUTER or a peer DEALER received; False for other sockets."""
-        if socket == DATA:
+        if socket in (DATA, DATA_LOCAL):
             if len(frames) == 3:
                 origin, holder, body = frames
+                if self.origin_socket.get(origin) != socket:
+                    self.origin_socket[origin] = socket  # its answers go back the same way
                 if not hub.send_now(WORKERS, [holder, origin, body]):
                     self._holder_gone(hub, holder, origin, body)
             else:
@@ -208,13 +253,12 @@ class DataPlane:
         reply = m.DataReply(request.task_id, holder.decode(errors="replace"), [], request.keys)
         self._reply(hub, origin, request.requester.encode(), m.encode(reply))
 
-    @staticmethod
-    def _reply(hub: Hub, origin: bytes, requester: bytes, body: bytes) -> None:
+    def _reply(self, hub: Hub, origin: bytes, requester: bytes, body: bytes) -> None:
         """Send a holder's answer back: to our own worker, or to the asking node."""
         if origin == b"":
             hub.send_now(WORKERS, [requester, body])
         else:
-            hub.send_now(DATA, [origin, requester, body])
+            hub.send_now(self.origin_socket.get(origin, DATA), [origin, requester, body])
 
     def _peer_socket(self, hub: Hub, address: str) -> str:
         name = f"peer:{address}"
@@ -225,8 +269,13 @@ class DataPlane:
             oldest, _ = self.peers.popitem(last=False)
             log.info("peer_node_closed", node_id=self.node_id, socket=oldest, why="least recently used")
             hub.close_now(oldest)
-        log.info("peer_node_connect", node_id=self.node_id, address=address)
-        hub.open_dealer_now(name, address, identity=self.node_id.encode(),
-                            curve=ClientCurve(self.pair.public, self.pair.secret, self.pair.public))
+        local = self.local.get(address)
+        log.info("peer_node_connect", node_id=self.node_id, address=address, local=local or "")
+        if local is not None:  # same host and uid: its ipc endpoint, no encryption
+            hub.open_dealer_now(name, local, identity=self.node_id.encode())
+        else:
+            hub.open_dealer_now(name, address, identity=self.node_id.encode(),
+                                curve=ClientCurve(self.pair.public, self.pair.secret,
+                                                  self.pair.public))
         self.peers[name] = None
         return name

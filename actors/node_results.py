@@ -48,7 +48,7 @@ import structlog
 from actors import messages as m
 from actors.errors import MalformedMessage
 from actors.memory import SEALS
-from actors.node_data import WORKERS
+from actors.node_data import WORKERS, boot_id
 from transport import Hub
 from transport.hub import ServerCurve
 from transport.keys import KeyPair
@@ -395,12 +395,3 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
             written = 0
             while written < len(view):
                 written += os.write(fd, view[written:])
-
-
-def boot_id() -> str:
-    """This kernel's boot id (Linux): two processes that see the same one share a host."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""

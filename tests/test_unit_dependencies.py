@@ -144,6 +144,11 @@ def test_a_tree_reduction_fetches_partial_sums_across_nodes(two_nodes: TwoNodes)
                 if e[1] == "flight" and e[2] == "memory"]
     assert arrivals, "no dependency was fetched"
     assert any(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals), arrivals
+    # Nodes of one host and uid reach each other by ipc, not over encrypted TCP.
+    connects = [line for i in range(2) for line in
+                (two_nodes.logs / f"node{i}.log").read_text().splitlines()
+                if "peer_node_connect" in line]
+    assert connects and all("ipc://" in line for line in connects), connects
 
 
 def warm_workers(client: Client, two_nodes: TwoNodes, gate: Path) -> set[int]:
@@ -212,3 +217,35 @@ def test_a_unit_may_depend_only_on_units_yielded_before_it(two_nodes: TwoNodes) 
             client.submit(ForwardReference).result(timeout=60)
         # the cluster goes on
         assert result_or_logs(client.submit(TreeSum, n=100, chunk=10), 60, two_nodes.logs) == 4950
+
+
+def test_nodes_told_not_to_use_ipc_fetch_across_encrypted_tcp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The path nodes of different hosts (or uids) take: CURVE over TCP, here forced on one
+    host with ``$ACTORS_DATA_LOCAL=0``."""
+    monkeypatch.setenv("ACTORS_DATA_LOCAL", "0")
+    keys = str(tmp_path / "keys")
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", keys)
+    procs = [master]
+    try:
+        for i in range(2):
+            procs.append(python_logged(tmp_path / f"node{i}.log", "-m", "actors.node",
+                                       "--master", address, "--workers", "1", "--keys", keys))
+        with Client(address, keys=keys) as client:
+            client.wait_for_workers(2)
+            fut = client.submit(TreeSum, n=8_000, chunk=1_000, fan_in=2, pause=0.01)
+            assert result_or_logs(fut, 60, tmp_path) == sum(range(8_000))
+        connects = [line for i in range(2) for line in
+                    (tmp_path / f"node{i}.log").read_text().splitlines()
+                    if "peer_node_connect" in line]
+        assert connects and not any("ipc://" in line for line in connects), connects
+    finally:
+        everything = {p.pid for p in procs}.union(*(descendants(p.pid) for p in procs))
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(20)
+        kill_all(everything)
