@@ -463,8 +463,8 @@ class Master(Shell):
         if not peers.peers:
             return
         for peer in self.peers.values():
-            if peer.role == "node":
-                self.send(SOCKET, peer.routing, message=peers)
+            if peer.role == "node" and self.local_data.get(peer.peer_id, ("", ""))[1]:
+                self.send(SOCKET, peer.routing, message=peers)  # (a node with none uses none)
 
     def _take_back(self, hello: m.Hello) -> None:
         """A node back after losing us: take back the tasks its workers still run where the

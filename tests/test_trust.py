@@ -66,8 +66,9 @@ def hello(sock: zmq.Socket[bytes], role: str, peer_id: str) -> list[m.Message]:
     got: list[m.Message] = []
     for _ in range(10):
         got += replies(sock)
-        if isinstance(got[-1], m.Welcome | m.Refused):
-            return got
+        for i, msg in enumerate(got):  # (what the master sends after it may share its frame)
+            if isinstance(msg, m.Welcome | m.Refused):
+                return got[:i + 1]
     raise AssertionError(f"no Welcome or Refused: {got}")
 
 
