@@ -58,9 +58,6 @@ log = structlog.get_logger("actors.node")
 RESULTS = "results"
 HOLD = b"h"
 HOLD_FILE = b"f"
-# A worker's result file must be sealed (memory.SEALS): it cannot change once handed over (a
-# file that shrank under a client's mapping would kill the client with SIGBUS).
-SEALED = SEALS
 SHARE_WAIT_S = 10.0  # a fetch that came before the master's share waits this long for it
 UNSHARED_TTL_S = 600.0
 MAX_WAITING = 16  # fetches parked per result before its share (any key may ask: bounded)
@@ -191,7 +188,9 @@ class ResultStore:
         except OSError as exc:
             return f"cannot open it: {exc}"
         try:
-            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALED != SEALED:
+            # Sealed (memory.SEALS), it cannot change once handed over: a file that shrank
+            # under a client's mapping would kill the client (SIGBUS).
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
                 raise ValueError("not sealed against change")
             if os.fstat(fd).st_size != size:
                 raise ValueError(f"{os.fstat(fd).st_size} bytes, not {size}")
