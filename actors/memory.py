@@ -72,13 +72,18 @@ def sealed_file(parts: list[Any], prefix: str) -> tuple[int, str] | None:
     except OSError:
         return None
     try:
-        for part in parts:
-            with memoryview(part) as view, view.cast("B") as raw:
-                written = 0
-                while written < len(raw):
-                    written += os.write(fd, raw[written:])
+        write_all(fd, parts)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except OSError:
         os.close(fd)
         return None
     return fd, nonce
+
+
+def write_all(fd: int, parts: list[Any]) -> None:
+    """Every byte of ``parts`` (buffers), end to end (a single write may take less)."""
+    for part in parts:
+        with memoryview(part) as view, view.cast("B") as raw:
+            written = 0
+            while written < len(raw):
+                written += os.write(fd, raw[written:])

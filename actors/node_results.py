@@ -47,7 +47,7 @@ import structlog
 
 from actors import messages as m
 from actors.errors import MalformedMessage
-from actors.memory import SEALS
+from actors.memory import SEALS, sealed_file, write_all
 from actors.node_data import WORKERS, boot_id
 from transport import Hub
 from transport.hub import ServerCurve
@@ -314,22 +314,15 @@ class ResultStore:
         if entry.path:
             return entry.path
         if entry.fd < 0:
-            if self.local_files >= MAX_LOCAL_FILES or not hasattr(os, "memfd_create"):
+            if self.local_files >= MAX_LOCAL_FILES:
                 return ""
             assert entry.data is not None
-            nonce = secrets.token_hex(8)
-            try:
-                fd = os.memfd_create(f"pydra-result-{nonce}", os.MFD_CLOEXEC)
-            except OSError as exc:
-                self.log.warning("memory_file_refused", task_id=task_id, error=str(exc))
+            made = sealed_file(entry.data, "pydra-result")  # (the same kind a worker hands over)
+            if made is None:
+                self.log.warning("memory_file_refused", task_id=task_id)
                 return ""
-            try:
-                _write_all(fd, entry.data)
-            except OSError as exc:
-                os.close(fd)
-                self.log.warning("memory_file_refused", task_id=task_id, error=str(exc))
-                return ""
-            entry.fd, entry.nonce, entry.data = fd, nonce, None  # (still in memory)
+            entry.fd, entry.nonce = made
+            entry.data = None  # (still in memory: in the file)
             self.local_files += 1
         return f"/proc/{os.getpid()}/fd/{entry.fd}"
 
@@ -356,7 +349,7 @@ class ResultStore:
             parts = entry.data if entry.data is not None else [self._read(entry)]
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _write_all(fd, parts)
+                write_all(fd, parts)
             finally:
                 os.close(fd)
         except OSError as exc:  # a full disk: keep it in memory rather than lose it
@@ -386,11 +379,3 @@ class ResultStore:
         elif entry.path:
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
-
-
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    for part in parts:
-        with memoryview(part) as view:
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written:])
