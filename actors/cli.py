@@ -62,6 +62,10 @@ def actors_main(argv: list[str] | None = None) -> int:
         if name == "logs":
             command.add_argument("--limit", type=int, default=1000,
                                  help="the newest this many lines (default 1000)")
+        if name == "cancel":
+            command.add_argument("--grace", type=float, default=5.0,
+                                 help="seconds its running code has to stop before its worker "
+                                      "is killed (default 5; 0: at once)")
     args = parser.parse_args(argv)
     if args.command in ("cancel", "story", "logs"):
         return _about_a_task(args)
@@ -185,7 +189,7 @@ def _about_a_task(args: argparse.Namespace) -> int:
         with Client(args.master, keys=args.keys or default_keys_dir(),
                     timeout=args.timeout) as client:
             if args.command == "cancel":
-                status = client.cancel_task(task_id, args.timeout)
+                status = client.cancel_task(task_id, args.timeout, args.grace)
                 doc: object = {"task_id": task_id, "status": status,
                                "cancelled": status == "cancelled"}
                 text = (f"task {task_id} cancelled\n" if status == "cancelled" else
@@ -207,7 +211,7 @@ def _about_a_task(args: argparse.Namespace) -> int:
                     text += f"({dropped} earlier or dropped lines not shown)\n"
                 if not lines and not dropped:
                     text = f"task {task_id}: no output kept\n"
-    except (ActorsError, TimeoutError) as exc:
+    except (ActorsError, TimeoutError, ValueError) as exc:  # (ValueError: a bad --grace)
         sys.stderr.write(f"error: {exc}\n")
         return 2
     sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else text)

@@ -186,14 +186,20 @@ class Future:
             return exc
         return None
 
-    def cancel(self, timeout: float = 10.0) -> bool:
-        """Cancel the task: queued units are dropped and its worker processes stopped.
+    def cancel(self, timeout: float = 10.0, grace: float = m.STOP_GRACE_S) -> bool:
+        """Cancel the task: its queued units are dropped and its running code is asked to stop
+        (``Task.task_stop_requested`` turns true and its next ``task_progress`` raises
+        ``TaskStopped``, so its ``finally:`` blocks run); a worker whose code has not stopped
+        after ``grace`` seconds is killed (``grace=0``: at once). A worker whose code stopped
+        in time serves on, warm.
 
-        Returns True once the master has confirmed, False if the task had already ended.
+        Returns True once the master has confirmed (the future is cancelled then; the task's
+        code may take up to ``grace`` to stop), False if the task had already ended.
         """
+        check_grace(grace)
         if self.done():
             return self.cancelled()
-        self._client._send(m.Cancel(self.task_id))
+        self._client._send(m.Cancel(self.task_id, float(grace)))
         self._done.wait(timeout)
         return self.cancelled()
 
@@ -307,6 +313,13 @@ class Future:
                 fn(self)
             except Exception:
                 log.exception("future_callback_failed", task_id=self.task_id)
+
+
+def check_grace(grace: float) -> None:
+    """Refuse, before anything is sent, a cancel's grace the master would refuse."""
+    if (isinstance(grace, bool) or not isinstance(grace, (int, float))
+            or not 0 <= grace <= m.MAX_STOP_GRACE_S):  # (NaN fails this too)
+        raise ValueError(f"grace is seconds from 0 to {m.MAX_STOP_GRACE_S:g}, not {grace!r}")
 
 
 def _read_local(msg: m.ResultData, size: int) -> list[bytes | memoryview] | None:
@@ -580,10 +593,13 @@ class Client:
             raise NoSuchTask(task_id, reply.error)
         return [tuple(entry) for entry in reply.entries]  # type: ignore[misc]
 
-    def cancel_task(self, task_id: str, timeout: float = 10.0) -> str:
+    def cancel_task(self, task_id: str, timeout: float = 10.0,
+                    grace: float = m.STOP_GRACE_S) -> str:
         """Cancel a task submitted with this client's key, by id; its status after the request:
-        ``"cancelled"``, or how it had already ended (``NoSuchTask`` as for ``story_of``)."""
-        reply = self._request(f"cancel {task_id}", m.CancelTask(task_id), timeout)
+        ``"cancelled"``, or how it had already ended (``NoSuchTask`` as for ``story_of``).
+        ``grace``: as for ``Future.cancel``."""
+        check_grace(grace)
+        reply = self._request(f"cancel {task_id}", m.CancelTask(task_id, float(grace)), timeout)
         assert isinstance(reply, m.CancelReply)
         if reply.error:
             raise NoSuchTask(task_id, reply.error)

@@ -304,6 +304,20 @@ class TaskCancelled(ActorsError, concurrent.futures.CancelledError):
         return f"task {self.task_id} was cancelled"
 
 
+class TaskStopped(BaseException):
+    """Raised inside a cancelled task's code, at its next ``task_progress`` (or by the task
+    itself once ``task_stop_requested`` is true): unwinds ``work`` so that its ``finally:``
+    blocks and context managers run. A BaseException, like ``KeyboardInterrupt``, so that an
+    ``except Exception:`` in the task does not swallow it."""
+
+    def __init__(self, task_id: str = "") -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} was asked to stop (cancelled)"
+
+
 class WorkerKilled(ActorsError):
     """A unit was on workers that died too many times; ``causes`` says how each died."""
 

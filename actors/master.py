@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal as signals
@@ -575,6 +576,8 @@ class Master(Shell):
                 if self.dashboard is not None:
                     self.stream.finished(worker_id, task_id, 0, 0.0, False, self.now)
                 self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome))
+            case m.TaskStopped(task_id=task_id):
+                self._apply(ev.WorkerStopped(self.now, worker_id, task_id))
             case m.WorkerPaused(paused=paused, rss=rss, mark=mark):
                 cause = f"resident {rss >> 20} MiB, pause mark {mark >> 20} MiB"
                 (self.log.warning if paused else self.log.info)(
@@ -625,16 +628,18 @@ class Master(Shell):
                 self._to_client(peer.peer_id, m.PackagesReply(self._listing()))
             case m.Cancel(task_id=task_id) if not self._owns_task(peer, task_id):
                 self._refused(peer, msg, f"task {task_id} is not this client's")
+            case m.Cancel(grace=grace) if _bad_grace(grace):
+                self._refused(peer, msg, _bad_grace(grace))
             case m.StoryRequest(task_id=task_id) if self._of_key(peer, msg) is None:
                 # An answer, so that the caller need not wait; the same for an id never used
                 # and another key's task (see _of_key).
                 self._to_client(peer.peer_id, m.StoryReply(task_id, [], _no_task(task_id)))
-            case m.Cancel(task_id=task_id):
-                self._apply(ev.CancelRequested(self.now, task_id))
+            case m.Cancel(task_id=task_id, grace=grace):
+                self._apply(ev.CancelRequested(self.now, task_id, grace))
             case m.StoryRequest(task_id=task_id):
                 self._story(peer.peer_id, task_id)
-            case m.CancelTask(task_id=task_id):
-                self._cancel_task(peer, task_id)
+            case m.CancelTask(task_id=task_id, grace=grace):
+                self._cancel_task(peer, task_id, grace)
             case m.LogsRequest(task_id=task_id, limit=limit):
                 if self._of_key(peer, msg) is None:
                     self._to_client(peer.peer_id, m.LogsReply(task_id, [], 0, _no_task(task_id)))
@@ -708,16 +713,20 @@ class Master(Shell):
         self._refused(peer, msg, f"task {task_id} is another key's")
         return None
 
-    def _cancel_task(self, peer: Peer, task_id: str) -> None:
+    def _cancel_task(self, peer: Peer, task_id: str, grace: float) -> None:
         """``python -m actors cancel``: cancel a task of the caller's key and say how it ended
         (the task's own client hears TaskCancelled as for its own Cancel)."""
         task = self._of_key(peer, m.CancelTask(task_id))
         if task is None:
             self._to_client(peer.peer_id, m.CancelReply(task_id, "", _no_task(task_id)))
             return
+        if _bad_grace(grace):
+            self._to_client(peer.peer_id, m.CancelReply(task_id, str(task.state),
+                                                         _bad_grace(grace)))
+            return
         if not task.finished:
-            self.log.info("task_cancel_requested", task_id=task_id, by=peer.peer_id)
-            self._apply(ev.CancelRequested(self.now, task_id))
+            self.log.info("task_cancel_requested", task_id=task_id, by=peer.peer_id, grace=grace)
+            self._apply(ev.CancelRequested(self.now, task_id, grace))
         self._to_client(peer.peer_id, m.CancelReply(task_id, str(task.state)))
 
     def _watch(self, now: float) -> None:
@@ -1155,6 +1164,8 @@ class Master(Shell):
                                                                          code_hash=ins.code_hash))
             case ev.ReleaseWorker():
                 self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
+            case ev.StopTask():
+                self._to_worker(ins.node_id, ins.worker_id, m.StopTask(ins.task_id, ins.grace))
             case ev.KillWorker():
                 self.send(SOCKET, ins.node_id.encode(), message=m.KillWorker(ins.worker_id, ins.reason))
             case ev.ReportProgress() if self._ended_badly(ins.task_id):
@@ -1243,6 +1254,13 @@ class Master(Shell):
 
     def _to_client(self, client_id: str, msg: m.Message) -> None:
         self.send(SOCKET, client_id.encode(), message=msg)
+
+
+def _bad_grace(grace: float) -> str:
+    """Why a cancel's grace is refused ("" if it is not)."""
+    if math.isfinite(grace) and 0 <= grace <= m.MAX_STOP_GRACE_S:
+        return ""
+    return f"a cancel's grace is seconds from 0 to {m.MAX_STOP_GRACE_S:g}, not {grace!r}"
 
 
 def _no_task(task_id: str) -> str:

@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 10  # 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 11  # 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -98,8 +98,15 @@ class Submit(Message, frozen=True, kw_only=True):
     code_hash: str = ""
 
 
+#: Seconds a cancelled task's code has to stop (``Task.task_stop_requested``) before its worker
+#: is killed, unless the canceller says otherwise; and the most it may say.
+STOP_GRACE_S = 5.0
+MAX_STOP_GRACE_S = 600.0
+
+
 class Cancel(Message, frozen=True):
     task_id: str
+    grace: float = STOP_GRACE_S  # 0: kill its workers at once
 
 
 class StoryRequest(Message, frozen=True):
@@ -118,6 +125,7 @@ class CancelTask(Message, frozen=True):
     is not the client that submitted it; a future's ``Cancel`` gets no reply but the end)."""
 
     task_id: str
+    grace: float = STOP_GRACE_S
 
 
 class CancelReply(Message, frozen=True):
@@ -315,6 +323,22 @@ class KillWorker(Message, frozen=True):
 
 
 # --- master <-> worker (relayed by the node) --------------------------------
+
+
+class StopTask(Message, frozen=True):
+    """master -> worker: the task was cancelled; stop its code (its stop flag, ``TaskStopped``
+    at its next progress report) and say ``TaskStopped`` once none runs. The master kills the
+    worker if that has not come within ``grace`` seconds."""
+
+    task_id: str
+    grace: float
+
+
+class TaskStopped(Message, frozen=True):
+    """worker -> master: no code of the cancelled task runs here any more; nothing of it will
+    be sent. The worker serves on, warm for the same submitter."""
+
+    task_id: str
 
 
 class AssignTask(Message, frozen=True, kw_only=True):
@@ -697,6 +721,8 @@ AnyMessage = (
     | WorkerStats
     | WorkerPaused
     | KillWorker
+    | StopTask
+    | TaskStopped
     | AssignTask
     | NeedCode
     | Code

@@ -490,7 +490,8 @@ class _TaskHead(msgspec.Struct, array_like=True):
 _HEAD = msgspec.msgpack.Decoder(_TaskHead)
 _OPENS = {m.AssignTask.__name__.encode()}  # master -> worker
 _CLOSES_FROM_MASTER = {m.ReleaseTask.__name__.encode()}
-_CLOSES_FROM_WORKER = {m.TaskResult.__name__.encode(), m.WorkerFailed.__name__.encode()}
+_CLOSES_FROM_WORKER = {m.TaskResult.__name__.encode(), m.WorkerFailed.__name__.encode(),
+                       m.TaskStopped.__name__.encode()}
 
 
 class TaskEnds:
@@ -499,7 +500,8 @@ class TaskEnds:
 
     A worker stays warm after a task; what the task started must not stay with it. A worker
     holds a task from its ``AssignTask`` until its ``TaskResult`` or ``WorkerFailed`` (plain
-    Tasks, drivers) or the master's ``ReleaseTask`` (a ParallelTask's workers). One lock covers
+    Tasks, drivers), the master's ``ReleaseTask`` (a ParallelTask's workers) or its own
+    ``TaskStopped`` (a cancelled task's code stopped in time). One lock covers
     both sides: the check that a worker holds no task and the killing happen together, so a task
     assigned meanwhile (recorded before it is relayed) never loses a process it started."""
 

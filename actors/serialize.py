@@ -23,7 +23,7 @@ from typing import Any
 
 import cloudpickle
 
-from actors.errors import RemoteError, ResultNotSerializable, ResultTooLarge
+from actors.errors import RemoteError, ResultNotSerializable, ResultTooLarge, TaskStopped
 
 _PLAIN = (int, float, str, bytes, bool, type(None), complex)
 _SYSTEM_PATHS = tuple(
@@ -287,8 +287,8 @@ def is_fatal(exc: BaseException) -> bool:
     worker as a successful task would (what the code changed in its globals stays changed).
     A result too large to serialize is not fatal: the allocation that failed was ours, and
     what it had taken is free again."""
-    if isinstance(exc, ResultTooLarge):
-        return False
+    if isinstance(exc, (ResultTooLarge, TaskStopped)):
+        return False  # (TaskStopped: a cancelled task that stopped in time: its worker serves on)
     return not isinstance(exc, Exception) or isinstance(exc, MemoryError)
 
 

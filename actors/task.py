@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from actors import task_output
-from actors.errors import InvalidArguments
+from actors.errors import InvalidArguments, TaskStopped
 
 
 class Unit:
@@ -48,6 +49,21 @@ class Task:
     task_kind: ClassVar[str] = "task"
     #: The id of the task instance, set by the runtime before ``work`` (or ``get_work``) runs.
     task_id: str = ""
+    #: Set by the runtime when the task is cancelled (see ``task_stop_requested``).
+    _task_stop: threading.Event | None = None
+
+    @property
+    def task_stop_requested(self) -> bool:
+        """True once the task is cancelled: return (or raise ``TaskStopped``) soon, and your
+        ``finally:`` blocks run; a task still running after the cancel's grace is killed with
+        its worker process. ``task_progress`` raises ``TaskStopped`` by itself."""
+        return self._task_stop is not None and self._task_stop.is_set()
+
+    def task_check_stop(self) -> None:
+        """Raise ``TaskStopped`` if the task was cancelled (a poll for code that reports no
+        progress: between the steps of a long loop, say)."""
+        if self.task_stop_requested:
+            raise TaskStopped(self.task_id)
 
     def work(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__qualname__} must define work()")
@@ -100,6 +116,7 @@ class ParallelTask(Task):
 
 
 def report_progress_of(task: Task, done: int, total: int) -> None:
+    task.task_check_stop()
     whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total))
     if not whole:
         raise ValueError(f"task_progress takes whole numbers done >= 0 and total >= 0, not "

@@ -18,6 +18,7 @@ A user's ``Task`` or ``ParallelTask`` (``task.py``) is a plain object. What runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import queue
@@ -65,7 +66,16 @@ Emit = Callable[[m.Message | HeldParts], None]
 
 def host_instance(cls: type[Task]) -> Task:
     """Make an instance of a user's task class; it lives in the caller's mailbox."""
-    return cls()
+    instance = cls()
+    instance._task_stop = threading.Event()
+    return instance
+
+
+def request_stop(instance: Task) -> None:
+    """The task was cancelled: its ``task_stop_requested`` turns true, its next progress report
+    raises ``TaskStopped``, and calls of it not yet begun on the executor do not begin."""
+    if instance._task_stop is not None:
+        instance._task_stop.set()
 
 
 def start_driver(instance: Task) -> pykka.ActorRef[Any]:
@@ -258,8 +268,11 @@ class Runtime:
         start = time.perf_counter()
         task_output.enter(self.task.task_id, "work")
         try:
-            done = _finished(self._name,
-                             lambda: self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs))
+            def work() -> Any:
+                self.task.task_check_stop()  # cancelled while it waited its turn: not begun
+                return self.task.work(*self.begin_msg.args, **self.begin_msg.kwargs)
+
+            done = _finished(self._name, work)
         finally:
             task_output.leave()
         return dataclasses.replace(done, elapsed=time.perf_counter() - start)
@@ -282,15 +295,27 @@ class Runtime:
         def run() -> None:
             tell(call())
 
-        run_in_executor(run)
+        run_in_executor(run, self.task.task_id)
 
 
-def run_in_executor(call: Callable[[], None]) -> None:
-    """Run ``call`` on the process's one thread for user code (it must report back itself)."""
+def run_in_executor(call: Callable[[], None], task_id: str = "") -> None:
+    """Run ``call`` (code of the task ``task_id``) on the process's one thread for user code
+    (it must report back itself)."""
+    _executor().calls.put((task_id, call))
+
+
+def when_not_running(task_id: str, then: Callable[[], None]) -> None:
+    """Call ``then`` once no call of the task runs on the executor: at once if none does, else
+    on the executor thread as the one running returns (calls of it queued behind it are not
+    waited for: a cancelled task's do not begin, see ``request_stop``)."""
+    _executor().when_not_running(task_id, then)
+
+
+def _executor() -> _Executor:
     global _EXECUTOR
     if _EXECUTOR is None:
         _EXECUTOR = _Executor()
-    _EXECUTOR.calls.put(call)
+    return _EXECUTOR
 
 
 class _Executor:
@@ -303,18 +328,36 @@ class _Executor:
     """
 
     def __init__(self) -> None:
-        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.calls: queue.SimpleQueue[tuple[str, Callable[[], None]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = ""  # the task whose call runs now
+        self._then: list[Callable[[], None]] = []  # to call as that call returns
         threading.Thread(target=self._run, name="task-exec", daemon=True).start()
+
+    def when_not_running(self, task_id: str, then: Callable[[], None]) -> None:
+        with self._lock:
+            running = self._running == task_id
+            if running:
+                self._then.append(then)
+        if not running:
+            then()
 
     def _run(self) -> None:
         while True:
-            call = self.calls.get()
+            task_id, call = self.calls.get()
+            with self._lock:
+                self._running = task_id
             try:
                 call()
             except pykka.ActorDeadError:
                 pass  # the mailbox to report to has stopped (its task ended): the news is moot
             except BaseException:  # the call reports its own outcome: this is a framework bug
                 log.exception("executor_call_failed")
+            with self._lock:
+                self._running, then, self._then = "", self._then, []
+            for call_back in then:
+                with contextlib.suppress(pykka.ActorDeadError):  # (as above)
+                    call_back()
 
 
 _EXECUTOR: _Executor | None = None

@@ -44,7 +44,7 @@ EXECUTION_SLOTS = 1
 
 SendMaster = Callable[[m.Message], None]
 SendFrames = Callable[[list[bytes]], None]
-Submit = Callable[[Callable[[], None]], None]
+Submit = Callable[[Callable[[], None], str], None]  # (a call, the task whose code it runs)
 
 
 def unit_key(task_id: str, index: int) -> str:
@@ -344,7 +344,8 @@ class UnitRunner:
         run = self.runs[key]
         instance = self.instance
         tell = self._tell
-        self._submit(partial(_execute_run, instance, key, run.units, run.task_id, inputs, tell))
+        self._submit(partial(_execute_run, instance, key, run.units, run.task_id, inputs, tell),
+                     run.task_id)
         return []
 
     def _report(self, key: str, now: float) -> list[ev.Event]:
@@ -428,7 +429,10 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
     task_output.enter(task_id, "work_unit")
     try:
         work_unit = instance.work_unit
+        stop = getattr(instance, "_task_stop", None)
         for unit in units:
+            if stop is not None and stop.is_set():
+                break  # cancelled: the rest of the run does not begin (its key is forgotten)
             task_output.at_unit(unit.index)
             try:
                 args = [loads(unit.args)]

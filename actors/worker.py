@@ -64,8 +64,10 @@ from actors.task_host import (
     UnitResults,
     begin_instance,
     host_instance,
+    request_stop,
     run_in_executor,
     start_driver,
+    when_not_running,
 )
 from actors.unit_runner import Gather, Ran, RetryDue, UnitRunner
 from transport import Hub
@@ -102,6 +104,16 @@ class FlushOutput:
 
 
 @dataclass(frozen=True)
+class CodeStopped:
+    """No code of this cancelled task runs on the executor any more (from ``when_not_running``)."""
+
+    task_id: str
+
+
+STOPPED_KEPT = 256  # cancelled tasks remembered, so that what their code still sends is dropped
+
+
+@dataclass(frozen=True)
 class ForHosted:
     """Input for the task instance that lives in this actor's mailbox (from the executor)."""
 
@@ -125,6 +137,7 @@ class Worker(Shell):
         self.pause_mark = pause_mark()  # resident bytes past which we take no new work (0: none)
         self.paused = False
         self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
+        self.stopped: dict[str, None] = {}  # cancelled tasks (StopTask), oldest first
         self.runner: UnitRunner | None = None
         self.classes: dict[str, Any] = {}  # shipped code's hash -> class, for warm reuse
         self.loaded_version: tuple[str, str] | None = None
@@ -182,6 +195,9 @@ class Worker(Shell):
                     self.send(NODE, TO_MASTER, message=out)
             case ForHosted(task_id=task_id, message=msg):
                 self._hosted_says(task_id, msg)
+            case CodeStopped(task_id=task_id):
+                self.log.info("task_stopped", task_id=task_id)
+                self.send(NODE, TO_MASTER, message=m.TaskStopped(task_id))
             case Ran():
                 self._runner.ran(message)
             case Gather():
@@ -248,6 +264,8 @@ class Worker(Shell):
             case m.DriverResults(results=results, held=held, sizes=sizes) if msg.task_id == task_id:
                 self._runner.results_arrived(msg)
                 self._to_task(UnitResults(results, held, sizes))
+            case m.StopTask():
+                self._stop_cancelled(msg)
             case m.ReleaseTask() if msg.task_id == task_id or msg.task_id in self.lined_up:
                 self._release(msg.task_id)
             case m.ReleaseTask():  # it never began here: it failed to load
@@ -260,6 +278,8 @@ class Worker(Shell):
         so that a client has a task's output before its result."""
         for out in task_output.drain():
             self.send(NODE, TO_MASTER, message=out)
+        if getattr(msg, "task_id", None) in self.stopped:
+            return  # the task was cancelled: what its code still produced is moot
         if isinstance(msg, HeldParts):  # a large result in parts: for our node to hold
             self._hold(msg.task_id, list(msg.parts))
             return
@@ -486,6 +506,29 @@ class Worker(Shell):
         self.loaded_version = (msg.package, msg.version)
         self.loaded_path = version_path
         return import_deployed(msg.package, version_path, msg.name)
+
+    def _stop_cancelled(self, msg: m.StopTask) -> None:
+        """The task was cancelled: its code is asked to stop (``request_stop``), its queued
+        input and units are dropped, and once none of its code runs, ``TaskStopped`` says so.
+        The master kills this process if that takes longer than ``msg.grace``."""
+        task_id = msg.task_id
+        self.stopped[task_id] = None
+        if len(self.stopped) > STOPPED_KEPT:
+            del self.stopped[next(iter(self.stopped))]
+        instances = [runtime.task for runtime in (self.hosted, self.lined_up.get(task_id))
+                     if runtime is not None and runtime.begin_msg.task_id == task_id]
+        if self.slot.task_id == task_id and self._runner.instance is not None:
+            instances.append(self._runner.instance)  # a driver's, or a helper's
+        for instance in instances:
+            request_stop(instance)
+        self.log.info("task_stop_requested", task_id=task_id, grace=msg.grace,
+                      running=bool(instances))
+        if any(a.task_id == task_id for a in self.assignments):
+            self.assignments = deque(a for a in self.assignments if a.task_id != task_id)
+        if task_id == self.slot.task_id or task_id in self.lined_up:
+            self._release(task_id)
+        me = self.actor_ref
+        when_not_running(task_id, lambda: me.tell(CodeStopped(task_id)))
 
     def _release(self, task_id: str) -> None:
         self.log.debug("task_released", task_id=task_id)

@@ -316,6 +316,65 @@ def test_cancel_drops_queued_units_and_kills_the_workers(s: Harness) -> None:
     assert s(ev.CancelRequested, "t1") == []  # twice is harmless
 
 
+def test_a_cancel_with_a_grace_asks_the_workers_to_stop_and_keeps_them_when_they_do(
+        s: Harness) -> None:
+    s(ev.WorkerReady, "n1", "w2")
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(4)), False)
+    running = {w: set(r.in_flight) for w, r in s.state.workers.items() if r.in_flight}
+    out = s(ev.CancelRequested, "t1", 5.0)
+    assert not any(isinstance(i, ev.KillWorker) for i in out)
+    assert {(i.worker_id, i.grace) for i in out if isinstance(i, ev.StopTask)} == {
+        ("w1", 5.0), ("w2", 5.0)}
+    assert out[-1] == ev.ReportCancelled("c1", "t1")
+    story = s.state.story("t1")
+    for worker, indices in running.items():  # each unit that was running: its cancel
+        for index in indices:
+            assert (f"unit {index}", "executing", "cancelled") in [e[:3] for e in story], worker
+    # Stopping, a worker takes no new work, even work it is warm for.
+    out = submit(s, "t2", kind="task")
+    assert out == [] and s.state.tasks["t2"].state == "queued"
+    out = s(ev.WorkerStopped, "w1", "t1")
+    assert out == [ev.Assign("n1", "w1", "t2", "Name", "task", b"code", b"args", True)]
+    assert s(ev.WorkerStopped, "w1", "t1") == []  # a repeated report changes nothing
+    assert s(ev.WorkerStopped, "w2", "nope") == []  # nor one about a task it was not stopping
+    assert s.state.workers["w2"].stopping == ("t1",)
+
+
+def test_a_worker_that_does_not_stop_within_the_grace_is_killed(s: Harness) -> None:
+    submit(s, kind="task")
+    s(ev.CancelRequested, "t1", 2.0)  # at 3
+    assert s(ev.Tick) == []  # at 4: within the grace
+    s.now += 2
+    out = s(ev.Tick)
+    assert out == [ev.KillWorker("n1", "w1", "did not stop task t1 within its grace")]
+    assert "w1" not in s.state.workers
+    assert s(ev.WorkerStopped, "w1", "t1") == []  # too late: it is gone
+    assert ("worker w1", "stopping", "killed") in [e[:3] for e in s.state.story("t1")]
+
+
+def test_a_task_queued_behind_a_stopping_workers_cancelled_one_goes_back_to_the_queue(
+        s: Harness) -> None:
+    submit(s, "t1", kind="task")
+    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x"), 0.001)  # measured: prefetch
+    submit(s, "t2", kind="task")
+    submit(s, "t3", kind="task")
+    assert s.state.workers["w1"].queued == deque(["t3"])
+    s(ev.CancelRequested, "t2", 1.0)
+    assert s.state.workers["w1"].task_id == "t3"  # next in line on it
+    s.now += 2
+    out = s(ev.Tick)
+    assert ev.KillWorker("n1", "w1", "did not stop task t2 within its grace") in out
+    assert s.state.tasks["t3"].state == "queued"  # given back, uncounted
+    assert s(ev.WorkerReady, "n1", "w2")[0].task_id == "t3"
+
+
+def test_a_cancel_without_a_grace_kills_at_once(s: Harness) -> None:
+    submit(s, kind="task")
+    out = s(ev.CancelRequested, "t1", 0.0)
+    assert out == [ev.KillWorker("n1", "w1", "task t1 cancelled"), ev.ReportCancelled("c1", "t1")]
+
+
 def test_a_client_that_leaves_takes_its_unfinished_tasks_with_it(s: Harness) -> None:
     submit(s, "t1", client="gone")
     s(ev.UnitsSliced, "w1", "t1", units(*range(100)), False)

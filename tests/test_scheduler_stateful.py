@@ -108,6 +108,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.runs: dict[str, list[ev.Dispatch]] = {}  # worker -> dispatches not yet answered
         self.killed: list[str] = []  # workers we asked a node to kill: their exit comes next
         self.steals: list[ev.Steal] = []  # steal requests not yet answered
+        self.stops: list[ev.StopTask] = []  # workers asked to stop a cancelled task's code
         self.faults_rng = random.Random(0)
         self.nodes = ["n1", "n2"]
         for node in self.nodes:
@@ -130,6 +131,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.replays.append(ins)
                 case ev.Steal():
                     self.steals.append(ins)
+                case ev.StopTask():
+                    self.stops.append(ins)
                 case ev.Assign(driver=True):
                     self.sliced[ins.task_id] = 0  # a (re)started driver slices from the start
                     self.recorded[ins.task_id] = []  # and has no result yet
@@ -342,7 +345,21 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def a_client_cancels(self, data: st.DataObject) -> None:
         task_id = f"t{data.draw(st.integers(1, self.next_task))}"
-        self.feed(ev.CancelRequested(self.now, task_id))
+        grace = data.draw(st.sampled_from([0.0, 3.0]))
+        self.feed(ev.CancelRequested(self.now, task_id, grace))
+        self.flush()
+
+    @precondition(lambda self: self.stops)
+    @rule(data=st.data())
+    def a_worker_stops_a_cancelled_tasks_code(self, data: st.DataObject) -> None:
+        stop = self.stops.pop(data.draw(st.integers(0, len(self.stops) - 1)))
+        self.feed(ev.WorkerStopped(self.now, stop.worker_id, stop.task_id))
+
+    @rule()
+    def seconds_pass(self) -> None:
+        """A tick some seconds later: workers that did not stop in time are killed."""
+        self.now += 5
+        self.feed(ev.Tick(self.now))
         self.flush()
 
     @invariant()
@@ -359,7 +376,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         its task waits for a steal's answer."""
         for task in self.state._parallel.values():
             idle = [w for w, r in self.state.workers.items()
-                    if r.task_id is None and r.warm_for in (None, task.warm_key)]
+                    if r.task_id is None and not r.stopping and r.warm_for in (None, task.warm_key)]
             if not task.units.pending:
                 # ... nor while a worker of the task holds a run it has not begun and none of
                 # the task's own workers idles to steal it
@@ -392,6 +409,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.feed(ev.UnitsSliced(self.now, driver, task_id, units, True))
             while self.steals:
                 self.a_steal_is_answered(False)
+            while self.stops:
+                stop = self.stops.pop(0)
+                self.feed(ev.WorkerStopped(self.now, stop.worker_id, stop.task_id))
             while self.replays:
                 self.the_shell_replays_journaled_results()
             for worker, runs in list(self.runs.items()):

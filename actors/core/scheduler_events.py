@@ -113,6 +113,18 @@ class ClientLeft(Event):
 
 @dataclass(frozen=True)
 class CancelRequested(Event):
+    """``grace`` > 0: the task's workers are asked to stop it (``StopTask``) and killed only if
+    they have not said so (``WorkerStopped``) within that many seconds; 0: killed at once."""
+
+    task_id: str
+    grace: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerStopped(Event):
+    """A worker asked to stop a task (``StopTask``) says that no code of it runs any more."""
+
+    worker_id: str
     task_id: str
 
 
@@ -303,6 +315,17 @@ class ReleaseWorker(Instruction):
     node_id: str
     worker_id: str
     task_id: str
+
+
+@dataclass(frozen=True)
+class StopTask(Instruction):
+    """Ask the worker to stop the task's code (its stop flag; ``TaskStopped`` at its next
+    progress report) and say when none runs; killed after ``grace`` seconds otherwise."""
+
+    node_id: str
+    worker_id: str
+    task_id: str
+    grace: float
 
 
 @dataclass(frozen=True)

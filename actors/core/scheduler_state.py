@@ -131,6 +131,7 @@ from actors.core.scheduler_events import (
     RunsReleased,
     Steal,
     StealAnswered,
+    StopTask,
     TaskFinished,
     TaskKind,
     TaskStatus,
@@ -147,6 +148,7 @@ from actors.core.scheduler_events import (
     WorkerLost,
     WorkerPaused,
     WorkerReady,
+    WorkerStopped,
 )
 from actors.core.undo import Undo
 from actors.core.unit_book import NO_UNITS, UnitBook
@@ -241,6 +243,10 @@ class WorkerRecord:
     in_flight: dict[int, int] = field(default_factory=dict)  # unit index -> run id
     queued: deque[str] = field(default_factory=deque)  # plain Tasks to run after task_id
     paused: bool = False  # past its memory's pause mark: no new work (WorkerPaused)
+    # Cancelled tasks whose code it was asked to stop (StopTask): no new work until it says
+    # they stopped (WorkerStopped), or it is killed at ``stop_by``.
+    stopping: tuple[str, ...] = ()
+    stop_by: float = 0.0
 
 
 # The workers of a task that has none: one shared, empty and frozen (an empty set costs a queued
@@ -301,6 +307,7 @@ class SchedulerState:
         self.nodes: dict[str, set[str]] = {}
         self.data_addresses: dict[str, str] = {}  # node -> where peers fetch from it
         self.paused: set[str] = set()  # workers past their memory's pause mark
+        self.stopping: set[str] = set()  # workers asked to stop a cancelled task's code
         self.workers: dict[str, WorkerRecord] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.newest: dict[str, str | None] = {}  # package -> newest version
@@ -409,10 +416,10 @@ class SchedulerState:
                 self._worker_lost(worker_id, cause, expected, event.now)
             case TaskSubmitted():
                 self._submitted(event)
-            case CancelRequested(task_id=task_id):
+            case CancelRequested(task_id=task_id, grace=grace):
                 task = self.tasks.get(task_id)
                 if task is not None and not task.finished:
-                    self._end(task, CANCELLED, "cancel requested", event.now)
+                    self._end(task, CANCELLED, "cancel requested", event.now, grace=grace)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
             case ClientLeft(client_id=client_id):
                 # Its workers go to the clients still here (and its processes are stopped).
@@ -448,8 +455,11 @@ class SchedulerState:
                                                     "warm for an old package version"))
             case WorkerPaused():
                 self._paused(event)
+            case WorkerStopped():
+                self._stopped(event)
             case Tick():
                 self._report_progress()
+                self._stop_overdue(event.now)
             case _:
                 raise TypeError(f"unknown scheduler event {event!r}")
 
@@ -777,10 +787,11 @@ class SchedulerState:
             self.fair.started(self._undo, started.priority, started.fair)
 
     def _end(self, task: TaskRecord, state: TaskStatus, cause: str, now: float, *,
-             keep_workers: bool = False) -> None:
+             keep_workers: bool = False, grace: float = 0.0) -> None:
         """The task is over. Its workers stay, warm for the submitter, when it is done or raised
-        an ordinary exception (``keep_workers``); otherwise (cancelled, killed, a fatal error)
-        they are stopped: only a kill stops user code that may still run there."""
+        an ordinary exception (``keep_workers``); a cancel with a ``grace`` asks them to stop its
+        code (``_stop``); otherwise (cancelled, killed, a fatal error) they are killed: only a
+        kill stops user code that may still run there."""
         undo = self._undo
         self._set_status(task, state, cause, now)
         task.units.clear_open(undo)
@@ -793,6 +804,13 @@ class SchedulerState:
             self._report_progress_of(task)
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
+            if state is CANCELLED:
+                for index in sorted(worker.in_flight):
+                    self._note(task, f"unit {index}", "executing", "cancelled",
+                               f"{cause} (on {worker_id})", now)
+            if state is CANCELLED and grace > 0:
+                self._stop(task, worker, grace, now)
+                continue
             self._let_go(worker, task.task_id)
             if (state is DONE or keep_workers) and not self._is_stale(task.warm_key):
                 if worker.warm_for != task.warm_key:
@@ -816,6 +834,50 @@ class SchedulerState:
             undo.pop(self.tasks, forgotten)
 
     # --- workers ------------------------------------------------------------
+
+    def _stop(self, task: TaskRecord, worker: WorkerRecord, grace: float, now: float) -> None:
+        """Ask the worker to stop the cancelled task's code; it takes no new work meanwhile."""
+        undo = self._undo
+        self._let_go(worker, task.task_id)
+        undo.set(worker, "stopping", (*worker.stopping, task.task_id))
+        by = now + grace
+        undo.set(worker, "stop_by", min(worker.stop_by, by) if worker.stop_by else by)
+        undo.add(self.stopping, worker.worker_id)
+        self._note(task, f"worker {worker.worker_id}", "running", "stopping",
+                   f"asked to stop its code within {grace:g}s", now)
+        self._out.append(StopTask(worker.node_id, worker.worker_id, task.task_id, grace))
+
+    def _stopped(self, event: WorkerStopped) -> None:
+        """The worker stopped the task's code in time: it serves on, warm for the submitter."""
+        worker = self.workers.get(event.worker_id)
+        if worker is None or event.task_id not in worker.stopping:
+            return  # killed meanwhile, or a report repeated
+        undo = self._undo
+        left = tuple(t for t in worker.stopping if t != event.task_id)
+        undo.set(worker, "stopping", left)
+        if not left:
+            undo.set(worker, "stop_by", 0.0)
+            undo.discard(self.stopping, worker.worker_id)
+        task = self.tasks.get(event.task_id)
+        if task is not None:
+            self._note(task, f"worker {worker.worker_id}", "stopping", "stopped",
+                       "its code stopped in time: the worker serves on", event.now)
+
+    def _stop_overdue(self, now: float) -> None:
+        """Workers that did not stop a cancelled task's code within its grace are killed."""
+        for worker_id in sorted(self.stopping):
+            worker = self.workers[worker_id]
+            if worker.stop_by <= now:
+                self._drop_worker(worker_id)
+                self._out.append(KillWorker(worker.node_id, worker_id, "did not stop task "
+                                            f"{', '.join(worker.stopping)} within its grace"))
+                for task_id in worker.stopping:
+                    task = self.tasks.get(task_id)
+                    if task is not None:
+                        self._note(task, f"worker {worker_id}", "stopping", "killed",
+                                   "its code did not stop within the grace", now)
+                self._give_back(worker, f"worker {worker_id} killed: a cancelled task's code "
+                                "did not stop in time", now)
 
     def _is_stale(self, warm_key: WarmKey | None) -> bool:
         """Warm for a package version that is no longer the newest (so its cache can go)."""
@@ -955,6 +1017,8 @@ class SchedulerState:
         worker = self._undo.pop(self.workers, worker_id)
         if worker is not None and worker.node_id in self.nodes:
             self._undo.discard(self.nodes[worker.node_id], worker_id)
+        if worker_id in self.stopping:
+            self._undo.discard(self.stopping, worker_id)
         return worker
 
     def _parallel_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
@@ -1065,7 +1129,8 @@ class SchedulerState:
 
     def _idle_worker_for(self, warm_key: WarmKey) -> WorkerRecord | None:
         """A worker warm for this key, else a clean one."""
-        idle = [w for w in self.workers.values() if w.task_id is None and not w.paused]
+        idle = [w for w in self.workers.values()
+                if w.task_id is None and not w.paused and not w.stopping]
         for wanted in (warm_key, None):
             for worker in idle:
                 if worker.warm_for == wanted:
@@ -1075,7 +1140,7 @@ class SchedulerState:
     def _evict_idle_worker(self) -> None:
         """Nothing idle fits the next task: replace one worker warm for another key."""
         for worker in self.workers.values():
-            if worker.task_id is None:
+            if worker.task_id is None and not worker.stopping:
                 # Isolation: another key's warm worker is replaced, never reused.
                 self._drop_worker(worker.worker_id)
                 self._out.append(KillWorker(worker.node_id, worker.worker_id, "warm for other code"))
@@ -1090,7 +1155,7 @@ class SchedulerState:
         best: WorkerRecord | None = None
         for worker in self.workers.values():
             if (worker.warm_for == task.warm_key and worker.task_id is not None
-                    and not worker.paused and len(worker.queued) < room
+                    and not worker.paused and not worker.stopping and len(worker.queued) < room
                     and self.tasks[worker.task_id].kind is TASK
                     and (best is None or len(worker.queued) < len(best.queued))):
                 best = worker
@@ -1265,6 +1330,10 @@ class SchedulerState:
                 assert index in task.units.open_units, f"{worker_id} runs closed unit {index}"
         paused = {w for w, record in self.workers.items() if record.paused}
         assert paused == self.paused, f"paused workers {paused} != {self.paused}"
+        stopping = {w for w, record in self.workers.items() if record.stopping}
+        assert stopping == self.stopping, f"stopping workers {stopping} != {self.stopping}"
+        for worker_id in stopping:
+            assert self.workers[worker_id].stop_by > 0, f"{worker_id} stops with no deadline"
         running = {t.task_id for t in self.tasks.values() if t.state is RUNNING}
         assert set(self._running) == running, "running index disagrees with task states"
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
