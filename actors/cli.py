@@ -117,7 +117,9 @@ def _print_packages(address: str, keys: str, timeout: float) -> int:
         sys.stdout.write(f"{package.package}  version {package.version}\n")
         for task in package.tasks:
             params = ", ".join(task.parameters) if task.parameters is not None else "..."
-            sys.stdout.write(f"  {task.name}({params})  [{task.kind}]  {task.doc}\n")
+            ran = (time.strftime("last run %Y-%m-%d %H:%M:%S", time.localtime(task.last_run))
+                   if task.last_run else "never run")
+            sys.stdout.write(f"  {task.name}({params})  [{task.kind}]  {ran}  {task.doc}\n")
         for module, error in package.broken:
             sys.stdout.write(f"  BROKEN {module}: {error}\n")
     return 0

@@ -15,7 +15,8 @@ Sequential (the default): each child runs as one unit that depends on the previo
 arguments), a child that fails fails the container at once and the later children never start,
 and the result is the last child's. Parallel: every child runs on the container's arguments on
 any worker, and the result is the list of their results in order. Progress counts the
-children; cancelling the container cancels the child that runs. No second scheduler: the
+children; cancelling the container asks the child that runs to stop (its
+``task_stop_requested``, ``TaskStopped`` at its next ``task_progress``) and no later child starts. No second scheduler: the
 children are units, their results stay on the workers that made them until the next needs it.
 """
 
@@ -49,6 +50,7 @@ class TaskContainer(ParallelTask):
         index, args, kwargs = item
         child = self._task_children()[index]()
         child.task_id = self.task_id
+        child._task_stop = self._task_stop  # a cancel of the container stops the child it runs
         return child.work(*inputs) if inputs else child.work(*args, **kwargs)
 
     def reduce(self, results: list[Any]) -> Any:

@@ -200,6 +200,7 @@ class Master(Shell):
         self.worker_usage: dict[str, tuple[float, int]] = {}  # worker -> (CPU %, bytes), for the page
         # (package, version) -> module -> what importing it on a worker raised
         self.load_errors: dict[tuple[str, str], dict[str, str]] = {}
+        self.last_run: dict[str, float] = {}  # deployed task name -> when one last started
         self.log = log.bind(role="master", master_id=master_id)
 
     def on_start(self) -> None:
@@ -864,7 +865,8 @@ class Master(Shell):
             m.PackageListing(
                 pv.package, pv.version,
                 [m.TaskListing(t.name, t.kind.value,
-                               list(t.parameters) if t.parameters is not None else None, t.doc)
+                               list(t.parameters) if t.parameters is not None else None, t.doc,
+                               self.last_run.get(t.name, 0.0))
                  for t in pv.listing.tasks],
                 [(b.module, b.error) for b in pv.listing.broken]
                 + sorted(self.load_errors.get((pv.package, pv.version), {}).items()))
@@ -891,6 +893,8 @@ class Master(Shell):
         self.catalogue = packages
         listed = {(pv.package, pv.version) for pv in packages.values()}
         self.load_errors = {k: v for k, v in self.load_errors.items() if k in listed}
+        names = {t.name for pv in packages.values() for t in pv.listing.tasks}
+        self.last_run = {k: v for k, v in self.last_run.items() if k in names}
         versions = self._newest_versions() + [(p, None) for p in sorted(removed)]
         for package, version in versions:
             self._apply(ev.NewestVersion(self.now, package, version))
@@ -1151,6 +1155,8 @@ class Master(Shell):
                                driver=ins.driver)
                 if ins.driver:
                     self.started.add(ins.task_id)
+                    if ins.package:  # the listing's "last run" (by name, any version)
+                        self.last_run[ins.name] = time.time()
                     if self.dashboard is not None and ins.kind == ev.TaskKind.TASK:
                         self.stream.started(ins.worker_id, ins.task_id, 0, 1, self.now)
                 self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(task_id=ins.task_id,

@@ -428,6 +428,7 @@ class TaskListing(Message, frozen=True):
     kind: str
     parameters: list[str] | None
     doc: str
+    last_run: float = 0.0  # wall-clock time a task of this name last started here; 0.0: never
 
 
 class PackageListing(Message, frozen=True):

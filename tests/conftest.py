@@ -77,6 +77,15 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def peak_mib(pid: int) -> float:
+    """The process's resident-set high-water mark (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

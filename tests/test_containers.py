@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from actors import Client, MapReduceTask, Task, TaskContainer
 from actors.datasources import byte_ranges, files, read_lines
 from actors.errors import InvalidArguments
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -33,6 +35,34 @@ class Square(Task):
 class Fails(Task):
     def work(self, x):
         raise ValueError(f"child 2 cannot take {x}")
+
+
+class Counts(Task):
+    """Counts slowly with progress; leaves a mark in ``finally`` (its result: the marks folder)."""
+
+    def work(self, marks):
+        try:
+            for i in range(6_000):
+                self.task_progress(i, 6_000)
+                time.sleep(0.01)
+        finally:
+            Path(marks, "child2-finally").touch()
+        return marks
+
+
+class Marks(Task):
+    def work(self, marks):
+        Path(marks, "child3-ran").touch()
+        return marks
+
+
+class Passes(Task):
+    def work(self, marks):
+        return marks
+
+
+class CancelledInTheMiddle(TaskContainer):
+    children = [Passes, Counts, Marks]
 
 
 class Pipeline(TaskContainer):
@@ -79,6 +109,19 @@ def test_a_failing_child_stops_the_container_and_later_children_never_start(
     with pytest.raises(ValueError, match="child 2 cannot take 10"):
         fut.result(timeout=60)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_cancel_during_child_2_stops_it_and_child_3_never_starts(client: Client,
+                                                                   tmp_path: Path) -> None:
+    fut = client.submit(CancelledInTheMiddle, str(tmp_path))
+    wait_until(lambda: any(e[2] == "executing" and e[0].endswith(":1") for e in client.story(fut)),
+               30, "child 2 to run")
+    assert fut.cancel(timeout=20) is True
+    wait_until(lambda: (tmp_path / "child2-finally").exists(), 20, "child 2's finally: to run")
+    wait_until(lambda: any(e[2] in ("stopped", "killed") for e in client.story(fut)
+                           if e[0].startswith("worker")), 20, "its worker to stop")
+    assert not (tmp_path / "child3-ran").exists()
+    assert ("worker", "stopped") in {(e[0].split()[0], e[2]) for e in client.story(fut)}
 
 
 def test_a_container_checks_its_arguments_against_its_first_child(client: Client) -> None:

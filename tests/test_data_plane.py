@@ -21,21 +21,12 @@ from actors.client import BOOT_ID
 from actors.client import Client as ClientClass
 from actors.errors import ResultTooLarge
 from actors.serialize import loads
-from tests.conftest import wait_until
+from tests.conftest import peak_mib, wait_until
 from transport import load_keypair
 
 pytestmark = pytest.mark.processes
 
 MIB = 1 << 20
-
-
-def peak_mib(pid: int) -> float:
-    """The process's resident-set high-water mark (VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def reset_peak(pid: int) -> None:

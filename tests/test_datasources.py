@@ -11,6 +11,7 @@ import pytest
 from actors import Client, ParallelTask
 from actors.datasources import ByteRange, byte_ranges, files, lines, read_lines, sql_rows
 from actors.errors import MissingDependency
+from tests.conftest import peak_mib
 
 
 def _write(path: Path, rows: list[str]) -> Path:
@@ -99,3 +100,37 @@ def test_a_job_reads_files_by_byte_ranges_and_a_table_by_rows(client: Client,
         conn.execute("create table numbers (n integer)")
         conn.executemany("insert into numbers values (?)", [(n,) for n in range(100_000)])
     assert client.submit(SumRows, str(db)).result(timeout=120) == sum(range(100_000))
+
+
+class CountLines(ParallelTask):
+    def get_work(self, pattern):
+        yield from byte_ranges(files(pattern), chunk_bytes=16 << 20)
+
+    def work_unit(self, part: ByteRange):
+        return sum(1 for _ in read_lines(part))
+
+    def reduce(self, counts):
+        return sum(counts)
+
+
+@pytest.mark.processes
+def test_a_large_file_and_a_million_rows_pass_the_master_by(cluster, client: Client,
+                                                             tmp_path: Path) -> None:
+    """256 MiB of lines read by the workers in byte ranges and 10^6 SQLite rows: exact counts,
+    and the master's peak memory grows by a small fraction of the data (the file never passes
+    through it; the rows pass a chunk at a time)."""
+    line = b"lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor\n"
+    block = line * ((1 << 20) // len(line))
+    big = tmp_path / "big.txt"
+    with big.open("wb") as out:
+        for _ in range(256):
+            out.write(block)
+    before = peak_mib(cluster.pid)
+    assert client.submit(CountLines, str(big)).result(timeout=300) == 256 * (block.count(b"\n"))
+    db = tmp_path / "million.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table numbers (n integer)")
+        conn.executemany("insert into numbers values (?)", ((n,) for n in range(1_000_000)))
+    assert client.submit(SumRows, str(db)).result(timeout=300) == sum(range(1_000_000))
+    grew = peak_mib(cluster.pid) - before
+    assert grew < 32, f"the master's peak grew by {grew:.0f} MiB"

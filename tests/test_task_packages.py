@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,12 @@ def test_an_unknown_task_name_is_refused_at_submit_with_what_exists(tmp_path: Pa
         listing = {t.name: t for p in client.packages() for t in p.tasks}
         assert listing["demo.jobs:Which"].parameters == ["gate"]
         assert listing["demo.jobs:Squares"].kind == "ParallelTask"
+        assert listing["demo.jobs:Which"].last_run == 0.0  # never run
+        before = time.time()
+        assert client.submit("demo.jobs:Which").result(timeout=30) == "one"
+        listing = {t.name: t for p in client.packages() for t in p.tasks}
+        assert before <= listing["demo.jobs:Which"].last_run <= time.time()
+        assert listing["demo.jobs:Squares"].last_run == 0.0
 
 
 def test_a_package_that_fails_to_import_fails_only_its_task(tmp_path: Path) -> None:
@@ -231,7 +238,7 @@ def test_the_packages_command_lists_versions_and_tasks(tmp_path: Path) -> None:
                               "--keys", cl.keys_dir], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"demo  version {version}" in out.stdout
-    assert "demo.jobs:Which(gate)" in out.stdout
+    assert "demo.jobs:Which(gate)  [Task]  never run" in out.stdout
 
 
 def test_the_dashboard_shows_which_package_version_a_worker_holds(tmp_path: Path) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.conftest import (
     start_master,
     wait_until,
 )
+from tests.test_containers import WordCount
 
 pytestmark = pytest.mark.processes
 
@@ -149,6 +152,31 @@ def test_a_tree_reduction_fetches_partial_sums_across_nodes(two_nodes: TwoNodes)
                 (two_nodes.logs / f"node{i}.log").read_text().splitlines()
                 if "peer_node_connect" in line]
     assert connects and all("ipc://" in line for line in connects), connects
+
+
+def test_map_reduce_across_two_nodes_moves_the_mapped_pairs_worker_to_worker(
+        two_nodes: TwoNodes, tmp_path: Path) -> None:
+    """Map units on both nodes keep their pairs; each reduce unit fetches its partition from
+    the workers that made them, across the nodes (never through the master): exact counts."""
+    rng = random.Random(5)
+    vocabulary = [f"w{i}" for i in range(300)]
+    expected: Counter[str] = Counter()
+    for f in range(4):
+        rows = [" ".join(rng.choices(vocabulary, k=rng.randrange(0, 12))) for _ in range(4_000)]
+        expected.update(word for row in rows for word in row.split())
+        (tmp_path / f"text{f}.txt").write_text("\n".join(rows) + "\n")
+    with Client(two_nodes.address, keys=two_nodes.keys) as client:
+        client.wait_for_workers(4)
+        warm_workers(client, two_nodes, tmp_path / "gate")  # all four may take its units
+        fut = client.submit(WordCount, str(tmp_path / "text*.txt"), 16 << 10)
+        assert result_or_logs(fut, 120, two_nodes.logs) == dict(expected)
+        story = fut.story()
+    mapped_on = {e[3].split(": ")[0].split("/")[0] for e in story
+                 if e[1] == "executing" and e[2] == "memory"}
+    assert len(mapped_on) == 2, f"the units ran on {mapped_on}"
+    arrivals = [(e[3].split(": ")[0], e[3].split("data ")[1]) for e in story
+                if e[1] == "flight" and e[2] == "memory"]
+    assert any(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals), arrivals
 
 
 def warm_workers(client: Client, two_nodes: TwoNodes, gate: Path) -> set[int]:
