@@ -51,6 +51,7 @@ class TaskContainer(ParallelTask):
         child = self._task_children()[index]()
         child.task_id = self.task_id
         child._task_stop = self._task_stop  # a cancel of the container stops the child it runs
+        child._task_reports_progress = False  # the container's progress counts its children
         return child.work(*inputs) if inputs else child.work(*args, **kwargs)
 
     def reduce(self, results: list[Any]) -> Any:

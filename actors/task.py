@@ -51,6 +51,8 @@ class Task:
     task_id: str = ""
     #: Set by the runtime when the task is cancelled (see ``task_stop_requested``).
     _task_stop: threading.Event | None = None
+    #: False for a container's child: its steps are not its container's (which counts children).
+    _task_reports_progress: bool = True
 
     @property
     def task_stop_requested(self) -> bool:
@@ -121,7 +123,8 @@ def report_progress_of(task: Task, done: int, total: int) -> None:
     if not whole:
         raise ValueError(f"task_progress takes whole numbers done >= 0 and total >= 0, not "
                          f"{done!r} and {total!r}")
-    task_output.report_progress(task.task_id, done, total)
+    if task._task_reports_progress:
+        task_output.report_progress(task.task_id, done, total)
 
 
 def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
