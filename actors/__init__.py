@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from actors.async_client import AsyncClient  # noqa: E402
 from actors.client import Client, Future  # noqa: E402
 from actors.cluster import LocalCluster  # noqa: E402
 from actors.containers import MapReduceTask, TaskContainer  # noqa: E402
@@ -16,7 +17,7 @@ from actors.waiting import (  # noqa: E402
     wait,
 )
 
-__all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Client", "Future",
+__all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "AsyncClient", "Client", "Future",
            "MapReduceTask",
            "LocalCluster", "ParallelTask", "Task", "TaskContainer", "TaskLine", "Unit",
            "as_completed", "gather",
