@@ -36,7 +36,8 @@ pytestmark = pytest.mark.processes
 
 class Counted(ParallelTask):
     """Units that take a little while and write down each run (to count what ran twice); those
-    from ``hold`` on wait (30 s at most) for the file ``runs + ".go"``."""
+    from ``hold`` on wait (30 s at most) for the file ``runs + ".go"``, saying so in
+    ``runs + ".held"``."""
 
     def get_work(self, n, runs, hold=None):
         for i in range(n):
@@ -44,7 +45,9 @@ class Counted(ParallelTask):
 
     def work_unit(self, unit):
         i, runs, hold = unit
-        if hold is not None and i >= hold:
+        if hold is not None and i >= hold and not os.path.exists(runs + ".go"):
+            with open(runs + ".held", "a") as out:
+                out.write(f"{i}\n")
             deadline = time.monotonic() + 30
             while not os.path.exists(runs + ".go") and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -147,6 +150,8 @@ def test_kill_9_of_the_master_mid_job_loses_nothing(restartable: Restartable, tm
     big = client.submit(Counted, n=2_000, runs=str(runs), hold=600)
     small = [client.submit(Add, i, 1) for i in range(100)]
     wait_until(lambda: big.progress()[0] >= 500, 120, "a quarter of the units")
+    held = tmp_path / "runs.txt.held"
+    wait_until(held.exists, 120, "a worker to hold a unit until the master is gone")
     done_before = big.progress()[0]
 
     def units_finish_while_the_master_is_away() -> None:
