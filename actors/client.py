@@ -10,6 +10,7 @@ completed from there and are safe to wait on from any thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hashlib
 import html
@@ -38,6 +39,7 @@ from actors.errors import (
     ClientClosed,
     ConnectFailed,
     HandshakeRefused,
+    InputFailed,
     KeyRefused,
     LargePayloadWarning,
     MasterLost,
@@ -47,6 +49,7 @@ from actors.errors import (
     UnknownTask,
 )
 from actors.functions import check_function_arguments, function_task
+from actors.inputs import collecting, reduce_future
 from actors.node_data import boot_id
 from actors.serialize import dumps, dumps_task_class, loads, loads_parts, rebuild_exception
 from actors.task import Task, check_arguments
@@ -125,6 +128,17 @@ class Future:
 
     def __repr__(self) -> str:
         return f"<Future {self.name} {self.task_id} {self._status}{self._progress_text()}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Among a task's arguments, a future is its task's result (``actors.inputs``)."""
+        return reduce_future(self)
+
+    def __del__(self) -> None:
+        # Nothing holds this future: its result need not be kept for later tasks' arguments.
+        # (Told on the client's next tick: a finalizer takes no lock.)
+        released = getattr(getattr(self, "_client", None), "_released", None)
+        if released is not None:
+            released.append(self.task_id)
 
     def _progress_text(self) -> str:
         done, total = self._progress
@@ -295,7 +309,12 @@ class Future:
 
     def _exception_of(self, err: m.TaskErred) -> BaseException:
         where = f"task {self.name} {self.task_id}" + (f", unit {err.unit}" if err.unit else "")
-        return rebuild_exception(err.error, err.type_name, err.message, err.traceback, where)
+        exc = rebuild_exception(err.error, err.type_name, err.message, err.traceback, where)
+        if isinstance(exc, InputFailed) and exc.__cause__ is None:
+            source = self._client._futures.get(exc.input_id)
+            if source is not None and source is not self and source.done():
+                exc.__cause__ = source.exception(0)  # the input's own error, as raised here
+        return exc
 
     def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | _Parts | None,
                 error: BaseException | None = None) -> None:
@@ -426,6 +445,7 @@ class Client:
         self.address = address
         self.client_id = f"client-{uuid.uuid4().hex[:12]}"
         self._futures: weakref.WeakValueDictionary[str, Future] = weakref.WeakValueDictionary()
+        self._released: collections.deque[str] = collections.deque()  # futures gone (Release)
         self._futures_done = threading.Condition()  # every future's end is told through it
         self._replies: dict[str, queue.SimpleQueue[m.Message]] = {}
         self._welcome = threading.Event()
@@ -507,18 +527,32 @@ class Client:
             check_arguments(task, args, kwargs)
         code_hash, code = self._code_of(task)
         task_id = f"{task.__name__}-{uuid.uuid4().hex[:12]}"
+        arguments, inputs = self._arguments(args, kwargs)
         fut = Future(self, task_id, task.__qualname__, task.task_kind)
-        arguments = dumps((args, kwargs))
         with self._send_lock:
             self._futures[task_id] = fut
             # Each code goes to the master once; later submits name it by its hash.
             submit = m.Submit(task_id=task_id, name=task.__qualname__, kind=task.task_kind,
                               code=b"" if code_hash in self._shipped else code, args=arguments,
-                              priority=priority, retries=retries, code_hash=code_hash)
+                              priority=priority, retries=retries, code_hash=code_hash,
+                              inputs=inputs)
             self._unaccepted[task_id] = (submit, code)
             self._send_locked(submit)
             self._shipped.add(code_hash)
         return fut
+
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
+        """The pickled arguments, and the tasks whose futures are among them (its inputs)."""
+        with collecting() as found:
+            arguments = dumps((args, kwargs))
+        for fut in found.values():
+            if fut._client is not self:
+                raise ValueError(f"the future {fut.task_id} among the arguments is another "
+                                 "client's: pass its result, or submit from that client")
+        if len(found) > m.MAX_INPUTS:
+            raise ValueError(f"{len(found)} futures among the arguments: at most "
+                             f"{m.MAX_INPUTS} (gather them in fewer tasks)")
+        return arguments, list(found)
 
     def _code_of(self, task: type[Task]) -> tuple[str, bytes]:
         found = self._code_cache.get(task)
@@ -542,9 +576,10 @@ class Client:
                 raise UnknownTask(name, sorted(known))
         task_id = f"{name.rpartition(':')[2]}-{uuid.uuid4().hex[:12]}"
         kind = "parallel" if known.get(name) == "ParallelTask" else "task"
+        arguments, inputs = self._arguments(args, kwargs)
         fut = Future(self, task_id, name, kind)
-        submit = m.Submit(task_id=task_id, name=name, kind="", code=b"",
-                          args=dumps((args, kwargs)), priority=priority, retries=retries)
+        submit = m.Submit(task_id=task_id, name=name, kind="", code=b"", args=arguments,
+                          priority=priority, retries=retries, inputs=inputs)
         with self._send_lock:
             self._futures[task_id] = fut
             self._unaccepted[task_id] = (submit, b"")
@@ -743,6 +778,11 @@ class Client:
         if self._received and self._disconnected_since is None:
             received, self._received = self._received, []
             self._hub.send_now(MASTER, [m.encode(m.Received(received))])
+        released = self._released
+        if released and self._welcome.is_set() and self._disconnected_since is None:
+            while released:
+                batch = [released.popleft() for _ in range(min(len(released), 10_000))]
+                self._hub.send_now(MASTER, [m.encode(m.Release(batch))])
         if (self._welcome.is_set() and self._disconnected_since is None
                 and now - self._last_heartbeat >= HEARTBEAT_S):
             # The master takes a client silent for --client-timeout as gone (its tasks stop).

@@ -304,6 +304,36 @@ class TaskCancelled(ActorsError, concurrent.futures.CancelledError):
         return f"task {self.task_id} was cancelled"
 
 
+class InputFailed(ActorsError):
+    """A task could not run: a future among its arguments (its input) failed or was cancelled.
+    The client chains that input's own error as ``__cause__`` when it still has its future."""
+
+    def __init__(self, task_id: str, input_id: str, state: str, reason: str = "") -> None:
+        super().__init__(task_id, input_id, state, reason)
+        self.task_id = task_id
+        self.input_id = input_id
+        self.state = state
+        self.reason = reason
+
+    def __str__(self) -> str:
+        why = f": {self.reason}" if self.reason else ""
+        return f"task {self.task_id} did not run: its input {self.input_id} {self.state}{why}"
+
+
+class InputLost(ActorsError, LookupError):
+    """A future passed as an argument names a result the cluster no longer has (its future was
+    released, its master restarted, or its node was lost)."""
+
+    def __init__(self, task_id: str, input_id: str, reason: str) -> None:
+        super().__init__(task_id, input_id, reason)
+        self.task_id = task_id
+        self.input_id = input_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"task {self.task_id}: its input {self.input_id} is gone: {self.reason}"
+
+
 class TaskStopped(BaseException):
     """Raised inside a cancelled task's code, at its next ``task_progress`` (or by the task
     itself once ``task_stop_requested`` is true): unwinds ``work`` so that its ``finally:``

@@ -40,6 +40,7 @@ from actors.dashboard import BUILD_EVERY_S, Dashboard, parse_address
 from actors.errors import (
     ActorsError,
     CodeUnknown,
+    InputFailed,
     InvalidAddress,
     JournalUnreadable,
     MalformedMessage,
@@ -56,6 +57,7 @@ from actors.launch import (
     stop_process,
     write_atomically,
 )
+from actors.master_inputs import InputBook
 from actors.metrics import MetricsServer, Snapshot
 from actors.serialize import describe_exception
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
@@ -189,6 +191,8 @@ class Master(Shell):
         # Each node's data address and its endpoint for peers of its host (LocalPeers).
         self.local_data: dict[str, tuple[str, str]] = {}
         self.leaving: dict[str, tuple[str, str, int]] = {}  # task -> node, worker, size
+        self.inputs = InputBook()  # results kept for later tasks' arguments (master_inputs.py)
+        self.fetched: set[str] = set()  # held results their client has (Received), still kept
         self.delivering: dict[str, tuple[str, str]] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
@@ -361,6 +365,7 @@ class Master(Shell):
 
     def _client_gone(self, client_id: str) -> None:
         self.codes.pop(client_id, None)
+        self.inputs.client_gone(client_id)
         self._drop_results([t for t, (_, c) in self.delivering.items() if c == client_id])
         self._apply(ev.ClientLeft(self.now, client_id))
         self.journal.client_left(client_id)
@@ -656,8 +661,13 @@ class Master(Shell):
             case m.Received(task_ids=task_ids):
                 for task_id in task_ids:
                     self.journal.delivered(task_id, peer.peer_id)
-                self._drop_results([t for t in task_ids if self.delivering.get(t, ("", ""))[1]
-                                    == peer.peer_id])
+                held = [t for t in task_ids if self.delivering.get(t, ("", ""))[1] == peer.peer_id]
+                # A held result its client may still pass to a later task stays on its node.
+                kept = [t for t in held if self.inputs.in_use(t)]
+                self.fetched.update(kept)
+                self._drop_results([t for t in held if not self.inputs.in_use(t)])
+            case m.Release(task_ids=task_ids):
+                self._drop_unused(self.inputs.released(peer.peer_id, task_ids))
             case m.Bye():
                 self.peers = {k: p for k, p in self.peers.items() if p is not peer}
                 self.log.info("client_left", peer=peer.peer_id)
@@ -836,6 +846,12 @@ class Master(Shell):
         self.log.debug("task_submitted", task_id=msg.task_id, task=msg.name,
                       client_id=peer.peer_id, priority=msg.priority, package=package,
                       version=version)
+        if msg.inputs:
+            refused = self._check_inputs(peer, msg)
+            if refused is not None:
+                self._refuse_submit(peer, msg, refused)
+                return
+        self.inputs.submitted(msg.task_id, peer.peer_id, msg.inputs)
         self.seq += 1
         self.stats.tasks_submitted += 1
         self.journal.task_added(TaskRow(
@@ -846,7 +862,20 @@ class Master(Shell):
                                      name=msg.name, kind=kind, code=code, args=msg.args,
                                      priority=msg.priority, package=package, version=version,
                                      retries=msg.retries, code_hash=msg.code_hash,
-                                     owner=peer.key.decode(errors="replace")))
+                                     owner=peer.key.decode(errors="replace"),
+                                     inputs=tuple(msg.inputs)))
+
+    def _check_inputs(self, peer: Peer, msg: m.Submit) -> Exception | None:
+        """Why the futures among a submission's arguments are refused (None: they are not)."""
+        if len(msg.inputs) > m.MAX_INPUTS:
+            return ValueError(f"{len(msg.inputs)} inputs: at most {m.MAX_INPUTS}")
+        for input_id in msg.inputs:
+            task = self.scheduler.tasks.get(input_id)
+            running = task.client_id if task is not None and not task.finished else None
+            refused = self.inputs.check(msg.task_id, peer.peer_id, input_id, running)
+            if refused is not None:
+                return refused
+        return None
 
     def _refuse_submit(self, peer: Peer, msg: m.Submit, error: Exception) -> None:
         payload, type_name, text, _ = describe_exception(error)
@@ -929,6 +958,16 @@ class Master(Shell):
 
     def _task_ended(self, client_id: str, task_id: str, msg: m.Message) -> None:
         """Tell the client; the journal keeps the message until the client received it."""
+        if isinstance(msg, m.TaskDone):
+            unused = self.inputs.ended(task_id, "done", msg.result if msg.held is None else None)
+        elif isinstance(msg, m.TaskErred):
+            unused = self.inputs.ended(task_id, "erred",
+                                       why=f"{msg.type_name.removeprefix('builtins.')}: "
+                                           f"{msg.message}"[:500])
+        else:
+            unused = self.inputs.ended(task_id, "cancelled")
+        if unused:
+            self._drop_unused([t for t in unused if t != task_id])
         ended = m.encode(msg)
         self.journal.task_ended(task_id, client_id, ended)
         self.send(SOCKET, client_id.encode(), frames=[ended])
@@ -1120,8 +1159,14 @@ class Master(Shell):
         out = self.scheduler.handle(event)
         self.stats.handle_seconds += time.perf_counter() - started
         self.stats.handled += 1
+        after: list[ev.ReportInputFailed] = []
         for instruction in out:
-            self._carry_out(instruction)
+            if type(instruction) is ev.ReportInputFailed:
+                after.append(instruction)  # once its input's own end is known here
+            else:
+                self._carry_out(instruction)
+        for failed in after:
+            self._carry_out(failed)
         if driven:
             self._tell_requeued(driven)
 
@@ -1159,15 +1204,11 @@ class Master(Shell):
                         self.last_run[ins.name] = time.time()
                     if self.dashboard is not None and ins.kind == ev.TaskKind.TASK:
                         self.stream.started(ins.worker_id, ins.task_id, 0, 1, self.now)
-                self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(task_id=ins.task_id,
-                                                                         name=ins.name,
-                                                                         kind=ins.kind,
-                                                                         code=self._code_for(ins),
-                                                                         args=ins.args,
-                                                                         driver=ins.driver,
-                                                                         package=ins.package,
-                                                                         version=ins.version,
-                                                                         code_hash=ins.code_hash))
+                inline, held = self._with_inputs(ins) if ins.inputs and ins.driver else ([], [])
+                self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(
+                    task_id=ins.task_id, name=ins.name, kind=ins.kind, code=self._code_for(ins),
+                    args=ins.args, driver=ins.driver, package=ins.package, version=ins.version,
+                    code_hash=ins.code_hash, inputs=inline, held_inputs=held))
             case ev.ReleaseWorker():
                 self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
             case ev.StopTask():
@@ -1194,6 +1235,14 @@ class Master(Shell):
                     WorkerKilled(ins.task_id, ins.unit, ins.causes))
                 self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
                     ins.task_id, payload, type_name, text, "", ins.unit))
+            case ev.ReportInputFailed():
+                kept = self.inputs.kept.get(ins.input_id)
+                self.log.info("task_input_failed", task_id=ins.task_id, input_id=ins.input_id,
+                              input_state=ins.input_state)
+                payload, type_name, text, _ = describe_exception(InputFailed(
+                    ins.task_id, ins.input_id, ins.input_state, kept.why if kept else ""))
+                self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
+                    ins.task_id, payload, type_name, text, ""))
             case ev.ReportCancelled():
                 self.log.info("task_cancelled", task_id=ins.task_id)
                 self._task_ended(ins.client_id, ins.task_id, m.TaskCancelled(ins.task_id))
@@ -1225,6 +1274,28 @@ class Master(Shell):
             return
         if isinstance(msg, m.TaskDone) and msg.held is not None:
             self.delivering[task_id] = (msg.held.node_id, client_id)
+
+    def _drop_unused(self, task_ids: list[str]) -> None:
+        """Results no task may take as an input any more: held ones go once their client has
+        them (until then, its Received drops them)."""
+        fetched = [t for t in task_ids if t in self.fetched]
+        self.fetched.difference_update(fetched)
+        self._drop_results(fetched)
+
+    def _with_inputs(self, ins: ev.Assign) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
+        """The results an assigned driver's arguments name: inline, or where they are held
+        (the holding node is told to serve them to that worker)."""
+        inline, held = [], []
+        for input_id in ins.inputs:
+            kept = self.inputs.kept.get(input_id)
+            where = self.delivering.get(input_id)
+            if kept is not None and kept.result is not None:
+                inline.append((input_id, kept.result))
+            elif where is not None:
+                held.append((input_id, self.scheduler.data_addresses.get(where[0], "")))
+                self.send(SOCKET, where[0].encode(), message=m.ShareInput(input_id, ins.worker_id))
+            # else: gone (its node was lost): the worker fails the task with InputLost
+        return inline, held
 
     def _drop_results(self, task_ids: list[str]) -> None:
         """These held results were delivered (or nobody will fetch them): their nodes let go."""

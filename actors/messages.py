@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 11  # 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 12  # 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
@@ -96,6 +96,9 @@ class Submit(Message, frozen=True, kw_only=True):
     # The code's content hash. A client ships each code once: later submits of the same class
     # carry only the hash, and the master takes the code this client shipped under it.
     code_hash: str = ""
+    # The tasks (of this client) whose results are among the arguments (futures in ``args``):
+    # it runs once they are done, with their results in their place.
+    inputs: list[str] = []
 
 
 #: Seconds a cancelled task's code has to stop (``Task.task_stop_requested``) before its worker
@@ -240,6 +243,17 @@ class Received(Message, frozen=True):
     task_ids: list[str]
 
 
+#: The most inputs (futures among its arguments) one task may name.
+MAX_INPUTS = 10_000
+
+
+class Release(Message, frozen=True):
+    """client -> master: nothing here holds these tasks' futures any more: their results need
+    not be kept as inputs for later tasks (once the tasks waiting for them have run)."""
+
+    task_ids: list[str]
+
+
 class TaskProgress(Message, frozen=True):
     """master -> client: how far a task is. A ParallelTask counts units: ``total`` is final once
     ``sliced_all`` (its slicer is exhausted), a declared hint before (0: not known yet). A plain
@@ -357,6 +371,10 @@ class AssignTask(Message, frozen=True, kw_only=True):
     package: str = ""
     version: str = ""
     code_hash: str = ""
+    # The results its arguments' futures stand for: inline (task id, result), or held on a
+    # node (task id, that node's data address: the worker asks there with InputRequest).
+    inputs: list[tuple[str, bytes]] = []
+    held_inputs: list[tuple[str, str]] = []
 
 
 class NeedCode(Message, frozen=True):
@@ -526,6 +544,32 @@ class LocalPeers(Message, frozen=True):
     those on its own host and uid by their ipc endpoint, not over encrypted TCP."""
 
     peers: list[tuple[str, str]]
+
+
+class ShareInput(Message, frozen=True):
+    """master -> node: the result a worker of yours left for ``task_id`` is an input of a task
+    that runs on ``worker_id``: serve it to that worker (``InputRequest``)."""
+
+    task_id: str
+    worker_id: str
+
+
+class InputRequest(Message, frozen=True):
+    """worker -> (its node -> the holder's node): the held result of ``task_id``, an input of the
+    task this worker is to run."""
+
+    task_id: str
+    requester: str
+
+
+class InputData(Message, frozen=True):
+    """holder's node -> worker: the held result of ``task_id`` (its parts end to end, of these
+    ``lengths``), or why not (``reason``)."""
+
+    task_id: str
+    data: bytes
+    lengths: list[int]
+    reason: str = ""
 
 
 class ShareResult(Message, frozen=True):
@@ -698,6 +742,7 @@ AnyMessage = (
     | Bye
     | Accepted
     | Received
+    | Release
     | Submit
     | Cancel
     | StoryRequest
@@ -737,6 +782,9 @@ AnyMessage = (
     | PeerGone
     | LocalPeers
     | ShareResult
+    | ShareInput
+    | InputRequest
+    | InputData
     | HeldFile
     | HeldFileTaken
     | DropResults

@@ -761,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     results = ResultStore(node_id, pair, data.host, os.path.join(run_dir, "results"), task_ends,
                           args.results_memory, worker_pids)
     results.add_to(hub)
+    data.serve_input, results.reply = results.input_request, data.reply
     # Workers of other uids connect to the ipc socket through their group: it is made 0770.
     umask = os.umask(0o007) if containment.group is not None else None
     try:

@@ -33,6 +33,7 @@ import shutil
 import socket
 import urllib.parse
 from collections import OrderedDict
+from collections.abc import Callable
 
 import structlog
 
@@ -47,6 +48,9 @@ log = structlog.get_logger("actors.node")
 DATA = "data"
 DATA_LOCAL = "data-local"  # the same, on ipc, for peer nodes of this host and uid (no CURVE)
 WORKERS = "workers"
+#: The data plane's name for its node's result store, as a holder: a worker asks it for a held
+#: result that is an input of its task (``InputRequest``), as it asks a peer worker for a unit's.
+RESULTS_HOLDER = b"node-results"
 TO_PEER = b"p"
 REPLY = b"r"
 MAX_PEERS = 64  # open DEALERs to other nodes; the least recently used is closed first
@@ -125,6 +129,8 @@ class DataPlane:
         self.local_address = ""
         self.local: dict[str, str] = {}  # peer data address -> its ipc endpoint (same host, uid)
         self.origin_socket: dict[bytes, str] = {}  # asking node -> the socket it asked on
+        # The result store's answer to an InputRequest (set by the node: node_results.py).
+        self.serve_input: Callable[[Hub, bytes, bytes], None] | None = None
 
     def add_to(self, hub: Hub, node_public_key_file: str) -> None:
         """Before ``hub.start()``: bind the data ROUTER, admitting the nodes' key only."""
@@ -184,7 +190,9 @@ class DataPlane:
             if not address:
                 log.warning("data_request_without_address", holder=holder.decode(errors="replace"))
             elif text == self.address:
-                if not hub.send_now(WORKERS, [holder, b"", body]):
+                if holder == RESULTS_HOLDER and self.serve_input is not None:
+                    self.serve_input(hub, b"", body)
+                elif not hub.send_now(WORKERS, [holder, b"", body]):
                     self._holder_gone(hub, holder, b"", body)
             elif text not in self.known:
                 self.refused += 1
@@ -229,7 +237,9 @@ class DataPlane:
                 origin, holder, body = frames
                 if self.origin_socket.get(origin) != socket:
                     self.origin_socket[origin] = socket  # its answers go back the same way
-                if not hub.send_now(WORKERS, [holder, origin, body]):
+                if holder == RESULTS_HOLDER and self.serve_input is not None:
+                    self.serve_input(hub, origin, body)
+                elif not hub.send_now(WORKERS, [holder, origin, body]):
                     self._holder_gone(hub, holder, origin, body)
             else:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
@@ -252,6 +262,10 @@ class DataPlane:
             return
         reply = m.DataReply(request.task_id, holder.decode(errors="replace"), [], request.keys)
         self._reply(hub, origin, request.requester.encode(), m.encode(reply))
+
+    def reply(self, hub: Hub, origin: bytes, requester: bytes, body: bytes) -> None:
+        """Send an answer back to a requesting worker (the result store's, for inputs)."""
+        self._reply(hub, origin, requester, body)
 
     def _reply(self, hub: Hub, origin: bytes, requester: bytes, body: bytes) -> None:
         """Send a holder's answer back: to our own worker, or to the asking node."""

@@ -39,8 +39,8 @@ import contextlib
 import fcntl
 import os
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
@@ -78,6 +78,7 @@ class _Held:
     lengths: list[int]  # of its parts, in order: the file holds them end to end
     path: str = ""
     owner: str = ""  # set by the master's ShareResult
+    readers: set[str] = field(default_factory=set)  # workers it is an input of (ShareInput)
     nonce: str = ""  # in the name of its spilled file or memory file
     fd: int = -1  # its memory file, once a local client asked for it
 
@@ -88,6 +89,9 @@ class _Waiting:
     key: str
     deadline: float
     local: bool
+
+
+Reply = Callable[[Hub, bytes, bytes, bytes], None]  # (hub, origin, requester, body)
 
 
 class ResultStore:
@@ -106,6 +110,9 @@ class ResultStore:
         self.address = ""
         self.held: dict[str, _Held] = {}
         self.waiting: dict[str, list[_Waiting]] = {}
+        # Input requests that came before the master's ShareInput: (origin, requester, until).
+        self.inputs_waiting: dict[str, list[tuple[bytes, str, float]]] = {}
+        self.reply: Reply | None = None  # the data plane's way back to a requester
         self.in_memory = 0
         self.local_files = 0
         self.now = 0.0
@@ -219,6 +226,12 @@ class ResultStore:
                 entry.owner = owner
                 for waiting in self.waiting.pop(task_id, []):
                     self._answer(hub, waiting.routing, waiting.key, task_id, waiting.local)
+            case m.ShareInput(task_id=task_id, worker_id=worker_id):
+                entry = self.held.get(task_id)
+                if entry is not None and len(entry.readers) < MAX_WAITING * 64:
+                    entry.readers.add(worker_id)
+                for origin, requester, _ in self.inputs_waiting.pop(task_id, []):
+                    self._serve_input(hub, origin, requester, task_id)
             case m.DropResults(task_ids=task_ids):
                 for task_id in task_ids:
                     self._drop(task_id)
@@ -250,8 +263,53 @@ class ResultStore:
                 return
         self._answer(hub, routing, key.decode(errors="replace"), msg.task_id, self._local(msg))
 
+    def input_request(self, hub: Hub, origin: bytes, body: bytes) -> None:
+        """A worker (ours: ``origin`` b"", or a peer node's) asks for a held result that is an
+        input of its task: served once the master has said so (``ShareInput``), to it alone."""
+        try:
+            msg = m.decode(body)
+        except MalformedMessage as exc:
+            self.log.warning("malformed_input_request", error=str(exc))
+            return
+        if not isinstance(msg, m.InputRequest):
+            self.log.warning("unexpected_message", source="data plane", type=type(msg).__name__)
+            return
+        entry = self.held.get(msg.task_id)
+        if entry is not None and msg.requester not in entry.readers:
+            waiting = self.inputs_waiting.setdefault(msg.task_id, [])
+            if len(waiting) < MAX_WAITING:
+                waiting.append((origin, msg.requester, self.now + SHARE_WAIT_S))
+                return
+        self._serve_input(hub, origin, msg.requester, msg.task_id)
+
+    def _serve_input(self, hub: Hub, origin: bytes, requester: str, task_id: str) -> None:
+        entry = self.held.get(task_id)
+        reason, data = "", b""
+        if entry is None or requester not in entry.readers:
+            reason = "this node holds no such result for that worker"
+        else:
+            try:
+                data = b"".join(entry.data) if entry.data is not None else self._read(entry)
+            except OSError as exc:
+                reason = f"its copy is unreadable: {exc}"
+        lengths = entry.lengths if entry is not None and not reason else []
+        self.log.debug("input_sent", task_id=task_id, requester=requester, size=len(data),
+                       reason=reason)
+        if self.reply is not None:
+            self.reply(hub, origin, requester.encode(),
+                       m.encode(m.InputData(task_id, data, lengths, reason)))
+
     def tick(self, hub: Hub, now: float) -> None:
         self.now = now
+        for task_id, asked in list(self.inputs_waiting.items()):
+            for origin, requester, until in asked:
+                if until <= now:
+                    self._serve_input(hub, origin, requester, task_id)  # (not shared: refused)
+            left = [a for a in asked if a[2] > now]
+            if left:
+                self.inputs_waiting[task_id] = left
+            else:
+                del self.inputs_waiting[task_id]
         for task_id, waiting in list(self.waiting.items()):
             late = [w for w in waiting if w.deadline <= now]
             for w in late:

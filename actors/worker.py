@@ -22,7 +22,9 @@ without a message.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import itertools
 import os
 import resource
 import signal
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,9 +53,12 @@ from actors.core.worker_slot import (
     Slot,
     WorkerSlot,
 )
+from actors.errors import InputLost
+from actors.inputs import resolving
 from actors.memory import sealed_file
+from actors.node_data import RESULTS_HOLDER
 from actors.package_store import import_deployed
-from actors.serialize import describe_exception, loads
+from actors.serialize import describe_exception, loads, loads_parts
 from actors.shell import Inbound, Shell, Tick, tell_if_alive
 from actors.spill import RESUME_FRACTION, SpillBuffer, pause_mark, spill_target
 from actors.task import ParallelTask, Task, check_arguments
@@ -79,6 +85,7 @@ TO_MASTER = b"m"
 TO_NODE = b"n"
 HOLD_RESULT = b"h"  # [b"h", task_id, *parts]: a large result, for the node to hold
 HOLD_FILE = b"f"  # [b"f", HeldFile]: a large result in a sealed memory file, for the node
+TO_PEER = b"p"  # [b"p", address, holder, request]: for a holder on the node at that address
 
 
 @dataclass
@@ -138,6 +145,10 @@ class Worker(Shell):
         self.paused = False
         self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
         self.stopped: dict[str, None] = {}  # cancelled tasks (StopTask), oldest first
+        # LOADING: held inputs of the waiting assignment that came (task id -> data, lengths),
+        # and the version folder it loads from once they all have.
+        self.input_data: dict[str, tuple[bytes, list[int]]] = {}
+        self.input_path: str | None = None
         self.runner: UnitRunner | None = None
         self.classes: dict[str, Any] = {}  # shipped code's hash -> class, for warm reuse
         self.loaded_version: tuple[str, str] | None = None
@@ -227,6 +238,7 @@ class Worker(Shell):
             case m.AssignTask():
                 # A task the master queued behind this one (prefetch): next in line.
                 if (self.slot.state is HOSTING and msg.kind == "task" and not self.assignments
+                        and not msg.held_inputs
                         and (self._imported(msg) if msg.package else self._has_code(msg))):
                     self._line_up(msg)
                 else:
@@ -261,6 +273,8 @@ class Worker(Shell):
                           message=m.WorkerStory(msg.task_id, self._runner.story(msg.task_id)))
             case m.HeldFileTaken():
                 self._handed(msg)
+            case m.InputData():
+                self._input_arrived(msg)
             case m.DriverResults(results=results, held=held, sizes=sizes) if msg.task_id == task_id:
                 self._runner.results_arrived(msg)
                 self._to_task(UnitResults(results, held, sizes))
@@ -396,11 +410,17 @@ class Worker(Shell):
     def _assign(self, msg: m.AssignTask, version_path: str | None,
                 backlog: list[Any] | None = None) -> None:
         """Make the instance (IDLE or LOADING before) and begin it; then the input it missed."""
+        if msg.driver and any(i not in self.input_data for i, _ in msg.held_inputs):
+            self._fetch_inputs(msg, version_path, backlog)
+            return
         self.waiting, self.backlog = None, []
         try:
             cls, args, kwargs = self._load(msg, version_path)
             instance = host_instance(cls)
             driver = start_driver(instance) if msg.driver and msg.kind == "parallel" else None
+        except InputLost as exc:  # not the code's fault, nor this process's
+            self._fail_input(msg, exc)
+            return
         except Exception as exc:
             self._fail_load(msg, exc)
             return
@@ -423,7 +443,14 @@ class Worker(Shell):
         """The task's class and its checked arguments; raises what makes the task unloadable."""
         cls = self._class_of(msg) if version_path is None else self._import_deployed(
             msg, version_path)
-        args, kwargs = loads(msg.args)
+        loaders: dict[str, Callable[[], Any]] = {
+            input_id: functools.partial(loads, data) for input_id, data in msg.inputs}
+        for input_id, _ in msg.held_inputs:
+            found = self.input_data.pop(input_id, None)
+            if found is not None:
+                loaders[input_id] = functools.partial(_loads_held, *found)
+        with resolving(msg.task_id, loaders, placeholders=not msg.driver):
+            args, kwargs = loads(msg.args)
         if not (isinstance(cls, type) and issubclass(cls, Task)):
             raise TypeError(f"{cls!r} is not a Task subclass")
         if (msg.kind == "parallel") != issubclass(cls, ParallelTask):
@@ -439,6 +466,39 @@ class Worker(Shell):
             Begin(task_id, args, kwargs, msg.driver,
                   self._to_master, me.tell),
             lambda message: me.tell(ForHosted(task_id, message)))
+
+    def _fetch_inputs(self, msg: m.AssignTask, version_path: str | None,
+                      backlog: list[Any] | None) -> None:
+        """Ask the nodes that hold the task's large inputs for them; it loads once they came."""
+        if self.slot.state is not LOADING:
+            self._wait_for(msg)
+        self.waiting, self.backlog, self.input_path = msg, list(backlog or []), version_path
+        for input_id, address in msg.held_inputs:
+            if input_id not in self.input_data:
+                self.send(NODE, TO_PEER, address.encode(), RESULTS_HOLDER,
+                          message=m.InputRequest(input_id, self.worker_id))
+
+    def _input_arrived(self, msg: m.InputData) -> None:
+        waiting = self.waiting
+        if waiting is None or not waiting.driver or msg.task_id not in dict(waiting.held_inputs):
+            return  # for a task let go of meanwhile
+        if msg.reason:
+            self._fail_input(waiting, InputLost(waiting.task_id, msg.task_id, msg.reason))
+            return
+        self.input_data[msg.task_id] = (msg.data, msg.lengths)
+        if all(i in self.input_data for i, _ in waiting.held_inputs):
+            self._assign(waiting, self.input_path, self.backlog)
+
+    def _fail_input(self, msg: m.AssignTask, exc: BaseException) -> None:
+        """An input could not be had: the task fails (not the worker: it serves on)."""
+        self.log.info("task_input_lost", task_id=msg.task_id, error=str(exc))
+        self.input_data.clear()
+        self._stop_task()
+        payload, type_name, text, tb = describe_exception(exc)
+        self.send(NODE, TO_MASTER, message=m.TaskResult(
+            msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb)))
+        if self.assignments:
+            self._start(self.assignments.popleft())
 
     def _imported(self, msg: m.AssignTask) -> bool:
         """A deployed task of the version this worker imported already: no need to ask the node
@@ -581,6 +641,15 @@ class Worker(Shell):
         if wrong:
             raise AssertionError(f"worker slot {state.value} ({task_id or 'no task'}) does not "
                                  f"fit what the worker holds: {', '.join(wrong)}")
+
+
+def _loads_held(data: bytes, lengths: list[int]) -> Any:
+    """A held result as its node sent it: its parts end to end (one pickle and its buffers)."""
+    if len(lengths) < 2:
+        return loads(data)
+    view = memoryview(data)
+    cuts = list(itertools.accumulate(lengths, initial=0))
+    return loads_parts([view[a:b] for a, b in itertools.pairwise(cuts)])
 
 
 def contain() -> None:

@@ -79,6 +79,15 @@ class Session(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no worker-to-worker data")
 
     @abstractmethod
+    def chain(self, n: int) -> None:
+        """``n`` tiny tasks, each taking the one before's result (its future where there are
+        futures as arguments)."""
+
+    @abstractmethod
+    def fan_in(self, n: int) -> None:
+        """``n`` tiny tasks, then one taking all their results."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def __enter__(self) -> Session:
@@ -235,6 +244,17 @@ class ActorsSession(Session):
         digest = self.client.submit(units.BlobTree, n, nbytes).result(timeout=CALL_TIMEOUT_S)
         _expect("root digest", digest, units.expected_tree_digest(n, nbytes))
 
+    def chain(self, n: int) -> None:
+        fut = self.client.submit(units.inc, 0)
+        for _ in range(n - 1):
+            fut = self.client.submit(units.inc, fut)
+        _expect("end of the chain", fut.result(timeout=CALL_TIMEOUT_S), n)
+
+    def fan_in(self, n: int) -> None:
+        parts = self.client.map(units.inc, range(n))
+        _expect("sum", self.client.submit(units.total, parts).result(timeout=CALL_TIMEOUT_S),
+                n * (n + 1) // 2)
+
     def close(self) -> None:
         self.client.close()
         self.cluster.close()
@@ -324,6 +344,17 @@ class DaskSession(Session):
         digest = self.client.submit(units.blob_digest_of, level[0], pure=False)
         _expect("root digest", digest.result(CALL_TIMEOUT_S), units.expected_tree_digest(n, nbytes))
 
+    def chain(self, n: int) -> None:
+        fut = self.client.submit(units.inc, 0, pure=False)
+        for _ in range(n - 1):
+            fut = self.client.submit(units.inc, fut, pure=False)
+        _expect("end of the chain", fut.result(CALL_TIMEOUT_S), n)
+
+    def fan_in(self, n: int) -> None:
+        parts = self.client.map(units.inc, range(n), pure=False)
+        _expect("sum", self.client.submit(units.total, parts, pure=False).result(CALL_TIMEOUT_S),
+                n * (n + 1) // 2)
+
     def close(self) -> None:
         self.client.close()
         self.cluster.close()
@@ -409,6 +440,19 @@ class RaySession(Session):
         _expect("root digest", self._get(digest.remote(level[0])),
                 units.expected_tree_digest(n, nbytes))
 
+    def chain(self, n: int) -> None:
+        inc = self._ray.remote(num_cpus=1)(units.inc)
+        ref = inc.remote(0)
+        for _ in range(n - 1):
+            ref = inc.remote(ref)
+        _expect("end of the chain", self._get(ref), n)
+
+    def fan_in(self, n: int) -> None:
+        inc = self._ray.remote(num_cpus=1)(units.inc)
+        total = self._ray.remote(num_cpus=1)(units.total_of)  # (refs inside a list stay refs)
+        _expect("sum", self._get(total.remote(*[inc.remote(i) for i in range(n)])),
+                n * (n + 1) // 2)
+
     def close(self) -> None:
         self._ray.shutdown()
 
@@ -477,6 +521,19 @@ class PoolSession(Session):
         results = self.executor.map(units.blob, range(n), [nbytes] * n, timeout=CALL_TIMEOUT_S)
         _expect("digest (units, bytes, index sum)", units.blob_digest(results),
                 units.expected_digest(n, nbytes))
+
+    def chain(self, n: int) -> None:
+        """No futures as arguments in a pool: each result comes back to be passed on."""
+        value = 0
+        for _ in range(n):
+            value = self.executor.submit(units.inc, value).result(CALL_TIMEOUT_S)
+        _expect("end of the chain", value, n)
+
+    def fan_in(self, n: int) -> None:
+        parts = [f.result(CALL_TIMEOUT_S) for f in
+                 [self.executor.submit(units.inc, i) for i in range(n)]]
+        _expect("sum", self.executor.submit(units.total, parts).result(CALL_TIMEOUT_S),
+                n * (n + 1) // 2)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from bench import (
     data,
     efficiency,
+    graphs,
     latency,
     long_units,
     report,
@@ -39,6 +40,7 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in (
     Workload("many", "2. many small tasks", throughput.many_tasks),
     Workload("raising", "2b. tasks that raise", throughput.raising_tasks),
     Workload("durable", "2c. many small tasks on a durable master", throughput.durable_tasks),
+    Workload("graphs", "2d. task graphs (futures as arguments)", graphs.graphs),
     Workload("latency", "3. latency", latency.latency),
     Workload("efficiency", "4. 10 ms units", efficiency.efficiency),
     Workload("long", "4b. few long units", long_units.long_units, uses_shared_session=False),

@@ -41,6 +41,18 @@ def noop(x: Any = None) -> Any:
     return x
 
 
+def inc(x: int) -> int:
+    return x + 1
+
+
+def total(xs: list[int]) -> int:
+    return sum(xs)
+
+
+def total_of(*xs: int) -> int:
+    return sum(xs)
+
+
 def sleep_10ms(x: Any = None) -> Any:
     time.sleep(SLEEP_S)
     return x

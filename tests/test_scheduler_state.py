@@ -1067,3 +1067,58 @@ def test_a_paused_worker_whose_task_ended_is_replaced() -> None:
     assert "w1" not in s.state.workers and not s.state.paused
     submit(s, "t2", kind="task")  # the next task waits for the replacement, not for w1
     assert [i for i in s(ev.WorkerReady, "n1", "w2") if isinstance(i, ev.Assign)][0].worker_id == "w2"
+
+
+# --- tasks whose arguments are other tasks' futures (inputs) ----------------------------
+
+
+def submit_with_inputs(s: Harness, task_id: str, *inputs: str) -> list[ev.Instruction]:
+    return s(ev.TaskSubmitted, task_id=task_id, client_id="c1", name="Name", kind="task",
+             code=b"code", args=b"args", inputs=inputs)
+
+
+def test_a_task_waits_for_its_inputs_then_runs_with_them(s: Harness) -> None:
+    submit(s, "a", kind="task")  # on w1
+    assert submit_with_inputs(s, "b", "a") == []
+    assert s.state.tasks["b"].state == "queued" and s.state.tasks["b"].inputs_left == {"a"}
+    out = s(ev.TaskFinished, "w1", "a", UnitOutcome(-1, True, b"ra"))
+    assert out == [ev.ReportDone("c1", "a", b"ra"),
+                   ev.Assign("n1", "w1", "b", "Name", "task", b"code", b"args", True,
+                             inputs=("a",))]
+    assert ("task", "queued", "waiting") in [e[:3] for e in s.state.story("b")]
+    assert ("task", "waiting", "queued") in [e[:3] for e in s.state.story("b")]
+    assert not s.state.dependents
+
+
+def test_a_failed_or_cancelled_input_fails_its_dependents_down_the_chain(s: Harness) -> None:
+    submit(s, "a", kind="task")
+    submit_with_inputs(s, "b", "a")
+    submit_with_inputs(s, "c", "b", "a")
+    out = s(ev.TaskFinished, "w1", "a", UnitOutcome(-1, False, b"exc", "builtins.ValueError", "no"))
+    assert ev.ReportInputFailed("c1", "b", "a", "erred") in out
+    assert ev.ReportInputFailed("c1", "c", "a", "erred") in out or \
+        ev.ReportInputFailed("c1", "c", "b", "erred") in out
+    assert {s.state.tasks[t].state for t in "bc"} == {"erred"}
+    # Submitted after its input failed: it fails at once.
+    assert submit_with_inputs(s, "d", "a")[-1] == ev.ReportInputFailed("c1", "d", "a", "erred")
+    submit(s, "e", kind="task")
+    submit_with_inputs(s, "f", "e")
+    out = s(ev.CancelRequested, "e")
+    assert ev.ReportInputFailed("c1", "f", "e", "cancelled") in out
+    assert not s.state.dependents
+
+
+def test_a_waiting_task_cancelled_is_not_run_when_its_inputs_are_done(s: Harness) -> None:
+    submit(s, "a", kind="task")
+    submit_with_inputs(s, "b", "a")
+    assert s(ev.CancelRequested, "b") == [ev.ReportCancelled("c1", "b")]
+    out = s(ev.TaskFinished, "w1", "a", UnitOutcome(-1, True, b"ra"))
+    assert out == [ev.ReportDone("c1", "a", b"ra")]
+
+
+def test_inputs_already_done_or_unknown_here_do_not_hold_a_task(s: Harness) -> None:
+    submit(s, "a", kind="task")
+    s(ev.TaskFinished, "w1", "a", UnitOutcome(-1, True, b"ra"))
+    out = submit_with_inputs(s, "b", "a", "forgotten-long-ago")
+    assert out == [ev.Assign("n1", "w1", "b", "Name", "task", b"code", b"args", True,
+                             inputs=("a", "forgotten-long-ago"))]

@@ -29,7 +29,8 @@ from actors.core.scheduler_state import SchedulerState
 from actors.core.undo import Undo
 from actors.messages import UnitCall, UnitOutcome, unit_digest
 
-REPORTS = (ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportCancelled)
+REPORTS = (ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportCancelled,
+           ev.ReportInputFailed)
 
 
 class Fault(Exception):
@@ -241,6 +242,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sliced[task_id] = 0
         self.feed(ev.TaskSubmitted(self.now, task_id=task_id, client_id=client, name="T",
                                    kind=kind, code=b"c", args=b"a", priority=priority))
+        self.flush()
+
+    @precondition(lambda self: self.next_task)
+    @rule(data=st.data(), client=st.sampled_from(["a", "b"]))
+    def a_task_takes_futures_as_arguments(self, data: st.DataObject, client: str) -> None:
+        """Its inputs: earlier tasks (running, queued, waiting, ended), and one never seen."""
+        inputs = data.draw(st.lists(st.integers(1, self.next_task + 1), min_size=1, max_size=3))
+        self.next_task += 1
+        task_id = f"t{self.next_task}"
+        self.units[task_id] = 0
+        self.sliced[task_id] = 0
+        self.feed(ev.TaskSubmitted(self.now, task_id=task_id, client_id=client, name="T",
+                                   kind="task", code=b"c", args=b"a",
+                                   inputs=tuple(f"t{i}" for i in inputs)))
         self.flush()
 
     @rule(count=st.integers(2, 8), client=st.sampled_from(["a", "b"]))

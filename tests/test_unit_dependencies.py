@@ -20,6 +20,7 @@ from tests.conftest import (
     alive,
     descendants,
     kill_all,
+    peak_mib,
     python_logged,
     result_or_logs,
     start_master,
@@ -99,6 +100,7 @@ class TwoNodes:
     keys: str
     node_pids: list[int]
     logs: Path  # every process's log, shown when a task hangs
+    master_pid: int = 0
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
             procs.append(python_logged(logs / f"node{i}.log", "-m", "actors.node", "--master",
                                        address, "--workers", "2", "--keys", keys))
         everything |= {p.pid for p in procs}
-        yield TwoNodes(address, keys, [p.pid for p in procs[1:]], logs)
+        yield TwoNodes(address, keys, [p.pid for p in procs[1:]], logs, master.pid)
     finally:
         for proc in procs:
             everything |= descendants(proc.pid)
@@ -177,6 +179,39 @@ def test_map_reduce_across_two_nodes_moves_the_mapped_pairs_worker_to_worker(
     arrivals = [(e[3].split(": ")[0], e[3].split("data ")[1]) for e in story
                 if e[1] == "flight" and e[2] == "memory"]
     assert any(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals), arrivals
+
+
+def gated_block(marks: str, gate: str, index: int):
+    """8 MiB of byte ``index`` (held on its node), once four of these run at once (one on each
+    worker)."""
+    Path(marks, f"started-{index}").touch()
+    wait_for(gate)
+    return bytes([index]) * (8 << 20)
+
+
+def checksum(*blocks):
+    return sum(sum(block[::4096]) for block in blocks)
+
+
+def test_futures_held_on_two_nodes_are_inputs_of_a_task_on_either(
+        two_nodes: TwoNodes, tmp_path: Path) -> None:
+    """Four 8 MiB results, one per worker of the two nodes (held where they were made): a task
+    taking all four as arguments fetches them node to node, never through the master."""
+    gate = tmp_path / "gate"
+    with Client(two_nodes.address, keys=two_nodes.keys) as client:
+        client.wait_for_workers(4)
+        warm_workers(client, two_nodes, tmp_path / "warm")
+        blocks = [client.submit(gated_block, str(tmp_path), str(gate), i) for i in range(4)]
+        wait_until(lambda: len(list(tmp_path.glob("started-*"))) == 4, 60,
+                   "one block on each worker")
+        before = peak_mib(two_nodes.master_pid)
+        gate.touch()
+        total = client.submit(checksum, *blocks)
+        assert result_or_logs(total, 120, two_nodes.logs) == sum(i * 2048 for i in range(4))
+        ran_on = {e[3].split("driver ")[1].split("/")[0] for b in blocks for e in b.story()
+                  if e[0] == "task" and e[2] == "running"}
+        assert len(ran_on) == 2, ran_on  # so the task's own node lacked some of its inputs
+        assert peak_mib(two_nodes.master_pid) - before < 16, "inputs went through the master"
 
 
 def warm_workers(client: Client, two_nodes: TwoNodes, gate: Path) -> set[int]:

@@ -102,6 +102,9 @@ class TaskSubmitted(Event):
     # to the driver, not run again).
     journaled: tuple[int, ...] = ()
     restored: bool = False
+    # Tasks whose results are its arguments' futures: it waits in the queue's antechamber until
+    # they are done (and fails at once if one of them failed or was cancelled).
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ class Assign(Instruction):
     package: str = ""
     version: str = ""
     code_hash: str = ""
+    inputs: tuple[str, ...] = ()  # the tasks whose results its arguments name
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,16 @@ class ReportErred(Instruction):
     task_id: str
     outcome: UnitOutcome
     unit: str
+
+
+@dataclass(frozen=True)
+class ReportInputFailed(Instruction):
+    """The task cannot run: its input ``input_id`` ended ``input_state`` (erred, cancelled)."""
+
+    client_id: str
+    task_id: str
+    input_id: str
+    input_state: str
 
 
 @dataclass(frozen=True)

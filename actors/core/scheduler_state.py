@@ -126,6 +126,7 @@ from actors.core.scheduler_events import (
     ReportCancelled,
     ReportDone,
     ReportErred,
+    ReportInputFailed,
     ReportKilled,
     ReportProgress,
     RunsReleased,
@@ -181,6 +182,7 @@ TASK_TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
     (RUNNING, CANCELLED): "cancelled, or its client left",
     (RUNNING, DONE): "its driver reported its result",
     (RUNNING, ERRED): "its code raised for good, or workers died under it too often",
+    (QUEUED, ERRED): "an input of it (a future among its arguments) failed or was cancelled",
 }
 
 
@@ -282,6 +284,8 @@ class TaskRecord:
     failures: dict[int, int] | None = None  # unit index (-1: driver) -> times it raised
     seen_workers: set[str] = field(default_factory=lambda: NO_WORKERS)  # every worker that joined
     story: list[StoryEntry] = field(default_factory=list)  # the last STORY_LENGTH lines
+    inputs: tuple[str, ...] = ()  # the tasks whose results its arguments name
+    inputs_left: set[str] | None = None  # those not done yet: it waits outside the queue
 
     # Who may reuse a worker this task ran on: the same key, the same package version.
     warm_key: WarmKey = field(init=False, repr=False, compare=False)
@@ -308,6 +312,7 @@ class SchedulerState:
         self.data_addresses: dict[str, str] = {}  # node -> where peers fetch from it
         self.paused: set[str] = set()  # workers past their memory's pause mark
         self.stopping: set[str] = set()  # workers asked to stop a cancelled task's code
+        self.dependents: dict[str, list[str]] = {}  # task -> the tasks waiting for its result
         self.workers: dict[str, WorkerRecord] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.newest: dict[str, str | None] = {}  # package -> newest version
@@ -425,6 +430,8 @@ class SchedulerState:
                 # Its workers go to the clients still here (and its processes are stopped).
                 for task in [t for t in self.tasks.values()
                              if t.client_id == client_id and not t.finished]:
+                    if task.finished:
+                        continue  # failed meanwhile: one of its inputs was cancelled
                     self._end(task, CANCELLED, "its client left", event.now)
                     self._out.append(ReportCancelled(task.client_id, task.task_id))
                 for key in [k for k in self.task_seconds if k.owner == client_id]:
@@ -473,7 +480,7 @@ class SchedulerState:
             kind=TaskKind(event.kind), code=event.code, args=event.args,
             priority=event.priority, seq=next(self._seq), package=event.package,
             version=event.version, retries=max(0, event.retries), code_hash=event.code_hash,
-            owner=event.owner,
+            owner=event.owner, inputs=tuple(dict.fromkeys(event.inputs)),
         )
         if task.kind is PARALLEL:
             task.units = UnitBook()
@@ -482,17 +489,66 @@ class SchedulerState:
                     task.units.set_journaled(index, True)
             task.units.done_count = task.units.journaled_count
         self._undo.put(self.tasks, task.task_id, task)
-        self._enqueue(task)
         how = (f"restored with {task.units.journaled_count} finished units" if event.journaled
                else "restored" if event.restored else "submitted")
         self._note(task, "task", "released", "queued", how, event.now)
+        if not self._wait_for_inputs(task, event.now):
+            self._enqueue(task)
+
+    def _wait_for_inputs(self, task: TaskRecord, now: float) -> bool:
+        """Whether the task waits for inputs (its arguments' futures) that are not done yet;
+        one that failed or was cancelled fails it at once. Inputs this scheduler does not know
+        (finished and forgotten) the shell has checked."""
+        left: list[str] = []
+        for input_id in task.inputs:
+            source = self.tasks.get(input_id)
+            if source is None or source.state is DONE or source is task:
+                continue  # (itself: no client's future can name it; the shell refuses that)
+            if source.finished:
+                self._input_failed(task, source, now)
+                return True
+            left.append(input_id)
+        if not left:
+            return False
+        undo = self._undo
+        undo.set(task, "inputs_left", set(left))
+        for input_id in left:
+            if input_id not in self.dependents:
+                undo.put(self.dependents, input_id, [])
+            self.dependents[input_id].append(task.task_id)
+            undo.call(self.dependents[input_id].pop)
+        shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+        self._note(task, "task", "queued", "waiting", f"for its inputs {shown}", now)
+        return True
+
+    def _inputs_ended(self, source: TaskRecord, now: float) -> None:
+        """``source`` ended: the tasks waiting for its result go to the queue once they have
+        all their inputs, or fail if it did not end well."""
+        for task_id in self._undo.pop(self.dependents, source.task_id) or ():
+            task = self.tasks.get(task_id)
+            if task is None or task.finished or task.inputs_left is None:
+                continue  # cancelled meanwhile
+            if source.state is not DONE:
+                self._input_failed(task, source, now)
+                continue
+            left = task.inputs_left - {source.task_id}
+            self._undo.set(task, "inputs_left", left or None)
+            if not left:
+                self._note(task, "task", "waiting", "queued", "its inputs are done", now)
+                self._enqueue(task)
+
+    def _input_failed(self, task: TaskRecord, source: TaskRecord, now: float) -> None:
+        self._end(task, ERRED, f"its input {source.task_id} {source.state}", now)
+        self._out.append(ReportInputFailed(task.client_id, task.task_id, source.task_id,
+                                           str(source.state)))
 
     def _adopted(self, event: WorkerAdopted) -> None:
         node_id, worker_id = event.node_id, event.worker_id
         if node_id not in self.nodes or worker_id in self.workers:
             return  # a node declared lost since, or a report repeated
         tasks = [self.tasks.get(task_id) for task_id in dict.fromkeys(event.task_ids)]
-        adoptable = [t for t in tasks if t is not None and t.state is QUEUED and t.kind is TASK]
+        adoptable = [t for t in tasks if t is not None and t.state is QUEUED and t.kind is TASK
+                     and t.inputs_left is None]
         if not tasks:
             # Idle, but it ran someone's code, and whose is not known here: never reused.
             self._out.append(KillWorker(node_id, worker_id, "warm for code this master does not "
@@ -794,6 +850,8 @@ class SchedulerState:
         kill stops user code that may still run there."""
         undo = self._undo
         self._set_status(task, state, cause, now)
+        if task.task_id in self.dependents:
+            self._inputs_ended(task, now)
         task.units.clear_open(undo)
         undo.call(_restore_payload, task, task.code, task.args)
         task.code = task.args = b""
@@ -1188,7 +1246,8 @@ class SchedulerState:
         self._out.append(Assign(
             node_id=worker.node_id, worker_id=worker.worker_id, task_id=task.task_id,
             name=task.name, kind=task.kind, code=task.code, args=task.args, driver=driver,
-            package=task.package, version=task.version, code_hash=task.code_hash))
+            package=task.package, version=task.version, code_hash=task.code_hash,
+            inputs=task.inputs))
 
     def _dispatch(self, task: TaskRecord, *, helpers: bool = True) -> None:
         """Queued units to the task's workers (only to its driver without ``helpers``), each
@@ -1337,8 +1396,15 @@ class SchedulerState:
         running = {t.task_id for t in self.tasks.values() if t.state is RUNNING}
         assert set(self._running) == running, "running index disagrees with task states"
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
-        queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED}
+        queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED and not t.inputs_left}
         assert queued <= {entry[-1] for entry in self._queue}, "a queued task is not in the queue"
+        for task_id, waiting in self.dependents.items():
+            source = self.tasks[task_id]
+            assert not source.finished, f"finished {task_id} still has dependents"
+            for dependent in waiting:
+                record = self.tasks.get(dependent)
+                assert record is None or record.finished or (
+                    record.inputs_left and task_id in record.inputs_left), dependent
         for task in self.tasks.values():
             for worker_id in task.workers:
                 worker = self.workers[worker_id]

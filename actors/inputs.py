@@ -1,0 +1,81 @@
+"""Futures among a task's arguments (its *inputs*): placeholders on the way, results on arrival.
+
+The client pickles a task's arguments inside ``collecting()``: each ``Future`` met anywhere in
+them (in lists, dicts, a user's own objects) is recorded and pickled as a call of ``input_of``
+with its task id. The task runs once those tasks are done; its worker unpickles the arguments
+inside ``resolving()``, where each ``input_of`` call is that task's result (unpickled once, so
+a future passed twice is one object). A ``Future`` pickled anywhere else is refused: it is not
+data.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from actors.errors import InputLost
+
+_collecting: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "actors_collecting_inputs", default=None)
+_resolving: contextvars.ContextVar[_Inputs | None] = contextvars.ContextVar(
+    "actors_resolving_inputs", default=None)
+
+
+class _Inputs:
+    def __init__(self, task_id: str, loaders: Mapping[str, Callable[[], Any]],
+                 placeholders: bool) -> None:
+        self.task_id = task_id
+        self.loaders = loaders
+        self.placeholders = placeholders
+        self.values: dict[str, Any] = {}
+
+
+def input_of(input_id: str) -> Any:
+    """What a future among a task's arguments becomes in its worker: that task's result."""
+    inputs = _resolving.get()
+    if inputs is None:
+        raise InputLost("", input_id, "a task's input is resolved only in its worker")
+    if input_id in inputs.values:
+        return inputs.values[input_id]
+    loader = inputs.loaders.get(input_id)
+    if loader is None:
+        if inputs.placeholders:
+            return None  # a helper of a ParallelTask: it checks the arguments, never uses them
+        raise InputLost(inputs.task_id, input_id, "its result did not come with the task")
+    value = inputs.values[input_id] = loader()
+    return value
+
+
+def reduce_future(future: Any) -> tuple[Callable[[str], Any], tuple[str]]:
+    """``Future.__reduce__``: an input while a submission's arguments are pickled, else refused."""
+    found = _collecting.get()
+    if found is None:
+        raise TypeError(f"a Future ({future.task_id}) is not data: pass it among a task's "
+                        "arguments (its result takes its place), or call .result()")
+    found[future.task_id] = future
+    return input_of, (future.task_id,)
+
+
+@contextmanager
+def collecting() -> Iterator[dict[str, Any]]:
+    """Pickle arguments inside: the futures met, by task id, fill the dict it gives."""
+    found: dict[str, Any] = {}
+    token = _collecting.set(found)
+    try:
+        yield found
+    finally:
+        _collecting.reset(token)
+
+
+@contextmanager
+def resolving(task_id: str, loaders: Mapping[str, Callable[[], Any]],
+              placeholders: bool = False) -> Iterator[None]:
+    """Unpickle a task's arguments inside: each input is its ``loaders[task id]()``; with
+    ``placeholders``, an input without a loader is None (instead of ``InputLost``)."""
+    token = _resolving.set(_Inputs(task_id, loaders, placeholders))
+    try:
+        yield
+    finally:
+        _resolving.reset(token)

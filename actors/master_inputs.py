@@ -1,0 +1,107 @@
+"""Which finished tasks' results the master keeps as inputs for later tasks, and until when.
+
+A future passed among a task's arguments is an *input* of that task (``actors.inputs``). Its
+result must still be on the cluster when the task starts, however late that is: it is kept
+while its client holds the future (``refs``: a ``Release`` says it no longer does) or while a
+task that names it has not ended (``users``). A result of at most ``INLINE_RESULT_BYTES`` is
+kept here (``kept``); a larger one stays on the node that holds it, and the master lets the
+node drop it only once it is unused and its client has it. A failed input is kept as its
+state and error text, so that a task submitted later with it fails at once, saying why.
+
+A plain class: the Master actor feeds it and carries out what it returns (task ids whose held
+results its nodes may drop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from actors.errors import InputFailed, InputLost
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    client_id: str
+    state: str  # "done", or how it failed ("erred", "cancelled")
+    result: bytes | None = None  # a result kept here; None: held on a node, or failed
+    why: str = ""  # a failure: its error's type and message
+
+
+class InputBook:
+    def __init__(self) -> None:
+        self.refs: dict[str, str] = {}  # task -> its client, while the client holds its future
+        self.users: dict[str, int] = {}  # task -> the unfinished tasks that name it as an input
+        self.uses: dict[str, tuple[str, ...]] = {}  # unfinished task -> its inputs
+        self.kept: dict[str, Kept] = {}
+
+    def check(self, task_id: str, client_id: str, input_id: str,
+              running: str | None) -> Exception | None:
+        """Why ``task_id`` of ``client_id`` may not take ``input_id`` (None: it may).
+        ``running``: the client of the input if the scheduler has it unfinished, else None."""
+        if input_id == task_id:
+            return InputLost(task_id, input_id, "a task cannot be its own input")
+        kept = self.kept.get(input_id)
+        owner = running if running is not None else kept.client_id if kept is not None else None
+        if owner != client_id:  # unknown, released, or another client's (the same answer)
+            return InputLost(task_id, input_id, "no such task of this client is on the cluster "
+                                                "(its future was released, or its master "
+                                                "restarted since)")
+        if kept is not None and kept.state != "done":
+            return InputFailed(task_id, input_id, kept.state, kept.why)
+        return None
+
+    def submitted(self, task_id: str, client_id: str, inputs: Iterable[str]) -> None:
+        self.refs[task_id] = client_id
+        named = tuple(dict.fromkeys(inputs))
+        if named:
+            self.uses[task_id] = named
+            for input_id in named:
+                self.users[input_id] = self.users.get(input_id, 0) + 1
+
+    def ended(self, task_id: str, state: str, result: bytes | None = None,
+              why: str = "") -> list[str]:
+        """``task_id`` ended: kept if still wanted; the inputs it used may go. The tasks whose
+        held results are unused now."""
+        client_id = self.refs.get(task_id)
+        if client_id is not None or self.users.get(task_id):
+            owner = client_id or self.kept.get(task_id, Kept("", "")).client_id
+            self.kept[task_id] = Kept(owner, state, result, why)
+        unused = [] if self._in_use(task_id) else [task_id]
+        for input_id in self.uses.pop(task_id, ()):
+            left = self.users.get(input_id, 0) - 1
+            if left > 0:
+                self.users[input_id] = left
+                continue
+            self.users.pop(input_id, None)
+            if not self._in_use(input_id):
+                self.kept.pop(input_id, None)
+                unused.append(input_id)
+        return unused
+
+    def released(self, client_id: str, task_ids: Iterable[str]) -> list[str]:
+        """The client let go of these futures (only its own count); those now unused."""
+        unused = []
+        for task_id in task_ids:
+            if self.refs.get(task_id) != client_id:
+                continue
+            del self.refs[task_id]
+            if not self._in_use(task_id):
+                self.kept.pop(task_id, None)
+                unused.append(task_id)
+        return unused
+
+    def client_gone(self, client_id: str) -> None:
+        """Its futures are gone with it (its unfinished tasks end as cancelled, and each end
+        lets its inputs go)."""
+        for task_id in [t for t, c in self.refs.items() if c == client_id]:
+            del self.refs[task_id]
+        for task_id in [t for t, k in self.kept.items() if k.client_id == client_id]:
+            if not self.users.get(task_id):
+                del self.kept[task_id]
+
+    def in_use(self, task_id: str) -> bool:
+        return self._in_use(task_id)
+
+    def _in_use(self, task_id: str) -> bool:
+        return task_id in self.refs or task_id in self.users

@@ -1,0 +1,171 @@
+"""Futures among a task's arguments: the task waits for them and gets their results, which stay
+on the cluster (not sent back by the client) while anything may still need them (real
+processes, the session's LocalCluster; across two nodes in test_unit_dependencies.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import pickle
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from actors import Client, Future, LocalCluster
+from actors import messages as m
+from actors.errors import InputFailed, InputLost
+from actors.functions import function_task
+from actors.serialize import dumps
+from tests.conftest import children, peak_mib, wait_until
+
+pytestmark = pytest.mark.processes
+
+
+def inc(x):
+    return x + 1
+
+
+def total(xs):
+    return sum(xs)
+
+
+def fail(x):
+    raise ValueError(f"no {x}")
+
+
+def gated(path, value):
+    while not os.path.exists(path):
+        threading.Event().wait(0.01)
+    return value
+
+
+def block(mib, seed):
+    return bytes([seed]) * (mib << 20)
+
+
+def checksum(*blocks):
+    return sum(sum(b[::4096]) for b in blocks)
+
+
+def test_a_chain_of_a_hundred_tasks_each_taking_the_previous_future(client: Client) -> None:
+    fut = client.submit(inc, 0)
+    for _ in range(99):
+        arguments, inputs = client._arguments((fut,), {})
+        assert inputs == [fut.task_id] and len(arguments) < 200  # a name, not the result
+        fut = client.submit(inc, fut)
+    assert fut.result(timeout=120) == 100
+
+
+def test_futures_nested_in_lists_and_dicts_are_replaced_by_their_results(client: Client) -> None:
+    xs = [client.submit(inc, i) for i in range(20)]
+    assert client.submit(total, xs).result(timeout=60) == sum(range(1, 21))
+    named = {"a": xs[0], "b": [xs[1], (xs[2],)]}
+    got = client.submit(lambda d: (d["a"], d["b"][0], d["b"][1][0]), named).result(timeout=60)
+    assert got == (1, 2, 3)
+    same = client.submit(lambda a, b: a is b, xs[3], xs[3])  # one input: one object
+    assert same.result(timeout=60) is True
+
+
+def test_a_task_waits_for_an_input_that_is_still_running(client: Client, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    first = client.submit(gated, str(gate), 41)
+    second = client.submit(inc, first)
+    wait_until(lambda: any(e[2] == "waiting" for e in client.story(second)), 30,
+               "the second task to wait for its input")
+    assert not second.done() and second.status == "queued"
+    gate.touch()
+    assert second.result(timeout=60) == 42
+
+
+def test_a_failed_or_cancelled_input_fails_its_dependents_naming_it(client: Client,
+                                                                     tmp_path: Path) -> None:
+    bad = client.submit(fail, 7)
+    child = client.submit(inc, bad)
+    grandchild = client.submit(inc, child)
+    with pytest.raises(InputFailed) as info:
+        child.result(timeout=60)
+    assert info.value.input_id == bad.task_id and "ValueError: no 7" in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)  # the input's own error, chained
+    with pytest.raises(InputFailed):
+        grandchild.result(timeout=60)
+    # Submitted after its input failed: it fails at once, the same way.
+    with pytest.raises(InputFailed, match="erred: ValueError: no 7"):
+        client.submit(inc, bad).result(timeout=60)
+    waiting = client.submit(gated, str(tmp_path / "never"), 0)
+    dependent = client.submit(inc, waiting)
+    assert waiting.cancel(timeout=20, grace=0)
+    with pytest.raises(InputFailed, match="cancelled"):
+        dependent.result(timeout=60)
+
+
+def test_a_future_is_not_data_outside_a_tasks_arguments(client: Client) -> None:
+    fut = client.submit(inc, 1)
+    with pytest.raises(TypeError, match="not data"):
+        pickle.dumps(fut)
+    assert fut.result(timeout=60) == 2
+
+
+def _forged(client: Client, inputs: list[str]) -> Future:
+    """A submission of ``inc(0)`` naming these inputs, as a forged or replayed message would
+    (an honest client only names futures it holds)."""
+    task_id = f"inc-{uuid.uuid4().hex[:12]}"
+    fut = Future(client, task_id, "inc")
+    code_hash, code = client._code_of(function_task(inc))
+    client._futures[task_id] = fut
+    client._send(m.Submit(task_id=task_id, name="inc", kind="task", code=code,
+                          code_hash=code_hash, args=dumps(((0,), {})), inputs=inputs))
+    return fut
+
+
+def test_a_future_of_another_client_is_refused(cluster: LocalCluster, client: Client) -> None:
+    fut = client.submit(inc, 1)
+    assert fut.result(timeout=60) == 2
+    with Client(cluster) as other:
+        with pytest.raises(ValueError, match="another client's"):
+            other.submit(inc, fut)
+        # Named in a forged message: refused as a released one would be (nothing to learn
+        # about another client's tasks), and the task does not run.
+        with pytest.raises(InputLost, match="no such task of this client"):
+            _forged(other, [fut.task_id]).result(timeout=60)
+        assert _forged(other, []).result(timeout=60) == 1  # (the forging itself works)
+
+
+def test_a_released_input_cannot_be_named_again(client: Client) -> None:
+    fut = client.submit(inc, 1)
+    assert fut.result(timeout=60) == 2
+    task_id = fut.task_id
+    del fut
+    gc.collect()
+    wait_until(lambda: not client._released, 10, "the release to be sent")
+    client.info()  # (a round trip: the master has read the release by its answer)
+    with pytest.raises(InputLost, match="released"):
+        _forged(client, [task_id]).result(timeout=60)
+
+
+def test_inputs_held_on_the_node_are_fetched_by_the_worker_and_released_with_the_futures(
+        cluster: LocalCluster, client: Client) -> None:
+    """Results of 32 MiB stay on the node that holds them (in sealed memory files the node keeps
+    open) while their futures live; a task that takes them fetches them there (the master's
+    memory never carries them); dropping the futures lets the node free them."""
+    (node,) = children(cluster.pid)
+    master_before = peak_mib(cluster.pid)
+    blocks = [client.submit(block, 32, i) for i in range(4)]
+    assert client.submit(checksum, *blocks).result(timeout=120) == sum(
+        i * (32 << 8) for i in range(4))
+    assert peak_mib(cluster.pid) - master_before < 32, "a held result went through the master"
+    assert _held_files(node) == 4
+    del blocks
+    gc.collect()
+    wait_until(lambda: _held_files(node) == 0, 30, "the node to free the released results")
+
+
+def _held_files(pid: int) -> int:
+    """The result memory files a node holds open."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # (closed meanwhile)
+            count += os.readlink(fd).startswith("/memfd:pydra-result")
+    return count
