@@ -28,6 +28,7 @@ from actors.waiting import (
     FIRST_COMPLETED,
     FIRST_EXCEPTION,
     DoneAndNotDone,
+    futures_in,
     gather,
 )
 
@@ -92,7 +93,7 @@ class AsyncClient:
         their results, once every one has ended."""
         if errors not in ("raise", "skip"):
             raise ValueError(f'errors is "raise" or "skip", not {errors!r}')
-        await asyncio.gather(*(_ended(fut) for fut in _futures_in(futures)))
+        await asyncio.gather(*(_ended(fut) for fut in futures_in(futures)))
         return gather(futures, errors)
 
     async def wait(self, futures: Iterable[Future], timeout: float | None = None,
@@ -151,17 +152,6 @@ class AsyncClient:
     async def story(self, future: Future,
                     timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
         return await asyncio.to_thread(self.sync.story, future, timeout)
-
-
-def _futures_in(structure: Any) -> list[Future]:
-    """The futures in ``structure`` (lists, tuples, sets, dicts, nested), as ``gather`` finds them."""
-    if isinstance(structure, Future):
-        return [structure]
-    if isinstance(structure, list | tuple | set):
-        return [fut for item in structure for fut in _futures_in(item)]
-    if isinstance(structure, dict):
-        return [fut for item in structure.values() for fut in _futures_in(item)]
-    return []
 
 
 async def _ended(fut: Future) -> None:

@@ -24,7 +24,7 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import structlog
@@ -45,15 +45,23 @@ from actors.errors import (
     MasterLost,
     NoSuchTask,
     ResultLost,
+    ScatterFailed,
     TaskCancelled,
     UnknownTask,
 )
 from actors.functions import check_function_arguments, function_task
 from actors.inputs import collecting, reduce_future
 from actors.node_data import boot_id
-from actors.serialize import dumps, dumps_task_class, loads, loads_parts, rebuild_exception
+from actors.serialize import (
+    dumps,
+    dumps_result_parts,
+    dumps_task_class,
+    loads,
+    loads_parts,
+    rebuild_exception,
+)
 from actors.task import Task, check_arguments
-from actors.waiting import as_completed, gather  # noqa: F401 (as_completed: its old home)
+from actors.waiting import as_completed, futures_in, gather  # noqa: F401 (as_completed: its old home)
 from transport import ClientCurve, Hub, load_keypair, load_public_key
 
 log = structlog.get_logger("actors.client")
@@ -334,6 +342,17 @@ class Future:
                 log.exception("future_callback_failed", task_id=self.task_id)
 
 
+def fire_and_forget(futures: Any) -> None:
+    """Run these tasks to their end even when their client closes (or drops their futures):
+    Dask's ``fire_and_forget``. The inputs they wait for are kept running too; their results,
+    once the client is gone, go nowhere. ``futures``: one, or any structure ``gather`` takes."""
+    by_client: dict[Client, list[str]] = {}
+    for fut in futures_in(futures):
+        by_client.setdefault(fut._client, []).append(fut.task_id)
+    for client, task_ids in by_client.items():
+        client._send(m.Detach(task_ids))
+
+
 def check_grace(grace: float) -> None:
     """Refuse, before anything is sent, a cancel's grace the master would refuse."""
     if (isinstance(grace, bool) or not isinstance(grace, (int, float))
@@ -446,6 +465,7 @@ class Client:
         self.client_id = f"client-{uuid.uuid4().hex[:12]}"
         self._futures: weakref.WeakValueDictionary[str, Future] = weakref.WeakValueDictionary()
         self._released: collections.deque[str] = collections.deque()  # futures gone (Release)
+        self._scattering: dict[str, list[bytes | memoryview]] = {}  # data bound for a node
         self._futures_done = threading.Condition()  # every future's end is told through it
         self._replies: dict[str, queue.SimpleQueue[m.Message]] = {}
         self._welcome = threading.Event()
@@ -607,6 +627,52 @@ class Client:
             raise TypeError("map() needs at least one iterable of arguments")
         return [self.submit(task, *items, priority=priority, retries=retries, **kwargs)
                 for items in zip(*iterables, strict=False)]
+
+    def scatter(self, data: Any, hash: bool = True, timeout: float = 60.0) -> Any:
+        """Put ``data`` on the cluster once, for tasks to take as an argument: its future (a
+        list or dict of futures for a list or dict). Named by its content (``hash``): the same
+        data scattered again is the same future, not sent twice. Up to 256 KiB it is kept on
+        the master; larger, it goes straight to a node, which hands it to the workers that take
+        it. Kept while the future is held, like a task's result."""
+        if isinstance(data, list | tuple):
+            return [self.scatter(item, hash, timeout) for item in data]
+        if isinstance(data, dict):
+            return {key: self.scatter(item, hash, timeout) for key, item in data.items()}
+        parts = dumps_result_parts(data, "the scattered data")
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        task_id = f"scatter-{digest.hexdigest()[:24] if hash else uuid.uuid4().hex[:24]}"
+        found = self._futures.get(task_id)
+        if found is not None and found._status == _DONE:
+            return found
+        size = sum(memoryview(part).nbytes for part in parts)
+        key = f"scatter {task_id}"
+        replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
+        self._replies[key] = replies
+        try:
+            if size <= m.INLINE_RESULT_BYTES:
+                inline = parts[0] if len(parts) == 1 else dumps(data)
+                self._send(m.Scatter(task_id, bytes(inline)))
+            else:
+                self._scattering[task_id] = parts  # sent to its node on the hub thread
+                self._send(m.Scatter(task_id, size=size))
+            done = replies.get(timeout=timeout + size / FETCH_RATE)
+        except queue.Empty:
+            raise TimeoutError(f"the scatter of {size:,} bytes was not confirmed within "
+                               f"{timeout}s") from None
+        finally:
+            self._replies.pop(key, None)
+            self._scattering.pop(task_id, None)
+        assert isinstance(done, m.ScatterDone)
+        if done.reason:
+            raise ScatterFailed(task_id, done.reason)
+        fut = Future(self, task_id, "scatter")
+        kept = _Parts(task_id, [])
+        kept._value, kept._loaded = data, True
+        fut._finish(_DONE, kept)
+        self._futures[task_id] = fut
+        return fut
 
     def gather(self, futures: Any, errors: str = "raise") -> Any:
         """The results of ``futures``, in the same structure (lists, tuples, sets, dicts,
@@ -816,6 +882,25 @@ class Client:
 
     # --- results held on nodes (actors/node_results.py) ----------------------
 
+    def _put(self, at: m.ScatterAt) -> None:
+        """Send scattered data to the node the master chose (on the hub thread); the master
+        confirms (``ScatterDone``) once the node holds it."""
+        parts = self._scattering.get(at.task_id)
+        if parts is None:
+            return  # given up meanwhile
+        name = RESULTS_PREFIX + at.address
+        try:
+            self._hub.open_dealer_now(name, at.address, identity=self.client_id.encode(),
+                                      curve=ClientCurve(self._pair.public, self._pair.secret,
+                                                        at.server_key.encode()))
+        except (zmq.ZMQError, ValueError) as exc:
+            if (replies := self._replies.get(f"scatter {at.task_id}")) is not None:
+                replies.put(m.ScatterDone(at.task_id, f"cannot connect to {at.address}: {exc}"))
+            return
+        lengths = [memoryview(part).nbytes for part in parts]
+        frames = [m.encode(m.PutResult(at.task_id, lengths)), *parts]  # (sent uncopied)
+        self._hub.send_now(name, cast(list[bytes], frames))
+
     def _fetch(self, done: m.TaskDone, held: m.ResultAt) -> None:
         """Fetch a task's large result from the node that holds it (on the hub thread)."""
         if self._futures.get(done.task_id) is None:
@@ -924,6 +1009,14 @@ class Client:
                        else "info" if isinstance(msg, m.ClusterInfo)
                        else "tasks" if isinstance(msg, m.TasksReply) else "packages")
                 if (replies := self._replies.get(key)) is not None:
+                    replies.put(msg)
+            case m.ScatterAt(task_id=task_id, reason=reason) if reason:
+                if (replies := self._replies.get(f"scatter {task_id}")) is not None:
+                    replies.put(m.ScatterDone(task_id, reason))
+            case m.ScatterAt(task_id=task_id):
+                self._put(msg)
+            case m.ScatterDone(task_id=task_id):
+                if (replies := self._replies.get(f"scatter {task_id}")) is not None:
                     replies.put(msg)
             case m.Accepted(task_ids=task_ids):
                 for task_id in task_ids:

@@ -320,6 +320,18 @@ class InputFailed(ActorsError):
         return f"task {self.task_id} did not run: its input {self.input_id} {self.state}{why}"
 
 
+class ScatterFailed(ActorsError):
+    """``Client.scatter`` could not put the data on the cluster; ``reason`` says why."""
+
+    def __init__(self, task_id: str, reason: str) -> None:
+        super().__init__(task_id, reason)
+        self.task_id = task_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"scatter {self.task_id} failed: {self.reason}"
+
+
 class InputLost(ActorsError, LookupError):
     """A future passed as an argument names a result the cluster no longer has (its future was
     released, its master restarted, or its node was lost)."""

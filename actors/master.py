@@ -193,6 +193,8 @@ class Master(Shell):
         self.leaving: dict[str, tuple[str, str, int]] = {}  # task -> node, worker, size
         self.inputs = InputBook()  # results kept for later tasks' arguments (master_inputs.py)
         self.fetched: set[str] = set()  # held results their client has (Received), still kept
+        self.scattering: dict[str, tuple[str, str]] = {}  # scattered data under way: node, client
+        self.scatter_turn = 0  # the node the next large scatter goes to, in turn
         self.delivering: dict[str, tuple[str, str]] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
@@ -516,6 +518,8 @@ class Master(Shell):
         match msg:
             case m.Heartbeat():
                 pass
+            case m.Scattered():
+                self._scattered(peer, msg)
             case m.WorkerReady(worker_id=worker_id) if not worker_id.startswith(f"{peer.peer_id}/"):
                 self._refused(peer, msg, "a node names its workers NODE_ID/...")
             case m.WorkerReady(worker_id=worker_id, pid=pid):
@@ -666,6 +670,11 @@ class Master(Shell):
                 kept = [t for t in held if self.inputs.in_use(t)]
                 self.fetched.update(kept)
                 self._drop_results([t for t in held if not self.inputs.in_use(t)])
+            case m.Scatter():
+                self._scatter(peer, msg)
+            case m.Detach(task_ids=task_ids):
+                self._apply(ev.TasksDetached(self.now, peer.peer_id,
+                                             tuple(task_ids[:m.MAX_INPUTS * 10])))
             case m.Release(task_ids=task_ids):
                 self._drop_unused(self.inputs.released(peer.peer_id, task_ids))
             case m.Bye():
@@ -1263,6 +1272,8 @@ class Master(Shell):
         address, server_key = self.result_ends.get(node_id, ("", ""))
         self.send(SOCKET, node_id.encode(), message=m.ShareResult(task_id, worker_id, owner))
         self.delivering[task_id] = (node_id, client_id)
+        if client_id.encode() not in self.peers and not self.inputs.in_use(task_id):
+            self._drop_results([task_id])  # fire and forget: its client left, nobody fetches it
         self.log.debug("result_held_on_node", task_id=task_id, node_id=node_id, size=size)
         return m.ResultAt(node_id, address, server_key, size)
 
@@ -1274,6 +1285,61 @@ class Master(Shell):
             return
         if isinstance(msg, m.TaskDone) and msg.held is not None:
             self.delivering[task_id] = (msg.held.node_id, client_id)
+
+    def _scatter(self, peer: Peer, msg: m.Scatter) -> None:
+        """A client puts data on the cluster (``Client.scatter``): kept here when small, else
+        on a node the client sends it to; either way a done task's result for inputs."""
+        task_id, client_id = msg.task_id, peer.peer_id
+        reason = ""
+        if not task_id.startswith("scatter-") or len(task_id) > 64:
+            reason = "a scattered result's id is scatter-<hex>"
+        elif task_id in self.scheduler.tasks or task_id in self.scattering:
+            reason = "that id is taken"
+        elif (kept := self.inputs.kept.get(task_id)) is not None:
+            reason = "" if kept.client_id == client_id else "that id is taken"
+            self._to_client(client_id, m.ScatterDone(task_id, reason))
+            return
+        elif msg.data and len(msg.data) > m.INLINE_RESULT_BYTES:
+            reason = f"inline data is at most {m.INLINE_RESULT_BYTES} bytes"
+        elif not msg.data and msg.size <= 0:
+            reason = "nothing to scatter"
+        if reason:
+            self._to_client(client_id, m.ScatterDone(task_id, reason))
+            return
+        if msg.data:
+            self.inputs.submitted(task_id, client_id, ())
+            self.inputs.ended(task_id, "done", msg.data)
+            self._to_client(client_id, m.ScatterDone(task_id))
+            return
+        nodes = sorted(n for n in self.scheduler.nodes if self.result_ends.get(n, ("", ""))[0])
+        if not nodes:
+            self._to_client(client_id, m.ScatterAt(task_id, reason="no node to hold it yet"))
+            return
+        self.scatter_turn += 1
+        node_id = nodes[self.scatter_turn % len(nodes)]
+        address, server_key = self.result_ends[node_id]
+        self.scattering[task_id] = (node_id, client_id)
+        self.send(SOCKET, node_id.encode(), message=m.ExpectScatter(
+            task_id, peer.key.decode(errors="replace"), msg.size))
+        self._to_client(client_id, m.ScatterAt(task_id, node_id, address, server_key))
+
+    def _scattered(self, node: Peer, msg: m.Scattered) -> None:
+        """A node holds a client's scattered data (or could not take it)."""
+        pending = self.scattering.get(msg.task_id)
+        if pending is None or pending[0] != node.peer_id:
+            self._refused(node, msg, "no scatter of that id was sent to this node")
+            return
+        del self.scattering[msg.task_id]
+        node_id, client_id = pending
+        if not msg.reason and client_id.encode() not in self.peers:  # it left meanwhile
+            self.send(SOCKET, node_id.encode(), message=m.DropResults([msg.task_id]))
+            return
+        if not msg.reason:
+            self.inputs.submitted(msg.task_id, client_id, ())
+            self.inputs.ended(msg.task_id, "done")
+            self.delivering[msg.task_id] = (node_id, client_id)
+            self.fetched.add(msg.task_id)  # (its client has it: dropped once released)
+        self._to_client(client_id, m.ScatterDone(msg.task_id, msg.reason))
 
     def _drop_unused(self, task_ids: list[str]) -> None:
         """Results no task may take as an input any more: held ones go once their client has

@@ -247,6 +247,65 @@ class Received(Message, frozen=True):
 MAX_INPUTS = 10_000
 
 
+class Scatter(Message, frozen=True):
+    """client -> master: data put on the cluster as the result of ``task_id`` (named by its
+    content), for tasks to take as an input: inline (``data``, at most INLINE_RESULT_BYTES), or,
+    with ``data`` empty, a request for a node to send ``size`` bytes to (``ScatterAt``)."""
+
+    task_id: str
+    data: bytes = b""
+    size: int = 0
+
+
+class ScatterAt(Message, frozen=True):
+    """master -> client: send the scattered data to this node's results endpoint (``PutResult``),
+    or why not (``reason``)."""
+
+    task_id: str
+    node_id: str = ""
+    address: str = ""
+    server_key: str = ""
+    reason: str = ""
+
+
+class ExpectScatter(Message, frozen=True):
+    """master -> node: the client of key ``owner`` will put ``size`` bytes as ``task_id``."""
+
+    task_id: str
+    owner: str
+    size: int
+
+
+class PutResult(Message, frozen=True):
+    """client -> node results endpoint, followed by the parts (``lengths``): scattered data."""
+
+    task_id: str
+    lengths: list[int]
+
+
+class Scattered(Message, frozen=True):
+    """node -> master: the scattered data of ``task_id`` is held here (or why not)."""
+
+    task_id: str
+    size: int
+    reason: str = ""
+
+
+class ScatterDone(Message, frozen=True):
+    """master -> client: the scattered data is on the cluster (or why not): its future may
+    be passed to tasks now."""
+
+    task_id: str
+    reason: str = ""
+
+
+class Detach(Message, frozen=True):
+    """client -> master: fire and forget: these tasks of mine (and the inputs they wait for)
+    run to their end even if I leave; their results then go nowhere."""
+
+    task_ids: list[str]
+
+
 class Release(Message, frozen=True):
     """client -> master: nothing here holds these tasks' futures any more: their results need
     not be kept as inputs for later tasks (once the tasks waiting for them have run)."""
@@ -743,6 +802,13 @@ AnyMessage = (
     | Accepted
     | Received
     | Release
+    | Detach
+    | Scatter
+    | ScatterAt
+    | ExpectScatter
+    | PutResult
+    | Scattered
+    | ScatterDone
     | Submit
     | Cancel
     | StoryRequest

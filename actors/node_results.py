@@ -63,6 +63,9 @@ UNSHARED_TTL_S = 600.0
 MAX_WAITING = 16  # fetches parked per result before its share (any key may ask: bounded)
 MAX_LOCAL_FILES = 256  # results moved into memory files at once (each holds a descriptor)
 MEMORY_BYTES = 1 << 30  # results held in memory, in all; the rest goes to disk
+MAX_EXPECTED = 64  # scattered puts announced and not yet done
+EXPECT_S = 120.0  # how long an announced put is waited for
+MASTER = "master"  # the node's socket to its master (node.py)
 
 
 class Holds(Protocol):
@@ -110,6 +113,8 @@ class ResultStore:
         self.address = ""
         self.held: dict[str, _Held] = {}
         self.waiting: dict[str, list[_Waiting]] = {}
+        # Scattered data a client will put (ExpectScatter): task -> (owner key, size, until).
+        self.expected: dict[str, tuple[str, int, float]] = {}
         # Input requests that came before the master's ShareInput: (origin, requester, until).
         self.inputs_waiting: dict[str, list[tuple[bytes, str, float]]] = {}
         self.reply: Reply | None = None  # the data plane's way back to a requester
@@ -232,6 +237,12 @@ class ResultStore:
                     entry.readers.add(worker_id)
                 for origin, requester, _ in self.inputs_waiting.pop(task_id, []):
                     self._serve_input(hub, origin, requester, task_id)
+            case m.ExpectScatter(task_id=task_id, owner=owner, size=size):
+                if len(self.expected) < MAX_EXPECTED:
+                    self.expected[task_id] = (owner, size, self.now + EXPECT_S)
+                else:
+                    hub.send_now(MASTER, [m.encode(m.Scattered(task_id, size, "the node has too "
+                                                               "many puts under way"))])
             case m.DropResults(task_ids=task_ids):
                 for task_id in task_ids:
                     self._drop(task_id)
@@ -240,7 +251,11 @@ class ResultStore:
         return True
 
     def from_client(self, hub: Hub, frames: list[bytes]) -> None:
-        """``[key, routing, FetchResult]`` from the results ROUTER."""
+        """``[key, routing, FetchResult]`` from the results ROUTER (or a ``PutResult`` with the
+        parts of scattered data after it)."""
+        if len(frames) > 3:
+            self._put(hub, frames[0].decode(errors="replace"), frames[2], frames[3:])
+            return
         if len(frames) != 3:
             log.warning("malformed_frames", source="results client", count=len(frames))
             return
@@ -262,6 +277,35 @@ class ResultStore:
                                         self.now + SHARE_WAIT_S, self._local(msg)))
                 return
         self._answer(hub, routing, key.decode(errors="replace"), msg.task_id, self._local(msg))
+
+    def _put(self, hub: Hub, key: str, body: bytes, parts: list[bytes]) -> None:
+        """A client puts scattered data the master told us to expect from its key."""
+        try:
+            msg = m.decode(body)
+        except MalformedMessage as exc:
+            self.log.warning("malformed_put", error=str(exc))
+            return
+        if not isinstance(msg, m.PutResult):
+            self.log.warning("unexpected_message", source="results client", type=type(msg).__name__)
+            return
+        expected = self.expected.get(msg.task_id)
+        size = sum(map(len, parts))
+        if expected is None or expected[0] != key:
+            self.log.warning("put_refused", task_id=msg.task_id[:100], why="not expected from this key")
+            return  # (said to no one: a stranger learns nothing, the master's wait runs out)
+        del self.expected[msg.task_id]
+        if size != expected[1] or msg.lengths != [len(part) for part in parts] \
+                or msg.task_id in self.held:
+            reason = "the data is not what was announced"
+        else:
+            reason = ""
+            entry = _Held("", size, self.now, parts, list(msg.lengths), owner=key)
+            self.in_memory += size
+            if self.in_memory > self.memory_bytes:
+                self._spill(msg.task_id, entry)
+            self.held[msg.task_id] = entry
+            self.log.info("scatter_held", task_id=msg.task_id, size=size)
+        hub.send_now(MASTER, [m.encode(m.Scattered(msg.task_id, size, reason))])
 
     def input_request(self, hub: Hub, origin: bytes, body: bytes) -> None:
         """A worker (ours: ``origin`` b"", or a peer node's) asks for a held result that is an
@@ -301,6 +345,11 @@ class ResultStore:
 
     def tick(self, hub: Hub, now: float) -> None:
         self.now = now
+        for task_id, (_, size, until) in list(self.expected.items()):
+            if until <= now:
+                del self.expected[task_id]
+                hub.send_now(MASTER, [m.encode(m.Scattered(task_id, size, "the client did not "
+                                                           "send the data in time"))])
         for task_id, asked in list(self.inputs_waiting.items()):
             for origin, requester, until in asked:
                 if until <= now:

@@ -143,5 +143,17 @@ def gather(structure: Any, errors: str = "raise") -> Any:
 _SKIPPED = object()
 
 
+def futures_in(structure: Any) -> list[Any]:
+    """The futures in ``structure`` (lists, tuples, sets, dicts, nested), as ``gather`` finds
+    them."""
+    if isinstance(structure, Future):
+        return [structure]
+    if isinstance(structure, list | tuple | set):
+        return [fut for item in structure for fut in futures_in(item)]
+    if isinstance(structure, dict):
+        return [fut for item in structure.values() for fut in futures_in(item)]
+    return []
+
+
 def _is_namedtuple(item: Any) -> bool:
     return isinstance(item, tuple) and hasattr(item, "_fields")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import Client, Future, LocalCluster
+from actors import Client, Future, LocalCluster, fire_and_forget
 from actors import messages as m
 from actors.errors import InputFailed, InputLost
 from actors.functions import function_task
@@ -169,3 +169,56 @@ def _held_files(pid: int) -> int:
         with contextlib.suppress(OSError):  # (closed meanwhile)
             count += os.readlink(fd).startswith("/memfd:pydra-result")
     return count
+
+
+def test_fire_and_forget_runs_tasks_to_their_end_after_their_client_closed(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    with Client(cluster) as client:
+        first = client.submit(gated, str(gate), 1)
+        kept = client.submit(mark, str(tmp_path / "kept"), first)  # waits for first
+        fire_and_forget(kept)
+        dropped = client.submit(mark, str(tmp_path / "dropped"), first)
+        wait_until(lambda: all(any(e[2] == "waiting" for e in client.story(f))
+                               for f in (kept, dropped)), 30, "both to wait for their input")
+    gate.touch()  # the client is gone: only what it fired and forgot runs on
+    wait_until(lambda: (tmp_path / "kept").exists(), 60, "the detached task to run")
+    assert not (tmp_path / "dropped").exists()  # cancelled with its client
+
+
+def mark(path, value):
+    Path(path).write_text(str(value))
+    return value
+
+
+def size_of(data, index):
+    return len(data) + index
+
+
+def test_scatter_puts_data_on_the_cluster_once_for_many_tasks(cluster: LocalCluster,
+                                                              client: Client) -> None:
+    small = client.scatter("a small string")
+    assert client.scatter("a small string") is small  # named by its content: not sent again
+    assert client.submit(lambda d: d.upper(), small).result(timeout=60) == "A SMALL STRING"
+    pair = client.scatter([1, 2])  # a list (or dict) of data: one future each, as in Dask
+    assert pair == [client.scatter(1), client.scatter(2)]
+    assert client.submit(total, pair).result(timeout=60) == 3
+    master_before = peak_mib(cluster.pid)
+    big = client.scatter(b"x" * (50 << 20))
+    assert client.scatter(b"x" * (50 << 20)) is big
+    sizes = client.gather(client.map(size_of, [big] * 20, range(20)))
+    assert sizes == [(50 << 20) + i for i in range(20)]
+    assert peak_mib(cluster.pid) - master_before < 32, "the scattered data went through the master"
+    assert big.result() == b"x" * (50 << 20)
+    (node,) = children(cluster.pid)
+    held = _rss_mib(node)
+    del big
+    gc.collect()
+    wait_until(lambda: _rss_mib(node) < held - 40, 30, "the node to free the released data")
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")

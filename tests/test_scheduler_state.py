@@ -1122,3 +1122,17 @@ def test_inputs_already_done_or_unknown_here_do_not_hold_a_task(s: Harness) -> N
     out = submit_with_inputs(s, "b", "a", "forgotten-long-ago")
     assert out == [ev.Assign("n1", "w1", "b", "Name", "task", b"code", b"args", True,
                              inputs=("a", "forgotten-long-ago"))]
+
+
+def test_detached_tasks_and_the_inputs_they_wait_for_outlive_their_client(s: Harness) -> None:
+    submit(s, "a", kind="task")  # running on w1
+    submit_with_inputs(s, "b", "a")  # waits for a
+    submit(s, "c", kind="task")  # queued: not detached
+    s(ev.TasksDetached, "c1", ("b",))
+    assert s.state.tasks["a"].detached and s.state.tasks["b"].detached
+    s(ev.TasksDetached, "someone-else", ("c",))  # only a task's own client detaches it
+    out = s(ev.ClientLeft, "c1")
+    assert out == [ev.ReportCancelled("c1", "c")]
+    out = s(ev.TaskFinished, "w1", "a", UnitOutcome(-1, True, b"ra"))
+    assert out[-1] == ev.Assign("n1", "w1", "b", "Name", "task", b"code", b"args", True,
+                                inputs=("a",))

@@ -364,6 +364,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.feed(ev.CancelRequested(self.now, task_id, grace))
         self.flush()
 
+    @precondition(lambda self: self.next_task)
+    @rule(data=st.data(), client=st.sampled_from(["a", "b"]))
+    def a_client_fires_and_forgets(self, data: st.DataObject, client: str) -> None:
+        task_ids = data.draw(st.lists(st.integers(1, self.next_task), max_size=3))
+        self.feed(ev.TasksDetached(self.now, client, tuple(f"t{i}" for i in task_ids)))
+
     @precondition(lambda self: self.stops)
     @rule(data=st.data())
     def a_worker_stops_a_cancelled_tasks_code(self, data: st.DataObject) -> None:

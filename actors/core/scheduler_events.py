@@ -115,6 +115,15 @@ class ClientLeft(Event):
 
 
 @dataclass(frozen=True)
+class TasksDetached(Event):
+    """Fire and forget: these tasks of the client (and, before they run, the unfinished inputs
+    they wait for) are not cancelled when it leaves."""
+
+    client_id: str
+    task_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class CancelRequested(Event):
     """``grace`` > 0: the task's workers are asked to stop it (``StopTask``) and killed only if
     they have not said so (``WorkerStopped``) within that many seconds; 0: killed at once."""

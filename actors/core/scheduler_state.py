@@ -135,6 +135,7 @@ from actors.core.scheduler_events import (
     StopTask,
     TaskFinished,
     TaskKind,
+    TasksDetached,
     TaskStatus,
     TaskSubmitted,
     TellHolders,
@@ -286,6 +287,7 @@ class TaskRecord:
     story: list[StoryEntry] = field(default_factory=list)  # the last STORY_LENGTH lines
     inputs: tuple[str, ...] = ()  # the tasks whose results its arguments name
     inputs_left: set[str] | None = None  # those not done yet: it waits outside the queue
+    detached: bool = False  # fire and forget: not cancelled when its client leaves
 
     # Who may reuse a worker this task ran on: the same key, the same package version.
     warm_key: WarmKey = field(init=False, repr=False, compare=False)
@@ -429,7 +431,7 @@ class SchedulerState:
             case ClientLeft(client_id=client_id):
                 # Its workers go to the clients still here (and its processes are stopped).
                 for task in [t for t in self.tasks.values()
-                             if t.client_id == client_id and not t.finished]:
+                             if t.client_id == client_id and not t.finished and not t.detached]:
                     if task.finished:
                         continue  # failed meanwhile: one of its inputs was cancelled
                     self._end(task, CANCELLED, "its client left", event.now)
@@ -464,6 +466,15 @@ class SchedulerState:
                 self._paused(event)
             case WorkerStopped():
                 self._stopped(event)
+            case TasksDetached(client_id=client_id, task_ids=task_ids):
+                pending = list(task_ids)
+                while pending:  # the task, and what it waits for (inputs are the same client's)
+                    task = self.tasks.get(pending.pop())
+                    if task is None or task.client_id != client_id or task.finished \
+                            or task.detached:
+                        continue
+                    undo.set(task, "detached", True)
+                    pending.extend(task.inputs_left or ())
             case Tick():
                 self._report_progress()
                 self._stop_overdue(event.now)
