@@ -222,6 +222,8 @@ class DataPlane:
                 msg.holders if isinstance(msg, m.RunUnits) else msg.held)]
         elif isinstance(msg, m.WhoHas):
             addresses = [address for _, address in msg.holders]
+        elif isinstance(msg, m.AssignTask):
+            addresses = [address for _, address in msg.held_inputs]
         else:
             return
         for address in addresses:
@@ -257,6 +259,10 @@ class DataPlane:
         try:
             request = m.decode(body)
         except MalformedMessage:
+            return
+        if isinstance(request, m.InputRequest):
+            self._reply(hub, origin, request.requester.encode(), m.encode(m.InputData(
+                request.task_id, b"", [], "the node that held it is unknown or gone")))
             return
         if not isinstance(request, m.DataRequest):
             return

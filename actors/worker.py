@@ -31,6 +31,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ TO_NODE = b"n"
 HOLD_RESULT = b"h"  # [b"h", task_id, *parts]: a large result, for the node to hold
 HOLD_FILE = b"f"  # [b"f", HeldFile]: a large result in a sealed memory file, for the node
 TO_PEER = b"p"  # [b"p", address, holder, request]: for a holder on the node at that address
+INPUT_WAIT_S = 120.0  # a task's large inputs come within this, or it fails with InputLost
 
 
 @dataclass
@@ -149,6 +151,7 @@ class Worker(Shell):
         # and the version folder it loads from once they all have.
         self.input_data: dict[str, tuple[bytes, list[int]]] = {}
         self.input_path: str | None = None
+        self.inputs_by = 0.0  # when waiting for them ends (monotonic): the task fails then
         self.runner: UnitRunner | None = None
         self.classes: dict[str, Any] = {}  # shipped code's hash -> class, for warm reuse
         self.loaded_version: tuple[str, str] | None = None
@@ -220,6 +223,12 @@ class Worker(Shell):
             case Inbound(message=msg):
                 self._from_node(msg)
             case Tick():
+                waiting = self.waiting
+                if (waiting is not None and waiting.driver and waiting.held_inputs
+                        and time.monotonic() > self.inputs_by):
+                    missing = next(i for i, _ in waiting.held_inputs if i not in self.input_data)
+                    self._fail_input(waiting, InputLost(waiting.task_id, missing, "no answer from "
+                                                        "the node that holds it in time"))
                 if os.getppid() != self.parent_pid:
                     self.log.warning("node_gone")
                     self._on_exit("node gone")
@@ -473,6 +482,7 @@ class Worker(Shell):
         if self.slot.state is not LOADING:
             self._wait_for(msg)
         self.waiting, self.backlog, self.input_path = msg, list(backlog or []), version_path
+        self.inputs_by = time.monotonic() + INPUT_WAIT_S
         for input_id, address in msg.held_inputs:
             if input_id not in self.input_data:
                 self.send(NODE, TO_PEER, address.encode(), RESULTS_HOLDER,

@@ -109,7 +109,9 @@ def test_cancel_stops_the_worker_processes_and_the_cluster_goes_on() -> None:
         fut = client.submit(SleepsForever, n=10)
         wait_until(lambda: client.info().tasks_running == 1 and client.info().idle_workers == 0,
                    20, "both workers to run the task")
-        assert fut.cancel(timeout=20) is True
+        # grace=0: killed at once, without asking (a cancel's grace, and the worker that stops
+        # in time and serves on, are test_cooperative_stop.py's)
+        assert fut.cancel(timeout=20, grace=0) is True
         assert fut.cancelled() and fut.done()
         with pytest.raises(TaskCancelled):
             fut.result(timeout=1)

@@ -181,33 +181,39 @@ def test_map_reduce_across_two_nodes_moves_the_mapped_pairs_worker_to_worker(
     assert any(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals), arrivals
 
 
-def gated_block(marks: str, gate: str, index: int):
-    """8 MiB of byte ``index`` (held on its node), once four of these run at once (one on each
-    worker)."""
+def gated_block(marks: str, gate: str, index: int, root: bytes):
+    """8 MiB of byte ``index + root[0]`` (held on its node), once four of these run at once
+    (one on each worker)."""
     Path(marks, f"started-{index}").touch()
     wait_for(gate)
-    return bytes([index]) * (8 << 20)
+    return bytes([index + root[0]]) * (8 << 20)
+
+
+def root_block(seed: int):
+    return bytes([seed]) * (1 << 20)
 
 
 def checksum(*blocks):
     return sum(sum(block[::4096]) for block in blocks)
 
 
-def test_futures_held_on_two_nodes_are_inputs_of_a_task_on_either(
-        two_nodes: TwoNodes, tmp_path: Path) -> None:
-    """Four 8 MiB results, one per worker of the two nodes (held where they were made): a task
-    taking all four as arguments fetches them node to node, never through the master."""
+def test_a_diamond_of_futures_across_two_nodes(two_nodes: TwoNodes, tmp_path: Path) -> None:
+    """A 1 MiB root taken by four tasks, one per worker of the two nodes, each making 8 MiB
+    (held where it was made), all four taken by one last task: the inputs travel node to node,
+    never through the master."""
     gate = tmp_path / "gate"
     with Client(two_nodes.address, keys=two_nodes.keys) as client:
         client.wait_for_workers(4)
         warm_workers(client, two_nodes, tmp_path / "warm")
-        blocks = [client.submit(gated_block, str(tmp_path), str(gate), i) for i in range(4)]
+        root = client.submit(root_block, 10)
+        blocks = [client.submit(gated_block, str(tmp_path), str(gate), i, root)
+                  for i in range(4)]
         wait_until(lambda: len(list(tmp_path.glob("started-*"))) == 4, 60,
                    "one block on each worker")
         before = peak_mib(two_nodes.master_pid)
         gate.touch()
         total = client.submit(checksum, *blocks)
-        assert result_or_logs(total, 120, two_nodes.logs) == sum(i * 2048 for i in range(4))
+        assert result_or_logs(total, 120, two_nodes.logs) == sum((10 + i) * 2048 for i in range(4))
         ran_on = {e[3].split("driver ")[1].split("/")[0] for b in blocks for e in b.story()
                   if e[0] == "task" and e[2] == "running"}
         assert len(ran_on) == 2, ran_on  # so the task's own node lacked some of its inputs
