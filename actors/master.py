@@ -1295,8 +1295,8 @@ class Master(Shell):
             reason = "a scattered result's id is scatter-<hex>"
         elif task_id in self.scheduler.tasks or task_id in self.scattering:
             reason = "that id is taken"
-        elif (kept := self.inputs.kept.get(task_id)) is not None:
-            reason = "" if kept.client_id == client_id else "that id is taken"
+        elif task_id in self.inputs.kept:  # scattered before: one more future of it
+            reason = "" if self.inputs.referenced_again(task_id, client_id) else "that id is taken"
             self._to_client(client_id, m.ScatterDone(task_id, reason))
             return
         elif msg.data and len(msg.data) > m.INLINE_RESULT_BYTES:

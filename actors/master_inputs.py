@@ -31,6 +31,7 @@ class Kept:
 class InputBook:
     def __init__(self) -> None:
         self.refs: dict[str, str] = {}  # task -> its client, while the client holds its future
+        self.more_refs: dict[str, int] = {}  # scattered data with more than one future: how many
         self.users: dict[str, int] = {}  # task -> the unfinished tasks that name it as an input
         self.uses: dict[str, tuple[str, ...]] = {}  # unfinished task -> its inputs
         self.kept: dict[str, Kept] = {}
@@ -79,11 +80,28 @@ class InputBook:
                 unused.append(input_id)
         return unused
 
+    def referenced_again(self, task_id: str, client_id: str) -> bool:
+        """Data scattered again (named by its content): one more future of it. False when it
+        is not this client's kept result."""
+        kept = self.kept.get(task_id)
+        if kept is None or kept.client_id != client_id:
+            return False
+        if task_id in self.refs:
+            self.more_refs[task_id] = self.more_refs.get(task_id, 1) + 1
+        else:
+            self.refs[task_id] = client_id
+        return True
+
     def released(self, client_id: str, task_ids: Iterable[str]) -> list[str]:
         """The client let go of these futures (only its own count); those now unused."""
         unused = []
         for task_id in task_ids:
             if self.refs.get(task_id) != client_id:
+                continue
+            more = self.more_refs.pop(task_id, 1) - 1
+            if more > 0:
+                if more > 1:
+                    self.more_refs[task_id] = more
                 continue
             del self.refs[task_id]
             if not self._in_use(task_id):
@@ -96,6 +114,7 @@ class InputBook:
         lets its inputs go)."""
         for task_id in [t for t, c in self.refs.items() if c == client_id]:
             del self.refs[task_id]
+            self.more_refs.pop(task_id, None)
         for task_id in [t for t, k in self.kept.items() if k.client_id == client_id]:
             if not self.users.get(task_id):
                 del self.kept[task_id]

@@ -621,6 +621,7 @@ class Worker(Shell):
             self.driver = None
         self.hosted = None
         self.waiting, self.backlog = None, []
+        self.input_data.clear()
         if self.runner is not None:
             self.runner.instance = None
         if self.slot.state is not IDLE:

@@ -1,0 +1,65 @@
+"""The master's book of results kept for later tasks' arguments (a plain class, fed directly)."""
+
+from __future__ import annotations
+
+from actors.errors import InputFailed, InputLost
+from actors.master_inputs import InputBook
+
+
+def test_a_result_is_kept_while_its_future_is_held_then_let_go() -> None:
+    book = InputBook()
+    book.submitted("a", "c1", ())
+    assert book.ended("a", "done", b"ra") == []  # still held: kept
+    assert book.kept["a"].result == b"ra"
+    assert book.check("b", "c1", "a", None) is None
+    assert book.released("c2", ["a"]) == []  # another client's release counts for nothing
+    assert book.released("c1", ["a"]) == ["a"] and "a" not in book.kept
+
+
+def test_a_task_that_takes_it_keeps_it_until_that_task_ends() -> None:
+    book = InputBook()
+    book.submitted("a", "c1", ())
+    book.submitted("b", "c1", ["a", "a"])  # named twice: one use
+    assert book.released("c1", ["a"]) == []  # b has not run: a stays
+    assert book.ended("a", "done", b"ra") == []
+    assert "a" in book.kept
+    assert sorted(book.ended("b", "done", b"rb")) == ["a"]  # b ended: a goes (b is still held)
+    assert "a" not in book.kept and "b" in book.kept
+
+
+def test_inputs_refused_name_why() -> None:
+    book = InputBook()
+    book.submitted("bad", "c1", ())
+    book.ended("bad", "erred", why="ValueError: no")
+    assert isinstance(book.check("t", "c1", "bad", None), InputFailed)
+    assert "ValueError: no" in str(book.check("t", "c1", "bad", None))
+    for refused in (book.check("t", "c2", "bad", None),  # another client's
+                    book.check("t", "c1", "never", None),  # unknown, or released
+                    book.check("t", "c1", "t", None),  # itself
+                    book.check("t", "c1", "running", "c2")):  # running, another client's
+        assert isinstance(refused, InputLost)
+    assert book.check("t", "c1", "running", "c1") is None
+
+
+def test_data_scattered_again_counts_each_future() -> None:
+    book = InputBook()
+    book.submitted("scatter-x", "c1", ())
+    book.ended("scatter-x", "done", b"x")
+    assert book.referenced_again("scatter-x", "c1")  # a second future, the first not yet let go
+    assert not book.referenced_again("scatter-x", "c2")
+    assert book.released("c1", ["scatter-x"]) == []  # the first future's release
+    assert "scatter-x" in book.kept
+    assert book.released("c1", ["scatter-x"]) == ["scatter-x"]
+
+
+def test_a_client_gone_takes_its_kept_results_with_it_but_not_those_in_use() -> None:
+    book = InputBook()
+    book.submitted("a", "c1", ())
+    book.submitted("b", "c1", ())
+    book.ended("a", "done", b"ra")
+    book.submitted("d", "c1", ["b"])  # (detached: runs on after its client left)
+    book.ended("b", "done", b"rb")
+    book.client_gone("c1")
+    assert "a" not in book.kept and "b" in book.kept and not book.refs
+    assert book.ended("d", "done", b"rd") == ["d", "b"]
+    assert not book.kept
