@@ -1367,6 +1367,7 @@ class Master(Shell):
         """These held results were delivered (or nobody will fetch them): their nodes let go."""
         by_node: dict[str, list[str]] = {}
         for task_id in task_ids:
+            self.fetched.discard(task_id)
             where = self.delivering.pop(task_id, None)
             if where is not None:
                 by_node.setdefault(where[0], []).append(task_id)
