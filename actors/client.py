@@ -888,14 +888,10 @@ class Client:
         parts = self._scattering.get(at.task_id)
         if parts is None:
             return  # given up meanwhile
-        name = RESULTS_PREFIX + at.address
-        try:
-            self._hub.open_dealer_now(name, at.address, identity=self.client_id.encode(),
-                                      curve=ClientCurve(self._pair.public, self._pair.secret,
-                                                        at.server_key.encode()))
-        except (zmq.ZMQError, ValueError) as exc:
+        name, why = self._results_socket(at.address, at.server_key)
+        if why:
             if (replies := self._replies.get(f"scatter {at.task_id}")) is not None:
-                replies.put(m.ScatterDone(at.task_id, f"cannot connect to {at.address}: {exc}"))
+                replies.put(m.ScatterDone(at.task_id, why))
             return
         lengths = [memoryview(part).nbytes for part in parts]
         frames = [m.encode(m.PutResult(at.task_id, lengths)), *parts]  # (sent uncopied)
@@ -906,19 +902,27 @@ class Client:
         if self._futures.get(done.task_id) is None:
             self._ended(done.task_id)  # nobody waits for it: the node may let it go
             return
-        name = RESULTS_PREFIX + held.address
-        try:
-            self._hub.open_dealer_now(name, held.address, identity=self.client_id.encode(),
-                                      curve=ClientCurve(self._pair.public, self._pair.secret,
-                                                        held.server_key.encode()))
-        except (zmq.ZMQError, ValueError) as exc:
-            self._fetch_failed(done.task_id, held, f"cannot connect to {held.address}: {exc}")
+        name, why = self._results_socket(held.address, held.server_key)
+        if why:
+            self._fetch_failed(done.task_id, held, why)
             return
         self._fetching[done.task_id] = (held, time.monotonic() + FETCH_WAIT_S
                                         + held.size / FETCH_RATE)
         # On the node's host with its uid, the node may hand us a file to read: no encryption,
         # no copy through a socket (node_results.py).
         self._hub.send_now(name, [m.encode(m.FetchResult(done.task_id, BOOT_ID, os.getuid()))])
+
+    def _results_socket(self, address: str, server_key: str) -> tuple[str, str]:
+        """The socket to a node's results endpoint (opened if need be, on the hub thread), and
+        why it cannot be had ("" if it can)."""
+        name = RESULTS_PREFIX + address
+        try:
+            self._hub.open_dealer_now(name, address, identity=self.client_id.encode(),
+                                      curve=ClientCurve(self._pair.public, self._pair.secret,
+                                                        server_key.encode()))
+        except (zmq.ZMQError, ValueError) as exc:
+            return name, f"cannot connect to {address}: {exc}"
+        return name, ""
 
     def _result_arrived(self, frames: list[bytes]) -> None:
         msg = m.decode(frames[0])
