@@ -35,7 +35,7 @@ from actors.cluster import default_keys_dir, local_node_command
 from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
-from actors.core.scheduler_state import SchedulerState, TaskRecord
+from actors.core.scheduler_state import SchedulerState, TaskRecord, WorkerRecord
 from actors.dashboard import BUILD_EVERY_S, Dashboard, parse_address
 from actors.errors import (
     ActorsError,
@@ -795,12 +795,12 @@ class Master(Shell):
         sched = self.scheduler
         hosts = {p.peer_id: p.host for p in self.peers.values() if p.role == "node"}
         per_node = [(node, hosts.get(node, ""), len(workers),
-                     sum(1 for w in workers if sched.workers[w].task_id is None))
+                     sum(1 for w in workers if _idle(sched.workers[w])))
                     for node, workers in sorted(sched.nodes.items())]
         states = [t.state for t in sched.tasks.values()]
         return m.ClusterInfo(
             sorted(sched.nodes), len(sched.workers),
-            sum(1 for w in sched.workers.values() if w.task_id is None),
+            sum(1 for w in sched.workers.values() if _idle(w)),
             states.count(ev.TaskStatus.RUNNING), states.count(ev.TaskStatus.QUEUED),
             per_node, self.master_id, self.journal.epoch, __version__)
 
@@ -1398,6 +1398,11 @@ class Master(Shell):
 
     def _to_client(self, client_id: str, msg: m.Message) -> None:
         self.send(SOCKET, client_id.encode(), message=msg)
+
+
+def _idle(worker: WorkerRecord) -> bool:
+    """Free for work (a worker still stopping a cancelled task's code is not)."""
+    return worker.task_id is None and not worker.stopping
 
 
 def _bad_grace(grace: float) -> str:
