@@ -184,6 +184,56 @@ def test_a_killed_driver_restarts_and_keeps_the_units_already_finished(tmp_path:
     assert sum(1 for count in runs.values() if count > 1) <= n - replayed
 
 
+class GatedTally(ParallelTask):
+    """Units that say where they run (``began-<i>-<pid>``), wait at the gate, then leave a mark
+    per run; the driver leaves its pid."""
+
+    def get_work(self, n, tally, gate):
+        Path(tally, f"driver-{os.getpid()}").touch()
+        for i in range(n):
+            yield (i, tally, gate)
+
+    def work_unit(self, arg):
+        i, tally, gate = arg
+        Path(tally, f"began-{i}-{os.getpid()}").touch()
+        wait_for(gate)
+        with open(os.path.join(tally, str(i)), "a") as f:
+            f.write(".")
+        return i
+
+    def reduce(self, results):
+        return sum(results)
+
+
+def test_a_killed_driver_leaves_its_healthy_helpers_running_their_units(tmp_path: Path) -> None:
+    """kill -9 of a ParallelTask's driver while a unit waits on each of three workers: the two
+    helpers are not stopped; their units finish once (journaled for the next driver, which
+    gets them replayed) and the helpers are let go, warm."""
+    gate = tmp_path / "gate"
+    with LocalCluster(workers=3) as cl, Client(cl) as client:
+        client.wait_for_workers(3)
+        fut = client.submit(GatedTally, 6, str(tmp_path), str(gate))
+        wait_until(lambda: len(list(tmp_path.glob("began-*"))) == 3, 60, "a unit on each worker")
+        [driver] = [int(p.name.split("-")[1]) for p in tmp_path.glob("driver-*")]
+        began = {int(p.name.split("-")[1]): int(p.name.split("-")[2])
+                 for p in tmp_path.glob("began-*")}
+        helpers = {pid for pid in began.values() if pid != driver}
+        assert len(helpers) == 2
+        os.kill(driver, signal.SIGKILL)
+        wait_until(lambda: any(e[2] == "draining" for e in client.story(fut)), 30,
+                   "the helpers to go on without their driver")
+        gate.touch()
+        assert fut.result(timeout=60) == sum(range(6))
+        story = fut.story()
+        assert all(alive(pid) for pid in helpers)  # never stopped
+    assert not [e for e in story if e[2] == "killed" or "restarts" in e[3]], story
+    runs = {int(p.name): p.stat().st_size for p in tmp_path.iterdir() if p.name.isdigit()}
+    assert sorted(runs) == list(range(6))
+    on_helpers = [i for i, pid in began.items() if pid in helpers]
+    assert all(runs[i] == 1 for i in on_helpers), (runs, on_helpers)  # not run again
+    assert len(list(tmp_path.glob("driver-*"))) == 2  # a new driver, on a warm helper or not
+
+
 def test_killing_workers_and_a_node_during_a_task_still_gives_the_exact_result(
     tmp_path: Path,
 ) -> None:

@@ -198,15 +198,43 @@ def test_a_requeued_unit_runs_elsewhere_and_the_story_says_why(s4: Harness) -> N
                for k, _, _, c, _ in story)
 
 
-def test_a_lost_driver_restarts_the_task_and_stops_its_helpers(s: Harness) -> None:
+def test_a_lost_driver_restarts_the_task_and_its_helpers_finish_their_runs(s: Harness) -> None:
     submit(s)
     s(ev.WorkerReady, "n1", "w2")
     s(ev.UnitsSliced, "w1", "t1", units(*range(12)), False)
+    flying = dict(s.state.workers["w2"].in_flight)
+    assert flying
     out = s(ev.WorkerLost, "w1", "exit 1", False)
-    assert ev.KillWorker("n1", "w2", "task t1 restarts") in out
+    assert not any(isinstance(i, ev.KillWorker) for i in out)  # the healthy helper goes on
     assert s.state.tasks["t1"].state == "queued"
+    # Its runs' results are journaled for the next driver; then it is let go, warm, and
+    # becomes that driver itself.
+    (run,) = set(flying.values())
+    out = s(ev.UnitsFinished, "w2", "t1", run, ok(*flying), 0.01)
+    assert ev.RecordResults("t1", [(i, unit_digest(UnitCall(i, f"arg{i}".encode())),
+                                     f"res{i}".encode()) for i in flying]) in out
+    assert out[-2:] == [ev.ReleaseWorker("n1", "w2", "t1"),
+                        ev.Assign("n1", "w2", "t1", "Name", "parallel", b"code", b"args", True)]
+    out = s(ev.UnitsSliced, "w2", "t1", units(*range(12)), True)
+    [replay] = [i for i in out if isinstance(i, ev.ReplayResults)]
+    assert [u.index for u in replay.units] == sorted(flying)  # not run again
+    story = s.state.story("t1")
+    assert ("worker w2", "helping", "draining") in [e[:3] for e in story]
+    assert ("worker w2", "draining", "released") in [e[:3] for e in story]
+
+
+def test_a_draining_helper_that_dies_gives_its_runs_back_to_the_queue(s: Harness) -> None:
+    submit(s)
+    s(ev.WorkerReady, "n1", "w2")
+    s(ev.UnitsSliced, "w1", "t1", units(*range(12)), False)
+    flying = set(s.state.workers["w2"].in_flight)
+    s(ev.WorkerLost, "w1", "exit 1", False)
+    s(ev.WorkerLost, "w2", "killed by signal 9", False)
+    assert not s.state.draining and s.state.tasks["t1"].state == "queued"
+    assert flying <= {u.index for u in s.state.tasks["t1"].units.pending}
     out = s(ev.WorkerReady, "n1", "w3")
-    assert out == [ev.Assign("n1", "w3", "t1", "Name", "parallel", b"code", b"args", True)]
+    assert out[0] == ev.Assign("n1", "w3", "t1", "Name", "parallel", b"code", b"args", True)
+    assert {u.index for i in out[1:] if isinstance(i, ev.Dispatch) for u in i.units} == flying
 
 
 def test_a_restarted_driver_gets_finished_results_replayed_not_recomputed(s4: Harness) -> None:
@@ -1136,3 +1164,27 @@ def test_detached_tasks_and_the_inputs_they_wait_for_outlive_their_client(s: Har
     out = s(ev.TaskFinished, "w1", "a", UnitOutcome(-1, True, b"ra"))
     assert out[-1] == ev.Assign("n1", "w1", "b", "Name", "task", b"code", b"args", True,
                                 inputs=("a",))
+
+
+@pytest.mark.parametrize("sliced_first", [False, True])
+def test_a_lost_drivers_helper_hands_its_results_to_the_next_driver_exactly_once(
+        s: Harness, sliced_first: bool) -> None:
+    """The next driver gets the runs a draining helper finishes: by replay if they finish
+    before it sliced them, forwarded if after: never both, never neither."""
+    submit(s)
+    s(ev.WorkerReady, "n1", "w2")
+    s(ev.UnitsSliced, "w1", "t1", units(*range(12)), False)
+    flying = dict(s.state.workers["w2"].in_flight)
+    s(ev.WorkerLost, "w1", "exit 1", False)
+    assert s(ev.WorkerReady, "n1", "w3")[0].worker_id == "w3"  # the next driver, at once
+    (run,) = set(flying.values())
+    delivered: list[int] = []
+    if sliced_first:
+        out = s(ev.UnitsSliced, "w3", "t1", units(*range(12)), True)
+        assert not [i for i in out if isinstance(i, ev.ReplayResults)]
+    out = s(ev.UnitsFinished, "w2", "t1", run, ok(*flying), 0.01)
+    delivered += [i for f in out if isinstance(f, ev.ForwardResults) for i, _ in f.results]
+    if not sliced_first:
+        out = s(ev.UnitsSliced, "w3", "t1", units(*range(12)), True)
+        delivered += [u.index for r in out if isinstance(r, ev.ReplayResults) for u in r.units]
+    assert sorted(delivered) == sorted(flying)

@@ -315,6 +315,7 @@ class SchedulerState:
         self.paused: set[str] = set()  # workers past their memory's pause mark
         self.stopping: set[str] = set()  # workers asked to stop a cancelled task's code
         self.dependents: dict[str, list[str]] = {}  # task -> the tasks waiting for its result
+        self.draining: set[str] = set()  # queued ParallelTasks whose helpers finish their runs
         self.workers: dict[str, WorkerRecord] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.newest: dict[str, str | None] = {}  # package -> newest version
@@ -608,6 +609,8 @@ class SchedulerState:
                 replay.append(unit)  # finished before the driver restarted
             elif unit.index not in task.units.open_units:
                 task.units.open(unit, opened)
+            elif unit.index in task.units.carried:  # still running on a lost driver's helper:
+                self._undo.discard(task.units.carried, unit.index)  # its result comes forwarded
         self._undo.set(task.units, "sliced_all", event.done)
         if replay:
             driver = self.workers[event.worker_id]
@@ -663,6 +666,12 @@ class SchedulerState:
                           keep_workers=self._keeps_workers(outcome))
                 self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(index)))
                 return
+            carried = index in units.carried
+            if carried:
+                undo.discard(units.carried, index)
+                if outcome.held:  # it would go with the helper's instance: computed again
+                    self._queue_first(units, units.open_units[index])
+                    continue
             unit = closed[index] = units.open_units.pop(index)
             units.done_count += 1
             if outcome.held:
@@ -673,7 +682,8 @@ class SchedulerState:
                 self._held(task, index, worker)
                 held.append((index, worker.worker_id, self._address(worker)))
             else:
-                forward.append((index, outcome.value))
+                if not carried:  # (a carried one reaches the next driver by replay)
+                    forward.append((index, outcome.value))
                 # The worker's digest spares the master a CRC per unit (see UnitOutcome.digest).
                 record.append((index, outcome.digest or unit_digest(unit), outcome.value))
                 if units.set_journaled(index, True):
@@ -1046,16 +1056,42 @@ class SchedulerState:
             return
         undo = self._undo
         undo.set(task, "driver", None)
+        # A lost driver's helpers go on with the runs they have (their results are journaled
+        # for the next driver) and are let go, warm, once those are done; after its own code
+        # raised (not ``lost``), every worker of the task is replaced.
+        going_on: dict[str, dict[int, int]] = {}
+        flying: dict[int, UnitCall] = {}
         for worker_id in sorted(task.workers):
-            worker = self._drop_worker(worker_id)
-            if worker is not None:
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                continue
+            runs = {i: run for i, run in worker.in_flight.items()
+                    if (call := task.units.open_units.get(i)) is not None and not call.deps}
+            if task.kind is PARALLEL and lost and runs:
+                going_on[worker_id] = runs
+                flying.update((i, task.units.open_units[i]) for i in runs)
+            elif task.kind is PARALLEL and lost:
+                self._let_go(worker, task.task_id)
+                self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
+            else:
+                self._drop_worker(worker_id)
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
-        undo.set(task, "workers", NO_WORKERS)
+        undo.set(task, "workers", set(going_on) if going_on else NO_WORKERS)
+        for worker_id, runs in going_on.items():
+            undo.set(self.workers[worker_id], "in_flight", runs)  # (units with inputs: again)
+            self._note(task, f"worker {worker_id}", "helping", "draining",
+                       f"its {len(runs)} units in flight go on without a driver", now)
+        if going_on:
+            undo.add(self.draining, task.task_id)
         self._set_status(task, QUEUED, f"driver lost: {cause}" if lost else
                          "its code raised: it runs again on a fresh worker", now)
         if task.kind is PARALLEL:
             task.units.clear_open(undo)
-            # Journaled results are replayed to the next driver; held ones died with their workers.
+            for index, call in flying.items():
+                undo.put(task.units.open_units, index, call)
+            undo.set(task.units, "carried", set(flying))
+            # Journaled results are replayed to the next driver; held ones went with the task's
+            # instance on its workers (computed again).
             undo.set(task.units, "done_count", task.units.journaled_count)
             undo.set(task.units, "sliced_all", False)
 
@@ -1106,6 +1142,8 @@ class SchedulerState:
     # --- scheduling ---------------------------------------------------------
 
     def _schedule(self, now: float) -> None:
+        if self.draining:
+            self._let_drained_go(now)
         if self.paused:
             self._replace_paused_idle()
         # A pass that lets a helper go (Sharing) hands it to the task that wanted it in the next
@@ -1115,6 +1153,26 @@ class SchedulerState:
             wanting = self._serve_parallel(wanting, now)
             if wanting is None or not self._yield_helper(wanting, now):
                 return
+
+    def _let_drained_go(self, now: float) -> None:
+        """Helpers of a driverless task whose runs are done are let go (warm): one of them may
+        be its next driver. A task running again keeps the helpers it still has."""
+        undo = self._undo
+        for task_id in sorted(self.draining):
+            task = self.tasks[task_id]
+            if task.state is QUEUED:
+                for worker_id in sorted(task.workers):
+                    worker = self.workers[worker_id]
+                    if not worker.in_flight:
+                        self._let_go(worker, task_id)
+                        undo.discard(task.workers, worker_id)
+                        self._note(task, f"worker {worker_id}", "draining", "released",
+                                   "its runs are done", now)
+                        self._out.append(ReleaseWorker(worker.node_id, worker_id, task_id))
+                if task.workers:
+                    continue
+                undo.set(task, "workers", NO_WORKERS)
+            undo.discard(self.draining, task_id)
 
     def _start_queued(self, now: float) -> TaskRecord | None:
         """Drivers for queued tasks, best first; the first one left without a worker, if any."""
@@ -1409,6 +1467,9 @@ class SchedulerState:
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
         queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED and not t.inputs_left}
         assert queued <= {entry[-1] for entry in self._queue}, "a queued task is not in the queue"
+        for task in self.tasks.values():
+            if task.state is QUEUED and task.workers:  # a lost driver's helpers, finishing runs
+                assert task.task_id in self.draining, f"{task.task_id} queued with workers"
         for task_id, waiting in self.dependents.items():
             source = self.tasks[task_id]
             assert not source.finished, f"finished {task_id} still has dependents"

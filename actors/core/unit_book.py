@@ -52,6 +52,9 @@ class UnitBook:
     unit_seconds: float | None = None  # moving average of one unit's run time
     steals: set[int] = field(default_factory=set)  # run ids asked back
     steal_pending: bool = False  # a steal request is waiting for its answer
+    # Open units a lost driver's helpers still run: the next driver has not sliced them yet,
+    # so it gets their results by replay once it does, not forwarded before.
+    carried: set[int] = field(default_factory=set)
     reported_done: int = -1  # done_count when progress was last reported
 
     def open(self, unit: UnitCall, opened: list[UnitCall] | None = None) -> None:
@@ -129,6 +132,9 @@ class UnitBook:
             return  # nothing open (every plain Task): the pending and blocked are open units
         if undo is not None:
             undo.call(self._put_back_open, self._open_state())
+            if self.carried:
+                undo.call(setattr, self, "carried", self.carried)
+        self.carried = set()
         self.pending, self.open_units, self.blocked, self.kept = deque(), {}, {}, {}
         self.held, self.dependents, self.missing_for, self.steals = {}, {}, {}, set()
         self.steal_pending = False
@@ -155,6 +161,7 @@ class UnitBook:
         assert not pending & flown, "a unit is queued and in flight"
         blocked = set(self.blocked)
         assert not blocked & (pending | flown), "a blocked unit is queued or in flight"
+        assert self.carried <= set(self.open_units), "a carried unit is not open"
         lost = set(self.open_units) - pending - flown - blocked
         assert not lost, f"units {sorted(lost)[:5]} are neither queued, running nor blocked"
         assert self.journaled_count == sum(bin(b).count("1") for b in self.journaled), \
