@@ -183,11 +183,13 @@ def _print_tasks(address: str, keys: str, as_json: bool, limit: int, timeout: fl
 
 def _about_a_task(args: argparse.Namespace) -> int:
     """``cancel``, ``story`` and ``logs`` of one task of the caller's key."""
-    from actors.client import Client
+    from actors.client import Client, check_grace
 
     logs.configure("auto", "WARNING")
     task_id: str = args.task_id
     try:
+        if args.command == "cancel":
+            check_grace(args.grace)  # before connecting: a bad --grace is a usage error
         with Client(args.master, keys=args.keys or default_keys_dir(),
                     timeout=args.timeout) as client:
             if args.command == "cancel":

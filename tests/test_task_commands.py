@@ -43,7 +43,10 @@ def actors(cluster, *args: str, keys: str | None = None) -> subprocess.Completed
 def test_cancel_stops_a_running_task_of_the_same_key(cluster, client) -> None:
     running = client.submit(Sleeps, 60)
     wait_until(lambda: running.status == "running", 60, "the task to run")
-    shown = actors(cluster, "cancel", running.task_id)
+    bad = actors(cluster, "cancel", running.task_id, "--grace", "-1")
+    assert bad.returncode == 2 and bad.stderr == "error: grace is seconds from 0 to 600, not -1.0\n"
+    assert running.status == "running"  # (nothing was sent)
+    shown = actors(cluster, "cancel", running.task_id, "--grace", "0")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout == f"task {running.task_id} cancelled\n"
     # The task's own client hears of it as if it had cancelled it itself.
