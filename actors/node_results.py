@@ -41,7 +41,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -66,6 +66,9 @@ MEMORY_BYTES = 1 << 30  # results held in memory, in all; the rest goes to disk
 MAX_EXPECTED = 64  # scattered puts announced and not yet done
 EXPECT_S = 120.0  # how long an announced put is waited for
 MASTER = "master"  # the node's socket to its master (node.py)
+
+
+M = TypeVar("M", bound=m.Message)
 
 
 class Holds(Protocol):
@@ -166,13 +169,8 @@ class ResultStore:
 
     def from_worker_file(self, hub: Hub, worker: bytes, body: bytes) -> None:
         """``[b"f", HeldFile]``: a worker's result in its sealed memory file; answered at once."""
-        try:
-            msg = m.decode(body)
-        except MalformedMessage as exc:
-            self.log.warning("malformed_frame", source="worker", error=str(exc))
-            return
-        if not isinstance(msg, m.HeldFile):
-            self.log.warning("unexpected_message", source="worker", type=type(msg).__name__)
+        msg = self._decoded(body, m.HeldFile, "worker", "malformed_frame")
+        if msg is None:
             return
         reason = self._take_file(worker, msg)
         if reason:
@@ -260,13 +258,8 @@ class ResultStore:
             log.warning("malformed_frames", source="results client", count=len(frames))
             return
         key, routing, body = frames
-        try:
-            msg = m.decode(body)
-        except MalformedMessage as exc:
-            self.log.warning("malformed_fetch", error=str(exc))
-            return
-        if not isinstance(msg, m.FetchResult):
-            self.log.warning("unexpected_message", source="results client", type=type(msg).__name__)
+        msg = self._decoded(body, m.FetchResult, "results client", "malformed_fetch")
+        if msg is None:
             return
         entry = self.held.get(msg.task_id)
         if entry is not None and not entry.owner:
@@ -280,13 +273,8 @@ class ResultStore:
 
     def _put(self, hub: Hub, key: str, body: bytes, parts: list[bytes]) -> None:
         """A client puts scattered data the master told us to expect from its key."""
-        try:
-            msg = m.decode(body)
-        except MalformedMessage as exc:
-            self.log.warning("malformed_put", error=str(exc))
-            return
-        if not isinstance(msg, m.PutResult):
-            self.log.warning("unexpected_message", source="results client", type=type(msg).__name__)
+        msg = self._decoded(body, m.PutResult, "results client", "malformed_put")
+        if msg is None:
             return
         expected = self.expected.get(msg.task_id)
         size = sum(map(len, parts))
@@ -310,13 +298,8 @@ class ResultStore:
     def input_request(self, hub: Hub, origin: bytes, body: bytes) -> None:
         """A worker (ours: ``origin`` b"", or a peer node's) asks for a held result that is an
         input of its task: served once the master has said so (``ShareInput``), to it alone."""
-        try:
-            msg = m.decode(body)
-        except MalformedMessage as exc:
-            self.log.warning("malformed_input_request", error=str(exc))
-            return
-        if not isinstance(msg, m.InputRequest):
-            self.log.warning("unexpected_message", source="data plane", type=type(msg).__name__)
+        msg = self._decoded(body, m.InputRequest, "data plane", "malformed_input_request")
+        if msg is None:
             return
         entry = self.held.get(msg.task_id)
         if entry is not None and msg.requester not in entry.readers:
@@ -382,6 +365,18 @@ class ResultStore:
             self._drop(task_id)
 
     # --- inside -------------------------------------------------------------
+
+    def _decoded(self, body: bytes, kind: type[M], source: str, malformed: str) -> M | None:
+        """``body`` as a ``kind`` message, or None (logged) when it is malformed or another."""
+        try:
+            msg = m.decode(body)
+        except MalformedMessage as exc:
+            self.log.warning(malformed, source=source, error=str(exc))
+            return None
+        if not isinstance(msg, kind):
+            self.log.warning("unexpected_message", source=source, type=type(msg).__name__)
+            return None
+        return msg
 
     def _local(self, msg: m.FetchResult) -> bool:
         return bool(self.boot_id) and msg.boot_id == self.boot_id and msg.uid == os.getuid()
