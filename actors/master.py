@@ -60,7 +60,7 @@ from actors.launch import (
 from actors.master_inputs import InputBook
 from actors.metrics import MetricsServer, Snapshot
 from actors.serialize import describe_exception
-from actors.shell import Inbound, Shell, Tick, tell_if_alive
+from actors.shell import Inbound, PeerDisconnected, Shell, Tick, tell_if_alive
 from actors.state_dir import StateDir, default_state_dir
 from actors.task_sync import Catalogue, InstanceUses, TaskSyncServer
 from actors.watch import OUTPUT_LINES, OutputRings, TaskStream, Throughput, overview, task_detail
@@ -93,6 +93,9 @@ CLIENT_GRACE_S = 60.0
 # A client silent this long (it sends a heartbeat every 2 s) is taken as gone, as if it had said
 # Bye: its unfinished tasks are cancelled and its code dropped.
 CLIENT_TIMEOUT_S = 120.0
+# A node whose connection closed (its process killed, a reset, the transport's heartbeat timing
+# out on a cut link) is lost unless it is heard again within this long (it reconnects in < 1 s).
+NODE_SUSPECT_S = 2.0
 # A message this long after the last tick means the process was paused (SIGSTOP, a frozen VM):
 # before acting on it, the master asks the journal whether a newer master took over meanwhile
 # (each tick asks too).
@@ -118,6 +121,7 @@ class Peer:
     pid: int = 0
     key: bytes = b""  # the public key it proved at the handshake; its routing id is bound to it
     routing: bytes = b""  # its routing id on the master's socket
+    suspect_since: float | None = None  # when the transport saw its connection close
 
 
 @dataclass
@@ -152,6 +156,8 @@ class Master(Shell):
         self.client_timeout_s = client_timeout_s  # 0: clients are never timed out
         # Clients taken as gone, newest last: one that comes back learns its tasks were stopped.
         self.lost_clients: OrderedDict[str, None] = OrderedDict()
+        # Routing ids of nodes declared lost: what they still send until they notice is expected.
+        self.lost_nodes: OrderedDict[bytes, None] = OrderedDict()
         self.metrics = metrics
         self.stats = Snapshot()  # counters since start, published to /metrics on the tick
         # What people watch (actors/watch.py): all bounded. The dashboard's HTTP threads get
@@ -277,6 +283,8 @@ class Master(Shell):
                 if self.now - self.last_tick > PAUSED_S and not self._still_mine():
                     return None
                 self._inbound(message)
+            case PeerDisconnected(routing=routing):
+                self._disconnected(routing)
             case Tick(now=now):
                 if not self._still_mine():  # one small read a tick: the fencing token
                     return None
@@ -398,10 +406,13 @@ class Master(Shell):
             # A heartbeat from a peer of a master that restarted (or declared it gone) is
             # expected: it says Hello on hearing the answer (a debug line, not a warning storm).
             if self._reject(inbound, "message_from_unknown_peer", "unknown peer",
-                            quiet=isinstance(msg, m.Heartbeat)):
+                            quiet=isinstance(msg, m.Heartbeat) or peer_key in self.lost_nodes):
                 self.send(SOCKET, peer_key, message=m.Refused("unknown peer: send Hello first"))
             return
         peer.last_seen = self.now
+        if peer.suspect_since is not None:
+            peer.suspect_since = None
+            self.log.info("node_back", node_id=peer.peer_id)
         if isinstance(msg, m.ChunkRequest):  # package contents: for nodes only
             if peer.role == "node" and inbound.via is None and self.task_sync is not None:
                 self.task_sync.tell(inbound)
@@ -1138,10 +1149,23 @@ class Master(Shell):
         self._reject(Inbound(peer.routing, None, msg, peer.key), "unexpected_message",
                      f"not a message a {peer.role} sends", peer)
 
+    def _disconnected(self, routing: bytes) -> None:
+        peer = self.peers.get(routing)
+        if peer is None or peer.role != "node" or peer.suspect_since is not None:
+            return  # a client reconnects at its own pace; its timeout covers one that does not
+        peer.suspect_since = time.monotonic()
+        self.log.info("node_suspect", node_id=peer.peer_id, reason="its connection closed",
+                      lost_in_s=min(NODE_SUSPECT_S, self.node_timeout_s))
+
     def _check_liveness(self) -> None:
         for peer in list(self.peers.values()):
             silent = self.now - peer.last_seen
-            if peer.role == "node" and silent > self.node_timeout_s:
+            suspect = peer.suspect_since
+            if (peer.role == "node" and suspect is not None
+                    and self.now - suspect > min(NODE_SUSPECT_S, self.node_timeout_s)):
+                self._node_gone(peer, f"its connection closed {self.now - suspect:.1f}s ago "
+                                      "and it did not come back")
+            elif peer.role == "node" and silent > self.node_timeout_s:
                 self._node_gone(peer, f"silent for {silent:.1f}s")
             elif peer.role == "client" and self.client_timeout_s and silent > self.client_timeout_s:
                 # Killed, or cut off: nobody will read its tasks' results (clients say Hello
@@ -1158,6 +1182,9 @@ class Master(Shell):
         self.peers = {k: p for k, p in self.peers.items() if p is not peer}
         left = reason.startswith("node left")
         (self.log.info if left else self.log.warning)("node_lost", node_id=peer.peer_id, reason=reason)
+        self.lost_nodes[peer.routing] = None
+        while len(self.lost_nodes) > 10_000:
+            self.lost_nodes.popitem(last=False)
         self._apply(ev.NodeLost(self.now, peer.peer_id, reason))
 
     # --- output -------------------------------------------------------------
@@ -1541,7 +1568,10 @@ def main(argv: list[str] | None = None, *,
         for ref in (master_ref, sync_ref):
             tell_if_alive(ref, Tick(now))
 
-    hub = Hub(on_frames, on_tick=on_tick, tick_s=0.25)
+    def on_peer_gone(_socket: str, routing: bytes) -> None:
+        tell_if_alive(master_ref, PeerDisconnected(routing))
+
+    hub = Hub(on_frames, on_peer_gone=on_peer_gone, on_tick=on_tick, tick_s=0.25)
     hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True)
     try:
         hub.start()

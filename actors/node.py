@@ -307,7 +307,7 @@ class Node(Shell):
         if what == "auth_failed":
             self.log.error("master_refused_key", hint="is this node's public key in the master's allowed/ folder?")
             self._fatal("the master refused this node's CURVE key")
-        elif what == "disconnected" and self.welcomed:
+        elif what == "disconnected" and self.welcomed and not self.stopping:
             # Until a Welcome: workers' messages are held (main's on_event closed the gate).
             self.log.warning("master_disconnected", workers=len(self.workers))
             self._away()

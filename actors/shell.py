@@ -47,6 +47,13 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class PeerDisconnected:
+    """The transport saw the connection of the peer with this routing id close."""
+
+    routing: bytes
+
+
+@dataclass(frozen=True)
 class ConnectionEvent:
     socket: str
     what: str  # connected | disconnected | auth_failed | handshake_failed

@@ -13,6 +13,13 @@ ZeroMQ send released the GIL to a busy hub thread).
 The same thread drives ``on_tick`` at a fixed interval, so time-based work
 (heartbeats, timeouts) enters the actors as ordinary messages.
 
+Connections. A monitored dealer's connection events reach ``on_event``; a
+keyed router tells ``on_peer_gone`` when the connection of a peer closed (a
+killed process, a reset, or the ZMTP heartbeat's timeout on a silent link),
+so that the owner need not wait for its own timeout to notice. ZeroMQ names
+a closed connection only by its file descriptor: the hub remembers which
+descriptor each peer's messages last came through (``SRCFD``).
+
 Batching: what one turn of the loop has to send to the same peer over the
 same socket leaves as one frame (``BATCH`` + the messages), and a batch
 received is handed to ``on_frames`` message by message, as if each had come
@@ -50,6 +57,7 @@ log = structlog.get_logger("transport.hub")
 
 FramesHandler = Callable[[str, list[bytes]], None]
 EventHandler = Callable[[str, str], None]
+PeerGoneHandler = Callable[[str, bytes], None]  # (socket, routing id)
 TickHandler = Callable[[float], None]
 
 _STOP = b""
@@ -65,6 +73,7 @@ _WAKE = b"w"
 _ZERO_COPY_BYTES = 1 << 20  # below this, copying is cheaper than tracking the buffer's release
 _ANY_KEY_DOMAIN = "any-key"  # the ZAP domain of sockets that admit every CURVE key
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
+# (a monitored dealer pings its server alike, so a node notices a cut link as its master does)
 _TURN_ITEMS = 10_000  # outgoing messages taken per turn, so receiving is never starved
 # (route frames after the peer's, last frame) of the messages waiting for the end of a turn
 _Pending = list[tuple[list[bytes], bytes]]
@@ -141,6 +150,7 @@ class Hub:
         on_frames: FramesHandler,
         *,
         on_event: EventHandler | None = None,
+        on_peer_gone: PeerGoneHandler | None = None,
         on_tick: TickHandler | None = None,
         tick_s: float = 0.25,
     ) -> None:
@@ -148,6 +158,9 @@ class Hub:
         self._inproc = f"inproc://hub-{os.getpid()}-{next(_hub_ids)}"
         self._on_frames = on_frames
         self._on_event = on_event
+        self._on_peer_gone = on_peer_gone
+        # keyed router -> file descriptor -> the routing id whose messages last came through it
+        self._peer_fds: dict[str, dict[int, bytes]] = {}
         self._on_tick = on_tick
         self._tick_s = tick_s
         self._specs: list[_SocketSpec] = []
@@ -307,6 +320,9 @@ class Hub:
                 sockets[spec.name.encode()] = sock
                 if spec.monitor:
                     monitors[sock.get_monitor_socket()] = spec.name
+                elif spec.with_keys and self._on_peer_gone is not None:
+                    self._peer_fds[spec.name] = {}
+                    monitors[sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)] = spec.name
         except BaseException as exc:  # reported to start(), which raises it
             self._start_error = exc
             for sock in [*monitors, *sockets.values()]:
@@ -351,6 +367,9 @@ class Hub:
                 self._keyed.add(spec.name.encode())
                 sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+        elif spec.monitor:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
         if spec.identity is not None:
             sock.setsockopt(zmq.IDENTITY, spec.identity)
         if spec.address.startswith("tcp://["):
@@ -409,7 +428,8 @@ class Hub:
                         self._receive(names[sock], sock)
                     except zmq.ZMQError as exc:  # the thread that owns every socket lives on
                         log.error("receive_failed", socket=names[sock], error=str(exc))
-                elif sock in monitors:
+            for sock in ready:  # after what this turn received: a peer's last words come first
+                if sock in monitors:
                     self._monitor_event(monitors[sock], sock)
             if self._pending:
                 self._flush()
@@ -497,6 +517,7 @@ class Hub:
 
     def _receive(self, name: str, sock: zmq.Socket[bytes]) -> None:
         keyed = name.encode() in self._keyed
+        fds = self._peer_fds.get(name)
         for _ in range(1_000):
             # Ask before receiving: raising and catching zmq.Again is costly on a busy master.
             if not _readable(sock):
@@ -507,6 +528,10 @@ class Hub:
                 routing = sock.recv(zmq.NOBLOCK)
                 rest = sock.recv_multipart(copy=False)
                 frames = [_user_id(rest[-1]), routing, *(part.bytes for part in rest)]
+                if fds is not None:
+                    fd = _source_fd(rest[-1])
+                    if fds.get(fd) != routing:
+                        fds[fd] = routing
             else:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             if frames[-1][:1] == BATCH:
@@ -524,11 +549,17 @@ class Hub:
             self._guarded(self._on_frames, name, message)
 
     def _monitor_event(self, name: str, monitor: zmq.Socket[bytes]) -> None:
+        fds = self._peer_fds.get(name)
         while True:
             try:
                 event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
+            if fds is not None:  # a keyed router: only disconnects are asked for
+                routing = fds.pop(int(event["value"]), None)
+                if routing is not None and self._on_peer_gone is not None:
+                    self._guarded(self._on_peer_gone, name, routing)
+                continue
             what = _WATCHED_EVENTS.get(int(event["event"]))
             if what is not None and self._on_event is not None:
                 self._guarded(self._on_event, name, what)
@@ -564,6 +595,17 @@ def _user_id(frame: zmq.Frame) -> bytes:
         return _key_bytes(frame.get("User-Id"))
     except zmq.ZMQError:  # no such property on this frame: no key proved
         return b""
+
+
+def _source_fd(frame: zmq.Frame) -> int:
+    """The file descriptor of the connection ``frame`` came through (-1: not known)."""
+    try:
+        return int(frame.get(_SRCFD))
+    except zmq.ZMQError:
+        return -1
+
+
+_SRCFD = int(getattr(zmq, "SRCFD", 2))  # deprecated in libzmq, still answered by 4.3
 
 
 @functools.lru_cache(maxsize=1024)  # a master hears from few keys, over and over
