@@ -58,10 +58,13 @@ MAX_KNOWN = 4096  # announced addresses remembered, least recently announced for
 
 
 def boot_id() -> str:
-    """This kernel's boot id (Linux): two processes that see the same one share a host."""
+    """This kernel's boot id and this process's mount namespace (Linux): two processes that see
+    the same pair share a host and its files, so an ipc path or a file one names is the other's.
+    (Containers on one kernel share the boot id, not their files.)"""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/mnt').st_ino}" if boot else ""
     except OSError:
         return ""
 

@@ -5,7 +5,7 @@ with one veth link to that switch, an address on a private subnet that exists on
 namespaces, and its own hostname (a UTS namespace per process) that no other host can resolve.
 A link can be cut and restored (``partition``/``heal``); a slow link is a relay (``relay.py``:
 this kernel has no netem). ``close`` kills every process in every one of these namespaces (by pid,
-from ``ip netns pids``: workers run in sessions of their own) and deletes the namespaces (their
+from ``ip netns pids`` and /proc: workers run in sessions and network namespaces of their own) and deletes the namespaces (their
 veths go with them), whether the test passed or not.
 
 Needs root and iproute2 (``ip``, ``tc``), as CI has; elsewhere the suite says why it cannot run.
@@ -21,6 +21,8 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+
+from tests.conftest import alive, descendants
 
 PREFIX = "pa-"  # every namespace this suite makes starts so (and a stale one is removed)
 _nets = itertools.count()
@@ -70,13 +72,29 @@ class Host:
         self.procs.append(proc)
         return proc
 
-    def run(self, args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(args), capture_output=True, text=True, timeout=timeout)
+    def run(self, args: list[str], timeout: float = 60.0,
+            **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(args), capture_output=True, text=True,  # type: ignore[call-overload]
+                              timeout=timeout, **kwargs)
+
+    def counter(self, name: str) -> int:
+        """A statistic of this host's link (``rx_bytes``, ``tx_bytes``...)."""
+        out = self.run(["cat", f"/sys/class/net/eth0/statistics/{name}"])
+        return int(out.stdout)
 
     def pids(self) -> set[int]:
-        """Every process in this host's namespace."""
+        """Every process started on this host and every process below them (workers leave the
+        host's network namespace for one of their own: ``ip netns pids`` does not list them)."""
         out = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True)
-        return {int(pid) for pid in out.stdout.split()}
+        mine = {int(pid) for pid in out.stdout.split()}
+        mine |= {proc.pid for proc in self.procs if alive(proc.pid)}
+        return mine | set().union(*(descendants(pid) for pid in mine))
+
+    def kill_group(self, proc: subprocess.Popen[str]) -> None:
+        """``kill -9`` of the process group ``proc`` leads."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 class Net:
