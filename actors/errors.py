@@ -377,6 +377,25 @@ class WorkerKilled(ActorsError):
         )
 
 
+class DataUnreachable(ActorsError, ConnectionError):
+    """A worker could not fetch a unit's result from the worker holding it, ``tries`` times,
+    while that worker lived: the holder's node announced a data address (``address``) the
+    fetching node cannot reach (a NAT, a firewall, a wrong ``--data-address``)."""
+
+    def __init__(self, task_id: str, unit: str, asker: str, holder: str, address: str,
+                 tries: int) -> None:
+        super().__init__(task_id, unit, asker, holder, address, tries)
+        self.task_id, self.unit, self.asker, self.holder = task_id, unit, asker, holder
+        self.address, self.tries = address, tries
+
+    def __str__(self) -> str:
+        asker_node, holder_node = self.asker.split("/")[0], self.holder.split("/")[0]
+        return (f"task {self.task_id}: {self.asker} could not fetch {self.unit}'s result from "
+                f"{self.holder} at {self.address or 'its data address'} ({self.tries} tries, no "
+                f"answer): is that address reachable from {asker_node}'s host? (see "
+                f"{holder_node}'s --data-address and --data-listen, and any firewall between)")
+
+
 class RemoteError(ActorsError):
     """A task raised an exception that cannot be rebuilt here (its class is not importable)."""
 

@@ -40,6 +40,7 @@ from actors.dashboard import BUILD_EVERY_S, Dashboard, parse_address
 from actors.errors import (
     ActorsError,
     CodeUnknown,
+    DataUnreachable,
     InputFailed,
     InvalidAddress,
     JournalUnreadable,
@@ -1269,6 +1270,14 @@ class Master(Shell):
                 self.log.warning("task_killed", task_id=ins.task_id, unit=ins.unit, causes=ins.causes)
                 payload, type_name, text, _ = describe_exception(
                     WorkerKilled(ins.task_id, ins.unit, ins.causes))
+                self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
+                    ins.task_id, payload, type_name, text, "", ins.unit))
+            case ev.ReportUnreachable():
+                error = DataUnreachable(ins.task_id, ins.unit, ins.asker, ins.holder, ins.address,
+                                        ins.tries)
+                self.log.warning("data_unreachable", task_id=ins.task_id, unit=ins.unit,
+                                 worker_id=ins.asker, holder=ins.holder, address=ins.address)
+                payload, type_name, text, _ = describe_exception(error)
                 self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
                     ins.task_id, payload, type_name, text, "", ins.unit))
             case ev.ReportInputFailed():

@@ -595,6 +595,24 @@ def test_a_worker_missing_an_input_is_told_its_holder_or_gets_it_recomputed() ->
     assert ev.TellHolders("n1", "w1", "t1", 8, [("w2", "tcp://n2")]) in out
 
 
+def test_a_holder_a_worker_cannot_reach_fails_the_task_after_three_fetches() -> None:
+    s = two_workers()
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", [*units(*range(8)), kept(8), kept(9, 8)], True)
+    s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1, 2, 3), 0.001)
+    s(ev.UnitsFinished, "w1", "t1", 2, ok(4, 5, 6, 7), 0.001)
+    s(ev.UnitsFinished, "w2", "t1", 3, [held(8)], 0.001)
+    # w1's fetches from the living holder w2 get no answer: told again, then once more...
+    for _ in range(2):
+        assert s(ev.UnitMissing, "w1", "t1", 8) == [
+            ev.TellHolders("n1", "w1", "t1", 8, [("w2", "tcp://n2")])]
+    # ...and the third time the task fails, saying who could not reach whom, where
+    out = s(ev.UnitMissing, "w1", "t1", 8)
+    assert ev.ReportUnreachable("c1", "t1", "unit 8", "w1", "w2", "tcp://n2", 3) in out
+    assert s.state.tasks["t1"].state is ev.TaskStatus.ERRED
+    assert not [i for i in out if isinstance(i, (ev.TellHolders, ev.Dispatch))]
+
+
 def test_an_idle_worker_steals_a_queued_run_from_a_busy_one() -> None:
     s = two_workers()
     submit(s)

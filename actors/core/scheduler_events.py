@@ -384,6 +384,21 @@ class ReportKilled(Instruction):
 
 
 @dataclass(frozen=True)
+class ReportUnreachable(Instruction):
+    """A worker could not fetch a unit's result from its live holder, time after time: the
+    holder's data address is not reachable from there. The task fails with
+    ``DataUnreachable`` (a misconfigured address or a firewall, for a person to fix)."""
+
+    client_id: str
+    task_id: str
+    unit: str
+    asker: str
+    holder: str
+    address: str
+    tries: int
+
+
+@dataclass(frozen=True)
 class ReportCancelled(Instruction):
     client_id: str
     task_id: str

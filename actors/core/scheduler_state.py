@@ -129,6 +129,7 @@ from actors.core.scheduler_events import (
     ReportInputFailed,
     ReportKilled,
     ReportProgress,
+    ReportUnreachable,
     RunsReleased,
     Steal,
     StealAnswered,
@@ -161,6 +162,9 @@ BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
 MAX_BATCH = 512
 MAX_QUEUED_TASKS = 64  # plain Tasks queued on one worker behind the one it runs
+# A worker that reports a unit's result missing this often while its holder lives cannot reach
+# that holder's data address (each report follows a fetch that got no answer): the task fails.
+MAX_FETCH_FAILURES = 3
 STORY_LENGTH = 2_000
 STORY_OPEN_UNITS = 100  # open units a story lists where they are
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
@@ -759,6 +763,18 @@ class SchedulerState:
         holder = self.workers.get(task.units.held.get(event.index, ""))
         if holder is not None and holder.worker_id != event.worker_id:
             asker = self.workers[event.worker_id]
+            pair = (event.index, asker.worker_id)
+            tries = task.units.fetch_failures.get(pair, 0) + 1
+            if tries >= MAX_FETCH_FAILURES:
+                # Told the same live holder each time and still no data: not a loss the
+                # scheduler can mend by asking again (nor by computing it anew on that node).
+                self._end(task, ERRED, f"unit {event.index}: its holder {holder.worker_id} is "
+                                       f"unreachable from {asker.worker_id}", event.now)
+                self._out.append(ReportUnreachable(
+                    task.client_id, task.task_id, f"unit {event.index}", asker.worker_id,
+                    holder.worker_id, self._address(holder), tries))
+                return
+            self._undo.put(task.units.fetch_failures, pair, tries)
             self._out.append(TellHolders(asker.node_id, asker.worker_id, task.task_id, event.index,
                                          [(holder.worker_id, self._address(holder))],
                                          task.units.sizes.get(event.index, -1)))

@@ -44,6 +44,8 @@ class UnitBook:
     sizes: dict[int, int] = field(default_factory=dict)  # held result -> its bytes (last known)
     dependents: dict[int, list[int]] = field(default_factory=dict)  # unit -> units it feeds
     missing_for: dict[int, set[str]] = field(default_factory=dict)  # unit -> workers asking
+    # (unit, asking worker) -> times it found the unit's live holder unreachable
+    fetch_failures: dict[tuple[int, str], int] = field(default_factory=dict)
     done_count: int = 0
     # Plain units whose result was journaled, one bit each: a huge task stays small here.
     journaled: bytearray = field(default_factory=bytearray)

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 
 from actors import Client, ParallelTask
+from actors.errors import ActorsError
 from actors.task import Unit
 
 
@@ -75,7 +76,16 @@ def main(address: str, keys: str, job: str, kwargs: dict) -> dict:
         client.wait_for_workers(kwargs.pop("workers", 4), timeout=60)
         started = time.monotonic()
         future = client.submit(task, **kwargs)
-        result = future.result(timeout=240)
+        try:
+            result = future.result(timeout=float(os.environ.get("JOB_TIMEOUT", 200)))
+        except TimeoutError:  # what the test's failure shows: where the task stands
+            story = future.story()
+            print(f"not done; progress {future.progress()}; the story's last 80 entries:",
+                  *map(repr, story[-80:]), sep="\n", file=sys.stderr)
+            raise
+        except ActorsError as exc:
+            return {"error": type(exc).__name__, "message": str(exc),
+                    "seconds": round(time.monotonic() - started, 2)}
         seconds = time.monotonic() - started
         story = future.story()
     arrivals = [(e[3].split(": ")[0], e[3].split("data ")[1]) for e in story

@@ -33,7 +33,7 @@ def events(log: Path) -> list[dict]:
 class Hosts:
     """Hosts m (the master), n1 and n2 (a node of 2 workers each) and c (the client)."""
 
-    def __init__(self, net: netns.Net, tmp: Path) -> None:
+    def __init__(self, net: netns.Net, tmp: Path, n2_args: tuple[str, ...] = ()) -> None:
         self.net, self.tmp = net, tmp
         self.keys = str(tmp / "keys")
         self.m, self.n1, self.n2, self.c = (net.add_host(n) for n in ("m", "n1", "n2", "c"))
@@ -45,13 +45,14 @@ class Hosts:
                  "--state-dir", str(tmp / "state"), "--no-banner"],
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
         netns.wait_listening(self.m, PORT)
-        self.nodes = {host.name: self.start_node(host) for host in (self.n1, self.n2)}
+        self.nodes = {"n1": self.start_node(self.n1), "n2": self.start_node(self.n2, *n2_args)}
 
-    def start_node(self, host: netns.Host, master: str | None = None) -> subprocess.Popen[str]:
+    def start_node(self, host: netns.Host, *args: str,
+                   master: str | None = None) -> subprocess.Popen[str]:
         with open(self.tmp / f"{host.name}.log", "a") as log:
             return host.popen([sys.executable, "-m", "actors.node", "--master",
                                master or self.address, "--workers", "2", "--keys", self.keys,
-                               "--log-format", "json"],
+                               "--log-format", "json", *args],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
 
     def _job_args(self, job: str, **kwargs: object) -> list[str]:
@@ -189,3 +190,18 @@ def test_a_slow_link_is_no_loss(hosts: Hosts) -> None:
     assert sum(answer["result"].values()) == 600
     assert not [e for e in hosts.master_events() if e["event"] == "node_lost"]
     assert relay.poll() is None
+
+
+def test_a_data_address_no_peer_can_reach_fails_the_task_saying_so(
+        net: netns.Net, tmp_path: Path) -> None:
+    # n2 announces an address nobody listens at (a NAT without the port forwarded, a firewall):
+    # n1's fetches from it get no answer. The task fails, naming the address, instead of
+    # waiting forever on a fetch.
+    hosts = Hosts(net, tmp_path, n2_args=("--data-address", f"{net.subnet}.250:9"))
+    answer = hosts.job("tree", leaves=16, size=1 << 16)
+    assert answer.get("error") == "DataUnreachable", answer
+    assert f"{net.subnet}.250:9" in answer["message"] and "--data-address" in answer["message"]
+    warned = [e for e in hosts.master_events() if e["event"] == "data_unreachable"]
+    assert warned and warned[0]["address"] == f"tcp://{net.subnet}.250:9", warned
+    # The cluster serves on: a task without data to fetch runs on both nodes.
+    assert hosts.job("hostnames", n=200)["result"].keys() == {"n1", "n2"}
