@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import IO
 
 import msgspec
 import structlog
@@ -137,6 +138,19 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+def _pass_through(source: IO[bytes], fd: int) -> None:
+    """The node's output, line by line, to ours (ssh's); once ssh is gone, read and dropped,
+    so the node never writes to a closed pipe (or blocks on a full one) while it stops."""
+    open_ = True
+    for line in iter(source.readline, b""):
+        if open_:
+            try:
+                os.write(fd, line)
+            except OSError:
+                open_ = False
+    source.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     del argv  # everything comes on stdin
     logs.configure("json")
@@ -149,19 +163,24 @@ def main(argv: list[str] | None = None) -> int:
     for stale in remove_stale_run_dirs(KEYS_PREFIX):  # left by a kill -9
         log.info("stale_key_dir_removed", path=stale)
     keys, lock = write_keys(request)
+    try:
+        return _run_node(request, keys)
+    finally:
+        shutil.rmtree(keys, ignore_errors=True)
+        os.close(lock)
+
+
+def _run_node(request: LaunchRequest, keys: str) -> int:
     ended = threading.Event()
     why: list[str] = []
-
     heard = [time.monotonic()]
 
     def until_eof() -> None:
         # The launcher sends only heartbeats (newlines) from now on: their absence, or the end
         # of the stream, is the news.
-        try:
+        with contextlib.suppress(OSError):
             while os.read(sys.stdin.fileno(), 65536):  # (what readline buffered: newlines)
                 heard[0] = time.monotonic()
-        except OSError:
-            pass
         why.append("stdin_closed")
         ended.set()
 
@@ -173,27 +192,33 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     try:
         node = subprocess.Popen(node_command(request, keys), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
     except OSError as exc:
         log.error("node_not_started", error=str(exc))
-        shutil.rmtree(keys, ignore_errors=True)
-        os.close(lock)
         return 1
-    log.info("node_started", pid=node.pid, master=request.master, keys=keys,
-             workers=request.workers or os.cpu_count())
-    threading.Thread(target=until_eof, name="stdin-eof", daemon=True).start()
-    while not ended.wait(0.2) and node.poll() is None:
-        silent = time.monotonic() - heard[0]
-        if request.silence_timeout and silent > request.silence_timeout:
-            why.append("launcher_silent")
-            log.warning("launcher_silent", silent_s=round(silent, 1),
-                        timeout_s=request.silence_timeout)
-            break
-    if node.poll() is None:
-        log.info("node_stopping", pid=node.pid, reason=why[0] if why else "")
-    code = stop_node(node)
-    shutil.rmtree(keys, ignore_errors=True)
-    os.close(lock)
+    relays = [threading.Thread(target=_pass_through, args=(stream, fd), daemon=True,
+                               name=f"node-output-{fd}")
+              for stream, fd in ((node.stdout, 1), (node.stderr, 2))]
+    for relay in relays:
+        relay.start()
+    try:
+        log.info("node_started", pid=node.pid, master=request.master, keys=keys,
+                 workers=request.workers or os.cpu_count())
+        threading.Thread(target=until_eof, name="stdin-eof", daemon=True).start()
+        while not ended.wait(0.2) and node.poll() is None:
+            silent = time.monotonic() - heard[0]
+            if request.silence_timeout and silent > request.silence_timeout:
+                why.append("launcher_silent")
+                log.warning("launcher_silent", silent_s=round(silent, 1),
+                            timeout_s=request.silence_timeout)
+                break
+        if node.poll() is None:
+            log.info("node_stopping", pid=node.pid, reason=why[0] if why else "")
+    finally:
+        code = stop_node(node)
+    for relay in relays:
+        relay.join(5)
     log.info("node_exited", exit_code=code, keys_removed=keys)
     return code
 
