@@ -219,7 +219,7 @@ class Remote:
         try:
             self.proc.stdin.write(data)
             self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
+        except (OSError, ValueError):  # a broken pipe: that ssh has ended
             return False
         return True
 

@@ -86,7 +86,7 @@ def start_sshd(host: netns.Host, tmp_path: Path, authorized: Path) -> subprocess
         f"ListenAddress {host.address}\nPort 22\nHostKey {keygen(folder / 'host_key')}\n"
         f"AuthorizedKeysFile {authorized}\nStrictModes no\nUsePAM no\n"
         f"PidFile {folder / 'sshd.pid'}\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
+        "PermitRootLogin prohibit-password\n")
     with open(folder / "sshd.log", "w") as log:
         sshd = host.popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     netns.wait_listening(host, 22, timeout=10)
