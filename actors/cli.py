@@ -1,5 +1,6 @@
-"""``python -m actors``: keys and package listings (the master and the node have their own
-``main()`` in ``actors.master`` and ``actors.node``, on top of ``actors.launch``)."""
+"""``python -m actors``: keys, package listings, a cluster's state, and ``ssh`` (a master here
+and nodes over ssh, in ``actors.ssh_launch``). The master and the node have their own ``main()``
+in ``actors.master`` and ``actors.node``, on top of ``actors.launch``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 
 import msgspec
 
-from actors import logs
+from actors import logs, ssh_launch
 from actors.cluster import default_keys_dir
 from actors.errors import ActorsError
 from actors.launch import master_arg
@@ -66,7 +67,15 @@ def actors_main(argv: list[str] | None = None) -> int:
             command.add_argument("--grace", type=float, default=5.0,
                                  help="seconds its running code has to stop before its worker "
                                       "is killed (default 5; 0: at once)")
+    ssh = sub.add_parser("ssh", help="start a master here and a node on each HOST over ssh, "
+                                      "with the keys handed over; Ctrl-C stops them all")
+    ssh_launch.add_arguments(ssh)
     args = parser.parse_args(argv)
+    if args.command == "ssh":
+        wrong = ssh_launch.check_arguments(args)
+        if wrong is not None:
+            ssh.error(wrong)  # exits 2, before anything starts
+        return ssh_launch.main(args)
     if args.command in ("cancel", "story", "logs"):
         return _about_a_task(args)
     if args.command == "tasks":

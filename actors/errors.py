@@ -193,6 +193,18 @@ class KeyFileError(ActorsError):
         return f"{self.path}: {self.reason}"
 
 
+class InvalidLaunchRequest(ActorsError, ValueError):
+    """What ``python -m actors ssh`` sent a remote host (a JSON line on its stdin) is not a
+    node to start: malformed, a field of the wrong type, a bad address, no key."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"invalid launch request: {self.reason}"
+
+
 # --- submitting tasks -------------------------------------------------------
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Literal
+from typing import Literal, TextIO, cast
 
 import structlog
 
@@ -40,8 +41,27 @@ def configure(fmt: str = "auto", level: str | None = None) -> None:
         ),
         # One write per line (message and newline together): several processes share a stderr,
         # and a line split in two writes can interleave with another process's.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _DropWhenClosed(sys.stderr))),
         cache_logger_on_first_use=False,
     )
     os.environ["ACTORS_LOG_FORMAT"] = "json" if use_json else "console"
     os.environ["ACTORS_LOG_LEVEL"] = level_name
+
+
+class _DropWhenClosed:
+    """stderr as structlog writes to it. When whoever read it is gone (an ssh connection that
+    dropped, a closed terminal's pipe), a line is dropped: an exception there would end the
+    actor that logged it, and a process that cannot log must still stop when told to (a node
+    whose parent is gone logs that, then stops)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()

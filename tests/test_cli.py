@@ -332,3 +332,24 @@ def test_tasks_lists_what_was_submitted_with_the_same_key_and_nothing_of_other_k
             assert stranger.tasks() == []
     finally:
         running.cancel(timeout=30)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "the following arguments are required: HOST"),
+    (["--workers", "0", "h"], "argument --workers: 0 is less than 1"),
+    (["--port", "70000", "h"], "argument --port: 70000 is not a port"),
+    (["-i", "/nonexistent/key", "h"], "error: no identity file /nonexistent/key"),
+    (["--", "-oProxyCommand=x"], "'-oProxyCommand=x' is not a host"),
+    (["--master-address", "10.0.0.1:5555", "h"], "without a port: the port is --port"),
+    (["--connect-timeout", "-1", "h"], "argument --connect-timeout: -1 is negative"),
+], ids=["no-host", "no-workers", "bad-port", "no-identity", "option-as-host", "address-port",
+        "negative-timeout"])
+def test_ssh_with_bad_arguments_is_a_usage_error_before_anything_starts(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = subprocess.run([sys.executable, "-m", "actors", "ssh", "--keys",
+                           str(tmp_path / "keys"), *args], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "usage: python -m actors ssh" in done.stderr
+    assert not (tmp_path / "keys").exists()  # nothing started, not even keys made
