@@ -24,6 +24,7 @@ from actors.errors import InvalidLaunchRequest
 from actors.ssh_remote import LaunchRequest, decode_request, encode_request
 from tests.conftest import children, wait_until
 from tests.multihost import netns
+from tests.multihost.conftest import cannot_run
 
 pytestmark = pytest.mark.processes
 
@@ -65,7 +66,7 @@ def keygen(path: Path) -> Path:
 @pytest.fixture
 def ssh(tmp_path: Path) -> Ssh:
     if not os.path.exists(SSHD) or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
-        pytest.skip("needs openssh-server (/usr/sbin/sshd) and openssh-client (ssh, ssh-keygen)")
+        cannot_run("needs openssh-server (/usr/sbin/sshd) and openssh-client (ssh, ssh-keygen)")
     repo = Path(actors.__file__).resolve().parent.parent
     wrapper = tmp_path / "remote-python"
     wrapper.write_text("#!/bin/sh\n"
