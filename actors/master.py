@@ -329,6 +329,7 @@ class Master(Shell):
         before = memory.rss_bytes()
         self.scheduler.compact()
         self.journal.compact()
+        self.inputs.compact()
         self.unit_totals, self.task_steps = dict(self.unit_totals), dict(self.task_steps)
         memory.trim()
         self.log.info("memory_given_back", tasks_peak=self.tasks_peak, tasks=held,

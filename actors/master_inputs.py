@@ -119,6 +119,12 @@ class InputBook:
             if not self.users.get(task_id):
                 del self.kept[task_id]
 
+    def compact(self) -> None:
+        """After a backlog drained: rebuild the tables it left oversized (a dict never shrinks
+        its table as entries go). Changes no content."""
+        self.refs, self.more_refs = dict(self.refs), dict(self.more_refs)
+        self.users, self.uses, self.kept = dict(self.users), dict(self.uses), dict(self.kept)
+
     def in_use(self, task_id: str) -> bool:
         return self._in_use(task_id)
 
