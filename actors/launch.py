@@ -27,6 +27,20 @@ def stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+def watch_parent(stop: threading.Event, interval: float = 0.5) -> None:
+    """Set ``stop`` once the process that started this one is gone (``--exit-with-parent``:
+    a master started by ``python -m actors ssh`` must not outlive a launcher killed outright)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            if os.getppid() != parent:
+                log.warning("parent_gone", parent_pid=parent)
+                stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def master_arg(text: str) -> str:
     """argparse's ``type`` for ``--master``: HOST:PORT or tcp://HOST:PORT, else a usage error."""
     try:

@@ -56,6 +56,7 @@ from actors.launch import (
     run_script,
     stop_on_signals,
     stop_process,
+    watch_parent,
     write_atomically,
 )
 from actors.master_inputs import InputBook
@@ -1505,6 +1506,7 @@ def main(argv: list[str] | None = None, *,
                         help="seconds an unused old package version is kept (master and local node)")
     parser.add_argument("--cache", default=None, help="the local node's package cache folder")
     parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-banner", action="store_true",
                         help="do not print where the master listens (for embedding)")
     parser.add_argument("--state-dir", default=None,
@@ -1594,6 +1596,9 @@ def main(argv: list[str] | None = None, *,
     state.write_holder(address)
     stop = threading.Event()
     exit_code = [0]
+
+    if args.exit_with_parent:
+        watch_parent(stop)
 
     def crashed() -> None:
         exit_code[0] = 70  # EX_SOFTWARE: the scheduler hit a bug; the log has the traceback

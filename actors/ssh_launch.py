@@ -20,7 +20,7 @@ Theory of operation:
    processes get a bounded wait and then SIGTERM, then the master stops; exit 0.
 
 If this launcher is killed outright, the ssh connections close with it and the nodes stop;
-the master, in its own process group, stays until stopped.
+the master (``--exit-with-parent``) sees its parent gone and stops too.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def main(args: argparse.Namespace) -> int:
         master = subprocess.Popen(
             [sys.executable, "-m", "actors.master", "--host", listen, "--port", str(args.port),
              "--workers", str(args.local_workers), "--keys", keys, "--ready-file", ready_file,
-             "--no-banner"], stdin=subprocess.DEVNULL, process_group=0)
+             "--no-banner", "--exit-with-parent"], stdin=subprocess.DEVNULL, process_group=0)
         ready = _wait_ready(master, ready_file, stop)
     if ready is None:
         stop_process(master, grace=10.0)

@@ -353,3 +353,30 @@ def test_ssh_with_bad_arguments_is_a_usage_error_before_anything_starts(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "usage: python -m actors ssh" in done.stderr
     assert not (tmp_path / "keys").exists()  # nothing started, not even keys made
+
+
+def test_a_master_started_with_exit_with_parent_stops_when_its_parent_is_killed(
+        tmp_path: Path) -> None:
+    # What python -m actors ssh relies on: a launcher killed outright leaves no master behind.
+    ready = tmp_path / "ready.json"
+    parent = python("-c", "import subprocess, sys, time\n"
+                    "m = subprocess.Popen([sys.executable, '-m', 'actors.master', '--port', '0', "
+                    "'--workers', '0', '--no-banner', '--ephemeral', '--keys', sys.argv[1], "
+                    "'--ready-file', sys.argv[2], '--exit-with-parent'], stderr=open(sys.argv[3], 'w'))\n"
+                    "print(m.pid, flush=True)\ntime.sleep(600)\n",
+                    str(tmp_path / "keys"), str(ready), str(tmp_path / "master.log"),
+                    stdout=subprocess.PIPE)
+    master_pid = 0
+    try:
+        assert parent.stdout is not None
+        master_pid = int(parent.stdout.readline())
+        wait_until(ready.exists, 30, "the master to be ready")
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        wait_until(lambda: not alive(master_pid), 20, "the orphaned master to stop")
+        assert "parent_gone" in (tmp_path / "master.log").read_text()
+    finally:
+        kill_all({parent.pid} | ({master_pid} if master_pid else set()))
+        parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
