@@ -29,7 +29,7 @@ from actors.core.scheduler_state import SchedulerState
 from actors.core.undo import Undo
 from actors.messages import UnitCall, UnitOutcome, unit_digest
 
-REPORTS = (ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportCancelled,
+REPORTS = (ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportUnreachable, ev.ReportCancelled,
            ev.ReportInputFailed)
 
 
@@ -278,13 +278,25 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.flush()
 
     @precondition(lambda self: any(self.runs.values()))
-    @rule(data=st.data(), fail=st.integers(0, 30), seconds=st.sampled_from([0.001, 0.5]))
-    def a_batch_finishes(self, data: st.DataObject, fail: int, seconds: float) -> None:
-        """Short units fill every worker at once; long ones go one at a time, so units wait."""
+    @rule(data=st.data(), fail=st.integers(0, 30), seconds=st.sampled_from([0.001, 0.5]),
+          missing=st.sampled_from([0, 0, 1, 3]))
+    def a_batch_finishes(self, data: st.DataObject, fail: int, seconds: float,
+                         missing: int) -> None:
+        """Short units fill every worker at once; long ones go one at a time, so units wait.
+        With ``missing``, a worker of the task then fails to fetch a result just held, that
+        many times: told the holder again, computed again, or (three times about a living
+        holder) the task fails."""
         worker = data.draw(st.sampled_from(sorted(w for w, r in self.runs.items() if r)))
         run = self.runs[worker].pop(0)
         outcomes = [outcome(u, fail != 0) for u in run.units]
         self.feed(ev.UnitsFinished(self.now, worker, run.task_id, run.run_id, outcomes, seconds))
+        task = self.state.tasks.get(run.task_id)
+        held = [o.index for o in outcomes if o.held]
+        others = sorted(task.workers - {worker}) if task is not None and not task.finished else []
+        if missing and held and others:
+            asker = data.draw(st.sampled_from(others))  # not the holder: its fetch failed
+            for _ in range(missing):
+                self.feed(ev.UnitMissing(self.now, asker, run.task_id, held[0]))
         self.flush()
 
     @precondition(lambda self: self.busy_drivers())
