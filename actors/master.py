@@ -1156,7 +1156,8 @@ class Master(Shell):
         peer = self.peers.get(routing)
         if peer is None or peer.role != "node" or peer.suspect_since is not None:
             return  # a client reconnects at its own pace; its timeout covers one that does not
-        peer.suspect_since = time.monotonic()
+        self.now = time.monotonic()  # the shell owns the clock, as for Inbound
+        peer.suspect_since = self.now
         self.log.info("node_suspect", node_id=peer.peer_id, reason="its connection closed",
                       lost_in_s=min(NODE_SUSPECT_S, self.node_timeout_s))
 
