@@ -247,9 +247,8 @@ class Simulator:
                 pass
             case m.KillWorker(worker_id=worker_id):
                 # As a node does: the worker exits (expected), and a fresh one takes its place.
-                worker = node.workers.pop(worker_id.encode(), None)
                 self.counts["workers killed"] += 1
-                if worker is not None:
+                if node.workers.pop(worker_id.encode(), None) is not None:
                     self._send(node, m.WorkerExited(worker_id, os.getpid(), 0, None, 0, True))
                     j = node.spawned
                     self._spawn(node, j)
@@ -261,9 +260,9 @@ class Simulator:
         match msg:
             case m.AssignTask(kind="task"):
                 self._work(worker, msg)
-            case m.AssignTask(task_id=task_id, driver=driver, args=args):
+            case m.AssignTask(task_id=task_id, driver=drives, args=args):
                 worker.task_id = task_id
-                if driver:
+                if drives:
                     (n,), _ = pickle.loads(args)
                     worker.driver = _Driver(task_id, int(n))
                     self._slice_more(worker)
@@ -520,15 +519,19 @@ class SimCluster:
             conn.send(command)
         return [conn.recv() for _, conn in self.sims]
 
-    def log_events(self) -> Counter[str]:
-        """Warnings and errors in the master's log, by event."""
+    def log_events(self) -> tuple[Counter[str], list[str]]:
+        """Warnings and errors in the master's log, by event; the first lines of bad events."""
         found: Counter[str] = Counter()
+        bad: list[str] = []
         for line in Path(self.log_path).read_text().splitlines():
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
+                event = str(entry.get("event"))
+                if event in BAD_EVENTS and len(bad) < 20:
+                    bad.append(line[:500])
                 if entry.get("level") in ("warning", "error", "critical"):
-                    found[str(entry.get("event"))] += 1
-        return found
+                    found[event] += 1
+        return found, bad
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -601,7 +604,7 @@ def run_config(workers: int, nodes: int, options: Options, progress: Any = sys.s
             cpu = cpu_seconds(pid)
             time.sleep(options.idle_s)
             row["idle_cpu_empty_pct"] = 100 * (cpu_seconds(pid) - cpu) / options.idle_s
-            say("master up; nodes joining")
+            say(f"master up (pid {pid}); nodes joining")
             started = time.perf_counter()
             cluster.start_nodes()
             _wait("workers joined", lambda: client.info().workers >= workers, 120)
@@ -677,7 +680,10 @@ def run_config(workers: int, nodes: int, options: Options, progress: Any = sys.s
             row["rss_after_mib"] = rss_mib(pid)
     finally:
         row["simulators"] = cluster.close()
-        row["master_log"] = dict(cluster.log_events())
+        events, bad = cluster.log_events()
+        row["master_log"] = dict(events)
+        if bad:
+            row["master_log_lines"] = bad
         shutil.rmtree(cluster.tmp, ignore_errors=True)
     row["refused"] = {k: v for k, v in row["master_log"].items() if k in BAD_EVENTS}
     sims = row["simulators"]
