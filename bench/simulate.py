@@ -588,7 +588,6 @@ def _wait(what: str, check: Any, timeout: float = 120.0) -> None:
 def run_config(workers: int, nodes: int, options: Options, progress: Any = sys.stderr
                ) -> dict[str, Any]:
     """One configuration on a fresh master: every figure of the row, and what went wrong."""
-    from actors import Client  # after the spawn children are made: no hub thread in them
 
     def say(text: str) -> None:
         print(f"  [{workers} workers / {nodes} nodes] {text}", file=progress, flush=True)
@@ -596,88 +595,11 @@ def run_config(workers: int, nodes: int, options: Options, progress: Any = sys.s
     row: dict[str, Any] = {"workers": workers, "nodes": nodes,
                            "sim_procs": max(1, min(options.sim_procs, nodes))}
     cluster = SimCluster(workers, nodes, options)
-    pid = cluster.pid
     try:
-        with Client(cluster.address, keys=cluster.keys, timeout=30) as client:
-            # Idle, no node: the baseline of memory and of CPU (the master's ticks).
-            row["rss_empty_mib"] = _settled_rss(pid, 1.0)
-            cpu = cpu_seconds(pid)
-            time.sleep(options.idle_s)
-            row["idle_cpu_empty_pct"] = 100 * (cpu_seconds(pid) - cpu) / options.idle_s
-            say(f"master up (pid {pid}); nodes joining")
-            started = time.perf_counter()
-            cluster.start_nodes()
-            _wait("workers joined", lambda: client.info().workers >= workers, 120)
-            row["join_s"] = time.perf_counter() - started
-            row["rss_idle_mib"] = _settled_rss(pid, 1.0)
-            row["idle_worker_kib"] = ((row["rss_idle_mib"] - row["rss_empty_mib"]) * 1024
-                                      / workers)
-            cpu = cpu_seconds(pid)
-            time.sleep(options.idle_s)
-            row["idle_cpu_pct"] = 100 * (cpu_seconds(pid) - cpu) / options.idle_s
-            row["heartbeat_cpu_pct"] = row["idle_cpu_pct"] - row["idle_cpu_empty_pct"]
-            say(f"joined in {row['join_s']:.1f}s; idle master {row['idle_cpu_pct']:.1f}% CPU "
-                f"(no node: {row['idle_cpu_empty_pct']:.1f}%); warm-up")
-
-            # Warm-up: code shipped, each worker warm, the unit and task times measured.
-            _check("warm-up units", client.submit(SimUnits, 10 * workers).result(WAIT_S),
-                   10 * workers)
-            _check("warm-up tasks", [f.result(WAIT_S) for f in client.map(SimTask, range(
-                2 * workers))], list(range(2 * workers)))
-
-            # (a) one ParallelTask of many tiny units.
-            n = options.units
-            cpu, mine = cpu_seconds(pid), cpu_seconds()
-            started = time.perf_counter()
-            _check("units", client.submit(SimUnits, n).result(WAIT_S), n)
-            seconds = time.perf_counter() - started
-            row["units"] = n
-            row["units_per_s"] = n / seconds
-            row["master_us_per_unit"] = 1e6 * (cpu_seconds(pid) - cpu) / n
-            row["client_us_per_unit"] = 1e6 * (cpu_seconds() - mine) / n
-            say(f"{n:,} units in {seconds:.2f}s: {row['units_per_s']:,.0f} units/s, "
-                f"master {row['master_us_per_unit']:.1f} µs CPU a unit")
-
-            # (b) many small plain Tasks.
-            n = options.tasks
-            cpu, mine = cpu_seconds(pid), cpu_seconds()
-            started = time.perf_counter()
-            futures = client.map(SimTask, range(n))
-            _check("tasks", [f.result(WAIT_S) for f in futures], list(range(n)))
-            seconds = time.perf_counter() - started
-            del futures
-            row["tasks"] = n
-            row["tasks_per_s"] = n / seconds
-            row["master_us_per_task"] = 1e6 * (cpu_seconds(pid) - cpu) / n
-            row["client_us_per_task"] = 1e6 * (cpu_seconds() - mine) / n
-            say(f"{n:,} tasks in {seconds:.2f}s: {row['tasks_per_s']:,.0f} tasks/s, "
-                f"master {row['master_us_per_task']:.0f} µs CPU a task (client "
-                f"{row['client_us_per_task']:.0f} µs)")
-
-            # (c) tasks queued while no worker answers: the master's memory per task held.
-            n = options.queued
-            if n:
-                cluster.tell("hold", True)
-                before = _settled_rss(pid, 0.5)
-                futures = client.map(SimTask, range(n))
-
-                def all_in() -> bool:
-                    info = client.info()
-                    return info.tasks_queued + info.tasks_running >= n
-
-                _wait("queued tasks at the master", all_in, 120)
-                info = client.info()
-                row["queued"] = n
-                row["queued_in_master_queue"] = info.tasks_queued
-                row["rss_queued_mib"] = _settled_rss(pid, 0.5)
-                row["queued_task_bytes"] = (row["rss_queued_mib"] - before) * 2**20 / n
-                held = row["queued_held_by_workers"] = _merge(cluster.tell("stats"))["held"]
-                cluster.tell("hold", False)
-                _check("queued tasks", [f.result(WAIT_S) for f in futures], list(range(n)))
-                del futures
-                say(f"{n:,} tasks queued ({info.tasks_queued:,} in the master's queue, "
-                    f"{held:,} held by workers): {row['queued_task_bytes']:,.0f} B each")
-            row["rss_after_mib"] = rss_mib(pid)
+        _measure(row, cluster, options, say)
+    except Exception as exc:  # what was measured stays in the row
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        say(f"failed: {row['error']}")
     finally:
         row["simulators"] = cluster.close()
         events, bad = cluster.log_events()
@@ -692,6 +614,100 @@ def run_config(workers: int, nodes: int, options: Options, progress: Any = sys.s
     if sims.get("refusals"):
         row["unexpected_at_nodes"]["refusals"] = sims["refusals"]
     return row
+
+
+def _measure(row: dict[str, Any], cluster: SimCluster, options: Options, say: Any) -> None:
+    from actors import Client  # after the spawn children are made: no hub thread in them
+
+    workers, pid = cluster.workers, cluster.pid
+    with Client(cluster.address, keys=cluster.keys, timeout=30) as client:
+        # Idle, no node: the baseline of memory and of CPU (the master's ticks).
+        row["rss_empty_mib"] = _settled_rss(pid, 1.0)
+        cpu = cpu_seconds(pid)
+        time.sleep(options.idle_s)
+        row["idle_cpu_empty_pct"] = 100 * (cpu_seconds(pid) - cpu) / options.idle_s
+        say(f"master up (pid {pid}); nodes joining")
+        started = time.perf_counter()
+        cluster.start_nodes()
+        _wait("workers joined", lambda: client.info().workers >= workers, 120)
+        row["join_s"] = time.perf_counter() - started
+        row["rss_idle_mib"] = _settled_rss(pid, 1.0)
+        row["idle_worker_kib"] = ((row["rss_idle_mib"] - row["rss_empty_mib"]) * 1024
+                                  / workers)
+        cpu = cpu_seconds(pid)
+        time.sleep(options.idle_s)
+        row["idle_cpu_pct"] = 100 * (cpu_seconds(pid) - cpu) / options.idle_s
+        row["heartbeat_cpu_pct"] = row["idle_cpu_pct"] - row["idle_cpu_empty_pct"]
+        say(f"joined in {row['join_s']:.1f}s; idle master {row['idle_cpu_pct']:.1f}% CPU "
+            f"(no node: {row['idle_cpu_empty_pct']:.1f}%); warm-up")
+
+        # Warm-up: code shipped, each worker warm, the unit and task times measured.
+        _check("warm-up units", client.submit(SimUnits, 10 * workers).result(WAIT_S),
+               10 * workers)
+        _check("warm-up tasks", [f.result(WAIT_S) for f in client.map(SimTask, range(
+            2 * workers))], list(range(2 * workers)))
+
+        # (a) one ParallelTask of many tiny units.
+        n = options.units
+        cpu, mine = cpu_seconds(pid), cpu_seconds()
+        started = time.perf_counter()
+        _check("units", client.submit(SimUnits, n).result(WAIT_S), n)
+        seconds = time.perf_counter() - started
+        row["units"] = n
+        row["units_per_s"] = n / seconds
+        row["master_us_per_unit"] = 1e6 * (cpu_seconds(pid) - cpu) / n
+        row["client_us_per_unit"] = 1e6 * (cpu_seconds() - mine) / n
+        say(f"{n:,} units in {seconds:.2f}s: {row['units_per_s']:,.0f} units/s, "
+            f"master {row['master_us_per_unit']:.1f} µs CPU a unit")
+
+        # (b) many small plain Tasks.
+        n = options.tasks
+        cpu, mine = cpu_seconds(pid), cpu_seconds()
+        started = time.perf_counter()
+        futures = client.map(SimTask, range(n))
+        _check("tasks", [f.result(WAIT_S) for f in futures], list(range(n)))
+        seconds = time.perf_counter() - started
+        del futures
+        row["tasks"] = n
+        row["tasks_per_s"] = n / seconds
+        row["master_us_per_task"] = 1e6 * (cpu_seconds(pid) - cpu) / n
+        row["client_us_per_task"] = 1e6 * (cpu_seconds() - mine) / n
+        say(f"{n:,} tasks in {seconds:.2f}s: {row['tasks_per_s']:,.0f} tasks/s, "
+            f"master {row['master_us_per_task']:.0f} µs CPU a task (client "
+            f"{row['client_us_per_task']:.0f} µs)")
+
+        # (c) tasks queued while no worker answers: the master's memory per task held.
+        n = options.queued
+        if n:
+            cluster.tell("hold", True)
+            before = _settled_rss(pid, 0.5)
+            started = time.perf_counter()
+            cpu = cpu_seconds(pid)
+            futures = client.map(SimTask, range(n))
+
+            def all_in() -> bool:
+                # (an answer waits behind every Submit sent before it: a busy master is slow)
+                info = client.info(timeout=WAIT_S)
+                return info.tasks_queued + info.tasks_running >= n
+
+            _wait("queued tasks at the master", all_in, WAIT_S)
+            # The master's time to take in n Submits with no worker free: what each costs it.
+            row["queued_absorb_s"] = time.perf_counter() - started
+            row["master_us_per_queued_submit"] = 1e6 * (cpu_seconds(pid) - cpu) / n
+            info = client.info(timeout=WAIT_S)
+            row["queued"] = n
+            row["queued_in_master_queue"] = info.tasks_queued
+            row["rss_queued_mib"] = _settled_rss(pid, 0.5)
+            row["queued_task_bytes"] = (row["rss_queued_mib"] - before) * 2**20 / n
+            held = row["queued_held_by_workers"] = _merge(cluster.tell("stats"))["held"]
+            cluster.tell("hold", False)
+            _check("queued tasks", [f.result(WAIT_S) for f in futures], list(range(n)))
+            del futures
+            say(f"{n:,} tasks queued ({info.tasks_queued:,} in the master's queue, "
+                f"{held:,} held by workers) in {row['queued_absorb_s']:.1f}s, master "
+                f"{row['master_us_per_queued_submit']:.0f} µs CPU each: "
+                f"{row['queued_task_bytes']:,.0f} B each")
+        row["rss_after_mib"] = rss_mib(pid)
 
 
 def _check(what: str, got: Any, expected: Any) -> None:
@@ -711,6 +727,7 @@ COLUMNS = (
     ("tasks/s", "tasks_per_s", "{:,.0f}"),
     ("master µs/task", "master_us_per_task", "{:.0f}"),
     ("client µs/task", "client_us_per_task", "{:.0f}"),
+    ("master µs/queued submit", "master_us_per_queued_submit", "{:.0f}"),
     ("KiB/idle worker", "idle_worker_kib", "{:.1f}"),
     ("B/queued task", "queued_task_bytes", "{:,.0f}"),
     ("idle CPU %", "idle_cpu_pct", "{:.1f}"),
