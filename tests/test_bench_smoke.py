@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import breakdown, peers, report, runner, units
+from bench import breakdown, peers, report, runner, simulate, units
 from bench.stats import Result
 from tests.conftest import alive, descendants, kill_all, wait_until
 
@@ -157,3 +157,30 @@ def test_breakdown_prints_the_cpu_of_every_cluster_process(capsys, no_leftover_p
     assert out.startswith("latency: 5 items in ")
     for role in ("client", "master", "node0", "node0/worker0", "node0/worker1", "all"):
         assert f"\n  {role} " in out, role
+
+
+def test_simulated_nodes_and_workers_drive_a_real_master(tmp_path: Path,
+                                                         no_leftover_processes) -> None:
+    """bench.simulate at a tiny size: a real master, 10 simulated workers on 2 nodes speaking
+    the real protocol; every result comes back exact and the master refuses nothing."""
+    json_path = tmp_path / "sim.json"
+    out, progress = io.StringIO(), io.StringIO()
+    doc = simulate.main(["--configs", "10:2", "--units", "600", "--tasks", "300",
+                         "--queued", "200", "--idle-seconds", "0.2", "--json", str(json_path)],
+                        out=out, progress=progress)
+
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(doc, default=str))
+    assert doc["errors"] == [], progress.getvalue()
+    (row,) = doc["rows"]
+    assert (row["workers"], row["nodes"], row["units"], row["tasks"], row["queued"]) == (
+        10, 2, 600, 300, 200)
+    assert row["refused"] == {} and row["unexpected_at_nodes"] == {}
+    counts = row["simulators"]["counts"]
+    # Warm-up first: 10 units and 2 tasks per worker.
+    assert counts["nodes welcomed"] == 2
+    assert counts["units"] == 100 + 600
+    assert counts["parallel tasks"] == 2
+    assert counts["tasks"] == 20 + 300 + 200
+    assert row["units_per_s"] > 0 and row["tasks_per_s"] > 0
+    assert row["master_us_per_unit"] >= 0 and row["master_us_per_task"] >= 0
+    assert "units/s" in out.getvalue() and "tasks/s" in out.getvalue()
