@@ -282,8 +282,12 @@ class Master(Shell):
                 # The shell owns the clock (the core gets time on events): a peer heard
                 # before the first tick must not look silent since time zero.
                 self.now = time.monotonic()
-                if self.now - self.last_tick > PAUSED_S and not self._still_mine():
-                    return None
+                if self.now - self.last_tick > PAUSED_S:
+                    if not self._still_mine():
+                        return None
+                    # Checked: not again for each message of a backlog (one SQLite read each
+                    # would slow a master already behind), only after another such gap.
+                    self.last_tick = self.now
                 self._inbound(message)
             case PeerDisconnected(routing=routing):
                 self._disconnected(routing)

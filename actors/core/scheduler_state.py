@@ -304,6 +304,10 @@ class TaskRecord:
         return self.state in FINISHED
 
 
+def _load_order(entry: tuple[int, str, WorkerRecord]) -> tuple[int, str]:
+    return entry[0], entry[1]
+
+
 class SchedulerState:
     def __init__(self, *, max_deaths: int = 3, restart_after_error: bool = False,
                  first_batch: int = 1, first_depth: int = 1) -> None:
@@ -1271,14 +1275,15 @@ class SchedulerState:
         return False
 
     def _idle_worker_for(self, warm_key: WarmKey) -> WorkerRecord | None:
-        """A worker warm for this key, else a clean one."""
-        idle = [w for w in self.workers.values()
-                if w.task_id is None and not w.paused and not w.stopping]
-        for wanted in (warm_key, None):
-            for worker in idle:
-                if worker.warm_for == wanted:
+        """A worker warm for this key, else a clean one (the first of each, in join order)."""
+        clean: WorkerRecord | None = None
+        for worker in self.workers.values():  # one pass: this runs for every queued task
+            if worker.task_id is None and not worker.paused and not worker.stopping:
+                if worker.warm_for == warm_key:
                     return worker
-        return None
+                if clean is None and worker.warm_for is None:
+                    clean = worker
+        return clean
 
     def _evict_idle_worker(self) -> None:
         """Nothing idle fits the next task: replace one worker warm for another key."""
@@ -1297,11 +1302,13 @@ class SchedulerState:
         room = min(MAX_QUEUED_TASKS, int(PREFETCH_SECONDS / max(seconds, 1e-6)))
         best: WorkerRecord | None = None
         for worker in self.workers.values():
-            if (worker.warm_for == task.warm_key and worker.task_id is not None
-                    and not worker.paused and not worker.stopping and len(worker.queued) < room
-                    and self.tasks[worker.task_id].kind is TASK
-                    and (best is None or len(worker.queued) < len(best.queued))):
+            if (worker.task_id is not None and worker.warm_for == task.warm_key
+                    and len(worker.queued) < room and not worker.paused and not worker.stopping
+                    and (best is None or len(worker.queued) < len(best.queued))
+                    and self.tasks[worker.task_id].kind is TASK):
                 best = worker
+                if not worker.queued:
+                    break  # none can have fewer
         return best
 
     def _join(self, task: TaskRecord, worker: WorkerRecord, *, driver: bool, now: float,
@@ -1348,13 +1355,17 @@ class SchedulerState:
             depth = (batch if per_unit >= PREFETCH_SECONDS else
                      max(2 * batch, min(8 * batch, int(PREFETCH_SECONDS / per_unit))))
         pending, undo = task.units.pending, self._undo
-        # The least loaded first, so that units given back by a steal go to the idle worker.
+        if not pending:
+            return
+        # The least loaded first, so that units given back by a steal go to the idle worker;
+        # only those with room are sorted (a task may have a thousand workers, most of them full).
         workers = task.workers if helpers or task.driver is None else (task.driver,)
-        for worker_id in sorted(workers, key=lambda w: (len(self.workers[w].in_flight), w)):
+        with_room = [(len(w.in_flight), w.worker_id, w) for w in map(self.workers.__getitem__, workers)
+                     if not w.paused and len(w.in_flight) < depth]
+        for load, _, worker in sorted(with_room, key=_load_order):
             if not pending:
                 return
-            worker = self.workers[worker_id]
-            room = 0 if worker.paused else depth - len(worker.in_flight)
+            room = depth - load
             while pending and room > 0:
                 units: list[UnitCall] = []
                 undo.call(_put_back_first, pending, units)
@@ -1391,9 +1402,9 @@ class SchedulerState:
         running already), and never twice for the same run."""
         if task.units.pending or task.units.steal_pending:
             return
-        workers = [self.workers[w] for w in sorted(task.workers)]
-        if all(w.in_flight or w.paused for w in workers):
+        if all(self.workers[w].in_flight or self.workers[w].paused for w in task.workers):
             return  # (a paused worker is idle, not for stealing: it may take no work)
+        workers = [self.workers[w] for w in sorted(task.workers)]
         # A paused worker's queued runs first: they would wait there for its memory to fall.
         for victim in sorted(workers, key=lambda w: (not w.paused, -len(set(w.in_flight.values())))):
             runs = sorted(set(victim.in_flight.values()))[1:]
