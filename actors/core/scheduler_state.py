@@ -304,6 +304,69 @@ class TaskRecord:
         return self.state in FINISHED
 
 
+class _Picker:
+    """Who takes the next queued task, for one pass of ``_start_queued``: built once from the
+    workers (in join order), then kept in step with the pass's own joins, the only changes to
+    the workers during it. The first idle worker warm for the task's key, else the first clean
+    one (as ``_idle_worker_for``); else, for a plain Task, a busy worker of the same key running
+    a plain Task that may queue it (see Prefetch): the one with the fewest queued (the first of
+    them), while it has room for about ``PREFETCH_SECONDS`` of them."""
+
+    def __init__(self, state: SchedulerState) -> None:
+        self.state = state
+        self.order = {worker_id: n for n, worker_id in enumerate(state.workers)}
+        self.idle_by_key: dict[WarmKey | None, deque[WorkerRecord]] = {}
+        for worker in state.workers.values():
+            if worker.task_id is None and not worker.paused and not worker.stopping:
+                self.idle_by_key.setdefault(worker.warm_for, deque()).append(worker)
+        # warm key -> heap of (tasks queued, join order, worker id), built on first use
+        self.busy: dict[WarmKey, list[tuple[int, int, str]]] = {}
+
+    def idle(self, warm_key: WarmKey) -> WorkerRecord | None:
+        for wanted in (warm_key, None):
+            found = self.idle_by_key.get(wanted)
+            if found:
+                return found[0]
+        return None
+
+    def prefetch(self, task: TaskRecord) -> WorkerRecord | None:
+        seconds = self.state.task_seconds.get(task.warm_key)
+        if task.kind is not TASK or seconds is None:
+            return None
+        room = min(MAX_QUEUED_TASKS, int(PREFETCH_SECONDS / max(seconds, 1e-6)))
+        heap = self._busy(task.warm_key)
+        if not heap or heap[0][0] >= room:
+            return None
+        return self.state.workers[heap[0][2]]
+
+    def joined(self, task: TaskRecord, worker: WorkerRecord, *, queued: bool) -> None:
+        if queued:  # it was the top of its key's heap: one more task queued now
+            heapq.heapreplace(self.busy[task.warm_key], (
+                len(worker.queued), self.order[worker.worker_id], worker.worker_id))
+            return
+        for key in (task.warm_key, None):  # it was the first idle one of one of these
+            found = self.idle_by_key.get(key)
+            if found and found[0] is worker:
+                found.popleft()
+                break
+        busy = self.busy.get(task.warm_key)
+        if busy is not None and task.kind is TASK:  # busy with a plain Task: may queue more
+            heapq.heappush(busy, (len(worker.queued), self.order[worker.worker_id],
+                                  worker.worker_id))
+
+    def _busy(self, warm_key: WarmKey) -> list[tuple[int, int, str]]:
+        heap = self.busy.get(warm_key)
+        if heap is None:
+            state = self.state
+            heap = self.busy[warm_key] = [
+                (len(w.queued), self.order[w.worker_id], w.worker_id)
+                for w in state.workers.values()
+                if w.task_id is not None and w.warm_for == warm_key and not w.paused
+                and not w.stopping and state.tasks[w.task_id].kind is TASK]
+            heapq.heapify(heap)
+        return heap
+
+
 def _load_order(entry: tuple[int, str, WorkerRecord]) -> tuple[int, str]:
     return entry[0], entry[1]
 
@@ -343,8 +406,10 @@ class SchedulerState:
 
     # --- the one entry point ------------------------------------------------
 
-    def handle(self, event: Event) -> list[Instruction]:
-        """Apply ``event``, then schedule; the instructions to carry out, in order.
+    def handle(self, event: Event, *, schedule: bool = True) -> list[Instruction]:
+        """Apply ``event``, then schedule; the instructions to carry out, in order. Without
+        ``schedule`` the scheduling pass waits for the next event that has one: a shell with a
+        burst of events waiting makes one pass for the burst (see ``_start_queued``).
 
         ``InvalidEvent`` (what a peer could not have sent in good faith) is raised by ``_check``
         before anything changes. An event that raises later is a bug: every change it made is
@@ -352,7 +417,8 @@ class SchedulerState:
         self._check(event)
         try:
             self._handle(event)
-            self._schedule(event.now)
+            if schedule:
+                self._schedule(event.now)
             self._undo.commit()
         except BaseException:
             self._out = []
@@ -1195,21 +1261,27 @@ class SchedulerState:
             undo.discard(self.draining, task_id)
 
     def _start_queued(self, now: float) -> TaskRecord | None:
-        """Drivers for queued tasks, best first; the first one left without a worker, if any."""
+        """Drivers for queued tasks, best first; the first one left without a worker, if any.
+        Who is idle and who may queue one more is looked up once for the pass (``_Picker``), not
+        once per task: a pass after a burst of submits starts hundreds."""
+        picker: _Picker | None = None
         while self._queue:
             task = self.tasks.get(self._queue[0][-1])
             if task is None or task.state is not QUEUED:
                 self._dequeue()  # ended or already running: a stale entry
                 continue
-            worker = self._idle_worker_for(task.warm_key)
+            if picker is None:
+                picker = _Picker(self)
+            worker = picker.idle(task.warm_key)
             queue = worker is None
             if worker is None:
-                worker = self._prefetch_worker_for(task)
+                worker = picker.prefetch(task)
             if worker is None:
                 self._evict_idle_worker()
                 return task
             self._dequeue(started=task)
             self._join(task, worker, driver=True, now=now, queue=queue)
+            picker.joined(task, worker, queued=queue)
         return None
 
     def _serve_parallel(self, wanting: TaskRecord | None, now: float) -> TaskRecord | None:
@@ -1293,23 +1365,6 @@ class SchedulerState:
                 self._drop_worker(worker.worker_id)
                 self._out.append(KillWorker(worker.node_id, worker.worker_id, "warm for other code"))
                 return
-
-    def _prefetch_worker_for(self, task: TaskRecord) -> WorkerRecord | None:
-        """A busy worker of the same submitter that may queue this plain Task (see Prefetch)."""
-        seconds = self.task_seconds.get(task.warm_key)
-        if task.kind is not TASK or seconds is None:
-            return None
-        room = min(MAX_QUEUED_TASKS, int(PREFETCH_SECONDS / max(seconds, 1e-6)))
-        best: WorkerRecord | None = None
-        for worker in self.workers.values():
-            if (worker.task_id is not None and worker.warm_for == task.warm_key
-                    and len(worker.queued) < room and not worker.paused and not worker.stopping
-                    and (best is None or len(worker.queued) < len(best.queued))
-                    and self.tasks[worker.task_id].kind is TASK):
-                best = worker
-                if not worker.queued:
-                    break  # none can have fewer
-        return best
 
     def _join(self, task: TaskRecord, worker: WorkerRecord, *, driver: bool, now: float,
               queue: bool = False, assign: bool = True) -> None:
