@@ -595,6 +595,33 @@ def test_a_worker_missing_an_input_is_told_its_holder_or_gets_it_recomputed() ->
     assert ev.TellHolders("n1", "w1", "t1", 8, [("w2", "tcp://n2")]) in out
 
 
+def test_a_burst_handled_without_a_pass_is_placed_by_the_next_one_as_one_at_a_time() -> None:
+    """What the master does with a burst of submits waiting in its mailbox: the pass after the
+    last places every task exactly as passes after each would (idle workers first, then queued
+    behind the busy one with the fewest, in join order)."""
+    def burst(one_pass: bool) -> list[tuple[str, str, str]]:
+        h = two_workers()
+        for n in range(2):  # measured: plain Tasks of this key may queue behind each other
+            submit(h, f"warm{n}", kind="task")
+            h(ev.TaskFinished, f"w{n + 1}", f"warm{n}", UnitOutcome(-1, True, b""), 0.001)
+        out: list[ev.Instruction] = []
+        for n in range(7):
+            h.now += 1
+            event = ev.TaskSubmitted(h.now, task_id=f"t{n}", client_id="c1", name="Name",
+                                     kind="task", code=b"code", args=b"args")
+            out += h.state.handle(event, schedule=not one_pass or n == 6)
+        h.state.validate()
+        where = [(a.task_id, a.worker_id) for a in out if isinstance(a, ev.Assign)]
+        queued = {w: list(r.queued) for w, r in h.state.workers.items()}
+        return [(t, w, ",".join(queued[w])) for t, w in where]
+
+    assert burst(one_pass=True) == burst(one_pass=False)
+    placed_ = burst(one_pass=True)
+    assert [t for t, _, _ in placed_] == [f"t{n}" for n in range(7)]
+    workers = [w for _, w, _ in placed_]  # the one with fewer queued each time: they alternate
+    assert all(a != b for a, b in zip(workers, workers[1:], strict=False)), placed_
+
+
 def test_a_holder_a_worker_cannot_reach_fails_the_task_after_three_fetches() -> None:
     s = two_workers()
     submit(s)
