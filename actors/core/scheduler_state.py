@@ -92,6 +92,10 @@ Rules
     as they were; the shell drops it and asks ``validate()`` whether the master can go on.
     Only the id counters move on (a rolled-back call skips some ids; none is reused). Hot loops
     record per batch: a list registered in the log before the loop and filled as it goes.
+ 5. Each ``handle`` ends with a scheduling pass (``_schedule``) unless asked not to
+    (``schedule=False``): a shell with a burst of events waiting leaves the pass to the burst's
+    last event. A pass costs about as much for one queued task as for hundreds: who is idle and
+    who may queue more is looked up once per pass (``_Picker``), not once per task.
 
 Invariants (``validate``): a busy worker is in the worker set of its task
 and of each task queued on it, and vice versa; only a busy worker has tasks
