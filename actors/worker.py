@@ -675,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-pid", type=int, default=None, help="the node process's pid")
     args = parser.parse_args(argv)
     logs.configure()  # structlog writes to the real stderr, never to the task's
+    memory.keep_large_blocks()
     worker_ref: pykka.ActorRef[Any] | None = None
     # What task code prints or logs goes to its client (see task_output.py).
     task_output.install(lambda: tell_if_alive(worker_ref, FlushOutput()))
