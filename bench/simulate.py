@@ -286,15 +286,8 @@ class Simulator:
     # --- what a worker does --------------------------------------------------
 
     def _work(self, worker: _Worker, msg: m.AssignTask | m.RunUnits) -> None:
-        if self.hold or worker.queue or worker.running is not None:
-            worker.queue.append(msg)
-            return
-        seconds = (self.task_s if isinstance(msg, m.AssignTask)
-                   else self.unit_s * len(msg.units))
-        if seconds > 0:
-            self._begin(worker, msg, seconds)
-        else:
-            self._answer(worker, msg, 0.0)
+        worker.queue.append(msg)
+        self._next(worker)
 
     def _begin(self, worker: _Worker, msg: Any, seconds: float) -> None:
         worker.running = msg
