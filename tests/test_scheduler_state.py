@@ -595,6 +595,75 @@ def test_a_worker_missing_an_input_is_told_its_holder_or_gets_it_recomputed() ->
     assert ev.TellHolders("n1", "w1", "t1", 8, [("w2", "tcp://n2")]) in out
 
 
+MB = 1_000_000
+
+
+def held_of(index: int, size: int) -> UnitOutcome:
+    return UnitOutcome(index, True, b"", held=True, size=size)
+
+
+def test_units_that_go_alone_are_dealt_in_one_block_per_worker() -> None:
+    """Eight keep units and two workers with room: four consecutive ones each, not all eight to
+    the least loaded (the other idle) nor alternating (a tree's siblings split apart)."""
+    s = two_workers()
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(12)), False)  # w2 joins as a helper
+    s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1, 2, 3), 0.02)
+    s(ev.UnitsFinished, "w2", "t1", 3, ok(8, 9, 10, 11), 0.02)
+    s(ev.UnitsFinished, "w1", "t1", 2, ok(4, 5, 6, 7), 0.02)
+    out = s(ev.UnitsSliced, "w1", "t1", [kept(i) for i in range(12, 20)], True)
+    assert placed(out) == [run_of("w1", i) for i in range(12, 16)] + [
+        run_of("w2", i) for i in range(16, 20)]
+
+
+def test_a_unit_goes_to_the_worker_holding_most_of_its_input_bytes() -> None:
+    s = two_workers()
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(12)), False)
+    s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1, 2, 3), 0.02)
+    s(ev.UnitsFinished, "w2", "t1", 3, ok(8, 9, 10, 11), 0.02)
+    s(ev.UnitsFinished, "w1", "t1", 2, ok(4, 5, 6, 7), 0.02)
+    s(ev.UnitsSliced, "w1", "t1", [kept(12), kept(13), kept(14, 12, 13)], True)
+    task = s.state.tasks["t1"]
+    (run12,), (run13,) = ({w.in_flight[i] for w in s.state.workers.values() if i in w.in_flight}
+                          for i in (12, 13))
+    assert (task.units.held, 12 in s.state.workers["w1"].in_flight) == ({}, True)
+    s(ev.UnitsFinished, "w1", "t1", run12, [held_of(12, 1 * MB)], 0.02)
+    # w1, idle and first by name, would be the least loaded pick; w2 holds 10 of the 11 MB.
+    (run14,) = dispatches(s(ev.UnitsFinished, "w2", "t1", run13, [held_of(13, 10 * MB)], 0.02))
+    assert (run14.worker_id, run14.units, run14.sizes) == ("w2", [kept(14, 12, 13)],
+                                                           {12: MB, 13: 10 * MB})
+
+
+@pytest.mark.parametrize(("unit_seconds", "goes_to"), [(0.02, "w1"), (0.2, "w2")])
+def test_a_unit_waits_for_its_busy_holder_unless_moving_the_input_is_sooner(
+        unit_seconds: float, goes_to: str) -> None:
+    """The holder of a 10 MB input (~0.1 s to move) has two more units queued: at 0.02 s each
+    the unit waits for it while w2 idles; at 0.2 s each it goes to w2 and fetches the input."""
+    s = two_workers()
+    submit(s)
+    out = s(ev.UnitsSliced, "w1", "t1", [kept(0), kept(1), kept(2), kept(3, 0)], True)
+    assert placed(out) == [run_of("w1", 0), run_of("w1", 1), run_of("w1", 2)]
+    out = s(ev.UnitsFinished, "w1", "t1", 1, [held_of(0, 10 * MB)], unit_seconds)
+    if goes_to == "w2":
+        assert placed(out) == [run_of("w2", 3)]
+        return
+    assert placed(out) == []
+    assert [u.index for u in s.state.tasks["t1"].units.pending] == [3]
+    s.state.validate()
+    assert placed(s(ev.UnitsFinished, "w1", "t1", 2, [held_of(1, 10)], unit_seconds)) == [
+        run_of("w1", 3)]
+
+
+def test_a_paused_holder_is_not_waited_for() -> None:
+    s = two_workers()
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", [kept(0), kept(1), kept(2), kept(3, 0)], True)
+    s(ev.WorkerPaused, "w1", True)
+    assert placed(s(ev.UnitsFinished, "w1", "t1", 1, [held_of(0, 10 * MB)], 0.02)) == [
+        run_of("w2", 3)]
+
+
 def test_a_burst_handled_without_a_pass_is_placed_by_the_next_one_as_one_at_a_time() -> None:
     """What the master does with a burst of submits waiting in its mailbox: the pass after the
     last places every task exactly as passes after each would (idle workers first, then queued

@@ -388,6 +388,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         stop = self.stops.pop(data.draw(st.integers(0, len(self.stops) - 1)))
         self.feed(ev.WorkerStopped(self.now, stop.worker_id, stop.task_id))
 
+    @precondition(lambda self: self.state.workers)
+    @rule(data=st.data(), paused=st.booleans())
+    def a_worker_pauses_or_resumes(self, data: st.DataObject, paused: bool) -> None:
+        """Past its memory's pause mark a worker takes no new work, and holds what it holds: a
+        unit whose inputs it holds is not kept waiting for it."""
+        worker = data.draw(st.sampled_from(sorted(self.state.workers)))
+        self.feed(ev.WorkerPaused(self.now, worker, paused))
+
     @rule()
     def seconds_pass(self) -> None:
         """A tick some seconds later: workers that did not stop in time are killed."""
@@ -434,6 +442,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 break
             if not self.state.workers:
                 self.worker_joins()
+            for worker in [w for w, r in self.state.workers.items() if r.paused]:
+                self.feed(ev.WorkerPaused(self.now, worker, False))
             for driver, task_id in self.busy_drivers():
                 task = self.state.tasks[task_id]
                 if task.kind == "parallel" and not task.units.sliced_all:
@@ -481,7 +491,8 @@ def unit_call(index: int) -> UnitCall:
 
 def outcome(unit: UnitCall, succeeded: bool) -> UnitOutcome:
     if succeeded and unit.keep:
-        return UnitOutcome(unit.index, True, b"", held=True)
+        # Every other kept result is large: its dependent waits for a busy holder or moves it.
+        return UnitOutcome(unit.index, True, b"", held=True, size=(unit.index % 2) * 80_000_000)
     return UnitOutcome(unit.index, succeeded, b"r")
 
 

@@ -49,6 +49,15 @@ worker. A ``keep`` unit's result stays on its worker (``held``); if that worker
 is lost, the unit is opened and queued again, and workers that reported it
 missing are told its new holder.
 
+Locality. Units that go alone (kept or with inputs) are dealt in one
+contiguous block per worker with room, an even share each, so that a tree's
+siblings land together and every worker gets some. A unit whose inputs add
+up to ``LOCALITY_MIN_BYTES`` or more goes where it starts soonest (Dask's
+``worker_objective``, simplified): the bytes it would fetch at
+``TRANSFER_BYTES_PER_S``, plus what is queued there at the task's unit
+time; a holder of its inputs that is full keeps it waiting in the queue
+until it has room, unless a worker with room starts it sooner.
+
 Prefetch. Plain Tasks that take less than a round trip would leave a worker
 idle between them: a busy worker running a plain Task may also be assigned
 the next queued plain Tasks of the same submitter (``queued``, run in order),
@@ -108,6 +117,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
@@ -165,6 +175,13 @@ from actors.messages import UnitCall, UnitOutcome, unit_digest
 BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
 MAX_BATCH = 512
+# Where a unit's inputs are held (see Locality): moving bytes between workers is assumed to
+# run at this rate (Dask's default estimate, conservative: two nodes on one host move ~400
+# MB/s here), inputs under LOCALITY_MIN_BYTES in all are not worth waiting for, and a unit
+# not measured yet is assumed to take UNKNOWN_UNIT_S (Dask's default task duration).
+TRANSFER_BYTES_PER_S = 100e6
+LOCALITY_MIN_BYTES = 1 << 20
+UNKNOWN_UNIT_S = 0.5
 MAX_QUEUED_TASKS = 64  # plain Tasks queued on one worker behind the one it runs
 # A worker that reports a unit's result missing this often while its holder lives cannot reach
 # that holder's data address (each report follows a fetch that got no answer): the task fails.
@@ -217,6 +234,23 @@ def _unrequeue(pending: deque[UnitCall], in_flight: dict[int, int],
 
 def _put_back_first(pending: deque[UnitCall], units: list[UnitCall]) -> None:
     pending.extendleft(reversed(units))
+
+
+def _drop_first(pending: deque[UnitCall], count: int) -> None:
+    for _ in range(count):
+        pending.popleft()
+
+
+def _share(pending: deque[UnitCall], workers: int, room: int) -> int:
+    """How many of the units that go alone at the head of ``pending`` each of ``workers``
+    takes in one pass: an even share of them (counted up to the ``room`` all have), in one
+    contiguous block per worker, so that neighbours (a tree's siblings) land together."""
+    count = 0
+    for unit in itertools.islice(pending, room):
+        if not (unit.keep or unit.deps):
+            break
+        count += 1
+    return max(1, -(-count // workers))
 
 
 def _take_back(in_flight: dict[int, int], units: list[UnitCall]) -> None:
@@ -1405,6 +1439,7 @@ class SchedulerState:
         topped up to its depth (see Batches)."""
         if task.units.unit_seconds is None:
             batch, depth = self.first_batch, self.first_depth  # nothing measured yet
+            per_unit = UNKNOWN_UNIT_S
         else:
             per_unit = max(task.units.unit_seconds, 1e-7)
             batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / per_unit)))
@@ -1421,11 +1456,13 @@ class SchedulerState:
         workers = task.workers if helpers or task.driver is None else (task.driver,)
         with_room = [(len(w.in_flight), w.worker_id, w) for w in map(self.workers.__getitem__, workers)
                      if not w.paused and len(w.in_flight) < depth]
-        for load, _, worker in sorted(with_room, key=_load_order):
-            if not pending:
-                return
-            room = depth - load
-            while pending and room > 0:
+        alone_share = 0  # units that go alone, per worker in this pass (0: not counted yet)
+        deferred: list[UnitCall] = []  # wait for a busy holder of their inputs
+        for _, _, worker in sorted(with_room, key=_load_order):
+            given_alone = 0
+            in_flight = worker.in_flight  # grows with each run sent (_send_run)
+            while pending and len(in_flight) < depth:
+                room = depth - len(in_flight)
                 units: list[UnitCall] = []
                 undo.call(_put_back_first, pending, units)
                 while pending and len(units) < min(batch, room):
@@ -1433,15 +1470,59 @@ class SchedulerState:
                     if unit.keep or unit.deps:
                         break  # goes alone: it is keyed by its index on the worker
                     units.append(pending.popleft())
-                if not units:
-                    unit = pending.popleft()
-                    units.append(unit)
-                    if not all(dep in task.units.held for dep in unit.deps):
-                        # An input's holder was lost meanwhile.
-                        undo.put(task.units.blocked, unit.index, unit)
-                        continue
-                self._send_run(task, worker, units)
-                room -= len(units)
+                if units:
+                    self._send_run(task, worker, units)
+                    continue
+                if not alone_share:
+                    alone_share = _share(pending, len(with_room),
+                                         sum(depth - load for load, _, _ in with_room))
+                if given_alone >= alone_share:
+                    break  # the next worker's turn: neighbours stay together, all get some
+                unit = pending.popleft()
+                units.append(unit)
+                if not all(dep in task.units.held for dep in unit.deps):
+                    # An input's holder was lost meanwhile.
+                    undo.put(task.units.blocked, unit.index, unit)
+                    continue
+                target = (self._nearest(task, unit, worker, workers, depth, per_unit)
+                          if unit.deps else worker)
+                if target is None:
+                    deferred.append(unit)
+                    continue
+                self._send_run(task, target, units)
+                if target is worker:
+                    given_alone += 1
+        if deferred:
+            pending.extendleft(reversed(deferred))
+            undo.call(_drop_first, pending, len(deferred))
+
+    def _nearest(self, task: TaskRecord, unit: UnitCall, worker: WorkerRecord,
+                 workers: Collection[str], depth: int, per_unit: float) -> WorkerRecord | None:
+        """Where a unit with inputs starts soonest: the worker that holds most of their bytes,
+        unless what is queued there takes longer than moving them (``TRANSFER_BYTES_PER_S``).
+        ``worker`` (the next with room) when nothing is held anywhere or nothing is large; None
+        when the best is a holder with no room now: the unit waits for it."""
+        held, sizes = task.units.held, task.units.sizes
+        total = sum(sizes.get(dep, 0) for dep in unit.deps)
+        if total < LOCALITY_MIN_BYTES:
+            return worker
+        local: dict[str, int] = {}
+        for dep in unit.deps:
+            local[held[dep]] = local.get(held[dep], 0) + sizes.get(dep, 0)
+        best = worker
+        best_cost = ((total - local.get(worker.worker_id, 0)) / TRANSFER_BYTES_PER_S
+                     + len(worker.in_flight) * per_unit)
+        for worker_id in sorted(local):
+            holder = self.workers.get(worker_id)
+            if holder is None or holder.paused or worker_id not in workers:
+                continue
+            cost = ((total - local[worker_id]) / TRANSFER_BYTES_PER_S
+                    + len(holder.in_flight) * per_unit)
+            if cost < best_cost:
+                best, best_cost = holder, cost
+        if len(best.in_flight) >= depth:
+            return None  # the holder is full: the unit waits for its room
+        return best
 
     def _send_run(self, task: TaskRecord, worker: WorkerRecord, units: list[UnitCall]) -> None:
         run_id = next(self._run_ids)
