@@ -709,6 +709,9 @@ class DataReply(Message, frozen=True):
     holder: str
     data: list[tuple[str, bytes]]
     missing: list[str]
+    # Keys whose data travel as frames of their own before this message's frame, in this order
+    # (large values: sent without a copy into the message, received without one out of it).
+    attached: list[str] = []
 
 
 class WorkerStoryRequest(Message, frozen=True):

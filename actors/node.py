@@ -618,7 +618,7 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         if task_ends is not None:
             task_ends.from_worker(frames[0], frames[2])
         hub.relay(MASTER, out)
-    elif ((data is not None and len(frames) == 5 and data.from_worker(hub, frames[0], frames[1:]))
+    elif ((data is not None and len(frames) >= 5 and data.from_worker(hub, frames[0], frames[1:]))
           or (results is not None and len(frames) >= 4
               and results.from_worker(frames[0], frames[1:]))):
         pass

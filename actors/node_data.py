@@ -8,9 +8,12 @@ reads only the routing frames, never the bodies:
     worker -> node      [worker, b"p", address, holder, DataRequest]   (a request for a peer)
     node -> node        [holder, DataRequest]  on a DEALER to the holder's node (identity: ours)
     node -> holder      [holder, origin, DataRequest]  origin: the asking node, b"" for us
-    holder -> node      [holder, b"r", origin, requester, DataReply]
-    node -> node        [origin, requester, DataReply]  on our data ROUTER
-    node -> requester   [requester, DataReply]
+    holder -> node      [holder, b"r", origin, requester, *attached, DataReply]
+    node -> node        [origin, requester, *attached, DataReply]  on our data ROUTER
+    node -> requester   [requester, *attached, DataReply]
+
+``attached``: the large values of a reply, one frame each (``DataReply.attached`` names them),
+relayed as they are: neither copied into the message by the holder nor out of it here.
 
 Nodes talk to each other with CURVE, and a node's data socket admits only the nodes' key: a
 client key, which the master admits, cannot read results. Nodes of one host and uid (the
@@ -55,6 +58,8 @@ TO_PEER = b"p"
 REPLY = b"r"
 MAX_PEERS = 64  # open DEALERs to other nodes; the least recently used is closed first
 MAX_KNOWN = 4096  # announced addresses remembered, least recently announced forgotten first
+#: Frames of their own a reply may carry (``DataReply.attached``): more is not a worker's reply.
+MAX_ATTACHED = 4096
 
 
 def boot_id() -> str:
@@ -206,9 +211,9 @@ class DataPlane:
             else:
                 hub.send_now(self._peer_socket(hub, text), [holder, body])
             return True
-        if len(frames) == 4 and frames[0] == REPLY:
-            _, origin, requester, body = frames
-            self._reply(hub, origin, requester, body)
+        if 4 <= len(frames) <= 4 + MAX_ATTACHED and frames[0] == REPLY:
+            _, origin, requester, *attached, body = frames
+            self._reply(hub, origin, requester, body, attached)
             return True
         return False
 
@@ -250,7 +255,7 @@ class DataPlane:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
             return True
         if socket.startswith("peer:"):
-            if len(frames) == 2:
+            if 2 <= len(frames) <= 2 + MAX_ATTACHED:  # [requester, *attached, DataReply]
                 hub.send_now(WORKERS, frames)
             else:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
@@ -276,12 +281,15 @@ class DataPlane:
         """Send an answer back to a requesting worker (the result store's, for inputs)."""
         self._reply(hub, origin, requester, body)
 
-    def _reply(self, hub: Hub, origin: bytes, requester: bytes, body: bytes) -> None:
-        """Send a holder's answer back: to our own worker, or to the asking node."""
+    def _reply(self, hub: Hub, origin: bytes, requester: bytes, body: bytes,
+               attached: list[bytes] | None = None) -> None:
+        """Send a holder's answer back: to our own worker, or to the asking node. ``attached``:
+        the large values that travel in frames of their own before the body, untouched."""
+        extra = attached or []
         if origin == b"":
-            hub.send_now(WORKERS, [requester, body])
+            hub.send_now(WORKERS, [requester, *extra, body])
         else:
-            hub.send_now(self.origin_socket.get(origin, DATA), [origin, requester, body])
+            hub.send_now(self.origin_socket.get(origin, DATA), [origin, requester, *extra, body])
 
     def _peer_socket(self, hub: Hub, address: str) -> str:
         name = f"peer:{address}"

@@ -13,7 +13,8 @@ result by name. The driver's gathering of held results for ``reduce`` is a key t
 
 Data moves worker -> node -> node -> worker: a ``Fetch`` goes out as ``[b"p", address, holder,
 DataRequest]`` to this worker's node, which relays it to the holder's node; the holder answers
-``[b"r", origin, requester, DataReply]`` back along the same path.
+``[b"r", origin, requester, *large values, DataReply]`` back along the same path (values of
+``ATTACH_BYTES`` or more in frames of their own, named by ``DataReply.attached``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ log = structlog.get_logger("actors.worker")
 
 FETCH_TIMEOUT_S = 10.0  # a transfer with no answer by then failed (its holder's node may be gone)
 FETCH_TIMEOUT_PER_KEY_S = 1.0  # and a second more for each further key it asks for
+ATTACH_BYTES = 64 << 10  # a value this large travels as a frame of its own (DataReply.attached)
 REPLY_BYTES = 64 << 20  # an answer to a request for many keys goes in replies of about this
 GATHER = "gather"
 KEPT_RUN = -2  # the run id of a unit result kept under its own key (no scheduler run names it)
@@ -328,8 +330,11 @@ class UnitRunner:
             case ev.SendData(peer=peer, data=data, missing=missing):
                 origin = self.origins.get(peer, b"")
                 for items, gone in _replies(list(data.items()), list(missing)):
-                    reply = m.DataReply("", self.worker_id, items, gone)
-                    self._send_frames([b"r", origin, peer.encode(), m.encode(reply)])
+                    inline = [(k, v) for k, v in items if len(v) < ATTACH_BYTES]
+                    large = [(k, v) for k, v in items if len(v) >= ATTACH_BYTES]
+                    reply = m.DataReply("", self.worker_id, inline, gone, [k for k, _ in large])
+                    self._send_frames([b"r", origin, peer.encode(), *(v for _, v in large),
+                                       m.encode(reply)])
             case _:
                 raise TypeError(f"unknown instruction {ins!r}")
         return []

@@ -54,7 +54,7 @@ from actors.core.worker_slot import (
     Slot,
     WorkerSlot,
 )
-from actors.errors import InputLost
+from actors.errors import InputLost, MalformedMessage
 from actors.inputs import resolving
 from actors.memory import sealed_file
 from actors.node_data import RESULTS_HOLDER
@@ -668,6 +668,18 @@ def contain() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def with_attached(reply: m.DataReply, frames: list[bytes]) -> m.DataReply:
+    """``reply`` with the values that came in frames of their own (``attached``) in its
+    ``data``; MalformedMessage when the frames are not exactly one per attached key."""
+    if len(frames) != len(reply.attached):
+        raise MalformedMessage(f"a data reply names {len(reply.attached)} attached values and "
+                               f"came with {len(frames)}", sum(map(len, frames)))
+    if not frames:
+        return reply
+    return msgspec.structs.replace(reply, data=[*reply.data, *zip(reply.attached, frames, strict=True)],
+                                   attached=[])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="actors.worker", description=argparse.SUPPRESS)
     parser.add_argument("--node", required=True, help="the node's ipc:// address")
@@ -689,8 +701,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_frames(_socket: str, frames: list[bytes]) -> None:
         started.wait(10)  # the node may answer our Hello before start() has returned
-        origin = frames[0] if len(frames) == 2 else b""  # a peer's data request: its node
-        tell_if_alive(worker_ref, Inbound(origin, None, m.decode(frames[-1])))
+        try:
+            message = m.decode(frames[-1])
+            if isinstance(message, m.DataReply):
+                origin, message = b"", with_attached(message, frames[:-1])
+            else:
+                origin = frames[0] if len(frames) == 2 else b""  # a peer's data request: its node
+        except MalformedMessage as exc:
+            log.warning("malformed_frames", source="node", count=len(frames), error=str(exc))
+            return
+        tell_if_alive(worker_ref, Inbound(origin, None, message))
 
     def on_tick(now: float) -> None:
         tell_if_alive(worker_ref, Tick(now))

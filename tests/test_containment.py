@@ -25,6 +25,7 @@ import zmq
 from actors import Client, LocalCluster, Task
 from actors import messages as m
 from actors.contain import make_run_dir, remove_stale_run_dirs
+from actors.errors import MalformedMessage
 from tests.conftest import (
     alive,
     children,
@@ -354,6 +355,36 @@ def test_peer_connections_are_capped_least_recently_used_first() -> None:
     assert hub.sent[-1][0] == "workers"  # answered at once: every key missing
     reply = m.decode(hub.sent[-1][1][-1])
     assert isinstance(reply, m.DataReply) and reply.missing == ["t:0"]
+
+
+def test_a_reply_with_large_values_is_relayed_frame_for_frame_and_checked_where_it_lands() -> None:
+    """Large values travel as frames of their own before the reply (``DataReply.attached``):
+    the node passes them on as they are, to its worker or to the asking node; the worker takes
+    them only when there is exactly one frame per attached key."""
+    from actors.node_data import MAX_ATTACHED, DataPlane
+    from actors.worker import with_attached
+    from transport.keys import KeyPair
+
+    hub = _FakeHub()
+    plane = DataPlane("n1", KeyPair(b"p" * 40, b"s" * 40), "/nonexistent", "tcp://127.0.0.1:1")
+    values = [bytes([i]) * (1 << 17) for i in range(3)]
+    body = m.encode(m.DataReply("", "w2", [("t:9", b"small")], ["t:5"], ["t:0", "t:1", "t:2"]))
+    assert plane.from_worker(hub, b"w2", [b"r", b"", b"w1", *values, body])  # type: ignore[arg-type]
+    assert plane.from_worker(hub, b"w2", [b"r", b"n2", b"w7", *values, body])  # type: ignore[arg-type]
+    assert hub.sent == [("workers", [b"w1", *values, body]), ("data", [b"n2", b"w7", *values, body])]
+    assert all(a is b for a, b in zip(hub.sent[0][1][1:4], values, strict=True)), "copied"
+    # More frames than any reply has are not a reply: not relayed.
+    too_many = [b"r", b"", b"w1", *[b"x"] * (MAX_ATTACHED + 1), body]
+    assert not plane.from_worker(hub, b"w2", too_many)  # type: ignore[arg-type]
+    assert len(hub.sent) == 2
+
+    reply = with_attached(m.decode(body), values)  # type: ignore[arg-type]
+    assert (reply.data, reply.missing, reply.attached) == (
+        [("t:9", b"small"), ("t:0", values[0]), ("t:1", values[1]), ("t:2", values[2])],
+        ["t:5"], [])
+    for frames in (values[:2], [*values, b"x"]):
+        with pytest.raises(MalformedMessage, match="names 3 attached values and came with"):
+            with_attached(m.decode(body), frames)  # type: ignore[arg-type]
 
 
 # --- run folders ------------------------------------------------------------------------------
