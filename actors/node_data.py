@@ -292,7 +292,11 @@ class DataPlane:
             hub.send_now(self.origin_socket.get(origin, DATA), [origin, requester, *extra, body])
 
     def _peer_socket(self, hub: Hub, address: str) -> str:
-        name = f"peer:{address}"
+        # Named by the endpoint it dials: a peer first reached over TCP (before LocalPeers
+        # named it a node of this host) gets an ipc socket of its own once it is known local;
+        # the TCP one stays open for the replies on their way, until it is the least used.
+        local = self.local.get(address)
+        name = f"peer:{local or address}"
         if name in self.peers:
             self.peers.move_to_end(name)
             return name
@@ -300,7 +304,6 @@ class DataPlane:
             oldest, _ = self.peers.popitem(last=False)
             log.info("peer_node_closed", node_id=self.node_id, socket=oldest, why="least recently used")
             hub.close_now(oldest)
-        local = self.local.get(address)
         log.info("peer_node_connect", node_id=self.node_id, address=address, local=local or "")
         if local is not None:  # same host and uid: its ipc endpoint, no encryption
             hub.open_dealer_now(name, local, identity=self.node_id.encode())

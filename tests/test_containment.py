@@ -357,6 +357,28 @@ def test_peer_connections_are_capped_least_recently_used_first() -> None:
     assert isinstance(reply, m.DataReply) and reply.missing == ["t:0"]
 
 
+def test_a_peer_known_local_late_gets_an_ipc_socket_and_the_tcp_one_stays_for_its_replies(
+) -> None:
+    """A request that left over TCP before the master's LocalPeers named its peer a node of
+    this host: later requests go by ipc (CURVE caps TCP at a fraction of what ipc moves here),
+    and the TCP socket is not closed under the reply on its way."""
+    from actors.node_data import DataPlane, boot_id
+    from transport.keys import KeyPair
+
+    hub = _FakeHub()
+    plane = DataPlane("n1", KeyPair(b"p" * 40, b"s" * 40), "/nonexistent", "tcp://127.0.0.1:1")
+    plane.address, plane.local_address = "tcp://127.0.0.1:2", "ipc:///run/n1/data"
+    peer = "tcp://127.0.0.1:3"
+    plane.from_master(m.encode(m.RunUnits("t", 1, [], [(0, "w", peer)])))
+    body = m.encode(m.DataRequest("t", ["t:0"], "w"))
+    plane.from_worker(hub, b"w", [b"p", peer.encode(), b"h", body])  # type: ignore[arg-type]
+    plane.local_peers(m.LocalPeers([(peer, f"{boot_id()} {os.getuid()} ipc:///run/n2/data")]))
+    plane.from_worker(hub, b"w", [b"p", peer.encode(), b"h", body])  # type: ignore[arg-type]
+    plane.from_worker(hub, b"w", [b"p", peer.encode(), b"h", body])  # type: ignore[arg-type]
+    assert hub.open == [f"peer:{peer}", "peer:ipc:///run/n2/data"]
+    assert [name for name, _ in hub.sent] == [f"peer:{peer}", *["peer:ipc:///run/n2/data"] * 2]
+
+
 def test_a_reply_with_large_values_is_relayed_frame_for_frame_and_checked_where_it_lands() -> None:
     """Large values travel as frames of their own before the reply (``DataReply.attached``):
     the node passes them on as they are, to its worker or to the asking node; the worker takes
