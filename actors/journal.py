@@ -100,6 +100,10 @@ class Journal:
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                        timeout=5.0)
+            # The commit's statements go through this one cursor: Connection.execute makes a
+            # cursor per call, and the connection keeps a weak reference to each (up to 200
+            # dead ones), a few of them in every memory arena of a burst (see pack_finished).
+            self._cursor = self._db.cursor()
             self._db.execute("pragma journal_mode=wal")
             self._db.execute(f"pragma synchronous={'full' if durable else 'off'}")
             found = self._db.execute(
@@ -203,7 +207,7 @@ class Journal:
 
     def current_epoch(self) -> int:
         """The epoch in the file now (a master that took over counted one more)."""
-        row = self._db.execute("select value from meta where key = 'epoch'").fetchone()
+        row = self._cursor.execute("select value from meta where key = 'epoch'").fetchone()
         return int(row[0])
 
     def code_added(self, client: str, code_hash: str, code: bytes) -> None:
@@ -288,7 +292,7 @@ class Journal:
                  if r is not None and r.ended is not None and r.ended_in == young}
         for task_id in later:
             del self._tasks[task_id]
-        db = self._db
+        db = self._cursor
         db.execute("begin immediate")
         try:
             epoch = self.current_epoch()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -116,6 +117,10 @@ SALVAGE_S = 30.0
 MAX_LOAD_ERRORS = 100  # modules of one package version marked broken by a worker's failed import
 # Tasks gone since the last high-water mark before the master gives memory back (memory.py).
 TRIM_AFTER = 20_000  # (or a tenth of that once nothing is queued or running)
+REPACK_IDLE_S = 2.0  # quiet this long after a backlog drained: its survivors are repacked
+# ... and as long again, a second time: what was alive only around the first (a tick's passing
+# objects) held a few of the arenas the first one filled.
+REPACKS = 2
 
 
 @dataclass
@@ -216,6 +221,8 @@ class Master(Shell):
         # held unit results are still taken)
         self.salvage: dict[str, tuple[str, frozenset[str], float]] = {}
         self.tasks_peak = 0  # the most tasks held since memory was last given back
+        self.idle_since: float | None = None  # when the scheduler last became idle
+        self.repacks_due = 0  # memory was given back after a backlog: repack once quiet
         self.worker_usage: dict[str, tuple[float, int]] = {}  # worker -> (CPU %, bytes), for the page
         # (package, version) -> module -> what importing it on a worker raised
         self.load_errors: dict[tuple[str, str], dict[str, str]] = {}
@@ -332,11 +339,17 @@ class Master(Shell):
     def _give_memory_back(self) -> None:
         """Once a backlog of ``TRIM_AFTER`` tasks or more has gone, rebuild the tables it left
         oversized and return the freed pages (see memory.py): a long-lived master on a shared
-        machine goes back near its idle size."""
+        machine goes back near its idle size. Once nothing has run for ``REPACK_IDLE_S`` after
+        that, what outlives the burst is moved into fresh memory (``pack_finished``)."""
         held = len(self.scheduler.tasks)
         self.tasks_peak = max(self.tasks_peak, held)
         gone = self.tasks_peak - held
-        if gone < TRIM_AFTER and not (gone >= TRIM_AFTER // 10 and self.scheduler.idle()):
+        idle = self.scheduler.idle()
+        self.idle_since = (self.idle_since or self.now) if idle else None
+        if gone < TRIM_AFTER and not (gone >= TRIM_AFTER // 10 and idle):
+            if (self.repacks_due and self.idle_since is not None
+                    and self.now - self.idle_since >= REPACK_IDLE_S * (REPACKS + 1 - self.repacks_due)):
+                self._repack()
             return
         before = memory.rss_bytes()
         self.scheduler.compact()
@@ -347,6 +360,26 @@ class Master(Shell):
         self.log.info("memory_given_back", tasks_peak=self.tasks_peak, tasks=held,
                       rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20)
         self.tasks_peak = held
+        self.repacks_due = REPACKS
+
+    def _repack(self) -> None:
+        """Drained and quiet: the finished tasks kept for their stories and the dashboard's
+        recent runs were allocated all through the burst, a few in each of the allocator's
+        arenas, and an arena goes back to the system only when nothing in it lives. All of
+        them out as pickles first (their arenas freed), then back into fresh memory."""
+        before = memory.rss_bytes()
+        tasks, runs, samples = (self.scheduler.pack_finished(), self.stream.pack(),
+                                self.throughput.pack())
+        gc.collect()
+        memory.trim()
+        self.scheduler.unpack_finished(tasks)
+        self.stream.unpack(runs)
+        self.throughput.unpack(samples)
+        del tasks, runs, samples
+        memory.trim()
+        self.repacks_due -= 1
+        self.log.info("memory_repacked", tasks=len(self.scheduler.tasks),
+                      rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20)
 
     def _commit(self) -> None:
         """Write the journal; acknowledge to each client the submissions this made durable."""

@@ -18,6 +18,7 @@ Every record is bounded, whatever a cluster runs:
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,20 @@ class TaskStream:
         if len(self.open) > self.max_open:
             self.open.popitem(last=False)
 
+    def pack(self) -> bytes:
+        """What it holds as one pickle, and nothing held: see ``SchedulerState.pack_finished``
+        (the last runs of a burst were allocated all through it)."""
+        blob = pickle.dumps((list(self.open.items()), list(self.done)),
+                            protocol=pickle.HIGHEST_PROTOCOL)
+        self.open.clear()
+        self.done.clear()
+        return blob
+
+    def unpack(self, blob: bytes) -> None:
+        open_runs, done = pickle.loads(blob)
+        self.open.update(open_runs)
+        self.done.extend(done)
+
     def finished(self, worker_id: str, task_id: str, run_id: int, elapsed: float, ok: bool,
                  now: float) -> None:
         begun = self.open.pop((worker_id, task_id, run_id), None)
@@ -132,6 +147,15 @@ class Throughput:
     def __init__(self, samples: int = THROUGHPUT_SAMPLES) -> None:
         self.samples: deque[tuple[float, int, int]] = deque(maxlen=samples)
         self.tasks_ended = 0
+
+    def pack(self) -> bytes:
+        """Its samples as one pickle, and none held (see ``TaskStream.pack``)."""
+        blob = pickle.dumps(list(self.samples), protocol=pickle.HIGHEST_PROTOCOL)
+        self.samples.clear()
+        return blob
+
+    def unpack(self, blob: bytes) -> None:
+        self.samples.extend(pickle.loads(blob))
 
     def sample(self, now: float, units_done: int) -> bool:
         """Take a sample if a second passed since the last; whether it did."""

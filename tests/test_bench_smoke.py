@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import breakdown, peers, report, runner, simulate, units
+from bench import breakdown, drain, peers, report, runner, simulate, units
 from bench.stats import Result
 from tests.conftest import alive, descendants, kill_all, wait_until
 
@@ -184,3 +184,13 @@ def test_simulated_nodes_and_workers_drive_a_real_master(tmp_path: Path,
     assert row["units_per_s"] > 0 and row["tasks_per_s"] > 0
     assert row["master_us_per_unit"] >= 0 and row["master_us_per_task"] >= 0
     assert "units/s" in out.getvalue() and "tasks/s" in out.getvalue()
+
+
+def test_the_drain_bench_reports_idle_peak_and_settled_sizes(no_leftover_processes) -> None:
+    """bench.drain at a tiny size: a round of tasks, every result checked, sizes reported."""
+    out = io.StringIO()
+    doc = drain.main(["--tasks", "500"], out=out)
+    (row,) = doc["rounds"]
+    assert doc["idle_mib"] > 0 and row["peak_mib"] >= row["settled_mib"] > 0
+    assert row["ratio"] == round(row["settled_mib"] / doc["idle_mib"], 2)
+    assert "500 tasks drained" in out.getvalue()

@@ -7,15 +7,17 @@ write down the order they end in (one line each, appended), never a time.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from actors import Client, LocalCluster, Task
-from tests.conftest import wait_until
+from tests.conftest import descendants, kill_all, start_master, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -53,3 +55,47 @@ def test_a_client_that_submits_after_a_burst_is_not_served_after_all_of_it() -> 
     # First come, first served would put them last (1,000 to 1,009): in turn, they end among
     # the first of what was still queued when they came.
     assert max(positions) < 600, positions
+
+
+class Echo(Task):
+    def work(self, x):
+        return x
+
+
+def test_after_a_backlog_drains_the_master_repacks_its_memory_and_keeps_every_story(
+        tmp_path: Path) -> None:
+    """Issue 23: once a backlog is done (here 12,500 tasks: the last 10,000 kept for their
+    stories, the rest forgotten) and the master has been quiet a moment, it moves what it keeps
+    into fresh memory (``memory_repacked``). Nothing a client can ask for changes: each kept
+    story is as it was, and the master serves on."""
+    n = 12_500
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "2", "--keys", str(keys))
+    pids: set[int] = set()
+
+    def repacked() -> list[dict[str, object]]:
+        lines = (tmp_path / "master.log").read_text().splitlines()
+        events = [json.loads(line) for line in lines if line.startswith("{")]
+        return [e for e in events if e["event"] == "memory_repacked"]
+
+    try:
+        with Client(address, keys=keys) as client:
+            client.wait_for_workers(2)
+            pids = descendants(master.pid)
+            futures = [client.submit(Echo, i) for i in range(n)]
+            assert [f.result(timeout=120) for f in futures] == list(range(n))
+            sample = [futures[i] for i in (n - 10_000, n // 2, n - 1)]
+            stories = [client.story(f) for f in sample]
+            assert all(any(e[2] == "done" for e in story) for story in stories)
+            events = wait_until(repacked, 60, "the master to repack after the drain")
+            assert events[0]["tasks"] == 10_000
+            again = [client.story(f) for f in sample]
+            # (times are the master's monotonic clock turned into wall time at each asking)
+            assert [[e[:4] for e in story] for story in again] == [
+                [e[:4] for e in story] for story in stories]
+            assert all(abs(a[4] - b[4]) < 0.01 for x, y in zip(again, stories, strict=True)
+                       for a, b in zip(x, y, strict=True))
+            assert client.submit(Echo, "after").result(timeout=30) == "after"
+    finally:
+        kill_all(pids | {master.pid})
+        master.wait(10)

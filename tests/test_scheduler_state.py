@@ -1302,3 +1302,39 @@ def test_a_lost_drivers_helper_hands_its_results_to_the_next_driver_exactly_once
         out = s(ev.UnitsSliced, "w3", "t1", units(*range(12)), True)
         delivered += [u.index for r in out if isinstance(r, ev.ReplayResults) for u in r.units]
     assert sorted(delivered) == sorted(flying)
+
+
+def test_finished_tasks_packed_and_unpacked_are_the_same_tasks_in_the_same_order() -> None:
+    """What the master does once a backlog drained (to move what outlives it into fresh
+    memory): every task, finished or not, comes back equal, in submission order, the shared
+    empties still the very objects the code compares against, and the scheduler serves on."""
+    from actors.core.scheduler_state import NO_WORKERS
+    from actors.core.unit_book import NO_UNITS
+
+    s = two_workers()
+    for n in range(6):
+        submit(s, f"t{n}", client=f"c{n % 2}", kind="task")
+        worker = next(w for w, r in s.state.workers.items() if r.task_id == f"t{n}")
+        s(ev.TaskFinished, worker, f"t{n}", UnitOutcome(-1, True, b"r"), 0.001)
+    submit(s, "p", kind="parallel")  # running: stays as it is
+    submit(s, "q", kind="parallel")  # queued behind it
+    before = {t: (r.state, r.client_id, r.name, r.owner, r.warm_key, set(r.seen_workers),
+                  list(r.story), r.args, r.code) for t, r in s.state.tasks.items()}
+    running = s.state.tasks["p"]
+    finished = list(s.state._finished)
+
+    blob = s.state.pack_finished()
+    assert set(s.state.tasks) == {"p", "q"}
+    s.state.unpack_finished(blob)
+
+    after = {t: (r.state, r.client_id, r.name, r.owner, r.warm_key, set(r.seen_workers),
+                 list(r.story), r.args, r.code) for t, r in s.state.tasks.items()}
+    assert list(after) == list(before) and after == before
+    assert list(s.state._finished) == finished
+    assert s.state.tasks["p"] is running
+    done = s.state.tasks["t0"]  # a finished plain Task: the shared empties
+    assert done.units is NO_UNITS and done.workers is NO_WORKERS
+    assert s.state.story("t0") == before["t0"][6]
+    s.state.validate()
+    submit(s, "t9", kind="task")  # and it serves on: queued behind the ParallelTasks
+    assert s.state.tasks["t9"].state == "queued"

@@ -115,11 +115,13 @@ finished task holds no worker; the driver is one of the task's workers.
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
+import pickle
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from actors.core.fair_share import DEFAULT_COST_S, FairShare, Tag
 from actors.core.scheduler_events import (
@@ -234,6 +236,47 @@ def _unrequeue(pending: deque[UnitCall], in_flight: dict[int, int],
 
 def _put_back_first(pending: deque[UnitCall], units: list[UnitCall]) -> None:
     pending.extendleft(reversed(units))
+
+
+class _Pickler(pickle.Pickler):
+    # The shared, sealed empties stay the very objects the code compares against.
+    def persistent_id(self, obj: object) -> str | None:
+        return "NO_WORKERS" if obj is NO_WORKERS else "NO_UNITS" if obj is NO_UNITS else None
+
+
+class _Unpickler(pickle.Unpickler):
+    def persistent_load(self, pid: object) -> object:
+        if pid == "NO_WORKERS":
+            return NO_WORKERS
+        if pid == "NO_UNITS":
+            return NO_UNITS
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def _share_values(task: TaskRecord, same: dict[object, Any]) -> None:
+    """A finished task's equal values made one object (``same``: value -> the one kept); what
+    only a queued task needs (its fair place) dropped. Changes no value a reader sees."""
+    task.client_id = same.setdefault(task.client_id, task.client_id)
+    task.name = same.setdefault(task.name, task.name)
+    task.owner = same.setdefault(task.owner, task.owner)
+    task.code_hash = same.setdefault(task.code_hash, task.code_hash)
+    task.warm_key = same.setdefault(task.warm_key, task.warm_key)
+    if task.seen_workers is not NO_WORKERS:
+        seen = frozenset(task.seen_workers)
+        task.seen_workers = cast(set[str], same.setdefault(seen, seen))
+    task.fair = None
+    task.story = [(same.setdefault(key, key), start, finish, same.setdefault(cause, cause), when)
+                  for key, start, finish, cause, when in task.story]
+
+
+def _pack(value: object) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
+def _unpack(blob: bytes) -> Any:
+    return _Unpickler(io.BytesIO(blob)).load()
 
 
 def _drop_first(pending: deque[UnitCall], count: int) -> None:
@@ -490,6 +533,36 @@ class SchedulerState:
         self._parallel = dict(self._parallel)
         self._finished = deque(self._finished)
         self._queue = list(self._queue)
+
+    def pack_finished(self) -> bytes:
+        """Between events, once a backlog drained: the finished tasks kept for their stories,
+        taken out as one pickle (``unpack_finished`` puts them back). Why: a finished task's
+        record, story and strings were allocated all through the burst, a few in each of the
+        allocator's arenas, and an arena goes back to the system only when nothing in it lives
+        (see docs/architecture.md, Memory). Packed, freed, then unpacked into fresh memory,
+        they fill a few arenas and the rest are returned."""
+        ids = [task_id for task_id in self._finished if task_id in self.tasks]
+        records = [self.tasks[task_id] for task_id in ids]
+        # Equal values become one object (the pickle keeps one copy of each): a burst's tasks
+        # name the same few clients, workers and causes thousands of times over.
+        same: dict[object, object] = {}
+        for task in records:
+            _share_values(task, same)
+        blob = _pack((list(self.tasks), ids, records))
+        del records, same
+        self._finished = deque()
+        gone = set(ids)
+        self.tasks = {task_id: task for task_id, task in self.tasks.items() if task_id not in gone}
+        return blob
+
+    def unpack_finished(self, blob: bytes) -> None:
+        """Put back what ``pack_finished`` took out, in the same order."""
+        order, ids, records = _unpack(blob)
+        finished = dict(zip(ids, records, strict=True))
+        live = self.tasks
+        self.tasks = {task_id: finished[task_id] if task_id in finished else live[task_id]
+                      for task_id in order if task_id in finished or task_id in live}
+        self._finished = deque(ids)
 
     def story(self, task_id: str, now: float | None = None) -> list[StoryEntry]:
         """The task's transitions; with ``now``, closed by where each open unit is at that time
