@@ -367,7 +367,7 @@ class Master(Shell):
         recent runs were allocated all through the burst, a few in each of the allocator's
         arenas, and an arena goes back to the system only when nothing in it lives. All of
         them out as pickles first (their arenas freed), then back into fresh memory."""
-        before = memory.rss_bytes()
+        before, started = memory.rss_bytes(), time.perf_counter()
         tasks, runs, samples = (self.scheduler.pack_finished(), self.stream.pack(),
                                 self.throughput.pack())
         gc.collect()
@@ -379,7 +379,8 @@ class Master(Shell):
         memory.trim()
         self.repacks_due -= 1
         self.log.info("memory_repacked", tasks=len(self.scheduler.tasks),
-                      rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20)
+                      rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20,
+                      ms=round((time.perf_counter() - started) * 1000))
 
     def _commit(self) -> None:
         """Write the journal; acknowledge to each client the submissions this made durable."""

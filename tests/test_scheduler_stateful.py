@@ -397,6 +397,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.feed(ev.WorkerPaused(self.now, worker, paused))
 
     @rule()
+    def the_master_repacks_its_finished_tasks(self) -> None:
+        """What the master does when quiet after a backlog: finished tasks out as a pickle and
+        back. Nothing changes but the fair tag a finished task no longer needs."""
+        before = snapshot(self.state)
+        for task in before["tasks"].values():  # type: ignore[attr-defined]
+            if task.finished:
+                task.fair = None
+        self.state.unpack_finished(self.state.pack_finished())
+        assert snapshot(self.state) == before
+        self.state.validate()
+
+    @rule()
     def seconds_pass(self) -> None:
         """A tick some seconds later: workers that did not stop in time are killed."""
         self.now += 5
