@@ -368,16 +368,24 @@ class Master(Shell):
         arenas, and an arena goes back to the system only when nothing in it lives. All of
         them out as pickles first (their arenas freed), then back into fresh memory."""
         before, started = memory.rss_bytes(), time.perf_counter()
-        tasks, runs, samples = (self.scheduler.pack_finished(), self.stream.pack(),
-                                self.throughput.pack())
-        gc.collect()
-        memory.trim()
-        self.scheduler.unpack_finished(tasks)
-        self.stream.unpack(runs)
-        self.throughput.unpack(samples)
-        del tasks, runs, samples
-        memory.trim()
         self.repacks_due -= 1
+        parts: tuple[tuple[Callable[[], bytes], Callable[[bytes], None]], ...] = (
+            (self.scheduler.pack_finished, self.scheduler.unpack_finished),
+            (self.stream.pack, self.stream.unpack),
+            (self.throughput.pack, self.throughput.unpack))
+        packed: list[tuple[Callable[[bytes], None], bytes]] = []
+        try:
+            for pack, unpack in parts:
+                packed.append((unpack, pack()))
+            gc.collect()
+            memory.trim()
+        except Exception:  # a bug: what was packed goes back all the same
+            self.log.exception("memory_repack_failed")
+        finally:
+            for unpack, blob in packed:
+                unpack(blob)
+            del packed
+        memory.trim()
         self.log.info("memory_repacked", tasks=len(self.scheduler.tasks),
                       rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20,
                       ms=round((time.perf_counter() - started) * 1000))
