@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None, out: Any = sys.stdout) -> dict[str, Any]
         client.wait_for_workers(2)
         client.submit(NoopTask, 0).result(timeout=60)
         pid = cluster.pid
-        idle = settled_rss(pid, 10.0)
+        idle = round(settled_rss(pid, 10.0), 1)  # as reported: the ratio is of what is shown
         rounds = []
         for n in range(args.rounds):
             result = drain_round(client, pid, args.tasks)

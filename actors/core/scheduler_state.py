@@ -448,8 +448,8 @@ class _Picker:
         return heap
 
 
-def _load_order(entry: tuple[int, str, WorkerRecord]) -> tuple[int, str]:
-    return entry[0], entry[1]
+def _victim_order(entry: tuple[bool, int, str, WorkerRecord, set[int]]) -> tuple[bool, int, str]:
+    return entry[0], entry[1], entry[2]
 
 
 class SchedulerState:
@@ -515,7 +515,8 @@ class SchedulerState:
                 raise InvalidEvent(event, f"unknown task kind {kind!r}")
             case UnitsSliced(units=units):
                 for unit in units:
-                    if unit.index < 0 or any(not 0 <= dep < unit.index for dep in unit.deps):
+                    if unit.index < 0 or (unit.deps and any(not 0 <= dep < unit.index
+                                                            for dep in unit.deps)):
                         raise InvalidEvent(event, f"unit {unit.index} with dependencies "
                                                   f"{list(unit.deps)[:5]}: a unit depends only on "
                                                   "units sliced before it")
@@ -788,14 +789,19 @@ class SchedulerState:
             return
         replay: list[UnitCall] = []
         opened: list[UnitCall] = []
-        self._undo.call(task.units.unopen, opened)
+        units = task.units
+        self._undo.call(units.unopen, opened)
+        # (a unit past the bitmap's end is not journaled: most of a first slicing)
+        journaled, beyond = units.journaled, len(units.journaled) << 3
+        open_units = units.open_units
         for unit in event.units:
-            if task.units.is_journaled(unit.index):
+            index = unit.index
+            if index < beyond and journaled[index >> 3] >> (index & 7) & 1:
                 replay.append(unit)  # finished before the driver restarted
-            elif unit.index not in task.units.open_units:
-                task.units.open(unit, opened)
-            elif unit.index in task.units.carried:  # still running on a lost driver's helper:
-                self._undo.discard(task.units.carried, unit.index)  # its result comes forwarded
+            elif index not in open_units:
+                units.open(unit, opened)
+            elif index in units.carried:  # still running on a lost driver's helper:
+                self._undo.discard(units.carried, index)  # its result comes forwarded
         self._undo.set(task.units, "sliced_all", event.done)
         if replay:
             driver = self.workers[event.worker_id]
@@ -871,8 +877,8 @@ class SchedulerState:
                     forward.append((index, outcome.value))
                 # The worker's digest spares the master a CRC per unit (see UnitOutcome.digest).
                 record.append((index, outcome.digest or unit_digest(unit), outcome.value))
-                if units.set_journaled(index, True):
-                    marked.append(index)
+        if record:
+            marked.extend(units.mark_journaled([index for index, _, _ in record]))
         # Units the worker did not get to (it stops a batch at a failure) go back.
         self._requeue_runs(task, worker, {event.run_id})
         if event.outcomes and event.elapsed > 0:
@@ -909,7 +915,7 @@ class SchedulerState:
         return self.data_addresses.get(worker.node_id, "")
 
     def _requeue_runs(self, task: TaskRecord, worker: WorkerRecord, run_ids: set[int]) -> None:
-        runs = [(i, r) for i, r in sorted(worker.in_flight.items(), reverse=True) if r in run_ids]
+        runs = sorted([(i, r) for i, r in worker.in_flight.items() if r in run_ids], reverse=True)
         if not runs:
             return
         pending, in_flight = task.units.pending, worker.in_flight
@@ -1425,10 +1431,11 @@ class SchedulerState:
         steal that run (``_steal_for_idle``) instead of idling while it waits."""
         if task.units.pending or task.units.steal_pending:
             return
-        workers = [self.workers[w] for w in task.workers]
-        if not all(w.in_flight for w in workers):
+        workers = self.workers
+        if not all(workers[w].in_flight for w in task.workers):
             return  # an idle worker of its own steals
-        if not any(len(set(w.in_flight.values())) > 1 for w in workers):
+        if not any(len(workers[w].in_flight) > 1 and len(set(workers[w].in_flight.values())) > 1
+                   for w in task.workers):
             return
         worker = self._idle_worker_for(task.warm_key)
         if worker is not None:
@@ -1524,14 +1531,19 @@ class SchedulerState:
         pending, undo = task.units.pending, self._undo
         if not pending:
             return
-        # The least loaded first, so that units given back by a steal go to the idle worker;
-        # only those with room are sorted (a task may have a thousand workers, most of them full).
+        # The least loaded first, so that units given back by a steal go to the idle worker
+        # (ties by worker id: ids are unique, so records are never compared). Only those with
+        # room, and from a heap, not sorted: a task may have a thousand workers, most of them
+        # full or, with tiny units, most of them idle while the queue empties after a few.
         workers = task.workers if helpers or task.driver is None else (task.driver,)
         with_room = [(len(w.in_flight), w.worker_id, w) for w in map(self.workers.__getitem__, workers)
                      if not w.paused and len(w.in_flight) < depth]
         alone_share = 0  # units that go alone, per worker in this pass (0: not counted yet)
         deferred: list[UnitCall] = []  # wait for a busy holder of their inputs
-        for _, _, worker in sorted(with_room, key=_load_order):
+        by_load = list(with_room)  # (with_room stays whole for _share)
+        heapq.heapify(by_load)
+        while pending and by_load:
+            worker = heapq.heappop(by_load)[2]
             given_alone = 0
             in_flight = worker.in_flight  # grows with each run sent (_send_run)
             while pending and len(in_flight) < depth:
@@ -1617,11 +1629,17 @@ class SchedulerState:
             return
         if all(self.workers[w].in_flight or self.workers[w].paused for w in task.workers):
             return  # (a paused worker is idle, not for stealing: it may take no work)
-        workers = [self.workers[w] for w in sorted(task.workers)]
+        # Only a worker with two runs or more has one to give (never its oldest). A task may
+        # have a thousand workers, most of them idle: they are skipped, not sorted.
+        victims = []
+        for worker in map(self.workers.__getitem__, task.workers):
+            if len(worker.in_flight) > 1:
+                runs = set(worker.in_flight.values())
+                if len(runs) > 1:
+                    victims.append((not worker.paused, -len(runs), worker.worker_id, worker, runs))
         # A paused worker's queued runs first: they would wait there for its memory to fall.
-        for victim in sorted(workers, key=lambda w: (not w.paused, -len(set(w.in_flight.values())))):
-            runs = sorted(set(victim.in_flight.values()))[1:]
-            candidates = [r for r in runs if r not in task.units.steals]
+        for _, _, _, victim, runs in sorted(victims, key=_victim_order):
+            candidates = [r for r in sorted(runs)[1:] if r not in task.units.steals]
             if candidates:
                 self._undo.add(task.units.steals, candidates[-1])
                 self._undo.set(task.units, "steal_pending", True)

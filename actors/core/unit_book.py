@@ -64,6 +64,11 @@ class UnitBook:
         ``opened``: a list registered in an undo log (``unopen``), the unit added once open."""
         index = unit.index
         self.open_units[index] = unit
+        if not unit.deps and not unit.keep:  # most units: queued at once
+            self.pending.append(unit)
+            if opened is not None:
+                opened.append(unit)
+            return
         if unit.keep:
             self.kept[index] = unit
         for dep in unit.deps:
@@ -118,6 +123,23 @@ class UnitBook:
             self.journaled[byte] &= ~(1 << (index & 7)) & 0xFF
             self.journaled_count -= 1
         return True
+
+    def mark_journaled(self, indices: list[int]) -> list[int]:
+        """``set_journaled(i, True)`` for each of ``indices`` (one batch's results); those that
+        were not marked yet, for ``unmark``."""
+        if not indices:
+            return []
+        journaled, marked = self.journaled, []
+        top = max(indices) >> 3
+        if top >= len(journaled):  # grown as set_journaled grows it, once for the batch
+            journaled.extend(bytes(top + 1 - len(journaled) + len(journaled) // 2))
+        for index in indices:
+            byte, bit = index >> 3, 1 << (index & 7)
+            if not journaled[byte] & bit:
+                journaled[byte] |= bit
+                marked.append(index)
+        self.journaled_count += len(marked)
+        return marked
 
     def unmark(self, marked: list[int], size: int) -> None:
         """Undo ``set_journaled(i, True)`` for each of ``marked``; the bitmap back to ``size``."""
