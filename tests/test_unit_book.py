@@ -39,6 +39,20 @@ def test_the_journal_bits_and_their_count_move_together() -> None:
     book.validate([], finished=False)
 
 
+def test_a_batch_of_journal_marks_returns_only_the_new_ones_for_an_undo() -> None:
+    book = UnitBook()
+    book.set_journaled(7, True)
+    size = len(book.journaled)
+    marked = book.mark_journaled([5, 7, 9, 70_000])
+    assert marked == [5, 9, 70_000] and book.journaled_count == 4
+    assert all(book.is_journaled(i) for i in (5, 7, 9, 70_000)) and not book.is_journaled(6)
+    book.validate([], finished=False)
+    book.unmark(marked, size)  # as the scheduler's undo log does
+    assert book.journaled_count == 1 and book.is_journaled(7) and not book.is_journaled(9)
+    assert len(book.journaled) == size and book.mark_journaled([]) == []
+    book.validate([], finished=False)
+
+
 def test_clearing_forgets_open_units_but_not_the_journal() -> None:
     book = UnitBook()
     book.open(UnitCall(0, b"a", keep=True))
