@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -255,3 +256,15 @@ def test_snapshots_are_wanted_only_while_someone_asks_and_a_stale_one_is_not_ser
         assert [(status, body) for status, body, _ in answers] == [(200, b'{"new": true}')]
     finally:
         board.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::1"])
+def test_a_closed_dashboard_serves_no_more_and_its_thread_has_ended(host: str) -> None:
+    """close() wakes the serving loop with a connection of its own (on any address it was
+    given, the wildcard included), so the loop ends; nothing listens on the port after."""
+    board = Dashboard(host, 0)
+    assert get(board.url)[0] == 200  # the page, served
+    board.close()
+    assert not board._thread.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(("::1" if ":" in host else "127.0.0.1", board.port), timeout=2)
