@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any
 
+import msgspec
+
 from actors.core.packages import (
     DEFAULT_CHUNK_SIZE,
     FileEntry,
@@ -87,33 +89,28 @@ class RemovalReason(StrEnum):
 # --- events (facts, with the time they were seen) ---------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class SyncEvent:
+class SyncEvent(msgspec.Struct, frozen=True, kw_only=True):
     now: float
 
 
-@dataclass(frozen=True)
-class Tick(SyncEvent):
+class Tick(SyncEvent, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class VersionNeeded(SyncEvent):
+class VersionNeeded(SyncEvent, frozen=True):
     package: str
     version: str
     requester: str  # e.g. the id of the worker/instance waiting to start
 
 
-@dataclass(frozen=True)
-class CacheChecked(SyncEvent):
+class CacheChecked(SyncEvent, frozen=True):
     package: str
     version: str
     status: CacheStatus
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class ChunkReceived(SyncEvent):
+class ChunkReceived(SyncEvent, frozen=True):
     package: str
     version: str
     index: int
@@ -121,55 +118,47 @@ class ChunkReceived(SyncEvent):
     data: bytes
 
 
-@dataclass(frozen=True)
-class TransferFailed(SyncEvent):
+class TransferFailed(SyncEvent, frozen=True):
     package: str
     version: str
     reason: str
 
 
-@dataclass(frozen=True)
-class InstallFinished(SyncEvent):
+class InstallFinished(SyncEvent, frozen=True):
     package: str
     version: str
     ok: bool
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class InstanceStarted(SyncEvent):
+class InstanceStarted(SyncEvent, frozen=True):
     package: str
     version: str
     instance_id: str
 
 
-@dataclass(frozen=True)
-class InstanceEnded(SyncEvent):
+class InstanceEnded(SyncEvent, frozen=True):
     package: str
     version: str
     instance_id: str
 
 
-@dataclass(frozen=True)
-class NewestVersion(SyncEvent):
+class NewestVersion(SyncEvent, frozen=True):
     package: str
     version: str | None  # None: the package is gone from the master
 
 
-@dataclass(frozen=True)
-class CachedVersionsFound(SyncEvent):
+class CachedVersionsFound(SyncEvent, frozen=True):
     """What the node's cache held when it started, so old versions are collected too."""
 
     versions: tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
-class PackagesScanned(SyncEvent):
+class PackagesScanned(SyncEvent, frozen=True):
     packages: Mapping[str, PackageVersion]  # the current version of every package on disk
 
 
-@dataclass(frozen=True)
-class ChunksRequested(SyncEvent):
+class ChunksRequested(SyncEvent, frozen=True):
     node: str
     package: str
     version: str
@@ -177,8 +166,7 @@ class ChunksRequested(SyncEvent):
     count: int
 
 
-@dataclass(frozen=True)
-class InstanceQueued(SyncEvent):
+class InstanceQueued(SyncEvent, frozen=True):
     package: str
     version: str
     instance_id: str
@@ -187,52 +175,45 @@ class InstanceQueued(SyncEvent):
 # --- instructions (commands for the shell) -----------------------------------
 
 
-@dataclass(frozen=True)
-class VerifyCache:
+class VerifyCache(msgspec.Struct, frozen=True):
     package: str
     version: str
 
 
-@dataclass(frozen=True)
-class RequestChunks:
+class RequestChunks(msgspec.Struct, frozen=True):
     package: str
     version: str
     start: int
     count: int
 
 
-@dataclass(frozen=True)
-class Install:
+class Install(msgspec.Struct, frozen=True):
     package: str
     version: str
     files: tuple[FileEntry, ...]  # already checked to hash to ``version``
 
 
-@dataclass(frozen=True)
-class VersionReady:
+class VersionReady(msgspec.Struct, frozen=True):
     package: str
     version: str
     requesters: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class VersionFailed:
+class VersionFailed(msgspec.Struct, frozen=True):
     package: str
     version: str
     requesters: tuple[str, ...]
     reason: str
 
 
-@dataclass(frozen=True)
-class RemoveVersion:
+class RemoveVersion(msgspec.Struct, frozen=True):
     package: str
     version: str
     reason: RemovalReason
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class SendChunks:
+class SendChunks(msgspec.Struct, frozen=True):
     node: str
     package: str
     version: str
@@ -241,21 +222,18 @@ class SendChunks:
     chunks: tuple[bytes, ...]
 
 
-@dataclass(frozen=True)
-class SendUnknownVersion:
+class SendUnknownVersion(msgspec.Struct, frozen=True):
     node: str
     package: str
     version: str
 
 
-@dataclass(frozen=True)
-class NewestChanged:
+class NewestChanged(msgspec.Struct, frozen=True):
     package: str
     version: str | None
 
 
-@dataclass(frozen=True)
-class DropSnapshot:
+class DropSnapshot(msgspec.Struct, frozen=True):
     package: str
     version: str
 
