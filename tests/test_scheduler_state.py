@@ -749,6 +749,46 @@ def test_a_refused_steal_changes_nothing() -> None:
     assert s.state.tasks["t1"].units.done_count == 4 * FIRST_BATCH
 
 
+
+def runs_of_two() -> Harness:
+    """Units sliced two at a time, spread as runs of two over w1 and w2; w2 then finishes its
+    oldest run (and w1 refuses the steal that asks for): nothing is queued, both are busy, w1
+    has more runs than w2."""
+    s = two_workers()
+    submit(s)
+    for first in range(0, 14, 2):
+        s(ev.UnitsSliced, "w1", "t1", units(first, first + 1), first == 12)
+    finish_run(s, "w2", min(s.state.workers["w2"].in_flight.values()))
+    (asked,) = s.state.tasks["t1"].units.steals  # for w2, idle a moment: refused, begun already
+    s(ev.StealAnswered, "w1", "t1", asked, False)
+    assert [len(set(s.state.workers[w].in_flight.values())) for w in ("w1", "w2")] == [4, 2]
+    assert not s.state.tasks["t1"].units.pending
+    return s
+
+
+def test_a_steal_asks_the_worker_with_most_runs_queued() -> None:
+    s = runs_of_two()
+    out = s(ev.WorkerReady, "n1", "w3")  # idle: joins to steal
+    newest = max(s.state.workers["w1"].in_flight.values())
+    assert [i for i in out if isinstance(i, ev.Steal)] == [ev.Steal("n1", "w1", "t1", newest)]
+
+
+def test_a_steal_asks_a_paused_worker_first_though_another_has_more_runs() -> None:
+    s = runs_of_two()
+    s(ev.WorkerPaused, "w2", True, "resident 900 MiB")
+    out = s(ev.WorkerReady, "n1", "w3")
+    newest = max(s.state.workers["w2"].in_flight.values())
+    assert [i for i in out if isinstance(i, ev.Steal)] == [ev.Steal("n2", "w2", "t1", newest)]
+
+
+def test_units_a_run_left_undone_go_back_first_in_their_order(s4: Harness) -> None:
+    s = s4
+    submit(s)
+    s(ev.UnitsSliced, "w1", "t1", units(*range(10)), True)  # runs [0-3], [4-7]; 8, 9 queued
+    # The worker stopped its first run after unit 0 (a batch stops at a failure)
+    out = s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 0.001)
+    assert [d.units for d in dispatches(out)] == [units(1, 2, 3, 8, 9)]
+
 # --- prefetch: plain Tasks queued on a busy warm worker ------------------------
 
 
