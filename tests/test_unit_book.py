@@ -53,6 +53,25 @@ def test_a_batch_of_journal_marks_returns_only_the_new_ones_for_an_undo() -> Non
     book.validate([], finished=False)
 
 
+def test_undoing_the_open_of_a_unit_sliced_again_keeps_its_earlier_held_result() -> None:
+    """A new driver slices a keep unit again while its earlier result is still held: the
+    open is undone (its event raised later): the unit kept for that result stays kept."""
+    book = UnitBook()
+    earlier = UnitCall(6, b"a", keep=True)
+    book.kept[6], book.held[6] = earlier, "w3"
+    opened: list = []
+    again = UnitCall(6, b"a", keep=True)
+    book.open(again, opened)
+    assert book.kept[6] is again and 6 in book.open_units
+    book.unopen(opened)
+    assert book.kept[6] is earlier and book.held[6] == "w3" and 6 not in book.open_units
+    assert not book.pending
+    fresh: list = []
+    book.open(UnitCall(7, b"b", keep=True), fresh)
+    book.unopen(fresh)
+    assert 7 not in book.kept  # one that was not kept before goes
+
+
 def test_clearing_forgets_open_units_but_not_the_journal() -> None:
     book = UnitBook()
     book.open(UnitCall(0, b"a", keep=True))

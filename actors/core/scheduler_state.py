@@ -170,7 +170,7 @@ from actors.core.scheduler_events import (
     WorkerStopped,
 )
 from actors.core.undo import Undo
-from actors.core.unit_book import NO_UNITS, UnitBook
+from actors.core.unit_book import NO_UNITS, Opened, UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import UnitCall, UnitOutcome, unit_digest
 
@@ -788,7 +788,7 @@ class SchedulerState:
         if task is None or event.worker_id != task.driver:
             return
         replay: list[UnitCall] = []
-        opened: list[UnitCall] = []
+        opened: Opened = []
         units = task.units
         self._undo.call(units.unopen, opened)
         # (a unit past the bitmap's end is not journaled: most of a first slicing)
@@ -820,7 +820,7 @@ class SchedulerState:
                 self._undo.set(task.units, "done_count", task.units.done_count - 1)
                 self._note(task, f"unit {unit.index}", "memory", "queued",
                            "not replayed: its arguments changed or its result is gone", event.now)
-                opened: list[UnitCall] = []
+                opened: Opened = []
                 self._undo.call(task.units.unopen, opened)
                 task.units.open(unit, opened)
 

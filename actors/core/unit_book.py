@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from actors.core.undo import Undo
 from actors.messages import UnitCall
 
+#: What ``open`` did, for ``unopen``: the unit, and the ``kept`` entry it replaced (a unit
+#: sliced again by a new driver while its earlier result is still held).
+Opened = list[tuple[UnitCall, UnitCall | None]]
+
 _OpenState = tuple[deque[UnitCall], dict[int, UnitCall], dict[int, UnitCall], dict[int, UnitCall],
                    dict[int, str], dict[int, list[int]], dict[int, set[str]], set[int], bool]
 
@@ -59,7 +63,7 @@ class UnitBook:
     carried: set[int] = field(default_factory=set)
     reported_done: int = -1  # done_count when progress was last reported
 
-    def open(self, unit: UnitCall, opened: list[UnitCall] | None = None) -> None:
+    def open(self, unit: UnitCall, opened: Opened | None = None) -> None:
         """A unit sliced (or re-sliced and not replayed): queued, or blocked on its inputs.
         ``opened``: a list registered in an undo log (``unopen``), the unit added once open."""
         index = unit.index
@@ -67,9 +71,11 @@ class UnitBook:
         if not unit.deps and not unit.keep:  # most units: queued at once
             self.pending.append(unit)
             if opened is not None:
-                opened.append(unit)
+                opened.append((unit, None))
             return
+        replaced = None
         if unit.keep:
+            replaced = self.kept.get(index)
             self.kept[index] = unit
         for dep in unit.deps:
             self.dependents.setdefault(dep, []).append(index)
@@ -78,17 +84,19 @@ class UnitBook:
         else:
             self.blocked[index] = unit
         if opened is not None:
-            opened.append(unit)
+            opened.append((unit, replaced))
 
-    def unopen(self, opened: list[UnitCall]) -> None:
+    def unopen(self, opened: Opened) -> None:
         """Undo ``open`` of these units, the latest first (an undo log runs backwards)."""
-        for unit in reversed(opened):
-            self._unopen(unit)
+        for unit, replaced in reversed(opened):
+            self._unopen(unit, replaced)
 
-    def _unopen(self, unit: UnitCall) -> None:
+    def _unopen(self, unit: UnitCall, replaced: UnitCall | None) -> None:
         index = unit.index
         self.open_units.pop(index, None)
-        if unit.keep:
+        if replaced is not None:
+            self.kept[index] = replaced
+        elif unit.keep:
             self.kept.pop(index, None)
         for dep in reversed(unit.deps):
             feeds = self.dependents.get(dep)
