@@ -517,6 +517,6 @@ class FaultyScheduler(SchedulerMachine):
     faults = True
 
 
-FaultyScheduler.TestCase.settings = settings(max_examples=15, stateful_step_count=25,
+FaultyScheduler.TestCase.settings = settings(max_examples=100, stateful_step_count=25,
                                              deadline=None)
 test_a_fault_anywhere_in_handle_changes_nothing = FaultyScheduler.TestCase
