@@ -254,22 +254,27 @@ def test_a_tree_reduction_survives_killed_holders(two_nodes: TwoNodes, tmp_path:
 
 
 def test_a_node_silent_past_the_timeout_is_replaced_and_then_rejoins_afresh(
-    two_nodes: TwoNodes,
+    two_nodes: TwoNodes, tmp_path: Path,
 ) -> None:
     """SIGSTOP a node mid-tree (a long GC pause, a swapped-out host): the master declares it
     lost and recomputes what it held; woken, the node learns it was forgotten, replaces its
     worker processes and joins again. The result is exact and counted once."""
     node = two_nodes.node_pids[1]
+    gate = tmp_path / "gate"
     with Client(two_nodes.address, keys=two_nodes.keys) as client:
         client.wait_for_workers(4)
         old_workers = descendants(node)
-        fut = client.submit(TreeSum, n=100_000, chunk=500, fan_in=4, pause=0.005)
-        wait_until(lambda: fut.done() or fut.progress()[0] > 60, 60, "the task to make progress")
+        # The adds wait at the gate: every leaf stays held, and needed, where it was computed,
+        # on both nodes, when one of them falls silent (without it the task could end on the
+        # other node first, the silent one holding nothing it needs).
+        fut = client.submit(TreeSum, n=100_000, chunk=500, fan_in=4, pause=0.005, gate=str(gate))
+        wait_until(lambda: fut.progress()[0] >= 200, 60, "all 200 leaves to be computed and held")
         os.kill(node, signal.SIGSTOP)
         try:
-            wait_until(lambda: fut.done() or client.info().workers == 2, 30,
+            wait_until(lambda: client.info().workers == 2, 30,
                        "the master to declare the silent node lost")
         finally:
+            gate.touch()
             os.kill(node, signal.SIGCONT)
         assert result_or_logs(fut, 90, two_nodes.logs) == sum(range(100_000))
         story = fut.story()
