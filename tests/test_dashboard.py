@@ -160,6 +160,13 @@ def test_the_page_shows_workers_a_running_task_and_its_progress_advancing(tmp_pa
             (gates / "1").touch()
             (gates / "2").touch()
             wait_until(lambda: job.progress()[0] >= 3 * STEP, 60, "more units done")
+
+            def page_data_shows_them() -> bool:  # (the page serves a snapshot up to 1.5 s old)
+                status, body, _ = get(state_url)
+                rows = [t for t in json.loads(body)["tasks"] if t["id"] == job.task_id]
+                return status == 200 and bool(rows) and rows[0]["done"] >= 3 * STEP
+
+            wait_until(page_data_shows_them, 30, "the page's data to show them")
             later = Page(browse(url, tmp_path / "profile"))
             [row] = [r for r in later.all("tr", "task") if r["data-task"] == job.task_id]
             assert row["data-status"] == "running" and int(row["data-done"]) >= 3 * STEP
