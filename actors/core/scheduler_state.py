@@ -448,6 +448,15 @@ class _Picker:
         return heap
 
 
+def _runs_to_give(worker: WorkerRecord) -> set[int]:
+    """The runs a worker holds when there are two or more (all but its oldest may be stolen);
+    else none. Most workers of a large task hold one run or none: skipped without a set."""
+    if len(worker.in_flight) < 2:
+        return set()
+    runs = set(worker.in_flight.values())
+    return runs if len(runs) > 1 else set()
+
+
 def _victim_order(entry: tuple[bool, int, str, WorkerRecord, set[int]]) -> tuple[bool, int, str]:
     return entry[0], entry[1], entry[2]
 
@@ -1434,8 +1443,7 @@ class SchedulerState:
         workers = self.workers
         if not all(workers[w].in_flight for w in task.workers):
             return  # an idle worker of its own steals
-        if not any(len(workers[w].in_flight) > 1 and len(set(workers[w].in_flight.values())) > 1
-                   for w in task.workers):
+        if not any(_runs_to_give(workers[w]) for w in task.workers):
             return
         worker = self._idle_worker_for(task.warm_key)
         if worker is not None:
@@ -1633,10 +1641,9 @@ class SchedulerState:
         # have a thousand workers, most of them idle: they are skipped, not sorted.
         victims = []
         for worker in map(self.workers.__getitem__, task.workers):
-            if len(worker.in_flight) > 1:
-                runs = set(worker.in_flight.values())
-                if len(runs) > 1:
-                    victims.append((not worker.paused, -len(runs), worker.worker_id, worker, runs))
+            runs = _runs_to_give(worker)
+            if runs:
+                victims.append((not worker.paused, -len(runs), worker.worker_id, worker, runs))
         # A paused worker's queued runs first: they would wait there for its memory to fall.
         for _, _, _, victim, runs in sorted(victims, key=_victim_order):
             candidates = [r for r in sorted(runs)[1:] if r not in task.units.steals]

@@ -122,8 +122,7 @@ class UnitBook:
         if self.is_journaled(index) == on:
             return False
         byte = index >> 3
-        if byte >= len(self.journaled):
-            self.journaled.extend(bytes(byte + 1 - len(self.journaled) + len(self.journaled) // 2))
+        self._grow_journaled(byte)
         if on:
             self.journaled[byte] |= 1 << (index & 7)
             self.journaled_count += 1
@@ -137,10 +136,8 @@ class UnitBook:
         were not marked yet, for ``unmark``."""
         if not indices:
             return []
+        self._grow_journaled(max(indices) >> 3)  # once for the batch
         journaled, marked = self.journaled, []
-        top = max(indices) >> 3
-        if top >= len(journaled):  # grown as set_journaled grows it, once for the batch
-            journaled.extend(bytes(top + 1 - len(journaled) + len(journaled) // 2))
         for index in indices:
             byte, bit = index >> 3, 1 << (index & 7)
             if not journaled[byte] & bit:
@@ -148,6 +145,11 @@ class UnitBook:
                 marked.append(index)
         self.journaled_count += len(marked)
         return marked
+
+    def _grow_journaled(self, byte: int) -> None:
+        """Room in the bitmap up to ``byte``, and half as much again (it grows with the task)."""
+        if byte >= len(self.journaled):
+            self.journaled.extend(bytes(byte + 1 - len(self.journaled) + len(self.journaled) // 2))
 
     def unmark(self, marked: list[int], size: int) -> None:
         """Undo ``set_journaled(i, True)`` for each of ``marked``; the bitmap back to ``size``."""
