@@ -88,11 +88,18 @@ def main(address: str, keys: str, job: str, kwargs: dict) -> dict:
                     "seconds": round(time.monotonic() - started, 2)}
         seconds = time.monotonic() - started
         story = future.story()
-    arrivals = [(e[3].split(": ")[0], e[3].split("data ")[1]) for e in story
+    # (key, fetching worker, holder) per fetch; a worker's id is "node/worker"
+    arrivals = [(e[0], e[3].split(": ")[0], e[3].split("data ")[1]) for e in story
                 if e[1] == "flight" and e[2] == "memory"]
-    across = sum(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals)
+    crossed = [(key, me.split("/")[0]) for key, me, holder in arrivals
+               if me.split("/")[0] != holder.split("/")[0]]
+    # A node fetches a key once for all its workers: the distinct (key, node) pairs are what
+    # had to cross the wire, the unit's index after the task id's colon.
+    indexes = {key: key.rpartition(":")[2] for key, _ in crossed}
+    leaves_across = len({(key, node) for key, node in crossed
+                         if indexes[key].isdigit() and int(indexes[key]) < kwargs.get("leaves", 0)})
     return {"result": result, "seconds": round(seconds, 2), "fetches": len(arrivals),
-            "fetches_across_nodes": across}
+            "fetches_across_nodes": len(crossed), "leaves_across_nodes": leaves_across}
 
 
 if __name__ == "__main__":
