@@ -316,9 +316,9 @@ class Journal:
                 db.execute("delete from tasks where client = ?", (client,))
                 db.execute("delete from codes where client = ?", (client,))
             db.executemany("delete from results where task = ?", [(t,) for t in self._forget])
+            # (index, digest, result) tuples: the least and greatest compare by index first
             db.executemany("insert into results values (?, ?, ?, ?)", [
-                (task_id, min(i for i, _, _ in entries), max(i for i, _, _ in entries),
-                 _encoder.encode(entries))
+                (task_id, min(entries)[0], max(entries)[0], _encoder.encode(entries))
                 for task_id, batches in self._results.items() for entries in batches])
             db.execute("commit")
         except BaseException:

@@ -519,7 +519,7 @@ class PackagesReply(Message, frozen=True):
     packages: list[PackageListing]
 
 
-class UnitCall(Message, frozen=True):
+class UnitCall(Message, frozen=True, gc=False):
     """One unit: its index in slicing order and its cloudpickled argument.
 
     ``deps`` are indices of earlier units whose results it takes as inputs; ``keep`` marks a unit
@@ -527,13 +527,17 @@ class UnitCall(Message, frozen=True):
 
     index: int
     args: bytes
-    deps: list[int] = []
+    # A tuple: an empty one decodes to the shared (), where a list is made for every unit
+    # (decoding a batch of plain units took twice as long).
+    deps: tuple[int, ...] = ()
     keep: bool = False
 
 
 def unit_digest(unit: UnitCall) -> int:
-    """What identifies a unit across a re-slicing: its arguments and its dependencies."""
-    return zlib.crc32(unit.args, zlib.crc32(repr(unit.deps).encode()) if unit.deps else _NO_DEPS)
+    """What identifies a unit across a re-slicing: its arguments and its dependencies (as the
+    list they once were, so that digests a journal holds from an older version still match)."""
+    return zlib.crc32(unit.args,
+                      zlib.crc32(repr(list(unit.deps)).encode()) if unit.deps else _NO_DEPS)
 
 
 _NO_DEPS = zlib.crc32(b"[]")  # most units: spare the repr
@@ -731,7 +735,7 @@ class UnitsSliced(Message, frozen=True):
     done: bool
 
 
-class UnitOutcome(Message, frozen=True):
+class UnitOutcome(Message, frozen=True, gc=False):
     index: int
     ok: bool
     value: bytes  # cloudpickled result, or cloudpickled exception when not ok

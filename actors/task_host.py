@@ -251,7 +251,7 @@ class Runtime:
             deps.append(dep.index)
             self.depended_on.add(dep.index)
         item.index = index
-        return m.UnitCall(index, dumps(item.arg), deps, keep=True)
+        return m.UnitCall(index, dumps(item.arg), tuple(deps), keep=True)
 
     def _call_reduce(self) -> Finished:
         task = self.task
