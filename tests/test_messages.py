@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 import msgspec
 import pytest
@@ -47,3 +48,12 @@ def test_a_bad_frame_raises_malformed_message(frame: bytes) -> None:
 def test_arbitrary_bytes_never_raise_anything_but_malformed_message(frame: bytes) -> None:
     with contextlib.suppress(MalformedMessage):
         m.decode(frame)
+
+
+def test_a_units_digest_is_the_one_older_journals_hold() -> None:
+    """A restarted master matches journaled results to re-sliced units by digest: the deps are
+    hashed as the list they were on the wire before they became a tuple."""
+    assert m.unit_digest(m.UnitCall(3, b"args", (0, 2))) == zlib.crc32(b"args", zlib.crc32(b"[0, 2]"))
+    assert m.unit_digest(m.UnitCall(3, b"args")) == zlib.crc32(b"args", zlib.crc32(b"[]"))
+    decoded = m.decode(m.encode(m.RunUnits("t1", 1, [m.UnitCall(3, b"args", (0, 2))])))
+    assert isinstance(decoded, m.RunUnits) and decoded.units[0].deps == (0, 2)
