@@ -114,6 +114,7 @@ finished task holds no worker; the driver is one of the task's workers.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import io
 import itertools
@@ -322,6 +323,13 @@ class WarmKey(NamedTuple):
     version: str = ""
 
 
+@functools.lru_cache(maxsize=1024)
+def _warm_key(owner: str, package: str, version: str) -> WarmKey:
+    """One WarmKey for all the tasks of an owner and version (one each: 80 bytes a queued
+    task; and a worker's ``warm_for`` would hold one made in the middle of a backlog)."""
+    return WarmKey(owner, package, version)
+
+
 @dataclass
 class WorkerRecord:
     worker_id: str
@@ -378,7 +386,7 @@ class TaskRecord:
     warm_key: WarmKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.warm_key = WarmKey(self.owner or self.client_id, self.package, self.version)
+        self.warm_key = _warm_key(self.owner or self.client_id, self.package, self.version)
 
     @property
     def finished(self) -> bool:
