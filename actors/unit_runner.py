@@ -440,9 +440,11 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                 break  # cancelled: the rest of the run does not begin (its key is forgotten)
             task_output.at_unit(unit.index)
             try:
-                args = [loads(unit.args)]
-                args += [loads(inputs[unit_key(task_id, d)]) for d in unit.deps]
-                value = work_unit(*args)
+                if unit.deps:
+                    value = work_unit(loads(unit.args),
+                                      *[loads(inputs[unit_key(task_id, d)]) for d in unit.deps])
+                else:  # most units: no list of inputs to build (a comprehension is a call)
+                    value = work_unit(loads(unit.args))
                 try:
                     data = dumps(value)
                 except Exception as exc:
