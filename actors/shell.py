@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import queue
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import msgspec
 import pykka
 import structlog
 
@@ -24,16 +24,20 @@ def simple_inbox() -> queue.SimpleQueue[Any]:
 
 
 def tell_if_alive(ref: pykka.ActorRef[Any] | None, message: Any) -> None:
-    """For the hub's callbacks: during shutdown an actor may already have stopped."""
+    """For the hub's callbacks: during shutdown an actor may already have stopped. (try, not
+    ``contextlib.suppress``: a context manager per message cost 0.3 us on every hub thread.)"""
     if ref is None:
         return
-    with contextlib.suppress(pykka.ActorDeadError):
+    try:  # noqa: SIM105 - suppress() is the cost this avoids
         ref.tell(message)
+    except pykka.ActorDeadError:
+        pass
 
 
-@dataclass(frozen=True)
-class Inbound:
-    """A decoded message from ``peer`` (or from worker ``via`` behind node ``peer``)."""
+class Inbound(msgspec.Struct, frozen=True):
+    """A decoded message from ``peer`` (or from worker ``via`` behind node ``peer``). A struct,
+    made for every message a hub receives: a frozen dataclass's ``__init__`` took 0.6 us, this
+    0.1 us."""
 
     peer: bytes
     via: bytes | None
