@@ -8,7 +8,7 @@ import pytest
 
 from actors.core import scheduler_events as ev
 from actors.core.fair_share import DEFAULT_COST_S, QUANTUM_S
-from actors.core.scheduler_state import SchedulerState, WarmKey
+from actors.core.scheduler_state import STORY_LENGTH, SchedulerState, WarmKey
 from actors.messages import UnitCall, UnitOutcome, unit_digest
 
 # Scenarios about what happens to runs of several units (failures, steals, dependencies) start
@@ -1064,25 +1064,43 @@ def test_units_finished_while_the_master_was_away_are_replayed_to_the_next_drive
     assert s(ev.UnitsSalvaged, "p1", ((3, unit_digest(calls[3]), b"r3"),)) == []
 
 
-def test_a_queued_plain_task_costs_the_scheduler_under_a_kilobyte() -> None:
-    """10^4 queued plain Tasks (shipped code shared by hash, small arguments): under 1 KiB each,
-    their own ids and arguments included (no empty unit book, story deque or worker sets)."""
+def test_a_queued_plain_task_costs_the_scheduler_under_800_bytes() -> None:
+    """10^4 queued plain Tasks (shipped code shared by hash, small arguments, their submitter's
+    key): under 800 bytes each, their own ids and arguments included (no empty unit book, story
+    list or worker sets; one WarmKey for the key's tasks). Issue 23: a KiB on the master."""
     import tracemalloc
 
     s = SchedulerState()
     code = b"c" * 1400  # one shipped class, the same bytes object for every task (by hash)
+    key = "MNnf{m#?}299@/U9(x/f%0DsN[^)xc=jwCCih:@5"  # the submitter's key, one string (the master's Peer.owner)
     ids = [f"Add-{i:012x}" for i in range(10_000)]
     tracemalloc.start()
     try:
         for i, task_id in enumerate(ids):
             s.handle(ev.TaskSubmitted(float(i), task_id=task_id, client_id="client-0123456789ab",
                                       name="tests.Add", kind="task", code=code,
-                                      args=b"\x80\x05\x95%d" % i, code_hash="h" * 64))
+                                      args=b"\x80\x05\x95%d" % i, code_hash="h" * 64,
+                                      owner=key))
         used, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(s.tasks) == 10_000 and all(t.state == "queued" for t in s.tasks.values())
-    assert used / 10_000 < 1024, f"{used / 10_000:.0f} bytes per queued task"
+    assert used / 10_000 < 800, f"{used / 10_000:.0f} bytes per queued task"
+
+
+def test_a_story_keeps_its_first_line_and_its_last_ones() -> None:
+    """The queued line is kept apart (no list for a task only queued); once the story passes
+    STORY_LENGTH the oldest lines after it go."""
+    s = Harness()
+    submit(s, kind="task")  # no worker: it stays queued
+    assert s.state.story("t1") == [("task", "released", "queued", "submitted", 1.0)]
+    assert s.state.tasks["t1"].lines == ()
+    task = s.state.tasks["t1"]
+    for n in range(STORY_LENGTH + 5):
+        s.state._note(task, f"unit {n}", "a", "b", "c", 10.0 + n)
+    story = s.state.story("t1")
+    assert len(story) == STORY_LENGTH + 1 and story[0][:4] == ("task", "released", "queued", "submitted")
+    assert story[1][0] == "unit 5" and story[-1][0] == f"unit {STORY_LENGTH + 4}"
 
 
 # --- fair share between clients and keys (fair_share.py) -------------------------------------

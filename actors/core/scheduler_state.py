@@ -266,8 +266,9 @@ def _share_values(task: TaskRecord, same: dict[object, Any]) -> None:
         seen = frozenset(task.seen_workers)
         task.seen_workers = cast(set[str], same.setdefault(seen, seen))
     task.fair = None
-    task.story = [(same.setdefault(key, key), start, finish, same.setdefault(cause, cause), when)
-                  for key, start, finish, cause, when in task.story]
+    task.queued_how = same.setdefault(task.queued_how, task.queued_how)
+    task.lines = [(same.setdefault(key, key), start, finish, same.setdefault(cause, cause), when)
+                  for key, start, finish, cause, when in task.lines]
 
 
 def _pack(value: object) -> bytes:
@@ -377,7 +378,12 @@ class TaskRecord:
     deaths: dict[int, list[str]] | None = None  # unit index (-1: driver) -> causes
     failures: dict[int, int] | None = None  # unit index (-1: driver) -> times it raised
     seen_workers: set[str] = field(default_factory=lambda: NO_WORKERS)  # every worker that joined
-    story: list[StoryEntry] = field(default_factory=list)  # the last STORY_LENGTH lines
+    # The story after its first line (queued, when and how: ``queued_at``, ``queued_how``), the
+    # last STORY_LENGTH; a shared empty tuple until a second line comes (a list and the first
+    # line's tuple took 170 bytes of every queued task). Read it whole as ``story``.
+    lines: list[StoryEntry] | tuple[()] = ()
+    queued_at: float = 0.0
+    queued_how: str = "submitted"
     inputs: tuple[str, ...] = ()  # the tasks whose results its arguments name
     inputs_left: set[str] | None = None  # those not done yet: it waits outside the queue
     detached: bool = False  # fire and forget: not cancelled when its client leaves
@@ -391,6 +397,11 @@ class TaskRecord:
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+    @property
+    def story(self) -> list[StoryEntry]:
+        """Its transitions, oldest first: the first (queued) and the last STORY_LENGTH after it."""
+        return [("task", "released", "queued", self.queued_how, self.queued_at), *self.lines]
 
 
 class _Picker:
@@ -704,9 +715,11 @@ class SchedulerState:
                     task.units.set_journaled(index, True)
             task.units.done_count = task.units.journaled_count
         self._undo.put(self.tasks, task.task_id, task)
-        how = (f"restored with {task.units.journaled_count} finished units" if event.journaled
-               else "restored" if event.restored else "submitted")
-        self._note(task, "task", "released", "queued", how, event.now)
+        # The story's first line, kept as two fields (see TaskRecord.lines)
+        task.queued_at = event.now
+        if event.journaled or event.restored:
+            task.queued_how = (f"restored with {task.units.journaled_count} finished units"
+                               if event.journaled else "restored")
         if not self._wait_for_inputs(task, event.now):
             self._enqueue(task)
 
@@ -1702,7 +1715,10 @@ class SchedulerState:
             )
 
     def _note(self, task: TaskRecord, key: str, start: str, finish: str, cause: str, now: float) -> None:
-        story = task.story
+        story = task.lines
+        if not isinstance(story, list):  # the shared empty tuple: its own list from now on
+            story = []
+            self._undo.set(task, "lines", story)
         story.append((key, start, finish, cause, now))
         # (a list, not a deque with maxlen: an empty deque costs a queued task 600 bytes)
         evicted = story.pop(0) if len(story) > STORY_LENGTH else None
