@@ -175,10 +175,12 @@ class Throughput:
 # --- the page's data, built on the master's tick ----------------------------------------
 
 
-def _times(story: Sequence[StoryEntry]) -> tuple[float, float, float]:
+def _times(task: TaskRecord) -> tuple[float, float, float]:
     """A task's submitted, started and ended times (monotonic; 0: not known) from its story,
-    looking only at its first and last entries: a big task's story holds thousands of units."""
-    submitted = started = ended = 0.0
+    looking only at its first and last entries: a big task's story holds thousands of units
+    (``task.lines``, read in place: ``task.story`` would copy them)."""
+    story: Sequence[StoryEntry] = task.lines
+    submitted, started, ended = task.queued_at, 0.0, 0.0
     for index, (key, _, finish, _, when) in enumerate(story):
         if index > 50 or (submitted and started):
             break
@@ -196,7 +198,7 @@ def _times(story: Sequence[StoryEntry]) -> tuple[float, float, float]:
 
 
 def task_row(task: TaskRecord, progress: tuple[int, int], now: float, wall: float) -> dict[str, Any]:
-    submitted, started, ended = _times(task.story)
+    submitted, started, ended = _times(task)
     done, total = progress
     return {"id": task.task_id, "name": task.name, "client": task.client_id,
             "status": str(task.state), "kind": str(task.kind), "priority": task.priority,
