@@ -519,10 +519,11 @@ class Master(Shell):
             return
         if known is not None and known.role == "node":
             self._apply(ev.NodeLost(self.now, known.peer_id, "node reconnected"))
+        owner = key.decode(errors="replace")
         self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid, key,
-                                    peer_key, owner=key.decode(errors="replace"))
+                                    peer_key, owner=owner)
         if hello.role == "node":
-            self.result_ends[hello.peer_id] = (hello.results_address, key.decode(errors="replace"))
+            self.result_ends[hello.peer_id] = (hello.results_address, owner)
             self.local_data[hello.peer_id] = (hello.data_address, hello.local_data)
             self._apply(ev.NodeJoined(self.now, hello.peer_id, hello.data_address))
             self._send_newest(peer_key)
@@ -1424,7 +1425,7 @@ class Master(Shell):
         address, server_key = self.result_ends[node_id]
         self.scattering[task_id] = (node_id, client_id)
         self.send(SOCKET, node_id.encode(), message=m.ExpectScatter(
-            task_id, peer.key.decode(errors="replace"), msg.size))
+            task_id, peer.owner, msg.size))
         self._to_client(client_id, m.ScatterAt(task_id, node_id, address, server_key))
 
     def _scattered(self, node: Peer, msg: m.Scattered) -> None:
