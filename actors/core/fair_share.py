@@ -58,10 +58,10 @@ class FairShare:
             undo.put(self.turns, (priority, owner, bucket), turn)
         return bucket, turn, int(start // CLIENT_QUANTUM_S), client, start
 
-    def started(self, undo: Undo, priority: int, tag: Tag) -> None:
-        """A task with this tag left the queue to run: virtual time moves on (never back)."""
+    def started(self, undo: Undo, priority: int, start: float) -> None:
+        """A task whose start tag is ``start`` left the queue to run: virtual time moves on
+        (never back)."""
         before = self.virtual.get(priority, 0.0)
-        start = tag[-1]
         if start <= before:
             return
         undo.put(self.virtual, priority, start)

@@ -119,12 +119,13 @@ import heapq
 import io
 import itertools
 import pickle
+import sys
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
-from actors.core.fair_share import DEFAULT_COST_S, FairShare, Tag
+from actors.core.fair_share import DEFAULT_COST_S, FairShare
 from actors.core.scheduler_events import (
     Assign,
     CancelRequested,
@@ -215,11 +216,14 @@ TASK_TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
 }
 
 
+# A queued task's place: (-priority, bucket, turn, slot, client, start) as fair_share.py orders
+# them, then its submission order and its id.
+QueueEntry = tuple[int, int, int, int, str, float, int, str]
+
 # How to undo the changes the hot paths record per batch (see Undo). A reversal is recorded
 # after its change, or before it with a list the loop fills once each change is made.
 
-def _unpush(queue: list[tuple[int, int, int, int, str, float, int, str]],
-            entry: tuple[int, int, int, int, str, float, int, str]) -> None:
+def _unpush(queue: list[QueueEntry], entry: QueueEntry) -> None:
     queue.remove(entry)
     heapq.heapify(queue)
 
@@ -369,7 +373,9 @@ class TaskRecord:
     retries: int = 0  # runs again of a unit (or of the driver's own code) that raised
     code_hash: str = ""
     owner: str = ""  # its submitter's key ("": its client id stands for it)
-    fair: Tag | None = None  # its place in the queue's fair order, once queued (fair_share.py)
+    # Its entry in the queue, made when first queued: its place in the fair order (fair_share.py)
+    # is kept when it is queued again; the queue's heap holds this same tuple (one per task).
+    fair: QueueEntry | None = None
     state: TaskStatus = QUEUED  # changed only by SchedulerState._set_status
     driver: str | None = None
     workers: set[str] = field(default_factory=lambda: NO_WORKERS)
@@ -503,7 +509,7 @@ class SchedulerState:
         # Queued tasks by (-priority, fair tag, seq) (fair_share.py); stale entries are skipped
         # when popped. Running
         # tasks apart: scheduling never scans the finished ones kept for their story.
-        self._queue: list[tuple[int, int, int, int, str, float, int, str]] = []
+        self._queue: list[QueueEntry] = []
         self.fair = FairShare()
         self._running: dict[str, TaskRecord] = {}
         self._parallel: dict[str, TaskRecord] = {}  # the running ParallelTasks: units to hand out
@@ -701,12 +707,15 @@ class SchedulerState:
     def _submitted(self, event: TaskSubmitted) -> None:
         if event.task_id in self.tasks:
             return  # a resent submit: the first one stands
+        # A burst's tasks name the same class, hash and package in strings each message decodes
+        # afresh (~190 bytes a task): one copy of each, kept while a task names it.
         task = TaskRecord(
-            task_id=event.task_id, client_id=event.client_id, name=event.name,
+            task_id=event.task_id, client_id=event.client_id, name=sys.intern(event.name),
             kind=TaskKind(event.kind), code=event.code, args=event.args,
-            priority=event.priority, seq=next(self._seq), package=event.package,
-            version=event.version, retries=max(0, event.retries), code_hash=event.code_hash,
-            owner=event.owner, inputs=tuple(dict.fromkeys(event.inputs)),
+            priority=event.priority, seq=next(self._seq), package=sys.intern(event.package),
+            version=sys.intern(event.version), retries=max(0, event.retries),
+            code_hash=sys.intern(event.code_hash), owner=event.owner,
+            inputs=tuple(dict.fromkeys(event.inputs)),
         )
         if task.kind is PARALLEL:
             task.units = UnitBook()
@@ -1080,12 +1089,13 @@ class SchedulerState:
 
     def _enqueue(self, task: TaskRecord) -> None:
         """Into the queue in its fair place (a task queued again keeps the one it had)."""
-        if task.fair is None:
+        entry = task.fair
+        if entry is None:
             cost = self.task_seconds.get(task.warm_key, DEFAULT_COST_S)
-            self._undo.set(task, "fair", self.fair.tag(self._undo, task.priority,
-                                                       task.warm_key.owner, task.client_id, cost))
-        assert task.fair is not None
-        entry = (-task.priority, *task.fair, task.seq, task.task_id)
+            tag = self.fair.tag(self._undo, task.priority, task.warm_key.owner, task.client_id,
+                                cost)
+            entry = (-task.priority, *tag, task.seq, task.task_id)
+            self._undo.set(task, "fair", entry)
         heapq.heappush(self._queue, entry)
         self._undo.call(_unpush, self._queue, entry)
 
@@ -1094,7 +1104,7 @@ class SchedulerState:
         entry = heapq.heappop(self._queue)
         self._undo.call(heapq.heappush, self._queue, entry)
         if started is not None and started.fair is not None:
-            self.fair.started(self._undo, started.priority, started.fair)
+            self.fair.started(self._undo, started.priority, started.fair[5])
 
     def _end(self, task: TaskRecord, state: TaskStatus, cause: str, now: float, *,
              keep_workers: bool = False, grace: float = 0.0) -> None:
