@@ -60,6 +60,7 @@ from actors.launch import (
     watch_parent,
     write_atomically,
 )
+from actors.master_backlog import LOW, WINDOW, Backlog, Held
 from actors.master_inputs import InputBook
 from actors.metrics import MetricsServer, Snapshot
 from actors.serialize import describe_exception
@@ -169,7 +170,7 @@ class Master(Shell):
         self.superseded = False
         self.client_timeout_s = client_timeout_s  # 0: clients are never timed out
         # Clients taken as gone, newest last: one that comes back learns its tasks were stopped.
-        self.lost_clients: OrderedDict[str, None] = OrderedDict()
+        self.lost_clients: OrderedDict[str, list[str] | None] = OrderedDict()
         # Routing ids of nodes declared lost: what they still send until they notice is expected.
         self.lost_nodes: OrderedDict[bytes, None] = OrderedDict()
         self.deferred = 0  # events handled since the last scheduling pass (see _apply)
@@ -213,6 +214,9 @@ class Master(Shell):
         self.local_data: dict[str, tuple[str, str]] = {}
         self.leaving: dict[str, tuple[str, str, int]] = {}  # task -> node, worker, size
         self.inputs = InputBook()  # results kept for later tasks' arguments (master_inputs.py)
+        # Submissions past a client's window of queued tasks, held back (master_backlog.py)
+        self.backlog = Backlog()
+        self.refilling = False
         self.fetched: set[str] = set()  # held results their client has (Received), still kept
         self.scattering: dict[str, tuple[str, str]] = {}  # scattered data under way: node, client
         self.scatter_turn = 0  # the node the next large scatter goes to, in turn
@@ -344,7 +348,7 @@ class Master(Shell):
         oversized and return the freed pages (see memory.py): a long-lived master on a shared
         machine goes back near its idle size. Once nothing has run for ``REPACK_IDLE_S`` after
         that, what outlives the burst is moved into fresh memory (``pack_finished``)."""
-        held = len(self.scheduler.tasks)
+        held = len(self.scheduler.tasks) + len(self.backlog)
         self.tasks_peak = max(self.tasks_peak, held)
         gone = self.tasks_peak - held
         idle = self.scheduler.idle()
@@ -358,6 +362,7 @@ class Master(Shell):
         self.scheduler.compact()
         self.journal.compact()
         self.inputs.compact()
+        self.backlog.compact()
         self.unit_totals, self.task_steps = dict(self.unit_totals), dict(self.task_steps)
         memory.trim()
         self.log.info("memory_given_back", tasks_peak=self.tasks_peak, tasks=held,
@@ -433,6 +438,7 @@ class Master(Shell):
             self._client_gone(client_id)
 
     def _client_gone(self, client_id: str) -> None:
+        self._drop_held(client_id)  # first: a detached one needs its code
         self.codes.pop(client_id, None)
         self.inputs.client_gone(client_id)
         self._drop_results([t for t, (_, c) in self.delivering.items() if c == client_id])
@@ -576,10 +582,12 @@ class Master(Shell):
         if self.awaiting.pop(hello.peer_id, None) is not None:
             self.log.info("client_back", client_id=hello.peer_id)
         if hello.peer_id in self.lost_clients:  # it was silent too long: its tasks were stopped
-            del self.lost_clients[hello.peer_id]
+            held = self.lost_clients.pop(hello.peer_id) or []  # those held back, dropped
             for task in self.scheduler.tasks.values():
                 if task.client_id == hello.peer_id and task.state is ev.TaskStatus.CANCELLED:
                     self.send(SOCKET, peer_key, message=m.TaskCancelled(task.task_id))
+            for task_id in held:
+                self.send(SOCKET, peer_key, message=m.TaskCancelled(task_id))
         for task_id, ended in self.journal.undelivered(hello.peer_id):
             if task_id not in self.delivering:
                 self._delivering_again(task_id, hello.peer_id, ended)
@@ -711,18 +719,24 @@ class Master(Shell):
                 self._refused(peer, msg, f"task {task_id} is not this client's")
             case m.Cancel(grace=grace) if _bad_grace(grace):
                 self._refused(peer, msg, _bad_grace(grace))
+            case m.StoryRequest(task_id=task_id) if task_id in self.backlog and (
+                    waiting := self._held_of_key(peer, task_id)) is not None:
+                self._held_story(peer.peer_id, task_id, waiting)
             case m.StoryRequest(task_id=task_id) if self._of_key(peer, msg) is None:
                 # An answer, so that the caller need not wait; the same for an id never used
                 # and another key's task (see _of_key).
                 self._to_client(peer.peer_id, m.StoryReply(task_id, [], _no_task(task_id)))
             case m.Cancel(task_id=task_id, grace=grace):
+                self._take_out(task_id)  # a held one: to the scheduler, which cancels it
                 self._apply(ev.CancelRequested(self.now, task_id, grace))
             case m.StoryRequest(task_id=task_id):
                 self._story(peer.peer_id, task_id)
             case m.CancelTask(task_id=task_id, grace=grace):
                 self._cancel_task(peer, task_id, grace)
             case m.LogsRequest(task_id=task_id, limit=limit):
-                if self._of_key(peer, msg) is None:
+                if task_id in self.backlog and self._held_of_key(peer, task_id) is not None:
+                    self._to_client(peer.peer_id, m.LogsReply(task_id, [], 0))  # not started
+                elif self._of_key(peer, msg) is None:
                     self._to_client(peer.peer_id, m.LogsReply(task_id, [], 0, _no_task(task_id)))
                 else:
                     lines, dropped = self.outputs.get(task_id, max(0, min(limit, OUTPUT_LINES)))
@@ -744,8 +758,10 @@ class Master(Shell):
             case m.Scatter():
                 self._scatter(peer, msg)
             case m.Detach(task_ids=task_ids):
-                self._apply(ev.TasksDetached(self.now, peer.peer_id,
-                                             tuple(task_ids[:m.MAX_INPUTS * 10])))
+                task_ids = task_ids[:m.MAX_INPUTS * 10]
+                self.backlog.detached.update(
+                    t for t in task_ids if self.backlog.client_of(t) == peer.peer_id)
+                self._apply(ev.TasksDetached(self.now, peer.peer_id, tuple(task_ids)))
             case m.Release(task_ids=task_ids):
                 self._drop_unused(self.inputs.released(peer.peer_id, task_ids))
             case m.Bye():
@@ -759,10 +775,16 @@ class Master(Shell):
         """The tasks submitted with ``key`` (by any client using it), newest first: a person's
         notebook's tasks, seen from the command line with the same key."""
         wall = time.time() - time.monotonic()  # the scheduler's clock is monotonic
+        limit = max(0, min(limit, 10_000))
+        clients = {client for client, its_key in self.client_keys.items() if its_key == key}
+        held = list(self.backlog.of_clients(clients))
+        listed = [m.TaskInfo(task_id=h.task_id, name=h.name, client_id=client, status="queued",
+                             done=0, total=0, priority=priority, submitted=h.held_at + wall,
+                             started=0.0, ended=0.0)
+                  for client, priority, h in reversed(held[-limit:] if limit else [])]
         mine = [t for t in self.scheduler.tasks.values() if self.client_keys.get(t.client_id) == key]
         mine.sort(key=lambda t: t.seq, reverse=True)
-        listed = []
-        for task in mine[:max(0, min(limit, 10_000))]:
+        for task in mine[:limit - len(listed)]:
             times = {"submitted": 0.0, "started": 0.0, "ended": 0.0}
             for key_, _, finish, _, when in task.story:
                 if key_ != "task":
@@ -807,6 +829,8 @@ class Master(Shell):
     def _cancel_task(self, peer: Peer, task_id: str, grace: float) -> None:
         """``python -m actors cancel``: cancel a task of the caller's key and say how it ended
         (the task's own client hears TaskCancelled as for its own Cancel)."""
+        if task_id in self.backlog and not _bad_grace(grace) and self._held_of_key(peer, task_id):
+            self._take_out(task_id)  # to the scheduler, which cancels it
         task = self._of_key(peer, m.CancelTask(task_id))
         if task is None:
             self._to_client(peer.peer_id, m.CancelReply(task_id, "", _no_task(task_id)))
@@ -838,6 +862,7 @@ class Master(Shell):
             state = overview(
                 self.scheduler, progress=self._progress_of, hosts=hosts, stream=self.stream,
                 throughput=self.throughput, now=now, wall=wall, usage=self.worker_usage,
+                held=len(self.backlog),
                 counters={"units_done": stats.units_done, "units_failed": stats.units_failed,
                           "tasks_submitted": stats.tasks_submitted},
                 master={"id": self.master_id, "address": self.address, "version": __version__,
@@ -856,7 +881,8 @@ class Master(Shell):
         sched, stats = self.scheduler, self.stats
         busy = sum(1 for w in sched.workers.values() if w.task_id is not None)
         return dataclasses.replace(
-            stats, tasks=dict(Counter(str(t.state) for t in sched.tasks.values())),
+            stats, tasks=_with_held(Counter(str(t.state) for t in sched.tasks.values()),
+                                    len(self.backlog)),
             queued_units=sum(len(t.units.pending) for t in sched.tasks.values()
                              if t.state is ev.TaskStatus.RUNNING),
             workers={"idle": len(sched.workers) - busy, "busy": busy}, nodes=len(sched.nodes),
@@ -872,7 +898,8 @@ class Master(Shell):
         return m.ClusterInfo(
             sorted(sched.nodes), len(sched.workers),
             sum(1 for w in sched.workers.values() if _idle(w)),
-            states.count(ev.TaskStatus.RUNNING), states.count(ev.TaskStatus.QUEUED),
+            states.count(ev.TaskStatus.RUNNING),
+            states.count(ev.TaskStatus.QUEUED) + len(self.backlog),
             per_node, self.master_id, self.journal.epoch, __version__)
 
     def _submit(self, peer: Peer, msg: m.Submit) -> None:
@@ -885,7 +912,8 @@ class Master(Shell):
             self._refuse_submit(peer, msg, ValueError(
                 f"retries must be between 0 and {MAX_RETRIES}, not {msg.retries}"))
             return
-        if msg.task_id in self.scheduler.tasks or self.journal.knows(msg.task_id):
+        if (msg.task_id in self.scheduler.tasks or msg.task_id in self.backlog
+                or self.journal.knows(msg.task_id)):
             # Sent again after a reconnect (its Accepted was lost, or it was not yet durable):
             # the first one stands; acknowledge it if it is in the journal already.
             if self.journal.on_disk(msg.task_id):
@@ -938,6 +966,13 @@ class Master(Shell):
             task_id=msg.task_id, client=peer.peer_id, seq=self.seq, priority=msg.priority,
             name=msg.name, kind=kind, code_hash=msg.code_hash, code=b"" if msg.code_hash else code,
             args=msg.args, package=package, version=version, retries=msg.retries))
+        key = (peer.peer_id, msg.priority)
+        if not msg.inputs and (msg.code_hash or not code) and (
+                self.backlog.holds(key) or self.scheduler.queued_of(*key) >= WINDOW):
+            self.backlog.hold(key, peer.owner, Held(msg.task_id, msg.name, kind, msg.code_hash,
+                                                    msg.args, msg.retries, package, version,
+                                                    self.now))
+            return
         self._apply(ev.TaskSubmitted(self.now, task_id=msg.task_id, client_id=peer.peer_id,
                                      name=msg.name, kind=kind, code=code, args=msg.args,
                                      priority=msg.priority, package=package, version=version,
@@ -949,6 +984,9 @@ class Master(Shell):
         """Why the futures among a submission's arguments are refused (None: they are not)."""
         if len(msg.inputs) > m.MAX_INPUTS:
             return ValueError(f"{len(msg.inputs)} inputs: at most {m.MAX_INPUTS}")
+        for input_id in msg.inputs:
+            if self.backlog.client_of(input_id) == peer.peer_id:
+                self._take_out(input_id)  # something waits for it: it waits no longer here
         for input_id in msg.inputs:
             task = self.scheduler.tasks.get(input_id)
             running = task.client_id if task is not None and not task.finished else None
@@ -1164,7 +1202,10 @@ class Master(Shell):
     def _owns_task(self, client: Peer, task_id: str) -> bool:
         """A client acts on its own tasks only (unknown ids: nothing to leak, nothing to do)."""
         task = self.scheduler.tasks.get(task_id)
-        return task is None or task.client_id == client.peer_id
+        if task is None:
+            held = self.backlog.client_of(task_id)
+            return held is None or held == client.peer_id
+        return task.client_id == client.peer_id
 
     def _refused(self, peer: Peer, msg: m.Message, reason: str) -> None:
         self._reject(Inbound(peer.routing, None, msg, peer.key), "message_refused", reason, peer)
@@ -1275,6 +1316,81 @@ class Master(Shell):
             self._carry_out(failed)
         if driven:
             self._tell_requeued(driven)
+        if self.backlog and not self.refilling:
+            self._refill()
+
+    # --- the backlog held back from the scheduler (master_backlog.py) ---------
+
+    def _refill(self) -> None:
+        """Top up the scheduler's window of each client and priority whose backlog is held."""
+        self.refilling = True
+        try:
+            for key in self.backlog.waiting():
+                queued = self.scheduler.queued_of(*key)
+                if queued < LOW:
+                    owner, taken = self.backlog.take(key, WINDOW - queued)
+                    for held in taken:
+                        self._submit_held(key, owner, held)
+        finally:
+            self.refilling = False
+
+    def _submit_held(self, key: tuple[str, int], owner: str, held: Held) -> None:
+        client_id, priority = key
+        code = self.codes[client_id][held.code_hash] if held.code_hash else b""
+        self._apply(ev.TaskSubmitted(self.now, task_id=held.task_id, client_id=client_id,
+                                     name=held.name, kind=held.kind, code=code, args=held.args,
+                                     priority=priority, package=held.package,
+                                     version=held.version, retries=held.retries,
+                                     code_hash=held.code_hash, owner=owner))
+        if held.task_id in self.backlog.detached:
+            self.backlog.detached.discard(held.task_id)
+            self._apply(ev.TasksDetached(self.now, client_id, (held.task_id,)))
+
+    def _take_out(self, task_id: str) -> None:
+        """A held task to the scheduler now, out of its turn (to be cancelled, or as an input
+        something waits for)."""
+        found = self.backlog.take_one(task_id)
+        if found is not None:
+            key, owner, held = found
+            self._submit_held(key, owner, held)
+
+    def _held_of_key(self, peer: Peer, task_id: str) -> Held | None:
+        """A held task the peer may ask about (its own, or its key's; see ``_of_key``)."""
+        client = self.backlog.client_of(task_id)
+        if client is None or (client != peer.peer_id and self.client_keys.get(client) != peer.key):
+            return None
+        return self.backlog.find(task_id)
+
+    def _held_story(self, client_id: str, task_id: str, held: Held) -> None:
+        wall = time.time() - time.monotonic()
+        ahead = self.backlog.ahead_of(task_id)
+        self._to_client(client_id, m.StoryReply(task_id, [(
+            "task", "released", "queued",
+            f"master: submitted; held in the master's backlog, {ahead} of its client's "
+            f"submissions before it (the scheduler takes {WINDOW} at a time)",
+            held.held_at + wall)]))
+
+    def _drop_held(self, client_id: str) -> None:
+        """A client left: its held tasks go (its detached ones to the scheduler: they live on).
+        A client lost, not gone, hears they were cancelled if it comes back."""
+        owner, dropped = self.backlog.drop_client(client_id)
+        if not dropped:
+            return
+        cancelled = []
+        for priority, held in dropped:
+            if held.task_id in self.backlog.detached:
+                self.backlog.detached.discard(held.task_id)
+                self._submit_held((client_id, priority), owner, held)
+                self._apply(ev.TasksDetached(self.now, client_id, (held.task_id,)))
+                continue
+            cancelled.append(held.task_id)
+            if held.package and self.task_sync is not None:
+                self.task_sync.tell(InstanceUses(held.package, held.version, held.task_id,
+                                                 ended=True))
+        if client_id in self.lost_clients:
+            self.lost_clients[client_id] = cancelled
+        self.log.info("backlog_dropped", client_id=client_id, tasks=len(cancelled),
+                      kept=len(dropped) - len(cancelled))
 
     def _carry_out(self, ins: ev.Instruction) -> None:
         match ins:
@@ -1508,6 +1624,13 @@ class Master(Shell):
 def _idle(worker: WorkerRecord) -> bool:
     """Free for work (a worker still stopping a cancelled task's code is not)."""
     return worker.task_id is None and not worker.stopping
+
+
+def _with_held(states: Counter[str], held: int) -> dict[str, int]:
+    """Tasks by state, the held back ones (master_backlog.py) counted as queued."""
+    if held:
+        states["queued"] += held
+    return dict(states)
 
 
 def _bad_grace(grace: float) -> str:

@@ -211,12 +211,15 @@ def task_row(task: TaskRecord, progress: tuple[int, int], now: float, wall: floa
 def overview(sched: SchedulerState, *, progress: Any, hosts: dict[str, str],
              stream: TaskStream, throughput: Throughput, counters: dict[str, Any],
              master: dict[str, Any], now: float, wall: float,
-             usage: dict[str, tuple[float, int]] | None = None) -> dict[str, Any]:
+             usage: dict[str, tuple[float, int]] | None = None, held: int = 0) -> dict[str, Any]:
     """The dashboard's main page. ``progress(task) -> (done, total)``; ``hosts``: node -> host;
     ``wall``: add to a monotonic time to get seconds since the epoch; ``usage``: worker ->
-    (CPU %, resident bytes), as its node last said."""
+    (CPU %, resident bytes), as its node last said; ``held``: tasks the master holds back
+    from the scheduler (master_backlog.py), counted as queued."""
     usage = usage or {}
     statuses: Counter[str] = Counter()
+    if held:
+        statuses[TaskStatus.QUEUED] += held
     open_tasks: list[TaskRecord] = []
     finished: deque[TaskRecord] = deque(maxlen=LISTED_FINISHED)
     for record in sched.tasks.values():  # in submission order

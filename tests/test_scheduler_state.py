@@ -1080,7 +1080,7 @@ def test_a_queued_plain_task_costs_the_scheduler_under_640_bytes() -> None:
     try:
         for i, task_id in enumerate(ids):
             # Strings made per task, as decoding each Submit makes them
-            name, code_hash = "tests.Add".encode().decode(), ("h" * 64).encode().decode()
+            name, code_hash = b"tests.Add".decode(), ("h" * 64).encode().decode()
             s.handle(ev.TaskSubmitted(float(i), task_id=task_id, client_id="client-0123456789ab",
                                       name=name, kind="task", code=code,
                                       args=b"\x80\x05\x95%d" % i, code_hash=code_hash,

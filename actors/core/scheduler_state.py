@@ -511,6 +511,9 @@ class SchedulerState:
         # tasks apart: scheduling never scans the finished ones kept for their story.
         self._queue: list[QueueEntry] = []
         self.fair = FairShare()
+        # Queued tasks by (client, priority): the master hands the scheduler a client's backlog
+        # a window at a time (actors/master_backlog.py).
+        self.queued: dict[tuple[str, int], int] = {}
         self._running: dict[str, TaskRecord] = {}
         self._parallel: dict[str, TaskRecord] = {}  # the running ParallelTasks: units to hand out
         self._seq = itertools.count()
@@ -568,6 +571,7 @@ class SchedulerState:
         self._parallel = dict(self._parallel)
         self._finished = deque(self._finished)
         self._queue = list(self._queue)
+        self.queued = dict(self.queued)
 
     def pack_finished(self) -> bytes:
         """Between events, once a backlog drained: the finished tasks kept for their stories,
@@ -724,6 +728,7 @@ class SchedulerState:
                     task.units.set_journaled(index, True)
             task.units.done_count = task.units.journaled_count
         self._undo.put(self.tasks, task.task_id, task)
+        self._count_queued(task, 1)
         # The story's first line, kept as two fields (see TaskRecord.lines)
         task.queued_at = event.now
         if event.journaled or event.restored:
@@ -1074,6 +1079,8 @@ class SchedulerState:
         self._note(task, "task", start, finish, cause, now)
         undo = self._undo
         undo.set(task, "state", finish)
+        if (start is QUEUED) is not (finish is QUEUED):
+            self._count_queued(task, 1 if finish is QUEUED else -1)
         if start is RUNNING:
             undo.pop(self._running, task.task_id)
             undo.pop(self._parallel, task.task_id)
@@ -1086,6 +1093,19 @@ class SchedulerState:
         elif finish in FINISHED:
             self._finished.append(task.task_id)
             undo.call(self._finished.pop)
+
+    def queued_of(self, client_id: str, priority: int) -> int:
+        """How many of this client's tasks of this priority are queued (waiting for inputs
+        included)."""
+        return self.queued.get((client_id, priority), 0)
+
+    def _count_queued(self, task: TaskRecord, change: int) -> None:
+        key = (task.client_id, task.priority)
+        count = self.queued.get(key, 0) + change
+        if count:
+            self._undo.put(self.queued, key, count)
+        else:
+            self._undo.pop(self.queued, key)
 
     def _enqueue(self, task: TaskRecord) -> None:
         """Into the queue in its fair place (a task queued again keeps the one it had)."""
@@ -1764,6 +1784,11 @@ class SchedulerState:
         running = {t.task_id for t in self.tasks.values() if t.state is RUNNING}
         assert set(self._running) == running, "running index disagrees with task states"
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
+        counts: dict[tuple[str, int], int] = {}
+        for task in self.tasks.values():
+            if task.state is QUEUED:
+                counts[task.client_id, task.priority] = counts.get((task.client_id, task.priority), 0) + 1
+        assert counts == self.queued, "queued counts disagree with task states"
         queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED and not t.inputs_left}
         assert queued <= {entry[-1] for entry in self._queue}, "a queued task is not in the queue"
         for task in self.tasks.values():
