@@ -4,6 +4,7 @@ above them, the actor shells and the transport above those, the command lines on
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,3 +113,22 @@ def test_the_layer_checks_see_imports_inside_functions_and_relative_ones(tmp_pat
         assert {"time", "zmq", "actors.core.sibling"} <= imports_of(fake)
     finally:
         fake.unlink()
+
+
+def test_the_public_names_resolve_and_a_process_does_not_import_the_client() -> None:
+    """``actors`` exports its names on first use: each one in ``__all__`` resolves to what its
+    module defines, and a master, node or worker process (a fresh interpreter importing only
+    its entry module) does not import the client's modules."""
+    import subprocess
+    import sys
+
+    import actors
+
+    assert set(actors.__all__) == {*actors._PUBLIC, "__version__"}
+    for name in actors._PUBLIC:
+        assert getattr(actors, name) is getattr(importlib.import_module(actors._PUBLIC[name]), name)
+    for entry in ("actors.master", "actors.node", "actors.worker"):
+        loaded = subprocess.run(
+            [sys.executable, "-c", f"import sys, {entry}; print(sorted(sys.modules))"],
+            capture_output=True, text=True, timeout=60, check=True).stdout
+        assert "'actors.client'" not in loaded and "'actors.async_client'" not in loaded, entry
