@@ -191,6 +191,26 @@ def test_kill_9_of_the_master_mid_job_loses_nothing(restartable: Restartable, tm
 
 
 @pytest.mark.parametrize("restartable", [1], indirect=True)
+def test_tasks_held_back_past_the_window_survive_a_kill_9_of_the_master(
+        restartable: Restartable) -> None:
+    """A burst longer than the master's window (master_backlog.py): the tasks it held back were
+    acknowledged only once journaled, so a master killed while holding them restores them, and
+    every one ends with its exact result."""
+    from actors.master_backlog import WINDOW
+
+    client = restartable.client
+    blocker = client.submit(Sleepy, 3.0)  # the one worker is busy while the burst arrives
+    burst = [client.submit(Add, i, 1) for i in range(WINDOW + 300)]
+    wait_until(lambda: not client._unaccepted, 60, "the burst to be acknowledged (journaled)")
+    assert client.info().tasks_queued >= WINDOW  # the held ones counted as queued
+    restartable.restart()
+    assert isinstance(blocker.result(timeout=120), int)
+    assert [f.result(timeout=120) for f in burst] == [i + 1 for i in range(WINDOW + 300)]
+    restored = [e for e in restartable.second_log() if e.get("event") == "master_restored"]
+    assert restored and restored[0]["queued"] >= WINDOW, restored
+
+
+@pytest.mark.parametrize("restartable", [1], indirect=True)
 def test_a_task_running_when_the_master_dies_is_taken_back_not_run_again(
         restartable: Restartable, tmp_path: Path) -> None:
     """kill -9 of the master while a plain Task runs on a node's only worker; a master restarted
