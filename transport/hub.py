@@ -439,16 +439,20 @@ class Hub:
                 self._guarded(self._on_tick, now)
 
     def _wake_ups(self, pull: zmq.Socket[bytes], sockets: dict[bytes, zmq.Socket[bytes]]) -> bool:
-        """Read the wake-ups; False when told to stop (what was queued before is sent)."""
-        for _ in range(_TURN_ITEMS):
-            if not _readable(pull):
-                return True
-            if pull.recv(zmq.NOBLOCK) == _STOP:
-                self._wake_pending = False
-                while self._outgoing:
-                    self._take_outgoing(sockets)
-                self._flush()
-                return False
+        """Read a wake-up; False when told to stop (what was queued before is sent). One a
+        turn, read without asking first (the poll said it is there; asking costs a round
+        through the socket's mailbox, on every message): another one waiting makes the next
+        poll return at once."""
+        try:
+            woken = pull.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return True
+        if woken == _STOP:
+            self._wake_pending = False
+            while self._outgoing:
+                self._take_outgoing(sockets)
+            self._flush()
+            return False
         return True
 
     def _take_outgoing(self, sockets: dict[bytes, zmq.Socket[bytes]]) -> None:
@@ -518,14 +522,18 @@ class Hub:
     def _receive(self, name: str, sock: zmq.Socket[bytes]) -> None:
         keyed = name.encode() in self._keyed
         fds = self._peer_fds.get(name)
-        for _ in range(1_000):
-            # Ask before receiving: raising and catching zmq.Again is costly on a busy master.
-            if not _readable(sock):
+        for n in range(1_000):
+            # Ask before receiving (raising and catching zmq.Again is costly on a busy master),
+            # but the first: the poll said it is there.
+            if n and not _readable(sock):
                 return
             if keyed:
                 # The key the CURVE handshake proved (ZAP's User-Id, its Z85 text) rides on the
                 # parts the peer sent (not on the routing id the ROUTER adds, with older libzmq).
-                routing = sock.recv(zmq.NOBLOCK)
+                try:
+                    routing = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
                 rest = sock.recv_multipart(copy=False)
                 frames = [_user_id(rest[-1]), routing, *(part.bytes for part in rest)]
                 if fds is not None:
@@ -533,7 +541,10 @@ class Hub:
                     if fds.get(fd) != routing:
                         fds[fd] = routing
             else:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
             if frames[-1][:1] == BATCH:
                 self._unbatch(name, frames)
             else:
