@@ -237,6 +237,20 @@ class LargePayloadWarning(UserWarning):
     """A task's code (the class and what it captures) is large, and travels to every worker."""
 
 
+class QueueFull(ActorsError, RuntimeError):
+    """A submission refused: its key already has as many tasks queued on the master as it may
+    (``--max-queued``), so that one user's runaway loop cannot exhaust a shared master."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (f"this key already has {self.limit:,} tasks queued on the master, the most it "
+                "may (master option --max-queued): wait for some to finish, or cancel some, "
+                "and submit again")
+
+
 class UnknownTask(ActorsError, LookupError):
     """A task or package name that the master does not know."""
 

@@ -47,6 +47,7 @@ from actors.errors import (
     JournalUnreadable,
     MalformedMessage,
     MasterSuperseded,
+    QueueFull,
     StateDirLocked,
     UnknownTask,
     WorkerKilled,
@@ -96,6 +97,9 @@ BLOCK_S = 60.0
 CLIENT_GRACE_S = 60.0
 # A client silent this long (it sends a heartbeat every 2 s) is taken as gone, as if it had said
 # Bye: its unfinished tasks are cancelled and its code dropped.
+# Tasks one key may have queued on the master, held back ones included (``--max-queued``):
+# ~330 MB of the master's memory at the most, where a runaway loop would take it all.
+MAX_QUEUED = 1_000_000
 CLIENT_TIMEOUT_S = 120.0
 # Events after which the scheduling pass may wait for the next message's, while more are
 # waiting: at most this many in a row.
@@ -158,7 +162,8 @@ class Master(Shell):
                  on_superseded: Callable[[], None] | None = None,
                  metrics: MetricsServer | None = None,
                  dashboard: Dashboard | None = None, address: str = "",
-                 client_timeout_s: float = CLIENT_TIMEOUT_S) -> None:
+                 client_timeout_s: float = CLIENT_TIMEOUT_S,
+                 max_queued: int = MAX_QUEUED) -> None:
         """``journal``: the state directory's journal, already started (``restored`` is what it
         held). ``allowed``: the allow-list folder, whose file names give each key its role
         (None: peers are taken at their word, for a master without CURVE)."""
@@ -169,6 +174,8 @@ class Master(Shell):
         self.restored: Restored | None = restored
         self.superseded = False
         self.client_timeout_s = client_timeout_s  # 0: clients are never timed out
+        self.max_queued = max_queued  # tasks one key may have queued, held ones included (0: any)
+        self.queue_full: set[str] = set()  # owners told so, logged once until they are below
         # Clients taken as gone, newest last: one that comes back learns its tasks were stopped.
         self.lost_clients: OrderedDict[str, list[str] | None] = OrderedDict()
         # Routing ids of nodes declared lost: what they still send until they notice is expected.
@@ -954,6 +961,9 @@ class Master(Shell):
         self.log.debug("task_submitted", task_id=msg.task_id, task=msg.name,
                       client_id=peer.peer_id, priority=msg.priority, package=package,
                       version=version)
+        if self.max_queued and self._queue_full(peer):
+            self._refuse_submit(peer, msg, QueueFull(self.max_queued))
+            return
         if msg.inputs:
             refused = self._check_inputs(peer, msg)
             if refused is not None:
@@ -979,6 +989,20 @@ class Master(Shell):
                                      retries=msg.retries, code_hash=msg.code_hash,
                                      owner=peer.owner,
                                      inputs=tuple(msg.inputs)))
+
+    def _queue_full(self, peer: Peer) -> bool:
+        """Whether the peer's key has as many tasks queued as it may (``--max-queued``): one
+        user's runaway loop must not exhaust a master others share. Logged once a crossing."""
+        owner = peer.owner or peer.peer_id
+        queued = self.scheduler.queued_of_owner(owner) + self.backlog.held_of_owner(owner)
+        if queued < self.max_queued:
+            self.queue_full.discard(owner)
+            return False
+        if owner not in self.queue_full:
+            self.queue_full.add(owner)
+            self.log.warning("queue_full", client_id=peer.peer_id, queued=queued,
+                             limit=self.max_queued)
+        return True
 
     def _check_inputs(self, peer: Peer, msg: m.Submit) -> Exception | None:
         """Why the futures among a submission's arguments are refused (None: they are not)."""
@@ -1707,6 +1731,9 @@ def main(argv: list[str] | None = None, *,
                         metavar="SECONDS",
                         help="a client silent this long is taken as gone and its tasks are "
                              "cancelled (clients send a heartbeat every 2 s; 0: never)")
+    parser.add_argument("--max-queued", type=int, default=MAX_QUEUED, metavar="N",
+                        help="tasks one key (all its clients) may have queued; a submission past "
+                             "it fails at once with QueueFull (0: no limit)")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a "
                              "free one; off by default)")
@@ -1832,7 +1859,8 @@ def main(argv: list[str] | None = None, *,
                               allowed=curve.allowed_dir, on_crash=crashed,
                               on_superseded=superseded, metrics=metrics,
                               dashboard=dashboard, address=address,
-                              client_timeout_s=max(0.0, args.client_timeout))
+                              client_timeout_s=max(0.0, args.client_timeout),
+                              max_queued=max(0, args.max_queued))
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))

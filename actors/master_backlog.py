@@ -100,11 +100,12 @@ class _Chunk:
 class _Fifo:
     """One client's held submissions at one priority: its chunks, oldest first."""
 
-    __slots__ = ("key", "owner", "chunks")
+    __slots__ = ("key", "owner", "chunks", "counted")
 
     def __init__(self, key: Key, owner: str) -> None:
         self.key = key
         self.owner = owner  # the submitter's key (TaskSubmitted.owner)
+        self.counted = owner or key[0]  # whose tasks they count as (as the scheduler's owner)
         self.chunks: deque[_Chunk] = deque()
 
 
@@ -116,6 +117,7 @@ class Backlog:
         self._ids: dict[str, int] = {}
         self._chunks: dict[int, _Chunk] = {}
         self._numbers = itertools.count()
+        self._owners: dict[str, int] = {}  # held submissions by owner (see held_of_owner)
         self.detached: set[str] = set()  # held tasks their client detached (fire and forget)
 
     def __len__(self) -> int:
@@ -137,6 +139,17 @@ class Backlog:
         number = self._ids.get(task_id)
         return self._chunks[number].fifo.key[0] if number is not None else None
 
+    def held_of_owner(self, owner: str) -> int:
+        """How many submissions of this owner (a key, or a client without one) are held."""
+        return self._owners.get(owner, 0)
+
+    def _count(self, fifo: _Fifo, change: int) -> None:
+        count = self._owners.get(fifo.counted, 0) + change
+        if count:
+            self._owners[fifo.counted] = count
+        else:
+            self._owners.pop(fifo.counted, None)
+
     def hold(self, key: Key, owner: str, held: Held) -> None:
         fifo = self._fifos.get(key)
         if fifo is None:
@@ -150,6 +163,7 @@ class Backlog:
         chunk.items.append(held)
         chunk.live += 1
         self._ids[held.task_id] = chunk.number
+        self._count(fifo, 1)
         if len(chunk.items) == CHUNK and not chunk.taken and len(fifo.chunks) > 1:
             chunk.sealed, chunk.items = _seal(chunk.items), None
 
@@ -174,6 +188,7 @@ class Backlog:
                 self._close(fifo.chunks.popleft())
             elif chunk.taken == len(records):
                 break  # the chunk still filling, taken to its end
+        self._count(fifo, -len(taken))
         if not fifo.chunks or (len(fifo.chunks) == 1 and not fifo.chunks[0].live):
             self._drop_fifo(fifo)
         return fifo.owner, taken
@@ -186,6 +201,7 @@ class Backlog:
             return None
         chunk = self._chunks[self._ids.pop(task_id)]
         chunk.live -= 1
+        self._count(chunk.fifo, -1)
         return chunk.fifo.key, chunk.fifo.owner, held
 
     def find(self, task_id: str) -> Held | None:
@@ -222,14 +238,16 @@ class Backlog:
     def drop_client(self, client_id: str) -> tuple[str, list[tuple[int, Held]]]:
         """Everything of a client that left: (its owner, (priority, record) of each, oldest
         first per priority). None of it is held any more."""
-        owner, dropped = "", []
+        owner, dropped = "", list[tuple[int, Held]]()
         for fifo in [f for k, f in self._fifos.items() if k[0] == client_id]:
             owner = fifo.owner
+            before = len(dropped)
             for chunk in fifo.chunks:
                 for held in chunk.records():
                     if self._ids.get(held.task_id) == chunk.number:
                         del self._ids[held.task_id]
                         dropped.append((fifo.key[1], held))
+            self._count(fifo, before - len(dropped))
             self._drop_fifo(fifo)
         return owner, dropped
 

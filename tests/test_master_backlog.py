@@ -10,17 +10,20 @@ client's tasks are not held behind them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from actors import Client, LocalCluster, Task
+from actors.errors import QueueFull
 from actors.master_backlog import CHUNK, LOW, WINDOW, Backlog, Held
-from tests.conftest import wait_until
+from tests.conftest import descendants, kill_all, start_master, wait_until
 
 
 def held(n: int, *, name: str = "m.Add", code_hash: str = "h" * 64, package: str = "") -> Held:
@@ -66,6 +69,26 @@ def test_one_taken_out_of_turn_or_dropped_is_not_handed_on_again() -> None:
     assert {p for p, _ in dropped} == {0, 5}
     assert backlog.client_of("t9001") == "c2" and backlog.client_of("t7") is None
     assert backlog.take(("c1", 0), 10) == ("", []) and len(backlog) == 1
+    assert backlog.held_of_owner("k1") == 0 and backlog.held_of_owner("k2") == 1
+
+
+def test_held_submissions_are_counted_by_owner() -> None:
+    """What ``--max-queued`` counts: a key's held submissions over all its clients and
+    priorities (a client without a key counts as its own owner)."""
+    backlog = Backlog()
+    for n in range(CHUNK + 5):
+        backlog.hold(("c1", n % 2), "key", held(n))
+    for n in range(10):
+        backlog.hold(("c2", 0), "key", held(1_000 + n))
+    backlog.hold(("c3", 0), "", held(5_000))
+    assert backlog.held_of_owner("key") == CHUNK + 15 and backlog.held_of_owner("c3") == 1
+    backlog.take_one("t3")
+    backlog.take(("c1", 0), 7)
+    assert backlog.held_of_owner("key") == CHUNK + 15 - 8
+    backlog.drop_client("c1")
+    assert backlog.held_of_owner("key") == 10
+    backlog.take(("c2", 0), 100)
+    assert backlog.held_of_owner("key") == 0 and backlog.held_of_owner("c3") == 1
 
 
 def test_one_found_out_of_turn_costs_its_own_chunk_not_the_backlog(
@@ -91,11 +114,13 @@ def test_one_found_out_of_turn_costs_its_own_chunk_not_the_backlog(
 # --- the master, real processes ---------------------------------------------------------------
 
 class Note(Task):
-    """Writes its number as one line of ``ends`` (O_APPEND: whole), after a short nap."""
+    """Writes its number as one line of ``ends`` (O_APPEND: whole); with ``go``, once that file
+    exists (a gate the test opens: the worker is busy until then, however slow the machine)."""
 
-    def work(self, ends, n, nap=0.0):
-        if nap:
-            time.sleep(nap)
+    def work(self, ends, n, go=None):
+        deadline = time.monotonic() + 120
+        while go and not os.path.exists(go) and time.monotonic() < deadline:
+            time.sleep(0.005)
         with open(ends, "a") as out:
             out.write(f"{n}\n")
         return n
@@ -114,7 +139,8 @@ def test_a_burst_past_the_window_runs_whole_and_in_order(ends: str) -> None:
     total = WINDOW + LOW + 500
     with LocalCluster(workers=1) as cl, Client(cl) as client:
         client.wait_for_workers(1)
-        first = client.submit(Note, ends, -1, 3.0)  # holds the worker while the burst arrives
+        go = ends + ".go"
+        first = client.submit(Note, ends, -1, go)  # holds the worker until the checks are done
         futures = [client.submit(Note, ends, n) for n in range(total)]
         wait_until(lambda: not client._unaccepted, 60, "the burst to be acknowledged")
         info = client.info()
@@ -125,6 +151,7 @@ def test_a_burst_past_the_window_runs_whole_and_in_order(ends: str) -> None:
         story = futures[-1].story()
         assert any("held in the master's backlog" in line[3] for line in story), story
         assert futures[-2].cancel(timeout=30)
+        open(go, "w").close()
         assert first.result(timeout=60) == -1
         assert [f.result(timeout=120) for f in futures[:-2]] == list(range(total - 2))
         assert futures[-1].result(timeout=60) == total - 1
@@ -138,16 +165,21 @@ def test_a_burst_past_the_window_runs_whole_and_in_order(ends: str) -> None:
 def test_another_client_is_not_held_behind_a_held_backlog(ends: str) -> None:
     with LocalCluster(workers=1) as cl, Client(cl) as busy, Client(cl) as other:
         busy.wait_for_workers(1)
+        go = ends + ".go"
+        gate = busy.submit(Note, ends, -2, go)  # the worker waits until the late ones are in
         burst = [busy.submit(Note, ends, n) for n in range(WINDOW * 2)]
         wait_until(lambda: not busy._unaccepted, 60, "the burst to be acknowledged")
         late = [other.submit(Note, ends, -1) for _ in range(10)]
+        wait_until(lambda: not other._unaccepted, 60, "the late ones to be acknowledged")
+        open(go, "w").close()
+        assert gate.result(timeout=60) == -2
         assert [f.result(timeout=120) for f in late] == [-1] * 10
         assert [f.result(timeout=120) for f in burst] == list(range(WINDOW * 2))
     with open(ends) as lines:
         order = [int(n) for n in lines.read().split()]
     positions = [n for n, value in enumerate(order) if value == -1]
-    # Held behind the burst, they would end last; in turn, among the window's first tasks.
-    assert len(order) == WINDOW * 2 + 10 and max(positions) < WINDOW, positions
+    # Held behind the burst, they would end last; in turn, among the first tasks after the gate.
+    assert len(order) == WINDOW * 2 + 11 and max(positions) < 100, positions
 
 
 @pytest.mark.processes
@@ -157,6 +189,41 @@ def test_a_held_task_named_as_an_input_runs_before_the_task_that_waits_for_it(en
         burst = [client.submit(Note, ends, n) for n in range(WINDOW + 100)]
         wait_until(lambda: not client._unaccepted, 60, "the burst to be acknowledged")
         last = burst[-1]
-        after = client.submit(Note, ends, last, 0.0)  # its argument: the held task's result
+        after = client.submit(Note, ends, last)  # its argument: the held task's result
         assert after.result(timeout=120) == WINDOW + 99
         assert [f.result(timeout=120) for f in burst] == list(range(WINDOW + 100))
+
+
+class Nop(Task):
+    def work(self, n):
+        return n
+
+
+@pytest.mark.processes
+def test_a_key_past_its_queue_limit_is_refused_at_once_and_the_master_serves_on(
+        tmp_path: Path) -> None:
+    """``--max-queued``: one key's runaway loop cannot exhaust a master others share. Past the
+    limit (held tasks counted) a submission fails at once with QueueFull, logged once; once
+    some of its tasks are gone, the key submits again."""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", str(keys),
+                                   "--max-queued", "3000")
+    try:
+        with Client(address, keys=keys) as client:
+            futures = [client.submit(Nop, n) for n in range(3_200)]  # nothing runs: no worker
+            refused = futures[3_000:]
+            for future in refused:
+                assert isinstance(future.exception(timeout=60), QueueFull)
+            assert client.info().tasks_queued == 3_000
+            for future in futures[2_900:3_000]:  # held ones (past the 2,048 window)
+                assert future.cancel(timeout=30)
+            again = [client.submit(Nop, n) for n in range(50)]
+            wait_until(lambda: not client._unaccepted, 60, "the new ones to be acknowledged")
+            assert client.info().tasks_queued == 2_950
+            assert not any(f.done() for f in futures[:2_900] + again)
+        events = [json.loads(line) for line in (tmp_path / "master.log").read_text().splitlines()
+                  if line.startswith("{")]
+        assert [e["queued"] for e in events if e["event"] == "queue_full"] == [3_000]
+    finally:
+        kill_all(descendants(master.pid) | {master.pid})
+        master.wait(10)

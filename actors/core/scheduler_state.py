@@ -123,7 +123,7 @@ import sys
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from actors.core.fair_share import DEFAULT_COST_S, FairShare
 from actors.core.scheduler_events import (
@@ -216,6 +216,8 @@ TASK_TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
 }
 
 
+K = TypeVar("K")
+
 # A queued task's place: (-priority, bucket, turn, slot, client, start) as fair_share.py orders
 # them, then its submission order and its id.
 QueueEntry = tuple[int, int, int, int, str, float, int, str]
@@ -226,6 +228,15 @@ QueueEntry = tuple[int, int, int, int, str, float, int, str]
 def _unpush(queue: list[QueueEntry], entry: QueueEntry) -> None:
     queue.remove(entry)
     heapq.heapify(queue)
+
+
+def _count(undo: Undo, counts: dict[K, int], key: K, change: int) -> None:
+    """A count moved by ``change``; a count of zero leaves no entry."""
+    count = counts.get(key, 0) + change
+    if count:
+        undo.put(counts, key, count)
+    else:
+        undo.pop(counts, key)
 
 
 def _restore_payload(task: TaskRecord, code: bytes, args: bytes) -> None:
@@ -514,6 +525,7 @@ class SchedulerState:
         # Queued tasks by (client, priority): the master hands the scheduler a client's backlog
         # a window at a time (actors/master_backlog.py).
         self.queued: dict[tuple[str, int], int] = {}
+        self.queued_owners: dict[str, int] = {}  # ... and by owner (a key's clients together)
         self._running: dict[str, TaskRecord] = {}
         self._parallel: dict[str, TaskRecord] = {}  # the running ParallelTasks: units to hand out
         self._seq = itertools.count()
@@ -571,7 +583,7 @@ class SchedulerState:
         self._parallel = dict(self._parallel)
         self._finished = deque(self._finished)
         self._queue = list(self._queue)
-        self.queued = dict(self.queued)
+        self.queued, self.queued_owners = dict(self.queued), dict(self.queued_owners)
 
     def pack_finished(self) -> bytes:
         """Between events, once a backlog drained: the finished tasks kept for their stories,
@@ -1099,13 +1111,13 @@ class SchedulerState:
         included)."""
         return self.queued.get((client_id, priority), 0)
 
+    def queued_of_owner(self, owner: str) -> int:
+        """How many tasks of this owner (its key, or a client without one) are queued."""
+        return self.queued_owners.get(owner, 0)
+
     def _count_queued(self, task: TaskRecord, change: int) -> None:
-        key = (task.client_id, task.priority)
-        count = self.queued.get(key, 0) + change
-        if count:
-            self._undo.put(self.queued, key, count)
-        else:
-            self._undo.pop(self.queued, key)
+        _count(self._undo, self.queued, (task.client_id, task.priority), change)
+        _count(self._undo, self.queued_owners, task.warm_key.owner, change)
 
     def _enqueue(self, task: TaskRecord) -> None:
         """Into the queue in its fair place (a task queued again keeps the one it had)."""
@@ -1789,6 +1801,11 @@ class SchedulerState:
             if task.state is QUEUED:
                 counts[task.client_id, task.priority] = counts.get((task.client_id, task.priority), 0) + 1
         assert counts == self.queued, "queued counts disagree with task states"
+        owners: dict[str, int] = {}
+        for task in self.tasks.values():
+            if task.state is QUEUED:
+                owners[task.warm_key.owner] = owners.get(task.warm_key.owner, 0) + 1
+        assert owners == self.queued_owners, "queued counts by owner disagree with task states"
         queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED and not t.inputs_left}
         assert queued <= {entry[-1] for entry in self._queue}, "a queued task is not in the queue"
         for task in self.tasks.values():
