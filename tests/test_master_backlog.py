@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors import Client, LocalCluster, Task
 from actors.errors import QueueFull
@@ -109,6 +111,46 @@ def test_one_found_out_of_turn_costs_its_own_chunk_not_the_backlog(
     assert len(decoded) == 1  # the last sealed chunk, once
     assert backlog.ahead_of(f"t{CHUNK * 19 + 8}") == CHUNK * 19 + 5
     assert len(decoded) == 1
+
+
+@given(st.lists(st.tuples(st.sampled_from(["hold", "hold", "hold", "take", "one", "drop"]),
+                          st.sampled_from([("c1", 0), ("c1", 3), ("c2", 0)]),
+                          st.integers(0, 2 * CHUNK + 40)), max_size=60))
+@settings(max_examples=150, deadline=None)
+def test_the_backlog_behaves_as_one_ordered_list_per_client_and_priority(
+        ops: list[tuple[str, tuple[str, int], int]]) -> None:
+    """Any mix of holding, taking in turn, taking out of turn and dropping a client: what comes
+    out is what a plain list per key says, in its order, each record once; the counts agree."""
+    backlog, model = Backlog(), dict[tuple[str, int], list[Held]]()
+    made = 0
+    for op, key, n in ops:
+        if op == "hold":
+            for _ in range(n):
+                record = held(made)
+                made += 1
+                backlog.hold(key, "k-" + key[0], record)
+                model.setdefault(key, []).append(record)
+        elif op == "take":
+            owner, taken = backlog.take(key, n)
+            expected, model[key] = model.get(key, [])[:n], model.get(key, [])[n:]
+            assert taken == expected and (owner == "k-" + key[0] or not taken)
+        elif op == "one" and model.get(key):
+            record = model[key].pop(n % len(model[key]))
+            assert backlog.ahead_of(record.task_id) == n % (len(model[key]) + 1)
+            assert backlog.take_one(record.task_id) == (key, "k-" + key[0], record)
+        elif op == "drop":
+            _, dropped = backlog.drop_client(key[0])
+            gone = [(k[1], r) for k in sorted(model) if k[0] == key[0] for r in model.pop(k)]
+            assert sorted(dropped, key=lambda d: (d[0], d[1].held_at)) == gone
+        assert len(backlog) == sum(map(len, model.values()))
+        for owner in ("k-c1", "k-c2"):
+            assert backlog.held_of_owner(owner) == sum(
+                len(v) for k, v in model.items() if "k-" + k[0] == owner)
+        for k, records in model.items():
+            assert backlog.holds(k) or not records
+            for at in {0, len(records) // 2, len(records) - 1} if records else ():
+                assert backlog.find(records[at].task_id) == records[at]
+                assert backlog.ahead_of(records[at].task_id) == at
 
 
 # --- the master, real processes ---------------------------------------------------------------
