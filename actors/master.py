@@ -726,9 +726,8 @@ class Master(Shell):
                 self._refused(peer, msg, f"task {task_id} is not this client's")
             case m.Cancel(grace=grace) if _bad_grace(grace):
                 self._refused(peer, msg, _bad_grace(grace))
-            case m.StoryRequest(task_id=task_id) if task_id in self.backlog and (
-                    waiting := self._held_of_key(peer, task_id)) is not None:
-                self._held_story(peer.peer_id, task_id, waiting)
+            case m.StoryRequest(task_id=task_id) if self._held_of_key(peer, task_id):
+                self._held_story(peer.peer_id, task_id)
             case m.StoryRequest(task_id=task_id) if self._of_key(peer, msg) is None:
                 # An answer, so that the caller need not wait; the same for an id never used
                 # and another key's task (see _of_key).
@@ -741,7 +740,7 @@ class Master(Shell):
             case m.CancelTask(task_id=task_id, grace=grace):
                 self._cancel_task(peer, task_id, grace)
             case m.LogsRequest(task_id=task_id, limit=limit):
-                if task_id in self.backlog and self._held_of_key(peer, task_id) is not None:
+                if self._held_of_key(peer, task_id):
                     self._to_client(peer.peer_id, m.LogsReply(task_id, [], 0))  # not started
                 elif self._of_key(peer, msg) is None:
                     self._to_client(peer.peer_id, m.LogsReply(task_id, [], 0, _no_task(task_id)))
@@ -836,7 +835,7 @@ class Master(Shell):
     def _cancel_task(self, peer: Peer, task_id: str, grace: float) -> None:
         """``python -m actors cancel``: cancel a task of the caller's key and say how it ended
         (the task's own client hears TaskCancelled as for its own Cancel)."""
-        if task_id in self.backlog and not _bad_grace(grace) and self._held_of_key(peer, task_id):
+        if not _bad_grace(grace) and self._held_of_key(peer, task_id):
             self._take_out(task_id)  # to the scheduler, which cancels it
         task = self._of_key(peer, m.CancelTask(task_id))
         if task is None:
@@ -1378,15 +1377,17 @@ class Master(Shell):
             key, owner, held = found
             self._submit_held(key, owner, held)
 
-    def _held_of_key(self, peer: Peer, task_id: str) -> Held | None:
-        """A held task the peer may ask about (its own, or its key's; see ``_of_key``)."""
+    def _held_of_key(self, peer: Peer, task_id: str) -> bool:
+        """Whether the task is held and the peer may ask about it (its own, or its key's; see
+        ``_of_key``)."""
         client = self.backlog.client_of(task_id)
-        if client is None or (client != peer.peer_id and self.client_keys.get(client) != peer.key):
-            return None
-        return self.backlog.find(task_id)
+        return client is not None and (
+            client == peer.peer_id or self.client_keys.get(client) == peer.key)
 
-    def _held_story(self, client_id: str, task_id: str, held: Held) -> None:
+    def _held_story(self, client_id: str, task_id: str) -> None:
         wall = time.time() - time.monotonic()
+        held = self.backlog.find(task_id)
+        assert held is not None  # asked only of a held task
         ahead = self.backlog.ahead_of(task_id)
         self._to_client(client_id, m.StoryReply(task_id, [(
             "task", "released", "queued",
@@ -1403,9 +1404,7 @@ class Master(Shell):
         cancelled = []
         for priority, held in dropped:
             if held.task_id in self.backlog.detached:
-                self.backlog.detached.discard(held.task_id)
-                self._submit_held((client_id, priority), owner, held)
-                self._apply(ev.TasksDetached(self.now, client_id, (held.task_id,)))
+                self._submit_held((client_id, priority), owner, held)  # detached there too
                 continue
             cancelled.append(held.task_id)
             if held.package and self.task_sync is not None:

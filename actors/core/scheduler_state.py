@@ -1797,14 +1797,12 @@ class SchedulerState:
         assert set(self._running) == running, "running index disagrees with task states"
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
         counts: dict[tuple[str, int], int] = {}
-        for task in self.tasks.values():
-            if task.state is QUEUED:
-                counts[task.client_id, task.priority] = counts.get((task.client_id, task.priority), 0) + 1
-        assert counts == self.queued, "queued counts disagree with task states"
         owners: dict[str, int] = {}
         for task in self.tasks.values():
             if task.state is QUEUED:
+                counts[task.client_id, task.priority] = counts.get((task.client_id, task.priority), 0) + 1
                 owners[task.warm_key.owner] = owners.get(task.warm_key.owner, 0) + 1
+        assert counts == self.queued, "queued counts disagree with task states"
         assert owners == self.queued_owners, "queued counts by owner disagree with task states"
         queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED and not t.inputs_left}
         assert queued <= {entry[-1] for entry in self._queue}, "a queued task is not in the queue"
