@@ -122,11 +122,14 @@ def test_a_tree_reduction_moves_its_data_node_to_node_not_through_the_master(
              for h in (hosts.m, hosts.n1, hosts.n2)}
     # Each leaf that crossed to a node (a node fetches a key once for all its workers) took its
     # megabyte over the nodes' links, how many depends on where the scheduler put the adds;
-    # the master's link carried sizes and completions only.
+    # the master's link carried sizes and completions only: less than half of one leaf, so a
+    # single leaf relayed through the master fails this, however few leaves crossed (a bound
+    # relative to what crossed failed on a run where only 5 did: the master's own traffic,
+    # submissions, heartbeats and completions, is ~170 KB whatever the placement).
     sent = moved["n1"][1] + moved["n2"][1]
     assert answer["leaves_across_nodes"] > 0, answer
     assert sent >= answer["leaves_across_nodes"] << 20, (moved, answer)
-    assert moved["m"][0] < sent // 50, moved
+    assert moved["m"][0] < 1 << 19, moved
     with capsys.disabled():
         print(f"\n  tree of 32 x 1 MiB: {answer['fetches_across_nodes']} fetches across nodes "
               f"({answer['leaves_across_nodes']} leaves); "
