@@ -66,8 +66,7 @@ ORPHAN_REAP_S = 2.0
 UNCONTAINED = Plan(subreaper=False, oom_score=False, network="shared", no_new_privs=False)
 
 
-@dataclass(frozen=True)
-class ProcessExited:
+class ProcessExited(msgspec.Struct, frozen=True):
     worker_id: str
     pid: int
     status: int

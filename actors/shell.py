@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -45,20 +44,17 @@ class Inbound(msgspec.Struct, frozen=True):
     key: bytes = b""  # the sender's public key (Z85), where the socket proves it (the master's)
 
 
-@dataclass(frozen=True)
-class Tick:
+class Tick(msgspec.Struct, frozen=True):
     now: float
 
 
-@dataclass(frozen=True)
-class PeerDisconnected:
+class PeerDisconnected(msgspec.Struct, frozen=True):
     """The transport saw the connection of the peer with this routing id close."""
 
     routing: bytes
 
 
-@dataclass(frozen=True)
-class ConnectionEvent:
+class ConnectionEvent(msgspec.Struct, frozen=True):
     socket: str
     what: str  # connected | disconnected | auth_failed | handshake_failed
 

@@ -19,7 +19,6 @@ A user's ``Task`` or ``ParallelTask`` (``task.py``) is a plain object. What runs
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import queue
 import threading
@@ -28,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pykka
 import structlog
 
@@ -52,8 +52,7 @@ LOOKAHEAD = 4096
 #: Units per UnitsSliced message.
 SLICE_BATCH = 512
 
-@dataclass(frozen=True)
-class HeldParts:
+class HeldParts(msgspec.Struct, frozen=True):
     """A task's result as a pickle and out-of-band buffers (``dumps_result_parts``), for the
     worker to hand to its node before the ``TaskResult`` that says it is held there."""
 
@@ -114,8 +113,7 @@ class Driver(pykka.ThreadingActor):
 # --- messages of the mailbox a Runtime lives in (in-process only) ------------
 
 
-@dataclass(frozen=True)
-class Begin:
+class Begin(msgspec.Struct, frozen=True):
     task_id: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -124,20 +122,17 @@ class Begin:
     to_worker: Callable[[Any], None]  # the Worker actor's mailbox (to gather held results)
 
 
-@dataclass(frozen=True)
-class UnitResults:
+class UnitResults(msgspec.Struct, frozen=True):
     results: list[tuple[int, bytes]]
-    held: list[tuple[int, str, str]] = field(default_factory=list)
-    sizes: dict[int, int] = field(default_factory=dict)  # of the held results, where known
+    held: list[tuple[int, str, str]] = msgspec.field(default_factory=list)
+    sizes: dict[int, int] = msgspec.field(default_factory=dict)  # of the held results, where known
 
 
-@dataclass(frozen=True)
-class Gathered:
+class Gathered(msgspec.Struct, frozen=True):
     data: dict[int, bytes]
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(msgspec.Struct, frozen=True):
     outcome: m.UnitOutcome
     elapsed: float = 0.0
     parts: list[bytes | memoryview] | None = None  # the result out of band (outcome held)
@@ -275,7 +270,7 @@ class Runtime:
             done = _finished(self._name, work)
         finally:
             task_output.leave()
-        return dataclasses.replace(done, elapsed=time.perf_counter() - start)
+        return msgspec.structs.replace(done, elapsed=time.perf_counter() - start)
 
     @property
     def _name(self) -> str:

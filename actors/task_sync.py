@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pykka
 import structlog
 
@@ -33,15 +33,13 @@ RESCAN_S = 1.0
 # --- master side --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Catalogue:
+class Catalogue(msgspec.Struct, frozen=True):
     """What the server tells the Master after each scan that changed something."""
 
     packages: dict[str, PackageVersion]
 
 
-@dataclass(frozen=True)
-class InstanceUses:
+class InstanceUses(msgspec.Struct, frozen=True):
     """From the Master: a task instance pinned (``ended=False``) or released a version."""
 
     package: str
@@ -136,8 +134,7 @@ def _now() -> float:
 # --- node side ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WorkerGone:
+class WorkerGone(msgspec.Struct, frozen=True):
     worker_id: str
 
 

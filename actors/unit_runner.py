@@ -22,10 +22,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import msgspec
 import structlog
 
 from actors import messages as m
@@ -57,8 +57,7 @@ def run_key(task_id: str, run_id: int) -> str:
     return f"{task_id}:run{run_id}"
 
 
-@dataclass(frozen=True)
-class _Run:
+class _Run(msgspec.Struct, frozen=True):
     """The static calls the scheduler sent under one key, never changed (the core's UnitSpec
     names the key and its dependencies; what came of the calls is kept apart, in
     ``UnitRunner.outcomes``)."""
@@ -72,8 +71,7 @@ class _Run:
 # --- messages of the Worker actor's mailbox that the runner handles ------------
 
 
-@dataclass(frozen=True)
-class Ran:
+class Ran(msgspec.Struct, frozen=True):
     """The executor ran a key's units (sent from the executor thread)."""
 
     key: str
@@ -82,18 +80,16 @@ class Ran:
     large: bool = False  # a result is larger than INLINE_RESULT_BYTES
 
 
-@dataclass(frozen=True)
-class Gather:
+class Gather(msgspec.Struct, frozen=True):
     """The driver wants held results (unit index -> holders) for ``reduce``."""
 
     task_id: str
     holders: list[tuple[int, str, str]]
     reply: Callable[[dict[int, bytes]], None]
-    sizes: dict[int, int] = field(default_factory=dict)  # of the held results, where known
+    sizes: dict[int, int] = msgspec.field(default_factory=dict)  # of the held results, where known
 
 
-@dataclass(frozen=True)
-class RetryDue:
+class RetryDue(msgspec.Struct, frozen=True):
     peer: str
 
 

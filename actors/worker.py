@@ -100,20 +100,17 @@ class _HandOver:
     after: list[m.Message] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Outgoing:
+class Outgoing(msgspec.Struct, frozen=True):
     """A message the task instance wants sent to the master (or a result for the node)."""
 
     message: m.Message | HeldParts
 
 
-@dataclass(frozen=True)
-class FlushOutput:
+class FlushOutput(msgspec.Struct, frozen=True):
     """What task code printed or logged is waiting to be sent (from task_output's timer)."""
 
 
-@dataclass(frozen=True)
-class CodeStopped:
+class CodeStopped(msgspec.Struct, frozen=True):
     """No code of this cancelled task runs on the executor any more (from ``when_not_running``)."""
 
     task_id: str
@@ -122,8 +119,7 @@ class CodeStopped:
 STOPPED_KEPT = 256  # cancelled tasks remembered, so that what their code still sends is dropped
 
 
-@dataclass(frozen=True)
-class ForHosted:
+class ForHosted(msgspec.Struct, frozen=True):
     """Input for the task instance that lives in this actor's mailbox (from the executor)."""
 
     task_id: str

@@ -43,7 +43,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import msgspec
 import structlog
@@ -87,8 +86,7 @@ _WATCHED_EVENTS: dict[int, str] = {
 }
 
 
-@dataclass(frozen=True)
-class ServerCurve:
+class ServerCurve(msgspec.Struct, frozen=True):
     """CURVE for a bound socket: our key pair and the folder of public keys we admit, or (for
     ``any_key``) every key: the handshake still proves which key a peer holds, and the socket's
     owner decides per message what that key may have (``with_keys`` hands it over)."""
@@ -99,15 +97,13 @@ class ServerCurve:
     any_key: bool = False
 
 
-@dataclass(frozen=True)
-class ClientCurve:
+class ClientCurve(msgspec.Struct, frozen=True):
     public: bytes
     secret: bytes
     server_key: bytes
 
 
-@dataclass(frozen=True)
-class _SocketSpec:
+class _SocketSpec(msgspec.Struct, frozen=True):
     name: str
     kind: int
     address: str
