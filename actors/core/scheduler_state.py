@@ -126,6 +126,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar, cast
 
 from actors.core.fair_share import DEFAULT_COST_S, FairShare
+from actors.core.id_set import IdSet
 from actors.core.scheduler_events import (
     Assign,
     CancelRequested,
@@ -1351,7 +1352,7 @@ class SchedulerState:
             else:
                 self._drop_worker(worker_id)
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} restarts"))
-        undo.set(task, "workers", set(going_on) if going_on else NO_WORKERS)
+        undo.set(task, "workers", IdSet(going_on) if going_on else NO_WORKERS)
         for worker_id, runs in going_on.items():
             undo.set(self.workers[worker_id], "in_flight", runs)  # (units with inputs: again)
             self._note(task, f"worker {worker_id}", "helping", "draining",
@@ -1566,7 +1567,7 @@ class SchedulerState:
             undo.set(worker, "task_id", task.task_id)
         undo.set(worker, "warm_for", task.warm_key)
         if task.workers is NO_WORKERS:
-            undo.set(task, "workers", set())
+            undo.set(task, "workers", IdSet())
         if task.seen_workers is NO_WORKERS:
             undo.set(task, "seen_workers", set())
         undo.add(task.workers, worker.worker_id)
@@ -1599,22 +1600,36 @@ class SchedulerState:
             # a unit longer than the queued work wanted goes out only when its worker is free.
             depth = (batch if per_unit >= PREFETCH_SECONDS else
                      max(2 * batch, min(8 * batch, int(PREFETCH_SECONDS / per_unit))))
-        pending, undo = task.units.pending, self._undo
+        pending, undo, records = task.units.pending, self._undo, self.workers
         if not pending:
             return
-        # The least loaded first, so that units given back by a steal go to the idle worker
-        # (ties by worker id: ids are unique, so records are never compared). Only those with
-        # room, and from a heap, not sorted: a task may have a thousand workers, most of them
-        # full or, with tiny units, most of them idle while the queue empties after a few.
+        # The least loaded first, so that units given back by a steal go to the idle worker,
+        # ties by worker id. A task may have a thousand workers, most of them idle while the
+        # queue empties after a few (tiny units) or most of them full: the idle ones (nothing in
+        # flight) are served as a walk of the ids in order meets them, and the walk stops when
+        # nothing is left queued; those with some room, from a heap once every idle one had its
+        # turn. A worker's load is what it held as this pass began (``loads``: of those sent a
+        # run in it, to a unit's inputs too), as one heap of them all would order them.
         workers = task.workers if helpers or task.driver is None else (task.driver,)
-        with_room = [(len(w.in_flight), w.worker_id, w) for w in map(self.workers.__getitem__, workers)
-                     if not w.paused and len(w.in_flight) < depth]
+        loads: dict[str, int] = {}
         alone_share = 0  # units that go alone, per worker in this pass (0: not counted yet)
         deferred: list[UnitCall] = []  # wait for a busy holder of their inputs
-        by_load = list(with_room)  # (with_room stays whole for _share)
-        heapq.heapify(by_load)
-        while pending and by_load:
-            worker = heapq.heappop(by_load)[2]
+
+        def send(target: WorkerRecord, units: list[UnitCall]) -> None:
+            loads.setdefault(target.worker_id, len(target.in_flight))
+            self._send_run(task, target, units)
+
+        def room_at_start() -> tuple[int, int]:
+            """The workers that had room as this pass began, and the room they had in all."""
+            count = total = 0
+            for worker in map(records.__getitem__, workers):
+                load = loads.get(worker.worker_id, len(worker.in_flight))
+                if not worker.paused and load < depth:
+                    count, total = count + 1, total + depth - load
+            return count, total
+
+        def serve(worker: WorkerRecord) -> None:
+            nonlocal alone_share
             given_alone = 0
             in_flight = worker.in_flight  # grows with each run sent (_send_run)
             while pending and len(in_flight) < depth:
@@ -1627,11 +1642,10 @@ class SchedulerState:
                         break  # goes alone: it is keyed by its index on the worker
                     units.append(pending.popleft())
                 if units:
-                    self._send_run(task, worker, units)
+                    send(worker, units)
                     continue
                 if not alone_share:
-                    alone_share = _share(pending, len(with_room),
-                                         sum(depth - load for load, _, _ in with_room))
+                    alone_share = _share(pending, *room_at_start())
                 if given_alone >= alone_share:
                     break  # the next worker's turn: neighbours stay together, all get some
                 unit = pending.popleft()
@@ -1645,9 +1659,25 @@ class SchedulerState:
                 if target is None:
                     deferred.append(unit)
                     continue
-                self._send_run(task, target, units)
+                send(target, units)
                 if target is worker:
                     given_alone += 1
+
+        with_room: list[tuple[int, str, WorkerRecord]] = []  # ids are unique: never a record compared
+        for worker_id in workers.in_order() if type(workers) is IdSet else sorted(workers):
+            if not pending:
+                break
+            worker = records[worker_id]
+            load = loads.get(worker_id, len(worker.in_flight))
+            if worker.paused or load >= depth:
+                continue
+            if load:
+                with_room.append((load, worker_id, worker))
+            else:
+                serve(worker)
+        heapq.heapify(with_room)
+        while pending and with_room:
+            serve(heapq.heappop(with_room)[2])
         if deferred:
             pending.extendleft(reversed(deferred))
             undo.call(_drop_first, pending, len(deferred))
@@ -1682,6 +1712,7 @@ class SchedulerState:
 
     def _send_run(self, task: TaskRecord, worker: WorkerRecord, units: list[UnitCall]) -> None:
         run_id = next(self._run_ids)
+        self._undo.add(task.units.flying, worker.worker_id)
         self._undo.call(_take_back, worker.in_flight, units)
         for unit in units:
             worker.in_flight[unit.index] = run_id
@@ -1701,12 +1732,16 @@ class SchedulerState:
         if all(self.workers[w].in_flight or self.workers[w].paused for w in task.workers):
             return  # (a paused worker is idle, not for stealing: it may take no work)
         # Only a worker with two runs or more has one to give (never its oldest). A task may
-        # have a thousand workers, most of them idle: they are skipped, not sorted.
+        # have a thousand workers, most of them idle: only those sent runs are looked at.
         victims = []
-        for worker in map(self.workers.__getitem__, task.workers):
+        for worker_id in list(task.units.flying):
+            worker = self.workers.get(worker_id)
+            if worker is None or not worker.in_flight or worker_id not in task.workers:
+                self._undo.discard(task.units.flying, worker_id)
+                continue
             runs = _runs_to_give(worker)
             if runs:
-                victims.append((not worker.paused, -len(runs), worker.worker_id, worker, runs))
+                victims.append((not worker.paused, -len(runs), worker_id, worker, runs))
         # A paused worker's queued runs first: they would wait there for its memory to fall.
         for _, _, _, victim, runs in sorted(victims, key=_victim_order):
             candidates = [r for r in sorted(runs)[1:] if r not in task.units.steals]
@@ -1787,6 +1822,8 @@ class SchedulerState:
             assert worker_id in task.workers, f"{worker_id} not in {task.task_id}'s workers"
             for index in worker.in_flight:
                 assert index in task.units.open_units, f"{worker_id} runs closed unit {index}"
+            assert not worker.in_flight or worker_id in task.units.flying, \
+                f"{worker_id} has units of {task.task_id} in flight, not in its flying"
         paused = {w for w, record in self.workers.items() if record.paused}
         assert paused == self.paused, f"paused workers {paused} != {self.paused}"
         stopping = {w for w, record in self.workers.items() if record.stopping}

@@ -58,6 +58,10 @@ class UnitBook:
     unit_seconds: float | None = None  # moving average of one unit's run time
     steals: set[int] = field(default_factory=set)  # run ids asked back
     steal_pending: bool = False  # a steal request is waiting for its answer
+    # Every worker of the task with units in flight, and some that had none since (dropped when
+    # a look for runs to steal meets them): that look walks these, not every worker of a task
+    # that may have a thousand, most of them idle, at every result.
+    flying: set[str] = field(default_factory=set)
     # Open units a lost driver's helpers still run: the next driver has not sliced them yet,
     # so it gets their results by replay once it does, not forwarded before.
     carried: set[int] = field(default_factory=set)
@@ -219,7 +223,8 @@ class NoUnits(UnitBook):
 
     def check_empty(self) -> None:
         assert not (self.pending or self.open_units or self.blocked or self.kept or self.held
-                    or self.dependents or self.missing_for or self.journaled or self.steals), \
+                    or self.dependents or self.missing_for or self.journaled or self.steals
+                    or self.flying), \
             "a plain Task's shared book has units"
 
 
