@@ -1603,6 +1603,7 @@ class SchedulerState:
         pending, undo, records = task.units.pending, self._undo, self.workers
         if not pending:
             return
+        popleft = pending.popleft
         # The least loaded first, so that units given back by a steal go to the idle worker,
         # ties by worker id. A task may have a thousand workers, most of them idle while the
         # queue empties after a few (tiny units) or most of them full: the idle ones (nothing in
@@ -1636,11 +1637,11 @@ class SchedulerState:
                 room = depth - len(in_flight)
                 units: list[UnitCall] = []
                 undo.call(_put_back_first, pending, units)
-                while pending and len(units) < min(batch, room):
+                for _ in range(min(batch, room, len(pending))):  # (per unit: kept short)
                     unit = pending[0]
                     if unit.keep or unit.deps:
                         break  # goes alone: it is keyed by its index on the worker
-                    units.append(pending.popleft())
+                    units.append(popleft())
                 if units:
                     send(worker, units)
                     continue
