@@ -42,3 +42,14 @@ def test_in_place_operators_are_refused() -> None:
     with pytest.raises(TypeError):
         ids -= {"w1"}
     assert ids == {"w1"}
+
+
+def test_the_kept_order_is_changed_in_step_not_sorted_again() -> None:
+    ids = IdSet(["w5", "w1"])
+    kept = ids.in_order()
+    for worker_id in ("w3", "w0", "w9", "w3"):
+        ids.add(worker_id)
+    ids.discard("w5")
+    ids.discard("w7")  # not there: nothing changes
+    assert ids.in_order() is kept  # the same list, changed in place
+    assert kept == sorted(ids) == ["w0", "w1", "w3", "w9"]

@@ -1,16 +1,17 @@
-"""``IdSet``: a set of ids that keeps them sorted for a walk in order, until it changes.
+"""``IdSet``: a set of ids that keeps them sorted for a walk in order.
 
 A task's workers are walked in id order at every dispatch of its units (the least loaded
 first, ties by id); a task may have a thousand of them and change them rarely, so the order is
-kept rather than sorted again each time. Only ``add`` and ``discard`` change an ``IdSet`` (the
-undo log's reverse calls are the same two): the other in-place changes are refused, so the
-kept order cannot go stale.
+kept in step with it rather than sorted again each time. Only ``add`` and ``discard`` change an
+``IdSet`` (the undo log's reverse calls are the same two): the other in-place changes are
+refused, so the kept order cannot go stale.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import NoReturn, cast
 
 
 class IdSet(set[str]):
@@ -21,15 +22,20 @@ class IdSet(set[str]):
         self._in_order: list[str] | None = None
 
     def add(self, item: str) -> None:
+        # Kept in step, not sorted again: a thousand workers join a task one by one, with a
+        # dispatch (a walk in order) after each.
+        if self._in_order is not None and item not in self:
+            bisect.insort(self._in_order, item)
         set.add(self, item)
-        self._in_order = None
 
     def discard(self, item: object) -> None:
+        if self._in_order is not None and item in self:
+            in_order = self._in_order
+            del in_order[bisect.bisect_left(in_order, cast(str, item))]  # (it is in: a str)
         set.discard(self, item)
-        self._in_order = None
 
     def in_order(self) -> list[str]:
-        """The ids, sorted (the same list until the set changes: do not change it)."""
+        """The ids, sorted (the set's own list, kept in step with it: do not change it)."""
         if self._in_order is None:
             self._in_order = sorted(self)
         return self._in_order
