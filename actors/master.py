@@ -79,8 +79,10 @@ HEARTBEAT_S = 1.0
 STORY_WAIT_S = 1.0  # how long a story request waits for workers that do not answer
 MAX_RETRIES = 100
 # Code at least this big goes to a worker once: later assignments name it by its hash. Smaller
-# code rides along with every assignment (cheaper than keeping track of it).
-INLINE_CODE_BYTES = 64 * 1024
+# code (a class pickled by reference) rides along with every assignment (cheaper than keeping
+# track of it). A class shipped by value carries the source of its file for tracebacks, often
+# kilobytes: it went with every task (10 KB each for the bench's tasks), copied by every hop.
+INLINE_CODE_BYTES = 1024
 KINDS = frozenset(ev.TaskKind)
 MAX_CODE_PER_CLIENT = 1 << 30  # bytes of shipped task code the master keeps for one client
 MAX_OUTPUT_LINES = 1_000  # lines of task output forwarded from one TaskOutput (workers cap too)
@@ -212,7 +214,8 @@ class Master(Shell):
         self.started: set[str] = set()  # tasks given a driver since the last tick
         self.awaiting: dict[str, float] = {}  # restored clients not back yet -> until when
         self.last_tick = 0.0
-        self.worker_codes: dict[str, set[str]] = {}  # worker -> hashes of large code it was sent
+        # worker -> hashes of the code it was sent, oldest first, as many as it keeps
+        self.worker_codes: dict[str, dict[str, None]] = {}
         # Large results held on nodes (node_results.py): each node's results endpoint and key;
         # a result reported held, until the scheduler ends its task; one shared with its
         # client, until the client says it arrived (task -> node, client).
@@ -1622,11 +1625,19 @@ class Master(Shell):
         """The code to send with an assignment: none where the worker was sent it before."""
         if len(ins.code) < INLINE_CODE_BYTES or not ins.code_hash:
             return ins.code
-        sent = self.worker_codes.setdefault(ins.worker_id, set())
-        if ins.code_hash in sent:
+        if ins.code_hash in self.worker_codes.get(ins.worker_id, ()):
             return b""
-        sent.add(ins.code_hash)
+        self._code_sent(ins.worker_id, ins.code_hash)
         return ins.code
+
+    def _code_sent(self, worker_id: str, code_hash: str) -> None:
+        """Note it as the worker notes a class: the first dropped once it keeps as many as it
+        may, so that code it may have dropped goes again rather than by hash (a NeedCode and a
+        round trip for a user whose tasks cycle through more classes than it keeps)."""
+        sent = self.worker_codes.setdefault(worker_id, {})
+        if code_hash not in sent and len(sent) >= m.WORKER_CLASSES:
+            del sent[next(iter(sent))]
+        sent[code_hash] = None
 
     def _send_code(self, node: Peer, worker_id: str, task_id: str, code_hash: str) -> None:
         """A worker asks for the code of a task it was assigned by hash (it dropped it since)."""
@@ -1634,7 +1645,7 @@ class Master(Shell):
         if task is None or worker_id not in task.workers or task.code_hash != code_hash:
             self.log.debug("code_request_dropped", worker_id=worker_id, task_id=task_id)
             return
-        self.worker_codes.setdefault(worker_id, set()).add(code_hash)
+        self._code_sent(worker_id, code_hash)
         self._to_worker(node.peer_id, worker_id, m.Code(code_hash, task.code))
 
     def _to_worker(self, node_id: str, worker_id: str, msg: m.Message) -> None:

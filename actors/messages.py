@@ -245,6 +245,9 @@ class Received(Message, frozen=True):
 
 #: The most inputs (futures among its arguments) one task may name.
 MAX_INPUTS = 10_000
+# Shipped classes a worker keeps, the first dropped first; the master keeps the same account of
+# what it sent each worker, so that code named by hash alone is mostly there (else NeedCode).
+WORKER_CLASSES = 32
 
 
 class Scatter(Message, frozen=True):
@@ -417,7 +420,7 @@ class TaskStopped(Message, frozen=True):
 class AssignTask(Message, frozen=True, kw_only=True):
     """Load a task instance. The driver slices and reduces; every assigned worker runs units.
 
-    A deployed task comes as ``package``/``version``/``name`` with empty ``code``. Large code
+    A deployed task comes as ``package``/``version``/``name`` with empty ``code``. Shipped code
     already sent to this worker comes as its ``code_hash`` alone: a worker that no longer has it
     asks with ``NeedCode``."""
 

@@ -544,12 +544,12 @@ class Worker(Shell):
 
     def _class_of(self, msg: m.AssignTask) -> Any:
         """Unpickle shipped code once per worker: a warm worker is assigned the same code again,
-        and large code comes by its hash alone once this worker has it."""
+        and shipped code comes by its hash alone once this worker has it."""
         key = msg.code_hash or hashlib.sha256(msg.code).hexdigest()
         cls = self.classes.get(key)
         if cls is None:
             cls = loads(msg.code)
-            if len(self.classes) >= 32:
+            if len(self.classes) >= m.WORKER_CLASSES:
                 self.classes.pop(next(iter(self.classes)))
             self.classes[key] = cls
         return cls

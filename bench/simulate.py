@@ -130,6 +130,7 @@ class _Worker:
     queue: deque[Any] = field(default_factory=deque)  # held or timed work, in order
     busy_until: float = 0.0
     running: Any = None  # the run or task that takes until busy_until
+    codes: set[str] = field(default_factory=set)  # hashes of the code it was sent
 
 
 @dataclass
@@ -257,6 +258,10 @@ class Simulator:
                 self.counts[f"unexpected for node: {type(msg).__name__}"] += 1
 
     def _for_worker(self, worker: _Worker, msg: m.Message) -> None:
+        if isinstance(msg, m.AssignTask) and msg.code:  # code goes to a worker once, by value
+            known = msg.code_hash in worker.codes
+            self.counts["code sent again" if known else "code shipped"] += 1
+            worker.codes.add(msg.code_hash)
         match msg:
             case m.AssignTask(kind="task"):
                 self._work(worker, msg)

@@ -181,6 +181,9 @@ def test_simulated_nodes_and_workers_drive_a_real_master(tmp_path: Path,
     assert counts["units"] == 100 + 600
     assert counts["parallel tasks"] == 2
     assert counts["tasks"] == 20 + 300 + 200
+    # The classes travel by value (with their file's source, for tracebacks: kilobytes), to
+    # each worker once; later assignments name them by hash.
+    assert 0 < counts["code shipped"] <= 2 * 10 and "code sent again" not in counts, counts
     assert row["units_per_s"] > 0 and row["tasks_per_s"] > 0
     assert row["master_us_per_unit"] >= 0 and row["master_us_per_task"] >= 0
     assert "units/s" in out.getvalue() and "tasks/s" in out.getvalue()
