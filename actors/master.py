@@ -1623,11 +1623,12 @@ class Master(Shell):
 
     def _code_for(self, ins: ev.Assign) -> bytes:
         """The code to send with an assignment: none where the worker was sent it before."""
-        if len(ins.code) < INLINE_CODE_BYTES or not ins.code_hash:
+        if not ins.code_hash:
             return ins.code
-        if ins.code_hash in self.worker_codes.get(ins.worker_id, ()):
+        if len(ins.code) >= INLINE_CODE_BYTES and ins.code_hash in self.worker_codes.get(
+                ins.worker_id, ()):
             return b""
-        self._code_sent(ins.worker_id, ins.code_hash)
+        self._code_sent(ins.worker_id, ins.code_hash)  # small code too: the worker keeps it
         return ins.code
 
     def _code_sent(self, worker_id: str, code_hash: str) -> None:
