@@ -55,6 +55,7 @@ from actors.node_data import boot_id
 from actors.serialize import (
     dumps,
     dumps_result_parts,
+    dumps_scalar_call,
     dumps_task_class,
     loads,
     loads_parts,
@@ -563,6 +564,9 @@ class Client:
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
         """The pickled arguments, and the tasks whose futures are among them (its inputs)."""
+        plain = dumps_scalar_call(args, kwargs)
+        if plain is not None:
+            return plain, []
         with collecting() as found:
             arguments = dumps((args, kwargs))
         for fut in found.values():

@@ -65,6 +65,14 @@ def dumps(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def dumps_scalar_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes | None:
+    """``dumps((args, kwargs))`` of a call whose arguments are all scalars (no future can be
+    among them), the same bytes, made without looking inside again; None for any other call."""
+    if kwargs or len(args) > 64 or not all(type(arg) in _SCALARS for arg in args):
+        return None
+    return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def dumps_result(value: Any, task: str, unit: str = "") -> bytes:
     """``dumps`` of what user code returned; ``ResultNotSerializable`` naming the task (and unit)
     and the value's type when it cannot travel (a lock, a generator, an open file)."""

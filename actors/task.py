@@ -132,6 +132,9 @@ def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, An
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise InvalidArguments(repr(cls), "not a Task or ParallelTask subclass, nor a function")
     entry = cls.task_entry()
+    fewest, most = _positional_range(entry)
+    if not kwargs and fewest <= len(args) <= most:
+        return  # what binding would say, without binding (every submit of a map)
     try:
         _signature(entry).bind(None, *args, **kwargs)
     except TypeError as exc:
@@ -168,3 +171,14 @@ def _explain_binding(signature: inspect.Signature, kwargs: dict[str, Any], reaso
 def _signature(entry: Callable[..., Any]) -> inspect.Signature:
     # Asked for every submit and every start of an instance: inspecting is not free.
     return inspect.signature(entry)
+
+
+@functools.lru_cache(maxsize=256)
+def _positional_range(entry: Callable[..., Any]) -> tuple[int, int]:
+    """How many positional arguments (after ``self``) always bind to ``entry`` without keyword
+    arguments: its plain parameters, those without a default required; ``(1, 0)`` (none) when
+    it has any other kind, which only binding can judge."""
+    params = list(_signature(entry).parameters.values())[1:]
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+        return 1, 0
+    return sum(p.default is p.empty for p in params), len(params)
