@@ -492,6 +492,7 @@ class Client:
         self._master_id = ""
         self._master_timeout = master_timeout
         self._disconnected_since: float | None = None  # hub thread only
+        self._said_bye = False  # after it, the master knows this client no more: nothing to say
         try:
             pair = self._pair = load_keypair(keys, "client")
             curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
@@ -757,6 +758,7 @@ class Client:
         for fut in self._unfinished():
             fut._finish(_ERRED, None, ClientClosed(self.client_id, fut.task_id))
         if self._welcome.is_set():
+            self._said_bye = True  # before: a tick of the hub between the two must not follow it
             self._send(m.Bye("client closing"))
         self._closed = True
         self._outbox.close()
@@ -847,6 +849,11 @@ class Client:
                                                          host=os.uname().nodename, pid=os.getpid()))])
 
     def _on_tick(self, now: float) -> None:
+        if self._said_bye:
+            # Releases, receipts and heartbeats after the Bye would reach a master that forgot
+            # this client (a warning there, on a user's first script); what they say, the Bye
+            # says: every result of this client goes.
+            return
         if self._received and self._disconnected_since is None:
             received, self._received = self._received, []
             self._hub.send_now(MASTER, [m.encode(m.Received(received))])
