@@ -47,10 +47,14 @@ from actors.unit_runner import Gather
 
 log = structlog.get_logger("actors.task_host")
 
-#: Units a driver may have sliced but not yet seen finished.
-LOOKAHEAD = 4096
-#: Units per UnitsSliced message.
-SLICE_BATCH = 512
+#: Units a driver may have sliced but not yet seen finished; fewer where their arguments are
+#: large: about ``LOOKAHEAD_BYTES`` of them, by the mean so far (they wait on the master).
+LOOKAHEAD = 8192
+LOOKAHEAD_BYTES = 64 << 20
+#: Units per UnitsSliced message, and the bytes of arguments that end one sooner.
+SLICE_BATCH = 2048
+SLICE_BYTES = 1 << 20
+
 
 class HeldParts(msgspec.Struct, frozen=True):
     """A task's result as a pickle and out-of-band buffers (``dumps_result_parts``), for the
@@ -147,6 +151,7 @@ class Runtime:
     tell: Callable[[Any], None]  # that mailbox
     slicer: Iterator[Any] | None = None
     sliced: int = 0
+    sliced_bytes: int = 0  # of the sliced units' arguments
     exhausted: bool = False
     results: dict[int, bytes] = field(default_factory=dict)
     held: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (worker, address)
@@ -203,20 +208,27 @@ class Runtime:
     # --- the driver: slicing and reducing -----------------------------------
 
     def _slice_more(self) -> None:
-        while not self.exhausted and self.sliced - self._finished < LOOKAHEAD:
+        while not self.exhausted and self.sliced - self._finished < self._lookahead():
             assert self.slicer is not None
             batch: list[m.UnitCall] = []
+            size, full = 0, False
             task_output.enter(self.task.task_id, "get_work")
             try:
                 for item in itertools.islice(self.slicer, SLICE_BATCH):
-                    batch.append(self._unit_call(item, self.sliced + len(batch)))
+                    call = self._unit_call(item, self.sliced + len(batch))
+                    batch.append(call)
+                    size += len(call.args)
+                    if size >= SLICE_BYTES:
+                        full = True  # the slicer may have more: only this message is full
+                        break
             except Exception as exc:
                 self._fail_task(exc)
                 return
             finally:
                 task_output.leave()
-            self.exhausted = len(batch) < SLICE_BATCH
+            self.exhausted = not full and len(batch) < SLICE_BATCH
             self.sliced += len(batch)
+            self.sliced_bytes += size
             self.emit(m.UnitsSliced(self.task.task_id, batch, self.exhausted))
         if self.exhausted and self._finished >= self.sliced and not self.reducing:
             self.reducing = True
@@ -233,6 +245,14 @@ class Runtime:
     @property
     def _finished(self) -> int:
         return len(self.results) + len(self.held)
+
+    def _lookahead(self) -> int:
+        """``LOOKAHEAD`` units ahead, or as many as ``LOOKAHEAD_BYTES`` of arguments make at
+        the mean size so far (one at least): tiny units need many in flight to hide the round
+        trips, and the master holds what is sliced until it is dispatched."""
+        if not self.sliced_bytes:
+            return LOOKAHEAD
+        return max(1, min(LOOKAHEAD, LOOKAHEAD_BYTES * self.sliced // self.sliced_bytes))
 
     def _unit_call(self, item: Any, index: int) -> m.UnitCall:
         if not isinstance(item, Unit):

@@ -134,8 +134,8 @@ def test_batches_grow_from_the_measured_unit_time(s: Harness) -> None:
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(*range(2000)), True)
     out = s(ev.UnitsFinished, "w1", "t1", 1, ok(0), 8e-6)
-    # 8 µs units: ~5 ms of them a run (up to MAX_BATCH), up to ~50 ms of them in flight
-    assert [len(d.units) for d in out if isinstance(d, ev.Dispatch)] == [512, 512, 512, 463]
+    # 8 µs units: ~5 ms of them a run (625, under MAX_BATCH), up to ~50 ms of them in flight
+    assert [len(d.units) for d in out if isinstance(d, ev.Dispatch)] == [625, 625, 625, 124]
 
 
 def test_a_unit_on_three_dying_workers_fails_its_task_with_every_cause(s4: Harness) -> None:

@@ -92,7 +92,7 @@ class Counts(Task):
 
 class SlicesSlowly(ParallelTask):
     """Declares nothing; its slicer waits at the gate after the first ``first`` units (the
-    driver sends units in batches of 512: ``first`` is one batch)."""
+    driver sends units in batches of ``SLICE_BATCH``: ``first`` is one batch)."""
 
     def get_work(self, n, first, gate):
         yield from range(first)
@@ -221,28 +221,30 @@ def test_a_plain_task_that_reports_nothing_shows_one_step_done_once_finished(
 def test_a_parallel_task_that_declares_its_units_has_its_total_from_the_start(
         quiet: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    fut = quiet.submit(Declared, 1_000, SLICE_BATCH, str(gate))
+    n = 2 * SLICE_BATCH + 1
+    fut = quiet.submit(Declared, n, SLICE_BATCH, str(gate))
     seen: list[tuple[int, int | None]] = []
     wait_until(lambda: sampled(fut, seen) and seen[-1][0] == SLICE_BATCH, 60, "the first batch")
-    assert fut.progress() == (SLICE_BATCH, 1_000)  # the slicer waits: the declared total
+    assert fut.progress() == (SLICE_BATCH, n)  # the slicer waits: the declared total
     open_gate(gate)
     wait_until(lambda: sampled(fut, seen) and fut.done(), 60, "the task to end")
-    assert fut.result(timeout=60) == sum(range(1_000))
+    assert fut.result(timeout=60) == sum(range(n))
     seen.append(fut.progress())
-    assert seen[-1] == (1_000, 1_000)
-    assert {total for _, total in seen} <= {None, 1_000}  # None: before the first report
+    assert seen[-1] == (n, n)
+    assert {total for _, total in seen} <= {None, n}  # None: before the first report
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
 
 
 def test_a_parallel_tasks_total_is_unknown_until_its_slicer_is_exhausted(
         quiet: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    fut = quiet.submit(SlicesSlowly, 1_000, SLICE_BATCH, str(gate))
+    n = 2 * SLICE_BATCH + 1
+    fut = quiet.submit(SlicesSlowly, n, SLICE_BATCH, str(gate))
     wait_until(lambda: fut.progress()[0] == SLICE_BATCH, 60, "the first batch to finish")
     assert fut.progress() == (SLICE_BATCH, None)  # more may come: the slicer is not done
     open_gate(gate)
-    assert fut.result(timeout=60) == sum(range(1_000))
-    assert fut.progress() == (1_000, 1_000)
+    assert fut.result(timeout=60) == sum(range(n))
+    assert fut.progress() == (n, n)
 
 
 def test_a_future_goes_queued_running_finished_and_says_so(

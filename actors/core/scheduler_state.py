@@ -179,7 +179,7 @@ from actors.messages import UnitCall, UnitOutcome, unit_digest
 
 BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
-MAX_BATCH = 512
+MAX_BATCH = 2048  # units of a run, however short (a run is still ~BATCH_SECONDS of work)
 # Where a unit's inputs are held (see Locality): moving bytes between workers is assumed to
 # run at this rate (Dask's default estimate, conservative: two nodes on one host move ~400
 # MB/s here), inputs under LOCALITY_MIN_BYTES in all are not worth waiting for, and a unit
