@@ -474,6 +474,19 @@ class InvalidEvent(ActorsError):
         return f"{type(self.event).__name__} refused: {self.reason}"
 
 
+class HostedActorExit(ActorsError):
+    """A handler of an actor run by its hub's thread raised SystemExit or the like: that actor
+    stops alone (pykka would stop every actor and wait for them, on the thread they need)."""
+
+    def __init__(self, actor: str, raised: str) -> None:
+        super().__init__(actor, raised)
+        self.actor = actor
+        self.raised = raised
+
+    def __str__(self) -> str:
+        return f"{self.actor} stopped: its handler raised {self.raised}"
+
+
 class InvalidTransition(ActorsError):
     """A state machine was asked for a transition that cannot happen; its state is unchanged."""
 

@@ -65,7 +65,7 @@ from actors.master_backlog import LOW, WINDOW, Backlog, Held
 from actors.master_inputs import InputBook
 from actors.metrics import MetricsServer, Snapshot
 from actors.serialize import describe_exception
-from actors.shell import Inbound, PeerDisconnected, Shell, Tick, tell_if_alive
+from actors.shell import HubShell, Inbound, PeerDisconnected, Tick, tell_if_alive
 from actors.state_dir import StateDir, default_state_dir
 from actors.task_sync import Catalogue, InstanceUses, TaskSyncServer
 from actors.watch import OUTPUT_LINES, OutputRings, TaskStream, Throughput, overview, task_detail
@@ -156,7 +156,7 @@ class StoryGather:
     deadline: float
 
 
-class Master(Shell):
+class Master(HubShell):
     def __init__(self, hub: Hub, journal: Journal, restored: Restored, *,
                  node_timeout_s: float = 5.0, max_deaths: int = 3,
                  restart_after_error: bool = False, allowed: str | None = None,

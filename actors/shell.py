@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from collections import deque
 from types import TracebackType
 from typing import Any
 
@@ -11,7 +12,7 @@ import pykka
 import structlog
 
 from actors import messages as m
-from actors.errors import InvalidEvent
+from actors.errors import HostedActorExit, InvalidEvent
 from transport import Hub, Outbox
 
 
@@ -124,6 +125,88 @@ class Shell(pykka.ThreadingActor):
         assert self.outbox is not None, "send() before on_start()"
         body = [m.encode(message)] if message is not None else frames or []
         self.outbox.send(socket, [*route, *body])
+
+
+class HubShell(Shell):
+    """A shell run by its hub's own thread rather than a thread of its own (``Hub.host``): a
+    message from a socket reaches it and its answer leaves in the same turn of the hub's loop,
+    with no hand-off between threads. For an actor on the path of every task (the master's, a
+    worker's); one that may block for long (reading packages) keeps its own thread, since here
+    it would hold up every socket of its process.
+
+    pykka runs it: its own loop (``_actor_loop_running``: replies, failures, stop) is called
+    each turn, over what the inbox holds then, and ends the turn when the inbox raises
+    ``_TurnOver``."""
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        inbox = self.actor_inbox
+        assert isinstance(inbox, _HubInbox)
+        inbox.poke = hub.poke
+        self._set_up = False
+
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        return _HubInbox()
+
+    def _start_actor_loop(self) -> None:
+        self.hub.host(self._hub_turn)
+
+    def _handle_receive(self, message: Any) -> Any:
+        # pykka meets a BaseException from a handler (SystemExit, KeyboardInterrupt raised by
+        # the code itself) by stopping every actor and waiting for them, which on this thread
+        # would wait for itself: it is this actor's crash instead (``on_failure``).
+        try:
+            return super()._handle_receive(message)
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise HostedActorExit(type(self).__name__, repr(exc)) from exc
+
+    def _hub_turn(self) -> bool | None:
+        """One turn on the hub thread: True, more waits; None, the actor has stopped."""
+        inbox: _HubInbox = self.actor_inbox  # type: ignore[assignment]
+        if not self._set_up:
+            self._set_up = True
+            self._actor_loop_setup()
+        inbox.budget = _TURN_MESSAGES
+        try:
+            self._actor_loop_running()
+        except _TurnOver:
+            return bool(inbox.items)
+        inbox.budget = -1  # stopped: pykka answers what is left (ActorDeadError)
+        self._actor_loop_teardown()
+        return None
+
+
+class _TurnOver(Exception):
+    """The inbox of a ``HubShell`` is empty (or this turn's share is used): back to the loop."""
+
+
+_TURN_MESSAGES = 10_000  # messages a hosted actor takes per turn: the sockets are read between
+
+
+class _HubInbox:
+    """pykka's inbox (``put``, ``get``, ``empty``) for a ``HubShell``: ``put`` from any thread
+    pokes the hub; ``get`` runs on the hub thread and never waits."""
+
+    def __init__(self) -> None:
+        self.items: deque[Any] = deque()
+        self.poke: Any = None
+        self.budget = 0  # messages left in this turn; -1: take all (teardown)
+
+    def put(self, envelope: Any, block: bool = True, timeout: float | None = None) -> None:
+        self.items.append(envelope)  # deque.append: thread-safe
+        self.poke()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if not self.items or self.budget == 0:
+            raise _TurnOver
+        self.budget -= 1
+        return self.items.popleft()
+
+    def empty(self) -> bool:
+        return not self.items
 
 
 def _describe(message: Any) -> str:

@@ -60,7 +60,7 @@ from actors.memory import sealed_file
 from actors.node_data import RESULTS_HOLDER
 from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads, loads_parts
-from actors.shell import Inbound, Shell, Tick, tell_if_alive
+from actors.shell import HubShell, Inbound, Tick, tell_if_alive
 from actors.spill import RESUME_FRACTION, SpillBuffer, pause_mark, spill_target
 from actors.task import ParallelTask, Task, check_arguments
 from actors.task_host import (
@@ -126,7 +126,7 @@ class ForHosted(msgspec.Struct, frozen=True):
     message: Any
 
 
-class Worker(Shell):
+class Worker(HubShell):
     def __init__(self, hub: Hub, worker_id: str, on_exit: Any, node_pid: int | None = None) -> None:
         super().__init__(hub)
         self.worker_id = worker_id

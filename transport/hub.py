@@ -13,6 +13,13 @@ ZeroMQ send released the GIL to a busy hub thread).
 The same thread drives ``on_tick`` at a fixed interval, so time-based work
 (heartbeats, timeouts) enters the actors as ordinary messages.
 
+Hosted work. An actor may run on the hub thread itself (``host``): its turn comes after what
+each turn of the loop received, and what it sends leaves at the end of that turn, batched with
+the rest, with no thread between the socket and the actor. Another thread that gives such an
+actor work wakes the hub with ``poke`` (an eventfd the loop polls). A round trip
+through a master whose actor ran on its own thread took four hand-offs between threads there,
+each a wake-up and a turn of the GIL; hosted, none.
+
 Connections. A monitored dealer's connection events reach ``on_event``; a
 keyed router tells ``on_peer_gone`` when the connection of a peer closed (a
 killed process, a reset, or the ZMTP heartbeat's timeout on a silent link),
@@ -39,6 +46,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -58,6 +66,9 @@ FramesHandler = Callable[[str, list[bytes]], None]
 EventHandler = Callable[[str, str], None]
 PeerGoneHandler = Callable[[str, bytes], None]  # (socket, routing id)
 TickHandler = Callable[[float], None]
+#: Work hosted on the hub thread (``Hub.host``): True, it has more to do now; False, it waits to
+#: be poked; None, it is done and leaves the loop.
+HostedTurn = Callable[[], "bool | None"]
 
 _STOP = b""
 _hub_ids = itertools.count()
@@ -69,6 +80,7 @@ _LONE_BYTES = 64 << 10  # a message this big goes alone: batching would only cop
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[list[bytes], bytes]])
 _WAKE = b"w"
+_POKE = (1).to_bytes(8, sys.byteorder)  # an eventfd adds it to its count (a pipe: 8 bytes)
 _ZERO_COPY_BYTES = 1 << 20  # below this, copying is cheaper than tracking the buffer's release
 _ANY_KEY_DOMAIN = "any-key"  # the ZAP domain of sockets that admit every CURVE key
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
@@ -116,7 +128,8 @@ class _SocketSpec(msgspec.Struct, frozen=True):
 
 
 class Outbox:
-    """An actor's way to send: one per thread, created in the thread that uses it."""
+    """An actor's way to send: one per thread, created in the thread that uses it (the hub
+    thread's own is a ``_LoopOutbox``)."""
 
     def __init__(self, hub: Hub, inproc: str) -> None:
         self._hub = hub
@@ -136,6 +149,20 @@ class Outbox:
 
     def close(self) -> None:
         self._push.close(linger=0)
+
+
+class _LoopOutbox(Outbox):
+    """The outbox of code on the hub thread (a hosted actor): it queues for the end of the turn,
+    no socket and no wake-up."""
+
+    def __init__(self, hub: Hub) -> None:  # noqa: D107 - no PUSH socket: nothing to wake
+        self._hub = hub
+
+    def send(self, socket_name: str, frames: list[bytes]) -> None:
+        self._hub._defer_checked(socket_name.encode(), frames)
+
+    def close(self) -> None:
+        pass
 
 
 class Hub:
@@ -178,6 +205,11 @@ class Hub:
         # What actors handed over, in order (see Outbox.send), and whether a wake-up is due.
         self._outgoing: deque[tuple[bytes, list[bytes]]] = deque()
         self._wake_pending = False
+        # Work run on the hub thread at every turn (see "Hosted work"), and its wake-up.
+        self._hosted: list[HostedTurn] = []
+        self._poke_r = self._poke_w = -1
+        self._poked = False  # a poke's byte is on its way
+        self._again = False  # work was given on the hub thread after its turn ran: no waiting
 
     # --- configuration (before start) ---------------------------------------
 
@@ -281,7 +313,29 @@ class Hub:
             raise self._start_error
 
     def outbox(self) -> Outbox:
+        """A way to send for the calling thread: on the hub thread, one that needs no wake-up."""
+        if threading.current_thread() is self._thread:
+            return _LoopOutbox(self)
         return Outbox(self, self._inproc)
+
+    def host(self, turn: HostedTurn) -> None:
+        """Run ``turn`` on the hub thread at every turn of its loop, after what the turn received
+        and before what it sends leaves, until it returns None (see "Hosted work"). From any
+        thread, once the hub has started; stop what is hosted before the hub."""
+        self._hosted.append(turn)  # list.append: thread-safe; the loop reads it each turn
+        self.poke()
+
+    def poke(self) -> None:
+        """Make the hub thread run its hosted turns soon: from any thread, at any rate (one
+        write is on its way at a time; on the hub thread itself, none: just no waiting)."""
+        if threading.current_thread() is self._thread:
+            self._again = True
+        elif not self._poked:
+            self._poked = True
+            try:  # noqa: SIM105 - a context manager per poke costs more than the poke
+                os.write(self._poke_w, _POKE)
+            except OSError:  # the hub has stopped (-1), or the pipe is full: it is being woken
+                pass
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -311,6 +365,7 @@ class Hub:
         monitors: dict[zmq.Socket[bytes], str] = {}
         try:
             pull.bind(self._inproc)
+            self._poke_r, self._poke_w = _poke_pair()
             for spec in self._specs:
                 sock = self._open(spec)
                 sockets[spec.name.encode()] = sock
@@ -324,6 +379,7 @@ class Hub:
             for sock in [*monitors, *sockets.values()]:
                 sock.close(linger=0)
             pull.close(linger=0)
+            self._close_poke()
             self._ready.set()
             return
         self._ready.set()
@@ -335,6 +391,14 @@ class Hub:
             for sock in sockets.values():
                 sock.close()
             pull.close(linger=0)
+            self._close_poke()
+
+    def _close_poke(self) -> None:
+        fds = {self._poke_r, self._poke_w}
+        self._poke_r = self._poke_w = -1  # a late poke writes nowhere rather than to a reused fd
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
     def _open(self, spec: _SocketSpec) -> zmq.Socket[bytes]:
         sock = self.context.socket(spec.kind)
@@ -409,14 +473,22 @@ class Hub:
             poller.register(sock, zmq.POLLIN)
         for monitor in monitors:
             poller.register(monitor, zmq.POLLIN)
+        poke = self._poke_r
+        poller.register(poke, zmq.POLLIN)
         next_tick = time.monotonic() + self._tick_s
         while True:
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-            if self._outgoing:  # more than one turn's share was queued: come straight back
+            if self._outgoing or self._again:  # more than one turn's share: come straight back
                 timeout_ms = 0
-            ready = dict(poller.poll(timeout_ms if self._on_tick or self._outgoing else None))
+            ready = dict(poller.poll(timeout_ms if self._on_tick or self._outgoing
+                                     or self._again else None))
             if pull in ready and not self._wake_ups(pull, sockets):
                 return
+            if poke in ready:
+                try:  # noqa: SIM105 - as in poke()
+                    os.read(poke, 4096)
+                except BlockingIOError:
+                    pass
             self._take_outgoing(sockets)
             for sock in ready:
                 if sock in names:
@@ -427,12 +499,28 @@ class Hub:
             for sock in ready:  # after what this turn received: a peer's last words come first
                 if sock in monitors:
                     self._monitor_event(monitors[sock], sock)
-            if self._pending:
-                self._flush()
             now = time.monotonic()
             if self._on_tick is not None and now >= next_tick:
                 next_tick = now + self._tick_s
                 self._guarded(self._on_tick, now)
+            if self._hosted:
+                self._run_hosted()
+            if self._pending:
+                self._flush()
+
+    def _run_hosted(self) -> None:
+        # Cleared before the turns run: work given after this finds them clear and pokes again.
+        self._poked = self._again = False
+        for turn in tuple(self._hosted):
+            try:
+                more = turn()
+            except Exception:  # a bug in the host glue: the thread that owns the sockets goes on
+                log.exception("hosted_turn_failed", turn=getattr(turn, "__qualname__", "?"))
+                more = None
+            if more is None:
+                self._hosted.remove(turn)
+            elif more:
+                self._again = True
 
     def _wake_ups(self, pull: zmq.Socket[bytes], sockets: dict[bytes, zmq.Socket[bytes]]) -> bool:
         """Read a wake-up; False when told to stop (what was queued before is sent). One a
@@ -460,6 +548,12 @@ class Hub:
                 log.error("send_to_unknown_socket", socket=name.decode(errors="replace"))
                 continue
             self._defer(name, frames)
+
+    def _defer_checked(self, name: bytes, frames: list[bytes]) -> None:
+        if name not in self._sockets:
+            log.error("send_to_unknown_socket", socket=name.decode(errors="replace"))
+            return
+        self._defer(name, frames)
 
     def _defer(self, name: bytes, frames: list[bytes]) -> None:
         """Queue a message for the end of this turn (see the module docstring)."""
@@ -578,6 +672,18 @@ class Hub:
             handler(*args)
         except Exception:
             log.exception("handler_failed", handler=getattr(handler, "__qualname__", "?"))
+
+
+def _poke_pair() -> tuple[int, int]:
+    """The read and write ends of the hub's poke: one eventfd on Linux (one descriptor, no
+    buffer to fill), else a pipe. Non-blocking both."""
+    if hasattr(os, "eventfd"):
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd, fd
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    return read, write
 
 
 def unbatch(frames: list[bytes]) -> list[list[bytes]]:

@@ -1,0 +1,190 @@
+"""Actors run by their hub's own thread (``HubShell``, ``Hub.host``), on real sockets: a message
+from a socket is handled and answered in the hub's thread, work told from other threads wakes
+it, an actor busy telling itself does not starve the sockets, and pykka's semantics hold (asks
+answered, a crash stops only that actor, a stopped actor leaves the loop)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+import zmq
+
+from actors.shell import HubShell
+from transport import Hub
+
+DEADLINE_S = 10.0
+
+
+class Echo(HubShell):
+    """Answers each frame it is told about, and counts what other threads tell it."""
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self.threads: set[str] = set()
+        self.told: dict[int, list[int]] = {}
+        self.spinning = False
+        self.spins = 0
+        self.stopped = threading.Event()
+
+    def receive(self, message: Any) -> Any:
+        self.threads.add(threading.current_thread().name)
+        match message:
+            case ("frame", body):
+                self.spinning = False
+                assert self.outbox is not None
+                self.outbox.send("out", [b"echo:" + body])
+            case ("told", sender, i):
+                self.told.setdefault(sender, []).append(i)
+            case ("spin",):
+                self.spinning = True
+                self.actor_ref.tell(("again",))
+            case ("again",):
+                self.spins += 1
+                if self.spinning:  # tells itself until a frame arrives
+                    self.actor_ref.tell(("again",))
+            case ("ask",):
+                return sorted(self.threads), {k: len(v) for k, v in self.told.items()}
+            case ("order",):
+                return self.told
+            case ("boom",):
+                raise KeyboardInterrupt  # not an Exception: pykka stops the actor
+        return None
+
+    def on_stop(self) -> None:
+        self.stopped.set()
+        super().on_stop()
+
+
+@pytest.fixture
+def wired(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]]:
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.ROUTER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.setsockopt(zmq.RCVTIMEO, int(DEADLINE_S * 1000))
+    address = f"ipc://{tmp_path}/peer.sock"
+    peer.bind(address)
+    refs: list[pykka.ActorRef[Any]] = []
+
+    def on_frames(_socket: str, frames: list[bytes]) -> None:
+        for ref in refs:
+            ref.tell(("frame", frames[-1]))
+
+    hub = Hub(on_frames)
+    hub.add_dealer("out", address, identity=b"hosted")
+    hub.start()
+    try:
+        yield peer, hub, refs
+    finally:
+        for ref in refs:
+            if ref.is_alive():
+                ref.stop(timeout=DEADLINE_S)
+        hub.stop()
+        peer.close()
+        ctx.term()
+
+
+def _round_trip(peer: zmq.Socket[bytes], body: bytes) -> bytes:
+    peer.send_multipart([b"hosted", body])
+    identity, answer = peer.recv_multipart()
+    assert identity == b"hosted"
+    return answer
+
+
+def test_a_frame_is_answered_on_the_hub_thread(
+        wired: tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]) -> None:
+    peer, hub, refs = wired
+    refs.append(Echo.start(hub))
+    # The dealer connects in the background: a frame sent before it did would be dropped.
+    deadline = time.monotonic() + DEADLINE_S
+    peer.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    while True:
+        try:
+            assert _round_trip(peer, b"one") == b"echo:one"
+            break
+        except zmq.ZMQError:
+            assert time.monotonic() < deadline, "the hub's dealer never connected"
+            time.sleep(0.01)
+    assert _round_trip(peer, b"two") == b"echo:two"
+    threads, _ = refs[0].ask(("ask",), timeout=DEADLINE_S)
+    assert threads == ["transport-hub"]
+
+
+def test_what_other_threads_tell_wakes_the_hub_and_keeps_each_threads_order(
+        wired: tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]) -> None:
+    _peer, hub, refs = wired
+    ref = Echo.start(hub)
+    refs.append(ref)
+    per_thread = 2_000
+
+    def tell_all(sender: int) -> None:
+        for i in range(per_thread):
+            ref.tell(("told", sender, i))
+
+    senders = [threading.Thread(target=tell_all, args=(n,)) for n in range(6)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join(DEADLINE_S)
+    # The ask itself wakes the hub: it is answered after everything told before it.
+    order = ref.ask(("order",), timeout=DEADLINE_S)
+    assert order == {n: list(range(per_thread)) for n in range(6)}
+
+
+def test_an_actor_that_keeps_telling_itself_does_not_starve_the_sockets(
+        wired: tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]) -> None:
+    peer, hub, refs = wired
+    ref = Echo.start(hub)
+    refs.append(ref)
+    peer.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    deadline = time.monotonic() + DEADLINE_S
+    ref.tell(("spin",))
+    # It spins until a frame reaches it; a hub that ran it to the end of its inbox never reads
+    # the socket again, and this would time out.
+    while True:
+        try:
+            peer.send_multipart([b"hosted", b"stop"])
+            break
+        except zmq.ZMQError:
+            assert time.monotonic() < deadline, "the hub's dealer never connected"
+            time.sleep(0.01)
+    assert peer.recv_multipart() == [b"hosted", b"echo:stop"]
+    assert ref.ask(("ask",), timeout=DEADLINE_S) is not None
+
+
+def test_a_crashed_actor_stops_alone_and_leaves_the_loop(
+        wired: tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]) -> None:
+    _peer, hub, refs = wired
+    survivor = Echo.start(hub)
+    crashing = Echo.start(hub)
+    refs.append(survivor)
+    crashing.tell(("boom",))
+    deadline = time.monotonic() + DEADLINE_S
+    while crashing.is_alive():
+        assert time.monotonic() < deadline, "the crashed actor did not stop"
+        time.sleep(0.01)
+    with pytest.raises(pykka.ActorDeadError):
+        crashing.ask(("ask",), timeout=DEADLINE_S)
+    survivor.tell(("told", 1, 7))
+    assert survivor.ask(("order",), timeout=DEADLINE_S) == {1: [7]}
+    # A stopped actor is no longer run: only the survivor's turn is left.
+    deadline = time.monotonic() + DEADLINE_S
+    while len(hub._hosted) != 1:
+        assert time.monotonic() < deadline, "the stopped actor's turn stayed in the loop"
+        time.sleep(0.01)
+
+
+def test_stop_runs_on_stop_and_refuses_later_messages(
+        wired: tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]) -> None:
+    _peer, hub, _refs = wired
+    actor = Echo.start(hub)
+    proxy_stopped = actor.proxy().stopped.get(timeout=DEADLINE_S)
+    actor.stop(timeout=DEADLINE_S)
+    assert proxy_stopped.is_set()
+    with pytest.raises(pykka.ActorDeadError):
+        actor.tell(("told", 0, 0))
