@@ -1795,7 +1795,8 @@ def main(argv: list[str] | None = None, *,
     def on_frames(_socket: str, frames: list[bytes]) -> None:
         # A node may say hello as soon as we listen (LocalCluster's node is started beside
         # this master, and connects before it binds): hold it until the actors exist.
-        started.wait(10)
+        if not started.is_set():  # Event.wait takes a lock even when set: per frame
+            started.wait(10)
         try:
             inbound = route_frames(frames)
         except MalformedMessage as exc:

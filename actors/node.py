@@ -725,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     started = threading.Event()
 
     def on_frames(socket: str, frames: list[bytes]) -> None:
-        started.wait(10)
+        if not started.is_set():  # Event.wait takes a lock even when set: per frame
+            started.wait(10)
         try:
             assert node_ref is not None and sync_ref is not None
             relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends, gate, results)
@@ -735,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_event(socket: str, what: str) -> None:
         # A refused key is known within milliseconds of the hub's start, before the Node
         # actor exists: wait for it, as on_frames does, or the refusal is lost.
-        started.wait(10)
+        if not started.is_set():  # Event.wait takes a lock even when set: per frame
+            started.wait(10)
         if socket == MASTER and what == "disconnected":
             gate.close()  # here, on the hub thread: no worker frame slips past it
         tell_if_alive(node_ref, ConnectionEvent(socket, what))

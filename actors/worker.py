@@ -696,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     started = threading.Event()
 
     def on_frames(_socket: str, frames: list[bytes]) -> None:
-        started.wait(10)  # the node may answer our Hello before start() has returned
+        if not started.is_set():  # Event.wait takes a lock even when set: per frame
+            started.wait(10)  # the node may answer our Hello before start() has returned
         try:
             message = m.decode(frames[-1])
             if isinstance(message, m.DataReply):
