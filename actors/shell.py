@@ -150,7 +150,13 @@ class HubShell(Shell):
         return _HubInbox()
 
     def _start_actor_loop(self) -> None:
-        self.hub.host(self._hub_turn)
+        try:
+            self.hub.host(self._hub_turn)
+        except BaseException:
+            # pykka registered it already: a registry that kept it would wait on it to stop.
+            pykka.ActorRegistry.unregister(self.actor_ref)
+            self.actor_stopped.set()
+            raise
 
     def _handle_receive(self, message: Any) -> Any:
         # pykka meets a BaseException from a handler (SystemExit, KeyboardInterrupt raised by

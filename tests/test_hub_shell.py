@@ -188,3 +188,11 @@ def test_stop_runs_on_stop_and_refuses_later_messages(
     assert proxy_stopped.is_set()
     with pytest.raises(pykka.ActorDeadError):
         actor.tell(("told", 0, 0))
+
+
+def test_an_actor_cannot_be_hosted_by_a_hub_that_has_not_started() -> None:
+    hub = Hub(lambda _socket, _frames: None)
+    with pytest.raises(RuntimeError, match="before Hub.start"):
+        Echo.start(hub)
+    assert not pykka.ActorRegistry.get_by_class(Echo)  # nothing left for stop_all to wait on
+    hub.stop()

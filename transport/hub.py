@@ -155,8 +155,8 @@ class _LoopOutbox(Outbox):
     """The outbox of code on the hub thread (a hosted actor): it queues for the end of the turn,
     no socket and no wake-up."""
 
-    def __init__(self, hub: Hub) -> None:  # noqa: D107 - no PUSH socket: nothing to wake
-        self._hub = hub
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub  # and no PUSH socket: there is nothing to wake
 
     def send(self, socket_name: str, frames: list[bytes]) -> None:
         self._hub._defer_checked(socket_name.encode(), frames)
@@ -322,6 +322,8 @@ class Hub:
         """Run ``turn`` on the hub thread at every turn of its loop, after what the turn received
         and before what it sends leaves, until it returns None (see "Hosted work"). From any
         thread, once the hub has started; stop what is hosted before the hub."""
+        if self._poke_w < 0:
+            raise RuntimeError("Hub.host() before Hub.start() (or after stop)")
         self._hosted.append(turn)  # list.append: thread-safe; the loop reads it each turn
         self.poke()
 
