@@ -276,11 +276,10 @@ def test_a_failing_unit_fails_the_task_and_its_workers_stay_warm(s4: Harness) ->
     assert {w.warm_for for w in s.state.workers.values()} == {WarmKey("c1")}
 
 
-@pytest.mark.parametrize("harness", [Harness(batched=True),
-                                     Harness(restart_after_error=True, batched=True)],
+@pytest.mark.parametrize("restart_after_error", [False, True],
                          ids=["a fatal error", "restart after any error"])
-def test_a_fatal_error_or_the_restart_option_kills_the_workers(harness: Harness) -> None:
-    s = harness
+def test_a_fatal_error_or_the_restart_option_kills_the_workers(restart_after_error: bool) -> None:
+    s = Harness(restart_after_error=restart_after_error, batched=True)  # fresh at each run
     s(ev.NodeJoined, "n1")
     s(ev.WorkerReady, "n1", "w1")
     s(ev.WorkerReady, "n1", "w2")

@@ -207,3 +207,34 @@ def test_a_task_that_would_not_load_drops_its_input_until_released_then_the_next
         assert [(o.index, o.ok, loads(o.value)) for o in done.outcomes] == [(7, True, 14)]
         assert slot_changes(log) == [
             ("t1", "idle", "failed"), ("", "failed", "idle"), ("t2", "idle", "helping")]
+
+
+def test_a_refused_change_names_the_task_and_carries_the_story_a_log_shows() -> None:
+    slot = WorkerSlot()
+    with pytest.raises(InvalidTransition) as idle:
+        slot.move(Slot.HOSTING, "")
+    assert idle.value.key == "worker slot (no task)"
+    with pytest.raises(InvalidTransition) as named:
+        slot.move(Slot.IDLE, "t9")  # an idle slot names no task
+    assert named.value.key == "worker slot (t9)"
+    slot.move(Slot.LOADING, "t1")
+    with pytest.raises(InvalidTransition) as missing:
+        slot.move(Slot.LOADING, "t1")  # not in the table
+    assert missing.value.key == "worker slot (t1)"
+    with pytest.raises(InvalidTransition) as switched:
+        slot.move(Slot.HELPING, "t2")
+    assert (switched.value.key, switched.value.start, switched.value.finish) == (
+        "worker slot (t1 -> t2)", "loading", "helping")
+    assert switched.value.story == [("t1", "idle", "loading")]
+    assert "t1 -> t2" in str(switched.value) and "('t1', 'idle', 'loading')" in str(switched.value)
+
+
+def test_a_long_lived_worker_keeps_only_the_last_of_its_story() -> None:
+    from actors.core.worker_slot import STORY_LENGTH
+
+    slot = WorkerSlot()
+    for n in range(STORY_LENGTH + 5):
+        slot.move(Slot.HOSTING, f"t{n}")
+        slot.move(Slot.IDLE, "")
+    assert len(slot.story) == STORY_LENGTH
+    assert slot.story[-1] == (f"t{STORY_LENGTH + 4}", "hosting", "idle")
