@@ -371,3 +371,106 @@ def test_the_package_core_does_no_io(module):
             imported.add(node.module.split(".")[0])
     assert not imported & FORBIDDEN
     assert "open(" not in (CORE / module).read_text()
+
+
+# --- what a mutation run of this core found unchecked ------------------------------
+
+
+def test_a_truncated_archive_says_so_and_trailing_bytes_are_counted():
+    archive = pack(FILES)
+    with pytest.raises(PackageIntegrityError, match="truncated") as caught:
+        unpack(archive[:-3], "pkg")  # inside the last file's content
+    assert caught.value.package == "pkg"
+    with pytest.raises(PackageIntegrityError, match="bad archive: 3 trailing bytes"):
+        unpack(archive + b"abc")
+
+
+def test_a_file_nested_two_levels_inside_a_file_is_refused():
+    with pytest.raises(PackageIntegrityError, match="inside a file"):
+        unpack(raw_archive([("a/b", b"file"), ("a/b/c.py", b"x")]))
+
+
+def test_broken_modules_before_a_good_one_hide_nothing_and_say_what_and_where():
+    found = list_tasks(
+        "pkg",
+        {
+            "a_deep.py": ("x = " + "+".join(["1"] * 200_000)).encode(),  # the parser gives up
+            "b-dash.py": b"from actors import Task\nclass T(Task): pass\n",
+            "c_syntax.py": b"from actors import Task\nclass Oops(Task)\n    pass\n",
+            "d_good.py": b"from actors import Task\nclass Fine(Task):\n    pass\n",
+        },
+    )
+    assert [(t.name, t.package, t.doc) for t in found.tasks] == [("pkg.d_good:Fine", "pkg", "")]
+    assert [(b.package, b.module, b.line) for b in found.broken] == [
+        ("pkg", "a_deep.py", None), ("pkg", "b-dash.py", None), ("pkg", "c_syntax.py", 2)]
+    # (RecursionError on CPython 3.11; another version's parser may give up otherwise)
+    assert found.broken[0].error.split(": ")[0] in ("RecursionError", "MemoryError",
+                                                     "SyntaxError")
+    assert found.broken[1].error == "defines tasks but is not an importable module name"
+    assert found.broken[2].error.startswith("SyntaxError: ")
+
+
+def test_an_aliased_import_of_something_else_is_no_task_base():
+    found = listing(
+        "from actors import Client as Task2\nfrom json import JSONDecoder as J\n"
+        "class A(Task2): pass\nclass B(J): pass\n"
+    )
+    assert found.tasks == () and found.broken == ()
+
+
+def test_a_subclass_written_before_its_base_is_found_and_bases_are_read_through_generics():
+    found = listing(
+        "import actors\nfrom actors import Task\n"
+        "class Late(Early):\n    pass\n"
+        "class Early(Task[int]):\n    def work(self, x): pass\n"
+        "class Dotted(actors.ParallelTask): pass\n"
+    )
+    assert [(t.class_name, t.kind, t.parameters) for t in found.tasks] == [
+        ("Late", TaskKind.TASK, ("x",)), ("Early", TaskKind.TASK, ("x",)),
+        ("Dotted", TaskKind.PARALLEL, None)]
+
+
+def test_arguments_are_found_through_every_base_of_the_same_module():
+    found = listing(
+        "from actors import Task\n"
+        "class A(Task): pass\n"
+        "class B(A): pass\n"
+        "class E:\n    def work(self, e): pass\n"
+        "class C(A, E): pass\n"
+        "class D(B, C): pass\n"  # A is reached twice before E
+    )
+    assert {t.class_name: t.parameters for t in found.tasks}["D"] == ("e",)
+
+
+@pytest.mark.timeout(20)
+def test_bases_that_name_each_other_do_not_hang_the_listing():
+    """Not importable Python, but parseable: a package sent to be listed must not hang the
+    master or a node."""
+    found = listing("from actors import Task\nclass A(Task, B): pass\nclass B(A): pass\n")
+    assert {t.class_name: t.parameters for t in found.tasks} == {"A": None, "B": None}
+
+
+def test_a_nul_byte_in_a_path_is_refused():
+    with pytest.raises(PackageIntegrityError, match="backslash or NUL"):
+        unpack(raw_archive([("a\x00.py", b"x")]), "pkg")
+
+
+@pytest.mark.parametrize(("name", "valid"), [
+    ("wordcount", True), ("word_count2", True), ("class", False), ("import", False),
+    ("word-count", False), ("2fast", False), ("", False)])
+def test_a_package_name_is_an_identifier_and_no_keyword(name, valid):
+    from actors.core.packages import is_valid_package_name
+
+    assert is_valid_package_name(name) is valid
+
+
+def test_a_package_built_from_bad_files_is_refused_by_its_name():
+    with pytest.raises(PackageIntegrityError, match="duplicate") as caught:
+        PackageVersion.from_files("mypkg", [("a.py", b"1"), ("a.py", b"2")])
+    assert caught.value.package == "mypkg"
+    with pytest.raises(PackageIntegrityError) as packed:
+        pack([("a\\b.py", b"")], "other")
+    assert packed.value.package == "other"
+    with pytest.raises(PackageIntegrityError) as versioned:
+        version_of([("/abs.py", b"")], "third")
+    assert versioned.value.package == "third"
