@@ -521,3 +521,82 @@ def test_a_node_follows_the_master_through_an_edit_and_cleans_up_after_itself():
     node_does(feed(client, Tick(now=1060.0)), 1060.0)
     assert disk == {("wc", V2.version)}
     assert feed(server, Tick(now=1060.0)) == [DropSnapshot("wc", V1.version)]
+
+
+# --- what a mutation run of this core found unchecked ------------------------------
+
+
+def test_chunks_that_do_not_form_an_archive_are_thrown_away_and_the_clock_restarts():
+    """Garbage of the right length (not a wrong hash: no archive at all): every chunk is
+    dropped and fetched again from scratch, the stall clock starts at the restart, and the
+    last failure says what was wrong and how often it was tried."""
+    client, _ = fetching_client(window=1000, max_attempts=3, transfer_timeout_s=10.0)
+    garbage = [ChunkReceived("wc", V1.version, c.index, c.total, b"\xff" * len(c.data), now=5.0)
+               for c in chunk_events(V1)]
+    out = feed(client, *garbage)
+    assert out[-1] == RequestChunks("wc", V1.version, 0, 1000)  # from scratch, not topped up
+    assert feed(client, Tick(now=14.9)) == []
+    assert feed(client, Tick(now=15.0)) == [RequestChunks("wc", V1.version, 0, 1000)]
+    out = feed(client, *garbage)
+    assert len(out) == 1 and isinstance(out[0], VersionFailed)
+    assert "bad archive" in out[0].reason and "(after 3 attempts)" in out[0].reason
+
+
+def test_a_restart_after_a_wrong_hash_or_size_restarts_the_stall_clock_too():
+    client, _ = fetching_client(window=4, max_attempts=3, transfer_timeout_s=10.0)
+    first = chunk_events(V1)[0]
+    feed(client, ChunkReceived("wc", V1.version, 0, first.total, first.data, now=3.0))
+    out = feed(client, ChunkReceived("wc", V1.version, 1, first.total + 1, b"", now=4.0))
+    assert out == [RequestChunks("wc", V1.version, 0, 4)]
+    assert feed(client, Tick(now=13.9)) == []
+    assert feed(client, Tick(now=14.0)) == [RequestChunks("wc", V1.version, 0, 4)]
+
+
+def test_a_failed_install_restarts_the_clock_and_its_last_failure_names_it():
+    client, requests = fetching_client(window=4, max_attempts=3, transfer_timeout_s=10.0)
+    server = server_with(V1)
+    run_transfer(client, server, requests)
+    out = feed(client, InstallFinished("wc", V1.version, ok=False, reason="disk full", now=1.0))
+    assert out == [RequestChunks("wc", V1.version, 0, 4)]
+    assert feed(client, Tick(now=10.9)) == []
+    again = feed(client, Tick(now=11.0))
+    assert again == [RequestChunks("wc", V1.version, 0, 4)]
+    run_transfer(client, server, again)
+    out = feed(client, InstallFinished("wc", V1.version, ok=False, reason="disk full", now=12.0))
+    assert len(out) == 1 and isinstance(out[0], VersionFailed)
+    assert out[0].reason == "install failed: disk full (after 3 attempts)"
+
+
+@pytest.mark.parametrize("kwargs", [{"window": 0}, {"max_attempts": 0}])
+def test_a_client_needs_a_window_and_an_attempt(kwargs):
+    SyncClientState(window=1, max_attempts=1)  # the least there is
+    with pytest.raises(ValueError, match="at least 1"):
+        SyncClientState(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"chunk_size": 0}, {"max_chunks_per_request": 0}])
+def test_a_server_needs_a_chunk_size_and_a_chunk_per_request(kwargs):
+    SyncServerState(chunk_size=1, max_chunks_per_request=1)
+    with pytest.raises(ValueError, match="at least 1"):
+        SyncServerState(**kwargs)
+
+
+def test_one_scan_announces_every_package_that_changed_and_every_one_deleted():
+    other = package("other", "o1")
+    server = SyncServerState(chunk_size=CHUNK)
+    out = feed(server, PackagesScanned({"wc": V1, "other": other}, now=0.0))
+    assert sorted(out, key=repr) == sorted([NewestChanged("wc", V1.version),
+                                            NewestChanged("other", other.version)], key=repr)
+    out = feed(server, PackagesScanned({}, now=1.0))
+    assert sorted(out, key=repr) == sorted([NewestChanged("wc", None),
+                                            NewestChanged("other", None)], key=repr)
+
+
+def test_two_transfers_stalled_at_one_tick_are_both_asked_again():
+    client, _ = fetching_client(window=4, transfer_timeout_s=10.0)
+    other = package("other", "o1")
+    feed(client, VersionNeeded("other", other.version, "w2", now=0.0))
+    feed(client, CacheChecked("other", other.version, CacheStatus.MISSING, now=0.0))
+    out = feed(client, Tick(now=10.0))
+    assert sorted(out, key=repr) == sorted([RequestChunks("wc", V1.version, 0, 4),
+                                            RequestChunks("other", other.version, 0, 4)], key=repr)
