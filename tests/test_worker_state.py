@@ -849,3 +849,40 @@ def test_a_key_larger_than_the_limits_still_goes_alone() -> None:
                                 stimulus_id="s1", now=0.0))
     assert out == [Fetch(("big",), "p1", stimulus_id="s1")]
     assert ws.handle(fetched("s2", "big", "p1")) == [Fetch(("small",), "p1", stimulus_id="s2")]
+
+
+# --- what a mutation run of this core found unchecked ------------------------------
+
+
+def test_the_schedulers_word_on_a_size_counts_once_and_never_below_zero(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p2",)}))
+    ws.handle(fetch_failed("s2", "x", "p1"))
+    ws.handle(WhoHasUpdate("x", ("p3",), -5, stimulus_id="s3", now=1.0))  # a bad size: none
+    assert ws.units["x"].nbytes == 0
+    ws.handle(WhoHasUpdate("y", ("p2",), 70, stimulus_id="s4", now=1.0))
+    ws.handle(WhoHasUpdate("y", ("p2",), 10, stimulus_id="s5", now=1.0))  # known: kept
+    assert ws.units["y"].nbytes == 70
+    assert ws.handle(WhoHasUpdate("zz", ("p2",), 10, stimulus_id="s6", now=1.0)) == []
+    assert "zz" not in ws.units  # a key it never heard of stays unknown
+
+
+def test_a_kept_result_has_its_size_and_task_and_is_in_the_story(ws: WorkerState) -> None:
+    ws.handle(KeepResult("t:3", "t", b"12345", stimulus_id="run1 kept", now=1.0))
+    unit = ws.units["t:3"]
+    assert unit.nbytes == 5 and unit.spec is not None
+    assert (unit.spec.key, unit.spec.task_id) == ("t:3", "t")
+    assert ws.story("t:3") == [("t:3", S.RELEASED, S.MEMORY, "run1 kept", 1.0)]
+
+
+def test_a_worker_needs_a_thread_and_a_fetch(ws: WorkerState) -> None:
+    WorkerState(nthreads=1, max_fetches=1)  # the least there is
+    for kwargs in ({"nthreads": 0}, {"max_fetches": 0}):
+        with pytest.raises(ValueError, match="at least 1"):
+            WorkerState(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_story_is_bounded_by_default() -> None:
+    ws = WorkerState()
+    for n in range(5_100):
+        ws.handle(compute(f"s{n}", f"k{n}"))
+    assert len(ws.story(*(f"k{n}" for n in range(5_100)))) == 10_000
