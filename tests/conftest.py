@@ -47,6 +47,24 @@ def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str
         delay = min(delay * 1.5, 0.2)
 
 
+@pytest.fixture
+def raw_router(tmp_path: Path) -> Iterator[tuple[Any, str]]:
+    """A bare ZeroMQ ROUTER bound on ipc (a peer with no hub of its own), and its address."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    address = f"ipc://{tmp_path}/raw.sock"
+    sock.bind(address)
+    try:
+        yield sock, address
+    finally:
+        sock.close()
+        ctx.term()
+
+
 def _parents() -> dict[int, int]:
     """Every live process's parent, from /proc (zombies left out)."""
     parents: dict[int, int] = {}

@@ -6,9 +6,7 @@ answered, a crash stops only that actor, a stopped actor leaves the loop)."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pykka
@@ -16,6 +14,7 @@ import pytest
 import zmq
 
 from actors.shell import HubShell
+from tests.conftest import wait_until
 from transport import Hub
 
 DEADLINE_S = 10.0
@@ -62,13 +61,9 @@ class Echo(HubShell):
 
 
 @pytest.fixture
-def wired(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]]:
-    ctx = zmq.Context()
-    peer = ctx.socket(zmq.ROUTER)
-    peer.setsockopt(zmq.LINGER, 0)
-    peer.setsockopt(zmq.RCVTIMEO, int(DEADLINE_S * 1000))
-    address = f"ipc://{tmp_path}/peer.sock"
-    peer.bind(address)
+def wired(raw_router: tuple[zmq.Socket[bytes], str]
+          ) -> Iterator[tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]]:
+    peer, address = raw_router
     refs: list[pykka.ActorRef[Any]] = []
 
     def on_frames(_socket: str, frames: list[bytes]) -> None:
@@ -85,8 +80,6 @@ def wired(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], Hub, list[pykka.A
             if ref.is_alive():
                 ref.stop(timeout=DEADLINE_S)
         hub.stop()
-        peer.close()
-        ctx.term()
 
 
 def _round_trip(peer: zmq.Socket[bytes], body: bytes) -> bytes:
@@ -96,20 +89,26 @@ def _round_trip(peer: zmq.Socket[bytes], body: bytes) -> bytes:
     return answer
 
 
+def _send_once_connected(peer: zmq.Socket[bytes], body: bytes) -> None:
+    """The hub's dealer connects in the background: a ROUTER_MANDATORY send fails until it has."""
+    peer.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+    def sent() -> bool:
+        try:
+            peer.send_multipart([b"hosted", body])
+            return True
+        except zmq.ZMQError:
+            return False
+
+    wait_until(sent, DEADLINE_S, "the hub's dealer to connect")
+
+
 def test_a_frame_is_answered_on_the_hub_thread(
         wired: tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]) -> None:
     peer, hub, refs = wired
     refs.append(Echo.start(hub))
-    # The dealer connects in the background: a frame sent before it did would be dropped.
-    deadline = time.monotonic() + DEADLINE_S
-    peer.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    while True:
-        try:
-            assert _round_trip(peer, b"one") == b"echo:one"
-            break
-        except zmq.ZMQError:
-            assert time.monotonic() < deadline, "the hub's dealer never connected"
-            time.sleep(0.01)
+    _send_once_connected(peer, b"one")
+    assert peer.recv_multipart() == [b"hosted", b"echo:one"]
     assert _round_trip(peer, b"two") == b"echo:two"
     threads, _ = refs[0].ask(("ask",), timeout=DEADLINE_S)
     assert threads == ["transport-hub"]
@@ -141,18 +140,10 @@ def test_an_actor_that_keeps_telling_itself_does_not_starve_the_sockets(
     peer, hub, refs = wired
     ref = Echo.start(hub)
     refs.append(ref)
-    peer.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    deadline = time.monotonic() + DEADLINE_S
     ref.tell(("spin",))
     # It spins until a frame reaches it; a hub that ran it to the end of its inbox never reads
     # the socket again, and this would time out.
-    while True:
-        try:
-            peer.send_multipart([b"hosted", b"stop"])
-            break
-        except zmq.ZMQError:
-            assert time.monotonic() < deadline, "the hub's dealer never connected"
-            time.sleep(0.01)
+    _send_once_connected(peer, b"stop")
     assert peer.recv_multipart() == [b"hosted", b"echo:stop"]
     assert ref.ask(("ask",), timeout=DEADLINE_S) is not None
 
@@ -164,19 +155,13 @@ def test_a_crashed_actor_stops_alone_and_leaves_the_loop(
     crashing = Echo.start(hub)
     refs.append(survivor)
     crashing.tell(("boom",))
-    deadline = time.monotonic() + DEADLINE_S
-    while crashing.is_alive():
-        assert time.monotonic() < deadline, "the crashed actor did not stop"
-        time.sleep(0.01)
+    wait_until(lambda: not crashing.is_alive(), DEADLINE_S, "the crashed actor to stop")
     with pytest.raises(pykka.ActorDeadError):
         crashing.ask(("ask",), timeout=DEADLINE_S)
     survivor.tell(("told", 1, 7))
     assert survivor.ask(("order",), timeout=DEADLINE_S) == {1: [7]}
     # A stopped actor is no longer run: only the survivor's turn is left.
-    deadline = time.monotonic() + DEADLINE_S
-    while len(hub._hosted) != 1:
-        assert time.monotonic() < deadline, "the stopped actor's turn stayed in the loop"
-        time.sleep(0.01)
+    wait_until(lambda: len(hub._hosted) == 1, DEADLINE_S, "the stopped actor's turn to go")
 
 
 def test_stop_runs_on_stop_and_refuses_later_messages(

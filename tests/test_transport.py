@@ -44,21 +44,6 @@ def router(tmp_path: Path) -> Iterator[tuple[Hub, Received, str]]:
         hub.stop()
 
 
-@pytest.fixture
-def raw_router(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], str]]:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(DEADLINE_S * 1000))
-    address = f"ipc://{tmp_path}/raw.sock"
-    sock.bind(address)
-    try:
-        yield sock, address
-    finally:
-        sock.close()
-        ctx.term()
-
-
 def dealer_hub(address: str, identity: bytes) -> tuple[Hub, Received]:
     received = Received()
     hub = Hub(received)
