@@ -736,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_event(socket: str, what: str) -> None:
         # A refused key is known within milliseconds of the hub's start, before the Node
         # actor exists: wait for it, as on_frames does, or the refusal is lost.
-        if not started.is_set():  # Event.wait takes a lock even when set: per frame
+        if not started.is_set():
             started.wait(10)
         if socket == MASTER and what == "disconnected":
             gate.close()  # here, on the hub thread: no worker frame slips past it
