@@ -114,6 +114,9 @@ class LocalCluster:
             "--tasks-dir", str(tasks_dir) if tasks_dir else os.path.join(self._tmp, "tasks"),
             "--package-grace", str(package_grace), "--no-banner",
             *(["--state-dir", str(state_dir)] if state_dir else ["--ephemeral"]),
+            # A process killed outright (kill -9, a notebook kernel killed) runs no finalizer:
+            # the master then sees its parent gone and stops, with its node and workers.
+            "--exit-with-parent",
         ]
         if restart_after_error:
             master_args.append("--restart-after-error")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import zmq
 
 from actors import Client, LocalCluster, Task
 from actors.cluster import ClusterStartFailed, _reserve_port
-from tests.conftest import alive, children, descendants, wait_until
+from tests.conftest import alive, children, descendants, kill_all, python, wait_until
 from transport import init_keys
 
 pytestmark = pytest.mark.processes
@@ -133,3 +134,35 @@ def test_a_local_cluster_removes_what_one_killed_before_it_left_behind(tmp_path:
         assert not stale.exists()
         assert Path(cluster.keys_dir).is_dir()
     assert not Path(cluster.keys_dir).exists()
+
+
+_SCRIPT_THEN_KILLED = """
+import sys, time
+from actors import Client, LocalCluster
+cluster = LocalCluster(workers=2)
+client = Client(cluster)
+client.wait_for_workers(2)
+print(cluster.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_cluster_does_not_outlive_the_script_that_made_it_when_that_is_killed() -> None:
+    """A notebook's kernel killed, a script hit by kill -9: no finalizer runs, yet the master,
+    its node and workers must not live on without anyone (they hold memory, ports, keys)."""
+    script = python("-c", _SCRIPT_THEN_KILLED, stdout=subprocess.PIPE)
+    cluster: set[int] = set()
+    try:
+        line = script.stdout.readline()  # type: ignore[union-attr]
+        assert line.strip().isdigit(), f"the script did not start its cluster: {line!r}"
+        master = int(line)
+        cluster = {master, *descendants(master)}
+        assert len(cluster) == 4  # master, node, 2 workers
+        os.kill(script.pid, signal.SIGKILL)
+        script.wait(10)
+        wait_until(lambda: not any(alive(p) for p in cluster), 20,
+                   "the master, node and workers to end with their script")
+    finally:
+        kill_all({script.pid, *descendants(script.pid), *cluster})  # (reparented once it died)
+        script.wait(10)
+        script.stdout.close()  # type: ignore[union-attr]
