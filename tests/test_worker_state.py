@@ -886,3 +886,39 @@ def test_the_story_is_bounded_by_default() -> None:
     for n in range(5_100):
         ws.handle(compute(f"s{n}", f"k{n}"))
     assert len(ws.story(*(f"k{n}" for n in range(5_100)))) == 10_000
+
+
+def test_only_a_unit_at_rest_and_not_running_can_be_kept(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"))  # executing: holds a thread
+    ws.handle(compute("s2", "b", "x", who_has={"x": ("p1",)}))
+    ws.handle(fetch_failed("s3", "x", "p1"))  # missing: at rest
+    assert states(ws)["x"] is S.MISSING and ws.can_keep("x")
+    assert states(ws)["a"] is S.EXECUTING and not ws.can_keep("a")
+    ws.handle(done("s4", "a"))  # in memory: its data is here already
+    assert states(ws)["a"] is S.MEMORY and not ws.can_keep("a")
+
+
+def test_a_lost_peer_fails_its_own_transfers_all_of_them_and_no_others() -> None:
+    ws = make_state(max_fetches=3)
+    ws.handle(compute("s1", "b", "x", "z", who_has={"x": ("p1",), "z": ("p1",)}))
+    ws.handle(compute("s2", "c", "y", who_has={"y": ("p2",)}))
+    assert ws.in_flight == {"x": "p1", "y": "p2", "z": "p1"}
+    ws.handle(lost("s3", "p1"))
+    assert ws.in_flight == {"y": "p2"}
+    assert states(ws)["x"] is S.MISSING and states(ws)["z"] is S.MISSING
+
+
+def test_the_most_wanted_input_is_fetched_first() -> None:
+    ws = make_state(max_fetches=1)
+    ws.handle(compute("s1", "busy", "w", who_has={"w": ("p9",)}))  # the one fetch slot, taken
+    ws.handle(compute("s2", "low", "x", who_has={"x": ("p1",)}, priority=1))
+    ws.handle(compute("s3", "high", "y", who_has={"y": ("p2",)}, priority=5))
+    assert ws.handle(fetched("s4", "w", "p9"))[-1] == Fetch(("y",), "p2", stimulus_id="s4")
+
+
+def test_a_refused_transition_names_its_key_and_where_it_was_asked_to_go(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"))
+    ws.handle(done("s2", "a"))
+    with pytest.raises(InvalidTransition) as refused:
+        ws.handle(failed("s3", "a"))  # in memory already: no error now
+    assert (refused.value.key, refused.value.finish) == ("a", S.ERROR)
