@@ -545,11 +545,7 @@ class Hub:
         self._wake_pending = False  # before taking: see Outbox.send
         outgoing = self._outgoing
         for _ in range(min(len(outgoing), _TURN_ITEMS)):
-            name, frames = outgoing.popleft()
-            if name not in sockets:
-                log.error("send_to_unknown_socket", socket=name.decode(errors="replace"))
-                continue
-            self._defer(name, frames)
+            self._defer_checked(*outgoing.popleft())
 
     def _defer_checked(self, name: bytes, frames: list[bytes]) -> None:
         if name not in self._sockets:
