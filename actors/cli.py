@@ -13,9 +13,8 @@ import time
 import msgspec
 
 from actors import logs, ssh_launch
-from actors.cluster import default_keys_dir
 from actors.errors import ActorsError
-from actors.launch import master_arg
+from actors.launch import default_keys_dir, master_arg
 from actors.messages import OutputLine
 from transport import init_keys
 from transport.keys import add_key

@@ -33,7 +33,7 @@ import zmq
 from actors import __version__
 from actors import messages as m
 from actors.addresses import master_address
-from actors.cluster import LocalCluster, default_keys_dir
+from actors.cluster import LocalCluster
 from actors.display import TaskLine, in_notebook, show_lines
 from actors.errors import (
     ClientClosed,
@@ -51,6 +51,7 @@ from actors.errors import (
 )
 from actors.functions import check_function_arguments, function_task
 from actors.inputs import collecting, reduce_future
+from actors.launch import default_keys_dir
 from actors.node_data import boot_id
 from actors.serialize import (
     dumps,

@@ -12,14 +12,28 @@ import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import structlog
 
 from actors.addresses import master_address
 from actors.errors import InvalidAddress
+from actors.forking import ChildProcess
 from transport import ensure_keys
 
 log = structlog.get_logger("actors.launch")
+
+
+def default_keys_dir() -> str:
+    return os.environ.get("ACTORS_KEYS") or str(Path.home() / ".pydra-actors" / "keys")
+
+
+def local_node_command(address: str, workers: int, keys: str, package_grace: float,
+                       cache: str | None) -> list[str]:
+    """The command line of a master's local node (it exits when the master does)."""
+    cmd = [sys.executable, "-m", "actors.node", "--master", address, "--workers", str(workers),
+           "--keys", keys, "--exit-with-parent", "--package-grace", str(package_grace)]
+    return cmd + ["--cache", cache] if cache else cmd
 
 
 def stop_on_signals(stop: threading.Event) -> None:
@@ -67,7 +81,7 @@ def run_script(command: list[str], address: str, keys: str, stop: threading.Even
     threading.Thread(target=wait, name="run-script", daemon=True).start()
 
 
-def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+def stop_process(proc: ChildProcess, grace: float) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

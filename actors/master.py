@@ -32,7 +32,6 @@ import structlog
 
 from actors import __version__, logs, memory
 from actors import messages as m
-from actors.cluster import default_keys_dir, local_node_command
 from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.core import scheduler_events as ev
 from actors.core.packages import PackageVersion
@@ -52,9 +51,12 @@ from actors.errors import (
     UnknownTask,
     WorkerKilled,
 )
+from actors.forking import ChildProcess
 from actors.journal import RESULTS_BUFFERED, Journal, Restored, TaskRow
 from actors.launch import (
+    default_keys_dir,
     ensure_keys_logged,
+    local_node_command,
     run_script,
     stop_on_signals,
     stop_process,
@@ -1707,7 +1709,7 @@ def route_frames(frames: list[bytes]) -> Inbound:
 
 
 def main(argv: list[str] | None = None, *,
-                local_node: subprocess.Popen[bytes] | None = None) -> int:
+                local_node: ChildProcess | None = None) -> int:
     """``local_node``: this master's node, already started (``LocalCluster`` starts it at once,
     beside the master, with ``local_node_command``); the master stops it as its own."""
     parser = argparse.ArgumentParser(prog="python -m actors.master",
@@ -1878,7 +1880,7 @@ def main(argv: list[str] | None = None, *,
     master_ref.tell(("task_sync", sync_ref))
     started.set()
     stop_on_signals(stop)
-    node = local_node
+    node: ChildProcess | None = local_node
     if node is None and args.workers > 0:
         node = subprocess.Popen(local_node_command(address, args.workers, keys, args.package_grace,
                                                    args.cache), stdin=subprocess.DEVNULL)
@@ -1922,8 +1924,7 @@ def main(argv: list[str] | None = None, *,
     return exit_code[0]
 
 
-def _restart_local_node(node: subprocess.Popen[bytes],
-                        restarts: list[float]) -> subprocess.Popen[bytes] | None:
+def _restart_local_node(node: ChildProcess, restarts: list[float]) -> ChildProcess | None:
     """The local node died (killed, crashed): start another, unless it keeps dying."""
     now = time.monotonic()
     restarts[:] = [t for t in restarts if now - t < NODE_RESTART_WINDOW_S]
@@ -1943,7 +1944,7 @@ def _close_state(state: StateDir, path: tuple[str, int], temporary: bool) -> Non
         os.close(path[1])
 
 
-def _stop_local_node(node: subprocess.Popen[bytes] | None) -> None:
+def _stop_local_node(node: ChildProcess | None) -> None:
     if node is not None:
         stop_process(node, grace=10.0)
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from actors.contain import Plan, contain_or_exit, wipe_initial_environment
+from actors.forking import fork_is_safe
 
 # What a worker may see of the node's environment; everything else is scrubbed.
 _ENV_KEPT = ("PATH", "PYTHONPATH", "LANG", "TZ", "VIRTUAL_ENV", "SYSTEMROOT")
@@ -50,7 +50,7 @@ def worker_args(ipc_address: str, worker_id: str) -> list[str]:
 
 def can_fork() -> bool:
     """Linux only (elsewhere a fork without exec is unsafe), and only while single-threaded."""
-    return sys.platform.startswith("linux") and threading.active_count() == 1
+    return fork_is_safe()
 
 
 def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int,

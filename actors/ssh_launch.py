@@ -44,9 +44,8 @@ from typing import IO, Any
 import structlog
 
 from actors import logs
-from actors.cluster import default_keys_dir
 from actors.errors import ActorsError
-from actors.launch import ensure_keys_logged, stop_on_signals, stop_process
+from actors.launch import default_keys_dir, ensure_keys_logged, stop_on_signals, stop_process
 from actors.ssh_remote import LaunchRequest, encode_request
 
 log = structlog.get_logger("actors.ssh")

@@ -101,7 +101,8 @@ def _measure(runtime: Runtime, settings: Settings, workload: str, variant: str, 
              workers_per_node: int | None = None) -> list[Result]:
     """MB/s of ``call(session, n, nbytes)`` over ``settings.reps`` repetitions on a fresh
     session, and for pydra-actors the master's peak in each, and that peak over its idle RSS."""
-    with runtime.open(settings.workers, workers_per_node=workers_per_node) as session:
+    with runtime.open(settings.workers, workers_per_node=workers_per_node,
+                      own_memory=True) as session:
         pid = session.master_pid if runtime.key == "actors" else None
         call(session, 2 * settings.workers, WARMUP_BYTES)  # code shipped, every worker warm
         idle = rss_mib(pid) if pid is not None else math.nan

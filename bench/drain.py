@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None, out: Any = sys.stdout) -> dict[str, Any]
     parser.add_argument("--tasks", type=int, default=100_000, help="tasks per round")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
-    with LocalCluster(workers=2) as cluster, Client(cluster) as client:
+    # fork=False: the master reads as its own memory only, no page shared with this process
+    with LocalCluster(workers=2, fork=False) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         client.submit(NoopTask, 0).result(timeout=60)
         pid = cluster.pid

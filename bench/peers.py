@@ -120,9 +120,11 @@ class Runtime(ABC):
         return self.map_label
 
     @abstractmethod
-    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
-             ) -> Session:
-        """Start a cluster of ``workers`` and connect; with ``wait``, return once all are up."""
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None,
+             own_memory: bool = False) -> Session:
+        """Start a cluster of ``workers`` and connect; with ``wait``, return once all are up.
+        ``own_memory``: the master's memory will be read, so it must share no pages with this
+        process (pydra-actors forks its master from a small single-threaded caller: not then)."""
 
 
 @contextlib.contextmanager
@@ -176,9 +178,9 @@ class ActorsRuntime(Runtime):
     map_label, submit_label = "ParallelTask", "client.submit"
     task_per_unit = False
 
-    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
-             ) -> Session:
-        return ActorsSession(workers, wait, workers_per_node)
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None,
+             own_memory: bool = False) -> Session:
+        return ActorsSession(workers, wait, workers_per_node, fork=not own_memory)
 
     def open_durable(self, workers: int, state_dir: str) -> ActorsSession:
         """A cluster whose master keeps its journal in ``state_dir`` (fsync'd commits)."""
@@ -187,14 +189,14 @@ class ActorsRuntime(Runtime):
 
 class ActorsSession(Session):
     def __init__(self, workers: int, wait: bool, workers_per_node: int | None,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None, fork: bool = True) -> None:
         from actors import Client, LocalCluster
 
         self.cluster: Any
         if workers_per_node is None:
             with quiet_stdout():  # the master prints its banner for people
                 self.cluster = LocalCluster(workers=workers, log_level="warning",
-                                            state_dir=state_dir)
+                                            state_dir=state_dir, fork=fork)
         else:
             self.cluster = MultiNodeCluster(workers, workers_per_node)
         self.master_pid = self.cluster.pid
@@ -268,8 +270,8 @@ class DaskRuntime(Runtime):
     requires = ("distributed",)
     map_label, submit_label = "client.map", "client.submit"
 
-    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
-             ) -> Session:
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None,
+             own_memory: bool = False) -> Session:
         return DaskSession(workers, wait)
 
 
@@ -368,8 +370,8 @@ class RayRuntime(Runtime):
     requires = ("ray",)
     map_label, submit_label = ".remote() per unit", ".remote()"
 
-    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
-             ) -> Session:
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None,
+             own_memory: bool = False) -> Session:
         return RaySession(workers, wait)
 
 
@@ -467,8 +469,8 @@ class PoolRuntime(Runtime):
     def map_label_for(self, chunksize: int) -> str:
         return f"executor.map chunksize {chunksize}"
 
-    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None
-             ) -> Session:
+    def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None,
+             own_memory: bool = False) -> Session:
         return PoolSession(workers, wait)
 
 

@@ -36,7 +36,7 @@ def streaming(runtime: Runtime, _shared: SharedSession, settings: Settings) -> l
     chunksize = POOL_CHUNKSIZE if runtime.key == "pool" else 1
     rates, peaks_small, peaks_large = [], [], []
     for _ in range(settings.reps):
-        with runtime.open(settings.workers) as session:
+        with runtime.open(settings.workers, own_memory=True) as session:
             pid = session.master_pid
             assert pid is not None
             if runtime.key == "pool" and not reset_peak_rss(pid):

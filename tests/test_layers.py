@@ -73,8 +73,11 @@ def test_no_module_imports_a_process_entry_point() -> None:
     importers = {(name, target) for name, targets in deps.items() for target in targets
                  if target in PROCESS_ENTRY_POINTS}
     # `python -m actors` runs the tools; a node forks its first workers, which run worker.main
-    # in the child instead of starting an interpreter (prefork.py).
-    assert importers == {("actors.__main__", "actors.cli"), ("actors.prefork", "actors.worker")}
+    # in the child instead of starting an interpreter (prefork.py); a LocalCluster forks its
+    # master and node from its caller, which run master.main and node.main (local_start.py).
+    assert importers == {("actors.__main__", "actors.cli"), ("actors.prefork", "actors.worker"),
+                         *(("actors.local_start", f"actors.{entry}")
+                           for entry in ("master", "node", "worker"))}
 
 
 def test_the_transport_knows_nothing_of_tasks() -> None:

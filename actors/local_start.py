@@ -1,0 +1,78 @@
+"""How a ``LocalCluster`` starts its master and local node: forked, or as fresh interpreters.
+
+Forked (``actors/forking.py``) where that is safe, from a caller that runs one thread and holds
+less than ``FORK_MAX_RSS``: the master's first result comes ~4x sooner, since a fresh
+interpreter spends most of its start importing. Anywhere else (a notebook's kernel runs
+threads; macOS), as a fresh interpreter that starts the node before its own imports. Either
+way the node is the master's child, and the master stops it, or starts another if it dies.
+This module runs the process entry points' ``main`` in a forked child (as ``prefork.py`` runs
+a worker's): nothing imports it but ``cluster.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+
+from actors import memory
+from actors.forking import ChildProcess, fork_call, fork_is_safe
+
+# A forked master shares its caller's memory: every page the caller writes afterwards is copied,
+# and the master keeps the old one for as long as it lives. A caller holding more than this
+# (a process with its data loaded) gets a fresh interpreter instead.
+FORK_MAX_RSS = 256 << 20
+
+# A fresh master process starts its local node *before* it imports anything of pydra-actors, so
+# that both interpreters start at once rather than one after the other. The node stays the
+# master's child, as with ``python -m actors.master``: argv[1] is the node's command line
+# (JSON), the rest the master's.
+_MASTER_FIRST_STARTS_NODE = (
+    "import json, subprocess, sys\n"
+    "node = subprocess.Popen(json.loads(sys.argv[1]), stdin=subprocess.DEVNULL)\n"
+    "from actors.master import main\n"
+    "raise SystemExit(main(sys.argv[2:], local_node=node))\n"
+)
+
+
+def may_fork() -> bool:
+    return fork_is_safe() and memory.rss_bytes() < FORK_MAX_RSS
+
+
+def start_master(master_args: list[str], node: list[str], env: dict[str, str], *,
+                 fork: bool) -> tuple[ChildProcess, bool]:
+    """The master process, in a session of its own, with ``env``; ``node``: its local node's
+    command line (empty: the master starts one itself once it listens). Forked if ``fork`` and
+    ``may_fork()``. Returns the process and whether it was forked."""
+    if node:
+        cmd = [sys.executable, "-c", _MASTER_FIRST_STARTS_NODE, json.dumps(node), *master_args]
+    else:
+        cmd = [sys.executable, "-m", "actors.master", *master_args]
+    if fork and may_fork():
+        # The cluster's code imported here, once, rather than in each forked process: the
+        # imports are most of a master's start, and a script, a test or a benchmark that starts
+        # several clusters pays them once.
+        import actors.master  # noqa: F401
+        import actors.node  # noqa: F401
+        import actors.worker  # noqa: F401
+
+        if may_fork():  # (the imports start no thread: checked all the same)
+            target = functools.partial(_run_master, node, master_args)
+            return fork_call(target, args=cmd, env=env, new_session=True), True
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, start_new_session=True), False
+
+
+def _run_master(node: list[str], master_args: list[str]) -> int:
+    """In the forked child, what ``_MASTER_FIRST_STARTS_NODE`` does in a fresh interpreter: the
+    node forked first (this child runs one thread yet), then the master's main."""
+    local_node = fork_call(functools.partial(_run_node, node), args=node) if node else None
+    from actors.master import main
+
+    return main(master_args, local_node=local_node)
+
+
+def _run_node(node: list[str]) -> int:
+    from actors.node import main
+
+    return main(node[3:])  # what follows "python -m actors.node"
