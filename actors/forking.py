@@ -12,18 +12,19 @@ So ``fork_is_safe`` counts the process's threads as the kernel does, not ``threa
 inherited beyond stdout and stderr pointed at /dev/null (closed in effect: a pipe the caller
 holds still sees its end, a port it binds is not held; kept as numbers, so that an inherited
 Python object closing "its" descriptor later closes nothing of the child's); the environment
-given; the caller's Python signal handlers back to their defaults; optionally a session of its
-own. After ``target`` it leaves with ``os._exit``: the caller's ``atexit`` handlers and
-finalizers (a ``LocalCluster``'s own among them) must not run in it. The caller's objects are
-frozen out of the child's garbage collector (``gc.freeze`` around the fork), so the child never
-walks, and so never copies, the caller's memory: its pages stay shared. ``ps`` shows the child
-with its caller's command line.
+given; the caller's Python signal handlers back to their defaults and its root logger's
+handlers gone; optionally a session of its own. After ``target`` it leaves with ``os._exit``:
+the caller's ``atexit`` handlers and finalizers (a ``LocalCluster``'s own among them) must not
+run in it. The caller's objects are frozen out of the child's garbage collector (``gc.freeze``
+around the fork), so the child never walks, and so never copies, the caller's memory: its
+pages stay shared. ``ps`` shows the child with its caller's command line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import signal
 import subprocess
@@ -150,6 +151,7 @@ def _run_child(target: Callable[[], int], env: dict[str, str] | None, new_sessio
             os.setsid()
         _reset_signals()
         _drop_descriptors()
+        _reset_logging()
         if env is not None:
             os.environ.clear()
             os.environ.update(env)
@@ -177,6 +179,15 @@ def _reset_signals() -> None:
             continue
         if callable(handler) and handler is not signal.default_int_handler:
             signal.signal(sig, signal.SIG_DFL)
+
+
+def _reset_logging() -> None:
+    """The caller's handlers on the standard library's root logger are its own (a file of its,
+    a stream now pointing at /dev/null): none here, as in a fresh interpreter."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def _drop_descriptors() -> None:

@@ -143,6 +143,9 @@ report["raised"] = fork_call(boom, args=["boom"]).wait(10)
 env = fork_call(lambda: 0 if os.environ == {"ONLY": "this"} else 1, args=["env"],
                 env={"ONLY": "this"})
 report["env"] = env.wait(10)
+import logging
+logging.basicConfig(filename=os.devnull)  # a handler of the caller's own
+report["logging"] = fork_call(lambda: len(logging.getLogger().handlers), args=["log"]).wait(10)
 sleeper = fork_call(lambda: time.sleep(600) or 0, args=["sleeper"])
 try:
     sleeper.wait(0.05)
@@ -168,6 +171,7 @@ def test_a_forked_call_exits_with_what_its_target_returns_raises_or_exits_with()
     assert (report["returned"], report["exited"], report["raised"]) == (3, 5, 70)
     assert "RuntimeError: boom" in err  # the child's traceback, on its inherited stderr
     assert report["env"] == 0
+    assert report["logging"] == 0, "the child kept the caller's logging handlers"
     assert report["timeout"] == ["sleeper"]
     assert report["killed"] == report["poll_after"] == -9
 
