@@ -1324,9 +1324,10 @@ class Master(HubShell):
         started = time.perf_counter()
         # A burst of submits or finished work waiting in the mailbox gets one scheduling pass,
         # after its last message (or every MAX_DEFERRED), not one per message: a pass costs
-        # about the same for one task as for hundreds (SchedulerState._start_queued).
-        if (type(event) in DEFERRABLE and self.deferred < MAX_DEFERRED
-                and not self.actor_inbox.empty()):
+        # about the same for one task as for hundreds (SchedulerState._start_queued). So does a
+        # refill from the backlog (_refill), however many it submits.
+        if type(event) in DEFERRABLE and (self.refilling or (
+                self.deferred < MAX_DEFERRED and not self.actor_inbox.empty())):
             self.deferred += 1
             out = self.scheduler.handle(event, schedule=False)
         else:
@@ -1351,7 +1352,8 @@ class Master(HubShell):
 
     def _refill(self) -> None:
         """Top up the scheduler's window of each client and priority whose backlog is held."""
-        self.refilling = True
+        self.refilling = True  # their passes deferred (_apply): one for all of them, below
+        submitted = False
         try:
             for key in self.backlog.waiting():
                 queued = self.scheduler.queued_of(*key)
@@ -1359,6 +1361,9 @@ class Master(HubShell):
                     owner, taken = self.backlog.take(key, WINDOW - queued)
                     for held in taken:
                         self._submit_held(key, owner, held)
+                        submitted = True
+            if submitted:
+                self._apply(ev.Tick(self.now))  # the pass they owe (a refill is up to 1,024)
         finally:
             self.refilling = False
 
