@@ -12,8 +12,9 @@ So ``fork_is_safe`` counts the process's threads as the kernel does, not ``threa
 inherited beyond stdout and stderr pointed at /dev/null (closed in effect: a pipe the caller
 holds still sees its end, a port it binds is not held; kept as numbers, so that an inherited
 Python object closing "its" descriptor later closes nothing of the child's); the environment
-given; the caller's Python signal handlers back to their defaults and its root logger's
-handlers gone; optionally a session of its own. After ``target`` it leaves with ``os._exit``:
+given; ``sys.stdout`` and the others back on the process's descriptors, the caller's Python
+signal handlers back to their defaults and its root logger's handlers gone; optionally a
+session of its own. After ``target`` it leaves with ``os._exit``:
 the caller's ``atexit`` handlers and finalizers (a ``LocalCluster``'s own among them) must not
 run in it. The caller's objects are frozen out of the child's garbage collector (``gc.freeze``
 around the fork), so the child never walks, and so never copies, the caller's memory: its
@@ -151,6 +152,7 @@ def _run_child(target: Callable[[], int], env: dict[str, str] | None, new_sessio
             os.setsid()
         _reset_signals()
         _drop_descriptors()
+        _reset_streams()
         _reset_logging()
         if env is not None:
             os.environ.clear()
@@ -179,6 +181,16 @@ def _reset_signals() -> None:
             continue
         if callable(handler) and handler is not signal.default_int_handler:
             signal.signal(sig, signal.SIG_DFL)
+
+
+def _reset_streams() -> None:
+    """``sys.stdout`` and the others on the process's own descriptors again: the caller may
+    have replaced them (a test's capture, a ``StringIO``), and what the child writes there
+    would be lost in its copy of the caller's memory."""
+    for name in ("stdin", "stdout", "stderr"):
+        original = getattr(sys, f"__{name}__")
+        if original is not None:
+            setattr(sys, name, original)
 
 
 def _reset_logging() -> None:

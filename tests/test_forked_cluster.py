@@ -146,6 +146,11 @@ report["env"] = env.wait(10)
 import logging
 logging.basicConfig(filename=os.devnull)  # a handler of the caller's own
 report["logging"] = fork_call(lambda: len(logging.getLogger().handlers), args=["log"]).wait(10)
+import io
+captured, sys.stderr = sys.stderr, io.StringIO()  # the caller's own capture
+report["stderr"] = fork_call(lambda: print("written by the child", file=sys.stderr) or 0,
+                             args=["stderr"]).wait(10)
+sys.stderr = captured
 sleeper = fork_call(lambda: time.sleep(600) or 0, args=["sleeper"])
 try:
     sleeper.wait(0.05)
@@ -172,6 +177,7 @@ def test_a_forked_call_exits_with_what_its_target_returns_raises_or_exits_with()
     assert "RuntimeError: boom" in err  # the child's traceback, on its inherited stderr
     assert report["env"] == 0
     assert report["logging"] == 0, "the child kept the caller's logging handlers"
+    assert report["stderr"] == 0 and "written by the child" in err  # not in the caller's StringIO
     assert report["timeout"] == ["sleeper"]
     assert report["killed"] == report["poll_after"] == -9
 
