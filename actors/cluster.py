@@ -81,9 +81,10 @@ class LocalCluster:
         folder (after a crash, or ``kill -9`` of its master) takes up its tasks where they
         were. By default a temporary folder, gone with the cluster.
         ``fork``: on Linux, when this process runs a single thread (a script, not a notebook's
-        kernel) and holds less than ``FORK_MAX_RSS``, the master and its node are forked from
-        it rather than started as fresh interpreters: the first result comes ~4x sooner (see
-        ``actors/forking.py``); ``forked`` says which it was. False: always fresh ones."""
+        kernel) and holds less than 128 MiB, and no ``worker_memory`` or ``worker_pause`` is
+        set, the master and its node are forked from it rather than started as fresh
+        interpreters: the first result comes ~4x sooner (``actors/local_start.py``);
+        ``forked`` says which it was. False: always fresh ones."""
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         # Its keys live here: a folder left by a process killed with kill -9 goes at next start.
         remove_stale_run_dirs("actors-cluster-")

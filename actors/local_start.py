@@ -1,10 +1,11 @@
 """How a ``LocalCluster`` starts its master and local node: forked, or as fresh interpreters.
 
-Forked (``actors/forking.py``) where that is safe, from a caller that runs one thread and holds
-less than ``FORK_MAX_RSS``: the master's first result comes ~4x sooner, since a fresh
-interpreter spends most of its start importing. Anywhere else (a notebook's kernel runs
-threads; macOS), as a fresh interpreter that starts the node before its own imports. Either
-way the node is the master's child, and the master stops it, or starts another if it dies.
+Forked (``actors/forking.py``) where that is safe and cheap: from a caller that runs one thread
+and holds less than ``FORK_MAX_RSS``, for workers without a memory limit or pause mark. The
+first result then comes ~4x sooner, since a fresh interpreter spends most of its start
+importing. Anywhere else (a notebook's kernel runs threads; macOS), as a fresh interpreter
+that starts the node before its own imports. Either way the node is the master's child, and
+the master stops it, or starts another if it dies.
 This module runs the process entry points' ``main`` in a forked child (as ``prefork.py`` runs
 a worker's): nothing imports it but ``cluster.py``.
 """
@@ -19,10 +20,14 @@ import sys
 from actors import memory
 from actors.forking import ChildProcess, fork_call, fork_is_safe
 
-# A forked master shares its caller's memory: every page the caller writes afterwards is copied,
-# and the master keeps the old one for as long as it lives. A caller holding more than this
-# (a process with its data loaded) gets a fresh interpreter instead.
-FORK_MAX_RSS = 256 << 20
+# A forked master, its node and the node's first workers share their caller's memory: every
+# page the caller writes afterwards is copied, the old one kept for as long as they live, and
+# each of them counts it in its resident size (what the dashboard shows of a worker). A caller
+# holding more than this (a process with its data loaded) gets fresh interpreters instead.
+FORK_MAX_RSS = 128 << 20
+# A worker's memory limit (a data-segment limit) and pause mark (resident memory) would count
+# the caller's pages as the task's: with either set, the workers' start is not forked from it.
+_WORKER_MEMORY_SETTINGS = ("ACTORS_WORKER_MEMORY", "ACTORS_WORKER_PAUSE")
 
 # A fresh master process starts its local node *before* it imports anything of pydra-actors, so
 # that both interpreters start at once rather than one after the other. The node stays the
@@ -36,20 +41,22 @@ _MASTER_FIRST_STARTS_NODE = (
 )
 
 
-def may_fork() -> bool:
-    return fork_is_safe() and memory.rss_bytes() < FORK_MAX_RSS
+def may_fork(env: dict[str, str]) -> bool:
+    """Whether a cluster started with ``env`` may be forked from this process."""
+    return (fork_is_safe() and memory.rss_bytes() < FORK_MAX_RSS
+            and not any(env.get(name) for name in _WORKER_MEMORY_SETTINGS))
 
 
 def start_master(master_args: list[str], node: list[str], env: dict[str, str], *,
                  fork: bool) -> tuple[ChildProcess, bool]:
     """The master process, in a session of its own, with ``env``; ``node``: its local node's
     command line (empty: the master starts one itself once it listens). Forked if ``fork`` and
-    ``may_fork()``. Returns the process and whether it was forked."""
+    ``may_fork(env)``. Returns the process and whether it was forked."""
     if node:
         cmd = [sys.executable, "-c", _MASTER_FIRST_STARTS_NODE, json.dumps(node), *master_args]
     else:
         cmd = [sys.executable, "-m", "actors.master", *master_args]
-    if fork and may_fork():
+    if fork and may_fork(env):
         # The cluster's code imported here, once, rather than in each forked process: the
         # imports are most of a master's start, and a script, a test or a benchmark that starts
         # several clusters pays them once.
@@ -57,7 +64,7 @@ def start_master(master_args: list[str], node: list[str], env: dict[str, str], *
         import actors.node  # noqa: F401
         import actors.worker  # noqa: F401
 
-        if may_fork():  # (the imports start no thread: checked all the same)
+        if may_fork(env):  # (the imports start no thread: checked all the same)
             target = functools.partial(_run_master, node, master_args)
             return fork_call(target, args=cmd, env=env, new_session=True), True
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, start_new_session=True), False

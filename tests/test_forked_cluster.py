@@ -107,10 +107,12 @@ with LocalCluster(workers=2) as cluster, Client(cluster) as client:
     assert not any(alive(pid) for pid in pids)
 
 
-@pytest.mark.parametrize("why", ["a thread", "a large heap"])
+@pytest.mark.parametrize("why", ["a thread", "a large heap", "a worker memory limit"])
 def test_a_caller_that_may_not_fork_gets_fresh_interpreters(tmp_path: Path, why: str) -> None:
-    setup = ("threading.Thread(target=threading.Event().wait, daemon=True).start()"
-             if why == "a thread" else f"heap = b'x' * {FORK_MAX_RSS + (32 << 20)}")
+    setup = {"a thread": "threading.Thread(target=threading.Event().wait, daemon=True).start()",
+             "a large heap": f"heap = b'x' * {FORK_MAX_RSS + (32 << 20)}",
+             # the caller's pages would count against the workers' limit and pause mark
+             "a worker memory limit": "os.environ['ACTORS_WORKER_PAUSE'] = '1G'"}[why]
     result = _run(_PREAMBLE + setup + """
 with LocalCluster(workers=1) as cluster, Client(cluster) as client:
     print(json.dumps({"forked": cluster.forked, "answer": client.submit(Square, 4).result(30),
