@@ -14,11 +14,11 @@ holds still sees its end, a port it binds is not held; kept as numbers, so that 
 Python object closing "its" descriptor later closes nothing of the child's); the environment
 given; ``sys.stdout`` and the others back on the process's descriptors, the caller's Python
 signal handlers back to their defaults and its root logger's handlers gone; optionally a
-session of its own. After ``target`` it leaves with ``os._exit``:
-the caller's ``atexit`` handlers and finalizers (a ``LocalCluster``'s own among them) must not
-run in it. The caller's objects are frozen out of the child's garbage collector (``gc.freeze``
-around the fork), so the child never walks, and so never copies, the caller's memory: its
-pages stay shared. ``ps`` shows the child with its caller's command line.
+session of its own. After ``target`` it leaves with ``os._exit``: the caller's ``atexit``
+handlers and finalizers (a ``LocalCluster``'s own among them) must not run in it. The
+caller's objects are frozen out of the child's garbage collector (``gc.freeze`` around the
+fork), so the child never walks, and so never copies, the caller's memory: its pages stay
+shared. ``ps`` shows the child with its caller's command line.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def _run_child(target: Callable[[], int], env: dict[str, str] | None, new_sessio
 def _reset_signals() -> None:
     """The caller's Python handlers are its own: default ones here, as after an ``exec``
     (Ctrl-C's ``KeyboardInterrupt`` and an ignored signal stay, as they would)."""
-    signal.set_wakeup_fd(-1)
+    with contextlib.suppress(ValueError):  # (only the main thread may; a fork's one is that)
+        signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():
         try:
             handler = signal.getsignal(sig)

@@ -6,6 +6,7 @@ first result then comes ~4x sooner, since a fresh interpreter spends most of its
 importing. Anywhere else (a notebook's kernel runs threads; macOS), as a fresh interpreter
 that starts the node before its own imports. Either way the node is the master's child, and
 the master stops it, or starts another if it dies.
+
 This module runs the process entry points' ``main`` in a forked child (as ``prefork.py`` runs
 a worker's): nothing imports it but ``cluster.py``.
 """
