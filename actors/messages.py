@@ -26,8 +26,10 @@ from actors.errors import MalformedMessage
 PROTOCOL_VERSION = 13  # 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
-class Message(msgspec.Struct, tag=True, array_like=True, frozen=True):
-    """Base of every message. ``tag=True`` puts the class name on the wire."""
+class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
+    """Base of every message. ``tag=True`` puts the class name on the wire. ``gc=False``: the
+    cyclic collector never tracks one (a message is a tree of plain values, in no cycle), so a
+    process does not walk the thousands it makes a second, nor a client the results it holds."""
 
 
 # --- handshake and liveness -------------------------------------------------
@@ -161,7 +163,7 @@ class TasksRequest(Message, frozen=True):
     limit: int = 1000
 
 
-class TaskInfo(msgspec.Struct, array_like=True, frozen=True, kw_only=True):
+class TaskInfo(msgspec.Struct, array_like=True, frozen=True, kw_only=True, gc=False):
     task_id: str
     name: str
     client_id: str
@@ -197,7 +199,7 @@ class ClusterInfo(Message, frozen=True):
 INLINE_RESULT_BYTES = 256 * 1024
 
 
-class ResultAt(msgspec.Struct, array_like=True, frozen=True):
+class ResultAt(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """Where a task's large result waits for its client: the node's results endpoint, the key
     that endpoint proves (CURVE, Z85 text) and the result's size in bytes."""
 

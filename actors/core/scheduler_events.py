@@ -2,7 +2,8 @@
 
 Events are past-tense facts the Master actor observed; instructions are what
 the scheduler wants done. Both are frozen structs (``msgspec.Struct``: made in a
-fraction of a frozen dataclass's time, and they are made for every message); the core never
+fraction of a frozen dataclass's time, and they are made for every message; ``gc=False``:
+plain values in no cycle, never walked by the cyclic collector); the core never
 sees a socket, and they are never encoded. Opaque user payloads ride along as ``bytes``.
 """
 
@@ -32,7 +33,7 @@ class TaskKind(StrEnum):
 # --- events -----------------------------------------------------------------
 
 
-class Event(msgspec.Struct, frozen=True):
+class Event(msgspec.Struct, frozen=True, gc=False):
     now: float
 
 
@@ -206,7 +207,7 @@ class Tick(Event, frozen=True):
 # --- instructions -----------------------------------------------------------
 
 
-class Instruction(msgspec.Struct, frozen=True):
+class Instruction(msgspec.Struct, frozen=True, gc=False):
     pass
 
 
