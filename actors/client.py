@@ -124,13 +124,16 @@ class Future:
         self._status = _QUEUED
         self._done = _DoneFlag(client._futures_done)
         self._payload: m.TaskDone | m.TaskErred | _Parts | None = None
-        self._callbacks: list[Callable[[Future], None]] = []
+        # Empty tuples, shared, until something comes: most futures get no callback and no
+        # output, and a client may hold 10^5 (two lists were 144 bytes and two more objects
+        # for every collection to walk).
+        self._callbacks: tuple[Callable[[Future], None], ...] = ()
         self._lock = threading.Lock()
         self._progress: tuple[int, int | None] = (0, None)
         self._counts_units = False  # a ParallelTask's progress (units), not what work reported
         self._reported = False  # any progress came (a plain Task that reports none: no numbers)
         self._error: BaseException | None = None  # failed here, not by the cluster (MasterLost)
-        self._lines: list[TaskLine] = []  # what the task printed and logged
+        self._lines: list[TaskLine] | tuple[()] = ()  # what the task printed and logged
         self._dropped = 0  # lines not kept (over a worker's cap, or MAX_LINES_KEPT here)
         self._shown = 0  # lines shown to the user so far
         self._dropped_shown = False
@@ -275,7 +278,7 @@ class Future:
     def add_done_callback(self, fn: Callable[[Future], None]) -> None:
         with self._lock:
             if not self.done():
-                self._callbacks.append(fn)
+                self._callbacks = (*self._callbacks, fn)
                 return
         fn(self)
 
@@ -296,7 +299,10 @@ class Future:
                           line.level, line.logger, line.text, line.time) for line in msg.lines]
         with self._lock:
             room = max(0, MAX_LINES_KEPT - len(self._lines))
-            self._lines += lines[:room]
+            if isinstance(self._lines, tuple):
+                self._lines = lines[:room]
+            else:
+                self._lines += lines[:room]
             self._dropped += max(0, msg.dropped) + len(lines) - min(room, len(lines))
 
     def _show_output(self, waiting: bool) -> None:
@@ -336,7 +342,7 @@ class Future:
             if status == _DONE:  # it got to its end, whatever it last reported
                 self._progress = (total, total) if total else (max(done, 1), max(done, 1))
             self._done.set()
-            callbacks, self._callbacks = self._callbacks, []
+            callbacks, self._callbacks = self._callbacks, ()
         for fn in callbacks:
             try:
                 fn(self)
