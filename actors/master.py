@@ -56,6 +56,7 @@ from actors.journal import RESULTS_BUFFERED, Journal, Restored, TaskRow
 from actors.launch import (
     default_keys_dir,
     ensure_keys_logged,
+    exit_now,
     local_node_command,
     run_script,
     stop_on_signals,
@@ -1968,5 +1969,5 @@ def _stop_local_node(node: ChildProcess | None) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())
 
