@@ -19,7 +19,7 @@ import pytest
 
 from actors import Client, LocalCluster, Task
 from actors.local_start import FORK_MAX_RSS
-from tests.conftest import alive, children, descendants, kill_all, python, wait_until
+from tests.conftest import alive, children, cmdline, descendants, kill_all, python, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -29,13 +29,6 @@ SCRIPT_TIMEOUT_S = 90
 class Square(Task):
     def work(self, x):
         return x * x
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def _run(code: str, tmp_path: Path) -> dict:
@@ -127,7 +120,7 @@ def test_fork_false_starts_fresh_interpreters() -> None:
         assert not cluster.forked
         assert client.submit(Square, 5).result(timeout=30) == 25
         (node,) = children(cluster.pid)
-        assert "actors.node" in _cmdline(node) and "actors.master" in _cmdline(cluster.pid)
+        assert "actors.node" in cmdline(node) and "actors.master" in cmdline(cluster.pid)
         pids = descendants(cluster.pid) | {cluster.pid}
     wait_until(lambda: not any(alive(p) for p in pids), 20, "every cluster process to end")
 

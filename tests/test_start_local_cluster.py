@@ -20,7 +20,7 @@ import zmq
 
 from actors import Client, LocalCluster, Task
 from actors.cluster import ClusterStartFailed, _reserve_port
-from tests.conftest import alive, children, descendants, kill_all, python, wait_until
+from tests.conftest import alive, children, cmdline, descendants, kill_all, python, wait_until
 from transport import init_keys
 
 pytestmark = pytest.mark.processes
@@ -31,17 +31,10 @@ class Square(Task):
         return x * x
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 def _running_with(text: str) -> set[int]:
     """Live processes whose command line mentions ``text`` (a path unique to one test)."""
     return {int(e.name) for e in Path("/proc").iterdir()
-            if e.name.isdigit() and text in _cmdline(int(e.name)) and alive(int(e.name))}
+            if e.name.isdigit() and text in cmdline(int(e.name)) and alive(int(e.name))}
 
 
 @pytest.mark.parametrize("fork", [True, False])
@@ -51,7 +44,7 @@ def test_the_node_is_the_masters_child_and_its_workers_are_the_nodes(fork: bool)
         assert client.submit(Square, 3).result(timeout=30) == 9
         (node,) = children(cl.pid)
         # forked (where this process runs one thread) it shows this process's command line
-        assert "actors.node" in _cmdline(node) or cl.forked
+        assert "actors.node" in cmdline(node) or cl.forked
         assert len(children(node)) == 2
         pids = descendants(cl.pid) | {cl.pid}
     wait_until(lambda: not any(alive(p) for p in pids), 20, "every cluster process to end")
