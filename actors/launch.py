@@ -6,7 +6,6 @@ Imported by ``actors.master``, ``actors.node`` and ``actors.cli``; imports none 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import NoReturn
 
 import structlog
 
@@ -36,19 +34,6 @@ def local_node_command(address: str, workers: int, keys: str, package_grace: flo
     cmd = [sys.executable, "-m", "actors.node", "--master", address, "--workers", str(workers),
            "--keys", keys, "--exit-with-parent", "--package-grace", str(package_grace)]
     return cmd + ["--cache", cache] if cache else cmd
-
-
-def exit_now(code: int) -> NoReturn:
-    """End a master or node process once its ``main`` has returned: everything it started is
-    stopped by then (its actors, sockets, journal, children), so the interpreter's teardown
-    (~20-40 ms of freeing modules, one process after the other when a cluster closes) has
-    nothing left to do. A forked master and node leave this way too (``forking.py``). Not for a
-    worker: the task code it ran may have left ``atexit`` handlers of its own."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed stream: nothing left to say
-            if stream is not None:
-                stream.flush()
-    os._exit(code)
 
 
 def stop_on_signals(stop: threading.Event) -> None:

@@ -37,7 +37,7 @@ _WORKER_MEMORY_SETTINGS = ("ACTORS_WORKER_MEMORY", "ACTORS_WORKER_PAUSE")
 _MASTER_FIRST_STARTS_NODE = (
     "import json, subprocess, sys\n"
     "node = subprocess.Popen(json.loads(sys.argv[1]), stdin=subprocess.DEVNULL)\n"
-    "from actors.launch import exit_now\n"
+    "from actors.forking import exit_now\n"
     "from actors.master import main\n"
     "exit_now(main(sys.argv[2:], local_node=node))\n"
 )

@@ -51,12 +51,11 @@ from actors.errors import (
     UnknownTask,
     WorkerKilled,
 )
-from actors.forking import ChildProcess
+from actors.forking import ChildProcess, exit_now
 from actors.journal import RESULTS_BUFFERED, Journal, Restored, TaskRow
 from actors.launch import (
     default_keys_dir,
     ensure_keys_logged,
-    exit_now,
     local_node_command,
     run_script,
     stop_on_signals,

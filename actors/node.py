@@ -39,7 +39,8 @@ from actors import __version__, contain, logs, memory
 from actors import messages as m
 from actors.contain import WORKER_SCRIPT, Containment, Limits, Plan, parse_size
 from actors.errors import ActorsError, MalformedMessage
-from actors.launch import default_keys_dir, exit_now, master_arg, stop_on_signals
+from actors.forking import exit_now
+from actors.launch import default_keys_dir, master_arg, stop_on_signals
 from actors.master_gate import MasterGate
 from actors.node_data import DataPlane
 from actors.node_results import HOLD_FILE, RESULTS, ResultStore
