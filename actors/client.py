@@ -83,36 +83,11 @@ _QUEUED, _RUNNING, _DONE, _ERRED, _CANCELLED, _LOST = (
     "queued", "running", "finished", "erred", "cancelled", "lost")
 
 
-class _DoneFlag:
-    """A ``threading.Event`` for one future, on a condition its client's futures share: an Event
-    each (a condition, a lock and a deque) would cost a client a kilobyte per pending future."""
-
-    __slots__ = ("_cond", "_set")
-
-    def __init__(self, cond: threading.Condition) -> None:
-        self._cond = cond
-        self._set = False
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def set(self) -> None:
-        with self._cond:
-            self._set = True
-            self._cond.notify_all()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._set:
-            return True
-        with self._cond:
-            return self._cond.wait_for(self.is_set, timeout)
-
-
 class Future:
     """The eventual result of one submitted task instance."""
 
     # Slotted: a client may hold 10^5 of these (a backlog submitted at once).
-    __slots__ = ("_client", "task_id", "name", "_kind", "_status", "_done", "_payload",
+    __slots__ = ("_client", "task_id", "name", "_kind", "_status", "_ended", "_payload",
                  "_callbacks", "_lock", "_progress", "_counts_units", "_reported", "_error",
                  "_lines", "_dropped", "_shown", "_dropped_shown", "_show_lock", "__weakref__")
 
@@ -122,7 +97,9 @@ class Future:
         self.name = name
         self._kind = kind  # "task" or "parallel"
         self._status = _QUEUED
-        self._done = _DoneFlag(client._futures_done)
+        # Its end is told through the condition its client's futures share (an Event each: a
+        # condition, a lock and a deque, a kilobyte per pending future).
+        self._ended = False
         self._payload: m.TaskDone | m.TaskErred | _Parts | None = None
         # Empty tuples, shared, until something comes: most futures get no callback and no
         # output, and a client may hold 10^5 (two lists were 144 bytes and two more objects
@@ -183,7 +160,13 @@ class Future:
         return self._status
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._ended
+
+    def _wait_ended(self, timeout: float | None) -> bool:
+        if self._ended:
+            return True
+        with self._client._futures_done:
+            return self._client._futures_done.wait_for(self.done, timeout)
 
     def cancelled(self) -> bool:
         return self._status == _CANCELLED
@@ -227,7 +210,7 @@ class Future:
         if self.done():
             return self.cancelled()
         self._client._send(m.Cancel(self.task_id, float(grace)))
-        self._done.wait(timeout)
+        self._wait_ended(timeout)
         return self.cancelled()
 
     def progress(self) -> tuple[int, int | None]:
@@ -285,11 +268,11 @@ class Future:
     def _wait(self, timeout: float | None) -> bool:
         """Wait for the end; in a notebook, show the task's output meanwhile, under this cell."""
         if not (self._client.show_output and in_notebook()):
-            return self._done.wait(timeout)
+            return self._wait_ended(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done = self._done.wait(WAIT_STEP_S if left is None else min(WAIT_STEP_S, left))
+            done = self._wait_ended(WAIT_STEP_S if left is None else min(WAIT_STEP_S, left))
             self._show_output(waiting=True)
             if done or left == 0.0:
                 return done
@@ -314,7 +297,7 @@ class Future:
             with self._lock:
                 new = self._lines[self._shown:]
                 self._shown += len(new)
-                note = self._done.is_set() and self._dropped > 0 and not self._dropped_shown
+                note = self._ended and self._dropped > 0 and not self._dropped_shown
                 self._dropped_shown = self._dropped_shown or note
             shown: list[TaskLine | str] = list(new)
             if note:
@@ -335,13 +318,15 @@ class Future:
     def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | _Parts | None,
                 error: BaseException | None = None) -> None:
         with self._lock:
-            if self._done.is_set():
+            if self._ended:
                 return
             self._status, self._payload, self._error = status, payload, error
             done, total = self._progress
             if status == _DONE:  # it got to its end, whatever it last reported
                 self._progress = (total, total) if total else (max(done, 1), max(done, 1))
-            self._done.set()
+            with self._client._futures_done:
+                self._ended = True
+                self._client._futures_done.notify_all()
             callbacks, self._callbacks = self._callbacks, ()
         for fn in callbacks:
             try:
