@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -123,7 +124,10 @@ class ResultStore:
         self.reply: Reply | None = None  # the data plane's way back to a requester
         self.in_memory = 0
         self.local_files = 0
-        self.now = 0.0
+        # The hub's clock, read here too: a scatter right after the node started has its
+        # ExpectScatter come before the hub's first tick, and a deadline counted from 0 was
+        # overdue at that tick ("the client did not send the data in time").
+        self.now = time.monotonic()
         self.boot_id = boot_id()
         self.log = log.bind(role="node", node_id=node_id)
 

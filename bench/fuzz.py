@@ -135,14 +135,13 @@ def _usage(pid: int) -> tuple[int, int]:
 
 def _node_of(cluster: LocalCluster) -> tuple[int, str]:
     """The local node's pid and the ipc address its workers connect to (the Unix socket it
-    listens on, from /proc/net/unix: forked workers show their node's command line)."""
+    listens on, from /proc/net/unix): the master's child with that socket."""
     for entry in Path("/proc").iterdir():
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if parent == cluster.pid and b"actors.node" in argv:
+        if parent == cluster.pid:  # the master's one child (forked, it shows no node argv)
             inodes = set()
             for fd in (entry / "fd").iterdir():
                 with contextlib.suppress(OSError):

@@ -5,8 +5,10 @@ process stand for the worker's (the store opens them through /proc, as it would 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +70,22 @@ def test_an_unsealed_file_another_name_or_size_or_task_is_refused(store: ResultS
     finally:
         os.close(unsealed)
         os.close(fd)
+
+
+class _Hub:
+    """What the store sends (``send_now``), kept: the store's only use of its hub here."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[bytes]]] = []
+
+    def send_now(self, name: str, frames: list[bytes]) -> None:
+        self.sent.append((name, frames))
+
+
+def test_a_put_announced_before_the_first_tick_is_still_awaited_after_it(store: ResultStore) -> None:
+    """A scatter right after the node started: the master's ExpectScatter comes before the
+    hub's first tick, which must not find it 120 s overdue and fail the client's scatter."""
+    hub: Any = _Hub()
+    assert store.from_master(hub, m.ExpectScatter("scatter-1", "client key", 10))
+    store.tick(hub, time.monotonic())
+    assert "scatter-1" in store.expected and hub.sent == []

@@ -44,7 +44,8 @@ def check(seen: dict[str, object]) -> None:
 
 def test_forked_and_spawned_workers_start_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYDRA_TEST_SECRET", "not for tasks")
-    with LocalCluster(workers=1) as cl, Client(cl) as client:
+    # fork=False: a spawned node, whose forked first worker shows the node's command line
+    with LocalCluster(workers=1, fork=False) as cl, Client(cl) as client:
         first = client.submit(Surroundings).result(timeout=30)
         check(first)
         assert "actors.node" in first["cmdline"], "the first worker should be forked by its node"
