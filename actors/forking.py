@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
 EXIT_SOFTWARE = 70  # what a child whose target raised exits with (EX_SOFTWARE)
@@ -128,20 +128,26 @@ def fork_call(target: Callable[[], int], *, args: list[str], env: dict[str, str]
     for stream in (sys.stdout, sys.stderr):  # or the child writes the caller's buffer again
         if stream is not None:
             stream.flush()
-    freeze = gc.get_freeze_count() == 0  # a caller's own frozen objects stay as they are
+    with frozen():
+        pid = os.fork()
+        if pid == 0:
+            _run_child(target, env, new_session)
+    return ForkedProcess(pid, args)
+
+
+@contextlib.contextmanager
+def frozen() -> Iterator[None]:
+    """Around forks: this process's objects out of the cyclic collector's walks, so that a
+    child never walks them, writing to their pages and so copying them; walked again here
+    after. A caller's own frozen objects stay as they are. (A child never leaves the block.)"""
+    freeze = gc.get_freeze_count() == 0
     if freeze:
         gc.freeze()
     try:
-        pid = os.fork()
-    except BaseException:
+        yield
+    finally:
         if freeze:
             gc.unfreeze()
-        raise
-    if pid == 0:
-        _run_child(target, env, new_session)
-    if freeze:
-        gc.unfreeze()
-    return ForkedProcess(pid, args)
 
 
 def _run_child(target: Callable[[], int], env: dict[str, str] | None, new_session: bool) -> None:

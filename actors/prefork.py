@@ -16,7 +16,6 @@ command line.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from actors.contain import Plan, contain_or_exit, wipe_initial_environment
-from actors.forking import fork_is_safe
+from actors.forking import fork_is_safe, frozen
 
 # What a worker may see of the node's environment; everything else is scrubbed.
 _ENV_KEPT = ("PATH", "PYTHONPATH", "LANG", "TZ", "VIRTUAL_ENV", "SYSTEMROOT")
@@ -49,26 +48,18 @@ def worker_args(ipc_address: str, worker_id: str) -> list[str]:
     return ["--node", ipc_address, "--id", worker_id, "--node-pid", str(os.getpid())]
 
 
-def can_fork() -> bool:
-    """Linux only (elsewhere a fork without exec is unsafe), and only while single-threaded."""
-    return fork_is_safe()
-
-
 def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int,
                  plan_for: Callable[[str], Plan]) -> list[Forked]:
     """Fork ``count`` workers ``{node_id}/w1..``; an empty list where forking is not safe.
     ``plan_for(scratch)`` gives each its containment plan and readies its scratch folder."""
-    if not can_fork():
+    if not fork_is_safe():  # Linux, one thread: see forking.py
         return []
     import actors.worker  # noqa: F401  (imported here, once, so no child imports it)
 
     forked = []
-    # The node's objects frozen out of the workers' collector, as forking.fork_call does: a
-    # worker that walked them would write to their pages and so copy them (~7 MiB a worker).
-    freeze = gc.get_freeze_count() == 0
-    if freeze:
-        gc.freeze()
-    try:
+    # The node's objects frozen out of the workers' collector (a worker that walked them would
+    # copy their pages: ~7 MiB a worker)
+    with frozen():
         for seq in range(1, count + 1):
             worker_id = f"{node_id}/w{seq}"
             scratch = tempfile.mkdtemp(prefix=f"w{seq}-", dir=run_dir)
@@ -79,9 +70,6 @@ def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int,
             if pid == 0:
                 _become_worker(scratch, args, plan)
             forked.append(Forked(worker_id, pid, scratch, plan))
-    finally:
-        if freeze:
-            gc.unfreeze()
     return forked
 
 
