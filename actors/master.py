@@ -688,6 +688,8 @@ class Master(HubShell):
                 self._apply(ev.WorkerPaused(self.now, worker_id, paused, cause))
             case m.StealReply(task_id=task_id, run_id=run_id, accepted=accepted):
                 self._apply(ev.StealAnswered(self.now, worker_id, task_id, run_id, accepted))
+            case m.TakeBackReply(task_id=task_id, accepted=accepted):
+                self._apply(ev.TakeBackAnswered(self.now, worker_id, task_id, accepted))
             case m.UnitsReleased(task_id=task_id, run_ids=run_ids):
                 self._apply(ev.RunsReleased(self.now, worker_id, task_id, run_ids))
             case m.Missing(task_id=task_id, index=index):
@@ -1446,6 +1448,9 @@ class Master(HubShell):
                 self._replay(ins)
             case ev.Steal():
                 self._to_worker(ins.node_id, ins.worker_id, m.StealUnits(ins.task_id, ins.run_id))
+            case ev.TakeBack():
+                self.log.info("task_taken_back", task_id=ins.task_id, worker_id=ins.worker_id)
+                self._to_worker(ins.node_id, ins.worker_id, m.TakeBackTask(ins.task_id))
             case ev.TellPeerGone():
                 self._to_worker(ins.node_id, ins.worker_id, m.PeerGone(ins.peer))
             case ev.TellHolders():

@@ -585,6 +585,21 @@ class StealReply(Message, frozen=True):
     state: str  # where the run stood when the request came
 
 
+class TakeBackTask(Message, frozen=True):
+    """master -> worker: give back this plain Task, queued here behind one that runs long, unless
+    it has begun."""
+
+    task_id: str
+
+
+class TakeBackReply(Message, frozen=True):
+    """worker -> master: ``accepted``, it will not run here (it was queued, not begun); else it
+    began (or ended, or was never here) and its result comes as usual."""
+
+    task_id: str
+    accepted: bool
+
+
 class Missing(Message, frozen=True):
     """worker -> master: no holder this worker knows can give unit ``index``'s result."""
 
@@ -855,6 +870,8 @@ AnyMessage = (
     | UnitsReleased
     | StealUnits
     | StealReply
+    | TakeBackTask
+    | TakeBackReply
     | Missing
     | WhoHas
     | PeerGone

@@ -54,6 +54,9 @@ LOOKAHEAD_BYTES = 64 << 20
 #: Units per UnitsSliced message, and the bytes of arguments that end one sooner.
 SLICE_BATCH = 2048
 SLICE_BYTES = 1 << 20
+# Held while a plain Task's work is claimed, by the executor as it begins it or by the worker's
+# mailbox as it gives it back (``Runtime.withdraw``): exactly one of them has it.
+_CLAIMS = threading.Lock()
 
 
 class HeldParts(msgspec.Struct, frozen=True):
@@ -158,6 +161,7 @@ class Runtime:
     sizes: dict[int, int] = field(default_factory=dict)  # held result -> its bytes, where known
     depended_on: set[int] = field(default_factory=set)  # results that feed other units
     reducing: bool = False
+    claimed: bool = False  # a plain Task's work began, or was withdrawn (under _CLAIMS)
 
     @property
     def emit(self) -> Emit:
@@ -279,7 +283,21 @@ class Runtime:
         finally:
             task_output.leave()
 
-    def _call_work(self) -> Finished:
+    def withdraw(self) -> bool:
+        """A plain Task lined up behind another: its work will not begin, if it has not (the
+        master takes it back for a worker free sooner). Whether it had not."""
+        return self._claim()
+
+    def _claim(self) -> bool:
+        with _CLAIMS:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
+
+    def _call_work(self) -> Finished | None:
+        if not self._claim():
+            return None  # withdrawn before its turn: nothing to report
         start = time.perf_counter()
         task_output.enter(self.task.task_id, "work")
         try:
@@ -308,7 +326,9 @@ class Runtime:
         tell = self.tell
 
         def run() -> None:
-            tell(call())
+            news = call()
+            if news is not None:
+                tell(news)
 
         run_in_executor(run, self.task.task_id)
 

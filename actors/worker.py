@@ -267,6 +267,8 @@ class Worker(HubShell):
                 self._runner.release(msg)
             case m.StealUnits():
                 self._runner.steal(msg)
+            case m.TakeBackTask(task_id=taken):
+                self._take_back(taken)
             case m.WhoHas():
                 self._runner.who_has(msg)
             case m.PeerGone(worker_id=peer):
@@ -522,6 +524,20 @@ class Worker(HubShell):
             self._fail_load(msg, exc, current=False)
             return
         self.lined_up[msg.task_id] = self._begin_hosted(msg, instance, args, kwargs)
+
+    def _take_back(self, task_id: str) -> None:
+        """The master wants a task queued here behind one that runs long: given back unless it
+        has begun (the current task, or one whose work the executor took up)."""
+        runtime = self.lined_up.get(task_id)
+        accepted = False
+        if runtime is not None and runtime.withdraw():
+            del self.lined_up[task_id]
+            accepted = True
+        elif any(a.task_id == task_id for a in self.assignments):
+            self.assignments = deque(a for a in self.assignments if a.task_id != task_id)
+            accepted = True
+        self.log.debug("task_take_back", task_id=task_id, accepted=accepted)
+        self.send(NODE, TO_MASTER, message=m.TakeBackReply(task_id, accepted))
 
     def _hosted_says(self, task_id: str, msg: Any) -> None:
         """News from the executor for a hosted instance: the current one or one lined up."""

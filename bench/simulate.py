@@ -14,7 +14,8 @@ each simulated worker answers as a real one does, without running user code:
   master forwards (``DriverResults``) and ends the task with that count (``TaskResult``);
 - every worker of the task answers ``RunUnits`` with ``UnitsDone`` (small inline results, the
   unit's digest), and a ``StealUnits`` as a worker whose run already began (or, with
-  ``--unit-seconds``, gives back a run not begun).
+  ``--unit-seconds``, gives back a run not begun), and a ``TakeBackTask`` likewise (a plain
+  Task queued on it, not begun, is given back).
 
 Answers leave at once (``--unit-seconds 0``, the default), or after the set duration: one run
 or task at a time per worker, as on a real worker's one executor thread.
@@ -283,6 +284,8 @@ class Simulator:
                     worker.task_id, worker.driver = "", None
             case m.StealUnits(task_id=task_id, run_id=run_id):
                 self._steal(worker, task_id, run_id)
+            case m.TakeBackTask(task_id=task_id):
+                self._take_back(worker, task_id)
             case m.WhoHas() | m.PeerGone():
                 pass
             case _:
@@ -345,6 +348,17 @@ class Simulator:
                  else "forgotten")
         self._send(worker.node, m.StealReply(task_id, run_id, False, state), worker.key)
         self.counts["steals refused"] += 1
+
+    def _take_back(self, worker: _Worker, task_id: str) -> None:
+        """A plain Task queued here behind a late one: given back unless it began."""
+        for msg in worker.queue:
+            if isinstance(msg, m.AssignTask) and msg.task_id == task_id:
+                worker.queue.remove(msg)
+                self._send(worker.node, m.TakeBackReply(task_id, True), worker.key)
+                self.counts["tasks given back"] += 1
+                return
+        self._send(worker.node, m.TakeBackReply(task_id, False), worker.key)
+        self.counts["tasks not given back"] += 1
 
     def _slice_more(self, worker: _Worker) -> None:
         """As ``task_host.Runtime._slice_more``: batches of SLICE_BATCH, LOOKAHEAD ahead."""

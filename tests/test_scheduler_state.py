@@ -8,7 +8,7 @@ import pytest
 
 from actors.core import scheduler_events as ev
 from actors.core.fair_share import DEFAULT_COST_S, QUANTUM_S
-from actors.core.scheduler_state import STORY_LENGTH, SchedulerState, WarmKey
+from actors.core.scheduler_state import LATE_S, STORY_LENGTH, SchedulerState, WarmKey
 from actors.messages import UnitCall, UnitOutcome, unit_digest
 
 # Scenarios about what happens to runs of several units (failures, steals, dependencies) start
@@ -18,7 +18,8 @@ FIRST_BATCH = 4
 
 class Harness:
     def __init__(self, max_deaths: int = 3, restart_after_error: bool = False,
-                 batched: bool = False) -> None:
+                 batched: bool = False, step: float = 0.001) -> None:
+        self.step = step  # seconds between events (a busy master's; LATE_S is 200 of them)
         first = {"first_batch": FIRST_BATCH, "first_depth": 2 * FIRST_BATCH} if batched else {}
         self.state = SchedulerState(max_deaths=max_deaths, restart_after_error=restart_after_error,
                                     **first)
@@ -26,7 +27,7 @@ class Harness:
 
     def __call__(self, event_type: type[ev.Event], *args: object, **kwargs: object
                  ) -> list[ev.Instruction]:
-        self.now += 1
+        self.now += self.step
         out = self.state.handle(event_type(self.now, *args, **kwargs))  # type: ignore[call-arg]
         self.state.validate()
         return out
@@ -674,7 +675,7 @@ def test_a_burst_handled_without_a_pass_is_placed_by_the_next_one_as_one_at_a_ti
             h(ev.TaskFinished, f"w{n + 1}", f"warm{n}", UnitOutcome(-1, True, b""), 0.001)
         out: list[ev.Instruction] = []
         for n in range(7):
-            h.now += 1
+            h.now += h.step
             event = ev.TaskSubmitted(h.now, task_id=f"t{n}", client_id="c1", name="Name",
                                      kind="task", code=b"code", args=b"args")
             out += h.state.handle(event, schedule=not one_pass or n == 6)
@@ -846,6 +847,58 @@ def test_an_unmeasured_task_another_client_or_a_parallel_task_is_not_queued(s: H
     assert assigned(submit(s, "t3", client="c2", kind="task")) == []
     assert assigned(submit(s, "p1", kind="parallel")) == []
     assert not s.state.workers["w1"].queued
+
+
+def take_backs(out: list[ev.Instruction]) -> list[ev.TakeBack]:
+    return [i for i in out if isinstance(i, ev.TakeBack)]
+
+
+def test_tasks_queued_behind_one_that_runs_long_are_taken_back_for_a_free_worker(
+    s: Harness
+) -> None:
+    """The submitter's tasks were measured short, but t1 is not: the ones queued behind it go
+    back to the queue (uncounted, their story says why) and run on the worker that comes free."""
+    fast_worker(s)
+    submit(s, "t1", kind="task")
+    assert assigned(submit(s, "t2", kind="task")) == [("w1", "t2")]  # t1 has just begun
+    assert take_backs(s(ev.Tick)) == []  # not late yet
+    s.now += LATE_S
+    assert assigned(submit(s, "t3", kind="task")) == []  # late: nothing more queues there
+    assert take_backs(s(ev.Tick)) == [ev.TakeBack("n1", "w1", "t2")]
+    assert take_backs(s(ev.Tick)) == []  # asked once
+    s(ev.TakeBackAnswered, "w1", "t2", True)
+    t2 = s.state.tasks["t2"]
+    assert t2.state == "queued" and not s.state.workers["w1"].queued and not t2.deaths
+    assert ("task", "running", "queued", "taken back from w1: queued behind t1, which runs long") \
+        in [e[:4] for e in s.state.story("t2")]
+    out = s(ev.WorkerReady, "n1", "w2")
+    assert assigned(out) == [("w2", "t2"), ("w2", "t3")]  # it kept its place before t3
+    s(ev.TaskFinished, "w2", "t2", UnitOutcome(-1, True, b"2"), 0.001)
+    assert s.state.workers["w2"].task_id == "t3"
+
+
+def test_a_task_that_began_before_its_take_back_runs_where_it_is(s: Harness) -> None:
+    fast_worker(s)
+    submit(s, "t1", kind="task")
+    submit(s, "t2", kind="task")
+    s.now += LATE_S
+    assert take_backs(s(ev.Tick)) == [ev.TakeBack("n1", "w1", "t2")]
+    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"1"), 0.5)  # t2 begins at once
+    assert s(ev.TakeBackAnswered, "w1", "t2", False) == []
+    assert s.state.workers["w1"].task_id == "t2" and s.state.tasks["t2"].state == "running"
+    assert s.state.workers["w1"].taking_back == ()
+    s(ev.TaskFinished, "w1", "t2", UnitOutcome(-1, True, b"2"), 0.001)
+    assert s.state.tasks["t2"].state == "done"
+
+
+def test_a_take_back_answer_nobody_asked_for_changes_nothing(s: Harness) -> None:
+    fast_worker(s)
+    submit(s, "t1", kind="task")
+    submit(s, "t2", kind="task")
+    assert s(ev.TakeBackAnswered, "w1", "t2", True) == []
+    assert s(ev.TakeBackAnswered, "w9", "t2", True) == []
+    assert s.state.workers["w1"].queued == deque(["t2"])
+    assert s.state.tasks["t2"].state == "running"
 
 
 def test_a_lost_worker_counts_a_death_for_its_running_task_only(s: Harness) -> None:
@@ -1096,7 +1149,7 @@ def test_a_story_keeps_its_first_line_and_its_last_ones() -> None:
     STORY_LENGTH the oldest lines after it go."""
     s = Harness()
     submit(s, kind="task")  # no worker: it stays queued
-    assert s.state.story("t1") == [("task", "released", "queued", "submitted", 1.0)]
+    assert s.state.story("t1") == [("task", "released", "queued", "submitted", s.now)]
     assert s.state.tasks["t1"].lines == ()
     task = s.state.tasks["t1"]
     for n in range(STORY_LENGTH + 5):

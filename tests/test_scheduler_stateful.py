@@ -109,6 +109,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.runs: dict[str, list[ev.Dispatch]] = {}  # worker -> dispatches not yet answered
         self.killed: list[str] = []  # workers we asked a node to kill: their exit comes next
         self.steals: list[ev.Steal] = []  # steal requests not yet answered
+        self.take_backs: list[ev.TakeBack] = []  # requests for queued plain Tasks, not answered
         self.stops: list[ev.StopTask] = []  # workers asked to stop a cancelled task's code
         self.faults_rng = random.Random(0)
         self.nodes = ["n1", "n2"]
@@ -116,7 +117,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.feed(ev.NodeJoined(self.now, node))
 
     def feed(self, event: ev.Event) -> None:
-        self.now += 1
+        self.now += 0.01  # events a busy master's 10 ms apart: plain Tasks may queue (prefetch)
         if self.faults:
             self.fed_with_a_fault(event)
         for ins in self.state.handle(event):
@@ -132,6 +133,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.replays.append(ins)
                 case ev.Steal():
                     self.steals.append(ins)
+                case ev.TakeBack():
+                    self.take_backs.append(ins)
                 case ev.StopTask():
                     self.stops.append(ins)
                 case ev.Assign(driver=True):
@@ -352,6 +355,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.feed(ev.StealAnswered(self.now, steal.worker_id, steal.task_id, steal.run_id, accepted))
         self.flush()
 
+    @precondition(lambda self: self.take_backs)
+    @rule(data=st.data())
+    def a_take_back_is_answered(self, data: st.DataObject) -> None:
+        """As a worker answers, in any order: it gives the task back while it is queued there
+        (not begun); the answers of workers gone since never come."""
+        self.answer_take_back(data.draw(st.integers(0, len(self.take_backs) - 1)))
+
+    def answer_take_back(self, which: int) -> None:
+        ask = self.take_backs.pop(which)
+        worker = self.state.workers.get(ask.worker_id)
+        if worker is not None:
+            accepted = ask.task_id in worker.queued
+            self.feed(ev.TakeBackAnswered(self.now, ask.worker_id, ask.task_id, accepted))
+            self.flush()
+
     @precondition(lambda self: self.replays)
     @rule(changed=st.booleans())
     def the_shell_replays_journaled_results(self, changed: bool = False) -> None:
@@ -466,6 +484,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.feed(ev.UnitsSliced(self.now, driver, task_id, units, True))
             while self.steals:
                 self.a_steal_is_answered(False)
+            while self.take_backs:
+                self.answer_take_back(0)
             while self.stops:
                 stop = self.stops.pop(0)
                 self.feed(ev.WorkerStopped(self.now, stop.worker_id, stop.task_id))

@@ -156,3 +156,21 @@ def test_a_unit_queued_behind_a_long_one_is_stolen_by_a_worker_that_comes_free(
     (folder / "g").touch()
     pids = result_or_logs(future, 60, logs)
     assert pids[3] == freed and freed not in pids[:3]
+
+
+def test_plain_tasks_queued_behind_a_long_one_run_on_the_other_workers(
+        three_workers, tmp_path: Path) -> None:
+    """The submitter's tasks are measured short, so a burst of them queues on busy workers
+    (prefetch), the one that runs its long task too: the ones queued there are taken back and
+    run elsewhere while the long one still runs."""
+    client, logs = three_workers
+    client.submit(Pid).result(30)  # measured: this submitter's tasks take well under 50 ms
+    folder = tmp_path / "gates"
+    folder.mkdir()
+    blocker = client.submit(GatedPid, folder=str(folder), gate="task")
+    burst = [client.submit(Pid) for _ in range(60)]
+    pids = [result_or_logs(future, 60, logs) for future in burst]
+    assert not blocker.done()
+    (folder / "task").touch()
+    held = result_or_logs(blocker, 60, logs)
+    assert held not in pids and len(set(pids)) == 2

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from actors import ParallelTask
+from actors import ParallelTask, Task
 from actors import messages as m
 from actors.serialize import dumps, dumps_task_class, loads
 from actors.unit_runner import EXECUTION_SLOTS
@@ -354,3 +354,63 @@ def test_releases_and_steals_that_hit_executing_units_cancel_refuse_and_resume(
         (key(second), "released", "forgotten")]
     assert (key(stolen), "ready", "rescheduled") in story
     assert not any(s[0] == key(stolen) and s[2] == "executing" for s in story)
+
+
+class AtGate(Task):
+    """Notes ``name`` in ``folder/started.log``, then returns ``name`` once ``folder/gate`` exists."""
+
+    def work(self, folder, name):
+        with open(Path(folder) / "started.log", "a") as log:
+            log.write(f"{name}\n")
+        deadline = time.monotonic() + GATE_TIMEOUT_S
+        while not (Path(folder) / "gate").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the gate never opened")
+            time.sleep(0.002)
+        return name
+
+
+def test_a_task_lined_up_behind_a_running_one_is_given_back_and_never_runs(tmp_path: Path) -> None:
+    """TakeBackTask: a plain Task queued behind the running one (its work already handed to the
+    executor) is given back and never begins; the running one is not given back."""
+    node = FakeNode(f"ipc://{tmp_path}/node.sock")
+    proc = python("-m", "actors.worker", "--node", f"ipc://{tmp_path}/node.sock", "--id", "w1")
+    code = dumps_task_class(AtGate)
+    started = tmp_path / "started.log"
+
+    def assign(task_id: str) -> m.AssignTask:
+        return m.AssignTask(task_id=task_id, name="AtGate", kind="task", code=code,
+                            args=dumps(((str(tmp_path), task_id), {})), driver=True)
+
+    try:
+        inbox = Inbox(node, proc)
+        inbox.wait_for(lambda: any(isinstance(x, m.Hello) for x in inbox.messages), "hello")
+        node.send(m.Welcome("", "w1", 0.0))
+        node.send(assign("t1"))
+        inbox.wait_for(lambda: started.exists(), "t1 to start")
+        node.send(assign("t2"))  # lined up behind t1
+        node.send(m.TakeBackTask("t2"))
+        node.send(m.TakeBackTask("t1"))
+
+        def replies() -> list[tuple[str, bool]]:
+            return [(x.task_id, x.accepted) for x in inbox.messages
+                    if isinstance(x, m.TakeBackReply)]
+
+        inbox.wait_for(lambda: len(replies()) == 2, "both answers")
+        assert replies() == [("t2", True), ("t1", False)]
+        node.send(assign("t3"))  # lined up behind t1, as t2 was: it runs next
+        (tmp_path / "gate").touch()
+
+        def results() -> list[str]:
+            return [loads(x.outcome.value) for x in inbox.messages if isinstance(x, m.TaskResult)]
+
+        inbox.wait_for(lambda: len(results()) == 2, "the results of t1 and t3")
+        assert results() == ["t1", "t3"]
+        assert started.read_text().split() == ["t1", "t3"]
+    finally:
+        node.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        finally:
+            kill_all({proc.pid})

@@ -153,6 +153,14 @@ class StealAnswered(Event, frozen=True):
     accepted: bool
 
 
+class TakeBackAnswered(Event, frozen=True):
+    """A worker gave back a plain Task queued on it (``accepted``: it had not begun), or not."""
+
+    worker_id: str
+    task_id: str
+    accepted: bool
+
+
 class RunsReleased(Event, frozen=True):
     """A worker let go of runs the scheduler released (``ReleaseUnits``)."""
 
@@ -243,6 +251,15 @@ class Steal(Instruction, frozen=True):
     worker_id: str
     task_id: str
     run_id: int
+
+
+class TakeBack(Instruction, frozen=True):
+    """Ask a worker to give back a plain Task queued on it behind a late one (see Prefetch in
+    scheduler_state.py); it refuses once the task has begun."""
+
+    node_id: str
+    worker_id: str
+    task_id: str
 
 
 class TellPeerGone(Instruction, frozen=True):

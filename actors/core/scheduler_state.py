@@ -64,7 +64,13 @@ the next queued plain Tasks of the same submitter (``queued``, run in order),
 up to about ``PREFETCH_SECONDS`` of their measured run time. A worker lost
 counts a death against the task it was running only; the ones queued behind
 it go back to the queue uncounted. A worker killed to end one of its tasks
-(cancelled, failed) gives the others back the same way.
+(cancelled, failed) gives the others back the same way. The measure is per
+submitter, not per function: a task that runs long (``LATE_S`` and more) among
+short ones of the same submitter would hold the ones queued behind it. So a
+worker whose current plain Task has run ``LATE_S`` queues no more, and on the
+next tick the scheduler asks it for the ones queued there (``TakeBack``); it
+gives back each that has not begun (``TakeBackAnswered``), and they go back to
+the queue, uncounted, in the fair place they had, for a worker free sooner.
 
 Stealing. A worker of a task with nothing left to queue is idle while a peer
 has two runs or more in flight: the scheduler asks that peer to give its newest
@@ -153,6 +159,8 @@ from actors.core.scheduler_events import (
     Steal,
     StealAnswered,
     StopTask,
+    TakeBack,
+    TakeBackAnswered,
     TaskFinished,
     TaskKind,
     TasksDetached,
@@ -188,6 +196,9 @@ TRANSFER_BYTES_PER_S = 100e6
 LOCALITY_MIN_BYTES = 1 << 20
 UNKNOWN_UNIT_S = 0.5
 MAX_QUEUED_TASKS = 64  # plain Tasks queued on one worker behind the one it runs
+# A plain Task running this long is late for the ones queued behind it (they were measured at
+# PREFETCH_SECONDS at most between them): they are taken back, and no more queue there.
+LATE_S = 4 * PREFETCH_SECONDS
 # A worker that reports a unit's result missing this often while its holder lives cannot reach
 # that holder's data address (each report follows a fetch that got no answer): the task fails.
 MAX_FETCH_FAILURES = 3
@@ -355,6 +366,8 @@ class WorkerRecord:
     warm_for: WarmKey | None = None  # whose code this worker has run (None: clean)
     in_flight: dict[int, int] = field(default_factory=dict)  # unit index -> run id
     queued: deque[str] = field(default_factory=deque)  # plain Tasks to run after task_id
+    since: float = 0.0  # when task_id became its current task (as the scheduler heard)
+    taking_back: tuple[str, ...] = ()  # queued ones it was asked to give back (TakeBack)
     paused: bool = False  # past its memory's pause mark: no new work (WorkerPaused)
     # Cancelled tasks whose code it was asked to stop (StopTask): no new work until it says
     # they stopped (WorkerStopped), or it is killed at ``stop_by``.
@@ -430,8 +443,9 @@ class _Picker:
     a plain Task that may queue it (see Prefetch): the one with the fewest queued (the first of
     them), while it has room for about ``PREFETCH_SECONDS`` of them."""
 
-    def __init__(self, state: SchedulerState) -> None:
+    def __init__(self, state: SchedulerState, now: float) -> None:
         self.state = state
+        self.late_since = now - LATE_S  # a worker busy since before this queues no more
         self.order = {worker_id: n for n, worker_id in enumerate(state.workers)}
         self.idle_by_key: dict[WarmKey | None, deque[WorkerRecord]] = {}
         for worker in state.workers.values():
@@ -480,7 +494,8 @@ class _Picker:
                 (len(w.queued), self.order[w.worker_id], w.worker_id)
                 for w in state.workers.values()
                 if w.task_id is not None and w.warm_for == warm_key and not w.paused
-                and not w.stopping and state.tasks[w.task_id].kind is TASK]
+                and not w.stopping and w.since >= self.late_since
+                and state.tasks[w.task_id].kind is TASK]
             heapq.heapify(heap)
         return heap
 
@@ -716,6 +731,9 @@ class SchedulerState:
             case Tick():
                 self._report_progress()
                 self._stop_overdue(event.now)
+                self._take_back_late(event.now)
+            case TakeBackAnswered():
+                self._taken_back(event)
             case _:
                 raise TypeError(f"unknown scheduler event {event!r}")
 
@@ -1166,7 +1184,7 @@ class SchedulerState:
             if state is CANCELLED and grace > 0:
                 self._stop(task, worker, grace, now)
                 continue
-            self._let_go(worker, task.task_id)
+            self._let_go(worker, task.task_id, now)
             if (state is DONE or keep_workers) and not self._is_stale(task.warm_key):
                 if worker.warm_for != task.warm_key:
                     undo.set(worker, "warm_for", task.warm_key)
@@ -1193,7 +1211,7 @@ class SchedulerState:
     def _stop(self, task: TaskRecord, worker: WorkerRecord, grace: float, now: float) -> None:
         """Ask the worker to stop the cancelled task's code; it takes no new work meanwhile."""
         undo = self._undo
-        self._let_go(worker, task.task_id)
+        self._let_go(worker, task.task_id, now)
         undo.set(worker, "stopping", (*worker.stopping, task.task_id))
         by = now + grace
         undo.set(worker, "stop_by", min(worker.stop_by, by) if worker.stop_by else by)
@@ -1292,7 +1310,7 @@ class SchedulerState:
             self._undo.call(causes.pop)
         return causes
 
-    def _let_go(self, worker: WorkerRecord, task_id: str) -> None:
+    def _let_go(self, worker: WorkerRecord, task_id: str, now: float) -> None:
         """The worker is done with this task: the next one queued on it (if any) is its own now.
         (Its small queue is copied, so that an undo puts back the old one.)"""
         undo = self._undo
@@ -1303,10 +1321,40 @@ class SchedulerState:
         if worker.queued:
             undo.set(worker, "queued", deque(worker.queued))
             undo.set(worker, "task_id", worker.queued.popleft())
+            undo.set(worker, "since", now)
         else:
             undo.set(worker, "task_id", None)
         if worker.in_flight:
             undo.set(worker, "in_flight", {})
+
+    def _take_back_late(self, now: float) -> None:
+        """Ask each worker whose current plain Task is late (see Prefetch) for the ones queued
+        behind it, once each."""
+        for worker in self.workers.values():
+            if not worker.queued or now - worker.since < LATE_S:
+                continue
+            asked = [task_id for task_id in worker.queued if task_id not in worker.taking_back]
+            if asked:
+                self._undo.set(worker, "taking_back", (*worker.taking_back, *asked))
+                self._out.extend(TakeBack(worker.node_id, worker.worker_id, task_id)
+                                 for task_id in asked)
+
+    def _taken_back(self, event: TakeBackAnswered) -> None:
+        """A worker gave back a task queued on it (it had not begun), or refused (it began): an
+        answer nobody asked for changes nothing."""
+        worker = self.workers.get(event.worker_id)
+        if worker is None or event.task_id not in worker.taking_back:
+            return
+        undo = self._undo
+        undo.set(worker, "taking_back", tuple(t for t in worker.taking_back if t != event.task_id))
+        task = self.tasks.get(event.task_id)
+        if not event.accepted or task is None or event.task_id not in worker.queued:
+            return  # it began there (its result follows), or it ended meanwhile
+        undo.set(worker, "queued", deque(t for t in worker.queued if t != event.task_id))
+        undo.set(task, "driver", None)
+        undo.set(task, "workers", NO_WORKERS)
+        self._set_status(task, QUEUED, f"taken back from {worker.worker_id}: queued behind "
+                                       f"{worker.task_id}, which runs long", event.now)
 
     def _give_back(self, worker: WorkerRecord, cause: str, now: float, *,
                    running: bool = True) -> None:
@@ -1347,7 +1395,7 @@ class SchedulerState:
                 going_on[worker_id] = runs
                 flying.update((i, task.units.open_units[i]) for i in runs)
             elif task.kind is PARALLEL and lost:
-                self._let_go(worker, task.task_id)
+                self._let_go(worker, task.task_id, now)
                 self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
             else:
                 self._drop_worker(worker_id)
@@ -1384,7 +1432,7 @@ class SchedulerState:
             return
         for worker_id in sorted(task.workers):
             worker = self.workers[worker_id]
-            self._let_go(worker, task.task_id)
+            self._let_go(worker, task.task_id, now)
             self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
         self._undo.set(task, "workers", NO_WORKERS)
         self._undo.set(task, "driver", None)
@@ -1440,7 +1488,7 @@ class SchedulerState:
                 for worker_id in sorted(task.workers):
                     worker = self.workers[worker_id]
                     if not worker.in_flight:
-                        self._let_go(worker, task_id)
+                        self._let_go(worker, task_id, now)
                         undo.discard(task.workers, worker_id)
                         self._note(task, f"worker {worker_id}", "draining", "released",
                                    "its runs are done", now)
@@ -1461,7 +1509,7 @@ class SchedulerState:
                 self._dequeue()  # ended or already running: a stale entry
                 continue
             if picker is None:
-                picker = _Picker(self)
+                picker = _Picker(self, now)
             worker = picker.idle(task.warm_key)
             queue = worker is None
             if worker is None:
@@ -1528,7 +1576,7 @@ class SchedulerState:
                 worker = self.workers[worker_id]
                 if worker_id == task.driver or worker.in_flight or worker_id in holders:
                     continue
-                self._let_go(worker, task.task_id)
+                self._let_go(worker, task.task_id, now)
                 self._undo.discard(task.workers, worker_id)
                 self._note(task, f"worker {worker_id}", "helping", "released",
                            f"yields to {wanting.task_id}", now)
@@ -1565,6 +1613,7 @@ class SchedulerState:
             undo.call(worker.queued.pop)
         else:
             undo.set(worker, "task_id", task.task_id)
+            undo.set(worker, "since", now)
         undo.set(worker, "warm_for", task.warm_key)
         if task.workers is NO_WORKERS:
             undo.set(task, "workers", IdSet())
