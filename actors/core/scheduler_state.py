@@ -251,6 +251,11 @@ def _count(undo: Undo, counts: dict[K, int], key: K, change: int) -> None:
         undo.pop(counts, key)
 
 
+def _restore_current(worker: WorkerRecord, task_id: str | None, since: float,
+                     warm_for: WarmKey | None) -> None:
+    worker.task_id, worker.since, worker.warm_for = task_id, since, warm_for
+
+
 def _restore_payload(task: TaskRecord, code: bytes, args: bytes) -> None:
     task.code, task.args = code, args
 
@@ -549,6 +554,7 @@ class SchedulerState:
         self._out: list[Instruction] = []
         self._undo = Undo()
         self.task_seconds: dict[WarmKey, float] = {}  # moving average of a Task's run time
+        self.late_checked = 0.0  # when workers were last looked over for late tasks
 
     # --- the one entry point ------------------------------------------------
 
@@ -1320,8 +1326,8 @@ class SchedulerState:
             return
         if worker.queued:
             undo.set(worker, "queued", deque(worker.queued))
-            undo.set(worker, "task_id", worker.queued.popleft())
-            undo.set(worker, "since", now)
+            undo.call(_restore_current, worker, worker.task_id, worker.since, worker.warm_for)
+            worker.task_id, worker.since = worker.queued.popleft(), now
         else:
             undo.set(worker, "task_id", None)
         if worker.in_flight:
@@ -1330,6 +1336,9 @@ class SchedulerState:
     def _take_back_late(self, now: float) -> None:
         """Ask each worker whose current plain Task is late (see Prefetch) for the ones queued
         behind it, once each."""
+        if now - self.late_checked < LATE_S / 2:
+            return  # (a Tick also ends each burst of events: not a look at every worker each)
+        self._undo.set(self, "late_checked", now)
         for worker in self.workers.values():
             if not worker.queued or now - worker.since < LATE_S:
                 continue
@@ -1611,10 +1620,10 @@ class SchedulerState:
         if queue:
             worker.queued.append(task.task_id)
             undo.call(worker.queued.pop)
-        else:
-            undo.set(worker, "task_id", task.task_id)
-            undo.set(worker, "since", now)
-        undo.set(worker, "warm_for", task.warm_key)
+            undo.set(worker, "warm_for", task.warm_key)
+        else:  # (one record for the three: this runs for every task)
+            undo.call(_restore_current, worker, worker.task_id, worker.since, worker.warm_for)
+            worker.task_id, worker.since, worker.warm_for = task.task_id, now, task.warm_key
         if task.workers is NO_WORKERS:
             undo.set(task, "workers", IdSet())
         if task.seen_workers is NO_WORKERS:
