@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 import zmq
 
@@ -399,14 +400,21 @@ def test_a_task_lined_up_behind_a_running_one_is_given_back_and_never_runs(tmp_p
         inbox.wait_for(lambda: len(replies()) == 2, "both answers")
         assert replies() == [("t2", True), ("t1", False)]
         node.send(assign("t3"))  # lined up behind t1, as t2 was: it runs next
+        # Code named by a hash it does not have: waits unloaded among its assignments.
+        node.send(msgspec.structs.replace(assign("t4"), code=b"", code_hash="0" * 64))
+        node.send(m.TakeBackTask("t4"))
+        inbox.wait_for(lambda: len(replies()) == 3, "the third answer")
+        assert replies()[2] == ("t4", True)
         (tmp_path / "gate").touch()
 
         def results() -> list[str]:
             return [loads(x.outcome.value) for x in inbox.messages if isinstance(x, m.TaskResult)]
 
         inbox.wait_for(lambda: len(results()) == 2, "the results of t1 and t3")
+        inbox.story()  # answered in mailbox order: whatever it sent before is in by now
         assert results() == ["t1", "t3"]
         assert started.read_text().split() == ["t1", "t3"]
+        assert not [x for x in inbox.messages if isinstance(x, m.NeedCode)]  # t4 never began
     finally:
         node.close()
         proc.terminate()
