@@ -1161,13 +1161,16 @@ class Master(HubShell):
                 self._to_client(task.client_id, m.TaskState(task_id, "running"))
 
     def _driven_by_lost(self, event: ev.Event) -> list[str]:
-        """Running tasks whose driver this event may lose (they may go back to the queue)."""
+        """Running tasks whose driver this event may lose, or that it may take back from their
+        worker (they may go back to the queue)."""
         match event:
             case ev.WorkerLost(worker_id=worker_id):
                 lost = {worker_id}
             case ev.NodeLost(node_id=node_id):
                 lost = {w.worker_id for w in self.scheduler.workers.values()
                         if w.node_id == node_id}
+            case ev.TakeBackAnswered(task_id=task_id, accepted=True):
+                return [task_id]  # queued behind a late task: it may go back to the queue
             case _:
                 return []
         return [t.task_id for t in self.scheduler.tasks.values()

@@ -174,3 +174,29 @@ def test_plain_tasks_queued_behind_a_long_one_run_on_the_other_workers(
     (folder / "task").touch()
     held = result_or_logs(blocker, 60, logs)
     assert held not in pids and len(set(pids)) == 2
+
+
+def test_a_task_taken_back_from_a_late_worker_says_queued_then_runs(tmp_path: Path) -> None:
+    """One worker: short tasks queued behind a long one there are taken back once it is late,
+    and their futures say so ("running" on the master's tick, then "queued"); they run once
+    the long one ends."""
+    folder = tmp_path / "gates"
+    folder.mkdir()
+    with LocalCluster(workers=1) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1)
+        client.submit(Pid).result(30)  # measured short: the next ones may queue behind
+        blocker = client.submit(GatedPid, folder=str(folder), gate="task")
+        short = [client.submit(Pid) for _ in range(5)]
+
+        def taken_back(future) -> bool:
+            return any("taken back from" in cause for _, _, _, cause, _ in future.story())
+
+        wait_until(lambda: all(taken_back(f) for f in short), 30,
+                   "the tasks queued behind the long one to be taken back")
+        # The story's answer came after the news the master sent its client as it took them
+        # back: they said "running" on the tick after they were queued there.
+        assert [f.status for f in short] == ["queued"] * 5
+        assert not blocker.done()
+        (folder / "task").touch()
+        pid = result_or_logs(blocker, 60, None)
+        assert [result_or_logs(f, 60, None) for f in short] == [pid] * 5
