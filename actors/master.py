@@ -1432,7 +1432,7 @@ class Master(HubShell):
                       kept=len(dropped) - len(cancelled))
 
     def _carry_out(self, ins: ev.Instruction) -> None:
-        match ins:
+        match ins:  # (what every unit and task needs first: each case is a type check)
             case ev.Dispatch():
                 if self.dashboard is not None:
                     self.stream.started(ins.worker_id, ins.task_id, ins.run_id, len(ins.units),
@@ -1447,18 +1447,6 @@ class Master(HubShell):
                 self.journal.record(ins.task_id, ins.results)
                 if self.journal.results_buffered > RESULTS_BUFFERED:
                     self._commit()  # early: a fast task's results must not pile up here
-            case ev.ReplayResults():
-                self._replay(ins)
-            case ev.Steal():
-                self._to_worker(ins.node_id, ins.worker_id, m.StealUnits(ins.task_id, ins.run_id))
-            case ev.TakeBack():
-                self.log.info("task_taken_back", task_id=ins.task_id, worker_id=ins.worker_id)
-                self._to_worker(ins.node_id, ins.worker_id, m.TakeBackTask(ins.task_id))
-            case ev.TellPeerGone():
-                self._to_worker(ins.node_id, ins.worker_id, m.PeerGone(ins.peer))
-            case ev.TellHolders():
-                self._to_worker(ins.node_id, ins.worker_id,
-                                m.WhoHas(ins.task_id, ins.index, ins.holders, ins.size))
             case ev.Assign():
                 self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
                                driver=ins.driver)
@@ -1473,6 +1461,22 @@ class Master(HubShell):
                     task_id=ins.task_id, name=ins.name, kind=ins.kind, code=self._code_for(ins),
                     args=ins.args, driver=ins.driver, package=ins.package, version=ins.version,
                     code_hash=ins.code_hash, inputs=inline, held_inputs=held))
+            case ev.ReportDone():
+                self.log.debug("task_done", task_id=ins.task_id)
+                self._task_ended(ins.client_id, ins.task_id, m.TaskDone(
+                    ins.task_id, ins.result, self._share_result(ins.client_id, ins.task_id)))
+            case ev.ReplayResults():
+                self._replay(ins)
+            case ev.Steal():
+                self._to_worker(ins.node_id, ins.worker_id, m.StealUnits(ins.task_id, ins.run_id))
+            case ev.TakeBack():
+                self.log.info("task_taken_back", task_id=ins.task_id, worker_id=ins.worker_id)
+                self._to_worker(ins.node_id, ins.worker_id, m.TakeBackTask(ins.task_id))
+            case ev.TellPeerGone():
+                self._to_worker(ins.node_id, ins.worker_id, m.PeerGone(ins.peer))
+            case ev.TellHolders():
+                self._to_worker(ins.node_id, ins.worker_id,
+                                m.WhoHas(ins.task_id, ins.index, ins.holders, ins.size))
             case ev.ReleaseWorker():
                 self._to_worker(ins.node_id, ins.worker_id, m.ReleaseTask(ins.task_id))
             case ev.StopTask():
@@ -1485,10 +1489,6 @@ class Master(HubShell):
                 self._to_client(ins.client_id, m.TaskProgress(
                     ins.task_id, ins.done, self._unit_total(ins.task_id, ins.total, ins.sliced_all),
                     ins.sliced_all))
-            case ev.ReportDone():
-                self.log.debug("task_done", task_id=ins.task_id)
-                self._task_ended(ins.client_id, ins.task_id, m.TaskDone(
-                    ins.task_id, ins.result, self._share_result(ins.client_id, ins.task_id)))
             case ev.ReportErred(outcome=o):
                 self.log.info("task_erred", task_id=ins.task_id, unit=ins.unit, error=o.type_name)
                 self._task_ended(ins.client_id, ins.task_id, m.TaskErred(

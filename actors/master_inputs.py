@@ -15,13 +15,15 @@ results its nodes may drop).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+import msgspec
 
 from actors.errors import InputFailed, InputLost
 
 
-@dataclass(frozen=True, slots=True)
-class Kept:
+class Kept(msgspec.Struct, frozen=True, gc=False):
+    """(One made as each task ends: a struct, ~60 ns, not a frozen dataclass, ~550.)"""
+
     client_id: str
     state: str  # "done", or how it failed ("erred", "cancelled")
     result: bytes | None = None  # a result kept here; None: held on a node, or failed

@@ -660,7 +660,15 @@ class SchedulerState:
 
     def _handle(self, event: Event) -> None:
         undo = self._undo
-        match event:
+        match event:  # (the events of every task and unit first: each case is a type check)
+            case UnitsFinished():
+                self._units_finished(event)
+            case TaskFinished():
+                self._task_finished(event)
+            case TaskSubmitted():
+                self._submitted(event)
+            case UnitsSliced():
+                self._sliced(event)
             case NodeJoined(node_id=node_id, data_address=address):
                 if node_id not in self.nodes:
                     undo.put(self.nodes, node_id, set())
@@ -680,8 +688,6 @@ class SchedulerState:
                     self._worker_lost(worker_id, f"node {node_id} lost: {reason}", False, event.now)
             case WorkerLost(worker_id=worker_id, cause=cause, expected=expected):
                 self._worker_lost(worker_id, cause, expected, event.now)
-            case TaskSubmitted():
-                self._submitted(event)
             case CancelRequested(task_id=task_id, grace=grace):
                 task = self.tasks.get(task_id)
                 if task is not None and not task.finished:
@@ -698,12 +704,6 @@ class SchedulerState:
                 for key in [k for k in self.task_seconds if k.owner == client_id]:
                     undo.pop(self.task_seconds, key)
                 self.fair.client_left(undo, client_id)
-            case UnitsSliced():
-                self._sliced(event)
-            case UnitsFinished():
-                self._units_finished(event)
-            case TaskFinished():
-                self._task_finished(event)
             case StealAnswered():
                 self._steal_answered(event)
             case RunsReleased(worker_id=worker_id, task_id=task_id, run_ids=run_ids):
