@@ -72,14 +72,21 @@ class FakeNode:
 @contextmanager
 def worker_process(tmp_path: Path, task: type[ParallelTask]) -> Iterator[tuple[FakeNode, subprocess.Popen[str]]]:
     """A real worker process, welcomed by the test as its node and given task t1 (``task``)."""
+    with welcomed_worker(tmp_path) as (node, proc):
+        node.send(m.AssignTask(task_id="t1", name=task.__name__, kind="parallel",
+                               code=dumps_task_class(task), args=dumps(((1,), {})), driver=False))
+        yield node, proc
+
+
+@contextmanager
+def welcomed_worker(tmp_path: Path) -> Iterator[tuple[FakeNode, subprocess.Popen[str]]]:
+    """A real worker process, welcomed by the test as its node; stopped by its pid after."""
     node = FakeNode(f"ipc://{tmp_path}/node.sock")
     proc = python("-m", "actors.worker", "--node", f"ipc://{tmp_path}/node.sock", "--id", "w1")
     try:
         hello = node.receive(30)
         assert isinstance(hello, m.Hello) and hello.pid == proc.pid
         node.send(m.Welcome("", "w1", 0.0))
-        node.send(m.AssignTask(task_id="t1", name=task.__name__, kind="parallel",
-                               code=dumps_task_class(task), args=dumps(((1,), {})), driver=False))
         yield node, proc
     finally:
         node.close()
@@ -374,8 +381,6 @@ class AtGate(Task):
 def test_a_task_lined_up_behind_a_running_one_is_given_back_and_never_runs(tmp_path: Path) -> None:
     """TakeBackTask: a plain Task queued behind the running one (its work already handed to the
     executor) is given back and never begins; the running one is not given back."""
-    node = FakeNode(f"ipc://{tmp_path}/node.sock")
-    proc = python("-m", "actors.worker", "--node", f"ipc://{tmp_path}/node.sock", "--id", "w1")
     code = dumps_task_class(AtGate)
     started = tmp_path / "started.log"
 
@@ -383,10 +388,8 @@ def test_a_task_lined_up_behind_a_running_one_is_given_back_and_never_runs(tmp_p
         return m.AssignTask(task_id=task_id, name="AtGate", kind="task", code=code,
                             args=dumps(((str(tmp_path), task_id), {})), driver=True)
 
-    try:
+    with welcomed_worker(tmp_path) as (node, proc):
         inbox = Inbox(node, proc)
-        inbox.wait_for(lambda: any(isinstance(x, m.Hello) for x in inbox.messages), "hello")
-        node.send(m.Welcome("", "w1", 0.0))
         node.send(assign("t1"))
         inbox.wait_for(lambda: started.exists(), "t1 to start")
         node.send(assign("t2"))  # lined up behind t1
@@ -415,10 +418,3 @@ def test_a_task_lined_up_behind_a_running_one_is_given_back_and_never_runs(tmp_p
         assert results() == ["t1", "t3"]
         assert started.read_text().split() == ["t1", "t3"]
         assert not [x for x in inbox.messages if isinstance(x, m.NeedCode)]  # t4 never began
-    finally:
-        node.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        finally:
-            kill_all({proc.pid})
