@@ -215,6 +215,7 @@ class Master(HubShell):
         self.codes: dict[str, dict[str, bytes]] = {}
         self.seq = 0  # submission order, kept in the journal
         self.started: set[str] = set()  # tasks given a driver since the last tick
+        self.taken_back: dict[str, list[str]] = {}  # worker -> tasks an event asked it back for
         self.awaiting: dict[str, float] = {}  # restored clients not back yet -> until when
         self.last_tick = 0.0
         # worker -> hashes of the code it was sent, oldest first, as many as it keeps
@@ -1176,6 +1177,10 @@ class Master(HubShell):
         return [t.task_id for t in self.scheduler.tasks.values()
                 if t.state is ev.TaskStatus.RUNNING and t.driver in lost]
 
+    def _running_on(self, worker_id: str) -> str:
+        worker = self.scheduler.workers.get(worker_id)
+        return (worker.task_id or "") if worker is not None else ""
+
     def _tell_requeued(self, task_ids: list[str]) -> None:
         for task_id in task_ids:
             task = self.scheduler.tasks.get(task_id)
@@ -1349,6 +1354,11 @@ class Master(HubShell):
                 self._carry_out(instruction)
         for failed in after:
             self._carry_out(failed)
+        if self.taken_back:  # one line a worker, not one a task (up to MAX_QUEUED_TASKS)
+            for worker_id, task_ids in self.taken_back.items():
+                self.log.info("take_back_asked", worker_id=worker_id, tasks=len(task_ids),
+                              first=task_ids[0], behind=self._running_on(worker_id))
+            self.taken_back = {}
         if driven:
             self._tell_requeued(driven)
         if self.backlog and not self.refilling:
@@ -1470,7 +1480,7 @@ class Master(HubShell):
             case ev.Steal():
                 self._to_worker(ins.node_id, ins.worker_id, m.StealUnits(ins.task_id, ins.run_id))
             case ev.TakeBack():
-                self.log.info("task_taken_back", task_id=ins.task_id, worker_id=ins.worker_id)
+                self.taken_back.setdefault(ins.worker_id, []).append(ins.task_id)
                 self._to_worker(ins.node_id, ins.worker_id, m.TakeBackTask(ins.task_id))
             case ev.TellPeerGone():
                 self._to_worker(ins.node_id, ins.worker_id, m.PeerGone(ins.peer))
