@@ -198,5 +198,5 @@ def test_a_task_taken_back_from_a_late_worker_says_queued_then_runs(tmp_path: Pa
         assert [f.status for f in short] == ["queued"] * 5
         assert not blocker.done()
         (folder / "task").touch()
-        pid = result_or_logs(blocker, 60, None)
-        assert [result_or_logs(f, 60, None) for f in short] == [pid] * 5
+        pid = result_or_logs(blocker, 60, tmp_path)
+        assert [result_or_logs(f, 60, tmp_path) for f in short] == [pid] * 5
