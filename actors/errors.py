@@ -251,6 +251,20 @@ class QueueFull(ActorsError, RuntimeError):
                 "and submit again")
 
 
+class TaskIdTaken(ActorsError, ValueError):
+    """A submission refused: its task id is another client's task on this master (ids are
+    random, so a clash is a bug or a client reusing ids it saw). Treating it as a resend would
+    leave this client's future waiting for a result that goes to the other one."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return (f"task id {self.task_id!r} is another client's task on this master: "
+                "submit again (a new submit draws a new id)")
+
+
 class UnknownTask(ActorsError, LookupError):
     """A task or package name that the master does not know."""
 

@@ -48,6 +48,7 @@ from actors.errors import (
     MasterSuperseded,
     QueueFull,
     StateDirLocked,
+    TaskIdTaken,
     UnknownTask,
     WorkerKilled,
 )
@@ -929,6 +930,13 @@ class Master(HubShell):
             return
         if (msg.task_id in self.scheduler.tasks or msg.task_id in self.backlog
                 or self.journal.knows(msg.task_id)):
+            if self._client_of(msg.task_id) not in (peer.peer_id, None):
+                if msg.code_hash and not self._keep_code(peer, msg):
+                    return  # (refused for its size: its submitter is told that)
+                # (the code kept: the submitter names it by its hash from now on)
+                self.log.warning("task_id_taken", task_id=msg.task_id, client_id=peer.peer_id)
+                self._refuse_submit(peer, msg, TaskIdTaken(msg.task_id))
+                return
             # Sent again after a reconnect (its Accepted was lost, or it was not yet durable):
             # the first one stands; acknowledge it if it is in the journal already.
             if self.journal.on_disk(msg.task_id):
@@ -936,20 +944,9 @@ class Master(HubShell):
             return
         code = msg.code
         if msg.code_hash:
-            shipped = self.codes.setdefault(peer.peer_id, {})
-            if code and msg.code_hash not in shipped and (
-                    sum(map(len, shipped.values())) + len(code) > MAX_CODE_PER_CLIENT):
-                self._refuse_submit(peer, msg, ValueError(
-                    f"this client's task code would take more than "
-                    f"{MAX_CODE_PER_CLIENT >> 20} MiB on the master: ship fewer distinct classes "
-                    "(or deploy them as a package)"))
+            if not self._keep_code(peer, msg):
                 return
-            if code and msg.code_hash not in shipped:
-                shipped[msg.code_hash] = code
-                self.journal.code_added(peer.peer_id, msg.code_hash, code)
-            elif code:
-                code = shipped[msg.code_hash]
-            elif (code := shipped.get(msg.code_hash, b"")) == b"":
+            if (code := self.codes[peer.peer_id].get(msg.code_hash, b"")) == b"":
                 self._refuse_submit(peer, msg, CodeUnknown(msg.code_hash, msg.name))
                 return
         elif not code:  # a deployed task, by name: pin the newest version now
@@ -997,6 +994,27 @@ class Master(HubShell):
                                      retries=msg.retries, code_hash=msg.code_hash,
                                      owner=peer.owner,
                                      inputs=tuple(msg.inputs)))
+
+    def _keep_code(self, peer: Peer, msg: m.Submit) -> bool:
+        """Keep the code a submit ships with its hash, once per client and hash (later submits
+        name it by the hash alone); False, and the submit refused, past the client's limit."""
+        shipped = self.codes.setdefault(peer.peer_id, {})
+        if not msg.code or msg.code_hash in shipped:
+            return True
+        if sum(map(len, shipped.values())) + len(msg.code) > MAX_CODE_PER_CLIENT:
+            self._refuse_submit(peer, msg, ValueError(
+                f"this client's task code would take more than "
+                f"{MAX_CODE_PER_CLIENT >> 20} MiB on the master: ship fewer distinct classes "
+                "(or deploy them as a package)"))
+            return False
+        shipped[msg.code_hash] = msg.code
+        self.journal.code_added(peer.peer_id, msg.code_hash, msg.code)
+        return True
+
+    def _client_of(self, task_id: str) -> str | None:
+        """The client whose task this id is, where the scheduler or the backlog holds it."""
+        task = self.scheduler.tasks.get(task_id)
+        return task.client_id if task is not None else self.backlog.client_of(task_id)
 
     def _queue_full(self, peer: Peer) -> bool:
         """Whether the peer's key has as many tasks queued as it may (``--max-queued``): one

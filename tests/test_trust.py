@@ -14,8 +14,9 @@ import pytest
 import zmq
 
 from actors import Client, LocalCluster, Task, __version__
+from actors import client as client_module
 from actors import messages as m
-from actors.errors import NoSuchTask
+from actors.errors import NoSuchTask, TaskIdTaken
 from transport.hub import unbatch
 from transport.keys import add_key, load_keypair, load_public_key
 
@@ -146,6 +147,31 @@ def test_a_client_cancels_only_its_own_tasks_and_reads_only_its_keys_stories(
         assert fut.result(timeout=30) == "released"
 
 
+def test_a_submit_with_another_clients_task_id_is_refused_not_taken_for_a_resend(
+        cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken for a resend, it would leave its future waiting for a result that goes to the
+    task's own client; refused, its submitter knows at once, and the task is untouched."""
+    gate = tmp_path / "gate"
+    folder = add_key(cluster.keys_dir, "client", f"clasher{os.getpid()}")
+    with Client(cluster) as owner, Client(cluster.address, keys=folder) as stranger:
+        fut = owner.submit(WaitsFor, str(gate))
+        with monkeypatch.context() as patch:
+            patch.setattr(client_module._task_ids, "new", lambda name: fut.task_id)
+            clash = stranger.submit(Square, 5)
+        assert clash.task_id == fut.task_id
+        with pytest.raises(TaskIdTaken, match="another client's task"):
+            clash.result(timeout=30)
+        assert stranger.submit(Square, 6).result(timeout=30) == 36  # a new id: served
+        gate.touch()
+        assert fut.result(timeout=30) == "released"
+        with monkeypatch.context() as patch:  # still refused once it is done (kept for stories)
+            patch.setattr(client_module._task_ids, "new", lambda name: fut.task_id)
+            late = owner.submit(Square, 7), stranger.submit(Square, 7)
+        with pytest.raises(TaskIdTaken):
+            late[1].result(timeout=30)
+        assert not late[0].done()  # the owner's own id again: a resend, the first one stands
+
+
 def test_package_contents_go_to_node_keys_only(cluster: LocalCluster) -> None:
     sock = dealer(cluster, cluster.keys_dir, "client", b"curious-client")
     try:
@@ -201,3 +227,24 @@ def test_keys_add_on_the_command_line_makes_a_folder_to_hand_over(tmp_path: Path
     again = subprocess.run([sys.executable, "-m", "actors", "keys", "add", str(keys), "bob",
                             "--role", "node"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "exists already" in again.stderr
+
+
+def test_task_ids_drawn_in_a_forked_child_are_not_its_parents() -> None:
+    """Ids are drawn in batches: a child forked with part of a batch left must draw its own,
+    or a client in it and one in the parent would submit the same ids (and be refused)."""
+    ids = client_module._task_ids
+    ids.new("Warm")  # a batch drawn here, most of it left
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, " ".join(ids.new("T") for _ in range(300)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode().split()
+    assert os.waitpid(pid, 0)[1] == 0
+    parent = [ids.new("T") for _ in range(300)]
+    assert len(child) == 300 and not set(child) & set(parent)
+    assert len(set(parent)) == 300 and all(len(i) == len("T-") + 16 for i in parent)
