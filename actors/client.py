@@ -560,6 +560,10 @@ class Client:
         """
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+        if (isinstance(priority, bool) or not isinstance(priority, int)
+                or abs(priority) > m.MAX_PRIORITY):
+            raise ValueError(f"priority must be a whole number between -(2**53 - 1) and "
+                             f"2**53 - 1, not {priority!r}")
         if isinstance(task, str):
             return self._submit_deployed(task, args, kwargs, priority, retries)
         if callable(task) and not (isinstance(task, type) and issubclass(task, Task)):
@@ -656,7 +660,7 @@ class Client:
     def scatter(self, data: Any, hash: bool = True, timeout: float = 60.0) -> Any:
         """Put ``data`` on the cluster once, for tasks to take as an argument: its future (a
         list or dict of futures for a list or dict). Named by its content (``hash``): the same
-        data scattered again is the same future, not sent twice. Up to 256 KiB it is kept on
+        data scattered again by this client is the same future, not sent twice. Up to 256 KiB it is kept on
         the master; larger, it goes straight to a node, which hands it to the workers that take
         it. Kept while the future is held, like a task's result."""
         if isinstance(data, list | tuple):
@@ -667,7 +671,10 @@ class Client:
         digest = hashlib.sha256()
         for part in parts:
             digest.update(part)
-        task_id = f"scatter-{digest.hexdigest()[:24] if hash else uuid.uuid4().hex[:24]}"
+        # This client's: the same data scattered by another client is another future (data
+        # named by its content alone made a second client's scatter of it fail, its id taken).
+        task_id = (f"scatter-{self.client_id.removeprefix('client-')}-"
+                   f"{digest.hexdigest()[:24] if hash else uuid.uuid4().hex[:24]}")
         found = self._futures.get(task_id)
         if found is not None and found._status == _DONE:
             return found

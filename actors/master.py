@@ -81,6 +81,7 @@ SOCKET = "peers"
 HEARTBEAT_S = 1.0
 STORY_WAIT_S = 1.0  # how long a story request waits for workers that do not answer
 MAX_RETRIES = 100
+MAX_SCATTERING = 8  # a client's large scatters announced to a node and not yet stored there
 # Code at least this big goes to a worker once: later assignments name it by its hash. Smaller
 # code (a class pickled by reference) rides along with every assignment (cheaper than keeping
 # track of it). A class shipped by value carries the source of its file for tracebacks, often
@@ -920,6 +921,10 @@ class Master(HubShell):
 
     def _submit(self, peer: Peer, msg: m.Submit) -> None:
         kind, package, version = msg.kind, "", ""
+        # The code first, whatever comes of the submit: its client ships a code once and names
+        # it by its hash from then on, refused or not.
+        if msg.code_hash and not self._keep_code(peer, msg):
+            return  # (refused for its size: its submitter is told that)
         if (msg.code or msg.code_hash) and kind not in KINDS:
             self._refuse_submit(peer, msg, ValueError(
                 f"a task's kind is one of {sorted(KINDS)}, not {kind!r}"))
@@ -928,12 +933,12 @@ class Master(HubShell):
             self._refuse_submit(peer, msg, ValueError(
                 f"retries must be between 0 and {MAX_RETRIES}, not {msg.retries}"))
             return
-        if (msg.task_id in self.scheduler.tasks or msg.task_id in self.backlog
-                or self.journal.knows(msg.task_id)):
+        if abs(msg.priority) > m.MAX_PRIORITY:
+            self._refuse_submit(peer, msg, ValueError(
+                f"priority must be between -(2**53 - 1) and 2**53 - 1, not {msg.priority}"))
+            return
+        if self._id_known(msg.task_id):
             if self._client_of(msg.task_id) not in (peer.peer_id, None):
-                if msg.code_hash and not self._keep_code(peer, msg):
-                    return  # (refused for its size: its submitter is told that)
-                # (the code kept: the submitter names it by its hash from now on)
                 self.log.warning("task_id_taken", task_id=msg.task_id, client_id=peer.peer_id)
                 self._refuse_submit(peer, msg, TaskIdTaken(msg.task_id))
                 return
@@ -944,8 +949,6 @@ class Master(HubShell):
             return
         code = msg.code
         if msg.code_hash:
-            if not self._keep_code(peer, msg):
-                return
             if (code := self.codes[peer.peer_id].get(msg.code_hash, b"")) == b"":
                 self._refuse_submit(peer, msg, CodeUnknown(msg.code_hash, msg.name))
                 return
@@ -1011,10 +1014,25 @@ class Master(HubShell):
         self.journal.code_added(peer.peer_id, msg.code_hash, msg.code)
         return True
 
+    def _id_known(self, task_id: str) -> bool:
+        """Whether a task or scattered data has this id here (a submit with it is a resend or
+        another client's clash, never a new task)."""
+        return (task_id in self.scheduler.tasks or task_id in self.backlog
+                or self.journal.knows(task_id) or task_id in self.inputs.kept
+                or task_id in self.inputs.refs or task_id in self.scattering)
+
     def _client_of(self, task_id: str) -> str | None:
-        """The client whose task this id is, where the scheduler or the backlog holds it."""
+        """The client whose task (or scattered data) this id is, where the master holds it."""
         task = self.scheduler.tasks.get(task_id)
-        return task.client_id if task is not None else self.backlog.client_of(task_id)
+        if task is not None:
+            return task.client_id
+        if (held := self.backlog.client_of(task_id)) is not None:
+            return held
+        if (kept := self.inputs.kept.get(task_id)) is not None:
+            return kept.client_id
+        if (scattering := self.scattering.get(task_id)) is not None:
+            return scattering[1]
+        return self.inputs.refs.get(task_id)
 
     def _queue_full(self, peer: Peer) -> bool:
         """Whether the peer's key has as many tasks queued as it may (``--max-queued``): one
@@ -1584,7 +1602,8 @@ class Master(HubShell):
         reason = ""
         if not task_id.startswith("scatter-") or len(task_id) > 64:
             reason = "a scattered result's id is scatter-<hex>"
-        elif task_id in self.scheduler.tasks or task_id in self.scattering:
+        elif (task_id in self.scheduler.tasks or task_id in self.scattering
+              or task_id in self.backlog or self.journal.knows(task_id)):
             reason = "that id is taken"
         elif task_id in self.inputs.kept:  # scattered before: one more future of it
             reason = "" if self.inputs.referenced_again(task_id, client_id) else "that id is taken"
@@ -1601,6 +1620,12 @@ class Master(HubShell):
             self.inputs.submitted(task_id, client_id, ())
             self.inputs.ended(task_id, "done", msg.data)
             self._to_client(client_id, m.ScatterDone(task_id))
+            return
+        if sum(1 for _, c in self.scattering.values() if c == client_id) >= MAX_SCATTERING:
+            # A node takes a bounded number of puts at once, for every client: one client's
+            # announced and never sent must not hold them all.
+            self._to_client(client_id, m.ScatterAt(task_id, reason=(
+                f"this client has {MAX_SCATTERING} scatters under way, the most it may")))
             return
         nodes = sorted(n for n in self.scheduler.nodes if self.result_ends.get(n, ("", ""))[0])
         if not nodes:

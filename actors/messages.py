@@ -106,6 +106,9 @@ class Submit(Message, frozen=True, kw_only=True):
 #: Seconds a cancelled task's code has to stop (``Task.task_stop_requested``) before its worker
 #: is killed, unless the canceller says otherwise; and the most it may say.
 STOP_GRACE_S = 5.0
+# A task's priority, either way: the largest integer the dashboard's JSON reader keeps exact
+# (the journal's SQLite keeps 64 bits; a larger one stopped every commit, for every client).
+MAX_PRIORITY = 2**53 - 1
 MAX_STOP_GRACE_S = 600.0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from actors import Client, LocalCluster, ParallelTask, Task
+from actors import messages as m
 from tests.conftest import (
     descendants,
     kill_all,
@@ -370,3 +371,20 @@ def test_a_large_result_waiting_on_its_node_is_delivered_after_the_master_is_kil
     monkeypatch.undo()  # from now on the client fetches
     restartable.restart()
     assert result_or_logs(fut, 60, tmp_path) == bytes(range(256)) * ((3 << 20) // 256)
+
+
+def test_a_priority_the_journal_cannot_hold_is_refused_and_others_stay_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A priority past 64 bits made every commit of the journal fail, for every client: no
+    submission was acknowledged (nor survived a restart) while that task was there."""
+    with LocalCluster(workers=1, state_dir=str(tmp_path / "state")) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(ValueError, match="priority must be"):
+            client.submit(Add, 1, 2, priority=2**63)  # checked here first
+        monkeypatch.setattr(m, "MAX_PRIORITY", 2**64)  # this client no longer checks
+        huge = client.submit(Add, 1, 2, priority=2**63)
+        with pytest.raises(ValueError, match=r"priority must be between -\(2\*\*53 - 1\)"):
+            huge.result(timeout=30)
+        fine = client.submit(Add, 2, 3, priority=2**53 - 1)
+        assert fine.result(timeout=30) == 5
+        wait_until(lambda: not client._unaccepted, 30, "the submission to be journaled")

@@ -16,7 +16,7 @@ import zmq
 from actors import Client, LocalCluster, Task, __version__
 from actors import client as client_module
 from actors import messages as m
-from actors.errors import NoSuchTask, TaskIdTaken
+from actors.errors import NoSuchTask, ScatterFailed, TaskIdTaken
 from transport.hub import unbatch
 from transport.keys import add_key, load_keypair, load_public_key
 
@@ -155,6 +155,7 @@ def test_a_submit_with_another_clients_task_id_is_refused_not_taken_for_a_resend
     folder = add_key(cluster.keys_dir, "client", f"clasher{os.getpid()}")
     with Client(cluster) as owner, Client(cluster.address, keys=folder) as stranger:
         fut = owner.submit(WaitsFor, str(gate))
+        owner.info()  # a round trip behind the submit: the master has it before the clash
         with monkeypatch.context() as patch:
             patch.setattr(client_module._task_ids, "new", lambda name: fut.task_id)
             clash = stranger.submit(Square, 5)
@@ -170,6 +171,64 @@ def test_a_submit_with_another_clients_task_id_is_refused_not_taken_for_a_resend
         with pytest.raises(TaskIdTaken):
             late[1].result(timeout=30)
         assert not late[0].done()  # the owner's own id again: a resend, the first one stands
+
+
+class Pick(Task):
+    def work(self, value, _after):
+        return value
+
+
+class Evil(Task):
+    def work(self):
+        return "the stranger's value"
+
+
+def test_a_submit_cannot_take_the_id_of_another_clients_scattered_data(
+        cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scattered data is a done task's result to the master: a task submitted under its id by
+    another client would have replaced the value the owner's tasks take."""
+    gate = tmp_path / "gate"
+    folder = add_key(cluster.keys_dir, "client", f"squatter{os.getpid()}")
+    with Client(cluster) as owner, Client(cluster.address, keys=folder) as stranger:
+        secret = owner.scatter("the owner's value")
+        waiting = owner.submit(WaitsFor, str(gate))
+        picked = owner.submit(Pick, secret, waiting)  # takes the data once `waiting` is done
+        with monkeypatch.context() as patch:
+            patch.setattr(client_module._task_ids, "new", lambda name: secret.task_id)
+            squat = stranger.submit(Evil)
+        with pytest.raises(TaskIdTaken):
+            squat.result(timeout=30)
+        gate.touch()
+        assert picked.result(timeout=30) == "the owner's value"
+        assert owner.submit(Pick, secret, 0).result(timeout=30) == "the owner's value"
+
+
+def test_two_clients_scatter_the_same_data_each_its_own(cluster: LocalCluster) -> None:
+    """Named by its content alone, the second client's scatter of the same data failed (its
+    id taken), whichever key it had."""
+    folder = add_key(cluster.keys_dir, "client", f"sharer{os.getpid()}")
+    with (Client(cluster) as first, Client(cluster) as same_key,
+          Client(cluster.address, keys=folder) as other_key):
+        futures = [c.scatter("shared config") for c in (first, same_key, other_key)]
+        assert len({f.task_id for f in futures}) == 3
+        assert first.scatter("shared config") is futures[0]  # again by its client: the same one
+        for client, future in zip((first, same_key, other_key), futures, strict=True):
+            assert client.submit(Pick, future, 0).result(timeout=30) == "shared config"
+
+
+def test_a_client_that_announces_large_scatters_and_never_sends_them_holds_few_slots(
+        cluster: LocalCluster) -> None:
+    """A node takes a bounded number of large puts at once, for all clients: announced and
+    never sent, one client's held them all (for two minutes each), and every other client's
+    large scatter failed meanwhile."""
+    folder = add_key(cluster.keys_dir, "client", f"hoarder{os.getpid()}")
+    with Client(cluster) as victim, Client(cluster.address, keys=folder) as hoarder:
+        for i in range(64):  # what a node takes at once, for all clients
+            hoarder._send(m.Scatter(f"scatter-{i:024x}", size=1 << 30))
+        with pytest.raises(ScatterFailed, match="8 scatters under way"):
+            hoarder.scatter(os.urandom(1 << 20), timeout=10)
+        big = victim.scatter(os.urandom(1 << 20), timeout=10)
+        assert victim.submit(Pick, big, 0).result(timeout=30) == big.result(timeout=30)
 
 
 def test_package_contents_go_to_node_keys_only(cluster: LocalCluster) -> None:
