@@ -9,6 +9,9 @@ One SQLite file (WAL) in the master's state directory holds:
             code hash, arguments, priority, retries, package version) and, once it ended, the
             message for its client, kept until the client says it received it
   codes     the task code each client shipped by value, by content hash
+  clients   each client's key, while the journal holds anything of it: a client back after a
+            restart must say Hello with the key it had (its id alone would let another key
+            take its results); added to a journal of an earlier version as it opens
   results   finished unit results of running ParallelTasks, one row per batch:
             ``(task, first, last, data)``, ``data`` = msgpack ``[(index, digest, value), ...]``,
             so that a restarted driver gets them back instead of running them again
@@ -50,6 +53,7 @@ create table if not exists codes (
 create table if not exists results (task text, first integer, last integer, data blob);
 create index if not exists by_task on results (task, first);
 """
+_CLIENTS = "create table if not exists clients (client text primary key, key text not null)"
 
 
 @dataclass(kw_only=True)
@@ -88,6 +92,7 @@ class Restored:
     tasks: list[TaskRow]  # in submission order; ``ended`` set: waiting for delivery
     codes: dict[str, dict[str, bytes]]  # client -> code hash -> code
     journaled: dict[str, list[int]]  # task -> unit indices with a journaled result
+    keys: dict[str, bytes]  # client -> its key
 
 
 class Journal:
@@ -113,6 +118,7 @@ class Journal:
             else:
                 self._db.executescript(_TABLES)
                 self._db.execute("insert into meta values ('schema', ?)", (str(SCHEMA),))
+            self._db.execute(_CLIENTS)
         except sqlite3.DatabaseError as exc:
             raise JournalUnreadable(self.path, str(exc)) from exc
         self.master_id = ""
@@ -122,6 +128,7 @@ class Journal:
         self._tasks: dict[str, TaskRow | None] = {}
         self._on_disk: dict[str, str] = {}  # task -> its client
         self._codes: list[tuple[str, str, bytes]] = []
+        self._keys: dict[str, str] = {}  # client -> its key, to write
         self._gone_clients: list[str] = []
         self._results: dict[str, list[list[Entry]]] = {}  # task -> batches not yet written
         self._forget: set[str] = set()  # tasks whose results rows go
@@ -163,11 +170,13 @@ class Journal:
             journaled: dict[str, list[int]] = {}
             for task_id, data in self._db.execute("select task, data from results order by rowid"):
                 journaled.setdefault(task_id, []).extend(i for i, _, _ in _decoder.decode(data))
+            keys = {client: key.encode()
+                    for client, key in self._db.execute("select client, key from clients")}
         except (sqlite3.DatabaseError, msgspec.DecodeError, TypeError, ValueError) as exc:
             raise JournalUnreadable(self.path, str(exc)) from exc
         self._on_disk = {row.task_id: row.client for row in tasks}
         self._with_results = set(journaled)
-        return Restored(tasks, codes, journaled)
+        return Restored(tasks, codes, journaled, keys)
 
     # --- buffered writes -------------------------------------------------------------------
 
@@ -214,9 +223,15 @@ class Journal:
         if self.durable:
             self._codes.append((client, code_hash, code))
 
+    def client_key(self, client: str, key: bytes) -> None:
+        """The key ``client`` said Hello with (written once per client and key)."""
+        if self.durable:
+            self._keys[client] = key.decode(errors="replace")
+
     def client_left(self, client: str) -> None:
-        """Its tasks, results to deliver and code go (after its tasks were cancelled)."""
+        """Its tasks, results to deliver, code and key go (after its tasks were cancelled)."""
         self._gone_clients.append(client)
+        self._keys.pop(client, None)
         for task_id, row in list(self._tasks.items()):
             if row is not None and row.client == client:
                 self.delivered(task_id, client)
@@ -284,7 +299,7 @@ class Journal:
         keeps the submission to send again, so a master that dies meanwhile loses nothing."""
         self._commits += 1
         acks, self._acks = self._acks, []
-        if not (self._tasks or self._codes or self._gone_clients or self._results
+        if not (self._tasks or self._codes or self._keys or self._gone_clients or self._results
                 or self._forget):
             return acks
         young = self._commits - 1
@@ -312,9 +327,11 @@ class Journal:
                     if row.task_id not in self._on_disk:
                         added.append(row)
             db.executemany("insert or ignore into codes values (?, ?, ?)", self._codes)
+            db.executemany("insert or replace into clients values (?, ?)", self._keys.items())
             for client in self._gone_clients:
                 db.execute("delete from tasks where client = ?", (client,))
                 db.execute("delete from codes where client = ?", (client,))
+                db.execute("delete from clients where client = ?", (client,))
             db.executemany("delete from results where task = ?", [(t,) for t in self._forget])
             # (index, digest, result) tuples: the least and greatest compare by index first
             db.executemany("insert into results values (?, ?, ?, ?)", [
@@ -336,6 +353,7 @@ class Journal:
         self._tasks.clear()
         self._tasks.update(later)
         self._codes.clear()
+        self._keys.clear()
         self._gone_clients.clear()
         self._results.clear()
         self.results_buffered = 0

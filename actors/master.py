@@ -239,7 +239,9 @@ class Master(HubShell):
         self.delivering: dict[str, tuple[str, str]] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
-        self.client_keys: dict[str, bytes] = {}  # client id -> its key (whose tasks are whose)
+        # client id -> its key (whose tasks are whose); those of the journal's clients at once:
+        # a client back after a restart is one only with its key
+        self.client_keys: dict[str, bytes] = dict(restored.keys)
         # worker stopped at its node's return -> (its node, the tasks it held, until when its
         # held unit results are still taken)
         self.salvage: dict[str, tuple[str, frozenset[str], float]] = {}
@@ -519,6 +521,10 @@ class Master(HubShell):
             # Messages to a node or client go to the routing id named after it: one that
             # claimed another's id would speak for that peer.
             problem = "a peer's id is its connection's identity"
+        elif hello.role == "client" and self.client_keys.get(hello.peer_id, key) != key:
+            # Its tasks' ends would go to whoever says its id (after a restart, or once it was
+            # taken as gone): only its own key may.
+            problem = "this client id is another key's"
         elif hello.protocol != m.PROTOCOL_VERSION:
             problem = f"protocol {hello.protocol} != master's {m.PROTOCOL_VERSION}"
         elif hello.version != __version__:
@@ -594,7 +600,10 @@ class Master(HubShell):
                                                       self.journal.epoch))
         if hello.role != "client":
             return
-        self.client_keys[hello.peer_id] = self.peers[peer_key].key
+        key = self.peers[peer_key].key
+        if self.client_keys.get(hello.peer_id) != key:
+            self.client_keys[hello.peer_id] = key
+            self.journal.client_key(hello.peer_id, key)
         if self.awaiting.pop(hello.peer_id, None) is not None:
             self.log.info("client_back", client_id=hello.peer_id)
         if hello.peer_id in self.lost_clients:  # it was silent too long: its tasks were stopped

@@ -22,6 +22,7 @@ import pytest
 
 from actors import Client, LocalCluster, ParallelTask, Task
 from actors import messages as m
+from actors.serialize import loads
 from tests.conftest import (
     descendants,
     kill_all,
@@ -388,3 +389,74 @@ def test_a_priority_the_journal_cannot_hold_is_refused_and_others_stay_durable(
         fine = client.submit(Add, 2, 3, priority=2**53 - 1)
         assert fine.result(timeout=30) == 5
         wait_until(lambda: not client._unaccepted, 30, "the submission to be journaled")
+
+
+_SUBMIT_AND_VANISH = """
+import os, sys, time
+from actors import Client, Task
+class Secret(Task):
+    def work(self):
+        time.sleep(1.0)
+        return "the owner's result"
+client = Client(sys.argv[1], keys=sys.argv[2])
+client.submit(Secret)
+deadline = time.monotonic() + 30
+while client._unaccepted and time.monotonic() < deadline:  # until it is journaled
+    time.sleep(0.05)
+print(client.client_id, flush=True)
+os._exit(0)  # gone without a Bye, as a killed notebook
+"""
+
+
+def _hello_as(cluster: LocalCluster, keys: str | Path, client_id: str) -> list[m.Message]:
+    """A bare connection with the client key of ``keys`` saying Hello as ``client_id``: what
+    the master sends it within a few seconds (the Welcome, then its tasks' ends) or Refused."""
+    import zmq
+
+    from actors import __version__
+    from transport.hub import unbatch
+    from transport.keys import load_keypair, load_public_key
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 1_000)
+    sock.setsockopt(zmq.IDENTITY, client_id.encode())
+    pair = load_keypair(keys, "client")
+    sock.curve_publickey, sock.curve_secretkey = pair.public, pair.secret
+    sock.curve_serverkey = load_public_key(cluster.keys_dir, "master")
+    sock.connect(cluster.address)
+    got: list[m.Message] = []
+    try:
+        sock.send(m.encode(m.Hello(role="client", peer_id=client_id,
+                                   protocol=m.PROTOCOL_VERSION, version=__version__)))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+                isinstance(x, m.Refused | m.TaskDone) for x in got):
+            try:
+                got += [m.decode(frames[-1]) for frames in unbatch(sock.recv_multipart())]
+            except zmq.Again:
+                continue
+    finally:
+        sock.close()
+    return got
+
+
+def test_after_a_restart_a_client_is_back_only_with_its_own_key(tmp_path: Path) -> None:
+    """The journal knew a task's client by its id alone: after a restart, another key saying
+    Hello with that id was welcomed as the client and given its tasks' results."""
+    from transport.keys import add_key
+
+    state, keys = str(tmp_path / "state"), str(tmp_path / "keys")
+    with LocalCluster(workers=1, state_dir=state, keys=keys) as first:
+        out = subprocess.run([sys.executable, "-c", _SUBMIT_AND_VANISH, first.address, keys],
+                             capture_output=True, text=True, timeout=60, check=True)
+        owner_id = out.stdout.split()[-1]
+    with LocalCluster(workers=1, state_dir=state, keys=keys) as second:
+        stranger = add_key(keys, "client", "stranger")
+        refused = _hello_as(second, stranger, owner_id)
+        assert [type(x) for x in refused] == [m.Refused], refused
+        assert refused[0].reason == "this client id is another key's"
+        back = _hello_as(second, keys, owner_id)  # its own key: welcomed, its result follows
+        assert isinstance(back[0], m.Welcome)
+        done = [x for x in back if isinstance(x, m.TaskDone)]
+        assert [loads(x.result) for x in done] == ["the owner's result"], back
