@@ -660,9 +660,9 @@ class Client:
     def scatter(self, data: Any, hash: bool = True, timeout: float = 60.0) -> Any:
         """Put ``data`` on the cluster once, for tasks to take as an argument: its future (a
         list or dict of futures for a list or dict). Named by its content (``hash``): the same
-        data scattered again by this client is the same future, not sent twice. Up to 256 KiB it is kept on
-        the master; larger, it goes straight to a node, which hands it to the workers that take
-        it. Kept while the future is held, like a task's result."""
+        data scattered again by this client is the same future, not sent twice. Up to 256 KiB
+        it is kept on the master; larger, it goes straight to a node, which hands it to the
+        workers that take it. Kept while the future is held, like a task's result."""
         if isinstance(data, list | tuple):
             return [self.scatter(item, hash, timeout) for item in data]
         if isinstance(data, dict):

@@ -252,16 +252,16 @@ class QueueFull(ActorsError, RuntimeError):
 
 
 class TaskIdTaken(ActorsError, ValueError):
-    """A submission refused: its task id is another client's task on this master (ids are
-    random, so a clash is a bug or a client reusing ids it saw). Treating it as a resend would
-    leave this client's future waiting for a result that goes to the other one."""
+    """A submission refused: its task id is another client's task (or scattered data) on this
+    master (ids are random, so a clash is a bug or a client reusing ids it saw). Taken for a
+    resend, it would leave this client's future waiting for a result that goes to the other."""
 
     def __init__(self, task_id: str) -> None:
         super().__init__(task_id)
         self.task_id = task_id
 
     def __str__(self) -> str:
-        return (f"task id {self.task_id!r} is another client's task on this master: "
+        return (f"task id {self.task_id!r} is another client's task or data on this master: "
                 "submit again (a new submit draws a new id)")
 
 

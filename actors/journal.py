@@ -35,6 +35,7 @@ import msgspec
 from actors.errors import JournalUnreadable, MasterSuperseded
 
 SCHEMA = 2
+COMMIT_WAIT_MS = 200
 RESULTS_BUFFERED = 4096  # unit results held for the next commit, at most (see record)
 Entry = tuple[int, int, bytes]  # unit index, digest of its arguments, result
 
@@ -176,6 +177,10 @@ class Journal:
             raise JournalUnreadable(self.path, str(exc)) from exc
         self._on_disk = {row.task_id: row.client for row in tasks}
         self._with_results = set(journaled)
+        # From now on the master's thread waits this long at most for another process's lock
+        # (a backup, sqlite3 at a terminal): a commit that cannot have it is tried again
+        # later (Master._commit), not waited for while every peer goes unheard.
+        self._db.execute(f"pragma busy_timeout = {COMMIT_WAIT_MS}")
         return Restored(tasks, codes, journaled, keys)
 
     # --- buffered writes -------------------------------------------------------------------
@@ -308,8 +313,8 @@ class Journal:
         for task_id in later:
             del self._tasks[task_id]
         db = self._cursor
-        db.execute("begin immediate")
         try:
+            db.execute("begin immediate")  # (waits COMMIT_WAIT_MS for another one's lock)
             epoch = self.current_epoch()
             if epoch != self.epoch:
                 raise MasterSuperseded(self.path, self.epoch, epoch)
@@ -339,8 +344,12 @@ class Journal:
                 for task_id, batches in self._results.items() for entries in batches])
             db.execute("commit")
         except BaseException:
-            db.execute("rollback")
+            # All of it stays buffered for the next commit (disk full, an I/O error, the file
+            # locked by another process): what was not written is not acknowledged.
+            if self._db.in_transaction:  # (not when the begin itself failed)
+                db.execute("rollback")
             self._tasks.update(later)
+            self._acks[:0] = acks
             raise
         for (task_id,) in gone:
             self._on_disk.pop(task_id, None)

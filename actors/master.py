@@ -82,6 +82,7 @@ HEARTBEAT_S = 1.0
 STORY_WAIT_S = 1.0  # how long a story request waits for workers that do not answer
 MAX_RETRIES = 100
 MAX_SCATTERING = 8  # a client's large scatters announced to a node and not yet stored there
+COMMIT_RETRY_MAX_S = 30.0  # the longest wait before trying again a journal that failed to write
 # Code at least this big goes to a worker once: later assignments name it by its hash. Smaller
 # code (a class pickled by reference) rides along with every assignment (cheaper than keeping
 # track of it). A class shipped by value carries the source of its file for tracebacks, often
@@ -242,6 +243,8 @@ class Master(HubShell):
         # client id -> its key (whose tasks are whose); those of the journal's clients at once:
         # a client back after a restart is one only with its key
         self.client_keys: dict[str, bytes] = dict(restored.keys)
+        self.commit_failures = 0  # journal commits failed in a row (see _commit)
+        self.commit_retry_at = 0.0
         # worker stopped at its node's return -> (its node, the tasks it held, until when its
         # held unit results are still taken)
         self.salvage: dict[str, tuple[str, frozenset[str], float]] = {}
@@ -261,7 +264,7 @@ class Master(HubShell):
 
     def on_stop(self) -> None:
         if not self.superseded:
-            self._commit()  # a clean stop keeps what is buffered (the journal closes in main)
+            self._commit(force=True)  # a clean stop keeps what is buffered (main closes it)
         super().on_stop()
 
     def _restore_once(self) -> None:
@@ -416,8 +419,13 @@ class Master(HubShell):
                       rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20,
                       ms=round((time.perf_counter() - started) * 1000))
 
-    def _commit(self) -> None:
-        """Write the journal; acknowledge to each client the submissions this made durable."""
+    def _commit(self, *, force: bool = False) -> None:
+        """Write the journal; acknowledge to each client the submissions this made durable.
+        A commit that fails (disk full, an I/O error, the file locked by another process) is
+        tried again later, waiting longer each time: meanwhile the master serves on, and what
+        it could not write stays unacknowledged, for clients to send again if it dies."""
+        if self.now < self.commit_retry_at and not force:
+            return
         started = time.perf_counter()
         try:
             added = self.journal.commit()
@@ -426,6 +434,17 @@ class Master(HubShell):
         except MasterSuperseded as exc:
             self._superseded(exc)
             return
+        except Exception as exc:  # raised in the middle of an event's instructions otherwise
+            self.commit_failures += 1
+            wait = min(COMMIT_RETRY_MAX_S, 0.5 * 2 ** min(self.commit_failures - 1, 6))
+            self.commit_retry_at = self.now + wait
+            self.log.error("journal_commit_failed", error=f"{type(exc).__name__}: {exc}",
+                           failures=self.commit_failures, retry_in_s=wait,
+                           hint="submissions are acknowledged once a commit succeeds")
+            return
+        if self.commit_failures:
+            self.log.warning("journal_commit_resumed", failures=self.commit_failures)
+            self.commit_failures, self.commit_retry_at = 0, 0.0
         accepted: dict[str, list[str]] = {}
         for row in added:
             accepted.setdefault(row.client, []).append(row.task_id)

@@ -460,3 +460,54 @@ def test_after_a_restart_a_client_is_back_only_with_its_own_key(tmp_path: Path) 
         assert isinstance(back[0], m.Welcome)
         done = [x for x in back if isinstance(x, m.TaskDone)]
         assert [loads(x.result) for x in done] == ["the owner's result"], back
+
+
+class WaitsFor(Task):
+    def work(self, path):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "released"
+
+
+class Squares(ParallelTask):
+    def get_work(self, n):
+        yield from range(n)
+
+    def work_unit(self, i):
+        return i * i
+
+    def reduce(self, results):
+        return sum(results)
+
+
+def test_a_journal_another_process_holds_locked_loses_no_work(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Another process holding the journal's write lock (a backup, sqlite3 at a terminal) made
+    every commit fail, each after 5 s of the master's thread waiting for the lock; one that
+    failed among an event's instructions (a ParallelTask's results past RESULTS_BUFFERED commit
+    early) dropped the rest of them. The master serves on, says so, and once it can write again
+    what it took meanwhile is journaled and acknowledged."""
+    state = tmp_path / "state"
+    n = 30_000
+    with LocalCluster(workers=2, state_dir=str(state)) as cluster, Client(cluster) as client:
+        assert client.submit(Add, 1, 1).result(timeout=30) == 2
+        lock = sqlite3.connect(state / "master.sqlite", timeout=10, isolation_level=None)
+        lock.execute("begin exclusive")
+        try:
+            squares = client.submit(Squares, n)
+            adds = client.map(Add, range(20), range(20))
+            assert squares.result(timeout=60) == sum(i * i for i in range(n))
+            assert [f.result(timeout=30) for f in adds] == [2 * i for i in range(20)]
+            gate = tmp_path / "gate"
+            waiting = client.submit(WaitsFor, str(gate))  # running, not yet acknowledged
+            wait_until(lambda: waiting.status == "running", 30, "a task to start")
+            assert waiting.task_id in client._unaccepted
+        finally:
+            lock.execute("rollback")
+            lock.close()
+        wait_until(lambda: not client._unaccepted, 60, "the journal to catch up")
+        gate.touch()
+        assert waiting.result(timeout=30) == "released"
+    logged = capfd.readouterr().err
+    assert "journal_commit_failed" in logged and "journal_commit_resumed" in logged
