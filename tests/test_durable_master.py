@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zmq
 
 from actors import Client, LocalCluster, ParallelTask, Task
 from actors import messages as m
@@ -32,6 +33,9 @@ from tests.conftest import (
     start_master,
     wait_until,
 )
+from tests.test_end_to_end import SumOfSquares
+from tests.test_trust import WaitsFor, dealer, hello, replies
+from transport.keys import add_key
 
 pytestmark = pytest.mark.processes
 
@@ -408,77 +412,52 @@ os._exit(0)  # gone without a Bye, as a killed notebook
 """
 
 
-def _hello_as(cluster: LocalCluster, keys: str | Path, client_id: str) -> list[m.Message]:
-    """A bare connection with the client key of ``keys`` saying Hello as ``client_id``: what
-    the master sends it within a few seconds (the Welcome, then its tasks' ends) or Refused."""
-    import zmq
-
-    from actors import __version__
-    from transport.hub import unbatch
-    from transport.keys import load_keypair, load_public_key
-
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 1_000)
-    sock.setsockopt(zmq.IDENTITY, client_id.encode())
-    pair = load_keypair(keys, "client")
-    sock.curve_publickey, sock.curve_secretkey = pair.public, pair.secret
-    sock.curve_serverkey = load_public_key(cluster.keys_dir, "master")
-    sock.connect(cluster.address)
-    got: list[m.Message] = []
-    try:
-        sock.send(m.encode(m.Hello(role="client", peer_id=client_id,
-                                   protocol=m.PROTOCOL_VERSION, version=__version__)))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(
-                isinstance(x, m.Refused | m.TaskDone) for x in got):
-            try:
-                got += [m.decode(frames[-1]) for frames in unbatch(sock.recv_multipart())]
-            except zmq.Again:
-                continue
-    finally:
-        sock.close()
-    return got
+def _hello_when_free(cluster: LocalCluster, keys: str | Path,
+                     client_id: str) -> tuple[zmq.Socket[bytes], list[m.Message]]:
+    """Hello from a new connection with this routing id, and what came back. The master's
+    ROUTER may hold the id for a moment after the last connection with it closed, and ignore
+    the new one: try again, as a Client does (every 2 s until welcomed)."""
+    for _ in range(20):
+        sock = dealer(cluster, keys, "client", client_id.encode())
+        sock.setsockopt(zmq.RCVTIMEO, 500)
+        try:
+            answer = hello(sock, "client", client_id)
+        except zmq.Again:
+            sock.close()
+            continue
+        sock.setsockopt(zmq.RCVTIMEO, 5_000)
+        return sock, answer
+    raise AssertionError(f"no answer to a Hello as {client_id}")
 
 
 def test_after_a_restart_a_client_is_back_only_with_its_own_key(tmp_path: Path) -> None:
     """The journal knew a task's client by its id alone: after a restart, another key saying
     Hello with that id was welcomed as the client and given its tasks' results."""
-    from transport.keys import add_key
-
     state, keys = str(tmp_path / "state"), str(tmp_path / "keys")
     with LocalCluster(workers=1, state_dir=state, keys=keys) as first:
         out = subprocess.run([sys.executable, "-c", _SUBMIT_AND_VANISH, first.address, keys],
                              capture_output=True, text=True, timeout=60, check=True)
         owner_id = out.stdout.split()[-1]
     with LocalCluster(workers=1, state_dir=state, keys=keys) as second:
-        stranger = add_key(keys, "client", "stranger")
-        refused = _hello_as(second, stranger, owner_id)
-        assert [type(x) for x in refused] == [m.Refused], refused
-        assert refused[0].reason == "this client id is another key's"
-        back = _hello_as(second, keys, owner_id)  # its own key: welcomed, its result follows
-        assert isinstance(back[0], m.Welcome)
+        stranger = dealer(second, add_key(keys, "client", "stranger"), "client",
+                          owner_id.encode())
+        try:
+            refused = hello(stranger, "client", owner_id)
+        finally:
+            stranger.close()
+        assert isinstance(refused[-1], m.Refused)
+        assert refused[-1].reason == "this client id is another key's"
+        owner, back = _hello_when_free(second, keys, owner_id)  # its own key: welcomed
+        try:
+            assert isinstance(back[-1], m.Welcome)
+            for _ in range(10):  # its result follows, once the task has run again
+                back += replies(owner)
+                if any(isinstance(x, m.TaskDone) for x in back):
+                    break
+        finally:
+            owner.close()
         done = [x for x in back if isinstance(x, m.TaskDone)]
         assert [loads(x.result) for x in done] == ["the owner's result"], back
-
-
-class WaitsFor(Task):
-    def work(self, path):
-        deadline = time.monotonic() + 60
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return "released"
-
-
-class Squares(ParallelTask):
-    def get_work(self, n):
-        yield from range(n)
-
-    def work_unit(self, i):
-        return i * i
-
-    def reduce(self, results):
-        return sum(results)
 
 
 def test_a_journal_another_process_holds_locked_loses_no_work(
@@ -495,7 +474,7 @@ def test_a_journal_another_process_holds_locked_loses_no_work(
         lock = sqlite3.connect(state / "master.sqlite", timeout=10, isolation_level=None)
         lock.execute("begin exclusive")
         try:
-            squares = client.submit(Squares, n)
+            squares = client.submit(SumOfSquares, n)
             adds = client.map(Add, range(20), range(20))
             assert squares.result(timeout=60) == sum(i * i for i in range(n))
             assert [f.result(timeout=30) for f in adds] == [2 * i for i in range(20)]
