@@ -822,7 +822,7 @@ class Master(HubShell):
         wall = time.time() - time.monotonic()  # the scheduler's clock is monotonic
         limit = max(0, min(limit, 10_000))
         clients = {client for client, its_key in self.client_keys.items() if its_key == key}
-        held = list(self.backlog.of_clients(clients))
+        held = list(self.backlog.of_clients(clients, newest=limit))
         listed = [m.TaskInfo(task_id=h.task_id, name=h.name, client_id=client, status="queued",
                              done=0, total=0, priority=priority, submitted=h.held_at + wall,
                              started=0.0, ended=0.0)

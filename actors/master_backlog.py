@@ -224,16 +224,27 @@ class Backlog:
             ahead += self._ids.get(held.task_id) == chunk.number
         return ahead
 
-    def of_clients(self, client_ids: set[str]) -> Iterator[tuple[str, int, Held]]:
-        """Every held submission of these clients, oldest first per FIFO: (client, priority,
-        record). Decodes their sealed chunks (for a listing, which is rare)."""
+    def of_clients(self, client_ids: set[str],
+                   newest: int | None = None) -> Iterator[tuple[str, int, Held]]:
+        """The held submissions of these clients, oldest first per FIFO: (client, priority,
+        record); with ``newest``, only that many of each FIFO, its newest (all a listing of at
+        most that many can show), decoding only their chunks: a client could ask for its list
+        at any rate, and a backlog of 10^6 is 4,000 chunks to decode. For a listing, rare."""
         for (client, priority), fifo in list(self._fifos.items()):
-            if client in client_ids:
-                for chunk in list(fifo.chunks):
-                    records = chunk.records() if chunk.items is not None else _unseal(chunk.sealed)
-                    for held in records:
-                        if self._ids.get(held.task_id) == chunk.number:
-                            yield client, priority, held
+            if client not in client_ids:
+                continue
+            parts: list[list[Held]] = []  # newest chunk first
+            count = 0
+            for chunk in reversed(fifo.chunks):
+                if newest is not None and count >= newest:
+                    break
+                records = chunk.records() if chunk.items is not None else _unseal(chunk.sealed)
+                live = [h for h in records if self._ids.get(h.task_id) == chunk.number]
+                parts.append(live)
+                count += len(live)
+            held = [h for part in reversed(parts) for h in part]
+            for record in held[-newest:] if newest is not None and newest < len(held) else held:
+                yield client, priority, record
 
     def drop_client(self, client_id: str) -> tuple[str, list[tuple[int, Held]]]:
         """Everything of a client that left: (its owner, (priority, record) of each, oldest

@@ -269,3 +269,28 @@ def test_a_key_past_its_queue_limit_is_refused_at_once_and_the_master_serves_on(
     finally:
         kill_all(descendants(master.pid) | {master.pid})
         master.wait(10)
+
+
+def test_a_listing_of_the_newest_decodes_only_their_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client may ask for its task list at any rate: each asking decoded every chunk of its
+    backlog (4,000 of them at 10^6 held) to show at most 10,000. The newest of each FIFO, as
+    many as asked, and the same list as before."""
+    import actors.master_backlog as backlog_module
+
+    decoded: list[int] = []
+    unseal = backlog_module._unseal
+    monkeypatch.setattr(backlog_module, "_unseal",
+                        lambda chunk: decoded.append(1) or unseal(chunk))
+    backlog = Backlog()
+    for n in range(CHUNK * 20):
+        backlog.hold(("c1", n % 2), "k1", held(n))
+    for n in range(30):
+        backlog.hold(("c2", 0), "k1", held(100_000 + n))
+    backlog.take_one(f"t{CHUNK * 20 - 2}")  # taken out of turn: not listed
+    everything = list(backlog.of_clients({"c1", "c2"}))
+    assert len(everything) == CHUNK * 20 + 30 - 1
+    for limit in (1, 29, 31, CHUNK, CHUNK * 3 + 7, CHUNK * 30):
+        decoded.clear()
+        newest = list(backlog.of_clients({"c1", "c2"}, newest=limit))
+        assert newest[-limit:] == everything[-limit:]
+        assert len(decoded) <= 3 * (limit // CHUNK + 2)  # per FIFO: its newest chunks only
