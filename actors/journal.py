@@ -216,6 +216,13 @@ class Journal:
             return self._tasks[task_id] is not None
         return task_id in self._on_disk
 
+    def client_of(self, task_id: str) -> str | None:
+        """The client of a task submitted and not yet delivered (None: no such task)."""
+        if task_id in self._tasks:
+            row = self._tasks[task_id]
+            return row.client if row is not None else None
+        return self._on_disk.get(task_id)
+
     def on_disk(self, task_id: str) -> bool:
         return task_id in self._on_disk and self._tasks.get(task_id, True) is not None
 

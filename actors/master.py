@@ -1060,7 +1060,8 @@ class Master(HubShell):
             return kept.client_id
         if (scattering := self.scattering.get(task_id)) is not None:
             return scattering[1]
-        return self.inputs.refs.get(task_id)
+        # (one the journal alone knows: ended, trimmed from the scheduler, not yet delivered)
+        return self.inputs.refs.get(task_id) or self.journal.client_of(task_id)
 
     def _queue_full(self, peer: Peer) -> bool:
         """Whether the peer's key has as many tasks queued as it may (``--max-queued``): one

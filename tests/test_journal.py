@@ -66,3 +66,20 @@ def test_an_ephemeral_journal_acknowledges_after_a_commit_that_failed(tmp_path: 
         ephemeral.commit()
     assert [r.task_id for r in ephemeral.commit()] == ["t1"]
     ephemeral.close()
+
+
+def test_the_client_of_a_task_is_known_until_it_is_delivered(tmp_path: Path) -> None:
+    """Whose a task id is, for a submit that names it again: the master asks the journal last
+    (a task ended long ago, no longer in the scheduler, its end not yet received)."""
+    path = tmp_path / "master.sqlite"
+    kept = journal(path)
+    kept.task_added(row("t1", client="client-a"))
+    assert kept.client_of("t1") == "client-a"  # buffered
+    kept.commit()
+    assert kept.client_of("t1") == "client-a"  # on disk
+    kept.task_ended("t1", "client-a", b"end")
+    kept.delivered("t1", "client-b")  # another client's word: ignored
+    assert kept.client_of("t1") == "client-a"
+    kept.delivered("t1", "client-a")
+    assert kept.client_of("t1") is None and kept.client_of("t2") is None
+    kept.close()
