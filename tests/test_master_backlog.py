@@ -93,16 +93,20 @@ def test_held_submissions_are_counted_by_owner() -> None:
     assert backlog.held_of_owner("key") == 0 and backlog.held_of_owner("c3") == 1
 
 
-def test_one_found_out_of_turn_costs_its_own_chunk_not_the_backlog(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cancelling each of a burst's held tasks, or naming each as an input, must not scan the
-    backlog each time (10^5 of them would cost the master minutes): one chunk is decoded."""
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry for each sealed chunk the backlog decodes."""
     import actors.master_backlog as backlog_module
 
-    decoded: list[int] = []
+    calls: list[int] = []
     unseal = backlog_module._unseal
-    monkeypatch.setattr(backlog_module, "_unseal",
-                        lambda chunk: decoded.append(1) or unseal(chunk))
+    monkeypatch.setattr(backlog_module, "_unseal", lambda chunk: calls.append(1) or unseal(chunk))
+    return calls
+
+
+def test_one_found_out_of_turn_costs_its_own_chunk_not_the_backlog(decoded: list[int]) -> None:
+    """Cancelling each of a burst's held tasks, or naming each as an input, must not scan the
+    backlog each time (10^5 of them would cost the master minutes): one chunk is decoded."""
     backlog = Backlog()
     for n in range(CHUNK * 20):
         backlog.hold(("c1", 0), "k1", held(n))
@@ -271,16 +275,10 @@ def test_a_key_past_its_queue_limit_is_refused_at_once_and_the_master_serves_on(
         master.wait(10)
 
 
-def test_a_listing_of_the_newest_decodes_only_their_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_listing_of_the_newest_decodes_only_their_chunks(decoded: list[int]) -> None:
     """A client may ask for its task list at any rate: each asking decoded every chunk of its
     backlog (4,000 of them at 10^6 held) to show at most 10,000. The newest of each FIFO, as
     many as asked, and the same list as before."""
-    import actors.master_backlog as backlog_module
-
-    decoded: list[int] = []
-    unseal = backlog_module._unseal
-    monkeypatch.setattr(backlog_module, "_unseal",
-                        lambda chunk: decoded.append(1) or unseal(chunk))
     backlog = Backlog()
     for n in range(CHUNK * 20):
         backlog.hold(("c1", n % 2), "k1", held(n))
