@@ -251,6 +251,27 @@ class QueueFull(ActorsError, RuntimeError):
                 "and submit again")
 
 
+class MemoryBudgetFull(QueueFull):
+    """A submission (or inline scatter) refused: what its key's tasks make the master hold
+    would pass the key's budget in bytes (``--max-key-memory``): the arguments of its
+    unfinished tasks, held-back ones included, and the small results and inline scattered data
+    kept while their futures are held. One user must not exhaust a master others share."""
+
+    def __init__(self, limit: int, held: int = 0, needed: int = 0) -> None:
+        super().__init__(limit)
+        self.args = (limit, held, needed)
+        self.held, self.needed = held, needed
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        return (f"this key's tasks hold {self.held / mib:,.1f} MiB on the master (arguments of "
+                f"unfinished tasks, kept results and inline scattered data), and {self.needed:,} "
+                f"bytes more would pass its budget of {self.limit / mib:,.0f} MiB (master option "
+                "--max-key-memory): wait for tasks to finish, release futures you no longer "
+                "need, and put large data on the cluster once with client.scatter (data past "
+                "256 KiB is held on a node, not the master)")
+
+
 class TaskIdTaken(ActorsError, ValueError):
     """A submission refused: its task id is another client's task (or scattered data) on this
     master (ids are random, so a clash is a bug or a client reusing ids it saw). Taken for a

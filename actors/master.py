@@ -46,6 +46,7 @@ from actors.errors import (
     JournalUnreadable,
     MalformedMessage,
     MasterSuperseded,
+    MemoryBudgetFull,
     QueueFull,
     StateDirLocked,
     TaskIdTaken,
@@ -107,6 +108,8 @@ CLIENT_GRACE_S = 60.0
 # Tasks one key may have queued on the master, held back ones included (``--max-queued``):
 # ~330 MB of the master's memory at the most, where a runaway loop would take it all.
 MAX_QUEUED = 1_000_000
+# Bytes one key's tasks may make the master hold (``--max-key-memory``; see _over_budget).
+MAX_KEY_BYTES = 1 << 30
 CLIENT_TIMEOUT_S = 120.0
 # Events after which the scheduling pass may wait for the next message's, while more are
 # waiting: at most this many in a row.
@@ -171,7 +174,7 @@ class Master(HubShell):
                  metrics: MetricsServer | None = None,
                  dashboard: Dashboard | None = None, address: str = "",
                  client_timeout_s: float = CLIENT_TIMEOUT_S,
-                 max_queued: int = MAX_QUEUED) -> None:
+                 max_queued: int = MAX_QUEUED, max_key_bytes: int = MAX_KEY_BYTES) -> None:
         """``journal``: the state directory's journal, already started (``restored`` is what it
         held). ``allowed``: the allow-list folder, whose file names give each key its role
         (None: peers are taken at their word, for a master without CURVE)."""
@@ -184,6 +187,8 @@ class Master(HubShell):
         self.client_timeout_s = client_timeout_s  # 0: clients are never timed out
         self.max_queued = max_queued  # tasks one key may have queued, held ones included (0: any)
         self.queue_full: set[str] = set()  # owners told so, logged once until they are below
+        self.max_key_bytes = max_key_bytes  # what one key's tasks may hold here (0: any)
+        self.budget_full: set[str] = set()  # owners past it, logged once until they are below
         # Clients taken as gone, newest last: one that comes back learns its tasks were stopped.
         self.lost_clients: OrderedDict[str, list[str] | None] = OrderedDict()
         # Routing ids of nodes declared lost: what they still send until they notice is expected.
@@ -1000,6 +1005,9 @@ class Master(HubShell):
         if self.max_queued and self._queue_full(peer):
             self._refuse_submit(peer, msg, QueueFull(self.max_queued))
             return
+        if self.max_key_bytes and (full := self._over_budget(peer, len(msg.args))) is not None:
+            self._refuse_submit(peer, msg, full)
+            return
         if msg.inputs:
             refused = self._check_inputs(peer, msg)
             if refused is not None:
@@ -1076,6 +1084,33 @@ class Master(HubShell):
             self.log.warning("queue_full", client_id=peer.peer_id, queued=queued,
                              limit=self.max_queued)
         return True
+
+    def _over_budget(self, peer: Peer, needed: int) -> MemoryBudgetFull | None:
+        """Why ``needed`` bytes more for the peer's key would pass its budget (None: they would
+        not). Counted: the arguments of its unfinished tasks (held back ones too) and the
+        results and inline data kept for its futures; not its code (bounded per client), nor
+        a large result or scatter, which stays on a node. Logged once a crossing."""
+        owner = peer.owner or peer.peer_id
+        held = self.scheduler.args_bytes.get(owner, 0) + self.backlog.held_bytes.get(owner, 0)
+        # What every client keeps together bounds what this key keeps: the common case
+        # without a pass over the clients.
+        if held + self.inputs.kept_total + needed > self.max_key_bytes:
+            held += sum(size for client, size in self.inputs.kept_bytes.items()
+                        if self._owner_of(client) == owner)
+        if held + needed <= self.max_key_bytes:
+            if self.budget_full:
+                self.budget_full.discard(owner)
+            return None
+        if owner not in self.budget_full:
+            self.budget_full.add(owner)
+            self.log.warning("memory_budget_full", client_id=peer.peer_id, held=held,
+                             needed=needed, limit=self.max_key_bytes)
+        return MemoryBudgetFull(self.max_key_bytes, held, needed)
+
+    def _owner_of(self, client_id: str) -> str:
+        """Whose a client's tasks count as: its key (as ``Peer.owner``), or itself without one."""
+        key = self.client_keys.get(client_id)
+        return key.decode(errors="replace") if key else client_id
 
     def _check_inputs(self, peer: Peer, msg: m.Submit) -> Exception | None:
         """Why the futures among a submission's arguments are refused (None: they are not)."""
@@ -1642,6 +1677,9 @@ class Master(HubShell):
             reason = f"inline data is at most {m.INLINE_RESULT_BYTES} bytes"
         elif not msg.data and msg.size <= 0:
             reason = "nothing to scatter"
+        elif (msg.data and self.max_key_bytes
+              and (full := self._over_budget(peer, len(msg.data))) is not None):
+            reason = str(full)
         if reason:
             self._to_client(client_id, m.ScatterDone(task_id, reason))
             return
@@ -1843,6 +1881,11 @@ def main(argv: list[str] | None = None, *,
     parser.add_argument("--max-queued", type=int, default=MAX_QUEUED, metavar="N",
                         help="tasks one key (all its clients) may have queued; a submission past "
                              "it fails at once with QueueFull (0: no limit)")
+    parser.add_argument("--max-key-memory", type=int, default=MAX_KEY_BYTES >> 20, metavar="MiB",
+                        help="what one key's tasks may make the master hold: their arguments "
+                             "until they end, and the small results and inline scattered data "
+                             "kept while their futures are held; past it a submission fails "
+                             "at once with MemoryBudgetFull (0: no limit; default %(default)s)")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a "
                              "free one; off by default)")
@@ -1970,7 +2013,8 @@ def main(argv: list[str] | None = None, *,
                               on_superseded=superseded, metrics=metrics,
                               dashboard=dashboard, address=address,
                               client_timeout_s=max(0.0, args.client_timeout),
-                              max_queued=max(0, args.max_queued))
+                              max_queued=max(0, args.max_queued),
+                              max_key_bytes=max(0, args.max_key_memory) << 20)
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))

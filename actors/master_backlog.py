@@ -118,6 +118,7 @@ class Backlog:
         self._chunks: dict[int, _Chunk] = {}
         self._numbers = itertools.count()
         self._owners: dict[str, int] = {}  # held submissions by owner (see held_of_owner)
+        self.held_bytes: dict[str, int] = {}  # ... and the bytes of their arguments (by owner)
         self.detached: set[str] = set()  # held tasks their client detached (fire and forget)
 
     def __len__(self) -> int:
@@ -143,12 +144,20 @@ class Backlog:
         """How many submissions of this owner (a key, or a client without one) are held."""
         return self._owners.get(owner, 0)
 
-    def _count(self, fifo: _Fifo, change: int) -> None:
-        count = self._owners.get(fifo.counted, 0) + change
-        if count:
-            self._owners[fifo.counted] = count
+    def held_bytes_of(self, owner: str) -> int:
+        """Bytes of arguments the held submissions of this owner carry."""
+        return self.held_bytes.get(owner, 0)
+
+    def _count(self, fifo: _Fifo, change: int, size: int) -> None:
+        owner = fifo.counted
+        if count := self._owners.get(owner, 0) + change:
+            self._owners[owner] = count
         else:
-            self._owners.pop(fifo.counted, None)
+            self._owners.pop(owner, None)
+        if size := self.held_bytes.get(owner, 0) + size:
+            self.held_bytes[owner] = size
+        else:
+            self.held_bytes.pop(owner, None)
 
     def hold(self, key: Key, owner: str, held: Held) -> None:
         fifo = self._fifos.get(key)
@@ -163,7 +172,7 @@ class Backlog:
         chunk.items.append(held)
         chunk.live += 1
         self._ids[held.task_id] = chunk.number
-        self._count(fifo, 1)
+        self._count(fifo, 1, len(held.args))
         if len(chunk.items) == CHUNK and not chunk.taken and len(fifo.chunks) > 1:
             chunk.sealed, chunk.items = _seal(chunk.items), None
 
@@ -188,7 +197,7 @@ class Backlog:
                 self._close(fifo.chunks.popleft())
             elif chunk.taken == len(records):
                 break  # the chunk still filling, taken to its end
-        self._count(fifo, -len(taken))
+        self._count(fifo, -len(taken), -sum(len(held.args) for held in taken))
         if not fifo.chunks or (len(fifo.chunks) == 1 and not fifo.chunks[0].live):
             self._drop_fifo(fifo)
         return fifo.owner, taken
@@ -201,7 +210,7 @@ class Backlog:
             return None
         chunk = self._chunks[self._ids.pop(task_id)]
         chunk.live -= 1
-        self._count(chunk.fifo, -1)
+        self._count(chunk.fifo, -1, -len(held.args))
         return chunk.fifo.key, chunk.fifo.owner, held
 
     def find(self, task_id: str) -> Held | None:
@@ -252,13 +261,14 @@ class Backlog:
         owner, dropped = "", list[tuple[int, Held]]()
         for fifo in [f for k, f in self._fifos.items() if k[0] == client_id]:
             owner = fifo.owner
-            before = len(dropped)
+            before, size = len(dropped), 0
             for chunk in fifo.chunks:
                 for held in chunk.records():
                     if self._ids.get(held.task_id) == chunk.number:
                         del self._ids[held.task_id]
                         dropped.append((fifo.key[1], held))
-            self._count(fifo, before - len(dropped))
+                        size += len(held.args)
+            self._count(fifo, before - len(dropped), -size)
             self._drop_fifo(fifo)
         return owner, dropped
 
@@ -277,3 +287,4 @@ class Backlog:
     def compact(self) -> None:
         """A dict keeps its table's size after a backlog went (see memory.py)."""
         self._ids, self._chunks = dict(self._ids), dict(self._chunks)
+        self._owners, self.held_bytes = dict(self._owners), dict(self.held_bytes)

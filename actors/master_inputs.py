@@ -37,6 +37,9 @@ class InputBook:
         self.users: dict[str, int] = {}  # task -> the unfinished tasks that name it as an input
         self.uses: dict[str, tuple[str, ...]] = {}  # unfinished task -> its inputs
         self.kept: dict[str, Kept] = {}
+        # Bytes of the results kept here, by client and in all (the master's budget per key)
+        self.kept_bytes: dict[str, int] = {}
+        self.kept_total = 0
 
     def check(self, task_id: str, client_id: str, input_id: str,
               running: str | None) -> Exception | None:
@@ -69,7 +72,7 @@ class InputBook:
         client_id = self.refs.get(task_id)
         if client_id is not None or self.users.get(task_id):
             owner = client_id or self.kept.get(task_id, Kept("", "")).client_id
-            self.kept[task_id] = Kept(owner, state, result, why)
+            self._keep(task_id, Kept(owner, state, result, why))
         unused = [] if self._in_use(task_id) else [task_id]
         for input_id in self.uses.pop(task_id, ()):
             left = self.users.get(input_id, 0) - 1
@@ -78,7 +81,7 @@ class InputBook:
                 continue
             self.users.pop(input_id, None)
             if not self._in_use(input_id):
-                self.kept.pop(input_id, None)
+                self._drop(input_id)
                 unused.append(input_id)
         return unused
 
@@ -107,7 +110,7 @@ class InputBook:
                 continue
             del self.refs[task_id]
             if not self._in_use(task_id):
-                self.kept.pop(task_id, None)
+                self._drop(task_id)
                 unused.append(task_id)
         return unused
 
@@ -119,13 +122,36 @@ class InputBook:
             self.more_refs.pop(task_id, None)
         for task_id in [t for t, k in self.kept.items() if k.client_id == client_id]:
             if not self.users.get(task_id):
-                del self.kept[task_id]
+                self._drop(task_id)
 
     def compact(self) -> None:
         """After a backlog drained: rebuild the tables it left oversized (a dict never shrinks
         its table as entries go). Changes no content."""
         self.refs, self.more_refs = dict(self.refs), dict(self.more_refs)
         self.users, self.uses, self.kept = dict(self.users), dict(self.uses), dict(self.kept)
+        self.kept_bytes = dict(self.kept_bytes)
+
+    def _keep(self, task_id: str, kept: Kept) -> None:
+        if task_id in self.kept:  # kept again: a task that ended once already, as a restart may
+            self._drop(task_id)
+        self.kept[task_id] = kept
+        if result := kept.result:  # (inline: one of these a task)
+            size, by_client = len(result), self.kept_bytes
+            self.kept_total += size
+            by_client[kept.client_id] = by_client.get(kept.client_id, 0) + size
+
+    def _drop(self, task_id: str) -> None:
+        kept = self.kept.pop(task_id, None)
+        if kept is not None and kept.result:
+            self._count(kept.client_id, -len(kept.result))
+
+    def _count(self, client_id: str, size: int) -> None:
+        self.kept_total += size
+        count = self.kept_bytes.get(client_id, 0) + size
+        if count:
+            self.kept_bytes[client_id] = count
+        else:
+            del self.kept_bytes[client_id]
 
     def in_use(self, task_id: str) -> bool:
         return self._in_use(task_id)

@@ -76,21 +76,31 @@ def test_one_taken_out_of_turn_or_dropped_is_not_handed_on_again() -> None:
 
 def test_held_submissions_are_counted_by_owner() -> None:
     """What ``--max-queued`` counts: a key's held submissions over all its clients and
-    priorities (a client without a key counts as its own owner)."""
+    priorities (a client without a key counts as its own owner); and what ``--max-key-memory``
+    counts of them: the bytes of their arguments."""
     backlog = Backlog()
+
+    def args_bytes(*clients: str) -> int:
+        return sum(len(h.args) for _, _, h in backlog.of_clients(set(clients)))
+
     for n in range(CHUNK + 5):
         backlog.hold(("c1", n % 2), "key", held(n))
     for n in range(10):
         backlog.hold(("c2", 0), "key", held(1_000 + n))
     backlog.hold(("c3", 0), "", held(5_000))
     assert backlog.held_of_owner("key") == CHUNK + 15 and backlog.held_of_owner("c3") == 1
+    assert backlog.held_bytes_of("key") == args_bytes("c1", "c2") > 0
+    assert backlog.held_bytes_of("c3") == len(held(5_000).args)
     backlog.take_one("t3")
     backlog.take(("c1", 0), 7)
     assert backlog.held_of_owner("key") == CHUNK + 15 - 8
+    assert backlog.held_bytes_of("key") == args_bytes("c1", "c2")
     backlog.drop_client("c1")
     assert backlog.held_of_owner("key") == 10
+    assert backlog.held_bytes_of("key") == args_bytes("c2")
     backlog.take(("c2", 0), 100)
     assert backlog.held_of_owner("key") == 0 and backlog.held_of_owner("c3") == 1
+    assert backlog.held_bytes_of("key") == 0
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from actors.errors import InputFailed, InputLost
 from actors.master_inputs import InputBook
 
@@ -63,3 +66,37 @@ def test_a_client_gone_takes_its_kept_results_with_it_but_not_those_in_use() -> 
     assert "a" not in book.kept and "b" in book.kept and not book.refs
     assert book.ended("d", "done", b"rd") == ["d", "b"]
     assert not book.kept
+
+
+def kept_sizes(book: InputBook) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for kept in book.kept.values():
+        if kept.result:
+            sizes[kept.client_id] = sizes.get(kept.client_id, 0) + len(kept.result)
+    return sizes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["submit", "end", "release", "again", "gone"]),
+                          st.integers(0, 5), st.integers(0, 2), st.integers(0, 300)),
+                max_size=60))
+def test_the_bytes_kept_by_each_client_are_what_its_kept_results_hold(
+        steps: list[tuple[str, int, int, int]]) -> None:
+    """The master's budget per key counts the results kept here by client; whatever order
+    tasks end, futures go and clients leave in, the count is the kept results' own size (a
+    count that drifted would refuse a key for ever, or never)."""
+    book = InputBook()
+    for action, task, client, size in steps:
+        task_id, client_id = f"t{task}", f"c{client}"
+        if action == "submit":
+            book.submitted(task_id, client_id, [f"t{(task + 1) % 6}"] if size % 2 else ())
+        elif action == "end":
+            book.ended(task_id, "done" if size % 3 else "erred", b"r" * size)
+        elif action == "release":
+            book.released(client_id, [task_id])
+        elif action == "again":
+            book.referenced_again(task_id, client_id)
+        else:
+            book.client_gone(client_id)
+        assert book.kept_bytes == kept_sizes(book)
+        assert book.kept_total == sum(book.kept_bytes.values())

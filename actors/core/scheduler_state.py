@@ -260,6 +260,15 @@ def _restore_payload(task: TaskRecord, code: bytes, args: bytes) -> None:
     task.code, task.args = code, args
 
 
+def _add_bytes(held: dict[str, int], owner: str, size: int) -> None:
+    """A count of bytes moved; zero leaves no entry. Undone by the same with ``-size``,
+    recorded once the change is made (it is not idempotent, as ``Undo.put``'s reverse is)."""
+    if total := held.get(owner, 0) + size:
+        held[owner] = total
+    else:
+        del held[owner]
+
+
 def _unrequeue(pending: deque[UnitCall], in_flight: dict[int, int],
                runs: list[tuple[int, int]]) -> None:
     for index, run_id in reversed(runs):
@@ -547,6 +556,9 @@ class SchedulerState:
         # a window at a time (actors/master_backlog.py).
         self.queued: dict[tuple[str, int], int] = {}
         self.queued_owners: dict[str, int] = {}  # ... and by owner (a key's clients together)
+        # Bytes of arguments the unfinished tasks of each owner hold (a task's go at its end):
+        # the master's budget per key (Master._over_budget)
+        self.args_bytes: dict[str, int] = {}
         self._running: dict[str, TaskRecord] = {}
         self._parallel: dict[str, TaskRecord] = {}  # the running ParallelTasks: units to hand out
         self._seq = itertools.count()
@@ -606,6 +618,7 @@ class SchedulerState:
         self._finished = deque(self._finished)
         self._queue = list(self._queue)
         self.queued, self.queued_owners = dict(self.queued), dict(self.queued_owners)
+        self.args_bytes = dict(self.args_bytes)
 
     def pack_finished(self) -> bytes:
         """Between events, once a backlog drained: the finished tasks kept for their stories,
@@ -766,6 +779,10 @@ class SchedulerState:
             task.units.done_count = task.units.journaled_count
         self._undo.put(self.tasks, task.task_id, task)
         self._count_queued(task, 1)
+        if args := task.args:  # (no entry of this owner reaches zero by an addition)
+            held, owner, size = self.args_bytes, task.warm_key.owner, len(args)
+            held[owner] = held.get(owner, 0) + size
+            self._undo.call(_add_bytes, held, owner, -size)
         # The story's first line, kept as two fields (see TaskRecord.lines)
         task.queued_at = event.now
         if event.journaled or event.restored:
@@ -1140,6 +1157,10 @@ class SchedulerState:
         """How many tasks of this owner (its key, or a client without one) are queued."""
         return self.queued_owners.get(owner, 0)
 
+    def args_bytes_of(self, owner: str) -> int:
+        """Bytes of arguments this owner's unfinished tasks hold."""
+        return self.args_bytes.get(owner, 0)
+
     def _count_queued(self, task: TaskRecord, change: int) -> None:
         _count(self._undo, self.queued, (task.client_id, task.priority), change)
         _count(self._undo, self.queued_owners, task.warm_key.owner, change)
@@ -1175,6 +1196,10 @@ class SchedulerState:
             self._inputs_ended(task, now)
         task.units.clear_open(undo)
         undo.call(_restore_payload, task, task.code, task.args)
+        if args := task.args:
+            held, owner, size = self.args_bytes, task.warm_key.owner, len(args)
+            _add_bytes(held, owner, -size)
+            undo.call(_add_bytes, held, owner, size)
         task.code = task.args = b""
         if task.units.journaled:
             undo.set(task.units, "journaled", bytearray())
@@ -1894,12 +1919,16 @@ class SchedulerState:
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
         counts: dict[tuple[str, int], int] = {}
         owners: dict[str, int] = {}
+        held: dict[str, int] = {}
         for task in self.tasks.values():
+            if task.args:
+                held[task.warm_key.owner] = held.get(task.warm_key.owner, 0) + len(task.args)
             if task.state is QUEUED:
                 counts[task.client_id, task.priority] = counts.get((task.client_id, task.priority), 0) + 1
                 owners[task.warm_key.owner] = owners.get(task.warm_key.owner, 0) + 1
         assert counts == self.queued, "queued counts disagree with task states"
         assert owners == self.queued_owners, "queued counts by owner disagree with task states"
+        assert held == self.args_bytes, "argument bytes by owner disagree with the tasks' own"
         queued = {t.task_id for t in self.tasks.values() if t.state is QUEUED and not t.inputs_left}
         assert queued <= {entry[-1] for entry in self._queue}, "a queued task is not in the queue"
         for task in self.tasks.values():

@@ -1,0 +1,97 @@
+"""The master's memory budget per key (``--max-key-memory``): one user's tasks may not make a
+master that others share hold more than it, in arguments waiting to run, in small results
+kept for its futures, or in inline scattered data. Real master, real clients with two keys."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from actors import Client, Task
+from actors.errors import MemoryBudgetFull, QueueFull, ScatterFailed
+from tests.conftest import descendants, kill_all, start_master, wait_until
+from transport.keys import add_key
+
+pytestmark = pytest.mark.processes
+
+MIB = 1 << 20
+
+
+class Nop(Task):
+    def work(self, data):
+        return len(data)
+
+
+class Blob(Task):
+    def work(self, size):
+        return b"r" * size  # small enough to come back inline: the master keeps it for inputs
+
+
+def budget_events(directory: Path) -> list[dict[str, object]]:
+    lines = (directory / "master.log").read_text().splitlines()
+    return [e for e in map(json.loads, filter(lambda line: line.startswith("{"), lines))
+            if e["event"] == "memory_budget_full"]
+
+
+def test_a_key_past_its_budget_is_refused_at_once_and_other_keys_are_not(
+        tmp_path: Path) -> None:
+    """Queued arguments count (nothing runs: no worker); past the budget a submission fails
+    at once with MemoryBudgetFull (a QueueFull) and changes nothing, an inline scatter too;
+    another key submits as before; a cancelled task gives its bytes back. Logged once."""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", str(keys),
+                                   "--max-key-memory", "8")
+    try:
+        other = add_key(keys, "client", "neighbour")
+        big = os.urandom(2 * MIB + 650 * 1024)  # three fit in 8 MiB (not with 250 kB more)
+        with Client(address, keys=keys) as client, Client(address, keys=other) as neighbour:
+            futures = [client.submit(Nop, big) for _ in range(3)]
+            wait_until(lambda: not client._unaccepted, 60, "the first three to be accepted")
+            error = client.submit(Nop, big).exception(timeout=60)
+            assert isinstance(error, MemoryBudgetFull) and isinstance(error, QueueFull)
+            assert error.limit == 8 * MIB and "--max-key-memory" in str(error)
+            assert client.info().tasks_queued == 3  # the refused one left nothing behind
+            with pytest.raises(ScatterFailed, match="budget"):
+                client.scatter(os.urandom(250_000), timeout=30)  # kept here: it counts
+            theirs = neighbour.submit(Nop, big)  # another key: its own budget
+            wait_until(lambda: not neighbour._unaccepted, 60, "the neighbour's task accepted")
+            assert not theirs.done()
+            for future in futures[:2]:
+                assert future.cancel(timeout=30)
+            again = client.submit(Nop, big)
+            wait_until(lambda: not client._unaccepted, 60, "a submit once two were cancelled")
+            assert not again.done()
+        assert len(budget_events(tmp_path)) == 1  # the key stayed past it: one line
+    finally:
+        kill_all(descendants(master.pid) | {master.pid})
+        master.wait(10)
+
+
+def test_kept_results_count_until_their_futures_are_released(tmp_path: Path) -> None:
+    """The master keeps a small result while its future is held (a later task may name it):
+    a client that holds every future fills its budget with results; releasing them frees it."""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "1", "--keys", str(keys),
+                                   "--max-key-memory", "1")
+    try:
+        with Client(address, keys=keys) as client:
+            held = [client.submit(Blob, 200_000) for _ in range(6)]  # 1.2 MB kept in all
+            assert all(len(f.result(timeout=60)) == 200_000 for f in held)
+            with pytest.raises(MemoryBudgetFull):
+                client.submit(Blob, 10).result(timeout=60)
+            del held
+            gc.collect()  # (the futures go: the client tells the master it released them)
+
+            def accepted() -> bool:
+                try:
+                    return client.submit(Blob, 10).result(timeout=60) == b"r" * 10
+                except MemoryBudgetFull:
+                    return False
+            wait_until(accepted, 60, "a submit once the results were released")
+    finally:
+        kill_all(descendants(master.pid) | {master.pid})
+        master.wait(10)
