@@ -194,6 +194,7 @@ class Master(HubShell):
         # Routing ids of nodes declared lost: what they still send until they notice is expected.
         self.lost_nodes: OrderedDict[bytes, None] = OrderedDict()
         self.deferred = 0  # events handled since the last scheduling pass (see _apply)
+        self.batch_left = 0  # messages of the batch being handled still to come (see _apply)
         self.metrics = metrics
         self.stats = Snapshot()  # counters since start, published to /metrics on the tick
         # What people watch (actors/watch.py): all bounded. The dashboard's HTTP threads get
@@ -324,18 +325,16 @@ class Master(HubShell):
             case _ if self.superseded:
                 pass  # a newer master owns the journal: this one only waits to be stopped
             case Inbound():
-                # The shell owns the clock (the core gets time on events): a peer heard
-                # before the first tick must not look silent since time zero.
-                self.now = time.monotonic()
-                if self.now - self.last_tick > PAUSED_S:
-                    if not self._still_mine():
-                        return None
-                    # Checked: not again for each message of a backlog (one SQLite read each
-                    # would slow a master already behind), only after another such gap.
-                    self.last_tick = self.now
-                self._inbound(message)
+                self._heard(message)
                 if self.deferred and self.actor_inbox.empty():
                     self._apply(ev.Tick(self.now))  # the pass the burst's events left owed
+            case list():  # the messages of one batched frame (main's on_batch): one hand-off
+                for done, inbound in enumerate(message, 1):
+                    self.batch_left = len(message) - done  # (waiting, as a mailbox's: _apply)
+                    self.receive_guarded(self._heard, inbound)
+                self.batch_left = 0
+                if self.deferred and self.actor_inbox.empty():
+                    self._apply(ev.Tick(self.now))
             case PeerDisconnected(routing=routing):
                 self._disconnected(routing)
             case Tick(now=now):
@@ -488,6 +487,20 @@ class Master(HubShell):
         self.journal.client_left(client_id)
         if not any(t.client_id == client_id for t in self.scheduler.tasks.values()):
             self.client_keys.pop(client_id, None)  # (its tasks, while kept, stay listed)
+
+    def _heard(self, inbound: Inbound) -> None:
+        # The shell owns the clock (the core gets time on events): a peer heard before the
+        # first tick must not look silent since time zero.
+        if self.superseded:
+            return  # (found so by an earlier message of the same batch)
+        self.now = time.monotonic()
+        if self.now - self.last_tick > PAUSED_S:
+            if not self._still_mine():
+                return
+            # Checked: not again for each message of a backlog (one SQLite read each would
+            # slow a master already behind), only after another such gap.
+            self.last_tick = self.now
+        self._inbound(inbound)
 
     def _inbound(self, inbound: Inbound) -> None:
         msg, peer_key = inbound.message, inbound.peer
@@ -1438,7 +1451,7 @@ class Master(HubShell):
         # about the same for one task as for hundreds (SchedulerState._start_queued). So does a
         # refill from the backlog (_refill), however many it submits.
         if type(event) in DEFERRABLE and (self.refilling or (
-                self.deferred < MAX_DEFERRED and not self.actor_inbox.empty())):
+                self.deferred < MAX_DEFERRED and (self.batch_left or not self.actor_inbox.empty()))):
             self.deferred += 1
             out = self.scheduler.handle(event, schedule=False)
         else:
@@ -1946,6 +1959,18 @@ def main(argv: list[str] | None = None, *,
             return
         tell_if_alive(master_ref, inbound)  # chunk requests too: only nodes may ask
 
+    def on_batch(_socket: str, batch: list[list[bytes]]) -> None:
+        if not started.is_set():
+            started.wait(10)
+        inbounds = []
+        for frames in batch:
+            try:
+                inbounds.append(route_frames(frames))
+            except MalformedMessage as exc:
+                log.warning("malformed_frame", peer=frames[1][:40].decode(errors="replace")
+                            if len(frames) > 1 else "", error=str(exc))
+        tell_if_alive(master_ref, inbounds)  # one hand-off for the lot
+
     def on_tick(now: float) -> None:
         for ref in (master_ref, sync_ref):
             tell_if_alive(ref, Tick(now))
@@ -1953,7 +1978,8 @@ def main(argv: list[str] | None = None, *,
     def on_peer_gone(_socket: str, routing: bytes) -> None:
         tell_if_alive(master_ref, PeerDisconnected(routing))
 
-    hub = Hub(on_frames, on_peer_gone=on_peer_gone, on_tick=on_tick, tick_s=0.25)
+    hub = Hub(on_frames, on_peer_gone=on_peer_gone, on_tick=on_tick, tick_s=0.25,
+              on_batch=on_batch)
     hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True)
     try:
         hub.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -85,8 +86,13 @@ class Shell(pykka.ThreadingActor):
         change) is logged and dropped. One that raises anything else met a bug: it is logged
         and dropped too, and ``check_state`` then decides whether the actor can go on; only a
         broken invariant ends the actor (``on_failure``)."""
+        return self.receive_guarded(self.receive, message)
+
+    def receive_guarded(self, handle: Callable[[Any], Any], message: Any) -> Any:
+        """``handle(message)`` as ``on_receive`` takes a message: for each message of a batch
+        handed over as one (a message that raises is dropped, not the rest of its batch)."""
         try:
-            return self.receive(message)
+            return handle(message)
         except InvalidEvent as exc:  # refused before it changed anything: a peer's mistake
             structlog.get_logger("actors.shell").warning(
                 "message_refused", actor=type(self).__name__, message=_describe(message),

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import zmq
 
@@ -17,7 +18,7 @@ from actors import Client, LocalCluster, Task, __version__
 from actors import client as client_module
 from actors import messages as m
 from actors.errors import NoSuchTask, ScatterFailed, TaskIdTaken
-from transport.hub import unbatch
+from transport.hub import BATCH, unbatch
 from transport.keys import add_key, load_keypair, load_public_key
 
 pytestmark = pytest.mark.processes
@@ -307,3 +308,23 @@ def test_task_ids_drawn_in_a_forked_child_are_not_its_parents() -> None:
     parent = [ids.new("T") for _ in range(300)]
     assert len(child) == 300 and not set(child) & set(parent)
     assert len(set(parent)) == 300 and all(len(i) == len("T-") + 16 for i in parent)
+
+
+def test_a_malformed_message_inside_a_batch_is_dropped_alone(cluster: LocalCluster) -> None:
+    """The master takes a batched frame's messages as one hand-off: one that cannot be decoded
+    is logged and dropped, and the messages before and after it in the batch are answered."""
+    sock = dealer(cluster, cluster.keys_dir, "client", b"batching-client")
+    try:
+        assert isinstance(hello(sock, "client", "batching-client")[-1], m.Welcome)
+        items = [([], m.encode(m.InfoRequest())), ([], b"\xffnot a message"),
+                 ([], m.encode(m.InfoRequest()))]
+        sock.send(BATCH + msgspec.msgpack.encode(items))
+        answers: list[m.Message] = []
+        for _ in range(10):
+            answers += [a for a in replies(sock) if isinstance(a, m.ClusterInfo)]
+            if len(answers) == 2:
+                break
+        assert len(answers) == 2
+    finally:
+        sock.send(m.encode(m.Bye("leaving")))
+        sock.close()

@@ -63,6 +63,7 @@ from transport.keys import AllowList
 log = structlog.get_logger("transport.hub")
 
 FramesHandler = Callable[[str, list[bytes]], None]
+BatchHandler = Callable[[str, list[list[bytes]]], None]  # (socket, the messages of one batch)
 EventHandler = Callable[[str, str], None]
 PeerGoneHandler = Callable[[str, bytes], None]  # (socket, routing id)
 TickHandler = Callable[[float], None]
@@ -176,10 +177,14 @@ class Hub:
         on_peer_gone: PeerGoneHandler | None = None,
         on_tick: TickHandler | None = None,
         tick_s: float = 0.25,
+        on_batch: BatchHandler | None = None,
     ) -> None:
+        """``on_batch``: given, the messages of a batched frame go to it together (one hand-off
+        to an actor for the lot), not one by one to ``on_frames``."""
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._inproc = f"inproc://hub-{os.getpid()}-{next(_hub_ids)}"
         self._on_frames = on_frames
+        self._on_batch = on_batch
         self._on_event = on_event
         self._on_peer_gone = on_peer_gone
         # keyed router -> file descriptor -> the routing id whose messages last came through it
@@ -643,6 +648,9 @@ class Hub:
             messages = unbatch(frames)
         except msgspec.MsgspecError as exc:
             log.warning("malformed_batch", socket=name, error=str(exc), size=len(frames[-1]))
+            return
+        if self._on_batch is not None:
+            self._guarded(self._on_batch, name, messages)
             return
         for message in messages:
             self._guarded(self._on_frames, name, message)
