@@ -291,6 +291,8 @@ class Future:
     def _show_output(self, waiting: bool) -> None:
         """Show the lines not shown yet: from the receive thread in a terminal, from the thread
         that waits in a notebook (``waiting``)."""
+        if not (self._lines or self._dropped):  # (most tasks print nothing: asked per result)
+            return
         if not self._client.show_output or waiting != in_notebook():
             return
         with self._show_lock:

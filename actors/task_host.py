@@ -42,7 +42,7 @@ from actors.serialize import (
     loads,
 )
 from actors.shell import simple_inbox
-from actors.task import ParallelTask, Task, Unit
+from actors.task import ParallelTask, StopFlag, Task, Unit
 from actors.unit_runner import Gather
 
 log = structlog.get_logger("actors.task_host")
@@ -73,7 +73,7 @@ Emit = Callable[[m.Message | HeldParts], None]
 def host_instance(cls: type[Task]) -> Task:
     """Make an instance of a user's task class; it lives in the caller's mailbox."""
     instance = cls()
-    instance._task_stop = threading.Event()
+    instance._task_stop = StopFlag()
     return instance
 
 
