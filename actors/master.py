@@ -1946,30 +1946,25 @@ def main(argv: list[str] | None = None, *,
 
     started = threading.Event()
 
-    def on_frames(_socket: str, frames: list[bytes]) -> None:
+    def decoded(frames: list[bytes]) -> Inbound | None:
         # A node may say hello as soon as we listen (LocalCluster's node is started beside
         # this master, and connects before it binds): hold it until the actors exist.
         if not started.is_set():  # Event.wait takes a lock even when set: per frame
             started.wait(10)
         try:
-            inbound = route_frames(frames)
+            return route_frames(frames)
         except MalformedMessage as exc:
             log.warning("malformed_frame", peer=frames[1][:40].decode(errors="replace")
                         if len(frames) > 1 else "", error=str(exc))
-            return
-        tell_if_alive(master_ref, inbound)  # chunk requests too: only nodes may ask
+            return None
+
+    def on_frames(_socket: str, frames: list[bytes]) -> None:
+        if (inbound := decoded(frames)) is not None:
+            tell_if_alive(master_ref, inbound)  # chunk requests too: only nodes may ask
 
     def on_batch(_socket: str, batch: list[list[bytes]]) -> None:
-        if not started.is_set():
-            started.wait(10)
-        inbounds = []
-        for frames in batch:
-            try:
-                inbounds.append(route_frames(frames))
-            except MalformedMessage as exc:
-                log.warning("malformed_frame", peer=frames[1][:40].decode(errors="replace")
-                            if len(frames) > 1 else "", error=str(exc))
-        tell_if_alive(master_ref, inbounds)  # one hand-off for the lot
+        inbounds = [inbound for frames in batch if (inbound := decoded(frames)) is not None]
+        tell_if_alive(master_ref, inbounds)  # one hand-off for the lot (each handled alone)
 
     def on_tick(now: float) -> None:
         for ref in (master_ref, sync_ref):
