@@ -144,10 +144,6 @@ class Backlog:
         """How many submissions of this owner (a key, or a client without one) are held."""
         return self._owners.get(owner, 0)
 
-    def held_bytes_of(self, owner: str) -> int:
-        """Bytes of arguments the held submissions of this owner carry."""
-        return self.held_bytes.get(owner, 0)
-
     def _count(self, fifo: _Fifo, change: int, size: int) -> None:
         owner = fifo.counted
         if count := self._owners.get(owner, 0) + change:

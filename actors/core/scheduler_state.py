@@ -1157,10 +1157,6 @@ class SchedulerState:
         """How many tasks of this owner (its key, or a client without one) are queued."""
         return self.queued_owners.get(owner, 0)
 
-    def args_bytes_of(self, owner: str) -> int:
-        """Bytes of arguments this owner's unfinished tasks hold."""
-        return self.args_bytes.get(owner, 0)
-
     def _count_queued(self, task: TaskRecord, change: int) -> None:
         _count(self._undo, self.queued, (task.client_id, task.priority), change)
         _count(self._undo, self.queued_owners, task.warm_key.owner, change)
