@@ -264,9 +264,10 @@ class MemoryBudgetFull(QueueFull):
 
     def __str__(self) -> str:
         mib = 1 << 20
+        needed = f"{self.needed / mib:,.1f} MiB" if self.needed >= mib else f"{self.needed:,} bytes"
         return (f"this key's tasks hold {self.held / mib:,.1f} MiB on the master (arguments of "
-                f"unfinished tasks, kept results and inline scattered data), and {self.needed:,} "
-                f"bytes more would pass its budget of {self.limit / mib:,.0f} MiB (master option "
+                f"unfinished tasks, kept results and inline scattered data), and {needed} "
+                f"more would pass its budget of {self.limit / mib:,.0f} MiB (master option "
                 "--max-key-memory): wait for tasks to finish, release futures you no longer "
                 "need, and put large data on the cluster once with client.scatter (data past "
                 "256 KiB is held on a node, not the master)")
