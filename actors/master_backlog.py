@@ -150,8 +150,8 @@ class Backlog:
             self._owners[owner] = count
         else:
             self._owners.pop(owner, None)
-        if size := self.held_bytes.get(owner, 0) + size:
-            self.held_bytes[owner] = size
+        if total := self.held_bytes.get(owner, 0) + size:
+            self.held_bytes[owner] = total
         else:
             self.held_bytes.pop(owner, None)
 
