@@ -282,6 +282,9 @@ class Master(HubShell):
         """Queue again what the last master on this state directory left, in its order."""
         self.codes = restored.codes
         clients = {row.client for row in restored.tasks}
+        # Whose tasks they are, as for a live submit (Peer.owner): the budgets count by key.
+        owners = {c: key.decode(errors="replace") if (key := self.client_keys.get(c)) else ""
+                  for c in clients}
         for row in restored.tasks:
             self.seq = max(self.seq, row.seq + 1)
             if row.ended is not None:
@@ -291,7 +294,7 @@ class Master(HubShell):
                                          name=row.name, kind=row.kind, code=code, args=row.args,
                                          priority=row.priority, package=row.package,
                                          version=row.version, retries=row.retries,
-                                         code_hash=row.code_hash,
+                                         code_hash=row.code_hash, owner=owners[row.client],
                                          journaled=tuple(restored.journaled.get(row.task_id, ())),
                                          restored=True))
             if row.package and self.task_sync is not None:
@@ -326,14 +329,14 @@ class Master(HubShell):
                 pass  # a newer master owns the journal: this one only waits to be stopped
             case Inbound():
                 self._heard(message)
-                if self.deferred and self.actor_inbox.empty():
+                if self.deferred and self.actor_inbox.empty() and not self.superseded:
                     self._apply(ev.Tick(self.now))  # the pass the burst's events left owed
             case list():  # the messages of one batched frame (main's on_batch): one hand-off
                 for done, inbound in enumerate(message, 1):
                     self.batch_left = len(message) - done  # (waiting, as a mailbox's: _apply)
                     self.receive_guarded(self._heard, inbound)
                 self.batch_left = 0
-                if self.deferred and self.actor_inbox.empty():
+                if self.deferred and self.actor_inbox.empty() and not self.superseded:
                     self._apply(ev.Tick(self.now))
             case PeerDisconnected(routing=routing):
                 self._disconnected(routing)

@@ -35,6 +35,9 @@ class InputBook:
         self.refs: dict[str, str] = {}  # task -> its client, while the client holds its future
         self.more_refs: dict[str, int] = {}  # scattered data with more than one future: how many
         self.users: dict[str, int] = {}  # task -> the unfinished tasks that name it as an input
+        # ... and its client, whose result it stays once its future is released (an input is
+        # its submitter's own task): kept, it counts in that client's bytes
+        self.user_client: dict[str, str] = {}
         self.uses: dict[str, tuple[str, ...]] = {}  # unfinished task -> its inputs
         self.kept: dict[str, Kept] = {}
         # Bytes of the results kept here, by client and in all (the master's budget per key)
@@ -64,6 +67,7 @@ class InputBook:
             self.uses[task_id] = named
             for input_id in named:
                 self.users[input_id] = self.users.get(input_id, 0) + 1
+                self.user_client[input_id] = client_id
 
     def ended(self, task_id: str, state: str, result: bytes | None = None,
               why: str = "") -> list[str]:
@@ -71,7 +75,8 @@ class InputBook:
         held results are unused now."""
         client_id = self.refs.get(task_id)
         if client_id is not None or self.users.get(task_id):
-            owner = client_id or self.kept.get(task_id, Kept("", "")).client_id
+            owner = (client_id or self.user_client.get(task_id)
+                     or self.kept.get(task_id, Kept("", "")).client_id)
             self._keep(task_id, Kept(owner, state, result, why))
         unused = [] if self._in_use(task_id) else [task_id]
         for input_id in self.uses.pop(task_id, ()):
@@ -80,6 +85,7 @@ class InputBook:
                 self.users[input_id] = left
                 continue
             self.users.pop(input_id, None)
+            self.user_client.pop(input_id, None)
             if not self._in_use(input_id):
                 self._drop(input_id)
                 unused.append(input_id)
@@ -129,6 +135,7 @@ class InputBook:
         its table as entries go). Changes no content."""
         self.refs, self.more_refs = dict(self.refs), dict(self.more_refs)
         self.users, self.uses, self.kept = dict(self.users), dict(self.uses), dict(self.kept)
+        self.user_client = dict(self.user_client)
         self.kept_bytes = dict(self.kept_bytes)
 
     def _keep(self, task_id: str, kept: Kept) -> None:

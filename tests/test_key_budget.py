@@ -95,3 +95,30 @@ def test_kept_results_count_until_their_futures_are_released(tmp_path: Path) -> 
     finally:
         kill_all(descendants(master.pid) | {master.pid})
         master.wait(10)
+
+
+def test_tasks_restored_after_a_restart_count_in_their_keys_budget(tmp_path: Path) -> None:
+    """A master restarted on its state directory restores the queued tasks as its key's (they
+    counted as their client id's, so a key had a second budget after every restart)."""
+    keys, state = tmp_path / "keys", tmp_path / "state"
+    args = ("--workers", "0", "--keys", str(keys), "--state-dir", str(state),
+            "--max-key-memory", "8")
+    first, address = start_master(tmp_path, *args, name="first")
+    second = None
+    client = Client(address, keys=keys, timeout=60, master_timeout=60)
+    try:
+        big = os.urandom(2 * MIB + 650 * 1024)  # three fit in 8 MiB
+        queued = [client.submit(Nop, big) for _ in range(3)]
+        wait_until(lambda: not client._unaccepted, 60, "the three to be journaled")
+        first.kill()
+        first.wait(10)
+        second, _ = start_master(tmp_path, *args, name="second",
+                                 port=int(address.rsplit(":", 1)[1]))
+        assert isinstance(client.submit(Nop, big).exception(timeout=60), MemoryBudgetFull)
+        assert not any(f.done() for f in queued)
+    finally:
+        client.close()
+        procs = [p for p in (first, second) if p is not None]
+        kill_all({p.pid for p in procs} | {d for p in procs for d in descendants(p.pid)})
+        for proc in procs:
+            proc.wait(10)

@@ -100,3 +100,18 @@ def test_the_bytes_kept_by_each_client_are_what_its_kept_results_hold(
             book.client_gone(client_id)
         assert book.kept_bytes == kept_sizes(book)
         assert book.kept_total == sum(book.kept_bytes.values())
+        assert all(kept.client_id for kept in book.kept.values())  # each charged to a client
+
+
+def test_a_result_kept_for_a_task_after_its_future_went_is_still_its_clients() -> None:
+    """Its client let go of the future, but a task that names it has not run: the result is
+    kept for that task, and counts in its client's bytes (it counted in nobody's, and one
+    key could make the master hold any number of them)."""
+    book = InputBook()
+    book.submitted("a", "c1", ())
+    book.submitted("b", "c1", ["a"])
+    assert book.released("c1", ["a"]) == []  # b still needs it
+    book.ended("a", "done", b"r" * 100)
+    assert book.kept["a"].client_id == "c1" and book.kept_bytes == {"c1": 100}
+    assert sorted(book.ended("b", "done")) == ["a"]  # b ended (its own future held: kept)
+    assert book.kept_bytes == {} and not book.user_client
