@@ -283,8 +283,7 @@ class Master(HubShell):
         self.codes = restored.codes
         clients = {row.client for row in restored.tasks}
         # Whose tasks they are, as for a live submit (Peer.owner): the budgets count by key.
-        owners = {c: key.decode(errors="replace") if (key := self.client_keys.get(c)) else ""
-                  for c in clients}
+        owners = {c: self._key_text(c) for c in clients}
         for row in restored.tasks:
             self.seq = max(self.seq, row.seq + 1)
             if row.ended is not None:
@@ -1124,9 +1123,13 @@ class Master(HubShell):
         return MemoryBudgetFull(self.max_key_bytes, held, needed)
 
     def _owner_of(self, client_id: str) -> str:
-        """Whose a client's tasks count as: its key (as ``Peer.owner``), or itself without one."""
+        """Whose a client's tasks count as: its key, or itself without one."""
+        return self._key_text(client_id) or client_id
+
+    def _key_text(self, client_id: str) -> str:
+        """A client's key as ``Peer.owner`` has it ("" without one)."""
         key = self.client_keys.get(client_id)
-        return key.decode(errors="replace") if key else client_id
+        return key.decode(errors="replace") if key else ""
 
     def _check_inputs(self, peer: Peer, msg: m.Submit) -> Exception | None:
         """Why the futures among a submission's arguments are refused (None: they are not)."""
