@@ -961,7 +961,7 @@ class Client:
         try:
             self._hub.open_dealer_now(name, address, identity=self.client_id.encode(),
                                       curve=ClientCurve(self._pair.public, self._pair.secret,
-                                                        server_key.encode()))
+                                                        server_key.encode()), views=True)
         except (zmq.ZMQError, ValueError) as exc:
             return name, f"cannot connect to {address}: {exc}"
         return name, ""

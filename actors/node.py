@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     gate = MasterGate(log=log.bind(role="node", node_id=node_id))
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
-    hub.add_router("workers", config.ipc_address)
+    hub.add_router("workers", config.ipc_address, views=True)  # held results, data replies
     try:
         data = DataPlane(node_id, pair, run_dir, args.master, args.data_listen, args.data_address)
     except ValueError as exc:

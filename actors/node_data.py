@@ -194,9 +194,11 @@ class DataPlane:
         """Relay a worker's data frames (``[b"p"|b"r", ...]``); False when they are not data."""
         if len(frames) == 4 and frames[0] == TO_PEER:
             _, address, holder, body = frames
-            text = address.decode(errors="replace")
+            # (bytes(): a worker's frame of 64 KiB or more comes as a view, see transport/hub.py)
+            text = bytes(address).decode(errors="replace")
             if not address:
-                log.warning("data_request_without_address", holder=holder.decode(errors="replace"))
+                log.warning("data_request_without_address",
+                            holder=bytes(holder).decode(errors="replace"))
             elif text == self.address:
                 if holder == RESULTS_HOLDER and self.serve_input is not None:
                     self.serve_input(hub, b"", body)
@@ -274,7 +276,8 @@ class DataPlane:
             return
         if not isinstance(request, m.DataRequest):
             return
-        reply = m.DataReply(request.task_id, holder.decode(errors="replace"), [], request.keys)
+        reply = m.DataReply(request.task_id, bytes(holder).decode(errors="replace"), [],
+                            request.keys)
         self._reply(hub, origin, request.requester.encode(), m.encode(reply))
 
     def reply(self, hub: Hub, origin: bytes, requester: bytes, body: bytes) -> None:
@@ -305,11 +308,12 @@ class DataPlane:
             log.info("peer_node_closed", node_id=self.node_id, socket=oldest, why="least recently used")
             hub.close_now(oldest)
         log.info("peer_node_connect", node_id=self.node_id, address=address, local=local or "")
+        # Its replies bring the values: received uncopied (``views``), relayed as they came.
         if local is not None:  # same host and uid: its ipc endpoint, no encryption
-            hub.open_dealer_now(name, local, identity=self.node_id.encode())
+            hub.open_dealer_now(name, local, identity=self.node_id.encode(), views=True)
         else:
             hub.open_dealer_now(name, address, identity=self.node_id.encode(),
                                 curve=ClientCurve(self.pair.public, self.pair.secret,
-                                                  self.pair.public))
+                                                  self.pair.public), views=True)
         self.peers[name] = None
         return name

@@ -134,7 +134,7 @@ class ResultStore:
     def add_to(self, hub: Hub) -> None:
         """Before ``hub.start()``: the results ROUTER, on the data plane's interface."""
         url = f"tcp://[{self.host}]:0" if ":" in self.host else f"tcp://{self.host}:0"
-        hub.add_router(RESULTS, url, with_keys=True,
+        hub.add_router(RESULTS, url, with_keys=True, views=True,  # scattered data's parts
                        curve=ServerCurve(self.pair.public, self.pair.secret, "", any_key=True))
 
     def bound(self, hub: Hub, data_address: str) -> None:
@@ -153,7 +153,7 @@ class ResultStore:
         a pickle and its out-of-band buffers: ``serialize.dumps_result_parts``)."""
         if len(frames) < 3 or frames[0] != HOLD:
             return False
-        task_id = frames[1].decode(errors="replace")
+        task_id = bytes(frames[1]).decode(errors="replace")  # (a view, were it 64 KiB or more)
         name = worker.decode(errors="replace")
         if not self.tasks.holds(worker, task_id) or task_id in self.held:
             self.log.warning("result_refused", worker_id=name, task_id=task_id[:100],

@@ -729,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         tell_if_alive(worker_ref, Tick(now))
 
     hub = Hub(on_frames, on_tick=on_tick, tick_s=0.5)
-    hub.add_dealer(NODE, args.node, identity=args.id.encode())
+    hub.add_dealer(NODE, args.node, identity=args.id.encode(), views=True)  # data arrives here
     hub.start()
     worker_ref = Worker.start(hub, args.id, lambda _reason: stopped.set(), args.node_pid)
     started.set()

@@ -89,3 +89,23 @@ def test_a_put_announced_before_the_first_tick_is_still_awaited_after_it(store: 
     assert store.from_master(hub, m.ExpectScatter("scatter-1", "client key", 10))
     store.tick(hub, time.monotonic())
     assert "scatter-1" in store.expected and hub.sent == []
+
+
+def test_a_result_whose_parts_came_as_views_is_held_and_served_whole(store: ResultStore) -> None:
+    """The node's socket to its workers hands large frames over uncopied (transport/hub.py,
+    "Bulk data"): the store holds those views and reads them back as the bytes they were."""
+    parts = [memoryview(b"pickle" * 20_000).toreadonly(), memoryview(b"\x01" * 200_000).toreadonly()]
+    assert store.from_worker(WORKER, [b"h", b"t1", *parts])  # type: ignore[list-item]
+    entry = store.held["t1"]
+    assert entry.lengths == [120_000, 200_000] and store.in_memory == 320_000
+    assert store._as_file("t1", entry)  # what a client of this host reads: a memory file
+    assert store._read(entry) == b"pickle" * 20_000 + b"\x01" * 200_000
+
+
+def test_a_task_id_frame_that_came_as_a_view_is_refused_like_any_unknown_task(
+        store: ResultStore) -> None:
+    """A worker's frames are hostile: a task id of 64 KiB or more arrives as a view, and is
+    read as the unknown task it names (no handler error, nothing held)."""
+    task_id = memoryview(b"t" * (80 << 10)).toreadonly()
+    assert store.from_worker(WORKER, [b"h", task_id, b"data"])  # type: ignore[list-item]
+    assert store.held == {}

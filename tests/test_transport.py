@@ -178,3 +178,36 @@ def test_outboxes_of_many_threads_lose_nothing_and_keep_each_threads_order(
     for t in range(threads):
         mine = [int(x.split(":")[1]) for x in got if x.startswith(f"{t}:")]
         assert mine == list(range(per_thread)), f"thread {t} lost or reordered messages"
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_large_frames_arrive_whole_and_as_views_only_where_asked(tmp_path: Path,
+                                                                 views: bool) -> None:
+    """A result's bytes cross a ``views`` socket uncopied (a read-only view of ZeroMQ's buffer,
+    still valid once the hub has moved on); every other socket hands over ``bytes``, and small
+    frames are ``bytes`` everywhere (handlers decode ids and bodies from them)."""
+    received = Received()
+    hub = Hub(received)
+    hub.add_router("in", f"ipc://{tmp_path}/router.sock", views=views)
+    hub.start()
+    sender, _ = dealer_hub(hub.address("in"), b"sender")
+    large = [bytes([i]) * (1 << 20) for i in range(3)]
+    small = msgspec.msgpack.encode(["body", 1])
+    try:
+        outbox = sender.outbox()
+        outbox.send("out", [b"r", *large, small])
+        outbox.send("out", [b"after"])
+        first, after = received.take(2)
+        outbox.close()
+    finally:
+        sender.stop()
+        hub.stop()
+    assert [bytes(f) for f in first] == [b"sender", b"r", *large, small]
+    assert after == [b"sender", b"after"]
+    for frame in (first[0], first[1], first[-1], *after):
+        assert type(frame) is bytes
+    for frame in first[2:-1]:
+        if views:
+            assert isinstance(frame, memoryview) and frame.readonly
+        else:
+            assert type(frame) is bytes

@@ -35,6 +35,15 @@ results, a client submitting in a loop), and a ZeroMQ message costs a fixed
 amount per frame and a wake-up of every thread on its way, whatever its size;
 a lone message goes out as it is, so nothing waits for a batch to fill.
 
+Bulk data. A frame of ``_VIEW_BYTES`` or more is sent without a copy (ZeroMQ reads the bytes
+object itself), and on a socket opened with ``views`` it is received without one: the handler
+gets a read-only ``memoryview`` of ZeroMQ's own buffer instead of ``bytes``. Those sockets are
+the ones results travel through (a worker's link to its node, the node's data plane and result
+store, a client fetching a result): a 1 MB result crossing worker -> node -> worker was copied
+four more times in Python on its way, which halved the rate of a gather. Their handlers take
+``bytes | memoryview`` for any frame that may be large; other sockets get ``bytes`` only
+(a small frame costs ~1 us more as a view, on every message).
+
 Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame list
 handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
 (Z85 text), so the receiver can hold each message to the role of its key; no
@@ -82,7 +91,10 @@ _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[list[bytes], bytes]])
 _WAKE = b"w"
 _POKE = (1).to_bytes(8, sys.byteorder)  # an eventfd adds it to its count (a pipe: 8 bytes)
-_ZERO_COPY_BYTES = 1 << 20  # below this, copying is cheaper than tracking the buffer's release
+#: A frame this large is neither copied on send nor (on a ``views`` socket) on receive: below
+#: it a copy is cheaper than tracking the buffer's release (pyzmq copies below 64 KiB anyway).
+_VIEW_BYTES = 64 << 10
+_NO_VIEWS = sys.maxsize
 _ANY_KEY_DOMAIN = "any-key"  # the ZAP domain of sockets that admit every CURVE key
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 # (a monitored dealer pings its server alike, so a node notices a cut link as its master does)
@@ -126,6 +138,7 @@ class _SocketSpec(msgspec.Struct, frozen=True):
     client_curve: ClientCurve | None
     monitor: bool
     with_keys: bool = False  # a CURVE server that hands each sender's key over (see "Keys")
+    views: bool = False  # large frames received as memoryviews, uncopied (see "Bulk data")
 
 
 class Outbox:
@@ -204,6 +217,7 @@ class Hub:
         self._names: dict[zmq.Socket[bytes], str] = {}
         self._routers: set[bytes] = set()
         self._keyed: set[bytes] = set()  # CURVE servers: the sender's key heads each frame list
+        self._views: set[bytes] = set()  # sockets whose large frames are received uncopied
         # (socket, peer) -> messages to send at the end of this turn of the loop, in order
         self._pending: dict[tuple[bytes, bytes], _Pending] = {}
         self._pending_bytes: dict[tuple[bytes, bytes], int] = {}
@@ -219,14 +233,14 @@ class Hub:
     # --- configuration (before start) ---------------------------------------
 
     def add_router(self, name: str, address: str, *, curve: ServerCurve | None = None,
-                   with_keys: bool = False) -> None:
+                   with_keys: bool = False, views: bool = False) -> None:
         """A bound ROUTER socket (the master's TCP endpoint, the node's ipc endpoint). With
         ``with_keys`` (a CURVE server only) each frame list starts with the sender's key, and no
-        connection may take over another's routing identity."""
+        connection may take over another's routing identity. ``views``: see "Bulk data"."""
         if with_keys and curve is None:
             raise ValueError("with_keys needs CURVE: without it no key is proved")
         self._specs.append(_SocketSpec(name, zmq.ROUTER, address, True, None, curve, None, False,
-                                       with_keys))
+                                       with_keys, views))
 
     def add_dealer(
         self,
@@ -236,10 +250,13 @@ class Hub:
         identity: bytes,
         curve: ClientCurve | None = None,
         monitor: bool = False,
+        views: bool = False,
     ) -> None:
-        """A connecting DEALER; with ``monitor``, connection events reach ``on_event``."""
+        """A connecting DEALER; with ``monitor``, connection events reach ``on_event``;
+        ``views``: see "Bulk data"."""
         self._specs.append(
-            _SocketSpec(name, zmq.DEALER, address, False, identity, None, curve, monitor)
+            _SocketSpec(name, zmq.DEALER, address, False, identity, None, curve, monitor,
+                        views=views)
         )
 
     def send_now(self, socket_name: str, frames: list[bytes]) -> bool:
@@ -260,13 +277,14 @@ class Hub:
         return name.encode() in self._sockets
 
     def open_dealer_now(self, name: str, address: str, *, identity: bytes,
-                        curve: ClientCurve | None = None) -> None:
+                        curve: ClientCurve | None = None, views: bool = False) -> None:
         """From a hub handler: connect one more DEALER while running (a node reaching a peer)."""
         assert threading.current_thread() is self._thread, "open_dealer_now() is for hub handlers"
         assert self._poller is not None
         if self.has_socket(name):
             return
-        sock = self._open(_SocketSpec(name, zmq.DEALER, address, False, identity, None, curve, False))
+        sock = self._open(_SocketSpec(name, zmq.DEALER, address, False, identity, None, curve, False,
+                                      views=views))
         self._sockets[name.encode()] = sock
         self._names[sock] = name
         self._poller.register(sock, zmq.POLLIN)
@@ -282,6 +300,7 @@ class Hub:
         self._poller.unregister(sock)
         del self._names[sock]
         self._addresses.pop(name, None)
+        self._views.discard(name.encode())
         for key in [key for key in self._pending if key[0] == name.encode()]:
             del self._pending[key]
             self._pending_bytes.pop(key, None)
@@ -437,6 +456,8 @@ class Hub:
         elif spec.monitor:
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+        if spec.views:
+            self._views.add(spec.name.encode())
         if spec.identity is not None:
             sock.setsockopt(zmq.IDENTITY, spec.identity)
         if spec.address.startswith("tcp://["):
@@ -597,8 +618,8 @@ class Hub:
         try:
             # A large body goes without a copy: ZeroMQ reads it from the bytes object itself.
             sock.send_multipart(frames, zmq.NOBLOCK,
-                                copy=len(frames) < 3 and len(frames[-1]) < _ZERO_COPY_BYTES
-                                or max(map(len, frames)) < _ZERO_COPY_BYTES)
+                                copy=len(frames) < 3 and len(frames[-1]) < _VIEW_BYTES
+                                or max(map(len, frames)) < _VIEW_BYTES)
             return True
         except zmq.ZMQError as exc:
             # A peer that left (EHOSTUNREACH: a client that said Bye, a worker gone; expected,
@@ -614,30 +635,33 @@ class Hub:
 
     def _receive(self, name: str, sock: zmq.Socket[bytes]) -> None:
         keyed = name.encode() in self._keyed
+        views = name.encode() in self._views
         fds = self._peer_fds.get(name)
         for n in range(1_000):
             # Ask before receiving (raising and catching zmq.Again is costly on a busy master),
             # but the first: the poll said it is there.
             if n and not _readable(sock):
                 return
+            # Part by part, each a zmq.Frame: cheaper than recv_multipart even when every part
+            # is copied out (it asks the socket for RCVMORE after each), and a large part can
+            # stay uncopied (``views``).
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            limit = _VIEW_BYTES if views else _NO_VIEWS
+            frames = [frame.bytes if len(frame) < limit else _view(frame)]
+            while frame.more:  # the rest of a message is there once its first part is
+                frame = sock.recv(copy=False)
+                frames.append(frame.bytes if len(frame) < limit else _view(frame))
             if keyed:
                 # The key the CURVE handshake proved (ZAP's User-Id, its Z85 text) rides on the
                 # parts the peer sent (not on the routing id the ROUTER adds, with older libzmq).
-                try:
-                    routing = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    return
-                rest = sock.recv_multipart(copy=False)
-                frames = [_user_id(rest[-1]), routing, *(part.bytes for part in rest)]
+                frames.insert(0, _user_id(frame))
                 if fds is not None:
-                    fd = _source_fd(rest[-1])
-                    if fds.get(fd) != routing:
-                        fds[fd] = routing
-            else:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    return
+                    fd = _source_fd(frame)
+                    if fds.get(fd) != frames[1]:
+                        fds[fd] = frames[1]
             if frames[-1][:1] == BATCH:
                 self._unbatch(name, frames)
             else:
@@ -707,6 +731,12 @@ class _AnyKey:
     @staticmethod
     def callback(domain: str, key: bytes) -> bool:
         return True
+
+
+def _view(frame: zmq.Frame) -> bytes:
+    """A large frame as a read-only view of ZeroMQ's buffer, uncopied; typed bytes, since the
+    handlers of ``views`` sockets take either (see "Bulk data")."""
+    return frame.buffer.toreadonly()  # type: ignore[return-value]
 
 
 def _user_id(frame: zmq.Frame) -> bytes:
