@@ -43,6 +43,7 @@ from actors.errors import (
     KeyRefused,
     LargePayloadWarning,
     MasterLost,
+    MessageTooLarge,
     NoSuchTask,
     ResultLost,
     ScatterFailed,
@@ -512,6 +513,7 @@ class Client:
         self._closed = False
         self._names: dict[str, str] | None = None
         self._master_id = ""
+        self._max_message = 0  # the largest message the master reads (its Welcome; 0: any)
         self._master_timeout = master_timeout
         self._disconnected_since: float | None = None  # hub thread only
         self._said_bye = False  # after it, the master knows this client no more: nothing to say
@@ -585,9 +587,18 @@ class Client:
                               priority=priority, retries=retries, code_hash=code_hash,
                               inputs=inputs)
             self._unaccepted[task_id] = (submit, code)
-            self._send_locked(submit)
+            self._send_registered(task_id, submit)
             self._shipped.add(code_hash)
         return fut
+
+    def _send_registered(self, task_id: str, submit: m.Submit) -> None:
+        """Send a submission whose future is registered (so that no answer can come before
+        it); one refused before it left is unregistered again."""
+        try:
+            self._send_locked(submit)
+        except MessageTooLarge:
+            del self._futures[task_id], self._unaccepted[task_id]
+            raise
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
         """The pickled arguments, and the tasks whose futures are among them (its inputs)."""
@@ -634,7 +645,7 @@ class Client:
         with self._send_lock:
             self._futures[task_id] = fut
             self._unaccepted[task_id] = (submit, b"")
-            self._send_locked(submit)
+            self._send_registered(task_id, submit)
         return fut
 
     def _deployed_names(self, refresh: bool = False) -> dict[str, str]:
@@ -847,7 +858,11 @@ class Client:
     def _send_locked(self, message: m.Message) -> None:
         if self._closed:
             raise ClientClosed(self.client_id)
-        self._outbox.send(MASTER, [m.encode(message)])
+        body = m.encode(message)
+        if self._max_message and len(body) > self._max_message:
+            # The master would cut us off unread, and we would send it again on reconnecting.
+            raise MessageTooLarge(type(message).__name__, len(body), self._max_message)
+        self._outbox.send(MASTER, [body])
 
     def _request(self, key: str, message: m.Message, timeout: float) -> m.Message:
         replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
@@ -1091,6 +1106,7 @@ class Client:
                             submit = msgspec.structs.replace(submit, code=code)
                         self._hub.send_now(MASTER, [m.encode(submit)])
                 self._master_id, self._epoch = master_id, epoch
+                self._max_message = msg.max_message
                 self._welcome.set()
             case m.Refused(reason=reason) if (self._welcome.is_set() and "send Hello" in reason
                                               and time.monotonic() - self._hello_at > 5.0):

@@ -273,6 +273,23 @@ class MemoryBudgetFull(QueueFull):
                 "256 KiB is held on a node, not the master)")
 
 
+class MessageTooLarge(ActorsError, ValueError):
+    """A message refused by the client before it is sent: larger than the master reads
+    (``--max-message``, said in its ``Welcome``). The master closes the connection of a peer
+    that sends one, unread; nothing of it was queued."""
+
+    def __init__(self, kind: str, size: int, limit: int) -> None:
+        super().__init__(kind, size, limit)
+        self.kind, self.size, self.limit = kind, size, limit
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        return (f"this {self.kind} is {self.size / mib:,.1f} MiB encoded, and the master reads "
+                f"messages of at most {self.limit / mib:,.0f} MiB (master option --max-message): "
+                "put large data on the cluster with client.scatter and pass its future, or "
+                "split the work into smaller arguments")
+
+
 class TaskIdTaken(ActorsError, ValueError):
     """A submission refused: its task id is another client's task (or scattered data) on this
     master (ids are random, so a clash is a bug or a client reusing ids it saw). Taken for a

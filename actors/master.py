@@ -110,6 +110,14 @@ CLIENT_GRACE_S = 60.0
 MAX_QUEUED = 1_000_000
 # Bytes one key's tasks may make the master hold (``--max-key-memory``; see _over_budget).
 MAX_KEY_BYTES = 1 << 30
+# The largest message the master reads (``--max-message``): a peer that sends a larger frame is
+# cut off before it is read, so one frame cannot make the master allocate what it likes. Never
+# below what a node may relay from its workers, or task code could get its node cut off.
+MAX_MESSAGE_BYTES = 1 << 30
+MIN_MESSAGE_BYTES = m.MAX_RELAYED_BYTES
+# The socket's own bound is this much higher: a batched frame carries up to ~1 MiB of other
+# messages besides one at the bound (transport/hub.py, _BATCH_BYTES).
+MESSAGE_SLACK = 4 << 20
 CLIENT_TIMEOUT_S = 120.0
 # Events after which the scheduling pass may wait for the next message's, while more are
 # waiting: at most this many in a row.
@@ -174,7 +182,8 @@ class Master(HubShell):
                  metrics: MetricsServer | None = None,
                  dashboard: Dashboard | None = None, address: str = "",
                  client_timeout_s: float = CLIENT_TIMEOUT_S,
-                 max_queued: int = MAX_QUEUED, max_key_bytes: int = MAX_KEY_BYTES) -> None:
+                 max_queued: int = MAX_QUEUED, max_key_bytes: int = MAX_KEY_BYTES,
+                 max_message: int = MAX_MESSAGE_BYTES) -> None:
         """``journal``: the state directory's journal, already started (``restored`` is what it
         held). ``allowed``: the allow-list folder, whose file names give each key its role
         (None: peers are taken at their word, for a master without CURVE)."""
@@ -188,6 +197,7 @@ class Master(HubShell):
         self.max_queued = max_queued  # tasks one key may have queued, held ones included (0: any)
         self.queue_full: set[str] = set()  # owners told so, logged once until they are below
         self.max_key_bytes = max_key_bytes  # what one key's tasks may hold here (0: any)
+        self.max_message = max_message  # the largest message read, said in Welcome (0: any)
         self.budget_full: set[str] = set()  # owners past it, logged once until they are below
         # Clients taken as gone, newest last: one that comes back learns its tasks were stopped.
         self.lost_clients: OrderedDict[str, list[str] | None] = OrderedDict()
@@ -636,7 +646,7 @@ class Master(HubShell):
         """Welcome; a client back after a restart also gets the ends of its tasks that it has
         not said it received (a client welcomed again sends its unacknowledged submits)."""
         self.send(SOCKET, peer_key, message=m.Welcome(self.master_id, hello.peer_id, HEARTBEAT_S,
-                                                      self.journal.epoch))
+                                                      self.journal.epoch, self.max_message))
         if hello.role != "client":
             return
         key = self.peers[peer_key].key
@@ -1857,6 +1867,15 @@ def route_frames(frames: list[bytes]) -> Inbound:
     raise MalformedMessage(f"expected 3 or 4 frames, got {len(frames)}", sum(map(len, frames)))
 
 
+def message_bound(mib: int) -> int:
+    """``--max-message`` in bytes: 0 for no bound, else never below what nodes relay."""
+    if mib <= 0:
+        return 0
+    if mib << 20 < MIN_MESSAGE_BYTES:
+        log.warning("max_message_raised", asked_mib=mib, mib=MIN_MESSAGE_BYTES >> 20,
+                    why="nodes relay their workers' messages up to this size")
+    return max(mib << 20, MIN_MESSAGE_BYTES)
+
 
 # --- the command line: python -m actors.master ------------------------------
 
@@ -1905,6 +1924,11 @@ def main(argv: list[str] | None = None, *,
                              "until they end, and the small results and inline scattered data "
                              "kept while their futures are held; past it a submission fails "
                              "at once with MemoryBudgetFull (0: no limit; default %(default)s)")
+    parser.add_argument("--max-message", type=int, default=MAX_MESSAGE_BYTES >> 20, metavar="MiB",
+                        help="the largest message the master reads: a peer that sends a larger "
+                             "one is cut off unread, and clients refuse to send one "
+                             f"(MessageTooLarge); at least {MIN_MESSAGE_BYTES >> 20} (what nodes "
+                             "relay); 0: no limit (default %(default)s)")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a "
                              "free one; off by default)")
@@ -1981,7 +2005,9 @@ def main(argv: list[str] | None = None, *,
 
     hub = Hub(on_frames, on_peer_gone=on_peer_gone, on_tick=on_tick, tick_s=0.25,
               on_batch=on_batch)
-    hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True)
+    max_message = message_bound(args.max_message)
+    hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True,
+                   max_message=max_message + MESSAGE_SLACK if max_message else -1)
     try:
         hub.start()
     except Exception as exc:
@@ -2041,7 +2067,8 @@ def main(argv: list[str] | None = None, *,
                               dashboard=dashboard, address=address,
                               client_timeout_s=max(0.0, args.client_timeout),
                               max_queued=max(0, args.max_queued),
-                              max_key_bytes=max(0, args.max_key_memory) << 20)
+                              max_key_bytes=max(0, args.max_key_memory) << 20,
+                              max_message=max_message)
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))

@@ -63,6 +63,9 @@ class Welcome(Message, frozen=True):
     peer_id: str
     heartbeat_s: float = 1.0
     epoch: int = 0
+    # The largest message the master reads, in bytes (0: no bound; ``--max-message``): a larger
+    # one closes the sender's connection unread, so a client refuses to send it.
+    max_message: int = 0
 
 
 class Refused(Message, frozen=True):
@@ -200,6 +203,13 @@ class ClusterInfo(Message, frozen=True):
 #: plain Task's stays on its node for the client to fetch (``ResultAt``), a unit's on its worker
 #: for the driver to gather. Below it, one hop more costs less than a connection and a round trip.
 INLINE_RESULT_BYTES = 256 * 1024
+#: At most this much of one run's unit results goes inline in its ``UnitsDone``; the results
+#: past it stay on the worker like large ones: no report of a worker nears ``MAX_RELAYED_BYTES``.
+RUN_INLINE_BYTES = 16 << 20
+#: The largest message a node relays from a worker to the master (a larger one is dropped and
+#: logged): the master's bound (``--max-message``) is never lower, so task code that sends a
+#: huge frame through its worker's socket cannot get its node cut off from the master.
+MAX_RELAYED_BYTES = 64 << 20
 
 
 class ResultAt(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -611,6 +611,13 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             log.warning("malformed_frames", source="master", count=len(frames))
         return
     if len(frames) == 3 and frames[1] == b"m":
+        if len(frames[2]) > m.MAX_RELAYED_BYTES:
+            # No report of the runtime's is this large (RUN_INLINE_BYTES): task code writing to
+            # its worker's socket. Relayed, it would get this node cut off by the master.
+            log.warning("worker_message_dropped", worker_id=frames[0].decode(errors="replace"),
+                        size=len(frames[2]), limit=m.MAX_RELAYED_BYTES,
+                        type=bytes(message_tag(frames[2])).decode(errors="replace"))
+            return
         out = [frames[0], frames[2]]
         if gate is not None and not gate.passes(out):
             return  # held: the task it ends stays open in task_ends until it is sent

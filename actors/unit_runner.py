@@ -77,7 +77,7 @@ class Ran(msgspec.Struct, frozen=True):
     key: str
     outcomes: list[m.UnitOutcome]
     elapsed: float
-    large: bool = False  # a result is larger than INLINE_RESULT_BYTES
+    large: bool = False  # a result is larger than INLINE_RESULT_BYTES, or all past RUN_INLINE_BYTES
 
 
 class Gather(msgspec.Struct, frozen=True):
@@ -195,15 +195,18 @@ class UnitRunner:
         kept: list[ev.Event] = []
         out: list[m.UnitOutcome] = []
         units = {unit.index: unit for unit in run.units}
+        inline = 0  # and no more than RUN_INLINE_BYTES of them in all: the report stays small
         for outcome in outcomes:
             key = unit_key(run.task_id, outcome.index)
-            if (outcome.ok and len(outcome.value) > m.INLINE_RESULT_BYTES
+            size = len(outcome.value)
+            if (outcome.ok and (size > m.INLINE_RESULT_BYTES or inline + size > m.RUN_INLINE_BYTES)
                     and outcome.index in units and self.state.can_keep(key)):
                 kept.append(ev.KeepResult(key, run.task_id, outcome.value,
                                           stimulus_id=f"run{run.run_id} kept", now=now))
                 self.runs[key] = _Run(run.task_id, KEPT_RUN, (units[outcome.index],), keep=True)
                 outcome = m.UnitOutcome(outcome.index, True, b"", held=True,
                                         size=len(outcome.value), digest=outcome.digest)
+            inline += len(outcome.value)
             out.append(outcome)
         return out, kept
 
@@ -426,7 +429,8 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
     started = time.perf_counter()
     outcomes: list[m.UnitOutcome] = []
     digest = m.unit_digest
-    large = False
+    large = False  # a result is too large to go inline, or all of them together are
+    inline = 0
     task_output.enter(task_id, "work_unit")
     try:
         work_unit = instance.work_unit
@@ -447,7 +451,8 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                     raise not_serializable(value, exc, f"{type(instance).__qualname__} {task_id}",
                                            str(unit.index)) from None
                 outcomes.append(m.UnitOutcome(unit.index, True, data, digest=digest(unit)))
-                large = large or len(data) > m.INLINE_RESULT_BYTES
+                inline += len(data)
+                large = large or len(data) > m.INLINE_RESULT_BYTES or inline > m.RUN_INLINE_BYTES
             except BaseException as exc:
                 payload, type_name, message, text = describe_failure(exc)
                 outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text,

@@ -139,6 +139,7 @@ class _SocketSpec(msgspec.Struct, frozen=True):
     monitor: bool
     with_keys: bool = False  # a CURVE server that hands each sender's key over (see "Keys")
     views: bool = False  # large frames received as memoryviews, uncopied (see "Bulk data")
+    max_message: int = -1  # a larger frame closes its sender's connection, unread (-1: none)
 
 
 class Outbox:
@@ -233,14 +234,16 @@ class Hub:
     # --- configuration (before start) ---------------------------------------
 
     def add_router(self, name: str, address: str, *, curve: ServerCurve | None = None,
-                   with_keys: bool = False, views: bool = False) -> None:
+                   with_keys: bool = False, views: bool = False, max_message: int = -1) -> None:
         """A bound ROUTER socket (the master's TCP endpoint, the node's ipc endpoint). With
         ``with_keys`` (a CURVE server only) each frame list starts with the sender's key, and no
-        connection may take over another's routing identity. ``views``: see "Bulk data"."""
+        connection may take over another's routing identity. ``views``: see "Bulk data".
+        ``max_message`` (bytes, -1: none): ZeroMQ closes the connection of a peer whose frame is
+        larger as soon as its header says so, before reading or allocating it."""
         if with_keys and curve is None:
             raise ValueError("with_keys needs CURVE: without it no key is proved")
         self._specs.append(_SocketSpec(name, zmq.ROUTER, address, True, None, curve, None, False,
-                                       with_keys, views))
+                                       with_keys, views, max_message))
 
     def add_dealer(
         self,
@@ -458,6 +461,8 @@ class Hub:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
         if spec.views:
             self._views.add(spec.name.encode())
+        if spec.max_message >= 0:
+            sock.setsockopt(zmq.MAXMSGSIZE, spec.max_message)
         if spec.identity is not None:
             sock.setsockopt(zmq.IDENTITY, spec.identity)
         if spec.address.startswith("tcp://["):

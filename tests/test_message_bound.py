@@ -1,0 +1,162 @@
+"""The largest message the master reads (``--max-message``): a peer's frame past it cuts the peer
+off before the master reads or allocates it, a client refuses to send one (MessageTooLarge,
+nothing registered), a node does not relay a worker's message that would get it cut off, and the
+runtime's own reports stay far below (a run's inline results are bounded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from actors import Client, Task
+from actors import messages as m
+from actors.errors import MessageTooLarge
+from actors.node import relay_frames
+from actors.serialize import dumps
+from actors.unit_runner import Ran, UnitRunner
+from tests.conftest import kill_all, start_master, wait_until
+from transport.keys import load_keypair, load_public_key
+
+MIB = 1 << 20
+
+
+class Size(Task):
+    def work(self, data):
+        return len(data)
+
+
+def master_pid_rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.mark.processes
+def test_a_client_refuses_a_message_the_master_would_not_read(tmp_path: Path) -> None:
+    """The bound comes in the master's Welcome: a submission past it fails at submit() with
+    MessageTooLarge naming the option, leaves no future behind, and the client serves on."""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "1", "--keys", str(keys),
+                                   "--max-message", "64", "--max-key-memory", "0")
+    try:
+        with Client(address, keys=keys) as client:
+            with pytest.raises(MessageTooLarge, match="--max-message") as refused:
+                client.submit(Size, bytes(70 * MIB))
+            assert refused.value.limit == 64 * MIB and refused.value.size > 70 * MIB
+            assert not client._futures and not client._unaccepted
+            assert client.submit(Size, bytes(MIB)).result(timeout=60) == MIB
+    finally:
+        kill_all({master.pid})
+        master.wait(10)
+
+
+@pytest.mark.processes
+def test_a_frame_past_the_bound_cuts_its_sender_off_unread(tmp_path: Path) -> None:
+    """A peer with a valid key that sends one 200 MiB frame: the master closes its connection
+    as the frame's header arrives (its peak memory does not grow by the frame), and serves
+    other clients as before."""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", str(keys),
+                                   "--max-message", "64")
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    monitor = raw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        with Client(address, keys=keys) as client:  # the master is up, its keys are made
+            assert client.info().tasks_queued == 0
+            Path(f"/proc/{master.pid}/clear_refs").write_text("5")  # VmHWM from here on
+            before = master_pid_rss_kib(master.pid, "VmRSS")
+            pair = load_keypair(keys, "client")
+            raw.setsockopt(zmq.LINGER, 0)
+            raw.curve_publickey, raw.curve_secretkey = pair.public, pair.secret
+            raw.curve_serverkey = load_public_key(keys, "master")
+            raw.connect(address)
+            raw.send(bytes(200 * MIB), copy=False)
+            assert monitor.poll(60_000), "the master kept the connection"
+            grown = master_pid_rss_kib(master.pid, "VmHWM") - before
+            assert grown < 100 * 1024, f"the master's peak grew {grown} KiB"
+            assert master.poll() is None
+            client.submit(Size, b"still serving")  # no worker: it queues
+            wait_until(lambda: client.info().tasks_queued == 1, 30, "the next submit to queue")
+    finally:
+        raw.disable_monitor()
+        monitor.close(linger=0)
+        raw.close(linger=0)
+        ctx.term()
+        kill_all({master.pid})
+        master.wait(10)
+
+
+class Relayed:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[bytes]]] = []
+
+    def relay(self, socket: str, frames: list[bytes]) -> None:
+        self.sent.append((socket, frames))
+
+
+def test_a_node_drops_a_worker_message_past_what_it_relays() -> None:
+    """Task code writing a huge frame to its worker's socket: the node drops it (relayed, the
+    master would cut the node off, and every task on it with it); one at the bound goes."""
+    hub, told = Relayed(), Relayed()
+    at_bound = m.encode(m.TaskResult("t1", m.UnitOutcome(-1, True, b"")))
+    at_bound += b"\0" * (m.MAX_RELAYED_BYTES - len(at_bound))
+    for body in (at_bound + b"\0", at_bound):
+        relay_frames(hub, told, told, "workers", [b"n1/w1", b"m", body])  # type: ignore[arg-type]
+    assert [len(frames[-1]) for _, frames in hub.sent] == [m.MAX_RELAYED_BYTES]
+
+
+class Blobs:
+    _task_stop = None
+
+    def work_unit(self, index: int) -> bytes:
+        return bytes([index % 256]) * 200_000  # inline alone (< 256 KiB): 24 MB in the run
+
+
+def test_a_runs_inline_results_stay_under_their_bound_and_the_rest_are_held() -> None:
+    """120 results of 200 kB in one run: those past RUN_INLINE_BYTES are kept on the worker
+    (reported held, with their size) so that the report stays far below what a node relays."""
+    sent: list[m.Message] = []
+    calls: list[Any] = []
+    told: list[Any] = []
+    runner = UnitRunner("n1/w1", sent.append, lambda frames: None,
+                        lambda call, _task: calls.append(call), told.append)
+    runner.instance = Blobs()
+    runner.run_units(m.RunUnits("t1", 1, [m.UnitCall(i, dumps(i)) for i in range(120)]))
+    calls.pop()()  # the executor thread's part, here
+    ran = told.pop()
+    assert isinstance(ran, Ran) and ran.large
+    runner.ran(ran)
+    done = [msg for msg in sent if isinstance(msg, m.UnitsDone)]
+    assert len(done) == 1
+    outcomes = done[0].outcomes
+    assert sorted(o.index for o in outcomes) == list(range(120))
+    inline = sum(len(o.value) for o in outcomes if not o.held)
+    held = [o for o in outcomes if o.held]
+    assert 0 < inline <= m.RUN_INLINE_BYTES and held
+    assert all(o.size == len(dumps(b"\0" * 200_000)) and not o.value for o in held)
+    assert len(m.encode(done[0])) < m.RUN_INLINE_BYTES + MIB < m.MAX_RELAYED_BYTES
+    for o in held:  # kept under its unit's key, for the driver to gather
+        assert f"t1:{o.index}" in runner.state.data
+
+
+def test_the_bound_is_said_in_welcome_and_older_peers_decode_the_rest() -> None:
+    """``Welcome.max_message`` is a trailing field: a peer of the same protocol built before it
+    decodes the rest, and a Welcome without it means no bound."""
+    data = m.encode(m.Welcome("m1", "c1", 1.0, 3, 64 * MIB))
+    welcome = m.decode(data)
+    assert isinstance(welcome, m.Welcome) and welcome.max_message == 64 * MIB
+    assert m.Welcome("m1", "c1").max_message == 0
+
+    class Welcome(msgspec.Struct, tag=True, array_like=True):  # as it was before the field
+        master_id: str
+        peer_id: str
+        heartbeat_s: float = 1.0
+        epoch: int = 0
+
+    assert msgspec.msgpack.decode(data, type=Welcome) == Welcome("m1", "c1", 1.0, 3)
