@@ -429,8 +429,8 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
     started = time.perf_counter()
     outcomes: list[m.UnitOutcome] = []
     digest = m.unit_digest
-    large = False  # a result is too large to go inline, or all of them together are
-    inline = 0
+    large = False  # a result is too large to go inline (or all of them together, at the end)
+    inline, inline_limit = 0, m.INLINE_RESULT_BYTES
     task_output.enter(task_id, "work_unit")
     try:
         work_unit = instance.work_unit
@@ -451,8 +451,10 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                     raise not_serializable(value, exc, f"{type(instance).__qualname__} {task_id}",
                                            str(unit.index)) from None
                 outcomes.append(m.UnitOutcome(unit.index, True, data, digest=digest(unit)))
-                inline += len(data)
-                large = large or len(data) > m.INLINE_RESULT_BYTES or inline > m.RUN_INLINE_BYTES
+                size = len(data)
+                inline += size
+                if size > inline_limit:
+                    large = True
             except BaseException as exc:
                 payload, type_name, message, text = describe_failure(exc)
                 outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text,
@@ -460,4 +462,5 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                 break  # the task fails; the rest of the run would be wasted
     finally:
         task_output.leave()
-        tell(Ran(key, outcomes, time.perf_counter() - started, large))
+        tell(Ran(key, outcomes, time.perf_counter() - started,
+                 large or inline > m.RUN_INLINE_BYTES))
