@@ -144,7 +144,8 @@ class DataPlane:
         """Before ``hub.start()``: bind the data ROUTER, admitting the nodes' key only."""
         os.makedirs(self.allowed_dir, exist_ok=True)
         shutil.copyfile(node_public_key_file, os.path.join(self.allowed_dir, "node.key"))
-        hub.add_router(DATA, _url(self.host, self.port),
+        # Both routers answer peers with the values: sent uncopied (``views``, transport/hub.py).
+        hub.add_router(DATA, _url(self.host, self.port), views=True,
                        curve=ServerCurve(self.pair.public, self.pair.secret, self.allowed_dir))
         # Peer nodes of this host and uid come in here: CURVE would only cost them (it caps a
         # stream at a fraction of what the machine moves), and who can open this folder could
@@ -152,7 +153,7 @@ class DataPlane:
         os.makedirs(self.local_dir, mode=0o700, exist_ok=True)
         os.chmod(self.local_dir, 0o700)
         self.local_address = f"ipc://{os.path.join(self.local_dir, 'data')}"
-        hub.add_router(DATA_LOCAL, self.local_address)
+        hub.add_router(DATA_LOCAL, self.local_address, views=True)
 
     def local_data(self) -> str:
         """What the master passes on to peer nodes: who may use our ipc endpoint, and where

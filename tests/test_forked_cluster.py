@@ -100,6 +100,26 @@ with LocalCluster(workers=2) as cluster, Client(cluster) as client:
     assert not any(alive(pid) for pid in pids)
 
 
+def test_a_script_that_used_a_cluster_hard_still_forks_the_next_one(tmp_path: Path) -> None:
+    """Thousands of submissions (the client's batched frames reach hundreds of KiB) leave the
+    script with its one thread: a zero-copy send there would start pyzmq's garbage collector
+    thread for good, and every later cluster of the script would start fresh interpreters."""
+    result = _run(_PREAMBLE + """
+class Padded(Task):
+    def work(self, x, pad):
+        return x * x
+
+with LocalCluster(workers=1) as cluster, Client(cluster) as client:
+    total = sum(f.result(60) for f in client.map(Padded, [x % 7 for x in range(4_000)],
+                                                  pad=b"x" * 200))
+with LocalCluster(workers=1) as cluster, Client(cluster) as client:
+    print(json.dumps({"total": total, "forked": cluster.forked,
+                      "answer": client.submit(Square, 5).result(30)}), flush=True)
+""", tmp_path)
+    assert result == {"total": sum((x % 7) ** 2 for x in range(4_000)), "forked": True,
+                      "answer": 25}
+
+
 @pytest.mark.parametrize("why", ["a thread", "a large heap", "a worker memory limit"])
 def test_a_caller_that_may_not_fork_gets_fresh_interpreters(tmp_path: Path, why: str) -> None:
     setup = {"a thread": "threading.Thread(target=threading.Event().wait, daemon=True).start()",

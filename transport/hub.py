@@ -35,14 +35,16 @@ results, a client submitting in a loop), and a ZeroMQ message costs a fixed
 amount per frame and a wake-up of every thread on its way, whatever its size;
 a lone message goes out as it is, so nothing waits for a batch to fill.
 
-Bulk data. A frame of ``_VIEW_BYTES`` or more is sent without a copy (ZeroMQ reads the bytes
-object itself), and on a socket opened with ``views`` it is received without one: the handler
-gets a read-only ``memoryview`` of ZeroMQ's own buffer instead of ``bytes``. Those sockets are
-the ones results travel through (a worker's link to its node, the node's data plane and result
-store, a client fetching a result): a 1 MB result crossing worker -> node -> worker was copied
-four more times in Python on its way, which halved the rate of a gather. Their handlers take
-``bytes | memoryview`` for any frame that may be large; other sockets get ``bytes`` only
-(a small frame costs ~1 us more as a view, on every message).
+Bulk data. On a socket opened with ``views`` (the ones results travel through: a worker's link
+to its node, the node's data plane and result store, a client fetching a result) a frame of
+``_VIEW_BYTES`` or more is neither copied on its way out (ZeroMQ reads the bytes object
+itself) nor on its way in: the handler gets a read-only ``memoryview`` of ZeroMQ's own buffer
+instead of ``bytes``. A 1 MB result crossing worker -> node -> worker was copied four more times
+in Python on its way, which halved the rate of a gather. Their handlers take ``bytes |
+memoryview`` for any frame that may be large; other sockets get ``bytes`` only, and send without
+a copy only from ``_ZERO_COPY_BYTES``: pyzmq's first zero-copy send starts a thread of its own
+(its garbage collector, with a ZeroMQ context), and a client's process that runs another thread
+can no longer fork a ``LocalCluster`` (actors/forking.py), whose start then takes 5x as long.
 
 Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame list
 handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
@@ -91,10 +93,12 @@ _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[list[bytes], bytes]])
 _WAKE = b"w"
 _POKE = (1).to_bytes(8, sys.byteorder)  # an eventfd adds it to its count (a pipe: 8 bytes)
-#: A frame this large is neither copied on send nor (on a ``views`` socket) on receive: below
-#: it a copy is cheaper than tracking the buffer's release (pyzmq copies below 64 KiB anyway).
+#: On a ``views`` socket a frame this large is neither copied on send nor on receive: below it
+#: a copy is cheaper than tracking the buffer's release (pyzmq copies below 64 KiB anyway).
 _VIEW_BYTES = 64 << 10
 _NO_VIEWS = sys.maxsize
+#: On other sockets, the least a frame is sent without a copy from (see "Bulk data").
+_ZERO_COPY_BYTES = 1 << 20
 _ANY_KEY_DOMAIN = "any-key"  # the ZAP domain of sockets that admit every CURVE key
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 # (a monitored dealer pings its server alike, so a node notices a cut link as its master does)
@@ -618,13 +622,13 @@ class Hub:
         else:
             self._send(name, sock, [*prefix, BATCH + _batch_encoder.encode(items)])
 
-    @staticmethod
-    def _send(name: bytes, sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    def _send(self, name: bytes, sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:
             # A large body goes without a copy: ZeroMQ reads it from the bytes object itself.
+            least = _VIEW_BYTES if name in self._views else _ZERO_COPY_BYTES
             sock.send_multipart(frames, zmq.NOBLOCK,
-                                copy=len(frames) < 3 and len(frames[-1]) < _VIEW_BYTES
-                                or max(map(len, frames)) < _VIEW_BYTES)
+                                copy=len(frames) < 3 and len(frames[-1]) < least
+                                or max(map(len, frames)) < least)
             return True
         except zmq.ZMQError as exc:
             # A peer that left (EHOSTUNREACH: a client that said Bye, a worker gone; expected,
