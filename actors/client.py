@@ -1011,11 +1011,28 @@ class Client:
                     parts = [parts[0], *(memoryview(bytearray(p)) for p in parts[1:])]
                 self._fetched(msg.task_id, parts)
 
+    def _resend(self, submit: m.Submit) -> None:
+        """Send again a submission the master has not made durable (on the hub thread). With its
+        code, or to a master restarted with a lower bound, it may now be larger than the master
+        reads: sent, it would cut this client off again at every reconnection. Its future fails."""
+        body = m.encode(submit)
+        if not self._max_message or len(body) <= self._max_message:
+            self._hub.send_now(MASTER, [body])
+            return
+        self._unaccepted.pop(submit.task_id, None)
+        error = MessageTooLarge("Submit (sent again, with its code)", len(body), self._max_message)
+        log.error("resend_too_large", task_id=submit.task_id, size=len(body),
+                  limit=self._max_message)
+        if (fut := self._futures.get(submit.task_id)) is not None:
+            fut._finish(_ERRED, None, error)
+
     def _fetched(self, task_id: str, parts: list[bytes | memoryview]) -> None:
         self._ended(task_id)
         if (fut := self._futures.get(task_id)) is not None:
-            if len(parts) == 1 and isinstance(parts[0], bytes):
-                fut._finish(_DONE, m.TaskDone(task_id, parts[0]))
+            if len(parts) == 1 and isinstance(parts[0], bytes | memoryview):
+                # (a memoryview: the frame as it came, uncopied, see transport/hub.py; a
+                # result() loads it afresh each time, as one that came inline)
+                fut._finish(_DONE, m.TaskDone(task_id, parts[0]))  # type: ignore[arg-type]
             else:
                 fut._finish(_DONE, _Parts(task_id, parts))
             fut._show_output(waiting=False)
@@ -1101,10 +1118,11 @@ class Client:
                         self._shipped.clear()
                     if epoch != self._epoch:
                         log.info("master_restarted", epoch=epoch, resent=len(self._unaccepted))
+                    self._max_message = msg.max_message
                     for submit, code in list(self._unaccepted.values()):
                         if code and not submit.code:  # a new master may not have it
                             submit = msgspec.structs.replace(submit, code=code)
-                        self._hub.send_now(MASTER, [m.encode(submit)])
+                        self._resend(submit)
                 self._master_id, self._epoch = master_id, epoch
                 self._max_message = msg.max_message
                 self._welcome.set()

@@ -111,10 +111,11 @@ MAX_QUEUED = 1_000_000
 # Bytes one key's tasks may make the master hold (``--max-key-memory``; see _over_budget).
 MAX_KEY_BYTES = 1 << 30
 # The largest message the master reads (``--max-message``): a peer that sends a larger frame is
-# cut off before it is read, so one frame cannot make the master allocate what it likes. Never
-# below what a node may relay from its workers, or task code could get its node cut off.
+# cut off before it is read, so one frame cannot make the master allocate what it likes. A node
+# sends a failure in place of a worker's larger message (node._within_bound). Never below
+# what the runtime's own reports take (a run's inline results: m.RUN_INLINE_BYTES).
 MAX_MESSAGE_BYTES = 1 << 30
-MIN_MESSAGE_BYTES = m.MAX_RELAYED_BYTES
+MIN_MESSAGE_BYTES = 64 << 20
 # The socket's own bound is this much higher: a batched frame carries up to ~1 MiB of other
 # messages besides one at the bound (transport/hub.py, _BATCH_BYTES).
 MESSAGE_SLACK = 4 << 20
@@ -1868,12 +1869,13 @@ def route_frames(frames: list[bytes]) -> Inbound:
 
 
 def message_bound(mib: int) -> int:
-    """``--max-message`` in bytes: 0 for no bound, else never below what nodes relay."""
+    """``--max-message`` in bytes: 0 for no bound, else never below what the runtime's own
+    reports take."""
     if mib <= 0:
         return 0
     if mib << 20 < MIN_MESSAGE_BYTES:
         log.warning("max_message_raised", asked_mib=mib, mib=MIN_MESSAGE_BYTES >> 20,
-                    why="nodes relay their workers' messages up to this size")
+                    why="workers report up to 16 MiB of a run's results in one message")
     return max(mib << 20, MIN_MESSAGE_BYTES)
 
 
@@ -1927,8 +1929,8 @@ def main(argv: list[str] | None = None, *,
     parser.add_argument("--max-message", type=int, default=MAX_MESSAGE_BYTES >> 20, metavar="MiB",
                         help="the largest message the master reads: a peer that sends a larger "
                              "one is cut off unread, and clients refuse to send one "
-                             f"(MessageTooLarge); at least {MIN_MESSAGE_BYTES >> 20} (what nodes "
-                             "relay); 0: no limit (default %(default)s)")
+                             f"(MessageTooLarge); at least {MIN_MESSAGE_BYTES >> 20}; 0: no limit "
+                             "(default %(default)s)")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a "
                              "free one; off by default)")

@@ -36,6 +36,9 @@ class MasterGate:
         self._bytes = 0
         self._max_bytes, self._max_frames = max_bytes, max_frames
         self.dropped = 0  # since the gate last closed
+        # The largest message the master reads (its Welcome; 0: no bound): a worker's larger one
+        # is not relayed (node._within_bound).
+        self.max_message = 0
 
     def passes(self, frames: list[bytes]) -> bool:
         """Whether to send these frames now; if not, they are held (or dropped past the bound)."""

@@ -204,12 +204,9 @@ class ClusterInfo(Message, frozen=True):
 #: for the driver to gather. Below it, one hop more costs less than a connection and a round trip.
 INLINE_RESULT_BYTES = 256 * 1024
 #: At most this much of one run's unit results goes inline in its ``UnitsDone``; the results
-#: past it stay on the worker like large ones: no report of a worker nears ``MAX_RELAYED_BYTES``.
+#: past it stay on the worker like large ones: a report stays far below the least the master
+#: reads (``--max-message``, 64 MiB at the least).
 RUN_INLINE_BYTES = 16 << 20
-#: The largest message a node relays from a worker to the master (a larger one is dropped and
-#: logged): the master's bound (``--max-message``) is never lower, so task code that sends a
-#: huge frame through its worker's socket cannot get its node cut off from the master.
-MAX_RELAYED_BYTES = 64 << 20
 
 
 class ResultAt(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -38,7 +38,7 @@ import structlog
 from actors import __version__, contain, logs, memory
 from actors import messages as m
 from actors.contain import WORKER_SCRIPT, Containment, Limits, Plan, parse_size
-from actors.errors import ActorsError, MalformedMessage
+from actors.errors import ActorsError, MalformedMessage, MessageTooLarge
 from actors.forking import exit_now
 from actors.launch import default_keys_dir, master_arg, stop_on_signals
 from actors.master_gate import MasterGate
@@ -589,8 +589,10 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         if len(frames) == 1:
             msg = m.decode(frames[0])
             if gate is not None and isinstance(msg, m.Welcome):
+                gate.max_message = msg.max_message
                 # What workers said while the master was away goes first, in order.
                 for held in gate.open():
+                    held = _within_bound(held, gate.max_message)
                     if task_ends is not None:
                         task_ends.from_worker(held[0], held[1])
                     hub.relay(MASTER, held)
@@ -611,14 +613,9 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             log.warning("malformed_frames", source="master", count=len(frames))
         return
     if len(frames) == 3 and frames[1] == b"m":
-        if len(frames[2]) > m.MAX_RELAYED_BYTES:
-            # No report of the runtime's is this large (RUN_INLINE_BYTES): task code writing to
-            # its worker's socket. Relayed, it would get this node cut off by the master.
-            log.warning("worker_message_dropped", worker_id=frames[0].decode(errors="replace"),
-                        size=len(frames[2]), limit=m.MAX_RELAYED_BYTES,
-                        type=bytes(message_tag(frames[2])).decode(errors="replace"))
-            return
         out = [frames[0], frames[2]]
+        if gate is not None and gate.max_message:
+            out = _within_bound(out, gate.max_message)
         if gate is not None and not gate.passes(out):
             return  # held: the task it ends stays open in task_ends until it is sent
         if task_ends is not None:
@@ -637,6 +634,30 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
     else:
         log.warning("malformed_frames", source="worker", count=len(frames))
 
+
+def _within_bound(frames: list[bytes], limit: int) -> list[bytes]:
+    """A worker's ``[worker, body]`` for the master, or, when the body is larger than the master
+    reads (``limit``, its ``Welcome``; 0: no bound), a failed ``TaskResult`` of the task it names
+    in its place (from any worker of a task, a failure ends it): relayed, it would get this node
+    cut off, and the task would wait forever (a unit argument or an exception of hundreds of MiB,
+    or task code writing to its worker's socket)."""
+    worker, body = frames
+    if not limit or len(body) <= limit:
+        return frames
+    tag = bytes(message_tag(body)).decode(errors="replace")
+    error = MessageTooLarge(f"{tag or 'message'} from worker {bytes(worker).decode(errors='replace')}",
+                            len(body), limit)
+    try:
+        task_id = _HEAD.decode(body).task_id
+    except msgspec.MsgspecError:
+        task_id = ""
+    log.warning("worker_message_too_large", worker_id=bytes(worker).decode(errors="replace"),
+                type=tag, size=len(body), limit=limit, task_id=task_id[:100])
+    from actors.serialize import describe_failure  # (rare: not on the node's start)
+
+    payload, type_name, message, text = describe_failure(error)
+    failed = m.TaskResult(task_id, m.UnitOutcome(-1, False, payload, type_name, message, text))
+    return [worker, m.encode(failed)]
 
 
 # --- the command line: python -m actors.node --------------------------------

@@ -1,10 +1,13 @@
 """The largest message the master reads (``--max-message``): a peer's frame past it cuts the peer
 off before the master reads or allocates it, a client refuses to send one (MessageTooLarge,
-nothing registered), a node does not relay a worker's message that would get it cut off, and the
-runtime's own reports stay far below (a run's inline results are bounded)."""
+nothing registered; a resend past it fails its future), a node sends a failure of the task in
+place of a worker's message past it, and the runtime's own reports stay far below (a run's
+inline results are bounded)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,10 @@ import zmq
 
 from actors import Client, Task
 from actors import messages as m
-from actors.errors import MessageTooLarge
+from actors.errors import LargePayloadWarning, MessageTooLarge
+from actors.master_gate import MasterGate
 from actors.node import relay_frames
-from actors.serialize import dumps
+from actors.serialize import dumps, loads
 from actors.unit_runner import Ran, UnitRunner
 from tests.conftest import kill_all, start_master, wait_until
 from transport.keys import load_keypair, load_public_key
@@ -99,16 +103,94 @@ class Relayed:
     def relay(self, socket: str, frames: list[bytes]) -> None:
         self.sent.append((socket, frames))
 
+    def tell(self, message: object) -> None:  # (as the node's actors: the Welcome goes there)
+        pass
 
-def test_a_node_drops_a_worker_message_past_what_it_relays() -> None:
-    """Task code writing a huge frame to its worker's socket: the node drops it (relayed, the
-    master would cut the node off, and every task on it with it); one at the bound goes."""
-    hub, told = Relayed(), Relayed()
-    at_bound = m.encode(m.TaskResult("t1", m.UnitOutcome(-1, True, b"")))
-    at_bound += b"\0" * (m.MAX_RELAYED_BYTES - len(at_bound))
-    for body in (at_bound + b"\0", at_bound):
-        relay_frames(hub, told, told, "workers", [b"n1/w1", b"m", body])  # type: ignore[arg-type]
-    assert [len(frames[-1]) for _, frames in hub.sent] == [m.MAX_RELAYED_BYTES]
+
+def test_a_worker_message_past_the_masters_bound_fails_its_task_instead() -> None:
+    """Relayed, a worker's message past what the master reads would get the node cut off and
+    leave the task waiting forever: the node sends a failed TaskResult of the task it names in
+    its place (MessageTooLarge, which ends the task from any of its workers); one at the bound
+    goes as it is. The bound is the master's own, from its Welcome."""
+    hub, told, gate = Relayed(), Relayed(), MasterGate()
+    relay_frames(hub, told, told, "master",  # type: ignore[arg-type]
+                 [m.encode(m.Welcome("m1", "n1", 1.0, 0, 64 * MIB))], None, None, gate)
+    def result(size: int) -> bytes:  # a TaskResult of this many bytes, encoded
+        def encoded(value: int) -> bytes:
+            return m.encode(m.TaskResult("t1", m.UnitOutcome(-1, False, bytes(value))))
+        return encoded(size - (len(encoded(MIB)) - MIB))
+
+    at_bound = result(64 * MIB)
+    assert len(at_bound) == 64 * MIB
+    for body in (at_bound, result(64 * MIB + 1)):
+        relay_frames(hub, told, told, "workers", [b"n1/w1", b"m", body],  # type: ignore[arg-type]
+                     None, None, gate)
+    (_, kept), (_, replaced) = hub.sent
+    assert kept == [b"n1/w1", at_bound]
+    failed = m.decode(replaced[1])
+    assert isinstance(failed, m.TaskResult) and failed.task_id == "t1" and not failed.outcome.ok
+    error = loads(failed.outcome.value)
+    assert isinstance(error, MessageTooLarge) and error.limit == 64 * MIB
+    assert error.size == 64 * MIB + 1 and "TaskResult from worker n1/w1" in str(error)
+
+
+class LongError(Task):
+    def work(self, n):
+        raise ValueError("x" * n)
+
+
+@pytest.mark.processes
+def test_a_task_whose_failure_is_past_the_bound_fails_with_that_said(tmp_path: Path) -> None:
+    """An exception of 70 MiB (its message and traceback travel with it) cannot reach the master
+    under --max-message 64: the client gets MessageTooLarge for the task, not a wait forever,
+    and the cluster serves on."""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "1", "--keys", str(keys),
+                                   "--max-message", "64")
+    try:
+        with Client(address, keys=keys) as client:
+            error = client.submit(LongError, 70 * MIB).exception(timeout=60)
+            assert isinstance(error, MessageTooLarge), error
+            assert "TaskResult from worker" in str(error) and error.limit == 64 * MIB
+            assert client.submit(Size, b"next").result(timeout=60) == 4
+    finally:
+        kill_all({master.pid})
+        master.wait(10)
+
+
+class Coded(Task):
+    ballast = b"c" * (30 * MIB)  # the class pickles to ~30 MiB: its code is that large
+
+    def work(self, data):
+        return len(data)
+
+
+@pytest.mark.processes
+def test_a_resend_past_the_bound_fails_its_future_once(tmp_path: Path) -> None:
+    """A submission sent without its code (shipped before) passes the check; the master dies
+    before making it durable, and a restarted one gets it again with its code, past the bound.
+    Sent, it would cut the client off at every reconnection: its future fails instead."""
+    keys, state = tmp_path / "keys", tmp_path / "state"
+    args = ("--workers", "0", "--keys", str(keys), "--state-dir", str(state),
+            "--max-message", "64", "--max-key-memory", "0")
+    master, address = start_master(tmp_path, *args)
+    port = int(address.rsplit(":", 1)[1])
+    try:
+        with Client(address, keys=keys) as client:
+            with pytest.warns(LargePayloadWarning):
+                client.submit(Coded, b"small")  # ships the code
+            wait_until(lambda: not client._unaccepted, 60, "the first to be made durable")
+            os.kill(master.pid, signal.SIGSTOP)
+            late = client.submit(Coded, bytes(40 * MIB))  # 40 MiB without its code: it passes
+            kill_all({master.pid})
+            master.wait(10)
+            master, _ = start_master(tmp_path, *args, port=port, name="master2")
+            error = late.exception(timeout=60)
+            assert isinstance(error, MessageTooLarge) and "sent again" in str(error)
+            assert client.info().tasks_queued == 1  # the first, from the journal; served on
+    finally:
+        kill_all({master.pid})
+        master.wait(10)
 
 
 class Blobs:
@@ -140,7 +222,7 @@ def test_a_runs_inline_results_stay_under_their_bound_and_the_rest_are_held() ->
     held = [o for o in outcomes if o.held]
     assert 0 < inline <= m.RUN_INLINE_BYTES and held
     assert all(o.size == len(dumps(b"\0" * 200_000)) and not o.value for o in held)
-    assert len(m.encode(done[0])) < m.RUN_INLINE_BYTES + MIB < m.MAX_RELAYED_BYTES
+    assert len(m.encode(done[0])) < m.RUN_INLINE_BYTES + MIB
     for o in held:  # kept under its unit's key, for the driver to gather
         assert f"t1:{o.index}" in runner.state.data
 

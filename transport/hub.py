@@ -637,7 +637,7 @@ class Hub:
             (log.debug if exc.errno == zmq.EHOSTUNREACH else log.warning)(
                 "send_dropped",
                 socket=name.decode(errors="replace"),
-                peer=frames[0][:40].decode(errors="replace") if len(frames) > 1 else "",
+                peer=bytes(frames[0][:40]).decode(errors="replace") if len(frames) > 1 else "",
                 error=exc.strerror,
             )
             return False
