@@ -1104,6 +1104,7 @@ class Client:
                 log.warning("stale_master_ignored", master_id=master_id, epoch=epoch,
                             newest_epoch=self._epoch)
             case m.Welcome(master_id=master_id, epoch=epoch):
+                self._max_message = msg.max_message  # (before the resends below: they check it)
                 if self._master_id and master_id != self._master_id:
                     with self._send_lock:  # a new master has none of the code shipped
                         self._shipped.clear()
@@ -1118,13 +1119,11 @@ class Client:
                         self._shipped.clear()
                     if epoch != self._epoch:
                         log.info("master_restarted", epoch=epoch, resent=len(self._unaccepted))
-                    self._max_message = msg.max_message
                     for submit, code in list(self._unaccepted.values()):
                         if code and not submit.code:  # a new master may not have it
                             submit = msgspec.structs.replace(submit, code=code)
                         self._resend(submit)
                 self._master_id, self._epoch = master_id, epoch
-                self._max_message = msg.max_message
                 self._welcome.set()
             case m.Refused(reason=reason) if (self._welcome.is_set() and "send Hello" in reason
                                               and time.monotonic() - self._hello_at > 5.0):

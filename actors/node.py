@@ -614,8 +614,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         return
     if len(frames) == 3 and frames[1] == b"m":
         out = [frames[0], frames[2]]
-        if gate is not None and gate.max_message:
-            out = _within_bound(out, gate.max_message)
+        if gate is not None and gate.max_message and len(frames[2]) > gate.max_message:
+            out = _within_bound(out, gate.max_message)  # (a call only for the rare large one)
         if gate is not None and not gate.passes(out):
             return  # held: the task it ends stays open in task_ends until it is sent
         if task_ends is not None:
@@ -645,14 +645,14 @@ def _within_bound(frames: list[bytes], limit: int) -> list[bytes]:
     if not limit or len(body) <= limit:
         return frames
     tag = bytes(message_tag(body)).decode(errors="replace")
-    error = MessageTooLarge(f"{tag or 'message'} from worker {bytes(worker).decode(errors='replace')}",
-                            len(body), limit)
+    worker_id = bytes(worker).decode(errors="replace")
+    error = MessageTooLarge(f"{tag or 'message'} from worker {worker_id}", len(body), limit)
     try:
         task_id = _HEAD.decode(body).task_id
     except msgspec.MsgspecError:
         task_id = ""
-    log.warning("worker_message_too_large", worker_id=bytes(worker).decode(errors="replace"),
-                type=tag, size=len(body), limit=limit, task_id=task_id[:100])
+    log.warning("worker_message_too_large", worker_id=worker_id, type=tag, size=len(body),
+                limit=limit, task_id=task_id[:100])
     from actors.serialize import describe_failure  # (rare: not on the node's start)
 
     payload, type_name, message, text = describe_failure(error)
