@@ -24,7 +24,7 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import msgspec
 import structlog
@@ -453,6 +453,24 @@ _task_ids = _TaskIds()
 os.register_at_fork(after_in_child=_task_ids.forget)
 
 
+def _check_options(priority: int, retries: int) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or abs(priority) > m.MAX_PRIORITY):
+        raise ValueError(f"priority must be a whole number between -(2**53 - 1) and "
+                         f"2**53 - 1, not {priority!r}")
+
+
+class _Prepared(NamedTuple):
+    """A submission checked and pickled, not yet sent (``Client._submit_all``)."""
+
+    submit: m.Submit  # without its code: whether that goes along is decided as it is sent
+    name: str  # the future's: the class's qualified name, or the deployed task's name
+    kind: str  # the future's: "task" or "parallel"
+    code: bytes  # the pickled class (b"" for a deployed task)
+
+
 class Client:
     def __init__(
         self,
@@ -562,14 +580,14 @@ class Client:
         ``retries``: how many times a unit (or a Task's ``work``, a slicer, a reduce) that
         raises runs again before the task fails; a worker that dies is not counted here.
         """
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
-        if (isinstance(priority, bool) or not isinstance(priority, int)
-                or abs(priority) > m.MAX_PRIORITY):
-            raise ValueError(f"priority must be a whole number between -(2**53 - 1) and "
-                             f"2**53 - 1, not {priority!r}")
+        _check_options(priority, retries)
+        return self._submit_all([self._prepare(task, args, kwargs, priority, retries)])[0]
+
+    def _prepare(self, task: type[Task] | str | Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], priority: int, retries: int) -> _Prepared:
+        """One submission checked and its arguments pickled; nothing registered or sent yet."""
         if isinstance(task, str):
-            return self._submit_deployed(task, args, kwargs, priority, retries)
+            return self._prepare_deployed(task, args, kwargs, priority, retries)
         if callable(task) and not (isinstance(task, type) and issubclass(task, Task)):
             check_function_arguments(task, args, kwargs)
             task = function_task(task)
@@ -578,27 +596,54 @@ class Client:
         code_hash, code = self._code_of(task)
         task_id = _task_ids.new(task.__name__)
         arguments, inputs = self._arguments(args, kwargs)
-        fut = Future(self, task_id, task.__qualname__, task.task_kind)
-        with self._send_lock:
-            self._futures[task_id] = fut
-            # Each code goes to the master once; later submits name it by its hash.
-            submit = m.Submit(task_id=task_id, name=task.__qualname__, kind=task.task_kind,
-                              code=b"" if code_hash in self._shipped else code, args=arguments,
-                              priority=priority, retries=retries, code_hash=code_hash,
-                              inputs=inputs)
-            self._unaccepted[task_id] = (submit, code)
-            self._send_registered(task_id, submit)
-            self._shipped.add(code_hash)
-        return fut
+        submit = m.Submit(task_id=task_id, name=task.__qualname__, kind=task.task_kind, code=b"",
+                          args=arguments, priority=priority, retries=retries,
+                          code_hash=code_hash, inputs=inputs)
+        return _Prepared(submit, task.__qualname__, task.task_kind, code)
 
-    def _send_registered(self, task_id: str, submit: m.Submit) -> None:
-        """Send a submission whose future is registered (so that no answer can come before
-        it); one refused before it left is unregistered again."""
-        try:
-            self._send_locked(submit)
-        except MessageTooLarge:
-            del self._futures[task_id], self._unaccepted[task_id]
-            raise
+    def _prepare_deployed(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                          priority: int, retries: int) -> _Prepared:
+        known = self._deployed_names()
+        if name not in known:
+            known = self._deployed_names(refresh=True)
+            if name not in known:
+                raise UnknownTask(name, sorted(known))
+        task_id = _task_ids.new(name.rpartition(':')[2])
+        kind = "parallel" if known.get(name) == "ParallelTask" else "task"
+        arguments, inputs = self._arguments(args, kwargs)
+        submit = m.Submit(task_id=task_id, name=name, kind="", code=b"", args=arguments,
+                          priority=priority, retries=retries, inputs=inputs)
+        return _Prepared(submit, name, kind, b"")
+
+    def _submit_all(self, prepared: list[_Prepared]) -> list[Future]:
+        """Send prepared submissions, all or none: each is encoded and held to the master's
+        bound first (``MessageTooLarge`` leaves nothing registered or sent), then every future
+        is registered (no answer can come before its future), then they leave in order."""
+        with self._send_lock:
+            if self._closed:
+                raise ClientClosed(self.client_id)
+            # Each code goes to the master once; later submits name it by its hash. (Decided
+            # under the lock: a master's Welcome after a restart clears what it has.)
+            shipping: set[str] = set()
+            ready: list[tuple[_Prepared, m.Submit, bytes]] = []
+            for item in prepared:
+                submit = item.submit
+                code_hash = submit.code_hash
+                if item.code and code_hash not in self._shipped and code_hash not in shipping:
+                    submit = msgspec.structs.replace(submit, code=item.code)
+                    shipping.add(code_hash)
+                ready.append((item, submit, self._encoded(submit)))
+            futures = []
+            for item, submit, _ in ready:
+                task_id = submit.task_id
+                fut = self._futures[task_id] = Future(self, task_id, item.name, item.kind)
+                self._unaccepted[task_id] = (submit, item.code)
+                futures.append(fut)
+            send = self._outbox.send
+            for _, _, body in ready:
+                send(MASTER, [body])
+            self._shipped |= shipping
+        return futures
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
         """The pickled arguments, and the tasks whose futures are among them (its inputs)."""
@@ -629,25 +674,6 @@ class Client:
                     "package"), stacklevel=3)
         return found
 
-    def _submit_deployed(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                         priority: int, retries: int) -> Future:
-        known = self._deployed_names()
-        if name not in known:
-            known = self._deployed_names(refresh=True)
-            if name not in known:
-                raise UnknownTask(name, sorted(known))
-        task_id = _task_ids.new(name.rpartition(':')[2])
-        kind = "parallel" if known.get(name) == "ParallelTask" else "task"
-        arguments, inputs = self._arguments(args, kwargs)
-        fut = Future(self, task_id, name, kind)
-        submit = m.Submit(task_id=task_id, name=name, kind="", code=b"", args=arguments,
-                          priority=priority, retries=retries, inputs=inputs)
-        with self._send_lock:
-            self._futures[task_id] = fut
-            self._unaccepted[task_id] = (submit, b"")
-            self._send_registered(task_id, submit)
-        return fut
-
     def _deployed_names(self, refresh: bool = False) -> dict[str, str]:
         """Deployed task name -> its kind (``Task``, ``ParallelTask``)."""
         if refresh or self._names is None:
@@ -667,8 +693,11 @@ class Client:
         to every one."""
         if not iterables:
             raise TypeError("map() needs at least one iterable of arguments")
-        return [self.submit(task, *items, priority=priority, retries=retries, **kwargs)
-                for items in zip(*iterables, strict=False)]
+        _check_options(priority, retries)
+        # Every item is checked, pickled and held to the master's bound before any is sent:
+        # one that is refused leaves no task of the others running without a future to it.
+        return self._submit_all([self._prepare(task, items, kwargs, priority, retries)
+                                 for items in zip(*iterables, strict=False)])
 
     def scatter(self, data: Any, hash: bool = True, timeout: float = 60.0) -> Any:
         """Put ``data`` on the cluster once, for tasks to take as an argument: its future (a
@@ -858,11 +887,14 @@ class Client:
     def _send_locked(self, message: m.Message) -> None:
         if self._closed:
             raise ClientClosed(self.client_id)
+        self._outbox.send(MASTER, [self._encoded(message)])
+
+    def _encoded(self, message: m.Message) -> bytes:
         body = m.encode(message)
         if self._max_message and len(body) > self._max_message:
             # The master would cut us off unread, and we would send it again on reconnecting.
             raise MessageTooLarge(type(message).__name__, len(body), self._max_message)
-        self._outbox.send(MASTER, [body])
+        return body
 
     def _request(self, key: str, message: m.Message, timeout: float) -> m.Message:
         replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()

@@ -17,7 +17,7 @@ import zmq
 
 from actors import Client, Task
 from actors import messages as m
-from actors.errors import LargePayloadWarning, MessageTooLarge
+from actors.errors import InvalidArguments, LargePayloadWarning, MessageTooLarge
 from actors.master_gate import MasterGate
 from actors.node import relay_frames
 from actors.serialize import dumps, loads
@@ -54,6 +54,30 @@ def test_a_client_refuses_a_message_the_master_would_not_read(tmp_path: Path) ->
             assert refused.value.limit == 64 * MIB and refused.value.size > 70 * MIB
             assert not client._futures and not client._unaccepted
             assert client.submit(Size, bytes(MIB)).result(timeout=60) == MIB
+    finally:
+        kill_all({master.pid})
+        master.wait(10)
+
+
+@pytest.mark.processes
+def test_a_map_with_one_item_refused_sends_none_of_them(tmp_path: Path) -> None:
+    """``client.map`` is all or none: an item past the bound (or not fitting the task) raises
+    before any item is sent, so no task runs that the caller holds no future to."""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "1", "--keys", str(keys),
+                                   "--max-message", "64", "--max-key-memory", "0")
+    try:
+        with Client(address, keys=keys) as client:
+            items = [b"a", b"bc", bytes(70 * MIB), b"d"]
+            with pytest.raises(MessageTooLarge, match="--max-message"):
+                client.map(Size, items)
+            with pytest.raises(InvalidArguments):
+                client.map(Size, [b"a", b"b"], [1, 2])  # two arguments to a one-argument work
+            assert not client._futures and not client._unaccepted
+            assert client.tasks() == []  # the master never heard of any of them
+            futures = client.map(Size, [b"a", b"bc", bytes(MIB)])
+            assert [f.result(timeout=60) for f in futures] == [1, 2, MIB]
+            assert len(client.tasks()) == 3
     finally:
         kill_all({master.pid})
         master.wait(10)
