@@ -1,8 +1,11 @@
-"""Master addresses as users write them: ``HOST:PORT`` or ``tcp://HOST:PORT``."""
+"""Master addresses as users write them: ``HOST:PORT`` or ``tcp://HOST:PORT`` (and, for a client
+on the master's host, ``ipc://PATH``)."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 
 from actors.errors import InvalidAddress
 
@@ -28,3 +31,26 @@ def master_address(address: str) -> str:
     if not 1 <= port <= 65535:
         raise InvalidAddress(address, f"port {port} is not between 1 and 65535")
     return f"tcp://{found['host']}:{port}"
+
+
+def client_address(address: str) -> str:
+    """What a client connects to: a master's TCP address (``master_address``), or on the
+    master's host the ``ipc://PATH`` of its ``--local-socket``; ``InvalidAddress`` otherwise."""
+    text = address.strip() if isinstance(address, str) else ""
+    if text.startswith("ipc://"):
+        path = text[len("ipc://"):]
+        if not path.startswith("/"):
+            raise InvalidAddress(address, "an ipc:// address is an absolute path (the master's "
+                                          "--local-socket)")
+        if not stat.S_ISSOCK(_mode(path)):  # (TCP cannot tell so soon; a Unix socket can)
+            raise InvalidAddress(address, "no Unix socket is there (a master's --local-socket, "
+                                          "on this host)")
+        return text
+    return master_address(address)
+
+
+def _mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return 0

@@ -32,7 +32,7 @@ import zmq
 
 from actors import __version__
 from actors import messages as m
-from actors.addresses import master_address
+from actors.addresses import client_address
 from actors.cluster import LocalCluster
 from actors.display import TaskLine, in_notebook, show_lines
 from actors.errors import (
@@ -481,8 +481,11 @@ class Client:
         master_timeout: float = 10.0,
         show_output: bool = True,
     ) -> None:
-        """``timeout``: seconds to wait for the master's welcome (and, with a ``LocalCluster``,
-        for its workers to be ready). ``master_timeout``: seconds
+        """``address``: the master's ``HOST:PORT``, the ``ipc://PATH`` of its ``--local-socket``
+        on this host, or a ``LocalCluster`` (reached through its socket); default
+        ``$ACTORS_ADDRESS``, else a new ``LocalCluster``. ``timeout``: seconds to wait for the
+        master's welcome (and, with a ``LocalCluster``, for its workers to be ready).
+        ``master_timeout``: seconds
         without a connection to the master after which unfinished futures fail with
         ``MasterLost`` (they fail at once if the master comes back as a new process).
         ``show_output``: show what tasks print and log (prefixed with the task; in a notebook
@@ -493,12 +496,12 @@ class Client:
             address = os.environ.get("ACTORS_ADDRESS") or None
         if address is None:
             address = self._own_cluster = LocalCluster()
-        local_workers = 0
+        local_workers, local_address = 0, ""
         if isinstance(address, LocalCluster):
-            local_workers = address.workers
+            local_workers, local_address = address.workers, address.local_address
             keys, address = address.keys_dir, address.address
         try:
-            address = master_address(address)
+            address = client_address(address)
         except BaseException:
             self._close_own_cluster()
             raise
@@ -540,8 +543,9 @@ class Client:
             curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
             self._hub = Hub(self._on_frames, on_event=self._on_event, on_tick=self._on_tick,
                             tick_s=0.1)
-            self._hub.add_dealer(MASTER, address, identity=self.client_id.encode(), curve=curve,
-                                 monitor=True)
+            # A LocalCluster's master, on this host: through its Unix socket (see LocalCluster).
+            self._hub.add_dealer(MASTER, local_address or address,
+                                 identity=self.client_id.encode(), curve=curve, monitor=True)
             self._hub.start()
         except BaseException:
             self._closed = True

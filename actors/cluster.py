@@ -18,7 +18,7 @@ import structlog
 from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.errors import ActorsError
 from actors.forking import ChildProcess
-from actors.launch import local_node_command
+from actors.launch import MAX_SOCKET_PATH, local_node_command, with_parent_pid
 from actors.local_start import start_master
 
 log = structlog.get_logger("actors.cluster")
@@ -95,6 +95,10 @@ class LocalCluster:
         # has bound it: a free one is held here (bound, not listening, SO_REUSEADDR) until the
         # master has it, so no one else takes it meanwhile.
         reserved = _reserve_port(host, port) if self.workers > 0 else None
+        # The node and clients on this host reach the master through a Unix socket in this
+        # private folder (cheaper per message than TCP's loopback; keys proved the same way).
+        socket_path = os.path.join(self._tmp, "master.sock")
+        self.local_address = f"ipc://{socket_path}" if len(socket_path) <= MAX_SOCKET_PATH else ""
         if reserved is not None and not _keys_exist(self.keys_dir):  # the node reads them first
             reserved[0].close()  # and the master says what is wrong, as before
             reserved = None
@@ -105,6 +109,7 @@ class LocalCluster:
             # No tasks_dir: an empty folder of its own, not whatever ./tasks holds.
             "--tasks-dir", str(tasks_dir) if tasks_dir else os.path.join(self._tmp, "tasks"),
             "--package-grace", str(package_grace), "--no-banner",
+            "--local-socket", socket_path if self.local_address else "off",
             *(["--state-dir", str(state_dir)] if state_dir else ["--ephemeral"]),
             # A process killed outright (kill -9, a notebook kernel killed) runs no finalizer:
             # the master then sees its parent gone and stops, with its node and workers.
@@ -114,7 +119,7 @@ class LocalCluster:
             master_args.append("--restart-after-error")
         if cache_dir:
             master_args += ["--cache", str(cache_dir)]
-        env = dict(os.environ)
+        env = with_parent_pid()  # (the master ends with this process: --exit-with-parent)
         # Embedded in a script or a notebook: quiet, and readable where it does speak.
         env["ACTORS_LOG_LEVEL"] = log_level or os.environ.get("ACTORS_LOG_LEVEL") or "warning"
         env["ACTORS_LOG_FORMAT"] = log_format or os.environ.get("ACTORS_LOG_FORMAT") or "console"
@@ -131,7 +136,8 @@ class LocalCluster:
         try:
             node = local_node_command(f"tcp://{reserved[2]}:{reserved[1]}", self.workers,
                                       self.keys_dir, package_grace,
-                                      str(cache_dir) if cache_dir else None) if reserved else []
+                                      str(cache_dir) if cache_dir else None,
+                                      local=self.local_address) if reserved else []
             # Own session: a Ctrl-C meant for the notebook or script does not kill the cluster
             # half-way; close() (or the finalizer) stops it.
             self.process, self.forked = start_master(master_args, node, env, fork=fork)

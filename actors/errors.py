@@ -71,7 +71,8 @@ class KeyRefused(ConnectFailed):
 
 
 class InvalidAddress(ActorsError, ValueError):
-    """A master address that is not ``HOST:PORT`` or ``tcp://HOST:PORT``."""
+    """A master address that is not ``HOST:PORT`` or ``tcp://HOST:PORT`` (or, for a client on the
+    master's host, the ``ipc://PATH`` of a Unix socket)."""
 
     def __init__(self, address: str, reason: str) -> None:
         super().__init__(address, reason)

@@ -28,12 +28,49 @@ def default_keys_dir() -> str:
     return os.environ.get("ACTORS_KEYS") or str(Path.home() / ".pydra-actors" / "keys")
 
 
+#: The pid of the process that starts a local node, in the node's environment: the node ends
+#: with it (``--exit-with-parent``) even when it was killed before the node began to watch.
+PARENT_PID_ENV = "ACTORS_PARENT_PID"
+
+
+def with_parent_pid(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) saying that this process is the parent to watch."""
+    return dict(os.environ if env is None else env, **{PARENT_PID_ENV: str(os.getpid())})
+
+
 def local_node_command(address: str, workers: int, keys: str, package_grace: float,
-                       cache: str | None) -> list[str]:
-    """The command line of a master's local node (it exits when the master does)."""
+                       cache: str | None, local: str = "") -> list[str]:
+    """The command line of a master's local node (it exits when the master does); ``local``:
+    the master's ipc:// endpoint on this host, which the node connects to instead."""
     cmd = [sys.executable, "-m", "actors.node", "--master", address, "--workers", str(workers),
            "--keys", keys, "--exit-with-parent", "--package-grace", str(package_grace)]
+    if local:
+        cmd += ["--local-master", local]
     return cmd + ["--cache", cache] if cache else cmd
+
+
+#: The longest path a Unix socket may have here (``sun_path`` holds 108 bytes with its NUL);
+#: a master's own folder deeper than that gets no local socket, and its node goes by TCP.
+MAX_SOCKET_PATH = 100
+
+
+def local_endpoint(option: str | None, folder: str, *, starts_node: bool) -> str:
+    """The master's ipc:// endpoint for peers on its host ("" for none): ``--local-socket``'s
+    path, or, for the node a master starts itself, ``master.sock`` in its own folder. A message
+    through it costs both ends less than through TCP's loopback (no TCP stack; CURVE as on TCP)."""
+    if option == "off":
+        return ""
+    if option:
+        return f"ipc://{os.path.abspath(option)}"
+    path = os.path.join(folder, "master.sock")
+    return f"ipc://{path}" if starts_node and len(path) <= MAX_SOCKET_PATH else ""
+
+
+def local_master_arg(text: str) -> str:
+    """argparse's ``type`` for a node's ``--local-master``: an ipc:// endpoint."""
+    if not text.startswith("ipc://") or len(text) <= len("ipc://"):
+        raise argparse.ArgumentTypeError(f"not an ipc:// endpoint: {text!r}")
+    return text
 
 
 def stop_on_signals(stop: threading.Event) -> None:
@@ -41,10 +78,18 @@ def stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
-def watch_parent(stop: threading.Event, interval: float = 0.5) -> None:
-    """Set ``stop`` once the process that started this one is gone (``--exit-with-parent``:
-    a master started by ``python -m actors ssh`` must not outlive a launcher killed outright)."""
-    parent = os.getppid()
+def parent_pid() -> int:
+    """The process whose end ends this one (``--exit-with-parent``): the one that started it, as
+    it said in ``PARENT_PID_ENV`` (taken out of the environment: it is not a child's), else the
+    parent now. (Read as ``main`` begins; the parent may have been killed before that, and our
+    parent is then init or a subreaper already.)"""
+    return int(os.environ.pop(PARENT_PID_ENV, "") or 0) or os.getppid()
+
+
+def watch_parent(stop: threading.Event, parent: int, interval: float = 0.5) -> None:
+    """Set ``stop`` once ``parent`` (``parent_pid()``) is no longer this process's parent
+    (``--exit-with-parent``: a master started by ``python -m actors ssh`` or a ``LocalCluster``
+    must not outlive a launcher killed outright)."""
 
     def watch() -> None:
         while not stop.wait(interval):

@@ -35,8 +35,9 @@ _WORKER_MEMORY_SETTINGS = ("ACTORS_WORKER_MEMORY", "ACTORS_WORKER_PAUSE")
 # master's child, as with ``python -m actors.master``: argv[1] is the node's command line
 # (JSON), the rest the master's.
 _MASTER_FIRST_STARTS_NODE = (
-    "import json, subprocess, sys\n"
-    "node = subprocess.Popen(json.loads(sys.argv[1]), stdin=subprocess.DEVNULL)\n"
+    "import json, os, subprocess, sys\n"
+    "env = dict(os.environ, ACTORS_PARENT_PID=str(os.getpid()))  # (launch.PARENT_PID_ENV)\n"
+    "node = subprocess.Popen(json.loads(sys.argv[1]), stdin=subprocess.DEVNULL, env=env)\n"
     "from actors.forking import exit_now\n"
     "from actors.master import main\n"
     "exit_now(main(sys.argv[2:], local_node=node))\n"
@@ -82,6 +83,10 @@ def _run_master(node: list[str], master_args: list[str]) -> int:
 
 
 def _run_node(node: list[str]) -> int:
+    import os
+
+    from actors.launch import PARENT_PID_ENV
     from actors.node import main
 
+    os.environ[PARENT_PID_ENV] = str(os.getppid())  # (forked a moment ago: the master)
     return main(node[3:])  # what follows "python -m actors.node"

@@ -58,11 +58,14 @@ from actors.journal import RESULTS_BUFFERED, Journal, Restored, TaskRow
 from actors.launch import (
     default_keys_dir,
     ensure_keys_logged,
+    local_endpoint,
     local_node_command,
+    parent_pid,
     run_script,
     stop_on_signals,
     stop_process,
     watch_parent,
+    with_parent_pid,
     write_atomically,
 )
 from actors.master_backlog import LOW, WINDOW, Backlog, Held
@@ -1886,6 +1889,7 @@ def main(argv: list[str] | None = None, *,
                 local_node: ChildProcess | None = None) -> int:
     """``local_node``: this master's node, already started (``LocalCluster`` starts it at once,
     beside the master, with ``local_node_command``); the master stops it as its own."""
+    parent = parent_pid()  # whose end ends this master (--exit-with-parent): first of all
     parser = argparse.ArgumentParser(prog="python -m actors.master",
                                      description="Start a pydra-actors master (and a local node).")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
@@ -1907,6 +1911,11 @@ def main(argv: list[str] | None = None, *,
                         help="seconds an unused old package version is kept (master and local node)")
     parser.add_argument("--cache", default=None, help="the local node's package cache folder")
     parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--local-socket", default=None, metavar="PATH",
+                        help="also listen on this Unix socket (ipc://PATH), for the local node and "
+                             "clients on this host: keys are proved as on TCP, each message costs "
+                             "less (default: one in the master's own folder for the node it "
+                             "starts; 'off': none)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-banner", action="store_true",
                         help="do not print where the master listens (for embedding)")
@@ -2008,22 +2017,27 @@ def main(argv: list[str] | None = None, *,
     hub = Hub(on_frames, on_peer_gone=on_peer_gone, on_tick=on_tick, tick_s=0.25,
               on_batch=on_batch)
     max_message = message_bound(args.max_message)
+    local = local_endpoint(args.local_socket, state_path[0],
+                           starts_node=local_node is None and args.workers > 0)
     hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True,
-                   max_message=max_message + MESSAGE_SLACK if max_message else -1)
+                   max_message=max_message + MESSAGE_SLACK if max_message else -1,
+                   also_bind=local)
     try:
         hub.start()
     except Exception as exc:
-        log.error("cannot_listen", address=f"tcp://{args.host}:{args.port}", error=str(exc))
+        log.error("cannot_listen", address=f"tcp://{args.host}:{args.port}", local=local,
+                  error=str(exc))
         _stop_local_node(local_node)
         _close_state(state, state_path, temporary)
         return 2
     address = hub.address("peers")
+    local = hub.also_bound("peers")  # "" if its folder takes no Unix socket: TCP for all
     state.write_holder(address)
     stop = threading.Event()
     exit_code = [0]
 
     if args.exit_with_parent:
-        watch_parent(stop)
+        watch_parent(stop, parent)
 
     def crashed() -> None:
         exit_code[0] = 70  # EX_SOFTWARE: the scheduler hit a bug; the log has the traceback
@@ -2080,10 +2094,11 @@ def main(argv: list[str] | None = None, *,
     node: ChildProcess | None = local_node
     if node is None and args.workers > 0:
         node = subprocess.Popen(local_node_command(address, args.workers, keys, args.package_grace,
-                                                   args.cache), stdin=subprocess.DEVNULL)
+                                                   args.cache, local=local),
+                                stdin=subprocess.DEVNULL, env=with_parent_pid())
     if args.ready_file:
         write_atomically(args.ready_file, json.dumps({
-            "address": address, "pid": os.getpid(),
+            "address": address, "local_address": local, "pid": os.getpid(),
             "dashboard": dashboard.url if dashboard is not None else ""}))
     log.info("master_started", address=address, workers=args.workers, keys=keys,
              tasks_dir=os.path.abspath(args.tasks_dir), epoch=state.journal.epoch,
@@ -2098,7 +2113,7 @@ def main(argv: list[str] | None = None, *,
         )
         sys.stdout.flush()
     if args.run:
-        run_script(args.run, address, keys, stop, exit_code)
+        run_script(args.run, local or address, keys, stop, exit_code)
     restarts: list[float] = []
     while not stop.wait(NODE_WATCH_S):
         if node is not None and node.poll() is not None:
@@ -2142,7 +2157,7 @@ def _restart_local_node(node: ChildProcess, restarts: list[float]) -> ChildProce
         return None
     restarts.append(now)
     log.warning("local_node_restarted", exitcode=node.returncode, pid=node.pid)
-    return subprocess.Popen(node.args, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(node.args, stdin=subprocess.DEVNULL, env=with_parent_pid())
 
 
 def _close_state(state: StateDir, path: tuple[str, int], temporary: bool) -> None:

@@ -40,7 +40,13 @@ from actors import messages as m
 from actors.contain import WORKER_SCRIPT, Containment, Limits, Plan, parse_size
 from actors.errors import ActorsError, MalformedMessage, MessageTooLarge
 from actors.forking import exit_now
-from actors.launch import default_keys_dir, master_arg, stop_on_signals
+from actors.launch import (
+    default_keys_dir,
+    local_master_arg,
+    master_arg,
+    parent_pid,
+    stop_on_signals,
+)
 from actors.master_gate import MasterGate
 from actors.node_data import DataPlane
 from actors.node_results import HOLD_FILE, RESULTS, ResultStore
@@ -664,11 +670,16 @@ def _within_bound(frames: list[bytes], limit: int) -> list[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent = parent_pid()  # whose end ends this node (--exit-with-parent): first of all
     parser = argparse.ArgumentParser(prog="python -m actors.node",
                                      description="Join a pydra-actors master with this host's workers.")
     parser.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
                         required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
                         help="the master's address, HOST:PORT or tcp://HOST:PORT")
+    parser.add_argument("--local-master", default=None, type=local_master_arg,
+                        metavar="ipc://PATH",
+                        help="reach the master through its Unix socket on this host (its "
+                             "--local-socket) instead; --master still says where peers reach it")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keys", default=None, help="CURVE key directory")
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
@@ -721,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("cache_unreadable_by_workers", cache=args.cache,
                     hint="workers of their own uids must enter every folder on its path")
     config = NodeConfig(node_id, args.workers, f"ipc://{run_dir}/workers.sock", run_dir,
-                        exit_with_parent=args.exit_with_parent, containment=containment,
+                        exit_with_parent=args.exit_with_parent, parent_pid=parent,
+                        containment=containment,
                         master=args.master, connect_timeout=max(0.0, args.connect_timeout))
 
     def plan_for(scratch: str) -> Plan:
@@ -779,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     worker_pids: dict[str, int] = {}  # the Node actor keeps it; the result store reads it
     gate = MasterGate(log=log.bind(role="node", node_id=node_id))
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
-    hub.add_dealer("master", args.master, identity=node_id.encode(), curve=curve, monitor=True)
+    hub.add_dealer("master", args.local_master or args.master, identity=node_id.encode(),
+                   curve=curve, monitor=True)
     hub.add_router("workers", config.ipc_address, views=True)  # held results, data replies
     try:
         data = DataPlane(node_id, pair, run_dir, args.master, args.data_listen, args.data_address)
@@ -796,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hub.start()
     except Exception as exc:
-        log.error("cannot_connect", master=args.master, error=str(exc))
+        log.error("cannot_connect", master=args.local_master or args.master, error=str(exc))
         return give_up(forked)
     finally:
         if umask is not None:

@@ -201,7 +201,9 @@ class ActorsSession(Session):
             self.cluster = MultiNodeCluster(workers, workers_per_node)
         self.master_pid = self.cluster.pid
         with _closed_on_error(self.cluster):
-            self.client = Client(self.cluster.address, keys=self.cluster.keys_dir)
+            # As Client(cluster) connects (its Unix socket), without waiting for its workers.
+            self.client = Client(getattr(self.cluster, "local_address", "") or self.cluster.address,
+                                 keys=self.cluster.keys_dir)
         with _closed_on_error(self):
             if wait:
                 self.client.wait_for_workers(workers, timeout=CALL_TIMEOUT_S)

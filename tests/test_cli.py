@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -353,6 +354,26 @@ def test_ssh_with_bad_arguments_is_a_usage_error_before_anything_starts(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "usage: python -m actors ssh" in done.stderr
     assert not (tmp_path / "keys").exists()  # nothing started, not even keys made
+
+
+def test_a_local_node_whose_master_is_killed_as_it_starts_stops_too(tmp_path: Path) -> None:
+    """The master is killed outright while its node is still starting (before the node looks
+    at its parent): the node knows whose end to watch all the same, and stops."""
+    for attempt in range(3):
+        master, _ = start_master(tmp_path, "--workers", "1", "--keys", str(tmp_path / "keys"),
+                                 name=f"master{attempt}")
+        node: set[int] = wait_until(partial(descendants, master.pid), 30,  # type: ignore[assignment]
+                                    "the master's node")
+        os.kill(master.pid, signal.SIGKILL)
+        master.wait(10)
+        try:
+            wait_until(partial(_all_gone, node), 20, "the orphaned node to stop")
+        finally:
+            kill_all(node)
+
+
+def _all_gone(pids: set[int]) -> bool:
+    return not any(alive(pid) for pid in pids)
 
 
 def test_a_master_started_with_exit_with_parent_stops_when_its_parent_is_killed(

@@ -144,6 +144,7 @@ class _SocketSpec(msgspec.Struct, frozen=True):
     with_keys: bool = False  # a CURVE server that hands each sender's key over (see "Keys")
     views: bool = False  # large frames received as memoryviews, uncopied (see "Bulk data")
     max_message: int = -1  # a larger frame closes its sender's connection, unread (-1: none)
+    also_bind: str = ""  # a second endpoint of the same socket (the master's ipc:// for this host)
 
 
 class Outbox:
@@ -211,6 +212,7 @@ class Hub:
         self._tick_s = tick_s
         self._specs: list[_SocketSpec] = []
         self._addresses: dict[str, str] = {}
+        self._also_bound: dict[str, str] = {}  # a socket's second endpoint, once bound
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -238,16 +240,18 @@ class Hub:
     # --- configuration (before start) ---------------------------------------
 
     def add_router(self, name: str, address: str, *, curve: ServerCurve | None = None,
-                   with_keys: bool = False, views: bool = False, max_message: int = -1) -> None:
+                   with_keys: bool = False, views: bool = False, max_message: int = -1,
+                   also_bind: str = "") -> None:
         """A bound ROUTER socket (the master's TCP endpoint, the node's ipc endpoint). With
         ``with_keys`` (a CURVE server only) each frame list starts with the sender's key, and no
         connection may take over another's routing identity. ``views``: see "Bulk data".
         ``max_message`` (bytes, -1: none): ZeroMQ closes the connection of a peer whose frame is
-        larger as soon as its header says so, before reading or allocating it."""
+        larger as soon as its header says so, before reading or allocating it. ``also_bind``: a
+        second endpoint, with the same keys and bounds (``address()`` still names the first)."""
         if with_keys and curve is None:
             raise ValueError("with_keys needs CURVE: without it no key is proved")
         self._specs.append(_SocketSpec(name, zmq.ROUTER, address, True, None, curve, None, False,
-                                       with_keys, views, max_message))
+                                       with_keys, views, max_message, also_bind))
 
     def add_dealer(
         self,
@@ -316,6 +320,11 @@ class Hub:
     def address(self, name: str) -> str:
         """The endpoint a bound socket really got (the port, when asked for port 0)."""
         return self._addresses[name]
+
+    def also_bound(self, name: str) -> str:
+        """A bound socket's second endpoint (``add_router(also_bind=)``), "" when it could not
+        be bound (the socket serves on its first)."""
+        return self._also_bound.get(name, "")
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -491,6 +500,13 @@ class Hub:
             endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
             assert isinstance(endpoint, bytes)
             self._addresses[spec.name] = endpoint.decode()
+            if spec.also_bind:
+                try:
+                    sock.bind(spec.also_bind)
+                    self._also_bound[spec.name] = spec.also_bind
+                except zmq.ZMQError as exc:  # (a folder where no Unix socket can be made)
+                    log.warning("second_endpoint_not_bound", socket=spec.name,
+                                endpoint=spec.also_bind, error=str(exc))
         else:
             sock.connect(spec.address)
             self._addresses[spec.name] = spec.address
