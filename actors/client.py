@@ -588,14 +588,17 @@ class Client:
         return self._submit_all([self._prepare(task, args, kwargs, priority, retries)])[0]
 
     def _prepare(self, task: type[Task] | str | Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], priority: int, retries: int) -> _Prepared:
-        """One submission checked and its arguments pickled; nothing registered or sent yet."""
+                 kwargs: dict[str, Any], priority: int, retries: int,
+                 checked: bool = False) -> _Prepared:
+        """One submission checked and its arguments pickled; nothing registered or sent yet.
+        ``checked``: arguments of this shape (count, keywords) were found to fit already."""
         if isinstance(task, str):
             return self._prepare_deployed(task, args, kwargs, priority, retries)
         if callable(task) and not (isinstance(task, type) and issubclass(task, Task)):
-            check_function_arguments(task, args, kwargs)
+            if not checked:
+                check_function_arguments(task, args, kwargs)
             task = function_task(task)
-        else:
+        elif not checked:
             check_arguments(task, args, kwargs)
         code_hash, code = self._code_of(task)
         task_id = _task_ids.new(task.__name__)
@@ -700,8 +703,10 @@ class Client:
         _check_options(priority, retries)
         # Every item is checked, pickled and held to the master's bound before any is sent:
         # one that is refused leaves no task of the others running without a future to it.
-        return self._submit_all([self._prepare(task, items, kwargs, priority, retries)
-                                 for items in zip(*iterables, strict=False)])
+        # (Their shape is one: as many arguments, the same keywords. Checked once, as the
+        # first item's: the checks bind names, not values, and cost the most of each item.)
+        return self._submit_all([self._prepare(task, items, kwargs, priority, retries, i > 0)
+                                 for i, items in enumerate(zip(*iterables, strict=False))])
 
     def scatter(self, data: Any, hash: bool = True, timeout: float = 60.0) -> Any:
         """Put ``data`` on the cluster once, for tasks to take as an argument: its future (a

@@ -68,7 +68,8 @@ def dumps(obj: Any) -> bytes:
 def dumps_scalar_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes | None:
     """``dumps((args, kwargs))`` of a call whose arguments are all scalars (no future can be
     among them), the same bytes, made without looking inside again; None for any other call."""
-    if kwargs or len(args) > 64 or not all(type(arg) in _SCALARS for arg in args):
+    if (len(args) > 64 or len(kwargs) > 64 or not all(type(arg) in _SCALARS for arg in args)
+            or (kwargs and not all(type(value) in _SCALARS for value in kwargs.values()))):
         return None
     return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
 
