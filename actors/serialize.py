@@ -263,14 +263,29 @@ def _is_user_module(module: ModuleType) -> bool:
 # --- exceptions -------------------------------------------------------------
 
 
+#: Characters of an exception's message, and of each part of its traceback, that go as text
+#: beside the pickled exception (which keeps its whole message): a message of hundreds of MiB
+#: would otherwise cross three times (pickled, as the message, as the traceback's last line),
+#: count three times against the master's message bound, and stay in the task's story.
+MAX_DESCRIBED_CHARS = 64 * 1024
+
+
+def _capped(text: str) -> str:
+    if len(text) <= MAX_DESCRIBED_CHARS:
+        return text
+    end = "\n" if text.endswith("\n") else ""
+    return f"{text[:MAX_DESCRIBED_CHARS]}... ({len(text) - MAX_DESCRIBED_CHARS:,} more characters){end}"
+
+
 def describe_exception(exc: BaseException, where: str = "") -> tuple[bytes, str, str, str]:
     """(pickled exception or b"", type name, message, formatted traceback) of a raised exception.
 
     The traceback starts at the user's code: the runtime's own frames above it say nothing
-    to whoever wrote the task. ``where`` (e.g. "in get_work") heads it."""
+    to whoever wrote the task. ``where`` (e.g. "in get_work") heads it. The message and each
+    part of the traceback are cut at ``MAX_DESCRIBED_CHARS`` (the pickled exception is whole)."""
     # lookup_lines=False: the lines of the frames kept are read when formatted, not all stat()ed.
     tb = traceback.TracebackException.from_exception(exc, lookup_lines=False)
-    text = "".join(_user_frames(tb).format())
+    text = "".join(map(_capped, _user_frames(tb).format()))
     for filename, label in _FILE_LABELS.items():
         text = text.replace(f'File "{filename}", line', f"{label}, line")
     if where:
@@ -286,7 +301,7 @@ def describe_exception(exc: BaseException, where: str = "") -> tuple[bytes, str,
             break
         except Exception:
             payload = b""
-    return payload, type_name, str(exc), text
+    return payload, type_name, _capped(str(exc)), text
 
 
 _RUNTIME_DIR = str(Path(__file__).resolve().parent)

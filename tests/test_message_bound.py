@@ -20,7 +20,7 @@ from actors import messages as m
 from actors.errors import InvalidArguments, LargePayloadWarning, MessageTooLarge
 from actors.master_gate import MasterGate
 from actors.node import relay_frames
-from actors.serialize import dumps, loads
+from actors.serialize import MAX_DESCRIBED_CHARS, describe_exception, dumps, loads
 from actors.unit_runner import Ran, UnitRunner
 from tests.conftest import kill_all, start_master, wait_until
 from transport.keys import load_keypair, load_public_key
@@ -180,6 +180,35 @@ def test_a_task_whose_failure_is_past_the_bound_fails_with_that_said(tmp_path: P
     finally:
         kill_all({master.pid})
         master.wait(10)
+
+
+@pytest.mark.processes
+def test_a_long_message_crosses_once_and_the_user_gets_it_whole(tmp_path: Path) -> None:
+    """An exception with a 30 MiB message goes once as the pickled exception, its message and
+    traceback as text cut short beside it: under --max-message 64 (three copies would be 90
+    MiB) the client raises it with its message whole, and the story keeps a short cause."""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "1", "--keys", str(keys),
+                                   "--max-message", "64")
+    try:
+        with Client(address, keys=keys) as client:
+            failed = client.submit(LongError, 30 * MIB)
+            error = failed.exception(timeout=60)
+            assert isinstance(error, ValueError), error
+            message = str(error)
+            assert message.startswith("x" * (30 * MIB)) and "Remote traceback" in message
+            assert len(message) < 30 * MIB + 2 * MAX_DESCRIBED_CHARS  # not twice over
+            assert "more characters" in message  # (the traceback's last line, cut)
+    finally:
+        kill_all({master.pid})
+        master.wait(10)
+
+
+def test_a_described_exception_cuts_its_text_not_its_payload() -> None:
+    payload, _, message, text = describe_exception(ValueError("y" * (MAX_DESCRIBED_CHARS + 10)))
+    assert len(loads(payload).args[0]) == MAX_DESCRIBED_CHARS + 10
+    assert message.endswith("... (10 more characters)")
+    assert text.endswith(" more characters)\n") and len(text) < 2 * MAX_DESCRIBED_CHARS
 
 
 class Coded(Task):
