@@ -51,6 +51,7 @@ from actors.core.worker_slot import (
     HOSTING,
     IDLE,
     LOADING,
+    SLOT_TEXT,
     Slot,
     WorkerSlot,
 )
@@ -390,8 +391,8 @@ class Worker(HubShell):
         """The one way the slot's state changes (checked against worker_slot.TRANSITIONS)."""
         start = self.slot.state
         why = self.slot.move(finish, task_id)
-        self.log.debug("slot_changed", task_id=task_id, start=start.value, finish=finish.value,
-                       why=why)
+        self.log.debug("slot_changed", task_id=task_id, start=SLOT_TEXT[start],
+                       finish=SLOT_TEXT[finish], why=why)
 
     def _start(self, msg: m.AssignTask) -> None:
         """The next task: begun at once if its code is here, or once it has come."""

@@ -62,6 +62,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 import msgspec
 import structlog
@@ -99,6 +100,10 @@ _VIEW_BYTES = 64 << 10
 _NO_VIEWS = sys.maxsize
 #: On other sockets, the least a frame is sent without a copy from (see "Bulk data").
 _ZERO_COPY_BYTES = 1 << 20
+# ZeroMQ's flags as plain ints: pyzmq's are enum.IntFlag, and an operation on one (a flag
+# or'ed, EVENTS and'ed with POLLIN) makes a new enum member, ~1 us each, several per message.
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_POLLIN, _EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
 _ANY_KEY_DOMAIN = "any-key"  # the ZAP domain of sockets that admit every CURVE key
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 # (a monitored dealer pings its server alike, so a node notices a cut link as its master does)
@@ -581,7 +586,7 @@ class Hub:
         through the socket's mailbox, on every message): another one waiting makes the next
         poll return at once."""
         try:
-            woken = pull.recv(zmq.NOBLOCK)
+            woken = pull.recv(_NOBLOCK)
         except zmq.Again:
             return True
         if woken == _STOP:
@@ -642,9 +647,12 @@ class Hub:
         try:
             # A large body goes without a copy: ZeroMQ reads it from the bytes object itself.
             least = _VIEW_BYTES if name in self._views else _ZERO_COPY_BYTES
-            sock.send_multipart(frames, zmq.NOBLOCK,
-                                copy=len(frames) < 3 and len(frames[-1]) < least
-                                or max(map(len, frames)) < least)
+            copy = len(frames) < 3 and len(frames[-1]) < least or max(map(len, frames)) < least
+            # (send_multipart, without its per-part checks and enum flags: the parts a
+            # message's first was taken with are always taken)
+            for part in frames[:-1]:
+                sock.send(part, _NOBLOCK | _SNDMORE, copy=copy)
+            sock.send(frames[-1], _NOBLOCK, copy=copy)
             return True
         except zmq.ZMQError as exc:
             # A peer that left (EHOSTUNREACH: a client that said Bye, a worker gone; expected,
@@ -671,7 +679,7 @@ class Hub:
             # is copied out (it asks the socket for RCVMORE after each), and a large part can
             # stay uncopied (``views``).
             try:
-                frame = sock.recv(zmq.NOBLOCK, copy=False)
+                frame = sock.recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             limit = _VIEW_BYTES if views else _NO_VIEWS
@@ -788,7 +796,7 @@ def _key_bytes(key: str | int | None) -> bytes:
 
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:
-    return bool(int(sock.get(zmq.EVENTS)) & zmq.POLLIN)
+    return bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
 
 
 def _quiet_logger() -> object:

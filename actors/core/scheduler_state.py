@@ -237,6 +237,10 @@ QueueEntry = tuple[int, int, int, int, str, float, int, str]
 # How to undo the changes the hot paths record per batch (see Undo). A reversal is recorded
 # after its change, or before it with a list the loop fills once each change is made.
 
+#: A submitted kind's text -> the kind (``TaskKind(text)`` is a Python-level lookup per submit).
+_TASK_KINDS: dict[str, TaskKind] = {kind.value: kind for kind in TaskKind}
+
+
 def _unpush(queue: list[QueueEntry], entry: QueueEntry) -> None:
     queue.remove(entry)
     heapq.heapify(queue)
@@ -594,7 +598,7 @@ class SchedulerState:
     def _check(self, event: Event) -> None:
         """Refuse, before any change, the events whose fields the handlers take on trust."""
         match event:
-            case TaskSubmitted(kind=kind) if kind not in TaskKind.__members__.values():
+            case TaskSubmitted(kind=kind) if kind not in _TASK_KINDS:
                 raise InvalidEvent(event, f"unknown task kind {kind!r}")
             case UnitsSliced(units=units):
                 for unit in units:
@@ -765,7 +769,7 @@ class SchedulerState:
         # afresh (~190 bytes a task): one copy of each, kept while a task names it.
         task = TaskRecord(
             task_id=event.task_id, client_id=event.client_id, name=sys.intern(event.name),
-            kind=TaskKind(event.kind), code=event.code, args=event.args,
+            kind=_TASK_KINDS[event.kind], code=event.code, args=event.args,
             priority=event.priority, seq=next(self._seq), package=sys.intern(event.package),
             version=sys.intern(event.version), retries=max(0, event.retries),
             code_hash=sys.intern(event.code_hash), owner=event.owner,

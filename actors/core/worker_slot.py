@@ -54,6 +54,8 @@ class Slot(enum.Enum):
 
 IDLE, LOADING, FAILED = Slot.IDLE, Slot.LOADING, Slot.FAILED
 HOSTING, HELPING, DRIVING = Slot.HOSTING, Slot.HELPING, Slot.DRIVING
+#: Each state's text (``Slot.X.value`` is a property call, twice per change of a warm worker).
+SLOT_TEXT = {state: state.value for state in Slot}
 #: The states that hold a task instance whose units this worker runs.
 HOLDS_INSTANCE = frozenset({HOSTING, HELPING, DRIVING})
 
@@ -101,6 +103,6 @@ class WorkerSlot:
             raise InvalidTransition(
                 f"worker slot ({self.task_id} -> {task_id})", start.value, finish.value,
                 list(self.story))
-        self.story.append((task_id or self.task_id, start.value, finish.value))
+        self.story.append((task_id or self.task_id, SLOT_TEXT[start], SLOT_TEXT[finish]))
         self.state, self.task_id = finish, task_id
         return why
