@@ -91,6 +91,7 @@ def snapshot(state: SchedulerState) -> dict[str, object]:
 
 class SchedulerMachine(RuleBasedStateMachine):
     faults = False  # plant a fault in every event first (FaultyScheduler)
+    plain = False  # every unit plain (no keep, no dependencies): a slicer's usual batches
 
     def __init__(self) -> None:
         super().__init__()
@@ -278,7 +279,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         count = data.draw(st.integers(0, total - start))
         self.sliced[task_id] = start + count
-        units = [unit_call(i) for i in range(start, start + count)]
+        units = [unit_call(i, self.plain) for i in range(start, start + count)]
         self.feed(ev.UnitsSliced(self.now, driver, task_id, units, start + count == total))
         self.flush()
 
@@ -479,7 +480,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             for driver, task_id in self.busy_drivers():
                 task = self.state.tasks[task_id]
                 if task.kind == "parallel" and not task.units.sliced_all:
-                    units = [unit_call(i) for i in range(self.sliced[task_id], self.units[task_id])]
+                    units = [unit_call(i, self.plain) for i in range(self.sliced[task_id], self.units[task_id])]
                     self.sliced[task_id] = self.units[task_id]
                     self.feed(ev.UnitsSliced(self.now, driver, task_id, units, True))
             while self.steals:
@@ -507,9 +508,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(self.reports.get(task_id, [])) == 1
             if task.state == "done" and task.kind == "parallel":
                 # The last driver got each result exactly once, computed or replayed ...
-                inline = [i for i in range(self.units[task_id]) if i % 3 != 0]
+                inline = [i for i in range(self.units[task_id]) if self.plain or i % 3 != 0]
                 assert sorted(self.recorded.get(task_id, [])) == inline
-                assert self.held.get(task_id, set()) == set(range(0, self.units[task_id], 3))
+                kept = set() if self.plain else set(range(0, self.units[task_id], 3))
+                assert self.held.get(task_id, set()) == kept
                 # ... and a unit whose result was journaled never ran to completion again,
                 # driver restarts included, unless a replay could not answer for it.
                 counts = Counter(self.journaled.get(task_id, []))
@@ -517,8 +519,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert all(n == 1 or i in rerun for i, n in counts.items()), counts
 
 
-def unit_call(index: int) -> UnitCall:
-    """Every third unit is kept; the unit two after a kept one depends on it."""
+def unit_call(index: int, plain: bool = False) -> UnitCall:
+    """Every third unit is kept; the unit two after a kept one depends on it (unless
+    ``plain``: then none is, and a batch is opened whole, ``UnitBook.open_fresh``)."""
+    if plain:
+        return UnitCall(index, b"")
     deps = [index - 2] if index % 3 == 2 else []
     return UnitCall(index, b"", deps, keep=index % 3 == 0)
 
@@ -542,3 +547,21 @@ class FaultyScheduler(SchedulerMachine):
 FaultyScheduler.TestCase.settings = settings(max_examples=100, stateful_step_count=25,
                                              deadline=None)
 test_a_fault_anywhere_in_handle_changes_nothing = FaultyScheduler.TestCase
+
+
+class PlainUnitsScheduler(SchedulerMachine):
+    plain = True
+
+
+PlainUnitsScheduler.TestCase.settings = settings(max_examples=100, stateful_step_count=40,
+                                                 deadline=None)
+test_plain_units_under_random_events = PlainUnitsScheduler.TestCase
+
+
+class FaultyPlainUnitsScheduler(SchedulerMachine):
+    faults = plain = True
+
+
+FaultyPlainUnitsScheduler.TestCase.settings = settings(max_examples=60, stateful_step_count=25,
+                                                       deadline=None)
+test_a_fault_anywhere_with_plain_units_changes_nothing = FaultyPlainUnitsScheduler.TestCase

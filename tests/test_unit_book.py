@@ -234,3 +234,25 @@ def test_the_shared_book_sees_any_container_changed_in_place(field: str) -> None
         container.append(UnitCall(0, b"a"))
     with pytest.raises(AssertionError, match="shared book has units"):
         book.check_empty()
+
+
+def test_a_fresh_batch_opens_whole_as_one_by_one_and_anything_else_is_left_to_open() -> None:
+    one_by_one, whole = UnitBook(), UnitBook()
+    batch = [UnitCall(i, b"x") for i in range(5, 9)]
+    for unit in batch:
+        one_by_one.open(unit)
+    opened: list[tuple[UnitCall, UnitCall | None]] = []
+    assert whole.open_fresh(batch, opened)
+    assert whole.open_units == one_by_one.open_units and whole.pending == one_by_one.pending
+    whole.validate([], finished=False)
+    whole.unopen(opened)
+    assert not whole.open_units and not whole.pending
+    # Not fresh: a unit named twice, one open already, one journaled, one kept or with inputs.
+    book = UnitBook()
+    book.open(UnitCall(3, b"x"))
+    book.set_journaled(20, True)
+    for refused in ([UnitCall(1, b"x"), UnitCall(1, b"y")], [UnitCall(2, b"x"), UnitCall(3, b"x")],
+                    [UnitCall(19, b"x"), UnitCall(20, b"x")], [UnitCall(4, b"x", keep=True)],
+                    [UnitCall(5, b"x", [3])]):
+        assert not book.open_fresh(refused, opened)
+    assert list(book.open_units) == [3] and [u.index for u in book.pending] == [3]

@@ -896,7 +896,7 @@ class SchedulerState:
         # (a unit past the bitmap's end is not journaled: most of a first slicing)
         journaled, beyond = units.journaled, len(units.journaled) << 3
         open_units = units.open_units
-        for unit in event.units:
+        for unit in () if units.open_fresh(event.units, opened) else event.units:
             index = unit.index
             if index < beyond and journaled[index >> 3] >> (index & 7) & 1:
                 replay.append(unit)  # finished before the driver restarted

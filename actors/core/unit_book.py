@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from actors.core.undo import Undo
 from actors.messages import UnitCall
@@ -89,6 +90,25 @@ class UnitBook:
             self.blocked[index] = unit
         if opened is not None:
             opened.append((unit, replaced))
+
+    def open_fresh(self, units: list[UnitCall], opened: Opened) -> bool:
+        """``open`` of a whole batch at once when it is a slicer's usual one: every unit plain
+        (no dependencies, not kept), none open, none journaled. False, nothing done, otherwise
+        (the caller opens them one by one). ~3x cheaper per unit than ``open`` each."""
+        if any(unit.deps or unit.keep for unit in units):
+            return False
+        indices = [unit.index for unit in units]
+        distinct = set(indices)  # (a batch naming a unit twice opens it once, one by one)
+        if len(distinct) != len(indices) or not self.open_units.keys().isdisjoint(distinct):
+            return False
+        journaled, beyond = self.journaled, len(self.journaled) << 3
+        if self.journaled_count and any(
+                i < beyond and journaled[i >> 3] >> (i & 7) & 1 for i in indices):
+            return False
+        self.open_units.update(zip(indices, units, strict=True))
+        self.pending.extend(units)
+        opened.extend(zip(units, repeat(None)))  # (for unopen)
+        return True
 
     def unopen(self, opened: Opened) -> None:
         """Undo ``open`` of these units, the latest first (an undo log runs backwards)."""
