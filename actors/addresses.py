@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 
 from actors.errors import InvalidAddress
@@ -42,11 +43,25 @@ def client_address(address: str) -> str:
         if not path.startswith("/"):
             raise InvalidAddress(address, "an ipc:// address is an absolute path (the master's "
                                           "--local-socket)")
-        if not stat.S_ISSOCK(_mode(path)):  # (TCP cannot tell so soon; a Unix socket can)
+        # (TCP cannot tell so soon that no master is there; a Unix socket can)
+        if not stat.S_ISSOCK(_mode(path)):
             raise InvalidAddress(address, "no Unix socket is there (a master's --local-socket, "
                                           "on this host)")
+        if not _listened_on(path):
+            raise InvalidAddress(address, "no master listens on that socket any more")
         return text
     return master_address(address)
+
+
+def _listened_on(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True  # (not ours to judge: ZeroMQ will say, or time out)
+    return True
 
 
 def _mode(path: str) -> int:

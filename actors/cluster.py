@@ -18,7 +18,7 @@ import structlog
 from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.errors import ActorsError
 from actors.forking import ChildProcess
-from actors.launch import MAX_SOCKET_PATH, local_node_command, with_parent_pid
+from actors.launch import fits_socket_path, local_node_command, with_parent_pid
 from actors.local_start import start_master
 
 log = structlog.get_logger("actors.cluster")
@@ -98,7 +98,7 @@ class LocalCluster:
         # The node and clients on this host reach the master through a Unix socket in this
         # private folder (cheaper per message than TCP's loopback; keys proved the same way).
         socket_path = os.path.join(self._tmp, "master.sock")
-        self.local_address = f"ipc://{socket_path}" if len(socket_path) <= MAX_SOCKET_PATH else ""
+        self.local_address = f"ipc://{socket_path}" if fits_socket_path(socket_path) else ""
         if reserved is not None and not _keys_exist(self.keys_dir):  # the node reads them first
             reserved[0].close()  # and the master says what is wrong, as before
             reserved = None

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -61,9 +63,37 @@ def local_endpoint(option: str | None, folder: str, *, starts_node: bool) -> str
     if option == "off":
         return ""
     if option:
-        return f"ipc://{os.path.abspath(option)}"
+        return f"ipc://{os.path.abspath(option.removeprefix('ipc://'))}"
     path = os.path.join(folder, "master.sock")
-    return f"ipc://{path}" if starts_node and len(path) <= MAX_SOCKET_PATH else ""
+    return f"ipc://{path}" if starts_node and fits_socket_path(path) else ""
+
+
+def fits_socket_path(path: str) -> bool:
+    return len(os.fsencode(path)) <= MAX_SOCKET_PATH
+
+
+def claim_socket_path(path: str) -> str:
+    """Why ``path`` may not become this master's socket ("" when it may: nothing is there, or
+    a socket no one listens on any more, removed now). ZeroMQ removes whatever is at the path
+    before it binds: a file, or the socket of another master, which would then lose its peers
+    on this host to this one without a word."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISSOCK(mode):
+        return "something that is not a socket is there"
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:  # left by a master that stopped (kill -9)
+            os.unlink(path)
+            return ""
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return "another process listens there (another master?)"
 
 
 def local_master_arg(text: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -76,17 +77,17 @@ def start_master(master_args: list[str], node: list[str], env: dict[str, str], *
 def _run_master(node: list[str], master_args: list[str]) -> int:
     """In the forked child, what ``_MASTER_FIRST_STARTS_NODE`` does in a fresh interpreter: the
     node forked first (this child runs one thread yet), then the master's main."""
-    local_node = fork_call(functools.partial(_run_node, node), args=node) if node else None
+    master = os.getpid()  # (read here: the node may run after this process was killed)
+    local_node = (fork_call(functools.partial(_run_node, node, master), args=node)
+                  if node else None)
     from actors.master import main
 
     return main(master_args, local_node=local_node)
 
 
-def _run_node(node: list[str]) -> int:
-    import os
-
+def _run_node(node: list[str], master: int) -> int:
     from actors.launch import PARENT_PID_ENV
     from actors.node import main
 
-    os.environ[PARENT_PID_ENV] = str(os.getppid())  # (forked a moment ago: the master)
+    os.environ[PARENT_PID_ENV] = str(master)
     return main(node[3:])  # what follows "python -m actors.node"

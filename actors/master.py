@@ -8,6 +8,7 @@ scheduler's instructions into messages. It never unpickles user payloads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -56,6 +57,7 @@ from actors.errors import (
 from actors.forking import ChildProcess, exit_now
 from actors.journal import RESULTS_BUFFERED, Journal, Restored, TaskRow
 from actors.launch import (
+    claim_socket_path,
     default_keys_dir,
     ensure_keys_logged,
     local_endpoint,
@@ -2019,6 +2021,10 @@ def main(argv: list[str] | None = None, *,
     max_message = message_bound(args.max_message)
     local = local_endpoint(args.local_socket, state_path[0],
                            starts_node=local_node is None and args.workers > 0)
+    if local and (refused := claim_socket_path(local.removeprefix("ipc://"))):
+        log.warning("local_socket_refused", path=local.removeprefix("ipc://"), reason=refused,
+                    hint="peers on this host connect by TCP")
+        local = ""
     hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True,
                    max_message=max_message + MESSAGE_SLACK if max_message else -1,
                    also_bind=local)
@@ -2113,7 +2119,7 @@ def main(argv: list[str] | None = None, *,
         )
         sys.stdout.flush()
     if args.run:
-        run_script(args.run, local or address, keys, stop, exit_code)
+        run_script(args.run, address, keys, stop, exit_code)
     restarts: list[float] = []
     while not stop.wait(NODE_WATCH_S):
         if node is not None and node.poll() is not None:
@@ -2125,6 +2131,9 @@ def main(argv: list[str] | None = None, *,
         stop_process(node, grace=10.0)
     pykka.ActorRegistry.stop_all(timeout=5)
     hub.stop()
+    if local:  # (ZeroMQ leaves the file: the next master would take it for another's)
+        with contextlib.suppress(OSError):
+            os.unlink(local.removeprefix("ipc://"))
     if metrics is not None:
         metrics.close()
     if dashboard is not None:

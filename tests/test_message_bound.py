@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import zmq
 
 from actors import Client, Task
 from actors import messages as m
-from actors.errors import InvalidArguments, LargePayloadWarning, MessageTooLarge
+from actors.errors import LargePayloadWarning, MessageTooLarge
 from actors.master_gate import MasterGate
 from actors.node import relay_frames
 from actors.serialize import MAX_DESCRIBED_CHARS, describe_exception, dumps, loads
@@ -61,8 +62,8 @@ def test_a_client_refuses_a_message_the_master_would_not_read(tmp_path: Path) ->
 
 @pytest.mark.processes
 def test_a_map_with_one_item_refused_sends_none_of_them(tmp_path: Path) -> None:
-    """``client.map`` is all or none: an item past the bound (or not fitting the task) raises
-    before any item is sent, so no task runs that the caller holds no future to."""
+    """``client.map`` is all or none: an item past the bound (or one that does not pickle)
+    raises before any item is sent, so no task runs that the caller holds no future to."""
     keys = tmp_path / "keys"
     master, address = start_master(tmp_path, "--workers", "1", "--keys", str(keys),
                                    "--max-message", "64", "--max-key-memory", "0")
@@ -71,9 +72,9 @@ def test_a_map_with_one_item_refused_sends_none_of_them(tmp_path: Path) -> None:
             items = [b"a", b"bc", bytes(70 * MIB), b"d"]
             with pytest.raises(MessageTooLarge, match="--max-message"):
                 client.map(Size, items)
-            with pytest.raises(InvalidArguments):
-                client.map(Size, [b"a", b"b"], [1, 2])  # two arguments to a one-argument work
-            assert not client._futures and not client._unaccepted
+            with pytest.raises(Exception, match="lock"):
+                client.map(Size, [b"a", threading.Lock(), b"c"])  # the second does not pickle
+            assert not client._unaccepted
             assert client.tasks() == []  # the master never heard of any of them
             futures = client.map(Size, [b"a", b"bc", bytes(MIB)])
             assert [f.result(timeout=60) for f in futures] == [1, 2, MIB]

@@ -211,3 +211,30 @@ def test_large_frames_arrive_whole_and_as_views_only_where_asked(tmp_path: Path,
             assert isinstance(frame, memoryview) and frame.readonly
         else:
             assert type(frame) is bytes
+
+
+def test_a_part_that_cannot_be_sent_leaves_no_message_half_sent() -> None:
+    """The hub sends a message's parts one by one: one refused after the first would leave the
+    message open, and the next one sent would join it, on a ROUTER to the first one's peer."""
+    import types
+
+    ctx = zmq.Context()
+    try:
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.bind("inproc://half-sent")
+        peers = {}
+        for name in (b"alice", b"bob"):
+            peers[name] = ctx.socket(zmq.DEALER)
+            peers[name].setsockopt(zmq.IDENTITY, name)
+            peers[name].connect("inproc://half-sent")
+            peers[name].send(b"hello")
+            router.recv_multipart()
+        hub = types.SimpleNamespace(_views=set())  # what Hub._send reads of its hub
+        with pytest.raises(TypeError):
+            Hub._send(hub, b"peers", router, [b"alice", "not bytes"])  # type: ignore[arg-type]
+        assert Hub._send(hub, b"peers", router, [b"bob", b"for bob"])  # type: ignore[arg-type]
+        assert peers[b"bob"].poll(5000) and peers[b"bob"].recv_multipart() == [b"for bob"]
+        assert not peers[b"alice"].poll(100)
+    finally:
+        ctx.destroy(linger=0)

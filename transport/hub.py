@@ -104,6 +104,7 @@ _ZERO_COPY_BYTES = 1 << 20
 # or'ed, EVENTS and'ed with POLLIN) makes a new enum member, ~1 us each, several per message.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _POLLIN, _EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
+_SENDABLE = frozenset({bytes, memoryview, zmq.Frame})  # what the hub's own parts are
 _ANY_KEY_DOMAIN = "any-key"  # the ZAP domain of sockets that admit every CURVE key
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 # (a monitored dealer pings its server alike, so a node notices a cut link as its master does)
@@ -648,8 +649,13 @@ class Hub:
             # A large body goes without a copy: ZeroMQ reads it from the bytes object itself.
             least = _VIEW_BYTES if name in self._views else _ZERO_COPY_BYTES
             copy = len(frames) < 3 and len(frames[-1]) < least or max(map(len, frames)) < least
-            # (send_multipart, without its per-part checks and enum flags: the parts a
-            # message's first was taken with are always taken)
+            if not _SENDABLE.issuperset(map(type, frames)):
+                # Checked before the first part leaves: a part refused after it would leave the
+                # message open, and the next one sent would join it (to this peer).
+                sock.send_multipart(frames, _NOBLOCK, copy=copy)  # raises TypeError, unsent
+                return True
+            # (send_multipart, without its enum flags: the parts a message's first was taken
+            # with are always taken)
             for part in frames[:-1]:
                 sock.send(part, _NOBLOCK | _SNDMORE, copy=copy)
             sock.send(frames[-1], _NOBLOCK, copy=copy)
