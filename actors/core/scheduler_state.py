@@ -234,12 +234,12 @@ K = TypeVar("K")
 # them, then its submission order and its id.
 QueueEntry = tuple[int, int, int, int, str, float, int, str]
 
-# How to undo the changes the hot paths record per batch (see Undo). A reversal is recorded
-# after its change, or before it with a list the loop fills once each change is made.
-
 #: A submitted kind's text -> the kind (``TaskKind(text)`` is a Python-level lookup per submit).
 _TASK_KINDS: dict[str, TaskKind] = {kind.value: kind for kind in TaskKind}
 
+
+# How to undo the changes the hot paths record per batch (see Undo). A reversal is recorded
+# after its change, or before it with a list the loop fills once each change is made.
 
 def _unpush(queue: list[QueueEntry], entry: QueueEntry) -> None:
     queue.remove(entry)
