@@ -47,21 +47,26 @@ def client_address(address: str) -> str:
         if not stat.S_ISSOCK(_mode(path)):
             raise InvalidAddress(address, "no Unix socket is there (a master's --local-socket, "
                                           "on this host)")
-        if not _listened_on(path):
+        if probe_unix_socket(path) == STALE:
             raise InvalidAddress(address, "no master listens on that socket any more")
         return text
     return master_address(address)
 
 
-def _listened_on(path: str) -> bool:
+LISTENING, STALE = "listening", "stale"
+
+
+def probe_unix_socket(path: str) -> str:
+    """Whether a process listens on the Unix socket at ``path`` (``LISTENING``), none does any
+    more (``STALE``: the file a process killed outright leaves), or what else a connect met."""
     with socket.socket(socket.AF_UNIX) as probe:
         try:
             probe.connect(path)
         except ConnectionRefusedError:
-            return False
-        except OSError:
-            return True  # (not ours to judge: ZeroMQ will say, or time out)
-    return True
+            return STALE
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return LISTENING
 
 
 def _mode(path: str) -> int:

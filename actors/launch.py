@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from actors.addresses import master_address
+from actors.addresses import LISTENING, STALE, master_address, probe_unix_socket
 from actors.errors import InvalidAddress
 from actors.forking import ChildProcess
 from transport import ensure_keys
@@ -85,15 +84,11 @@ def claim_socket_path(path: str) -> str:
         return exc.strerror or str(exc)
     if not stat.S_ISSOCK(mode):
         return "something that is not a socket is there"
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:  # left by a master that stopped (kill -9)
-            os.unlink(path)
-            return ""
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return "another process listens there (another master?)"
+    found = probe_unix_socket(path)
+    if found == STALE:  # left by a master that stopped (kill -9)
+        os.unlink(path)
+        return ""
+    return "another process listens there (another master?)" if found == LISTENING else found
 
 
 def local_master_arg(text: str) -> str:
