@@ -1,6 +1,7 @@
 """Peers on the master's host reach it through a Unix socket (``--local-socket``): a
-LocalCluster's node and clients, the node a master starts itself, a ``--run`` script. Keys are
-proved there as on TCP; where no socket can be made, everyone goes by TCP as before."""
+LocalCluster's node and clients, the node a master starts itself, a client naming the path.
+Keys are proved there as on TCP; where no socket can be made, or something lives at the path
+already, everyone goes by TCP as before; a ``--run`` script keeps the TCP address."""
 
 from __future__ import annotations
 
@@ -48,16 +49,16 @@ def test_a_local_clusters_node_and_client_reach_the_master_through_its_socket() 
 
 @pytest.mark.processes
 def test_a_client_names_the_socket_and_its_key_is_proved_there(tmp_path: Path) -> None:
-    keys, socket = tmp_path / "keys", tmp_path / "m.sock"
+    keys, path = tmp_path / "keys", tmp_path / "m.sock"
     master, _ = start_master(tmp_path, "--workers", "1", "--keys", str(keys),
-                             "--local-socket", str(socket))
+                             "--local-socket", str(path))
     try:
-        with Client(f"ipc://{socket}", keys=keys) as client:
+        with Client(f"ipc://{path}", keys=keys) as client:
             assert client.submit(Square, 3).result(timeout=30) == 9
         stranger = init_keys(tmp_path / "stranger")
         (stranger / "master.key").write_bytes((keys / "master.key").read_bytes())
         with pytest.raises(KeyRefused):
-            Client(f"ipc://{socket}", keys=stranger, timeout=20)
+            Client(f"ipc://{path}", keys=stranger, timeout=20)
     finally:
         kill_all({master.pid})
         master.wait(10)
