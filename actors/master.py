@@ -2022,7 +2022,7 @@ def main(argv: list[str] | None = None, *,
     local = local_endpoint(args.local_socket, state_path[0],
                            starts_node=local_node is None and args.workers > 0)
     if local and (refused := claim_socket_path(local.removeprefix("ipc://"))):
-        log.warning("local_socket_refused", path=local.removeprefix("ipc://"), reason=refused,
+        log.warning("local_socket_refused", path=local, reason=refused,
                     hint="peers on this host connect by TCP")
         local = ""
     hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True,

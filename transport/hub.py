@@ -650,9 +650,9 @@ class Hub:
             least = _VIEW_BYTES if name in self._views else _ZERO_COPY_BYTES
             copy = len(frames) < 3 and len(frames[-1]) < least or max(map(len, frames)) < least
             if not _SENDABLE.issuperset(map(type, frames)):
-                # Checked before the first part leaves: a part refused after it would leave the
-                # message open, and the next one sent would join it (to this peer).
-                sock.send_multipart(frames, _NOBLOCK, copy=copy)  # raises TypeError, unsent
+                # send_multipart checks every part before the first leaves: a part refused after
+                # it would leave the message open, and the next one sent would join it.
+                sock.send_multipart(frames, _NOBLOCK, copy=copy)
                 return True
             # (send_multipart, without its enum flags: the parts a message's first was taken
             # with are always taken)
