@@ -1338,6 +1338,20 @@ def test_a_paused_worker_whose_task_ended_is_replaced() -> None:
     assert [i for i in s(ev.WorkerReady, "n1", "w2") if isinstance(i, ev.Assign)][0].worker_id == "w2"
 
 
+def test_a_paused_helper_let_go_for_another_task_leaves_no_trace_among_the_paused() -> None:
+    """A paused helper with no run left is let go for a plain Task of its key, and, paused, is
+    replaced rather than given it: found by the stateful machine (the replaced worker stayed
+    among the paused, a state validate() refuses)."""
+    s = paused_helper()
+    for run_id in sorted(set(s.state.workers["w2"].in_flight.values())):
+        finish_run(s, "w2", run_id)
+    assert not s.state.workers["w2"].in_flight and s.state.workers["w2"].task_id == "t1"
+    out = submit(s, "t2", kind="task")
+    assert any(isinstance(i, ev.KillWorker) and i.worker_id == "w2" for i in out)
+    assert "w2" not in s.state.workers and not s.state.paused
+    s.state.validate()
+
+
 # --- tasks whose arguments are other tasks' futures (inputs) ----------------------------
 
 

@@ -1477,11 +1477,14 @@ class SchedulerState:
         self._out.append(ReportKilled(task.client_id, task.task_id, unit, tuple(causes)))
 
     def _drop_worker(self, worker_id: str) -> WorkerRecord | None:
+        """The one way a worker leaves: every index of workers forgets it too (a paused one
+        evicted for another key's task stayed among the paused)."""
         worker = self._undo.pop(self.workers, worker_id)
         if worker is not None and worker.node_id in self.nodes:
             self._undo.discard(self.nodes[worker.node_id], worker_id)
         if worker_id in self.stopping:
             self._undo.discard(self.stopping, worker_id)
+        self._undo.discard(self.paused, worker_id)
         return worker
 
     def _parallel_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
@@ -1853,10 +1856,9 @@ class SchedulerState:
         any more (a leak, a cache of the task's), and a fresh process has none of it."""
         for worker_id in sorted(self.paused):
             worker = self.workers.get(worker_id)
-            if worker is None:
+            if worker is None:  # (not since _drop_worker forgets it; a stale entry must not stall)
                 self._undo.discard(self.paused, worker_id)
             elif worker.task_id is None:
-                self._undo.discard(self.paused, worker_id)
                 self._drop_worker(worker_id)
                 self._out.append(KillWorker(worker.node_id, worker_id,
                                             "idle, and still past its memory's pause mark"))
