@@ -679,6 +679,8 @@ class Master(HubShell):
                 pass
             case m.Scattered():
                 self._scattered(peer, msg)
+            case m.ScatterExpected():
+                self._scatter_expected(peer, msg)
             case m.WorkerReady(worker_id=worker_id) if not worker_id.startswith(f"{peer.peer_id}/"):
                 self._refused(peer, msg, "a node names its workers NODE_ID/...")
             case m.WorkerReady(worker_id=worker_id, pid=pid):
@@ -1605,7 +1607,8 @@ class Master(HubShell):
                 self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(
                     task_id=ins.task_id, name=ins.name, kind=ins.kind, code=self._code_for(ins),
                     args=ins.args, driver=ins.driver, package=ins.package, version=ins.version,
-                    code_hash=ins.code_hash, inputs=inline, held_inputs=held))
+                    code_hash=ins.code_hash, inputs=inline, held_inputs=held,
+                    owner=self._fetcher_of(ins.task_id) if ins.driver else ""))
             case ev.ReportDone():
                 self.log.debug("task_done", task_id=ins.task_id)
                 self._task_ended(ins.client_id, ins.task_id, m.TaskDone(
@@ -1668,15 +1671,22 @@ class Master(HubShell):
 
     # --- large results, held on nodes (node_results.py) ------------------------
 
+    def _fetcher_of(self, task_id: str, client_id: str = "") -> str:
+        """The key (Z85) of a task's submitter: who may fetch its result from a node."""
+        task = self.scheduler.tasks.get(task_id)
+        if task is not None:
+            client_id = task.client_id
+            if task.owner:
+                return task.owner
+        return self._key_text(client_id)
+
     def _share_result(self, client_id: str, task_id: str) -> m.ResultAt | None:
         """The task's result waits on a node: let its owner fetch it there, and say where."""
         leaving = self.leaving.pop(task_id, None)
         if leaving is None:
             return None
         node_id, worker_id, size = leaving
-        task = self.scheduler.tasks.get(task_id)
-        owner = (task.owner if task is not None else "") or self.client_keys.get(
-            client_id, b"").decode(errors="replace")
+        owner = self._fetcher_of(task_id, client_id)
         address, server_key = self.result_ends.get(node_id, ("", ""))
         self.send(SOCKET, node_id.encode(), message=m.ShareResult(task_id, worker_id, owner))
         self.delivering[task_id] = (node_id, client_id)
@@ -1735,11 +1745,20 @@ class Master(HubShell):
             return
         self.scatter_turn += 1
         node_id = nodes[self.scatter_turn % len(nodes)]
-        address, server_key = self.result_ends[node_id]
         self.scattering[task_id] = (node_id, client_id)
+        # The client hears where once the node admits its key (ScatterExpected): told at once,
+        # its connection could reach the node first and be refused for good.
         self.send(SOCKET, node_id.encode(), message=m.ExpectScatter(
             task_id, peer.owner, msg.size))
-        self._to_client(client_id, m.ScatterAt(task_id, node_id, address, server_key))
+
+    def _scatter_expected(self, node: Peer, msg: m.ScatterExpected) -> None:
+        """A node awaits a client's scattered data, its key admitted: tell the client where."""
+        pending = self.scattering.get(msg.task_id)
+        if pending is None or pending[0] != node.peer_id:
+            self._refused(node, msg, "no scatter of that id was sent to this node")
+            return
+        address, server_key = self.result_ends.get(node.peer_id, ("", ""))
+        self._to_client(pending[1], m.ScatterAt(msg.task_id, node.peer_id, address, server_key))
 
     def _scattered(self, node: Peer, msg: m.Scattered) -> None:
         """A node holds a client's scattered data (or could not take it)."""

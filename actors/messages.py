@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 13  # 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 14  # 14: the results socket admits named keys (AssignTask.owner, ScatterExpected); 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
@@ -298,6 +298,13 @@ class PutResult(Message, frozen=True):
     lengths: list[int]
 
 
+class ScatterExpected(Message, frozen=True):
+    """node -> master: the put of ``task_id`` is awaited and its client's key admitted to the
+    results socket: the master may tell the client where to send it (``ScatterAt``)."""
+
+    task_id: str
+
+
 class Scattered(Message, frozen=True):
     """node -> master: the scattered data of ``task_id`` is held here (or why not)."""
 
@@ -449,6 +456,10 @@ class AssignTask(Message, frozen=True, kw_only=True):
     # node (task id, that node's data address: the worker asks there with InputRequest).
     inputs: list[tuple[str, bytes]] = []
     held_inputs: list[tuple[str, str]] = []
+    # A driver's: its submitter's key (Z85), which the node then admits to its results socket
+    # (node_results.py; read by position as the node relays it, node.py _AssignHead: keep it
+    # last).
+    owner: str = ""
 
 
 class NeedCode(Message, frozen=True):
@@ -844,6 +855,7 @@ AnyMessage = (
     | ScatterAt
     | ExpectScatter
     | PutResult
+    | ScatterExpected
     | Scattered
     | ScatterDone
     | Submit

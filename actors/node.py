@@ -493,6 +493,28 @@ class _TaskHead(msgspec.Struct, array_like=True):
 
 
 _HEAD = msgspec.msgpack.Decoder(_TaskHead)
+
+
+class _AssignHead(msgspec.Struct, array_like=True):
+    """An ``AssignTask`` read for its task and owner alone: the fields between are left as they
+    are (``Raw``: neither the code nor the arguments are copied)."""
+
+    tag: msgspec.Raw
+    task_id: str
+    name: msgspec.Raw
+    kind: msgspec.Raw
+    code: msgspec.Raw
+    args: msgspec.Raw
+    driver: msgspec.Raw
+    package: msgspec.Raw
+    version: msgspec.Raw
+    code_hash: msgspec.Raw
+    inputs: msgspec.Raw
+    held_inputs: msgspec.Raw
+    owner: str = ""
+
+
+_ASSIGN_HEAD = msgspec.msgpack.Decoder(_AssignHead)
 _OPENS = {m.AssignTask.__name__.encode()}  # master -> worker
 _CLOSES_FROM_MASTER = {m.ReleaseTask.__name__.encode()}
 _CLOSES_FROM_WORKER = {m.TaskResult.__name__.encode(), m.WorkerFailed.__name__.encode(),
@@ -515,12 +537,20 @@ class TaskEnds:
         self._open: dict[bytes, set[str]] = {}
         self._idle: set[bytes] = set()  # held tasks, holds none now, not swept since
 
-    def from_master(self, worker: bytes, body: bytes) -> None:
+    def from_master(self, worker: bytes, body: bytes) -> str:
+        """The owner a task assigned to the worker names (a driver's: its submitter's key), or
+        "" for any other frame."""
         tag = message_tag(body)
         if tag in _OPENS:
-            self._change(worker, body, opened=True)
-        elif tag in _CLOSES_FROM_MASTER:
+            try:
+                assign = _ASSIGN_HEAD.decode(body)
+            except msgspec.MsgspecError:
+                return ""  # the worker refuses it too
+            self._record(worker, assign.task_id, opened=True)
+            return assign.owner
+        if tag in _CLOSES_FROM_MASTER:
             self._change(worker, body, opened=False)
+        return ""
 
     def from_worker(self, worker: bytes, body: bytes) -> None:
         if message_tag(body) in _CLOSES_FROM_WORKER:
@@ -531,6 +561,9 @@ class TaskEnds:
             task_id = _HEAD.decode(body).task_id
         except msgspec.MsgspecError:
             return  # the master or the worker would refuse it too
+        self._record(worker, task_id, opened=opened)
+
+    def _record(self, worker: bytes, task_id: str, *, opened: bool) -> None:
         with self._lock:
             held = self._open.setdefault(worker, set())
             if opened:
@@ -610,8 +643,9 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                           Inbound(b"", None, msg))
         elif len(frames) == 2:
-            if task_ends is not None:
-                task_ends.from_master(frames[0], frames[1])
+            if task_ends is not None and (owner := task_ends.from_master(frames[0], frames[1])) \
+                    and results is not None:
+                results.admit(owner)  # (a driver's: its submitter may fetch the result here)
             if data is not None:
                 data.from_master(frames[1])
             hub.relay(WORKERS, frames)

@@ -12,9 +12,16 @@ learns only where it is and its size, and the client fetches it from the node di
     node -> client     [routing, ResultData, *parts] | [routing, ResultData(path)]
                        | [routing, ResultMissing]
     master -> node     DropResults(task_ids)                   delivered, or the client is gone
+    master -> node     ExpectScatter(task_id, owner, size)     a client will put data here
+    node -> master     ScatterExpected(task_id)                its key is admitted: tell it where
 
-The results socket admits every CURVE key (``ServerCurve.any_key``): what a key may fetch is
-decided here, per request: only the results the master shared with that key as their owner.
+The results socket admits only the keys the master named to this node: the owner of a task it
+assigned here (``AssignTask.owner``, a driver's: before any result of it can exist) or of a
+scatter it announced (``ExpectScatter``; the master tells the client where to put it only once
+the node said ``ScatterExpected``). A stranger is refused at the handshake (``ServerCurve.admit``)
+and sends nothing, not even one large frame for ZeroMQ to take whole before the node could look
+at it. What an admitted key may fetch is decided here, per request: only the results the
+master shared with that key as their owner.
 A request that comes before the share (the client is quick, the master's word slower) waits
 for it, up to ``SHARE_WAIT_S``. A worker may hand over only the result of a task it holds
 (``TaskEnds``), once; the payload is never unpickled here.
@@ -61,11 +68,12 @@ HOLD = b"h"
 HOLD_FILE = b"f"
 SHARE_WAIT_S = 10.0  # a fetch that came before the master's share waits this long for it
 UNSHARED_TTL_S = 600.0
-MAX_WAITING = 16  # fetches parked per result before its share (any key may ask: bounded)
+MAX_WAITING = 16  # fetches parked per result before its share (another admitted key may ask)
 MAX_LOCAL_FILES = 256  # results moved into memory files at once (each holds a descriptor)
 MEMORY_BYTES = 1 << 30  # results held in memory, in all; the rest goes to disk
 MAX_EXPECTED = 64  # scattered puts announced and not yet done
 EXPECT_S = 120.0  # how long an announced put is waited for
+MAX_ADMITTED = 4096  # keys admitted to the results socket; past it the longest unnamed go
 MASTER = "master"  # the node's socket to its master (node.py)
 
 
@@ -119,6 +127,11 @@ class ResultStore:
         self.waiting: dict[str, list[_Waiting]] = {}
         # Scattered data a client will put (ExpectScatter): task -> (owner key, size, until).
         self.expected: dict[str, tuple[str, int, float]] = {}
+        # Keys the master named (Z85) -> when last named, in namings: the results socket admits
+        # these alone. Read on the authenticator's thread (``admits``): only ever set, never
+        # taken out and put back, so that a key named again is never missing for an instant.
+        self.admitted: dict[str, int] = {}
+        self._named = 0
         # Input requests that came before the master's ShareInput: (origin, requester, until).
         self.inputs_waiting: dict[str, list[tuple[bytes, str, float]]] = {}
         self.reply: Reply | None = None  # the data plane's way back to a requester
@@ -135,7 +148,8 @@ class ResultStore:
         """Before ``hub.start()``: the results ROUTER, on the data plane's interface."""
         url = f"tcp://[{self.host}]:0" if ":" in self.host else f"tcp://{self.host}:0"
         hub.add_router(RESULTS, url, with_keys=True, views=True,  # scattered data's parts
-                       curve=ServerCurve(self.pair.public, self.pair.secret, "", any_key=True))
+                       curve=ServerCurve(self.pair.public, self.pair.secret, "",
+                                         admit=self.admits))
 
     def bound(self, hub: Hub, data_address: str) -> None:
         """After ``hub.start()``: announced at the data plane's host, on our own port."""
@@ -145,6 +159,27 @@ class ResultStore:
     @property
     def server_key(self) -> str:
         return self.pair.public.decode()
+
+    # --- who may connect ----------------------------------------------------
+
+    def admits(self, key: bytes) -> bool:
+        """Whether a key (Z85) may connect to the results socket: the master named it here.
+        Asked on the authenticator's thread, at each handshake."""
+        return key.decode(errors="replace") in self.admitted
+
+    def admit(self, owner: str) -> None:
+        """The master named this key here (hub thread; for every task a driver runs here, so a
+        key named lately is left as it is). Past ``MAX_ADMITTED`` keys, the quarter named
+        longest ago go: their connections stay, a new one is refused."""
+        if not owner or self.admitted.get(owner, -MAX_ADMITTED) > self._named - MAX_ADMITTED // 4:
+            return
+        self._named += 1
+        self.admitted[owner] = self._named
+        if len(self.admitted) > MAX_ADMITTED:
+            oldest = sorted(self.admitted, key=self.admitted.__getitem__)[:MAX_ADMITTED // 4]
+            for key in oldest:
+                del self.admitted[key]
+            log.info("results_keys_forgotten", count=len(oldest), node_id=self.node_id)
 
     # --- from the worker, the master and clients ---------------------------
 
@@ -242,6 +277,8 @@ class ResultStore:
             case m.ExpectScatter(task_id=task_id, owner=owner, size=size):
                 if len(self.expected) < MAX_EXPECTED:
                     self.expected[task_id] = (owner, size, self.now + EXPECT_S)
+                    self.admit(owner)
+                    hub.send_now(MASTER, [m.encode(m.ScatterExpected(task_id))])
                 else:
                     hub.send_now(MASTER, [m.encode(m.Scattered(task_id, size, "the node has too "
                                                                "many puts under way"))])

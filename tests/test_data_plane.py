@@ -23,6 +23,7 @@ from actors.errors import ResultTooLarge
 from actors.serialize import loads
 from tests.conftest import peak_mib, wait_until
 from transport import load_keypair
+from transport.keys import add_key
 
 pytestmark = pytest.mark.processes
 
@@ -188,14 +189,40 @@ def test_only_the_tasks_owner_may_fetch_its_result_from_the_node(
                 finally:
                     sock.close()
 
+            # A key the master never named to this node is refused at the handshake: neither a
+            # fetch nor a put of 64 MiB (which ZeroMQ would take whole) ever reaches the node.
             stranger = zmq.curve_keypair()
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.curve_publickey, sock.curve_secretkey = stranger
+            sock.curve_serverkey = held.server_key.encode()
+            events = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                             | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            sock.connect(held.address)
+            sock.send(m.encode(m.FetchResult(task_id)))
+            sock.send_multipart([m.encode(m.PutResult("scatter-x", [64 * MIB])),
+                                 bytes(64 * MIB)])
+            try:
+                assert events.poll(10_000), "no handshake outcome in 10 s"
+                event = int.from_bytes(events.recv_multipart()[0][:2], "little")
+                assert event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            finally:
+                events.close()
+                sock.close()
             request = m.encode(m.FetchResult(task_id))
-            answer = fetch(*stranger, b"\xc1 not msgpack", m.encode(m.Heartbeat()), request)
-            assert isinstance(m.decode(answer[0]), m.ResultMissing)
             here = m.encode(m.FetchResult(task_id, BOOT_ID, os.getuid()))  # the node's host
-            assert isinstance(m.decode(fetch(*stranger, here)[0]), m.ResultMissing)
+            # Another client's key, admitted once a task of its own ran on the node, is answered
+            # as if the result did not exist.
+            folder = add_key(cl.keys_dir, "client", f"alice{os.getpid()}")
+            with Client(cl.address, keys=folder) as alice:
+                assert alice.submit(BigResult, 1, 10).result(30)[1] == pattern(1, 10)
+            theirs = load_keypair(folder, "client")
+            for asked in (request, here):
+                assert isinstance(m.decode(fetch(theirs.public, theirs.secret, asked)[0]),
+                                  m.ResultMissing)
             owner = load_keypair(cl.keys_dir, "client")
-            answer = fetch(owner.public, owner.secret, request)
+            answer = fetch(owner.public, owner.secret, b"\xc1 not msgpack",
+                           m.encode(m.Heartbeat()), request)
             assert m.decode(answer[0]) == m.ResultData(task_id, held.size)
             _, data = loads(answer[1])
             assert data == pattern(3, 2 * MIB)

@@ -15,7 +15,7 @@ import pytest
 from actors import messages as m
 from actors.memory import sealed_file
 from actors.node import TaskEnds
-from actors.node_results import ResultStore
+from actors.node_results import MAX_ADMITTED, ResultStore
 from transport.keys import KeyPair
 
 WORKER = b"node-1/w1"
@@ -87,8 +87,37 @@ def test_a_put_announced_before_the_first_tick_is_still_awaited_after_it(store: 
     hub's first tick, which must not find it 120 s overdue and fail the client's scatter."""
     hub: Any = _Hub()
     assert store.from_master(hub, m.ExpectScatter("scatter-1", "client key", 10))
+    assert hub.sent == [("master", [m.encode(m.ScatterExpected("scatter-1"))])]
     store.tick(hub, time.monotonic())
-    assert "scatter-1" in store.expected and hub.sent == []
+    assert "scatter-1" in store.expected and len(hub.sent) == 1  # no Scattered: not overdue
+
+
+def test_the_results_socket_admits_only_the_keys_the_master_named_here(
+    store: ResultStore,
+) -> None:
+    """A driver's AssignTask relayed to a worker, or a scatter announced, names its owner's key;
+    no other key may connect. Past the bound, the keys named longest ago go first."""
+    hub: Any = _Hub()
+    assert not store.admits(b"A" * 40) and not store.admits(b"")
+    relayed = TaskEnds()  # what the node reads of the frames it relays to its workers
+    driver = m.AssignTask(task_id="t2", name="T", kind="task", code=b"c" * 1000,
+                          args=b"a" * 1000, driver=True, owner="A" * 40)
+    helper = m.AssignTask(task_id="t3", name="T", kind="task", code=b"", args=b"", driver=False)
+    owners = [relayed.from_master(WORKER, m.encode(assign)) for assign in (driver, helper)]
+    assert owners == ["A" * 40, ""] and relayed.holds(WORKER, "t2") and relayed.holds(WORKER, "t3")
+    assert relayed.from_master(WORKER, b"\xc1 not msgpack") == ""
+    for owner in owners:
+        store.admit(owner)
+    assert store.from_master(hub, m.ExpectScatter("scatter-2", "B" * 40, 10))
+    assert store.admitted.keys() == {"A" * 40, "B" * 40}
+    assert store.admits(b"A" * 40) and store.admits(b"B" * 40) and not store.admits(b"C" * 40)
+    for n in range(MAX_ADMITTED):
+        store.admit(f"{n:040d}")
+        if n == MAX_ADMITTED // 2:
+            store.admit("A" * 40)  # named again: kept over those named before it
+    assert len(store.admitted) <= MAX_ADMITTED
+    assert store.admits(b"A" * 40) and not store.admits(b"B" * 40)
+    assert store.admits(f"{MAX_ADMITTED - 1:040d}".encode())
 
 
 def test_a_result_whose_parts_came_as_views_is_held_and_served_whole(store: ResultStore) -> None:

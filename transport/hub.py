@@ -105,7 +105,7 @@ _ZERO_COPY_BYTES = 1 << 20
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _POLLIN, _EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
 _SENDABLE = frozenset({bytes, memoryview, zmq.Frame})  # what the hub's own parts are
-_ANY_KEY_DOMAIN = "any-key"  # the ZAP domain of sockets that admit every CURVE key
+_ADMIT_DOMAIN = "admit:"  # + the socket's name: the ZAP domain of a socket with its own rule
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 # (a monitored dealer pings its server alike, so a node notices a cut link as its master does)
 _TURN_ITEMS = 10_000  # outgoing messages taken per turn, so receiving is never starved
@@ -122,14 +122,16 @@ _WATCHED_EVENTS: dict[int, str] = {
 
 
 class ServerCurve(msgspec.Struct, frozen=True):
-    """CURVE for a bound socket: our key pair and the folder of public keys we admit, or (for
-    ``any_key``) every key: the handshake still proves which key a peer holds, and the socket's
-    owner decides per message what that key may have (``with_keys`` hands it over)."""
+    """CURVE for a bound socket: our key pair and the folder of public keys we admit, or (with
+    ``admit``) the keys its owner's rule admits: ``admit(key)``, the key in Z85, is asked on
+    the authenticator's thread at each handshake, so it must only read what the owner keeps
+    (a refused peer sends nothing: ZeroMQ does not reconnect it). Either way the socket's
+    owner may still decide per message what that key may have (``with_keys`` hands it over)."""
 
     public: bytes
     secret: bytes
     allowed_dir: str
-    any_key: bool = False
+    admit: Callable[[bytes], bool] | None = None
 
 
 class ClientCurve(msgspec.Struct, frozen=True):
@@ -339,13 +341,16 @@ class Hub:
             self._auth = ThreadAuthenticator(self.context, log=_quiet_logger())
             self._auth.start()
             allowed = next((s.server_curve for s in self._specs
-                            if s.server_curve and not s.server_curve.any_key), None)
+                            if s.server_curve and s.server_curve.admit is None), None)
             if allowed is not None:
                 # Asked at every handshake: a key file added or removed counts at once.
                 self._auth.configure_curve_callback(
                     domain="*", credentials_provider=AllowList(allowed.allowed_dir))
-            self._auth.configure_curve_callback(domain=_ANY_KEY_DOMAIN,
-                                                credentials_provider=_AnyKey())
+            for spec in self._specs:
+                if spec.server_curve is not None and spec.server_curve.admit is not None:
+                    self._auth.configure_curve_callback(
+                        domain=_ADMIT_DOMAIN + spec.name,
+                        credentials_provider=_Admit(spec.server_curve.admit))
         self._thread = threading.Thread(target=self._run, name="transport-hub", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -495,8 +500,8 @@ class Hub:
             sock.curve_publickey = spec.server_curve.public
             sock.curve_secretkey = spec.server_curve.secret
             sock.curve_server = True
-            if spec.server_curve.any_key:
-                sock.zap_domain = _ANY_KEY_DOMAIN.encode()
+            if spec.server_curve.admit is not None:
+                sock.zap_domain = (_ADMIT_DOMAIN + spec.name).encode()
         if spec.client_curve is not None:
             sock.curve_publickey = spec.client_curve.public
             sock.curve_secretkey = spec.client_curve.secret
@@ -764,12 +769,19 @@ def unbatch(frames: list[bytes]) -> list[list[bytes]]:
     return [[*prefix, *route, body] for route, body in _batch_decoder.decode(frames[-1][1:])]
 
 
-class _AnyKey:
-    """pyzmq's CURVE credentials provider for ``ServerCurve.any_key`` sockets."""
+class _Admit:
+    """pyzmq's CURVE credentials provider for a socket with its own rule (``ServerCurve.admit``).
+    A rule that raises refuses the key (and is logged): the authenticator's thread lives on."""
 
-    @staticmethod
-    def callback(domain: str, key: bytes) -> bool:
-        return True
+    def __init__(self, admit: Callable[[bytes], bool]) -> None:
+        self._admit = admit
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        try:
+            return bool(self._admit(key))
+        except Exception:
+            log.exception("admit_rule_failed", domain=domain)
+            return False
 
 
 def _view(frame: zmq.Frame) -> bytes:
