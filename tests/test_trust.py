@@ -328,3 +328,59 @@ def test_a_malformed_message_inside_a_batch_is_dropped_alone(cluster: LocalClust
     finally:
         sock.send(m.encode(m.Bye("leaving")))
         sock.close()
+
+
+class TakesAnotherWorkersPlace(Task):
+    """Task code that connects to its node's socket for workers as another worker of the node
+    (ids are guessable: NODE_ID/wN), says that worker's task returned "forged", and listens for
+    what the node sends that worker."""
+
+    def work(self, worker_id: str, task_id: str) -> str:
+        from actors import messages as msgs
+        from actors.serialize import dumps_result
+
+        path = os.path.join(os.path.dirname(os.getcwd()), "workers.sock")  # (its run folder)
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+        events = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        try:
+            sock.connect(f"ipc://{path}")
+            if not events.poll(10_000):
+                return f"could not connect to {path}"
+            forged = msgs.TaskResult(task_id, msgs.UnitOutcome(-1, True, dumps_result("forged",
+                                                                                      "T")))
+            sock.send_multipart([b"m", msgs.encode(forged)])
+            return "sent" + (", and was sent the worker's messages" if sock.poll(2_000) else "")
+        finally:
+            events.close()
+            sock.close()
+            context.term()
+
+
+def test_task_code_cannot_take_another_workers_place_on_its_node(tmp_path: Path) -> None:
+    """The node's socket for workers is a path any of its workers' processes can open, and a
+    worker names itself: a task's code took another worker's identity, was sent its messages
+    (another user's tasks) and spoke in its name (a result). Now each message counts only from
+    the process the node started under that id (transport/hub.py, "Peers by pid")."""
+    gate = tmp_path / "gate"
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        victim = client.submit(WaitsFor, str(gate))
+
+        def victims_worker() -> str:
+            for key, _, finish, cause, _ in victim.story():  # ("master: driver NODE/wN")
+                if key == "task" and finish == "running" and "driver " in cause:
+                    return cause.split("driver ", 1)[1].split()[0]
+            return ""
+
+        deadline = time.monotonic() + 30
+        while not victims_worker() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker_id = victims_worker()
+        assert worker_id, "the victim's task never started"
+        impostor = client.submit(TakesAnotherWorkersPlace, worker_id, victim.task_id)
+        assert impostor.result(60) == "sent"  # (it reached the socket: the attempt was made)
+        gate.touch()
+        assert victim.result(60) == "released"
