@@ -27,8 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +54,6 @@ from actors.prefork import Forked, fork_workers, worker_args, worker_env
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import TaskSyncClient, WorkerGone
 from transport import ClientCurve, Hub, load_keypair, load_public_key
-from transport.hub import SO_PEERCRED
 
 log = structlog.get_logger("actors.node")
 
@@ -66,9 +64,6 @@ HELLO_RETRY_S = 2.0
 UNREACHABLE_AFTER_S, UNREACHABLE_EVERY_S = 5.0, 30.0  # when, and how often, to say so
 MAX_FAILED_STARTS = 5
 MAX_HELD_EXITS = 10_000  # worker exits told to the master when it is back (it was away)
-# A worker's pid stays its routing id's this long after it exited, for its last words still on
-# their way (no other process gets that pid so soon).
-LAST_WORDS_S = 10.0
 STATS_EVERY_S = 2.0  # how often the node tells the master what its workers use (the dashboard)
 RUN_DIR_PREFIX = "actors-node-"
 # A task process that outlives its worker dies with it; the node reaps it within this long at exit.
@@ -118,15 +113,10 @@ class Node(Shell):
                  task_sync: pykka.ActorRef[Any] | None = None,
                  forked: list[Forked] | None = None,
                  task_ends: TaskEnds | None = None, gate: MasterGate | None = None,
-                 pids: dict[str, int] | None = None,
-                 peer_pids: dict[str, int] | None = None) -> None:
+                 pids: dict[str, int] | None = None) -> None:
         super().__init__(hub)
         # worker id -> pid, for the hub thread's result store (a dict's get and set are atomic)
         self.pids = pids if pids is not None else {}
-        # ... and for its check of who sent each worker message (_pid_of), which keeps an
-        # exited worker's for LAST_WORDS_S more (``gone``: when, and which, oldest first)
-        self.peer_pids = peer_pids if peer_pids is not None else {}
-        self.gone: deque[tuple[float, str]] = deque()
         self.task_ends = task_ends or TaskEnds()
         self.gate = gate or MasterGate()
         self.reported: set[str] = set()  # busy workers our last Hello reported: the master decides
@@ -250,8 +240,6 @@ class Node(Shell):
 
     def _tick(self, now: float) -> None:
         self.now = now
-        while self.gone and now - self.gone[0][0] > LAST_WORDS_S:
-            self.peer_pids.pop(self.gone.popleft()[1], None)
         if self.config.exit_with_parent and os.getppid() != self.config.parent_pid:
             self.log.warning("parent_gone", parent_pid=self.config.parent_pid)
             self._fatal("the process that started this node is gone")
@@ -343,8 +331,6 @@ class Node(Shell):
              *worker_args(self.config.ipc_address, worker_id)],
             cwd=scratch, env=worker_env(scratch), stdin=subprocess.DEVNULL, start_new_session=True,
         )
-        # At once: its messages count only from this process (see _pid_of).
-        self.peer_pids[worker_id] = self.pids[worker_id] = proc.pid
         self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc, plan=plan))
 
     def _plan(self, scratch: str) -> Plan:
@@ -360,7 +346,7 @@ class Node(Shell):
                                          name=f"reaper-{worker.pid}", daemon=True)
         worker.reaper.start()
         self.workers[worker.worker_id] = worker
-        self.peer_pids[worker.worker_id] = self.pids[worker.worker_id] = worker.pid
+        self.pids[worker.worker_id] = worker.pid
         self.log.debug("worker_spawned", worker_id=worker.worker_id, pid=worker.pid,
                        forked=worker.popen is None)
 
@@ -379,7 +365,6 @@ class Node(Shell):
     def _exited(self, event: ProcessExited) -> None:
         worker = self.workers.pop(event.worker_id, None)
         self.pids.pop(event.worker_id, None)
-        self.gone.append((self.now, event.worker_id))
         if worker is None:
             return
         self.task_ends.forget(event.worker_id.encode())
@@ -690,14 +675,6 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         log.warning("malformed_frames", source="worker", count=len(frames))
 
 
-def _pid_of(worker_pids: Mapping[str, int]) -> Callable[[bytes], int | None]:
-    """The pid a worker's routing id may come from (read on the hub thread; the Node actor
-    keeps the mapping, a worker in it from its spawn until LAST_WORDS_S after its exit)."""
-    def pid_of(routing: bytes) -> int | None:
-        return worker_pids.get(routing.decode(errors="replace"))
-    return pid_of
-
-
 def _within_bound(frames: list[bytes], limit: int) -> list[bytes]:
     """A worker's ``[worker, body]`` for the master, or, when the body is larger than the master
     reads (``limit``, its ``Welcome``; 0: no bound), a failed ``TaskResult`` of the task it names
@@ -850,11 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.local_master or args.master, identity=node_id.encode(),
                    curve=curve, monitor=True)
-    # Each worker's messages only from its own process (a task's code could otherwise take
-    # another worker's identity on this socket: transport/hub.py, "Peers by pid").
-    peer_pids = {child.worker_id: child.pid for child in forked}  # (the Node keeps it next)
-    hub.add_router("workers", config.ipc_address, views=True,  # held results, data replies
-                   peer_pid=_pid_of(peer_pids) if SO_PEERCRED is not None else None)
+    hub.add_router("workers", config.ipc_address, views=True)  # held results, data replies
     try:
         data = DataPlane(node_id, pair, run_dir, args.master, args.data_listen, args.data_address)
     except ValueError as exc:
@@ -890,8 +863,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sync_ref = TaskSyncClient.start(hub, os.path.abspath(args.cache or os.path.join(run_dir, "cache")),
                                     grace_s=args.package_grace)
-    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends, gate, worker_pids,
-                          peer_pids)
+    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends, gate, worker_pids)
     started.set()
     stop.wait()
     try:

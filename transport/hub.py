@@ -50,25 +50,13 @@ Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame l
 handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
 (Z85 text), so the receiver can hold each message to the role of its key; no
 connection can take over another's routing identity there.
-
-Peers by pid. On a Unix socket with no keys (a node's socket to its workers) a peer names
-itself: any process that can open the path could take a worker's routing identity, take over
-its connection and be sent its tasks, or speak in its name. A router opened with ``peer_pid``
-(routing id -> the pid of the process that may hold it) checks every message against the
-kernel's word on who connected its connection (``SO_PEERCRED``, asked of the descriptor the
-message came through, ``SRCFD``): another process's message is dropped and its connection shut
-down (ZeroMQ then closes it as a peer's close, and the identity is free again), and no
-connection takes over a connected peer's identity (``ROUTER_HANDOVER`` off). One
-``getsockopt`` a message (~1 us).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
-import socket
 import sys
 import threading
 import time
@@ -165,8 +153,6 @@ class _SocketSpec(msgspec.Struct, frozen=True):
     views: bool = False  # large frames received as memoryviews, uncopied (see "Bulk data")
     max_message: int = -1  # a larger frame closes its sender's connection, unread (-1: none)
     also_bind: str = ""  # a second endpoint of the same socket (the master's ipc:// for this host)
-    # A Unix socket's peers, by the kernel's word (see "Peers by pid"): routing id -> its pid.
-    peer_pid: Callable[[bytes], int | None] | None = None
 
 
 class Outbox:
@@ -246,10 +232,6 @@ class Hub:
         self._names: dict[zmq.Socket[bytes], str] = {}
         self._routers: set[bytes] = set()
         self._keyed: set[bytes] = set()  # CURVE servers: the sender's key heads each frame list
-        self._peer_pids: dict[str, Callable[[bytes], int | None]] = {}  # see "Peers by pid"
-        # Each connection's descriptor wrapped once, to ask the kernel who is at its other end
-        # (never closed here: ZeroMQ owns the descriptors; detached as the hub stops).
-        self._fd_socks: dict[int, socket.socket] = {}
         self._views: set[bytes] = set()  # sockets whose large frames are received uncopied
         # (socket, peer) -> messages to send at the end of this turn of the loop, in order
         self._pending: dict[tuple[bytes, bytes], _Pending] = {}
@@ -267,22 +249,17 @@ class Hub:
 
     def add_router(self, name: str, address: str, *, curve: ServerCurve | None = None,
                    with_keys: bool = False, views: bool = False, max_message: int = -1,
-                   also_bind: str = "",
-                   peer_pid: Callable[[bytes], int | None] | None = None) -> None:
+                   also_bind: str = "") -> None:
         """A bound ROUTER socket (the master's TCP endpoint, the node's ipc endpoint). With
         ``with_keys`` (a CURVE server only) each frame list starts with the sender's key, and no
         connection may take over another's routing identity. ``views``: see "Bulk data".
         ``max_message`` (bytes, -1: none): ZeroMQ closes the connection of a peer whose frame is
         larger as soon as its header says so, before reading or allocating it. ``also_bind``: a
-        second endpoint, with the same keys and bounds (``address()`` still names the first).
-        ``peer_pid`` (an ipc:// router): see "Peers by pid"."""
+        second endpoint, with the same keys and bounds (``address()`` still names the first)."""
         if with_keys and curve is None:
             raise ValueError("with_keys needs CURVE: without it no key is proved")
-        if peer_pid is not None and (SO_PEERCRED is None or not address.startswith("ipc://")):
-            raise ValueError("peer_pid needs an ipc:// address on Linux: only there does the "
-                             "kernel say which process connected (SO_PEERCRED)")
         self._specs.append(_SocketSpec(name, zmq.ROUTER, address, True, None, curve, None, False,
-                                       with_keys, views, max_message, also_bind, peer_pid))
+                                       with_keys, views, max_message, also_bind))
 
     def add_dealer(
         self,
@@ -462,8 +439,6 @@ class Hub:
         try:
             self._loop(pull, sockets, monitors)
         finally:
-            for wrapped in self._fd_socks.values():
-                wrapped.detach()
             for monitor in monitors:
                 monitor.close(linger=0)
             for sock in sockets.values():
@@ -495,10 +470,7 @@ class Hub:
             self._routers.add(spec.name.encode())
             # Unroutable sends raise instead of vanishing.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            if spec.peer_pid is not None:
-                # No connection may take over a peer's identity: only its own process holds it.
-                self._peer_pids[spec.name] = spec.peer_pid
-            elif not spec.with_keys:
+            if not spec.with_keys:
                 # A reconnecting peer with the same identity takes over its old connection.
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             else:
@@ -709,7 +681,6 @@ class Hub:
         keyed = name.encode() in self._keyed
         views = name.encode() in self._views
         fds = self._peer_fds.get(name)
-        peer_pid = self._peer_pids.get(name)
         for n in range(1_000):
             # Ask before receiving (raising and catching zmq.Again is costly on a busy master),
             # but the first: the poll said it is there.
@@ -727,9 +698,6 @@ class Hub:
             while frame.more:  # the rest of a message is there once its first part is
                 frame = sock.recv(copy=False)
                 frames.append(frame.bytes if len(frame) < limit else _view(frame))
-            if peer_pid is not None and not self._from_its_process(name, peer_pid, frame,
-                                                                   frames[0]):
-                continue
             if keyed:
                 # The key the CURVE handshake proved (ZAP's User-Id, its Z85 text) rides on the
                 # parts the peer sent (not on the routing id the ROUTER adds, with older libzmq).
@@ -742,35 +710,6 @@ class Hub:
                 self._unbatch(name, frames)
             else:
                 self._guarded(self._on_frames, name, frames)
-
-    def _from_its_process(self, name: str, peer_pid: Callable[[bytes], int | None],
-                          frame: zmq.Frame, routing: bytes) -> bool:
-        """Whether the kernel says the process the owner names for this routing id sent the
-        message (see "Peers by pid"). Any other is dropped, and its connection cut off: the
-        identity it took is free again for the process it belongs to."""
-        fd = _source_fd(frame)
-        expected = peer_pid(routing)
-        wrapped = self._fd_socks.get(fd)
-        if wrapped is None and fd >= 0:
-            try:
-                wrapped = self._fd_socks[fd] = socket.socket(fileno=fd)
-            except OSError:
-                wrapped = None
-        pid = None
-        if wrapped is not None:
-            try:
-                cred = wrapped.getsockopt(socket.SOL_SOCKET, cast(int, SO_PEERCRED), 12)
-                pid = int.from_bytes(cred[:4], sys.byteorder, signed=True)
-            except OSError:
-                pass
-        if pid is not None and pid == expected:
-            return True
-        log.warning("peer_not_its_process", socket=name, pid=pid, expected=expected,
-                    peer=bytes(routing[:80]).decode(errors="replace"))
-        if wrapped is not None:
-            with contextlib.suppress(OSError):
-                wrapped.shutdown(socket.SHUT_RDWR)  # ZeroMQ then closes it as a peer's close
-        return False
 
     def _unbatch(self, name: str, frames: list[bytes]) -> None:
         try:
@@ -867,8 +806,6 @@ def _source_fd(frame: zmq.Frame) -> int:
 
 
 _SRCFD = int(getattr(zmq, "SRCFD", 2))  # deprecated in libzmq, still answered by 4.3
-# Linux: (pid, uid, gid) of the process that connected a Unix socket (None elsewhere).
-SO_PEERCRED: int | None = getattr(socket, "SO_PEERCRED", None)
 
 
 @functools.lru_cache(maxsize=1024)  # a master hears from few keys, over and over
