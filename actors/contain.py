@@ -66,6 +66,10 @@ WORKER_SCRIPT = (
     "raise SystemExit(importlib.import_module(sys.argv[1]).main(sys.argv[3:]))\n"
 )
 
+# A worker proves to its node that it is the process the node started under its id by the
+# secret the node gave it (in its environment, read and dropped as it starts): any process that
+# can open the node's socket for workers could name itself after a worker (node.py, "Proof").
+TOKEN_ENV = "ACTORS_WORKER_TOKEN"
 DEFAULT_UID_BASE = 60000
 UID_SPAN = 1000  # uids base+1 .. base+UID_SPAN-1; the group is the base itself
 DEFAULT_OPEN_FILES = 1024

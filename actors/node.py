@@ -13,12 +13,20 @@ close a worker's task (``TaskEnds``).
 Workers are contained (``contain.py``): a uid of their own when the node is
 root, no network of the node's, resource limits. Every process a task started
 is ended when its worker's last task ends, or when the worker exits.
+
+Proof. The node's socket for workers is a path any of their processes can open, and a peer
+names itself there: task code could connect under another worker's id. So each worker is
+started with a secret of its own (``prefork.worker_token``, in its environment, dropped as it
+starts) and says it in its ``Hello``; the node relays a worker's frames, and frames to it, only
+once its Hello proved it (``Node.proven``, read on the hub thread) and until it exits, and the
+socket hands no id over to a newer connection (a worker's connection cannot be taken over).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import os
 import shutil
 import signal
@@ -27,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +46,7 @@ import structlog
 
 from actors import __version__, contain, logs, memory
 from actors import messages as m
-from actors.contain import WORKER_SCRIPT, Containment, Limits, Plan, parse_size
+from actors.contain import TOKEN_ENV, WORKER_SCRIPT, Containment, Limits, Plan, parse_size
 from actors.errors import ActorsError, MalformedMessage, MessageTooLarge
 from actors.forking import exit_now
 from actors.launch import (
@@ -50,7 +59,7 @@ from actors.launch import (
 from actors.master_gate import MasterGate
 from actors.node_data import DataPlane
 from actors.node_results import HOLD_FILE, RESULTS, ResultStore
-from actors.prefork import Forked, fork_workers, worker_args, worker_env
+from actors.prefork import Forked, fork_workers, worker_args, worker_env, worker_token
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import TaskSyncClient, WorkerGone
 from transport import ClientCurve, Hub, load_keypair, load_public_key
@@ -64,6 +73,9 @@ HELLO_RETRY_S = 2.0
 UNREACHABLE_AFTER_S, UNREACHABLE_EVERY_S = 5.0, 30.0  # when, and how often, to say so
 MAX_FAILED_STARTS = 5
 MAX_HELD_EXITS = 10_000  # worker exits told to the master when it is back (it was away)
+# What an exited worker said last may still be on its way to the hub thread: its frames count
+# this long after the node saw it exit (frames to it stop at once).
+LAST_WORDS_S = 2.0
 STATS_EVERY_S = 2.0  # how often the node tells the master what its workers use (the dashboard)
 RUN_DIR_PREFIX = "actors-node-"
 # A task process that outlives its worker dies with it; the node reaps it within this long at exit.
@@ -90,6 +102,7 @@ class WorkerProcess:
     kill_deadline: float | None = None
     expected_exit: bool = False
     plan: Plan = UNCONTAINED
+    token: str = ""  # the secret it must say in its Hello (see "Proof")
 
 
 @dataclass
@@ -113,10 +126,17 @@ class Node(Shell):
                  task_sync: pykka.ActorRef[Any] | None = None,
                  forked: list[Forked] | None = None,
                  task_ends: TaskEnds | None = None, gate: MasterGate | None = None,
-                 pids: dict[str, int] | None = None) -> None:
+                 pids: dict[str, int] | None = None,
+                 proven: set[bytes] | None = None, alive: set[bytes] | None = None) -> None:
         super().__init__(hub)
         # worker id -> pid, for the hub thread's result store (a dict's get and set are atomic)
         self.pids = pids if pids is not None else {}
+        # The workers whose Hello said their secret: the hub thread relays frames from them
+        # (``proven``, until LAST_WORDS_S after their exit: ``gone``, oldest first) and to them
+        # (``alive``, until their exit) only (relay_frames, DataPlane.alive; "Proof").
+        self.proven = proven if proven is not None else set()
+        self.alive = alive if alive is not None else set()
+        self.gone: deque[tuple[float, bytes]] = deque()
         self.task_ends = task_ends or TaskEnds()
         self.gate = gate or MasterGate()
         self.reported: set[str] = set()  # busy workers our last Hello reported: the master decides
@@ -146,7 +166,8 @@ class Node(Shell):
         super().on_start()
         for child in self.forked:
             self._seq += 1
-            self._adopt(WorkerProcess(child.worker_id, child.pid, child.scratch, plan=child.plan))
+            self._adopt(WorkerProcess(child.worker_id, child.pid, child.scratch, plan=child.plan,
+                                      token=child.token))
         for _ in range(self.config.slots - len(self.forked)):
             self._spawn()
         self._hello()  # now, not at the first tick: start-up time is user-visible
@@ -228,7 +249,13 @@ class Node(Shell):
                 self.log.warning("message_from_unknown_worker", worker_id=worker_id)
             return
         match msg:
+            case m.Hello(role="worker") if not (
+                    worker.token and hmac.compare_digest(msg.token.encode(), worker.token.encode())):
+                self.log.warning("worker_hello_refused", worker_id=worker_id, pid=msg.pid,
+                                 why="not the secret this worker was started with")
             case m.Hello(role="worker", protocol=m.PROTOCOL_VERSION, pid=pid):
+                self.proven.add(worker_id.encode())
+                self.alive.add(worker_id.encode())
                 worker.ready = True
                 self._failed_starts = 0
                 self.log.debug("worker_up", worker_id=worker_id, pid=pid)
@@ -240,6 +267,8 @@ class Node(Shell):
 
     def _tick(self, now: float) -> None:
         self.now = now
+        while self.gone and now - self.gone[0][0] > LAST_WORDS_S:
+            self.proven.discard(self.gone.popleft()[1])
         if self.config.exit_with_parent and os.getppid() != self.config.parent_pid:
             self.log.warning("parent_gone", parent_pid=self.config.parent_pid)
             self._fatal("the process that started this node is gone")
@@ -326,12 +355,14 @@ class Node(Shell):
         worker_id = f"{self.config.node_id}/w{self._seq}"
         scratch = tempfile.mkdtemp(prefix=f"w{self._seq}-", dir=self.config.run_dir)
         plan = self._plan(scratch)
+        token = worker_token()
         proc = subprocess.Popen(
             [sys.executable, "-c", WORKER_SCRIPT, "actors.worker", plan.to_arg(),
              *worker_args(self.config.ipc_address, worker_id)],
-            cwd=scratch, env=worker_env(scratch), stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=scratch, env={**worker_env(scratch), TOKEN_ENV: token}, stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
-        self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc, plan=plan))
+        self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc, plan=plan, token=token))
 
     def _plan(self, scratch: str) -> Plan:
         containment = self.config.containment
@@ -365,6 +396,8 @@ class Node(Shell):
     def _exited(self, event: ProcessExited) -> None:
         worker = self.workers.pop(event.worker_id, None)
         self.pids.pop(event.worker_id, None)
+        self.alive.discard(event.worker_id.encode())
+        self.gone.append((self.now, event.worker_id.encode()))
         if worker is None:
             return
         self.task_ends.forget(event.worker_id.encode())
@@ -610,7 +643,8 @@ _FOR_TASK_SYNC = (m.ChunkReply, m.UnknownVersion, m.NewestVersions, m.NeedVersio
 def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[Any],
                  socket: str, frames: list[bytes], data: DataPlane | None = None,
                  task_ends: TaskEnds | None = None, gate: MasterGate | None = None,
-                 results: ResultStore | None = None) -> None:
+                 results: ResultStore | None = None, proven: set[bytes] | None = None,
+                 alive: set[bytes] | None = None) -> None:
     """Route what the node's sockets receive (runs on the hub thread).
 
     master -> ``[body]`` is for the node; ``[worker, body]`` is relayed as is.
@@ -643,6 +677,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                           Inbound(b"", None, msg))
         elif len(frames) == 2:
+            if alive is not None and frames[0] not in alive:
+                return  # a worker that exited meanwhile: its id may be anyone's now ("Proof")
             if task_ends is not None and (owner := task_ends.from_master(frames[0], frames[1])) \
                     and results is not None:
                 results.admit(owner)  # (a driver's: its submitter may fetch the result here)
@@ -651,6 +687,9 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
             hub.relay(WORKERS, frames)
         else:
             log.warning("malformed_frames", source="master", count=len(frames))
+        return
+    if proven is not None and frames[0] not in proven and not _says_hello(frames):
+        _unproven(frames[0])
         return
     if len(frames) == 3 and frames[1] == b"m":
         out = [frames[0], frames[2]]
@@ -673,6 +712,22 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
                       Inbound(frames[0], None, msg))
     else:
         log.warning("malformed_frames", source="worker", count=len(frames))
+
+
+def _says_hello(frames: list[bytes]) -> bool:
+    return len(frames) == 3 and frames[1] == b"n" and message_tag(frames[2]) == b"Hello"
+
+
+_unproven_count = 0
+
+
+def _unproven(worker: bytes) -> None:
+    """A frame from an id no worker proved (see "Proof"): dropped; said 1, 2, 4, 8... times."""
+    global _unproven_count
+    _unproven_count += 1
+    if _unproven_count & (_unproven_count - 1) == 0:
+        log.warning("unproven_worker_frame", worker=bytes(worker[:80]).decode(errors="replace"),
+                    dropped=_unproven_count)
 
 
 def _within_bound(frames: list[bytes], limit: int) -> list[bytes]:
@@ -803,7 +858,8 @@ def main(argv: list[str] | None = None) -> int:
             started.wait(10)
         try:
             assert node_ref is not None and sync_ref is not None
-            relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends, gate, results)
+            relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends, gate, results,
+                         proven, alive)
         except MalformedMessage as exc:
             log.warning("malformed_frame", socket=socket, error=str(exc))
 
@@ -827,9 +883,13 @@ def main(argv: list[str] | None = None) -> int:
     hub = Hub(on_frames, on_event=on_event, on_tick=on_tick, tick_s=0.25)
     hub.add_dealer("master", args.local_master or args.master, identity=node_id.encode(),
                    curve=curve, monitor=True)
-    hub.add_router("workers", config.ipc_address, views=True)  # held results, data replies
+    proven: set[bytes] = set()  # the Node actor keeps them (see "Proof")
+    alive: set[bytes] = set()
+    # (no handover: a proven worker's connection is never given to a newer one of its id)
+    hub.add_router("workers", config.ipc_address, views=True, handover=False)
     try:
         data = DataPlane(node_id, pair, run_dir, args.master, args.data_listen, args.data_address)
+        data.alive = alive
     except ValueError as exc:
         log.error("bad_data_address", error=str(exc))
         return give_up(forked)
@@ -863,7 +923,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sync_ref = TaskSyncClient.start(hub, os.path.abspath(args.cache or os.path.join(run_dir, "cache")),
                                     grace_s=args.package_grace)
-    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends, gate, worker_pids)
+    node_ref = Node.start(hub, config, on_fatal, sync_ref, forked, task_ends, gate, worker_pids,
+                          proven, alive)
     started.set()
     stop.wait()
     try:

@@ -126,6 +126,7 @@ class DataPlane:
         self.node_id = node_id
         self.pair = pair
         self.master_address = master_address
+        self.alive: set[bytes] | None = None  # our proven, living workers (the Node keeps it)
         self.host, self.port = split_host_port(listen) if listen else (data_host(master_address), 0)
         self.announce = split_host_port(announce) if announce else None
         self.allowed_dir = os.path.join(run_dir, "data-allowed")
@@ -203,7 +204,7 @@ class DataPlane:
             elif text == self.address:
                 if holder == RESULTS_HOLDER and self.serve_input is not None:
                     self.serve_input(hub, b"", body)
-                elif not hub.send_now(WORKERS, [holder, b"", body]):
+                elif not self._to_worker(hub, [holder, b"", body]):
                     self._holder_gone(hub, holder, b"", body)
             elif text not in self.known:
                 self.refused += 1
@@ -252,18 +253,25 @@ class DataPlane:
                     self.origin_socket[origin] = socket  # its answers go back the same way
                 if holder == RESULTS_HOLDER and self.serve_input is not None:
                     self.serve_input(hub, origin, body)
-                elif not hub.send_now(WORKERS, [holder, origin, body]):
+                elif not self._to_worker(hub, [holder, origin, body]):
                     self._holder_gone(hub, holder, origin, body)
             else:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
             return True
         if socket.startswith("peer:"):
             if 2 <= len(frames) <= 2 + MAX_ATTACHED:  # [requester, *attached, DataReply]
-                hub.send_now(WORKERS, frames)
+                self._to_worker(hub, frames)
             else:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
             return True
         return False
+
+    def _to_worker(self, hub: Hub, frames: list[bytes]) -> bool:
+        """To one of our workers: only while it lives, proven (node.py, "Proof"; another process
+        may hold an exited worker's id)."""
+        if self.alive is not None and frames[0] not in self.alive:
+            return False
+        return hub.send_now(WORKERS, frames)
 
     def _holder_gone(self, hub: Hub, holder: bytes, origin: bytes, body: bytes) -> None:
         """The holder is not (or no longer) here: say so now, rather than let the asker wait."""
@@ -291,7 +299,7 @@ class DataPlane:
         the large values that travel in frames of their own before the body, untouched."""
         extra = attached or []
         if origin == b"":
-            hub.send_now(WORKERS, [requester, *extra, body])
+            self._to_worker(hub, [requester, *extra, body])
         else:
             hub.send_now(self.origin_socket.get(origin, DATA), [origin, requester, *extra, body])
 

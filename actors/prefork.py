@@ -17,13 +17,14 @@ command line.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from actors.contain import Plan, contain_or_exit, wipe_initial_environment
+from actors.contain import TOKEN_ENV, Plan, contain_or_exit, wipe_initial_environment
 from actors.forking import fork_is_safe, frozen
 
 # What a worker may see of the node's environment; everything else is scrubbed.
@@ -36,6 +37,12 @@ class Forked:
     pid: int
     scratch: str
     plan: Plan = field(default_factory=Plan)
+    token: str = ""  # the secret it says in its Hello (see worker_token)
+
+
+def worker_token() -> str:
+    """A worker's secret, said in its Hello (contain.TOKEN_ENV; node.py, "Proof")."""
+    return secrets.token_hex(16)
 
 
 def worker_env(scratch: str) -> dict[str, str]:
@@ -56,7 +63,7 @@ def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int,
         return []
     import actors.worker  # noqa: F401  (imported here, once, so no child imports it)
 
-    forked = []
+    forked: list[Forked] = []
     # The node's objects frozen out of the workers' collector (a worker that walked them would
     # copy their pages: ~7 MiB a worker)
     with frozen():
@@ -65,15 +72,17 @@ def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int,
             scratch = tempfile.mkdtemp(prefix=f"w{seq}-", dir=run_dir)
             plan = plan_for(scratch)
             args = worker_args(ipc_address, worker_id)
+            token = worker_token()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _become_worker(scratch, args, plan)
-            forked.append(Forked(worker_id, pid, scratch, plan))
+                forked.clear()  # (the secrets of the workers forked before this one)
+                _become_worker(scratch, args, plan, token)
+            forked.append(Forked(worker_id, pid, scratch, plan, token))
     return forked
 
 
-def _become_worker(scratch: str, args: list[str], plan: Plan) -> None:
+def _become_worker(scratch: str, args: list[str], plan: Plan, token: str) -> None:
     """In the child: never returns."""
     code = 70
     try:
@@ -84,6 +93,7 @@ def _become_worker(scratch: str, args: list[str], plan: Plan) -> None:
         os.environ.clear()
         os.environ.update(env)
         wipe_initial_environment()
+        os.environ[TOKEN_ENV] = token  # (not in /proc/PID/environ: that shows what was wiped)
         tempfile.tempdir = None  # the node's choice, cached: the worker's is its scratch folder
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)

@@ -43,6 +43,7 @@ import structlog
 
 from actors import __version__, logs, memory, task_output
 from actors import messages as m
+from actors.contain import TOKEN_ENV
 from actors.core.worker_slot import (
     DRIVING,
     FAILED,
@@ -128,9 +129,11 @@ class ForHosted(msgspec.Struct, frozen=True):
 
 
 class Worker(HubShell):
-    def __init__(self, hub: Hub, worker_id: str, on_exit: Any, node_pid: int | None = None) -> None:
+    def __init__(self, hub: Hub, worker_id: str, on_exit: Any, node_pid: int | None = None,
+                 token: str = "") -> None:
         super().__init__(hub)
         self.worker_id = worker_id
+        self.token = token  # what proves to the node that we are its worker of this id
         self.slot = WorkerSlot()
         # What the slot holds, by its state (checked by _validate_slot):
         self.waiting: m.AssignTask | None = None  # LOADING: the assignment waiting to load,
@@ -176,7 +179,7 @@ class Worker(HubShell):
         )
         self.send(NODE, TO_NODE, message=m.Hello(role="worker", peer_id=self.worker_id,
                                                  protocol=m.PROTOCOL_VERSION, version=__version__,
-                                                 pid=os.getpid()))
+                                                 pid=os.getpid(), token=self.token))
 
     def on_stop(self) -> None:
         self.lined_up.clear()
@@ -699,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True, help="this worker's id")
     parser.add_argument("--node-pid", type=int, default=None, help="the node process's pid")
     args = parser.parse_args(argv)
+    token = os.environ.pop(TOKEN_ENV, "")  # before any task code: ours to say, once
     logs.configure()  # structlog writes to the real stderr, never to the task's
     memory.keep_large_blocks()
     worker_ref: pykka.ActorRef[Any] | None = None
@@ -732,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     hub = Hub(on_frames, on_tick=on_tick, tick_s=0.5)
     hub.add_dealer(NODE, args.node, identity=args.id.encode(), views=True)  # data arrives here
     hub.start()
-    worker_ref = Worker.start(hub, args.id, lambda _reason: stopped.set(), args.node_pid)
+    worker_ref = Worker.start(hub, args.id, lambda _reason: stopped.set(), args.node_pid, token)
     started.set()
     stopped.wait()
     pykka.ActorRegistry.stop_all(timeout=2)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import zmq
 
 from actors import Client, LocalCluster, Task
 from actors import messages as m
@@ -288,30 +287,56 @@ def test_a_huge_allocation_fails_the_task_with_memory_error_and_the_cluster_serv
 # --- the data plane ---------------------------------------------------------------------------
 
 
+class FloodsTheDataPlane(Task):
+    """Task code speaking as its own worker's runtime (it runs in the worker's process, and a
+    connection of its own is not its worker: actors/node.py, "Proof"): ``n`` data requests
+    naming ``n`` addresses the master never announced, over the worker's own connection to its
+    node. [answers 'missing' with no data, answers]."""
+
+    def work(self, n: int) -> list[int]:
+        import gc
+        import queue
+
+        from actors.worker import NODE, Worker
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        me = next(o for o in gc.get_objects() if isinstance(o, Worker)).worker_id
+        answers: queue.SimpleQueue[m.DataReply] = queue.SimpleQueue()
+        handler = hub._on_frames
+
+        def spy(socket: str, frames: list[bytes]) -> None:
+            try:
+                msg: m.Message | None = m.decode(frames[-1])
+            except Exception:
+                msg = None
+            if isinstance(msg, m.DataReply) and msg.task_id == "flood":
+                answers.put(msg)
+            else:
+                handler(socket, frames)
+
+        hub._on_frames = spy
+        outbox = hub.outbox()
+        try:
+            for i in range(n):
+                request = m.encode(m.DataRequest("flood", [f"flood:{i}"], me))
+                outbox.send(NODE, [b"p", f"tcp://10.255.{i // 250}.{i % 250}:9".encode(),
+                                   b"holder", request])
+            replies = [answers.get(timeout=10) for _ in range(n)]
+        finally:
+            hub._on_frames = handler
+            outbox.close()
+        return [sum(1 for r in replies if r.missing and not r.data), len(replies)]
+
+
 def test_a_node_connects_to_no_address_the_master_did_not_announce(tmp_path: Path) -> None:
-    """1,200 data requests naming 1,200 addresses, straight onto the node's worker socket (as
-    task code may): each is answered 'missing' at once, and the node opens no connection."""
+    """1,200 data requests naming 1,200 addresses, from task code onto its node's worker socket:
+    each is answered 'missing' at once, and the node opens no connection."""
     with LocalCluster(workers=1) as cl, Client(cl) as client:
         client.wait_for_workers(1)
         (node,) = children(cl.pid)  # the master's one child (its workers are the node's)
-        [run_dir] = Path(tempfile.gettempdir()).glob(f"actors-node-{node}-*")
         before = len(os.listdir(f"/proc/{node}/fd"))
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, b"intruder")
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        sock.connect(f"ipc://{run_dir}/workers.sock")
-        try:
-            for i in range(1200):
-                request = m.encode(m.DataRequest("t", [f"t:{i}"], "intruder"))
-                sock.send_multipart([b"p", f"tcp://10.255.{i // 250}.{i % 250}:9".encode(),
-                                     b"holder", request])
-            replies = [m.decode(sock.recv()) for _ in range(1200)]
-        finally:
-            sock.close()
-            ctx.term()
-        assert all(isinstance(r, m.DataReply) and r.missing and not r.data for r in replies)
+        assert client.submit(FloodsTheDataPlane, 1200).result(timeout=60) == [1200, 1200]
         assert len(os.listdir(f"/proc/{node}/fd")) <= before + 5
         assert client.submit(Pid).result(timeout=30) > 0
 

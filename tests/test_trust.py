@@ -328,3 +328,69 @@ def test_a_malformed_message_inside_a_batch_is_dropped_alone(cluster: LocalClust
     finally:
         sock.send(m.encode(m.Bye("leaving")))
         sock.close()
+
+
+class TakesAnotherWorkersPlace(Task):
+    """Task code that connects to its node's socket for workers under another worker's id (ids
+    are guessable: NODE_ID/wN), says it is that worker (a Hello without its secret) and that
+    the worker's task returned "forged", and listens for what the node sends that id."""
+
+    def work(self, worker_id: str, task_id: str) -> str:
+        from actors import __version__ as version
+        from actors import messages as msgs
+        from actors.serialize import dumps_result
+
+        path = os.path.join(os.path.dirname(os.getcwd()), "workers.sock")  # (its run folder)
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+        events = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        try:
+            sock.connect(f"ipc://{path}")
+            if not events.poll(10_000):
+                return f"could not connect to {path}"
+            hello = msgs.Hello(role="worker", peer_id=worker_id, protocol=msgs.PROTOCOL_VERSION,
+                               version=version, pid=os.getpid(), token="0" * 32)
+            forged = msgs.TaskResult(task_id, msgs.UnitOutcome(-1, True, dumps_result("forged",
+                                                                                      "T")))
+            for _ in range(3):  # (a parked connection's first frames are read as its id)
+                sock.send_multipart([b"n", msgs.encode(hello)])
+                sock.send_multipart([b"m", msgs.encode(forged)])
+            return "sent" + (", and was sent the worker's messages" if sock.poll(2_000) else "")
+        finally:
+            events.close()
+            sock.close()
+            context.term()
+
+
+def test_task_code_cannot_take_another_workers_place_on_its_node(tmp_path: Path) -> None:
+    """The node's socket for workers is a path any of its workers' processes can open, and a
+    worker names itself: task code took a live worker's id, was sent its messages (another
+    user's tasks) and ended its task with a forged result. Now a worker's frames count only
+    once its Hello said the secret it was started with, and no connection takes over a
+    connected worker's id (actors/node.py, "Proof"): neither the victim's id nor one no worker
+    holds gets the impostor anything."""
+    gate = tmp_path / "gate"
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        victim = client.submit(WaitsFor, str(gate))
+
+        def victims_worker() -> str:
+            for key, _, finish, cause, _ in victim.story():  # ("master: driver NODE/wN")
+                if key == "task" and finish == "running" and "driver " in cause:
+                    return cause.split("driver ", 1)[1].split()[0]
+            return ""
+
+        deadline = time.monotonic() + 30
+        while not victims_worker() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker_id = victims_worker()
+        assert worker_id, "the victim's task never started"
+        nobodys = worker_id.rsplit("/", 1)[0] + "/w99"
+        for taken in (worker_id, nobodys):
+            impostor = client.submit(TakesAnotherWorkersPlace, taken, victim.task_id)
+            assert impostor.result(60) == "sent"  # (it reached the socket: the attempt was made)
+        gate.touch()
+        assert victim.result(60) == "released"
+        assert client.submit(Square, 7).result(30) == 49  # both workers serve on

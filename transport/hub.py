@@ -153,6 +153,7 @@ class _SocketSpec(msgspec.Struct, frozen=True):
     views: bool = False  # large frames received as memoryviews, uncopied (see "Bulk data")
     max_message: int = -1  # a larger frame closes its sender's connection, unread (-1: none)
     also_bind: str = ""  # a second endpoint of the same socket (the master's ipc:// for this host)
+    handover: bool = True  # a keyless router gives a routing id to the newest connection naming it
 
 
 class Outbox:
@@ -249,17 +250,20 @@ class Hub:
 
     def add_router(self, name: str, address: str, *, curve: ServerCurve | None = None,
                    with_keys: bool = False, views: bool = False, max_message: int = -1,
-                   also_bind: str = "") -> None:
+                   also_bind: str = "", handover: bool = True) -> None:
         """A bound ROUTER socket (the master's TCP endpoint, the node's ipc endpoint). With
         ``with_keys`` (a CURVE server only) each frame list starts with the sender's key, and no
         connection may take over another's routing identity. ``views``: see "Bulk data".
         ``max_message`` (bytes, -1: none): ZeroMQ closes the connection of a peer whose frame is
         larger as soon as its header says so, before reading or allocating it. ``also_bind``: a
-        second endpoint, with the same keys and bounds (``address()`` still names the first)."""
+        second endpoint, with the same keys and bounds (``address()`` still names the first).
+        ``handover`` False (a router without keys): a connection naming an id that a connected
+        peer holds is parked by ZeroMQ, never given the id (libzmq then reads that connection's
+        next frame as the id it names)."""
         if with_keys and curve is None:
             raise ValueError("with_keys needs CURVE: without it no key is proved")
         self._specs.append(_SocketSpec(name, zmq.ROUTER, address, True, None, curve, None, False,
-                                       with_keys, views, max_message, also_bind))
+                                       with_keys, views, max_message, also_bind, handover))
 
     def add_dealer(
         self,
@@ -472,7 +476,7 @@ class Hub:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if not spec.with_keys:
                 # A reconnecting peer with the same identity takes over its old connection.
-                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+                sock.setsockopt(zmq.ROUTER_HANDOVER, int(spec.handover))
             else:
                 # Peers prove who they are: no connection may take over another's identity.
                 # Heartbeats close a dead peer's connection, so its identity is free again
