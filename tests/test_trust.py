@@ -18,6 +18,7 @@ from actors import Client, LocalCluster, Task, __version__
 from actors import client as client_module
 from actors import messages as m
 from actors.errors import NoSuchTask, ScatterFailed, TaskIdTaken
+from tests.conftest import wait_until
 from transport.hub import BATCH, unbatch
 from transport.keys import add_key, load_keypair, load_public_key
 
@@ -382,11 +383,7 @@ def test_task_code_cannot_take_another_workers_place_on_its_node(tmp_path: Path)
                     return cause.split("driver ", 1)[1].split()[0]
             return ""
 
-        deadline = time.monotonic() + 30
-        while not victims_worker() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        worker_id = victims_worker()
-        assert worker_id, "the victim's task never started"
+        worker_id = str(wait_until(victims_worker, 30, "the victim's task to start"))
         nobodys = worker_id.rsplit("/", 1)[0] + "/w99"
         for taken in (worker_id, nobodys):
             impostor = client.submit(TakesAnotherWorkersPlace, taken, victim.task_id)
