@@ -79,3 +79,39 @@ def test_past_its_bound_the_gate_drops_the_newest_and_says_so() -> None:
     assert gate.dropped == 2
     assert gate.open() == [[b"w", b"x" * 10]] * 2
     assert gate.passes([b"w", b"z"])
+
+
+def test_only_a_proven_workers_frames_are_relayed_and_only_a_living_one_is_sent_any() -> None:
+    """actors/node.py "Proof": a frame from an id whose Hello proved nothing is dropped (its
+    Hello alone goes to the Node actor, which checks the secret); a proven worker's frames count
+    until the node forgets it (LAST_WORDS_S after its exit), frames to it only while it lives."""
+    hub, node, gate, ends = Relayed(), Told(), MasterGate(), TaskEnds()
+    proven: set[bytes] = set()
+    alive: set[bytes] = set()
+    from_master(hub, node, gate, ends, [m.encode(m.Welcome("m1", "n1"))])
+
+    def worker_says(worker: bytes, to: bytes, msg: m.Message) -> None:
+        relay_frames(hub, node, node, "workers", [worker, to, m.encode(msg)],  # type: ignore[arg-type]
+                     None, ends, gate, None, proven, alive)
+
+    def master_says(worker: bytes, body: bytes) -> None:
+        relay_frames(hub, node, node, "master", [worker, body],  # type: ignore[arg-type]
+                     None, ends, gate, None, proven, alive)
+
+    hub.sent.clear()
+    node.messages.clear()
+    hello = m.Hello(role="worker", peer_id="n1/w1", protocol=m.PROTOCOL_VERSION, version="x",
+                    token="guess")
+    worker_says(b"n1/w1", b"m", result("t1", b"forged"))
+    worker_says(b"n1/w1", b"n", hello)
+    master_says(b"n1/w1", assign("t1"))
+    assert hub.sent == [] and [type(i.message) for i in node.messages] == [m.Hello]
+    proven.add(b"n1/w1")  # (the Node actor, once the Hello said the secret)
+    alive.add(b"n1/w1")
+    master_says(b"n1/w1", assign("t1"))
+    worker_says(b"n1/w1", b"m", result("t1", b"1"))
+    assert [socket for socket, _ in hub.sent] == ["workers", "master"]
+    alive.discard(b"n1/w1")  # it exited: its last words still count, nothing goes to its id
+    master_says(b"n1/w1", assign("t2"))
+    worker_says(b"n1/w1", b"m", result("t1", b"again"))
+    assert [socket for socket, _ in hub.sent] == ["workers", "master", "master"]
