@@ -856,40 +856,65 @@ def take_backs(out: list[ev.Instruction]) -> list[ev.TakeBack]:
 def test_tasks_queued_behind_one_that_runs_long_are_taken_back_for_a_free_worker(
     s: Harness
 ) -> None:
-    """The submitter's tasks were measured short, but t1 is not: the ones queued behind it go
-    back to the queue (uncounted, their story says why) and run on the worker that comes free."""
+    """The submitter's tasks were measured short, but t1 is not: once another worker is free,
+    the ones queued behind t1 go back to the queue (uncounted, their story says why) and run
+    there."""
     fast_worker(s)
     submit(s, "t1", kind="task")
     assert assigned(submit(s, "t2", kind="task")) == [("w1", "t2")]  # t1 has just begun
     assert take_backs(s(ev.Tick)) == []  # not late yet
     s.now += LATE_S
     assert assigned(submit(s, "t3", kind="task")) == []  # late: nothing more queues there
+    assert take_backs(s(ev.Tick)) == []  # no worker free: t2 would wait as long in the queue
+    assert assigned(s(ev.WorkerReady, "n1", "w2")) == [("w2", "t3")]
+    s(ev.TaskFinished, "w2", "t3", UnitOutcome(-1, True, b"3"), 0.001)  # w2 is free now
+    s.now += LATE_S / 2
     assert take_backs(s(ev.Tick)) == [ev.TakeBack("n1", "w1", "t2")]
     s.now += LATE_S
     assert take_backs(s(ev.Tick)) == []  # asked once: the answer is on its way
-    s(ev.TakeBackAnswered, "w1", "t2", True)
-    t2 = s.state.tasks["t2"]
-    assert t2.state == "queued" and not s.state.workers["w1"].queued and not t2.deaths
+    out = s(ev.TakeBackAnswered, "w1", "t2", True)
+    assert assigned(out) == [("w2", "t2")]
+    assert not s.state.workers["w1"].queued and not s.state.tasks["t2"].deaths
     assert ("task", "running", "queued", "taken back from w1: queued behind t1, which runs long") \
         in [e[:4] for e in s.state.story("t2")]
-    out = s(ev.WorkerReady, "n1", "w2")
-    assert assigned(out) == [("w2", "t2"), ("w2", "t3")]  # it kept its place before t3
     s(ev.TaskFinished, "w2", "t2", UnitOutcome(-1, True, b"2"), 0.001)
-    assert s.state.workers["w2"].task_id == "t3"
+    assert s.state.tasks["t2"].state == "done"
+
+
+def test_no_task_is_taken_back_while_every_worker_is_busy(s: Harness) -> None:
+    """A master slow to hear results sees every worker late (a thousand workers, tasks of no
+    time): with no worker free, asking each for its queue would only add to its load."""
+    fast_worker(s)
+    s(ev.WorkerReady, "n1", "w2")
+    for i in range(1, 5):
+        submit(s, f"t{i}", kind="task")  # t1, t2 run; t3 and t4 queued behind them
+    assert {w: list(s.state.workers[w].queued) for w in ("w1", "w2")} == {
+        "w1": ["t3"], "w2": ["t4"]}
+    s.now += 10 * LATE_S
+    assert take_backs(s(ev.Tick)) == []
+    s(ev.TaskFinished, "w2", "t2", UnitOutcome(-1, True, b"2"), 0.001)  # t4 begins on w2
+    s.now += LATE_S / 2
+    assert take_backs(s(ev.Tick)) == []  # w2 is busy with t4
+    s(ev.TaskFinished, "w2", "t4", UnitOutcome(-1, True, b"4"), 0.001)  # w2 is free
+    s.now += LATE_S / 2
+    assert take_backs(s(ev.Tick)) == [ev.TakeBack("n1", "w1", "t3")]
 
 
 def test_a_task_that_began_before_its_take_back_runs_where_it_is(s: Harness) -> None:
     fast_worker(s)
+    s(ev.WorkerReady, "n1", "w2")
     submit(s, "t1", kind="task")
-    submit(s, "t2", kind="task")
+    submit(s, "t2", kind="task")  # on w2
+    submit(s, "t3", kind="task")  # queued behind t1
+    s(ev.TaskFinished, "w2", "t2", UnitOutcome(-1, True, b"2"), 0.001)  # w2 is free
     s.now += LATE_S
-    assert take_backs(s(ev.Tick)) == [ev.TakeBack("n1", "w1", "t2")]
-    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"1"), 0.5)  # t2 begins at once
-    assert s(ev.TakeBackAnswered, "w1", "t2", False) == []
-    assert s.state.workers["w1"].task_id == "t2" and s.state.tasks["t2"].state == "running"
+    assert take_backs(s(ev.Tick)) == [ev.TakeBack("n1", "w1", "t3")]
+    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"1"), 0.5)  # t3 begins at once
+    assert s(ev.TakeBackAnswered, "w1", "t3", False) == []
+    assert s.state.workers["w1"].task_id == "t3" and s.state.tasks["t3"].state == "running"
     assert s.state.workers["w1"].taking_back == ()
-    s(ev.TaskFinished, "w1", "t2", UnitOutcome(-1, True, b"2"), 0.001)
-    assert s.state.tasks["t2"].state == "done"
+    s(ev.TaskFinished, "w1", "t3", UnitOutcome(-1, True, b"3"), 0.001)
+    assert s.state.tasks["t3"].state == "done"
 
 
 def test_a_worker_working_through_its_queue_is_not_late(s: Harness) -> None:

@@ -68,9 +68,13 @@ it go back to the queue uncounted. A worker killed to end one of its tasks
 submitter, not per function: a task that runs long (``LATE_S`` and more) among
 short ones of the same submitter would hold the ones queued behind it. So a
 worker whose current plain Task has run ``LATE_S`` queues no more, and on the
-next tick the scheduler asks it for the ones queued there (``TakeBack``); it
-gives back each that has not begun (``TakeBackAnswered``), and they go back to
-the queue, uncounted, in the fair place they had, for a worker free sooner.
+next tick while another worker is free the scheduler asks it for the ones
+queued there (``TakeBack``); it gives back each that has not begun
+(``TakeBackAnswered``), and they go back to the queue, uncounted, in the fair
+place they had, for the worker free sooner. With no worker free none is asked:
+a master too busy to hear results at once sees every worker late, and asking
+each for its queue only added to its load (at 1,000 simulated workers, four
+tasks in five were asked for and one in ten assigned twice).
 
 Stealing. A worker of a task with nothing left to queue is idle while a peer
 has two runs or more in flight: the scheduler asks that peer to give its newest
@@ -1364,7 +1368,13 @@ class SchedulerState:
         if now - self.late_checked < LATE_S / 2:
             return  # (a Tick also ends each burst of events: not a look at every worker each)
         self._undo.set(self, "late_checked", now)
-        for worker in self.workers.values():
+        workers = self.workers.values()
+        # Only for a worker free now: with none, a task taken back would wait in the queue as
+        # long as where it is. And a master slow to hear results (a thousand workers, tasks of
+        # no time) sees every worker late: asking each for its queue would make it slower yet.
+        if not any(w.task_id is None and not w.paused and not w.stopping for w in workers):
+            return
+        for worker in workers:
             if not worker.queued or now - worker.since < LATE_S:
                 continue
             asked = [task_id for task_id in worker.queued if task_id not in worker.taking_back]
