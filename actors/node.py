@@ -69,6 +69,13 @@ log = structlog.get_logger("actors.node")
 MASTER = "master"
 WORKERS = "workers"
 KILL_GRACE_S = 2.0
+# A worker's start (an interpreter, the runtime's imports, its containment) takes well under a
+# second here; one that has not said its Hello after this long never will, or cannot: hung
+# before it (a stuck import, a mount that does not answer), or its id on the workers' socket
+# taken by another connection (task code that guessed it: node ids and worker numbers are in
+# the open), which leaves it unheard. It is ended and replaced, so that the node keeps its
+# slots; not counted as a failed start (MAX_FAILED_STARTS), which task code must not cause.
+DEFAULT_START_TIMEOUT_S = 60.0
 HELLO_RETRY_S = 2.0
 UNREACHABLE_AFTER_S, UNREACHABLE_EVERY_S = 5.0, 30.0  # when, and how often, to say so
 MAX_FAILED_STARTS = 5
@@ -103,6 +110,7 @@ class WorkerProcess:
     expected_exit: bool = False
     plan: Plan = UNCONTAINED
     token: str = ""  # the secret it must say in its Hello (see "Proof")
+    start_by: float | None = None  # its Hello is due by then (set on the first tick after start)
 
 
 @dataclass
@@ -117,6 +125,8 @@ class NodeConfig:
     local_data: str = ""  # DataPlane.local_data(): its ipc endpoint for peer nodes of the host
     master: str = ""  # the master's address, for what a person reads in the log
     connect_timeout: float = 0.0  # seconds without a welcome before the node gives up (0: never)
+    # A worker that has not proved itself this long after it started is replaced (0: never).
+    start_timeout: float = DEFAULT_START_TIMEOUT_S
     parent_pid: int = field(default_factory=os.getppid)
     containment: Containment | None = None
 
@@ -286,6 +296,13 @@ class Node(Shell):
             self.last_stats = now
             self._report_usage(now)
         for worker in list(self.workers.values()):
+            if not worker.ready and not worker.expected_exit and self.config.start_timeout:
+                if worker.start_by is None:
+                    worker.start_by = now + self.config.start_timeout
+                elif now >= worker.start_by:
+                    self.log.warning("worker_start_timeout", worker_id=worker.worker_id,
+                                     pid=worker.pid, seconds=self.config.start_timeout)
+                    self._kill(worker.worker_id, "it did not say hello in time")
             if worker.kill_deadline is not None and now >= worker.kill_deadline:
                 self.log.warning("worker_kill_escalated", worker_id=worker.worker_id)
                 _signal_group(worker.pid, signal.SIGKILL)
@@ -789,6 +806,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-timeout", type=float, default=0.0, metavar="SECONDS",
                         help="give up (exit 1) when no master welcomed this node within this "
                              "long (default 0: keep trying; it says why every 30 s)")
+    parser.add_argument("--worker-start-timeout", type=float, metavar="SECONDS",
+                        default=os.environ.get("ACTORS_WORKER_START_TIMEOUT")
+                        or str(DEFAULT_START_TIMEOUT_S),
+                        help="replace a worker that has not said hello this long after it "
+                             f"started (default {DEFAULT_START_TIMEOUT_S:g}; 0: never)")
     parser.add_argument("--results-memory", type=parse_size,
                         default=os.environ.get("ACTORS_RESULTS_MEMORY") or "1G", metavar="SIZE",
                         help="large task results this node holds for their clients, in memory, "
@@ -823,7 +845,8 @@ def main(argv: list[str] | None = None) -> int:
     config = NodeConfig(node_id, args.workers, f"ipc://{run_dir}/workers.sock", run_dir,
                         exit_with_parent=args.exit_with_parent, parent_pid=parent,
                         containment=containment,
-                        master=args.master, connect_timeout=max(0.0, args.connect_timeout))
+                        master=args.master, connect_timeout=max(0.0, args.connect_timeout),
+                        start_timeout=max(0.0, args.worker_start_timeout))
 
     def plan_for(scratch: str) -> Plan:
         plan = containment.plan()

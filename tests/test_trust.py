@@ -4,6 +4,7 @@ performed on a real master and fails, while a legitimate task still completes.""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -363,6 +364,69 @@ class TakesAnotherWorkersPlace(Task):
             events.close()
             sock.close()
             context.term()
+
+
+class HoldsTheNextWorkersId(Task):
+    """Task code that connects to its node's socket for workers under the id the node will give
+    its next worker (ids are guessable: NODE_ID/wN) and holds it until ``gate`` exists."""
+
+    def work(self, worker_id: str, connected: str, gate: str) -> str:
+        path = os.path.join(os.path.dirname(os.getcwd()), "workers.sock")  # (its run folder)
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+        events = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        try:
+            sock.connect(f"ipc://{path}")
+            if not events.poll(10_000):
+                return f"could not connect to {path}"
+            sock.send_multipart([b"n", b"squatting"])  # (the router reads its id from the peer)
+            open(connected, "w").close()
+            deadline = time.monotonic() + 120
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return "held"
+        finally:
+            events.close()
+            sock.close()
+            context.term()
+
+
+class DiesOnce(Task):
+    """Kills its own worker the first time it runs (``marker`` says it did), returns after."""
+
+    def work(self, marker: str) -> str:
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return "ran again"
+
+
+def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """Task code can guess the id its node gives the next worker and hold it on the workers'
+    socket first: that worker's connection is refused, its Hello is never heard, and it held its
+    slot forever, so a task waiting for a worker waited for ever too. Now a worker that has not
+    said hello ``--worker-start-timeout`` after its start ($ACTORS_WORKER_START_TIMEOUT here)
+    is ended and replaced, and the log says so."""
+    monkeypatch.setenv("ACTORS_WORKER_START_TIMEOUT", "2")
+    connected, gate, marker = tmp_path / "connected", tmp_path / "gate", tmp_path / "marker"
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        first = client.submit(Square, 3)
+        assert first.result(30) == 9
+        node_id = next(cause.split("driver ", 1)[1].split()[0] for key, _, finish, cause, _
+                       in first.story() if key == "task" and "driver " in cause).rsplit("/", 1)[0]
+        squatter = client.submit(HoldsTheNextWorkersId, f"{node_id}/w3", str(connected), str(gate))
+        wait_until(connected.exists, 30, "the task to hold the next worker's id")
+        dies = client.submit(DiesOnce, str(marker))  # on the other worker: its replacement is w3
+        assert dies.result(60) == "ran again"  # on the worker that replaced w3
+        assert not squatter.done()
+        gate.touch()
+        assert squatter.result(30) == "held"
+    err = capfd.readouterr().err
+    assert "worker_start_timeout" in err and f"{node_id}/w3" in err, err[-3000:]
 
 
 def test_task_code_cannot_take_another_workers_place_on_its_node(tmp_path: Path) -> None:
