@@ -26,6 +26,16 @@ Task code runs in the workers and may send any frame: the node connects only to 
 the master announced to its workers (``RunUnits``/``WhoHas``/``DriverResults`` holders, read from
 the frames relayed to them), answers a request for any other address at once with every key
 missing, and keeps at most ``MAX_PEERS`` peer connections, closing the least recently used.
+
+Nor may a worker speak to another worker as its node would. What the data plane hands a worker
+comes after a first frame of its own (``DATA_MARK``), and a worker takes only data messages
+there, and none on its node's own path (actors/worker.py); here a request must be a
+``DataRequest`` or ``InputRequest`` naming its sender as the requester, and a reply a
+``DataReply`` naming its sender as the holder, to a requester that asked that holder (or that
+peer node) in the last ``ASKED_S`` seconds. Before (2026-12-04), task code could send any
+message to any worker of its node, or of a peer node, through either path: an ``AssignTask``
+of its own code to another user's idle worker ran it there
+(``test_task_code_cannot_send_another_worker_its_nodes_messages``).
 """
 
 from __future__ import annotations
@@ -34,10 +44,13 @@ import ipaddress
 import os
 import shutil
 import socket
+import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
+import msgspec
 import structlog
 
 from actors import messages as m
@@ -60,6 +73,26 @@ MAX_PEERS = 64  # open DEALERs to other nodes; the least recently used is closed
 MAX_KNOWN = 4096  # announced addresses remembered, least recently announced forgotten first
 #: Frames of their own a reply may carry (``DataReply.attached``): more is not a worker's reply.
 MAX_ATTACHED = 4096
+#: The first frame of all the data plane hands a worker: what follows is data, not its node's.
+DATA_MARK = b"d"
+#: A holder may answer a requester this long after it was last asked by it (a request may be
+#: answered in several replies, and late), and these many askings are remembered at most.
+ASKED_S = 600.0
+MAX_ASKED = 65_536
+_REQUESTS = (m.DataRequest, m.InputRequest)
+_REPLY_TAGS = frozenset({"DataReply", "InputData"})
+
+
+class _Head(msgspec.Struct, array_like=True):
+    """A data message's type tag and the field after its task id (a reply's holder), read
+    without decoding the values it carries."""
+
+    tag: str
+    task_id: str
+    second: msgspec.Raw = msgspec.Raw()
+
+
+_head = msgspec.msgpack.Decoder(_Head)
 
 
 def boot_id() -> str:
@@ -138,6 +171,11 @@ class DataPlane:
         self.local_address = ""
         self.local: dict[str, str] = {}  # peer data address -> its ipc endpoint (same host, uid)
         self.origin_socket: dict[bytes, str] = {}  # asking node -> the socket it asked on
+        # Who asked whom, and when last (see ASKED_S): (our holder, origin, requester) for the
+        # requests handed to our workers; (peer socket, requester) for those sent to peers.
+        self.asked: OrderedDict[tuple[bytes, bytes, bytes], float] = OrderedDict()
+        self.sent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self.forged = 0  # frames refused (said 1, 2, 4, 8... times)
         # The result store's answer to an InputRequest (set by the node: node_results.py).
         self.serve_input: Callable[[Hub, bytes, bytes], None] | None = None
 
@@ -196,15 +234,20 @@ class DataPlane:
         """Relay a worker's data frames (``[b"p"|b"r", ...]``); False when they are not data."""
         if len(frames) == 4 and frames[0] == TO_PEER:
             _, address, holder, body = frames
+            if not self._requested_by(worker, body):
+                return True
+            holder = bytes(holder)
             # (bytes(): a worker's frame of 64 KiB or more comes as a view, see transport/hub.py)
             text = bytes(address).decode(errors="replace")
             if not address:
                 log.warning("data_request_without_address",
-                            holder=bytes(holder).decode(errors="replace"))
+                            holder=holder.decode(errors="replace"))
             elif text == self.address:
                 if holder == RESULTS_HOLDER and self.serve_input is not None:
                     self.serve_input(hub, b"", body)
-                elif not self._to_worker(hub, [holder, b"", body]):
+                elif self._to_worker(hub, [holder, b"", body]):
+                    _remember(self.asked, (holder, b"", worker))
+                else:
                     self._holder_gone(hub, holder, b"", body)
             elif text not in self.known:
                 self.refused += 1
@@ -213,13 +256,38 @@ class DataPlane:
                                 worker=worker.decode(errors="replace"), refused=self.refused)
                 self._holder_gone(hub, holder, b"", body)
             else:
-                hub.send_now(self._peer_socket(hub, text), [holder, body])
+                peer = self._peer_socket(hub, text)
+                hub.send_now(peer, [holder, body])
+                _remember(self.sent, (peer, worker))
             return True
         if 4 <= len(frames) <= 4 + MAX_ATTACHED and frames[0] == REPLY:
             _, origin, requester, *attached, body = frames
+            origin, requester = bytes(origin), bytes(requester)
+            head = _head_of(body)
+            if (head is None or head.tag != "DataReply" or _text(head.second) != worker
+                    or not _asked(self.asked, (worker, origin, requester))):
+                self._refuse(worker, "a reply to no request of its")
+                return True
             self._reply(hub, origin, requester, body, attached)
             return True
         return False
+
+    def _requested_by(self, worker: bytes, body: bytes) -> bool:
+        """A worker's request for data: a ``DataRequest`` or ``InputRequest`` naming it."""
+        try:
+            request = m.decode(body)
+        except MalformedMessage:
+            request = None
+        if isinstance(request, _REQUESTS) and request.requester.encode() == worker:
+            return True
+        self._refuse(worker, "not a request of its own")
+        return False
+
+    def _refuse(self, worker: bytes, why: str) -> None:
+        self.forged += 1
+        if self.forged & (self.forged - 1) == 0:
+            log.warning("data_frame_refused", node_id=self.node_id, why=why, refused=self.forged,
+                        worker=bytes(worker[:80]).decode(errors="replace"))
 
     def from_master(self, body: bytes) -> None:
         """A frame the master sends one of our workers: remember the data addresses it names."""
@@ -248,19 +316,33 @@ class DataPlane:
         """Relay what the data ROUTER or a peer DEALER received; False for other sockets."""
         if socket in (DATA, DATA_LOCAL):
             if len(frames) == 3:
-                origin, holder, body = frames
+                origin, holder, body = bytes(frames[0]), bytes(frames[1]), frames[2]
+                try:
+                    request = m.decode(body)
+                except MalformedMessage:
+                    request = None
+                if not isinstance(request, _REQUESTS):  # (its node checked who asks)
+                    self._refuse(origin, "a peer node's frame that is not a request")
+                    return True
                 if self.origin_socket.get(origin) != socket:
                     self.origin_socket[origin] = socket  # its answers go back the same way
                 if holder == RESULTS_HOLDER and self.serve_input is not None:
                     self.serve_input(hub, origin, body)
-                elif not self._to_worker(hub, [holder, origin, body]):
+                elif self._to_worker(hub, [holder, origin, body]):
+                    _remember(self.asked, (holder, origin, request.requester.encode()))
+                else:
                     self._holder_gone(hub, holder, origin, body)
             else:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
             return True
         if socket.startswith("peer:"):
             if 2 <= len(frames) <= 2 + MAX_ATTACHED:  # [requester, *attached, DataReply]
-                self._to_worker(hub, frames)
+                head = _head_of(frames[-1])
+                if (head is not None and head.tag in _REPLY_TAGS
+                        and _asked(self.sent, (socket, bytes(frames[0])))):
+                    self._to_worker(hub, frames)
+                else:
+                    self._refuse(b"", f"a reply from {socket} to no request sent there")
             else:
                 log.warning("malformed_frames", source="peer node", count=len(frames))
             return True
@@ -271,7 +353,7 @@ class DataPlane:
         may hold an exited worker's id)."""
         if self.alive is not None and frames[0] not in self.alive:
             return False
-        return hub.send_now(WORKERS, frames)
+        return hub.send_now(WORKERS, [frames[0], DATA_MARK, *frames[1:]])
 
     def _holder_gone(self, hub: Hub, holder: bytes, origin: bytes, body: bytes) -> None:
         """The holder is not (or no longer) here: say so now, rather than let the asker wait."""
@@ -326,3 +408,30 @@ class DataPlane:
                                                   self.pair.public), views=True)
         self.peers[name] = None
         return name
+
+
+def _head_of(body: bytes) -> _Head | None:
+    try:
+        return _head.decode(body)
+    except msgspec.MsgspecError:
+        return None
+
+
+def _remember(table: OrderedDict[Any, float], key: Any) -> None:
+    table[key] = time.monotonic()
+    table.move_to_end(key)
+    while len(table) > MAX_ASKED:
+        table.popitem(last=False)
+
+
+def _asked(table: OrderedDict[Any, float], key: Any) -> bool:
+    when = table.get(key)
+    return when is not None and time.monotonic() - when <= ASKED_S
+
+
+def _text(raw: msgspec.Raw) -> bytes:
+    """A msgpack string, as UTF-8 bytes (b"" for anything else)."""
+    try:
+        return msgspec.msgpack.decode(raw, type=str).encode()
+    except msgspec.MsgspecError:
+        return b""

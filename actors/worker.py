@@ -59,7 +59,7 @@ from actors.core.worker_slot import (
 from actors.errors import InputLost, MalformedMessage
 from actors.inputs import resolving
 from actors.memory import sealed_file
-from actors.node_data import RESULTS_HOLDER
+from actors.node_data import DATA_MARK, RESULTS_HOLDER
 from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads, loads_parts
 from actors.shell import HubShell, Inbound, Tick, tell_if_alive
@@ -89,6 +89,7 @@ TO_NODE = b"n"
 HOLD_RESULT = b"h"  # [b"h", task_id, *parts]: a large result, for the node to hold
 HOLD_FILE = b"f"  # [b"f", HeldFile]: a large result in a sealed memory file, for the node
 TO_PEER = b"p"  # [b"p", address, holder, request]: for a holder on the node at that address
+_DATA = (m.DataRequest, m.DataReply, m.InputData)  # come only after the data plane's mark
 INPUT_WAIT_S = 120.0  # a task's large inputs come within this, or it fails with InputLost
 
 
@@ -719,12 +720,22 @@ def main(argv: list[str] | None = None) -> int:
     def on_frames(_socket: str, frames: list[bytes]) -> None:
         if not started.is_set():  # Event.wait takes a lock even when set: per frame
             started.wait(10)  # the node may answer our Hello before start() has returned
+        # The data plane's frames come after a mark of their own: the node relays what other
+        # workers send there, and only data may come that way (actors/node_data.py). What comes
+        # without the mark is from the node (or the master through it), one frame.
+        data = len(frames) > 1 and frames[0] == DATA_MARK
         try:
             message = m.decode(frames[-1])
-            if isinstance(message, m.DataReply):
-                origin, message = b"", with_attached(message, frames[:-1])
-            else:
-                origin = frames[0] if len(frames) == 2 else b""  # a peer's data request: its node
+            origin = b""
+            if data and isinstance(message, m.DataReply):
+                message = with_attached(message, frames[1:-1])
+            elif data and isinstance(message, m.DataRequest) and len(frames) == 3:
+                origin = bytes(frames[1])  # a peer's data request: its node (b"": ours)
+            elif data and not (isinstance(message, m.InputData) and len(frames) == 2) \
+                    or not data and (len(frames) != 1 or isinstance(message, _DATA)):
+                log.warning("unexpected_frames", data=data, count=len(frames),
+                            type=type(message).__name__)
+                return
         except MalformedMessage as exc:
             log.warning("malformed_frames", source="node", count=len(frames), error=str(exc))
             return

@@ -403,22 +403,83 @@ def test_a_peer_known_local_late_gets_an_ipc_socket_and_the_tcp_one_stays_for_it
     assert [name for name, _ in hub.sent] == [f"peer:{peer}", *["peer:ipc:///run/n2/data"] * 2]
 
 
+def asked_by(plane, hub: _FakeHub) -> None:
+    """w1 (ours) and w7 (of node n2) ask our worker w2 for data; what that sends is dropped."""
+    plane.address = "tcp://127.0.0.1:2"
+    ask = m.encode(m.DataRequest("t", ["t:0"], "w1"))
+    plane.from_worker(hub, b"w1", [b"p", plane.address.encode(), b"w2", ask])
+    plane.from_network(hub, "data", [b"n2", b"w2", m.encode(m.DataRequest("t", ["t:0"], "w7"))])
+    assert [frames[:2] for _, frames in hub.sent] == [[b"w2", b"d"]] * 2
+    hub.sent.clear()
+
+
+def test_a_worker_sends_on_the_data_plane_only_requests_of_its_own_and_replies_to_them(
+) -> None:
+    """The node relays what a worker sends on the data plane to the worker it names: a request
+    must be one (DataRequest, InputRequest) and name its sender as the requester; a reply must
+    be a DataReply naming its sender as the holder, to a requester that asked it (or, from a
+    peer node, to one of ours that asked that node). What the plane hands a worker comes after
+    its mark, which a worker's own node messages never have."""
+    from actors.node_data import DATA_MARK, DataPlane
+    from transport.keys import KeyPair
+
+    hub = _FakeHub()
+    plane = DataPlane("n1", KeyPair(b"p" * 40, b"s" * 40), "/nonexistent", "tcp://127.0.0.1:1")
+    here = b"tcp://127.0.0.1:2"
+    plane.address = here.decode()
+    assign = m.encode(m.AssignTask(task_id="x", name="T", kind="task", code=b"c", args=b"",
+                                   driver=True))
+    reply = m.encode(m.DataReply("t", "w2", [("t:0", b"v")], []))
+    for sender, frames in [
+            (b"w1", [b"p", here, b"w2", assign]),  # not a request
+            (b"w1", [b"p", here, b"w2", m.encode(m.DataRequest("t", ["t:0"], "w3"))]),  # not its
+            (b"w2", [b"r", b"", b"w1", reply]),  # nobody asked w2
+            (b"w2", [b"r", b"", b"w1", assign])]:  # not a reply
+        assert plane.from_worker(hub, sender, frames)  # type: ignore[arg-type]
+    assert hub.sent == []
+    plane.from_worker(hub, b"w1", [b"p", here, b"w2", m.encode(m.DataRequest("t", ["t:0"], "w1"))])
+    assert hub.sent.pop()[1][:2] == [b"w2", DATA_MARK]
+    for sender, frames in [
+            (b"w3", [b"r", b"", b"w1", reply]),  # w1 asked w2, not w3 (and w3 names w2)
+            (b"w2", [b"r", b"", b"w1", assign]),  # an answer, but not a reply
+            (b"w2", [b"r", b"", b"w1", m.encode(m.DataReply("t", "w3", [], []))]),  # not its own
+            (b"w2", [b"r", b"n9", b"w1", reply])]:  # nobody of node n9 asked
+        assert plane.from_worker(hub, sender, frames)  # type: ignore[arg-type]
+    assert hub.sent == []
+    assert plane.from_worker(hub, b"w2", [b"r", b"", b"w1", reply])  # type: ignore[arg-type]
+    assert hub.sent == [("workers", [b"w1", DATA_MARK, reply])]
+    # A peer node: its requests must be requests; its replies go only to who asked it.
+    hub.sent.clear()
+    plane.from_network(hub, "data", [b"n2", b"w2", assign])
+    plane.from_network(hub, "peer:tcp://10.0.0.1:9", [b"w1", reply])
+    assert hub.sent == []
+    plane.from_master(m.encode(m.RunUnits("t", 1, [], [(0, "w9", "tcp://10.0.0.1:9")])))
+    plane.from_worker(hub, b"w1", [b"p", b"tcp://10.0.0.1:9", b"w9",
+                                   m.encode(m.DataRequest("t", ["t:0"], "w1"))])
+    plane.from_network(hub, "peer:tcp://10.0.0.1:9", [b"w4", reply])  # w4 did not ask
+    plane.from_network(hub, "peer:tcp://10.0.0.1:9", [b"w1", reply])
+    assert [name for name, _ in hub.sent] == ["peer:tcp://10.0.0.1:9", "workers"]
+    assert hub.sent[-1][1] == [b"w1", DATA_MARK, reply]
+
+
 def test_a_reply_with_large_values_is_relayed_frame_for_frame_and_checked_where_it_lands() -> None:
     """Large values travel as frames of their own before the reply (``DataReply.attached``):
     the node passes them on as they are, to its worker or to the asking node; the worker takes
     them only when there is exactly one frame per attached key."""
-    from actors.node_data import MAX_ATTACHED, DataPlane
+    from actors.node_data import DATA_MARK, MAX_ATTACHED, DataPlane
     from actors.worker import with_attached
     from transport.keys import KeyPair
 
     hub = _FakeHub()
     plane = DataPlane("n1", KeyPair(b"p" * 40, b"s" * 40), "/nonexistent", "tcp://127.0.0.1:1")
+    asked_by(plane, hub)
     values = [bytes([i]) * (1 << 17) for i in range(3)]
     body = m.encode(m.DataReply("", "w2", [("t:9", b"small")], ["t:5"], ["t:0", "t:1", "t:2"]))
     assert plane.from_worker(hub, b"w2", [b"r", b"", b"w1", *values, body])  # type: ignore[arg-type]
     assert plane.from_worker(hub, b"w2", [b"r", b"n2", b"w7", *values, body])  # type: ignore[arg-type]
-    assert hub.sent == [("workers", [b"w1", *values, body]), ("data", [b"n2", b"w7", *values, body])]
-    assert all(a is b for a, b in zip(hub.sent[0][1][1:4], values, strict=True)), "copied"
+    assert hub.sent == [("workers", [b"w1", DATA_MARK, *values, body]),
+                        ("data", [b"n2", b"w7", *values, body])]
+    assert all(a is b for a, b in zip(hub.sent[0][1][2:5], values, strict=True)), "copied"
     # More frames than any reply has are not a reply: not relayed.
     too_many = [b"r", b"", b"w1", *[b"x"] * (MAX_ATTACHED + 1), body]
     assert not plane.from_worker(hub, b"w2", too_many)  # type: ignore[arg-type]

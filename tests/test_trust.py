@@ -366,6 +366,43 @@ class TakesAnotherWorkersPlace(Task):
             context.term()
 
 
+class RunsWhereItWasSent(Task):
+    """What the task below makes another worker run: its pid, in a file."""
+
+    def work(self, marker: str) -> str:
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        return "ran"
+
+
+class SendsAnotherWorkerItsNodesMessages(Task):
+    """Task code speaking as its own worker's runtime (it runs in its process) on the data
+    plane: to the other worker of its node (of two), an ``AssignTask`` of code of its own, as a
+    reply to a request never made, and as a request to that worker as a holder."""
+
+    def work(self, marker: str) -> str:
+        import gc
+
+        from actors.serialize import dumps, dumps_task_class
+        from actors.worker import NODE, Worker
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        me = next(o for o in gc.get_objects() if isinstance(o, Worker)).worker_id
+        node_id, number = me.rsplit("/w", 1)
+        victim = f"{node_id}/w{3 - int(number)}"
+        assign = m.encode(m.AssignTask(
+            task_id="injected", name="RunsWhereItWasSent", kind="task",
+            code=dumps_task_class(RunsWhereItWasSent), args=dumps(((marker,), {})), driver=True))
+        outbox = hub.outbox()
+        try:
+            outbox.send(NODE, [b"r", b"", victim.encode(), assign])
+            outbox.send(NODE, [b"p", b"tcp://127.0.0.1:9", victim.encode(), assign])
+        finally:
+            outbox.close()
+        return victim
+
+
 class HoldsTheNextWorkersId(Task):
     """Task code that connects to its node's socket for workers under the id the node will give
     its next worker (ids are guessable: NODE_ID/wN) and holds it until ``gate`` exists."""
@@ -401,6 +438,32 @@ class DiesOnce(Task):
             open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
         return "ran again"
+
+
+def test_task_code_cannot_send_another_worker_its_nodes_messages(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The node relays what a worker sends on the data plane to the worker it names (a holder,
+    or the requester of a reply), and a worker took what came as if from its node: task code
+    sent another user's idle worker an AssignTask of its own code, which ran there. Now the
+    node relays only a request naming its sender, or a reply to a request it relayed, and a
+    worker takes only data after the data plane's mark (actors/node_data.py)."""
+    marker = tmp_path / "ran-there"
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        victim = client.submit(SendsAnotherWorkerItsNodesMessages, str(marker)).result(30)
+        seen = ""
+
+        def refused() -> bool:
+            nonlocal seen
+            seen += capfd.readouterr().err
+            return seen.count("data_frame_refused") >= 2
+
+        wait_until(refused, 30, "the node to refuse both frames")
+        # The victim (idle: the injected task would have run at once) serves on, as itself.
+        futures = [client.submit(Square, i) for i in range(20)]
+        assert [f.result(30) for f in futures] == [i * i for i in range(20)]
+        assert client.info().workers == 2
+    assert not marker.exists(), f"the injected task ran in {victim}, pid {marker.read_text()}"
 
 
 def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
