@@ -16,10 +16,11 @@ is ended when its worker's last task ends, or when the worker exits.
 
 Proof. The node's socket for workers is a path any of their processes can open, and a peer
 names itself there: task code could connect under another worker's id. So each worker is
-started with a secret of its own (``prefork.worker_token``, in its environment, dropped as it
-starts) and says it in its ``Hello``; the node relays a worker's frames, and frames to it, only
-once its Hello proved it (``Node.proven``, read on the hub thread) and until it exits, and the
-socket hands no id over to a newer connection (a worker's connection cannot be taken over).
+started with a secret of its own (``prefork.worker_token``: set in a forked one's environment
+after the wipe, the first line of a spawned one's standard input) and says it in its
+``Hello``; the node relays a worker's frames, and frames to it, only once its Hello proved it
+(``Node.proven``, read on the hub thread) and until it exits, and the socket hands no id over
+to a newer connection (a worker's connection cannot be taken over).
 """
 
 from __future__ import annotations
@@ -46,7 +47,15 @@ import structlog
 
 from actors import __version__, contain, logs, memory
 from actors import messages as m
-from actors.contain import TOKEN_ENV, WORKER_SCRIPT, Containment, Limits, Plan, parse_size
+from actors.contain import (
+    TOKEN_ENV,
+    TOKEN_ON_STDIN,
+    WORKER_SCRIPT,
+    Containment,
+    Limits,
+    Plan,
+    parse_size,
+)
 from actors.errors import ActorsError, MalformedMessage, MessageTooLarge
 from actors.forking import exit_now
 from actors.launch import (
@@ -376,9 +385,15 @@ class Node(Shell):
         proc = subprocess.Popen(
             [sys.executable, "-c", WORKER_SCRIPT, "actors.worker", plan.to_arg(),
              *worker_args(self.config.ipc_address, worker_id)],
-            cwd=scratch, env={**worker_env(scratch), TOKEN_ENV: token}, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            cwd=scratch, env={**worker_env(scratch), TOKEN_ENV: TOKEN_ON_STDIN},
+            stdin=subprocess.PIPE, start_new_session=True,
         )
+        assert proc.stdin is not None
+        try:  # (a line in an empty pipe: never blocks)
+            proc.stdin.write(token.encode() + b"\n")
+            proc.stdin.close()
+        except OSError:  # it died at once: its exit is reported as any other
+            pass
         self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc, plan=plan, token=token))
 
     def _plan(self, scratch: str) -> Plan:

@@ -43,7 +43,7 @@ import structlog
 
 from actors import __version__, logs, memory, task_output
 from actors import messages as m
-from actors.contain import TOKEN_ENV
+from actors.contain import TOKEN_ENV, TOKEN_ON_STDIN
 from actors.core.worker_slot import (
     DRIVING,
     FAILED,
@@ -697,13 +697,32 @@ def with_attached(reply: m.DataReply, frames: list[bytes]) -> m.DataReply:
                                    attached=[])
 
 
+def _own_token() -> str:
+    """The secret the node started this worker with (contain.TOKEN_ENV): from the environment
+    (a forked worker), or the first line of standard input (a spawned one), which is then
+    /dev/null as before."""
+    token = os.environ.pop(TOKEN_ENV, "")
+    if token != TOKEN_ON_STDIN:
+        return token
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 128)
+        if not chunk:
+            break
+        line += chunk
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return line.decode(errors="replace").strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="actors.worker", description=argparse.SUPPRESS)
     parser.add_argument("--node", required=True, help="the node's ipc:// address")
     parser.add_argument("--id", required=True, help="this worker's id")
     parser.add_argument("--node-pid", type=int, default=None, help="the node process's pid")
     args = parser.parse_args(argv)
-    token = os.environ.pop(TOKEN_ENV, "")  # before any task code: ours to say, once
+    token = _own_token()  # before any task code: ours to say, once
     logs.configure()  # structlog writes to the real stderr, never to the task's
     memory.keep_large_blocks()
     worker_ref: pykka.ActorRef[Any] | None = None

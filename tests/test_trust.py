@@ -466,6 +466,31 @@ def test_task_code_cannot_send_another_worker_its_nodes_messages(
     assert not marker.exists(), f"the injected task ran in {victim}, pid {marker.read_text()}"
 
 
+class ItsWorkersStartingEnvironment(Task):
+    """What /proc/PID/environ shows of its worker: the environment the process started with,
+    readable by any process of its uid (os.environ is what the process made of it since)."""
+
+    def work(self) -> dict[str, str]:
+        with open("/proc/self/environ", "rb") as f:
+            pairs = [entry.split(b"=", 1) for entry in f.read().split(b"\0") if b"=" in entry]
+        return {k.decode(): v.decode(errors="replace") for k, v in pairs}
+
+
+def test_a_spawned_workers_secret_is_not_in_its_environment(tmp_path: Path) -> None:
+    """A worker proves itself to its node with a secret the node started it with. A spawned
+    worker (one that replaces another) had it in its environment, which /proc/PID/environ shows
+    to any process of its uid for the process's life; it now comes on its standard input."""
+    from actors.contain import TOKEN_ENV
+
+    with LocalCluster(workers=1) as cl, Client(cl) as client:
+        client.wait_for_workers(1)
+        forked = client.submit(ItsWorkersStartingEnvironment).result(30)
+        assert TOKEN_ENV not in forked  # (a forked worker's: set after the wipe, not in it)
+        assert client.submit(DiesOnce, str(tmp_path / "marker")).result(60) == "ran again"
+        spawned = client.submit(ItsWorkersStartingEnvironment).result(30)
+        assert spawned.get(TOKEN_ENV) == "-", spawned.get(TOKEN_ENV)  # (it proved itself)
+
+
 def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     """Task code can guess the id its node gives the next worker and hold it on the workers'
