@@ -100,7 +100,9 @@ MAX_OUTPUT_LINES = 1_000  # lines of task output forwarded from one TaskOutput (
 NODE_WATCH_S = 0.5  # how often the command line looks at its local node
 NODE_RESTARTS, NODE_RESTART_WINDOW_S = 5, 60.0  # a local node that dies more often stays dead
 # Refused messages: logged up to REJECTIONS_LOGGED per key and interval; a key refused more than
-# REJECTIONS_BLOCKED times in one is not heard for BLOCK_S (its peer keeps sending garbage).
+# REJECTIONS_BLOCKED times in one is not heard for BLOCK_S (its peer keeps sending garbage). A
+# worker's messages (relayed by its node) are counted apart, per worker: one past the bound is
+# dropped and its node told to end it, and the node, with its other workers, is heard on.
 REJECTION_INTERVAL_S = 10.0
 REJECTIONS_LOGGED = 20
 REJECTIONS_BLOCKED = 1_000
@@ -522,7 +524,7 @@ class Master(HubShell):
 
     def _inbound(self, inbound: Inbound) -> None:
         msg, peer_key = inbound.message, inbound.peer
-        if self.blocked and self.blocked.get((inbound.key, inbound.peer), 0.0) > self.now:
+        if self.blocked and self.blocked.get(_who(inbound), 0.0) > self.now:
             return  # a peer that kept sending what it may not: not heard for a while
         peer = self.peers.get(peer_key)
         if peer is not None and inbound.key != peer.key:
@@ -721,7 +723,7 @@ class Master(HubShell):
             # one of another node's never.
             known = self.scheduler.workers.get(worker_id)
             if known is not None:
-                self._refused(node, msg, f"{worker_id} is not this node's worker")
+                self._refused_worker(node, worker_id, msg, f"{worker_id} is not this node's worker")
             return
         match msg:
             case m.UnitsSliced(task_id=task_id, units=units, done=done):
@@ -774,7 +776,13 @@ class Master(HubShell):
                         gather.entries += entries
                 self._stories_due()
             case _:
-                self._unexpected(node, msg)
+                self._refused_worker(node, worker_id, msg, "not a message a worker sends",
+                                     "unexpected_message")
+
+    def _refused_worker(self, node: Peer, worker_id: str, msg: m.Message, reason: str,
+                        event: str = "message_refused") -> None:
+        """Counted against the worker, not its node (see REJECTIONS_BLOCKED)."""
+        self._reject(Inbound(node.routing, worker_id.encode(), msg, node.key), event, reason, node)
 
     def _salvaged(self, node: Peer, worker_id: str, msg: m.UnitsDone) -> bool:
         """Unit results of a worker stopped at its node's return: kept if the task is restored
@@ -1392,7 +1400,7 @@ class Master(HubShell):
         interval, then one line saying how many were not; a peer refused more than
         ``REJECTIONS_BLOCKED`` times in an interval is not heard for ``BLOCK_S`` (per peer, not
         per key: peers may share a key). False once the peer is blocked."""
-        key, who = inbound.key, (inbound.key, inbound.peer)
+        key, who = inbound.key, _who(inbound)
         count, since = self.rejections.get(who, (0, self.now))
         if self.now - since > REJECTION_INTERVAL_S:
             if count > REJECTIONS_LOGGED:
@@ -1405,15 +1413,32 @@ class Master(HubShell):
             (self.log.debug if quiet else self.log.warning)(
                 event, key=key[:12].decode(errors="replace"),
                 peer=(peer.peer_id if peer else inbound.peer[:40].decode(errors="replace")),
-                type=type(inbound.message).__name__, reason=reason[:200])
+                type=type(inbound.message).__name__, reason=reason[:200],
+                **({"worker_id": bytes(inbound.via[:100]).decode(errors="replace")}
+                   if inbound.via is not None else {}))
         if count > REJECTIONS_BLOCKED:
             self.blocked[who] = self.now + BLOCK_S
             self.rejections.pop(who, None)
+            why = f"more than {REJECTIONS_BLOCKED} refused messages in {REJECTION_INTERVAL_S:.0f}s"
+            if inbound.via is not None:
+                self._end_worker(inbound, why)
+                return False
             self.log.error("peer_blocked", key=key[:12].decode(errors="replace"), seconds=BLOCK_S,
-                           reason=f"more than {REJECTIONS_BLOCKED} refused messages in "
-                                  f"{REJECTION_INTERVAL_S:.0f}s")
+                           reason=why)
             return False
         return True
+
+    def _end_worker(self, inbound: Inbound, why: str) -> None:
+        """A worker (its task's code) that kept sending what it may not: dropped and ended, as
+        a worker lost (a death against what it ran); its node and other workers are heard on."""
+        worker_id = bytes(inbound.via or b"").decode(errors="replace")
+        node = self.peers.get(inbound.peer)
+        owned = node is not None and self._owns_worker(node, worker_id)
+        self.log.error("worker_blocked", worker_id=worker_id[:100], seconds=BLOCK_S, reason=why,
+                       node_id=node.peer_id if node is not None else "", ended=owned)
+        if node is not None and owned:
+            self._apply(ev.WorkerLost(self.now, worker_id, f"ended: it sent {why}", False))
+            self.send(SOCKET, node.routing, message=m.KillWorker(worker_id, f"it sent {why}"))
 
     def _forget_old_rejections(self) -> None:
         for who in [w for w, until in self.blocked.items() if until <= self.now]:
@@ -1879,6 +1904,14 @@ def describe_exit(msg: m.WorkerExited) -> str:
     else:
         how = f"exited with code {msg.exitcode}"
     return f"worker {msg.worker_id} (pid {msg.pid}) {how}, peak memory {msg.maxrss_kb // 1024} MiB"
+
+
+def _who(inbound: Inbound) -> tuple[bytes, bytes]:
+    """Whose refused messages an inbound counts among: its peer's (key and routing id), or,
+    relayed for a worker, that worker's behind it."""
+    if inbound.via is None:
+        return inbound.key, inbound.peer
+    return inbound.key, inbound.peer + b"\x00" + inbound.via
 
 
 def route_frames(frames: list[bytes]) -> Inbound:

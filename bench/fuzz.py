@@ -1,5 +1,7 @@
 """Hostile input against a running cluster: random messages of every catalogue type, as a client,
-as a node and as a worker on its node's socket, plus raw garbage; then a legitimate task.
+as a node, as a stranger on the node's socket for workers, and as task code speaking through its
+own worker's proven connection (every kind of frame a worker may send: to the master, to the
+node, to the data plane, results to hold), plus raw garbage; then a legitimate task.
 
 ``python -m bench.fuzz --frames 100000`` starts a LocalCluster, sends that many frames, and prints
 the frames sent, crashes (a master or node process gone, or the legitimate task failing), and the
@@ -37,16 +39,54 @@ class Square(Task):
         return x * x
 
 
+class FuzzesFromItsWorker(Task):
+    """Task code that sends ``frames`` hostile frames through its own worker's connection to its
+    node (it runs in the worker's process: the node has proven that connection), naming
+    ``ids`` (other workers, tasks, clients) as targets; the number it sent."""
+
+    def work(self, frames: int, seed: int, ids: list[str]) -> int:
+        import gc
+
+        from actors.worker import NODE, Worker
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        me = next(o for o in gc.get_objects() if isinstance(o, Worker)).worker_id
+        rng = random.Random(seed)
+        hostile = Hostile(rng, [*ids, me])
+        outbox = hub.outbox()
+        try:
+            for _ in range(frames):
+                kind = rng.choice([b"m", b"n", b"p", b"r", b"h", b"f", b"x"])
+                target = rng.choice([*ids, me]).encode()
+                if kind == b"p":
+                    parts = [kind, rng.choice([b"tcp://127.0.0.1:9", b"", b"ipc:///x"]), target,
+                             hostile.body()]
+                elif kind == b"r":
+                    parts = [kind, rng.choice([b"", target]), target,
+                             *[os.urandom(8)] * rng.choice([0, 1]), hostile.body()]
+                elif kind == b"h":
+                    parts = [kind, target, hostile.body()]
+                else:
+                    parts = [kind, hostile.body()]
+                outbox.send(NODE, parts)
+        finally:
+            outbox.close()
+        return frames
+
+
 @dataclass
 class Report:
     frames: int = 0
     crashes: list[str] = field(default_factory=list)
     before: dict[str, tuple[int, int]] = field(default_factory=dict)  # process -> (RSS kB, fds)
     after: dict[str, tuple[int, int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"frames sent: {self.frames:,}", f"crashes: {len(self.crashes)}"]
         out += [f"  {crash}" for crash in self.crashes]
+        out += [f"note: {note}" for note in self.notes]
         for name in sorted(self.before):
             (rss0, fds0), (rss1, fds1) = self.before[name], self.after.get(name, (0, 0))
             out.append(f"{name}: RSS {rss0:,} -> {rss1:,} kB, open files {fds0} -> {fds1}")
@@ -107,8 +147,8 @@ class Hostile:
         if self.rng.random() < 0.1:
             return self.rng.choice([b"", b"\xc1garbage", os.urandom(self.rng.randint(1, 64)),
                                     b"\x93\xa4Nope\x01\x02"])
-        try:
-            return _encoder.encode(self.message())
+        try:  # (the function, not the module's encoder: the class goes by value to workers)
+            return msgspec.msgpack.encode(self.message())
         except (TypeError, ValueError, OverflowError):
             return b"\xc0"
 
@@ -199,6 +239,12 @@ def fuzz(cluster: LocalCluster, frames: int, seed: int = 0,
         for _, sock in senders:
             sock.close(linger=0)
         ctx.term()
+    try:  # task code, through its own worker's connection (a quarter as many)
+        with Client(cluster) as client:
+            inside = client.submit(FuzzesFromItsWorker, max(1, frames // 4), seed, ids)
+            report.frames += inside.result(timeout=120)
+    except Exception as exc:  # its worker may be ended for what it sent: not a crash
+        report.notes.append(f"the fuzzing task ended with {exc!r}")
     try:  # after the hostile frames (the master takes them in order of arrival)
         with Client(cluster) as client:
             got = [f.result(timeout=60) for f in client.map(Square, range(10))]

@@ -18,7 +18,7 @@ import zmq
 from actors import Client, LocalCluster, Task, __version__
 from actors import client as client_module
 from actors import messages as m
-from actors.errors import NoSuchTask, ScatterFailed, TaskIdTaken
+from actors.errors import NoSuchTask, ScatterFailed, TaskIdTaken, WorkerKilled
 from tests.conftest import wait_until
 from transport.hub import BATCH, unbatch
 from transport.keys import add_key, load_keypair, load_public_key
@@ -489,6 +489,44 @@ def test_a_spawned_workers_secret_is_not_in_its_environment(tmp_path: Path) -> N
         assert client.submit(DiesOnce, str(tmp_path / "marker")).result(60) == "ran again"
         spawned = client.submit(ItsWorkersStartingEnvironment).result(30)
         assert spawned.get(TOKEN_ENV) == "-", spawned.get(TOKEN_ENV)  # (it proved itself)
+
+
+class FloodsTheMaster(Task):
+    """Task code speaking as its own worker's runtime: ``n`` messages no worker sends (a client's
+    Cancel), to the master through its worker's node."""
+
+    def work(self, n: int) -> str:
+        import gc
+
+        from actors.worker import NODE
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        outbox = hub.outbox()
+        try:
+            for _ in range(n):
+                outbox.send(NODE, [b"m", m.encode(m.Cancel("nothing"))])
+        finally:
+            outbox.close()
+        return "sent"
+
+
+def test_task_code_that_floods_the_master_ends_its_worker_not_its_node(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The master stops hearing a peer that sends more than 1,000 refused messages in 10 s. A
+    worker's messages come through its node, and were counted as the node's: task code sending
+    1,500 of them had the whole node (every worker of every user on it) unheard for a minute,
+    and declared lost. Now they count against the worker, which is ended (a death against its
+    task, as a worker lost); the node and its other workers serve on."""
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        flood = client.submit(FloodsTheMaster, 1_500)
+        with pytest.raises(WorkerKilled, match="refused messages"):
+            flood.result(60)  # ended on each of its three workers
+        assert [client.submit(Square, i).result(30) for i in range(5)] == [0, 1, 4, 9, 16]
+        wait_until(lambda: client.info().workers == 2, 30, "the ended workers to be replaced")
+    err = capfd.readouterr().err
+    assert "worker_blocked" in err and "peer_blocked" not in err, err[-3000:]
 
 
 def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
