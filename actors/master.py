@@ -524,7 +524,7 @@ class Master(HubShell):
 
     def _inbound(self, inbound: Inbound) -> None:
         msg, peer_key = inbound.message, inbound.peer
-        if self.blocked and self.blocked.get(_who(inbound), 0.0) > self.now:
+        if self.blocked and self.blocked.get(self._who(inbound), 0.0) > self.now:
             return  # a peer that kept sending what it may not: not heard for a while
         peer = self.peers.get(peer_key)
         if peer is not None and inbound.key != peer.key:
@@ -1400,7 +1400,7 @@ class Master(HubShell):
         interval, then one line saying how many were not; a peer refused more than
         ``REJECTIONS_BLOCKED`` times in an interval is not heard for ``BLOCK_S`` (per peer, not
         per key: peers may share a key). False once the peer is blocked."""
-        key, who = inbound.key, _who(inbound)
+        key, who = inbound.key, self._who(inbound)
         count, since = self.rejections.get(who, (0, self.now))
         if self.now - since > REJECTION_INTERVAL_S:
             if count > REJECTIONS_LOGGED:
@@ -1420,13 +1420,29 @@ class Master(HubShell):
             self.blocked[who] = self.now + BLOCK_S
             self.rejections.pop(who, None)
             why = f"more than {REJECTIONS_BLOCKED} refused messages in {REJECTION_INTERVAL_S:.0f}s"
-            if inbound.via is not None:
+            if who[1] != inbound.peer:  # (a worker's, behind its node)
                 self._end_worker(inbound, why)
                 return False
             self.log.error("peer_blocked", key=key[:12].decode(errors="replace"), seconds=BLOCK_S,
                            reason=why)
             return False
         return True
+
+    def _who(self, inbound: Inbound) -> tuple[bytes, bytes]:
+        """Whose refused messages an inbound counts among: its peer's (key and routing id), or,
+        relayed by a node for one of its workers (or one ended for them), that worker's. Any
+        other name behind a peer counts as the peer: no one spreads refusals over made-up
+        names."""
+        if inbound.via is None:
+            return inbound.key, inbound.peer
+        node = self.peers.get(inbound.peer)
+        if node is None or node.role != "node" or node.key != inbound.key:
+            return inbound.key, inbound.peer
+        worker = inbound.key, inbound.peer + b"\x00" + inbound.via
+        if worker in self.blocked or self._owns_worker(
+                node, bytes(inbound.via).decode(errors="replace")):
+            return worker
+        return inbound.key, inbound.peer  # (a name the node has no worker under: its own)
 
     def _end_worker(self, inbound: Inbound, why: str) -> None:
         """A worker (its task's code) that kept sending what it may not: dropped and ended, as
@@ -1904,14 +1920,6 @@ def describe_exit(msg: m.WorkerExited) -> str:
     else:
         how = f"exited with code {msg.exitcode}"
     return f"worker {msg.worker_id} (pid {msg.pid}) {how}, peak memory {msg.maxrss_kb // 1024} MiB"
-
-
-def _who(inbound: Inbound) -> tuple[bytes, bytes]:
-    """Whose refused messages an inbound counts among: its peer's (key and routing id), or,
-    relayed for a worker, that worker's behind it."""
-    if inbound.via is None:
-        return inbound.key, inbound.peer
-    return inbound.key, inbound.peer + b"\x00" + inbound.via
 
 
 def route_frames(frames: list[bytes]) -> Inbound:
