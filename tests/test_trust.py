@@ -332,6 +332,26 @@ def test_a_malformed_message_inside_a_batch_is_dropped_alone(cluster: LocalClust
         sock.close()
 
 
+def _connected_as(worker_id: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
+    """(Task code) a connection to its node's socket for workers under ``worker_id``, once
+    connected; raises if it did not connect in 10 s."""
+    path = os.path.join(os.path.dirname(os.getcwd()), "workers.sock")  # (its run folder)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+    events = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        sock.connect(f"ipc://{path}")
+        if not events.poll(10_000):
+            sock.close()
+            context.term()
+            raise ConnectionError(f"could not connect to {path}")
+    finally:
+        events.close()
+    return context, sock
+
+
 class TakesAnotherWorkersPlace(Task):
     """Task code that connects to its node's socket for workers under another worker's id (ids
     are guessable: NODE_ID/wN), says it is that worker (a Hello without its secret) and that
@@ -342,16 +362,11 @@ class TakesAnotherWorkersPlace(Task):
         from actors import messages as msgs
         from actors.serialize import dumps_result
 
-        path = os.path.join(os.path.dirname(os.getcwd()), "workers.sock")  # (its run folder)
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
-        events = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
         try:
-            sock.connect(f"ipc://{path}")
-            if not events.poll(10_000):
-                return f"could not connect to {path}"
+            context, sock = _connected_as(worker_id)
+        except ConnectionError as exc:
+            return str(exc)
+        try:
             hello = msgs.Hello(role="worker", peer_id=worker_id, protocol=msgs.PROTOCOL_VERSION,
                                version=version, pid=os.getpid(), token="0" * 32)
             forged = msgs.TaskResult(task_id, msgs.UnitOutcome(-1, True, dumps_result("forged",
@@ -361,7 +376,6 @@ class TakesAnotherWorkersPlace(Task):
                 sock.send_multipart([b"m", msgs.encode(forged)])
             return "sent" + (", and was sent the worker's messages" if sock.poll(2_000) else "")
         finally:
-            events.close()
             sock.close()
             context.term()
 
@@ -408,16 +422,11 @@ class HoldsTheNextWorkersId(Task):
     its next worker (ids are guessable: NODE_ID/wN) and holds it until ``gate`` exists."""
 
     def work(self, worker_id: str, connected: str, gate: str) -> str:
-        path = os.path.join(os.path.dirname(os.getcwd()), "workers.sock")  # (its run folder)
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
-        events = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
         try:
-            sock.connect(f"ipc://{path}")
-            if not events.poll(10_000):
-                return f"could not connect to {path}"
+            context, sock = _connected_as(worker_id)
+        except ConnectionError as exc:
+            return str(exc)
+        try:
             sock.send_multipart([b"n", b"squatting"])  # (the router reads its id from the peer)
             open(connected, "w").close()
             deadline = time.monotonic() + 120
@@ -425,7 +434,6 @@ class HoldsTheNextWorkersId(Task):
                 time.sleep(0.01)
             return "held"
         finally:
-            events.close()
             sock.close()
             context.term()
 
