@@ -745,13 +745,16 @@ def main(argv: list[str] | None = None) -> int:
         data = len(frames) > 1 and frames[0] == DATA_MARK
         try:
             message = m.decode(frames[-1])
-            origin = b""
-            if data and isinstance(message, m.DataReply):
+            origin, expected = b"", True
+            if not data:
+                expected = len(frames) == 1 and not isinstance(message, _DATA)
+            elif isinstance(message, m.DataReply):
                 message = with_attached(message, frames[1:-1])
-            elif data and isinstance(message, m.DataRequest) and len(frames) == 3:
+            elif isinstance(message, m.DataRequest) and len(frames) == 3:
                 origin = bytes(frames[1])  # a peer's data request: its node (b"": ours)
-            elif data and not (isinstance(message, m.InputData) and len(frames) == 2) \
-                    or not data and (len(frames) != 1 or isinstance(message, _DATA)):
+            else:
+                expected = isinstance(message, m.InputData) and len(frames) == 2
+            if not expected:
                 log.warning("unexpected_frames", data=data, count=len(frames),
                             type=type(message).__name__)
                 return
