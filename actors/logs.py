@@ -65,3 +65,25 @@ class _DropWhenClosed:
     def flush(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()
+
+
+class Refusals:
+    """How often each sender (a worker) had something refused: a warning for each would let
+    task code write the log as fast as it sends. ``count`` says whether to log this one (the
+    1st, 2nd, 4th, 8th... of a sender), and the count to log with it."""
+
+    MAX_SENDERS = 4096  # the oldest forgotten first
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def count(self, sender: str) -> int:
+        """This refusal's number for ``sender`` when it is one to log, else 0."""
+        n = self.counts.pop(sender, 0) + 1
+        self.counts[sender] = n  # (last in order: the oldest go first past MAX_SENDERS)
+        if len(self.counts) > self.MAX_SENDERS:
+            del self.counts[next(iter(self.counts))]
+        return n if n & (n - 1) == 0 else 0
+
+    def forget(self, sender: str) -> None:
+        self.counts.pop(sender, None)

@@ -178,6 +178,7 @@ class Node(Shell):
         self.last_stats = 0.0
         self.cpu_seen: dict[str, tuple[float, float]] = {}  # worker -> (CPU seconds, when)
         self._failed_starts = 0  # workers in a row that died before saying hello
+        self.refusals = logs.Refusals()  # what each worker sent that we refused (logged 1, 2, 4..)
         self._on_fatal = on_fatal
         self.log = log.bind(role="node", node_id=config.node_id)
 
@@ -270,8 +271,10 @@ class Node(Shell):
         match msg:
             case m.Hello(role="worker") if not (
                     worker.token and hmac.compare_digest(msg.token.encode(), worker.token.encode())):
-                self.log.warning("worker_hello_refused", worker_id=worker_id, pid=msg.pid,
-                                 why="not the secret this worker was started with")
+                if refused := self.refusals.count(worker_id):
+                    self.log.warning("worker_hello_refused", worker_id=worker_id, pid=msg.pid,
+                                     refused=refused,
+                                     why="not the secret this worker was started with")
             case m.Hello(role="worker", protocol=m.PROTOCOL_VERSION, pid=pid):
                 self.proven.add(worker_id.encode())
                 self.alive.add(worker_id.encode())
@@ -282,7 +285,9 @@ class Node(Shell):
                 if self.welcomed:
                     self._announce(worker)
             case _:
-                self.log.warning("unexpected_message", worker_id=worker_id, type=type(msg).__name__)
+                if refused := self.refusals.count(worker_id):
+                    self.log.warning("unexpected_message", worker_id=worker_id,
+                                     type=type(msg).__name__, refused=refused)
 
     def _tick(self, now: float) -> None:
         self.now = now
@@ -433,6 +438,7 @@ class Node(Shell):
         if worker is None:
             return
         self.task_ends.forget(event.worker_id.encode())
+        self.refusals.forget(event.worker_id)
         _signal_group(event.pid, signal.SIGKILL)  # anything the task left in its group
         # and anything it left elsewhere: the worker was its subreaper, now the node is
         self.orphans = contain.reap(self.orphans + self._end_orphans())
@@ -743,7 +749,8 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                       Inbound(frames[0], None, msg))
     else:
-        log.warning("malformed_frames", source="worker", count=len(frames))
+        if refused := _malformed.count(bytes(frames[0][:80]).decode(errors="replace")):
+            log.warning("malformed_frames", source="worker", count=len(frames), refused=refused)
 
 
 def _says_hello(frames: list[bytes]) -> bool:
@@ -751,6 +758,7 @@ def _says_hello(frames: list[bytes]) -> bool:
 
 
 _unproven_count = 0
+_malformed = logs.Refusals()  # a proven worker's frames that fit no layout (the hub thread's)
 
 
 def _unproven(worker: bytes) -> None:
@@ -891,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     sync_ref: pykka.ActorRef[Any] | None = None
     started = threading.Event()
 
+    malformed = logs.Refusals()  # (the hub thread's)
+
     def on_frames(socket: str, frames: list[bytes]) -> None:
         if not started.is_set():  # Event.wait takes a lock even when set: per frame
             started.wait(10)
@@ -899,7 +909,10 @@ def main(argv: list[str] | None = None) -> int:
             relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends, gate, results,
                          proven, alive)
         except MalformedMessage as exc:
-            log.warning("malformed_frame", socket=socket, error=str(exc))
+            sender = bytes(frames[0][:80]).decode(errors="replace") if len(frames) > 1 else ""
+            if refused := malformed.count(f"{socket}:{sender}"):  # (1, 2, 4, 8... said)
+                log.warning("malformed_frame", socket=socket, sender=sender, error=str(exc),
+                            refused=refused)
 
     def on_event(socket: str, what: str) -> None:
         # A refused key is known within milliseconds of the hub's start, before the Node

@@ -17,6 +17,7 @@ import msgspec
 import pykka
 import structlog
 
+from actors import logs
 from actors import messages as m
 from actors.core import sync_state as ss
 from actors.core.packages import PackageVersion
@@ -144,6 +145,7 @@ class TaskSyncClient(Shell):
         self.cache = NodeCache(cache_dir)
         self.state = ss.SyncClientState(grace_s=grace_s)
         self.users: dict[str, tuple[str, str]] = {}  # worker id -> (package, version) it imported
+        self.refusals = logs.Refusals()  # what each worker sent that we refused (logged 1, 2, 4..)
         self.log = log.bind(role="task_sync_client", cache=cache_dir)
 
     def on_start(self) -> None:
@@ -161,11 +163,14 @@ class TaskSyncClient(Shell):
             case Inbound(peer=worker, message=m.NeedVersion(package=package, version=version)):
                 self._apply(ss.VersionNeeded(package, version, worker.decode(), now=now))
             case WorkerGone(worker_id=worker_id):
+                self.refusals.forget(worker_id)
                 if (used := self.users.pop(worker_id, None)) is not None:
                     self._apply(ss.InstanceEnded(*used, worker_id, now=now))
             case Inbound(peer=worker, message=msg):  # a worker (its task's code) may send anything
-                self.log.warning("unexpected_message", worker_id=worker.decode(errors="replace"),
-                                 type=type(msg).__name__)
+                worker_id = worker.decode(errors="replace")
+                if refused := self.refusals.count(worker_id):
+                    self.log.warning("unexpected_message", worker_id=worker_id,
+                                     type=type(msg).__name__, refused=refused)
             case _:
                 raise TypeError(f"task sync client got an unknown message: {message!r}")
         return None

@@ -537,6 +537,47 @@ def test_task_code_that_floods_the_master_ends_its_worker_not_its_node(
     assert "worker_blocked" in err and "peer_blocked" not in err, err[-3000:]
 
 
+class FloodsItsNode(Task):
+    """Task code speaking as its own worker's runtime: ``n`` messages to its node that no
+    worker sends it (a client's Cancel)."""
+
+    def work(self, n: int) -> str:
+        import gc
+
+        from actors.worker import NODE
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        outbox = hub.outbox()
+        try:
+            for _ in range(n):
+                outbox.send(NODE, [b"n", m.encode(m.Cancel("nothing"))])
+        finally:
+            outbox.close()
+        return "sent"
+
+
+def test_what_a_node_refuses_of_a_worker_is_logged_sparingly(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A node logged a warning for each message of a worker it refused: task code wrote the
+    node's log as fast as it could send (200,000 lines in a second). Now the 1st, 2nd, 4th,
+    8th... of each worker, with the count."""
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        assert client.submit(FloodsItsNode, 5_000).result(30) == "sent"
+        seen = ""
+
+        def counted_past_4096() -> bool:
+            nonlocal seen
+            seen += capfd.readouterr().err
+            return "refused=4096" in seen
+
+        wait_until(counted_past_4096, 30, "the node to refuse 4,096 of them")
+        assert client.submit(Square, 7).result(30) == 49
+    lines = [line for line in seen.splitlines() if "unexpected_message" in line]
+    assert len(lines) == 13, lines[:20]  # 1, 2, 4 ... 4096
+
+
 def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     """Task code can guess the id its node gives the next worker and hold it on the workers'

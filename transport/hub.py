@@ -215,6 +215,7 @@ class Hub:
         self._on_batch = on_batch
         self._on_event = on_event
         self._on_peer_gone = on_peer_gone
+        self._malformed = 0  # batched frames that were not a batch
         # keyed router -> file descriptor -> the routing id whose messages last came through it
         self._peer_fds: dict[str, dict[int, bytes]] = {}
         self._on_tick = on_tick
@@ -719,7 +720,10 @@ class Hub:
         try:
             messages = unbatch(frames)
         except msgspec.MsgspecError as exc:
-            log.warning("malformed_batch", socket=name, error=str(exc), size=len(frames[-1]))
+            self._malformed += 1  # (a peer may send them as fast as it likes: 1, 2, 4, 8... said)
+            if self._malformed & (self._malformed - 1) == 0:
+                log.warning("malformed_batch", socket=name, error=str(exc), size=len(frames[-1]),
+                            refused=self._malformed)
             return
         if self._on_batch is not None:
             self._guarded(self._on_batch, name, messages)
