@@ -939,14 +939,17 @@ class Client:
             # this client (a warning there, on a user's first script); what they say, the Bye
             # says: every result of this client goes.
             return
+        # Receipts and releases leave after what user threads queued before them: a future
+        # released just after its dependent's Submit was queued (``chain = submit(inc, chain)``)
+        # must not reach the master first, or the master drops the input the Submit names.
         if self._received and self._disconnected_since is None:
             received, self._received = self._received, []
-            self._hub.send_now(MASTER, [m.encode(m.Received(received))])
+            self._hub.send_in_order(MASTER, [m.encode(m.Received(received))])
         released = self._released
         if released and self._welcome.is_set() and self._disconnected_since is None:
             while released:
                 batch = [released.popleft() for _ in range(min(len(released), 10_000))]
-                self._hub.send_now(MASTER, [m.encode(m.Release(batch))])
+                self._hub.send_in_order(MASTER, [m.encode(m.Release(batch))])
         if (self._welcome.is_set() and self._disconnected_since is None
                 and now - self._last_heartbeat >= HEARTBEAT_S):
             # The master takes a client silent for --client-timeout as gone (its tasks stop).

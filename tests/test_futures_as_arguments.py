@@ -59,6 +59,36 @@ def test_a_chain_of_a_hundred_tasks_each_taking_the_previous_future(client: Clie
     assert fut.result(timeout=120) == 100
 
 
+def test_a_future_dropped_just_after_its_dependent_is_submitted_is_not_lost(
+        client: Client) -> None:
+    """``chain = client.submit(inc, chain)``: the old future is released as soon as the call
+    returns, before the hub has sent the new Submit. Held in its tick (where releases go out)
+    while the user thread submits and lets go, the client must still send the Submit first:
+    released first, the finished input is dropped and the new task fails with InputLost."""
+    chain = client.submit(inc, 0)
+    assert chain.result(timeout=60) == 1
+    hub = client._hub
+    ticking, go = threading.Event(), threading.Event()
+    on_tick = hub._on_tick
+    assert on_tick is not None
+
+    def held_tick(now: float) -> None:
+        ticking.set()
+        go.wait(10)
+        on_tick(now)
+
+    hub._on_tick = held_tick
+    try:
+        assert ticking.wait(10), "the client's hub never ticked"
+        chain = client.submit(inc, chain)  # queued; the old future goes at once
+        gc.collect()
+        assert client._released, "the dropped future was not noted for release"
+    finally:
+        go.set()
+        hub._on_tick = on_tick
+    assert chain.result(timeout=60) == 2
+
+
 def test_futures_nested_in_lists_and_dicts_are_replaced_by_their_results(client: Client) -> None:
     xs = [client.submit(inc, i) for i in range(20)]
     assert client.submit(total, xs).result(timeout=60) == sum(range(1, 21))

@@ -238,3 +238,35 @@ def test_a_part_that_cannot_be_sent_leaves_no_message_half_sent() -> None:
         assert not peers[b"alice"].poll(100)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_handlers_message_sent_in_order_leaves_after_what_threads_queued_before_it(
+    router: tuple[Hub, Received, str]
+) -> None:
+    """A client's tick releases a future just after a user thread queued the Submit naming it:
+    the Release must not overtake that Submit. Here the hub is held inside its tick while a
+    thread queues more than one turn takes, then the tick sends its own message in order."""
+    _hub, received, address = router
+    queued, sent = threading.Event(), threading.Event()
+    burst = 25_000  # more than a turn takes (_TURN_ITEMS): some are still queued at the tick
+
+    def on_tick(_now: float) -> None:
+        if sent.is_set() or not queued.wait(DEADLINE_S):
+            return
+        sender.send_in_order("out", [b"last"])
+        sent.set()
+
+    sender = Hub(Received(), on_tick=on_tick, tick_s=0.01)
+    sender.add_dealer("out", address, identity=b"sender")
+    sender.start()
+    try:
+        outbox = sender.outbox()
+        for i in range(burst):
+            outbox.send("out", [str(i).encode()])
+        queued.set()  # the hub may be in its tick, waiting: all of the burst is queued before
+        got = [frames[1] for frames in received.take(burst + 1)]
+        outbox.close()
+    finally:
+        sender.stop()
+    assert sent.is_set()
+    assert got == [str(i).encode() for i in range(burst)] + [b"last"]

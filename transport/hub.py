@@ -291,6 +291,15 @@ class Hub:
         assert threading.current_thread() is self._thread, "send_now() is for hub handlers only"
         return self._send(socket_name.encode(), self._sockets[socket_name.encode()], frames)
 
+    def send_in_order(self, socket_name: str, frames: list[bytes]) -> None:
+        """From a hub handler: send after everything other threads queued before this call.
+
+        ``send_now`` and ``relay`` go ahead of what user threads queued and the hub has not
+        taken yet; a message that must not overtake them goes here (a client's ``Release`` of a
+        future, after the ``Submit`` of the task that takes it as an input)."""
+        assert threading.current_thread() is self._thread, "send_in_order() is for hub handlers"
+        self._outgoing.append((socket_name.encode(), frames))  # taken next turn, in order
+
     def relay(self, socket_name: str, frames: list[bytes]) -> None:
         """From a hub handler: send at the end of this turn, batched with the turn's others to the
         same peer. For a relay that need not know whether the peer was there (``send_now`` does)."""
