@@ -45,7 +45,7 @@ import msgspec
 import pykka
 import structlog
 
-from actors import __version__, contain, logs, memory
+from actors import __version__, contain, logs, memory, unit_runner
 from actors import messages as m
 from actors.contain import (
     TOKEN_ENV,
@@ -834,6 +834,13 @@ def main(argv: list[str] | None = None) -> int:
                         or str(DEFAULT_START_TIMEOUT_S),
                         help="replace a worker that has not said hello this long after it "
                              f"started (default {DEFAULT_START_TIMEOUT_S:g}; 0: never)")
+    parser.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
+                        default=os.environ.get("ACTORS_FETCH_TIMEOUT")
+                        or str(unit_runner.FETCH_TIMEOUT_S),
+                        help="a worker's fetch of a unit result from a peer with no answer this "
+                             "long fails and is tried again (3 tries, then the task fails "
+                             f"with DataUnreachable; default {unit_runner.FETCH_TIMEOUT_S:g}: "
+                             "raise it for a slow link)")
     parser.add_argument("--results-memory", type=parse_size,
                         default=os.environ.get("ACTORS_RESULTS_MEMORY") or "1G", metavar="SIZE",
                         help="large task results this node holds for their clients, in memory, "
@@ -850,6 +857,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         log.error("bad_arguments", error="--workers must be at least 1")
         return 2
+    if not args.fetch_timeout > 0:
+        log.error("bad_arguments", error="--fetch-timeout must be more than 0 seconds")
+        return 2
+    os.environ["ACTORS_FETCH_TIMEOUT"] = str(args.fetch_timeout)
 
     for stale in contain.remove_stale_run_dirs(RUN_DIR_PREFIX):
         log.info("stale_run_dir_removed", path=stale)

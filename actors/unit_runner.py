@@ -19,6 +19,7 @@ DataRequest]`` to this worker's node, which relays it to the holder's node; the 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, MutableMapping
@@ -36,11 +37,23 @@ from actors.serialize import describe_failure, dumps, is_fatal, loads, not_seria
 
 log = structlog.get_logger("actors.worker")
 
-FETCH_TIMEOUT_S = 10.0  # a transfer with no answer by then failed (its holder's node may be gone)
+# A transfer with no answer by then failed (its holder's node may be gone); a node's
+# --fetch-timeout ($ACTORS_FETCH_TIMEOUT, which its workers inherit) sets it: a slow link.
+FETCH_TIMEOUT_S = 10.0
 FETCH_TIMEOUT_PER_KEY_S = 1.0  # and a second more for each further key it asks for
 ATTACH_BYTES = 64 << 10  # a value this large travels as a frame of its own (DataReply.attached)
 REPLY_BYTES = 64 << 20  # an answer to a request for many keys goes in replies of about this
 GATHER = "gather"
+
+
+def fetch_timeout() -> float:
+    """Seconds a transfer may go unanswered: ``$ACTORS_FETCH_TIMEOUT`` (checked by the node
+    that set it), else ``FETCH_TIMEOUT_S``."""
+    try:
+        seconds = float(os.environ.get("ACTORS_FETCH_TIMEOUT") or FETCH_TIMEOUT_S)
+    except ValueError:
+        return FETCH_TIMEOUT_S
+    return seconds if seconds > 0 else FETCH_TIMEOUT_S
 KEPT_RUN = -2  # the run id of a unit result kept under its own key (no scheduler run names it)
 EXECUTION_SLOTS = 1
 
@@ -118,6 +131,7 @@ class UnitRunner:
         self.addresses: dict[str, str] = {}  # peer worker -> its node's data address
         self.origins: dict[str, bytes] = {}  # requesting peer -> its node (b"": ours)
         self.fetches: dict[tuple[str, str], float] = {}  # (key, peer) -> deadline
+        self.fetch_timeout = fetch_timeout()
         self.gathers: dict[str, Gather] = {}
         self._send_master = send_master
         self._send_frames = send_frames
@@ -300,7 +314,7 @@ class UnitRunner:
                 return self._execute(key, dict(inputs), now)
             case ev.Fetch(keys=keys, peer=peer):
                 # Many keys take longer to arrive than one (their sizes are not known here).
-                deadline = now + FETCH_TIMEOUT_S + FETCH_TIMEOUT_PER_KEY_S * (len(keys) - 1)
+                deadline = now + self.fetch_timeout + FETCH_TIMEOUT_PER_KEY_S * (len(keys) - 1)
                 for key in keys:
                     self.fetches[(key, peer)] = deadline
                 task_id = keys[0].rsplit(":", 1)[0]

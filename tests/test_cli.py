@@ -356,6 +356,15 @@ def test_ssh_with_bad_arguments_is_a_usage_error_before_anything_starts(
     assert not (tmp_path / "keys").exists()  # nothing started, not even keys made
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "nan"])
+def test_a_node_refuses_a_fetch_timeout_that_is_not_a_positive_time(value: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "actors.node", "--master",
+                           "tcp://127.0.0.1:9", "--fetch-timeout", value, "--log-format", "json"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "--fetch-timeout must be more than 0 seconds" in done.stderr
+
+
 def test_a_local_node_whose_master_is_killed_as_it_starts_stops_too(tmp_path: Path) -> None:
     """The master is killed outright while its node is still starting (before the node looks
     at its parent): the node knows whose end to watch all the same, and stops."""

@@ -33,7 +33,8 @@ def events(log: Path) -> list[dict]:
 class Hosts:
     """Hosts m (the master), n1 and n2 (a node of 2 workers each) and c (the client)."""
 
-    def __init__(self, net: netns.Net, tmp: Path, n2_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, net: netns.Net, tmp: Path, n2_args: tuple[str, ...] = (),
+                 n1_args: tuple[str, ...] = ()) -> None:
         self.net, self.tmp = net, tmp
         self.keys = str(tmp / "keys")
         self.m, self.n1, self.n2, self.c = (net.add_host(n) for n in ("m", "n1", "n2", "c"))
@@ -45,7 +46,8 @@ class Hosts:
                  "--state-dir", str(tmp / "state"), "--no-banner"],
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
         netns.wait_listening(self.m, PORT)
-        self.nodes = {"n1": self.start_node(self.n1), "n2": self.start_node(self.n2, *n2_args)}
+        self.nodes = {"n1": self.start_node(self.n1, *n1_args),
+                      "n2": self.start_node(self.n2, *n2_args)}
 
     def start_node(self, host: netns.Host, *args: str,
                    master: str | None = None) -> subprocess.Popen[str]:
@@ -202,8 +204,9 @@ def test_a_data_address_no_peer_can_reach_fails_the_task_saying_so(
         net: netns.Net, tmp_path: Path) -> None:
     # n2 announces an address nobody listens at (a NAT without the port forwarded, a firewall):
     # n1's fetches from it get no answer. The task fails, naming the address, instead of
-    # waiting forever on a fetch.
-    hosts = Hosts(net, tmp_path, n2_args=("--data-address", f"{net.subnet}.250:9"))
+    # waiting forever on a fetch (each of its tries waits n1's --fetch-timeout).
+    hosts = Hosts(net, tmp_path, n2_args=("--data-address", f"{net.subnet}.250:9"),
+                  n1_args=("--fetch-timeout", "2"))
     answer = hosts.job("tree", leaves=16, size=1 << 16)
     assert answer.get("error") == "DataUnreachable", answer
     assert f"{net.subnet}.250:9" in answer["message"] and "--data-address" in answer["message"]
