@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from actors import Client, LocalCluster, Task
 from actors.errors import QueueFull
 from actors.master_backlog import CHUNK, LOW, WINDOW, Backlog, Held
-from tests.conftest import descendants, kill_all, start_master, wait_until
+from tests.conftest import descendants, examples, kill_all, start_master, wait_until
 
 
 def held(n: int, *, name: str = "m.Add", code_hash: str = "h" * 64, package: str = "") -> Held:
@@ -130,7 +130,7 @@ def test_one_found_out_of_turn_costs_its_own_chunk_not_the_backlog(decoded: list
 @given(st.lists(st.tuples(st.sampled_from(["hold", "hold", "hold", "take", "one", "drop"]),
                           st.sampled_from([("c1", 0), ("c1", 3), ("c2", 0)]),
                           st.integers(0, 2 * CHUNK + 40)), max_size=60))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 def test_the_backlog_behaves_as_one_ordered_list_per_client_and_priority(
         ops: list[tuple[str, tuple[str, int], int]]) -> None:
     """Any mix of holding, taking in turn, taking out of turn and dropping a client: what comes

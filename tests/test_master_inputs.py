@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from actors.errors import InputFailed, InputLost
 from actors.master_inputs import InputBook
+from tests.conftest import examples
 
 
 def test_a_result_is_kept_while_its_future_is_held_then_let_go() -> None:
@@ -76,7 +77,7 @@ def kept_sizes(book: InputBook) -> dict[str, int]:
     return sizes
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["submit", "end", "release", "again", "gone"]),
                           st.integers(0, 5), st.integers(0, 2), st.integers(0, 300)),
                 max_size=60))

@@ -28,6 +28,7 @@ from actors.core import scheduler_events as ev
 from actors.core.scheduler_state import SchedulerState
 from actors.core.undo import Undo
 from actors.messages import UnitCall, UnitOutcome, unit_digest
+from tests.conftest import examples
 
 REPORTS = (ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportUnreachable, ev.ReportCancelled,
            ev.ReportInputFailed)
@@ -535,7 +536,7 @@ def outcome(unit: UnitCall, succeeded: bool) -> UnitOutcome:
     return UnitOutcome(unit.index, succeeded, b"r")
 
 
-SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40,
+SchedulerMachine.TestCase.settings = settings(max_examples=examples(200), stateful_step_count=40,
                                               deadline=None)
 test_scheduler_under_random_events = SchedulerMachine.TestCase
 
@@ -544,7 +545,7 @@ class FaultyScheduler(SchedulerMachine):
     faults = True
 
 
-FaultyScheduler.TestCase.settings = settings(max_examples=100, stateful_step_count=25,
+FaultyScheduler.TestCase.settings = settings(max_examples=examples(100), stateful_step_count=25,
                                              deadline=None)
 test_a_fault_anywhere_in_handle_changes_nothing = FaultyScheduler.TestCase
 
@@ -553,7 +554,7 @@ class PlainUnitsScheduler(SchedulerMachine):
     plain = True
 
 
-PlainUnitsScheduler.TestCase.settings = settings(max_examples=100, stateful_step_count=40,
+PlainUnitsScheduler.TestCase.settings = settings(max_examples=examples(100), stateful_step_count=40,
                                                  deadline=None)
 test_plain_units_under_random_events = PlainUnitsScheduler.TestCase
 
@@ -562,6 +563,6 @@ class FaultyPlainUnitsScheduler(SchedulerMachine):
     faults = plain = True
 
 
-FaultyPlainUnitsScheduler.TestCase.settings = settings(max_examples=60, stateful_step_count=25,
+FaultyPlainUnitsScheduler.TestCase.settings = settings(max_examples=examples(60), stateful_step_count=25,
                                                        deadline=None)
 test_a_fault_anywhere_with_plain_units_changes_nothing = FaultyPlainUnitsScheduler.TestCase

@@ -39,6 +39,7 @@ from actors.core.sync_state import (
     VersionReady,
     VersionState,
 )
+from tests.conftest import examples
 
 CHUNK = 16  # bytes: small, so that even a tiny package travels in many chunks
 
@@ -235,7 +236,7 @@ def test_a_package_smaller_than_the_window_is_not_waited_for_beyond_its_end():
     assert [type(i) for i in out] == [Install]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.data())
 def test_chunks_in_any_order_with_duplicates_and_junk_install_exactly_the_package(data):
     client, _ = fetching_client(window=1000)  # everything requested at once

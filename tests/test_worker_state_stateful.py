@@ -45,6 +45,7 @@ from actors.core.worker_state import (
     WorkerState,
 )
 from actors.errors import InvalidTransition
+from tests.conftest import examples
 
 LOCAL = [f"k{i}" for i in range(5)]  # keys the scheduler may assign here
 REMOTE = ["r0", "r1"]  # keys only ever computed elsewhere
@@ -276,7 +277,7 @@ class WorkerMachine(RuleBasedStateMachine):
 
 
 WorkerMachine.TestCase.settings = settings(
-    max_examples=200,
+    max_examples=examples(200),
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
