@@ -15,7 +15,7 @@ computed again), or failed with a report.
 
 from __future__ import annotations
 
-import copy
+import pickle
 import random
 from collections import Counter
 
@@ -87,7 +87,9 @@ def snapshot(state: SchedulerState) -> dict[str, object]:
     """All the scheduler keeps but its id counters (they only move on) and its undo log; the
     queue as a set of entries (a heap's layout may differ after a pop is undone)."""
     kept = {k: v for k, v in vars(state).items() if k not in ("_seq", "_run_ids", "_undo", "_queue")}
-    return copy.deepcopy({**kept, "_queue": sorted(state._queue)})
+    # A pickle's round trip copies what deepcopy would, several times faster (compared with ==
+    # afterwards, so a dict put back in another order is still the same state).
+    return pickle.loads(pickle.dumps({**kept, "_queue": sorted(state._queue)}, protocol=5))
 
 
 class SchedulerMachine(RuleBasedStateMachine):
