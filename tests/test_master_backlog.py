@@ -165,6 +165,11 @@ def test_the_backlog_behaves_as_one_ordered_list_per_client_and_priority(
             for at in {0, len(records) // 2, len(records) - 1} if records else ():
                 assert backlog.find(records[at].task_id) == records[at]
                 assert backlog.ahead_of(records[at].task_id) == at
+        # (a FIFO whose records were all taken out of turn waits on, empty, for its next take)
+        assert {k for k, v in model.items() if v} <= set(backlog.waiting())
+    tables = {k: v for k, v in vars(backlog).items() if isinstance(v, dict)}
+    backlog.compact()  # (after a backlog drained) the same content in fresh tables
+    assert {k: v for k, v in vars(backlog).items() if isinstance(v, dict)} == tables
 
 
 # --- the master, real processes ---------------------------------------------------------------
@@ -297,8 +302,35 @@ def test_a_listing_of_the_newest_decodes_only_their_chunks(decoded: list[int]) -
     backlog.take_one(f"t{CHUNK * 20 - 2}")  # taken out of turn: not listed
     everything = list(backlog.of_clients({"c1", "c2"}))
     assert len(everything) == CHUNK * 20 + 30 - 1
+    fifos = {key: [h for c, p, h in everything if (c, p) == key]
+             for key in (("c1", 0), ("c1", 1), ("c2", 0))}
     for limit in (1, 29, 31, CHUNK, CHUNK * 3 + 7, CHUNK * 30):
         decoded.clear()
         newest = list(backlog.of_clients({"c1", "c2"}, newest=limit))
-        assert newest[-limit:] == everything[-limit:]
-        assert len(decoded) <= 3 * (limit // CHUNK + 2)  # per FIFO: its newest chunks only
+        for key, records in fifos.items():  # each FIFO's newest, as many as asked, in order
+            assert [h for c, p, h in newest if (c, p) == key] == records[-limit:], (key, limit)
+        # per FIFO its newest chunks only: as many as hold the limit, and the one still filling
+        assert len(decoded) <= 3 * (-(-limit // CHUNK) + 1)
+    # A listing decodes for itself: what it read stays sealed in the backlog.
+    assert sum(chunk.items is None for chunk in backlog._chunks.values()) == 20 - 2 - 1
+
+
+def test_a_burst_waits_sealed_past_its_head_and_a_chunk_taken_whole_is_freed() -> None:
+    """What makes a held task cost a few hundred bytes (issue 23): every full chunk but the
+    head of its FIFO is one sealed blob, decoded only when its turn comes, and a chunk taken to
+    its end goes at once (a backlog of 10^5 drained keeps nothing of what it held)."""
+    backlog = Backlog()
+    key = ("c1", 0)
+    for n in range(CHUNK * 4 + 10):
+        backlog.hold(key, "k1", held(n))
+    chunks = list(backlog._fifos[key].chunks)
+    assert [c.items is None for c in chunks] == [False, True, True, True, False]
+    assert all(c.sealed for c in chunks[1:4]) and not chunks[0].sealed
+    owner, taken = backlog.take(key, CHUNK + 10)
+    assert owner == "k1" and [h.task_id for h in taken] == [f"t{n}" for n in range(CHUNK + 10)]
+    assert chunks[0].number not in backlog._chunks  # the head, taken whole: freed
+    assert chunks[1].items is not None and not chunks[1].sealed  # the next: decoded, once
+    assert len(backlog._chunks) == 4
+    _, rest = backlog.take(key, CHUNK * 10)
+    assert len(rest) == CHUNK * 3  # everything else: the FIFO and all its chunks go
+    assert not backlog._chunks and not backlog.holds(key) and len(backlog) == 0
