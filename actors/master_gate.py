@@ -35,7 +35,7 @@ class MasterGate:
         self._held: deque[list[bytes]] = deque()
         self._bytes = 0
         self._max_bytes, self._max_frames = max_bytes, max_frames
-        self.dropped = 0  # since the gate last closed
+        self.dropped = 0  # since the gate last closed (told as it opens)
         # The largest message the master reads (its Welcome; 0: no bound): a worker's larger one
         # is not relayed (node._within_bound).
         self.max_message = 0
@@ -61,9 +61,7 @@ class MasterGate:
 
     def close(self) -> None:
         with self._lock:
-            if self.is_open:
-                self.is_open = False
-                self.dropped = 0
+            self.is_open = False  # (dropped is 0: an opening reset it)
 
     def open(self) -> list[list[bytes]]:
         """Open the gate; the frames held meanwhile, oldest first, to send before anything else."""
@@ -71,7 +69,8 @@ class MasterGate:
             held, self._held, self._bytes = list(self._held), deque(), 0
             if held or self.dropped:
                 self.log.info("master_gate_opened", held=len(held), dropped=self.dropped)
-            self.is_open = True
+            # (said once: a Welcome to a node whose gate is open already says nothing again)
+            self.is_open, self.dropped = True, 0
             return held
 
     @property

@@ -115,3 +115,56 @@ def test_only_a_proven_workers_frames_are_relayed_and_only_a_living_one_is_sent_
     master_says(b"n1/w1", assign("t2"))
     worker_says(b"n1/w1", b"m", result("t1", b"again"))
     assert [socket for socket, _ in hub.sent] == ["workers", "master", "master"]
+
+
+class Lines:
+    """The gate's log: what it said, as (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.lines.append(("warning", event, fields))
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.lines.append(("info", event, fields))
+
+
+def test_a_new_gate_holds_until_its_first_welcome() -> None:
+    """Nothing is assigned before the first Welcome; what a worker says before it (a worker
+    adopted from before a node's restart) waits for it."""
+    log = Lines()
+    gate = MasterGate(max_bytes=6, log=log)
+    assert not gate.is_open and not gate.passes([b"w", b"early"]) and gate.held == 1
+    assert (gate.held, gate.dropped) == (1, 0)  # its 6 bytes: within the bound, exactly
+    assert gate.open() == [[b"w", b"early"]] and gate.passes([b"w", b"then"])
+    assert log.lines == [("info", "master_gate_opened", {"held": 1, "dropped": 0})]
+
+
+def test_the_byte_bound_counts_everything_held_since_the_gate_closed_each_time() -> None:
+    log = Lines()
+    gate = MasterGate(max_frames=100, max_bytes=1_000, log=log)
+    for _ in range(2):  # (a second closing counts from nothing again)
+        gate.open()
+        gate.close()
+        kept = [gate.passes([b"w", b"x" * 399]) for _ in range(3)]  # 400 bytes each
+        assert kept == [False] * 3 and (gate.held, gate.dropped) == (2, 1)
+        assert not gate.passes([b"w", b"x" * 199])  # 1,000 bytes in all: it fits, exactly
+        assert (gate.held, gate.dropped) == (3, 1)
+        assert not gate.passes([b"w", b""])  # the bound reached: even one more byte is dropped
+        assert (gate.held, gate.dropped) == (3, 2)
+        assert len(gate.open()) == 3
+    # One warning a closing, at its first drop, with what was held; each opening says what
+    # was held and how much was dropped.
+    assert [(level, event) for level, event, _ in log.lines] == [
+        ("warning", "held_frames_dropped"), ("info", "master_gate_opened")] * 2
+    assert log.lines[0][2]["held"] == 2 and log.lines[0][2]["held_bytes"] == 800
+    assert (log.lines[1][2]["held"], log.lines[1][2]["dropped"]) == (3, 2)
+
+
+def test_an_opening_with_nothing_held_or_dropped_says_nothing() -> None:
+    log = Lines()
+    gate = MasterGate(log=log)
+    assert gate.open() == [] and log.lines == []
+    gate.close()
+    assert gate.open() == [] and log.lines == []
