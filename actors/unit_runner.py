@@ -44,6 +44,8 @@ FETCH_TIMEOUT_PER_KEY_S = 1.0  # and a second more for each further key it asks 
 ATTACH_BYTES = 64 << 10  # a value this large travels as a frame of its own (DataReply.attached)
 REPLY_BYTES = 64 << 20  # an answer to a request for many keys goes in replies of about this
 GATHER = "gather"
+KEPT_RUN = -2  # the run id of a unit result kept under its own key (no scheduler run names it)
+EXECUTION_SLOTS = 1
 
 
 def fetch_timeout() -> float:
@@ -54,8 +56,7 @@ def fetch_timeout() -> float:
     except ValueError:
         return FETCH_TIMEOUT_S
     return seconds if seconds > 0 else FETCH_TIMEOUT_S
-KEPT_RUN = -2  # the run id of a unit result kept under its own key (no scheduler run names it)
-EXECUTION_SLOTS = 1
+
 
 SendMaster = Callable[[m.Message], None]
 SendFrames = Callable[[list[bytes]], None]
