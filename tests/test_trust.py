@@ -499,11 +499,11 @@ def test_a_spawned_workers_secret_is_not_in_its_environment(tmp_path: Path) -> N
         assert spawned.get(TOKEN_ENV) == "-", spawned.get(TOKEN_ENV)  # (it proved itself)
 
 
-class FloodsTheMaster(Task):
+class Floods(Task):
     """Task code speaking as its own worker's runtime: ``n`` messages no worker sends (a client's
-    Cancel), to the master through its worker's node."""
+    Cancel), to the master through its worker's node (``to`` b"m") or to the node (b"n")."""
 
-    def work(self, n: int) -> str:
+    def work(self, n: int, to: bytes) -> str:
         import gc
 
         from actors.worker import NODE
@@ -513,7 +513,7 @@ class FloodsTheMaster(Task):
         outbox = hub.outbox()
         try:
             for _ in range(n):
-                outbox.send(NODE, [b"m", m.encode(m.Cancel("nothing"))])
+                outbox.send(NODE, [to, m.encode(m.Cancel("nothing"))])
         finally:
             outbox.close()
         return "sent"
@@ -528,33 +528,13 @@ def test_task_code_that_floods_the_master_ends_its_worker_not_its_node(
     task, as a worker lost); the node and its other workers serve on."""
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
-        flood = client.submit(FloodsTheMaster, 1_500)
+        flood = client.submit(Floods, 1_500, b"m")
         with pytest.raises(WorkerKilled, match="refused messages"):
             flood.result(60)  # ended on each of its three workers
         assert [client.submit(Square, i).result(30) for i in range(5)] == [0, 1, 4, 9, 16]
         wait_until(lambda: client.info().workers == 2, 30, "the ended workers to be replaced")
     err = capfd.readouterr().err
     assert "worker_blocked" in err and "peer_blocked" not in err, err[-3000:]
-
-
-class FloodsItsNode(Task):
-    """Task code speaking as its own worker's runtime: ``n`` messages to its node that no
-    worker sends it (a client's Cancel)."""
-
-    def work(self, n: int) -> str:
-        import gc
-
-        from actors.worker import NODE
-        from transport.hub import Hub
-
-        hub = next(o for o in gc.get_objects() if type(o) is Hub)
-        outbox = hub.outbox()
-        try:
-            for _ in range(n):
-                outbox.send(NODE, [b"n", m.encode(m.Cancel("nothing"))])
-        finally:
-            outbox.close()
-        return "sent"
 
 
 def test_what_a_node_refuses_of_a_worker_is_logged_sparingly(
@@ -564,7 +544,7 @@ def test_what_a_node_refuses_of_a_worker_is_logged_sparingly(
     8th... of each worker, with the count."""
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
-        assert client.submit(FloodsItsNode, 5_000).result(30) == "sent"
+        assert client.submit(Floods, 5_000, b"n").result(30) == "sent"
         seen = ""
 
         def counted_past_4096() -> bool:
