@@ -28,7 +28,8 @@ operation:
    below a worker when the worker's last task ends, and when a worker exits the node (a subreaper
    itself) ends what the worker left, now the node's children.
 5. Run folders (``make_run_dir``): named after their process and locked for its life, so a later
-   start removes those whose process is gone (``remove_stale_run_dirs``).
+   start removes those whose process is gone (``remove_stale_run_dirs``); in the temporary
+   folder, or a shorter root where it is too long for the Unix sockets they hold.
 """
 
 from __future__ import annotations
@@ -547,10 +548,31 @@ def reap(pids: list[int]) -> list[int]:
 # --- run folders ------------------------------------------------------------
 
 
+# A run folder holds Unix sockets (a node's workers.sock and peers/data, a LocalCluster's
+# master.sock), whose paths may not pass 107 bytes (sockaddr_un): room for the folder's own name
+# and the longest of them.
+SOCKET_PATH_MAX = 107
+SOCKET_ROOM = 48
+SHORT_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def run_dir_root() -> str:
+    """Where run folders go: the temporary folder, unless it is too long for the sockets in
+    them (a long ``$TMPDIR``: a node could not bind its workers' socket and never started);
+    then the first of ``SHORT_ROOTS`` this process may write in."""
+    root = tempfile.gettempdir()
+    if len(os.fsencode(root)) + SOCKET_ROOM <= SOCKET_PATH_MAX:
+        return root
+    for short in SHORT_ROOTS:
+        if os.path.isdir(short) and os.access(short, os.W_OK | os.X_OK):
+            return short
+    return root  # nowhere shorter: the socket's bind says why
+
+
 def make_run_dir(prefix: str) -> tuple[str, int]:
     """A private temporary folder ``<prefix><pid>-<random>``, locked (a descriptor, held for
     this process's life) before it takes its name, so no other start mistakes it for stale."""
-    hidden = tempfile.mkdtemp(prefix=f".{prefix}{os.getpid()}-")
+    hidden = tempfile.mkdtemp(prefix=f".{prefix}{os.getpid()}-", dir=run_dir_root())
     fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     path = os.path.join(os.path.dirname(hidden), os.path.basename(hidden)[1:])
@@ -562,7 +584,7 @@ def remove_stale_run_dirs(prefix: str) -> list[str]:
     """Remove ``<prefix><pid>-*`` folders whose lock nobody holds: their process is gone."""
     removed: list[str] = []
     pattern = re.compile(re.escape(prefix) + r"\d+-")
-    root = tempfile.gettempdir()
+    root = run_dir_root()
     try:
         names = [n for n in os.listdir(root) if pattern.match(n)]
     except OSError:

@@ -497,6 +497,22 @@ def test_a_reply_with_large_values_is_relayed_frame_for_frame_and_checked_where_
 # --- run folders ------------------------------------------------------------------------------
 
 
+def test_a_cluster_under_a_temporary_folder_too_long_for_a_socket_still_runs(tmp_path: Path) -> None:
+    """A node's workers talk to it through a Unix socket in its run folder, and a socket's path
+    may not pass 107 bytes: under a long ``$TMPDIR`` the node could not bind it, died five
+    times and the cluster never had a worker (``TimeoutError`` after 15 s, nothing said why).
+    Run folders go to a shorter root then; the rest of the temporary files stay in TMPDIR."""
+    long_tmp = tmp_path / ("x" * 60) / ("y" * 40)
+    long_tmp.mkdir(parents=True)
+    script = ("from actors import Client, LocalCluster\n"
+              "with LocalCluster(workers=1) as cluster, Client(cluster) as client:\n"
+              "    print(client.submit(pow, 7, 2).result(60), flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=dict(os.environ, TMPDIR=str(long_tmp)))
+    assert done.returncode == 0 and done.stdout.strip() == "49", done.stderr[-3000:]
+    assert "longer than 107" not in done.stderr
+
+
 def test_a_run_folder_whose_process_is_gone_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
     prefix = f"actors-test-{os.getpid()}-{time.monotonic_ns()}-"
     child = subprocess.Popen(
