@@ -548,10 +548,10 @@ def reap(pids: list[int]) -> list[int]:
 # --- run folders ------------------------------------------------------------
 
 
+#: The longest path a Unix socket may have here (``sun_path`` holds 108 bytes with its NUL).
+MAX_SOCKET_PATH = 100
 # A run folder holds Unix sockets (a node's workers.sock and peers/data, a LocalCluster's
-# master.sock), whose paths may not pass 107 bytes (sockaddr_un): room for the folder's own name
-# and the longest of them.
-SOCKET_PATH_MAX = 107
+# master.sock): room for the folder's own name and the longest of them.
 SOCKET_ROOM = 48
 SHORT_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
 
@@ -561,7 +561,7 @@ def run_dir_root() -> str:
     them (a long ``$TMPDIR``: a node could not bind its workers' socket and never started);
     then the first of ``SHORT_ROOTS`` this process may write in."""
     root = tempfile.gettempdir()
-    if len(os.fsencode(root)) + SOCKET_ROOM <= SOCKET_PATH_MAX:
+    if len(os.fsencode(root)) + SOCKET_ROOM <= MAX_SOCKET_PATH:
         return root
     for short in SHORT_ROOTS:
         if os.path.isdir(short) and os.access(short, os.W_OK | os.X_OK):

@@ -18,6 +18,7 @@ from pathlib import Path
 import structlog
 
 from actors.addresses import LISTENING, STALE, master_address, probe_unix_socket
+from actors.contain import MAX_SOCKET_PATH
 from actors.errors import InvalidAddress
 from actors.forking import ChildProcess
 from transport import ensure_keys
@@ -50,11 +51,6 @@ def local_node_command(address: str, workers: int, keys: str, package_grace: flo
     return cmd + ["--cache", cache] if cache else cmd
 
 
-#: The longest path a Unix socket may have here (``sun_path`` holds 108 bytes with its NUL);
-#: a master's own folder deeper than that gets no local socket, and its node goes by TCP.
-MAX_SOCKET_PATH = 100
-
-
 def local_endpoint(option: str | None, folder: str, *, starts_node: bool) -> str:
     """The master's ipc:// endpoint for peers on its host ("" for none): ``--local-socket``'s
     path, or, for the node a master starts itself, ``master.sock`` in its own folder. A message
@@ -68,6 +64,7 @@ def local_endpoint(option: str | None, folder: str, *, starts_node: bool) -> str
 
 
 def fits_socket_path(path: str) -> bool:
+    """(A master's own folder deeper than that gets no local socket: its node goes by TCP.)"""
     return len(os.fsencode(path)) <= MAX_SOCKET_PATH
 
 
