@@ -37,6 +37,7 @@ from actors.cluster import LocalCluster
 from actors.display import TaskLine, in_notebook, show_lines
 from actors.errors import (
     ClientClosed,
+    ClusterStartFailed,
     ConnectFailed,
     HandshakeRefused,
     InputFailed,
@@ -555,7 +556,7 @@ class Client:
         try:
             self._handshake(timeout)
             if local_workers:  # a local cluster is ready once its workers are
-                self.wait_for_workers(local_workers, timeout)
+                self._wait_for_workers(local_workers, timeout, local=True)
         except BaseException:
             self.close()
             raise
@@ -814,13 +815,27 @@ class Client:
         return reply
 
     def wait_for_workers(self, n: int, timeout: float = 30.0) -> None:
-        """Block until the cluster has at least ``n`` worker processes."""
+        """Block until the cluster has at least ``n`` worker processes. ``TimeoutError`` after
+        ``timeout`` seconds says how many there are, and why the master's own node is down
+        where it is (other hosts' nodes may still join: this waits for them)."""
+        self._wait_for_workers(n, timeout, local=False)
+
+    def _wait_for_workers(self, n: int, timeout: float, *, local: bool) -> None:
+        """``local``: the workers are the master's own node's (a LocalCluster's): no other node
+        will come, so once the master says that node will not run, ``ClusterStartFailed`` at
+        once, with its reason."""
         deadline = time.monotonic() + timeout
         for attempt in itertools.count():
-            if self.info().workers >= n:
+            info = self.info()
+            if info.workers >= n:
                 return
+            down = (f"; the master's node is not running: {info.local_node_failed}"
+                    if info.local_node_failed else "")
+            if local and down:
+                raise ClusterStartFailed(f"{info.workers} of {n} workers{down}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n} workers after {timeout}s")
+                raise TimeoutError(f"fewer than {n} workers after {timeout}s "
+                                   f"({info.workers} joined{down})")
             # Each look is one round trip to the master (~1 ms): look every 2 ms for the first
             # ~0.15 s, as a new local cluster's workers are usually a few ms away, then at 10/s.
             time.sleep(0.002 if attempt < 50 else 0.1)

@@ -16,21 +16,18 @@ import weakref
 import structlog
 
 from actors.contain import make_run_dir, remove_stale_run_dirs
-from actors.errors import ActorsError
+from actors.errors import ActorsError, ClusterStartFailed
 from actors.forking import ChildProcess
-from actors.launch import fits_socket_path, local_node_command, with_parent_pid
+from actors.launch import (
+    EXIT_NOTE_OPTION,
+    fits_socket_path,
+    local_node_command,
+    take_exit_note,
+    with_parent_pid,
+)
 from actors.local_start import start_master
 
 log = structlog.get_logger("actors.cluster")
-
-class ClusterStartFailed(ActorsError):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"local cluster did not start: {self.reason}"
-
 
 class LocalCluster:
     """Start a master with a local node of ``workers`` processes; stop all of it on ``close()``.
@@ -114,6 +111,9 @@ class LocalCluster:
             # A process killed outright (kill -9, a notebook kernel killed) runs no finalizer:
             # the master then sees its parent gone and stops, with its node and workers.
             "--exit-with-parent",
+            # Why it failed to start, if it does (its output is this process's stderr, which a
+            # notebook may not show): said in ClusterStartFailed.
+            EXIT_NOTE_OPTION, os.path.join(self._tmp, "master.exit"),
         ]
         if restart_after_error:
             master_args.append("--restart-after-error")
@@ -137,7 +137,9 @@ class LocalCluster:
             node = local_node_command(f"tcp://{reserved[2]}:{reserved[1]}", self.workers,
                                       self.keys_dir, package_grace,
                                       str(cache_dir) if cache_dir else None,
-                                      local=self.local_address) if reserved else []
+                                      local=self.local_address,
+                                      exit_note=os.path.join(self._tmp, "node.exit")
+                                      ) if reserved else []
             # Own session: a Ctrl-C meant for the notebook or script does not kill the cluster
             # half-way; close() (or the finalizer) stops it.
             self.process, self.forked = start_master(master_args, node, env, fork=fork)
@@ -149,7 +151,8 @@ class LocalCluster:
             raise
         self._finalizer = weakref.finalize(self, _stop, self.process, self._tmp, self._lock)
         try:
-            info = _wait_ready(self.process, ready_file, start_timeout)
+            info = _wait_ready(self.process, ready_file, start_timeout,
+                               os.path.join(self._tmp, "master.exit"))
         except BaseException:
             self.close()
             raise
@@ -237,7 +240,8 @@ def _keys_exist(directory: str) -> bool:
     return True
 
 
-def _wait_ready(process: ChildProcess, ready_file: str, timeout: float) -> dict[str, str]:
+def _wait_ready(process: ChildProcess, ready_file: str, timeout: float,
+                exit_note: str) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     delay = 0.005
     while time.monotonic() < deadline:
@@ -245,7 +249,9 @@ def _wait_ready(process: ChildProcess, ready_file: str, timeout: float) -> dict[
             with open(ready_file) as f:
                 return dict(json.load(f))
         if process.poll() is not None:
-            raise ClusterStartFailed(f"master exited with code {process.returncode}")
+            said = take_exit_note(exit_note)
+            raise ClusterStartFailed(f"master exited with code {process.returncode}"
+                                     + (f": {said}" if said else ""))
         time.sleep(delay)
         delay = min(delay * 1.5, 0.01)
     raise ClusterStartFailed(f"master not ready after {timeout}s")

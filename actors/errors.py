@@ -46,6 +46,17 @@ class HandshakeRefused(ProtocolError):
         return f"handshake refused: {self.reason}"
 
 
+class ClusterStartFailed(ActorsError):
+    """A ``LocalCluster`` did not start: its master, or the node that would run its workers."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"local cluster did not start: {self.reason}"
+
+
 class ConnectFailed(ActorsError):
     """No answer from the master within the deadline (wrong address, or our key is not allowed)."""
 

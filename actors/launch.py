@@ -13,7 +13,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import structlog
 
@@ -41,14 +43,97 @@ def with_parent_pid(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def local_node_command(address: str, workers: int, keys: str, package_grace: float,
-                       cache: str | None, local: str = "") -> list[str]:
+                       cache: str | None, local: str = "", exit_note: str = "") -> list[str]:
     """The command line of a master's local node (it exits when the master does); ``local``:
-    the master's ipc:// endpoint on this host, which the node connects to instead."""
+    the master's ipc:// endpoint on this host, which the node connects to instead;
+    ``exit_note``: where the node writes why it ended, if it fails (see ``take_exit_note``)."""
     cmd = [sys.executable, "-m", "actors.node", "--master", address, "--workers", str(workers),
            "--keys", keys, "--exit-with-parent", "--package-grace", str(package_grace)]
     if local:
         cmd += ["--local-master", local]
+    if exit_note:
+        cmd += [EXIT_NOTE_OPTION, exit_note]
     return cmd + ["--cache", cache] if cache else cmd
+
+
+#: A local node's option naming the file where it writes why it ended, when it fails: its
+#: master reads it to tell clients why it has no workers (``ClusterInfo.local_node_failed``)
+#: instead of leaving them to wait and guess.
+EXIT_NOTE_OPTION = "--exit-note"
+_EXIT_NOTE_BYTES = 2000
+
+
+class NotingParser(argparse.ArgumentParser):
+    """An argument parser that keeps what it refused (for the exit note) before it prints the
+    usage and exits 2."""
+
+    def __init__(self, refused: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.refused = refused
+
+    def error(self, message: str) -> NoReturn:
+        self.refused.append(f"bad arguments: {message}")
+        super().error(message)
+
+
+def run_noting_exit(body: Callable[[list[str], list[str]], int], argv: list[str] | None) -> int:
+    """``body(argv, refused)``, a command line's main that appends to ``refused`` why it gives
+    up (``refuse``); where it fails and its command line has ``--exit-note PATH``, the last
+    reason (or its exit code, or the exception that ended it) is written there for whoever
+    started it, which may have no other way to read it (its output is the user's terminal)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    refused: list[str] = []
+    try:
+        code = body(argv, refused)
+    except SystemExit as exc:  # argparse refused the arguments (it printed the usage)
+        if exc.code:
+            write_exit_note(exit_note_of(argv), refused[-1] if refused else f"exit code {exc.code}")
+        raise
+    except BaseException as exc:
+        write_exit_note(exit_note_of(argv), f"crashed: {type(exc).__name__}: {exc}")
+        raise
+    if code:
+        write_exit_note(exit_note_of(argv), refused[-1] if refused else f"exit code {code}")
+    return code
+
+
+def refuse(refused: list[str], event: str, error: str, **fields: object) -> None:
+    """Log why a command line gives up (``event``, ``error``) and keep it for its exit note."""
+    log.error(event, error=error, **fields)
+    refused.append(f"{event.replace('_', ' ')}: {error}")  # "bad keys: ..."
+
+
+def exit_note_of(args: object) -> str:
+    """The exit note path in a node's command line ("" for none)."""
+    if not isinstance(args, list | tuple):
+        return ""
+    for option, value in zip(args, args[1:], strict=False):
+        if option == EXIT_NOTE_OPTION:
+            return str(value)
+    return ""
+
+
+def write_exit_note(path: str, reason: str) -> None:
+    """(In the failing node: best effort, it is on its way out.)"""
+    if path:
+        try:
+            write_atomically(path, reason[:_EXIT_NOTE_BYTES])
+        except OSError as exc:
+            log.warning("exit_note_not_written", path=path, error=str(exc))
+
+
+def take_exit_note(path: str) -> str:
+    """Why the node that was given ``path`` ended ("" if it wrote nothing), removed once read:
+    a node started again writes its own."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            note = f.read(_EXIT_NOTE_BYTES)
+        os.unlink(path)
+    except OSError:
+        return ""
+    return " ".join(note.split())
 
 
 def local_endpoint(option: str | None, folder: str, *, starts_node: bool) -> str:

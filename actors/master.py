@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -57,15 +58,21 @@ from actors.errors import (
 from actors.forking import ChildProcess, exit_now
 from actors.journal import RESULTS_BUFFERED, Journal, Restored, TaskRow
 from actors.launch import (
+    EXIT_NOTE_OPTION,
+    NotingParser,
     claim_socket_path,
     default_keys_dir,
     ensure_keys_logged,
+    exit_note_of,
     local_endpoint,
     local_node_command,
     parent_pid,
+    refuse,
+    run_noting_exit,
     run_script,
     stop_on_signals,
     stop_process,
+    take_exit_note,
     watch_parent,
     with_parent_pid,
     write_atomically,
@@ -236,6 +243,9 @@ class Master(HubShell):
                                         restart_after_error=restart_after_error)
         self.catalogue: dict[str, PackageVersion] = {}
         self.task_sync: Any = None  # the TaskSyncServer's ref, once started
+        # Why this master's own node is not running and will not be started again ("" while
+        # it runs, or where there is none): told to clients, who would wait for its workers.
+        self.local_node_failed = ""
         self.now = 0.0
         self.stories: list[StoryGather] = []  # story requests waiting for workers' parts
         # The code each client shipped, by content hash: sent once, named by its hash after.
@@ -384,6 +394,8 @@ class Master(HubShell):
             case ("task_sync", ref):
                 self.task_sync = ref
                 self._restore_once()
+            case ("local_node_failed", str(reason)):
+                self.local_node_failed = reason
             case _:
                 raise TypeError(f"master got an unknown message: {message!r}")
         return None
@@ -991,7 +1003,7 @@ class Master(HubShell):
             sum(1 for w in sched.workers.values() if _idle(w)),
             states.count(ev.TaskStatus.RUNNING),
             states.count(ev.TaskStatus.QUEUED) + len(self.backlog),
-            per_node, self.master_id, self.journal.epoch, __version__)
+            per_node, self.master_id, self.journal.epoch, __version__, self.local_node_failed)
 
     def _submit(self, peer: Peer, msg: m.Submit) -> None:
         kind, package, version = msg.kind, "", ""
@@ -1950,10 +1962,15 @@ def message_bound(mib: int) -> int:
 def main(argv: list[str] | None = None, *,
                 local_node: ChildProcess | None = None) -> int:
     """``local_node``: this master's node, already started (``LocalCluster`` starts it at once,
-    beside the master, with ``local_node_command``); the master stops it as its own."""
+    beside the master, with ``local_node_command``); the master stops it as its own. Given
+    ``--exit-note PATH`` (a LocalCluster's), it writes there why it failed to start."""
+    return run_noting_exit(functools.partial(_main, local_node=local_node), argv)
+
+
+def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | None) -> int:
     parent = parent_pid()  # whose end ends this master (--exit-with-parent): first of all
-    parser = argparse.ArgumentParser(prog="python -m actors.master",
-                                     description="Start a pydra-actors master (and a local node).")
+    parser = NotingParser(refused, prog="python -m actors.master",
+                          description="Start a pydra-actors master (and a local node).")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=5555, help="TCP port (0: any free port)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -1979,6 +1996,7 @@ def main(argv: list[str] | None = None, *,
                              "less (default: one in the master's own folder for the node it "
                              "starts; 'off': none)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(EXIT_NOTE_OPTION, default="", help=argparse.SUPPRESS)
     parser.add_argument("--no-banner", action="store_true",
                         help="do not print where the master listens (for embedding)")
     parser.add_argument("--state-dir", default=None,
@@ -2027,7 +2045,7 @@ def main(argv: list[str] | None = None, *,
         pair = load_keypair(keys, "master")
         curve = ServerCurve(pair.public, pair.secret, str(allowed_dir(keys)))
     except ActorsError as exc:
-        log.error("bad_keys", error=str(exc))
+        refuse(refused, "bad_keys", str(exc))
         _stop_local_node(local_node)
         return 2
 
@@ -2040,7 +2058,7 @@ def main(argv: list[str] | None = None, *,
                          durable=not temporary)
         restored = state.journal.start(f"master-{uuid.uuid4().hex[:8]}")
     except (StateDirLocked, JournalUnreadable) as exc:
-        log.error("bad_state_dir", error=str(exc))
+        refuse(refused, "bad_state_dir", str(exc))
         _stop_local_node(local_node)
         return 2
 
@@ -2081,8 +2099,8 @@ def main(argv: list[str] | None = None, *,
     max_message = message_bound(args.max_message)
     local = local_endpoint(args.local_socket, state_path[0],
                            starts_node=local_node is None and args.workers > 0)
-    if local and (refused := claim_socket_path(local.removeprefix("ipc://"))):
-        log.warning("local_socket_refused", path=local, reason=refused,
+    if local and (taken := claim_socket_path(local.removeprefix("ipc://"))):
+        log.warning("local_socket_refused", path=local, reason=taken,
                     hint="peers on this host connect by TCP")
         local = ""
     hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True,
@@ -2091,8 +2109,7 @@ def main(argv: list[str] | None = None, *,
     try:
         hub.start()
     except Exception as exc:
-        log.error("cannot_listen", address=f"tcp://{args.host}:{args.port}", local=local,
-                  error=str(exc))
+        refuse(refused, "cannot_listen", f"tcp://{args.host}:{args.port}: {exc}", local=local)
         _stop_local_node(local_node)
         _close_state(state, state_path, temporary)
         return 2
@@ -2119,7 +2136,7 @@ def main(argv: list[str] | None = None, *,
             host, _, port = args.metrics.rpartition(":")
             metrics = MetricsServer(host or "127.0.0.1", int(port))
         except (ActorsError, OSError, ValueError) as exc:
-            log.error("cannot_serve_metrics", address=args.metrics, error=str(exc))
+            refuse(refused, "cannot_serve_metrics", f"{args.metrics}: {exc}")
             hub.stop()
             _stop_local_node(local_node)
             _close_state(state, state_path, temporary)
@@ -2129,7 +2146,7 @@ def main(argv: list[str] | None = None, *,
         try:
             dashboard = Dashboard(*parse_address(args.dashboard))
         except (InvalidAddress, OSError) as exc:
-            log.error("cannot_serve_dashboard", address=args.dashboard, error=str(exc))
+            refuse(refused, "cannot_serve_dashboard", f"{args.dashboard}: {exc}")
             hub.stop()
             if metrics is not None:
                 metrics.close()
@@ -2159,9 +2176,10 @@ def main(argv: list[str] | None = None, *,
     stop_on_signals(stop)
     node: ChildProcess | None = local_node
     if node is None and args.workers > 0:
-        node = subprocess.Popen(local_node_command(address, args.workers, keys, args.package_grace,
-                                                   args.cache, local=local),
-                                stdin=subprocess.DEVNULL, env=with_parent_pid())
+        node = subprocess.Popen(local_node_command(
+            address, args.workers, keys, args.package_grace, args.cache, local=local,
+            exit_note=os.path.join(state_path[0], "local-node.exit")),
+            stdin=subprocess.DEVNULL, env=with_parent_pid())
     if args.ready_file:
         write_atomically(args.ready_file, json.dumps({
             "address": address, "local_address": local, "pid": os.getpid(),
@@ -2183,7 +2201,9 @@ def main(argv: list[str] | None = None, *,
     restarts: list[float] = []
     while not stop.wait(NODE_WATCH_S):
         if node is not None and node.poll() is not None:
-            node = _restart_local_node(node, restarts)
+            node, reason = _restart_local_node(node, restarts)
+            if node is None:
+                tell_if_alive(master_ref, ("local_node_failed", reason))
         if not state.locked and state.relock():  # taken over: the old master is gone now
             state.write_holder(address)
     log.info("master_stopping")
@@ -2216,17 +2236,25 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
-def _restart_local_node(node: ChildProcess, restarts: list[float]) -> ChildProcess | None:
-    """The local node died (killed, crashed): start another, unless it keeps dying."""
+def _restart_local_node(node: ChildProcess,
+                        restarts: list[float]) -> tuple[ChildProcess | None, str]:
+    """The local node died (killed, crashed): start another, unless it refused its arguments
+    or keys (exit code 2: it would again) or keeps dying. Returns the new node, else None and
+    why not, in words for the clients waiting for its workers."""
     now = time.monotonic()
+    said = take_exit_note(exit_note_of(node.args)) or f"exit code {node.returncode}"
     restarts[:] = [t for t in restarts if now - t < NODE_RESTART_WINDOW_S]
-    if len(restarts) >= NODE_RESTARTS:
-        log.error("local_node_not_restarted", exitcode=node.returncode,
-                  reason=f"it died {len(restarts)} times within {NODE_RESTART_WINDOW_S:.0f}s")
-        return None
-    restarts.append(now)
-    log.warning("local_node_restarted", exitcode=node.returncode, pid=node.pid)
-    return subprocess.Popen(node.args, stdin=subprocess.DEVNULL, env=with_parent_pid())
+    if node.returncode == 2:
+        reason = f"it refused to start ({said})"
+    elif len(restarts) >= NODE_RESTARTS:
+        reason = (f"it ended {len(restarts) + 1} times within {NODE_RESTART_WINDOW_S:.0f}s, "
+                  f"the last with {said}")
+    else:
+        restarts.append(now)
+        log.warning("local_node_restarted", exitcode=node.returncode, pid=node.pid, said=said)
+        return subprocess.Popen(node.args, stdin=subprocess.DEVNULL, env=with_parent_pid()), ""
+    log.error("local_node_not_restarted", exitcode=node.returncode, reason=reason)
+    return None, reason
 
 
 def _close_state(state: StateDir, path: tuple[str, int], temporary: bool) -> None:

@@ -198,6 +198,9 @@ class ClusterInfo(Message, frozen=True):
     master_id: str = ""
     epoch: int = 0
     version: str = ""  # the master's pydra-actors version
+    # Why the master's own node (a LocalCluster's, or the one `python -m actors.master` starts)
+    # is not running and will not be started again; "" while it runs or where there is none.
+    local_node_failed: str = ""
 
 
 #: A result larger than this (its pickle, in bytes) does not ride inline through the master: a

@@ -59,10 +59,14 @@ from actors.contain import (
 from actors.errors import ActorsError, MalformedMessage, MessageTooLarge
 from actors.forking import exit_now
 from actors.launch import (
+    EXIT_NOTE_OPTION,
+    NotingParser,
     default_keys_dir,
     local_master_arg,
     master_arg,
     parent_pid,
+    refuse,
+    run_noting_exit,
     stop_on_signals,
 )
 from actors.master_gate import MasterGate
@@ -799,9 +803,16 @@ def _within_bound(frames: list[bytes], limit: int) -> list[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The node's command line. A master's local node given ``--exit-note PATH`` writes there
+    why it ended when it fails (its arguments refused, its keys unreadable, a crash), so that
+    the master can tell its clients rather than have them wait for workers that never come."""
+    return run_noting_exit(_main, argv)
+
+
+def _main(argv: list[str], refused: list[str]) -> int:
     parent = parent_pid()  # whose end ends this node (--exit-with-parent): first of all
-    parser = argparse.ArgumentParser(prog="python -m actors.node",
-                                     description="Join a pydra-actors master with this host's workers.")
+    parser = NotingParser(refused, prog="python -m actors.node",
+                          description="Join a pydra-actors master with this host's workers.")
     parser.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
                         required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
                         help="the master's address, HOST:PORT or tcp://HOST:PORT")
@@ -846,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="large task results this node holds for their clients, in memory, "
                              "in all (e.g. 512M); beyond it they wait on disk (default 1G)")
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(EXIT_NOTE_OPTION, default="", help=argparse.SUPPRESS)
     add_containment_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure(args.log_format)
@@ -855,10 +867,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_pause:
         os.environ["ACTORS_WORKER_PAUSE"] = str(args.worker_pause)
     if args.workers < 1:
-        log.error("bad_arguments", error="--workers must be at least 1")
+        refuse(refused, "bad_arguments", "--workers must be at least 1")
         return 2
     if not args.fetch_timeout > 0:
-        log.error("bad_arguments", error="--fetch-timeout must be more than 0 seconds")
+        refuse(refused, "bad_arguments", "--fetch-timeout must be more than 0 seconds")
         return 2
     os.environ["ACTORS_FETCH_TIMEOUT"] = str(args.fetch_timeout)
 
@@ -904,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         pair = load_keypair(keys, "node")
         curve = ClientCurve(pair.public, pair.secret, load_public_key(keys, "master"))
     except ActorsError as exc:
-        log.error("bad_keys", error=str(exc))
+        refuse(refused, "bad_keys", str(exc))
         return give_up(forked)
     node_ref: pykka.ActorRef[Any] | None = None
     sync_ref: pykka.ActorRef[Any] | None = None
@@ -953,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         data = DataPlane(node_id, pair, run_dir, args.master, args.data_listen, args.data_address)
         data.alive = alive
     except ValueError as exc:
-        log.error("bad_data_address", error=str(exc))
+        refuse(refused, "bad_data_address", str(exc))
         return give_up(forked)
     data.add_to(hub, os.path.join(keys, "node.key"))
     results = ResultStore(node_id, pair, data.host, os.path.join(run_dir, "results"), task_ends,
@@ -965,7 +977,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hub.start()
     except Exception as exc:
-        log.error("cannot_connect", master=args.local_master or args.master, error=str(exc))
+        master = args.local_master or args.master
+        refuse(refused, "cannot_connect", f"{master}: {exc}", master=master)
         return give_up(forked)
     finally:
         if umask is not None:
@@ -1001,6 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     os.close(run_lock)
     if fatal:
         log.error("node_exiting", reason=fatal[0])
+        refused.append(fatal[0])
         return 1
     return 0
 

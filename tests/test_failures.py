@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from actors import Client, Future, LocalCluster, ParallelTask, Task
 from actors.errors import MasterLost, TaskCancelled, WorkerKilled
+from actors.master import NODE_RESTARTS, _restart_local_node
 from tests.conftest import (
     alive,
     children,
@@ -395,6 +397,33 @@ def test_a_killed_local_node_is_started_again_and_the_cluster_serves_on() -> Non
         wait_until(lambda: children(cl.pid) - {node}, 30, "the master to start another node")
         assert client.submit(Square, 7).result(timeout=60) == 49
         wait_until(lambda: len(client.info().nodes) == 1, 30, "the dead node to be declared lost")
+
+
+def test_a_local_node_that_keeps_ending_is_started_again_then_left_saying_why(
+        tmp_path: Path) -> None:
+    # Real processes standing in for the node: each says why it ends where a node would.
+    note = tmp_path / "node.exit"
+    says = ("import sys; open(sys.argv[sys.argv.index('--exit-note') + 1], 'w')"
+            ".write('cannot read\\n the disk'); sys.exit(3)")
+    node: subprocess.Popen[bytes] | None = subprocess.Popen(
+        [sys.executable, "-c", says, "--exit-note", str(note)])
+    restarts: list[float] = []
+    for _ in range(NODE_RESTARTS):
+        assert node is not None
+        node.wait(20)
+        node, reason = _restart_local_node(node, restarts)
+        assert node is not None and reason == ""
+        assert not note.exists()  # read and removed: the next one writes its own
+    assert node is not None
+    node.wait(20)
+    node, reason = _restart_local_node(node, restarts)
+    assert node is None
+    assert reason == (f"it ended {NODE_RESTARTS + 1} times within 60s, the last with cannot "
+                      "read the disk")
+    # Its arguments or keys refused (exit code 2): it would be again; not started again.
+    refusing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    refusing.wait(20)
+    assert _restart_local_node(refusing, []) == (None, "it refused to start (exit code 2)")
 
 
 def test_a_master_removes_the_folders_of_masters_killed_before_it() -> None:

@@ -91,16 +91,39 @@ def test_an_explicit_port_is_the_clusters_and_a_busy_one_fails_cleanly() -> None
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        with pytest.raises(ClusterStartFailed, match="exited with code 2"):
+        # with the master's own reason: its log went to a terminal a notebook may not show
+        with pytest.raises(ClusterStartFailed, match=r"exited with code 2: cannot listen: "
+                                                     r".*Address already in use"):
             LocalCluster(workers=1, port=busy.getsockname()[1])
 
 
 def test_a_master_that_cannot_start_stops_the_node_it_started(tmp_path: Path) -> None:
     keys = init_keys(tmp_path / "keys")
     (keys / "master.key_secret").write_text("not a key\n")  # the node's own keys are fine
-    with pytest.raises(ClusterStartFailed, match="exited with code 2"):
+    with pytest.raises(ClusterStartFailed, match="exited with code 2: bad keys: "):
         LocalCluster(workers=2, keys=keys)
     wait_until(lambda: not _running_with(str(keys)), 20, "the node to be stopped")
+
+
+def test_a_node_that_refuses_its_settings_fails_the_cluster_at_once_saying_why(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    # The master starts fine; its node refuses a setting it reads from the environment, and
+    # would refuse it again: it is not started again, and the client is told why instead of
+    # waiting out its timeout for workers that never come.
+    monkeypatch.setenv("ACTORS_FETCH_TIMEOUT", "-1")
+    with LocalCluster(workers=2) as cl:
+        with pytest.raises(ClusterStartFailed, match=r"0 of 2 workers; the master's node is not "
+                           r"running: it refused to start \(bad arguments: --fetch-timeout "
+                           r"must be more than 0 seconds\)"):
+            Client(cl, timeout=120)
+        # A client of another host's making (it may expect other nodes) still waits, but its
+        # timeout says what it waits for.
+        with Client(cl.address, keys=cl.keys_dir) as client:
+            assert "fetch-timeout" in client.info().local_node_failed
+            with pytest.raises(TimeoutError, match=r"\(0 joined; the master's node is not "
+                               r"running: it refused"):
+                client.wait_for_workers(1, timeout=0.2)
+    assert "local_node_restarted" not in capfd.readouterr().err
 
 
 def test_keys_are_created_where_asked_before_anything_starts(tmp_path: Path) -> None:
