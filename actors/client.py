@@ -626,32 +626,41 @@ class Client:
     def _submit_all(self, prepared: list[_Prepared]) -> list[Future]:
         """Send prepared submissions, all or none: each is encoded and held to the master's
         bound first (``MessageTooLarge`` leaves nothing registered or sent), then every future
-        is registered (no answer can come before its future), then they leave in order."""
-        with self._send_lock:
-            if self._closed:
-                raise ClientClosed(self.client_id)
-            # Each code goes to the master once; later submits name it by its hash. (Decided
-            # under the lock: a master's Welcome after a restart clears what it has.)
-            shipping: set[str] = set()
-            ready: list[tuple[_Prepared, m.Submit, bytes]] = []
-            for item in prepared:
-                submit = item.submit
-                code_hash = submit.code_hash
-                if item.code and code_hash not in self._shipped and code_hash not in shipping:
-                    submit = msgspec.structs.replace(submit, code=item.code)
-                    shipping.add(code_hash)
-                ready.append((item, submit, self._encoded(submit)))
-            futures = []
-            for item, submit, _ in ready:
-                task_id = submit.task_id
-                fut = self._futures[task_id] = Future(self, task_id, item.name, item.kind)
-                self._unaccepted[task_id] = (submit, item.code)
-                futures.append(fut)
-            send = self._outbox.send
-            for _, _, body in ready:
-                send(MASTER, [body])
-            self._shipped |= shipping
-        return futures
+        is registered (no answer can come before its future), then they leave in order.
+        Encoding, making the futures and registering them (a weak reference each), most of a
+        large ``map``'s time, happen before the send lock: other threads' submits wait only
+        for the sending."""
+        ready = [(item, item.submit, self._encoded(item.submit)) for item in prepared]
+        made = [Future(self, item.submit.task_id, item.name, item.kind) for item in prepared]
+        futures = self._futures
+        for fut in made:
+            futures[fut.task_id] = fut
+        try:
+            with self._send_lock:
+                if self._closed:
+                    raise ClientClosed(self.client_id)
+                # Each code goes to the master once; later submits name it by its hash.
+                # (Decided under the lock: a master's Welcome after a restart clears what it
+                # has.)
+                shipping: set[str] = set()
+                for i, (item, submit, _) in enumerate(ready):
+                    code_hash = submit.code_hash
+                    if item.code and code_hash not in self._shipped and code_hash not in shipping:
+                        submit = msgspec.structs.replace(submit, code=item.code)
+                        ready[i] = (item, submit, self._encoded(submit))
+                        shipping.add(code_hash)
+                unaccepted = self._unaccepted
+                for item, submit, _ in ready:
+                    unaccepted[submit.task_id] = (submit, item.code)
+                self._outbox.send_all(MASTER, [body for _, _, body in ready])
+                self._shipped |= shipping
+        except BaseException:
+            # Never sent: nothing to release when they go (their weak registrations go with
+            # them).
+            for fut in made:
+                fut._client = None  # type: ignore[assignment]
+            raise
+        return made
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
         """The pickled arguments, and the tasks whose futures are among them (its inputs)."""

@@ -6,6 +6,8 @@ inline results are bounded)."""
 
 from __future__ import annotations
 
+import collections
+import gc
 import os
 import signal
 import threading
@@ -27,6 +29,27 @@ from tests.conftest import kill_all, start_master, wait_until
 from transport.keys import load_keypair, load_public_key
 
 MIB = 1 << 20
+
+
+class _Recorded(collections.deque[str]):
+    """A client's queue of released futures' ids that remembers every one put in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def append(self, task_id: str) -> None:
+        self.seen.append(task_id)
+        super().append(task_id)
+
+
+class LargeCode(Task):
+    """A class that pickles to 40 MiB (what it captures goes with its code)."""
+
+    ballast = bytes(40 * MIB)
+
+    def work(self, data: bytes) -> int:
+        return len(data)
 
 
 class Size(Task):
@@ -74,7 +97,15 @@ def test_a_map_with_one_item_refused_sends_none_of_them(tmp_path: Path) -> None:
                 client.map(Size, items)
             with pytest.raises(Exception, match="lock"):
                 client.map(Size, [b"a", threading.Lock(), b"c"])  # the second does not pickle
-            assert not client._unaccepted
+            # Each item alone is within the bound, but the first carries the class's code
+            # (sent once): past the bound, found after the futures were made and registered.
+            # None stays registered, and none is released when it goes (never sent).
+            client._released = released = _Recorded()
+            with pytest.warns(LargePayloadWarning), \
+                    pytest.raises(MessageTooLarge, match="--max-message"):
+                client.map(LargeCode, [bytes(30 * MIB), b"b"])
+            gc.collect()
+            assert not client._futures and not client._unaccepted and not released.seen
             assert client.tasks() == []  # the master never heard of any of them
             futures = client.map(Size, [b"a", b"bc", bytes(MIB)])
             assert [f.result(timeout=60) for f in futures] == [1, 2, MIB]

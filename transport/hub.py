@@ -176,6 +176,15 @@ class Outbox:
             hub._wake_pending = True
             self._push.send(_WAKE)
 
+    def send_all(self, socket_name: str, bodies: list[bytes]) -> None:
+        """One-part messages, in order, as ``send`` each but one hand-off: a client's large
+        ``map`` holds its send lock for this, not for a queue operation per message."""
+        hub, name = self._hub, socket_name.encode()
+        hub._outgoing.extend([(name, [body]) for body in bodies])  # (from a list: in one go)
+        if not hub._wake_pending:
+            hub._wake_pending = True
+            self._push.send(_WAKE)
+
     def close(self) -> None:
         self._push.close(linger=0)
 
@@ -189,6 +198,10 @@ class _LoopOutbox(Outbox):
 
     def send(self, socket_name: str, frames: list[bytes]) -> None:
         self._hub._defer_checked(socket_name.encode(), frames)
+
+    def send_all(self, socket_name: str, bodies: list[bytes]) -> None:
+        for body in bodies:
+            self.send(socket_name, [body])
 
     def close(self) -> None:
         pass
