@@ -87,3 +87,30 @@ class Refusals:
 
     def forget(self, sender: str) -> None:
         self.counts.pop(sender, None)
+
+
+class RefusalLimit:
+    """Refusals per sender within a window: a sender past ``limit`` of them within
+    ``interval_s`` is told once (``passed``), then counted afresh. For what task code can send
+    as fast as it likes: its worker is ended rather than its node kept busy refusing."""
+
+    MAX_SENDERS = 4096  # the oldest forgotten first
+
+    def __init__(self, limit: int, interval_s: float) -> None:
+        self.limit, self.interval_s = limit, interval_s
+        self.windows: dict[str, tuple[float, int]] = {}  # sender -> (window's start, count)
+
+    def passed(self, sender: str, now: float) -> bool:
+        """Count one refusal of ``sender`` at ``now``: whether it passed the limit with it."""
+        since, n = self.windows.pop(sender, (now, 0))
+        if now - since > self.interval_s:
+            since, n = now, 0
+        if n + 1 > self.limit:
+            return True  # (not kept: counted afresh from the next one)
+        self.windows[sender] = (since, n + 1)  # (last in order: the oldest go first)
+        if len(self.windows) > self.MAX_SENDERS:
+            del self.windows[next(iter(self.windows))]
+        return False
+
+    def forget(self, sender: str) -> None:
+        self.windows.pop(sender, None)

@@ -1931,6 +1931,8 @@ def describe_exit(msg: m.WorkerExited) -> str:
             how = f"killed by signal {msg.signal}"
     else:
         how = f"exited with code {msg.exitcode}"
+    if msg.ended:
+        how += f" by its node: it sent {msg.ended[:200]}"
     return f"worker {msg.worker_id} (pid {msg.pid}) {how}, peak memory {msg.maxrss_kb // 1024} MiB"
 
 

@@ -398,6 +398,8 @@ class WorkerExited(Message, frozen=True):
     signal: int | None
     maxrss_kb: int
     expected: bool  # the node was asked to stop it
+    # Why its node ended it, unasked ("" otherwise): it kept sending what the node refused.
+    ended: str = ""
 
 
 class WorkerStats(Message, frozen=True):

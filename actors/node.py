@@ -97,6 +97,11 @@ MAX_HELD_EXITS = 10_000  # worker exits told to the master when it is back (it w
 # this long after the node saw it exit (frames to it stop at once).
 LAST_WORDS_S = 2.0
 STATS_EVERY_S = 2.0  # how often the node tells the master what its workers use (the dashboard)
+# A worker whose frames the node refuses (no layout, not a message, not one a worker sends)
+# more often than this is ended, as a worker lost: task code that writes to its worker's
+# socket could otherwise keep the node's one thread refusing, and the node's other workers
+# unheard. The master's bound on what a worker sends it through its node is the same.
+WORKER_REFUSALS_ENDING, REFUSAL_INTERVAL_S = 1_000, 10.0
 RUN_DIR_PREFIX = "actors-node-"
 # A task process that outlives its worker dies with it; the node reaps it within this long at exit.
 ORPHAN_REAP_S = 2.0
@@ -109,6 +114,13 @@ class ProcessExited(msgspec.Struct, frozen=True):
     pid: int
     status: int
     maxrss_kb: int
+
+
+class EndWorker(msgspec.Struct, frozen=True):
+    """From the hub thread: this worker sent more than the node refuses (``why``)."""
+
+    worker_id: str
+    why: str
 
 
 @dataclass
@@ -124,6 +136,7 @@ class WorkerProcess:
     plan: Plan = UNCONTAINED
     token: str = ""  # the secret it must say in its Hello (see "Proof")
     start_by: float | None = None  # its Hello is due by then (set on the first tick after start)
+    ended: str = ""  # what it sent that made the node end it (WorkerExited.ended)
 
 
 @dataclass
@@ -183,6 +196,7 @@ class Node(Shell):
         self.cpu_seen: dict[str, tuple[float, float]] = {}  # worker -> (CPU seconds, when)
         self._failed_starts = 0  # workers in a row that died before saying hello
         self.refusals = logs.Refusals()  # what each worker sent that we refused (logged 1, 2, 4..)
+        self.flooding = logs.RefusalLimit(WORKER_REFUSALS_ENDING, REFUSAL_INTERVAL_S)
         self._on_fatal = on_fatal
         self.log = log.bind(role="node", node_id=config.node_id)
 
@@ -209,6 +223,8 @@ class Node(Shell):
                 self._from_worker(worker_key.decode(errors="replace"), msg)
             case ProcessExited():
                 self._exited(message)
+            case EndWorker(worker_id=worker_id, why=why):
+                self._end(worker_id, why)
             case Tick(now=now):
                 self._tick(now)
             case ConnectionEvent(what=what):
@@ -292,6 +308,9 @@ class Node(Shell):
                 if refused := self.refusals.count(worker_id):
                     self.log.warning("unexpected_message", worker_id=worker_id,
                                      type=type(msg).__name__, refused=refused)
+                if self.flooding.passed(worker_id, self.now):
+                    self._end(worker_id, f"more than {WORKER_REFUSALS_ENDING} messages a worker "
+                                         f"does not send in {REFUSAL_INTERVAL_S:.0f}s")
 
     def _tick(self, now: float) -> None:
         self.now = now
@@ -434,6 +453,19 @@ class Node(Shell):
         worker.kill_deadline = self.now + KILL_GRACE_S
         _signal_group(worker.pid, signal.SIGTERM)
 
+    def _end(self, worker_id: str, why: str) -> None:
+        """A worker that kept sending what the node refuses: killed at once, told to the master
+        as a worker lost (a death against its task) with ``why``; its frames are dropped from
+        now on. Only a worker that proved itself: an id no one proved names no process."""
+        worker = self.workers.get(worker_id)
+        if (worker is None or worker.ended or worker.expected_exit
+                or worker_id.encode() not in self.proven):
+            return
+        worker.ended = why
+        self.proven.discard(worker_id.encode())
+        self.log.error("worker_ended", worker_id=worker_id, pid=worker.pid, reason=why)
+        _signal_group(worker.pid, signal.SIGKILL)
+
     def _exited(self, event: ProcessExited) -> None:
         worker = self.workers.pop(event.worker_id, None)
         self.pids.pop(event.worker_id, None)
@@ -443,6 +475,7 @@ class Node(Shell):
             return
         self.task_ends.forget(event.worker_id.encode())
         self.refusals.forget(event.worker_id)
+        self.flooding.forget(event.worker_id)
         _signal_group(event.pid, signal.SIGKILL)  # anything the task left in its group
         # and anything it left elsewhere: the worker was its subreaper, now the node is
         self.orphans = contain.reap(self.orphans + self._end_orphans())
@@ -455,7 +488,7 @@ class Node(Shell):
         died = m.WorkerExited(
             event.worker_id, event.pid,
             exitcode if exitcode >= 0 else None, -exitcode if exitcode < 0 else None,
-            event.maxrss_kb, worker.expected_exit or self.stopping,
+            event.maxrss_kb, worker.expected_exit or self.stopping, worker.ended,
         )
         (self.log.info if died.expected else self.log.warning)(
             "worker_exited", worker_id=event.worker_id, pid=event.pid, exitcode=died.exitcode,
@@ -753,8 +786,18 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         tell_if_alive(task_sync if isinstance(msg, _FOR_TASK_SYNC) else node,
                       Inbound(frames[0], None, msg))
     else:
-        if refused := _malformed.count(bytes(frames[0][:80]).decode(errors="replace")):
-            log.warning("malformed_frames", source="worker", count=len(frames), refused=refused)
+        worker_refused(node, frames[0], f"{len(frames)} frames in no layout")
+
+
+def worker_refused(node: pykka.ActorRef[Any], worker: bytes, what: str) -> None:
+    """A frame of a worker refused on the hub thread (``what``): logged 1, 2, 4, 8... times;
+    past ``WORKER_REFUSALS_ENDING`` in ``REFUSAL_INTERVAL_S``, the Node actor ends the worker."""
+    sender = bytes(worker[:80]).decode(errors="replace")
+    if refused := _malformed.count(sender):
+        log.warning("worker_frame_refused", worker_id=sender, what=what, refused=refused)
+    if _flooding.passed(sender, time.monotonic()):
+        tell_if_alive(node, EndWorker(sender, f"more than {WORKER_REFUSALS_ENDING} frames the "
+                                              f"node could not read in {REFUSAL_INTERVAL_S:.0f}s"))
 
 
 def _says_hello(frames: list[bytes]) -> bool:
@@ -763,6 +806,7 @@ def _says_hello(frames: list[bytes]) -> bool:
 
 _unproven_count = 0
 _malformed = logs.Refusals()  # a proven worker's frames that fit no layout (the hub thread's)
+_flooding = logs.RefusalLimit(WORKER_REFUSALS_ENDING, REFUSAL_INTERVAL_S)  # (the hub thread's)
 
 
 def _unproven(worker: bytes) -> None:
@@ -932,6 +976,9 @@ def _main(argv: list[str], refused: list[str]) -> int:
             relay_frames(hub, node_ref, sync_ref, socket, frames, data, task_ends, gate, results,
                          proven, alive)
         except MalformedMessage as exc:
+            if socket == WORKERS and len(frames) > 1 and node_ref is not None:
+                worker_refused(node_ref, frames[0], str(exc))  # (counted against the worker)
+                return
             sender = bytes(frames[0][:80]).decode(errors="replace") if len(frames) > 1 else ""
             if refused := malformed.count(f"{socket}:{sender}"):  # (1, 2, 4, 8... said)
                 log.warning("malformed_frame", socket=socket, sender=sender, error=str(exc),

@@ -501,21 +501,25 @@ def test_a_spawned_workers_secret_is_not_in_its_environment(tmp_path: Path) -> N
 
 class Floods(Task):
     """Task code speaking as its own worker's runtime: ``n`` messages no worker sends (a client's
-    Cancel), to the master through its worker's node (``to`` b"m") or to the node (b"n")."""
+    Cancel), to the master through its worker's node (``to`` b"m") or to the node (b"n"), or
+    (``to`` b"") frames in no layout a worker uses; then it waits ``then_wait`` seconds."""
 
-    def work(self, n: int, to: bytes) -> str:
+    def work(self, n: int, to: bytes, then_wait: float = 0.0) -> str:
         import gc
+        import time
 
         from actors.worker import NODE
         from transport.hub import Hub
 
         hub = next(o for o in gc.get_objects() if type(o) is Hub)
         outbox = hub.outbox()
+        frames = [to, m.encode(m.Cancel("nothing"))] if to else [b"?"]
         try:
             for _ in range(n):
-                outbox.send(NODE, [to, m.encode(m.Cancel("nothing"))])
+                outbox.send(NODE, frames)
         finally:
             outbox.close()
+        time.sleep(then_wait)
         return "sent"
 
 
@@ -537,25 +541,34 @@ def test_task_code_that_floods_the_master_ends_its_worker_not_its_node(
     assert "worker_blocked" in err and "peer_blocked" not in err, err[-3000:]
 
 
-def test_what_a_node_refuses_of_a_worker_is_logged_sparingly(
+def test_what_a_node_refuses_of_a_worker_is_logged_sparingly_and_a_flood_ends_it(
         capfd: pytest.CaptureFixture[str]) -> None:
     """A node logged a warning for each message of a worker it refused: task code wrote the
     node's log as fast as it could send (200,000 lines in a second). Now the 1st, 2nd, 4th,
-    8th... of each worker, with the count."""
+    8th... of each worker, with the count. And refusing took the node's time for as long as
+    the task sent: past 1,000 refused in 10 s (messages, or frames in no layout), the worker
+    is ended as lost (a death against its task) and the node serves its other workers on."""
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
-        assert client.submit(Floods, 5_000, b"n").result(30) == "sent"
+        assert client.submit(Floods, 600, b"n").result(30) == "sent"  # within the bound
         seen = ""
 
-        def counted_past_4096() -> bool:
+        def counted_past_512() -> bool:
             nonlocal seen
             seen += capfd.readouterr().err
-            return "refused=4096" in seen
+            return "refused=512" in seen
 
-        wait_until(counted_past_4096, 30, "the node to refuse 4,096 of them")
-        assert client.submit(Square, 7).result(30) == 49
-    lines = [line for line in seen.splitlines() if "unexpected_message" in line]
-    assert len(lines) == 13, lines[:20]  # 1, 2, 4 ... 4096
+        wait_until(counted_past_512, 30, "the node to refuse 512 of them")
+        lines = [line for line in seen.splitlines() if "unexpected_message" in line]
+        assert len(lines) == 10, lines[:20]  # 1, 2, 4 ... 512
+        for to in (b"n", b""):  # messages a worker does not send; frames in no layout
+            flood = client.submit(Floods, 1_500, to, 60.0)
+            with pytest.raises(WorkerKilled, match="by its node: it sent more than 1000 "):
+                flood.result(120)  # ended on each of its three workers
+        assert [client.submit(Square, i).result(30) for i in range(5)] == [0, 1, 4, 9, 16]
+        wait_until(lambda: client.info().workers == 2, 30, "the ended workers to be replaced")
+    err = seen + capfd.readouterr().err
+    assert "worker_ended" in err and "node_lost" not in err, err[-3000:]
 
 
 def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
