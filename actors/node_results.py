@@ -391,12 +391,8 @@ class ResultStore:
                 del self.waiting[task_id]
             else:
                 self.waiting[task_id] = [w for w in waiting if w.deadline > now]
-        stale = []
-        for task_id, entry in self.held.items():
-            if not entry.since:  # held before the first tick: its clock starts now
-                entry.since = now
-            elif not entry.owner and now - entry.since > UNSHARED_TTL_S:
-                stale.append(task_id)
+        stale = [task_id for task_id, entry in self.held.items()
+                 if not entry.owner and now - entry.since > UNSHARED_TTL_S]
         for task_id in stale:
             self.log.info("result_dropped", task_id=task_id, why="never claimed by the master")
             self._drop(task_id)
