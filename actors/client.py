@@ -36,6 +36,7 @@ from actors.addresses import client_address
 from actors.cluster import LocalCluster
 from actors.display import TaskLine, in_notebook, show_lines
 from actors.errors import (
+    ActorsError,
     ClientClosed,
     ClusterStartFailed,
     ConnectFailed,
@@ -176,7 +177,8 @@ class Future:
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the task; return its result or raise its exception (with the remote traceback)."""
         if not self._wait(timeout):
-            raise TimeoutError(f"task {self.name} {self.task_id} not done after {timeout}s")
+            raise TimeoutError(f"task {self.name} {self.task_id} not done after {timeout}s"
+                               + self._client._why_queued(self, timeout))
         if self._status == _CANCELLED:
             raise TaskCancelled(self.task_id)
         if self._error is not None:
@@ -822,6 +824,22 @@ class Client:
         reply = self._request("info", m.InfoRequest(), timeout)
         assert isinstance(reply, m.ClusterInfo)
         return reply
+
+    def _why_queued(self, fut: Future, waited: float | None) -> str:
+        """For a wait that timed out on a task still queued: what the cluster lacks, in words
+        (" (still queued: ...)"), where it has no worker; "" otherwise. Asked of the master
+        only after a wait a person notices (a second or more), not in a polling loop."""
+        if fut.status != _QUEUED or waited is None or waited < 1.0 or self._closed:
+            return ""
+        try:
+            info = self.info(timeout=1.0)
+        except (TimeoutError, ActorsError):
+            return ""
+        if info.workers:
+            return ""
+        down = (f"; the master's node is not running: {info.local_node_failed}"
+                if info.local_node_failed else "")
+        return f" (still queued: the cluster has no worker{down})"
 
     def wait_for_workers(self, n: int, timeout: float = 30.0) -> None:
         """Block until the cluster has at least ``n`` worker processes. ``TimeoutError`` after

@@ -123,6 +123,11 @@ def test_a_node_that_refuses_its_settings_fails_the_cluster_at_once_saying_why(
             with pytest.raises(TimeoutError, match=r"\(0 joined; the master's node is not "
                                r"running: it refused"):
                 client.wait_for_workers(1, timeout=0.2)
+            # and a task's wait that times out says why it is still queued
+            with pytest.raises(TimeoutError, match=r"not done after 1.0s \(still queued: the "
+                               r"cluster has no worker; the master's node is not running: it "
+                               r"refused to start"):
+                client.submit(Square, 2).result(timeout=1.0)
     assert "local_node_restarted" not in capfd.readouterr().err
 
 
