@@ -257,7 +257,7 @@ def test_a_result_the_master_never_claims_goes_after_its_time(store: ResultStore
     held(store, b"claimed", "t2")
     store.held["t2"].owner = OWNER
     start = store.now  # (the hub's clock, read by the store as it was made)
-    store.tick(hub, start + UNSHARED_TTL_S)
+    store.tick(hub, start + UNSHARED_TTL_S - 1)
     assert set(store.held) == {"t1", "t2"}
     store.tick(hub, start + UNSHARED_TTL_S + 1)
     assert set(store.held) == {"t2"} and store.in_memory == len(b"claimed")
