@@ -4,6 +4,7 @@ process stand for the worker's (the store opens them through /proc, as it would 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from actors.node_results import (
     EXPECT_S,
     MAX_ADMITTED,
     MAX_EXPECTED,
+    MAX_LOCAL_FILES,
     MAX_WAITING,
     SHARE_WAIT_S,
     UNSHARED_TTL_S,
@@ -342,3 +344,211 @@ def test_a_client_on_this_host_reads_the_result_from_a_file_not_the_socket(
     assert store.local_files == 1 and store.in_memory == 5000  # in the file, still counted
     store.from_master(hub, m.DropResults(["t1"]))
     assert store.local_files == 0 and store.in_memory == 0
+
+
+def test_frames_that_are_not_a_hold_are_left_to_others_and_replies_say_what_was_handled(
+        store: ResultStore) -> None:
+    hub: Any = _Hub()
+    assert not store.from_worker(WORKER, [b"x", b"t1", b"data"])  # another layout's
+    assert not store.from_worker(WORKER, [b"h", b"t1"])  # a hold with no part
+    assert store.held == {}
+    assert not store.from_master(hub, m.Heartbeat())  # for the node, not the store
+    assert store.from_master(hub, m.DropResults(["unknown"]))
+    assert store.from_master(hub, m.ShareResult("unknown", WORKER.decode(), OWNER))
+
+
+def test_a_result_of_several_parts_is_answered_with_their_lengths(store: ResultStore) -> None:
+    hub: Any = _Hub()
+    assert store.from_worker(WORKER, [b"h", b"t1", b"pickle", b"buffer-1", b"b2"])
+    store.from_master(hub, m.ShareResult("t1", WORKER.decode(), OWNER))
+    store.from_client(hub, fetch("t1"))
+    [(_, data, parts)] = answers(hub)
+    assert isinstance(data, m.ResultData) and data.lengths == [6, 8, 2] and data.size == 16
+    assert parts == [b"pickle", b"buffer-1", b"b2"]
+
+
+def test_results_held_in_memory_files_spill_to_disk_and_release_their_descriptors(
+        tmp_path: Path) -> None:
+    tasks = TaskEnds()
+    for task_id in ("t1", "t2"):
+        tasks.from_master(WORKER, m.encode(m.AssignTask(task_id=task_id, name="T", kind="task",
+                                                        code=b"", args=b"", driver=True)))
+    spill = tmp_path / "spill"
+    store = ResultStore("node-1", KeyPair(b"", b""), "127.0.0.1", str(spill), tasks,
+                        memory_bytes=1500, pids={WORKER.decode(): os.getpid()})
+    hub: Any = _Hub()
+    try:
+        for task_id, byte in (("t1", b"1"), ("t2", b"2")):
+            made = sealed_file([byte * 1000], "pydra-result")
+            assert made is not None
+            try:
+                assert store._take_file(WORKER, offer(made[0], made[1], [1000], task_id)) == ""
+            finally:
+                os.close(made[0])
+        # the second went past 1,500 bytes: read from its memory file into a private one
+        assert store.local_files == 1 and store.in_memory == 1000
+        on_disk = store.held["t2"]
+        assert on_disk.fd == -1 and on_disk.path.startswith(str(spill))
+        assert oct(os.stat(spill).st_mode & 0o777) == "0o700"
+        with open(on_disk.path, "rb") as f:
+            assert f.read() == b"2" * 1000
+        # a client of this host is sent the spilled copy's path; of another host, its bytes
+        store.from_master(hub, m.ShareResult("t2", WORKER.decode(), OWNER))
+        store.from_client(hub, fetch("t2", local=True))
+        store.from_client(hub, fetch("t2", routing=b"remote"))
+        (_, local, _), (_, remote, parts) = answers(hub)
+        assert isinstance(local, m.ResultData) and local.path == on_disk.path
+        assert isinstance(remote, m.ResultData) and not remote.path
+        assert parts == [b"2" * 1000]
+    finally:
+        store.close()
+    assert store.local_files == 0 and store.in_memory == 0
+    assert not os.path.exists(on_disk.path)
+
+
+def test_only_a_client_of_this_boot_and_uid_is_sent_a_path(store: ResultStore) -> None:
+    hub: Any = _Hub()
+    held(store, b"data")
+    store.from_master(hub, m.ShareResult("t1", WORKER.decode(), OWNER))
+    for boot, uid in ((boot_id(), os.getuid() + 1), ("another-boot", os.getuid())):
+        store.from_client(hub, [OWNER.encode(), b"r", m.encode(m.FetchResult("t1", boot, uid))])
+    assert [msg.path for _, msg, _ in answers(hub)] == ["", ""]  # type: ignore[attr-defined]
+    assert store.local_files == 0
+
+
+def test_a_local_fetch_that_waited_for_the_share_is_answered_with_a_file(
+        store: ResultStore) -> None:
+    hub: Any = _Hub()
+    held(store, b"x" * 100)
+    store.from_client(hub, fetch("t1", local=True))
+    store.from_master(hub, m.ShareResult("t1", WORKER.decode(), OWNER))
+    [(_, data, parts)] = answers(hub)
+    assert isinstance(data, m.ResultData) and data.path and parts == []
+
+
+def test_what_a_put_brings_counts_against_the_memory_budget(tmp_path: Path) -> None:
+    store = ResultStore("node-1", KeyPair(b"", b""), "127.0.0.1", str(tmp_path / "spill"),
+                        TaskEnds(), memory_bytes=150)
+    hub: Any = _Hub()
+    try:
+        store.from_master(hub, m.ExpectScatter("s1", OWNER, 100))
+        store.from_master(hub, m.ExpectScatter("s2", OWNER, 100))
+        store.from_client(hub, put("s1", [b"a" * 100]))
+        store.from_client(hub, put("s2", [b"b" * 100]))
+        assert store.in_memory == 100 and store.held["s2"].path  # the second on disk
+        store.from_master(hub, m.ExpectScatter("s1", OWNER, 100))  # the same id again
+        store.from_client(hub, put("s1", [b"c" * 100]))
+        assert told_master(hub)[-1] == m.Scattered("s1", 100, "the data is not what was "
+                                                              "announced")
+        assert store.held["s1"].data == [b"a" * 100]  # the first kept
+    finally:
+        store.close()
+
+
+def test_an_input_is_read_from_wherever_its_result_waits(tmp_path: Path) -> None:
+    tasks = TaskEnds()
+    tasks.from_master(WORKER, m.encode(m.AssignTask(task_id="t1", name="T", kind="task",
+                                                    code=b"", args=b"", driver=True)))
+    store = ResultStore("node-1", KeyPair(b"", b""), "127.0.0.1", str(tmp_path / "spill"),
+                        tasks, memory_bytes=10)
+    hub: Any = _Hub()
+    sent: list[m.Message] = []
+    store.reply = lambda _hub, _origin, _requester, body: sent.append(m.decode(body))
+    try:
+        assert store.from_worker(WORKER, [b"h", b"t1", b"pickle", b"buffer"])
+        assert store.held["t1"].path  # past 10 bytes: on disk
+        store.from_master(hub, m.ShareInput("t1", "node-2/w1"))
+        store.input_request(hub, b"", m.encode(m.InputRequest("t1", "node-2/w1")))
+        os.unlink(store.held["t1"].path)  # its copy gone (a full tmpfs cleaned, a disk error)
+        store.input_request(hub, b"", m.encode(m.InputRequest("t1", "node-2/w1")))
+    finally:
+        store.close()
+    ok, lost = sent
+    assert ok == m.InputData("t1", b"picklebuffer", [6, 6], "")
+    assert isinstance(lost, m.InputData) and "unreadable" in lost.reason
+    assert lost.data == b"" and lost.lengths == []
+
+
+def test_an_input_asked_for_before_the_master_names_its_reader_waits_then_is_refused(
+        store: ResultStore) -> None:
+    hub: Any = _Hub()
+    sent: list[tuple[Any, bytes, bytes, m.Message]] = []
+    store.reply = lambda via, origin, requester, body: sent.append(
+        (via, origin, requester, m.decode(body)))
+    held(store, b"input")
+    start = store.now
+    for n in range(MAX_WAITING - 1):
+        store.input_request(hub, b"peer", m.encode(m.InputRequest("t1", f"node-2/w{n}")))
+    store.now = start + SHARE_WAIT_S / 2
+    store.input_request(hub, b"", m.encode(m.InputRequest("t1", "node-3/w1")))  # asked later
+    store.input_request(hub, b"peer", m.encode(m.InputRequest("t1", "node-4/w1")))  # one too many
+    [(via, origin, requester, refused)] = sent  # past the bound: answered at once
+    assert via is hub and (origin, requester) == (b"peer", b"node-4/w1")
+    assert isinstance(refused, m.InputData) and refused.reason
+    store.tick(hub, start + SHARE_WAIT_S / 2)
+    assert len(sent) == 1  # none due yet
+    store.tick(hub, start + SHARE_WAIT_S + 0.5)  # the first ones due, the later one not
+    assert len(sent) == MAX_WAITING and store.inputs_waiting["t1"] == [
+        (b"", "node-3/w1", start + SHARE_WAIT_S / 2 + SHARE_WAIT_S)]
+    assert {(o, r) for _, o, r, _ in sent[1:]} == {
+        (b"peer", f"node-2/w{n}".encode()) for n in range(MAX_WAITING - 1)}
+    assert all(isinstance(msg, m.InputData) and msg.reason and via is hub
+               for via, _, _, msg in sent[1:])
+    store.tick(hub, start + 2 * SHARE_WAIT_S)
+    assert store.inputs_waiting == {} and sent[-1][1:3] == (b"", b"node-3/w1")
+
+
+def test_a_taken_result_file_is_checked_whole_and_kept_private(store: ResultStore) -> None:
+    made = sealed_file([b"", b"data"], "pydra-result")  # an empty out-of-band buffer is fine
+    assert made is not None
+    fd, nonce = made
+    try:
+        assert "malformed" in store._take_file(WORKER, offer(fd, "", [0, 4]))  # no nonce
+        store.local_files = MAX_LOCAL_FILES
+        assert "result files held already" in store._take_file(WORKER, offer(fd, nonce, [0, 4]))
+        store.local_files = MAX_LOCAL_FILES - 1
+        store.in_memory = 10  # what others hold: added to
+        assert store._take_file(WORKER, offer(fd, nonce, [0, 4])) == ""
+    finally:
+        os.close(fd)
+    entry = store.held["t1"]
+    assert store.local_files == MAX_LOCAL_FILES and store.in_memory == 14
+    assert entry.lengths == [0, 4] and entry.nonce == nonce
+    assert fcntl.fcntl(entry.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC  # not into a task's exec
+    hub: Any = _Hub()  # a local client is told the nonce its file's name must carry
+    store.from_master(hub, m.ShareResult("t1", WORKER.decode(), OWNER))
+    store.from_client(hub, fetch("t1", local=True))
+    [(_, data, _)] = answers(hub)
+    assert isinstance(data, m.ResultData) and data.nonce == nonce and data.path
+
+
+def test_results_that_just_fill_the_memory_budget_stay_in_memory(tmp_path: Path) -> None:
+    store = ResultStore("node-1", KeyPair(b"", b""), "127.0.0.1", str(tmp_path / "spill"),
+                        TaskEnds(), memory_bytes=200)
+    hub: Any = _Hub()
+    try:
+        for task_id in ("s1", "s2"):
+            store.from_master(hub, m.ExpectScatter(task_id, OWNER, 100))
+            store.from_client(hub, put(task_id, [b"z" * 100]))
+        assert store.in_memory == 200 and all(e.data is not None for e in store.held.values())
+        assert not (tmp_path / "spill").exists()
+    finally:
+        store.close()
+
+
+def test_a_result_whose_copy_went_is_answered_missing_and_several_parts_keep_their_lengths(
+        tmp_path: Path) -> None:
+    store = ResultStore("node-1", KeyPair(b"", b""), "127.0.0.1", str(tmp_path / "spill"),
+                        TaskEnds(), memory_bytes=10)
+    hub: Any = _Hub()
+    try:
+        store.from_master(hub, m.ExpectScatter("s1", OWNER, 20))
+        store.from_client(hub, put("s1", [b"a" * 5, b"b" * 15]))
+        store.from_client(hub, fetch("s1", local=True, routing=b"here"))
+        os.unlink(store.held["s1"].path)
+        store.from_client(hub, fetch("s1", routing=b"there"))
+    finally:
+        store.close()
+    (r1, local, _), (r2, lost, _) = answers(hub)
+    assert r1 == b"here" and isinstance(local, m.ResultData) and local.lengths == [5, 15]
+    assert r2 == b"there" and isinstance(lost, m.ResultMissing) and "unreadable" in lost.reason
