@@ -56,9 +56,10 @@ def local_node_command(address: str, workers: int, keys: str, package_grace: flo
     return cmd + ["--cache", cache] if cache else cmd
 
 
-#: A local node's option naming the file where it writes why it ended, when it fails: its
-#: master reads it to tell clients why it has no workers (``ClusterInfo.local_node_failed``)
-#: instead of leaving them to wait and guess.
+#: The option of a master's local node (and of a LocalCluster's master) naming the file where
+#: it writes why it ended, when it fails: whoever started it reads it to say why (the master
+#: in ``ClusterInfo.local_node_failed``, LocalCluster in ``ClusterStartFailed``) instead of
+#: leaving users to wait and guess.
 EXIT_NOTE_OPTION = "--exit-note"
 _EXIT_NOTE_BYTES = 2000
 
@@ -104,7 +105,7 @@ def refuse(refused: list[str], event: str, error: str, **fields: object) -> None
 
 
 def exit_note_of(args: object) -> str:
-    """The exit note path in a node's command line ("" for none)."""
+    """The exit note's path in a command line ("" for none)."""
     if not isinstance(args, list | tuple):
         return ""
     for option, value in zip(args, args[1:], strict=False):
@@ -114,7 +115,7 @@ def exit_note_of(args: object) -> str:
 
 
 def write_exit_note(path: str, reason: str) -> None:
-    """(In the failing node: best effort, it is on its way out.)"""
+    """(In the failing process: best effort, it is on its way out.)"""
     if path:
         try:
             write_atomically(path, reason[:_EXIT_NOTE_BYTES])
@@ -123,8 +124,8 @@ def write_exit_note(path: str, reason: str) -> None:
 
 
 def take_exit_note(path: str) -> str:
-    """Why the node that was given ``path`` ended ("" if it wrote nothing), removed once read:
-    a node started again writes its own."""
+    """Why the process that was given ``path`` ended ("" if it wrote nothing), removed once
+    read: one started again writes its own."""
     if not path:
         return ""
     try:
