@@ -43,15 +43,6 @@ class _Recorded(collections.deque[str]):
         super().append(task_id)
 
 
-class LargeCode(Task):
-    """A class that pickles to 40 MiB (what it captures goes with its code)."""
-
-    ballast = bytes(40 * MIB)
-
-    def work(self, data: bytes) -> int:
-        return len(data)
-
-
 class Size(Task):
     def work(self, data):
         return len(data)
@@ -100,10 +91,19 @@ def test_a_map_with_one_item_refused_sends_none_of_them(tmp_path: Path) -> None:
             # Each item alone is within the bound, but the first carries the class's code
             # (sent once): past the bound, found after the futures were made and registered.
             # None stays registered, and none is released when it goes (never sent).
+            class LargeCode(Task):
+                """Pickles to 40 MiB: what a class captures goes with its code."""
+
+                ballast = bytes(40 * MIB)
+
+                def work(self, data: bytes) -> int:
+                    return len(data)
+
             client._released = released = _Recorded()
             with pytest.warns(LargePayloadWarning), \
                     pytest.raises(MessageTooLarge, match="--max-message"):
                 client.map(LargeCode, [bytes(30 * MIB), b"b"])
+            del LargeCode
             gc.collect()
             assert not client._futures and not client._unaccepted and not released.seen
             assert client.tasks() == []  # the master never heard of any of them
