@@ -54,7 +54,7 @@ from actors.errors import (
 )
 from actors.functions import check_function_arguments, function_task
 from actors.inputs import collecting, reduce_future
-from actors.launch import default_keys_dir
+from actors.launch import LOCAL_WORKERS_ENV, default_keys_dir
 from actors.node_data import boot_id
 from actors.serialize import (
     dumps,
@@ -474,6 +474,15 @@ class _Prepared(NamedTuple):
     code: bytes  # the pickled class (b"" for a deployed task)
 
 
+def _local_workers_of_env() -> int:
+    """``$ACTORS_LOCAL_WORKERS`` (set by ``launch.run_script``): the workers of the master's own
+    node that a script's ``Client()`` waits for; 0 when unset or not a count."""
+    try:
+        return max(0, int(os.environ.get(LOCAL_WORKERS_ENV, "0")))
+    except ValueError:
+        return 0
+
+
 class Client:
     def __init__(
         self,
@@ -487,7 +496,9 @@ class Client:
         """``address``: the master's ``HOST:PORT``, the ``ipc://PATH`` of its ``--local-socket``
         on this host, or a ``LocalCluster`` (reached through its socket); default
         ``$ACTORS_ADDRESS``, else a new ``LocalCluster``. ``timeout``: seconds to wait for the
-        master's welcome (and, with a ``LocalCluster``, for its workers to be ready).
+        master's welcome (and, with a ``LocalCluster`` or in a script that
+        ``python -m actors.master --run`` runs, for its workers to be ready: if the master's
+        own node cannot run, ``ClusterStartFailed`` says why at once).
         ``master_timeout``: seconds
         without a connection to the master after which unfinished futures fail with
         ``MasterLost`` (they fail at once if the master comes back as a new process).
@@ -495,11 +506,14 @@ class Client:
         under the cell that waits for it); ``future.logs()`` keeps it either way."""
         self.show_output = show_output
         self._own_cluster: LocalCluster | None = None
+        local_workers, local_address = 0, ""
         if address is None:
             address = os.environ.get("ACTORS_ADDRESS") or None
+            # A script run by ``python -m actors.master --run``: its master's own node's
+            # workers, waited for as a LocalCluster's are (``launch.run_script``).
+            local_workers = _local_workers_of_env() if address else 0
         if address is None:
             address = self._own_cluster = LocalCluster()
-        local_workers, local_address = 0, ""
         if isinstance(address, LocalCluster):
             local_workers, local_address = address.workers, address.local_address
             keys, address = address.keys_dir, address.address

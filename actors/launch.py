@@ -221,9 +221,15 @@ def ensure_keys_logged(directory: str) -> None:
         log.info("keys_created", directory=directory)
 
 
+#: In a script ``python -m actors.master --run`` runs: the workers of the master's own node,
+#: which its ``Client()`` waits for (and fails at once, saying why, if that node cannot run).
+LOCAL_WORKERS_ENV = "ACTORS_LOCAL_WORKERS"
+
+
 def run_script(command: list[str], address: str, keys: str, stop: threading.Event,
-                exit_code: list[int]) -> None:
-    env = dict(os.environ, ACTORS_ADDRESS=address, ACTORS_KEYS=keys)
+               exit_code: list[int], workers: int = 0) -> None:
+    env = dict(os.environ, ACTORS_ADDRESS=address, ACTORS_KEYS=keys,
+               **{LOCAL_WORKERS_ENV: str(workers)})
     proc = subprocess.Popen([sys.executable, *command], env=env, stdin=subprocess.DEVNULL)
 
     def wait() -> None:

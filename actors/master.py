@@ -2199,7 +2199,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         )
         sys.stdout.flush()
     if args.run:
-        run_script(args.run, address, keys, stop, exit_code)
+        run_script(args.run, address, keys, stop, exit_code, max(0, args.workers))
     restarts: list[float] = []
     while not stop.wait(NODE_WATCH_S):
         if node is not None and node.poll() is not None:

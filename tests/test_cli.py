@@ -130,6 +130,24 @@ def test_run_flag_runs_a_script_and_exits_with_its_code(tmp_path: Path) -> None:
     assert "pid " in done.stdout
 
 
+def test_a_run_script_whose_cluster_cannot_have_workers_fails_at_once_saying_why(
+        tmp_path: Path) -> None:
+    """The script's ``Client()`` waits for the master's own node's workers, as a LocalCluster's
+    client does: a node that refuses its settings fails it at once with the node's reason,
+    instead of its first result's own timeout saying only that the task is not done."""
+    script = tmp_path / "job.py"
+    script.write_text("from actors import Client\nClient()\nprint('connected')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), ACTORS_FETCH_TIMEOUT="-1")
+    done = subprocess.run(
+        [sys.executable, "-m", "actors.master", "--port", "0", "--workers", "2",
+         "--keys", str(tmp_path / "keys"), "--run", str(script)],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1 and "connected" not in done.stdout, done.stderr[-2000:]
+    assert ("ClusterStartFailed: local cluster did not start: 0 of 2 workers; the master's node "
+            "is not running: it refused to start (bad arguments: --fetch-timeout must be more "
+            "than 0 seconds)") in done.stderr, done.stderr[-2000:]
+
+
 def test_a_node_whose_workers_cannot_start_gives_up_and_says_why(tmp_path: Path) -> None:
     """Five worker processes in a row dying before their hello: the node exits (code 1) with
     the reason in its log, instead of respawning forever."""
