@@ -16,6 +16,7 @@ def test_a_senders_refusals_are_told_at_each_power_of_two_with_their_count() -> 
     assert refusals.count("w2") == 1  # each sender its own count
     refusals.forget("w1")
     assert refusals.count("w1") == 1  # a worker gone: its id starts afresh
+    refusals.forget("never refused")  # (a worker that exits having sent nothing wrong)
 
 
 def test_past_its_room_the_sender_heard_from_longest_ago_is_forgotten() -> None:
@@ -51,6 +52,7 @@ def test_a_forgotten_or_evicted_sender_starts_afresh() -> None:
     limit.passed("w", 0.0)
     limit.passed("w", 0.0)
     limit.forget("w")
+    limit.forget("never refused")
     assert not limit.passed("w", 0.0) and not limit.passed("w", 0.0)
     assert limit.passed("w", 0.0)
     limit.MAX_SENDERS = 2
