@@ -474,6 +474,12 @@ class _Prepared(NamedTuple):
     code: bytes  # the pickled class (b"" for a deployed task)
 
 
+def _node_down(info: m.ClusterInfo) -> str:
+    """"; the master's node is not running: <why>" where the master said so, else ""."""
+    return (f"; the master's node is not running: {info.local_node_failed}"
+            if info.local_node_failed else "")
+
+
 def _local_workers_of_env() -> int:
     """``$ACTORS_LOCAL_WORKERS`` (set by ``launch.run_script``): the workers of the master's own
     node that a script's ``Client()`` waits for; 0 when unset or not a count."""
@@ -851,9 +857,7 @@ class Client:
             return ""
         if info.workers:
             return ""
-        down = (f"; the master's node is not running: {info.local_node_failed}"
-                if info.local_node_failed else "")
-        return f" (still queued: the cluster has no worker{down})"
+        return f" (still queued: the cluster has no worker{_node_down(info)})"
 
     def wait_for_workers(self, n: int, timeout: float = 30.0) -> None:
         """Block until the cluster has at least ``n`` worker processes. ``TimeoutError`` after
@@ -870,8 +874,7 @@ class Client:
             info = self.info()
             if info.workers >= n:
                 return
-            down = (f"; the master's node is not running: {info.local_node_failed}"
-                    if info.local_node_failed else "")
+            down = _node_down(info)
             if local and down:
                 raise ClusterStartFailed(f"{info.workers} of {n} workers{down}")
             if time.monotonic() > deadline:
