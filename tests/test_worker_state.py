@@ -38,9 +38,11 @@ from actors.core.worker_state import (
     SendReleased,
     SendStealResponse,
     StealRequest,
+    Unit,
     UnitSpec,
     UnitState,
     WhoHasUpdate,
+    Work,
     WorkerState,
 )
 from actors.errors import InvalidTransition, TransitionLoop
@@ -242,8 +244,9 @@ def test_compute_of_a_key_already_in_memory_reports_it_again(ws: WorkerState) ->
 
 def test_a_different_spec_under_a_known_key_is_refused(ws: WorkerState) -> None:
     ws.handle(compute("s1", "a"))
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransition) as refused:
         ws.handle(compute("s2", "a", priority=3))
+    assert refused.value.key == "a"
     assert ws.units["a"].spec == spec("a")
 
 
@@ -691,12 +694,12 @@ def test_a_runaway_chain_of_recommendations_raises_transition_loop() -> None:
             (S.WAITING, S.RELEASED): released_then_back,
         }
 
-    ws = Looping(transition_limit=20)
-    before = copy.deepcopy(vars(ws))
-    with pytest.raises(TransitionLoop) as caught:
-        ws.handle(compute("s1", "a"))
-    assert (caught.value.key, caught.value.count) == ("a", 21)
-    assert vars(ws) == before
+    for ws, steps in ((Looping(transition_limit=20), 21), (Looping(), 101)):  # 100: the default
+        before = copy.deepcopy(vars(ws))
+        with pytest.raises(TransitionLoop) as caught:
+            ws.handle(compute("s1", "a"))
+        assert (caught.value.key, caught.value.count) == ("a", steps)
+        assert vars(ws) == before
 
 
 def test_an_unknown_event_is_a_type_error(ws: WorkerState) -> None:
@@ -903,7 +906,8 @@ def test_a_lost_peer_fails_its_own_transfers_all_of_them_and_no_others() -> None
     ws.handle(compute("s1", "b", "x", "z", who_has={"x": ("p1",), "z": ("p1",)}))
     ws.handle(compute("s2", "c", "y", who_has={"y": ("p2",)}))
     assert ws.in_flight == {"x": "p1", "y": "p2", "z": "p1"}
-    ws.handle(lost("s3", "p1"))
+    assert ws.handle(lost("s3", "p1")) == [SendMissing("x", stimulus_id="s3"),
+                                           SendMissing("z", stimulus_id="s3")]
     assert ws.in_flight == {"y": "p2"}
     assert states(ws)["x"] is S.MISSING and states(ws)["z"] is S.MISSING
 
@@ -922,3 +926,241 @@ def test_a_refused_transition_names_its_key_and_where_it_was_asked_to_go(ws: Wor
     with pytest.raises(InvalidTransition) as refused:
         ws.handle(failed("s3", "a"))  # in memory already: no error now
     assert (refused.value.key, refused.value.finish) == ("a", S.ERROR)
+
+
+# --- what the second mutation run found unchecked (2026-12-04) ------------------------------
+
+
+def test_keeping_data_over_a_key_that_holds_or_brings_its_own_is_refused_and_changes_nothing(
+    ws: WorkerState,
+) -> None:
+    """The shell asks ``can_keep`` first; a KeepResult that comes anyway must not overwrite a
+    result in memory, nor one an execution is about to bring."""
+    ws.handle(compute("s1", "a"), done("s2", "a"))  # in memory
+    ws.handle(compute("s3", "b"))  # executing
+    assert ws.units["a"].nbytes == len(result("a"))
+    before = copy.deepcopy(vars(ws))
+    for key in ("a", "b"):
+        with pytest.raises(InvalidTransition) as refused:
+            ws.handle(KeepResult(key, "t1", b"other bytes", stimulus_id="s4", now=0.0))
+        assert (refused.value.key, refused.value.finish) == (key, S.MEMORY)
+    assert vars(ws) == before
+
+
+def test_a_late_reply_about_a_key_forgotten_meanwhile_is_ignored(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}))
+    ws.handle(lost("s2", "p1"))  # x: missing
+    ws.handle(forget("s3", "b"))  # b goes, and x with it
+    assert ws.units == {}
+    late = [fetched("s4", "x", "p1"), fetch_failed("s5", "x", "p1"), busy("s6", "x", "p1")]
+    assert ws.handle(*late) == []
+    assert ws.units == {} and ws.data == {} and ws.busy_peers == set()
+
+
+def test_a_transfer_takes_only_what_the_flight_budget_has_left() -> None:
+    """Rule 3: while 60 of 100 bytes are on their way, a second peer's transfer brings at most
+    40 more; what does not fit waits for the first transfer to end."""
+    ws = make_state(max_flight_bytes=100)
+    assert ws.handle(ComputeUnit(spec("b", "x"), {"x": ("p1",)}, {"x": 60},
+                                 stimulus_id="s1", now=0.0)) == [Fetch(("x",), "p1", stimulus_id="s1")]
+    sizes = {"y": 30, "z": 30}
+    assert ws.handle(ComputeUnit(spec("c", "y", "z"), {"y": ("p2",), "z": ("p2",)}, sizes,
+                                 stimulus_id="s2", now=0.0)) == [Fetch(("y",), "p2", stimulus_id="s2")]
+    assert ws.handle(fetched("s3", "x", "p1")) == [
+        execute("s3", "b", "x", inputs={"x": data("x")})]
+    assert ws.handle(fetched("s4", "y", "p2")) == [Fetch(("z",), "p2", stimulus_id="s4")]
+
+
+def test_a_unit_made_and_forgotten_within_a_failing_batch_leaves_no_trace(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"))  # the one thread: a
+    before = copy.deepcopy(vars(ws))
+    with pytest.raises(InvalidTransition):
+        ws.handle(compute("s2", "b"), forget("s3", "b"), done("s4", "b"))
+    assert vars(ws) == before
+
+
+def test_peers_found_busy_in_a_failing_batch_are_not_busy_after_it() -> None:
+    ws = make_state(max_fetches=2)
+    ws.handle(compute("s1", "b", "x", "y", who_has={"x": ("p1",), "y": ("p2",)}))
+    before = copy.deepcopy(vars(ws))
+    with pytest.raises(InvalidTransition):
+        ws.handle(busy("s2", "x", "p1"), busy("s3", "y", "p2"), done("s4", "b"))
+    assert vars(ws) == before and ws.busy_peers == set()
+
+
+def test_a_tasks_story_is_every_step_of_its_own_keys_and_no_other_tasks(ws: WorkerState) -> None:
+    def unit(key: str) -> ComputeUnit:
+        task = key.split(":")[0]
+        return ComputeUnit(UnitSpec(key, task, b"call"), stimulus_id=f"run of {key}", now=1.0)
+
+    ws.handle(unit("t1:0"), unit("t2:0"), unit("t1:1"))
+    assert [entry[:3] for entry in ws.story_of("t1:")] == [
+        ("t1:0", "released", "waiting"), ("t1:0", "waiting", "ready"),
+        ("t1:0", "ready", "executing"),
+        ("t1:1", "released", "waiting"), ("t1:1", "waiting", "ready")]
+    assert {entry[0] for entry in ws.story_of("t2:")} == {"t2:0"}
+    assert ws.story_of("t3:") == []
+
+
+def test_what_is_not_a_worker_event_is_refused_by_name_and_changes_nothing(ws: WorkerState) -> None:
+    before = copy.deepcopy(vars(ws))
+    with pytest.raises(TypeError, match="not a worker event: 'hello'"):
+        ws.handle(compute("s1", "a"), "hello")  # type: ignore[arg-type]
+    assert vars(ws) == before
+
+
+def test_by_default_four_transfers_run_at_once_each_of_at_most_100_keys() -> None:
+    """The shell takes these defaults (unit_runner.py): rule 3's bounds as a worker has them."""
+    ws = WorkerState()
+    xs = [f"x{i}" for i in range(101)]  # all held by p1
+    ys = [f"y{i}" for i in range(5)]  # one holder each
+    who_has = {**dict.fromkeys(xs, ("p1",)), **{y: (f"q{i}",) for i, y in enumerate(ys)}}
+    assert ws.handle(compute("s1", "b", *xs, *ys, who_has=who_has)) == [
+        Fetch(tuple(xs[:100]), "p1", stimulus_id="s1"),
+        *(Fetch((y,), f"q{i}", stimulus_id="s1") for i, y in enumerate(ys[:3]))]
+
+
+def test_results_are_kept_in_the_mapping_the_shell_gives() -> None:
+    """The shell gives its spilling store (actors/spill.py): every result must land there."""
+    store: dict[str, bytes] = {}
+    ws = WorkerState(data=store)
+    ws.handle(compute("s1", "a"), done("s2", "a"))
+    assert store == {"a": result("a")}
+
+
+def test_with_validation_on_a_step_that_breaks_an_invariant_is_undone() -> None:
+    table = dict(WorkerState.TRANSITIONS)
+
+    def ready_but_not_queued(state: WorkerState, unit, event):  # type: ignore[no-untyped-def]
+        unit.state = S.READY  # a bug: the ready queue does not have it
+        return {}, []
+
+    class Broken(WorkerState):
+        TRANSITIONS = {**table, (S.WAITING, S.READY): ready_but_not_queued}
+
+    ws = Broken(validate_after_handle=True)
+    before = copy.deepcopy(vars(ws))
+    with pytest.raises(AssertionError):
+        ws.handle(compute("s1", "a"))
+    assert vars(ws) == before
+    assert Broken().handle(compute("s1", "a")) == []  # unvalidated, the unit is stuck unseen
+
+
+def test_a_dependencys_size_from_the_scheduler_is_never_below_zero(ws: WorkerState) -> None:
+    ws.handle(ComputeUnit(spec("b", "x"), {"x": ("p1",)}, {"x": -5}, stimulus_id="s1", now=0.0))
+    assert ws.units["x"].nbytes == 0
+
+
+def test_a_fetched_input_the_scheduler_then_assigns_here_is_its_to_release(ws: WorkerState) -> None:
+    """x came as b's input; the scheduler then assigns x itself here: it is reported at once,
+    kept when b starts (the scheduler's now), and its release acknowledged."""
+    ws.handle(compute("s1", "a"))  # the one thread
+    ws.handle(compute("s2", "b", "x", who_has={"x": ("p1",)}), fetched("s3", "x", "p1"))
+    assert ws.handle(compute("s4", "x")) == [SendFinished("x", len(data("x")), stimulus_id="s4")]
+    ws.handle(done("s5", "a"))  # b starts: x stays, as the scheduler's
+    assert states(ws)["x"] is S.MEMORY and "x" in ws.data
+    assert ws.handle(release("s6", "x")) == [SendReleased("x", stimulus_id="s6")]
+
+
+def test_a_release_of_cancelled_work_or_of_a_mere_input_is_ignored(ws: WorkerState) -> None:
+    ws.handle(compute("s1", "a"), release("s2", "a"))  # cancelled: its thread still runs
+    assert ws.handle(release("s3", "a")) == []  # no second answer, nor one before it ends
+    assert states(ws)["a"] is S.CANCELLED and ws.executing == {"a"}
+    ws.handle(compute("s4", "b", "x", who_has={"x": ("p1",)}))
+    assert ws.handle(release("s5", "x")) == []  # an input in flight: not the scheduler's here
+    assert ws.in_flight == {"x": "p1"}
+    assert ws.handle(done("s6", "a")) == [SendReleased("a", stimulus_id="s6")]
+
+
+def test_a_lost_peer_is_no_longer_counted_busy(ws: WorkerState) -> None:
+    """A peer that said busy and was then lost: if it comes back under its name, it is asked
+    at once, not after a retry delay meant for its former self."""
+    ws.handle(compute("s1", "b", "x", who_has={"x": ("p1",)}), busy("s2", "x", "p1"))
+    assert ws.busy_peers == {"p1"}
+    ws.handle(lost("s3", "p1"))
+    assert ws.busy_peers == set()
+    assert ws.handle(holders("s4", "x", "p1")) == [Fetch(("x",), "p1", stimulus_id="s4")]
+
+
+# --- the validator itself: each invariant, broken on purpose, is named ----------------------
+
+
+def every_state() -> WorkerState:
+    """A worker with a key in each state the checks below break (nthreads 1, 2 fetches)."""
+    ws = make_state(max_fetches=2)
+    ws.handle(compute("s1", "a"), done("s2", "a"))  # a: memory
+    ws.handle(compute("s3", "e"), failed("s4", "e"))  # e: error
+    ws.handle(compute("s5", "c"), compute("s6", "r"), compute("s7", "s"))  # c executing; r, s ready
+    ws.handle(steal("s8", "s"))  # s: rescheduled
+    ws.handle(compute("s9", "b", "x", who_has={"x": ("p1",)}))  # b waiting, x in flight
+    ws.handle(compute("s10", "d", "y", who_has={"y": ("p2",)}))  # y: the second transfer
+    ws.handle(compute("s11", "f", "z", who_has={"z": ("p3",)}))  # z: fetch, queued
+    ws.handle(compute("s12", "g", "m"))  # m: missing
+    assert states(ws) == {
+        "a": S.MEMORY, "e": S.ERROR, "c": S.EXECUTING, "r": S.READY, "s": S.RESCHEDULED,
+        "b": S.WAITING, "x": S.FLIGHT, "d": S.WAITING, "y": S.FLIGHT, "f": S.WAITING,
+        "z": S.FETCH, "g": S.WAITING, "m": S.MISSING}
+    return ws
+
+
+def _as_flight_but_executing(ws: WorkerState) -> None:
+    ws.units["e"].state, ws.units["e"].running = S.FLIGHT, Work.EXECUTION
+    ws._executing.add("e")
+    ws.nthreads = 5
+
+
+def _as_ready_with_an_input_in_flight(ws: WorkerState) -> None:
+    ws.units["b"].state = S.READY
+    ws._ready = sorted([*ws._ready, (0, ws.units["b"].order, "b")])
+
+
+def _with_every_input_of_g_in_memory(ws: WorkerState) -> None:
+    ws.units["m"].state, ws.units["m"].who_has = S.MEMORY, set()
+    ws.data["m"] = b"m"
+
+
+def _with_zs_one_dependent_erred(ws: WorkerState) -> None:
+    ws.units["f"].state, ws.units["f"].error = S.ERROR, b"e"
+
+
+def _as_executing_through_a_transfer(ws: WorkerState) -> None:
+    ws.units["e"].state, ws.units["e"].running = S.EXECUTING, Work.TRANSFER
+
+
+BROKEN = {
+    "ready queue": lambda ws: ws._ready.clear(),
+    "fetch queue": lambda ws: ws._fetch_queue.clear(),
+    "executing set()": lambda ws: ws._executing.clear(),
+    "transfers {}": lambda ws: setattr(ws, "_transfers", {}),
+    "1 executions > 0": lambda ws: setattr(ws, "nthreads", 0),
+    "2 transfers > 1": lambda ws: setattr(ws, "max_fetches", 1),
+    "data for": lambda ws: ws.data.update(zz=b""),
+    "'a' .*: misfiled": lambda ws: setattr(ws.units["a"], "key", "q"),
+    "'e' .*: running=None": lambda ws: setattr(ws.units["e"], "state", S.EXECUTING),
+    "'e' .*: not executing": _as_executing_through_a_transfer,
+    "'e' .*: not in flight": _as_flight_but_executing,
+    "'a' .*: peer=p9": lambda ws: setattr(ws.units["a"], "peer", "p9"),
+    "'r' .*: computed without spec": lambda ws: setattr(ws.units["r"], "spec", None),
+    "'z' .*: fetched but assigned": lambda ws: setattr(ws.units["z"], "role", Role.COMPUTE),
+    "'z' .*: queued for fetch with no holder": lambda ws: ws.units["z"].who_has.clear(),
+    "'m' .*: missing but holders": lambda ws: ws.units["m"].who_has.add("p5"),
+    "'g' .*: waiting with every input in memory": _with_every_input_of_g_in_memory,
+    "'b' .*: ready with inputs not in memory": _as_ready_with_an_input_in_flight,
+    "'e' .*: error without an error": lambda ws: setattr(ws.units["e"], "error", None),
+    "'z' .*: held but no dependent needs it": _with_zs_one_dependent_erred,
+    "'h' .*: hold-only, released and unused": lambda ws: ws.units.update(h=Unit("h", Role.HOLD, 99)),
+    "'s' .*: a dependency cannot be stolen": lambda ws: setattr(ws.units["s"], "role", Role.HOLD),
+    "'b' .*: dependency 'x' does not list it": lambda ws: ws.units["x"].dependents.clear(),
+    "'a' .*: dependent 'c' does not depend on it": lambda ws: ws.units["a"].dependents.add("c"),
+}
+
+
+@pytest.mark.parametrize("named", BROKEN)
+def test_the_validator_names_each_broken_invariant_and_the_key(named: str) -> None:
+    """``validate`` guards every test here: each of its checks fails, with its words and the
+    key, when its invariant is broken (and only then: the state before it passes)."""
+    ws = every_state()
+    ws.validate()
+    BROKEN[named](ws)
+    with pytest.raises(AssertionError, match=named):
+        ws.validate()
