@@ -1,4 +1,5 @@
-"""The master's journal on a real SQLite file, against another process's lock on it."""
+"""The master's journal on a real SQLite file: what a restarted master reads back, what never
+needs the disk, and against another process's lock on it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.errors import JournalUnreadable, MasterSuperseded
 from actors.journal import Journal, TaskRow
 
 
@@ -83,3 +85,151 @@ def test_the_client_of_a_task_is_known_until_it_is_delivered(tmp_path: Path) -> 
     kept.delivered("t1", "client-a")
     assert kept.client_of("t1") is None and kept.client_of("t2") is None
     kept.close()
+
+
+def on_disk(path: Path, task_id: str) -> tuple[bytes | None] | None:
+    """A task's ``ended`` column as another process reads the file now (None: no row)."""
+    with sqlite3.connect(path) as other:
+        return other.execute("select ended from tasks where task_id = ?", (task_id,)).fetchone()
+
+
+def test_what_a_commit_wrote_a_restarted_master_reads_back_in_submission_order(
+        tmp_path: Path) -> None:
+    path = tmp_path / "master.sqlite"
+    first = journal(path)
+    first.task_added(row("t2", seq=2))
+    first.task_added(row("t1", seq=1))
+    first.code_added("client-1", "h1", b"class code")
+    first.client_key("client-1", b"K" * 40)
+    first.record("p1", [(0, 11, b"r0"), (1, 12, b"r1")])
+    first.record("p1", [(5, 15, b"r5")])
+    assert sorted(r.task_id for r in first.commit()) == ["t1", "t2"]  # now durable: acknowledged
+    first.task_added(row("t3", seq=3))  # never committed, so never acknowledged: not restored
+    first.close()
+    again = Journal(path)
+    restored = again.start("a-new-id")
+    assert (again.master_id, again.epoch) == ("master-test", 2)  # the same master, once more
+    assert restored.tasks == [row("t1", seq=1), row("t2", seq=2)]
+    assert restored.codes == {"client-1": {"h1": b"class code"}}
+    assert restored.keys == {"client-1": b"K" * 40}
+    assert restored.journaled == {"p1": [0, 1, 5]}
+    assert again.lookup("p1", [1, 5, 9]) == {1: (12, b"r1"), 5: (15, b"r5")}
+    again.close()
+
+
+def test_a_task_delivered_between_two_commits_never_touches_the_disk(tmp_path: Path) -> None:
+    path = tmp_path / "master.sqlite"
+    kept = journal(path)
+    kept.task_added(row("t1"))
+    kept.task_ended("t1", "client-1", b"end")
+    kept.delivered("t1", "client-1")
+    assert not kept.knows("t1")
+    assert kept.commit() == []  # (its client has its end: nothing to acknowledge)
+    assert on_disk(path, "t1") is None
+    kept.close()
+
+
+def test_an_end_waits_one_commit_out_then_is_kept_until_its_client_has_it(tmp_path: Path) -> None:
+    path = tmp_path / "master.sqlite"
+    kept = journal(path)
+    kept.task_added(row("t1"))
+    kept.commit()
+    kept.task_ended("t1", "client-1", b"end")
+    kept.commit()  # the client most likely says it received the end before the next one
+    assert on_disk(path, "t1") == (None,)
+    assert kept.undelivered("client-1") == [("t1", b"end")]
+    kept.commit()  # it did not: the end is written, for a restarted master to send again
+    assert on_disk(path, "t1") == (b"end",)
+    assert kept.undelivered("client-1") == [("t1", b"end")] and kept.undelivered("client-2") == []
+    kept.delivered("t1", "client-1")
+    assert not kept.knows("t1")
+    kept.commit()
+    assert on_disk(path, "t1") is None
+    kept.close()
+
+
+def test_a_client_that_left_takes_its_tasks_code_and_key_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "master.sqlite"
+    kept = journal(path)
+    kept.task_added(row("a1", client="A"))
+    kept.task_added(row("b1", client="B", seq=1))
+    kept.code_added("A", "h", b"code")
+    kept.client_key("A", b"A" * 40)
+    kept.client_key("B", b"B" * 40)
+    kept.commit()
+    kept.task_added(row("a2", client="A", seq=2))  # still buffered
+    kept.code_added("A", "h2", b"more code")
+    kept.client_left("A")
+    kept.commit()
+    assert not kept.knows("a1") and not kept.knows("a2") and kept.knows("b1")
+    kept.close()
+    again = Journal(path)
+    restored = again.start("x")
+    assert [r.task_id for r in restored.tasks] == ["b1"]
+    assert restored.codes == {} and restored.keys == {"B": b"B" * 40}
+    again.close()
+
+
+def test_a_tasks_unit_results_go_when_it_ends_from_memory_and_from_disk(tmp_path: Path) -> None:
+    path = tmp_path / "master.sqlite"
+    kept = journal(path)
+    kept.task_added(row("p1"))
+    kept.record("p1", [(0, 1, b"a")])
+    kept.commit()
+    kept.record("p1", [(1, 2, b"b"), (2, 3, b"c")])
+    assert kept.results_buffered == 2
+    assert kept.lookup("p1", [0, 1]) == {0: (1, b"a"), 1: (2, b"b")}
+    assert kept.lookup("p1", []) == {} and kept.lookup("p2", [0]) == {}
+    kept.task_ended("p1", "client-1", b"end")
+    assert kept.results_buffered == 0 and kept.lookup("p1", [0, 1, 2]) == {}
+    kept.commit()
+    kept.close()
+    again = Journal(path)
+    assert again.start("x").journaled == {}
+    again.close()
+
+
+def test_a_master_whose_journal_was_taken_over_writes_nothing_more(tmp_path: Path) -> None:
+    path = tmp_path / "master.sqlite"
+    old, new = journal(path), journal(path)  # a second master took the state directory
+    assert (old.epoch, new.epoch) == (1, 2) and old.current_epoch() == 2
+    old.task_added(row("t1"))
+    with pytest.raises(MasterSuperseded, match="epoch 2.*epoch 1"):
+        old.commit()
+    new.commit()
+    old.close()
+    new.close()
+    again = Journal(path)
+    assert again.start("x").tasks == []
+    again.close()
+
+
+def test_an_ephemeral_journal_writes_no_submission_and_acknowledges_each_once(
+        tmp_path: Path) -> None:
+    path = tmp_path / "master.sqlite"
+    ephemeral = journal(path, durable=False)
+    ephemeral.task_added(row("t1"))
+    ephemeral.code_added("client-1", "h", b"code")
+    ephemeral.client_key("client-1", b"K" * 40)
+    assert [r.task_id for r in ephemeral.commit()] == ["t1"]
+    assert ephemeral.commit() == []
+    ephemeral.close()
+    again = Journal(path)
+    restored = again.start("x")
+    assert (restored.tasks, restored.codes, restored.keys) == ([], {}, {})
+    again.close()
+
+
+def test_a_journal_of_another_schema_or_no_database_is_refused_saying_so(tmp_path: Path) -> None:
+    path = tmp_path / "master.sqlite"
+    journal(path).close()
+    other = sqlite3.connect(path)
+    other.execute("update meta set value = '99' where key = 'schema'")
+    other.commit()
+    other.close()
+    with pytest.raises(JournalUnreadable, match="journal schema 99, this master reads schema 2"):
+        Journal(path)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database, " * 512)
+    with pytest.raises(JournalUnreadable, match="--fresh"):
+        Journal(garbage)
