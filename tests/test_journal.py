@@ -102,7 +102,7 @@ def test_what_a_commit_wrote_a_restarted_master_reads_back_in_submission_order(
     first.code_added("client-1", "h1", b"class code")
     first.client_key("client-1", b"K" * 40)
     first.record("p1", [(0, 11, b"r0"), (1, 12, b"r1")])
-    first.record("p1", [(5, 15, b"r5")])
+    first.record("p1", [(5, 2, b"r5")])  # (a digest may be less than its index)
     assert sorted(r.task_id for r in first.commit()) == ["t1", "t2"]  # now durable: acknowledged
     first.task_added(row("t3", seq=3))  # never committed, so never acknowledged: not restored
     first.close()
@@ -113,7 +113,8 @@ def test_what_a_commit_wrote_a_restarted_master_reads_back_in_submission_order(
     assert restored.codes == {"client-1": {"h1": b"class code"}}
     assert restored.keys == {"client-1": b"K" * 40}
     assert restored.journaled == {"p1": [0, 1, 5]}
-    assert again.lookup("p1", [1, 5, 9]) == {1: (12, b"r1"), 5: (15, b"r5")}
+    assert again.lookup("p1", [1, 5, 9]) == {1: (12, b"r1"), 5: (2, b"r5")}
+    assert again.lookup("p1", [5]) == {5: (2, b"r5")}
     again.close()
 
 
@@ -137,14 +138,21 @@ def test_an_end_waits_one_commit_out_then_is_kept_until_its_client_has_it(tmp_pa
     kept.task_ended("t1", "client-1", b"end")
     kept.commit()  # the client most likely says it received the end before the next one
     assert on_disk(path, "t1") == (None,)
-    assert kept.undelivered("client-1") == [("t1", b"end")]
+    assert kept.undelivered("client-1") == [("t1", b"end")] and kept.undelivered("client-2") == []
     kept.commit()  # it did not: the end is written, for a restarted master to send again
     assert on_disk(path, "t1") == (b"end",)
     assert kept.undelivered("client-1") == [("t1", b"end")] and kept.undelivered("client-2") == []
     kept.delivered("t1", "client-1")
-    assert not kept.knows("t1")
+    assert not kept.knows("t1") and kept.undelivered("client-1") == []
     kept.commit()
-    assert on_disk(path, "t1") is None
+    assert on_disk(path, "t1") is None and not kept.knows("t1")
+    # Submitted and ended in one interval, its end not received: both written, together.
+    kept.task_added(row("t2", seq=2))
+    kept.task_ended("t2", "client-1", b"end of t2")
+    assert kept.commit() == []  # not written yet: not acknowledged yet
+    assert on_disk(path, "t2") is None
+    assert [r.task_id for r in kept.commit()] == ["t2"]
+    assert on_disk(path, "t2") == (b"end of t2",)
     kept.close()
 
 
@@ -158,15 +166,18 @@ def test_a_client_that_left_takes_its_tasks_code_and_key_with_it(tmp_path: Path)
     kept.client_key("B", b"B" * 40)
     kept.commit()
     kept.task_added(row("a2", client="A", seq=2))  # still buffered
+    kept.task_added(row("b2", client="B", seq=3))  # another client's, buffered
     kept.code_added("A", "h2", b"more code")
+    kept.code_added("B", "hb", b"B's code")  # buffered too: B's, kept
+    kept.delivered("b1", "B")  # (a deletion buffered when A leaves)
     kept.client_left("A")
     kept.commit()
-    assert not kept.knows("a1") and not kept.knows("a2") and kept.knows("b1")
+    assert not kept.knows("a1") and not kept.knows("a2") and kept.knows("b2")
     kept.close()
     again = Journal(path)
     restored = again.start("x")
-    assert [r.task_id for r in restored.tasks] == ["b1"]
-    assert restored.codes == {} and restored.keys == {"B": b"B" * 40}
+    assert [r.task_id for r in restored.tasks] == ["b2"]
+    assert restored.codes == {"B": {"hb": b"B's code"}} and restored.keys == {"B": b"B" * 40}
     again.close()
 
 
@@ -177,11 +188,13 @@ def test_a_tasks_unit_results_go_when_it_ends_from_memory_and_from_disk(tmp_path
     kept.record("p1", [(0, 1, b"a")])
     kept.commit()
     kept.record("p1", [(1, 2, b"b"), (2, 3, b"c")])
-    assert kept.results_buffered == 2
+    kept.record("p1", [(3, 4, b"d")])
+    kept.record("p1", [])
+    assert kept.results_buffered == 3
     assert kept.lookup("p1", [0, 1]) == {0: (1, b"a"), 1: (2, b"b")}
     assert kept.lookup("p1", []) == {} and kept.lookup("p2", [0]) == {}
     kept.task_ended("p1", "client-1", b"end")
-    assert kept.results_buffered == 0 and kept.lookup("p1", [0, 1, 2]) == {}
+    assert kept.results_buffered == 0 and kept.lookup("p1", [0, 1, 2, 3]) == {}
     kept.commit()
     kept.close()
     again = Journal(path)
@@ -194,7 +207,7 @@ def test_a_master_whose_journal_was_taken_over_writes_nothing_more(tmp_path: Pat
     old, new = journal(path), journal(path)  # a second master took the state directory
     assert (old.epoch, new.epoch) == (1, 2) and old.current_epoch() == 2
     old.task_added(row("t1"))
-    with pytest.raises(MasterSuperseded, match="epoch 2.*epoch 1"):
+    with pytest.raises(MasterSuperseded, match=r"epoch 2\) took over .*master.sqlite.*epoch 1"):
         old.commit()
     new.commit()
     old.close()
@@ -229,7 +242,52 @@ def test_a_journal_of_another_schema_or_no_database_is_refused_saying_so(tmp_pat
     other.close()
     with pytest.raises(JournalUnreadable, match="journal schema 99, this master reads schema 2"):
         Journal(path)
+    broken = tmp_path / "broken.sqlite"  # a results row that is not what the journal wrote
+    kept = journal(broken)
+    kept.record("p1", [(0, 1, b"r")])
+    kept.commit()
+    kept.close()
+    other = sqlite3.connect(broken)
+    other.execute("update results set data = ?", (b"\xc1",))
+    other.commit()
+    other.close()
+    with pytest.raises(JournalUnreadable, match="broken.sqlite"):
+        Journal(broken).start("x")
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not a database, " * 512)
     with pytest.raises(JournalUnreadable, match="--fresh"):
         Journal(garbage)
+
+
+def test_a_journal_is_durable_unless_told_otherwise_and_syncs_each_commit(tmp_path: Path) -> None:
+    """What a durable journal's commit wrote survives the machine's crash (SQLite syncs the
+    write-ahead log at each commit); an ephemeral one, in a folder that dies with its master,
+    never waits for the disk."""
+    durable, ephemeral = Journal(tmp_path / "kept.sqlite"), Journal(tmp_path / "temp.sqlite",
+                                                                    durable=False)
+    for opened, synchronous in ((durable, 2), (ephemeral, 0)):  # FULL, OFF
+        opened.start("m")
+        assert opened._db.execute("pragma journal_mode").fetchone()[0] == "wal"
+        assert opened._db.execute("pragma synchronous").fetchone()[0] == synchronous
+    durable.task_added(row("t1"))
+    durable.commit()
+    durable.close()
+    ephemeral.close()
+    assert on_disk(tmp_path / "kept.sqlite", "t1") == (None,)
+
+
+def test_a_code_or_key_alone_is_written_by_the_next_commit(tmp_path: Path) -> None:
+    """A client's class shipped by value, or its key, with no task in the same interval."""
+    path = tmp_path / "master.sqlite"
+    kept = journal(path)
+    kept.code_added("client-1", "h", b"code")
+    kept.commit()
+    with sqlite3.connect(path) as other:
+        assert other.execute("select client, hash from codes").fetchall() == [("client-1", "h")]
+    kept.client_key("client-2", b"K" * 40)
+    kept.commit()
+    kept.close()
+    again = Journal(path)
+    restored = again.start("x")
+    assert (restored.codes, restored.keys) == ({"client-1": {"h": b"code"}}, {"client-2": b"K" * 40})
+    again.close()
