@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -89,7 +89,7 @@ def test_the_client_of_a_task_is_known_until_it_is_delivered(tmp_path: Path) -> 
 
 def on_disk(path: Path, task_id: str) -> tuple[bytes | None] | None:
     """A task's ``ended`` column as another process reads the file now (None: no row)."""
-    with sqlite3.connect(path) as other:
+    with closing(sqlite3.connect(path)) as other:  # (a connection's `with` does not close it)
         return other.execute("select ended from tasks where task_id = ?", (task_id,)).fetchone()
 
 
@@ -282,7 +282,7 @@ def test_a_code_or_key_alone_is_written_by_the_next_commit(tmp_path: Path) -> No
     kept = journal(path)
     kept.code_added("client-1", "h", b"code")
     kept.commit()
-    with sqlite3.connect(path) as other:
+    with closing(sqlite3.connect(path)) as other:
         assert other.execute("select client, hash from codes").fetchall() == [("client-1", "h")]
     kept.client_key("client-2", b"K" * 40)
     kept.commit()
