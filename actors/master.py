@@ -32,7 +32,7 @@ import msgspec
 import pykka
 import structlog
 
-from actors import __version__, logs, memory
+from actors import __version__, free_pools, logs, memory
 from actors import messages as m
 from actors.contain import make_run_dir, remove_stale_run_dirs
 from actors.core import scheduler_events as ev
@@ -282,7 +282,7 @@ class Master(HubShell):
         # worker stopped at its node's return -> (its node, the tasks it held, until when its
         # held unit results are still taken)
         self.salvage: dict[str, tuple[str, frozenset[str], float]] = {}
-        self.tasks_peak = 0  # the most tasks held since memory was last given back
+        self.held_peak = 0  # the most tasks and futures held since memory was last given back
         self.idle_since: float | None = None  # when the scheduler last became idle
         self.repacks_due = 0  # memory was given back after a backlog: repack once quiet
         self.worker_usage: dict[str, tuple[float, int]] = {}  # worker -> (CPU %, bytes), for the page
@@ -404,10 +404,12 @@ class Master(HubShell):
         """Once a backlog of ``TRIM_AFTER`` tasks or more has gone, rebuild the tables it left
         oversized and return the freed pages (see memory.py): a long-lived master on a shared
         machine goes back near its idle size. Once nothing has run for ``REPACK_IDLE_S`` after
-        that, what outlives the burst is moved into fresh memory (``pack_finished``)."""
-        held = len(self.scheduler.tasks) + len(self.backlog)
-        self.tasks_peak = max(self.tasks_peak, held)
-        gone = self.tasks_peak - held
+        that, what outlives the burst is moved into fresh memory (``pack_finished``). The
+        futures clients hold count with the tasks: a client may let 10^5 go long after they
+        finished, and the table that named them is then as oversized."""
+        held = len(self.scheduler.tasks) + len(self.backlog) + len(self.inputs.refs)
+        self.held_peak = max(self.held_peak, held)
+        gone = self.held_peak - held
         idle = self.scheduler.idle()
         self.idle_since = (self.idle_since or self.now) if idle else None
         if gone < TRIM_AFTER and not (gone >= TRIM_AFTER // 10 and idle):
@@ -416,16 +418,21 @@ class Master(HubShell):
                 self._repack()
             return
         before = memory.rss_bytes()
+        self._compact()
+        memory.trim()
+        self.log.info("memory_given_back", held_peak=self.held_peak, held=held,
+                      rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20)
+        self.held_peak = held
+        self.repacks_due = REPACKS
+
+    def _compact(self) -> None:
+        """Rebuild the tables a backlog left oversized (a dict never shrinks its table as
+        entries go); no content changes."""
         self.scheduler.compact()
         self.journal.compact()
         self.inputs.compact()
         self.backlog.compact()
         self.unit_totals, self.task_steps = dict(self.unit_totals), dict(self.task_steps)
-        memory.trim()
-        self.log.info("memory_given_back", tasks_peak=self.tasks_peak, tasks=held,
-                      rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20)
-        self.tasks_peak = held
-        self.repacks_due = REPACKS
 
     def _repack(self) -> None:
         """Drained and quiet: the finished tasks kept for their stories and the dashboard's
@@ -434,6 +441,9 @@ class Master(HubShell):
         them out as pickles first (their arenas freed), then back into fresh memory."""
         before, started = memory.rss_bytes(), time.perf_counter()
         self.repacks_due -= 1
+        # what emptied since the last compaction without reaching TRIM_AFTER (a table of 10^5
+        # task ids is 3.7 MB however few it still holds)
+        self._compact()
         parts: tuple[tuple[Callable[[], bytes], Callable[[bytes], None]], ...] = (
             (self.scheduler.pack_finished, self.scheduler.unpack_finished),
             (self.stream.pack, self.stream.unpack),
@@ -450,9 +460,12 @@ class Master(HubShell):
             for unpack, blob in packed:
                 unpack(blob)
             del packed
+        # what is left pinned: arenas a few survivors keep, their free pools still resident
+        released = free_pools.release()
         memory.trim()
         self.log.info("memory_repacked", tasks=len(self.scheduler.tasks),
                       rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20,
+                      free_pools_mb=round(released / 2**20, 1),
                       ms=round((time.perf_counter() - started) * 1000))
 
     def _commit(self, *, force: bool = False) -> None:

@@ -4,7 +4,8 @@ A master that held 10^5 queued tasks keeps, once they are done, the high-water m
 dicts never shrink their tables when entries are deleted, and glibc's allocator keeps freed
 pages for the next allocation. On a machine several people share, a long-lived master should
 return near its idle size: the owners of those tables rebuild them (``compact`` methods), and
-``trim`` asks the C allocator to return its free pages.
+``trim`` asks the C allocator to return its free pages; what CPython's own small-object allocator
+keeps of a burst, ``free_pools.release`` gives back.
 """
 
 from __future__ import annotations
