@@ -11,7 +11,8 @@ should settle about where the first did (a high-water mark, not a leak).
 
 What stays after a drain by design: the last ``FINISHED_KEPT`` (10,000) finished tasks with
 their stories and the dashboard's last runs; the master moves them into fresh memory once it
-has been quiet for ``REPACK_IDLE_S`` (``Master._repack``).
+has been quiet for ``REPACK_IDLE_S`` (``Master._repack``), then gives back the pages of the
+allocator's free pools (``actors/free_pools.py``).
 """
 
 from __future__ import annotations
