@@ -41,7 +41,7 @@ import msgspec
 import pykka
 import structlog
 
-from actors import __version__, logs, memory, task_output
+from actors import __version__, free_pools, logs, memory, task_output
 from actors import messages as m
 from actors.contain import TOKEN_ENV, TOKEN_ON_STDIN
 from actors.core.worker_slot import (
@@ -322,18 +322,22 @@ class Worker(HubShell):
         self.send(NODE, TO_MASTER, message=msg)
 
     def _check_memory(self) -> None:
-        """Past the pause mark: what we hold goes to disk and freed memory back to the system;
-        still past it, the master sends us no new work until we are back below (the work
-        queued here goes on, or to idle peers that steal it)."""
+        """Past the pause mark: what we hold goes to disk and freed memory back to the system
+        (the C allocator's free pages, and the small-object allocator's free pools that a few
+        survivors of a task's objects keep resident); still past it, the master sends us no
+        new work until we are back below (the work queued here goes on, or to idle peers that
+        steal it)."""
         mark = self.pause_mark
         if not mark:
             return
         if self.paused:
+            free_pools.release()
             memory.trim()
         rss = memory.rss_bytes()
         if not self.paused and rss > mark:
             held = self._runner.state.data
             moved = held.spill_all() if isinstance(held, SpillBuffer) else 0
+            released = free_pools.release()
             memory.trim()
             rss = memory.rss_bytes()
             if rss > mark:
@@ -341,6 +345,9 @@ class Worker(HubShell):
                 self.log.warning("worker_paused", rss_mb=rss >> 20, mark_mb=mark >> 20,
                                  spilled_mb=moved >> 20, task_id=self.slot.task_id)
                 self.send(NODE, TO_MASTER, message=m.WorkerPaused(True, rss, mark))
+            else:
+                self.log.info("worker_memory_given_back", rss_mb=rss >> 20, mark_mb=mark >> 20,
+                              spilled_mb=moved >> 20, free_pools_mb=released >> 20)
         elif self.paused and rss < mark * RESUME_FRACTION:
             self.paused = False
             self.log.info("worker_resumed", rss_mb=rss >> 20, mark_mb=mark >> 20)
