@@ -325,19 +325,16 @@ class Journal:
             epoch = self.current_epoch()
             if epoch != self.epoch:
                 raise MasterSuperseded(self.path, self.epoch, epoch)
-            added: list[TaskRow] = []
             rows = [r for r in self._tasks.values() if r is not None]
             gone = [(t,) for t, r in self._tasks.items() if r is None]
             db.executemany("delete from tasks where task_id = ?", gone)
-            for row in rows:
-                if isinstance(row, _Ended):
-                    db.execute("update tasks set ended = ? where task_id = ?",
-                               (row.ended, row.task_id))
-                else:
-                    db.execute("insert or replace into tasks values "
-                               "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row.values())
-                    if row.task_id not in self._on_disk:
-                        added.append(row)
+            # (one row a task: the order of these statements changes nothing)
+            whole = [r for r in rows if not isinstance(r, _Ended)]
+            db.executemany("update tasks set ended = ? where task_id = ?",
+                           [(r.ended, r.task_id) for r in rows if isinstance(r, _Ended)])
+            db.executemany("insert or replace into tasks values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [r.values() for r in whole])
+            added: list[TaskRow] = [r for r in whole if r.task_id not in self._on_disk]
             db.executemany("insert or ignore into codes values (?, ?, ?)", self._codes)
             db.executemany("insert or replace into clients values (?, ?)", self._keys.items())
             for client in self._gone_clients:
