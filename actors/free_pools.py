@@ -118,6 +118,7 @@ def release(max_pools: int = MAX_POOLS) -> int:
 
     blocks: list[int] = []
     ours: dict[int, int] = {}  # pool -> our blocks in it
+    released = 0
     try:
         while len(ours) < max_pools:
             block = calls.malloc(BLOCK)
@@ -133,7 +134,6 @@ def release(max_pools: int = MAX_POOLS) -> int:
             # ours by now (pymalloc opens an arena only when the others have none)
             if region(pool) < 0 or region(pool) != region(block):
                 break
-        released = 0
         for pool, taken in ours.items():
             if taken != PER_POOL:
                 continue
@@ -148,9 +148,11 @@ def release(max_pools: int = MAX_POOLS) -> int:
             ctypes.c_uint.from_address(pool).value = IN_FIRST_PAGE
             ours[pool] = -1  # released: only its first page's blocks go back
             released += POOL - PAGE
+    except MemoryError:
+        pass  # (near a memory limit: this gives back what it could, the caller goes on)
     finally:
         first_page_end = HEAD + IN_FIRST_PAGE * BLOCK
         for block in blocks:
-            if ours[block & ~(POOL - 1)] != -1 or (block & (POOL - 1)) < first_page_end:
+            if ours.get(block & ~(POOL - 1)) != -1 or (block & (POOL - 1)) < first_page_end:
                 calls.free(block)
     return released
