@@ -447,13 +447,17 @@ class Hub:
             pull.bind(self._inproc)
             self._poke_r, self._poke_w = _poke_pair()
             for spec in self._specs:
-                sock = self._open(spec)
+                sock = self._open(spec, connect=False)
                 sockets[spec.name.encode()] = sock
                 if spec.monitor:
                     monitors[sock.get_monitor_socket()] = spec.name
                 elif spec.with_keys and self._on_peer_gone is not None:
                     self._peer_fds[spec.name] = {}
                     monitors[sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)] = spec.name
+                if not spec.bind:
+                    # only now: a first handshake refused (a key the server does not admit)
+                    # before the monitor was there was never told, and is not tried again
+                    sock.connect(spec.address)
         except BaseException as exc:  # reported to start(), which raises it
             self._start_error = exc
             for sock in [*monitors, *sockets.values()]:
@@ -480,15 +484,16 @@ class Hub:
             if fd >= 0:
                 os.close(fd)
 
-    def _open(self, spec: _SocketSpec) -> zmq.Socket[bytes]:
+    def _open(self, spec: _SocketSpec, *, connect: bool = True) -> zmq.Socket[bytes]:
         sock = self.context.socket(spec.kind)
         try:
-            return self._set_up(sock, spec)
+            return self._set_up(sock, spec, connect)
         except BaseException:
             sock.close(linger=0)  # a socket left open would hang Context.term() forever
             raise
 
-    def _set_up(self, sock: zmq.Socket[bytes], spec: _SocketSpec) -> zmq.Socket[bytes]:
+    def _set_up(self, sock: zmq.Socket[bytes], spec: _SocketSpec,
+                connect: bool) -> zmq.Socket[bytes]:
         # A dealer gets a moment to flush a last message (Bye) when closed.
         sock.setsockopt(zmq.LINGER, 0 if spec.bind else 200)
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -546,7 +551,8 @@ class Hub:
                     log.warning("second_endpoint_not_bound", socket=spec.name,
                                 endpoint=spec.also_bind, error=str(exc))
         else:
-            sock.connect(spec.address)
+            if connect:
+                sock.connect(spec.address)
             self._addresses[spec.name] = spec.address
         return sock
 
