@@ -306,6 +306,11 @@ class Worker(HubShell):
             self.send(NODE, TO_MASTER, message=out)
         if getattr(msg, "task_id", None) in self.stopped:
             return  # the task was cancelled: what its code still produced is moot
+        if self.paused and isinstance(msg, m.TaskResult):
+            # Paused while the task's objects lived: they are gone now, and what they took may
+            # come back. Said before the result, or the master replaces us as idle and past
+            # the mark before we could.
+            self._check_memory()
         if isinstance(msg, HeldParts):  # a large result in parts: for our node to hold
             self._hold(msg.task_id, list(msg.parts))
             return
