@@ -41,6 +41,15 @@ def examples(full: int) -> int:
     return max(1, round(full * scale))
 
 
+def stderr_so_far(capfd: pytest.CaptureFixture[str]) -> str:
+    """What this test and the processes it started wrote to stderr since ``capfd`` was last
+    read, read without emptying it: ``capfd.readouterr()`` empties the file they all write to,
+    and a line another process writes between its read and the emptying is lost."""
+    del capfd  # (asked for so that stderr is that file, not a terminal)
+    with open("/proc/self/fd/2", "rb") as captured:
+        return captured.read().decode(errors="replace")
+
+
 def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
     """Poll ``condition`` until it is truthy; fail the test at the deadline (never hang)."""
     deadline = time.monotonic() + timeout

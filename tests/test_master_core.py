@@ -4,7 +4,6 @@ and a master process that lives through what it refuses."""
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import zmq
@@ -15,6 +14,7 @@ from actors.core import scheduler_events as ev
 from actors.core.scheduler_state import TASK_TRANSITIONS, SchedulerState
 from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import UnitCall, UnitOutcome
+from tests.conftest import stderr_so_far, wait_until
 from transport import load_keypair, load_public_key
 from transport.hub import unbatch
 
@@ -156,11 +156,9 @@ def _forge_and_serve(cluster: LocalCluster, capfd: pytest.CaptureFixture[str]) -
         sock.send(m.encode(m.Bye("forger leaving")))
         with Client(cluster.address, keys=cluster.keys_dir) as client:
             assert client.submit(Square, 12).result(timeout=30) == 144
-        deadline = time.monotonic() + 20
-        seen = ""
-        while "message_refused" not in seen and time.monotonic() < deadline:
-            seen += capfd.readouterr().err
-            time.sleep(0.05)
+        wait_until(lambda: "message_refused" in stderr_so_far(capfd), 20,
+                   "the master to refuse the forged message")
+        seen = stderr_so_far(capfd)
         assert "message_refused" in seen and "UnitsSliced" in seen, seen[-2000:]
     finally:
         sock.close()
