@@ -38,6 +38,8 @@ import struct
 import sys
 import sysconfig
 
+from actors import memory
+
 POOL = 16384  # pymalloc's pool on 64-bit builds since 3.10 (POOL_BITS 14)
 BLOCK = 512  # its largest size class
 HEAD = 48  # the pool's header, rounded up to its 16-byte alignment
@@ -94,11 +96,6 @@ def _mapped() -> tuple[list[int], list[int]]:
     return starts, ends
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * PAGE
-
-
 def release(max_pools: int = MAX_POOLS) -> int:
     """Give back the pages of pymalloc's free pools; how many bytes were released (0 where the
     allocator is not the one this knows). Takes ~3 ms per 100 pools, holding the interpreter's
@@ -110,7 +107,7 @@ def release(max_pools: int = MAX_POOLS) -> int:
     starts, ends = _mapped()
     # free pools are resident or few (an arena's uncarved tail): never take more than the
     # process holds, even if a new arena came where something else was just unmapped
-    max_pools = min(max_pools, _resident_bytes() // POOL + 256)
+    max_pools = min(max_pools, memory.rss_bytes() // POOL + 256)
 
     def region(address: int) -> int:
         at = bisect.bisect_right(starts, address) - 1

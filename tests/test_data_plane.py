@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import zmq
 
-from actors import Client, LocalCluster, ParallelTask, Task, Unit, free_pools
+from actors import Client, LocalCluster, ParallelTask, Task, Unit, free_pools, memory
 from actors import messages as m
 from actors.client import BOOT_ID
 from actors.client import Client as ClientClass
@@ -371,11 +371,10 @@ def test_memory_a_task_freed_goes_back_before_its_worker_would_pause(
         assert c.submit(Fragments, 800_000, hold).result(60) == 800_000
 
         def rss() -> int:
-            try:
-                with open(f"/proc/{pid}/statm") as statm:
-                    return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except FileNotFoundError:
-                raise AssertionError("the worker was paused and replaced") from None
+            used = memory.usage(pid)
+            if used is None:
+                raise AssertionError("the worker was paused and replaced")
+            return used[1]
 
         wait_until(lambda: rss() < mark, 30, "the worker to give its free pools back")
         assert c.submit(WorkerPid).result(30) == pid, "the worker was replaced"

@@ -22,10 +22,7 @@ pytestmark = pytest.mark.skipif(not free_pools.available(),
 BURST = """
 import gc, hashlib, json, pickle, sys, threading, random
 from actors import free_pools
-
-def rss():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
+from actors.memory import rss_bytes as rss
 
 def burst(n):
     made = [{"k": i, "v": str(i) * 3, "t": (i, float(i)), "b": b"y" * (i % 500)}
