@@ -36,7 +36,10 @@ from actors.errors import JournalUnreadable, MasterSuperseded
 
 SCHEMA = 2
 COMMIT_WAIT_MS = 200
-RESULTS_BUFFERED = 4096  # unit results held for the next commit, at most (see record)
+# Unit results held for the next commit, at most (see record), in bytes: each result's and
+# ENTRY_BYTES for what holds it (4,096 tiny results, or a few hundred packs of them).
+RESULTS_BUFFERED = 512 << 10
+ENTRY_BYTES = 100
 Entry = tuple[int, int, bytes]  # unit index, digest of its arguments, result
 
 _encoder = msgspec.msgpack.Encoder()
@@ -257,12 +260,12 @@ class Journal:
     def record(self, task_id: str, entries: list[Entry]) -> None:
         if entries:
             self._results.setdefault(task_id, []).append(entries)
-            self.results_buffered += len(entries)
+            self.results_buffered += _weight(entries)
 
     def forget_results(self, task_id: str) -> None:
         dropped = self._results.pop(task_id, None)
         if dropped:
-            self.results_buffered -= sum(map(len, dropped))
+            self.results_buffered -= sum(map(_weight, dropped))
         if task_id in self._with_results:
             self._forget.add(task_id)
 
@@ -384,3 +387,8 @@ class _Ended(TaskRow):
         super().__init__(task_id=task_id, client=client, seq=0, priority=0, name="", kind="",
                          code_hash="", code=b"", args=b"", package="", version="", retries=0,
                          ended=ended)
+
+
+def _weight(entries: list[Entry]) -> int:
+    """What buffered results weigh towards RESULTS_BUFFERED."""
+    return sum(len(value) for _, _, value in entries) + ENTRY_BYTES * len(entries)

@@ -755,7 +755,9 @@ class Master(HubShell):
                 self._apply(ev.UnitsSliced(self.now, worker_id, task_id, units, done))
             case m.UnitsDone(task_id=task_id, run_id=run_id, outcomes=outcomes, elapsed=elapsed):
                 failed = sum(1 for o in outcomes if not o.ok)
-                self.stats.units_done += len(outcomes) - failed
+                # (a pack's outcome counts its units: the worker's word, bounded, for counters)
+                packed = sum(min(o.count, m.MAX_PACK) - 1 for o in outcomes if o.count > 1 and o.ok)
+                self.stats.units_done += len(outcomes) - failed + packed
                 self.stats.units_failed += failed
                 if self.dashboard is not None:
                     self.stream.finished(worker_id, task_id, run_id, elapsed, not failed, self.now)
@@ -922,7 +924,7 @@ class Master(HubShell):
         if task.kind is ev.TaskKind.PARALLEL:
             units = task.units
             done = units.done_count
-            total = self._unit_total(task.task_id, done + len(units.open_units), units.sliced_all)
+            total = self._unit_total(task.task_id, done + units.open_count(), units.sliced_all)
         else:
             done, total = self.task_steps.get(task.task_id, (0, 0))
         if task.state is ev.TaskStatus.DONE and total:
@@ -1377,7 +1379,7 @@ class Master(HubShell):
         elif worker_id == task.driver:  # units to expect: the bar's length, ahead of slicing
             self.unit_totals[msg.task_id] = msg.total
             units = task.units
-            known = units.done_count + len(units.open_units)
+            known = units.done_count + units.open_count()
             self._to_client(task.client_id, m.TaskProgress(
                 msg.task_id, units.done_count, self._unit_total(msg.task_id, known,
                                                                 units.sliced_all),
@@ -1648,14 +1650,15 @@ class Master(HubShell):
         match ins:  # (what every unit and task needs first: each case is a type check)
             case ev.Dispatch():
                 if self.dashboard is not None:
-                    self.stream.started(ins.worker_id, ins.task_id, ins.run_id, len(ins.units),
-                                        self.now)
+                    self.stream.started(ins.worker_id, ins.task_id, ins.run_id,
+                                        sum(u.count or 1 for u in ins.units), self.now)
                 self._to_worker(ins.node_id, ins.worker_id,
                                 m.RunUnits(ins.task_id, ins.run_id, ins.units, ins.holders,
                                            ins.sizes))
             case ev.ForwardResults():
                 self._to_worker(ins.node_id, ins.worker_id,
-                                m.DriverResults(ins.task_id, ins.results, ins.held, ins.sizes))
+                                m.DriverResults(ins.task_id, ins.results, ins.held, ins.sizes,
+                                                ins.pack))
             case ev.RecordResults():
                 self.journal.record(ins.task_id, ins.results)
                 if self.journal.results_buffered > RESULTS_BUFFERED:

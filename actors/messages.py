@@ -551,11 +551,21 @@ class PackagesReply(Message, frozen=True):
     packages: list[PackageListing]
 
 
+#: The most plain units one ``UnitCall`` packs (``UnitCall.count``).
+MAX_PACK = 512
+
+
 class UnitCall(Message, frozen=True, gc=False):
     """One unit: its index in slicing order and its cloudpickled argument.
 
     ``deps`` are indices of earlier units whose results it takes as inputs; ``keep`` marks a unit
-    whose result stays on its worker (other units may depend on it) instead of riding inline."""
+    whose result stays on its worker (other units may depend on it) instead of riding inline.
+
+    ``count`` > 0 makes it a pack: the plain units ``index`` .. ``index + count - 1``, ``args``
+    the pickled list of their arguments, its result the pickled list of theirs. A driver packs
+    units measured to be tiny (``DriverResults.pack``), so that the master, the wire and the
+    pickler pay once for a pack what they paid for each unit; everywhere but the driver's
+    ``reduce`` and the worker's loop a pack is one unit."""
 
     index: int
     args: bytes
@@ -563,6 +573,7 @@ class UnitCall(Message, frozen=True, gc=False):
     # (decoding a batch of plain units took twice as long).
     deps: tuple[int, ...] = ()
     keep: bool = False
+    count: int = 0
 
 
 def unit_digest(unit: UnitCall) -> int:
@@ -798,6 +809,9 @@ class UnitOutcome(Message, frozen=True, gc=False):
     # that reached it only after the restart (held by the node), for a re-sliced unit that is
     # the same. The worker's word: it can only mislead the replay of its own task.
     digest: int = 0
+    # A pack's outcome (``UnitCall.count``): the units it covers; not ok, the one that raised.
+    count: int = 0
+    unit: int = -1
 
 
 class UnitsDone(Message, frozen=True):
@@ -815,6 +829,7 @@ class DriverResults(Message, frozen=True):
     results: list[tuple[int, bytes]]
     held: list[tuple[int, str, str]] = []
     sizes: dict[int, int] = {}  # of the held results, in bytes, where known
+    pack: int = 0  # the plain units to slice into one UnitCall from now on (0: as before)
 
 
 class TaskResult(Message, frozen=True):

@@ -54,6 +54,12 @@ LOOKAHEAD_BYTES = 64 << 20
 #: Units per UnitsSliced message, and the bytes of arguments that end one sooner.
 SLICE_BATCH = 2048
 SLICE_BYTES = 1 << 20
+#: Packs (``UnitCall.count``) a driver may have sliced ahead, where ``LOOKAHEAD`` units make
+#: fewer: a worker's share of a window of eight large packs would be one pack in flight.
+PACKS_AHEAD = 64
+#: Units a driver slices before the master first answers: until one of them is measured the
+#: master sends one a worker, and then it may say to pack the rest (so few go one by one).
+FIRST_LOOKAHEAD = 256
 # Held while a plain Task's work is claimed, by the executor as it begins it or by the worker's
 # mailbox as it gives it back (``Runtime.withdraw``): exactly one of them has it.
 _CLAIMS = threading.Lock()
@@ -133,6 +139,7 @@ class UnitResults(msgspec.Struct, frozen=True):
     results: list[tuple[int, bytes]]
     held: list[tuple[int, str, str]] = msgspec.field(default_factory=list)
     sizes: dict[int, int] = msgspec.field(default_factory=dict)  # of the held results, where known
+    pack: int = 0  # the master's word on how many plain units to pack from now on (0: as before)
 
 
 class Gathered(msgspec.Struct, frozen=True):
@@ -160,6 +167,12 @@ class Runtime:
     held: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (worker, address)
     sizes: dict[int, int] = field(default_factory=dict)  # held result -> its bytes, where known
     depended_on: set[int] = field(default_factory=set)  # results that feed other units
+    # Packs sliced (first index -> units; see UnitCall.count): their results are lists, and
+    # ``packed_done`` the units finished packs hold beyond one each.
+    pack: int = 1  # plain units to slice into one pack, a power of two (DriverResults.pack)
+    packs: dict[int, int] = field(default_factory=dict)
+    packed_done: int = 0
+    answered: bool = False  # the master forwarded results (and its word on packs) once
     reducing: bool = False
     claimed: bool = False  # a plain Task's work began, or was withdrawn (under _CLAIMS)
 
@@ -193,7 +206,12 @@ class Runtime:
 
     def handle(self, message: Any) -> None:
         match message:
-            case UnitResults(results=results, held=held, sizes=sizes):
+            case UnitResults(results=results, held=held, sizes=sizes, pack=pack):
+                if self.packs:
+                    self._count_packs(results, held)
+                if pack > 0:
+                    self.pack = 1 << (min(pack, m.MAX_PACK).bit_length() - 1)  # a power of two
+                self.answered = True
                 self.results.update(results)
                 for index, worker, address in held:
                     self.held[index] = (worker, address)
@@ -215,23 +233,43 @@ class Runtime:
         while not self.exhausted and self.sliced - self._finished < self._lookahead():
             assert self.slicer is not None
             batch: list[m.UnitCall] = []
-            size, full = 0, False
+            size, full, taken, pack = 0, False, 0, self.pack
+            limit = SLICE_BATCH if self.answered else FIRST_LOOKAHEAD
+            plain: list[Any] = []  # the arguments of the pack being filled
             task_output.enter(self.task.task_id, "get_work")
             try:
-                for item in itertools.islice(self.slicer, SLICE_BATCH):
-                    call = self._unit_call(item, self.sliced + len(batch))
+                for item in itertools.islice(self.slicer, limit):
+                    index = self.sliced + taken
+                    taken += 1
+                    if pack > 1 and not isinstance(item, Unit):
+                        plain.append(item)
+                        # Packs end at multiples of ``pack``: a driver that runs again slices
+                        # the same packs, whose journaled results it is given back.
+                        if (index + 1) % pack:
+                            continue
+                        call = self._pack_call(plain, index + 1 - len(plain))
+                        plain = []
+                    else:
+                        if plain:  # (a Unit ends the pack before it)
+                            batch.append(self._pack_call(plain, index - len(plain)))
+                            size += len(batch[-1].args)
+                            plain = []
+                        call = self._unit_call(item, index)
                     batch.append(call)
                     size += len(call.args)
                     if size >= SLICE_BYTES:
                         full = True  # the slicer may have more: only this message is full
                         break
+                if plain:
+                    batch.append(self._pack_call(plain, self.sliced + taken - len(plain)))
+                    size += len(batch[-1].args)
             except Exception as exc:
                 self._fail_task(exc)
                 return
             finally:
                 task_output.leave()
-            self.exhausted = not full and len(batch) < SLICE_BATCH
-            self.sliced += len(batch)
+            self.exhausted = not full and taken < limit
+            self.sliced += taken
             self.sliced_bytes += size
             self.emit(m.UnitsSliced(self.task.task_id, batch, self.exhausted))
         if self.exhausted and self._finished >= self.sliced and not self.reducing:
@@ -248,15 +286,33 @@ class Runtime:
 
     @property
     def _finished(self) -> int:
-        return len(self.results) + len(self.held)
+        """Units whose results are here or held (a pack counts its units)."""
+        return len(self.results) + len(self.held) + self.packed_done
+
+    def _count_packs(self, results: list[tuple[int, bytes]],
+                     held: list[tuple[int, str, str]]) -> None:
+        packs, got, kept = self.packs, self.results, self.held
+        for index in itertools.chain((i for i, _ in results), (i for i, _, _ in held)):
+            count = packs.get(index)
+            if count and index not in got and index not in kept:
+                self.packed_done += count - 1
 
     def _lookahead(self) -> int:
-        """``LOOKAHEAD`` units ahead, or as many as ``LOOKAHEAD_BYTES`` of arguments make at
-        the mean size so far (one at least): tiny units need many in flight to hide the round
-        trips, and the master holds what is sliced until it is dispatched."""
+        """``LOOKAHEAD`` units ahead (``PACKS_AHEAD`` packs where that is more; before the master
+        first answers, ``FIRST_LOOKAHEAD``), or as many as
+        ``LOOKAHEAD_BYTES`` of arguments make at the mean size so far (one at least): tiny units
+        need many in flight to hide the round trips, and the master holds what is sliced until
+        it is dispatched."""
+        ahead = max(LOOKAHEAD, PACKS_AHEAD * self.pack) if self.answered else FIRST_LOOKAHEAD
         if not self.sliced_bytes:
-            return LOOKAHEAD
-        return max(1, min(LOOKAHEAD, LOOKAHEAD_BYTES * self.sliced // self.sliced_bytes))
+            return ahead
+        return max(1, min(ahead, LOOKAHEAD_BYTES * self.sliced // self.sliced_bytes))
+
+    def _pack_call(self, plain: list[Any], first: int) -> m.UnitCall:
+        if len(plain) == 1:
+            return m.UnitCall(first, dumps(plain[0]))
+        self.packs[first] = len(plain)
+        return m.UnitCall(first, dumps(plain), count=len(plain))
 
     def _unit_call(self, item: Any, index: int) -> m.UnitCall:
         if not isinstance(item, Unit):
@@ -275,13 +331,40 @@ class Runtime:
     def _call_reduce(self) -> Finished:
         task = self.task
         assert isinstance(task, ParallelTask)
-        ordered = [loads(self.results[i]) for i in range(self.sliced) if i not in self.depended_on]
-        self.results.clear()
+        def reduce() -> Any:
+            # (results that do not load, a pack's that are not its list: the task fails)
+            ordered = self._ordered_results()
+            self.results.clear()
+            return task.reduce(ordered)
+
         task_output.enter(task.task_id, "reduce")
         try:
-            return _finished(self._name, lambda: task.reduce(ordered))
+            return _finished(self._name, reduce)
         finally:
             task_output.leave()
+
+    def _ordered_results(self) -> list[Any]:
+        results, packs, skip = self.results, self.packs, self.depended_on
+        if not packs:
+            return [loads(results[i]) for i in range(self.sliced) if i not in skip]
+        ordered: list[Any] = []
+        index = 0
+        while index < self.sliced:
+            count = packs.get(index)
+            if count:
+                values = loads(results[index])
+                if type(values) is not list or len(values) != count:
+                    got = (f"{len(values)} results" if type(values) is list
+                           else f"a {type(values).__name__}")
+                    raise TypeError(f"units {index}-{index + count - 1} are a pack of {count}: "
+                                    f"their results came back as {got}")
+                ordered += values
+                index += count
+                continue
+            if index not in skip:
+                ordered.append(loads(results[index]))
+            index += 1
+        return ordered
 
     def withdraw(self) -> bool:
         """A plain Task lined up behind another: its work will not begin, if it has not (the

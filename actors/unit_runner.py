@@ -220,7 +220,8 @@ class UnitRunner:
                                           stimulus_id=f"run{run.run_id} kept", now=now))
                 self.runs[key] = _Run(run.task_id, KEPT_RUN, (units[outcome.index],), keep=True)
                 outcome = m.UnitOutcome(outcome.index, True, b"", held=True,
-                                        size=len(outcome.value), digest=outcome.digest)
+                                        size=len(outcome.value), digest=outcome.digest,
+                                        count=outcome.count)
             inline += len(outcome.value)
             out.append(outcome)
         return out, kept
@@ -454,8 +455,16 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
             if stop is not None and stop.is_set():
                 break  # cancelled: the rest of the run does not begin (its key is forgotten)
             task_output.at_unit(unit.index)
+            index = unit.index
             try:
-                if unit.deps:
+                if unit.count:  # a pack: its arguments one list, its results one list
+                    value = []
+                    for arg in loads(unit.args):
+                        task_output.at_unit(index)
+                        value.append(work_unit(arg))
+                        index += 1
+                    index = unit.index
+                elif unit.deps:
                     value = work_unit(loads(unit.args),
                                       *[loads(inputs[unit_key(task_id, d)]) for d in unit.deps])
                 else:  # most units: no list of inputs to build (a comprehension is a call)
@@ -463,9 +472,12 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
                 try:
                     data = dumps(value)
                 except Exception as exc:
+                    if unit.count:  # the result that cannot travel, and its unit
+                        index, value = _unpicklable(value, index)
                     raise not_serializable(value, exc, f"{type(instance).__qualname__} {task_id}",
-                                           str(unit.index)) from None
-                outcomes.append(m.UnitOutcome(unit.index, True, data, digest=digest(unit)))
+                                           str(index)) from None
+                outcomes.append(m.UnitOutcome(unit.index, True, data, digest=digest(unit),
+                                              count=unit.count))
                 size = len(data)
                 inline += size
                 if size > inline_limit:
@@ -473,9 +485,21 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
             except BaseException as exc:
                 payload, type_name, message, text = describe_failure(exc)
                 outcomes.append(m.UnitOutcome(unit.index, False, payload, type_name, message, text,
-                                              fatal=is_fatal(exc)))
+                                              fatal=is_fatal(exc), count=unit.count,
+                                              unit=index if unit.count else -1))
                 break  # the task fails; the rest of the run would be wasted
     finally:
         task_output.leave()
         tell(Ran(key, outcomes, time.perf_counter() - started,
                  large or inline > m.RUN_INLINE_BYTES))
+
+
+def _unpicklable(values: list[Any], first: int) -> tuple[int, Any]:
+    """Of a pack's results, which does not pickle, and its unit's index (the whole list, and
+    the pack's first index, if each does alone)."""
+    for offset, value in enumerate(values):
+        try:
+            dumps(value)
+        except Exception:
+            return first + offset, value
+    return first, values

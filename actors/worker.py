@@ -287,9 +287,10 @@ class Worker(HubShell):
                 self._handed(msg)
             case m.InputData():
                 self._input_arrived(msg)
-            case m.DriverResults(results=results, held=held, sizes=sizes) if msg.task_id == task_id:
+            case m.DriverResults(results=results, held=held, sizes=sizes,
+                                 pack=pack) if msg.task_id == task_id:
                 self._runner.results_arrived(msg)
-                self._to_task(UnitResults(results, held, sizes))
+                self._to_task(UnitResults(results, held, sizes, pack))
             case m.StopTask():
                 self._stop_cancelled(msg)
             case m.ReleaseTask() if msg.task_id == task_id or msg.task_id in self.lined_up:

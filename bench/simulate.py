@@ -10,10 +10,12 @@ each simulated worker answers as a real one does, without running user code:
 
 - a plain ``Task`` (``AssignTask``, kind ``task``): ``TaskResult`` with its argument as result;
 - a ``ParallelTask``'s driver slices ``n`` units itself (``UnitsSliced`` of ``SLICE_BATCH``, at
-  most ``LOOKAHEAD`` sliced and not finished, as ``task_host.Runtime`` does), counts what the
-  master forwards (``DriverResults``) and ends the task with that count (``TaskResult``);
-- every worker of the task answers ``RunUnits`` with ``UnitsDone`` (small inline results, the
-  unit's digest), and a ``StealUnits`` as a worker whose run already began (or, with
+  most ``LOOKAHEAD`` sliced and not finished, as ``task_host.Runtime`` does; in packs of as many
+  as the master says, ``DriverResults.pack``), counts what the master forwards
+  (``DriverResults``) and ends the task with that count (``TaskResult``);
+- every worker of the task answers ``RunUnits`` with ``UnitsDone`` (small inline results, a
+  pack's a list of them, the unit's digest), and a ``StealUnits`` as a worker whose run already
+  began (or, with
   ``--unit-seconds``, gives back a run not begun), and a ``TakeBackTask`` likewise (a plain
   Task queued on it, not begun, is given back).
 
@@ -59,7 +61,7 @@ import zmq
 
 from actors import ParallelTask, Task, __version__
 from actors import messages as m
-from actors.task_host import LOOKAHEAD, SLICE_BATCH
+from actors.task_host import FIRST_LOOKAHEAD, LOOKAHEAD, PACKS_AHEAD, SLICE_BATCH
 from bench.system import machine, rss_mib
 from transport.hub import BATCH, unbatch
 from transport.keys import load_keypair, load_public_key
@@ -119,6 +121,9 @@ class _Driver:
     finished: int = 0
     exhausted: bool = False
     ended: bool = False
+    pack: int = 1  # as the master last said (DriverResults.pack)
+    answered: bool = False
+    packs: dict[int, int] = field(default_factory=dict)  # first index -> units, while open
 
 
 @dataclass
@@ -274,10 +279,15 @@ class Simulator:
                     self._slice_more(worker)
             case m.RunUnits(task_id=task_id) if task_id == worker.task_id:
                 self._work(worker, msg)
-            case m.DriverResults(task_id=task_id, results=results, held=held):
+            case m.DriverResults(task_id=task_id, results=results, held=held, pack=pack):
                 driver = worker.driver
                 if driver is not None and driver.task_id == task_id:
-                    driver.finished += len(results) + len(held)
+                    packs = driver.packs
+                    driver.finished += sum(packs.pop(i, 1) for i, _ in results)
+                    driver.finished += sum(packs.pop(i, 1) for i, _, _ in held)
+                    if pack > 0:
+                        driver.pack = 1 << (min(pack, m.MAX_PACK).bit_length() - 1)
+                    driver.answered = True
                     self._slice_more(worker)
             case m.ReleaseTask(task_id=task_id):
                 if worker.task_id == task_id:
@@ -308,7 +318,7 @@ class Simulator:
         while worker.queue and worker.running is None and not self.hold:
             msg = worker.queue.popleft()
             seconds = (self.task_s if isinstance(msg, m.AssignTask)
-                       else self.unit_s * len(msg.units))
+                       else self.unit_s * sum(unit.count or 1 for unit in msg.units))
             if seconds > 0:
                 self._begin(worker, msg, seconds)
             else:
@@ -326,14 +336,17 @@ class Simulator:
             return  # released meanwhile
         digests = self.digests
         outcomes = []
+        ran = 0
         for unit in msg.units:
             digest = digests.get(unit.args)
             if digest is None:
                 digest = digests[unit.args] = m.unit_digest(unit)
-            outcomes.append(m.UnitOutcome(unit.index, True, _RESULT, digest=digest))
+            outcomes.append(m.UnitOutcome(unit.index, True, _RESULT * (unit.count or 1),
+                                          digest=digest, count=unit.count))
+            ran += unit.count or 1
         self._send(node, m.UnitsDone(msg.task_id, msg.run_id, outcomes,
-                                     seconds or NOOP_UNIT_S * len(outcomes)), worker.key)
-        self.counts["units"] += len(outcomes)
+                                     seconds or NOOP_UNIT_S * ran), worker.key)
+        self.counts["units"] += ran
         self.counts["runs"] += 1
 
     def _steal(self, worker: _Worker, task_id: str, run_id: int) -> None:
@@ -361,13 +374,24 @@ class Simulator:
         self.counts["tasks not given back"] += 1
 
     def _slice_more(self, worker: _Worker) -> None:
-        """As ``task_host.Runtime._slice_more``: batches of SLICE_BATCH, LOOKAHEAD ahead."""
+        """As ``task_host.Runtime._slice_more``: batches of SLICE_BATCH, LOOKAHEAD ahead (fewer
+        before the master first answers), in packs between multiples of the pack."""
         driver = worker.driver
         assert driver is not None
-        while not driver.exhausted and driver.sliced - driver.finished < LOOKAHEAD:
-            count = min(SLICE_BATCH, driver.n - driver.sliced)
-            units = [m.UnitCall(i, _RESULT) for i in range(driver.sliced, driver.sliced + count)]
-            driver.exhausted = count < SLICE_BATCH
+        limit = SLICE_BATCH if driver.answered else FIRST_LOOKAHEAD
+        ahead = max(LOOKAHEAD, PACKS_AHEAD * driver.pack) if driver.answered else FIRST_LOOKAHEAD
+        while not driver.exhausted and driver.sliced - driver.finished < ahead:
+            count = min(limit, driver.n - driver.sliced)
+            units, index, end, pack = [], driver.sliced, driver.sliced + count, driver.pack
+            while index < end:
+                size = min(pack - index % pack, end - index)
+                if size == 1:
+                    units.append(m.UnitCall(index, _RESULT))
+                else:  # (arguments about the size of a pickled list of small ints)
+                    units.append(m.UnitCall(index, _RESULT * size, count=size))
+                    driver.packs[index] = size
+                index += size
+            driver.exhausted = count < limit
             driver.sliced += count
             self._send(worker.node, m.UnitsSliced(driver.task_id, units, driver.exhausted),
                        worker.key)

@@ -468,7 +468,7 @@ def test_a_journal_another_process_holds_locked_loses_no_work(
     early) dropped the rest of them. The master serves on, says so, and once it can write again
     what it took meanwhile is journaled and acknowledged."""
     state = tmp_path / "state"
-    n = 30_000
+    n = 200_000  # their results (packed) several times RESULTS_BUFFERED
     with LocalCluster(workers=2, state_dir=str(state)) as cluster, Client(cluster) as client:
         assert client.submit(Add, 1, 1).result(timeout=30) == 2
         lock = sqlite3.connect(state / "master.sqlite", timeout=10, isolation_level=None)

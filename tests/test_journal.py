@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from actors.errors import JournalUnreadable, MasterSuperseded
-from actors.journal import Journal, TaskRow
+from actors.journal import ENTRY_BYTES, Journal, TaskRow
 
 
 def row(task_id: str, client: str = "client-1", seq: int = 0) -> TaskRow:
@@ -190,7 +190,7 @@ def test_a_tasks_unit_results_go_when_it_ends_from_memory_and_from_disk(tmp_path
     kept.record("p1", [(1, 2, b"b"), (2, 3, b"c")])
     kept.record("p1", [(3, 4, b"d")])
     kept.record("p1", [])
-    assert kept.results_buffered == 3
+    assert kept.results_buffered == 3 * (1 + ENTRY_BYTES)
     assert kept.lookup("p1", [0, 1]) == {0: (1, b"a"), 1: (2, b"b")}
     assert kept.lookup("p1", []) == {} and kept.lookup("p2", [0]) == {}
     kept.task_ended("p1", "client-1", b"end")

@@ -18,7 +18,7 @@ import pytest
 
 from actors import Client, LocalCluster, ParallelTask, Task
 from actors.errors import TaskCancelled
-from actors.task_host import SLICE_BATCH
+from actors.task_host import FIRST_LOOKAHEAD, SLICE_BATCH
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.processes
@@ -92,7 +92,7 @@ class Counts(Task):
 
 class SlicesSlowly(ParallelTask):
     """Declares nothing; its slicer waits at the gate after the first ``first`` units (the
-    driver sends units in batches of ``SLICE_BATCH``: ``first`` is one batch)."""
+    driver's first message holds ``FIRST_LOOKAHEAD`` units: ``first`` is that message)."""
 
     def get_work(self, n, first, gate):
         yield from range(first)
@@ -222,10 +222,11 @@ def test_a_parallel_task_that_declares_its_units_has_its_total_from_the_start(
         quiet: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     n = 2 * SLICE_BATCH + 1
-    fut = quiet.submit(Declared, n, SLICE_BATCH, str(gate))
+    fut = quiet.submit(Declared, n, FIRST_LOOKAHEAD, str(gate))
     seen: list[tuple[int, int | None]] = []
-    wait_until(lambda: sampled(fut, seen) and seen[-1][0] == SLICE_BATCH, 60, "the first batch")
-    assert fut.progress() == (SLICE_BATCH, n)  # the slicer waits: the declared total
+    wait_until(lambda: sampled(fut, seen) and seen[-1][0] == FIRST_LOOKAHEAD, 60,
+               "the first batch")
+    assert fut.progress() == (FIRST_LOOKAHEAD, n)  # the slicer waits: the declared total
     open_gate(gate)
     wait_until(lambda: sampled(fut, seen) and fut.done(), 60, "the task to end")
     assert fut.result(timeout=60) == sum(range(n))
@@ -239,9 +240,9 @@ def test_a_parallel_tasks_total_is_unknown_until_its_slicer_is_exhausted(
         quiet: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     n = 2 * SLICE_BATCH + 1
-    fut = quiet.submit(SlicesSlowly, n, SLICE_BATCH, str(gate))
-    wait_until(lambda: fut.progress()[0] == SLICE_BATCH, 60, "the first batch to finish")
-    assert fut.progress() == (SLICE_BATCH, None)  # more may come: the slicer is not done
+    fut = quiet.submit(SlicesSlowly, n, FIRST_LOOKAHEAD, str(gate))
+    wait_until(lambda: fut.progress()[0] == FIRST_LOOKAHEAD, 60, "the first batch to finish")
+    assert fut.progress() == (FIRST_LOOKAHEAD, None)  # more may come: the slicer is not done
     open_gate(gate)
     assert fut.result(timeout=60) == sum(range(n))
     assert fut.progress() == (n, n)

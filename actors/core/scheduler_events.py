@@ -288,6 +288,7 @@ class ForwardResults(Instruction, frozen=True):
     results: list[tuple[int, bytes]]
     held: list[tuple[int, str, str]] = msgspec.field(default_factory=list)  # index, worker, address
     sizes: dict[int, int] = msgspec.field(default_factory=dict)  # of the held results, where known
+    pack: int = 0  # plain units the driver packs from now on (0: unchanged)
 
 
 class RecordResults(Instruction, frozen=True):

@@ -187,11 +187,15 @@ from actors.core.scheduler_events import (
 from actors.core.undo import Undo
 from actors.core.unit_book import NO_UNITS, Opened, UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
-from actors.messages import UnitCall, UnitOutcome, unit_digest
+from actors.messages import MAX_PACK, UnitCall, UnitOutcome, unit_digest
 
 BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
 MAX_BATCH = 2048  # units of a run, however short (a run is still ~BATCH_SECONDS of work)
+# A driver packs plain units measured shorter than this much of work together (about this
+# much a pack, a power of two of them, MAX_PACK at most; UnitCall.count): the master, the
+# wire and the pickler then pay per pack, and a run still holds several packs.
+PACK_SECONDS = 0.001
 # Where a unit's inputs are held (see Locality): moving bytes between workers is assumed to
 # run at this rate (Dask's default estimate, conservative: two nodes on one host move ~400
 # MB/s here), inputs under LOCALITY_MIN_BYTES in all are not worth waiting for, and a unit
@@ -328,6 +332,20 @@ def _pack(value: object) -> bytes:
 
 def _unpack(blob: bytes) -> Any:
     return _Unpickler(io.BytesIO(blob)).load()
+
+
+def _pack_for(unit_seconds: float) -> int:
+    """The units to pack together (``UnitCall.count``) when one takes this long: a power of two
+    (packs keep their bounds while it moves a little), 1 for units of PACK_SECONDS or more."""
+    wanted = int(PACK_SECONDS / unit_seconds) if unit_seconds > 0 else MAX_PACK
+    return 1 << (min(max(wanted, 1), MAX_PACK).bit_length() - 1)
+
+
+def _raised_in(unit: UnitCall, outcome: UnitOutcome) -> int:
+    """The index of the unit that raised: of a pack, the one the worker names if it is in it."""
+    if unit.count and unit.index <= outcome.unit < unit.index + unit.count:
+        return outcome.unit
+    return unit.index
 
 
 def _drop_first(pending: deque[UnitCall], count: int) -> None:
@@ -611,6 +629,9 @@ class SchedulerState:
                         raise InvalidEvent(event, f"unit {unit.index} with dependencies "
                                                   f"{list(unit.deps)[:5]}: a unit depends only on "
                                                   "units sliced before it")
+                    if unit.count and (not 0 < unit.count <= MAX_PACK or unit.deps or unit.keep):
+                        raise InvalidEvent(event, f"a pack of {unit.count} units at {unit.index}: "
+                                                  f"1 to {MAX_PACK} plain units")
 
     def idle(self) -> bool:
         """Nothing running, nothing queued (a stale queue entry, not yet popped, counts as
@@ -921,9 +942,9 @@ class SchedulerState:
             return
         for unit in event.units:
             if task.units.is_journaled(unit.index) and unit.index not in task.units.open_units:
-                task.units.set_journaled(unit.index, False)
-                self._undo.call(task.units.set_journaled, unit.index, True)
-                self._undo.set(task.units, "done_count", task.units.done_count - 1)
+                cleared = task.units.unmark_range(unit.index, unit.count or 1)
+                self._undo.call(task.units.mark_journaled, cleared)
+                self._undo.set(task.units, "done_count", task.units.done_count - len(cleared))
                 self._note(task, f"unit {unit.index}", "memory", "queued",
                            "not replayed: its arguments changed or its result is gone", event.now)
                 opened: Opened = []
@@ -947,6 +968,8 @@ class SchedulerState:
         undo.call(setattr, units, "done_count", units.done_count)
         undo.call(units.open_units.update, closed)
         undo.call(in_flight.update, taken)
+        journaled: list[int] = []  # the units of ``record``, each unit of a pack
+        ran = 0  # units that ran (a pack counts its units)
         for outcome in event.outcomes:
             index = outcome.index
             if in_flight.get(index) != event.run_id:
@@ -955,13 +978,15 @@ class SchedulerState:
             if index not in units.open_units:
                 continue  # already recorded: the first result won
             if not outcome.ok:
-                self._note(task, f"unit {index}", "executing", "error", outcome.type_name, event.now)
+                raised = _raised_in(units.open_units[index], outcome)
+                self._note(task, f"unit {raised}", "executing", "error", outcome.type_name,
+                           event.now)
                 if self._retry(task, index, event.now):
                     self._queue_first(units, units.open_units[index])
                     continue
-                self._end(task, ERRED, f"unit {index} raised", event.now,
+                self._end(task, ERRED, f"unit {raised} raised", event.now,
                           keep_workers=self._keeps_workers(outcome))
-                self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(index)))
+                self._out.append(ReportErred(task.client_id, task.task_id, outcome, str(raised)))
                 return
             carried = index in units.carried
             if carried:
@@ -970,7 +995,8 @@ class SchedulerState:
                     self._queue_first(units, units.open_units[index])
                     continue
             unit = closed[index] = units.open_units.pop(index)
-            units.done_count += 1
+            ran += unit.count or 1
+            units.done_count += unit.count or 1
             if outcome.held:
                 if index not in units.kept:  # a plain unit's result too large to go inline
                     undo.put(units.kept, index, unit)
@@ -983,8 +1009,16 @@ class SchedulerState:
                     forward.append((index, outcome.value))
                 # The worker's digest spares the master a CRC per unit (see UnitOutcome.digest).
                 record.append((index, outcome.digest or unit_digest(unit), outcome.value))
-        if record:
-            marked.extend(units.mark_journaled([index for index, _, _ in record]))
+                if unit.count:
+                    journaled += range(index, index + unit.count)
+                else:
+                    journaled.append(index)
+        if journaled:
+            newly = units.mark_journaled(journaled)
+            marked.extend(newly)
+            # (a pack whose units' results were journaled one by one, before its driver ran
+            # again and packed them: counted once)
+            units.done_count -= len(journaled) - len(newly)
         # Units the worker did not get to (it stops a batch at a failure) go back.
         self._requeue_runs(task, worker, {event.run_id})
         if event.outcomes and event.elapsed > 0:
@@ -992,11 +1026,19 @@ class SchedulerState:
             previous = units.unit_seconds
             undo.set(units, "unit_seconds",
                      per_unit if previous is None else 0.7 * previous + 0.3 * per_unit)
-        if (forward or held) and task.driver is not None:
+        pack = _pack_for(event.elapsed / ran) if ran and event.elapsed > 0 else units.pack
+        if pack == units.pack:
+            pack = 0  # (said already)
+        else:
+            undo.set(units, "pack", pack)
+            self._note(task, "units", "queued", "queued",
+                       f"{pack} a pack from now on ({event.elapsed / ran * 1e6:.1f} us a unit)",
+                       event.now)
+        if (forward or held or pack) and task.driver is not None:
             driver = self.workers[task.driver]
             sizes = {i: units.sizes[i] for i, _, _ in held if i in units.sizes}
             self._out.append(ForwardResults(driver.node_id, driver.worker_id, task.task_id,
-                                            forward, held, sizes))
+                                            forward, held, sizes, pack))
         if record:
             self._out.append(RecordResults(task.task_id, record))
 
@@ -1089,7 +1131,7 @@ class SchedulerState:
             return
         self._note(task, f"unit {index}", "memory", "queued", cause, now)
         undo.put(units.open_units, index, unit)
-        undo.set(units, "done_count", units.done_count - 1)
+        undo.set(units, "done_count", units.done_count - (unit.count or 1))
         for dep in unit.deps:
             if dep not in units.held and dep not in units.open_units:
                 self._reopen(task, dep, f"needed again by unit {index}", now)
@@ -1882,7 +1924,7 @@ class SchedulerState:
     def _report_progress_of(self, task: TaskRecord) -> None:
         if task.units.done_count != task.units.reported_done:
             self._undo.set(task.units, "reported_done", task.units.done_count)
-            total = task.units.done_count + len(task.units.open_units)
+            total = task.units.done_count + task.units.open_count()
             self._out.append(
                 ReportProgress(task.client_id, task.task_id, task.units.done_count, total, task.units.sliced_all)
             )

@@ -67,6 +67,7 @@ class UnitBook:
     # so it gets their results by replay once it does, not forwarded before.
     carried: set[int] = field(default_factory=set)
     reported_done: int = -1  # done_count when progress was last reported
+    pack: int = 1  # plain units the driver was last told to pack together (UnitCall.count)
 
     def open(self, unit: UnitCall, opened: Opened | None = None) -> None:
         """A unit sliced (or re-sliced and not replayed): queued, or blocked on its inputs.
@@ -169,6 +170,15 @@ class UnitBook:
                 marked.append(index)
         self.journaled_count += len(marked)
         return marked
+
+    def open_count(self) -> int:
+        """The open units, each unit of an open pack counted."""
+        return len(self.open_units) + sum(unit.count - 1 for unit in self.open_units.values()
+                                          if unit.count)
+
+    def unmark_range(self, first: int, count: int) -> list[int]:
+        """Unmark the units ``first`` .. ``first + count - 1`` (a pack's); those that were marked."""
+        return [index for index in range(first, first + count) if self.set_journaled(index, False)]
 
     def _grow_journaled(self, byte: int) -> None:
         """Room in the bitmap up to ``byte``, and half as much again (it grows with the task)."""
