@@ -359,9 +359,11 @@ class Master(HubShell):
                 if self.deferred and self.actor_inbox.empty() and not self.superseded:
                     self._apply(ev.Tick(self.now))  # the pass the burst's events left owed
             case list():  # the messages of one batched frame (main's on_batch): one hand-off
+                flush_held = self.hub.flush_held
                 for done, inbound in enumerate(message, 1):
                     self.batch_left = len(message) - done  # (waiting, as a mailbox's: _apply)
                     self.receive_guarded(self._heard, inbound)
+                    flush_held()  # what this batch had to send waits for no more of it
                 self.batch_left = 0
                 if self.deferred and self.actor_inbox.empty() and not self.superseded:
                     self._apply(ev.Tick(self.now))

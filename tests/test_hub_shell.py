@@ -6,9 +6,11 @@ answered, a crash stops only that actor, a stopped actor leaves the loop)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pykka
 import pytest
 import zmq
@@ -16,6 +18,7 @@ import zmq
 from actors.shell import HubShell
 from tests.conftest import wait_until
 from transport import Hub
+from transport.hub import BATCH
 
 DEADLINE_S = 10.0
 
@@ -53,6 +56,15 @@ class Echo(HubShell):
                 return self.told
             case ("boom",):
                 raise KeyboardInterrupt  # not an Exception: pykka stops the actor
+            case ("long", seconds):
+                # One long turn (a master taking in a burst): what it sent at its start must
+                # not wait for its end.
+                assert self.outbox is not None
+                self.outbox.send("out", [b"early"])
+                ends = time.monotonic() + seconds
+                while time.monotonic() < ends:
+                    self.hub.flush_held()
+                self.outbox.send("out", [b"late"])
         return None
 
     def on_stop(self) -> None:
@@ -181,3 +193,71 @@ def test_an_actor_cannot_be_hosted_by_a_hub_that_has_not_started() -> None:
         Echo.start(hub)
     assert not pykka.ActorRegistry.get_by_class(Echo)  # nothing left for stop_all to wait on
     hub.stop()
+
+
+def test_what_a_long_turn_sent_leaves_before_the_turn_ends(
+        wired: tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]) -> None:
+    peer, hub, refs = wired
+    ref = Echo.start(hub)
+    refs.append(ref)
+    _send_once_connected(peer, b"hello")
+    assert peer.recv_multipart() == [b"hosted", b"echo:hello"]
+    ref.tell(("long", 1.0))
+    started = time.monotonic()
+    assert peer.poll(int(DEADLINE_S * 1000))
+    assert peer.recv_multipart() == [b"hosted", b"early"]
+    assert time.monotonic() - started < 0.5  # held for the whole turn, it came after 1 s
+    assert peer.recv_multipart() == [b"hosted", b"late"]
+
+
+def test_a_burst_on_one_socket_does_not_hold_another_sockets_message_behind_it(
+        raw_router: tuple[zmq.Socket[bytes], str]) -> None:
+    """50 batches of 1,000 on one socket, then one message on another, all waiting as the hub
+    comes to read: taken a few batches a turn, the lone message is handed on long before the
+    burst's end (read whole, it came after all 50,000)."""
+    peer, address = raw_router
+    order: list[bytes] = []
+    done = threading.Event()
+
+    def on_frames(socket: str, frames: list[bytes]) -> None:
+        order.append(frames[-1] if socket == "quiet" or frames[-1] == b"last" else b"m")
+        if frames[-1] == b"last":
+            done.set()
+
+    hub = Hub(on_frames)
+    hub.add_dealer("out", address, identity=b"hosted")
+    hub.add_dealer("quiet", address, identity=b"quiet")
+    hub.start()
+    release, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the hub thread, busy while the burst comes in
+        holding.set()
+        release.wait(DEADLINE_S)
+
+    try:
+        _send_once_connected(peer, b"hello")
+        wait_until(lambda: _sent(peer, b"quiet", b"hello"), DEADLINE_S, "the second dealer")
+        wait_until(lambda: len(order) == 2, DEADLINE_S, "both dealers to be heard")
+        order.clear()
+        hub.host(hold)
+        assert holding.wait(DEADLINE_S)
+        batch = BATCH + msgspec.msgpack.encode([([], b"m")] * 1000)
+        for _ in range(50):
+            peer.send_multipart([b"hosted", batch])
+        peer.send_multipart([b"quiet", b"lone"])
+        peer.send_multipart([b"hosted", b"last"])
+        release.set()
+        assert done.wait(DEADLINE_S)
+        assert len(order) == 50_002 and order[-1] == b"last"
+        assert order.index(b"lone") < 40_000
+    finally:
+        release.set()
+        hub.stop()
+
+
+def _sent(peer: zmq.Socket[bytes], identity: bytes, body: bytes) -> bool:
+    try:
+        peer.send_multipart([identity, body])
+        return True
+    except zmq.ZMQError:
+        return False

@@ -33,7 +33,11 @@ received is handed to ``on_frames`` message by message, as if each had come
 alone. Under load a turn holds many messages (a master answering a burst of
 results, a client submitting in a loop), and a ZeroMQ message costs a fixed
 amount per frame and a wake-up of every thread on its way, whatever its size;
-a lone message goes out as it is, so nothing waits for a batch to fill.
+a lone message goes out as it is, so nothing waits for a batch to fill. Nor
+for a long turn to end: what waited ``_HOLD_S`` leaves with the next message
+deferred, or when a hosted actor between two messages of a batch says so
+(``flush_held``: a master taking in a burst of 20,000 submissions in one turn
+held the first tasks' assignments for the 200 ms of it, its workers idle).
 
 Bulk data. On a socket opened with ``views`` (the ones results travel through: a worker's link
 to its node, the node's data plane and result store, a client fetching a result) a frame of
@@ -109,6 +113,11 @@ _ADMIT_DOMAIN = "admit:"  # + the socket's name: the ZAP domain of a socket with
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 # (a monitored dealer pings its server alike, so a node notices a cut link as its master does)
 _TURN_ITEMS = 10_000  # outgoing messages taken per turn, so receiving is never starved
+_HOLD_S = 0.001  # the longest a deferred message waits for its turn's end (see "Batching")
+# Messages read from one socket in one turn (a batch's each count): a burst on one socket (a
+# client's 20,000 submissions) is taken a few batches a turn, and what other sockets bring
+# meanwhile (the workers' results) is handled between them, not behind the whole burst.
+_READ_ITEMS = 2_000
 # (route frames after the peer's, last frame) of the messages waiting for the end of a turn
 _Pending = list[tuple[list[bytes], bytes]]
 # Events a dealer's owner is told about, by zmq event number.
@@ -251,6 +260,7 @@ class Hub:
         # (socket, peer) -> messages to send at the end of this turn of the loop, in order
         self._pending: dict[tuple[bytes, bytes], _Pending] = {}
         self._pending_bytes: dict[tuple[bytes, bytes], int] = {}
+        self._pending_since = 0.0  # when the oldest of them was deferred (time.monotonic)
         # What actors handed over, in order (see Outbox.send), and whether a wake-up is due.
         self._outgoing: deque[tuple[bytes, list[bytes]]] = deque()
         self._wake_pending = False
@@ -656,6 +666,11 @@ class Hub:
             key, route = (name, b""), frames[:-1]
         body = frames[-1]
         size = len(body) if len(route) < 2 else len(body) + sum(map(len, route))
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        elif time.monotonic() - self._pending_since >= _HOLD_S:
+            self._flush()  # a long turn: what waited goes now, this one in the next batch
+            self._pending_since = time.monotonic()
         items = self._pending.get(key)
         if items is None:
             self._pending[key] = [(route, body)]
@@ -665,6 +680,12 @@ class Hub:
             self._pending_bytes[key] += size
             if len(items) >= _BATCH_ITEMS or self._pending_bytes[key] >= _BATCH_BYTES:
                 self._send_pending(key, self._pending.pop(key))
+
+    def flush_held(self) -> None:
+        """On the hub thread, in a long turn (a hosted actor's batch of messages): send what
+        waited ``_HOLD_S`` or more for the turn's end."""
+        if self._pending and time.monotonic() - self._pending_since >= _HOLD_S:
+            self._flush()
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
@@ -714,10 +735,11 @@ class Hub:
         keyed = name.encode() in self._keyed
         views = name.encode() in self._views
         fds = self._peer_fds.get(name)
+        budget = _READ_ITEMS
         for n in range(1_000):
             # Ask before receiving (raising and catching zmq.Again is costly on a busy master),
             # but the first: the poll said it is there.
-            if n and not _readable(sock):
+            if n and (budget <= 0 or not _readable(sock)):
                 return
             # Part by part, each a zmq.Frame: cheaper than recv_multipart even when every part
             # is copied out (it asks the socket for RCVMORE after each), and a large part can
@@ -740,11 +762,13 @@ class Hub:
                     if fds.get(fd) != frames[1]:
                         fds[fd] = frames[1]
             if frames[-1][:1] == BATCH:
-                self._unbatch(name, frames)
+                budget -= self._unbatch(name, frames)
             else:
+                budget -= 1
                 self._guarded(self._on_frames, name, frames)
 
-    def _unbatch(self, name: str, frames: list[bytes]) -> None:
+    def _unbatch(self, name: str, frames: list[bytes]) -> int:
+        """Hand on a batch's messages; how many there were."""
         try:
             messages = unbatch(frames)
         except msgspec.MsgspecError as exc:
@@ -752,12 +776,13 @@ class Hub:
             if self._malformed & (self._malformed - 1) == 0:
                 log.warning("malformed_batch", socket=name, error=str(exc), size=len(frames[-1]),
                             refused=self._malformed)
-            return
+            return 1
         if self._on_batch is not None:
             self._guarded(self._on_batch, name, messages)
-            return
+            return len(messages)
         for message in messages:
             self._guarded(self._on_frames, name, message)
+        return len(messages)
 
     def _monitor_event(self, name: str, monitor: zmq.Socket[bytes]) -> None:
         fds = self._peer_fds.get(name)
