@@ -258,3 +258,27 @@ def test_a_task_of_tiny_units_is_packed_and_reduces_every_result_in_order() -> N
         with pytest.raises(ValueError, match="unit argument 90013") as raised:
             failing.result(timeout=120)
         assert "unit 90013" in str(raised.value)  # the remote traceback's unit, not its pack's
+
+
+def test_a_driver_whose_first_units_are_all_out_is_told_to_go_on_while_a_worker_has_none() -> None:
+    """Before a unit is measured, a worker gets one; the driver slices its first few only
+    (FIRST_LOOKAHEAD) until it hears from the master. More workers than those: the driver is
+    told to go on at once, not after the first unit's whole run."""
+    h = Harness()
+    h(ev.NodeJoined, "n1")
+    for worker in ("w1", "w2", "w3"):
+        h(ev.WorkerReady, "n1", worker)
+    submit(h)
+    driver = h.state.tasks["t1"].driver
+    out = h(ev.UnitsSliced, driver, "t1", [UnitCall(0, b"a"), UnitCall(1, b"b")], False)
+    assert sum(len(i.units) for i in out if isinstance(i, ev.Dispatch)) == 2
+    [go_on] = [i for i in out if isinstance(i, ev.ForwardResults)]
+    assert (go_on.worker_id, go_on.results, go_on.pack) == (driver, [], 0)
+    # Said once: more units while a worker still has none do not say it again.
+    out = h(ev.UnitsSliced, driver, "t1", [UnitCall(2, b"c")], False)
+    assert [i for i in out if isinstance(i, ev.ForwardResults)] == []
+
+
+def test_a_driver_is_not_told_to_go_on_while_every_worker_has_a_unit(s: Harness) -> None:
+    out = s(ev.UnitsSliced, "w1", "t1", [UnitCall(0, b"a")], False)
+    assert [i for i in out if isinstance(i, ev.ForwardResults)] == []

@@ -1036,6 +1036,8 @@ class SchedulerState:
                        event.now)
         if (forward or held or pack) and task.driver is not None:
             driver = self.workers[task.driver]
+            if not units.answered:
+                undo.set(units, "answered", True)
             sizes = {i: units.sizes[i] for i, _, _ in held if i in units.sizes}
             self._out.append(ForwardResults(driver.node_id, driver.worker_id, task.task_id,
                                             forward, held, sizes, pack))
@@ -1504,6 +1506,7 @@ class SchedulerState:
             # instance on its workers (computed again).
             undo.set(task.units, "done_count", task.units.journaled_count)
             undo.set(task.units, "sliced_all", False)
+            undo.set(task.units, "answered", False)  # a new driver: its first few again
 
     def _keeps_workers(self, outcome: UnitOutcome) -> bool:
         """Whether the workers of a task that failed with ``outcome`` may serve on, warm."""
@@ -1820,6 +1823,23 @@ class SchedulerState:
         if deferred:
             pending.extendleft(reversed(deferred))
             undo.call(_drop_first, pending, len(deferred))
+        if not pending and not task.units.answered:
+            self._urge_driver(task, workers)
+
+    def _urge_driver(self, task: TaskRecord, workers: Collection[str]) -> None:
+        """Every unit the driver sliced before it heard from the master is out, and a worker of
+        the task has none, or one that could join it is idle: the driver is told to go on (a
+        ForwardResults of nothing), so that a task of long units on more workers than its first
+        few has one for each at once, not after the first unit's whole run."""
+        if task.units.sliced_all or task.driver is None:
+            return
+        records = self.workers
+        if (all(records[w].in_flight for w in workers if w in records)
+                and self._idle_worker_for(task.warm_key) is None):
+            return
+        driver = records[task.driver]
+        self._undo.set(task.units, "answered", True)
+        self._out.append(ForwardResults(driver.node_id, driver.worker_id, task.task_id, []))
 
     def _nearest(self, task: TaskRecord, unit: UnitCall, worker: WorkerRecord,
                  workers: Collection[str], depth: int, per_unit: float) -> WorkerRecord | None:

@@ -68,6 +68,9 @@ class UnitBook:
     carried: set[int] = field(default_factory=set)
     reported_done: int = -1  # done_count when progress was last reported
     pack: int = 1  # plain units the driver was last told to pack together (UnitCall.count)
+    # The driver heard from the master about its units (results, or "go on"): until then it
+    # slices only its first few (task_host.FIRST_LOOKAHEAD).
+    answered: bool = False
 
     def open(self, unit: UnitCall, opened: Opened | None = None) -> None:
         """A unit sliced (or re-sliced and not replayed): queued, or blocked on its inputs.
