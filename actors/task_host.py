@@ -60,6 +60,9 @@ PACKS_AHEAD = 64
 #: Units a driver slices before the master first answers: until one of them is measured the
 #: master sends one a worker, and then it may say to pack the rest (so few go one by one).
 FIRST_LOOKAHEAD = 256
+#: A pack holds no more units than make about this many bytes of arguments, at the mean size
+#: so far: tiny units with large arguments go in packs the master and the wire take easily.
+PACK_BYTES = 256 << 10
 # Held while a plain Task's work is claimed, by the executor as it begins it or by the worker's
 # mailbox as it gives it back (``Runtime.withdraw``): exactly one of them has it.
 _CLAIMS = threading.Lock()
@@ -233,7 +236,7 @@ class Runtime:
         while not self.exhausted and self.sliced - self._finished < self._lookahead():
             assert self.slicer is not None
             batch: list[m.UnitCall] = []
-            size, full, taken, pack = 0, False, 0, self.pack
+            size, full, taken, pack = 0, False, 0, self._pack_size()
             limit = SLICE_BATCH if self.answered else FIRST_LOOKAHEAD
             plain: list[Any] = []  # the arguments of the pack being filled
             task_output.enter(self.task.task_id, "get_work")
@@ -307,6 +310,13 @@ class Runtime:
         if not self.sliced_bytes:
             return ahead
         return max(1, min(ahead, LOOKAHEAD_BYTES * self.sliced // self.sliced_bytes))
+
+    def _pack_size(self) -> int:
+        """The master's word (``pack``), fewer where arguments are large: a power of two."""
+        if self.pack == 1 or not self.sliced_bytes:
+            return self.pack
+        fit = max(1, PACK_BYTES * self.sliced // self.sliced_bytes)
+        return min(self.pack, 1 << (fit.bit_length() - 1))
 
     def _pack_call(self, plain: list[Any], first: int) -> m.UnitCall:
         if len(plain) == 1:

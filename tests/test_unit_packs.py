@@ -20,7 +20,14 @@ from actors.core.scheduler_state import PACK_SECONDS
 from actors.errors import InvalidEvent
 from actors.messages import MAX_PACK, UnitCall, UnitOutcome
 from actors.serialize import dumps, loads
-from actors.task_host import Begin, Finished, Runtime, UnitResults, begin_instance
+from actors.task_host import (
+    PACK_BYTES,
+    Begin,
+    Finished,
+    Runtime,
+    UnitResults,
+    begin_instance,
+)
 from actors.unit_runner import Ran, _execute_run
 from tests.test_scheduler_state import Harness, submit
 
@@ -81,6 +88,16 @@ def test_the_driver_is_told_the_pack_its_measured_units_want(
                 [UnitOutcome(u.index, True, b"r") for u in run.units],
                 len(run.units) * seconds_a_unit)
         assert [i.pack for i in out if isinstance(i, ev.ForwardResults)] == [0]
+
+
+def test_a_pack_holds_no_more_units_than_keep_its_results_inline(s: Harness) -> None:
+    out = s(ev.UnitsSliced, "w1", "t1", [UnitCall(i, b"a") for i in range(4)], False)
+    [run] = [i for i in out if isinstance(i, ev.Dispatch)]
+    out = s(ev.UnitsFinished, "w1", "t1", run.run_id,
+            [UnitOutcome(u.index, True, b"x" * 4000) for u in run.units], 4e-6)
+    # 1 us a unit would make 512 a pack; 4,000 bytes a result, 2 MB of results: 64 stay inline.
+    assert [i.pack for i in out if isinstance(i, ev.ForwardResults)] == [64]
+    assert 64 * 4000 <= m.INLINE_RESULT_BYTES < 128 * 4000
 
 
 @pytest.mark.parametrize("bad", [
@@ -163,6 +180,24 @@ def test_a_driver_told_to_pack_packs_plain_units_between_multiples_of_the_pack()
     # Every unit sliced once, in order.
     covered = [k for u in calls(sent) for k in range(u.index, u.index + max(u.count, 1))]
     assert covered == list(range(len(covered)))
+
+
+class Wide(Squares):
+    def get_work(self, n: int, every: int = 0) -> Any:
+        for _ in range(n):
+            yield bytes(10_000)  # tiny to run, large to send
+
+
+def test_a_driver_packs_units_with_large_arguments_in_fewer_a_pack() -> None:
+    sent: list[Any] = []
+    runtime = begin_instance(Wide(), Begin("t1", (40_000,), {}, True, sent.append,
+                                           sent.append), sent.append)
+    first = calls(sent)
+    runtime.handle(UnitResults([(u.index, dumps(0)) for u in first], pack=512))
+    packed = [u for u in calls(sent)[len(first):] if u.count]
+    # 256 KiB of arguments a pack at the most (PACK_BYTES): 16 of 10 kB, not 512.
+    assert packed and max(u.count for u in packed) == 16  # (fewer where a message began)
+    assert max(len(u.args) for u in packed) <= PACK_BYTES
 
 
 def test_reduce_gets_the_units_of_packs_in_order_and_a_short_pack_fails_the_task() -> None:

@@ -187,7 +187,7 @@ from actors.core.scheduler_events import (
 from actors.core.undo import Undo
 from actors.core.unit_book import NO_UNITS, Opened, UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
-from actors.messages import MAX_PACK, UnitCall, UnitOutcome, unit_digest
+from actors.messages import INLINE_RESULT_BYTES, MAX_PACK, UnitCall, UnitOutcome, unit_digest
 
 BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
@@ -334,10 +334,14 @@ def _unpack(blob: bytes) -> Any:
     return _Unpickler(io.BytesIO(blob)).load()
 
 
-def _pack_for(unit_seconds: float) -> int:
-    """The units to pack together (``UnitCall.count``) when one takes this long: a power of two
-    (packs keep their bounds while it moves a little), 1 for units of PACK_SECONDS or more."""
+def _pack_for(unit_seconds: float, result_bytes: float = 0.0) -> int:
+    """The units to pack together (``UnitCall.count``) when one takes this long and returns this
+    many bytes: a power of two (packs keep their bounds while it moves a little), 1 for units
+    of PACK_SECONDS or more, and no more than keep a pack's results inline (a larger result
+    stays on its worker, for the driver to gather)."""
     wanted = int(PACK_SECONDS / unit_seconds) if unit_seconds > 0 else MAX_PACK
+    if result_bytes > 0:
+        wanted = min(wanted, int(INLINE_RESULT_BYTES / result_bytes))
     return 1 << (min(max(wanted, 1), MAX_PACK).bit_length() - 1)
 
 
@@ -969,7 +973,7 @@ class SchedulerState:
         undo.call(units.open_units.update, closed)
         undo.call(in_flight.update, taken)
         journaled: list[int] = []  # the units of ``record``, each unit of a pack
-        ran = 0  # units that ran (a pack counts its units)
+        ran = result_bytes = 0  # units that ran (a pack counts its units), their results' bytes
         for outcome in event.outcomes:
             index = outcome.index
             if in_flight.get(index) != event.run_id:
@@ -996,6 +1000,7 @@ class SchedulerState:
                     continue
             unit = closed[index] = units.open_units.pop(index)
             ran += unit.count or 1
+            result_bytes += outcome.size if outcome.held else len(outcome.value)
             units.done_count += unit.count or 1
             if outcome.held:
                 if index not in units.kept:  # a plain unit's result too large to go inline
@@ -1026,7 +1031,8 @@ class SchedulerState:
             previous = units.unit_seconds
             undo.set(units, "unit_seconds",
                      per_unit if previous is None else 0.7 * previous + 0.3 * per_unit)
-        pack = _pack_for(event.elapsed / ran) if ran and event.elapsed > 0 else units.pack
+        pack = (_pack_for(event.elapsed / ran, result_bytes / ran) if ran and event.elapsed > 0
+                else units.pack)
         if pack == units.pack:
             pack = 0  # (said already)
         else:
