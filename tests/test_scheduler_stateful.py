@@ -95,6 +95,7 @@ def snapshot(state: SchedulerState) -> dict[str, object]:
 class SchedulerMachine(RuleBasedStateMachine):
     faults = False  # plant a fault in every event first (FaultyScheduler)
     plain = False  # every unit plain (no keep, no dependencies): a slicer's usual batches
+    packed = False  # plain, and sliced in packs of 4 (UnitCall.count) between multiples of 4
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,10 +130,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 case ev.Dispatch():
                     self.runs.setdefault(ins.worker_id, []).append(ins)
                 case ev.ForwardResults():
-                    self.recorded.setdefault(ins.task_id, []).extend(i for i, _ in ins.results)
+                    self.recorded.setdefault(ins.task_id, []).extend(
+                        self.units_of(ins.task_id, [i for i, _ in ins.results]))
                     self.held.setdefault(ins.task_id, set()).update(i for i, _, _ in ins.held)
                 case ev.RecordResults():
-                    self.journaled.setdefault(ins.task_id, []).extend(i for i, _, _ in ins.results)
+                    self.journaled.setdefault(ins.task_id, []).extend(
+                        self.units_of(ins.task_id, [i for i, _, _ in ins.results]))
                 case ev.ReplayResults():
                     self.replays.append(ins)
                 case ev.Steal():
@@ -281,10 +284,32 @@ class SchedulerMachine(RuleBasedStateMachine):
         if self.state.tasks[task_id].kind != "parallel" or self.state.tasks[task_id].units.sliced_all:
             return
         count = data.draw(st.integers(0, total - start))
+        if self.packed and start + count != total:
+            count -= (start + count) % 4  # (a pack is never cut: its bounds are its index's)
         self.sliced[task_id] = start + count
-        units = [unit_call(i, self.plain) for i in range(start, start + count)]
+        units = self.calls(task_id, start, start + count)
         self.feed(ev.UnitsSliced(self.now, driver, task_id, units, start + count == total))
         self.flush()
+
+    def calls(self, task_id: str, start: int, end: int) -> list[UnitCall]:
+        """Units ``start`` .. ``end - 1`` as the driver slices them (in packs, if ``packed``)."""
+        if not self.packed:
+            return [unit_call(i, self.plain) for i in range(start, end)]
+        units = []
+        index = start
+        while index < end:
+            count = min(4 - index % 4, end - index)
+            units.append(UnitCall(index, b"") if count == 1 else
+                         UnitCall(index, b"", count=count))
+            index += count
+        return units
+
+    def units_of(self, task_id: str, indices: list[int]) -> list[int]:
+        """The units these results are of: a pack's each (packs lie between multiples of 4)."""
+        if not self.packed:
+            return indices
+        total = self.units[task_id]
+        return [u for i in indices for u in range(i, min(i + 4 - i % 4, total))]
 
     @precondition(lambda self: any(self.runs.values()))
     @rule(data=st.data(), fail=st.integers(0, 30), seconds=st.sampled_from([0.001, 0.5]),
@@ -384,7 +409,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             first = units.pop(0)
             self.rerun.setdefault(replay.task_id, set()).add(first.index)
             self.feed(ev.UnitsNotReplayed(self.now, replay.worker_id, replay.task_id, [first]))
-        self.recorded.setdefault(replay.task_id, []).extend(u.index for u in units)
+        self.recorded.setdefault(replay.task_id, []).extend(
+            k for u in units for k in range(u.index, u.index + max(u.count, 1)))
         self.flush()
 
     @rule(client=st.sampled_from(["a", "b"]))
@@ -483,7 +509,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             for driver, task_id in self.busy_drivers():
                 task = self.state.tasks[task_id]
                 if task.kind == "parallel" and not task.units.sliced_all:
-                    units = [unit_call(i, self.plain) for i in range(self.sliced[task_id], self.units[task_id])]
+                    units = self.calls(task_id, self.sliced[task_id], self.units[task_id])
                     self.sliced[task_id] = self.units[task_id]
                     self.feed(ev.UnitsSliced(self.now, driver, task_id, units, True))
             while self.steals:
@@ -535,7 +561,7 @@ def outcome(unit: UnitCall, succeeded: bool) -> UnitOutcome:
     if succeeded and unit.keep:
         # Every other kept result is large: its dependent waits for a busy holder or moves it.
         return UnitOutcome(unit.index, True, b"", held=True, size=(unit.index % 2) * 80_000_000)
-    return UnitOutcome(unit.index, succeeded, b"r")
+    return UnitOutcome(unit.index, succeeded, b"r", count=unit.count)
 
 
 SchedulerMachine.TestCase.settings = settings(max_examples=examples(200), stateful_step_count=40,
@@ -568,3 +594,12 @@ class FaultyPlainUnitsScheduler(SchedulerMachine):
 FaultyPlainUnitsScheduler.TestCase.settings = settings(max_examples=examples(60), stateful_step_count=25,
                                                        deadline=None)
 test_a_fault_anywhere_with_plain_units_changes_nothing = FaultyPlainUnitsScheduler.TestCase
+
+
+class PackedUnitsScheduler(SchedulerMachine):
+    plain = packed = True
+
+
+PackedUnitsScheduler.TestCase.settings = settings(max_examples=examples(100),
+                                                  stateful_step_count=40, deadline=None)
+test_packed_units_under_random_events = PackedUnitsScheduler.TestCase
