@@ -341,6 +341,7 @@ class Runtime:
     def _call_reduce(self) -> Finished:
         task = self.task
         assert isinstance(task, ParallelTask)
+
         def reduce() -> Any:
             # (results that do not load, a pack's that are not its list: the task fails)
             ordered = self._ordered_results()

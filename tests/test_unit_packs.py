@@ -317,3 +317,28 @@ def test_a_driver_whose_first_units_are_all_out_is_told_to_go_on_while_a_worker_
 def test_a_driver_is_not_told_to_go_on_while_every_worker_has_a_unit(s: Harness) -> None:
     out = s(ev.UnitsSliced, "w1", "t1", [UnitCall(0, b"a")], False)
     assert [i for i in out if isinstance(i, ev.ForwardResults)] == []
+
+
+def test_a_new_driver_is_told_the_pack_again() -> None:
+    """The pack is said when it changes; a driver that replaces a lost one knows none yet."""
+    h = Harness()
+    h(ev.NodeJoined, "n1")
+    h(ev.WorkerReady, "n1", "w1")
+    submit(h)
+
+    def measured(driver: str, start: int) -> list[int]:
+        out = h(ev.UnitsSliced, driver, "t1", [UnitCall(i, b"a") for i in range(start, start + 4)],
+                False)
+        runs = [i for i in out if isinstance(i, ev.Dispatch)]
+        told = []
+        for run in runs:
+            out = h(ev.UnitsFinished, run.worker_id, "t1", run.run_id,
+                    [UnitOutcome(u.index, True, b"r") for u in run.units], 1e-6 * len(run.units))
+            told += [i.pack for i in out if isinstance(i, ev.ForwardResults) and i.pack]
+        return told
+
+    assert measured("w1", 0) == [MAX_PACK]
+    h(ev.WorkerLost, "w1", "SIGKILL", False)
+    h(ev.WorkerReady, "n1", "w2")
+    assert h.state.tasks["t1"].driver == "w2"
+    assert measured("w2", 0) == [MAX_PACK]

@@ -1512,7 +1512,9 @@ class SchedulerState:
             # instance on its workers (computed again).
             undo.set(task.units, "done_count", task.units.journaled_count)
             undo.set(task.units, "sliced_all", False)
-            undo.set(task.units, "answered", False)  # a new driver: its first few again
+            # A new driver: its first few units again, and told the pack afresh.
+            undo.set(task.units, "answered", False)
+            undo.set(task.units, "pack", 1)
 
     def _keeps_workers(self, outcome: UnitOutcome) -> bool:
         """Whether the workers of a task that failed with ``outcome`` may serve on, warm."""
