@@ -52,6 +52,7 @@ def test_a_pack_is_one_unit_to_the_scheduler_and_its_units_to_progress_and_journ
     out = s(ev.UnitsSliced, "w1", "t1", [pack(0, 8), pack(8, 8), UnitCall(16, b"a")], True)
     [run] = [i for i in out if isinstance(i, ev.Dispatch)]
     assert [(u.index, u.count) for u in run.units] == [(0, 8), (8, 8), (16, 0)]
+    assert s.state.tasks["t1"].units.open_count() == 17  # each unit of the open packs
     out = s(ev.UnitsFinished, "w1", "t1", run.run_id,
             [UnitOutcome(0, True, b"r0", count=8), UnitOutcome(8, True, b"r8", count=8)], 1.0)
     [record] = [i for i in out if isinstance(i, ev.RecordResults)]
