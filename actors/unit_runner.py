@@ -458,11 +458,16 @@ def _execute_run(instance: Any, key: str, units: tuple[m.UnitCall, ...], task_id
             index = unit.index
             try:
                 if unit.count:  # a pack: its arguments one list, its results one list
-                    value = []
+                    value, stopped = [], False
                     for arg in loads(unit.args):
+                        if stop is not None and stop.is_set():
+                            stopped = True  # cancelled: the pack stops between two units
+                            break
                         task_output.at_unit(index)
                         value.append(work_unit(arg))
                         index += 1
+                    if stopped:
+                        break  # (the run's key is forgotten: nothing to report of it)
                     index = unit.index
                 elif unit.deps:
                     value = work_unit(loads(unit.args),

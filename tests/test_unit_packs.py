@@ -20,6 +20,7 @@ from actors.core.scheduler_state import PACK_SECONDS
 from actors.errors import InvalidEvent
 from actors.messages import MAX_PACK, UnitCall, UnitOutcome
 from actors.serialize import dumps, loads
+from actors.task import StopFlag
 from actors.task_host import (
     PACK_BYTES,
     Begin,
@@ -343,3 +344,27 @@ def test_a_new_driver_is_told_the_pack_again() -> None:
     h(ev.WorkerReady, "n1", "w2")
     assert h.state.tasks["t1"].driver == "w2"
     assert measured("w2", 0) == [MAX_PACK]
+
+
+class StopsItself(Squares):
+    def work_unit(self, i: int) -> int:
+        if i == 11:
+            self._task_stop.set()  # as a cancel does, from the worker's mailbox
+        return i * i
+
+
+def test_a_cancelled_pack_stops_between_two_of_its_units() -> None:
+    instance = StopsItself()
+    instance._task_stop = StopFlag()
+    ran_units: list[int] = []
+    work_unit = instance.work_unit
+
+    def counted(i: int) -> int:
+        ran_units.append(i)
+        return work_unit(i)
+
+    instance.work_unit = counted  # type: ignore[method-assign]
+    told: list[Any] = []
+    _execute_run(instance, "t1:run1", (pack(8, 8), pack(16, 8)), "t1", {}, told.append)
+    [result] = told
+    assert ran_units == list(range(8, 12)) and result.outcomes == []
