@@ -555,6 +555,13 @@ class PackagesReply(Message, frozen=True):
 MAX_PACK = 512
 
 
+def pack_size(wanted: int) -> int:
+    """The pack size for ``wanted`` units: the largest power of two not above it, 1 to
+    ``MAX_PACK`` (powers of two: packs that end at multiples of the size keep their bounds when
+    it doubles or halves)."""
+    return 1 << (min(max(wanted, 1), MAX_PACK).bit_length() - 1)
+
+
 class UnitCall(Message, frozen=True, gc=False):
     """One unit: its index in slicing order and its cloudpickled argument.
 

@@ -213,7 +213,7 @@ class Runtime:
                 if self.packs:
                     self._count_packs(results, held)
                 if pack > 0:
-                    self.pack = 1 << (min(pack, m.MAX_PACK).bit_length() - 1)  # a power of two
+                    self.pack = m.pack_size(pack)
                 self.answered = True
                 self.results.update(results)
                 for index, worker, address in held:
@@ -315,8 +315,7 @@ class Runtime:
         """The master's word (``pack``), fewer where arguments are large: a power of two."""
         if self.pack == 1 or not self.sliced_bytes:
             return self.pack
-        fit = max(1, PACK_BYTES * self.sliced // self.sliced_bytes)
-        return min(self.pack, 1 << (fit.bit_length() - 1))
+        return min(self.pack, m.pack_size(PACK_BYTES * self.sliced // self.sliced_bytes))
 
     def _pack_call(self, plain: list[Any], first: int) -> m.UnitCall:
         if len(plain) == 1:

@@ -286,7 +286,7 @@ class Simulator:
                     driver.finished += sum(packs.pop(i, 1) for i, _ in results)
                     driver.finished += sum(packs.pop(i, 1) for i, _, _ in held)
                     if pack > 0:
-                        driver.pack = 1 << (min(pack, m.MAX_PACK).bit_length() - 1)
+                        driver.pack = m.pack_size(pack)
                     driver.answered = True
                     self._slice_more(worker)
             case m.ReleaseTask(task_id=task_id):

@@ -187,7 +187,14 @@ from actors.core.scheduler_events import (
 from actors.core.undo import Undo
 from actors.core.unit_book import NO_UNITS, Opened, UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
-from actors.messages import INLINE_RESULT_BYTES, MAX_PACK, UnitCall, UnitOutcome, unit_digest
+from actors.messages import (
+    INLINE_RESULT_BYTES,
+    MAX_PACK,
+    UnitCall,
+    UnitOutcome,
+    pack_size,
+    unit_digest,
+)
 
 BATCH_SECONDS = 0.005  # work per dispatched batch
 PREFETCH_SECONDS = 0.05  # work queued on a worker: covers a batch's round trip (measured)
@@ -342,7 +349,7 @@ def _pack_for(unit_seconds: float, result_bytes: float = 0.0) -> int:
     wanted = int(PACK_SECONDS / unit_seconds) if unit_seconds > 0 else MAX_PACK
     if result_bytes > 0:
         wanted = min(wanted, int(INLINE_RESULT_BYTES / result_bytes))
-    return 1 << (min(max(wanted, 1), MAX_PACK).bit_length() - 1)
+    return pack_size(wanted)
 
 
 def _raised_in(unit: UnitCall, outcome: UnitOutcome) -> int:
