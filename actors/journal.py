@@ -14,7 +14,9 @@ One SQLite file (WAL) in the master's state directory holds:
             take its results); added to a journal of an earlier version as it opens
   results   finished unit results of running ParallelTasks, one row per batch:
             ``(task, first, last, data)``, ``data`` = msgpack ``[(index, digest, value), ...]``,
-            so that a restarted driver gets them back instead of running them again
+            so that a restarted driver gets them back instead of running them again; a pack
+            of units (``UnitCall.count``) has a row of its own, its one entry at ``first`` and
+            ``last`` its last unit (a restarted master counts its units, not one)
 
 Every write is buffered in memory and written by ``commit``, which the master calls on its tick:
 a short transaction per tick, so that many small tasks share one fsync, a task that starts and
@@ -27,12 +29,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import msgspec
 
 from actors.errors import JournalUnreadable, MasterSuperseded
+from actors.messages import MAX_PACK
 
 SCHEMA = 2
 COMMIT_WAIT_MS = 200
@@ -41,6 +44,7 @@ COMMIT_WAIT_MS = 200
 RESULTS_BUFFERED = 512 << 10
 ENTRY_BYTES = 100
 Entry = tuple[int, int, bytes]  # unit index, digest of its arguments, result
+Row = tuple[int, int, list[Entry]]  # a results row: first unit, last unit, its entries
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[tuple[int, int, bytes]])
@@ -134,7 +138,7 @@ class Journal:
         self._codes: list[tuple[str, str, bytes]] = []
         self._keys: dict[str, str] = {}  # client -> its key, to write
         self._gone_clients: list[str] = []
-        self._results: dict[str, list[list[Entry]]] = {}  # task -> batches not yet written
+        self._results: dict[str, list[Row]] = {}  # task -> rows not yet written
         self._forget: set[str] = set()  # tasks whose results rows go
         self._with_results: set[str] = set()  # tasks with result rows on disk
         self._commits = 0  # commits so far: the intervals ends are counted in
@@ -172,8 +176,9 @@ class Journal:
             for client, code_hash, code in self._db.execute("select * from codes"):
                 codes.setdefault(client, {})[code_hash] = code
             journaled: dict[str, list[int]] = {}
-            for task_id, data in self._db.execute("select task, data from results order by rowid"):
-                journaled.setdefault(task_id, []).extend(i for i, _, _ in _decoder.decode(data))
+            for task_id, first, last, data in self._db.execute(
+                    "select task, first, last, data from results order by rowid"):
+                journaled.setdefault(task_id, []).extend(row_units(first, last, data))
             keys = {client: key.encode()
                     for client, key in self._db.execute("select client, key from clients")}
         except (sqlite3.DatabaseError, msgspec.DecodeError, TypeError, ValueError) as exc:
@@ -257,15 +262,25 @@ class Journal:
         self._tasks, self._on_disk, self._results = (
             dict(self._tasks), dict(self._on_disk), dict(self._results))
 
-    def record(self, task_id: str, entries: list[Entry]) -> None:
-        if entries:
-            self._results.setdefault(task_id, []).append(entries)
-            self.results_buffered += _weight(entries)
+    def record(self, task_id: str, entries: list[Entry],
+               packs: Mapping[int, int] | None = None) -> None:
+        """Finished units' results, for the next commit; ``packs``: those of them that are packs,
+        first index -> how many units (a row each, so that a restart counts their units)."""
+        if not entries:
+            return
+        rows = self._results.setdefault(task_id, [])
+        singles = [entry for entry in entries if entry[0] not in packs] if packs else entries
+        if singles:  # (index, digest, result) tuples: the least and greatest compare by index
+            rows.append((min(singles)[0], max(singles)[0], singles))
+        if packs:
+            rows += [(entry[0], entry[0] + packs[entry[0]] - 1, [entry])
+                     for entry in entries if entry[0] in packs]
+        self.results_buffered += _weight(entries)
 
     def forget_results(self, task_id: str) -> None:
         dropped = self._results.pop(task_id, None)
         if dropped:
-            self.results_buffered -= sum(map(_weight, dropped))
+            self.results_buffered -= sum(_weight(entries) for _, _, entries in dropped)
         if task_id in self._with_results:
             self._forget.add(task_id)
 
@@ -281,7 +296,7 @@ class Journal:
                 "order by rowid", (task_id, max(wanted), min(wanted)))
             for (data,) in rows:
                 self._take(_decoder.decode(data), wanted, found)
-        for entries in self._results.get(task_id, ()):
+        for _, _, entries in self._results.get(task_id, ()):
             self._take(entries, wanted, found)
         return found
 
@@ -345,10 +360,9 @@ class Journal:
                 db.execute("delete from codes where client = ?", (client,))
                 db.execute("delete from clients where client = ?", (client,))
             db.executemany("delete from results where task = ?", [(t,) for t in self._forget])
-            # (index, digest, result) tuples: the least and greatest compare by index first
             db.executemany("insert into results values (?, ?, ?, ?)", [
-                (task_id, min(entries)[0], max(entries)[0], _encoder.encode(entries))
-                for task_id, batches in self._results.items() for entries in batches])
+                (task_id, first, last, _encoder.encode(entries))
+                for task_id, rows in self._results.items() for first, last, entries in rows])
             db.execute("commit")
         except BaseException:
             # All of it stays buffered for the next commit (disk full, an I/O error, the file
@@ -387,6 +401,16 @@ class _Ended(TaskRow):
         super().__init__(task_id=task_id, client=client, seq=0, priority=0, name="", kind="",
                          code_hash="", code=b"", args=b"", package="", version="", retries=0,
                          ended=ended)
+
+
+def row_units(first: int, last: int, data: bytes) -> Iterable[int]:
+    """The units a results row holds: its entries' indices, or each unit of the pack it is (one
+    entry at ``first``, ``last`` past it; rows written before packs had rows of their own end at
+    their last entry)."""
+    entries = _decoder.decode(data)
+    if len(entries) == 1 and entries[0][0] == first and first < last < first + MAX_PACK:
+        return range(first, last + 1)
+    return [index for index, _, _ in entries]
 
 
 def _weight(entries: list[Entry]) -> int:

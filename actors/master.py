@@ -1662,7 +1662,7 @@ class Master(HubShell):
                                 m.DriverResults(ins.task_id, ins.results, ins.held, ins.sizes,
                                                 ins.pack))
             case ev.RecordResults():
-                self.journal.record(ins.task_id, ins.results)
+                self.journal.record(ins.task_id, ins.results, ins.packs)
                 if self.journal.results_buffered > RESULTS_BUFFERED:
                     self._commit()  # early: a fast task's results must not pile up here
             case ev.Assign():

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import zmq
 
 from actors import Client, LocalCluster, ParallelTask, Task
 from actors import messages as m
+from actors.journal import row_units
 from actors.serialize import loads
 from tests.conftest import (
     descendants,
@@ -64,6 +67,24 @@ class Counted(ParallelTask):
         except OSError:
             pass  # a worker contained under its own uid may not write here: only a count is lost
         return i * i
+
+    def reduce(self, results):
+        return sum(results)
+
+
+class TinyThenHeld(ParallelTask):
+    """``n`` no-op units, packed; the last waits (30 s at most) for the file ``go``."""
+
+    def get_work(self, n, go):
+        for i in range(n):
+            yield i, go if i == n - 1 else ""
+
+    def work_unit(self, unit):
+        i, go = unit
+        deadline = time.monotonic() + 30
+        while go and not os.path.exists(go) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return i
 
     def reduce(self, results):
         return sum(results)
@@ -194,6 +215,33 @@ def test_kill_9_of_the_master_mid_job_loses_nothing(restartable: Restartable, tm
     storm = [e for e in logged if e.get("level") == "warning"
              and e.get("event") in ("message_from_unknown_peer", "message_refused")]
     assert not storm, storm[:3]
+
+
+@pytest.mark.parametrize("restartable", [2], indirect=True)
+def test_a_restarted_master_counts_every_unit_of_the_packs_it_journaled(
+        restartable: Restartable, tmp_path: Path) -> None:
+    """kill -9 of the master while a task of 20,000 tiny units (in packs of hundreds) waits for
+    its last (and the packs queued behind it): the second master's story and progress count
+    each journaled unit, not a pack as one, and the task ends with the exact result."""
+    client, n, go = restartable.client, 20_000, tmp_path / "go"
+    fut = client.submit(TinyThenHeld, n, str(go))
+    journal = tmp_path / "state" / "master.sqlite"
+
+    def journaled_units() -> tuple[int, int]:
+        with closing(sqlite3.connect(journal)) as db:
+            rows = db.execute("select first, last, data from results").fetchall()
+        return len(rows), sum(len(row_units(first, last, data)) for first, last, data in rows)
+
+    wait_until(lambda: journaled_units()[1] >= n // 2, 120, "half the units' results journaled")
+    rows, units = journaled_units()
+    restartable.restart()
+    story = [e[3] for e in client.story(fut, timeout=60)]
+    [restored] = [int(found[1]) for cause in story
+                  if (found := re.search(r"restored with (\d+) finished units", cause))]
+    assert units <= restored <= n and rows < restored / 10, (rows, units, story[:3])
+    wait_until(lambda: fut.progress()[0] >= units, 60, "the restored progress at the client")
+    go.touch()
+    assert result_or_logs(fut, 120, tmp_path) == sum(range(n))
 
 
 @pytest.mark.parametrize("restartable", [1], indirect=True)

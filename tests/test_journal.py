@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from actors.errors import JournalUnreadable, MasterSuperseded
@@ -199,6 +200,30 @@ def test_a_tasks_unit_results_go_when_it_ends_from_memory_and_from_disk(tmp_path
     kept.close()
     again = Journal(path)
     assert again.start("x").journaled == {}
+    again.close()
+
+
+def test_a_restarted_master_reads_each_unit_of_a_journaled_pack(tmp_path: Path) -> None:
+    """A pack (512 units in one entry) is a row of its own whose last column is its last unit:
+    a master restarted on the journal counts 512 finished units, not one; a row of single
+    units, and a row written before packs had rows of their own, count their entries."""
+    path = tmp_path / "master.sqlite"
+    kept = journal(path)
+    kept.task_added(row("p1"))
+    kept.record("p1", [(0, 1, b"pack0"), (512, 2, b"one"), (1024, 3, b"pack1024")],
+                {0: 512, 1024: 8})
+    assert kept.lookup("p1", [0, 512, 1024]) == {0: (1, b"pack0"), 512: (2, b"one"),
+                                                 1024: (3, b"pack1024")}
+    kept.commit()
+    assert kept.lookup("p1", [1024, 512]) == {512: (2, b"one"), 1024: (3, b"pack1024")}
+    kept.close()
+    with closing(sqlite3.connect(path)) as db, db:  # as a journal of before packs left it
+        db.execute("insert into results values ('p1', 2000, 2000, ?)",
+                   (msgspec.msgpack.encode([(2000, 4, b"pack2000")]),))
+    again = Journal(path)
+    restored = sorted(again.start("x").journaled["p1"])
+    assert restored == [*range(512), 512, *range(1024, 1032), 2000]
+    assert again.lookup("p1", [2000]) == {2000: (4, b"pack2000")}
     again.close()
 
 

@@ -472,6 +472,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(reports) == 1, f"{task_id} reported {len(reports)} times"
 
     @invariant()
+    def done_counts_what_is_journaled_or_held(self) -> None:
+        for task in self.state.tasks.values():
+            if task.kind == "parallel" and not task.finished:
+                units = task.units
+                assert units.done_count == units.journaled_count + len(units.held), (
+                    task.task_id, units.done_count, units.journaled_count, len(units.held))
+
+    @invariant()
     def no_worker_idles_while_units_are_queued(self) -> None:
         """Units queued for a task (or runs a busy worker of it has not begun): no idle worker
         could run them (clean, or warm for its code); and no helper of another task idles with

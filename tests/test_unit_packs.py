@@ -57,7 +57,8 @@ def test_a_pack_is_one_unit_to_the_scheduler_and_its_units_to_progress_and_journ
     out = s(ev.UnitsFinished, "w1", "t1", run.run_id,
             [UnitOutcome(0, True, b"r0", count=8), UnitOutcome(8, True, b"r8", count=8)], 1.0)
     [record] = [i for i in out if isinstance(i, ev.RecordResults)]
-    assert [index for index, _, _ in record.results] == [0, 8]  # a row a pack
+    assert [index for index, _, _ in record.results] == [0, 8]  # an entry a pack
+    assert record.packs == {0: 8, 8: 8}  # (the journal writes each a row that says its units)
     book = s.state.tasks["t1"].units
     assert book.done_count == 16 and book.journaled_count == 16
     assert all(book.is_journaled(i) for i in range(16)) and not book.is_journaled(16)
@@ -134,6 +135,27 @@ def test_a_pack_not_replayed_unmarks_its_units(s: Harness) -> None:
     out = s(ev.UnitsNotReplayed, "w1", "t1", [pack(0, 8)])
     assert book.done_count == 0 and book.journaled_count == 0
     assert [u.index for i in out if isinstance(i, ev.Dispatch) for u in i.units] == [0]
+
+
+def test_a_replayed_pack_counts_all_its_units_and_a_failed_replay_uncounts_them() -> None:
+    """A master restarted on a journal of before packs had rows of their own, or a pack a worker
+    salvaged while the master was away: only the pack's first unit is known journaled. Replayed
+    to the task's next driver, the pack counts its every unit; not replayed, none of them."""
+    s = Harness(batched=True)
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w1")
+    s(ev.TaskSubmitted, task_id="t1", client_id="c1", name="Name", kind="parallel",
+      code=b"code", args=b"args", journaled=(0, 8), restored=True)
+    book = s.state.tasks["t1"].units
+    assert book.done_count == 2
+    out = s(ev.UnitsSliced, "w1", "t1", [pack(0, 8), pack(8, 8), pack(16, 8)], True)
+    [replay] = [i for i in out if isinstance(i, ev.ReplayResults)]
+    assert [u.index for u in replay.units] == [0, 8]
+    assert book.done_count == 16 and book.journaled_count == 16
+    assert [(p.done, p.total) for p in s(ev.Tick) if isinstance(p, ev.ReportProgress)] == [
+        (16, 24)]
+    s(ev.UnitsNotReplayed, "w1", "t1", [pack(8, 8)])  # its arguments changed meanwhile
+    assert book.done_count == 8 and not any(book.is_journaled(i) for i in range(8, 16))
 
 
 # --- the driver ------------------------------------------------------------------

@@ -297,6 +297,8 @@ class RecordResults(Instruction, frozen=True):
 
     task_id: str
     results: list[tuple[int, int, bytes]]
+    # The packs among them: first index -> how many units (a restarted master counts them all)
+    packs: dict[int, int] = msgspec.field(default_factory=dict)
 
 
 class ReplayResults(Instruction, frozen=True):

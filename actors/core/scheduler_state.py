@@ -942,10 +942,25 @@ class SchedulerState:
                 self._undo.discard(units.carried, index)  # its result comes forwarded
         self._undo.set(task.units, "sliced_all", event.done)
         if replay:
+            self._count_replayed_packs(units, replay)
             driver = self.workers[event.worker_id]
             self._note(task, f"units {replay[0].index}-{replay[-1].index}", "memory", "replayed",
                        f"{len(replay)} finished before the driver restarted", event.now)
             self._out.append(ReplayResults(driver.node_id, driver.worker_id, task.task_id, replay))
+
+    def _count_replayed_packs(self, units: UnitBook, replay: list[UnitCall]) -> None:
+        """A pack replayed for its first unit counts all of its units done: a worker's salvaged
+        pack (and a journal written before packs had rows of their own) marked only that one.
+        Should the replay fail (``_not_replayed``), the whole pack is unmarked again."""
+        rest = [i for unit in replay if unit.count for i in range(unit.index + 1,
+                                                                   unit.index + unit.count)]
+        if not rest:
+            return
+        size = len(units.journaled)
+        marked = units.mark_journaled(rest)
+        self._undo.call(units.unmark, marked, size)
+        if marked:
+            self._undo.set(units, "done_count", units.done_count + len(marked))
 
     def _not_replayed(self, event: UnitsNotReplayed) -> None:
         task = self._parallel_of(event.worker_id, event.task_id)
@@ -980,6 +995,7 @@ class SchedulerState:
         undo.call(units.open_units.update, closed)
         undo.call(in_flight.update, taken)
         journaled: list[int] = []  # the units of ``record``, each unit of a pack
+        packs: dict[int, int] = {}  # the packs of ``record``: first index -> units
         ran = result_bytes = 0  # units that ran (a pack counts its units), their results' bytes
         for outcome in event.outcomes:
             index = outcome.index
@@ -1023,6 +1039,7 @@ class SchedulerState:
                 record.append((index, outcome.digest or unit_digest(unit), outcome.value))
                 if unit.count:
                     journaled += range(index, index + unit.count)
+                    packs[index] = unit.count
                 else:
                     journaled.append(index)
         if journaled:
@@ -1055,7 +1072,7 @@ class SchedulerState:
             self._out.append(ForwardResults(driver.node_id, driver.worker_id, task.task_id,
                                             forward, held, sizes, pack))
         if record:
-            self._out.append(RecordResults(task.task_id, record))
+            self._out.append(RecordResults(task.task_id, record, packs))
 
     def _held(self, task: TaskRecord, index: int, worker: WorkerRecord) -> None:
         """A keep unit finished: unblock its dependents, answer workers that missed it."""
