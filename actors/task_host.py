@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import msgspec
@@ -124,6 +125,21 @@ class Driver(pykka.ThreadingActor):
         elif self.runtime is not None:
             self.runtime.handle(message)
         return None
+
+    def on_failure(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                   tb: TracebackType | None) -> None:
+        """The driver's own code raised (what the user's code raises, the task reports as its
+        error): pykka stops this actor. The task fails with that error, as fatal (its worker is
+        replaced), instead of waiting for a driver that is gone."""
+        runtime = self.runtime
+        task_id = runtime.task.task_id if runtime is not None else ""
+        log.error("driver_crashed", task_id=task_id, exc_info=(exc_type, exc, tb))
+        if runtime is None or exc is None:
+            return
+        payload, type_name, text, trace = describe_failure(exc, "in the task's driver")
+        with contextlib.suppress(Exception):  # (its worker may be stopping: nothing to tell)
+            runtime.emit(m.TaskResult(task_id, m.UnitOutcome(-1, False, payload, type_name, text,
+                                                             trace, fatal=True)))
 
 
 # --- messages of the mailbox a Runtime lives in (in-process only) ------------

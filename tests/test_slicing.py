@@ -16,10 +16,12 @@ from actors.task_host import (
     SLICE_BATCH,
     SLICE_BYTES,
     Begin,
+    Driver,
     Runtime,
     UnitResults,
     begin_instance,
 )
+from tests.conftest import wait_until
 
 
 class Blobs(ParallelTask):
@@ -73,3 +75,18 @@ def test_large_arguments_go_in_small_messages_and_few_ahead() -> None:
         finish(runtime, batches[-1])
     assert sum(len(b.units) for b in sliced(sent)) == 2_000
     assert [u.index for b in sliced(sent) for u in b.units] == list(range(2_000))
+
+
+def test_a_driver_whose_own_code_raises_fails_its_task_instead_of_leaving_it_waiting() -> None:
+    """A bug in the driver's side of the runtime (here: a message it has no case for) stops its
+    actor; the task fails with that error, fatal (its worker is replaced), where it would wait
+    for a driver that is gone."""
+    sent: list[Any] = []
+    ref = Driver.start(Blobs())
+    ref.tell(Begin("t1", (10, 1), {}, True, sent.append, sent.append))
+    ref.tell("no such message")
+    wait_until(lambda: any(isinstance(msg, m.TaskResult) for msg in sent), 10, "the task's end")
+    [end] = [msg for msg in sent if isinstance(msg, m.TaskResult)]
+    assert not end.outcome.ok and end.outcome.fatal
+    assert end.outcome.type_name == "builtins.TypeError" and "no such message" in end.outcome.message
+    wait_until(lambda: not ref.is_alive(), 10, "the driver to stop")
