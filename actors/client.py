@@ -536,6 +536,9 @@ class Client:
         self._scattering: dict[str, list[bytes | memoryview]] = {}  # data bound for a node
         self._futures_done = threading.Condition()  # every future's end is told through it
         self._replies: dict[str, queue.SimpleQueue[m.Message]] = {}
+        # The requests waiting for an answer, by key: sent again after a Welcome (what left
+        # while the master restarted reached none, or a master that did not know us yet)
+        self._asking: dict[str, m.Message] = {}
         self._welcome = threading.Event()
         self._refusal = ""
         self._auth_failed = False
@@ -965,15 +968,24 @@ class Client:
         return body
 
     def _request(self, key: str, message: m.Message, timeout: float) -> m.Message:
+        """Ask the master; its answer. Asked while the master is away (restarting on its state
+        directory, a link down), the request goes when it welcomes us back, within ``timeout``."""
         replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
         self._replies[key] = replies
+        self._asking[key] = message
         try:
-            self._send(message)
+            if self._disconnected_since is None:
+                self._send(message)
+            elif self._closed:
+                raise ClientClosed(self.client_id)
             return replies.get(timeout=timeout)
         except queue.Empty:
-            raise TimeoutError(f"no answer from the master within {timeout}s") from None
+            away = " (it has been away since)" if self._disconnected_since is not None else ""
+            raise TimeoutError(f"no answer from the master within {timeout}s{away}") from None
         finally:
             self._replies.pop(key, None)
+            if self._asking.get(key) is message:
+                del self._asking[key]
 
     def _on_event(self, _socket: str, what: str) -> None:
         if what in ("auth_failed", "handshake_failed"):
@@ -1227,6 +1239,9 @@ class Client:
                             submit = msgspec.structs.replace(submit, code=code)
                         self._resend(submit)
                 self._master_id, self._epoch = master_id, epoch
+                # (after the submits above: a request may name one of them)
+                for asked in list(self._asking.values()):
+                    self._hub.send_now(MASTER, [m.encode(asked)])
                 self._welcome.set()
             case m.Refused(reason=reason) if (self._welcome.is_set() and "send Hello" in reason
                                               and time.monotonic() - self._hello_at > 5.0):

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -242,6 +243,34 @@ def test_a_restarted_master_counts_every_unit_of_the_packs_it_journaled(
     wait_until(lambda: fut.progress()[0] >= units, 60, "the restored progress at the client")
     go.touch()
     assert result_or_logs(fut, 120, tmp_path) == sum(range(n))
+
+
+@pytest.mark.parametrize("restartable", [1], indirect=True)
+def test_a_request_made_while_the_master_restarts_is_answered_by_the_next(
+        restartable: Restartable, tmp_path: Path) -> None:
+    """A client asks about its cluster while its master is dead (kill -9), and again the moment
+    the next one is up: both requests wait for its Welcome and are answered by it, not lost on
+    the way (the next master took what reached it before our Hello as a stranger's)."""
+    client = restartable.client
+    asked: list[object] = []
+    threads: list[threading.Thread] = []
+
+    def ask() -> None:
+        try:
+            asked.append(client.info(timeout=60).master_id)
+        except Exception as exc:  # (the assertion below shows it)
+            asked.append(exc)
+
+    def ask_while_away() -> None:
+        wait_until(lambda: client._disconnected_since is not None, 30, "the client to notice")
+        threads.append(threading.Thread(target=ask))
+        threads[-1].start()
+
+    restartable.restart(ask_while_away)
+    at_once = client.info(timeout=60)  # the next master may not know us yet
+    for thread in threads:
+        thread.join(70)
+    assert asked == [at_once.master_id] and at_once.master_id.startswith("master-"), asked
 
 
 @pytest.mark.parametrize("restartable", [1], indirect=True)
