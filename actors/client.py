@@ -535,10 +535,12 @@ class Client:
         self._released: collections.deque[str] = collections.deque()  # futures gone (Release)
         self._scattering: dict[str, list[bytes | memoryview]] = {}  # data bound for a node
         self._futures_done = threading.Condition()  # every future's end is told through it
-        self._replies: dict[str, queue.SimpleQueue[m.Message]] = {}
-        # The requests waiting for an answer, by key: sent again after a Welcome (what left
-        # while the master restarted reached none, or a master that did not know us yet)
+        # Who waits for the answer to a request, by its key (several threads may ask the same
+        # at once: each gets the answer); and the request, sent again after a Welcome (what
+        # left while the master restarted reached none, or a master that did not know us yet)
+        self._replies: dict[str, list[queue.SimpleQueue[m.Message]]] = {}
         self._asking: dict[str, m.Message] = {}
+        self._waiting_lock = threading.Lock()
         self._welcome = threading.Event()
         self._refusal = ""
         self._auth_failed = False
@@ -766,8 +768,7 @@ class Client:
             return found
         size = sum(memoryview(part).nbytes for part in parts)
         key = f"scatter {task_id}"
-        replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
-        self._replies[key] = replies
+        replies = self._await(key)
         try:
             if size <= m.INLINE_RESULT_BYTES:
                 inline = parts[0] if len(parts) == 1 else dumps(data)
@@ -780,7 +781,7 @@ class Client:
             raise TimeoutError(f"the scatter of {size:,} bytes was not confirmed within "
                                f"{timeout}s") from None
         finally:
-            self._replies.pop(key, None)
+            self._stop_waiting(key, replies)
             self._scattering.pop(task_id, None)
         assert isinstance(done, m.ScatterDone)
         if done.reason:
@@ -970,9 +971,7 @@ class Client:
     def _request(self, key: str, message: m.Message, timeout: float) -> m.Message:
         """Ask the master; its answer. Asked while the master is away (restarting on its state
         directory, a link down), the request goes when it welcomes us back, within ``timeout``."""
-        replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
-        self._replies[key] = replies
-        self._asking[key] = message
+        replies = self._await(key, message)
         try:
             if self._disconnected_since is None:
                 self._send(message)
@@ -983,9 +982,30 @@ class Client:
             away = " (it has been away since)" if self._disconnected_since is not None else ""
             raise TimeoutError(f"no answer from the master within {timeout}s{away}") from None
         finally:
-            self._replies.pop(key, None)
-            if self._asking.get(key) is message:
-                del self._asking[key]
+            self._stop_waiting(key, replies)
+
+    def _await(self, key: str, request: m.Message | None = None) -> queue.SimpleQueue[m.Message]:
+        """Wait for the answers under ``key`` (``request``: sent again after a Welcome)."""
+        replies: queue.SimpleQueue[m.Message] = queue.SimpleQueue()
+        with self._waiting_lock:
+            self._replies.setdefault(key, []).append(replies)
+            if request is not None:
+                self._asking[key] = request
+        return replies
+
+    def _stop_waiting(self, key: str, replies: queue.SimpleQueue[m.Message]) -> None:
+        with self._waiting_lock:
+            waiting = self._replies.get(key, [])
+            if replies in waiting:
+                waiting.remove(replies)
+            if not waiting:
+                self._replies.pop(key, None)
+                self._asking.pop(key, None)
+
+    def _answer(self, key: str, message: m.Message) -> None:
+        """An answer for all who wait under ``key`` (on the hub thread)."""
+        for replies in tuple(self._replies.get(key, ())):
+            replies.put(message)
 
     def _on_event(self, _socket: str, what: str) -> None:
         if what in ("auth_failed", "handshake_failed"):
@@ -1062,8 +1082,7 @@ class Client:
             return  # given up meanwhile
         name, why = self._results_socket(at.address, at.server_key)
         if why:
-            if (replies := self._replies.get(f"scatter {at.task_id}")) is not None:
-                replies.put(m.ScatterDone(at.task_id, why))
+            self._answer(f"scatter {at.task_id}", m.ScatterDone(at.task_id, why))
             return
         lengths = [memoryview(part).nbytes for part in parts]
         frames = [m.encode(m.PutResult(at.task_id, lengths)), *parts]  # (sent uncopied)
@@ -1201,16 +1220,13 @@ class Client:
                        else f"logs {msg.task_id}" if isinstance(msg, m.LogsReply)
                        else "info" if isinstance(msg, m.ClusterInfo)
                        else "tasks" if isinstance(msg, m.TasksReply) else "packages")
-                if (replies := self._replies.get(key)) is not None:
-                    replies.put(msg)
+                self._answer(key, msg)
             case m.ScatterAt(task_id=task_id, reason=reason) if reason:
-                if (replies := self._replies.get(f"scatter {task_id}")) is not None:
-                    replies.put(m.ScatterDone(task_id, reason))
+                self._answer(f"scatter {task_id}", m.ScatterDone(task_id, reason))
             case m.ScatterAt(task_id=task_id):
                 self._put(msg)
             case m.ScatterDone(task_id=task_id):
-                if (replies := self._replies.get(f"scatter {task_id}")) is not None:
-                    replies.put(msg)
+                self._answer(f"scatter {task_id}", msg)
             case m.Accepted(task_ids=task_ids):
                 for task_id in task_ids:
                     self._unaccepted.pop(task_id, None)

@@ -402,6 +402,29 @@ def test_a_done_callback_is_called_once_when_the_task_ends_or_at_once_if_it_has(
     assert calls[0][2] != me and calls[1][2] == me
 
 
+def test_threads_asking_the_same_at_once_each_get_the_answer(client: Client) -> None:
+    """Requests are matched to their answers by what they ask (``info``, a task's story):
+    threads that ask the same at the same time each get an answer, none is left waiting."""
+    fut = client.submit(Square, x=3)
+    assert fut.result(timeout=60) == 9
+    answers: list[object] = []
+
+    def ask() -> None:
+        for _ in range(40):
+            try:
+                answers.append((client.info(timeout=20).workers, len(client.story(fut, 20))))
+            except Exception as exc:  # (the assertion below shows it)
+                answers.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(answers) == 240 and all(isinstance(a, tuple) for a in answers), [
+        a for a in answers if not isinstance(a, tuple)][:3]
+
+
 def test_story_shows_the_task_transitions(client: Client) -> None:
     fut = client.submit(SumOfSquares, n=100)
     fut.result(timeout=30)
