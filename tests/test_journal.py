@@ -210,8 +210,8 @@ def test_a_restarted_master_reads_each_unit_of_a_journaled_pack(tmp_path: Path) 
     path = tmp_path / "master.sqlite"
     kept = journal(path)
     kept.task_added(row("p1"))
-    kept.record("p1", [(0, 1, b"pack0"), (512, 2, b"one"), (1024, 3, b"pack1024")],
-                {0: 512, 1024: 8})
+    kept.record("p1", [(0, 1, b"pack0"), (512, 2, b"one"), (1024, 3, b"pack1024"),
+                       (600, 5, b"two")], {0: 512, 1024: 8})  # two single units in one row
     assert kept.lookup("p1", [0, 512, 1024]) == {0: (1, b"pack0"), 512: (2, b"one"),
                                                  1024: (3, b"pack1024")}
     kept.commit()
@@ -220,9 +220,12 @@ def test_a_restarted_master_reads_each_unit_of_a_journaled_pack(tmp_path: Path) 
     with closing(sqlite3.connect(path)) as db, db:  # as a journal of before packs left it
         db.execute("insert into results values ('p1', 2000, 2000, ?)",
                    (msgspec.msgpack.encode([(2000, 4, b"pack2000")]),))
+        # ... and a row no pack could have made (more units than a pack holds): its entry
+        db.execute("insert into results values ('p1', 3000, 3512, ?)",
+                   (msgspec.msgpack.encode([(3000, 6, b"odd")]),))
     again = Journal(path)
     restored = sorted(again.start("x").journaled["p1"])
-    assert restored == [*range(512), 512, *range(1024, 1032), 2000]
+    assert restored == [*range(513), 600, *range(1024, 1032), 2000, 3000]
     assert again.lookup("p1", [2000]) == {2000: (4, b"pack2000")}
     again.close()
 
