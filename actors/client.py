@@ -768,14 +768,18 @@ class Client:
             return found
         size = sum(memoryview(part).nbytes for part in parts)
         key = f"scatter {task_id}"
-        replies = self._await(key)
+        if size <= m.INLINE_RESULT_BYTES:
+            inline = parts[0] if len(parts) == 1 else dumps(data)
+            request = m.Scatter(task_id, bytes(inline))
+        else:
+            self._scattering[task_id] = parts  # sent to its node on the hub thread
+            request = m.Scatter(task_id, size=size)
+        replies = self._await(key, request)  # (sent again after a Welcome, as any request)
         try:
-            if size <= m.INLINE_RESULT_BYTES:
-                inline = parts[0] if len(parts) == 1 else dumps(data)
-                self._send(m.Scatter(task_id, bytes(inline)))
-            else:
-                self._scattering[task_id] = parts  # sent to its node on the hub thread
-                self._send(m.Scatter(task_id, size=size))
+            if self._disconnected_since is None:
+                self._send(request)
+            elif self._closed:
+                raise ClientClosed(self.client_id)
             done = replies.get(timeout=timeout + size / FETCH_RATE)
         except queue.Empty:
             raise TimeoutError(f"the scatter of {size:,} bytes was not confirmed within "

@@ -91,6 +91,11 @@ class TinyThenHeld(ParallelTask):
         return sum(results)
 
 
+class Length(Task):
+    def work(self, data):
+        return len(data)
+
+
 class Add(Task):
     def work(self, a, b):
         return a + b
@@ -248,12 +253,15 @@ def test_a_restarted_master_counts_every_unit_of_the_packs_it_journaled(
 @pytest.mark.parametrize("restartable", [1], indirect=True)
 def test_a_request_made_while_the_master_restarts_is_answered_by_the_next(
         restartable: Restartable, tmp_path: Path) -> None:
-    """A client asks about its cluster while its master is dead (kill -9), and again the moment
-    the next one is up: both requests wait for its Welcome and are answered by it, not lost on
-    the way (the next master took what reached it before our Hello as a stranger's)."""
+    """A client asks about its cluster and scatters data while its master is dead (kill -9), and
+    asks again the moment the next one is up: each request waits for its Welcome and is answered
+    by it, not lost on the way (the next master took what reached it before our Hello as a
+    stranger's)."""
     client = restartable.client
     asked: list[object] = []
     threads: list[threading.Thread] = []
+
+    scattered: list[object] = []
 
     def ask() -> None:
         try:
@@ -261,16 +269,26 @@ def test_a_request_made_while_the_master_restarts_is_answered_by_the_next(
         except Exception as exc:  # (the assertion below shows it)
             asked.append(exc)
 
+    def scatter() -> None:
+        try:
+            scattered.append(client.scatter(b"twelve bytes", hash=False, timeout=60))
+        except Exception as exc:
+            scattered.append(exc)
+
     def ask_while_away() -> None:
         wait_until(lambda: client._disconnected_since is not None, 30, "the client to notice")
-        threads.append(threading.Thread(target=ask))
-        threads[-1].start()
+        threads.extend(threading.Thread(target=f) for f in (ask, scatter))
+        for thread in threads:
+            thread.start()
 
     restartable.restart(ask_while_away)
     at_once = client.info(timeout=60)  # the next master may not know us yet
     for thread in threads:
         thread.join(70)
     assert asked == [at_once.master_id] and at_once.master_id.startswith("master-"), asked
+    [data] = scattered
+    assert not isinstance(data, Exception), data
+    assert result_or_logs(client.submit(Length, data), 60, tmp_path) == 12  # (it is there)
 
 
 @pytest.mark.parametrize("restartable", [1], indirect=True)
