@@ -391,8 +391,8 @@ class Worker(HubShell):
                 self._runner.run_units(message)
             case Slot.DRIVING:
                 assert self.driver is not None
-                # A driver that ended (its task failed early) stops before its news reaches
-                # this mailbox and moves the slot on: what comes for it meanwhile is moot.
+                # A driver whose own code crashed has stopped (Driver.on_failure fails its task)
+                # before that news reaches this mailbox: what comes for it meanwhile is moot.
                 tell_if_alive(self.driver, message)
             case Slot.HOSTING | Slot.HELPING:
                 assert self.hosted is not None
