@@ -776,10 +776,7 @@ class Client:
             request = m.Scatter(task_id, size=size)
         replies = self._await(key, request)  # (sent again after a Welcome, as any request)
         try:
-            if self._disconnected_since is None:
-                self._send(request)
-            elif self._closed:
-                raise ClientClosed(self.client_id)
+            self._send_unless_away(request)
             done = replies.get(timeout=timeout + size / FETCH_RATE)
         except queue.Empty:
             raise TimeoutError(f"the scatter of {size:,} bytes was not confirmed within "
@@ -977,16 +974,20 @@ class Client:
         directory, a link down), the request goes when it welcomes us back, within ``timeout``."""
         replies = self._await(key, message)
         try:
-            if self._disconnected_since is None:
-                self._send(message)
-            elif self._closed:
-                raise ClientClosed(self.client_id)
+            self._send_unless_away(message)
             return replies.get(timeout=timeout)
         except queue.Empty:
             away = " (it has been away since)" if self._disconnected_since is not None else ""
             raise TimeoutError(f"no answer from the master within {timeout}s{away}") from None
         finally:
             self._stop_waiting(key, replies)
+
+    def _send_unless_away(self, request: m.Message) -> None:
+        """Send a request now, or, while the master is away, leave it for its Welcome."""
+        if self._disconnected_since is None:
+            self._send(request)
+        elif self._closed:
+            raise ClientClosed(self.client_id)
 
     def _await(self, key: str, request: m.Message | None = None) -> queue.SimpleQueue[m.Message]:
         """Wait for the answers under ``key`` (``request``: sent again after a Welcome)."""
