@@ -178,6 +178,17 @@ class Peer:
 
 
 @dataclass
+class Scattering:
+    """A client's large scatter under way: the node it goes to ("" while no node can hold it:
+    it waits for one to join), and what that node is told to expect."""
+
+    node_id: str
+    client_id: str
+    owner: str  # the client's key (Z85), which the node admits to its results socket
+    size: int
+
+
+@dataclass
 class StoryGather:
     """A client's story request, waiting for the parts of the task's workers."""
 
@@ -269,7 +280,7 @@ class Master(HubShell):
         self.backlog = Backlog()
         self.refilling = False
         self.fetched: set[str] = set()  # held results their client has (Received), still kept
-        self.scattering: dict[str, tuple[str, str]] = {}  # scattered data under way: node, client
+        self.scattering: dict[str, Scattering] = {}  # large scattered data under way
         self.scatter_turn = 0  # the node the next large scatter goes to, in turn
         self.delivering: dict[str, tuple[str, str]] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
@@ -530,6 +541,9 @@ class Master(HubShell):
         self.codes.pop(client_id, None)
         self.inputs.client_gone(client_id)
         self._drop_results([t for t, (_, c) in self.delivering.items() if c == client_id])
+        for task_id in [t for t, s in self.scattering.items()
+                        if s.client_id == client_id and not s.node_id]:
+            del self.scattering[task_id]  # waiting for a node: nobody will send it now
         self._apply(ev.ClientLeft(self.now, client_id))
         self.journal.client_left(client_id)
         if not any(t.client_id == client_id for t in self.scheduler.tasks.values()):
@@ -646,6 +660,7 @@ class Master(HubShell):
         self._welcome(peer_key, hello)
         if hello.role == "node":
             self._tell_local_peers()
+            self._scatters_moved(None)  # (after its Welcome: what it is told before, it drops)
 
     def _tell_local_peers(self) -> None:
         """Every node learns every node's data endpoints; those of its own host and uid it
@@ -1137,7 +1152,7 @@ class Master(HubShell):
         if (kept := self.inputs.kept.get(task_id)) is not None:
             return kept.client_id
         if (scattering := self.scattering.get(task_id)) is not None:
-            return scattering[1]
+            return scattering.client_id
         # (one the journal alone knows: ended, trimmed from the scheduler, not yet delivered)
         return self.inputs.refs.get(task_id) or self.journal.client_of(task_id)
 
@@ -1534,6 +1549,7 @@ class Master(HubShell):
         while len(self.lost_nodes) > 10_000:
             self.lost_nodes.popitem(last=False)
         self._apply(ev.NodeLost(self.now, peer.peer_id, reason))
+        self._scatters_moved(peer.peer_id)
 
     # --- output -------------------------------------------------------------
 
@@ -1804,41 +1820,62 @@ class Master(HubShell):
             self.inputs.ended(task_id, "done", msg.data)
             self._to_client(client_id, m.ScatterDone(task_id))
             return
-        if sum(1 for _, c in self.scattering.values() if c == client_id) >= MAX_SCATTERING:
+        if sum(1 for s in self.scattering.values() if s.client_id == client_id) >= MAX_SCATTERING:
             # A node takes a bounded number of puts at once, for every client: one client's
             # announced and never sent must not hold them all.
             self._to_client(client_id, m.ScatterAt(task_id, reason=(
                 f"this client has {MAX_SCATTERING} scatters under way, the most it may")))
             return
+        self.scattering[task_id] = Scattering("", client_id, peer.owner, msg.size)
+        self._place_scatter(task_id)
+
+    def _place_scatter(self, task_id: str) -> None:
+        """Send a large scatter to the next node that can hold it; with none (before the first
+        node joins, or while nodes rejoin a restarted master) it waits for one: the client's
+        own timeout bounds that wait."""
+        scattering = self.scattering[task_id]
         nodes = sorted(n for n in self.scheduler.nodes if self.result_ends.get(n, ("", ""))[0])
         if not nodes:
-            self._to_client(client_id, m.ScatterAt(task_id, reason="no node to hold it yet"))
+            scattering.node_id = ""
+            self.log.info("scatter_waits_for_a_node", task_id=task_id,
+                          client_id=scattering.client_id, size=scattering.size)
             return
         self.scatter_turn += 1
-        node_id = nodes[self.scatter_turn % len(nodes)]
-        self.scattering[task_id] = (node_id, client_id)
+        scattering.node_id = nodes[self.scatter_turn % len(nodes)]
         # The client hears where once the node admits its key (ScatterExpected): told at once,
         # its connection could reach the node first and be refused for good.
-        self.send(SOCKET, node_id.encode(), message=m.ExpectScatter(
-            task_id, peer.owner, msg.size))
+        self.send(SOCKET, scattering.node_id.encode(), message=m.ExpectScatter(
+            task_id, scattering.owner, scattering.size))
+
+    def _scatters_moved(self, lost_node: str | None) -> None:
+        """Place the scatters waiting for a node (``lost_node`` None: one joined), or those
+        under way to a node that is gone: its client is told where again and sends again."""
+        for task_id, scattering in list(self.scattering.items()):
+            if scattering.node_id != (lost_node or ""):
+                continue
+            if scattering.client_id.encode() not in self.peers:
+                del self.scattering[task_id]  # its client left too: nobody sends it
+            else:
+                self._place_scatter(task_id)
 
     def _scatter_expected(self, node: Peer, msg: m.ScatterExpected) -> None:
         """A node awaits a client's scattered data, its key admitted: tell the client where."""
         pending = self.scattering.get(msg.task_id)
-        if pending is None or pending[0] != node.peer_id:
+        if pending is None or pending.node_id != node.peer_id:
             self._refused(node, msg, "no scatter of that id was sent to this node")
             return
         address, server_key = self.result_ends.get(node.peer_id, ("", ""))
-        self._to_client(pending[1], m.ScatterAt(msg.task_id, node.peer_id, address, server_key))
+        self._to_client(pending.client_id,
+                        m.ScatterAt(msg.task_id, node.peer_id, address, server_key))
 
     def _scattered(self, node: Peer, msg: m.Scattered) -> None:
         """A node holds a client's scattered data (or could not take it)."""
         pending = self.scattering.get(msg.task_id)
-        if pending is None or pending[0] != node.peer_id:
+        if pending is None or pending.node_id != node.peer_id:
             self._refused(node, msg, "no scatter of that id was sent to this node")
             return
         del self.scattering[msg.task_id]
-        node_id, client_id = pending
+        node_id, client_id = pending.node_id, pending.client_id
         if not msg.reason and client_id.encode() not in self.peers:  # it left meanwhile
             self.send(SOCKET, node_id.encode(), message=m.DropResults([msg.task_id]))
             return

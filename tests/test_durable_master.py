@@ -43,6 +43,8 @@ from transport.keys import add_key
 
 pytestmark = pytest.mark.processes
 
+BIG = 2 * m.INLINE_RESULT_BYTES  # scattered data a master sends to a node
+
 
 class Counted(ParallelTask):
     """Units that take a little while and write down each run (to count what ran twice); those
@@ -256,7 +258,8 @@ def test_a_request_made_while_the_master_restarts_is_answered_by_the_next(
     """A client asks about its cluster and scatters data while its master is dead (kill -9), and
     asks again the moment the next one is up: each request waits for its Welcome and is answered
     by it, not lost on the way (the next master took what reached it before our Hello as a
-    stranger's)."""
+    stranger's); large data too, which goes to a node of the next master (where none has
+    rejoined yet it waits for one: test_scatter_placement.py)."""
     client = restartable.client
     asked: list[object] = []
     threads: list[threading.Thread] = []
@@ -272,6 +275,8 @@ def test_a_request_made_while_the_master_restarts_is_answered_by_the_next(
     def scatter() -> None:
         try:
             scattered.append(client.scatter(b"twelve bytes", hash=False, timeout=60))
+            # Past what a master keeps: it goes to a node, once one has rejoined the next master.
+            scattered.append(client.scatter(b"x" * BIG, hash=False, timeout=60))
         except Exception as exc:
             scattered.append(exc)
 
@@ -286,9 +291,10 @@ def test_a_request_made_while_the_master_restarts_is_answered_by_the_next(
     for thread in threads:
         thread.join(70)
     assert asked == [at_once.master_id] and at_once.master_id.startswith("master-"), asked
-    [data] = scattered
-    assert not isinstance(data, Exception), data
-    assert result_or_logs(client.submit(Length, data), 60, tmp_path) == 12  # (it is there)
+    assert not any(isinstance(data, Exception) for data in scattered), scattered
+    small, big = scattered
+    assert result_or_logs(client.submit(Length, small), 60, tmp_path) == 12  # (it is there)
+    assert result_or_logs(client.submit(Length, big), 60, tmp_path) == BIG
 
 
 @pytest.mark.parametrize("restartable", [1], indirect=True)
