@@ -159,9 +159,10 @@ class StateDirLocked(ActorsError):
         self.holder = holder
 
     def __str__(self) -> str:
-        return (f"the state directory {self.path} is in use by another master ({self.holder}); "
-                "stop it, give this master another --state-dir, or --take-over if that master "
-                "is hung (it stops when it wakes)")
+        return (f"the state directory {self.path} is in use by another master ({self.holder}): "
+                "connect to that master, or start this one on another --port (each port has "
+                "its own state directory) or with another --state-dir; --take-over only if "
+                "that master is hung (it stops when it wakes)")
 
 
 class JournalUnreadable(ActorsError):

@@ -2111,10 +2111,8 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     state_path = (make_run_dir("actors-master-") if temporary else
                   (args.state_dir or str(default_state_dir(args.host, args.port)), -1))
     try:
-        state = StateDir(state_path[0], take_over=args.take_over, fresh=args.fresh,
-                         durable=not temporary)
-        restored = state.journal.start(f"master-{uuid.uuid4().hex[:8]}")
-    except (StateDirLocked, JournalUnreadable) as exc:
+        state = StateDir(state_path[0], take_over=args.take_over)
+    except StateDirLocked as exc:
         refuse(refused, "bad_state_dir", str(exc))
         _stop_local_node(local_node)
         return 2
@@ -2170,6 +2168,17 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         _stop_local_node(local_node)
         _close_state(state, state_path, temporary)
         return 2
+    try:
+        # Only once listening: a master that cannot listen (its port taken, most often by the
+        # master whose state directory it would take over) changes nothing of the journal.
+        journal = state.open(fresh=args.fresh, durable=not temporary)
+        restored = journal.start(f"master-{uuid.uuid4().hex[:8]}")
+    except JournalUnreadable as exc:
+        refuse(refused, "bad_state_dir", str(exc))
+        hub.stop()
+        _stop_local_node(local_node)
+        _close_state(state, state_path, temporary)
+        return 2
     address = hub.address("peers")
     local = hub.also_bound("peers")  # "" if its folder takes no Unix socket: TCP for all
     state.write_holder(address)
@@ -2215,7 +2224,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
             log.warning("dashboard_not_local", port=dashboard.port,
                         hint="anyone who can reach this port and has the token sees every "
                              "task, its story and its output (plain HTTP, no TLS)")
-    master_ref = Master.start(hub, state.journal, restored, node_timeout_s=args.node_timeout,
+    master_ref = Master.start(hub, journal, restored, node_timeout_s=args.node_timeout,
                               max_deaths=args.max_deaths,
                               restart_after_error=args.restart_after_error,
                               allowed=curve.allowed_dir, on_crash=crashed,
@@ -2242,7 +2251,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
             "address": address, "local_address": local, "pid": os.getpid(),
             "dashboard": dashboard.url if dashboard is not None else ""}))
     log.info("master_started", address=address, workers=args.workers, keys=keys,
-             tasks_dir=os.path.abspath(args.tasks_dir), epoch=state.journal.epoch,
+             tasks_dir=os.path.abspath(args.tasks_dir), epoch=journal.epoch,
              state_dir="" if temporary else str(state.path))
     if not args.no_banner:
         sys.stdout.write(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from actors.errors import JournalUnreadable, StateDirLocked
+from actors.errors import StateDirLocked
 from actors.journal import Journal
 
 log = structlog.get_logger("actors.state_dir")
@@ -32,29 +32,33 @@ def default_state_dir(host: str, port: int) -> Path:
 
 
 class StateDir:
-    def __init__(self, path: str | os.PathLike[str], *, take_over: bool = False,
-                 fresh: bool = False, durable: bool = True) -> None:
-        """Lock ``path`` (made if missing) and open its journal; ``fresh``: set an existing
-        journal aside first (renamed with the time, never deleted); ``durable`` False: a
-        journal that dies with its master (no fsync)."""
+    def __init__(self, path: str | os.PathLike[str], *, take_over: bool = False) -> None:
+        """Lock ``path`` (made if missing); with the lock held by another master, refuse
+        (``StateDirLocked``) unless ``take_over``. Nothing in it changes until ``open``: a
+        master that then cannot listen leaves the one it would take over serving."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         self.locked = self.relock()
+        self.holder = ""
         if not self.locked:
-            holder = os.pread(self._lock, 200, 0).decode(errors="replace").strip() or "unknown"
+            self.holder = os.pread(self._lock, 200, 0).decode(errors="replace").strip() or "unknown"
             if not take_over:
                 os.close(self._lock)
-                raise StateDirLocked(str(self.path), holder)
-            log.warning("state_dir_taken_over", path=str(self.path), holder=holder)
+                raise StateDirLocked(str(self.path), self.holder)
+        self.journal: Journal | None = None
+
+    def open(self, *, fresh: bool = False, durable: bool = True) -> Journal:
+        """Open the journal (``fresh``: set an existing one aside first, renamed with the time,
+        never deleted; ``durable`` False: one that dies with its master, no fsync). Taking it
+        over happens here: the journal's next epoch stops the master that held it."""
+        if not self.locked:
+            log.warning("state_dir_taken_over", path=str(self.path), holder=self.holder)
         self.write_holder("")
         if fresh:
             self.set_aside()
-        try:
-            self.journal = Journal(self.path / JOURNAL, durable=durable)
-        except JournalUnreadable:
-            os.close(self._lock)
-            raise
+        self.journal = Journal(self.path / JOURNAL, durable=durable)
+        return self.journal
 
     def relock(self) -> bool:
         """Whether this master holds the lock now (taken if free: after a take-over, once the
@@ -83,5 +87,6 @@ class StateDir:
                 log.warning("journal_set_aside", path=str(old), renamed=str(aside))
 
     def close(self) -> None:
-        self.journal.close()
+        if self.journal is not None:
+            self.journal.close()
         os.close(self._lock)  # closing the descriptor releases the flock

@@ -350,6 +350,32 @@ def test_a_second_master_on_the_same_state_directory_is_refused(tmp_path: Path) 
         first.wait(10)
 
 
+def test_a_take_over_that_cannot_listen_leaves_the_master_serving(tmp_path: Path) -> None:
+    """A second master with --take-over on a serving master's port and state directory (what
+    the first refusal's advice led a user to): it cannot listen, so it changes nothing; it took
+    the journal's next epoch before, and the master it meant to replace stopped (none served)."""
+    first, address = _master(tmp_path, "first")
+    node = _node(tmp_path, address, workers=1)
+    try:
+        port = address.rsplit(":", 1)[1]
+        proc = python("-m", "actors.master", "--port", port, "--workers", "0", "--keys",
+                      str(tmp_path / "keys"), "--state-dir", str(tmp_path / "state"),
+                      "--take-over", "--log-format", "json",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and "cannot_listen" in err, err[-2000:]
+        with Client(address, keys=tmp_path / "keys", timeout=60) as client:
+            # Running past a few of the journal's commits (each checks the epoch).
+            assert isinstance(client.submit(Sleepy, 1.0).result(timeout=60), int)
+            assert client.submit(Add, 2, 2).result(timeout=60) == 4
+        assert first.poll() is None
+        assert "master_superseded" not in (tmp_path / "first.log").read_text()
+    finally:
+        kill_all({first.pid, node.pid} | descendants(node.pid))
+        first.wait(10)
+        node.wait(10)
+
+
 def test_a_corrupt_journal_stops_the_start_with_the_way_out(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
