@@ -65,7 +65,7 @@ from actors.serialize import (
     loads_parts,
     rebuild_exception,
 )
-from actors.task import Task, check_arguments
+from actors.task import Task, check_arguments, check_named_arguments
 from actors.waiting import as_completed, futures_in, gather  # noqa: F401 (as_completed: its old home)
 from transport import ClientCurve, Hub, load_keypair, load_public_key
 
@@ -560,7 +560,7 @@ class Client:
         self._last_heartbeat = 0.0  # hub thread only
         self._hello_at = time.monotonic()  # when we last said Hello
         self._closed = False
-        self._names: dict[str, str] | None = None
+        self._names: dict[str, m.TaskListing] | None = None
         self._master_id = ""
         self._max_message = 0  # the largest message the master reads (its Welcome; 0: any)
         self._master_timeout = master_timeout
@@ -643,8 +643,10 @@ class Client:
             known = self._deployed_names(refresh=True)
             if name not in known:
                 raise UnknownTask(name, sorted(known))
+        listing = known[name]
+        check_named_arguments(name, listing.parameters, args, kwargs)
         task_id = _task_ids.new(name.rpartition(':')[2])
-        kind = "parallel" if known.get(name) == "ParallelTask" else "task"
+        kind = "parallel" if listing.kind == "ParallelTask" else "task"
         arguments, inputs = self._arguments(args, kwargs)
         submit = m.Submit(task_id=task_id, name=name, kind="", code=b"", args=arguments,
                           priority=priority, retries=retries, inputs=inputs)
@@ -718,10 +720,10 @@ class Client:
                     "package"), stacklevel=3)
         return found
 
-    def _deployed_names(self, refresh: bool = False) -> dict[str, str]:
-        """Deployed task name -> its kind (``Task``, ``ParallelTask``)."""
+    def _deployed_names(self, refresh: bool = False) -> dict[str, m.TaskListing]:
+        """Deployed task name -> its listing (kind ``Task`` or ``ParallelTask``, parameters)."""
         if refresh or self._names is None:
-            self._names = {t.name: t.kind for p in self.packages() for t in p.tasks}
+            self._names = {t.name: t for p in self.packages() for t in p.tasks}
         return self._names
 
     def packages(self, timeout: float = 10.0) -> list[m.PackageListing]:

@@ -160,6 +160,33 @@ def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, An
         ) from None
 
 
+def check_named_arguments(task: str, parameters: list[str] | None, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> None:
+    """What can be checked of arguments to a deployed task from its parameters' names alone
+    (its listing, read from the source: no defaults, keyword-only ones not told apart): a
+    keyword it has no parameter of, more positional arguments than it has parameters. The
+    worker checks the rest against the code itself."""
+    if parameters is None:
+        return
+    named = [p for p in parameters if not p.startswith("*")]
+    shown = f"{task}({', '.join(parameters)})"
+    if not any(p.startswith("*") and not p.startswith("**") for p in parameters) \
+            and len(args) > len(named):
+        raise InvalidArguments(shown, f"takes at most {len(named)} positional arguments but "
+                                      f"{len(args)} were given")
+    if any(p.startswith("**") for p in parameters):
+        return
+    unknown = []
+    for name in kwargs:
+        if name in named:
+            continue
+        close = difflib.get_close_matches(name, named, n=1)
+        unknown.append(f"unexpected keyword argument {name!r}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if unknown:
+        raise InvalidArguments(shown, "; ".join(unknown))
+
+
 def _explain_binding(signature: inspect.Signature, kwargs: dict[str, Any], reason: str) -> str:
     """``reason`` and every keyword the entry point does not take, with the closest name it does
     (Python names only the first problem it meets: a missing argument hides a misspelt one)."""

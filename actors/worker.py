@@ -56,7 +56,7 @@ from actors.core.worker_slot import (
     Slot,
     WorkerSlot,
 )
-from actors.errors import InputLost, MalformedMessage
+from actors.errors import InputLost, InvalidArguments, MalformedMessage
 from actors.inputs import resolving
 from actors.memory import sealed_file
 from actors.node_data import DATA_MARK, RESULTS_HOLDER
@@ -445,7 +445,7 @@ class Worker(HubShell):
             cls, args, kwargs = self._load(msg, version_path)
             instance = host_instance(cls)
             driver = start_driver(instance) if msg.driver and msg.kind == "parallel" else None
-        except InputLost as exc:  # not the code's fault, nor this process's
+        except (InputLost, InvalidArguments) as exc:  # not the code's fault, nor this process's
             self._fail_input(msg, exc)
             return
         except Exception as exc:
@@ -518,8 +518,11 @@ class Worker(HubShell):
             self._assign(waiting, self.input_path, self.backlog)
 
     def _fail_input(self, msg: m.AssignTask, exc: BaseException) -> None:
-        """An input could not be had: the task fails (not the worker: it serves on)."""
-        self.log.info("task_input_lost", task_id=msg.task_id, error=str(exc))
+        """An input could not be had, or the arguments do not fit the task's code (a deployed
+        task's, which the client could check only by name): the task fails, not the worker
+        (it serves on), nor the module (it loaded)."""
+        self.log.info("task_input_lost" if isinstance(exc, InputLost) else "task_arguments_refused",
+                      task_id=msg.task_id, error=str(exc))
         self.input_data.clear()
         self._stop_task()
         payload, type_name, text, tb = describe_exception(exc)
@@ -540,6 +543,12 @@ class Worker(HubShell):
         try:
             cls, args, kwargs = self._load(msg, self.loaded_path if msg.package else None)
             instance = host_instance(cls)
+        except InvalidArguments as exc:  # that task fails; the one running here goes on
+            self.log.info("task_arguments_refused", task_id=msg.task_id, error=str(exc))
+            payload, type_name, text, tb = describe_exception(exc)
+            self.send(NODE, TO_MASTER, message=m.TaskResult(
+                msg.task_id, m.UnitOutcome(-1, False, payload, type_name, text, tb)))
+            return
         except Exception as exc:
             self._fail_load(msg, exc, current=False)
             return

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from actors import Client, LocalCluster
-from actors.errors import UnknownTask
+from actors.errors import InvalidArguments, UnknownTask
 from tests.conftest import alive, descendants, kill_all, python_logged, start_master, wait_until
 
 pytestmark = pytest.mark.processes
@@ -162,6 +162,28 @@ def test_an_unknown_task_name_is_refused_at_submit_with_what_exists(tmp_path: Pa
         listing = {t.name: t for p in client.packages() for t in p.tasks}
         assert before <= listing["demo.jobs:Which"].last_run <= time.time()
         assert listing["demo.jobs:Squares"].last_run == 0.0
+
+
+def test_arguments_that_do_not_fit_a_deployed_task_fail_it_not_its_module(tmp_path: Path) -> None:
+    """A misspelt keyword is refused at submit from the listing's parameter names (nothing is
+    sent); what only the code can tell (a missing argument) fails the task on its worker,
+    which serves on, and the module is not listed broken."""
+    tasks = tmp_path / "tasks"
+    deploy(tasks, "one")
+    with LocalCluster(workers=1, tasks_dir=tasks) as cl, Client(cl) as client:
+        wait_until(lambda: versions(client), 20, "the package to be listed")
+        with pytest.raises(InvalidArguments, match="'gates' .did you mean 'gate'"):
+            client.submit("demo.jobs:Which", gates="")
+        with pytest.raises(InvalidArguments, match="at most 1 positional"):
+            client.submit("demo.jobs:Which", "", "")
+        gate = tmp_path / "open"
+        gate.touch()
+        worker = client.submit("demo.jobs:Where", str(gate)).result(timeout=30)[1]
+        with pytest.raises(InvalidArguments, match="missing a required argument: 'gate'"):
+            client.submit("demo.jobs:Where").result(timeout=30)
+        assert client.submit("demo.jobs:Where", str(gate)).result(timeout=30)[1] == worker
+        [listing] = client.packages()
+        assert listing.broken == [], listing.broken
 
 
 def test_a_package_that_fails_to_import_fails_only_its_task(tmp_path: Path) -> None:
