@@ -116,13 +116,52 @@ def test_a_pack_a_driver_could_not_have_made_is_refused_and_changes_nothing(
     assert s.state.tasks["t1"].units.open_units == {}
 
 
+def test_a_unit_past_those_sliced_is_refused_and_changes_nothing(s: Harness) -> None:
+    """A slicer numbers its units in order: a unit far past them (a worker's word) would have
+    sized the task's bitmap of journaled units to it (2**34: 2 GiB) once it finished."""
+    s(ev.UnitsSliced, "w1", "t1", [pack(0, 8), UnitCall(8, b"a")], False)
+    with pytest.raises(InvalidEvent, match="sliced in order"):
+        s(ev.UnitsSliced, "w1", "t1", [UnitCall(9, b"b"), UnitCall(2**34, b"c")], False)
+    book = s.state.tasks["t1"].units
+    assert sorted(book.open_units) == [0, 8] and book.sliced_end == 9
+    s(ev.UnitsSliced, "w1", "t1", [UnitCall(0, b"a"), UnitCall(9, b"b")], False)  # (a re-slice)
+    assert book.sliced_end == 10
+    with pytest.raises(InvalidEvent, match="no unit 12345 of t1"):
+        s(ev.UnitMissing, "w1", "t1", 12345)
+    assert book.missing_for == {}
+
+
+@pytest.mark.parametrize("elapsed", [float("inf"), float("nan"), -1.0, 1e12])
+def test_a_time_that_is_no_time_is_refused_and_changes_nothing(s: Harness, elapsed: float) -> None:
+    """What a worker says a run or a Task took is averaged into the times that size packs,
+    runs and fair shares: one infinite time made every later submit of its key raise."""
+    out = s(ev.UnitsSliced, "w1", "t1", [UnitCall(0, b"a")], True)
+    [run] = [i for i in out if isinstance(i, ev.Dispatch)]
+    with pytest.raises(InvalidEvent, match="elapsed"):
+        s(ev.UnitsFinished, "w1", "t1", run.run_id, [UnitOutcome(0, True, b"r")], elapsed)
+    assert s.state.tasks["t1"].units.unit_seconds is None
+    submit(s, "t2", kind="task")
+    with pytest.raises(InvalidEvent, match="elapsed"):
+        s(ev.TaskFinished, "w1", "t2", UnitOutcome(-1, True, b"r"), elapsed)
+    assert not s.state.task_seconds
+
+
+def test_units_measured_at_a_few_nanoseconds_are_packed_as_many_as_may_be(s: Harness) -> None:
+    out = s(ev.UnitsSliced, "w1", "t1", [UnitCall(0, b"a")], False)
+    [run] = [i for i in out if isinstance(i, ev.Dispatch)]
+    out = s(ev.UnitsFinished, "w1", "t1", run.run_id, [UnitOutcome(0, True, b"r")], 5e-324)
+    assert s.state.tasks["t1"].units.pack == MAX_PACK
+
+
 @pytest.mark.parametrize(("named", "reported"), [(21, "21"), (99, "16"), (-1, "16")])
 def test_a_failing_pack_names_the_unit_that_raised_if_it_is_in_the_pack(
         s: Harness, named: int, reported: str) -> None:
-    out = s(ev.UnitsSliced, "w1", "t1", [pack(16, 8)], True)
+    out = s(ev.UnitsSliced, "w1", "t1", [pack(0, 16), pack(16, 8)], True)
     [run] = [i for i in out if isinstance(i, ev.Dispatch)]
+    assert [(u.index, u.count) for u in run.units] == [(0, 16), (16, 8)]
+    good = UnitOutcome(0, True, b"r0", count=16)
     bad = UnitOutcome(16, False, b"exc", "builtins.KeyError", "'x'", "tb", count=8, unit=named)
-    out = s(ev.UnitsFinished, "w1", "t1", run.run_id, [bad], 0.01)
+    out = s(ev.UnitsFinished, "w1", "t1", run.run_id, [good, bad], 0.01)
     assert [i.unit for i in out if isinstance(i, ev.ReportErred)] == [reported]
 
 

@@ -222,6 +222,9 @@ STORY_OPEN_UNITS = 100  # open units a story lists where they are
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
 # Salvaged unit results (a worker's word) mark a bit each in the task's journaled bitmap: bounded.
 MAX_SALVAGED_INDEX = 1 << 24
+# The most a worker may say a run or a Task took (a worker's word, averaged into the times
+# that size packs and runs and into fair shares): a year; beyond, or not a number, refused.
+MAX_ELAPSED_S = 365 * 86400.0
 
 StoryEntry = tuple[str, str, str, str, float]
 
@@ -346,9 +349,10 @@ def _pack_for(unit_seconds: float, result_bytes: float = 0.0) -> int:
     many bytes: a power of two (packs keep their bounds while it moves a little), 1 for units
     of PACK_SECONDS or more, and no more than keep a pack's results inline (a larger result
     stays on its worker, for the driver to gather)."""
-    wanted = int(PACK_SECONDS / unit_seconds) if unit_seconds > 0 else MAX_PACK
+    # (min before int: a unit measured at a few nanoseconds makes the ratio too large for one)
+    wanted = int(min(PACK_SECONDS / unit_seconds, MAX_PACK)) if unit_seconds > 0 else MAX_PACK
     if result_bytes > 0:
-        wanted = min(wanted, int(INLINE_RESULT_BYTES / result_bytes))
+        wanted = min(wanted, int(min(INLINE_RESULT_BYTES / result_bytes, MAX_PACK)))
     return pack_size(wanted)
 
 
@@ -633,7 +637,9 @@ class SchedulerState:
         match event:
             case TaskSubmitted(kind=kind) if kind not in _TASK_KINDS:
                 raise InvalidEvent(event, f"unknown task kind {kind!r}")
-            case UnitsSliced(units=units):
+            case UnitsSliced(task_id=task_id, units=units):
+                found = self.tasks.get(task_id)
+                end = found.units.sliced_end if found is not None else 0
                 for unit in units:
                     if unit.index < 0 or (unit.deps and any(not 0 <= dep < unit.index
                                                             for dep in unit.deps)):
@@ -643,6 +649,15 @@ class SchedulerState:
                     if unit.count and (not 0 < unit.count <= MAX_PACK or unit.deps or unit.keep):
                         raise InvalidEvent(event, f"a pack of {unit.count} units at {unit.index}: "
                                                   f"1 to {MAX_PACK} plain units")
+                    if unit.index > end:
+                        # A slicer numbers its units in order (a restarted one from 0 again): an
+                        # index past them would size the task's bitmap and books to it.
+                        raise InvalidEvent(event, f"unit {unit.index} after {end} units sliced: "
+                                                  "units are sliced in order")
+                    end = max(end, unit.index + (unit.count or 1))
+            case TaskFinished(elapsed=elapsed) | UnitsFinished(elapsed=elapsed) \
+                    if not 0.0 <= elapsed <= MAX_ELAPSED_S:
+                raise InvalidEvent(event, f"elapsed {elapsed!r}: seconds, 0 to {MAX_ELAPSED_S:.0f}")
 
     def idle(self) -> bool:
         """Nothing running, nothing queued (a stale queue entry, not yet popped, counts as
@@ -941,6 +956,10 @@ class SchedulerState:
             elif index in units.carried:  # still running on a lost driver's helper:
                 self._undo.discard(units.carried, index)  # its result comes forwarded
         self._undo.set(task.units, "sliced_all", event.done)
+        if event.units:
+            end = max(unit.index + (unit.count or 1) for unit in event.units)
+            if end > units.sliced_end:
+                self._undo.set(units, "sliced_end", end)
         if replay:
             self._count_replayed_packs(units, replay)
             driver = self.workers[event.worker_id]
@@ -1146,6 +1165,12 @@ class SchedulerState:
                                          [(holder.worker_id, self._address(holder))],
                                          task.units.sizes.get(event.index, -1)))
             return
+        units = task.units
+        if (event.index not in units.kept and event.index not in units.open_units
+                and event.index >= units.sliced_end):
+            # (before any change: what it would record stays, one entry an index, until the
+            # task ends; a restarted driver slices the unit again, and the worker asks again)
+            raise InvalidEvent(event, f"no unit {event.index} of {task.task_id} was sliced")
         askers = task.units.missing_for.get(event.index)
         if askers is None:
             askers = set()

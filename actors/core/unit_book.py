@@ -56,6 +56,7 @@ class UnitBook:
     journaled: bytearray = field(default_factory=bytearray)
     journaled_count: int = 0
     sliced_all: bool = False
+    sliced_end: int = 0  # one past the highest unit sliced so far (by any of its drivers)
     unit_seconds: float | None = None  # moving average of one unit's run time
     steals: set[int] = field(default_factory=set)  # run ids asked back
     steal_pending: bool = False  # a steal request is waiting for its answer
