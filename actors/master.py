@@ -84,7 +84,15 @@ from actors.serialize import describe_exception
 from actors.shell import HubShell, Inbound, PeerDisconnected, Tick, tell_if_alive
 from actors.state_dir import StateDir, default_state_dir
 from actors.task_sync import Catalogue, InstanceUses, TaskSyncServer
-from actors.watch import OUTPUT_LINES, OutputRings, TaskStream, Throughput, overview, task_detail
+from actors.watch import (
+    OUTPUT_LINES,
+    OutputRings,
+    TaskStream,
+    Throughput,
+    overview,
+    task_detail,
+    trimmed,
+)
 from transport import Hub, ServerCurve, load_keypair
 from transport.keys import AllowList, allowed_dir
 
@@ -94,6 +102,9 @@ SOCKET = "peers"
 HEARTBEAT_S = 1.0
 STORY_WAIT_S = 1.0  # how long a story request waits for workers that do not answer
 MAX_RETRIES = 100
+# A submit's task id and name: the scheduler, the journal and every story keep them.
+MAX_ID_CHARS = 512
+MAX_NAME_CHARS = 1024
 MAX_SCATTERING = 8  # a client's large scatters announced to a node and not yet stored there
 COMMIT_RETRY_MAX_S = 30.0  # the longest wait before trying again a journal that failed to write
 # Code at least this big goes to a worker once: later assignments name it by its hash. Smaller
@@ -1039,6 +1050,15 @@ class Master(HubShell):
 
     def _submit(self, peer: Peer, msg: m.Submit) -> None:
         kind, package, version = msg.kind, "", ""
+        if len(msg.task_id) > MAX_ID_CHARS or len(msg.name) > MAX_NAME_CHARS:
+            self._refuse_submit(peer, msg, ValueError(
+                f"a task id is at most {MAX_ID_CHARS} characters, its name {MAX_NAME_CHARS}"))
+            return
+        if msg.code and not msg.code_hash:
+            # Code is kept (and counted against its client's bound) under its hash: code without
+            # one would be held as each task's own, counted nowhere.
+            self._refuse_submit(peer, msg, ValueError("shipped code comes with its code_hash"))
+            return
         # The code first, whatever comes of the submit: its client ships a code once and names
         # it by its hash from then on, refused or not.
         if msg.code_hash and not self._keep_code(peer, msg):
@@ -1131,6 +1151,15 @@ class Master(HubShell):
                 f"{MAX_CODE_PER_CLIENT >> 20} MiB on the master: ship fewer distinct classes "
                 "(or deploy them as a package)"))
             return False
+        if self.max_key_bytes:
+            # Its key's other clients' code too (once a class and client: a pass is cheap here),
+            # or one key's many clients would each keep their bound of it.
+            owner = peer.owner or peer.peer_id
+            code = sum(len(c) for client, codes in self.codes.items()
+                       if self._owner_of(client) == owner for c in codes.values())
+            if (full := self._over_budget(peer, code + len(msg.code))) is not None:
+                self._refuse_submit(peer, msg, full)
+                return False
         shipped[msg.code_hash] = msg.code
         self.journal.code_added(peer.peer_id, msg.code_hash, msg.code)
         return True
@@ -1383,7 +1412,7 @@ class Master(HubShell):
             self.log.debug("task_news_dropped", task_id=msg.task_id, worker_id=worker_id)
             return
         if isinstance(msg, m.TaskOutput):
-            lines, dropped = msg.lines[:MAX_OUTPUT_LINES], max(0, msg.dropped)
+            lines, dropped = [trimmed(line) for line in msg.lines[:MAX_OUTPUT_LINES]], max(0, msg.dropped)
             dropped += len(msg.lines) - len(lines)
             self.outputs.add(msg.task_id, worker_id, lines, dropped)
             self._to_client(task.client_id, msgspec.structs.replace(

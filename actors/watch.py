@@ -24,12 +24,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from actors.core.scheduler_events import TaskKind, TaskStatus
 from actors.core.scheduler_state import SchedulerState, StoryEntry, TaskRecord
 from actors.messages import OutputLine
 
 OUTPUT_LINES = 1_000  # per task
 OUTPUT_BYTES = 32 << 20  # all tasks together
+LABEL_CHARS = 200  # of a line's stream, level, logger or phase name (a worker's word)
+
+
+def line_size(line: OutputLine) -> int:
+    """What a kept line counts against the budget: its every string."""
+    return len(line.text) + len(line.stream) + len(line.level) + len(line.logger) + len(line.phase)
+
+
+def trimmed(line: OutputLine) -> OutputLine:
+    """The line with its labels cut to ``LABEL_CHARS`` (a worker's code writes them; a
+    megabyte in a logger's name was kept, and forwarded, as if it were no text at all)."""
+    if max(len(line.stream), len(line.level), len(line.logger), len(line.phase)) <= LABEL_CHARS:
+        return line
+    return msgspec.structs.replace(
+        line, stream=line.stream[:LABEL_CHARS], level=line.level[:LABEL_CHARS],
+        logger=line.logger[:LABEL_CHARS], phase=line.phase[:LABEL_CHARS])
 STREAM_EVENTS = 5_000
 STREAM_OPEN = 20_000  # runs dispatched and not answered (a lost worker's never are)
 STREAM_WINDOW_S = 60.0  # what the page's task stream shows
@@ -66,8 +84,9 @@ class OutputRings:
         ring.dropped += dropped
         for line in lines:
             ring.lines.append((worker_id, line))
-            ring.size += len(line.text)
-            self.size += len(line.text)
+            size = line_size(line)
+            ring.size += size
+            self.size += size
         while len(ring.lines) > self.max_lines:
             self._pop_oldest(ring)
         while self.size > self.budget and self.rings:
@@ -81,8 +100,9 @@ class OutputRings:
 
     def _pop_oldest(self, ring: _Ring) -> None:
         _, line = ring.lines.popleft()
-        ring.size -= len(line.text)
-        self.size -= len(line.text)
+        size = line_size(line)
+        ring.size -= size
+        self.size -= size
         ring.dropped += 1
 
     def get(self, task_id: str, limit: int) -> tuple[list[tuple[str, OutputLine]], int]:

@@ -71,6 +71,38 @@ def test_a_key_past_its_budget_is_refused_at_once_and_other_keys_are_not(
         master.wait(10)
 
 
+def test_shipped_code_counts_in_its_keys_budget_and_comes_with_its_hash(tmp_path: Path) -> None:
+    """The code a client ships is kept for its later tasks: counted in its key's budget (six
+    clients of one key each kept up to the per-client bound of 1 GiB), and kept only under
+    its hash (code sent without one was held as each task's own, counted nowhere)."""
+    from actors import messages as m
+
+    class Heavy(Task):  # (defined here: shipped by value, with the data it captures)
+        BLOB = os.urandom(3 * MIB)
+
+        def work(self) -> int:
+            return len(self.BLOB)
+
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", str(keys),
+                                   "--max-key-memory", "2")
+    try:
+        with Client(address, keys=keys) as client:
+            error = client.submit(Heavy).exception(timeout=60)
+            assert isinstance(error, MemoryBudgetFull), error
+            task_id = "raw-0123456789abcdef"
+            future = client.submit(Nop, b"")  # (a future to read the raw submit's end through)
+            raw = client._futures[task_id] = type(future)(client, task_id, "raw")
+            client._send(m.Submit(task_id=task_id, name="Nop", kind="task", code=b"\x80code",
+                                  args=b"\x80args"))
+            with pytest.raises(ValueError, match="code_hash"):
+                raw.result(timeout=60)
+            assert client.info().tasks_queued == 1  # the Nop alone
+    finally:
+        kill_all(descendants(master.pid) | {master.pid})
+        master.wait(10)
+
+
 def test_kept_results_count_until_their_futures_are_released(tmp_path: Path) -> None:
     """The master keeps a small result while its future is held (a later task may name it):
     a client that holds every future fills its budget with results; releasing them frees it."""

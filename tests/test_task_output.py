@@ -350,3 +350,26 @@ def test_output_forged_by_another_worker_never_reaches_the_tasks_client(
     open_gate(gate)
     assert fut.result(timeout=60) == "through"
     assert [line.text for line in fut.logs()] == ["mine"]
+
+
+def test_what_a_line_keeps_counts_every_string_and_labels_are_cut() -> None:
+    """The master keeps tasks' output within a byte budget: a line's labels are a worker's word
+    too (a megabyte as a logger's name counted as no bytes: two tasks held 2 GiB)."""
+    from actors.messages import OutputLine
+    from actors.watch import LABEL_CHARS, OutputRings, trimmed
+
+    huge = OutputLine(stream="log", level="INFO", logger="x" * (1 << 20), phase="work", unit=-1,
+                      text="", time=0.0)
+    cut = trimmed(huge)
+    assert cut.logger == "x" * LABEL_CHARS and cut.level == "INFO" and cut.phase == "work"
+    plain = OutputLine(stream="stdout", level="", logger="", phase="work", unit=-1, text="hi",
+                       time=0.0)
+    assert trimmed(plain) is plain
+    rings = OutputRings(budget=10 * LABEL_CHARS)
+    for n in range(100):
+        rings.add(f"task-{n}", "w1", [huge], 0)
+    assert len(rings.rings) == 1  # (the newest line is kept whole, alone)
+    rings = OutputRings(budget=3 * (LABEL_CHARS + 16))
+    for n in range(100):
+        rings.add(f"task-{n}", "w1", [cut], 0)
+    assert len(rings.rings) == 3
