@@ -197,6 +197,7 @@ class Scattering:
     client_id: str
     owner: str  # the client's key (Z85), which the node admits to its results socket
     size: int
+    told: bool = False  # the client was told where (ScatterAt)
 
 
 @dataclass
@@ -895,6 +896,10 @@ class Master(HubShell):
                 pass
             case m.Received(task_ids=task_ids):
                 for task_id in task_ids:
+                    if self._unfinished(task_id):
+                        # (a client's word: its journaled submission would go, and a restart
+                        # lose the task it was told was durable)
+                        continue
                     self.journal.delivered(task_id, peer.peer_id)
                 held = [t for t in task_ids if self.delivering.get(t, ("", ""))[1] == peer.peer_id]
                 # A held result its client may still pass to a later task stays on its node.
@@ -1170,6 +1175,11 @@ class Master(HubShell):
         return (task_id in self.scheduler.tasks or task_id in self.backlog
                 or self.journal.knows(task_id) or task_id in self.inputs.kept
                 or task_id in self.inputs.refs or task_id in self.scattering)
+
+    def _unfinished(self, task_id: str) -> bool:
+        """A task here that has not ended: queued, running, or held back."""
+        task = self.scheduler.tasks.get(task_id)
+        return (task is not None and not task.finished) or task_id in self.backlog
 
     def _client_of(self, task_id: str) -> str | None:
         """The client whose task (or scattered data) this id is, where the master holds it."""
@@ -1827,6 +1837,13 @@ class Master(HubShell):
         reason = ""
         if not task_id.startswith("scatter-") or len(task_id) > 64:
             reason = "a scattered result's id is scatter-<hex>"
+        elif (under_way := self.scattering.get(task_id)) is not None \
+                and under_way.client_id == client_id and under_way.size == msg.size:
+            # Its client's again, after a reconnect (an answer may have been lost): the first
+            # stands; where it goes is said again once known.
+            if under_way.told:
+                self._tell_where(task_id, under_way)
+            return
         elif (task_id in self.scheduler.tasks or task_id in self.scattering
               or task_id in self.backlog or self.journal.knows(task_id)):
             reason = "that id is taken"
@@ -1870,7 +1887,7 @@ class Master(HubShell):
                           client_id=scattering.client_id, size=scattering.size)
             return
         self.scatter_turn += 1
-        scattering.node_id = nodes[self.scatter_turn % len(nodes)]
+        scattering.node_id, scattering.told = nodes[self.scatter_turn % len(nodes)], False
         # The client hears where once the node admits its key (ScatterExpected): told at once,
         # its connection could reach the node first and be refused for good.
         self.send(SOCKET, scattering.node_id.encode(), message=m.ExpectScatter(
@@ -1893,9 +1910,13 @@ class Master(HubShell):
         if pending is None or pending.node_id != node.peer_id:
             self._refused(node, msg, "no scatter of that id was sent to this node")
             return
-        address, server_key = self.result_ends.get(node.peer_id, ("", ""))
-        self._to_client(pending.client_id,
-                        m.ScatterAt(msg.task_id, node.peer_id, address, server_key))
+        pending.told = True
+        self._tell_where(msg.task_id, pending)
+
+    def _tell_where(self, task_id: str, scattering: Scattering) -> None:
+        address, server_key = self.result_ends.get(scattering.node_id, ("", ""))
+        self._to_client(scattering.client_id,
+                        m.ScatterAt(task_id, scattering.node_id, address, server_key))
 
     def _scattered(self, node: Peer, msg: m.Scattered) -> None:
         """A node holds a client's scattered data (or could not take it)."""

@@ -318,6 +318,24 @@ def test_tasks_held_back_past_the_window_survive_a_kill_9_of_the_master(
 
 
 @pytest.mark.parametrize("restartable", [1], indirect=True)
+def test_a_received_for_a_task_not_ended_leaves_it_in_the_journal(
+        restartable: Restartable) -> None:
+    """``Received`` is a client's word that a task's end arrived: for a task that has not
+    ended it would drop the submission from the journal, and a restart lose the task its
+    client was told was durable (Accepted)."""
+    client = restartable.client
+    blocker = client.submit(Sleepy, 2.0)
+    queued = client.submit(Add, 1, 2)  # behind it, on the one worker
+    wait_until(lambda: not client._unaccepted, 60, "both to be journaled")
+    client._send(m.Received([queued.task_id]))
+    later = client.submit(Add, 5, 5)  # journaled in the same commit as the Received, or after
+    wait_until(lambda: not client._unaccepted, 60, "the later one to be journaled")
+    restartable.restart()
+    assert isinstance(blocker.result(timeout=120), int)
+    assert queued.result(timeout=120) == 3 and later.result(timeout=120) == 10
+
+
+@pytest.mark.parametrize("restartable", [1], indirect=True)
 def test_a_task_running_when_the_master_dies_is_taken_back_not_run_again(
         restartable: Restartable, tmp_path: Path) -> None:
     """kill -9 of the master while a plain Task runs on a node's only worker; a master restarted

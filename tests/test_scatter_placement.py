@@ -1,6 +1,6 @@
 """Large scattered data goes to a node that can hold it: it waits for one where there is none
 yet (a cluster starting, nodes rejoining a restarted master) and moves off one that is lost
-before it confirmed. Real processes: a master, a node, and a bare socket playing a node that
+before it confirmed; sent again by its client (after a reconnect), it is the same scatter. Real processes: a master, a node, and a bare socket playing a node that
 takes the data's announcement and leaves."""
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ def test_a_large_scatter_waits_for_a_node_and_moves_off_one_that_is_lost(tmp_pat
             # A node joins: the data is announced to it; it leaves without taking it.
             fake = _node_socket(address, keys, "node-fake")
             assert _announced(fake, task_id)
+            # What the client sends again after a reconnect: the same scatter, not a new one
+            # (it was refused as an id taken, and the first failed with it).
+            size = sum(memoryview(part).nbytes for part in client._scattering[task_id])
+            client._send(m.Scatter(task_id, size=size))
             fake.send(m.encode(m.Bye("leaving")))
             wait_until(lambda: _waits_logged(log) == 2 or done, 30, "the scatter to wait again")
             assert not done, done
