@@ -373,7 +373,10 @@ def rebuild_exception(
     if not remote_traceback:  # raised by the runtime itself (WorkerKilled): nothing to add
         return exc
     detail = f"\n\nRemote traceback ({where}):\n{remote_traceback.rstrip()}"
-    if len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args):
+    # Only where the message shows as it is: a KeyError shows its repr, and the traceback in
+    # it read as one line of escapes ('k\n\nRemote traceback...').
+    if len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args) \
+            and str(exc) == (exc.args[0] if exc.args else ""):
         try:
             extended = type(exc)((exc.args[0] if exc.args else "") + detail)
             extended.__dict__.update(exc.__dict__)

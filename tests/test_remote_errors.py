@@ -157,6 +157,18 @@ def test_an_exception_not_built_from_one_message_gets_the_traceback_as_a_note() 
     assert "in two_messages" in back.__notes__[0]
 
 
+def test_a_key_error_keeps_its_key_and_gets_the_traceback_as_a_note() -> None:
+    """A KeyError shows the repr of its message: a traceback added to it read as one line of
+    escapes. Its key stays its key, the traceback a note printed below it."""
+    def looks_up() -> None:
+        {}["missing"]
+
+    back = rebuild_exception(*describe_exception(raised(looks_up)), where="task t1")
+    assert type(back) is KeyError and back.args == ("missing",) and str(back) == "'missing'"
+    assert back.__notes__[0].startswith("Remote traceback (task t1):\n")
+    assert "in looks_up" in back.__notes__[0]
+
+
 def test_a_notebook_cells_frames_are_named_as_the_notebook_names_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Code shipped from a notebook runs from a file only the worker has: its frames say
