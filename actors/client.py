@@ -37,6 +37,7 @@ from actors.cluster import LocalCluster
 from actors.display import TaskLine, in_notebook, show_lines
 from actors.errors import (
     ActorsError,
+    ArgumentsNotSerializable,
     ClientClosed,
     ClusterStartFailed,
     ConnectFailed,
@@ -456,6 +457,19 @@ _task_ids = _TaskIds()
 os.register_at_fork(after_in_child=_task_ids.forget)
 
 
+def _not_serializable(task: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      exc: Exception) -> ArgumentsNotSerializable:
+    """Which argument would not pickle (each tried alone, on this failure path only)."""
+    named = [(f"argument {n + 1}", value) for n, value in enumerate(args)]
+    named += [(f"argument {name!r}", value) for name, value in kwargs.items()]
+    for what, value in named:
+        try:
+            dumps(value)
+        except Exception as alone:
+            return ArgumentsNotSerializable(task, what, type(value).__qualname__, str(alone))
+    return ArgumentsNotSerializable(task, "the arguments", type(exc).__name__, str(exc))
+
+
 def _check_options(priority: int, retries: int) -> None:
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
@@ -630,7 +644,7 @@ class Client:
             check_arguments(task, args, kwargs)
         code_hash, code = self._code_of(task)
         task_id = _task_ids.new(task.__name__)
-        arguments, inputs = self._arguments(args, kwargs)
+        arguments, inputs = self._arguments(args, kwargs, task.__qualname__)
         submit = m.Submit(task_id=task_id, name=task.__qualname__, kind=task.task_kind, code=b"",
                           args=arguments, priority=priority, retries=retries,
                           code_hash=code_hash, inputs=inputs)
@@ -647,7 +661,7 @@ class Client:
         check_named_arguments(name, listing.parameters, args, kwargs)
         task_id = _task_ids.new(name.rpartition(':')[2])
         kind = "parallel" if listing.kind == "ParallelTask" else "task"
-        arguments, inputs = self._arguments(args, kwargs)
+        arguments, inputs = self._arguments(args, kwargs, name)
         submit = m.Submit(task_id=task_id, name=name, kind="", code=b"", args=arguments,
                           priority=priority, retries=retries, inputs=inputs)
         return _Prepared(submit, name, kind, b"")
@@ -691,13 +705,17 @@ class Client:
             raise
         return made
 
-    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   task: str = "the task") -> tuple[bytes, list[str]]:
         """The pickled arguments, and the tasks whose futures are among them (its inputs)."""
         plain = dumps_scalar_call(args, kwargs)
         if plain is not None:
             return plain, []
         with collecting() as found:
-            arguments = dumps((args, kwargs))
+            try:
+                arguments = dumps((args, kwargs))
+            except Exception as exc:
+                raise _not_serializable(task, args, kwargs, exc) from exc
         for fut in found.values():
             if fut._client is not self:
                 raise ValueError(f"the future {fut.task_id} among the arguments is another "
@@ -710,7 +728,11 @@ class Client:
     def _code_of(self, task: type[Task]) -> tuple[str, bytes]:
         found = self._code_cache.get(task)
         if found is None:
-            code = dumps_task_class(task)
+            try:
+                code = dumps_task_class(task)
+            except Exception as exc:  # (what its code captures: a lambda's open file...)
+                raise ArgumentsNotSerializable(task.__qualname__, "the task's code",
+                                               type(exc).__name__, str(exc)) from exc
             found = self._code_cache[task] = (hashlib.sha256(code).hexdigest(), code)
             if len(code) > LARGE_CODE_BYTES:
                 warnings.warn(LargePayloadWarning(

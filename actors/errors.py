@@ -346,6 +346,23 @@ class NoSuchTask(ActorsError, LookupError):
 # --- running tasks ----------------------------------------------------------
 
 
+class ArgumentsNotSerializable(ActorsError, TypeError):
+    """What a submit would send (an argument, or the task's code and what it captures) could
+    not be pickled to travel to a worker; nothing was sent."""
+
+    def __init__(self, task: str, what: str, type_name: str, reason: str) -> None:
+        super().__init__(task, what, type_name, reason)
+        self.task = task
+        self.what = what  # "argument 2", "argument 'path'", "the task's code"
+        self.type_name = type_name
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (f"{self.what} of {self.task} cannot be sent to a worker: a {self.type_name} "
+                f"({self.reason}); pass plain data (numbers, strings, lists, dicts, arrays, a "
+                "path) and make locks, open files, sockets and connections inside the task")
+
+
 class ResultNotSerializable(ActorsError, TypeError):
     """A task's (or unit's) return value could not be pickled to travel back."""
 

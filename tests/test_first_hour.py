@@ -22,6 +22,7 @@ from actors import Client, LocalCluster, ParallelTask, Task
 from actors import messages as m
 from actors.client import Future
 from actors.errors import (
+    ArgumentsNotSerializable,
     ClientClosed,
     CodeUnknown,
     InvalidAddress,
@@ -130,8 +131,8 @@ def test_an_exception_in_the_slicer_arrives_like_one_from_work(
         client: Client, user_module: types.ModuleType) -> None:
     with pytest.raises(KeyError) as info:
         client.submit(user_module.SlicerFails, 2).result(timeout=30)
-    text = info.value.args[0]
-    assert text.startswith("no more slices")
+    assert info.value.args == ("no more slices",)  # (a KeyError's traceback is a note)
+    [text] = info.value.__notes__
     assert "in get_work, the task's slicer" in text
     assert 'raise KeyError("no more slices")' in text and ", in get_work" in text
 
@@ -236,6 +237,21 @@ def test_a_result_that_cannot_travel_names_the_task_unit_and_type(client: Client
         gen.result(timeout=30)
     assert info.value.type_name == "builtins.generator"
     assert client.submit(Square, 3).result(timeout=30) == 9  # the cluster goes on serving
+
+
+def test_an_argument_or_code_that_cannot_travel_is_refused_at_submit_naming_it(
+        client: Client, tmp_path: Path) -> None:
+    import threading
+
+    with pytest.raises(ArgumentsNotSerializable, match="argument 1 of Square") as info:
+        client.submit(Square, threading.Lock())
+    assert info.value.type_name == "lock" and "make locks" in str(info.value)
+    with pytest.raises(ArgumentsNotSerializable, match="argument 'lock' of "):
+        client.submit(lambda x, lock: x, 1, lock=threading.Lock())
+    with open(tmp_path / "out", "w") as out, \
+            pytest.raises(ArgumentsNotSerializable, match="the task's code"):
+        client.submit(lambda: out.write("x"))
+    assert client.submit(Square, 3).result(timeout=30) == 9  # nothing left behind
 
 
 # --- code shipped once ------------------------------------------------------------------------
