@@ -8,6 +8,7 @@ exception from, and these errors cross process boundaries.
 from __future__ import annotations
 
 import concurrent.futures
+import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -326,8 +327,14 @@ class UnknownTask(ActorsError, LookupError):
         self.known = list(known)
 
     def __str__(self) -> str:
-        known = ", ".join(self.known) if self.known else "none"
-        return f"unknown task {self.name!r}; known: {known}"
+        if not self.known:
+            return (f"unknown task {self.name!r}: no task is deployed on this master (it reads "
+                    "packages from its --tasks-dir, ./tasks by default; `python -m actors "
+                    "packages` lists what it has)")
+        close = difflib.get_close_matches(self.name, self.known, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"unknown task {self.name!r}{hint}; deployed tasks are named "
+                f"package.module:Class, known: {', '.join(self.known)}")
 
 
 class NoSuchTask(ActorsError, LookupError):

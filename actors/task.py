@@ -147,6 +147,10 @@ def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, An
     """Refuse, before anything is sent, arguments that do not fit the task's entry point."""
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise InvalidArguments(repr(cls), "not a Task or ParallelTask subclass, nor a function")
+    missing = _undefined(cls)
+    if missing:
+        raise InvalidArguments(cls.__qualname__, f"it must define {' and '.join(missing)} (it "
+                                                 "would fail on its worker)")
     entry = cls.task_entry()
     fewest, most = _positional_range(entry)
     if not kwargs and fewest <= len(args) <= most:
@@ -158,6 +162,15 @@ def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, An
             f"{cls.__qualname__}.{entry.__name__}{_signature(entry)}",
             _explain_binding(_signature(entry), kwargs, str(exc)),
         ) from None
+
+
+def _undefined(cls: type[Task]) -> list[str]:
+    """The methods a task class must define and inherits from ours instead."""
+    if issubclass(cls, ParallelTask):
+        wanted = [("get_work", ParallelTask.get_work), ("work_unit", ParallelTask.work_unit)]
+    else:
+        wanted = [("work", Task.work)]
+    return [f"{name}()" for name, ours in wanted if getattr(cls, name) is ours]
 
 
 def check_named_arguments(task: str, parameters: list[str] | None, args: tuple[Any, ...],

@@ -44,3 +44,26 @@ def test_a_call_is_refused_exactly_when_binding_refuses_it(
     else:
         with pytest.raises(InvalidArguments):
             check_arguments(cls, args, keywords)
+
+
+def test_an_unknown_task_says_where_tasks_come_from_and_the_closest_name() -> None:
+    from actors.errors import UnknownTask
+
+    assert "--tasks-dir" in str(UnknownTask("Nope"))
+    assert "did you mean 'a.b:Count'" in str(UnknownTask("a.b:Cuont", ["a.b:Count", "a.b:Sum"]))
+
+
+def test_a_task_class_without_its_methods_is_refused_before_it_is_sent() -> None:
+    from actors import ParallelTask
+
+    class NoWork(Task):
+        pass
+
+    class NoUnits(ParallelTask):
+        def get_work(self, n):
+            return range(n)
+
+    with pytest.raises(InvalidArguments, match=r"NoWork: it must define work\(\)"):
+        check_arguments(NoWork, (), {})
+    with pytest.raises(InvalidArguments, match=r"must define work_unit\(\)"):
+        check_arguments(NoUnits, (3,), {})

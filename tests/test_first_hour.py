@@ -27,6 +27,7 @@ from actors.errors import (
     CodeUnknown,
     InvalidAddress,
     InvalidArguments,
+    KeyFileError,
     KeyRefused,
     LargePayloadWarning,
     ResultNotSerializable,
@@ -157,6 +158,12 @@ def test_a_bad_address_raises_a_typed_error_and_the_process_exits(address: str) 
     assert done.stdout.startswith("InvalidAddress") and "HOST:PORT" in done.stdout
     with pytest.raises(InvalidAddress):
         Client(address)
+
+
+def test_a_key_folder_that_is_not_there_is_named_so(tmp_path: Path) -> None:
+    """Not an "invalid certificate file" inside it: the folder itself is missing."""
+    with pytest.raises(KeyFileError, match="no such key folder: pass the one"):
+        Client("127.0.0.1:5555", keys=tmp_path / "nowhere", timeout=5)
 
 
 def test_a_client_accepts_host_port_without_the_scheme(cluster: LocalCluster) -> None:

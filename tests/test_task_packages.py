@@ -153,6 +153,8 @@ def test_an_unknown_task_name_is_refused_at_submit_with_what_exists(tmp_path: Pa
         with pytest.raises(UnknownTask) as info:
             client.submit("demo.jobs:Nope")
         assert "demo.jobs:Which" in str(info.value) and "demo.jobs:Squares" in str(info.value)
+        with pytest.raises(UnknownTask, match="did you mean 'demo.jobs:Which'"):
+            client.submit("demo.jobs:Wich")
         listing = {t.name: t for p in client.packages() for t in p.tasks}
         assert listing["demo.jobs:Which"].parameters == ["gate"]
         assert listing["demo.jobs:Squares"].kind == "ParallelTask"

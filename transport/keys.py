@@ -140,7 +140,15 @@ def allowed_dir(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _missing_folder(directory: str | os.PathLike[str]) -> None:
+    if not Path(directory).is_dir():
+        raise KeyFileError(str(directory), "no such key folder: pass the one the master's banner "
+                                           "names (keys=...), or copy it here from the master's "
+                                           "host (python -m actors keys --help)")
+
+
 def load_keypair(directory: str | os.PathLike[str], role: str) -> KeyPair:
+    _missing_folder(directory)
     path = Path(directory) / f"{role}.key_secret"
     try:
         public, secret = zmq.auth.load_certificate(str(path))
@@ -152,6 +160,7 @@ def load_keypair(directory: str | os.PathLike[str], role: str) -> KeyPair:
 
 
 def load_public_key(directory: str | os.PathLike[str], role: str) -> bytes:
+    _missing_folder(directory)
     path = Path(directory) / f"{role}.key"
     try:
         public, _ = zmq.auth.load_certificate(str(path))
