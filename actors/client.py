@@ -18,6 +18,7 @@ import itertools
 import mmap
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -457,6 +458,16 @@ _task_ids = _TaskIds()
 os.register_at_fork(after_in_child=_task_ids.forget)
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the caller's first frame outside this
+    package (the user's submit or map line, however deep the call came from)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _not_serializable(task: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                       exc: Exception) -> ArgumentsNotSerializable:
     """Which argument would not pickle (each tried alone, on this failure path only)."""
@@ -739,7 +750,7 @@ class Client:
                     f"{task.__qualname__} pickles to {len(code) / 2**20:.0f} MiB (its code and "
                     "what it captures, such as a large global array), sent to every worker that "
                     "runs it: pass large data as an argument once, or deploy the task as a "
-                    "package"), stacklevel=3)
+                    "package"), stacklevel=_user_stacklevel())
         return found
 
     def _deployed_names(self, refresh: bool = False) -> dict[str, m.TaskListing]:

@@ -2078,12 +2078,17 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     parent = parent_pid()  # whose end ends this master (--exit-with-parent): first of all
     parser = NotingParser(refused, prog="python -m actors.master",
                           description="Start a pydra-actors master (and a local node).")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    parser.add_argument("--port", type=int, default=5555, help="TCP port (0: any free port)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this host only)")
+    parser.add_argument("--port", type=int, default=5555, help="TCP port (default 5555; 0: any free port)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes of the local node (0: no local node)")
-    parser.add_argument("--keys", default=None, help="CURVE key directory (created if missing)")
-    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+                        help="worker processes of the local node (default: one a CPU; 0: no local node)")
+    parser.add_argument("--keys", default=None, help="CURVE key directory, created if missing (default: ~/.pydra-actors/keys, or $ACTORS_KEYS)")
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
+                        help="console on a terminal, JSON otherwise (auto); $ACTORS_LOG_FORMAT")
+    parser.add_argument("--log-level", default=None,
+                        choices=["debug", "info", "warning", "error"],
+                        help="the least a line is logged at (default info; debug: every task; "
+                             "$ACTORS_LOG_LEVEL)")
     parser.add_argument("--node-timeout", type=float, default=5.0,
                         help="seconds of silence after which a node is declared dead")
     parser.add_argument("--max-deaths", type=int, default=3,
@@ -2145,7 +2150,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     parser.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ...",
                         help="run this Python script against the cluster, then stop")
     args = parser.parse_args(argv)
-    logs.configure(args.log_format)
+    logs.configure(args.log_format, args.log_level)
     keys = args.keys or default_keys_dir()
     try:
         ensure_keys_logged(keys)

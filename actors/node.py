@@ -864,9 +864,15 @@ def _main(argv: list[str], refused: list[str]) -> int:
                         metavar="ipc://PATH",
                         help="reach the master through its Unix socket on this host (its "
                              "--local-socket) instead; --master still says where peers reach it")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (default: one a CPU)")
     parser.add_argument("--keys", default=None, help="CURVE key directory")
-    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
+                        help="console on a terminal, JSON otherwise (auto); $ACTORS_LOG_FORMAT")
+    parser.add_argument("--log-level", default=None,
+                        choices=["debug", "info", "warning", "error"],
+                        help="the least a line is logged at (default info; debug: every task; "
+                             "$ACTORS_LOG_LEVEL)")
     parser.add_argument("--cache", default=None,
                         help="folder for task package versions (default: a private temporary one)")
     parser.add_argument("--package-grace", type=float, default=300.0,
@@ -904,7 +910,7 @@ def _main(argv: list[str], refused: list[str]) -> int:
     parser.add_argument(EXIT_NOTE_OPTION, default="", help=argparse.SUPPRESS)
     add_containment_arguments(parser)
     args = parser.parse_args(argv)
-    logs.configure(args.log_format)
+    logs.configure(args.log_format, args.log_level)
     # For the workers (forked or spawned: they keep ACTORS_* variables).
     if args.worker_spill:
         os.environ["ACTORS_WORKER_SPILL"] = str(args.worker_spill)

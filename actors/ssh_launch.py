@@ -95,7 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-listen", default=None, metavar="HOST[:PORT]",
                         help="where each node listens for its peers (python -m actors.node "
                              "--data-listen)")
-    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
+                        help="console on a terminal, JSON otherwise (auto); $ACTORS_LOG_FORMAT")
+    parser.add_argument("--log-level", default=None,
+                        choices=["debug", "info", "warning", "error"],
+                        help="the least a line is logged at (default info; debug: every task; "
+                             "$ACTORS_LOG_LEVEL)")
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
@@ -282,7 +287,7 @@ def relog(bound: Any, line: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``python -m actors ssh``, its arguments already checked."""
-    logs.configure(args.log_format)
+    logs.configure(args.log_format, args.log_level)
     master_host = args.master_address or route_address(args.hosts[0])
     if master_host is None:
         sys.stderr.write(f"error: cannot tell this host's address on the route to "

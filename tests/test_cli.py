@@ -428,3 +428,25 @@ def test_a_master_started_with_exit_with_parent_stops_when_its_parent_is_killed(
         parent.wait(10)
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_the_log_level_option_sets_what_the_master_and_its_node_log(tmp_path: Path) -> None:
+    """--log-level warning: neither the master's start nor its node's joining (info) is logged;
+    the same master at its default logs both."""
+    def events(name: str, *args: str) -> list[dict[str, object]]:
+        keys = str(tmp_path / "keys")
+        master, address = start_master(tmp_path, "--workers", "1", "--keys", keys, *args,
+                                       name=name, env={**os.environ, "ACTORS_LOG_LEVEL": ""})
+        try:
+            with Client(address, keys=keys, timeout=60) as c:
+                c.wait_for_workers(1, 60)
+        finally:
+            kill_all(descendants(master.pid) | {master.pid})
+            master.wait(10)
+        return [json.loads(line) for line in (tmp_path / f"{name}.log").read_text().splitlines()
+                if line.startswith("{")]
+
+    quiet = events("quiet", "--log-level", "warning")
+    assert not [e for e in quiet if e["level"] in ("info", "debug")], quiet[:5]
+    default = {e["event"] for e in events("default")}
+    assert {"master_started", "node_joined"} <= default, default

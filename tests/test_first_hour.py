@@ -273,8 +273,9 @@ class UsesBigData(Task):
 
 def test_large_code_is_shipped_once_and_warned_about_once(cluster: LocalCluster) -> None:
     with Client(cluster.address, keys=cluster.keys_dir) as client:
-        with pytest.warns(LargePayloadWarning, match="12 MiB"):
+        with pytest.warns(LargePayloadWarning, match="12 MiB") as warned:
             first = client.submit(UsesBigData, 0)
+        assert warned[0].filename == __file__  # the user's line, not ours
         futures = [first] + [client.submit(UsesBigData, i) for i in range(1, 6)]
         assert [f.result(timeout=60) for f in futures] == [len(BIG) + i for i in range(6)]
         # Each worker was sent the code once; one whose cache dropped it since asks again.
