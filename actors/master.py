@@ -1583,7 +1583,10 @@ class Master(HubShell):
     def _node_gone(self, peer: Peer, reason: str) -> None:
         self.peers = {k: p for k, p in self.peers.items() if p is not peer}
         left = reason.startswith("node left")
-        (self.log.info if left else self.log.warning)("node_lost", node_id=peer.peer_id, reason=reason)
+        if left:  # (a node that stops says so: not a loss)
+            self.log.info("node_left", node_id=peer.peer_id, reason=reason.removeprefix("node left: "))
+        else:
+            self.log.warning("node_lost", node_id=peer.peer_id, reason=reason)
         self.lost_nodes[peer.routing] = None
         while len(self.lost_nodes) > 10_000:
             self.lost_nodes.popitem(last=False)
@@ -1764,7 +1767,8 @@ class Master(HubShell):
                     ins.task_id, ins.done, self._unit_total(ins.task_id, ins.total, ins.sliced_all),
                     ins.sliced_all))
             case ev.ReportErred(outcome=o):
-                self.log.info("task_erred", task_id=ins.task_id, unit=ins.unit, error=o.type_name)
+                self.log.info("task_erred", task_id=ins.task_id, unit=ins.unit, error=o.type_name,
+                              message=o.message[:200])
                 self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
                     ins.task_id, o.value, o.type_name, o.message, o.traceback, ins.unit))
             case ev.ReportKilled():

@@ -78,6 +78,8 @@ def test_master_runs_until_ctrl_c_or_sigterm_then_every_child_is_gone(
         master.send_signal(stop)
         assert master.wait(30) == 0
         wait_until(lambda: not any(alive(p) for p in pids), 20, "the master's children to end")
+        # Its node stopping with it said so: a node that left, not one lost (a warning).
+        assert "node_lost" not in [e["event"] for e in log_events(tmp_path / "master.log")]
         events = [e["event"] for e in log_events(tmp_path / "master.log")]
         assert events.count("master_stopping") == events.count("master_stopped") == 1
     finally:
