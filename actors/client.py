@@ -10,6 +10,7 @@ completed from there and are safe to wait on from any thread.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import hashlib
@@ -458,6 +459,21 @@ _task_ids = _TaskIds()
 os.register_at_fork(after_in_child=_task_ids.forget)
 
 
+def _close_at_exit(client: Client) -> Callable[[], None]:
+    """Close ``client`` as the interpreter exits, if nobody did: before the clusters stop (a
+    ``LocalCluster``'s finalizer runs later: atexit runs the last registered first), so that a
+    script that never closed its client ends without its master seeming lost."""
+    ref = weakref.ref(client)
+
+    def close() -> None:
+        found = ref()
+        if found is not None:
+            found.close()
+
+    atexit.register(close)
+    return close
+
+
 def _user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the caller's first frame outside this
     package (the user's submit or map line, however deep the call came from)."""
@@ -605,6 +621,7 @@ class Client:
             self._close_own_cluster()
             raise
         self._outbox = self._hub.outbox()
+        self._at_exit = _close_at_exit(self)
         try:
             self._handshake(timeout)
             if local_workers:  # a local cluster is ready once its workers are
@@ -938,6 +955,7 @@ class Client:
             self._said_bye = True  # before: a tick of the hub between the two must not follow it
             self._send(m.Bye("client closing"))
         self._closed = True
+        atexit.unregister(self._at_exit)
         self._outbox.close()
         self._hub.stop()
         self._close_own_cluster()

@@ -366,3 +366,17 @@ def test_a_client_and_its_futures_say_what_they_are(cluster: LocalCluster) -> No
         client.close()
     assert repr(client).endswith(f"closed {cluster.address}>")
     assert "closed" in client._repr_html_()
+
+
+def test_a_script_that_never_closes_its_client_ends_quietly(tmp_path: Path) -> None:
+    """Its own cluster stopped at exit before the client was closed: the client then warned
+    that its master was lost, at the end of a script that had done nothing wrong."""
+    script = textwrap.dedent('''
+        from actors import Client
+        c = Client()
+        print(c.submit(lambda: 5).result(timeout=60))
+    ''')
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=BOUND_S, cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout == "5\n", done.stderr
+    assert "master_disconnected" not in done.stderr and "Traceback" not in done.stderr, done.stderr
