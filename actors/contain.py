@@ -336,8 +336,11 @@ class Containment:
             # Not being root is how most nodes run, and the process limit follows the uid's
             # fate: said, but not as a warning.
             quiet = measure == "processes" or (measure == "uid" and not root)
+            hint = {} if quiet or measure != "uid" else {"hint": (
+                "workers run tasks as root meanwhile: install Python and this package where "
+                "other users may read them (not under /root), or run the node as a user")}
             (log.info if quiet else log.warning)(
-                "worker_containment_refused", measure=measure, reason=reason)
+                "worker_containment_refused", measure=measure, reason=reason, **hint)
         return cls(limits, base, uids, locks, refused)
 
     @property
