@@ -180,12 +180,15 @@ def _print_tasks(address: str, keys: str, as_json: bool, limit: int, timeout: fl
         return 0
     if not listed:
         sys.stdout.write("no tasks submitted with this key\n")
+    else:
+        sys.stdout.write(f"{'TASK':<36} {'STATUS':<10} {'PROGRESS':>12} {'SUBMITTED':<8} "
+                         f"{'TOOK':>8} PRIORITY\n")
     for t in listed:
         progress = f"{t.done}/{t.total}" if t.total else (f"{t.done}" if t.done else "")
         when = time.strftime("%H:%M:%S", time.localtime(t.submitted)) if t.submitted else "-"
         took = f"{t.ended - t.started:.1f}s" if t.ended and t.started else ""
-        sys.stdout.write(f"{t.task_id:<36} {t.status:<10} {progress:>12} {when} {took:>8} "
-                         f"prio {t.priority}\n")
+        sys.stdout.write(f"{t.task_id:<36} {t.status:<10} {progress:>12} {when:<9} {took:>8} "
+                         f"{t.priority}\n")
     return 0
 
 

@@ -345,6 +345,7 @@ def test_tasks_lists_what_was_submitted_with_the_same_key_and_nothing_of_other_k
             [sys.executable, "-m", "actors", "tasks", "--master", cluster.address, "--keys",
              cluster.keys_dir], capture_output=True, text=True, timeout=60)
         assert re.search(rf"{running.task_id}\s+running", table.stdout), table.stdout
+        assert table.stdout.split()[:3] == ["TASK", "STATUS", "PROGRESS"], table.stdout
         other = subprocess.run(
             [sys.executable, "-m", "actors", "keys", "add", cluster.keys_dir, f"other{os.getpid()}",
              "--role", "client"], capture_output=True, text=True, timeout=60)
