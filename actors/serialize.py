@@ -294,14 +294,36 @@ def describe_exception(exc: BaseException, where: str = "") -> tuple[bytes, str,
     payload = b""
     # By reference when its class can be imported (a builtin, a library's): the C pickler, and
     # only the user's own classes by value. One that pickles but cannot load is no use.
-    for pickler in (pickle.dumps, cloudpickle.dumps):
+    for pickler, what in ((pickle.dumps, exc), (cloudpickle.dumps, exc),
+                          (cloudpickle.dumps, _Remade(exc))):
         try:
-            payload = pickler(exc, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickler(what, protocol=pickle.HIGHEST_PROTOCOL)
             pickle.loads(payload)
             break
         except Exception:
             payload = b""
     return payload, type_name, _capped(str(exc)), text
+
+
+class _Remade:
+    """An exception that pickles but does not load as itself: one whose ``__init__`` takes
+    other arguments than the ``args`` it passed on (``MyError(code, text)`` calling
+    ``super().__init__(f"{code}: {text}")``). Remade without its ``__init__``, from its args
+    and attributes, it is still that class to the caller's ``except``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exc
+        return _remake, (type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
+
+
+def _remake(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 _RUNTIME_DIR = str(Path(__file__).resolve().parent)
@@ -377,10 +399,9 @@ def rebuild_exception(
     # it read as one line of escapes ('k\n\nRemote traceback...').
     if len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args) \
             and str(exc) == (exc.args[0] if exc.args else ""):
-        try:
-            extended = type(exc)((exc.args[0] if exc.args else "") + detail)
-            extended.__dict__.update(exc.__dict__)
-            return extended
+        try:  # (not through its __init__: it may take other arguments, or do more)
+            return _remake(type(exc), ((exc.args[0] if exc.args else "") + detail,),
+                           dict(getattr(exc, "__dict__", {})))
         except Exception:
             pass
     exc.add_note(detail.lstrip("\n"))

@@ -225,3 +225,19 @@ def test_a_result_that_cannot_travel_names_its_task_unit_and_type() -> None:
         assert (too_large.task, too_large.unit, too_large.size) == ("t2", "", size)
         assert too_large.limit == (0 if limit == resource.RLIM_INFINITY else limit)
     assert serialize.not_serializable(b"", MemoryError(), "t2").type_name == "builtins.bytes"
+
+
+def test_an_exception_whose_init_takes_other_arguments_comes_back_as_its_class() -> None:
+    """``MyError(code, text)`` passes one message on: pickled, it loaded as MyError(message),
+    which its __init__ refuses, and the caller got a RemoteError its ``except`` missed."""
+    class MyError(Exception):
+        def __init__(self, code: int, text: str) -> None:
+            super().__init__(f"{code}: {text}")
+            self.code = code
+
+    def raises() -> None:
+        raise MyError(42, "custom")
+
+    back = rebuild_exception(*describe_exception(raised(raises)), where="task t1")
+    assert type(back).__name__ == "MyError" and isinstance(back, Exception)
+    assert back.code == 42 and str(back).startswith("42: custom\n\nRemote traceback (task t1)")
