@@ -10,6 +10,7 @@ are shown by the thread that waits on the future instead — ``result()``, ``exc
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import threading
 import time
@@ -65,10 +66,15 @@ def show_lines(lines: Iterable[TaskLine | str]) -> None:
 
 def _tqdm() -> Any:
     try:
-        from tqdm.auto import tqdm
+        from tqdm.std import tqdm
     except ImportError:
         raise MissingDependency("tqdm", "actors.progress", "notebook") from None
-    return tqdm
+    if importlib.util.find_spec("ipywidgets") is None:
+        # tqdm.auto would warn (TqdmWarning: IProgress not found) in every notebook without
+        # ipywidgets, then draw these same text bars.
+        return tqdm
+    from tqdm.auto import tqdm as auto
+    return auto
 
 
 def progress(futures: Future | Iterable[Future], *, timeout: float | None = None,

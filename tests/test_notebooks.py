@@ -34,3 +34,8 @@ def test_a_notebook_runs_without_a_cell_error(path: Path) -> None:
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors, errors
+    # Nor a warning a user would wonder about (TqdmWarning without ipywidgets, in every book
+    # with a progress bar).
+    warned = [o.text for c in book.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "stream" and o.name == "stderr" and "Warning" in o.text]
+    assert not warned, warned
