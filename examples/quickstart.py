@@ -1,7 +1,7 @@
 """The quickstart: a Task and a ParallelTask on the cluster named by $ACTORS_ADDRESS,
 or on a LocalCluster of its own when run on its own.
 
-    python -m actors.master --workers 2 --run examples/quickstart.py
+    python -m actors.master --workers 2 --port 0 --run examples/quickstart.py
 """
 
 from actors import Client, ParallelTask, Task
