@@ -45,6 +45,7 @@ from actors.errors import (
     DataUnreachable,
     InputFailed,
     InvalidAddress,
+    InvalidEvent,
     JournalUnreadable,
     MalformedMessage,
     MasterSuperseded,
@@ -362,6 +363,17 @@ class Master(HubShell):
         if not isinstance(task_id, str) or task_id not in self.scheduler.tasks:
             return {}
         return {"task_id": task_id, "story": self.scheduler.story(task_id)[-10:]}
+
+    def refused(self, message: Any, exc: InvalidEvent) -> None:
+        """What the scheduler refused comes from a peer: counted and logged as any refusal of
+        that peer's (a bounded number of lines an interval; a peer refused past that is not
+        heard for a while), where a flood of them logged a line each."""
+        if not isinstance(message, Inbound):
+            super().refused(message, exc)
+            return
+        context = self.context_of(message)
+        reason = exc.reason + (f" (task {context['task_id']})" if context else "")
+        self._reject(message, "message_refused", reason, self.peers.get(message.peer))
 
     def check_state(self) -> None:
         self.scheduler.validate()

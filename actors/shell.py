@@ -94,9 +94,7 @@ class Shell(pykka.ThreadingActor):
         try:
             return handle(message)
         except InvalidEvent as exc:  # refused before it changed anything: a peer's mistake
-            structlog.get_logger("actors.shell").warning(
-                "message_refused", actor=type(self).__name__, message=_describe(message),
-                reason=exc.reason, **self.context_of(message))
+            self.refused(message, exc)
             return None
         except Exception as exc:
             structlog.get_logger("actors.shell").error(
@@ -111,6 +109,13 @@ class Shell(pykka.ThreadingActor):
     def context_of(self, message: Any) -> dict[str, Any]:
         """What to log beside a dropped message (the story of the task it names)."""
         return {}
+
+    def refused(self, message: Any, exc: InvalidEvent) -> None:
+        """A message a core refused: logged (an actor that peers may flood with them logs
+        them at a bounded rate instead: the master's ``_reject``)."""
+        structlog.get_logger("actors.shell").warning(
+            "message_refused", actor=type(self).__name__, message=_describe(message),
+            reason=exc.reason, **self.context_of(message))
 
     def check_state(self) -> None:
         """Raise if this actor's state no longer holds after a dropped message."""

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import zmq
 
-from actors import Client, LocalCluster, Task, __version__
+from actors import Client, LocalCluster, ParallelTask, Task, __version__
 from actors import client as client_module
 from actors import messages as m
 from actors.errors import NoSuchTask, ScatterFailed, TaskIdTaken, WorkerKilled
@@ -534,6 +534,47 @@ def test_task_code_that_floods_the_master_ends_its_worker_not_its_node(
         wait_until(lambda: client.info().workers == 2, 30, "the ended workers to be replaced")
     err = capfd.readouterr().err
     assert "worker_blocked" in err and "peer_blocked" not in err, err[-3000:]
+
+
+class FloodsMissing(ParallelTask):
+    """Unit code speaking as its worker: ``n`` Missing reports for units never sliced (each
+    refused by the scheduler, after it had kept an entry for each until the task ended)."""
+
+    def get_work(self, n: int):
+        yield n
+
+    def work_unit(self, n: int) -> str:
+        import gc
+        import time
+
+        from actors.worker import NODE
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        outbox = hub.outbox()
+        try:
+            for i in range(n):
+                outbox.send(NODE, [b"m", m.encode(m.Missing(self.task_id, 10_000_000 + i))])
+        finally:
+            outbox.close()
+        time.sleep(30)  # (ended meanwhile)
+        return "sent"
+
+
+def test_what_the_scheduler_refuses_of_a_worker_counts_against_it_and_a_flood_ends_it(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The scheduler's own refusals (a Missing for a unit never sliced) logged a line each and
+    counted against no one: 10^6 of them wrote 10^6 warnings. They count as every refusal of
+    the worker's does: a few lines, and past 1,000 in 10 s the worker is ended."""
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        flood = client.submit(FloodsMissing, 1_500)
+        with pytest.raises(WorkerKilled, match="refused messages"):
+            flood.result(120)  # ended on each of its three workers
+        assert [client.submit(Square, i).result(30) for i in range(5)] == [0, 1, 4, 9, 16]
+    err = capfd.readouterr().err
+    refusals = [line for line in err.splitlines() if "message_refused" in line]
+    assert "worker_blocked" in err and 0 < len(refusals) <= 3 * 20, len(refusals)
 
 
 def test_what_a_node_refuses_of_a_worker_is_logged_sparingly_and_a_flood_ends_it(
