@@ -1315,6 +1315,8 @@ class Client:
                 self._master_id, self._epoch = master_id, epoch
                 # (after the submits above: a request may name one of them)
                 for asked in list(self._asking.values()):
+                    if isinstance(asked, m.Scatter):
+                        asked = msgspec.structs.replace(asked, again=True)
                     self._hub.send_now(MASTER, [m.encode(asked)])
                 self._welcome.set()
             case m.Refused(reason=reason) if (self._welcome.is_set() and "send Hello" in reason

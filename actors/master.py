@@ -1863,6 +1863,10 @@ class Master(HubShell):
         elif (task_id in self.scheduler.tasks or task_id in self.scattering
               or task_id in self.backlog or self.journal.knows(task_id)):
             reason = "that id is taken"
+        elif msg.again and self.inputs.refs.get(task_id) == client_id:
+            # (its answer was lost on the way: the same future, not one more of it)
+            self._to_client(client_id, m.ScatterDone(task_id))
+            return
         elif task_id in self.inputs.kept:  # scattered before: one more future of it
             reason = "" if self.inputs.referenced_again(task_id, client_id) else "that id is taken"
             self._to_client(client_id, m.ScatterDone(task_id, reason))

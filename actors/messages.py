@@ -274,6 +274,9 @@ class Scatter(Message, frozen=True):
     task_id: str
     data: bytes = b""
     size: int = 0
+    # Sent again after a Welcome (its answer may have been lost): not one more future of data
+    # this client has scattered already.
+    again: bool = False
 
 
 class ScatterAt(Message, frozen=True):

@@ -13,6 +13,7 @@ import pytest
 
 from actors import Client, Task
 from actors.errors import MemoryBudgetFull, QueueFull, ScatterFailed
+from actors.serialize import dumps
 from tests.conftest import descendants, kill_all, start_master, wait_until
 from transport.keys import add_key
 
@@ -98,6 +99,37 @@ def test_shipped_code_counts_in_its_keys_budget_and_comes_with_its_hash(tmp_path
             with pytest.raises(ValueError, match="code_hash"):
                 raw.result(timeout=60)
             assert client.info().tasks_queued == 1  # the Nop alone
+    finally:
+        kill_all(descendants(master.pid) | {master.pid})
+        master.wait(10)
+
+
+def test_a_scatter_sent_again_after_a_welcome_is_not_one_more_future(tmp_path: Path) -> None:
+    """A client sends a scatter again after its master's Welcome when the answer may have been
+    lost. Taken for one more future of the same data, it could never be released: kept on
+    the master, in its key's budget, for good."""
+    from actors import messages as m
+
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", str(keys),
+                                   "--max-key-memory", "1")
+    try:
+        with Client(address, keys=keys) as client:
+            data = os.urandom(250_000)
+            future = client.scatter(data)
+            for _ in range(3):  # as sent again (the first answer lost on the way)
+                client._send(m.Scatter(future.task_id, dumps(data), again=True))
+            kept = [client.scatter(os.urandom(250_000)) for _ in range(3)]  # 1 MiB, nearly
+            del future
+            gc.collect()  # (released: the client says so on its next tick)
+
+            def room() -> bool:  # a fifth fits once the first is let go
+                try:
+                    kept.append(client.scatter(os.urandom(250_000), timeout=30))
+                    return True
+                except ScatterFailed:
+                    return False
+            wait_until(room, 30, "the scattered data to be let go")
     finally:
         kill_all(descendants(master.pid) | {master.pid})
         master.wait(10)
