@@ -1434,7 +1434,8 @@ class Master(HubShell):
             self.log.debug("task_news_dropped", task_id=msg.task_id, worker_id=worker_id)
             return
         if isinstance(msg, m.TaskOutput):
-            lines, dropped = [trimmed(line) for line in msg.lines[:MAX_OUTPUT_LINES]], max(0, msg.dropped)
+            lines = [trimmed(line) for line in msg.lines[:MAX_OUTPUT_LINES]]
+            dropped = max(0, msg.dropped)
             dropped += len(msg.lines) - len(lines)
             self.outputs.add(msg.task_id, worker_id, lines, dropped)
             self._to_client(task.client_id, msgspec.structs.replace(
@@ -1596,7 +1597,8 @@ class Master(HubShell):
         self.peers = {k: p for k, p in self.peers.items() if p is not peer}
         left = reason.startswith("node left")
         if left:  # (a node that stops says so: not a loss)
-            self.log.info("node_left", node_id=peer.peer_id, reason=reason.removeprefix("node left: "))
+            self.log.info("node_left", node_id=peer.peer_id,
+                          reason=reason.removeprefix("node left: "))
         else:
             self.log.warning("node_lost", node_id=peer.peer_id, reason=reason)
         self.lost_nodes[peer.routing] = None
@@ -2098,11 +2100,16 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     parent = parent_pid()  # whose end ends this master (--exit-with-parent): first of all
     parser = NotingParser(refused, prog="python -m actors.master",
                           description="Start a pydra-actors master (and a local node).")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this host only)")
-    parser.add_argument("--port", type=int, default=5555, help="TCP port (default 5555; 0: any free port)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default 127.0.0.1: this host only)")
+    parser.add_argument("--port", type=int, default=5555,
+                        help="TCP port (default 5555; 0: any free port)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes of the local node (default: one a CPU; 0: no local node)")
-    parser.add_argument("--keys", default=None, help="CURVE key directory, created if missing (default: ~/.pydra-actors/keys, or $ACTORS_KEYS)")
+                        help="worker processes of the local node (default: one a CPU; 0: no "
+                             "local node)")
+    parser.add_argument("--keys", default=None,
+                        help="CURVE key directory, created if missing (default: "
+                             "~/.pydra-actors/keys, or $ACTORS_KEYS)")
     parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
                         help="console on a terminal, JSON otherwise (auto); $ACTORS_LOG_FORMAT")
     parser.add_argument("--log-level", default=None,
