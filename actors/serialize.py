@@ -319,7 +319,8 @@ class _Remade:
         return _remake, (type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
 
 
-def _remake(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+def _remake(cls: type[BaseException], args: tuple[Any, ...],
+            state: dict[str, Any]) -> BaseException:
     exc = cls.__new__(cls, *args)
     exc.args = args
     exc.__dict__.update(state)

@@ -1,7 +1,8 @@
 """Large scattered data goes to a node that can hold it: it waits for one where there is none
 yet (a cluster starting, nodes rejoining a restarted master) and moves off one that is lost
-before it confirmed; sent again by its client (after a reconnect), it is the same scatter. Real processes: a master, a node, and a bare socket playing a node that
-takes the data's announcement and leaves."""
+before it confirmed; sent again by its client (after a reconnect), it is the same scatter.
+Real processes: a master, a node, and a bare socket playing a node that takes the data's
+announcement and leaves."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ class Length(Task):
 
 
 def _waits_logged(log: Path) -> int:
-    return sum(1 for line in log.read_text().splitlines()
-               if line.startswith("{") and json.loads(line).get("event") == "scatter_waits_for_a_node")
+    return sum(1 for line in log.read_text().splitlines() if line.startswith("{")
+               and json.loads(line).get("event") == "scatter_waits_for_a_node")
 
 
 def _node_socket(address: str, keys: Path, node_id: str) -> zmq.Socket[bytes]:
