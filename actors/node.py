@@ -295,6 +295,15 @@ class Node(Shell):
                     self.log.warning("worker_hello_refused", worker_id=worker_id, pid=msg.pid,
                                      refused=refused,
                                      why="not the secret this worker was started with")
+            case m.Hello(role="worker") if worker.ready or worker.expected_exit or worker.ended:
+                # Once: its task's code can say it again (it holds the secret), and a worker
+                # being stopped that was announced anew got another key's task.
+                if refused := self.refusals.count(worker_id):
+                    self.log.warning("worker_hello_refused", worker_id=worker_id, pid=msg.pid,
+                                     refused=refused, why="a worker says Hello once")
+                if self.flooding.passed(worker_id, self.now):
+                    self._end(worker_id, f"more than {WORKER_REFUSALS_ENDING} messages a worker "
+                                         f"does not send in {REFUSAL_INTERVAL_S:.0f}s")
             case m.Hello(role="worker", protocol=m.PROTOCOL_VERSION, pid=pid):
                 self.proven.add(worker_id.encode())
                 self.alive.add(worker_id.encode())
@@ -451,6 +460,7 @@ class Node(Shell):
         self.log.info("worker_stopping", worker_id=worker_id, reason=reason)
         worker.expected_exit = True
         worker.kill_deadline = self.now + KILL_GRACE_S
+        self.alive.discard(worker_id.encode())  # nothing more is relayed to it
         _signal_group(worker.pid, signal.SIGTERM)
 
     def _end(self, worker_id: str, why: str) -> None:

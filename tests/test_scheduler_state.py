@@ -434,6 +434,24 @@ def test_a_warm_worker_is_never_reused_for_another_client(s: Harness) -> None:
     assert out == [ev.Assign("n1", "w2", "t2", "Name", "task", b"code", b"args", True)]
 
 
+def test_a_worker_dropped_for_good_is_not_taken_back_by_its_announcement(s: Harness) -> None:
+    """Evicted for another client (told to stop), w1 announced again (its task's code said its
+    Hello again) was a clean worker to the scheduler, and got bob's task. A worker lost with
+    its node is not dropped for good: the node may come back with it."""
+    submit(s, "t1", client="alice", kind="task")
+    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"x"))
+    submit(s, "t2", client="bob", kind="task")
+    assert s(ev.WorkerReady, "n1", "w1") == []
+    assert "w1" not in s.state.workers and "w1" in s.state.retired
+    out = s(ev.WorkerAdopted, "n1", "w1", ("t2",))
+    assert out == [ev.KillWorker("n1", "w1", "it was dropped for good before")]
+    s(ev.WorkerReady, "n1", "w2")
+    s(ev.NodeLost, "n1", "silent")
+    s(ev.NodeJoined, "n1")
+    s(ev.WorkerReady, "n1", "w2")  # back with its node
+    assert "w2" in s.state.workers
+
+
 def test_stale_messages_from_a_worker_that_left_the_task_are_ignored(s: Harness) -> None:
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(0), True)

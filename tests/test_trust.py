@@ -536,6 +536,77 @@ def test_task_code_that_floods_the_master_ends_its_worker_not_its_node(
     assert "worker_blocked" in err and "peer_blocked" not in err, err[-3000:]
 
 
+class SaysHelloAgain(Task):
+    """Task code that keeps its worker's Hello (with the secret the worker holds) going from a
+    thread it leaves behind, ignores SIGTERM, and keeps any other task's assignment that comes
+    to its process, answering it with a forged result."""
+
+    def work(self, loot: str) -> str:
+        import ctypes
+        import gc
+        import signal
+        import threading
+        import time
+
+        import actors
+        from actors import serialize
+        from actors.worker import NODE, Worker
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        worker = next(o for o in gc.get_objects() if isinstance(o, Worker))
+        libc = ctypes.CDLL(None)
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.signal(signal.SIGTERM, ctypes.c_void_p(1))  # SIG_IGN
+        mine, original, outboxes = self.task_id, Worker._from_node, []
+
+        def spy(self_: Worker, msg: m.Message) -> None:
+            if isinstance(msg, m.AssignTask) and msg.task_id != mine:
+                with open(os.path.join(loot, msg.task_id), "wb") as out:
+                    out.write(msg.args)
+                forged = m.TaskResult(msg.task_id, m.UnitOutcome(-1, True,
+                                                                  serialize.dumps("forged")))
+                outboxes[0].send(NODE, [b"m", m.encode(forged)])
+                return
+            original(self_, msg)
+
+        Worker._from_node = spy  # type: ignore[method-assign]
+        hello = m.encode(m.Hello(role="worker", peer_id=worker.worker_id,
+                                 protocol=m.PROTOCOL_VERSION, version=actors.__version__,
+                                 pid=os.getpid(), token=worker.token))
+
+        def again() -> None:
+            outboxes.append(hub.outbox())
+            for _ in range(3000):  # (30 s at most)
+                outboxes[0].send(NODE, [b"n", hello])
+                time.sleep(0.01)
+
+        threading.Thread(target=again, daemon=True).start()
+        return worker.worker_id
+
+
+class Secret(Task):
+    def work(self, secret: str) -> str:
+        return "its own result"
+
+
+def test_a_worker_told_to_stop_cannot_come_back_for_another_keys_task(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """One key's task code kept its worker alive past its eviction (SIGTERM ignored) and said
+    the worker's Hello again: the node announced it anew, the master took it for a clean
+    worker and gave it another key's task, whose code and arguments it read and whose result
+    it forged. A worker says Hello once; one told to stop is relayed nothing more; and the
+    scheduler never takes back a worker it dropped for good."""
+    with LocalCluster(workers=1) as cl:
+        other = add_key(cl.keys_dir, "client", f"bob{os.getpid()}")
+        with Client(cl) as alice, Client(cl.address, keys=other) as bob:
+            alice.wait_for_workers(1)
+            alice.submit(SaysHelloAgain, str(tmp_path)).result(30)
+            assert bob.submit(Secret, "hunter2").result(60) == "its own result"
+            assert os.listdir(tmp_path) == []  # nothing of bob's reached alice's process
+    assert "a worker says Hello once" in capfd.readouterr().err  # (refused by its node)
+
+
 class FloodsMissing(ParallelTask):
     """Unit code speaking as its worker: ``n`` Missing reports for units never sliced (each
     refused by the scheduler, after it had kept an entry for each until the task ended)."""

@@ -222,6 +222,7 @@ STORY_OPEN_UNITS = 100  # open units a story lists where they are
 FINISHED_KEPT = 10_000  # finished tasks whose story can still be asked for
 # Salvaged unit results (a worker's word) mark a bit each in the task's journaled bitmap: bounded.
 MAX_SALVAGED_INDEX = 1 << 24
+MAX_RETIRED = 100_000  # worker ids remembered as dropped for good
 # The most a worker may say a run or a Task took (a worker's word, averaged into the times
 # that size packs and runs and into fair shares): a year; beyond, or not a number, refused.
 MAX_ELAPSED_S = 365 * 86400.0
@@ -582,6 +583,10 @@ class SchedulerState:
         self.data_addresses: dict[str, str] = {}  # node -> where peers fetch from it
         self.paused: set[str] = set()  # workers past their memory's pause mark
         self.stopping: set[str] = set()  # workers asked to stop a cancelled task's code
+        # Workers dropped for good (told to stop, or exited), the newest MAX_RETIRED: ids are
+        # never reused, so a WorkerReady naming one is not a new worker (task code kept a worker
+        # it was to leave alive by saying its Hello again, and was given another key's task).
+        self.retired: dict[str, None] = {}
         self.dependents: dict[str, list[str]] = {}  # task -> the tasks waiting for its result
         self.draining: set[str] = set()  # queued ParallelTasks whose helpers finish their runs
         self.workers: dict[str, WorkerRecord] = {}
@@ -744,7 +749,8 @@ class SchedulerState:
             case WorkerReady(node_id=node_id, worker_id=worker_id):
                 # A repeated announcement, or a late one from a node declared lost since, would
                 # overwrite a worker's record behind its task's back: only new workers of live nodes.
-                if node_id in self.nodes and worker_id not in self.workers:
+                if node_id in self.nodes and worker_id not in self.workers \
+                        and worker_id not in self.retired:
                     undo.add(self.nodes[node_id], worker_id)
                     undo.put(self.workers, worker_id, WorkerRecord(worker_id, node_id))
             case WorkerAdopted():
@@ -753,7 +759,8 @@ class SchedulerState:
                 self._salvaged(event)
             case NodeLost(node_id=node_id, reason=reason):
                 for worker_id in sorted(undo.pop(self.nodes, node_id) or ()):
-                    self._worker_lost(worker_id, f"node {node_id} lost: {reason}", False, event.now)
+                    self._worker_lost(worker_id, f"node {node_id} lost: {reason}", False, event.now,
+                                      with_node=True)
             case WorkerLost(worker_id=worker_id, cause=cause, expected=expected):
                 self._worker_lost(worker_id, cause, expected, event.now)
             case CancelRequested(task_id=task_id, grace=grace):
@@ -897,6 +904,9 @@ class SchedulerState:
         node_id, worker_id = event.node_id, event.worker_id
         if node_id not in self.nodes or worker_id in self.workers:
             return  # a node declared lost since, or a report repeated
+        if worker_id in self.retired:
+            self._out.append(KillWorker(node_id, worker_id, "it was dropped for good before"))
+            return
         tasks = [self.tasks.get(task_id) for task_id in dict.fromkeys(event.task_ids)]
         adoptable = [t for t in tasks if t is not None and t.state is QUEUED and t.kind is TASK
                      and t.inputs_left is None]
@@ -1392,9 +1402,11 @@ class SchedulerState:
             return False
         return self.newest.get(warm_key.package, warm_key.version) != warm_key.version
 
-    def _worker_lost(self, worker_id: str, cause: str, expected: bool, now: float) -> None:
-        """Requeue what the worker held. ``expected`` (its node stopped it) is not a death."""
-        worker = self._drop_worker(worker_id)
+    def _worker_lost(self, worker_id: str, cause: str, expected: bool, now: float,
+                     with_node: bool = False) -> None:
+        """Requeue what the worker held. ``expected`` (its node stopped it) is not a death;
+        ``with_node``: its node was lost (it may come back with the worker)."""
+        worker = self._drop_worker(worker_id, retire=not with_node)
         if worker is None:
             return
         undo = self._undo
@@ -1588,9 +1600,14 @@ class SchedulerState:
         self._end(task, ERRED, f"unit {unit}: workers died {len(causes)} times", now)
         self._out.append(ReportKilled(task.client_id, task.task_id, unit, tuple(causes)))
 
-    def _drop_worker(self, worker_id: str) -> WorkerRecord | None:
+    def _drop_worker(self, worker_id: str, retire: bool = True) -> WorkerRecord | None:
         """The one way a worker leaves: every index of workers forgets it too (a paused one
-        evicted for another key's task stayed among the paused)."""
+        evicted for another key's task stayed among the paused). ``retire``: for good (told to
+        stop, or exited), not with its node (which may come back with it)."""
+        if retire and worker_id not in self.retired:
+            self._undo.put(self.retired, worker_id, None)
+            if len(self.retired) > MAX_RETIRED:
+                self._undo.pop(self.retired, next(iter(self.retired)))
         worker = self._undo.pop(self.workers, worker_id)
         if worker is not None and worker.node_id in self.nodes:
             self._undo.discard(self.nodes[worker.node_id], worker_id)
@@ -2021,6 +2038,7 @@ class SchedulerState:
     def validate(self) -> None:
         NO_UNITS.check_empty()
         assert not NO_WORKERS, "the shared empty worker set has workers"
+        assert not self.retired.keys() & self.workers.keys(), "a worker dropped for good is back"
         for worker_id, worker in self.workers.items():
             assert worker_id in self.nodes.get(worker.node_id, set()), f"{worker_id} not on its node"
             if worker.task_id is None:
