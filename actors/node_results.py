@@ -46,6 +46,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -229,14 +230,20 @@ class ResultStore:
         size = sum(msg.lengths)
         if pid is None or not msg.nonce or msg.fd < 0 or min(msg.lengths, default=0) < 0:
             return "not a worker of this node, or a malformed hand-over"
-        path = f"/proc/{pid}/fd/{msg.fd}"
+        path, name_of = f"/proc/{pid}/fd/{msg.fd}", f"/memfd:pydra-result-{msg.nonce} "
         try:
-            if not os.readlink(path).startswith(f"/memfd:pydra-result-{msg.nonce} "):
+            if not os.readlink(path).startswith(name_of):
                 return "not its result file"
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # The worker's code may swap its descriptor between that look and this open (for
+            # a FIFO without a writer, whose open blocked this thread, and every socket of the
+            # node, for good): opened without waiting, and what was opened is looked at again.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             return f"cannot open it: {exc}"
         try:
+            if not (stat.S_ISREG(os.fstat(fd).st_mode)
+                    and os.readlink(f"/proc/self/fd/{fd}").startswith(name_of)):
+                raise ValueError("not its result file")
             # Sealed (memory.SEALS), it cannot change once handed over: a file that shrank
             # under a client's mapping would kill the client (SIGBUS).
             if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:

@@ -607,6 +607,56 @@ def test_a_worker_told_to_stop_cannot_come_back_for_another_keys_task(
     assert "a worker says Hello once" in capfd.readouterr().err  # (refused by its node)
 
 
+class SwapsItsResultFile(Task):
+    """Task code handing its node a result file by descriptor number (``HeldFile``) while a
+    thread of it swaps that descriptor between a memory file of the right name and a FIFO
+    that no one writes to."""
+
+    def work(self, seconds: float) -> int:
+        import gc
+        import tempfile
+        import threading
+        import time
+
+        from actors.worker import NODE
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        memory = os.memfd_create("pydra-result-deadbeef", os.MFD_ALLOW_SEALING)
+        fifo = os.path.join(tempfile.mkdtemp(), "fifo")
+        os.mkfifo(fifo)
+        pipe, number, stop = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK), 700, threading.Event()
+        os.dup2(memory, number)
+
+        def swap() -> None:
+            while not stop.is_set():
+                os.dup2(pipe, number)
+                os.dup2(memory, number)
+
+        threading.Thread(target=swap, daemon=True).start()
+        outbox, sent = hub.outbox(), 0
+        held = m.encode(m.HeldFile(self.task_id, number, "deadbeef", [0]))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            outbox.send(NODE, [b"f", held])
+            sent += 1
+            time.sleep(0.0005)
+        stop.set()
+        return sent
+
+
+def test_task_code_swapping_the_file_it_hands_over_does_not_freeze_its_node() -> None:
+    """The node looked at the worker's descriptor by its /proc path, then opened that path,
+    waiting, on its hub thread: an open that landed on the FIFO never returned, and the node
+    (every user's workers on it) stopped for good, declared lost. Opened without waiting, and
+    what was opened is looked at again."""
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        assert client.submit(SwapsItsResultFile, 2.0).result(30) > 100
+        assert [client.submit(Square, i).result(30) for i in range(3)] == [0, 1, 4]
+        assert client.info().workers == 2
+
+
 class FloodsMissing(ParallelTask):
     """Unit code speaking as its worker: ``n`` Missing reports for units never sliced (each
     refused by the scheduler, after it had kept an entry for each until the task ended)."""
