@@ -48,6 +48,8 @@ WANTED_S = 5.0  # the actor builds snapshots while a viewer asked this recently
 FRESH_S = 1.5  # a snapshot older than this is waited on, not served
 WAIT_S = 3.0
 MAX_WATCHED = 8  # task pages built at once
+MAX_CONNECTIONS = 64  # served at once (a page and its polls take a few)
+REQUEST_TIMEOUT_S = 10.0  # for a request to arrive (its answer waits up to WAIT_S more)
 BUILD_EVERY_S = 1.0  # the actor's pace while watched (the page polls once a second)
 CLOSE_POKES = 20  # connections close() makes to wake the serving loop (see close)
 STATIC = {"/": ("dashboard.html", "text/html; charset=utf-8"),
@@ -83,9 +85,8 @@ class Dashboard:
         self._watched: dict[str, float] = {}  # task id -> when its page was last asked for
         self._files = {path: (resources.files("actors").joinpath("static", name).read_bytes(),
                               kind) for path, (name, kind) in STATIC.items()}
-        server = _Server6 if ":" in host else ThreadingHTTPServer
+        server = _Server6 if ":" in host else _Server
         self._server = server((host, port), _handler(self))
-        self._server.daemon_threads = True  # a hung viewer never holds the master's exit
         self.port = self._server.server_address[1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self.port}/?token={quote(self.token)}"
@@ -168,7 +169,37 @@ class Dashboard:
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
 
-class _Server6(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    """At most ``MAX_CONNECTIONS`` served at once; one past them is closed at once. A thread
+    each, held by a connection that said nothing until the handler's ``timeout``: without a
+    bound, idle connections of anyone on the host (before any token is asked for) took every
+    descriptor the master had, and new clients could not connect."""
+
+    daemon_threads = True  # a hung viewer never holds the master's exit
+    request_queue_size = MAX_CONNECTIONS  # (5 by default: a burst waited on SYN retries)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._room = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._room.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._room.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._room.release()
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
@@ -176,6 +207,7 @@ def _handler(board: Dashboard) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "pydra-actors-dashboard"
         sys_version = ""
+        timeout = REQUEST_TIMEOUT_S  # a connection that sends nothing lets its thread go
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             url = urlsplit(self.path)
