@@ -657,6 +657,47 @@ def test_task_code_swapping_the_file_it_hands_over_does_not_freeze_its_node() ->
         assert client.info().workers == 2
 
 
+class HelloUnderAnotherName(Task):
+    """Task code with a socket of its own on its node's workers' socket, saying Hello under an
+    id no worker of the node holds, ``n`` times."""
+
+    def work(self, n: int) -> int:
+        import gc
+
+        import zmq
+
+        import actors
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        address = next(spec.address for spec in hub._specs if spec.name == "node")
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"nobody/w999")
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(address)
+        hello = m.encode(m.Hello(role="worker", peer_id="x", protocol=m.PROTOCOL_VERSION,
+                                 version=actors.__version__))
+        for _ in range(n):
+            sock.send_multipart([b"n", hello])
+        sock.close(linger=2000)
+        return n
+
+
+def test_hellos_under_an_unknown_name_are_logged_sparingly(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A Hello under any id reaches the node's actor (it is how a worker proves itself), which
+    logged a warning for each one from an id it never started: one task wrote 10^6 lines in
+    20 s. The 1st, 2nd, 4th... are logged, with their count."""
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        assert client.submit(HelloUnderAnotherName, 5_000).result(60) == 5_000
+        wait_until(lambda: "refused=4096" in stderr_so_far(capfd), 30, "the node to refuse them")
+        assert client.submit(Square, 3).result(30) == 9
+    lines = [line for line in capfd.readouterr().err.splitlines()
+             if "message_from_unknown_worker" in line]
+    assert 0 < len(lines) <= 14, len(lines)  # 1, 2, 4 ... 4096 (and a few of the node's own)
+
+
 class FloodsMissing(ParallelTask):
     """Unit code speaking as its worker: ``n`` Missing reports for units never sliced (each
     refused by the scheduler, after it had kept an entry for each until the task ended)."""
