@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 from http import cookies
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import structlog
 
 from actors.errors import InvalidAddress
+from actors.http_bound import REQUEST_TIMEOUT_S, Bounded
 
 log = structlog.get_logger("actors.dashboard")
 
@@ -48,8 +49,6 @@ WANTED_S = 5.0  # the actor builds snapshots while a viewer asked this recently
 FRESH_S = 1.5  # a snapshot older than this is waited on, not served
 WAIT_S = 3.0
 MAX_WATCHED = 8  # task pages built at once
-MAX_CONNECTIONS = 64  # served at once (a page and its polls take a few)
-REQUEST_TIMEOUT_S = 10.0  # for a request to arrive (its answer waits up to WAIT_S more)
 BUILD_EVERY_S = 1.0  # the actor's pace while watched (the page polls once a second)
 CLOSE_POKES = 20  # connections close() makes to wake the serving loop (see close)
 STATIC = {"/": ("dashboard.html", "text/html; charset=utf-8"),
@@ -169,34 +168,8 @@ class Dashboard:
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
 
-class _Server(ThreadingHTTPServer):
-    """At most ``MAX_CONNECTIONS`` served at once; one past them is closed at once. A thread
-    each, held by a connection that said nothing until the handler's ``timeout``: without a
-    bound, idle connections of anyone on the host (before any token is asked for) took every
-    descriptor the master had, and new clients could not connect."""
-
-    daemon_threads = True  # a hung viewer never holds the master's exit
-    request_queue_size = MAX_CONNECTIONS  # (5 by default: a burst waited on SYN retries)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._room = threading.BoundedSemaphore(MAX_CONNECTIONS)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._room.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._room.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._room.release()
+class _Server(Bounded, HTTPServer):
+    pass
 
 
 class _Server6(_Server):
@@ -208,6 +181,7 @@ def _handler(board: Dashboard) -> type[BaseHTTPRequestHandler]:
         server_version = "pydra-actors-dashboard"
         sys_version = ""
         timeout = REQUEST_TIMEOUT_S  # a connection that sends nothing lets its thread go
+        # (its answer waits up to WAIT_S more)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             url = urlsplit(self.path)

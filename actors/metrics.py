@@ -7,11 +7,15 @@ never slows or races the scheduler. Counters count from the master's start.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from actors.errors import MissingDependency
+from actors.http_bound import REQUEST_TIMEOUT_S, Bounded
 
 
 @dataclass
@@ -79,18 +83,40 @@ class _Collector:
                                   value=s.dashboard_builds)
 
 
+class _Server(Bounded, WSGIServer):
+    pass
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # (a scrape every few seconds: not worth a line)
+
+
 class MetricsServer:
     """The HTTP endpoint; ``publish`` swaps in a new snapshot."""
 
     def __init__(self, host: str, port: int) -> None:
         try:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry, make_wsgi_app
         except ImportError:
             raise MissingDependency("prometheus_client", "--metrics", "metrics") from None
         self._collector = _Collector()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self._collector)  # type: ignore[arg-type]
-        self._server, self._thread = start_http_server(port, host, registry)
+        # (prometheus_client's own start_http_server: a thread for every connection, held for
+        # as long as it sends nothing; ours bounds both, http_bound.py)
+        server = _Server6 if ":" in host else _Server
+        self._server = make_server(host, port, make_wsgi_app(registry), server_class=server,
+                                   handler_class=_Quiet)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
+                                        daemon=True)
+        self._thread.start()
         self.port = self._server.server_port
         self.url = f"http://{host}:{self.port}/metrics"
 

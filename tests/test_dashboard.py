@@ -277,29 +277,34 @@ def test_a_closed_dashboard_serves_no_more_and_its_thread_has_ended(host: str) -
         socket.create_connection(("::1" if ":" in host else "127.0.0.1", board.port), timeout=2)
 
 
-def test_idle_connections_hold_a_bounded_number_of_threads_and_the_page_is_served() -> None:
-    """Anyone on the host may connect (the token is asked for with the request): connections
-    that send nothing held a thread and a descriptor each, for good, until the master had no
-    descriptor left for a client. A bounded number is served at once, the rest closed, and a
-    silent one is let go after the handler's timeout."""
-    from actors import dashboard
+@pytest.mark.parametrize("server", ["dashboard", "metrics"])
+def test_idle_connections_hold_a_bounded_number_of_threads_and_the_page_is_served(
+        server: str) -> None:
+    """Anyone on the host may connect (the token is asked for with the request; the metrics
+    ask none): connections that send nothing held a thread and a descriptor each, for good,
+    until the master had no descriptor left for a client. A bounded number is served at
+    once, the rest closed (http_bound.py), and a silent one is let go after a timeout."""
+    from actors.http_bound import MAX_CONNECTIONS
+    from actors.metrics import MetricsServer
 
-    board = Dashboard()
+    board = Dashboard() if server == "dashboard" else MetricsServer("127.0.0.1", 0)
+    url = board.url
     idle: list[socket.socket] = []
-    try:
-        for _ in range(dashboard.MAX_CONNECTIONS + 40):
-            idle.append(socket.create_connection(("127.0.0.1", board.port), timeout=5))
-        def serving() -> int:  # (ThreadingHTTPServer's threads: one a connection served)
-            return sum("process_request_thread" in repr(getattr(t, "_target", ""))
-                       for t in threading.enumerate())
 
-        wait_until(lambda: serving() >= dashboard.MAX_CONNECTIONS, 10, "connections served")
+    def serving() -> int:  # (the servers' threads: one a connection served)
+        return sum("process_request_thread" in repr(getattr(t, "_target", ""))
+                   for t in threading.enumerate())
+
+    try:
+        for _ in range(MAX_CONNECTIONS + 40):
+            idle.append(socket.create_connection(("127.0.0.1", board.port), timeout=5))
+        wait_until(lambda: serving() >= MAX_CONNECTIONS, 10, "connections served")
         time.sleep(0.2)  # (those past the bound, had they been taken, would show by now)
-        assert serving() == dashboard.MAX_CONNECTIONS
+        assert serving() == MAX_CONNECTIONS
         for sock in idle:
             sock.close()
         idle.clear()
-        wait_until(lambda: get(board.url)[0] == 200, 20, "the page to be served again")
+        wait_until(lambda: get(url)[0] == 200, 20, "the page to be served again")
     finally:
         for sock in idle:
             sock.close()
