@@ -571,6 +571,7 @@ class Client:
             raise
         keys = keys or os.environ.get("ACTORS_KEYS") or default_keys_dir()
         self.address = address
+        self._through = local_address  # its Unix socket, where it took that way (LocalCluster)
         self.client_id = f"client-{uuid.uuid4().hex[:12]}"
         self._futures: weakref.WeakValueDictionary[str, Future] = weakref.WeakValueDictionary()
         self._released: collections.deque[str] = collections.deque()  # futures gone (Release)
@@ -968,7 +969,9 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected to"
         tasks = self._tasks_by_status()
-        return f"<Client {self.client_id} {f'({tasks}) ' if tasks else ''}{state} {self.address}>"
+        through = " through its Unix socket" if self._through and not self._closed else ""
+        return (f"<Client {self.client_id} {f'({tasks}) ' if tasks else ''}{state} "
+                f"{self.address}{through}>")
 
     def _tasks_by_status(self) -> str:
         """This client's tasks that are still referenced, counted by status."""

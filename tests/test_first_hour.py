@@ -366,6 +366,9 @@ def test_a_client_and_its_futures_say_what_they_are(cluster: LocalCluster) -> No
         client.close()
     assert repr(client).endswith(f"closed {cluster.address}>")
     assert "closed" in client._repr_html_()
+    with Client(cluster) as local:  # (a LocalCluster's client takes its master's Unix socket)
+        via = " through its Unix socket" if cluster.local_address else ""
+        assert repr(local).endswith(f"connected to {cluster.address}{via}>")
 
 
 def test_a_script_that_never_closes_its_client_ends_quietly(tmp_path: Path) -> None:
