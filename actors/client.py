@@ -45,6 +45,7 @@ from actors.errors import (
     ConnectFailed,
     HandshakeRefused,
     InputFailed,
+    InvalidArguments,
     KeyRefused,
     LargePayloadWarning,
     MasterLost,
@@ -686,8 +687,15 @@ class Client:
             known = self._deployed_names(refresh=True)
             if name not in known:
                 raise UnknownTask(name, sorted(known))
+        try:
+            check_named_arguments(name, known[name].parameters, args, kwargs)
+        except InvalidArguments:
+            # (the listing may be an older version's: the newest, which would run, may take them)
+            known = self._deployed_names(refresh=True)
+            if name not in known:
+                raise UnknownTask(name, sorted(known)) from None
+            check_named_arguments(name, known[name].parameters, args, kwargs)
         listing = known[name]
-        check_named_arguments(name, listing.parameters, args, kwargs)
         task_id = _task_ids.new(name.rpartition(':')[2])
         kind = "parallel" if listing.kind == "ParallelTask" else "task"
         arguments, inputs = self._arguments(args, kwargs, name)

@@ -2250,20 +2250,8 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         _stop_local_node(local_node)
         _close_state(state, state_path, temporary)
         return 2
-    try:
-        # Only once listening: a master that cannot listen (its port taken, most often by the
-        # master whose state directory it would take over) changes nothing of the journal.
-        journal = state.open(fresh=args.fresh, durable=not temporary)
-        restored = journal.start(f"master-{uuid.uuid4().hex[:8]}")
-    except JournalUnreadable as exc:
-        refuse(refused, "bad_state_dir", str(exc))
-        hub.stop()
-        _stop_local_node(local_node)
-        _close_state(state, state_path, temporary)
-        return 2
     address = hub.address("peers")
     local = hub.also_bound("peers")  # "" if its folder takes no Unix socket: TCP for all
-    state.write_holder(address)
     stop = threading.Event()
     exit_code = [0]
 
@@ -2306,6 +2294,22 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
             log.warning("dashboard_not_local", port=dashboard.port,
                         hint="anyone who can reach this port and has the token sees every "
                              "task, its story and its output (plain HTTP, no TLS)")
+    try:
+        # Only once listening (its peers' socket, the metrics', the dashboard's): a master that
+        # cannot (a port taken, most often by the master whose state directory it would take
+        # over) changes nothing of the journal.
+        journal = state.open(fresh=args.fresh, durable=not temporary)
+        restored = journal.start(f"master-{uuid.uuid4().hex[:8]}")
+        state.write_holder(address)
+    except JournalUnreadable as exc:
+        refuse(refused, "bad_state_dir", str(exc))
+        hub.stop()
+        for server in (metrics, dashboard):
+            if server is not None:
+                server.close()
+        _stop_local_node(local_node)
+        _close_state(state, state_path, temporary)
+        return 2
     master_ref = Master.start(hub, journal, restored, node_timeout_s=args.node_timeout,
                               max_deaths=args.max_deaths,
                               restart_after_error=args.restart_after_error,

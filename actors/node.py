@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import hmac
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -941,7 +942,9 @@ def _main(argv: list[str], refused: list[str]) -> int:
     for stale in contain.remove_stale_run_dirs(RUN_DIR_PREFIX):
         log.info("stale_run_dir_removed", path=stale)
     run_dir, run_lock = contain.make_run_dir(RUN_DIR_PREFIX)
-    node_id = f"node-{os.uname().nodename}-{os.getpid()}"
+    # (with a few random bytes: a restarted node may have its predecessor's host name and pid,
+    # pid 1 in a container, and the master never takes back a worker id it dropped for good)
+    node_id = f"node-{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"
     # Before any thread starts (the probe forks), and before the workers are forked.
     containment = Containment.start(Limits(
         memory=args.worker_memory, open_files=args.worker_open_files,

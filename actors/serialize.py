@@ -316,12 +316,19 @@ class _Remade:
 
     def __reduce__(self) -> tuple[Any, ...]:
         exc = self.exc
-        return _remake, (type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
+        made_with = exc.args
+        if isinstance(exc, OSError) and exc.filename is not None:  # (not among its args)
+            made_with = (exc.errno, exc.strerror, exc.filename, None, exc.filename2)
+        return _remake, (type(exc), exc.args, dict(getattr(exc, "__dict__", {})), made_with)
 
 
-def _remake(cls: type[BaseException], args: tuple[Any, ...],
-            state: dict[str, Any]) -> BaseException:
+def _remake(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any],
+            made_with: tuple[Any, ...] | None = None) -> BaseException:
     exc = cls.__new__(cls, *args)
+    # The nearest built-in base's __init__ (not the user's): an OSError's errno and filename,
+    # a SyntaxError's msg are set there.
+    builtin: Any = next(c for c in cls.__mro__ if c.__module__ == "builtins")
+    builtin.__init__(exc, *(args if made_with is None else made_with))
     exc.args = args
     exc.__dict__.update(state)
     return exc
@@ -398,12 +405,19 @@ def rebuild_exception(
     detail = f"\n\nRemote traceback ({where}):\n{remote_traceback.rstrip()}"
     # Only where the message shows as it is: a KeyError shows its repr, and the traceback in
     # it read as one line of escapes ('k\n\nRemote traceback...').
-    if len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args) \
-            and str(exc) == (exc.args[0] if exc.args else ""):
-        try:  # (not through its __init__: it may take other arguments, or do more)
-            return _remake(type(exc), ((exc.args[0] if exc.args else "") + detail,),
-                           dict(getattr(exc, "__dict__", {})))
-        except Exception:
-            pass
+    try:
+        shows_message = str(exc) == (exc.args[0] if exc.args else "")
+    except Exception:  # (its own __str__ raised: the note, below, still tells)
+        shows_message = False
+    if len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args) and shows_message:
+        message = (exc.args[0] if exc.args else "") + detail
+        state = dict(getattr(exc, "__dict__", {}))
+        for make in (lambda: type(exc)(message), lambda: _remake(type(exc), (message,), state)):
+            try:  # its own __init__ first; remade without it where that takes other arguments
+                extended = make()
+                extended.__dict__.update(state)
+                return extended
+            except Exception:
+                pass
     exc.add_note(detail.lstrip("\n"))
     return exc

@@ -59,3 +59,24 @@ def test_metrics_count_tasks_units_and_workers_as_they_run(tmp_path: Path) -> No
     finally:
         kill_all({master.pid} | descendants(master.pid))
         master.wait(10)
+
+
+def test_a_silent_connection_to_the_metrics_is_let_go_without_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """Anyone who can reach the port can open a connection and say nothing: it is let go after
+    the handler's timeout, quietly (the standard library's WSGI handler let the timeout
+    through, and the server printed a traceback for each)."""
+    import socket
+
+    from actors import metrics
+    from actors.metrics import MetricsServer
+
+    monkeypatch.setattr(metrics._Quiet, "timeout", 0.3)
+    server = MetricsServer("127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as silent:
+            silent.settimeout(5)
+            assert silent.recv(1) == b""  # closed by the server after its timeout
+    finally:
+        server.close()
+    assert "Traceback" not in capfd.readouterr().err

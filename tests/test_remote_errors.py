@@ -241,3 +241,36 @@ def test_an_exception_whose_init_takes_other_arguments_comes_back_as_its_class()
     back = rebuild_exception(*describe_exception(raised(raises)), where="task t1")
     assert type(back).__name__ == "MyError" and isinstance(back, Exception)
     assert back.code == 42 and str(back).startswith("42: custom\n\nRemote traceback (task t1)")
+
+
+def test_exceptions_remade_keep_what_their_builtin_base_holds() -> None:
+    """Remade without their own __init__, an OSError subclass keeps its errno and filename, a
+    SyntaxError its message; one whose __str__ raises still comes back, its traceback a note."""
+    class MissingFile(FileNotFoundError):
+        def __init__(self, path: str, why: str) -> None:
+            super().__init__(2, why, path)
+
+    class Broken(Exception):
+        __slots__ = ("code",)
+
+        def __str__(self) -> str:
+            return f"code {self.code}"  # (no code on a remade one)
+
+    def missing() -> None:
+        raise MissingFile("/p", "nope")
+
+    def syntax() -> None:
+        raise SyntaxError("bad thing")
+
+    back = rebuild_exception(*describe_exception(raised(missing)), where="task t1")
+    assert isinstance(back, FileNotFoundError) and (back.errno, back.filename) == (2, "/p")
+    back = rebuild_exception(*describe_exception(raised(syntax)), where="task t1")
+    assert type(back) is SyntaxError and str(back).startswith("bad thing")
+
+    def broken() -> None:
+        error = Broken("x")
+        error.code = 7
+        raise error
+
+    back = rebuild_exception(*describe_exception(raised(broken)), where="task t1")
+    assert type(back).__name__ == "Broken" and back.__notes__[0].startswith("Remote traceback")

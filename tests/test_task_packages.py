@@ -188,6 +188,23 @@ def test_arguments_that_do_not_fit_a_deployed_task_fail_it_not_its_module(tmp_pa
         assert listing.broken == [], listing.broken
 
 
+def test_a_keyword_the_newest_version_takes_is_not_refused_by_an_older_listing(
+        tmp_path: Path) -> None:
+    """The client checks a deployed task's keywords against the listing it read last: a new
+    version deployed since (the one that would run) takes one the older did not."""
+    tasks = tmp_path / "tasks"
+    deploy(tasks, "one")
+    with LocalCluster(workers=1, tasks_dir=tasks) as cl, Client(cl) as client:
+        first = wait_until(lambda: versions(client), 20, "the package to be listed")
+        client.submit("demo.jobs:Which").result(timeout=30)  # (the listing read)
+        source = (tasks / "demo" / "jobs.py").read_text()
+        (tasks / "demo" / "jobs.py").write_text(source.replace(
+            'def work(self, gate=""):', 'def work(self, gate="", extra=0):', 1))
+        wait_until(lambda: versions(client) != first and versions(client), 20,
+                   "the master to see the change")
+        assert client.submit("demo.jobs:Which", extra=1).result(timeout=30) == "one"
+
+
 def test_a_package_that_fails_to_import_fails_only_its_task(tmp_path: Path) -> None:
     tasks = tmp_path / "tasks"
     deploy(tasks, "one")

@@ -131,6 +131,16 @@ def test_a_unit_past_those_sliced_is_refused_and_changes_nothing(s: Harness) -> 
     assert book.missing_for == {}
 
 
+def test_a_stale_drivers_units_are_dropped_not_refused(s: Harness) -> None:
+    """Units from a worker that is not (or no longer) the task's driver are dropped as before:
+    the order of its slicing is not checked against the current driver's, nor counted as a
+    refusal against it."""
+    s(ev.NodeJoined, "n2")
+    s(ev.WorkerReady, "n2", "w2")
+    assert s(ev.UnitsSliced, "w2", "t1", [UnitCall(5_000, b"a")], False) == []
+    assert s.state.tasks["t1"].units.sliced_end == 0
+
+
 @pytest.mark.parametrize("elapsed", [float("inf"), float("nan"), -1.0, 1e12])
 def test_a_time_that_is_no_time_is_refused_and_changes_nothing(s: Harness, elapsed: float) -> None:
     """What a worker says a run or a Task took is averaged into the times that size packs,

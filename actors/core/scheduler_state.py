@@ -642,9 +642,7 @@ class SchedulerState:
         match event:
             case TaskSubmitted(kind=kind) if kind not in _TASK_KINDS:
                 raise InvalidEvent(event, f"unknown task kind {kind!r}")
-            case UnitsSliced(task_id=task_id, units=units):
-                found = self.tasks.get(task_id)
-                end = found.units.sliced_end if found is not None else 0
+            case UnitsSliced(units=units):
                 for unit in units:
                     if unit.index < 0 or (unit.deps and any(not 0 <= dep < unit.index
                                                             for dep in unit.deps)):
@@ -654,12 +652,6 @@ class SchedulerState:
                     if unit.count and (not 0 < unit.count <= MAX_PACK or unit.deps or unit.keep):
                         raise InvalidEvent(event, f"a pack of {unit.count} units at {unit.index}: "
                                                   f"1 to {MAX_PACK} plain units")
-                    if unit.index > end:
-                        # A slicer numbers its units in order (a restarted one from 0 again): an
-                        # index past them would size the task's bitmap and books to it.
-                        raise InvalidEvent(event, f"unit {unit.index} after {end} units sliced: "
-                                                  "units are sliced in order")
-                    end = max(end, unit.index + (unit.count or 1))
             case TaskFinished(elapsed=elapsed) | UnitsFinished(elapsed=elapsed) \
                     if not 0.0 <= elapsed <= MAX_ELAPSED_S:
                 raise InvalidEvent(event, f"elapsed {elapsed!r}: seconds, 0 to {MAX_ELAPSED_S:.0f}")
@@ -749,8 +741,10 @@ class SchedulerState:
             case WorkerReady(node_id=node_id, worker_id=worker_id):
                 # A repeated announcement, or a late one from a node declared lost since, would
                 # overwrite a worker's record behind its task's back: only new workers of live nodes.
-                if node_id in self.nodes and worker_id not in self.workers \
-                        and worker_id not in self.retired:
+                if node_id in self.nodes and worker_id in self.retired:
+                    # (its stop may have been lost on the way: said again, and never used)
+                    self._out.append(KillWorker(node_id, worker_id, "it was dropped for good"))
+                elif node_id in self.nodes and worker_id not in self.workers:
                     undo.add(self.nodes[node_id], worker_id)
                     undo.put(self.workers, worker_id, WorkerRecord(worker_id, node_id))
             case WorkerAdopted():
@@ -949,10 +943,18 @@ class SchedulerState:
     def _sliced(self, event: UnitsSliced) -> None:
         task = self._parallel_of(event.worker_id, event.task_id)
         if task is None or event.worker_id != task.driver:
-            return
+            return  # (a stale driver's: dropped, not refused)
+        units = task.units
+        end = units.sliced_end
+        for unit in event.units:
+            if unit.index > end:
+                # A slicer numbers its units in order (a restarted one from 0 again): an index
+                # past them would size the task's bitmap and books to it. (Before any change.)
+                raise InvalidEvent(event, f"unit {unit.index} after {end} units sliced: units "
+                                          "are sliced in order")
+            end = max(end, unit.index + (unit.count or 1))
         replay: list[UnitCall] = []
         opened: Opened = []
-        units = task.units
         self._undo.call(units.unopen, opened)
         # (a unit past the bitmap's end is not journaled: most of a first slicing)
         journaled, beyond = units.journaled, len(units.journaled) << 3
@@ -966,10 +968,8 @@ class SchedulerState:
             elif index in units.carried:  # still running on a lost driver's helper:
                 self._undo.discard(units.carried, index)  # its result comes forwarded
         self._undo.set(task.units, "sliced_all", event.done)
-        if event.units:
-            end = max(unit.index + (unit.count or 1) for unit in event.units)
-            if end > units.sliced_end:
-                self._undo.set(units, "sliced_end", end)
+        if end > units.sliced_end:
+            self._undo.set(units, "sliced_end", end)
         if replay:
             self._count_replayed_packs(units, replay)
             driver = self.workers[event.worker_id]
