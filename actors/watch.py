@@ -34,6 +34,17 @@ OUTPUT_LINES = 1_000  # per task
 OUTPUT_BYTES = 32 << 20  # all tasks together
 LABEL_CHARS = 200  # of a line's stream, level, logger or phase name (a worker's word)
 
+STREAM_EVENTS = 5_000
+STREAM_OPEN = 20_000  # runs dispatched and not answered (a lost worker's never are)
+STREAM_WINDOW_S = 60.0  # what the page's task stream shows
+STREAM_SENT = 2_000  # bars a snapshot carries at most
+THROUGHPUT_SAMPLES = 300
+LISTED_OPEN = 500
+LISTED_FINISHED = 200
+STORY_SHOWN = 500  # a task page's story: its newest entries
+OUTPUT_SHOWN = 500  # a task page's output: its newest lines
+FINISHED = frozenset({TaskStatus.DONE, TaskStatus.ERRED, TaskStatus.CANCELLED})
+
 
 def line_size(line: OutputLine) -> int:
     """What a kept line counts against the budget: its every string."""
@@ -48,22 +59,12 @@ def trimmed(line: OutputLine) -> OutputLine:
     return msgspec.structs.replace(
         line, stream=line.stream[:LABEL_CHARS], level=line.level[:LABEL_CHARS],
         logger=line.logger[:LABEL_CHARS], phase=line.phase[:LABEL_CHARS])
-STREAM_EVENTS = 5_000
-STREAM_OPEN = 20_000  # runs dispatched and not answered (a lost worker's never are)
-STREAM_WINDOW_S = 60.0  # what the page's task stream shows
-STREAM_SENT = 2_000  # bars a snapshot carries at most
-THROUGHPUT_SAMPLES = 300
-LISTED_OPEN = 500
-LISTED_FINISHED = 200
-STORY_SHOWN = 500  # a task page's story: its newest entries
-OUTPUT_SHOWN = 500  # a task page's output: its newest lines
-FINISHED = frozenset({TaskStatus.DONE, TaskStatus.ERRED, TaskStatus.CANCELLED})
 
 
 @dataclass
 class _Ring:
     lines: deque[tuple[str, OutputLine]] = field(default_factory=deque)
-    size: int = 0  # bytes of text held
+    size: int = 0  # characters of its lines held (line_size)
     dropped: int = 0  # lines not held (dropped by workers, or pushed out here)
 
 
