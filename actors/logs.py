@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -11,6 +12,16 @@ from typing import Literal, TextIO, cast
 import structlog
 
 LogFormat = Literal["auto", "console", "json"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--log-format`` and ``--log-level``, as every command that logs takes them."""
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
+                        help="console on a terminal, JSON otherwise (auto); $ACTORS_LOG_FORMAT")
+    parser.add_argument("--log-level", default=None,
+                        choices=["debug", "info", "warning", "error"],
+                        help="the least a line is logged at (default info; debug: every task; "
+                             "$ACTORS_LOG_LEVEL)")
 
 
 def configure(fmt: str = "auto", level: str | None = None) -> None:

@@ -2110,12 +2110,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     parser.add_argument("--keys", default=None,
                         help="CURVE key directory, created if missing (default: "
                              "~/.pydra-actors/keys, or $ACTORS_KEYS)")
-    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
-                        help="console on a terminal, JSON otherwise (auto); $ACTORS_LOG_FORMAT")
-    parser.add_argument("--log-level", default=None,
-                        choices=["debug", "info", "warning", "error"],
-                        help="the least a line is logged at (default info; debug: every task; "
-                             "$ACTORS_LOG_LEVEL)")
+    logs.add_arguments(parser)
     parser.add_argument("--node-timeout", type=float, default=5.0,
                         help="seconds of silence after which a node is declared dead")
     parser.add_argument("--max-deaths", type=int, default=3,

@@ -882,12 +882,7 @@ def _main(argv: list[str], refused: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: one a CPU)")
     parser.add_argument("--keys", default=None, help="CURVE key directory")
-    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
-                        help="console on a terminal, JSON otherwise (auto); $ACTORS_LOG_FORMAT")
-    parser.add_argument("--log-level", default=None,
-                        choices=["debug", "info", "warning", "error"],
-                        help="the least a line is logged at (default info; debug: every task; "
-                             "$ACTORS_LOG_LEVEL)")
+    logs.add_arguments(parser)
     parser.add_argument("--cache", default=None,
                         help="folder for task package versions (default: a private temporary one)")
     parser.add_argument("--package-grace", type=float, default=300.0,

@@ -95,12 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-listen", default=None, metavar="HOST[:PORT]",
                         help="where each node listens for its peers (python -m actors.node "
                              "--data-listen)")
-    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
-                        help="console on a terminal, JSON otherwise (auto); $ACTORS_LOG_FORMAT")
-    parser.add_argument("--log-level", default=None,
-                        choices=["debug", "info", "warning", "error"],
-                        help="the least a line is logged at (default info; debug: every task; "
-                             "$ACTORS_LOG_LEVEL)")
+    logs.add_arguments(parser)
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
