@@ -46,7 +46,7 @@ import msgspec
 import pykka
 import structlog
 
-from actors import __version__, contain, logs, memory, unit_runner
+from actors import __version__, contain, logs, memory, unit_runner, worker_output
 from actors import messages as m
 from actors.contain import (
     TOKEN_ENV,
@@ -124,6 +124,9 @@ class EndWorker(msgspec.Struct, frozen=True):
     why: str
 
 
+OUTPUT_DRAIN_S = 1.0  # at the node's stop, for its workers' last lines of output
+
+
 @dataclass
 class WorkerProcess:
     worker_id: str
@@ -138,6 +141,8 @@ class WorkerProcess:
     token: str = ""  # the secret it must say in its Hello (see "Proof")
     start_by: float | None = None  # its Hello is due by then (set on the first tick after start)
     ended: str = ""  # what it sent that made the node end it (WorkerExited.ended)
+    output: int = -1  # the read end of its stdout and stderr (worker_output.py)
+    relay: threading.Thread | None = None  # the thread logging what it writes there
 
 
 @dataclass
@@ -206,7 +211,7 @@ class Node(Shell):
         for child in self.forked:
             self._seq += 1
             self._adopt(WorkerProcess(child.worker_id, child.pid, child.scratch, plan=child.plan,
-                                      token=child.token))
+                                      token=child.token, output=child.output))
         for _ in range(self.config.slots - len(self.forked)):
             self._spawn()
         self._hello()  # now, not at the first tick: start-up time is user-visible
@@ -424,19 +429,27 @@ class Node(Shell):
         scratch = tempfile.mkdtemp(prefix=f"w{self._seq}-", dir=self.config.run_dir)
         plan = self._plan(scratch)
         token = worker_token()
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER_SCRIPT, "actors.worker", plan.to_arg(),
-             *worker_args(self.config.ipc_address, worker_id)],
-            cwd=scratch, env={**worker_env(scratch), TOKEN_ENV: TOKEN_ON_STDIN},
-            stdin=subprocess.PIPE, start_new_session=True,
-        )
+        output, written = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", WORKER_SCRIPT, "actors.worker", plan.to_arg(),
+                 *worker_args(self.config.ipc_address, worker_id)],
+                cwd=scratch, env={**worker_env(scratch), TOKEN_ENV: TOKEN_ON_STDIN},
+                stdin=subprocess.PIPE, stdout=written, stderr=written, start_new_session=True,
+            )
+        except BaseException:
+            os.close(output)
+            raise
+        finally:
+            os.close(written)
         assert proc.stdin is not None
         try:  # (a line in an empty pipe: never blocks)
             proc.stdin.write(token.encode() + b"\n")
             proc.stdin.close()
         except OSError:  # it died at once: its exit is reported as any other
             pass
-        self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc, plan=plan, token=token))
+        self._adopt(WorkerProcess(worker_id, proc.pid, scratch, proc, plan=plan, token=token,
+                                  output=output))
 
     def _plan(self, scratch: str) -> Plan:
         containment = self.config.containment
@@ -450,6 +463,11 @@ class Node(Shell):
         worker.reaper = threading.Thread(target=_reap, args=(self.actor_ref, worker),
                                          name=f"reaper-{worker.pid}", daemon=True)
         worker.reaper.start()
+        if worker.output >= 0:  # what it writes to stdout and stderr, logged as its own
+            worker.relay = threading.Thread(
+                target=worker_output.relay, args=(worker.output, self.log.bind(worker_id=worker.worker_id)),
+                name=f"output-{worker.pid}", daemon=True)
+            worker.relay.start()
         self.workers[worker.worker_id] = worker
         self.pids[worker.worker_id] = worker.pid
         self.log.debug("worker_spawned", worker_id=worker.worker_id, pid=worker.pid,
@@ -560,6 +578,11 @@ class Node(Shell):
                 _signal_group(worker.pid, signal.SIGKILL)
                 worker.reaper.join(KILL_GRACE_S)
             shutil.rmtree(worker.scratch, ignore_errors=True)
+        # Their last lines logged (a bounded wait: a process they started may hold the pipe).
+        deadline = time.monotonic() + OUTPUT_DRAIN_S
+        for worker in self.workers.values():
+            if worker.relay is not None:
+                worker.relay.join(max(0.0, deadline - time.monotonic()))
         stopped = len(self.workers)
         self.workers.clear()
         left = contain.reap(self.orphans + self._end_orphans())

@@ -8,7 +8,8 @@ thread (a fork copies locks that a thread of the parent may hold, and the thread
 release them). A forked worker then sets itself up as a spawned one is set up: its own session,
 nothing of the node's left open, a scratch folder as home, temporary folder and working directory,
 a scrubbed environment (the strings the node started with wiped too: ``/proc/self/environ`` shows
-them), stdin from /dev/null, its containment plan applied (``contain.py``); then it runs
+them), stdin from /dev/null, stdout and stderr a pipe its node reads (worker_output.py), its
+containment plan applied (``contain.py``); then it runs
 ``actors.worker.main``. Workers that replace dead ones are spawned as
 fresh interpreters: by then the node runs threads. ``ps`` shows a forked worker with its node's
 command line.
@@ -38,6 +39,7 @@ class Forked:
     scratch: str
     plan: Plan = field(default_factory=Plan)
     token: str = ""  # the secret it says in its Hello (see worker_token)
+    output: int = -1  # the read end of its stdout and stderr (worker_output.py)
 
 
 def worker_token() -> str:
@@ -73,19 +75,23 @@ def fork_workers(node_id: str, run_dir: str, ipc_address: str, count: int,
             plan = plan_for(scratch)
             args = worker_args(ipc_address, worker_id)
             token = worker_token()
+            output, written = os.pipe()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
                 forked.clear()  # (the secrets of the workers forked before this one)
-                _become_worker(scratch, args, plan, token)
-            forked.append(Forked(worker_id, pid, scratch, plan, token))
+                _become_worker(scratch, args, plan, token, written)
+            os.close(written)
+            forked.append(Forked(worker_id, pid, scratch, plan, token, output))
     return forked
 
 
-def _become_worker(scratch: str, args: list[str], plan: Plan, token: str) -> None:
-    """In the child: never returns."""
+def _become_worker(scratch: str, args: list[str], plan: Plan, token: str, output: int) -> None:
+    """In the child: never returns. ``output``: its stdout and stderr from now on."""
     code = 70
     try:
+        os.dup2(output, 1)
+        os.dup2(output, 2)
         os.setsid()
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the node's run folder and uid locks
         os.chdir(scratch)
