@@ -793,7 +793,8 @@ class Master(HubShell):
             return
         match msg:
             case m.UnitsSliced(task_id=task_id, units=units, done=done):
-                self._apply(ev.UnitsSliced(self.now, worker_id, task_id, units, done))
+                self._apply(ev.UnitsSliced(self.now, worker_id, task_id, units, done,
+                                           self._room_for_units(task_id)))
             case m.UnitsDone(task_id=task_id, run_id=run_id, outcomes=outcomes, elapsed=elapsed):
                 failed = sum(1 for o in outcomes if not o.ok)
                 # (a pack's outcome counts its units: the worker's word, bounded, for counters)
@@ -1242,6 +1243,20 @@ class Master(HubShell):
             self.log.warning("memory_budget_full", client_id=peer.peer_id, held=held,
                              needed=needed, limit=self.max_key_bytes)
         return MemoryBudgetFull(self.max_key_bytes, held, needed)
+
+    def _room_for_units(self, task_id: str) -> int:
+        """What a ParallelTask's key may still make the master hold in sliced units: its budget
+        less the rest it holds (``_over_budget``'s count); -1 without a budget."""
+        task = self.scheduler.tasks.get(task_id)
+        if not self.max_key_bytes or task is None:
+            return -1
+        owner = task.warm_key.owner
+        held = self.scheduler.args_bytes.get(owner, 0) + self.backlog.held_bytes.get(owner, 0)
+        kept = self.inputs.kept_total  # every client's: enough unless it is much
+        if held + kept > self.max_key_bytes // 2:
+            kept = sum(size for client, size in self.inputs.kept_bytes.items()
+                       if self._owner_of(client) == owner)
+        return max(0, self.max_key_bytes - held - kept)
 
     def _owner_of(self, client_id: str) -> str:
         """Whose a client's tasks count as: its key, or itself without one."""
@@ -1807,6 +1822,14 @@ class Master(HubShell):
                     ins.task_id, ins.input_id, ins.input_state, kept.why if kept else ""))
                 self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
                     ins.task_id, payload, type_name, text, ""))
+            case ev.ReportOverBudget():
+                full = MemoryBudgetFull(self.max_key_bytes, self.max_key_bytes - ins.room + ins.held,
+                                        ins.needed)
+                self.log.warning("units_over_budget", task_id=ins.task_id, held=full.held,
+                                 needed=ins.needed, limit=self.max_key_bytes)
+                payload, type_name, text, _ = describe_exception(full)
+                self._task_ended(ins.client_id, ins.task_id, m.TaskErred(
+                    ins.task_id, payload, type_name, text, "", "get_work"))
             case ev.ReportCancelled():
                 self.log.info("task_cancelled", task_id=ins.task_id)
                 self._task_ended(ins.client_id, ins.task_id, m.TaskCancelled(ins.task_id))

@@ -7,11 +7,13 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
 
-from actors import Client, Task
+from actors import Client, ParallelTask, Task
 from actors.errors import MemoryBudgetFull, QueueFull, ScatterFailed
 from actors.serialize import dumps
 from tests.conftest import descendants, kill_all, start_master, wait_until
@@ -186,3 +188,50 @@ def test_tasks_restored_after_a_restart_count_in_their_keys_budget(tmp_path: Pat
         kill_all({p.pid for p in procs} | {d for p in procs for d in descendants(p.pid)})
         for proc in procs:
             proc.wait(10)
+
+
+class SlicesWithoutEnd(ParallelTask):
+    """A driver that ignores its look-ahead (task code may change its worker's module globals):
+    it slices 1 MiB units as fast as it can, while each unit sleeps."""
+
+    def get_work(self):
+        from actors import task_host
+
+        task_host.LOOKAHEAD = task_host.FIRST_LOOKAHEAD = 1 << 40
+        task_host.LOOKAHEAD_BYTES = 1 << 50
+        for i in range(100_000):
+            yield os.urandom(16) * (MIB // 16) + str(i).encode()
+
+    def work_unit(self, unit):
+        time.sleep(5)
+        return len(unit)
+
+    def reduce(self, results):
+        return sum(results)
+
+
+def test_a_driver_that_ignores_its_look_ahead_fails_its_task_not_the_master(
+        tmp_path: Path) -> None:
+    """The units a driver slices ahead wait on the master; they were not counted in their
+    key's budget, so a driver that ignored its look-ahead made the master hold what it liked.
+    Past the key's budget and twice a look-ahead, its task fails with MemoryBudgetFull."""
+    master, address = start_master(tmp_path, "--workers", "2", "--keys", str(tmp_path / "keys"),
+                                   "--max-key-memory", "8")
+    try:
+        with Client(address, keys=tmp_path / "keys") as client:
+            error = client.submit(SlicesWithoutEnd).exception(timeout=120)
+            assert isinstance(error, MemoryBudgetFull), error
+            assert "--max-key-memory" in str(error)
+            assert client.submit(Nop, b"abc").result(timeout=60) == 3  # the master serves on
+            status = Path(f"/proc/{master.pid}/status").read_text()
+            peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status)[1])  # type: ignore[index]
+            assert peak_kib < 600 * 1024, f"the master peaked at {peak_kib >> 10} MiB"
+        assert any(e["event"] == "units_over_budget" for e in log_events(tmp_path))
+    finally:
+        kill_all(descendants(master.pid) | {master.pid})
+        master.wait(10)
+
+
+def log_events(directory: Path) -> list[dict[str, object]]:
+    lines = (directory / "master.log").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]

@@ -192,3 +192,39 @@ def test_a_repack_that_fails_halfway_puts_back_everything_it_took() -> None:
     assert state.story("t1") == story and list(state._finished) == ["t1"]
     assert list(throughput.samples) == [(3.0, 7, 0)] and master.repacks_due == 1
     state.validate()
+
+
+def test_a_driver_slicing_past_its_keys_budget_fails_its_task_and_no_honest_one_does() -> None:
+    """The master held a driver's sliced units outside its key's budget: a driver that ignores
+    its look-ahead could make it hold what it liked. Past the key's room, and past twice what
+    a driver slices ahead (``UNITS_AHEAD_BYTES``), the task fails with its units dropped."""
+    from actors.core.scheduler_state import UNITS_AHEAD_BYTES
+    from actors.task_host import LOOKAHEAD_BYTES
+
+    assert UNITS_AHEAD_BYTES >= 2 * LOOKAHEAD_BYTES
+    state = running_parallel_task()
+    big = b"x" * (16 << 20)
+    index = 0
+
+    def slice_one(room: int) -> list[ev.Instruction]:
+        nonlocal index
+        index += 1
+        out = state.handle(ev.UnitsSliced(4.0, "w1", "t1", [UnitCall(index - 1, big)], False, room))
+        state.validate()
+        return out
+
+    # A budget smaller than the look-ahead: an honest driver's units open all the same.
+    for _ in range(4):
+        assert not [i for i in slice_one(1 << 20) if isinstance(i, ev.ReportOverBudget)]
+    assert state.open_unit_bytes("c1") == 4 * (len(big) + 200)
+    # Past it, with room enough for the key: still open.
+    for _ in range(8):
+        assert not [i for i in slice_one(1 << 30) if isinstance(i, ev.ReportOverBudget)]
+    before = snapshot(state)
+    out = slice_one(100 << 20)  # 12 x 16 MiB open: past the room and the look-ahead
+    failed = [i for i in out if isinstance(i, ev.ReportOverBudget)]
+    assert failed == [ev.ReportOverBudget("c1", "t1", 12 * (len(big) + 200), len(big) + 200,
+                                          100 << 20)]
+    assert state.tasks["t1"].state == "erred" and state.open_unit_bytes("c1") == 0
+    assert any(isinstance(i, ev.KillWorker) for i in out)  # its driver ran hostile code
+    assert before != snapshot(state) and not state.unit_bytes_bound

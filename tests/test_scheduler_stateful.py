@@ -288,7 +288,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             count -= (start + count) % 4  # (a pack is never cut: its bounds are its index's)
         self.sliced[task_id] = start + count
         units = self.calls(task_id, start, start + count)
-        self.feed(ev.UnitsSliced(self.now, driver, task_id, units, start + count == total))
+        # The key's room on the master: none (-1), none left (its units still open: they are
+        # within a look-ahead), or plenty; the bound per key is kept either way.
+        room = data.draw(st.sampled_from([-1, 0, 1 << 30]))
+        self.feed(ev.UnitsSliced(self.now, driver, task_id, units, start + count == total, room))
         self.flush()
 
     def calls(self, task_id: str, start: int, end: int) -> list[UnitCall]:

@@ -136,6 +136,9 @@ class UnitsSliced(Event, frozen=True):
     task_id: str
     units: list[UnitCall]
     done: bool
+    # Bytes the task's key may still make the master hold beyond what it holds outside its
+    # tasks' open units (the master's --max-key-memory less the rest; -1: no bound).
+    room: int = -1
 
 
 class UnitsFinished(Event, frozen=True):
@@ -380,6 +383,17 @@ class ReportUnreachable(Instruction, frozen=True):
     holder: str
     address: str
     tries: int
+
+
+class ReportOverBudget(Instruction, frozen=True):
+    """A driver sliced units past its key's memory budget on the master (``UnitsSliced.room``):
+    the task fails with ``MemoryBudgetFull``."""
+
+    client_id: str
+    task_id: str
+    held: int  # the key's open units' bytes before these
+    needed: int  # these units' bytes
+    room: int
 
 
 class ReportCancelled(Instruction, frozen=True):

@@ -157,6 +157,7 @@ from actors.core.scheduler_events import (
     ReportErred,
     ReportInputFailed,
     ReportKilled,
+    ReportOverBudget,
     ReportProgress,
     ReportUnreachable,
     RunsReleased,
@@ -226,6 +227,12 @@ MAX_RETIRED = 100_000  # worker ids remembered as dropped for good
 # The most a worker may say a run or a Task took (a worker's word, averaged into the times
 # that size packs and runs and into fair shares): a year; beyond, or not a number, refused.
 MAX_ELAPSED_S = 365 * 86400.0
+# What an open unit costs the master beyond its arguments (the UnitCall, its place in the
+# book): counted with them in its key's budget (UnitsSliced.room).
+UNIT_OVERHEAD_BYTES = 200
+# A task's open units may pass its key's budget up to this: twice what a driver slices ahead
+# (task_host.LOOKAHEAD_BYTES), so that only a driver that ignores its look-ahead fails.
+UNITS_AHEAD_BYTES = 128 << 20
 
 StoryEntry = tuple[str, str, str, str, float]
 
@@ -242,7 +249,8 @@ TASK_TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
     (QUEUED, CANCELLED): "cancelled, or its client left, before it started",
     (RUNNING, CANCELLED): "cancelled, or its client left",
     (RUNNING, DONE): "its driver reported its result",
-    (RUNNING, ERRED): "its code raised for good, or workers died under it too often",
+    (RUNNING, ERRED): "its code raised for good, workers died under it too often, or it "
+                      "sliced units past its key's memory budget",
     (QUEUED, ERRED): "an input of it (a future among its arguments) failed or was cancelled",
 }
 
@@ -390,6 +398,13 @@ def _unappend(story: list[StoryEntry], evicted: StoryEntry | None) -> None:
     story.pop()
     if evicted is not None:
         story.insert(0, evicted)
+
+
+def _open_bytes(units: UnitBook) -> int:
+    """What a task's open units (and its kept ones, to compute again if lost) hold."""
+    calls = [*units.open_units.values(),
+             *(unit for index, unit in units.kept.items() if index not in units.open_units)]
+    return sum(len(unit.args) for unit in calls) + UNIT_OVERHEAD_BYTES * len(calls)
 
 
 def _rank(task: TaskRecord) -> tuple[int, int]:
@@ -605,6 +620,8 @@ class SchedulerState:
         # Bytes of arguments the unfinished tasks of each owner hold (a task's go at its end):
         # the master's budget per key (Master._over_budget)
         self.args_bytes: dict[str, int] = {}
+        # Per owner, a bound from above on the bytes its open units hold (see _room_for).
+        self.unit_bytes_bound: dict[str, int] = {}
         self._running: dict[str, TaskRecord] = {}
         self._parallel: dict[str, TaskRecord] = {}  # the running ParallelTasks: units to hand out
         self._seq = itertools.count()
@@ -953,6 +970,8 @@ class SchedulerState:
                 raise InvalidEvent(event, f"unit {unit.index} after {end} units sliced: units "
                                           "are sliced in order")
             end = max(end, unit.index + (unit.count or 1))
+        if event.room >= 0 and not self._room_for(task, event.units, event.room, event.now):
+            return
         replay: list[UnitCall] = []
         opened: Opened = []
         self._undo.call(units.unopen, opened)
@@ -976,6 +995,30 @@ class SchedulerState:
             self._note(task, f"units {replay[0].index}-{replay[-1].index}", "memory", "replayed",
                        f"{len(replay)} finished before the driver restarted", event.now)
             self._out.append(ReplayResults(driver.node_id, driver.worker_id, task.task_id, replay))
+
+    def _room_for(self, task: TaskRecord, sliced: list[UnitCall], room: int, now: float) -> bool:
+        """Whether these units may open: the task fails (False) when its key's open units would
+        pass ``room`` and its own would pass ``UNITS_AHEAD_BYTES``, what no honest driver slices
+        ahead (so a budget smaller than a driver's look-ahead fails no honest task). A running
+        total per key bounds the open units from above (it only grows between counts), so that
+        they are counted only near the bound."""
+        owner, bounds = task.warm_key.owner, self.unit_bytes_bound
+        needed = sum(len(unit.args) for unit in sliced) + UNIT_OVERHEAD_BYTES * len(sliced)
+        if (bound := bounds.get(owner, 0)) + needed <= room:
+            self._undo.put(bounds, owner, bound + needed)
+            return True
+        held = self.open_unit_bytes(owner)
+        self._undo.put(bounds, owner, held + needed)
+        if held + needed <= room or _open_bytes(task.units) + needed <= UNITS_AHEAD_BYTES:
+            return True
+        self._end(task, ERRED, "units sliced past its key's memory budget", now)
+        self._out.append(ReportOverBudget(task.client_id, task.task_id, held, needed, room))
+        return False
+
+    def open_unit_bytes(self, owner: str) -> int:
+        """The bytes the open (and kept) units of an owner's running ParallelTasks hold."""
+        return sum(_open_bytes(task.units) for task in self._parallel.values()
+                   if task.warm_key.owner == owner)
 
     def _count_replayed_packs(self, units: UnitBook, replay: list[UnitCall]) -> None:
         """A pack replayed for its first unit counts all of its units done: a worker's salvaged
@@ -1254,7 +1297,9 @@ class SchedulerState:
             self._count_queued(task, 1 if finish is QUEUED else -1)
         if start is RUNNING:
             undo.pop(self._running, task.task_id)
-            undo.pop(self._parallel, task.task_id)
+            if undo.pop(self._parallel, task.task_id) is not None and task.warm_key.owner in \
+                    self.unit_bytes_bound and self._no_parallel_of(task.warm_key.owner):
+                undo.pop(self.unit_bytes_bound, task.warm_key.owner)
         if finish is RUNNING:
             undo.put(self._running, task.task_id, task)
             if task.kind is PARALLEL:
@@ -1264,6 +1309,9 @@ class SchedulerState:
         elif finish in FINISHED:
             self._finished.append(task.task_id)
             undo.call(self._finished.pop)
+
+    def _no_parallel_of(self, owner: str) -> bool:
+        return all(task.warm_key.owner != owner for task in self._parallel.values())
 
     def queued_of(self, client_id: str, priority: int) -> int:
         """How many of this client's tasks of this priority are queued (waiting for inputs
@@ -2066,6 +2114,8 @@ class SchedulerState:
         running = {t.task_id for t in self.tasks.values() if t.state is RUNNING}
         assert set(self._running) == running, "running index disagrees with task states"
         assert set(self._parallel) == {t for t in running if self.tasks[t].kind is PARALLEL}
+        assert set(self.unit_bytes_bound) <= {t.warm_key.owner for t in self._parallel.values()}, \
+            "a bound on open units' bytes of an owner without a running ParallelTask"
         counts: dict[tuple[str, int], int] = {}
         owners: dict[str, int] = {}
         held: dict[str, int] = {}
