@@ -1051,7 +1051,7 @@ def _main(argv: list[str], refused: list[str]) -> int:
     hub.add_router("workers", config.ipc_address, views=True, handover=False)
     try:
         data = DataPlane(node_id, pair, run_dir, args.master, args.data_listen, args.data_address)
-        data.alive = alive
+        data.alive, data.holds = alive, task_ends.holds
     except ValueError as exc:
         refuse(refused, "bad_data_address", str(exc))
         return give_up(forked)

@@ -176,6 +176,9 @@ class DataPlane:
         self.asked: OrderedDict[tuple[bytes, bytes, bytes], float] = OrderedDict()
         self.sent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self.forged = 0  # frames refused (said 1, 2, 4, 8... times)
+        # Whether a worker holds a task (the node's TaskEnds): a worker asks for the results of
+        # a task it runs, and only of that one (the holder serves that task's units only).
+        self.holds: Callable[[bytes, str], bool] | None = None
         # The result store's answer to an InputRequest (set by the node: node_results.py).
         self.serve_input: Callable[[Hub, bytes, bytes], None] | None = None
 
@@ -278,10 +281,14 @@ class DataPlane:
             request = m.decode(body)
         except MalformedMessage:
             request = None
-        if isinstance(request, _REQUESTS) and request.requester.encode() == worker:
-            return True
-        self._refuse(worker, "not a request of its own")
-        return False
+        if not isinstance(request, _REQUESTS) or request.requester.encode() != worker:
+            self._refuse(worker, "not a request of its own")
+            return False
+        if (isinstance(request, m.DataRequest) and self.holds is not None
+                and not self.holds(worker, request.task_id)):
+            self._refuse(worker, "a request for the results of a task it does not run")
+            return False
+        return True
 
     def _refuse(self, worker: bytes, why: str) -> None:
         self.forged += 1

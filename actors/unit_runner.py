@@ -67,6 +67,12 @@ def unit_key(task_id: str, index: int) -> str:
     return f"{task_id}:{index}"
 
 
+def _of_task(key: str, task_id: str) -> bool:
+    """Whether ``key`` is a unit key of ``task_id`` (``unit_key``)."""
+    head, _, index = key.rpartition(":")
+    return head == task_id and index.isdigit()
+
+
 def run_key(task_id: str, run_id: int) -> str:
     return f"{task_id}:run{run_id}"
 
@@ -227,8 +233,11 @@ class UnitRunner:
         return out, kept
 
     def data_requested(self, origin: bytes, msg: m.DataRequest) -> None:
+        """A peer asks for results held here: only the units of the task it names are served
+        (its node checked that the peer holds that task, node_data.DataPlane.holds)."""
         self.origins[msg.requester] = origin
-        self.feed(ev.DataRequested(tuple(msg.keys), msg.requester,
+        keys = tuple(key for key in msg.keys if _of_task(key, msg.task_id))
+        self.feed(ev.DataRequested(keys, msg.requester,
                                    stimulus_id=f"request {msg.requester}", now=self._clock()))
 
     def data_arrived(self, msg: m.DataReply) -> None:

@@ -399,3 +399,55 @@ def test_a_peer_node_is_dialed_with_curve_and_our_identity_or_by_ipc_on_this_hos
             "curve": ClientCurve(pair.public, pair.secret, pair.public)}),
         "peer:ipc:///run/n2/data": ("ipc:///run/n2/data", {"identity": b"n1", "views": True}),
     }
+
+
+def test_a_worker_asks_only_for_the_results_of_a_task_it_runs() -> None:
+    """A holder served any key it held to whoever asked, whatever task the request named: the
+    task id was the only guard (task code of another key that learnt it read the results).
+    Now the requester's node relays a DataRequest only for a task the requester runs (its
+    TaskEnds), and the holder serves only the units of the task named (below)."""
+    plane, hub = new_plane()
+    here = plane.address.encode()
+    running = {(b"w1", "t")}
+    plane.holds = lambda worker, task_id: (worker, task_id) in running
+    for request in [m.DataRequest("victim", ["victim:0"], "w1"),  # not its task
+                    m.DataRequest("t", ["t:0"], "w3")]:  # not its own request
+        assert plane.from_worker(hub, b"w1" if request.requester == "w1" else b"w3",
+                                 [b"p", here, b"w2", m.encode(request)])
+    assert hub.sent == []
+    plane.from_worker(hub, b"w1", [b"p", here, b"w2", m.encode(m.DataRequest("t", ["t:0"], "w1"))])
+    assert hub.sent.pop()[1][:2] == [b"w2", DATA_MARK]
+
+
+class _Blobs:
+    _task_stop = None
+
+    def work_unit(self, index: int) -> bytes:
+        return bytes([index % 256]) * 300_000  # past a run's inline bytes after ~50: held
+
+
+def test_a_holder_serves_only_the_units_of_the_task_a_request_names() -> None:
+    from actors.serialize import dumps
+    from actors.unit_runner import Ran, UnitRunner
+
+    sent: list[m.Message] = []
+    frames_out: list[list[bytes]] = []
+    calls: list[Any] = []
+    told: list[Any] = []
+    runner = UnitRunner("n1/w1", sent.append, frames_out.append,
+                        lambda call, _task: calls.append(call), told.append)
+    runner.instance = _Blobs()
+    runner.run_units(m.RunUnits("t1", 1, [m.UnitCall(i, dumps(i)) for i in range(80)]))
+    calls.pop()()  # the executor thread's part, here
+    ran = told.pop()
+    assert isinstance(ran, Ran)
+    runner.ran(ran)
+    assert "t1:79" in runner.state.data  # held here
+    for request in [m.DataRequest("t2", ["t1:79"], "n1/w2"),  # another task's keys
+                    m.DataRequest("t1", ["t1:79"], "n1/w2")]:
+        frames_out.clear()
+        runner.data_requested(b"", request)
+        reply = m.decode(frames_out[-1][-1])
+        assert isinstance(reply, m.DataReply)
+        served = [key for key, _ in reply.data] + [key for key in reply.attached]
+        assert served == ([] if request.task_id == "t2" else ["t1:79"]), (request, served)
