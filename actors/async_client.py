@@ -164,7 +164,7 @@ async def _ended(fut: Future) -> None:
     def ended(_: Future) -> None:
         loop.call_soon_threadsafe(_set, waiter)
 
-    fut.add_done_callback(ended)
+    fut._on_end(ended)
     await waiter
 
 

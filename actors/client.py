@@ -111,7 +111,7 @@ class Future:
         # Empty tuples, shared, until something comes: most futures get no callback and no
         # output, and a client may hold 10^5 (two lists were 144 bytes and two more objects
         # for every collection to walk).
-        self._callbacks: tuple[Callable[[Future], None], ...] = ()
+        self._callbacks: tuple[tuple[Callable[[Future], None], bool], ...] = ()  # (fn, inline)
         self._lock = threading.Lock()
         self._progress: tuple[int, int | None] = (0, None)
         self._counts_units = False  # a ParallelTask's progress (units), not what work reported
@@ -252,7 +252,7 @@ class Future:
         def ended(fut: Future) -> None:
             loop.call_soon_threadsafe(_settle, waiter, fut)
 
-        self.add_done_callback(ended)
+        self._on_end(ended)
         # A generator, so that its frame holds this future while it is awaited: the client
         # keeps only weak references, and a future nobody holds never finishes.
         return (yield from waiter.__await__())
@@ -263,13 +263,25 @@ class Future:
         bridged: concurrent.futures.Future[Any] = concurrent.futures.Future()
         bridged.set_running_or_notify_cancel()
         bridged.actors_future = self  # type: ignore[attr-defined]  # held while the bridge is
-        self.add_done_callback(lambda fut: _settle(bridged, fut))
+        # (in the callback thread: the bridge's own callbacks are users' and may wait)
+        self._on_end(lambda fut: _settle(bridged, fut), inline=False)
         return bridged
 
     def add_done_callback(self, fn: Callable[[Future], None]) -> None:
+        """Call ``fn(future)`` once it ends: at once, in this thread, if it has; otherwise in
+        the client's callback thread, one callback at a time in the order the futures ended.
+        Not in the thread that receives from the master: a callback may wait on another
+        future (``result()``), which that thread is the one to end."""
+        self._on_end(fn, inline=False)
+
+    def _on_end(self, fn: Callable[[Future], None], *, inline: bool = True) -> None:
+        """``add_done_callback`` for the runtime's own callbacks, which only hand the end on
+        and never wait: called in the thread that ends the future (``inline``)."""
         with self._lock:
             if not self.done():
-                self._callbacks = (*self._callbacks, fn)
+                self._callbacks = (*self._callbacks, (fn, inline))
+                if not inline:  # held until it ends, as concurrent.futures' executor holds it:
+                    self._client._awaited[self.task_id] = self  # a callback is a use of it
                 return
         fn(self)
 
@@ -338,11 +350,47 @@ class Future:
                 self._ended = True
                 self._client._futures_done.notify_all()
             callbacks, self._callbacks = self._callbacks, ()
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                log.exception("future_callback_failed", task_id=self.task_id)
+            self._client._awaited.pop(self.task_id, None)
+        for fn, inline in callbacks:
+            if inline:
+                _call_back(fn, self)
+            else:
+                self._client._callbacks.put((fn, self))
+
+
+def _call_back(fn: Callable[[Future], None], fut: Future) -> None:
+    try:
+        fn(fut)
+    except Exception:
+        log.exception("future_callback_failed", task_id=fut.task_id)
+
+
+class _Callbacks:
+    """The thread that runs a client's done-callbacks, started with the first one."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[[Future], None], Future] | None] = \
+            queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def put(self, item: tuple[Callable[[Future], None], Future]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="actors-callbacks",
+                                                daemon=True)
+                self._thread.start()
+        self._queue.put(item)
+
+    def stop(self) -> None:
+        """After the callbacks queued so far (not waited for: one may wait on this client)."""
+        with self._lock:
+            if self._thread is not None:
+                self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            _call_back(*item)
 
 
 def fire_and_forget(futures: Any) -> None:
@@ -578,6 +626,8 @@ class Client:
         self._released: collections.deque[str] = collections.deque()  # futures gone (Release)
         self._scattering: dict[str, list[bytes | memoryview]] = {}  # data bound for a node
         self._futures_done = threading.Condition()  # every future's end is told through it
+        self._callbacks = _Callbacks()  # where users' done-callbacks run
+        self._awaited: dict[str, Future] = {}  # futures with a callback to run: held till then
         # Who waits for the answer to a request, by its key (several threads may ask the same
         # at once: each gets the answer); and the request, sent again after a Welcome (what
         # left while the master restarted reached none, or a master that did not know us yet)
@@ -967,6 +1017,7 @@ class Client:
         atexit.unregister(self._at_exit)
         self._outbox.close()
         self._hub.stop()
+        self._callbacks.stop()
         self._close_own_cluster()
 
     def _close_own_cluster(self) -> None:

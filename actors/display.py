@@ -92,7 +92,7 @@ def progress(futures: Future | Iterable[Future], *, timeout: float | None = None
     tqdm = _tqdm()
     changed = threading.Event()
     for fut in futs:
-        fut.add_done_callback(lambda _fut: changed.set())
+        fut._on_end(lambda _fut: changed.set())
     deadline = None if timeout is None else time.monotonic() + timeout
     bars = [tqdm(total=fut.progress()[1], desc=f"{fut.name} {fut.task_id}", unit="unit",
                  leave=True, dynamic_ncols=True) for fut in futs]

@@ -23,7 +23,7 @@ class Future(Protocol):
     def done(self) -> bool: ...
     def result(self, timeout: float | None = None) -> Any: ...
     def exception(self, timeout: float | None = None) -> BaseException | None: ...
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None: ...
+    def _on_end(self, fn: Callable[[Any], None], *, inline: bool = True) -> None: ...
     def _show_output(self, waiting: bool) -> None: ...
 
 FIRST_COMPLETED = "FIRST_COMPLETED"
@@ -52,7 +52,7 @@ def wait(futures: Iterable[Future], timeout: float | None = None,
             changed.notify_all()
 
     for fut in pending:
-        fut.add_done_callback(woken)
+        fut._on_end(woken)  # (in the thread that ends it: a hand-off, never a wait)
     deadline = None if timeout is None else time.monotonic() + timeout
     with changed:
         while True:
@@ -93,7 +93,7 @@ class as_completed:  # noqa: N801 (a function to its callers, as in concurrent.f
     def add(self, fut: Future) -> None:
         with self._lock:
             self._pending.add(fut)
-        fut.add_done_callback(self._finished.put)
+        fut._on_end(self._finished.put)
 
     def count(self) -> int:
         """Futures added and not yet yielded."""

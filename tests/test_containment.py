@@ -309,7 +309,7 @@ class FloodsTheDataPlane(Task):
                 msg: m.Message | None = m.decode(frames[-1])
             except Exception:
                 msg = None
-            if isinstance(msg, m.DataReply) and msg.task_id == "flood":
+            if isinstance(msg, m.DataReply) and msg.task_id == self.task_id:
                 answers.put(msg)
             else:
                 handler(socket, frames)
@@ -318,7 +318,8 @@ class FloodsTheDataPlane(Task):
         outbox = hub.outbox()
         try:
             for i in range(n):
-                request = m.encode(m.DataRequest("flood", [f"flood:{i}"], me))
+                # (for its own task: one it does not run is not relayed, node_data.holds)
+                request = m.encode(m.DataRequest(self.task_id, [f"{self.task_id}:{i}"], me))
                 outbox.send(NODE, [b"p", f"tcp://10.255.{i // 250}.{i % 250}:9".encode(),
                                    b"holder", request])
             replies = [answers.get(timeout=10) for _ in range(n)]

@@ -402,6 +402,29 @@ def test_a_done_callback_is_called_once_when_the_task_ends_or_at_once_if_it_has(
     assert calls[0][2] != me and calls[1][2] == me
 
 
+def test_a_done_callback_may_wait_on_another_task_and_the_client_serves_on_meanwhile(
+    client: Client,
+) -> None:
+    """Callbacks ran in the thread that receives from the master: one that submitted a task
+    and waited on its result (as concurrent.futures allows) waited for good, and so did every
+    other result of the client. They run in a thread of their own now."""
+    chained: list[int] = []
+    done = threading.Event()
+
+    def follow_up(fut: object) -> None:
+        chained.append(client.submit(Square, fut.result() + 1).result(timeout=30))  # type: ignore[attr-defined]
+        done.set()
+
+    client.submit(Square, 2).add_done_callback(follow_up)
+    assert client.submit(Square, 7).result(timeout=30) == 49
+    assert done.wait(30) and chained == [25]
+    bridged = client.submit(Square, 3).concurrent()  # its callbacks are a user's too
+    waited: list[int] = []
+    bridged.add_done_callback(lambda f: waited.append(client.submit(Square, f.result()).result(30)))
+    assert bridged.result(timeout=30) == 9
+    wait_until(lambda: waited == [81], 30, "the bridged callback's follow-up")
+
+
 def test_threads_asking_the_same_at_once_each_get_the_answer(client: Client) -> None:
     """Requests are matched to their answers by what they ask (``info``, a task's story):
     threads that ask the same at the same time each get an answer, none is left waiting."""
