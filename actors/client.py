@@ -41,6 +41,7 @@ from actors.errors import (
     ActorsError,
     ArgumentsNotSerializable,
     ClientClosed,
+    ClusterInTask,
     ClusterStartFailed,
     ConnectFailed,
     HandshakeRefused,
@@ -69,7 +70,7 @@ from actors.serialize import (
     loads_parts,
     rebuild_exception,
 )
-from actors.task import Task, check_arguments, check_named_arguments
+from actors.task import Task, check_arguments, check_named_arguments, in_worker
 from actors.waiting import as_completed, futures_in, gather  # noqa: F401 (as_completed: its old home)
 from transport import ClientCurve, Hub, load_keypair, load_public_key
 
@@ -609,6 +610,8 @@ class Client:
             # workers, waited for as a LocalCluster's are (``launch.run_script``).
             local_workers = _local_workers_of_env() if address else 0
         if address is None:
+            if in_worker():
+                raise ClusterInTask()
             address = self._own_cluster = LocalCluster()
         if isinstance(address, LocalCluster):
             local_workers, local_address = address.workers, address.local_address

@@ -58,6 +58,18 @@ class ClusterStartFailed(ActorsError):
         return f"local cluster did not start: {self.reason}"
 
 
+class ClusterInTask(ActorsError, RuntimeError):
+    """``Client()`` without an address in task code: it would start a cluster of its own inside
+    the worker (a master, a node and a worker per CPU, on every worker that runs the task)."""
+
+    def __str__(self) -> str:
+        return ("Client() without an address inside a task would start a cluster of its own "
+                "in this worker: return the work to the client that submitted the task "
+                "instead (a ParallelTask's units, or futures passed as arguments to the next "
+                "task), or, where the worker may reach the master (--worker-network), pass "
+                "its address: Client(address)")
+
+
 class ConnectFailed(ActorsError):
     """No answer from the master within the deadline (wrong address, or our key is not allowed)."""
 

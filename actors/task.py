@@ -17,6 +17,18 @@ from typing import Any, ClassVar
 from actors import task_output
 from actors.errors import InvalidArguments, TaskStopped
 
+_in_worker = False
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker, where task code runs (``mark_worker``)."""
+    return _in_worker
+
+
+def mark_worker() -> None:
+    global _in_worker
+    _in_worker = True
+
 
 class Unit:
     """A work unit that other units may depend on, yielded by ``ParallelTask.get_work``.

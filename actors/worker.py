@@ -64,7 +64,7 @@ from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads, loads_parts
 from actors.shell import HubShell, Inbound, Tick, tell_if_alive
 from actors.spill import RESUME_FRACTION, SpillBuffer, pause_mark, spill_target
-from actors.task import ParallelTask, Task, check_arguments
+from actors.task import ParallelTask, Task, check_arguments, mark_worker
 from actors.task_host import (
     Begin,
     Finished,
@@ -747,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-pid", type=int, default=None, help="the node process's pid")
     args = parser.parse_args(argv)
     token = _own_token()  # before any task code: ours to say, once
+    mark_worker()  # (a Client() in task code must not start a cluster here)
     logs.configure()  # structlog writes to the real stderr, never to the task's
     memory.keep_large_blocks()
     worker_ref: pykka.ActorRef[Any] | None = None

@@ -530,3 +530,25 @@ def test_local_cluster_stops_every_process_when_the_body_raises() -> None:
         assert len(pids) >= 3  # master, node, worker
         raise RuntimeError("user error")
     wait_until(lambda: not any(alive(p) for p in pids), 20, "every cluster process to end")
+
+
+class StartsAClient(Task):
+    def work(self) -> str:
+        from actors import Client as InnerClient
+
+        with InnerClient():
+            return "a cluster inside the worker"
+
+
+def test_a_client_without_an_address_in_task_code_is_refused_not_a_cluster_in_the_worker(
+    client: Client,
+) -> None:
+    """Client() in a task (Dask's get_client habit) started a master, a node and a worker per
+    CPU inside the worker, on every worker that ran it. It raises ClusterInTask, saying what
+    to do instead."""
+    from actors.errors import ClusterInTask
+
+    error = client.submit(StartsAClient).exception(timeout=60)
+    assert isinstance(error, ClusterInTask), error
+    assert "ParallelTask" in str(error) and "Client(address)" in str(error)
+    assert client.submit(Square, 4).result(timeout=30) == 16
