@@ -6,6 +6,7 @@ Imported by ``actors.master``, ``actors.node`` and ``actors.cli``; imports none 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import stat
@@ -181,9 +182,15 @@ def local_master_arg(text: str) -> str:
     return text
 
 
-def stop_on_signals(stop: threading.Event) -> None:
+def stop_on_signals(stop: threading.Event, received: list[int] | None = None) -> None:
+    """SIGINT and SIGTERM set ``stop``; the first one's number is appended to ``received``."""
+    def stopped(signum: int, _frame: object) -> None:
+        if received is not None and not received:
+            received.append(signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stopped)
 
 
 def parent_pid() -> int:
@@ -227,17 +234,37 @@ LOCAL_WORKERS_ENV = "ACTORS_LOCAL_WORKERS"
 
 
 def run_script(command: list[str], address: str, keys: str, stop: threading.Event,
-               exit_code: list[int], workers: int = 0) -> None:
+               exit_code: list[int], workers: int = 0) -> subprocess.Popen[bytes]:
+    """Run the script ``--run`` names; its exit code becomes the master's (a signal's end as
+    a shell says it, 128 + its number) and its end stops the master (``stop``)."""
     env = dict(os.environ, ACTORS_ADDRESS=address, ACTORS_KEYS=keys,
                **{LOCAL_WORKERS_ENV: str(workers)})
     proc = subprocess.Popen([sys.executable, *command], env=env, stdin=subprocess.DEVNULL)
 
     def wait() -> None:
-        exit_code[0] = proc.wait()
+        code = proc.wait()
+        exit_code[0] = 128 - code if code < 0 else code
         log.info("script_finished", script=command[0], exit_code=exit_code[0])
         stop.set()
 
     threading.Thread(target=wait, name="run-script", daemon=True).start()
+    return proc
+
+
+def stop_script(proc: subprocess.Popen[bytes], signum: int, grace: float) -> None:
+    """The master is stopping with its script still running: the script is told as the
+    master was (SIGINT or SIGTERM), then killed after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    log.info("script_stopping", pid=proc.pid, signal=signal.Signals(signum).name)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        log.warning("script_killed", pid=proc.pid, grace_s=grace)
+        proc.kill()
+        proc.wait(5)
 
 
 def stop_process(proc: ChildProcess, grace: float) -> None:

@@ -73,6 +73,7 @@ from actors.launch import (
     run_script,
     stop_on_signals,
     stop_process,
+    stop_script,
     take_exit_note,
     watch_parent,
     with_parent_pid,
@@ -129,6 +130,9 @@ BLOCK_S = 60.0
 # After a restart, a client with tasks in the journal that has not said Hello within this long
 # is taken as gone: its tasks are cancelled and their results dropped.
 CLIENT_GRACE_S = 60.0
+# A script of --run still running when the master is stopped by a signal: told the same
+# signal, and killed if it has not ended this long after.
+SCRIPT_GRACE_S = 10.0
 # A client silent this long (it sends a heartbeat every 2 s) is taken as gone, as if it had said
 # Bye: its unfinished tasks are cancelled and its code dropped.
 # Tasks one key may have queued on the master, held back ones included (``--max-queued``):
@@ -2343,7 +2347,8 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     master_ref.tell(("task_sync", sync_ref))
     _tune_gc()
     started.set()
-    stop_on_signals(stop)
+    received: list[int] = []
+    stop_on_signals(stop, received)
     node: ChildProcess | None = local_node
     if node is None and args.workers > 0:
         node = subprocess.Popen(local_node_command(
@@ -2366,8 +2371,8 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
             + (f"  dashboard:   {dashboard.url}\n" if dashboard is not None else "")
         )
         sys.stdout.flush()
-    if args.run:
-        run_script(args.run, address, keys, stop, exit_code, max(0, args.workers))
+    script = run_script(args.run, address, keys, stop, exit_code, max(0, args.workers)) \
+        if args.run else None
     restarts: list[float] = []
     while not stop.wait(NODE_WATCH_S):
         if node is not None and node.poll() is not None:
@@ -2377,6 +2382,8 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         if not state.locked and state.relock():  # taken over: the old master is gone now
             state.write_holder(address)
     log.info("master_stopping")
+    if received and script is not None:  # stopped by a signal: its script is told the same
+        stop_script(script, received[0], SCRIPT_GRACE_S)
     if node is not None:
         stop_process(node, grace=10.0)
     pykka.ActorRegistry.stop_all(timeout=5)
@@ -2392,7 +2399,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     if args.ready_file:
         Path(args.ready_file).unlink(missing_ok=True)
     log.info("master_stopped")
-    return exit_code[0]
+    return 128 + received[0] if received else exit_code[0]  # (a signal's, as a shell says it)
 
 
 def _tune_gc() -> None:

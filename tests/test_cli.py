@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from actors import Client, Task
-from tests.conftest import alive, descendants, kill_all, python, start_master, wait_until
+from tests.conftest import alive, children, descendants, kill_all, python, start_master, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -130,6 +130,36 @@ def test_run_flag_runs_a_script_and_exits_with_its_code(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 3, done.stderr[-2000:]
     assert "pid " in done.stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_master_stopped_by_a_signal_stops_its_run_script_and_says_so_in_its_code(
+        tmp_path: Path, signum: int) -> None:
+    """A master running a script (``--run``) and stopped alone (``kill``, systemd, ``timeout``)
+    exited 0 and left the script running, to fail 10 s later with MasterLost. The script is
+    told the same signal now, and the master's code is 128 + its number."""
+    script = tmp_path / "job.py"
+    started = tmp_path / "started"
+    script.write_text(
+        "import pathlib, sys, time\nfrom actors import Client\n"
+        "with Client() as c:\n"
+        f"    pathlib.Path({str(started)!r}).write_text(str(c.submit(pow, 2, 5).result(30)))\n"
+        "    time.sleep(120)\n")
+    master = subprocess.Popen(
+        [sys.executable, "-m", "actors.master", "--port", "0", "--workers", "1", "--no-banner",
+         "--keys", str(tmp_path / "keys"), "--run", str(script)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started_by_master: set[int] = set()
+    try:
+        wait_until(lambda: started.exists() and started.read_text() == "32", 60, "the script's result")
+        started_by_master = descendants(master.pid)
+        (script_pid,) = [pid for pid in children(master.pid)
+                         if str(script) in Path(f"/proc/{pid}/cmdline").read_text()]
+        master.send_signal(signum)
+        assert master.wait(60) == 128 + signum
+        assert not alive(script_pid)
+    finally:
+        kill_all(started_by_master | descendants(master.pid) | {master.pid})
 
 
 def test_a_run_script_whose_cluster_cannot_have_workers_fails_at_once_saying_why(
