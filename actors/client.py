@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import hashlib
 import html
+import inspect
 import itertools
 import mmap
 import os
@@ -556,6 +557,26 @@ def _check_options(priority: int, retries: int) -> None:
                          f"2**53 - 1, not {priority!r}")
 
 
+def _check_option_names(task: type[Task] | str | Callable[..., Any], priority: int,
+                        retries: int) -> None:
+    """``priority=`` and ``retries=`` are submit's own: refused when the task takes a parameter
+    of that name too, rather than taken from it unseen (as Dask does)."""
+    if not (priority or retries) or isinstance(task, str):
+        return
+    entry = task.task_entry() if isinstance(task, type) and issubclass(task, Task) else task
+    try:
+        names = inspect.signature(entry).parameters
+    except (TypeError, ValueError):
+        return
+    for option, value in (("priority", priority), ("retries", retries)):
+        if value and option in names:
+            raise InvalidArguments(
+                f"{getattr(entry, '__qualname__', entry)!s}{inspect.signature(entry)}",
+                f"{option}={value} is submit's own option (the task's {option}), and the task "
+                f"has a parameter {option!r} too: pass that argument by position or with "
+                f"functools.partial, or rename the parameter")
+
+
 class _Prepared(NamedTuple):
     """A submission checked and pickled, not yet sent (``Client._submit_all``)."""
 
@@ -710,6 +731,7 @@ class Client:
         raises runs again before the task fails; a worker that dies is not counted here.
         """
         _check_options(priority, retries)
+        _check_option_names(task, priority, retries)
         return self._submit_all([self._prepare(task, args, kwargs, priority, retries)])[0]
 
     def _prepare(self, task: type[Task] | str | Callable[..., Any], args: tuple[Any, ...],
@@ -852,6 +874,7 @@ class Client:
         if not iterables:
             raise TypeError("map() needs at least one iterable of arguments")
         _check_options(priority, retries)
+        _check_option_names(task, priority, retries)
         # Every item is checked, pickled and held to the master's bound before any is sent:
         # one that is refused leaves no task of the others running without a future to it.
         # (Their shape is one: as many arguments, the same keywords. Checked once, as the

@@ -8,9 +8,11 @@ the runtime that hosts an instance in a worker process is ``task_host.py``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -163,6 +165,12 @@ def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, An
     if missing:
         raise InvalidArguments(cls.__qualname__, f"it must define {' and '.join(missing)} (it "
                                                  "would fail on its worker)")
+    if (needs := _constructor_needs(cls)) is not None:
+        raise InvalidArguments(f"{cls.__qualname__}.__init__({', '.join(needs.parameters)})",
+                               "a task class is made "
+                               "without arguments on its worker: take them in "
+                               f"{cls.task_entry().__name__}() instead (its arguments are "
+                               "the submit's)")
     entry = cls.task_entry()
     fewest, most = _positional_range(entry)
     if not kwargs and fewest <= len(args) <= most:
@@ -233,6 +241,26 @@ def _explain_binding(signature: inspect.Signature, kwargs: dict[str, Any], reaso
         else:
             extra.append(hinted)
     return "; ".join([reason, *extra])
+
+
+_constructors: weakref.WeakKeyDictionary[type, inspect.Signature | None] = \
+    weakref.WeakKeyDictionary()
+
+
+def _constructor_needs(cls: type[Task]) -> inspect.Signature | None:
+    """The signature of a task class that cannot be made without arguments (None: it can);
+    asked at every submit, inspected once a class."""
+    if cls in _constructors:
+        return _constructors[cls]
+    needs = None
+    with contextlib.suppress(TypeError, ValueError):  # (no signature to read: nothing to tell)
+        signature = inspect.signature(cls)
+        try:
+            signature.bind()
+        except TypeError:
+            needs = signature
+    _constructors[cls] = needs
+    return needs
 
 
 @functools.lru_cache(maxsize=256)

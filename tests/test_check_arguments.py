@@ -67,3 +67,51 @@ def test_a_task_class_without_its_methods_is_refused_before_it_is_sent() -> None
         check_arguments(NoWork, (), {})
     with pytest.raises(InvalidArguments, match=r"must define work_unit\(\)"):
         check_arguments(NoUnits, (3,), {})
+
+
+class Scale(Task):
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def work(self, x: int) -> int:
+        return x * self.factor
+
+
+class Defaults(Task):
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def work(self, x: int) -> int:
+        return x * self.factor
+
+
+def test_a_task_class_that_cannot_be_made_without_arguments_is_refused_saying_where_they_go(
+) -> None:
+    """It was accepted, then failed on its worker with a traceback of the runtime's frames."""
+    with pytest.raises(InvalidArguments, match=r"Scale.__init__\(factor\): .*take them in work\(\)"):
+        check_arguments(Scale, (3,), {})
+    check_arguments(Defaults, (3,), {})
+
+
+def test_submits_own_options_are_refused_where_the_task_takes_a_parameter_of_that_name() -> None:
+    """``submit(fetch, url, retries=1)`` ran ``fetch`` with its own default ``retries`` (the
+    keyword went to submit), and ``priority=3`` to a function needing ``priority`` said that
+    argument was missing."""
+    from actors.client import _check_option_names
+
+    def fetch(url: str, retries: int = 3) -> str:
+        return url
+
+    class Schedule(Task):
+        def work(self, job: str, priority: int) -> str:
+            return job
+
+    with pytest.raises(InvalidArguments, match="retries=1 is submit's own option"):
+        _check_option_names(fetch, 0, 1)
+    with pytest.raises(InvalidArguments, match="priority=3 is submit's own option"):
+        _check_option_names(Schedule, 3, 0)
+    _check_option_names(fetch, 3, 0)  # no parameter of that name: the option is the task's
+    _check_option_names(Schedule, 0, 0)  # none given
+    _check_option_names("pkg.mod:Deployed", 3, 1)  # a deployed task's are checked by name
