@@ -24,10 +24,11 @@ from transport.keys import add_key
 
 def _to_a_master(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of a command that asks a running master."""
-    command.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"),
-                         required="ACTORS_ADDRESS" not in os.environ, type=master_arg,
-                         help="the master's address, HOST:PORT or tcp://HOST:PORT")
-    command.add_argument("--keys", default=None, help="CURVE key directory")
+    command.add_argument("--master", default=os.environ.get("ACTORS_ADDRESS"), type=master_arg,
+                         help="the master's address, HOST:PORT or tcp://HOST:PORT "
+                              "(default $ACTORS_ADDRESS, as a --run script has it)")
+    command.add_argument("--keys", default=None,
+                         help="CURVE key directory (default $ACTORS_KEYS, else ~/.pydra-actors/keys)")
     command.add_argument("--timeout", type=float, default=10.0,
                          help="seconds to wait for the master's answer")
     return command
@@ -70,6 +71,9 @@ def actors_main(argv: list[str] | None = None) -> int:
                                       "with the keys handed over; Ctrl-C stops them all")
     ssh_launch.add_arguments(ssh)
     args = parser.parse_args(argv)
+    if getattr(args, "master", "") is None:
+        parser.error(f"{args.command}: which master? give --master HOST:PORT, or set "
+                     "$ACTORS_ADDRESS")
     if args.command == "ssh":
         wrong = ssh_launch.check_arguments(args)
         if wrong is not None:

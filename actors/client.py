@@ -92,6 +92,11 @@ _QUEUED, _RUNNING, _DONE, _ERRED, _CANCELLED, _LOST = (
     "queued", "running", "finished", "erred", "cancelled", "lost")
 
 
+# Connection attempts all refused this long (no master listens there) fail a new client at
+# once rather than at its timeout: a master started at the same moment is given this long.
+REFUSED_FOR_S = 2.0
+
+
 class Future:
     """The eventual result of one submitted task instance."""
 
@@ -625,6 +630,7 @@ class Client:
         self.show_output = show_output
         self._own_cluster: LocalCluster | None = None
         local_workers, local_address = 0, ""
+        from_env = address is None and bool(os.environ.get("ACTORS_ADDRESS"))
         if address is None:
             address = os.environ.get("ACTORS_ADDRESS") or None
             # A script run by ``python -m actors.master --run``: its master's own node's
@@ -661,6 +667,9 @@ class Client:
         self._welcome = threading.Event()
         self._refusal = ""
         self._auth_failed = False
+        self._from_env = from_env  # the address was $ACTORS_ADDRESS's (said where it fails)
+        self._refused = 0  # connection attempts refused before the first handshake
+        self._reached = False  # a handshake happened (whatever its answer)
         self._send_lock = threading.Lock()
         # A class's code and its content hash, made once per class; the hashes this master has.
         self._code_cache: weakref.WeakKeyDictionary[type, tuple[str, bytes]] = (
@@ -710,13 +719,21 @@ class Client:
         self._send(m.Hello(role="client", peer_id=self.client_id, protocol=m.PROTOCOL_VERSION,
                            version=__version__, host=os.uname().nodename, pid=os.getpid()))
         deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        where = " (the address in $ACTORS_ADDRESS)" if self._from_env else ""
         while not self._welcome.wait(0.05):
             if self._refusal:
                 raise HandshakeRefused(self._refusal)
             if self._auth_failed:
                 raise KeyRefused(self.address, timeout)
-            if time.monotonic() > deadline:
-                raise ConnectFailed(self.address, timeout, "is a master running there?")
+            now = time.monotonic()
+            if (not self._reached and self._refused >= 3
+                    and now - start >= min(REFUSED_FOR_S, timeout)):
+                raise ConnectFailed(self.address, now - start, "nothing accepts connections "
+                                    f"there{where}, connection refused: is a master running "
+                                    "at this address?")
+            if now > deadline:
+                raise ConnectFailed(self.address, timeout, f"is a master running there{where}?")
 
     # --- the API ------------------------------------------------------------
 
@@ -1154,6 +1171,11 @@ class Client:
             replies.put(message)
 
     def _on_event(self, _socket: str, what: str) -> None:
+        if what == "connect_retried":
+            self._refused += 1
+            return
+        if what != "disconnected":
+            self._reached = True
         if what in ("auth_failed", "handshake_failed"):
             self._auth_failed = True
         elif what == "disconnected" and self._welcome.is_set():

@@ -483,3 +483,12 @@ def test_the_log_level_option_sets_what_the_master_and_its_node_log(tmp_path: Pa
     assert not [e for e in quiet if e["level"] in ("info", "debug")], quiet[:5]
     default = {e["event"] for e in events("default")}
     assert {"master_started", "node_joined"} <= default, default
+
+
+def test_a_command_without_a_master_says_where_one_comes_from() -> None:
+    """It said only "the following arguments are required: --master", though the command
+    takes $ACTORS_ADDRESS too (as a --run script has it)."""
+    env = {k: v for k, v in os.environ.items() if k != "ACTORS_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "actors", "tasks"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "give --master HOST:PORT, or set $ACTORS_ADDRESS" in done.stderr

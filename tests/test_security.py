@@ -57,6 +57,24 @@ def test_a_client_with_the_wrong_master_key_cannot_connect(
         Client(cluster.address, keys=other, timeout=3)
 
 
+def test_a_client_to_an_address_where_nothing_listens_fails_at_once_saying_so(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale $ACTORS_ADDRESS, or a closed port, cost the whole timeout (15 s by default) for
+    "is a master running there?", though the port refused at once."""
+    import socket
+
+    held = socket.socket()  # bound, not listening: refused, and no other process can take it
+    held.bind(("127.0.0.1", 0))
+    try:
+        monkeypatch.setenv("ACTORS_ADDRESS", f"127.0.0.1:{held.getsockname()[1]}")
+        with pytest.raises(ConnectFailed, match=r"ACTORS_ADDRESS\), connection refused") as caught:
+            Client(keys=cluster.keys_dir, timeout=60)
+        assert caught.value.waited_s < 60
+    finally:
+        held.close()
+
+
 def test_a_protocol_mismatch_is_refused_with_a_reason(cluster: LocalCluster) -> None:
     sock = raw_dealer(cluster, cluster.keys_dir, b"old-client")
     try:

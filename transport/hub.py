@@ -127,6 +127,7 @@ _WATCHED_EVENTS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
     zmq.EVENT_DISCONNECTED: "disconnected",
+    zmq.EVENT_CONNECT_RETRIED: "connect_retried",  # an attempt refused: tried again later
 }
 
 
