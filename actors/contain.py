@@ -141,6 +141,11 @@ def parse_size(text: str) -> int:
 # --- in the worker's own process --------------------------------------------
 
 
+#: This process entered a network namespace of its own (loopback only): a task's network
+#: errors here get a note saying so (serialize.describe_failure).
+own_network = False
+
+
 def enter(plan: Plan, *, strict: bool = True) -> dict[str, str]:
     """Apply ``plan`` to this process (single-threaded, before task code). Strict: raise
     ``ContainmentFailed`` at the first measure that fails; else return {measure: reason}."""
@@ -160,6 +165,8 @@ def enter(plan: Plan, *, strict: bool = True) -> dict[str, str]:
         attempt("oom_score", _raise_oom_score)
     if plan.network != "shared":
         attempt("network", lambda: _own_network(user_namespace=plan.network == "user"))
+        global own_network
+        own_network = "network" not in refused
     if plan.memory is not None:
         attempt("memory", lambda: _limit(resource.RLIMIT_DATA, plan.memory))
     if plan.open_files is not None:

@@ -11,10 +11,13 @@ the PROTO opcode (0x80), which as MessagePack would be an empty map, never writt
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import linecache
 import pickle
 import resource
+import socket
 import sys
 import sysconfig
 import traceback
@@ -380,7 +383,40 @@ def describe_failure(exc: BaseException, where: str = "") -> tuple[bytes, str, s
         wrapped = RuntimeError(f"the task's code raised {type(exc).__name__}({exc})")
         wrapped.__cause__ = exc
         exc = wrapped
+    _note_own_network(exc)
     return describe_exception(exc, where)
+
+
+# What a task meets on a network of its own (loopback only): refused, unreachable, no name.
+_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL}
+NETWORK_NOTE = ("this task's worker has a network of its own, loopback only: it reaches no other "
+                "host, nor this host's services; to let tasks use the host's network, start the "
+                "node with --worker-network (LocalCluster(worker_network=True))")
+
+
+def _note_own_network(exc: BaseException) -> None:
+    """A network error of task code in a worker of its own network gets a note saying so: the
+    same call from the user's shell works, and 'connection refused' points elsewhere."""
+    from actors import contain  # (only where something failed)
+
+    if not contain.own_network:
+        return
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:  # its causes too (urllib wraps)
+        seen.add(id(current))
+        reason = current.args[0] if isinstance(current, OSError) and current.args else None
+        if _is_network_error(current) or _is_network_error(reason):  # (URLError: its reason)
+            if NETWORK_NOTE not in getattr(exc, "__notes__", ()):
+                with contextlib.suppress(Exception):
+                    exc.add_note(NETWORK_NOTE)
+            return
+        current = current.__cause__ or current.__context__
+
+
+def _is_network_error(exc: object) -> bool:
+    return isinstance(exc, socket.gaierror) or (isinstance(exc, OSError)
+                                                and exc.errno in _NETWORK_ERRNOS)
 
 
 def rebuild_exception(

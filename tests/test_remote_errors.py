@@ -274,3 +274,34 @@ def test_exceptions_remade_keep_what_their_builtin_base_holds() -> None:
 
     back = rebuild_exception(*describe_exception(raised(broken)), where="task t1")
     assert type(back).__name__ == "Broken" and back.__notes__[0].startswith("Remote traceback")
+
+
+def test_a_network_error_in_a_worker_of_its_own_network_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task that could not reach a service said only 'Connection refused' (or 'Temporary
+    failure in name resolution'), though the same call worked from the user's shell: its
+    worker has a network of its own. The error carries a note saying so, and how to change it."""
+    import socket
+    import urllib.error
+
+    from actors import contain
+    from actors.serialize import NETWORK_NOTE, describe_failure, rebuild_exception
+
+    def raised(exc: BaseException) -> BaseException:
+        try:
+            raise exc
+        except BaseException as caught:
+            return caught
+
+    refused = raised(urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")))
+    no_name = raised(socket.gaierror(-3, "Temporary failure in name resolution"))
+    monkeypatch.setattr(contain, "own_network", False)
+    assert NETWORK_NOTE not in describe_failure(raised(ConnectionRefusedError(111, "x")))[3]
+    monkeypatch.setattr(contain, "own_network", True)
+    for exc in (refused, no_name):
+        payload, type_name, message, text = describe_failure(exc)
+        assert NETWORK_NOTE in text
+        rebuilt = rebuild_exception(payload, type_name, message, text, "task t")
+        shown = str(rebuilt) + "".join(getattr(rebuilt, "__notes__", ()))  # (as printed)
+        assert type(rebuilt) is type(exc) and "--worker-network" in shown
+    assert NETWORK_NOTE not in describe_failure(raised(ValueError("not the network")))[3]
