@@ -219,13 +219,20 @@ class Future:
         in time serves on, warm.
 
         Returns True once the master has confirmed (the future is cancelled then; the task's
-        code may take up to ``grace`` to stop), False if the task had already ended.
+        code may take up to ``grace`` to stop), False if the task had already ended. Asked
+        while the master is away (restarting on its state directory), the request goes when it
+        is back, within ``timeout``; no answer by then raises ``TimeoutError``.
         """
         check_grace(grace)
         if self.done():
             return self.cancelled()
-        self._client._send(m.Cancel(self.task_id, float(grace)))
-        self._wait_ended(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            status = self._client.cancel_task(self.task_id, timeout, grace)
+        except NoSuchTask:  # (its end came meanwhile and was forgotten: the future has it)
+            status = ""
+        if status == "cancelled":  # its end comes after the answer: TaskCancelled
+            self._wait_ended(max(0.0, deadline - time.monotonic()))
         return self.cancelled()
 
     def progress(self) -> tuple[int, int | None]:

@@ -23,8 +23,14 @@ class Future(Protocol):
     def done(self) -> bool: ...
     def result(self, timeout: float | None = None) -> Any: ...
     def exception(self, timeout: float | None = None) -> BaseException | None: ...
-    def _on_end(self, fn: Callable[[Any], None], *, inline: bool = True) -> None: ...
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None: ...
     def _show_output(self, waiting: bool) -> None: ...
+
+def _on_end(fut: Future, fn: Callable[[Any], None]) -> None:
+    """``fn(fut)`` at its end, in the thread that ends it where the future can (``Future``'s
+    ``_on_end``: a hand-off, never a wait), else as its ``add_done_callback`` does."""
+    getattr(fut, "_on_end", fut.add_done_callback)(fn)
+
 
 FIRST_COMPLETED = "FIRST_COMPLETED"
 FIRST_EXCEPTION = "FIRST_EXCEPTION"
@@ -52,7 +58,7 @@ def wait(futures: Iterable[Future], timeout: float | None = None,
             changed.notify_all()
 
     for fut in pending:
-        fut._on_end(woken)  # (in the thread that ends it: a hand-off, never a wait)
+        _on_end(fut, woken)
     deadline = None if timeout is None else time.monotonic() + timeout
     with changed:
         while True:
@@ -93,7 +99,7 @@ class as_completed:  # noqa: N801 (a function to its callers, as in concurrent.f
     def add(self, fut: Future) -> None:
         with self._lock:
             self._pending.add(fut)
-        fut._on_end(self._finished.put)
+        _on_end(fut, self._finished.put)
 
     def count(self) -> int:
         """Futures added and not yet yielded."""

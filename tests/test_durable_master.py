@@ -252,6 +252,40 @@ def test_a_restarted_master_counts_every_unit_of_the_packs_it_journaled(
     assert result_or_logs(fut, 120, tmp_path) == sum(range(n))
 
 
+class StopsWhenAsked(Task):
+    def work(self, seconds: float) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.task_stop_requested:
+                return "stopped"
+            time.sleep(0.02)
+        return "ran to its end"
+
+
+@pytest.mark.parametrize("restartable", [2], indirect=True)
+def test_a_cancel_made_while_the_master_restarts_is_carried_out_by_the_next(
+        restartable: Restartable) -> None:
+    """``Future.cancel`` sent its request once: made while the master was dead it was lost,
+    returned False after its timeout (as for a task that had ended) and the task ran to its
+    end. It waits for the next master's Welcome now, as the other requests do."""
+    client = restartable.client
+    running = client.submit(StopsWhenAsked, 60)
+    wait_until(lambda: running.status == "running", 60, "the task to start")
+    answers: list[object] = []
+
+    def cancel_while_away() -> None:
+        wait_until(lambda: client._disconnected_since is not None, 30, "the client to notice")
+        thread = threading.Thread(target=lambda: answers.append(running.cancel(timeout=60, grace=5)))
+        thread.start()
+        threads.append(thread)
+
+    threads: list[threading.Thread] = []
+    restartable.restart(cancel_while_away)
+    threads[0].join(70)
+    assert answers == [True] and running.cancelled()
+    assert client.submit(Add, 2, 3).result(timeout=60) == 5
+
+
 @pytest.mark.parametrize("restartable", [1], indirect=True)
 def test_a_request_made_while_the_master_restarts_is_answered_by_the_next(
         restartable: Restartable, tmp_path: Path) -> None:
