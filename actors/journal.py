@@ -31,13 +31,14 @@ import os
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 
 from actors.errors import JournalUnreadable, MasterSuperseded
 from actors.messages import MAX_PACK
 
-SCHEMA = 2
+SCHEMA = 3  # 3: a task's inputs (2 is taken as it is, its tasks without inputs)
 COMMIT_WAIT_MS = 200
 # Unit results held for the next commit, at most (see record), in bytes: each result's and
 # ENTRY_BYTES for what holds it (4,096 tiny results, or a few hundred packs of them).
@@ -55,7 +56,7 @@ create table if not exists tasks (
     task_id text primary key, client text not null, seq integer not null,
     priority integer not null, name text not null, kind text not null, code_hash text not null,
     code blob not null, args blob not null, package text not null, version text not null,
-    retries integer not null, ended blob);
+    retries integer not null, ended blob, inputs blob not null default x'');
 create table if not exists codes (
     client text not null, hash text not null, code blob not null, primary key (client, hash));
 create table if not exists results (task text, first integer, last integer, data blob);
@@ -82,15 +83,25 @@ class TaskRow:
     retries: int
     ended: bytes | None = None  # the encoded message that ends it, for its client
     ended_in: int = -1  # the commit interval it ended in (an end waits one out: see commit)
+    inputs: tuple[str, ...] = ()  # the tasks whose results its arguments name
 
     def values(self) -> tuple[object, ...]:
         return (self.task_id, self.client, self.seq, self.priority, self.name, self.kind,
                 self.code_hash, self.code, self.args, self.package, self.version, self.retries,
-                self.ended)
+                self.ended, _inputs_encoder.encode(list(self.inputs)) if self.inputs else b"")
 
 
 _ROW_FIELDS = ("task_id", "client", "seq", "priority", "name", "kind", "code_hash", "code", "args",
-               "package", "version", "retries", "ended")  # the tasks table's columns, in order
+               "package", "version", "retries", "ended", "inputs")  # the table's columns, in order
+_inputs_encoder = msgspec.msgpack.Encoder()
+_inputs_decoder = msgspec.msgpack.Decoder(list[str])
+
+
+def _row(values: tuple[object, ...]) -> TaskRow:
+    fields = dict(zip(_ROW_FIELDS, values, strict=True))
+    encoded = cast(bytes, fields["inputs"])
+    fields["inputs"] = tuple(_inputs_decoder.decode(encoded)) if encoded else ()
+    return TaskRow(**fields)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -149,6 +160,11 @@ class Journal:
 
     def _check_schema(self) -> None:
         row = self._db.execute("select value from meta where key = 'schema'").fetchone()
+        if row is not None and row[0] == "2":  # the last before inputs: its tasks have none
+            with self._db:
+                self._db.execute("alter table tasks add column inputs blob not null default x''")
+                self._db.execute("update meta set value = ? where key = 'schema'", (str(SCHEMA),))
+            row = (str(SCHEMA),)
         if row is None or row[0] != str(SCHEMA):
             raise JournalUnreadable(
                 self.path, f"written by journal schema {row[0] if row else 'unknown'}, "
@@ -171,7 +187,7 @@ class Journal:
                                  [("master_id", self.master_id), ("epoch", str(self.epoch))])
             self._db.execute("commit")
             rows = self._db.execute("select * from tasks order by seq").fetchall()
-            tasks = [TaskRow(**dict(zip(_ROW_FIELDS, row, strict=True))) for row in rows]
+            tasks = [_row(row) for row in rows]
             codes: dict[str, dict[str, bytes]] = {}
             for client, code_hash, code in self._db.execute("select * from codes"):
                 codes.setdefault(client, {})[code_hash] = code
@@ -350,7 +366,7 @@ class Journal:
             whole = [r for r in rows if not isinstance(r, _Ended)]
             db.executemany("update tasks set ended = ? where task_id = ?",
                            [(r.ended, r.task_id) for r in rows if isinstance(r, _Ended)])
-            db.executemany("insert or replace into tasks values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.executemany("insert or replace into tasks values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            [r.values() for r in whole])
             added: list[TaskRow] = [r for r in whole if r.task_id not in self._on_disk]
             db.executemany("insert or ignore into codes values (?, ?, ?)", self._codes)

@@ -340,6 +340,13 @@ class Master(HubShell):
         clients = {row.client for row in restored.tasks}
         # Whose tasks they are, as for a live submit (Peer.owner): the budgets count by key.
         owners = {c: self._key_text(c) for c in clients}
+        # Every task's result is kept for the tasks that name it, as for a live submit; one
+        # that ended before (its end waiting for its client) keeps its result for them too.
+        for row in restored.tasks:
+            self.inputs.submitted(row.task_id, row.client, row.inputs)
+        for row in restored.tasks:
+            if row.ended is not None and self.inputs.users.get(row.task_id):
+                self._restore_kept(row.task_id, row.ended)
         for row in restored.tasks:
             self.seq = max(self.seq, row.seq + 1)
             if row.ended is not None:
@@ -351,7 +358,7 @@ class Master(HubShell):
                                          version=row.version, retries=row.retries,
                                          code_hash=row.code_hash, owner=owners[row.client],
                                          journaled=tuple(restored.journaled.get(row.task_id, ())),
-                                         restored=True))
+                                         restored=True, inputs=row.inputs))
             if row.package and self.task_sync is not None:
                 self.task_sync.tell(InstanceUses(row.package, row.version, row.task_id, ended=False))
         back = {p.peer_id for p in self.peers.values() if p.role == "client"}
@@ -361,6 +368,17 @@ class Master(HubShell):
                           queued=sum(1 for r in restored.tasks if r.ended is None),
                           undelivered=sum(1 for r in restored.tasks if r.ended is not None),
                           clients=len(clients))
+
+    def _restore_kept(self, task_id: str, ended: bytes) -> None:
+        """A restored task's end, for the restored tasks that name it as an input."""
+        try:
+            message = m.decode(ended)
+        except MalformedMessage:
+            return
+        if isinstance(message, m.TaskDone):
+            self.inputs.ended(task_id, "done", message.result if message.held is None else None)
+        elif isinstance(message, m.TaskErred | m.TaskCancelled):
+            self.inputs.ended(task_id, "erred" if isinstance(message, m.TaskErred) else "cancelled")
 
     def context_of(self, message: Any) -> dict[str, Any]:
         task_id = getattr(getattr(message, "message", None), "task_id", None)
@@ -1146,7 +1164,8 @@ class Master(HubShell):
         self.journal.task_added(TaskRow(
             task_id=msg.task_id, client=peer.peer_id, seq=self.seq, priority=msg.priority,
             name=msg.name, kind=kind, code_hash=msg.code_hash, code=b"" if msg.code_hash else code,
-            args=msg.args, package=package, version=version, retries=msg.retries))
+            args=msg.args, package=package, version=version, retries=msg.retries,
+            inputs=tuple(msg.inputs)))
         key = (peer.peer_id, msg.priority)
         if not msg.inputs and (msg.code_hash or not code) and (
                 self.backlog.holds(key) or self.scheduler.queued_of(*key) >= WINDOW):

@@ -252,6 +252,23 @@ def test_a_restarted_master_counts_every_unit_of_the_packs_it_journaled(
     assert result_or_logs(fut, 120, tmp_path) == sum(range(n))
 
 
+@pytest.mark.parametrize("restartable", [1], indirect=True)
+def test_a_task_waiting_for_its_inputs_waits_for_them_again_after_a_restart(
+        restartable: Restartable) -> None:
+    """The journal kept no task's inputs: restored, a task naming a future queued at once,
+    without its input's result, and failed with InputLost ("its result did not come with the
+    task"), every chain after it too."""
+    client = restartable.client
+    blocker = client.submit(Sleepy, 1.5)
+    first = client.submit(Add, 1, 1)  # queued behind the blocker (one worker)
+    summed = client.submit(Add, first, first)
+    then = client.submit(Add, summed, 10)
+    wait_until(lambda: blocker.status == "running", 60, "the blocker to start")
+    restartable.restart()
+    assert then.result(timeout=60) == 14 and summed.result(timeout=60) == 4
+    assert first.result(timeout=60) == 2
+
+
 class StopsWhenAsked(Task):
     def work(self, seconds: float) -> str:
         deadline = time.monotonic() + seconds

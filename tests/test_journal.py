@@ -268,7 +268,7 @@ def test_a_journal_of_another_schema_or_no_database_is_refused_saying_so(tmp_pat
     other.execute("update meta set value = '99' where key = 'schema'")
     other.commit()
     other.close()
-    with pytest.raises(JournalUnreadable, match="journal schema 99, this master reads schema 2"):
+    with pytest.raises(JournalUnreadable, match="journal schema 99, this master reads schema 3"):
         Journal(path)
     broken = tmp_path / "broken.sqlite"  # a results row that is not what the journal wrote
     kept = journal(broken)
@@ -319,3 +319,37 @@ def test_a_code_or_key_alone_is_written_by_the_next_commit(tmp_path: Path) -> No
     restored = again.start("x")
     assert (restored.codes, restored.keys) == ({"client-1": {"h": b"code"}}, {"client-2": b"K" * 40})
     again.close()
+
+
+def test_a_journal_of_schema_2_is_read_its_tasks_without_inputs_and_written_with_them(
+        tmp_path: Path) -> None:
+    """Schema 3 keeps a task's inputs (a task naming another's future lost them at a restart:
+    queued at once, without its inputs' results). A journal of schema 2 is taken on, not
+    refused: its tasks had none written."""
+    path = tmp_path / "master.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        create table meta (key text primary key, value text not null);
+        create table tasks (
+            task_id text primary key, client text not null, seq integer not null,
+            priority integer not null, name text not null, kind text not null,
+            code_hash text not null, code blob not null, args blob not null,
+            package text not null, version text not null, retries integer not null, ended blob);
+        create table codes (client text not null, hash text not null, code blob not null,
+            primary key (client, hash));
+        create table results (task text, first integer, last integer, data blob);
+        insert into meta values ('schema', '2');
+        insert into tasks values ('t1', 'c1', 1, 0, 'T', 'task', '', x'00', x'01', '', '', 0, null);
+    """)
+    old.commit()
+    old.close()
+    taken = Journal(path)
+    restored = taken.start("m1")
+    assert [(row.task_id, row.inputs) for row in restored.tasks] == [("t1", ())]
+    taken.task_added(TaskRow(task_id="t2", client="c1", seq=2, priority=0, name="T", kind="task",
+                             code_hash="", code=b"\0", args=b"\1", package="", version="",
+                             retries=0, inputs=("t1", "t0")))
+    taken.commit()
+    taken.close()
+    again = Journal(path).start("m1")
+    assert [(row.task_id, row.inputs) for row in again.tasks] == [("t1", ()), ("t2", ("t1", "t0"))]
