@@ -153,6 +153,7 @@ def test_the_page_shows_workers_a_running_task_and_its_progress_advancing(tmp_pa
             # Its page: the story so far and what its units printed.
             task_page = Page(browse(url + f"#task/{job.task_id}", tmp_path / "profile"))
             assert "unit 0 done" in task_page.text["output"]
+            assert task_page.text["master"].startswith("master ")  # (it said "connecting..")
             assert "queued" in task_page.text["story"] and "running" in task_page.text["story"]
             [facts] = page_rows(task_page, job.task_id)
             assert facts["data-status"] == "running"

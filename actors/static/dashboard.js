@@ -99,10 +99,17 @@ function drawSummary(s) {
   ];
   document.getElementById("summary").replaceChildren(...cards.map(([label, value]) =>
     el("div", { class: "card", "data-card": label }, el("b", {}, value), el("span", {}, label))));
+  showMaster(s);
+}
+
+let masterShown = false; // the header names the master once it is known (any page)
+
+function showMaster(s) {
   const m = s.master;
   document.getElementById("master").textContent =
     `master ${m.id} at ${m.address} \u00b7 v${m.version} \u00b7 epoch ${m.epoch} \u00b7 up ` +
     seconds(s.now - m.started);
+  masterShown = true;
 }
 
 function drawWorkers(s) {
@@ -280,6 +287,7 @@ async function poll() {
   try {
     if (taskId !== null) {
       drawTask(await api(`/api/task/${encodeURIComponent(taskId)}`));
+      if (!masterShown) showMaster(await api("/api/state")); // opened at a task: once
     } else {
       drawOverview(await api("/api/state"));
     }
