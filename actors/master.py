@@ -2418,7 +2418,9 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     if args.ready_file:
         Path(args.ready_file).unlink(missing_ok=True)
     log.info("master_stopped")
-    return 128 + received[0] if received else exit_code[0]  # (a signal's, as a shell says it)
+    # A job (--run) stopped by a signal ends as a shell says it: 128 + its number; a master
+    # alone stops cleanly (0) when it is told to.
+    return 128 + received[0] if received and script is not None else exit_code[0]
 
 
 def _tune_gc() -> None:
