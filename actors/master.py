@@ -2216,7 +2216,9 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
                         help="start on a state directory another master holds (one that is hung "
                              "or paused: it stops when it wakes)")
     parser.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ...",
-                        help="run this Python script against the cluster, then stop")
+                        help="run this Python script against the cluster, then stop with its "
+                             "exit code (stopped by SIGINT or SIGTERM, the script is told the "
+                             "same and the code is 128 + the signal's number)")
     args = parser.parse_args(argv)
     logs.configure(args.log_format, args.log_level)
     keys = args.keys or default_keys_dir()
