@@ -1252,11 +1252,7 @@ class Master(HubShell):
         a large result or scatter, which stays on a node. Logged once a crossing."""
         owner = peer.owner or peer.peer_id
         held = self.scheduler.args_bytes.get(owner, 0) + self.backlog.held_bytes.get(owner, 0)
-        # What every client keeps together bounds what this key keeps: the common case
-        # without a pass over the clients.
-        if held + self.inputs.kept_total + needed > self.max_key_bytes:
-            held += sum(size for client, size in self.inputs.kept_bytes.items()
-                        if self._owner_of(client) == owner)
+        held += self._kept_of(owner, self.max_key_bytes - held - needed)
         if held + needed <= self.max_key_bytes:
             if self.budget_full:
                 self.budget_full.discard(owner)
@@ -1275,11 +1271,17 @@ class Master(HubShell):
             return -1
         owner = task.warm_key.owner
         held = self.scheduler.args_bytes.get(owner, 0) + self.backlog.held_bytes.get(owner, 0)
-        kept = self.inputs.kept_total  # every client's: enough unless it is much
-        if held + kept > self.max_key_bytes // 2:
-            kept = sum(size for client, size in self.inputs.kept_bytes.items()
-                       if self._owner_of(client) == owner)
-        return max(0, self.max_key_bytes - held - kept)
+        held += self._kept_of(owner, self.max_key_bytes // 2 - held)
+        return max(0, self.max_key_bytes - held)
+
+    def _kept_of(self, owner: str, within: int) -> int:
+        """The results and inline data kept for a key's futures, as far as a budget check needs
+        them: what every client keeps together (a bound from above, the common case without a
+        pass over the clients) where that is ``within`` bytes, else the key's own."""
+        if self.inputs.kept_total <= within:
+            return self.inputs.kept_total
+        return sum(size for client, size in self.inputs.kept_bytes.items()
+                   if self._owner_of(client) == owner)
 
     def _owner_of(self, client_id: str) -> str:
         """Whose a client's tasks count as: its key, or itself without one."""
