@@ -81,6 +81,9 @@ MASTER = "master"
 LARGE_CODE_BYTES = 10 * 2**20  # a task's code above this size is worth a warning
 MAX_LINES_KEPT = 10_000  # output lines a future keeps (each worker sends at most 1,000 per task)
 HEARTBEAT_S = 2.0  # how often a client tells the master it is alive
+# No Welcome this long after saying Hello on a new connection: connect afresh (a master that
+# woke from a pause may have parked it: Hub.reconnect_now).
+RENEW_AFTER_S = 6.0
 # A result held on a node (TaskDone.held) is fetched from there at once; no answer within this
 # (plus a second per 20 MB: a large result takes a while to arrive) and it is lost.
 FETCH_WAIT_S = 30.0
@@ -692,6 +695,7 @@ class Client:
         self._epoch = 0  # the highest master epoch that welcomed us
         self._last_heartbeat = 0.0  # hub thread only
         self._hello_at = time.monotonic()  # when we last said Hello
+        self._unwelcomed_since: float | None = None  # hub thread only: our Hello after a reconnect
         self._closed = False
         self._names: dict[str, m.TaskListing] | None = None
         self._master_id = ""
@@ -1193,11 +1197,15 @@ class Client:
             # Back: the same master welcomes us again; a new one means our tasks are gone.
             self._disconnected_since = None
             log.info("master_reconnected", address=self.address)
-            self._hello_at = time.monotonic()
-            self._hub.send_now(MASTER, [m.encode(m.Hello(role="client", peer_id=self.client_id,
-                                                         protocol=m.PROTOCOL_VERSION,
-                                                         version=__version__,
-                                                         host=os.uname().nodename, pid=os.getpid()))])
+            self._unwelcomed_since = time.monotonic()
+            self._say_hello()
+
+    def _say_hello(self) -> None:
+        self._hello_at = time.monotonic()
+        self._hub.send_now(MASTER, [m.encode(m.Hello(role="client", peer_id=self.client_id,
+                                                     protocol=m.PROTOCOL_VERSION,
+                                                     version=__version__,
+                                                     host=os.uname().nodename, pid=os.getpid()))])
 
     def _on_tick(self, now: float) -> None:
         if self._said_bye:
@@ -1228,6 +1236,14 @@ class Client:
         since = self._disconnected_since
         if since is not None and now - since >= self._master_timeout:
             self._master_lost(f"no connection for {now - since:.0f}s")
+        unwelcomed = self._unwelcomed_since
+        if unwelcomed is not None and now - self._hello_at >= RENEW_AFTER_S:
+            # Connected again, and no Welcome: a master that woke from a pause may have parked
+            # this connection under the id its old one still held (it hears nothing on it).
+            log.warning("master_connection_renewed", address=self.address,
+                        unanswered_s=round(now - unwelcomed, 1))
+            self._hub.reconnect_now(MASTER)
+            self._say_hello()
 
     def _master_lost(self, reason: str) -> None:
         """Fail every unfinished future: no result can come for them any more."""
@@ -1430,6 +1446,7 @@ class Client:
                             submit = msgspec.structs.replace(submit, code=code)
                         self._resend(submit)
                 self._master_id, self._epoch = master_id, epoch
+                self._unwelcomed_since = None
                 # (after the submits above: a request may name one of them)
                 for asked in list(self._asking.values()):
                     if isinstance(asked, m.Scatter):
@@ -1443,10 +1460,7 @@ class Client:
                 # network) and stopped its tasks: say so on the futures, and introduce us again.
                 self._master_lost("the master no longer knows this client (it was silent "
                                   "longer than the master's --client-timeout): its tasks stopped")
-                self._hello_at = time.monotonic()
-                self._hub.send_now(MASTER, [m.encode(m.Hello(
-                    role="client", peer_id=self.client_id, protocol=m.PROTOCOL_VERSION,
-                    version=__version__, host=os.uname().nodename, pid=os.getpid()))])
+                self._say_hello()
             case m.Refused(reason=reason):
                 self._refusal = reason
                 log.warning("master_refused", reason=reason)

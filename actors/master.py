@@ -188,6 +188,7 @@ class Peer:
     key: bytes = b""  # the public key it proved at the handshake; its routing id is bound to it
     routing: bytes = b""  # its routing id on the master's socket
     suspect_since: float | None = None  # when the transport saw its connection close
+    handshake: int = 0  # a node's: the Hello.handshake it was welcomed with
     # ``key`` as text, the owner of its tasks: one string shared by all of them (decoded for
     # each, it took ~90 bytes of every queued task).
     owner: str = ""
@@ -684,16 +685,24 @@ class Master(HubShell):
                 self.send(SOCKET, peer_key, message=m.Refused(problem))
             return
         known = self.peers.get(peer_key)
-        if known is not None and known.role == hello.role and known.peer_id == hello.peer_id:
-            # The same peer again (our Welcome was slow to reach it): welcome it again, as it is.
+        if (known is not None and known.role == hello.role and known.peer_id == hello.peer_id
+                and known.handshake == hello.handshake):
+            # The same Hello again (our Welcome was slow to reach it): welcome it again, as it is.
             known.last_seen = self.now
             self._welcome(peer_key, hello)
             return
         if known is not None and known.role == "node":
-            self._apply(ev.NodeLost(self.now, known.peer_id, "node reconnected"))
+            # Its connection dropped (a pause, a cut link) and it came back before it was taken
+            # as lost: what either side sent meanwhile may be gone with the connection (a unit's
+            # result, an assignment), and nothing sends it again. What it still runs is taken
+            # back as for a node back after a master restart; the rest is queued again.
+            self.log.warning("node_reconnected", node_id=known.peer_id,
+                             running=len(hello.running),
+                             hint="its connection dropped: its work is taken back")
+            self._apply(ev.NodeLost(self.now, known.peer_id, "its connection dropped"))
         owner = key.decode(errors="replace")
         self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid, key,
-                                    peer_key, owner=owner)
+                                    peer_key, owner=owner, handshake=hello.handshake)
         if hello.role == "node":
             self.result_ends[hello.peer_id] = (hello.results_address, owner)
             self.local_data[hello.peer_id] = (hello.data_address, hello.local_data)

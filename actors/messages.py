@@ -52,6 +52,10 @@ class Hello(Message, frozen=True, kw_only=True):
     # A node back after losing its master: each worker that ran code, and the tasks it still
     # holds. The master takes back what it can (SchedulerState's WorkerAdopted), stops the rest.
     running: list[tuple[str, list[str]]] = []
+    # A node's handshakes since it started: one more each time it lost its connection to the
+    # master. A Hello repeated while the first awaits its Welcome says the same number; a new
+    # one says what either side sent meanwhile may be lost (the master takes the node back).
+    handshake: int = 0
     token: str = ""  # a worker's: the secret its node started it with (node.py, "Proof")
 
 

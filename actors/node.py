@@ -91,6 +91,9 @@ KILL_GRACE_S = 2.0
 # slots; not counted as a failed start (MAX_FAILED_STARTS), which task code must not cause.
 DEFAULT_START_TIMEOUT_S = 60.0
 HELLO_RETRY_S = 2.0
+# Hellos unanswered this long on one connection: connect afresh (Hub.reconnect: a master that
+# woke from a pause may have parked this connection under the id its old one still held).
+RENEW_AFTER_S = 3 * HELLO_RETRY_S
 UNREACHABLE_AFTER_S, UNREACHABLE_EVERY_S = 5.0, 30.0  # when, and how often, to say so
 MAX_FAILED_STARTS = 5
 MAX_HELD_EXITS = 10_000  # worker exits told to the master when it is back (it was away)
@@ -189,9 +192,11 @@ class Node(Shell):
         self.config = config
         self.workers: dict[str, WorkerProcess] = {}
         self.welcomed = False
+        self.handshakes = 0  # one more each time we lose the master (Hello.handshake)
         self.stopping = False
         self.now = 0.0
         self.last_hello = -HELLO_RETRY_S
+        self.unanswered_since: float | None = None  # our first Hello not yet welcomed
         self.last_heartbeat = 0.0
         self.heartbeat_s = 1.0
         self.connected = False  # the transport's view of the connection to the master
@@ -247,7 +252,7 @@ class Node(Shell):
                 if self.welcomed:
                     return  # the answer to a Hello repeated while the first was on its way
                 self.welcomed = True
-                self.waiting_since = None
+                self.waiting_since = self.unanswered_since = None
                 self.heartbeat_s = heartbeat_s
                 self.log.info("joined_master", workers=len(self.workers),
                               reported_busy=len(self.reported),
@@ -286,6 +291,7 @@ class Node(Shell):
 
     def _away(self) -> None:
         self.welcomed = False
+        self.handshakes += 1
         self.waiting_since = None
 
     def _from_worker(self, worker_id: str, msg: m.Message) -> None:
@@ -344,6 +350,13 @@ class Node(Shell):
             if self.stopping:
                 return
         if not self.welcomed and self.connected and now - self.last_hello >= HELLO_RETRY_S:
+            since = self.unanswered_since
+            if since is not None and now - since >= RENEW_AFTER_S:
+                self.log.warning("master_connection_renewed", unanswered_s=round(now - since, 1),
+                                 why="connected, but no Welcome: its master may not hear it")
+                assert self.outbox is not None
+                self.outbox.reconnect(MASTER)
+                self.unanswered_since = None
             self._hello()  # (while not connected, the "connected" event sends the next one)
         if self.welcomed and now - self.last_heartbeat >= self.heartbeat_s:
             self.last_heartbeat = now
@@ -411,6 +424,7 @@ class Node(Shell):
             self.connected = True
         elif what == "disconnected":
             self.connected = False
+            self.unanswered_since = None  # (a Hello on the next connection starts the count)
         if what == "auth_failed":
             self.log.error("master_refused_key", hint="is this node's public key in the master's allowed/ folder?")
             self._fatal("the master refused this node's CURVE key")
@@ -547,6 +561,8 @@ class Node(Shell):
         result is held). The master decides what becomes of them; only clean workers are
         announced after its Welcome."""
         self.last_hello = self.now
+        if self.unanswered_since is None:
+            self.unanswered_since = self.now
         live = {w for w, p in self.workers.items() if p.ready and not p.expected_exit}
         running = sorted((w, tasks) for w, tasks in self.task_ends.holding().items() if w in live)
         self.reported = {w for w, _ in running}
@@ -557,7 +573,7 @@ class Node(Shell):
                                           data_address=self.config.data_address,
                                           results_address=self.config.results_address,
                                           local_data=self.config.local_data,
-                                          running=running))
+                                          running=running, handshake=self.handshakes))
 
     def _fatal(self, reason: str) -> None:
         self.stopping = True  # what still exits until the process does is no news

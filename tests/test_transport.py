@@ -270,3 +270,36 @@ def test_a_handlers_message_sent_in_order_leaves_after_what_threads_queued_befor
         sender.stop()
     assert sent.is_set()
     assert got == [str(i).encode() for i in range(burst)] + [b"last"]
+
+
+def test_a_dealer_parked_under_an_id_still_held_is_heard_once_it_connects_afresh(
+        tmp_path: Path) -> None:
+    """A router that gives no connection an id another holds (the master's keyed one) parks
+    the newer one for good, even once the older is gone: a peer that reconnected while its
+    master was paused is not heard until it connects again (``Outbox.reconnect``)."""
+    received = Received()
+    master = Hub(received)
+    master.add_router("in", f"ipc://{tmp_path}/router.sock", handover=False)
+    master.start()
+    old, _ = dealer_hub(master.address("in"), b"node")
+    new: Hub | None = None
+    try:
+        old_outbox = old.outbox()
+        old_outbox.send("out", [b"from the old connection"])
+        assert received.take(1) == [[b"node", b"from the old connection"]]
+        new, _ = dealer_hub(master.address("in"), b"node")
+        outbox = new.outbox()
+        outbox.send("out", [b"parked"])
+        old_outbox.close()
+        old.stop()  # the id is free now, and the new connection still has none
+        outbox.send("out", [b"still parked"])
+        with pytest.raises(queue.Empty):
+            received.frames.get(timeout=1.0)
+        outbox.reconnect("out")
+        outbox.send("out", [b"heard"])
+        assert received.take(1) == [[b"node", b"heard"]]
+        outbox.close()
+    finally:
+        for hub in (new, old, master):
+            if hub is not None:
+                hub.stop()

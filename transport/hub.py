@@ -58,6 +58,7 @@ connection can take over another's routing identity there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -97,6 +98,7 @@ _LONE_BYTES = 64 << 10  # a message this big goes alone: batching would only cop
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[list[bytes], bytes]])
 _WAKE = b"w"
+_RECONNECT = b"\0reconnect "  # an outgoing item naming no socket: connect this dealer afresh
 _POKE = (1).to_bytes(8, sys.byteorder)  # an eventfd adds it to its count (a pipe: 8 bytes)
 #: On a ``views`` socket a frame this large is neither copied on send nor on receive: below it
 #: a copy is cheaper than tracking the buffer's release (pyzmq copies below 64 KiB anyway).
@@ -195,6 +197,14 @@ class Outbox:
             hub._wake_pending = True
             self._push.send(_WAKE)
 
+    def reconnect(self, socket_name: str) -> None:
+        """``Hub.reconnect_now``, in order with what this outbox sent before and sends after."""
+        hub = self._hub
+        hub._outgoing.append((_RECONNECT + socket_name.encode(), []))
+        if not hub._wake_pending:
+            hub._wake_pending = True
+            self._push.send(_WAKE)
+
     def close(self) -> None:
         self._push.close(linger=0)
 
@@ -212,6 +222,9 @@ class _LoopOutbox(Outbox):
     def send_all(self, socket_name: str, bodies: list[bytes]) -> None:
         for body in bodies:
             self.send(socket_name, [body])
+
+    def reconnect(self, socket_name: str) -> None:
+        self._hub.reconnect_now(socket_name)
 
     def close(self) -> None:
         pass
@@ -415,6 +428,24 @@ class Hub:
             raise RuntimeError("Hub.host() before Hub.start() (or after stop)")
         self._hosted.append(turn)  # list.append: thread-safe; the loop reads it each turn
         self.poke()
+
+    def reconnect_now(self, name: str) -> None:
+        """From a hub handler: drop a DEALER's connection and connect it again, a new
+        connection; what it still queues is dropped, what is sent after goes on the new one
+        (other threads: ``Outbox.reconnect``). For a peer whose connection a keyed router parked:
+        one made while the router still held the old one under the same id (a master that
+        woke from a pause) is never given the id, and nothing sent on it is heard."""
+        assert threading.current_thread() is self._thread, "reconnect_now() is for hub handlers"
+        sock, address = self._sockets.get(name.encode()), self._addresses.get(name, "")
+        if sock is None or sock.type != zmq.DEALER or not address:
+            log.error("reconnect_refused", socket=name, why="not a connected dealer")
+            return
+        for key in [key for key in self._pending if key[0] == name.encode()]:
+            del self._pending[key]
+            self._pending_bytes.pop(key, None)
+        with contextlib.suppress(zmq.ZMQError):  # (not connected: connecting is what is asked)
+            sock.disconnect(address)
+        sock.connect(address)
 
     def poke(self) -> None:
         """Make the hub thread run its hosted turns soon: from any thread, at any rate (one
@@ -655,6 +686,9 @@ class Hub:
 
     def _defer_checked(self, name: bytes, frames: list[bytes]) -> None:
         if name not in self._sockets:
+            if name.startswith(_RECONNECT):  # (Outbox.reconnect: here, not on every send)
+                self.reconnect_now(name[len(_RECONNECT):].decode())
+                return
             log.error("send_to_unknown_socket", socket=name.decode(errors="replace"))
             return
         self._defer(name, frames)
