@@ -8,7 +8,9 @@ none of them blocks the event loop::
 It drives a ``Client`` (``client.sync``), whose own thread talks to the master: what could block
 (connecting, pickling arguments, a request to the master) runs in a worker thread
 (``asyncio.to_thread``), and a future's end reaches the loop by ``call_soon_threadsafe``.
-``await future`` works on the futures it returns, as on any client's.
+The futures it returns are ``AsyncFuture``s: ``await future``, and as Dask's asynchronous
+futures, ``await future.result()``, ``await future.exception()``, ``await future.cancel()``:
+what waits on them is a coroutine too.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class AsyncClient:
 
     async def _start(self) -> AsyncClient:
         if self._client is None:
-            self._client = await asyncio.to_thread(self._connect)
+            client = await asyncio.to_thread(self._connect)
+            client._future_type = AsyncFuture
+            self._client = client
         return self
 
     @property
@@ -81,10 +85,13 @@ class AsyncClient:
         return await asyncio.to_thread(self.sync.map, task, *iterables, priority=priority,
                                        retries=retries, **kwargs)
 
-    async def cancel(self, future: Future, timeout: float = 10.0,
-                     grace: float = m.STOP_GRACE_S) -> bool:
-        """As ``Future.cancel``, without blocking the loop."""
-        return await asyncio.to_thread(future.cancel, timeout, grace)
+    async def cancel(self, futures: Any, timeout: float = 10.0,
+                     grace: float = m.STOP_GRACE_S) -> int:
+        """As ``Future.cancel`` for one future (True once cancelled), as ``Client.cancel`` for
+        a structure of them (how many were cancelled), without blocking the loop."""
+        if isinstance(futures, Future):
+            return await asyncio.to_thread(Future.cancel, futures, timeout, grace)
+        return await asyncio.to_thread(self.sync.cancel, futures, timeout, grace)
 
     # --- waiting --------------------------------------------------------------
 
@@ -130,7 +137,7 @@ class AsyncClient:
                     raise TimeoutError(f"futures not done after {timeout}s")
                 for waiter in finished:
                     fut = waiters.pop(waiter)
-                    yield (fut, fut.result(0)) if with_results else fut
+                    yield (fut, fut._result(0)) if with_results else fut
         finally:
             for waiter in waiters:
                 waiter.cancel()
@@ -152,6 +159,40 @@ class AsyncClient:
     async def story(self, future: Future,
                     timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
         return await asyncio.to_thread(self.sync.story, future, timeout)
+
+
+class AsyncFuture(Future):
+    """A task's future from an ``AsyncClient``: each method that may wait is a coroutine (the
+    others, ``done``, ``status``, ``progress``, ``logs``, are as ``Future``'s). Taken as an
+    argument by ``submit`` as any future is."""
+
+    __slots__ = ()
+
+    async def result(self, timeout: float | None = None) -> Any:  # type: ignore[override]
+        """The task's result, or its exception raised; ``TimeoutError`` after ``timeout``."""
+        await self._ended_within(timeout)
+        return self._result(0)
+
+    async def exception(  # type: ignore[override]
+            self, timeout: float | None = None) -> BaseException | None:
+        await self._ended_within(timeout)
+        return self._exception(0)
+
+    async def cancel(self, timeout: float = 10.0,  # type: ignore[override]
+                     grace: float = m.STOP_GRACE_S) -> bool:
+        """As ``Future.cancel``; the round trip to the master off the loop."""
+        return await asyncio.to_thread(Future.cancel, self, timeout, grace)
+
+    async def story(  # type: ignore[override]
+            self, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
+        return await asyncio.to_thread(Future.story, self, timeout)
+
+    async def _ended_within(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(_ended(self), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"task {self.name} {self.task_id} not done after {timeout}s"
+                               + self._client._why_queued(self, timeout)) from None
 
 
 async def _ended(fut: Future) -> None:

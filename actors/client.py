@@ -188,8 +188,20 @@ class Future:
     def cancelled(self) -> bool:
         return self._status == _CANCELLED
 
+    def running(self) -> bool:
+        """True while a worker runs it (``status`` "running"), as ``concurrent.futures``'."""
+        return self._status == _RUNNING
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the task; return its result or raise its exception (with the remote traceback)."""
+        return self._result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._exception(timeout)
+
+    def _result(self, timeout: float | None) -> Any:
+        """``result``, blocking: what the runtime's own helpers call (an ``AsyncFuture``'s
+        ``result`` is a coroutine)."""
         if not self._wait(timeout):
             raise TimeoutError(f"task {self.name} {self.task_id} not done after {timeout}s"
                                + self._client._why_queued(self, timeout))
@@ -205,9 +217,9 @@ class Future:
         assert isinstance(payload, m.TaskDone)
         return loads(payload.result)
 
-    def exception(self, timeout: float | None = None) -> BaseException | None:
+    def _exception(self, timeout: float | None) -> BaseException | None:
         try:
-            self.result(timeout)
+            self._result(timeout)
         except TimeoutError:
             raise
         except BaseException as exc:
@@ -351,7 +363,7 @@ class Future:
         if isinstance(exc, InputFailed) and exc.__cause__ is None:
             source = self._client._futures.get(exc.input_id)
             if source is not None and source is not self and source.done():
-                exc.__cause__ = source.exception(0)  # the input's own error, as raised here
+                exc.__cause__ = source._exception(0)  # the input's own error, as raised here
         return exc
 
     def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | _Parts | None,
@@ -492,7 +504,7 @@ def _settle(target: asyncio.Future[Any] | concurrent.futures.Future[Any], fut: F
     if target.done():
         return
     try:
-        target.set_result(fut.result(0))
+        target.set_result(fut._result(0))
     except BaseException as exc:  # the task's error, TaskCancelled, MasterLost
         target.set_exception(exc)
 
@@ -616,7 +628,44 @@ def _local_workers_of_env() -> int:
         return 0
 
 
+class _SharedCluster:
+    """The ``LocalCluster`` that ``Client()`` without an address starts: one a process, shared
+    by every such client while it runs, closed with the last of them. A notebook cell
+    ``client = Client()`` run again (the old client not closed: the notebook's history may
+    hold it) would otherwise start another master, node and workers each time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cluster: LocalCluster | None = None
+        self._users = 0
+
+    def take(self) -> LocalCluster:
+        with self._lock:
+            cluster = self._cluster
+            if cluster is not None and cluster.status == "running":
+                self._users += 1
+                log.info("local_cluster_shared", address=cluster.address, clients=self._users)
+                return cluster
+            cluster = self._cluster = LocalCluster()
+            self._users = 1
+            return cluster
+
+    def let_go(self, cluster: LocalCluster) -> None:
+        with self._lock:
+            if cluster is self._cluster:
+                self._users -= 1
+                if self._users > 0:
+                    return
+                self._cluster = None
+        cluster.close()
+
+
+_DEFAULT_CLUSTER = _SharedCluster()
+
+
 class Client:
+    _future_type: type[Future] = Future  # (an AsyncClient's client makes AsyncFutures)
+
     def __init__(
         self,
         address: str | LocalCluster | None = None,
@@ -628,7 +677,8 @@ class Client:
     ) -> None:
         """``address``: the master's ``HOST:PORT``, the ``ipc://PATH`` of its ``--local-socket``
         on this host, or a ``LocalCluster`` (reached through its socket); default
-        ``$ACTORS_ADDRESS``, else a new ``LocalCluster``. ``timeout``: seconds to wait for the
+        ``$ACTORS_ADDRESS``, else a ``LocalCluster`` of this process (started by the first such
+        client, shared by those open at once, closed with the last). ``timeout``: seconds to wait for the
         master's welcome (and, with a ``LocalCluster`` or in a script that
         ``python -m actors.master --run`` runs, for its workers to be ready: if the master's
         own node cannot run, ``ClusterStartFailed`` says why at once).
@@ -649,7 +699,7 @@ class Client:
         if address is None:
             if in_worker():
                 raise ClusterInTask()
-            address = self._own_cluster = LocalCluster()
+            address = self._own_cluster = _DEFAULT_CLUSTER.take()
         if isinstance(address, LocalCluster):
             local_workers, local_address = address.workers, address.local_address
             keys, address = address.keys_dir, address.address
@@ -814,7 +864,8 @@ class Client:
         large ``map``'s time, happen before the send lock: other threads' submits wait only
         for the sending."""
         ready = [(item, item.submit, self._encoded(item.submit)) for item in prepared]
-        made = [Future(self, item.submit.task_id, item.name, item.kind) for item in prepared]
+        made = [self._future_type(self, item.submit.task_id, item.name, item.kind)
+                for item in prepared]
         futures = self._futures
         for fut in made:
             futures[fut.task_id] = fut
@@ -952,7 +1003,7 @@ class Client:
         assert isinstance(done, m.ScatterDone)
         if done.reason:
             raise ScatterFailed(task_id, done.reason)
-        fut = Future(self, task_id, "scatter")
+        fut = self._future_type(self, task_id, "scatter")
         kept = _Parts(task_id, [])
         kept._value, kept._loaded = data, True
         fut._finish(_DONE, kept)
@@ -990,6 +1041,37 @@ class Client:
         if reply.error:
             raise NoSuchTask(task_id, reply.error)
         return reply.status
+
+    def cancel(self, futures: Any, timeout: float = 10.0, grace: float = m.STOP_GRACE_S) -> int:
+        """Cancel every future in ``futures`` (one, or lists, tuples, sets, dicts of them,
+        nested) as ``Future.cancel`` does, all the requests at once, then wait up to
+        ``timeout`` in all for their ends. Returns how many were cancelled (those that had
+        already ended are not); ``TimeoutError`` if the master did not answer them all."""
+        check_grace(grace)
+        pending = [fut for fut in dict.fromkeys(futures_in(futures)) if not fut.done()]
+        deadline = time.monotonic() + timeout
+        asked = []
+        try:
+            for fut in pending:
+                key, request = f"cancel {fut.task_id}", m.CancelTask(fut.task_id, float(grace))
+                asked.append((fut, key, self._await(key, request)))
+                self._send_unless_away(request)
+            unanswered = 0
+            for fut, _key, replies in asked:
+                try:
+                    reply = replies.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    unanswered += 1
+                    continue
+                if isinstance(reply, m.CancelReply) and reply.status == "cancelled":
+                    fut._wait_ended(max(0.0, deadline - time.monotonic()))
+        finally:
+            for _fut, key, replies in asked:
+                self._stop_waiting(key, replies)
+        if unanswered:
+            raise TimeoutError(f"no answer from the master within {timeout}s to {unanswered} "
+                               f"of {len(pending)} cancels")
+        return sum(fut.cancelled() for fut in pending)
 
     def task_logs(self, task_id: str, limit: int = 1000,
                   timeout: float = 10.0) -> tuple[list[tuple[str, m.OutputLine]], int]:
@@ -1076,7 +1158,7 @@ class Client:
 
     def _close_own_cluster(self) -> None:
         if self._own_cluster is not None:
-            self._own_cluster.close()
+            _DEFAULT_CLUSTER.let_go(self._own_cluster)
             self._own_cluster = None
 
     def __repr__(self) -> str:

@@ -1477,9 +1477,12 @@ class Master(HubShell):
                 self._to_client(task.client_id, m.TaskState(task_id, "queued"))
 
     def _task_news(self, worker_id: str, msg: m.TaskOutput | m.WorkProgress) -> None:
-        """Output or progress from a worker of a running task, for the task's client only."""
+        """Output or progress from a worker of a running task, for the task's client only;
+        output also from a worker stopping a cancelled task's code (its ``finally:`` blocks
+        run then, and what they print is the user's to see)."""
         task = self.scheduler.tasks.get(msg.task_id)
-        if task is None or task.finished or worker_id not in task.workers:
+        stopping = type(msg) is m.TaskOutput and self._stopping(worker_id, msg.task_id)
+        if task is None or not stopping and (task.finished or worker_id not in task.workers):
             self.log.debug("task_news_dropped", task_id=msg.task_id, worker_id=worker_id)
             return
         if isinstance(msg, m.TaskOutput):
@@ -1502,6 +1505,10 @@ class Master(HubShell):
                 msg.task_id, units.done_count, self._unit_total(msg.task_id, known,
                                                                 units.sliced_all),
                 units.sliced_all))
+
+    def _stopping(self, worker_id: str, task_id: str) -> bool:
+        worker = self.scheduler.workers.get(worker_id)
+        return worker is not None and task_id in worker.stopping
 
     def _ended_badly(self, task_id: str) -> bool:
         task = self.scheduler.tasks.get(task_id)

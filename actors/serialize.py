@@ -294,6 +294,15 @@ def describe_exception(exc: BaseException, where: str = "") -> tuple[bytes, str,
     if where:
         text = f"({where})\n{text}"
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return _pickled(exc), type_name, _capped(str(exc)), text
+
+
+MAX_CAUSES = 8  # the links of a ``raise ... from`` chain that come back as exceptions
+
+
+def _pickled(exc: BaseException, depth: int = 0) -> bytes:
+    """The exception pickled so that it loads as itself, with its ``raise ... from`` cause (a
+    pickled exception has none), or b"" if it cannot be."""
     payload = b""
     # By reference when its class can be imported (a builtin, a library's): the C pickler, and
     # only the user's own classes by value. One that pickles but cannot load is no use.
@@ -305,7 +314,27 @@ def describe_exception(exc: BaseException, where: str = "") -> tuple[bytes, str,
             break
         except Exception:
             payload = b""
-    return payload, type_name, _capped(str(exc)), text
+    cause = exc.__cause__
+    if payload and cause is not None and depth < MAX_CAUSES:
+        caused_by = _pickled(cause, depth + 1)
+        if caused_by:
+            payload = pickle.dumps(_Caused(payload, caused_by), protocol=pickle.HIGHEST_PROTOCOL)
+    return payload
+
+
+class _Caused:
+    def __init__(self, payload: bytes, cause: bytes) -> None:
+        self.payload, self.cause = payload, cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _with_cause, (self.payload, self.cause)
+
+
+def _with_cause(payload: bytes, cause: bytes) -> BaseException:
+    exc = pickle.loads(payload)
+    with contextlib.suppress(Exception):  # (a cause that does not load: the traceback shows it)
+        exc.__cause__ = pickle.loads(cause)
+    return exc
 
 
 class _Remade:
@@ -422,11 +451,10 @@ def _is_network_error(exc: object) -> bool:
 def rebuild_exception(
     payload: bytes, type_name: str, message: str, remote_traceback: str, where: str
 ) -> BaseException:
-    """The exception to raise in the client: the same type, its message carrying the remote traceback.
-
-    When the exception can be rebuilt with a single message argument (the
-    common case), its message is extended; otherwise the traceback becomes a
-    note. An exception whose class does not load here becomes ``RemoteError``.
+    """The exception to raise in the client: the one the task raised, the same type and
+    arguments (``args``, ``str()``, its attributes and its ``raise ... from`` cause as the code
+    made them), with the remote traceback as a note (PEP 678: printed below it, as a traceback
+    shows it). An exception whose class does not load here becomes ``RemoteError``.
     """
     exc: BaseException | None = None
     if payload:
@@ -436,24 +464,6 @@ def rebuild_exception(
             exc = None
     if not isinstance(exc, BaseException):
         return RemoteError(type_name, message, remote_traceback)
-    if not remote_traceback:  # raised by the runtime itself (WorkerKilled): nothing to add
-        return exc
-    detail = f"\n\nRemote traceback ({where}):\n{remote_traceback.rstrip()}"
-    # Only where the message shows as it is: a KeyError shows its repr, and the traceback in
-    # it read as one line of escapes ('k\n\nRemote traceback...').
-    try:
-        shows_message = str(exc) == (exc.args[0] if exc.args else "")
-    except Exception:  # (its own __str__ raised: the note, below, still tells)
-        shows_message = False
-    if len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args) and shows_message:
-        message = (exc.args[0] if exc.args else "") + detail
-        state = dict(getattr(exc, "__dict__", {}))
-        for make in (lambda: type(exc)(message), lambda: _remake(type(exc), (message,), state)):
-            try:  # its own __init__ first; remade without it where that takes other arguments
-                extended = make()
-                extended.__dict__.update(state)
-                return extended
-            except Exception:
-                pass
-    exc.add_note(detail.lstrip("\n"))
+    if remote_traceback:  # (none: raised by the runtime itself, WorkerKilled)
+        exc.add_note(f"Remote traceback ({where}):\n{remote_traceback.rstrip()}")
     return exc

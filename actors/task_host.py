@@ -211,7 +211,7 @@ class Runtime:
                                           or total < 0):
                     raise TypeError(f"task_total() returns a whole number >= 0 or None, "
                                     f"not {total!r}")
-                self.slicer = iter(self.task.get_work(*args, **kwargs))
+                self.slicer = _units_of(self.task.get_work(*args, **kwargs))
             except Exception as exc:
                 self._fail_task(exc)
                 return
@@ -524,3 +524,15 @@ def _finished(name: str, call: Callable[[], Any]) -> Finished:
         payload, type_name, message, text = describe_failure(exc)
         return Finished(m.UnitOutcome(-1, False, payload, type_name, message, text,
                                       fatal=is_fatal(exc)))
+
+
+def _units_of(work: Any) -> Iterator[Any]:
+    """What ``get_work`` returned, as an iterator of its units; one that is not iterable (a
+    forgotten ``return``, a count instead of a range) fails saying what ``get_work`` must do."""
+    try:
+        return iter(work)
+    except TypeError:
+        hint = (" (did it forget to return or yield its units?)" if work is None
+                else " (a count? return range(n))" if isinstance(work, int) else "")
+        raise TypeError(f"get_work() returns or yields the task's units (a list, a range, a "
+                        f"generator...), not {type(work).__name__}{hint}") from None

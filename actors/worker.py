@@ -212,6 +212,10 @@ class Worker(HubShell):
                 self._hosted_says(task_id, msg)
             case CodeStopped(task_id=task_id):
                 self.log.info("task_stopped", task_id=task_id)
+                # What its finally: blocks printed goes first: the master forwards a stopping
+                # worker's output only until TaskStopped.
+                for out in task_output.drain():
+                    self.send(NODE, TO_MASTER, message=out)
                 self.send(NODE, TO_MASTER, message=m.TaskStopped(task_id))
             case Ran():
                 self._runner.ran(message)

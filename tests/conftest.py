@@ -41,6 +41,12 @@ def examples(full: int) -> int:
     return max(1, round(full * scale))
 
 
+def shown(exc: BaseException) -> str:
+    """An exception as a traceback shows it: its message, then its notes (a task's remote
+    traceback is one)."""
+    return "\n".join([str(exc), *getattr(exc, "__notes__", ())])
+
+
 def stderr_so_far(capfd: pytest.CaptureFixture[str]) -> str:
     """What this test and the processes it started wrote to stderr since ``capfd`` was last
     read, read without emptying it: ``capfd.readouterr()`` empties the file they all write to,

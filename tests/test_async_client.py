@@ -96,3 +96,42 @@ def test_a_client_not_yet_connected_says_how_to_connect() -> None:
     client = AsyncClient("tcp://127.0.0.1:1")
     with pytest.raises(RuntimeError, match="await it"):
         client.sync  # noqa: B018
+
+
+def test_its_futures_are_awaited_as_dasks_asynchronous_ones(cluster: LocalCluster) -> None:
+    """``await fut.result()`` (what a Dask user types) waits without blocking the loop;
+    ``exception()``, ``cancel()`` and ``story()`` are coroutines too, a timeout a
+    ``TimeoutError``; and such a future is an argument of the next task as any future is."""
+
+    async def main() -> None:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        async with AsyncClient(cluster) as client:
+            await client.wait_for_workers(2)
+            running = asyncio.ensure_future(ticker())
+            nap = await client.submit(napping, 1.0)
+            before = ticks
+            assert await nap.result() == 1.0
+            assert ticks - before >= 5, f"the loop ticked {ticks - before} times meanwhile"
+            running.cancel()
+            assert await (await client.submit(add, nap, 1)).result(30) == 2.0
+            bad = await client.submit(Fails, 3)
+            error = await bad.exception(30)
+            assert isinstance(error, ValueError) and error.args == ("no 3",)
+            with pytest.raises(ValueError, match="no 3"):
+                await bad.result()
+            slow = await client.submit(napping, 30)
+            with pytest.raises(TimeoutError, match="not done after 0.1s"):
+                await slow.result(timeout=0.1)
+            assert any(entry for entry in await slow.story())
+            assert await slow.cancel(grace=0) is True and slow.cancelled()
+            more = [await client.submit(napping, 30) for _ in range(2)]
+            assert await client.cancel({"more": more, "done": [nap]}, grace=0) == 2
+
+    asyncio.run(main())

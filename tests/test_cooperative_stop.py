@@ -46,6 +46,7 @@ class Counting(Task):
             return "counted to the end"
         finally:
             _mark(marks, "finally")
+            print("cleaned up after", i + 1, "steps")  # (after the cancel: still the user's)
 
 
 class Stuck(Task):
@@ -92,6 +93,8 @@ def test_a_task_that_stops_in_time_runs_its_finally_and_its_worker_serves_on(
             fut.result(timeout=1)
         wait_until(lambda: _marked(tmp_path, "finally"), 20, "its finally: block to run")
         assert _marked(tmp_path, "finally") == {pid}
+        wait_until(lambda: any("cleaned up after" in line.text for line in fut.logs()), 20,
+                   "what its finally: block printed to reach the client")
         wait_until(lambda: any(e[2] == "stopped" for e in _story(client, fut, "worker")), 20,
                    "the worker to say the code stopped")
         # The same process, warm, runs the next task: it was never killed.

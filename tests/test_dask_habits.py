@@ -22,6 +22,7 @@ from actors import (
     wait,
 )
 from actors.errors import InvalidArguments
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -139,3 +140,19 @@ def test_asyncio_awaits_a_thousand_futures_without_blocking_its_loop(client: Cli
 
     with pytest.raises(ZeroDivisionError):
         asyncio.run(failing())
+
+
+def test_running_says_a_worker_has_it_and_client_cancel_takes_many_at_once(
+        client: Client, tmp_path: Path) -> None:
+    """``Future.running()`` as ``concurrent.futures``'; ``client.cancel(futures)`` as Dask's:
+    every request sent before any answer is awaited, those already ended left as they are."""
+    done = client.submit(add, 1, 2)
+    assert done.result(30) == 3 and not done.running()
+    gate = str(tmp_path / "never")  # (never opened: the tasks end by their cancel)
+    held = client.map(gated, [gate] * 3, range(3))
+    wait_until(lambda: any(fut.running() for fut in held), 30, "a gated task to run")
+    assert client.cancel({"held": held, "done": done}, grace=0) == 3
+    assert all(fut.cancelled() and not fut.running() for fut in held)
+    assert not done.cancelled() and done.result(0) == 3
+    assert client.cancel([]) == 0
+    assert client.submit(add, 2, 2).result(30) == 4  # and the cluster serves on

@@ -13,7 +13,7 @@ import pytest
 
 from actors import Client, LocalCluster, ParallelTask, Task, Unit, as_completed
 from actors.errors import InvalidArguments
-from tests.conftest import alive, children, descendants, wait_until
+from tests.conftest import alive, children, descendants, shown, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -154,7 +154,7 @@ def test_an_empty_parallel_task_reduces_nothing(client: Client) -> None:
 def test_a_task_exception_is_raised_with_its_type_and_remote_traceback(client: Client) -> None:
     with pytest.raises(Boom) as info:
         client.submit(Explodes, n=5).result(timeout=30)
-    text = str(info.value)
+    text = shown(info.value)
     assert "cannot handle 5" in text
     assert "Remote traceback" in text and "in work" in text and "raise Boom" in text
     # the cluster keeps serving
@@ -181,11 +181,11 @@ def test_code_that_calls_sys_exit_fails_its_task_and_the_caller_goes_on(client: 
     forever), and reach the caller as an error that does not end the caller's program."""
     with pytest.raises(RuntimeError, match=r"raised SystemExit\(3\)") as info:
         client.submit(Exits, 3).result(timeout=30)
-    assert_caused_by_system_exit(str(info.value), "sys.exit(code)", 3)
+    assert_caused_by_system_exit(shown(info.value), "sys.exit(code)", 3)
     with pytest.raises(RuntimeError, match=r"raised SystemExit\(4\)") as info:
         client.submit(UnitExits, 20).result(timeout=30)
-    assert "unit 7" in str(info.value)
-    assert_caused_by_system_exit(str(info.value), "raise SystemExit(4)", 4)
+    assert "unit 7" in shown(info.value)
+    assert_caused_by_system_exit(shown(info.value), "raise SystemExit(4)", 4)
     assert client.submit(Square, 3).result(timeout=30) == 9
 
 
@@ -500,11 +500,19 @@ def test_story_ends_with_where_each_unfinished_unit_is_now(client: Client, tmp_p
 
 
 def test_a_client_without_an_address_starts_a_cluster_of_its_own_and_stops_it_on_close() -> None:
+    """Another ``Client()`` meanwhile (a notebook cell run again, the old client still open)
+    takes the same cluster rather than a second master, node and workers; the cluster ends
+    with the last of them."""
     before = children(os.getpid())
     with Client() as c:
         (master,) = children(os.getpid()) - before
         pids = descendants(master) | {master}
         assert c.info().workers == os.cpu_count()
+        again = Client()
+        assert children(os.getpid()) - before == {master} and again.address == c.address
+        assert again.submit(Square, 5).result(timeout=30) == 25
+        again.close()
+        assert alive(master)
         assert c.submit(Square, 6).result(timeout=30) == 36
     assert not alive(master)
     wait_until(lambda: not any(alive(p) for p in pids), 20, "the client's cluster to end")

@@ -33,6 +33,7 @@ from actors.errors import (
     ResultNotSerializable,
 )
 from actors.serialize import describe_exception, dumps, dumps_task_class, loads
+from tests.conftest import shown
 from transport import init_keys
 
 pytestmark = pytest.mark.processes
@@ -87,7 +88,7 @@ def test_a_remote_traceback_names_the_users_file_line_and_source(
         client: Client, user_module: types.ModuleType) -> None:
     with pytest.raises(ValueError, match="bad input 4") as info:
         client.submit(user_module.Fails, 3).result(timeout=30)
-    text = str(info.value)
+    text = shown(info.value)
     assert f'File "{user_module.__file__}", line 7, in work' in text
     assert 'raise ValueError(f"bad input {total}")' in text
     assert "<dynamic-code>" not in text
@@ -136,6 +137,27 @@ def test_an_exception_in_the_slicer_arrives_like_one_from_work(
     [text] = info.value.__notes__
     assert "in get_work, the task's slicer" in text
     assert 'raise KeyError("no more slices")' in text and ", in get_work" in text
+
+
+class ForgetsToReturn(ParallelTask):
+    def get_work(self, n):
+        list(range(n))  # (its units built, and not returned)
+
+    def work_unit(self, unit):
+        return unit
+
+
+class GivesACount(ForgetsToReturn):
+    def get_work(self, n):
+        return n
+
+
+def test_a_slicer_that_returns_no_units_says_what_get_work_must_return(client: Client) -> None:
+    with pytest.raises(TypeError, match=r"get_work\(\) returns or yields the task's units") as info:
+        client.submit(ForgetsToReturn, 3).result(timeout=30)
+    assert str(info.value).endswith("not NoneType (did it forget to return or yield its units?)")
+    with pytest.raises(TypeError, match=r"not int \(a count\? return range\(n\)\)"):
+        client.submit(GivesACount, 3).result(timeout=30)
 
 
 # --- addresses and hangs -----------------------------------------------------------------

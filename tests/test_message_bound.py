@@ -25,7 +25,7 @@ from actors.master_gate import MasterGate
 from actors.node import relay_frames
 from actors.serialize import MAX_DESCRIBED_CHARS, describe_exception, dumps, loads
 from actors.unit_runner import Ran, UnitRunner
-from tests.conftest import kill_all, start_master, wait_until
+from tests.conftest import kill_all, shown, start_master, wait_until
 from transport.keys import load_keypair, load_public_key
 
 MIB = 1 << 20
@@ -227,7 +227,7 @@ def test_a_long_message_crosses_once_and_the_user_gets_it_whole(tmp_path: Path) 
             failed = client.submit(LongError, 30 * MIB)
             error = failed.exception(timeout=60)
             assert isinstance(error, ValueError), error
-            message = str(error)
+            message = shown(error)
             assert message.startswith("x" * (30 * MIB)) and "Remote traceback" in message
             assert len(message) < 30 * MIB + 2 * MAX_DESCRIBED_CHARS  # not twice over
             assert "more characters" in message  # (the traceback's last line, cut)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import resource
 import threading
+import traceback
 from pathlib import Path
 
 import pytest
@@ -123,22 +124,52 @@ def test_an_exception_that_cannot_be_pickled_comes_back_as_remote_error_with_eve
     assert "in raises" in back.remote_traceback and "in raises" in str(back)
 
 
-def test_a_rebuilt_exception_is_the_same_type_its_message_carrying_the_remote_traceback() -> None:
+def test_a_rebuilt_exception_is_the_one_raised_with_the_remote_traceback_as_a_note() -> None:
+    """Its type, args, str() and attributes are what the task's code made: code that reads
+    ``err.args[0]`` or compares ``str(err)`` works as on a local call; where it was raised is
+    a note, printed below it as any traceback shows it."""
     exc = raised(user_code)
     exc.code = 7  # type: ignore[attr-defined]  # what the exception carried stays with it
     back = rebuild_exception(*describe_exception(exc), where="task t1, unit 3")
-    assert type(back) is ValueError
-    assert str(back).startswith("the user's own words\n\nRemote traceback (task t1, unit 3):\n")
-    assert "in user_code" in str(back) and back.code == 7  # type: ignore[attr-defined]
-    assert str(back).endswith("ValueError: the user's own words")  # (no blank line after)
+    assert type(back) is ValueError and back.args == ("the user's own words",)
+    assert str(back) == "the user's own words" and back.code == 7  # type: ignore[attr-defined]
+    (note,) = back.__notes__
+    assert note.startswith("Remote traceback (task t1, unit 3):\n") and "in user_code" in note
+    assert note.endswith("ValueError: the user's own words")  # (no blank line after)
+    shown = "".join(traceback.format_exception(back))
+    assert shown.index("ValueError: the user's own words") < shown.index("Remote traceback")
 
 
-def test_an_exception_without_a_message_gets_the_remote_traceback_as_its_message() -> None:
+def test_an_exception_without_a_message_stays_without_one() -> None:
     def raises() -> None:
         raise ValueError
 
     back = rebuild_exception(*describe_exception(raised(raises)), where="task t1")
-    assert type(back) is ValueError and str(back).startswith("\n\nRemote traceback (task t1):\n")
+    assert type(back) is ValueError and back.args == () and str(back) == ""
+    assert back.__notes__[0].startswith("Remote traceback (task t1):\n")
+
+
+def test_a_cause_comes_back_as_the_rebuilt_exceptions_cause() -> None:
+    """``raise Mine(...) from err``: the caller's ``err.__cause__`` is the original error,
+    itself rebuilt (its own cause too), as on a local call."""
+    class Mine(Exception):
+        pass
+
+    def chained() -> None:
+        try:
+            try:
+                int("x")
+            except ValueError as err:
+                raise KeyError("k") from err
+        except KeyError as err:
+            raise Mine("wrapped") from err
+
+    back = rebuild_exception(*describe_exception(raised(chained)), where="task t1")
+    assert type(back).__name__ == "Mine" and back.args == ("wrapped",)
+    cause = back.__cause__
+    assert type(cause) is KeyError and cause.args == ("k",)
+    assert type(cause.__cause__) is ValueError and "invalid literal" in str(cause.__cause__)
+    assert "direct cause" in back.__notes__[0]  # the whole chain's frames, as it was printed
 
 
 def test_an_exception_not_built_from_one_message_gets_the_traceback_as_a_note() -> None:
@@ -240,7 +271,8 @@ def test_an_exception_whose_init_takes_other_arguments_comes_back_as_its_class()
 
     back = rebuild_exception(*describe_exception(raised(raises)), where="task t1")
     assert type(back).__name__ == "MyError" and isinstance(back, Exception)
-    assert back.code == 42 and str(back).startswith("42: custom\n\nRemote traceback (task t1)")
+    assert back.code == 42 and str(back) == "42: custom"
+    assert back.__notes__[0].startswith("Remote traceback (task t1)")
 
 
 def test_exceptions_remade_keep_what_their_builtin_base_holds() -> None:

@@ -16,7 +16,15 @@ import pytest
 
 from actors import Client, LocalCluster
 from actors.errors import InvalidArguments, UnknownTask
-from tests.conftest import alive, descendants, kill_all, python_logged, start_master, wait_until
+from tests.conftest import (
+    alive,
+    descendants,
+    kill_all,
+    python_logged,
+    shown,
+    start_master,
+    wait_until,
+)
 
 pytestmark = pytest.mark.processes
 
@@ -217,7 +225,7 @@ def test_a_package_that_fails_to_import_fails_only_its_task(tmp_path: Path) -> N
         wait_until(lambda: versions(client, "broken"), 20, "the broken package to be listed")
         with pytest.raises(ModuleNotFoundError) as info:
             client.submit("broken.jobs:Fails").result(timeout=30)
-        assert "no_such_module_here" in str(info.value) and "Remote traceback" in str(info.value)
+        assert "no_such_module_here" in str(info.value) and "Remote traceback" in shown(info.value)
         assert client.submit("demo.jobs:Which").result(timeout=30) == "one"
 
 

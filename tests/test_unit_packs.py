@@ -30,6 +30,7 @@ from actors.task_host import (
     begin_instance,
 )
 from actors.unit_runner import Ran, _execute_run
+from tests.conftest import shown
 from tests.test_scheduler_state import Harness, submit
 
 # --- the master's core ----------------------------------------------------------
@@ -365,7 +366,7 @@ def test_a_task_of_tiny_units_is_packed_and_reduces_every_result_in_order() -> N
         failing = client.submit(PickyLate, 100_000)
         with pytest.raises(ValueError, match="unit argument 90013") as raised:
             failing.result(timeout=120)
-        assert "unit 90013" in str(raised.value)  # the remote traceback's unit, not its pack's
+        assert "unit 90013" in shown(raised.value)  # the remote traceback's unit, not its pack's
 
 
 def test_a_driver_whose_first_units_are_all_out_is_told_to_go_on_while_a_worker_has_none() -> None:
