@@ -101,6 +101,7 @@ class Limits:
     processes: int = DEFAULT_PROCESSES
     network: bool = False  # True: the workers share the node's network
     uid_base: int = DEFAULT_UID_BASE
+    as_root: bool = False  # a root node's workers run as root, on purpose (a container)
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,9 @@ class Containment:
         root = os.geteuid() == 0
         uids: list[int] = []
         locks: list[int] = []
-        if root:
+        if root and limits.as_root:
+            refused["uid"] = "asked to (--worker-as-root)"
+        elif root:
             try:
                 uids, locks = claim_uids(limits.uid_base, slots)
             except OSError as exc:
@@ -342,10 +345,12 @@ class Containment:
         for measure, reason in sorted(refused.items()):
             # Not being root is how most nodes run, and the process limit follows the uid's
             # fate: said, but not as a warning.
-            quiet = measure == "processes" or (measure == "uid" and not root)
+            quiet = measure == "processes" or (measure == "uid" and (not root or limits.as_root))
             hint = {} if quiet or measure != "uid" else {"hint": (
                 "workers run tasks as root meanwhile: install Python and this package where "
-                "other users may read them (not under /root), or run the node as a user")}
+                "other users may read them (not under /root), or run the node as a user; "
+                "where root is meant (a container), --worker-as-root or "
+                "$ACTORS_WORKER_AS_ROOT=1 says so")}
             (log.info if quiet else log.warning)(
                 "worker_containment_refused", measure=measure, reason=reason, **hint)
         return cls(limits, base, uids, locks, refused)

@@ -983,7 +983,7 @@ def _main(argv: list[str], refused: list[str]) -> int:
     containment = Containment.start(Limits(
         memory=args.worker_memory, open_files=args.worker_open_files,
         processes=args.worker_processes, network=args.worker_network,
-        uid_base=args.worker_uid_base), args.workers, log.bind(role="node", node_id=node_id))
+        uid_base=args.worker_uid_base, as_root=args.worker_as_root), args.workers, log.bind(role="node", node_id=node_id))
     containment.prepare_run_dir(run_dir)
     contain.become_subreaper()
     if args.cache and containment.group is not None and not contain.reachable_by_others(args.cache):
@@ -1125,7 +1125,8 @@ def _main(argv: list[str], refused: list[str]) -> int:
 
 def add_containment_arguments(parser: argparse.ArgumentParser) -> None:
     """The worker limits (see contain.py); ``$ACTORS_WORKER_MEMORY`` and
-    ``$ACTORS_WORKER_NETWORK=1`` set them for nodes started by others (a LocalCluster's)."""
+    ``$ACTORS_WORKER_NETWORK=1`` and ``$ACTORS_WORKER_AS_ROOT=1`` set them for nodes started
+    by others (a LocalCluster's)."""
     group = parser.add_argument_group("worker containment (Linux)")
     group.add_argument("--worker-memory", type=parse_size,
                        default=os.environ.get("ACTORS_WORKER_MEMORY") or None,
@@ -1152,6 +1153,11 @@ def add_containment_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--worker-uid-base", type=int, default=contain.DEFAULT_UID_BASE,
                        help="a root node runs its workers as uids above this one, and this as "
                             "their group")
+    group.add_argument("--worker-as-root", action="store_true",
+                       default=os.environ.get("ACTORS_WORKER_AS_ROOT") == "1",
+                       help="a root node runs its workers as root, on purpose (a container that "
+                            "is itself the isolation): no uid of their own, and no warning "
+                            "about it at each start ($ACTORS_WORKER_AS_ROOT=1)")
 
 
 if __name__ == "__main__":

@@ -421,3 +421,29 @@ def test_a_node_that_is_not_root_logs_each_refused_measure_once_and_goes_on() ->
     assert all(level == "info" for level, _, kw in seen["log"] if kw["measure"] in ("uid", "processes"))
     # The network is isolated through a user namespace where the kernel allows one, else shared.
     assert seen["network"] == ("shared" if "network" in seen["refused"] else "user")
+
+
+_ROOT_ON_PURPOSE = _UNPRIVILEGED_NODE.replace(
+    "Containment.start(Limits(memory=1 << 30), 2, log)",
+    "Containment.start(Limits(memory=1 << 30, as_root=sys.argv[1] == '1'), 2, log)")
+
+
+@pytest.mark.parametrize("as_root", [False, True])
+def test_a_root_node_told_its_workers_run_as_root_says_so_once_without_a_warning(
+        as_root: bool) -> None:
+    """In a container, root is the isolation: ``--worker-as-root`` keeps a root node's workers
+    root without the warning each start gave (the other measures still apply)."""
+    if os.geteuid() != 0:
+        pytest.skip("only a root node gives its workers uids of their own")
+    done = subprocess.run([sys.executable, "-c", _ROOT_ON_PURPOSE, "1" if as_root else "0"],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    warned = [kw["measure"] for level, event, kw in seen["log"]
+              if level == "warning" and event == "worker_containment_refused"]
+    if as_root:
+        assert seen["uid"] is None and seen["refused"]["uid"] == "asked to (--worker-as-root)"
+        assert "uid" not in warned
+    else:  # (a uid of their own, or a warning why not: /root unreadable to others, here)
+        assert seen["uid"] is not None or "uid" in warned
