@@ -53,7 +53,8 @@ can no longer fork a ``LocalCluster`` (actors/forking.py), whose start then take
 Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame list
 handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
 (Z85 text), so the receiver can hold each message to the role of its key; no
-connection can take over another's routing identity there.
+connection can take over another's routing identity there: one naming an id that another
+still holds is parked for good, and its peer must connect afresh (``reconnect_now``).
 """
 
 from __future__ import annotations
