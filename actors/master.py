@@ -157,6 +157,11 @@ MAX_DEFERRED = 64
 # A node whose connection closed (its process killed, a reset, the transport's heartbeat timing
 # out on a cut link) is lost unless it is heard again within this long (it reconnects in < 1 s).
 NODE_SUSPECT_S = 2.0
+# A known node's Hello with a new handshake sooner than this after its last is not taken yet
+# (each costs a node lost and joined; see _hello).
+RECONNECT_MIN_S = 1.0
+# Task ends a client has not said it received, kept for it (without a state directory)
+MAX_UNRECEIVED = 100_000
 # A message this long after the last tick means the process was paused (SIGSTOP, a frozen VM):
 # before acting on it, the master asks the journal whether a newer master took over meanwhile
 # (each tick asks too).
@@ -189,6 +194,7 @@ class Peer:
     routing: bytes = b""  # its routing id on the master's socket
     suspect_since: float | None = None  # when the transport saw its connection close
     handshake: int = 0  # a node's: the Hello.handshake it was welcomed with
+    joined: float = 0.0  # when that Hello was welcomed
     # ``key`` as text, the owner of its tasks: one string shared by all of them (decoded for
     # each, it took ~90 bytes of every queued task).
     owner: str = ""
@@ -301,6 +307,10 @@ class Master(HubShell):
         self.scattering: dict[str, Scattering] = {}  # large scattered data under way
         self.scatter_turn = 0  # the node the next large scatter goes to, in turn
         self.delivering: dict[str, tuple[str, str]] = {}
+        # Without a state directory (the journal keeps no ends): client -> the ends sent it that
+        # it has not said it received, sent again when it says Hello again (its connection
+        # dropped with them in it). A durable journal keeps these itself.
+        self.unreceived: dict[str, dict[str, bytes]] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
         # client id -> its key (whose tasks are whose); those of the journal's clients at once:
@@ -585,6 +595,7 @@ class Master(HubShell):
 
     def _client_gone(self, client_id: str) -> None:
         self._drop_held(client_id)  # first: a detached one needs its code
+        self.unreceived.pop(client_id, None)
         self.codes.pop(client_id, None)
         self.inputs.client_gone(client_id)
         self._drop_results([t for t, (_, c) in self.delivering.items() if c == client_id])
@@ -691,6 +702,15 @@ class Master(HubShell):
             known.last_seen = self.now
             self._welcome(peer_key, hello)
             return
+        if known is not None and known.role == "node" and known.peer_id == hello.peer_id and (
+                hello.handshake < known.handshake or self.now - known.joined < RECONNECT_MIN_S):
+            # An older Hello (overtaken), or a node saying it lost us again at once: each new
+            # one costs a node lost and joined, and an honest node's says so at most every few
+            # seconds (a heartbeat's timeout). Not answered: its next Hello, 2 s on, is taken.
+            self._reject(Inbound(peer_key, None, hello, key), "hello_ignored",
+                         f"handshake {hello.handshake} after {known.handshake} "
+                         f"{self.now - known.joined:.1f}s ago", known, quiet=True)
+            return
         if known is not None and known.role == "node":
             # Its connection dropped (a pause, a cut link) and it came back before it was taken
             # as lost: what either side sent meanwhile may be gone with the connection (a unit's
@@ -702,7 +722,8 @@ class Master(HubShell):
             self._apply(ev.NodeLost(self.now, known.peer_id, "its connection dropped"))
         owner = key.decode(errors="replace")
         self.peers[peer_key] = Peer(hello.role, hello.peer_id, self.now, hello.host, hello.pid, key,
-                                    peer_key, owner=owner, handshake=hello.handshake)
+                                    peer_key, owner=owner, handshake=hello.handshake,
+                                    joined=self.now)
         if hello.role == "node":
             self.result_ends[hello.peer_id] = (hello.results_address, owner)
             self.local_data[hello.peer_id] = (hello.data_address, hello.local_data)
@@ -767,7 +788,9 @@ class Master(HubShell):
                     self.send(SOCKET, peer_key, message=m.TaskCancelled(task.task_id))
             for task_id in held:
                 self.send(SOCKET, peer_key, message=m.TaskCancelled(task_id))
-        for task_id, ended in self.journal.undelivered(hello.peer_id):
+        undelivered = self.journal.undelivered(hello.peer_id) or list(
+            self.unreceived.get(hello.peer_id, {}).items())
+        for task_id, ended in undelivered:
             if task_id not in self.delivering:
                 self._delivering_again(task_id, hello.peer_id, ended)
             self.send(SOCKET, peer_key, frames=[ended])
@@ -939,6 +962,9 @@ class Master(HubShell):
             case m.Heartbeat():
                 pass
             case m.Received(task_ids=task_ids):
+                if (unreceived := self.unreceived.get(peer.peer_id)) is not None:
+                    for task_id in task_ids:
+                        unreceived.pop(task_id, None)
                 for task_id in task_ids:
                     if self._unfinished(task_id):
                         # (a client's word: its journaled submission would go, and a restart
@@ -1409,6 +1435,8 @@ class Master(HubShell):
             self._drop_unused([t for t in unused if t != task_id])
         ended = m.encode(msg)
         self.journal.task_ended(task_id, client_id, ended)
+        if not self.journal.durable:
+            self._keep_unreceived(client_id, task_id, ended)
         self.send(SOCKET, client_id.encode(), frames=[ended])
         self.unit_totals.pop(task_id, None)
         self.task_steps.pop(task_id, None)
@@ -1416,6 +1444,14 @@ class Master(HubShell):
         task = self.scheduler.tasks.get(task_id)
         if task is not None and task.package and self.task_sync is not None:
             self.task_sync.tell(InstanceUses(task.package, task.version, task_id, ended=True))
+
+    def _keep_unreceived(self, client_id: str, task_id: str, ended: bytes) -> None:
+        kept = self.unreceived.get(client_id)
+        if kept is None:
+            kept = self.unreceived[client_id] = {}
+        kept[task_id] = ended
+        if len(kept) > MAX_UNRECEIVED:  # a client that never says: its oldest go unkept
+            del kept[next(iter(kept))]
 
     def _story(self, client_id: str, task_id: str) -> None:
         """The task's story: the scheduler's part and, asked now, each live worker's part."""

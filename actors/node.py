@@ -357,6 +357,7 @@ class Node(Shell):
                 assert self.outbox is not None
                 self.outbox.reconnect(MASTER)
                 self.unanswered_since = None
+                self.handshakes += 1  # (what the parked connection carried is gone too)
             self._hello()  # (while not connected, the "connected" event sends the next one)
         if self.welcomed and now - self.last_heartbeat >= self.heartbeat_s:
             self.last_heartbeat = now
@@ -425,6 +426,10 @@ class Node(Shell):
         elif what == "disconnected":
             self.connected = False
             self.unanswered_since = None  # (a Hello on the next connection starts the count)
+            if not self.welcomed:
+                # A Welcome (and what followed it) may have been on its way in it: the next
+                # Hello says the master's word may be lost (when welcomed, _away says so).
+                self.handshakes += 1
         if what == "auth_failed":
             self.log.error("master_refused_key", hint="is this node's public key in the master's allowed/ folder?")
             self._fatal("the master refused this node's CURVE key")

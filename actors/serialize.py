@@ -333,7 +333,8 @@ class _Caused:
 def _with_cause(payload: bytes, cause: bytes) -> BaseException:
     exc = pickle.loads(payload)
     with contextlib.suppress(Exception):  # (a cause that does not load: the traceback shows it)
-        exc.__cause__ = pickle.loads(cause)
+        # (object's: an exception that is a frozen dataclass refuses its own setattr)
+        object.__setattr__(exc, "__cause__", pickle.loads(cause))
     return exc
 
 
@@ -361,7 +362,7 @@ def _remake(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, An
     # a SyntaxError's msg are set there.
     builtin: Any = next(c for c in cls.__mro__ if c.__module__ == "builtins")
     builtin.__init__(exc, *(args if made_with is None else made_with))
-    exc.args = args
+    object.__setattr__(exc, "args", args)  # (object's: a frozen dataclass refuses its own)
     exc.__dict__.update(state)
     return exc
 
@@ -465,5 +466,10 @@ def rebuild_exception(
     if not isinstance(exc, BaseException):
         return RemoteError(type_name, message, remote_traceback)
     if remote_traceback:  # (none: raised by the runtime itself, WorkerKilled)
-        exc.add_note(f"Remote traceback ({where}):\n{remote_traceback.rstrip()}")
+        note = f"Remote traceback ({where}):\n{remote_traceback.rstrip()}"
+        try:
+            exc.add_note(note)
+        except Exception:  # (its __notes__ not a list, attributes refused: a frozen dataclass)
+            with contextlib.suppress(Exception):
+                object.__setattr__(exc, "__notes__", [*getattr(exc, "__notes__", ()), note])
     return exc

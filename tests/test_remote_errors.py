@@ -6,6 +6,7 @@ directly, so that every rule is checked on its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import resource
 import threading
@@ -337,3 +338,31 @@ def test_a_network_error_in_a_worker_of_its_own_network_says_so(
         shown = str(rebuilt) + "".join(getattr(rebuilt, "__notes__", ()))  # (as printed)
         assert type(rebuilt) is type(exc) and "--worker-network" in shown
     assert NETWORK_NOTE not in describe_failure(raised(ValueError("not the network")))[3]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenError(Exception):
+    code: int
+
+
+def test_an_exception_that_refuses_a_note_still_comes_back_as_itself() -> None:
+    """``__notes__`` made a tuple by the task's code, or an exception that is a frozen
+    dataclass (it refuses attributes): rebuilt as it was, not a TypeError of the runtime's."""
+    def tuple_notes() -> None:
+        error = ValueError("x")
+        error.__notes__ = ("its own",)  # type: ignore[assignment]
+        raise error
+
+    def frozen() -> None:
+        try:
+            int("y")
+        except ValueError as err:
+            raise FrozenError(3) from err
+
+    back = rebuild_exception(*describe_exception(raised(tuple_notes)), where="task t1")
+    assert type(back) is ValueError and back.args == ("x",)
+    assert back.__notes__[0] == "its own" and back.__notes__[-1].startswith("Remote traceback")
+    back = rebuild_exception(*describe_exception(raised(frozen)), where="task t1")
+    assert type(back) is FrozenError and back.code == 3
+    assert type(back.__cause__) is ValueError
+    assert back.__notes__[0].startswith("Remote traceback")
