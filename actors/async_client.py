@@ -137,7 +137,7 @@ class AsyncClient:
                     raise TimeoutError(f"futures not done after {timeout}s")
                 for waiter in finished:
                     fut = waiters.pop(waiter)
-                    yield (fut, fut._result(0)) if with_results else fut
+                    yield (fut, fut._wait_result(0)) if with_results else fut
         finally:
             for waiter in waiters:
                 waiter.cancel()
@@ -171,12 +171,12 @@ class AsyncFuture(Future):
     async def result(self, timeout: float | None = None) -> Any:  # type: ignore[override]
         """The task's result, or its exception raised; ``TimeoutError`` after ``timeout``."""
         await self._ended_within(timeout)
-        return self._result(0)
+        return self._wait_result(0)
 
     async def exception(  # type: ignore[override]
             self, timeout: float | None = None) -> BaseException | None:
         await self._ended_within(timeout)
-        return self._exception(0)
+        return self._wait_exception(0)
 
     async def cancel(self, timeout: float = 10.0,  # type: ignore[override]
                      grace: float = m.STOP_GRACE_S) -> bool:

@@ -194,12 +194,12 @@ class Future:
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the task; return its result or raise its exception (with the remote traceback)."""
-        return self._result(timeout)
+        return self._wait_result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return self._exception(timeout)
+        return self._wait_exception(timeout)
 
-    def _result(self, timeout: float | None) -> Any:
+    def _wait_result(self, timeout: float | None) -> Any:
         """``result``, blocking: what the runtime's own helpers call (an ``AsyncFuture``'s
         ``result`` is a coroutine)."""
         if not self._wait(timeout):
@@ -217,9 +217,9 @@ class Future:
         assert isinstance(payload, m.TaskDone)
         return loads(payload.result)
 
-    def _exception(self, timeout: float | None) -> BaseException | None:
+    def _wait_exception(self, timeout: float | None) -> BaseException | None:
         try:
-            self._result(timeout)
+            self._wait_result(timeout)
         except TimeoutError:
             raise
         except BaseException as exc:
@@ -363,7 +363,7 @@ class Future:
         if isinstance(exc, InputFailed) and exc.__cause__ is None:
             source = self._client._futures.get(exc.input_id)
             if source is not None and source is not self and source.done():
-                exc.__cause__ = source._exception(0)  # the input's own error, as raised here
+                exc.__cause__ = source._wait_exception(0)  # the input's own error, as raised here
         return exc
 
     def _finish(self, status: str, payload: m.TaskDone | m.TaskErred | _Parts | None,
@@ -504,7 +504,7 @@ def _settle(target: asyncio.Future[Any] | concurrent.futures.Future[Any], fut: F
     if target.done():
         return
     try:
-        target.set_result(fut._result(0))
+        target.set_result(fut._wait_result(0))
     except BaseException as exc:  # the task's error, TaskCancelled, MasterLost
         target.set_exception(exc)
 

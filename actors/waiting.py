@@ -2,7 +2,7 @@
 ``as_completed`` (with ``add`` and ``with_results``) and ``gather`` (nested structures).
 
 Only ``Future``'s surface is used (``done``, ``add_done_callback``, and the blocking
-``_result``/``_exception`` under ``result``/``exception``: an ``AsyncFuture``'s are
+``_wait_result``/``_wait_exception`` under ``result``/``exception``: an ``AsyncFuture``'s are
 coroutines): no thread of its own, no polling.
 """
 
@@ -22,8 +22,8 @@ class Future(Protocol):
     task_id: str
 
     def done(self) -> bool: ...
-    def _result(self, timeout: float | None) -> Any: ...
-    def _exception(self, timeout: float | None) -> BaseException | None: ...
+    def _wait_result(self, timeout: float | None) -> Any: ...
+    def _wait_exception(self, timeout: float | None) -> BaseException | None: ...
     def add_done_callback(self, fn: Callable[[Any], None]) -> None: ...
     def _show_output(self, waiting: bool) -> None: ...
 
@@ -76,7 +76,7 @@ def wait(futures: Iterable[Future], timeout: float | None = None,
 
 
 def _failed(fut: Future) -> bool:
-    return fut.done() and fut._exception(0) is not None
+    return fut.done() and fut._wait_exception(0) is not None
 
 
 class as_completed:  # noqa: N801 (a function to its callers, as in concurrent.futures and Dask)
@@ -121,7 +121,7 @@ class as_completed:  # noqa: N801 (a function to its callers, as in concurrent.f
         with self._lock:
             self._pending.discard(fut)
         fut._show_output(waiting=True)
-        return (fut, fut._result(None)) if self._with_results else fut
+        return (fut, fut._wait_result(None)) if self._with_results else fut
 
 
 def gather(structure: Any, errors: str = "raise") -> Any:
@@ -133,9 +133,9 @@ def gather(structure: Any, errors: str = "raise") -> Any:
 
     def walk(item: Any) -> Any:
         if isinstance(item, Future):
-            if errors == "skip" and item._exception(None) is not None:
+            if errors == "skip" and item._wait_exception(None) is not None:
                 return _SKIPPED
-            return item._result(None)
+            return item._wait_result(None)
         if isinstance(item, list | tuple | set):
             kept = [v for v in map(walk, item) if v is not _SKIPPED]
             return type(item)(kept) if not _is_namedtuple(item) else type(item)(*kept)

@@ -205,7 +205,7 @@ def test_a_client_paused_past_the_heartbeat_gets_the_ends_sent_meanwhile(
         master.wait(10)
 
 
-def test_a_node_saying_it_lost_the_master_over_and_over_is_taken_back_once_a_second(
+def test_a_node_saying_it_lost_the_master_over_and_over_is_taken_back_at_most_once_a_second(
         tmp_path: Path) -> None:
     """Each Hello with a new handshake costs a node lost and joined: a node (its own valid key)
     that sends hundreds is taken back once, its older counts ignored, and the master serves
@@ -243,7 +243,7 @@ def test_a_node_saying_it_lost_the_master_over_and_over_is_taken_back_once_a_sec
             assert client.submit(Results, 3, 1).result(30) == 3
         taken = [e for e in log_events(tmp_path / "master.log")
                  if e["event"] == "node_reconnected" and e["node_id"] == "node-loud"]
-        assert len(taken) == 1, taken
+        assert 1 <= len(taken) <= 2, taken  # (2: a master so loaded it read them a second apart)
     finally:
         sock.close()
         kill_all(descendants(master.pid) | {master.pid})

@@ -44,6 +44,13 @@ class Fut(concurrent.futures.Future[Any]):
             return exc
         return None
 
+    # The blocking pair under actors' result()/exception() (an AsyncFuture's are coroutines).
+    def _wait_result(self, timeout: float | None) -> Any:
+        return self.result(timeout)
+
+    def _wait_exception(self, timeout: float | None) -> BaseException | None:
+        return self.exception(timeout)
+
     def __repr__(self) -> str:
         return f"<Fut {self.task_id}>"
 
