@@ -188,11 +188,15 @@ class AsyncFuture(Future):
         return await asyncio.to_thread(Future.story, self, timeout)
 
     async def _ended_within(self, timeout: float | None) -> None:
+        if self.done():
+            return  # (wait_for with 0 would time out before even looking)
         try:
             await asyncio.wait_for(_ended(self), timeout)
         except TimeoutError:
+            # (why it is still queued may ask the master: off the loop)
+            why = await asyncio.to_thread(self._client._why_queued, self, timeout)
             raise TimeoutError(f"task {self.name} {self.task_id} not done after {timeout}s"
-                               + self._client._why_queued(self, timeout)) from None
+                               + why) from None
 
 
 async def _ended(fut: Future) -> None:
@@ -203,7 +207,8 @@ async def _ended(fut: Future) -> None:
     waiter: asyncio.Future[None] = loop.create_future()
 
     def ended(_: Future) -> None:
-        loop.call_soon_threadsafe(_set, waiter)
+        if not loop.is_closed():  # (a wait given up on, its loop since closed)
+            loop.call_soon_threadsafe(_set, waiter)
 
     fut._on_end(ended)
     await waiter

@@ -637,27 +637,28 @@ class _SharedCluster:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cluster: LocalCluster | None = None
-        self._users = 0
+        self._users: set[object] = set()  # a token a client: letting go twice changes nothing
 
-    def take(self) -> LocalCluster:
+    def take(self, user: object) -> LocalCluster:
         with self._lock:
             cluster = self._cluster
             if cluster is not None and cluster.status == "running":
-                self._users += 1
-                log.info("local_cluster_shared", address=cluster.address, clients=self._users)
+                self._users.add(user)
+                log.info("local_cluster_shared", address=cluster.address,
+                         clients=len(self._users))
                 return cluster
             cluster = self._cluster = LocalCluster()
-            self._users = 1
+            self._users = {user}
             return cluster
 
-    def let_go(self, cluster: LocalCluster) -> None:
+    def let_go(self, cluster: LocalCluster, user: object) -> None:
         with self._lock:
             if cluster is self._cluster:
-                self._users -= 1
-                if self._users > 0:
+                self._users.discard(user)
+                if self._users:
                     return
                 self._cluster = None
-        cluster.close()
+        cluster.close()  # (closing twice is nothing: LocalCluster's finalizer runs once)
 
 
 _DEFAULT_CLUSTER = _SharedCluster()
@@ -689,6 +690,7 @@ class Client:
         under the cell that waits for it); ``future.logs()`` keeps it either way."""
         self.show_output = show_output
         self._own_cluster: LocalCluster | None = None
+        self._cluster_token = object()  # this client, to the shared default cluster
         local_workers, local_address = 0, ""
         from_env = address is None and bool(os.environ.get("ACTORS_ADDRESS"))
         if address is None:
@@ -699,7 +701,7 @@ class Client:
         if address is None:
             if in_worker():
                 raise ClusterInTask()
-            address = self._own_cluster = _DEFAULT_CLUSTER.take()
+            address = self._own_cluster = _DEFAULT_CLUSTER.take(self._cluster_token)
         if isinstance(address, LocalCluster):
             local_workers, local_address = address.workers, address.local_address
             keys, address = address.keys_dir, address.address
@@ -1158,7 +1160,7 @@ class Client:
 
     def _close_own_cluster(self) -> None:
         if self._own_cluster is not None:
-            _DEFAULT_CLUSTER.let_go(self._own_cluster)
+            _DEFAULT_CLUSTER.let_go(self._own_cluster, self._cluster_token)
             self._own_cluster = None
 
     def __repr__(self) -> str:
@@ -1272,6 +1274,7 @@ class Client:
         if what in ("auth_failed", "handshake_failed"):
             self._auth_failed = True
         elif what == "disconnected" and self._welcome.is_set():
+            self._unwelcomed_since = None  # (connected again, it counts anew)
             if self._disconnected_since is None:
                 self._disconnected_since = time.monotonic()
                 log.warning("master_disconnected", address=self.address)
@@ -1319,7 +1322,8 @@ class Client:
         if since is not None and now - since >= self._master_timeout:
             self._master_lost(f"no connection for {now - since:.0f}s")
         unwelcomed = self._unwelcomed_since
-        if unwelcomed is not None and now - self._hello_at >= RENEW_AFTER_S:
+        if (unwelcomed is not None and self._disconnected_since is None
+                and now - self._hello_at >= RENEW_AFTER_S):
             # Connected again, and no Welcome: a master that woke from a pause may have parked
             # this connection under the id its old one still held (it hears nothing on it).
             log.warning("master_connection_renewed", address=self.address,

@@ -309,6 +309,8 @@ class Containment:
         locks: list[int] = []
         if root and limits.as_root:
             refused["uid"] = "asked to (--worker-as-root)"
+            refused["processes"] = ("the kernel counts processes per uid, and workers share "
+                                    "the node's (--worker-as-root)")
         elif root:
             try:
                 uids, locks = claim_uids(limits.uid_base, slots)

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ NODE_SUSPECT_S = 2.0
 # (each costs a node lost and joined; see _hello).
 RECONNECT_MIN_S = 1.0
 # Task ends a client has not said it received, kept for it (without a state directory)
-MAX_UNRECEIVED = 100_000
+UNRECEIVED_BYTES = 64 << 20
 # A message this long after the last tick means the process was paused (SIGSTOP, a frozen VM):
 # before acting on it, the master asks the journal whether a newer master took over meanwhile
 # (each tick asks too).
@@ -198,6 +198,33 @@ class Peer:
     # ``key`` as text, the owner of its tasks: one string shared by all of them (decoded for
     # each, it took ~90 bytes of every queued task).
     owner: str = ""
+
+
+@dataclass
+class Unreceived:
+    """The ends sent to a client that it has not said it received, oldest first, at most
+    ``UNRECEIVED_BYTES`` of them (a master without a state directory; a journal keeps them)."""
+
+    ends: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
+    size: int = 0
+    resent: float = -RECONNECT_MIN_S  # when they were last sent again
+    said_full: bool = False
+
+    def add(self, task_id: str, ended: bytes) -> bool:
+        """Keep it; True if older ones were let go to stay within the bound."""
+        self.received(task_id)
+        self.ends[task_id] = ended
+        self.size += len(ended)
+        full = False
+        while self.size > UNRECEIVED_BYTES and len(self.ends) > 1:
+            self.size -= len(self.ends.popitem(last=False)[1])
+            full = True
+        return full
+
+    def received(self, task_id: str) -> None:
+        ended = self.ends.pop(task_id, None)
+        if ended is not None:
+            self.size -= len(ended)
 
 
 @dataclass
@@ -310,7 +337,7 @@ class Master(HubShell):
         # Without a state directory (the journal keeps no ends): client -> the ends sent it that
         # it has not said it received, sent again when it says Hello again (its connection
         # dropped with them in it). A durable journal keeps these itself.
-        self.unreceived: dict[str, dict[str, bytes]] = {}
+        self.unreceived: dict[str, Unreceived] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
         # client id -> its key (whose tasks are whose); those of the journal's clients at once:
@@ -595,7 +622,6 @@ class Master(HubShell):
 
     def _client_gone(self, client_id: str) -> None:
         self._drop_held(client_id)  # first: a detached one needs its code
-        self.unreceived.pop(client_id, None)
         self.codes.pop(client_id, None)
         self.inputs.client_gone(client_id)
         self._drop_results([t for t, (_, c) in self.delivering.items() if c == client_id])
@@ -604,6 +630,7 @@ class Master(HubShell):
             del self.scattering[task_id]  # waiting for a node: nobody will send it now
         self._apply(ev.ClientLeft(self.now, client_id))
         self.journal.client_left(client_id)
+        self.unreceived.pop(client_id, None)  # (after ClientLeft: its cancels end tasks too)
         if not any(t.client_id == client_id for t in self.scheduler.tasks.values()):
             self.client_keys.pop(client_id, None)  # (its tasks, while kept, stay listed)
 
@@ -788,8 +815,11 @@ class Master(HubShell):
                     self.send(SOCKET, peer_key, message=m.TaskCancelled(task.task_id))
             for task_id in held:
                 self.send(SOCKET, peer_key, message=m.TaskCancelled(task_id))
-        undelivered = self.journal.undelivered(hello.peer_id) or list(
-            self.unreceived.get(hello.peer_id, {}).items())
+        undelivered = self.journal.undelivered(hello.peer_id)
+        kept = self.unreceived.get(hello.peer_id)
+        if not undelivered and kept is not None and self.now - kept.resent >= RECONNECT_MIN_S:
+            kept.resent = self.now  # (a client saying Hello in a loop is not sent them each time)
+            undelivered = list(kept.ends.items())
         for task_id, ended in undelivered:
             if task_id not in self.delivering:
                 self._delivering_again(task_id, hello.peer_id, ended)
@@ -964,7 +994,7 @@ class Master(HubShell):
             case m.Received(task_ids=task_ids):
                 if (unreceived := self.unreceived.get(peer.peer_id)) is not None:
                     for task_id in task_ids:
-                        unreceived.pop(task_id, None)
+                        unreceived.received(task_id)
                 for task_id in task_ids:
                     if self._unfinished(task_id):
                         # (a client's word: its journaled submission would go, and a restart
@@ -1435,7 +1465,7 @@ class Master(HubShell):
             self._drop_unused([t for t in unused if t != task_id])
         ended = m.encode(msg)
         self.journal.task_ended(task_id, client_id, ended)
-        if not self.journal.durable:
+        if not self.journal.durable and client_id.encode() in self.peers:
             self._keep_unreceived(client_id, task_id, ended)
         self.send(SOCKET, client_id.encode(), frames=[ended])
         self.unit_totals.pop(task_id, None)
@@ -1448,10 +1478,13 @@ class Master(HubShell):
     def _keep_unreceived(self, client_id: str, task_id: str, ended: bytes) -> None:
         kept = self.unreceived.get(client_id)
         if kept is None:
-            kept = self.unreceived[client_id] = {}
-        kept[task_id] = ended
-        if len(kept) > MAX_UNRECEIVED:  # a client that never says: its oldest go unkept
-            del kept[next(iter(kept))]
+            kept = self.unreceived[client_id] = Unreceived()
+        if kept.add(task_id, ended) and not kept.said_full:
+            kept.said_full = True  # (once a client: it says Received every tick, or it is stuck)
+            self.log.warning("unreceived_ends_dropped", client_id=client_id,
+                             bound_mib=UNRECEIVED_BYTES >> 20,
+                             hint="its oldest task ends go unkept: a connection that drops "
+                                  "now loses them")
 
     def _story(self, client_id: str, task_id: str) -> None:
         """The task's story: the scheduler's part and, asked now, each live worker's part."""

@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 14  # 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 15  # 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
@@ -52,11 +52,12 @@ class Hello(Message, frozen=True, kw_only=True):
     # A node back after losing its master: each worker that ran code, and the tasks it still
     # holds. The master takes back what it can (SchedulerState's WorkerAdopted), stops the rest.
     running: list[tuple[str, list[str]]] = []
+    token: str = ""  # a worker's: the secret its node started it with (node.py, "Proof")
     # A node's handshakes since it started: one more each time it lost its connection to the
     # master. A Hello repeated while the first awaits its Welcome says the same number; a new
     # one says what either side sent meanwhile may be lost (the master takes the node back).
+    # (Last: a peer of the protocol before still decodes this Hello, and is refused by number.)
     handshake: int = 0
-    token: str = ""  # a worker's: the secret its node started it with (node.py, "Proof")
 
 
 class Welcome(Message, frozen=True):

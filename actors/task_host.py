@@ -532,6 +532,8 @@ def _units_of(work: Any) -> Iterator[Any]:
     try:
         return iter(work)
     except TypeError:
+        if hasattr(type(work), "__iter__") or hasattr(type(work), "__getitem__"):
+            raise  # (its own __iter__ raised: that error is the user's to see)
         hint = (" (did it forget to return or yield its units?)" if work is None
                 else " (a count? return range(n))" if isinstance(work, int) else "")
         raise TypeError(f"get_work() returns or yields the task's units (a list, a range, a "

@@ -118,6 +118,7 @@ def test_its_futures_are_awaited_as_dasks_asynchronous_ones(cluster: LocalCluste
             nap = await client.submit(napping, 1.0)
             before = ticks
             assert await nap.result() == 1.0
+            assert await nap.result(timeout=0) == 1.0  # (ended: no wait, not a timeout)
             assert ticks - before >= 5, f"the loop ticked {ticks - before} times meanwhile"
             running.cancel()
             assert await (await client.submit(add, nap, 1)).result(30) == 2.0

@@ -228,3 +228,22 @@ def test_a_driver_slicing_past_its_keys_budget_fails_its_task_and_no_honest_one_
     assert state.tasks["t1"].state == "erred" and state.open_unit_bytes("c1") == 0
     assert any(isinstance(i, ev.KillWorker) for i in out)  # its driver ran hostile code
     assert before != snapshot(state) and not state.unit_bytes_bound
+
+
+def test_the_ends_kept_for_a_client_stay_within_their_bound_oldest_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a state directory the master keeps each end until its client says Received:
+    a client that never says so holds at most UNRECEIVED_BYTES there, its oldest let go."""
+    from actors import master
+
+    monkeypatch.setattr(master, "UNRECEIVED_BYTES", 1_000)
+    kept = master.Unreceived()
+    assert not kept.add("t1", b"x" * 400) and not kept.add("t2", b"y" * 400)
+    kept.received("t1")
+    assert list(kept.ends) == ["t2"] and kept.size == 400
+    assert not kept.add("t3", b"z" * 500)
+    assert kept.add("t4", b"w" * 300)  # past the bound: t2 goes, then the rest fits
+    assert list(kept.ends) == ["t3", "t4"] and kept.size == 800
+    assert not kept.add("t4", b"v" * 100) and kept.size == 600  # (the same end again: replaced)
+    kept.received("no-such-task")
+    assert kept.size == sum(map(len, kept.ends.values()))

@@ -59,7 +59,6 @@ still holds is parked for good, and its peer must connect afresh (``reconnect_no
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
@@ -444,8 +443,10 @@ class Hub:
         for key in [key for key in self._pending if key[0] == name.encode()]:
             del self._pending[key]
             self._pending_bytes.pop(key, None)
-        with contextlib.suppress(zmq.ZMQError):  # (not connected: connecting is what is asked)
+        try:
             sock.disconnect(address)
+        except zmq.ZMQError as exc:  # (not connected there: connecting is what is asked)
+            log.warning("reconnect_without_disconnect", socket=name, error=exc.strerror)
         sock.connect(address)
 
     def poke(self) -> None:
