@@ -27,6 +27,28 @@ class Fails(Task):
         raise ValueError(f"no {x}")
 
 
+class Ticker:
+    """Counts the turns of a 50 ms tick on the loop while its block runs: a call that blocks
+    the loop leaves it at zero."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._running: asyncio.Future[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            self.ticks += 1
+
+    async def __aenter__(self) -> Ticker:
+        self._running = asyncio.ensure_future(self._tick())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._running is not None
+        self._running.cancel()
+
+
 def test_a_thousand_concurrent_awaits_all_resolve_exactly(cluster: LocalCluster) -> None:
     async def main() -> list[int]:
         async with AsyncClient(cluster) as client:
@@ -41,23 +63,12 @@ def test_waiting_never_blocks_the_event_loop(cluster: LocalCluster) -> None:
     blocking call underneath, it would not tick at all meanwhile)."""
 
     async def main() -> tuple[float, int]:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.05)
-                ticks += 1
-
-        async with AsyncClient(cluster) as client:
+        async with AsyncClient(cluster) as client, Ticker() as ticker:
             await client.wait_for_workers(2)
-            running = asyncio.ensure_future(ticker())
             fut = await client.submit(napping, 1.5)
-            before = ticks
+            before = ticker.ticks
             (result,) = await client.gather([fut])
-            during = ticks - before
-            running.cancel()
-            return result, during
+            return result, ticker.ticks - before
 
     result, during = asyncio.run(main())
     assert result == 1.5
@@ -104,23 +115,13 @@ def test_its_futures_are_awaited_as_dasks_asynchronous_ones(cluster: LocalCluste
     ``TimeoutError``; and such a future is an argument of the next task as any future is."""
 
     async def main() -> None:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.05)
-                ticks += 1
-
         async with AsyncClient(cluster) as client:
             await client.wait_for_workers(2)
-            running = asyncio.ensure_future(ticker())
-            nap = await client.submit(napping, 1.0)
-            before = ticks
-            assert await nap.result() == 1.0
-            assert await nap.result(timeout=0) == 1.0  # (ended: no wait, not a timeout)
-            assert ticks - before >= 5, f"the loop ticked {ticks - before} times meanwhile"
-            running.cancel()
+            async with Ticker() as ticker:
+                nap = await client.submit(napping, 1.0)
+                assert await nap.result() == 1.0
+                assert await nap.result(timeout=0) == 1.0  # (ended: no wait, not a timeout)
+            assert ticker.ticks >= 5, f"the loop ticked {ticker.ticks} times meanwhile"
             assert await (await client.submit(add, nap, 1)).result(30) == 2.0
             bad = await client.submit(Fails, 3)
             error = await bad.exception(30)
