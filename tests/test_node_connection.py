@@ -84,15 +84,21 @@ def test_a_frozen_node_is_lost_by_its_connection_then_rejoins_cleanly(tmp_path: 
                     or e["event"] == "worker_kill_escalated" or "Traceback" in str(e)]
         assert not troubles, troubles
     finally:
-        pids |= descendants(node.pid)
-        for proc in (node, master):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (node, master):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(20)
-        kill_all(pids | {node.pid, master.pid})
-        wait_until(lambda: not any(alive(p) for p in pids), 20, "every process to end")
+        _stop(node, master, pids | descendants(node.pid))
+
+
+def _stop(node: subprocess.Popen[str], master: subprocess.Popen[str], pids: set[int]) -> None:
+    """Stop the node and the master as a user would (woken first, if paused), then whatever of
+    theirs is left, by pid."""
+    for proc in (node, master):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+    for proc in (node, master):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+    kill_all(pids | {node.pid, master.pid})
+    wait_until(lambda: not any(alive(p) for p in pids), 20, "every process to end")
 
 
 class Results(ParallelTask):
@@ -142,16 +148,7 @@ def test_a_master_paused_past_the_heartbeat_loses_no_work_and_hears_everyone_aga
                     if e.get("level") in ("error", "critical") or "Traceback" in str(e)]
         assert not troubles, troubles
     finally:
-        pids |= descendants(node.pid)
-        for proc in (node, master):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-        for proc in (node, master):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(20)
-        kill_all(pids | {node.pid, master.pid})
-        wait_until(lambda: not any(alive(p) for p in pids), 20, "every process to end")
+        _stop(node, master, pids | descendants(node.pid))
 
 
 _PAUSED_CLIENT = """
