@@ -24,6 +24,7 @@ from typing import Any
 from actors import messages as m
 from actors.client import Client, Future
 from actors.cluster import LocalCluster
+from actors.item_futures import ItemFuture
 from actors.task import Task
 from actors.waiting import (
     ALL_COMPLETED,
@@ -57,6 +58,7 @@ class AsyncClient:
         if self._client is None:
             client = await asyncio.to_thread(self._connect)
             client._future_type = AsyncFuture
+            client._item_future = AsyncItemFuture
             self._client = client
         return self
 
@@ -85,10 +87,19 @@ class AsyncClient:
         return await asyncio.to_thread(self.sync.map, task, *iterables, priority=priority,
                                        retries=retries, **kwargs)
 
+    async def map_batch(self, task: type[Task] | Callable[..., Any], /,
+                        *iterables: Iterable[Any], priority: int = 0, retries: int = 0,
+                        **kwargs: Any) -> list[Future]:
+        """As ``Client.map_batch``: many small items as the units of one task, a future each."""
+        return await asyncio.to_thread(self.sync.map_batch, task, *iterables, priority=priority,
+                                       retries=retries, **kwargs)
+
     async def cancel(self, futures: Any, timeout: float = 10.0,
                      grace: float = m.STOP_GRACE_S) -> int:
         """As ``Future.cancel`` for one future (True once cancelled), as ``Client.cancel`` for
         a structure of them (how many were cancelled), without blocking the loop."""
+        if isinstance(futures, ItemFuture):
+            return await asyncio.to_thread(ItemFuture.cancel, futures, timeout, grace)
         if isinstance(futures, Future):
             return await asyncio.to_thread(Future.cancel, futures, timeout, grace)
         return await asyncio.to_thread(self.sync.cancel, futures, timeout, grace)
@@ -217,3 +228,18 @@ async def _ended(fut: Future) -> None:
 def _set(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class AsyncItemFuture(ItemFuture, AsyncFuture):
+    """An item's future of an ``AsyncClient``'s ``map_batch``: as ``AsyncFuture``, with an item's
+    ``cancel`` and ``story`` (``item_futures.ItemFuture``)."""
+
+    __slots__ = ()
+
+    async def cancel(self, timeout: float = 10.0,  # type: ignore[override]
+                     grace: float = m.STOP_GRACE_S) -> bool:
+        return await asyncio.to_thread(ItemFuture.cancel, self, timeout, grace)
+
+    async def story(  # type: ignore[override]
+            self, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
+        return await asyncio.to_thread(ItemFuture.story, self, timeout)

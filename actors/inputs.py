@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from actors.errors import InputLost
+from actors.errors import InputFailed, InputLost
 
 _collecting: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "actors_collecting_inputs", default=None)
@@ -45,6 +45,25 @@ def input_of(input_id: str) -> Any:
             return None  # a helper of a ParallelTask: it checks the arguments, never uses them
         raise InputLost(inputs.task_id, input_id, "its result did not come with the task")
     value = inputs.values[input_id] = loader()
+    return value
+
+
+def item_of(input_id: str, index: int) -> Any:
+    """What an item's future of a batched map (``item_futures.py``) among a task's arguments
+    becomes in its worker: that item's result, out of its map's; ``InputFailed`` if it raised."""
+    from actors.mapping import ItemFailed  # (the workers' side of a batched map)
+
+    inputs = _resolving.get()
+    values = input_of(input_id)
+    if values is None and inputs is not None and inputs.placeholders:
+        return None  # a helper of a ParallelTask, as input_of's
+    task_id = inputs.task_id if inputs is not None else ""
+    if type(values) is not list or not 0 <= index < len(values):
+        raise InputLost(task_id, f"{input_id}#{index}", "its map's result has no such item")
+    value = values[index]
+    if type(value) is ItemFailed:
+        raise InputFailed(task_id, f"{input_id}#{index}", "erred",
+                          f"{value.type_name.removeprefix('builtins.')}: {value.message}"[:500])
     return value
 
 

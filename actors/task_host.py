@@ -201,6 +201,10 @@ class Runtime:
 
     def begin(self) -> None:
         if not self.begin_msg.driver:
+            join = getattr(self.task, "_task_join", None)
+            if join is not None:  # (a MapOf's helper holds its items: mapping.py)
+                with contextlib.suppress(Exception):  # (its units then fail, saying why)
+                    join(*self.begin_msg.args, **self.begin_msg.kwargs)
             return
         if isinstance(self.task, ParallelTask):
             args, kwargs = self.begin_msg.args, self.begin_msg.kwargs

@@ -56,7 +56,7 @@ from actors.core.worker_slot import (
     Slot,
     WorkerSlot,
 )
-from actors.errors import InputLost, InvalidArguments, MalformedMessage
+from actors.errors import InputFailed, InputLost, InvalidArguments, MalformedMessage
 from actors.inputs import resolving
 from actors.memory import sealed_file
 from actors.node_data import DATA_MARK, RESULTS_HOLDER
@@ -449,7 +449,9 @@ class Worker(HubShell):
             cls, args, kwargs = self._load(msg, version_path)
             instance = host_instance(cls)
             driver = start_driver(instance) if msg.driver and msg.kind == "parallel" else None
-        except (InputLost, InvalidArguments) as exc:  # not the code's fault, nor this process's
+        # Not the code's fault, nor this process's (InputFailed: an item of a batched map among
+        # the arguments raised, inputs.item_of).
+        except (InputLost, InputFailed, InvalidArguments) as exc:
             self._fail_input(msg, exc)
             return
         except Exception as exc:
@@ -525,7 +527,8 @@ class Worker(HubShell):
         """An input could not be had, or the arguments do not fit the task's code (a deployed
         task's, which the client could check only by name): the task fails, not the worker
         (it serves on), nor the module (it loaded)."""
-        self.log.info("task_input_lost" if isinstance(exc, InputLost) else "task_arguments_refused",
+        self.log.info("task_input_lost" if isinstance(exc, InputLost | InputFailed)
+                      else "task_arguments_refused",
                       task_id=msg.task_id, error=str(exc))
         self.input_data.clear()
         self._stop_task()

@@ -60,6 +60,11 @@ class Session(ABC):
     @abstractmethod
     def submit_each(self, n: int) -> None: ...
 
+    def submit_batch(self, n: int) -> None:
+        """``n`` small tasks as one batch where the runtime has one (``Runtime.batch_label``),
+        else as ``submit_each``."""
+        self.submit_each(n)
+
     @abstractmethod
     def submit_raising(self, n: int, every: int) -> None: ...
 
@@ -104,6 +109,7 @@ class Runtime(ABC):
     #: How map_units / submit_each drive it, for the table.
     map_label: str = ""
     submit_label: str = ""
+    batch_label: str = ""  # how submit_batch drives it ("": as submit_each)
     #: True when map_units costs one scheduled task per unit (sizes are capped for those).
     task_per_unit: bool = True
 
@@ -175,7 +181,7 @@ def _drained(futures: list[Any], get: Any) -> Iterator[Any]:
 
 class ActorsRuntime(Runtime):
     key, name = "actors", "pydra-actors"
-    map_label, submit_label = "ParallelTask", "client.submit"
+    map_label, submit_label, batch_label = "ParallelTask", "client.submit", "client.map_batch"
     task_per_unit = False
 
     def open(self, workers: int, *, wait: bool = True, workers_per_node: int | None = None,
@@ -214,6 +220,10 @@ class ActorsSession(Session):
 
     def submit_each(self, n: int) -> None:
         futures = self.client.map(units.NoopTask, range(n))
+        _expect("task results", [f.result(timeout=CALL_TIMEOUT_S) for f in futures], list(range(n)))
+
+    def submit_batch(self, n: int) -> None:
+        futures = self.client.map_batch(units.NoopTask, range(n))
         _expect("task results", [f.result(timeout=CALL_TIMEOUT_S) for f in futures], list(range(n)))
 
     def submit_raising(self, n: int, every: int) -> None:

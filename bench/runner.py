@@ -38,6 +38,7 @@ from bench.workload import Settings, SharedSession, Workload
 WORKLOADS: dict[str, Workload] = {w.key: w for w in (
     Workload("tiny", "1. tiny units", throughput.tiny_units),
     Workload("many", "2. many small tasks", throughput.many_tasks),
+    Workload("batch", "2a. many small tasks, one batch", throughput.batched_tasks),
     Workload("raising", "2b. tasks that raise", throughput.raising_tasks),
     Workload("durable", "2c. many small tasks on a durable master", throughput.durable_tasks),
     Workload("graphs", "2d. task graphs (futures as arguments)", graphs.graphs),
@@ -51,7 +52,7 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in (
     Workload("data", "8. large results", data.data, uses_shared_session=False),
     Workload("scale", "7. scale", scale.scale, uses_shared_session=False),
 )}
-DEFAULT_WORKLOADS = ("tiny", "many", "raising", "durable", "latency", "efficiency", "long",
+DEFAULT_WORKLOADS = ("tiny", "many", "batch", "raising", "durable", "latency", "efficiency", "long",
                      "skewed", "sharing", "streaming", "startup", "data")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -46,6 +46,19 @@ def many_tasks(runtime: Runtime, shared: SharedSession, settings: Settings) -> l
                    rate(n, seconds), target=target(runtime, "≥ 5000"), workers=settings.workers)]
 
 
+def batched_tasks(runtime: Runtime, shared: SharedSession, settings: Settings) -> list[Result]:
+    """Row 2's tasks as one batch where the runtime has one (``client.map_batch``: the items
+    as the work units of one task, a future each); a runtime without one submits each, as in
+    row 2, so that the ratio is against the process pool's ``submit``."""
+    session = shared()
+    n = settings.size(2_000, 20_000, minimum=4)
+    seconds = repeat(lambda: session.submit_batch(n), settings.reps,
+                     warmup=lambda: session.submit_batch(max(4 * settings.workers, n // 10)))
+    return [Result("many small tasks, one batch", "tasks/s", runtime.name,
+                   runtime.batch_label or runtime.submit_label, n, True, rate(n, seconds),
+                   workers=settings.workers)]
+
+
 #: (metric, every): the share of tasks that raise, as ``noop_or_raise`` counts it.
 RAISING_ROWS = (("tasks/s, none raise", 0), ("tasks/s, 10 % raise", 10),
                 ("tasks/s, all raise", 1), ("tasks/s, none raise, right after", 0))

@@ -66,7 +66,8 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
     measured = {(r["workload"], r["metric"], r["runtime"], r["variant"]): r
                 for r in doc["results"] if r["values"]}
     workloads = {w for w, _, _, _ in measured}
-    assert workloads == {"tiny units", "many small tasks", "tasks that raise", "latency",
+    assert workloads == {"tiny units", "many small tasks", "many small tasks, one batch",
+                         "tasks that raise", "latency",
                          "10 ms units", "few long units", "skewed units", "two tasks sharing",
                          "streaming", "start and close", "many small tasks, journal",
                          "data: task results", "data: units reduced on a worker",

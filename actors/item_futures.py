@@ -1,0 +1,197 @@
+"""The client's side of ``client.map(task, items, batch=True)`` (the workers' side is
+``mapping.py``): the items go as the units of one ``MapOf`` task or a few, each of at most
+``BATCH_ITEMS`` items and ``BATCH_BYTES`` of arguments, and every item has an ``ItemFuture``.
+
+An item's future ends when its map's task does: with its own result, or its own error (an item
+that raised fails alone), or as the map ended (cancelled, or failed as a whole: its worker
+killed past its retries, its master lost). What an item future does that a task's does not:
+``cancel`` is the client's alone until every item of its map is cancelled (then the map is
+cancelled on the cluster); ``story`` is its map's; as an argument of a later task it is its
+map's result, indexed on the worker (that task waits for the whole map).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from actors import messages as m
+from actors.futures import (
+    _CANCELLED,
+    _DONE,
+    _ERRED,
+    _QUEUED,
+    _RUNNING,
+    Future,
+    _call_back,
+    _Parts,
+    check_grace,
+)
+from actors.inputs import reduce_future
+from actors.mapping import ItemFailed
+
+if TYPE_CHECKING:
+    from actors.client import Client
+
+BATCH_ITEMS = 10_000  # items of one MapOf at most: its result is one message
+BATCH_BYTES = 8 << 20  # its pickled arguments at most (a batch is halved until it fits)
+
+
+class Batch:
+    """One ``MapOf`` task (its future) and its items' futures (weakly: an item nobody holds
+    gets its outcome dropped; the map's future is held by every item's)."""
+
+    __slots__ = ("future", "items", "__weakref__")
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+        self.items: list[weakref.ref[ItemFuture]] = []
+
+    def cancelled_all(self) -> bool:
+        """Every item still held is cancelled (one not held wants nothing either)."""
+        return all((item := ref()) is None or item.cancelled() for ref in self.items)
+
+    def settle(self, ended: Future) -> None:
+        """The map's task ended: every item's future ends (in the thread that ended it)."""
+        items = [(i, ref()) for i, ref in enumerate(self.items)]
+        waiting = [(i, item) for i, item in items if item is not None and not item._ended]
+        if not waiting:
+            return
+        if ended._status != _DONE:  # cancelled, failed as a whole, or its master lost
+            _finish_all(ended._client, [(item, ended._status, ended._payload, ended._error)
+                                        for _, item in waiting])
+            return
+        try:
+            values = ended._wait_result(0)
+            if type(values) is not list or len(values) != len(items):
+                raise TypeError(f"the map {ended.task_id} came back as {type(values).__name__}"
+                                f", not a list of its {len(items)} items' outcomes")
+        except BaseException as exc:  # (its result did not load here: no item has one)
+            _finish_all(ended._client, [(item, _ERRED, None, exc) for _, item in waiting])
+            return
+        _finish_all(ended._client, [_outcome(item, values[i]) for i, item in waiting])
+
+
+def _outcome(item: ItemFuture, value: Any) -> tuple[ItemFuture, str, Any, BaseException | None]:
+    if type(value) is ItemFailed:
+        return item, _ERRED, m.TaskErred(item.task_id, value.payload, value.type_name,
+                                         value.message, value.traceback, ""), None
+    parts = _Parts(item.task_id, [])
+    parts._value, parts._loaded = value, True
+    return item, _DONE, parts, None
+
+
+def _finish_all(client: Client,
+                ends: Sequence[tuple[ItemFuture, str, Any, BaseException | None]]) -> None:
+    """``Future._finish`` for many: the futures' waiters are told once, not once an item (a
+    map of 10^4 items ends at once)."""
+    called: list[tuple[Callable[[Future], None], bool, Future]] = []
+    for item, status, payload, error in ends:
+        with item._lock:
+            if item._ended:
+                continue
+            item._status, item._payload, item._error = status, payload, error
+            if status == _DONE:
+                item._progress = (1, 1)
+            item._ended = True
+            callbacks, item._callbacks = item._callbacks, ()
+            client._awaited.pop(item.task_id, None)
+        called += [(fn, inline, item) for fn, inline in callbacks]
+    with client._futures_done:
+        client._futures_done.notify_all()
+    for fn, inline, fut in called:
+        if inline:
+            _call_back(fn, fut)
+        else:
+            client._callbacks.put((fn, fut))
+
+
+class ItemFuture(Future):
+    """The eventual result of one item of a batched map (see the module's docstring)."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, client: Client, batch: Batch, index: int, name: str) -> None:
+        super().__init__(client, f"{batch.future.task_id}#{index}", name)
+        self._batch = batch
+        self._index = index
+
+    def __repr__(self) -> str:
+        return f"<ItemFuture {self.name} {self.task_id} {self.status}>"
+
+    def __del__(self) -> None:
+        pass  # nothing of its own on the cluster: its map's result goes with the last item
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Among a task's arguments: its map's result, indexed where that task runs."""
+        from actors.inputs import item_of
+
+        reduce_future(self._batch.future)  # the map is the later task's input
+        return item_of, (self._batch.future.task_id, self._index)
+
+    @property
+    def status(self) -> str:
+        """As a task's: ``queued`` while its map waits for a worker, ``running`` while it runs
+        (its items are not told apart until it ends), then this item's own end."""
+        if self._ended:
+            return self._status
+        return _QUEUED if self._batch.future._status == _QUEUED else _RUNNING
+
+    def running(self) -> bool:
+        return self.status == _RUNNING
+
+    def cancel(self, timeout: float = 10.0, grace: float = m.STOP_GRACE_S) -> bool:
+        """Cancel the item: its future ends cancelled at once. The map's task goes on for its
+        other items; once every item of it is cancelled, so is it, on the cluster (as
+        ``Future.cancel``, within ``timeout``, its code given ``grace`` to stop)."""
+        check_grace(grace)
+        for whole in cancel_items([self]):
+            Future.cancel(whole, timeout, grace)  # (blocking: an AsyncFuture's is a coroutine)
+        return self.cancelled()
+
+    def _cluster_future(self) -> Future:
+        return self._batch.future
+
+    def story(self, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
+        """Its map's story (where the item's unit is ``unit <index>``)."""
+        return self._batch.future.story(timeout)
+
+    def logs(self) -> list[Any]:
+        """What this item's code printed and logged (its map's lines of its unit)."""
+        return [line for line in self._batch.future.logs() if line.unit == self._index]
+
+    @property
+    def dropped_lines(self) -> int:
+        return self._batch.future.dropped_lines
+
+    @property
+    def map_future(self) -> Future:
+        """The future of the map's task that runs this item (its progress counts items)."""
+        return self._batch.future
+
+
+def cancel_items(futures: Sequence[Future]) -> list[Future]:
+    """The items among ``futures`` cancelled here, at once; the rest of ``futures``, and the
+    maps' futures that every item of them is cancelled now, to cancel on the cluster."""
+    items = [fut for fut in futures if isinstance(fut, ItemFuture)]
+    if not items:
+        return list(futures)
+    by_client: dict[int, list[ItemFuture]] = {}
+    for item in items:
+        by_client.setdefault(id(item._client), []).append(item)
+    for same in by_client.values():
+        _finish_all(same[0]._client, [(item, _CANCELLED, None, None) for item in same])
+    maps = {id(item._batch): item._batch for item in items}
+    return [*(fut for fut in futures if not isinstance(fut, ItemFuture)),
+            *(batch.future for batch in maps.values()
+              if not batch.future.done() and batch.cancelled_all())]
+
+
+def make_items(client: Client, batch: Batch, count: int, name: str,
+               future_type: type[ItemFuture]) -> list[ItemFuture]:
+    """The futures of a batch's items; the batch settles them when its task ends."""
+    made = [future_type(client, batch, i, name) for i in range(count)]
+    batch.items = [weakref.ref(item) for item in made]
+    batch.future._on_end(batch.settle)
+    return made

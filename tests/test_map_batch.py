@@ -1,0 +1,267 @@
+"""``client.map_batch``: many small tasks as the units of one task, a future each, with each
+item's own result or error (real processes: a LocalCluster of two workers; the MapOf task
+itself in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from actors import AsyncClient, Client, LocalCluster, ParallelTask, Task, as_completed, gather
+from actors import item_futures
+from actors.errors import InputFailed, InvalidArguments, TaskStopped
+from actors.futures import Future
+from actors.item_futures import ItemFuture
+from actors.mapping import ItemFailed, MapOf
+from actors.task import StopFlag
+from tests.conftest import descendants, shown, wait_until
+
+
+class Square(Task):
+    def work(self, x: int, fail_on: int = -1) -> int:
+        if x == fail_on:
+            raise ValueError(f"no square for {x}", x)
+        print(f"squaring {x}")
+        return x * x
+
+
+class FailsOnce(Task):
+    """Raises the first time it runs for an item (a mark file says it ran), then succeeds."""
+
+    def work(self, x: int, directory: str) -> int:
+        mark = Path(directory) / str(x)
+        if not mark.exists():
+            mark.touch()
+            raise OSError(f"first try of {x}")
+        return -x
+
+
+class Marked(Task):
+    """Leaves ``<item>-<pid>`` in ``directory``: who ran which item."""
+
+    def work(self, x: int, directory: str) -> int:
+        (Path(directory) / f"{x}-{os.getpid()}").touch()
+        time.sleep(0.004)
+        return 3 * x
+
+
+class Gated(Task):
+    def work(self, x: int, gate: str) -> int:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return x
+
+
+class Blob(Task):
+    def work(self, x: int, size: int) -> bytes:
+        return bytes([x]) * size
+
+
+class Add(Task):
+    def work(self, a: int, b: int) -> int:
+        return a + b
+
+
+def negate(x: int) -> int:
+    return -x
+
+
+# --- the MapOf task itself, in this process ----------------------------------------------
+
+
+def started(task: type[Task] | object, items: list[tuple], kwargs: dict | None = None,
+            retries: int = 0) -> MapOf:
+    mapped = MapOf()
+    mapped.task_id, mapped._task_stop = "MapOf-1", StopFlag()
+    assert list(mapped.get_work(task, items, kwargs or {}, retries)) == list(range(len(items)))
+    return mapped
+
+
+def test_each_unit_is_an_item_and_what_an_item_raises_is_its_outcome() -> None:
+    mapped = started(Square, [(2,), (3,), (4,)], {"fail_on": 3})
+    assert mapped.work_unit(0) == 4 and mapped.work_unit(2) == 16
+    failed = mapped.work_unit(1)
+    assert type(failed) is ItemFailed
+    assert failed.type_name == "builtins.ValueError" and failed.message == "('no square for 3', 3)"
+    assert "in work" in failed.traceback and failed.payload  # the exception itself, pickled
+    assert mapped.reduce([4, failed, 16]) == [4, failed, 16]
+
+
+def test_an_item_is_run_again_up_to_its_retries_where_it_is(tmp_path: Path) -> None:
+    assert started(FailsOnce, [(5, str(tmp_path))], retries=1).work_unit(0) == -5
+    assert type(started(FailsOnce, [(6, str(tmp_path))]).work_unit(0)) is ItemFailed
+
+
+def test_a_cancel_or_a_fatal_error_is_the_units_not_the_items() -> None:
+    def interrupted(x: int) -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        started(interrupted, [(1,)]).work_unit(0)
+    checks = started(type("Checks", (Task,), {"work": lambda self: self.task_check_stop()}), [()])
+    checks._task_stop.set()  # the map's cancel: its items' task_stop_requested
+    with pytest.raises(TaskStopped):
+        checks.work_unit(0)
+
+
+def test_a_unit_that_is_not_an_index_is_refused() -> None:
+    with pytest.raises(TypeError, match="an item's index"):
+        started(negate, [(1,)]).work_unit("0")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="an item's index"):
+        MapOf().work_unit(0)  # a helper that never got the items
+
+
+# --- through a cluster ----------------------------------------------------------------------
+
+
+@pytest.mark.processes
+def test_every_item_has_its_own_result_and_one_that_raises_fails_alone(client: Client) -> None:
+    futures = client.map_batch(Square, range(50), fail_on=7)
+    assert all(type(f) is ItemFuture for f in futures)
+    results = [f.result(timeout=60) if i != 7 else None for i, f in enumerate(futures)]
+    assert results == [i * i if i != 7 else None for i in range(50)]
+    error = futures[7].exception(timeout=1)
+    assert type(error) is ValueError and error.args == ("no square for 7", 7)
+    assert "Remote traceback" in shown(error) and "in work" in shown(error)
+    assert futures[7].status == "erred" and futures[8].status == "finished"
+    with pytest.raises(ValueError, match="no square for 7"):
+        futures[7].result()
+    # Its output is its own; its story is its map's.
+    assert [line.text for line in futures[3].logs()] == ["squaring 3"]
+    assert ("task", "running", "done") in [(k, s, f) for k, s, f, _, _ in futures[3].story()]
+
+
+@pytest.mark.processes
+def test_functions_several_iterables_and_the_waiting_helpers_take_items(client: Client) -> None:
+    assert [f.result(timeout=60) for f in client.map_batch(negate, [1, 2, 3])] == [-1, -2, -3]
+    assert [f.result(timeout=60) for f in client.map_batch(Add, [1, 2], [10, 20, 30])] == [11, 22]
+    assert gather(client.map_batch(negate, range(3))) == [0, -1, -2]
+    assert sorted(f.result() for f in as_completed(client.map_batch(negate, range(4)))) == [
+        -3, -2, -1, 0]
+    assert client.map_batch(negate, []) == []
+    assert client.map_batch(Square, range(3))[2].concurrent().result(timeout=60) == 4
+
+
+@pytest.mark.processes
+def test_many_items_go_as_several_maps(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(item_futures, "BATCH_ITEMS", 40)
+    futures = client.map_batch(negate, range(100))
+    assert len({f.map_future.task_id for f in futures}) == 3
+    assert [f.result(timeout=60) for f in futures] == [-i for i in range(100)]
+    monkeypatch.setattr(item_futures, "BATCH_ITEMS", 10_000)
+    monkeypatch.setattr(item_futures, "BATCH_BYTES", 4096)  # halved until each fits
+    futures = client.map_batch(len, [bytes(1000 * i) for i in range(8)])
+    assert len({f.map_future.task_id for f in futures}) > 1
+    assert [f.result(timeout=60) for f in futures] == [1000 * i for i in range(8)]
+
+
+@pytest.mark.processes
+def test_an_item_is_run_again_up_to_its_retries(client: Client, tmp_path: Path) -> None:
+    futures = client.map_batch(FailsOnce, range(4), directory=str(tmp_path), retries=1)
+    assert [f.result(timeout=60) for f in futures] == [0, -1, -2, -3]
+    again = client.map_batch(FailsOnce, [9], directory=str(tmp_path))
+    with pytest.raises(OSError, match="first try of 9"):
+        again[0].result(timeout=60)
+
+
+@pytest.mark.processes
+def test_what_map_batch_cannot_run_is_refused_before_anything_is_sent(client: Client) -> None:
+    before = len(client.tasks())
+    with pytest.raises(TypeError, match="plain Task class or a function"):
+        client.map_batch("some.deployed:Task", [1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="plain Task class or a function"):
+        client.map_batch(ParallelTask, [1])
+    with pytest.raises(InvalidArguments, match="unexpected keyword argument 'factor'"):
+        client.map_batch(Square, [1], factor=2)
+    with pytest.raises(TypeError, match="at least one iterable"):
+        client.map_batch(Square)
+    assert len(client.tasks()) == before
+
+
+@pytest.mark.processes
+def test_large_results_come_back_through_the_data_plane(client: Client) -> None:
+    futures = client.map_batch(Blob, range(3), size=400_000)  # each held on its worker
+    assert [f.result(timeout=60) for f in futures] == [bytes([i]) * 400_000 for i in range(3)]
+
+
+@pytest.mark.processes
+def test_an_item_is_an_argument_of_a_later_task_once_its_map_is_done(
+        cluster: LocalCluster, client: Client) -> None:
+    items = client.map_batch(Square, range(5), fail_on=4)
+    assert client.submit(Add, items[2], items[3]).result(timeout=60) == 13
+    processes = descendants(cluster.pid)
+    failed = client.submit(Add, items[4], 1)
+    error = failed.exception(timeout=60)
+    assert isinstance(error, InputFailed) and error.input_id == items[4].task_id
+    assert type(error.__cause__) is ValueError  # the item's own error, as raised here
+    assert client.submit(Add, 1, 2).result(timeout=60) == 3
+    assert descendants(cluster.pid) >= processes  # no worker was killed for it
+    # Items that hold futures go one task each.
+    plain = client.map_batch(Add, [client.submit(Add, 1, 2)], [10])
+    assert type(plain[0]) is Future and plain[0].result(timeout=60) == 13
+
+
+@pytest.mark.processes
+def test_cancelling_items_stops_their_map_once_all_are_cancelled(client: Client,
+                                                                 tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    futures = client.map_batch(Gated, range(20), gate=str(gate))
+    assert futures[5].cancel() and futures[5].cancelled() and futures[5].status == "cancelled"
+    assert not futures[6].done()
+    gate.touch()
+    assert [f.result(timeout=60) for f in futures[:5]] == list(range(5))
+    assert futures[5].cancelled()  # its map ran on: its outcome is not taken
+
+    gate.unlink()
+    futures = client.map_batch(Gated, range(20), gate=str(gate))
+    assert client.cancel(futures[:10]) == 10 and not futures[0].map_future.done()
+    assert client.cancel(futures) == 10
+    wait_until(lambda: futures[0].map_future.cancelled(), 30, "the map to be cancelled")
+    assert all(f.cancelled() for f in futures)
+
+
+@pytest.mark.processes
+def test_a_worker_killed_mid_map_loses_no_item(tmp_path: Path) -> None:
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        futures = client.map_batch(Marked, range(600), directory=str(tmp_path))
+        wait_until(lambda: len(list(tmp_path.iterdir())) >= 100, 60, "100 items to run")
+        pids = [int(p.name.split("-")[1]) for p in tmp_path.iterdir()]
+        victim = max(set(pids), key=pids.count)
+        os.kill(victim, signal.SIGKILL)
+        assert [f.result(timeout=60) for f in futures] == [3 * i for i in range(600)]
+        ran = {int(p.name.split("-")[0]) for p in tmp_path.iterdir()}
+    assert ran == set(range(600))
+    assert any(p.name.endswith(f"-{victim}") for p in tmp_path.iterdir())
+
+
+@pytest.mark.processes
+def test_dropping_every_item_releases_its_map(client: Client) -> None:
+    futures = client.map_batch(negate, range(10))
+    futures[0].result(timeout=60)
+    map_id = futures[0].map_future.task_id
+    assert map_id in client._futures
+    del futures
+    gc.collect()
+    assert map_id not in client._futures
+
+
+@pytest.mark.processes
+def test_an_async_clients_items_are_awaited(cluster: LocalCluster) -> None:
+    async def main() -> None:
+        async with AsyncClient(cluster) as client:
+            futures = await client.map_batch(Square, range(4), fail_on=2)
+            assert await futures[3] == 9 and await futures[1].result() == 1
+            assert type(await futures[2].exception()) is ValueError
+            assert await futures[0].cancel() is False  # it had ended
+            gated = await client.map_batch(Gated, [1], gate="/nonexistent-gate")
+            assert await gated[0].cancel() is True
+
+    asyncio.run(main())
