@@ -652,7 +652,8 @@ class Client:
                 half = len(chunk) // 2
                 pending[:0] = [chunk[:half], chunk[half:]]
                 continue
-            prepared.append(one._replace(name=f"map_batch({name})"))
+            prepared.append(one._replace(name=f"map_batch({name})",
+                                         submit=msgspec.structs.replace(one.submit, items=True)))
             sizes.append(len(chunk))
         made: list[Future] = []
         for fut, size in zip(self._submit_all(prepared), sizes, strict=True):
@@ -1181,6 +1182,9 @@ class Client:
             return
         msg = m.decode(frames[-1])
         match msg:
+            case m.ItemsDone(task_id=task_id, items=items):
+                if (batch := self._batches.get(task_id)) is not None:
+                    batch.deliver(items)
             case m.TaskProgress(task_id=task_id):
                 if (fut := self._futures.get(task_id)) is not None and not fut.done():
                     total = msg.total if msg.sliced_all or msg.total > 0 else None

@@ -30,6 +30,7 @@ from actors.futures import (
 )
 from actors.inputs import reduce_future
 from actors.mapping import ItemFailed
+from actors.serialize import loads
 
 if TYPE_CHECKING:
     from actors.client import Client
@@ -42,15 +43,37 @@ class Batch:
     """One ``MapOf`` task (its future) and its items' futures (weakly: an item nobody holds
     gets its outcome dropped; the map's future is held by every item's)."""
 
-    __slots__ = ("future", "items", "__weakref__")
+    __slots__ = ("future", "items", "began", "__weakref__")
 
     def __init__(self, future: Future) -> None:
         self.future = future
         self.items: list[weakref.ref[ItemFuture]] = []
+        self.began = False  # an item ended: the map runs (its client hears so on a tick)
 
     def cancelled_all(self) -> bool:
         """Every item still held is cancelled (one not held wants nothing either)."""
         return all((item := ref()) is None or item.cancelled() for ref in self.items)
+
+    def deliver(self, done: list[tuple[int, int, bytes]]) -> None:
+        """Items whose units finished (``ItemsDone``): their futures end now, not with their
+        map. One that does not load here is left for the map's end, which says why."""
+        items, ends = self.items, []
+        self.began = True
+        for index, count, blob in done:
+            if not 0 <= index < len(items) or not 0 <= count <= len(items) - index:
+                continue
+            try:
+                values = loads(blob) if count else [loads(blob)]
+            except Exception:
+                continue
+            if type(values) is not list or len(values) != max(1, count):
+                continue
+            for offset, value in enumerate(values):
+                item = items[index + offset]()
+                if item is not None and not item._ended:
+                    ends.append(_outcome(item, value))
+        if ends:
+            _finish_all(self.future._client, ends)
 
     def settle(self, ended: Future) -> None:
         """The map's task ended: every item's future ends (in the thread that ended it)."""
@@ -136,7 +159,8 @@ class ItemFuture(Future):
         (its items are not told apart until it ends), then this item's own end."""
         if self._ended:
             return self._status
-        return _QUEUED if self._batch.future._status == _QUEUED else _RUNNING
+        batch = self._batch
+        return _QUEUED if batch.future._status == _QUEUED and not batch.began else _RUNNING
 
     def running(self) -> bool:
         return self.status == _RUNNING

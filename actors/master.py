@@ -340,6 +340,7 @@ class Master(HubShell):
         self.unreceived: dict[str, Unreceived] = {}
         self.unit_totals: dict[str, int] = {}  # ParallelTask -> the units its driver declared
         self.task_steps: dict[str, tuple[int, int]] = {}  # running Task -> the progress it said
+        self.item_maps: set[str] = set()  # batched maps not ended (Submit.items): ForwardItems
         # client id -> its key (whose tasks are whose); those of the journal's clients at once:
         # a client back after a restart is one only with its key
         self.client_keys: dict[str, bytes] = dict(restored.keys)
@@ -530,6 +531,7 @@ class Master(HubShell):
         self.inputs.compact()
         self.backlog.compact()
         self.unit_totals, self.task_steps = dict(self.unit_totals), dict(self.task_steps)
+        self.item_maps = set(self.item_maps)
 
     def _repack(self) -> None:
         """Drained and quiet: the finished tasks kept for their stories and the dashboard's
@@ -1232,6 +1234,8 @@ class Master(HubShell):
             args=msg.args, package=package, version=version, retries=msg.retries,
             inputs=tuple(msg.inputs)))
         key = (peer.peer_id, msg.priority)
+        if msg.items and kind == "parallel":  # a batched map (held back or not: _submit_held)
+            self.item_maps.add(msg.task_id)
         if not msg.inputs and (msg.code_hash or not code) and (
                 self.backlog.holds(key) or self.scheduler.queued_of(*key) >= WINDOW):
             self.backlog.hold(key, peer.owner, Held(msg.task_id, msg.name, kind, msg.code_hash,
@@ -1243,7 +1247,8 @@ class Master(HubShell):
                                      priority=msg.priority, package=package, version=version,
                                      retries=msg.retries, code_hash=msg.code_hash,
                                      owner=peer.owner,
-                                     inputs=tuple(msg.inputs)))
+                                     inputs=tuple(msg.inputs),
+                                     items=msg.task_id in self.item_maps))
 
     def _keep_code(self, peer: Peer, msg: m.Submit) -> bool:
         """Keep the code a submit ships with its hash, once per client and hash (later submits
@@ -1470,6 +1475,7 @@ class Master(HubShell):
         self.send(SOCKET, client_id.encode(), frames=[ended])
         self.unit_totals.pop(task_id, None)
         self.task_steps.pop(task_id, None)
+        self.item_maps.discard(task_id)
         self.throughput.tasks_ended += 1
         task = self.scheduler.tasks.get(task_id)
         if task is not None and task.package and self.task_sync is not None:
@@ -1794,7 +1800,8 @@ class Master(HubShell):
                                      name=held.name, kind=held.kind, code=code, args=held.args,
                                      priority=priority, package=held.package,
                                      version=held.version, retries=held.retries,
-                                     code_hash=held.code_hash, owner=owner))
+                                     code_hash=held.code_hash, owner=owner,
+                                     items=held.task_id in self.item_maps))
         if held.task_id in self.backlog.detached:
             self.backlog.detached.discard(held.task_id)
             self._apply(ev.TasksDetached(self.now, client_id, (held.task_id,)))
@@ -1877,6 +1884,8 @@ class Master(HubShell):
                     args=ins.args, driver=ins.driver, package=ins.package, version=ins.version,
                     code_hash=ins.code_hash, inputs=inline, held_inputs=held,
                     owner=self._fetcher_of(ins.task_id) if ins.driver else ""))
+            case ev.ForwardItems():
+                self._to_client(ins.client_id, m.ItemsDone(ins.task_id, ins.items))
             case ev.ReportDone():
                 self.log.debug("task_done", task_id=ins.task_id)
                 self._task_ended(ins.client_id, ins.task_id, m.TaskDone(

@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 15  # 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 16  # 16: Submit.items, ItemsDone (client.map_batch); 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
@@ -110,6 +110,9 @@ class Submit(Message, frozen=True, kw_only=True):
     # The tasks (of this client) whose results are among the arguments (futures in ``args``):
     # it runs once they are done, with their results in their place.
     inputs: list[str] = []
+    # A batched map (``Client.map_batch``, a ParallelTask): each unit's outcome goes to this
+    # client as it finishes (``ItemsDone``), besides to its driver.
+    items: bool = False
 
 
 #: Seconds a cancelled task's code has to stop (``Task.task_stop_requested``) before its worker
@@ -345,6 +348,15 @@ class Release(Message, frozen=True):
     not be kept as inputs for later tasks (once the tasks waiting for them have run)."""
 
     task_ids: list[str]
+
+
+class ItemsDone(Message, frozen=True):
+    """master -> client: outcomes of a batched map's items as their units finish (its task's
+    result has them all again at its end). ``(index, count, outcome)``: a unit's pickled
+    outcome (``count`` 0), or a pack's of ``count`` items from ``index``, a pickled list."""
+
+    task_id: str
+    items: list[tuple[int, int, bytes]]
 
 
 class TaskProgress(Message, frozen=True):
@@ -913,6 +925,7 @@ AnyMessage = (
     | TaskState
     | TaskOutput
     | WorkProgress
+    | ItemsDone
     | WorkerReady
     | WorkerExited
     | WorkerStats

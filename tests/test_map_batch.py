@@ -13,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from actors import AsyncClient, Client, LocalCluster, ParallelTask, Task, as_completed, gather
-from actors import item_futures
+from actors import (
+    AsyncClient,
+    Client,
+    LocalCluster,
+    ParallelTask,
+    Task,
+    as_completed,
+    gather,
+    item_futures,
+)
 from actors.errors import InputFailed, InvalidArguments, TaskStopped
 from actors.futures import Future
 from actors.item_futures import ItemFuture
@@ -52,9 +60,11 @@ class Marked(Task):
 
 
 class Gated(Task):
+    """Returns ``x`` once ``gate`` exists (at once for no gate; bounded: 60 s)."""
+
     def work(self, x: int, gate: str) -> int:
         deadline = time.monotonic() + 60
-        while not os.path.exists(gate) and time.monotonic() < deadline:
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.01)
         return x
 
@@ -134,8 +144,22 @@ def test_every_item_has_its_own_result_and_one_that_raises_fails_alone(client: C
     with pytest.raises(ValueError, match="no square for 7"):
         futures[7].result()
     # Its output is its own; its story is its map's.
+    wait_until(futures[3].logs, 30, "item 3's output")
     assert [line.text for line in futures[3].logs()] == ["squaring 3"]
+    assert len(futures[3].map_future.result(timeout=60)) == 50
     assert ("task", "running", "done") in [(k, s, f) for k, s, f, _, _ in futures[3].story()]
+
+
+@pytest.mark.processes
+def test_an_item_ends_when_its_unit_finishes_not_with_its_map(client: Client,
+                                                              tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    futures = client.map_batch(Gated, range(3), ["", str(gate), str(gate)])
+    assert futures[0].result(timeout=30) == 0
+    assert not futures[0].map_future.done() and not futures[1].done()
+    assert futures[1].status == "running"
+    gate.touch()
+    assert [f.result(timeout=60) for f in futures] == [0, 1, 2]
 
 
 @pytest.mark.processes

@@ -131,6 +131,26 @@ def test_results_are_forwarded_to_the_driver_once(s4: Harness) -> None:
     assert s.state.tasks["t1"].units.done_count == 2
 
 
+def test_a_batched_maps_finished_units_go_to_its_client_too_once(s4: Harness) -> None:
+    s = s4
+    s(ev.TaskSubmitted, task_id="t1", client_id="c1", name="MapOf", kind="parallel",
+      code=b"code", args=b"args", items=True)
+    pack = UnitCall(2, b"[2, 3]", count=2)
+    s(ev.UnitsSliced, "w1", "t1", [*units(0, 1), pack], True)
+    out = s(ev.UnitsFinished, "w1", "t1", 1, [*ok(0, 1), UnitOutcome(2, True, b"res23")], 0.002)
+    assert [i for i in out if isinstance(i, ev.ForwardItems)] == [
+        ev.ForwardItems("c1", "t1", [(0, 0, b"res0"), (1, 0, b"res1"), (2, 2, b"res23")])]
+    assert isinstance(out[0], ev.ForwardResults)  # its driver has them as any task's
+    assert s(ev.UnitsFinished, "w1", "t1", 1, ok(0, 1), 0.002) == []
+    # A task that is not a batched map sends its client nothing of its units.
+    s(ev.TaskFinished, "w1", "t1", UnitOutcome(-1, True, b"all"))
+    submit(s, "t2")
+    s(ev.UnitsSliced, "w1", "t2", units(0), True)
+    run = s.state.workers["w1"].in_flight[0]
+    assert not [i for i in s(ev.UnitsFinished, "w1", "t2", run, ok(0), 0.002)
+                if isinstance(i, ev.ForwardItems)]
+
+
 def test_batches_grow_from_the_measured_unit_time(s: Harness) -> None:
     submit(s)
     s(ev.UnitsSliced, "w1", "t1", units(*range(2000)), True)

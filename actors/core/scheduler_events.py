@@ -100,6 +100,7 @@ class TaskSubmitted(Event, frozen=True, kw_only=True):
     # Tasks whose results are its arguments' futures: it waits in the queue's antechamber until
     # they are done (and fails at once if one of them failed or was cancelled).
     inputs: tuple[str, ...] = ()
+    items: bool = False  # a batched map: its units' outcomes go to its client too (ForwardItems)
 
 
 class ClientLeft(Event, frozen=True):
@@ -292,6 +293,14 @@ class ForwardResults(Instruction, frozen=True):
     held: list[tuple[int, str, str]] = msgspec.field(default_factory=list)  # index, worker, address
     sizes: dict[int, int] = msgspec.field(default_factory=dict)  # of the held results, where known
     pack: int = 0  # plain units the driver packs from now on (0: unchanged)
+
+
+class ForwardItems(Instruction, frozen=True):
+    """A batched map's finished units, to its client: (index, pack count or 0, outcome)."""
+
+    client_id: str
+    task_id: str
+    items: list[tuple[int, int, bytes]]
 
 
 class RecordResults(Instruction, frozen=True):

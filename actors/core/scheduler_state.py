@@ -143,6 +143,7 @@ from actors.core.scheduler_events import (
     ClientLeft,
     Dispatch,
     Event,
+    ForwardItems,
     ForwardResults,
     Instruction,
     KillWorker,
@@ -489,6 +490,7 @@ class TaskRecord:
     inputs: tuple[str, ...] = ()  # the tasks whose results its arguments name
     inputs_left: set[str] | None = None  # those not done yet: it waits outside the queue
     detached: bool = False  # fire and forget: not cancelled when its client leaves
+    items: bool = False  # a batched map: its units' outcomes go to its client as they finish
 
     # Who may reuse a worker this task ran on: the same key, the same package version.
     warm_key: WarmKey = field(init=False, repr=False, compare=False)
@@ -842,7 +844,7 @@ class SchedulerState:
             priority=event.priority, seq=next(self._seq), package=sys.intern(event.package),
             version=sys.intern(event.version), retries=max(0, event.retries),
             code_hash=sys.intern(event.code_hash), owner=event.owner,
-            inputs=tuple(dict.fromkeys(event.inputs)),
+            inputs=tuple(dict.fromkeys(event.inputs)), items=event.items,
         )
         if task.kind is PARALLEL:
             task.units = UnitBook()
@@ -1056,6 +1058,7 @@ class SchedulerState:
         worker = self.workers[event.worker_id]
         units, in_flight, undo = task.units, worker.in_flight, self._undo
         forward: list[tuple[int, bytes]] = []
+        items: list[tuple[int, int, bytes]] | None = [] if task.items else None
         record: list[tuple[int, int, bytes]] = []
         held: list[tuple[int, str, str]] = []
         # The undo log for the loop, registered once and filled as it goes.
@@ -1107,6 +1110,8 @@ class SchedulerState:
             else:
                 if not carried:  # (a carried one reaches the next driver by replay)
                     forward.append((index, outcome.value))
+                if items is not None:
+                    items.append((index, unit.count, outcome.value))
                 # The worker's digest spares the master a CRC per unit (see UnitOutcome.digest).
                 record.append((index, outcome.digest or unit_digest(unit), outcome.value))
                 if unit.count:
@@ -1143,6 +1148,8 @@ class SchedulerState:
             sizes = {i: units.sizes[i] for i, _, _ in held if i in units.sizes}
             self._out.append(ForwardResults(driver.node_id, driver.worker_id, task.task_id,
                                             forward, held, sizes, pack))
+        if items:
+            self._out.append(ForwardItems(task.client_id, task.task_id, items))
         if record:
             self._out.append(RecordResults(task.task_id, record, packs))
 
