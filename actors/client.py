@@ -53,7 +53,7 @@ from actors.errors import (
     ScatterFailed,
     UnknownTask,
 )
-from actors.functions import check_function_arguments, function_task
+from actors.functions import check_function_arguments, function_name, function_task
 from actors.futures import (  # noqa: F401 (Future and its statuses: their old home)
     _CANCELLED,
     _DONE,
@@ -635,6 +635,8 @@ class Client:
         if not items:
             return []
         name = getattr(task, "__qualname__", None) or repr(task)
+        # (its maps' ids name it, as a task's does: "parse-batch-<64 random bits>#<item>")
+        prefix = f"{task.__name__ if isinstance(task, type) else function_name(task)}-batch"
         if isinstance(task, type):
             check_arguments(task, items[0], kwargs)  # (one shape for all, as map checks it)
         else:
@@ -652,8 +654,8 @@ class Client:
                 half = len(chunk) // 2
                 pending[:0] = [chunk[:half], chunk[half:]]
                 continue
-            prepared.append(one._replace(name=f"map_batch({name})",
-                                         submit=msgspec.structs.replace(one.submit, items=True)))
+            submit = msgspec.structs.replace(one.submit, task_id=_task_ids.new(prefix), items=True)
+            prepared.append(one._replace(name=f"map_batch({name})", submit=submit))
             sizes.append(len(chunk))
         made: list[Future] = []
         for fut, size in zip(self._submit_all(prepared), sizes, strict=True):

@@ -26,7 +26,7 @@ def function_task(fn: Callable[..., Any]) -> type[Task]:
         return _made[fn]
     except (KeyError, TypeError):  # TypeError: a callable that takes no weak reference
         pass
-    name = _name_of(fn)
+    name = function_name(fn)
 
     class FunctionTask(Task):
         def work(self, *args: Any, **kwargs: Any) -> Any:
@@ -50,10 +50,10 @@ def check_function_arguments(fn: Callable[..., Any], args: tuple[Any, ...],
     try:
         signature.bind(*args, **kwargs)
     except TypeError as exc:
-        raise InvalidArguments(f"{_name_of(fn)}{signature}", str(exc)) from None
+        raise InvalidArguments(f"{function_name(fn)}{signature}", str(exc)) from None
 
 
-def _name_of(fn: Callable[..., Any]) -> str:
+def function_name(fn: Callable[..., Any]) -> str:
     """A name for task ids and stories: the function's, ``lambda`` for a lambda."""
     inner = getattr(fn, "func", fn)  # functools.partial
     name = getattr(inner, "__name__", None) or type(fn).__name__

@@ -181,6 +181,9 @@ class ItemFuture(Future):
         """Its map's story (where the item's unit is ``unit <index>``)."""
         return self._batch.future.story(timeout)
 
+    def _show_output(self, waiting: bool) -> None:
+        self._batch.future._show_output(waiting)  # (in a notebook: its map's, as it comes)
+
     def logs(self) -> list[Any]:
         """What this item's code printed and logged (its map's lines of its unit)."""
         return [line for line in self._batch.future.logs() if line.unit == self._index]
