@@ -645,9 +645,12 @@ class Client:
         sizes: list[int] = []
         pending = [items[i:i + batched.BATCH_ITEMS]
                    for i in range(0, len(items), batched.BATCH_ITEMS)]
+        # The task's code as a task's goes (by value where workers could not import it, with
+        # its sources for tracebacks), once in each map's arguments.
+        _, code = self._code_of(task if isinstance(task, type) else function_task(task))
         while pending:
             chunk = pending.pop(0)
-            one = self._prepare(MapOf, (task, chunk, kwargs, retries), {}, priority, retries, True)
+            one = self._prepare(MapOf, (code, chunk, kwargs, retries), {}, priority, retries, True)
             if one.submit.inputs:  # helpers would see placeholders: one task an item instead
                 return self.map(task, *iterables, priority=priority, retries=retries, **kwargs)
             if len(one.submit.args) > batched.BATCH_BYTES and len(chunk) > 1:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors.errors import TaskStopped
-from actors.serialize import describe_failure, is_fatal
+from actors.serialize import describe_failure, is_fatal, loads
 from actors.task import ParallelTask, Task
 
 
@@ -40,25 +40,27 @@ class ItemFailed:
 
 
 class MapOf(ParallelTask):
-    """Runs ``task`` (a Task class, or a function) on each item of ``items`` (positional
+    """Runs ``task`` (a Task class, or a function; pickled, or not) on each item of ``items`` (positional
     argument tuples, with ``kwargs`` for every one), each item a unit; an item that raises is
     run again up to ``retries`` times where it is, then its error is its outcome."""
 
     _task_call: Callable[[int], Any] | None = None
 
-    def task_total(self, task: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
+    def task_total(self, code: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
                    retries: int) -> int:
         return len(items)
 
-    def get_work(self, task: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
+    def get_work(self, code: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
                  retries: int) -> range:
-        self._task_join(task, items, kwargs, retries)
+        self._task_join(code, items, kwargs, retries)
         return range(len(items))
 
-    def _task_join(self, task: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
+    def _task_join(self, code: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
                    retries: int) -> None:
         """Every worker of the map (its driver here, a helper from the runtime) holds the items:
-        a unit is an index, a pack of units a list of them."""
+        a unit is an index, a pack of units a list of them. ``code``: the task, or its pickle
+        as a task's code is shipped (``serialize.dumps_task_class``)."""
+        task = loads(code) if isinstance(code, bytes) else code
         stop = self._task_stop
         map_id = self.task_id
 

@@ -225,6 +225,26 @@ def test_kill_9_of_the_master_mid_job_loses_nothing(restartable: Restartable, tm
     assert not storm, storm[:3]
 
 
+class Slowly(Task):
+    def work(self, x: int) -> int:
+        time.sleep(0.004)
+        return x * x
+
+
+@pytest.mark.parametrize("restartable", [2], indirect=True)
+def test_a_batched_map_rides_through_a_kill_9_of_its_master(restartable: Restartable) -> None:
+    """Items that ended before the kill keep their results; the rest come from the map's
+    result once the restored master's map ends (it sends no item early: not journaled)."""
+    client = restartable.client
+    futures = client.map_batch(Slowly, range(1_500))
+    wait_until(lambda: sum(f.done() for f in futures) >= 200, 120, "200 items to end")
+    restartable.restart()
+    ended_before = sum(f.done() for f in futures)
+    assert [result_or_logs(f, 180, restartable.tmp_path) for f in futures] == [
+        i * i for i in range(1_500)]
+    assert 200 <= ended_before < 1_500
+
+
 @pytest.mark.parametrize("restartable", [2], indirect=True)
 def test_a_restarted_master_counts_every_unit_of_the_packs_it_journaled(
         restartable: Restartable, tmp_path: Path) -> None:

@@ -139,7 +139,9 @@ def test_every_item_has_its_own_result_and_one_that_raises_fails_alone(client: C
     assert results == [i * i if i != 7 else None for i in range(50)]
     error = futures[7].exception(timeout=1)
     assert type(error) is ValueError and error.args == ("no square for 7", 7)
-    assert "Remote traceback" in shown(error) and "in work" in shown(error)
+    # As a task's: the file, line and source line, shipped with the code.
+    assert "Remote traceback" in shown(error) and "test_map_batch.py" in shown(error)
+    assert 'raise ValueError(f"no square for {x}", x)' in shown(error)
     assert futures[7].status == "erred" and futures[8].status == "finished"
     with pytest.raises(ValueError, match="no square for 7"):
         futures[7].result()
