@@ -53,7 +53,7 @@ from actors.errors import (
     ScatterFailed,
     UnknownTask,
 )
-from actors.functions import check_function_arguments, function_name, function_task
+from actors.functions import check_function_arguments, function_task
 from actors.futures import (  # noqa: F401 (Future and its statuses: their old home)
     _CANCELLED,
     _DONE,
@@ -621,7 +621,6 @@ class Client:
         ``task``: a Task class or a function (a deployed task's name: ``map``). Items that hold
         futures go one task each, as ``map`` sends them."""
         from actors import item_futures as batched
-        from actors.mapping import MapOf
 
         if not iterables:
             raise TypeError("map_batch() needs at least one iterable of arguments")
@@ -634,44 +633,33 @@ class Client:
         items = list(zip(*iterables, strict=False))
         if not items:
             return []
-        name = getattr(task, "__qualname__", None) or repr(task)
-        # (its maps' ids name it, as a task's does: "parse-batch-<64 random bits>#<item>")
-        prefix = f"{task.__name__ if isinstance(task, type) else function_name(task)}-batch"
-        if isinstance(task, type):
+        if isinstance(task, type) or not callable(task):  # (InvalidArguments for what is neither)
             check_arguments(task, items[0], kwargs)  # (one shape for all, as map checks it)
         else:
             check_function_arguments(task, items[0], kwargs)
-        prepared: list[_Prepared] = []
-        sizes: list[int] = []
-        pending = [items[i:i + batched.BATCH_ITEMS]
-                   for i in range(0, len(items), batched.BATCH_ITEMS)]
         # The task's code as a task's goes (by value where workers could not import it, with
         # its sources for tracebacks), once in each map's arguments.
         _, code = self._code_of(task if isinstance(task, type) else function_task(task))
-        while pending:
-            chunk = pending.pop(0)
-            one = self._prepare(MapOf, (code, chunk, kwargs, retries), {}, priority, retries, True)
-            if one.submit.inputs:  # helpers would see placeholders: one task an item instead
-                return self.map(task, *iterables, priority=priority, retries=retries, **kwargs)
-            if len(one.submit.args) > batched.BATCH_BYTES and len(chunk) > 1:
-                half = len(chunk) // 2
-                pending[:0] = [chunk[:half], chunk[half:]]
-                continue
-            submit = msgspec.structs.replace(one.submit, task_id=_task_ids.new(prefix), items=True)
-            prepared.append(one._replace(name=f"map_batch({name})", submit=submit))
-            sizes.append(len(chunk))
+        maps = batched.prepare_maps(self, task, code, items, kwargs, priority, retries)
+        if maps is None:  # items hold futures: helpers would see placeholders
+            return self._submit_all([self._prepare(task, args, kwargs, priority, retries, i > 0)
+                                     for i, args in enumerate(items)])
         made: list[Future] = []
-        for fut, size in zip(self._submit_all(prepared), sizes, strict=True):
+        for fut, size in zip(self._submit_all([p for p, _ in maps]), [n for _, n in maps],
+                             strict=True):
             batch = self._batches[fut.task_id] = batched.Batch(fut)
-            made += batched.make_items(self, batch, size, name, self._item_future_type())
+            made += batched.make_items(self, batch, size, self._item_future_type())
         return made
+
+    def _new_task_id(self, name: str) -> str:
+        return _task_ids.new(name)
 
     def _input_future(self, input_id: str) -> Future | None:
         """The future of an input by its id: a task's, or an item's of a batched map."""
         found = self._futures.get(input_id)
         map_id, _, index = input_id.rpartition("#")
         if found is None and (batch := self._batches.get(map_id)) is not None \
-                and index.isdigit() and int(index) < len(batch.items):
+                and index.isdecimal() and index.isascii() and int(index) < len(batch.items):
             found = batch.items[int(index)]()
         return found
 
@@ -773,11 +761,9 @@ class Client:
         pending = [fut for fut in dict.fromkeys(futures_in(futures)) if not fut.done()]
         deadline = time.monotonic() + timeout
         asked = []
-        tasks = pending
-        if self._item_future is not None:  # map_batch's items: theirs, and their maps once all
-            from actors.item_futures import cancel_items
+        from actors.item_futures import cancel_items
 
-            tasks = cancel_items(pending)
+        tasks = cancel_items(pending)  # map_batch's items: theirs here, their maps once unwanted
         try:
             for fut in tasks:
                 key, request = f"cancel {fut.task_id}", m.CancelTask(fut.task_id, float(grace))

@@ -67,6 +67,23 @@ def item_of(input_id: str, index: int) -> Any:
     return value
 
 
+def item_cancelled(input_id: str) -> Any:
+    """A cancelled item of a batched map among a task's arguments: the task fails, as one
+    whose input was cancelled does (``InputFailed``)."""
+    inputs = _resolving.get()
+    if inputs is not None and inputs.placeholders:
+        return None  # a helper of a ParallelTask, as input_of's
+    raise InputFailed(inputs.task_id if inputs is not None else "", input_id, "cancelled")
+
+
+def reduce_cancelled_item(future: Any) -> tuple[Callable[[str], Any], tuple[str]]:
+    """``ItemFuture.__reduce__`` of a cancelled item: no input to wait for, a failure to be."""
+    if _collecting.get() is None:
+        raise TypeError(f"a Future ({future.task_id}) is not data: pass it among a task's "
+                        "arguments (its result takes its place), or call .result()")
+    return item_cancelled, (future.task_id,)
+
+
 def reduce_future(future: Any) -> tuple[Callable[[str], Any], tuple[str]]:
     """``Future.__reduce__``: an input while a submission's arguments are pickled, else refused."""
     found = _collecting.get()

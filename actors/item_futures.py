@@ -1,22 +1,29 @@
-"""The client's side of ``client.map(task, items, batch=True)`` (the workers' side is
-``mapping.py``): the items go as the units of one ``MapOf`` task or a few, each of at most
-``BATCH_ITEMS`` items and ``BATCH_BYTES`` of arguments, and every item has an ``ItemFuture``.
+"""The client's side of ``client.map_batch(task, items)`` (the workers' side is ``mapping.py``):
+the items go as the units of one ``MapOf`` task or a few, each of at most ``BATCH_ITEMS`` items
+and ``BATCH_BYTES`` of arguments, and every item has an ``ItemFuture``.
 
-An item's future ends when its map's task does: with its own result, or its own error (an item
-that raised fails alone), or as the map ended (cancelled, or failed as a whole: its worker
-killed past its retries, its master lost). What an item future does that a task's does not:
-``cancel`` is the client's alone until every item of its map is cancelled (then the map is
-cancelled on the cluster); ``story`` is its map's; as an argument of a later task it is its
-map's result, indexed on the worker (that task waits for the whole map).
+An item's future ends as its unit finishes (``ItemsDone``), or else with its map's task: with
+its own result, or its own error (an item that raised fails alone), or as the map ended
+(cancelled, or failed as a whole: its worker killed past its retries, its master lost). What an
+item future does that a task's does not: ``cancel`` is the client's alone until no item of its
+map is wanted any more (then the map is cancelled on the cluster); ``story`` is its map's; as
+an argument of a later task it is its map's result, indexed on the worker (that task waits for
+the whole map, and takes the whole map's result where it runs).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from actors import messages as m
+from actors.errors import ArgumentsNotSerializable, ClientClosed
+from actors.functions import function_name
 from actors.futures import (
     _CANCELLED,
     _DONE,
@@ -29,11 +36,12 @@ from actors.futures import (
     check_grace,
 )
 from actors.inputs import reduce_future
-from actors.mapping import ItemFailed
-from actors.serialize import loads
+from actors.mapping import ItemFailed, MapOf
+from actors.serialize import loads, loads_parts
+from actors.task import Task
 
 if TYPE_CHECKING:
-    from actors.client import Client
+    from actors.client import Client, _Prepared
 
 BATCH_ITEMS = 10_000  # items of one MapOf at most: its result is one message
 BATCH_BYTES = 8 << 20  # its pickled arguments at most (a batch is halved until it fits)
@@ -43,16 +51,19 @@ class Batch:
     """One ``MapOf`` task (its future) and its items' futures (weakly: an item nobody holds
     gets its outcome dropped; the map's future is held by every item's)."""
 
-    __slots__ = ("future", "items", "began", "__weakref__")
+    __slots__ = ("future", "items", "began", "an_input", "__weakref__")
 
     def __init__(self, future: Future) -> None:
         self.future = future
         self.items: list[weakref.ref[ItemFuture]] = []
         self.began = False  # an item ended: the map runs (its client hears so on a tick)
+        self.an_input = False  # an item went among a later task's arguments: that task needs it
 
-    def cancelled_all(self) -> bool:
-        """Every item still held is cancelled (one not held wants nothing either)."""
-        return all((item := ref()) is None or item.cancelled() for ref in self.items)
+    def unwanted(self) -> bool:
+        """No item of the map is waited for: each held one has ended (one cancelled, say), and
+        none went to a later task, whose input is the whole map."""
+        return not self.an_input and all((item := ref()) is None or item._ended
+                                         for ref in self.items)
 
     def deliver(self, done: list[tuple[int, int, bytes]]) -> None:
         """Items whose units finished (``ItemsDone``): their futures end now, not with their
@@ -82,11 +93,17 @@ class Batch:
         if not waiting:
             return
         if ended._status != _DONE:  # cancelled, failed as a whole, or its master lost
-            _finish_all(ended._client, [(item, ended._status, ended._payload, ended._error)
+            _finish_all(ended._client, [(item, ended._status, ended._payload,
+                                         _own_error(ended._error, item))
                                         for _, item in waiting])
             return
         try:
-            values = ended._wait_result(0)
+            # The payload read, not waited for (this is the receive thread) nor kept loaded
+            # (the map's future keeps its bytes; its items, their values).
+            payload = ended._payload
+            values = (loads(payload.result) if isinstance(payload, m.TaskDone)
+                      else loads_parts(payload._parts) if isinstance(payload, _Parts)
+                      and not payload._loaded else ended._wait_result(0))
             if type(values) is not list or len(values) != len(items):
                 raise TypeError(f"the map {ended.task_id} came back as {type(values).__name__}"
                                 f", not a list of its {len(items)} items' outcomes")
@@ -94,6 +111,16 @@ class Batch:
             _finish_all(ended._client, [(item, _ERRED, None, exc) for _, item in waiting])
             return
         _finish_all(ended._client, [_outcome(item, values[i]) for i, item in waiting])
+
+
+def _own_error(error: BaseException | None, item: ItemFuture) -> BaseException | None:
+    """The map's end raised here (``MasterLost``, ``ClientClosed``), one for each item as for
+    each task (an instance raised again keeps growing its traceback), naming the item."""
+    if error is None:
+        return None
+    if type(error) is ClientClosed:
+        return ClientClosed(error.client_id, item.task_id)
+    return copy.copy(error)
 
 
 def _outcome(item: ItemFuture, value: Any) -> tuple[ItemFuture, str, Any, BaseException | None]:
@@ -148,9 +175,12 @@ class ItemFuture(Future):
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Among a task's arguments: its map's result, indexed where that task runs."""
-        from actors.inputs import item_of
+        from actors.inputs import item_of, reduce_cancelled_item
 
+        if self.cancelled():  # as a cancelled task's future: the later task fails, InputFailed
+            return reduce_cancelled_item(self)
         reduce_future(self._batch.future)  # the map is the later task's input
+        self._batch.an_input = True  # (cancelling its items no longer cancels it)
         return item_of, (self._batch.future.task_id, self._index)
 
     @property
@@ -200,7 +230,8 @@ class ItemFuture(Future):
 
 def cancel_items(futures: Sequence[Future]) -> list[Future]:
     """The items among ``futures`` cancelled here, at once; the rest of ``futures``, and the
-    maps' futures that every item of them is cancelled now, to cancel on the cluster."""
+    maps' futures no item of which is wanted now (``Batch.unwanted``), to cancel on the
+    cluster."""
     items = [fut for fut in futures if isinstance(fut, ItemFuture)]
     if not items:
         return list(futures)
@@ -212,13 +243,53 @@ def cancel_items(futures: Sequence[Future]) -> list[Future]:
     maps = {id(item._batch): item._batch for item in items}
     return [*(fut for fut in futures if not isinstance(fut, ItemFuture)),
             *(batch.future for batch in maps.values()
-              if not batch.future.done() and batch.cancelled_all())]
+              if not batch.future.done() and batch.unwanted())]
 
 
-def make_items(client: Client, batch: Batch, count: int, name: str,
+def prepare_maps(client: Client, task: type[Task] | Callable[..., Any], code: bytes,
+                 items: list[tuple[Any, ...]], kwargs: dict[str, Any], priority: int,
+                 retries: int) -> list[tuple[_Prepared, int]] | None:
+    """The ``MapOf`` submissions of a batched map, each with its count of items: at most
+    ``BATCH_ITEMS`` items and ``BATCH_BYTES`` of their arguments (the task's code not counted:
+    it is in each); None when the items hold futures (they go one task each)."""
+    name = getattr(task, "__qualname__", None) or repr(task)
+    # Its maps' ids name it, as a task's does: "parse-batch-<64 random bits>#<item>".
+    prefix = f"{task.__name__ if isinstance(task, type) else function_name(task)}-batch"
+    maps: list[tuple[_Prepared, int]] = []
+    pending = [items[i:i + BATCH_ITEMS] for i in range(0, len(items), BATCH_ITEMS)]
+    while pending:
+        chunk = pending.pop(0)
+        try:
+            one = client._prepare(MapOf, (code, chunk, kwargs, retries), {}, priority, retries,
+                                  True)
+        except ArgumentsNotSerializable:
+            for args in chunk:  # the item that cannot go, named as a task's arguments are
+                client._arguments(args, kwargs, name)
+            raise
+        if one.submit.inputs:
+            return None
+        if len(one.submit.args) - len(code) > BATCH_BYTES and len(chunk) > 1:
+            half = len(chunk) // 2
+            pending[:0] = [chunk[:half], chunk[half:]]
+            continue
+        submit = msgspec.structs.replace(one.submit, task_id=client._new_task_id(prefix), items=True)
+        maps.append((one._replace(name=name, submit=submit), len(chunk)))
+    return maps
+
+
+def make_items(client: Client, batch: Batch, count: int,
                future_type: type[ItemFuture]) -> list[ItemFuture]:
-    """The futures of a batch's items; the batch settles them when its task ends."""
+    """The futures of a batch's items; the batch settles them when its task ends (told
+    through a weak reference: a map whose items are all dropped is released at once, not when
+    the cyclic collector runs)."""
+    name = batch.future.name
     made = [future_type(client, batch, i, name) for i in range(count)]
     batch.items = [weakref.ref(item) for item in made]
-    batch.future._on_end(batch.settle)
+    batch.future._on_end(functools.partial(_settle, weakref.ref(batch)))
     return made
+
+
+def _settle(batch: weakref.ref[Batch], ended: Future) -> None:
+    found = batch()
+    if found is not None:
+        found.settle(ended)

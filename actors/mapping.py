@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors.errors import TaskStopped
-from actors.serialize import describe_failure, is_fatal, loads
+from actors.serialize import SCALARS, describe_failure, dumps, loads, not_serializable
 from actors.task import ParallelTask, Task
 
 
@@ -39,12 +39,27 @@ class ItemFailed:
         return f"ItemFailed({self.type_name}: {self.message[:80]})"
 
 
+class Pickled:
+    """An item's value pickled where it was made (``dumps``), to load as itself: a value that
+    cannot be pickled fails its item there (``ResultNotSerializable``), not its whole run of
+    units, and the bytes are made once (the unit's own pickle copies them)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return loads, (self.data,)
+
+
 class MapOf(ParallelTask):
     """Runs ``task`` (a Task class, or a function; pickled, or not) on each item of ``items`` (positional
     argument tuples, with ``kwargs`` for every one), each item a unit; an item that raises is
     run again up to ``retries`` times where it is, then its error is its outcome."""
 
     _task_call: Callable[[int], Any] | None = None
+    _task_join_error: BaseException | None = None  # why this worker could not hold the items
 
     def task_total(self, code: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
                    retries: int) -> int:
@@ -53,14 +68,21 @@ class MapOf(ParallelTask):
     def get_work(self, code: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
                  retries: int) -> range:
         self._task_join(code, items, kwargs, retries)
+        if self._task_join_error is not None:
+            raise self._task_join_error
         return range(len(items))
 
     def _task_join(self, code: Any, items: list[tuple[Any, ...]], kwargs: dict[str, Any],
                    retries: int) -> None:
         """Every worker of the map (its driver here, a helper from the runtime) holds the items:
         a unit is an index, a pack of units a list of them. ``code``: the task, or its pickle
-        as a task's code is shipped (``serialize.dumps_task_class``)."""
-        task = loads(code) if isinstance(code, bytes) else code
+        as a task's code is shipped (``serialize.dumps_task_class``). Never raises: a helper's
+        units, or the driver's slicer, say why it could not."""
+        try:
+            task = loads(code) if isinstance(code, bytes) else code
+        except Exception as exc:
+            self._task_join_error = exc
+            return
         stop = self._task_stop
         map_id = self.task_id
 
@@ -76,14 +98,25 @@ class MapOf(ParallelTask):
                 return task(*items[index], **kwargs)
 
         tries = 1 + max(0, retries)
+        name = getattr(task, "__qualname__", None) or repr(task)
 
         def run(index: int) -> Any:
             for left in range(tries - 1, -1, -1):
                 try:
-                    return call(index)
+                    value = call(index)
+                    if type(value) in SCALARS:
+                        return value
+                    try:
+                        return Pickled(dumps(value))
+                    except Exception as exc:  # (raised as the task's result would be)
+                        raise not_serializable(value, exc, name, str(index)) from None
                 except BaseException as exc:
-                    if isinstance(exc, TaskStopped) or is_fatal(exc):
-                        raise  # the map was cancelled, or its worker serves no more: the unit's
+                    # The map cancelled, its worker interrupted or out of memory: the unit's (the
+                    # map fails, the worker is replaced). ``sys.exit()`` in an item fails that
+                    # item, as it fails a task (a RuntimeError caused by it); the worker serves
+                    # on: only its own code's exit was asked for, not the process's.
+                    if isinstance(exc, TaskStopped | MemoryError | KeyboardInterrupt):
+                        raise
                     if left:
                         continue
                     return ItemFailed(*describe_failure(exc))
@@ -93,7 +126,10 @@ class MapOf(ParallelTask):
 
     def work_unit(self, index: int) -> Any:
         call = self._task_call
-        if call is None or type(index) is not int:
+        if call is None:
+            raise RuntimeError(f"this worker of the map holds no items: {self._task_join_error!r}"
+                               ) from self._task_join_error
+        if type(index) is not int:
             raise TypeError(f"a MapOf unit is an item's index, not {index!r}")
         return call(index)
 

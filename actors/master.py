@@ -1844,6 +1844,7 @@ class Master(HubShell):
                 self._submit_held((client_id, priority), owner, held)  # detached there too
                 continue
             cancelled.append(held.task_id)
+            self.item_maps.discard(held.task_id)
             if held.package and self.task_sync is not None:
                 self.task_sync.tell(InstanceUses(held.package, held.version, held.task_id,
                                                  ended=True))

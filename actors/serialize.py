@@ -51,14 +51,14 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
     return False
 
 
-_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
+SCALARS = frozenset({int, float, str, bytes, bool, type(None)})  # MessagePack, not pickled
 _PROTO = 0x80  # the first byte of every pickle this writes (protocol 5)
 _scalar_encode = msgspec.msgpack.Encoder().encode
 _msgpack_decode = msgspec.msgpack.Decoder().decode
 
 
 def dumps(obj: Any) -> bytes:
-    if type(obj) in _SCALARS:
+    if type(obj) in SCALARS:
         try:
             return _scalar_encode(obj)
         except (OverflowError, UnicodeEncodeError):  # an int past 64 bits, a lone surrogate
@@ -71,8 +71,8 @@ def dumps(obj: Any) -> bytes:
 def dumps_scalar_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes | None:
     """``dumps((args, kwargs))`` of a call whose arguments are all scalars (no future can be
     among them), the same bytes, made without looking inside again; None for any other call."""
-    if (len(args) > 64 or len(kwargs) > 64 or not all(type(arg) in _SCALARS for arg in args)
-            or (kwargs and not all(type(value) in _SCALARS for value in kwargs.values()))):
+    if (len(args) > 64 or len(kwargs) > 64 or not all(type(arg) in SCALARS for arg in args)
+            or (kwargs and not all(type(value) in SCALARS for value in kwargs.values()))):
         return None
     return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -148,7 +148,7 @@ def loads(data: bytes | memoryview) -> Any:
             value = _msgpack_decode(data)
         except msgspec.DecodeError as exc:  # neither a pickle nor a scalar: as pickle would
             raise pickle.UnpicklingError(f"not a payload of this runtime: {exc}") from None
-        if type(value) not in _SCALARS:
+        if type(value) not in SCALARS:
             raise pickle.UnpicklingError(f"not a payload of this runtime: a {type(value).__name__}")
         return value
     return pickle.loads(data)

@@ -34,6 +34,7 @@ import structlog
 
 from actors import messages as m
 from actors import task_output
+from actors.mapping import MapOf
 from actors.serialize import (
     describe_failure,
     dumps,
@@ -201,10 +202,8 @@ class Runtime:
 
     def begin(self) -> None:
         if not self.begin_msg.driver:
-            join = getattr(self.task, "_task_join", None)
-            if join is not None:  # (a MapOf's helper holds its items: mapping.py)
-                with contextlib.suppress(Exception):  # (its units then fail, saying why)
-                    join(*self.begin_msg.args, **self.begin_msg.kwargs)
+            if isinstance(self.task, MapOf):  # its helpers hold its items too (mapping.py)
+                self.task._task_join(*self.begin_msg.args, **self.begin_msg.kwargs)
             return
         if isinstance(self.task, ParallelTask):
             args, kwargs = self.begin_msg.args, self.begin_msg.kwargs

@@ -5,9 +5,11 @@ itself in-process)."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
+import pickle
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,10 +25,19 @@ from actors import (
     gather,
     item_futures,
 )
-from actors.errors import InputFailed, InvalidArguments, TaskStopped
+from actors import messages as m
+from actors.errors import (
+    ArgumentsNotSerializable,
+    ClientClosed,
+    InputFailed,
+    InvalidArguments,
+    TaskCancelled,
+    TaskStopped,
+)
 from actors.futures import Future
 from actors.item_futures import ItemFuture
 from actors.mapping import ItemFailed, MapOf
+from actors.serialize import describe_failure, dumps
 from actors.task import StopFlag
 from tests.conftest import descendants, shown, wait_until
 
@@ -113,8 +124,13 @@ def test_a_cancel_or_a_fatal_error_is_the_units_not_the_items() -> None:
     def interrupted(x: int) -> int:
         raise KeyboardInterrupt
 
+    def exits(x: int) -> int:
+        sys.exit(x)
+
     with pytest.raises(KeyboardInterrupt):
         started(interrupted, [(1,)]).work_unit(0)
+    exited = started(exits, [(3,)]).work_unit(0)  # an item's own exit: that item fails
+    assert type(exited) is ItemFailed and "SystemExit" in exited.message
     checks = started(type("Checks", (Task,), {"work": lambda self: self.task_check_stop()}), [()])
     checks._task_stop.set()  # the map's cancel: its items' task_stop_requested
     with pytest.raises(TaskStopped):
@@ -124,8 +140,54 @@ def test_a_cancel_or_a_fatal_error_is_the_units_not_the_items() -> None:
 def test_a_unit_that_is_not_an_index_is_refused() -> None:
     with pytest.raises(TypeError, match="an item's index"):
         started(negate, [(1,)]).work_unit("0")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="an item's index"):
+    with pytest.raises(RuntimeError, match="holds no items"):
         MapOf().work_unit(0)  # a helper that never got the items
+    broken = MapOf()
+    broken._task_join(b"not a pickle", [(1,)], {}, 0)  # never raises: its units say why
+    with pytest.raises(RuntimeError, match="holds no items") as refused:
+        broken.work_unit(0)
+    assert refused.value.__cause__ is not None
+    with pytest.raises(Exception, match="pickle|load"):
+        list(broken.get_work(b"not a pickle", [(1,)], {}, 0))  # the driver fails the map
+
+
+def test_a_value_that_cannot_be_pickled_fails_its_item_alone() -> None:
+    mapped = started(lambda x: threading.Lock() if x else x, [(0,), (1,)])
+    assert mapped.work_unit(0) == 0
+    failed = mapped.work_unit(1)
+    assert type(failed) is ItemFailed and "ResultNotSerializable" in failed.type_name
+    assert "lock" in failed.message
+
+
+class _Waiters:
+    """What a Batch's futures need of their client, and no more."""
+
+    def __init__(self) -> None:
+        self._futures_done = threading.Condition()
+        self._awaited: dict = {}
+        self._callbacks = None
+        self._released: list = []
+        self.show_output = False
+
+
+def test_items_delivered_in_packs_end_their_futures_and_what_is_wrong_is_dropped() -> None:
+    client = _Waiters()
+    whole = Future(client, "m-1", "Square", "parallel")  # type: ignore[arg-type]
+    batch = item_futures.Batch(whole)
+    items = item_futures.make_items(client, batch, 6, ItemFuture)  # type: ignore[arg-type]
+    failed = ItemFailed(*describe_failure(ValueError("no")))
+    batch.deliver([(0, 0, dumps(10)), (1, 3, dumps([11, failed, 13])),  # one unit, a pack
+                   (4, 3, dumps([1, 2, 3])),  # a pack past the end
+                   (-1, 0, dumps(0)), (9, 0, dumps(0)),  # outside the map
+                   (5, 0, b"not a pickle"), (4, 2, dumps([1]))])  # does not load, short
+    assert [f.done() for f in items] == [True] * 4 + [False] * 2
+    assert [items[0].result(), items[1].result(), items[3].result()] == [10, 11, 13]
+    assert items[2].status == "erred" and items[4].status == "running"
+    batch.deliver([(0, 0, dumps(99))])
+    assert items[0].result() == 10  # the first outcome stands
+    whole._finish("finished", m.TaskDone("m-1", dumps([10, 11, failed, 13, 14, 15])))
+    assert [f.result() for f in (items[4], items[5])] == [14, 15]
+    assert type(items[2].exception()) is ValueError
 
 
 # --- through a cluster ----------------------------------------------------------------------
@@ -208,6 +270,11 @@ def test_what_map_batch_cannot_run_is_refused_before_anything_is_sent(client: Cl
         client.map_batch(Square, [1], factor=2)
     with pytest.raises(TypeError, match="at least one iterable"):
         client.map_batch(Square)
+    with pytest.raises(InvalidArguments, match="not a Task or ParallelTask subclass"):
+        client.map_batch(5, [1])  # type: ignore[arg-type]
+    with pytest.raises(ArgumentsNotSerializable, match=r"negate") as refused:
+        client.map_batch(negate, [1, threading.Lock()])  # named as a task's argument
+    assert "MapOf" not in str(refused.value)
     assert len(client.tasks()) == before
 
 
@@ -235,8 +302,44 @@ def test_an_item_is_an_argument_of_a_later_task_once_its_map_is_done(
 
 
 @pytest.mark.processes
-def test_cancelling_items_stops_their_map_once_all_are_cancelled(client: Client,
+def test_items_that_hold_futures_go_one_task_each_from_any_iterable(client: Client) -> None:
+    three = client.submit(Add, 1, 2)
+    plain = client.map_batch(Add, (f for f in [three, three]), iter([10, 20]))
+    assert [type(f) for f in plain] == [Future, Future]
+    assert [f.result(timeout=60) for f in plain] == [13, 23]
+
+
+@pytest.mark.processes
+def test_an_item_a_later_task_takes_keeps_its_map_from_a_cancel(client: Client,
                                                                  tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    items = client.map_batch(Gated, range(4), gate=str(gate))
+    later = client.submit(Add, items[0], 1)
+    del items[0]
+    assert client.cancel(items) == 3
+    gate.touch()
+    assert later.result(timeout=60) == 1  # its input, the map, ran on
+    # A cancelled item among a later task's arguments fails it, as a cancelled task's future.
+    with pytest.raises(TypeError, match="not data"):
+        pickle.dumps(items[0])
+    failed = client.submit(Add, items[0], 1).exception(timeout=60)
+    assert type(failed) is InputFailed and failed.input_id == items[0].task_id
+    assert type(failed.__cause__) is TaskCancelled
+
+
+@pytest.mark.processes
+def test_closing_the_client_ends_its_items(cluster: LocalCluster, tmp_path: Path) -> None:
+    with Client(cluster) as other:
+        futures = other.map_batch(Gated, range(3), gate=str(tmp_path / "never"))
+    with pytest.raises(ClientClosed):
+        futures[0].result(timeout=10)
+    errors = [f.exception(timeout=1) for f in futures]
+    assert all(type(e) is ClientClosed for e in errors) and len({id(e) for e in errors}) == 3
+
+
+@pytest.mark.processes
+def test_cancelling_items_stops_their_map_once_none_is_waited_for(client: Client,
+                                                                   tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     futures = client.map_batch(Gated, range(20), gate=str(gate))
     assert futures[5].cancel() and futures[5].cancelled() and futures[5].status == "cancelled"
@@ -245,12 +348,13 @@ def test_cancelling_items_stops_their_map_once_all_are_cancelled(client: Client,
     assert [f.result(timeout=60) for f in futures[:5]] == list(range(5))
     assert futures[5].cancelled()  # its map ran on: its outcome is not taken
 
-    gate.unlink()
-    futures = client.map_batch(Gated, range(20), gate=str(gate))
-    assert client.cancel(futures[:10]) == 10 and not futures[0].map_future.done()
+    gate.unlink()  # item 0 ends at once; the rest wait at the gate
+    futures = client.map_batch(Gated, range(20), ["", *[str(gate)] * 19])
+    assert futures[0].result(timeout=60) == 0
+    assert client.cancel(futures[:10]) == 9 and not futures[0].map_future.done()
     assert client.cancel(futures) == 10
     wait_until(lambda: futures[0].map_future.cancelled(), 30, "the map to be cancelled")
-    assert all(f.cancelled() for f in futures)
+    assert all(f.cancelled() for f in futures[1:]) and futures[0].result() == 0
 
 
 @pytest.mark.processes
@@ -269,14 +373,14 @@ def test_a_worker_killed_mid_map_loses_no_item(tmp_path: Path) -> None:
 
 
 @pytest.mark.processes
-def test_dropping_every_item_releases_its_map(client: Client) -> None:
-    futures = client.map_batch(negate, range(10))
-    futures[0].result(timeout=60)
+def test_dropping_every_item_releases_its_map_at_once(client: Client, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    futures = client.map_batch(Gated, range(10), gate=str(gate))
     map_id = futures[0].map_future.task_id
     assert map_id in client._futures
-    del futures
-    gc.collect()
+    del futures  # while it runs: no cycle keeps it for the collector
     assert map_id not in client._futures
+    gate.touch()
 
 
 @pytest.mark.processes
@@ -286,7 +390,7 @@ def test_an_async_clients_items_are_awaited(cluster: LocalCluster) -> None:
             futures = await client.map_batch(Square, range(4), fail_on=2)
             assert await futures[3] == 9 and await futures[1].result() == 1
             assert type(await futures[2].exception()) is ValueError
-            assert await futures[0].cancel() is False  # it had ended
+            assert await futures[0] == 0 and await futures[0].cancel() is False  # it had ended
             gated = await client.map_batch(Gated, [1], gate="/nonexistent-gate")
             assert await gated[0].cancel() is True
 
