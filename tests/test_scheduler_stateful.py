@@ -111,6 +111,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.rerun: dict[str, set[int]] = {}  # journaled units a replay could not answer for
         self.replays: list[ev.ReplayResults] = []  # replays the shell has not carried out yet
         self.held: dict[str, set[int]] = {}  # kept units the driver was told about
+        self.batched: set[str] = set()  # batched maps (TaskSubmitted.items)
+        self.to_driver: dict[str, set[int]] = {}  # every unit result a driver was forwarded
+        self.to_client: dict[str, set[int]] = {}  # every unit outcome its client was sent
         self.runs: dict[str, list[ev.Dispatch]] = {}  # worker -> dispatches not yet answered
         self.killed: list[str] = []  # workers we asked a node to kill: their exit comes next
         self.steals: list[ev.Steal] = []  # steal requests not yet answered
@@ -129,7 +132,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             match ins:
                 case ev.Dispatch():
                     self.runs.setdefault(ins.worker_id, []).append(ins)
+                case ev.ForwardItems():
+                    self.to_client.setdefault(ins.task_id, set()).update(i for i, _, _ in ins.items)
                 case ev.ForwardResults():
+                    self.to_driver.setdefault(ins.task_id, set()).update(i for i, _ in ins.results)
                     self.recorded.setdefault(ins.task_id, []).extend(
                         self.units_of(ins.task_id, [i for i, _ in ins.results]))
                     self.held.setdefault(ins.task_id, set()).update(i for i, _, _ in ins.held)
@@ -246,14 +252,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.flush()
 
     @rule(n=st.integers(0, 60), kind=st.sampled_from(["task", "parallel"]),
-          priority=st.integers(0, 2), client=st.sampled_from(["a", "b"]))
-    def submit(self, n: int, kind: str, priority: int, client: str) -> None:
+          priority=st.integers(0, 2), client=st.sampled_from(["a", "b"]), items=st.booleans())
+    def submit(self, n: int, kind: str, priority: int, client: str, items: bool = False) -> None:
+        """``items``: a batched map (a ParallelTask whose unit outcomes go to its client)."""
         self.next_task += 1
         task_id = f"t{self.next_task}"
         self.units[task_id] = n if kind == "parallel" else 0
         self.sliced[task_id] = 0
+        if items and kind == "parallel":
+            self.batched.add(task_id)
         self.feed(ev.TaskSubmitted(self.now, task_id=task_id, client_id=client, name="T",
-                                   kind=kind, code=b"c", args=b"a", priority=priority))
+                                   kind=kind, code=b"c", args=b"a", priority=priority,
+                                   items=items and kind == "parallel"))
         self.flush()
 
     @precondition(lambda self: self.next_task)
@@ -473,6 +483,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.state.validate()
         for task_id, reports in self.reports.items():
             assert len(reports) == 1, f"{task_id} reported {len(reports)} times"
+
+    @invariant()
+    def a_batched_maps_client_gets_what_its_driver_gets(self) -> None:
+        for task_id in self.to_client:
+            assert task_id in self.batched, f"{task_id} is no batched map: its client got units"
+        for task_id in self.batched:
+            missing = self.to_driver.get(task_id, set()) - self.to_client.get(task_id, set())
+            assert not missing, f"{task_id}: units {sorted(missing)[:5]} reached its driver only"
 
     @invariant()
     def done_counts_what_is_journaled_or_held(self) -> None:
