@@ -1,5 +1,5 @@
-"""The quickstart: a Task and a ParallelTask on the cluster named by $ACTORS_ADDRESS,
-or on a LocalCluster of its own when run on its own.
+"""The quickstart: a Task, a ParallelTask and a batched map on the cluster named by
+$ACTORS_ADDRESS, or on a LocalCluster of its own when run on its own.
 
     python -m actors.master --workers 2 --port 0 --run examples/quickstart.py
 """
@@ -30,3 +30,6 @@ if __name__ == "__main__":
         total = fut.result(timeout=60)
         assert total == sum(i * i for i in range(10_000))
         print("SumOfSquares(10_000) =", total, "progress:", fut.progress())
+        # Many small tasks as the units of one task, a future each (client.map_batch)
+        squares = client.map_batch(Square, range(10_000))
+        print("map_batch(Square, range(10_000)) sums to", sum(client.gather(squares)))

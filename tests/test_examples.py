@@ -61,6 +61,7 @@ def test_the_quickstart_of_the_readmes_first_command_prints_its_results(tmp_path
     assert "Square(7) = 49" in lines, done.stdout
     total = sum(i * i for i in range(10_000))
     assert f"SumOfSquares(10_000) = {total} progress: (10000, 10000)" in lines, done.stdout
+    assert f"map_batch(Square, range(10_000)) sums to {total}" in lines, done.stdout
     # on the master's cluster (ACTORS_ADDRESS): one master started and one client joined it,
     # no cluster that Client() would start for itself
     events = [json.loads(line)["event"] for line in done.stderr.splitlines() if line.startswith("{")]
