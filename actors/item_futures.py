@@ -272,7 +272,9 @@ def prepare_maps(client: Client, task: type[Task] | Callable[..., Any], code: by
             half = len(chunk) // 2
             pending[:0] = [chunk[:half], chunk[half:]]
             continue
-        submit = msgspec.structs.replace(one.submit, task_id=client._new_task_id(prefix), items=True)
+        # Named for people (client.tasks(), the dashboard, the CLI): the task's code is MapOf's.
+        submit = msgspec.structs.replace(one.submit, task_id=client._new_task_id(prefix),
+                                         name=f"map_batch({name})"[:1024], items=True)
         maps.append((one._replace(name=name, submit=submit), len(chunk)))
     return maps
 

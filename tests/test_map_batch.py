@@ -205,6 +205,8 @@ def test_every_item_has_its_own_result_and_one_that_raises_fails_alone(client: C
     assert "Remote traceback" in shown(error) and "test_map_batch.py" in shown(error)
     assert 'raise ValueError(f"no square for {x}", x)' in shown(error)
     assert futures[7].status == "erred" and futures[8].status == "finished"
+    listed = {t.task_id: t for t in client.tasks()}[futures[0].map_future.task_id]
+    assert listed.name == "map_batch(Square)"
     with pytest.raises(ValueError, match="no square for 7"):
         futures[7].result()
     # Its output is its own; its story is its map's.
