@@ -651,6 +651,21 @@ class Client:
             made += batched.make_items(self, batch, size, self._item_future_type())
         return made
 
+    def _say_holding(self) -> None:
+        """Tell the master, again connected, which futures this client holds (``Holding``):
+        a ``Release`` sent into the connection that dropped is made good. Under the send lock,
+        in order with submits: a future registered after the snapshot is sent after it."""
+        with self._send_lock:
+            if self._closed:
+                return
+            held = m.encode(m.Holding(list(self._futures.keys())))
+            if self._max_message and len(held) > self._max_message:
+                log.warning("holding_not_said", futures=len(self._futures),
+                            hint="results of futures released while the connection was down "
+                                 "stay kept until this client leaves")
+                return
+            self._hub.send_in_order(MASTER, [held])
+
     def _new_task_id(self, name: str) -> str:
         return _task_ids.new(name)
 
@@ -1245,6 +1260,7 @@ class Client:
                         if code and not submit.code:  # a new master may not have it
                             submit = msgspec.structs.replace(submit, code=code)
                         self._resend(submit)
+                    self._say_holding()
                 self._master_id, self._epoch = master_id, epoch
                 self._unwelcomed_since = None
                 # (after the submits above: a request may name one of them)

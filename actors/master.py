@@ -1017,6 +1017,12 @@ class Master(HubShell):
                 self._apply(ev.TasksDetached(self.now, peer.peer_id, tuple(task_ids)))
             case m.Release(task_ids=task_ids):
                 self._drop_unused(self.inputs.released(peer.peer_id, task_ids))
+            case m.Holding(task_ids=task_ids):
+                released = self.inputs.holding(peer.peer_id, set(task_ids))
+                if released:
+                    self.log.info("releases_made_good", client_id=peer.peer_id,
+                                  tasks=len(released))
+                self._drop_unused(released)
             case m.Bye():
                 self.peers = {k: p for k, p in self.peers.items() if p is not peer}
                 self.log.info("client_left", peer=peer.peer_id)

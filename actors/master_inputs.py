@@ -120,6 +120,15 @@ class InputBook:
                 unused.append(task_id)
         return unused
 
+    def holding(self, client_id: str, held: set[str]) -> list[str]:
+        """The client holds the futures of ``held`` alone (it says so on a connection made
+        again: a ``Release`` may have been lost with the one that dropped): each other result
+        kept for it is released, however many of its futures it had; those now unused."""
+        gone = [t for t, c in self.refs.items() if c == client_id and t not in held]
+        for task_id in gone:
+            self.more_refs.pop(task_id, None)
+        return self.released(client_id, gone)
+
     def client_gone(self, client_id: str) -> None:
         """Its futures are gone with it (its unfinished tasks end as cancelled, and each end
         lets its inputs go)."""

@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 16  # 16: Submit.items, ItemsDone (client.map_batch); 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 16  # 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
@@ -346,6 +346,14 @@ class Detach(Message, frozen=True):
 class Release(Message, frozen=True):
     """client -> master: nothing here holds these tasks' futures any more: their results need
     not be kept as inputs for later tasks (once the tasks waiting for them have run)."""
+
+    task_ids: list[str]
+
+
+class Holding(Message, frozen=True):
+    """client -> master, on a connection made again to the same master: the only tasks whose
+    futures it holds now. A ``Release`` lost with the connection that dropped is made good: the
+    rest of its results go as if released."""
 
     task_ids: list[str]
 
@@ -898,6 +906,7 @@ AnyMessage = (
     | Accepted
     | Received
     | Release
+    | Holding
     | Detach
     | Scatter
     | ScatterAt

@@ -4,11 +4,14 @@ processes, the session's LocalCluster; across two nodes in test_unit_dependencie
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import os
 import pickle
+import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -173,6 +176,29 @@ def test_a_released_input_cannot_be_named_again(client: Client) -> None:
     client.info()  # (a round trip: the master has read the release by its answer)
     with pytest.raises(InputLost, match="released"):
         _forged(client, [task_id]).result(timeout=60)
+
+
+def test_a_release_lost_with_a_dropped_connection_is_made_good_on_the_next() -> None:
+    """A Release sent into a connection that drops is lost: the master kept that result until
+    the client left. On a connection made again the client says what it holds (Holding). The
+    connection drops for real: the master paused 4 s, past the transport's 3 s heartbeat."""
+    with LocalCluster(workers=1) as cluster, Client(cluster) as client:
+        kept, gone = client.submit(inc, 1), client.submit(inc, 2)
+        assert (kept.result(timeout=60), gone.result(timeout=60)) == (2, 3)
+        gone_id = gone.task_id
+        client._released = collections.deque(maxlen=0)  # its Release lost, as in a dropped link
+        del gone
+        gc.collect()
+        assert _forged(client, [gone_id]).result(timeout=60) == 1  # the master still keeps it
+        os.kill(cluster.pid, signal.SIGSTOP)
+        time.sleep(4)  # (the fault itself: the client's connection drops)
+        os.kill(cluster.pid, signal.SIGCONT)
+
+        def refused() -> bool:
+            return isinstance(_forged(client, [gone_id]).exception(timeout=60), InputLost)
+
+        wait_until(refused, 30, "the master to let the lost release's result go")
+        assert client.submit(inc, kept).result(timeout=60) == 3  # what is held stays
 
 
 def test_inputs_held_on_the_node_are_fetched_by_the_worker_and_released_with_the_futures(

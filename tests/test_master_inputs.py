@@ -63,6 +63,19 @@ def test_data_scattered_again_counts_each_future() -> None:
     assert book.released("c1", ["scatter-x"]) == ["scatter-x"]
 
 
+def test_what_a_client_holds_after_a_reconnect_is_all_that_stays_kept_for_it() -> None:
+    book = InputBook()
+    for task_id, client_id in (("a", "c1"), ("b", "c1"), ("x", "c1"), ("o", "c2")):
+        book.submitted(task_id, client_id, ())
+        book.ended(task_id, "done", task_id.encode())
+    book.referenced_again("x", "c1")  # two futures of it, however many
+    book.submitted("t", "c1", ["b"])  # b is an input of a task not run yet
+    assert sorted(book.holding("c1", {"a", "t"})) == ["x"]  # b stays while t needs it
+    assert sorted(book.kept) == ["a", "b", "o"]  # another client's is not this one's to say
+    assert book.check("u", "c1", "x", None) is not None  # released: no later task takes it
+    assert sorted(book.ended("t", "done", b"t")) == ["b"]  # t ran: b goes
+
+
 def test_a_client_gone_takes_its_kept_results_with_it_but_not_those_in_use() -> None:
     book = InputBook()
     book.submitted("a", "c1", ())
