@@ -8,7 +8,8 @@ against the wall time per item it tells a CPU-bound path from one that waits. Pa
 ``py-spy record --gil --threads -p PID`` on the pids it prints to see the functions.
 
 Workloads: ``tiny`` (no-op units of one ParallelTask), ``many`` (independent no-op tasks),
-``latency`` (sequential round trips), ``sleep`` (10 ms sleep units).
+``batch`` (the same as ``client.map_batch``), ``latency`` (sequential round trips), ``sleep``
+(10 ms sleep units).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from bench.peers import ActorsRuntime, Session
 
 _TICKS = os.sysconf("SC_CLK_TCK")
-DEFAULT_SIZES = {"tiny": 20_000, "many": 2_000, "latency": 300, "sleep": 200}
+DEFAULT_SIZES = {"tiny": 20_000, "many": 2_000, "batch": 20_000, "latency": 300, "sleep": 200}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -73,6 +74,8 @@ def workload(name: str, n: int, session: Session) -> Callable[[], None]:
         return lambda: session.map_units("sleep_10ms", n)
     if name == "many":
         return lambda: session.submit_each(n)
+    if name == "batch":
+        return lambda: session.submit_batch(n)
 
     def round_trips() -> None:
         for _ in range(n):
