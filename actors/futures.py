@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import gc
 import html
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -398,3 +400,21 @@ def _settle(target: asyncio.Future[Any] | concurrent.futures.Future[Any], fut: F
         target.set_result(fut._wait_result(0))
     except BaseException as exc:  # the task's error, TaskCancelled, MasterLost
         target.set_exception(exc)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic collection while many futures are made or ended at once (a batched map's; a
+    plain ``map``'s futures, tried the same way, measured nothing: 10,575 against 9,619 tasks/s,
+    within the spread, its master the bound): what is made there is in no cycle, and each young collection the allocations trigger, and the full
+    ones they lead to, walk the user's whole heap (20,000 items of a batched map on a heap of
+    3 x 10^5 objects: 15-25 us an item with the collector, 6.5-9 without). Left off where the
+    user turned it off."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()

@@ -13,12 +13,10 @@ the whole map, and takes the whole map's result where it runs).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import gc
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -36,6 +34,7 @@ from actors.futures import (
     _call_back,
     _Parts,
     check_grace,
+    collector_paused,
 )
 from actors.inputs import reduce_future
 from actors.mapping import ItemFailed, MapOf
@@ -72,7 +71,7 @@ class Batch:
         map. One that does not load here is left for the map's end, which says why."""
         items, ends = self.items, []
         self.began = True
-        with _collector_paused():
+        with collector_paused():
             for index, count, blob in done:
                 if not 0 <= index < len(items) or not 0 <= count <= len(items) - index:
                     continue
@@ -113,7 +112,7 @@ class Batch:
         except BaseException as exc:  # (its result did not load here: no item has one)
             _finish_all(ended._client, [(item, _ERRED, None, exc) for _, item in waiting])
             return
-        with _collector_paused():
+        with collector_paused():
             ends = [_outcome(item, values[i]) for i, item in waiting]
         _finish_all(ended._client, ends)
 
@@ -142,7 +141,7 @@ def _finish_all(client: Client,
     """``Future._finish`` for many: the futures' waiters are told once, not once an item (a
     map of 10^4 items ends at once)."""
     called: list[tuple[Callable[[Future], None], bool, Future]] = []
-    with _collector_paused():
+    with collector_paused():
         _end_each(client, ends, called)
     with client._futures_done:
         client._futures_done.notify_all()
@@ -296,27 +295,11 @@ def make_items(client: Client, batch: Batch, count: int,
     through a weak reference: a map whose items are all dropped is released at once, not when
     the cyclic collector runs)."""
     name = batch.future.name
-    with _collector_paused():
+    with collector_paused():
         made = [future_type(client, batch, i, name) for i in range(count)]
         batch.items = [weakref.ref(item) for item in made]
     batch.future._on_end(functools.partial(_settle, weakref.ref(batch)))
     return made
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic collection while a map's futures are made or ended at once: what is made
-    there is in no cycle, and each young collection the allocations trigger, and the full ones
-    they lead to, walk the user's whole heap (20,000 items on a heap of 3 x 10^5 objects: 15-25
-    us an item with the collector, 6.5-9 without)."""
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()
 
 
 def _settle(batch: weakref.ref[Batch], ended: Future) -> None:
