@@ -615,9 +615,10 @@ class Client:
         ``item_futures.BATCH_ITEMS`` items), in packs sized from their measured time, instead of
         one task instance each: ~0.3 us of the master's CPU an item, not ~60. A future per item
         still, with the item's own result or error (an item that raises fails alone; it is run
-        again up to ``retries`` times first). What differs from ``map``'s futures: an item's
-        ``cancel`` stops its map only once every item of it is cancelled, its ``story`` is its
-        map's, and a later task that takes it as an argument waits for its whole map.
+        again up to ``retries`` times first). What differs from ``map``'s futures: an item ends
+        with the pack of items it ran in, its ``cancel`` stops its map only once no item of it
+        is waited for, its ``story`` is its map's, and a later task that takes it as an argument
+        waits for its whole map.
         ``task``: a Task class or a function (a deployed task's name: ``map``). Items that hold
         futures go one task each, as ``map`` sends them."""
         from actors import item_futures as batched

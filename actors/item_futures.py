@@ -36,7 +36,7 @@ from actors.futures import (
     check_grace,
     collector_paused,
 )
-from actors.inputs import reduce_future
+from actors.inputs import item_of, reduce_cancelled_item, reduce_future
 from actors.mapping import ItemFailed, MapOf
 from actors.serialize import loads, loads_parts
 from actors.task import Task
@@ -103,9 +103,12 @@ class Batch:
             # The payload read, not waited for (this is the receive thread) nor kept loaded
             # (the map's future keeps its bytes; its items, their values).
             payload = ended._payload
-            values = (loads(payload.result) if isinstance(payload, m.TaskDone)
-                      else loads_parts(payload._parts) if isinstance(payload, _Parts)
-                      and not payload._loaded else ended._wait_result(0))
+            if isinstance(payload, m.TaskDone):
+                values = loads(payload.result)
+            elif isinstance(payload, _Parts):
+                values = payload._value if payload._loaded else loads_parts(payload._parts)
+            else:
+                raise TypeError(f"the map {ended.task_id} ended without a result")
             if type(values) is not list or len(values) != len(items):
                 raise TypeError(f"the map {ended.task_id} came back as {type(values).__name__}"
                                 f", not a list of its {len(items)} items' outcomes")
@@ -164,7 +167,7 @@ def _end_each(client: Client, ends: Sequence[tuple[ItemFuture, str, Any, BaseExc
             item._ended = True
             callbacks, item._callbacks = item._callbacks, ()
             client._awaited.pop(item.task_id, None)
-        called += [(fn, inline, item) for fn, inline in callbacks]
+        called.extend((fn, inline, item) for fn, inline in callbacks)
 
 
 class ItemFuture(Future):
@@ -185,8 +188,6 @@ class ItemFuture(Future):
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Among a task's arguments: its map's result, indexed where that task runs."""
-        from actors.inputs import item_of, reduce_cancelled_item
-
         if self.cancelled():  # as a cancelled task's future: the later task fails, InputFailed
             return reduce_cancelled_item(self)
         reduce_future(self._batch.future)  # the map is the later task's input
@@ -207,8 +208,9 @@ class ItemFuture(Future):
 
     def cancel(self, timeout: float = 10.0, grace: float = m.STOP_GRACE_S) -> bool:
         """Cancel the item: its future ends cancelled at once. The map's task goes on for its
-        other items; once every item of it is cancelled, so is it, on the cluster (as
-        ``Future.cancel``, within ``timeout``, its code given ``grace`` to stop)."""
+        other items; once none of them is waited for (``Batch.unwanted``), it is cancelled on
+        the cluster (as ``Future.cancel``, within ``timeout``, its code given ``grace`` to
+        stop)."""
         check_grace(grace)
         for whole in cancel_items([self]):
             Future.cancel(whole, timeout, grace)  # (blocking: an AsyncFuture's is a coroutine)

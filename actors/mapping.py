@@ -1,4 +1,4 @@
-"""``client.map(task, items, batch=True)``: a map of small tasks run as the work units of one
+"""``client.map_batch(task, items)``: a map of small tasks run as the work units of one
 ParallelTask (``MapOf``) instead of one task instance each.
 
 A plain task instance costs the master its own record, queue entry, assignment, result
@@ -7,7 +7,7 @@ ranges for ~0.3 us each. Here each item is a unit: the driver slices the items' 
 worker of the task holds the items themselves (the task's arguments), and ``work_unit`` runs
 the user's task on one item, catching what it raises so that one item's error fails that item
 alone (``ItemFailed``), not the map. The map's result is every item's outcome, in order; the
-client hands each to its item's future (``client.ItemFuture``).
+client hands each to its item's future (``item_futures.ItemFuture``).
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ class Pickled:
 
 
 class MapOf(ParallelTask):
-    """Runs ``task`` (a Task class, or a function; pickled, or not) on each item of ``items`` (positional
-    argument tuples, with ``kwargs`` for every one), each item a unit; an item that raises is
-    run again up to ``retries`` times where it is, then its error is its outcome."""
+    """Runs ``task`` (a Task class or a function, pickled as a task's code or not) on each item
+    of ``items`` (positional argument tuples, with ``kwargs`` for every one), each item a unit;
+    an item that raises is run again up to ``retries`` times where it is, then its error is its
+    outcome."""
 
     _task_call: Callable[[int], Any] | None = None
     _task_join_error: BaseException | None = None  # why this worker could not hold the items
