@@ -98,10 +98,8 @@ class AsyncClient:
                      grace: float = m.STOP_GRACE_S) -> int:
         """As ``Future.cancel`` for one future (True once cancelled), as ``Client.cancel`` for
         a structure of them (how many were cancelled), without blocking the loop."""
-        if isinstance(futures, ItemFuture):
-            return await asyncio.to_thread(ItemFuture.cancel, futures, timeout, grace)
         if isinstance(futures, Future):
-            return await asyncio.to_thread(Future.cancel, futures, timeout, grace)
+            return await asyncio.to_thread(futures._cancel, timeout, grace)
         return await asyncio.to_thread(self.sync.cancel, futures, timeout, grace)
 
     # --- waiting --------------------------------------------------------------
@@ -192,7 +190,7 @@ class AsyncFuture(Future):
     async def cancel(self, timeout: float = 10.0,  # type: ignore[override]
                      grace: float = m.STOP_GRACE_S) -> bool:
         """As ``Future.cancel``; the round trip to the master off the loop."""
-        return await asyncio.to_thread(Future.cancel, self, timeout, grace)
+        return await asyncio.to_thread(self._cancel, timeout, grace)
 
     async def story(  # type: ignore[override]
             self, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
@@ -231,15 +229,7 @@ def _set(waiter: asyncio.Future[None]) -> None:
 
 
 class AsyncItemFuture(ItemFuture, AsyncFuture):
-    """An item's future of an ``AsyncClient``'s ``map_batch``: as ``AsyncFuture``, with an item's
-    ``cancel`` and ``story`` (``item_futures.ItemFuture``)."""
+    """An item's future of an ``AsyncClient``'s ``map_batch``: ``AsyncFuture``'s coroutines
+    over an item's blocking calls (``item_futures.ItemFuture``)."""
 
     __slots__ = ()
-
-    async def cancel(self, timeout: float = 10.0,  # type: ignore[override]
-                     grace: float = m.STOP_GRACE_S) -> bool:
-        return await asyncio.to_thread(ItemFuture.cancel, self, timeout, grace)
-
-    async def story(  # type: ignore[override]
-            self, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
-        return await asyncio.to_thread(ItemFuture.story, self, timeout)

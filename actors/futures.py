@@ -180,6 +180,10 @@ class Future:
         while the master is away (restarting on its state directory), the request goes when it
         is back, within ``timeout``; no answer by then raises ``TimeoutError``.
         """
+        return self._cancel(timeout, grace)
+
+    def _cancel(self, timeout: float, grace: float) -> bool:
+        """``cancel``, blocking (an ``AsyncFuture``'s ``cancel`` is a coroutine that runs it)."""
         check_grace(grace)
         if self.done():
             return self.cancelled()

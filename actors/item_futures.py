@@ -206,22 +206,18 @@ class ItemFuture(Future):
     def running(self) -> bool:
         return self.status == _RUNNING
 
-    def cancel(self, timeout: float = 10.0, grace: float = m.STOP_GRACE_S) -> bool:
-        """Cancel the item: its future ends cancelled at once. The map's task goes on for its
+    def _cancel(self, timeout: float, grace: float) -> bool:
+        """``cancel``: the item's future ends cancelled at once. The map's task goes on for its
         other items; once none of them is waited for (``Batch.unwanted``), it is cancelled on
-        the cluster (as ``Future.cancel``, within ``timeout``, its code given ``grace`` to
-        stop)."""
+        the cluster (as a task's, within ``timeout``, its code given ``grace`` to stop)."""
         check_grace(grace)
         for whole in cancel_items([self]):
-            Future.cancel(whole, timeout, grace)  # (blocking: an AsyncFuture's is a coroutine)
+            whole._cancel(timeout, grace)
         return self.cancelled()
 
     def _cluster_future(self) -> Future:
+        """Its map's: ``story()`` and ``Client.story`` tell the map's (its unit ``unit <i>``)."""
         return self._batch.future
-
-    def story(self, timeout: float = 10.0) -> list[tuple[str, str, str, str, float]]:
-        """Its map's story (where the item's unit is ``unit <index>``)."""
-        return self._batch.future.story(timeout)
 
     def _show_output(self, waiting: bool) -> None:
         self._batch.future._show_output(waiting)  # (in a notebook: its map's, as it comes)
