@@ -54,20 +54,16 @@ from actors.errors import (
     UnknownTask,
 )
 from actors.functions import check_function_arguments, function_task
-from actors.futures import (  # noqa: F401 (Future and its statuses: their old home)
+from actors.futures import (  # (Future's old home: ``from actors.client import Future``)
     _CANCELLED,
     _DONE,
     _ERRED,
     _LOST,
     _QUEUED,
     _RUNNING,
-    MAX_LINES_KEPT,
-    WAIT_STEP_S,
     Future,
-    _call_back,
     _Callbacks,
     _Parts,
-    _settle,
     check_grace,
 )
 from actors.inputs import collecting
