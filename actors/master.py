@@ -198,6 +198,7 @@ class Peer:
     # ``key`` as text, the owner of its tasks: one string shared by all of them (decoded for
     # each, it took ~90 bytes of every queued task).
     owner: str = ""
+    holding_said: bool = False  # a client's Holding, taken once a Hello (each walks its refs)
 
 
 @dataclass
@@ -1017,7 +1018,10 @@ class Master(HubShell):
                 self._apply(ev.TasksDetached(self.now, peer.peer_id, tuple(task_ids)))
             case m.Release(task_ids=task_ids):
                 self._drop_unused(self.inputs.released(peer.peer_id, task_ids))
+            case m.Holding() if peer.holding_said:
+                self.log.debug("holding_ignored", client_id=peer.peer_id)
             case m.Holding(task_ids=task_ids):
+                peer.holding_said = True
                 released = self.inputs.holding(peer.peer_id, set(task_ids))
                 if released:
                     self.log.info("releases_made_good", client_id=peer.peer_id,

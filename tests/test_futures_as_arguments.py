@@ -199,6 +199,8 @@ def test_a_release_lost_with_a_dropped_connection_is_made_good_on_the_next() -> 
 
         wait_until(refused, 30, "the master to let the lost release's result go")
         assert client.submit(inc, kept).result(timeout=60) == 3  # what is held stays
+        client._send(m.Holding([]))  # once a connection: another would cost a walk of them all
+        assert client.submit(inc, kept).result(timeout=60) == 3
 
 
 def test_inputs_held_on_the_node_are_fetched_by_the_worker_and_released_with_the_futures(
