@@ -651,11 +651,16 @@ class Client:
     def _say_holding(self) -> None:
         """Tell the master, again connected, which futures this client holds (``Holding``):
         a ``Release`` sent into the connection that dropped is made good. Under the send lock,
-        in order with submits: a future registered after the snapshot is sent after it."""
+        in order with submits: a future registered after the snapshot is sent after it. A
+        released future's id still there is harmless: its Release follows, on the tick."""
         with self._send_lock:
-            if self._closed:
+            if self._closed or self._said_bye:
                 return
-            held = m.encode(m.Holding(list(self._futures.keys())))
+            # Its refs copied in one call, as _unfinished does (other threads' submits add to it
+            # outside this lock); a scatter still asked for is held once its answer comes.
+            with self._waiting_lock:
+                asked = [a.task_id for a in self._asking.values() if isinstance(a, m.Scatter)]
+            held = m.encode(m.Holding([*(ref.key for ref in self._futures.valuerefs()), *asked]))
             if self._max_message and len(held) > self._max_message:
                 log.warning("holding_not_said", futures=len(self._futures),
                             hint="results of futures released while the connection was down "
@@ -715,20 +720,21 @@ class Client:
         try:
             self._send_unless_away(request)
             done = replies.get(timeout=timeout + size / FETCH_RATE)
+            assert isinstance(done, m.ScatterDone)
+            if not done.reason:  # held before it is no longer asked for (see _say_holding)
+                fut = self._future_type(self, task_id, "scatter")
+                kept = _Parts(task_id, [])
+                kept._value, kept._loaded = data, True
+                fut._finish(_DONE, kept)
+                self._futures[task_id] = fut
         except queue.Empty:
             raise TimeoutError(f"the scatter of {size:,} bytes was not confirmed within "
                                f"{timeout}s") from None
         finally:
             self._stop_waiting(key, replies)
             self._scattering.pop(task_id, None)
-        assert isinstance(done, m.ScatterDone)
         if done.reason:
             raise ScatterFailed(task_id, done.reason)
-        fut = self._future_type(self, task_id, "scatter")
-        kept = _Parts(task_id, [])
-        kept._value, kept._loaded = data, True
-        fut._finish(_DONE, kept)
-        self._futures[task_id] = fut
         return fut
 
     def gather(self, futures: Any, errors: str = "raise") -> Any:

@@ -415,9 +415,9 @@ def collector_paused() -> Iterator[None]:
     3 x 10^5 objects: 15-25 us an item with the collector, 6.5-9 without). Left off where the
     user turned it off."""
     paused = gc.isenabled()
-    if paused:
-        gc.disable()
     try:
+        if paused:
+            gc.disable()
         yield
     finally:
         if paused:

@@ -77,7 +77,7 @@ class Batch:
                     continue
                 try:
                     values = loads(blob) if count else [loads(blob)]
-                except Exception:
+                except BaseException:  # (a user's __setstate__: not on this thread)
                     continue
                 if type(values) is not list or len(values) != max(1, count):
                     continue
@@ -113,7 +113,8 @@ class Batch:
                 raise TypeError(f"the map {ended.task_id} came back as {type(values).__name__}"
                                 f", not a list of its {len(items)} items' outcomes")
         except BaseException as exc:  # (its result did not load here: no item has one)
-            _finish_all(ended._client, [(item, _ERRED, None, exc) for _, item in waiting])
+            _finish_all(ended._client, [(item, _ERRED, None, _own_error(exc, item))
+                                        for _, item in waiting])
             return
         with collector_paused():
             ends = [_outcome(item, values[i]) for i, item in waiting]

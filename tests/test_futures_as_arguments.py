@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,55 @@ def test_a_release_lost_with_a_dropped_connection_is_made_good_on_the_next() -> 
         assert client.submit(inc, kept).result(timeout=60) == 3  # what is held stays
         client._send(m.Holding([]))  # once a connection: another would cost a walk of them all
         assert client.submit(inc, kept).result(timeout=60) == 3
+
+
+class _Sent:
+    """What ``Client._say_holding`` needs of a client, and what it sent."""
+
+    def __init__(self) -> None:
+        self._send_lock, self._waiting_lock = threading.Lock(), threading.Lock()
+        self._closed = self._said_bye = False
+        self._max_message = 0
+        self._asking: dict[str, m.Message] = {}
+        self._futures: weakref.WeakValueDictionary[str, Future] = weakref.WeakValueDictionary()
+        self._hub = self
+        self.sent: list[m.Holding] = []
+
+    def send_in_order(self, socket: str, frames: list[bytes]) -> None:
+        msg = m.decode(frames[0])
+        assert isinstance(msg, m.Holding)
+        self.sent.append(msg)
+
+
+def test_holding_names_the_scatters_still_asked_for_and_survives_submits_meanwhile() -> None:
+    client = _Sent()
+    held = [Future(client, f"t{i}", "inc") for i in range(20_000)]  # type: ignore[arg-type]
+    for fut in held:
+        client._futures[fut.task_id] = fut
+    client._asking["scatter s"] = m.Scatter("scatter-s", b"x")  # its future comes with its answer
+    client._asking["story t0"] = m.StoryRequest("t0")
+    more: list[Future] = []
+    stop = threading.Event()
+
+    def submits() -> None:  # another thread's submits register futures without the send lock
+        for i in range(200_000):
+            if stop.is_set():
+                return
+            fut = Future(client, f"u{i}", "inc")  # type: ignore[arg-type]
+            more.append(fut)
+            client._futures[fut.task_id] = fut
+
+    thread = threading.Thread(target=submits)
+    thread.start()
+    try:
+        for _ in range(20):
+            Client._say_holding(client)  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert len(client.sent) == 20
+    for said in client.sent:
+        assert {"t0", "t19999", "scatter-s"} <= set(said.task_ids)
 
 
 def test_inputs_held_on_the_node_are_fetched_by_the_worker_and_released_with_the_futures(
