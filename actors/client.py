@@ -532,6 +532,11 @@ class Client:
                     unaccepted[submit.task_id] = (submit, item.code)
                 self._outbox.send_all(MASTER, [body for _, _, body in ready])
                 self._shipped |= shipping
+            if self._batches:  # a batched map a task sent now takes is no longer its items' to end
+                for item in prepared:
+                    for input_id in item.submit.inputs:
+                        if (batch := self._batches.get(input_id)) is not None:
+                            batch.an_input = True
         except BaseException:
             # Never sent: nothing to release when they go (their weak registrations go with
             # them).

@@ -58,7 +58,9 @@ class Batch:
         self.future = future
         self.items: list[weakref.ref[ItemFuture]] = []
         self.began = False  # an item ended: the map runs (its client hears so on a tick)
-        self.an_input = False  # an item went among a later task's arguments: that task needs it
+        # An item went among the arguments of a later task, sent (Client._submit_all): that
+        # task needs the whole map.
+        self.an_input = False
 
     def unwanted(self) -> bool:
         """No item of the map is waited for: each held one has ended (one cancelled, say), and
@@ -191,8 +193,7 @@ class ItemFuture(Future):
         """Among a task's arguments: its map's result, indexed where that task runs."""
         if self.cancelled():  # as a cancelled task's future: the later task fails, InputFailed
             return reduce_cancelled_item(self)
-        reduce_future(self._batch.future)  # the map is the later task's input
-        self._batch.an_input = True  # (cancelling its items no longer cancels it)
+        reduce_future(self._batch.future)  # the map is the later task's input (Batch.an_input)
         return item_of, (self._batch.future.task_id, self._index)
 
     @property

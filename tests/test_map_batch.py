@@ -327,6 +327,13 @@ def test_an_item_a_later_task_takes_keeps_its_map_from_a_cancel(client: Client,
     failed = client.submit(Add, items[0], 1).exception(timeout=60)
     assert type(failed) is InputFailed and failed.input_id == items[0].task_id
     assert type(failed.__cause__) is TaskCancelled
+    # A submit refused before it was sent takes nothing: its map goes with its items' cancel.
+    gate.unlink()
+    others = client.map_batch(Gated, range(4), gate=str(gate))
+    with pytest.raises(ArgumentsNotSerializable):
+        client.submit(Add, others[0], threading.Lock())
+    assert client.cancel(others) == 4
+    wait_until(lambda: others[0].map_future.cancelled(), 30, "the map to be cancelled")
 
 
 @pytest.mark.processes
