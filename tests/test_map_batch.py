@@ -31,13 +31,14 @@ from actors.errors import (
     ClientClosed,
     InputFailed,
     InvalidArguments,
+    MasterLost,
     TaskCancelled,
     TaskStopped,
 )
-from actors.futures import Future
+from actors.futures import Future, _Parts
 from actors.item_futures import ItemFuture
 from actors.mapping import ItemFailed, MapOf
-from actors.serialize import describe_failure, dumps
+from actors.serialize import describe_failure, dumps, loads
 from actors.task import StopFlag
 from tests.conftest import descendants, shown, wait_until
 
@@ -155,8 +156,20 @@ def test_a_value_that_cannot_be_pickled_fails_its_item_alone() -> None:
     mapped = started(lambda x: threading.Lock() if x else x, [(0,), (1,)])
     assert mapped.work_unit(0) == 0
     failed = mapped.work_unit(1)
-    assert type(failed) is ItemFailed and "ResultNotSerializable" in failed.type_name
-    assert "lock" in failed.message
+    assert type(failed) is ItemFailed and failed.type_name.endswith(".ResultNotSerializable")
+    assert "lock" in failed.message and "<lambda>" in failed.message and "unit 1" in failed.message
+
+
+class Records(Task):
+    def work(self, x: int, scale: int = 1) -> tuple[str, bool, int]:
+        return self.task_id, self._task_reports_progress, x * scale
+
+
+def test_an_item_is_a_fresh_instance_of_its_own_and_takes_the_shared_keywords() -> None:
+    mapped = started(Records, [(2,), (3,)], {"scale": 10})
+    assert [loads(mapped.work_unit(i).data) for i in (0, 1)] == [
+        ("MapOf-1#0", False, 20), ("MapOf-1#1", False, 30)]  # its progress is the map's
+    assert started(lambda x, k: x * k, [(2,)], {"k": 7}).work_unit(0) == 14  # a function too
 
 
 class _Waiters:
@@ -181,13 +194,62 @@ def test_items_delivered_in_packs_end_their_futures_and_what_is_wrong_is_dropped
                    (-1, 0, dumps(0)), (9, 0, dumps(0)),  # outside the map
                    (5, 0, b"not a pickle"), (4, 2, dumps([1]))])  # does not load, short
     assert [f.done() for f in items] == [True] * 4 + [False] * 2
-    assert [items[0].result(), items[1].result(), items[3].result()] == [10, 11, 13]
+    assert [items[0].result(timeout=1), items[1].result(timeout=1), items[3].result(timeout=1)] == [10, 11, 13]
     assert items[2].status == "erred" and items[4].status == "running"
     batch.deliver([(0, 0, dumps(99))])
-    assert items[0].result() == 10  # the first outcome stands
-    whole._finish("finished", m.TaskDone("m-1", dumps([10, 11, failed, 13, 14, 15])))
-    assert [f.result() for f in (items[4], items[5])] == [14, 15]
-    assert type(items[2].exception()) is ValueError
+    assert items[0].result(timeout=1) == 10  # the first outcome stands
+    items[4].cancel()  # (item 5 is still waited for: its map goes on)
+    batch.deliver([(9, 0, dumps(0)), (4, 2, dumps([14, 15]))])  # one wrong entry skips itself
+    assert items[5].result(timeout=1) == 15 and items[4].cancelled()
+    whole._finish("finished", m.TaskDone("m-1", dumps([10, 11, failed, 13, 99, 99])))
+    assert items[4].cancelled() and items[5].result(timeout=1) == 15  # ended ones keep their end
+    assert type(items[2].exception(timeout=1)) is ValueError
+
+
+def _settled(payload: object, status: str = "finished",
+             error: BaseException | None = None) -> list[ItemFuture]:
+    """Three items of a map that ends with ``payload``, none delivered before."""
+    client = _Waiters()
+    whole = Future(client, "m-2", "Square", "parallel")  # type: ignore[arg-type]
+    items = item_futures.make_items(client, item_futures.Batch(whole), 3,  # type: ignore[arg-type]
+                                    ItemFuture)
+    dropped = items.pop(1)  # an item nobody holds: its outcome goes nowhere
+    del dropped
+    whole._finish(status, payload, error)  # type: ignore[arg-type]
+    return items
+
+
+def test_items_not_delivered_take_their_outcome_from_their_maps_end() -> None:
+    for payload in (m.TaskDone("m-2", dumps([0, 1, 4])), _loaded([0, 1, 4]),
+                    _Parts("m-2", [dumps([0, 1, 4])])):
+        assert [f.result(timeout=1) for f in _settled(payload)] == [0, 4]
+    for wrong in (m.TaskDone("m-2", dumps([0, 1])), m.TaskDone("m-2", dumps("no")), None):
+        errors = [f.exception(timeout=1) for f in _settled(wrong)]
+        assert all(type(e) is TypeError and "m-2" in str(e) for e in errors), errors
+        assert errors[0] is not errors[1]  # one each: raising it again grows its traceback
+    lost = [f.exception(timeout=1) for f in _settled(None, "lost", MasterLost("a:1", "gone"))]
+    assert all(type(e) is MasterLost and e.reason == "gone" for e in lost)
+    assert lost[0] is not lost[1]
+    assert all(f.cancelled() for f in _settled(None, "cancelled"))
+
+
+def _loaded(value: object) -> _Parts:
+    parts = _Parts("m-2", [])
+    parts._value, parts._loaded = value, True
+    return parts
+
+
+def test_cancelling_items_cancels_each_where_it_is_and_passes_the_rest_on() -> None:
+    plain = Future(_Waiters(), "t-1", "Square")  # type: ignore[arg-type]
+    assert item_futures.cancel_items([plain]) == [plain]
+    clients = [_Waiters(), _Waiters()]
+    maps = [Future(c, f"m-{i}", "Square", "parallel") for i, c in enumerate(clients)]  # type: ignore[arg-type]
+    items = [item_futures.make_items(c, item_futures.Batch(w), 2, ItemFuture)  # type: ignore[arg-type]
+             for c, w in zip(clients, maps, strict=True)]
+    assert item_futures.cancel_items([plain, items[0][0], items[1][0], items[1][1]]) == [
+        plain, maps[1]]  # the first map has an item still waited for
+    assert all(f.cancelled() for f in (items[0][0], items[1][0], items[1][1]))
+    assert not items[0][1].done()
 
 
 # --- through a cluster ----------------------------------------------------------------------
@@ -344,6 +406,8 @@ def test_closing_the_client_ends_its_items(cluster: LocalCluster, tmp_path: Path
         futures[0].result(timeout=10)
     errors = [f.exception(timeout=1) for f in futures]
     assert all(type(e) is ClientClosed for e in errors) and len({id(e) for e in errors}) == 3
+    assert [(e.client_id, e.task_id) for e in errors] == [(other.client_id, f.task_id)
+                                                         for f in futures]
 
 
 @pytest.mark.processes
