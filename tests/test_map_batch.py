@@ -312,6 +312,11 @@ def test_many_items_go_as_several_maps(client: Client, monkeypatch: pytest.Monke
     futures = client.map_batch(len, [bytes(1000 * i) for i in range(8)])
     assert len({f.map_future.task_id for f in futures}) > 1
     assert [f.result(timeout=60) for f in futures] == [1000 * i for i in range(8)]
+    # The task's code goes in each map whole: it is not what is halved.
+    blob = bytes(8192)
+    futures = client.map_batch(lambda x: x + len(blob), range(8))
+    assert len({f.map_future.task_id for f in futures}) == 1
+    assert [f.result(timeout=60) for f in futures] == [8192 + i for i in range(8)]
 
 
 @pytest.mark.processes
