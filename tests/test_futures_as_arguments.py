@@ -11,7 +11,6 @@ import os
 import pickle
 import signal
 import threading
-import time
 import uuid
 import weakref
 from pathlib import Path
@@ -192,8 +191,11 @@ def test_a_release_lost_with_a_dropped_connection_is_made_good_on_the_next() -> 
         gc.collect()
         assert _forged(client, [gone_id]).result(timeout=60) == 1  # the master still keeps it
         os.kill(cluster.pid, signal.SIGSTOP)
-        time.sleep(4)  # (the fault itself: the client's connection drops)
-        os.kill(cluster.pid, signal.SIGCONT)
+        try:  # paused until the client's connection drops (its heartbeat: 3 s)
+            wait_until(lambda: client._disconnected_since is not None, 30,
+                       "the client to see its connection drop")
+        finally:
+            os.kill(cluster.pid, signal.SIGCONT)
 
         def refused() -> bool:
             return isinstance(_forged(client, [gone_id]).exception(timeout=60), InputLost)
