@@ -38,7 +38,7 @@ def snapshot(state: SchedulerState) -> object:
     and its undo log (empty between calls)."""
     assert len(state._undo) == 0
     return copy.deepcopy({k: v for k, v in vars(state).items()
-                          if k not in ("_seq", "_run_ids", "_undo")})
+                          if k not in ("_seq", "_run_ids", "_worker_seq", "_undo")})
 
 
 def test_every_status_change_of_a_task_is_in_its_story_in_order() -> None:

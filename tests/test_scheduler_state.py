@@ -878,6 +878,38 @@ def test_a_busy_worker_queues_about_50_ms_of_measured_tasks_and_never_more_than_
     assert {s.state.tasks[f"t{i}"].state for i in range(2 + room, 80)} == {"queued"}
 
 
+def test_a_busy_worker_back_from_a_pause_queues_tasks_again(s: Harness) -> None:
+    fast_worker(s)
+    submit(s, "t1", kind="task")
+    s(ev.WorkerPaused, "w1", True, "resident 900 MiB")
+    assert assigned(submit(s, "t2", kind="task")) == []  # paused: nothing queued on it
+    out = s(ev.WorkerPaused, "w1", False, "resident 100 MiB")
+    assert assigned(out) == [("w1", "t2")]
+    assert assigned(submit(s, "t3", kind="task")) == [("w1", "t3")]
+    assert s.state.workers["w1"].queued == deque(["t2", "t3"])
+
+
+def test_queued_tasks_go_to_the_busy_worker_with_fewest_queued_the_first_joined_of_them() -> None:
+    s = Harness()
+    s(ev.NodeJoined, "n1")
+    for w in ("w3", "w1", "w2"):  # join order, not name order
+        s(ev.WorkerReady, "n1", w)
+    submit(s, "t0", kind="task")
+    s(ev.TaskFinished, "w3", "t0", UnitOutcome(-1, True, b"r"), 0.001)
+    for i in range(1, 4):
+        submit(s, f"t{i}", kind="task")
+    assert {w: s.state.workers[w].task_id for w in ("w3", "w1", "w2")} == {
+        "w3": "t1", "w1": "t2", "w2": "t3"}
+    placed = [assigned(submit(s, f"t{i}", kind="task")) for i in range(4, 10)]
+    assert placed == [[("w3", "t4")], [("w1", "t5")], [("w2", "t6")],
+                      [("w3", "t7")], [("w1", "t8")], [("w2", "t9")]]
+    s(ev.TaskFinished, "w1", "t2", UnitOutcome(-1, True, b"2"), 0.001)  # w1: t5 now, t8 queued
+    s(ev.TaskFinished, "w1", "t5", UnitOutcome(-1, True, b"5"), 0.001)  # w1: t8, none queued
+    assert assigned(submit(s, "t10", kind="task")) == [("w1", "t10")]  # fewest: w1's none
+    assert assigned(submit(s, "t11", kind="task")) == [("w1", "t11")]  # 1 against 2 and 2
+    assert assigned(submit(s, "t12", kind="task")) == [("w3", "t12")]  # 2 each: first joined
+
+
 def test_an_unmeasured_task_another_client_or_a_parallel_task_is_not_queued(s: Harness) -> None:
     submit(s, "t1", kind="task")
     assert assigned(submit(s, "t2", kind="task")) == []  # nothing measured yet

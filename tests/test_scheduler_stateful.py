@@ -86,7 +86,7 @@ class FaultyUndo(Undo):
 def snapshot(state: SchedulerState) -> dict[str, object]:
     """All the scheduler keeps but its id counters (they only move on) and its undo log; the
     queue as a set of entries (a heap's layout may differ after a pop is undone)."""
-    kept = {k: v for k, v in vars(state).items() if k not in ("_seq", "_run_ids", "_undo", "_queue")}
+    kept = {k: v for k, v in vars(state).items() if k not in ("_seq", "_run_ids", "_worker_seq", "_undo", "_queue")}
     # A pickle's round trip copies what deepcopy would, several times faster (compared with ==
     # afterwards, so a dict put back in another order is still the same state).
     return pickle.loads(pickle.dumps({**kept, "_queue": sorted(state._queue)}, protocol=5))

@@ -445,6 +445,7 @@ class WorkerRecord:
     # they stopped (WorkerStopped), or it is killed at ``stop_by``.
     stopping: tuple[str, ...] = ()
     stop_by: float = 0.0
+    seq: int = 0  # its join order: who is picked first among equals (_Picker)
 
 
 # The workers of a task that has none: one shared, empty and frozen (an empty set costs a queued
@@ -519,7 +520,6 @@ class _Picker:
     def __init__(self, state: SchedulerState, now: float) -> None:
         self.state = state
         self.late_since = now - LATE_S  # a worker busy since before this queues no more
-        self.order = {worker_id: n for n, worker_id in enumerate(state.workers)}
         self.idle_by_key: dict[WarmKey | None, deque[WorkerRecord]] = {}
         for worker in state.workers.values():
             if worker.task_id is None and not worker.paused and not worker.stopping:
@@ -547,7 +547,7 @@ class _Picker:
     def joined(self, task: TaskRecord, worker: WorkerRecord, *, queued: bool) -> None:
         if queued:  # it was the top of its key's heap: one more task queued now
             heapq.heapreplace(self.busy[task.warm_key], (
-                len(worker.queued), self.order[worker.worker_id], worker.worker_id))
+                len(worker.queued), worker.seq, worker.worker_id))
             return
         for key in (task.warm_key, None):  # it was the first idle one of one of these
             found = self.idle_by_key.get(key)
@@ -556,15 +556,14 @@ class _Picker:
                 break
         busy = self.busy.get(task.warm_key)
         if busy is not None and task.kind is TASK:  # busy with a plain Task: may queue more
-            heapq.heappush(busy, (len(worker.queued), self.order[worker.worker_id],
-                                  worker.worker_id))
+            heapq.heappush(busy, (len(worker.queued), worker.seq, worker.worker_id))
 
     def _busy(self, warm_key: WarmKey) -> list[tuple[int, int, str]]:
         heap = self.busy.get(warm_key)
         if heap is None:
             state = self.state
             heap = self.busy[warm_key] = [
-                (len(w.queued), self.order[w.worker_id], w.worker_id)
+                (len(w.queued), w.seq, w.worker_id)
                 for w in state.workers.values()
                 if w.task_id is not None and w.warm_for == warm_key and not w.paused
                 and not w.stopping and w.since >= self.late_since
@@ -628,6 +627,7 @@ class SchedulerState:
         self._parallel: dict[str, TaskRecord] = {}  # the running ParallelTasks: units to hand out
         self._seq = itertools.count()
         self._run_ids = itertools.count(1)
+        self._worker_seq = itertools.count()  # join order (WorkerRecord.seq)
         self._out: list[Instruction] = []
         self._undo = Undo()
         self.task_seconds: dict[WarmKey, float] = {}  # moving average of a Task's run time
@@ -765,7 +765,8 @@ class SchedulerState:
                     self._out.append(KillWorker(node_id, worker_id, "it was dropped for good"))
                 elif node_id in self.nodes and worker_id not in self.workers:
                     undo.add(self.nodes[node_id], worker_id)
-                    undo.put(self.workers, worker_id, WorkerRecord(worker_id, node_id))
+                    undo.put(self.workers, worker_id,
+                             WorkerRecord(worker_id, node_id, seq=next(self._worker_seq)))
             case WorkerAdopted():
                 self._adopted(event)
             case UnitsSalvaged():
@@ -934,7 +935,7 @@ class SchedulerState:
                                         "while its node was away from the master"))
             return
         undo = self._undo
-        worker = WorkerRecord(worker_id, node_id)
+        worker = WorkerRecord(worker_id, node_id, seq=next(self._worker_seq))
         undo.add(self.nodes[node_id], worker_id)
         undo.put(self.workers, worker_id, worker)
         for n, task in enumerate(sorted(adoptable, key=lambda t: t.seq)):
