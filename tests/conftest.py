@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -169,6 +170,19 @@ def result_or_logs(future: Any, timeout: float, logs: Path) -> Any:
             story = [f"(no story: {exc!r})"]
         pytest.fail(f"{future!r} not done after {timeout}s; progress {future.progress()}\n"
                     + "\n".join(tails) + "\n--- the task's story (the master's last 40, the workers' last 40)\n" + "\n".join(story))
+
+
+def log_lines(path: Path) -> list[str]:
+    """The lines a process logged to ``path`` so far, whole ones only: the one it is still
+    writing may be read half-written (a write that crosses a page of the file is seen a page at
+    a time: a JSON line cut in the middle failed a test in CI)."""
+    text = path.read_text()
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines (structlog's events) among ``log_lines``."""
+    return [json.loads(line) for line in log_lines(path) if line.startswith("{")]
 
 
 def python(*args: str, **kwargs: object) -> subprocess.Popen[str]:

@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from actors import Client, Task
-from tests.conftest import alive, children, descendants, kill_all, python, start_master, wait_until
+from tests.conftest import (
+    alive,
+    children,
+    descendants,
+    kill_all,
+    log_events,
+    python,
+    start_master,
+    wait_until,
+)
 
 pytestmark = pytest.mark.processes
 
@@ -39,10 +48,6 @@ class Waits(Task):
         deadline = time.monotonic() + 60
         while not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.005)
-
-
-def log_events(path: Path) -> list[dict[str, str]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 def test_keys_init_creates_pairs_and_the_allow_list(tmp_path: Path) -> None:
@@ -476,8 +481,7 @@ def test_the_log_level_option_sets_what_the_master_and_its_node_log(tmp_path: Pa
         finally:
             kill_all(descendants(master.pid) | {master.pid})
             master.wait(10)
-        return [json.loads(line) for line in (tmp_path / f"{name}.log").read_text().splitlines()
-                if line.startswith("{")]
+        return log_events(tmp_path / f"{name}.log")
 
     quiet = events("quiet", "--log-level", "warning")
     assert not [e for e in quiet if e["level"] in ("info", "debug")], quiet[:5]

@@ -29,6 +29,7 @@ from tests.conftest import (
     children,
     descendants,
     kill_all,
+    log_events,
     python,
     start_master,
     wait_until,
@@ -272,8 +273,7 @@ def test_a_huge_allocation_fails_the_task_with_memory_error_and_the_cluster_serv
     contained: Contained
 ) -> None:
     def exits() -> int:
-        return sum(json.loads(line)["event"] == "worker_exited"
-                   for line in contained.log.read_text().splitlines() if line.startswith("{"))
+        return sum(e["event"] == "worker_exited" for e in log_events(contained.log))
 
     before = exits()
     with pytest.raises(MemoryError):

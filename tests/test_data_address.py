@@ -3,7 +3,6 @@ reach without resolving each other's host names (issue 14's first break)."""
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -12,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from actors.node_data import route_to, split_host_port
-from tests.conftest import descendants, kill_all, python_logged, start_master, wait_until
+from tests.conftest import (
+    descendants,
+    kill_all,
+    log_events,
+    python_logged,
+    start_master,
+    wait_until,
+)
 
 
 def test_the_route_to_the_master_names_an_address_not_a_host_name() -> None:
@@ -32,9 +38,9 @@ def test_host_and_port_are_read_as_a_user_writes_them() -> None:
 
 
 def _joined(log: Path) -> dict[str, object] | None:
-    for line in log.read_text().splitlines():
-        if line.startswith("{") and '"joined_master"' in line:
-            return json.loads(line)
+    for event in log_events(log):
+        if event["event"] == "joined_master":
+            return event
     return None
 
 
@@ -90,8 +96,7 @@ def test_a_node_without_a_master_says_why_and_gives_up_after_its_connect_timeout
         assert node.wait(60) == 1
     finally:
         kill_all({node.pid} | descendants(node.pid))
-    events = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
-              if line.startswith("{")]
+    events = log_events(tmp_path / "node.log")
     unreachable = [e for e in events if e["event"] == "master_unreachable"]
     assert unreachable[0]["level"] == "warning"  # said after a few seconds, before giving up
     assert f"no connection to tcp://127.0.0.1:{port}" in unreachable[0]["reason"]

@@ -8,7 +8,6 @@ over from stops when it wakes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -31,6 +30,8 @@ from actors.serialize import loads
 from tests.conftest import (
     descendants,
     kill_all,
+    log_events,
+    log_lines,
     python,
     python_logged,
     result_or_logs,
@@ -152,8 +153,7 @@ class Restartable:
         return time.monotonic() - killed
 
     def second_log(self) -> list[dict]:
-        return [json.loads(line) for line in (self.tmp_path / "second.log").read_text().splitlines()
-                if line.startswith("{")]
+        return log_events(self.tmp_path / "second.log")
 
     def close(self) -> None:
         self.client.close()
@@ -216,7 +216,7 @@ def test_kill_9_of_the_master_mid_job_loses_nothing(restartable: Restartable, tm
           f"the master was away), {twice} ran twice ({len(counted)} runs written down)")
     assert replayed > 0, "no finished unit came back from the journal"
     assert any("restored" in cause for cause in story), story[:5]
-    gate = [line for line in (tmp_path / "node.log").read_text().splitlines() if "gate" in line]
+    gate = [line for line in log_lines(tmp_path / "node.log") if "gate" in line]
     assert salvaged > 0, ([e for e in logged if "taken_back" in e.get("event", "")
                            or e.get("event") == "units_salvaged"], gate)
     # A clean rejoin: the node's return is no warning storm on the master.

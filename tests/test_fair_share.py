@@ -8,7 +8,6 @@ write down the order they end in (one line each, appended), never a time.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from actors import Client, LocalCluster, Task, free_pools
-from tests.conftest import descendants, kill_all, start_master, wait_until
+from tests.conftest import descendants, kill_all, log_events, start_master, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -77,9 +76,7 @@ def test_after_a_backlog_drains_the_master_repacks_its_memory_and_keeps_every_st
     pids: set[int] = set()
 
     def logged(event: str) -> list[dict[str, Any]]:
-        lines = (tmp_path / "master.log").read_text().splitlines()
-        events = [json.loads(line) for line in lines if line.startswith("{")]
-        return [e for e in events if e["event"] == event]
+        return [e for e in log_events(tmp_path / "master.log") if e["event"] == event]
 
     def repacked() -> list[dict[str, Any]]:
         return logged("memory_repacked")

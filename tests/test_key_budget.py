@@ -5,7 +5,6 @@ kept for its futures, or in inline scattered data. Real master, real clients wit
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from actors import Client, ParallelTask, Task
 from actors.errors import MemoryBudgetFull, QueueFull, ScatterFailed
 from actors.serialize import dumps
-from tests.conftest import descendants, kill_all, start_master, wait_until
+from tests.conftest import descendants, kill_all, log_events, start_master, wait_until
 from transport.keys import add_key
 
 pytestmark = pytest.mark.processes
@@ -33,13 +32,8 @@ class Blob(Task):
         return b"r" * size  # small enough to come back inline: the master keeps it for inputs
 
 
-def log_events(directory: Path) -> list[dict[str, object]]:
-    lines = (directory / "master.log").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.startswith("{")]
-
-
 def budget_events(directory: Path) -> list[dict[str, object]]:
-    return [e for e in log_events(directory) if e["event"] == "memory_budget_full"]
+    return [e for e in log_events(directory / "master.log") if e["event"] == "memory_budget_full"]
 
 
 def test_a_key_past_its_budget_is_refused_at_once_and_other_keys_are_not(
@@ -227,7 +221,7 @@ def test_a_driver_that_ignores_its_look_ahead_fails_its_task_not_the_master(
             assert client.submit(Nop, b"abc").result(timeout=60) == 3  # the master serves on
             # (Not its peak: what the driver sent before its task failed may wait in ZeroMQ's
             # queues, up to a thousand messages a peer, however large: see the session's note.)
-        assert any(e["event"] == "units_over_budget" for e in log_events(tmp_path))
+        assert any(e["event"] == "units_over_budget" for e in log_events(tmp_path / "master.log"))
     finally:
         kill_all(descendants(master.pid) | {master.pid})
         master.wait(10)

@@ -5,7 +5,6 @@ already, everyone goes by TCP as before; a ``--run`` script keeps the TCP addres
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from actors import Client, LocalCluster, Task
 from actors.addresses import client_address
 from actors.errors import InvalidAddress, KeyRefused
 from actors.launch import claim_socket_path
-from tests.conftest import kill_all, start_master, wait_until
+from tests.conftest import kill_all, log_events, start_master, wait_until
 from transport import init_keys
 
 
@@ -73,8 +72,7 @@ def test_a_socket_that_cannot_be_made_leaves_everyone_on_tcp(tmp_path: Path) -> 
         with Client(address, keys=keys) as client:
             client.wait_for_workers(1, timeout=30)  # its node came by TCP
             assert client.submit(Square, 4).result(timeout=30) == 16
-        log = [json.loads(line) for line in (tmp_path / "master.log").read_text().splitlines()
-               if line.startswith("{")]
+        log = log_events(tmp_path / "master.log")
         assert any(e.get("event") == "second_endpoint_not_bound" for e in log)
     finally:
         kill_all({master.pid})

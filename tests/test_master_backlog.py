@@ -10,7 +10,6 @@ client's tasks are not held behind them.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 from actors import Client, LocalCluster, Task
 from actors.errors import QueueFull
 from actors.master_backlog import CHUNK, LOW, WINDOW, Backlog, Held
-from tests.conftest import descendants, examples, kill_all, start_master, wait_until
+from tests.conftest import descendants, examples, kill_all, log_events, start_master, wait_until
 
 
 def held(n: int, *, name: str = "m.Add", code_hash: str = "h" * 64, package: str = "") -> Held:
@@ -282,8 +281,7 @@ def test_a_key_past_its_queue_limit_is_refused_at_once_and_the_master_serves_on(
             wait_until(lambda: not client._unaccepted, 60, "the new ones to be acknowledged")
             assert client.info().tasks_queued == 2_950
             assert not any(f.done() for f in futures[:2_900] + again)
-        events = [json.loads(line) for line in (tmp_path / "master.log").read_text().splitlines()
-                  if line.startswith("{")]
+        events = log_events(tmp_path / "master.log")
         assert [e["queued"] for e in events if e["event"] == "queue_full"] == [3_000]
     finally:
         kill_all(descendants(master.pid) | {master.pid})

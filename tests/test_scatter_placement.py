@@ -6,7 +6,6 @@ announcement and leaves."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -16,7 +15,14 @@ import zmq
 
 from actors import Client, Task, __version__
 from actors import messages as m
-from tests.conftest import descendants, kill_all, python_logged, start_master, wait_until
+from tests.conftest import (
+    descendants,
+    kill_all,
+    log_events,
+    python_logged,
+    start_master,
+    wait_until,
+)
 from transport.hub import unbatch
 from transport.keys import load_keypair, load_public_key
 
@@ -31,8 +37,7 @@ class Length(Task):
 
 
 def _waits_logged(log: Path) -> int:
-    return sum(1 for line in log.read_text().splitlines() if line.startswith("{")
-               and json.loads(line).get("event") == "scatter_waits_for_a_node")
+    return sum(1 for e in log_events(log) if e.get("event") == "scatter_waits_for_a_node")
 
 
 def _node_socket(address: str, keys: Path, node_id: str) -> zmq.Socket[bytes]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ import actors.client
 from actors import Client, LocalCluster, Task, __version__
 from actors import messages as m
 from actors.errors import ConnectFailed, HandshakeRefused
-from tests.conftest import alive, kill_all, python, wait_until
+from tests.conftest import alive, kill_all, log_events, python, wait_until
 from transport import init_keys, load_keypair, load_public_key
 
 pytestmark = pytest.mark.processes
@@ -138,8 +137,7 @@ def test_a_node_refused_at_the_handshake_exits_saying_why_and_adds_no_worker(
     finally:
         kill_all({node.pid})
         node.wait(10)
-    events = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines()
-              if line.startswith("{")]
+    events = log_events(tmp_path / "node.log")
     assert [e["reason"] for e in events if e["event"] == "node_exiting"] == [expected]
     assert client.info().workers == 2
     wait_until(lambda: not _cmdlines_mentioning(str(tmp_path / "c")), 20,

@@ -20,6 +20,7 @@ from tests.conftest import (
     alive,
     descendants,
     kill_all,
+    log_events,
     python_logged,
     shown,
     start_master,
@@ -258,8 +259,7 @@ def test_two_nodes_fetch_the_same_version_at_once_one_transfer_each_for_all_its_
         assert {v for v, _ in ran} == {"one"}
         assert [len({pid for _, pid in ran} & node_workers) for node_workers in workers] == [2, 2]
         for name in ("a", "b"):
-            events = [json.loads(line) for line in
-                      (tmp_path / f"node-{name}.log").read_text().splitlines() if line.startswith("{")]
+            events = log_events(tmp_path / f"node-{name}.log")
             installed = [(e["package"], e["version"]) for e in events
                          if e["event"] == "package_installed"]
             assert installed == [("demo", version)], name

@@ -3,6 +3,7 @@ arrives message by message and in order, and a bad batch is dropped without harm
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -50,6 +51,42 @@ def dealer_hub(address: str, identity: bytes) -> tuple[Hub, Received]:
     hub.add_dealer("out", address, identity=identity)
     hub.start()
     return hub, received
+
+
+def io_threads() -> dict[int, int]:
+    """ZeroMQ's I/O threads in this process: thread id -> scheduling policy."""
+    found = {}
+    for thread in Path("/proc/self/task").iterdir():
+        try:
+            if (thread / "comm").read_text().startswith("ZMQbg/IO"):
+                found[int(thread.name)] = os.sched_getscheduler(int(thread.name))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
+def test_zeromqs_io_thread_never_preempts_the_thread_that_sends(tmp_path: Path) -> None:
+    """A hub's ZeroMQ I/O thread runs as a batch thread (no preemption when a send wakes it:
+    see transport.hub._batch_io_threads), and messages still go both ways."""
+    before = set(io_threads())
+    hub, received = dealer_hub(f"ipc://{tmp_path}/r.sock", b"d")
+    peer = Received()
+    server = Hub(peer)
+    server.add_router("in", f"ipc://{tmp_path}/r.sock")
+    server.start()
+    try:
+        started = {tid: policy for tid, policy in io_threads().items() if tid not in before}
+        assert len(started) == 2 and set(started.values()) == {os.SCHED_BATCH}, started
+        out, back = hub.outbox(), server.outbox()
+        out.send("out", [b"ping"])
+        assert peer.take(1) == [[b"d", b"ping"]]
+        back.send("in", [b"d", b"pong"])
+        assert received.take(1) == [[b"pong"]]
+        out.close()
+        back.close()
+    finally:
+        hub.stop()
+        server.stop()
 
 
 def test_a_burst_arrives_whole_and_in_order_through_batches(

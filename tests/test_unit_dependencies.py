@@ -20,6 +20,7 @@ from tests.conftest import (
     alive,
     descendants,
     kill_all,
+    log_lines,
     peak_mib,
     python_logged,
     result_or_logs,
@@ -150,8 +151,7 @@ def test_a_tree_reduction_fetches_partial_sums_across_nodes(two_nodes: TwoNodes)
     assert arrivals, "no dependency was fetched"
     assert any(me.split("/")[0] != holder.split("/")[0] for me, holder in arrivals), arrivals
     # Nodes of one host and uid reach each other by ipc, not over encrypted TCP.
-    connects = [line for i in range(2) for line in
-                (two_nodes.logs / f"node{i}.log").read_text().splitlines()
+    connects = [line for i in range(2) for line in log_lines(two_nodes.logs / f"node{i}.log")
                 if "peer_node_connect" in line]
     assert connects and all("ipc://" in line for line in connects), connects
 
@@ -310,8 +310,7 @@ def test_nodes_told_not_to_use_ipc_fetch_across_encrypted_tcp(
             client.wait_for_workers(2)
             fut = client.submit(TreeSum, n=8_000, chunk=1_000, fan_in=2, pause=0.01)
             assert result_or_logs(fut, 60, tmp_path) == sum(range(8_000))
-        connects = [line for i in range(2) for line in
-                    (tmp_path / f"node{i}.log").read_text().splitlines()
+        connects = [line for i in range(2) for line in log_lines(tmp_path / f"node{i}.log")
                     if "peer_node_connect" in line]
         assert connects and not any("ipc://" in line for line in connects), connects
     finally:

@@ -5,7 +5,6 @@ process, driven by a test that plays its node, through the states a running clus
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from actors import messages as m
 from actors.core.worker_slot import TRANSITIONS, Slot, WorkerSlot
 from actors.errors import InvalidTransition
 from actors.serialize import dumps, dumps_task_class, loads
-from tests.conftest import alive, kill_all, python
+from tests.conftest import alive, kill_all, log_events, python
 from tests.test_worker_actor import FakeNode
 
 # --- the state machine ---------------------------------------------------------------
@@ -159,7 +158,7 @@ def receive(node: FakeNode, kind: type[m.Message]) -> m.Message:
 def slot_changes(log: Path) -> list[tuple[str, str, str]]:
     """(task id, start, finish) of each change of the worker's slot so far. The worker logs one
     before it carries on, so all made before its last answer to the test are there."""
-    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    events = log_events(log)
     return [(e["task_id"], e["start"], e["finish"]) for e in events
             if e["event"] == "slot_changed"]
 
