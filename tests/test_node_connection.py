@@ -21,12 +21,12 @@ from tests.conftest import (
     alive,
     descendants,
     kill_all,
+    log_events,
     python_logged,
     result_or_logs,
     start_master,
     wait_until,
 )
-from tests.test_cli import log_events
 from transport import load_keypair, load_public_key
 from transport.hub import unbatch
 

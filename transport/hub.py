@@ -238,13 +238,36 @@ def _batch_io_threads(context: zmq.Context[zmq.Socket[bytes]]) -> None:
     thread: the sender then waited for the I/O thread's whole turn inside ``send`` (36-50 us a
     message in a lone round trip, ~2 of them a hop) while the other core idled. A batch thread
     does not preempt on waking: it runs on an idle core, or when the sender waits.
-    (bench/README.md, "ZeroMQ's threads without wake-up preemption".) Where the policy is not
-    there (not Linux) or refused, nothing changes."""
+    (bench/README.md, "ZeroMQ's threads without wake-up preemption".) Only where a thread of
+    this process may switch (``_may_batch``): libzmq ends the process when its thread cannot."""
     policy = getattr(os, "SCHED_BATCH", None)
-    if policy is None:
+    if policy is None or not _may_batch(policy):
         return
-    with contextlib.suppress(zmq.ZMQError):
+    with contextlib.suppress(zmq.ZMQError):  # (a libzmq older than the option)
         context.set(zmq.THREAD_SCHED_POLICY, policy)
+
+
+def _may_batch(policy: int) -> bool:
+    """Whether a thread started now may switch to ``policy``, tried in a thread of its own.
+    libzmq applies the option in each thread it starts and aborts the process if the kernel
+    refuses (a process under ``SCHED_IDLE`` without privileges, a sandbox that forbids the
+    call). Only from the default policy: threads of a process run under another (idle,
+    real-time) inherit it, and keep it."""
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return False
+    switched: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))  # (0: this thread, on Linux)
+            switched.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=attempt, name="sched-probe", daemon=True)
+    probe.start()
+    probe.join()
+    return bool(switched)
 
 
 class Hub:
