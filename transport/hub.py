@@ -235,9 +235,9 @@ def _batch_io_threads(context: zmq.Context[zmq.Socket[bytes]]) -> None:
     """ZeroMQ's own threads (its I/O thread, which writes what a socket sends and reads what
     comes) under ``SCHED_BATCH``, before the first socket starts them. Why: Linux lets a thread
     it wakes preempt the one running on that core, and each message a hub sends wakes the I/O
-    thread: the sender then waited for the I/O thread's whole turn inside ``send`` (36-50 us a
-    message in a lone round trip, ~2 of them a hop) while the other core idled. A batch thread
-    does not preempt on waking: it runs on an idle core, or when the sender waits.
+    thread: the sender then waited for the I/O thread's whole turn inside ``send`` (26-113 us
+    a message in a lone round trip, against 4-13 us since) while the other core idled. A batch
+    thread does not preempt on waking: it runs on an idle core, or when the sender waits.
     (bench/README.md, "ZeroMQ's threads without wake-up preemption".) Only where a thread of
     this process may switch (``_may_batch``): libzmq ends the process when its thread cannot."""
     policy = getattr(os, "SCHED_BATCH", None)
