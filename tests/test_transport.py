@@ -369,14 +369,25 @@ def test_a_dealer_parked_under_an_id_still_held_is_heard_once_it_connects_afresh
     master.start()
     old, _ = dealer_hub(master.address("in"), b"node")
     new: Hub | None = None
+    outboxes = []
     try:
         old_outbox = old.outbox()
+        outboxes.append(old_outbox)
         old_outbox.send("out", [b"from the old connection"])
         assert received.take(1) == [[b"node", b"from the old connection"]]
-        new, _ = dealer_hub(master.address("in"), b"node")
+        events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        new = Hub(Received(), on_event=lambda _socket, what: events.put(what))
+        new.add_dealer("out", master.address("in"), identity=b"node", monitor=True)
+        new.start()
+        # Its handshake done while the old connection holds the id, so parked (a connection
+        # that came once the old one was gone would find the id free, and be heard).
+        while events.get(timeout=DEADLINE_S) != "connected":
+            pass
         outbox = new.outbox()
+        outboxes.append(outbox)
         outbox.send("out", [b"parked"])
         old_outbox.close()
+        outboxes.remove(old_outbox)
         old.stop()  # the id is free now, and the new connection still has none
         outbox.send("out", [b"still parked"])
         with pytest.raises(queue.Empty):
@@ -384,8 +395,9 @@ def test_a_dealer_parked_under_an_id_still_held_is_heard_once_it_connects_afresh
         outbox.reconnect("out")
         outbox.send("out", [b"heard"])
         assert received.take(1) == [[b"node", b"heard"]]
-        outbox.close()
     finally:
+        for box in outboxes:  # (an outbox left open holds its hub's stop forever)
+            box.close()
         for hub in (new, old, master):
             if hub is not None:
                 hub.stop()
