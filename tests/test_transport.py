@@ -97,16 +97,16 @@ def test_zeromqs_io_thread_never_preempts_the_thread_that_sends(tmp_path: Path) 
     server = Hub(peer)
     server.add_router("in", f"ipc://{tmp_path}/r.sock")
     server.start()
+    out, back = hub.outbox(), server.outbox()
     try:
         assert set(started_since(before, 2).values()) == {os.SCHED_BATCH}
-        out, back = hub.outbox(), server.outbox()
         out.send("out", [b"ping"])
         assert peer.take(1) == [[b"d", b"ping"]]
         back.send("in", [b"d", b"pong"])
         assert received.take(1) == [[b"pong"]]
-        out.close()
-        back.close()
     finally:
+        out.close()  # (an outbox left open holds its hub's stop forever)
+        back.close()
         hub.stop()
         server.stop()
 
