@@ -1750,6 +1750,31 @@ class Master(HubShell):
 
     # --- output -------------------------------------------------------------
 
+    def _apply_many(self, events: list[ev.Event]) -> None:
+        """``_apply`` of each of a burst of submits (a refill of the backlog) in one call to
+        the scheduler: its pass deferred (the caller owes it one), each event alone in what it
+        changes (one refused or raising is logged and dropped, as a message would be, and the
+        others stand)."""
+        if not events:
+            return
+        started = time.perf_counter()
+        out, failed = self.scheduler.handle_many(events)
+        self.stats.handle_seconds += time.perf_counter() - started
+        self.stats.handled += len(events)
+        self.deferred += 1
+        after = [ins for ins in out if type(ins) is ev.ReportInputFailed]  # (as _apply's)
+        for instruction in out:
+            if type(instruction) is not ev.ReportInputFailed:
+                self._carry_out(instruction)
+        for failed_input in after:
+            self._carry_out(failed_input)
+        for event, exc in failed:
+            self.log.error("event_dropped", event=type(event).__name__,
+                           task_id=getattr(event, "task_id", None), error=repr(exc),
+                           exc_info=exc)
+        if failed:
+            self.check_state()
+
     def _apply(self, event: ev.Event) -> None:
         driven = self._driven_by_lost(event)
         started = time.perf_counter()
@@ -1795,26 +1820,31 @@ class Master(HubShell):
                 queued = self.scheduler.queued_of(*key)
                 if queued < LOW:
                     owner, taken = self.backlog.take(key, WINDOW - queued)
-                    for held in taken:
-                        self._submit_held(key, owner, held)
-                        submitted = True
+                    self._apply_many([e for held in taken for e in self._held_events(key, owner, held)])
+                    submitted = submitted or bool(taken)
             if submitted:
                 self._apply(ev.Tick(self.now))  # the pass they owe (a refill is up to 1,024)
         finally:
             self.refilling = False
 
     def _submit_held(self, key: tuple[str, int], owner: str, held: Held) -> None:
+        for event in self._held_events(key, owner, held):
+            self._apply(event)
+
+    def _held_events(self, key: tuple[str, int], owner: str, held: Held) -> list[ev.Event]:
+        """A held task's submit to the scheduler (and its detach, if its client detached it
+        while it was held)."""
         client_id, priority = key
         code = self.codes[client_id][held.code_hash] if held.code_hash else b""
-        self._apply(ev.TaskSubmitted(self.now, task_id=held.task_id, client_id=client_id,
-                                     name=held.name, kind=held.kind, code=code, args=held.args,
-                                     priority=priority, package=held.package,
-                                     version=held.version, retries=held.retries,
-                                     code_hash=held.code_hash, owner=owner,
-                                     items=held.task_id in self.item_maps))
+        events: list[ev.Event] = [ev.TaskSubmitted(
+            self.now, task_id=held.task_id, client_id=client_id, name=held.name, kind=held.kind,
+            code=code, args=held.args, priority=priority, package=held.package,
+            version=held.version, retries=held.retries, code_hash=held.code_hash, owner=owner,
+            items=held.task_id in self.item_maps)]
         if held.task_id in self.backlog.detached:
             self.backlog.detached.discard(held.task_id)
-            self._apply(ev.TasksDetached(self.now, client_id, (held.task_id,)))
+            events.append(ev.TasksDetached(self.now, client_id, (held.task_id,)))
+        return events
 
     def _take_out(self, task_id: str) -> None:
         """A held task to the scheduler now, out of its turn (to be cancelled, or as an input

@@ -1575,3 +1575,51 @@ def test_finished_tasks_packed_and_unpacked_are_the_same_tasks_in_the_same_order
     s.state.validate()
     submit(s, "t9", kind="task")  # and it serves on: queued behind the ParallelTasks
     assert s.state.tasks["t9"].state == "queued"
+
+
+# --- a burst of events in one call (handle_many) ----------------------------------------
+
+
+def submitted(task_id: str, now: float, kind: str = "task") -> ev.TaskSubmitted:
+    return ev.TaskSubmitted(now, task_id=task_id, client_id="c1", name="Name", kind=kind,
+                            code=b"code", args=b"args")
+
+
+def test_a_burst_handled_in_one_call_leaves_what_one_call_each_would() -> None:
+    one_each, burst = SchedulerState(), SchedulerState()
+    events = [submitted(f"t{i}", 1.0 + i) for i in range(5)]
+    for event in events:
+        one_each.handle(event, schedule=False)
+    out, failed = burst.handle_many(events)
+    assert (out, failed) == ([], [])
+    for state in (one_each, burst):
+        state.validate()
+    assert {t: (r.state, r.seq) for t, r in burst.tasks.items()} == \
+        {t: (r.state, r.seq) for t, r in one_each.tasks.items()}
+    assert burst.queued == one_each.queued and sorted(burst._queue) == sorted(one_each._queue)
+    # The pass waited for the next event that has one.
+    burst.handle(ev.NodeJoined(7.0, "n1"))
+    assigned = burst.handle(ev.WorkerReady(8.0, "n1", "w1"))
+    assert [a.task_id for a in assigned if isinstance(a, ev.Assign)] == ["t0"]
+
+
+def test_an_event_of_a_burst_that_is_refused_or_raises_is_dropped_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    state = SchedulerState()
+    enqueue = state._enqueue
+
+    def enqueue_or_raise(task: object) -> None:
+        if getattr(task, "task_id", "") == "raises":  # after its record and counts were made
+            raise RuntimeError("a bug")
+        enqueue(task)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(state, "_enqueue", enqueue_or_raise)
+    events = [submitted("t1", 1.0), submitted("refused", 2.0, kind="bogus"),
+              submitted("raises", 3.0), submitted("t2", 4.0)]
+    out, failed = state.handle_many(events)
+    assert [(e.task_id, type(exc).__name__) for e, exc in failed] == [  # type: ignore[attr-defined]
+        ("refused", "InvalidEvent"), ("raises", "RuntimeError")]
+    assert sorted(state.tasks) == ["t1", "t2"]
+    assert state.queued == {("c1", 0): 2} and state.args_bytes == {"c1": 2 * len(b"args")}
+    assert len(state._undo) == 0
+    state.validate()

@@ -131,7 +131,7 @@ import itertools
 import pickle
 import sys
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -655,6 +655,34 @@ class SchedulerState:
             raise
         out, self._out = self._out, []
         return out
+
+    def handle_many(self, events: Iterable[Event]) -> tuple[list[Instruction],
+                                                            list[tuple[Event, Exception]]]:
+        """Apply each event as ``handle(event, schedule=False)`` would, in one call: the
+        instructions of all of them, and the events that did not apply with why (each alone:
+        one refused, or raising, leaves nothing of itself and takes nothing of the others
+        with it). The scheduling pass waits for the next event that has one. For a shell's
+        burst of events of one kind (a refill of a client's backlog): one call, not one each."""
+        undo, out = self._undo, self._out
+        failed: list[tuple[Event, Exception]] = []
+        for event in events:
+            emitted = len(out)
+            try:
+                self._check(event)
+                self._handle(event)
+                # Each event's records go as it is done (it stands alone): the next reuses
+                # their memory, where a burst's records kept to its end cost more than they
+                # save (measured).
+                undo.commit()
+            except BaseException as exc:
+                undo.rollback()
+                del out[emitted:]
+                if not isinstance(exc, Exception):
+                    raise  # (an interrupt: those done before it stand, their instructions
+                    # go out with the next call's)
+                failed.append((event, exc))
+        out, self._out = self._out, []
+        return out, failed
 
     def _check(self, event: Event) -> None:
         """Refuse, before any change, the events whose fields the handlers take on trust."""
