@@ -83,6 +83,9 @@ log = structlog.get_logger("actors.client")
 
 MASTER = "master"
 LARGE_CODE_BYTES = 10 * 2**20  # a task's code above this size is worth a warning
+# A SubmitMany's arguments at most (or half what the master reads, if less): a larger map goes
+# as several, and the master's turn on one stays short.
+SUBMIT_MANY_BYTES = 2**20
 HEARTBEAT_S = 2.0  # how often a client tells the master it is alive
 # No Welcome this long after saying Hello on a new connection: connect afresh (a master that
 # woke from a pause may have parked it: Hub.reconnect_now).
@@ -241,6 +244,12 @@ def _check_option_names(task: type[Task] | str | Callable[..., Any], priority: i
                 f"{option}={value} is submit's own option (the task's {option}), and the task "
                 f"has a parameter {option!r} too: pass that argument by position or with "
                 f"functools.partial, or rename the parameter")
+
+
+def _same_options(a: m.Submit, b: m.Submit) -> bool:
+    """Whether two submits can travel in one ``SubmitMany``: one class, the same options."""
+    return (a.code_hash == b.code_hash and a.name == b.name and a.kind == b.kind
+            and a.priority == b.priority and a.retries == b.retries)
 
 
 class _Prepared(NamedTuple):
@@ -506,8 +515,9 @@ class Client:
         is registered (no answer can come before its future), then they leave in order.
         Encoding, making the futures and registering them (a weak reference each), most of a
         large ``map``'s time, happen before the send lock: other threads' submits wait only
-        for the sending."""
-        ready = [(item, item.submit, self._encoded(item.submit)) for item in prepared]
+        for the sending. Runs of them that share a class and options go as one ``SubmitMany``
+        each (``_grouped``)."""
+        ready = self._grouped(prepared)
         made = [self._future_type(self, item.submit.task_id, item.name, item.kind)
                 for item in prepared]
         futures = self._futures
@@ -521,15 +531,15 @@ class Client:
                 # (Decided under the lock: a master's Welcome after a restart clears what it
                 # has.)
                 shipping: set[str] = set()
-                for i, (item, submit, _) in enumerate(ready):
-                    code_hash = submit.code_hash
-                    if item.code and code_hash not in self._shipped and code_hash not in shipping:
-                        submit = msgspec.structs.replace(submit, code=item.code)
-                        ready[i] = (item, submit, self._encoded(submit))
+                for i, (first, message, _) in enumerate(ready):
+                    code_hash = message.code_hash
+                    if first.code and code_hash not in self._shipped and code_hash not in shipping:
+                        message = msgspec.structs.replace(message, code=first.code)
+                        ready[i] = (first, message, self._encoded(message))
                         shipping.add(code_hash)
                 unaccepted = self._unaccepted
-                for item, submit, _ in ready:
-                    unaccepted[submit.task_id] = (submit, item.code)
+                for item in prepared:
+                    unaccepted[item.submit.task_id] = (item.submit, item.code)
                 self._outbox.send_all(MASTER, [body for _, _, body in ready])
                 self._shipped |= shipping
             if self._batches:  # a batched map a task sent now takes is no longer its items' to end
@@ -544,6 +554,38 @@ class Client:
                 fut._client = None  # type: ignore[assignment]
             raise
         return made
+
+    def _grouped(self, prepared: list[_Prepared]
+                 ) -> list[tuple[_Prepared, m.Submit | m.SubmitMany, bytes]]:
+        """The messages that carry these submissions, encoded (without code: ``_submit_all``
+        adds it where it goes), each with its first submission: a run of them of one class and
+        the same options, without futures among their arguments, as one ``SubmitMany`` (up to
+        ``MAX_SUBMIT_MANY`` tasks and ``SUBMIT_MANY_BYTES`` of arguments); any other alone."""
+        budget = min(SUBMIT_MANY_BYTES, (self._max_message or SUBMIT_MANY_BYTES) // 2)
+        out: list[tuple[_Prepared, m.Submit | m.SubmitMany, bytes]] = []
+        run: list[_Prepared] = []
+        size = 0
+        for item in [*prepared, None]:
+            submit = item.submit if item is not None else None
+            alone = submit is not None and bool(submit.inputs or submit.items)
+            if run and (submit is None or alone or len(run) == m.MAX_SUBMIT_MANY
+                        or size + len(submit.args) > budget
+                        or not _same_options(run[0].submit, submit)):
+                first = run[0].submit
+                message: m.Submit | m.SubmitMany = first if len(run) == 1 else m.SubmitMany(
+                    task_ids=[p.submit.task_id for p in run], args=[p.submit.args for p in run],
+                    name=first.name, kind=first.kind, code=b"", priority=first.priority,
+                    retries=first.retries, code_hash=first.code_hash)
+                out.append((run[0], message, self._encoded(message)))
+                run, size = [], 0
+            if item is None:
+                break
+            if alone:
+                out.append((item, item.submit, self._encoded(item.submit)))
+                continue
+            run.append(item)
+            size += len(item.submit.args) + len(item.submit.task_id)
+        return out
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                    task: str = "the task") -> tuple[bytes, list[str]]:

@@ -23,10 +23,10 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import pykka
@@ -238,6 +238,28 @@ class Scattering:
     owner: str  # the client's key (Z85), which the node admits to its results socket
     size: int
     told: bool = False  # the client was told where (ScatterAt)
+
+
+class _Admitted(NamedTuple):
+    """What a submission's tasks share, checked (``Master._submission``)."""
+
+    name: str
+    kind: str
+    code: bytes  # the class's, found by its hash; b"" for a deployed task
+    code_hash: str
+    priority: int
+    retries: int
+    package: str  # a deployed task's package version, pinned at submit
+    version: str
+
+
+@dataclass
+class _Burst:
+    """The tasks of one SubmitMany admitted for the scheduler, handed to it in one call."""
+
+    events: list[ev.Event] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    bytes: int = 0  # their arguments' (not yet counted by the scheduler: budget checks add it)
 
 
 @dataclass
@@ -961,6 +983,8 @@ class Master(HubShell):
         match msg:
             case m.Submit():
                 self._submit(peer, msg)
+            case m.SubmitMany():
+                self._submit_many(peer, msg)
             case m.PackagesRequest():
                 self._to_client(peer.peer_id, m.PackagesReply(self._listing()))
             case m.Cancel(task_id=task_id) if not self._owns_task(peer, task_id):
@@ -1166,112 +1190,157 @@ class Master(HubShell):
             per_node, self.master_id, self.journal.epoch, __version__, self.local_node_failed)
 
     def _submit(self, peer: Peer, msg: m.Submit) -> None:
-        kind, package, version = msg.kind, "", ""
-        if len(msg.task_id) > MAX_ID_CHARS or len(msg.name) > MAX_NAME_CHARS:
-            self._refuse_submit(peer, msg, ValueError(
-                f"a task id is at most {MAX_ID_CHARS} characters, its name {MAX_NAME_CHARS}"))
+        admitted = self._submission(peer, msg, [msg.task_id])
+        if admitted is not None:
+            self._admit(peer, admitted, msg.task_id, msg.args, msg.inputs, msg.items)
+
+    def _submit_many(self, peer: Peer, msg: m.SubmitMany) -> None:
+        """A map's tasks in one message: what they share checked once, each then admitted as
+        its own ``Submit`` would be, those for the scheduler handed to it in one call."""
+        count = len(msg.task_ids)
+        if count != len(msg.args) or not 0 < count <= m.MAX_SUBMIT_MANY:
+            self._refused(peer, msg, f"a SubmitMany is 1 to {m.MAX_SUBMIT_MANY} tasks, as many "
+                                     f"arguments as ids (not {count} ids, {len(msg.args)} arguments)")
             return
+        admitted = self._submission(peer, msg, msg.task_ids)
+        if admitted is None:
+            return
+        burst = _Burst()
+        for task_id, args in zip(msg.task_ids, msg.args, strict=True):
+            self._admit(peer, admitted, task_id, args, (), False, burst)
+        self._apply_many(burst.events)
+
+    def _submission(self, peer: Peer, msg: m.Submit | m.SubmitMany,
+                    task_ids: list[str]) -> _Admitted | None:
+        """What a submit's tasks share, checked (None: refused, each task told why): its code,
+        kind and options; a deployed task's package version, pinned now."""
+        kind, package, version = msg.kind, "", ""
+        if len(msg.name) > MAX_NAME_CHARS:
+            self._refuse_all(peer, task_ids, ValueError(
+                f"a task id is at most {MAX_ID_CHARS} characters, its name {MAX_NAME_CHARS}"))
+            return None
         if msg.code and not msg.code_hash:
             # Code is kept (and counted against its client's bound) under its hash: code without
             # one would be held as each task's own, counted nowhere.
-            self._refuse_submit(peer, msg, ValueError("shipped code comes with its code_hash"))
-            return
+            self._refuse_all(peer, task_ids, ValueError("shipped code comes with its code_hash"))
+            return None
         # The code first, whatever comes of the submit: its client ships a code once and names
         # it by its hash from then on, refused or not.
-        if msg.code_hash and not self._keep_code(peer, msg):
-            return  # (refused for its size: its submitter is told that)
+        if msg.code_hash and (refused := self._keep_code(peer, msg)) is not None:
+            self._refuse_all(peer, task_ids, refused)  # (for its size)
+            return None
         if (msg.code or msg.code_hash) and kind not in KINDS:
-            self._refuse_submit(peer, msg, ValueError(
+            self._refuse_all(peer, task_ids, ValueError(
                 f"a task's kind is one of {sorted(KINDS)}, not {kind!r}"))
-            return
+            return None
         if not 0 <= msg.retries <= MAX_RETRIES:
-            self._refuse_submit(peer, msg, ValueError(
+            self._refuse_all(peer, task_ids, ValueError(
                 f"retries must be between 0 and {MAX_RETRIES}, not {msg.retries}"))
-            return
+            return None
         if abs(msg.priority) > m.MAX_PRIORITY:
-            self._refuse_submit(peer, msg, ValueError(
+            self._refuse_all(peer, task_ids, ValueError(
                 f"priority must be between -(2**53 - 1) and 2**53 - 1, not {msg.priority}"))
-            return
-        if self._id_known(msg.task_id):
-            if self._client_of(msg.task_id) not in (peer.peer_id, None):
-                self.log.warning("task_id_taken", task_id=msg.task_id, client_id=peer.peer_id)
-                self._refuse_submit(peer, msg, TaskIdTaken(msg.task_id))
-                return
-            # Sent again after a reconnect (its Accepted was lost, or it was not yet durable):
-            # the first one stands; acknowledge it if it is in the journal already.
-            if self.journal.on_disk(msg.task_id):
-                self._to_client(peer.peer_id, m.Accepted([msg.task_id]))
-            return
+            return None
         code = msg.code
         if msg.code_hash:
             if (code := self.codes[peer.peer_id].get(msg.code_hash, b"")) == b"":
-                self._refuse_submit(peer, msg, CodeUnknown(msg.code_hash, msg.name))
-                return
+                self._refuse_all(peer, task_ids, CodeUnknown(msg.code_hash, msg.name),
+                                 resends=True)
+                return None
         elif not code:  # a deployed task, by name: pin the newest version now
             found = self._find_task(msg.name)
             if found is None:
                 known = sorted(t.name for pv in self.catalogue.values() for t in pv.listing.tasks)
                 self.log.warning("unknown_task", task=msg.name, client_id=peer.peer_id)
-                self._refuse_submit(peer, msg, UnknownTask(msg.name, known))
-                return
+                self._refuse_all(peer, task_ids, UnknownTask(msg.name, known), resends=True)
+                return None
             pv, info = found
             kind = "parallel" if info.kind.value == "ParallelTask" else "task"
             package, version = pv.package, pv.version
-            if self.task_sync is not None:
-                self.task_sync.tell(InstanceUses(package, version, msg.task_id, ended=False))
+        return _Admitted(msg.name, kind, code, msg.code_hash, msg.priority, msg.retries,
+                         package, version)
+
+    def _admit(self, peer: Peer, sub: _Admitted, task_id: str, args: bytes,
+               inputs: Collection[str], items: bool, burst: _Burst | None = None) -> None:
+        """One task of a checked submission: refused (its client told why), or journaled and
+        then held back or handed to the scheduler (with ``burst``: gathered there, for one call
+        for all of a message's)."""
+        if len(task_id) > MAX_ID_CHARS:
+            self._refuse(peer, task_id, ValueError(
+                f"a task id is at most {MAX_ID_CHARS} characters, its name {MAX_NAME_CHARS}"))
+            return
+        if self._id_known(task_id) or (burst is not None and task_id in burst.ids):
+            if self._client_of(task_id) not in (peer.peer_id, None):
+                self.log.warning("task_id_taken", task_id=task_id, client_id=peer.peer_id)
+                self._refuse(peer, task_id, TaskIdTaken(task_id))
+                return
+            # Sent again after a reconnect (its Accepted was lost, or it was not yet durable):
+            # the first one stands; acknowledge it if it is in the journal already.
+            if self.journal.on_disk(task_id):
+                self._to_client(peer.peer_id, m.Accepted([task_id]))
+            return
+        if sub.package and self.task_sync is not None:
+            self.task_sync.tell(InstanceUses(sub.package, sub.version, task_id, ended=False))
         # Per task at debug: at thousands of tasks a second, info lines would be most of the
         # master's work; errors, kills and cancels stay at info and above.
-        self.log.debug("task_submitted", task_id=msg.task_id, task=msg.name,
-                      client_id=peer.peer_id, priority=msg.priority, package=package,
-                      version=version)
-        if self.max_queued and self._queue_full(peer):
-            self._refuse_submit(peer, msg, QueueFull(self.max_queued))
+        self.log.debug("task_submitted", task_id=task_id, task=sub.name,
+                       client_id=peer.peer_id, priority=sub.priority, package=sub.package,
+                       version=sub.version)
+        pending, pending_bytes = (len(burst.events), burst.bytes) if burst is not None else (0, 0)
+        if self.max_queued and self._queue_full(peer, pending):
+            self._refuse(peer, task_id, QueueFull(self.max_queued))
             return
-        if self.max_key_bytes and (full := self._over_budget(peer, len(msg.args))) is not None:
-            self._refuse_submit(peer, msg, full)
+        if self.max_key_bytes and (
+                full := self._over_budget(peer, len(args) + pending_bytes)) is not None:
+            self._refuse(peer, task_id, full)
             return
-        if msg.inputs:
-            refused = self._check_inputs(peer, msg)
+        if inputs:
+            refused = self._check_inputs(peer, task_id, inputs)
             if refused is not None:
-                self._refuse_submit(peer, msg, refused)
+                self._refuse(peer, task_id, refused)
                 return
-        self.inputs.submitted(msg.task_id, peer.peer_id, msg.inputs)
+        self.inputs.submitted(task_id, peer.peer_id, inputs)
         self.seq += 1
         self.stats.tasks_submitted += 1
+        kind, code = sub.kind, sub.code
         self.journal.task_added(TaskRow(
-            task_id=msg.task_id, client=peer.peer_id, seq=self.seq, priority=msg.priority,
-            name=msg.name, kind=kind, code_hash=msg.code_hash, code=b"" if msg.code_hash else code,
-            args=msg.args, package=package, version=version, retries=msg.retries,
-            inputs=tuple(msg.inputs)))
-        key = (peer.peer_id, msg.priority)
-        if msg.items and kind == "parallel":  # a batched map (held back or not: _submit_held)
-            self.item_maps.add(msg.task_id)
-        if not msg.inputs and (msg.code_hash or not code) and (
-                self.backlog.holds(key) or self.scheduler.queued_of(*key) >= WINDOW):
-            self.backlog.hold(key, peer.owner, Held(msg.task_id, msg.name, kind, msg.code_hash,
-                                                    msg.args, msg.retries, package, version,
+            task_id=task_id, client=peer.peer_id, seq=self.seq, priority=sub.priority,
+            name=sub.name, kind=kind, code_hash=sub.code_hash,
+            code=b"" if sub.code_hash else code, args=args, package=sub.package,
+            version=sub.version, retries=sub.retries, inputs=tuple(inputs)))
+        key = (peer.peer_id, sub.priority)
+        if items and kind == "parallel":  # a batched map (held back or not: _submit_held)
+            self.item_maps.add(task_id)
+        if not inputs and (sub.code_hash or not code) and (
+                self.backlog.holds(key) or self.scheduler.queued_of(*key) + pending >= WINDOW):
+            self.backlog.hold(key, peer.owner, Held(task_id, sub.name, kind, sub.code_hash,
+                                                    args, sub.retries, sub.package, sub.version,
                                                     self.now))
             return
-        self._apply(ev.TaskSubmitted(self.now, task_id=msg.task_id, client_id=peer.peer_id,
-                                     name=msg.name, kind=kind, code=code, args=msg.args,
-                                     priority=msg.priority, package=package, version=version,
-                                     retries=msg.retries, code_hash=msg.code_hash,
-                                     owner=peer.owner,
-                                     inputs=tuple(msg.inputs),
-                                     items=msg.task_id in self.item_maps))
+        event = ev.TaskSubmitted(self.now, task_id=task_id, client_id=peer.peer_id,
+                                 name=sub.name, kind=kind, code=code, args=args,
+                                 priority=sub.priority, package=sub.package,
+                                 version=sub.version, retries=sub.retries,
+                                 code_hash=sub.code_hash, owner=peer.owner,
+                                 inputs=tuple(inputs), items=task_id in self.item_maps)
+        if burst is None:
+            self._apply(event)
+        else:
+            burst.events.append(event)
+            burst.ids.add(task_id)
+            burst.bytes += len(args)
 
-    def _keep_code(self, peer: Peer, msg: m.Submit) -> bool:
+    def _keep_code(self, peer: Peer, msg: m.Submit | m.SubmitMany) -> Exception | None:
         """Keep the code a submit ships with its hash, once per client and hash (later submits
-        name it by the hash alone); False, and the submit refused, past the client's limit."""
+        name it by the hash alone); past the client's limit, why its submit is refused."""
         shipped = self.codes.setdefault(peer.peer_id, {})
         if not msg.code or msg.code_hash in shipped:
-            return True
+            return None
         if sum(map(len, shipped.values())) + len(msg.code) > MAX_CODE_PER_CLIENT:
-            self._refuse_submit(peer, msg, ValueError(
+            return ValueError(
                 f"this client's task code would take more than "
                 f"{MAX_CODE_PER_CLIENT >> 20} MiB on the master: ship fewer distinct classes "
-                "(or deploy them as a package)"))
-            return False
+                "(or deploy them as a package)")
         if self.max_key_bytes:
             # Its key's other clients' code too (once a class and client: a pass is cheap here),
             # or one key's many clients would each keep their bound of it.
@@ -1279,11 +1348,10 @@ class Master(HubShell):
             code = sum(len(c) for client, codes in self.codes.items()
                        if self._owner_of(client) == owner for c in codes.values())
             if (full := self._over_budget(peer, code + len(msg.code))) is not None:
-                self._refuse_submit(peer, msg, full)
-                return False
+                return full
         shipped[msg.code_hash] = msg.code
         self.journal.code_added(peer.peer_id, msg.code_hash, msg.code)
-        return True
+        return None
 
     def _id_known(self, task_id: str) -> bool:
         """Whether a task or scattered data has this id here (a submit with it is a resend or
@@ -1311,11 +1379,12 @@ class Master(HubShell):
         # (one the journal alone knows: ended, trimmed from the scheduler, not yet delivered)
         return self.inputs.refs.get(task_id) or self.journal.client_of(task_id)
 
-    def _queue_full(self, peer: Peer) -> bool:
+    def _queue_full(self, peer: Peer, pending: int = 0) -> bool:
         """Whether the peer's key has as many tasks queued as it may (``--max-queued``): one
-        user's runaway loop must not exhaust a master others share. Logged once a crossing."""
+        user's runaway loop must not exhaust a master others share. Logged once a crossing.
+        ``pending``: its tasks admitted but not yet handed to the scheduler."""
         owner = peer.owner or peer.peer_id
-        queued = self.scheduler.queued_of_owner(owner) + self.backlog.held_of_owner(owner)
+        queued = self.scheduler.queued_of_owner(owner) + self.backlog.held_of_owner(owner) + pending
         if queued < self.max_queued:
             self.queue_full.discard(owner)
             return False
@@ -1372,24 +1441,38 @@ class Master(HubShell):
         key = self.client_keys.get(client_id)
         return key.decode(errors="replace") if key else ""
 
-    def _check_inputs(self, peer: Peer, msg: m.Submit) -> Exception | None:
+    def _check_inputs(self, peer: Peer, task_id: str, inputs: Collection[str]) -> Exception | None:
         """Why the futures among a submission's arguments are refused (None: they are not)."""
-        if len(msg.inputs) > m.MAX_INPUTS:
-            return ValueError(f"{len(msg.inputs)} inputs: at most {m.MAX_INPUTS}")
-        for input_id in msg.inputs:
+        if len(inputs) > m.MAX_INPUTS:
+            return ValueError(f"{len(inputs)} inputs: at most {m.MAX_INPUTS}")
+        for input_id in inputs:
             if self.backlog.client_of(input_id) == peer.peer_id:
                 self._take_out(input_id)  # something waits for it: it waits no longer here
-        for input_id in msg.inputs:
+        for input_id in inputs:
             task = self.scheduler.tasks.get(input_id)
             running = task.client_id if task is not None and not task.finished else None
-            refused = self.inputs.check(msg.task_id, peer.peer_id, input_id, running)
+            refused = self.inputs.check(task_id, peer.peer_id, input_id, running)
             if refused is not None:
                 return refused
         return None
 
-    def _refuse_submit(self, peer: Peer, msg: m.Submit, error: Exception) -> None:
+    def _refuse(self, peer: Peer, task_id: str, error: Exception) -> None:
+        """A submitted task refused: its client's future fails with ``error``."""
         payload, type_name, text, _ = describe_exception(error)
-        self._to_client(peer.peer_id, m.TaskErred(msg.task_id, payload, type_name, text, ""))
+        self._to_client(peer.peer_id, m.TaskErred(task_id, payload, type_name, text, ""))
+
+    def _refuse_all(self, peer: Peer, task_ids: list[str], error: Exception, *,
+                    resends: bool = False) -> None:
+        """Each task of a refused submission told why; with ``resends``, but those sent again
+        (known here already: the first one stands), as ``_admit`` answers them."""
+        for task_id in task_ids:
+            if resends and self._id_known(task_id):
+                if self._client_of(task_id) not in (peer.peer_id, None):
+                    self._refuse(peer, task_id, TaskIdTaken(task_id))
+                elif self.journal.on_disk(task_id):
+                    self._to_client(peer.peer_id, m.Accepted([task_id]))
+                continue
+            self._refuse(peer, task_id, error)
 
     def _find_task(self, name: str) -> tuple[PackageVersion, Any] | None:
         pv = self.catalogue.get(name.split(".", 1)[0])

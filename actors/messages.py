@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 16  # 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 17  # 17: SubmitMany; 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
@@ -114,6 +114,25 @@ class Submit(Message, frozen=True, kw_only=True):
     # client as it finishes (``ItemsDone``), besides to its driver.
     items: bool = False
 
+
+class SubmitMany(Message, frozen=True, kw_only=True):
+    """Tasks of one class (or deployed name) with the same options, in one message: what they
+    share travels once, each (``task_ids[i]``, ``args[i]``) is a task of its own, answered as its
+    own ``Submit`` would be (``Client.map``'s items whose arguments hold no future). At most
+    ``MAX_SUBMIT_MANY`` tasks; ``args`` as long as ``task_ids``."""
+
+    task_ids: list[str]
+    args: list[bytes]
+    name: str
+    kind: str
+    code: bytes
+    priority: int = 0
+    retries: int = 0
+    code_hash: str = ""
+
+
+#: Tasks in one SubmitMany at most (a client sends a larger map as several).
+MAX_SUBMIT_MANY = 1024
 
 #: Seconds a cancelled task's code has to stop (``Task.task_stop_requested``) before its worker
 #: is killed, unless the canceller says otherwise; and the most it may say.
@@ -916,6 +935,7 @@ AnyMessage = (
     | Scattered
     | ScatterDone
     | Submit
+    | SubmitMany
     | Cancel
     | StoryRequest
     | StoryReply
