@@ -1247,11 +1247,12 @@ class Client:
                     fut._counts_units = fut._kind == "parallel"
                     fut._reported = True
                     fut._progress = (msg.done, total)
-            case m.TaskState(task_id=task_id, state=state):
-                if (fut := self._futures.get(task_id)) is not None and state in (_QUEUED, _RUNNING):
-                    with fut._lock:
-                        if not fut.done():
-                            fut._status = state
+            case m.TaskState(task_ids=task_ids, state=state) if state in (_QUEUED, _RUNNING):
+                for task_id in task_ids:
+                    if (fut := self._futures.get(task_id)) is not None:
+                        with fut._lock:
+                            if not fut.done():
+                                fut._status = state
             case m.TaskOutput(task_id=task_id):
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._add_output(msg)

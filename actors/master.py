@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1613,10 +1613,18 @@ class Master(HubShell):
         says it ran: its end says more, and thousands of short tasks a second send one message
         each fewer."""
         started, self.started = self.started, set()
-        for task_id in started:
-            task = self.scheduler.tasks.get(task_id)
-            if task is not None and task.state is ev.TaskStatus.RUNNING:
-                self._to_client(task.client_id, m.TaskState(task_id, "running"))
+        self._tell_state(started, ev.TaskStatus.RUNNING)
+
+    def _tell_state(self, task_ids: Iterable[str], state: ev.TaskStatus) -> None:
+        """Each client, in one message, which of its tasks among these are in this state now."""
+        by_client: dict[str, list[str]] = {}
+        tasks = self.scheduler.tasks
+        for task_id in task_ids:
+            task = tasks.get(task_id)
+            if task is not None and task.state is state:
+                by_client.setdefault(task.client_id, []).append(task_id)
+        for client_id, named in by_client.items():
+            self._to_client(client_id, m.TaskState(named, str(state)))
 
     def _driven_by_lost(self, event: ev.Event) -> list[str]:
         """Running tasks whose driver this event may lose, or that it may take back from their
@@ -1639,10 +1647,7 @@ class Master(HubShell):
         return (worker.task_id or "") if worker is not None else ""
 
     def _tell_requeued(self, task_ids: list[str]) -> None:
-        for task_id in task_ids:
-            task = self.scheduler.tasks.get(task_id)
-            if task is not None and task.state is ev.TaskStatus.QUEUED:
-                self._to_client(task.client_id, m.TaskState(task_id, "queued"))
+        self._tell_state(task_ids, ev.TaskStatus.QUEUED)
 
     def _task_news(self, worker_id: str, msg: m.TaskOutput | m.WorkProgress) -> None:
         """Output or progress from a worker of a running task, for the task's client only;

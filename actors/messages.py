@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 17  # 17: SubmitMany; 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 17  # 17: SubmitMany, TaskState.task_ids; 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
@@ -398,10 +398,11 @@ class TaskProgress(Message, frozen=True):
 
 
 class TaskState(Message, frozen=True):
-    """master -> client: the task has a worker now (``"running"``), or is waiting for one again
-    (``"queued"``: its driver was lost). Its end comes as TaskDone, TaskErred or TaskCancelled."""
+    """master -> client: these tasks of its have a worker now (``"running"``), or are waiting for
+    one again (``"queued"``: their driver was lost); one message a tick for all of them. Their
+    ends come as TaskDone, TaskErred or TaskCancelled."""
 
-    task_id: str
+    task_ids: list[str]
     state: str
 
 

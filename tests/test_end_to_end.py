@@ -354,6 +354,19 @@ def test_result_times_out_without_hanging(client: Client, tmp_path: Path) -> Non
     assert fut.result(timeout=30) == "late"
 
 
+def test_futures_say_running_once_their_tasks_have_a_worker(client: Client, tmp_path: Path) -> None:
+    """One message a tick tells a client which of its tasks started (``TaskState``)."""
+    gate = str(tmp_path / "gate")
+    held = client.map(Gated, [gate, gate])  # one on each of the two workers
+    queued = client.submit(Gated, gate)
+    wait_until(lambda: [f.status for f in held] == ["running", "running"], 30,
+               "both to say they run")
+    assert queued.status in ("queued", "running")  # (a warm worker may queue it behind one)
+    (tmp_path / "gate").touch()
+    assert [f.result(timeout=30) for f in [*held, queued]] == ["opened"] * 3
+    assert [f.status for f in [*held, queued]] == ["finished"] * 3
+
+
 def test_exception_returns_what_result_would_raise_and_none_on_success(
     client: Client, tmp_path: Path
 ) -> None:
