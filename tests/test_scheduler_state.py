@@ -1623,3 +1623,30 @@ def test_an_event_of_a_burst_that_is_refused_or_raises_is_dropped_alone(
     assert state.queued == {("c1", 0): 2} and state.args_bytes == {"c1": 2 * len(b"args")}
     assert len(state._undo) == 0
     state.validate()
+
+
+def test_a_finished_task_forgotten_by_an_event_that_raises_is_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``FINISHED_KEPT`` a task's end forgets the oldest finished one: undone with the rest
+    of the event if it raises later."""
+    import actors.core.scheduler_state as core
+
+    monkeypatch.setattr(core, "FINISHED_KEPT", 2)
+    h = Harness()
+    h(ev.NodeJoined, "n1")
+    h(ev.WorkerReady, "n1", "w1")
+    for i in range(3):
+        submit(h, f"t{i}", kind="task")
+        h(ev.TaskFinished, "w1", f"t{i}", UnitOutcome(-1, True, b"r"))
+    assert "t0" not in h.state.tasks and list(h.state._finished) == ["t1", "t2"]
+    submit(h, "t3", kind="task")
+    before = (dict(h.state.tasks), list(h.state._finished))
+
+    def broken(now: float) -> None:
+        raise RuntimeError("a bug after the task's end")
+
+    monkeypatch.setattr(h.state, "_schedule", broken)
+    with pytest.raises(RuntimeError):
+        h(ev.TaskFinished, "w1", "t3", UnitOutcome(-1, True, b"r"))
+    assert (dict(h.state.tasks), list(h.state._finished)) == before
+    assert h.state.tasks["t3"].state == "running"

@@ -274,22 +274,49 @@ def _unpush(queue: list[QueueEntry], entry: QueueEntry) -> None:
     heapq.heapify(queue)
 
 
-def _count(undo: Undo, counts: dict[K, int], key: K, change: int) -> None:
-    """A count moved by ``change``; a count of zero leaves no entry."""
-    count = counts.get(key, 0) + change
-    if count:
-        undo.put(counts, key, count)
+def _count_back(queued: dict[tuple[str, int], int], key: tuple[str, int],
+                owners: dict[str, int], owner: str, change: int) -> None:
+    """``_count_queued`` undone: both counts moved back (by the opposite change)."""
+    _move(queued, key, change)
+    _move(owners, owner, change)
+
+
+def _move(counts: dict[K, int], key: K, change: int) -> None:
+    """A count moved by ``change``; zero leaves no entry (not idempotent: undone by the
+    opposite change, recorded once it is made)."""
+    if count := counts.get(key, 0) + change:
+        counts[key] = count
     else:
-        undo.pop(counts, key)
+        del counts[key]
+
+
+def _unqueue(queue: list[QueueEntry], task: TaskRecord, fair: QueueEntry | None,
+             entry: QueueEntry) -> None:
+    """``_enqueue`` undone: the entry out of the heap, the task's fair place as it was."""
+    _unpush(queue, entry)
+    task.fair = fair
+
+
+def _restore_members(task: TaskRecord, workers: set[str], seen: set[str],
+                     driver: str | None) -> None:
+    task.workers, task.seen_workers, task.driver = workers, seen, driver
+
+
+def _restore_ended(task: TaskRecord, code: bytes, args: bytes, workers: set[str],
+                   driver: str | None) -> None:
+    task.code, task.args, task.workers, task.driver = code, args, workers, driver
+
+
+def _unforget(finished: deque[str], tasks: dict[str, TaskRecord], task_id: str,
+              task: TaskRecord | None) -> None:
+    finished.appendleft(task_id)
+    if task is not None:
+        tasks[task_id] = task
 
 
 def _restore_current(worker: WorkerRecord, task_id: str | None, since: float,
                      warm_for: WarmKey | None) -> None:
     worker.task_id, worker.since, worker.warm_for = task_id, since, warm_for
-
-
-def _restore_payload(task: TaskRecord, code: bytes, args: bytes) -> None:
-    task.code, task.args = code, args
 
 
 def _add_bytes(held: dict[str, int], owner: str, size: int) -> None:
@@ -1359,8 +1386,10 @@ class SchedulerState:
         return self.queued_owners.get(owner, 0)
 
     def _count_queued(self, task: TaskRecord, change: int) -> None:
-        _count(self._undo, self.queued, (task.client_id, task.priority), change)
-        _count(self._undo, self.queued_owners, task.warm_key.owner, change)
+        key, owner = (task.client_id, task.priority), task.warm_key.owner
+        _move(self.queued, key, change)
+        _move(self.queued_owners, owner, change)
+        self._undo.call(_count_back, self.queued, key, self.queued_owners, owner, -change)
 
     def _enqueue(self, task: TaskRecord) -> None:
         """Into the queue in its fair place (a task queued again keeps the one it had)."""
@@ -1370,9 +1399,9 @@ class SchedulerState:
             tag = self.fair.tag(self._undo, task.priority, task.warm_key.owner, task.client_id,
                                 cost)
             entry = (-task.priority, *tag, task.seq, task.task_id)
-            self._undo.set(task, "fair", entry)
+        fair, task.fair = task.fair, entry
         heapq.heappush(self._queue, entry)
-        self._undo.call(_unpush, self._queue, entry)
+        self._undo.call(_unqueue, self._queue, task, fair, entry)  # (once pushed: see _unpush)
 
     def _dequeue(self, started: TaskRecord | None = None) -> None:
         """Pop the queue's head; ``started``: it leaves to run (virtual time moves on)."""
@@ -1392,7 +1421,9 @@ class SchedulerState:
         if task.task_id in self.dependents:
             self._inputs_ended(task, now)
         task.units.clear_open(undo)
-        undo.call(_restore_payload, task, task.code, task.args)
+        # One record for what the task gives up here: its payload now, its workers and driver
+        # at the end (below).
+        undo.call(_restore_ended, task, task.code, task.args, task.workers, task.driver)
         if args := task.args:
             held, owner, size = self.args_bytes, task.warm_key.owner, len(args)
             _add_bytes(held, owner, -size)
@@ -1425,14 +1456,11 @@ class SchedulerState:
                 self._out.append(KillWorker(worker.node_id, worker_id, f"task {task.task_id} {state}"))
                 self._give_back(worker, f"worker {worker_id} stopped: task {task.task_id} {state}",
                                 now)
-        if task.workers:
-            undo.set(task, "workers", NO_WORKERS)
-        if task.driver is not None:
-            undo.set(task, "driver", None)
+        task.workers, task.driver = NO_WORKERS, None  # (recorded above)
         while len(self._finished) > FINISHED_KEPT:
             forgotten = self._finished.popleft()
-            undo.call(self._finished.appendleft, forgotten)
-            undo.pop(self.tasks, forgotten)
+            undo.call(_unforget, self._finished, self.tasks, forgotten,
+                      self.tasks.pop(forgotten, None))
 
     # --- workers ------------------------------------------------------------
 
@@ -1865,14 +1893,23 @@ class SchedulerState:
         else:  # (one record for the three: this runs for every task)
             undo.call(_restore_current, worker, worker.task_id, worker.since, worker.warm_for)
             worker.task_id, worker.since, worker.warm_for = task.task_id, now, task.warm_key
-        if task.workers is NO_WORKERS:
-            undo.set(task, "workers", IdSet())
-        if task.seen_workers is NO_WORKERS:
-            undo.set(task, "seen_workers", set())
-        undo.add(task.workers, worker.worker_id)
-        undo.add(task.seen_workers, worker.worker_id)
+        if task.workers is NO_WORKERS and task.seen_workers is NO_WORKERS:
+            # Its first worker (every plain Task's one): one record for the three fields,
+            # whose new sets an undo drops whole.
+            undo.call(_restore_members, task, task.workers, task.seen_workers, task.driver)
+            task.workers, task.seen_workers = IdSet((worker.worker_id,)), {worker.worker_id}
+            if driver:
+                task.driver = worker.worker_id
+        else:
+            if task.workers is NO_WORKERS:
+                undo.set(task, "workers", IdSet())
+            if task.seen_workers is NO_WORKERS:
+                undo.set(task, "seen_workers", set())
+            undo.add(task.workers, worker.worker_id)
+            undo.add(task.seen_workers, worker.worker_id)
+            if driver:
+                undo.set(task, "driver", worker.worker_id)
         if driver:
-            undo.set(task, "driver", worker.worker_id)
             how = f" (queued behind {worker.task_id})" if queue else ""
             if not assign:
                 how += ", taken back: it kept running while its node was away from the master"
