@@ -305,6 +305,9 @@ class Master(HubShell):
         self.lost_nodes: OrderedDict[bytes, None] = OrderedDict()
         self.deferred = 0  # events handled since the last scheduling pass (see _apply)
         self.batch_left = 0  # messages of the batch being handled still to come (see _apply)
+        # Tasks' ends heard in the batch being handled (and who sent each), for the scheduler
+        # in one call: empty but within a batch (``_finishing``).
+        self.finished_batch: list[tuple[ev.Event, Peer, str, m.Message]] = []
         self.metrics = metrics
         self.stats = Snapshot()  # counters since start, published to /metrics on the tick
         # What people watch (actors/watch.py): all bounded. The dashboard's HTTP threads get
@@ -480,10 +483,15 @@ class Master(HubShell):
             case list():  # the messages of one batched frame (main's on_batch): one hand-off
                 flush_held = self.hub.flush_held
                 for done, inbound in enumerate(message, 1):
+                    if self.finished_batch and type(inbound.message) is not m.TaskResult:
+                        self.receive_guarded(self._flush_finished, None)  # (they come first)
                     self.batch_left = len(message) - done  # (waiting, as a mailbox's: _apply)
                     self.receive_guarded(self._heard, inbound)
                     flush_held()  # what this batch had to send waits for no more of it
                 self.batch_left = 0
+                if self.finished_batch:
+                    self.receive_guarded(self._flush_finished, None)
+                    flush_held()
                 if self.deferred and self.actor_inbox.empty() and not self.superseded:
                     self._apply(ev.Tick(self.now))
             case PeerDisconnected(routing=routing):
@@ -917,9 +925,13 @@ class Master(HubShell):
                 if self.dashboard is not None:
                     self.stream.finished(worker_id, task_id, 0, elapsed, outcome.ok, self.now)
                 held = outcome.held and outcome.ok
+                finished = ev.TaskFinished(self.now, worker_id, task_id, outcome, elapsed)
+                if self.batch_left and not held:
+                    self._finishing(finished, node, worker_id, msg)
+                    return
                 if held:  # the scheduler decides whether it is the task's result
                     self.leaving[task_id] = (node.peer_id, worker_id, max(0, outcome.size))
-                self._apply(ev.TaskFinished(self.now, worker_id, task_id, outcome, elapsed))
+                self._apply(finished)
                 if held and self.leaving.pop(task_id, None) is not None:  # it was not
                     self.send(SOCKET, node.peer_id.encode(), message=m.DropResults([task_id]))
             case m.WorkerFailed(task_id=task_id, outcome=outcome):
@@ -1208,7 +1220,7 @@ class Master(HubShell):
         burst = _Burst()
         for task_id, args in zip(msg.task_ids, msg.args, strict=True):
             self._admit(peer, admitted, task_id, args, (), False, burst)
-        self._apply_many(burst.events)
+        self._log_refused(burst.events, self._apply_many(burst.events))
 
     def _submission(self, peer: Peer, msg: m.Submit | m.SubmitMany,
                     task_ids: list[str]) -> _Admitted | None:
@@ -1838,32 +1850,64 @@ class Master(HubShell):
 
     # --- output -------------------------------------------------------------
 
-    def _apply_many(self, events: list[ev.Event]) -> None:
-        """``_apply`` of each of a burst of submits (a refill of the backlog) in one call to
-        the scheduler: its pass deferred (the caller owes it one), each event alone in what it
-        changes (one refused or raising is logged and dropped, as a message would be, and the
-        others stand)."""
+    def _finishing(self, event: ev.TaskFinished, node: Peer, worker_id: str,
+                   msg: m.Message) -> None:
+        """A task's end heard with more messages of its batch to come: kept, and handed to the
+        scheduler with the batch's others in one call, before any other message of the batch
+        is handled (``receive``), or once there are ``MAX_DEFERRED`` of them."""
+        self.finished_batch.append((event, node, worker_id, msg))
+        if len(self.finished_batch) >= MAX_DEFERRED:
+            self._flush_finished()
+
+    def _flush_finished(self, _: object = None) -> None:
+        batch, self.finished_batch = self.finished_batch, []
+        for index, refused in self._apply_many([event for event, _, _, _ in batch]):
+            _, node, worker_id, msg = batch[index]  # a worker's word the scheduler refused
+            self._refused_worker(node, worker_id, msg, refused.reason)
+        if self.deferred >= MAX_DEFERRED:
+            self._apply(ev.Tick(self.now))  # the pass they owe, now (as _apply's)
+        elif self.backlog and not self.refilling:
+            self._refill()
+
+    def _log_refused(self, events: list[ev.Event], refused: list[tuple[int, InvalidEvent]]) -> None:
+        """Events of the master's own making the scheduler refused (none should be: the master
+        checked them first)."""
+        for index, exc in refused:
+            self.log.error("event_refused", event=type(events[index]).__name__,
+                           task_id=getattr(events[index], "task_id", None), reason=exc.reason)
+
+    def _apply_many(self, events: list[ev.Event]) -> list[tuple[int, InvalidEvent]]:
+        """``_apply`` of each of a burst of events (a refill of the backlog, tasks' ends) in one
+        call to the scheduler: its pass deferred (the caller owes it one), each event alone in
+        what it changes (one refused or raising is dropped and the others stand). Those the
+        scheduler refused (their positions, and why) for the caller to answer as a refused
+        message; one that raised is logged, as a message that does."""
         if not events:
-            return
+            return []
         started = time.perf_counter()
         out, failed = self.scheduler.handle_many(events)
         self.stats.handle_seconds += time.perf_counter() - started
         self.stats.handled += len(events)
-        self.deferred += 1
+        self.deferred += len(events)
         after = [ins for ins in out if type(ins) is ev.ReportInputFailed]  # (as _apply's)
         for instruction in out:
             if type(instruction) is not ev.ReportInputFailed:
                 self._carry_out(instruction)
         for failed_input in after:
             self._carry_out(failed_input)
-        for event, exc in failed:
-            self.log.error("event_dropped", event=type(event).__name__,
-                           task_id=getattr(event, "task_id", None), error=repr(exc),
-                           exc_info=exc)
-        if failed:
+        refused = [(index, exc) for index, exc in failed if isinstance(exc, InvalidEvent)]
+        for index, exc in failed:
+            if not isinstance(exc, InvalidEvent):
+                self.log.error("event_dropped", event=type(events[index]).__name__,
+                               task_id=getattr(events[index], "task_id", None), error=repr(exc),
+                               exc_info=exc)
+        if len(refused) < len(failed):
             self.check_state()
+        return refused
 
     def _apply(self, event: ev.Event) -> None:
+        if self.finished_batch:  # (the ends heard before it come first)
+            self._flush_finished()
         driven = self._driven_by_lost(event)
         started = time.perf_counter()
         # A burst of submits or finished work waiting in the mailbox gets one scheduling pass,
@@ -1908,7 +1952,8 @@ class Master(HubShell):
                 queued = self.scheduler.queued_of(*key)
                 if queued < LOW:
                     owner, taken = self.backlog.take(key, WINDOW - queued)
-                    self._apply_many([e for held in taken for e in self._held_events(key, owner, held)])
+                    events = [e for held in taken for e in self._held_events(key, owner, held)]
+                    self._log_refused(events, self._apply_many(events))
                     submitted = submitted or bool(taken)
             if submitted:
                 self._apply(ev.Tick(self.now))  # the pass they owe (a refill is up to 1,024)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import msgspec
 import pytest
 import zmq
 
@@ -16,7 +17,7 @@ from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import UnitCall, UnitOutcome
 from tests.conftest import stderr_so_far, wait_until
 from transport import load_keypair, load_public_key
-from transport.hub import unbatch
+from transport.hub import BATCH, unbatch
 
 
 def fed(*events: ev.Event) -> SchedulerState:
@@ -153,13 +154,25 @@ def _forge_and_serve(cluster: LocalCluster, capfd: pytest.CaptureFixture[str]) -
         sock.send(m.encode(m.WorkerReady("node-forger/w1", 1)))
         forged = m.UnitsSliced("no-such-task", [m.UnitCall(0, b"x", [9])], True)
         sock.send_multipart([b"node-forger/w1", m.encode(forged)])
+        # Tasks' ends in one batch, as a node relays them (the master hands a batch's to its
+        # scheduler in one call), one of them impossible: refused as the worker's alone, the
+        # others ignored (no such task).
+        ends = [m.TaskResult(f"no-such-task-{i}", m.UnitOutcome(-1, True, b"r"),
+                             -1.0 if i == 7 else 0.001) for i in range(20)]
+        sock.send(BATCH + msgspec.msgpack.encode([([b"node-forger/w1"], m.encode(end))
+                                                  for end in ends]))
         sock.send(m.encode(m.Bye("forger leaving")))
         with Client(cluster.address, keys=cluster.keys_dir) as client:
             assert client.submit(Square, 12).result(timeout=30) == 144
         wait_until(lambda: "message_refused" in stderr_so_far(capfd), 20,
                    "the master to refuse the forged message")
+        wait_until(lambda: "TaskResult" in stderr_so_far(capfd), 20,
+                   "the master to refuse the impossible end")
         seen = stderr_so_far(capfd)
         assert "message_refused" in seen and "UnitsSliced" in seen, seen[-2000:]
+        refusals = [line for line in seen.splitlines() if "message_refused" in line]
+        assert sum("TaskResult" in line for line in refusals) == 1, refusals
+        assert "event_dropped" not in seen and "message_dropped" not in seen
     finally:
         sock.close()
 

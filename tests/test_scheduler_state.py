@@ -1617,8 +1617,8 @@ def test_an_event_of_a_burst_that_is_refused_or_raises_is_dropped_alone(
     events = [submitted("t1", 1.0), submitted("refused", 2.0, kind="bogus"),
               submitted("raises", 3.0), submitted("t2", 4.0)]
     out, failed = state.handle_many(events)
-    assert [(e.task_id, type(exc).__name__) for e, exc in failed] == [  # type: ignore[attr-defined]
-        ("refused", "InvalidEvent"), ("raises", "RuntimeError")]
+    assert [(i, type(exc).__name__) for i, exc in failed] == [
+        (1, "InvalidEvent"), (2, "RuntimeError")]
     assert sorted(state.tasks) == ["t1", "t2"]
     assert state.queued == {("c1", 0): 2} and state.args_bytes == {"c1": 2 * len(b"args")}
     assert len(state._undo) == 0

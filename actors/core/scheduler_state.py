@@ -684,15 +684,16 @@ class SchedulerState:
         return out
 
     def handle_many(self, events: Iterable[Event]) -> tuple[list[Instruction],
-                                                            list[tuple[Event, Exception]]]:
+                                                            list[tuple[int, Exception]]]:
         """Apply each event as ``handle(event, schedule=False)`` would, in one call: the
-        instructions of all of them, and the events that did not apply with why (each alone:
+        instructions of all of them, and the events that did not apply (their positions) with
+        why (each alone:
         one refused, or raising, leaves nothing of itself and takes nothing of the others
         with it). The scheduling pass waits for the next event that has one. For a shell's
         burst of events of one kind (a refill of a client's backlog): one call, not one each."""
         undo, out = self._undo, self._out
-        failed: list[tuple[Event, Exception]] = []
-        for event in events:
+        failed: list[tuple[int, Exception]] = []
+        for index, event in enumerate(events):
             emitted = len(out)
             try:
                 self._check(event)
@@ -707,7 +708,7 @@ class SchedulerState:
                 if not isinstance(exc, Exception):
                     raise  # (an interrupt: those done before it stand, their instructions
                     # go out with the next call's)
-                failed.append((event, exc))
+                failed.append((index, exc))
         out, self._out = self._out, []
         return out, failed
 
