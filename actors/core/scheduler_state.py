@@ -422,10 +422,30 @@ def _take_back(in_flight: dict[int, int], units: list[UnitCall]) -> None:
         in_flight.pop(unit.index, None)
 
 
-def _unappend(story: list[StoryEntry], evicted: StoryEntry | None) -> None:
+def _unnote(task: TaskRecord, lines: list[StoryEntry] | tuple[()], story: list[StoryEntry],
+            evicted: StoryEntry | None) -> None:
+    """``SchedulerState._noted`` undone: the line out, the one it pushed out back in."""
     story.pop()
     if evicted is not None:
         story.insert(0, evicted)
+    task.lines = lines
+
+
+def _status_back(state: SchedulerState, task: TaskRecord, start: TaskStatus, finish: TaskStatus,
+                 lines: list[StoryEntry] | tuple[()], story: list[StoryEntry],
+                 evicted: StoryEntry | None, change: int, running: TaskRecord | None) -> None:
+    """The common part of ``SchedulerState._set_status`` undone."""
+    if finish in FINISHED:
+        state._finished.pop()
+    elif finish is RUNNING:
+        del state._running[task.task_id]
+    if running is not None:
+        state._running[task.task_id] = running
+    if change:
+        _move(state.queued, (task.client_id, task.priority), -change)
+        _move(state.queued_owners, task.warm_key.owner, -change)
+    task.state = start
+    _unnote(task, lines, story, evicted)
 
 
 def _open_bytes(units: UnitBook) -> int:
@@ -1354,25 +1374,31 @@ class SchedulerState:
         start = task.state
         if (start, finish) not in TASK_TRANSITIONS:
             raise InvalidTransition(f"task {task.task_id}", start, finish, list(task.story))
-        self._note(task, "task", start, finish, cause, now)
-        undo = self._undo
-        undo.set(task, "state", finish)
-        if (start is QUEUED) is not (finish is QUEUED):
-            self._count_queued(task, 1 if finish is QUEUED else -1)
-        if start is RUNNING:
-            undo.pop(self._running, task.task_id)
-            if undo.pop(self._parallel, task.task_id) is not None and task.warm_key.owner in \
-                    self.unit_bytes_bound and self._no_parallel_of(task.warm_key.owner):
-                undo.pop(self.unit_bytes_bound, task.warm_key.owner)
+        # Every task changes status twice or more: its story line, status, queued counts, the
+        # running index and the finished ones change here with one record for all of them
+        # (``_status_back``), made once they are; the rarer changes below keep their own.
+        lines, story, evicted = task.lines, *self._noted(task, "task", start, finish, cause, now)
+        task.state = finish
+        change = 0 if (start is QUEUED) is (finish is QUEUED) else 1 if finish is QUEUED else -1
+        if change:
+            _move(self.queued, (task.client_id, task.priority), change)
+            _move(self.queued_owners, task.warm_key.owner, change)
+        running = self._running.pop(task.task_id, None) if start is RUNNING else None
         if finish is RUNNING:
-            undo.put(self._running, task.task_id, task)
-            if task.kind is PARALLEL:
-                undo.put(self._parallel, task.task_id, task)
-        elif finish is QUEUED:
-            self._enqueue(task)
+            self._running[task.task_id] = task
         elif finish in FINISHED:
             self._finished.append(task.task_id)
-            undo.call(self._finished.pop)
+        undo = self._undo
+        undo.call(_status_back, self, task, start, finish, lines, story, evicted, change, running)
+        owner = task.warm_key.owner
+        if start is RUNNING and task.kind is PARALLEL and \
+                undo.pop(self._parallel, task.task_id) is not None and \
+                owner in self.unit_bytes_bound and self._no_parallel_of(owner):
+            undo.pop(self.unit_bytes_bound, owner)
+        if finish is RUNNING and task.kind is PARALLEL:
+            undo.put(self._parallel, task.task_id, task)
+        elif finish is QUEUED:
+            self._enqueue(task)
 
     def _no_parallel_of(self, owner: str) -> bool:
         return all(task.warm_key.owner != owner for task in self._parallel.values())
@@ -2146,14 +2172,21 @@ class SchedulerState:
             )
 
     def _note(self, task: TaskRecord, key: str, start: str, finish: str, cause: str, now: float) -> None:
+        lines = task.lines
+        story, evicted = self._noted(task, key, start, finish, cause, now)
+        self._undo.call(_unnote, task, lines, story, evicted)
+
+    @staticmethod
+    def _noted(task: TaskRecord, key: str, start: str, finish: str, cause: str,
+               now: float) -> tuple[list[StoryEntry], StoryEntry | None]:
+        """A line added to the task's story, unrecorded (``_unnote`` takes it back): the list
+        it went to, and the oldest line it pushed out, if any."""
         story = task.lines
         if not isinstance(story, list):  # the shared empty tuple: its own list from now on
-            story = []
-            self._undo.set(task, "lines", story)
+            story = task.lines = []
         story.append((key, start, finish, cause, now))
         # (a list, not a deque with maxlen: an empty deque costs a queued task 600 bytes)
-        evicted = story.pop(0) if len(story) > STORY_LENGTH else None
-        self._undo.call(_unappend, story, evicted)
+        return story, story.pop(0) if len(story) > STORY_LENGTH else None
 
     # --- invariants -------------------------------------------------------------
 
