@@ -370,16 +370,18 @@ def test_a_request_made_while_the_master_restarts_is_answered_by_the_next(
 
 
 @pytest.mark.parametrize("restartable", [1], indirect=True)
+@pytest.mark.parametrize("sent", ["one by one", "as a map"])
 def test_tasks_held_back_past_the_window_survive_a_kill_9_of_the_master(
-        restartable: Restartable) -> None:
+        restartable: Restartable, sent: str) -> None:
     """A burst longer than the master's window (master_backlog.py): the tasks it held back were
     acknowledged only once journaled, so a master killed while holding them restores them, and
-    every one ends with its exact result."""
+    every one ends with its exact result. As a map, the burst goes as SubmitMany messages."""
     from actors.master_backlog import WINDOW
 
     client = restartable.client
     blocker = client.submit(Sleepy, 3.0)  # the one worker is busy while the burst arrives
-    burst = [client.submit(Add, i, 1) for i in range(WINDOW + 300)]
+    burst = ([client.submit(Add, i, 1) for i in range(WINDOW + 300)] if sent == "one by one"
+             else client.map(Add, range(WINDOW + 300), [1] * (WINDOW + 300)))
     wait_until(lambda: not client._unaccepted, 60, "the burst to be acknowledged (journaled)")
     assert client.info().tasks_queued >= WINDOW  # the held ones counted as queued
     restartable.restart()
