@@ -31,7 +31,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import msgspec
 
@@ -104,6 +104,14 @@ def _row(values: tuple[object, ...]) -> TaskRow:
     return TaskRow(**fields)  # type: ignore[arg-type]
 
 
+class Submitted(NamedTuple):
+    """A submission a commit made durable (or, without a state directory, took note of): to
+    acknowledge to its client."""
+
+    task_id: str
+    client: str
+
+
 @dataclass
 class Restored:
     """What a master finds in its journal at start."""
@@ -156,7 +164,7 @@ class Journal:
         # Unit results waiting for the commit: the master commits early past RESULTS_BUFFERED,
         # so that a fast task's results do not pile up in its memory between two ticks.
         self.results_buffered = 0
-        self._acks: list[TaskRow] = []  # submissions to acknowledge (not durable)
+        self._acks: list[Submitted] = []  # submissions to acknowledge (not durable)
 
     def _check_schema(self) -> None:
         row = self._db.execute("select value from meta where key = 'schema'").fetchone()
@@ -213,7 +221,12 @@ class Journal:
         if self.durable:
             self._tasks[row.task_id] = row
         else:
-            self._acks.append(row)
+            self._acks.append(Submitted(row.task_id, row.client))
+
+    def task_noted(self, task_id: str, client: str) -> None:
+        """``task_added`` where nothing is written (not ``durable``): the submission is only
+        acknowledged at the next commit, and no row need be made for it."""
+        self._acks.append(Submitted(task_id, client))
 
     def task_ended(self, task_id: str, client: str, message: bytes) -> None:
         """The task ended; ``message`` (for its client) is kept until ``delivered``."""
@@ -334,7 +347,7 @@ class Journal:
 
     # --- commit ------------------------------------------------------------------------------
 
-    def commit(self) -> list[TaskRow]:
+    def commit(self) -> list[Submitted]:
         """Write what is buffered in one transaction; the tasks whose submission this made
         durable (to acknowledge). Raises ``MasterSuperseded`` (writing nothing) when a newer
         master took the journal over since ``start``.
@@ -404,7 +417,7 @@ class Journal:
         self._results.clear()
         self.results_buffered = 0
         self._forget.clear()
-        return acks + added
+        return acks + [Submitted(r.task_id, r.client) for r in added]
 
     def close(self) -> None:
         self._db.close()
