@@ -129,6 +129,11 @@ def test_many_short_deployed_tasks_each_get_their_version_and_a_new_one_takes_ov
         wait_until(lambda: versions(client) != first, 20, "the master to see the change")
         futures = [client.submit("demo.jobs:Which") for _ in range(300)]
         assert {f.result(timeout=60) for f in futures} == {"two"}
+        # A map by name: its tasks travel as SubmitMany messages, the newest version pinned
+        # once for all of them.
+        mapped = client.map("demo.jobs:Which", [""] * 1_500)
+        assert {f.result(timeout=60) for f in mapped} == {"two"}
+        assert client.submit("demo.jobs:Which").result(timeout=30) == "two"
 
 
 def test_a_corrupted_cache_folder_is_fetched_again(tmp_path: Path) -> None:
