@@ -561,10 +561,9 @@ class Client:
         adds it where it goes), each with its first submission: a run of them of one class and
         the same options, without futures among their arguments, as one ``SubmitMany`` (up to
         ``MAX_SUBMIT_MANY`` tasks and ``SUBMIT_MANY_BYTES`` of arguments); any other alone."""
-        budget = min(SUBMIT_MANY_BYTES, (self._max_message or SUBMIT_MANY_BYTES) // 2)
         out: list[tuple[_Prepared, m.Submit | m.SubmitMany, bytes]] = []
         run: list[_Prepared] = []
-        size = 0
+        size = budget = 0
         for item in [*prepared, None]:
             submit = item.submit if item is not None else None
             alone = submit is not None and bool(submit.inputs or submit.items)
@@ -583,6 +582,9 @@ class Client:
             if alone:
                 out.append((item, item.submit, self._encoded(item.submit)))
                 continue
+            if not run:  # (room left for the code, should the run's message carry it)
+                budget = min(SUBMIT_MANY_BYTES,
+                             ((self._max_message or 2 * SUBMIT_MANY_BYTES) - len(item.code)) // 2)
             run.append(item)
             size += len(item.submit.args) + len(item.submit.task_id)
         return out

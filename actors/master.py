@@ -929,6 +929,8 @@ class Master(HubShell):
                 if self.batch_left and not held:
                     self._finishing(finished, node, worker_id, msg)
                     return
+                if self.finished_batch:  # the ends heard before it, before its result is noted:
+                    self._flush_finished()  # one of them may end the task (_share_result)
                 if held:  # the scheduler decides whether it is the task's result
                     self.leaving[task_id] = (node.peer_id, worker_id, max(0, outcome.size))
                 self._apply(finished)
@@ -1211,16 +1213,32 @@ class Master(HubShell):
         its own ``Submit`` would be, those for the scheduler handed to it in one call."""
         count = len(msg.task_ids)
         if count != len(msg.args) or not 0 < count <= m.MAX_SUBMIT_MANY:
-            self._refused(peer, msg, f"a SubmitMany is 1 to {m.MAX_SUBMIT_MANY} tasks, as many "
-                                     f"arguments as ids (not {count} ids, {len(msg.args)} arguments)")
+            why = (f"a SubmitMany is 1 to {m.MAX_SUBMIT_MANY} tasks, as many arguments as ids "
+                   f"(not {count} ids, {len(msg.args)} arguments)")
+            self._refused(peer, msg, why)
+            # Its tasks fail with why (as many as one could carry: a client's futures waiting
+            # for them would wait for good), unless they are known here already.
+            self._refuse_all(peer, msg.task_ids[:m.MAX_SUBMIT_MANY], ValueError(why),
+                             resends=True)
             return
         admitted = self._submission(peer, msg, msg.task_ids)
         if admitted is None:
             return
         burst = _Burst()
-        for task_id, args in zip(msg.task_ids, msg.args, strict=True):
-            self._admit(peer, admitted, task_id, args, (), False, burst)
-        self._log_refused(burst.events, self._apply_many(burst.events))
+        try:
+            for task_id, args in zip(msg.task_ids, msg.args, strict=True):
+                self._admit(peer, admitted, task_id, args, (), False, burst)
+        finally:  # (those admitted, journaled already, go to the scheduler whatever came after)
+            self._log_refused(burst.events, self._apply_many(burst.events))
+            self._passes_owed()
+
+    def _passes_owed(self) -> None:
+        """After a burst of events handed over in one call: the scheduling pass they owe, now
+        if ``MAX_DEFERRED`` or more wait for it (as ``_apply``'s), else a refill's turn."""
+        if self.deferred >= MAX_DEFERRED:
+            self._apply(ev.Tick(self.now))
+        elif self.backlog and not self.refilling:
+            self._refill()
 
     def _submission(self, peer: Peer, msg: m.Submit | m.SubmitMany,
                     task_ids: list[str]) -> _Admitted | None:
@@ -1478,8 +1496,10 @@ class Master(HubShell):
 
     def _refuse_all(self, peer: Peer, task_ids: list[str], error: Exception, *,
                     resends: bool = False) -> None:
-        """Each task of a refused submission told why; with ``resends``, but those sent again
-        (known here already: the first one stands), as ``_admit`` answers them."""
+        """Each task of a refused submission told why (the error described once for all);
+        with ``resends``, but those sent again (known here already: the first one stands), as
+        ``_admit`` answers them."""
+        payload, type_name, text, _ = describe_exception(error)
         for task_id in task_ids:
             if resends and self._id_known(task_id):
                 if self._client_of(task_id) not in (peer.peer_id, None):
@@ -1487,7 +1507,7 @@ class Master(HubShell):
                 elif self.journal.on_disk(task_id):
                     self._to_client(peer.peer_id, m.Accepted([task_id]))
                 continue
-            self._refuse(peer, task_id, error)
+            self._to_client(peer.peer_id, m.TaskErred(task_id, payload, type_name, text, ""))
 
     def _find_task(self, name: str) -> tuple[PackageVersion, Any] | None:
         pv = self.catalogue.get(name.split(".", 1)[0])
@@ -1867,10 +1887,7 @@ class Master(HubShell):
         for index, refused in self._apply_many([event for event, _, _, _ in batch]):
             _, node, worker_id, msg = batch[index]  # a worker's word the scheduler refused
             self._refused_worker(node, worker_id, msg, refused.reason)
-        if self.deferred >= MAX_DEFERRED:
-            self._apply(ev.Tick(self.now))  # the pass they owe, now (as _apply's)
-        elif self.backlog and not self.refilling:
-            self._refill()
+        self._passes_owed()
 
     def _log_refused(self, events: list[ev.Event], refused: list[tuple[int, InvalidEvent]]) -> None:
         """Events of the master's own making the scheduler refused (none should be: the master

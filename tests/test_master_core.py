@@ -4,6 +4,7 @@ and a master process that lives through what it refuses."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -15,7 +16,8 @@ from actors.core import scheduler_events as ev
 from actors.core.scheduler_state import TASK_TRANSITIONS, SchedulerState
 from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import UnitCall, UnitOutcome
-from tests.conftest import stderr_so_far, wait_until
+from actors.serialize import dumps_result
+from tests.conftest import descendants, kill_all, start_master, stderr_so_far, wait_until
 from transport import load_keypair, load_public_key
 from transport.hub import BATCH, unbatch
 
@@ -260,3 +262,60 @@ def test_the_ends_kept_for_a_client_stay_within_their_bound_oldest_first(
     assert not kept.add("t4", b"v" * 100) and kept.size == 600  # (the same end again: replaced)
     kept.received("no-such-task")
     assert kept.size == sum(map(len, kept.ends.values()))
+
+
+@pytest.mark.processes
+def test_a_held_result_after_its_tasks_end_in_the_same_batch_is_dropped_not_delivered(
+        tmp_path: Path) -> None:
+    """A node relays in one batch its driver's end of a task (inline) and then another of its
+    workers' held result for the same task (a run left over, or task code lying): the task
+    ends with its driver's result, and the node is told to drop the held one. (Ends gathered
+    from a batch are handed to the scheduler before a held result is noted: noted first, the
+    driver's end took it for the task's result and sent the client to fetch it.)"""
+    keys = tmp_path / "keys"
+    master, address = start_master(tmp_path, "--workers", "0", "--keys", str(keys))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.setsockopt(zmq.IDENTITY, b"node-f")
+    pair = load_keypair(keys, "node")
+    sock.curve_publickey, sock.curve_secretkey = pair.public, pair.secret
+    sock.curve_serverkey = load_public_key(keys, "master")
+    sock.connect(address)
+    heard: list[tuple[list[bytes], m.Message]] = []
+
+    def hear(kind: type[m.Message]) -> list[tuple[list[bytes], m.Message]]:
+        """What the master sent this node, until a message of ``kind`` (and it)."""
+        for _ in range(50):
+            for frames in unbatch(sock.recv_multipart()):
+                heard.append((frames[:-1], m.decode(frames[-1])))
+            if any(isinstance(msg, kind) for _, msg in heard):
+                return heard
+        raise AssertionError(f"no {kind.__name__} in {[type(msg).__name__ for _, msg in heard]}")
+
+    try:
+        sock.send(m.encode(m.Hello(role="node", peer_id="node-f", protocol=m.PROTOCOL_VERSION,
+                                   version=__version__, slots=2)))
+        hear(m.Welcome)
+        for worker in ("node-f/w1", "node-f/w2"):
+            sock.send(m.encode(m.WorkerReady(worker, 1)))
+        with Client(address, keys=keys) as client:
+            future = client.submit(Square, 3)
+            route, assign = next((r, msg) for r, msg in hear(m.AssignTask)
+                                 if isinstance(msg, m.AssignTask))
+            driver = route[-1]
+            other = b"node-f/w2" if driver == b"node-f/w1" else b"node-f/w1"
+            ends = [(driver, m.TaskResult(future.task_id, m.UnitOutcome(
+                        -1, True, dumps_result(9, "Square")), 0.001)),
+                    (other, m.TaskResult(future.task_id, m.UnitOutcome(
+                        -1, True, b"", held=True, size=4_000_000), 0.001))]
+            sock.send(BATCH + msgspec.msgpack.encode([([w], m.encode(end)) for w, end in ends]))
+            assert future.result(timeout=30) == 9
+            drops = [msg for _, msg in hear(m.DropResults) if isinstance(msg, m.DropResults)]
+            assert drops == [m.DropResults([future.task_id])]
+            assert not any(isinstance(msg, m.ShareResult) for _, msg in heard), heard
+            assert assign.task_id == future.task_id
+    finally:
+        sock.close()
+        kill_all(descendants(master.pid) | {master.pid})
+        master.wait(10)

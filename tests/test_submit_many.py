@@ -122,10 +122,15 @@ def test_a_hostile_submit_many_is_refused_and_the_master_serves_on(tmp_path: Pat
                 return m.SubmitMany(task_ids=task_ids, args=arguments, name="Nop", kind="task",
                                     code=code, code_hash=code_hash)
 
+            shapeless = {task_id: type(taken)(other, task_id, "Nop") for task_id in ("a1", "b0")}
+            other._futures.update(shapeless)  # (weak references: ``shapeless`` holds them)
             other._send(many(["a1", "a2"], [args]))  # fewer arguments than ids
             other._send(many([], []))
             other._send(many([f"b{i}" for i in range(m.MAX_SUBMIT_MANY + 1)],
                              [args] * (m.MAX_SUBMIT_MANY + 1)))
+            for future in shapeless.values():  # their tasks fail, with why: nothing is queued
+                with pytest.raises(ValueError, match="a SubmitMany is 1 to 1024 tasks"):
+                    future.result(timeout=30)
             # Another client's task id among its own, and one id twice: the others stand.
             mine = [f"mine-{i}" for i in range(5)]
             raw = {task_id: type(taken)(other, task_id, "Nop") for task_id in mine + [taken.task_id]}
