@@ -83,8 +83,8 @@ log = structlog.get_logger("actors.client")
 
 MASTER = "master"
 LARGE_CODE_BYTES = 10 * 2**20  # a task's code above this size is worth a warning
-# A SubmitMany's arguments at most (or half what the master reads, if less): a larger map goes
-# as several, and the master's turn on one stays short.
+# A SubmitMany's arguments at most (or, if less, half of what the master reads less its class's
+# code): a larger map goes as several, and the master's turn on one stays short.
 SUBMIT_MANY_BYTES = 2**20
 HEARTBEAT_S = 2.0  # how often a client tells the master it is alive
 # No Welcome this long after saying Hello on a new connection: connect afresh (a master that

@@ -276,7 +276,7 @@ def _unpush(queue: list[QueueEntry], entry: QueueEntry) -> None:
 
 def _count_back(queued: dict[tuple[str, int], int], key: tuple[str, int],
                 owners: dict[str, int], owner: str, change: int) -> None:
-    """``_count_queued`` undone: both counts moved back (by the opposite change)."""
+    """``_count_queued`` undone: both counts moved by ``change``, the opposite of its own."""
     _move(queued, key, change)
     _move(owners, owner, change)
 
@@ -707,10 +707,10 @@ class SchedulerState:
                                                             list[tuple[int, Exception]]]:
         """Apply each event as ``handle(event, schedule=False)`` would, in one call: the
         instructions of all of them, and the events that did not apply (their positions) with
-        why (each alone:
-        one refused, or raising, leaves nothing of itself and takes nothing of the others
-        with it). The scheduling pass waits for the next event that has one. For a shell's
-        burst of events of one kind (a refill of a client's backlog): one call, not one each."""
+        why (each alone: one refused, or raising, leaves nothing of itself and takes nothing of
+        the others with it). The scheduling pass waits for the next event that has one. For a
+        shell's burst of events (a refill of a client's backlog, a map's submits, the tasks'
+        ends a node relayed together): one call, not one each."""
         undo, out = self._undo, self._out
         failed: list[tuple[int, Exception]] = []
         for index, event in enumerate(events):
