@@ -419,8 +419,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         replay = self.replays.pop(0)
         units = list(replay.units)
         if changed:
-            first = units.pop(0)
-            self.rerun.setdefault(replay.task_id, set()).add(first.index)
+            first = units.pop(0)  # a pack, or one unit: each of its units runs again
+            self.rerun.setdefault(replay.task_id, set()).update(
+                range(first.index, first.index + max(first.count, 1)))
             self.feed(ev.UnitsNotReplayed(self.now, replay.worker_id, replay.task_id, [first]))
         self.recorded.setdefault(replay.task_id, []).extend(
             k for u in units for k in range(u.index, u.index + max(u.count, 1)))
@@ -632,3 +633,31 @@ class PackedUnitsScheduler(SchedulerMachine):
 PackedUnitsScheduler.TestCase.settings = settings(max_examples=examples(100),
                                                   stateful_step_count=40, deadline=None)
 test_packed_units_under_random_events = PackedUnitsScheduler.TestCase
+
+
+class Drawn:
+    """What ``data.draw`` returns, in order: a found example replayed as a plain test."""
+
+    def __init__(self, *values: object) -> None:
+        self.values = list(values)
+
+    def draw(self, strategy: object) -> object:
+        return self.values.pop(0)
+
+
+def test_a_pack_the_journal_cannot_replay_runs_again_whole() -> None:
+    """CI's run on the lowest versions found it: a restarted driver re-slices a pack of two
+    journaled units with changed arguments; the journal answers for neither, both run again and
+    reach the driver once each (the model had counted only the pack's first unit as rerun)."""
+    machine = PackedUnitsScheduler()
+    machine.submit(client="a", items=False, kind="parallel", n=2, priority=0)
+    machine.worker_joins(node="n2")
+    machine.driver_slices(Drawn(("w1", "t1"), 2, -1))  # type: ignore[arg-type]
+    machine.several_workers_join(count=2)
+    machine.a_node_returns_to_a_restarted_master(node="n2", data=Drawn(True))  # type: ignore[arg-type]
+    machine.driver_slices(Drawn(("w2", "t1"), 2, -1))  # type: ignore[arg-type]
+    machine.the_shell_replays_journaled_results(changed=True)
+    assert machine.rerun["t1"] == {0, 1}
+    machine.teardown()
+    assert machine.state.tasks["t1"].state == "done"
+    assert sorted(machine.recorded["t1"]) == [0, 1]
