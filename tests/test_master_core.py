@@ -186,7 +186,7 @@ def test_a_repack_that_fails_halfway_puts_back_everything_it_took() -> None:
 
     import structlog
 
-    from actors.master import Master
+    from actors.master_actor import Master
     from actors.watch import TaskStream, Throughput
 
     class Broken(TaskStream):
@@ -249,7 +249,7 @@ def test_the_ends_kept_for_a_client_stay_within_their_bound_oldest_first(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a state directory the master keeps each end until its client says Received:
     a client that never says so holds at most UNRECEIVED_BYTES there, its oldest let go."""
-    from actors import master
+    from actors import master_actor as master
 
     monkeypatch.setattr(master, "UNRECEIVED_BYTES", 1_000)
     kept = master.Unreceived()

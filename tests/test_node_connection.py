@@ -16,7 +16,7 @@ import zmq
 
 from actors import Client, ParallelTask, __version__
 from actors import messages as m
-from actors.master import RECONNECT_MIN_S
+from actors.master_actor import RECONNECT_MIN_S
 from tests.conftest import (
     alive,
     descendants,
