@@ -210,6 +210,33 @@ def test_what_a_long_turn_sent_leaves_before_the_turn_ends(
     assert peer.recv_multipart() == [b"hosted", b"late"]
 
 
+def test_a_lone_answer_leaves_before_the_rest_of_its_turn(
+        wired: tuple[zmq.Socket[bytes], Hub, list[pykka.ActorRef[Any]]]) -> None:
+    """One message in, one answer out: the answer goes as it is made, not at the turn's end (a
+    lone round trip's every hop would wait for its handler's bookkeeping after the answer)."""
+    peer, hub, refs = wired
+    released, turn_ended = threading.Event(), threading.Event()
+
+    class AnswersThenWaits(Echo):
+        def receive(self, message: Any) -> Any:
+            super().receive(message)
+            if message == ("frame", b"hold"):  # the rest of its turn: long
+                released.wait(DEADLINE_S)
+                turn_ended.set()
+            return None
+
+    refs.append(AnswersThenWaits.start(hub))
+    _send_once_connected(peer, b"hello")
+    assert peer.recv_multipart() == [b"hosted", b"echo:hello"]
+    peer.send_multipart([b"hosted", b"hold"])
+    came = peer.poll(int(DEADLINE_S / 2 * 1000))  # while the turn that answered still runs
+    ended_first = turn_ended.is_set()
+    released.set()
+    assert came and not ended_first, "the answer waited for its turn's end"
+    assert peer.recv_multipart() == [b"hosted", b"echo:hold"]
+    assert turn_ended.wait(DEADLINE_S)
+
+
 def test_a_burst_on_one_socket_does_not_hold_another_sockets_message_behind_it(
         raw_router: tuple[zmq.Socket[bytes], str]) -> None:
     """50 batches of 1,000 on one socket, then one message on another, all waiting as the hub
