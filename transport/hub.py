@@ -508,8 +508,9 @@ class Hub:
 
     def _wake(self) -> None:
         """Wake the hub thread for what other threads queued (``Outbox``): the poke's eventfd,
-        a write and a read, where a ZeroMQ message through the inproc socket took a send, a
-        receive and a round through each socket's mailbox (~10 us more on a lone submit)."""
+        a write and a read, where a ZeroMQ message through an inproc socket took a send, a
+        receive and a round through each socket's mailbox (a lone submit left the client ~16 us
+        later, bench/README.md)."""
         try:  # noqa: SIM105 - as in poke()
             os.write(self._poke_w, _POKE)
         except OSError:  # not started (the first poll finds the queue), stopped, or being woken
@@ -757,7 +758,7 @@ class Hub:
 
     def _defer(self, name: bytes, frames: list[bytes]) -> None:
         """Queue a message for the end of this turn (see the module docstring); the first of a
-        turn that took in one message at most leaves at once."""
+        quiet turn after a quiet one (each took in one message at most) leaves at once."""
         self._turn_out += 1
         if self._turn_out == 1 and self._quiet and self._turn_in <= 1:
             # A lone round trip's: what the turn does after it (the rest of the handler, the
