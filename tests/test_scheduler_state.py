@@ -1114,6 +1114,29 @@ def test_a_better_task_takes_the_first_helper_whose_unit_ends() -> None:
                    assign("w3", "t1", False), ev.Dispatch("n1", "w3", "t1", 9, units(5))]
 
 
+def test_an_idle_helper_goes_to_its_keys_queued_units_while_another_keys_task_waits() -> None:
+    """A task of another key waiting for a worker (none idle, none to evict) must not keep a
+    ParallelTask's queued units from a helper of its own key that idles in another task: the
+    helper moves to them at once (let go idle, the next pass would replace its process for the
+    other key's task; CI's property test found it idling)."""
+    s = three_workers()
+    submit(s)
+    submit(s, "t2")
+    s(ev.UnitsSliced, "w1", "t1", units(0, 1), False)  # w1 runs 0, w3 joins for 1
+    assert "w3" in s.state.tasks["t1"].workers
+    assert submit(s, "t3", client="c2") == []  # another key: every worker busy, it waits
+    s(ev.UnitsFinished, "w3", "t1", 2, ok(1), 0.8)  # w3 idles in t1: nothing more sliced yet
+    assert s.state.workers["w3"].task_id == "t1" and not s.state.workers["w3"].in_flight
+    out = s(ev.UnitsSliced, "w2", "t2", units(0, 1, 2), True)
+    assert ev.ReleaseWorker("n1", "w3", "t1") in out
+    assert not any(isinstance(i, ev.KillWorker) for i in out)
+    assert s.state.workers["w3"].task_id == "t2"
+    assert [i.worker_id for i in out if isinstance(i, ev.Dispatch)] == ["w2", "w3"]
+    assert s.state.tasks["t3"].state == "queued"
+    assert ("worker w3", "helping", "released", "yields to t2") in [
+        e[:4] for e in s.state.story("t1")]
+
+
 def test_a_task_of_the_same_rank_or_below_waits_for_its_turn() -> None:
     s = three_workers()
     submit(s, priority=1)

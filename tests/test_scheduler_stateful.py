@@ -353,6 +353,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         task = self.state.tasks[task_id]
         if task.kind == "parallel" and not (task.units.sliced_all and not task.units.open_units):
             return  # a real driver reduces only once every unit is in
+        if any(replay.task_id == task_id for replay in self.replays):
+            return  # ... the journal's replayed results among them
         self.feed(ev.TaskFinished(self.now, driver, task_id, UnitOutcome(-1, True, b"done"), 0.001))
         self.flush()
 
@@ -661,3 +663,54 @@ def test_a_pack_the_journal_cannot_replay_runs_again_whole() -> None:
     machine.teardown()
     assert machine.state.tasks["t1"].state == "done"
     assert sorted(machine.recorded["t1"]) == [0, 1]
+
+
+def test_a_driver_reduces_only_once_the_journal_replayed_its_results() -> None:
+    """CI found it (the model's driver reduced before the shell replayed a unit finished while
+    no driver ran): a restarted driver's task ends done with that unit's result, once."""
+    machine = SchedulerMachine()
+    machine.several_workers_join(count=2)
+    machine.several_workers_join(count=2)
+    machine.submit(client="a", items=False, kind="parallel", n=2, priority=0)
+    machine.submit(client="a", items=False, kind="task", n=0, priority=0)
+    machine.driver_slices(Drawn(("w1", "t1"), 2, -1))  # type: ignore[arg-type]
+    machine.a_driver_dies(Drawn(("w1", "t1")))  # type: ignore[arg-type]
+    machine.a_client_cancels(Drawn(2, 0.0))  # type: ignore[arg-type]
+    machine.a_batch_finishes(Drawn("w3"), fail=1, missing=0, seconds=0.001)  # type: ignore[arg-type]
+    machine.submit(client="a", items=False, kind="task", n=0, priority=0)
+    machine.a_client_cancels(Drawn(3, 0.0))  # type: ignore[arg-type]
+    machine.driver_slices(Drawn(("w4", "t1"), 2, -1))  # type: ignore[arg-type]
+    machine.a_batch_finishes(Drawn("w4"), fail=1, missing=0, seconds=0.001)  # type: ignore[arg-type]
+    assert machine.replays  # unit 1, finished before the restart, waits for its replay
+    machine.a_driver_reduces(Drawn(("w4", "t1")))  # type: ignore[arg-type]
+    assert machine.state.tasks["t1"].state == "running"
+    machine.teardown()
+    # (unit 0 is kept on its worker, unit 1 inline: see unit_call)
+    assert machine.state.tasks["t1"].state == "done"
+    assert machine.recorded["t1"] == [1] and machine.held["t1"] == {0}
+
+
+def test_a_helper_idle_in_one_task_serves_another_of_its_key_while_another_key_waits() -> None:
+    """CI found it: a queued task of client b, no worker to give it; client a's t2 slices while
+    a's t1 keeps a helper with nothing to do. The helper goes to t2 (it idled there before)."""
+    machine = SchedulerMachine()
+    machine.worker_joins(node="n1")
+    machine.a_node_is_silent_then_returns(announce_late=False, node="n1")
+    machine.several_workers_join(count=2)
+    machine.several_workers_join(count=4)
+    machine.submit(client="a", items=False, kind="parallel", n=2, priority=0)
+    machine.submit(client="a", items=False, kind="parallel", n=2, priority=0)
+    machine.a_driver_dies(Drawn(("w2", "t1")))  # type: ignore[arg-type]
+    machine.several_workers_join(count=2)
+    machine.a_node_is_silent_then_returns(announce_late=False, node="n2")
+    machine.driver_slices(Drawn(("w4", "t1"), 2, -1))  # type: ignore[arg-type]
+    machine.a_driver_dies(Drawn(("w4", "t1")))  # type: ignore[arg-type]
+    machine.worker_joins(node="n1")
+    machine.worker_joins(node="n1")
+    machine.a_batch_finishes(Drawn("w8"), fail=1, missing=0, seconds=0.001)  # type: ignore[arg-type]
+    machine.submit(client="b", items=False, kind="task", n=0, priority=0)
+    machine.a_worker_dies(Drawn("w11"))  # type: ignore[arg-type]
+    machine.driver_slices(Drawn(("w6", "t2"), 2, -1))  # type: ignore[arg-type]
+    machine.no_worker_idles_while_units_are_queued()
+    assert machine.state.workers["w8"].task_id == "t2"
+    machine.teardown()

@@ -131,7 +131,7 @@ import itertools
 import pickle
 import sys
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -1780,8 +1780,28 @@ class SchedulerState:
         for _ in range(len(self.workers) + 1):
             wanting = self._start_queued(now)
             wanting = self._serve_parallel(wanting, now)
-            if wanting is None or not self._yield_helper(wanting, now):
+            if wanting is None:
                 return
+            if self._yield_helper(wanting, now) is not None:
+                continue
+            # None for the first that wants a worker (a queued task of another key, say): a
+            # ParallelTask after it with units queued takes an idle helper of its own key at
+            # once, rather than that helper idling while they wait (let go instead, it would be
+            # replaced for the other key's task at the next pass: a warm process for nothing).
+            for task in self._wanting_units(wanting):
+                helper = self._yield_helper(task, now, joins=True)
+                if helper is not None:
+                    self._join(task, helper, driver=False, now=now)
+                    self._dispatch(task)
+                    break
+            else:
+                return
+
+    def _wanting_units(self, first: TaskRecord) -> Iterator[TaskRecord]:
+        """The running ParallelTasks with units queued, best first, but ``first``."""
+        for task in sorted(self._parallel.values(), key=_rank):
+            if task is not first and task.units.pending:
+                yield task
 
     def _let_drained_go(self, now: float) -> None:
         """Helpers of a driverless task whose runs are done are let go (warm): one of them may
@@ -1866,12 +1886,14 @@ class SchedulerState:
         if worker is not None:
             self._join(task, worker, driver=False, now=now)
 
-    def _yield_helper(self, wanting: TaskRecord, now: float) -> bool:
+    def _yield_helper(self, wanting: TaskRecord, now: float,
+                      joins: bool = False) -> WorkerRecord | None:
         """Let go of one helper with nothing in flight, of a task ranked below ``wanting`` or with
         no unit queued, so that ``wanting`` takes it (same warm key: no process is replaced). A
         helper holding kept results stays (they would die with it), and so do a task's helpers
         while a steal waits for its answer (the answer would be dropped, and the task never asks
-        again)."""
+        again). The helper let go, if any; with ``joins``, only one that may join ``wanting``
+        now (not paused, not stopping)."""
         for task in sorted(self._parallel.values(), key=_rank, reverse=True):
             if (task is wanting or task.warm_key != wanting.warm_key or task.units.steal_pending
                     or (task.units.pending and _rank(task) < _rank(wanting))):
@@ -1881,13 +1903,15 @@ class SchedulerState:
                 worker = self.workers[worker_id]
                 if worker_id == task.driver or worker.in_flight or worker_id in holders:
                     continue
+                if joins and (worker.paused or worker.stopping):
+                    continue
                 self._let_go(worker, task.task_id, now)
                 self._undo.discard(task.workers, worker_id)
                 self._note(task, f"worker {worker_id}", "helping", "released",
                            f"yields to {wanting.task_id}", now)
                 self._out.append(ReleaseWorker(worker.node_id, worker_id, task.task_id))
-                return True
-        return False
+                return worker
+        return None
 
     def _idle_worker_for(self, warm_key: WarmKey) -> WorkerRecord | None:
         """A worker warm for this key, else a clean one (the first of each, in join order)."""
