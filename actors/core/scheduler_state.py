@@ -1784,6 +1784,8 @@ class SchedulerState:
                 return
             if self._yield_helper(wanting, now) is not None:
                 continue
+            if not self._parallel:
+                return  # (plain Tasks only: every pass of a backlog of them comes here)
             # None for the first that wants a worker (a queued task of another key, say): a
             # ParallelTask after it with units queued takes an idle helper of its own key at
             # once, rather than that helper idling while they wait (let go instead, it would be
