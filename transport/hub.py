@@ -326,6 +326,9 @@ class Hub:
         # Work run on the hub thread at every turn (see "Hosted work"), and its wake-up.
         self._hosted: list[HostedTurn] = []
         self._poke_r = self._poke_w = -1
+        # Held around each write and the close: a thread that read the descriptor just before
+        # the hub closed it would otherwise write into whatever file took its number since.
+        self._poke_lock = threading.Lock()
         self._poked = False  # a poke's byte is on its way
         self._again = False  # work was given on the hub thread after its turn ran: no waiting
 
@@ -501,20 +504,22 @@ class Hub:
             self._again = True
         elif not self._poked:
             self._poked = True
-            try:  # noqa: SIM105 - a context manager per poke costs more than the poke
-                os.write(self._poke_w, _POKE)
-            except OSError:  # the hub has stopped (-1), or the pipe is full: it is being woken
-                pass
+            with self._poke_lock:
+                try:  # noqa: SIM105 - a context manager per poke costs more than the poke
+                    os.write(self._poke_w, _POKE)
+                except OSError:  # the hub has stopped (-1), or the pipe is full: being woken
+                    pass
 
     def _wake(self) -> None:
         """Wake the hub thread for what other threads queued (``Outbox``): the poke's eventfd,
         a write and a read, where a ZeroMQ message through an inproc socket took a send, a
         receive and a round through each socket's mailbox (a lone submit left the client ~16 us
         later, bench/README.md)."""
-        try:  # noqa: SIM105 - as in poke()
-            os.write(self._poke_w, _POKE)
-        except OSError:  # not started (the first poll finds the queue), stopped, or being woken
-            pass
+        with self._poke_lock:
+            try:  # noqa: SIM105 - as in poke()
+                os.write(self._poke_w, _POKE)
+            except OSError:  # not started (the first poll finds the queue), stopped, or woken
+                pass
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -579,11 +584,12 @@ class Hub:
             self._close_poke()
 
     def _close_poke(self) -> None:
-        fds = {self._poke_r, self._poke_w}
-        self._poke_r = self._poke_w = -1  # a late poke writes nowhere rather than to a reused fd
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+        with self._poke_lock:  # a late poke writes nowhere rather than to a reused descriptor
+            fds = {self._poke_r, self._poke_w}
+            self._poke_r = self._poke_w = -1
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
 
     def _open(self, spec: _SocketSpec, *, connect: bool = True) -> zmq.Socket[bytes]:
         sock = self.context.socket(spec.kind)
