@@ -504,19 +504,16 @@ class Hub:
             self._again = True
         elif not self._poked:
             self._poked = True
-            with self._poke_lock:
-                try:  # noqa: SIM105 - a context manager per poke costs more than the poke
-                    os.write(self._poke_w, _POKE)
-                except OSError:  # the hub has stopped (-1), or the pipe is full: being woken
-                    pass
+            self._wake()
 
     def _wake(self) -> None:
-        """Wake the hub thread for what other threads queued (``Outbox``): the poke's eventfd,
+        """Wake the hub thread for what other threads queued (``Outbox``) or gave a hosted actor
+        (``poke``): its eventfd,
         a write and a read, where a ZeroMQ message through an inproc socket took a send, a
         receive and a round through each socket's mailbox (a lone submit left the client ~16 us
         later, bench/README.md)."""
         with self._poke_lock:
-            try:  # noqa: SIM105 - as in poke()
+            try:  # noqa: SIM105 - a context manager per wake-up costs more than the write
                 os.write(self._poke_w, _POKE)
             except OSError:  # not started (the first poll finds the queue), stopped, or woken
                 pass
