@@ -76,7 +76,7 @@ from actors.node_results import HOLD_FILE, RESULTS, ResultStore
 from actors.prefork import Forked, fork_workers, worker_args, worker_env, worker_token
 from actors.shell import ConnectionEvent, Inbound, Shell, Tick, tell_if_alive
 from actors.task_sync import TaskSyncClient, WorkerGone
-from transport import ClientCurve, Hub, load_keypair, load_public_key
+from transport import ClientCurve, Hub, links, load_keypair, load_public_key
 
 log = structlog.get_logger("actors.node")
 
@@ -164,6 +164,9 @@ class NodeConfig:
     start_timeout: float = DEFAULT_START_TIMEOUT_S
     parent_pid: int = field(default_factory=os.getppid)
     containment: Containment | None = None
+    # Each worker's link a socket pair made before it starts (transport/links.py), not the
+    # ipc socket at ``ipc_address`` (--worker-links; bench/README.md says what it costs).
+    links: bool = False
 
 
 class Node(Shell):
@@ -449,18 +452,27 @@ class Node(Shell):
         plan = self._plan(scratch)
         token = worker_token()
         output, written = os.pipe()
+        ours, theirs = links.pair() if self.config.links else (None, None)
+        passed = (theirs.fileno(),) if theirs is not None else ()
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", WORKER_SCRIPT, "actors.worker", plan.to_arg(),
-                 *worker_args(self.config.ipc_address, worker_id)],
+                 *worker_args(self.config.ipc_address, worker_id, passed[0] if passed else -1)],
                 cwd=scratch, env={**worker_env(scratch), TOKEN_ENV: TOKEN_ON_STDIN},
                 stdin=subprocess.PIPE, stdout=written, stderr=written, start_new_session=True,
+                pass_fds=passed,
             )
         except BaseException:
             os.close(output)
+            if ours is not None:
+                ours.close()
             raise
         finally:
             os.close(written)
+            if theirs is not None:
+                theirs.close()
+        if ours is not None:  # before anything is sent to it
+            self.hub.attach_link(WORKERS, worker_id.encode(), ours)
         assert proc.stdin is not None
         try:  # (a line in an empty pipe: never blocks)
             proc.stdin.write(token.encode() + b"\n")
@@ -519,6 +531,8 @@ class Node(Shell):
         _signal_group(worker.pid, signal.SIGKILL)
 
     def _exited(self, event: ProcessExited) -> None:
+        if self.config.links:  # what it wrote before it exited is read first, then it closes
+            self.hub.detach_link(WORKERS, event.worker_id.encode())
         worker = self.workers.pop(event.worker_id, None)
         self.pids.pop(event.worker_id, None)
         self.alive.discard(event.worker_id.encode())
@@ -949,6 +963,12 @@ def _main(argv: list[str], refused: list[str]) -> int:
                         or str(DEFAULT_START_TIMEOUT_S),
                         help="replace a worker that has not said hello this long after it "
                              f"started (default {DEFAULT_START_TIMEOUT_S:g}; 0: never)")
+    parser.add_argument("--worker-links", action="store_true",
+                        default=os.environ.get("ACTORS_WORKER_LINKS", "") not in ("", "0"),
+                        help="(experimental) each worker's link to the node a socket pair made "
+                             "before it starts, not the node's ipc socket: no socket task code "
+                             "could open under another worker's id; faster small messages, "
+                             "slower large values between nodes ($ACTORS_WORKER_LINKS=1)")
     parser.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
                         default=os.environ.get("ACTORS_FETCH_TIMEOUT")
                         or str(unit_runner.FETCH_TIMEOUT_S),
@@ -998,7 +1018,8 @@ def _main(argv: list[str], refused: list[str]) -> int:
                         exit_with_parent=args.exit_with_parent, parent_pid=parent,
                         containment=containment,
                         master=args.master, connect_timeout=max(0.0, args.connect_timeout),
-                        start_timeout=max(0.0, args.worker_start_timeout))
+                        start_timeout=max(0.0, args.worker_start_timeout),
+                        links=args.worker_links)
 
     def plan_for(scratch: str) -> Plan:
         plan = containment.plan()
@@ -1016,7 +1037,7 @@ def _main(argv: list[str], refused: list[str]) -> int:
 
     # Before the keys are read and before any thread starts: see prefork.py.
     forked = [] if args.no_prefork else fork_workers(node_id, run_dir, config.ipc_address,
-                                                     args.workers, plan_for)
+                                                     args.workers, plan_for, links=config.links)
     keys = args.keys or default_keys_dir()
     try:
         pair = load_keypair(keys, "node")
@@ -1069,7 +1090,13 @@ def _main(argv: list[str], refused: list[str]) -> int:
     proven: set[bytes] = set()  # the Node actor keeps them (see "Proof")
     alive: set[bytes] = set()
     # (no handover: a proven worker's connection is never given to a newer one of its id)
-    hub.add_router("workers", config.ipc_address, views=True, handover=False)
+    if config.links:
+        hub.add_links(WORKERS, views=True)  # one a worker, made before it starts
+        for worker in forked:
+            assert worker.link is not None
+            hub.attach_link(WORKERS, worker.worker_id.encode(), worker.link)
+    else:
+        hub.add_router(WORKERS, config.ipc_address, views=True, handover=False)
     try:
         data = DataPlane(node_id, pair, run_dir, args.master, args.data_listen, args.data_address)
         data.alive, data.holds = alive, task_ends.holds
@@ -1082,7 +1109,7 @@ def _main(argv: list[str], refused: list[str]) -> int:
     results.add_to(hub)
     data.serve_input, results.reply = results.input_request, data.reply
     # Workers of other uids connect to the ipc socket through their group: it is made 0770.
-    umask = os.umask(0o007) if containment.group is not None else None
+    umask = os.umask(0o007) if containment.group is not None and not config.links else None
     try:
         hub.start()
     except Exception as exc:

@@ -28,6 +28,7 @@ import itertools
 import os
 import resource
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -749,7 +750,10 @@ def _own_token() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="actors.worker", description=argparse.SUPPRESS)
-    parser.add_argument("--node", required=True, help="the node's ipc:// address")
+    to_node = parser.add_mutually_exclusive_group(required=True)
+    to_node.add_argument("--link-fd", type=int, help="this worker's end of its link to its node "
+                                                    "(an inherited descriptor)")
+    to_node.add_argument("--node", help="the node's ipc:// address (a node's stand-in in tests)")
     parser.add_argument("--id", required=True, help="this worker's id")
     parser.add_argument("--node-pid", type=int, default=None, help="the node process's pid")
     args = parser.parse_args(argv)
@@ -798,8 +802,18 @@ def main(argv: list[str] | None = None) -> int:
     def on_tick(now: float) -> None:
         tell_if_alive(worker_ref, Tick(now))
 
-    hub = Hub(on_frames, on_tick=on_tick, tick_s=0.5)
-    hub.add_dealer(NODE, args.node, identity=args.id.encode(), views=True)  # data arrives here
+    def on_event(_socket: str, what: str) -> None:
+        if what == "disconnected":  # our link's other end closed: the node is gone
+            log.warning("node_gone", why="its link to this worker closed")
+            stopped.set()
+
+    hub = Hub(on_frames, on_tick=on_tick, tick_s=0.5, on_event=on_event)
+    if args.link_fd is not None:  # (data arrives here: views)
+        link = socket.socket(fileno=args.link_fd)
+        link.set_inheritable(False)  # (no process a task starts gets it)
+        hub.add_link(NODE, link, views=True)
+    else:
+        hub.add_dealer(NODE, args.node, identity=args.id.encode(), views=True)
     hub.start()
     worker_ref = Worker.start(hub, args.id, lambda _reason: stopped.set(), args.node_pid, token)
     started.set()

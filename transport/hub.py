@@ -54,6 +54,12 @@ a copy only from ``_ZERO_COPY_BYTES``: pyzmq's first zero-copy send starts a thr
 (its garbage collector, with a ZeroMQ context), and a client's process that runs another thread
 can no longer fork a ``LocalCluster`` (actors/forking.py), whose start then takes 5x as long.
 
+Links. Besides ZeroMQ sockets the hub polls links (links.py: messages over one end of a
+socket pair): ``add_links`` makes a router of them (a node's workers, each attached with its id
+by ``attach_link`` and closed by ``detach_link`` once its last words are read), ``add_link`` a
+dealer over one (a worker's, to its node). Messages on them are routed, deferred and batched as
+on a ROUTER or DEALER.
+
 Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame list
 handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
 (Z85 text), so the receiver can hold each message to the role of its key; no
@@ -67,6 +73,7 @@ import contextlib
 import functools
 import itertools
 import os
+import socket
 import sys
 import threading
 import time
@@ -81,6 +88,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from transport.keys import AllowList
+from transport.links import Link
 
 log = structlog.get_logger("transport.hub")
 
@@ -103,6 +111,8 @@ _LONE_BYTES = 64 << 10  # a message this big goes alone: batching would only cop
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[tuple[list[bytes], bytes]])
 _RECONNECT = b"\0reconnect "  # an outgoing item naming no socket: connect this dealer afresh
+_ATTACH = b"\0attach "  # ... nor this: take a link (+ its socket name; frames: its id, its fd)
+_DETACH = b"\0detach "  # ... nor this: read what a link holds, then close it (frames: its id)
 _POKE = (1).to_bytes(8, sys.byteorder)  # an eventfd adds it to its count (a pipe: 8 bytes)
 #: On a ``views`` socket a frame this large is neither copied on send nor on receive: below it
 #: a copy is cheaper than tracking the buffer's release (pyzmq copies below 64 KiB anyway).
@@ -114,6 +124,7 @@ _ZERO_COPY_BYTES = 1 << 20
 # or'ed, EVENTS and'ed with POLLIN) makes a new enum member, ~1 us each, several per message.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _POLLIN, _EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
+_POLLOUT, _POLLINOUT = int(zmq.POLLOUT), int(zmq.POLLIN | zmq.POLLOUT)
 _SENDABLE = frozenset({bytes, memoryview, zmq.Frame})  # what the hub's own parts are
 _ADMIT_DOMAIN = "admit:"  # + the socket's name: the ZAP domain of a socket with its own rule
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
@@ -306,6 +317,11 @@ class Hub:
         self._control: zmq.Socket[bytes] | None = None  # tells the hub thread to stop
         self._control_lock = threading.Lock()
         self._sockets: dict[bytes, zmq.Socket[bytes]] = {}
+        # Links (links.py) by socket name, then by the id their messages are routed by (b"":
+        # a dealer's one link), and by descriptor, for the poll.
+        self._links: dict[bytes, dict[bytes, Link]] = {}
+        self._link_fds: dict[int, tuple[bytes, Link]] = {}
+        self._link_views: set[bytes] = set()
         self._poller: zmq.Poller | None = None  # the hub thread's, once running
         self._names: dict[zmq.Socket[bytes], str] = {}
         self._routers: set[bytes] = set()
@@ -368,13 +384,53 @@ class Hub:
                         views=views)
         )
 
+    def add_links(self, name: str, *, views: bool = False) -> None:
+        """A router whose peers are links (links.py), each taken with ``attach_link`` and the id
+        its messages are routed by: a frame list received starts with it, and a message sent
+        names it first, as on a ROUTER. ``views``: see "Bulk data"."""
+        self._links[name.encode()] = {}
+        self._routers.add(name.encode())
+        if views:
+            self._link_views.add(name.encode())
+
+    def add_link(self, name: str, sock: socket.socket, *, views: bool = False) -> None:
+        """Before ``start``: a dealer over one end of a link (a worker's to its node); the hub
+        owns ``sock`` from now on."""
+        if self._thread is not None:
+            raise RuntimeError("Hub.add_link() is for before start()")
+        self._links[name.encode()] = {}
+        if views:
+            self._link_views.add(name.encode())
+        self._attach(name.encode(), b"", sock.detach())
+
+    def attach_link(self, name: str, identity: bytes, sock: socket.socket) -> None:
+        """From any thread: one more peer of the links ``name`` (``add_links``), reached and
+        known by ``identity``; the hub owns ``sock`` from now on. Messages sent to it after this
+        call reach it."""
+        fd = sock.detach()
+        if self._thread is None:
+            self._attach(name.encode(), identity, fd)
+            return
+        self._outgoing.append((_ATTACH + name.encode(), [identity, fd.to_bytes(4, "little")]))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake()
+
+    def detach_link(self, name: str, identity: bytes) -> None:
+        """From any thread: what the link's peer sent is read and handed on, then the link is
+        closed (a worker that exited: its last words first)."""
+        self._outgoing.append((_DETACH + name.encode(), [identity]))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake()
+
     def send_now(self, socket_name: str, frames: list[bytes]) -> bool:
         """Send from a handler running on the hub thread itself (a relay): no extra hop.
 
         It leaves at once, ahead of what this turn has queued for the same peer (``relay``).
         False when the message was dropped (an unroutable peer, a full queue)."""
         assert threading.current_thread() is self._thread, "send_now() is for hub handlers only"
-        return self._send(socket_name.encode(), self._sockets[socket_name.encode()], frames)
+        return self._send(socket_name.encode(), self._sockets.get(socket_name.encode()), frames)
 
     def send_in_order(self, socket_name: str, frames: list[bytes]) -> None:
         """From a hub handler: send after everything other threads queued before this call.
@@ -392,7 +448,7 @@ class Hub:
         self._defer(socket_name.encode(), frames)
 
     def has_socket(self, name: str) -> bool:
-        return name.encode() in self._sockets
+        return name.encode() in self._sockets or name.encode() in self._links
 
     def open_dealer_now(self, name: str, address: str, *, identity: bytes,
                         curve: ClientCurve | None = None, views: bool = False) -> None:
@@ -577,6 +633,9 @@ class Hub:
                 monitor.close(linger=0)
             for sock in sockets.values():
                 sock.close()
+            for _name, link in self._link_fds.values():
+                link.close()
+            self._link_fds.clear()
             pull.close(linger=0)
             self._close_poke()
 
@@ -676,6 +735,9 @@ class Hub:
             poller.register(monitor, zmq.POLLIN)
         poke = self._poke_r
         poller.register(poke, zmq.POLLIN)
+        link_fds = self._link_fds
+        for fd, (_name, link) in link_fds.items():
+            poller.register(fd, _POLLINOUT if link.backlog else _POLLIN)
         next_tick = time.monotonic() + self._tick_s
         while True:
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
@@ -699,6 +761,8 @@ class Hub:
                         self._receive(names[sock], sock)
                     except zmq.ZMQError as exc:  # the thread that owns every socket lives on
                         log.error("receive_failed", socket=names[sock], error=str(exc))
+                elif sock in link_fds:
+                    self._link_ready(sock, ready[sock])
             for sock in ready:  # after what this turn received: a peer's last words come first
                 if sock in monitors:
                     self._monitor_event(monitors[sock], sock)
@@ -751,9 +815,15 @@ class Hub:
             self._defer_checked(*outgoing.popleft())
 
     def _defer_checked(self, name: bytes, frames: list[bytes]) -> None:
-        if name not in self._sockets:
+        if name not in self._sockets and name not in self._links:
             if name.startswith(_RECONNECT):  # (Outbox.reconnect: here, not on every send)
                 self.reconnect_now(name[len(_RECONNECT):].decode())
+                return
+            if name.startswith(_ATTACH):
+                self._attach(name[len(_ATTACH):], frames[0], int.from_bytes(frames[1], "little"))
+                return
+            if name.startswith(_DETACH):
+                self._detach(name[len(_DETACH):], frames[0])
                 return
             log.error("send_to_unknown_socket", socket=name.decode(errors="replace"))
             return
@@ -767,7 +837,7 @@ class Hub:
             # A lone round trip's: what the turn does after it (the rest of the handler, the
             # actor's bookkeeping) no longer delays it. A burst's turns, and the first after
             # one, batch as before (sent early, a burst's messages would leave alone more often).
-            self._send(name, self._sockets[name], frames)
+            self._send(name, self._sockets.get(name), frames)
             return
         if name in self._routers:
             key, route = (name, frames[0]), frames[1:-1]
@@ -804,7 +874,7 @@ class Hub:
     def _send_pending(self, key: tuple[bytes, bytes], items: _Pending) -> None:
         name, peer = key
         prefix = [peer] if name in self._routers else []
-        sock = self._sockets[name]
+        sock = self._sockets.get(name)
         size = self._pending_bytes.pop(key, 0)
         if len(items) == 1 or size >= _LONE_BYTES * len(items):
             for route, body in items:
@@ -812,7 +882,9 @@ class Hub:
         else:
             self._send(name, sock, [*prefix, BATCH + _batch_encoder.encode(items)])
 
-    def _send(self, name: bytes, sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    def _send(self, name: bytes, sock: zmq.Socket[bytes] | None, frames: list[bytes]) -> bool:
+        if sock is None:
+            return self._send_link(name, frames)
         try:
             # A large body goes without a copy: ZeroMQ reads it from the bytes object itself.
             least = _VIEW_BYTES if name in self._views else _ZERO_COPY_BYTES
@@ -870,13 +942,16 @@ class Hub:
                     fd = _source_fd(frame)
                     if fds.get(fd) != frames[1]:
                         fds[fd] = frames[1]
-            if frames[-1][:1] == BATCH:
-                self._turn_in += 2  # (a batch is a burst's: its answers are batched too)
-                budget -= self._unbatch(name, frames)
-            else:
-                self._turn_in += 1
-                budget -= 1
-                self._guarded(self._on_frames, name, frames)
+            budget -= self._deliver(name, frames)
+
+    def _deliver(self, name: str, frames: list[bytes]) -> int:
+        """Hand a received message on (a batch's one by one); how many there were."""
+        if frames[-1][:1] == BATCH:
+            self._turn_in += 2  # (a batch is a burst's: its answers are batched too)
+            return self._unbatch(name, frames)
+        self._turn_in += 1
+        self._guarded(self._on_frames, name, frames)
+        return 1
 
     def _unbatch(self, name: str, frames: list[bytes]) -> int:
         """Hand on a batch's messages; how many there were."""
@@ -894,6 +969,94 @@ class Hub:
         for message in messages:
             self._guarded(self._on_frames, name, message)
         return len(messages)
+
+    # --- links (links.py) -----------------------------------------------------
+
+    def _attach(self, name: bytes, identity: bytes, fd: int) -> None:
+        links = self._links.get(name)
+        sock = socket.socket(fileno=fd)
+        if links is None:
+            log.error("attach_refused", socket=name.decode(errors="replace"), why="no such links")
+            sock.close()
+            return
+        old = links.get(identity)
+        if old is not None:  # (an id is given once: its first link stands)
+            log.error("attach_refused", socket=name.decode(errors="replace"),
+                      peer=identity.decode(errors="replace"), why="that id has a link")
+            sock.close()
+            return
+        # (a dealer's one peer is its node, trusted to read: see Link's blocking_sends)
+        link = Link(sock, identity, views=name in self._link_views,
+                    blocking_sends=name not in self._routers)
+        links[identity] = link
+        self._link_fds[link.fd] = (name, link)
+        if self._poller is not None:
+            self._poller.register(link.fd, _POLLIN)
+
+    def _detach(self, name: bytes, identity: bytes) -> None:
+        link = self._links.get(name, {}).get(identity)
+        if link is None:
+            return
+        for _ in range(1_000):  # (bounded: a peer's child that kept the link may write on)
+            messages = link.read()
+            self._hand_on(name, link, messages)
+            if not messages or link.closed:
+                break
+        self._drop_link(name, link)
+
+    def _link_ready(self, fd: int, events: int) -> None:
+        name, link = self._link_fds[fd]
+        if events & _POLLOUT:
+            link.flush()
+            if not link.backlog and not link.closed and self._poller is not None:
+                self._poller.modify(fd, _POLLIN)
+        if events & ~_POLLOUT:  # readable, or hung up (a read says which)
+            self._hand_on(name, link, link.read())
+        if link.closed:
+            self._drop_link(name, link)
+
+    def _hand_on(self, name: bytes, link: Link, messages: list[list[bytes]]) -> None:
+        text = name.decode()
+        routed = name in self._routers
+        for frames in messages:
+            if routed:
+                frames.insert(0, link.identity)
+            self._deliver(text, frames)
+
+    def _send_link(self, name: bytes, frames: list[bytes]) -> bool:
+        links = self._links.get(name)
+        routed = name in self._routers
+        link = None if links is None else links.get(bytes(frames[0]) if routed else b"")
+        if link is None:  # a peer gone (a worker that exited): as a ROUTER's EHOSTUNREACH
+            log.debug("send_dropped", socket=name.decode(errors="replace"),
+                      peer=bytes(frames[0][:40]).decode(errors="replace") if routed else "",
+                      error="no link")
+            return False
+        sent = link.send(frames[1:] if routed else frames)
+        if link.closed:
+            self._drop_link(name, link)
+        elif link.backlog and self._poller is not None:
+            self._poller.modify(link.fd, _POLLINOUT)  # (again each time: a dict's set)
+        if not sent and not link.closed:
+            log.warning("send_dropped", socket=name.decode(errors="replace"),
+                        peer=link.identity.decode(errors="replace"),
+                        error="its peer left too much unread")
+        return sent
+
+    def _drop_link(self, name: bytes, link: Link) -> None:
+        if self._link_fds.pop(link.fd, None) is None:
+            return
+        links = self._links.get(name, {})
+        if links.get(link.identity) is link:
+            del links[link.identity]
+        if self._poller is not None:
+            self._poller.unregister(link.fd)
+        (log.warning if link.broken else log.debug)(
+            "link_closed", socket=name.decode(errors="replace"),
+            peer=link.identity.decode(errors="replace"), broken=link.broken)
+        link.close()
+        if name not in self._routers and self._on_event is not None:
+            self._guarded(self._on_event, name.decode(), "disconnected")
 
     def _monitor_event(self, name: str, monitor: zmq.Socket[bytes]) -> None:
         fds = self._peer_fds.get(name)
