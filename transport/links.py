@@ -53,8 +53,10 @@ from collections.abc import Sequence
 MAX_FRAMES = 64  # the runtime's messages have five at most (a relayed data reply)
 _COUNT = struct.Struct("<I")
 _LENGTHS = [struct.Struct(f"<{n}Q") for n in range(MAX_FRAMES + 1)]
-#: A frame at least this large goes in a sealed memory file (see "Wire"), where Linux has them.
-FILE_BYTES = int(os.environ.get("ACTORS_LINK_FILE_BYTES", 256 << 10)) if hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS") else 1 << 62
+#: A frame at least this large goes in a sealed memory file (see "Wire"), where Linux has them
+#: ($ACTORS_LINK_FILE_BYTES, for measuring another bound; each end decides for what it sends).
+FILE_BYTES = (int(os.environ.get("ACTORS_LINK_FILE_BYTES", 256 << 10))
+              if hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS") else 1 << 62)
 IN_FILE = 1 << 63  # a length with this bit: the frame is in the message's next memory file
 _SEALS = getattr(fcntl, "F_SEAL_WRITE", 0) | getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(
     fcntl, "F_SEAL_GROW", 0)
@@ -91,9 +93,9 @@ class Link:
         """``blocking_sends``: a send waits until the socket took the whole message (reads
         never wait). For the end whose one peer is trusted to read (a worker's, to its node):
         the write then runs without the GIL from its first byte to its last, where a write
-        that takes what fits and waits for the next poll took the GIL again for every socket
-        buffer's worth, behind the threads that hold it (a driver slicing 1 MiB units: 40
-        MB/s). A peer that may not read (a node's workers) never makes the hub thread wait."""
+        that takes what fits and waits for the next poll takes the GIL again for every socket
+        buffer's worth, behind the threads that hold it (a driver slicing in a tight loop). A
+        peer that may not read (a node's workers) never makes the hub thread wait."""
         sock.setblocking(blocking_sends)
         self.sock = sock
         self.fd = sock.fileno()
@@ -137,7 +139,8 @@ class Link:
         try:
             for i, (frame, size) in enumerate(zip(frames, sizes, strict=True)):
                 if size >= FILE_BYTES:
-                    files.append(_kept_file(frame) or _sealed_file(frame))
+                    kept = _kept_file(frame)
+                    files.append(kept if kept is not None else _sealed_file(frame))
                     sizes[i] = size | IN_FILE
                 else:
                     parts.append(frame)
