@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from transport.hub import Hub
 from transport.links import FILE_BYTES, IN_FILE, MAX_FRAMES, Link, pair
 
@@ -33,13 +34,6 @@ def links() -> Iterator[Callable[..., tuple[Link, Link]]]:
     yield make
     for link in made:
         link.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def read_all(link: Link, count: int, writer: Link | None = None,
@@ -159,14 +153,14 @@ def test_a_router_of_links_routes_by_the_link_a_message_came_on() -> None:
             hub.start()
         ends["w1"].outbox().send("node", [b"m", b"from w1"])
         ends["w2"].outbox().send("node", [b"m", b"from w2"])
-        wait_for(lambda: len(node_in.frames) == 2)
+        wait_until(lambda: len(node_in.frames) == 2)
         assert sorted(node_in.frames) == [("workers", [b"w1", b"m", b"from w1"]),
                                           ("workers", [b"w2", b"m", b"from w2"])]
         out = node.outbox()
         for i in range(500):  # one turn's worth: batched on the way, handed on one by one
             out.send("workers", [b"w2", str(i).encode()])
         out.send("workers", [b"nobody", b"dropped"])
-        wait_for(lambda: len(w2_in.frames) == 500)
+        wait_until(lambda: len(w2_in.frames) == 500)
         assert [f for _, (f,) in w2_in.frames] == [str(i).encode() for i in range(500)]
         assert w1_in.frames == []
     finally:
@@ -185,12 +179,12 @@ def test_a_detached_link_hands_on_its_peers_last_words_then_closes() -> None:
     worker.start()
     try:
         node.attach_link("workers", b"w1", ours)
-        wait_for(lambda: node.has_socket("workers"))
+        wait_until(lambda: node.has_socket("workers"))
         for i in range(100):
             worker.outbox().send("node", [str(i).encode()])
         worker.stop()  # (as a worker exits: what it wrote waits in the socket)
         node.detach_link("workers", b"w1")
-        wait_for(lambda: len(node_in.frames) == 100)
+        wait_until(lambda: len(node_in.frames) == 100)
         node.outbox().send("workers", [b"w1", b"after"])
         assert [f[1] for _, f in node_in.frames] == [str(i).encode() for i in range(100)]
     finally:
@@ -206,7 +200,7 @@ def test_a_dealer_link_says_when_its_peer_is_gone() -> None:
     hub.start()
     try:
         ours.close()
-        wait_for(lambda: inbox.events == [("node", "disconnected")])
+        wait_until(lambda: inbox.events == [("node", "disconnected")])
     finally:
         hub.stop()
 
@@ -358,7 +352,7 @@ def test_a_cluster_whose_workers_have_links_serves_and_leaves_no_socket_for_work
 
 
 def wait_until_workers(client: Client, count: int) -> None:
-    wait_for(lambda: client.info().workers == count, 30)
+    wait_until(lambda: client.info().workers == count, 30, f"{count} workers")
 
 
 def test_task_code_that_breaks_its_links_framing_loses_its_worker_not_its_node(

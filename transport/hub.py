@@ -210,11 +210,7 @@ class Outbox:
 
     def reconnect(self, socket_name: str) -> None:
         """``Hub.reconnect_now``, in order with what this outbox sent before and sends after."""
-        hub = self._hub
-        hub._outgoing.append((_RECONNECT + socket_name.encode(), []))
-        if not hub._wake_pending:
-            hub._wake_pending = True
-            hub._wake()
+        self._hub._hand_over(_RECONNECT + socket_name.encode(), [])
 
     def close(self) -> None:
         pass  # (nothing of its own: kept for the threads that close what they made)
@@ -411,15 +407,17 @@ class Hub:
         if self._thread is None:
             self._attach(name.encode(), identity, fd)
             return
-        self._outgoing.append((_ATTACH + name.encode(), [identity, fd.to_bytes(4, "little")]))
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._wake()
+        self._hand_over(_ATTACH + name.encode(), [identity, fd.to_bytes(4, "little")])
 
     def detach_link(self, name: str, identity: bytes) -> None:
         """From any thread: what the link's peer sent is read and handed on, then the link is
         closed (a worker that exited: its last words first)."""
-        self._outgoing.append((_DETACH + name.encode(), [identity]))
+        self._hand_over(_DETACH + name.encode(), [identity])
+
+    def _hand_over(self, name: bytes, frames: list[bytes]) -> None:
+        """Queue an item for the hub thread, in order with what other threads queued, and wake
+        it (as ``Outbox.send``, which keeps these lines inline: it runs for every message)."""
+        self._outgoing.append((name, frames))
         if not self._wake_pending:
             self._wake_pending = True
             self._wake()
