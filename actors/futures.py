@@ -262,6 +262,8 @@ class Future:
 
     def _wait(self, timeout: float | None) -> bool:
         """Wait for the end; in a notebook, show the task's output meanwhile, under this cell."""
+        if self._ended and not (self._lines or self._dropped):
+            return True  # (the results of a map, read in turn: most have ended, printing nothing)
         if not (self._client.show_output and in_notebook()):
             return self._wait_ended(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout

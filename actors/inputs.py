@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from actors.errors import InputFailed, InputLost
 
 _collecting: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "actors_collecting_inputs", default=None)
+T = TypeVar("T")
+
 _resolving: contextvars.ContextVar[_Inputs | None] = contextvars.ContextVar(
     "actors_resolving_inputs", default=None)
 
@@ -105,13 +107,13 @@ def collecting() -> Iterator[dict[str, Any]]:
         _collecting.reset(token)
 
 
-@contextmanager
-def resolving(task_id: str, loaders: Mapping[str, Callable[[], Any]],
-              placeholders: bool = False) -> Iterator[None]:
-    """Unpickle a task's arguments inside: each input is its ``loaders[task id]()``; with
-    ``placeholders``, an input without a loader is None (instead of ``InputLost``)."""
+def resolving(task_id: str, loaders: Mapping[str, Callable[[], Any]], unpickle: Callable[[], T],
+              placeholders: bool = False) -> T:
+    """``unpickle()`` a task's arguments with its inputs: each is its ``loaders[task id]()``;
+    with ``placeholders``, an input without a loader is None (instead of ``InputLost``). (A
+    call, not a context manager: it runs for every task a worker starts.)"""
     token = _resolving.set(_Inputs(task_id, loaders, placeholders))
     try:
-        yield
+        return unpickle()
     finally:
         _resolving.reset(token)

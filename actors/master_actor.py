@@ -41,6 +41,7 @@ from actors.errors import (
     WorkerKilled,
 )
 from actors.journal import RESULTS_BUFFERED, Journal, Restored, TaskRow
+from actors.logs import debug_enabled
 from actors.master_backlog import LOW, WINDOW, Backlog, Held
 from actors.master_inputs import InputBook
 from actors.metrics import MetricsServer, Snapshot
@@ -167,7 +168,8 @@ class Unreceived:
 
     def add(self, task_id: str, ended: bytes) -> bool:
         """Keep it; True if older ones were let go to stay within the bound."""
-        self.received(task_id)
+        if (before := self.ends.pop(task_id, None)) is not None:  # (received(), inline)
+            self.size -= len(before)
         self.ends[task_id] = ended
         self.size += len(ended)
         full = False
@@ -337,6 +339,7 @@ class Master(HubShell):
         self.load_errors: dict[tuple[str, str], dict[str, str]] = {}
         self.last_run: dict[str, float] = {}  # deployed task name -> when one last started
         self.log = log.bind(role="master", master_id=master_id)
+        self.debug = debug_enabled(self.log)  # (per-task lines at debug: asked once)
 
     def on_start(self) -> None:
         super().on_start()
@@ -1267,9 +1270,10 @@ class Master(HubShell):
             self.task_sync.tell(InstanceUses(sub.package, sub.version, task_id, ended=False))
         # Per task at debug: at thousands of tasks a second, info lines would be most of the
         # master's work; errors, kills and cancels stay at info and above.
-        self.log.debug("task_submitted", task_id=task_id, task=sub.name,
-                       client_id=peer.peer_id, priority=sub.priority, package=sub.package,
-                       version=sub.version)
+        if self.debug:
+            self.log.debug("task_submitted", task_id=task_id, task=sub.name,
+                           client_id=peer.peer_id, priority=sub.priority, package=sub.package,
+                           version=sub.version)
         pending, pending_bytes = (len(burst.events), burst.bytes) if burst is not None else (0, 0)
         if self.max_queued and self._queue_full(peer, pending):
             self._refuse(peer, task_id, QueueFull(self.max_queued))
@@ -2018,8 +2022,9 @@ class Master(HubShell):
                 if self.journal.results_buffered > RESULTS_BUFFERED:
                     self._commit()  # early: a fast task's results must not pile up here
             case ev.Assign():
-                self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
-                               driver=ins.driver)
+                if self.debug:
+                    self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
+                                   driver=ins.driver)
                 if ins.driver:
                     self.started.add(ins.task_id)
                     if ins.package:  # the listing's "last run" (by name, any version)
@@ -2035,7 +2040,8 @@ class Master(HubShell):
             case ev.ForwardItems():
                 self._to_client(ins.client_id, m.ItemsDone(ins.task_id, ins.items))
             case ev.ReportDone():
-                self.log.debug("task_done", task_id=ins.task_id)
+                if self.debug:
+                    self.log.debug("task_done", task_id=ins.task_id)
                 self._task_ended(ins.client_id, ins.task_id, m.TaskDone(
                     ins.task_id, ins.result, self._share_result(ins.client_id, ins.task_id)))
             case ev.ReplayResults():

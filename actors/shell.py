@@ -174,6 +174,8 @@ class HubShell(Shell):
         # the code itself) by stopping every actor and waiting for them, which on this thread
         # would wait for itself: it is this actor's crash instead (``on_failure``).
         try:
+            if type(message) is Inbound:  # a peer's message (most): none of pykka's own
+                return self.receive_guarded(self.receive, message)  # (as on_receive)
             return super()._handle_receive(message)
         except Exception:
             raise

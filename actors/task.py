@@ -159,6 +159,26 @@ def report_progress_of(task: Task, done: int, total: int) -> None:
 
 def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Refuse, before anything is sent, arguments that do not fit the task's entry point."""
+    try:  # a class checked before (every submit of a map, every task a warm worker starts)
+        fewest, most = _classes_checked[cls]
+    except (KeyError, TypeError):  # (TypeError: not a class, nor weakly referenceable)
+        fewest, most = _check_class(cls)
+    if not kwargs and fewest <= len(args) <= most:
+        return  # what binding would say, without binding
+    entry = cls.task_entry()
+    try:
+        _signature(entry).bind(None, *args, **kwargs)
+    except TypeError as exc:
+        raise InvalidArguments(
+            f"{cls.__qualname__}.{entry.__name__}{_signature(entry)}",
+            _explain_binding(_signature(entry), kwargs, str(exc)),
+        ) from None
+
+
+def _check_class(cls: type[Task]) -> tuple[int, int]:
+    """What ``check_arguments`` asks of the class itself, whatever the arguments: raises if
+    it cannot run; else the positional arguments that always bind (``_positional_range``),
+    kept for the class."""
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise InvalidArguments(repr(cls), "not a Task or ParallelTask subclass, nor a function")
     missing = _undefined(cls)
@@ -171,17 +191,14 @@ def check_arguments(cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, An
                                "without arguments on its worker: take them in "
                                f"{cls.task_entry().__name__}() instead (its arguments are "
                                "the submit's)")
-    entry = cls.task_entry()
-    fewest, most = _positional_range(entry)
-    if not kwargs and fewest <= len(args) <= most:
-        return  # what binding would say, without binding (every submit of a map)
-    try:
-        _signature(entry).bind(None, *args, **kwargs)
-    except TypeError as exc:
-        raise InvalidArguments(
-            f"{cls.__qualname__}.{entry.__name__}{_signature(entry)}",
-            _explain_binding(_signature(entry), kwargs, str(exc)),
-        ) from None
+    checked = _classes_checked[cls] = _positional_range(cls.task_entry())
+    return checked
+
+
+#: A class that passed ``_check_class``, and its ``_positional_range`` (classes are
+#: defined once and submitted many times; a class defined again, as a notebook cell run
+#: again defines it, is another class)
+_classes_checked: weakref.WeakKeyDictionary[type, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def _undefined(cls: type[Task]) -> list[str]:

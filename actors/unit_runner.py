@@ -295,6 +295,8 @@ class UnitRunner:
 
     def forget_task(self, task_id: str) -> None:
         """The task ended: let go of every key of it (running work is cancelled, then dropped)."""
+        if not self.runs and not self.gathers:
+            return  # (a plain Task's end, on a worker that ran no units: nothing to let go of)
         now = self._clock()
         keys = [key for key, run in self.runs.items() if run.task_id == task_id]
         self.feed(*(ev.ForgetUnit(key, stimulus_id="task ended", now=now) for key in keys))

@@ -165,6 +165,7 @@ class Worker(HubShell):
         # The test suite checks every invariant after every message, in real workers too.
         self.validate = os.environ.get("ACTORS_VALIDATE_STATE") == "1"
         self.log = log.bind(role="worker", worker_id=worker_id)
+        self.debug = logs.debug_enabled(self.log)  # (per-task lines at debug: asked once)
 
     def on_start(self) -> None:
         super().on_start()
@@ -415,8 +416,9 @@ class Worker(HubShell):
         """The one way the slot's state changes (checked against worker_slot.TRANSITIONS)."""
         start = self.slot.state
         why = self.slot.move(finish, task_id)
-        self.log.debug("slot_changed", task_id=task_id, start=SLOT_TEXT[start],
-                       finish=SLOT_TEXT[finish], why=why)
+        if self.debug:
+            self.log.debug("slot_changed", task_id=task_id, start=SLOT_TEXT[start],
+                           finish=SLOT_TEXT[finish], why=why)
 
     def _start(self, msg: m.AssignTask) -> None:
         """The next task: begun at once if its code is here, or once it has come."""
@@ -458,7 +460,8 @@ class Worker(HubShell):
         except Exception as exc:
             self._fail_load(msg, exc)
             return
-        self.log.debug("task_loaded", task_id=msg.task_id, task=msg.name, driver=msg.driver)
+        if self.debug:
+            self.log.debug("task_loaded", task_id=msg.task_id, task=msg.name, driver=msg.driver)
         self._runner.instance = instance
         if driver is not None:
             self.driver = driver
@@ -478,13 +481,14 @@ class Worker(HubShell):
         cls = self._class_of(msg) if version_path is None else self._import_deployed(
             msg, version_path)
         loaders: dict[str, Callable[[], Any]] = {
-            input_id: functools.partial(loads, data) for input_id, data in msg.inputs}
+            input_id: functools.partial(loads, data) for input_id, data in msg.inputs
+        } if msg.inputs else {}
         for input_id, _ in msg.held_inputs:
             found = self.input_data.pop(input_id, None)
             if found is not None:
                 loaders[input_id] = functools.partial(_loads_held, *found)
-        with resolving(msg.task_id, loaders, placeholders=not msg.driver):
-            args, kwargs = loads(msg.args)
+        args, kwargs = resolving(msg.task_id, loaders, functools.partial(loads, msg.args),
+                                 placeholders=not msg.driver)
         if not (isinstance(cls, type) and issubclass(cls, Task)):
             raise TypeError(f"{cls!r} is not a Task subclass")
         if (msg.kind == "parallel") != issubclass(cls, ParallelTask):
@@ -650,7 +654,8 @@ class Worker(HubShell):
         when_not_running(task_id, lambda: me.tell(CodeStopped(task_id)))
 
     def _release(self, task_id: str) -> None:
-        self.log.debug("task_released", task_id=task_id)
+        if self.debug:
+            self.log.debug("task_released", task_id=task_id)
         if self.lined_up.pop(task_id, None) is not None:
             return  # done (or given up) before its turn as the current one
         self._runner.forget_task(task_id)

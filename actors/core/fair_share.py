@@ -29,7 +29,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from actors.core.undo import Undo
+from actors.core.undo import MISSING, Undo, restore
 
 QUANTUM_S = 0.5  # estimated work one key runs before another waiting at its level gets a turn
 CLIENT_QUANTUM_S = 0.01  # ... and one client before another of the same key
@@ -49,8 +49,11 @@ class FairShare:
 
     def tag(self, undo: Undo, priority: int, owner: str, client: str, cost: float) -> Tag:
         """The tags of a task queued now (first time only: a requeued task keeps its own)."""
-        start = max(self.virtual.get(priority, 0.0), self.clocks.get((client, priority), 0.0))
-        undo.put(self.clocks, (client, priority), start + max(cost, MIN_COST_S))
+        clocks, key = self.clocks, (client, priority)
+        clock = clocks.get(key, MISSING)  # (undo.put's record, made here: once a task)
+        start = max(self.virtual.get(priority, 0.0), 0.0 if clock is MISSING else clock)
+        undo.record((restore, (clocks, key, clock)))
+        clocks[key] = start + max(cost, MIN_COST_S)
         bucket = int(start // QUANTUM_S)
         turn = self.turns.get((priority, owner, bucket))
         if turn is None:
@@ -61,10 +64,13 @@ class FairShare:
     def started(self, undo: Undo, priority: int, start: float) -> None:
         """A task whose start tag is ``start`` left the queue to run: virtual time moves on
         (never back)."""
-        before = self.virtual.get(priority, 0.0)
+        virtual = self.virtual
+        old = virtual.get(priority, MISSING)
+        before = 0.0 if old is MISSING else old
         if start <= before:
             return
-        undo.put(self.virtual, priority, start)
+        undo.record((restore, (virtual, priority, old)))  # (undo.put's, once a task)
+        virtual[priority] = start
         if int(start // QUANTUM_S) > int(before // QUANTUM_S):
             # Turns of buckets behind virtual time are never asked for again.
             bucket = int(start // QUANTUM_S)

@@ -186,7 +186,7 @@ from actors.core.scheduler_events import (
     WorkerReady,
     WorkerStopped,
 )
-from actors.core.undo import Undo
+from actors.core.undo import MISSING, Undo, restore
 from actors.core.unit_book import NO_UNITS, Opened, UnitBook
 from actors.errors import InvalidEvent, InvalidTransition
 from actors.messages import (
@@ -929,12 +929,13 @@ class SchedulerState:
                 if index >= 0:
                     task.units.set_journaled(index, True)
             task.units.done_count = task.units.journaled_count
-        self._undo.put(self.tasks, task.task_id, task)
+        self._undo.record((self.tasks.pop, (task.task_id, None)))  # (new here: see above)
+        self.tasks[task.task_id] = task
         self._count_queued(task, 1)
         if args := task.args:  # (no entry of this owner reaches zero by an addition)
             held, owner, size = self.args_bytes, task.warm_key.owner, len(args)
             held[owner] = held.get(owner, 0) + size
-            self._undo.call(_add_bytes, held, owner, -size)
+            self._undo.record((_add_bytes, (held, owner, -size)))
         # The story's first line, kept as two fields (see TaskRecord.lines)
         task.queued_at = event.now
         if event.journaled or event.restored:
@@ -1356,9 +1357,10 @@ class SchedulerState:
             self._run_driver_again(task, event.now, keep=self._keeps_workers(event.outcome))
             return
         if task.kind is TASK and event.elapsed > 0:  # what a Task takes, raising or not
-            seen = self.task_seconds.get(task.warm_key)
-            self._undo.put(self.task_seconds, task.warm_key,
-                           event.elapsed if seen is None else 0.8 * seen + 0.2 * event.elapsed)
+            seconds, key = self.task_seconds, task.warm_key
+            seen = seconds.get(key, MISSING)  # (undo.put's record, made here: once a task)
+            self._undo.record((restore, (seconds, key, seen)))
+            seconds[key] = event.elapsed if seen is MISSING else 0.8 * seen + 0.2 * event.elapsed
         # _end first: its last progress report must reach the client before the outcome.
         if event.outcome.ok:
             self._end(task, DONE, "finished", event.now)
@@ -1389,7 +1391,8 @@ class SchedulerState:
         elif finish in FINISHED:
             self._finished.append(task.task_id)
         undo = self._undo
-        undo.call(_status_back, self, task, start, finish, lines, story, evicted, change, running)
+        undo.record((_status_back,
+                     (self, task, start, finish, lines, story, evicted, change, running)))
         owner = task.warm_key.owner
         if start is RUNNING and task.kind is PARALLEL and \
                 undo.pop(self._parallel, task.task_id) is not None and \
@@ -1416,7 +1419,7 @@ class SchedulerState:
         key, owner = (task.client_id, task.priority), task.warm_key.owner
         _move(self.queued, key, change)
         _move(self.queued_owners, owner, change)
-        self._undo.call(_count_back, self.queued, key, self.queued_owners, owner, -change)
+        self._undo.record((_count_back, (self.queued, key, self.queued_owners, owner, -change)))
 
     def _enqueue(self, task: TaskRecord) -> None:
         """Into the queue in its fair place (a task queued again keeps the one it had)."""
@@ -1428,12 +1431,12 @@ class SchedulerState:
             entry = (-task.priority, *tag, task.seq, task.task_id)
         fair, task.fair = task.fair, entry
         heapq.heappush(self._queue, entry)
-        self._undo.call(_unqueue, self._queue, task, fair, entry)  # (once pushed: see _unpush)
+        self._undo.record((_unqueue, (self._queue, task, fair, entry)))  # (once pushed: _unpush)
 
     def _dequeue(self, started: TaskRecord | None = None) -> None:
         """Pop the queue's head; ``started``: it leaves to run (virtual time moves on)."""
         entry = heapq.heappop(self._queue)
-        self._undo.call(heapq.heappush, self._queue, entry)
+        self._undo.record((heapq.heappush, (self._queue, entry)))
         if started is not None and started.fair is not None:
             self.fair.started(self._undo, started.priority, started.fair[5])
 
@@ -1450,11 +1453,11 @@ class SchedulerState:
         task.units.clear_open(undo)
         # One record for what the task gives up here: its payload now, its workers and driver
         # at the end (below).
-        undo.call(_restore_ended, task, task.code, task.args, task.workers, task.driver)
+        undo.record((_restore_ended, (task, task.code, task.args, task.workers, task.driver)))
         if args := task.args:
             held, owner, size = self.args_bytes, task.warm_key.owner, len(args)
             _add_bytes(held, owner, -size)
-            undo.call(_add_bytes, held, owner, size)
+            undo.record((_add_bytes, (held, owner, size)))
         task.code = task.args = b""
         if task.units.journaled:
             undo.set(task.units, "journaled", bytearray())
@@ -1486,8 +1489,8 @@ class SchedulerState:
         task.workers, task.driver = NO_WORKERS, None  # (recorded above)
         while len(self._finished) > FINISHED_KEPT:
             forgotten = self._finished.popleft()
-            undo.call(_unforget, self._finished, self.tasks, forgotten,
-                      self.tasks.pop(forgotten, None))
+            undo.record((_unforget, (self._finished, self.tasks, forgotten,
+                                     self.tasks.pop(forgotten, None))))
 
     # --- workers ------------------------------------------------------------
 
@@ -1605,7 +1608,8 @@ class SchedulerState:
             return
         if worker.queued:
             undo.set(worker, "queued", deque(worker.queued))
-            undo.call(_restore_current, worker, worker.task_id, worker.since, worker.warm_for)
+            undo.record((_restore_current,
+                         (worker, worker.task_id, worker.since, worker.warm_for)))
             worker.task_id, worker.since = worker.queued.popleft(), now
         else:
             undo.set(worker, "task_id", None)
@@ -1944,12 +1948,14 @@ class SchedulerState:
             undo.call(worker.queued.pop)
             undo.set(worker, "warm_for", task.warm_key)
         else:  # (one record for the three: this runs for every task)
-            undo.call(_restore_current, worker, worker.task_id, worker.since, worker.warm_for)
+            undo.record((_restore_current,
+                         (worker, worker.task_id, worker.since, worker.warm_for)))
             worker.task_id, worker.since, worker.warm_for = task.task_id, now, task.warm_key
         if task.workers is NO_WORKERS and task.seen_workers is NO_WORKERS:
             # Its first worker (every plain Task's one): one record for the three fields,
             # whose new sets an undo drops whole.
-            undo.call(_restore_members, task, task.workers, task.seen_workers, task.driver)
+            undo.record((_restore_members,
+                         (task, task.workers, task.seen_workers, task.driver)))
             task.workers, task.seen_workers = IdSet((worker.worker_id,)), {worker.worker_id}
             if driver:
                 task.driver = worker.worker_id

@@ -17,21 +17,29 @@ K = TypeVar("K")
 V = TypeVar("V")
 T = TypeVar("T")
 
-_MISSING: Any = object()
+MISSING: Any = object()  # "no entry" where an entry's old value is recorded
 
 
-def _restore(mapping: MutableMapping[Any, Any], key: object, value: object) -> None:
-    if value is _MISSING:
+def restore(mapping: MutableMapping[Any, Any], key: object, value: object) -> None:
+    """``put`` undone: the entry back to ``value`` (``MISSING``: to no entry). Hot paths
+    record it themselves (``record((restore, (mapping, key, old)))``), as ``put`` would."""
+    if value is MISSING:
         mapping.pop(key, None)
     else:
         mapping[key] = value
 
 
+_MISSING, _restore = MISSING, restore
+
+
 class Undo:
-    __slots__ = ("_ops",)
+    __slots__ = ("_ops", "record")
 
     def __init__(self) -> None:
         self._ops: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        #: ``record((reverse, args))``: ``call(reverse, *args)`` without a Python call of its
+        #: own (the list's bound ``append``), for the records every task makes
+        self.record = self._ops.append
 
     def __len__(self) -> int:
         return len(self._ops)

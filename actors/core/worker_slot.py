@@ -44,6 +44,10 @@ STORY_LENGTH = 64
 
 
 class Slot(enum.Enum):
+    # Hashed by identity (members are singletons; ``Enum.__hash__`` is a Python-level call,
+    # ~12 a task on a warm worker: each transition's pair, each text looked up)
+    __hash__ = object.__hash__
+
     IDLE = "idle"
     LOADING = "loading"
     HOSTING = "hosting"
