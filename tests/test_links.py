@@ -7,6 +7,7 @@ import fcntl
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
+from transport import links as links_module
 from transport.hub import Hub
 from transport.links import FILE_BYTES, IN_FILE, MAX_FRAMES, Link, pair
 
@@ -235,6 +237,41 @@ def test_a_large_frame_travels_in_a_sealed_memory_file_and_arrives_mapped(links:
     assert [bytes(f) for f in got[0]] == [b"head", big, b"tail"]
     assert isinstance(got[0][1], memoryview) and got[0][1].readonly
     assert len(os.listdir("/proc/self/fd")) == len(set(os.listdir("/proc/self/fd")))  # (sane)
+
+
+def test_a_large_frame_leaves_without_giving_the_gil_to_a_spinning_thread(links: Pair) -> None:
+    """A worker's link makes, sends and closes a large frame's memory file without giving the
+    GIL up: a thread of task code that holds it (a driver slicing in a tight loop) would take
+    it at every such call and keep it for its switch interval, and the frames would trickle
+    out (bench/README.md, "Fewer Python calls a task"). Here a spinning thread must not run
+    while the frame leaves. (Through the socket's and os's calls instead, it ran in 5 of 6
+    runs: a thread woken for the GIL may miss a short release on a busy machine.)"""
+    if links_module._LIBC is None:
+        pytest.skip("no C library through ctypes here")  # (not on Linux: no memory files)
+    a, b = links(views=True)
+    big = os.urandom(FILE_BYTES)
+    spins = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            spins[0] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # no forced switch within one send (~1 ms), however busy
+    spinner = threading.Thread(target=spin, daemon=True)
+    try:
+        spinner.start()
+        wait_until(lambda: spins[0] > 1000, 10, "the spinning thread to run")
+        before = spins[0]  # (this thread has just got the GIL back from it)
+        assert a.send([b"head", big])
+        during = spins[0] - before
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        spinner.join(10)
+    assert during == 0, f"the spinning thread ran {during} times while the frame left"
+    assert [bytes(f) for f in read_all(b, 1, a)[0]] == [b"head", big]
 
 
 @pytest.mark.parametrize("hostile", ["unsealed", "wrong size", "a plain file", "no file",

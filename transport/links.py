@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
+import errno
 import fcntl
 import itertools
 import mmap
@@ -49,6 +51,7 @@ import threading
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from typing import Any, cast
 
 MAX_FRAMES = 64  # the runtime's messages have five at most (a relayed data reply)
 _COUNT = struct.Struct("<I")
@@ -160,7 +163,7 @@ class Link:
             self._queue(parts, 0, files)
             return True
         try:
-            sent = self.sock.sendmsg(parts, _rights(files))
+            sent = self._sendmsg(parts, files)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -173,6 +176,21 @@ class Link:
         if sent < total:
             self._queue(parts, sent, files)
         return True
+
+    def _sendmsg(self, parts: list[bytes | memoryview], files: list[int]) -> int:
+        """``sendmsg`` of the parts, with the files. A message with files (its large frames)
+        goes through ``_LIBC``'s, which keeps the GIL, where every part is bytes, as the files
+        were made (see ``_load_libc``): one that gave it up would wait behind the thread that
+        holds it, a driver slicing large units. Any other through the socket's own (it gives
+        the GIL up once, as ZeroMQ's send does; building ctypes' structures for it cost ~15
+        us a message), and one ``_LIBC``'s could not send now on a blocking end (it waits)."""
+        if files and _LIBC is not None and all(type(part) is bytes for part in parts):
+            try:
+                return _sendmsg_keeping_gil(_LIBC, self.fd, cast("list[bytes]", parts), files)
+            except BlockingIOError:
+                if not self.sock.getblocking():
+                    raise
+        return self.sock.sendmsg(parts, _rights(files))
 
     def _queue(self, parts: list[bytes | memoryview], skip: int, files: list[int]) -> None:
         for part in parts:
@@ -415,8 +433,46 @@ def _kept_file(frame: bytes | memoryview) -> int | None:
         return os.dup(entry[1])
 
 
+def _load_libc() -> Any:
+    """The C library through ``ctypes.PyDLL``, whose calls keep the GIL (None where it or
+    ``memfd_create`` is missing). For the calls that make a frame's memory file: none of them
+    blocks, and each that gives the GIL up waits to get it back behind a thread of the
+    process that holds it, up to the 5 ms switch interval (a driver slicing 1 MiB units in a
+    tight loop: five such calls a frame starved its worker's link; bench/README.md, "Fewer
+    Python calls a task")."""
+    try:
+        libc = ctypes.PyDLL(None, use_errno=True)
+        functions = (("memfd_create", [ctypes.c_char_p, ctypes.c_uint], ctypes.c_int),
+                     ("write", [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_ssize_t),
+                     ("fcntl", [ctypes.c_int, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+                     ("close", [ctypes.c_int], ctypes.c_int),
+                     ("sendmsg", [ctypes.c_int, ctypes.c_void_p, ctypes.c_int], ctypes.c_ssize_t))
+        for name, argtypes, restype in functions:
+            function = getattr(libc, name)
+            function.argtypes, function.restype = argtypes, restype
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc() if FILE_BYTES < 1 << 62 else None
+#: A larger frame is copied into its memory file by ``os.write``, which gives the GIL up for the
+#: copy (one release, ~5 ms of copying a 20 MB result, the process's other threads running
+#: meanwhile; keeping it cost those results ~9 % of their rate). Up to it, the copy keeps the GIL
+#: as the other calls do: a driver's 1 MiB units each copied without it still starved its link
+#: (4 runs of 8 not done in 30 s).
+_COPY_KEEPING_GIL = 4 << 20
+
+
+def _os_error() -> OSError:
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code))
+
+
 def _sealed_file(frame: bytes | memoryview) -> int:
     """A memory file holding ``frame``, sealed against every change (see "Wire")."""
+    if _LIBC is not None and type(frame) is bytes:
+        return _sealed_file_keeping_gil(_LIBC, frame)
     fd = os.memfd_create("pydra-link", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         with memoryview(frame) as view, view.cast("B") as data:
@@ -430,6 +486,81 @@ def _sealed_file(frame: bytes | memoryview) -> int:
     return fd
 
 
+def _sealed_file_keeping_gil(libc: Any, frame: bytes) -> int:
+    """``_sealed_file`` through ``libc``'s calls, which keep the GIL (see ``_load_libc``);
+    the copy into it too, up to ``_COPY_KEEPING_GIL`` bytes."""
+    fd = libc.memfd_create(b"pydra-link", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    if fd < 0:
+        raise _os_error()
+    try:
+        size, written = len(frame), 0
+        if size > _COPY_KEEPING_GIL:  # (see _COPY_KEEPING_GIL)
+            with memoryview(frame) as data:
+                while written < size:
+                    written += os.write(fd, data[written:])
+        # (c_char_p points at the bytes' own buffer, no copy; ``frame`` keeps it alive)
+        address = ctypes.cast(ctypes.c_char_p(frame), ctypes.c_void_p).value or 0
+        while written < size:
+            count = libc.write(fd, address + written, size - written)
+            if count < 0:
+                if ctypes.get_errno() == errno.EINTR:
+                    continue
+                raise _os_error()
+            written += count
+        if libc.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL) < 0:
+            raise _os_error()
+    except BaseException:
+        libc.close(fd)
+        raise
+    return fd
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _MsgHdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.POINTER(_IOVec)), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+
+
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)  # (an int: IntFlag's | is Python)
+_CMSG_HEADER = struct.Struct("@Nii")  # struct cmsghdr: length, level, type (then the data)
+
+
+def _sendmsg_keeping_gil(libc: Any, fd: int, parts: list[bytes], files: list[int]) -> int:
+    """``socket.sendmsg(parts, _rights(files), MSG_DONTWAIT | MSG_NOSIGNAL)`` through
+    ``libc``'s, which keeps the GIL (see ``_load_libc``): bytes sent, ``BlockingIOError`` when
+    the socket takes none now, ``OSError`` as the socket's own raises it."""
+    count = min(len(parts), _IOV_MAX)
+    vectors = (_IOVec * count)()
+    # (c_char_p points at each bytes object's own buffer; ``parts`` keeps them alive)
+    pointers = [ctypes.c_char_p(part) for part in parts[:count]]
+    for vector, pointer, part in zip(vectors, pointers, parts, strict=False):
+        vector.base = ctypes.cast(pointer, ctypes.c_void_p).value
+        vector.len = len(part)
+    header = _MsgHdr(None, 0, vectors, count, None, 0, 0)
+    if files:
+        data = array.array("i", files).tobytes()
+        space = socket.CMSG_SPACE(len(data))
+        control = ctypes.create_string_buffer(
+            _CMSG_HEADER.pack(socket.CMSG_LEN(len(data)), socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            + data, space)
+        header.control, header.controllen = ctypes.addressof(control), space
+    while True:
+        sent = libc.sendmsg(fd, ctypes.byref(header), _SEND_FLAGS)
+        if sent >= 0:
+            return int(sent)
+        code = ctypes.get_errno()
+        if code == errno.EINTR:
+            continue
+        if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise BlockingIOError(code, os.strerror(code))
+        raise OSError(code, os.strerror(code))
+
+
 def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
     """The ancillary data that passes ``fds`` with a message (none: no data)."""
     if not fds:
@@ -438,6 +569,10 @@ def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
 
 
 def _close_all(fds: Sequence[int]) -> None:
+    if _LIBC is not None:  # (keeping the GIL, as the files were made: see _load_libc)
+        for fd in fds:
+            _LIBC.close(fd)
+        return
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
