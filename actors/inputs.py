@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 from actors.errors import InputFailed, InputLost
 
-_collecting: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "actors_collecting_inputs", default=None)
 T = TypeVar("T")
 
+_collecting: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "actors_collecting_inputs", default=None)
 _resolving: contextvars.ContextVar[_Inputs | None] = contextvars.ContextVar(
     "actors_resolving_inputs", default=None)
 

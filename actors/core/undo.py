@@ -29,8 +29,6 @@ def restore(mapping: MutableMapping[Any, Any], key: object, value: object) -> No
         mapping[key] = value
 
 
-_MISSING, _restore = MISSING, restore
-
 
 class Undo:
     __slots__ = ("_ops", "record")
@@ -50,15 +48,15 @@ class Undo:
 
     def put(self, mapping: MutableMapping[K, V], key: K, value: V) -> None:
         """``mapping[key] = value``, undone to the old value (or to no entry)."""
-        self._ops.append((_restore, (mapping, key, mapping.get(key, _MISSING))))
+        self._ops.append((restore, (mapping, key, mapping.get(key, MISSING))))
         mapping[key] = value
 
     def pop(self, mapping: MutableMapping[K, V], key: K) -> V | None:
         """``mapping.pop(key, None)``, undone by putting the entry back."""
-        value = mapping.pop(key, _MISSING)
-        if value is _MISSING:
+        value = mapping.pop(key, MISSING)
+        if value is MISSING:
             return None
-        self._ops.append((_restore, (mapping, key, value)))
+        self._ops.append((restore, (mapping, key, value)))
         return value  # type: ignore[no-any-return]
 
     def add(self, items: MutableSet[T], item: T) -> None:
