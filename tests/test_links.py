@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import gc
 import os
 import socket
 import struct
@@ -263,10 +264,13 @@ def test_a_large_frame_leaves_without_giving_the_gil_to_a_spinning_thread(links:
     try:
         spinner.start()
         wait_until(lambda: spins[0] > 1000, 10, "the spinning thread to run")
+        gc.collect()
+        gc.disable()  # (a finalizer run meanwhile, closing an older file, would give it up)
         before = spins[0]  # (this thread has just got the GIL back from it)
         assert a.send([b"head", big])
         during = spins[0] - before
     finally:
+        gc.enable()
         stop.set()
         sys.setswitchinterval(interval)
         spinner.join(10)
