@@ -88,6 +88,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from transport.keys import AllowList
 from transport.links import Link
+from transport.poller import Poller
 
 log = structlog.get_logger("transport.hub")
 
@@ -134,6 +135,7 @@ _HOLD_S = 0.001  # the longest a deferred message waits for its turn's end (see 
 # client's 20,000 submissions) is taken a few batches a turn, and what other sockets bring
 # meanwhile (the workers' results) is handled between them, not behind the whole burst.
 _READ_ITEMS = 2_000
+_SAFETY_MS = 1_000  # the longest wait without a tick: Poller.check_all's turn (poller.py)
 # (route frames after the peer's, last frame) of the messages waiting for the end of a turn
 _Pending = list[tuple[list[bytes], bytes]]
 # Events a dealer's owner is told about, by zmq event number.
@@ -317,7 +319,7 @@ class Hub:
         self._links: dict[bytes, dict[bytes, Link]] = {}
         self._link_fds: dict[int, tuple[bytes, Link]] = {}
         self._link_views: set[bytes] = set()
-        self._poller: zmq.Poller | None = None  # the hub thread's, once running
+        self._poller: Poller | None = None  # the hub thread's, once running
         self._names: dict[zmq.Socket[bytes], str] = {}
         self._routers: set[bytes] = set()
         self._keyed: set[bytes] = set()  # CURVE servers: the sender's key heads each frame list
@@ -549,6 +551,8 @@ class Hub:
         except zmq.ZMQError as exc:  # (not connected there: connecting is what is asked)
             log.warning("reconnect_without_disconnect", socket=name, error=exc.strerror)
         sock.connect(address)
+        if self._poller is not None:
+            self._poller.touched(sock)
 
     def poke(self) -> None:
         """Make the hub thread run its hosted turns soon: from any thread, at any rate (one
@@ -722,7 +726,7 @@ class Hub:
         sockets: dict[bytes, zmq.Socket[bytes]],
         monitors: dict[zmq.Socket[bytes], str],
     ) -> None:
-        poller = self._poller = zmq.Poller()
+        poller = self._poller = Poller()
         poller.register(pull, zmq.POLLIN)
         names = self._names
         names.update({sock: name.decode() for name, sock in sockets.items()})
@@ -741,7 +745,7 @@ class Hub:
             if self._outgoing or self._again:  # more than one turn's share: come straight back
                 timeout_ms = 0
             ready = dict(poller.poll(timeout_ms if self._on_tick or self._outgoing
-                                     or self._again else None))
+                                     or self._again else _SAFETY_MS))
             self._quiet = self._turn_in <= 1
             self._turn_in = self._turn_out = 0
             if pull in ready and not self._wake_ups(pull, sockets):
@@ -764,9 +768,11 @@ class Hub:
                 if sock in monitors:
                     self._monitor_event(monitors[sock], sock)
             now = time.monotonic()
-            if self._on_tick is not None and now >= next_tick:
+            if now >= next_tick:
                 next_tick = now + self._tick_s
-                self._guarded(self._on_tick, now)
+                poller.check_all()  # (Poller's safety net)
+                if self._on_tick is not None:
+                    self._guarded(self._on_tick, now)
             if self._hosted:
                 self._run_hosted()
             if self._pending:
@@ -882,6 +888,8 @@ class Hub:
     def _send(self, name: bytes, sock: zmq.Socket[bytes] | None, frames: list[bytes]) -> bool:
         if sock is None:
             return self._send_link(name, frames)
+        if self._poller is not None:
+            self._poller.touched(sock)  # (a send may take in the socket's commands: poller.py)
         try:
             # A large body goes without a copy: ZeroMQ reads it from the bytes object itself.
             least = _VIEW_BYTES if name in self._views else _ZERO_COPY_BYTES
@@ -914,10 +922,15 @@ class Hub:
         views = name.encode() in self._views
         fds = self._peer_fds.get(name)
         budget = _READ_ITEMS
+        assert self._poller is not None
+        settled = self._poller.settled
         for n in range(1_000):
             # Ask before receiving (raising and catching zmq.Again is costly on a busy master),
             # but the first: the poll said it is there.
-            if n and (budget <= 0 or not _readable(sock)):
+            if n and budget <= 0:
+                return
+            if n and not _readable(sock):
+                settled(sock)  # (its events just asked: poller.py)
                 return
             # Part by part, each a zmq.Frame: cheaper than recv_multipart even when every part
             # is copied out (it asks the socket for RCVMORE after each), and a large part can
