@@ -126,6 +126,10 @@ _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _POLLIN, _EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
 _POLLOUT, _POLLINOUT = int(zmq.POLLOUT), int(zmq.POLLIN | zmq.POLLOUT)
 _SENDABLE = frozenset({bytes, memoryview, zmq.Frame})  # what the hub's own parts are
+# pyzmq's own send, under the Python-level one its Socket wraps it in (for options the hub
+# never passes: routing_id, group): a Python call less a part sent.
+_send_part: Callable[[zmq.Socket[bytes], bytes | memoryview | zmq.Frame, int, bool], object] = (
+    zmq.backend.Socket.send)  # type: ignore[assignment]
 _ADMIT_DOMAIN = "admit:"  # + the socket's name: the ZAP domain of a socket with its own rule
 HEARTBEAT_MS = 1_000  # a CURVE server pings each peer this often; 3 missed: the peer is gone
 # (a monitored dealer pings its server alike, so a node notices a cut link as its master does)
@@ -902,8 +906,8 @@ class Hub:
             # (send_multipart, without its enum flags: the parts a message's first was taken
             # with are always taken)
             for part in frames[:-1]:
-                sock.send(part, _NOBLOCK | _SNDMORE, copy=copy)
-            sock.send(frames[-1], _NOBLOCK, copy=copy)
+                _send_part(sock, part, _NOBLOCK | _SNDMORE, copy)
+            _send_part(sock, frames[-1], _NOBLOCK, copy)
             return True
         except zmq.ZMQError as exc:
             # A peer that left (EHOSTUNREACH: a client that said Bye, a worker gone; expected,

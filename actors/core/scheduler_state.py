@@ -523,12 +523,13 @@ class TaskRecord:
     fair: QueueEntry | None = None
     state: TaskStatus = QUEUED  # changed only by SchedulerState._set_status
     driver: str | None = None
-    workers: set[str] = field(default_factory=lambda: NO_WORKERS)
+    # (the shared empty set as a plain default, not a factory: a Python call less, a task)
+    workers: set[str] = NO_WORKERS
     # A ParallelTask's units; every plain Task shares the sealed, empty NO_UNITS.
     units: UnitBook = field(default_factory=lambda: NO_UNITS)
     deaths: dict[int, list[str]] | None = None  # unit index (-1: driver) -> causes
     failures: dict[int, int] | None = None  # unit index (-1: driver) -> times it raised
-    seen_workers: set[str] = field(default_factory=lambda: NO_WORKERS)  # every worker that joined
+    seen_workers: set[str] = NO_WORKERS  # every worker that joined
     # The story after its first line (queued, when and how: ``queued_at``, ``queued_how``), the
     # last STORY_LENGTH; a shared empty tuple until a second line comes (a list and the first
     # line's tuple took 170 bytes of every queued task). Read it whole as ``story``.
