@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import breakdown, drain, peers, report, runner, simulate, units
+from bench import ab, breakdown, drain, peers, report, runner, simulate, units
 from bench.stats import Result
 from tests.conftest import alive, descendants, kill_all, wait_until
 
@@ -158,6 +158,15 @@ def test_breakdown_prints_the_cpu_of_every_cluster_process(capsys, no_leftover_p
     assert out.startswith("latency: 5 items in ")
     for role in ("client", "master", "node0", "node0/worker0", "node0/worker1", "all"):
         assert f"\n  {role} " in out, role
+
+
+def test_the_ab_bench_takes_interleaved_rounds_of_both_sides(capsys, no_leftover_processes) -> None:
+    here = str(Path(__file__).resolve().parent.parent)
+    assert ab.main([here, f"{here}:ACTORS_TEST_SIDE=b", "--rounds", "2", "--trips", "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"{here}: p50 " in out and f"{here}:ACTORS_TEST_SIDE=b: p50 " in out
+    assert out.count("over 10 trips") == 2
+    assert "B below A in " in out and " of 2 rounds" in out
 
 
 def test_simulated_nodes_and_workers_drive_a_real_master(tmp_path: Path,
