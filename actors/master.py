@@ -69,7 +69,7 @@ from actors.master_actor import (
     Master,
 )
 from actors.metrics import MetricsServer
-from actors.shell import Inbound, PeerDisconnected, Tick, tell_if_alive
+from actors.shell import Inbound, PeerDisconnected, Tick, direct_to, tell_if_alive
 from actors.state_dir import StateDir, default_state_dir
 from actors.task_sync import TaskSyncServer
 from transport import Hub, ServerCurve, load_keypair
@@ -221,6 +221,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
 
     master_ref: pykka.ActorRef[Any] | None = None
     sync_ref: pykka.ActorRef[Any] | None = None
+    to_master = direct_to(None)  # (once the actor is there: its deliver_now, for lone messages)
 
     started = threading.Event()
 
@@ -237,7 +238,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
             return None
 
     def on_frames(_socket: str, frames: list[bytes]) -> None:
-        if (inbound := decoded(frames)) is not None:
+        if (inbound := decoded(frames)) is not None and not (hub.lone() and to_master(inbound)):
             tell_if_alive(master_ref, inbound)  # chunk requests too: only nodes may ask
 
     def on_batch(_socket: str, batch: list[list[bytes]]) -> None:
@@ -343,6 +344,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     sync_ref = TaskSyncServer.start(hub, os.path.abspath(args.tasks_dir), master_ref,
                                     grace_s=args.package_grace)
     master_ref.tell(("task_sync", sync_ref))
+    to_master = direct_to(master_ref)
     _tune_gc()
     started.set()
     received: list[int] = []

@@ -517,8 +517,7 @@ def _finished(name: str, call: Callable[[], Any]) -> Finished:
     try:
         value = call()
         parts = dumps_result_parts(value, name)
-        size = sum(len(part) for part in parts)
-        if len(parts) > 1 and size > m.INLINE_RESULT_BYTES:
+        if len(parts) > 1 and (size := sum(map(len, parts))) > m.INLINE_RESULT_BYTES:
             return Finished(m.UnitOutcome(-1, True, b"", held=True, size=size), parts=parts)
         data = parts[0] if len(parts) == 1 else dumps_result(value, name)
         assert isinstance(data, bytes)

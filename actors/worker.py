@@ -63,7 +63,7 @@ from actors.memory import sealed_file
 from actors.node_data import DATA_MARK, RESULTS_HOLDER
 from actors.package_store import import_deployed
 from actors.serialize import describe_exception, loads, loads_parts
-from actors.shell import HubShell, Inbound, Tick, tell_if_alive
+from actors.shell import HubShell, Inbound, Tick, direct_to, tell_if_alive
 from actors.spill import RESUME_FRACTION, SpillBuffer, pause_mark, spill_target
 from actors.task import ParallelTask, Task, check_arguments, mark_worker
 from actors.task_host import (
@@ -767,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure()  # structlog writes to the real stderr, never to the task's
     memory.keep_large_blocks()
     worker_ref: pykka.ActorRef[Any] | None = None
+    to_worker = direct_to(None)  # (once the actor is there: its deliver_now, for lone messages)
     # What task code prints or logs goes to its client (see task_output.py).
     task_output.install(lambda: tell_if_alive(worker_ref, FlushOutput()))
     contain()
@@ -802,7 +803,9 @@ def main(argv: list[str] | None = None) -> int:
         except MalformedMessage as exc:
             log.warning("malformed_frames", source="node", count=len(frames), error=str(exc))
             return
-        tell_if_alive(worker_ref, Inbound(origin, None, message))
+        inbound = Inbound(origin, None, message)
+        if not (hub.lone() and to_worker(inbound)):
+            tell_if_alive(worker_ref, inbound)
 
     def on_tick(now: float) -> None:
         tell_if_alive(worker_ref, Tick(now))
@@ -821,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         hub.add_dealer(NODE, args.node, identity=args.id.encode(), views=True)
     hub.start()
     worker_ref = Worker.start(hub, args.id, lambda _reason: stopped.set(), args.node_pid, token)
+    to_worker = direct_to(worker_ref)
     started.set()
     stopped.wait()
     pykka.ActorRegistry.stop_all(timeout=2)

@@ -15,7 +15,7 @@ import pykka
 import pytest
 import zmq
 
-from actors.shell import HubShell
+from actors.shell import HubShell, direct_to
 from tests.conftest import wait_until
 from transport import Hub
 from transport.hub import BATCH
@@ -288,3 +288,75 @@ def _sent(peer: zmq.Socket[bytes], identity: bytes, body: bytes) -> bool:
         return True
     except zmq.ZMQError:
         return False
+
+
+@pytest.fixture
+def wired_direct(raw_router: tuple[zmq.Socket[bytes], str]
+                 ) -> Iterator[tuple[zmq.Socket[bytes], Hub, list[Any]]]:
+    """As ``wired``, with the master's and the worker's way in: a lone frame is handed to the
+    actor in the hub's own call (``deliver_now``), else told. ``state`` holds the actor's ref,
+    its direct way in, and what each delivery answered."""
+    peer, address = raw_router
+    state: list[Any] = [None, direct_to(None), []]
+
+    def on_frames(_socket: str, frames: list[bytes]) -> None:
+        ref, direct, answers = state
+        body = frames[-1]
+        if body.startswith(b"first:"):  # something told before the frame, from this thread
+            ref.tell(("told", 0, 1))
+        message = ("boom",) if body == b"boom" else ("frame", body)
+        delivered = hub.lone() and direct(message)
+        answers.append(delivered)
+        if not delivered:
+            ref.tell(message)
+
+    hub = Hub(on_frames)
+    hub.add_dealer("out", address, identity=b"hosted")
+    hub.start()
+    try:
+        yield peer, hub, state
+    finally:
+        if state[0] is not None and state[0].is_alive():
+            state[0].stop(timeout=DEADLINE_S)
+        hub.stop()
+
+
+def _hosted_echo(hub: Hub, state: list[Any]) -> pykka.ActorRef[Any]:
+    ref = Echo.start(hub)
+    state[0], state[1] = ref, direct_to(ref)
+    ref.ask(("ask",), timeout=DEADLINE_S)  # (its first turn has run: it takes messages now)
+    return ref
+
+
+def test_a_lone_frame_is_handled_in_the_hubs_own_call(
+        wired_direct: tuple[zmq.Socket[bytes], Hub, list[Any]]) -> None:
+    peer, hub, state = wired_direct
+    ref = _hosted_echo(hub, state)
+    _send_once_connected(peer, b"one")
+    assert peer.recv_multipart() == [b"hosted", b"echo:one"]
+    assert _round_trip(peer, b"two") == b"echo:two"
+    assert state[2] == [True, True]  # neither went through the inbox
+    threads, _ = ref.ask(("ask",), timeout=DEADLINE_S)
+    assert threads == ["transport-hub"]
+
+
+def test_a_frame_does_not_overtake_what_was_told_before_it(
+        wired_direct: tuple[zmq.Socket[bytes], Hub, list[Any]]) -> None:
+    peer, hub, state = wired_direct
+    ref = _hosted_echo(hub, state)
+    _send_once_connected(peer, b"first:frame")
+    assert peer.recv_multipart() == [b"hosted", b"echo:first:frame"]
+    assert state[2] == [False]  # its inbox held a message: the frame was told behind it
+    assert ref.ask(("order",), timeout=DEADLINE_S) == {0: [1]}
+
+
+def test_a_crash_in_a_frame_handled_at_once_stops_the_actor_as_a_told_one_does(
+        wired_direct: tuple[zmq.Socket[bytes], Hub, list[Any]]) -> None:
+    peer, hub, state = wired_direct
+    ref = _hosted_echo(hub, state)
+    _send_once_connected(peer, b"boom")
+    wait_until(lambda: not ref.is_alive(), DEADLINE_S, "the crashed actor to stop")
+    assert state[2] == [True]
+    with pytest.raises(pykka.ActorDeadError):
+        ref.ask(("ask",), timeout=DEADLINE_S)
+    wait_until(lambda: not hub._hosted, DEADLINE_S, "the stopped actor's turn to go")

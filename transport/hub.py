@@ -450,6 +450,11 @@ class Hub:
         assert threading.current_thread() is self._thread, "relay() is for hub handlers only"
         self._defer(socket_name.encode(), frames)
 
+    def lone(self) -> bool:
+        """From a hub handler: whether the message in hand is a lone one, the first of a turn
+        after a quiet one (see "Batching"): a lone round trip's, not a burst's."""
+        return self._quiet and self._turn_in <= 1
+
     def has_socket(self, name: str) -> bool:
         return name.encode() in self._sockets or name.encode() in self._links
 
