@@ -1,15 +1,19 @@
-"""``python -m bench.ab A B``: lone round trips of two trees (or one tree in two settings), taken
-in interleaved rounds, so that the host's drift over minutes falls on both alike.
+"""``python -m bench.ab A B``: two trees (or one tree in two settings) measured in interleaved
+rounds, so that the host's drift over minutes falls on both alike.
 
 A and B are checkouts of this repository (``git worktree add /tmp/base HEAD~1``), each given as
 ``PATH`` or ``PATH:NAME=VALUE`` (one environment variable set for that side, e.g.
 ``.:ACTORS_WORKER_LINKS=1``). Each side is a process of its own with a warm 2-worker
-``LocalCluster`` imported from its tree; the rounds alternate which side goes first, and each
-round is ``--trips`` sequential ``submit(...).result()`` of a no-op task. Prints each side's
-p50 and p90 over all its trips, the range of its round medians, and in how many rounds B's
-median was below A's: a change that moves the p50 by a few per cent shows as a count of rounds
-well away from half, where two separate runs of ``python -m bench --only latency`` differ by
-20-40 % from hour to hour.
+``LocalCluster`` imported from its tree; the rounds alternate which side goes first.
+
+- ``--workload latency`` (the default): a round is ``--size`` sequential
+  ``submit(...).result()`` of a no-op task; each side's p50 and p90 over all its trips.
+- ``--workload many``: a round is one ``client.map`` of ``--size`` no-op tasks, every result
+  fetched (the bench's "many small tasks"); each side's median tasks/s over its rounds.
+
+Either way it prints the range of each side's round figures and in how many rounds B did
+better than A: a change worth a few per cent shows as a count of rounds well away from half,
+where two separate runs of ``python -m bench`` differ by 20-40 % from hour to hour.
 """
 
 from __future__ import annotations
@@ -22,29 +26,37 @@ import sys
 import time
 
 _READY = "ready"
+_SIZES = {"latency": 200, "many": 2_000}
 
 
-def child(trips: int) -> int:
-    """One side: a warm cluster, then a round of ``trips`` round trips for each ``go`` line."""
+def child(workload: str, size: int) -> int:
+    """One side: a warm cluster, then a round for each ``go`` line: the seconds of each trip
+    (latency) or of the whole map (many), on one line."""
     from bench.peers import ActorsRuntime
 
     with ActorsRuntime().open(2) as session:
         for _ in range(300):
             session.roundtrip()
+        session.submit_each(400)
         print(_READY, flush=True)
         for line in sys.stdin:
             if line.strip() != "go":
                 break
             taken = []
-            for _ in range(trips):
+            if workload == "many":
                 start = time.perf_counter()
-                session.roundtrip()
+                session.submit_each(size)
                 taken.append(time.perf_counter() - start)
-            print(" ".join(f"{1e6 * t:.1f}" for t in taken), flush=True)
+            else:
+                for _ in range(size):
+                    start = time.perf_counter()
+                    session.roundtrip()
+                    taken.append(time.perf_counter() - start)
+            print(" ".join(f"{t:.7f}" for t in taken), flush=True)
     return 0
 
 
-def _start(spec: str, trips: int) -> subprocess.Popen[str]:
+def _start(spec: str, workload: str, size: int) -> subprocess.Popen[str]:
     path, _, setting = spec.partition(":")
     path = os.path.abspath(path)
     env = dict(os.environ, PYTHONPATH=path)
@@ -53,13 +65,14 @@ def _start(spec: str, trips: int) -> subprocess.Popen[str]:
         env[name] = value
     # This file run by its path (the side's tree may predate it), the side's tree first on the
     # path: its bench.peers, actors and transport are what the cluster runs.
-    side = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", str(trips)],
-                            cwd=path,
-                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    side = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--child", workload, "--size", str(size)],
+        cwd=path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
     assert side.stdout is not None
     if side.stdout.readline().strip() != _READY:
         side.kill()
+        side.wait()
         raise SystemExit(f"{spec}: its cluster did not start")
     return side
 
@@ -71,51 +84,66 @@ def _round(side: subprocess.Popen[str]) -> list[float]:
     return [float(x) for x in side.stdout.readline().split()]
 
 
+def _stop(side: subprocess.Popen[str]) -> None:
+    assert side.stdin is not None and side.stdout is not None
+    side.stdin.write("stop\n")
+    side.stdin.flush()
+    try:
+        side.wait(30)
+    except subprocess.TimeoutExpired:
+        side.kill()
+        side.wait()
+    side.stdin.close()
+    side.stdout.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sides", nargs="*", metavar="SIDE", help="PATH or PATH:NAME=VALUE, two")
+    parser.add_argument("--workload", choices=sorted(_SIZES), default="latency")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--trips", type=int, default=200, help="round trips a side a round")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help="trips a round (latency, default 200) or tasks "
+                                                 "a round (many, default 2,000)")
+    parser.add_argument("--child", choices=sorted(_SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    size = args.size or _SIZES[args.child or args.workload]
     if args.child is not None:
-        return child(args.child)
+        return child(args.child, size)
     if len(args.sides) != 2:
         parser.error("two sides: A B")
+    many = args.workload == "many"
     sides: list[subprocess.Popen[str]] = []
-    trips: list[list[float]] = [[], []]
-    medians: list[list[float]] = [[], []]
+    taken: list[list[float]] = [[], []]
+    figures: list[list[float]] = [[], []]  # a round's: median trip (us), or tasks/s
     try:
         for spec in args.sides:
-            sides.append(_start(spec, args.trips))
+            sides.append(_start(spec, args.workload, size))
         for number in range(args.rounds):
             for index in ((0, 1) if number % 2 == 0 else (1, 0)):
-                taken = _round(sides[index])
-                trips[index] += taken
-                medians[index].append(statistics.median(taken))
-                print(f"round {number + 1}: {args.sides[index]} median {medians[index][-1]:.0f} us",
+                seconds = _round(sides[index])
+                taken[index] += seconds
+                figure = size / seconds[0] if many else 1e6 * statistics.median(seconds)
+                figures[index].append(figure)
+                print(f"round {number + 1}: {args.sides[index]} "
+                      + (f"{figure:,.0f} tasks/s" if many else f"median {figure:.0f} us"),
                       file=sys.stderr)
     finally:
         for side in sides:
-            assert side.stdin is not None
-            side.stdin.write("stop\n")
-            side.stdin.flush()
-            try:
-                side.wait(30)
-            except subprocess.TimeoutExpired:
-                side.kill()
-                side.wait()
-            side.stdin.close()
-            assert side.stdout is not None
-            side.stdout.close()
+            _stop(side)
     for index, spec in enumerate(args.sides):
-        ordered = sorted(trips[index])
-        print(f"{spec}: p50 {ordered[len(ordered) // 2]:.0f} us, p90 "
-              f"{ordered[int(len(ordered) * 0.9)]:.0f} us over {len(ordered)} trips; round "
-              f"medians {min(medians[index]):.0f}-{max(medians[index]):.0f} us")
-    faster = sum(b < a for a, b in zip(medians[0], medians[1], strict=True))
-    print(f"B below A in {faster} of {args.rounds} rounds")
+        low, high = min(figures[index]), max(figures[index])
+        if many:
+            print(f"{spec}: median {statistics.median(figures[index]):,.0f} tasks/s over "
+                  f"{args.rounds} rounds of {size}; rounds {low:,.0f}-{high:,.0f}")
+        else:
+            ordered = sorted(taken[index])
+            print(f"{spec}: p50 {1e6 * ordered[len(ordered) // 2]:.0f} us, p90 "
+                  f"{1e6 * ordered[int(len(ordered) * 0.9)]:.0f} us over {len(ordered)} trips; "
+                  f"round medians {low:.0f}-{high:.0f} us")
+    better = sum((b > a) if many else (b < a)
+                 for a, b in zip(figures[0], figures[1], strict=True))
+    print(f"B better than A in {better} of {args.rounds} rounds")
     return 0
 
 

@@ -162,11 +162,14 @@ def test_breakdown_prints_the_cpu_of_every_cluster_process(capsys, no_leftover_p
 
 def test_the_ab_bench_takes_interleaved_rounds_of_both_sides(capsys, no_leftover_processes) -> None:
     here = str(Path(__file__).resolve().parent.parent)
-    assert ab.main([here, f"{here}:ACTORS_TEST_SIDE=b", "--rounds", "2", "--trips", "5"]) == 0
+    assert ab.main([here, f"{here}:ACTORS_TEST_SIDE=b", "--rounds", "2", "--size", "5"]) == 0
     out = capsys.readouterr().out
     assert f"{here}: p50 " in out and f"{here}:ACTORS_TEST_SIDE=b: p50 " in out
     assert out.count("over 10 trips") == 2
-    assert "B below A in " in out and " of 2 rounds" in out
+    assert "B better than A in " in out and " of 2 rounds" in out
+    assert ab.main([here, here, "--workload", "many", "--rounds", "2", "--size", "20"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("tasks/s over 2 rounds of 20") == 2
 
 
 def test_simulated_nodes_and_workers_drive_a_real_master(tmp_path: Path,
