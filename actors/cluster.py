@@ -30,7 +30,8 @@ from actors.local_start import start_master
 log = structlog.get_logger("actors.cluster")
 
 class LocalCluster:
-    """Start a master with a local node of ``workers`` processes; stop all of it on ``close()``.
+    """Start a master with a local node of ``workers`` processes (the node inside the master's
+    process: ``local_node``); stop all of it on ``close()``.
 
     Keys are generated in a private temporary directory unless ``keys`` names one.
     """
@@ -57,6 +58,7 @@ class LocalCluster:
         worker_pause: str | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         fork: bool = True,
+        local_node: str = "inside",
     ) -> None:
         """``log_level``: what the cluster's processes log to this process's stderr; by default
         warnings and errors only (``"info"`` shows each worker and task event, ``"debug"``
@@ -81,7 +83,12 @@ class LocalCluster:
         kernel) and holds less than 128 MiB, and no ``worker_memory`` or ``worker_pause`` is
         set, the master and its node are forked from it rather than started as fresh
         interpreters: the first result comes ~4x sooner (``actors/local_start.py``);
-        ``forked`` says which it was. False: always fresh ones."""
+        ``forked`` says which it was. False: always fresh ones.
+        ``local_node``: ``"inside"`` (the default) runs the node in the master's process, on
+        its hub, where a task's messages cross no socket between them; ``"process"``, as a
+        process of its own, which the master starts again should it die."""
+        if local_node not in ("inside", "process"):
+            raise ValueError(f"local_node is 'inside' or 'process', not {local_node!r}")
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         # Its keys live here: a folder left by a process killed with kill -9 goes at next start.
         remove_stale_run_dirs("actors-cluster-")
@@ -91,7 +98,9 @@ class LocalCluster:
         # The node is started beside the master, so it must know the port before the master
         # has bound it: a free one is held here (bound, not listening, SO_REUSEADDR) until the
         # master has it, so no one else takes it meanwhile.
-        reserved = _reserve_port(host, port) if self.workers > 0 else None
+        # (inside its master, the node needs no port before the master has one)
+        reserved = _reserve_port(host, port) if self.workers > 0 and local_node == "process" \
+            else None
         # The node and clients on this host reach the master through a Unix socket in this
         # private folder (cheaper per message than TCP's loopback; keys proved the same way).
         socket_path = os.path.join(self._tmp, "master.sock")
@@ -101,7 +110,7 @@ class LocalCluster:
             reserved = None
         master_args = [
             "--host", host, "--port", str(reserved[1] if reserved else port),
-            "--workers", str(self.workers), "--keys", self.keys_dir,
+            "--workers", str(self.workers), "--keys", self.keys_dir, "--local-node", local_node,
             "--ready-file", ready_file, "--node-timeout", str(node_timeout),
             # No tasks_dir: an empty folder of its own, not whatever ./tasks holds.
             "--tasks-dir", str(tasks_dir) if tasks_dir else os.path.join(self._tmp, "tasks"),

@@ -69,7 +69,7 @@ WORKER_SCRIPT = (
 
 # A worker proves to its node that it is the process the node started under its id by the
 # secret the node gave it (in its environment, read and dropped as it starts): any process that
-# can open the node's socket for workers could name itself after a worker (node.py, "Proof").
+# can open the node's socket for workers could name itself after a worker (node_actor.py, "Proof").
 # A spawned worker's environment says TOKEN_ON_STDIN instead, and the secret comes as the first
 # line of its standard input: an environment stays readable in /proc/PID/environ.
 TOKEN_ENV = "ACTORS_WORKER_TOKEN"

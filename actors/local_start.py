@@ -3,9 +3,11 @@
 Forked (``actors/forking.py``) where that is safe and cheap: from a caller that runs one thread
 and holds less than ``FORK_MAX_RSS``, for workers without a memory limit or pause mark. The
 first result then comes ~4x sooner, since a fresh interpreter spends most of its start
-importing. Anywhere else (a notebook's kernel runs threads; macOS), as a fresh interpreter
-that starts the node before its own imports. Either way the node is the master's child, and
-the master stops it, or starts another if it dies.
+importing. Anywhere else (a notebook's kernel runs threads; macOS), as a fresh interpreter.
+By default the node runs inside the master (``--local-node inside``: the master forks its
+workers as it starts, node_parts.py) and ``node`` here is empty. As a process of its own
+(``local_node="process"``) it is started first (forked, or before a fresh master's imports);
+either way it is the master's child, and the master stops it, or starts another if it dies.
 
 This module runs the process entry points' ``main`` in a forked child (as ``prefork.py`` runs
 a worker's): nothing imports it but ``cluster.py``.

@@ -69,6 +69,7 @@ from actors.master_actor import (
     Master,
 )
 from actors.metrics import MetricsServer
+from actors.node_parts import NodeParts, node_parser, settle
 from actors.shell import Inbound, PeerDisconnected, Tick, direct_to, tell_if_alive
 from actors.state_dir import StateDir, default_state_dir
 from actors.task_sync import TaskSyncServer
@@ -77,6 +78,7 @@ from transport.keys import allowed_dir
 
 log = structlog.get_logger("actors.master")
 
+PEERS = "peers"  # the master's one ROUTER: nodes and clients
 NODE_WATCH_S = 0.5  # how often the command line looks at its local node
 NODE_RESTARTS, NODE_RESTART_WINDOW_S = 5, 60.0  # a local node that dies more often stays dead
 # A script of --run still running when the master is stopped by a signal: told the same
@@ -130,6 +132,12 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes of the local node (default: one a CPU; 0: no "
                              "local node)")
+    parser.add_argument("--local-node", choices=("inside", "process"),
+                        default=os.environ.get("ACTORS_LOCAL_NODE") or "inside",
+                        help="where the local node runs: inside this process, on its hub (the "
+                             "default: a task's messages cross no socket between master and "
+                             "node), or as a process of its own, started again when it dies "
+                             "($ACTORS_LOCAL_NODE)")
     parser.add_argument("--keys", default=None,
                         help="CURVE key directory, created if missing (default: "
                              "~/.pydra-actors/keys, or $ACTORS_KEYS)")
@@ -198,14 +206,22 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
                              "same and the code is 128 + the signal's number)")
     args = parser.parse_args(argv)
     logs.configure(args.log_format, args.log_level)
+    # Before the keys are read and before any thread starts (its workers are forked now).
+    inside = _node_inside(args, refused) if local_node is None and args.workers > 0 \
+        and args.local_node == "inside" else None
+    if inside is False:
+        return 2
+    assert inside is not True
     keys = args.keys or default_keys_dir()
     try:
         ensure_keys_logged(keys)
         pair = load_keypair(keys, "master")
         curve = ServerCurve(pair.public, pair.secret, str(allowed_dir(keys)))
+        if inside is not None:
+            inside.load_keys(keys, master_key=False)
     except ActorsError as exc:
         refuse(refused, "bad_keys", str(exc))
-        _stop_local_node(local_node)
+        _stop_local_node(local_node, inside)
         return 2
 
     remove_stale_run_dirs("actors-master-")  # left by masters killed with kill -9
@@ -216,7 +232,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         state = StateDir(state_path[0], take_over=args.take_over)
     except StateDirLocked as exc:
         refuse(refused, "bad_state_dir", str(exc))
-        _stop_local_node(local_node)
+        _stop_local_node(local_node, inside)
         return 2
 
     master_ref: pykka.ActorRef[Any] | None = None
@@ -237,23 +253,33 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
                         if len(frames) > 1 else "", error=str(exc))
             return None
 
-    def on_frames(_socket: str, frames: list[bytes]) -> None:
+    def on_frames(socket: str, frames: list[bytes]) -> None:
+        if socket != PEERS and inside is not None:
+            inside.on_frames(socket, frames)
+            return
         if (inbound := decoded(frames)) is not None and not (hub.lone() and to_master(inbound)):
             tell_if_alive(master_ref, inbound)  # chunk requests too: only nodes may ask
 
-    def on_batch(_socket: str, batch: list[list[bytes]]) -> None:
+    def on_batch(socket: str, batch: list[list[bytes]]) -> None:
+        if socket != PEERS and inside is not None:
+            for frames in batch:
+                inside.on_frames(socket, frames)
+            return
         inbounds = [inbound for frames in batch if (inbound := decoded(frames)) is not None]
         tell_if_alive(master_ref, inbounds)  # one hand-off for the lot (each handled alone)
 
     def on_tick(now: float) -> None:
         for ref in (master_ref, sync_ref):
             tell_if_alive(ref, Tick(now))
+        if inside is not None:
+            inside.on_tick(now)
 
-    def on_peer_gone(_socket: str, routing: bytes) -> None:
-        tell_if_alive(master_ref, PeerDisconnected(routing))
+    def on_peer_gone(socket: str, routing: bytes) -> None:
+        if socket == PEERS:
+            tell_if_alive(master_ref, PeerDisconnected(routing))
 
     hub = Hub(on_frames, on_peer_gone=on_peer_gone, on_tick=on_tick, tick_s=0.25,
-              on_batch=on_batch)
+              on_batch=on_batch, on_event=inside.on_event if inside is not None else None)
     max_message = message_bound(args.max_message)
     local = local_endpoint(args.local_socket, state_path[0],
                            starts_node=local_node is None and args.workers > 0)
@@ -261,18 +287,27 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         log.warning("local_socket_refused", path=local, reason=taken,
                     hint="peers on this host connect by TCP")
         local = ""
-    hub.add_router("peers", f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True,
+    hub.add_router(PEERS, f"tcp://{args.host}:{args.port}", curve=curve, with_keys=True,
                    max_message=max_message + MESSAGE_SLACK if max_message else -1,
                    also_bind=local)
+    if inside is not None:
+        try:
+            inside.add_to(hub, within=PEERS)
+        except ValueError as exc:
+            refuse(refused, "bad_data_address", str(exc))
+            _stop_local_node(local_node, inside)
+            _close_state(state, state_path, temporary)
+            return 2
     try:
-        hub.start()
+        with inside.sockets_made() if inside is not None else contextlib.nullcontext():
+            hub.start()
     except Exception as exc:
         refuse(refused, "cannot_listen", f"tcp://{args.host}:{args.port}: {exc}", local=local)
-        _stop_local_node(local_node)
+        _stop_local_node(local_node, inside)
         _close_state(state, state_path, temporary)
         return 2
-    address = hub.address("peers")
-    local = hub.also_bound("peers")  # "" if its folder takes no Unix socket: TCP for all
+    address = hub.address(PEERS)
+    local = hub.also_bound(PEERS)  # "" if its folder takes no Unix socket: TCP for all
     stop = threading.Event()
     exit_code = [0]
 
@@ -295,7 +330,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         except (ActorsError, OSError, ValueError) as exc:
             refuse(refused, "cannot_serve_metrics", f"{args.metrics}: {exc}")
             hub.stop()
-            _stop_local_node(local_node)
+            _stop_local_node(local_node, inside)
             _close_state(state, state_path, temporary)
             return 2
     dashboard: Dashboard | None = None
@@ -307,7 +342,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
             hub.stop()
             if metrics is not None:
                 metrics.close()
-            _stop_local_node(local_node)
+            _stop_local_node(local_node, inside)
             _close_state(state, state_path, temporary)
             return 2
         if dashboard.url.split("/")[2].rpartition(":")[0] not in ("127.0.0.1", "localhost",
@@ -328,7 +363,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         for server in (metrics, dashboard):
             if server is not None:
                 server.close()
-        _stop_local_node(local_node)
+        _stop_local_node(local_node, inside)
         _close_state(state, state_path, temporary)
         return 2
     master_ref = Master.start(hub, journal, restored, node_timeout_s=args.node_timeout,
@@ -349,8 +384,17 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     started.set()
     received: list[int] = []
     stop_on_signals(stop, received)
+    if inside is not None:
+        inside.config.master = address
+        inside.bound(hub)
+
+        def local_node_failed(reason: str) -> None:  # (its actor crashed: a bug, logged)
+            log.error("local_node_failed", reason=reason)
+            tell_if_alive(master_ref, ("local_node_failed", reason))
+
+        inside.start(hub, local_node_failed)
     node: ChildProcess | None = local_node
-    if node is None and args.workers > 0:
+    if node is None and args.workers > 0 and inside is None:
         node = subprocess.Popen(local_node_command(
             address, args.workers, keys, args.package_grace, args.cache, local=local,
             exit_note=os.path.join(state_path[0], "local-node.exit")),
@@ -373,6 +417,8 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         sys.stdout.flush()
     script = run_script(args.run, address, keys, stop, exit_code, max(0, args.workers)) \
         if args.run else None
+    if script is not None and inside is not None:
+        inside.config.own_children.add(script.pid)  # (not a task's orphan: see Node)
     restarts: list[float] = []
     while not stop.wait(NODE_WATCH_S):
         if node is not None and node.poll() is not None:
@@ -386,8 +432,12 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
         stop_script(script, received[0], SCRIPT_GRACE_S)
     if node is not None:
         stop_process(node, grace=10.0)
+    if inside is not None:
+        inside.shutdown()
     pykka.ActorRegistry.stop_all(timeout=5)
     hub.stop()
+    if inside is not None:
+        inside.close()
     if local:  # (ZeroMQ leaves the file: the next master would take it for another's)
         with contextlib.suppress(OSError):
             os.unlink(local.removeprefix("ipc://"))
@@ -443,9 +493,25 @@ def _close_state(state: StateDir, path: tuple[str, int], temporary: bool) -> Non
         os.close(path[1])
 
 
-def _stop_local_node(node: ChildProcess | None) -> None:
+def _stop_local_node(node: ChildProcess | None, inside: NodeParts | None = None) -> None:
+    """A master that does not start: its local node stopped (a process) or given up (inside)."""
     if node is not None:
         stop_process(node, grace=10.0)
+    if inside is not None:
+        inside.give_up()
+
+
+def _node_inside(args: argparse.Namespace, refused: list[str]) -> NodeParts | bool:
+    """The local node's parts, to run inside this process (``--local-node inside``), made
+    before the master reads its keys or starts a thread; False (said in ``refused``) where its
+    options cannot run. Its options come from the master's and the environment, as a local
+    node process takes them (``local_node_command``)."""
+    node_args = node_parser(refused, standalone=False).parse_args([
+        "--workers", str(args.workers), "--package-grace", str(args.package_grace),
+        *(["--cache", args.cache] if args.cache else [])])
+    if not settle(node_args, refused):
+        return False
+    return NodeParts(node_args, None, f"tcp://{args.host}:{args.port}")
 
 
 if __name__ == "__main__":

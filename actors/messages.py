@@ -52,7 +52,7 @@ class Hello(Message, frozen=True, kw_only=True):
     # A node back after losing its master: each worker that ran code, and the tasks it still
     # holds. The master takes back what it can (SchedulerState's WorkerAdopted), stops the rest.
     running: list[tuple[str, list[str]]] = []
-    token: str = ""  # a worker's: the secret its node started it with (node.py, "Proof")
+    token: str = ""  # a worker's: the secret its node started it with (node_actor.py, "Proof")
     # A node's handshakes since it started: one more each time it lost its connection to the
     # master. A Hello repeated while the first awaits its Welcome says the same number; a new
     # one says what either side sent meanwhile may be lost (the master takes the node back).
@@ -511,7 +511,7 @@ class AssignTask(Message, frozen=True, kw_only=True):
     inputs: list[tuple[str, bytes]] = []
     held_inputs: list[tuple[str, str]] = []
     # A driver's: its submitter's key (Z85), which the node then admits to its results socket
-    # (node_results.py; read by position as the node relays it, node.py _AssignHead: keep it
+    # (node_results.py; read by position as the node relays it, node_actor.py _AssignHead: keep it
     # last).
     owner: str = ""
 

@@ -356,7 +356,7 @@ class DataPlane:
         return False
 
     def _to_worker(self, hub: Hub, frames: list[bytes]) -> bool:
-        """To one of our workers: only while it lives, proven (node.py, "Proof"; another process
+        """To one of our workers: only while it lives, proven (node_actor.py, "Proof"; another process
         may hold an exited worker's id)."""
         if self.alive is not None and frames[0] not in self.alive:
             return False

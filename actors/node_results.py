@@ -75,7 +75,7 @@ MEMORY_BYTES = 1 << 30  # results held in memory, in all; the rest goes to disk
 MAX_EXPECTED = 64  # scattered puts announced and not yet done
 EXPECT_S = 120.0  # how long an announced put is waited for
 MAX_ADMITTED = 4096  # keys admitted to the results socket; past it the longest unnamed go
-MASTER = "master"  # the node's socket to its master (node.py)
+MASTER = "master"  # the node's socket to its master (node_actor.py)
 
 
 M = TypeVar("M", bound=m.Message)

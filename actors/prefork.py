@@ -50,7 +50,7 @@ class Forked:
 
 
 def worker_token() -> str:
-    """A worker's secret, said in its Hello (contain.TOKEN_ENV; node.py, "Proof")."""
+    """A worker's secret, said in its Hello (contain.TOKEN_ENV; node_actor.py, "Proof")."""
     return secrets.token_hex(16)
 
 

@@ -58,12 +58,17 @@ def children(pid: int) -> list[int]:
 
 
 def cluster_processes(master_pid: int) -> dict[str, int]:
-    """Master, its nodes, their workers, by role; plus this process, the client."""
+    """Master and its local node's workers, by role (the node runs inside the master: its CPU
+    is the master's), or, with ``--local-node process``, its node and that node's workers;
+    plus this process, the client."""
     named = {"client": os.getpid(), "master": master_pid}
-    for i, node in enumerate(children(master_pid)):
-        named[f"node{i}"] = node
-        for j, worker in enumerate(children(node)):
-            named[f"node{i}/worker{j}"] = worker
+    for i, child in enumerate(children(master_pid)):
+        if below := children(child):  # a node process (a worker running a no-op has none)
+            named[f"node{i}"] = child
+            for j, worker in enumerate(below):
+                named[f"node{i}/worker{j}"] = worker
+        else:
+            named[f"worker{i}"] = child
     return named
 
 

@@ -174,24 +174,25 @@ def _usage(pid: int) -> tuple[int, int]:
 
 
 def _node_of(cluster: LocalCluster) -> tuple[int, str]:
-    """The local node's pid and the ipc address its workers connect to (the Unix socket it
-    listens on, from /proc/net/unix): the master's child with that socket."""
+    """The process the local node runs in and the ipc address its workers connect to (the Unix
+    socket it listens on, from /proc/net/unix): the master itself (``--local-node inside``, the
+    default), else the master's child with that socket."""
+    candidates = [cluster.pid]
     for entry in Path("/proc").iterdir():
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if parent == cluster.pid:  # the master's one child (forked, it shows no node argv)
-            inodes = set()
-            for fd in (entry / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    link = os.readlink(fd)
-                    if link.startswith("socket:["):
-                        inodes.add(link[8:-1])
-            for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-                cols = line.split()
-                if len(cols) >= 8 and cols[6] in inodes and cols[7].endswith("workers.sock"):
-                    return int(entry.name), f"ipc://{cols[7]}"
+        if parent == cluster.pid:  # the master's children (forked, they show no node argv)
+            candidates.append(int(entry.name))
+    listening = {cols[6]: cols[7] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+                 if len(cols := line.split()) >= 8 and cols[7].endswith("workers.sock")}
+    for pid in candidates:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in listening:
+                    return pid, f"ipc://{listening[link[8:-1]]}"
     raise RuntimeError("the cluster's node (or its workers' socket) was not found")
 
 

@@ -76,7 +76,7 @@ def test_master_runs_until_ctrl_c_or_sigterm_then_every_child_is_gone(
             client.wait_for_workers(2)
             assert client.submit(Hostname).result(timeout=30) > 0
         pids = descendants(master.pid)
-        assert len(pids) >= 3  # a node and its two workers
+        assert len(pids) >= 2  # its node's two workers (the node runs inside it)
         events = [e["event"] for e in log_events(tmp_path / "master.log")]
         assert "node_joined" in events
         assert "node_lost" not in events  # the local node was never taken for dead
@@ -158,8 +158,10 @@ def test_a_master_stopped_by_a_signal_stops_its_run_script_and_says_so_in_its_co
     try:
         wait_until(lambda: started.exists() and started.read_text() == "32", 60, "the script's result")
         started_by_master = descendants(master.pid)
+        # (its workers, forked by the master, show its command line, the script's name in it)
         (script_pid,) = [pid for pid in children(master.pid)
-                         if str(script) in Path(f"/proc/{pid}/cmdline").read_text()]
+                         if str(script) in (line := Path(f"/proc/{pid}/cmdline").read_text())
+                         and "actors.master" not in line]
         master.send_signal(signum)
         assert master.wait(60) == 128 + signum
         assert not alive(script_pid)
@@ -167,18 +169,52 @@ def test_a_master_stopped_by_a_signal_stops_its_run_script_and_says_so_in_its_co
         kill_all(started_by_master | descendants(master.pid) | {master.pid})
 
 
-def test_a_run_script_whose_cluster_cannot_have_workers_fails_at_once_saying_why(
+def test_a_run_script_outlives_workers_that_die_under_the_node_inside_its_master(
         tmp_path: Path) -> None:
+    """A node ends what each exited worker left behind: the children of the process it runs in
+    that are not its workers (a task's processes, adopted by the node as their subreaper).
+    Inside its master, the master's own --run script is one of those children, and must live."""
+    done_file = tmp_path / "done"
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, pathlib, signal\n"
+        "from actors import Client\n"
+        "def dies():\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "with Client() as c:\n"
+        "    try:\n"
+        "        c.submit(dies).result(120)\n"
+        "    except Exception as exc:\n"
+        "        failed = type(exc).__name__\n"
+        f"    pathlib.Path({str(done_file)!r}).write_text(failed + ' ' + str(c.submit(pow, 2, 5)"
+        ".result(60)))\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    done = subprocess.run(
+        [sys.executable, "-m", "actors.master", "--port", "0", "--workers", "1",
+         "--keys", str(tmp_path / "keys"), "--no-banner", "--run", str(script)],
+        capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done_file.read_text() == "WorkerKilled 32"
+
+
+@pytest.mark.parametrize("local_node", ["inside", "process"])
+def test_a_run_script_whose_cluster_cannot_have_workers_fails_at_once_saying_why(
+        tmp_path: Path, local_node: str) -> None:
     """The script's ``Client()`` waits for the master's own node's workers, as a LocalCluster's
     client does: a node that refuses its settings fails it at once with the node's reason,
-    instead of its first result's own timeout saying only that the task is not done."""
+    instead of its first result's own timeout saying only that the task is not done. (A node
+    inside its master refuses before the master starts: the script never runs.)"""
     script = tmp_path / "job.py"
     script.write_text("from actors import Client\nClient()\nprint('connected')\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), ACTORS_FETCH_TIMEOUT="-1")
     done = subprocess.run(
         [sys.executable, "-m", "actors.master", "--port", "0", "--workers", "2",
-         "--keys", str(tmp_path / "keys"), "--run", str(script)],
+         "--local-node", local_node, "--keys", str(tmp_path / "keys"), "--run", str(script)],
         capture_output=True, text=True, timeout=120, env=env)
+    if local_node == "inside":
+        assert done.returncode == 2 and "connected" not in done.stdout, done.stderr[-2000:]
+        assert "--fetch-timeout must be more than 0 seconds" in done.stderr, done.stderr[-2000:]
+        return
     assert done.returncode == 1 and "connected" not in done.stdout, done.stderr[-2000:]
     assert ("ClusterStartFailed: local cluster did not start: 0 of 2 workers; the master's node "
             "is not running: it refused to start (bad arguments: --fetch-timeout must be more "

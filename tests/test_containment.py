@@ -332,7 +332,8 @@ class FloodsTheDataPlane(Task):
 def test_a_node_connects_to_no_address_the_master_did_not_announce(tmp_path: Path) -> None:
     """1,200 data requests naming 1,200 addresses, from task code onto its node's worker socket:
     each is answered 'missing' at once, and the node opens no connection."""
-    with LocalCluster(workers=1) as cl, Client(cl) as client:
+    # (the node a process of its own: its descriptors alone counted, not the master's too)
+    with LocalCluster(workers=1, local_node="process") as cl, Client(cl) as client:
         client.wait_for_workers(1)
         (node,) = children(cl.pid)  # the master's one child (its workers are the node's)
         before = len(os.listdir(f"/proc/{node}/fd"))

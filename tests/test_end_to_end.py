@@ -548,7 +548,7 @@ def test_local_cluster_stops_every_process_when_the_body_raises() -> None:
             c.wait_for_workers(1)
             assert c.submit(Square, 2).result(timeout=30) == 4
         pids = descendants(cl.pid) | {cl.pid}
-        assert len(pids) >= 3  # master, node, worker
+        assert len(pids) >= 2  # master (its node inside), worker
         raise RuntimeError("user error")
     wait_until(lambda: not any(alive(p) for p in pids), 20, "every cluster process to end")
 

@@ -100,8 +100,9 @@ def wait_for(gate: str, timeout: float = 60.0) -> None:
 
 
 def worker_pids(cluster_pid: int) -> set[int]:
-    """The worker processes: grandchildren of the master (master -> node -> worker)."""
-    return {worker for node in children(cluster_pid) for worker in children(node)}
+    """The worker processes: the master's children, its node running inside it (a
+    LocalCluster's default, ``local_node="inside"``)."""
+    return children(cluster_pid)
 
 
 def test_cancel_stops_the_worker_processes_and_the_cluster_goes_on() -> None:
@@ -391,7 +392,7 @@ def test_a_client_learns_its_master_restarted_and_goes_on_with_the_new_one(
 
 
 def test_a_killed_local_node_is_started_again_and_the_cluster_serves_on() -> None:
-    with LocalCluster(workers=1) as cl, Client(cl) as client:
+    with LocalCluster(workers=1, local_node="process") as cl, Client(cl) as client:
         [node] = children(cl.pid)
         os.kill(node, signal.SIGKILL)
         wait_until(lambda: children(cl.pid) - {node}, 30, "the master to start another node")

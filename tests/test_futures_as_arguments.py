@@ -13,6 +13,7 @@ import signal
 import threading
 import uuid
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from actors import messages as m
 from actors.errors import InputFailed, InputLost
 from actors.functions import function_task
 from actors.serialize import dumps
-from tests.conftest import children, peak_mib, wait_until
+from tests.conftest import alive, children, descendants, peak_mib, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -253,6 +254,16 @@ def test_holding_names_the_scatters_still_asked_for_and_survives_submits_meanwhi
     assert len(client.sent) == 20
     for said in client.sent:
         assert {"t0", "t19999", "scatter-s"} <= set(said.task_ids)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """The node a process of its own: what these tests hold the master's memory to is that a
+    node's data never passes through it (as between the hosts of a cluster)."""
+    with LocalCluster(workers=2, local_node="process") as cl:
+        yield cl
+        pids = descendants(cl.pid) | {cl.pid}
+    wait_until(lambda: not any(alive(p) for p in pids), 20, "the cluster's processes to end")
 
 
 def test_inputs_held_on_the_node_are_fetched_by_the_worker_and_released_with_the_futures(

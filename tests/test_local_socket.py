@@ -32,15 +32,18 @@ def sockets_at(path: str) -> int:
     return sum(1 for line in lines if line.split()[-1] == path)
 
 
-def test_a_local_clusters_node_and_client_reach_the_master_through_its_socket() -> None:
-    with LocalCluster(workers=1) as cluster:
+@pytest.mark.parametrize("local_node", ["inside", "process"])
+def test_a_local_clusters_node_and_client_reach_the_master_through_its_socket(
+        local_node: str) -> None:
+    with LocalCluster(workers=1, local_node=local_node) as cluster:
         path = cluster.local_address.removeprefix("ipc://")
         assert cluster.local_address.startswith("ipc:///") and Path(path).is_socket()
-        wait_until(lambda: sockets_at(path) >= 2, 10, "the node's connection")  # and listening
+        node = 1 if local_node == "process" else 0  # (inside the master: no connection)
+        wait_until(lambda: sockets_at(path) >= 1 + node, 10, "the node's connection")
         with Client(cluster) as client:
             assert client.submit(Square, 7).result(timeout=30) == 49
             assert client.address == cluster.address  # (shown as the TCP address)
-            wait_until(lambda: sockets_at(path) >= 3, 10, "the client's connection")
+            wait_until(lambda: sockets_at(path) >= 2 + node, 10, "the client's connection")
         # TCP serves as before, for clients elsewhere.
         with Client(cluster.address, keys=cluster.keys_dir) as client:
             assert client.submit(Square, 8).result(timeout=30) == 64

@@ -8,7 +8,7 @@ from typing import Any
 
 from actors import messages as m
 from actors.master_gate import MasterGate
-from actors.node import TaskEnds, relay_frames
+from actors.node_actor import TaskEnds, relay_frames
 
 
 class Relayed:

@@ -22,7 +22,7 @@ from actors import Client, Task
 from actors import messages as m
 from actors.errors import LargePayloadWarning, MessageTooLarge
 from actors.master_gate import MasterGate
-from actors.node import relay_frames
+from actors.node_actor import relay_frames
 from actors.serialize import MAX_DESCRIBED_CHARS, describe_exception, dumps, loads
 from actors.unit_runner import Ran, UnitRunner
 from tests.conftest import kill_all, shown, start_master, wait_until

@@ -15,7 +15,7 @@ import pytest
 
 from actors import messages as m
 from actors.memory import sealed_file
-from actors.node import TaskEnds
+from actors.node_actor import TaskEnds
 from actors.node_data import boot_id
 from actors.node_results import (
     EXPECT_S,

@@ -42,13 +42,17 @@ def check(seen: dict[str, object]) -> None:
     assert all(f.startswith(("anon_inode:", "socket:")) for f in seen["files"]), seen["files"]
 
 
-def test_forked_and_spawned_workers_start_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("local_node", "forked_by"), [("inside", "actors.master"),
+                                                       ("process", "actors.node")])
+def test_forked_and_spawned_workers_start_alike(monkeypatch: pytest.MonkeyPatch, local_node: str,
+                                                forked_by: str) -> None:
     monkeypatch.setenv("PYDRA_TEST_SECRET", "not for tasks")
-    # fork=False: a spawned node, whose forked first worker shows the node's command line
-    with LocalCluster(workers=1, fork=False) as cl, Client(cl) as client:
+    # fork=False: a spawned master (and node), whose forked first worker shows the command line
+    # of the process its node runs in
+    with LocalCluster(workers=1, fork=False, local_node=local_node) as cl, Client(cl) as client:
         first = client.submit(Surroundings).result(timeout=30)
         check(first)
-        assert "actors.node" in first["cmdline"], "the first worker should be forked by its node"
+        assert forked_by in first["cmdline"], "the first worker should be forked by its node"
         os.kill(first["pid"], signal.SIGKILL)  # its replacement is spawned: threads run by now
         wait_until(lambda: client.info().workers == 1 and client.info().idle_workers == 1, 30,
                    "a replacement worker")

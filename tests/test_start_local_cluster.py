@@ -38,14 +38,19 @@ def _running_with(text: str) -> set[int]:
 
 
 @pytest.mark.parametrize("fork", [True, False])
-def test_the_node_is_the_masters_child_and_its_workers_are_the_nodes(fork: bool) -> None:
-    with LocalCluster(workers=2, fork=fork) as cl, Client(cl) as client:
+@pytest.mark.parametrize("local_node", ["inside", "process"])
+def test_the_workers_are_the_local_nodes_children_inside_the_master_or_in_its_child(
+        fork: bool, local_node: str) -> None:
+    with LocalCluster(workers=2, fork=fork, local_node=local_node) as cl, Client(cl) as client:
         client.wait_for_workers(2)
         assert client.submit(Square, 3).result(timeout=30) == 9
-        (node,) = children(cl.pid)
-        # forked (where this process runs one thread) it shows this process's command line
-        assert "actors.node" in cmdline(node) or cl.forked
-        assert len(children(node)) == 2
+        if local_node == "inside":  # the master's own children: its node runs in it
+            assert len(children(cl.pid)) == 2 and not any(children(w) for w in children(cl.pid))
+        else:
+            (node,) = children(cl.pid)
+            # forked (where this process runs one thread) it shows this process's command line
+            assert "actors.node" in cmdline(node) or cl.forked
+            assert len(children(node)) == 2
         pids = descendants(cl.pid) | {cl.pid}
     wait_until(lambda: not any(alive(p) for p in pids), 20, "every cluster process to end")
 
@@ -105,13 +110,21 @@ def test_a_master_that_cannot_start_stops_the_node_it_started(tmp_path: Path) ->
     wait_until(lambda: not _running_with(str(keys)), 20, "the node to be stopped")
 
 
+def test_a_node_inside_its_master_that_refuses_its_settings_fails_the_cluster_saying_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACTORS_FETCH_TIMEOUT", "-1")
+    with pytest.raises(ClusterStartFailed, match=r"master exited with code 2: bad arguments: "
+                       r"--fetch-timeout must be more than 0 seconds"):
+        LocalCluster(workers=2)
+
+
 def test_a_node_that_refuses_its_settings_fails_the_cluster_at_once_saying_why(
         monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
-    # The master starts fine; its node refuses a setting it reads from the environment, and
-    # would refuse it again: it is not started again, and the client is told why instead of
-    # waiting out its timeout for workers that never come.
+    # The master starts fine; its node (a process) refuses a setting it reads from the
+    # environment, and would refuse it again: it is not started again, and the client is told
+    # why instead of waiting out its timeout for workers that never come.
     monkeypatch.setenv("ACTORS_FETCH_TIMEOUT", "-1")
-    with LocalCluster(workers=2) as cl:
+    with LocalCluster(workers=2, local_node="process") as cl:
         with pytest.raises(ClusterStartFailed, match=r"0 of 2 workers; the master's node is not "
                            r"running: it refused to start \(bad arguments: --fetch-timeout "
                            r"must be more than 0 seconds\)"):
@@ -138,11 +151,12 @@ def test_keys_are_created_where_asked_before_anything_starts(tmp_path: Path) -> 
         assert client.submit(Square, 5).result(timeout=30) == 25
 
 
-def test_a_killed_master_takes_its_node_and_workers_along() -> None:
-    with LocalCluster(workers=2) as cl, Client(cl) as client:
+@pytest.mark.parametrize(("local_node", "processes"), [("inside", 2), ("process", 3)])
+def test_a_killed_master_takes_its_node_and_workers_along(local_node: str, processes: int) -> None:
+    with LocalCluster(workers=2, local_node=local_node) as cl, Client(cl) as client:
         client.wait_for_workers(2)
         pids = descendants(cl.pid)
-        assert len(pids) == 3
+        assert len(pids) == processes  # its 2 workers (and its node, a process)
         os.kill(cl.pid, signal.SIGKILL)
         cl.process.wait(10)
         wait_until(lambda: not any(alive(p) for p in pids), 20, "the node and workers to end")
@@ -180,7 +194,7 @@ def test_a_cluster_does_not_outlive_the_script_that_made_it_when_that_is_killed(
         assert line.strip().isdigit(), f"the script did not start its cluster: {line!r}"
         master = int(line)
         cluster = {master, *descendants(master)}
-        assert len(cluster) == 4  # master, node, 2 workers
+        assert len(cluster) == 3  # master (its node inside), 2 workers
         os.kill(script.pid, signal.SIGKILL)
         script.wait(10)
         wait_until(lambda: not any(alive(p) for p in cluster), 20,

@@ -323,7 +323,7 @@ def test_a_part_that_cannot_be_sent_leaves_no_message_half_sent() -> None:
             peers[name].connect("inproc://half-sent")
             peers[name].send(b"hello")
             router.recv_multipart()
-        hub = types.SimpleNamespace(_views=set(), _poller=None)  # what Hub._send reads of it
+        hub = types.SimpleNamespace(_views=set(), _poller=None, _loop_routes={})  # what Hub._send reads
         with pytest.raises(TypeError):
             Hub._send(hub, b"peers", router, [b"alice", "not bytes"])  # type: ignore[arg-type]
         assert Hub._send(hub, b"peers", router, [b"bob", b"for bob"])  # type: ignore[arg-type]

@@ -60,6 +60,13 @@ by ``attach_link`` and closed by ``detach_link`` once its last words are read), 
 dealer over one (a worker's, to its node). Messages on them are routed, deferred and batched as
 on a ROUTER or DEALER.
 
+Loopback. Two parts of one process may speak as peers over the same hub: ``add_loopback``
+makes a dealer whose peer is one of the hub's own keyed routers (a master's local node running
+in the master's process). What either sends is batched as a socket's messages are and handed
+to ``on_frames`` in the hub's next turn, framed as that socket would have received it (the
+dealer's key and identity in front, on the router's side): the handlers cannot tell, and no
+socket, I/O thread, system call or copy lies between them.
+
 Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame list
 handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
 (Z85 text), so the receiver can hold each message to the role of its key; no
@@ -339,6 +346,11 @@ class Hub:
         self._quiet = True
         # What actors handed over, in order (see Outbox.send), and whether a wake-up is due.
         self._outgoing: deque[tuple[bytes, list[bytes]]] = deque()
+        # Loopbacks (add_loopback): a dealer's name -> its router, its identity there, its key;
+        # (router, identity) -> the dealer's name; what they carry, handed on next turn.
+        self._loop_dealers: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+        self._loop_routes: dict[tuple[bytes, bytes], bytes] = {}
+        self._looped: deque[tuple[str, list[bytes]]] = deque()
         self._wake_pending = False
         # Work run on the hub thread at every turn (see "Hosted work"), and its wake-up.
         self._hosted: list[HostedTurn] = []
@@ -384,6 +396,18 @@ class Hub:
             _SocketSpec(name, zmq.DEALER, address, False, identity, None, curve, monitor,
                         views=views)
         )
+
+    def add_loopback(self, name: str, router: str, identity: bytes, key: bytes) -> None:
+        """Before ``start``: a dealer ``name`` whose peer is this hub's own keyed router
+        ``router`` (a master's local node, in the master's process). What is sent on ``name``
+        reaches ``on_frames`` as the router would hand on a message of ``identity`` whose
+        connection proved ``key``; what the router sends to ``identity`` reaches ``on_frames`` as
+        received on ``name``. Batched as a socket's messages are, handed on in the hub's next
+        turn: no socket, no system call, no copy. (Loopback, see the module docstring.)"""
+        if self._thread is not None:
+            raise RuntimeError("Hub.add_loopback() is for before start()")
+        self._loop_dealers[name.encode()] = (router.encode(), identity, key)
+        self._loop_routes[(router.encode(), identity)] = name.encode()
 
     def add_links(self, name: str, *, views: bool = False) -> None:
         """A router whose peers are links (links.py), each taken with ``attach_link`` and the id
@@ -751,10 +775,10 @@ class Hub:
         next_tick = time.monotonic() + self._tick_s
         while True:
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-            if self._outgoing or self._again:  # more than one turn's share: come straight back
+            if self._outgoing or self._again or self._looped:  # (more: come straight back)
                 timeout_ms = 0
             ready = dict(poller.poll(timeout_ms if self._on_tick or self._outgoing
-                                     or self._again else _SAFETY_MS))
+                                     or self._again or self._looped else _SAFETY_MS))
             self._quiet = self._turn_in <= 1
             self._turn_in = self._turn_out = 0
             if pull in ready and not self._wake_ups(pull, sockets):
@@ -765,6 +789,9 @@ class Hub:
                 except BlockingIOError:
                     pass
             self._take_outgoing(sockets)
+            looped = self._looped
+            for _ in range(len(looped)):  # (what they carry now: more comes next turn)
+                self._deliver(*looped.popleft())
             for sock in ready:
                 if sock in names:
                     try:
@@ -827,7 +854,8 @@ class Hub:
             self._defer_checked(*outgoing.popleft())
 
     def _defer_checked(self, name: bytes, frames: list[bytes]) -> None:
-        if name not in self._sockets and name not in self._links:
+        if name not in self._sockets and name not in self._links \
+                and name not in self._loop_dealers:
             if name.startswith(_RECONNECT):  # (Outbox.reconnect: here, not on every send)
                 self.reconnect_now(name[len(_RECONNECT):].decode())
                 return
@@ -896,7 +924,15 @@ class Hub:
 
     def _send(self, name: bytes, sock: zmq.Socket[bytes] | None, frames: list[bytes]) -> bool:
         if sock is None:
+            if (loop := self._loop_dealers.get(name)) is not None:
+                router, identity, key = loop
+                self._looped.append((router.decode(), [key, identity, *frames]))
+                return True
             return self._send_link(name, frames)
+        if self._loop_routes and (dealer := self._loop_routes.get(
+                (name, bytes(frames[0])))) is not None:
+            self._looped.append((dealer.decode(), frames[1:]))
+            return True
         if self._poller is not None:
             self._poller.touched(sock)  # (a send may take in the socket's commands: poller.py)
         try:
