@@ -82,8 +82,9 @@ class Dashboard:
         self._details: dict[str, bytes] = {}  # task id -> its page's JSON, in the latest snapshot
         self._asked = 0.0  # when a viewer last asked (monotonic)
         self._watched: dict[str, float] = {}  # task id -> when its page was last asked for
-        self._files = {path: (resources.files("actors").joinpath("static", name).read_bytes(),
-                              kind) for path, (name, kind) in STATIC.items()}
+        # The page's files, read at the first request for one (not on the master's start:
+        # importlib.resources and the reads took ~6 ms of a LocalCluster's first result).
+        self._files: dict[str, tuple[bytes, str]] | None = None
         server = _Server6 if ":" in host else _Server
         self._server = server((host, port), _handler(self))
         self.port = self._server.server_address[1]
@@ -93,6 +94,16 @@ class Dashboard:
         self._thread = threading.Thread(target=self._server.serve_forever, name="dashboard",
                                         daemon=True)
         self._thread.start()
+
+    def static_file(self, path: str) -> tuple[bytes, str]:
+        """One of the page's files (``STATIC``), with its content type; all of them are read
+        at the first call (any of the server's threads)."""
+        with self._lock:
+            if self._files is None:
+                self._files = {
+                    name_path: (resources.files("actors").joinpath("static", name).read_bytes(),
+                                kind) for name_path, (name, kind) in STATIC.items()}
+            return self._files[path]
 
     # --- the actor's side -------------------------------------------------------
 
@@ -194,8 +205,8 @@ def _handler(board: Dashboard) -> type[BaseHTTPRequestHandler]:
             if "token" in query:  # later requests (the script, the polls) carry the cookie
                 extra.append(("Set-Cookie", f"{board.cookie}={board.token}; Path=/; HttpOnly; "
                                             "SameSite=Strict"))
-            if url.path in board._files:
-                body, kind = board._files[url.path]
+            if url.path in STATIC:
+                body, kind = board.static_file(url.path)
                 self._send(200, body, kind, extra)
             elif url.path == "/api/state":
                 state = board._fresh()
