@@ -1,6 +1,7 @@
 """The master's process: its command line (``python -m actors.master``), the socket it
 listens on, its state directory and journal, the Master and TaskSync actors, its local node
-(started again when it dies), its metrics and dashboard servers, and its stop.
+(inside this process, on the same hub: node_parts.py; or a process of its own, started again
+when it dies), its metrics and dashboard servers, and its stop.
 
 The Master actor itself (``master_actor.py``) knows none of this: it is given a hub, a journal and
 what the journal restored.
@@ -207,11 +208,11 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     args = parser.parse_args(argv)
     logs.configure(args.log_format, args.log_level)
     # Before the keys are read and before any thread starts (its workers are forked now).
-    inside = _node_inside(args, refused) if local_node is None and args.workers > 0 \
-        and args.local_node == "inside" else None
-    if inside is False:
-        return 2
-    assert inside is not True
+    inside: NodeParts | None = None
+    if local_node is None and args.workers > 0 and args.local_node == "inside":
+        inside = _node_inside(args, refused)
+        if inside is None:
+            return 2
     keys = args.keys or default_keys_dir()
     try:
         ensure_keys_logged(keys)
@@ -501,16 +502,16 @@ def _stop_local_node(node: ChildProcess | None, inside: NodeParts | None = None)
         inside.give_up()
 
 
-def _node_inside(args: argparse.Namespace, refused: list[str]) -> NodeParts | bool:
+def _node_inside(args: argparse.Namespace, refused: list[str]) -> NodeParts | None:
     """The local node's parts, to run inside this process (``--local-node inside``), made
-    before the master reads its keys or starts a thread; False (said in ``refused``) where its
+    before the master reads its keys or starts a thread; None (said in ``refused``) where its
     options cannot run. Its options come from the master's and the environment, as a local
     node process takes them (``local_node_command``)."""
     node_args = node_parser(refused, standalone=False).parse_args([
         "--workers", str(args.workers), "--package-grace", str(args.package_grace),
         *(["--cache", args.cache] if args.cache else [])])
     if not settle(node_args, refused):
-        return False
+        return None
     return NodeParts(node_args, None, f"tcp://{args.host}:{args.port}")
 
 

@@ -19,7 +19,7 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pykka
@@ -239,7 +239,7 @@ class NodeParts:
         data.serve_input, results.reply = results.input_request, data.reply
 
     @contextlib.contextmanager
-    def sockets_made(self) -> Any:
+    def sockets_made(self) -> Iterator[None]:
         """Around the hub's start: workers of other uids connect to the ipc socket through
         their group, so it is made 0770."""
         group = self.containment.group is not None and not self.config.links
