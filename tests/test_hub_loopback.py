@@ -117,3 +117,43 @@ def test_a_loopback_is_made_before_the_hub_starts(tmp_path: Path) -> None:
     finally:
         peer.stop()
         hub.stop()
+
+
+def test_a_connection_naming_itself_as_the_loopback_is_neither_heard_nor_tracked(
+        tmp_path: Path) -> None:
+    """The loopback's identity is free on the router (no connection holds it): a peer with an
+    admitted key that takes it must not speak as the loopback, nor make its peer look gone
+    when it leaves."""
+    keys = init_keys(tmp_path / "keys")
+    master, node, client = (load_keypair(keys, role) for role in ("master", "node", "client"))
+    heard: Received = queue.Queue()
+    gone: queue.Queue[bytes] = queue.Queue()
+    hub = Hub(lambda socket, frames: heard.put((socket, [bytes(f) for f in frames])),
+              on_peer_gone=lambda _socket, routing: gone.put(routing))
+    hub.add_router("peers", "tcp://127.0.0.1:0", with_keys=True,
+                   curve=ServerCurve(master.public, master.secret, str(allowed_dir(keys))))
+    hub.add_loopback("node", "peers", b"inside", node.public)
+    hub.start()
+    curve = ClientCurve(client.public, client.secret, load_public_key(keys, "master"))
+    impostor = Hub(lambda socket, frames: None)
+    impostor.add_dealer("master", hub.address("peers"), identity=b"inside", curve=curve)
+    impostor.start()
+    honest = Hub(lambda socket, frames: None)
+    honest.add_dealer("master", hub.address("peers"), identity=b"honest", curve=curve)
+    honest.start()
+    try:
+        impostor.outbox().send("master", [b"as the node"])
+        honest.outbox().send("master", [b"after it"])
+        # (the honest peer's message, sent after, is heard: the impostor's was read before it)
+        assert heard.get(timeout=10) == ("peers", [client.public, b"honest", b"after it"])
+        hub.outbox().send("node", [b"the loopback still speaks"])
+        assert heard.get(timeout=10) == ("peers", [node.public, b"inside",
+                                                   b"the loopback still speaks"])
+        impostor.stop()
+        honest.stop()
+        assert gone.get(timeout=15) == b"honest"  # (the impostor, stopped first, went unseen)
+        assert heard.empty() and gone.empty()
+    finally:
+        impostor.stop()
+        honest.stop()
+        hub.stop()

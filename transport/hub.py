@@ -65,7 +65,8 @@ makes a dealer whose peer is one of the hub's own keyed routers (a master's loca
 in the master's process). What either sends is batched as a socket's messages are and handed
 to ``on_frames`` in the hub's next turn, framed as that socket would have received it (the
 dealer's key and identity in front, on the router's side): the handlers cannot tell, and no
-socket, I/O thread, system call or copy lies between them.
+socket, I/O thread or system call lies between them. The loopback's identity is free on the
+router's socket (no connection holds it): a connection that names itself so is not heard.
 
 Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame list
 handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
@@ -351,6 +352,7 @@ class Hub:
         self._loop_dealers: dict[bytes, tuple[bytes, bytes, bytes]] = {}
         self._loop_routes: dict[tuple[bytes, bytes], bytes] = {}
         self._looped: deque[tuple[str, list[bytes]]] = deque()
+        self._impostors = 0  # messages refused for naming a loopback's identity on its router
         self._wake_pending = False
         # Work run on the hub thread at every turn (see "Hosted work"), and its wake-up.
         self._hosted: list[HostedTurn] = []
@@ -403,7 +405,7 @@ class Hub:
         reaches ``on_frames`` as the router would hand on a message of ``identity`` whose
         connection proved ``key``; what the router sends to ``identity`` reaches ``on_frames`` as
         received on ``name``. Batched as a socket's messages are, handed on in the hub's next
-        turn: no socket, no system call, no copy. (Loopback, see the module docstring.)"""
+        turn: no socket, no system call. (Loopback, see the module docstring.)"""
         if self._thread is not None:
             raise RuntimeError("Hub.add_loopback() is for before start()")
         self._loop_dealers[name.encode()] = (router.encode(), identity, key)
@@ -964,6 +966,7 @@ class Hub:
 
     def _receive(self, name: str, sock: zmq.Socket[bytes]) -> None:
         keyed = name.encode() in self._keyed
+        loops = self._loop_routes if keyed else None  # (a loopback's router is a keyed one)
         views = name.encode() in self._views
         fds = self._peer_fds.get(name)
         budget = _READ_ITEMS
@@ -990,6 +993,16 @@ class Hub:
                 frame = sock.recv(copy=False)
                 frames.append(frame.bytes if len(frame) < limit else _view(frame))
             if keyed:
+                if loops and (name.encode(), frames[0]) in loops:
+                    # A connection naming itself as this hub's own loopback peer (its id is
+                    # free on the socket: no connection holds it): neither heard nor tracked.
+                    self._impostors += 1
+                    if self._impostors & (self._impostors - 1) == 0:  # (1, 2, 4, 8... said)
+                        log.warning("loopback_id_refused", socket=name,
+                                    peer=bytes(frames[0][:80]).decode(errors="replace"),
+                                    refused=self._impostors)
+                    budget -= 1
+                    continue
                 # The key the CURVE handshake proved (ZAP's User-Id, its Z85 text) rides on the
                 # parts the peer sent (not on the routing id the ROUTER adds, with older libzmq).
                 frames.insert(0, _user_id(frame))
