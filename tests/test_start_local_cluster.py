@@ -110,6 +110,13 @@ def test_a_master_that_cannot_start_stops_the_node_it_started(tmp_path: Path) ->
     wait_until(lambda: not _running_with(str(keys)), 20, "the node to be stopped")
 
 
+def test_a_local_node_placement_that_is_not_one_is_refused_before_anything_starts() -> None:
+    before = set(Path(tempfile.gettempdir()).glob("actors-cluster-*"))
+    with pytest.raises(ValueError, match="local_node is 'inside' or 'process', not 'elsewhere'"):
+        LocalCluster(workers=1, local_node="elsewhere")
+    assert set(Path(tempfile.gettempdir()).glob("actors-cluster-*")) == before
+
+
 def test_a_node_inside_its_master_that_refuses_its_settings_fails_the_cluster_saying_why(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACTORS_FETCH_TIMEOUT", "-1")
