@@ -111,6 +111,7 @@ CLIENT_TIMEOUT_S = 120.0
 # waiting: at most this many in a row.
 DEFERRABLE = frozenset({ev.TaskSubmitted, ev.TaskFinished, ev.UnitsFinished})
 MAX_DEFERRED = 64
+_ENDS = (m.TaskResult, m.TaskResults)  # a worker's word of plain Tasks' ends
 # A node whose connection closed (its process killed, a reset, the transport's heartbeat timing
 # out on a cut link) is lost unless it is heard again within this long (it reconnects in < 1 s).
 NODE_SUSPECT_S = 2.0
@@ -440,7 +441,7 @@ class Master(HubShell):
             case list():  # the messages of one batched frame (main's on_batch): one hand-off
                 flush_held = self.hub.flush_held
                 for done, inbound in enumerate(message, 1):
-                    if self.finished_batch and type(inbound.message) is not m.TaskResult:
+                    if self.finished_batch and type(inbound.message) not in _ENDS:
                         self.receive_guarded(self._flush_finished, None)  # (they come first)
                     self.batch_left = len(message) - done  # (waiting, as a mailbox's: _apply)
                     self.receive_guarded(self._heard, inbound)
@@ -893,6 +894,14 @@ class Master(HubShell):
                 self._apply(finished)
                 if held and self.leaving.pop(task_id, None) is not None:  # it was not
                     self.send(SOCKET, node.peer_id.encode(), message=m.DropResults([task_id]))
+            case m.TaskResults(results=results):
+                left = self.batch_left  # each as a batch's TaskResult: ended in one call
+                try:
+                    for said, result in enumerate(results, 1):
+                        self.batch_left = left + len(results) - said
+                        self._from_worker(node, worker_id, result)
+                finally:
+                    self.batch_left = left
             case m.WorkerFailed(task_id=task_id, outcome=outcome):
                 self._load_failed(task_id, outcome)
                 if self.dashboard is not None:
@@ -1867,12 +1876,7 @@ class Master(HubShell):
         self.stats.handle_seconds += time.perf_counter() - started
         self.stats.handled += len(events)
         self.deferred += len(events)
-        after = [ins for ins in out if type(ins) is ev.ReportInputFailed]  # (as _apply's)
-        for instruction in out:
-            if type(instruction) is not ev.ReportInputFailed:
-                self._carry_out(instruction)
-        for failed_input in after:
-            self._carry_out(failed_input)
+        self._carry_out_all(out)
         refused = [(index, exc) for index, exc in failed if isinstance(exc, InvalidEvent)]
         for index, exc in failed:
             if not isinstance(exc, InvalidEvent):
@@ -1901,14 +1905,7 @@ class Master(HubShell):
             out = self.scheduler.handle(event)
         self.stats.handle_seconds += time.perf_counter() - started
         self.stats.handled += 1
-        after: list[ev.ReportInputFailed] = []
-        for instruction in out:
-            if type(instruction) is ev.ReportInputFailed:
-                after.append(instruction)  # once its input's own end is known here
-            else:
-                self._carry_out(instruction)
-        for failed in after:
-            self._carry_out(failed)
+        self._carry_out_all(out)
         if self.taken_back:  # one line a worker, not one a task (up to MAX_QUEUED_TASKS)
             for worker_id, task_ids in self.taken_back.items():
                 self.log.info("take_back_asked", worker_id=worker_id, tasks=len(task_ids),
@@ -2004,6 +2001,54 @@ class Master(HubShell):
         self.log.info("backlog_dropped", client_id=client_id, tasks=len(cancelled),
                       kept=len(dropped) - len(cancelled))
 
+    def _carry_out_all(self, out: list[ev.Instruction]) -> None:
+        """Carry out a scheduler call's instructions in order, an input's failure once its
+        input's own end is known here (last). A worker's assignments one after another go as
+        one message (``AssignTasks``): a pass that queues plain Tasks on a busy worker gives it
+        many at once, and each message costs the master, its node and the worker more than
+        the assignment in it."""
+        after: list[ev.ReportInputFailed] = []
+        assigns: dict[tuple[str, str], list[m.AssignTask]] = {}
+        for ins in out:
+            kind = type(ins)
+            if kind is ev.Assign:
+                assert isinstance(ins, ev.Assign)
+                assigns.setdefault((ins.node_id, ins.worker_id), []).append(self._assignment(ins))
+                continue
+            if assigns:  # (what follows for the same worker must not overtake them)
+                self._send_assigns(assigns)
+                assigns = {}
+            if kind is ev.ReportInputFailed:
+                assert isinstance(ins, ev.ReportInputFailed)
+                after.append(ins)
+            else:
+                self._carry_out(ins)
+        if assigns:
+            self._send_assigns(assigns)
+        for failed in after:
+            self._carry_out(failed)
+
+    def _send_assigns(self, assigns: dict[tuple[str, str], list[m.AssignTask]]) -> None:
+        for (node_id, worker_id), tasks in assigns.items():
+            self._to_worker(node_id, worker_id, tasks[0] if len(tasks) == 1 else m.AssignTasks(tasks))
+
+    def _assignment(self, ins: ev.Assign) -> m.AssignTask:
+        if self.debug:
+            self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
+                           driver=ins.driver)
+        if ins.driver:
+            self.started.add(ins.task_id)
+            if ins.package:  # the listing's "last run" (by name, any version)
+                self.last_run[ins.name] = time.time()
+            if self.dashboard is not None and ins.kind == ev.TaskKind.TASK:
+                self.stream.started(ins.worker_id, ins.task_id, 0, 1, self.now)
+        inline, held = self._with_inputs(ins) if ins.inputs and ins.driver else ([], [])
+        return m.AssignTask(
+            task_id=ins.task_id, name=ins.name, kind=ins.kind, code=self._code_for(ins),
+            args=ins.args, driver=ins.driver, package=ins.package, version=ins.version,
+            code_hash=ins.code_hash, inputs=inline, held_inputs=held,
+            owner=self._fetcher_of(ins.task_id) if ins.driver else "")
+
     def _carry_out(self, ins: ev.Instruction) -> None:
         match ins:  # (what every unit and task needs first: each case is a type check)
             case ev.Dispatch():
@@ -2022,21 +2067,7 @@ class Master(HubShell):
                 if self.journal.results_buffered > RESULTS_BUFFERED:
                     self._commit()  # early: a fast task's results must not pile up here
             case ev.Assign():
-                if self.debug:
-                    self.log.debug("task_assigned", task_id=ins.task_id, worker_id=ins.worker_id,
-                                   driver=ins.driver)
-                if ins.driver:
-                    self.started.add(ins.task_id)
-                    if ins.package:  # the listing's "last run" (by name, any version)
-                        self.last_run[ins.name] = time.time()
-                    if self.dashboard is not None and ins.kind == ev.TaskKind.TASK:
-                        self.stream.started(ins.worker_id, ins.task_id, 0, 1, self.now)
-                inline, held = self._with_inputs(ins) if ins.inputs and ins.driver else ([], [])
-                self._to_worker(ins.node_id, ins.worker_id, m.AssignTask(
-                    task_id=ins.task_id, name=ins.name, kind=ins.kind, code=self._code_for(ins),
-                    args=ins.args, driver=ins.driver, package=ins.package, version=ins.version,
-                    code_hash=ins.code_hash, inputs=inline, held_inputs=held,
-                    owner=self._fetcher_of(ins.task_id) if ins.driver else ""))
+                self._to_worker(ins.node_id, ins.worker_id, self._assignment(ins))
             case ev.ForwardItems():
                 self._to_client(ins.client_id, m.ItemsDone(ins.task_id, ins.items))
             case ev.ReportDone():

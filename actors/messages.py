@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 17  # 17: SubmitMany, TaskState.task_ids; 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 18  # 18: AssignTasks, TaskResults; 17: SubmitMany, TaskState.task_ids; 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
@@ -516,6 +516,13 @@ class AssignTask(Message, frozen=True, kw_only=True):
     owner: str = ""
 
 
+class AssignTasks(Message, frozen=True):
+    """master -> worker: plain Tasks queued on one worker in one scheduling pass, in order, as
+    one message (each as its own ``AssignTask`` would be handled)."""
+
+    tasks: list[AssignTask]
+
+
 class NeedCode(Message, frozen=True):
     """Worker -> master: an assignment named code by its hash alone, and this worker has none."""
 
@@ -895,6 +902,13 @@ class TaskResult(Message, frozen=True):
     elapsed: float = 0.0  # seconds ``work`` ran (a plain Task), for the scheduler's prefetch
 
 
+class TaskResults(Message, frozen=True):
+    """worker -> master: plain Tasks' ends that came in one turn of the worker, in order, as
+    one message (each as its own ``TaskResult`` would be handled)."""
+
+    results: list[TaskResult]
+
+
 class WorkProgress(Message, frozen=True):
     """worker -> master: a plain Task's ``work`` says how far it is (``task_progress``); a
     ParallelTask's driver says how many units it will slice (``task_total``, ``done`` is 0)."""
@@ -964,6 +978,8 @@ AnyMessage = (
     | StopTask
     | TaskStopped
     | AssignTask
+    | AssignTasks
+    | TaskResults
     | NeedCode
     | Code
     | RunUnits

@@ -664,6 +664,16 @@ class _TaskHead(msgspec.Struct, array_like=True):
 _HEAD = msgspec.msgpack.Decoder(_TaskHead)
 
 
+class _EndsHead(msgspec.Struct, array_like=True):
+    """A ``TaskResults`` read for its tasks alone."""
+
+    tag: msgspec.Raw
+    results: list[_TaskHead]
+
+
+_ENDS_HEAD = msgspec.msgpack.Decoder(_EndsHead)
+
+
 class _AssignHead(msgspec.Struct, array_like=True):
     """An ``AssignTask`` read for its task and owner alone: the fields between are left as they
     are (``Raw``: neither the code nor the arguments are copied)."""
@@ -683,9 +693,19 @@ class _AssignHead(msgspec.Struct, array_like=True):
     owner: str = ""
 
 
+class _AssignsHead(msgspec.Struct, array_like=True):
+    """An ``AssignTasks`` read for its tasks' heads alone."""
+
+    tag: msgspec.Raw
+    tasks: list[_AssignHead]
+
+
 _ASSIGN_HEAD = msgspec.msgpack.Decoder(_AssignHead)
+_ASSIGNS_HEAD = msgspec.msgpack.Decoder(_AssignsHead)
 _OPENS = {m.AssignTask.__name__.encode()}  # master -> worker
+_OPENS_MANY = m.AssignTasks.__name__.encode()
 _CLOSES_FROM_MASTER = {m.ReleaseTask.__name__.encode()}
+_CLOSES_MANY = m.TaskResults.__name__.encode()
 _CLOSES_FROM_WORKER = {m.TaskResult.__name__.encode(), m.WorkerFailed.__name__.encode(),
                        m.TaskStopped.__name__.encode()}
 
@@ -706,24 +726,40 @@ class TaskEnds:
         self._open: dict[bytes, set[str]] = {}
         self._idle: set[bytes] = set()  # held tasks, holds none now, not swept since
 
-    def from_master(self, worker: bytes, body: bytes) -> str:
-        """The owner a task assigned to the worker names (a driver's: its submitter's key), or
-        "" for any other frame."""
+    def from_master(self, worker: bytes, body: bytes) -> list[str]:
+        """The owners the tasks assigned to the worker name (a driver's: its submitter's key),
+        none for any other frame."""
         tag = message_tag(body)
         if tag in _OPENS:
             try:
                 assign = _ASSIGN_HEAD.decode(body)
             except msgspec.MsgspecError:
-                return ""  # the worker refuses it too
+                return []  # the worker refuses it too
             self._record(worker, assign.task_id, opened=True)
-            return assign.owner
+            return [assign.owner] if assign.owner else []
+        if tag == _OPENS_MANY:
+            try:
+                assigns = _ASSIGNS_HEAD.decode(body).tasks
+            except msgspec.MsgspecError:
+                return []
+            for assign in assigns:
+                self._record(worker, assign.task_id, opened=True)
+            return [assign.owner for assign in assigns if assign.owner]
         if tag in _CLOSES_FROM_MASTER:
             self._change(worker, body, opened=False)
-        return ""
+        return []
 
     def from_worker(self, worker: bytes, body: bytes) -> None:
-        if message_tag(body) in _CLOSES_FROM_WORKER:
+        tag = message_tag(body)
+        if tag in _CLOSES_FROM_WORKER:
             self._change(worker, body, opened=False)
+        elif tag == _CLOSES_MANY:
+            try:
+                ends = _ENDS_HEAD.decode(body).results
+            except msgspec.MsgspecError:
+                return  # the master refuses it too
+            for end in ends:
+                self._record(worker, end.task_id, opened=False)
 
     def _change(self, worker: bytes, body: bytes, *, opened: bool) -> None:
         try:
@@ -815,9 +851,10 @@ def relay_frames(hub: Hub, node: pykka.ActorRef[Any], task_sync: pykka.ActorRef[
         elif len(frames) == 2:
             if alive is not None and frames[0] not in alive:
                 return  # a worker that exited meanwhile: its id may be anyone's now ("Proof")
-            if task_ends is not None and (owner := task_ends.from_master(frames[0], frames[1])) \
+            if task_ends is not None and (owners := task_ends.from_master(frames[0], frames[1])) \
                     and results is not None:
-                results.admit(owner)  # (a driver's: its submitter may fetch the result here)
+                for owner in owners:  # (a driver's: its submitter may fetch the result here)
+                    results.admit(owner)
             if data is not None:
                 data.from_master(frames[1])
             hub.relay(WORKERS, frames)
@@ -892,13 +929,17 @@ def _within_bound(frames: list[bytes], limit: int) -> list[bytes]:
     worker_id = bytes(worker).decode(errors="replace")
     error = MessageTooLarge(f"{tag or 'message'} from worker {worker_id}", len(body), limit)
     try:
-        task_id = _HEAD.decode(body).task_id
+        # (several tasks' ends, each failed: a worker gathers at most 1 MiB of them, so only
+        # one of another make says this many)
+        task_ids = ([end.task_id for end in _ENDS_HEAD.decode(body).results]
+                    if tag == m.TaskResults.__name__ else [_HEAD.decode(body).task_id])
     except msgspec.MsgspecError:
-        task_id = ""
+        task_ids = [""]
     log.warning("worker_message_too_large", worker_id=worker_id, type=tag, size=len(body),
-                limit=limit, task_id=task_id[:100])
+                limit=limit, task_id=",".join(task_ids)[:100])
     from actors.serialize import describe_failure  # (rare: not on the node's start)
 
     payload, type_name, message, text = describe_failure(error)
-    failed = m.TaskResult(task_id, m.UnitOutcome(-1, False, payload, type_name, message, text))
-    return [worker, m.encode(failed)]
+    failed = [m.TaskResult(task_id, m.UnitOutcome(-1, False, payload, type_name, message, text))
+              for task_id in task_ids]
+    return [worker, m.encode(failed[0] if len(failed) == 1 else m.TaskResults(failed))]

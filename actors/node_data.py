@@ -311,6 +311,8 @@ class DataPlane:
             addresses = [address for _, address in msg.holders]
         elif isinstance(msg, m.AssignTask):
             addresses = [address for _, address in msg.held_inputs]
+        elif isinstance(msg, m.AssignTasks):
+            addresses = [address for task in msg.tasks for _, address in task.held_inputs]
         else:
             return
         for address in addresses:

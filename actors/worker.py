@@ -86,6 +86,13 @@ log = structlog.get_logger("actors.worker")
 
 NODE = "node"
 TO_MASTER = b"m"
+# A turn's plain Tasks' ends go as one TaskResults (Worker.send_results): at most this many,
+# each of at most GATHERED_RESULT_BYTES (a larger one goes alone), all of them at most
+# MAX_RESULTS_BYTES: far below the least bound a master sets on a message (64 MiB), which a
+# node enforces by failing the one task a message names.
+MAX_RESULTS_OUT = 256
+GATHERED_RESULT_BYTES = 64 << 10
+MAX_RESULTS_BYTES = 1 << 20
 TO_NODE = b"n"
 HOLD_RESULT = b"h"  # [b"h", task_id, *parts]: a large result, for the node to hold
 HOLD_FILE = b"f"  # [b"f", HeldFile]: a large result in a sealed memory file, for the node
@@ -130,6 +137,12 @@ class ForHosted(msgspec.Struct, frozen=True):
     message: Any
 
 
+def _result_bytes(result: m.TaskResult) -> int:
+    """About what a task's end takes encoded (its value, or its error's parts)."""
+    o = result.outcome
+    return len(result.task_id) + len(o.value) + len(o.type_name) + len(o.message) + len(o.traceback)
+
+
 class Worker(HubShell):
     def __init__(self, hub: Hub, worker_id: str, on_exit: Any, node_pid: int | None = None,
                  token: str = "") -> None:
@@ -148,6 +161,8 @@ class Worker(HubShell):
         self.pause_mark = pause_mark()  # resident bytes past which we take no new work (0: none)
         self.paused = False
         self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
+        self.results_out: list[m.TaskResult] = []  # this turn's plain Tasks' ends, not yet sent
+        self.results_bytes = 0  # (about) what they take
         self.stopped: dict[str, None] = {}  # cancelled tasks (StopTask), oldest first
         # LOADING: held inputs of the waiting assignment that came (task id -> data, lengths),
         # and the version folder it loads from once they all have.
@@ -185,6 +200,8 @@ class Worker(HubShell):
                                                  pid=os.getpid(), token=self.token))
 
     def on_stop(self) -> None:
+        if self.results_out:  # (ends gathered in a turn a stop cut short)
+            self.send_results()
         self.lined_up.clear()
         self.assignments.clear()
         self._stop_task()
@@ -200,6 +217,8 @@ class Worker(HubShell):
 
     def receive(self, message: Any) -> Any:
         self._receive(message)
+        if self.results_out and self.actor_inbox.empty():
+            self.send_results()
         if self.validate:
             self._validate_slot()
 
@@ -259,6 +278,9 @@ class Worker(HubShell):
                     self._line_up(msg)
                 else:
                     self.assignments.append(msg)
+            case m.AssignTasks(tasks=tasks):
+                for assign in tasks:
+                    self._from_node(assign)
             case m.Code(code_hash=code_hash, code=code) if (
                     self.waiting is not None and self.waiting.code_hash == code_hash
                     and not self.waiting.package):  # LOADING shipped code
@@ -331,7 +353,31 @@ class Worker(HubShell):
         if isinstance(msg, m.TaskResult) and msg.task_id in self.handing:
             self.handing[msg.task_id].after.append(msg)  # once the node has taken the result
             return
+        if type(msg) is m.TaskResult and not self.hub.lone() and (
+                size := _result_bytes(msg)) <= GATHERED_RESULT_BYTES:
+            if self.results_bytes + size > MAX_RESULTS_BYTES:
+                self.send_results()
+            self.results_out.append(msg)  # with the turn's others (see send_results)
+            self.results_bytes += size
+            if len(self.results_out) >= MAX_RESULTS_OUT:
+                self.send_results()
+            return
         self.send(NODE, TO_MASTER, message=msg)
+
+    def send(self, socket: str, *route: bytes, message: m.Message | None = None,
+             frames: list[bytes] | None = None) -> None:
+        if self.results_out:  # (nothing said after a task's end may overtake it)
+            self.send_results()
+        super().send(socket, *route, message=message, frames=frames)
+
+    def send_results(self) -> None:
+        """The plain Tasks' ends this turn gathered, as one message: at the turn's end, or
+        before anything else goes out. A burst's tasks end many a turn (a worker runs up to
+        MAX_QUEUED_TASKS lined up); one message for them costs the node's relay and the master
+        one decode and hand-off instead of one each."""
+        results, self.results_out, self.results_bytes = self.results_out, [], 0
+        message = results[0] if len(results) == 1 else m.TaskResults(results)
+        super().send(NODE, TO_MASTER, message=message)
 
     def _check_memory(self) -> None:
         """Past the pause mark: what we hold goes to disk and freed memory back to the system

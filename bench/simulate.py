@@ -137,6 +137,7 @@ class _Worker:
     busy_until: float = 0.0
     running: Any = None  # the run or task that takes until busy_until
     codes: set[str] = field(default_factory=set)  # hashes of the code it was sent
+    ends: list[m.TaskResult] | None = None  # answered in this turn, sent together (as a worker)
 
 
 @dataclass
@@ -264,6 +265,15 @@ class Simulator:
                 self.counts[f"unexpected for node: {type(msg).__name__}"] += 1
 
     def _for_worker(self, worker: _Worker, msg: m.Message) -> None:
+        if isinstance(msg, m.AssignTasks):  # a worker's queued plain Tasks, in one message
+            worker.ends = []  # the ends of those answered at once go in one, as a worker's turn
+            for assign in msg.tasks:
+                self._for_worker(worker, assign)
+            ends, worker.ends = worker.ends, None
+            if ends:
+                self._send(worker.node, ends[0] if len(ends) == 1 else m.TaskResults(ends),
+                           worker.key)
+            return
         if isinstance(msg, m.AssignTask) and msg.code:  # code goes to a worker once, by value
             known = msg.code_hash in worker.codes
             self.counts["code sent again" if known else "code shipped"] += 1
@@ -328,8 +338,12 @@ class Simulator:
         node = worker.node
         if isinstance(msg, m.AssignTask):
             (x,), _ = pickle.loads(msg.args)
-            self._send(node, m.TaskResult(msg.task_id, m.UnitOutcome(
-                -1, True, pickle.dumps(x, protocol=5)), seconds or NOOP_TASK_S), worker.key)
+            end = m.TaskResult(msg.task_id, m.UnitOutcome(-1, True, pickle.dumps(x, protocol=5)),
+                               seconds or NOOP_TASK_S)
+            if worker.ends is not None:
+                worker.ends.append(end)
+            else:
+                self._send(node, end, worker.key)
             self.counts["tasks"] += 1
             return
         if msg.task_id != worker.task_id:

@@ -43,9 +43,12 @@ def result(task_id: str, value: bytes) -> m.TaskResult:
     return m.TaskResult(task_id, m.UnitOutcome(-1, True, value))
 
 
+def assignment(task_id: str) -> m.AssignTask:
+    return m.AssignTask(task_id=task_id, name="T", kind="task", code=b"", args=b"", driver=True)
+
+
 def assign(task_id: str) -> bytes:
-    return m.encode(m.AssignTask(task_id=task_id, name="T", kind="task", code=b"", args=b"",
-                                 driver=True))
+    return m.encode(assignment(task_id))
 
 
 def test_results_wait_for_the_welcome_then_go_first_in_order() -> None:
@@ -168,3 +171,22 @@ def test_an_opening_with_nothing_held_or_dropped_says_nothing() -> None:
     assert gate.open() == [] and log.lines == []
     gate.close()
     assert gate.open() == [] and log.lines == []
+
+
+def test_tasks_given_and_ended_in_one_message_are_held_from_one_to_the_other() -> None:
+    """A worker's queued plain Tasks come in one AssignTasks and end in TaskResults: the node
+    counts each as held from the one to the other (it ends what a worker's tasks started once
+    the worker holds none, TaskEnds), and relays both as they are."""
+    hub, node, gate, ends = Relayed(), Told(), MasterGate(), TaskEnds()
+    from_master(hub, node, gate, ends, [m.encode(m.Welcome("m1", "n1"))])
+    hub.sent.clear()
+    given = m.encode(m.AssignTasks([assignment(f"t{i}") for i in range(3)]))
+    from_master(hub, node, gate, ends, [b"n1/w1", given])
+    assert ends.holding() == {"n1/w1": ["t0", "t1", "t2"]}
+    two = m.TaskResults([result("t0", b"0"), result("t1", b"1")])
+    from_worker(hub, node, gate, ends, b"n1/w1", two)
+    assert ends.holding() == {"n1/w1": ["t2"]}
+    from_worker(hub, node, gate, ends, b"n1/w1", m.TaskResults([result("t2", b"2")]))
+    assert ends.holding() == {"n1/w1": []}
+    assert hub.sent == [("workers", [b"n1/w1", given]), ("master", [b"n1/w1", m.encode(two)]),
+                        ("master", [b"n1/w1", m.encode(m.TaskResults([result("t2", b"2")]))])]

@@ -188,6 +188,16 @@ def test_a_worker_message_past_the_masters_bound_fails_its_task_instead() -> Non
     error = loads(failed.outcome.value)
     assert isinstance(error, MessageTooLarge) and error.limit == 64 * MIB
     assert error.size == 64 * MIB + 1 and "TaskResult from worker n1/w1" in str(error)
+    # Several tasks' ends in one message past the bound (a worker gathers 1 MiB at most): each
+    # of the tasks it names fails, not none.
+    ends = m.TaskResults([m.TaskResult(f"t{i}", m.UnitOutcome(-1, True, bytes(33 * MIB)))
+                          for i in (2, 3)])
+    relay_frames(hub, told, told, "workers", [b"n1/w1", b"m", m.encode(ends)],  # type: ignore[arg-type]
+                 None, None, gate)
+    many = m.decode(hub.sent[-1][1][1])
+    assert isinstance(many, m.TaskResults) and [e.task_id for e in many.results] == ["t2", "t3"]
+    assert not any(e.outcome.ok for e in many.results)
+    assert "TaskResults from worker n1/w1" in str(loads(many.results[0].outcome.value))
 
 
 class LongError(Task):

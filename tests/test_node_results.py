@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from actors import messages as m
@@ -115,9 +116,14 @@ def test_the_results_socket_admits_only_the_keys_the_master_named_here(
                           args=b"a" * 1000, driver=True, owner="A" * 40)
     helper = m.AssignTask(task_id="t3", name="T", kind="task", code=b"", args=b"", driver=False)
     owners = [relayed.from_master(WORKER, m.encode(assign)) for assign in (driver, helper)]
-    assert owners == ["A" * 40, ""] and relayed.holds(WORKER, "t2") and relayed.holds(WORKER, "t3")
-    assert relayed.from_master(WORKER, b"\xc1 not msgpack") == ""
-    for owner in owners:
+    assert owners == [["A" * 40], []] and relayed.holds(WORKER, "t2") and relayed.holds(WORKER, "t3")
+    # A worker's queued tasks in one message: each held, each driver's owner named.
+    queued = [msgspec.structs.replace(driver, task_id=f"q{n}", owner=f"{n:040d}") for n in (4, 5)]
+    many = relayed.from_master(WORKER, m.encode(m.AssignTasks([*queued, helper])))
+    assert many == [f"{4:040d}", f"{5:040d}"]
+    assert relayed.holds(WORKER, "q4") and relayed.holds(WORKER, "q5")
+    assert relayed.from_master(WORKER, b"\xc1 not msgpack") == []
+    for owner in owners[0]:
         store.admit(owner)
     assert store.from_master(hub, m.ExpectScatter("scatter-2", "B" * 40, 10))
     assert store.admitted.keys() == {"A" * 40, "B" * 40}

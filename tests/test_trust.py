@@ -257,6 +257,9 @@ def test_a_node_cannot_speak_for_another_nodes_workers(cluster: LocalCluster,
             sock.send(m.encode(m.WorkerReady(real_worker, 1)))  # not named after this node
             sock.send_multipart([real_worker.encode(), m.encode(
                 m.TaskResult("any-task", m.UnitOutcome(-1, True, b"forged"), 0.0))])
+            sock.send_multipart([real_worker.encode(), m.encode(m.TaskResults([
+                m.TaskResult(f"any-task-{i}", m.UnitOutcome(-1, True, b"forged"), 0.0)
+                for i in range(3)]))])
         finally:
             sock.send(m.encode(m.Bye("rogue leaving")))
             sock.close()
