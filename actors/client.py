@@ -86,6 +86,7 @@ LARGE_CODE_BYTES = 10 * 2**20  # a task's code above this size is worth a warnin
 # A SubmitMany's arguments at most (or, if less, half of what the master reads less its class's
 # code): a larger map goes as several, and the master's turn on one stays short.
 SUBMIT_MANY_BYTES = 2**20
+FIRST_SUBMIT_MANY = 64
 HEARTBEAT_S = 2.0  # how often a client tells the master it is alive
 # No Welcome this long after saying Hello on a new connection: connect afresh (a master that
 # woke from a pause may have parked it: Hub.reconnect_now).
@@ -564,10 +565,11 @@ class Client:
         out: list[tuple[_Prepared, m.Submit | m.SubmitMany, bytes]] = []
         run: list[_Prepared] = []
         size = budget = 0
+        most = FIRST_SUBMIT_MANY
         for item in [*prepared, None]:
             submit = item.submit if item is not None else None
             alone = submit is not None and bool(submit.inputs or submit.items)
-            if run and (submit is None or alone or len(run) == m.MAX_SUBMIT_MANY
+            if run and (submit is None or alone or len(run) >= most
                         or size + len(submit.args) > budget
                         or not _same_options(run[0].submit, submit)):
                 first = run[0].submit
@@ -577,6 +579,7 @@ class Client:
                     retries=first.retries, code_hash=first.code_hash)
                 out.append((run[0], message, self._encoded(message)))
                 run, size = [], 0
+                most = min(2 * most, m.MAX_SUBMIT_MANY)
             if item is None:
                 break
             if alone:
@@ -1234,6 +1237,22 @@ class Client:
             fut._finish(_ERRED, None, ResultLost(task_id, held.node_id, reason))
             fut._show_output(waiting=False)
 
+    def _task_ended(self, msg: m.TaskDone | m.TaskErred | m.TaskCancelled) -> None:
+        match msg:
+            case m.TaskDone(held=held) if held is not None:
+                if msg.task_id not in self._fetching:  # (a replay while fetching: asked already)
+                    self._fetch(msg, held)
+            case m.TaskDone(task_id=task_id) | m.TaskErred(task_id=task_id):
+                self._ended(task_id)
+                if (fut := self._futures.get(task_id)) is not None:
+                    fut._finish(_DONE if isinstance(msg, m.TaskDone) else _ERRED, msg)
+                    fut._show_output(waiting=False)
+            case m.TaskCancelled(task_id=task_id):
+                self._ended(task_id)
+                if (fut := self._futures.get(task_id)) is not None:
+                    fut._finish(_CANCELLED, None)
+                    fut._show_output(waiting=False)
+
     def _on_frames(self, socket: str, frames: list[bytes]) -> None:
         if socket.startswith(RESULTS_PREFIX):
             self._result_arrived(frames)
@@ -1259,19 +1278,11 @@ class Client:
                 if (fut := self._futures.get(task_id)) is not None:
                     fut._add_output(msg)
                     fut._show_output(waiting=False)
-            case m.TaskDone(held=held) if held is not None:
-                if msg.task_id not in self._fetching:  # (a replay while fetching: asked already)
-                    self._fetch(msg, held)
-            case m.TaskDone(task_id=task_id) | m.TaskErred(task_id=task_id):
-                self._ended(task_id)
-                if (fut := self._futures.get(task_id)) is not None:
-                    fut._finish(_DONE if isinstance(msg, m.TaskDone) else _ERRED, msg)
-                    fut._show_output(waiting=False)
-            case m.TaskCancelled(task_id=task_id):
-                self._ended(task_id)
-                if (fut := self._futures.get(task_id)) is not None:
-                    fut._finish(_CANCELLED, None)
-                    fut._show_output(waiting=False)
+            case m.TaskDone() | m.TaskErred() | m.TaskCancelled():
+                self._task_ended(msg)
+            case m.TasksEnded(ends=ends):
+                for end in ends:
+                    self._task_ended(end)
             case (m.StoryReply() | m.ClusterInfo() | m.PackagesReply() | m.TasksReply()
                   | m.CancelReply() | m.LogsReply()):
                 key = (msg.task_id if isinstance(msg, m.StoryReply)

@@ -111,7 +111,12 @@ CLIENT_TIMEOUT_S = 120.0
 # waiting: at most this many in a row.
 DEFERRABLE = frozenset({ev.TaskSubmitted, ev.TaskFinished, ev.UnitsFinished})
 MAX_DEFERRED = 64
+ENDS_BYTES = 1 << 20  # the most a TasksEnded carries (a larger end goes alone)
 _ENDS = (m.TaskResult, m.TaskResults)  # a worker's word of plain Tasks' ends
+# What ends a task (``Master._task_ended``): its message to the client may wait for the others
+# of the same call (_carry_out_all); ReportInputFailed is carried out last anyway.
+_ENDINGS = frozenset({ev.ReportDone, ev.ReportErred, ev.ReportKilled, ev.ReportUnreachable,
+                      ev.ReportOverBudget, ev.ReportCancelled})
 # A node whose connection closed (its process killed, a reset, the transport's heartbeat timing
 # out on a cut link) is lost unless it is heard again within this long (it reconnects in < 1 s).
 NODE_SUSPECT_S = 2.0
@@ -265,6 +270,8 @@ class Master(HubShell):
         # Tasks' ends heard in the batch being handled (and who sent each), for the scheduler
         # in one call: empty but within a batch (``_finishing``).
         self.finished_batch: list[tuple[ev.Event, Peer, str, m.Message]] = []
+        # Within _carry_out_all: the tasks' ends for each client, sent together at its end
+        self.ends_out: dict[str, list[bytes]] | None = None
         self.metrics = metrics
         self.stats = Snapshot()  # counters since start, published to /metrics on the tick
         # What people watch (actors/watch.py): all bounded. The dashboard's HTTP threads get
@@ -1567,7 +1574,10 @@ class Master(HubShell):
         self.journal.task_ended(task_id, client_id, ended)
         if not self.journal.durable and client_id.encode() in self.peers:
             self._keep_unreceived(client_id, task_id, ended)
-        self.send(SOCKET, client_id.encode(), frames=[ended])
+        if (gathering := self.ends_out) is not None:
+            gathering.setdefault(client_id, []).append(ended)  # (_carry_out_all sends them)
+        else:
+            self.send(SOCKET, client_id.encode(), frames=[ended])
         self.unit_totals.pop(task_id, None)
         self.task_steps.pop(task_id, None)
         self.item_maps.discard(task_id)
@@ -2004,33 +2014,61 @@ class Master(HubShell):
     def _carry_out_all(self, out: list[ev.Instruction]) -> None:
         """Carry out a scheduler call's instructions in order, an input's failure once its
         input's own end is known here (last). A worker's assignments one after another go as
-        one message (``AssignTasks``): a pass that queues plain Tasks on a busy worker gives it
-        many at once, and each message costs the master, its node and the worker more than
-        the assignment in it."""
+        one message (``AssignTasks``), and so do a client's tasks' ends (``TasksEnded``): a
+        pass that queues plain Tasks on a busy worker gives it many at once, a batch of their
+        ends ends many, and each message costs the master, the node, the worker and the client
+        more than what it carries. Anything else carried out sends what was gathered first."""
+        nested = self.ends_out is not None
+        if nested:
+            self._send_ends()  # (what the outer call gathered goes first)
+        else:
+            self.ends_out = {}
         after: list[ev.ReportInputFailed] = []
         assigns: dict[tuple[str, str], list[m.AssignTask]] = {}
-        for ins in out:
-            kind = type(ins)
-            if kind is ev.Assign:
-                assert isinstance(ins, ev.Assign)
-                assigns.setdefault((ins.node_id, ins.worker_id), []).append(self._assignment(ins))
-                continue
-            if assigns:  # (what follows for the same worker must not overtake them)
-                self._send_assigns(assigns)
-                assigns = {}
-            if kind is ev.ReportInputFailed:
-                assert isinstance(ins, ev.ReportInputFailed)
-                after.append(ins)
-            else:
+        try:
+            for ins in out:
+                kind = type(ins)
+                if kind is ev.Assign:
+                    assert isinstance(ins, ev.Assign)
+                    assigns.setdefault((ins.node_id, ins.worker_id), []).append(
+                        self._assignment(ins))
+                    continue
+                if assigns:  # (what follows for the same worker must not overtake them)
+                    self._send_assigns(assigns)
+                if kind is ev.ReportInputFailed:
+                    assert isinstance(ins, ev.ReportInputFailed)
+                    after.append(ins)
+                    continue
+                if kind not in _ENDINGS:
+                    self._send_ends()
                 self._carry_out(ins)
-        if assigns:
             self._send_assigns(assigns)
-        for failed in after:
-            self._carry_out(failed)
+            for failed in after:
+                self._carry_out(failed)
+        finally:  # (one that raised: what the others changed stands, and is said)
+            self._send_assigns(assigns)
+            self._send_ends()
+            if not nested:
+                self.ends_out = None
 
     def _send_assigns(self, assigns: dict[tuple[str, str], list[m.AssignTask]]) -> None:
         for (node_id, worker_id), tasks in assigns.items():
             self._to_worker(node_id, worker_id, tasks[0] if len(tasks) == 1 else m.AssignTasks(tasks))
+        assigns.clear()
+
+    def _send_ends(self) -> None:
+        gathered = self.ends_out
+        if not gathered:
+            return
+        for client_id, ends in gathered.items():
+            peer = client_id.encode()
+            for part in runs_within(ends, ENDS_BYTES):  # (many results of 256 KiB each)
+                if len(part) == 1:
+                    self.send(SOCKET, peer, frames=part)
+                else:  # (each encoded once, as kept for sending again: taken as it is)
+                    self.send(SOCKET, peer, message=m.TasksEnded(
+                        [msgspec.Raw(end) for end in part]))  # type: ignore[misc]
+        gathered.clear()
 
     def _assignment(self, ins: ev.Assign) -> m.AssignTask:
         if self.debug:
@@ -2351,6 +2389,19 @@ class Master(HubShell):
 
     def _to_client(self, client_id: str, msg: m.Message) -> None:
         self.send(SOCKET, client_id.encode(), message=msg)
+
+
+def runs_within(bodies: list[bytes], limit: int) -> list[list[bytes]]:
+    """``bodies`` in order, in runs of at most ``limit`` bytes together (one larger alone)."""
+    runs: list[list[bytes]] = []
+    size = 0
+    for body in bodies:
+        if not runs or size + len(body) > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(body)
+        size += len(body)
+    return runs
 
 
 def _idle(worker: WorkerRecord) -> bool:

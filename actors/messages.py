@@ -23,7 +23,7 @@ import msgspec
 from actors.errors import MalformedMessage
 
 #: Bumped on any incompatible change of this catalogue; checked in the handshake.
-PROTOCOL_VERSION = 18  # 18: AssignTasks, TaskResults; 17: SubmitMany, TaskState.task_ids; 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
+PROTOCOL_VERSION = 18  # 18: AssignTasks, TaskResults, TasksEnded; 17: SubmitMany, TaskState.task_ids; 16: Submit.items, ItemsDone (client.map_batch), Holding; 15: Hello.handshake (a node back after a dropped connection is taken back); 14: the results socket admits named keys (AssignTask.owner, ScatterExpected), a worker's Hello.token; 13: a scalar argument or result is MessagePack (serialize.py); 12: futures as arguments (Submit.inputs, AssignTask.inputs, Release, ShareInput, InputRequest, InputData); 11: cooperative stop (Cancel.grace, StopTask, TaskStopped); 10: results held on nodes (ResultAt, ShareResult, FetchResult...); 9: WorkerStats; 8: CancelTask/CancelReply, LogsRequest/LogsReply, StoryReply.error; 7: Hello.running, UnitOutcome.digest
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
@@ -271,6 +271,13 @@ class TaskErred(Message, frozen=True):
 
 class TaskCancelled(Message, frozen=True):
     task_id: str
+
+
+class TasksEnded(Message, frozen=True):
+    """master -> client: the ends of a client's tasks that one scheduler call ended, in order,
+    in one message (each as it would come alone: a burst's tasks end many at a time)."""
+
+    ends: list[TaskDone | TaskErred | TaskCancelled]
 
 
 class Accepted(Message, frozen=True):
@@ -980,6 +987,7 @@ AnyMessage = (
     | AssignTask
     | AssignTasks
     | TaskResults
+    | TasksEnded
     | NeedCode
     | Code
     | RunUnits

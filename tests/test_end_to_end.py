@@ -303,6 +303,21 @@ def test_many_small_tasks_complete_with_as_completed(client: Client) -> None:
     assert sorted(f.result() for f in done) == [i * i for i in range(50)]
 
 
+class Filled(Task):
+    """``n`` bytes, each ``i % 256``: results that arrive whole and in their own futures or not."""
+
+    def work(self, i, n):
+        return bytes([i % 256]) * n
+
+
+def test_a_burst_of_large_ends_reaches_each_future_whole(client: Client) -> None:
+    """A burst's ends travel gathered from the workers (TaskResults: ends of 64 KiB at most,
+    1 MiB together) and to the client (TasksEnded): 300 results of 50 KB, each whole in its own
+    future."""
+    futures = client.map(Filled, range(300), [50_000] * 300)
+    assert all(f.result(timeout=60) == bytes([i % 256]) * 50_000 for i, f in enumerate(futures))
+
+
 class SometimesFails(Task):
     """Short tasks, queued on busy workers, some of which fail for good and some once; with a
     gate, held until the test opens it."""

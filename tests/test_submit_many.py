@@ -46,9 +46,13 @@ def test_a_map_goes_in_runs_of_one_class_and_options_each_item_its_own_task(
             items[1_001] = client._prepare(Nop, (first,), {}, 0, 0)  # a future among its args
             items[1_002] = client._prepare(Nop, (8,), {}, 3, 0)  # another priority
             sent = client._grouped(items)
+            # A map's first run is 64 items at most, each next one twice the one before (the
+            # master starts its workers once it took in the first), up to MAX_SUBMIT_MANY.
             assert [(type(msg).__name__, len(ids_of(msg))) for _, msg, _ in sent] == [
-                ("SubmitMany", 1_000), ("Submit", 1), ("Submit", 1), ("Submit", 1),
-                ("SubmitMany", m.MAX_SUBMIT_MANY), ("SubmitMany", 2_500 - 1_003 - 1_024)]
+                ("SubmitMany", 64), ("SubmitMany", 128), ("SubmitMany", 256),
+                ("SubmitMany", 512), ("SubmitMany", 40), ("Submit", 1), ("Submit", 1),
+                ("Submit", 1), ("SubmitMany", m.MAX_SUBMIT_MANY),
+                ("SubmitMany", 2_500 - 1_003 - 1_024)]
             assert [task_id for _, msg, _ in sent for task_id in ids_of(msg)] == \
                 [item.submit.task_id for item in items]
 
