@@ -2042,7 +2042,6 @@ class Master(HubShell):
                 if kind not in _ENDINGS:
                     self._send_ends()
                 self._carry_out(ins)
-            self._send_assigns(assigns)
             for failed in after:
                 self._carry_out(failed)
         finally:  # (one that raised: what the others changed stands, and is said)

@@ -929,8 +929,8 @@ def _within_bound(frames: list[bytes], limit: int) -> list[bytes]:
     worker_id = bytes(worker).decode(errors="replace")
     error = MessageTooLarge(f"{tag or 'message'} from worker {worker_id}", len(body), limit)
     try:
-        # (several tasks' ends, each failed: a worker gathers at most 1 MiB of them, so only
-        # one of another make says this many)
+        # (a TaskResults: each of its tasks fails. Ours gather 1 MiB at most: only a worker
+        # that is not this runtime's says this much)
         task_ids = ([end.task_id for end in _ENDS_HEAD.decode(body).results]
                     if tag == m.TaskResults.__name__ else [_HEAD.decode(body).task_id])
     except msgspec.MsgspecError:
