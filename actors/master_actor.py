@@ -222,6 +222,13 @@ class _Burst:
     events: list[ev.Event] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     bytes: int = 0  # their arguments' (not yet counted by the scheduler: budget checks add it)
+    # What the key's bounds leave the burst, as its start found them (a budget's counted
+    # from above): tasks and bytes admitted within them need no check each; past them, the
+    # full one (``_queue_full``, ``_over_budget``) says. Admitted so far, held back or not:
+    queue_room: int = 0
+    budget_room: int = 0
+    admitted: int = 0
+    admitted_bytes: int = 0
 
 
 @dataclass
@@ -886,27 +893,14 @@ class Master(HubShell):
                 if self.dashboard is not None:
                     self.stream.finished(worker_id, task_id, run_id, elapsed, not failed, self.now)
                 self._apply(ev.UnitsFinished(self.now, worker_id, task_id, run_id, outcomes, elapsed))
-            case m.TaskResult(task_id=task_id, outcome=outcome, elapsed=elapsed):
-                if self.dashboard is not None:
-                    self.stream.finished(worker_id, task_id, 0, elapsed, outcome.ok, self.now)
-                held = outcome.held and outcome.ok
-                finished = ev.TaskFinished(self.now, worker_id, task_id, outcome, elapsed)
-                if self.batch_left and not held:
-                    self._finishing(finished, node, worker_id, msg)
-                    return
-                if self.finished_batch:  # the ends heard before it, before its result is noted:
-                    self._flush_finished()  # one of them may end the task (_share_result)
-                if held:  # the scheduler decides whether it is the task's result
-                    self.leaving[task_id] = (node.peer_id, worker_id, max(0, outcome.size))
-                self._apply(finished)
-                if held and self.leaving.pop(task_id, None) is not None:  # it was not
-                    self.send(SOCKET, node.peer_id.encode(), message=m.DropResults([task_id]))
+            case m.TaskResult():
+                self._task_result(node, worker_id, msg)
             case m.TaskResults(results=results):
                 left = self.batch_left  # each as a batch's TaskResult: ended in one call
-                try:
+                try:  # (the sender and its worker checked once, above, for all of them)
                     for said, result in enumerate(results, 1):
                         self.batch_left = left + len(results) - said
-                        self._from_worker(node, worker_id, result)
+                        self._task_result(node, worker_id, result)
                 finally:
                     self.batch_left = left
             case m.WorkerFailed(task_id=task_id, outcome=outcome):
@@ -943,6 +937,24 @@ class Master(HubShell):
             case _:
                 self._refused_worker(node, worker_id, msg, "not a message a worker sends",
                                      "unexpected_message")
+
+    def _task_result(self, node: Peer, worker_id: str, msg: m.TaskResult) -> None:
+        """A plain Task's end, from a worker of this node."""
+        task_id, outcome, elapsed = msg.task_id, msg.outcome, msg.elapsed
+        if self.dashboard is not None:
+            self.stream.finished(worker_id, task_id, 0, elapsed, outcome.ok, self.now)
+        held = outcome.held and outcome.ok
+        finished = ev.TaskFinished(self.now, worker_id, task_id, outcome, elapsed)
+        if self.batch_left and not held:
+            self._finishing(finished, node, worker_id, msg)
+            return
+        if self.finished_batch:  # the ends heard before it, before its result is noted:
+            self._flush_finished()  # one of them may end the task (_share_result)
+        if held:  # the scheduler decides whether it is the task's result
+            self.leaving[task_id] = (node.peer_id, worker_id, max(0, outcome.size))
+        self._apply(finished)
+        if held and self.leaving.pop(task_id, None) is not None:  # it was not
+            self.send(SOCKET, node.peer_id.encode(), message=m.DropResults([task_id]))
 
     def _refused_worker(self, node: Peer, worker_id: str, msg: m.Message, reason: str,
                         event: str = "message_refused") -> None:
@@ -1197,13 +1209,28 @@ class Master(HubShell):
         admitted = self._submission(peer, msg, msg.task_ids)
         if admitted is None:
             return
-        burst = _Burst()
+        burst = self._burst(peer)
         try:
             for task_id, args in zip(msg.task_ids, msg.args, strict=True):
                 self._admit(peer, admitted, task_id, args, (), False, burst)
         finally:  # (those admitted, journaled already, go to the scheduler whatever came after)
             self._log_refused(burst.events, self._apply_many(burst.events))
             self._passes_owed()
+
+    def _burst(self, peer: Peer) -> _Burst:
+        """A SubmitMany's burst, with what its key's bounds leave it now."""
+        burst = _Burst()
+        owner = peer.owner or peer.peer_id
+        if self.max_queued:
+            queued = self.scheduler.queued_of_owner(owner) + self.backlog.held_of_owner(owner)
+            burst.queue_room = self.max_queued - queued
+            if burst.queue_room > 0:
+                self.queue_full.discard(owner)  # (as _queue_full's pass below its bound)
+        if self.max_key_bytes:
+            # (every client's kept results: a bound from above on the key's own, as _kept_of)
+            held = self.scheduler.args_bytes.get(owner, 0) + self.backlog.held_bytes.get(owner, 0)
+            burst.budget_room = self.max_key_bytes - held - self.inputs.kept_total
+        return burst
 
     def _passes_owed(self) -> None:
         """After a burst of events handed over in one call: the scheduling pass they owe, now
@@ -1291,13 +1318,18 @@ class Master(HubShell):
                            client_id=peer.peer_id, priority=sub.priority, package=sub.package,
                            version=sub.version)
         pending, pending_bytes = (len(burst.events), burst.bytes) if burst is not None else (0, 0)
-        if self.max_queued and self._queue_full(peer, pending):
+        if self.max_queued and (burst is None or burst.admitted >= burst.queue_room) and \
+                self._queue_full(peer, pending):
             self._refuse(peer, task_id, QueueFull(self.max_queued))
             return
         if self.max_key_bytes and (
+                burst is None or burst.admitted_bytes + len(args) > burst.budget_room) and (
                 full := self._over_budget(peer, len(args) + pending_bytes)) is not None:
             self._refuse(peer, task_id, full)
             return
+        if burst is not None:
+            burst.admitted += 1
+            burst.admitted_bytes += len(args)
         if inputs:
             refused = self._check_inputs(peer, task_id, inputs)
             if refused is not None:

@@ -62,6 +62,8 @@ class InputBook:
 
     def submitted(self, task_id: str, client_id: str, inputs: Iterable[str]) -> None:
         self.refs[task_id] = client_id
+        if not inputs:
+            return  # (most tasks: nothing to count)
         named = tuple(dict.fromkeys(inputs))
         if named:
             self.uses[task_id] = named

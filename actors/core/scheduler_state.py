@@ -274,11 +274,14 @@ def _unpush(queue: list[QueueEntry], entry: QueueEntry) -> None:
     heapq.heapify(queue)
 
 
-def _count_back(queued: dict[tuple[str, int], int], key: tuple[str, int],
-                owners: dict[str, int], owner: str, change: int) -> None:
-    """``_count_queued`` undone: both counts moved by ``change``, the opposite of its own."""
-    _move(queued, key, change)
-    _move(owners, owner, change)
+def _unsubmit(state: SchedulerState, task: TaskRecord, key: tuple[str, int], owner: str,
+              size: int) -> None:
+    """A new task's entry, queued counts and arguments' bytes (``_submitted``) undone."""
+    del state.tasks[task.task_id]
+    _move(state.queued, key, -1)
+    _move(state.queued_owners, owner, -1)
+    if size:
+        _add_bytes(state.args_bytes, owner, -size)
 
 
 def _move(counts: dict[K, int], key: K, change: int) -> None:
@@ -930,13 +933,18 @@ class SchedulerState:
                 if index >= 0:
                     task.units.set_journaled(index, True)
             task.units.done_count = task.units.journaled_count
-        self._undo.record((self.tasks.pop, (task.task_id, None)))  # (new here: see above)
+        # Its entry, its queued counts (by client and priority, and by owner) and its
+        # arguments' bytes, with one record for all (every task comes here; no count reaches
+        # zero by an addition)
+        key, owner, size = (task.client_id, task.priority), task.warm_key.owner, len(task.args)
         self.tasks[task.task_id] = task
-        self._count_queued(task, 1)
-        if args := task.args:  # (no entry of this owner reaches zero by an addition)
-            held, owner, size = self.args_bytes, task.warm_key.owner, len(args)
+        queued, owners = self.queued, self.queued_owners
+        queued[key] = queued.get(key, 0) + 1
+        owners[owner] = owners.get(owner, 0) + 1
+        if size:
+            held = self.args_bytes
             held[owner] = held.get(owner, 0) + size
-            self._undo.record((_add_bytes, (held, owner, -size)))
+        self._undo.record((_unsubmit, (self, task, key, owner, size)))
         # The story's first line, kept as two fields (see TaskRecord.lines)
         task.queued_at = event.now
         if event.journaled or event.restored:
@@ -1380,12 +1388,25 @@ class SchedulerState:
         # Every task changes status twice or more: its story line, status, queued counts, the
         # running index and the finished ones change here with one record for all of them
         # (``_status_back``), made once they are; the rarer changes below keep their own.
-        lines, story, evicted = task.lines, *self._noted(task, "task", start, finish, cause, now)
+        # (``_noted`` and ``_move`` written out: two calls less, twice a task)
+        lines = story = task.lines
+        if not isinstance(story, list):
+            story = task.lines = []
+        story.append(("task", start, finish, cause, now))
+        evicted = story.pop(0) if len(story) > STORY_LENGTH else None
         task.state = finish
         change = 0 if (start is QUEUED) is (finish is QUEUED) else 1 if finish is QUEUED else -1
         if change:
-            _move(self.queued, (task.client_id, task.priority), change)
-            _move(self.queued_owners, task.warm_key.owner, change)
+            queued, key = self.queued, (task.client_id, task.priority)
+            if count := queued.get(key, 0) + change:
+                queued[key] = count
+            else:
+                del queued[key]
+            owners, owner = self.queued_owners, task.warm_key.owner
+            if count := owners.get(owner, 0) + change:
+                owners[owner] = count
+            else:
+                del owners[owner]
         running = self._running.pop(task.task_id, None) if start is RUNNING else None
         if finish is RUNNING:
             self._running[task.task_id] = task
@@ -1416,12 +1437,6 @@ class SchedulerState:
         """How many tasks of this owner (its key, or a client without one) are queued."""
         return self.queued_owners.get(owner, 0)
 
-    def _count_queued(self, task: TaskRecord, change: int) -> None:
-        key, owner = (task.client_id, task.priority), task.warm_key.owner
-        _move(self.queued, key, change)
-        _move(self.queued_owners, owner, change)
-        self._undo.record((_count_back, (self.queued, key, self.queued_owners, owner, -change)))
-
     def _enqueue(self, task: TaskRecord) -> None:
         """Into the queue in its fair place (a task queued again keeps the one it had)."""
         entry = task.fair
@@ -1451,13 +1466,17 @@ class SchedulerState:
         self._set_status(task, state, cause, now)
         if task.task_id in self.dependents:
             self._inputs_ended(task, now)
-        task.units.clear_open(undo)
+        if task.units is not NO_UNITS:  # (a plain Task's: nothing open, no call)
+            task.units.clear_open(undo)
         # One record for what the task gives up here: its payload now, its workers and driver
         # at the end (below).
         undo.record((_restore_ended, (task, task.code, task.args, task.workers, task.driver)))
-        if args := task.args:
-            held, owner, size = self.args_bytes, task.warm_key.owner, len(args)
-            _add_bytes(held, owner, -size)
+        if size := len(task.args):
+            held, owner = self.args_bytes, task.warm_key.owner
+            if total := held.get(owner, 0) - size:
+                held[owner] = total
+            else:
+                del held[owner]
             undo.record((_add_bytes, (held, owner, size)))
         task.code = task.args = b""
         if task.units.journaled:
@@ -1475,7 +1494,8 @@ class SchedulerState:
                 self._stop(task, worker, grace, now)
                 continue
             self._let_go(worker, task.task_id, now)
-            if (state is DONE or keep_workers) and not self._is_stale(task.warm_key):
+            if (state is DONE or keep_workers) and (not task.warm_key.package
+                                                    or not self._is_stale(task.warm_key)):
                 if worker.warm_for != task.warm_key:
                     undo.set(worker, "warm_for", task.warm_key)
                 # A plain Task's worker let go of it when it answered (and the error was not
@@ -1612,8 +1632,9 @@ class SchedulerState:
             undo.record((_restore_current,
                          (worker, worker.task_id, worker.since, worker.warm_for)))
             worker.task_id, worker.since = worker.queued.popleft(), now
-        else:
-            undo.set(worker, "task_id", None)
+        else:  # (undo.set's record, made here: every task's end)
+            undo.record((setattr, (worker, "task_id", worker.task_id)))
+            worker.task_id = None
         if worker.in_flight:
             undo.set(worker, "in_flight", {})
 
@@ -1769,8 +1790,8 @@ class SchedulerState:
     def _task_of(self, worker_id: str, task_id: str) -> TaskRecord | None:
         """The task, if this worker still works for it (stale messages are dropped)."""
         task = self.tasks.get(task_id)
-        if task is None or task.finished or worker_id not in task.workers:
-            return None
+        if task is None or task.state in FINISHED or worker_id not in task.workers:
+            return None  # (not ``task.finished``: a property's call, every task's end)
         return task
 
     # --- scheduling ---------------------------------------------------------
@@ -1954,10 +1975,14 @@ class SchedulerState:
             worker.task_id, worker.since, worker.warm_for = task.task_id, now, task.warm_key
         if task.workers is NO_WORKERS and task.seen_workers is NO_WORKERS:
             # Its first worker (every plain Task's one): one record for the three fields,
-            # whose new sets an undo drops whole.
+            # whose new sets an undo drops whole. (A plain Task's workers are never walked in
+            # order, as a ParallelTask's are: a set, not an IdSet, whose making is a Python
+            # call.)
             undo.record((_restore_members,
                          (task, task.workers, task.seen_workers, task.driver)))
-            task.workers, task.seen_workers = IdSet((worker.worker_id,)), {worker.worker_id}
+            task.workers = IdSet((worker.worker_id,)) if task.kind is PARALLEL \
+                else {worker.worker_id}
+            task.seen_workers = {worker.worker_id}
             if driver:
                 task.driver = worker.worker_id
         else:
