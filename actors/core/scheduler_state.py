@@ -528,8 +528,9 @@ class TaskRecord:
     driver: str | None = None
     # (the shared empty set as a plain default, not a factory: a Python call less, a task)
     workers: set[str] = NO_WORKERS
-    # A ParallelTask's units; every plain Task shares the sealed, empty NO_UNITS.
-    units: UnitBook = field(default_factory=lambda: NO_UNITS)
+    # A ParallelTask's units; every plain Task shares the sealed, empty NO_UNITS (set by
+    # __post_init__: a default factory's call less, a task).
+    units: UnitBook = field(init=False)
     deaths: dict[int, list[str]] | None = None  # unit index (-1: driver) -> causes
     failures: dict[int, int] | None = None  # unit index (-1: driver) -> times it raised
     seen_workers: set[str] = NO_WORKERS  # every worker that joined
@@ -549,6 +550,7 @@ class TaskRecord:
 
     def __post_init__(self) -> None:
         self.warm_key = _warm_key(self.owner or self.client_id, self.package, self.version)
+        self.units = NO_UNITS
 
     @property
     def finished(self) -> bool:
@@ -1965,10 +1967,11 @@ class SchedulerState:
               queue: bool = False, assign: bool = True) -> None:
         """``assign`` False: the worker runs it already (``WorkerAdopted``)."""
         undo = self._undo
-        if queue:
+        if queue:  # (behind a task of its key: warm for it already, as _Picker chose it)
             worker.queued.append(task.task_id)
-            undo.call(worker.queued.pop)
-            undo.set(worker, "warm_for", task.warm_key)
+            undo.record((worker.queued.pop, ()))
+            if worker.warm_for is not task.warm_key:
+                undo.set(worker, "warm_for", task.warm_key)
         else:  # (one record for the three: this runs for every task)
             undo.record((_restore_current,
                          (worker, worker.task_id, worker.since, worker.warm_for)))
