@@ -92,21 +92,27 @@ def test_a_submit_many_past_the_queue_limit_is_refused_from_the_task_that_passes
         master.wait(10)
 
 
+@pytest.mark.parametrize(("size", "count", "fewest"), [
+    (20_000, 100, 40),  # 2 MB of arguments: the budget passed between two messages
+    (5_000, 400, 150),  # the third message (of 64, 128, then ~200 tasks) passes it halfway
+])
 def test_a_submit_many_past_the_memory_budget_is_refused_from_the_task_that_passes_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, size: int, count: int, fewest: int) -> None:
+    """A 1 MiB budget: a message's tasks admitted before it count, those of the same message
+    too (the master checks each task past what the budget left the message at its start)."""
     keys = tmp_path / "keys"
     master, address = start_master(tmp_path, "--workers", "0", "--keys", str(keys),
                                    "--max-key-memory", "1")
     try:
         with Client(address, keys=keys) as client:
-            blobs = [os.urandom(20_000) for _ in range(100)]  # 2 MB of arguments, 1 MiB budget
+            blobs = [os.urandom(size) for _ in range(count)]
             futures = client.map(Nop, blobs)
             wait_until(lambda: client.info().tasks_queued + sum(f.done() for f in futures)
-                       == 100, 60, "every task queued or refused")
+                       == count, 60, "every task queued or refused")
             queued = client.info().tasks_queued
             refused = [f for f in futures if f.done()]
             assert all(isinstance(f.exception(timeout=1), MemoryBudgetFull) for f in refused)
-            assert 40 <= queued <= 2**20 // 20_000 and len(refused) == 100 - queued
+            assert fewest <= queued <= 2**20 // size and len(refused) == count - queued
             assert futures[-1] in refused and not futures[0].done()
     finally:
         kill_all(descendants(master.pid) | {master.pid})
