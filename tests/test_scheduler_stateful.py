@@ -46,6 +46,7 @@ class FaultyUndo(Undo):
         super().__init__()
         self.at = at
         self.changes = 0
+        self.commit = self._commit  # (Undo's own is set per instance: its list's ``clear``)
 
     def call(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         super().call(*args, **kwargs)
@@ -72,10 +73,10 @@ class FaultyUndo(Undo):
         super().set(*args, **kwargs)
         self._count()
 
-    def commit(self) -> None:
+    def _commit(self) -> None:
         if self.at is None:
             raise Fault
-        super().commit()
+        self._ops.clear()
 
     def _count(self) -> None:
         self.changes += 1

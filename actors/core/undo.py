@@ -31,13 +31,16 @@ def restore(mapping: MutableMapping[Any, Any], key: object, value: object) -> No
 
 
 class Undo:
-    __slots__ = ("_ops", "record")
+    __slots__ = ("_ops", "record", "commit")
 
     def __init__(self) -> None:
         self._ops: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         #: ``record((reverse, args))``: ``call(reverse, *args)`` without a Python call of its
         #: own (the list's bound ``append``), for the records every task makes
         self.record = self._ops.append
+        #: ``commit()``: the changes stand, the records go (the list's bound ``clear``: the end
+        #: of every event's handling, twice a task)
+        self.commit = self._ops.clear
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -81,5 +84,3 @@ class Undo:
             reverse, args = ops.pop()
             reverse(*args)
 
-    def commit(self) -> None:
-        self._ops.clear()
