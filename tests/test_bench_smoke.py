@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ab, breakdown, drain, peers, report, runner, simulate, units
+from bench import ab, breakdown, core, drain, peers, report, runner, simulate, units
 from bench.stats import Result
 from tests.conftest import alive, descendants, kill_all, wait_until
 
@@ -170,6 +170,15 @@ def test_the_ab_bench_takes_interleaved_rounds_of_both_sides(capsys, no_leftover
     assert ab.main([here, here, "--workload", "many", "--rounds", "2", "--size", "20"]) == 0
     out = capsys.readouterr().out
     assert out.count("tasks/s over 2 rounds of 20") == 2
+
+
+def test_the_core_bench_times_bursts_in_process_and_trees_in_turn(capsys) -> None:
+    assert core.main(["--workers", "10", "--burst", "50", "--rounds", "2", "--repeats", "1"]) == 0
+    assert capsys.readouterr().out.endswith(" us a task (10 workers, bursts of 50)\n")
+    here = str(Path(__file__).resolve().parent.parent)
+    assert core.main([here, here, "--workers", "10", "--burst", "50", "--rounds", "2",
+                      "--repeats", "1", "--pairs", "1"]) == 0
+    assert capsys.readouterr().out.count(f"{here}: ") == 2
 
 
 def test_simulated_nodes_and_workers_drive_a_real_master(tmp_path: Path,
