@@ -94,7 +94,7 @@ def test_a_submit_many_past_the_queue_limit_is_refused_from_the_task_that_passes
 
 @pytest.mark.parametrize(("size", "count", "fewest"), [
     (20_000, 100, 40),  # 2 MB of arguments: the budget passed between two messages
-    (5_000, 400, 150),  # the third message (of 64, 128, then ~200 tasks) passes it halfway
+    (5_000, 400, 150),  # the third message (after 64 and 128 tasks) passes it in its middle
 ])
 def test_a_submit_many_past_the_memory_budget_is_refused_from_the_task_that_passes_it(
         tmp_path: Path, size: int, count: int, fewest: int) -> None:
