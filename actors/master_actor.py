@@ -508,7 +508,7 @@ class Master(HubShell):
         that, what outlives the burst is moved into fresh memory (``pack_finished``). The
         futures clients hold count with the tasks: a client may let 10^5 go long after they
         finished, and the table that named them is then as oversized."""
-        held = len(self.scheduler.tasks) + len(self.backlog) + len(self.inputs.refs)
+        held = self._held()
         self.held_peak = max(self.held_peak, held)
         gone = self.held_peak - held
         idle = self.scheduler.idle()
@@ -525,6 +525,9 @@ class Master(HubShell):
                       rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20)
         self.held_peak = held
         self.repacks_due = REPACKS
+
+    def _held(self) -> int:
+        return len(self.scheduler.tasks) + len(self.backlog) + len(self.inputs.refs)
 
     def _compact(self) -> None:
         """Rebuild the tables a backlog left oversized (a dict never shrinks its table as
@@ -565,7 +568,7 @@ class Master(HubShell):
         # what is left pinned: arenas a few survivors keep, their free pools still resident
         released = free_pools.release()
         memory.trim()
-        self.log.info("memory_repacked", tasks=len(self.scheduler.tasks),
+        self.log.info("memory_repacked", tasks=len(self.scheduler.tasks), held=self._held(),
                       rss_mb_before=before >> 20, rss_mb=memory.rss_bytes() >> 20,
                       free_pools_mb=round(released / 2**20, 1),
                       ms=round((time.perf_counter() - started) * 1000))

@@ -202,7 +202,7 @@ def test_a_repack_that_fails_halfway_puts_back_everything_it_took() -> None:
     throughput.sample(3.0, 7)
     master = types.SimpleNamespace(scheduler=state, stream=Broken(), throughput=throughput,
                                    repacks_due=2, log=structlog.get_logger("test"),
-                                   _compact=lambda: None)
+                                   _compact=lambda: None, _held=lambda: 1)
     Master._repack(master)  # type: ignore[arg-type]
     assert state.story("t1") == story and list(state._finished) == ["t1"]
     assert list(throughput.samples) == [(3.0, 7, 0)] and master.repacks_due == 1
