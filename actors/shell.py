@@ -156,6 +156,7 @@ class HubShell(Shell):
         inbox = self.actor_inbox
         assert isinstance(inbox, _HubInbox)
         inbox.poke = hub.poke
+        inbox.looped, inbox.overdue = hub.looped, hub.overdue
         self._set_up = False
         self._turning = False  # a message of its is being handled (a turn, or deliver_now)
         _hosted[self.actor_urn] = self
@@ -247,7 +248,8 @@ _hosted: weakref.WeakValueDictionary[str, HubShell] = weakref.WeakValueDictionar
 
 
 class _TurnOver(Exception):
-    """The inbox of a ``HubShell`` is empty (or this turn's share is used): back to the loop."""
+    """The inbox of a ``HubShell`` is empty, this turn's share is used, or a loopback's peer
+    waits for the turn's end (``Hub.overdue``): back to the loop."""
 
 
 _TURN_MESSAGES = 10_000  # messages a hosted actor takes per turn: the sockets are read between
@@ -260,6 +262,10 @@ class _HubInbox:
     def __init__(self) -> None:
         self.items: deque[Any] = deque()
         self.poke: Any = None
+        # the hub's: what waits for a loopback's peer, and whether it waited long enough for
+        # this turn to end (asked only when there is some: most hubs have no loopback)
+        self.looped: Any = ()
+        self.overdue: Any = None
         self.budget = 0  # messages left in this turn; -1: take all (teardown)
 
     def put(self, envelope: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -267,7 +273,8 @@ class _HubInbox:
         self.poke()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        if not self.items or self.budget == 0:
+        if not self.items or self.budget == 0 or (
+                self.looped and self.budget > 0 and self.overdue()):
             raise _TurnOver
         self.budget -= 1
         return self.items.popleft()
