@@ -1655,7 +1655,10 @@ class SchedulerState:
         for worker in workers:
             if not worker.queued or now - worker.since < LATE_S:
                 continue
-            asked = [task_id for task_id in worker.queued if task_id not in worker.taking_back]
+            # (a set: a thousand late workers, each asked for its 64 once, were walked 64 x 64
+            # at every look, ~3 % of a simulated master's time)
+            taking = set(worker.taking_back)
+            asked = [task_id for task_id in worker.queued if task_id not in taking]
             if asked:
                 self._undo.set(worker, "taking_back", (*worker.taking_back, *asked))
                 self._out.extend(TakeBack(worker.node_id, worker.worker_id, task_id)
