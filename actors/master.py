@@ -241,11 +241,12 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     to_master = direct_to(None)  # (once the actor is there: its deliver_now, for lone messages)
 
     started = threading.Event()
+    ready: list[bool] = []  # [True] once it is set: read per frame (Event.is_set is a call)
 
     def decoded(frames: list[bytes]) -> Inbound | None:
         # A node may say hello as soon as we listen (LocalCluster's node is started beside
         # this master, and connects before it binds): hold it until the actors exist.
-        if not started.is_set():  # Event.wait takes a lock even when set: per frame
+        if not ready:  # (Event.wait takes a lock even when set)
             started.wait(10)
         try:
             return route_frames(frames)
@@ -383,6 +384,7 @@ def _main(argv: list[str], refused: list[str], *, local_node: ChildProcess | Non
     to_master = direct_to(master_ref)
     _tune_gc()
     started.set()
+    ready.append(True)
     received: list[int] = []
     stop_on_signals(stop, received)
     if inside is not None:

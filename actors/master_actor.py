@@ -1240,7 +1240,7 @@ class Master(HubShell):
         if ``MAX_DEFERRED`` or more wait for it (as ``_apply``'s), else a refill's turn."""
         if self.deferred >= MAX_DEFERRED:
             self._apply(ev.Tick(self.now))
-        elif self.backlog and not self.refilling:
+        elif self.backlog.ids and not self.refilling:
             self._refill()
 
     def _submission(self, peer: Peer, msg: m.Submit | m.SubmitMany,
@@ -1398,14 +1398,14 @@ class Master(HubShell):
     def _id_known(self, task_id: str) -> bool:
         """Whether a task or scattered data has this id here (a submit with it is a resend or
         another client's clash, never a new task)."""
-        return (task_id in self.scheduler.tasks or task_id in self.backlog
+        return (task_id in self.scheduler.tasks or task_id in self.backlog.ids
                 or self.journal.knows(task_id) or task_id in self.inputs.kept
                 or task_id in self.inputs.refs or task_id in self.scattering)
 
     def _unfinished(self, task_id: str) -> bool:
         """A task here that has not ended: queued, running, or held back."""
         task = self.scheduler.tasks.get(task_id)
-        return (task is not None and not task.finished) or task_id in self.backlog
+        return (task is not None and not task.finished) or task_id in self.backlog.ids
 
     def _client_of(self, task_id: str) -> str | None:
         """The client whose task (or scattered data) this id is, where the master holds it."""
@@ -1958,7 +1958,7 @@ class Master(HubShell):
             self.taken_back = {}
         if driven:
             self._tell_requeued(driven)
-        if self.backlog and not self.refilling:
+        if self.backlog.ids and not self.refilling:
             self._refill()
 
     # --- the backlog held back from the scheduler (master_backlog.py) ---------
@@ -2262,7 +2262,7 @@ class Master(HubShell):
                 self._tell_where(task_id, under_way)
             return
         elif (task_id in self.scheduler.tasks or task_id in self.scattering
-              or task_id in self.backlog or self.journal.knows(task_id)):
+              or task_id in self.backlog.ids or self.journal.knows(task_id)):
             reason = "that id is taken"
         elif msg.again and self.inputs.refs.get(task_id) == client_id:
             # (its answer was lost on the way: the same future, not one more of it)

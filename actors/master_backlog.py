@@ -84,7 +84,7 @@ class _Chunk:
     __slots__ = ("number", "fifo", "items", "sealed", "taken", "live")
 
     def __init__(self, number: int, fifo: _Fifo) -> None:
-        self.number = number  # the one int object every id of this chunk maps to (Backlog._ids)
+        self.number = number  # the one int object every id of this chunk maps to (Backlog.ids)
         self.fifo = fifo
         self.items: list[Held] | None = []
         self.sealed = b""
@@ -113,8 +113,9 @@ class Backlog:
     def __init__(self) -> None:
         self._fifos: dict[Key, _Fifo] = {}
         # Held and not yet taken, out of turn or not, nor dropped: task -> its chunk's number. A
-        # record whose id is no longer here is skipped when its turn comes.
-        self._ids: dict[str, int] = {}
+        # record whose id is no longer here is skipped when its turn comes. Read as it is on
+        # the master's hot paths (is any held, is this one): a dict's test, not a call a task.
+        self.ids: dict[str, int] = {}
         self._chunks: dict[int, _Chunk] = {}
         self._numbers = itertools.count()
         self._owners: dict[str, int] = {}  # held submissions by owner (see held_of_owner)
@@ -122,10 +123,10 @@ class Backlog:
         self.detached: set[str] = set()  # held tasks their client detached (fire and forget)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self.ids)
 
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._ids
+        return task_id in self.ids
 
     def waiting(self) -> list[Key]:
         """The keys whose submissions are held."""
@@ -137,7 +138,7 @@ class Backlog:
         return key in self._fifos
 
     def client_of(self, task_id: str) -> str | None:
-        number = self._ids.get(task_id)
+        number = self.ids.get(task_id)
         return self._chunks[number].fifo.key[0] if number is not None else None
 
     def held_of_owner(self, owner: str) -> int:
@@ -167,7 +168,7 @@ class Backlog:
         assert chunk.items is not None
         chunk.items.append(held)
         chunk.live += 1
-        self._ids[held.task_id] = chunk.number
+        self.ids[held.task_id] = chunk.number
         self._count(fifo, 1, len(held.args))
         if len(chunk.items) == CHUNK and not chunk.taken and len(fifo.chunks) > 1:
             chunk.sealed, chunk.items = _seal(chunk.items), None
@@ -185,8 +186,8 @@ class Backlog:
             while chunk.taken < len(records) and len(taken) < count:
                 held = records[chunk.taken]
                 chunk.taken += 1
-                if self._ids.get(held.task_id) == chunk.number:
-                    del self._ids[held.task_id]
+                if self.ids.get(held.task_id) == chunk.number:
+                    del self.ids[held.task_id]
                     chunk.live -= 1
                     taken.append(held)
             if chunk.taken == len(records) and (len(records) == CHUNK or len(fifo.chunks) > 1):
@@ -204,20 +205,20 @@ class Backlog:
         held = self.find(task_id)
         if held is None:
             return None
-        chunk = self._chunks[self._ids.pop(task_id)]
+        chunk = self._chunks[self.ids.pop(task_id)]
         chunk.live -= 1
         self._count(chunk.fifo, -1, -len(held.args))
         return chunk.fifo.key, chunk.fifo.owner, held
 
     def find(self, task_id: str) -> Held | None:
-        number = self._ids.get(task_id)
+        number = self.ids.get(task_id)
         if number is None:
             return None
         return next(held for held in self._chunks[number].records() if held.task_id == task_id)
 
     def ahead_of(self, task_id: str) -> int:
         """How many submissions of its client and priority wait here before it."""
-        chunk = self._chunks[self._ids[task_id]]
+        chunk = self._chunks[self.ids[task_id]]
         ahead = 0
         for before in chunk.fifo.chunks:
             if before is chunk:
@@ -226,7 +227,7 @@ class Backlog:
         for held in chunk.records():
             if held.task_id == task_id:
                 return ahead
-            ahead += self._ids.get(held.task_id) == chunk.number
+            ahead += self.ids.get(held.task_id) == chunk.number
         return ahead
 
     def of_clients(self, client_ids: set[str],
@@ -244,7 +245,7 @@ class Backlog:
                 if newest is not None and count >= newest:
                     break
                 records = chunk.records() if chunk.items is not None else _unseal(chunk.sealed)
-                live = [h for h in records if self._ids.get(h.task_id) == chunk.number]
+                live = [h for h in records if self.ids.get(h.task_id) == chunk.number]
                 parts.append(live)
                 count += len(live)
             held = [h for part in reversed(parts) for h in part]
@@ -260,8 +261,8 @@ class Backlog:
             before, size = len(dropped), 0
             for chunk in fifo.chunks:
                 for held in chunk.records():
-                    if self._ids.get(held.task_id) == chunk.number:
-                        del self._ids[held.task_id]
+                    if self.ids.get(held.task_id) == chunk.number:
+                        del self.ids[held.task_id]
                         dropped.append((fifo.key[1], held))
                         size += len(held.args)
             self._count(fifo, before - len(dropped), -size)
@@ -277,10 +278,10 @@ class Backlog:
     def _close(self, chunk: _Chunk) -> None:
         del self._chunks[chunk.number]
         for held in chunk.items or ():  # what is still held in it (taken out of turn: gone)
-            if self._ids.get(held.task_id) == chunk.number:
+            if self.ids.get(held.task_id) == chunk.number:
                 raise AssertionError(f"held task {held.task_id} dropped with its chunk")
 
     def compact(self) -> None:
         """A dict keeps its table's size after a backlog went (see memory.py)."""
-        self._ids, self._chunks = dict(self._ids), dict(self._chunks)
+        self.ids, self._chunks = dict(self.ids), dict(self._chunks)
         self._owners, self.held_bytes = dict(self._owners), dict(self.held_bytes)

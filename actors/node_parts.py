@@ -188,6 +188,7 @@ class NodeParts:
         self.node_ref: pykka.ActorRef[Any] | None = None
         self.sync_ref: pykka.ActorRef[Any] | None = None
         self.started = threading.Event()
+        self.ready = False  # set with it: read per frame (Event.is_set is a Python call)
         self.malformed = logs.Refusals()  # (the hub thread's)
         self.hub: Hub | None = None
 
@@ -266,9 +267,10 @@ class NodeParts:
                                    self.task_ends, self.gate, self.worker_pids, self.proven,
                                    self.alive)
         self.started.set()
+        self.ready = True
 
     def on_frames(self, socket: str, frames: list[bytes]) -> None:
-        if not self.started.is_set():  # Event.wait takes a lock even when set: per frame
+        if not self.ready:  # (Event.wait takes a lock even when set)
             self.started.wait(10)
         try:
             assert self.hub is not None and self.node_ref is not None
