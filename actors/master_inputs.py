@@ -80,7 +80,8 @@ class InputBook:
             owner = (client_id or self.user_client.get(task_id)
                      or self.kept.get(task_id, Kept("", "")).client_id)
             self._keep(task_id, Kept(owner, state, result, why))
-        unused = [] if self._in_use(task_id) else [task_id]
+        # (in_use, inline: every task that ends asks it)
+        unused = [] if client_id is not None or task_id in self.users else [task_id]
         for input_id in self.uses.pop(task_id, ()):
             left = self.users.get(input_id, 0) - 1
             if left > 0:
@@ -117,8 +118,10 @@ class InputBook:
                     self.more_refs[task_id] = more
                 continue
             del self.refs[task_id]
-            if not self._in_use(task_id):
-                self._drop(task_id)
+            if task_id not in self.users:  # (in_use and _drop, inline: most of a burst's)
+                kept = self.kept.pop(task_id, None)
+                if kept is not None and kept.result:
+                    self._count(kept.client_id, -len(kept.result))
                 unused.append(task_id)
         return unused
 
@@ -174,4 +177,4 @@ class InputBook:
     def in_use(self, task_id: str) -> bool:
         return task_id in self.refs or task_id in self.users
 
-    _in_use = in_use  # (one call, not two: asked for every task that ends)
+    _in_use = in_use  # (one call, not two)

@@ -235,3 +235,14 @@ def test_a_result_is_kept_exactly_while_a_future_or_an_unfinished_task_needs_it(
     tables = {k: v for k, v in vars(book).items() if isinstance(v, dict)}
     book.compact()  # (after a backlog drained) the same content in fresh tables
     assert {k: v for k, v in vars(book).items() if isinstance(v, dict)} == tables
+
+
+def test_a_released_future_takes_its_kept_result_out_of_its_clients_bytes() -> None:
+    """The usual end of a result (most of a map's): its task ended, its client let its future
+    go; nothing names it any more, so it goes, and its bytes with it."""
+    book = InputBook()
+    book.submitted("a", "c1", ())
+    assert book.ended("a", "done", b"r" * 100) == []  # (its future still held)
+    assert book.kept_bytes == {"c1": 100} and book.kept_total == 100
+    assert book.released("c1", ["a"]) == ["a"]
+    assert "a" not in book.kept and book.kept_bytes == {} and book.kept_total == 0
