@@ -326,6 +326,7 @@ class Hub:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._ident: int | None = None  # the thread's, set by it: asked per message (a C call)
         self._auth: ThreadAuthenticator | None = None
         self._control: zmq.Socket[bytes] | None = None  # tells the hub thread to stop
         self._control_lock = threading.Lock()
@@ -479,7 +480,7 @@ class Hub:
     def relay(self, socket_name: str, frames: list[bytes]) -> None:
         """From a hub handler: send at the end of this turn, batched with the turn's others to the
         same peer. For a relay that need not know whether the peer was there (``send_now`` does)."""
-        assert threading.current_thread() is self._thread, "relay() is for hub handlers only"
+        assert threading.get_ident() == self._ident, "relay() is for hub handlers only"
         self._defer(socket_name.encode(), frames)
 
     def lone(self) -> bool:
@@ -603,7 +604,7 @@ class Hub:
     def poke(self) -> None:
         """Make the hub thread run its hosted turns soon: from any thread, at any rate (one
         write is on its way at a time; on the hub thread itself, none: just no waiting)."""
-        if threading.current_thread() is self._thread:
+        if threading.get_ident() == self._ident:
             self._again = True
         elif not self._poked:
             self._poked = True
@@ -644,6 +645,7 @@ class Hub:
     # --- the I/O thread -----------------------------------------------------
 
     def _run(self) -> None:
+        self._ident = threading.get_ident()  # (before anything of the thread's can ask it)
         pull = self.context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, 0)
