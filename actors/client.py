@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import gc
 import hashlib
 import html
 import inspect
@@ -178,6 +179,24 @@ class _TaskIds:
 
 _task_ids = _TaskIds()
 os.register_at_fork(after_in_child=_task_ids.forget)
+
+
+class _collector_held:  # (lower case: read as a statement, ``with _collector_held():``)
+    """The cyclic collector held off while a ``map`` makes its thousands of objects (a future,
+    a message and their entries an item), all kept: a collection then can free none of them,
+    only walk them (~18 collections, ~5 ms of a 2,000-item ``map``'s ~16 ms). Turned on again
+    after only if it was on: a process that runs without it keeps it off."""
+
+    __slots__ = ("held",)
+
+    def __enter__(self) -> None:
+        self.held = gc.isenabled()
+        if self.held:
+            gc.disable()
+
+    def __exit__(self, *_: object) -> None:
+        if self.held:
+            gc.enable()
 
 
 def _close_at_exit(client: Client) -> Callable[[], None]:
@@ -654,8 +673,9 @@ class Client:
         # one that is refused leaves no task of the others running without a future to it.
         # (Their shape is one: as many arguments, the same keywords. Checked once, as the
         # first item's: the checks bind names, not values, and cost the most of each item.)
-        return self._submit_all([self._prepare(task, items, kwargs, priority, retries, i > 0)
-                                 for i, items in enumerate(zip(*iterables, strict=False))])
+        with _collector_held():
+            return self._submit_all([self._prepare(task, items, kwargs, priority, retries, i > 0)
+                                     for i, items in enumerate(zip(*iterables, strict=False))])
 
     def map_batch(self, task: type[Task] | Callable[..., Any], /, *iterables: Iterable[Any],
                   priority: int = 0, retries: int = 0, **kwargs: Any) -> list[Future]:

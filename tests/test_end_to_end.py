@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -301,6 +302,39 @@ def test_many_small_tasks_complete_with_as_completed(client: Client) -> None:
     futures = client.map(Square, range(50))
     done = list(as_completed(futures, timeout=60))
     assert sorted(f.result() for f in done) == [i * i for i in range(50)]
+
+
+def test_a_map_makes_its_futures_without_the_collector_and_leaves_it_as_it_was(
+        client: Client) -> None:
+    """The thousands of objects a map makes are all kept: the cyclic collector, which could
+    free none of them, is held off meanwhile, and is as it was afterwards (on, or left off by
+    the process), also when the map is refused."""
+    collections: list[str] = []
+
+    def counted(phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(threading.current_thread().name)
+
+    assert gc.isenabled()
+    gc.callbacks.append(counted)
+    try:
+        futures = client.map(Square, range(3_000))  # (~30 collections of the youngest, before)
+        during = list(collections)
+        assert gc.isenabled()
+        assert [f.result(timeout=60) for f in futures] == [i * i for i in range(3_000)]
+        # (one may follow at once: the objects counted while it was held)
+        assert len(during) <= 1, f"collections during the map: {during}"
+        with pytest.raises(InvalidArguments):
+            client.map(Square, range(3), y=1)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            assert [f.result(timeout=60) for f in client.map(Square, range(3))] == [0, 1, 4]
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        gc.callbacks.remove(counted)
 
 
 class Filled(Task):
