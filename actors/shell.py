@@ -156,7 +156,7 @@ class HubShell(Shell):
         inbox = self.actor_inbox
         assert isinstance(inbox, _HubInbox)
         inbox.poke = hub.poke
-        inbox.looped, inbox.overdue = hub.looped, hub.overdue
+        inbox.looped, inbox.deferred, inbox.overdue = hub.looped, hub.deferred, hub.overdue
         self._set_up = False
         self._turning = False  # a message of its is being handled (a turn, or deliver_now)
         _hosted[self.actor_urn] = self
@@ -262,9 +262,10 @@ class _HubInbox:
     def __init__(self) -> None:
         self.items: deque[Any] = deque()
         self.poke: Any = None
-        # the hub's: what waits for a loopback's peer, and whether it waited long enough for
-        # this turn to end (asked only when there is some: most hubs have no loopback)
+        # the hub's: what waits for a loopback's peer or the turn's end, and whether it waited
+        # long enough for this turn to end (asked only when there is some)
         self.looped: Any = ()
+        self.deferred: Any = ()
         self.overdue: Any = None
         self.budget = 0  # messages left in this turn; -1: take all (teardown)
 
@@ -274,7 +275,7 @@ class _HubInbox:
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         if not self.items or self.budget == 0 or (
-                self.looped and self.budget > 0 and self.overdue()):
+                (self.looped or self.deferred) and self.budget > 0 and self.overdue()):
             raise _TurnOver
         self.budget -= 1
         return self.items.popleft()

@@ -358,7 +358,9 @@ class Hub:
         self._loop_dealers: dict[bytes, tuple[bytes, bytes, bytes]] = {}
         self._loop_routes: dict[tuple[bytes, bytes], bytes] = {}
         self._looped: deque[tuple[str, list[bytes]]] = deque()
-        self.looped: Sized = self._looped  # (read-only: whether any waits, for a hosted inbox)
+        # (read-only, for a hosted inbox: whether anything waits for the turn's end)
+        self.looped: Sized = self._looped
+        self.deferred: Sized = self._pending
         self._looped_since = 0.0  # when the oldest of them was queued (time.monotonic)
         self._impostors = 0  # messages refused for naming a loopback's identity on its router
         self._wake_pending = False
@@ -490,9 +492,13 @@ class Hub:
         return self._quiet and self._turn_in <= 1
 
     def overdue(self) -> bool:
-        """From a hosted actor's turn: whether a message for a loopback has waited ``_HOLD_S``
-        for the turn's end (its peer, on this thread, hears it only between turns)."""
-        return bool(self._looped) and time.monotonic() - self._looped_since >= _HOLD_S
+        """From a hosted actor's turn: whether what it gave out has waited ``_HOLD_S`` for the
+        turn's end: a message for a loopback (its peer, on this thread, hears it only between
+        turns), or one deferred (which may be for a loopback: it leaves at the turn's end, or
+        at the next one deferred after ``_HOLD_S``)."""
+        now = time.monotonic()
+        return ((bool(self._looped) and now - self._looped_since >= _HOLD_S)
+                or (bool(self._pending) and now - self._pending_since >= _HOLD_S))
 
     def has_socket(self, name: str) -> bool:
         return name.encode() in self._sockets or name.encode() in self._links
@@ -937,10 +943,13 @@ class Hub:
             self._flush()
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for key, items in pending.items():
+        if not self._pending:
+            return
+        pending = list(self._pending.items())
+        self._pending.clear()  # (the same dict: a hosted inbox reads it, ``deferred``)
+        for key, items in pending:
             self._send_pending(key, items)
-        if pending and self._looped and self._pending_since < self._looped_since:
+        if self._looped and self._pending_since < self._looped_since:
             self._looped_since = self._pending_since  # (what went to a loopback waited as long)
 
     def _send_pending(self, key: tuple[bytes, bytes], items: _Pending) -> None:
