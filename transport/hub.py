@@ -66,12 +66,13 @@ in the master's process). What either sends is batched as a socket's messages ar
 to ``on_frames`` in the hub's next turn, framed as that socket would have received it (the
 dealer's key and identity in front, on the router's side): the handlers cannot tell, and no
 socket, I/O thread or system call lies between them. The peer behind a loopback runs on this
-thread too, so it hears nothing while a hosted actor's turn lasts: once a message for it has
-waited ``_HOLD_S`` (``overdue``), the turn ends at its actor's next message and the loop hands
-it on, or ``flush_held`` does within one message that holds many; what that sends leaves at
-once (a master taking in a map's 2,000 submissions in one turn of ~20 ms held its first
-assignments for all of it, its local node's workers idle). The loopback's identity is free on
-the router's socket (no connection holds it): a connection that names itself so is not heard.
+thread too, so it hears nothing while a hosted actor's turn lasts: once a message for it (or
+one deferred, which may be for it) has waited ``_HOLD_S`` (``overdue``), the turn ends at its
+actor's next message and the loop hands it on, or ``flush_held`` does within one message that
+holds many; what that sends leaves at once (a master taking in a map's 2,000 submissions in one
+turn of ~20 ms held its first assignments for all of it, its local node's workers idle). The
+loopback's identity is free on the router's socket (no connection holds it): a connection that
+names itself so is not heard.
 
 Keys. On a CURVE server socket opened ``with_keys`` (the master's) every frame list
 handed to ``on_frames`` starts with the sender's public key, as the handshake proved it
