@@ -248,8 +248,8 @@ _hosted: weakref.WeakValueDictionary[str, HubShell] = weakref.WeakValueDictionar
 
 
 class _TurnOver(Exception):
-    """The inbox of a ``HubShell`` is empty, this turn's share is used, or a loopback's peer
-    waits for the turn's end (``Hub.overdue``): back to the loop."""
+    """The inbox of a ``HubShell`` is empty, this turn's share is used, or what the turn gave
+    out has waited long enough for its end (``Hub.overdue``): back to the loop."""
 
 
 _TURN_MESSAGES = 10_000  # messages a hosted actor takes per turn: the sockets are read between
