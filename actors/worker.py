@@ -93,6 +93,9 @@ TO_MASTER = b"m"
 MAX_RESULTS_OUT = 256
 GATHERED_RESULT_BYTES = 64 << 10
 MAX_RESULTS_BYTES = 1 << 20
+# ... and while more plain Tasks are lined up on the executor (their ends come soon when they
+# are short), what ended waits for them this long at most, even past its turn.
+HOLD_RESULTS_S = 0.001
 TO_NODE = b"n"
 HOLD_RESULT = b"h"  # [b"h", task_id, *parts]: a large result, for the node to hold
 HOLD_FILE = b"f"  # [b"f", HeldFile]: a large result in a sealed memory file, for the node
@@ -115,6 +118,10 @@ class Outgoing(msgspec.Struct, frozen=True):
     """A message the task instance wants sent to the master (or a result for the node)."""
 
     message: m.Message | HeldParts
+
+
+class ResultsDue(msgspec.Struct, frozen=True):
+    """The gathered ends held for the tasks lined up behind them have waited HOLD_RESULTS_S."""
 
 
 class FlushOutput(msgspec.Struct, frozen=True):
@@ -163,6 +170,8 @@ class Worker(HubShell):
         self.assignments: deque[m.AssignTask] = deque()  # tasks queued behind it, not begun
         self.results_out: list[m.TaskResult] = []  # this turn's plain Tasks' ends, not yet sent
         self.results_bytes = 0  # (about) what they take
+        self.results_since = 0.0  # when the first of them was gathered (monotonic)
+        self.results_due = False  # a ResultsDue is on its way
         self.stopped: dict[str, None] = {}  # cancelled tasks (StopTask), oldest first
         # LOADING: held inputs of the waiting assignment that came (task id -> data, lengths),
         # and the version folder it loads from once they all have.
@@ -218,7 +227,7 @@ class Worker(HubShell):
     def receive(self, message: Any) -> Any:
         self._receive(message)
         if self.results_out and self.actor_inbox.empty():
-            self.send_results()
+            self._results_turn_over()
         if self.validate:
             self._validate_slot()
 
@@ -226,6 +235,10 @@ class Worker(HubShell):
         match message:
             case Outgoing(message=msg):
                 self._to_master(msg)
+            case ResultsDue():
+                self.results_due = False
+                if self.results_out:
+                    self.send_results()
             case FlushOutput():
                 for out in task_output.drain():
                     self.send(NODE, TO_MASTER, message=out)
@@ -353,10 +366,12 @@ class Worker(HubShell):
         if isinstance(msg, m.TaskResult) and msg.task_id in self.handing:
             self.handing[msg.task_id].after.append(msg)  # once the node has taken the result
             return
-        if type(msg) is m.TaskResult and not self.hub.lone() and (
-                size := _result_bytes(msg)) <= GATHERED_RESULT_BYTES:
+        if type(msg) is m.TaskResult and (self.lined_up or self.results_out or not self.hub.lone()) \
+                and (size := _result_bytes(msg)) <= GATHERED_RESULT_BYTES:
             if self.results_bytes + size > MAX_RESULTS_BYTES:
                 self.send_results()
+            if not self.results_out:
+                self.results_since = time.monotonic()
             self.results_out.append(msg)  # with the turn's others (see send_results)
             self.results_bytes += size
             if len(self.results_out) >= MAX_RESULTS_OUT:
@@ -370,9 +385,24 @@ class Worker(HubShell):
             self.send_results()
         super().send(socket, *route, message=message, frames=frames)
 
+    def _results_turn_over(self) -> None:
+        """At a turn's end, the ends it gathered go; unless the next plain Task runs on the
+        executor already and they have not waited HOLD_RESULTS_S: then they wait for its end
+        too (a burst's ends came one a turn, the executor a task ahead of this mailbox: a
+        message each through the node and the master), and a ResultsDue sends them if it
+        takes longer."""
+        if self.slot.state is not HOSTING or (
+                time.monotonic() - self.results_since >= HOLD_RESULTS_S):
+            self.send_results()
+        elif not self.results_due:
+            self.results_due = True
+            me = self.actor_ref
+            self.hub.call_at(self.results_since + HOLD_RESULTS_S,
+                             lambda: tell_if_alive(me, ResultsDue()))
+
     def send_results(self) -> None:
-        """The plain Tasks' ends this turn gathered, as one message: at the turn's end, or
-        before anything else goes out. A burst's tasks end many a turn (a worker runs up to
+        """The plain Tasks' ends gathered, as one message: at the turn's end (or a moment
+        after: _results_turn_over), or before anything else goes out. A burst's tasks end many a turn (a worker runs up to
         MAX_QUEUED_TASKS lined up); one message for them costs the node's relay and the master
         one decode and hand-off instead of one each."""
         results, self.results_out, self.results_bytes = self.results_out, [], 0

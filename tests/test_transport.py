@@ -408,3 +408,25 @@ def test_a_dealer_parked_under_an_id_still_held_is_heard_once_it_connects_afresh
         for hub in (new, old, master):
             if hub is not None:
                 hub.stop()
+
+
+def test_a_call_asked_for_later_runs_on_the_hub_thread_on_time_without_a_tick() -> None:
+    """``Hub.call_at`` from the hub thread: each call runs there once its time has come, in the
+    order of their times, though the next tick is an hour away and no socket brings anything
+    (a worker's gathered results, held a moment for the next task's end, rely on it)."""
+    hub = Hub(lambda socket, frames: None, on_tick=lambda now: None, tick_s=3600)
+    hub.start()
+    fired: list[tuple[str, bool, bool]] = []
+    try:
+        def turn() -> None:
+            now = time.monotonic()
+            for name, after in (("later", 0.05), ("sooner", 0.01)):
+                hub.call_at(now + after, lambda name=name, when=now + after: fired.append(
+                    (name, time.monotonic() >= when, threading.get_ident() == hub._ident)))
+            return None  # (a hosted turn that is done: it leaves the loop)
+
+        hub.host(turn)
+        wait_until(lambda: len(fired) == 2, timeout=10, what="both calls")
+        assert fired == [("sooner", True, True), ("later", True, True)]
+    finally:
+        hub.stop()

@@ -480,3 +480,42 @@ def test_plain_tasks_given_at_once_end_once_each_in_order_some_in_one_message(
         # (how the ends were gathered depends on the two threads' pace: shown, not asserted)
         print(f"{n} ends in {len(inbox.gathered)} TaskResults of {inbox.gathered} and "
               f"{n - sum(inbox.gathered)} alone")
+
+
+class AtItsGate(Task):
+    """Returns ``name`` once ``folder/gate-<name>`` exists, or at once when not ``gated``."""
+
+    def work(self, folder, name, gated):
+        deadline = time.monotonic() + GATE_TIMEOUT_S
+        while gated and not (Path(folder) / f"gate-{name}").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gate of {name} never opened")
+            time.sleep(0.002)
+        return name
+
+
+def test_ends_held_for_the_next_task_s_end_do_not_wait_for_a_long_one(tmp_path: Path) -> None:
+    """The ends of plain Tasks wait a moment for the end of the next one, already running on
+    the executor (a burst's ends in one message); a long one holds them no longer: t0 and t1
+    are reported while t2, lined up behind them, still runs. (Hub.call_at's own test shows
+    that the moment is kept without a tick.)"""
+    code = dumps_task_class(AtItsGate)
+
+    def assign(name: str, gated: bool) -> m.AssignTask:
+        return m.AssignTask(task_id=name, name="AtItsGate", kind="task", code=code,
+                            args=dumps(((str(tmp_path), name, gated), {})), driver=True)
+
+    with welcomed_worker(tmp_path) as (node, proc):
+        inbox = Inbox(node, proc)
+        node.send(assign("t0", True))
+        node.send(m.AssignTasks([assign("t1", False), assign("t2", True)]))
+        inbox.story()  # all three in: t0 at its gate, t1 and t2 lined up behind it
+        (tmp_path / "gate-t0").touch()
+
+        def ended() -> list[str]:
+            return [loads(x.outcome.value) for x in inbox.messages
+                    if isinstance(x, m.TaskResult) and x.outcome.ok]
+
+        inbox.wait_for(lambda: ended() == ["t0", "t1"], "the ends of t0 and t1, t2 at its gate")
+        (tmp_path / "gate-t2").touch()
+        inbox.wait_for(lambda: ended() == ["t0", "t1", "t2"], "the end of t2")

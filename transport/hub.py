@@ -11,7 +11,8 @@ not one ZeroMQ message per message: a client submitting in a loop, or a
 master answering a burst of results, hands over hundreds per wake-up (each
 ZeroMQ send released the GIL to a busy hub thread).
 The same thread drives ``on_tick`` at a fixed interval, so time-based work
-(heartbeats, timeouts) enters the actors as ordinary messages.
+(heartbeats, timeouts) enters the actors as ordinary messages, and runs what a handler asked
+for at a moment sooner than the next tick (``call_at``).
 
 Hosted work. An actor may run on the hub thread itself (``host``): its turn comes after what
 each turn of the loop received, and what it sends leaves at the end of that turn, batched with
@@ -85,7 +86,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import itertools
+import math
 import os
 import socket
 import sys
@@ -339,6 +342,9 @@ class Hub:
         self._link_fds: dict[int, tuple[bytes, Link]] = {}
         self._link_views: set[bytes] = set()
         self._poller: Poller | None = None  # the hub thread's, once running
+        # (when, seq, fn) for call_at, earliest first; hub thread only
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
         self._names: dict[zmq.Socket[bytes], str] = {}
         self._routers: set[bytes] = set()
         self._keyed: set[bytes] = set()  # CURVE servers: the sender's key heads each frame list
@@ -587,6 +593,14 @@ class Hub:
         self._hosted.append(turn)  # list.append: thread-safe; the loop reads it each turn
         self.poke()
 
+    def call_at(self, when: float, fn: Callable[[], None]) -> None:
+        """From a hub handler or hosted turn: call ``fn`` on the hub thread once
+        ``time.monotonic()`` reaches ``when`` (a millisecond late at most, between turns: not
+        within one), for a wait shorter than a tick (a worker's gathered results held for the
+        next ones; see worker.py). Nothing cancels it: ``fn`` checks whether it is still due."""
+        assert threading.get_ident() == self._ident, "call_at() is for hub handlers only"
+        heapq.heappush(self._timers, (when, next(self._timer_seq), fn))
+
     def reconnect_now(self, name: str) -> None:
         """From a hub handler: drop a DEALER's connection and connect it again, a new
         connection; what it still queues is dropped, what is sent after goes on the new one
@@ -796,12 +810,17 @@ class Hub:
         for fd, (_name, link) in link_fds.items():
             poller.register(fd, _POLLINOUT if link.backlog else _POLLIN)
         next_tick = time.monotonic() + self._tick_s
+        timers = self._timers
         while True:
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+            if not self._on_tick:
+                timeout_ms = _SAFETY_MS
+            if timers:  # (rounded up: a poll of 0 ms before one is due would spin)
+                timeout_ms = min(timeout_ms, max(0, math.ceil(
+                    (timers[0][0] - time.monotonic()) * 1000)))
             if self._outgoing or self._again or self._looped:  # (more: come straight back)
                 timeout_ms = 0
-            ready = dict(poller.poll(timeout_ms if self._on_tick or self._outgoing
-                                     or self._again or self._looped else _SAFETY_MS))
+            ready = dict(poller.poll(timeout_ms))
             self._quiet = self._turn_in <= 1
             self._turn_in = self._turn_out = 0
             if pull in ready and not self._wake_ups(pull, sockets):
@@ -831,6 +850,8 @@ class Hub:
                 poller.check_all()  # (Poller's safety net)
                 if self._on_tick is not None:
                     self._guarded(self._on_tick, now)
+            while timers and timers[0][0] <= now:
+                self._guarded(heapq.heappop(timers)[2])
             if self._hosted:
                 self._run_hosted()
             if self._pending:
