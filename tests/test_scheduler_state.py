@@ -8,7 +8,13 @@ import pytest
 
 from actors.core import scheduler_events as ev
 from actors.core.fair_share import DEFAULT_COST_S, QUANTUM_S
-from actors.core.scheduler_state import LATE_S, STORY_LENGTH, SchedulerState, WarmKey
+from actors.core.scheduler_state import (
+    LATE_S,
+    MAX_QUEUED_TASKS,
+    STORY_LENGTH,
+    SchedulerState,
+    WarmKey,
+)
 from actors.messages import UnitCall, UnitOutcome, unit_digest
 
 # Scenarios about what happens to runs of several units (failures, steals, dependencies) start
@@ -865,17 +871,19 @@ def test_slow_plain_tasks_wait_for_an_idle_worker(s: Harness) -> None:
     assert s.state.tasks["t2"].state == "queued"
 
 
-@pytest.mark.parametrize(("measured", "room"), [(0.01, 5), (0.001, 50), (0.0001, 64)])
-def test_a_busy_worker_queues_about_50_ms_of_measured_tasks_and_never_more_than_64(
+@pytest.mark.parametrize(("measured", "room"),
+                         [(0.01, 5), (0.001, 50), (0.0001, MAX_QUEUED_TASKS)])
+def test_a_busy_worker_queues_about_50_ms_of_measured_tasks_and_never_more_than_its_bound(
     s: Harness, measured: float, room: int
 ) -> None:
     submit(s, "t0", kind="task")
     s(ev.TaskFinished, "w1", "t0", UnitOutcome(-1, True, b"r"), measured)
-    for i in range(1, 80):
+    n = MAX_QUEUED_TASKS + 16
+    for i in range(1, n):
         submit(s, f"t{i}", kind="task")
     assert s.state.workers["w1"].task_id == "t1"
     assert list(s.state.workers["w1"].queued) == [f"t{i}" for i in range(2, 2 + room)]
-    assert {s.state.tasks[f"t{i}"].state for i in range(2 + room, 80)} == {"queued"}
+    assert {s.state.tasks[f"t{i}"].state for i in range(2 + room, n)} == {"queued"}
 
 
 def test_a_busy_worker_back_from_a_pause_queues_tasks_again(s: Harness) -> None:

@@ -212,7 +212,11 @@ PACK_SECONDS = 0.001
 TRANSFER_BYTES_PER_S = 100e6
 LOCALITY_MIN_BYTES = 1 << 20
 UNKNOWN_UNIT_S = 0.5
-MAX_QUEUED_TASKS = 64  # plain Tasks queued on one worker behind the one it runs
+# Plain Tasks queued on one worker behind the one it runs, however short (PREFETCH_SECONDS of
+# them bounds the rest): room for the master's refill to come while the worker still has work
+# (a worker reports ends ~1 ms apart while it runs: a 2,000-task map at 64 +7 % at 128, 256
+# the same as 128 and 512 worse; bench/README.md).
+MAX_QUEUED_TASKS = 128
 # A plain Task running this long is late for the ones queued behind it (they were measured at
 # PREFETCH_SECONDS at most between them): they are taken back, and no more queue there.
 LATE_S = 4 * PREFETCH_SECONDS
