@@ -176,7 +176,9 @@ def _usage(pid: int) -> tuple[int, int]:
 def _node_of(cluster: LocalCluster) -> tuple[int, str]:
     """The process the local node runs in and the ipc address its workers connect to (the Unix
     socket it listens on, from /proc/net/unix): the master itself (``--local-node inside``, the
-    default), else the master's child with that socket."""
+    default), else the master's child with that socket. A node that links its workers (a local
+    node's default, ``--worker-links``) has no such socket: the master and "", as its node runs
+    inside it by default."""
     candidates = [cluster.pid]
     for entry in Path("/proc").iterdir():
         try:
@@ -193,6 +195,8 @@ def _node_of(cluster: LocalCluster) -> tuple[int, str]:
                 link = os.readlink(fd)
                 if link.startswith("socket:[") and link[8:-1] in listening:
                     return pid, f"ipc://{listening[link[8:-1]]}"
+    if not listening:
+        return cluster.pid, ""
     raise RuntimeError("the cluster's node (or its workers' socket) was not found")
 
 
@@ -218,7 +222,9 @@ def fuzz(cluster: LocalCluster, frames: int, seed: int = 0,
             sock.send(_encoder.encode(m.Hello(role=role, peer_id=f"fuzz-{role}",
                                               protocol=m.PROTOCOL_VERSION, version=__version__)))
             senders.append((role, sock))
-        senders.append(("worker", _dealer(ctx, node_address, None, "worker", b"fuzz-worker")))
+        if node_address:  # (a stranger on the node's socket for workers, where it has one)
+            senders.append(("worker", _dealer(ctx, node_address, None, "worker",
+                                              b"fuzz-worker")))
         senders.append(("stranger", _dealer(ctx, cluster.address, cluster.keys_dir, "client",
                                             b"fuzz-stranger")))
         for sent in range(frames):

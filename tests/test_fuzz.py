@@ -17,8 +17,12 @@ def test_the_fuzzer_knows_every_message_of_the_catalogue() -> None:
     assert {"Hello", "Submit", "UnitsSliced", "WorkerExited", "ChunkRequest", "NeedCode"} <= names
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_random_hostile_frames_crash_nothing_and_a_legitimate_map_completes(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "links"), [(1, "1"), (2, "0")])
+def test_random_hostile_frames_crash_nothing_and_a_legitimate_map_completes(
+        seed: int, links: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once with the local node's workers linked (its default: no socket for a stranger), once
+    with its socket for workers (a node's own default, ``$ACTORS_WORKER_LINKS=0``)."""
+    monkeypatch.setenv("ACTORS_WORKER_LINKS", links)
     with LocalCluster(workers=2) as cluster:
         report = fuzz(cluster, frames=3_000, seed=seed)
     # 3,000 from outside, 750 from task code (unless its worker was ended for what it sent)

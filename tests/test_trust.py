@@ -3,6 +3,7 @@ performed on a real master and fails, while a legitimate task still completes.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -384,6 +385,31 @@ class TakesAnotherWorkersPlace(Task):
             context.term()
 
 
+class SpeaksAsAnotherWorkerOnItsLink(Task):
+    """Task code on a worker linked to its node (no socket to open): on its own worker's link,
+    it says it is another worker (a Hello without its secret) and that the worker's task
+    returned "forged"."""
+
+    def work(self, worker_id: str, task_id: str) -> str:
+        import gc
+
+        from actors import __version__ as version
+        from actors import messages as msgs
+        from actors.serialize import dumps_result
+        from actors.worker import NODE
+        from transport.hub import Hub
+
+        hub = next(o for o in gc.get_objects() if type(o) is Hub)
+        hello = msgs.Hello(role="worker", peer_id=worker_id, protocol=msgs.PROTOCOL_VERSION,
+                           version=version, pid=os.getpid(), token="0" * 32)
+        forged = msgs.TaskResult(task_id, msgs.UnitOutcome(-1, True, dumps_result("forged", "T")))
+        outbox = hub.outbox()
+        for _ in range(3):
+            outbox.send(NODE, [b"n", msgs.encode(hello)])
+            outbox.send(NODE, [b"m", msgs.encode(forged)])
+        return "sent" if hub._link_fds else "no link"
+
+
 class RunsWhereItWasSent(Task):
     """What the task below makes another worker run: its pid, in a file."""
 
@@ -687,10 +713,12 @@ class HelloUnderAnotherName(Task):
 
 
 def test_hellos_under_an_unknown_name_are_logged_sparingly(
-        capfd: pytest.CaptureFixture[str]) -> None:
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A Hello under any id reaches the node's actor (it is how a worker proves itself), which
     logged a warning for each one from an id it never started: one task wrote 10^6 lines in
-    20 s. The 1st, 2nd, 4th... are logged, with their count."""
+    20 s. The 1st, 2nd, 4th... are logged, with their count. (A node with a socket for
+    workers, a node's own default: a local node links its workers, test_links.py.)"""
+    monkeypatch.setenv("ACTORS_WORKER_LINKS", "0")
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
         assert client.submit(HelloUnderAnotherName, 5_000).result(60) == 5_000
@@ -776,6 +804,7 @@ def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
     said hello ``--worker-start-timeout`` after its start ($ACTORS_WORKER_START_TIMEOUT here)
     is ended and replaced, and the log says so."""
     monkeypatch.setenv("ACTORS_WORKER_START_TIMEOUT", "5")  # (a start takes well under 1 s)
+    monkeypatch.setenv("ACTORS_WORKER_LINKS", "0")  # (a node with a socket for workers)
     connected, gate, marker = tmp_path / "connected", tmp_path / "gate", tmp_path / "marker"
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
@@ -794,13 +823,44 @@ def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
     assert "worker_start_timeout" in err and f"{node_id}/w3" in err, err[-3000:]
 
 
-def test_task_code_cannot_take_another_workers_place_on_its_node(tmp_path: Path) -> None:
+def test_task_code_on_a_linked_worker_cannot_speak_as_another_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local node links its workers (its default): no socket to open under another's id;
+    what task code says on its own worker's link is its own worker's: a Hello as another worker
+    and a forged end of that worker's task change nothing, the victim's task ends as it does,
+    and the node and its workers serve on."""
+    monkeypatch.delenv("ACTORS_WORKER_LINKS", raising=False)
+    gate = tmp_path / "gate"
+    with LocalCluster(workers=2) as cl, Client(cl) as client:
+        client.wait_for_workers(2)
+        victim = client.submit(WaitsFor, str(gate))
+
+        def victims_worker() -> str:
+            for key, _, finish, cause, _ in victim.story():  # ("master: driver NODE/wN")
+                if key == "task" and finish == "running" and "driver " in cause:
+                    return cause.split("driver ", 1)[1].split()[0]
+            return ""
+
+        worker_id = str(wait_until(victims_worker, 30, "the victim's task to start"))
+        impostor = client.submit(SpeaksAsAnotherWorkerOnItsLink, worker_id, victim.task_id)
+        with contextlib.suppress(WorkerKilled):  # (its worker may be ended for what it said)
+            assert impostor.result(60) == "sent"
+        gate.touch()
+        assert victim.result(60) == "released"
+        wait_until(lambda: client.info().workers == 2, 30, "two workers")
+        assert [f.result(30) for f in client.map(Square, range(4))] == [0, 1, 4, 9]
+
+
+def test_task_code_cannot_take_another_workers_place_on_its_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The node's socket for workers is a path any of its workers' processes can open, and a
     worker names itself: task code took a live worker's id, was sent its messages (another
     user's tasks) and ended its task with a forged result. Now a worker's frames count only
     once its Hello said the secret it was started with, and no connection takes over a
     connected worker's id (actors/node.py, "Proof"): neither the victim's id nor one no worker
-    holds gets the impostor anything."""
+    holds gets the impostor anything. (A node with a socket for workers, a node's own default:
+    a local node links its workers, and has none, test_links.py.)"""
+    monkeypatch.setenv("ACTORS_WORKER_LINKS", "0")
     gate = tmp_path / "gate"
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
