@@ -66,6 +66,9 @@ _SEALS = getattr(fcntl, "F_SEAL_WRITE", 0) | getattr(fcntl, "F_SEAL_SHRINK", 0) 
 _MAX_FDS = 8  # descriptors one read takes (more: the kernel closes them, and the link breaks)
 _FDS_AHEAD = 64  # descriptors received and not yet claimed by a message: more breaks the link
 _ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * 4)
+# ints, as _SEND_FLAGS: an IntFlag's | and & run in Python, two calls a message read
+_RECEIVE_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 # The descriptors of the memory files received last, by their mapping (id), so that a frame
 # relayed on as it came (a node's: a worker's data to another worker) passes the same sealed
@@ -266,7 +269,7 @@ class Link:
         descriptors that came with them queued (``_fds``)."""
         try:
             got, ancillary, flags, _ = self.sock.recvmsg_into(
-                [into], _ANCILLARY, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+                [into], _ANCILLARY, _RECEIVE_FLAGS)
         except BlockingIOError:
             return None
         except OSError:
@@ -276,7 +279,7 @@ class Link:
                 fds = array.array("i")
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
                 self._fds.extend(fds)
-        if flags & socket.MSG_CTRUNC or len(self._fds) > _FDS_AHEAD:
+        if flags & _CTRUNC or len(self._fds) > _FDS_AHEAD:
             self._break("more memory files than its messages name")
             return None
         return got
