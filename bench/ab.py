@@ -3,8 +3,12 @@ rounds, so that the host's drift over minutes falls on both alike.
 
 A and B are checkouts of this repository (``git worktree add /tmp/base HEAD~1``), each given as
 ``PATH`` or ``PATH:NAME=VALUE`` (one environment variable set for that side, e.g.
-``.:ACTORS_WORKER_LINKS=1``). Each side is a process of its own with a warm 2-worker
-``LocalCluster`` imported from its tree; the rounds alternate which side goes first.
+``.:ACTORS_WORKER_LINKS=1``), or ``pool``: the standard library's process pool of 2 workers
+(``bench.peers.PoolRuntime``, as ``python -m bench`` runs it), so that issue 20's ratios to it
+(many small tasks >= 1.5x, latency p50 <= 3x) are taken in interleaved rounds too, where the
+bench's rows run one runtime's repetitions after the other's. Each side is a process of its
+own with a warm 2-worker ``LocalCluster`` (or pool) imported from its tree; the rounds
+alternate which side goes first.
 
 - ``--workload latency`` (the default): a round is ``--size`` sequential
   ``submit(...).result()`` of a no-op task; each side's p50 and p90 over all its trips.
@@ -26,15 +30,16 @@ import sys
 import time
 
 _READY = "ready"
+POOL = "pool"  # a side that is the process pool, not a tree
 _SIZES = {"latency": 200, "many": 2_000}
 
 
-def child(workload: str, size: int) -> int:
-    """One side: a warm cluster, then a round for each ``go`` line: the seconds of each trip
-    (latency) or of the whole map (many), on one line."""
-    from bench.peers import ActorsRuntime
+def child(workload: str, size: int, runtime: str = "actors") -> int:
+    """One side: a warm cluster (or pool), then a round for each ``go`` line: the seconds of
+    each trip (latency) or of the whole map (many), on one line."""
+    from bench.peers import ActorsRuntime, PoolRuntime
 
-    with ActorsRuntime().open(2) as session:
+    with (PoolRuntime() if runtime == "pool" else ActorsRuntime()).open(2) as session:
         for _ in range(300):
             session.roundtrip()
         session.submit_each(400)
@@ -57,7 +62,9 @@ def child(workload: str, size: int) -> int:
 
 
 def _start(spec: str, workload: str, size: int) -> subprocess.Popen[str]:
-    path, _, setting = spec.partition(":")
+    runtime = "pool" if spec == POOL else "actors"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (this bench's tree)
+    path, _, setting = (here if spec == POOL else spec).partition(":")
     path = os.path.abspath(path)
     env = dict(os.environ, PYTHONPATH=path)
     if setting:
@@ -66,7 +73,8 @@ def _start(spec: str, workload: str, size: int) -> subprocess.Popen[str]:
     # This file run by its path (the side's tree may predate it), the side's tree first on the
     # path: its bench.peers, actors and transport are what the cluster runs.
     side = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--child", workload, "--size", str(size)],
+        [sys.executable, os.path.abspath(__file__), "--child", workload, "--size", str(size),
+         "--runtime", runtime],
         cwd=path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, text=True)
     assert side.stdout is not None
@@ -100,16 +108,19 @@ def _stop(side: subprocess.Popen[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sides", nargs="*", metavar="SIDE", help="PATH or PATH:NAME=VALUE, two")
+    parser.add_argument("sides", nargs="*", metavar="SIDE",
+                        help="PATH, PATH:NAME=VALUE or pool (the process pool), two")
     parser.add_argument("--workload", choices=sorted(_SIZES), default="latency")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--size", type=int, help="trips a round (latency, default 200) or tasks "
                                                  "a round (many, default 2,000)")
     parser.add_argument("--child", choices=sorted(_SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", choices=("actors", POOL), default="actors",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     size = args.size or _SIZES[args.child or args.workload]
     if args.child is not None:
-        return child(args.child, size)
+        return child(args.child, size, args.runtime)
     if len(args.sides) != 2:
         parser.error("two sides: A B")
     many = args.workload == "many"
@@ -144,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     better = sum((b > a) if many else (b < a)
                  for a, b in zip(figures[0], figures[1], strict=True))
     print(f"B better than A in {better} of {args.rounds} rounds")
+    # each round's B against the A next to it (the same minute), then their median: with
+    # A the pool, issue 20's ratios (tasks/s >= 1.5x; a trip's median <= 3x)
+    ratios = sorted(b / a for a, b in zip(figures[0], figures[1], strict=True))
+    what = "tasks/s" if many else "median trip"
+    print(f"B / A a round ({what}): median {statistics.median(ratios):.2f}x, "
+          f"rounds {ratios[0]:.2f}-{ratios[-1]:.2f}x")
     return 0
 
 

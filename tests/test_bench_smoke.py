@@ -170,6 +170,11 @@ def test_the_ab_bench_takes_interleaved_rounds_of_both_sides(capsys, no_leftover
     assert ab.main([here, here, "--workload", "many", "--rounds", "2", "--size", "20"]) == 0
     out = capsys.readouterr().out
     assert out.count("tasks/s over 2 rounds of 20") == 2
+    # the process pool as a side: issue 20's ratio to it, round by round
+    assert ab.main(["pool", here, "--workload", "many", "--rounds", "2", "--size", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "pool: median " in out and f"{here}: median " in out
+    assert "B / A a round (tasks/s): median " in out
 
 
 def test_the_core_bench_times_bursts_in_process_and_trees_in_turn(capsys) -> None:
