@@ -54,7 +54,7 @@ def local_node_links() -> bool:
     threads (a lone round trip ~5 % shorter) and no process can open a socket of the node's
     under a worker's id; what a link costs, a large value written whole into a memory file at
     each hop, falls on values between two nodes, which a master's local node alone never moves
-    (docs/architecture.md, "Workers' links")."""
+    (docs/architecture.md, the worker's part; bench/README.md)."""
     return os.environ.get(WORKER_LINKS_ENV, "") != "0"
 
 

@@ -121,7 +121,7 @@ class Outgoing(msgspec.Struct, frozen=True):
 
 
 class ResultsDue(msgspec.Struct, frozen=True):
-    """The gathered ends held for the tasks lined up behind them have waited HOLD_RESULTS_S."""
+    """The gathered ends held for the next task's end have waited HOLD_RESULTS_S."""
 
 
 class FlushOutput(msgspec.Struct, frozen=True):
@@ -366,8 +366,9 @@ class Worker(HubShell):
         if isinstance(msg, m.TaskResult) and msg.task_id in self.handing:
             self.handing[msg.task_id].after.append(msg)  # once the node has taken the result
             return
-        if type(msg) is m.TaskResult and (self.lined_up or self.results_out or not self.hub.lone()) \
-                and (size := _result_bytes(msg)) <= GATHERED_RESULT_BYTES:
+        if type(msg) is m.TaskResult and (
+                self.lined_up or self.results_out or not self.hub.lone()) and (
+                size := _result_bytes(msg)) <= GATHERED_RESULT_BYTES:
             if self.results_bytes + size > MAX_RESULTS_BYTES:
                 self.send_results()
             if not self.results_out:
@@ -402,9 +403,9 @@ class Worker(HubShell):
 
     def send_results(self) -> None:
         """The plain Tasks' ends gathered, as one message: at the turn's end (or a moment
-        after: _results_turn_over), or before anything else goes out. A burst's tasks end many a turn (a worker runs up to
-        MAX_QUEUED_TASKS lined up); one message for them costs the node's relay and the master
-        one decode and hand-off instead of one each."""
+        after: _results_turn_over), or before anything else goes out. A burst's tasks end many
+        a turn (a worker runs up to MAX_QUEUED_TASKS lined up); one message for them costs the
+        node's relay and the master one decode and hand-off instead of one each."""
         results, self.results_out, self.results_bytes = self.results_out, [], 0
         message = results[0] if len(results) == 1 else m.TaskResults(results)
         super().send(NODE, TO_MASTER, message=message)
