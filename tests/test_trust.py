@@ -21,6 +21,7 @@ from actors import Client, LocalCluster, ParallelTask, Task, __version__
 from actors import client as client_module
 from actors import messages as m
 from actors.errors import NoSuchTask, ScatterFailed, TaskIdTaken, WorkerKilled
+from actors.futures import Future
 from tests.conftest import stderr_so_far, wait_until
 from transport.hub import BATCH, unbatch
 from transport.keys import add_key, load_keypair, load_public_key
@@ -823,6 +824,18 @@ def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
     assert "worker_start_timeout" in err and f"{node_id}/w3" in err, err[-3000:]
 
 
+def _running_worker(task: Future) -> str:
+    """The worker running ``task``, once it runs (its story: "master: driver NODE/wN")."""
+
+    def driver() -> str:
+        for key, _, finish, cause, _ in task.story():
+            if key == "task" and finish == "running" and "driver " in cause:
+                return cause.split("driver ", 1)[1].split()[0]
+        return ""
+
+    return str(wait_until(driver, 30, f"{task.task_id} to start"))
+
+
 def test_task_code_on_a_linked_worker_cannot_speak_as_another_worker(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A local node links its workers (its default): no socket to open under another's id;
@@ -834,14 +847,7 @@ def test_task_code_on_a_linked_worker_cannot_speak_as_another_worker(
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
         victim = client.submit(WaitsFor, str(gate))
-
-        def victims_worker() -> str:
-            for key, _, finish, cause, _ in victim.story():  # ("master: driver NODE/wN")
-                if key == "task" and finish == "running" and "driver " in cause:
-                    return cause.split("driver ", 1)[1].split()[0]
-            return ""
-
-        worker_id = str(wait_until(victims_worker, 30, "the victim's task to start"))
+        worker_id = _running_worker(victim)
         impostor = client.submit(SpeaksAsAnotherWorkerOnItsLink, worker_id, victim.task_id)
         with contextlib.suppress(WorkerKilled):  # (its worker may be ended for what it said)
             assert impostor.result(60) == "sent"
@@ -865,14 +871,7 @@ def test_task_code_cannot_take_another_workers_place_on_its_node(
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
         victim = client.submit(WaitsFor, str(gate))
-
-        def victims_worker() -> str:
-            for key, _, finish, cause, _ in victim.story():  # ("master: driver NODE/wN")
-                if key == "task" and finish == "running" and "driver " in cause:
-                    return cause.split("driver ", 1)[1].split()[0]
-            return ""
-
-        worker_id = str(wait_until(victims_worker, 30, "the victim's task to start"))
+        worker_id = _running_worker(victim)
         nobodys = worker_id.rsplit("/", 1)[0] + "/w99"
         for taken in (worker_id, nobodys):
             impostor = client.submit(TakesAnotherWorkersPlace, taken, victim.task_id)
