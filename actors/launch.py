@@ -43,19 +43,9 @@ def with_parent_pid(env: dict[str, str] | None = None) -> dict[str, str]:
     return dict(os.environ if env is None else env, **{PARENT_PID_ENV: str(os.getpid())})
 
 
-#: Set to 0, a master's local node reaches its workers over its ipc:// socket for workers, as a
-#: node started on its own does unless set to 1 (``--worker-links``).
+#: Set to 1, a node links its workers over socket pairs (``--worker-links``), a master's local
+#: node included (it reads the same environment).
 WORKER_LINKS_ENV = "ACTORS_WORKER_LINKS"
-
-
-def local_node_links() -> bool:
-    """Whether a master's local node links its workers over socket pairs (``--worker-links``):
-    unless ``$ACTORS_WORKER_LINKS`` is 0. Its workers' small messages skip ZeroMQ's I/O
-    threads (a lone round trip ~5 % shorter) and no process can open a socket of the node's
-    under a worker's id; what a link costs, a large value written whole into a memory file at
-    each hop, falls on values between two nodes, which a master's local node alone never moves
-    (docs/architecture.md, the worker's part; bench/README.md)."""
-    return os.environ.get(WORKER_LINKS_ENV, "") != "0"
 
 
 def local_node_command(address: str, workers: int, keys: str, package_grace: float,
@@ -67,8 +57,6 @@ def local_node_command(address: str, workers: int, keys: str, package_grace: flo
            "--keys", keys, "--exit-with-parent", "--package-grace", str(package_grace)]
     if local:
         cmd += ["--local-master", local]
-    if local_node_links():
-        cmd.append("--worker-links")
     if exit_note:
         cmd += [EXIT_NOTE_OPTION, exit_note]
     return cmd + ["--cache", cache] if cache else cmd

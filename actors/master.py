@@ -48,7 +48,6 @@ from actors.launch import (
     exit_note_of,
     local_endpoint,
     local_node_command,
-    local_node_links,
     parent_pid,
     refuse,
     run_noting_exit,
@@ -512,8 +511,7 @@ def _node_inside(args: argparse.Namespace, refused: list[str]) -> NodeParts | No
     node process takes them (``local_node_command``)."""
     node_args = node_parser(refused, standalone=False).parse_args([
         "--workers", str(args.workers), "--package-grace", str(args.package_grace),
-        *(["--cache", args.cache] if args.cache else []),
-        *(["--worker-links"] if local_node_links() else [])])
+        *(["--cache", args.cache] if args.cache else [])])
     if not settle(node_args, refused):
         return None
     return NodeParts(node_args, None, f"tcp://{args.host}:{args.port}")

@@ -100,11 +100,11 @@ def node_parser(refused: list[str], *, standalone: bool = True) -> NotingParser:
                              f"started (default {DEFAULT_START_TIMEOUT_S:g}; 0: never)")
     parser.add_argument("--worker-links", action="store_true",
                         default=os.environ.get(WORKER_LINKS_ENV, "") not in ("", "0"),
-                        help="each worker's link to the node a socket pair made before it "
-                             "starts, not the node's ipc socket: no socket task code could open "
-                             "under another worker's id; faster small messages, slower large "
-                             "values between nodes ($ACTORS_WORKER_LINKS=1; a master's local "
-                             "node links its workers unless $ACTORS_WORKER_LINKS=0)")
+                        help="(experimental) each worker's link to the node a socket pair made "
+                             "before it starts, not the node's ipc socket: no socket task code "
+                             "could open under another worker's id; faster small messages, "
+                             "slower large values between nodes and from a driver that holds "
+                             "the GIL ($ACTORS_WORKER_LINKS=1)")
     parser.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
                         default=os.environ.get("ACTORS_FETCH_TIMEOUT")
                         or str(unit_runner.FETCH_TIMEOUT_S),

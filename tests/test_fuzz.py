@@ -20,8 +20,8 @@ def test_the_fuzzer_knows_every_message_of_the_catalogue() -> None:
 @pytest.mark.parametrize(("seed", "links"), [(1, "1"), (2, "0")])
 def test_random_hostile_frames_crash_nothing_and_a_legitimate_map_completes(
         seed: int, links: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once with the local node's workers linked (its default: no socket for a stranger), once
-    with its socket for workers (a node's own default, ``$ACTORS_WORKER_LINKS=0``)."""
+    """Once with the local node's workers linked (``$ACTORS_WORKER_LINKS=1``: no socket for a
+    stranger), once with its socket for workers (the default)."""
     monkeypatch.setenv("ACTORS_WORKER_LINKS", links)
     with LocalCluster(workers=2) as cluster:
         report = fuzz(cluster, frames=3_000, seed=seed)

@@ -377,14 +377,14 @@ class GarblesItsLink(Task):
 
 
 @pytest.mark.parametrize("local_node", ["inside", "process"])
-def test_a_local_cluster_links_its_workers_serves_and_leaves_no_socket_for_workers(
+def test_a_cluster_whose_workers_have_links_serves_and_leaves_no_socket_for_workers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_node: str) -> None:
-    """A master's local node (inside the master's process, or a process of its own) links its
-    workers by default (--worker-links): each reaches its node over a socket pair made before
-    it started: tasks, 1 MiB units each way, a worker killed with SIGKILL and replaced by a
-    spawned one that gets a link too; and the node's run folder holds no socket any process
-    could open under a worker's id."""
-    monkeypatch.delenv("ACTORS_WORKER_LINKS", raising=False)
+    """With --worker-links ($ACTORS_WORKER_LINKS, which a master's local node reads too, inside
+    the master's process or a process of its own) each worker reaches its node over a socket
+    pair made before it started: tasks, 1 MiB units each way, a worker killed with SIGKILL and
+    replaced by a spawned one that gets a link too; and the node's run folder holds no socket
+    any process could open under a worker's id."""
+    monkeypatch.setenv("ACTORS_WORKER_LINKS", "1")
     monkeypatch.setenv("ACTORS_LOCAL_NODE", local_node)
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
@@ -403,7 +403,7 @@ def test_task_code_that_breaks_its_links_framing_loses_its_worker_not_its_node(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The node cuts a link whose peer breaks the framing; the worker, its link gone, leaves;
     its task is retried elsewhere and fails for good; the node and the other workers serve on."""
-    monkeypatch.delenv("ACTORS_WORKER_LINKS", raising=False)  # (a local node's default)
+    monkeypatch.setenv("ACTORS_WORKER_LINKS", "1")
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
         with pytest.raises(WorkerKilled):

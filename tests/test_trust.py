@@ -718,7 +718,7 @@ def test_hellos_under_an_unknown_name_are_logged_sparingly(
     """A Hello under any id reaches the node's actor (it is how a worker proves itself), which
     logged a warning for each one from an id it never started: one task wrote 10^6 lines in
     20 s. The 1st, 2nd, 4th... are logged, with their count. (A node with a socket for
-    workers, a node's own default: a local node links its workers, test_links.py.)"""
+    workers, the default; one that links its workers has none, test_links.py.)"""
     monkeypatch.setenv("ACTORS_WORKER_LINKS", "0")
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
@@ -805,7 +805,7 @@ def test_a_worker_whose_id_task_code_holds_as_it_starts_is_replaced(
     said hello ``--worker-start-timeout`` after its start ($ACTORS_WORKER_START_TIMEOUT here)
     is ended and replaced, and the log says so."""
     monkeypatch.setenv("ACTORS_WORKER_START_TIMEOUT", "5")  # (a start takes well under 1 s)
-    monkeypatch.setenv("ACTORS_WORKER_LINKS", "0")  # (a node with a socket for workers)
+    monkeypatch.setenv("ACTORS_WORKER_LINKS", "0")  # (a node with a socket for workers: the default)
     connected, gate, marker = tmp_path / "connected", tmp_path / "gate", tmp_path / "marker"
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
@@ -838,11 +838,11 @@ def _running_worker(task: Future) -> str:
 
 def test_task_code_on_a_linked_worker_cannot_speak_as_another_worker(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A local node links its workers (its default): no socket to open under another's id;
-    what task code says on its own worker's link is its own worker's: a Hello as another worker
-    and a forged end of that worker's task change nothing, the victim's task ends as it does,
-    and the node and its workers serve on."""
-    monkeypatch.delenv("ACTORS_WORKER_LINKS", raising=False)
+    """A node that links its workers (--worker-links, $ACTORS_WORKER_LINKS=1): no socket to
+    open under another's id; what task code says on its own worker's link is its own worker's:
+    a Hello as another worker and a forged end of that worker's task change nothing, the
+    victim's task ends as it does, and the node and its workers serve on."""
+    monkeypatch.setenv("ACTORS_WORKER_LINKS", "1")
     gate = tmp_path / "gate"
     with LocalCluster(workers=2) as cl, Client(cl) as client:
         client.wait_for_workers(2)
@@ -864,8 +864,8 @@ def test_task_code_cannot_take_another_workers_place_on_its_node(
     user's tasks) and ended its task with a forged result. Now a worker's frames count only
     once its Hello said the secret it was started with, and no connection takes over a
     connected worker's id (actors/node.py, "Proof"): neither the victim's id nor one no worker
-    holds gets the impostor anything. (A node with a socket for workers, a node's own default:
-    a local node links its workers, and has none, test_links.py.)"""
+    holds gets the impostor anything. (A node with a socket for workers, the default; one that
+    links its workers has none: the test above.)"""
     monkeypatch.setenv("ACTORS_WORKER_LINKS", "0")
     gate = tmp_path / "gate"
     with LocalCluster(workers=2) as cl, Client(cl) as client:
