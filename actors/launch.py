@@ -43,11 +43,6 @@ def with_parent_pid(env: dict[str, str] | None = None) -> dict[str, str]:
     return dict(os.environ if env is None else env, **{PARENT_PID_ENV: str(os.getpid())})
 
 
-#: Set to 1, a node links its workers over socket pairs (``--worker-links``), a master's local
-#: node included (it reads the same environment).
-WORKER_LINKS_ENV = "ACTORS_WORKER_LINKS"
-
-
 def local_node_command(address: str, workers: int, keys: str, package_grace: float,
                        cache: str | None, local: str = "", exit_note: str = "") -> list[str]:
     """The command line of a master's local node (it exits when the master does); ``local``:

@@ -30,7 +30,6 @@ from actors.contain import Containment, Limits, parse_size
 from actors.errors import MalformedMessage
 from actors.launch import (
     EXIT_NOTE_OPTION,
-    WORKER_LINKS_ENV,
     NotingParser,
     local_master_arg,
     master_arg,
@@ -99,7 +98,7 @@ def node_parser(refused: list[str], *, standalone: bool = True) -> NotingParser:
                         help="replace a worker that has not said hello this long after it "
                              f"started (default {DEFAULT_START_TIMEOUT_S:g}; 0: never)")
     parser.add_argument("--worker-links", action="store_true",
-                        default=os.environ.get(WORKER_LINKS_ENV, "") not in ("", "0"),
+                        default=os.environ.get("ACTORS_WORKER_LINKS", "") not in ("", "0"),
                         help="(experimental) each worker's link to the node a socket pair made "
                              "before it starts, not the node's ipc socket: no socket task code "
                              "could open under another worker's id; faster small messages, "

@@ -176,9 +176,9 @@ def _usage(pid: int) -> tuple[int, int]:
 def _node_of(cluster: LocalCluster) -> tuple[int, str]:
     """The process the local node runs in and the ipc address its workers connect to (the Unix
     socket it listens on, from /proc/net/unix): the master itself (``--local-node inside``, the
-    default), else the master's child with that socket. A node that links its workers (a local
-    node's default, ``--worker-links``) has no such socket: the master and "", as its node runs
-    inside it by default."""
+    default), else the master's child with that socket. A node that links its workers
+    (``--worker-links``) has none: the master and "" (its local node runs inside it by
+    default)."""
     candidates = [cluster.pid]
     for entry in Path("/proc").iterdir():
         try:
