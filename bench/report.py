@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,19 @@ from bench.stats import NOT_RUN, Result
 
 LEGEND = ("ours × = how many times better pydra-actors' median is than this row's "
           "(> 1: pydra-actors is better; throughputs divided one way, times the other)")
+PAIRED_LEGEND = ("ours × = the median over the interleaved rounds of how many times better "
+                 "pydra-actors' value is than this row's in the same round (> 1: pydra-actors "
+                 "is better; throughputs divided one way, times the other)")
 
 
-def advantage(ours: Result, peer: Result) -> float:
-    """How many times better our median is than the peer's (> 1: ours is better)."""
+def advantage(ours: Result, peer: Result, *, paired: bool = False) -> float:
+    """How many times better our median is than the peer's (> 1: ours is better). ``paired``
+    (an interleaved run: both rows' values in round order): the median of each round's own
+    ratio, where both have a value for every round and none is 0."""
+    if paired and len(ours.values) == len(peer.values) and all(ours.values) \
+            and all(peer.values):
+        pairs = zip(ours.values, peer.values, strict=True)
+        return statistics.median(o / p if ours.higher_is_better else p / o for o, p in pairs)
     if not ours.values or not peer.values or ours.median == 0 or peer.median == 0:
         return math.nan
     return ours.median / peer.median if ours.higher_is_better else peer.median / ours.median
@@ -26,7 +36,7 @@ def _group_key(row: Result) -> tuple[str, str, int]:
     return row.workload, row.metric, row.workers
 
 
-def ratios(rows: list[Result]) -> list[dict[str, Any]]:
+def ratios(rows: list[Result], *, paired: bool = False) -> list[dict[str, Any]]:
     """Our row against every peer row measured the same way (workload, metric, worker count)."""
     ours = {_group_key(r): r for r in rows if r.runtime == OURS and r.values}
     out = []
@@ -38,7 +48,7 @@ def ratios(rows: list[Result]) -> list[dict[str, Any]]:
             "workload": row.workload, "metric": row.metric, "workers": row.workers,
             "peer": row.runtime, "variant": row.variant,
             "ours_median": mine.median, "peer_median": row.median,
-            "advantage": advantage(mine, row),
+            "advantage": advantage(mine, row, paired=paired),
         })
     return out
 
@@ -71,8 +81,9 @@ def _target_cell(row: Result) -> str:
     return f"{row.target} {'met' if met else 'MISSED'}"
 
 
-def table(rows: list[Result]) -> str:
-    """Rows grouped by workload and metric, pydra-actors first, with medians, ranges and ratios."""
+def table(rows: list[Result], *, paired: bool = False) -> str:
+    """Rows grouped by workload and metric, pydra-actors first, with medians, ranges and ratios
+    (``paired``: per round, see ``advantage``)."""
     ours = {_group_key(r): r for r in rows if r.runtime == OURS and r.values}
     groups: dict[tuple[str, str], list[Result]] = {}
     not_run = [r for r in rows if r.metric == NOT_RUN]
@@ -81,7 +92,7 @@ def table(rows: list[Result]) -> str:
             groups.setdefault((row.workload, row.metric), []).append(row)
     header = (f"  {'runtime':<14}{'variant':<34}{'wkrs':>5}{'n':>9}{'median':>11}{'min':>11}"
               f"{'max':>11}{'ours ×':>9}  target")
-    lines = [LEGEND]
+    lines = [PAIRED_LEGEND if paired else LEGEND]
     for (workload, metric), members in groups.items():
         better = "higher" if members[0].higher_is_better else "lower"
         lines += ["", f"{workload} — {metric} ({better} is better)", header]
@@ -92,7 +103,8 @@ def table(rows: list[Result]) -> str:
                 lines.append(f"{lead}   {row.skipped}")
                 continue
             mine = ours.get(_group_key(row))
-            ratio = "" if row.runtime == OURS or mine is None else f"{advantage(mine, row):.2f}×"
+            ratio = "" if row.runtime == OURS or mine is None \
+                else f"{advantage(mine, row, paired=paired):.2f}×"
             numbers = "".join(f"{format_number(v):>11}" for v in (row.median, row.low, row.high))
             lines.append(f"{lead}{row.n:>9}{numbers}{ratio:>9}  {_target_cell(row)}")
     if not_run:
@@ -112,11 +124,12 @@ def targets_summary(rows: Iterable[Result]) -> str:
     return text + ("; missed: " + "; ".join(missed) if missed else "")
 
 
-def document(rows: list[Result], **header: Any) -> dict[str, Any]:
-    """Everything a later reader needs: how it was run, on what, every value, and the ratios."""
+def document(rows: list[Result], *, paired: bool = False, **header: Any) -> dict[str, Any]:
+    """Everything a later reader needs: how it was run, on what, every value, and the ratios
+    (``paired``: per round, see ``advantage``)."""
     return {"schema": 1, **header, "results": [r.to_json() for r in rows],
             "ratios": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                        for k, v in ratio.items()} for ratio in ratios(rows)]}
+                        for k, v in ratio.items()} for ratio in ratios(rows, paired=paired)]}
 
 
 def write_json(doc: dict[str, Any], path: Path) -> None:

@@ -4,11 +4,17 @@ Runtimes run one after another (an idle cluster still costs CPU on a small machi
 through all selected workloads: first those that share one warm cluster, then those that start
 their own. Every runtime is measured in the same run, so ratios hold while absolute numbers
 drift with the machine's load.
+
+With ``--interleave`` each workload's repetitions alternate between the runtimes instead (one
+repetition of each, in turn, the order reversed every round), every runtime's shared cluster up
+at once: a slow spell of a shared host then falls on every runtime's repetition of that round,
+not on one runtime's whole row, and each ratio is the median of the rounds' own ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import shlex
@@ -89,6 +95,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="pydra-actors node size for --scale (default 4)")
     parser.add_argument("--size-scale", type=float, default=1.0, metavar="F",
                         help="multiply every size by F (the smoke test uses 0.01)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="alternate each workload's repetitions between the runtimes "
+                             "(every shared cluster up at once); ratios per round")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.workers < 1 or args.workers_per_node < 1 or args.size_scale <= 0:
         parser.error("--reps, --workers, --workers-per-node and --size-scale must be positive")
@@ -139,14 +148,72 @@ def run_runtime(runtime: Runtime, workloads: list[Workload], settings: Settings,
                                     workers=settings.workers)]
                 shared.close()  # a failure may have left it broken: the next workload starts anew
             for row in measured:
-                if row.values:
-                    median = report.format_number(row.median)
-                    print(f"[{runtime.name}]   {row.metric}: {median} "
-                          f"(median of {len(row.values)}, n={row.n})", file=progress, flush=True)
+                _print_row(runtime, row, progress)
             rows += measured
     finally:
         shared.close()
     return rows, errors
+
+
+def _print_row(runtime: Runtime, row: Result, progress: TextIO) -> None:
+    if row.values:
+        median = report.format_number(row.median)
+        print(f"[{runtime.name}]   {row.metric}: {median} "
+              f"(median of {len(row.values)}, n={row.n})", file=progress, flush=True)
+
+
+def run_interleaved(runtimes: list[Runtime], workloads: list[Workload], settings: Settings,
+                    progress: TextIO) -> tuple[list[Result], list[str]]:
+    """Each workload in ``settings.reps`` rounds of one repetition on every runtime (its own
+    untimed warm-up first, each time), the runtimes' order reversed every other round; each
+    row's values in round order. A runtime that fails a workload is not asked again for it."""
+    rows: dict[tuple[str, str, str, str], Result] = {}
+    errors: list[str] = []
+    available: list[Runtime] = []
+    for runtime in runtimes:
+        reason = runtime.availability()
+        if reason:
+            print(f"[{runtime.name}] unavailable: {reason}", file=progress, flush=True)
+            for w in workloads:
+                row = skipped(w.title, NOT_RUN, runtime.name, "", f"unavailable: {reason}",
+                              workers=settings.workers)
+                rows[(w.title, NOT_RUN, runtime.name, "")] = row
+        else:
+            available.append(runtime)
+    shared = {r.key: SharedSession(r, settings.workers) for r in available}
+    one = dataclasses.replace(settings, reps=1)
+    try:
+        for workload in sorted(workloads, key=lambda w: not w.uses_shared_session):
+            if not workload.uses_shared_session:
+                for session in shared.values():
+                    session.close()
+            failed: set[str] = set()
+            for round_ in range(settings.reps):
+                order = available if round_ % 2 == 0 else available[::-1]
+                for runtime in [r for r in order if r.key not in failed]:
+                    print(f"[{runtime.name}] {workload.title}, round {round_ + 1} of "
+                          f"{settings.reps} ...", file=progress, flush=True)
+                    try:
+                        measured = workload.run(runtime, shared[runtime.key], one)
+                    except Exception as exc:
+                        text = f"{type(exc).__name__}: {exc}"
+                        errors.append(f"{runtime.name} {workload.title}: {text}")
+                        traceback.print_exc(file=progress)
+                        failed.add(runtime.key)
+                        shared[runtime.key].close()
+                        measured = [skipped(workload.title, NOT_RUN, runtime.name, "",
+                                            f"failed: {text}", workers=settings.workers)]
+                    for row in measured:
+                        key = (row.workload, row.metric, row.runtime, row.variant)
+                        if key in rows:
+                            rows[key].values += row.values
+                        else:
+                            rows[key] = row
+                        _print_row(runtime, row, progress)
+    finally:
+        for session in shared.values():
+            session.close()
+    return list(rows.values()), errors
 
 
 def run_bench(argv: list[str], *, out: TextIO = sys.stdout, progress: TextIO = sys.stderr
@@ -159,10 +226,13 @@ def run_bench(argv: list[str], *, out: TextIO = sys.stdout, progress: TextIO = s
     started = datetime.datetime.now(datetime.UTC)
     rows: list[Result] = []
     errors: list[str] = []
-    for runtime in runtimes:
-        runtime_rows, runtime_errors = run_runtime(runtime, workloads, settings, progress)
-        rows += runtime_rows
-        errors += runtime_errors
+    if args.interleave:
+        rows, errors = run_interleaved(runtimes, workloads, settings, progress)
+    else:
+        for runtime in runtimes:
+            runtime_rows, runtime_errors = run_runtime(runtime, workloads, settings, progress)
+            rows += runtime_rows
+            errors += runtime_errors
     finished = datetime.datetime.now(datetime.UTC)
     report.resolve_targets(rows)
     doc = report.document(
@@ -172,7 +242,8 @@ def run_bench(argv: list[str], *, out: TextIO = sys.stdout, progress: TextIO = s
         seconds=round((finished - started).total_seconds(), 1),
         machine=machine(),
         settings={**vars(settings), "workloads": [w.key for w in workloads],
-                  "runtimes": [r.key for r in runtimes]},
+                  "runtimes": [r.key for r in runtimes], "interleave": args.interleave},
+        paired=args.interleave,
         availability={r.name: r.availability() or "available" for r in runtimes},
         errors=errors,
     )
@@ -181,7 +252,7 @@ def run_bench(argv: list[str], *, out: TextIO = sys.stdout, progress: TextIO = s
     info = machine()
     print(f"{doc['command']}  ({doc['started']}, {info['nproc']} cores {info['cpu']}, "
           f"Python {info['python']})\n", file=out)
-    print(report.table(rows), file=out)
+    print(report.table(rows, paired=args.interleave), file=out)
     summary = report.targets_summary(rows)
     print(f"\n{summary}" if summary else "", file=out)
     print(f"JSON: {path}", file=out, flush=True)

@@ -99,6 +99,28 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
     assert "tiny units — units/s" in table and "ours ×" in table
 
 
+def test_an_interleaved_run_alternates_the_runtimes_and_takes_each_ratio_per_round(
+        no_leftover_processes) -> None:
+    out, progress = io.StringIO(), io.StringIO()
+    doc = runner.run_bench(["--quick", "--reps", "2", *TINY[3:], "--only", "many,startup",
+                            "--peers", "actors,pool", "--interleave", "--json", os.devnull],
+                           out=out, progress=progress)
+
+    assert doc["errors"] == [] and doc["settings"]["interleave"] is True
+    # One repetition of each runtime a round, the second round in the other order.
+    turns = [line.split("]")[0][1:] for line in progress.getvalue().splitlines()
+             if "many small tasks, round" in line]
+    assert turns == ["pydra-actors", "process pool", "process pool", "pydra-actors"]
+    rows = {(r["workload"], r["metric"], r["runtime"]): r for r in doc["results"] if r["values"]}
+    assert rows and all(len(r["values"]) == 2 for r in rows.values())
+    # The ratio is the median of the rounds' own ratios, not the ratio of the medians.
+    ours = rows[("many small tasks", "tasks/s", "pydra-actors")]["values"]
+    pool = rows[("many small tasks", "tasks/s", "process pool")]["values"]
+    ratio = next(r for r in doc["ratios"] if r["workload"] == "many small tasks")
+    assert ratio["advantage"] == pytest.approx((ours[0] / pool[0] + ours[1] / pool[1]) / 2)
+    assert "median over the interleaved rounds" in out.getvalue()
+
+
 def test_a_large_result_cut_short_swapped_or_mangled_fails_its_check() -> None:
     good = units.blob(3, 1_000)
     assert units.blob_index(good, 1_000) == 3
