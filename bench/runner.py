@@ -180,6 +180,12 @@ def run_interleaved(runtimes: list[Runtime], workloads: list[Workload], settings
                 rows[(w.title, NOT_RUN, runtime.name, "")] = row
         else:
             available.append(runtime)
+    if heavy := [r.name for r in available if r.key in ("dask", "ray")]:
+        print(f"note: interleaved with {' and '.join(heavy)}, whose idle clusters stay up "
+              "beside the others' turns and whose clients leave threads in this process (Dask's "
+              "offload pool), so pydra-actors' LocalCluster starts by spawn, not fork: for "
+              "issue 20's ratios, interleave pydra-actors with the pool alone", file=progress,
+              flush=True)
     shared = {r.key: SharedSession(r, settings.workers) for r in available}
     one = dataclasses.replace(settings, reps=1)
     try:
