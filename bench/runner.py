@@ -6,9 +6,10 @@ their own. Every runtime is measured in the same run, so ratios hold while absol
 drift with the machine's load.
 
 With ``--interleave`` each workload's repetitions alternate between the runtimes instead (one
-repetition of each, in turn, the order reversed every round), every runtime's shared cluster up
-at once: a slow spell of a shared host then falls on every runtime's repetition of that round,
-not on one runtime's whole row, and each ratio is the median of the rounds' own ratios.
+repetition of each, in turn, the order reversed every other round), every runtime's shared
+cluster up at once: a slow spell of a shared host then falls on every runtime's repetition of
+that round, not on one runtime's whole row, and each ratio is the median of the rounds' own
+ratios.
 """
 
 from __future__ import annotations
@@ -184,8 +185,8 @@ def run_interleaved(runtimes: list[Runtime], workloads: list[Workload], settings
         print(f"note: interleaved with {' and '.join(heavy)}, whose idle clusters stay up "
               "beside the others' turns and whose clients leave threads in this process (Dask's "
               "offload pool), so pydra-actors' LocalCluster starts by spawn, not fork: for "
-              "issue 20's ratios, interleave pydra-actors with the pool alone", file=progress,
-              flush=True)
+              "ratios against the pool, interleave pydra-actors with the pool alone",
+              file=progress, flush=True)
     shared = {r.key: SharedSession(r, settings.workers) for r in available}
     one = dataclasses.replace(settings, reps=1)
     try:
