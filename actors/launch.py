@@ -278,6 +278,14 @@ def stop_process(proc: ChildProcess, grace: float) -> None:
 
 
 def write_atomically(path: str, text: str) -> None:
+    """``text`` in ``path``, whole or not at all: written beside it, then renamed over it. A
+    path that exists and is not a regular file (``/dev/null``, a FIFO, a terminal) is written
+    to as it is: a rename would put a file in its place, and as root that replaces a device
+    every other program on the machine relies on."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(text)
+        return
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)))
     with os.fdopen(fd, "w") as f:
         f.write(text)

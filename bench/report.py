@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from actors.launch import write_atomically
 from bench.peers import OURS
 from bench.stats import NOT_RUN, Result
 
@@ -133,7 +134,6 @@ def document(rows: list[Result], *, paired: bool = False, **header: Any) -> dict
 
 
 def write_json(doc: dict[str, Any], path: Path) -> None:
+    """Whole or not at all; ``--json /dev/null`` writes to the device, never over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_atomically(str(path), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

@@ -100,10 +100,11 @@ def test_quick_run_reports_every_workload_for_actors_and_the_pool(tmp_path: Path
 
 
 def test_an_interleaved_run_alternates_the_runtimes_and_takes_each_ratio_per_round(
-        no_leftover_processes) -> None:
+        tmp_path: Path, no_leftover_processes) -> None:
     out, progress = io.StringIO(), io.StringIO()
     doc = runner.run_bench(["--quick", "--reps", "2", *TINY[3:], "--only", "many,startup",
-                            "--peers", "actors,pool", "--interleave", "--json", os.devnull],
+                            "--peers", "actors,pool", "--interleave",
+                            "--json", str(tmp_path / "bench.json")],
                            out=out, progress=progress)
 
     assert doc["errors"] == [] and doc["settings"]["interleave"] is True

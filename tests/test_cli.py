@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from tests.conftest import (
     kill_all,
     log_events,
     python,
+    python_logged,
     start_master,
     wait_until,
 )
@@ -502,6 +505,36 @@ def test_a_master_started_with_exit_with_parent_stops_when_its_parent_is_killed(
         parent.wait(10)
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_a_ready_file_that_is_a_fifo_gets_the_address_and_stays_a_fifo(tmp_path: Path) -> None:
+    # A launcher reading the address from a pipe (or --ready-file /dev/stdout): the file is
+    # written to, not renamed over; as root, a rename put a regular file in /dev/null's place
+    # (the bench's --json /dev/null did, and every later test that opened it failed).
+    fifo = tmp_path / "ready"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    master = python_logged(tmp_path / "master.log", "-m", "actors.master", "--port", "0",
+                           "--workers", "0", "--no-banner", "--ephemeral",
+                           "--keys", str(tmp_path / "keys"), "--ready-file", str(fifo))
+    text = b""
+
+    def read_all() -> bool:
+        nonlocal text
+        with contextlib.suppress(BlockingIOError):  # (nothing written yet)
+            text += os.read(reader, 65536)
+        return text.endswith(b"}")
+
+    try:
+        wait_until(read_all, 30, "the master's ready line in the FIFO")
+        ready = json.loads(text)
+        assert ready["pid"] == master.pid and ready["address"].startswith("tcp://")
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []
+    finally:
+        os.close(reader)
+        kill_all({master.pid})
+        master.wait(10)
 
 
 def test_the_log_level_option_sets_what_the_master_and_its_node_log(tmp_path: Path) -> None:
