@@ -3,12 +3,17 @@ can connect to before any token is asked for: a bounded number served at once, a
 connection that sends nothing let go.
 
 Without a bound, each idle connection held a thread and a descriptor of the master for good:
-1,001 of them left it no descriptor, and a new client could not connect."""
+1,001 of them left it no descriptor, and a new client could not connect.
+
+Bound without looking their host's name up: ``HTTPServer.server_bind`` asks
+``socket.getfqdn`` for a name nothing here reads, a reverse DNS query (4 ms of a
+``LocalCluster``'s ~57 ms start here, and as long as the resolver's timeouts where DNS does
+not answer)."""
 
 from __future__ import annotations
 
 import threading
-from socketserver import ThreadingMixIn
+from socketserver import TCPServer, ThreadingMixIn
 from typing import Any
 
 MAX_CONNECTIONS = 64  # served at once (a page and its polls take a few); one more is closed
@@ -21,6 +26,12 @@ class Bounded(ThreadingMixIn):
     daemon_threads = True  # a hung viewer never holds the master's exit
     request_queue_size = MAX_CONNECTIONS  # (5 by default: a burst waited on SYN retries)
     _room: threading.BoundedSemaphore | None = None
+
+    def server_bind(self) -> None:
+        """``HTTPServer.server_bind`` without its ``getfqdn``: the address stands for the name."""
+        TCPServer.server_bind(self)  # type: ignore[arg-type]
+        host, port = self.server_address[:2]  # type: ignore[attr-defined]
+        self.server_name, self.server_port = str(host), port
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self._room is None:

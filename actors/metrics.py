@@ -84,7 +84,9 @@ class _Collector:
 
 
 class _Server(Bounded, WSGIServer):
-    pass
+    def server_bind(self) -> None:
+        super().server_bind()  # (Bounded's: no name looked up)
+        self.setup_environ()  # (what WSGIServer's adds)
 
 
 class _Server6(_Server):
