@@ -6,9 +6,9 @@ Without a bound, each idle connection held a thread and a descriptor of the mast
 1,001 of them left it no descriptor, and a new client could not connect.
 
 Bound without looking their host's name up: ``HTTPServer.server_bind`` asks
-``socket.getfqdn`` for a name nothing here reads, a reverse DNS query (4 ms of a
-``LocalCluster``'s ~57 ms start here, and as long as the resolver's timeouts where DNS does
-not answer)."""
+``socket.getfqdn`` for a name nothing here reads, a reverse DNS query (for ``0.0.0.0``, of
+the machine's own name): as long as the resolver's timeouts, on a master's start, where DNS
+does not answer."""
 
 from __future__ import annotations
 

@@ -282,8 +282,8 @@ def test_a_closed_dashboard_serves_no_more_and_its_thread_has_ended(host: str) -
 def test_the_servers_start_and_serve_without_looking_their_hosts_name_up(
         server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTPServer's bind asked socket.getfqdn for a name nothing reads: a reverse DNS query on
-    every master's start (4 ms here; as long as the resolver's timeouts where DNS does not
-    answer). The metrics' WSGI environ still names the server (by its address)."""
+    every master's start (as long as the resolver's timeouts where DNS does not answer). The
+    metrics' WSGI environ still names the server (by its address)."""
     from actors.metrics import MetricsServer
 
     def no_dns(name: str = "") -> str:
