@@ -171,7 +171,7 @@ class _TaskIds:
 
     def new(self, name: str) -> str:
         # A list's pop is atomic: threads taking ids at once never take the same one, so only
-        # a draw takes the lock (it was a third of a map's ~2.5 us an item spent here).
+        # a draw takes the lock (a lock an id was 0.6 of a map's ~5 us an item before it sends).
         while True:
             try:
                 return f"{name}-{self._drawn.pop()}"
