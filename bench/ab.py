@@ -39,7 +39,7 @@ def child(workload: str, size: int, runtime: str = "actors") -> int:
     each trip (latency) or of the whole map (many), on one line."""
     from bench.peers import ActorsRuntime, PoolRuntime
 
-    with (PoolRuntime() if runtime == "pool" else ActorsRuntime()).open(2) as session:
+    with (PoolRuntime() if runtime == POOL else ActorsRuntime()).open(2) as session:
         for _ in range(300):
             session.roundtrip()
         session.submit_each(400)
@@ -62,7 +62,7 @@ def child(workload: str, size: int, runtime: str = "actors") -> int:
 
 
 def _start(spec: str, workload: str, size: int) -> subprocess.Popen[str]:
-    runtime = "pool" if spec == POOL else "actors"
+    runtime = POOL if spec == POOL else "actors"
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (this bench's tree)
     path, _, setting = (here if spec == POOL else spec).partition(":")
     path = os.path.abspath(path)

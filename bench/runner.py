@@ -139,28 +139,34 @@ def run_runtime(runtime: Runtime, workloads: list[Workload], settings: Settings,
             if not workload.uses_shared_session:
                 shared.close()
             print(f"[{runtime.name}] {workload.title} ...", file=progress, flush=True)
-            try:
-                measured = workload.run(runtime, shared, settings)
-            except Exception as exc:
-                text = f"{type(exc).__name__}: {exc}"
-                errors.append(f"{runtime.name} {workload.title}: {text}")
-                traceback.print_exc(file=progress)
-                measured = [skipped(workload.title, NOT_RUN, runtime.name, "", f"failed: {text}",
-                                    workers=settings.workers)]
-                shared.close()  # a failure may have left it broken: the next workload starts anew
-            for row in measured:
-                _print_row(runtime, row, progress)
+            measured, _ = _measure(workload, runtime, shared, settings, errors, progress)
             rows += measured
     finally:
         shared.close()
     return rows, errors
 
 
-def _print_row(runtime: Runtime, row: Result, progress: TextIO) -> None:
-    if row.values:
-        median = report.format_number(row.median)
-        print(f"[{runtime.name}]   {row.metric}: {median} "
-              f"(median of {len(row.values)}, n={row.n})", file=progress, flush=True)
+def _measure(workload: Workload, runtime: Runtime, shared: SharedSession, settings: Settings,
+             errors: list[str], progress: TextIO) -> tuple[list[Result], bool]:
+    """One workload on one runtime, its rows said on ``progress``; one that fails is reported
+    (in ``errors``, and as a row), and its shared session closed: a failure may have left it
+    broken, and the next workload starts anew. Also whether it failed."""
+    try:
+        measured, failed = workload.run(runtime, shared, settings), False
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        errors.append(f"{runtime.name} {workload.title}: {text}")
+        traceback.print_exc(file=progress)
+        measured = [skipped(workload.title, NOT_RUN, runtime.name, "", f"failed: {text}",
+                            workers=settings.workers)]
+        failed = True
+        shared.close()
+    for row in measured:
+        if row.values:
+            median = report.format_number(row.median)
+            print(f"[{runtime.name}]   {row.metric}: {median} "
+                  f"(median of {len(row.values)}, n={row.n})", file=progress, flush=True)
+    return measured, failed
 
 
 def run_interleaved(runtimes: list[Runtime], workloads: list[Workload], settings: Settings,
@@ -200,23 +206,16 @@ def run_interleaved(runtimes: list[Runtime], workloads: list[Workload], settings
                 for runtime in [r for r in order if r.key not in failed]:
                     print(f"[{runtime.name}] {workload.title}, round {round_ + 1} of "
                           f"{settings.reps} ...", file=progress, flush=True)
-                    try:
-                        measured = workload.run(runtime, shared[runtime.key], one)
-                    except Exception as exc:
-                        text = f"{type(exc).__name__}: {exc}"
-                        errors.append(f"{runtime.name} {workload.title}: {text}")
-                        traceback.print_exc(file=progress)
+                    measured, broke = _measure(workload, runtime, shared[runtime.key], one,
+                                               errors, progress)
+                    if broke:
                         failed.add(runtime.key)
-                        shared[runtime.key].close()
-                        measured = [skipped(workload.title, NOT_RUN, runtime.name, "",
-                                            f"failed: {text}", workers=settings.workers)]
                     for row in measured:
                         key = (row.workload, row.metric, row.runtime, row.variant)
                         if key in rows:
                             rows[key].values += row.values
                         else:
                             rows[key] = row
-                        _print_row(runtime, row, progress)
     finally:
         for session in shared.values():
             session.close()
