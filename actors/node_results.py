@@ -279,7 +279,16 @@ class ResultStore:
                 entry = self.held.get(task_id)
                 if entry is not None and len(entry.readers) < MAX_WAITING * 64:
                     entry.readers.add(worker_id)
-                for origin, requester, _ in self.inputs_waiting.pop(task_id, []):
+                # Only this reader's requests: a task's input asked for by the workers of
+                # several tasks at once waits for each one's share (those of another node's
+                # workers were refused here when the first share came, failing their tasks).
+                asked = self.inputs_waiting.pop(task_id, [])
+                if entry is not None:
+                    left = [a for a in asked if a[1] != worker_id]
+                    if left:
+                        self.inputs_waiting[task_id] = left
+                    asked = [a for a in asked if a[1] == worker_id]
+                for origin, requester, _ in asked:  # (no entry: each refused, as it is gone)
                     self._serve_input(hub, origin, requester, task_id)
             case m.ExpectScatter(task_id=task_id, owner=owner, size=size):
                 if len(self.expected) < MAX_EXPECTED:

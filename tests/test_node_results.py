@@ -330,11 +330,31 @@ def test_a_held_result_is_an_input_only_of_the_workers_the_master_names(
     origin, requester, data = sent[1]
     assert (origin, requester) == (b"", b"node-2/w1")
     assert isinstance(data, m.InputData) and data.data == b"input" and not data.reason
+    assert len(sent) == 2  # node-3/w4 still waits for a share of its own
     store.tick(hub, store.now + SHARE_WAIT_S + 1)  # node-3/w4 was never named: refused
     origin, requester, refused = sent[2]
     assert (origin, requester) == (b"peer", b"node-3/w4")
     assert isinstance(refused, m.InputData) and refused.reason and refused.data == b""
     assert store.inputs_waiting == {}
+
+
+def test_an_input_asked_for_by_several_tasks_workers_waits_for_each_ones_share(
+        store: ResultStore) -> None:
+    """Four tasks take one result (a diamond): their workers, here and on a peer node, may ask
+    before the master's shares come, each share naming one of them, in any order."""
+    hub: Any = _Hub()
+    sent: list[tuple[bytes, bytes, m.Message]] = []
+    store.reply = lambda _hub, origin, requester, body: sent.append(
+        (origin, requester, m.decode(body)))
+    held(store, b"input")
+    readers = [(b"peer", "node-2/w1"), (b"peer", "node-2/w2"), (b"", "node-1/w2")]
+    for origin, reader in readers:
+        store.input_request(hub, origin, m.encode(m.InputRequest("t1", reader)))
+    assert sent == []
+    for origin, reader in reversed(readers):
+        store.from_master(hub, m.ShareInput("t1", reader))
+        assert sent[-1] == (origin, reader.encode(), m.InputData("t1", b"input", [5], ""))
+    assert len(sent) == 3 and store.inputs_waiting == {}
 
 
 def test_a_client_on_this_host_reads_the_result_from_a_file_not_the_socket(

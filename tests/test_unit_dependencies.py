@@ -208,8 +208,10 @@ def test_a_diamond_of_futures_across_two_nodes(two_nodes: TwoNodes, tmp_path: Pa
         root = client.submit(root_block, 10)
         blocks = [client.submit(gated_block, str(tmp_path), str(gate), i, root)
                   for i in range(4)]
-        wait_until(lambda: len(list(tmp_path.glob("started-*"))) == 4, 60,
-                   "one block on each worker")
+        wait_until(lambda: len(list(tmp_path.glob("started-*"))) == 4
+                   or any(block.done() for block in blocks), 60, "one block on each worker")
+        for block in blocks:  # (one that failed to start, say its input refused, shows why)
+            assert not block.done(), result_or_logs(block, 1, two_nodes.logs)
         before = peak_mib(two_nodes.master_pid)
         gate.touch()
         total = client.submit(checksum, *blocks)
