@@ -321,8 +321,11 @@ class Node(Shell):
                     self._announce(worker)
             case _:
                 if refused := self.refusals.count(worker_id):
+                    # (in_window: toward the flood's bound, what the log must show if a flood
+                    # ever goes on past it unended; CI saw one, 2026-12-06, not seen again)
                     self.log.warning("unexpected_message", worker_id=worker_id,
-                                     type=type(msg).__name__, refused=refused)
+                                     type=type(msg).__name__, refused=refused,
+                                     in_window=self.flooding.windows.get(worker_id, (0, 0))[1])
                 if self.flooding.passed(worker_id, self.now):
                     self._end(worker_id, f"more than {WORKER_REFUSALS_ENDING} messages a worker "
                                          f"does not send in {REFUSAL_INTERVAL_S:.0f}s")
@@ -511,6 +514,10 @@ class Node(Shell):
         worker = self.workers.get(worker_id)
         if (worker is None or worker.ended or worker.expected_exit
                 or worker_id.encode() not in self.proven):
+            if worker is not None and not worker.ended:  # (said: its flood goes on)
+                self.log.warning("worker_not_ended", worker_id=worker_id, reason=why,
+                                 stopping=worker.expected_exit, ready=worker.ready,
+                                 proven=worker_id.encode() in self.proven)
             return
         worker.ended = why
         self.proven.discard(worker_id.encode())
