@@ -70,6 +70,7 @@ HOLD_FILE = b"f"
 SHARE_WAIT_S = 10.0  # a fetch that came before the master's share waits this long for it
 UNSHARED_TTL_S = 600.0
 MAX_WAITING = 16  # fetches parked per result before its share (another admitted key may ask)
+MAX_READERS = 1024  # workers a held input is shared with at once (the oldest named go first)
 MAX_LOCAL_FILES = 256  # results moved into memory files at once (each holds a descriptor)
 MEMORY_BYTES = 1 << 30  # results held in memory, in all; the rest goes to disk
 MAX_EXPECTED = 64  # scattered puts announced and not yet done
@@ -94,7 +95,10 @@ class _Held:
     lengths: list[int]  # of its parts, in order: the file holds them end to end
     path: str = ""
     owner: str = ""  # set by the master's ShareResult
-    readers: set[str] = field(default_factory=set)  # workers it is an input of (ShareInput)
+    # The workers it is an input of (ShareInput), named last in order: past MAX_READERS the one
+    # named longest ago is forgotten (a long-lived input read by ever new workers kept its
+    # first 1,024 and refused every later one, failing their tasks with InputLost).
+    readers: dict[str, None] = field(default_factory=dict)
     nonce: str = ""  # in the name of its spilled file or memory file
     fd: int = -1  # its memory file, once a local client asked for it
 
@@ -277,8 +281,11 @@ class ResultStore:
                     self._answer(hub, waiting.routing, waiting.key, task_id, waiting.local)
             case m.ShareInput(task_id=task_id, worker_id=worker_id):
                 entry = self.held.get(task_id)
-                if entry is not None and len(entry.readers) < MAX_WAITING * 64:
-                    entry.readers.add(worker_id)
+                if entry is not None:
+                    entry.readers.pop(worker_id, None)
+                    entry.readers[worker_id] = None
+                    if len(entry.readers) > MAX_READERS:
+                        del entry.readers[next(iter(entry.readers))]
                 # Only this reader's requests: a task's input asked for by the workers of
                 # several tasks at once waits for each one's share (those of another node's
                 # workers were refused here when the first share came, failing their tasks).

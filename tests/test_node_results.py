@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from actors import messages as m
+from actors import node_results
 from actors.memory import sealed_file
 from actors.node_actor import TaskEnds
 from actors.node_data import boot_id
@@ -355,6 +356,28 @@ def test_an_input_asked_for_by_several_tasks_workers_waits_for_each_ones_share(
         store.from_master(hub, m.ShareInput("t1", reader))
         assert sent[-1] == (origin, reader.encode(), m.InputData("t1", b"input", [5], ""))
     assert len(sent) == 3 and store.inputs_waiting == {}
+
+
+def test_an_input_read_by_ever_new_workers_forgets_the_one_named_longest_ago(
+        store: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived input (a scattered table) shared with more workers than a held result
+    remembers: the newest are served, the one named longest ago is forgotten. (Its first
+    1,024 readers were kept and every later one refused: their tasks failed.)"""
+    monkeypatch.setattr(node_results, "MAX_READERS", 3)
+    hub: Any = _Hub()
+    sent: list[tuple[bytes, m.Message]] = []
+    store.reply = lambda _hub, _origin, requester, body: sent.append((requester, m.decode(body)))
+    held(store, b"input")
+    for n in range(5):
+        store.from_master(hub, m.ShareInput("t1", f"node-2/w{n}"))
+    store.from_master(hub, m.ShareInput("t1", "node-2/w2"))  # named again: newest now
+    for n in (4, 3, 2):
+        store.input_request(hub, b"", m.encode(m.InputRequest("t1", f"node-2/w{n}")))
+        assert sent[-1] == (f"node-2/w{n}".encode(), m.InputData("t1", b"input", [5], ""))
+    store.input_request(hub, b"", m.encode(m.InputRequest("t1", "node-2/w1")))  # forgotten
+    store.tick(hub, store.now + SHARE_WAIT_S + 1)
+    requester, refused = sent[-1]
+    assert requester == b"node-2/w1" and isinstance(refused, m.InputData) and refused.reason
 
 
 def test_a_client_on_this_host_reads_the_result_from_a_file_not_the_socket(
