@@ -57,8 +57,10 @@ def stderr_so_far(capfd: pytest.CaptureFixture[str]) -> str:
         return captured.read().decode(errors="replace")
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
-    """Poll ``condition`` until it is truthy; fail the test at the deadline (never hang)."""
+def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "",
+               logs: Path | None = None) -> object:
+    """Poll ``condition`` until it is truthy; fail the test at the deadline (never hang), with
+    the tail of every process's log in ``logs`` if given (a CI run leaves nothing else)."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
@@ -66,7 +68,8 @@ def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}"
+                        + ("\n" + "\n".join(log_tails(logs)) if logs is not None else ""))
         time.sleep(delay)
         delay = min(delay * 1.5, 0.2)
 
@@ -156,11 +159,7 @@ def result_or_logs(future: Any, timeout: float, logs: Path) -> Any:
     try:
         return future.result(timeout=timeout)
     except TimeoutError:
-        tails = []
-        for log_file in sorted(logs.glob("*.log")):
-            lines = log_file.read_text(errors="replace").splitlines()
-            tails.append(f"--- {log_file.name} (last 40 of {len(lines)} lines)")
-            tails += [line[:400] for line in lines[-40:]]
+        tails = log_tails(logs)
         try:
             entries = future.story()
             # The scheduler's part says what is open; the workers' part what they did last.
@@ -170,6 +169,16 @@ def result_or_logs(future: Any, timeout: float, logs: Path) -> Any:
             story = [f"(no story: {exc!r})"]
         pytest.fail(f"{future!r} not done after {timeout}s; progress {future.progress()}\n"
                     + "\n".join(tails) + "\n--- the task's story (the master's last 40, the workers' last 40)\n" + "\n".join(story))
+
+
+def log_tails(logs: Path, count: int = 40) -> list[str]:
+    """The last ``count`` lines of every process's log in ``logs``, each under its file's name."""
+    tails = []
+    for log_file in sorted(logs.glob("*.log")):
+        lines = log_file.read_text(errors="replace").splitlines()
+        tails.append(f"--- {log_file.name} (last {count} of {len(lines)} lines)")
+        tails += [line[:400] for line in lines[-count:]]
+    return tails
 
 
 def log_lines(path: Path) -> list[str]:

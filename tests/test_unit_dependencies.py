@@ -209,7 +209,8 @@ def test_a_diamond_of_futures_across_two_nodes(two_nodes: TwoNodes, tmp_path: Pa
         blocks = [client.submit(gated_block, str(tmp_path), str(gate), i, root)
                   for i in range(4)]
         wait_until(lambda: len(list(tmp_path.glob("started-*"))) == 4
-                   or any(block.done() for block in blocks), 60, "one block on each worker")
+                   or any(block.done() for block in blocks), 60, "one block on each worker",
+                   logs=two_nodes.logs)
         for block in blocks:  # (one that failed to start, say its input refused, shows why)
             assert not block.done(), result_or_logs(block, 1, two_nodes.logs)
         before = peak_mib(two_nodes.master_pid)
@@ -227,7 +228,7 @@ def warm_workers(client: Client, two_nodes: TwoNodes, gate: Path) -> set[int]:
     workers warm for earlier clients one at a time, so some of them could join it late."""
     hold = client.submit(Hold, str(gate), 40)
     wait_until(lambda: (info := client.info()).workers == 4 and info.idle_workers == 0, 60,
-               "every worker to join")
+               "every worker to join", logs=two_nodes.logs)
     gate.touch()
     assert result_or_logs(hold, 60, two_nodes.logs) == 40
     return set().union(*(descendants(node) for node in two_nodes.node_pids))
@@ -242,14 +243,16 @@ def test_a_tree_reduction_survives_killed_holders(two_nodes: TwoNodes, tmp_path:
         workers = warm_workers(client, two_nodes, tmp_path / "warm")
         fut = client.submit(TreeSum, n=100_000, chunk=500, fan_in=4, pause=0.002,
                             gate=str(tmp_path / "gate"), marks=str(tmp_path))
-        wait_until(lambda: fut.progress()[0] >= 200, 60, "all 200 leaves to be computed and held")
+        wait_until(lambda: fut.progress()[0] >= 200, 60, "all 200 leaves to be computed and held",
+                   logs=two_nodes.logs)
         [driver] = [int(p.name.split("-")[1]) for p in tmp_path.glob("driver-*")]
         assert driver in workers
         for victim in sorted(workers - {driver})[:2]:
             os.kill(victim, signal.SIGKILL)
             wait_until(lambda v=victim: any("holder lost" in e[3] and f"(pid {v})" in e[3]
                                             for e in fut.story()),
-                       30, f"the master to compute again what {victim} held")
+                       30, f"the master to compute again what {victim} held",
+                       logs=two_nodes.logs)
         assert not fut.done()
         (tmp_path / "gate").touch()
         assert result_or_logs(fut, 90, two_nodes.logs) == sum(range(100_000))
@@ -270,11 +273,12 @@ def test_a_node_silent_past_the_timeout_is_replaced_and_then_rejoins_afresh(
         # on both nodes, when one of them falls silent (without it the task could end on the
         # other node first, the silent one holding nothing it needs).
         fut = client.submit(TreeSum, n=100_000, chunk=500, fan_in=4, pause=0.005, gate=str(gate))
-        wait_until(lambda: fut.progress()[0] >= 200, 60, "all 200 leaves to be computed and held")
+        wait_until(lambda: fut.progress()[0] >= 200, 60, "all 200 leaves to be computed and held",
+                   logs=two_nodes.logs)
         os.kill(node, signal.SIGSTOP)
         try:
             wait_until(lambda: client.info().workers == 2, 30,
-                       "the master to declare the silent node lost")
+                       "the master to declare the silent node lost", logs=two_nodes.logs)
         finally:
             gate.touch()
             os.kill(node, signal.SIGCONT)
@@ -282,7 +286,8 @@ def test_a_node_silent_past_the_timeout_is_replaced_and_then_rejoins_afresh(
         story = fut.story()
         assert any("lost" in e[3] for e in story), "the story shows no loss"
         # The node is back with new worker processes; the old ones are gone.
-        wait_until(lambda: client.info().workers == 4, 30, "the node to rejoin with fresh workers")
+        wait_until(lambda: client.info().workers == 4, 30, "the node to rejoin with fresh workers",
+                   logs=two_nodes.logs)
         wait_until(lambda: not any(alive(p) for p in old_workers), 20, "the old workers to end")
         assert descendants(node) and not descendants(node) & old_workers
 
